@@ -1,0 +1,614 @@
+//! What the core knows about pros, leads and offers, with their validation.
+//!
+//! Everything here is plain data that crosses the wire and the WAL; the rules that use
+//! it live in [`super::shard`].
+
+use crate::ids::{CategoryId, ClientId, LeadId, Millis, ProId, ZoneId};
+use chrono::{Datelike, TimeZone, Timelike};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A field of a command that is not acceptable, named as on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("invalid field {field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+pub fn field_err(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+    FieldError { field: field.into(), reason: reason.into() }
+}
+
+impl From<crate::ids::IdError> for FieldError {
+    fn from(e: crate::ids::IdError) -> Self {
+        field_err(e.field, e.reason)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Geography
+// ---------------------------------------------------------------------------------
+
+/// A point on Earth in degrees.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GeoPoint {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+impl GeoPoint {
+    pub fn validate(&self, field: &str) -> Result<(), FieldError> {
+        if !self.lat.is_finite() || !(-90.0..=90.0).contains(&self.lat) {
+            return Err(field_err(format!("{field}.lat"), "must be a number in [-90, 90]"));
+        }
+        if !self.lon.is_finite() || !(-180.0..=180.0).contains(&self.lon) {
+            return Err(field_err(format!("{field}.lon"), "must be a number in [-180, 180]"));
+        }
+        Ok(())
+    }
+
+    /// Great-circle distance in kilometres (haversine, mean Earth radius 6371.0088 km).
+    pub fn distance_km(&self, other: &GeoPoint) -> f64 {
+        const R_KM: f64 = 6371.0088;
+        let (la1, la2) = (self.lat.to_radians(), other.lat.to_radians());
+        let dlat = la2 - la1;
+        let dlon = (other.lon - self.lon).to_radians();
+        let a = (dlat / 2.0).sin().powi(2) + la1.cos() * la2.cos() * (dlon / 2.0).sin().powi(2);
+        2.0 * R_KM * a.sqrt().min(1.0).asin()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Weekly windows in a local time zone (R4 schedules, R25 approval windows)
+// ---------------------------------------------------------------------------------
+
+/// One interval of a week, in local wall-clock minutes of one day.
+/// A night window 22:00-06:00 is two intervals: `mon 1320..1440` and `tue 0..360`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WeeklyInterval {
+    /// `mon`, `tue`, ... `sun`.
+    pub day: Weekday,
+    pub start_min: u16,
+    pub end_min: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+impl Weekday {
+    fn from_chrono(d: chrono::Weekday) -> Self {
+        use chrono::Weekday as C;
+        match d {
+            C::Mon => Self::Mon,
+            C::Tue => Self::Tue,
+            C::Wed => Self::Wed,
+            C::Thu => Self::Thu,
+            C::Fri => Self::Fri,
+            C::Sat => Self::Sat,
+            C::Sun => Self::Sun,
+        }
+    }
+}
+
+/// A set of weekly intervals in an IANA time zone. Empty = always.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WeeklyWindows {
+    pub time_zone: String,
+    pub intervals: Vec<WeeklyInterval>,
+}
+
+impl WeeklyWindows {
+    pub fn validate(&self, field: &str) -> Result<Tz, FieldError> {
+        let tz: Tz = self.time_zone.parse().map_err(|_| {
+            field_err(format!("{field}.time_zone"), format!("unknown IANA time zone {:?}", self.time_zone))
+        })?;
+        for (i, iv) in self.intervals.iter().enumerate() {
+            if iv.end_min > 1440 {
+                return Err(field_err(format!("{field}.intervals[{i}].end_min"), "must be at most 1440"));
+            }
+            if iv.start_min >= iv.end_min {
+                return Err(field_err(
+                    format!("{field}.intervals[{i}]"),
+                    "start_min must be before end_min; a window across midnight is two intervals",
+                ));
+            }
+        }
+        Ok(tz)
+    }
+
+    /// Whether `now` falls inside one of the intervals, in the windows' local time.
+    /// Unparseable zones (impossible after [`Self::validate`]) count as UTC.
+    pub fn contains(&self, now: Millis) -> bool {
+        if self.intervals.is_empty() {
+            return true;
+        }
+        let tz: Tz = self.time_zone.parse().unwrap_or(chrono_tz::UTC);
+        let Some(local) = tz.timestamp_millis_opt(now).single() else {
+            return true;
+        };
+        let day = Weekday::from_chrono(local.weekday());
+        let minute = (local.hour() * 60 + local.minute()) as u16;
+        self.intervals.iter().any(|iv| iv.day == day && iv.start_min <= minute && minute < iv.end_min)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Pros
+// ---------------------------------------------------------------------------------
+
+/// Profile quality inputs (R21, R28): more and better reviews, more projects and a
+/// complete profile earn a larger share of the rotation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Quality {
+    pub reviews: u32,
+    /// Average rating x 100 (0..=500).
+    pub rating_centi: u32,
+    pub projects: u32,
+    /// How complete the profile is, per mille (0..=1000).
+    pub profile_permille: u32,
+}
+
+/// When a pro can take new leads (R4, R16).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Availability {
+    /// Paused until this time (exclusive); `None` = not paused.
+    pub paused_until: Option<Millis>,
+    /// Unavailable (vacation) from..until (exclusive), R16.
+    pub vacation: Option<(Millis, Millis)>,
+    /// Weekly schedule in the pro's own time zone; `None` = always.
+    pub schedule: Option<WeeklyWindows>,
+}
+
+/// Why a pro is not available now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unavailable {
+    Paused,
+    Vacation,
+    OutsideSchedule,
+}
+
+impl Availability {
+    pub fn check(&self, now: Millis) -> Result<(), Unavailable> {
+        if matches!(self.paused_until, Some(t) if now < t) {
+            return Err(Unavailable::Paused);
+        }
+        if matches!(self.vacation, Some((from, until)) if from <= now && now < until) {
+            return Err(Unavailable::Vacation);
+        }
+        if let Some(s) = &self.schedule {
+            if !s.contains(now) {
+                return Err(Unavailable::OutsideSchedule);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self, field: &str) -> Result<(), FieldError> {
+        if let Some((from, until)) = self.vacation {
+            if from >= until {
+                return Err(field_err(format!("{field}.vacation"), "start must be before end"));
+            }
+        }
+        if let Some(s) = &self.schedule {
+            s.validate(&format!("{field}.schedule"))?;
+        }
+        Ok(())
+    }
+}
+
+/// An auto-buy configuration as the dispatch core sees it (R19): which zones and
+/// categories it buys in and whether it is active. Its weekly budget lives in the
+/// ledger, shared by every shard the config covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AutoBuyConfig {
+    pub name: String,
+    pub zones: Vec<ZoneId>,
+    pub categories: Vec<CategoryId>,
+    pub weekly_budget_credits: u64,
+    /// Highest price this config pays for one lead; `None` = any.
+    #[serde(default)]
+    pub max_price_credits: Option<u64>,
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Paused for some days with automatic resume (R24).
+    #[serde(default)]
+    pub paused_until: Option<Millis>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl AutoBuyConfig {
+    pub fn covers(&self, zone: &ZoneId, category: &CategoryId) -> bool {
+        self.zones.contains(zone) && self.categories.contains(category)
+    }
+
+    pub fn is_buying(&self, now: Millis) -> bool {
+        self.active && !matches!(self.paused_until, Some(t) if now < t)
+    }
+
+    pub fn validate(&self, field: &str) -> Result<(), FieldError> {
+        crate::ids::validate_id(&self.name, "name")
+            .map_err(|e| field_err(format!("{field}.name"), e.reason))?;
+        if self.zones.is_empty() {
+            return Err(field_err(format!("{field}.zones"), "must list at least one zone"));
+        }
+        if self.categories.is_empty() {
+            return Err(field_err(format!("{field}.categories"), "must list at least one category"));
+        }
+        if self.weekly_budget_credits == 0 || self.weekly_budget_credits > MAX_CREDITS {
+            return Err(field_err(format!("{field}.weekly_budget_credits"), "must be in 1..=10^12"));
+        }
+        Ok(())
+    }
+}
+
+/// Largest amount of credits accepted anywhere on the wire: far from `u64` overflow
+/// when summed over millions of operations.
+pub const MAX_CREDITS: u64 = 1_000_000_000_000;
+
+/// A professional as the platform describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pro {
+    pub id: ProId,
+    pub categories: Vec<CategoryId>,
+    pub zones: Vec<ZoneId>,
+    /// Base location; `None` = no distance filter.
+    #[serde(default)]
+    pub base: Option<GeoPoint>,
+    /// Preferred radius around the base, km; `None` = no limit.
+    #[serde(default)]
+    pub radius_km: Option<f64>,
+    #[serde(default)]
+    pub quality: Quality,
+    /// Lead attributes this pro refuses (e.g. "dropshipper"), R4.
+    #[serde(default)]
+    pub refuses: Vec<String>,
+    #[serde(default)]
+    pub availability: Availability,
+    #[serde(default)]
+    pub autobuy: Vec<AutoBuyConfig>,
+}
+
+impl Pro {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.id.validate("pro.id")?;
+        if self.categories.is_empty() {
+            return Err(field_err("pro.categories", "must list at least one category"));
+        }
+        if self.zones.is_empty() {
+            return Err(field_err("pro.zones", "must list at least one zone"));
+        }
+        for c in &self.categories {
+            c.validate("pro.categories")?;
+        }
+        for z in &self.zones {
+            z.validate("pro.zones")?;
+        }
+        if let Some(b) = &self.base {
+            b.validate("pro.base")?;
+        }
+        if let Some(r) = self.radius_km {
+            if !r.is_finite() || r <= 0.0 {
+                return Err(field_err("pro.radius_km", "must be a positive number of km"));
+            }
+            if self.base.is_none() {
+                return Err(field_err("pro.base", "is required when radius_km is set"));
+            }
+        }
+        let q = &self.quality;
+        if q.rating_centi > 500 {
+            return Err(field_err("pro.quality.rating_centi", "must be at most 500 (5.00 stars)"));
+        }
+        if q.profile_permille > 1000 {
+            return Err(field_err("pro.quality.profile_permille", "must be at most 1000"));
+        }
+        self.availability.validate("pro.availability")?;
+        let mut names = std::collections::BTreeSet::new();
+        for (i, c) in self.autobuy.iter().enumerate() {
+            c.validate(&format!("pro.autobuy[{i}]"))?;
+            if !names.insert(&c.name) {
+                return Err(field_err(format!("pro.autobuy[{i}].name"), "duplicate config name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Leads
+// ---------------------------------------------------------------------------------
+
+/// How the client wants to be contacted (R8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContactPrefs {
+    pub call: bool,
+    pub whatsapp: bool,
+    pub chat: bool,
+}
+
+impl ContactPrefs {
+    /// Only the marketplace chat: the price is held, not charged, until the client
+    /// replies (R9).
+    pub fn chat_only(&self) -> bool {
+        !self.call && !self.whatsapp
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Client {
+    pub id: ClientId,
+    pub name: String,
+    pub phone: String,
+    #[serde(default)]
+    pub phone_verified: bool,
+    #[serde(default)]
+    pub contact: ContactPrefs,
+    /// Exact address; never shown before the pro responded (R8).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Set when the client is itself a pro on the platform (R2 competitor check).
+    #[serde(default)]
+    pub pro_id: Option<ProId>,
+}
+
+/// Job kinds (R13).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// The matching picks pros.
+    #[default]
+    Match,
+    /// The client chose the pro(s): only direct targets get it.
+    Direct,
+    /// A prospect writes to one pro: delivered on the notification channel only.
+    Contact,
+}
+
+/// A client's request (R1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lead {
+    /// The platform's lead id: the idempotency key.
+    pub id: LeadId,
+    pub category: CategoryId,
+    pub zone: ZoneId,
+    #[serde(default)]
+    pub location: Option<GeoPoint>,
+    #[serde(default)]
+    pub description: String,
+    /// Answers to the category's form.
+    #[serde(default)]
+    pub details: BTreeMap<String, String>,
+    /// Attributes pros may refuse (e.g. "dropshipper"), R4.
+    #[serde(default)]
+    pub attributes: Vec<String>,
+    pub client: Client,
+    /// Pros the client chose (R5).
+    #[serde(default)]
+    pub direct: Vec<ProId>,
+    #[serde(default)]
+    pub kind: JobKind,
+    /// When the client created the request; lifetime counts from here (R7).
+    pub created_at: Millis,
+}
+
+/// Longest free text accepted in a lead.
+pub const MAX_TEXT: usize = 16 * 1024;
+
+impl Lead {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.id.validate("lead.id")?;
+        self.category.validate("lead.category")?;
+        self.zone.validate("lead.zone")?;
+        self.client.id.validate("lead.client.id")?;
+        if let Some(l) = &self.location {
+            l.validate("lead.location")?;
+        }
+        if self.description.len() > MAX_TEXT {
+            return Err(field_err("lead.description", "longer than 16 KiB"));
+        }
+        if self.details.len() > 256 || self.details.iter().any(|(k, v)| k.len() + v.len() > MAX_TEXT) {
+            return Err(field_err("lead.details", "at most 256 answers of at most 16 KiB each"));
+        }
+        if self.direct.len() > 64 {
+            return Err(field_err("lead.direct", "at most 64 direct targets"));
+        }
+        for (i, p) in self.direct.iter().enumerate() {
+            if p.validate("lead.direct").is_err() {
+                return Err(field_err(format!("lead.direct[{i}]"), "must be a non-empty pro id"));
+            }
+            if self.direct[..i].contains(p) {
+                return Err(field_err(format!("lead.direct[{i}]"), "duplicate direct target"));
+            }
+        }
+        if self.kind != JobKind::Match && self.direct.is_empty() {
+            return Err(field_err("lead.direct", "direct and contact jobs need at least one target pro"));
+        }
+        if self.kind == JobKind::Contact && self.direct.len() != 1 {
+            return Err(field_err("lead.direct", "a contact job is written to exactly one pro"));
+        }
+        if self.created_at <= 0 {
+            return Err(field_err("lead.created_at", "must be a positive Unix time in ms"));
+        }
+        Ok(())
+    }
+
+    /// A stable fingerprint of the payload, to tell a republish (same id, same payload:
+    /// idempotent) from a conflict (same id, different payload).
+    pub fn fingerprint(&self) -> u64 {
+        let bytes = rmp_serde::to_vec(self).expect("a lead always serialises: plain data");
+        let mut h = 0xcbf2_9ce4_8422_2325u64; // FNV-1a: stable across versions and runs.
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Offers
+// ---------------------------------------------------------------------------------
+
+/// How a pro got an offer (also the metrics' `kind` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfferKind {
+    /// The client chose this pro (R5).
+    Direct,
+    /// Released to the rotation after the head start (R5, shared leads).
+    Generic,
+    /// Picked by the matching (R13 `match`).
+    Match,
+    /// Bought automatically from an auto-buy budget (R21).
+    AutoBuy,
+    /// A prospect's message, notification channel only (R13 `contact`).
+    Contact,
+}
+
+/// Offer statuses (R17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfferStatus {
+    New,
+    Opened,
+    Declined,
+    Expired,
+    /// The pro replied; waiting for the client.
+    Replied,
+    /// The client wrote back; waiting for the pro.
+    AwaitingResponse,
+    /// The lead closed or filled before this pro acted.
+    Inactive,
+    Completed,
+}
+
+impl OfferStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Declined | Self::Expired | Self::Completed | Self::Inactive)
+    }
+
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::New | Self::Opened)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Opened => "opened",
+            Self::Declined => "declined",
+            Self::Expired => "expired",
+            Self::Replied => "replied",
+            Self::AwaitingResponse => "awaiting_response",
+            Self::Inactive => "inactive",
+            Self::Completed => "completed",
+        }
+    }
+}
+
+/// What a pro sees of the client: nothing personal before responding (R8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevealedContact {
+    pub name: String,
+    /// Only if the client chose call or WhatsApp.
+    pub phone: Option<String>,
+    pub address: Option<String>,
+    /// The marketplace chat is always available.
+    pub chat: bool,
+}
+
+impl RevealedContact {
+    pub fn for_client(c: &Client) -> Self {
+        Self {
+            name: c.name.clone(),
+            phone: (c.contact.call || c.contact.whatsapp).then(|| c.phone.clone()),
+            address: c.address.clone(),
+            chat: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn r4_great_circle_distance_matches_known_cities() {
+        let bologna = GeoPoint { lat: 44.4949, lon: 11.3426 };
+        let milan = GeoPoint { lat: 45.4642, lon: 9.19 };
+        let d = bologna.distance_km(&milan);
+        assert!((199.0..203.0).contains(&d), "Bologna-Milan is ~201 km, got {d}");
+        assert_eq!(bologna.distance_km(&bologna), 0.0);
+    }
+
+    #[test]
+    fn malformed_location_is_refused() {
+        assert!(GeoPoint { lat: 91.0, lon: 0.0 }.validate("lead.location").is_err());
+        assert!(GeoPoint { lat: f64::NAN, lon: 0.0 }.validate("lead.location").is_err());
+        let e = GeoPoint { lat: 0.0, lon: 200.0 }.validate("lead.location").unwrap_err();
+        assert_eq!(e.field, "lead.location.lon");
+    }
+
+    #[test]
+    fn r25_night_window_is_two_intervals_around_midnight() {
+        let w = WeeklyWindows {
+            time_zone: "Europe/Rome".into(),
+            intervals: vec![
+                WeeklyInterval { day: Weekday::Mon, start_min: 22 * 60, end_min: 1440 },
+                WeeklyInterval { day: Weekday::Tue, start_min: 0, end_min: 6 * 60 },
+            ],
+        };
+        w.validate("w").unwrap();
+        // 2026-11-23 is a Monday; Rome is UTC+1 in November.
+        let at = |d: u32, h: u32, m: u32| {
+            chrono::Utc.with_ymd_and_hms(2026, 11, d, h, m, 0).unwrap().timestamp_millis()
+        };
+        assert!(w.contains(at(23, 21, 30)), "Mon 22:30 local");
+        assert!(w.contains(at(23, 23, 59)), "Tue 00:59 local");
+        assert!(w.contains(at(24, 4, 59)), "Tue 05:59 local");
+        assert!(!w.contains(at(24, 5, 0)), "Tue 06:00 local is outside");
+        assert!(!w.contains(at(23, 20, 59)), "Mon 21:59 local is outside");
+    }
+
+    #[test]
+    fn inverted_schedule_interval_is_refused() {
+        let w = WeeklyWindows {
+            time_zone: "UTC".into(),
+            intervals: vec![WeeklyInterval { day: Weekday::Fri, start_min: 600, end_min: 300 }],
+        };
+        let e = w.validate("pro.availability.schedule").unwrap_err();
+        assert_eq!(e.field, "pro.availability.schedule.intervals[0]");
+    }
+
+    #[test]
+    fn r8_phone_revealed_only_for_call_or_whatsapp() {
+        let mut c = Client {
+            id: ClientId::new("c"),
+            name: "Anna Rossi".into(),
+            phone: "+39 333".into(),
+            phone_verified: true,
+            contact: ContactPrefs { call: false, whatsapp: false, chat: true },
+            address: None,
+            pro_id: None,
+        };
+        assert_eq!(RevealedContact::for_client(&c).phone, None);
+        c.contact.whatsapp = true;
+        assert_eq!(RevealedContact::for_client(&c).phone.as_deref(), Some("+39 333"));
+    }
+}

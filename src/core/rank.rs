@@ -1,0 +1,109 @@
+//! Ranking inputs -> rotation weight (R14, R15, R21, R28, R29).
+//!
+//! A pro's weight is its share of the rotation among pros that are equally eligible.
+//! Quality (rating, reviews, projects, profile) moves it between the policy's
+//! `base_weight` and `max_weight`; declines of this job type and expired offers take
+//! a per-mille off each, down to `min_weight`. Since `min_weight >= 1`, every pro keeps
+//! a share; since weights are capped, better pros earn a proportionally larger share,
+//! never all of it.
+//!
+//! "Job type" is the category: a shard is one `(zone, category)`, and the declines it
+//! remembers are the pro's declines of that category in that zone.
+
+use super::model::Quality;
+use super::policy::Policy;
+use serde::{Deserialize, Serialize};
+
+/// Responsiveness history of one pro in one shard (R14, R15, R29).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProStats {
+    /// Offers received here (the fairness figure counts these).
+    pub offered: u64,
+    /// Offers answered by responding.
+    pub responded: u64,
+    pub declined: u64,
+    pub expired: u64,
+    /// Sum of times from offer to first response, ms (mean = sum / responded).
+    pub response_time_ms_sum: u64,
+    /// Offers that arrived while the pro was marked unavailable do not count against
+    /// its response rate (R27); this counts the ones that do.
+    pub rate_relevant: u64,
+}
+
+impl ProStats {
+    /// Response rate, per mille, over offers that count (R27, R29).
+    pub fn response_rate_permille(&self) -> u32 {
+        if self.rate_relevant == 0 {
+            return 1000;
+        }
+        (self.responded.min(self.rate_relevant) * 1000 / self.rate_relevant) as u32
+    }
+
+    pub fn mean_response_time_ms(&self) -> Option<u64> {
+        (self.responded > 0).then(|| self.response_time_ms_sum / self.responded)
+    }
+}
+
+/// Quality in per mille: 40 % rating, 30 % reviews (saturating at 100), 15 % projects
+/// (saturating at 100), 15 % profile completeness.
+pub fn quality_permille(q: &Quality) -> u32 {
+    let rating = q.rating_centi.min(500) * 400 / 500;
+    let reviews = q.reviews.min(100) * 300 / 100;
+    let projects = q.projects.min(100) * 150 / 100;
+    let profile = q.profile_permille.min(1000) * 150 / 1000;
+    rating + reviews + projects + profile
+}
+
+/// Penalties stop compounding after this many events, so a pro can always recover.
+const MAX_PENALTY_EVENTS: u64 = 20;
+
+/// The rotation weight of a pro, with every input, for `explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightBreakdown {
+    pub quality_permille: u32,
+    pub declines: u64,
+    pub expiries: u64,
+    pub weight: u32,
+}
+
+pub fn weight(policy: &Policy, q: &Quality, stats: &ProStats) -> WeightBreakdown {
+    let qp = quality_permille(q);
+    let span = u64::from(policy.max_weight - policy.base_weight);
+    let mut w = u64::from(policy.base_weight) + span * u64::from(qp) / 1000;
+    let mut penalise = |n: u64, permille: u32| {
+        for _ in 0..n.min(MAX_PENALTY_EVENTS) {
+            w = w * u64::from(1000 - permille) / 1000;
+        }
+    };
+    penalise(stats.declined, policy.decline_penalty_permille);
+    penalise(stats.expired, policy.expiry_penalty_permille);
+    let w = (w as u32).clamp(policy.min_weight, policy.max_weight);
+    WeightBreakdown { quality_permille: qp, declines: stats.declined, expiries: stats.expired, weight: w }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn r28_better_quality_earns_more_weight_within_bounds() {
+        let p = Policy::shared_default("t");
+        let none = weight(&p, &Quality::default(), &ProStats::default()).weight;
+        let best = Quality { reviews: 500, rating_centi: 500, projects: 500, profile_permille: 1000 };
+        let top = weight(&p, &best, &ProStats::default()).weight;
+        assert_eq!(none, p.base_weight);
+        assert_eq!(top, p.max_weight);
+    }
+
+    #[test]
+    fn r14_r15_declines_and_expiries_lower_the_weight_but_never_below_min() {
+        let p = Policy::shared_default("t");
+        let q = Quality::default();
+        let base = weight(&p, &q, &ProStats::default()).weight;
+        let declined = weight(&p, &q, &ProStats { declined: 3, ..Default::default() }).weight;
+        let expired = weight(&p, &q, &ProStats { expired: 3, ..Default::default() }).weight;
+        assert!(declined < base && expired < declined, "{base} {declined} {expired}");
+        let floor = weight(&p, &q, &ProStats { declined: 1000, expired: 1000, ..Default::default() });
+        assert_eq!(floor.weight, p.min_weight);
+    }
+}

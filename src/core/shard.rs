@@ -1,0 +1,1681 @@
+//! One shard `(tenant, zone, category)`: its rotation ring, its pros, its open leads and
+//! their offers, and every rule that decides what happens to them.
+//!
+//! ```text
+//! decide(&self, now, &Command, &dyn Funds) -> Result<Decision { events, reply }, Reject>
+//! apply(&mut self, &Event)                     // infallible; live and WAL replay
+//! next_deadline() -> Option<Millis>            // the shell arms one timer for it
+//! ```
+//!
+//! `decide` never changes the shard; it reads the shard, `now` and a read-only view of
+//! the pros' money ([`Funds`]). Money *intents* (charge, hold, capture, release, refund,
+//! budget spend) travel inside the events; the shell carries them out on the shared
+//! ledger before the events are logged, and refuses the command if the ledger does
+//! (another shard spent the same credits first). `apply` only updates this shard.
+//!
+//! Determinism: the same events applied in the same order give the same shard. No
+//! hash-map iteration decides anything: the ring is a B-tree, deadlines are a B-tree,
+//! offers are kept in the order they were made.
+
+use super::model::*;
+use super::policy::{ChargeOn, DispatchMode, Policy};
+use super::rank::{self, ProStats, WeightBreakdown};
+use super::ring::{Ring, Selection};
+use crate::ids::{ClientId, LeadId, Millis, ProId, ShardKey};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// Read-only view of the pros' money, supplied by the shell (the ledger).
+pub trait Funds {
+    /// Credits the pro can spend now.
+    fn credits(&self, pro: &ProId) -> u64;
+    /// What is left of an auto-buy config's weekly budget.
+    fn budget(&self, pro: &ProId, config: &str) -> u64;
+}
+
+/// Funds for tests and tenants that never charge: everyone can pay anything.
+pub struct Unlimited;
+
+impl Funds for Unlimited {
+    fn credits(&self, _: &ProId) -> u64 {
+        u64::MAX
+    }
+    fn budget(&self, _: &ProId, _: &str) -> u64 {
+        u64::MAX
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Commands, events, replies, rejections
+// ---------------------------------------------------------------------------------
+
+/// Who declines an offer (R17: "declined by the pro or the client").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Party {
+    Pro,
+    Client,
+}
+
+/// What a pro, the client or the platform does to one offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum OfferAction {
+    /// The pro opened the offer (R17 new -> opened).
+    Open,
+    /// The pro responds: pays the price and gets the contact (R6, R8, R9).
+    Respond,
+    /// R14 / R17.
+    Decline {
+        by: Party,
+    },
+    /// The client answered the pro (R9 chat capture; replied -> awaiting_response).
+    ClientReplied,
+    /// The pro answered the client (awaiting_response -> replied).
+    ProReplied,
+    /// The client viewed the pro's proposal (R12 guarantee).
+    ClientViewed,
+    Complete,
+    /// Internal note of the pro (R18).
+    AddNote {
+        text: String,
+    },
+    /// The platform confirmed the pro's report that the contact is invalid (R23):
+    /// refunds the charge.
+    ConfirmInvalidContact,
+}
+
+impl OfferAction {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Respond => "respond",
+            Self::Decline { .. } => "decline",
+            Self::ClientReplied => "client_replied",
+            Self::ProReplied => "pro_replied",
+            Self::ClientViewed => "client_viewed",
+            Self::Complete => "complete",
+            Self::AddNote { .. } => "add_note",
+            Self::ConfirmInvalidContact => "confirm_invalid_contact",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    UpsertPro {
+        pro: Pro,
+    },
+    RemovePro {
+        pro: ProId,
+    },
+    SetAvailability {
+        pro: ProId,
+        availability: Availability,
+    },
+    PublishLead {
+        lead: Lead,
+    },
+    Offer {
+        lead: LeadId,
+        pro: ProId,
+        #[serde(flatten)]
+        action: OfferAction,
+    },
+    /// Budget came back for this pro (grant, weekly recharge, config resumed): retry
+    /// the auto-buy leads it missed within the retry window (R22).
+    BudgetAvailable {
+        pro: ProId,
+    },
+    /// Emit whatever is due at `now` (head start ends, expiries, closes, refunds).
+    Tick,
+}
+
+/// How money moves, decided by the core, executed on the ledger by the shell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    /// Ledger operation id (idempotency key of the money movement).
+    pub op: String,
+    pub credits: u64,
+    pub mode: ChargeMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum ChargeMode {
+    /// Charge credits now (hold + capture).
+    Capture,
+    /// Hold credits; capture or release later (R9 chat-only).
+    Hold,
+    /// Spend from an auto-buy config's weekly budget.
+    Budget { config: String },
+}
+
+/// Why a charge is refunded (R12, R23).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundReason {
+    NotViewed,
+    InvalidContact,
+}
+
+/// One offer made in a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub pro: ProId,
+    pub kind: OfferKind,
+    /// Auto-buy: the budget spend.
+    pub charge: Option<Charge>,
+}
+
+/// Why a pro did not get a lead (explain, R28).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Skip {
+    Paused,
+    Vacation,
+    OutsideSchedule,
+    TooFar {
+        distance_km: f64,
+        radius_km: f64,
+    },
+    RefusesAttribute {
+        attribute: String,
+    },
+    CannotPay {
+        available: u64,
+        price: u64,
+    },
+    NoAutoBuyConfig,
+    AutoBuyPaused,
+    BudgetExhausted {
+        available: u64,
+        price: u64,
+    },
+    PriceAboveMax {
+        max_price: u64,
+        price: u64,
+    },
+    /// The pro is the client (or the same business).
+    IsClient,
+    /// Already has this lead (e.g. as a direct target).
+    AlreadyOffered,
+    /// A direct target that does not cover this shard.
+    NotInShard,
+    /// Generic slots are all taken by direct targets (R6).
+    NoGenericSlots,
+    /// Not its turn: the rotation's group was full before reaching it.
+    TurnNotReached,
+}
+
+impl From<Unavailable> for Skip {
+    fn from(u: Unavailable) -> Self {
+        match u {
+            Unavailable::Paused => Skip::Paused,
+            Unavailable::Vacation => Skip::Vacation,
+            Unavailable::OutsideSchedule => Skip::OutsideSchedule,
+        }
+    }
+}
+
+/// Quality gate reasons (R2) and duplicate protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    PhoneUnverified,
+    InsufficientDetails,
+    Competitor,
+    Duplicate,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PhoneUnverified => "phone_unverified",
+            Self::InsufficientDetails => "insufficient_details",
+            Self::Competitor => "competitor",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Facts, as logged in the WAL and replayed by [`Shard::apply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    ProUpserted {
+        pro: Arc<Pro>,
+        at: Millis,
+    },
+    ProRemoved {
+        pro: ProId,
+        at: Millis,
+    },
+    AvailabilitySet {
+        pro: ProId,
+        availability: Availability,
+        at: Millis,
+    },
+    LeadRejected {
+        lead: LeadId,
+        client: ClientId,
+        fingerprint: u64,
+        reason: RejectReason,
+        at: Millis,
+    },
+    LeadAccepted {
+        lead: Arc<Lead>,
+        fingerprint: u64,
+        price: u64,
+        at: Millis,
+        /// Generic release time; `None` = no generic release (direct/contact jobs, or
+        /// direct targets fill every responder slot).
+        release_at: Option<Millis>,
+        expires_at: Millis,
+    },
+    Offered {
+        lead: LeadId,
+        at: Millis,
+        /// This is the generic release (clears the pending release).
+        release: bool,
+        grants: Vec<Grant>,
+        /// Rotation slots taken and skipped (replay advances the ring exactly).
+        rotation: Selection,
+        /// Why scanned pros were skipped (explain).
+        skipped: Vec<(ProId, Skip)>,
+    },
+    OfferOpened {
+        lead: LeadId,
+        pro: ProId,
+        at: Millis,
+    },
+    Responded {
+        lead: LeadId,
+        pro: ProId,
+        at: Millis,
+        charge: Option<Charge>,
+    },
+    Declined {
+        lead: LeadId,
+        pro: ProId,
+        by: Party,
+        at: Millis,
+    },
+    OfferExpired {
+        lead: LeadId,
+        pro: ProId,
+        at: Millis,
+    },
+    ClientReplied {
+        lead: LeadId,
+        pro: ProId,
+        at: Millis,
+        capture: Option<Charge>,
+    },
+    ProReplied {
+        lead: LeadId,
+        pro: ProId,
+        at: Millis,
+    },
+    ClientViewed {
+        lead: LeadId,
+        pro: ProId,
+        at: Millis,
+    },
+    Completed {
+        lead: LeadId,
+        pro: ProId,
+        at: Millis,
+    },
+    NoteAdded {
+        lead: LeadId,
+        pro: ProId,
+        text: String,
+        at: Millis,
+    },
+    Refunded {
+        lead: LeadId,
+        pro: ProId,
+        charge: Charge,
+        reason: RefundReason,
+        at: Millis,
+    },
+    LeadClosed {
+        lead: LeadId,
+        at: Millis,
+        releases: Vec<(ProId, Charge)>,
+    },
+    LeadForgotten {
+        lead: LeadId,
+    },
+}
+
+impl Event {
+    /// Stable name of the event (stream frames, metrics label).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::ProUpserted { .. } => "pro_upserted",
+            Event::ProRemoved { .. } => "pro_removed",
+            Event::AvailabilitySet { .. } => "availability_set",
+            Event::LeadRejected { .. } => "lead_rejected",
+            Event::LeadAccepted { .. } => "lead_accepted",
+            Event::Offered { .. } => "offered",
+            Event::OfferOpened { .. } => "offer_opened",
+            Event::Responded { .. } => "responded",
+            Event::Declined { .. } => "declined",
+            Event::OfferExpired { .. } => "offer_expired",
+            Event::ClientReplied { .. } => "client_replied",
+            Event::ProReplied { .. } => "pro_replied",
+            Event::ClientViewed { .. } => "client_viewed",
+            Event::Completed { .. } => "completed",
+            Event::NoteAdded { .. } => "note_added",
+            Event::Refunded { .. } => "refunded",
+            Event::LeadClosed { .. } => "lead_closed",
+            Event::LeadForgotten { .. } => "lead_forgotten",
+        }
+    }
+}
+
+/// A refusal: nothing changed. `code()` is the stable wire error code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum Reject {
+    #[error(transparent)]
+    InvalidField(#[from] FieldError),
+    #[error("unknown pro {0}")]
+    UnknownPro(ProId),
+    #[error("unknown lead {0}")]
+    UnknownLead(LeadId),
+    #[error("pro {pro} has no offer for lead {lead}")]
+    NotOffered { lead: LeadId, pro: ProId },
+    #[error("lead {0} already has all the responders it may have")]
+    LeadFull(LeadId),
+    #[error("lead {0} has expired")]
+    LeadExpired(LeadId),
+    #[error("the offer of lead {lead} to pro {pro} has expired")]
+    OfferExpired { lead: LeadId, pro: ProId },
+    #[error("not enough credits: {available} available, {needed} needed")]
+    InsufficientCredits { available: u64, needed: u64 },
+    #[error("cannot {action} an offer that is {from}")]
+    IllegalTransition { from: &'static str, action: &'static str },
+    #[error("lead id {0} was already used with a different payload")]
+    IdempotencyConflict(LeadId),
+}
+
+impl Reject {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reject::InvalidField(_) => "invalid_field",
+            Reject::UnknownPro(_) => "unknown_pro",
+            Reject::UnknownLead(_) => "unknown_lead",
+            Reject::NotOffered { .. } => "not_offered",
+            Reject::LeadFull(_) => "lead_full",
+            Reject::LeadExpired(_) => "lead_expired",
+            Reject::OfferExpired { .. } => "offer_expired",
+            Reject::InsufficientCredits { .. } => "insufficient_credits",
+            Reject::IllegalTransition { .. } => "illegal_transition",
+            Reject::IdempotencyConflict(_) => "idempotency_conflict",
+        }
+    }
+}
+
+/// What a publish answered; republishing the same lead answers the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeadOutcome {
+    pub lead: LeadId,
+    pub status: LeadStatus,
+    pub price: u64,
+    pub offers: Vec<(ProId, OfferKind)>,
+    pub release_at: Option<Millis>,
+    pub expires_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+pub enum LeadStatus {
+    Accepted,
+    Rejected(RejectReason),
+}
+
+/// One offer as a pro (or the platform) sees it. Client PII only after responding (R8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfferView {
+    pub lead: LeadId,
+    pub pro: ProId,
+    pub kind: OfferKind,
+    pub status: OfferStatus,
+    pub price: u64,
+    pub offered_at: Millis,
+    pub respond_by: Option<Millis>,
+    pub contact: Option<RevealedContact>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Lead(LeadOutcome),
+    Offer(OfferView),
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub events: Vec<Event>,
+    pub reply: Reply,
+}
+
+// ---------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProSlot {
+    pub pro: Arc<Pro>,
+    pub stats: ProStats,
+    pub weight: WeightBreakdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfferState {
+    pub pro: ProId,
+    pub kind: OfferKind,
+    pub status: OfferStatus,
+    pub offered_at: Millis,
+    pub respond_by: Option<Millis>,
+    pub responded_at: Option<Millis>,
+    /// Money taken for this offer and not refunded/released.
+    pub charge: Option<Charge>,
+    pub captured: bool,
+    pub viewed: bool,
+    pub refunded: bool,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeadState {
+    pub lead: Arc<Lead>,
+    pub fingerprint: u64,
+    pub price: u64,
+    pub accepted_at: Millis,
+    pub release_at: Option<Millis>,
+    pub expires_at: Millis,
+    pub closed_at: Option<Millis>,
+    pub offers: Vec<OfferState>,
+    pub responders: u32,
+    pub generic_responders: u32,
+    /// Explain: why pros were skipped in this lead's releases.
+    pub skipped: Vec<(ProId, Skip)>,
+    /// R22: auto-buy pros skipped for lack of budget, retried until `retry_until`.
+    pub budget_waitlist: Vec<ProId>,
+}
+
+impl LeadState {
+    fn offer(&self, pro: &ProId) -> Option<&OfferState> {
+        self.offers.iter().find(|o| &o.pro == pro)
+    }
+    fn offer_mut(&mut self, pro: &ProId) -> Option<&mut OfferState> {
+        self.offers.iter_mut().find(|o| &o.pro == pro)
+    }
+    fn generic_cap(&self, policy: &Policy) -> u32 {
+        policy.max_responders.saturating_sub(self.lead.direct.len() as u32)
+    }
+    fn is_open(&self) -> bool {
+        self.closed_at.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RejectedLead {
+    fingerprint: u64,
+    reason: RejectReason,
+}
+
+/// Something the shard must do at a time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Due {
+    Release,
+    ExpireOffer(ProId),
+    Guarantee(ProId),
+    Close,
+    Forget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Deadline {
+    pub at: Millis,
+    pub lead: LeadId,
+    pub due: Due,
+}
+
+/// Most notes on one offer, and longest note.
+const MAX_NOTES: usize = 100;
+const MAX_NOTE_LEN: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shard {
+    pub key: ShardKey,
+    #[serde(skip, default = "placeholder_policy")]
+    policy: Arc<Policy>,
+    pros: Vec<Option<ProSlot>>,
+    slots: FxHashMap<ProId, u32>,
+    ring: Ring,
+    leads: FxHashMap<LeadId, LeadState>,
+    rejected: FxHashMap<LeadId, RejectedLead>,
+    deadlines: BTreeSet<Deadline>,
+    /// Duplicate protection: the newest accepted lead of each client in this shard.
+    last_by_client: FxHashMap<ClientId, (Millis, LeadId)>,
+}
+
+fn placeholder_policy() -> Arc<Policy> {
+    Arc::new(Policy::shared_default("placeholder"))
+}
+
+impl Shard {
+    pub fn new(key: ShardKey, policy: Arc<Policy>) -> Self {
+        Self {
+            key,
+            policy,
+            pros: Vec::new(),
+            slots: FxHashMap::default(),
+            ring: Ring::new(),
+            leads: FxHashMap::default(),
+            rejected: FxHashMap::default(),
+            deadlines: BTreeSet::new(),
+            last_by_client: FxHashMap::default(),
+        }
+    }
+
+    /// After deserialising a snapshot: attach the policy and rebuild derived indexes.
+    pub fn restore(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+        self.ring.rebuild_index();
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Policies can change at run time (reload); weights are recomputed.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+        for slot in 0..self.pros.len() {
+            self.reweigh(slot as u32);
+        }
+    }
+
+    pub fn pro_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn open_leads(&self) -> usize {
+        self.leads.values().filter(|l| l.is_open()).count()
+    }
+
+    pub fn lead(&self, id: &LeadId) -> Option<&LeadState> {
+        self.leads.get(id)
+    }
+
+    pub fn pro(&self, id: &ProId) -> Option<&ProSlot> {
+        self.slots.get(id).and_then(|&s| self.pros[s as usize].as_ref())
+    }
+
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.deadlines.first().map(|d| d.at)
+    }
+
+    fn slot_pro(&self, slot: u32) -> &ProSlot {
+        self.pros[slot as usize].as_ref().expect("ring slots always hold a pro: remove() clears both")
+    }
+
+    // -----------------------------------------------------------------------------
+    // decide
+    // -----------------------------------------------------------------------------
+
+    pub fn decide(&self, now: Millis, cmd: &Command, funds: &dyn Funds) -> Result<Decision, Reject> {
+        match cmd {
+            Command::UpsertPro { pro } => self.decide_upsert(now, pro),
+            Command::RemovePro { pro } => {
+                if !self.slots.contains_key(pro) {
+                    return Err(Reject::UnknownPro(pro.clone()));
+                }
+                Ok(done(vec![Event::ProRemoved { pro: pro.clone(), at: now }]))
+            }
+            Command::SetAvailability { pro, availability } => {
+                if !self.slots.contains_key(pro) {
+                    return Err(Reject::UnknownPro(pro.clone()));
+                }
+                availability.validate("availability")?;
+                Ok(done(vec![Event::AvailabilitySet {
+                    pro: pro.clone(),
+                    availability: availability.clone(),
+                    at: now,
+                }]))
+            }
+            Command::PublishLead { lead } => self.decide_publish(now, lead, funds),
+            Command::Offer { lead, pro, action } => self.decide_offer(now, lead, pro, action, funds),
+            Command::BudgetAvailable { pro } => Ok(self.decide_budget_retry(now, pro, funds)),
+            Command::Tick => Ok(self.decide_tick(now, funds)),
+        }
+    }
+
+    fn decide_upsert(&self, now: Millis, pro: &Pro) -> Result<Decision, Reject> {
+        pro.validate()?;
+        if !pro.zones.contains(&self.key.zone) || !pro.categories.contains(&self.key.category) {
+            return Err(
+                field_err("pro.zones", format!("pro {} does not cover shard {}", pro.id, self.key)).into()
+            );
+        }
+        Ok(done(vec![Event::ProUpserted { pro: Arc::new(pro.clone()), at: now }]))
+    }
+
+    fn decide_publish(&self, now: Millis, lead: &Lead, funds: &dyn Funds) -> Result<Decision, Reject> {
+        lead.validate()?;
+        if lead.zone != self.key.zone || lead.category != self.key.category {
+            return Err(
+                field_err("lead.zone", format!("lead belongs to another shard than {}", self.key)).into()
+            );
+        }
+        let fp = lead.fingerprint();
+        // R1: idempotent republish.
+        if let Some(st) = self.leads.get(&lead.id) {
+            if st.fingerprint != fp {
+                return Err(Reject::IdempotencyConflict(lead.id.clone()));
+            }
+            return Ok(Decision { events: vec![], reply: Reply::Lead(self.outcome(st)) });
+        }
+        if let Some(r) = self.rejected.get(&lead.id) {
+            if r.fingerprint != fp {
+                return Err(Reject::IdempotencyConflict(lead.id.clone()));
+            }
+            return Ok(Decision { events: vec![], reply: Reply::Lead(rejected_outcome(&lead.id, r.reason)) });
+        }
+        // R2: quality gate, then duplicate protection, before anyone is charged.
+        if let Some(reason) = self.gate(lead) {
+            let ev = Event::LeadRejected {
+                lead: lead.id.clone(),
+                client: lead.client.id.clone(),
+                fingerprint: fp,
+                reason,
+                at: now,
+            };
+            return Ok(Decision { events: vec![ev], reply: Reply::Lead(rejected_outcome(&lead.id, reason)) });
+        }
+        let p = &self.policy;
+        let price = match p.charge_on {
+            ChargeOn::Never => 0,
+            _ => p.flat_price_credits,
+        };
+        let expires_at = lead.created_at.saturating_add(p.lead_ttl);
+        if expires_at <= now {
+            return Err(Reject::LeadExpired(lead.id.clone()));
+        }
+        let generic_slots = p.max_responders.saturating_sub(lead.direct.len() as u32);
+        let release_at = match lead.kind {
+            JobKind::Direct | JobKind::Contact => None,
+            JobKind::Match if p.mode == DispatchMode::Shared && generic_slots == 0 => None,
+            JobKind::Match if lead.direct.is_empty() => Some(now),
+            JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
+        };
+        let arc = Arc::new(lead.clone());
+        let mut events = vec![Event::LeadAccepted {
+            lead: arc.clone(),
+            fingerprint: fp,
+            price,
+            at: now,
+            release_at,
+            expires_at,
+        }];
+        // R5: direct targets at once.
+        let mut offers = Vec::new();
+        if !lead.direct.is_empty() {
+            let kind = if lead.kind == JobKind::Contact { OfferKind::Contact } else { OfferKind::Direct };
+            let mut grants = Vec::new();
+            let mut skipped = Vec::new();
+            for target in &lead.direct {
+                match self.slots.get(target) {
+                    None => skipped.push((target.clone(), Skip::NotInShard)),
+                    Some(&slot) => match self.slot_pro(slot).pro.availability.check(now) {
+                        Err(u) => skipped.push((target.clone(), u.into())),
+                        Ok(()) => grants.push(Grant { pro: target.clone(), kind, charge: None }),
+                    },
+                }
+            }
+            offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
+            events.push(Event::Offered {
+                lead: lead.id.clone(),
+                at: now,
+                release: false,
+                grants,
+                rotation: Selection::default(),
+                skipped,
+            });
+        }
+        // No head start: generic release in the same decision.
+        if release_at == Some(now) {
+            let st = provisional(arc, fp, price, now, expires_at);
+            let ev = self.release(now, &st, funds);
+            if let Event::Offered { grants, .. } = &ev {
+                offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
+            }
+            events.push(ev);
+        }
+        let reply = Reply::Lead(LeadOutcome {
+            lead: lead.id.clone(),
+            status: LeadStatus::Accepted,
+            price,
+            offers,
+            release_at,
+            expires_at: Some(expires_at),
+        });
+        Ok(Decision { events, reply })
+    }
+
+    /// R2 quality gate and duplicate protection. `None` = the lead passes.
+    fn gate(&self, lead: &Lead) -> Option<RejectReason> {
+        let p = &self.policy;
+        if p.require_verified_phone && !lead.client.phone_verified {
+            return Some(RejectReason::PhoneUnverified);
+        }
+        let desc_chars = lead.description.chars().count();
+        let missing_key = p
+            .required_details
+            .get(&lead.category)
+            .is_some_and(|keys| keys.iter().any(|k| lead.details.get(k).is_none_or(|v| v.trim().is_empty())));
+        if desc_chars < p.min_description_chars as usize || missing_key {
+            return Some(RejectReason::InsufficientDetails);
+        }
+        if p.reject_competitors {
+            if let Some(pid) = &lead.client.pro_id {
+                if self.slots.contains_key(pid) {
+                    return Some(RejectReason::Competitor);
+                }
+            }
+        }
+        if let Some(window) = p.duplicate_window {
+            if let Some((at, prev)) = self.last_by_client.get(&lead.client.id) {
+                // Same client, zone and category within the window: recognised
+                // before anyone is charged.
+                if prev != &lead.id
+                    && lead.created_at < at.saturating_add(window)
+                    && self.leads.contains_key(prev)
+                {
+                    return Some(RejectReason::Duplicate);
+                }
+            }
+        }
+        None
+    }
+
+    /// Why `slot` may not take `st`'s lead now, if it may not (R4, R21).
+    fn ineligible(&self, now: Millis, slot: u32, st: &LeadState, funds: &dyn Funds) -> Option<Skip> {
+        let ps = self.slot_pro(slot);
+        let pro = &ps.pro;
+        let lead = &st.lead;
+        if st.offer(&pro.id).is_some() {
+            return Some(Skip::AlreadyOffered);
+        }
+        if lead.client.pro_id.as_ref() == Some(&pro.id) {
+            return Some(Skip::IsClient);
+        }
+        if let Err(u) = pro.availability.check(now) {
+            return Some(u.into());
+        }
+        if let (Some(loc), Some(base), Some(radius)) = (&lead.location, &pro.base, pro.radius_km) {
+            let d = base.distance_km(loc);
+            if d > radius {
+                return Some(Skip::TooFar { distance_km: d, radius_km: radius });
+            }
+        }
+        if let Some(a) = lead.attributes.iter().find(|a| pro.refuses.contains(a)) {
+            return Some(Skip::RefusesAttribute { attribute: a.clone() });
+        }
+        let price = st.price;
+        match self.policy.charge_on {
+            ChargeOn::Never => None,
+            ChargeOn::Response => {
+                let available = funds.credits(&pro.id);
+                (available < price).then_some(Skip::CannotPay { available, price })
+            }
+            ChargeOn::Dispatch => {
+                let mut covering =
+                    pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
+                let mut first_skip = None;
+                let mut any = false;
+                for c in &mut covering {
+                    any = true;
+                    let skip = if !c.is_buying(now) {
+                        Skip::AutoBuyPaused
+                    } else if c.max_price_credits.is_some_and(|m| m < price) {
+                        Skip::PriceAboveMax { max_price: c.max_price_credits.unwrap_or(0), price }
+                    } else {
+                        let available = funds.budget(&pro.id, &c.name);
+                        if available >= price {
+                            return None;
+                        }
+                        Skip::BudgetExhausted { available, price }
+                    };
+                    first_skip.get_or_insert(skip);
+                }
+                if !any {
+                    return Some(Skip::NoAutoBuyConfig);
+                }
+                Some(first_skip.expect("set in the loop: `any` is true"))
+            }
+        }
+    }
+
+    /// The auto-buy config that pays for `st` for this pro (first by name with budget).
+    fn budget_config(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<String> {
+        let mut configs: Vec<&AutoBuyConfig> = pro
+            .autobuy
+            .iter()
+            .filter(|c| c.covers(&self.key.zone, &self.key.category) && c.is_buying(now))
+            .filter(|c| c.max_price_credits.is_none_or(|m| m >= price))
+            .collect();
+        configs.sort_by(|a, b| a.name.cmp(&b.name));
+        configs.into_iter().find(|c| funds.budget(&pro.id, &c.name) >= price).map(|c| c.name.clone())
+    }
+
+    /// The generic release of a lead: who gets it, in rotation order (R5, R6a, R21).
+    fn release(&self, now: Millis, st: &LeadState, funds: &dyn Funds) -> Event {
+        let p = &self.policy;
+        let (n, kind) = match p.mode {
+            DispatchMode::Shared => (p.offer_fanout.map_or(usize::MAX, |n| n as usize), OfferKind::Generic),
+            DispatchMode::Matched => (p.offer_fanout.map_or(usize::MAX, |n| n as usize), OfferKind::Match),
+            DispatchMode::AutoBuy => {
+                let have = st.offers.iter().filter(|o| o.kind == OfferKind::AutoBuy).count();
+                ((p.group_size as usize).saturating_sub(have), OfferKind::AutoBuy)
+            }
+        };
+        let mut skipped = Vec::new();
+        let rotation = self.ring.select(n, |slot| match self.ineligible(now, slot, st, funds) {
+            None => true,
+            Some(skip) => {
+                skipped.push((self.slot_pro(slot).pro.id.clone(), skip));
+                false
+            }
+        });
+        let grants = rotation
+            .taken
+            .iter()
+            .map(|&slot| {
+                let pro = &self.slot_pro(slot).pro;
+                let charge = (kind == OfferKind::AutoBuy).then(|| Charge {
+                    op: format!("buy:{}:{}", st.lead.id, pro.id),
+                    credits: st.price,
+                    mode: ChargeMode::Budget {
+                        config: self.budget_config(now, pro, st.price, funds).expect(
+                            "eligible auto-buy pros have a config with budget: checked by ineligible()",
+                        ),
+                    },
+                });
+                Grant { pro: pro.id.clone(), kind, charge }
+            })
+            .collect();
+        // With fanout "all" the rotation order only orders delivery; nobody's turn is
+        // consumed, so the ring does not move.
+        let rotation = if n == usize::MAX { Selection::default() } else { rotation };
+        // Only skips the scan actually recorded before the last taken pro count;
+        // pros scanned after it (fanout "all") are genuinely ineligible too.
+        Event::Offered { lead: st.lead.id.clone(), at: now, release: true, grants, rotation, skipped }
+    }
+
+    fn decide_offer(
+        &self,
+        now: Millis,
+        lead_id: &LeadId,
+        pro: &ProId,
+        action: &OfferAction,
+        funds: &dyn Funds,
+    ) -> Result<Decision, Reject> {
+        let st = self.leads.get(lead_id).ok_or_else(|| Reject::UnknownLead(lead_id.clone()))?;
+        let offer =
+            st.offer(pro).ok_or_else(|| Reject::NotOffered { lead: lead_id.clone(), pro: pro.clone() })?;
+        let illegal = || Reject::IllegalTransition { from: offer.status.as_str(), action: action.name() };
+        let (l, p) = (lead_id.clone(), pro.clone());
+        let view =
+            |status: OfferStatus, revealed: bool| Reply::Offer(self.view(st, offer, Some(status), revealed));
+        use OfferStatus as S;
+        let event = match action {
+            OfferAction::Open => match offer.status {
+                S::New => Event::OfferOpened { lead: l, pro: p, at: now },
+                S::Opened => return Ok(Decision { events: vec![], reply: view(S::Opened, false) }),
+                _ => return Err(illegal()),
+            },
+            OfferAction::Respond => {
+                match offer.status {
+                    // The same response twice charges once.
+                    S::Replied | S::AwaitingResponse | S::Completed => {
+                        return Ok(Decision { events: vec![], reply: view(offer.status, true) })
+                    }
+                    S::New | S::Opened => {}
+                    _ => return Err(illegal()),
+                }
+                if !st.is_open() || now >= st.expires_at {
+                    return Err(Reject::LeadExpired(l));
+                }
+                if offer.respond_by.is_some_and(|t| now >= t) {
+                    return Err(Reject::OfferExpired { lead: l, pro: p });
+                }
+                let cap_full = st.responders >= self.policy.max_responders
+                    || (offer.kind == OfferKind::Generic
+                        && st.generic_responders >= st.generic_cap(&self.policy));
+                if cap_full {
+                    return Err(Reject::LeadFull(l));
+                }
+                let charge = match (self.policy.charge_on, offer.charge.is_some()) {
+                    (ChargeOn::Response, false) if st.price > 0 => {
+                        let available = funds.credits(pro);
+                        if available < st.price {
+                            return Err(Reject::InsufficientCredits { available, needed: st.price });
+                        }
+                        let hold = st.lead.client.contact.chat_only();
+                        Some(Charge {
+                            op: format!("{}:{}:{}", if hold { "hold" } else { "charge" }, l, p),
+                            credits: st.price,
+                            mode: if hold { ChargeMode::Hold } else { ChargeMode::Capture },
+                        })
+                    }
+                    _ => None,
+                };
+                let ev = Event::Responded { lead: l, pro: p, at: now, charge };
+                return Ok(Decision { events: vec![ev], reply: view(S::Replied, true) });
+            }
+            OfferAction::Decline { by } => match (offer.status, by) {
+                (S::New | S::Opened | S::Replied | S::AwaitingResponse, _) => {
+                    Event::Declined { lead: l, pro: p, by: *by, at: now }
+                }
+                _ => return Err(illegal()),
+            },
+            OfferAction::ClientReplied => match offer.status {
+                S::Replied => {
+                    let capture = offer
+                        .charge
+                        .as_ref()
+                        .filter(|c| c.mode == ChargeMode::Hold && !offer.captured)
+                        .cloned();
+                    Event::ClientReplied { lead: l, pro: p, at: now, capture }
+                }
+                S::AwaitingResponse => {
+                    return Ok(Decision { events: vec![], reply: view(offer.status, true) })
+                }
+                _ => return Err(illegal()),
+            },
+            OfferAction::ProReplied => match offer.status {
+                S::AwaitingResponse => Event::ProReplied { lead: l, pro: p, at: now },
+                S::Replied => return Ok(Decision { events: vec![], reply: view(offer.status, true) }),
+                _ => return Err(illegal()),
+            },
+            OfferAction::ClientViewed => match offer.status {
+                S::Replied | S::AwaitingResponse | S::Completed if !offer.viewed => {
+                    Event::ClientViewed { lead: l, pro: p, at: now }
+                }
+                S::Replied | S::AwaitingResponse | S::Completed => {
+                    return Ok(Decision { events: vec![], reply: view(offer.status, true) })
+                }
+                _ => return Err(illegal()),
+            },
+            OfferAction::Complete => match offer.status {
+                S::Replied | S::AwaitingResponse => Event::Completed { lead: l, pro: p, at: now },
+                S::Completed => return Ok(Decision { events: vec![], reply: view(offer.status, true) }),
+                _ => return Err(illegal()),
+            },
+            OfferAction::AddNote { text } => {
+                if text.trim().is_empty() || text.len() > MAX_NOTE_LEN {
+                    return Err(field_err("text", "a note must be 1..=4096 bytes").into());
+                }
+                if offer.notes.len() >= MAX_NOTES {
+                    return Err(field_err("text", "an offer holds at most 100 notes").into());
+                }
+                Event::NoteAdded { lead: l, pro: p, text: text.clone(), at: now }
+            }
+            OfferAction::ConfirmInvalidContact => match (&offer.charge, offer.refunded) {
+                (Some(c), false) if offer.captured || c.mode != ChargeMode::Hold => Event::Refunded {
+                    lead: l,
+                    pro: p,
+                    charge: c.clone(),
+                    reason: RefundReason::InvalidContact,
+                    at: now,
+                },
+                (Some(_), true) => return Ok(Decision { events: vec![], reply: view(offer.status, true) }),
+                _ => return Err(Reject::IllegalTransition { from: "not_charged", action: action.name() }),
+            },
+        };
+        let status_after = match &event {
+            Event::OfferOpened { .. } => S::Opened,
+            Event::Declined { .. } => S::Declined,
+            Event::ClientReplied { .. } => S::AwaitingResponse,
+            Event::ProReplied { .. } => S::Replied,
+            Event::Completed { .. } => S::Completed,
+            _ => offer.status,
+        };
+        let revealed = offer.responded_at.is_some();
+        Ok(Decision { reply: view(status_after, revealed), events: vec![event] })
+    }
+
+    fn decide_budget_retry(&self, now: Millis, pro: &ProId, funds: &dyn Funds) -> Decision {
+        let mut events = Vec::new();
+        let Some(&slot) = self.slots.get(pro) else {
+            return done(events);
+        };
+        let mut leads: Vec<&LeadState> = self
+            .leads
+            .values()
+            .filter(|st| st.is_open() && st.budget_waitlist.contains(pro))
+            .filter(|st| now < st.accepted_at.saturating_add(self.policy.retry_window))
+            .collect();
+        leads.sort_by(|a, b| (a.accepted_at, &a.lead.id).cmp(&(b.accepted_at, &b.lead.id)));
+        let mut spent = 0u64;
+        for st in leads {
+            let bought = st.offers.iter().filter(|o| o.kind == OfferKind::AutoBuy).count();
+            if bought >= self.policy.group_size as usize {
+                continue;
+            }
+            let view = SpentFunds { inner: funds, pro, spent };
+            if self.ineligible(now, slot, st, &view).is_some() {
+                continue;
+            }
+            let ps = &self.slot_pro(slot).pro;
+            let Some(config) = self.budget_config(now, ps, st.price, &view) else {
+                continue;
+            };
+            spent += st.price;
+            events.push(Event::Offered {
+                lead: st.lead.id.clone(),
+                at: now,
+                release: false,
+                grants: vec![Grant {
+                    pro: pro.clone(),
+                    kind: OfferKind::AutoBuy,
+                    charge: Some(Charge {
+                        op: format!("buy:{}:{}", st.lead.id, pro),
+                        credits: st.price,
+                        mode: ChargeMode::Budget { config },
+                    }),
+                }],
+                rotation: Selection::default(),
+                skipped: vec![],
+            });
+        }
+        done(events)
+    }
+
+    fn decide_tick(&self, now: Millis, funds: &dyn Funds) -> Decision {
+        let mut events = Vec::new();
+        for d in self.deadlines.iter().take_while(|d| d.at <= now) {
+            let st = self.leads.get(&d.lead);
+            match (&d.due, st) {
+                (Due::Release, Some(st)) if st.is_open() && st.release_at.is_some() => {
+                    events.push(self.release(d.at.max(now.min(d.at)), st, funds));
+                }
+                (Due::ExpireOffer(pro), Some(st)) if st.offer(pro).is_some_and(|o| o.status.is_open()) => {
+                    events.push(Event::OfferExpired { lead: d.lead.clone(), pro: pro.clone(), at: d.at });
+                }
+                (Due::Guarantee(pro), Some(st)) => {
+                    if let Some(o) = st.offer(pro) {
+                        let settled = o.charge.as_ref().filter(|c| o.captured || c.mode != ChargeMode::Hold);
+                        if let (Some(c), false, false) = (settled, o.viewed, o.refunded) {
+                            events.push(Event::Refunded {
+                                lead: d.lead.clone(),
+                                pro: pro.clone(),
+                                charge: c.clone(),
+                                reason: RefundReason::NotViewed,
+                                at: d.at,
+                            });
+                        }
+                    }
+                }
+                (Due::Close, Some(st)) if st.is_open() => {
+                    let releases = st
+                        .offers
+                        .iter()
+                        .filter_map(|o| {
+                            let c = o.charge.as_ref()?;
+                            (c.mode == ChargeMode::Hold && !o.captured).then(|| (o.pro.clone(), c.clone()))
+                        })
+                        .collect();
+                    events.push(Event::LeadClosed { lead: d.lead.clone(), at: d.at, releases });
+                }
+                (Due::Forget, _) => events.push(Event::LeadForgotten { lead: d.lead.clone() }),
+                _ => {}
+            }
+        }
+        done(events)
+    }
+
+    // -----------------------------------------------------------------------------
+    // apply
+    // -----------------------------------------------------------------------------
+
+    /// Applies one fact. Infallible: an event that no longer finds its subject (e.g. an
+    /// offer action for a forgotten lead) changes nothing.
+    pub fn apply(&mut self, ev: &Event) {
+        match ev {
+            Event::ProUpserted { pro, .. } => {
+                let slot = match self.slots.get(&pro.id) {
+                    Some(&s) => s,
+                    None => {
+                        let s = self.pros.len() as u32;
+                        self.pros.push(None);
+                        self.slots.insert(pro.id.clone(), s);
+                        s
+                    }
+                };
+                let stats = self.pros[slot as usize].take().map(|p| p.stats).unwrap_or_default();
+                let weight = rank::weight(&self.policy, &pro.quality, &stats);
+                let w = weight.weight;
+                self.pros[slot as usize] = Some(ProSlot { pro: pro.clone(), stats, weight });
+                self.ring.upsert(slot, w);
+            }
+            Event::ProRemoved { pro, .. } => {
+                if let Some(slot) = self.slots.remove(pro) {
+                    self.ring.remove(slot);
+                    self.pros[slot as usize] = None;
+                }
+            }
+            Event::AvailabilitySet { pro, availability, .. } => {
+                if let Some(&slot) = self.slots.get(pro) {
+                    if let Some(ps) = self.pros[slot as usize].as_mut() {
+                        let mut p = (*ps.pro).clone();
+                        p.availability = availability.clone();
+                        ps.pro = Arc::new(p);
+                    }
+                }
+            }
+            Event::LeadRejected { lead, fingerprint, reason, at, .. } => {
+                self.rejected
+                    .insert(lead.clone(), RejectedLead { fingerprint: *fingerprint, reason: *reason });
+                self.deadlines.insert(Deadline {
+                    at: at.saturating_add(self.policy.idempotency_retention),
+                    lead: lead.clone(),
+                    due: Due::Forget,
+                });
+            }
+            Event::LeadAccepted { lead, fingerprint, price, at, release_at, expires_at } => {
+                let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
+                let st = LeadState { release_at: *release_at, ..st };
+                if let Some(r) = release_at {
+                    if r > at {
+                        self.deadlines.insert(Deadline { at: *r, lead: lead.id.clone(), due: Due::Release });
+                    }
+                }
+                self.deadlines.insert(Deadline { at: *expires_at, lead: lead.id.clone(), due: Due::Close });
+                self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
+                self.leads.insert(lead.id.clone(), st);
+            }
+            Event::Offered { lead, at, release, grants, rotation, skipped } => {
+                self.ring.commit(rotation, self.policy.max_catch_up_turns);
+                let policy = self.policy.clone();
+                let Some(st) = self.leads.get_mut(lead) else {
+                    return;
+                };
+                if *release {
+                    st.release_at = None;
+                    self.deadlines.remove(&Deadline { at: *at, lead: lead.clone(), due: Due::Release });
+                    self.deadlines.retain(|d| !(d.lead == *lead && d.due == Due::Release));
+                }
+                for g in grants {
+                    let respond_by = match g.kind {
+                        OfferKind::Contact | OfferKind::AutoBuy => None,
+                        _ => policy.response_window.map(|w| at.saturating_add(w)),
+                    };
+                    if let Some(t) = respond_by {
+                        self.deadlines.insert(Deadline {
+                            at: t,
+                            lead: lead.clone(),
+                            due: Due::ExpireOffer(g.pro.clone()),
+                        });
+                    }
+                    let bought = g.charge.is_some();
+                    st.offers.push(OfferState {
+                        pro: g.pro.clone(),
+                        kind: g.kind,
+                        status: OfferStatus::New,
+                        offered_at: *at,
+                        respond_by,
+                        responded_at: None,
+                        charge: g.charge.clone(),
+                        captured: bought,
+                        viewed: false,
+                        refunded: false,
+                        notes: Vec::new(),
+                    });
+                    st.budget_waitlist.retain(|p| p != &g.pro);
+                    if let Some(&slot) = self.slots.get(&g.pro) {
+                        if let Some(ps) = self.pros[slot as usize].as_mut() {
+                            ps.stats.offered += 1;
+                            if ps.pro.availability.check(*at).is_ok() {
+                                ps.stats.rate_relevant += 1;
+                            }
+                        }
+                    }
+                }
+                for (pro, skip) in skipped {
+                    if matches!(skip, Skip::BudgetExhausted { .. }) && !st.budget_waitlist.contains(pro) {
+                        st.budget_waitlist.push(pro.clone());
+                    }
+                    if !st.skipped.iter().any(|(p, _)| p == pro) {
+                        st.skipped.push((pro.clone(), skip.clone()));
+                    }
+                }
+            }
+            Event::OfferOpened { lead, pro, .. } => {
+                self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Opened);
+            }
+            Event::Responded { lead, pro, at, charge } => {
+                let policy = self.policy.clone();
+                let mut response_time = None;
+                if let Some(st) = self.leads.get_mut(lead) {
+                    let cap = st.generic_cap(&policy);
+                    let Some(o) = st.offer_mut(pro) else { return };
+                    o.status = OfferStatus::Replied;
+                    o.responded_at = Some(*at);
+                    response_time = Some(at.saturating_sub(o.offered_at).max(0) as u64);
+                    if charge.is_some() {
+                        o.charge = charge.clone();
+                        o.captured = matches!(charge, Some(c) if c.mode == ChargeMode::Capture);
+                    }
+                    let generic = o.kind == OfferKind::Generic;
+                    st.responders += 1;
+                    if generic {
+                        st.generic_responders += 1;
+                    }
+                    // R6: once the cap is reached the lead is no longer available to
+                    // those who have not responded.
+                    let all_full = st.responders >= policy.max_responders;
+                    let generic_full = st.generic_responders >= cap;
+                    for o in st.offers.iter_mut().filter(|o| o.status.is_open()) {
+                        if all_full || (generic_full && o.kind == OfferKind::Generic) {
+                            o.status = OfferStatus::Inactive;
+                        }
+                    }
+                    if let (Some(w), Some(_)) = (policy.guarantee_window, charge) {
+                        self.deadlines.insert(Deadline {
+                            at: at.saturating_add(w),
+                            lead: lead.clone(),
+                            due: Due::Guarantee(pro.clone()),
+                        });
+                    }
+                }
+                if let (Some(rt), Some(ps)) = (response_time, self.slot_mut(pro)) {
+                    ps.stats.responded += 1;
+                    ps.stats.response_time_ms_sum += rt;
+                }
+            }
+            Event::Declined { lead, pro, by, .. } => {
+                self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Declined);
+                if *by == Party::Pro {
+                    if let Some(ps) = self.slot_mut(pro) {
+                        ps.stats.declined += 1;
+                    }
+                    self.reweigh_pro(pro);
+                }
+            }
+            Event::OfferExpired { lead, pro, .. } => {
+                self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Expired);
+                if let Some(ps) = self.slot_mut(pro) {
+                    ps.stats.expired += 1;
+                }
+                self.reweigh_pro(pro);
+            }
+            Event::ClientReplied { lead, pro, capture, .. } => {
+                self.with_offer(lead, pro, |_, o| {
+                    o.status = OfferStatus::AwaitingResponse;
+                    if capture.is_some() {
+                        o.captured = true;
+                    }
+                });
+            }
+            Event::ProReplied { lead, pro, .. } => {
+                self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Replied);
+            }
+            Event::ClientViewed { lead, pro, .. } => {
+                self.with_offer(lead, pro, |_, o| o.viewed = true);
+            }
+            Event::Completed { lead, pro, .. } => {
+                self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Completed);
+            }
+            Event::NoteAdded { lead, pro, text, .. } => {
+                self.with_offer(lead, pro, |_, o| o.notes.push(text.clone()));
+            }
+            Event::Refunded { lead, pro, .. } => {
+                self.with_offer(lead, pro, |_, o| o.refunded = true);
+            }
+            Event::LeadClosed { lead, at, .. } => {
+                let retention = self.policy.idempotency_retention;
+                let guarantee = self.policy.guarantee_window.unwrap_or(0);
+                if let Some(st) = self.leads.get_mut(lead) {
+                    st.closed_at = Some(*at);
+                    st.release_at = None;
+                    st.budget_waitlist.clear();
+                    for o in &mut st.offers {
+                        if o.status.is_open() {
+                            o.status = OfferStatus::Inactive;
+                        }
+                        if o.charge.as_ref().is_some_and(|c| c.mode == ChargeMode::Hold) && !o.captured {
+                            o.charge = None; // released
+                        }
+                    }
+                }
+                self.deadlines.retain(|d| {
+                    !(d.lead == *lead && matches!(d.due, Due::Release | Due::ExpireOffer(_) | Due::Close))
+                });
+                self.deadlines.insert(Deadline {
+                    at: at.saturating_add(retention.max(guarantee)),
+                    lead: lead.clone(),
+                    due: Due::Forget,
+                });
+            }
+            Event::LeadForgotten { lead } => {
+                if let Some(st) = self.leads.remove(lead) {
+                    if self.last_by_client.get(&st.lead.client.id).is_some_and(|(_, l)| l == lead) {
+                        self.last_by_client.remove(&st.lead.client.id);
+                    }
+                }
+                self.rejected.remove(lead);
+                self.deadlines.retain(|d| d.lead != *lead);
+            }
+        }
+    }
+
+    fn with_offer(&mut self, lead: &LeadId, pro: &ProId, f: impl FnOnce(&LeadId, &mut OfferState)) {
+        if let Some(o) = self.leads.get_mut(lead).and_then(|st| st.offer_mut(pro)) {
+            f(lead, o);
+        }
+    }
+
+    fn slot_mut(&mut self, pro: &ProId) -> Option<&mut ProSlot> {
+        let &slot = self.slots.get(pro)?;
+        self.pros[slot as usize].as_mut()
+    }
+
+    fn reweigh_pro(&mut self, pro: &ProId) {
+        if let Some(&slot) = self.slots.get(pro) {
+            self.reweigh(slot);
+        }
+    }
+
+    fn reweigh(&mut self, slot: u32) {
+        if let Some(ps) = self.pros[slot as usize].as_mut() {
+            ps.weight = rank::weight(&self.policy, &ps.pro.quality, &ps.stats);
+            self.ring.upsert(slot, ps.weight.weight);
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // Queries
+    // -----------------------------------------------------------------------------
+
+    fn outcome(&self, st: &LeadState) -> LeadOutcome {
+        LeadOutcome {
+            lead: st.lead.id.clone(),
+            status: LeadStatus::Accepted,
+            price: st.price,
+            offers: st.offers.iter().map(|o| (o.pro.clone(), o.kind)).collect(),
+            release_at: st.release_at,
+            expires_at: Some(st.expires_at),
+        }
+    }
+
+    fn view(&self, st: &LeadState, o: &OfferState, status: Option<OfferStatus>, revealed: bool) -> OfferView {
+        OfferView {
+            lead: st.lead.id.clone(),
+            pro: o.pro.clone(),
+            kind: o.kind,
+            status: status.unwrap_or(o.status),
+            price: st.price,
+            offered_at: o.offered_at,
+            respond_by: o.respond_by,
+            contact: (revealed || o.responded_at.is_some() || o.kind == OfferKind::AutoBuy)
+                .then(|| RevealedContact::for_client(&st.lead.client)),
+        }
+    }
+
+    /// The offer of `lead` to `pro`, as that pro may see it (R8).
+    pub fn offer_view(&self, lead: &LeadId, pro: &ProId) -> Result<OfferView, Reject> {
+        let st = self.leads.get(lead).ok_or_else(|| Reject::UnknownLead(lead.clone()))?;
+        let o = st.offer(pro).ok_or_else(|| Reject::NotOffered { lead: lead.clone(), pro: pro.clone() })?;
+        Ok(self.view(st, o, None, false))
+    }
+
+    /// R3: ranked eligible pros for a client who wants to choose; empty with
+    /// `not_enough_pros` below `min_list_size`.
+    pub fn candidates(&self, now: Millis, location: Option<GeoPoint>, attributes: &[String]) -> Candidates {
+        let mut list: Vec<(u32, u32)> = self
+            .ring
+            .iter()
+            .filter(|&slot| {
+                let pro = &self.slot_pro(slot).pro;
+                if pro.availability.check(now).is_err() {
+                    return false;
+                }
+                if let (Some(loc), Some(base), Some(r)) = (&location, &pro.base, pro.radius_km) {
+                    if base.distance_km(loc) > r {
+                        return false;
+                    }
+                }
+                !attributes.iter().any(|a| pro.refuses.contains(a))
+            })
+            .map(|slot| (slot, self.slot_pro(slot).weight.weight))
+            .collect();
+        if list.len() < self.policy.min_list_size as usize {
+            return Candidates { pros: vec![], reason: Some("not_enough_pros") };
+        }
+        // Ranked by weight (quality and responsiveness), ties in rotation order.
+        list.sort_by_key(|&(_, w)| std::cmp::Reverse(w));
+        Candidates {
+            pros: list.into_iter().map(|(slot, w)| (self.slot_pro(slot).pro.id.clone(), w)).collect(),
+            reason: None,
+        }
+    }
+
+    /// R28 explain: for every pro of the shard, why it was or was not offered the lead,
+    /// with its ranking inputs.
+    pub fn explain(&self, lead: &LeadId) -> Result<Explanation, Reject> {
+        let st = self.leads.get(lead).ok_or_else(|| Reject::UnknownLead(lead.clone()))?;
+        let mut entries = Vec::new();
+        let mut seen = BTreeSet::new();
+        for o in &st.offers {
+            seen.insert(o.pro.clone());
+            entries
+                .push(self.explain_entry(&o.pro, ExplainOutcome::Offered { kind: o.kind, status: o.status }));
+        }
+        for (pro, skip) in &st.skipped {
+            if seen.insert(pro.clone()) {
+                entries.push(self.explain_entry(pro, ExplainOutcome::Skipped(skip.clone())));
+            }
+        }
+        let pending = st.release_at.is_some();
+        for slot in self.ring.iter() {
+            let id = &self.slot_pro(slot).pro.id;
+            if seen.insert(id.clone()) {
+                let why = if pending {
+                    ExplainOutcome::AwaitingRelease
+                } else if self.policy.mode == DispatchMode::Shared && st.generic_cap(&self.policy) == 0 {
+                    ExplainOutcome::Skipped(Skip::NoGenericSlots)
+                } else {
+                    ExplainOutcome::Skipped(Skip::TurnNotReached)
+                };
+                entries.push(self.explain_entry(id, why));
+            }
+        }
+        Ok(Explanation {
+            lead: lead.clone(),
+            price: st.price,
+            responders: st.responders,
+            max_responders: self.policy.max_responders,
+            generic_cap: st.generic_cap(&self.policy),
+            release_at: st.release_at,
+            expires_at: st.expires_at,
+            entries,
+        })
+    }
+
+    fn explain_entry(&self, pro: &ProId, outcome: ExplainOutcome) -> ExplainEntry {
+        let ps = self.pro(pro);
+        ExplainEntry {
+            pro: pro.clone(),
+            outcome,
+            weight: ps.map(|p| p.weight.clone()),
+            response_rate_permille: ps.map(|p| p.stats.response_rate_permille()),
+            mean_response_time_ms: ps.and_then(|p| p.stats.mean_response_time_ms()),
+        }
+    }
+
+    /// R18: a pro's offers whose client name (once revealed), description, details or
+    /// notes contain `query` (case-insensitive), newest first.
+    pub fn search(&self, pro: &ProId, query: &str) -> Vec<OfferView> {
+        let q = query.to_lowercase();
+        let mut hits: Vec<OfferView> = self
+            .leads
+            .values()
+            .filter_map(|st| {
+                let o = st.offer(pro)?;
+                let l = &st.lead;
+                let revealed = o.responded_at.is_some();
+                let hit = q.is_empty()
+                    || (revealed && l.client.name.to_lowercase().contains(&q))
+                    || l.description.to_lowercase().contains(&q)
+                    || l.details.values().any(|v| v.to_lowercase().contains(&q))
+                    || o.notes.iter().any(|n| n.to_lowercase().contains(&q));
+                hit.then(|| self.view(st, o, None, false))
+            })
+            .collect();
+        hits.sort_by(|a, b| (b.offered_at, &b.lead).cmp(&(a.offered_at, &a.lead)));
+        hits
+    }
+
+    /// Offered counts and weights of every pro, for the fairness figure.
+    pub fn fairness_inputs(&self) -> impl Iterator<Item = (&ProId, u64, u32)> {
+        self.pros.iter().flatten().map(|p| (&p.pro.id, p.stats.offered, p.weight.weight))
+    }
+
+    /// Internal consistency, checked by tests after every step.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.ring.check_invariants()?;
+        if self.ring.len() != self.slots.len() {
+            return Err(format!("{} pros but {} in the ring", self.slots.len(), self.ring.len()));
+        }
+        for st in self.leads.values() {
+            let max = self.policy.max_responders;
+            if st.responders > max {
+                return Err(format!("lead {} has {} responders > cap {}", st.lead.id, st.responders, max));
+            }
+            if st.generic_responders > st.generic_cap(&self.policy) {
+                return Err(format!("lead {} exceeds its generic cap", st.lead.id));
+            }
+            let mut pros = BTreeSet::new();
+            for o in &st.offers {
+                if !pros.insert(&o.pro) {
+                    return Err(format!("lead {} offered twice to {}", st.lead.id, o.pro));
+                }
+            }
+            if self.policy.mode == DispatchMode::AutoBuy {
+                let bought = st.offers.iter().filter(|o| o.kind == OfferKind::AutoBuy).count();
+                if bought > self.policy.group_size as usize {
+                    return Err(format!("lead {} bought by {} > group size", st.lead.id, bought));
+                }
+            }
+            let responded = st.offers.iter().filter(|o| o.responded_at.is_some()).count() as u32;
+            if responded != st.responders {
+                return Err(format!(
+                    "lead {} counts {} responders, offers say {}",
+                    st.lead.id, st.responders, responded
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A read-only funds view that subtracts what this decision already spent.
+struct SpentFunds<'a> {
+    inner: &'a dyn Funds,
+    pro: &'a ProId,
+    spent: u64,
+}
+
+impl Funds for SpentFunds<'_> {
+    fn credits(&self, pro: &ProId) -> u64 {
+        self.inner.credits(pro)
+    }
+    fn budget(&self, pro: &ProId, config: &str) -> u64 {
+        let b = self.inner.budget(pro, config);
+        if pro == self.pro {
+            b.saturating_sub(self.spent)
+        } else {
+            b
+        }
+    }
+}
+
+fn done(events: Vec<Event>) -> Decision {
+    Decision { events, reply: Reply::Done }
+}
+
+fn rejected_outcome(id: &LeadId, reason: RejectReason) -> LeadOutcome {
+    LeadOutcome {
+        lead: id.clone(),
+        status: LeadStatus::Rejected(reason),
+        price: 0,
+        offers: vec![],
+        release_at: None,
+        expires_at: None,
+    }
+}
+
+fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expires_at: Millis) -> LeadState {
+    LeadState {
+        lead,
+        fingerprint,
+        price,
+        accepted_at: at,
+        release_at: None,
+        expires_at,
+        closed_at: None,
+        offers: Vec::new(),
+        responders: 0,
+        generic_responders: 0,
+        skipped: Vec::new(),
+        budget_waitlist: Vec::new(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidates {
+    /// Pro ids with their rotation weight, best first.
+    pub pros: Vec<(ProId, u32)>,
+    pub reason: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ExplainOutcome {
+    Offered { kind: OfferKind, status: OfferStatus },
+    Skipped(Skip),
+    AwaitingRelease,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExplainEntry {
+    pub pro: ProId,
+    #[serde(flatten)]
+    pub outcome: ExplainOutcome,
+    pub weight: Option<WeightBreakdown>,
+    pub response_rate_permille: Option<u32>,
+    pub mean_response_time_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub lead: LeadId,
+    pub price: u64,
+    pub responders: u32,
+    pub max_responders: u32,
+    pub generic_cap: u32,
+    pub release_at: Option<Millis>,
+    pub expires_at: Millis,
+    pub entries: Vec<ExplainEntry>,
+}
