@@ -1,0 +1,408 @@
+//! Daemon configuration: built-in defaults < TOML file < `ROTA_*` environment < flags.
+//!
+//! Every key is documented in `config/rota.toml`. The merged TOML tree is parsed into
+//! [`RawConfig`] (unknown keys rejected with their name) and validated into
+//! [`Config`]. Environment overrides name a key path with `__` between levels:
+//! `ROTA_LISTEN=0.0.0.0:7700`, `ROTA_WAL__FSYNC=never`, `ROTA_LOG_LEVEL=debug`.
+
+use crate::core::Policy;
+use crate::ids::TenantId;
+use crate::protocol::Scope;
+use crate::wal::{FsyncPolicy, WalConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The token of the built-in demo tenant (used only when no tenant is configured).
+pub const DEMO_TOKEN: &str = "demo-token";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub listen: String,
+    pub admin_listen: String,
+    pub data_dir: PathBuf,
+    pub clock: ClockMode,
+    /// Start time of the manual clock, ms since the epoch; 0 = the wall clock at start.
+    pub manual_clock_start_ms: i64,
+    pub arbiters: usize,
+    pub mailbox_capacity: usize,
+    pub shutdown_timeout_ms: u64,
+    pub snapshot_interval_s: u64,
+    pub max_frame_bytes: usize,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub subscriber_queue_frames: usize,
+    pub stream_retention_events: usize,
+    pub max_connections: usize,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub wal: RawWal,
+    pub tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockMode {
+    Wall,
+    Manual,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, text otherwise.
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWal {
+    /// `"always"`, `"never"` or `{ interval_ms = N }`.
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    pub queue_capacity: usize,
+    pub preallocate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub id: String,
+    /// Path of the tenant's policy file (relative to the config file's folder).
+    pub policy: PathBuf,
+    #[serde(default)]
+    pub tokens: Vec<RawToken>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    /// Hex SHA-256 of the bearer token (`rota token hash <token>` prints it).
+    pub sha256: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        let w = WalConfig::default();
+        RawConfig {
+            listen: "127.0.0.1:7700".into(),
+            admin_listen: "127.0.0.1:7701".into(),
+            data_dir: PathBuf::from("rota-data"),
+            clock: ClockMode::Wall,
+            manual_clock_start_ms: 0,
+            arbiters: 2,
+            mailbox_capacity: 4096,
+            shutdown_timeout_ms: 10_000,
+            snapshot_interval_s: 300,
+            max_frame_bytes: 1 << 20,
+            heartbeat_interval_ms: 15_000,
+            heartbeat_timeout_ms: 45_000,
+            subscriber_queue_frames: 65_536,
+            stream_retention_events: 100_000,
+            max_connections: 10_000,
+            log_level: "info".into(),
+            log_format: LogFormat::Auto,
+            wal: RawWal {
+                fsync: w.fsync,
+                segment_bytes: w.segment_bytes,
+                queue_capacity: w.queue_capacity,
+                preallocate: w.preallocate,
+            },
+            tenants: Vec::new(),
+        }
+    }
+}
+
+impl Default for RawWal {
+    fn default() -> Self {
+        RawConfig::default().wal
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("tenant {tenant}: policy file {path}: {reason}")]
+    Policy { tenant: String, path: PathBuf, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: TenantId,
+    pub policy: Arc<Policy>,
+    /// (sha256 of token, scopes)
+    pub tokens: Vec<([u8; 32], Vec<Scope>)>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub raw: RawConfig,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub wal: WalConfig,
+    pub tenants: Vec<TenantConfig>,
+    /// True when no tenant was configured and the demo tenant was added.
+    pub demo_tenant: bool,
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Where the layers come from.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    /// `(KEY, value)` pairs, usually `std::env::vars()`.
+    pub env: Vec<(String, String)>,
+    /// `key.path=value` overrides from flags (highest priority).
+    pub flags: Vec<String>,
+}
+
+impl Config {
+    pub fn load(src: &Sources) -> Result<Config, ConfigError> {
+        let mut tree = toml::Value::try_from(RawConfig::default()).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut base_dir = PathBuf::from(".");
+        if let Some(path) = &src.file {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.clone(), source: e })?;
+            let file: toml::Value =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+            merge(&mut tree, file);
+            base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        }
+        for (k, v) in &src.env {
+            let Some(rest) = k.strip_prefix("ROTA_") else { continue };
+            if rest.is_empty() {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            set_path(&mut tree, &key, v)?;
+        }
+        for f in &src.flags {
+            let (k, v) = f.split_once('=').ok_or_else(|| invalid(f, "expected key=value"))?;
+            set_path(&mut tree, k.trim(), v.trim())?;
+        }
+        let raw: RawConfig = tree.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        Config::validate(raw, &base_dir)
+    }
+
+    pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, ConfigError> {
+        let listen: SocketAddr =
+            raw.listen.parse().map_err(|_| invalid("listen", format!("not an ip:port address: {:?}", raw.listen)))?;
+        let admin_listen: SocketAddr = raw
+            .admin_listen
+            .parse()
+            .map_err(|_| invalid("admin_listen", format!("not an ip:port address: {:?}", raw.admin_listen)))?;
+        if raw.arbiters == 0 || raw.arbiters > 64 {
+            return Err(invalid("arbiters", "must be in 1..=64"));
+        }
+        for (key, v, min) in [
+            ("mailbox_capacity", raw.mailbox_capacity, 1),
+            ("max_frame_bytes", raw.max_frame_bytes, 1024),
+            ("subscriber_queue_frames", raw.subscriber_queue_frames, 16),
+            ("stream_retention_events", raw.stream_retention_events, 1),
+            ("max_connections", raw.max_connections, 1),
+        ] {
+            if v < min {
+                return Err(invalid(key, format!("must be at least {min}")));
+            }
+        }
+        if raw.heartbeat_timeout_ms <= raw.heartbeat_interval_ms {
+            return Err(invalid("heartbeat_timeout_ms", "must be longer than heartbeat_interval_ms"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&raw.log_level).is_err() {
+            return Err(invalid("log_level", format!("not a log filter: {:?}", raw.log_level)));
+        }
+        let wal = WalConfig {
+            dir: raw.data_dir.join("wal"),
+            segment_bytes: raw.wal.segment_bytes,
+            fsync: raw.wal.fsync,
+            queue_capacity: raw.wal.queue_capacity,
+            preallocate: raw.wal.preallocate,
+            ..WalConfig::default()
+        };
+        wal.validate().map_err(|e| invalid("wal", e.to_string()))?;
+        let mut tenants = Vec::new();
+        for (i, t) in raw.tenants.iter().enumerate() {
+            crate::ids::validate_id(&t.id, "id").map_err(|e| invalid(&format!("tenants[{i}].id"), e.reason))?;
+            if tenants.iter().any(|x: &TenantConfig| x.id.as_str() == t.id) {
+                return Err(invalid(&format!("tenants[{i}].id"), format!("duplicate tenant {:?}", t.id)));
+            }
+            let path = base_dir.join(&t.policy);
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Policy {
+                tenant: t.id.clone(),
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let policy = Policy::from_toml(&text).map_err(|e| ConfigError::Policy {
+                tenant: t.id.clone(),
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            if policy.tenant != t.id {
+                return Err(ConfigError::Policy {
+                    tenant: t.id.clone(),
+                    path,
+                    reason: format!("the policy says tenant = {:?}", policy.tenant),
+                });
+            }
+            let mut tokens = Vec::new();
+            for (j, tok) in t.tokens.iter().enumerate() {
+                let key = format!("tenants[{i}].tokens[{j}].sha256");
+                let h = unhex(&tok.sha256).ok_or_else(|| invalid(&key, "must be 64 hex digits"))?;
+                if tok.scopes.is_empty() {
+                    return Err(invalid(&format!("tenants[{i}].tokens[{j}].scopes"), "must list a scope"));
+                }
+                tokens.push((h, tok.scopes.clone()));
+            }
+            tenants.push(TenantConfig { id: TenantId::new(&t.id), policy: Arc::new(policy), tokens });
+        }
+        let demo_tenant = tenants.is_empty();
+        if demo_tenant {
+            tenants.push(TenantConfig {
+                id: TenantId::new("demo"),
+                policy: Arc::new(Policy::shared_default("demo")),
+                tokens: vec![(hash_token(DEMO_TOKEN), vec![Scope::Ingest, Scope::Stream, Scope::Admin])],
+            });
+        }
+        Ok(Config { raw, listen, admin_listen, wal, tenants, demo_tenant })
+    }
+
+    /// The effective configuration as TOML, token hashes redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut raw = self.raw.clone();
+        for t in &mut raw.tenants {
+            for tok in &mut t.tokens {
+                tok.sha256 = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn set_path(tree: &mut toml::Value, key: &str, value: &str) -> Result<(), ConfigError> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(invalid(key, "empty key segment"));
+    }
+    // A value that parses as TOML (number, bool, inline table) keeps its type;
+    // anything else is a string.
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut cur = tree;
+    for p in &parts[..parts.len() - 1] {
+        let table = cur.as_table_mut().ok_or_else(|| invalid(key, "is not a table"))?;
+        cur = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    let table = cur.as_table_mut().ok_or_else(|| invalid(key, "is not a table"))?;
+    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_a_demo_tenant() {
+        let c = Config::load(&Sources::default()).unwrap();
+        assert!(c.demo_tenant);
+        assert_eq!(c.tenants[0].id.as_str(), "demo");
+        assert_eq!(c.listen.port(), 7700);
+    }
+
+    #[test]
+    fn layers_override_in_order_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rota.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1000\"\narbiters = 3\n[wal]\nfsync = \"never\"\n").unwrap();
+        let src = Sources {
+            file: Some(path),
+            env: vec![("ROTA_ARBITERS".into(), "4".into()), ("ROTA_WAL__SEGMENT_BYTES".into(), "65536".into())],
+            flags: vec!["arbiters=5".into()],
+        };
+        let c = Config::load(&src).unwrap();
+        assert_eq!(c.listen.port(), 1000, "file beats defaults");
+        assert_eq!(c.raw.arbiters, 5, "flags beat env");
+        assert_eq!(c.wal.segment_bytes, 65536, "env beats defaults");
+        assert_eq!(c.wal.fsync, FsyncPolicy::Never);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let src = Sources { flags: vec!["lisen=1".into()], ..Default::default() };
+        let e = Config::load(&src).unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let src = Sources { flags: vec!["arbiters=0".into()], ..Default::default() };
+        let e = Config::load(&src).unwrap_err().to_string();
+        assert!(e.contains("arbiters"), "{e}");
+    }
+
+    #[test]
+    fn token_hashes_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), "tenant = \"acme\"\nmode = \"shared\"\n").unwrap();
+        let path = dir.path().join("rota.toml");
+        let h = hex(&hash_token("secret"));
+        std::fs::write(
+            &path,
+            format!("[[tenants]]\nid = \"acme\"\npolicy = \"p.toml\"\n[[tenants.tokens]]\nsha256 = \"{h}\"\nscopes = [\"ingest\"]\n"),
+        )
+        .unwrap();
+        let c = Config::load(&Sources { file: Some(path), ..Default::default() }).unwrap();
+        assert!(!c.demo_tenant);
+        assert_eq!(c.tenants[0].tokens[0].0, hash_token("secret"));
+        let shown = c.redacted_toml();
+        assert!(!shown.contains(&h) && shown.contains("<redacted>"), "{shown}");
+    }
+}
