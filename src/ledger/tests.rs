@@ -801,3 +801,118 @@ fn budget_apply_commutes_across_recharges() {
         replica.check_invariants().unwrap();
     }
 }
+
+// ---- concurrency --------------------------------------------------------------
+
+/// R9 + hard budgets under contention: 16 threads x 1000 ops race for the last
+/// credits of one pro (charges, holds, captures, releases, refunds, replays)
+/// and for one auto-buy budget. Nothing is overdrawn and money is conserved.
+#[test]
+fn r9_threads_racing_for_the_last_credits_never_overdraw() {
+    const THREADS: usize = 16;
+    const OPS: usize = 1000;
+    let l = funded(5_000);
+    weekly(&l, 1_000);
+    l.recharge(op("w1"), &t(), &p(), &b()).unwrap();
+
+    #[derive(Default)]
+    struct Tally {
+        charged: u64,
+        held: u64,
+        captured: u64,
+        released: u64,
+        refunded: u64,
+        refused: u64,
+        spent: u64,
+    }
+    let tallies: Vec<Tally> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|th| {
+                let l = &l;
+                s.spawn(move || {
+                    let mut tally = Tally::default();
+                    for i in 0..OPS {
+                        let id = |k: &str| op(&format!("{k}:{th}:{i}"));
+                        let amount = 1 + (th + i) as u64 % 5;
+                        match i % 5 {
+                            0 | 1 => match l.charge(id("c"), &t(), &p(), amount) {
+                                Ok(r) => {
+                                    assert!(!r.replayed);
+                                    tally.charged += amount;
+                                    // A retry of the same op is answered, not charged.
+                                    let again = l.charge(id("c"), &t(), &p(), amount).unwrap();
+                                    assert!(again.replayed);
+                                    if i % 3 == 0 {
+                                        l.refund(
+                                            id("r"),
+                                            &t(),
+                                            &p(),
+                                            &id("c"),
+                                            RefundReason::NotViewed,
+                                        )
+                                        .unwrap();
+                                        tally.refunded += amount;
+                                    }
+                                }
+                                Err(LedgerError::InsufficientCredits { .. }) => tally.refused += 1,
+                                Err(e) => panic!("unexpected {e}"),
+                            },
+                            2 => match l.hold(id("h"), &t(), &p(), amount) {
+                                Ok(_) => {
+                                    tally.held += amount;
+                                    if i % 2 == 0 {
+                                        l.capture(id("cap"), &t(), &p(), &id("h")).unwrap();
+                                        tally.captured += amount;
+                                    } else {
+                                        l.release(id("rel"), &t(), &p(), &id("h")).unwrap();
+                                        tally.released += amount;
+                                    }
+                                }
+                                Err(LedgerError::InsufficientCredits { .. }) => tally.refused += 1,
+                                Err(e) => panic!("unexpected {e}"),
+                            },
+                            3 => match l.spend(id("s"), &t(), &p(), &b(), 3) {
+                                Ok(_) => tally.spent += 3,
+                                Err(LedgerError::BudgetExhausted {
+                                    available,
+                                    needed: 3,
+                                }) => {
+                                    assert!(available < 3)
+                                }
+                                Err(e) => panic!("unexpected {e}"),
+                            },
+                            _ => {
+                                // Read-only: a balance is never seen overdrawn.
+                                let bal = l.balance(&t(), &p());
+                                assert!(bal.available <= 5_000 && bal.held <= 5_000);
+                            }
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker thread panicked"))
+            .collect()
+    });
+    l.check_invariants().unwrap();
+    let sum = |f: fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
+    let bal = l.balance(&t(), &p());
+    assert!(sum(|t| t.refused) > 0, "the threads did run out of credits");
+    assert_eq!(bal.granted, 5_000);
+    assert_eq!(bal.held, 0);
+    assert_eq!(bal.captured, sum(|t| t.charged) + sum(|t| t.captured));
+    assert_eq!(bal.refunded, sum(|t| t.refunded));
+    assert_eq!(sum(|t| t.held), sum(|t| t.captured) + sum(|t| t.released));
+    assert_eq!(
+        bal.available + bal.captured - bal.refunded,
+        5_000,
+        "money conserved"
+    );
+    let spent = sum(|t| t.spent);
+    assert_eq!(spent, 999, "333 leads of 3 fit in 1000, the 334th does not");
+    let bb = budget(&l);
+    assert_eq!((bb.spent, bb.available), (999, 1));
+}
