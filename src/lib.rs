@@ -18,6 +18,7 @@
 //! | [`ids`] | string ids, [`ids::Millis`] time, [`ids::ShardKey`] | anything else |
 //! | [`core`] | the pure rules engine: policy, pros, leads, offers, rotation, explain | I/O, clocks, threads, async, metrics |
 //! | [`ledger`] | credits and auto-buy budgets, concurrent and idempotent | I/O, clocks |
+//! | [`pricing`] | R11 lead prices in credits, with their components; category stats learning | state, I/O, floats |
 //! | [`wal`] | record framing, segments, group-commit writer, snapshots, recovery | what records mean |
 //!
 //! Every state change is decided by the core (`decide`), written to the WAL as an
@@ -26,4 +27,5 @@
 pub mod core;
 pub mod ids;
 pub mod ledger;
+pub mod pricing;
 pub mod wal;

@@ -1,0 +1,258 @@
+//! One auto-buy budget (R19-R24, "hard budgets"): pure state, decisions and
+//! the infallible `apply`, shaped like [`super::account`].
+//!
+//! A budget is a spending cap per recharge period, separate from the pro's
+//! credits: the auto-buy path spends the budget and charges the credits.
+
+use super::error::LedgerError;
+use super::types::{BudgetFact, BudgetName, OpId};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BudgetRequest {
+    Set { weekly: u64 },
+    Recharge,
+    Spend { amount: u64 },
+    Refund { spend: OpId },
+}
+
+impl BudgetRequest {
+    fn answered_by(&self, fact: &BudgetFact) -> bool {
+        match (self, fact) {
+            (Self::Set { weekly }, BudgetFact::Set { weekly: w, .. }) => weekly == w,
+            (Self::Recharge, BudgetFact::Recharged { .. }) => true,
+            (Self::Spend { amount }, BudgetFact::Spent { amount: a, .. }) => amount == a,
+            (Self::Refund { spend }, BudgetFact::Refunded { spend: s, .. }) => spend == s,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum BudgetDecision {
+    New(BudgetFact),
+    Replay(BudgetFact),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct PeriodTotals {
+    spent: u64,
+    refunded: u64,
+}
+
+/// Invariant: `available + spent == base + refunded` for the current period,
+/// `refunded <= spent` and `spent - refunded <= base`: the net spend of a
+/// period never exceeds what it was topped up to, not by one credit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Budget {
+    pub(crate) weekly_budget: u64,
+    weekly_version: u64,
+    /// Number of recharges so far; 0 means never recharged (nothing to spend).
+    pub(crate) period: u64,
+    /// What the current period was topped up to.
+    pub(crate) base: u64,
+    /// Spent and refunded in the current period.
+    current: PeriodTotals,
+    /// Only during an out-of-order replay: totals of periods whose recharge has
+    /// not been applied yet. Empty whenever a whole history has been applied.
+    early: BTreeMap<u64, PeriodTotals>,
+    ops: FxHashMap<OpId, BudgetFact>,
+    /// spend op -> the refund op.
+    refunds: FxHashMap<OpId, OpId>,
+}
+
+impl Budget {
+    pub(crate) fn available(&self) -> u64 {
+        let gross = u128::from(self.base) + u128::from(self.current.refunded);
+        let left = gross.saturating_sub(u128::from(self.current.spent));
+        // Live, decide() keeps spent - refunded <= base, so `left <= base` fits;
+        // the clamp only matters in the middle of an out-of-order replay.
+        u64::try_from(left).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn spent(&self) -> u64 {
+        self.current.spent
+    }
+
+    pub(crate) fn refunded(&self) -> u64 {
+        self.current.refunded
+    }
+
+    pub(crate) fn decide(
+        &self,
+        budget: &BudgetName,
+        op: &OpId,
+        request: &BudgetRequest,
+    ) -> Result<BudgetDecision, LedgerError> {
+        if let Some(fact) = self.ops.get(op) {
+            return if request.answered_by(fact) {
+                Ok(BudgetDecision::Replay(fact.clone()))
+            } else {
+                Err(LedgerError::OpConflict {
+                    op: op.clone(),
+                    existing: fact.kind(),
+                })
+            };
+        }
+        let unknown = || LedgerError::UnknownBudget {
+            budget: budget.clone(),
+        };
+        let fact = match request {
+            BudgetRequest::Set { weekly } => {
+                if *weekly == 0 {
+                    return Err(LedgerError::InvalidAmount {
+                        field: "weekly_budget",
+                    });
+                }
+                BudgetFact::Set {
+                    weekly: *weekly,
+                    version: self.weekly_version + 1,
+                }
+            }
+            BudgetRequest::Recharge => {
+                if self.weekly_version == 0 {
+                    return Err(unknown());
+                }
+                BudgetFact::Recharged {
+                    period: self.period + 1,
+                    to: self.weekly_budget,
+                }
+            }
+            BudgetRequest::Spend { amount } => {
+                if self.weekly_version == 0 {
+                    return Err(unknown());
+                }
+                if *amount == 0 {
+                    return Err(LedgerError::InvalidAmount { field: "amount" });
+                }
+                let available = self.available();
+                if available < *amount {
+                    return Err(LedgerError::BudgetExhausted {
+                        available,
+                        needed: *amount,
+                    });
+                }
+                // spent can only outgrow base through spend/refund cycles; keep
+                // the counter exact rather than wrap.
+                self.current
+                    .spent
+                    .checked_add(*amount)
+                    .ok_or(LedgerError::AmountOverflow {
+                        field: "spent",
+                        amount: *amount,
+                    })?;
+                BudgetFact::Spent {
+                    period: self.period,
+                    amount: *amount,
+                }
+            }
+            BudgetRequest::Refund { spend } => {
+                let Some(&BudgetFact::Spent { period, amount }) = self.ops.get(spend) else {
+                    return Err(LedgerError::UnknownSpend {
+                        budget: budget.clone(),
+                        spend: spend.clone(),
+                    });
+                };
+                if let Some(by) = self.refunds.get(spend) {
+                    return Err(LedgerError::AlreadyRefunded {
+                        op: spend.clone(),
+                        by: by.clone(),
+                    });
+                }
+                BudgetFact::Refunded {
+                    spend: spend.clone(),
+                    period,
+                    amount,
+                }
+            }
+        };
+        Ok(BudgetDecision::New(fact))
+    }
+
+    /// Infallible, idempotent by op id, and order-independent: a recharge
+    /// replaces the period only if it is newer; spends and refunds add to the
+    /// totals of their own period (ignored once that period is over).
+    pub(crate) fn apply(&mut self, op: &OpId, fact: &BudgetFact) -> bool {
+        if self.ops.contains_key(op) {
+            return false;
+        }
+        match fact {
+            BudgetFact::Set { weekly, version } => {
+                if *version > self.weekly_version {
+                    self.weekly_budget = *weekly;
+                    self.weekly_version = *version;
+                }
+            }
+            BudgetFact::Recharged { period, to } => {
+                if *period > self.period {
+                    self.period = *period;
+                    self.base = *to;
+                    self.current = self.early.remove(period).unwrap_or_default();
+                    self.early.retain(|p, _| *p > *period);
+                }
+            }
+            BudgetFact::Spent { period, amount } => {
+                if let Some(t) = self.totals_mut(*period) {
+                    t.spent = t.spent.wrapping_add(*amount);
+                }
+            }
+            BudgetFact::Refunded {
+                spend,
+                period,
+                amount,
+            } => {
+                if let Some(t) = self.totals_mut(*period) {
+                    t.refunded = t.refunded.wrapping_add(*amount);
+                }
+                self.refunds.insert(spend.clone(), op.clone());
+            }
+        }
+        self.ops.insert(op.clone(), fact.clone());
+        true
+    }
+
+    /// The totals a fact of `period` adds to; `None` for a period that is over.
+    fn totals_mut(&mut self, period: u64) -> Option<&mut PeriodTotals> {
+        use std::cmp::Ordering;
+        match period.cmp(&self.period) {
+            Ordering::Equal => Some(&mut self.current),
+            Ordering::Greater => Some(self.early.entry(period).or_default()),
+            Ordering::Less => None,
+        }
+    }
+
+    /// Drops registry entries (see `Ledger::forget_budget_ops`).
+    pub(crate) fn forget(&mut self, ops: &[OpId]) -> usize {
+        let mut forgotten = 0;
+        for op in ops {
+            if self.ops.remove(op).is_some() {
+                forgotten += 1;
+            }
+            self.refunds.remove(op);
+        }
+        forgotten
+    }
+
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let PeriodTotals { spent, refunded } = self.current;
+        if refunded > spent {
+            return Err(format!("refunded {refunded} > spent {spent}"));
+        }
+        if spent - refunded > self.base {
+            return Err(format!(
+                "net spend {} exceeds the period's budget {}",
+                spent - refunded,
+                self.base
+            ));
+        }
+        if !self.early.is_empty() {
+            return Err(format!(
+                "spends of periods {:?} were applied but their recharge was not",
+                self.early.keys().collect::<Vec<_>>()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,584 @@
+//! Credits and auto-buy budgets: concurrent, idempotent, replayable.
+//!
+//! One [`Ledger`] is shared by every shard actor: a pro that covers twelve
+//! zones has one balance. No I/O, no clock, no async: the shell writes the
+//! returned [`LedgerEvent`] to the WAL and replays it with [`Ledger::apply`].
+//!
+//! # Credit operations (per account `(tenant, pro)`)
+//!
+//! | operation | effect | refused with |
+//! |---|---|---|
+//! | [`grant`](Ledger::grant)`(op, t, p, n)` | `available += n`, `granted += n`; clears a pending top-up (R10) | `InvalidAmount`, `AmountOverflow` |
+//! | [`hold`](Ledger::hold)`(op, t, p, n)` | `available -= n`, `held += n` (chat-only response, R9) | `InsufficientCredits`, `InvalidAmount` |
+//! | [`capture`](Ledger::capture)`(op, t, p, hold)` | `held -= n`, `captured += n` (the client replied) | `UnknownHold`, `HoldAlreadySettled` |
+//! | [`release`](Ledger::release)`(op, t, p, hold)` | `held -= n`, `available += n` (closed without reply) | `UnknownHold`, `HoldAlreadySettled` |
+//! | [`charge`](Ledger::charge)`(op, t, p, n)` | `available -= n`, `captured += n` (hold + capture at once) | `InsufficientCredits`, `InvalidAmount` |
+//! | [`refund`](Ledger::refund)`(op, t, p, charge, reason)` | full amount: `available += n`, `refunded += n`, at most once (R12) | `UnknownCharge`, `HoldNotCaptured`, `AlreadyRefunded` |
+//! | [`set_topup_rule`](Ledger::set_topup_rule)`(op, t, p, rule)` | R10 threshold and amount (or none) | `InvalidAmount` |
+//!
+//! `capture`, `release` and `refund` name their target by its op id; `refund`
+//! accepts a charge op or a captured hold op.
+//!
+//! **Invariant** (checked by [`Ledger::check_invariants`]) for every account:
+//!
+//! ```text
+//! granted == available + held + captured - refunded
+//! ```
+//!
+//! `captured` counts every capture ever made and `refunded` every credit given
+//! back: a refund moves captured credits back to `available` without lowering
+//! `captured`. Also `held` is the sum of the open holds and
+//! `refunded <= captured`. All balances are `u64` and never negative.
+//!
+//! # Budget operations (per budget `(tenant, pro, name)`, R19-R24)
+//!
+//! | operation | effect | refused with |
+//! |---|---|---|
+//! | [`set_budget`](Ledger::set_budget)`(op, t, p, b, weekly)` | the weekly budget; applies from the next recharge | `InvalidAmount` |
+//! | [`recharge`](Ledger::recharge)`(op, t, p, b)` | a new period: `available = weekly`, `spent = refunded = 0` (topped up, not added, R20) | `UnknownBudget` |
+//! | [`spend`](Ledger::spend)`(op, t, p, b, n)` | `available -= n`, `spent += n` | `BudgetExhausted`, `UnknownBudget` |
+//! | [`refund_spend`](Ledger::refund_spend)`(op, t, p, b, spend)` | gives a spend of the current period back to the budget, at most once | `UnknownSpend`, `AlreadyRefunded` |
+//!
+//! **Invariant**: `available + spent - refunded == weekly budget at the last
+//! recharge`, so the net spend of a period never exceeds its budget, not even by
+//! one lead. A refund of a spend from an earlier period is recorded (at most
+//! once) but does not raise this period's budget: the recharge already topped
+//! it up.
+//!
+//! # Idempotency and errors
+//!
+//! Every operation carries an [`OpId`], unique within its account or budget.
+//! Repeating an applied op id with the same parameters returns the original
+//! event with `replayed: true` and changes nothing; with other parameters it is
+//! an `OpConflict`. A refused operation changes nothing, and an operation on
+//! an account or budget that does not exist does not create it (only `grant`,
+//! `set_topup_rule` and `set_budget` create).
+//!
+//! # Replay
+//!
+//! Events carry amounts, not resulting balances. [`Ledger::apply`] adds the
+//! deltas (mod 2^64) and registers the op id without any check, so it is
+//! infallible, idempotent, and commutative: events of different shards may be
+//! replayed in any interleaving and end in the same state. Config-like facts
+//! (top-up rule, weekly budget) carry a version and the highest wins; budget
+//! spends carry their recharge period.
+//!
+//! # Memory
+//!
+//! Op ids are kept so that retries are answered. They are pruned per lead:
+//! when a lead closes and its refund window ends, the shell calls
+//! [`Ledger::forget`] / [`Ledger::forget_budget_ops`] with the op ids it built
+//! for that lead (it knows them: they are derived from the lead id). After
+//! that, a retry of a forgotten id would be applied again, so forget only ids
+//! that no caller can still retry and that lie before the WAL position replay
+//! starts from. Open holds are never forgotten.
+//!
+//! # Concurrency
+//!
+//! Accounts live in a `DashMap` of `Arc<parking_lot::Mutex<_>>`: the map's shard
+//! lock is released before an account is locked, each operation locks exactly
+//! one account, and no code path holds two account locks, so there is no lock
+//! order to get wrong. Check and update happen under the same account lock, so
+//! racing debits never overdraw.
+
+mod account;
+mod budget;
+mod error;
+mod types;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use error::{InvariantViolation, LedgerError};
+pub use types::{
+    BudgetFact, BudgetName, CreditDeltas, CreditFact, LedgerEvent, OpId, RefundReason,
+    TopupRequest, TopupRule,
+};
+
+use crate::ids::{ProId, TenantId};
+use account::{Account, CreditRequest, Decision};
+use budget::{Budget, BudgetDecision, BudgetRequest};
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use rustc_hash::FxBuildHasher;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+type AccountKey = (TenantId, ProId);
+type BudgetKey = (TenantId, ProId, BudgetName);
+
+/// The answer to a successful (or replayed) operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The fact to write to the WAL (already applied to this ledger).
+    pub event: LedgerEvent,
+    /// True if the op id had been applied before: nothing changed now, and the
+    /// event is the original one (already logged by the first caller).
+    pub replayed: bool,
+    /// R10: ask the platform for this many credits. Raised once; not again
+    /// until a grant is posted. Part of the original fact, so a replay repeats it.
+    pub topup_requested: Option<u64>,
+}
+
+/// The balances of one pro.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    pub available: u64,
+    pub held: u64,
+    pub captured: u64,
+    pub refunded: u64,
+    pub granted: u64,
+    /// A top-up was requested and no grant has been posted since (R10).
+    pub topup_pending: bool,
+    pub topup_rule: Option<TopupRule>,
+}
+
+/// The state of one auto-buy budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetBalance {
+    pub weekly_budget: u64,
+    /// Left to spend in the current period.
+    pub available: u64,
+    /// Spent in the current period (refunds not subtracted).
+    pub spent: u64,
+    /// Refunded in the current period.
+    pub refunded: u64,
+    /// Number of recharges so far (0: never recharged, nothing to spend).
+    pub period: u64,
+}
+
+/// The whole ledger state, for WAL snapshots. Opaque; restore with
+/// [`Ledger::restore`]. Sorted by key, so equal ledgers give equal snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerSnapshot {
+    accounts: Vec<(TenantId, ProId, Account)>,
+    budgets: Vec<(TenantId, ProId, BudgetName, Budget)>,
+}
+
+/// Credits and budgets of every pro of every tenant.
+#[derive(Default)]
+pub struct Ledger {
+    // FxHash: keys are platform-issued ids of authenticated tenants, and the
+    // hash is on the hot path of every charge.
+    accounts: DashMap<AccountKey, Arc<Mutex<Account>>, FxBuildHasher>,
+    budgets: DashMap<BudgetKey, Arc<Mutex<Budget>>, FxBuildHasher>,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Posts credits bought by the pro (or an R10 top-up).
+    pub fn grant(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        amount: u64,
+    ) -> Result<Receipt, LedgerError> {
+        self.credit(op, tenant, pro, CreditRequest::Grant { amount }, true)
+    }
+
+    /// Reserves credits (chat-only response, R9).
+    pub fn hold(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        amount: u64,
+    ) -> Result<Receipt, LedgerError> {
+        self.credit(op, tenant, pro, CreditRequest::Hold { amount }, false)
+    }
+
+    /// Turns the hold `hold` into a charge.
+    pub fn capture(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        hold: &OpId,
+    ) -> Result<Receipt, LedgerError> {
+        let hold = hold.clone();
+        self.credit(op, tenant, pro, CreditRequest::Capture { hold }, false)
+    }
+
+    /// Gives the hold `hold` back to `available`.
+    pub fn release(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        hold: &OpId,
+    ) -> Result<Receipt, LedgerError> {
+        let hold = hold.clone();
+        self.credit(op, tenant, pro, CreditRequest::Release { hold }, false)
+    }
+
+    /// Charges at once (a response or an auto-buy, R9).
+    pub fn charge(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        amount: u64,
+    ) -> Result<Receipt, LedgerError> {
+        self.credit(op, tenant, pro, CreditRequest::Charge { amount }, false)
+    }
+
+    /// Refunds a charge (or captured hold) in full, at most once (R12).
+    pub fn refund(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        charge: &OpId,
+        reason: RefundReason,
+    ) -> Result<Receipt, LedgerError> {
+        let charge = charge.clone();
+        let request = CreditRequest::Refund { charge, reason };
+        self.credit(op, tenant, pro, request, false)
+    }
+
+    /// Sets (or with `None` removes) the automatic top-up rule (R10).
+    pub fn set_topup_rule(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        rule: Option<TopupRule>,
+    ) -> Result<Receipt, LedgerError> {
+        self.credit(op, tenant, pro, CreditRequest::SetTopupRule { rule }, true)
+    }
+
+    /// Sets the weekly budget of an auto-buy config (R19); creates the budget.
+    pub fn set_budget(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        weekly: u64,
+    ) -> Result<Receipt, LedgerError> {
+        let request = BudgetRequest::Set { weekly };
+        self.budget_op(op, tenant, pro, budget, request, true)
+    }
+
+    /// Tops the budget up to its weekly budget (R20, R24): Monday 00:00 in the
+    /// tenant's zone, and when a paused config resumes. The shell decides when.
+    pub fn recharge(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+    ) -> Result<Receipt, LedgerError> {
+        self.budget_op(op, tenant, pro, budget, BudgetRequest::Recharge, false)
+    }
+
+    /// Spends from the budget, or refuses with `BudgetExhausted`: never
+    /// overshoots.
+    pub fn spend(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        amount: u64,
+    ) -> Result<Receipt, LedgerError> {
+        let request = BudgetRequest::Spend { amount };
+        self.budget_op(op, tenant, pro, budget, request, false)
+    }
+
+    /// Refunds a spend, at most once (R12, R23).
+    pub fn refund_spend(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        spend: &OpId,
+    ) -> Result<Receipt, LedgerError> {
+        let request = BudgetRequest::Refund {
+            spend: spend.clone(),
+        };
+        self.budget_op(op, tenant, pro, budget, request, false)
+    }
+
+    /// Applies a logged event (WAL replay, or a follower). Infallible,
+    /// idempotent and order-independent: see the module docs.
+    pub fn apply(&self, event: &LedgerEvent) {
+        match event {
+            LedgerEvent::Credit {
+                op,
+                tenant,
+                pro,
+                fact,
+            } => {
+                let account = self.account_or_create(tenant, pro);
+                account.lock().apply(op, fact);
+            }
+            LedgerEvent::Budget {
+                op,
+                tenant,
+                pro,
+                budget,
+                fact,
+            } => {
+                let b = self.budget_or_create(tenant, pro, budget);
+                b.lock().apply(op, fact);
+            }
+        }
+    }
+
+    /// The balances of a pro (all zero if it never had credits).
+    pub fn balance(&self, tenant: &TenantId, pro: &ProId) -> Balance {
+        let Some(account) = self.account(tenant, pro) else {
+            return Balance::default();
+        };
+        let a = account.lock();
+        Balance {
+            available: a.available,
+            held: a.held,
+            captured: a.captured,
+            refunded: a.refunded,
+            granted: a.granted,
+            topup_pending: a.topup_pending(),
+            topup_rule: a.topup_rule(),
+        }
+    }
+
+    /// The state of an auto-buy budget, if it was ever set.
+    pub fn budget(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+    ) -> Option<BudgetBalance> {
+        let key = (tenant.clone(), pro.clone(), budget.clone());
+        let b = self.budgets.get(&key).map(|e| Arc::clone(e.value()))?;
+        let b = b.lock();
+        Some(BudgetBalance {
+            weekly_budget: b.weekly_budget,
+            available: b.available(),
+            spent: b.spent(),
+            refunded: b.refunded(),
+            period: b.period,
+        })
+    }
+
+    /// Drops the op-id records of a pro's credit ops (memory housekeeping; not
+    /// an event). Returns how many were dropped; open holds are kept. See the
+    /// module docs for when this is safe.
+    pub fn forget(&self, tenant: &TenantId, pro: &ProId, ops: &[OpId]) -> usize {
+        self.account(tenant, pro)
+            .map_or(0, |account| account.lock().forget(ops))
+    }
+
+    /// Like [`Ledger::forget`], for the ops of one budget.
+    pub fn forget_budget_ops(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        ops: &[OpId],
+    ) -> usize {
+        let key = (tenant.clone(), pro.clone(), budget.clone());
+        let Some(b) = self.budgets.get(&key).map(|e| Arc::clone(e.value())) else {
+            return 0;
+        };
+        let forgotten = b.lock().forget(ops);
+        forgotten
+    }
+
+    /// Checks the invariants of every account and budget (tests call it after
+    /// every step; the shell may call it after recovery).
+    pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
+        let LedgerSnapshot { accounts, budgets } = self.snapshot();
+        for (tenant, pro, account) in accounts {
+            account
+                .check_invariants()
+                .map_err(|detail| InvariantViolation {
+                    account: format!("credits {tenant}/{pro}"),
+                    detail,
+                })?;
+        }
+        for (tenant, pro, name, budget) in budgets {
+            budget
+                .check_invariants()
+                .map_err(|detail| InvariantViolation {
+                    account: format!("budget {tenant}/{pro}/{name}"),
+                    detail,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// A copy of the whole state. Each account is copied under its own lock;
+    /// operations running meanwhile may or may not be included, which replay
+    /// tolerates because `apply` skips op ids the snapshot already holds.
+    pub fn snapshot(&self) -> LedgerSnapshot {
+        let accounts = self
+            .accounts
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect::<Vec<_>>();
+        let mut accounts: Vec<_> = accounts
+            .into_iter()
+            .map(|((t, p), a)| (t, p, a.lock().clone()))
+            .collect();
+        accounts.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let budgets = self
+            .budgets
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect::<Vec<_>>();
+        let mut budgets: Vec<_> = budgets
+            .into_iter()
+            .map(|((t, p, n), b)| (t, p, n, b.lock().clone()))
+            .collect();
+        budgets.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
+        LedgerSnapshot { accounts, budgets }
+    }
+
+    /// A ledger holding exactly the snapshot's state.
+    pub fn restore(snapshot: LedgerSnapshot) -> Self {
+        let ledger = Self::new();
+        for (t, p, a) in snapshot.accounts {
+            ledger.accounts.insert((t, p), Arc::new(Mutex::new(a)));
+        }
+        for (t, p, n, b) in snapshot.budgets {
+            ledger.budgets.insert((t, p, n), Arc::new(Mutex::new(b)));
+        }
+        ledger
+    }
+
+    fn account(&self, tenant: &TenantId, pro: &ProId) -> Option<Arc<Mutex<Account>>> {
+        // Clone the Arc so the DashMap shard lock is released before the
+        // account lock is taken.
+        let key = (tenant.clone(), pro.clone());
+        self.accounts.get(&key).map(|e| Arc::clone(e.value()))
+    }
+
+    fn account_or_create(&self, tenant: &TenantId, pro: &ProId) -> Arc<Mutex<Account>> {
+        if let Some(a) = self.account(tenant, pro) {
+            return a;
+        }
+        let key = (tenant.clone(), pro.clone());
+        Arc::clone(self.accounts.entry(key).or_default().value())
+    }
+
+    fn budget_or_create(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+    ) -> Arc<Mutex<Budget>> {
+        let key = (tenant.clone(), pro.clone(), budget.clone());
+        if let Some(b) = self.budgets.get(&key) {
+            return Arc::clone(b.value());
+        }
+        Arc::clone(self.budgets.entry(key).or_default().value())
+    }
+
+    fn credit(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        request: CreditRequest,
+        creates: bool,
+    ) -> Result<Receipt, LedgerError> {
+        let account = match self.account(tenant, pro) {
+            Some(a) => a,
+            None => {
+                // Decide against an empty account before inserting one, so a
+                // refused op leaves no trace. The real decision is taken again
+                // under the lock below: another thread may create it meanwhile.
+                let probe = Account::default().decide(&op, &request);
+                if !creates {
+                    return Err(refusal_of_empty(probe));
+                }
+                probe?;
+                self.account_or_create(tenant, pro)
+            }
+        };
+        let mut account = account.lock();
+        let (fact, replayed) = match account.decide(&op, &request)? {
+            Decision::Replay(fact) => (fact, true),
+            Decision::New(fact) => {
+                account.apply(&op, &fact);
+                debug_assert_eq!(account.check_invariants(), Ok(()));
+                (fact, false)
+            }
+        };
+        drop(account);
+        let topup_requested = fact.topup_requested();
+        Ok(Receipt {
+            event: LedgerEvent::Credit {
+                op,
+                tenant: tenant.clone(),
+                pro: pro.clone(),
+                fact,
+            },
+            replayed,
+            topup_requested,
+        })
+    }
+
+    fn budget_op(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        request: BudgetRequest,
+        creates: bool,
+    ) -> Result<Receipt, LedgerError> {
+        let key = (tenant.clone(), pro.clone(), budget.clone());
+        let b = match self.budgets.get(&key).map(|e| Arc::clone(e.value())) {
+            Some(b) => b,
+            None if creates => {
+                // As for accounts: refuse before inserting anything.
+                Budget::default().decide(budget, &op, &request)?;
+                Arc::clone(self.budgets.entry(key).or_default().value())
+            }
+            None => {
+                return Err(LedgerError::UnknownBudget {
+                    budget: budget.clone(),
+                })
+            }
+        };
+        let mut b = b.lock();
+        let (fact, replayed) = match b.decide(budget, &op, &request)? {
+            BudgetDecision::Replay(fact) => (fact, true),
+            BudgetDecision::New(fact) => {
+                b.apply(&op, &fact);
+                debug_assert_eq!(b.check_invariants(), Ok(()));
+                (fact, false)
+            }
+        };
+        drop(b);
+        Ok(Receipt {
+            event: LedgerEvent::Budget {
+                op,
+                tenant: tenant.clone(),
+                pro: pro.clone(),
+                budget: budget.clone(),
+                fact,
+            },
+            replayed,
+            topup_requested: None,
+        })
+    }
+}
+
+/// The error an operation gets from an account that does not exist.
+fn refusal_of_empty(decision: Result<Decision, LedgerError>) -> LedgerError {
+    decision.expect_err(
+        "an empty account has no credits, holds, charges or op ids, so every \
+         request that does not create an account is refused by it",
+    )
+}

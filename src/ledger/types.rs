@@ -1,0 +1,275 @@
+//! Op ids, reasons, rules and the events (facts) the ledger emits.
+//!
+//! Events are what the WAL stores. They carry amounts, never resulting
+//! balances, so that applying them is a sum and the order of application does
+//! not matter (see [`super::Ledger::apply`]).
+
+use crate::ids::{LeadId, ProId, TenantId};
+use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
+use std::fmt;
+
+macro_rules! name_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub SmolStr);
+
+        impl $name {
+            pub fn new(s: impl AsRef<str>) -> Self {
+                Self(SmolStr::new(s.as_ref()))
+            }
+            pub fn as_str(&self) -> &str {
+                self.0.as_str()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0.as_str())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0.as_str())
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self::new(s)
+            }
+        }
+    };
+}
+
+name_newtype!(
+    /// The idempotency key of one ledger operation, unique within an account
+    /// (credits of one pro, or one auto-buy budget). Callers derive it from what
+    /// the operation is about, e.g. `charge:<lead>:<pro>`, so that a retry after
+    /// a crash or a timeout carries the same id and is answered, not re-applied.
+    OpId
+);
+
+name_newtype!(
+    /// The name a pro gave one of its auto-buy configs (R19).
+    BudgetName
+);
+
+impl OpId {
+    /// The conventional id of an operation about one lead and one pro:
+    /// `<kind>:<lead>:<pro>`, e.g. `OpId::for_lead("charge", &lead, &pro)`.
+    pub fn for_lead(kind: &str, lead: &LeadId, pro: &ProId) -> Self {
+        Self::new(format!("{kind}:{lead}:{pro}"))
+    }
+}
+
+/// Why a charge is refunded (R12). Serialized as a snake_case code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundReason {
+    /// The client never viewed the pro's proposal within the guarantee window (R12).
+    NotViewed,
+    /// The contact was confirmed invalid: wrong number or wrong category (R23).
+    InvalidContact,
+    /// A manual refund by the platform.
+    Platform,
+}
+
+impl RefundReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NotViewed => "not_viewed",
+            Self::InvalidContact => "invalid_contact",
+            Self::Platform => "platform",
+        }
+    }
+}
+
+/// R10: when `available` falls below `threshold`, ask the platform for `amount`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TopupRule {
+    pub threshold: u64,
+    pub amount: u64,
+}
+
+/// A top-up request raised by a debit (R10).
+///
+/// `after_grants` is the number of grants the account had seen when the
+/// request was raised: the request is pending until a later grant is posted.
+/// Counting grants instead of toggling a flag keeps replay order-independent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TopupRequest {
+    pub amount: u64,
+    pub after_grants: u64,
+}
+
+/// What happened to the credits of one pro.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditFact {
+    /// Credits posted by the platform (a purchase or an R10 top-up).
+    Granted { amount: u64 },
+    /// Credits reserved for a chat-only response (R9).
+    Held {
+        amount: u64,
+        topup: Option<TopupRequest>,
+    },
+    /// A hold turned into a charge: the client replied (R9).
+    Captured { hold: OpId, amount: u64 },
+    /// A hold given back: the lead closed without a reply (R9).
+    Released { hold: OpId, amount: u64 },
+    /// Hold and capture at once: a response or an auto-buy (R9).
+    Charged {
+        amount: u64,
+        topup: Option<TopupRequest>,
+    },
+    /// A full refund of a charge or of a captured hold (R12).
+    Refunded {
+        charge: OpId,
+        amount: u64,
+        reason: RefundReason,
+    },
+    /// The R10 rule changed; the highest `version` wins.
+    TopupRuleSet {
+        rule: Option<TopupRule>,
+        version: u64,
+    },
+}
+
+/// What happened to one auto-buy budget (R19-R24).
+///
+/// `period` numbers the recharges of the budget: 1 after the first recharge,
+/// 2 after the next, ... A spend belongs to the period it was made in, so a
+/// spend that was made before a recharge never eats into the recharged budget,
+/// whatever order replay applies them in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetFact {
+    /// The weekly budget changed; the highest `version` wins. Takes effect at
+    /// the next recharge.
+    Set { weekly: u64, version: u64 },
+    /// The available budget was topped up to `to` (the weekly budget) (R20).
+    Recharged { period: u64, to: u64 },
+    /// A lead was bought within the budget.
+    Spent { period: u64, amount: u64 },
+    /// A spend was refunded (R12/R23); it returns to the budget only if the
+    /// spend belongs to the current period.
+    Refunded {
+        spend: OpId,
+        period: u64,
+        amount: u64,
+    },
+}
+
+/// Signed changes a credit fact makes to the five balances of an account.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreditDeltas {
+    pub available: i128,
+    pub held: i128,
+    pub captured: i128,
+    pub refunded: i128,
+    pub granted: i128,
+}
+
+impl CreditFact {
+    /// The balance changes of this fact: the single source of truth for both the
+    /// live path and replay.
+    pub fn deltas(&self) -> CreditDeltas {
+        let zero = CreditDeltas::default();
+        match *self {
+            Self::Granted { amount } => CreditDeltas {
+                available: amount.into(),
+                granted: amount.into(),
+                ..zero
+            },
+            Self::Held { amount, .. } => CreditDeltas {
+                available: -i128::from(amount),
+                held: amount.into(),
+                ..zero
+            },
+            Self::Captured { amount, .. } => CreditDeltas {
+                held: -i128::from(amount),
+                captured: amount.into(),
+                ..zero
+            },
+            Self::Released { amount, .. } => CreditDeltas {
+                held: -i128::from(amount),
+                available: amount.into(),
+                ..zero
+            },
+            Self::Charged { amount, .. } => CreditDeltas {
+                available: -i128::from(amount),
+                captured: amount.into(),
+                ..zero
+            },
+            Self::Refunded { amount, .. } => CreditDeltas {
+                available: amount.into(),
+                refunded: amount.into(),
+                ..zero
+            },
+            Self::TopupRuleSet { .. } => zero,
+        }
+    }
+
+    /// The top-up this fact asked for, if any (R10).
+    pub fn topup_requested(&self) -> Option<u64> {
+        match self {
+            Self::Held { topup, .. } | Self::Charged { topup, .. } => topup.map(|t| t.amount),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Granted { .. } => "grant",
+            Self::Held { .. } => "hold",
+            Self::Captured { .. } => "capture",
+            Self::Released { .. } => "release",
+            Self::Charged { .. } => "charge",
+            Self::Refunded { .. } => "refund",
+            Self::TopupRuleSet { .. } => "set_topup_rule",
+        }
+    }
+}
+
+impl BudgetFact {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Set { .. } => "set_budget",
+            Self::Recharged { .. } => "recharge",
+            Self::Spent { .. } => "spend",
+            Self::Refunded { .. } => "refund_spend",
+        }
+    }
+}
+
+/// One fact about money, as written to the WAL. Compact under MessagePack:
+/// amounts and counters only, no balances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerEvent {
+    Credit {
+        op: OpId,
+        tenant: TenantId,
+        pro: ProId,
+        fact: CreditFact,
+    },
+    Budget {
+        op: OpId,
+        tenant: TenantId,
+        pro: ProId,
+        budget: BudgetName,
+        fact: BudgetFact,
+    },
+}
+
+impl LedgerEvent {
+    pub fn op(&self) -> &OpId {
+        match self {
+            Self::Credit { op, .. } | Self::Budget { op, .. } => op,
+        }
+    }
+}
