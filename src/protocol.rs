@@ -131,10 +131,9 @@ pub enum Request {
         #[serde(default)]
         attributes: Vec<String>,
     },
+    /// R18: the pro's offers (in every shard it covers) matching `query`.
     Search {
         pro: ProId,
-        zone: ZoneId,
-        category: CategoryId,
         query: String,
     },
     AdvanceClock {

@@ -1552,6 +1552,22 @@ impl Shard {
         self.pros.iter().flatten().map(|p| (&p.pro.id, p.stats.offered, p.weight.weight))
     }
 
+    /// Removes `pro`'s grant from an `Offered` event whose budget spend lost a race
+    /// with another shard: the pro keeps its rotation turn (it moves from taken to
+    /// skipped) and waits for the retry window (R22).
+    pub fn drop_grant(&self, ev: &mut Event, pro: &ProId, skip: Skip) {
+        if let Event::Offered { grants, rotation, skipped, .. } = ev {
+            grants.retain(|g| &g.pro != pro);
+            if let Some(&slot) = self.slots.get(pro) {
+                if let Some(i) = rotation.taken.iter().position(|&s| s == slot) {
+                    rotation.taken.remove(i);
+                    rotation.skipped.push(slot);
+                }
+            }
+            skipped.push((pro.clone(), skip));
+        }
+    }
+
     /// Internal consistency, checked by tests after every step.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.ring.check_invariants()?;

@@ -1,0 +1,251 @@
+//! Per-tenant stream hub: sequence numbers, a bounded replay buffer, subscribers.
+//!
+//! [`StreamHub::publish`] is called only from the WAL's durability callbacks, which
+//! run on the single WAL writer thread in log order; so stream sequence numbers
+//! follow the log, and replaying the log after a restart gives every event the same
+//! number again. Subscribers get bounded queues; one that falls behind is cut off
+//! (never buffered without bound) and can resume from its last sequence number.
+
+use crate::protocol::{encode, Encoding, StreamEvent, StreamFrame, StreamTag};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::mpsc;
+
+/// One stream event, encoded at most once per encoding and shared by every
+/// subscriber.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub seq: u64,
+    pub event: StreamEvent,
+    json: OnceLock<Arc<[u8]>>,
+    msgpack: OnceLock<Arc<[u8]>>,
+}
+
+impl Outgoing {
+    pub fn new(seq: u64, event: StreamEvent) -> Self {
+        Self { seq, event, json: OnceLock::new(), msgpack: OnceLock::new() }
+    }
+
+    pub fn bytes(&self, enc: Encoding) -> Arc<[u8]> {
+        let cell = match enc {
+            Encoding::Json => &self.json,
+            Encoding::Msgpack => &self.msgpack,
+        };
+        cell.get_or_init(|| {
+            // Encode a borrowed frame: no clone of the event.
+            #[derive(serde::Serialize)]
+            struct Frame<'a> {
+                #[serde(rename = "type")]
+                kind: StreamTag,
+                seq: u64,
+                event: &'a StreamEvent,
+            }
+            encode(enc, &Frame { kind: StreamTag::Event, seq: self.seq, event: &self.event }).into()
+        })
+        .clone()
+    }
+
+    pub fn frame(&self) -> StreamFrame {
+        StreamFrame { kind: StreamTag::Event, seq: self.seq, event: self.event.clone() }
+    }
+}
+
+struct Subscriber {
+    id: u64,
+    pro: Option<crate::ids::ProId>,
+    tx: mpsc::Sender<Arc<Outgoing>>,
+    /// Set when the hub dropped this subscriber for being too slow.
+    slow: Arc<AtomicBool>,
+}
+
+struct Inner {
+    next_seq: u64,
+    buffer: VecDeque<Arc<Outgoing>>,
+    subscribers: Vec<Subscriber>,
+}
+
+pub struct StreamHub {
+    inner: Mutex<Inner>,
+    retention: usize,
+    next_sub: AtomicU64,
+    pub slow_disconnects: AtomicU64,
+}
+
+/// A live subscription: the backlog to send first, then the receiver.
+pub struct Subscription {
+    pub backlog: Vec<Arc<Outgoing>>,
+    pub rx: mpsc::Receiver<Arc<Outgoing>>,
+    pub slow: Arc<AtomicBool>,
+    pub next_seq: u64,
+    pub id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeError {
+    /// The requested position is older than what the hub still holds.
+    TooOld { oldest_available: u64 },
+    /// The requested position is in the future.
+    Ahead { next_seq: u64 },
+}
+
+impl StreamHub {
+    pub fn new(retention: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner { next_seq: 1, buffer: VecDeque::new(), subscribers: Vec::new() }),
+            retention,
+            next_sub: AtomicU64::new(1),
+            slow_disconnects: AtomicU64::new(0),
+        }
+    }
+
+    /// The sequence number the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.inner.lock().next_seq
+    }
+
+    /// After restoring a snapshot: continue numbering from `next_seq`.
+    pub fn set_next_seq(&self, next_seq: u64) {
+        let mut g = self.inner.lock();
+        g.next_seq = next_seq;
+        g.buffer.clear();
+    }
+
+    /// Numbers, buffers and fans out events, in order.
+    pub fn publish(&self, events: impl IntoIterator<Item = StreamEvent>) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        for event in events {
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            let out = Arc::new(Outgoing::new(seq, event));
+            if inner.buffer.len() == self.retention {
+                inner.buffer.pop_front();
+            }
+            inner.buffer.push_back(out.clone());
+            let mut i = 0;
+            while i < inner.subscribers.len() {
+                let s = &inner.subscribers[i];
+                let wanted = s.pro.as_ref().is_none_or(|p| out.event.pro() == Some(p));
+                let keep = !wanted
+                    || match s.tx.try_send(out.clone()) {
+                        Ok(()) => true,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            s.slow.store(true, Ordering::Release);
+                            self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                            false
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    };
+                if keep {
+                    i += 1;
+                } else {
+                    // Dropping the sender ends the subscriber's stream.
+                    inner.subscribers.swap_remove(i);
+                }
+            }
+        }
+    }
+
+    /// Subscribes from `resume_from` (exclusive; `None` = live only). Backlog and
+    /// registration happen under one lock: no gap, no duplicate.
+    pub fn subscribe(
+        &self,
+        resume_from: Option<u64>,
+        pro: Option<crate::ids::ProId>,
+        capacity: usize,
+    ) -> Result<Subscription, ResumeError> {
+        let mut g = self.inner.lock();
+        let mut backlog = Vec::new();
+        if let Some(after) = resume_from {
+            if after >= g.next_seq {
+                return Err(ResumeError::Ahead { next_seq: g.next_seq });
+            }
+            let oldest = g.buffer.front().map_or(g.next_seq, |o| o.seq);
+            if after + 1 < oldest {
+                return Err(ResumeError::TooOld { oldest_available: oldest });
+            }
+            backlog.extend(
+                g.buffer
+                    .iter()
+                    .filter(|o| o.seq > after)
+                    .filter(|o| pro.as_ref().is_none_or(|p| o.event.pro() == Some(p)))
+                    .cloned(),
+            );
+        }
+        let (tx, rx) = mpsc::channel(capacity);
+        let slow = Arc::new(AtomicBool::new(false));
+        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        g.subscribers.push(Subscriber { id, pro, tx, slow: slow.clone() });
+        Ok(Subscription { backlog, rx, slow, next_seq: g.next_seq, id })
+    }
+
+    pub fn unsubscribe(&self, id: u64) {
+        self.inner.lock().subscribers.retain(|s| s.id != id);
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.inner.lock().subscribers.len()
+    }
+
+    /// Closes every subscription (shutdown): their receivers end.
+    pub fn close_all(&self) {
+        self.inner.lock().subscribers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::LeadId;
+
+    fn ev(i: u64) -> StreamEvent {
+        StreamEvent::LeadClosed { lead: LeadId::new(format!("L{i}")), at: i as i64 }
+    }
+
+    #[test]
+    fn resume_delivers_the_gap_then_live_without_duplicates() {
+        let hub = StreamHub::new(100);
+        hub.publish((1..=5).map(ev));
+        let mut sub = hub.subscribe(Some(3), None, 16).unwrap();
+        assert_eq!(sub.backlog.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![4, 5]);
+        hub.publish([ev(6)]);
+        assert_eq!(sub.rx.try_recv().unwrap().seq, 6);
+        assert!(sub.rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn resume_older_than_retention_is_refused_with_the_oldest_cursor() {
+        let hub = StreamHub::new(3);
+        hub.publish((1..=10).map(ev));
+        assert_eq!(hub.subscribe(Some(2), None, 16).err(), Some(ResumeError::TooOld { oldest_available: 8 }));
+        assert!(hub.subscribe(Some(7), None, 16).is_ok());
+        assert_eq!(hub.subscribe(Some(11), None, 16).err(), Some(ResumeError::Ahead { next_seq: 11 }));
+    }
+
+    #[test]
+    fn slow_subscriber_is_cut_off_and_others_keep_receiving() {
+        let hub = StreamHub::new(100);
+        let slow = hub.subscribe(None, None, 2).unwrap();
+        let mut fast = hub.subscribe(None, None, 100).unwrap();
+        hub.publish((1..=5).map(ev));
+        assert!(slow.slow.load(Ordering::Acquire));
+        assert_eq!(hub.subscriber_count(), 1);
+        for i in 1..=5 {
+            assert_eq!(fast.rx.try_recv().unwrap().seq, i);
+        }
+    }
+
+    #[test]
+    fn frames_are_encoded_once_and_shared() {
+        let o = Outgoing::new(7, ev(7));
+        let a = o.bytes(Encoding::Json);
+        let b = o.bytes(Encoding::Json);
+        assert!(Arc::ptr_eq(&a, &b));
+        let v: serde_json::Value = serde_json::from_slice(&a).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["event"]["event"], "lead_closed");
+    }
+}

@@ -1,0 +1,903 @@
+//! The runtime around the pure core: shard actors, the shared ledger, the WAL,
+//! recovery, snapshots and the per-tenant stream hubs.
+//!
+//! ```text
+//! gateway --request--> Engine::request --try_send--> ShardActor (arbiter thread)
+//!                                                     decide, money, append, apply
+//!                                                     WAL writer thread: group commit
+//!                                           <--reply-- durability callback --publish--> StreamHub
+//! ```
+//!
+//! Ordering promise: a reply or a stream event leaves rota only from a WAL
+//! durability callback, so nothing is acknowledged or published before it is
+//! durable under the configured fsync policy.
+
+pub mod actor;
+pub mod hub;
+pub mod money;
+pub mod record;
+
+use crate::clock::Clock;
+use crate::config::{ClockMode, Config, TenantConfig};
+use crate::core::shard::{Command, Event, Reply as CoreReply, Shard};
+use crate::core::{AutoBuyConfig, Pro, Reject};
+use crate::ids::{CategoryId, LeadId, Millis, ProId, ShardKey, TenantId, ZoneId};
+use crate::ledger::{BudgetName, Ledger, LedgerError, LedgerSnapshot, OpId, Receipt, TopupRule};
+use crate::protocol::{ApiError, BalanceWire, OkResult, Request, Scope, StreamEvent};
+use crate::wal::{Fs, RealFs, Replayed, Wal, WalError};
+use actix::prelude::*;
+use actor::{Exec, ShardActor};
+use chrono::{Datelike, TimeZone};
+use dashmap::DashMap;
+use hub::StreamHub;
+use parking_lot::{Mutex, RwLock};
+use record::{WalRecord, RECORD_KIND};
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use metrics_facade::EngineMetrics;
+
+/// A shard's answer, sent once the decision is durable.
+#[derive(Debug)]
+pub struct ShardReply {
+    pub reply: CoreReply,
+}
+
+struct ShardHandle {
+    addr: Addr<ShardActor>,
+    state: Arc<Mutex<Shard>>,
+}
+
+pub struct Tenant {
+    pub cfg: TenantConfig,
+    pub hub: Arc<StreamHub>,
+}
+
+pub struct Inner {
+    pub cfg: Config,
+    pub clock: Clock,
+    pub wal: Wal,
+    pub ledger: Ledger,
+    pub metrics: EngineMetrics,
+    tenants: FxHashMap<TenantId, Tenant>,
+    shards: DashMap<ShardKey, ShardHandle, FxBuildHasher>,
+    /// Pro directory: the current profile of every pro (which shards it covers).
+    pros: DashMap<(TenantId, ProId), Arc<Pro>, FxBuildHasher>,
+    /// Which shard holds a lead (offer actions name only the lead).
+    lead_index: DashMap<(TenantId, LeadId), (ZoneId, CategoryId), FxBuildHasher>,
+    /// Readers: every decide -> log -> apply step. Writer: a snapshot.
+    pub(crate) gate: RwLock<()>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: AtomicUsize,
+    pub ready: Arc<AtomicBool>,
+    stopping: AtomicBool,
+}
+
+/// Cheap to clone; all clones share one runtime.
+#[derive(Clone)]
+pub struct Engine {
+    pub inner: Arc<Inner>,
+}
+
+/// What a snapshot holds: everything replay would otherwise rebuild.
+#[derive(Serialize, Deserialize)]
+struct EngineSnapshot {
+    ledger: LedgerSnapshot,
+    shards: Vec<Shard>,
+    directory: Vec<(TenantId, Arc<Pro>)>,
+    lead_index: Vec<(TenantId, LeadId, ZoneId, CategoryId)>,
+    hub_next_seq: Vec<(TenantId, u64)>,
+}
+
+/// The outcome of start-up recovery, for logs and metrics.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    pub snapshot_seq: Option<u64>,
+    pub records_replayed: u64,
+    pub last_seq: u64,
+    pub torn_tail: Option<String>,
+    pub duration: std::time::Duration,
+    pub shards: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("snapshot cannot be decoded: {0}")]
+    Snapshot(String),
+    #[error("WAL record {seq} cannot be decoded: {reason}")]
+    Record { seq: u64, reason: String },
+}
+
+/// State rebuilt by replay before the actors start.
+#[derive(Default)]
+struct Recovering {
+    shards: FxHashMap<ShardKey, Shard>,
+    ledger: Option<Ledger>,
+    directory: FxHashMap<(TenantId, ProId), Arc<Pro>>,
+    lead_index: FxHashMap<(TenantId, LeadId), (ZoneId, CategoryId)>,
+    hub_events: FxHashMap<TenantId, Vec<StreamEvent>>,
+    hub_next: FxHashMap<TenantId, u64>,
+    error: Option<StartError>,
+}
+
+impl Engine {
+    /// Recovers from the WAL and snapshot, then starts the shard actors. Must run
+    /// inside an actix `System`.
+    pub fn start(cfg: Config) -> Result<(Engine, RecoveryReport), StartError> {
+        Self::start_with_fs(cfg, Arc::new(RealFs))
+    }
+
+    pub fn start_with_fs(cfg: Config, fs: Arc<dyn Fs>) -> Result<(Engine, RecoveryReport), StartError> {
+        let clock = match cfg.raw.clock {
+            ClockMode::Wall => Clock::Wall,
+            ClockMode::Manual => Clock::manual(match cfg.raw.manual_clock_start_ms {
+                0 => crate::clock::wall_now(),
+                t => t,
+            }),
+        };
+        let policies: FxHashMap<TenantId, Arc<crate::core::Policy>> =
+            cfg.tenants.iter().map(|t| (t.id.clone(), t.policy.clone())).collect();
+        let mut rec = Recovering { ledger: Some(Ledger::new()), ..Default::default() };
+        let (wal, recovered) = Wal::open_with(cfg.wal.clone(), fs, |item| {
+            if rec.error.is_some() {
+                return;
+            }
+            match item {
+                Replayed::Snapshot { bytes, .. } => match rmp_serde::from_slice::<EngineSnapshot>(bytes) {
+                    Ok(s) => restore_snapshot(&mut rec, s, &policies),
+                    Err(e) => rec.error = Some(StartError::Snapshot(e.to_string())),
+                },
+                Replayed::Record { seq, kind, payload } => {
+                    if kind != RECORD_KIND {
+                        rec.error = Some(StartError::Record { seq, reason: format!("unknown record kind {kind}") });
+                        return;
+                    }
+                    match record::decode(payload) {
+                        Ok(r) => replay_record(&mut rec, r, &policies),
+                        Err(e) => rec.error = Some(StartError::Record { seq, reason: e.to_string() }),
+                    }
+                }
+            }
+        })?;
+        if let Some(e) = rec.error.take() {
+            return Err(e);
+        }
+        let arbiters: Vec<ArbiterHandle> = (0..cfg.raw.arbiters).map(|_| Arbiter::new().handle()).collect();
+        let mut tenants = FxHashMap::default();
+        for t in &cfg.tenants {
+            let hub = Arc::new(StreamHub::new(cfg.raw.stream_retention_events));
+            if let Some(&n) = rec.hub_next.get(&t.id) {
+                hub.set_next_seq(n);
+            }
+            if let Some(evs) = rec.hub_events.remove(&t.id) {
+                hub.publish(evs);
+            }
+            tenants.insert(t.id.clone(), Tenant { cfg: t.clone(), hub });
+        }
+        let ready = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(Inner {
+            metrics: EngineMetrics::new(),
+            clock,
+            wal,
+            ledger: rec.ledger.take().expect("set before replay"),
+            tenants,
+            shards: DashMap::with_hasher(FxBuildHasher),
+            pros: rec.directory.drain().collect(),
+            lead_index: rec.lead_index.drain().collect(),
+            gate: RwLock::new(()),
+            arbiters,
+            next_arbiter: AtomicUsize::new(0),
+            ready,
+            stopping: AtomicBool::new(false),
+            cfg,
+        });
+        let engine = Engine { inner };
+        let shard_count = rec.shards.len();
+        for (key, shard) in rec.shards.drain() {
+            engine.spawn_shard(key, shard);
+        }
+        engine.inner.metrics.recovered(recovered.records_replayed, recovered.duration);
+        let report = RecoveryReport {
+            snapshot_seq: recovered.snapshot_seq,
+            records_replayed: recovered.records_replayed,
+            last_seq: recovered.last_seq,
+            torn_tail: recovered.torn_tail.as_ref().map(|t| format!("{t:?}")),
+            duration: recovered.duration,
+            shards: shard_count,
+        };
+        engine.inner.ready.store(true, Ordering::Release);
+        Ok((engine, report))
+    }
+
+    pub fn tenant(&self, id: &TenantId) -> Option<&Tenant> {
+        self.inner.tenants.get(id)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
+        self.inner.tenants.values()
+    }
+
+    pub fn hub(&self, id: &TenantId) -> Option<Arc<StreamHub>> {
+        self.inner.tenants.get(id).map(|t| t.hub.clone())
+    }
+
+    /// The tenant and scopes of a bearer token, if it is valid. Compares hashes in
+    /// constant time.
+    pub fn authenticate(&self, token: &str) -> Option<(TenantId, Vec<Scope>)> {
+        let h = crate::config::hash_token(token);
+        let mut found = None;
+        for t in self.inner.tenants.values() {
+            for (hash, scopes) in &t.cfg.tokens {
+                let diff = hash.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+                if diff == 0 {
+                    found = Some((t.cfg.id.clone(), scopes.clone()));
+                }
+            }
+        }
+        found
+    }
+
+    fn spawn_shard(&self, key: ShardKey, shard: Shard) -> Addr<ShardActor> {
+        let state = Arc::new(Mutex::new(shard));
+        let i = self.inner.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
+        let actor = ShardActor::new(key.clone(), state.clone(), self.clone());
+        let addr = ShardActor::start_in_arbiter(&self.inner.arbiters[i], move |_| actor);
+        self.inner.shards.insert(key, ShardHandle { addr: addr.clone(), state });
+        self.inner.metrics.shards_alive(self.inner.shards.len());
+        addr
+    }
+
+    fn shard_addr(&self, key: &ShardKey) -> Result<Addr<ShardActor>, ApiError> {
+        if let Some(h) = self.inner.shards.get(key) {
+            return Ok(h.addr.clone());
+        }
+        let policy = self
+            .inner
+            .tenants
+            .get(&key.tenant)
+            .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?
+            .cfg
+            .policy
+            .clone();
+        // Two requests may race to create the same shard: the entry lock decides.
+        let entry = self.inner.shards.entry(key.clone());
+        match entry {
+            dashmap::mapref::entry::Entry::Occupied(o) => Ok(o.get().addr.clone()),
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                let state = Arc::new(Mutex::new(Shard::new(key.clone(), policy)));
+                let i = self.inner.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
+                let actor = ShardActor::new(key.clone(), state.clone(), self.clone());
+                let addr = ShardActor::start_in_arbiter(&self.inner.arbiters[i], move |_| actor);
+                v.insert(ShardHandle { addr: addr.clone(), state });
+                self.inner.metrics.shards_alive(self.inner.shards.len());
+                Ok(addr)
+            }
+        }
+    }
+
+    fn shard_state(&self, key: &ShardKey) -> Option<Arc<Mutex<Shard>>> {
+        self.inner.shards.get(key).map(|h| h.state.clone())
+    }
+
+    /// Runs one command on its shard; resolves once the result is durable.
+    pub async fn exec(&self, key: ShardKey, cmd: Command) -> Result<CoreReply, ApiError> {
+        let addr = self.shard_addr(&key)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match addr.try_send(Exec { cmd, reply: Some(tx), received: Instant::now() }) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                self.inner.metrics.overloaded(&key.tenant);
+                return Err(ApiError::overloaded(50));
+            }
+            Err(SendError::Closed(_)) => return Err(ApiError::unavailable("the shard is shutting down")),
+        }
+        match rx.await {
+            Ok(r) => r.map(|s| s.reply),
+            Err(_) => Err(ApiError::unavailable("the request was dropped (shutdown or WAL failure)")),
+        }
+    }
+
+    /// Appends to the WAL; `done` runs once durable (or failed). Waits for room in
+    /// the WAL queue rather than refusing: money has already moved for this record,
+    /// and back-pressure belongs at the bounded shard mailboxes.
+    pub(crate) fn append(&self, records: Vec<(u8, Vec<u8>)>, done: crate::wal::OnDurable) {
+        self.inner.wal.append(records, done);
+    }
+
+    /// Runs `done` once everything appended so far is durable.
+    pub(crate) fn after_durable(&self, done: Box<dyn FnOnce(Result<(), ApiError>) + Send>) {
+        self.inner.wal.append(vec![], Box::new(move |r| done(r.map(|_| ()).map_err(wal_api_error))));
+    }
+
+    /// Keeps the lead index (lead -> shard) in step with a shard's events.
+    pub(crate) fn index_event(&self, key: &ShardKey, ev: &Event) {
+        match ev {
+            Event::LeadAccepted { lead, .. } => {
+                self.inner
+                    .lead_index
+                    .insert((key.tenant.clone(), lead.id.clone()), (key.zone.clone(), key.category.clone()));
+            }
+            Event::LeadForgotten { lead } => {
+                self.inner.lead_index.remove(&(key.tenant.clone(), lead.clone()));
+            }
+            _ => {}
+        }
+    }
+
+    fn lead_shard(&self, tenant: &TenantId, lead: &LeadId) -> Result<ShardKey, ApiError> {
+        let e = self
+            .inner
+            .lead_index
+            .get(&(tenant.clone(), lead.clone()))
+            .ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
+        let (zone, category) = e.value().clone();
+        Ok(ShardKey { tenant: tenant.clone(), zone, category })
+    }
+
+    fn pro_shards(pro: &Pro, tenant: &TenantId) -> Vec<ShardKey> {
+        let mut keys = Vec::new();
+        for z in &pro.zones {
+            for c in &pro.categories {
+                keys.push(ShardKey { tenant: tenant.clone(), zone: z.clone(), category: c.clone() });
+            }
+        }
+        keys
+    }
+
+    /// Handles one request of an authenticated tenant (every request but
+    /// `subscribe`, which the gateway handles with [`Engine::subscribe`]).
+    pub async fn request(&self, tenant: &TenantId, req: Request) -> Result<OkResult, ApiError> {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return Err(ApiError::unavailable("rota is shutting down"));
+        }
+        if let Some(reason) = self.inner.wal.is_failed() {
+            return Err(ApiError::unavailable(format!("the WAL has failed: {reason}")));
+        }
+        match req {
+            Request::PublishLead { lead } => {
+                self.inner.metrics.lead_received(tenant);
+                lead.validate().map_err(Reject::from)?;
+                let key = ShardKey { tenant: tenant.clone(), zone: lead.zone.clone(), category: lead.category.clone() };
+                match self.exec(key, Command::PublishLead { lead }).await? {
+                    CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Request::UpsertPro { pro } => self.upsert_pro(tenant, pro).await,
+            Request::RemovePro { pro } => {
+                let profile = self.pro_profile(tenant, &pro)?;
+                for key in Self::pro_shards(&profile, tenant) {
+                    self.exec(key, Command::RemovePro { pro: pro.clone() }).await?;
+                }
+                self.log_directory(tenant, &pro, None).await?;
+                Ok(OkResult::Done { done: true })
+            }
+            Request::SetAvailability { pro, availability } => {
+                availability.validate("availability").map_err(Reject::from)?;
+                let profile = self.pro_profile(tenant, &pro)?;
+                for key in Self::pro_shards(&profile, tenant) {
+                    let cmd = Command::SetAvailability { pro: pro.clone(), availability: availability.clone() };
+                    self.exec(key, cmd).await?;
+                }
+                let mut p = (*profile).clone();
+                p.availability = availability;
+                self.log_directory(tenant, &pro, Some(Arc::new(p))).await?;
+                Ok(OkResult::Done { done: true })
+            }
+            Request::Offer { lead, pro, action } => {
+                let key = self.lead_shard(tenant, &lead)?;
+                match self.exec(key, Command::Offer { lead, pro, action }).await? {
+                    CoreReply::Offer(v) => Ok(OkResult::Offer(v)),
+                    CoreReply::Done => Ok(OkResult::Done { done: true }),
+                    other => Err(unexpected(other)),
+                }
+            }
+            Request::GrantCredits { pro, op, credits } => {
+                pro.validate("pro").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
+                crate::ids::validate_id(&op, "op").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
+                let t = tenant.clone();
+                self.ledger_op(tenant, move |l| l.grant(OpId::new(format!("grant:{op}")), &t, &pro, credits)).await?;
+                Ok(OkResult::Done { done: true })
+            }
+            Request::SetTopupRule { pro, rule } => {
+                let now = self.inner.clock.now();
+                let t = tenant.clone();
+                let rule = rule.map(|r| TopupRule { threshold: r.threshold_credits, amount: r.amount_credits });
+                self.ledger_op(tenant, move |l| {
+                    l.set_topup_rule(OpId::new(format!("topup-rule:{pro}:{now}")), &t, &pro, rule)
+                })
+                .await?;
+                Ok(OkResult::Done { done: true })
+            }
+            Request::Balance { pro } => {
+                let b = self.inner.ledger.balance(tenant, &pro);
+                Ok(OkResult::Balance(BalanceWire {
+                    pro,
+                    available: b.available,
+                    held: b.held,
+                    captured: b.captured,
+                    refunded: b.refunded,
+                    granted: b.granted,
+                    topup_pending: b.topup_pending,
+                }))
+            }
+            Request::Explain { lead } => {
+                let key = self.lead_shard(tenant, &lead)?;
+                let state = self.shard_state(&key).ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
+                let e = state.lock().explain(&lead)?;
+                Ok(OkResult::Explain(e))
+            }
+            Request::Candidates { zone, category, location, attributes } => {
+                zone.validate("zone").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
+                category.validate("category").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
+                if let Some(l) = &location {
+                    l.validate("location").map_err(Reject::from)?;
+                }
+                let key = ShardKey { tenant: tenant.clone(), zone, category };
+                let now = self.inner.clock.now();
+                let c = match self.shard_state(&key) {
+                    Some(s) => s.lock().candidates(now, location, &attributes),
+                    None => crate::core::shard::Candidates { pros: vec![], reason: Some("not_enough_pros") },
+                };
+                Ok(OkResult::Candidates(c))
+            }
+            Request::Search { pro, query } => {
+                let profile = self.pro_profile(tenant, &pro)?;
+                let mut offers = Vec::new();
+                for key in Self::pro_shards(&profile, tenant) {
+                    if let Some(s) = self.shard_state(&key) {
+                        offers.extend(s.lock().search(&pro, &query));
+                    }
+                }
+                offers.sort_by(|a, b| (b.offered_at, &b.lead).cmp(&(a.offered_at, &a.lead)));
+                Ok(OkResult::Search { offers })
+            }
+            Request::AdvanceClock { to_ms } => {
+                let now = self
+                    .inner
+                    .clock
+                    .advance_to(to_ms)
+                    .ok_or_else(|| ApiError::new("clock_not_manual", "the clock is the wall clock; set clock = \"manual\""))?;
+                self.housekeeping(tenant).await?;
+                self.tick_tenant(tenant).await?;
+                Ok(OkResult::Clock { now_ms: now })
+            }
+            Request::Subscribe { .. } => Err(ApiError::new("bad_request", "subscribe is handled by the gateway")),
+        }
+    }
+
+    fn pro_profile(&self, tenant: &TenantId, pro: &ProId) -> Result<Arc<Pro>, ApiError> {
+        self.inner
+            .pros
+            .get(&(tenant.clone(), pro.clone()))
+            .map(|p| p.value().clone())
+            .ok_or_else(|| Reject::UnknownPro(pro.clone()).into())
+    }
+
+    async fn upsert_pro(&self, tenant: &TenantId, pro: Pro) -> Result<OkResult, ApiError> {
+        pro.validate().map_err(Reject::from)?;
+        let old = self.inner.pros.get(&(tenant.clone(), pro.id.clone())).map(|p| p.value().clone());
+        let new_keys = Self::pro_shards(&pro, tenant);
+        if let Some(old) = &old {
+            for key in Self::pro_shards(old, tenant) {
+                if !new_keys.contains(&key) {
+                    self.exec(key, Command::RemovePro { pro: pro.id.clone() }).await?;
+                }
+            }
+        }
+        // Auto-buy budgets live in the ledger (shared by every shard of the pro).
+        let now = self.inner.clock.now();
+        for cfg in &pro.autobuy {
+            let before = old.as_ref().and_then(|o| o.autobuy.iter().find(|c| c.name == cfg.name));
+            self.sync_budget(tenant, &pro.id, cfg, before, now).await?;
+        }
+        for key in &new_keys {
+            self.exec(key.clone(), Command::UpsertPro { pro: pro.clone() }).await?;
+        }
+        let id = pro.id.clone();
+        self.log_directory(tenant, &id, Some(Arc::new(pro))).await?;
+        Ok(OkResult::Done { done: true })
+    }
+
+    /// Creates or updates an auto-buy budget: weekly amount (R19), and a recharge
+    /// when the config is new or resumes (R20, R24).
+    async fn sync_budget(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        cfg: &AutoBuyConfig,
+        before: Option<&AutoBuyConfig>,
+        now: Millis,
+    ) -> Result<(), ApiError> {
+        let name = BudgetName::new(&cfg.name);
+        let current = self.inner.ledger.budget(tenant, pro, &name);
+        if current.map(|b| b.weekly_budget) != Some(cfg.weekly_budget_credits) {
+            let (t, p, n, w) = (tenant.clone(), pro.clone(), name.clone(), cfg.weekly_budget_credits);
+            self.ledger_op(tenant, move |l| l.set_budget(OpId::new(format!("budget:{p}:{n}:{now}")), &t, &p, &n, w))
+                .await?;
+        }
+        let was_buying = before.is_some_and(|b| b.is_buying(now));
+        if cfg.is_buying(now) && (current.is_none() || !was_buying) {
+            let (t, p, n) = (tenant.clone(), pro.clone(), name.clone());
+            self.ledger_op(tenant, move |l| l.recharge(OpId::new(format!("resume:{p}:{n}:{now}")), &t, &p, &n))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn log_directory(&self, tenant: &TenantId, pro: &ProId, profile: Option<Arc<Pro>>) -> Result<(), ApiError> {
+        let rec = {
+            let _g = self.inner.gate.read();
+            match &profile {
+                Some(p) => {
+                    self.inner.pros.insert((tenant.clone(), pro.clone()), p.clone());
+                }
+                None => {
+                    self.inner.pros.remove(&(tenant.clone(), pro.clone()));
+                }
+            }
+            let rec = WalRecord::ProDirectory { tenant: tenant.clone(), pro: pro.clone(), profile };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.append(
+                vec![(RECORD_KIND, record::encode(&rec))],
+                Box::new(move |r| {
+                    let _ = tx.send(r.map(|_| ()).map_err(wal_api_error));
+                }),
+            );
+            rx
+        };
+        rec.await.map_err(|_| ApiError::unavailable("WAL closed"))?
+    }
+
+    /// A ledger operation outside any shard, logged and acknowledged once durable.
+    async fn ledger_op(
+        &self,
+        tenant: &TenantId,
+        f: impl FnOnce(&Ledger) -> Result<Receipt, LedgerError>,
+    ) -> Result<Receipt, ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let receipt = {
+            let _g = self.inner.gate.read();
+            let receipt = f(&self.inner.ledger).map_err(ledger_api_error)?;
+            let hub = self.hub(tenant);
+            if receipt.replayed {
+                self.after_durable(Box::new(move |r| {
+                    let _ = tx.send(r);
+                }));
+            } else {
+                let money = vec![receipt.event.clone()];
+                self.inner.metrics.money(tenant, &money);
+                let mut stream = Vec::new();
+                record::money_stream_events(&money, &mut stream);
+                let rec = WalRecord::Ledger { tenant: tenant.clone(), money };
+                self.append(
+                    vec![(RECORD_KIND, record::encode(&rec))],
+                    Box::new(move |r| {
+                        if r.is_ok() {
+                            if let Some(h) = hub {
+                                h.publish(stream);
+                            }
+                        }
+                        let _ = tx.send(r.map(|_| ()).map_err(wal_api_error));
+                    }),
+                );
+            }
+            receipt
+        };
+        rx.await.map_err(|_| ApiError::unavailable("WAL closed"))??;
+        Ok(receipt)
+    }
+
+    /// Weekly recharge (R20) and resumed-pause recharge (R24) of every auto-buy
+    /// budget of the tenant, then a retry of missed leads (R22). Op ids make each
+    /// recharge happen once: per local ISO week, per resume time.
+    pub async fn housekeeping(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        let Some(t) = self.inner.tenants.get(tenant) else { return Ok(()) };
+        let tz = t.cfg.policy.time_zone;
+        let now = self.inner.clock.now();
+        let local = tz.timestamp_millis_opt(now).single().map(|d| d.date_naive());
+        let Some(today) = local else { return Ok(()) };
+        let monday = today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday()));
+        let pros: Vec<Arc<Pro>> = self
+            .inner
+            .pros
+            .iter()
+            .filter(|e| &e.key().0 == tenant && !e.value().autobuy.is_empty())
+            .map(|e| e.value().clone())
+            .collect();
+        for pro in pros {
+            let mut recharged = false;
+            for cfg in pro.autobuy.iter().filter(|c| c.is_buying(now)) {
+                let name = BudgetName::new(&cfg.name);
+                let Some(b) = self.inner.ledger.budget(tenant, &pro.id, &name) else { continue };
+                let mut ops = vec![format!("week:{}:{}:{monday}", pro.id, cfg.name)];
+                if let Some(until) = cfg.paused_until {
+                    ops.push(format!("resume:{}:{}:{until}", pro.id, cfg.name));
+                }
+                for op in ops {
+                    let (t, p, n) = (tenant.clone(), pro.id.clone(), name.clone());
+                    let r = self.ledger_op(tenant, move |l| l.recharge(OpId::new(op), &t, &p, &n)).await?;
+                    recharged |= !r.replayed && b.available < b.weekly_budget;
+                }
+            }
+            if recharged {
+                for key in Self::pro_shards(&pro, tenant) {
+                    if self.inner.shards.contains_key(&key) {
+                        self.exec(key, Command::BudgetAvailable { pro: pro.id.clone() }).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `Tick` to every shard of a tenant (manual clock) and waits.
+    async fn tick_tenant(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        let keys: Vec<ShardKey> =
+            self.inner.shards.iter().filter(|e| &e.key().tenant == tenant).map(|e| e.key().clone()).collect();
+        for key in keys {
+            self.exec(key, Command::Tick).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot of everything; returns the WAL seq it covers.
+    pub fn snapshot(&self) -> Result<u64, WalError> {
+        let started = Instant::now();
+        let (covers, bytes) = {
+            let _g = self.inner.gate.write();
+            // Every record appended before the gate closed is now written and its
+            // callbacks (stream publication) have run.
+            let covers = self.inner.wal.sync()?;
+            let snap = EngineSnapshot {
+                ledger: self.inner.ledger.snapshot(),
+                shards: self.inner.shards.iter().map(|e| e.value().state.lock().clone()).collect(),
+                directory: self.inner.pros.iter().map(|e| (e.key().0.clone(), e.value().clone())).collect(),
+                lead_index: self
+                    .inner
+                    .lead_index
+                    .iter()
+                    .map(|e| (e.key().0.clone(), e.key().1.clone(), e.value().0.clone(), e.value().1.clone()))
+                    .collect(),
+                hub_next_seq: self.inner.tenants.values().map(|t| (t.cfg.id.clone(), t.hub.next_seq())).collect(),
+            };
+            (covers, rmp_serde::to_vec(&snap).expect("engine state is plain data and always serialises"))
+        };
+        self.inner.wal.write_snapshot(covers, &bytes)?;
+        self.inner.metrics.snapshot(started.elapsed());
+        Ok(covers)
+    }
+
+    /// Graceful stop: refuse new requests, let mailboxes drain, sync, snapshot.
+    pub async fn shutdown(&self) -> Result<(), WalError> {
+        self.inner.stopping.store(true, Ordering::Release);
+        // A Tick queued behind everything else in each mailbox: when it is answered,
+        // the mailbox is drained.
+        let keys: Vec<ShardKey> = self.inner.shards.iter().map(|e| e.key().clone()).collect();
+        for key in keys {
+            let addr = self.inner.shards.get(&key).map(|h| h.addr.clone());
+            if let Some(addr) = addr {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if addr.send(Exec { cmd: Command::Tick, reply: Some(tx), received: Instant::now() }).await.is_ok() {
+                    let _ = rx.await;
+                }
+            }
+        }
+        self.inner.wal.sync()?;
+        self.snapshot()?;
+        for t in self.inner.tenants.values() {
+            t.hub.close_all();
+        }
+        for a in &self.inner.arbiters {
+            a.stop();
+        }
+        Ok(())
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Acquire)
+    }
+
+    pub fn health(&self) -> Result<(), String> {
+        match self.inner.wal.is_failed() {
+            Some(r) => Err(format!("WAL failed: {r}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Pros' offered share vs. entitlement, per shard, for the fairness metric.
+    pub fn fairness_sample(&self) -> Vec<f64> {
+        let mut out = Vec::new();
+        for e in self.inner.shards.iter() {
+            let s = e.value().state.lock();
+            let items: Vec<(u64, u32)> = s.fairness_inputs().map(|(_, n, w)| (n, w)).collect();
+            let total: u64 = items.iter().map(|x| x.0).sum();
+            let wsum: u64 = items.iter().map(|x| u64::from(x.1)).sum();
+            if total == 0 || wsum == 0 {
+                continue;
+            }
+            for (n, w) in items {
+                let entitled = total as f64 * f64::from(w) / wsum as f64;
+                out.push((n as f64 - entitled).abs());
+            }
+        }
+        out
+    }
+}
+
+fn restore_snapshot(rec: &mut Recovering, s: EngineSnapshot, policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>) {
+    rec.ledger = Some(Ledger::restore(s.ledger));
+    rec.shards.clear();
+    for mut shard in s.shards {
+        if let Some(p) = policies.get(&shard.key.tenant) {
+            shard.restore(p.clone());
+            rec.shards.insert(shard.key.clone(), shard);
+        }
+    }
+    rec.directory = s.directory.into_iter().map(|(t, p)| ((t, p.id.clone()), p)).collect();
+    rec.lead_index = s.lead_index.into_iter().map(|(t, l, z, c)| ((t, l), (z, c))).collect();
+    rec.hub_next = s.hub_next_seq.into_iter().collect();
+    rec.hub_events.clear();
+}
+
+fn replay_record(rec: &mut Recovering, r: WalRecord, policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>) {
+    let ledger = rec.ledger.as_ref().expect("set before replay");
+    match r {
+        WalRecord::Shard { key, events, money } => {
+            let Some(policy) = policies.get(&key.tenant) else {
+                tracing::warn!(tenant = %key.tenant, "WAL record of a tenant that is no longer configured; skipped");
+                return;
+            };
+            let shard = rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
+            let stream = rec.hub_events.entry(key.tenant.clone()).or_default();
+            for ev in &events {
+                match ev {
+                    Event::LeadAccepted { lead, .. } => {
+                        rec.lead_index
+                            .insert((key.tenant.clone(), lead.id.clone()), (key.zone.clone(), key.category.clone()));
+                    }
+                    Event::LeadForgotten { lead } => {
+                        rec.lead_index.remove(&(key.tenant.clone(), lead.clone()));
+                    }
+                    _ => {}
+                }
+            }
+            actor::replay_into(shard, &events, stream);
+            for m in &money {
+                ledger.apply(m);
+            }
+            record::money_stream_events(&money, stream);
+        }
+        WalRecord::Ledger { tenant, money } => {
+            for m in &money {
+                ledger.apply(m);
+            }
+            if policies.contains_key(&tenant) {
+                record::money_stream_events(&money, rec.hub_events.entry(tenant).or_default());
+            }
+        }
+        WalRecord::ProDirectory { tenant, pro, profile } => match profile {
+            Some(p) => {
+                rec.directory.insert((tenant, pro), p);
+            }
+            None => {
+                rec.directory.remove(&(tenant, pro));
+            }
+        },
+    }
+}
+
+fn unexpected(r: CoreReply) -> ApiError {
+    ApiError::new("internal", format!("unexpected reply {r:?}"))
+}
+
+pub fn wal_api_error(e: WalError) -> ApiError {
+    match e {
+        WalError::Full => ApiError::overloaded(50),
+        other => ApiError::unavailable(format!("not durable: {other}")),
+    }
+}
+
+pub fn ledger_api_error(e: LedgerError) -> ApiError {
+    let code = match &e {
+        LedgerError::InsufficientCredits { .. } => "insufficient_credits",
+        LedgerError::BudgetExhausted { .. } => "budget_exhausted",
+        LedgerError::OpConflict { .. } => "idempotency_conflict",
+        LedgerError::InvalidAmount { .. } | LedgerError::AmountOverflow { .. } => "invalid_field",
+        _ => "ledger_refused",
+    };
+    let mut err = ApiError::new(code, e.to_string());
+    if code == "invalid_field" {
+        err.field = Some("credits".into());
+    }
+    err
+}
+
+mod metrics_facade {
+    //! The engine's measurements, recorded through the `metrics` facade.
+    use crate::core::shard::Event;
+    use crate::ids::TenantId;
+    use crate::ledger::LedgerEvent;
+    use std::time::Duration;
+
+    #[derive(Clone, Default)]
+    pub struct EngineMetrics;
+
+    impl EngineMetrics {
+        pub fn new() -> Self {
+            Self
+        }
+        pub fn decide_seconds(&self, d: Duration) {
+            metrics::histogram!("rota_decide_duration_seconds").record(d.as_secs_f64());
+        }
+        pub fn durable_seconds(&self, d: Duration) {
+            metrics::histogram!("rota_ingest_to_durable_seconds").record(d.as_secs_f64());
+        }
+        pub fn refused(&self, tenant: &TenantId, code: &'static str) {
+            metrics::counter!("rota_requests_refused_total", "tenant" => tenant.to_string(), "code" => code)
+                .increment(1);
+        }
+        pub fn overloaded(&self, tenant: &TenantId) {
+            metrics::counter!("rota_overload_refusals_total", "tenant" => tenant.to_string()).increment(1);
+        }
+        pub fn lead_received(&self, tenant: &TenantId) {
+            metrics::counter!("rota_leads_received_total", "tenant" => tenant.to_string()).increment(1);
+        }
+        pub fn shards_alive(&self, n: usize) {
+            metrics::gauge!("rota_shards_alive").set(n as f64);
+        }
+        pub fn recovered(&self, records: u64, d: Duration) {
+            metrics::gauge!("rota_recovery_records_replayed").set(records as f64);
+            metrics::gauge!("rota_recovery_duration_seconds").set(d.as_secs_f64());
+        }
+        pub fn snapshot(&self, d: Duration) {
+            metrics::histogram!("rota_snapshot_duration_seconds").record(d.as_secs_f64());
+        }
+        pub fn events(&self, tenant: &TenantId, events: &[Event], money: &[LedgerEvent]) {
+            for ev in events {
+                match ev {
+                    Event::LeadRejected { reason, .. } => {
+                        metrics::counter!("rota_leads_rejected_total", "tenant" => tenant.to_string(), "reason" => reason.as_str())
+                            .increment(1)
+                    }
+                    Event::Offered { grants, .. } => {
+                        for g in grants {
+                            let kind = match g.kind {
+                                crate::core::OfferKind::Direct => "direct",
+                                crate::core::OfferKind::Generic => "generic",
+                                crate::core::OfferKind::Match => "match",
+                                crate::core::OfferKind::AutoBuy => "auto_buy",
+                                crate::core::OfferKind::Contact => "contact",
+                            };
+                            metrics::counter!("rota_offers_dispatched_total", "tenant" => tenant.to_string(), "kind" => kind)
+                                .increment(1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            self.money(tenant, money);
+        }
+        pub fn money(&self, tenant: &TenantId, money: &[LedgerEvent]) {
+            let mut stream = Vec::new();
+            super::record::money_stream_events(money, &mut stream);
+            for s in stream {
+                match s {
+                    crate::protocol::StreamEvent::Credits { movement, credits, .. } => {
+                        metrics::counter!("rota_credits_moved_total", "tenant" => tenant.to_string(), "movement" => movement)
+                            .increment(credits)
+                    }
+                    crate::protocol::StreamEvent::TopupRequested { .. } => {
+                        metrics::counter!("rota_topups_requested_total", "tenant" => tenant.to_string()).increment(1)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

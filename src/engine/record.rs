@@ -1,0 +1,148 @@
+//! What rota writes to the WAL, and what subscribers see of it.
+//!
+//! One [`WalRecord`] per decision: the core's events for one shard plus the ledger
+//! facts the shell executed for them. Replay applies both; stream events are derived
+//! from the same record by the same function live and during replay, so stream
+//! sequence numbers survive restarts.
+
+use crate::core::shard::{ChargeMode, Event, Shard};
+use crate::core::{OfferStatus, Pro, RevealedContact};
+use crate::ids::{ProId, ShardKey, TenantId};
+use crate::ledger::{CreditFact, LedgerEvent};
+use crate::protocol::{LeadSummary, StreamEvent};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// WAL record type byte for [`WalRecord`] (MessagePack payload).
+pub const RECORD_KIND: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WalRecord {
+    /// A shard decision: its events, and the money moved for them.
+    Shard { key: ShardKey, events: Vec<Event>, money: Vec<LedgerEvent> },
+    /// Money moved outside any shard (grants, top-up rules, budgets).
+    Ledger { tenant: TenantId, money: Vec<LedgerEvent> },
+    /// The tenant's pro directory (which shards a pro covers).
+    ProDirectory { tenant: TenantId, pro: ProId, profile: Option<Arc<Pro>> },
+}
+
+pub fn encode(rec: &WalRecord) -> Vec<u8> {
+    rmp_serde::to_vec(rec).expect("WAL records are plain data and always serialise")
+}
+
+pub fn decode(bytes: &[u8]) -> Result<WalRecord, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
+/// Stream events of one core event, computed against the shard state *before* the
+/// event is applied (the lead is still there).
+pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>) {
+    match ev {
+        Event::LeadAccepted { lead, price, at, release_at, expires_at, .. } => out.push(StreamEvent::LeadAccepted {
+            lead: lead.id.clone(),
+            zone: lead.zone.clone(),
+            category: lead.category.clone(),
+            price: *price,
+            release_at: *release_at,
+            expires_at: *expires_at,
+            at: *at,
+        }),
+        Event::LeadRejected { lead, reason, at, .. } => {
+            out.push(StreamEvent::LeadRejected { lead: lead.clone(), reason: reason.as_str().into(), at: *at })
+        }
+        Event::Offered { lead, at, grants, .. } => {
+            let Some(st) = shard.lead(lead) else { return };
+            let summary = LeadSummary::of(&st.lead);
+            let window = shard.policy().response_window;
+            for g in grants {
+                let respond_by = match g.kind {
+                    crate::core::OfferKind::Contact | crate::core::OfferKind::AutoBuy => None,
+                    _ => window.map(|w| at.saturating_add(w)),
+                };
+                out.push(StreamEvent::Offered {
+                    lead: lead.clone(),
+                    pro: g.pro.clone(),
+                    kind: g.kind,
+                    price: st.price,
+                    respond_by,
+                    at: *at,
+                    summary: summary.clone(),
+                });
+            }
+        }
+        Event::Responded { lead, pro, at, .. } => {
+            if let Some(st) = shard.lead(lead) {
+                out.push(StreamEvent::Responded {
+                    lead: lead.clone(),
+                    pro: pro.clone(),
+                    at: *at,
+                    contact: RevealedContact::for_client(&st.lead.client),
+                });
+            }
+        }
+        Event::OfferOpened { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Opened, *at)),
+        Event::Declined { lead, pro, at, .. } => out.push(status(lead, pro, OfferStatus::Declined, *at)),
+        Event::OfferExpired { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Expired, *at)),
+        Event::ClientReplied { lead, pro, at, .. } => {
+            out.push(status(lead, pro, OfferStatus::AwaitingResponse, *at))
+        }
+        Event::ProReplied { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Replied, *at)),
+        Event::Completed { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Completed, *at)),
+        Event::LeadClosed { lead, at, .. } => out.push(StreamEvent::LeadClosed { lead: lead.clone(), at: *at }),
+        _ => {}
+    }
+}
+
+fn status(lead: &crate::ids::LeadId, pro: &ProId, s: OfferStatus, at: i64) -> StreamEvent {
+    StreamEvent::OfferStatus { lead: lead.clone(), pro: pro.clone(), status: s.as_str().into(), at }
+}
+
+/// Stream events of ledger facts (money moved, top-ups requested).
+pub fn money_stream_events(money: &[LedgerEvent], out: &mut Vec<StreamEvent>) {
+    for m in money {
+        match m {
+            LedgerEvent::Credit { op, pro, fact, .. } => {
+                let (movement, credits, reason) = match fact {
+                    CreditFact::Granted { amount } => ("granted", *amount, None),
+                    CreditFact::Held { amount, .. } => ("held", *amount, None),
+                    CreditFact::Captured { amount, .. } => ("captured", *amount, None),
+                    CreditFact::Released { amount, .. } => ("released", *amount, None),
+                    CreditFact::Charged { amount, .. } => ("charged", *amount, None),
+                    CreditFact::Refunded { amount, reason, .. } => ("refunded", *amount, Some(reason.code().into())),
+                    CreditFact::TopupRuleSet { .. } => continue,
+                };
+                out.push(StreamEvent::Credits {
+                    pro: pro.clone(),
+                    op: op.as_str().into(),
+                    movement: movement.into(),
+                    credits,
+                    reason,
+                });
+                if let Some(amount) = fact.topup_requested() {
+                    out.push(StreamEvent::TopupRequested { pro: pro.clone(), credits: amount });
+                }
+            }
+            LedgerEvent::Budget { op, pro, fact, .. } => {
+                use crate::ledger::BudgetFact as B;
+                let (movement, credits) = match fact {
+                    B::Spent { amount, .. } => ("budget_spent", *amount),
+                    B::Recharged { to, .. } => ("budget_recharged", *to),
+                    B::Refunded { amount, .. } => ("budget_refunded", *amount),
+                    B::Set { .. } => continue,
+                };
+                out.push(StreamEvent::Credits {
+                    pro: pro.clone(),
+                    op: op.as_str().into(),
+                    movement: movement.into(),
+                    credits,
+                    reason: None,
+                });
+            }
+        }
+    }
+}
+
+/// Whether a charge mode takes credits (as opposed to a budget).
+pub fn is_credit(mode: &ChargeMode) -> bool {
+    !matches!(mode, ChargeMode::Budget { .. })
+}
