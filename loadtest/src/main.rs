@@ -1,1 +1,4 @@
-fn main() { eprintln!("rota-loadtest: not yet implemented"); std::process::exit(2); }
+fn main() {
+    eprintln!("rota-loadtest: not yet implemented");
+    std::process::exit(2);
+}
