@@ -179,6 +179,8 @@ struct MemState {
     cut_rng: u64,
     syncs: u64,
     writes: u64,
+    /// Mutating operations left before a scheduled power cut strikes.
+    cut_countdown: Option<u64>,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -229,6 +231,57 @@ impl MemState {
         None
     }
 
+    fn power_cut(&mut self) {
+        let st = self;
+        st.epoch += 1;
+        st.names = st.durable_names.clone();
+        let live: HashSet<u64> = st.names.values().copied().collect();
+        st.inodes.retain(|id, _| live.contains(id));
+        let mut rng = st.cut_rng;
+        for file in st.inodes.values_mut() {
+            let first_diff = file
+                .data
+                .iter()
+                .zip(file.durable.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(file.data.len().min(file.durable.len()));
+            let longest = file.data.len().max(file.durable.len());
+            let span = (longest - first_diff) as u64;
+            // Half the time nothing unsynced survives; otherwise a random prefix does.
+            let r = splitmix(&mut rng);
+            let keep = if span == 0 || r % 2 == 0 {
+                0
+            } else {
+                (r >> 1) % (span + 1)
+            } as usize;
+            let mut after = file.durable.clone();
+            let cut = first_diff + keep;
+            if after.len() < cut.min(file.data.len()) {
+                after.resize(cut.min(file.data.len()), 0);
+            }
+            let upto = cut.min(file.data.len());
+            after[first_diff..upto].copy_from_slice(&file.data[first_diff..upto]);
+            file.data = after.clone();
+            file.durable = after;
+        }
+        st.cut_rng = rng;
+        st.armed.clear();
+        st.random = None;
+    }
+
+    /// Counts a mutating operation towards a scheduled power cut.
+    fn tick(&mut self) -> io::Result<()> {
+        if let Some(left) = self.cut_countdown {
+            if left <= 1 {
+                self.cut_countdown = None;
+                self.power_cut();
+                return Err(eio("power cut"));
+            }
+            self.cut_countdown = Some(left - 1);
+        }
+        Ok(())
+    }
+
     fn inode_of(&self, path: &Path) -> io::Result<u64> {
         self.names.get(path).copied().ok_or_else(|| not_found(path))
     }
@@ -238,6 +291,8 @@ impl MemState {
 #[derive(Debug, Clone, Default)]
 pub struct MemFs {
     state: Arc<Mutex<MemState>>,
+    /// Set on process handles: the epoch they belong to.
+    bound_epoch: Option<u64>,
 }
 
 struct MemFile {
@@ -260,6 +315,7 @@ impl FsFile for MemFile {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let inode = self.inode;
         self.with(|st| {
+            st.tick()?;
             st.writes += 1;
             let fault = st.take_fault(false);
             if fault == Some(Fault::WriteError) {
@@ -298,6 +354,7 @@ impl FsFile for MemFile {
     fn sync_data(&mut self) -> io::Result<()> {
         let inode = self.inode;
         self.with(|st| {
+            st.tick()?;
             if st.take_fault(true).is_some() {
                 return Err(eio("sync failed"));
             }
@@ -311,6 +368,7 @@ impl FsFile for MemFile {
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         let inode = self.inode;
         self.with(|st| {
+            st.tick()?;
             let file = st.inodes.get_mut(&inode).ok_or_else(|| eio("inode gone"))?;
             file.data.resize(len as usize, 0);
             Ok(())
@@ -339,6 +397,7 @@ impl MemFs {
     pub fn deep_clone(&self) -> MemFs {
         MemFs {
             state: Arc::new(Mutex::new(self.state.lock().clone())),
+            bound_epoch: None,
         }
     }
 
@@ -377,6 +436,11 @@ impl MemFs {
         self.state.lock().syncs
     }
 
+    /// Bytes of file data currently held (what [`MemFs::set_capacity`] limits).
+    pub fn used_bytes(&self) -> u64 {
+        self.state.lock().used_bytes()
+    }
+
     /// Write calls so far.
     pub fn write_count(&self) -> u64 {
         self.state.lock().writes
@@ -388,41 +452,28 @@ impl MemFs {
     /// go back to their state at the directory's last `sync_dir`. Every handle open
     /// before the cut fails from now on.
     pub fn power_cut(&self) {
-        let mut st = self.state.lock();
-        st.epoch += 1;
-        st.names = st.durable_names.clone();
-        let live: HashSet<u64> = st.names.values().copied().collect();
-        st.inodes.retain(|id, _| live.contains(id));
-        let mut rng = st.cut_rng;
-        for file in st.inodes.values_mut() {
-            let first_diff = file
-                .data
-                .iter()
-                .zip(file.durable.iter())
-                .position(|(a, b)| a != b)
-                .unwrap_or(file.data.len().min(file.durable.len()));
-            let longest = file.data.len().max(file.durable.len());
-            let span = (longest - first_diff) as u64;
-            // Half the time nothing unsynced survives; otherwise a random prefix does.
-            let r = splitmix(&mut rng);
-            let keep = if span == 0 || r % 2 == 0 {
-                0
-            } else {
-                (r >> 1) % (span + 1)
-            } as usize;
-            let mut after = file.durable.clone();
-            let cut = first_diff + keep;
-            if after.len() < cut.min(file.data.len()) {
-                after.resize(cut.min(file.data.len()), 0);
-            }
-            let upto = cut.min(file.data.len());
-            after[first_diff..upto].copy_from_slice(&file.data[first_diff..upto]);
-            file.data = after.clone();
-            file.durable = after;
+        self.state.lock().power_cut();
+    }
+
+    /// Schedules a power cut: the `ops`-th mutating operation from now (write, sync,
+    /// truncate, create, rename, remove) does not happen; the power goes out instead
+    /// and the operation fails. Lands cuts between a write and its sync.
+    pub fn cut_power_after(&self, ops: u64) {
+        self.state.lock().cut_countdown = Some(ops.max(1));
+    }
+
+    /// Power cuts so far.
+    pub fn power_cuts(&self) -> u64 {
+        self.state.lock().epoch
+    }
+
+    /// A handle for one "process": once the power is cut, every operation through
+    /// it fails, as the process that held it is gone. Give each `Wal` its own.
+    pub fn process_handle(&self) -> MemFs {
+        MemFs {
+            state: self.state.clone(),
+            bound_epoch: Some(self.state.lock().epoch),
         }
-        st.cut_rng = rng;
-        st.armed.clear();
-        st.random = None;
     }
 
     /// The current contents of a file (test helper).
@@ -472,9 +523,20 @@ impl MemFs {
     }
 }
 
+impl MemFs {
+    /// The state, if this handle's process is still alive.
+    fn live(&self) -> io::Result<parking_lot::MutexGuard<'_, MemState>> {
+        let st = self.state.lock();
+        match self.bound_epoch {
+            Some(e) if e != st.epoch => Err(eio("process handle from before a power cut")),
+            _ => Ok(st),
+        }
+    }
+}
+
 impl Fs for MemFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        let mut st = self.state.lock();
+        let mut st = self.live()?;
         for anc in dir.ancestors() {
             st.dirs.insert(anc.to_path_buf());
         }
@@ -482,7 +544,7 @@ impl Fs for MemFs {
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        let st = self.state.lock();
+        let st = self.live()?;
         if !st.dirs.contains(dir) {
             return Err(not_found(dir));
         }
@@ -495,7 +557,7 @@ impl Fs for MemFs {
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
-        let mut st = self.state.lock();
+        let mut st = self.live()?;
         let parent = path.parent().unwrap_or(Path::new(""));
         if !st.dirs.contains(parent) {
             return Err(not_found(parent));
@@ -509,6 +571,7 @@ impl Fs for MemFs {
                 id
             }
             (OpenMode::Create, None) => {
+                st.tick()?;
                 st.next_inode += 1;
                 let id = st.next_inode;
                 st.inodes.insert(id, Inode::default());
@@ -524,13 +587,13 @@ impl Fs for MemFs {
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        let st = self.state.lock();
+        let st = self.live()?;
         let id = st.inode_of(path)?;
         Ok(st.inodes[&id].data.clone())
     }
 
     fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let st = self.state.lock();
+        let st = self.live()?;
         let id = st.inode_of(path)?;
         let data = &st.inodes[&id].data;
         let start = (offset as usize).min(data.len());
@@ -539,13 +602,14 @@ impl Fs for MemFs {
     }
 
     fn file_len(&self, path: &Path) -> io::Result<u64> {
-        let st = self.state.lock();
+        let st = self.live()?;
         let id = st.inode_of(path)?;
         Ok(st.inodes[&id].data.len() as u64)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut st = self.state.lock();
+        let mut st = self.live()?;
+        st.tick()?;
         let id = st.names.remove(from).ok_or_else(|| not_found(from))?;
         if let Some(old) = st.names.insert(to.to_path_buf(), id) {
             if !st.durable_names.values().any(|v| *v == old) {
@@ -556,14 +620,16 @@ impl Fs for MemFs {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
-        let mut st = self.state.lock();
+        let mut st = self.live()?;
+        st.tick()?;
         st.names.remove(path).ok_or_else(|| not_found(path))?;
         // The inode stays until a power cut or dir sync decides whether the name is gone.
         Ok(())
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let mut st = self.state.lock();
+        let mut st = self.live()?;
+        st.tick()?;
         if st.take_fault(true).is_some() {
             return Err(eio("directory sync failed"));
         }
