@@ -1,0 +1,335 @@
+//! Reading the log back: directory listing, snapshot choice, the segment walk shared
+//! by recovery, `read_range` and the tools, and the torn-tail cut.
+
+use super::format::{
+    self, decode_segment_header, parse_segment_name, parse_snapshot_name, scan_records, RecordRef,
+    ScanEnd, SEGMENT_HEADER_LEN, TMP_SUFFIX,
+};
+use super::fs::{Fs, OpenMode};
+use super::{io_err, Record, Recovered, Replayed, SkippedSnapshot, TornTail, WalConfig, WalError};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The WAL files found in a directory, each list sorted by seq.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Listing {
+    pub segments: Vec<(u64, PathBuf)>,
+    pub snapshots: Vec<(u64, PathBuf)>,
+    pub tmp: Vec<PathBuf>,
+}
+
+pub(crate) fn list_dir(fs: &dyn Fs, dir: &Path) -> Result<Listing, WalError> {
+    let mut out = Listing::default();
+    for name in fs.list(dir).map_err(|e| io_err("list", dir, e))? {
+        let path = dir.join(&name);
+        if let Some(seq) = parse_segment_name(&name) {
+            out.segments.push((seq, path));
+        } else if let Some(seq) = parse_snapshot_name(&name) {
+            out.snapshots.push((seq, path));
+        } else if name.ends_with(TMP_SUFFIX) {
+            out.tmp.push(path);
+        }
+    }
+    out.segments.sort();
+    out.snapshots.sort();
+    Ok(out)
+}
+
+/// Where the walk of the log ended.
+#[derive(Debug, Default)]
+pub(crate) struct Walk {
+    /// Seq of the last valid record seen (0 if none).
+    pub last_seq: u64,
+    /// The last segment read: (first seq, path, byte offset where the next record goes).
+    pub active: Option<(u64, PathBuf, u64)>,
+    /// A torn tail found and not yet cut. `offset == 0` means the whole file goes
+    /// (its header never made it to disk).
+    pub torn: Option<TornTail>,
+    pub records: u64,
+    pub bytes: u64,
+    pub segments_read: usize,
+    /// The callback asked to stop.
+    pub stopped: bool,
+}
+
+fn corrupt(segment: &Path, offset: u64, expected_seq: u64, reason: impl Into<String>) -> WalError {
+    WalError::Corrupt {
+        segment: segment.to_path_buf(),
+        offset,
+        expected_seq,
+        reason: reason.into(),
+    }
+}
+
+/// Walks `segments` (sorted) in seq order starting from the segment that holds
+/// `start_seq`, checking that seqs run on without gaps, and hands every valid record
+/// with `seq >= start_seq` to `f` (which returns `false` to stop). A damaged last
+/// record with nothing valid after it is reported as a torn tail; any other damage
+/// is an error naming the segment, the byte offset and the seq expected there.
+pub(crate) fn walk_log(
+    fs: &dyn Fs,
+    segments: &[(u64, PathBuf)],
+    start_seq: u64,
+    f: &mut dyn FnMut(&Path, RecordRef<'_>) -> bool,
+) -> Result<Walk, WalError> {
+    let mut walk = Walk::default();
+    if segments.is_empty() {
+        return Ok(walk);
+    }
+    // The segment holding start_seq is the last one starting at or before it.
+    let first_idx = match segments.iter().rposition(|(first, _)| *first <= start_seq) {
+        Some(i) => i,
+        None => {
+            let (first, path) = &segments[0];
+            return Err(corrupt(
+                path,
+                0,
+                start_seq,
+                format!(
+                    "records {start_seq}..{} are missing: no segment holds them",
+                    first - 1
+                ),
+            ));
+        }
+    };
+    let mut expected = segments[first_idx].0;
+    for (i, (name_first, path)) in segments.iter().enumerate().skip(first_idx) {
+        let is_last = i + 1 == segments.len();
+        if *name_first != expected {
+            return Err(corrupt(
+                path,
+                0,
+                expected,
+                format!(
+                    "segment starts at seq {name_first} but the log so far ends at seq {}",
+                    expected - 1
+                ),
+            ));
+        }
+        let bytes = fs.read(path).map_err(|e| io_err("read", path, e))?;
+        walk.segments_read += 1;
+        let first = match decode_segment_header(&bytes) {
+            Ok(first) => first,
+            Err(reason) => {
+                // A crash while creating the newest segment leaves a short or zeroed
+                // header and no records; anything else with a bad header is damage.
+                if is_last && !format::valid_record_after(&bytes, 0) {
+                    walk.torn = Some(TornTail {
+                        segment: path.clone(),
+                        offset: 0,
+                        bytes_cut: bytes.len() as u64,
+                        reason,
+                    });
+                    break;
+                }
+                return Err(corrupt(path, 0, expected, reason));
+            }
+        };
+        if first != *name_first {
+            return Err(corrupt(
+                path,
+                0,
+                expected,
+                format!(
+                    "segment header says first seq {first} but the file name says {name_first}"
+                ),
+            ));
+        }
+        let mut count = 0u64;
+        let mut stopped = false;
+        let end = scan_records(&bytes, SEGMENT_HEADER_LEN, first, |rec| {
+            count += 1;
+            walk.bytes += rec.framed_len() as u64;
+            if rec.seq >= start_seq && !f(path, rec) {
+                stopped = true;
+                return false;
+            }
+            true
+        });
+        walk.records += count;
+        expected = first + count;
+        walk.last_seq = expected - 1;
+        match end {
+            ScanEnd::Clean { end } | ScanEnd::ZeroTail { end } => {
+                walk.active = Some((first, path.clone(), end));
+                if stopped {
+                    walk.stopped = true;
+                    return Ok(walk);
+                }
+            }
+            ScanEnd::SeqMismatch { offset, found } => {
+                return Err(corrupt(
+                    path,
+                    offset,
+                    expected,
+                    format!("found seq {found}: a gap or regression"),
+                ));
+            }
+            ScanEnd::Bad {
+                offset,
+                reason,
+                valid_follows,
+            } => {
+                if valid_follows || !is_last {
+                    let why = if valid_follows {
+                        "valid records follow it, so this is damage in the middle of the log, not a torn tail"
+                    } else {
+                        "later segments exist, so this is damage in the middle of the log, not a torn tail"
+                    };
+                    return Err(corrupt(path, offset, expected, format!("{reason}; {why}")));
+                }
+                walk.active = Some((first, path.clone(), offset));
+                walk.torn = Some(TornTail {
+                    segment: path.clone(),
+                    offset,
+                    bytes_cut: bytes.len() as u64 - offset,
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(walk)
+}
+
+/// Cuts a torn tail off for good: truncates the segment (or removes it when even
+/// its header is torn) and makes that durable before any new record is written.
+pub(crate) fn cut_torn_tail(fs: &dyn Fs, dir: &Path, torn: &TornTail) -> Result<(), WalError> {
+    if torn.offset == 0 {
+        fs.remove(&torn.segment)
+            .map_err(|e| io_err("remove torn segment", &torn.segment, e))?;
+        fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
+    } else {
+        let mut file = fs
+            .open(&torn.segment, OpenMode::Existing)
+            .map_err(|e| io_err("open", &torn.segment, e))?;
+        file.set_len(torn.offset)
+            .map_err(|e| io_err("truncate", &torn.segment, e))?;
+        file.sync_data()
+            .map_err(|e| io_err("sync", &torn.segment, e))?;
+    }
+    Ok(())
+}
+
+/// What the writer needs to carry on where recovery stopped.
+pub(crate) struct Resume {
+    pub last_seq: u64,
+    pub active: Option<(u64, PathBuf, u64)>,
+    pub segments: Vec<(u64, PathBuf)>,
+    pub snapshots: Vec<u64>,
+}
+
+/// Recovery: newest valid snapshot, then every later record in order.
+pub(crate) fn recover(
+    fs: &dyn Fs,
+    cfg: &WalConfig,
+    collect: bool,
+    replay: &mut dyn FnMut(Replayed<'_>),
+) -> Result<(Recovered, Resume), WalError> {
+    let started = Instant::now();
+    let dir = cfg.dir.as_path();
+    fs.create_dir_all(dir)
+        .map_err(|e| io_err("create dir", dir, e))?;
+    let mut listing = list_dir(fs, dir)?;
+    // Leftovers of snapshot writes interrupted before their rename: never valid.
+    if !listing.tmp.is_empty() {
+        for tmp in &listing.tmp {
+            fs.remove(tmp).map_err(|e| io_err("remove", tmp, e))?;
+        }
+        fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
+    }
+
+    let mut rec = Recovered::default();
+    for (covers, path) in listing.snapshots.iter().rev() {
+        let bytes = fs.read(path).map_err(|e| io_err("read", path, e))?;
+        match format::decode_snapshot(&bytes) {
+            Ok((seq, payload)) if seq == *covers => {
+                replay(Replayed::Snapshot {
+                    covers_seq: seq,
+                    bytes: payload,
+                });
+                rec.snapshot_seq = Some(seq);
+                if collect {
+                    rec.snapshot = Some((seq, payload.to_vec()));
+                }
+                break;
+            }
+            Ok((seq, _)) => rec.skipped_snapshots.push(SkippedSnapshot {
+                path: path.clone(),
+                reason: format!("header covers seq {seq} but the file name says {covers}"),
+            }),
+            Err(reason) => rec.skipped_snapshots.push(SkippedSnapshot {
+                path: path.clone(),
+                reason,
+            }),
+        }
+    }
+    for skipped in &rec.skipped_snapshots {
+        tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "skipping invalid WAL snapshot");
+    }
+    let start_seq = rec.snapshot_seq.map_or(1, |s| s + 1);
+
+    let mut records = Vec::new();
+    let walk = walk_log(fs, &listing.segments, start_seq, &mut |_, r| {
+        replay(Replayed::Record {
+            seq: r.seq,
+            kind: r.kind,
+            payload: r.payload,
+        });
+        if collect {
+            records.push(Record {
+                seq: r.seq,
+                kind: r.kind,
+                payload: r.payload.to_vec(),
+            });
+        }
+        true
+    })?;
+    if let Some(torn) = &walk.torn {
+        tracing::warn!(
+            segment = %torn.segment.display(), offset = torn.offset, bytes_cut = torn.bytes_cut,
+            reason = %torn.reason, "cutting torn tail off the WAL"
+        );
+        cut_torn_tail(fs, dir, torn)?;
+        if torn.offset == 0 {
+            listing.segments.retain(|(_, p)| *p != torn.segment);
+        }
+    }
+    let log_last = walk
+        .last_seq
+        .max(listing.segments.first().map_or(0, |(f, _)| f - 1));
+    if log_last < start_seq - 1 && !listing.segments.is_empty() {
+        // The snapshot covers records the log no longer holds (possible only if the
+        // disk lost synced data). The snapshot is authoritative; new records start
+        // after it, in a fresh segment, so seqs never repeat.
+        tracing::warn!(
+            log_last,
+            snapshot_seq = start_seq - 1,
+            "WAL ends before its snapshot"
+        );
+    }
+    rec.last_seq = log_last.max(start_seq - 1);
+    rec.records_replayed = records_replayed(&walk, start_seq);
+    rec.bytes_replayed = walk.bytes;
+    rec.segments_read = walk.segments_read;
+    rec.torn_tail = walk.torn.clone();
+    rec.records = records;
+    rec.duration = started.elapsed();
+    // The writer continues the segment recovery ended in only if the next seq
+    // belongs there; otherwise (the snapshot is ahead of the log) it starts a new one.
+    let active = walk.active.filter(|_| walk.last_seq == rec.last_seq);
+    let resume = Resume {
+        last_seq: rec.last_seq,
+        active,
+        segments: listing.segments,
+        snapshots: listing.snapshots.iter().map(|(s, _)| *s).collect(),
+    };
+    Ok((rec, resume))
+}
+
+fn records_replayed(walk: &Walk, start_seq: u64) -> u64 {
+    if walk.last_seq >= start_seq {
+        walk.last_seq - start_seq + 1
+    } else {
+        0
+    }
+}
