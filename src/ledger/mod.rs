@@ -19,6 +19,12 @@
 //! `capture`, `release` and `refund` name their target by its op id; `refund`
 //! accepts a charge op or a captured hold op.
 //!
+//! R10: a `hold` or `charge` that leaves `available` below the rule's threshold
+//! carries `topup_requested: Some(amount)` in its [`Receipt`] (and event), unless
+//! a request is already pending; a request stays pending until the next grant.
+//! Releases and refunds raise the balance but post nothing, so they do not
+//! clear it.
+//!
 //! **Invariant** (checked by [`Ledger::check_invariants`]) for every account:
 //!
 //! ```text
