@@ -587,7 +587,7 @@ impl Ledger {
 /// Op ids are stored for as long as their lead lives: refuse unusable ones
 /// before they reach the registry.
 fn validate_op(op: &OpId) -> Result<(), LedgerError> {
-    crate::ids::validate_id(op.as_str(), "op_id").map_err(LedgerError::InvalidOpId)
+    op.validate("op_id").map_err(LedgerError::InvalidOpId)
 }
 
 /// The error an operation gets from an account that does not exist.
