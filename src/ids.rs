@@ -61,6 +61,8 @@ macro_rules! string_id {
         }
     };
 }
+// Other modules define their own string ids (e.g. the ledger's op ids) with it.
+pub(crate) use string_id;
 
 string_id!(
     /// A marketplace platform using rota.

@@ -1,6 +1,7 @@
 //! Why a ledger operation was refused. A refused operation changes nothing.
 
 use super::types::{BudgetName, OpId};
+use crate::ids::IdError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
@@ -26,6 +27,9 @@ pub enum LedgerError {
     UnknownBudget { budget: BudgetName },
     #[error("op id {op} was already used for a different {existing} operation")]
     OpConflict { op: OpId, existing: &'static str },
+    /// Empty, longer than 128 bytes, or with control characters.
+    #[error("invalid op id: {0}")]
+    InvalidOpId(IdError),
     #[error("{field} must be greater than zero")]
     InvalidAmount { field: &'static str },
     #[error("adding {amount} credits would overflow the {field} balance")]

@@ -19,6 +19,12 @@
 //! `capture`, `release` and `refund` name their target by its op id; `refund`
 //! accepts a charge op or a captured hold op.
 //!
+//! R10: a `hold` or `charge` that leaves `available` below the rule's threshold
+//! carries `topup_requested: Some(amount)` in its [`Receipt`] (and event), unless
+//! a request is already pending; a request stays pending until the next grant.
+//! Releases and refunds raise the balance but post nothing, so they do not
+//! clear it.
+//!
 //! **Invariant** (checked by [`Ledger::check_invariants`]) for every account:
 //!
 //! ```text
@@ -47,7 +53,8 @@
 //!
 //! # Idempotency and errors
 //!
-//! Every operation carries an [`OpId`], unique within its account or budget.
+//! Every operation carries an [`OpId`], unique within its account or budget
+//! (non-empty, at most 128 bytes, no control characters: else `InvalidOpId`).
 //! Repeating an applied op id with the same parameters returns the original
 //! event with `replayed: true` and changes nothing; with other parameters it is
 //! an `OpConflict`. A refused operation changes nothing, and an operation on
@@ -491,6 +498,7 @@ impl Ledger {
         request: CreditRequest,
         creates: bool,
     ) -> Result<Receipt, LedgerError> {
+        validate_op(&op)?;
         let account = match self.account(tenant, pro) {
             Some(a) => a,
             None => {
@@ -537,6 +545,7 @@ impl Ledger {
         request: BudgetRequest,
         creates: bool,
     ) -> Result<Receipt, LedgerError> {
+        validate_op(&op)?;
         let key = (tenant.clone(), pro.clone(), budget.clone());
         let b = match self.budgets.get(&key).map(|e| Arc::clone(e.value())) {
             Some(b) => b,
@@ -573,6 +582,12 @@ impl Ledger {
             topup_requested: None,
         })
     }
+}
+
+/// Op ids are stored for as long as their lead lives: refuse unusable ones
+/// before they reach the registry.
+fn validate_op(op: &OpId) -> Result<(), LedgerError> {
+    op.validate("op_id").map_err(LedgerError::InvalidOpId)
 }
 
 /// The error an operation gets from an account that does not exist.

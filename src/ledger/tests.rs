@@ -280,6 +280,24 @@ fn zero_amounts_are_invalid() {
 }
 
 #[test]
+fn unusable_op_ids_are_refused() {
+    let l = funded(10);
+    let e = l.charge(op(""), &t(), &p(), 1).unwrap_err();
+    assert!(matches!(e, LedgerError::InvalidOpId(_)), "{e}");
+    assert_eq!(e.to_string(), "invalid op id: op_id: must not be empty");
+    refused(&l, e, |l| l.charge(op(""), &t(), &p(), 1));
+    let long = "x".repeat(129);
+    assert!(matches!(
+        l.spend(op(&long), &t(), &p(), &b(), 1),
+        Err(LedgerError::InvalidOpId(_))
+    ));
+    assert!(matches!(
+        l.grant(op("a\nb"), &t(), &p(), 1),
+        Err(LedgerError::InvalidOpId(_))
+    ));
+}
+
+#[test]
 fn overflowing_amounts_are_refused() {
     let l = funded(u64::MAX - 1);
     refused(

@@ -6,46 +6,12 @@
 
 use crate::ids::{LeadId, ProId, TenantId};
 use serde::{Deserialize, Serialize};
+// Names the `string_id!` expansion refers to.
+use crate::ids::{validate_id, IdError};
 use smol_str::SmolStr;
 use std::fmt;
 
-macro_rules! name_newtype {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(pub SmolStr);
-
-        impl $name {
-            pub fn new(s: impl AsRef<str>) -> Self {
-                Self(SmolStr::new(s.as_ref()))
-            }
-            pub fn as_str(&self) -> &str {
-                self.0.as_str()
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), self.0.as_str())
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.0.as_str())
-            }
-        }
-
-        impl From<&str> for $name {
-            fn from(s: &str) -> Self {
-                Self::new(s)
-            }
-        }
-    };
-}
-
-name_newtype!(
+crate::ids::string_id!(
     /// The idempotency key of one ledger operation, unique within an account
     /// (credits of one pro, or one auto-buy budget). Callers derive it from what
     /// the operation is about, e.g. `charge:<lead>:<pro>`, so that a retry after
@@ -53,7 +19,7 @@ name_newtype!(
     OpId
 );
 
-name_newtype!(
+crate::ids::string_id!(
     /// The name a pro gave one of its auto-buy configs (R19).
     BudgetName
 );
