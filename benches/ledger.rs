@@ -45,9 +45,7 @@ fn ledger(c: &mut Criterion) {
     // realistic shape (the `charge` case above grows one pro's registry).
     g.bench_function("charge_10k_pros", |b| {
         let t = TenantId::new("acme");
-        let pros: Vec<ProId> = (0..10_000)
-            .map(|i| ProId::new(format!("pro-{i}")))
-            .collect();
+        let pros: Vec<ProId> = (0..10_000).map(|i| ProId::new(format!("pro-{i}"))).collect();
         b.iter_custom(|iters| {
             let l = Ledger::new();
             for p in &pros {
@@ -102,10 +100,7 @@ fn ledger(c: &mut Criterion) {
                     op,
                     tenant: t.clone(),
                     pro: p.clone(),
-                    fact: CreditFact::Charged {
-                        amount: 3,
-                        topup: None,
-                    },
+                    fact: CreditFact::Charged { amount: 3, topup: None },
                 })
                 .collect();
             let l = Ledger::new();
@@ -161,16 +156,9 @@ fn pricing(c: &mut Criterion) {
     )
     .expect("the bench policy is valid TOML");
     let pricing = policy.validate().expect("the bench policy is valid");
-    let stats = CategoryStats {
-        avg_job_value_cents: 73_450,
-        conversion_permille: 187,
-        avg_proposals_milli: 4_321,
-    };
-    let risk = RiskInputs {
-        chat_only: true,
-        thin_details: false,
-        distance_m: Some(42_000),
-    };
+    let stats =
+        CategoryStats { avg_job_value_cents: 73_450, conversion_permille: 187, avg_proposals_milli: 4_321 };
+    let risk = RiskInputs { chat_only: true, thin_details: false, distance_m: Some(42_000) };
     c.bench_function("pricing/price", |b| {
         b.iter(|| black_box(price(black_box(&stats), black_box(&risk), &pricing)))
     });

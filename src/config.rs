@@ -192,11 +192,12 @@ pub struct Sources {
 
 impl Config {
     pub fn load(src: &Sources) -> Result<Config, ConfigError> {
-        let mut tree = toml::Value::try_from(RawConfig::default()).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut tree =
+            toml::Value::try_from(RawConfig::default()).map_err(|e| ConfigError::Parse(e.to_string()))?;
         let mut base_dir = PathBuf::from(".");
         if let Some(path) = &src.file {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.clone(), source: e })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Read { path: path.clone(), source: e })?;
             let file: toml::Value =
                 toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
             merge(&mut tree, file);
@@ -214,17 +215,19 @@ impl Config {
             let (k, v) = f.split_once('=').ok_or_else(|| invalid(f, "expected key=value"))?;
             set_path(&mut tree, k.trim(), v.trim())?;
         }
-        let raw: RawConfig = tree.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        let raw: RawConfig =
+            tree.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         Config::validate(raw, &base_dir)
     }
 
     pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, ConfigError> {
-        let listen: SocketAddr =
-            raw.listen.parse().map_err(|_| invalid("listen", format!("not an ip:port address: {:?}", raw.listen)))?;
-        let admin_listen: SocketAddr = raw
-            .admin_listen
+        let listen: SocketAddr = raw
+            .listen
             .parse()
-            .map_err(|_| invalid("admin_listen", format!("not an ip:port address: {:?}", raw.admin_listen)))?;
+            .map_err(|_| invalid("listen", format!("not an ip:port address: {:?}", raw.listen)))?;
+        let admin_listen: SocketAddr = raw.admin_listen.parse().map_err(|_| {
+            invalid("admin_listen", format!("not an ip:port address: {:?}", raw.admin_listen))
+        })?;
         if raw.arbiters == 0 || raw.arbiters > 64 {
             return Err(invalid("arbiters", "must be in 1..=64"));
         }
@@ -256,7 +259,8 @@ impl Config {
         wal.validate().map_err(|e| invalid("wal", e.to_string()))?;
         let mut tenants = Vec::new();
         for (i, t) in raw.tenants.iter().enumerate() {
-            crate::ids::validate_id(&t.id, "id").map_err(|e| invalid(&format!("tenants[{i}].id"), e.reason))?;
+            crate::ids::validate_id(&t.id, "id")
+                .map_err(|e| invalid(&format!("tenants[{i}].id"), e.reason))?;
             if tenants.iter().any(|x: &TenantConfig| x.id.as_str() == t.id) {
                 return Err(invalid(&format!("tenants[{i}].id"), format!("duplicate tenant {:?}", t.id)));
             }
@@ -365,10 +369,14 @@ mod tests {
     fn layers_override_in_order_file_env_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rota.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:1000\"\narbiters = 3\n[wal]\nfsync = \"never\"\n").unwrap();
+        std::fs::write(&path, "listen = \"127.0.0.1:1000\"\narbiters = 3\n[wal]\nfsync = \"never\"\n")
+            .unwrap();
         let src = Sources {
             file: Some(path),
-            env: vec![("ROTA_ARBITERS".into(), "4".into()), ("ROTA_WAL__SEGMENT_BYTES".into(), "65536".into())],
+            env: vec![
+                ("ROTA_ARBITERS".into(), "4".into()),
+                ("ROTA_WAL__SEGMENT_BYTES".into(), "65536".into()),
+            ],
             flags: vec!["arbiters=5".into()],
         };
         let c = Config::load(&src).unwrap();

@@ -3,29 +3,39 @@
 //! # Layout
 //!
 //! ```text
-//! platform --ws--> gateway --> router --(tenant,zone,category)--> shard actor
-//!                                                                   | core::Shard (pure)
+//! platform --ws--> server::ws --> engine (router) --(tenant,zone,category)--> engine::actor
+//!                                                                   | core::shard (pure)
 //!                                                  ledger <---------+ (credits, budgets;
 //!                                                                   |  shared by all shards)
 //!                                                                   v
 //!                                                        wal (group commit)
 //!                                                                   |
-//!                                   subscribers <--ws-- stream (only after durable)
+//!                                   subscribers <--ws-- engine::hub (only after durable)
 //! ```
 //!
 //! | module | what it owns | what it may not touch |
 //! |---|---|---|
 //! | [`ids`] | string ids, [`ids::Millis`] time, [`ids::ShardKey`] | anything else |
 //! | [`core`] | the pure rules engine: policy, pros, leads, offers, rotation, explain | I/O, clocks, threads, async, metrics |
+//! | [`pricing`] | R11 lead price from category statistics, integer math | I/O, clocks |
 //! | [`ledger`] | credits and auto-buy budgets, concurrent and idempotent | I/O, clocks |
-//! | [`pricing`] | R11 lead prices in credits, with their components; category stats learning | state, I/O, floats |
 //! | [`wal`] | record framing, segments, group-commit writer, snapshots, recovery | what records mean |
+//! | [`engine`] | shard actors, money execution, recovery, snapshots, stream hubs | sockets |
+//! | [`protocol`] | protocol v1 messages and their JSON / MessagePack codecs | I/O |
+//! | [`server`] | websocket gateway, admin HTTP, signals | rules |
+//! | [`config`] | daemon config: defaults < file < env < flags | |
+//! | [`clock`] | the only wall-clock reader; the manual test clock | |
 //!
 //! Every state change is decided by the core (`decide`), written to the WAL as an
 //! event, applied (`apply`, also used by replay) and only then published.
 
+pub mod clock;
+pub mod config;
 pub mod core;
+pub mod engine;
 pub mod ids;
 pub mod ledger;
 pub mod pricing;
+pub mod protocol;
+pub mod server;
 pub mod wal;

@@ -1,1 +1,168 @@
-fn main() {}
+//! The `rota` command: thin; everything lives in the library.
+
+use clap::{Parser, Subcommand};
+use rota::config::{Config, Sources};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "rota", version, about = "Lead dispatch daemon for service marketplaces")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArgs {
+    /// Config file (TOML); every key is documented in config/rota.toml.
+    #[arg(long, short = 'c', env = "ROTA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override any config key: --set wal.fsync=never (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Websocket listen address (overrides `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// `wall` (default) or `manual` (tests and replays move time with advance_clock).
+    #[arg(long)]
+    clock: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut flags = self.set.clone();
+        if let Some(l) = &self.listen {
+            flags.push(format!("listen={l:?}"));
+        }
+        if let Some(d) = &self.data_dir {
+            flags.push(format!("data_dir={:?}", d.display().to_string()));
+        }
+        if let Some(c) = &self.clock {
+            flags.push(format!("clock={c:?}"));
+        }
+        let env = std::env::vars().filter(|(k, _)| k.starts_with("ROTA_") && k != "ROTA_CONFIG").collect();
+        Ok(Config::load(&Sources { file: self.config.clone(), env, flags })?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (built-in defaults: demo tenant, ./rota-data, 127.0.0.1:7700).
+    Serve {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Feed a small synthetic marketplace into the daemon.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// WAL tools (read-only unless `repair`).
+    Wal {
+        #[command(subcommand)]
+        cmd: WalCmd,
+    },
+    /// Token tools.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate and print the effective configuration (secrets redacted).
+    Check {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalCmd {
+    /// Check every segment and snapshot; exit 1 on corruption.
+    Verify { dir: PathBuf },
+    /// Print records, one per line.
+    Dump {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
+        #[arg(long, default_value_t = u64::MAX)]
+        limit: u64,
+    },
+    /// Cut the log at the first bad record (copies the damaged segment aside first).
+    Repair {
+        dir: PathBuf,
+        /// Required: repair can drop records after the damage.
+        #[arg(long)]
+        yes_i_understand_records_after_the_damage_are_dropped: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print the SHA-256 to put in a tenant's `tokens` (the token itself is never stored).
+    Hash { token: String },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("rota: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<i32> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { cfg, demo } => {
+            let cfg = cfg.load()?;
+            rota::server::init_logging(&cfg);
+            rota::server::run(cfg, demo)
+        }
+        Cmd::Config { cmd: ConfigCmd::Check { cfg } } => {
+            let cfg = cfg.load()?;
+            println!("{}", cfg.redacted_toml());
+            eprintln!("config OK: {} tenant(s)", cfg.tenants.len());
+            Ok(0)
+        }
+        Cmd::Wal { cmd } => wal_tool(cmd),
+        Cmd::Token { cmd: TokenCmd::Hash { token } } => {
+            println!("{}", rota::config::hex(&rota::config::hash_token(&token)));
+            Ok(0)
+        }
+    }
+}
+
+fn wal_tool(cmd: WalCmd) -> anyhow::Result<i32> {
+    use rota::wal::{tools, RealFs};
+    let mut out = std::io::stdout().lock();
+    let fs = RealFs;
+    match cmd {
+        WalCmd::Verify { dir } => {
+            let report = tools::verify(&fs, &dir)?;
+            print!("{report}");
+            Ok(if report.is_recoverable() { 0 } else { 1 })
+        }
+        WalCmd::Dump { dir, from_seq, limit } => {
+            tools::dump(&fs, &dir, from_seq, limit, &mut out)?;
+            Ok(0)
+        }
+        WalCmd::Repair { dir, yes_i_understand_records_after_the_damage_are_dropped: yes } => {
+            if !yes {
+                anyhow::bail!("repair drops records after the damage; pass --yes-i-understand-records-after-the-damage-are-dropped");
+            }
+            tools::repair(&fs, &dir, &mut out)?;
+            Ok(0)
+        }
+    }
+}

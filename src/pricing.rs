@@ -142,18 +142,12 @@ pub struct PricingError {
 }
 
 fn bad(key: impl Into<String>, reason: impl Into<String>) -> PricingError {
-    PricingError {
-        key: key.into(),
-        reason: reason.into(),
-    }
+    PricingError { key: key.into(), reason: reason.into() }
 }
 
 fn permille(key: &str, value: u32) -> Result<Permille, PricingError> {
     Permille::new(value).ok_or_else(|| {
-        bad(
-            format!("pricing.{key}"),
-            format!("{value} is out of range: must be 0..=1000 (thousandths)"),
-        )
+        bad(format!("pricing.{key}"), format!("{value} is out of range: must be 0..=1000 (thousandths)"))
     })
 }
 
@@ -178,9 +172,7 @@ impl PricingPolicy {
         if !(1..=MAX_TENANT_FACTOR_PERMILLE).contains(&f) {
             return Err(bad(
                 "pricing.tenant_factor_permille",
-                format!(
-                    "{f} is out of range: must be 1..={MAX_TENANT_FACTOR_PERMILLE} (1000 = 1.0x)"
-                ),
+                format!("{f} is out of range: must be 1..={MAX_TENANT_FACTOR_PERMILLE} (1000 = 1.0x)"),
             ));
         }
         if self.min_price_credits == 0 {
@@ -201,24 +193,12 @@ impl PricingPolicy {
         if !(1..=MAX_CREDIT_VALUE_CENTS).contains(&self.credit_value_cents) {
             return Err(bad(
                 "pricing.credit_value_cents",
-                format!(
-                    "{} is out of range: must be 1..={MAX_CREDIT_VALUE_CENTS}",
-                    self.credit_value_cents
-                ),
+                format!("{} is out of range: must be 1..={MAX_CREDIT_VALUE_CENTS}", self.credit_value_cents),
             ));
         }
-        let chat_only = permille(
-            "chat_only_discount_permille",
-            self.chat_only_discount_permille,
-        )?;
-        let thin_details = permille(
-            "thin_details_discount_permille",
-            self.thin_details_discount_permille,
-        )?;
-        let far_away = permille(
-            "far_away_discount_permille",
-            self.far_away_discount_permille,
-        )?;
+        let chat_only = permille("chat_only_discount_permille", self.chat_only_discount_permille)?;
+        let thin_details = permille("thin_details_discount_permille", self.thin_details_discount_permille)?;
+        let far_away = permille("far_away_discount_permille", self.far_away_discount_permille)?;
         let proposals_ema = permille("proposals_ema_permille", self.proposals_ema_permille)?;
         validate_stats("default_category", &self.default_category)?;
         for (category, stats) in &self.categories {
@@ -254,10 +234,7 @@ impl Pricing {
 
     /// The configured stats of `category`, or the default ones.
     pub fn stats(&self, category: &CategoryId) -> &CategoryStats {
-        self.policy
-            .categories
-            .get(category)
-            .unwrap_or(&self.policy.default_category)
+        self.policy.categories.get(category).unwrap_or(&self.policy.default_category)
     }
 
     /// The learning rate for [`CategoryStats::observe_proposals`].
@@ -364,10 +341,7 @@ pub fn price(stats: &CategoryStats, risk: &RiskInputs, pricing: &Pricing) -> Pri
         (unclamped_credits, Clamp::None)
     };
 
-    let expected = div_round_half_up(
-        u128::from(value) * u128::from(conversion),
-        u128::from(proposals),
-    );
+    let expected = div_round_half_up(u128::from(value) * u128::from(conversion), u128::from(proposals));
     let risk_factor = div_round_half_up(keep(chat) * keep(thin) * keep(far), 1_000_000);
     Price {
         credits,
@@ -469,29 +443,19 @@ mod tests {
         let p = pricing();
         let s = stats(50000, 200, 4000);
         let base = price(&s, &RiskInputs::default(), &p).credits;
-        let chat = RiskInputs {
-            chat_only: true,
-            ..RiskInputs::default()
-        };
+        let chat = RiskInputs { chat_only: true, ..RiskInputs::default() };
         let chat_price = price(&s, &chat, &p);
         // 25 x 0.7 = 17.5 -> 18 (half up).
         assert_eq!(chat_price.credits, 18);
         assert_eq!(chat_price.components.chat_only_discount_permille, 300);
-        let all = RiskInputs {
-            chat_only: true,
-            thin_details: true,
-            distance_m: Some(30_001),
-        };
+        let all = RiskInputs { chat_only: true, thin_details: true, distance_m: Some(30_001) };
         let all_price = price(&s, &all, &p);
         // 25 x 0.7 x 0.85 x 0.8 = 11.9 -> 12.
         assert_eq!(all_price.credits, 12);
         assert_eq!(all_price.components.risk_factor_permille, 476);
         assert!(all_price.credits < chat_price.credits && chat_price.credits < base);
         // Exactly at the limit is not far away.
-        let at_limit = RiskInputs {
-            distance_m: Some(30_000),
-            ..RiskInputs::default()
-        };
+        let at_limit = RiskInputs { distance_m: Some(30_000), ..RiskInputs::default() };
         assert_eq!(price(&s, &at_limit, &p).credits, base);
     }
 
@@ -499,14 +463,8 @@ mod tests {
     fn r11_rounding_is_half_up_and_clamped_to_min() {
         let p = pricing();
         // 2.5 credits -> 3; 2.4999 -> 2.
-        assert_eq!(
-            price(&stats(1000, 1000, 4000), &RiskInputs::default(), &p).credits,
-            3
-        );
-        assert_eq!(
-            price(&stats(999, 1000, 4000), &RiskInputs::default(), &p).credits,
-            2
-        );
+        assert_eq!(price(&stats(1000, 1000, 4000), &RiskInputs::default(), &p).credits, 3);
+        assert_eq!(price(&stats(999, 1000, 4000), &RiskInputs::default(), &p).credits, 2);
         let cheap = price(&stats(100, 10, 9000), &RiskInputs::default(), &p);
         assert_eq!(cheap.components.unclamped_credits, 0);
         assert_eq!((cheap.credits, cheap.components.clamped), (1, Clamp::Min));
@@ -540,23 +498,16 @@ mod tests {
         let e = p.validate().unwrap_err();
         assert_eq!(e.key, "pricing.min_price_credits");
         assert!(
-            e.to_string()
-                .contains("pricing.min_price_credits (50) > pricing.max_price_credits (40)"),
+            e.to_string().contains("pricing.min_price_credits (50) > pricing.max_price_credits (40)"),
             "{e}"
         );
 
         let mut p = policy();
         p.chat_only_discount_permille = 1001;
-        assert_eq!(
-            p.validate().unwrap_err().key,
-            "pricing.chat_only_discount_permille"
-        );
+        assert_eq!(p.validate().unwrap_err().key, "pricing.chat_only_discount_permille");
         let mut p = policy();
         p.tenant_factor_permille = 0;
-        assert_eq!(
-            p.validate().unwrap_err().key,
-            "pricing.tenant_factor_permille"
-        );
+        assert_eq!(p.validate().unwrap_err().key, "pricing.tenant_factor_permille");
         let mut p = policy();
         p.credit_value_cents = 0;
         assert_eq!(p.validate().unwrap_err().key, "pricing.credit_value_cents");
@@ -564,20 +515,11 @@ mod tests {
         p.min_price_credits = 0;
         assert_eq!(p.validate().unwrap_err().key, "pricing.min_price_credits");
         let mut p = policy();
-        p.categories
-            .get_mut(&"painting".into())
-            .unwrap()
-            .avg_proposals_milli = 0;
-        assert_eq!(
-            p.validate().unwrap_err().key,
-            "pricing.categories.painting.avg_proposals_milli"
-        );
+        p.categories.get_mut(&"painting".into()).unwrap().avg_proposals_milli = 0;
+        assert_eq!(p.validate().unwrap_err().key, "pricing.categories.painting.avg_proposals_milli");
         let mut p = policy();
         p.default_category.conversion_permille = 2000;
-        assert_eq!(
-            p.validate().unwrap_err().key,
-            "pricing.default_category.conversion_permille"
-        );
+        assert_eq!(p.validate().unwrap_err().key, "pricing.default_category.conversion_permille");
     }
 
     #[test]
@@ -599,16 +541,10 @@ mod tests {
         for _ in 0..200 {
             s.observe_proposals(2, ema);
         }
-        assert_eq!(
-            s.avg_proposals_milli, 2005,
-            "converges within rounding of 2000"
-        );
+        assert_eq!(s.avg_proposals_milli, 2005, "converges within rounding of 2000");
         let mut z = stats(1, 1, 1);
         z.observe_proposals(0, Permille::ONE);
-        assert_eq!(
-            z.avg_proposals_milli, 1,
-            "floored: the average is a divisor"
-        );
+        assert_eq!(z.avg_proposals_milli, 1, "floored: the average is a divisor");
         let mut frozen = stats(1, 1, 3000);
         frozen.observe_proposals(9, Permille::ZERO);
         assert_eq!(frozen.avg_proposals_milli, 3000);

@@ -77,7 +77,7 @@ pub struct Envelope {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     PublishLead {
         lead: Lead,
@@ -190,8 +190,15 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
-    Ok { id: String, result: OkResult },
-    Error { id: Option<String>, #[serde(flatten)] error: ApiError },
+    Ok {
+        id: String,
+        result: OkResult,
+    },
+    Error {
+        id: Option<String>,
+        #[serde(flatten)]
+        error: ApiError,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,7 +244,10 @@ impl ApiError {
     }
 
     pub fn overloaded(retry_after_ms: u64) -> Self {
-        Self { retry_after_ms: Some(retry_after_ms), ..Self::new("overloaded", "rota is at capacity; retry later") }
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new("overloaded", "rota is at capacity; retry later")
+        }
     }
 
     pub fn unavailable(why: impl Into<String>) -> Self {
@@ -390,11 +400,9 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
         Encoding::Msgpack => rmp_serde::from_slice::<Envelope>(bytes).map_err(|e| e.to_string()),
     };
     match parsed {
-        Ok(env) if env.id.len() > MAX_CORRELATION_ID => Err(DecodeError {
-            id: None,
-            code: "invalid_field",
-            message: "id: longer than 128 bytes".into(),
-        }),
+        Ok(env) if env.id.len() > MAX_CORRELATION_ID => {
+            Err(DecodeError { id: None, code: "invalid_field", message: "id: longer than 128 bytes".into() })
+        }
         Ok(env) => Ok(env),
         Err(message) => {
             let id = peek_id(enc, bytes);
@@ -430,7 +438,9 @@ fn peek_id(enc: Encoding, bytes: &[u8]) -> Option<String> {
 pub fn encode<T: Serialize>(enc: Encoding, msg: &T) -> Vec<u8> {
     match enc {
         Encoding::Json => serde_json::to_vec(msg).expect("protocol types always serialise to JSON"),
-        Encoding::Msgpack => rmp_serde::to_vec_named(msg).expect("protocol types always serialise to msgpack"),
+        Encoding::Msgpack => {
+            rmp_serde::to_vec_named(msg).expect("protocol types always serialise to msgpack")
+        }
     }
 }
 
@@ -453,7 +463,10 @@ mod tests {
             assert_eq!(decode(enc, &bytes).unwrap(), env);
         }
         let json = String::from_utf8(encode(Encoding::Json, &env)).unwrap();
-        assert_eq!(json, r#"{"id":"c1","type":"offer","lead":"L1","pro":"p1","action":"decline","by":"pro"}"#);
+        assert_eq!(
+            json,
+            r#"{"id":"c1","type":"offer","lead":"L1","pro":"p1","action":"decline","by":"pro"}"#
+        );
     }
 
     #[test]

@@ -425,6 +425,7 @@ impl Reject {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeadOutcome {
     pub lead: LeadId,
+    #[serde(flatten)]
     pub status: LeadStatus,
     pub price: u64,
     pub offers: Vec<(ProId, OfferKind)>,
@@ -951,6 +952,9 @@ impl Shard {
                         return Ok(Decision { events: vec![], reply: view(offer.status, true) })
                     }
                     S::New | S::Opened => {}
+                    // Made inactive by the cap (R6) or by the close (R7): say which.
+                    S::Inactive if st.is_open() => return Err(Reject::LeadFull(l)),
+                    S::Inactive => return Err(Reject::LeadExpired(l)),
                     _ => return Err(illegal()),
                 }
                 if !st.is_open() || now >= st.expires_at {
@@ -1461,7 +1465,7 @@ impl Shard {
             .map(|slot| (slot, self.slot_pro(slot).weight.weight))
             .collect();
         if list.len() < self.policy.min_list_size as usize {
-            return Candidates { pros: vec![], reason: Some("not_enough_pros") };
+            return Candidates { pros: vec![], reason: Some("not_enough_pros".into()) };
         }
         // Ranked by weight (quality and responsiveness), ties in rotation order.
         list.sort_by_key(|&(_, w)| std::cmp::Reverse(w));
@@ -1663,7 +1667,7 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
 pub struct Candidates {
     /// Pro ids with their rotation weight, best first.
     pub pros: Vec<(ProId, u32)>,
-    pub reason: Option<&'static str>,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

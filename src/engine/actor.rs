@@ -116,7 +116,7 @@ impl ShardActor {
                     Err(e) => {
                         tracing::error!(tenant = %tenant, error = %e, "WAL append failed; decision not acknowledged");
                         if let Some(tx) = reply {
-                            let _ = tx.send(Err(e));
+                            let _ = tx.send(Err(super::wal_api_error(e)));
                         }
                     }
                 }

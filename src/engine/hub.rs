@@ -112,6 +112,11 @@ impl StreamHub {
         g.buffer.clear();
     }
 
+    /// The replay buffer (for snapshots): consecutive sequence numbers, oldest first.
+    pub fn buffered(&self) -> Vec<(u64, StreamEvent)> {
+        self.inner.lock().buffer.iter().map(|o| (o.seq, o.event.clone())).collect()
+    }
+
     /// Numbers, buffers and fans out events, in order.
     pub fn publish(&self, events: impl IntoIterator<Item = StreamEvent>) {
         let mut g = self.inner.lock();

@@ -90,6 +90,8 @@ struct EngineSnapshot {
     directory: Vec<(TenantId, Arc<Pro>)>,
     lead_index: Vec<(TenantId, LeadId, ZoneId, CategoryId)>,
     hub_next_seq: Vec<(TenantId, u64)>,
+    /// The streams' replay buffers, so a subscriber can resume across a restart.
+    hub_buffer: Vec<(TenantId, Vec<(u64, StreamEvent)>)>,
 }
 
 /// The outcome of start-up recovery, for logs and metrics.
@@ -122,6 +124,7 @@ struct Recovering {
     lead_index: FxHashMap<(TenantId, LeadId), (ZoneId, CategoryId)>,
     hub_events: FxHashMap<TenantId, Vec<StreamEvent>>,
     hub_next: FxHashMap<TenantId, u64>,
+    hub_buffer: FxHashMap<TenantId, Vec<(u64, StreamEvent)>>,
     error: Option<StartError>,
 }
 
@@ -154,7 +157,8 @@ impl Engine {
                 },
                 Replayed::Record { seq, kind, payload } => {
                     if kind != RECORD_KIND {
-                        rec.error = Some(StartError::Record { seq, reason: format!("unknown record kind {kind}") });
+                        rec.error =
+                            Some(StartError::Record { seq, reason: format!("unknown record kind {kind}") });
                         return;
                     }
                     match record::decode(payload) {
@@ -171,8 +175,15 @@ impl Engine {
         let mut tenants = FxHashMap::default();
         for t in &cfg.tenants {
             let hub = Arc::new(StreamHub::new(cfg.raw.stream_retention_events));
+            let buffered = rec.hub_buffer.remove(&t.id).unwrap_or_default();
+            if let Some(&(first, _)) = buffered.first() {
+                hub.set_next_seq(first);
+                hub.publish(buffered.into_iter().map(|(_, e)| e));
+            }
             if let Some(&n) = rec.hub_next.get(&t.id) {
-                hub.set_next_seq(n);
+                if n != hub.next_seq() {
+                    hub.set_next_seq(n);
+                }
             }
             if let Some(evs) = rec.hub_events.remove(&t.id) {
                 hub.publish(evs);
@@ -362,7 +373,11 @@ impl Engine {
             Request::PublishLead { lead } => {
                 self.inner.metrics.lead_received(tenant);
                 lead.validate().map_err(Reject::from)?;
-                let key = ShardKey { tenant: tenant.clone(), zone: lead.zone.clone(), category: lead.category.clone() };
+                let key = ShardKey {
+                    tenant: tenant.clone(),
+                    zone: lead.zone.clone(),
+                    category: lead.category.clone(),
+                };
                 match self.exec(key, Command::PublishLead { lead }).await? {
                     CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
                     other => Err(unexpected(other)),
@@ -381,7 +396,8 @@ impl Engine {
                 availability.validate("availability").map_err(Reject::from)?;
                 let profile = self.pro_profile(tenant, &pro)?;
                 for key in Self::pro_shards(&profile, tenant) {
-                    let cmd = Command::SetAvailability { pro: pro.clone(), availability: availability.clone() };
+                    let cmd =
+                        Command::SetAvailability { pro: pro.clone(), availability: availability.clone() };
                     self.exec(key, cmd).await?;
                 }
                 let mut p = (*profile).clone();
@@ -399,15 +415,18 @@ impl Engine {
             }
             Request::GrantCredits { pro, op, credits } => {
                 pro.validate("pro").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
-                crate::ids::validate_id(&op, "op").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
+                crate::ids::validate_id(&op, "op")
+                    .map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
                 let t = tenant.clone();
-                self.ledger_op(tenant, move |l| l.grant(OpId::new(format!("grant:{op}")), &t, &pro, credits)).await?;
+                self.ledger_op(tenant, move |l| l.grant(OpId::new(format!("grant:{op}")), &t, &pro, credits))
+                    .await?;
                 Ok(OkResult::Done { done: true })
             }
             Request::SetTopupRule { pro, rule } => {
                 let now = self.inner.clock.now();
                 let t = tenant.clone();
-                let rule = rule.map(|r| TopupRule { threshold: r.threshold_credits, amount: r.amount_credits });
+                let rule =
+                    rule.map(|r| TopupRule { threshold: r.threshold_credits, amount: r.amount_credits });
                 self.ledger_op(tenant, move |l| {
                     l.set_topup_rule(OpId::new(format!("topup-rule:{pro}:{now}")), &t, &pro, rule)
                 })
@@ -428,7 +447,9 @@ impl Engine {
             }
             Request::Explain { lead } => {
                 let key = self.lead_shard(tenant, &lead)?;
-                let state = self.shard_state(&key).ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
+                let state = self
+                    .shard_state(&key)
+                    .ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
                 let e = state.lock().explain(&lead)?;
                 Ok(OkResult::Explain(e))
             }
@@ -442,7 +463,10 @@ impl Engine {
                 let now = self.inner.clock.now();
                 let c = match self.shard_state(&key) {
                     Some(s) => s.lock().candidates(now, location, &attributes),
-                    None => crate::core::shard::Candidates { pros: vec![], reason: Some("not_enough_pros") },
+                    None => crate::core::shard::Candidates {
+                        pros: vec![],
+                        reason: Some("not_enough_pros".into()),
+                    },
                 };
                 Ok(OkResult::Candidates(c))
             }
@@ -458,16 +482,16 @@ impl Engine {
                 Ok(OkResult::Search { offers })
             }
             Request::AdvanceClock { to_ms } => {
-                let now = self
-                    .inner
-                    .clock
-                    .advance_to(to_ms)
-                    .ok_or_else(|| ApiError::new("clock_not_manual", "the clock is the wall clock; set clock = \"manual\""))?;
+                let now = self.inner.clock.advance_to(to_ms).ok_or_else(|| {
+                    ApiError::new("clock_not_manual", "the clock is the wall clock; set clock = \"manual\"")
+                })?;
                 self.housekeeping(tenant).await?;
                 self.tick_tenant(tenant).await?;
                 Ok(OkResult::Clock { now_ms: now })
             }
-            Request::Subscribe { .. } => Err(ApiError::new("bad_request", "subscribe is handled by the gateway")),
+            Request::Subscribe { .. } => {
+                Err(ApiError::new("bad_request", "subscribe is handled by the gateway"))
+            }
         }
     }
 
@@ -518,19 +542,28 @@ impl Engine {
         let current = self.inner.ledger.budget(tenant, pro, &name);
         if current.map(|b| b.weekly_budget) != Some(cfg.weekly_budget_credits) {
             let (t, p, n, w) = (tenant.clone(), pro.clone(), name.clone(), cfg.weekly_budget_credits);
-            self.ledger_op(tenant, move |l| l.set_budget(OpId::new(format!("budget:{p}:{n}:{now}")), &t, &p, &n, w))
-                .await?;
+            self.ledger_op(tenant, move |l| {
+                l.set_budget(OpId::new(format!("budget:{p}:{n}:{now}")), &t, &p, &n, w)
+            })
+            .await?;
         }
         let was_buying = before.is_some_and(|b| b.is_buying(now));
         if cfg.is_buying(now) && (current.is_none() || !was_buying) {
             let (t, p, n) = (tenant.clone(), pro.clone(), name.clone());
-            self.ledger_op(tenant, move |l| l.recharge(OpId::new(format!("resume:{p}:{n}:{now}")), &t, &p, &n))
-                .await?;
+            self.ledger_op(tenant, move |l| {
+                l.recharge(OpId::new(format!("resume:{p}:{n}:{now}")), &t, &p, &n)
+            })
+            .await?;
         }
         Ok(())
     }
 
-    async fn log_directory(&self, tenant: &TenantId, pro: &ProId, profile: Option<Arc<Pro>>) -> Result<(), ApiError> {
+    async fn log_directory(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        profile: Option<Arc<Pro>>,
+    ) -> Result<(), ApiError> {
         let rec = {
             let _g = self.inner.gate.read();
             match &profile {
@@ -664,7 +697,18 @@ impl Engine {
                     .iter()
                     .map(|e| (e.key().0.clone(), e.key().1.clone(), e.value().0.clone(), e.value().1.clone()))
                     .collect(),
-                hub_next_seq: self.inner.tenants.values().map(|t| (t.cfg.id.clone(), t.hub.next_seq())).collect(),
+                hub_next_seq: self
+                    .inner
+                    .tenants
+                    .values()
+                    .map(|t| (t.cfg.id.clone(), t.hub.next_seq()))
+                    .collect(),
+                hub_buffer: self
+                    .inner
+                    .tenants
+                    .values()
+                    .map(|t| (t.cfg.id.clone(), t.hub.buffered()))
+                    .collect(),
             };
             (covers, rmp_serde::to_vec(&snap).expect("engine state is plain data and always serialises"))
         };
@@ -683,7 +727,11 @@ impl Engine {
             let addr = self.inner.shards.get(&key).map(|h| h.addr.clone());
             if let Some(addr) = addr {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                if addr.send(Exec { cmd: Command::Tick, reply: Some(tx), received: Instant::now() }).await.is_ok() {
+                if addr
+                    .send(Exec { cmd: Command::Tick, reply: Some(tx), received: Instant::now() })
+                    .await
+                    .is_ok()
+                {
                     let _ = rx.await;
                 }
             }
@@ -730,7 +778,11 @@ impl Engine {
     }
 }
 
-fn restore_snapshot(rec: &mut Recovering, s: EngineSnapshot, policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>) {
+fn restore_snapshot(
+    rec: &mut Recovering,
+    s: EngineSnapshot,
+    policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>,
+) {
     rec.ledger = Some(Ledger::restore(s.ledger));
     rec.shards.clear();
     for mut shard in s.shards {
@@ -742,10 +794,15 @@ fn restore_snapshot(rec: &mut Recovering, s: EngineSnapshot, policies: &FxHashMa
     rec.directory = s.directory.into_iter().map(|(t, p)| ((t, p.id.clone()), p)).collect();
     rec.lead_index = s.lead_index.into_iter().map(|(t, l, z, c)| ((t, l), (z, c))).collect();
     rec.hub_next = s.hub_next_seq.into_iter().collect();
+    rec.hub_buffer = s.hub_buffer.into_iter().collect();
     rec.hub_events.clear();
 }
 
-fn replay_record(rec: &mut Recovering, r: WalRecord, policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>) {
+fn replay_record(
+    rec: &mut Recovering,
+    r: WalRecord,
+    policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>,
+) {
     let ledger = rec.ledger.as_ref().expect("set before replay");
     match r {
         WalRecord::Shard { key, events, money } => {
@@ -753,13 +810,16 @@ fn replay_record(rec: &mut Recovering, r: WalRecord, policies: &FxHashMap<Tenant
                 tracing::warn!(tenant = %key.tenant, "WAL record of a tenant that is no longer configured; skipped");
                 return;
             };
-            let shard = rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
+            let shard =
+                rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
             let stream = rec.hub_events.entry(key.tenant.clone()).or_default();
             for ev in &events {
                 match ev {
                     Event::LeadAccepted { lead, .. } => {
-                        rec.lead_index
-                            .insert((key.tenant.clone(), lead.id.clone()), (key.zone.clone(), key.category.clone()));
+                        rec.lead_index.insert(
+                            (key.tenant.clone(), lead.id.clone()),
+                            (key.zone.clone(), key.category.clone()),
+                        );
                     }
                     Event::LeadForgotten { lead } => {
                         rec.lead_index.remove(&(key.tenant.clone(), lead.clone()));

@@ -46,7 +46,7 @@ pub fn execute(
     events: &mut [Event],
 ) -> Result<Vec<LedgerEvent>, Reject> {
     let mut facts = Vec::new();
-    let mut keep = |r: crate::ledger::Receipt, facts: &mut Vec<LedgerEvent>| {
+    let keep = |r: crate::ledger::Receipt, facts: &mut Vec<LedgerEvent>| {
         if !r.replayed {
             facts.push(r.event);
         }
@@ -66,7 +66,10 @@ pub fn execute(
                         }
                         Err(e) => {
                             tracing::error!(tenant = %tenant, pro_id = %g.pro, error = %e, "auto-buy spend failed");
-                            lost.push((g.pro.clone(), Skip::BudgetExhausted { available: 0, price: *credits }))
+                            lost.push((
+                                g.pro.clone(),
+                                Skip::BudgetExhausted { available: 0, price: *credits },
+                            ))
                         }
                     }
                 }
@@ -89,7 +92,9 @@ pub fn execute(
                     Err(LedgerError::InsufficientCredits { available, needed }) => {
                         return Err(Reject::InsufficientCredits { available, needed });
                     }
-                    Err(e) => return Err(Reject::InvalidField(crate::core::field_err("credits", e.to_string()))),
+                    Err(e) => {
+                        return Err(Reject::InvalidField(crate::core::field_err("credits", e.to_string())))
+                    }
                 }
             }
             Event::ClientReplied { lead, pro, capture: Some(c), .. } => {
@@ -104,7 +109,9 @@ pub fn execute(
                     let op = OpId::for_lead("release", lead, pro);
                     match ledger.release(op, tenant, pro, &OpId::new(&c.op)) {
                         Ok(r) => keep(r, &mut facts),
-                        Err(e) => tracing::error!(tenant = %tenant, pro_id = %pro, error = %e, "release failed"),
+                        Err(e) => {
+                            tracing::error!(tenant = %tenant, pro_id = %pro, error = %e, "release failed")
+                        }
                     }
                 }
             }
@@ -126,4 +133,3 @@ pub fn execute(
     }
     Ok(facts)
 }
-

@@ -38,18 +38,22 @@ pub fn decode(bytes: &[u8]) -> Result<WalRecord, rmp_serde::decode::Error> {
 /// event is applied (the lead is still there).
 pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>) {
     match ev {
-        Event::LeadAccepted { lead, price, at, release_at, expires_at, .. } => out.push(StreamEvent::LeadAccepted {
-            lead: lead.id.clone(),
-            zone: lead.zone.clone(),
-            category: lead.category.clone(),
-            price: *price,
-            release_at: *release_at,
-            expires_at: *expires_at,
+        Event::LeadAccepted { lead, price, at, release_at, expires_at, .. } => {
+            out.push(StreamEvent::LeadAccepted {
+                lead: lead.id.clone(),
+                zone: lead.zone.clone(),
+                category: lead.category.clone(),
+                price: *price,
+                release_at: *release_at,
+                expires_at: *expires_at,
+                at: *at,
+            })
+        }
+        Event::LeadRejected { lead, reason, at, .. } => out.push(StreamEvent::LeadRejected {
+            lead: lead.clone(),
+            reason: reason.as_str().into(),
             at: *at,
         }),
-        Event::LeadRejected { lead, reason, at, .. } => {
-            out.push(StreamEvent::LeadRejected { lead: lead.clone(), reason: reason.as_str().into(), at: *at })
-        }
         Event::Offered { lead, at, grants, .. } => {
             let Some(st) = shard.lead(lead) else { return };
             let summary = LeadSummary::of(&st.lead);
@@ -88,7 +92,9 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
         }
         Event::ProReplied { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Replied, *at)),
         Event::Completed { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Completed, *at)),
-        Event::LeadClosed { lead, at, .. } => out.push(StreamEvent::LeadClosed { lead: lead.clone(), at: *at }),
+        Event::LeadClosed { lead, at, .. } => {
+            out.push(StreamEvent::LeadClosed { lead: lead.clone(), at: *at })
+        }
         _ => {}
     }
 }
@@ -108,7 +114,9 @@ pub fn money_stream_events(money: &[LedgerEvent], out: &mut Vec<StreamEvent>) {
                     CreditFact::Captured { amount, .. } => ("captured", *amount, None),
                     CreditFact::Released { amount, .. } => ("released", *amount, None),
                     CreditFact::Charged { amount, .. } => ("charged", *amount, None),
-                    CreditFact::Refunded { amount, reason, .. } => ("refunded", *amount, Some(reason.code().into())),
+                    CreditFact::Refunded { amount, reason, .. } => {
+                        ("refunded", *amount, Some(reason.code().into()))
+                    }
                     CreditFact::TopupRuleSet { .. } => continue,
                 };
                 out.push(StreamEvent::Credits {

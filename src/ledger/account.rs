@@ -31,14 +31,9 @@ impl CreditRequest {
             (Self::Capture { hold }, CreditFact::Captured { hold: h, .. }) => hold == h,
             (Self::Release { hold }, CreditFact::Released { hold: h, .. }) => hold == h,
             (Self::Charge { amount }, CreditFact::Charged { amount: a, .. }) => amount == a,
-            (
-                Self::Refund { charge, reason },
-                CreditFact::Refunded {
-                    charge: c,
-                    reason: r,
-                    ..
-                },
-            ) => charge == c && reason == r,
+            (Self::Refund { charge, reason }, CreditFact::Refunded { charge: c, reason: r, .. }) => {
+                charge == c && reason == r
+            }
             (Self::SetTopupRule { rule }, CreditFact::TopupRuleSet { rule: r, .. }) => rule == r,
             _ => false,
         }
@@ -88,9 +83,7 @@ struct Settlement {
 }
 
 fn add(field: &'static str, balance: u64, amount: u64) -> Result<u64, LedgerError> {
-    balance
-        .checked_add(amount)
-        .ok_or(LedgerError::AmountOverflow { field, amount })
+    balance.checked_add(amount).ok_or(LedgerError::AmountOverflow { field, amount })
 }
 
 fn nonzero(amount: u64) -> Result<u64, LedgerError> {
@@ -111,19 +104,12 @@ impl Account {
     }
 
     /// Checks `request` against the current state without changing it.
-    pub(crate) fn decide(
-        &self,
-        op: &OpId,
-        request: &CreditRequest,
-    ) -> Result<Decision, LedgerError> {
+    pub(crate) fn decide(&self, op: &OpId, request: &CreditRequest) -> Result<Decision, LedgerError> {
         if let Some(fact) = self.ops.get(op) {
             return if request.answered_by(fact) {
                 Ok(Decision::Replay(fact.clone()))
             } else {
-                Err(LedgerError::OpConflict {
-                    op: op.clone(),
-                    existing: fact.kind(),
-                })
+                Err(LedgerError::OpConflict { op: op.clone(), existing: fact.kind() })
             };
         }
         let fact = match request {
@@ -137,59 +123,38 @@ impl Account {
                 let amount = nonzero(*amount)?;
                 self.debit(amount)?;
                 add("held", self.held, amount)?;
-                CreditFact::Held {
-                    amount,
-                    topup: self.topup_for_debit(amount),
-                }
+                CreditFact::Held { amount, topup: self.topup_for_debit(amount) }
             }
             CreditRequest::Charge { amount } => {
                 let amount = nonzero(*amount)?;
                 self.debit(amount)?;
                 add("captured", self.captured, amount)?;
-                CreditFact::Charged {
-                    amount,
-                    topup: self.topup_for_debit(amount),
-                }
+                CreditFact::Charged { amount, topup: self.topup_for_debit(amount) }
             }
             CreditRequest::Capture { hold } => {
                 let amount = self.open_hold(hold)?;
                 add("captured", self.captured, amount)?;
-                CreditFact::Captured {
-                    hold: hold.clone(),
-                    amount,
-                }
+                CreditFact::Captured { hold: hold.clone(), amount }
             }
             CreditRequest::Release { hold } => {
                 let amount = self.open_hold(hold)?;
                 add("available", self.available, amount)?;
-                CreditFact::Released {
-                    hold: hold.clone(),
-                    amount,
-                }
+                CreditFact::Released { hold: hold.clone(), amount }
             }
             CreditRequest::Refund { charge, reason } => {
                 let amount = self.refundable(charge)?;
                 add("available", self.available, amount)?;
                 add("refunded", self.refunded, amount)?;
-                CreditFact::Refunded {
-                    charge: charge.clone(),
-                    amount,
-                    reason: *reason,
-                }
+                CreditFact::Refunded { charge: charge.clone(), amount, reason: *reason }
             }
             CreditRequest::SetTopupRule { rule } => {
                 if let Some(rule) = rule {
-                    nonzero(rule.amount).map_err(|_| LedgerError::InvalidAmount {
-                        field: "topup_rule.amount",
-                    })?;
-                    nonzero(rule.threshold).map_err(|_| LedgerError::InvalidAmount {
-                        field: "topup_rule.threshold",
-                    })?;
+                    nonzero(rule.amount)
+                        .map_err(|_| LedgerError::InvalidAmount { field: "topup_rule.amount" })?;
+                    nonzero(rule.threshold)
+                        .map_err(|_| LedgerError::InvalidAmount { field: "topup_rule.threshold" })?;
                 }
-                CreditFact::TopupRuleSet {
-                    rule: *rule,
-                    version: self.topup_rule_version + 1,
-                }
+                CreditFact::TopupRuleSet { rule: *rule, version: self.topup_rule_version + 1 }
             }
         };
         Ok(Decision::New(fact))
@@ -197,10 +162,7 @@ impl Account {
 
     fn debit(&self, amount: u64) -> Result<(), LedgerError> {
         if self.available < amount {
-            return Err(LedgerError::InsufficientCredits {
-                available: self.available,
-                needed: amount,
-            });
+            return Err(LedgerError::InsufficientCredits { available: self.available, needed: amount });
         }
         Ok(())
     }
@@ -210,10 +172,8 @@ impl Account {
     fn topup_for_debit(&self, amount: u64) -> Option<TopupRequest> {
         let rule = self.topup_rule?;
         let after = self.available - amount; // debit() checked available >= amount
-        (after < rule.threshold && !self.topup_pending()).then_some(TopupRequest {
-            amount: rule.amount,
-            after_grants: self.grants_posted,
-        })
+        (after < rule.threshold && !self.topup_pending())
+            .then_some(TopupRequest { amount: rule.amount, after_grants: self.grants_posted })
     }
 
     /// The amount of an open hold, or why it cannot be settled.
@@ -222,10 +182,7 @@ impl Account {
             return Err(LedgerError::UnknownHold { hold: hold.clone() });
         };
         if let Some(s) = self.settled.get(hold) {
-            return Err(LedgerError::HoldAlreadySettled {
-                hold: hold.clone(),
-                by: s.by.clone(),
-            });
+            return Err(LedgerError::HoldAlreadySettled { hold: hold.clone(), by: s.by.clone() });
         }
         Ok(*amount)
     }
@@ -236,23 +193,14 @@ impl Account {
             Some(CreditFact::Charged { amount, .. }) => *amount,
             Some(CreditFact::Held { amount, .. }) => {
                 if !self.settled.get(charge).is_some_and(|s| s.captured) {
-                    return Err(LedgerError::HoldNotCaptured {
-                        hold: charge.clone(),
-                    });
+                    return Err(LedgerError::HoldNotCaptured { hold: charge.clone() });
                 }
                 *amount
             }
-            _ => {
-                return Err(LedgerError::UnknownCharge {
-                    charge: charge.clone(),
-                })
-            }
+            _ => return Err(LedgerError::UnknownCharge { charge: charge.clone() }),
         };
         if let Some(by) = self.refunds.get(charge) {
-            return Err(LedgerError::AlreadyRefunded {
-                op: charge.clone(),
-                by: by.clone(),
-            });
+            return Err(LedgerError::AlreadyRefunded { op: charge.clone(), by: by.clone() });
         }
         Ok(amount)
     }
@@ -280,15 +228,13 @@ impl Account {
             CreditFact::Granted { .. } => self.grants_posted += 1,
             CreditFact::Held { topup, .. } | CreditFact::Charged { topup, .. } => {
                 if let Some(t) = topup {
-                    self.topup_requested_after =
-                        self.topup_requested_after.max(Some(t.after_grants));
+                    self.topup_requested_after = self.topup_requested_after.max(Some(t.after_grants));
                 }
             }
             CreditFact::Captured { hold, .. } | CreditFact::Released { hold, .. } => {
                 let captured = matches!(fact, CreditFact::Captured { .. });
                 let by = op.clone();
-                self.settled
-                    .insert(hold.clone(), Settlement { by, captured });
+                self.settled.insert(hold.clone(), Settlement { by, captured });
             }
             CreditFact::Refunded { charge, .. } => {
                 self.refunds.insert(charge.clone(), op.clone());
@@ -309,8 +255,8 @@ impl Account {
     pub(crate) fn forget(&mut self, ops: &[OpId]) -> usize {
         let mut forgotten = 0;
         for op in ops {
-            let open_hold = matches!(self.ops.get(op), Some(CreditFact::Held { .. }))
-                && !self.settled.contains_key(op);
+            let open_hold =
+                matches!(self.ops.get(op), Some(CreditFact::Held { .. })) && !self.settled.contains_key(op);
             if open_hold {
                 continue;
             }
@@ -333,10 +279,7 @@ impl Account {
             ));
         }
         if self.refunded > self.captured {
-            return Err(format!(
-                "refunded {} > captured {}",
-                self.refunded, self.captured
-            ));
+            return Err(format!("refunded {} > captured {}", self.refunded, self.captured));
         }
         let open: u128 = self
             .ops

@@ -90,35 +90,22 @@ impl Budget {
             return if request.answered_by(fact) {
                 Ok(BudgetDecision::Replay(fact.clone()))
             } else {
-                Err(LedgerError::OpConflict {
-                    op: op.clone(),
-                    existing: fact.kind(),
-                })
+                Err(LedgerError::OpConflict { op: op.clone(), existing: fact.kind() })
             };
         }
-        let unknown = || LedgerError::UnknownBudget {
-            budget: budget.clone(),
-        };
+        let unknown = || LedgerError::UnknownBudget { budget: budget.clone() };
         let fact = match request {
             BudgetRequest::Set { weekly } => {
                 if *weekly == 0 {
-                    return Err(LedgerError::InvalidAmount {
-                        field: "weekly_budget",
-                    });
+                    return Err(LedgerError::InvalidAmount { field: "weekly_budget" });
                 }
-                BudgetFact::Set {
-                    weekly: *weekly,
-                    version: self.weekly_version + 1,
-                }
+                BudgetFact::Set { weekly: *weekly, version: self.weekly_version + 1 }
             }
             BudgetRequest::Recharge => {
                 if self.weekly_version == 0 {
                     return Err(unknown());
                 }
-                BudgetFact::Recharged {
-                    period: self.period + 1,
-                    to: self.weekly_budget,
-                }
+                BudgetFact::Recharged { period: self.period + 1, to: self.weekly_budget }
             }
             BudgetRequest::Spend { amount } => {
                 if self.weekly_version == 0 {
@@ -129,43 +116,24 @@ impl Budget {
                 }
                 let available = self.available();
                 if available < *amount {
-                    return Err(LedgerError::BudgetExhausted {
-                        available,
-                        needed: *amount,
-                    });
+                    return Err(LedgerError::BudgetExhausted { available, needed: *amount });
                 }
                 // spent can only outgrow base through spend/refund cycles; keep
                 // the counter exact rather than wrap.
                 self.current
                     .spent
                     .checked_add(*amount)
-                    .ok_or(LedgerError::AmountOverflow {
-                        field: "spent",
-                        amount: *amount,
-                    })?;
-                BudgetFact::Spent {
-                    period: self.period,
-                    amount: *amount,
-                }
+                    .ok_or(LedgerError::AmountOverflow { field: "spent", amount: *amount })?;
+                BudgetFact::Spent { period: self.period, amount: *amount }
             }
             BudgetRequest::Refund { spend } => {
                 let Some(&BudgetFact::Spent { period, amount }) = self.ops.get(spend) else {
-                    return Err(LedgerError::UnknownSpend {
-                        budget: budget.clone(),
-                        spend: spend.clone(),
-                    });
+                    return Err(LedgerError::UnknownSpend { budget: budget.clone(), spend: spend.clone() });
                 };
                 if let Some(by) = self.refunds.get(spend) {
-                    return Err(LedgerError::AlreadyRefunded {
-                        op: spend.clone(),
-                        by: by.clone(),
-                    });
+                    return Err(LedgerError::AlreadyRefunded { op: spend.clone(), by: by.clone() });
                 }
-                BudgetFact::Refunded {
-                    spend: spend.clone(),
-                    period,
-                    amount,
-                }
+                BudgetFact::Refunded { spend: spend.clone(), period, amount }
             }
         };
         Ok(BudgetDecision::New(fact))
@@ -198,11 +166,7 @@ impl Budget {
                     t.spent = t.spent.wrapping_add(*amount);
                 }
             }
-            BudgetFact::Refunded {
-                spend,
-                period,
-                amount,
-            } => {
+            BudgetFact::Refunded { spend, period, amount } => {
                 if let Some(t) = self.totals_mut(*period) {
                     t.refunded = t.refunded.wrapping_add(*amount);
                 }
@@ -241,11 +205,7 @@ impl Budget {
             return Err(format!("refunded {refunded} > spent {spent}"));
         }
         if spent - refunded > self.base {
-            return Err(format!(
-                "net spend {} exceeds the period's budget {}",
-                spent - refunded,
-                self.base
-            ));
+            return Err(format!("net spend {} exceeds the period's budget {}", spent - refunded, self.base));
         }
         if !self.early.is_empty() {
             return Err(format!(

@@ -100,8 +100,8 @@ mod tests;
 
 pub use error::{InvariantViolation, LedgerError};
 pub use types::{
-    BudgetFact, BudgetName, CreditDeltas, CreditFact, LedgerEvent, OpId, RefundReason,
-    TopupRequest, TopupRule,
+    BudgetFact, BudgetName, CreditDeltas, CreditFact, LedgerEvent, OpId, RefundReason, TopupRequest,
+    TopupRule,
 };
 
 use crate::ids::{ProId, TenantId};
@@ -308,9 +308,7 @@ impl Ledger {
         budget: &BudgetName,
         spend: &OpId,
     ) -> Result<Receipt, LedgerError> {
-        let request = BudgetRequest::Refund {
-            spend: spend.clone(),
-        };
+        let request = BudgetRequest::Refund { spend: spend.clone() };
         self.budget_op(op, tenant, pro, budget, request, false)
     }
 
@@ -318,22 +316,11 @@ impl Ledger {
     /// idempotent and order-independent: see the module docs.
     pub fn apply(&self, event: &LedgerEvent) {
         match event {
-            LedgerEvent::Credit {
-                op,
-                tenant,
-                pro,
-                fact,
-            } => {
+            LedgerEvent::Credit { op, tenant, pro, fact } => {
                 let account = self.account_or_create(tenant, pro);
                 account.lock().apply(op, fact);
             }
-            LedgerEvent::Budget {
-                op,
-                tenant,
-                pro,
-                budget,
-                fact,
-            } => {
+            LedgerEvent::Budget { op, tenant, pro, budget, fact } => {
                 let b = self.budget_or_create(tenant, pro, budget);
                 b.lock().apply(op, fact);
             }
@@ -358,12 +345,7 @@ impl Ledger {
     }
 
     /// The state of an auto-buy budget, if it was ever set.
-    pub fn budget(
-        &self,
-        tenant: &TenantId,
-        pro: &ProId,
-        budget: &BudgetName,
-    ) -> Option<BudgetBalance> {
+    pub fn budget(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName) -> Option<BudgetBalance> {
         let key = (tenant.clone(), pro.clone(), budget.clone());
         let b = self.budgets.get(&key).map(|e| Arc::clone(e.value()))?;
         let b = b.lock();
@@ -380,8 +362,7 @@ impl Ledger {
     /// an event). Returns how many were dropped; open holds are kept. See the
     /// module docs for when this is safe.
     pub fn forget(&self, tenant: &TenantId, pro: &ProId, ops: &[OpId]) -> usize {
-        self.account(tenant, pro)
-            .map_or(0, |account| account.lock().forget(ops))
+        self.account(tenant, pro).map_or(0, |account| account.lock().forget(ops))
     }
 
     /// Like [`Ledger::forget`], for the ops of one budget.
@@ -405,20 +386,16 @@ impl Ledger {
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
         let LedgerSnapshot { accounts, budgets } = self.snapshot();
         for (tenant, pro, account) in accounts {
-            account
-                .check_invariants()
-                .map_err(|detail| InvariantViolation {
-                    account: format!("credits {tenant}/{pro}"),
-                    detail,
-                })?;
+            account.check_invariants().map_err(|detail| InvariantViolation {
+                account: format!("credits {tenant}/{pro}"),
+                detail,
+            })?;
         }
         for (tenant, pro, name, budget) in budgets {
-            budget
-                .check_invariants()
-                .map_err(|detail| InvariantViolation {
-                    account: format!("budget {tenant}/{pro}/{name}"),
-                    detail,
-                })?;
+            budget.check_invariants().map_err(|detail| InvariantViolation {
+                account: format!("budget {tenant}/{pro}/{name}"),
+                detail,
+            })?;
         }
         Ok(())
     }
@@ -427,25 +404,14 @@ impl Ledger {
     /// operations running meanwhile may or may not be included, which replay
     /// tolerates because `apply` skips op ids the snapshot already holds.
     pub fn snapshot(&self) -> LedgerSnapshot {
-        let accounts = self
-            .accounts
-            .iter()
-            .map(|e| (e.key().clone(), Arc::clone(e.value())))
-            .collect::<Vec<_>>();
-        let mut accounts: Vec<_> = accounts
-            .into_iter()
-            .map(|((t, p), a)| (t, p, a.lock().clone()))
-            .collect();
+        let accounts =
+            self.accounts.iter().map(|e| (e.key().clone(), Arc::clone(e.value()))).collect::<Vec<_>>();
+        let mut accounts: Vec<_> = accounts.into_iter().map(|((t, p), a)| (t, p, a.lock().clone())).collect();
         accounts.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        let budgets = self
-            .budgets
-            .iter()
-            .map(|e| (e.key().clone(), Arc::clone(e.value())))
-            .collect::<Vec<_>>();
-        let mut budgets: Vec<_> = budgets
-            .into_iter()
-            .map(|((t, p, n), b)| (t, p, n, b.lock().clone()))
-            .collect();
+        let budgets =
+            self.budgets.iter().map(|e| (e.key().clone(), Arc::clone(e.value()))).collect::<Vec<_>>();
+        let mut budgets: Vec<_> =
+            budgets.into_iter().map(|((t, p, n), b)| (t, p, n, b.lock().clone())).collect();
         budgets.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
         LedgerSnapshot { accounts, budgets }
     }
@@ -477,12 +443,7 @@ impl Ledger {
         Arc::clone(self.accounts.entry(key).or_default().value())
     }
 
-    fn budget_or_create(
-        &self,
-        tenant: &TenantId,
-        pro: &ProId,
-        budget: &BudgetName,
-    ) -> Arc<Mutex<Budget>> {
+    fn budget_or_create(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName) -> Arc<Mutex<Budget>> {
         let key = (tenant.clone(), pro.clone(), budget.clone());
         if let Some(b) = self.budgets.get(&key) {
             return Arc::clone(b.value());
@@ -525,12 +486,7 @@ impl Ledger {
         drop(account);
         let topup_requested = fact.topup_requested();
         Ok(Receipt {
-            event: LedgerEvent::Credit {
-                op,
-                tenant: tenant.clone(),
-                pro: pro.clone(),
-                fact,
-            },
+            event: LedgerEvent::Credit { op, tenant: tenant.clone(), pro: pro.clone(), fact },
             replayed,
             topup_requested,
         })
@@ -554,11 +510,7 @@ impl Ledger {
                 Budget::default().decide(budget, &op, &request)?;
                 Arc::clone(self.budgets.entry(key).or_default().value())
             }
-            None => {
-                return Err(LedgerError::UnknownBudget {
-                    budget: budget.clone(),
-                })
-            }
+            None => return Err(LedgerError::UnknownBudget { budget: budget.clone() }),
         };
         let mut b = b.lock();
         let (fact, replayed) = match b.decide(budget, &op, &request)? {

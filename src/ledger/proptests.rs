@@ -149,17 +149,11 @@ impl Run {
             Step::Refund { pro, target } => {
                 l.refund(op, &t, &pro_id(pro), &tgt(target), RefundReason::NotViewed)
             }
-            Step::SetRule {
-                pro,
-                threshold,
-                amount,
-            } => {
+            Step::SetRule { pro, threshold, amount } => {
                 let rule = TopupRule { threshold, amount };
                 l.set_topup_rule(op, &t, &pro_id(pro), Some(rule))
             }
-            Step::SetBudget { pro, weekly } => {
-                l.set_budget(op, &t, &pro_id(pro), &budget(), weekly)
-            }
+            Step::SetBudget { pro, weekly } => l.set_budget(op, &t, &pro_id(pro), &budget(), weekly),
             Step::Recharge { pro } => l.recharge(op, &t, &pro_id(pro), &budget()),
             Step::Spend { pro, amount } => l.spend(op, &t, &pro_id(pro), &budget(), amount),
             Step::RefundSpend { pro, target } => {
@@ -232,11 +226,7 @@ impl Run {
                 m.refunded += amount;
                 true
             }
-            Step::SetRule {
-                pro,
-                threshold,
-                amount,
-            } => {
+            Step::SetRule { pro, threshold, amount } => {
                 self.model[pro].rule = Some((threshold, amount));
                 true
             }
@@ -279,9 +269,7 @@ impl Run {
     }
 
     fn check_against_model(&self) -> Result<(), TestCaseError> {
-        self.ledger
-            .check_invariants()
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.ledger.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
         for (i, m) in self.model.iter().enumerate() {
             let b = self.ledger.balance(&tenant(), &pro_id(i));
             prop_assert_eq!(
@@ -315,22 +303,10 @@ impl Run {
 fn resolve(step: Step, len: usize) -> Step {
     let abs = |t: usize| if len == 0 { t } else { t % len };
     match step {
-        Step::Capture { pro, target } => Step::Capture {
-            pro,
-            target: abs(target),
-        },
-        Step::Release { pro, target } => Step::Release {
-            pro,
-            target: abs(target),
-        },
-        Step::Refund { pro, target } => Step::Refund {
-            pro,
-            target: abs(target),
-        },
-        Step::RefundSpend { pro, target } => Step::RefundSpend {
-            pro,
-            target: abs(target),
-        },
+        Step::Capture { pro, target } => Step::Capture { pro, target: abs(target) },
+        Step::Release { pro, target } => Step::Release { pro, target: abs(target) },
+        Step::Refund { pro, target } => Step::Refund { pro, target: abs(target) },
+        Step::RefundSpend { pro, target } => Step::RefundSpend { pro, target: abs(target) },
         other => other,
     }
 }
@@ -364,13 +340,9 @@ fn run(steps: Vec<Step>, seed: u64) -> Result<(), TestCaseError> {
                 let (original, ok) = r.history[j].clone();
                 if ok {
                     let again = r.exec(op_of(j), &original);
-                    let again =
-                        again.map_err(|e| TestCaseError::fail(format!("replay of op{j}: {e}")))?;
+                    let again = again.map_err(|e| TestCaseError::fail(format!("replay of op{j}: {e}")))?;
                     prop_assert!(again.replayed);
-                    prop_assert!(
-                        r.events.contains(&again.event),
-                        "replay returns the original event"
-                    );
+                    prop_assert!(r.events.contains(&again.event), "replay returns the original event");
                     prop_assert_eq!(r.ledger.snapshot(), before, "a replay changes nothing");
                 }
                 r.history.push((Step::Replay { target }, false));
@@ -390,15 +362,9 @@ fn run(steps: Vec<Step>, seed: u64) -> Result<(), TestCaseError> {
                 };
                 if let (true, Some(pro)) = (ok, pro) {
                     // A grant never equals any of the above with amount 10^9.
-                    let other = Step::Grant {
-                        pro,
-                        amount: 1_000_000_000,
-                    };
+                    let other = Step::Grant { pro, amount: 1_000_000_000 };
                     let got = r.exec(op_of(j), &other);
-                    prop_assert!(
-                        matches!(got, Err(LedgerError::OpConflict { .. })),
-                        "{got:?}"
-                    );
+                    prop_assert!(matches!(got, Err(LedgerError::OpConflict { .. })), "{got:?}");
                     prop_assert_eq!(r.ledger.snapshot(), before);
                 }
                 r.history.push((Step::Conflict { target }, false));
@@ -418,11 +384,7 @@ fn run(steps: Vec<Step>, seed: u64) -> Result<(), TestCaseError> {
                     }
                     Err(e) => {
                         prop_assert!(!expected, "ledger refused {step:?}: {e}");
-                        prop_assert_eq!(
-                            r.ledger.snapshot(),
-                            before,
-                            "a refused op changes nothing"
-                        );
+                        prop_assert_eq!(r.ledger.snapshot(), before, "a refused op changes nothing");
                     }
                 }
                 r.history.push((step, got.is_ok()));
@@ -438,9 +400,7 @@ fn run(steps: Vec<Step>, seed: u64) -> Result<(), TestCaseError> {
         replica.apply(&r.events[i]);
     }
     prop_assert_eq!(replica.snapshot(), r.ledger.snapshot());
-    replica
-        .check_invariants()
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    replica.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
     // And a snapshot restores to the same state.
     let restored = Ledger::restore(r.ledger.snapshot());
     prop_assert_eq!(restored.snapshot(), r.ledger.snapshot());

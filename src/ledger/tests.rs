@@ -26,11 +26,7 @@ fn funded(credits: u64) -> Ledger {
 }
 
 /// Runs `f`, asserts it fails with `expected` and that nothing changed.
-fn refused(
-    l: &Ledger,
-    expected: LedgerError,
-    f: impl FnOnce(&Ledger) -> Result<Receipt, LedgerError>,
-) {
+fn refused(l: &Ledger, expected: LedgerError, f: impl FnOnce(&Ledger) -> Result<Receipt, LedgerError>) {
     let before = l.snapshot();
     assert_eq!(f(l), Err(expected));
     assert_eq!(l.snapshot(), before, "a refused op must change nothing");
@@ -51,12 +47,7 @@ fn grant_posts_credits_and_creates_the_account() {
     assert_eq!(r.topup_requested, None);
     assert_eq!(
         r.event,
-        LedgerEvent::Credit {
-            op: op("g1"),
-            tenant: t(),
-            pro: p(),
-            fact: CreditFact::Granted { amount: 50 }
-        }
+        LedgerEvent::Credit { op: op("g1"), tenant: t(), pro: p(), fact: CreditFact::Granted { amount: 50 } }
     );
     assert_eq!(bal(&l), (50, 0, 0, 0, 50));
     l.check_invariants().unwrap();
@@ -77,22 +68,12 @@ fn r9_charge_takes_the_price_at_response() {
 #[test]
 fn r9_insufficient_credits_changes_nothing() {
     let l = funded(5);
-    refused(
-        &l,
-        LedgerError::InsufficientCredits {
-            available: 5,
-            needed: 6,
-        },
-        |l| l.charge(op("c"), &t(), &p(), 6),
-    );
-    refused(
-        &l,
-        LedgerError::InsufficientCredits {
-            available: 5,
-            needed: 6,
-        },
-        |l| l.hold(op("h"), &t(), &p(), 6),
-    );
+    refused(&l, LedgerError::InsufficientCredits { available: 5, needed: 6 }, |l| {
+        l.charge(op("c"), &t(), &p(), 6)
+    });
+    refused(&l, LedgerError::InsufficientCredits { available: 5, needed: 6 }, |l| {
+        l.hold(op("h"), &t(), &p(), 6)
+    });
     // The refused op id is not burnt: it works once credits are there.
     l.grant(op("g2"), &t(), &p(), 1).unwrap();
     l.charge(op("c"), &t(), &p(), 6).unwrap();
@@ -102,14 +83,9 @@ fn r9_insufficient_credits_changes_nothing() {
 #[test]
 fn r9_unknown_pro_cannot_pay_and_is_not_created() {
     let l = Ledger::new();
-    refused(
-        &l,
-        LedgerError::InsufficientCredits {
-            available: 0,
-            needed: 3,
-        },
-        |l| l.charge(op("c"), &t(), &p(), 3),
-    );
+    refused(&l, LedgerError::InsufficientCredits { available: 0, needed: 3 }, |l| {
+        l.charge(op("c"), &t(), &p(), 3)
+    });
     assert_eq!(l.snapshot(), LedgerSnapshot::default());
 }
 
@@ -119,16 +95,8 @@ fn r9_chat_only_hold_is_captured_when_the_client_replies() {
     l.hold(op("hold:l1"), &t(), &p(), 4).unwrap();
     assert_eq!(bal(&l), (6, 4, 0, 0, 10));
     l.check_invariants().unwrap();
-    let r = l
-        .capture(op("capture:l1"), &t(), &p(), &op("hold:l1"))
-        .unwrap();
-    assert!(matches!(
-        r.event,
-        LedgerEvent::Credit {
-            fact: CreditFact::Captured { amount: 4, .. },
-            ..
-        }
-    ));
+    let r = l.capture(op("capture:l1"), &t(), &p(), &op("hold:l1")).unwrap();
+    assert!(matches!(r.event, LedgerEvent::Credit { fact: CreditFact::Captured { amount: 4, .. }, .. }));
     assert_eq!(bal(&l), (6, 0, 4, 0, 10));
     l.check_invariants().unwrap();
 }
@@ -137,8 +105,7 @@ fn r9_chat_only_hold_is_captured_when_the_client_replies() {
 fn r9_chat_only_hold_is_released_when_the_lead_closes_without_reply() {
     let l = funded(10);
     l.hold(op("hold:l1"), &t(), &p(), 4).unwrap();
-    l.release(op("release:l1"), &t(), &p(), &op("hold:l1"))
-        .unwrap();
+    l.release(op("release:l1"), &t(), &p(), &op("hold:l1")).unwrap();
     assert_eq!(bal(&l), (10, 0, 0, 0, 10));
     l.check_invariants().unwrap();
 }
@@ -148,13 +115,8 @@ fn a_hold_is_settled_once() {
     let l = funded(10);
     l.hold(op("h"), &t(), &p(), 4).unwrap();
     l.capture(op("cap"), &t(), &p(), &op("h")).unwrap();
-    let settled = LedgerError::HoldAlreadySettled {
-        hold: op("h"),
-        by: op("cap"),
-    };
-    refused(&l, settled.clone(), |l| {
-        l.release(op("rel"), &t(), &p(), &op("h"))
-    });
+    let settled = LedgerError::HoldAlreadySettled { hold: op("h"), by: op("cap") };
+    refused(&l, settled.clone(), |l| l.release(op("rel"), &t(), &p(), &op("h")));
     refused(&l, settled, |l| l.capture(op("cap2"), &t(), &p(), &op("h")));
 }
 
@@ -163,21 +125,13 @@ fn unknown_hold_is_refused() {
     let l = funded(10);
     l.charge(op("c"), &t(), &p(), 2).unwrap();
     let unknown = |h: &str| LedgerError::UnknownHold { hold: op(h) };
-    refused(&l, unknown("nope"), |l| {
-        l.capture(op("x"), &t(), &p(), &op("nope"))
-    });
-    refused(&l, unknown("nope"), |l| {
-        l.release(op("x"), &t(), &p(), &op("nope"))
-    });
+    refused(&l, unknown("nope"), |l| l.capture(op("x"), &t(), &p(), &op("nope")));
+    refused(&l, unknown("nope"), |l| l.release(op("x"), &t(), &p(), &op("nope")));
     // A charge is not a hold.
-    refused(&l, unknown("c"), |l| {
-        l.capture(op("x"), &t(), &p(), &op("c"))
-    });
+    refused(&l, unknown("c"), |l| l.capture(op("x"), &t(), &p(), &op("c")));
     // Nor on an account that does not exist.
     let empty = Ledger::new();
-    refused(&empty, unknown("h"), |l| {
-        l.capture(op("x"), &t(), &p(), &op("h"))
-    });
+    refused(&empty, unknown("h"), |l| l.capture(op("x"), &t(), &p(), &op("h")));
     assert_eq!(empty.snapshot(), LedgerSnapshot::default());
 }
 
@@ -185,23 +139,11 @@ fn unknown_hold_is_refused() {
 fn r12_refund_gives_the_full_charge_back() {
     let l = funded(10);
     l.charge(op("c"), &t(), &p(), 7).unwrap();
-    let r = l
-        .refund(
-            op("refund:c"),
-            &t(),
-            &p(),
-            &op("c"),
-            RefundReason::NotViewed,
-        )
-        .unwrap();
+    let r = l.refund(op("refund:c"), &t(), &p(), &op("c"), RefundReason::NotViewed).unwrap();
     assert!(matches!(
         r.event,
         LedgerEvent::Credit {
-            fact: CreditFact::Refunded {
-                amount: 7,
-                reason: RefundReason::NotViewed,
-                ..
-            },
+            fact: CreditFact::Refunded { amount: 7, reason: RefundReason::NotViewed, .. },
             ..
         }
     ));
@@ -213,18 +155,12 @@ fn r12_refund_gives_the_full_charge_back() {
 fn r12_refund_happens_at_most_once() {
     let l = funded(10);
     l.charge(op("c"), &t(), &p(), 7).unwrap();
-    l.refund(op("r1"), &t(), &p(), &op("c"), RefundReason::NotViewed)
-        .unwrap();
+    l.refund(op("r1"), &t(), &p(), &op("c"), RefundReason::NotViewed).unwrap();
     // A second refund under another op id (e.g. a second guarantee timer, or
     // an invalid-contact report after the not-viewed refund) is refused.
-    refused(
-        &l,
-        LedgerError::AlreadyRefunded {
-            op: op("c"),
-            by: op("r1"),
-        },
-        |l| l.refund(op("r2"), &t(), &p(), &op("c"), RefundReason::InvalidContact),
-    );
+    refused(&l, LedgerError::AlreadyRefunded { op: op("c"), by: op("r1") }, |l| {
+        l.refund(op("r2"), &t(), &p(), &op("c"), RefundReason::InvalidContact)
+    });
     assert_eq!(bal(&l).3, 7, "never more than the charge");
 }
 
@@ -241,8 +177,7 @@ fn r12_r23_captured_hold_is_refundable_open_or_released_is_not() {
     });
     l.hold(op("h2"), &t(), &p(), 3).unwrap();
     l.capture(op("cap2"), &t(), &p(), &op("h2")).unwrap();
-    l.refund(op("r"), &t(), &p(), &op("h2"), RefundReason::InvalidContact)
-        .unwrap();
+    l.refund(op("r"), &t(), &p(), &op("h2"), RefundReason::InvalidContact).unwrap();
     assert_eq!(bal(&l), (10, 0, 3, 3, 10));
     l.check_invariants().unwrap();
 }
@@ -254,13 +189,9 @@ fn r12_refund_of_unknown_charge_is_refused() {
         l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::Platform)
     });
     // A grant or a refund is not a charge either.
-    refused(
-        &l,
-        LedgerError::UnknownCharge {
-            charge: op("grant:0"),
-        },
-        |l| l.refund(op("r"), &t(), &p(), &op("grant:0"), RefundReason::Platform),
-    );
+    refused(&l, LedgerError::UnknownCharge { charge: op("grant:0") }, |l| {
+        l.refund(op("r"), &t(), &p(), &op("grant:0"), RefundReason::Platform)
+    });
 }
 
 #[test]
@@ -272,11 +203,7 @@ fn zero_amounts_are_invalid() {
     refused(&l, zero.clone(), |l| l.charge(op("c"), &t(), &p(), 0));
     let empty = Ledger::new();
     refused(&empty, zero, |l| l.charge(op("c"), &t(), &p(), 0));
-    refused(
-        &empty,
-        LedgerError::InvalidAmount { field: "amount" },
-        |l| l.grant(op("g"), &t(), &p(), 0),
-    );
+    refused(&empty, LedgerError::InvalidAmount { field: "amount" }, |l| l.grant(op("g"), &t(), &p(), 0));
 }
 
 #[test]
@@ -287,41 +214,24 @@ fn unusable_op_ids_are_refused() {
     assert_eq!(e.to_string(), "invalid op id: op_id: must not be empty");
     refused(&l, e, |l| l.charge(op(""), &t(), &p(), 1));
     let long = "x".repeat(129);
-    assert!(matches!(
-        l.spend(op(&long), &t(), &p(), &b(), 1),
-        Err(LedgerError::InvalidOpId(_))
-    ));
-    assert!(matches!(
-        l.grant(op("a\nb"), &t(), &p(), 1),
-        Err(LedgerError::InvalidOpId(_))
-    ));
+    assert!(matches!(l.spend(op(&long), &t(), &p(), &b(), 1), Err(LedgerError::InvalidOpId(_))));
+    assert!(matches!(l.grant(op("a\nb"), &t(), &p(), 1), Err(LedgerError::InvalidOpId(_))));
 }
 
 #[test]
 fn overflowing_amounts_are_refused() {
     let l = funded(u64::MAX - 1);
-    refused(
-        &l,
-        LedgerError::AmountOverflow {
-            field: "available",
-            amount: 2,
-        },
-        |l| l.grant(op("g"), &t(), &p(), 2),
-    );
+    refused(&l, LedgerError::AmountOverflow { field: "available", amount: 2 }, |l| {
+        l.grant(op("g"), &t(), &p(), 2)
+    });
     l.grant(op("g"), &t(), &p(), 1).unwrap();
     assert_eq!(bal(&l).0, u64::MAX);
     // captured at u64::MAX, then a refund and a new charge would overflow captured.
     l.charge(op("c"), &t(), &p(), u64::MAX).unwrap();
-    l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::Platform)
-        .unwrap();
-    refused(
-        &l,
-        LedgerError::AmountOverflow {
-            field: "captured",
-            amount: 1,
-        },
-        |l| l.charge(op("c2"), &t(), &p(), 1),
-    );
+    l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::Platform).unwrap();
+    refused(&l, LedgerError::AmountOverflow { field: "captured", amount: 1 }, |l| {
+        l.charge(op("c2"), &t(), &p(), 1)
+    });
 }
 
 #[test]
@@ -332,10 +242,7 @@ fn replaying_each_op_returns_the_original_and_changes_nothing() {
     let ops: Vec<Op> = vec![
         Box::new(|l| l.grant(op("g"), &t(), &p(), 5)),
         Box::new(|l| {
-            let rule = TopupRule {
-                threshold: 10,
-                amount: 50,
-            };
+            let rule = TopupRule { threshold: 10, amount: 50 };
             l.set_topup_rule(op("rule"), &t(), &p(), Some(rule))
         }),
         Box::new(|l| l.hold(op("h"), &t(), &p(), 3)),
@@ -351,11 +258,7 @@ fn replaying_each_op_returns_the_original_and_changes_nothing() {
         firsts.push(first);
         l.check_invariants().unwrap();
     }
-    assert_eq!(
-        firsts[6].topup_requested,
-        Some(50),
-        "the charge crossed the threshold"
-    );
+    assert_eq!(firsts[6].topup_requested, Some(50), "the charge crossed the threshold");
     let state = l.snapshot();
     for (f, first) in ops.iter().zip(&firsts) {
         let again = f(&l).unwrap();
@@ -370,23 +273,14 @@ fn replaying_each_op_returns_the_original_and_changes_nothing() {
 fn reusing_an_op_id_with_other_parameters_is_a_conflict() {
     let l = funded(20);
     l.charge(op("c"), &t(), &p(), 5).unwrap();
-    let conflict = |existing| LedgerError::OpConflict {
-        op: op("c"),
-        existing,
-    };
+    let conflict = |existing| LedgerError::OpConflict { op: op("c"), existing };
     refused(&l, conflict("charge"), |l| l.charge(op("c"), &t(), &p(), 6));
     refused(&l, conflict("charge"), |l| l.hold(op("c"), &t(), &p(), 5));
     refused(&l, conflict("charge"), |l| l.grant(op("c"), &t(), &p(), 5));
-    l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::NotViewed)
-        .unwrap();
-    refused(
-        &l,
-        LedgerError::OpConflict {
-            op: op("r"),
-            existing: "refund",
-        },
-        |l| l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::Platform),
-    );
+    l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::NotViewed).unwrap();
+    refused(&l, LedgerError::OpConflict { op: op("r"), existing: "refund" }, |l| {
+        l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::Platform)
+    });
 }
 
 #[test]
@@ -401,99 +295,57 @@ fn op_ids_are_scoped_per_account() {
 #[test]
 fn r10_topup_requested_once_until_credits_posted() {
     let l = funded(100);
-    let rule = TopupRule {
-        threshold: 20,
-        amount: 80,
-    };
-    let r = l
-        .set_topup_rule(op("rule"), &t(), &p(), Some(rule))
-        .unwrap();
+    let rule = TopupRule { threshold: 20, amount: 80 };
+    let r = l.set_topup_rule(op("rule"), &t(), &p(), Some(rule)).unwrap();
     assert_eq!(r.topup_requested, None);
     // 100 -> 30: above the threshold.
-    assert_eq!(
-        l.charge(op("c1"), &t(), &p(), 70).unwrap().topup_requested,
-        None
-    );
+    assert_eq!(l.charge(op("c1"), &t(), &p(), 70).unwrap().topup_requested, None);
     // 30 -> 19: falls below: one request.
-    assert_eq!(
-        l.hold(op("h1"), &t(), &p(), 11).unwrap().topup_requested,
-        Some(80)
-    );
+    assert_eq!(l.hold(op("h1"), &t(), &p(), 11).unwrap().topup_requested, Some(80));
     assert!(l.balance(&t(), &p()).topup_pending);
     // Still below: not repeated.
-    assert_eq!(
-        l.charge(op("c2"), &t(), &p(), 5).unwrap().topup_requested,
-        None
-    );
-    assert_eq!(
-        l.charge(op("c3"), &t(), &p(), 5).unwrap().topup_requested,
-        None
-    );
+    assert_eq!(l.charge(op("c2"), &t(), &p(), 5).unwrap().topup_requested, None);
+    assert_eq!(l.charge(op("c3"), &t(), &p(), 5).unwrap().topup_requested, None);
     // A release raises the balance but posts nothing: still pending.
     l.release(op("rel1"), &t(), &p(), &op("h1")).unwrap();
-    assert_eq!(
-        l.charge(op("c4"), &t(), &p(), 1).unwrap().topup_requested,
-        None
-    );
+    assert_eq!(l.charge(op("c4"), &t(), &p(), 1).unwrap().topup_requested, None);
     // The platform posts the credits: the flag clears.
     l.grant(op("topup-1"), &t(), &p(), 80).unwrap();
     assert!(!l.balance(&t(), &p()).topup_pending);
     assert_eq!(bal(&l).0, 99);
-    assert_eq!(
-        l.charge(op("c5"), &t(), &p(), 79).unwrap().topup_requested,
-        None
-    );
-    assert_eq!(
-        l.charge(op("c6"), &t(), &p(), 1).unwrap().topup_requested,
-        Some(80)
-    );
+    assert_eq!(l.charge(op("c5"), &t(), &p(), 79).unwrap().topup_requested, None);
+    assert_eq!(l.charge(op("c6"), &t(), &p(), 1).unwrap().topup_requested, Some(80));
     l.check_invariants().unwrap();
     // Removing the rule stops requests.
     l.grant(op("topup-2"), &t(), &p(), 1).unwrap();
     l.set_topup_rule(op("rule-off"), &t(), &p(), None).unwrap();
-    assert_eq!(
-        l.charge(op("c7"), &t(), &p(), 15).unwrap().topup_requested,
-        None
-    );
+    assert_eq!(l.charge(op("c7"), &t(), &p(), 15).unwrap().topup_requested, None);
 }
 
 #[test]
 fn r10_topup_rule_must_be_positive() {
     let l = Ledger::new();
-    let rule = TopupRule {
-        threshold: 5,
-        amount: 0,
-    };
-    refused(
-        &l,
-        LedgerError::InvalidAmount {
-            field: "topup_rule.amount",
-        },
-        |l| l.set_topup_rule(op("rule"), &t(), &p(), Some(rule)),
-    );
+    let rule = TopupRule { threshold: 5, amount: 0 };
+    refused(&l, LedgerError::InvalidAmount { field: "topup_rule.amount" }, |l| {
+        l.set_topup_rule(op("rule"), &t(), &p(), Some(rule))
+    });
 }
 
 #[test]
 fn forget_drops_closed_ops_but_keeps_open_holds() {
     let l = funded(10);
     l.charge(op("c"), &t(), &p(), 2).unwrap();
-    l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::NotViewed)
-        .unwrap();
+    l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::NotViewed).unwrap();
     l.hold(op("h"), &t(), &p(), 3).unwrap();
     l.hold(op("h2"), &t(), &p(), 1).unwrap();
     l.capture(op("cap2"), &t(), &p(), &op("h2")).unwrap();
-    let n = l.forget(
-        &t(),
-        &p(),
-        &[op("c"), op("r"), op("h"), op("cap2"), op("missing")],
-    );
+    let n = l.forget(&t(), &p(), &[op("c"), op("r"), op("h"), op("cap2"), op("missing")]);
     assert_eq!(n, 3, "the open hold is kept");
     l.check_invariants().unwrap();
     // The open hold can still be settled.
     l.release(op("rel"), &t(), &p(), &op("h")).unwrap();
     // The captured hold whose capture op was forgotten is still refundable once.
-    l.refund(op("r2"), &t(), &p(), &op("h2"), RefundReason::Platform)
-        .unwrap();
+    l.refund(op("r2"), &t(), &p(), &op("h2"), RefundReason::Platform).unwrap();
     // A forgotten charge is unknown now (its refund window is over).
     refused(&l, LedgerError::UnknownCharge { charge: op("c") }, |l| {
         l.refund(op("r3"), &t(), &p(), &op("c"), RefundReason::Platform)
@@ -517,21 +369,13 @@ fn snapshot_restores_the_same_state() {
     restored.check_invariants().unwrap();
     // Idempotency survives the restore.
     assert!(restored.charge(op("c"), &t(), &p(), 2).unwrap().replayed);
-    assert!(
-        restored
-            .spend(op("sp"), &t(), &p(), &b(), 4)
-            .unwrap()
-            .replayed
-    );
+    assert!(restored.spend(op("sp"), &t(), &p(), &b(), 4).unwrap().replayed);
 }
 
 #[test]
 fn events_round_trip_through_messagepack_and_json() {
     let l = funded(10);
-    let e = l
-        .charge(op("charge:l1:pro-1"), &t(), &p(), 3)
-        .unwrap()
-        .event;
+    let e = l.charge(op("charge:l1:pro-1"), &t(), &p(), 3).unwrap().event;
     let bytes = rmp_serde::to_vec(&e).unwrap();
     assert!(bytes.len() < 64, "compact: {} bytes", bytes.len());
     assert_eq!(rmp_serde::from_slice::<LedgerEvent>(&bytes).unwrap(), e);
@@ -545,10 +389,7 @@ fn apply_is_idempotent_and_matches_the_live_state() {
     let l = funded(10);
     let e1 = l.hold(op("h"), &t(), &p(), 4).unwrap().event;
     let e2 = l.capture(op("cap"), &t(), &p(), &op("h")).unwrap().event;
-    let e3 = l
-        .refund(op("r"), &t(), &p(), &op("h"), RefundReason::NotViewed)
-        .unwrap()
-        .event;
+    let e3 = l.refund(op("r"), &t(), &p(), &op("h"), RefundReason::NotViewed).unwrap().event;
     let replica = Ledger::new();
     let grant = LedgerEvent::Credit {
         op: op("grant:0"),
@@ -566,24 +407,12 @@ fn apply_is_idempotent_and_matches_the_live_state() {
 
 #[test]
 fn deltas_describe_every_fact() {
-    let d = CreditFact::Captured {
-        hold: op("h"),
-        amount: 4,
-    }
-    .deltas();
+    let d = CreditFact::Captured { hold: op("h"), amount: 4 }.deltas();
     assert_eq!((d.held, d.captured, d.available), (-4, 4, 0));
-    let d = CreditFact::Refunded {
-        charge: op("c"),
-        amount: 2,
-        reason: RefundReason::Platform,
-    }
-    .deltas();
+    let d = CreditFact::Refunded { charge: op("c"), amount: 2, reason: RefundReason::Platform }.deltas();
     assert_eq!((d.available, d.refunded, d.captured), (2, 2, 0));
     assert_eq!(RefundReason::InvalidContact.code(), "invalid_contact");
-    assert_eq!(
-        OpId::for_lead("charge", &LeadId::new("l1"), &p()),
-        op("charge:l1:pro-1")
-    );
+    assert_eq!(OpId::for_lead("charge", &LeadId::new("l1"), &p()), op("charge:l1:pro-1"));
 }
 
 // ---- auto-buy budgets -------------------------------------------------------
@@ -593,41 +422,25 @@ fn budget(l: &Ledger) -> BudgetBalance {
 }
 
 fn weekly(l: &Ledger, weekly: u64) {
-    l.set_budget(op(&format!("set:{weekly}")), &t(), &p(), &b(), weekly)
-        .unwrap();
+    l.set_budget(op(&format!("set:{weekly}")), &t(), &p(), &b(), weekly).unwrap();
 }
 
 #[test]
 fn r19_budget_must_be_set_before_use() {
     let l = Ledger::new();
     let unknown = LedgerError::UnknownBudget { budget: b() };
-    refused(&l, unknown.clone(), |l| {
-        l.recharge(op("rc"), &t(), &p(), &b())
+    refused(&l, unknown.clone(), |l| l.recharge(op("rc"), &t(), &p(), &b()));
+    refused(&l, unknown.clone(), |l| l.spend(op("s"), &t(), &p(), &b(), 1));
+    refused(&l, unknown, |l| l.refund_spend(op("r"), &t(), &p(), &b(), &op("s")));
+    refused(&l, LedgerError::InvalidAmount { field: "weekly_budget" }, |l| {
+        l.set_budget(op("sb"), &t(), &p(), &b(), 0)
     });
-    refused(&l, unknown.clone(), |l| {
-        l.spend(op("s"), &t(), &p(), &b(), 1)
-    });
-    refused(&l, unknown, |l| {
-        l.refund_spend(op("r"), &t(), &p(), &b(), &op("s"))
-    });
-    refused(
-        &l,
-        LedgerError::InvalidAmount {
-            field: "weekly_budget",
-        },
-        |l| l.set_budget(op("sb"), &t(), &p(), &b(), 0),
-    );
     assert_eq!(l.budget(&t(), &p(), &b()), None);
     // Set but never recharged: nothing to spend yet.
     weekly(&l, 10);
-    refused(
-        &l,
-        LedgerError::BudgetExhausted {
-            available: 0,
-            needed: 1,
-        },
-        |l| l.spend(op("s"), &t(), &p(), &b(), 1),
-    );
+    refused(&l, LedgerError::BudgetExhausted { available: 0, needed: 1 }, |l| {
+        l.spend(op("s"), &t(), &p(), &b(), 1)
+    });
 }
 
 #[test]
@@ -640,11 +453,7 @@ fn r20_recharge_tops_up_not_adds() {
     assert_eq!((budget(&l).available, budget(&l).spent), (70, 30));
     l.recharge(op("week-2"), &t(), &p(), &b()).unwrap();
     let got = budget(&l);
-    assert_eq!(
-        (got.available, got.spent, got.period),
-        (100, 0, 2),
-        "not 170"
-    );
+    assert_eq!((got.available, got.spent, got.period), (100, 0, 2), "not 170");
     // R24: resuming a paused config recharges the same way; unspent is not kept.
     l.recharge(op("resume"), &t(), &p(), &b()).unwrap();
     assert_eq!(budget(&l).available, 100);
@@ -672,24 +481,14 @@ fn hard_budget_never_overshot_by_one_lead() {
         l.spend(op(&format!("s{i}")), &t(), &p(), &b(), 11).unwrap();
     }
     // 99 spent, 1 left: an 11-credit lead would overshoot by 10.
-    refused(
-        &l,
-        LedgerError::BudgetExhausted {
-            available: 1,
-            needed: 11,
-        },
-        |l| l.spend(op("s9"), &t(), &p(), &b(), 11),
-    );
+    refused(&l, LedgerError::BudgetExhausted { available: 1, needed: 11 }, |l| {
+        l.spend(op("s9"), &t(), &p(), &b(), 11)
+    });
     l.spend(op("s9"), &t(), &p(), &b(), 1).unwrap();
     assert_eq!(budget(&l).available, 0);
-    refused(
-        &l,
-        LedgerError::BudgetExhausted {
-            available: 0,
-            needed: 1,
-        },
-        |l| l.spend(op("s10"), &t(), &p(), &b(), 1),
-    );
+    refused(&l, LedgerError::BudgetExhausted { available: 0, needed: 1 }, |l| {
+        l.spend(op("s10"), &t(), &p(), &b(), 1)
+    });
 }
 
 #[test]
@@ -698,26 +497,15 @@ fn r22_r23_refunded_spend_returns_to_the_budget_once() {
     weekly(&l, 20);
     l.recharge(op("w1"), &t(), &p(), &b()).unwrap();
     l.spend(op("s1"), &t(), &p(), &b(), 20).unwrap();
-    l.refund_spend(op("r1"), &t(), &p(), &b(), &op("s1"))
-        .unwrap();
+    l.refund_spend(op("r1"), &t(), &p(), &b(), &op("s1")).unwrap();
     let got = budget(&l);
     assert_eq!((got.available, got.spent, got.refunded), (20, 20, 20));
-    refused(
-        &l,
-        LedgerError::AlreadyRefunded {
-            op: op("s1"),
-            by: op("r1"),
-        },
-        |l| l.refund_spend(op("r2"), &t(), &p(), &b(), &op("s1")),
-    );
-    refused(
-        &l,
-        LedgerError::UnknownSpend {
-            budget: b(),
-            spend: op("nope"),
-        },
-        |l| l.refund_spend(op("r3"), &t(), &p(), &b(), &op("nope")),
-    );
+    refused(&l, LedgerError::AlreadyRefunded { op: op("s1"), by: op("r1") }, |l| {
+        l.refund_spend(op("r2"), &t(), &p(), &b(), &op("s1"))
+    });
+    refused(&l, LedgerError::UnknownSpend { budget: b(), spend: op("nope") }, |l| {
+        l.refund_spend(op("r3"), &t(), &p(), &b(), &op("nope"))
+    });
     // R22: budget returned, so a retried lead can be bought.
     l.spend(op("s2"), &t(), &p(), &b(), 20).unwrap();
     l.check_invariants().unwrap();
@@ -730,8 +518,7 @@ fn r20_refund_of_last_weeks_spend_does_not_raise_this_weeks_budget() {
     l.recharge(op("w1"), &t(), &p(), &b()).unwrap();
     l.spend(op("s1"), &t(), &p(), &b(), 15).unwrap();
     l.recharge(op("w2"), &t(), &p(), &b()).unwrap();
-    l.refund_spend(op("r1"), &t(), &p(), &b(), &op("s1"))
-        .unwrap();
+    l.refund_spend(op("r1"), &t(), &p(), &b(), &op("s1")).unwrap();
     let got = budget(&l);
     assert_eq!((got.available, got.spent, got.refunded), (20, 0, 0));
     // Still at most once.
@@ -750,44 +537,22 @@ fn budget_ops_are_idempotent_and_conflicts_are_refused() {
     let sp = l.spend(op("s"), &t(), &p(), &b(), 5).unwrap();
     let rf = l.refund_spend(op("r"), &t(), &p(), &b(), &op("s")).unwrap();
     let state = l.snapshot();
-    assert_eq!(
-        l.set_budget(op("sb"), &t(), &p(), &b(), 50).unwrap().event,
-        first.event
-    );
+    assert_eq!(l.set_budget(op("sb"), &t(), &p(), &b(), 50).unwrap().event, first.event);
     let again = l.recharge(op("w1"), &t(), &p(), &b()).unwrap();
     assert!(again.replayed);
     assert_eq!(again.event, rc.event);
-    assert_eq!(
-        l.spend(op("s"), &t(), &p(), &b(), 5).unwrap().event,
-        sp.event
-    );
+    assert_eq!(l.spend(op("s"), &t(), &p(), &b(), 5).unwrap().event, sp.event);
     let r = l.refund_spend(op("r"), &t(), &p(), &b(), &op("s")).unwrap();
     assert_eq!((r.event, r.replayed), (rf.event, true));
     assert_eq!(l.snapshot(), state, "replays change nothing");
-    refused(
-        &l,
-        LedgerError::OpConflict {
-            op: op("s"),
-            existing: "spend",
-        },
-        |l| l.spend(op("s"), &t(), &p(), &b(), 6),
-    );
-    refused(
-        &l,
-        LedgerError::OpConflict {
-            op: op("w1"),
-            existing: "recharge",
-        },
-        |l| l.spend(op("w1"), &t(), &p(), &b(), 1),
-    );
-    assert_eq!(
-        l.forget_budget_ops(&t(), &p(), &b(), &[op("s"), op("r")]),
-        2
-    );
-    assert_eq!(
-        l.forget_budget_ops(&t(), &p(), &BudgetName::new("x"), &[op("s")]),
-        0
-    );
+    refused(&l, LedgerError::OpConflict { op: op("s"), existing: "spend" }, |l| {
+        l.spend(op("s"), &t(), &p(), &b(), 6)
+    });
+    refused(&l, LedgerError::OpConflict { op: op("w1"), existing: "recharge" }, |l| {
+        l.spend(op("w1"), &t(), &p(), &b(), 1)
+    });
+    assert_eq!(l.forget_budget_ops(&t(), &p(), &b(), &[op("s"), op("r")]), 2);
+    assert_eq!(l.forget_budget_ops(&t(), &p(), &BudgetName::new("x"), &[op("s")]), 0);
     l.check_invariants().unwrap();
 }
 
@@ -800,17 +565,11 @@ fn budget_apply_commutes_across_recharges() {
         l.spend(op("s1"), &t(), &p(), &b(), 7).unwrap().event,
         l.recharge(op("w2"), &t(), &p(), &b()).unwrap().event,
         l.spend(op("s2"), &t(), &p(), &b(), 4).unwrap().event,
-        l.refund_spend(op("r2"), &t(), &p(), &b(), &op("s2"))
-            .unwrap()
-            .event,
+        l.refund_spend(op("r2"), &t(), &p(), &b(), &op("s2")).unwrap().event,
         l.spend(op("s3"), &t(), &p(), &b(), 9).unwrap().event,
     ];
     let want = l.snapshot();
-    for order in [
-        [6, 5, 4, 3, 2, 1, 0],
-        [2, 4, 6, 5, 0, 3, 1],
-        [0, 1, 2, 3, 4, 5, 6],
-    ] {
+    for order in [[6, 5, 4, 3, 2, 1, 0], [2, 4, 6, 5, 0, 3, 1], [0, 1, 2, 3, 4, 5, 6]] {
         let replica = Ledger::new();
         for i in order {
             replica.apply(&events[i]);
@@ -861,14 +620,8 @@ fn r9_threads_racing_for_the_last_credits_never_overdraw() {
                                     let again = l.charge(id("c"), &t(), &p(), amount).unwrap();
                                     assert!(again.replayed);
                                     if i % 3 == 0 {
-                                        l.refund(
-                                            id("r"),
-                                            &t(),
-                                            &p(),
-                                            &id("c"),
-                                            RefundReason::NotViewed,
-                                        )
-                                        .unwrap();
+                                        l.refund(id("r"), &t(), &p(), &id("c"), RefundReason::NotViewed)
+                                            .unwrap();
                                         tally.refunded += amount;
                                     }
                                 }
@@ -891,10 +644,7 @@ fn r9_threads_racing_for_the_last_credits_never_overdraw() {
                             },
                             3 => match l.spend(id("s"), &t(), &p(), &b(), 3) {
                                 Ok(_) => tally.spent += 3,
-                                Err(LedgerError::BudgetExhausted {
-                                    available,
-                                    needed: 3,
-                                }) => {
+                                Err(LedgerError::BudgetExhausted { available, needed: 3 }) => {
                                     assert!(available < 3)
                                 }
                                 Err(e) => panic!("unexpected {e}"),
@@ -910,10 +660,7 @@ fn r9_threads_racing_for_the_last_credits_never_overdraw() {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("worker thread panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("worker thread panicked")).collect()
     });
     l.check_invariants().unwrap();
     let sum = |f: fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
@@ -924,11 +671,7 @@ fn r9_threads_racing_for_the_last_credits_never_overdraw() {
     assert_eq!(bal.captured, sum(|t| t.charged) + sum(|t| t.captured));
     assert_eq!(bal.refunded, sum(|t| t.refunded));
     assert_eq!(sum(|t| t.held), sum(|t| t.captured) + sum(|t| t.released));
-    assert_eq!(
-        bal.available + bal.captured - bal.refunded,
-        5_000,
-        "money conserved"
-    );
+    assert_eq!(bal.available + bal.captured - bal.refunded, 5_000, "money conserved");
     let spent = sum(|t| t.spent);
     assert_eq!(spent, 999, "333 leads of 3 fit in 1000, the 334th does not");
     let bb = budget(&l);

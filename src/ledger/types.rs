@@ -79,30 +79,17 @@ pub enum CreditFact {
     /// Credits posted by the platform (a purchase or an R10 top-up).
     Granted { amount: u64 },
     /// Credits reserved for a chat-only response (R9).
-    Held {
-        amount: u64,
-        topup: Option<TopupRequest>,
-    },
+    Held { amount: u64, topup: Option<TopupRequest> },
     /// A hold turned into a charge: the client replied (R9).
     Captured { hold: OpId, amount: u64 },
     /// A hold given back: the lead closed without a reply (R9).
     Released { hold: OpId, amount: u64 },
     /// Hold and capture at once: a response or an auto-buy (R9).
-    Charged {
-        amount: u64,
-        topup: Option<TopupRequest>,
-    },
+    Charged { amount: u64, topup: Option<TopupRequest> },
     /// A full refund of a charge or of a captured hold (R12).
-    Refunded {
-        charge: OpId,
-        amount: u64,
-        reason: RefundReason,
-    },
+    Refunded { charge: OpId, amount: u64, reason: RefundReason },
     /// The R10 rule changed; the highest `version` wins.
-    TopupRuleSet {
-        rule: Option<TopupRule>,
-        version: u64,
-    },
+    TopupRuleSet { rule: Option<TopupRule>, version: u64 },
 }
 
 /// What happened to one auto-buy budget (R19-R24).
@@ -123,11 +110,7 @@ pub enum BudgetFact {
     Spent { period: u64, amount: u64 },
     /// A spend was refunded (R12/R23); it returns to the budget only if the
     /// spend belongs to the current period.
-    Refunded {
-        spend: OpId,
-        period: u64,
-        amount: u64,
-    },
+    Refunded { spend: OpId, period: u64, amount: u64 },
 }
 
 /// Signed changes a credit fact makes to the five balances of an account.
@@ -146,36 +129,24 @@ impl CreditFact {
     pub fn deltas(&self) -> CreditDeltas {
         let zero = CreditDeltas::default();
         match *self {
-            Self::Granted { amount } => CreditDeltas {
-                available: amount.into(),
-                granted: amount.into(),
-                ..zero
-            },
-            Self::Held { amount, .. } => CreditDeltas {
-                available: -i128::from(amount),
-                held: amount.into(),
-                ..zero
-            },
-            Self::Captured { amount, .. } => CreditDeltas {
-                held: -i128::from(amount),
-                captured: amount.into(),
-                ..zero
-            },
-            Self::Released { amount, .. } => CreditDeltas {
-                held: -i128::from(amount),
-                available: amount.into(),
-                ..zero
-            },
-            Self::Charged { amount, .. } => CreditDeltas {
-                available: -i128::from(amount),
-                captured: amount.into(),
-                ..zero
-            },
-            Self::Refunded { amount, .. } => CreditDeltas {
-                available: amount.into(),
-                refunded: amount.into(),
-                ..zero
-            },
+            Self::Granted { amount } => {
+                CreditDeltas { available: amount.into(), granted: amount.into(), ..zero }
+            }
+            Self::Held { amount, .. } => {
+                CreditDeltas { available: -i128::from(amount), held: amount.into(), ..zero }
+            }
+            Self::Captured { amount, .. } => {
+                CreditDeltas { held: -i128::from(amount), captured: amount.into(), ..zero }
+            }
+            Self::Released { amount, .. } => {
+                CreditDeltas { held: -i128::from(amount), available: amount.into(), ..zero }
+            }
+            Self::Charged { amount, .. } => {
+                CreditDeltas { available: -i128::from(amount), captured: amount.into(), ..zero }
+            }
+            Self::Refunded { amount, .. } => {
+                CreditDeltas { available: amount.into(), refunded: amount.into(), ..zero }
+            }
             Self::TopupRuleSet { .. } => zero,
         }
     }
@@ -217,19 +188,8 @@ impl BudgetFact {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LedgerEvent {
-    Credit {
-        op: OpId,
-        tenant: TenantId,
-        pro: ProId,
-        fact: CreditFact,
-    },
-    Budget {
-        op: OpId,
-        tenant: TenantId,
-        pro: ProId,
-        budget: BudgetName,
-        fact: BudgetFact,
-    },
+    Credit { op: OpId, tenant: TenantId, pro: ProId, fact: CreditFact },
+    Budget { op: OpId, tenant: TenantId, pro: ProId, budget: BudgetName, fact: BudgetFact },
 }
 
 impl LedgerEvent {

@@ -1,0 +1,147 @@
+//! `rota serve`: recovery, listeners, periodic work, signals and graceful shutdown.
+//!
+//! Start-up order: recover from the WAL and snapshot, then bind the listeners, so
+//! nothing connects before the state is whole (`/readyz` turns 200 only then).
+//! SIGTERM/SIGINT: stop accepting, close streams with code 1001 and a resume cursor,
+//! drain the shard mailboxes, sync the WAL, snapshot, exit 0. A second signal, or
+//! `shutdown_timeout_ms` passing, forces exit 1.
+
+pub mod demo;
+pub mod ws;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Structured logs to stderr: JSON when stderr is not a terminal (or when asked),
+/// level from `log_level` (an `EnvFilter` expression; `ROTA_LOG_LEVEL` overrides).
+/// Stable field names: `tenant`, `shard`, `lead_id`, `pro_id`, `code`; never client
+/// PII or tokens.
+pub fn init_logging(cfg: &Config) {
+    use crate::config::LogFormat;
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.raw.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match cfg.raw.log_format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Runs the daemon until a signal stops it. Returns the process exit code.
+pub fn run(cfg: Config, demo: bool) -> anyhow::Result<i32> {
+    let system = actix_rt::System::new();
+    system.block_on(async move { serve(cfg, demo).await })
+}
+
+async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
+    let listen = cfg.listen;
+    let shutdown_timeout = Duration::from_millis(cfg.raw.shutdown_timeout_ms);
+    let snapshot_every = cfg.raw.snapshot_interval_s;
+    let demo_tenant = cfg.demo_tenant;
+    let data_dir = cfg.raw.data_dir.clone();
+    let (engine, report) = Engine::start(cfg)?;
+    tracing::info!(
+        records_replayed = report.records_replayed,
+        snapshot_seq = ?report.snapshot_seq,
+        last_seq = report.last_seq,
+        shards = report.shards,
+        torn_tail = ?report.torn_tail,
+        duration_ms = report.duration.as_millis() as u64,
+        "recovered"
+    );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    actix_rt::spawn(ws::serve(listener, engine.clone(), stop_rx.clone()));
+    eprintln!(
+        "rota {} listening on ws://{local} (data in {})",
+        env!("CARGO_PKG_VERSION"),
+        data_dir.display()
+    );
+    if demo_tenant {
+        eprintln!(
+            "  no tenants configured: demo tenant \"demo\", token \"{}\"\n  connect: Authorization: Bearer {} with subprotocol rota.v1.json or rota.v1.msgpack",
+            crate::config::DEMO_TOKEN,
+            crate::config::DEMO_TOKEN
+        );
+    }
+    // Periodic work: snapshots, weekly recharges (R20) on the wall clock.
+    {
+        let engine = engine.clone();
+        let mut stop = stop_rx.clone();
+        actix_rt::spawn(async move {
+            let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+            let mut snap = tokio::time::interval(Duration::from_secs(snapshot_every.max(1)));
+            snap.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = housekeeping.tick() => {
+                        if !engine.inner.clock.is_manual() {
+                            let ids: Vec<_> = engine.tenants().map(|t| t.cfg.id.clone()).collect();
+                            for t in ids {
+                                if let Err(e) = engine.housekeeping(&t).await {
+                                    tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
+                                }
+                            }
+                        }
+                    }
+                    _ = snap.tick(), if snapshot_every > 0 => {
+                        let e = engine.clone();
+                        match tokio::task::spawn_blocking(move || e.snapshot()).await {
+                            Ok(Ok(seq)) => tracing::info!(covers_seq = seq, "snapshot written"),
+                            Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed"),
+                            Err(e) => tracing::error!(error = %e, "snapshot task failed"),
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if demo {
+        actix_rt::spawn(demo::feed(engine.clone(), stop_rx.clone()));
+    }
+    wait_for_signal().await;
+    eprintln!("rota: shutting down (send the signal again to force)");
+    let _ = stop_tx.send(true);
+    let graceful = async {
+        // Let connection tasks answer in-flight requests and close their streams.
+        tokio::task::yield_now().await;
+        engine.shutdown().await
+    };
+    tokio::select! {
+        r = graceful => match r {
+            Ok(()) => {
+                eprintln!("rota: stopped cleanly");
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("rota: shutdown failed: {e}");
+                Ok(1)
+            }
+        },
+        _ = tokio::time::sleep(shutdown_timeout) => {
+            eprintln!("rota: shutdown deadline passed; exiting");
+            Ok(1)
+        }
+        _ = wait_for_signal() => {
+            eprintln!("rota: second signal; exiting now");
+            Ok(1)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on Unix");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,315 @@
+//! The websocket gateway: upgrade with authentication and subprotocol selection,
+//! then requests, replies and streams on one connection.
+//!
+//! * Authentication happens at the upgrade (`Authorization: Bearer <token>`), before
+//!   any frame is read; a bad token gets HTTP 401, no usable subprotocol HTTP 400.
+//! * Requests on one connection are handled concurrently (pipelining); every request
+//!   gets exactly one reply, matched by its `id`.
+//! * Outgoing frames are batched: `feed` many, `flush` once.
+//! * A subscriber's queue is bounded; one that falls behind is closed with code 4008
+//!   and the sequence number to resume from.
+//!
+//! Close codes: 1000 normal, 1001 shutting down (reason carries `resume_from=N`),
+//! 1002 protocol error, 1007 invalid UTF-8, 1009 frame too big, 4000 heartbeat
+//! timeout, 4008 slow subscriber (reason carries `resume_from=N`).
+
+use crate::engine::hub::{ResumeError, Subscription};
+use crate::engine::Engine;
+use crate::ids::TenantId;
+use crate::protocol::{self, ApiError, Encoding, OkResult, Reply, Request, Scope};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request as HsRequest, Response as HsResponse,
+};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+pub const CLOSE_HEARTBEAT: u16 = 4000;
+pub const CLOSE_SLOW: u16 = 4008;
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::Receiver<bool>) {
+    let limit = Arc::new(Semaphore::new(engine.inner.cfg.raw.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let engine = engine.clone();
+        let shutdown = shutdown.clone();
+        actix_rt::spawn(async move {
+            connection(stream, engine, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+struct Session {
+    tenant: TenantId,
+    scopes: Vec<Scope>,
+    encoding: Encoding,
+}
+
+fn refuse(status: StatusCode, msg: &str) -> ErrorResponse {
+    let mut r = ErrorResponse::new(Some(format!("{msg}\n")));
+    *r.status_mut() = status;
+    r
+}
+
+#[allow(clippy::result_large_err)] // the handshake callback type is fixed by tungstenite
+async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Receiver<bool>) {
+    let cfg = &engine.inner.cfg.raw;
+    let ws_cfg = WebSocketConfig {
+        max_message_size: Some(cfg.max_frame_bytes),
+        max_frame_size: Some(cfg.max_frame_bytes),
+        ..Default::default()
+    };
+    let mut session = None;
+    let callback = |req: &HsRequest, mut resp: HsResponse| -> Result<HsResponse, ErrorResponse> {
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        let Some(token) = token else {
+            metrics::counter!("rota_auth_failures_total", "reason" => "missing_token").increment(1);
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token (Authorization: Bearer <token>)",
+            ));
+        };
+        let Some((tenant, scopes)) = engine.authenticate(token) else {
+            metrics::counter!("rota_auth_failures_total", "reason" => "bad_token").increment(1);
+            return Err(refuse(StatusCode::UNAUTHORIZED, "invalid token"));
+        };
+        let offered = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(Encoding::from_subprotocol);
+        let Some(encoding) = offered else {
+            metrics::counter!("rota_auth_failures_total", "reason" => "no_subprotocol").increment(1);
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "offer a subprotocol: Sec-WebSocket-Protocol: rota.v1.json or rota.v1.msgpack",
+            ));
+        };
+        resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(encoding.subprotocol()));
+        session = Some(Session { tenant, scopes, encoding });
+        Ok(resp)
+    };
+    let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg)).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade refused");
+            return;
+        }
+    };
+    let Some(session) = session else { return };
+    let enc = session.encoding;
+    let scope_label = if session.scopes.contains(&Scope::Admin) {
+        "admin"
+    } else if session.scopes.contains(&Scope::Ingest) {
+        "ingest"
+    } else {
+        "stream"
+    };
+    metrics::gauge!("rota_connections", "scope" => scope_label).increment(1.0);
+    let (mut sink, mut source) = ws.split();
+    let mut pending = FuturesUnordered::new();
+    let mut sub: Option<Subscription> = None;
+    let mut last_seq_sent: u64 = 0;
+    let hb_every = Duration::from_millis(cfg.heartbeat_interval_ms);
+    let hb_timeout = Duration::from_millis(cfg.heartbeat_timeout_ms);
+    let mut heartbeat = tokio::time::interval(hb_every);
+    let mut last_seen = tokio::time::Instant::now();
+    let hub = engine.hub(&session.tenant);
+    let close = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                break Some((CloseCode::Away, format!("shutting down; resume_from={last_seq_sent}")));
+            }
+            Some(reply) = pending.next(), if !pending.is_empty() => {
+                let bytes = protocol::encode(enc, &reply);
+                if send(&mut sink, enc, bytes, false).await.is_err() { break None; }
+                // Flush replies that are ready right now in the same batch.
+                while let Some(Some(r)) = futures_util::FutureExt::now_or_never(pending.next()) {
+                    if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() { break; }
+                }
+                if sink.flush().await.is_err() { break None; }
+            }
+            item = async { sub.as_mut().expect("guarded by the select condition").rx.recv().await }, if sub.is_some() => {
+                match item {
+                    Some(out) => {
+                        last_seq_sent = out.seq;
+                        if feed(&mut sink, enc, &out.bytes(enc)).await.is_err() { break None; }
+                        let mut n = 1;
+                        while n < 1024 {
+                            let Ok(more) = sub.as_mut().expect("still subscribed").rx.try_recv() else { break };
+                            last_seq_sent = more.seq;
+                            if feed(&mut sink, enc, &more.bytes(enc)).await.is_err() { break; }
+                            n += 1;
+                        }
+                        metrics::counter!("rota_frames_out_total", "encoding" => enc.label()).increment(n);
+                        if sink.flush().await.is_err() { break None; }
+                    }
+                    None => {
+                        let slow = sub.as_ref().is_some_and(|s| s.slow.load(Ordering::Acquire));
+                        sub = None;
+                        if slow {
+                            metrics::counter!("rota_slow_subscriber_disconnects_total").increment(1);
+                            break Some((CloseCode::Library(CLOSE_SLOW), format!("slow subscriber; resume_from={last_seq_sent}")));
+                        }
+                        break Some((CloseCode::Away, format!("stream closed; resume_from={last_seq_sent}")));
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_seen.elapsed() > hb_timeout {
+                    break Some((CloseCode::Library(CLOSE_HEARTBEAT), "heartbeat timeout".into()));
+                }
+                if sink.send(Message::Ping(Vec::new())).await.is_err() { break None; }
+            }
+            msg = source.next() => {
+                last_seen = tokio::time::Instant::now();
+                let msg = match msg {
+                    None => break None,
+                    Some(Ok(m)) => m,
+                    Some(Err(WsError::Capacity(e))) => {
+                        break Some((CloseCode::Size, format!("frame too big: {e}")));
+                    }
+                    Some(Err(WsError::Utf8)) => break Some((CloseCode::Invalid, "invalid UTF-8 in a text frame".into())),
+                    Some(Err(WsError::Protocol(e))) => break Some((CloseCode::Protocol, e.to_string())),
+                    Some(Err(_)) => break None,
+                };
+                let bytes = match (&msg, enc) {
+                    (Message::Text(t), Encoding::Json) => t.as_bytes().to_vec(),
+                    (Message::Binary(b), Encoding::Msgpack) => b.to_vec(),
+                    (Message::Text(_) | Message::Binary(_), _) => {
+                        let e = ApiError::new("bad_frame", format!("{} connections use {} frames", enc.subprotocol(), if enc == Encoding::Json { "text" } else { "binary" }));
+                        let r = Reply::Error { id: None, error: e };
+                        if send(&mut sink, enc, protocol::encode(enc, &r), true).await.is_err() { break None; }
+                        continue;
+                    }
+                    (Message::Close(_), _) => break None,
+                    _ => continue,
+                };
+                metrics::counter!("rota_frames_in_total", "encoding" => enc.label()).increment(1);
+                let env = match protocol::decode(enc, &bytes) {
+                    Ok(env) => env,
+                    Err(e) => {
+                        let r = Reply::Error { id: e.id, error: ApiError::new(e.code, e.message) };
+                        if send(&mut sink, enc, protocol::encode(enc, &r), true).await.is_err() { break None; }
+                        continue;
+                    }
+                };
+                let id = env.id;
+                let scope = env.request.scope();
+                if !session.scopes.contains(&scope) {
+                    let e = ApiError::new("forbidden", format!("{} needs the {} scope", env.request.name(), scope.as_str()));
+                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), true).await.is_err() { break None; }
+                    continue;
+                }
+                if let Request::Subscribe { resume_from, pro } = env.request {
+                    let reply = match (&hub, &sub) {
+                        (_, Some(_)) => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
+                        (None, _) => Reply::Error { id: Some(id), error: ApiError::new("unknown_tenant", "tenant has no stream") },
+                        (Some(h), None) => {
+                            if resume_from.is_some() {
+                                metrics::counter!("rota_resume_requests_total").increment(1);
+                            }
+                            match h.subscribe(resume_from, pro, engine.inner.cfg.raw.subscriber_queue_frames) {
+                                Ok(s) => {
+                                    let next = s.next_seq;
+                                    let backlog = std::mem::take(&mut sub.insert(s).backlog);
+                                    let ok = Reply::Ok { id, result: OkResult::Subscribed { subscribed: true, next_seq: next } };
+                                    if send(&mut sink, enc, protocol::encode(enc, &ok), false).await.is_err() { break None; }
+                                    for out in &backlog {
+                                        last_seq_sent = out.seq;
+                                        if feed(&mut sink, enc, &out.bytes(enc)).await.is_err() { break; }
+                                    }
+                                    if sink.flush().await.is_err() { break None; }
+                                    continue;
+                                }
+                                Err(ResumeError::TooOld { oldest_available }) => Reply::Error { id: Some(id), error: ApiError::new("resume_too_old", format!("events before {oldest_available} are no longer kept; resume from {} or later", oldest_available - 1)) },
+                                Err(ResumeError::Ahead { next_seq }) => Reply::Error { id: Some(id), error: ApiError::new("resume_ahead", format!("the next event will be {next_seq}")) },
+                            }
+                        }
+                    };
+                    if send(&mut sink, enc, protocol::encode(enc, &reply), true).await.is_err() { break None; }
+                    continue;
+                }
+                let engine = engine.clone();
+                let tenant = session.tenant.clone();
+                pending.push(async move {
+                    match engine.request(&tenant, env.request).await {
+                        Ok(result) => Reply::Ok { id, result },
+                        Err(error) => Reply::Error { id: Some(id), error },
+                    }
+                });
+            }
+        }
+    };
+    if let (Some(s), Some(h)) = (&sub, &hub) {
+        h.unsubscribe(s.id);
+    }
+    // Answer what is still in flight before closing, so no request goes unanswered.
+    while let Some(r) = pending.next().await {
+        if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() {
+            break;
+        }
+    }
+    if let Some((code, reason)) = close {
+        let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    }
+    let _ = sink.flush().await;
+    metrics::gauge!("rota_connections", "scope" => scope_label).decrement(1.0);
+}
+
+type Sink = futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>;
+
+fn message(enc: Encoding, bytes: &[u8]) -> Message {
+    match enc {
+        // JSON encoding of our own types is always UTF-8.
+        Encoding::Json => Message::Text(String::from_utf8_lossy(bytes).into_owned()),
+        Encoding::Msgpack => Message::Binary(bytes.to_vec()),
+    }
+}
+
+async fn feed(sink: &mut Sink, enc: Encoding, bytes: &[u8]) -> Result<(), WsError> {
+    sink.feed(message(enc, bytes)).await
+}
+
+async fn send(sink: &mut Sink, enc: Encoding, bytes: Vec<u8>, flush: bool) -> Result<(), WsError> {
+    metrics::counter!("rota_frames_out_total", "encoding" => enc.label()).increment(1);
+    if flush {
+        sink.send(message(enc, &bytes)).await
+    } else {
+        sink.feed(message(enc, &bytes)).await
+    }
+}

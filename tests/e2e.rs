@@ -1,0 +1,262 @@
+//! End to end: the real `rota` binary on 127.0.0.1:0, real websockets, both encodings,
+//! a manual clock so a 30-minute head start takes milliseconds.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const T0: i64 = 1_764_000_000_000;
+const MIN: i64 = 60_000;
+
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(dir: &std::path::Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rota"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--clock", "manual"])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--set", &format!("manual_clock_start_ms={T0}"), "--set", "log_level=\"warn\""])
+            .args(["--set", "admin_listen=\"127.0.0.1:0\""])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the rota binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("rota printed its address before exiting").unwrap();
+            if let Some(rest) = line.split("listening on ws://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, addr }
+    }
+
+    fn stop(mut self) -> i32 {
+        unsafe_kill(self.child.id(), "TERM");
+        self.child.wait().unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: &str, token: &str, proto: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{addr}/").into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", proto.parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), proto);
+    Ok(ws)
+}
+
+struct Client {
+    ws: Ws,
+    msgpack: bool,
+    n: u64,
+}
+
+impl Client {
+    async fn new(addr: &str, msgpack: bool) -> Client {
+        let proto = if msgpack { "rota.v1.msgpack" } else { "rota.v1.json" };
+        Client { ws: connect(addr, "demo-token", proto).await.unwrap(), msgpack, n: 0 }
+    }
+
+    async fn recv(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(20), self.ws.next())
+                .await
+                .expect("a frame within 20 s")
+                .expect("the connection stays open")
+                .unwrap();
+            match m {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Binary(b) => return rmp_serde::from_slice(&b).unwrap(),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a request and returns its reply (stream events in between are returned
+    /// in the second value).
+    async fn call(&mut self, mut req: Value) -> (Value, Vec<Value>) {
+        self.n += 1;
+        let id = format!("r{}", self.n);
+        req["id"] = json!(id);
+        let msg = if self.msgpack {
+            Message::Binary(rmp_serde::to_vec_named(&req).unwrap().into())
+        } else {
+            Message::Text(req.to_string().into())
+        };
+        self.ws.send(msg).await.unwrap();
+        let mut events = Vec::new();
+        loop {
+            let v = self.recv().await;
+            if v["type"] == "event" {
+                events.push(v);
+            } else {
+                assert_eq!(v["id"], json!(id), "reply to {req}");
+                return (v, events);
+            }
+        }
+    }
+
+    async fn ok(&mut self, req: Value) -> Value {
+        let (r, _) = self.call(req.clone()).await;
+        assert_eq!(r["type"], "ok", "request {req} answered {r}");
+        r["result"].clone()
+    }
+
+    async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let v = self.recv().await;
+            assert_eq!(v["type"], "event", "{v}");
+            out.push(v);
+        }
+        out
+    }
+}
+
+fn pro(id: &str) -> Value {
+    json!({"id": id, "categories": ["painting"], "zones": ["bologna"], "quality": {"reviews": 3}})
+}
+
+fn lead(id: &str, direct: &[&str], created_at: i64) -> Value {
+    json!({
+        "id": id, "category": "painting", "zone": "bologna",
+        "description": "Repaint a two-room flat in Bologna, walls and ceilings",
+        "client": {"id": format!("client-{id}"), "name": "Anna Rossi", "phone": "+39 333 1234567",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "direct": direct, "created_at": created_at
+    })
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r5_r6_direct_then_generic_after_head_start_caps_idempotency_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut ingest = Client::new(&d.addr, false).await;
+    let mut stream = Client::new(&d.addr, true).await;
+    let sub = stream.ok(json!({"type": "subscribe"})).await;
+    assert_eq!(sub["subscribed"], true);
+
+    for i in 1..=7 {
+        ingest.ok(json!({"type": "upsert_pro", "pro": pro(&format!("p{i}"))})).await;
+        ingest.ok(json!({"type": "grant_credits", "pro": format!("p{i}"), "op": format!("pay-{i}"), "credits": 100})).await;
+    }
+    // R5: two direct targets get the lead at once; R6: 5 - 2 = 3 generic slots.
+    let l = lead("L1", &["p1", "p2"], T0);
+    let out = ingest.ok(json!({"type": "publish_lead", "lead": l})).await;
+    assert_eq!(out["status"], "accepted");
+    assert_eq!(out["offers"].as_array().unwrap().len(), 2);
+    assert_eq!(out["release_at"], json!(T0 + 30 * MIN));
+    // R1: republish answers the same; a different payload with the same id is refused.
+    let again = ingest.ok(json!({"type": "publish_lead", "lead": l})).await;
+    assert_eq!(again, out);
+    let mut changed = l.clone();
+    changed["description"] = json!("Something else entirely, not the same job at all");
+    let (r, _) = ingest.call(json!({"type": "publish_lead", "lead": changed})).await;
+    assert_eq!(r["error"]["code"].as_str().or(r["code"].as_str()), Some("idempotency_conflict"), "{r}");
+
+    // Stream: credits granted (7), lead accepted, two direct offers, with no PII (R8).
+    let evs = stream.events(7 + 1 + 2).await;
+    let offered: Vec<&Value> = evs.iter().filter(|e| e["event"]["event"] == "offered").collect();
+    assert_eq!(offered.len(), 2);
+    assert!(offered.iter().all(|e| e["event"]["kind"] == "direct"));
+    assert!(!offered[0].to_string().contains("333 1234567"), "no phone before responding (R8)");
+    let seqs: Vec<u64> = evs.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "per-tenant sequence without gaps: {seqs:?}");
+
+    // 29 minutes: nothing released yet. 30 minutes: generic release to the other 5.
+    ingest.ok(json!({"type": "advance_clock", "to_ms": T0 + 29 * MIN})).await;
+    ingest.ok(json!({"type": "advance_clock", "to_ms": T0 + 30 * MIN})).await;
+    let evs = stream.events(5).await;
+    assert!(
+        evs.iter().all(|e| e["event"]["event"] == "offered" && e["event"]["kind"] == "generic"),
+        "{evs:?}"
+    );
+
+    // Three generic responders fit; the fourth gets lead_full.
+    for p in ["p3", "p4", "p5"] {
+        let v = ingest.ok(json!({"type": "offer", "lead": "L1", "pro": p, "action": "respond"})).await;
+        assert_eq!(v["contact"]["phone"], "+39 333 1234567", "R8: phone revealed after responding");
+    }
+    let (r, _) = ingest.call(json!({"type": "offer", "lead": "L1", "pro": "p6", "action": "respond"})).await;
+    assert_eq!(r["code"], "lead_full", "{r}");
+    let bal = ingest.ok(json!({"type": "balance", "pro": "p3"})).await;
+    assert_eq!(bal["available"], 90, "R9: the price (10 credits) was charged once");
+
+    let last_seq = {
+        let evs = stream.events(3 * 2).await; // responded + credits charged, per responder
+        evs.last().unwrap()["seq"].as_u64().unwrap()
+    };
+    drop(stream);
+    drop(ingest);
+    assert_eq!(d.stop(), 0, "graceful shutdown exits 0");
+
+    // Restart: state, money and the stream cursor survive.
+    let d = Daemon::start(dir.path());
+    let mut ingest = Client::new(&d.addr, false).await;
+    let bal = ingest.ok(json!({"type": "balance", "pro": "p3"})).await;
+    assert_eq!(bal["available"], 90);
+    let ex = ingest.ok(json!({"type": "explain", "lead": "L1"})).await;
+    assert_eq!(ex["responders"], 3);
+    let (r, _) = ingest.call(json!({"type": "offer", "lead": "L1", "pro": "p3", "action": "respond"})).await;
+    assert_eq!(r["type"], "ok", "responding twice charges once: {r}");
+    let bal = ingest.ok(json!({"type": "balance", "pro": "p3"})).await;
+    assert_eq!(bal["available"], 90);
+    let mut stream = Client::new(&d.addr, false).await;
+    let sub = stream.ok(json!({"type": "subscribe", "resume_from": last_seq - 2})).await;
+    assert_eq!(sub["next_seq"].as_u64().unwrap(), last_seq + 1);
+    let evs = stream.events(2).await;
+    assert_eq!(evs[0]["seq"].as_u64().unwrap(), last_seq - 1);
+    assert_eq!(evs[1]["seq"].as_u64().unwrap(), last_seq);
+    drop(d);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn auth_and_subprotocol_are_checked_at_the_upgrade_and_bad_frames_get_specific_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let err = connect(&d.addr, "wrong-token", "rota.v1.json").await.unwrap_err().to_string();
+    assert!(err.contains("401"), "{err}");
+    let err = connect(&d.addr, "demo-token", "graphql-ws").await.unwrap_err().to_string();
+    assert!(err.contains("400"), "{err}");
+
+    let mut c = Client::new(&d.addr, false).await;
+    c.ws.send(Message::Text("not json".to_string().into())).await.unwrap();
+    let v = c.recv().await;
+    assert_eq!(v["code"], "bad_frame");
+    let (v, _) = c.call(json!({"type": "teleport"})).await;
+    assert_eq!(v["code"], "unknown_message");
+    let (v, _) = c.call(json!({"type": "publish_lead", "lead": {"id": ""}})).await;
+    assert_eq!(v["code"], "invalid_field");
+    let mut bad = lead("L9", &[], T0);
+    bad["location"] = json!({"lat": 123.0, "lon": 0.0});
+    let (v, _) = c.call(json!({"type": "publish_lead", "lead": bad})).await;
+    assert_eq!(
+        (v["code"].as_str(), v["field"].as_str()),
+        (Some("invalid_field"), Some("lead.location.lat")),
+        "{v}"
+    );
+    // The connection still works after all that.
+    let ok = c.ok(json!({"type": "balance", "pro": "nobody"})).await;
+    assert_eq!(ok["available"], 0);
+}
