@@ -104,7 +104,7 @@ impl Writer {
                     .open(path, OpenMode::Existing)
                     .map_err(|e| io_err("open", path, e))?;
                 if cfg.preallocate
-                    && file.len().map_err(|e| io_err("stat", path, e))? < cfg.segment_bytes
+                    && file.size().map_err(|e| io_err("stat", path, e))? < cfg.segment_bytes
                 {
                     file.allocate(cfg.segment_bytes)
                         .map_err(|e| io_err("preallocate", path, e))?;
