@@ -108,7 +108,7 @@ fn power_cut_workload(seed: u64, skip_sync: bool) -> Result<(), String> {
                 rec.last_seq
             ));
         }
-        let mut next = match &rec.snapshot {
+        let first = match &rec.snapshot {
             Some((covers, bytes)) => {
                 if snapshots.get(covers) != Some(bytes) {
                     return Err(format!(
@@ -119,14 +119,13 @@ fn power_cut_workload(seed: u64, skip_sync: bool) -> Result<(), String> {
             }
             None => 1,
         };
-        for r in &rec.records {
+        for (next, r) in (first..).zip(&rec.records) {
             if r.seq != next {
                 return Err(format!("cycle {cycle}: expected seq {next}, recovered {}", r.seq));
             }
             if submitted.get(r.seq as usize - 1) != Some(&r.payload) {
                 return Err(format!("cycle {cycle}: seq {} recovered with bytes never submitted", r.seq));
             }
-            next += 1;
         }
         if order_broken.load(Ordering::SeqCst) {
             return Err("seqs were not assigned in submission order".into());

@@ -53,14 +53,14 @@ pub trait FsFile: Send {
     /// `fdatasync`: the file's data (and the size needed to read it) is durable on return.
     fn sync_data(&mut self) -> io::Result<()>;
     fn set_len(&mut self, len: u64) -> io::Result<()>;
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Reserves real blocks up to `len` bytes, filled with zeros, so later writes in
     /// that range do not change the file's size or block map (an `fdatasync` then
     /// has no metadata to write). The default writes zeros, which works everywhere.
     fn allocate(&mut self, len: u64) -> io::Result<()> {
         const CHUNK: usize = 1 << 20;
         let zeros = vec![0u8; CHUNK];
-        let mut at = self.len()?;
+        let mut at = self.size()?;
         while at < len {
             let n = (len - at).min(CHUNK as u64) as usize;
             self.write_at(at, &zeros[..n])?;
@@ -86,7 +86,7 @@ impl FsFile for RealFile {
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
     }
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 }
@@ -361,13 +361,13 @@ impl FsFile for MemFile {
         })
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         let inode = self.inode;
         self.with(|st| Ok(st.inodes.get(&inode).map_or(0, |f| f.data.len() as u64)))
     }
 
     fn allocate(&mut self, len: u64) -> io::Result<()> {
-        if self.len()? < len {
+        if self.size()? < len {
             self.set_len(len)?;
         }
         Ok(())
