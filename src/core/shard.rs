@@ -509,6 +509,11 @@ pub struct LeadState {
     pub skipped: Vec<(ProId, Skip)>,
     /// R22: auto-buy pros skipped for lack of budget, retried until `retry_until`.
     pub budget_waitlist: Vec<ProId>,
+    /// R1: what the publish answered, kept so that a republish answers the same even
+    /// after the release: the release time it announced, and how many of `offers` (a
+    /// prefix: nothing is offered before the publish) it made.
+    pub published_release_at: Option<Millis>,
+    pub published_offers: u32,
 }
 
 impl LeadState {
@@ -1195,7 +1200,7 @@ impl Shard {
             }
             Event::LeadAccepted { lead, fingerprint, price, at, release_at, expires_at } => {
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
-                let st = LeadState { release_at: *release_at, ..st };
+                let st = LeadState { release_at: *release_at, published_release_at: *release_at, ..st };
                 if let Some(r) = release_at {
                     if r > at {
                         self.deadlines.insert(Deadline { at: *r, lead: lead.id.clone(), due: Due::Release });
@@ -1217,6 +1222,13 @@ impl Shard {
                     self.deadlines.retain(|d| !(d.lead == *lead && d.due == Due::Release));
                 }
                 for g in grants {
+                    // The publish decision's own offers: the direct ones and an
+                    // immediate release (a later release has a later time).
+                    if *at == st.accepted_at
+                        && (*release || matches!(g.kind, OfferKind::Direct | OfferKind::Contact))
+                    {
+                        st.published_offers += 1;
+                    }
                     let respond_by = match g.kind {
                         OfferKind::Contact | OfferKind::AutoBuy => None,
                         _ => policy.response_window.map(|w| at.saturating_add(w)),
@@ -1413,8 +1425,13 @@ impl Shard {
             lead: st.lead.id.clone(),
             status: LeadStatus::Accepted,
             price: st.price,
-            offers: st.offers.iter().map(|o| (o.pro.clone(), o.kind)).collect(),
-            release_at: st.release_at,
+            offers: st
+                .offers
+                .iter()
+                .take(st.published_offers as usize)
+                .map(|o| (o.pro.clone(), o.kind))
+                .collect(),
+            release_at: st.published_release_at,
             expires_at: Some(st.expires_at),
         }
     }
@@ -1640,6 +1657,8 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         generic_responders: 0,
         skipped: Vec::new(),
         budget_waitlist: Vec::new(),
+        published_release_at: None,
+        published_offers: 0,
     }
 }
 
