@@ -211,8 +211,9 @@ struct LeadSpec {
     location: Option<[f64; 2]>,
     #[serde(default)]
     description: Option<String>,
+    /// Form answers; default `{ rooms = "3" }` (the example tenants require it for painting).
     #[serde(default)]
-    details: BTreeMap<String, String>,
+    details: Option<BTreeMap<String, String>>,
     #[serde(default)]
     attributes: Vec<String>,
     #[serde(default)]
@@ -488,7 +489,7 @@ fn build_lead(l: &LeadSpec, start: Millis, now: Millis) -> Result<Lead, String> 
             .description
             .clone()
             .unwrap_or_else(|| "Tinteggiatura di un appartamento di 80 mq, due camere".into()),
-        details: l.details.clone(),
+        details: l.details.clone().unwrap_or_else(|| BTreeMap::from([("rooms".into(), "3".into())])),
         attributes: l.attributes.clone(),
         client: Client {
             id: ClientId::new(c.id.clone().unwrap_or_else(|| format!("client-{}", l.id))),
