@@ -970,4 +970,16 @@ macro_rules! scenarios {
 
 scenarios! {
     r1_idempotent_republish_and_conflict => "r1_idempotency.toml",
+    r2_quality_gate_rejects_each_reason => "r2_quality_gate.toml",
+    r3_candidate_list_needs_min_list_size => "r3_candidates.toml",
+    r4_eligibility_distance_pause_vacation_schedule_attributes => "r4_eligibility.toml",
+    r4_r25_night_window_is_two_intervals_in_the_pros_zone => "r4_night_schedule.toml",
+    r5_direct_first_then_generic_after_head_start => "r5_head_start.toml",
+    r8_no_pii_before_responding_phone_only_for_call_or_whatsapp => "r8_privacy.toml",
+    r13_direct_and_contact_jobs_reach_only_their_targets => "r13_job_kinds.toml",
+    r14_declines_are_final_and_lower_ranking => "r14_declines.toml",
+    r17_illegal_transitions_are_refused => "r17_transitions.toml",
+    r18_notes_and_search => "r18_notes_search.toml",
+    r21_autobuy_groups_of_four_cycle_through_eight_pros => "r21_autobuy_groups.toml",
+    r22_autobuy_retry_within_window_when_budget_returns => "r22_autobuy_retry.toml",
 }
