@@ -975,6 +975,7 @@ scenarios! {
     r4_eligibility_distance_pause_vacation_schedule_attributes => "r4_eligibility.toml",
     r4_r25_night_window_is_two_intervals_in_the_pros_zone => "r4_night_schedule.toml",
     r5_direct_first_then_generic_after_head_start => "r5_head_start.toml",
+    r5_late_publish_offers_direct_targets_once => "r5_late_publish.toml",
     r8_no_pii_before_responding_phone_only_for_call_or_whatsapp => "r8_privacy.toml",
     r13_direct_and_contact_jobs_reach_only_their_targets => "r13_job_kinds.toml",
     r14_declines_are_final_and_lower_ranking => "r14_declines.toml",

@@ -734,6 +734,7 @@ impl Shard {
         }];
         // R5: direct targets at once.
         let mut offers = Vec::new();
+        let mut direct_grants = Vec::new();
         if !lead.direct.is_empty() {
             let kind = if lead.kind == JobKind::Contact { OfferKind::Contact } else { OfferKind::Direct };
             let mut grants = Vec::new();
@@ -748,6 +749,7 @@ impl Shard {
                 }
             }
             offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
+            direct_grants.clone_from(&grants);
             events.push(Event::Offered {
                 lead: lead.id.clone(),
                 at: now,
@@ -759,7 +761,25 @@ impl Shard {
         }
         // No head start: generic release in the same decision.
         if release_at == Some(now) {
-            let st = provisional(arc, fp, price, now, expires_at);
+            // The release must see the direct offers made just above (a lead published
+            // after its head start is over), or a direct target would be offered twice.
+            let mut st = provisional(arc, fp, price, now, expires_at);
+            st.offers = direct_grants
+                .into_iter()
+                .map(|g| OfferState {
+                    pro: g.pro,
+                    kind: g.kind,
+                    status: OfferStatus::New,
+                    offered_at: now,
+                    respond_by: None,
+                    responded_at: None,
+                    charge: None,
+                    captured: false,
+                    viewed: false,
+                    refunded: false,
+                    notes: Vec::new(),
+                })
+                .collect();
             let ev = self.release(now, &st, funds);
             if let Event::Offered { grants, .. } = &ev {
                 offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
