@@ -976,6 +976,10 @@ impl Shard {
                         return Ok(Decision { events: vec![], reply: view(offer.status, true) })
                     }
                     S::New | S::Opened => {}
+                    // Made inactive by the lead closing or its cap filling: answer why,
+                    // as a response a moment earlier (before the timer fired) would be.
+                    S::Inactive if !st.is_open() => return Err(Reject::LeadExpired(l)),
+                    S::Inactive => return Err(Reject::LeadFull(l)),
                     _ => return Err(illegal()),
                 }
                 if !st.is_open() || now >= st.expires_at {
