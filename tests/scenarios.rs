@@ -531,9 +531,7 @@ fn action(a: &str, by: Option<Party>, text: &Option<String>) -> Result<OfferActi
 fn snake<T: serde::Serialize>(v: &T) -> String {
     match serde_json::to_value(v).expect("plain enums serialise") {
         serde_json::Value::String(s) => s,
-        serde_json::Value::Object(m) => {
-            m.get("reason").and_then(|r| r.as_str()).unwrap_or("?").to_string()
-        }
+        serde_json::Value::Object(m) => m.get("reason").and_then(|r| r.as_str()).unwrap_or("?").to_string(),
         other => other.to_string(),
     }
 }
@@ -686,7 +684,10 @@ impl Run {
             }
             Outcome::Decided(Ok(d)) => {
                 if let Some(code) = &ex.reject {
-                    return Err(format!("expected refusal {code}, got events {:?}", common::names(&d.events)));
+                    return Err(format!(
+                        "expected refusal {code}, got events {:?}",
+                        common::names(&d.events)
+                    ));
                 }
                 events = &d.events;
                 reply = Some(&d.reply);
@@ -889,7 +890,8 @@ fn run_file(path: &Path) -> Result<(), String> {
         funds.set_credits(p, *c);
     }
     for (k, c) in &sc.funds.budgets {
-        let (p, cfg) = k.split_once('/').ok_or_else(|| format!("{header}: budget key {k:?}: want pro/config"))?;
+        let (p, cfg) =
+            k.split_once('/').ok_or_else(|| format!("{header}: budget key {k:?}: want pro/config"))?;
         funds.set_budget(p, cfg, *c);
     }
     let mut run = Run {
@@ -981,6 +983,7 @@ scenarios! {
     r8_no_pii_before_responding_phone_only_for_call_or_whatsapp => "r8_privacy.toml",
     r13_direct_and_contact_jobs_reach_only_their_targets => "r13_job_kinds.toml",
     r14_declines_are_final_and_lower_ranking => "r14_declines.toml",
+    r15_offers_expire_after_the_response_window => "r15_response_window.toml",
     r17_illegal_transitions_are_refused => "r17_transitions.toml",
     r18_notes_and_search => "r18_notes_search.toml",
     r21_autobuy_groups_of_four_cycle_through_eight_pros => "r21_autobuy_groups.toml",

@@ -959,6 +959,15 @@ impl Shard {
         let offer =
             st.offer(pro).ok_or_else(|| Reject::NotOffered { lead: lead_id.clone(), pro: pro.clone() })?;
         let illegal = || Reject::IllegalTransition { from: offer.status.as_str(), action: action.name() };
+        // R15: once the response window is over no action is possible on the offer, and
+        // the answer must not depend on whether the expiry timer has fired yet.
+        let window_over = offer.status == OfferStatus::Expired
+            || (offer.status.is_open() && offer.respond_by.is_some_and(|t| now >= t));
+        if window_over
+            && matches!(action, OfferAction::Open | OfferAction::Respond | OfferAction::Decline { .. })
+        {
+            return Err(Reject::OfferExpired { lead: lead_id.clone(), pro: pro.clone() });
+        }
         let (l, p) = (lead_id.clone(), pro.clone());
         let view =
             |status: OfferStatus, revealed: bool| Reply::Offer(self.view(st, offer, Some(status), revealed));

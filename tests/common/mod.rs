@@ -277,7 +277,13 @@ impl Harness {
         self.ok(now, Command::PublishLead { lead: l })
     }
 
-    pub fn act(&mut self, now: Millis, lead: &str, pro: &str, action: OfferAction) -> Result<Decision, Reject> {
+    pub fn act(
+        &mut self,
+        now: Millis,
+        lead: &str,
+        pro: &str,
+        action: OfferAction,
+    ) -> Result<Decision, Reject> {
         self.run(now, &Command::Offer { lead: lid(lead), pro: pid(pro), action })
     }
 
