@@ -984,6 +984,7 @@ scenarios! {
     r13_direct_and_contact_jobs_reach_only_their_targets => "r13_job_kinds.toml",
     r14_declines_are_final_and_lower_ranking => "r14_declines.toml",
     r15_offers_expire_after_the_response_window => "r15_response_window.toml",
+    r16_vacation_blocks_offers_without_catch_up_burst => "r16_vacation.toml",
     r17_illegal_transitions_are_refused => "r17_transitions.toml",
     r18_notes_and_search => "r18_notes_search.toml",
     r21_autobuy_groups_of_four_cycle_through_eight_pros => "r21_autobuy_groups.toml",
