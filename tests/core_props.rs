@@ -20,14 +20,39 @@ const PROS: usize = 8;
 #[derive(Debug, Clone)]
 enum Op {
     /// Join (or update) with some quality.
-    Join { pro: usize, reviews: u32 },
-    Leave { pro: usize },
-    Pause { pro: usize, minutes: i64 },
-    Vacation { pro: usize, from_min: i64, len_min: i64 },
-    Publish { direct: Vec<usize>, kind: u8, late_min: i64 },
-    Act { lead: usize, pro: usize, action: u8 },
-    Budget { pro: usize, credits: u64 },
-    Tick { jump_min: i64 },
+    Join {
+        pro: usize,
+        reviews: u32,
+    },
+    Leave {
+        pro: usize,
+    },
+    Pause {
+        pro: usize,
+        minutes: i64,
+    },
+    Vacation {
+        pro: usize,
+        from_min: i64,
+        len_min: i64,
+    },
+    Publish {
+        direct: Vec<usize>,
+        kind: u8,
+        late_min: i64,
+    },
+    Act {
+        lead: usize,
+        pro: usize,
+        action: u8,
+    },
+    Budget {
+        pro: usize,
+        credits: u64,
+    },
+    Tick {
+        jump_min: i64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
