@@ -27,9 +27,10 @@
 //!
 //! A pro that is scanned but skipped (paused, outside its schedule, too far, out of
 //! budget) keeps its place, so it is first in line for the next lead it can take: it
-//! does not lose its turn. But its pass is clamped to at most `max_catch_up_turns`
-//! strides behind `V`, so after a week of vacation it gets one lead early (with the
-//! default of 1), never a burst of the leads it missed. A pro that joins starts at the
+//! does not lose its turn. But its pass is clamped to at most `max_catch_up_turns - 1`
+//! strides behind `V` (the pros just served sit between `V` and `V + stride`), so after a
+//! week of vacation it gets one lead early (with the default of 1), never a burst of the
+//! leads it missed; with 0 it goes to the back of the queue. A pro that joins starts at the
 //! back of the queue (`V + stride`), so leaving and re-joining cannot jump the line.
 //!
 //! Each selection costs `O(log n + scanned)`, where `scanned` is the pros looked at
@@ -150,7 +151,8 @@ impl Ring {
     }
 
     /// Applies a selection: taken slots advance by their stride, skipped slots are
-    /// clamped to at most `max_catch_up_turns` strides behind the virtual time.
+    /// clamped to at most `max_catch_up_turns - 1` strides behind the virtual time, i.e.
+    /// `max_catch_up_turns` turns ahead of a pro just served (at `V + stride`).
     pub fn commit(&mut self, sel: &Selection, max_catch_up_turns: u32) {
         for &slot in &sel.taken {
             if let Some(e) = self.entry(slot) {
@@ -163,7 +165,9 @@ impl Ring {
         let vt = self.vt;
         for &slot in &sel.skipped {
             self.set_pass(slot, |e| {
-                let floor = vt.saturating_sub(e.stride.saturating_mul(u64::from(max_catch_up_turns)));
+                let floor = vt
+                    .saturating_add(e.stride)
+                    .saturating_sub(e.stride.saturating_mul(u64::from(max_catch_up_turns)));
                 e.pass.max(floor)
             });
         }
@@ -246,6 +250,41 @@ mod tests {
         assert_eq!(got[0], 0, "the returning pro keeps its turn");
         let zeros = got.iter().filter(|&&s| s == 0).count();
         assert!(zeros <= 3, "no catch-up burst: slot 0 got {zeros} of 8: {got:?}");
+    }
+
+    #[test]
+    fn r28_returning_pro_gets_exactly_one_lead_early_with_one_catch_up_turn() {
+        let mut ring = Ring::new();
+        for slot in 0..3 {
+            ring.upsert(slot, 100);
+        }
+        for _ in 0..4 {
+            let sel = ring.select(1, |s| s != 2);
+            ring.commit(&sel, 1);
+        }
+        let mut got = Vec::new();
+        for _ in 0..7 {
+            let sel = ring.select(1, |_| true);
+            ring.commit(&sel, 1);
+            got.push(sel.taken[0]);
+        }
+        // One early lead, then strictly cyclic again.
+        assert_eq!(got, vec![2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn r28_no_catch_up_credit_sends_a_returning_pro_to_the_back() {
+        let mut ring = Ring::new();
+        for slot in 0..3 {
+            ring.upsert(slot, 100);
+        }
+        for _ in 0..4 {
+            let sel = ring.select(1, |s| s != 0);
+            ring.commit(&sel, 0);
+        }
+        // No pro that kept being served is behind it: it has no credit left.
+        let pass = |s| ring.entry(s).unwrap().pass;
+        assert!(pass(0) >= pass(1) && pass(0) >= pass(2), "{} {} {}", pass(0), pass(1), pass(2));
     }
 
     #[test]

@@ -510,6 +510,11 @@ pub struct LeadState {
     pub skipped: Vec<(ProId, Skip)>,
     /// R22: auto-buy pros skipped for lack of budget, retried until `retry_until`.
     pub budget_waitlist: Vec<ProId>,
+    /// R1: what the publish answered, kept so that a republish answers the same even
+    /// after the release: the release time it announced, and how many of `offers` (a
+    /// prefix: nothing is offered before the publish) it made.
+    pub published_release_at: Option<Millis>,
+    pub published_offers: u32,
 }
 
 impl LeadState {
@@ -730,6 +735,7 @@ impl Shard {
         }];
         // R5: direct targets at once.
         let mut offers = Vec::new();
+        let mut direct_grants = Vec::new();
         if !lead.direct.is_empty() {
             let kind = if lead.kind == JobKind::Contact { OfferKind::Contact } else { OfferKind::Direct };
             let mut grants = Vec::new();
@@ -744,6 +750,7 @@ impl Shard {
                 }
             }
             offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
+            direct_grants.clone_from(&grants);
             events.push(Event::Offered {
                 lead: lead.id.clone(),
                 at: now,
@@ -755,7 +762,25 @@ impl Shard {
         }
         // No head start: generic release in the same decision.
         if release_at == Some(now) {
-            let st = provisional(arc, fp, price, now, expires_at);
+            // The release must see the direct offers made just above (a lead published
+            // after its head start is over), or a direct target would be offered twice.
+            let mut st = provisional(arc, fp, price, now, expires_at);
+            st.offers = direct_grants
+                .into_iter()
+                .map(|g| OfferState {
+                    pro: g.pro,
+                    kind: g.kind,
+                    status: OfferStatus::New,
+                    offered_at: now,
+                    respond_by: None,
+                    responded_at: None,
+                    charge: None,
+                    captured: false,
+                    viewed: false,
+                    refunded: false,
+                    notes: Vec::new(),
+                })
+                .collect();
             let ev = self.release(now, &st, funds);
             if let Event::Offered { grants, .. } = &ev {
                 offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
@@ -935,6 +960,15 @@ impl Shard {
         let offer =
             st.offer(pro).ok_or_else(|| Reject::NotOffered { lead: lead_id.clone(), pro: pro.clone() })?;
         let illegal = || Reject::IllegalTransition { from: offer.status.as_str(), action: action.name() };
+        // R15: once the response window is over no action is possible on the offer, and
+        // the answer must not depend on whether the expiry timer has fired yet.
+        let window_over = offer.status == OfferStatus::Expired
+            || (offer.status.is_open() && offer.respond_by.is_some_and(|t| now >= t));
+        if window_over
+            && matches!(action, OfferAction::Open | OfferAction::Respond | OfferAction::Decline { .. })
+        {
+            return Err(Reject::OfferExpired { lead: lead_id.clone(), pro: pro.clone() });
+        }
         let (l, p) = (lead_id.clone(), pro.clone());
         let view =
             |status: OfferStatus, revealed: bool| Reply::Offer(self.view(st, offer, Some(status), revealed));
@@ -952,9 +986,10 @@ impl Shard {
                         return Ok(Decision { events: vec![], reply: view(offer.status, true) })
                     }
                     S::New | S::Opened => {}
-                    // Made inactive by the cap (R6) or by the close (R7): say which.
-                    S::Inactive if st.is_open() => return Err(Reject::LeadFull(l)),
-                    S::Inactive => return Err(Reject::LeadExpired(l)),
+                    // Made inactive by the lead closing or its cap filling: answer why,
+                    // as a response a moment earlier (before the timer fired) would be.
+                    S::Inactive if !st.is_open() => return Err(Reject::LeadExpired(l)),
+                    S::Inactive => return Err(Reject::LeadFull(l)),
                     _ => return Err(illegal()),
                 }
                 if !st.is_open() || now >= st.expires_at {
@@ -1199,7 +1234,7 @@ impl Shard {
             }
             Event::LeadAccepted { lead, fingerprint, price, at, release_at, expires_at } => {
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
-                let st = LeadState { release_at: *release_at, ..st };
+                let st = LeadState { release_at: *release_at, published_release_at: *release_at, ..st };
                 if let Some(r) = release_at {
                     if r > at {
                         self.deadlines.insert(Deadline { at: *r, lead: lead.id.clone(), due: Due::Release });
@@ -1221,6 +1256,13 @@ impl Shard {
                     self.deadlines.retain(|d| !(d.lead == *lead && d.due == Due::Release));
                 }
                 for g in grants {
+                    // The publish decision's own offers: the direct ones and an
+                    // immediate release (a later release has a later time).
+                    if *at == st.accepted_at
+                        && (*release || matches!(g.kind, OfferKind::Direct | OfferKind::Contact))
+                    {
+                        st.published_offers += 1;
+                    }
                     let respond_by = match g.kind {
                         OfferKind::Contact | OfferKind::AutoBuy => None,
                         _ => policy.response_window.map(|w| at.saturating_add(w)),
@@ -1417,8 +1459,13 @@ impl Shard {
             lead: st.lead.id.clone(),
             status: LeadStatus::Accepted,
             price: st.price,
-            offers: st.offers.iter().map(|o| (o.pro.clone(), o.kind)).collect(),
-            release_at: st.release_at,
+            offers: st
+                .offers
+                .iter()
+                .take(st.published_offers as usize)
+                .map(|o| (o.pro.clone(), o.kind))
+                .collect(),
+            release_at: st.published_release_at,
             expires_at: Some(st.expires_at),
         }
     }
@@ -1660,6 +1707,8 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         generic_responders: 0,
         skipped: Vec::new(),
         budget_waitlist: Vec::new(),
+        published_release_at: None,
+        published_offers: 0,
     }
 }
 

@@ -1,0 +1,201 @@
+//! Bad input is refused with the specific error (`Reject::code()` and the field name) and
+//! leaves the shard exactly as it was (compared with a clone taken before).
+
+mod common;
+
+use common::*;
+use rota::core::*;
+use rota::ids::{LeadId, ProId};
+
+/// A shard with two pros and one open lead offered to both.
+fn setup() -> Harness {
+    let mut h = Harness::new(shared_policy());
+    h.add_pro(pro("anna"));
+    h.add_pro(pro("bruno"));
+    h.publish(T0, lead("L1", T0));
+    h
+}
+
+/// Decides `cmd`, requires the refusal `code` (and `field` for `invalid_field`), and
+/// checks the shard did not change.
+fn refused(h: &mut Harness, cmd: Command, code: &str, field: Option<&str>) {
+    let before = h.shard.clone();
+    let e = h.err(T0 + M, cmd.clone());
+    assert_eq!(e.code(), code, "{cmd:?}: {e}");
+    if let Some(field) = field {
+        match &e {
+            Reject::InvalidField(f) => assert_eq!(f.field, field, "{cmd:?}"),
+            other => panic!("{cmd:?}: expected invalid field {field}, got {other:?}"),
+        }
+    }
+    assert!(h.shard == before, "{cmd:?} was refused but changed the shard");
+}
+
+#[test]
+fn unknown_pro_is_refused() {
+    let mut h = setup();
+    refused(&mut h, Command::RemovePro { pro: pid("zeno") }, "unknown_pro", None);
+    refused(
+        &mut h,
+        Command::SetAvailability { pro: pid("zeno"), availability: Availability::default() },
+        "unknown_pro",
+        None,
+    );
+    refused(
+        &mut h,
+        Command::Offer { lead: lid("L1"), pro: pid("zeno"), action: OfferAction::Respond },
+        "not_offered",
+        None,
+    );
+}
+
+#[test]
+fn unknown_lead_is_refused() {
+    let mut h = setup();
+    refused(
+        &mut h,
+        Command::Offer { lead: lid("L404"), pro: pid("anna"), action: OfferAction::Open },
+        "unknown_lead",
+        None,
+    );
+    assert_eq!(h.shard.explain(&lid("L404")).unwrap_err().code(), "unknown_lead");
+    assert_eq!(h.shard.offer_view(&lid("L404"), &pid("anna")).unwrap_err().code(), "unknown_lead");
+}
+
+#[test]
+fn malformed_location_is_refused_with_the_field() {
+    let mut h = setup();
+    let mut l = lead("L2", T0);
+    l.location = Some(GeoPoint { lat: 91.0, lon: 11.0 });
+    refused(&mut h, Command::PublishLead { lead: l.clone() }, "invalid_field", Some("lead.location.lat"));
+    l.location = Some(GeoPoint { lat: 44.0, lon: f64::NAN });
+    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.location.lon"));
+    let mut p = pro("carla");
+    p.base = Some(GeoPoint { lat: 0.0, lon: 181.0 });
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.base.lon"));
+}
+
+#[test]
+fn r1_empty_lead_id_is_refused() {
+    let mut h = setup();
+    refused(&mut h, Command::PublishLead { lead: lead("", T0) }, "invalid_field", Some("lead.id"));
+    let mut l = lead("L3", T0);
+    l.direct = vec![ProId::new("")];
+    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.direct[0]"));
+    let mut l = lead("L4", T0);
+    l.direct = vec![pid("anna"), pid("anna")];
+    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.direct[1]"));
+    refused(&mut h, Command::PublishLead { lead: lead("L5", 0) }, "invalid_field", Some("lead.created_at"));
+}
+
+#[test]
+fn r4_negative_or_missing_radius_is_refused() {
+    let mut h = setup();
+    let mut p = pro("carla");
+    p.base = Some(GeoPoint { lat: 44.49, lon: 11.34 });
+    p.radius_km = Some(-5.0);
+    refused(&mut h, Command::UpsertPro { pro: p.clone() }, "invalid_field", Some("pro.radius_km"));
+    p.radius_km = Some(f64::INFINITY);
+    refused(&mut h, Command::UpsertPro { pro: p.clone() }, "invalid_field", Some("pro.radius_km"));
+    p.base = None;
+    p.radius_km = Some(10.0);
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.base"));
+}
+
+#[test]
+fn r4_inverted_schedule_is_refused() {
+    let mut h = setup();
+    let inverted = WeeklyWindows {
+        time_zone: "Europe/Rome".into(),
+        intervals: vec![WeeklyInterval { day: Weekday::Mon, start_min: 22 * 60, end_min: 6 * 60 }],
+    };
+    let availability = Availability { schedule: Some(inverted.clone()), ..Default::default() };
+    refused(
+        &mut h,
+        Command::SetAvailability { pro: pid("anna"), availability: availability.clone() },
+        "invalid_field",
+        Some("availability.schedule.intervals[0]"),
+    );
+    let mut p = pro("carla");
+    p.availability = availability;
+    refused(
+        &mut h,
+        Command::UpsertPro { pro: p },
+        "invalid_field",
+        Some("pro.availability.schedule.intervals[0]"),
+    );
+    let bad_zone = WeeklyWindows { time_zone: "Mars/Olympus".into(), intervals: vec![] };
+    refused(
+        &mut h,
+        Command::SetAvailability {
+            pro: pid("anna"),
+            availability: Availability { schedule: Some(bad_zone), ..Default::default() },
+        },
+        "invalid_field",
+        Some("availability.schedule.time_zone"),
+    );
+}
+
+#[test]
+fn pro_or_lead_of_another_shard_is_refused() {
+    let mut h = setup();
+    let mut p = pro("carla");
+    p.zones = vec!["milano".into()];
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.zones"));
+    let mut l = lead("L6", T0);
+    l.category = "plumbing".into();
+    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.zone"));
+}
+
+#[test]
+fn r18_bad_notes_are_refused() {
+    let mut h = setup();
+    let note = |text: String| Command::Offer {
+        lead: LeadId::new("L1"),
+        pro: pid("anna"),
+        action: OfferAction::AddNote { text },
+    };
+    refused(&mut h, note(String::new()), "invalid_field", Some("text"));
+    refused(&mut h, note("x".repeat(5000)), "invalid_field", Some("text"));
+}
+
+#[test]
+fn unknown_policy_key_is_refused_with_its_name() {
+    let e = Policy::from_toml("tenant = \"t\"\nmode = \"shared\"\n[leads]\nhead_start_minutes = 30\n")
+        .unwrap_err();
+    assert!(matches!(e, PolicyError::Parse(_)), "{e:?}");
+    assert!(e.to_string().contains("head_start_minutes"), "{e}");
+    let e = Policy::from_toml("tenant = \"t\"\nmode = \"sharded\"\n").unwrap_err();
+    assert!(e.to_string().contains("sharded"), "{e}");
+}
+
+#[test]
+fn invalid_policy_values_name_the_key() {
+    let cases = [
+        ("mode = \"auto_buy\"\n[money]\ncharge_on = \"response\"", "money.charge_on"),
+        ("mode = \"shared\"\n[money]\ncharge_on = \"dispatch\"", "money.charge_on"),
+        ("mode = \"shared\"\n[money]\nflat_price_credits = 0", "money.flat_price_credits"),
+        ("mode = \"shared\"\n[leads]\nresponse_window_s = -1", "leads.response_window_s"),
+        ("mode = \"shared\"\n[ranking]\ndecline_penalty_permille = 1001", "ranking.decline_penalty_permille"),
+        ("mode = \"shared\"\n[ranking]\nbase_weight = 500", "ranking.base_weight"),
+    ];
+    for (body, key) in cases {
+        match Policy::from_toml(&format!("tenant = \"t\"\n{body}\n")) {
+            Err(PolicyError::Invalid { key: k, .. }) => assert_eq!(k, key, "{body}"),
+            other => panic!("{body}: expected invalid {key}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn r9_insufficient_credits_changes_nothing() {
+    let mut h = setup();
+    h.funds.set_credits("anna", 3);
+    refused(
+        &mut h,
+        Command::Offer { lead: LeadId::new("L1"), pro: pid("anna"), action: OfferAction::Respond },
+        "insufficient_credits",
+        None,
+    );
+    assert_eq!(h.funds.credits(&pid("anna")), 3);
+}
