@@ -4,8 +4,10 @@
 //! BENCHMARKS.md under "Ledger and pricing".
 
 use criterion::{criterion_group, criterion_main, Criterion};
-// std's black_box: criterion 0.5 without `real_blackbox` copies the value byte by
-// byte with volatile reads, which costs more than a ledger operation.
+// std's black_box, and `iter` closures return (): criterion 0.5 without its
+// `real_blackbox` feature black-boxes values (including what an `iter` closure
+// returns) by copying them byte by byte with volatile reads, which costs more
+// than the ledger operation itself.
 use rota::ids::{ProId, TenantId};
 use rota::ledger::{CreditFact, Ledger, LedgerEvent, OpId};
 use rota::pricing::{price, CategoryStats, PricingPolicy, RiskInputs};
@@ -65,14 +67,18 @@ fn ledger(c: &mut Criterion) {
         let (l, t, p) = funded();
         let id = OpId::new("charge:l1:pro-1");
         l.charge(id.clone(), &t, &p, 3).unwrap();
-        b.iter(|| black_box(l.charge(id.clone(), &t, &p, 3).unwrap()))
+        b.iter(|| {
+            black_box(l.charge(id.clone(), &t, &p, 3).unwrap());
+        })
     });
 
     // The refused path: not enough credits.
     g.bench_function("charge_insufficient", |b| {
         let (l, t, p) = funded();
         let id = OpId::new("charge:l1:pro-1");
-        b.iter(|| black_box(l.charge(id.clone(), &t, &p, u64::MAX).unwrap_err()))
+        b.iter(|| {
+            black_box(l.charge(id.clone(), &t, &p, u64::MAX).unwrap_err());
+        })
     });
 
     // Chat-only response: hold then capture.
@@ -160,7 +166,9 @@ fn pricing(c: &mut Criterion) {
         CategoryStats { avg_job_value_cents: 73_450, conversion_permille: 187, avg_proposals_milli: 4_321 };
     let risk = RiskInputs { chat_only: true, thin_details: false, distance_m: Some(42_000) };
     c.bench_function("pricing/price", |b| {
-        b.iter(|| black_box(price(black_box(&stats), black_box(&risk), &pricing)))
+        b.iter(|| {
+            black_box(price(black_box(&stats), black_box(&risk), &pricing));
+        })
     });
 }
 

@@ -35,7 +35,7 @@ macro_rules! string_id {
             pub fn as_str(&self) -> &str {
                 self.0.as_str()
             }
-            /// Checks the id is usable: non-empty, at most [`MAX_ID_LEN`] bytes,
+            /// Checks the id is usable: non-empty, at most [`MAX_ID_LEN`](crate::ids::MAX_ID_LEN) bytes,
             /// no control characters.
             pub fn validate(&self, field: &'static str) -> Result<(), IdError> {
                 validate_id(self.as_str(), field)

@@ -8,6 +8,7 @@ use super::error::LedgerError;
 use super::types::{CreditFact, OpId, RefundReason, TopupRequest, TopupRule};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use std::collections::hash_map::Entry;
 
 /// What a caller asks of an account; compared with the stored fact when an op
 /// id is replayed.
@@ -214,9 +215,12 @@ impl Account {
     /// intermediate state of an out-of-order replay went "negative". The live
     /// path never wraps because `decide` checked every bound first.
     pub(crate) fn apply(&mut self, op: &OpId, fact: &CreditFact) -> bool {
-        if self.ops.contains_key(op) {
+        // One lookup registers the op and tells whether it was known; the
+        // entry borrows only `self.ops`, the balances below are other fields.
+        let Entry::Vacant(slot) = self.ops.entry(op.clone()) else {
             return false;
-        }
+        };
+        slot.insert(fact.clone());
         let d = fact.deltas();
         // `as u64` on an i128 keeps the value mod 2^64: exactly the wrapping delta.
         self.available = self.available.wrapping_add(d.available as u64);
@@ -246,7 +250,6 @@ impl Account {
                 }
             }
         }
-        self.ops.insert(op.clone(), fact.clone());
         true
     }
 

@@ -8,6 +8,7 @@ use super::error::LedgerError;
 use super::types::{BudgetFact, BudgetName, OpId};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,9 +144,10 @@ impl Budget {
     /// replaces the period only if it is newer; spends and refunds add to the
     /// totals of their own period (ignored once that period is over).
     pub(crate) fn apply(&mut self, op: &OpId, fact: &BudgetFact) -> bool {
-        if self.ops.contains_key(op) {
+        let Entry::Vacant(slot) = self.ops.entry(op.clone()) else {
             return false;
-        }
+        };
+        slot.insert(fact.clone());
         match fact {
             BudgetFact::Set { weekly, version } => {
                 if *version > self.weekly_version {
@@ -173,7 +175,6 @@ impl Budget {
                 self.refunds.insert(spend.clone(), op.clone());
             }
         }
-        self.ops.insert(op.clone(), fact.clone());
         true
     }
 
