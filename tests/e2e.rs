@@ -100,9 +100,9 @@ impl Client {
         let id = format!("r{}", self.n);
         req["id"] = json!(id);
         let msg = if self.msgpack {
-            Message::Binary(rmp_serde::to_vec_named(&req).unwrap().into())
+            Message::Binary(rmp_serde::to_vec_named(&req).unwrap())
         } else {
-            Message::Text(req.to_string().into())
+            Message::Text(req.to_string())
         };
         self.ws.send(msg).await.unwrap();
         let mut events = Vec::new();
@@ -241,7 +241,7 @@ async fn auth_and_subprotocol_are_checked_at_the_upgrade_and_bad_frames_get_spec
     assert!(err.contains("400"), "{err}");
 
     let mut c = Client::new(&d.addr, false).await;
-    c.ws.send(Message::Text("not json".to_string().into())).await.unwrap();
+    c.ws.send(Message::Text("not json".to_string())).await.unwrap();
     let v = c.recv().await;
     assert_eq!(v["code"], "bad_frame");
     let (v, _) = c.call(json!({"type": "teleport"})).await;

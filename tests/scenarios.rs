@@ -728,7 +728,7 @@ impl Run {
                     check_eq("candidates", &got, want)?;
                 }
                 if let Some(r) = &ex.candidates_reason {
-                    check_eq("candidates reason", c.reason, Some(r.as_str()))?;
+                    check_eq("candidates reason", c.reason.as_deref(), Some(r.as_str()))?;
                 }
             }
             Outcome::Ledger => {}

@@ -703,8 +703,7 @@ fn fuzzy_snapshot_plus_full_replay_equals_the_live_state() {
                         if let Ok(r) = l.charge(id("c"), &t(), p, 1 + i as u64 % 4) {
                             log.push(r.event);
                             if i % 4 == 0 {
-                                let r =
-                                    l.refund(id("r"), &t(), p, &id("c"), RefundReason::NotViewed);
+                                let r = l.refund(id("r"), &t(), p, &id("c"), RefundReason::NotViewed);
                                 log.push(r.unwrap().event);
                             }
                         }
@@ -720,10 +719,7 @@ fn fuzzy_snapshot_plus_full_replay_equals_the_live_state() {
             })
             .collect();
         let mid = l.snapshot();
-        let logged = workers
-            .into_iter()
-            .map(|w| w.join().expect("worker thread panicked"))
-            .collect();
+        let logged = workers.into_iter().map(|w| w.join().expect("worker thread panicked")).collect();
         (mid, logged)
     });
     let recovered = Ledger::restore(mid);
