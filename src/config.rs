@@ -387,6 +387,21 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_loads_and_names_every_key() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/rota.toml");
+        let c = Config::load(&Sources { file: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!(c.listen.port(), 7700);
+        let text = std::fs::read_to_string(path).unwrap();
+        let defaults = toml::Value::try_from(RawConfig::default()).unwrap();
+        for key in defaults.as_table().unwrap().keys().filter(|k| *k != "tenants") {
+            assert!(
+                text.contains(&format!("{key} =")) || text.contains(&format!("[{key}]")),
+                "{key} undocumented"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let src = Sources { flags: vec!["lisen=1".into()], ..Default::default() };
         let e = Config::load(&src).unwrap_err().to_string();
