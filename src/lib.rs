@@ -20,12 +20,16 @@
 //! | [`ledger`] | credits and auto-buy budgets, concurrent and idempotent | I/O, clocks |
 //! | [`pricing`] | R11 lead prices in credits, with their components; category stats learning | state, I/O, floats |
 //! | [`wal`] | record framing, segments, group-commit writer, snapshots, recovery | what records mean |
+//! | [`telemetry`] | metric names, units, buckets and handles; Prometheus recorder; log setup | rules, state, I/O beyond `/proc/self` |
 //!
 //! Every state change is decided by the core (`decide`), written to the WAL as an
 //! event, applied (`apply`, also used by replay) and only then published.
 
+#[path = "server/admin.rs"]
+pub mod admin_http;
 pub mod core;
 pub mod ids;
 pub mod ledger;
 pub mod pricing;
+pub mod telemetry;
 pub mod wal;
