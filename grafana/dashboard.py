@@ -178,6 +178,7 @@ ts("Stream trouble", "ops", [
 ], w=6)
 ts("Memory", "bytes", [
     ("sum(process_resident_memory_bytes{job=~\"rota.*\"})", "resident"),
+    ("sum(process_virtual_memory_bytes{job=~\"rota.*\"})", "virtual"),
 ], w=6)
 ts("File descriptors", "percentunit", [
     ("sum(process_open_fds{job=~\"rota.*\"}) / sum(process_max_fds{job=~\"rota.*\"})", "open / max"),
@@ -204,8 +205,9 @@ ts("Snapshot duration", "s", [
     (q(0.5, "rota_snapshot_duration_seconds"), "p50"),
     (q(0.99, "rota_snapshot_duration_seconds"), "p99"),
 ], w=8)
-stat("Last recovery duration", "s", [("max(rota_recovery_duration_seconds)", "recovery")], w=8, h=8)
-stat("Last recovery records replayed", "short", [("max(rota_recovery_replayed_records)", "records")], w=8, h=8)
+ts("Snapshots written", "short", [(f"sum(increase(rota_wal_snapshots_total[{RI}]))", "snapshots")], w=8)
+stat("Last recovery duration", "s", [("max(rota_recovery_duration_seconds)", "recovery")], w=4, h=8)
+stat("Last recovery records replayed", "short", [("max(rota_recovery_replayed_records)", "records")], w=4, h=8)
 
 # --- Business ---------------------------------------------------------------
 row("Business")

@@ -829,6 +829,15 @@ mod tests {
     }
 
     #[test]
+    fn docs_describe_every_metric() {
+        let doc = include_str!("../docs/OBSERVABILITY.md");
+        for d in ALL {
+            let row = format!("| `{}` | {} |", d.name, d.kind.as_str());
+            assert!(doc.contains(&row), "docs/OBSERVABILITY.md lacks the row of {}", d.name);
+        }
+    }
+
+    #[test]
     fn decide_and_pipeline_buckets_cover_the_targets() {
         assert_eq!(DECIDE_BUCKETS.first(), Some(&1e-6));
         assert_eq!(DECIDE_BUCKETS.last(), Some(&1e-2));

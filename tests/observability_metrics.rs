@@ -96,3 +96,73 @@ fn dump_metrics() {
     std::fs::write(&path, rendered()).unwrap();
     eprintln!("wrote {}", path.display());
 }
+
+/// Every `rota_*` / `process_*` token of `text`, with histogram suffixes removed.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for token in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !(token.starts_with("rota_") || token.starts_with("process_")) {
+            continue;
+        }
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| token.strip_suffix(s).filter(|b| telemetry::def(b).is_some()))
+            .unwrap_or(token);
+        out.push(base.to_string());
+    }
+    out
+}
+
+fn repo_file(path: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn dashboard_and_alerts_use_only_exported_metrics_and_the_dashboard_shows_all() {
+    let dashboard = repo_file("grafana/rota-dashboard.json");
+    let alerts = repo_file("grafana/alerts.yml");
+    for (file, text) in [("dashboard", &dashboard), ("alerts", &alerts)] {
+        for name in metric_names(text) {
+            assert!(telemetry::def(&name).is_some(), "{file} uses {name}, which rota does not export");
+        }
+    }
+    let used = metric_names(&dashboard);
+    for d in ALL {
+        assert!(used.iter().any(|n| n == d.name), "no dashboard panel shows {}", d.name);
+    }
+}
+
+#[test]
+fn every_dashboard_panel_has_a_unit_and_queries() {
+    let v: serde_json::Value = serde_json::from_str(&repo_file("grafana/rota-dashboard.json")).unwrap();
+    let vars: Vec<&str> =
+        v["templating"]["list"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(vars, ["datasource", "tenant"]);
+    let panels = v["panels"].as_array().unwrap();
+    let mut checked = 0;
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        let title = p["title"].as_str().unwrap();
+        let unit = p["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or("");
+        assert!(!unit.is_empty(), "panel {title:?} has no unit");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {title:?} has no query");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            if expr.contains("rate(") {
+                assert!(
+                    expr.contains("[$__rate_interval]"),
+                    "panel {title:?}: rate over a fixed window: {expr}"
+                );
+            }
+            let tenant_metric = ["leads_", "offer", "responses_", "credits_", "topups_", "fairness_"]
+                .iter()
+                .any(|m| expr.contains(&format!("rota_{m}")));
+            if tenant_metric {
+                assert!(expr.contains("tenant=~\"$tenant\""), "panel {title:?} ignores $tenant: {expr}");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} panels");
+}
