@@ -25,8 +25,6 @@
 //! Every state change is decided by the core (`decide`), written to the WAL as an
 //! event, applied (`apply`, also used by replay) and only then published.
 
-#[path = "server/admin.rs"]
-pub mod admin_http;
 pub mod core;
 pub mod ids;
 pub mod ledger;
