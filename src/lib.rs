@@ -25,6 +25,7 @@
 //! | [`server`] | websocket gateway, admin HTTP, signals | rules |
 //! | [`config`] | daemon config: defaults < file < env < flags | |
 //! | [`clock`] | the only wall-clock reader; the manual test clock | |
+//! | [`telemetry`] | metric names, units, buckets and handles; Prometheus recorder; log setup | rules, state, I/O beyond `/proc/self` |
 //!
 //! Every state change is decided by the core (`decide`), written to the WAL as an
 //! event, applied (`apply`, also used by replay) and only then published.
@@ -38,4 +39,5 @@ pub mod ledger;
 pub mod pricing;
 pub mod protocol;
 pub mod server;
+pub mod telemetry;
 pub mod wal;
