@@ -2,7 +2,10 @@
 //! the infallible `apply`, shaped like [`super::account`].
 //!
 //! A budget is a spending cap per recharge period, separate from the pro's
-//! credits: the auto-buy path spends the budget and charges the credits.
+//! credits. The auto-buy path spends the budget first (the reservation that
+//! makes the cap hard) and then charges the credits; if the charge is refused,
+//! it gives the spend back with `refund_spend`. Each step is one account lock,
+//! never two at once.
 
 use super::error::LedgerError;
 use super::types::{BudgetFact, BudgetName, OpId};

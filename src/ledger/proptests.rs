@@ -103,6 +103,8 @@ struct ModelAccount {
     topup_pending: bool,
     weekly: Option<u64>,
     period: u64,
+    /// What the current period was topped up to.
+    base: u64,
     budget_available: u64,
     /// spend op -> (period, amount)
     spends: HashMap<String, (u64, u64)>,
@@ -238,6 +240,7 @@ impl Run {
                 let m = &mut self.model[pro];
                 let Some(weekly) = m.weekly else { return false };
                 m.period += 1;
+                m.base = weekly;
                 m.budget_available = weekly;
                 true
             }
@@ -282,7 +285,10 @@ impl Run {
             prop_assert!(b.refunded <= b.captured, "never refund more than captured");
             if let Some(bb) = self.ledger.budget(&tenant(), &pro_id(i), &budget()) {
                 prop_assert_eq!(bb.available, m.budget_available);
-                prop_assert!(bb.spent - bb.refunded <= m.weekly.unwrap_or(0).max(bb.spent));
+                // Hard budget: the net spend of a period never exceeds its top-up.
+                prop_assert!(bb.refunded <= bb.spent);
+                prop_assert!(bb.spent - bb.refunded <= m.base, "budget overshot");
+                prop_assert_eq!(bb.available + bb.spent - bb.refunded, m.base);
             }
         }
         // Money is conserved over the whole ledger.

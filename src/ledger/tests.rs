@@ -207,6 +207,46 @@ fn zero_amounts_are_invalid() {
 }
 
 #[test]
+fn error_messages_name_the_amounts_and_ops() {
+    let msg = |e: LedgerError| e.to_string();
+    assert_eq!(
+        msg(LedgerError::InsufficientCredits {
+            available: 5,
+            needed: 6
+        }),
+        "insufficient credits: 5 available, 6 needed"
+    );
+    assert_eq!(
+        msg(LedgerError::BudgetExhausted {
+            available: 1,
+            needed: 11
+        }),
+        "auto-buy budget exhausted: 1 available, 11 needed"
+    );
+    assert_eq!(
+        msg(LedgerError::AlreadyRefunded {
+            op: op("charge:l1:p1"),
+            by: op("refund:l1:p1")
+        }),
+        "charge:l1:p1 was already refunded by op refund:l1:p1"
+    );
+    assert_eq!(
+        msg(LedgerError::OpConflict {
+            op: op("c"),
+            existing: "charge"
+        }),
+        "op id c was already used for a different charge operation"
+    );
+    assert_eq!(
+        msg(LedgerError::AmountOverflow {
+            field: "available",
+            amount: 2
+        }),
+        "adding 2 credits would overflow the available balance"
+    );
+}
+
+#[test]
 fn unusable_op_ids_are_refused() {
     let l = funded(10);
     let e = l.charge(op(""), &t(), &p(), 1).unwrap_err();
