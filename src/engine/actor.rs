@@ -106,8 +106,13 @@ impl ShardActor {
                 match res {
                     Ok(_) => {
                         metrics.durable_seconds(received.elapsed());
+                        let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
                         if let Some(h) = &hub {
                             h.publish(stream);
+                        }
+                        if offers {
+                            // Handed to every subscriber's queue.
+                            metrics.delivered_seconds(received.elapsed());
                         }
                         if let Some(tx) = reply {
                             let _ = tx.send(Ok(ShardReply { reply: decision.reply }));

@@ -192,7 +192,7 @@ impl Engine {
         }
         let ready = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
-            metrics: EngineMetrics::new(),
+            metrics: EngineMetrics::new(cfg.tenants.iter().map(|t| &t.id)),
             clock,
             wal,
             ledger: rec.ledger.take().expect("set before replay"),
@@ -758,9 +758,25 @@ impl Engine {
         }
     }
 
-    /// Pros' offered share vs. entitlement, per shard, for the fairness metric.
-    pub fn fairness_sample(&self) -> Vec<f64> {
-        let mut out = Vec::new();
+    /// Samples what is not counted on the hot path: WAL statistics and each tenant's
+    /// fairness figure (every pro's offered count vs. its weight-entitled share, per
+    /// shard). Called periodically by the server.
+    pub fn observe(&self) {
+        let st = self.inner.wal.stats();
+        self.inner.metrics.m.wal.observe(&crate::telemetry::WalStatsLike {
+            bytes_written: st.bytes_written,
+            records: st.records,
+            batches: st.batches,
+            syncs: st.syncs,
+            sync_failures: st.sync_failures,
+            segments_live: st.segments_live,
+            snapshots_written: st.snapshots_written,
+            last_batch_records: st.last_batch_records,
+            last_sync_micros: st.last_sync_micros,
+            durable_seq: self.inner.wal.durable_seq(),
+            failed: st.failed,
+        });
+        let mut shares: FxHashMap<TenantId, Vec<(f64, f64)>> = FxHashMap::default();
         for e in self.inner.shards.iter() {
             let s = e.value().state.lock();
             let items: Vec<(u64, u32)> = s.fairness_inputs().map(|(_, n, w)| (n, w)).collect();
@@ -769,12 +785,16 @@ impl Engine {
             if total == 0 || wsum == 0 {
                 continue;
             }
+            let out = shares.entry(e.key().tenant.clone()).or_default();
             for (n, w) in items {
-                let entitled = total as f64 * f64::from(w) / wsum as f64;
-                out.push((n as f64 - entitled).abs());
+                out.push((n as f64, total as f64 * f64::from(w) / wsum as f64));
             }
         }
-        out
+        for (tenant, s) in shares {
+            if let Some(t) = self.inner.metrics.tenant(&tenant) {
+                t.observe_fairness(s);
+            }
+        }
     }
 }
 
@@ -879,53 +899,73 @@ pub fn ledger_api_error(e: LedgerError) -> ApiError {
 }
 
 mod metrics_facade {
-    //! The engine's measurements, recorded through the `metrics` facade.
+    //! The engine's measurements, through the pre-registered handles of
+    //! [`crate::telemetry`] (no metric lookup by name on the hot path).
     use crate::core::shard::Event;
     use crate::ids::TenantId;
     use crate::ledger::LedgerEvent;
+    use crate::telemetry::{Metrics, TenantMetrics};
+    use rustc_hash::FxHashMap;
+    use std::sync::Arc;
     use std::time::Duration;
 
-    #[derive(Clone, Default)]
-    pub struct EngineMetrics;
+    #[derive(Clone)]
+    pub struct EngineMetrics {
+        pub m: Arc<Metrics>,
+        tenants: Arc<FxHashMap<TenantId, TenantMetrics>>,
+    }
 
     impl EngineMetrics {
-        pub fn new() -> Self {
-            Self
+        pub fn new<'a>(tenants: impl IntoIterator<Item = &'a TenantId>) -> Self {
+            let tenants = tenants.into_iter().map(|t| (t.clone(), TenantMetrics::new(t.as_str()))).collect();
+            Self { m: Arc::new(Metrics::new()), tenants: Arc::new(tenants) }
+        }
+        pub fn tenant(&self, t: &TenantId) -> Option<&TenantMetrics> {
+            self.tenants.get(t)
         }
         pub fn decide_seconds(&self, d: Duration) {
-            metrics::histogram!("rota_decide_duration_seconds").record(d.as_secs_f64());
+            self.m.decide_duration.record(d.as_secs_f64());
         }
         pub fn durable_seconds(&self, d: Duration) {
-            metrics::histogram!("rota_ingest_to_durable_seconds").record(d.as_secs_f64());
+            self.m.ingest_to_durable.record(d.as_secs_f64());
+        }
+        pub fn delivered_seconds(&self, d: Duration) {
+            self.m.ingest_to_delivery.record(d.as_secs_f64());
         }
         pub fn refused(&self, tenant: &TenantId, code: &'static str) {
-            metrics::counter!("rota_requests_refused_total", "tenant" => tenant.to_string(), "code" => code)
-                .increment(1);
+            if let Some(t) = self.tenant(tenant) {
+                t.responses_refused.get(code).increment(1);
+            }
         }
-        pub fn overloaded(&self, tenant: &TenantId) {
-            metrics::counter!("rota_overload_refusals_total", "tenant" => tenant.to_string()).increment(1);
+        pub fn overloaded(&self, _tenant: &TenantId) {
+            self.m.overload_refusals.get("mailbox_full").increment(1);
         }
         pub fn lead_received(&self, tenant: &TenantId) {
-            metrics::counter!("rota_leads_received_total", "tenant" => tenant.to_string()).increment(1);
+            if let Some(t) = self.tenant(tenant) {
+                t.leads_received.increment(1);
+            }
         }
         pub fn shards_alive(&self, n: usize) {
-            metrics::gauge!("rota_shards_alive").set(n as f64);
+            self.m.shards_alive.set(n as f64);
         }
         pub fn recovered(&self, records: u64, d: Duration) {
-            metrics::gauge!("rota_recovery_records_replayed").set(records as f64);
-            metrics::gauge!("rota_recovery_duration_seconds").set(d.as_secs_f64());
+            self.m.wal.record_recovery(d, records);
         }
         pub fn snapshot(&self, d: Duration) {
-            metrics::histogram!("rota_snapshot_duration_seconds").record(d.as_secs_f64());
+            self.m.wal.snapshot_duration.record(d.as_secs_f64());
         }
         pub fn events(&self, tenant: &TenantId, events: &[Event], money: &[LedgerEvent]) {
+            let Some(t) = self.tenant(tenant) else { return };
             for ev in events {
-                match ev {
+                let status = match ev {
                     Event::LeadRejected { reason, .. } => {
-                        metrics::counter!("rota_leads_rejected_total", "tenant" => tenant.to_string(), "reason" => reason.as_str())
-                            .increment(1)
+                        t.leads_rejected.get(reason.as_str()).increment(1);
+                        None
                     }
                     Event::Offered { grants, .. } => {
+                        if !grants.is_empty() {
+                            t.leads_dispatched.increment(1);
+                        }
                         for g in grants {
                             let kind = match g.kind {
                                 crate::core::OfferKind::Direct => "direct",
@@ -934,27 +974,34 @@ mod metrics_facade {
                                 crate::core::OfferKind::AutoBuy => "auto_buy",
                                 crate::core::OfferKind::Contact => "contact",
                             };
-                            metrics::counter!("rota_offers_dispatched_total", "tenant" => tenant.to_string(), "kind" => kind)
-                                .increment(1);
+                            t.offers_dispatched.get(kind).increment(1);
                         }
+                        Some("new")
                     }
-                    _ => {}
+                    Event::OfferOpened { .. } => Some("opened"),
+                    Event::Responded { .. } | Event::ProReplied { .. } => Some("replied"),
+                    Event::Declined { .. } => Some("declined"),
+                    Event::OfferExpired { .. } => Some("expired"),
+                    Event::ClientReplied { .. } => Some("awaiting_response"),
+                    Event::Completed { .. } => Some("completed"),
+                    _ => None,
+                };
+                if let Some(s) = status {
+                    t.offer_transitions.get(s).increment(1);
                 }
             }
             self.money(tenant, money);
         }
         pub fn money(&self, tenant: &TenantId, money: &[LedgerEvent]) {
+            let Some(t) = self.tenant(tenant) else { return };
             let mut stream = Vec::new();
             super::record::money_stream_events(money, &mut stream);
             for s in stream {
                 match s {
                     crate::protocol::StreamEvent::Credits { movement, credits, .. } => {
-                        metrics::counter!("rota_credits_moved_total", "tenant" => tenant.to_string(), "movement" => movement)
-                            .increment(credits)
+                        t.credits_moved.get(&movement).increment(credits)
                     }
-                    crate::protocol::StreamEvent::TopupRequested { .. } => {
-                        metrics::counter!("rota_topups_requested_total", "tenant" => tenant.to_string()).increment(1)
-                    }
+                    crate::protocol::StreamEvent::TopupRequested { .. } => t.topups_requested.increment(1),
                     _ => {}
                 }
             }

@@ -21,16 +21,15 @@ use tokio::sync::watch;
 /// PII or tokens.
 pub fn init_logging(cfg: &Config) {
     use crate::config::LogFormat;
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.raw.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = match cfg.raw.log_format {
-        LogFormat::Json => true,
-        LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    use crate::telemetry::LogOutput;
+    let output = match cfg.raw.log_format {
+        LogFormat::Json => LogOutput::Json,
+        LogFormat::Text => LogOutput::Text,
+        LogFormat::Auto => LogOutput::auto(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    if let Err(e) = crate::telemetry::init_logging(&cfg.raw.log_level, output) {
+        eprintln!("rota: logging not initialised: {e}");
+    }
 }
 
 /// Runs the daemon until a signal stops it. Returns the process exit code.
@@ -41,6 +40,8 @@ pub fn run(cfg: Config, demo: bool) -> anyhow::Result<i32> {
 
 async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
     let listen = cfg.listen;
+    let admin_listen = cfg.admin_listen;
+    let prometheus = crate::telemetry::install()?;
     let shutdown_timeout = Duration::from_millis(cfg.raw.shutdown_timeout_ms);
     let snapshot_every = cfg.raw.snapshot_interval_s;
     let demo_tenant = cfg.demo_tenant;
@@ -57,8 +58,18 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
     );
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
+    let admin = tokio::net::TcpListener::bind(admin_listen).await?;
+    let admin_local = admin.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let health_engine = engine.clone();
+    let state = admin::AdminState {
+        ready: engine.inner.ready.clone(),
+        prometheus,
+        health: std::sync::Arc::new(move || health_engine.health()),
+    };
+    actix_rt::spawn(admin::serve_admin(admin, state, stop_rx.clone()));
     actix_rt::spawn(ws::serve(listener, engine.clone(), stop_rx.clone()));
+    eprintln!("  metrics and health on http://{admin_local}/metrics, /livez, /readyz");
     eprintln!(
         "rota {} listening on ws://{local} (data in {})",
         env!("CARGO_PKG_VERSION"),
@@ -77,11 +88,13 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
         let mut stop = stop_rx.clone();
         actix_rt::spawn(async move {
             let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+            let mut observe = tokio::time::interval(Duration::from_secs(1));
             let mut snap = tokio::time::interval(Duration::from_secs(snapshot_every.max(1)));
             snap.tick().await;
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
+                    _ = observe.tick() => engine.observe(),
                     _ = housekeeping.tick() => {
                         if !engine.inner.clock.is_manual() {
                             let ids: Vec<_> = engine.tenants().map(|t| t.cfg.id.clone()).collect();

@@ -94,14 +94,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         let Some(token) = token else {
-            metrics::counter!("rota_auth_failures_total", "reason" => "missing_token").increment(1);
+            engine.inner.metrics.m.auth_failures.get("missing_token").increment(1);
             return Err(refuse(
                 StatusCode::UNAUTHORIZED,
                 "missing bearer token (Authorization: Bearer <token>)",
             ));
         };
         let Some((tenant, scopes)) = engine.authenticate(token) else {
-            metrics::counter!("rota_auth_failures_total", "reason" => "bad_token").increment(1);
+            engine.inner.metrics.m.auth_failures.get("invalid_token").increment(1);
             return Err(refuse(StatusCode::UNAUTHORIZED, "invalid token"));
         };
         let offered = req
@@ -112,7 +112,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             .flat_map(|v| v.split(','))
             .find_map(Encoding::from_subprotocol);
         let Some(encoding) = offered else {
-            metrics::counter!("rota_auth_failures_total", "reason" => "no_subprotocol").increment(1);
+            engine.inner.metrics.m.auth_failures.get("bad_subprotocol").increment(1);
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 "offer a subprotocol: Sec-WebSocket-Protocol: rota.v1.json or rota.v1.msgpack",
@@ -138,7 +138,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     } else {
         "stream"
     };
-    metrics::gauge!("rota_connections", "scope" => scope_label).increment(1.0);
+    let m = engine.inner.metrics.m.clone();
+    m.connections.get(scope_label).increment(1.0);
     let (mut sink, mut source) = ws.split();
     let mut pending = FuturesUnordered::new();
     let mut sub: Option<Subscription> = None;
@@ -175,14 +176,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                             if feed(&mut sink, enc, &more.bytes(enc)).await.is_err() { break; }
                             n += 1;
                         }
-                        metrics::counter!("rota_frames_out_total", "encoding" => enc.label()).increment(n);
+                        m.frames_sent.get(enc.label()).increment(n);
                         if sink.flush().await.is_err() { break None; }
                     }
                     None => {
                         let slow = sub.as_ref().is_some_and(|s| s.slow.load(Ordering::Acquire));
                         sub = None;
                         if slow {
-                            metrics::counter!("rota_slow_subscriber_disconnects_total").increment(1);
+                            m.slow_subscriber_disconnects.increment(1);
                             break Some((CloseCode::Library(CLOSE_SLOW), format!("slow subscriber; resume_from={last_seq_sent}")));
                         }
                         break Some((CloseCode::Away, format!("stream closed; resume_from={last_seq_sent}")));
@@ -219,7 +220,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     (Message::Close(_), _) => break None,
                     _ => continue,
                 };
-                metrics::counter!("rota_frames_in_total", "encoding" => enc.label()).increment(1);
+                m.frames_received.get(enc.label()).increment(1);
                 let env = match protocol::decode(enc, &bytes) {
                     Ok(env) => env,
                     Err(e) => {
@@ -231,6 +232,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 let id = env.id;
                 let scope = env.request.scope();
                 if !session.scopes.contains(&scope) {
+                    m.auth_failures.get("forbidden_scope").increment(1);
                     let e = ApiError::new("forbidden", format!("{} needs the {} scope", env.request.name(), scope.as_str()));
                     if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), true).await.is_err() { break None; }
                     continue;
@@ -240,10 +242,12 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                         (_, Some(_)) => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
                         (None, _) => Reply::Error { id: Some(id), error: ApiError::new("unknown_tenant", "tenant has no stream") },
                         (Some(h), None) => {
+                            let resumed = h.subscribe(resume_from, pro, engine.inner.cfg.raw.subscriber_queue_frames);
                             if resume_from.is_some() {
-                                metrics::counter!("rota_resume_requests_total").increment(1);
+                                let outcome = if matches!(resumed, Err(ResumeError::TooOld { .. })) { "too_old" } else { "replayed" };
+                                m.stream_resumes.get(outcome).increment(1);
                             }
-                            match h.subscribe(resume_from, pro, engine.inner.cfg.raw.subscriber_queue_frames) {
+                            match resumed {
                                 Ok(s) => {
                                     let next = s.next_seq;
                                     let backlog = std::mem::take(&mut sub.insert(s).backlog);
@@ -288,7 +292,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
         let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
     }
     let _ = sink.flush().await;
-    metrics::gauge!("rota_connections", "scope" => scope_label).decrement(1.0);
+    m.connections.get(scope_label).decrement(1.0);
 }
 
 type Sink = futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>;
@@ -306,7 +310,6 @@ async fn feed(sink: &mut Sink, enc: Encoding, bytes: &[u8]) -> Result<(), WsErro
 }
 
 async fn send(sink: &mut Sink, enc: Encoding, bytes: Vec<u8>, flush: bool) -> Result<(), WsError> {
-    metrics::counter!("rota_frames_out_total", "encoding" => enc.label()).increment(1);
     if flush {
         sink.send(message(enc, &bytes)).await
     } else {
