@@ -1,7 +1,8 @@
 //! The dispatch decision: `decide` + `apply` of one `PublishLead` on a shard of 10, 1,000
 //! and 100,000 pros, in matched mode (fanout 4) and auto-buy mode (groups of 4), with
-//! most pros eligible (one in ten is paused, every pro has a weekly schedule covering
-//! the whole week, so the schedule check runs).
+//! most pros eligible (every pro has a weekly schedule covering
+//! the whole week, so the schedule check runs). Two variants: `all` (every pro
+//! eligible) and `paused10` (one pro in ten paused for good).
 //!
 //! Run: `cargo bench --bench dispatch -- --measurement-time 3`
 //!
@@ -50,7 +51,7 @@ fn all_week() -> WeeklyWindows {
     }
 }
 
-fn shard(mode: &str, pros: usize) -> Shard {
+fn shard(mode: &str, pros: usize, paused_every: usize) -> Shard {
     let mut s = Shard::new(key(), policy(mode));
     for i in 0..pros {
         let pro = Pro {
@@ -67,7 +68,7 @@ fn shard(mode: &str, pros: usize) -> Shard {
             },
             refuses: vec![],
             availability: Availability {
-                paused_until: (i % 10 == 0).then_some(Millis::MAX / 4),
+                paused_until: (paused_every > 0 && i % paused_every == 0).then_some(Millis::MAX / 4),
                 vacation: None,
                 schedule: Some(all_week()),
             },
@@ -126,36 +127,39 @@ fn drain(s: &mut Shard, now: &mut Millis) {
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("dispatch_decision");
-    for mode in ["matched", "auto_buy"] {
-        for pros in [10usize, 1_000, 100_000] {
-            let mut s = shard(mode, pros);
-            let mut now = T0;
-            let mut n = 0u64;
-            group.bench_with_input(BenchmarkId::new(mode, pros), &pros, |b, _| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    let mut left = iters;
-                    while left > 0 {
-                        let batch = left.min(4096);
-                        let leads: Vec<Command> =
-                            (0..batch).map(|i| Command::PublishLead { lead: lead(n + i, now) }).collect();
-                        n += batch;
-                        let start = Instant::now();
-                        for cmd in &leads {
-                            let d = s.decide(now, cmd, &Unlimited).expect("the bench lead is valid");
-                            for ev in &d.events {
-                                s.apply(ev);
+    // `all`: every pro eligible; `paused10`: one pro in ten paused for good.
+    for (variant, paused_every) in [("all", 0usize), ("paused10", 10)] {
+        for mode in ["matched", "auto_buy"] {
+            for pros in [10usize, 1_000, 100_000] {
+                let mut s = shard(mode, pros, paused_every);
+                let mut now = T0;
+                let mut n = 0u64;
+                group.bench_with_input(BenchmarkId::new(format!("{mode}/{variant}"), pros), &pros, |b, _| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        let mut left = iters;
+                        while left > 0 {
+                            let batch = left.min(4096);
+                            let leads: Vec<Command> =
+                                (0..batch).map(|i| Command::PublishLead { lead: lead(n + i, now) }).collect();
+                            n += batch;
+                            let start = Instant::now();
+                            for cmd in &leads {
+                                let d = s.decide(now, cmd, &Unlimited).expect("the bench lead is valid");
+                                for ev in &d.events {
+                                    s.apply(ev);
+                                }
+                                black_box(&d.reply);
                             }
-                            black_box(&d.reply);
+                            total += start.elapsed();
+                            drop(leads);
+                            drain(&mut s, &mut now);
+                            left -= batch;
                         }
-                        total += start.elapsed();
-                        drop(leads);
-                        drain(&mut s, &mut now);
-                        left -= batch;
-                    }
-                    total
+                        total
+                    });
                 });
-            });
+            }
         }
     }
     group.finish();

@@ -269,7 +269,8 @@ proptest! {
     }
 
     /// A pro unavailable for many leads gets at most `max_catch_up_turns + ceil(share)`
-    /// leads more than its fair share in the window after it returns.
+    /// leads more than its fair share in the window after it returns (plus one for where
+    /// the window starts in the rotation).
     #[test]
     fn r28_no_catch_up_burst_after_a_long_absence(
         (weights, g) in weights_and_group(),
@@ -295,7 +296,9 @@ proptest! {
         let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
         let share = g as f64 * f64::from(weights[0]) / total;
         let extra = got as f64 - window as f64 * share;
-        let allowed = f64::from(catch_up) + share.ceil();
+        // + 1: a window starts at an arbitrary point of the rotation, so even a pro that
+        // never left may get one lead more than `window * share` in it.
+        let allowed = f64::from(catch_up) + share.ceil() + 1.0;
         prop_assert!(
             extra <= allowed + 1e-9,
             "back after {} leads, slot 0 got {} of {} (share {:.2}/lead): {:.2} extra > {}; weights {:?}, g {}",

@@ -5,7 +5,7 @@
 //! at the start, the funds, and a timeline of `[[step]]`s. Each step has a time `at`
 //! (`"+30m"`, `"+48h"`, `"+1d2h"`, `"-5m"` relative to `start`, an integer number of ms
 //! after `start`, or an absolute RFC 3339 time), a `command` and what to `expect`.
-//! The format is described in `tests/scenarios/README.md`.
+//! The keys are documented on the `Scenario`, `CommandSpec` and `Expect` types below.
 //!
 //! The runner drives the shard like the daemon: `decide`, settle the money intents on a
 //! map-based ledger, `apply` every event, then `check_invariants()` after every step. At

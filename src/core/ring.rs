@@ -20,7 +20,7 @@
 //!
 //! With equal weights (`w_i / W = 1/n`) that is fewer than 2 leads of drift, ever. Group
 //! selections (`n` pros per lead, the auto-buy `group_size`) add at most the group size
-//! to the bound; `tests/fairness.rs` checks `|k_i - N*g*w_i/W| < g + 1 + n*g*w_i/W` by
+//! to the bound; `tests/core_props.rs` checks `|k_i - N*g*w_i/W| < g + 1 + n*g*w_i/W` by
 //! property testing, and the daemon exports the observed drift as a metric.
 //!
 //! # No catch-up bursts, no lost turns
