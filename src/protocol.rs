@@ -306,6 +306,9 @@ pub enum StreamEvent {
         respond_by: Option<Millis>,
         at: Millis,
         summary: LeadSummary,
+        /// R11: the price's inputs, so a pro can see why the lead costs what it costs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        price_components: Option<crate::pricing::PriceComponents>,
     },
     Responded {
         lead: LeadId,

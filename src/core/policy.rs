@@ -75,6 +75,9 @@ pub struct RawPolicy {
     pub autobuy: RawAutoBuy,
     #[serde(default)]
     pub money: RawMoney,
+    /// R11 lead pricing from category statistics; absent = `money.flat_price_credits`.
+    #[serde(default)]
+    pub pricing: Option<crate::pricing::PricingPolicy>,
 }
 
 fn default_tz() -> String {
@@ -251,6 +254,8 @@ pub struct Policy {
     pub charge_on: ChargeOn,
     pub flat_price_credits: u64,
     pub guarantee_window: Option<Millis>,
+    /// R11 pricing, validated; `None` = every lead costs `flat_price_credits`.
+    pub pricing: Option<crate::pricing::Pricing>,
 }
 
 /// Longest duration any window may have (one year): keeps every `now + window` sum far
@@ -360,6 +365,13 @@ impl RawPolicy {
         if m.charge_on != ChargeOn::Never && m.flat_price_credits == 0 {
             return Err(invalid("money.flat_price_credits", "must be >= 1 when leads are charged"));
         }
+        let pricing = match &self.pricing {
+            None => None,
+            Some(pp) => Some(pp.clone().validate().map_err(|e| PolicyError::Invalid {
+                key: "pricing",
+                reason: e.to_string(),
+            })?),
+        };
         let guarantee_window = match secs("money.guarantee_window_s", m.guarantee_window_s, true)? {
             0 => None,
             w => Some(w),
@@ -391,6 +403,7 @@ impl RawPolicy {
             charge_on: m.charge_on,
             flat_price_credits: m.flat_price_credits,
             guarantee_window,
+            pricing,
         })
     }
 }
@@ -412,6 +425,7 @@ impl Policy {
             ranking: RawRanking::default(),
             autobuy: RawAutoBuy::default(),
             money: RawMoney::default(),
+            pricing: None,
         }
         .validate()
         .expect("the built-in defaults are valid: checked by a unit test")

@@ -270,6 +270,9 @@ pub enum Event {
         lead: Arc<Lead>,
         fingerprint: u64,
         price: u64,
+        /// R11: why the lead costs what it costs (`None` with a flat price).
+        #[serde(default)]
+        price_components: Option<crate::pricing::PriceComponents>,
         at: Millis,
         /// Generic release time; `None` = no generic release (direct/contact jobs, or
         /// direct targets fill every responder slot).
@@ -515,6 +518,8 @@ pub struct LeadState {
     /// prefix: nothing is offered before the publish) it made.
     pub published_release_at: Option<Millis>,
     pub published_offers: u32,
+    /// R11: the price's inputs and intermediates (`None` with a flat price).
+    pub price_components: Option<crate::pricing::PriceComponents>,
 }
 
 impl LeadState {
@@ -572,6 +577,10 @@ pub struct Shard {
     deadlines: BTreeSet<Deadline>,
     /// Duplicate protection: the newest accepted lead of each client in this shard.
     last_by_client: FxHashMap<ClientId, (Millis, LeadId)>,
+    /// R11: category statistics learned online from closed leads (proposals per
+    /// lead); starts from the policy's figures.
+    #[serde(default)]
+    learned: Option<crate::pricing::CategoryStats>,
 }
 
 fn placeholder_policy() -> Arc<Policy> {
@@ -590,6 +599,7 @@ impl Shard {
             rejected: FxHashMap::default(),
             deadlines: BTreeSet::new(),
             last_by_client: FxHashMap::default(),
+            learned: None,
         }
     }
 
@@ -709,10 +719,7 @@ impl Shard {
             return Ok(Decision { events: vec![ev], reply: Reply::Lead(rejected_outcome(&lead.id, reason)) });
         }
         let p = &self.policy;
-        let price = match p.charge_on {
-            ChargeOn::Never => 0,
-            _ => p.flat_price_credits,
-        };
+        let (price, price_components) = self.price(lead);
         let expires_at = lead.created_at.saturating_add(p.lead_ttl);
         if expires_at <= now {
             return Err(Reject::LeadExpired(lead.id.clone()));
@@ -729,6 +736,7 @@ impl Shard {
             lead: arc.clone(),
             fingerprint: fp,
             price,
+            price_components,
             at: now,
             release_at,
             expires_at,
@@ -796,6 +804,27 @@ impl Shard {
             expires_at: Some(expires_at),
         });
         Ok(Decision { events, reply })
+    }
+
+    /// R11: the lead's price in credits, with its components when the policy prices
+    /// from category statistics. One price per lead (every pro pays the same), so the
+    /// per-pro "far away" risk does not apply here; chat-only contact and thin details
+    /// (no form answers, or a description shorter than twice the gate's minimum) do.
+    fn price(&self, lead: &Lead) -> (u64, Option<crate::pricing::PriceComponents>) {
+        let p = &self.policy;
+        if p.charge_on == ChargeOn::Never {
+            return (0, None);
+        }
+        let Some(pricing) = &p.pricing else { return (p.flat_price_credits, None) };
+        let stats = self.learned.unwrap_or_else(|| *pricing.stats(&lead.category));
+        let risk = crate::pricing::RiskInputs {
+            chat_only: lead.client.contact.chat_only(),
+            thin_details: lead.details.is_empty()
+                || lead.description.chars().count() < 2 * p.min_description_chars as usize,
+            distance_m: None,
+        };
+        let price = crate::pricing::price(&stats, &risk, pricing);
+        (price.credits, Some(price.components))
     }
 
     /// R2 quality gate and duplicate protection. `None` = the lead passes.
@@ -1232,9 +1261,14 @@ impl Shard {
                     due: Due::Forget,
                 });
             }
-            Event::LeadAccepted { lead, fingerprint, price, at, release_at, expires_at } => {
+            Event::LeadAccepted { lead, fingerprint, price, price_components, at, release_at, expires_at } => {
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
-                let st = LeadState { release_at: *release_at, published_release_at: *release_at, ..st };
+                let st = LeadState {
+                    release_at: *release_at,
+                    published_release_at: *release_at,
+                    price_components: price_components.clone(),
+                    ..st
+                };
                 if let Some(r) = release_at {
                     if r > at {
                         self.deadlines.insert(Deadline { at: *r, lead: lead.id.clone(), due: Due::Release });
@@ -1392,6 +1426,12 @@ impl Shard {
             Event::LeadClosed { lead, at, .. } => {
                 let retention = self.policy.idempotency_retention;
                 let guarantee = self.policy.guarantee_window.unwrap_or(0);
+                if let (Some(pricing), Some(st)) = (&self.policy.pricing, self.leads.get(lead)) {
+                    // R11: learn proposals per lead from what this lead got.
+                    let mut stats = self.learned.unwrap_or_else(|| *pricing.stats(&self.key.category));
+                    stats.observe_proposals(st.responders, pricing.proposals_ema());
+                    self.learned = Some(stats);
+                }
                 if let Some(st) = self.leads.get_mut(lead) {
                     st.closed_at = Some(*at);
                     st.release_at = None;
@@ -1555,6 +1595,7 @@ impl Shard {
         Ok(Explanation {
             lead: lead.clone(),
             price: st.price,
+            price_components: st.price_components.clone(),
             responders: st.responders,
             max_responders: self.policy.max_responders,
             generic_cap: st.generic_cap(&self.policy),
@@ -1709,6 +1750,7 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         budget_waitlist: Vec::new(),
         published_release_at: None,
         published_offers: 0,
+        price_components: None,
     }
 }
 
@@ -1741,6 +1783,8 @@ pub struct ExplainEntry {
 pub struct Explanation {
     pub lead: LeadId,
     pub price: u64,
+    /// R11: why the lead costs what it costs.
+    pub price_components: Option<crate::pricing::PriceComponents>,
     pub responders: u32,
     pub max_responders: u32,
     pub generic_cap: u32,

@@ -71,6 +71,7 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
                     respond_by,
                     at: *at,
                     summary: summary.clone(),
+                    price_components: st.price_components.clone(),
                 });
             }
         }
