@@ -119,3 +119,13 @@ fn an_unknown_key_in_a_tenant_file_is_refused_with_its_name() {
         other => panic!("expected a parse error naming the key, got {other:?}"),
     }
 }
+
+#[test]
+fn r11_r12_zaask_prices_from_category_statistics_and_refunds_unviewed() {
+    let p = load("zaask.toml");
+    let pricing = p.pricing.as_ref().expect("zaask prices from category statistics (R11)");
+    let painting = pricing.stats(&rota::ids::CategoryId::new("painting"));
+    assert_eq!(painting.avg_job_value_cents, 120_000);
+    assert_eq!(p.guarantee_window, Some(7 * 24 * 3600 * 1000), "R12 guarantee window");
+    assert_eq!(p.head_start, 0);
+}
