@@ -41,7 +41,11 @@ avg_proposals_milli = 5000
 
 fn shard() -> Shard {
     let policy = Arc::new(Policy::from_toml(POLICY).expect("the test policy is valid"));
-    let key = ShardKey { tenant: TenantId::new("t"), zone: ZoneId::new("bo"), category: CategoryId::new("painting") };
+    let key = ShardKey {
+        tenant: TenantId::new("t"),
+        zone: ZoneId::new("bo"),
+        category: CategoryId::new("painting"),
+    };
     let mut s = Shard::new(key, policy);
     for i in 0..6 {
         let pro = Pro {
@@ -76,7 +80,11 @@ fn lead(id: &str, chat_only: bool, details: bool) -> Lead {
         zone: ZoneId::new("bo"),
         location: None,
         description: "Repaint the whole flat, three rooms".into(),
-        details: if details { [("rooms".to_string(), "3".to_string())].into_iter().collect() } else { Default::default() },
+        details: if details {
+            [("rooms".to_string(), "3".to_string())].into_iter().collect()
+        } else {
+            Default::default()
+        },
         attributes: vec![],
         client: Client {
             id: ClientId::new(format!("c-{id}")),
@@ -131,7 +139,8 @@ fn r11_proposals_per_lead_are_learned_from_closed_leads() {
     run(&mut s, T0 + 49 * HOUR_MS, Command::Tick);
     let mut next = lead("b", false, true);
     next.created_at = T0 + 49 * HOUR_MS;
-    let d = s.decide(T0 + 49 * HOUR_MS, &Command::PublishLead { lead: next }, &rota::core::Unlimited).unwrap();
+    let d =
+        s.decide(T0 + 49 * HOUR_MS, &Command::PublishLead { lead: next }, &rota::core::Unlimited).unwrap();
     match d.reply {
         rota::core::Reply::Lead(o) => assert_eq!(o.price, 100, "clamped to max 100 (120 before the clamp)"),
         other => panic!("{other:?}"),

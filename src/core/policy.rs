@@ -367,10 +367,11 @@ impl RawPolicy {
         }
         let pricing = match &self.pricing {
             None => None,
-            Some(pp) => Some(pp.clone().validate().map_err(|e| PolicyError::Invalid {
-                key: "pricing",
-                reason: e.to_string(),
-            })?),
+            Some(pp) => Some(
+                pp.clone()
+                    .validate()
+                    .map_err(|e| PolicyError::Invalid { key: "pricing", reason: e.to_string() })?,
+            ),
         };
         let guarantee_window = match secs("money.guarantee_window_s", m.guarantee_window_s, true)? {
             0 => None,

@@ -1261,7 +1261,15 @@ impl Shard {
                     due: Due::Forget,
                 });
             }
-            Event::LeadAccepted { lead, fingerprint, price, price_components, at, release_at, expires_at } => {
+            Event::LeadAccepted {
+                lead,
+                fingerprint,
+                price,
+                price_components,
+                at,
+                release_at,
+                expires_at,
+            } => {
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
                 let st = LeadState {
                     release_at: *release_at,

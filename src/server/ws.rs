@@ -290,6 +290,17 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     }
     if let Some((code, reason)) = close {
         let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        // Close handshake: read until the peer's Close (bounded in time). Dropping the
+        // socket with its frames unread would reset the connection, and a reset makes
+        // the peer's kernel discard our close frame (and its resume cursor).
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(m)) = source.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
     let _ = sink.flush().await;
     m.connections.get(scope_label).decrement(1.0);

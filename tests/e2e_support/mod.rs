@@ -1,0 +1,175 @@
+//! Shared helpers of the end-to-end tests: the real `rota` binary on 127.0.0.1:0 and a
+//! small websocket client speaking protocol v1 in either encoding.
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const HOUR: i64 = 3_600_000;
+pub const T0: i64 = 1_764_000_000_000;
+pub const MIN: i64 = 60_000;
+
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    pub fn start(dir: &std::path::Path) -> Daemon {
+        Self::spawn(dir, None)
+    }
+
+    pub fn start_with(dir: &std::path::Path, config: &std::path::Path) -> Daemon {
+        Self::spawn(dir, Some(config))
+    }
+
+    fn spawn(dir: &std::path::Path, config: Option<&std::path::Path>) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rota"));
+        cmd.arg("serve");
+        if let Some(c) = config {
+            cmd.arg("-c").arg(c);
+        }
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--clock", "manual"])
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--set", &format!("manual_clock_start_ms={T0}"), "--set", "log_level=\"warn\""])
+            .args(["--set", "admin_listen=\"127.0.0.1:0\""])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the rota binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("rota printed its address before exiting").unwrap();
+            if let Some(rest) = line.split("listening on ws://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, addr }
+    }
+
+    pub fn stop(mut self) -> i32 {
+        unsafe_kill(self.child.id(), "TERM");
+        self.child.wait().unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+pub fn unsafe_kill(pid: u32, sig: &str) {
+    Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn connect(
+    addr: &str,
+    token: &str,
+    proto: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{addr}/").into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", proto.parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), proto);
+    Ok(ws)
+}
+
+pub struct Client {
+    pub ws: Ws,
+    pub msgpack: bool,
+    pub n: u64,
+}
+
+impl Client {
+    pub async fn new(addr: &str, msgpack: bool) -> Client {
+        Self::connect(addr, "demo-token", msgpack).await
+    }
+
+    pub async fn connect(addr: &str, token: &str, msgpack: bool) -> Client {
+        let proto = if msgpack { "rota.v1.msgpack" } else { "rota.v1.json" };
+        Client { ws: connect(addr, token, proto).await.unwrap(), msgpack, n: 0 }
+    }
+
+    /// Reads (and discards) frames until the server closes; returns the close code and
+    /// reason.
+    pub async fn drain_until_close(&mut self) -> (u16, String) {
+        loop {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(30), self.ws.next())
+                .await
+                .expect("the server closes within 30 s");
+            match m {
+                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+                Some(Ok(Message::Close(None))) | None => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return (1006, e.to_string()),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("a frame within 20 s")
+                .expect("the connection stays open")
+                .unwrap();
+            match m {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Binary(b) => return rmp_serde::from_slice(&b).unwrap(),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a request and returns its reply (stream events in between are returned
+    /// in the second value).
+    pub async fn call(&mut self, mut req: Value) -> (Value, Vec<Value>) {
+        self.n += 1;
+        let id = format!("r{}", self.n);
+        req["id"] = json!(id);
+        let msg = if self.msgpack {
+            Message::Binary(rmp_serde::to_vec_named(&req).unwrap())
+        } else {
+            Message::Text(req.to_string())
+        };
+        self.ws.send(msg).await.unwrap();
+        let mut events = Vec::new();
+        loop {
+            let v = self.recv().await;
+            if v["type"] == "event" {
+                events.push(v);
+            } else {
+                assert_eq!(v["id"], json!(id), "reply to {req}");
+                return (v, events);
+            }
+        }
+    }
+
+    pub async fn ok(&mut self, req: Value) -> Value {
+        let (r, _) = self.call(req.clone()).await;
+        assert_eq!(r["type"], "ok", "request {req} answered {r}");
+        r["result"].clone()
+    }
+
+    pub async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let v = self.recv().await;
+            assert_eq!(v["type"], "event", "{v}");
+            out.push(v);
+        }
+        out
+    }
+}

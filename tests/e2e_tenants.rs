@@ -1,0 +1,199 @@
+//! End to end with configured tenants: auto-buy groups (R21), chat-only holds (R9),
+//! the 48 h close (R7), tenant isolation, slow subscribers.
+
+mod e2e_support;
+
+use e2e_support::*;
+use serde_json::json;
+
+fn config(dir: &std::path::Path, queue: usize) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
+    for t in ["habitissimo", "prontopro"] {
+        std::fs::copy(root.join(format!("{t}.toml")), dir.join(format!("{t}.toml"))).unwrap();
+    }
+    let hash = |t: &str| rota::config::hex(&rota::config::hash_token(t));
+    let text = format!(
+        r#"
+subscriber_queue_frames = {queue}
+[[tenants]]
+id = "habitissimo"
+policy = "habitissimo.toml"
+[[tenants.tokens]]
+sha256 = "{}"
+scopes = ["ingest", "stream", "admin"]
+[[tenants]]
+id = "prontopro"
+policy = "prontopro.toml"
+[[tenants.tokens]]
+sha256 = "{}"
+scopes = ["ingest", "stream", "admin"]
+[[tenants.tokens]]
+sha256 = "{}"
+scopes = ["stream"]
+"#,
+        hash("habi-token"),
+        hash("pp-token"),
+        hash("pp-stream-only")
+    );
+    let path = dir.join("rota.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn autobuy_pro(i: u32) -> serde_json::Value {
+    json!({"id": format!("b{i}"), "categories": ["painting"], "zones": ["madrid"],
+           "autobuy": [{"name": "main", "zones": ["madrid"], "categories": ["painting"],
+                        "weekly_budget_credits": 100}]})
+}
+
+fn lead_in(id: &str, zone: &str, contact_call: bool) -> serde_json::Value {
+    json!({
+        "id": id, "category": "painting", "zone": zone,
+        "description": "Repaint a two-room flat, walls and ceilings, next week",
+        "details": {"rooms": "2"},
+        "client": {"id": format!("client-{id}"), "name": "Ana Garcia", "phone": "+34 600 000 000",
+                   "phone_verified": true, "contact": {"call": contact_call, "chat": true}},
+        "created_at": T0
+    })
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r21_auto_buy_groups_of_four_cycle_through_eight_pros_and_spend_budgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    for i in 1..=8 {
+        c.ok(json!({"type": "upsert_pro", "pro": autobuy_pro(i)})).await;
+    }
+    let buyers = |o: &serde_json::Value| -> Vec<String> {
+        o["offers"].as_array().unwrap().iter().map(|x| x[0].as_str().unwrap().to_string()).collect()
+    };
+    let o1 = c.ok(json!({"type": "publish_lead", "lead": lead_in("A1", "madrid", true)})).await;
+    let o2 = c.ok(json!({"type": "publish_lead", "lead": lead_in("A2", "madrid", true)})).await;
+    let o3 = c.ok(json!({"type": "publish_lead", "lead": lead_in("A3", "madrid", true)})).await;
+    assert_eq!(buyers(&o1), ["b1", "b2", "b3", "b4"]);
+    assert_eq!(buyers(&o2), ["b5", "b6", "b7", "b8"]);
+    assert_eq!(buyers(&o3), ["b1", "b2", "b3", "b4"]);
+    assert!(o1["offers"].as_array().unwrap().iter().all(|x| x[1] == "auto_buy"));
+    // Bought at dispatch from the weekly budget; the buyer sees the contact (R8).
+    let v = c.ok(json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "open"})).await;
+    assert_eq!(v["contact"]["phone"], "+34 600 000 000");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r9_chat_only_hold_is_captured_on_client_reply_and_released_at_the_48h_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    for p in ["p1", "p2"] {
+        c.ok(
+            json!({"type": "upsert_pro", "pro": {"id": p, "categories": ["painting"], "zones": ["bologna"]}}),
+        )
+        .await;
+        c.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 50})).await;
+    }
+    let mut l = lead_in("C1", "bologna", false);
+    l["details"] = json!({"rooms": "2"});
+    c.ok(json!({"type": "publish_lead", "lead": l})).await;
+    for p in ["p1", "p2"] {
+        let v = c.ok(json!({"type": "offer", "lead": "C1", "pro": p, "action": "respond"})).await;
+        assert_eq!(v["contact"]["phone"], serde_json::Value::Null, "chat only: no phone (R8)");
+    }
+    let b = c.ok(json!({"type": "balance", "pro": "p1"})).await;
+    assert_eq!((b["available"].as_u64(), b["held"].as_u64()), (Some(40), Some(10)), "held, not charged (R9)");
+    // The client answers p1 only: p1's hold is captured.
+    c.ok(json!({"type": "offer", "lead": "C1", "pro": "p1", "action": "client_replied"})).await;
+    let b = c.ok(json!({"type": "balance", "pro": "p1"})).await;
+    assert_eq!((b["held"].as_u64(), b["captured"].as_u64()), (Some(0), Some(10)));
+    // 48 h later the lead closes (R7): p2's hold is released, responses are refused.
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 48 * HOUR})).await;
+    let b = c.ok(json!({"type": "balance", "pro": "p2"})).await;
+    assert_eq!(
+        (b["available"].as_u64(), b["held"].as_u64(), b["captured"].as_u64()),
+        (Some(50), Some(0), Some(0))
+    );
+    // Responding again answers the same and charges nothing more.
+    c.ok(json!({"type": "offer", "lead": "C1", "pro": "p2", "action": "respond"})).await;
+    let b = c.ok(json!({"type": "balance", "pro": "p2"})).await;
+    assert_eq!(b["available"].as_u64(), Some(50));
+    c.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p3", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
+    let (r, _) = c.call(json!({"type": "offer", "lead": "C1", "pro": "p3", "action": "respond"})).await;
+    assert_eq!(r["code"], "not_offered", "{r}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_tenant_never_sees_or_touches_another_tenants_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut habi = Client::connect(&d.addr, "habi-token", false).await;
+    let mut pp = Client::connect(&d.addr, "pp-token", true).await;
+    let mut pp_stream = Client::connect(&d.addr, "pp-stream-only", false).await;
+    pp_stream.ok(json!({"type": "subscribe"})).await;
+    for i in 1..=4 {
+        habi.ok(json!({"type": "upsert_pro", "pro": autobuy_pro(i)})).await;
+    }
+    habi.ok(json!({"type": "publish_lead", "lead": lead_in("H1", "madrid", true)})).await;
+    // The other tenant cannot read, act on or explain it.
+    let (r, _) = pp.call(json!({"type": "explain", "lead": "H1"})).await;
+    assert_eq!(r["code"], "unknown_lead", "{r}");
+    let (r, _) = pp.call(json!({"type": "offer", "lead": "H1", "pro": "b1", "action": "open"})).await;
+    assert_eq!(r["code"], "unknown_lead", "{r}");
+    let (r, _) = pp.call(json!({"type": "search", "pro": "b1", "query": ""})).await;
+    assert_eq!(r["code"], "unknown_pro", "{r}");
+    // A stream-only token cannot publish.
+    let (r, _) = pp_stream.call(json!({"type": "publish_lead", "lead": lead_in("X", "bologna", true)})).await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    // Its own tenant's event arrives; nothing from the other tenant came before it.
+    pp.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-x", "credits": 5})).await;
+    let ev = pp_stream.events(1).await;
+    assert_eq!(ev[0]["event"]["event"], "credits");
+    assert_eq!(ev[0]["event"]["pro"], "p1");
+    assert_eq!(ev[0]["seq"], 1, "the prontopro stream starts at 1: no habitissimo events in it");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_subscriber_is_cut_off_with_a_resume_cursor_and_others_keep_receiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 16);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "pp-token", true).await;
+    let mut slow = Client::connect(&d.addr, "pp-token", false).await;
+    slow.ok(json!({"type": "subscribe"})).await;
+    let mut fast = Client::connect(&d.addr, "pp-token", false).await;
+    fast.ok(json!({"type": "subscribe"})).await;
+    c.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
+    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 1_000_000})).await;
+    fast.events(1).await;
+    // Big events (16 KiB descriptions) fill the slow reader's socket, then its queue.
+    let big = "x".repeat(16_000);
+    let n = 400;
+    let mut received = 0;
+    for i in 0..n {
+        let mut l = lead_in(&format!("S{i}"), "bologna", true);
+        l["description"] = json!(big);
+        l["client"]["id"] = json!(format!("client-{i}"));
+        c.ok(json!({"type": "publish_lead", "lead": l})).await;
+        // The fast subscriber keeps up: lead_accepted + offered per lead.
+        received += fast.events(2).await.len();
+    }
+    assert_eq!(received, 2 * n);
+    // The slow one gets what fit, then a 4008 close naming where to resume.
+    let (code, reason) = slow.drain_until_close().await;
+    assert_eq!(code, 4008, "{reason}");
+    let cursor: u64 = reason.split("resume_from=").nth(1).unwrap().trim().parse().unwrap();
+    assert!(cursor < 2 * n as u64 + 1, "{reason}");
+    // It can resume from there and gets the rest, without a gap.
+    let mut again = Client::connect(&d.addr, "pp-token", false).await;
+    again.ok(json!({"type": "subscribe", "resume_from": cursor})).await;
+    let next = again.events(1).await;
+    assert_eq!(next[0]["seq"].as_u64().unwrap(), cursor + 1);
+}
