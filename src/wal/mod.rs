@@ -341,6 +341,8 @@ pub struct WalStats {
     pub queue_full: u64,
     pub last_batch_records: u64,
     pub last_sync_micros: u64,
+    /// Time spent in `fdatasync` altogether (for an average: divide by `syncs`).
+    pub sync_micros_total: u64,
     pub snapshots_written: u64,
     pub failed: bool,
 }
@@ -358,6 +360,7 @@ pub(crate) struct StatCells {
     pub queue_full: AtomicU64,
     pub last_batch_records: AtomicU64,
     pub last_sync_micros: AtomicU64,
+    pub sync_micros_total: AtomicU64,
     pub snapshots_written: AtomicU64,
 }
 
@@ -762,6 +765,7 @@ impl Wal {
             queue_full: get(&s.queue_full),
             last_batch_records: get(&s.last_batch_records),
             last_sync_micros: get(&s.last_sync_micros),
+            sync_micros_total: get(&s.sync_micros_total),
             snapshots_written: get(&s.snapshots_written),
             failed: self.h.st.failed_flag.load(Ordering::Acquire),
         }
@@ -780,5 +784,35 @@ impl Wal {
     /// The directory this log lives in.
     pub fn dir(&self) -> &Path {
         &self.h.st.cfg.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policy_reads_as_documented_in_toml() {
+        #[derive(Deserialize)]
+        struct T {
+            fsync: FsyncPolicy,
+        }
+        let parse = |s: &str| toml::from_str::<T>(s).map(|t| t.fsync);
+        assert_eq!(parse(r#"fsync = "always""#).unwrap(), FsyncPolicy::Always);
+        assert_eq!(parse(r#"fsync = "never""#).unwrap(), FsyncPolicy::Never);
+        assert_eq!(
+            parse("fsync = { interval_ms = 5 }").unwrap(),
+            FsyncPolicy::IntervalMs(5)
+        );
+        assert!(parse(r#"fsync = "sometimes""#).is_err());
+    }
+
+    #[test]
+    fn config_rejects_unknown_keys_and_names_bad_values() {
+        assert!(toml::from_str::<WalConfig>("segment_byte = 4096").is_err());
+        let cfg: WalConfig = toml::from_str("dir = \"/x\"\nsegment_bytes = 100").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("segment_bytes = 100"), "{err}");
+        assert!(WalConfig::default().validate().is_ok());
     }
 }

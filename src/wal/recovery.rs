@@ -314,6 +314,15 @@ pub(crate) fn recover(
     rec.torn_tail = walk.torn.clone();
     rec.records = records;
     rec.duration = started.elapsed();
+    tracing::info!(
+        dir = %dir.display(),
+        snapshot_seq = ?rec.snapshot_seq,
+        records = rec.records_replayed,
+        last_seq = rec.last_seq,
+        torn_tail = rec.torn_tail.is_some(),
+        ms = rec.duration.as_millis() as u64,
+        "WAL recovered"
+    );
     // The writer continues the segment recovery ended in only if the next seq
     // belongs there; otherwise (the snapshot is ahead of the log) it starts a new one.
     let active = walk.active.filter(|_| walk.last_seq == rec.last_seq);

@@ -317,10 +317,9 @@ impl Writer {
                 return Err(io_err("fdatasync", &self.seg_path, e));
             }
             let took = started.elapsed().as_micros() as u64;
-            self.st
-                .stats
-                .last_sync_micros
-                .store(took, Ordering::Relaxed);
+            let stats = &self.st.stats;
+            stats.last_sync_micros.store(took, Ordering::Relaxed);
+            stats.sync_micros_total.fetch_add(took, Ordering::Relaxed);
             self.st.stats.syncs.fetch_add(1, Ordering::Relaxed);
         }
         self.unsynced = false;
