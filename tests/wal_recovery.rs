@@ -509,3 +509,40 @@ fn interrupted_snapshot_temp_files_are_removed_by_recovery() {
     assert_eq!((rec.snapshot_seq, rec.records.len()), (None, 5));
     assert!(fs.file_bytes(&tmp).is_err());
 }
+
+#[test]
+fn preallocated_segments_roll_over_through_the_background_spare_and_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = WalConfig {
+        segment_bytes: 8192,
+        preallocate: true,
+        ..WalConfig::new(tmp.path())
+    };
+    let (wal, _) = Wal::open(cfg.clone(), Arc::new(RealFs)).unwrap();
+    for i in 1..=400u64 {
+        wal.append_blocking(vec![(1, payload(i, 100))]).unwrap();
+    }
+    wal.shutdown().unwrap();
+    let segs = segments(&RealFs, tmp.path());
+    assert!(segs.len() >= 5, "{} segments", segs.len());
+    for seg in &segs {
+        assert_eq!(
+            std::fs::metadata(seg).unwrap().len(),
+            8192,
+            "{} is preallocated",
+            seg.display()
+        );
+    }
+    let (_, rec) = Wal::open(cfg, Arc::new(RealFs)).unwrap();
+    assert_eq!((rec.records.len(), rec.torn_tail), (400, None));
+    let leftovers: Vec<_> = RealFs
+        .list(tmp.path())
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(
+        leftovers.len() <= 1,
+        "at most the spare being prepared: {leftovers:?}"
+    );
+}
