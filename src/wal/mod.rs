@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `00000000000000000001.wal` | a segment; the name is the seq of its first record, 20 digits |
 //! | `snapshot-00000000000000001000.snap` | a snapshot covering every record up to seq 1000 |
-//! | `*.tmp` | a snapshot being written; removed by recovery (never valid) |
+//! | `*.tmp` | a snapshot being written, or `next-segment.wal.tmp` being zero-filled; removed by recovery (never valid) |
 //! | `*.corrupt-N` | a copy made by [`tools::repair`] before it cut anything; never read |
 //!
 //! All integers are little-endian. All checksums are CRC32C (Castagnoli).
@@ -71,6 +71,16 @@
 //! only then runs every request's `on_durable` callback. While it syncs, new
 //! requests pile up in the channel and form the next batch: no timers, and the
 //! batch grows exactly as fast as the disk is slow.
+//!
+//! Callers get the most out of it by keeping many appends in flight from a few
+//! threads (`try_append` with a callback that sends a message), not by parking one
+//! thread per append: on 2 cores the first form reached ~1.5M durable records/s
+//! with 256 appends in flight, the second ~150k/s (see `BENCHMARKS.md`).
+//!
+//! With `preallocate`, each segment is zero-filled to `segment_bytes` and synced
+//! before it takes records, so a later `fdatasync` has no size or block-map change
+//! to write (measured ~30% faster per sync here). The next segment is prepared on
+//! a helper thread (`next-segment.wal.tmp`) and renamed into place at rollover.
 //!
 //! A segment is rolled over when the next record would pass `segment_bytes`: the
 //! old segment is written and synced first (whatever the policy), then the new one
@@ -691,6 +701,9 @@ impl Wal {
     /// `f(seq, kind, payload)` until it returns `false` or the durable watermark is
     /// reached (stream resume). Errs with [`WalError::Compacted`] if `from_seq` is
     /// older than the oldest segment kept.
+    ///
+    /// Each segment it touches is read whole (up to `segment_bytes`); fine for
+    /// resuming a stream, too heavy to call per record.
     pub fn read_range(
         &self,
         from_seq: u64,
@@ -790,6 +803,12 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wal_handles_can_be_shared_across_threads() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<Wal>();
+    }
 
     #[test]
     fn fsync_policy_reads_as_documented_in_toml() {
