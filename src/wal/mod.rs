@@ -702,8 +702,9 @@ impl Wal {
     /// reached (stream resume). Errs with [`WalError::Compacted`] if `from_seq` is
     /// older than the oldest segment kept.
     ///
-    /// Each segment it touches is read whole (up to `segment_bytes`); fine for
-    /// resuming a stream, too heavy to call per record.
+    /// Segments are read in 1 MiB chunks from the start of the segment holding
+    /// `from_seq` (there is no index), so memory stays small; the cost is a scan
+    /// of that segment's earlier records (millions per second).
     pub fn read_range(
         &self,
         from_seq: u64,
@@ -724,30 +725,8 @@ impl Wal {
         if from_seq < oldest {
             return Err(WalError::Compacted { from_seq, oldest });
         }
-        let mut done = false;
-        let result = recovery::walk_log(st.fs.as_ref(), &segments, from_seq, &mut |_, r| {
-            if r.seq > upto {
-                done = true;
-                return false;
-            }
-            if !f(r.seq, r.kind, r.payload) {
-                done = true;
-                return false;
-            }
-            true
-        });
-        match result {
-            Ok(walk) if done || walk.last_seq >= upto => Ok(()),
-            Ok(walk) => Err(WalError::Corrupt {
-                segment: walk.active.map(|a| a.1).unwrap_or_default(),
-                offset: 0,
-                expected_seq: walk.last_seq + 1,
-                reason: format!("durable records up to seq {upto} are not all on disk"),
-            }),
-            // A record being written right now may look torn or damaged to a reader;
-            // that is fine as long as everything durable was already handed out.
-            Err(_) if done => Ok(()),
-            Err(WalError::Corrupt { expected_seq, .. }) if expected_seq > upto => Ok(()),
+        match recovery::read_durable(st.fs.as_ref(), &segments, from_seq, upto, &mut f) {
+            // Compaction deleted a segment while we were reading.
             Err(WalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let oldest = st
                     .segments
@@ -758,7 +737,7 @@ impl Wal {
                     .unwrap_or(upto + 1);
                 Err(WalError::Compacted { from_seq, oldest })
             }
-            Err(e) => Err(e),
+            other => other,
         }
     }
 
