@@ -97,22 +97,13 @@ pub struct IdError {
 
 pub fn validate_id(s: &str, field: &'static str) -> Result<(), IdError> {
     if s.is_empty() {
-        return Err(IdError {
-            field,
-            reason: "must not be empty",
-        });
+        return Err(IdError { field, reason: "must not be empty" });
     }
     if s.len() > MAX_ID_LEN {
-        return Err(IdError {
-            field,
-            reason: "longer than 128 bytes",
-        });
+        return Err(IdError { field, reason: "longer than 128 bytes" });
     }
     if s.chars().any(char::is_control) {
-        return Err(IdError {
-            field,
-            reason: "contains control characters",
-        });
+        return Err(IdError { field, reason: "contains control characters" });
     }
     Ok(())
 }
