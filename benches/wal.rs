@@ -4,9 +4,7 @@
 //! Run: `cargo bench --bench wal -- --measurement-time 5`. Data goes to a temp
 //! dir under `target/tmp` (on the real disk, never tmpfs).
 
-use criterion::{
-    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
-};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use crossbeam_channel::{bounded, Sender};
 use rota::wal::{Fs, FsFile, OpenMode, RealFs, Replayed, Wal, WalConfig};
 use std::sync::Arc;
@@ -30,8 +28,7 @@ fn run_producers(wal: &Wal, producers: usize, each: usize) -> Duration {
             let wal = wal.clone();
             s.spawn(move || {
                 for _ in 0..each {
-                    wal.append_blocking(vec![(p as u8, vec![0x5a; PAYLOAD_BYTES])])
-                        .expect("append");
+                    wal.append_blocking(vec![(p as u8, vec![0x5a; PAYLOAD_BYTES])]).expect("append");
                 }
             });
         }
@@ -45,16 +42,14 @@ fn run_producers(wal: &Wal, producers: usize, each: usize) -> Duration {
 fn run_callbacks(wal: &Wal, producers: usize, each: usize) -> Duration {
     fn submit(wal: Wal, p: usize, left: usize, done: Sender<()>) {
         let next = wal.clone();
-        let cb = Box::new(
-            move |r: Result<std::ops::Range<u64>, rota::wal::WalError>| {
-                r.expect("durable");
-                if left > 1 {
-                    submit(next, p, left - 1, done);
-                } else {
-                    done.send(()).expect("bench waits for every producer");
-                }
-            },
-        );
+        let cb = Box::new(move |r: Result<std::ops::Range<u64>, rota::wal::WalError>| {
+            r.expect("durable");
+            if left > 1 {
+                submit(next, p, left - 1, done);
+            } else {
+                done.send(()).expect("bench waits for every producer");
+            }
+        });
         wal.try_append(vec![(p as u8, vec![0x5a; PAYLOAD_BYTES])], cb)
             .expect("queue has room for every producer");
     }
@@ -91,29 +86,22 @@ fn durable_appends(c: &mut Criterion) {
             };
             let each = records / producers;
             let dir = bench_dir();
-            let cfg = WalConfig {
-                max_batch_requests: max_batch,
-                preallocate,
-                ..WalConfig::new(dir.path())
-            };
+            let cfg = WalConfig { max_batch_requests: max_batch, preallocate, ..WalConfig::new(dir.path()) };
             let (wal, _) = Wal::open(cfg, Arc::new(RealFs)).expect("open");
             g.throughput(Throughput::Elements((each * producers) as u64));
-            g.bench_function(
-                BenchmarkId::new(mode, format!("{producers}_producers")),
-                |b| {
-                    b.iter_custom(|iters| {
-                        (0..iters)
-                            .map(|_| {
-                                if mode.contains("callbacks") {
-                                    run_callbacks(&wal, producers, each)
-                                } else {
-                                    run_producers(&wal, producers, each)
-                                }
-                            })
-                            .sum()
-                    })
-                },
-            );
+            g.bench_function(BenchmarkId::new(mode, format!("{producers}_producers")), |b| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| {
+                            if mode.contains("callbacks") {
+                                run_callbacks(&wal, producers, each)
+                            } else {
+                                run_producers(&wal, producers, each)
+                            }
+                        })
+                        .sum()
+                })
+            });
             let s = wal.stats();
             eprintln!(
                 "  {mode}/{producers}: {} records in {} syncs ({:.1} records/sync), mean sync {} us",
@@ -135,9 +123,7 @@ fn recovery(c: &mut Criterion) {
     {
         let (wal, _) = Wal::open(cfg.clone(), Arc::new(RealFs)).expect("open");
         for _ in 0..RECORDS / 1000 {
-            let batch = (0..1000)
-                .map(|i| ((i % 13) as u8, vec![0x33; PAYLOAD_BYTES]))
-                .collect();
+            let batch = (0..1000).map(|i| ((i % 13) as u8, vec![0x33; PAYLOAD_BYTES])).collect();
             wal.append_blocking(batch).expect("append");
         }
         wal.shutdown().expect("shutdown");
@@ -178,11 +164,7 @@ fn fdatasync_latency(c: &mut Criterion) {
             file.sync_data().expect("sync");
         }
         let mut offset = 0u64;
-        let name = if preallocated {
-            "preallocated"
-        } else {
-            "appending"
-        };
+        let name = if preallocated { "preallocated" } else { "appending" };
         g.bench_function(name, |b| {
             b.iter(|| {
                 file.write_at(offset, &[7u8; PAYLOAD_BYTES]).expect("write");

@@ -19,10 +19,7 @@ const PRODUCERS: u64 = 4;
 
 fn cfg(dir: &Path) -> WalConfig {
     // Small segments so kills also land around rollovers.
-    WalConfig {
-        segment_bytes: 256 << 10,
-        ..WalConfig::new(dir)
-    }
+    WalConfig { segment_bytes: 256 << 10, ..WalConfig::new(dir) }
 }
 
 /// Payload: producer id and its own counter, so the parent can check each
@@ -47,9 +44,7 @@ fn child(dir: &Path) -> ! {
             let (wal, out) = (wal.clone(), out.clone());
             s.spawn(move || {
                 for counter in 0.. {
-                    let range = wal
-                        .append_blocking(vec![(p as u8, encode(p, counter))])
-                        .expect("append");
+                    let range = wal.append_blocking(vec![(p as u8, encode(p, counter))]).expect("append");
                     let mut out = out.lock();
                     // A kill between the ack and this line only hides an ack; never invents one.
                     writeln!(out, "ack {}", range.start).expect("parent reads stdout");
@@ -66,14 +61,8 @@ fn killed_writer_loses_no_acknowledged_record() {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
         child(Path::new(&dir));
     }
-    let cycles: u64 = std::env::var("ROTA_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64;
+    let cycles: u64 = std::env::var("ROTA_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos() as u64;
     println!("crash test seed {seed}");
     let mut rng = Rng(seed);
     let tmp = tempfile::tempdir().unwrap();
@@ -93,10 +82,7 @@ fn killed_writer_loses_no_acknowledged_record() {
             let mut acked = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(seq) = line
-                    .strip_prefix("ack ")
-                    .and_then(|s| s.parse::<u64>().ok())
-                {
+                if let Some(seq) = line.strip_prefix("ack ").and_then(|s| s.parse::<u64>().ok()) {
                     acked.push(seq);
                 }
             }
@@ -124,10 +110,7 @@ fn killed_writer_loses_no_acknowledged_record() {
             assert_eq!(p, r.kind as u64);
             if let Some(prev) = last_counter[p as usize] {
                 // Counters restart per child; within one child they increase.
-                assert!(
-                    counter > prev || counter == 0,
-                    "seed {seed}: producer {p} out of order"
-                );
+                assert!(counter > prev || counter == 0, "seed {seed}: producer {p} out of order");
             }
             last_counter[p as usize] = Some(counter);
         }
@@ -139,8 +122,5 @@ fn killed_writer_loses_no_acknowledged_record() {
         );
         wal.shutdown().unwrap();
     }
-    assert!(
-        max_acked > 0,
-        "seed {seed}: the child never acknowledged anything"
-    );
+    assert!(max_acked > 0, "seed {seed}: the child never acknowledged anything");
 }

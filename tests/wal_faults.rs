@@ -40,18 +40,13 @@ fn a_failed_write_or_sync_stops_the_log_fails_pending_callers_and_loses_nothing_
             entered_tx.send(()).unwrap();
             gate_rx.recv().unwrap();
         };
-        wal.try_append(vec![(1, payload(11, 30))], Box::new(hold))
-            .unwrap();
+        wal.try_append(vec![(1, payload(11, 30))], Box::new(hold)).unwrap();
         entered_rx.recv().unwrap();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         for i in 12..=16u64 {
             submitted.push(payload(i, 30));
             let d = done_tx.clone();
-            wal.try_append(
-                vec![(1, payload(i, 30))],
-                Box::new(move |r| d.send(r).unwrap()),
-            )
-            .unwrap();
+            wal.try_append(vec![(1, payload(i, 30))], Box::new(move |r| d.send(r).unwrap())).unwrap();
         }
         match case {
             Case::Inject(f) => fs.inject(f),
@@ -60,33 +55,17 @@ fn a_failed_write_or_sync_stops_the_log_fails_pending_callers_and_loses_nothing_
         gate_tx.send(()).unwrap();
         for _ in 12..=16 {
             let r = done_rx.recv().unwrap();
-            assert!(
-                matches!(r, Err(WalError::Failed(_))),
-                "{case:?}: pending caller got {r:?}"
-            );
+            assert!(matches!(r, Err(WalError::Failed(_))), "{case:?}: pending caller got {r:?}");
         }
         assert!(wal.is_failed().is_some(), "{case:?}");
         let stats = wal.stats();
-        assert!(
-            stats.failed && stats.sync_failures + stats.write_failures >= 1,
-            "{case:?}: {stats:?}"
-        );
-        assert_eq!(
-            wal.durable_seq(),
-            11,
-            "{case:?}: nothing acknowledged after the failure"
-        );
+        assert!(stats.failed && stats.sync_failures + stats.write_failures >= 1, "{case:?}: {stats:?}");
+        assert_eq!(wal.durable_seq(), 11, "{case:?}: nothing acknowledged after the failure");
 
         // Refused from now on, and the disk is never touched again: no retried sync.
         let (writes, syncs) = (fs.write_count(), fs.sync_count());
-        assert!(matches!(
-            wal.try_append(vec![(1, vec![])], Box::new(|_| {})),
-            Err(WalError::Failed(_))
-        ));
-        assert!(matches!(
-            wal.append_blocking(vec![(1, vec![])]),
-            Err(WalError::Failed(_))
-        ));
+        assert!(matches!(wal.try_append(vec![(1, vec![])], Box::new(|_| {})), Err(WalError::Failed(_))));
+        assert!(matches!(wal.append_blocking(vec![(1, vec![])]), Err(WalError::Failed(_))));
         assert!(matches!(wal.sync(), Err(WalError::Failed(_))));
         assert!(wal.shutdown().is_err());
         assert_eq!(
@@ -97,16 +76,10 @@ fn a_failed_write_or_sync_stops_the_log_fails_pending_callers_and_loses_nothing_
 
         fs.clear_faults();
         fs.power_cut();
-        let (_, rec) =
-            Wal::open(cfg, as_dyn(&fs)).unwrap_or_else(|e| panic!("{case:?}: reopen: {e}"));
+        let (_, rec) = Wal::open(cfg, as_dyn(&fs)).unwrap_or_else(|e| panic!("{case:?}: reopen: {e}"));
         assert!(rec.last_seq >= 11, "{case:?}: acknowledged records lost");
         for r in &rec.records {
-            assert_eq!(
-                r.payload,
-                submitted[r.seq as usize - 1],
-                "{case:?}: seq {} invented",
-                r.seq
-            );
+            assert_eq!(r.payload, submitted[r.seq as usize - 1], "{case:?}: seq {} invented", r.seq);
         }
     }
 }
@@ -119,11 +92,7 @@ fn power_cut_workload(seed: u64, skip_sync: bool) -> Result<(), String> {
     let mut rng = Rng(seed);
     let fs = MemFs::new();
     fs.set_cut_seed(seed);
-    let cfg = WalConfig {
-        preallocate: rng.below(2) == 0,
-        unsafe_skip_sync: skip_sync,
-        ..small_cfg(MEM_DIR)
-    };
+    let cfg = WalConfig { preallocate: rng.below(2) == 0, unsafe_skip_sync: skip_sync, ..small_cfg(MEM_DIR) };
     let mut submitted: Vec<Vec<u8>> = Vec::new();
     let mut snapshots: HashMap<u64, Vec<u8>> = HashMap::new();
     let acked = Arc::new(AtomicU64::new(0));
@@ -152,16 +121,10 @@ fn power_cut_workload(seed: u64, skip_sync: bool) -> Result<(), String> {
         };
         for (next, r) in (first..).zip(&rec.records) {
             if r.seq != next {
-                return Err(format!(
-                    "cycle {cycle}: expected seq {next}, recovered {}",
-                    r.seq
-                ));
+                return Err(format!("cycle {cycle}: expected seq {next}, recovered {}", r.seq));
             }
             if submitted.get(r.seq as usize - 1) != Some(&r.payload) {
-                return Err(format!(
-                    "cycle {cycle}: seq {} recovered with bytes never submitted",
-                    r.seq
-                ));
+                return Err(format!("cycle {cycle}: seq {} recovered with bytes never submitted", r.seq));
             }
         }
         if order_broken.load(Ordering::SeqCst) {
@@ -193,10 +156,7 @@ fn power_cut_workload(seed: u64, skip_sync: bool) -> Result<(), String> {
                         let bytes = format!("state {covers}").into_bytes();
                         // Recorded before writing: a cut mid-write may still leave it on disk.
                         snapshots.insert(covers, bytes.clone());
-                        if !check(
-                            wal.write_snapshot(covers, &bytes)
-                                .map_err(|e| format!("snapshot: {e}")),
-                        )? {
+                        if !check(wal.write_snapshot(covers, &bytes).map_err(|e| format!("snapshot: {e}")))? {
                             break;
                         }
                     }
@@ -210,12 +170,7 @@ fn power_cut_workload(seed: u64, skip_sync: bool) -> Result<(), String> {
                     let n = 1 + rng.below(3);
                     let start = submitted.len() as u64 + 1;
                     let records: Vec<(u8, Vec<u8>)> = (0..n)
-                        .map(|i| {
-                            (
-                                (start + i) as u8,
-                                payload(start + i, rng.below(300) as usize),
-                            )
-                        })
+                        .map(|i| ((start + i) as u8, payload(start + i, rng.below(300) as usize)))
                         .collect();
                     submitted.extend(records.iter().map(|r| r.1.clone()));
                     let (acked, broken) = (acked.clone(), order_broken.clone());
@@ -227,10 +182,7 @@ fn power_cut_workload(seed: u64, skip_sync: bool) -> Result<(), String> {
                             acked.fetch_max(range.end - 1, Ordering::SeqCst);
                         }
                     });
-                    if !check(
-                        wal.try_append(records, cb)
-                            .map_err(|e| format!("append: {e}")),
-                    )? {
+                    if !check(wal.try_append(records, cb).map_err(|e| format!("append: {e}")))? {
                         break;
                     }
                 }
@@ -260,13 +212,8 @@ fn power_cuts_never_lose_acknowledged_records_nor_invent_any() {
 
 #[test]
 fn the_power_cut_check_catches_a_log_that_does_not_sync() {
-    let caught = (0..20)
-        .filter(|&seed| power_cut_workload(seed, true).is_err())
-        .count();
-    assert!(
-        caught >= 10,
-        "only {caught} of 20 seeds noticed that nothing was synced"
-    );
+    let caught = (0..20).filter(|&seed| power_cut_workload(seed, true).is_err()).count();
+    assert!(caught >= 10, "only {caught} of 20 seeds noticed that nothing was synced");
 }
 
 #[test]
@@ -295,11 +242,7 @@ fn random_faults_never_lead_to_acknowledging_lost_records() {
         fs.power_cut();
         let (_, rec) = Wal::open(cfg, as_dyn(&fs)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         let acked = acked.load(Ordering::SeqCst);
-        assert!(
-            rec.last_seq >= acked,
-            "seed {seed}: acked {acked}, recovered up to {}",
-            rec.last_seq
-        );
+        assert!(rec.last_seq >= acked, "seed {seed}: acked {acked}, recovered up to {}", rec.last_seq);
     }
 }
 
@@ -315,13 +258,8 @@ fn group_commit_syncs_far_fewer_times_than_it_appends() {
             s.spawn(move || {
                 let mut last = 0;
                 for i in 0..EACH {
-                    let range = wal
-                        .append_blocking(vec![(p as u8, payload(p * EACH + i, 64))])
-                        .unwrap();
-                    assert!(
-                        range.start > last,
-                        "one producer's records keep their order"
-                    );
+                    let range = wal.append_blocking(vec![(p as u8, payload(p * EACH + i, 64))]).unwrap();
+                    assert!(range.start > last, "one producer's records keep their order");
                     last = range.start;
                 }
             });
@@ -330,11 +268,7 @@ fn group_commit_syncs_far_fewer_times_than_it_appends() {
     let stats = wal.stats();
     let records = PRODUCERS * EACH;
     assert_eq!(stats.records, records);
-    assert!(
-        stats.syncs < records / 4,
-        "{} syncs for {records} records: not batching",
-        stats.syncs
-    );
+    assert!(stats.syncs < records / 4, "{} syncs for {records} records: not batching", stats.syncs);
     assert_eq!(wal.durable_seq(), records);
     wal.shutdown().unwrap();
 }
@@ -343,19 +277,12 @@ fn group_commit_syncs_far_fewer_times_than_it_appends() {
 fn never_and_interval_policies_acknowledge_and_sync_on_shutdown() {
     for policy in [FsyncPolicy::Never, FsyncPolicy::IntervalMs(3_600_000)] {
         let fs = MemFs::new();
-        let cfg = WalConfig {
-            fsync: policy,
-            ..small_cfg(MEM_DIR)
-        };
+        let cfg = WalConfig { fsync: policy, ..small_cfg(MEM_DIR) };
         let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
         for i in 1..=20u64 {
             wal.append_blocking(vec![(1, payload(i, 10))]).unwrap();
         }
-        assert_eq!(
-            wal.durable_seq(),
-            20,
-            "{policy:?}: acknowledged after the write"
-        );
+        assert_eq!(wal.durable_seq(), 20, "{policy:?}: acknowledged after the write");
         assert!(wal.synced_seq() < 20, "{policy:?}: not synced per record");
         wal.shutdown().unwrap();
         fs.power_cut();
@@ -367,10 +294,7 @@ fn never_and_interval_policies_acknowledge_and_sync_on_shutdown() {
 #[test]
 fn interval_policy_syncs_on_its_own_after_the_interval() {
     let fs = MemFs::new();
-    let cfg = WalConfig {
-        fsync: FsyncPolicy::IntervalMs(1),
-        ..small_cfg(MEM_DIR)
-    };
+    let cfg = WalConfig { fsync: FsyncPolicy::IntervalMs(1), ..small_cfg(MEM_DIR) };
     let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
     for i in 1..=5u64 {
         wal.append_blocking(vec![(1, payload(i, 10))]).unwrap();
@@ -388,10 +312,7 @@ fn interval_policy_syncs_on_its_own_after_the_interval() {
 #[test]
 fn a_sync_failure_during_an_interval_sync_is_fatal_too() {
     let fs = MemFs::new();
-    let cfg = WalConfig {
-        fsync: FsyncPolicy::IntervalMs(1),
-        ..small_cfg(MEM_DIR)
-    };
+    let cfg = WalConfig { fsync: FsyncPolicy::IntervalMs(1), ..small_cfg(MEM_DIR) };
     let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
     fs.inject(Fault::SyncError);
     // Acknowledged after the write if the interval has not passed yet; if it has,
@@ -407,8 +328,5 @@ fn a_sync_failure_during_an_interval_sync_is_fatal_too() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert!(wal.is_failed().is_some());
-    assert!(matches!(
-        wal.append_blocking(vec![(1, vec![])]),
-        Err(WalError::Failed(_))
-    ));
+    assert!(matches!(wal.append_blocking(vec![(1, vec![])]), Err(WalError::Failed(_))));
 }

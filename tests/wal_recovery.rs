@@ -3,8 +3,7 @@
 mod wal_support;
 
 use rota::wal::{
-    Fs, MemFs, RealFs, Record, Replayed, Wal, WalConfig, WalError, RECORD_HEADER_LEN,
-    SEGMENT_HEADER_LEN,
+    Fs, MemFs, RealFs, Record, Replayed, Wal, WalConfig, WalError, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -40,22 +39,15 @@ fn write_records(fs: &MemFs, cfg: &WalConfig, n: u64) {
     let (wal, rec) = Wal::open(cfg.clone(), as_dyn(fs)).expect("open");
     let base = rec.last_seq;
     for i in 1..=n {
-        let seqs = wal
-            .append_blocking(vec![((i % 7) as u8, payload(base + i, PAYLOAD_LEN))])
-            .expect("append");
+        let seqs =
+            wal.append_blocking(vec![((i % 7) as u8, payload(base + i, PAYLOAD_LEN))]).expect("append");
         assert_eq!(seqs, base + i..base + i + 1);
     }
     wal.shutdown().expect("clean shutdown");
 }
 
 fn expected(range: std::ops::RangeInclusive<u64>) -> Vec<Record> {
-    range
-        .map(|s| Record {
-            seq: s,
-            kind: (s % 7) as u8,
-            payload: payload(s, PAYLOAD_LEN),
-        })
-        .collect()
+    range.map(|s| Record { seq: s, kind: (s % 7) as u8, payload: payload(s, PAYLOAD_LEN) }).collect()
 }
 
 fn framed() -> u64 {
@@ -79,26 +71,17 @@ fn round_trip_on_the_real_filesystem_keeps_records_and_continues_seqs() {
     assert_eq!((rec.last_seq, rec.records.len()), (0, 0));
     let mut want = Vec::new();
     for batch in 0..30u64 {
-        let records: Vec<(u8, Vec<u8>)> = (0..batch % 4 + 1)
-            .map(|i| ((batch + i) as u8, payload(batch * 10 + i, 50)))
-            .collect();
+        let records: Vec<(u8, Vec<u8>)> =
+            (0..batch % 4 + 1).map(|i| ((batch + i) as u8, payload(batch * 10 + i, 50))).collect();
         let range = wal.append_blocking(records.clone()).unwrap();
         for (seq, (kind, p)) in range.zip(records) {
-            want.push(Record {
-                seq,
-                kind,
-                payload: p,
-            });
+            want.push(Record { seq, kind, payload: p });
         }
     }
     assert_eq!(wal.durable_seq(), want.len() as u64);
     let mut read_back = Vec::new();
     wal.read_range(3, |seq, kind, p| {
-        read_back.push(Record {
-            seq,
-            kind,
-            payload: p.to_vec(),
-        });
+        read_back.push(Record { seq, kind, payload: p.to_vec() });
         true
     })
     .unwrap();
@@ -124,56 +107,34 @@ fn truncating_at_every_byte_of_the_last_record_recovers_all_earlier_records() {
     for cut in last_start..full_len {
         let fs2 = fs.deep_clone();
         fs2.truncate(&seg, cut).unwrap();
-        let (wal, rec) =
-            Wal::open(cfg.clone(), as_dyn(&fs2)).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let (wal, rec) = Wal::open(cfg.clone(), as_dyn(&fs2)).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         assert_eq!(rec.records, expected(1..=9), "cut at {cut}");
         if cut == last_start {
-            assert_eq!(
-                rec.torn_tail, None,
-                "a cut on a record boundary is a clean end"
-            );
+            assert_eq!(rec.torn_tail, None, "a cut on a record boundary is a clean end");
         } else {
-            let torn = rec
-                .torn_tail
-                .clone()
-                .unwrap_or_else(|| panic!("cut at {cut}: torn tail not reported"));
+            let torn =
+                rec.torn_tail.clone().unwrap_or_else(|| panic!("cut at {cut}: torn tail not reported"));
             assert_eq!(
                 (torn.segment, torn.offset, torn.bytes_cut),
                 (seg.clone(), last_start, cut - last_start)
             );
         }
         // The cut is durable and the log continues right after the last good record.
-        assert_eq!(
-            wal.append_blocking(vec![(3, payload(10, PAYLOAD_LEN))])
-                .unwrap(),
-            10..11
-        );
+        assert_eq!(wal.append_blocking(vec![(3, payload(10, PAYLOAD_LEN))]).unwrap(), 10..11);
         wal.shutdown().unwrap();
         let (_, rec) = Wal::open(cfg.clone(), as_dyn(&fs2)).unwrap();
-        assert_eq!(
-            rec.records,
-            expected(1..=10),
-            "cut at {cut}, after re-append"
-        );
+        assert_eq!(rec.records, expected(1..=10), "cut at {cut}, after re-append");
     }
 }
 
 #[test]
-fn zero_filled_tail_of_a_preallocated_segment_is_the_end_of_the_log_and_partial_records_in_it_are_torn(
-) {
+fn zero_filled_tail_of_a_preallocated_segment_is_the_end_of_the_log_and_partial_records_in_it_are_torn() {
     let fs = MemFs::new();
-    let cfg = WalConfig {
-        preallocate: true,
-        ..small_cfg(MEM_DIR)
-    };
+    let cfg = WalConfig { preallocate: true, ..small_cfg(MEM_DIR) };
     write_records(&fs, &cfg, 10);
     let seg = segments(&fs, &mem_dir())[0].clone();
     let bytes = fs.file_bytes(&seg).unwrap();
-    assert_eq!(
-        bytes.len() as u64,
-        cfg.segment_bytes,
-        "segment is preallocated"
-    );
+    assert_eq!(bytes.len() as u64, cfg.segment_bytes, "segment is preallocated");
     let last_start = offset_of(10);
     let last_end = last_start + framed();
     for cut in last_start..last_end {
@@ -181,14 +142,10 @@ fn zero_filled_tail_of_a_preallocated_segment_is_the_end_of_the_log_and_partial_
         damaged[cut as usize..last_end as usize].fill(0);
         let fs2 = fs.deep_clone();
         fs2.put_file(&seg, &damaged);
-        let (wal, rec) = Wal::open(cfg.clone(), as_dyn(&fs2))
-            .unwrap_or_else(|e| panic!("zeroed from {cut}: {e}"));
+        let (wal, rec) =
+            Wal::open(cfg.clone(), as_dyn(&fs2)).unwrap_or_else(|e| panic!("zeroed from {cut}: {e}"));
         assert_eq!(rec.records, expected(1..=9), "zeroed from {cut}");
-        assert_eq!(
-            rec.torn_tail.is_some(),
-            cut > last_start,
-            "zeroed from {cut}"
-        );
+        assert_eq!(rec.torn_tail.is_some(), cut > last_start, "zeroed from {cut}");
         wal.shutdown().unwrap();
     }
     let (_, rec) = Wal::open(cfg, as_dyn(&fs)).unwrap();
@@ -206,17 +163,8 @@ fn a_flipped_bit_anywhere_in_a_middle_record_is_refused_with_segment_offset_and_
         let fs2 = fs.deep_clone();
         fs2.flip_bit(&seg, at + bit / 8, (bit % 8) as u8).unwrap();
         match Wal::open(cfg.clone(), as_dyn(&fs2)) {
-            Err(WalError::Corrupt {
-                segment,
-                offset,
-                expected_seq,
-                reason,
-            }) => {
-                assert_eq!(
-                    (segment, offset, expected_seq),
-                    (seg.clone(), at, 6),
-                    "bit {bit}: {reason}"
-                );
+            Err(WalError::Corrupt { segment, offset, expected_seq, reason }) => {
+                assert_eq!((segment, offset, expected_seq), (seg.clone(), at, 6), "bit {bit}: {reason}");
             }
             Err(e) => panic!("bit {bit}: wrong error {e}"),
             Ok(_) => panic!("bit {bit}: damage in the middle was accepted"),
@@ -237,21 +185,9 @@ fn a_flipped_bit_in_a_length_field_never_allocates_gigabytes() {
     last.flip_bit(&seg, offset_of(10) + 3, 7).unwrap();
 
     LARGEST_ALLOC.store(0, Ordering::Relaxed);
-    let err = Wal::open(cfg.clone(), as_dyn(&middle))
-        .err()
-        .expect("middle damage is refused");
-    assert!(
-        matches!(
-            err,
-            WalError::Corrupt {
-                expected_seq: 5,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    let (_, rec) =
-        Wal::open(cfg, as_dyn(&last)).expect("a bad length in the last record is a torn tail");
+    let err = Wal::open(cfg.clone(), as_dyn(&middle)).err().expect("middle damage is refused");
+    assert!(matches!(err, WalError::Corrupt { expected_seq: 5, .. }), "{err}");
+    let (_, rec) = Wal::open(cfg, as_dyn(&last)).expect("a bad length in the last record is a torn tail");
     assert_eq!(rec.records.len(), 9);
     let largest = LARGEST_ALLOC.load(Ordering::Relaxed);
     assert!(largest < 1 << 30, "largest allocation was {largest} bytes");
@@ -262,10 +198,7 @@ fn empty_and_missing_directories_start_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     for dir in [tmp.path().to_path_buf(), tmp.path().join("missing/nested")] {
         let (wal, rec) = Wal::open(small_cfg(&dir), Arc::new(RealFs)).unwrap();
-        assert_eq!(
-            (rec.last_seq, rec.records.len(), rec.snapshot, rec.torn_tail),
-            (0, 0, None, None)
-        );
+        assert_eq!((rec.last_seq, rec.records.len(), rec.snapshot, rec.torn_tail), (0, 0, None, None));
         assert!(dir.is_dir());
         assert_eq!(wal.append_blocking(vec![(0, vec![])]).unwrap(), 1..2);
         wal.shutdown().unwrap();
@@ -283,11 +216,7 @@ fn segments_roll_over_and_recover_in_order() {
     let mut want = Vec::new();
     for i in 1..=500u64 {
         let p = payload(i, 100);
-        want.push(Record {
-            seq: i,
-            kind: 9,
-            payload: p.clone(),
-        });
+        want.push(Record { seq: i, kind: 9, payload: p.clone() });
         wal.append_blocking(vec![(9, p)]).unwrap();
     }
     let stats = wal.stats();
@@ -315,24 +244,10 @@ fn a_missing_middle_segment_is_a_seq_gap_and_refused() {
     let segs = segments(&fs, &mem_dir());
     fs.remove(&segs[2]).unwrap();
     fs.sync_dir(&mem_dir()).unwrap();
-    let gap_at: u64 = segs[2]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let gap_at: u64 = segs[2].file_stem().unwrap().to_str().unwrap().parse().unwrap();
     match Wal::open(cfg, as_dyn(&fs)) {
-        Err(WalError::Corrupt {
-            segment,
-            offset,
-            expected_seq,
-            ..
-        }) => {
-            assert_eq!(
-                (segment, offset, expected_seq),
-                (segs[3].clone(), 0, gap_at)
-            );
+        Err(WalError::Corrupt { segment, offset, expected_seq, .. }) => {
+            assert_eq!((segment, offset, expected_seq), (segs[3].clone(), 0, gap_at));
         }
         other => panic!("gap accepted or wrong error: {:?}", other.map(|_| ())),
     }
@@ -343,10 +258,7 @@ fn append_many(wal: &Wal, n: u64) -> u64 {
     let mut last = 0;
     for _ in 0..n {
         let seq = wal.last_seq() + 1;
-        last = wal
-            .append_blocking(vec![(2, payload(seq, 100))])
-            .unwrap()
-            .start;
+        last = wal.append_blocking(vec![(2, payload(seq, 100))]).unwrap().start;
     }
     last
 }
@@ -360,11 +272,7 @@ fn snapshots_compact_covered_segments_only_after_they_are_durable_and_recovery_r
     append_many(&wal, 300);
     wal.write_snapshot(150, b"state at 150").unwrap();
     let after_first = segments(&fs, &dir);
-    assert_eq!(
-        after_first[0],
-        dir.join("00000000000000000001.wal"),
-        "one snapshot: nothing compacted yet"
-    );
+    assert_eq!(after_first[0], dir.join("00000000000000000001.wal"), "one snapshot: nothing compacted yet");
     append_many(&wal, 300);
 
     // A snapshot whose sync fails is not durable: nothing may be deleted for it.
@@ -375,25 +283,10 @@ fn snapshots_compact_covered_segments_only_after_they_are_durable_and_recovery_r
 
     wal.write_snapshot(450, b"state at 450").unwrap();
     let after = segments(&fs, &dir);
-    assert!(
-        after.len() < before.len(),
-        "segments covered by the older snapshot are deleted"
-    );
-    let first_kept: u64 = after[0]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        first_kept <= 151,
-        "records after the older snapshot must stay (first kept {first_kept})"
-    );
-    assert!(matches!(
-        wal.read_range(1, |_, _, _| true),
-        Err(WalError::Compacted { .. })
-    ));
+    assert!(after.len() < before.len(), "segments covered by the older snapshot are deleted");
+    let first_kept: u64 = after[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    assert!(first_kept <= 151, "records after the older snapshot must stay (first kept {first_kept})");
+    assert!(matches!(wal.read_range(1, |_, _, _| true), Err(WalError::Compacted { .. })));
     wal.shutdown().unwrap();
 
     let mut seen = Vec::new();
@@ -405,10 +298,7 @@ fn snapshots_compact_covered_segments_only_after_they_are_durable_and_recovery_r
     assert_eq!(seen[0], (450, b"state at 450".to_vec()));
     let seqs: Vec<u64> = seen[1..].iter().map(|s| s.0).collect();
     assert_eq!(seqs, (451..=600).collect::<Vec<_>>());
-    assert_eq!(
-        (rec.snapshot_seq, rec.records_replayed, rec.last_seq),
-        (Some(450), 150, 600)
-    );
+    assert_eq!((rec.snapshot_seq, rec.records_replayed, rec.last_seq), (Some(450), 150, 600));
 }
 
 #[test]
@@ -436,10 +326,7 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one() {
 #[test]
 fn a_full_queue_answers_full_instead_of_blocking() {
     let (_, fs) = mem();
-    let cfg = WalConfig {
-        queue_capacity: 1,
-        ..small_cfg(MEM_DIR)
-    };
+    let cfg = WalConfig { queue_capacity: 1, ..small_cfg(MEM_DIR) };
     let (wal, _) = Wal::open(cfg, fs).unwrap();
     let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
     let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
@@ -455,8 +342,7 @@ fn a_full_queue_answers_full_instead_of_blocking() {
     entered_rx.recv().unwrap();
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     let d = done_tx.clone();
-    wal.try_append(vec![(1, vec![2])], Box::new(move |r| d.send(r).unwrap()))
-        .unwrap();
+    wal.try_append(vec![(1, vec![2])], Box::new(move |r| d.send(r).unwrap())).unwrap();
     let d = done_tx.clone();
     let refused = wal.try_append(vec![(1, vec![3])], Box::new(move |r| d.send(r).unwrap()));
     assert!(matches!(refused, Err(WalError::Full)));
@@ -464,19 +350,14 @@ fn a_full_queue_answers_full_instead_of_blocking() {
     gate_tx.send(()).unwrap();
     assert_eq!(done_rx.recv().unwrap().unwrap(), 2..3);
     wal.shutdown().unwrap();
-    assert!(
-        done_rx.try_recv().is_err(),
-        "the refused request's callback is never called"
-    );
+    assert!(done_rx.try_recv().is_err(), "the refused request's callback is never called");
 }
 
 #[test]
 fn oversized_records_are_refused_before_queueing() {
     let (_, fs) = mem();
     let (wal, _) = Wal::open(small_cfg(MEM_DIR), fs).unwrap();
-    let err = wal
-        .append_blocking(vec![(1, vec![0; rota::wal::MAX_RECORD_BYTES + 1])])
-        .unwrap_err();
+    let err = wal.append_blocking(vec![(1, vec![0; rota::wal::MAX_RECORD_BYTES + 1])]).unwrap_err();
     assert!(matches!(err, WalError::RecordTooLarge { .. }));
     assert_eq!(wal.last_seq(), 0);
 }
@@ -487,10 +368,7 @@ fn open_with_streams_records_without_collecting_them() {
     write_records(&fs, &small_cfg(MEM_DIR), 50);
     let mut n = 0;
     let (_, rec) = Wal::open_with(small_cfg(MEM_DIR), as_dyn(&fs), |r| {
-        if let Replayed::Record {
-            seq, payload: p, ..
-        } = r
-        {
+        if let Replayed::Record { seq, payload: p, .. } = r {
             n += 1;
             assert_eq!(p, payload(seq, PAYLOAD_LEN));
         }
@@ -513,11 +391,7 @@ fn interrupted_snapshot_temp_files_are_removed_by_recovery() {
 #[test]
 fn preallocated_segments_roll_over_through_the_background_spare_and_recover() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = WalConfig {
-        segment_bytes: 8192,
-        preallocate: true,
-        ..WalConfig::new(tmp.path())
-    };
+    let cfg = WalConfig { segment_bytes: 8192, preallocate: true, ..WalConfig::new(tmp.path()) };
     let (wal, _) = Wal::open(cfg.clone(), Arc::new(RealFs)).unwrap();
     for i in 1..=400u64 {
         wal.append_blocking(vec![(1, payload(i, 100))]).unwrap();
@@ -526,35 +400,20 @@ fn preallocated_segments_roll_over_through_the_background_spare_and_recover() {
     let segs = segments(&RealFs, tmp.path());
     assert!(segs.len() >= 5, "{} segments", segs.len());
     for seg in &segs {
-        assert_eq!(
-            std::fs::metadata(seg).unwrap().len(),
-            8192,
-            "{} is preallocated",
-            seg.display()
-        );
+        assert_eq!(std::fs::metadata(seg).unwrap().len(), 8192, "{} is preallocated", seg.display());
     }
     let (_, rec) = Wal::open(cfg, Arc::new(RealFs)).unwrap();
     assert_eq!((rec.records.len(), rec.torn_tail), (400, None));
-    let leftovers: Vec<_> = RealFs
-        .list(tmp.path())
-        .unwrap()
-        .into_iter()
-        .filter(|n| n.ends_with(".tmp"))
-        .collect();
-    assert!(
-        leftovers.len() <= 1,
-        "at most the spare being prepared: {leftovers:?}"
-    );
+    let leftovers: Vec<_> =
+        RealFs.list(tmp.path()).unwrap().into_iter().filter(|n| n.ends_with(".tmp")).collect();
+    assert!(leftovers.len() <= 1, "at most the spare being prepared: {leftovers:?}");
 }
 
 #[test]
 fn read_range_returns_durable_records_across_segments_and_chunks_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     // Preallocated segments bigger than one read chunk, records of up to 3 MiB.
-    let cfg = WalConfig {
-        segment_bytes: 4 << 20,
-        ..WalConfig::new(tmp.path())
-    };
+    let cfg = WalConfig { segment_bytes: 4 << 20, ..WalConfig::new(tmp.path()) };
     let (wal, _) = Wal::open(cfg, Arc::new(RealFs)).unwrap();
     let size = |i: u64| {
         if i % 50 == 0 {
@@ -564,8 +423,7 @@ fn read_range_returns_durable_records_across_segments_and_chunks_in_order() {
         }
     };
     for i in 1..=300u64 {
-        wal.append_blocking(vec![((i % 5) as u8, payload(i, size(i)))])
-            .unwrap();
+        wal.append_blocking(vec![((i % 5) as u8, payload(i, size(i)))]).unwrap();
     }
     assert!(segments(&RealFs, tmp.path()).len() >= 3);
     for from in [1u64, 49, 50, 51, 149, 299, 300] {
@@ -586,8 +444,7 @@ fn read_range_returns_durable_records_across_segments_and_chunks_in_order() {
     })
     .unwrap();
     assert_eq!(n, 5);
-    wal.read_range(301, |_, _, _| panic!("nothing is durable past 300"))
-        .unwrap();
+    wal.read_range(301, |_, _, _| panic!("nothing is durable past 300")).unwrap();
 }
 
 #[test]

@@ -13,11 +13,8 @@ fn log_with_records() -> (MemFs, PathBuf, Vec<u8>) {
     let fs = MemFs::new();
     let (wal, _) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
     for i in 1..=N {
-        wal.append_blocking(vec![(
-            4,
-            rmp_serde::to_vec_named(&serde_json::json!({"lead": i})).unwrap(),
-        )])
-        .unwrap();
+        wal.append_blocking(vec![(4, rmp_serde::to_vec_named(&serde_json::json!({"lead": i})).unwrap())])
+            .unwrap();
     }
     wal.shutdown().unwrap();
     let seg = segments(&fs, Path::new(MEM_DIR))[0].clone();
@@ -39,15 +36,9 @@ fn verify_reports_counts_and_seq_range_of_a_clean_log() {
     let (fs, _, _) = log_with_records();
     let report = verify(&fs, Path::new(MEM_DIR)).unwrap();
     assert!(report.is_recoverable());
-    assert_eq!(
-        (report.records, report.first_seq, report.last_seq),
-        (N, Some(1), Some(N))
-    );
+    assert_eq!((report.records, report.first_seq, report.last_seq), (N, Some(1), Some(N)));
     let text = report.to_string();
-    assert!(
-        text.contains("records: 10 (seq 1..=10)") && text.contains("ok: recovery will accept"),
-        "{text}"
-    );
+    assert!(text.contains("records: 10 (seq 1..=10)") && text.contains("ok: recovery will accept"), "{text}");
 }
 
 #[test]
@@ -56,15 +47,8 @@ fn verify_finds_torn_tails_and_middle_corruption_without_changing_anything() {
     fs.truncate(&seg, bytes.len() as u64 - 3).unwrap();
     let report = verify(&fs, Path::new(MEM_DIR)).unwrap();
     assert!(report.is_recoverable());
-    assert_eq!(
-        report.torn_tail.as_ref().map(|t| t.offset),
-        Some(record_offset(&bytes, N))
-    );
-    assert_eq!(
-        fs.file_bytes(&seg).unwrap().len(),
-        bytes.len() - 3,
-        "verify is read-only"
-    );
+    assert_eq!(report.torn_tail.as_ref().map(|t| t.offset), Some(record_offset(&bytes, N)));
+    assert_eq!(fs.file_bytes(&seg).unwrap().len(), bytes.len() - 3, "verify is read-only");
 
     let (fs, seg, bytes) = log_with_records();
     let at = record_offset(&bytes, 4);
@@ -72,11 +56,7 @@ fn verify_finds_torn_tails_and_middle_corruption_without_changing_anything() {
     let report = verify(&fs, Path::new(MEM_DIR)).unwrap();
     assert!(!report.is_recoverable());
     match &report.corruption {
-        Some(WalError::Corrupt {
-            offset,
-            expected_seq,
-            ..
-        }) => assert_eq!((*offset, *expected_seq), (at, 4)),
+        Some(WalError::Corrupt { offset, expected_seq, .. }) => assert_eq!((*offset, *expected_seq), (at, 4)),
         other => panic!("{other:?}"),
     }
     assert!(report.to_string().contains("CORRUPT"));
@@ -91,10 +71,7 @@ fn dump_prints_one_line_per_record_with_json_for_messagepack_payloads() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!((n, lines.len()), (4, 4), "{text}");
     assert!(lines[0].starts_with("seq=3 type=4 len="), "{text}");
-    assert!(
-        lines[0].contains("segment=00000000000000000001.wal offset="),
-        "{text}"
-    );
+    assert!(lines[0].contains("segment=00000000000000000001.wal offset="), "{text}");
     assert!(lines[0].contains(r#"json={"lead":3}"#), "{text}");
     assert!(lines[3].starts_with("seq=6 "), "{text}");
 }
@@ -105,32 +82,16 @@ fn repair_cuts_at_the_first_bad_record_after_keeping_a_copy() {
     let at = record_offset(&bytes, 6);
     fs.flip_bit(&seg, at + 2, 3).unwrap();
     let damaged = fs.file_bytes(&seg).unwrap();
-    assert!(
-        Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).is_err(),
-        "recovery refuses it first"
-    );
+    assert!(Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).is_err(), "recovery refuses it first");
 
     let mut out = Vec::new();
     let report = repair(&fs, Path::new(MEM_DIR), &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
     assert_eq!(report.backups.len(), 1, "{text}");
-    assert_eq!(
-        fs.file_bytes(&report.backups[0]).unwrap(),
-        damaged,
-        "the copy holds the damaged original"
-    );
-    assert!(report.backups[0]
-        .to_string_lossy()
-        .ends_with(".wal.corrupt-1"));
-    assert_eq!(
-        (report.records_kept, report.last_seq),
-        (5, Some(5)),
-        "{text}"
-    );
-    assert!(
-        text.contains(&format!("at byte {at}, seq 6 onwards")),
-        "{text}"
-    );
+    assert_eq!(fs.file_bytes(&report.backups[0]).unwrap(), damaged, "the copy holds the damaged original");
+    assert!(report.backups[0].to_string_lossy().ends_with(".wal.corrupt-1"));
+    assert_eq!((report.records_kept, report.last_seq), (5, Some(5)), "{text}");
+    assert!(text.contains(&format!("at byte {at}, seq 6 onwards")), "{text}");
 
     let (_, rec) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
     assert_eq!(rec.last_seq, 5);
@@ -148,13 +109,7 @@ fn repair_sets_later_segments_aside_when_an_older_one_is_damaged() {
     let segs = segments(&fs, Path::new(MEM_DIR));
     assert!(segs.len() >= 4);
     let bytes = fs.file_bytes(&segs[1]).unwrap();
-    let first: u64 = segs[1]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let first: u64 = segs[1].file_stem().unwrap().to_str().unwrap().parse().unwrap();
     let at = record_offset(&bytes, 3);
     fs.flip_bit(&segs[1], at + 40, 5).unwrap();
 
@@ -167,8 +122,5 @@ fn repair_sets_later_segments_aside_when_an_older_one_is_damaged() {
     assert_eq!(segments(&fs, Path::new(MEM_DIR)), segs[..2].to_vec());
     let (wal, rec) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
     assert_eq!(rec.last_seq, first + 1);
-    assert_eq!(
-        wal.append_blocking(vec![(1, vec![])]).unwrap().start,
-        first + 2
-    );
+    assert_eq!(wal.append_blocking(vec![(1, vec![])]).unwrap().start, first + 2);
 }

@@ -58,17 +58,11 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 
 /// The covered seq a snapshot file name claims, if it is a snapshot name.
 pub fn parse_snapshot_name(name: &str) -> Option<u64> {
-    parse_digits(
-        name.strip_prefix(SNAPSHOT_PREFIX)?
-            .strip_suffix(SNAPSHOT_SUFFIX)?,
-    )
+    parse_digits(name.strip_prefix(SNAPSHOT_PREFIX)?.strip_suffix(SNAPSHOT_SUFFIX)?)
 }
 
 pub fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
+    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
@@ -85,10 +79,7 @@ pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
 /// Parses a segment header, returning its first seq, or why it is invalid.
 pub fn decode_segment_header(b: &[u8]) -> Result<u64, String> {
     if b.len() < SEGMENT_HEADER_LEN {
-        return Err(format!(
-            "segment header truncated ({} of {SEGMENT_HEADER_LEN} bytes)",
-            b.len()
-        ));
+        return Err(format!("segment header truncated ({} of {SEGMENT_HEADER_LEN} bytes)", b.len()));
     }
     if b[0..8] != SEGMENT_MAGIC {
         return Err("bad segment magic".into());
@@ -107,10 +98,7 @@ pub fn decode_segment_header(b: &[u8]) -> Result<u64, String> {
 
 /// Appends one framed record to `buf`.
 pub fn encode_record(buf: &mut Vec<u8>, seq: u64, kind: u8, payload: &[u8]) {
-    debug_assert!(
-        payload.len() <= MAX_RECORD_BYTES,
-        "callers check the size before framing"
-    );
+    debug_assert!(payload.len() <= MAX_RECORD_BYTES, "callers check the size before framing");
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     h[4..12].copy_from_slice(&seq.to_le_bytes());
@@ -178,9 +166,7 @@ pub fn decode_record(b: &[u8], offset: u64) -> Result<RecordRef<'_>, Bad> {
     // anything a writer never would.
     let len = u32_at(b, 0) as usize;
     if len > MAX_RECORD_BYTES {
-        return Err(Bad::Invalid(format!(
-            "record length {len} exceeds the {MAX_RECORD_BYTES}-byte limit"
-        )));
+        return Err(Bad::Invalid(format!("record length {len} exceeds the {MAX_RECORD_BYTES}-byte limit")));
     }
     if b[13..16] != [0, 0, 0] {
         return Err(Bad::Invalid("record reserved bytes are not zero".into()));
@@ -197,13 +183,7 @@ pub fn decode_record(b: &[u8], offset: u64) -> Result<RecordRef<'_>, Bad> {
     if crc32c::crc32c_append(header_crc, payload) != crc {
         return Err(Bad::Invalid("record checksum mismatch".into()));
     }
-    Ok(RecordRef {
-        seq: u64_at(b, 4),
-        kind: b[12],
-        crc,
-        offset,
-        payload,
-    })
+    Ok(RecordRef { seq: u64_at(b, 4), kind: b[12], crc, offset, payload })
 }
 
 /// How a scan of a segment's records ended.
@@ -244,10 +224,7 @@ pub fn scan_records<'a>(
         match decode_record(rest, at as u64) {
             Ok(rec) => {
                 if rec.seq != expected {
-                    return ScanEnd::SeqMismatch {
-                        offset: at as u64,
-                        found: rec.seq,
-                    };
+                    return ScanEnd::SeqMismatch { offset: at as u64, found: rec.seq };
                 }
                 at += rec.framed_len();
                 expected += 1;
@@ -313,10 +290,7 @@ pub fn encode_snapshot(covers_seq: u64, payload: &[u8]) -> Vec<u8> {
 /// Validates a snapshot file; returns (covers_seq, payload).
 pub fn decode_snapshot(b: &[u8]) -> Result<(u64, &[u8]), String> {
     if b.len() < SNAPSHOT_HEADER_LEN {
-        return Err(format!(
-            "snapshot header truncated ({} of {SNAPSHOT_HEADER_LEN} bytes)",
-            b.len()
-        ));
+        return Err(format!("snapshot header truncated ({} of {SNAPSHOT_HEADER_LEN} bytes)", b.len()));
     }
     if b[0..8] != SNAPSHOT_MAGIC {
         return Err("bad snapshot magic".into());
@@ -355,10 +329,7 @@ mod tests {
         for bit in 0..buf.len() * 8 {
             let mut bad = buf.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                decode_record(&bad, 0).is_err(),
-                "flip of bit {bit} went unnoticed"
-            );
+            assert!(decode_record(&bad, 0).is_err(), "flip of bit {bit} went unnoticed");
         }
     }
 
@@ -372,10 +343,7 @@ mod tests {
         assert_eq!(segment_name(1), "00000000000000000001.wal");
         assert_eq!(parse_segment_name(&segment_name(u64::MAX)), Some(u64::MAX));
         assert_eq!(parse_snapshot_name(&snapshot_name(77)), Some(77));
-        assert_eq!(
-            parse_segment_name("00000000000000000001.wal.corrupt-1"),
-            None
-        );
+        assert_eq!(parse_segment_name("00000000000000000001.wal.corrupt-1"), None);
     }
 
     #[test]

@@ -192,17 +192,11 @@ fn splitmix(state: &mut u64) -> u64 {
 }
 
 fn eio(what: &str) -> io::Error {
-    io::Error::new(
-        io::Error::from_raw_os_error(EIO).kind(),
-        format!("injected: {what}"),
-    )
+    io::Error::new(io::Error::from_raw_os_error(EIO).kind(), format!("injected: {what}"))
 }
 
 fn not_found(path: &Path) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{} not found", path.display()),
-    )
+    io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display()))
 }
 
 impl MemState {
@@ -221,11 +215,7 @@ impl MemState {
                 return Some(Fault::SyncError);
             }
             if !is_sync && roll < *write_ppm {
-                return Some(if roll % 2 == 0 {
-                    Fault::WriteError
-                } else {
-                    Fault::ShortWrite
-                });
+                return Some(if roll % 2 == 0 { Fault::WriteError } else { Fault::ShortWrite });
             }
         }
         None
@@ -249,11 +239,7 @@ impl MemState {
             let span = (longest - first_diff) as u64;
             // Half the time nothing unsynced survives; otherwise a random prefix does.
             let r = splitmix(&mut rng);
-            let keep = if span == 0 || r % 2 == 0 {
-                0
-            } else {
-                (r >> 1) % (span + 1)
-            } as usize;
+            let keep = if span == 0 || r % 2 == 0 { 0 } else { (r >> 1) % (span + 1) } as usize;
             let mut after = file.durable.clone();
             let cut = first_diff + keep;
             if after.len() < cut.min(file.data.len()) {
@@ -395,10 +381,7 @@ impl MemFs {
 
     /// An independent copy of the current state (faults and all).
     pub fn deep_clone(&self) -> MemFs {
-        MemFs {
-            state: Arc::new(Mutex::new(self.state.lock().clone())),
-            bound_epoch: None,
-        }
+        MemFs { state: Arc::new(Mutex::new(self.state.lock().clone())), bound_epoch: None }
     }
 
     /// Arms a one-shot fault for the next matching operation.
@@ -470,10 +453,7 @@ impl MemFs {
     /// A handle for one "process": once the power is cut, every operation through
     /// it fails, as the process that held it is gone. Give each `Wal` its own.
     pub fn process_handle(&self) -> MemFs {
-        MemFs {
-            state: self.state.clone(),
-            bound_epoch: Some(self.state.lock().epoch),
-        }
+        MemFs { state: self.state.clone(), bound_epoch: Some(self.state.lock().epoch) }
     }
 
     /// The current contents of a file (test helper).
@@ -494,13 +474,7 @@ impl MemFs {
                 id
             }
         };
-        st.inodes.insert(
-            id,
-            Inode {
-                data: bytes.to_vec(),
-                durable: bytes.to_vec(),
-            },
-        );
+        st.inodes.insert(id, Inode { data: bytes.to_vec(), durable: bytes.to_vec() });
     }
 
     /// Flips one bit of a file, durably (test helper).
@@ -579,11 +553,7 @@ impl Fs for MemFs {
                 id
             }
         };
-        Ok(Box::new(MemFile {
-            state: self.state.clone(),
-            inode,
-            epoch: st.epoch,
-        }))
+        Ok(Box::new(MemFile { state: self.state.clone(), inode, epoch: st.epoch }))
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -642,12 +612,7 @@ impl Fs for MemFs {
             .collect();
         st.durable_names.extend(entries);
         // Inodes no name refers to any more are gone for good.
-        let referenced: HashSet<u64> = st
-            .names
-            .values()
-            .chain(st.durable_names.values())
-            .copied()
-            .collect();
+        let referenced: HashSet<u64> = st.names.values().chain(st.durable_names.values()).copied().collect();
         st.inodes.retain(|id, _| referenced.contains(id));
         Ok(())
     }
@@ -675,14 +640,8 @@ mod tests {
         fs.power_cut();
         let data = fs.read(&a).unwrap();
         assert!(data.starts_with(b"hello") && b"hello world".starts_with(&data[..]));
-        assert!(
-            fs.read(&dir.join("b")).is_err(),
-            "unsynced dir entry must vanish"
-        );
-        assert!(
-            f.write_at(0, b"z").is_err(),
-            "old handles die with the process"
-        );
+        assert!(fs.read(&dir.join("b")).is_err(), "unsynced dir entry must vanish");
+        assert!(f.write_at(0, b"z").is_err(), "old handles die with the process");
     }
 
     #[test]

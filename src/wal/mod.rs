@@ -203,19 +203,13 @@ impl Default for WalConfig {
 impl WalConfig {
     /// Defaults with the given directory.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        WalConfig {
-            dir: dir.into(),
-            ..WalConfig::default()
-        }
+        WalConfig { dir: dir.into(), ..WalConfig::default() }
     }
 
     pub fn validate(&self) -> Result<(), WalError> {
         let bad = |m: String| Err(WalError::InvalidConfig(m));
         if self.segment_bytes < 4096 {
-            return bad(format!(
-                "segment_bytes = {} is too small; use at least 4096",
-                self.segment_bytes
-            ));
+            return bad(format!("segment_bytes = {} is too small; use at least 4096", self.segment_bytes));
         }
         if self.queue_capacity == 0 {
             return bad("queue_capacity must be at least 1".into());
@@ -228,8 +222,7 @@ impl WalConfig {
         }
         if let FsyncPolicy::IntervalMs(0) = self.fsync {
             return bad(
-                "fsync = {interval_ms = 0} is `always` in disguise; use \"always\" or at least 1"
-                    .into(),
+                "fsync = {interval_ms = 0} is `always` in disguise; use \"always\" or at least 1".into()
             );
         }
         Ok(())
@@ -253,12 +246,7 @@ pub enum WalError {
         source: Arc<std::io::Error>,
     },
     #[error("corrupt WAL: segment {}, byte offset {offset}, expected seq {expected_seq}: {reason}", segment.display())]
-    Corrupt {
-        segment: PathBuf,
-        offset: u64,
-        expected_seq: u64,
-        reason: String,
-    },
+    Corrupt { segment: PathBuf, offset: u64, expected_seq: u64, reason: String },
     #[error("WAL record of {len} bytes exceeds the {max}-byte limit")]
     RecordTooLarge { len: usize, max: usize },
     #[error("invalid WAL config: {0}")]
@@ -270,11 +258,7 @@ pub enum WalError {
 }
 
 pub(crate) fn io_err(op: &'static str, path: &Path, e: std::io::Error) -> WalError {
-    WalError::Io {
-        op,
-        path: path.to_path_buf(),
-        source: Arc::new(e),
-    }
+    WalError::Io { op, path: path.to_path_buf(), source: Arc::new(e) }
 }
 
 /// One record handed back by [`Wal::open`].
@@ -289,15 +273,8 @@ pub struct Record {
 /// snapshot, then every later record.
 #[derive(Debug, Clone, Copy)]
 pub enum Replayed<'a> {
-    Snapshot {
-        covers_seq: u64,
-        bytes: &'a [u8],
-    },
-    Record {
-        seq: u64,
-        kind: u8,
-        payload: &'a [u8],
-    },
+    Snapshot { covers_seq: u64, bytes: &'a [u8] },
+    Record { seq: u64, kind: u8, payload: &'a [u8] },
 }
 
 /// A torn tail that recovery cut off.
@@ -501,12 +478,7 @@ impl Wal {
             .name("rota-wal-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| io_err("spawn writer thread for", &st.cfg.dir, e))?;
-        let h = Handle {
-            tx,
-            st,
-            join: Mutex::new(Some(join)),
-            snapshot_lock: Mutex::new(()),
-        };
+        let h = Handle { tx, st, join: Mutex::new(Some(join)), snapshot_lock: Mutex::new(()) };
         Ok((Wal { h: Arc::new(h) }, recovered))
     }
 
@@ -516,20 +488,14 @@ impl Wal {
         }
         for (_, payload) in records {
             if payload.len() > MAX_RECORD_BYTES {
-                return Err(WalError::RecordTooLarge {
-                    len: payload.len(),
-                    max: MAX_RECORD_BYTES,
-                });
+                return Err(WalError::RecordTooLarge { len: payload.len(), max: MAX_RECORD_BYTES });
             }
         }
         Ok(())
     }
 
     fn closed_or_failed(&self) -> WalError {
-        self.h
-            .st
-            .failure()
-            .map_or(WalError::Closed, WalError::Failed)
+        self.h.st.failure().map_or(WalError::Closed, WalError::Failed)
     }
 
     /// Appends `records` as one unit: they get consecutive seqs, assigned by the
@@ -544,16 +510,9 @@ impl Wal {
     /// Returns `Err(WalError::Full)` without queueing when the bounded queue is full
     /// (answer `overloaded`), `Err(WalError::Failed)` after a fatal failure; in
     /// both cases `on_durable` is dropped without being called.
-    pub fn try_append(
-        &self,
-        records: Vec<(u8, Vec<u8>)>,
-        on_durable: OnDurable,
-    ) -> Result<(), WalError> {
+    pub fn try_append(&self, records: Vec<(u8, Vec<u8>)>, on_durable: OnDurable) -> Result<(), WalError> {
         self.check_records(&records)?;
-        let req = Request::Append {
-            records,
-            done: Completion::new(on_durable),
-        };
+        let req = Request::Append { records, done: Completion::new(on_durable) };
         match self.h.tx.try_send(req) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(req)) => {
@@ -642,15 +601,12 @@ impl Wal {
         let name = format::snapshot_name(covers_seq);
         let path = dir.join(&name);
         let tmp = dir.join(format!("{name}{}", format::TMP_SUFFIX));
-        let mut file = fs
-            .open(&tmp, OpenMode::Create)
-            .map_err(|e| io_err("create", &tmp, e))?;
+        let mut file = fs.open(&tmp, OpenMode::Create).map_err(|e| io_err("create", &tmp, e))?;
         file.write_at(0, &format::encode_snapshot(covers_seq, bytes))
             .map_err(|e| io_err("write", &tmp, e))?;
         file.sync_data().map_err(|e| io_err("sync", &tmp, e))?;
         drop(file);
-        fs.rename(&tmp, &path)
-            .map_err(|e| io_err("rename", &tmp, e))?;
+        fs.rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))?;
         fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
         st.stats.snapshots_written.fetch_add(1, Ordering::Relaxed);
 
@@ -668,11 +624,7 @@ impl Wal {
             fs.remove(&p).map_err(|e| io_err("remove", &p, e))?;
             removed = true;
         }
-        let compact_upto = if snaps.len() >= keep {
-            snaps.first().copied()
-        } else {
-            None
-        };
+        let compact_upto = if snaps.len() >= keep { snaps.first().copied() } else { None };
         drop(snaps);
         if let Some(upto) = compact_upto {
             let mut segs = st.segments.lock();
@@ -683,9 +635,7 @@ impl Wal {
                 if pair[1] > upto + 1 {
                     break;
                 }
-                let p = segs
-                    .remove(&pair[0])
-                    .expect("key listed just above under the same lock");
+                let p = segs.remove(&pair[0]).expect("key listed just above under the same lock");
                 fs.remove(&p).map_err(|e| io_err("remove", &p, e))?;
                 st.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
                 removed = true;
@@ -715,12 +665,7 @@ impl Wal {
             return Ok(());
         }
         let st = &self.h.st;
-        let segments: Vec<(u64, PathBuf)> = st
-            .segments
-            .lock()
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let segments: Vec<(u64, PathBuf)> = st.segments.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
         let oldest = segments.first().map_or(upto + 1, |(s, _)| *s);
         if from_seq < oldest {
             return Err(WalError::Compacted { from_seq, oldest });
@@ -728,13 +673,7 @@ impl Wal {
         match recovery::read_durable(st.fs.as_ref(), &segments, from_seq, upto, &mut f) {
             // Compaction deleted a segment while we were reading.
             Err(WalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                let oldest = st
-                    .segments
-                    .lock()
-                    .keys()
-                    .next()
-                    .copied()
-                    .unwrap_or(upto + 1);
+                let oldest = st.segments.lock().keys().next().copied().unwrap_or(upto + 1);
                 Err(WalError::Compacted { from_seq, oldest })
             }
             other => other,
@@ -798,10 +737,7 @@ mod tests {
         let parse = |s: &str| toml::from_str::<T>(s).map(|t| t.fsync);
         assert_eq!(parse(r#"fsync = "always""#).unwrap(), FsyncPolicy::Always);
         assert_eq!(parse(r#"fsync = "never""#).unwrap(), FsyncPolicy::Never);
-        assert_eq!(
-            parse("fsync = { interval_ms = 5 }").unwrap(),
-            FsyncPolicy::IntervalMs(5)
-        );
+        assert_eq!(parse("fsync = { interval_ms = 5 }").unwrap(), FsyncPolicy::IntervalMs(5));
         assert!(parse(r#"fsync = "sometimes""#).is_err());
     }
 

@@ -2,8 +2,8 @@
 //! by recovery, `read_range` and the tools, and the torn-tail cut.
 
 use super::format::{
-    self, decode_segment_header, parse_segment_name, parse_snapshot_name, scan_records, RecordRef,
-    ScanEnd, SEGMENT_HEADER_LEN, TMP_SUFFIX,
+    self, decode_segment_header, parse_segment_name, parse_snapshot_name, scan_records, RecordRef, ScanEnd,
+    SEGMENT_HEADER_LEN, TMP_SUFFIX,
 };
 use super::fs::{Fs, OpenMode};
 use super::{io_err, Record, Recovered, Replayed, SkippedSnapshot, TornTail, WalConfig, WalError};
@@ -53,12 +53,7 @@ pub(crate) struct Walk {
 }
 
 fn corrupt(segment: &Path, offset: u64, expected_seq: u64, reason: impl Into<String>) -> WalError {
-    WalError::Corrupt {
-        segment: segment.to_path_buf(),
-        offset,
-        expected_seq,
-        reason: reason.into(),
-    }
+    WalError::Corrupt { segment: segment.to_path_buf(), offset, expected_seq, reason: reason.into() }
 }
 
 /// Walks `segments` (sorted) in seq order starting from the segment that holds
@@ -85,10 +80,7 @@ pub(crate) fn walk_log(
                 path,
                 0,
                 start_seq,
-                format!(
-                    "records {start_seq}..{} are missing: no segment holds them",
-                    first - 1
-                ),
+                format!("records {start_seq}..{} are missing: no segment holds them", first - 1),
             ));
         }
     };
@@ -100,10 +92,7 @@ pub(crate) fn walk_log(
                 path,
                 0,
                 expected,
-                format!(
-                    "segment starts at seq {name_first} but the log so far ends at seq {}",
-                    expected - 1
-                ),
+                format!("segment starts at seq {name_first} but the log so far ends at seq {}", expected - 1),
             ));
         }
         let bytes = fs.read(path).map_err(|e| io_err("read", path, e))?;
@@ -130,9 +119,7 @@ pub(crate) fn walk_log(
                 path,
                 0,
                 expected,
-                format!(
-                    "segment header says first seq {first} but the file name says {name_first}"
-                ),
+                format!("segment header says first seq {first} but the file name says {name_first}"),
             ));
         }
         let mut count = 0u64;
@@ -165,11 +152,7 @@ pub(crate) fn walk_log(
                     format!("found seq {found}: a gap or regression"),
                 ));
             }
-            ScanEnd::Bad {
-                offset,
-                reason,
-                valid_follows,
-            } => {
+            ScanEnd::Bad { offset, reason, valid_follows } => {
                 if valid_follows || !is_last {
                     let why = if valid_follows {
                         "valid records follow it, so this is damage in the middle of the log, not a torn tail"
@@ -195,17 +178,13 @@ pub(crate) fn walk_log(
 /// its header is torn) and makes that durable before any new record is written.
 pub(crate) fn cut_torn_tail(fs: &dyn Fs, dir: &Path, torn: &TornTail) -> Result<(), WalError> {
     if torn.offset == 0 {
-        fs.remove(&torn.segment)
-            .map_err(|e| io_err("remove torn segment", &torn.segment, e))?;
+        fs.remove(&torn.segment).map_err(|e| io_err("remove torn segment", &torn.segment, e))?;
         fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
     } else {
-        let mut file = fs
-            .open(&torn.segment, OpenMode::Existing)
-            .map_err(|e| io_err("open", &torn.segment, e))?;
-        file.set_len(torn.offset)
-            .map_err(|e| io_err("truncate", &torn.segment, e))?;
-        file.sync_data()
-            .map_err(|e| io_err("sync", &torn.segment, e))?;
+        let mut file =
+            fs.open(&torn.segment, OpenMode::Existing).map_err(|e| io_err("open", &torn.segment, e))?;
+        file.set_len(torn.offset).map_err(|e| io_err("truncate", &torn.segment, e))?;
+        file.sync_data().map_err(|e| io_err("sync", &torn.segment, e))?;
     }
     Ok(())
 }
@@ -227,8 +206,7 @@ pub(crate) fn recover(
 ) -> Result<(Recovered, Resume), WalError> {
     let started = Instant::now();
     let dir = cfg.dir.as_path();
-    fs.create_dir_all(dir)
-        .map_err(|e| io_err("create dir", dir, e))?;
+    fs.create_dir_all(dir).map_err(|e| io_err("create dir", dir, e))?;
     let mut listing = list_dir(fs, dir)?;
     // Leftovers of snapshot writes interrupted before their rename: never valid.
     if !listing.tmp.is_empty() {
@@ -243,10 +221,7 @@ pub(crate) fn recover(
         let bytes = fs.read(path).map_err(|e| io_err("read", path, e))?;
         match format::decode_snapshot(&bytes) {
             Ok((seq, payload)) if seq == *covers => {
-                replay(Replayed::Snapshot {
-                    covers_seq: seq,
-                    bytes: payload,
-                });
+                replay(Replayed::Snapshot { covers_seq: seq, bytes: payload });
                 rec.snapshot_seq = Some(seq);
                 if collect {
                     rec.snapshot = Some((seq, payload.to_vec()));
@@ -257,10 +232,7 @@ pub(crate) fn recover(
                 path: path.clone(),
                 reason: format!("header covers seq {seq} but the file name says {covers}"),
             }),
-            Err(reason) => rec.skipped_snapshots.push(SkippedSnapshot {
-                path: path.clone(),
-                reason,
-            }),
+            Err(reason) => rec.skipped_snapshots.push(SkippedSnapshot { path: path.clone(), reason }),
         }
     }
     for skipped in &rec.skipped_snapshots {
@@ -270,17 +242,9 @@ pub(crate) fn recover(
 
     let mut records = Vec::new();
     let walk = walk_log(fs, &listing.segments, start_seq, &mut |_, r| {
-        replay(Replayed::Record {
-            seq: r.seq,
-            kind: r.kind,
-            payload: r.payload,
-        });
+        replay(Replayed::Record { seq: r.seq, kind: r.kind, payload: r.payload });
         if collect {
-            records.push(Record {
-                seq: r.seq,
-                kind: r.kind,
-                payload: r.payload.to_vec(),
-            });
+            records.push(Record { seq: r.seq, kind: r.kind, payload: r.payload.to_vec() });
         }
         true
     })?;
@@ -294,18 +258,12 @@ pub(crate) fn recover(
             listing.segments.retain(|(_, p)| *p != torn.segment);
         }
     }
-    let log_last = walk
-        .last_seq
-        .max(listing.segments.first().map_or(0, |(f, _)| f - 1));
+    let log_last = walk.last_seq.max(listing.segments.first().map_or(0, |(f, _)| f - 1));
     if log_last < start_seq - 1 && !listing.segments.is_empty() {
         // The snapshot covers records the log no longer holds (possible only if the
         // disk lost synced data). The snapshot is authoritative; new records start
         // after it, in a fresh segment, so seqs never repeat.
-        tracing::warn!(
-            log_last,
-            snapshot_seq = start_seq - 1,
-            "WAL ends before its snapshot"
-        );
+        tracing::warn!(log_last, snapshot_seq = start_seq - 1, "WAL ends before its snapshot");
     }
     rec.last_seq = log_last.max(start_seq - 1);
     rec.records_replayed = records_replayed(&walk, start_seq);
@@ -368,25 +326,13 @@ pub(crate) fn read_durable(
             return Ok(());
         }
         if *name_first != expected {
-            return Err(corrupt(
-                path,
-                0,
-                expected,
-                format!("segment starts at seq {name_first}"),
-            ));
+            return Err(corrupt(path, 0, expected, format!("segment starts at seq {name_first}")));
         }
-        let header = fs
-            .read_range(path, 0, SEGMENT_HEADER_LEN)
-            .map_err(|e| io_err("read", path, e))?;
+        let header = fs.read_range(path, 0, SEGMENT_HEADER_LEN).map_err(|e| io_err("read", path, e))?;
         match decode_segment_header(&header) {
             Ok(first) if first == *name_first => {}
             Ok(first) => {
-                return Err(corrupt(
-                    path,
-                    0,
-                    expected,
-                    format!("segment header says first seq {first}"),
-                ))
+                return Err(corrupt(path, 0, expected, format!("segment header says first seq {first}")))
             }
             Err(reason) => return Err(corrupt(path, 0, expected, reason)),
         }
@@ -398,12 +344,7 @@ pub(crate) fn read_durable(
             match format::decode_record(&buf[pos..], buf_offset + pos as u64) {
                 Ok(rec) => {
                     if rec.seq != expected {
-                        return Err(corrupt(
-                            path,
-                            rec.offset,
-                            expected,
-                            format!("found seq {}", rec.seq),
-                        ));
+                        return Err(corrupt(path, rec.offset, expected, format!("found seq {}", rec.seq)));
                     }
                     expected += 1;
                     pos += rec.framed_len();
@@ -417,9 +358,7 @@ pub(crate) fn read_durable(
                     buf_offset += pos as u64;
                     pos = 0;
                     let at = buf_offset + buf.len() as u64;
-                    let chunk = fs
-                        .read_range(path, at, READ_CHUNK)
-                        .map_err(|e| io_err("read", path, e))?;
+                    let chunk = fs.read_range(path, at, READ_CHUNK).map_err(|e| io_err("read", path, e))?;
                     eof = chunk.is_empty();
                     buf.extend_from_slice(&chunk);
                 }

@@ -106,11 +106,7 @@ impl fmt::Display for VerifyReport {
 }
 
 fn newest_valid_snapshot(reports: &[SnapshotReport]) -> Option<u64> {
-    reports
-        .iter()
-        .rev()
-        .find(|s| s.status.is_ok())
-        .map(|s| s.covers_seq)
+    reports.iter().rev().find(|s| s.status.is_ok()).map(|s| s.covers_seq)
 }
 
 fn check_snapshots(fs: &dyn Fs, listing: &Listing) -> Result<Vec<SnapshotReport>, WalError> {
@@ -119,16 +115,10 @@ fn check_snapshots(fs: &dyn Fs, listing: &Listing) -> Result<Vec<SnapshotReport>
         let bytes = fs.read(path).map_err(|e| io_err("read", path, e))?;
         let status = match decode_snapshot(&bytes) {
             Ok((seq, payload)) if seq == *covers => Ok(payload.len() as u64),
-            Ok((seq, _)) => Err(format!(
-                "header covers seq {seq} but the file name says {covers}"
-            )),
+            Ok((seq, _)) => Err(format!("header covers seq {seq} but the file name says {covers}")),
             Err(why) => Err(why),
         };
-        out.push(SnapshotReport {
-            path: path.clone(),
-            covers_seq: *covers,
-            status,
-        });
+        out.push(SnapshotReport { path: path.clone(), covers_seq: *covers, status });
     }
     Ok(out)
 }
@@ -141,10 +131,7 @@ fn missing_start(listing: &Listing, snapshot: Option<u64>) -> Option<WalError> {
         segment: path.clone(),
         offset: 0,
         expected_seq: start,
-        reason: format!(
-            "records {start}..{} are missing: no segment holds them",
-            first - 1
-        ),
+        reason: format!("records {start}..{} are missing: no segment holds them", first - 1),
     })
 }
 
@@ -179,12 +166,7 @@ pub fn verify(fs: &dyn Fs, dir: &Path) -> Result<VerifyReport, WalError> {
     });
     for (first, path) in &listing.segments {
         let (records, bytes) = per_segment.get(path).copied().unwrap_or_default();
-        report.segments.push(SegmentReport {
-            path: path.clone(),
-            first_seq: *first,
-            records,
-            bytes,
-        });
+        report.segments.push(SegmentReport { path: path.clone(), first_seq: *first, records, bytes });
     }
     report.records = per_segment.values().map(|v| v.0).sum();
     report.first_seq = first_seq;
@@ -228,44 +210,35 @@ pub fn dump(
     };
     let mut printed = 0u64;
     let mut write_error = None;
-    let result = walk_log(
-        fs,
-        &listing.segments,
-        from_seq.max(*first),
-        &mut |path, rec| {
-            if printed >= limit {
-                return false;
-            }
-            let shown = &rec.payload[..rec.payload.len().min(HEX_PREFIX_BYTES)];
-            let ellipsis = if rec.payload.len() > HEX_PREFIX_BYTES {
-                "..."
-            } else {
-                ""
-            };
-            let json = rmp_serde::from_slice::<serde_json::Value>(rec.payload)
-                .ok()
-                .and_then(|v| serde_json::to_string(&v).ok())
-                .map(|j| format!(" json={j}"))
-                .unwrap_or_default();
-            let line = writeln!(
-                out,
-                "seq={} type={} len={} crc={:#010x} segment={} offset={} hex={}{ellipsis}{json}",
-                rec.seq,
-                rec.kind,
-                rec.payload.len(),
-                rec.crc,
-                file_name(path),
-                rec.offset,
-                hex(shown),
-            );
-            if let Err(e) = line {
-                write_error = Some(e);
-                return false;
-            }
-            printed += 1;
-            true
-        },
-    );
+    let result = walk_log(fs, &listing.segments, from_seq.max(*first), &mut |path, rec| {
+        if printed >= limit {
+            return false;
+        }
+        let shown = &rec.payload[..rec.payload.len().min(HEX_PREFIX_BYTES)];
+        let ellipsis = if rec.payload.len() > HEX_PREFIX_BYTES { "..." } else { "" };
+        let json = rmp_serde::from_slice::<serde_json::Value>(rec.payload)
+            .ok()
+            .and_then(|v| serde_json::to_string(&v).ok())
+            .map(|j| format!(" json={j}"))
+            .unwrap_or_default();
+        let line = writeln!(
+            out,
+            "seq={} type={} len={} crc={:#010x} segment={} offset={} hex={}{ellipsis}{json}",
+            rec.seq,
+            rec.kind,
+            rec.payload.len(),
+            rec.crc,
+            file_name(path),
+            rec.offset,
+            hex(shown),
+        );
+        if let Err(e) = line {
+            write_error = Some(e);
+            return false;
+        }
+        printed += 1;
+        true
+    });
     if let Some(e) = write_error {
         return Err(out_err(e));
     }
@@ -317,11 +290,8 @@ fn backup_path(fs: &dyn Fs, dir: &Path, path: &Path) -> Result<PathBuf, WalError
 fn backup(fs: &dyn Fs, dir: &Path, path: &Path) -> Result<PathBuf, WalError> {
     let to = backup_path(fs, dir, path)?;
     let bytes = fs.read(path).map_err(|e| io_err("read", path, e))?;
-    let mut file = fs
-        .open(&to, OpenMode::Create)
-        .map_err(|e| io_err("create", &to, e))?;
-    file.write_at(0, &bytes)
-        .map_err(|e| io_err("write", &to, e))?;
+    let mut file = fs.open(&to, OpenMode::Create).map_err(|e| io_err("create", &to, e))?;
+    file.write_at(0, &bytes).map_err(|e| io_err("write", &to, e))?;
     file.sync_data().map_err(|e| io_err("sync", &to, e))?;
     fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
     Ok(to)
@@ -333,12 +303,11 @@ fn backup(fs: &dyn Fs, dir: &Path, path: &Path) -> Result<PathBuf, WalError> {
 /// renamed to such names rather than deleted.
 pub fn repair(fs: &dyn Fs, dir: &Path, out: &mut impl Write) -> Result<RepairReport, WalError> {
     let mut report = RepairReport::default();
-    let say =
-        |report: &mut RepairReport, line: String, out: &mut dyn Write| -> Result<(), WalError> {
-            writeln!(out, "{line}").map_err(out_err)?;
-            report.actions.push(line);
-            Ok(())
-        };
+    let say = |report: &mut RepairReport, line: String, out: &mut dyn Write| -> Result<(), WalError> {
+        writeln!(out, "{line}").map_err(out_err)?;
+        report.actions.push(line);
+        Ok(())
+    };
     // Each round removes at least one segment or ends; bound the loop anyway.
     for _ in 0..1_000_000 {
         let listing = list_dir(fs, dir)?;
@@ -373,17 +342,11 @@ pub fn repair(fs: &dyn Fs, dir: &Path, out: &mut impl Write) -> Result<RepairRep
                 report.last_seq = (walk.records > 0).then_some(walk.last_seq);
                 break;
             }
-            Err(WalError::Corrupt {
-                segment,
-                offset,
-                expected_seq,
-                reason,
-            }) => {
+            Err(WalError::Corrupt { segment, offset, expected_seq, reason }) => {
                 let b = backup(fs, dir, &segment)?;
                 report.backups.push(b.clone());
                 if offset <= SEGMENT_HEADER_LEN as u64 {
-                    fs.remove(&segment)
-                        .map_err(|e| io_err("remove", &segment, e))?;
+                    fs.remove(&segment).map_err(|e| io_err("remove", &segment, e))?;
                     say(
                         &mut report,
                         format!(
@@ -394,11 +357,9 @@ pub fn repair(fs: &dyn Fs, dir: &Path, out: &mut impl Write) -> Result<RepairRep
                         out,
                     )?;
                 } else {
-                    let mut file = fs
-                        .open(&segment, OpenMode::Existing)
-                        .map_err(|e| io_err("open", &segment, e))?;
-                    file.set_len(offset)
-                        .map_err(|e| io_err("truncate", &segment, e))?;
+                    let mut file =
+                        fs.open(&segment, OpenMode::Existing).map_err(|e| io_err("open", &segment, e))?;
+                    file.set_len(offset).map_err(|e| io_err("truncate", &segment, e))?;
                     file.sync_data().map_err(|e| io_err("sync", &segment, e))?;
                     say(
                         &mut report,
@@ -413,13 +374,8 @@ pub fn repair(fs: &dyn Fs, dir: &Path, out: &mut impl Write) -> Result<RepairRep
                 let later = listing.segments.iter().filter(|(_, p)| *p > segment);
                 for (_, path) in later {
                     let to = backup_path(fs, dir, path)?;
-                    fs.rename(path, &to)
-                        .map_err(|e| io_err("rename", path, e))?;
-                    say(
-                        &mut report,
-                        format!("set aside {} as {}", file_name(path), file_name(&to)),
-                        out,
-                    )?;
+                    fs.rename(path, &to).map_err(|e| io_err("rename", path, e))?;
+                    say(&mut report, format!("set aside {} as {}", file_name(path), file_name(&to)), out)?;
                     report.backups.push(to);
                 }
                 fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;

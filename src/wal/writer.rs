@@ -123,11 +123,7 @@ impl Spare {
                 }
             })
             .ok();
-        let spare = Spare {
-            slot,
-            tx: Some(tx),
-            join,
-        };
+        let spare = Spare { slot, tx: Some(tx), join };
         spare.request();
         spare
     }
@@ -165,28 +161,15 @@ fn prepare_spare(st: &State) -> std::io::Result<Box<dyn FsFile>> {
 
 impl Writer {
     /// Opens the segment recovery ended in (or a new one) for appending.
-    pub fn start(
-        st: Arc<State>,
-        rx: Receiver<Request>,
-        resume: &Resume,
-    ) -> Result<Writer, WalError> {
+    pub fn start(st: Arc<State>, rx: Receiver<Request>, resume: &Resume) -> Result<Writer, WalError> {
         let next_seq = resume.last_seq + 1;
         let cfg = &st.cfg;
-        let continue_active = resume
-            .active
-            .as_ref()
-            .filter(|(_, _, end)| *end < cfg.segment_bytes);
+        let continue_active = resume.active.as_ref().filter(|(_, _, end)| *end < cfg.segment_bytes);
         let (file, seg_path, offset) = match continue_active {
             Some((_, path, end)) => {
-                let mut file = st
-                    .fs
-                    .open(path, OpenMode::Existing)
-                    .map_err(|e| io_err("open", path, e))?;
-                if cfg.preallocate
-                    && file.size().map_err(|e| io_err("stat", path, e))? < cfg.segment_bytes
-                {
-                    file.allocate(cfg.segment_bytes)
-                        .map_err(|e| io_err("preallocate", path, e))?;
+                let mut file = st.fs.open(path, OpenMode::Existing).map_err(|e| io_err("open", path, e))?;
+                if cfg.preallocate && file.size().map_err(|e| io_err("stat", path, e))? < cfg.segment_bytes {
+                    file.allocate(cfg.segment_bytes).map_err(|e| io_err("preallocate", path, e))?;
                     file.sync_data().map_err(|e| io_err("sync", path, e))?;
                 }
                 (file, path.clone(), *end)
@@ -271,9 +254,7 @@ impl Writer {
         let stop = batch.iter().any(|r| matches!(r, Request::Shutdown));
         let outcome = match self.st.failure() {
             Some(reason) => Err(reason),
-            None => self
-                .write_batch(batch)
-                .map_err(|e| self.st.fail(e.to_string())),
+            None => self.write_batch(batch).map_err(|e| self.st.fail(e.to_string())),
         };
         match outcome {
             Ok(mut ranges) => {
@@ -296,9 +277,7 @@ impl Writer {
             Err(reason) => {
                 for req in batch.drain(..) {
                     match req {
-                        Request::Append { done, .. } => {
-                            done.complete(Err(WalError::Failed(reason.clone())))
-                        }
+                        Request::Append { done, .. } => done.complete(Err(WalError::Failed(reason.clone()))),
                         Request::Sync(tx) => {
                             let _ = tx.send(Err(WalError::Failed(reason.clone())));
                         }
@@ -376,10 +355,7 @@ impl Writer {
             return Err(io_err("write", &self.seg_path, e));
         }
         self.offset += self.buf.len() as u64;
-        self.st
-            .stats
-            .bytes_written
-            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        self.st.stats.bytes_written.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
         self.buf.clear();
         self.written_seq = self.next_seq - 1;
         self.st.last_seq.store(self.written_seq, Ordering::Release);
@@ -406,9 +382,7 @@ impl Writer {
         self.unsynced = false;
         self.last_sync = Instant::now();
         self.sync_due = None;
-        self.st
-            .synced_seq
-            .store(self.written_seq, Ordering::Release);
+        self.st.synced_seq.store(self.written_seq, Ordering::Release);
         Ok(())
     }
 
@@ -445,20 +419,15 @@ fn create_segment(
     let from_spare = spare.is_some();
     let mut file = match spare {
         Some(file) => file,
-        None => st
-            .fs
-            .open(&path, OpenMode::Create)
-            .map_err(|e| io_err("create", &path, e))?,
+        None => st.fs.open(&path, OpenMode::Create).map_err(|e| io_err("create", &path, e))?,
     };
     let fail_write = |e| {
         st.stats.write_failures.fetch_add(1, Ordering::Relaxed);
         io_err("write header of", &path, e)
     };
-    file.write_at(0, &encode_segment_header(first_seq))
-        .map_err(fail_write)?;
+    file.write_at(0, &encode_segment_header(first_seq)).map_err(fail_write)?;
     if cfg.preallocate && !from_spare {
-        file.allocate(cfg.segment_bytes)
-            .map_err(|e| io_err("preallocate", &path, e))?;
+        file.allocate(cfg.segment_bytes).map_err(|e| io_err("preallocate", &path, e))?;
     }
     let fail_sync = |op, p: &std::path::Path, e| {
         st.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
@@ -467,19 +436,14 @@ fn create_segment(
     // The header is durable before the name appears, so a segment that exists
     // after a crash always has its header (or is the torn newest one).
     if !cfg.unsafe_skip_sync {
-        file.sync_data()
-            .map_err(|e| fail_sync("fdatasync", &path, e))?;
+        file.sync_data().map_err(|e| fail_sync("fdatasync", &path, e))?;
     }
     if from_spare {
         let spare_path = cfg.dir.join(SPARE_NAME);
-        st.fs
-            .rename(&spare_path, &path)
-            .map_err(|e| io_err("rename spare segment to", &path, e))?;
+        st.fs.rename(&spare_path, &path).map_err(|e| io_err("rename spare segment to", &path, e))?;
     }
     if !cfg.unsafe_skip_sync {
-        st.fs
-            .sync_dir(&cfg.dir)
-            .map_err(|e| fail_sync("sync dir", &cfg.dir, e))?;
+        st.fs.sync_dir(&cfg.dir).map_err(|e| fail_sync("sync dir", &cfg.dir, e))?;
     }
     st.segments.lock().insert(first_seq, path.clone());
     st.stats.segments_created.fetch_add(1, Ordering::Relaxed);

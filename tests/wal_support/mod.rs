@@ -10,11 +10,7 @@ pub const MEM_DIR: &str = "/data/wal";
 
 /// Small segments so rollover happens in tests; no preallocation unless asked.
 pub fn small_cfg(dir: impl Into<PathBuf>) -> WalConfig {
-    WalConfig {
-        segment_bytes: 4096,
-        preallocate: false,
-        ..WalConfig::new(dir)
-    }
+    WalConfig { segment_bytes: 4096, preallocate: false, ..WalConfig::new(dir) }
 }
 
 pub fn mem() -> (MemFs, Arc<dyn Fs>) {
@@ -29,8 +25,7 @@ pub fn as_dyn(fs: &MemFs) -> Arc<dyn Fs> {
 
 /// The payload the tests write for the n-th record: MessagePack, like real callers.
 pub fn payload(n: u64, len: usize) -> Vec<u8> {
-    let mut body =
-        rmp_serde::to_vec(&("record", n)).expect("a tuple of str and u64 always encodes");
+    let mut body = rmp_serde::to_vec(&("record", n)).expect("a tuple of str and u64 always encodes");
     body.resize(body.len().max(len), b'x');
     body
 }
