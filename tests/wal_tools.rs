@@ -97,3 +97,30 @@ fn repair_cuts_at_the_first_bad_record_after_keeping_a_copy() {
     assert_eq!(rec.last_seq, 5);
     assert!(verify(&fs, Path::new(MEM_DIR)).unwrap().is_recoverable());
 }
+
+#[test]
+fn repair_sets_later_segments_aside_when_an_older_one_is_damaged() {
+    let fs = MemFs::new();
+    let (wal, _) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
+    for i in 1..=200u64 {
+        wal.append_blocking(vec![(1, payload(i, 100))]).unwrap();
+    }
+    wal.shutdown().unwrap();
+    let segs = segments(&fs, Path::new(MEM_DIR));
+    assert!(segs.len() >= 4);
+    let bytes = fs.file_bytes(&segs[1]).unwrap();
+    let first: u64 = segs[1].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let at = record_offset(&bytes, 3);
+    fs.flip_bit(&segs[1], at + 40, 5).unwrap();
+
+    let mut out = Vec::new();
+    let report = repair(&fs, Path::new(MEM_DIR), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    // One copy of the damaged segment plus every later segment set aside.
+    assert_eq!(report.backups.len(), 1 + segs.len() - 2, "{text}");
+    assert_eq!(report.last_seq, Some(first + 1), "{text}");
+    assert_eq!(segments(&fs, Path::new(MEM_DIR)), segs[..2].to_vec());
+    let (wal, rec) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
+    assert_eq!(rec.last_seq, first + 1);
+    assert_eq!(wal.append_blocking(vec![(1, vec![])]).unwrap().start, first + 2);
+}

@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `00000000000000000001.wal` | a segment; the name is the seq of its first record, 20 digits |
 //! | `snapshot-00000000000000001000.snap` | a snapshot covering every record up to seq 1000 |
-//! | `*.tmp` | a snapshot being written; removed by recovery (never valid) |
+//! | `*.tmp` | a snapshot being written, or `next-segment.wal.tmp` being zero-filled; removed by recovery (never valid) |
 //! | `*.corrupt-N` | a copy made by [`tools::repair`] before it cut anything; never read |
 //!
 //! All integers are little-endian. All checksums are CRC32C (Castagnoli).
@@ -71,6 +71,16 @@
 //! only then runs every request's `on_durable` callback. While it syncs, new
 //! requests pile up in the channel and form the next batch: no timers, and the
 //! batch grows exactly as fast as the disk is slow.
+//!
+//! Callers get the most out of it by keeping many appends in flight from a few
+//! threads (`try_append` with a callback that sends a message), not by parking one
+//! thread per append: on 2 cores the first form reached ~1.5M durable records/s
+//! with 256 appends in flight, the second ~150k/s (see `BENCHMARKS.md`).
+//!
+//! With `preallocate`, each segment is zero-filled to `segment_bytes` and synced
+//! before it takes records, so a later `fdatasync` has no size or block-map change
+//! to write (measured ~30% faster per sync here). The next segment is prepared on
+//! a helper thread (`next-segment.wal.tmp`) and renamed into place at rollover.
 //!
 //! A segment is rolled over when the next record would pass `segment_bytes`: the
 //! old segment is written and synced first (whatever the policy), then the new one
@@ -318,6 +328,8 @@ pub struct WalStats {
     pub queue_full: u64,
     pub last_batch_records: u64,
     pub last_sync_micros: u64,
+    /// Time spent in `fdatasync` altogether (for an average: divide by `syncs`).
+    pub sync_micros_total: u64,
     pub snapshots_written: u64,
     pub failed: bool,
 }
@@ -335,6 +347,7 @@ pub(crate) struct StatCells {
     pub queue_full: AtomicU64,
     pub last_batch_records: AtomicU64,
     pub last_sync_micros: AtomicU64,
+    pub sync_micros_total: AtomicU64,
     pub snapshots_written: AtomicU64,
 }
 
@@ -653,6 +666,10 @@ impl Wal {
     /// `f(seq, kind, payload)` until it returns `false` or the durable watermark is
     /// reached (stream resume). Errs with [`WalError::Compacted`] if `from_seq` is
     /// older than the oldest segment kept.
+    ///
+    /// Segments are read in 1 MiB chunks from the start of the segment holding
+    /// `from_seq` (there is no index), so memory stays small; the cost is a scan
+    /// of that segment's earlier records (millions per second).
     pub fn read_range(
         &self,
         from_seq: u64,
@@ -668,35 +685,13 @@ impl Wal {
         if from_seq < oldest {
             return Err(WalError::Compacted { from_seq, oldest });
         }
-        let mut done = false;
-        let result = recovery::walk_log(st.fs.as_ref(), &segments, from_seq, &mut |_, r| {
-            if r.seq > upto {
-                done = true;
-                return false;
-            }
-            if !f(r.seq, r.kind, r.payload) {
-                done = true;
-                return false;
-            }
-            true
-        });
-        match result {
-            Ok(walk) if done || walk.last_seq >= upto => Ok(()),
-            Ok(walk) => Err(WalError::Corrupt {
-                segment: walk.active.map(|a| a.1).unwrap_or_default(),
-                offset: 0,
-                expected_seq: walk.last_seq + 1,
-                reason: format!("durable records up to seq {upto} are not all on disk"),
-            }),
-            // A record being written right now may look torn or damaged to a reader;
-            // that is fine as long as everything durable was already handed out.
-            Err(_) if done => Ok(()),
-            Err(WalError::Corrupt { expected_seq, .. }) if expected_seq > upto => Ok(()),
+        match recovery::read_durable(st.fs.as_ref(), &segments, from_seq, upto, &mut f) {
+            // Compaction deleted a segment while we were reading.
             Err(WalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let oldest = st.segments.lock().keys().next().copied().unwrap_or(upto + 1);
                 Err(WalError::Compacted { from_seq, oldest })
             }
-            Err(e) => Err(e),
+            other => other,
         }
     }
 
@@ -716,6 +711,7 @@ impl Wal {
             queue_full: get(&s.queue_full),
             last_batch_records: get(&s.last_batch_records),
             last_sync_micros: get(&s.last_sync_micros),
+            sync_micros_total: get(&s.sync_micros_total),
             snapshots_written: get(&s.snapshots_written),
             failed: self.h.st.failed_flag.load(Ordering::Acquire),
         }
@@ -734,5 +730,38 @@ impl Wal {
     /// The directory this log lives in.
     pub fn dir(&self) -> &Path {
         &self.h.st.cfg.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_handles_can_be_shared_across_threads() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<Wal>();
+    }
+
+    #[test]
+    fn fsync_policy_reads_as_documented_in_toml() {
+        #[derive(Deserialize)]
+        struct T {
+            fsync: FsyncPolicy,
+        }
+        let parse = |s: &str| toml::from_str::<T>(s).map(|t| t.fsync);
+        assert_eq!(parse(r#"fsync = "always""#).unwrap(), FsyncPolicy::Always);
+        assert_eq!(parse(r#"fsync = "never""#).unwrap(), FsyncPolicy::Never);
+        assert_eq!(parse("fsync = { interval_ms = 5 }").unwrap(), FsyncPolicy::IntervalMs(5));
+        assert!(parse(r#"fsync = "sometimes""#).is_err());
+    }
+
+    #[test]
+    fn config_rejects_unknown_keys_and_names_bad_values() {
+        assert!(toml::from_str::<WalConfig>("segment_byte = 4096").is_err());
+        let cfg: WalConfig = toml::from_str("dir = \"/x\"\nsegment_bytes = 100").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("segment_bytes = 100"), "{err}");
+        assert!(WalConfig::default().validate().is_ok());
     }
 }

@@ -272,6 +272,15 @@ pub(crate) fn recover(
     rec.torn_tail = walk.torn.clone();
     rec.records = records;
     rec.duration = started.elapsed();
+    tracing::info!(
+        dir = %dir.display(),
+        snapshot_seq = ?rec.snapshot_seq,
+        records = rec.records_replayed,
+        last_seq = rec.last_seq,
+        torn_tail = rec.torn_tail.is_some(),
+        ms = rec.duration.as_millis() as u64,
+        "WAL recovered"
+    );
     // The writer continues the segment recovery ended in only if the next seq
     // belongs there; otherwise (the snapshot is ahead of the log) it starts a new one.
     let active = walk.active.filter(|_| walk.last_seq == rec.last_seq);
@@ -290,4 +299,82 @@ fn records_replayed(walk: &Walk, start_seq: u64) -> u64 {
     } else {
         0
     }
+}
+
+/// Bytes [`read_durable`] reads at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Hands the records `from_seq..=upto` to `f` in order, reading each segment in
+/// chunks so memory stays at one chunk plus the largest record, whatever the
+/// segment size. `segments` must include the one holding `from_seq`. Stops early
+/// when `f` returns `false`.
+pub(crate) fn read_durable(
+    fs: &dyn Fs,
+    segments: &[(u64, PathBuf)],
+    from_seq: u64,
+    upto: u64,
+    f: &mut dyn FnMut(u64, u8, &[u8]) -> bool,
+) -> Result<(), WalError> {
+    let Some(first_idx) = segments.iter().rposition(|(first, _)| *first <= from_seq) else {
+        return Ok(());
+    };
+    let mut expected = segments[first_idx].0;
+    let mut last_path = &segments[first_idx].1;
+    for (name_first, path) in &segments[first_idx..] {
+        last_path = path;
+        if expected > upto {
+            return Ok(());
+        }
+        if *name_first != expected {
+            return Err(corrupt(path, 0, expected, format!("segment starts at seq {name_first}")));
+        }
+        let header = fs.read_range(path, 0, SEGMENT_HEADER_LEN).map_err(|e| io_err("read", path, e))?;
+        match decode_segment_header(&header) {
+            Ok(first) if first == *name_first => {}
+            Ok(first) => {
+                return Err(corrupt(path, 0, expected, format!("segment header says first seq {first}")))
+            }
+            Err(reason) => return Err(corrupt(path, 0, expected, reason)),
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        let mut pos = 0usize;
+        let mut buf_offset = SEGMENT_HEADER_LEN as u64;
+        let mut eof = false;
+        while expected <= upto {
+            match format::decode_record(&buf[pos..], buf_offset + pos as u64) {
+                Ok(rec) => {
+                    if rec.seq != expected {
+                        return Err(corrupt(path, rec.offset, expected, format!("found seq {}", rec.seq)));
+                    }
+                    expected += 1;
+                    pos += rec.framed_len();
+                    if rec.seq >= from_seq && !f(rec.seq, rec.kind, rec.payload) {
+                        return Ok(());
+                    }
+                }
+                Err(format::Bad::Truncated(_)) if !eof => {
+                    // Keep the unparsed rest and append the next chunk to it.
+                    buf.drain(..pos);
+                    buf_offset += pos as u64;
+                    pos = 0;
+                    let at = buf_offset + buf.len() as u64;
+                    let chunk = fs.read_range(path, at, READ_CHUNK).map_err(|e| io_err("read", path, e))?;
+                    eof = chunk.is_empty();
+                    buf.extend_from_slice(&chunk);
+                }
+                // End of this segment's records: end of file, zero-filled space, or
+                // (past the durable watermark only) a batch being written right now.
+                Err(_) => break,
+            }
+        }
+    }
+    if expected <= upto {
+        return Err(corrupt(
+            last_path,
+            0,
+            expected,
+            format!("durable records up to seq {upto} are not all on disk"),
+        ));
+    }
+    Ok(())
 }

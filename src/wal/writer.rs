@@ -4,13 +4,19 @@ use super::format::{self, encode_record, encode_segment_header, framed_len, SEGM
 use super::fs::{FsFile, OpenMode};
 use super::recovery::Resume;
 use super::{io_err, FsyncPolicy, OnDurable, State, WalError};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// The next segment, zero-filled in the background before it is needed. Its name
+/// ends in `.tmp`, so recovery removes it if a crash leaves it behind.
+const SPARE_NAME: &str = "next-segment.wal.tmp";
 
 /// A buffer that grew past this for one huge batch is given back afterwards.
 const BUF_KEEP_BYTES: usize = 8 << 20;
@@ -82,6 +88,75 @@ pub(crate) struct Writer {
     last_sync: Instant,
     /// Under `IntervalMs`, when the pending sync is due.
     sync_due: Option<Instant>,
+    spare: Option<Spare>,
+}
+
+/// Preallocates the next segment on its own thread: writing `segment_bytes` of
+/// zeros takes far longer than a batch, and the writer must not stall on it at
+/// every rollover.
+struct Spare {
+    slot: Arc<Mutex<Option<Box<dyn FsFile>>>>,
+    tx: Option<Sender<()>>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Spare {
+    fn start(st: &Arc<State>) -> Spare {
+        let slot: Arc<Mutex<Option<Box<dyn FsFile>>>> = Arc::default();
+        let (tx, rx) = bounded::<()>(1);
+        let (st, thread_slot) = (st.clone(), slot.clone());
+        let join = std::thread::Builder::new()
+            .name("rota-wal-prealloc".into())
+            .spawn(move || {
+                for () in rx {
+                    if thread_slot.lock().is_some() {
+                        continue;
+                    }
+                    match prepare_spare(&st) {
+                        Ok(file) => *thread_slot.lock() = Some(file),
+                        // Not fatal: the writer then creates the segment itself, and
+                        // reports any real trouble with the disk from there.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not preallocate the next WAL segment")
+                        }
+                    }
+                }
+            })
+            .ok();
+        let spare = Spare { slot, tx: Some(tx), join };
+        spare.request();
+        spare
+    }
+
+    fn request(&self) {
+        if let Some(tx) = &self.tx {
+            // Full means a request is already pending: nothing to add.
+            let _ = tx.try_send(());
+        }
+    }
+
+    fn take(&self) -> Option<Box<dyn FsFile>> {
+        self.slot.lock().take()
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+    }
+}
+
+fn prepare_spare(st: &State) -> std::io::Result<Box<dyn FsFile>> {
+    let path = st.cfg.dir.join(SPARE_NAME);
+    let mut file = st.fs.open(&path, OpenMode::Create)?;
+    file.allocate(st.cfg.segment_bytes)?;
+    if !st.cfg.unsafe_skip_sync {
+        file.sync_data()?;
+    }
+    Ok(file)
 }
 
 impl Writer {
@@ -100,10 +175,11 @@ impl Writer {
                 (file, path.clone(), *end)
             }
             None => {
-                let (file, path) = create_segment(&st, next_seq)?;
+                let (file, path) = create_segment(&st, next_seq, None)?;
                 (file, path, SEGMENT_HEADER_LEN as u64)
             }
         };
+        let spare = cfg.preallocate.then(|| Spare::start(&st));
         Ok(Writer {
             st,
             rx,
@@ -116,6 +192,7 @@ impl Writer {
             unsynced: false,
             last_sync: Instant::now(),
             sync_due: None,
+            spare,
         })
     }
 
@@ -297,7 +374,9 @@ impl Writer {
                 return Err(io_err("fdatasync", &self.seg_path, e));
             }
             let took = started.elapsed().as_micros() as u64;
-            self.st.stats.last_sync_micros.store(took, Ordering::Relaxed);
+            let stats = &self.st.stats;
+            stats.last_sync_micros.store(took, Ordering::Relaxed);
+            stats.sync_micros_total.fetch_add(took, Ordering::Relaxed);
             self.st.stats.syncs.fetch_add(1, Ordering::Relaxed);
         }
         self.unsynced = false;
@@ -312,7 +391,14 @@ impl Writer {
     fn roll(&mut self) -> Result<(), WalError> {
         self.flush()?;
         self.sync()?;
-        let (file, path) = create_segment(&self.st, self.next_seq)?;
+        let spare = self.spare.as_ref().and_then(Spare::take);
+        let used_spare = spare.is_some();
+        let (file, path) = create_segment(&self.st, self.next_seq, spare)?;
+        if used_spare {
+            if let Some(s) = &self.spare {
+                s.request();
+            }
+        }
         self.file = file;
         self.seg_path = path;
         self.offset = SEGMENT_HEADER_LEN as u64;
@@ -321,25 +407,42 @@ impl Writer {
 }
 
 /// Creates a segment whose first record will be `first_seq`: header written and
-/// synced, preallocated if configured, directory synced.
-fn create_segment(st: &State, first_seq: u64) -> Result<(Box<dyn FsFile>, PathBuf), WalError> {
+/// synced, preallocated if configured, directory synced. A `spare` (already
+/// zero-filled and synced) is renamed into place instead of creating a file.
+fn create_segment(
+    st: &State,
+    first_seq: u64,
+    spare: Option<Box<dyn FsFile>>,
+) -> Result<(Box<dyn FsFile>, PathBuf), WalError> {
     let cfg = &st.cfg;
     let path = cfg.dir.join(format::segment_name(first_seq));
-    let mut file = st.fs.open(&path, OpenMode::Create).map_err(|e| io_err("create", &path, e))?;
+    let from_spare = spare.is_some();
+    let mut file = match spare {
+        Some(file) => file,
+        None => st.fs.open(&path, OpenMode::Create).map_err(|e| io_err("create", &path, e))?,
+    };
     let fail_write = |e| {
         st.stats.write_failures.fetch_add(1, Ordering::Relaxed);
         io_err("write header of", &path, e)
     };
     file.write_at(0, &encode_segment_header(first_seq)).map_err(fail_write)?;
-    if cfg.preallocate {
+    if cfg.preallocate && !from_spare {
         file.allocate(cfg.segment_bytes).map_err(|e| io_err("preallocate", &path, e))?;
     }
+    let fail_sync = |op, p: &std::path::Path, e| {
+        st.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
+        io_err(op, p, e)
+    };
+    // The header is durable before the name appears, so a segment that exists
+    // after a crash always has its header (or is the torn newest one).
     if !cfg.unsafe_skip_sync {
-        let fail_sync = |op, p: &std::path::Path, e| {
-            st.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
-            io_err(op, p, e)
-        };
         file.sync_data().map_err(|e| fail_sync("fdatasync", &path, e))?;
+    }
+    if from_spare {
+        let spare_path = cfg.dir.join(SPARE_NAME);
+        st.fs.rename(&spare_path, &path).map_err(|e| io_err("rename spare segment to", &path, e))?;
+    }
+    if !cfg.unsafe_skip_sync {
         st.fs.sync_dir(&cfg.dir).map_err(|e| fail_sync("sync dir", &cfg.dir, e))?;
     }
     st.segments.lock().insert(first_seq, path.clone());
