@@ -197,3 +197,104 @@ async fn a_slow_subscriber_is_cut_off_with_a_resume_cursor_and_others_keep_recei
     let next = again.events(1).await;
     assert_eq!(next[0]["seq"].as_u64().unwrap(), cursor + 1);
 }
+
+/// Monday 00:00 in Madrid after the DST change of 25 October 2026 (CEST -> CET).
+fn monday_after_dst_change() -> i64 {
+    use chrono::TimeZone;
+    chrono_tz::Europe::Madrid.with_ymd_and_hms(2026, 10, 26, 0, 0, 0).single().unwrap().timestamp_millis()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r20_r22_monday_recharge_across_dst_retries_a_lead_23h_old_but_not_25h_old() {
+    let monday = monday_after_dst_change();
+    let t0 = monday - 30 * HOUR;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, t0);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    // Four buyers with a weekly budget of exactly one lead (price 12).
+    for i in 1..=4 {
+        let mut p = autobuy_pro(i);
+        p["autobuy"][0]["weekly_budget_credits"] = json!(12);
+        c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+    }
+    let publish = |id: &str, at: i64| {
+        let mut l = lead_in(id, "madrid", true);
+        l["created_at"] = json!(at);
+        l["client"]["id"] = json!(format!("client-{id}"));
+        json!({"type": "publish_lead", "lead": l})
+    };
+    let a1 = c.ok(publish("A1", t0)).await;
+    assert_eq!(a1["offers"].as_array().unwrap().len(), 4, "the four budgets buy the first lead");
+    // Budgets spent: the next leads find no buyer and wait for the retry window (R22).
+    c.ok(json!({"type": "advance_clock", "to_ms": monday - 25 * HOUR})).await;
+    let a3 = c.ok(publish("A3", monday - 25 * HOUR)).await;
+    assert_eq!(a3["offers"].as_array().unwrap().len(), 0);
+    c.ok(json!({"type": "advance_clock", "to_ms": monday - 23 * HOUR})).await;
+    let a2 = c.ok(publish("A2", monday - 23 * HOUR)).await;
+    assert_eq!(a2["offers"].as_array().unwrap().len(), 0);
+    // One minute before Monday 00:00 local nothing is recharged yet.
+    c.ok(json!({"type": "advance_clock", "to_ms": monday - 60_000})).await;
+    let ex = c.ok(json!({"type": "explain", "lead": "A2"})).await;
+    assert_eq!(ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count(), 0);
+    // Monday 00:00 in Madrid (23:00 UTC after the DST change): budgets are topped up
+    // to the weekly budget (R20); A2 (23 h old) is bought, A3 (25 h old) is not.
+    c.ok(json!({"type": "advance_clock", "to_ms": monday})).await;
+    let offered = |ex: &serde_json::Value| {
+        ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count()
+    };
+    let ex2 = c.ok(json!({"type": "explain", "lead": "A2"})).await;
+    assert_eq!(offered(&ex2), 4, "retried within 24 h: {ex2}");
+    let ex3 = c.ok(json!({"type": "explain", "lead": "A3"})).await;
+    assert_eq!(offered(&ex3), 0, "25 h old: outside the retry window: {ex3}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn overload_is_shed_with_a_retry_hint_and_accepted_requests_all_complete() {
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text = format!("mailbox_capacity = 1\n{text}");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    c.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
+    // 300 publishes pipelined at once into one shard whose mailbox holds one command.
+    let n = 300;
+    for i in 0..n {
+        let mut l = lead_in(&format!("O{i}"), "bologna", true);
+        l["client"]["id"] = json!(format!("client-{i}"));
+        let req = json!({"id": format!("o{i}"), "type": "publish_lead", "lead": l});
+        c.ws.feed(tokio_tungstenite::tungstenite::Message::Text(req.to_string())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let (mut ok, mut shed) = (0, 0);
+    let mut ids = std::collections::BTreeSet::new();
+    while ok + shed < n {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(20), c.ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let tokio_tungstenite::tungstenite::Message::Text(t) = m else { continue };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        assert!(ids.insert(v["id"].as_str().unwrap().to_string()), "exactly one reply per request");
+        match v["type"].as_str() {
+            Some("ok") => ok += 1,
+            _ => {
+                assert_eq!(v["code"], "overloaded", "{v}");
+                assert!(v["retry_after_ms"].as_u64().unwrap() > 0);
+                shed += 1;
+            }
+        }
+    }
+    assert!(shed > 0, "a one-slot mailbox under a burst of {n} must shed some");
+    assert!(ok > 0);
+    // The daemon keeps working: a retry of a shed lead goes through.
+    let b = c.ok(json!({"type": "balance", "pro": "p1"})).await;
+    assert_eq!(b["available"], 0);
+}

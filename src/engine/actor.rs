@@ -34,13 +34,20 @@ pub struct ShardActor {
     pub key: ShardKey,
     pub state: Arc<Mutex<Shard>>,
     pub engine: Engine,
+    /// Commands queued for this actor (see `ShardHandle::depth`).
+    depth: Arc<std::sync::atomic::AtomicUsize>,
     /// The deadline the armed timer fires for, if any.
     armed: Option<(Millis, SpawnHandle)>,
 }
 
 impl ShardActor {
-    pub fn new(key: ShardKey, state: Arc<Mutex<Shard>>, engine: Engine) -> Self {
-        Self { key, state, engine, armed: None }
+    pub fn new(
+        key: ShardKey,
+        state: Arc<Mutex<Shard>>,
+        depth: Arc<std::sync::atomic::AtomicUsize>,
+        engine: Engine,
+    ) -> Self {
+        Self { key, state, engine, depth, armed: None }
     }
 
     fn run(&mut self, cmd: &Command, reply: Option<Responder>, received: Instant) {
@@ -171,6 +178,7 @@ impl Handler<Exec> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, msg: Exec, ctx: &mut Self::Context) {
+        self.depth.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         self.run(&msg.cmd, msg.reply, msg.received);
         self.arm(ctx);
     }

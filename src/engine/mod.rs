@@ -49,6 +49,10 @@ pub struct ShardReply {
 struct ShardHandle {
     addr: Addr<ShardActor>,
     state: Arc<Mutex<Shard>>,
+    /// Commands sent and not yet taken by the actor. This is the mailbox bound: actix
+    /// gives every `Addr` clone a slot of its own beyond the mailbox capacity, so its
+    /// capacity alone does not bound the queue.
+    depth: Arc<AtomicUsize>,
 }
 
 pub struct Tenant {
@@ -253,19 +257,26 @@ impl Engine {
         found
     }
 
-    fn spawn_shard(&self, key: ShardKey, shard: Shard) -> Addr<ShardActor> {
+    /// Starts the actor of a shard on the next arbiter (round robin).
+    fn new_handle(&self, key: &ShardKey, shard: Shard) -> ShardHandle {
         let state = Arc::new(Mutex::new(shard));
+        let depth = Arc::new(AtomicUsize::new(0));
         let i = self.inner.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
-        let actor = ShardActor::new(key.clone(), state.clone(), self.clone());
+        let actor = ShardActor::new(key.clone(), state.clone(), depth.clone(), self.clone());
         let addr = ShardActor::start_in_arbiter(&self.inner.arbiters[i], move |_| actor);
-        self.inner.shards.insert(key, ShardHandle { addr: addr.clone(), state });
-        self.inner.metrics.shards_alive(self.inner.shards.len());
-        addr
+        ShardHandle { addr, state, depth }
     }
 
-    fn shard_addr(&self, key: &ShardKey) -> Result<Addr<ShardActor>, ApiError> {
+    fn spawn_shard(&self, key: ShardKey, shard: Shard) {
+        let h = self.new_handle(&key, shard);
+        self.inner.shards.insert(key, h);
+        self.inner.metrics.shards_alive(self.inner.shards.len());
+    }
+
+    /// The shard's address and mailbox depth counter, creating the shard on first use.
+    fn shard_addr(&self, key: &ShardKey) -> Result<(Addr<ShardActor>, Arc<AtomicUsize>), ApiError> {
         if let Some(h) = self.inner.shards.get(key) {
-            return Ok(h.addr.clone());
+            return Ok((h.addr.clone(), h.depth.clone()));
         }
         let policy = self
             .inner
@@ -276,19 +287,15 @@ impl Engine {
             .policy
             .clone();
         // Two requests may race to create the same shard: the entry lock decides.
-        let entry = self.inner.shards.entry(key.clone());
-        match entry {
-            dashmap::mapref::entry::Entry::Occupied(o) => Ok(o.get().addr.clone()),
-            dashmap::mapref::entry::Entry::Vacant(v) => {
-                let state = Arc::new(Mutex::new(Shard::new(key.clone(), policy)));
-                let i = self.inner.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
-                let actor = ShardActor::new(key.clone(), state.clone(), self.clone());
-                let addr = ShardActor::start_in_arbiter(&self.inner.arbiters[i], move |_| actor);
-                v.insert(ShardHandle { addr: addr.clone(), state });
-                self.inner.metrics.shards_alive(self.inner.shards.len());
-                Ok(addr)
-            }
-        }
+        let h = self
+            .inner
+            .shards
+            .entry(key.clone())
+            .or_insert_with(|| self.new_handle(key, Shard::new(key.clone(), policy)));
+        let out = (h.addr.clone(), h.depth.clone());
+        drop(h);
+        self.inner.metrics.shards_alive(self.inner.shards.len());
+        Ok(out)
     }
 
     fn shard_state(&self, key: &ShardKey) -> Option<Arc<Mutex<Shard>>> {
@@ -297,15 +304,16 @@ impl Engine {
 
     /// Runs one command on its shard; resolves once the result is durable.
     pub async fn exec(&self, key: ShardKey, cmd: Command) -> Result<CoreReply, ApiError> {
-        let addr = self.shard_addr(&key)?;
+        let (addr, depth) = self.shard_addr(&key)?;
+        if depth.fetch_add(1, Ordering::AcqRel) >= self.inner.cfg.raw.mailbox_capacity {
+            depth.fetch_sub(1, Ordering::AcqRel);
+            self.inner.metrics.overloaded(&key.tenant);
+            return Err(ApiError::overloaded(50));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match addr.try_send(Exec { cmd, reply: Some(tx), received: Instant::now() }) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => {
-                self.inner.metrics.overloaded(&key.tenant);
-                return Err(ApiError::overloaded(50));
-            }
-            Err(SendError::Closed(_)) => return Err(ApiError::unavailable("the shard is shutting down")),
+        if addr.try_send(Exec { cmd, reply: Some(tx), received: Instant::now() }).is_err() {
+            depth.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::unavailable("the shard is shutting down"));
         }
         match rx.await {
             Ok(r) => r.map(|s| s.reply),
@@ -549,11 +557,14 @@ impl Engine {
         }
         let was_buying = before.is_some_and(|b| b.is_buying(now));
         if cfg.is_buying(now) && (current.is_none() || !was_buying) {
+            // A new config's first recharge is this week's (R20): the Monday recharge
+            // of this week must not top it up again. A resumed config recharges now (R24).
+            let op = match (current, self.week_of(tenant, now)) {
+                (None, Some(monday)) => format!("week:{pro}:{}:{monday}", cfg.name),
+                _ => format!("resume:{pro}:{}:{now}", cfg.name),
+            };
             let (t, p, n) = (tenant.clone(), pro.clone(), name.clone());
-            self.ledger_op(tenant, move |l| {
-                l.recharge(OpId::new(format!("resume:{p}:{n}:{now}")), &t, &p, &n)
-            })
-            .await?;
+            self.ledger_op(tenant, move |l| l.recharge(OpId::new(op), &t, &p, &n)).await?;
         }
         Ok(())
     }
@@ -626,16 +637,23 @@ impl Engine {
         Ok(receipt)
     }
 
+    /// The local date of the Monday that starts the week of `now` in the tenant's
+    /// time zone: the key of that week's recharge (R20), so it happens once per local
+    /// week whatever the UTC offset (DST changes included).
+    fn week_of(&self, tenant: &TenantId, now: Millis) -> Option<chrono::NaiveDate> {
+        let tz = self.inner.tenants.get(tenant)?.cfg.policy.time_zone;
+        let today = tz.timestamp_millis_opt(now).single()?.date_naive();
+        Some(today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday())))
+    }
+
     /// Weekly recharge (R20) and resumed-pause recharge (R24) of every auto-buy
     /// budget of the tenant, then a retry of missed leads (R22). Op ids make each
     /// recharge happen once: per local ISO week, per resume time.
     pub async fn housekeeping(&self, tenant: &TenantId) -> Result<(), ApiError> {
         let Some(t) = self.inner.tenants.get(tenant) else { return Ok(()) };
-        let tz = t.cfg.policy.time_zone;
+        let _ = t;
         let now = self.inner.clock.now();
-        let local = tz.timestamp_millis_opt(now).single().map(|d| d.date_naive());
-        let Some(today) = local else { return Ok(()) };
-        let monday = today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday()));
+        let Some(monday) = self.week_of(tenant, now) else { return Ok(()) };
         let pros: Vec<Arc<Pro>> = self
             .inner
             .pros
@@ -724,7 +742,10 @@ impl Engine {
         // the mailbox is drained.
         let keys: Vec<ShardKey> = self.inner.shards.iter().map(|e| e.key().clone()).collect();
         for key in keys {
-            let addr = self.inner.shards.get(&key).map(|h| h.addr.clone());
+            let addr = self.inner.shards.get(&key).map(|h| {
+                h.depth.fetch_add(1, Ordering::AcqRel);
+                h.addr.clone()
+            });
             if let Some(addr) = addr {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 if addr
@@ -776,6 +797,8 @@ impl Engine {
             durable_seq: self.inner.wal.durable_seq(),
             failed: st.failed,
         });
+        let depth_max = self.inner.shards.iter().map(|e| e.value().depth.load(Ordering::Relaxed)).max();
+        self.inner.metrics.m.mailbox_depth_max.set(depth_max.unwrap_or(0) as f64);
         let mut shares: FxHashMap<TenantId, Vec<(f64, f64)>> = FxHashMap::default();
         for e in self.inner.shards.iter() {
             let s = e.value().state.lock();

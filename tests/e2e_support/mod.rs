@@ -20,14 +20,19 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &std::path::Path) -> Daemon {
-        Self::spawn(dir, None)
+        Self::spawn(dir, None, T0)
     }
 
     pub fn start_with(dir: &std::path::Path, config: &std::path::Path) -> Daemon {
-        Self::spawn(dir, Some(config))
+        Self::spawn(dir, Some(config), T0)
     }
 
-    fn spawn(dir: &std::path::Path, config: Option<&std::path::Path>) -> Daemon {
+    /// With the manual clock starting at `t0`.
+    pub fn start_at(dir: &std::path::Path, config: &std::path::Path, t0: i64) -> Daemon {
+        Self::spawn(dir, Some(config), t0)
+    }
+
+    fn spawn(dir: &std::path::Path, config: Option<&std::path::Path>, t0: i64) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rota"));
         cmd.arg("serve");
         if let Some(c) = config {
@@ -37,7 +42,7 @@ impl Daemon {
             .args(["--listen", "127.0.0.1:0", "--clock", "manual"])
             .arg("--data-dir")
             .arg(dir)
-            .args(["--set", &format!("manual_clock_start_ms={T0}"), "--set", "log_level=\"warn\""])
+            .args(["--set", &format!("manual_clock_start_ms={t0}"), "--set", "log_level=\"warn\""])
             .args(["--set", "admin_listen=\"127.0.0.1:0\""])
             .stderr(Stdio::piped())
             .spawn()
