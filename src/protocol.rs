@@ -283,6 +283,9 @@ pub enum StreamTag {
 /// What subscribers see. Offers carry no client PII before the pro responded (R8).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
+// Built once per event and shared by every subscriber behind an `Arc`, so the size of
+// the largest variant costs nothing per subscriber.
+#[allow(clippy::large_enum_variant)]
 pub enum StreamEvent {
     LeadAccepted {
         lead: LeadId,
