@@ -75,6 +75,8 @@ pub struct RawPolicy {
     pub autobuy: RawAutoBuy,
     #[serde(default)]
     pub money: RawMoney,
+    #[serde(default)]
+    pub orders: RawOrders,
 }
 
 fn default_tz() -> String {
@@ -207,6 +209,19 @@ impl Default for RawMoney {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOrders {
+    /// Time a pro has to approve or decline an order request before it expires (R26).
+    pub order_request_ttl_s: i64,
+}
+
+impl Default for RawOrders {
+    fn default() -> Self {
+        Self { order_request_ttl_s: 48 * 3600 }
+    }
+}
+
 /// A policy file that does not make sense, with the key that is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -251,6 +266,8 @@ pub struct Policy {
     pub charge_on: ChargeOn,
     pub flat_price_credits: u64,
     pub guarantee_window: Option<Millis>,
+    /// Response window of an order request (R26).
+    pub order_request_ttl: Millis,
 }
 
 /// Longest duration any window may have (one year): keeps every `now + window` sum far
@@ -364,6 +381,7 @@ impl RawPolicy {
             0 => None,
             w => Some(w),
         };
+        let order_request_ttl = secs("orders.order_request_ttl_s", self.orders.order_request_ttl_s, false)?;
         Ok(Policy {
             tenant: self.tenant.clone(),
             time_zone,
@@ -391,6 +409,7 @@ impl RawPolicy {
             charge_on: m.charge_on,
             flat_price_credits: m.flat_price_credits,
             guarantee_window,
+            order_request_ttl,
         })
     }
 }
@@ -412,6 +431,7 @@ impl Policy {
             ranking: RawRanking::default(),
             autobuy: RawAutoBuy::default(),
             money: RawMoney::default(),
+            orders: RawOrders::default(),
         }
         .validate()
         .expect("the built-in defaults are valid: checked by a unit test")
@@ -445,6 +465,8 @@ mod tests {
             ("[leads]\noffer_fanout = 0", "leads.offer_fanout"),
             ("[ranking]\nmin_weight = 0", "ranking.min_weight"),
             ("[autobuy]\ngroup_size = 0", "autobuy.group_size"),
+            ("[orders]\norder_request_ttl_s = 0", "orders.order_request_ttl_s"),
+            ("[orders]\norder_request_ttl_s = -1", "orders.order_request_ttl_s"),
         ];
         for (body, key) in cases {
             let text = format!("tenant = \"t\"\nmode = \"shared\"\n{body}\n");
