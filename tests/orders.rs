@@ -128,7 +128,7 @@ fn send_offer(client: &str, offer: CustomOfferTerms) -> OrderCommand {
 fn approval(audience: Audience, packages: Option<&[&str]>, windows: Option<WeeklyWindows>) -> AcceptanceMode {
     AcceptanceMode::ApprovalRequired(ApprovalRules {
         audience,
-        packages: packages.map(|ps| ps.iter().map(|p| PackageId::new(p)).collect()),
+        packages: packages.map(|ps| ps.iter().map(PackageId::new).collect()),
         windows,
     })
 }
