@@ -16,7 +16,7 @@
 //! | module | what it owns | what it may not touch |
 //! |---|---|---|
 //! | [`ids`] | string ids, [`ids::Millis`] time, [`ids::ShardKey`] | anything else |
-//! | [`core`] | the pure rules engine: policy, pros, leads, offers, rotation, explain | I/O, clocks, threads, async, metrics |
+//! | [`core`] | the pure rules engine: policy, pros, leads, offers, rotation, explain, order requests | I/O, clocks, threads, async, metrics |
 //! | [`pricing`] | R11 lead price from category statistics, integer math | I/O, clocks |
 //! | [`ledger`] | credits and auto-buy budgets, concurrent and idempotent | I/O, clocks |
 //! | [`wal`] | record framing, segments, group-commit writer, snapshots, recovery | what records mean |

@@ -78,6 +78,8 @@ pub struct RawPolicy {
     /// R11 lead pricing from category statistics; absent = `money.flat_price_credits`.
     #[serde(default)]
     pub pricing: Option<crate::pricing::PricingPolicy>,
+    #[serde(default)]
+    pub orders: RawOrders,
 }
 
 fn default_tz() -> String {
@@ -210,6 +212,19 @@ impl Default for RawMoney {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOrders {
+    /// Time a pro has to approve or decline an order request before it expires (R26).
+    pub order_request_ttl_s: i64,
+}
+
+impl Default for RawOrders {
+    fn default() -> Self {
+        Self { order_request_ttl_s: 48 * 3600 }
+    }
+}
+
 /// A policy file that does not make sense, with the key that is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -256,6 +271,8 @@ pub struct Policy {
     pub guarantee_window: Option<Millis>,
     /// R11 pricing, validated; `None` = every lead costs `flat_price_credits`.
     pub pricing: Option<crate::pricing::Pricing>,
+    /// Response window of an order request (R26).
+    pub order_request_ttl: Millis,
 }
 
 /// Longest duration any window may have (one year): keeps every `now + window` sum far
@@ -377,6 +394,7 @@ impl RawPolicy {
             0 => None,
             w => Some(w),
         };
+        let order_request_ttl = secs("orders.order_request_ttl_s", self.orders.order_request_ttl_s, false)?;
         Ok(Policy {
             tenant: self.tenant.clone(),
             time_zone,
@@ -405,6 +423,7 @@ impl RawPolicy {
             flat_price_credits: m.flat_price_credits,
             guarantee_window,
             pricing,
+            order_request_ttl,
         })
     }
 }
@@ -427,6 +446,7 @@ impl Policy {
             autobuy: RawAutoBuy::default(),
             money: RawMoney::default(),
             pricing: None,
+            orders: RawOrders::default(),
         }
         .validate()
         .expect("the built-in defaults are valid: checked by a unit test")
@@ -460,6 +480,8 @@ mod tests {
             ("[leads]\noffer_fanout = 0", "leads.offer_fanout"),
             ("[ranking]\nmin_weight = 0", "ranking.min_weight"),
             ("[autobuy]\ngroup_size = 0", "autobuy.group_size"),
+            ("[orders]\norder_request_ttl_s = 0", "orders.order_request_ttl_s"),
+            ("[orders]\norder_request_ttl_s = -1", "orders.order_request_ttl_s"),
         ];
         for (body, key) in cases {
             let text = format!("tenant = \"t\"\nmode = \"shared\"\n{body}\n");

@@ -1,0 +1,1279 @@
+//! Order requests (R25-R27): whether a client's order starts at once or waits for the
+//! pro's approval, the order request's life, custom offers, and the pro's response and
+//! cancellation rates.
+//!
+//! Same shape as [`super::shard`]: [`OrderBook::decide`] reads the state and `now` and
+//! returns facts ([`OrderEvent`]) plus the reply, or an [`OrderReject`] with nothing
+//! changed; [`OrderBook::apply`] is infallible and is used both live and during WAL
+//! replay. One book per tenant, keyed by pro. No clock, no I/O, no randomness.
+//!
+//! # Acceptance mode (R25)
+//!
+//! Each pro has one mode per service ([`CategoryId`], the gig): [`AcceptanceMode::AutoAccept`]
+//! (the default for a service never configured) or
+//! [`AcceptanceMode::ApprovalRequired`] with [`ApprovalRules`]. An order needs approval
+//! when **all** the configured conditions match:
+//!
+//! * **audience**: `all_clients`, or `new_clients`: a client is *new* unless the
+//!   platform says it ordered from this pro before (`returning_client`) or this book
+//!   has recorded an order of that client with that pro (any status: a cancelled order
+//!   still means the two have worked together);
+//! * **packages**: the ordered package is in the list; no list = every package;
+//! * **windows**: `now`, in the windows' own IANA time zone (the pro's), falls inside one
+//!   of the weekly intervals; no windows = at all times. The intervals are alternatives
+//!   (several windows, OR), each a `[start, end)` of one local day; a night window is two
+//!   intervals around midnight (`21:00-24:00` and `00:00-06:00` of the next day), as the
+//!   source article suggests. Local wall-clock time is used, so the window follows the
+//!   pro's clock across daylight-saving changes.
+//!
+//! An order that matches none of this is placed at once (`outside_approval_rules`): the
+//! article's point is that approval is a filter the pro narrows, never a wall.
+//!
+//! Exemption (article: "clients who already received a custom offer may order without a
+//! request"): a client holding a valid custom offer from the pro (open, not expired) has
+//! every order with that pro placed at once, whatever the rules say. The offer itself
+//! stays open: placing a gig order does not use it up.
+//!
+//! # Order requests and custom offers (R26)
+//!
+//! The platform's order id is the idempotency key of [`OrderCommand::PlaceOrder`]; when
+//! the order needs approval, the pending order request is known by that same id.
+//!
+//! ```text
+//! request:  pending --approve(custom offer)--> approved
+//!           pending --decline--------------->  declined
+//!           pending --respond_by passes----->  expired        (all three terminal)
+//! offer:    open --client accepts (before expires_at)--> accepted (creates an order)
+//!           open --expires_at passes-------------------> expired      (both terminal)
+//! order:    active --cancel--> cancelled (terminal)
+//! ```
+//!
+//! A request must be answered within the tenant policy's `orders.order_request_ttl_s`
+//! (`respond_by` is fixed when the request opens). Past `respond_by` a request is
+//! expired even if no `Tick` has recorded it yet; likewise a custom offer at or after
+//! its `expires_at`. A custom offer without `expires_at` never expires.
+//!
+//! # Idempotency
+//!
+//! Every command carries the platform's id: the order id (place, accept, cancel), the
+//! request id (answer), the custom offer id (send, approve). Repeating a command with
+//! the same ids and payload answers the same reply and emits nothing; the same id with
+//! another payload is `idempotency_conflict`. This is why declining a request twice is
+//! answered as a retry, while declining an approved or expired request, approving a
+//! declined one, or approving an approved one with another offer is
+//! `illegal_transition` (an expired request answers `order_request_expired`). Setting a
+//! mode or availability to what it already is emits nothing.
+//!
+//! # Rates (R27)
+//!
+//! * Cancellation rate = cancelled orders / orders. A declined request never became an
+//!   order, so it counts in neither.
+//! * Response rate = requests answered (approved or declined) before `respond_by` /
+//!   requests that count. A request counts unless it arrived while the pro was marked
+//!   unavailable (paused or on vacation, [`Availability`]); being outside the weekly
+//!   schedule is normal working hours and does count. A request that does not count is
+//!   left out of both sides, so answering it anyway cannot push the rate above 100 %.
+//!
+//! A pro becomes known to the book when the platform first sets its acceptance mode or
+//! availability; orders and custom offers for a pro never configured are
+//! `unknown_pro`, so typos surface instead of silently auto-accepting.
+
+use super::model::{field_err, Availability, FieldError, Unavailable, WeeklyWindows, MAX_CREDITS};
+use super::policy::Policy;
+use crate::ids::{CategoryId, ClientId, Millis, ProId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+// Names the `string_id!` expansion refers to.
+use crate::ids::{validate_id, IdError};
+use smol_str::SmolStr;
+use std::fmt;
+
+crate::ids::string_id!(
+    /// The platform's order id; also the id of the order request it becomes when the
+    /// order needs approval (R26).
+    OrderId
+);
+crate::ids::string_id!(
+    /// A package of a service ("basic", "standard", "premium").
+    PackageId
+);
+crate::ids::string_id!(
+    /// The platform's id of a custom offer a pro sends a client.
+    CustomOfferId
+);
+
+/// Most packages one approval rule may list, and most weekly intervals: bounds the
+/// work of every placement.
+const MAX_PACKAGES: usize = 64;
+const MAX_INTERVALS: usize = 7 * 24;
+
+// ---------------------------------------------------------------------------------
+// Settings (R25)
+// ---------------------------------------------------------------------------------
+
+/// Which clients an approval rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Audience {
+    /// Only clients who never ordered from this pro.
+    NewClients,
+    AllClients,
+}
+
+/// When an order needs the pro's approval: audience AND package AND window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRules {
+    pub audience: Audience,
+    /// Packages the rule applies to; `None` = every package.
+    #[serde(default)]
+    pub packages: Option<Vec<PackageId>>,
+    /// Weekly windows in the pro's time zone; `None` = at all times.
+    #[serde(default)]
+    pub windows: Option<WeeklyWindows>,
+}
+
+impl ApprovalRules {
+    pub fn validate(&self, field: &str) -> Result<(), FieldError> {
+        if let Some(packages) = &self.packages {
+            if packages.is_empty() {
+                return Err(field_err(
+                    format!("{field}.packages"),
+                    "list at least one package, or leave packages out for every package",
+                ));
+            }
+            if packages.len() > MAX_PACKAGES {
+                return Err(field_err(format!("{field}.packages"), "at most 64 packages"));
+            }
+            for (i, p) in packages.iter().enumerate() {
+                if let Err(e) = p.validate("package") {
+                    return Err(field_err(format!("{field}.packages[{i}]"), e.reason));
+                }
+                if packages[..i].contains(p) {
+                    return Err(field_err(format!("{field}.packages[{i}]"), "duplicate package"));
+                }
+            }
+        }
+        if let Some(w) = &self.windows {
+            w.validate(&format!("{field}.windows"))?;
+            if w.intervals.is_empty() {
+                return Err(field_err(
+                    format!("{field}.windows.intervals"),
+                    "list at least one interval, or leave windows out for at all times",
+                ));
+            }
+            if w.intervals.len() > MAX_INTERVALS {
+                return Err(field_err(format!("{field}.windows.intervals"), "at most 168 intervals"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an order of `package` by a (new or returning) client at `now` needs
+    /// approval under these rules.
+    pub fn applies(&self, now: Millis, package: &PackageId, new_client: bool) -> bool {
+        let audience = match self.audience {
+            Audience::AllClients => true,
+            Audience::NewClients => new_client,
+        };
+        let package = self.packages.as_ref().is_none_or(|ps| ps.contains(package));
+        // `WeeklyWindows::contains` treats no intervals as always; validate() refuses
+        // an empty list, so that never decides here.
+        let window = self.windows.as_ref().is_none_or(|w| w.contains(now));
+        audience && package && window
+    }
+}
+
+/// How a pro takes orders for one service (R25).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum AcceptanceMode {
+    #[default]
+    AutoAccept,
+    ApprovalRequired(ApprovalRules),
+}
+
+// ---------------------------------------------------------------------------------
+// Commands, events, replies, rejects
+// ---------------------------------------------------------------------------------
+
+/// What a client orders: the payload of [`OrderCommand::PlaceOrder`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub pro: ProId,
+    pub client: ClientId,
+    pub service: CategoryId,
+    pub package: PackageId,
+    /// The platform knows this client ordered from this pro before (history older than
+    /// this book). Orders recorded here count as well.
+    #[serde(default)]
+    pub returning_client: bool,
+}
+
+impl Placement {
+    fn validate(&self) -> Result<(), FieldError> {
+        self.pro.validate("pro")?;
+        self.client.validate("client")?;
+        self.service.validate("service")?;
+        self.package.validate("package")?;
+        Ok(())
+    }
+}
+
+/// A custom offer's terms as the pro sends them (R26).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomOfferTerms {
+    pub id: CustomOfferId,
+    /// Price in cents of the platform's currency.
+    pub price_cents: u64,
+    /// The client may accept until this time (exclusive); `None` = no expiry.
+    #[serde(default)]
+    pub expires_at: Option<Millis>,
+}
+
+/// Highest price of one custom offer, in cents (as [`MAX_CREDITS`]: far from `u64`
+/// overflow when summed).
+pub const MAX_PRICE_CENTS: u64 = MAX_CREDITS;
+
+impl CustomOfferTerms {
+    fn validate(&self, now: Millis) -> Result<(), FieldError> {
+        if let Err(e) = self.id.validate("offer.id") {
+            return Err(e.into());
+        }
+        if self.price_cents == 0 {
+            return Err(field_err("offer.price_cents", "must be at least 1 cent"));
+        }
+        if self.price_cents > MAX_PRICE_CENTS {
+            return Err(field_err("offer.price_cents", "must be at most 10^12 cents"));
+        }
+        if matches!(self.expires_at, Some(t) if t <= now) {
+            return Err(field_err("offer.expires_at", "must be in the future, or left out for no expiry"));
+        }
+        Ok(())
+    }
+}
+
+/// The pro's answer to an order request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum Answer {
+    /// Approve by sending the client a custom offer.
+    Approve {
+        offer: CustomOfferTerms,
+    },
+    Decline,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OrderCommand {
+    /// Set how a pro takes orders for one service; registers the pro.
+    SetAcceptanceMode { pro: ProId, service: CategoryId, mode: AcceptanceMode },
+    /// Mark the pro available or not (R16, R27); registers the pro.
+    SetAvailability { pro: ProId, availability: Availability },
+    /// A client orders a package of a pro's service.
+    PlaceOrder { order: OrderId, placement: Placement },
+    /// The pro approves (with a custom offer) or declines a pending request.
+    AnswerRequest { request: OrderId, answer: Answer },
+    /// The pro sends a client a custom offer outside any request.
+    SendCustomOffer { pro: ProId, client: ClientId, service: CategoryId, offer: CustomOfferTerms },
+    /// The client accepts a custom offer; `order` is the platform's id of the order.
+    AcceptCustomOffer { offer: CustomOfferId, order: OrderId },
+    /// An order is cancelled (counts in the cancellation rate, R27).
+    CancelOrder { order: OrderId },
+    /// Record what expired at `now` (requests past `respond_by`, offers past expiry).
+    Tick,
+}
+
+/// Why an order started without approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "via", rename_all = "snake_case")]
+pub enum OrderVia {
+    /// The service is in auto-accept mode.
+    AutoAccept,
+    /// Approval is required, but not for this client, package or time.
+    OutsideApprovalRules,
+    /// The client holds a valid custom offer from the pro.
+    HeldCustomOffer { offer: CustomOfferId },
+    /// The client accepted this custom offer.
+    CustomOffer { offer: CustomOfferId },
+}
+
+/// Facts, as logged in the WAL and replayed by [`OrderBook::apply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OrderEvent {
+    AcceptanceModeSet {
+        pro: ProId,
+        service: CategoryId,
+        mode: AcceptanceMode,
+        at: Millis,
+    },
+    AvailabilitySet {
+        pro: ProId,
+        availability: Availability,
+        at: Millis,
+    },
+    /// An order started without approval.
+    OrderPlaced {
+        order: OrderId,
+        placement: Placement,
+        via: OrderVia,
+        at: Millis,
+    },
+    /// An order waits for the pro's approval.
+    RequestOpened {
+        request: OrderId,
+        placement: Placement,
+        /// Arrived while the pro was available: counts for the response rate.
+        counts: bool,
+        respond_by: Millis,
+        at: Millis,
+    },
+    RequestApproved {
+        request: OrderId,
+        offer: CustomOfferTerms,
+        at: Millis,
+    },
+    RequestDeclined {
+        request: OrderId,
+        at: Millis,
+    },
+    RequestExpired {
+        request: OrderId,
+        at: Millis,
+    },
+    CustomOfferSent {
+        pro: ProId,
+        client: ClientId,
+        service: CategoryId,
+        offer: CustomOfferTerms,
+        at: Millis,
+    },
+    /// The client accepted the offer: order `order` starts.
+    CustomOfferAccepted {
+        offer: CustomOfferId,
+        order: OrderId,
+        at: Millis,
+    },
+    CustomOfferExpired {
+        offer: CustomOfferId,
+        at: Millis,
+    },
+    OrderCancelled {
+        order: OrderId,
+        at: Millis,
+    },
+}
+
+impl OrderEvent {
+    /// Stable name (log lines, metrics labels).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AcceptanceModeSet { .. } => "acceptance_mode_set",
+            Self::AvailabilitySet { .. } => "availability_set",
+            Self::OrderPlaced { .. } => "order_placed",
+            Self::RequestOpened { .. } => "order_request_opened",
+            Self::RequestApproved { .. } => "order_request_approved",
+            Self::RequestDeclined { .. } => "order_request_declined",
+            Self::RequestExpired { .. } => "order_request_expired",
+            Self::CustomOfferSent { .. } => "custom_offer_sent",
+            Self::CustomOfferAccepted { .. } => "custom_offer_accepted",
+            Self::CustomOfferExpired { .. } => "custom_offer_expired",
+            Self::OrderCancelled { .. } => "order_cancelled",
+        }
+    }
+}
+
+/// What a command answered. Made of facts that never change, so a repeated command
+/// answers exactly the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum OrderReply {
+    OrderPlaced { order: OrderId, pro: ProId, via: OrderVia },
+    RequestPending { request: OrderId, pro: ProId, respond_by: Millis },
+    RequestApproved { request: OrderId, offer: CustomOfferId },
+    RequestDeclined { request: OrderId },
+    CustomOfferSent { offer: CustomOfferId, expires_at: Option<Millis> },
+    OrderCancelled { order: OrderId },
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderDecision {
+    pub events: Vec<OrderEvent>,
+    pub reply: OrderReply,
+}
+
+/// A refusal: nothing changed. `code()` is the stable wire error code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum OrderReject {
+    #[error(transparent)]
+    InvalidField(#[from] FieldError),
+    #[error("unknown pro {0}")]
+    UnknownPro(ProId),
+    #[error("unknown order request {0}")]
+    UnknownRequest(OrderId),
+    #[error("unknown custom offer {0}")]
+    UnknownCustomOffer(CustomOfferId),
+    #[error("unknown order {0}")]
+    UnknownOrder(OrderId),
+    #[error("order request {0} has expired")]
+    RequestExpired(OrderId),
+    #[error("custom offer {0} has expired")]
+    CustomOfferExpired(CustomOfferId),
+    #[error("cannot {action} a {what} that is {from}")]
+    IllegalTransition { what: &'static str, from: &'static str, action: &'static str },
+    #[error("{field} {id} was already used with a different payload")]
+    IdempotencyConflict { field: &'static str, id: String },
+}
+
+impl OrderReject {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidField(_) => "invalid_field",
+            Self::UnknownPro(_) => "unknown_pro",
+            Self::UnknownRequest(_) => "unknown_order_request",
+            Self::UnknownCustomOffer(_) => "unknown_custom_offer",
+            Self::UnknownOrder(_) => "unknown_order",
+            Self::RequestExpired(_) => "order_request_expired",
+            Self::CustomOfferExpired(_) => "custom_offer_expired",
+            Self::IllegalTransition { .. } => "illegal_transition",
+            Self::IdempotencyConflict { .. } => "idempotency_conflict",
+        }
+    }
+}
+
+impl From<IdError> for OrderReject {
+    fn from(e: IdError) -> Self {
+        Self::InvalidField(e.into())
+    }
+}
+
+fn conflict(field: &'static str, id: impl fmt::Display) -> OrderReject {
+    OrderReject::IdempotencyConflict { field, id: id.to_string() }
+}
+
+// ---------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Pending,
+    Approved,
+    Declined,
+    Expired,
+}
+
+impl RequestStatus {
+    pub fn is_terminal(self) -> bool {
+        self != Self::Pending
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Declined => "declined",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRequest {
+    pub id: OrderId,
+    pub placement: Placement,
+    pub status: RequestStatus,
+    /// Counts for the pro's response rate (the pro was available when it arrived).
+    pub counts: bool,
+    pub opened_at: Millis,
+    pub respond_by: Millis,
+    pub answered_at: Option<Millis>,
+    /// The custom offer that approved it.
+    pub offer: Option<CustomOfferId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CustomOfferStatus {
+    Open,
+    Accepted,
+    Expired,
+}
+
+impl CustomOfferStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Accepted => "accepted",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomOffer {
+    pub terms: CustomOfferTerms,
+    pub pro: ProId,
+    pub client: ClientId,
+    pub service: CategoryId,
+    /// The request this offer approved; `None` = sent outside any request.
+    pub request: Option<OrderId>,
+    pub status: CustomOfferStatus,
+    pub sent_at: Millis,
+    /// The order it became.
+    pub order: Option<OrderId>,
+}
+
+impl CustomOffer {
+    /// Open and not past its expiry at `now`.
+    pub fn is_valid(&self, now: Millis) -> bool {
+        self.status == CustomOfferStatus::Open && !matches!(self.terms.expires_at, Some(t) if now >= t)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub id: OrderId,
+    pub pro: ProId,
+    pub client: ClientId,
+    pub service: CategoryId,
+    pub via: OrderVia,
+    /// What the client ordered, for orders placed on the service (`None` for orders
+    /// that come from a custom offer).
+    pub placement: Option<Placement>,
+    pub placed_at: Millis,
+    pub cancelled_at: Option<Millis>,
+}
+
+/// The counters behind a pro's rates (R27).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProStats {
+    /// Every order request the pro received.
+    pub requests: u64,
+    /// Requests that arrived while the pro was available: the response rate's base.
+    pub requests_counted: u64,
+    /// Counted requests answered (approved or declined) before they expired.
+    pub requests_responded: u64,
+    pub requests_approved: u64,
+    pub requests_declined: u64,
+    pub requests_expired: u64,
+    /// Orders started (directly or from a custom offer).
+    pub orders: u64,
+    pub orders_cancelled: u64,
+}
+
+impl ProStats {
+    /// Responded / counted requests, per mille; `None` before any counted request.
+    pub fn response_rate_permille(&self) -> Option<u32> {
+        permille(self.requests_responded, self.requests_counted)
+    }
+
+    /// Cancelled / started orders, per mille; declined requests are not orders.
+    pub fn cancellation_rate_permille(&self) -> Option<u32> {
+        permille(self.orders_cancelled, self.orders)
+    }
+}
+
+fn permille(part: u64, whole: u64) -> Option<u32> {
+    // `part <= whole` (check_invariants), so the result is at most 1000.
+    (whole > 0).then(|| (u128::from(part) * 1000 / u128::from(whole)) as u32)
+}
+
+/// One pro's settings and counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProOrders {
+    /// Per service; a service not listed is auto-accept.
+    pub modes: BTreeMap<CategoryId, AcceptanceMode>,
+    pub availability: Availability,
+    pub stats: ProStats,
+    /// Clients with an order with this pro (derived from the orders).
+    clients: BTreeSet<ClientId>,
+    /// Open custom offers by client (derived from the offers).
+    open_offers: BTreeSet<(ClientId, CustomOfferId)>,
+}
+
+impl ProOrders {
+    pub fn mode(&self, service: &CategoryId) -> &AcceptanceMode {
+        static AUTO: AcceptanceMode = AcceptanceMode::AutoAccept;
+        self.modes.get(service).unwrap_or(&AUTO)
+    }
+}
+
+/// Something the book must record at a time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Due {
+    Request(OrderId),
+    Offer(CustomOfferId),
+}
+
+/// One tenant's order requests, custom offers and orders, keyed by pro.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderBook {
+    /// `orders.order_request_ttl_s` of the tenant policy, in ms. Only `decide` reads it:
+    /// each request's `respond_by` is in its event, so replay never depends on it.
+    request_ttl: Millis,
+    pros: BTreeMap<ProId, ProOrders>,
+    requests: BTreeMap<OrderId, OrderRequest>,
+    offers: BTreeMap<CustomOfferId, CustomOffer>,
+    orders: BTreeMap<OrderId, Order>,
+    deadlines: BTreeSet<(Millis, Due)>,
+}
+
+fn done(events: Vec<OrderEvent>) -> OrderDecision {
+    OrderDecision { events, reply: OrderReply::Done }
+}
+
+impl OrderBook {
+    pub fn new(policy: &Policy) -> Self {
+        Self {
+            request_ttl: policy.order_request_ttl,
+            pros: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            offers: BTreeMap::new(),
+            orders: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+        }
+    }
+
+    /// Policies can change at run time; only requests opened afterwards use the new TTL.
+    pub fn set_policy(&mut self, policy: &Policy) {
+        self.request_ttl = policy.order_request_ttl;
+    }
+
+    pub fn pro(&self, pro: &ProId) -> Option<&ProOrders> {
+        self.pros.get(pro)
+    }
+
+    /// The pro's counters; `None` for an unknown pro (R27).
+    pub fn stats(&self, pro: &ProId) -> Option<ProStats> {
+        self.pros.get(pro).map(|p| p.stats)
+    }
+
+    pub fn request(&self, id: &OrderId) -> Option<&OrderRequest> {
+        self.requests.get(id)
+    }
+
+    pub fn custom_offer(&self, id: &CustomOfferId) -> Option<&CustomOffer> {
+        self.offers.get(id)
+    }
+
+    pub fn order(&self, id: &OrderId) -> Option<&Order> {
+        self.orders.get(id)
+    }
+
+    /// When the next `Tick` has something to record.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    // -----------------------------------------------------------------------------
+    // decide
+    // -----------------------------------------------------------------------------
+
+    pub fn decide(&self, now: Millis, cmd: &OrderCommand) -> Result<OrderDecision, OrderReject> {
+        match cmd {
+            OrderCommand::SetAcceptanceMode { pro, service, mode } => {
+                pro.validate("pro")?;
+                service.validate("service")?;
+                if let AcceptanceMode::ApprovalRequired(rules) = mode {
+                    rules.validate("mode")?;
+                }
+                let unchanged = self.pros.get(pro).is_some_and(|p| p.mode(service) == mode);
+                if unchanged {
+                    return Ok(done(vec![]));
+                }
+                Ok(done(vec![OrderEvent::AcceptanceModeSet {
+                    pro: pro.clone(),
+                    service: service.clone(),
+                    mode: mode.clone(),
+                    at: now,
+                }]))
+            }
+            OrderCommand::SetAvailability { pro, availability } => {
+                pro.validate("pro")?;
+                availability.validate("availability")?;
+                if self.pros.get(pro).is_some_and(|p| &p.availability == availability) {
+                    return Ok(done(vec![]));
+                }
+                Ok(done(vec![OrderEvent::AvailabilitySet {
+                    pro: pro.clone(),
+                    availability: availability.clone(),
+                    at: now,
+                }]))
+            }
+            OrderCommand::PlaceOrder { order, placement } => self.decide_place(now, order, placement),
+            OrderCommand::AnswerRequest { request, answer } => self.decide_answer(now, request, answer),
+            OrderCommand::SendCustomOffer { pro, client, service, offer } => {
+                self.decide_send_offer(now, pro, client, service, offer)
+            }
+            OrderCommand::AcceptCustomOffer { offer, order } => self.decide_accept(now, offer, order),
+            OrderCommand::CancelOrder { order } => {
+                order.validate("order")?;
+                let o = self.orders.get(order).ok_or_else(|| OrderReject::UnknownOrder(order.clone()))?;
+                let reply = OrderReply::OrderCancelled { order: order.clone() };
+                if o.cancelled_at.is_some() {
+                    return Ok(OrderDecision { events: vec![], reply });
+                }
+                Ok(OrderDecision {
+                    events: vec![OrderEvent::OrderCancelled { order: order.clone(), at: now }],
+                    reply,
+                })
+            }
+            OrderCommand::Tick => Ok(done(self.due_events(now))),
+        }
+    }
+
+    fn decide_place(&self, now: Millis, id: &OrderId, p: &Placement) -> Result<OrderDecision, OrderReject> {
+        id.validate("order")?;
+        p.validate()?;
+        // Idempotency: the order id names either an order or a request.
+        if let Some(o) = self.orders.get(id) {
+            if o.placement.as_ref() != Some(p) {
+                return Err(conflict("order", id));
+            }
+            return Ok(OrderDecision { events: vec![], reply: placed_reply(o) });
+        }
+        if let Some(r) = self.requests.get(id) {
+            if &r.placement != p {
+                return Err(conflict("order", id));
+            }
+            return Ok(OrderDecision { events: vec![], reply: pending_reply(r) });
+        }
+        let pro = self.pros.get(&p.pro).ok_or_else(|| OrderReject::UnknownPro(p.pro.clone()))?;
+        let held = self.held_offer(pro, &p.client, now);
+        let via = match (held, pro.mode(&p.service)) {
+            (Some(offer), _) => OrderVia::HeldCustomOffer { offer: offer.clone() },
+            (None, AcceptanceMode::AutoAccept) => OrderVia::AutoAccept,
+            (None, AcceptanceMode::ApprovalRequired(rules)) => {
+                let new_client = !p.returning_client && !pro.clients.contains(&p.client);
+                if rules.applies(now, &p.package, new_client) {
+                    let counts = !matches!(
+                        pro.availability.check(now),
+                        Err(Unavailable::Paused | Unavailable::Vacation)
+                    );
+                    let respond_by = now.saturating_add(self.request_ttl);
+                    let reply =
+                        OrderReply::RequestPending { request: id.clone(), pro: p.pro.clone(), respond_by };
+                    let ev = OrderEvent::RequestOpened {
+                        request: id.clone(),
+                        placement: p.clone(),
+                        counts,
+                        respond_by,
+                        at: now,
+                    };
+                    return Ok(OrderDecision { events: vec![ev], reply });
+                }
+                OrderVia::OutsideApprovalRules
+            }
+        };
+        let reply = OrderReply::OrderPlaced { order: id.clone(), pro: p.pro.clone(), via: via.clone() };
+        let ev = OrderEvent::OrderPlaced { order: id.clone(), placement: p.clone(), via, at: now };
+        Ok(OrderDecision { events: vec![ev], reply })
+    }
+
+    /// The client's first valid custom offer from this pro, if any.
+    fn held_offer<'a>(
+        &'a self,
+        pro: &'a ProOrders,
+        client: &ClientId,
+        now: Millis,
+    ) -> Option<&'a CustomOfferId> {
+        pro.open_offers
+            .range((client.clone(), CustomOfferId::new(""))..)
+            .take_while(|(c, _)| c == client)
+            .map(|(_, id)| id)
+            .find(|id| self.offers.get(*id).is_some_and(|o| o.is_valid(now)))
+    }
+
+    fn decide_answer(
+        &self,
+        now: Millis,
+        id: &OrderId,
+        answer: &Answer,
+    ) -> Result<OrderDecision, OrderReject> {
+        id.validate("request")?;
+        if let Answer::Approve { offer } = answer {
+            offer.id.validate("offer.id")?;
+        }
+        let r = self.requests.get(id).ok_or_else(|| OrderReject::UnknownRequest(id.clone()))?;
+        let illegal = |action| OrderReject::IllegalTransition {
+            what: "order request",
+            from: r.status.as_str(),
+            action,
+        };
+        match (r.status, answer) {
+            (RequestStatus::Expired, _) => Err(OrderReject::RequestExpired(id.clone())),
+            // Retries of the answer already recorded.
+            (RequestStatus::Declined, Answer::Decline) => Ok(OrderDecision {
+                events: vec![],
+                reply: OrderReply::RequestDeclined { request: id.clone() },
+            }),
+            (RequestStatus::Approved, Answer::Approve { offer }) if r.offer.as_ref() == Some(&offer.id) => {
+                if self.offers.get(&offer.id).map(|o| &o.terms) != Some(offer) {
+                    return Err(conflict("offer.id", &offer.id));
+                }
+                Ok(OrderDecision {
+                    events: vec![],
+                    reply: OrderReply::RequestApproved { request: id.clone(), offer: offer.id.clone() },
+                })
+            }
+            (RequestStatus::Approved | RequestStatus::Declined, Answer::Approve { .. }) => {
+                Err(illegal("approve"))
+            }
+            (RequestStatus::Approved, Answer::Decline) => Err(illegal("decline")),
+            (RequestStatus::Pending, _) if now >= r.respond_by => {
+                Err(OrderReject::RequestExpired(id.clone()))
+            }
+            (RequestStatus::Pending, Answer::Decline) => Ok(OrderDecision {
+                events: vec![OrderEvent::RequestDeclined { request: id.clone(), at: now }],
+                reply: OrderReply::RequestDeclined { request: id.clone() },
+            }),
+            (RequestStatus::Pending, Answer::Approve { offer }) => {
+                if self.offers.contains_key(&offer.id) {
+                    return Err(conflict("offer.id", &offer.id));
+                }
+                offer.validate(now)?;
+                Ok(OrderDecision {
+                    events: vec![OrderEvent::RequestApproved {
+                        request: id.clone(),
+                        offer: offer.clone(),
+                        at: now,
+                    }],
+                    reply: OrderReply::RequestApproved { request: id.clone(), offer: offer.id.clone() },
+                })
+            }
+        }
+    }
+
+    fn decide_send_offer(
+        &self,
+        now: Millis,
+        pro: &ProId,
+        client: &ClientId,
+        service: &CategoryId,
+        offer: &CustomOfferTerms,
+    ) -> Result<OrderDecision, OrderReject> {
+        pro.validate("pro")?;
+        client.validate("client")?;
+        service.validate("service")?;
+        offer.id.validate("offer.id")?;
+        let reply = OrderReply::CustomOfferSent { offer: offer.id.clone(), expires_at: offer.expires_at };
+        if let Some(o) = self.offers.get(&offer.id) {
+            let same = o.request.is_none()
+                && &o.pro == pro
+                && &o.client == client
+                && &o.service == service
+                && &o.terms == offer;
+            if !same {
+                return Err(conflict("offer.id", &offer.id));
+            }
+            return Ok(OrderDecision { events: vec![], reply });
+        }
+        if !self.pros.contains_key(pro) {
+            return Err(OrderReject::UnknownPro(pro.clone()));
+        }
+        offer.validate(now)?;
+        let ev = OrderEvent::CustomOfferSent {
+            pro: pro.clone(),
+            client: client.clone(),
+            service: service.clone(),
+            offer: offer.clone(),
+            at: now,
+        };
+        Ok(OrderDecision { events: vec![ev], reply })
+    }
+
+    fn decide_accept(
+        &self,
+        now: Millis,
+        offer_id: &CustomOfferId,
+        order: &OrderId,
+    ) -> Result<OrderDecision, OrderReject> {
+        offer_id.validate("offer")?;
+        order.validate("order")?;
+        let offer =
+            self.offers.get(offer_id).ok_or_else(|| OrderReject::UnknownCustomOffer(offer_id.clone()))?;
+        if let Some(o) = self.orders.get(order) {
+            if o.via != (OrderVia::CustomOffer { offer: offer_id.clone() }) {
+                return Err(conflict("order", order));
+            }
+            return Ok(OrderDecision { events: vec![], reply: placed_reply(o) });
+        }
+        if self.requests.contains_key(order) {
+            return Err(conflict("order", order));
+        }
+        match offer.status {
+            CustomOfferStatus::Accepted => {
+                return Err(OrderReject::IllegalTransition {
+                    what: "custom offer",
+                    from: "accepted",
+                    action: "accept",
+                })
+            }
+            CustomOfferStatus::Expired => return Err(OrderReject::CustomOfferExpired(offer_id.clone())),
+            CustomOfferStatus::Open if !offer.is_valid(now) => {
+                return Err(OrderReject::CustomOfferExpired(offer_id.clone()))
+            }
+            CustomOfferStatus::Open => {}
+        }
+        let via = OrderVia::CustomOffer { offer: offer_id.clone() };
+        Ok(OrderDecision {
+            events: vec![OrderEvent::CustomOfferAccepted {
+                offer: offer_id.clone(),
+                order: order.clone(),
+                at: now,
+            }],
+            reply: OrderReply::OrderPlaced { order: order.clone(), pro: offer.pro.clone(), via },
+        })
+    }
+
+    fn due_events(&self, now: Millis) -> Vec<OrderEvent> {
+        let mut out = Vec::new();
+        for (at, due) in &self.deadlines {
+            if *at > now {
+                break;
+            }
+            match due {
+                Due::Request(request) => {
+                    out.push(OrderEvent::RequestExpired { request: request.clone(), at: now })
+                }
+                Due::Offer(offer) => {
+                    out.push(OrderEvent::CustomOfferExpired { offer: offer.clone(), at: now })
+                }
+            }
+        }
+        out
+    }
+
+    // -----------------------------------------------------------------------------
+    // apply
+    // -----------------------------------------------------------------------------
+
+    /// Applies one fact. Infallible: an event that refers to something unknown (which
+    /// `decide` never produces) changes nothing.
+    pub fn apply(&mut self, ev: &OrderEvent) {
+        match ev {
+            OrderEvent::AcceptanceModeSet { pro, service, mode, .. } => {
+                self.pros.entry(pro.clone()).or_default().modes.insert(service.clone(), mode.clone());
+            }
+            OrderEvent::AvailabilitySet { pro, availability, .. } => {
+                self.pros.entry(pro.clone()).or_default().availability = availability.clone();
+            }
+            OrderEvent::OrderPlaced { order, placement, via, at } => {
+                if self.orders.contains_key(order) || self.requests.contains_key(order) {
+                    return;
+                }
+                self.add_order(Order {
+                    id: order.clone(),
+                    pro: placement.pro.clone(),
+                    client: placement.client.clone(),
+                    service: placement.service.clone(),
+                    via: via.clone(),
+                    placement: Some(placement.clone()),
+                    placed_at: *at,
+                    cancelled_at: None,
+                });
+            }
+            OrderEvent::RequestOpened { request, placement, counts, respond_by, at } => {
+                if self.orders.contains_key(request) || self.requests.contains_key(request) {
+                    return;
+                }
+                let stats = &mut self.pros.entry(placement.pro.clone()).or_default().stats;
+                stats.requests += 1;
+                stats.requests_counted += u64::from(*counts);
+                self.deadlines.insert((*respond_by, Due::Request(request.clone())));
+                self.requests.insert(
+                    request.clone(),
+                    OrderRequest {
+                        id: request.clone(),
+                        placement: placement.clone(),
+                        status: RequestStatus::Pending,
+                        counts: *counts,
+                        opened_at: *at,
+                        respond_by: *respond_by,
+                        answered_at: None,
+                        offer: None,
+                    },
+                );
+            }
+            OrderEvent::RequestApproved { request, offer, at } => {
+                if self.offers.contains_key(&offer.id) {
+                    return;
+                }
+                let Some(r) = self.answer(request, RequestStatus::Approved, *at) else { return };
+                r.offer = Some(offer.id.clone());
+                let p = r.placement.clone();
+                self.pro_stats(&p.pro).requests_approved += 1;
+                self.add_offer(CustomOffer {
+                    terms: offer.clone(),
+                    pro: p.pro,
+                    client: p.client,
+                    service: p.service,
+                    request: Some(request.clone()),
+                    status: CustomOfferStatus::Open,
+                    sent_at: *at,
+                    order: None,
+                });
+            }
+            OrderEvent::RequestDeclined { request, at } => {
+                if let Some(r) = self.answer(request, RequestStatus::Declined, *at) {
+                    let pro = r.placement.pro.clone();
+                    self.pro_stats(&pro).requests_declined += 1;
+                }
+            }
+            OrderEvent::RequestExpired { request, .. } => {
+                let Some(r) = self.requests.get_mut(request) else { return };
+                if r.status != RequestStatus::Pending {
+                    return;
+                }
+                r.status = RequestStatus::Expired;
+                self.deadlines.remove(&(r.respond_by, Due::Request(request.clone())));
+                let pro = r.placement.pro.clone();
+                self.pro_stats(&pro).requests_expired += 1;
+            }
+            OrderEvent::CustomOfferSent { pro, client, service, offer, at } => {
+                if self.offers.contains_key(&offer.id) {
+                    return;
+                }
+                self.add_offer(CustomOffer {
+                    terms: offer.clone(),
+                    pro: pro.clone(),
+                    client: client.clone(),
+                    service: service.clone(),
+                    request: None,
+                    status: CustomOfferStatus::Open,
+                    sent_at: *at,
+                    order: None,
+                });
+            }
+            OrderEvent::CustomOfferAccepted { offer, order, at } => {
+                if self.orders.contains_key(order) || self.requests.contains_key(order) {
+                    return;
+                }
+                let Some(o) = self.offers.get_mut(offer) else { return };
+                if o.status != CustomOfferStatus::Open {
+                    return;
+                }
+                o.status = CustomOfferStatus::Accepted;
+                o.order = Some(order.clone());
+                let o = o.clone();
+                self.close_offer(&o);
+                self.add_order(Order {
+                    id: order.clone(),
+                    pro: o.pro,
+                    client: o.client,
+                    service: o.service,
+                    via: OrderVia::CustomOffer { offer: offer.clone() },
+                    placement: None,
+                    placed_at: *at,
+                    cancelled_at: None,
+                });
+            }
+            OrderEvent::CustomOfferExpired { offer, .. } => {
+                let Some(o) = self.offers.get_mut(offer) else { return };
+                if o.status != CustomOfferStatus::Open {
+                    return;
+                }
+                o.status = CustomOfferStatus::Expired;
+                let o = o.clone();
+                self.close_offer(&o);
+            }
+            OrderEvent::OrderCancelled { order, at } => {
+                let Some(o) = self.orders.get_mut(order) else { return };
+                if o.cancelled_at.is_some() {
+                    return;
+                }
+                o.cancelled_at = Some(*at);
+                let pro = o.pro.clone();
+                self.pro_stats(&pro).orders_cancelled += 1;
+            }
+        }
+    }
+
+    fn pro_stats(&mut self, pro: &ProId) -> &mut ProStats {
+        &mut self.pros.entry(pro.clone()).or_default().stats
+    }
+
+    /// Moves a pending request to an answered status; counts a timely answer.
+    fn answer(&mut self, id: &OrderId, to: RequestStatus, at: Millis) -> Option<&mut OrderRequest> {
+        let r = self.requests.get_mut(id)?;
+        if r.status != RequestStatus::Pending {
+            return None;
+        }
+        r.status = to;
+        r.answered_at = Some(at);
+        self.deadlines.remove(&(r.respond_by, Due::Request(id.clone())));
+        if r.counts {
+            self.pros.entry(r.placement.pro.clone()).or_default().stats.requests_responded += 1;
+        }
+        Some(r)
+    }
+
+    fn add_order(&mut self, o: Order) {
+        let pro = self.pros.entry(o.pro.clone()).or_default();
+        pro.stats.orders += 1;
+        pro.clients.insert(o.client.clone());
+        self.orders.insert(o.id.clone(), o);
+    }
+
+    fn add_offer(&mut self, o: CustomOffer) {
+        if let Some(t) = o.terms.expires_at {
+            self.deadlines.insert((t, Due::Offer(o.terms.id.clone())));
+        }
+        self.pros
+            .entry(o.pro.clone())
+            .or_default()
+            .open_offers
+            .insert((o.client.clone(), o.terms.id.clone()));
+        self.offers.insert(o.terms.id.clone(), o);
+    }
+
+    fn close_offer(&mut self, o: &CustomOffer) {
+        if let Some(t) = o.terms.expires_at {
+            self.deadlines.remove(&(t, Due::Offer(o.terms.id.clone())));
+        }
+        if let Some(p) = self.pros.get_mut(&o.pro) {
+            p.open_offers.remove(&(o.client.clone(), o.terms.id.clone()));
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // invariants
+    // -----------------------------------------------------------------------------
+
+    /// Recomputes every derived index and counter from the requests, offers and orders
+    /// and compares. Tests call it after every step.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut stats: BTreeMap<&ProId, ProStats> = BTreeMap::new();
+        let mut deadlines = BTreeSet::new();
+        let mut clients: BTreeMap<&ProId, BTreeSet<ClientId>> = BTreeMap::new();
+        let mut open: BTreeMap<&ProId, BTreeSet<(ClientId, CustomOfferId)>> = BTreeMap::new();
+        for (id, r) in &self.requests {
+            if &r.id != id || self.orders.contains_key(id) {
+                return Err(format!("request {id} is filed wrongly or is also an order"));
+            }
+            let pro = &r.placement.pro;
+            if !self.pros.contains_key(pro) {
+                return Err(format!("request {id} of unknown pro {pro}"));
+            }
+            let s = stats.entry(pro).or_default();
+            s.requests += 1;
+            s.requests_counted += u64::from(r.counts);
+            match r.status {
+                RequestStatus::Pending => {
+                    deadlines.insert((r.respond_by, Due::Request(id.clone())));
+                }
+                RequestStatus::Approved => s.requests_approved += 1,
+                RequestStatus::Declined => s.requests_declined += 1,
+                RequestStatus::Expired => s.requests_expired += 1,
+            }
+            let answered = matches!(r.status, RequestStatus::Approved | RequestStatus::Declined);
+            if answered != r.answered_at.is_some() {
+                return Err(format!(
+                    "request {id} is {} but answered_at is {:?}",
+                    r.status.as_str(),
+                    r.answered_at
+                ));
+            }
+            if answered && r.counts {
+                s.requests_responded += 1;
+            }
+            match (&r.offer, r.status) {
+                (Some(o), RequestStatus::Approved) => {
+                    if self.offers.get(o).and_then(|o| o.request.as_ref()) != Some(id) {
+                        return Err(format!("request {id} approved by offer {o}, which does not point back"));
+                    }
+                }
+                (None, RequestStatus::Approved) => {
+                    return Err(format!("request {id} approved without offer"))
+                }
+                (Some(_), _) => return Err(format!("request {id} has an offer but is not approved")),
+                (None, _) => {}
+            }
+        }
+        for (id, o) in &self.offers {
+            if &o.terms.id != id || !self.pros.contains_key(&o.pro) {
+                return Err(format!("offer {id} is filed wrongly or of an unknown pro"));
+            }
+            match o.status {
+                CustomOfferStatus::Open => {
+                    if let Some(t) = o.terms.expires_at {
+                        deadlines.insert((t, Due::Offer(id.clone())));
+                    }
+                    open.entry(&o.pro).or_default().insert((o.client.clone(), id.clone()));
+                }
+                CustomOfferStatus::Accepted => {
+                    let ok = o.order.as_ref().and_then(|n| self.orders.get(n)).map(|n| &n.via)
+                        == Some(&OrderVia::CustomOffer { offer: id.clone() });
+                    if !ok {
+                        return Err(format!("offer {id} accepted but its order does not come from it"));
+                    }
+                }
+                CustomOfferStatus::Expired => {}
+            }
+            if (o.status == CustomOfferStatus::Accepted) != o.order.is_some() {
+                return Err(format!("offer {id} order link does not match its status"));
+            }
+            if let Some(r) = &o.request {
+                if self.requests.get(r).and_then(|r| r.offer.as_ref()) != Some(id) {
+                    return Err(format!("offer {id} approves request {r}, which does not point back"));
+                }
+            }
+        }
+        for (id, o) in &self.orders {
+            if &o.id != id || !self.pros.contains_key(&o.pro) {
+                return Err(format!("order {id} is filed wrongly or of an unknown pro"));
+            }
+            if let Some(p) = &o.placement {
+                if (&p.pro, &p.client, &p.service) != (&o.pro, &o.client, &o.service) {
+                    return Err(format!("order {id} disagrees with its placement"));
+                }
+            }
+            if let OrderVia::CustomOffer { offer } = &o.via {
+                if self.offers.get(offer).and_then(|f| f.order.as_ref()) != Some(id) {
+                    return Err(format!("order {id} comes from offer {offer}, which does not point back"));
+                }
+            }
+            let s = stats.entry(&o.pro).or_default();
+            s.orders += 1;
+            s.orders_cancelled += u64::from(o.cancelled_at.is_some());
+            clients.entry(&o.pro).or_default().insert(o.client.clone());
+        }
+        if deadlines != self.deadlines {
+            return Err(format!("deadlines {:?} should be {:?}", self.deadlines, deadlines));
+        }
+        for (id, p) in &self.pros {
+            let want = stats.get(id).copied().unwrap_or_default();
+            if p.stats != want {
+                return Err(format!("pro {id} stats {:?} should be {want:?}", p.stats));
+            }
+            if p.stats.requests_responded > p.stats.requests_counted
+                || p.stats.orders_cancelled > p.stats.orders
+            {
+                return Err(format!("pro {id} has a rate above 100 %"));
+            }
+            if clients.remove(id).unwrap_or_default() != p.clients {
+                return Err(format!("pro {id} client index is stale"));
+            }
+            if open.remove(id).unwrap_or_default() != p.open_offers {
+                return Err(format!("pro {id} open offer index is stale"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn placed_reply(o: &Order) -> OrderReply {
+    OrderReply::OrderPlaced { order: o.id.clone(), pro: o.pro.clone(), via: o.via.clone() }
+}
+
+fn pending_reply(r: &OrderRequest) -> OrderReply {
+    OrderReply::RequestPending {
+        request: r.id.clone(),
+        pro: r.placement.pro.clone(),
+        respond_by: r.respond_by,
+    }
+}
