@@ -139,6 +139,10 @@ pub enum Request {
     AdvanceClock {
         to_ms: Millis,
     },
+    /// Order requests (R25-R27): acceptance modes, orders, approvals, custom offers.
+    Order {
+        command: crate::core::orders::OrderCommand,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +168,7 @@ impl Request {
             Request::Candidates { .. } => "candidates",
             Request::Search { .. } => "search",
             Request::AdvanceClock { .. } => "advance_clock",
+            Request::Order { .. } => "order",
         }
     }
 
@@ -175,7 +180,8 @@ impl Request {
             | Request::SetAvailability { .. }
             | Request::Offer { .. }
             | Request::GrantCredits { .. }
-            | Request::SetTopupRule { .. } => Scope::Ingest,
+            | Request::SetTopupRule { .. }
+            | Request::Order { .. } => Scope::Ingest,
             Request::Subscribe { .. } => Scope::Stream,
             Request::Balance { .. }
             | Request::Explain { .. }
@@ -212,6 +218,7 @@ pub enum OkResult {
     Balance(BalanceWire),
     Subscribed { subscribed: bool, next_seq: u64 },
     Clock { now_ms: Millis },
+    Order(crate::core::orders::OrderReply),
     Done { done: bool },
 }
 
@@ -252,6 +259,16 @@ impl ApiError {
 
     pub fn unavailable(why: impl Into<String>) -> Self {
         Self::new("unavailable", why)
+    }
+}
+
+impl From<crate::core::orders::OrderReject> for ApiError {
+    fn from(r: crate::core::orders::OrderReject) -> Self {
+        let field = match &r {
+            crate::core::orders::OrderReject::InvalidField(f) => Some(f.field.clone()),
+            _ => None,
+        };
+        Self { code: r.code().into(), message: r.to_string(), field, retry_after_ms: None }
     }
 }
 
@@ -342,6 +359,10 @@ pub enum StreamEvent {
     TopupRequested {
         pro: ProId,
         credits: u64,
+    },
+    /// A fact of the order-request flow (R25-R27).
+    Order {
+        fact: crate::core::orders::OrderEvent,
     },
 }
 

@@ -298,3 +298,46 @@ async fn overload_is_shed_with_a_retry_hint_and_accepted_requests_all_complete()
     let b = c.ok(json!({"type": "balance", "pro": "p1"})).await;
     assert_eq!(b["available"], 0);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn r25_r26_order_request_in_a_night_window_is_approved_by_a_custom_offer_and_survives_restart() {
+    use chrono::TimeZone;
+    // Monday 2026-11-23 23:00 in Rome: inside the pro's night window (Mon 22:00-24:00).
+    let t0 =
+        chrono_tz::Europe::Rome.with_ymd_and_hms(2026, 11, 23, 23, 0, 0).single().unwrap().timestamp_millis();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, t0);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let mut stream = Client::connect(&d.addr, "pp-token", true).await;
+    stream.ok(json!({"type": "subscribe"})).await;
+    let mode = json!({"mode": "approval_required", "audience": "all_clients",
+        "windows": {"time_zone": "Europe/Rome", "intervals": [
+            {"day": "mon", "start_min": 1320, "end_min": 1440},
+            {"day": "tue", "start_min": 0, "end_min": 360}]}});
+    c.ok(json!({"type": "order", "command": {"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": mode}})).await;
+    let placement = json!({"pro": "s1", "client": "k1", "service": "logo", "package": "basic"});
+    let r = c.ok(json!({"type": "order", "command": {"type": "place_order", "order": "o1", "placement": placement}})).await;
+    assert_eq!(r["reply"], "request_pending", "{r}");
+    // Republishing the same order answers the same (idempotent).
+    let again = c.ok(json!({"type": "order", "command": {"type": "place_order", "order": "o1", "placement": placement}})).await;
+    assert_eq!(again, r);
+    let offer = json!({"id": "co1", "price_cents": 15000, "expires_at": t0 + 24 * HOUR});
+    let r = c
+        .ok(json!({"type": "order", "command": {"type": "answer_request", "request": "o1",
+        "answer": {"answer": "approve", "offer": offer}}}))
+        .await;
+    assert_eq!(r["reply"], "request_approved", "{r}");
+    let evs = stream.events(3).await;
+    assert!(evs.iter().all(|e| e["event"]["event"] == "order"), "{evs:?}");
+    drop(c);
+    drop(stream);
+    assert_eq!(d.stop(), 0);
+    // After a restart the custom offer is still there: the client accepts it.
+    let d = Daemon::start_at(dir.path(), &cfg, t0 + HOUR);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let r = c.ok(json!({"type": "order", "command": {"type": "accept_custom_offer", "offer": "co1", "order": "o2"}})).await;
+    assert_eq!(r["reply"], "order_placed", "{r}");
+    let (r, _) = c.call(json!({"type": "order", "command": {"type": "answer_request", "request": "nope", "answer": {"answer": "decline"}}})).await;
+    assert_eq!(r["code"], "unknown_order_request", "{r}");
+}

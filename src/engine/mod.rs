@@ -19,6 +19,7 @@ pub mod record;
 
 use crate::clock::Clock;
 use crate::config::{ClockMode, Config, TenantConfig};
+use crate::core::orders::{OrderBook, OrderCommand, OrderReply};
 use crate::core::shard::{Command, Event, Reply as CoreReply, Shard};
 use crate::core::{AutoBuyConfig, Pro, Reject};
 use crate::ids::{CategoryId, LeadId, Millis, ProId, ShardKey, TenantId, ZoneId};
@@ -67,6 +68,8 @@ pub struct Inner {
     pub ledger: Ledger,
     pub metrics: EngineMetrics,
     tenants: FxHashMap<TenantId, Tenant>,
+    /// Each tenant's order requests (R25-R27): one book, decided under its lock.
+    orders: FxHashMap<TenantId, Mutex<OrderBook>>,
     shards: DashMap<ShardKey, ShardHandle, FxBuildHasher>,
     /// Pro directory: the current profile of every pro (which shards it covers).
     pros: DashMap<(TenantId, ProId), Arc<Pro>, FxBuildHasher>,
@@ -96,6 +99,8 @@ struct EngineSnapshot {
     hub_next_seq: Vec<(TenantId, u64)>,
     /// The streams' replay buffers, so a subscriber can resume across a restart.
     hub_buffer: Vec<(TenantId, Vec<(u64, StreamEvent)>)>,
+    #[serde(default)]
+    orders: Vec<(TenantId, OrderBook)>,
 }
 
 /// The outcome of start-up recovery, for logs and metrics.
@@ -129,6 +134,7 @@ struct Recovering {
     hub_events: FxHashMap<TenantId, Vec<StreamEvent>>,
     hub_next: FxHashMap<TenantId, u64>,
     hub_buffer: FxHashMap<TenantId, Vec<(u64, StreamEvent)>>,
+    orders: FxHashMap<TenantId, OrderBook>,
     error: Option<StartError>,
 }
 
@@ -194,6 +200,12 @@ impl Engine {
             }
             tenants.insert(t.id.clone(), Tenant { cfg: t.clone(), hub });
         }
+        let mut orders = FxHashMap::default();
+        for t in &cfg.tenants {
+            let mut book = rec.orders.remove(&t.id).unwrap_or_else(|| OrderBook::new(&t.policy));
+            book.set_policy(&t.policy);
+            orders.insert(t.id.clone(), Mutex::new(book));
+        }
         let ready = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
             metrics: EngineMetrics::new(cfg.tenants.iter().map(|t| &t.id)),
@@ -201,6 +213,7 @@ impl Engine {
             wal,
             ledger: rec.ledger.take().expect("set before replay"),
             tenants,
+            orders,
             shards: DashMap::with_hasher(FxBuildHasher),
             pros: rec.directory.drain().collect(),
             lead_index: rec.lead_index.drain().collect(),
@@ -495,8 +508,10 @@ impl Engine {
                 })?;
                 self.housekeeping(tenant).await?;
                 self.tick_tenant(tenant).await?;
+                self.order(tenant, OrderCommand::Tick).await?;
                 Ok(OkResult::Clock { now_ms: now })
             }
+            Request::Order { command } => Ok(OkResult::Order(self.order(tenant, command).await?)),
             Request::Subscribe { .. } => {
                 Err(ApiError::new("bad_request", "subscribe is handled by the gateway"))
             }
@@ -637,6 +652,48 @@ impl Engine {
         Ok(receipt)
     }
 
+    /// One order-request command (R25-R27): decide on the tenant's book, log the
+    /// facts, apply them, answer once durable.
+    pub async fn order(&self, tenant: &TenantId, cmd: OrderCommand) -> Result<OrderReply, ApiError> {
+        let book = self
+            .inner
+            .orders
+            .get(tenant)
+            .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let _g = self.inner.gate.read();
+            let mut book = book.lock();
+            let decision = book.decide(self.inner.clock.now(), &cmd)?;
+            let reply = decision.reply;
+            if decision.events.is_empty() {
+                self.after_durable(Box::new(move |r| {
+                    let _ = tx.send(r.map(|_| reply));
+                }));
+            } else {
+                for e in &decision.events {
+                    book.apply(e);
+                }
+                let stream: Vec<StreamEvent> =
+                    decision.events.iter().cloned().map(|fact| StreamEvent::Order { fact }).collect();
+                let rec = WalRecord::Orders { tenant: tenant.clone(), events: decision.events };
+                let hub = self.hub(tenant);
+                self.append(
+                    vec![(RECORD_KIND, record::encode(&rec))],
+                    Box::new(move |r| {
+                        if r.is_ok() {
+                            if let Some(h) = hub {
+                                h.publish(stream);
+                            }
+                        }
+                        let _ = tx.send(r.map(|_| reply).map_err(wal_api_error));
+                    }),
+                );
+            }
+        }
+        rx.await.map_err(|_| ApiError::unavailable("WAL closed"))?
+    }
+
     /// The local date of the Monday that starts the week of `now` in the tenant's
     /// time zone: the key of that week's recharge (R20), so it happens once per local
     /// week whatever the UTC offset (DST changes included).
@@ -727,6 +784,7 @@ impl Engine {
                     .values()
                     .map(|t| (t.cfg.id.clone(), t.hub.buffered()))
                     .collect(),
+                orders: self.inner.orders.iter().map(|(t, b)| (t.clone(), b.lock().clone())).collect(),
             };
             (covers, rmp_serde::to_vec(&snap).expect("engine state is plain data and always serialises"))
         };
@@ -838,6 +896,7 @@ fn restore_snapshot(
     rec.lead_index = s.lead_index.into_iter().map(|(t, l, z, c)| ((t, l), (z, c))).collect();
     rec.hub_next = s.hub_next_seq.into_iter().collect();
     rec.hub_buffer = s.hub_buffer.into_iter().collect();
+    rec.orders = s.orders.into_iter().collect();
     rec.hub_events.clear();
 }
 
@@ -883,6 +942,15 @@ fn replay_record(
             if policies.contains_key(&tenant) {
                 record::money_stream_events(&money, rec.hub_events.entry(tenant).or_default());
             }
+        }
+        WalRecord::Orders { tenant, events } => {
+            let Some(policy) = policies.get(&tenant) else { return };
+            let book = rec.orders.entry(tenant.clone()).or_insert_with(|| OrderBook::new(policy));
+            for e in &events {
+                book.apply(e);
+            }
+            let stream = rec.hub_events.entry(tenant).or_default();
+            stream.extend(events.into_iter().map(|fact| StreamEvent::Order { fact }));
         }
         WalRecord::ProDirectory { tenant, pro, profile } => match profile {
             Some(p) => {

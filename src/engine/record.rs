@@ -22,6 +22,8 @@ pub enum WalRecord {
     Shard { key: ShardKey, events: Vec<Event>, money: Vec<LedgerEvent> },
     /// Money moved outside any shard (grants, top-up rules, budgets).
     Ledger { tenant: TenantId, money: Vec<LedgerEvent> },
+    /// Order-request facts of one tenant (R25-R27).
+    Orders { tenant: TenantId, events: Vec<crate::core::orders::OrderEvent> },
     /// The tenant's pro directory (which shards a pro covers).
     ProDirectory { tenant: TenantId, pro: ProId, profile: Option<Arc<Pro>> },
 }

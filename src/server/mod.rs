@@ -102,6 +102,12 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
                                 if let Err(e) = engine.housekeeping(&t).await {
                                     tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
                                 }
+                                // Record expired order requests and custom offers (they are
+                                // already refused as expired before this runs).
+                                let tick = crate::core::orders::OrderCommand::Tick;
+                                if let Err(e) = engine.order(&t, tick).await {
+                                    tracing::warn!(tenant = %t, error = %e, "order tick failed");
+                                }
                             }
                         }
                     }
