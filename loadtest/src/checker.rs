@@ -169,7 +169,7 @@ impl Checker {
     pub fn finish(&self) -> Violations {
         let mut v = Violations { duplicate_offers: self.duplicate_offers, ..Default::default() };
         v.examples.clone_from(&self.examples);
-        let mut example = |v: &mut Violations, s: String| {
+        let example = |v: &mut Violations, s: String| {
             if v.examples.len() < MAX_EXAMPLES {
                 v.examples.push(s);
             }

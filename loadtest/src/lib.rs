@@ -21,3 +21,7 @@ pub mod gen;
 pub mod schedule;
 pub mod trace;
 pub mod wire;
+pub mod clock;
+pub mod replay;
+pub mod report;
+pub mod search;
