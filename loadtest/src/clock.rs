@@ -15,7 +15,10 @@ pub fn mono_ns() -> u64 {
 
 /// Milliseconds since the Unix epoch (for `created_at` and friends only).
 pub fn wall_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(target_os = "linux")]
@@ -28,7 +31,8 @@ impl Sleeper {
     pub fn new() -> std::io::Result<Self> {
         use std::os::fd::FromRawFd;
         // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        let fd =
+            unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -36,7 +40,9 @@ impl Sleeper {
         let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         // SAFETY: the fd is an `OwnedFd` moved into the `AsyncFd`, so it stays open
         // exactly as long as its registration.
-        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }?;
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+        }?;
         Ok(Sleeper { fd })
     }
 

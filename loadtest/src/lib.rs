@@ -17,11 +17,11 @@
 //! checker) -> report.
 
 pub mod checker;
-pub mod gen;
-pub mod schedule;
-pub mod trace;
-pub mod wire;
 pub mod clock;
+pub mod gen;
 pub mod replay;
 pub mod report;
+pub mod schedule;
 pub mod search;
+pub mod trace;
+pub mod wire;

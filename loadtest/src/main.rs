@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "rota-loadtest", version, about = "Generate marketplace traces and replay them against rota")]
+#[command(
+    name = "rota-loadtest",
+    version,
+    about = "Generate marketplace traces and replay them against rota"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -113,7 +117,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_speed(s: &str) -> anyhow::Result<f64> {
-    let v: f64 = s.trim().trim_end_matches(['x', 'X']).parse().with_context(|| format!("--speed {s:?}: e.g. 10x"))?;
+    let v: f64 =
+        s.trim().trim_end_matches(['x', 'X']).parse().with_context(|| format!("--speed {s:?}: e.g. 10x"))?;
     anyhow::ensure!(v > 0.0, "--speed must be positive");
     Ok(v)
 }

@@ -183,10 +183,13 @@ async fn connect(url: &str, token: &str, enc: Encoding) -> anyhow::Result<Ws> {
     let host = uri.host().context("URL without a host")?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(80);
-    let tcp = TcpStream::connect((host, port)).await.with_context(|| format!("connecting to {host}:{port}"))?;
+    let tcp =
+        TcpStream::connect((host, port)).await.with_context(|| format!("connecting to {host}:{port}"))?;
     // Nagle would hold small frames back for tens of ms.
     tcp.set_nodelay(true)?;
-    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.with_context(|| format!("websocket upgrade at {url}"))?;
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .with_context(|| format!("websocket upgrade at {url}"))?;
     let chosen = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
     anyhow::ensure!(chosen == Some(enc.subprotocol()), "the server chose subprotocol {chosen:?}");
     Ok(ws)
@@ -256,7 +259,8 @@ impl Localizer {
             Request::GrantCredits { op, .. } => *op = format!("{}-{lap}-{op}", self.tag),
             Request::SetAvailability { availability, .. } => {
                 availability.paused_until = availability.paused_until.map(|t| self.rebase(t, at, wall));
-                availability.vacation = availability.vacation.map(|(a, b)| (self.rebase(a, at, wall), self.rebase(b, at, wall)));
+                availability.vacation =
+                    availability.vacation.map(|(a, b)| (self.rebase(a, at, wall), self.rebase(b, at, wall)));
             }
             Request::UpsertPro { pro } => {
                 let a = &mut pro.availability;
@@ -322,6 +326,8 @@ struct Recorder {
     /// Reply received per plan item (a second reply to one id is a protocol error).
     answered: Vec<bool>,
     duplicate_replies: u64,
+    /// Receipt time of the last publish reply.
+    last_ack_ns: u64,
 }
 
 impl Recorder {
@@ -330,7 +336,9 @@ impl Recorder {
     }
 
     fn on_reply(&mut self, bytes: &[u8], enc: Encoding, f: &Incoming<'_>, recv_ns: u64) {
-        let Some(idx) = f.id.as_deref().and_then(|id| id.strip_prefix('i')).and_then(|n| n.parse::<usize>().ok()) else {
+        let Some(idx) =
+            f.id.as_deref().and_then(|id| id.strip_prefix('i')).and_then(|n| n.parse::<usize>().ok())
+        else {
             // Replies without our id (bad_frame) count as errors.
             if f.kind == "error" {
                 *self.errors.entry(f.code.as_deref().unwrap_or("unknown").to_string()).or_default() += 1;
@@ -354,13 +362,15 @@ impl Recorder {
             }
         }
         if is_lead {
+            self.last_ack_ns = self.last_ack_ns.max(recv_ns);
             self.ack.saturating_record(lat);
             self.iv_ack.saturating_record(lat);
             if f.kind == "ok" {
                 match wire::decode::<LeadReply>(enc, bytes) {
                     Ok(r) if r.result.status == "accepted" => {
                         self.acks_accepted += 1;
-                        self.checker.on_ack_accepted(item.lead_ord, r.result.offers.iter().map(|(p, _)| p.as_ref()));
+                        self.checker
+                            .on_ack_accepted(item.lead_ord, r.result.offers.iter().map(|(p, _)| p.as_ref()));
                     }
                     Ok(_) => {
                         self.acks_rejected += 1;
@@ -470,7 +480,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             .map(|(_, tok)| tok.clone())
             .with_context(|| format!("no --token for tenant {}", t.as_deref().unwrap_or("(default)")))
     };
-    let tenant_idx: HashMap<Option<String>, usize> = tenants.iter().cloned().enumerate().map(|(i, t)| (t, i)).collect();
+    let tenant_idx: HashMap<Option<String>, usize> =
+        tenants.iter().cloned().enumerate().map(|(i, t)| (t, i)).collect();
 
     // The schedule.
     let timed_recs: Vec<TimedRecord> = timed
@@ -591,6 +602,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         last_seq: HashMap::new(),
         answered: vec![false; plan.items.len()],
         duplicate_replies: 0,
+        last_ack_ns: 0,
     }));
     let stream_closed = Arc::new(AtomicBool::new(false));
     let mut sinks = Vec::new();
@@ -618,7 +630,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         start_ns,
         plan.span_ns,
         cfg.progress,
-        target_leads_per_s(&plan, cfg.pacing, &timed_recs),
+        target_leads_per_s(&plan, cfg.pacing),
     ));
 
     // The sender.
@@ -718,8 +730,10 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         run_tag: cfg.run_tag.clone(),
         encoding: enc,
         connections: n,
-        target_leads_per_s: target_leads_per_s(&plan, cfg.pacing, &timed_recs),
-        achieved_leads_per_s: r.ack.len() as f64 / timed_s.max(1e-9),
+        target_leads_per_s: target_leads_per_s(&plan, cfg.pacing),
+        // Over the leads' own span, or until the last acknowledgement if later.
+        achieved_leads_per_s: r.ack.len() as f64
+            / (lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
         duration_s: timed_s,
         setup_records: setup.len() as u64,
         setup_s,
@@ -749,13 +763,18 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     })
 }
 
-fn target_leads_per_s(plan: &Plan, pacing: Pacing, timed: &[TimedRecord]) -> f64 {
+/// From the start to the intended time of the last publish (or the whole span with
+/// a fixed duration).
+fn lead_span_ns(plan: &Plan) -> u64 {
+    let last = plan.lead_item.last().map(|&i| plan.items[i as usize].t_ns).unwrap_or(0);
+    let per_lead = last / (plan.lead_item.len().max(2) as u64 - 1);
+    (last + per_lead).max(1)
+}
+
+fn target_leads_per_s(plan: &Plan, pacing: Pacing) -> f64 {
     match pacing {
         Pacing::Rate(r) => r,
-        Pacing::Speed(_) => {
-            let _ = timed;
-            plan.lead_item.len() as f64 / (plan.span_ns as f64 / 1e9).max(1e-9)
-        }
+        Pacing::Speed(_) => plan.lead_item.len() as f64 / (lead_span_ns(plan) as f64 / 1e9),
     }
 }
 
@@ -782,7 +801,13 @@ async fn read_replies(mut source: Source, enc: Encoding, rec: Arc<Mutex<Recorder
     }
 }
 
-async fn read_stream(i: usize, mut source: Source, enc: Encoding, rec: Arc<Mutex<Recorder>>, closed: Arc<AtomicBool>) {
+async fn read_stream(
+    i: usize,
+    mut source: Source,
+    enc: Encoding,
+    rec: Arc<Mutex<Recorder>>,
+    closed: Arc<AtomicBool>,
+) {
     loop {
         let m = match source.next().await {
             Some(Ok(m)) => m,
@@ -869,7 +894,11 @@ async fn progress(
     let elapsed = Duration::from_nanos(mono_ns().saturating_sub(start_ns));
     if elapsed > iv_start {
         let s = sent.load(Ordering::Relaxed);
-        rec.lock().expect("no thread panics holding the recorder").rotate(iv_start, elapsed - iv_start, s - last_sent);
+        rec.lock().expect("no thread panics holding the recorder").rotate(
+            iv_start,
+            elapsed - iv_start,
+            s - last_sent,
+        );
     }
     bar.finish_and_clear();
 }
@@ -890,7 +919,8 @@ mod tests {
 
     #[test]
     fn lead_ids_round_trip_through_the_run_tag() {
-        let loc = Localizer { tag: "run-7".into(), lead_pos: HashMap::new(), leads_per_lap: 10, speedup: 2.0 };
+        let loc =
+            Localizer { tag: "run-7".into(), lead_pos: HashMap::new(), leads_per_lap: 10, speedup: 2.0 };
         assert_eq!(loc.parse_lead(&loc.lead_id(42)), Some(42));
         assert_eq!(loc.parse_lead("run-8-42"), None, "other runs' leads are ignored");
         // 10 s after the record's own time on the trace clock is 5 s at 2x.

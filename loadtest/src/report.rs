@@ -78,7 +78,11 @@ pub fn write_json(path: &Path, s: &Summary) -> anyhow::Result<()> {
 /// HdrHistogram's percentile distribution format, values in milliseconds.
 pub fn hgrm(h: &Histogram<u64>) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let _ = writeln!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
     if h.is_empty() {
         return out;
     }
@@ -93,7 +97,12 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
             let _ = writeln!(out, "{ms:>12.3} {q:>14.12} {total:>10}");
         }
     }
-    let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean() / 1000.0, h.stdev() / 1000.0);
+    let _ = writeln!(
+        out,
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
     let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64 / 1000.0, h.len());
     let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), h.distinct_values());
     out
@@ -153,21 +162,27 @@ pub fn chart(path: &Path, s: &Summary) -> anyhow::Result<()> {
         .build_cartesian_2d(0f64..t_max, (0.01f64..lat_max).log_scale())
         .map_err(err)?;
     c.configure_mesh().x_desc("seconds").y_desc("ms (log)").draw().map_err(err)?;
-    let series: [(&str, RGBColor, fn(&crate::replay::IntervalStat) -> f64); 4] = [
+    type Pick = fn(&crate::replay::IntervalStat) -> f64;
+    let series: [(&str, RGBColor, Pick); 4] = [
         ("ack p50", BLUE, |i| i.ack_p50_ms),
         ("ack p99", RGBColor(0, 0, 120), |i| i.ack_p99_ms),
         ("delivery p50", RED, |i| i.delivery_p50_ms),
         ("delivery p99", RGBColor(140, 0, 0), |i| i.delivery_p99_ms),
     ];
     for (name, color, f) in series {
-        c.draw_series(LineSeries::new(iv.iter().map(|i| (i.t_s, f(i).max(0.01))), color.stroke_width(2)))
-            .map_err(err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        // Intervals without samples are left out rather than drawn at zero.
+        c.draw_series(LineSeries::new(
+            iv.iter().filter(|i| f(i) > 0.0).map(|i| (i.t_s, f(i))),
+            color.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(err)?;
 
-    let rate_max = iv.iter().map(|i| i.sent_per_s.max(i.acks_per_s)).fold(s.target_leads_per_s, f64::max) * 1.2;
+    let rate_max =
+        iv.iter().map(|i| i.sent_per_s.max(i.acks_per_s)).fold(s.target_leads_per_s, f64::max) * 1.2;
     let mut c = ChartBuilder::on(&bottom)
         .caption("throughput", ("sans-serif", 22))
         .margin(10)
@@ -206,7 +221,7 @@ mod tests {
         let text = hgrm(&h);
         assert!(text.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)"), "{text}");
         assert!(text.contains("#[Max     ="), "{text}");
-        let last_row = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).last().unwrap();
+        let last_row = text.lines().rfind(|l| !l.starts_with('#') && !l.trim().is_empty()).unwrap();
         assert!(last_row.contains("1.000000000000"), "{last_row}");
     }
 }

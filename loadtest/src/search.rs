@@ -38,7 +38,10 @@ pub fn verdict(s: &Summary, bound_ms: f64) -> (bool, String) {
         return (false, format!("p99 delivery {:.2} ms > {bound_ms} ms", s.delivery.p99));
     }
     if s.achieved_leads_per_s < 0.95 * s.target_leads_per_s {
-        return (false, format!("achieved {:.0}/s < 95% of {:.0}/s", s.achieved_leads_per_s, s.target_leads_per_s));
+        return (
+            false,
+            format!("achieved {:.0}/s < 95% of {:.0}/s", s.achieved_leads_per_s, s.target_leads_per_s),
+        );
     }
     if s.missing_replies > 0 {
         return (false, format!("{} requests unanswered", s.missing_replies));
