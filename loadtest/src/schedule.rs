@@ -71,14 +71,30 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
         }
         Pacing::Rate(r) => {
             anyhow::ensure!(r > 0.0 && r.is_finite(), "rate must be a positive number");
-            let records_per_s = r * timed.len() as f64 / f64::from(leads_per_lap);
-            (r / trace_lead_rate, 1e9 / records_per_s)
+            (r / trace_lead_rate, 1e9 / r)
         }
     };
+    // Rate pacing: lead j at j / r; the m other records between lead j and lead j+1
+    // evenly in between, so leads go out at exactly r whatever the trace's local mix.
+    let mut between = vec![0u32; timed.len()];
+    let mut rank = vec![0u32; timed.len()];
+    {
+        let mut group_start = 0;
+        for i in 0..=timed.len() {
+            if i == timed.len() || timed[i].is_lead {
+                let m = (i - group_start) as u32;
+                for (k, j) in (group_start..i).enumerate() {
+                    between[j] = m;
+                    rank[j] = k as u32 + 1;
+                }
+                group_start = i + 1;
+            }
+        }
+    }
     let laps = if duration_ns.is_some() { MAX_LAPS } else { 1 };
+    let mut leads_seen: u64 = 0;
     let mut items = Vec::new();
     let mut lead_item = Vec::new();
-    let mut k: u64 = 0;
     'laps: for lap in 0..laps {
         let mut pos = 0u32;
         for (i, r) in timed.iter().enumerate() {
@@ -87,7 +103,13 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
                     let trace_ms = f64::from(lap) * lap_ms + (r.at_ms - first) as f64;
                     (trace_ms / x * 1e6) as u64
                 }
-                Pacing::Rate(_) => (k as f64 * step_ns) as u64,
+                Pacing::Rate(_) if r.is_lead => (leads_seen as f64 * step_ns) as u64,
+                Pacing::Rate(_) => {
+                    // After lead `leads_seen - 1`, before lead `leads_seen`.
+                    let base = leads_seen as f64 - 1.0;
+                    let frac = f64::from(rank[i]) / f64::from(between[i] + 1);
+                    ((base + frac).max(0.0) * step_ns) as u64
+                }
             };
             if duration_ns.is_some_and(|d| t_ns >= d) {
                 break 'laps;
@@ -97,13 +119,13 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
                 let ord = u64::from(lap) * u64::from(leads_per_lap) + u64::from(pos);
                 anyhow::ensure!(ord < u64::from(u32::MAX), "too many leads planned");
                 pos += 1;
+                leads_seen += 1;
                 lead_item.push(items.len() as u32);
                 ord as u32
             } else {
                 u32::MAX
             };
             items.push(PlanItem { t_ns, rec: i as u32, lap, lead_ord });
-            k += 1;
         }
     }
     let span_ns = match (duration_ns, items.last()) {
@@ -137,11 +159,11 @@ mod tests {
 
     #[test]
     fn rate_spaces_records_evenly_so_leads_go_at_the_rate() {
-        // Two leads and two other records per lap: 1,000 leads/s = 2,000 records/s.
-        let t = recs(&[(0, true), (1, false), (5, true), (9, false)]);
+        // Leads at exactly 1 ms apart; the records between two leads share the gap.
+        let t = recs(&[(0, true), (1, false), (2, false), (5, true), (9, true), (12, false)]);
         let p = plan(&t, Pacing::Rate(1_000.0), None).unwrap();
         let ts: Vec<u64> = p.items.iter().map(|i| i.t_ns).collect();
-        assert_eq!(ts, vec![0, 500_000, 1_000_000, 1_500_000]);
+        assert_eq!(ts, vec![0, 333_333, 666_666, 1_000_000, 2_000_000, 2_500_000]);
     }
 
     #[test]
