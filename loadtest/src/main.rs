@@ -1,4 +1,228 @@
-fn main() {
-    eprintln!("rota-loadtest: not yet implemented");
-    std::process::exit(2);
+//! `rota-loadtest`: thin; everything lives in the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rota_loadtest::gen::{self, GenConfig};
+use rota_loadtest::replay::{self, ReplayConfig};
+use rota_loadtest::schedule::Pacing;
+use rota_loadtest::wire::Encoding;
+use rota_loadtest::{report, search, trace};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "rota-loadtest",
+    version,
+    about = "Generate marketplace traces and replay them against rota"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a synthetic trace (deterministic from --seed).
+    Gen {
+        #[command(flatten)]
+        cfg: GenConfig,
+        /// Output file: .jsonl (JSON lines) or .msgpack.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Replay a trace against a running rota, open loop.
+    Replay(Box<ReplayArgs>),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[arg(long, default_value = "ws://127.0.0.1:7700")]
+    url: String,
+    /// Token (`TOKEN`) or per-tenant token (`TENANT=TOKEN`); repeatable.
+    #[arg(long, default_value = "demo-token")]
+    token: Vec<String>,
+    #[arg(long)]
+    trace: PathBuf,
+    /// Ingest connections per tenant.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Replay the trace's own timeline this much faster: `10x` or `10`.
+    #[arg(long, conflicts_with = "rate")]
+    speed: Option<String>,
+    /// Evenly paced, this many leads per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop sending after this long (the trace loops if shorter): `30s`, `500ms`, `2m`.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    #[arg(long, value_enum, default_value_t = Encoding::Msgpack)]
+    encoding: Encoding,
+    /// Wait this long after the last send for replies and stream events.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    drain: Duration,
+    /// Shortest gap between two send batches.
+    #[arg(long, value_parser = parse_duration, default_value = "50us")]
+    batch: Duration,
+    /// Interval of the interval log, the chart and the live display.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    interval: Duration,
+    /// Prefix of ids in this run (default: from the clock).
+    #[arg(long)]
+    run_tag: Option<String>,
+    /// Tool threads (1 = one thread for everything; leaves the other cores to rota).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// A non-loopback host that may be targeted; repeatable.
+    #[arg(long)]
+    allow_host: Vec<String>,
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Writes PREFIX.ack.hgrm, PREFIX.delivery.hgrm and PREFIX.hlog.
+    #[arg(long)]
+    hdr_out: Option<PathBuf>,
+    #[arg(long)]
+    chart_out: Option<PathBuf>,
+    #[arg(long)]
+    no_progress: bool,
+    /// Search the highest rate within --p99-bound-ms, starting at --rate (default 1000).
+    #[arg(long)]
+    max_rate: bool,
+    #[arg(long, default_value_t = 3.0)]
+    p99_bound_ms: f64,
+    /// Highest rate the search tries.
+    #[arg(long, default_value_t = 200_000.0)]
+    rate_ceiling: f64,
+    /// Bisection steps after the first failure.
+    #[arg(long, default_value_t = 4)]
+    search_steps: u32,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit (30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (us, ms, s, m)")),
+    };
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("{s:?}: must be between 0 and 24 h"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_speed(s: &str) -> anyhow::Result<f64> {
+    let v: f64 =
+        s.trim().trim_end_matches(['x', 'X']).parse().with_context(|| format!("--speed {s:?}: e.g. 10x"))?;
+    anyhow::ensure!(v > 0.0, "--speed must be positive");
+    Ok(v)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("rota-loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<u8> {
+    match Cli::parse().cmd {
+        Cmd::Gen { cfg, out } => {
+            let (records, stats) = gen::generate(&cfg);
+            trace::write(&out, &records)?;
+            eprintln!("{}", serde_json::to_string_pretty(&stats)?);
+            eprintln!("wrote {} records to {}", records.len(), out.display());
+            Ok(0)
+        }
+        Cmd::Replay(a) => replay_cmd(*a),
+    }
+}
+
+fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
+    let records = trace::read(&a.trace)?;
+    let pacing = match (&a.speed, a.rate) {
+        (Some(s), _) => Pacing::Speed(parse_speed(s)?),
+        (None, Some(r)) => Pacing::Rate(r),
+        (None, None) if a.max_rate => Pacing::Rate(1_000.0),
+        (None, None) => Pacing::Speed(1.0),
+    };
+    let tokens = a
+        .token
+        .iter()
+        .map(|t| match t.split_once('=') {
+            Some((tenant, tok)) => (Some(tenant.to_string()), tok.to_string()),
+            None => (None, t.clone()),
+        })
+        .collect();
+    let cfg = ReplayConfig {
+        url: a.url.clone(),
+        tokens,
+        connections: a.connections,
+        pacing,
+        duration: a.duration,
+        encoding: a.encoding,
+        drain: a.drain,
+        batch: a.batch,
+        run_tag: a.run_tag.clone().unwrap_or_else(|| format!("r{}", rota_loadtest::clock::wall_ms())),
+        progress: !a.no_progress,
+        interval: a.interval,
+        allowed_hosts: a.allow_host.clone(),
+        threads: a.threads,
+    };
+    if a.max_rate {
+        let start = match pacing {
+            Pacing::Rate(r) => r,
+            Pacing::Speed(_) => anyhow::bail!("--max-rate paces by --rate, not --speed"),
+        };
+        let res = search::max_rate(&cfg, &records, start, a.rate_ceiling, a.search_steps, a.p99_bound_ms)?;
+        match res.best_rate {
+            Some(r) => println!("max rate with p99 delivery <= {} ms: {r:.0} leads/s", a.p99_bound_ms),
+            None => println!("no rate tried kept p99 delivery <= {} ms", a.p99_bound_ms),
+        }
+        if let Some(best) = &res.best {
+            print!("{}", report::table(best));
+        }
+        if let Some(p) = &a.json_out {
+            std::fs::write(p, serde_json::to_vec_pretty(&res)?)?;
+        }
+        return Ok(if res.best_rate.is_some() { 0 } else { 1 });
+    }
+    let outcome = replay::run(&cfg, &records)?;
+    let s = &outcome.summary;
+    print!("{}", report::table(s));
+    if let Some(p) = &a.json_out {
+        report::write_json(p, s)?;
+    }
+    if let Some(p) = &a.hdr_out {
+        report::write_hdr(p, &outcome)?;
+    }
+    if let Some(p) = &a.chart_out {
+        report::chart(p, s)?;
+    }
+    // Exit 1 when the daemon broke a promise (exactly-once, unanswered requests).
+    Ok(if s.violations.total() > 0 || s.missing_replies > 0 { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_speeds_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("50us").unwrap(), Duration::from_micros(50));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_speed("10x").unwrap(), 10.0);
+        assert!(parse_speed("0x").is_err());
+    }
 }

@@ -1,0 +1,265 @@
+//! Exactly-once checks over what the daemon acknowledged and what the stream delivered.
+//!
+//! * every acknowledged lead appears on the stream exactly once (`lead_accepted` for
+//!   accepted leads, `lead_rejected` for rejected ones);
+//! * no offer `(lead, pro)` is delivered twice;
+//! * every offer listed in a publish acknowledgement is delivered;
+//! * a lead whose publish was answered with an error is never delivered.
+//!
+//! Leads are dense ordinals (see `schedule`), pros are interned, so the state per
+//! lead is a few bytes plus its offers.
+
+use serde::Serialize;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Ack {
+    #[default]
+    None,
+    Accepted,
+    Rejected,
+    Error,
+}
+
+#[derive(Debug, Default)]
+struct LeadCheck {
+    ack: Ack,
+    accepted_events: u16,
+    rejected_events: u16,
+    acked_offers: Vec<u32>,
+    stream_offers: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+pub struct Checker {
+    leads: Vec<LeadCheck>,
+    pros: HashMap<String, u32>,
+    /// Acknowledged leads whose stream event has not arrived yet.
+    pending: u64,
+    duplicate_offers: u64,
+    examples: Vec<String>,
+}
+
+/// What the checks found; all zero is a pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Violations {
+    /// Acknowledged leads never delivered on the stream.
+    pub missing_deliveries: u64,
+    /// Leads delivered (accepted or rejected event) more than once.
+    pub duplicate_deliveries: u64,
+    /// Offers `(lead, pro)` delivered more than once.
+    pub duplicate_offers: u64,
+    /// Offers listed in an acknowledgement but never delivered.
+    pub acked_offers_not_delivered: u64,
+    /// Leads delivered although their publish was answered with an error.
+    pub delivered_after_error: u64,
+    /// Up to 20 examples, for a human.
+    pub examples: Vec<String>,
+}
+
+impl Violations {
+    pub fn total(&self) -> u64 {
+        self.missing_deliveries
+            + self.duplicate_deliveries
+            + self.duplicate_offers
+            + self.acked_offers_not_delivered
+            + self.delivered_after_error
+    }
+}
+
+const MAX_EXAMPLES: usize = 20;
+
+impl Checker {
+    pub fn new(leads: usize) -> Self {
+        let mut c = Checker::default();
+        c.leads.resize_with(leads, LeadCheck::default);
+        c
+    }
+
+    fn pro(&mut self, pro: &str) -> u32 {
+        if let Some(&p) = self.pros.get(pro) {
+            return p;
+        }
+        let p = self.pros.len() as u32;
+        self.pros.insert(pro.to_string(), p);
+        p
+    }
+
+    fn lead(&mut self, ord: u32) -> Option<&mut LeadCheck> {
+        self.leads.get_mut(ord as usize)
+    }
+
+    fn delivered(l: &LeadCheck) -> bool {
+        l.accepted_events + l.rejected_events > 0
+    }
+
+    /// The publish was acknowledged as accepted, with these offers made at once.
+    pub fn on_ack_accepted<'a>(&mut self, ord: u32, offers: impl IntoIterator<Item = &'a str>) {
+        let pros: Vec<u32> = offers.into_iter().map(|p| self.pro(p)).collect();
+        let Some(l) = self.lead(ord) else { return };
+        let was_pending = l.ack == Ack::None;
+        l.ack = Ack::Accepted;
+        l.acked_offers = pros;
+        let delivered = Self::delivered(l);
+        if was_pending && !delivered {
+            self.pending += 1;
+        }
+    }
+
+    pub fn on_ack_rejected(&mut self, ord: u32) {
+        let Some(l) = self.lead(ord) else { return };
+        l.ack = Ack::Rejected;
+        let delivered = Self::delivered(l);
+        if !delivered {
+            self.pending += 1;
+        }
+    }
+
+    pub fn on_ack_error(&mut self, ord: u32) {
+        if let Some(l) = self.lead(ord) {
+            l.ack = Ack::Error;
+        }
+    }
+
+    fn on_delivery(&mut self, ord: u32, accepted: bool) {
+        let Some(l) = self.leads.get_mut(ord as usize) else { return };
+        let first = !Self::delivered(l);
+        if accepted {
+            l.accepted_events += 1;
+        } else {
+            l.rejected_events += 1;
+        }
+        if first && matches!(l.ack, Ack::Accepted | Ack::Rejected) {
+            self.pending = self.pending.saturating_sub(1);
+        }
+    }
+
+    /// A `lead_accepted` event arrived. Returns true if it was the first for the lead.
+    pub fn on_lead_accepted(&mut self, ord: u32) -> bool {
+        let first = self.leads.get(ord as usize).is_some_and(|l| !Self::delivered(l));
+        self.on_delivery(ord, true);
+        first
+    }
+
+    pub fn on_lead_rejected(&mut self, ord: u32) {
+        self.on_delivery(ord, false);
+    }
+
+    /// An `offered` event arrived. Returns true if it is the lead's first offer.
+    pub fn on_offered(&mut self, ord: u32, pro: &str) -> bool {
+        let p = self.pro(pro);
+        let Some(l) = self.leads.get_mut(ord as usize) else { return false };
+        let first = l.stream_offers.is_empty();
+        if l.stream_offers.contains(&p) {
+            self.duplicate_offers += 1;
+            if self.examples.len() < MAX_EXAMPLES {
+                self.examples.push(format!("lead #{ord}: offer to {pro} delivered twice"));
+            }
+        } else {
+            l.stream_offers.push(p);
+        }
+        first
+    }
+
+    /// Acknowledged leads still waiting for their stream event.
+    pub fn pending(&self) -> u64 {
+        self.pending
+    }
+
+    pub fn finish(&self) -> Violations {
+        let mut v = Violations { duplicate_offers: self.duplicate_offers, ..Default::default() };
+        v.examples.clone_from(&self.examples);
+        let example = |v: &mut Violations, s: String| {
+            if v.examples.len() < MAX_EXAMPLES {
+                v.examples.push(s);
+            }
+        };
+        for (ord, l) in self.leads.iter().enumerate() {
+            let events = l.accepted_events + l.rejected_events;
+            match l.ack {
+                Ack::Accepted | Ack::Rejected if events == 0 => {
+                    v.missing_deliveries += 1;
+                    example(&mut v, format!("lead #{ord}: acknowledged but never delivered"));
+                }
+                Ack::Error if events > 0 => {
+                    v.delivered_after_error += 1;
+                    example(&mut v, format!("lead #{ord}: answered with an error but delivered"));
+                }
+                _ => {}
+            }
+            if events > 1 {
+                v.duplicate_deliveries += 1;
+                example(&mut v, format!("lead #{ord}: delivered {events} times"));
+            }
+            let missing = l.acked_offers.iter().filter(|p| !l.stream_offers.contains(p)).count() as u64;
+            if missing > 0 {
+                v.acked_offers_not_delivered += missing;
+                example(&mut v, format!("lead #{ord}: {missing} acknowledged offer(s) never delivered"));
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_run_has_no_violations() {
+        let mut c = Checker::new(3);
+        c.on_ack_accepted(0, ["p1", "p2"]);
+        assert_eq!(c.pending(), 1);
+        assert!(c.on_lead_accepted(0));
+        assert!(c.on_offered(0, "p1"));
+        assert!(!c.on_offered(0, "p2"));
+        // Delivery before the ack (the stream can overtake the reply).
+        c.on_lead_accepted(1);
+        c.on_ack_accepted(1, []);
+        c.on_ack_rejected(2);
+        c.on_lead_rejected(2);
+        assert_eq!(c.pending(), 0);
+        assert_eq!(c.finish(), Violations::default());
+    }
+
+    #[test]
+    fn duplicates_are_flagged() {
+        let mut c = Checker::new(2);
+        c.on_ack_accepted(0, ["p1"]);
+        c.on_lead_accepted(0);
+        c.on_offered(0, "p1");
+        c.on_offered(0, "p1");
+        c.on_ack_accepted(1, []);
+        c.on_lead_accepted(1);
+        c.on_lead_accepted(1);
+        let v = c.finish();
+        assert_eq!(v.duplicate_offers, 1);
+        assert_eq!(v.duplicate_deliveries, 1);
+        assert_eq!(v.total(), 2);
+        assert!(v.examples.iter().any(|e| e.contains("delivered twice")), "{:?}", v.examples);
+    }
+
+    #[test]
+    fn missing_deliveries_and_offers_are_flagged() {
+        let mut c = Checker::new(3);
+        c.on_ack_accepted(0, ["p1", "p2"]);
+        c.on_lead_accepted(0);
+        c.on_offered(0, "p1");
+        c.on_ack_accepted(1, []);
+        c.on_ack_rejected(2);
+        assert_eq!(c.pending(), 2);
+        let v = c.finish();
+        assert_eq!(v.missing_deliveries, 2);
+        assert_eq!(v.acked_offers_not_delivered, 1);
+    }
+
+    #[test]
+    fn unanswered_leads_are_not_violations_but_errors_that_deliver_are() {
+        let mut c = Checker::new(2);
+        c.on_ack_error(0);
+        c.on_lead_accepted(0);
+        let v = c.finish();
+        assert_eq!(v.delivered_after_error, 1);
+        assert_eq!(v.missing_deliveries, 0, "lead #1 was never answered: not a delivery violation");
+    }
+}

@@ -1,0 +1,929 @@
+//! Replays a trace against a running rota, open loop, and measures it.
+//!
+//! * Connections: `connections` ingest websockets per tenant plus one `subscribe`
+//!   stream per tenant, all with `TCP_NODELAY` (tungstenite leaves Nagle on).
+//! * Setup: the records before the first lead (pros, credits) are sent pipelined and
+//!   all answered before the clock starts; they are not measured.
+//! * Timed phase: one sender task walks the schedule; each wake-up it feeds every
+//!   record that is due to its connection and flushes each connection once.
+//!   Everything about a lead goes on one connection (lead ordinal modulo N), so a
+//!   response is never overtaken by its lead's publish on another socket.
+//! * Latency is receipt time minus *intended* send time: `ack` for publish replies
+//!   (durable acknowledgement), `delivery` for the lead's first `offered` event on
+//!   the stream.
+//! * Ids are rewritten per run (`<run_tag>-<lead ordinal>`, `<run_tag>-<lap>-<client>`,
+//!   `<run_tag>-<lap>-<op>`) so one trace can be replayed many times against one
+//!   daemon, and stream events map back to the schedule without a lookup table.
+//!
+//! Bounded: every loop ends with the schedule, the drain timeout or a closed socket.
+
+use crate::checker::{Checker, Violations};
+use crate::clock::{mono_ns, wall_ms, Sleeper};
+use crate::schedule::{self, Pacing, Plan, TimedRecord};
+use crate::trace::{Record, TRACE_EPOCH_MS};
+use crate::wire::{self, Encoding, Envelope, Incoming, LeadReply, Request, SubscribedReply};
+use anyhow::{bail, Context};
+use futures_util::stream::SplitStream;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+type Source = SplitStream<Ws>;
+
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    pub url: String,
+    /// `(tenant, token)`; tenant `None` = the records without a tenant.
+    pub tokens: Vec<(Option<String>, String)>,
+    pub connections: usize,
+    pub pacing: Pacing,
+    pub duration: Option<Duration>,
+    pub encoding: Encoding,
+    /// How long to wait after the last send for replies and stream events.
+    pub drain: Duration,
+    /// Shortest gap between two sender wake-ups (batching).
+    pub batch: Duration,
+    pub run_tag: String,
+    pub progress: bool,
+    /// Length of one interval of the interval log and the chart.
+    pub interval: Duration,
+    /// Hosts besides loopback that may be targeted (must be given explicitly).
+    pub allowed_hosts: Vec<String>,
+    /// Runtime threads for the tool (1 = everything on one thread).
+    pub threads: usize,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub p9999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            p9999: ms(h.value_at_quantile(0.9999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// One interval of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IntervalStat {
+    /// Seconds from the start of the timed phase to the end of this interval.
+    pub t_s: f64,
+    pub sent_per_s: f64,
+    pub acks_per_s: f64,
+    pub deliveries_per_s: f64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+    pub delivery_p50_ms: f64,
+    pub delivery_p99_ms: f64,
+    pub errors: u64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub run_tag: String,
+    pub encoding: Encoding,
+    pub connections: usize,
+    /// Leads per second the schedule asked for.
+    pub target_leads_per_s: f64,
+    /// Leads acknowledged per second of the timed phase.
+    pub achieved_leads_per_s: f64,
+    pub duration_s: f64,
+    pub setup_records: u64,
+    pub setup_s: f64,
+    pub sent: u64,
+    pub sent_leads: u64,
+    pub replies: u64,
+    pub missing_replies: u64,
+    pub acks_accepted: u64,
+    pub acks_rejected: u64,
+    pub errors_by_code: BTreeMap<String, u64>,
+    pub ack: Percentiles,
+    pub delivery: Percentiles,
+    /// Replies to everything but publishes.
+    pub other_replies: Percentiles,
+    /// How late the tool itself sent (actual - intended): the tool's share of latency.
+    pub send_lag: Percentiles,
+    pub stream_events: u64,
+    pub stream_seq_gaps: u64,
+    pub stream_closed_early: bool,
+    pub violations: Violations,
+    pub intervals: Vec<IntervalStat>,
+}
+
+/// A run's summary and its full histograms (for `.hgrm` files and the interval log).
+pub struct Outcome {
+    pub summary: Summary,
+    pub ack: Histogram<u64>,
+    pub delivery: Histogram<u64>,
+    /// `(start, ack, delivery)` per interval.
+    pub interval_hists: Vec<(Duration, Histogram<u64>, Histogram<u64>)>,
+    pub interval: Duration,
+}
+
+fn hist(sigfig: u8) -> Histogram<u64> {
+    // Microseconds, 1 us to 10 min.
+    Histogram::new_with_bounds(1, 600_000_000, sigfig).expect("constant bounds are valid")
+}
+
+/// Checks that the URL points at loopback or at a host given explicitly.
+pub fn check_target(url: &str, allowed: &[String]) -> anyhow::Result<()> {
+    let rest = url
+        .strip_prefix("ws://")
+        .with_context(|| format!("{url}: only ws:// URLs are supported (plain websockets)"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
+    };
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback || allowed.iter().any(|a| a == host) {
+        return Ok(());
+    }
+    bail!("{host} is not a loopback address; pass --allow-host {host} to load-test it on purpose")
+}
+
+async fn connect(url: &str, token: &str, enc: Encoding) -> anyhow::Result<Ws> {
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    req.headers_mut().insert("sec-websocket-protocol", enc.subprotocol().parse()?);
+    let uri = req.uri().clone();
+    let host = uri.host().context("URL without a host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp =
+        TcpStream::connect((host, port)).await.with_context(|| format!("connecting to {host}:{port}"))?;
+    // Nagle would hold small frames back for tens of ms.
+    tcp.set_nodelay(true)?;
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .with_context(|| format!("websocket upgrade at {url}"))?;
+    let chosen = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
+    anyhow::ensure!(chosen == Some(enc.subprotocol()), "the server chose subprotocol {chosen:?}");
+    Ok(ws)
+}
+
+fn message(enc: Encoding, bytes: &[u8]) -> Message {
+    match enc {
+        // Our JSON encoder only produces UTF-8.
+        Encoding::Json => Message::Text(String::from_utf8_lossy(bytes).into_owned()),
+        Encoding::Msgpack => Message::Binary(bytes.to_vec()),
+    }
+}
+
+fn payload(m: &Message) -> Option<&[u8]> {
+    match m {
+        Message::Text(t) => Some(t.as_bytes()),
+        Message::Binary(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// How to rewrite one record for this run.
+struct Localizer {
+    tag: String,
+    /// Trace lead id -> position among the timed leads.
+    lead_pos: HashMap<String, u32>,
+    leads_per_lap: u32,
+    speedup: f64,
+}
+
+impl Localizer {
+    fn lead_ord(&self, lap: u32, trace_id: &str) -> Option<u32> {
+        let pos = *self.lead_pos.get(trace_id)?;
+        Some(lap * self.leads_per_lap + pos)
+    }
+
+    fn lead_id(&self, ord: u32) -> String {
+        format!("{}-{ord}", self.tag)
+    }
+
+    fn parse_lead(&self, id: &str) -> Option<u32> {
+        id.strip_prefix(self.tag.as_str())?.strip_prefix('-')?.parse().ok()
+    }
+
+    /// A trace time `t` of a record at `at_ms`, moved to the wall clock of its
+    /// intended send time (relative durations scale with the replay speed).
+    fn rebase(&self, t: i64, at_ms: u64, intended_wall_ms: i64) -> i64 {
+        let offset = t - (TRACE_EPOCH_MS + at_ms as i64);
+        intended_wall_ms + (offset as f64 / self.speedup) as i64
+    }
+
+    fn localize(&self, rec: &Record, lap: &str, lap_n: u32, lead_ord: u32, wall: i64) -> Request {
+        let mut r = rec.request.clone();
+        let at = rec.at_ms;
+        match &mut r {
+            Request::PublishLead { lead } => {
+                lead.id = self.lead_id(lead_ord);
+                lead.client.id = format!("{}-{lap}-{}", self.tag, lead.client.id);
+                lead.created_at = self.rebase(lead.created_at, at, wall);
+            }
+            Request::Offer { lead, .. } => {
+                *lead = match self.lead_ord(lap_n, lead) {
+                    Some(ord) => self.lead_id(ord),
+                    None => format!("{}-{lap}-{lead}", self.tag),
+                };
+            }
+            Request::GrantCredits { op, .. } => *op = format!("{}-{lap}-{op}", self.tag),
+            Request::SetAvailability { availability, .. } => {
+                availability.paused_until = availability.paused_until.map(|t| self.rebase(t, at, wall));
+                availability.vacation =
+                    availability.vacation.map(|(a, b)| (self.rebase(a, at, wall), self.rebase(b, at, wall)));
+            }
+            Request::UpsertPro { pro } => {
+                let a = &mut pro.availability;
+                a.paused_until = a.paused_until.map(|t| self.rebase(t, at, wall));
+                a.vacation = a.vacation.map(|(x, y)| (self.rebase(x, at, wall), self.rebase(y, at, wall)));
+                for c in &mut pro.autobuy {
+                    c.paused_until = c.paused_until.map(|t| self.rebase(t, at, wall));
+                }
+            }
+            Request::RemovePro { .. } | Request::SetTopupRule { .. } => {}
+        }
+        r
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Which of a tenant's connections carries a record: by lead for lead traffic, by
+/// pro otherwise, so each lead's and each pro's requests stay in order.
+fn route(r: &Request, lead_ord: Option<u32>, n: usize) -> usize {
+    let key = match (r, lead_ord) {
+        (_, Some(ord)) => u64::from(ord),
+        (Request::UpsertPro { pro }, _) => fnv(&pro.id),
+        (
+            Request::RemovePro { pro }
+            | Request::SetAvailability { pro, .. }
+            | Request::GrantCredits { pro, .. }
+            | Request::SetTopupRule { pro, .. }
+            | Request::Offer { pro, .. },
+            _,
+        ) => fnv(pro),
+        (Request::PublishLead { lead }, None) => fnv(&lead.id),
+    };
+    (key % n as u64) as usize
+}
+
+/// Shared state of a run, updated by the readers and the sender.
+struct Recorder {
+    start_ns: u64,
+    plan: Arc<Plan>,
+    timed_is_lead: Arc<Vec<bool>>,
+    loc: Arc<Localizer>,
+    ack: Histogram<u64>,
+    delivery: Histogram<u64>,
+    other: Histogram<u64>,
+    lag: Histogram<u64>,
+    iv_ack: Histogram<u64>,
+    iv_delivery: Histogram<u64>,
+    iv_errors: u64,
+    iv_deliveries: u64,
+    interval_hists: Vec<(Duration, Histogram<u64>, Histogram<u64>)>,
+    intervals: Vec<IntervalStat>,
+    replies: u64,
+    acks_accepted: u64,
+    acks_rejected: u64,
+    errors: BTreeMap<String, u64>,
+    checker: Checker,
+    stream_events: u64,
+    seq_gaps: u64,
+    last_seq: HashMap<usize, u64>,
+    /// Reply received per plan item (a second reply to one id is a protocol error).
+    answered: Vec<bool>,
+    duplicate_replies: u64,
+    /// Receipt time of the last publish reply.
+    last_ack_ns: u64,
+}
+
+impl Recorder {
+    fn latency_us(&self, t_ns: u64, recv_ns: u64) -> u64 {
+        recv_ns.saturating_sub(self.start_ns + t_ns) / 1000
+    }
+
+    fn on_reply(&mut self, bytes: &[u8], enc: Encoding, f: &Incoming<'_>, recv_ns: u64) {
+        let Some(idx) =
+            f.id.as_deref().and_then(|id| id.strip_prefix('i')).and_then(|n| n.parse::<usize>().ok())
+        else {
+            // Replies without our id (bad_frame) count as errors.
+            if f.kind == "error" {
+                *self.errors.entry(f.code.as_deref().unwrap_or("unknown").to_string()).or_default() += 1;
+                self.iv_errors += 1;
+            }
+            return;
+        };
+        let Some(item) = self.plan.items.get(idx).copied() else { return };
+        if std::mem::replace(&mut self.answered[idx], true) {
+            self.duplicate_replies += 1;
+            return;
+        }
+        self.replies += 1;
+        let lat = self.latency_us(item.t_ns, recv_ns);
+        let is_lead = self.timed_is_lead[item.rec as usize];
+        if f.kind == "error" {
+            *self.errors.entry(f.code.as_deref().unwrap_or("unknown").to_string()).or_default() += 1;
+            self.iv_errors += 1;
+            if is_lead {
+                self.checker.on_ack_error(item.lead_ord);
+            }
+        }
+        if is_lead {
+            self.last_ack_ns = self.last_ack_ns.max(recv_ns);
+            self.ack.saturating_record(lat);
+            self.iv_ack.saturating_record(lat);
+            if f.kind == "ok" {
+                match wire::decode::<LeadReply>(enc, bytes) {
+                    Ok(r) if r.result.status == "accepted" => {
+                        self.acks_accepted += 1;
+                        self.checker
+                            .on_ack_accepted(item.lead_ord, r.result.offers.iter().map(|(p, _)| p.as_ref()));
+                    }
+                    Ok(_) => {
+                        self.acks_rejected += 1;
+                        self.checker.on_ack_rejected(item.lead_ord);
+                    }
+                    Err(_) => *self.errors.entry("unreadable_reply".into()).or_default() += 1,
+                }
+            }
+        } else {
+            self.other.saturating_record(lat);
+        }
+    }
+
+    fn on_event(&mut self, stream: usize, f: &Incoming<'_>, recv_ns: u64) {
+        self.stream_events += 1;
+        if let Some(seq) = f.seq {
+            if let Some(last) = self.last_seq.insert(stream, seq) {
+                if seq != last + 1 {
+                    self.seq_gaps += 1;
+                }
+            }
+        }
+        let Some(ev) = &f.event else { return };
+        let Some(ord) = ev.lead.as_deref().and_then(|l| self.loc.parse_lead(l)) else { return };
+        match ev.event.as_ref() {
+            "lead_accepted" => {
+                self.checker.on_lead_accepted(ord);
+            }
+            "lead_rejected" => self.checker.on_lead_rejected(ord),
+            "offered" => {
+                let Some(pro) = ev.pro.as_deref() else { return };
+                if self.checker.on_offered(ord, pro) {
+                    if let Some(&item) = self.plan.lead_item.get(ord as usize) {
+                        let t = self.plan.items[item as usize].t_ns;
+                        let lat = self.latency_us(t, recv_ns);
+                        self.delivery.saturating_record(lat);
+                        self.iv_delivery.saturating_record(lat);
+                        self.iv_deliveries += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn rotate(&mut self, start: Duration, len: Duration, sent: u64) {
+        let secs = len.as_secs_f64().max(1e-9);
+        let ms = |us: u64| us as f64 / 1000.0;
+        let q = |h: &Histogram<u64>, p: f64| if h.is_empty() { 0.0 } else { ms(h.value_at_quantile(p)) };
+        self.intervals.push(IntervalStat {
+            t_s: (start + len).as_secs_f64(),
+            sent_per_s: sent as f64 / secs,
+            acks_per_s: self.iv_ack.len() as f64 / secs,
+            deliveries_per_s: self.iv_deliveries as f64 / secs,
+            ack_p50_ms: q(&self.iv_ack, 0.5),
+            ack_p99_ms: q(&self.iv_ack, 0.99),
+            delivery_p50_ms: q(&self.iv_delivery, 0.5),
+            delivery_p99_ms: q(&self.iv_delivery, 0.99),
+            errors: self.iv_errors,
+        });
+        let a = std::mem::replace(&mut self.iv_ack, hist(2));
+        let d = std::mem::replace(&mut self.iv_delivery, hist(2));
+        self.interval_hists.push((start, a, d));
+        self.iv_errors = 0;
+        self.iv_deliveries = 0;
+    }
+}
+
+/// Bounds on one run, whatever the flags say.
+const MAX_DRAIN: Duration = Duration::from_secs(120);
+const SETUP_WINDOW: usize = 256;
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most records sent in one wake-up before readers get a turn.
+const MAX_BATCH: usize = 2048;
+
+pub fn run(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Outcome> {
+    check_target(&cfg.url, &cfg.allowed_hosts)?;
+    anyhow::ensure!((1..=1024).contains(&cfg.connections), "connections must be in 1..=1024");
+    let rt = if cfg.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.threads).enable_all().build()?
+    };
+    rt.block_on(run_async(cfg, records))
+}
+
+async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Outcome> {
+    let enc = cfg.encoding;
+    let first_lead = records
+        .iter()
+        .position(|r| matches!(r.request, Request::PublishLead { .. }))
+        .context("the trace has no publish_lead record")?;
+    let (setup, timed) = records.split_at(first_lead);
+
+    // Tenants and their tokens.
+    let mut tenants: Vec<Option<String>> = Vec::new();
+    for r in records {
+        if !tenants.contains(&r.tenant) {
+            tenants.push(r.tenant.clone());
+        }
+    }
+    let token_of = |t: &Option<String>| -> anyhow::Result<String> {
+        cfg.tokens
+            .iter()
+            .find(|(tt, _)| tt == t)
+            .or_else(|| cfg.tokens.iter().find(|(tt, _)| tt.is_none()))
+            .map(|(_, tok)| tok.clone())
+            .with_context(|| format!("no --token for tenant {}", t.as_deref().unwrap_or("(default)")))
+    };
+    let tenant_idx: HashMap<Option<String>, usize> =
+        tenants.iter().cloned().enumerate().map(|(i, t)| (t, i)).collect();
+
+    // The schedule.
+    let timed_recs: Vec<TimedRecord> = timed
+        .iter()
+        .map(|r| TimedRecord { at_ms: r.at_ms, is_lead: matches!(r.request, Request::PublishLead { .. }) })
+        .collect();
+    let plan = Arc::new(schedule::plan(&timed_recs, cfg.pacing, cfg.duration.map(|d| d.as_nanos() as u64))?);
+    let mut lead_pos = HashMap::new();
+    for r in timed {
+        if let Request::PublishLead { lead } = &r.request {
+            let n = lead_pos.len() as u32;
+            lead_pos.entry(lead.id.clone()).or_insert(n);
+        }
+    }
+    let loc = Arc::new(Localizer {
+        tag: cfg.run_tag.clone(),
+        lead_pos,
+        leads_per_lap: plan.leads_per_lap,
+        speedup: plan.speedup,
+    });
+    let timed_is_lead = Arc::new(timed_recs.iter().map(|r| r.is_lead).collect::<Vec<_>>());
+    let n = cfg.connections;
+
+    // Connect.
+    let mut conns = Vec::with_capacity(tenants.len() * n);
+    for t in &tenants {
+        let token = token_of(t)?;
+        for _ in 0..n {
+            conns.push(connect(&cfg.url, &token, enc).await?);
+        }
+    }
+
+    // Setup: pipelined, every reply awaited, not measured.
+    let setup_started = std::time::Instant::now();
+    let mut setup_errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut buf = Vec::new();
+    let wall = wall_ms();
+    for (chunk_no, chunk) in setup.chunks(SETUP_WINDOW * conns.len()).enumerate() {
+        let mut expected = vec![0usize; conns.len()];
+        for (i, r) in chunk.iter().enumerate() {
+            let c = tenant_idx[&r.tenant] * n + route(&r.request, None, n);
+            let req = loc.localize(r, "setup", 0, u32::MAX, wall);
+            let id = format!("s{chunk_no}-{i}");
+            wire::encode_into(enc, &Envelope { id: &id, request: &req }, &mut buf);
+            conns[c].feed(message(enc, &buf)).await?;
+            expected[c] += 1;
+        }
+        for (c, ws) in conns.iter_mut().enumerate() {
+            ws.flush().await?;
+            let mut got = 0;
+            while got < expected[c] {
+                let m = tokio::time::timeout(SETUP_TIMEOUT, ws.next())
+                    .await
+                    .context("setup: no reply within the timeout")?
+                    .context("setup: connection closed")??;
+                let Some(bytes) = payload(&m) else { continue };
+                let f: Incoming = wire::decode(enc, bytes)?;
+                if f.kind == "error" {
+                    *setup_errors.entry(f.code.as_deref().unwrap_or("unknown").to_string()).or_default() += 1;
+                }
+                got += 1;
+            }
+        }
+    }
+    if !setup_errors.is_empty() {
+        eprintln!("setup errors by code: {setup_errors:?}");
+    }
+    let setup_s = setup_started.elapsed().as_secs_f64();
+
+    // Streams: subscribe after the setup, so setup events do not fill the queue.
+    let mut streams = Vec::new();
+    for t in &tenants {
+        let mut ws = connect(&cfg.url, &token_of(t)?, enc).await?;
+        wire::encode_into(enc, &serde_json::json!({"id": "sub", "type": "subscribe"}), &mut buf);
+        ws.send(message(enc, &buf)).await?;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .context("subscribe: no reply")?
+                .context("subscribe: connection closed")??;
+            let Some(bytes) = payload(&m) else { continue };
+            let f: Incoming = wire::decode(enc, bytes)?;
+            if f.id.as_deref() == Some("sub") {
+                anyhow::ensure!(f.kind == "ok", "subscribe refused: {:?}", f.code);
+                let s: SubscribedReply = wire::decode(enc, bytes)?;
+                anyhow::ensure!(s.result.subscribed, "subscribe answered subscribed=false");
+                break;
+            }
+        }
+        streams.push(ws);
+    }
+
+    let total_leads = plan.lead_item.len();
+    let start_ns = mono_ns() + 20_000_000; // 20 ms to get the readers going
+    let wall_start = wall_ms() + 20;
+    let rec = Arc::new(Mutex::new(Recorder {
+        start_ns,
+        plan: plan.clone(),
+        timed_is_lead: timed_is_lead.clone(),
+        loc: loc.clone(),
+        ack: hist(3),
+        delivery: hist(3),
+        other: hist(3),
+        lag: hist(3),
+        iv_ack: hist(2),
+        iv_delivery: hist(2),
+        iv_errors: 0,
+        iv_deliveries: 0,
+        interval_hists: Vec::new(),
+        intervals: Vec::new(),
+        replies: 0,
+        acks_accepted: 0,
+        acks_rejected: 0,
+        errors: BTreeMap::new(),
+        checker: Checker::new(total_leads),
+        stream_events: 0,
+        seq_gaps: 0,
+        last_seq: HashMap::new(),
+        answered: vec![false; plan.items.len()],
+        duplicate_replies: 0,
+        last_ack_ns: 0,
+    }));
+    let stream_closed = Arc::new(AtomicBool::new(false));
+    let mut sinks = Vec::new();
+    let mut readers = Vec::new();
+    for ws in conns {
+        let (sink, source) = ws.split();
+        sinks.push(sink);
+        readers.push(tokio::spawn(read_replies(source, enc, rec.clone())));
+    }
+    let mut stream_sinks = Vec::new();
+    for (i, ws) in streams.into_iter().enumerate() {
+        let (sink, source) = ws.split();
+        stream_sinks.push(sink);
+        readers.push(tokio::spawn(read_stream(i, source, enc, rec.clone(), stream_closed.clone())));
+    }
+
+    // Progress and intervals.
+    let sent = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = tokio::spawn(progress(
+        rec.clone(),
+        sent.clone(),
+        done.clone(),
+        cfg.interval,
+        start_ns,
+        plan.span_ns,
+        cfg.progress,
+        target_leads_per_s(&plan, cfg.pacing),
+    ));
+
+    // The sender.
+    let mut sleeper = Sleeper::new()?;
+    let batch_ns = cfg.batch.as_nanos() as u64;
+    let mut dirty = vec![false; sinks.len()];
+    let mut lags = Vec::with_capacity(MAX_BATCH);
+    let mut dead = vec![false; sinks.len()];
+    let mut i = 0;
+    let items = &plan.items;
+    while i < items.len() {
+        let now = mono_ns().saturating_sub(start_ns);
+        if items[i].t_ns > now {
+            sleeper.until(start_ns + items[i].t_ns.max(now + batch_ns)).await?;
+            continue;
+        }
+        let now = mono_ns().saturating_sub(start_ns);
+        let mut k = 0;
+        while i < items.len() && items[i].t_ns <= now && k < MAX_BATCH {
+            let item = items[i];
+            let r = &timed[item.rec as usize];
+            let lead_ord = match &r.request {
+                Request::PublishLead { .. } => Some(item.lead_ord),
+                Request::Offer { lead, .. } => loc.lead_ord(item.lap, lead),
+                _ => None,
+            };
+            let c = tenant_idx[&r.tenant] * n + route(&r.request, lead_ord, n);
+            let wall = wall_start + (item.t_ns / 1_000_000) as i64;
+            let lap = item.lap.to_string();
+            let req = loc.localize(r, &lap, item.lap, item.lead_ord, wall);
+            let id = format!("i{i}");
+            wire::encode_into(enc, &Envelope { id: &id, request: &req }, &mut buf);
+            if !dead[c] && sinks[c].feed(message(enc, &buf)).await.is_err() {
+                dead[c] = true;
+            }
+            dirty[c] = true;
+            lags.push(now - item.t_ns);
+            i += 1;
+            k += 1;
+        }
+        for (c, d) in dirty.iter_mut().enumerate() {
+            if std::mem::take(d) && !dead[c] && sinks[c].flush().await.is_err() {
+                dead[c] = true;
+            }
+        }
+        sent.fetch_add(k as u64, Ordering::Relaxed);
+        {
+            let mut r = rec.lock().expect("no thread panics holding the recorder");
+            // Lag measured at the start of the batch: encoding time is the tool's too.
+            let done_ns = mono_ns().saturating_sub(start_ns);
+            for &l in &lags {
+                r.lag.saturating_record((l + (done_ns - now)) / 1000);
+            }
+        }
+        lags.clear();
+        if k == MAX_BATCH {
+            tokio::task::yield_now().await;
+        }
+    }
+    let sent_total = i as u64;
+    let send_end = mono_ns();
+
+    // Drain: every reply and every acknowledged lead's event, or the timeout.
+    let drain_until = send_end + cfg.drain.min(MAX_DRAIN).as_nanos() as u64;
+    loop {
+        let settled = {
+            let r = rec.lock().expect("no thread panics holding the recorder");
+            r.replies >= sent_total && r.checker.pending() == 0
+        };
+        if settled || mono_ns() >= drain_until || stream_closed.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the last stream frames of this batch in, then stop.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    done.store(true, Ordering::Relaxed);
+    let _ = ticker.await;
+    for mut s in sinks.into_iter().chain(stream_sinks) {
+        let _ = s.send(Message::Close(None)).await;
+    }
+    for r in &readers {
+        r.abort();
+    }
+
+    let end_ns = mono_ns();
+    let mut r = rec.lock().expect("no thread panics holding the recorder");
+    let timed_s = (send_end.max(start_ns) - start_ns) as f64 / 1e9;
+    let _ = end_ns;
+    let sent_leads = plan.lead_item.len() as u64;
+    let violations = r.checker.finish();
+    let mut errors = r.errors.clone();
+    if r.duplicate_replies > 0 {
+        errors.insert("duplicate_reply".into(), r.duplicate_replies);
+    }
+    let summary = Summary {
+        run_tag: cfg.run_tag.clone(),
+        encoding: enc,
+        connections: n,
+        target_leads_per_s: target_leads_per_s(&plan, cfg.pacing),
+        // Over the leads' own span, or until the last acknowledgement if later.
+        achieved_leads_per_s: r.ack.len() as f64
+            / (lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
+        duration_s: timed_s,
+        setup_records: setup.len() as u64,
+        setup_s,
+        sent: sent_total,
+        sent_leads,
+        replies: r.replies,
+        missing_replies: sent_total.saturating_sub(r.replies),
+        acks_accepted: r.acks_accepted,
+        acks_rejected: r.acks_rejected,
+        errors_by_code: errors,
+        ack: Percentiles::of(&r.ack),
+        delivery: Percentiles::of(&r.delivery),
+        other_replies: Percentiles::of(&r.other),
+        send_lag: Percentiles::of(&r.lag),
+        stream_events: r.stream_events,
+        stream_seq_gaps: r.seq_gaps,
+        stream_closed_early: stream_closed.load(Ordering::Relaxed),
+        violations,
+        intervals: std::mem::take(&mut r.intervals),
+    };
+    Ok(Outcome {
+        summary,
+        ack: r.ack.clone(),
+        delivery: r.delivery.clone(),
+        interval_hists: std::mem::take(&mut r.interval_hists),
+        interval: cfg.interval,
+    })
+}
+
+/// From the start to the intended time of the last publish (or the whole span with
+/// a fixed duration).
+fn lead_span_ns(plan: &Plan) -> u64 {
+    let last = plan.lead_item.last().map(|&i| plan.items[i as usize].t_ns).unwrap_or(0);
+    let per_lead = last / (plan.lead_item.len().max(2) as u64 - 1);
+    (last + per_lead).max(1)
+}
+
+fn target_leads_per_s(plan: &Plan, pacing: Pacing) -> f64 {
+    match pacing {
+        Pacing::Rate(r) => r,
+        Pacing::Speed(_) => plan.lead_item.len() as f64 / (lead_span_ns(plan) as f64 / 1e9),
+    }
+}
+
+async fn read_replies(mut source: Source, enc: Encoding, rec: Arc<Mutex<Recorder>>) {
+    while let Some(Ok(m)) = source.next().await {
+        let recv = mono_ns();
+        let mut batch = vec![m];
+        // Take what is already here too, and record it under one lock.
+        while batch.len() < 1024 {
+            match source.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut r = rec.lock().expect("no thread panics holding the recorder");
+        for m in &batch {
+            let Some(bytes) = payload(m) else { continue };
+            match wire::decode::<Incoming>(enc, bytes) {
+                Ok(f) if f.kind == "ok" || f.kind == "error" => r.on_reply(bytes, enc, &f, recv),
+                Ok(_) => {}
+                Err(_) => *r.errors.entry("unreadable_frame".into()).or_default() += 1,
+            }
+        }
+    }
+}
+
+async fn read_stream(
+    i: usize,
+    mut source: Source,
+    enc: Encoding,
+    rec: Arc<Mutex<Recorder>>,
+    closed: Arc<AtomicBool>,
+) {
+    loop {
+        let m = match source.next().await {
+            Some(Ok(m)) => m,
+            _ => break,
+        };
+        if let Message::Close(frame) = &m {
+            eprintln!("stream closed by the server: {frame:?}");
+            break;
+        }
+        let recv = mono_ns();
+        let mut batch = vec![m];
+        while batch.len() < 4096 {
+            match source.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut r = rec.lock().expect("no thread panics holding the recorder");
+        for m in &batch {
+            if let Message::Close(frame) = m {
+                eprintln!("stream closed by the server: {frame:?}");
+                closed.store(true, Ordering::Relaxed);
+                return;
+            }
+            let Some(bytes) = payload(m) else { continue };
+            match wire::decode::<Incoming>(enc, bytes) {
+                Ok(f) if f.kind == "event" => r.on_event(i, &f, recv),
+                Ok(_) => {}
+                Err(_) => *r.errors.entry("unreadable_event".into()).or_default() += 1,
+            }
+        }
+    }
+    closed.store(true, Ordering::Relaxed);
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn progress(
+    rec: Arc<Mutex<Recorder>>,
+    sent: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+    interval: Duration,
+    start_ns: u64,
+    span_ns: u64,
+    show: bool,
+    target: f64,
+) {
+    let bar = if show {
+        let b = indicatif::ProgressBar::new((span_ns / 1_000_000).max(1));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {percent:>3}% {msg}")
+                .expect("constant template is valid")
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let interval = interval.max(Duration::from_millis(100));
+    let mut iv_start = Duration::ZERO;
+    let mut last_sent = 0;
+    // Wait for the start of the timed phase.
+    let now = mono_ns();
+    if start_ns > now {
+        tokio::time::sleep(Duration::from_nanos(start_ns - now)).await;
+    }
+    while !done.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let elapsed = Duration::from_nanos(mono_ns().saturating_sub(start_ns));
+        bar.set_position((elapsed.as_millis() as u64).min(span_ns / 1_000_000));
+        if elapsed >= iv_start + interval {
+            let s = sent.load(Ordering::Relaxed);
+            let mut r = rec.lock().expect("no thread panics holding the recorder");
+            r.rotate(iv_start, elapsed - iv_start, s - last_sent);
+            last_sent = s;
+            iv_start = elapsed;
+            let l = r.intervals.last().expect("just pushed");
+            let errors: u64 = r.errors.values().sum();
+            bar.set_message(format!(
+                "target {target:.0}/s  sent {:.0}/s  acks {:.0}/s  ack p99 {:.2} ms  delivery p99 {:.2} ms  errors {errors}",
+                l.sent_per_s, l.acks_per_s, l.ack_p99_ms, l.delivery_p99_ms
+            ));
+        }
+    }
+    let elapsed = Duration::from_nanos(mono_ns().saturating_sub(start_ns));
+    if elapsed > iv_start {
+        let s = sent.load(Ordering::Relaxed);
+        rec.lock().expect("no thread panics holding the recorder").rotate(
+            iv_start,
+            elapsed - iv_start,
+            s - last_sent,
+        );
+    }
+    bar.finish_and_clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_or_named_hosts() {
+        assert!(check_target("ws://127.0.0.1:7700", &[]).is_ok());
+        assert!(check_target("ws://localhost:7700/x", &[]).is_ok());
+        assert!(check_target("ws://[::1]:7700", &[]).is_ok());
+        assert!(check_target("ws://10.0.0.5:7700", &[]).is_err());
+        assert!(check_target("ws://10.0.0.5:7700", &["10.0.0.5".into()]).is_ok());
+        assert!(check_target("wss://127.0.0.1:7700", &[]).is_err());
+    }
+
+    #[test]
+    fn lead_ids_round_trip_through_the_run_tag() {
+        let loc =
+            Localizer { tag: "run-7".into(), lead_pos: HashMap::new(), leads_per_lap: 10, speedup: 2.0 };
+        assert_eq!(loc.parse_lead(&loc.lead_id(42)), Some(42));
+        assert_eq!(loc.parse_lead("run-8-42"), None, "other runs' leads are ignored");
+        // 10 s after the record's own time on the trace clock is 5 s at 2x.
+        assert_eq!(loc.rebase(TRACE_EPOCH_MS + 1_000 + 10_000, 1_000, 50_000), 55_000);
+    }
+}
