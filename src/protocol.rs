@@ -325,10 +325,10 @@ pub enum StreamEvent {
         price: u64,
         respond_by: Option<Millis>,
         at: Millis,
-        summary: LeadSummary,
+        summary: std::sync::Arc<LeadSummary>,
         /// R11: the price's inputs, so a pro can see why the lead costs what it costs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        price_components: Option<crate::pricing::PriceComponents>,
+        price_components: Option<std::sync::Arc<crate::pricing::PriceComponents>>,
     },
     Responded {
         lead: LeadId,

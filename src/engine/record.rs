@@ -58,7 +58,9 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
         }),
         Event::Offered { lead, at, grants, .. } => {
             let Some(st) = shard.lead(lead) else { return };
-            let summary = LeadSummary::of(&st.lead);
+            // Built once per release and shared by every offer of it.
+            let summary = std::sync::Arc::new(LeadSummary::of(&st.lead));
+            let components = st.price_components.clone().map(std::sync::Arc::new);
             let window = shard.policy().response_window;
             for g in grants {
                 let respond_by = match g.kind {
@@ -73,7 +75,7 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
                     respond_by,
                     at: *at,
                     summary: summary.clone(),
-                    price_components: st.price_components.clone(),
+                    price_components: components.clone(),
                 });
             }
         }
