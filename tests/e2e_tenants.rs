@@ -341,3 +341,80 @@ async fn r25_r26_order_request_in_a_night_window_is_approved_by_a_custom_offer_a
     let (r, _) = c.call(json!({"type": "order", "command": {"type": "answer_request", "request": "nope", "answer": {"answer": "decline"}}})).await;
     assert_eq!(r["code"], "unknown_order_request", "{r}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn r21_r24_a_budget_allows_three_of_four_slots_and_a_paused_config_resumes_mid_week_with_a_recharge() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    // b1-b3 can buy two leads (24 = 2 x 12); b4 only one.
+    for i in 1..=4 {
+        let mut p = autobuy_pro(i);
+        p["autobuy"][0]["weekly_budget_credits"] = json!(if i == 4 { 12 } else { 24 });
+        c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+    }
+    let count = |o: &serde_json::Value| o["offers"].as_array().unwrap().len();
+    let publish = |id: &str| {
+        let mut l = lead_in(id, "madrid", true);
+        l["client"]["id"] = json!(format!("client-{id}"));
+        json!({"type": "publish_lead", "lead": l})
+    };
+    assert_eq!(count(&c.ok(publish("G1")).await), 4);
+    let g2 = c.ok(publish("G2")).await;
+    assert_eq!(count(&g2), 3, "b4's budget allows no second lead: 3 of 4 slots, never an overshoot");
+    // b4 pauses its config for two days, then it resumes by itself (R24): the resume
+    // recharges the budget (R20) and b4 gets the lead it missed, within 24 h (R22).
+    let mut p4 = autobuy_pro(4);
+    p4["autobuy"][0]["weekly_budget_credits"] = json!(12);
+    p4["autobuy"][0]["paused_until"] = json!(T0 + 2 * HOUR);
+    c.ok(json!({"type": "upsert_pro", "pro": p4})).await;
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 2 * HOUR})).await;
+    let ex = c.ok(json!({"type": "explain", "lead": "G2"})).await;
+    let offered: Vec<&str> = ex["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["outcome"] == "offered")
+        .map(|e| e["pro"].as_str().unwrap())
+        .collect();
+    assert_eq!(offered.len(), 4, "{ex}");
+    assert!(offered.contains(&"b4"), "{ex}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r5_on_the_wall_clock_the_head_start_timer_fires_by_itself() {
+    // A tenant whose head start is one second, on the real clock: the generic release
+    // must come from the shard's own timer, with no request to trigger it.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let policy = dir.path().join("prontopro.toml");
+    let text = std::fs::read_to_string(&policy).unwrap().replace("head_start_s = 1800", "head_start_s = 1");
+    std::fs::write(&policy, text).unwrap();
+    let d = Daemon::start_wall(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let mut s = Client::connect(&d.addr, "pp-token", false).await;
+    s.ok(json!({"type": "subscribe"})).await;
+    for p in ["p1", "p2"] {
+        c.ok(
+            json!({"type": "upsert_pro", "pro": {"id": p, "categories": ["painting"], "zones": ["bologna"]}}),
+        )
+        .await;
+        c.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 50})).await;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut l = lead_in("W1", "bologna", true);
+    l["direct"] = json!(["p1"]);
+    l["created_at"] = json!(now);
+    let out = c.ok(json!({"type": "publish_lead", "lead": l})).await;
+    assert_eq!(out["offers"].as_array().unwrap().len(), 1, "only the direct target at first");
+    // Wait (bounded by the client's 20 s receive deadline) for the generic offer.
+    loop {
+        let ev = s.events(1).await;
+        if ev[0]["event"]["event"] == "offered" && ev[0]["event"]["kind"] == "generic" {
+            assert_eq!(ev[0]["event"]["pro"], "p2");
+            assert!(ev[0]["event"]["at"].as_i64().unwrap() >= now + 1000, "not before the head start ends");
+            break;
+        }
+    }
+}

@@ -32,14 +32,20 @@ impl Daemon {
         Self::spawn(dir, Some(config), t0)
     }
 
+    /// With the wall clock (timers fire by themselves).
+    pub fn start_wall(dir: &std::path::Path, config: &std::path::Path) -> Daemon {
+        Self::spawn(dir, Some(config), 0)
+    }
+
     fn spawn(dir: &std::path::Path, config: Option<&std::path::Path>, t0: i64) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rota"));
         cmd.arg("serve");
         if let Some(c) = config {
             cmd.arg("-c").arg(c);
         }
+        let clock = if t0 == 0 { "wall" } else { "manual" };
         let mut child = cmd
-            .args(["--listen", "127.0.0.1:0", "--clock", "manual"])
+            .args(["--listen", "127.0.0.1:0", "--clock", clock])
             .arg("--data-dir")
             .arg(dir)
             .args(["--set", &format!("manual_clock_start_ms={t0}"), "--set", "log_level=\"warn\""])
