@@ -243,6 +243,18 @@ mod tests {
     }
 
     #[test]
+    fn a_per_pro_feed_sees_only_that_pros_events_live_and_on_resume() {
+        let credit = |pro: &str, n: u64| StreamEvent::TopupRequested { pro: crate::ids::ProId::new(pro), credits: n };
+        let hub = StreamHub::new(100);
+        hub.publish([credit("a", 1), credit("b", 2), ev(3)]);
+        let mut feed = hub.subscribe(Some(0), Some(crate::ids::ProId::new("a")), 16).unwrap();
+        assert_eq!(feed.backlog.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![1]);
+        hub.publish([credit("b", 4), credit("a", 5)]);
+        assert_eq!(feed.rx.try_recv().unwrap().seq, 5);
+        assert!(feed.rx.try_recv().is_err());
+    }
+
+    #[test]
     fn frames_are_encoded_once_and_shared() {
         let o = Outgoing::new(7, ev(7));
         let a = o.bytes(Encoding::Json);
