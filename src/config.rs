@@ -228,8 +228,8 @@ impl Config {
         let admin_listen: SocketAddr = raw.admin_listen.parse().map_err(|_| {
             invalid("admin_listen", format!("not an ip:port address: {:?}", raw.admin_listen))
         })?;
-        if raw.arbiters == 0 || raw.arbiters > 64 {
-            return Err(invalid("arbiters", "must be in 1..=64"));
+        if raw.arbiters > 64 {
+            return Err(invalid("arbiters", "must be in 0..=64 (0 = on the gateway's thread)"));
         }
         for (key, v, min) in [
             ("mailbox_capacity", raw.mailbox_capacity, 1),
@@ -406,7 +406,7 @@ mod tests {
         let src = Sources { flags: vec!["lisen=1".into()], ..Default::default() };
         let e = Config::load(&src).unwrap_err().to_string();
         assert!(e.contains("lisen"), "{e}");
-        let src = Sources { flags: vec!["arbiters=0".into()], ..Default::default() };
+        let src = Sources { flags: vec!["arbiters=65".into()], ..Default::default() };
         let e = Config::load(&src).unwrap_err().to_string();
         assert!(e.contains("arbiters"), "{e}");
     }

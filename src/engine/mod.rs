@@ -78,6 +78,8 @@ pub struct Inner {
     /// Readers: every decide -> log -> apply step. Writer: a snapshot.
     pub(crate) gate: RwLock<()>,
     arbiters: Vec<ArbiterHandle>,
+    /// False when the actors run on the gateway's own arbiter (not ours to stop).
+    own_arbiters: bool,
     next_arbiter: AtomicUsize,
     pub ready: Arc<AtomicBool>,
     stopping: AtomicBool,
@@ -181,7 +183,13 @@ impl Engine {
         if let Some(e) = rec.error.take() {
             return Err(e);
         }
-        let arbiters: Vec<ArbiterHandle> = (0..cfg.raw.arbiters).map(|_| Arbiter::new().handle()).collect();
+        // `arbiters = 0`: shard actors share the gateway's thread (no cross-thread hop
+        // per request; DESIGN.md section 6). Otherwise, that many dedicated threads.
+        let arbiters: Vec<ArbiterHandle> = match cfg.raw.arbiters {
+            0 => vec![Arbiter::current()],
+            n => (0..n).map(|_| Arbiter::new().handle()).collect(),
+        };
+        let own_arbiters = cfg.raw.arbiters > 0;
         let mut tenants = FxHashMap::default();
         for t in &cfg.tenants {
             let hub = Arc::new(StreamHub::new(cfg.raw.stream_retention_events));
@@ -219,6 +227,7 @@ impl Engine {
             lead_index: rec.lead_index.drain().collect(),
             gate: RwLock::new(()),
             arbiters,
+            own_arbiters,
             next_arbiter: AtomicUsize::new(0),
             ready,
             stopping: AtomicBool::new(false),
@@ -820,8 +829,10 @@ impl Engine {
         for t in self.inner.tenants.values() {
             t.hub.close_all();
         }
-        for a in &self.inner.arbiters {
-            a.stop();
+        if self.inner.own_arbiters {
+            for a in &self.inner.arbiters {
+                a.stop();
+            }
         }
         Ok(())
     }
