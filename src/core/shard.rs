@@ -492,6 +492,11 @@ pub struct OfferState {
     pub viewed: bool,
     pub refunded: bool,
     pub notes: Vec<String>,
+    /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
+    /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
+    /// this field: forgetting then scans the deadlines).
+    #[serde(default)]
+    pub guarantee_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -515,6 +520,10 @@ pub struct LeadState {
     /// prefix: nothing is offered before the publish) it made.
     pub published_release_at: Option<Millis>,
     pub published_offers: u32,
+    /// When the lead is forgotten (set when it closes), so that its `Forget` deadline
+    /// is removed by key.
+    #[serde(default)]
+    pub forget_at: Option<Millis>,
 }
 
 impl LeadState {
@@ -536,6 +545,8 @@ impl LeadState {
 struct RejectedLead {
     fingerprint: u64,
     reason: RejectReason,
+    #[serde(default)]
+    forget_at: Option<Millis>,
 }
 
 /// Something the shard must do at a time.
@@ -779,6 +790,7 @@ impl Shard {
                     viewed: false,
                     refunded: false,
                     notes: Vec::new(),
+                    guarantee_at: None,
                 })
                 .collect();
             let ev = self.release(now, &st, funds);
@@ -1224,13 +1236,12 @@ impl Shard {
                 }
             }
             Event::LeadRejected { lead, fingerprint, reason, at, .. } => {
-                self.rejected
-                    .insert(lead.clone(), RejectedLead { fingerprint: *fingerprint, reason: *reason });
-                self.deadlines.insert(Deadline {
-                    at: at.saturating_add(self.policy.idempotency_retention),
-                    lead: lead.clone(),
-                    due: Due::Forget,
-                });
+                let forget_at = at.saturating_add(self.policy.idempotency_retention);
+                self.rejected.insert(
+                    lead.clone(),
+                    RejectedLead { fingerprint: *fingerprint, reason: *reason, forget_at: Some(forget_at) },
+                );
+                self.deadlines.insert(Deadline { at: forget_at, lead: lead.clone(), due: Due::Forget });
             }
             Event::LeadAccepted { lead, fingerprint, price, at, release_at, expires_at } => {
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
@@ -1251,9 +1262,13 @@ impl Shard {
                     return;
                 };
                 if *release {
-                    st.release_at = None;
-                    self.deadlines.remove(&Deadline { at: *at, lead: lead.clone(), due: Due::Release });
-                    self.deadlines.retain(|d| !(d.lead == *lead && d.due == Due::Release));
+                    // The only `Release` deadline of a lead is at its `release_at` (set
+                    // by `LeadAccepted`, cleared here and by `LeadClosed`), so it is
+                    // removed by key: O(log deadlines), not a scan of every deadline of
+                    // every open lead (that scan was most of a decision's cost).
+                    if let Some(r) = st.release_at.take() {
+                        self.deadlines.remove(&Deadline { at: r, lead: lead.clone(), due: Due::Release });
+                    }
                 }
                 for g in grants {
                     // The publish decision's own offers: the direct ones and an
@@ -1287,6 +1302,7 @@ impl Shard {
                         viewed: false,
                         refunded: false,
                         notes: Vec::new(),
+                        guarantee_at: None,
                     });
                     st.budget_waitlist.retain(|p| p != &g.pro);
                     if let Some(&slot) = self.slots.get(&g.pro) {
@@ -1338,8 +1354,12 @@ impl Shard {
                         }
                     }
                     if let (Some(w), Some(_)) = (policy.guarantee_window, charge) {
+                        let t = at.saturating_add(w);
+                        if let Some(o) = st.offer_mut(pro) {
+                            o.guarantee_at = Some(t);
+                        }
                         self.deadlines.insert(Deadline {
-                            at: at.saturating_add(w),
+                            at: t,
                             lead: lead.clone(),
                             due: Due::Guarantee(pro.clone()),
                         });
@@ -1393,10 +1413,22 @@ impl Shard {
                 let retention = self.policy.idempotency_retention;
                 let guarantee = self.policy.guarantee_window.unwrap_or(0);
                 if let Some(st) = self.leads.get_mut(lead) {
+                    // Release, offer expiry and close deadlines sit at times the lead
+                    // state records (`release_at`, each offer's `respond_by`,
+                    // `expires_at`): removed by key, no scan of every deadline.
+                    let dl = |at: Millis, due: Due| Deadline { at, lead: lead.clone(), due };
+                    if st.closed_at.is_none() {
+                        self.deadlines.remove(&dl(st.expires_at, Due::Close));
+                    }
+                    if let Some(r) = st.release_at.take() {
+                        self.deadlines.remove(&dl(r, Due::Release));
+                    }
                     st.closed_at = Some(*at);
-                    st.release_at = None;
                     st.budget_waitlist.clear();
                     for o in &mut st.offers {
+                        if let Some(t) = o.respond_by {
+                            self.deadlines.remove(&dl(t, Due::ExpireOffer(o.pro.clone())));
+                        }
                         if o.status.is_open() {
                             o.status = OfferStatus::Inactive;
                         }
@@ -1405,23 +1437,41 @@ impl Shard {
                         }
                     }
                 }
-                self.deadlines.retain(|d| {
-                    !(d.lead == *lead && matches!(d.due, Due::Release | Due::ExpireOffer(_) | Due::Close))
-                });
-                self.deadlines.insert(Deadline {
-                    at: at.saturating_add(retention.max(guarantee)),
-                    lead: lead.clone(),
-                    due: Due::Forget,
-                });
+                let forget_at = at.saturating_add(retention.max(guarantee));
+                if let Some(st) = self.leads.get_mut(lead) {
+                    st.forget_at = Some(forget_at);
+                }
+                self.deadlines.insert(Deadline { at: forget_at, lead: lead.clone(), due: Due::Forget });
             }
             Event::LeadForgotten { lead } => {
+                // What is left of a closed lead's deadlines (guarantees, the forget
+                // itself) is removed by key where the state recorded their times;
+                // state restored from an older snapshot falls back to a scan.
+                let dl = |at: Millis, due: Due| Deadline { at, lead: lead.clone(), due };
+                let mut by_key = false;
                 if let Some(st) = self.leads.remove(lead) {
                     if self.last_by_client.get(&st.lead.client.id).is_some_and(|(_, l)| l == lead) {
                         self.last_by_client.remove(&st.lead.client.id);
                     }
+                    if let Some(f) = st.forget_at {
+                        by_key = true;
+                        self.deadlines.remove(&dl(f, Due::Forget));
+                        for o in &st.offers {
+                            if let Some(g) = o.guarantee_at {
+                                self.deadlines.remove(&dl(g, Due::Guarantee(o.pro.clone())));
+                            }
+                        }
+                    }
                 }
-                self.rejected.remove(lead);
-                self.deadlines.retain(|d| d.lead != *lead);
+                if let Some(r) = self.rejected.remove(lead) {
+                    if let Some(f) = r.forget_at {
+                        by_key = true;
+                        self.deadlines.remove(&dl(f, Due::Forget));
+                    }
+                }
+                if !by_key {
+                    self.deadlines.retain(|d| d.lead != *lead);
+                }
             }
         }
     }
@@ -1625,6 +1675,16 @@ impl Shard {
         if self.ring.len() != self.slots.len() {
             return Err(format!("{} pros but {} in the ring", self.slots.len(), self.ring.len()));
         }
+        // Deadlines are removed by key when a lead closes and is forgotten: a leak here
+        // would mean a key computed differently from the one inserted.
+        for d in &self.deadlines {
+            if !self.leads.contains_key(&d.lead) && !self.rejected.contains_key(&d.lead) {
+                return Err(format!("deadline {:?} at {} of a forgotten lead {}", d.due, d.at, d.lead));
+            }
+            if d.due == Due::Release && self.leads.get(&d.lead).and_then(|st| st.release_at) != Some(d.at) {
+                return Err(format!("release deadline of lead {} at {} is not its release_at", d.lead, d.at));
+            }
+        }
         for st in self.leads.values() {
             let max = self.policy.max_responders;
             if st.responders > max {
@@ -1709,6 +1769,7 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         budget_waitlist: Vec::new(),
         published_release_at: None,
         published_offers: 0,
+        forget_at: None,
     }
 }
 

@@ -210,38 +210,23 @@ fn zero_amounts_are_invalid() {
 fn error_messages_name_the_amounts_and_ops() {
     let msg = |e: LedgerError| e.to_string();
     assert_eq!(
-        msg(LedgerError::InsufficientCredits {
-            available: 5,
-            needed: 6
-        }),
+        msg(LedgerError::InsufficientCredits { available: 5, needed: 6 }),
         "insufficient credits: 5 available, 6 needed"
     );
     assert_eq!(
-        msg(LedgerError::BudgetExhausted {
-            available: 1,
-            needed: 11
-        }),
+        msg(LedgerError::BudgetExhausted { available: 1, needed: 11 }),
         "auto-buy budget exhausted: 1 available, 11 needed"
     );
     assert_eq!(
-        msg(LedgerError::AlreadyRefunded {
-            op: op("charge:l1:p1"),
-            by: op("refund:l1:p1")
-        }),
+        msg(LedgerError::AlreadyRefunded { op: op("charge:l1:p1"), by: op("refund:l1:p1") }),
         "charge:l1:p1 was already refunded by op refund:l1:p1"
     );
     assert_eq!(
-        msg(LedgerError::OpConflict {
-            op: op("c"),
-            existing: "charge"
-        }),
+        msg(LedgerError::OpConflict { op: op("c"), existing: "charge" }),
         "op id c was already used for a different charge operation"
     );
     assert_eq!(
-        msg(LedgerError::AmountOverflow {
-            field: "available",
-            amount: 2
-        }),
+        msg(LedgerError::AmountOverflow { field: "available", amount: 2 }),
         "adding 2 credits would overflow the available balance"
     );
 }

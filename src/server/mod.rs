@@ -6,8 +6,8 @@
 //! drain the shard mailboxes, sync the WAL, snapshot, exit 0. A second signal, or
 //! `shutdown_timeout_ms` passing, forces exit 1.
 
-pub mod demo;
 pub mod admin;
+pub mod demo;
 pub mod ws;
 
 use crate::config::Config;
