@@ -476,6 +476,23 @@ pub struct ProSlot {
     pub pro: Arc<Pro>,
     pub stats: ProStats,
     pub weight: WeightBreakdown,
+    /// The pro's schedule zone, parsed once when the pro or its availability changes
+    /// (not stored: [`Shard::restore`] fills it); parsing it per candidate was a tenth
+    /// of a decision.
+    #[serde(skip)]
+    schedule_tz: Option<chrono_tz::Tz>,
+}
+
+impl ProSlot {
+    fn new(pro: Arc<Pro>, stats: ProStats, weight: WeightBreakdown) -> Self {
+        let schedule_tz = pro.availability.schedule_tz();
+        Self { pro, stats, weight, schedule_tz }
+    }
+
+    /// R4/R16 availability of the pro at `now`.
+    pub fn available(&self, now: Millis) -> Result<(), Unavailable> {
+        self.pro.availability.check_in(now, self.schedule_tz)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -608,6 +625,9 @@ impl Shard {
     pub fn restore(&mut self, policy: Arc<Policy>) {
         self.policy = policy;
         self.ring.rebuild_index();
+        for ps in self.pros.iter_mut().flatten() {
+            ps.schedule_tz = ps.pro.availability.schedule_tz();
+        }
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -697,13 +717,13 @@ impl Shard {
         let fp = lead.fingerprint();
         // R1: idempotent republish.
         if let Some(st) = self.leads.get(&lead.id) {
-            if st.fingerprint != fp {
+            if !lead.has_fingerprint(st.fingerprint, fp) {
                 return Err(Reject::IdempotencyConflict(lead.id.clone()));
             }
             return Ok(Decision { events: vec![], reply: Reply::Lead(self.outcome(st)) });
         }
         if let Some(r) = self.rejected.get(&lead.id) {
-            if r.fingerprint != fp {
+            if !lead.has_fingerprint(r.fingerprint, fp) {
                 return Err(Reject::IdempotencyConflict(lead.id.clone()));
             }
             return Ok(Decision { events: vec![], reply: Reply::Lead(rejected_outcome(&lead.id, r.reason)) });
@@ -754,7 +774,7 @@ impl Shard {
             for target in &lead.direct {
                 match self.slots.get(target) {
                     None => skipped.push((target.clone(), Skip::NotInShard)),
-                    Some(&slot) => match self.slot_pro(slot).pro.availability.check(now) {
+                    Some(&slot) => match self.slot_pro(slot).available(now) {
                         Err(u) => skipped.push((target.clone(), u.into())),
                         Ok(()) => grants.push(Grant { pro: target.clone(), kind, charge: None }),
                     },
@@ -857,7 +877,7 @@ impl Shard {
         if lead.client.pro_id.as_ref() == Some(&pro.id) {
             return Some(Skip::IsClient);
         }
-        if let Err(u) = pro.availability.check(now) {
+        if let Err(u) = ps.available(now) {
             return Some(u.into());
         }
         if let (Some(loc), Some(base), Some(radius)) = (&lead.location, &pro.base, pro.radius_km) {
@@ -906,14 +926,14 @@ impl Shard {
 
     /// The auto-buy config that pays for `st` for this pro (first by name with budget).
     fn budget_config(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<String> {
-        let mut configs: Vec<&AutoBuyConfig> = pro
-            .autobuy
+        // The smallest name among the configs that can pay: no sorted copy of the list.
+        pro.autobuy
             .iter()
             .filter(|c| c.covers(&self.key.zone, &self.key.category) && c.is_buying(now))
             .filter(|c| c.max_price_credits.is_none_or(|m| m >= price))
-            .collect();
-        configs.sort_by(|a, b| a.name.cmp(&b.name));
-        configs.into_iter().find(|c| funds.budget(&pro.id, &c.name) >= price).map(|c| c.name.clone())
+            .filter(|c| funds.budget(&pro.id, &c.name) >= price)
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .map(|c| c.name.clone())
     }
 
     /// The generic release of a lead: who gets it, in rotation order (R5, R6a, R21).
@@ -941,7 +961,7 @@ impl Shard {
             .map(|&slot| {
                 let pro = &self.slot_pro(slot).pro;
                 let charge = (kind == OfferKind::AutoBuy).then(|| Charge {
-                    op: format!("buy:{}:{}", st.lead.id, pro.id),
+                    op: op_id("buy", &st.lead.id, &pro.id),
                     credits: st.price,
                     mode: ChargeMode::Budget {
                         config: self.budget_config(now, pro, st.price, funds).expect(
@@ -1024,7 +1044,7 @@ impl Shard {
                         }
                         let hold = st.lead.client.contact.chat_only();
                         Some(Charge {
-                            op: format!("{}:{}:{}", if hold { "hold" } else { "charge" }, l, p),
+                            op: op_id(if hold { "hold" } else { "charge" }, &l, &p),
                             credits: st.price,
                             mode: if hold { ChargeMode::Hold } else { ChargeMode::Capture },
                         })
@@ -1141,7 +1161,7 @@ impl Shard {
                     pro: pro.clone(),
                     kind: OfferKind::AutoBuy,
                     charge: Some(Charge {
-                        op: format!("buy:{}:{}", st.lead.id, pro),
+                        op: op_id("buy", &st.lead.id, pro),
                         credits: st.price,
                         mode: ChargeMode::Budget { config },
                     }),
@@ -1217,7 +1237,7 @@ impl Shard {
                 let stats = self.pros[slot as usize].take().map(|p| p.stats).unwrap_or_default();
                 let weight = rank::weight(&self.policy, &pro.quality, &stats);
                 let w = weight.weight;
-                self.pros[slot as usize] = Some(ProSlot { pro: pro.clone(), stats, weight });
+                self.pros[slot as usize] = Some(ProSlot::new(pro.clone(), stats, weight));
                 self.ring.upsert(slot, w);
             }
             Event::ProRemoved { pro, .. } => {
@@ -1232,6 +1252,7 @@ impl Shard {
                         let mut p = (*ps.pro).clone();
                         p.availability = availability.clone();
                         ps.pro = Arc::new(p);
+                        ps.schedule_tz = ps.pro.availability.schedule_tz();
                     }
                 }
             }
@@ -1257,7 +1278,7 @@ impl Shard {
             }
             Event::Offered { lead, at, release, grants, rotation, skipped } => {
                 self.ring.commit(rotation, self.policy.max_catch_up_turns);
-                let policy = self.policy.clone();
+                let response_window = self.policy.response_window;
                 let Some(st) = self.leads.get_mut(lead) else {
                     return;
                 };
@@ -1280,7 +1301,7 @@ impl Shard {
                     }
                     let respond_by = match g.kind {
                         OfferKind::Contact | OfferKind::AutoBuy => None,
-                        _ => policy.response_window.map(|w| at.saturating_add(w)),
+                        _ => response_window.map(|w| at.saturating_add(w)),
                     };
                     if let Some(t) = respond_by {
                         self.deadlines.insert(Deadline {
@@ -1308,7 +1329,7 @@ impl Shard {
                     if let Some(&slot) = self.slots.get(&g.pro) {
                         if let Some(ps) = self.pros[slot as usize].as_mut() {
                             ps.stats.offered += 1;
-                            if ps.pro.availability.check(*at).is_ok() {
+                            if ps.available(*at).is_ok() {
                                 ps.stats.rate_relevant += 1;
                             }
                         }
@@ -1548,8 +1569,9 @@ impl Shard {
             .ring
             .iter()
             .filter(|&slot| {
-                let pro = &self.slot_pro(slot).pro;
-                if pro.availability.check(now).is_err() {
+                let ps = self.slot_pro(slot);
+                let pro = &ps.pro;
+                if ps.available(now).is_err() {
                     return false;
                 }
                 if let (Some(loc), Some(base), Some(r)) = (&location, &pro.base, pro.radius_km) {
@@ -1736,6 +1758,19 @@ impl Funds for SpentFunds<'_> {
             b
         }
     }
+}
+
+/// `<kind>:<lead>:<pro>`, the ledger op id of a money intent, built in one allocation
+/// without the formatting machinery.
+fn op_id(kind: &str, lead: &LeadId, pro: &ProId) -> String {
+    let (l, p) = (lead.as_str(), pro.as_str());
+    let mut op = String::with_capacity(kind.len() + l.len() + p.len() + 2);
+    op.push_str(kind);
+    op.push(':');
+    op.push_str(l);
+    op.push(':');
+    op.push_str(p);
+    op
 }
 
 fn done(events: Vec<Event>) -> Decision {
