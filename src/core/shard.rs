@@ -20,7 +20,7 @@
 use super::model::*;
 use super::policy::{ChargeOn, DispatchMode, Policy};
 use super::rank::{self, ProStats, WeightBreakdown};
-use super::ring::{Ring, Selection};
+use super::ring::{Ring, Selection, Verdict};
 use crate::ids::{ClientId, LeadId, Millis, ProId, ShardKey};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -284,8 +284,12 @@ pub enum Event {
         grants: Vec<Grant>,
         /// Rotation slots taken and skipped (replay advances the ring exactly).
         rotation: Selection,
-        /// Why scanned pros were skipped (explain).
+        /// Why scanned pros were skipped (explain): the first
+        /// [`MAX_RECORDED_SKIPS`] of them.
         skipped: Vec<(ProId, Skip)>,
+        /// Scanned and skipped pros past [`MAX_RECORDED_SKIPS`], counted only.
+        #[serde(default)]
+        skipped_more: u32,
     },
     OfferOpened {
         lead: LeadId,
@@ -528,8 +532,14 @@ pub struct LeadState {
     pub offers: Vec<OfferState>,
     pub responders: u32,
     pub generic_responders: u32,
-    /// Explain: why pros were skipped in this lead's releases.
+    /// Explain: why pros were skipped in this lead's releases, at most
+    /// [`MAX_RECORDED_SKIPS`]; the rest are counted in `skipped_more`.
     pub skipped: Vec<(ProId, Skip)>,
+    #[serde(default)]
+    pub skipped_more: u64,
+    /// When the generic release ran (explain tells parked pros' reasons as of then).
+    #[serde(default)]
+    pub released_at: Option<Millis>,
     /// R22: auto-buy pros skipped for lack of budget, retried until `retry_until`.
     pub budget_waitlist: Vec<ProId>,
     /// R1: what the publish answered, kept so that a republish answers the same even
@@ -582,6 +592,12 @@ pub struct Deadline {
     pub lead: LeadId,
     pub due: Due,
 }
+
+/// Most skip reasons recorded per release and per lead for `explain` (R28). A scan
+/// skips few pros (parked ones are not scanned), but a shard where most pros are too far
+/// from a lead could skip thousands; past this bound they are counted, not listed, so
+/// the event and the lead state stay small.
+pub const MAX_RECORDED_SKIPS: usize = 64;
 
 /// Most notes on one offer, and longest note.
 const MAX_NOTES: usize = 100;
@@ -637,9 +653,16 @@ impl Shard {
     /// Policies can change at run time (reload); weights are recomputed.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         self.policy = policy;
+        // What parks a pro depends on the policy (charging at dispatch): re-examine all.
+        self.ring.unpark_all(self.policy.max_catch_up_turns);
         for slot in 0..self.pros.len() {
             self.reweigh(slot as u32);
         }
+    }
+
+    /// Pros parked out of the rotation's scan (unavailable for every lead for a while).
+    pub fn parked_pros(&self) -> usize {
+        self.ring.parked_len()
     }
 
     pub fn pro_count(&self) -> usize {
@@ -789,6 +812,7 @@ impl Shard {
                 grants,
                 rotation: Selection::default(),
                 skipped,
+                skipped_more: 0,
             });
         }
         // No head start: generic release in the same decision.
@@ -948,13 +972,21 @@ impl Shard {
             }
         };
         let mut skipped = Vec::new();
-        let rotation = self.ring.select(n, |slot| match self.ineligible(now, slot, st, funds) {
-            None => true,
-            Some(skip) => {
-                skipped.push((self.slot_pro(slot).pro.id.clone(), skip));
-                false
-            }
-        });
+        let mut skipped_more = 0u32;
+        let catch_up = p.max_catch_up_turns;
+        let rotation =
+            self.ring.select_at(now, catch_up, n, |slot| match self.ineligible(now, slot, st, funds) {
+                None => Verdict::Take,
+                Some(skip) => {
+                    let pro = &self.slot_pro(slot).pro;
+                    if skipped.len() < MAX_RECORDED_SKIPS {
+                        skipped.push((pro.id.clone(), skip));
+                    } else {
+                        skipped_more = skipped_more.saturating_add(1);
+                    }
+                    self.parking(now, pro).map_or(Verdict::Skip, Verdict::Park)
+                }
+            });
         let grants = rotation
             .taken
             .iter()
@@ -974,10 +1006,57 @@ impl Shard {
             .collect();
         // With fanout "all" the rotation order only orders delivery; nobody's turn is
         // consumed, so the ring does not move.
-        let rotation = if n == usize::MAX { Selection::default() } else { rotation };
+        // Parking is no turn: it stays.
+        let rotation = if n == usize::MAX {
+            Selection { parked: rotation.parked, ..Selection::default() }
+        } else {
+            rotation
+        };
         // Only skips the scan actually recorded before the last taken pro count;
         // pros scanned after it (fanout "all") are genuinely ineligible too.
-        Event::Offered { lead: st.lead.id.clone(), at: now, release: true, grants, rotation, skipped }
+        Event::Offered {
+            lead: st.lead.id.clone(),
+            at: now,
+            release: true,
+            grants,
+            rotation,
+            skipped,
+            skipped_more,
+        }
+    }
+
+    /// Whether `pro` is unavailable for *every* lead of this shard at `now`, whatever
+    /// the lead and the funds, and until when: `Some(Some(t))` = until `t`,
+    /// `Some(None)` = until the pro changes (upsert, availability), `None` = not
+    /// parkable. The rotation parks such pros instead of scanning them per lead.
+    /// Schedules and budgets are not parked: a schedule reopens every day and a budget
+    /// can come back without an event in this shard (a refund).
+    fn parking(&self, now: Millis, pro: &Pro) -> Option<Option<Millis>> {
+        // Ineligible while any condition holds: until the last of them ends.
+        let mut until: Option<Option<Millis>> = None;
+        let mut hold = |end: Option<Millis>| {
+            until = Some(match (until, end) {
+                (Some(None), _) | (_, None) => None,
+                (Some(Some(a)), Some(b)) => Some(a.max(b)),
+                (None, Some(b)) => Some(b),
+            });
+        };
+        let a = &pro.availability;
+        if let Some(t) = a.paused_until.filter(|&t| now < t) {
+            hold(Some(t));
+        }
+        if let Some((_, to)) = a.vacation.filter(|&(from, to)| from <= now && now < to) {
+            hold(Some(to));
+        }
+        if self.policy.charge_on == ChargeOn::Dispatch {
+            let covering = pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
+            if !covering.clone().any(|c| c.is_buying(now)) {
+                // Inactive configs (and none at all) wait for an upsert; paused ones
+                // resume by themselves.
+                hold(covering.filter(|c| c.active).filter_map(|c| c.paused_until).min());
+            }
+        }
+        until
     }
 
     fn decide_offer(
@@ -1168,6 +1247,7 @@ impl Shard {
                 }],
                 rotation: Selection::default(),
                 skipped: vec![],
+                skipped_more: 0,
             });
         }
         done(events)
@@ -1239,6 +1319,8 @@ impl Shard {
                 let w = weight.weight;
                 self.pros[slot as usize] = Some(ProSlot::new(pro.clone(), stats, weight));
                 self.ring.upsert(slot, w);
+                // Its configs or availability may have changed: back to the scan.
+                self.ring.unpark(slot, self.policy.max_catch_up_turns);
             }
             Event::ProRemoved { pro, .. } => {
                 if let Some(slot) = self.slots.remove(pro) {
@@ -1254,6 +1336,7 @@ impl Shard {
                         ps.pro = Arc::new(p);
                         ps.schedule_tz = ps.pro.availability.schedule_tz();
                     }
+                    self.ring.unpark(slot, self.policy.max_catch_up_turns);
                 }
             }
             Event::LeadRejected { lead, fingerprint, reason, at, .. } => {
@@ -1276,13 +1359,14 @@ impl Shard {
                 self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
                 self.leads.insert(lead.id.clone(), st);
             }
-            Event::Offered { lead, at, release, grants, rotation, skipped } => {
-                self.ring.commit(rotation, self.policy.max_catch_up_turns);
+            Event::Offered { lead, at, release, grants, rotation, skipped, skipped_more } => {
+                self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
                 let response_window = self.policy.response_window;
                 let Some(st) = self.leads.get_mut(lead) else {
                     return;
                 };
                 if *release {
+                    st.released_at = Some(*at);
                     // The only `Release` deadline of a lead is at its `release_at` (set
                     // by `LeadAccepted`, cleared here and by `LeadClosed`), so it is
                     // removed by key: O(log deadlines), not a scan of every deadline of
@@ -1335,12 +1419,17 @@ impl Shard {
                         }
                     }
                 }
+                st.skipped_more += u64::from(*skipped_more);
                 for (pro, skip) in skipped {
                     if matches!(skip, Skip::BudgetExhausted { .. }) && !st.budget_waitlist.contains(pro) {
                         st.budget_waitlist.push(pro.clone());
                     }
                     if !st.skipped.iter().any(|(p, _)| p == pro) {
-                        st.skipped.push((pro.clone(), skip.clone()));
+                        if st.skipped.len() < MAX_RECORDED_SKIPS {
+                            st.skipped.push((pro.clone(), skip.clone()));
+                        } else {
+                            st.skipped_more += 1;
+                        }
                     }
                 }
             }
@@ -1568,6 +1657,7 @@ impl Shard {
         let mut list: Vec<(u32, u32)> = self
             .ring
             .iter()
+            .chain(self.ring.iter_parked().map(|(slot, _)| slot))
             .filter(|&slot| {
                 let ps = self.slot_pro(slot);
                 let pro = &ps.pro;
@@ -1611,10 +1701,18 @@ impl Shard {
             }
         }
         let pending = st.release_at.is_some();
-        for slot in self.ring.iter() {
-            let id = &self.slot_pro(slot).pro.id;
+        let released = st.released_at.unwrap_or(st.accepted_at);
+        for slot in self.ring.iter().chain(self.ring.iter_parked().map(|(slot, _)| slot)) {
+            let pro = &self.slot_pro(slot).pro;
+            let id = &pro.id;
             if seen.insert(id.clone()) {
-                let why = if pending {
+                // A parked pro was not scanned: say why it is parked, as of the release.
+                let parked = (!pending && self.ring.is_parked(slot))
+                    .then(|| self.parked_reason(released, slot))
+                    .flatten();
+                let why = if let Some(skip) = parked {
+                    ExplainOutcome::Skipped(skip)
+                } else if pending {
                     ExplainOutcome::AwaitingRelease
                 } else if self.policy.mode == DispatchMode::Shared && st.generic_cap(&self.policy) == 0 {
                     ExplainOutcome::Skipped(Skip::NoGenericSlots)
@@ -1633,7 +1731,26 @@ impl Shard {
             release_at: st.release_at,
             expires_at: st.expires_at,
             entries,
+            skipped_unrecorded: st.skipped_more,
         })
+    }
+
+    /// Why a parked pro is ineligible at `at` (availability or auto-buy configs).
+    fn parked_reason(&self, at: Millis, slot: u32) -> Option<Skip> {
+        let ps = self.slot_pro(slot);
+        if let Err(u) = ps.available(at) {
+            return Some(u.into());
+        }
+        if self.policy.charge_on == ChargeOn::Dispatch {
+            let mut covering = ps.pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
+            if covering.clone().next().is_none() {
+                return Some(Skip::NoAutoBuyConfig);
+            }
+            if !covering.any(|c| c.is_buying(at)) {
+                return Some(Skip::AutoBuyPaused);
+            }
+        }
+        None
     }
 
     fn explain_entry(&self, pro: &ProId, outcome: ExplainOutcome) -> ExplainEntry {
@@ -1805,6 +1922,8 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         published_release_at: None,
         published_offers: 0,
         forget_at: None,
+        skipped_more: 0,
+        released_at: None,
     }
 }
 
@@ -1843,4 +1962,155 @@ pub struct Explanation {
     pub release_at: Option<Millis>,
     pub expires_at: Millis,
     pub entries: Vec<ExplainEntry>,
+    /// Pros scanned and skipped past [`MAX_RECORDED_SKIPS`]: counted, not listed (they
+    /// appear above as `turn_not_reached`).
+    #[serde(default)]
+    pub skipped_unrecorded: u64,
+}
+
+#[cfg(test)]
+mod parking_tests {
+    use super::*;
+    use crate::ids::{CategoryId, TenantId, ZoneId, DAY_MS};
+
+    const T0: Millis = 1_795_424_400_000;
+
+    fn shard() -> Shard {
+        let key = ShardKey {
+            tenant: TenantId::new("t"),
+            zone: ZoneId::new("bologna"),
+            category: CategoryId::new("painting"),
+        };
+        let policy = Policy::from_toml(
+            "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 1\nduplicate_window_s = 0\n\
+             [money]\ncharge_on = \"never\"\n",
+        )
+        .expect("test policy is valid");
+        Shard::new(key, Arc::new(policy))
+    }
+
+    fn pro(id: &str) -> Pro {
+        Pro {
+            id: ProId::new(id),
+            categories: vec![CategoryId::new("painting")],
+            zones: vec![ZoneId::new("bologna")],
+            base: None,
+            radius_km: None,
+            quality: Quality::default(),
+            refuses: vec![],
+            availability: Availability::default(),
+            autobuy: vec![],
+        }
+    }
+
+    fn lead(n: u32, now: Millis) -> Lead {
+        Lead {
+            id: LeadId::new(format!("L{n}")),
+            category: CategoryId::new("painting"),
+            zone: ZoneId::new("bologna"),
+            location: None,
+            description: "Tinteggiatura di un appartamento di 80 mq".into(),
+            details: Default::default(),
+            attributes: vec![],
+            client: Client {
+                id: ClientId::new(format!("c{n}")),
+                name: "Anna".into(),
+                phone: "+39 333".into(),
+                phone_verified: true,
+                contact: ContactPrefs { call: true, whatsapp: false, chat: true },
+                address: None,
+                pro_id: None,
+            },
+            direct: vec![],
+            kind: JobKind::Match,
+            created_at: now,
+        }
+    }
+
+    fn run(s: &mut Shard, log: &mut Vec<Event>, now: Millis, cmd: Command) -> Decision {
+        let d = s.decide(now, &cmd, &Unlimited).expect("valid command");
+        for ev in &d.events {
+            s.apply(ev);
+            log.push(ev.clone());
+        }
+        s.check_invariants().expect("invariants hold after every step");
+        d
+    }
+
+    fn publish(s: &mut Shard, log: &mut Vec<Event>, n: u32, now: Millis) -> (Vec<String>, Vec<String>) {
+        let d = run(s, log, now, Command::PublishLead { lead: lead(n, now) });
+        let mut got = (vec![], vec![]);
+        for ev in &d.events {
+            if let Event::Offered { grants, skipped, .. } = ev {
+                got.0.extend(grants.iter().map(|g| g.pro.to_string()));
+                got.1.extend(skipped.iter().map(|(p, _)| p.to_string()));
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn r16_pro_on_vacation_is_not_scanned_and_returns_with_one_early_lead() {
+        let (mut s, mut log) = (shard(), Vec::new());
+        for id in ["e1", "e2", "e3"] {
+            run(&mut s, &mut log, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        let back = T0 + 3 * DAY_MS;
+        let availability = Availability { vacation: Some((T0, back)), ..Default::default() };
+        run(&mut s, &mut log, T0, Command::SetAvailability { pro: ProId::new("e1"), availability });
+        // The first lead scans e1, skips it and parks it until the vacation ends.
+        assert_eq!(publish(&mut s, &mut log, 1, T0 + 1), (vec!["e2".into()], vec!["e1".into()]));
+        assert_eq!(s.parked_pros(), 1);
+        // Later leads do not look at it at all.
+        for n in 2..=4 {
+            let (_, skipped) = publish(&mut s, &mut log, n, T0 + i64::from(n));
+            assert!(skipped.is_empty(), "lead {n} scanned a parked pro: {skipped:?}");
+        }
+        // Back: the first decision after the end sees it again, with one lead early
+        // (max_catch_up_turns = 1), then the rotation is strictly cyclic.
+        let got: Vec<String> =
+            (5..=10).map(|n| publish(&mut s, &mut log, n, back + i64::from(n)).0[0].clone()).collect();
+        assert_eq!(got, ["e1", "e1", "e2", "e3", "e1", "e2"]);
+        assert_eq!(s.parked_pros(), 0);
+        // Replay of the log reproduces the shard, parking included.
+        let mut replayed = shard();
+        for ev in &log {
+            replayed.apply(ev);
+        }
+        assert_eq!(replayed, s);
+    }
+
+    #[test]
+    fn r16_parked_pro_comes_back_when_its_availability_changes() {
+        let (mut s, mut log) = (shard(), Vec::new());
+        for id in ["e1", "e2"] {
+            run(&mut s, &mut log, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        let paused = Availability { paused_until: Some(T0 + 30 * DAY_MS), ..Default::default() };
+        run(&mut s, &mut log, T0, Command::SetAvailability { pro: ProId::new("e1"), availability: paused });
+        publish(&mut s, &mut log, 1, T0 + 1);
+        assert_eq!(s.parked_pros(), 1);
+        let e = s.explain(&LeadId::new("L1")).expect("lead is known");
+        assert!(e
+            .entries
+            .iter()
+            .any(|x| x.pro.as_str() == "e1" && x.outcome == ExplainOutcome::Skipped(Skip::Paused)));
+        let publish2 = publish(&mut s, &mut log, 2, T0 + 2);
+        assert_eq!(publish2.1, Vec::<String>::new());
+        let e = s.explain(&LeadId::new("L2")).expect("lead is known");
+        assert!(
+            e.entries
+                .iter()
+                .any(|x| x.pro.as_str() == "e1" && x.outcome == ExplainOutcome::Skipped(Skip::Paused)),
+            "explain names the reason of a parked pro: {e:?}"
+        );
+        run(
+            &mut s,
+            &mut log,
+            T0 + 3,
+            Command::SetAvailability { pro: ProId::new("e1"), availability: Availability::default() },
+        );
+        assert_eq!(s.parked_pros(), 0);
+        assert_eq!(publish(&mut s, &mut log, 3, T0 + 4).0, vec!["e1".to_string()]);
+    }
 }
