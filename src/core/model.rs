@@ -133,7 +133,21 @@ impl WeeklyWindows {
         if self.intervals.is_empty() {
             return true;
         }
-        let tz: Tz = self.time_zone.parse().unwrap_or(chrono_tz::UTC);
+        self.contains_in(self.tz(), now)
+    }
+
+    /// The windows' zone. Unparseable zones (impossible after [`Self::validate`]) count
+    /// as UTC. Parsing is a hash lookup by name: callers on a hot path parse once and
+    /// use [`Self::contains_in`].
+    pub fn tz(&self) -> Tz {
+        self.time_zone.parse().unwrap_or(chrono_tz::UTC)
+    }
+
+    /// [`Self::contains`] with the zone already parsed (`tz` must be [`Self::tz`]).
+    pub fn contains_in(&self, tz: Tz, now: Millis) -> bool {
+        if self.intervals.is_empty() {
+            return true;
+        }
         let Some(local) = tz.timestamp_millis_opt(now).single() else {
             return true;
         };
@@ -183,6 +197,12 @@ pub enum Unavailable {
 
 impl Availability {
     pub fn check(&self, now: Millis) -> Result<(), Unavailable> {
+        self.check_in(now, None)
+    }
+
+    /// [`Self::check`] with the schedule's zone already parsed (`Some` must be the
+    /// schedule's [`WeeklyWindows::tz`]; `None` parses it).
+    pub fn check_in(&self, now: Millis, schedule_tz: Option<Tz>) -> Result<(), Unavailable> {
         if matches!(self.paused_until, Some(t) if now < t) {
             return Err(Unavailable::Paused);
         }
@@ -190,11 +210,16 @@ impl Availability {
             return Err(Unavailable::Vacation);
         }
         if let Some(s) = &self.schedule {
-            if !s.contains(now) {
+            if !s.contains_in(schedule_tz.unwrap_or_else(|| s.tz()), now) {
                 return Err(Unavailable::OutsideSchedule);
             }
         }
         Ok(())
+    }
+
+    /// The schedule's zone, parsed, to pass to [`Self::check_in`].
+    pub fn schedule_tz(&self) -> Option<Tz> {
+        self.schedule.as_ref().map(WeeklyWindows::tz)
     }
 
     pub fn validate(&self, field: &str) -> Result<(), FieldError> {
@@ -451,14 +476,151 @@ impl Lead {
 
     /// A stable fingerprint of the payload, to tell a republish (same id, same payload:
     /// idempotent) from a conflict (same id, different payload).
+    ///
+    /// Every field is fed to [`StableHasher`] with explicit tags and lengths, so the
+    /// value depends only on the payload: the same across runs, platforms, compiler and
+    /// dependency versions (fingerprints are stored in the WAL and in snapshots). The
+    /// destructuring below makes a new field of `Lead` a compile error here until it is
+    /// hashed too.
     pub fn fingerprint(&self) -> u64 {
+        let Lead {
+            id,
+            category,
+            zone,
+            location,
+            description,
+            details,
+            attributes,
+            client,
+            direct,
+            kind,
+            created_at,
+        } = self;
+        let Client { id: client_id, name, phone, phone_verified, contact, address, pro_id } = client;
+        let mut h = StableHasher::new();
+        h.str(id.as_str());
+        h.str(category.as_str());
+        h.str(zone.as_str());
+        match location {
+            None => h.word(0),
+            Some(p) => {
+                h.word(1);
+                h.word(p.lat.to_bits());
+                h.word(p.lon.to_bits());
+            }
+        }
+        h.str(description);
+        h.word(details.len() as u64);
+        for (k, v) in details {
+            h.str(k);
+            h.str(v);
+        }
+        h.word(attributes.len() as u64);
+        for a in attributes {
+            h.str(a);
+        }
+        h.str(client_id.as_str());
+        h.str(name);
+        h.str(phone);
+        h.word(u64::from(*phone_verified));
+        h.word(u64::from(contact.call) | u64::from(contact.whatsapp) << 1 | u64::from(contact.chat) << 2);
+        h.opt_str(address.as_deref());
+        h.opt_str(pro_id.as_ref().map(|p| p.as_str()));
+        h.word(direct.len() as u64);
+        for p in direct {
+            h.str(p.as_str());
+        }
+        h.word(match kind {
+            JobKind::Match => 0,
+            JobKind::Direct => 1,
+            JobKind::Contact => 2,
+        });
+        h.word(*created_at as u64);
+        h.finish()
+    }
+
+    /// The fingerprint of releases before [`Self::fingerprint`] hashed fields: FNV-1a
+    /// over the MessagePack encoding of the lead. Only compared on a republish whose
+    /// fingerprint does not match, so that a lead logged by an older release is still
+    /// recognised as the same payload.
+    pub fn legacy_fingerprint(&self) -> u64 {
         let bytes = rmp_serde::to_vec(self).expect("a lead always serialises: plain data");
-        let mut h = 0xcbf2_9ce4_8422_2325u64; // FNV-1a: stable across versions and runs.
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
         for b in bytes {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         h
+    }
+
+    /// Whether `fingerprint` (as stored when the lead was first published) is this
+    /// lead's, by either the current or the legacy function.
+    pub fn has_fingerprint(&self, fingerprint: u64, current: u64) -> bool {
+        fingerprint == current || fingerprint == self.legacy_fingerprint()
+    }
+}
+
+/// A small hash with a fixed definition, for fingerprints that are stored: the FxHash
+/// step (rotate, xor, multiply) over little-endian 64-bit words, finished with the
+/// MurmurHash3 avalanche so that every input bit reaches every output bit. Defined
+/// here rather than taken from a crate so that its output never changes under us.
+/// Not collision resistant against an adversary; it tells a changed payload from a
+/// republish.
+pub struct StableHasher(u64);
+
+impl StableHasher {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+
+    pub fn new() -> Self {
+        Self(0x2b99_2ddf_a232_49d6)
+    }
+
+    pub fn word(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(Self::K);
+    }
+
+    /// Length first, so that `("ab", "c")` and `("a", "bc")` differ.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.word(b.len() as u64);
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(u64::from_le_bytes(c.try_into().expect("chunks_exact(8) yields 8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.word(u64::from_le_bytes(last));
+        }
+    }
+
+    pub fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    pub fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            None => self.word(0),
+            Some(s) => {
+                self.word(1);
+                self.str(s);
+            }
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -610,5 +772,65 @@ mod tests {
         assert_eq!(RevealedContact::for_client(&c).phone, None);
         c.contact.whatsapp = true;
         assert_eq!(RevealedContact::for_client(&c).phone.as_deref(), Some("+39 333"));
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+
+    fn lead() -> Lead {
+        Lead {
+            id: LeadId::new("L1"),
+            category: CategoryId::new("painting"),
+            zone: ZoneId::new("bologna"),
+            location: Some(GeoPoint { lat: 44.5, lon: 11.35 }),
+            description: "Tinteggiatura di un appartamento".into(),
+            details: BTreeMap::from([("rooms".into(), "3".into())]),
+            attributes: vec![],
+            client: Client {
+                id: ClientId::new("c1"),
+                name: "Anna Rossi".into(),
+                phone: "+39 333".into(),
+                phone_verified: true,
+                contact: ContactPrefs { call: true, whatsapp: false, chat: true },
+                address: None,
+                pro_id: None,
+            },
+            direct: vec![],
+            kind: JobKind::Match,
+            created_at: 1_795_424_400_000,
+        }
+    }
+
+    #[test]
+    fn r1_fingerprint_is_fixed_across_runs_and_versions() {
+        // Stored in the WAL and snapshots: a change to this value breaks idempotency
+        // of leads published before an upgrade.
+        assert_eq!(lead().fingerprint(), 0x3603_8410_e559_26c7);
+    }
+
+    #[test]
+    fn r1_fingerprint_tells_every_field_apart() {
+        let base = lead().fingerprint();
+        let mut l = lead();
+        l.description.push('.');
+        assert_ne!(l.fingerprint(), base);
+        let mut l = lead();
+        l.client.contact.whatsapp = true;
+        assert_ne!(l.fingerprint(), base);
+        let mut l = lead();
+        l.details.insert("room".into(), "s3".into());
+        assert_ne!(l.fingerprint(), base);
+        let mut l = lead();
+        l.client.address = Some(String::new());
+        assert_ne!(l.fingerprint(), base);
+    }
+
+    #[test]
+    fn r1_leads_fingerprinted_by_older_releases_are_still_recognised() {
+        let l = lead();
+        assert!(l.has_fingerprint(l.legacy_fingerprint(), l.fingerprint()));
+        assert!(!l.has_fingerprint(l.legacy_fingerprint() ^ 1, l.fingerprint()));
     }
 }

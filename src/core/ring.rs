@@ -33,11 +33,28 @@
 //! leads it missed; with 0 it goes to the back of the queue. A pro that joins starts at the
 //! back of the queue (`V + stride`), so leaving and re-joining cannot jump the line.
 //!
+//! # Parked pros
+//!
+//! A pro that is unavailable for *every* lead for a while (paused or on vacation until a
+//! known time, or with no auto-buy config that buys, until its profile changes) is
+//! *parked*: taken out of the scanned order, keeping its pass, so it costs nothing per
+//! lead. It is put back (*unparked*) when its time comes, lazily: a selection at `now`
+//! already sees every pro whose park ended by `now` (see [`Ring::select_at`]), and
+//! applying that selection's event unparks them first ([`Ring::commit_at`]), so `apply`
+//! does exactly what `decide` assumed and replay reproduces it. The shard also unparks a
+//! pro when its profile or availability changes. Unparking applies the same clamp as a
+//! skip (at most `max_catch_up_turns - 1` strides behind `V`), so a parked pro returns
+//! with the same turn it would have had if it had been scanned and skipped on every
+//! lead meanwhile: the fairness bound and the no-burst rule above hold unchanged.
+//!
 //! Each selection costs `O(log n + scanned)`, where `scanned` is the pros looked at
-//! before `n` eligible ones were found: no full scan of the ring per lead.
+//! before `n` eligible ones were found: no full scan of the ring per lead. Parked pros
+//! are never scanned, so `scanned` counts only pros skipped for a reason of the lead
+//! (distance, refused attribute, already offered) or a short one (schedule, budget).
 
+use crate::ids::Millis;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// `stride = STRIDE_SCALE / weight`. Weights are at most 100,000 (policy validation), so
 /// strides stay above 40,000 and the rounding error of an integer stride is below
@@ -59,6 +76,13 @@ pub struct Ring {
     order: BTreeSet<(u64, u32)>,
     /// Virtual time: the largest pass ever taken.
     vt: u64,
+    /// Parked slots (not in `order`) and until when; `None` = until the shard unparks
+    /// them (a change to the pro).
+    #[serde(default)]
+    parked: BTreeMap<u32, Option<Millis>>,
+    /// `(until, slot)` of the parked slots with an end, to find those due.
+    #[serde(skip)]
+    wake: BTreeSet<(Millis, u32)>,
 }
 
 /// The result of a selection, as recorded in an event so replay reproduces it exactly.
@@ -68,6 +92,20 @@ pub struct Selection {
     pub taken: Vec<u32>,
     /// Slots scanned and skipped before the last taken one (their passes get clamped).
     pub skipped: Vec<u32>,
+    /// Slots found unavailable for every lead, to park, with until when (`None` = until
+    /// the pro changes). A slot may also be in `skipped` (clamped first, then parked).
+    #[serde(default)]
+    pub parked: Vec<(u32, Option<Millis>)>,
+}
+
+/// What a selection does with one scanned slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Take,
+    /// Not for this lead; keeps its turn.
+    Skip,
+    /// Not for any lead until then (`None` = until the pro changes): skip and park.
+    Park(Option<Millis>),
 }
 
 pub fn stride_for(weight: u32) -> u64 {
@@ -83,12 +121,27 @@ impl Ring {
         self.vt
     }
 
+    /// Pros in the ring, parked ones included.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.order.len() + self.parked.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.len() == 0
+    }
+
+    /// Pros parked out of the scanned order.
+    pub fn parked_len(&self) -> usize {
+        self.parked.len()
+    }
+
+    pub fn is_parked(&self, slot: u32) -> bool {
+        self.parked.contains_key(&slot)
+    }
+
+    /// Parked slots with until when, by slot.
+    pub fn iter_parked(&self) -> impl Iterator<Item = (u32, Option<Millis>)> + '_ {
+        self.parked.iter().map(|(&s, &u)| (s, u))
     }
 
     pub fn entry(&self, slot: u32) -> Option<&RingEntry> {
@@ -119,35 +172,149 @@ impl Ring {
     pub fn remove(&mut self, slot: u32) {
         if let Some(Some(e)) = self.entries.get(slot as usize).copied() {
             self.order.remove(&(e.pass, slot));
+            if let Some(Some(t)) = self.parked.remove(&slot) {
+                self.wake.remove(&(t, slot));
+            }
             self.entries[slot as usize] = None;
         }
     }
 
-    /// Slots in rotation order (next to be served first).
+    /// The pass a parked entry gets back when unparked: the skip clamp.
+    fn unpark_pass(&self, e: &RingEntry, max_catch_up_turns: u32) -> u64 {
+        let floor = self
+            .vt
+            .saturating_add(e.stride)
+            .saturating_sub(e.stride.saturating_mul(u64::from(max_catch_up_turns)));
+        e.pass.max(floor)
+    }
+
+    /// Takes `slot` out of the scanned order until `until` (`None` = until
+    /// [`Ring::unpark`]). Parking a parked slot updates its end.
+    pub fn park(&mut self, slot: u32, until: Option<Millis>) {
+        let Some(e) = self.entry(slot).copied() else { return };
+        match self.parked.insert(slot, until) {
+            Some(Some(old)) => {
+                self.wake.remove(&(old, slot));
+            }
+            Some(None) => {}
+            None => {
+                self.order.remove(&(e.pass, slot));
+            }
+        }
+        if let Some(t) = until {
+            self.wake.insert((t, slot));
+        }
+    }
+
+    /// Puts a parked slot back in the order, clamped like a skip (no catch-up burst).
+    pub fn unpark(&mut self, slot: u32, max_catch_up_turns: u32) {
+        let Some(until) = self.parked.remove(&slot) else { return };
+        if let Some(t) = until {
+            self.wake.remove(&(t, slot));
+        }
+        let idx = slot as usize;
+        if let Some(Some(e)) = self.entries.get(idx).copied() {
+            let pass = self.unpark_pass(&e, max_catch_up_turns);
+            self.entries[idx] = Some(RingEntry { pass, ..e });
+            self.order.insert((pass, slot));
+        }
+    }
+
+    /// Unparks every slot whose park ended by `now`, in `(until, slot)` order.
+    pub fn unpark_due(&mut self, now: Millis, max_catch_up_turns: u32) {
+        while let Some(&(t, slot)) = self.wake.first() {
+            if t > now {
+                break;
+            }
+            self.unpark(slot, max_catch_up_turns);
+        }
+    }
+
+    /// Unparks every parked slot (e.g. the policy changed what makes a pro ineligible).
+    pub fn unpark_all(&mut self, max_catch_up_turns: u32) {
+        let slots: Vec<u32> = self.parked.keys().copied().collect();
+        for slot in slots {
+            self.unpark(slot, max_catch_up_turns);
+        }
+    }
+
+    /// Slots in rotation order (next to be served first), parked ones left out.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.order.iter().map(|&(_, slot)| slot)
     }
 
     /// Walks the rotation and takes up to `n` slots for which `eligible` holds.
-    /// Pure: the ring is only changed by [`Ring::commit`].
+    /// Parked slots are not seen. Pure: the ring is only changed by [`Ring::commit`].
     pub fn select(&self, n: usize, mut eligible: impl FnMut(u32) -> bool) -> Selection {
+        self.select_at(Millis::MIN, 0, n, |slot| if eligible(slot) { Verdict::Take } else { Verdict::Skip })
+    }
+
+    /// Walks the rotation as it is at `now` (parked slots whose park ended by `now` are
+    /// back, with the pass [`Ring::unpark_due`] will give them) and takes up to `n` slots
+    /// that `verdict` takes. Pure: apply the result with [`Ring::commit_at`] at `now`.
+    pub fn select_at(
+        &self,
+        now: Millis,
+        max_catch_up_turns: u32,
+        n: usize,
+        mut verdict: impl FnMut(u32) -> Verdict,
+    ) -> Selection {
         let mut sel = Selection::default();
         if n == 0 {
             return sel;
         }
+        // Usually empty: the slots whose park is over but not yet applied.
+        let mut due: Vec<(u64, u32)> = self
+            .wake
+            .range(..=(now, u32::MAX))
+            .filter_map(|&(_, slot)| {
+                self.entry(slot).map(|e| (self.unpark_pass(e, max_catch_up_turns), slot))
+            })
+            .collect();
+        due.sort_unstable();
+        let mut due = due.into_iter().peekable();
+        let mut order = self.order.iter().copied().peekable();
         let mut pending_skips = Vec::new();
-        for &(_, slot) in &self.order {
-            if eligible(slot) {
-                sel.skipped.append(&mut pending_skips);
-                sel.taken.push(slot);
-                if sel.taken.len() == n {
-                    break;
+        loop {
+            let next = match (order.peek(), due.peek()) {
+                (Some(a), Some(b)) if b < a => due.next(),
+                (Some(_), _) => order.next(),
+                (None, _) => due.next(),
+            };
+            let Some((_, slot)) = next else { break };
+            match verdict(slot) {
+                Verdict::Take => {
+                    sel.skipped.append(&mut pending_skips);
+                    sel.taken.push(slot);
+                    if sel.taken.len() == n {
+                        break;
+                    }
                 }
-            } else {
-                pending_skips.push(slot);
+                Verdict::Park(until) if until.is_none_or(|t| t > now) => {
+                    pending_skips.push(slot);
+                    sel.parked.push((slot, until));
+                }
+                Verdict::Skip | Verdict::Park(_) => pending_skips.push(slot),
             }
         }
         sel
+    }
+
+    /// Applies a selection made by [`Ring::select_at`] at `now`: unparks what is due,
+    /// commits taken and skipped slots, then parks what the selection parks.
+    pub fn commit_at(&mut self, sel: &Selection, now: Millis, max_catch_up_turns: u32) {
+        self.unpark_due(now, max_catch_up_turns);
+        // A taken slot is eligible: if it is parked (a selection made on an older state
+        // of the ring), it comes back first.
+        for &slot in &sel.taken {
+            if self.is_parked(slot) {
+                self.unpark(slot, max_catch_up_turns);
+            }
+        }
+        self.commit(sel, max_catch_up_turns);
+        for &(slot, until) in &sel.parked {
+            self.park(slot, until);
+        }
     }
 
     /// Applies a selection: taken slots advance by their stride, skipped slots are
@@ -174,28 +341,59 @@ impl Ring {
     }
 
     fn set_pass(&mut self, slot: u32, f: impl FnOnce(&RingEntry) -> u64) {
+        let parked = self.parked.contains_key(&slot);
         let Some(Some(e)) = self.entries.get_mut(slot as usize) else {
             return;
         };
         let new = f(e);
         if new != e.pass {
-            self.order.remove(&(e.pass, slot));
-            e.pass = new;
-            self.order.insert((new, slot));
+            if parked {
+                e.pass = new; // not in the order index while parked
+            } else {
+                self.order.remove(&(e.pass, slot));
+                e.pass = new;
+                self.order.insert((new, slot));
+            }
         }
     }
 
-    /// Rebuilds the ordered index after deserialisation (the index is not stored).
+    /// Rebuilds the ordered indexes after deserialisation (they are not stored).
     pub fn rebuild_index(&mut self) {
-        self.order =
-            self.entries.iter().enumerate().filter_map(|(i, e)| e.map(|e| (e.pass, i as u32))).collect();
+        let parked = &self.parked;
+        self.order = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !parked.contains_key(&(*i as u32)))
+            .filter_map(|(i, e)| e.map(|e| (e.pass, i as u32)))
+            .collect();
+        self.wake = parked.iter().filter_map(|(&s, &u)| u.map(|t| (t, s))).collect();
     }
 
     /// Checks the ring's internal consistency (tests call it after every step).
     pub fn check_invariants(&self) -> Result<(), String> {
         let live = self.entries.iter().filter(|e| e.is_some()).count();
-        if live != self.order.len() {
-            return Err(format!("ring index has {} entries, {} live slots", self.order.len(), live));
+        if live != self.order.len() + self.parked.len() {
+            return Err(format!(
+                "ring index has {} entries and {} parked, {} live slots",
+                self.order.len(),
+                self.parked.len(),
+                live
+            ));
+        }
+        for (&slot, &until) in &self.parked {
+            let Some(e) = self.entry(slot) else {
+                return Err(format!("parked slot {slot} is not in the ring"));
+            };
+            if self.order.contains(&(e.pass, slot)) {
+                return Err(format!("parked slot {slot} is also in the scanned order"));
+            }
+            if until.is_some_and(|t| !self.wake.contains(&(t, slot))) {
+                return Err(format!("parked slot {slot} has no wake-up entry"));
+            }
+        }
+        if self.wake.len() != self.parked.values().filter(|u| u.is_some()).count() {
+            return Err(format!("{} wake-up entries for {} timed parks", self.wake.len(), self.parked.len()));
         }
         for &(pass, slot) in &self.order {
             match self.entry(slot) {
@@ -270,6 +468,68 @@ mod tests {
         }
         // One early lead, then strictly cyclic again.
         assert_eq!(got, vec![2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn r28_parked_pro_returns_with_the_turn_a_skipped_one_would_have() {
+        // The same absence, once as skips on every lead and once as a park until a time.
+        let (mut skipping, mut parking) = (Ring::new(), Ring::new());
+        for slot in 0..3 {
+            skipping.upsert(slot, 100);
+            parking.upsert(slot, 100);
+        }
+        let back: Millis = 100;
+        for t in 0..4 {
+            let sel = skipping.select(1, |s| s != 2);
+            skipping.commit(&sel, 1);
+            let sel =
+                parking.select_at(
+                    t,
+                    1,
+                    1,
+                    |s| if s == 2 { Verdict::Park(Some(back)) } else { Verdict::Take },
+                );
+            parking.commit_at(&sel, t, 1);
+            parking.check_invariants().unwrap();
+        }
+        assert_eq!(parking.parked_len(), 1);
+        let mut got = (Vec::new(), Vec::new());
+        for t in back..back + 7 {
+            let sel = skipping.select(1, |_| true);
+            skipping.commit(&sel, 1);
+            got.0.push(sel.taken[0]);
+            let sel = parking.select_at(t, 1, 1, |_| Verdict::Take);
+            parking.commit_at(&sel, t, 1);
+            parking.check_invariants().unwrap();
+            got.1.push(sel.taken[0]);
+        }
+        assert_eq!(got.0, vec![2, 0, 1, 2, 0, 1, 2]);
+        assert_eq!(got.1, got.0);
+        assert_eq!(parking.parked_len(), 0);
+    }
+
+    #[test]
+    fn parked_slot_is_not_scanned_and_survives_a_snapshot() {
+        let mut ring = Ring::new();
+        for slot in 0..3 {
+            ring.upsert(slot, 100);
+        }
+        let sel = ring.select_at(0, 1, 1, |s| if s == 0 { Verdict::Park(None) } else { Verdict::Take });
+        ring.commit_at(&sel, 0, 1);
+        let mut seen = Vec::new();
+        ring.select_at(1, 1, 3, |s| {
+            seen.push(s);
+            Verdict::Take
+        });
+        assert!(!seen.contains(&0), "{seen:?}");
+        let bytes = rmp_serde::to_vec(&ring).unwrap();
+        let mut back: Ring = rmp_serde::from_slice(&bytes).unwrap();
+        back.rebuild_index();
+        assert_eq!(back, ring);
+        back.check_invariants().unwrap();
+        back.unpark(0, 1);
+        assert_eq!(back.parked_len(), 0);
+        back.check_invariants().unwrap();
     }
 
     #[test]

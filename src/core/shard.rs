@@ -20,7 +20,7 @@
 use super::model::*;
 use super::policy::{ChargeOn, DispatchMode, Policy};
 use super::rank::{self, ProStats, WeightBreakdown};
-use super::ring::{Ring, Selection};
+use super::ring::{Ring, Selection, Verdict};
 use crate::ids::{ClientId, LeadId, Millis, ProId, ShardKey};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -287,8 +287,12 @@ pub enum Event {
         grants: Vec<Grant>,
         /// Rotation slots taken and skipped (replay advances the ring exactly).
         rotation: Selection,
-        /// Why scanned pros were skipped (explain).
+        /// Why scanned pros were skipped (explain): the first
+        /// [`MAX_RECORDED_SKIPS`] of them.
         skipped: Vec<(ProId, Skip)>,
+        /// Scanned and skipped pros past [`MAX_RECORDED_SKIPS`], counted only.
+        #[serde(default)]
+        skipped_more: u32,
     },
     OfferOpened {
         lead: LeadId,
@@ -479,6 +483,23 @@ pub struct ProSlot {
     pub pro: Arc<Pro>,
     pub stats: ProStats,
     pub weight: WeightBreakdown,
+    /// The pro's schedule zone, parsed once when the pro or its availability changes
+    /// (not stored: [`Shard::restore`] fills it); parsing it per candidate was a tenth
+    /// of a decision.
+    #[serde(skip)]
+    schedule_tz: Option<chrono_tz::Tz>,
+}
+
+impl ProSlot {
+    fn new(pro: Arc<Pro>, stats: ProStats, weight: WeightBreakdown) -> Self {
+        let schedule_tz = pro.availability.schedule_tz();
+        Self { pro, stats, weight, schedule_tz }
+    }
+
+    /// R4/R16 availability of the pro at `now`.
+    pub fn available(&self, now: Millis) -> Result<(), Unavailable> {
+        self.pro.availability.check_in(now, self.schedule_tz)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -495,6 +516,11 @@ pub struct OfferState {
     pub viewed: bool,
     pub refunded: bool,
     pub notes: Vec<String>,
+    /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
+    /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
+    /// this field: forgetting then scans the deadlines).
+    #[serde(default)]
+    pub guarantee_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -509,8 +535,14 @@ pub struct LeadState {
     pub offers: Vec<OfferState>,
     pub responders: u32,
     pub generic_responders: u32,
-    /// Explain: why pros were skipped in this lead's releases.
+    /// Explain: why pros were skipped in this lead's releases, at most
+    /// [`MAX_RECORDED_SKIPS`]; the rest are counted in `skipped_more`.
     pub skipped: Vec<(ProId, Skip)>,
+    #[serde(default)]
+    pub skipped_more: u64,
+    /// When the generic release ran (explain tells parked pros' reasons as of then).
+    #[serde(default)]
+    pub released_at: Option<Millis>,
     /// R22: auto-buy pros skipped for lack of budget, retried until `retry_until`.
     pub budget_waitlist: Vec<ProId>,
     /// R1: what the publish answered, kept so that a republish answers the same even
@@ -520,6 +552,10 @@ pub struct LeadState {
     pub published_offers: u32,
     /// R11: the price's inputs and intermediates (`None` with a flat price).
     pub price_components: Option<crate::pricing::PriceComponents>,
+    /// When the lead is forgotten (set when it closes), so that its `Forget` deadline
+    /// is removed by key.
+    #[serde(default)]
+    pub forget_at: Option<Millis>,
 }
 
 impl LeadState {
@@ -541,6 +577,8 @@ impl LeadState {
 struct RejectedLead {
     fingerprint: u64,
     reason: RejectReason,
+    #[serde(default)]
+    forget_at: Option<Millis>,
 }
 
 /// Something the shard must do at a time.
@@ -559,6 +597,12 @@ pub struct Deadline {
     pub lead: LeadId,
     pub due: Due,
 }
+
+/// Most skip reasons recorded per release and per lead for `explain` (R28). A scan
+/// skips few pros (parked ones are not scanned), but a shard where most pros are too far
+/// from a lead could skip thousands; past this bound they are counted, not listed, so
+/// the event and the lead state stay small.
+pub const MAX_RECORDED_SKIPS: usize = 64;
 
 /// Most notes on one offer, and longest note.
 const MAX_NOTES: usize = 100;
@@ -607,6 +651,9 @@ impl Shard {
     pub fn restore(&mut self, policy: Arc<Policy>) {
         self.policy = policy;
         self.ring.rebuild_index();
+        for ps in self.pros.iter_mut().flatten() {
+            ps.schedule_tz = ps.pro.availability.schedule_tz();
+        }
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -616,9 +663,16 @@ impl Shard {
     /// Policies can change at run time (reload); weights are recomputed.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         self.policy = policy;
+        // What parks a pro depends on the policy (charging at dispatch): re-examine all.
+        self.ring.unpark_all(self.policy.max_catch_up_turns);
         for slot in 0..self.pros.len() {
             self.reweigh(slot as u32);
         }
+    }
+
+    /// Pros parked out of the rotation's scan (unavailable for every lead for a while).
+    pub fn parked_pros(&self) -> usize {
+        self.ring.parked_len()
     }
 
     pub fn pro_count(&self) -> usize {
@@ -696,13 +750,13 @@ impl Shard {
         let fp = lead.fingerprint();
         // R1: idempotent republish.
         if let Some(st) = self.leads.get(&lead.id) {
-            if st.fingerprint != fp {
+            if !lead.has_fingerprint(st.fingerprint, fp) {
                 return Err(Reject::IdempotencyConflict(lead.id.clone()));
             }
             return Ok(Decision { events: vec![], reply: Reply::Lead(self.outcome(st)) });
         }
         if let Some(r) = self.rejected.get(&lead.id) {
-            if r.fingerprint != fp {
+            if !lead.has_fingerprint(r.fingerprint, fp) {
                 return Err(Reject::IdempotencyConflict(lead.id.clone()));
             }
             return Ok(Decision { events: vec![], reply: Reply::Lead(rejected_outcome(&lead.id, r.reason)) });
@@ -751,7 +805,7 @@ impl Shard {
             for target in &lead.direct {
                 match self.slots.get(target) {
                     None => skipped.push((target.clone(), Skip::NotInShard)),
-                    Some(&slot) => match self.slot_pro(slot).pro.availability.check(now) {
+                    Some(&slot) => match self.slot_pro(slot).available(now) {
                         Err(u) => skipped.push((target.clone(), u.into())),
                         Ok(()) => grants.push(Grant { pro: target.clone(), kind, charge: None }),
                     },
@@ -766,6 +820,7 @@ impl Shard {
                 grants,
                 rotation: Selection::default(),
                 skipped,
+                skipped_more: 0,
             });
         }
         // No head start: generic release in the same decision.
@@ -787,6 +842,7 @@ impl Shard {
                     viewed: false,
                     refunded: false,
                     notes: Vec::new(),
+                    guarantee_at: None,
                 })
                 .collect();
             let ev = self.release(now, &st, funds);
@@ -874,7 +930,7 @@ impl Shard {
         if lead.client.pro_id.as_ref() == Some(&pro.id) {
             return Some(Skip::IsClient);
         }
-        if let Err(u) = pro.availability.check(now) {
+        if let Err(u) = ps.available(now) {
             return Some(u.into());
         }
         if let (Some(loc), Some(base), Some(radius)) = (&lead.location, &pro.base, pro.radius_km) {
@@ -923,14 +979,14 @@ impl Shard {
 
     /// The auto-buy config that pays for `st` for this pro (first by name with budget).
     fn budget_config(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<String> {
-        let mut configs: Vec<&AutoBuyConfig> = pro
-            .autobuy
+        // The smallest name among the configs that can pay: no sorted copy of the list.
+        pro.autobuy
             .iter()
             .filter(|c| c.covers(&self.key.zone, &self.key.category) && c.is_buying(now))
             .filter(|c| c.max_price_credits.is_none_or(|m| m >= price))
-            .collect();
-        configs.sort_by(|a, b| a.name.cmp(&b.name));
-        configs.into_iter().find(|c| funds.budget(&pro.id, &c.name) >= price).map(|c| c.name.clone())
+            .filter(|c| funds.budget(&pro.id, &c.name) >= price)
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .map(|c| c.name.clone())
     }
 
     /// The generic release of a lead: who gets it, in rotation order (R5, R6a, R21).
@@ -945,20 +1001,28 @@ impl Shard {
             }
         };
         let mut skipped = Vec::new();
-        let rotation = self.ring.select(n, |slot| match self.ineligible(now, slot, st, funds) {
-            None => true,
-            Some(skip) => {
-                skipped.push((self.slot_pro(slot).pro.id.clone(), skip));
-                false
-            }
-        });
+        let mut skipped_more = 0u32;
+        let catch_up = p.max_catch_up_turns;
+        let rotation =
+            self.ring.select_at(now, catch_up, n, |slot| match self.ineligible(now, slot, st, funds) {
+                None => Verdict::Take,
+                Some(skip) => {
+                    let pro = &self.slot_pro(slot).pro;
+                    if skipped.len() < MAX_RECORDED_SKIPS {
+                        skipped.push((pro.id.clone(), skip));
+                    } else {
+                        skipped_more = skipped_more.saturating_add(1);
+                    }
+                    self.parking(now, pro).map_or(Verdict::Skip, Verdict::Park)
+                }
+            });
         let grants = rotation
             .taken
             .iter()
             .map(|&slot| {
                 let pro = &self.slot_pro(slot).pro;
                 let charge = (kind == OfferKind::AutoBuy).then(|| Charge {
-                    op: format!("buy:{}:{}", st.lead.id, pro.id),
+                    op: op_id("buy", &st.lead.id, &pro.id),
                     credits: st.price,
                     mode: ChargeMode::Budget {
                         config: self.budget_config(now, pro, st.price, funds).expect(
@@ -971,10 +1035,57 @@ impl Shard {
             .collect();
         // With fanout "all" the rotation order only orders delivery; nobody's turn is
         // consumed, so the ring does not move.
-        let rotation = if n == usize::MAX { Selection::default() } else { rotation };
+        // Parking is no turn: it stays.
+        let rotation = if n == usize::MAX {
+            Selection { parked: rotation.parked, ..Selection::default() }
+        } else {
+            rotation
+        };
         // Only skips the scan actually recorded before the last taken pro count;
         // pros scanned after it (fanout "all") are genuinely ineligible too.
-        Event::Offered { lead: st.lead.id.clone(), at: now, release: true, grants, rotation, skipped }
+        Event::Offered {
+            lead: st.lead.id.clone(),
+            at: now,
+            release: true,
+            grants,
+            rotation,
+            skipped,
+            skipped_more,
+        }
+    }
+
+    /// Whether `pro` is unavailable for *every* lead of this shard at `now`, whatever
+    /// the lead and the funds, and until when: `Some(Some(t))` = until `t`,
+    /// `Some(None)` = until the pro changes (upsert, availability), `None` = not
+    /// parkable. The rotation parks such pros instead of scanning them per lead.
+    /// Schedules and budgets are not parked: a schedule reopens every day and a budget
+    /// can come back without an event in this shard (a refund).
+    fn parking(&self, now: Millis, pro: &Pro) -> Option<Option<Millis>> {
+        // Ineligible while any condition holds: until the last of them ends.
+        let mut until: Option<Option<Millis>> = None;
+        let mut hold = |end: Option<Millis>| {
+            until = Some(match (until, end) {
+                (Some(None), _) | (_, None) => None,
+                (Some(Some(a)), Some(b)) => Some(a.max(b)),
+                (None, Some(b)) => Some(b),
+            });
+        };
+        let a = &pro.availability;
+        if let Some(t) = a.paused_until.filter(|&t| now < t) {
+            hold(Some(t));
+        }
+        if let Some((_, to)) = a.vacation.filter(|&(from, to)| from <= now && now < to) {
+            hold(Some(to));
+        }
+        if self.policy.charge_on == ChargeOn::Dispatch {
+            let covering = pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
+            if !covering.clone().any(|c| c.is_buying(now)) {
+                // Inactive configs (and none at all) wait for an upsert; paused ones
+                // resume by themselves.
+                hold(covering.filter(|c| c.active).filter_map(|c| c.paused_until).min());
+            }
+        }
+        until
     }
 
     fn decide_offer(
@@ -1041,7 +1152,7 @@ impl Shard {
                         }
                         let hold = st.lead.client.contact.chat_only();
                         Some(Charge {
-                            op: format!("{}:{}:{}", if hold { "hold" } else { "charge" }, l, p),
+                            op: op_id(if hold { "hold" } else { "charge" }, &l, &p),
                             credits: st.price,
                             mode: if hold { ChargeMode::Hold } else { ChargeMode::Capture },
                         })
@@ -1158,13 +1269,14 @@ impl Shard {
                     pro: pro.clone(),
                     kind: OfferKind::AutoBuy,
                     charge: Some(Charge {
-                        op: format!("buy:{}:{}", st.lead.id, pro),
+                        op: op_id("buy", &st.lead.id, pro),
                         credits: st.price,
                         mode: ChargeMode::Budget { config },
                     }),
                 }],
                 rotation: Selection::default(),
                 skipped: vec![],
+                skipped_more: 0,
             });
         }
         done(events)
@@ -1234,8 +1346,10 @@ impl Shard {
                 let stats = self.pros[slot as usize].take().map(|p| p.stats).unwrap_or_default();
                 let weight = rank::weight(&self.policy, &pro.quality, &stats);
                 let w = weight.weight;
-                self.pros[slot as usize] = Some(ProSlot { pro: pro.clone(), stats, weight });
+                self.pros[slot as usize] = Some(ProSlot::new(pro.clone(), stats, weight));
                 self.ring.upsert(slot, w);
+                // Its configs or availability may have changed: back to the scan.
+                self.ring.unpark(slot, self.policy.max_catch_up_turns);
             }
             Event::ProRemoved { pro, .. } => {
                 if let Some(slot) = self.slots.remove(pro) {
@@ -1249,17 +1363,18 @@ impl Shard {
                         let mut p = (*ps.pro).clone();
                         p.availability = availability.clone();
                         ps.pro = Arc::new(p);
+                        ps.schedule_tz = ps.pro.availability.schedule_tz();
                     }
+                    self.ring.unpark(slot, self.policy.max_catch_up_turns);
                 }
             }
             Event::LeadRejected { lead, fingerprint, reason, at, .. } => {
-                self.rejected
-                    .insert(lead.clone(), RejectedLead { fingerprint: *fingerprint, reason: *reason });
-                self.deadlines.insert(Deadline {
-                    at: at.saturating_add(self.policy.idempotency_retention),
-                    lead: lead.clone(),
-                    due: Due::Forget,
-                });
+                let forget_at = at.saturating_add(self.policy.idempotency_retention);
+                self.rejected.insert(
+                    lead.clone(),
+                    RejectedLead { fingerprint: *fingerprint, reason: *reason, forget_at: Some(forget_at) },
+                );
+                self.deadlines.insert(Deadline { at: forget_at, lead: lead.clone(), due: Due::Forget });
             }
             Event::LeadAccepted {
                 lead,
@@ -1286,16 +1401,21 @@ impl Shard {
                 self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
                 self.leads.insert(lead.id.clone(), st);
             }
-            Event::Offered { lead, at, release, grants, rotation, skipped } => {
-                self.ring.commit(rotation, self.policy.max_catch_up_turns);
-                let policy = self.policy.clone();
+            Event::Offered { lead, at, release, grants, rotation, skipped, skipped_more } => {
+                self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
+                let response_window = self.policy.response_window;
                 let Some(st) = self.leads.get_mut(lead) else {
                     return;
                 };
                 if *release {
-                    st.release_at = None;
-                    self.deadlines.remove(&Deadline { at: *at, lead: lead.clone(), due: Due::Release });
-                    self.deadlines.retain(|d| !(d.lead == *lead && d.due == Due::Release));
+                    st.released_at = Some(*at);
+                    // The only `Release` deadline of a lead is at its `release_at` (set
+                    // by `LeadAccepted`, cleared here and by `LeadClosed`), so it is
+                    // removed by key: O(log deadlines), not a scan of every deadline of
+                    // every open lead (that scan was most of a decision's cost).
+                    if let Some(r) = st.release_at.take() {
+                        self.deadlines.remove(&Deadline { at: r, lead: lead.clone(), due: Due::Release });
+                    }
                 }
                 for g in grants {
                     // The publish decision's own offers: the direct ones and an
@@ -1307,7 +1427,7 @@ impl Shard {
                     }
                     let respond_by = match g.kind {
                         OfferKind::Contact | OfferKind::AutoBuy => None,
-                        _ => policy.response_window.map(|w| at.saturating_add(w)),
+                        _ => response_window.map(|w| at.saturating_add(w)),
                     };
                     if let Some(t) = respond_by {
                         self.deadlines.insert(Deadline {
@@ -1329,23 +1449,29 @@ impl Shard {
                         viewed: false,
                         refunded: false,
                         notes: Vec::new(),
+                        guarantee_at: None,
                     });
                     st.budget_waitlist.retain(|p| p != &g.pro);
                     if let Some(&slot) = self.slots.get(&g.pro) {
                         if let Some(ps) = self.pros[slot as usize].as_mut() {
                             ps.stats.offered += 1;
-                            if ps.pro.availability.check(*at).is_ok() {
+                            if ps.available(*at).is_ok() {
                                 ps.stats.rate_relevant += 1;
                             }
                         }
                     }
                 }
+                st.skipped_more += u64::from(*skipped_more);
                 for (pro, skip) in skipped {
                     if matches!(skip, Skip::BudgetExhausted { .. }) && !st.budget_waitlist.contains(pro) {
                         st.budget_waitlist.push(pro.clone());
                     }
                     if !st.skipped.iter().any(|(p, _)| p == pro) {
-                        st.skipped.push((pro.clone(), skip.clone()));
+                        if st.skipped.len() < MAX_RECORDED_SKIPS {
+                            st.skipped.push((pro.clone(), skip.clone()));
+                        } else {
+                            st.skipped_more += 1;
+                        }
                     }
                 }
             }
@@ -1380,8 +1506,12 @@ impl Shard {
                         }
                     }
                     if let (Some(w), Some(_)) = (policy.guarantee_window, charge) {
+                        let t = at.saturating_add(w);
+                        if let Some(o) = st.offer_mut(pro) {
+                            o.guarantee_at = Some(t);
+                        }
                         self.deadlines.insert(Deadline {
-                            at: at.saturating_add(w),
+                            at: t,
                             lead: lead.clone(),
                             due: Due::Guarantee(pro.clone()),
                         });
@@ -1441,10 +1571,22 @@ impl Shard {
                     self.learned = Some(stats);
                 }
                 if let Some(st) = self.leads.get_mut(lead) {
+                    // Release, offer expiry and close deadlines sit at times the lead
+                    // state records (`release_at`, each offer's `respond_by`,
+                    // `expires_at`): removed by key, no scan of every deadline.
+                    let dl = |at: Millis, due: Due| Deadline { at, lead: lead.clone(), due };
+                    if st.closed_at.is_none() {
+                        self.deadlines.remove(&dl(st.expires_at, Due::Close));
+                    }
+                    if let Some(r) = st.release_at.take() {
+                        self.deadlines.remove(&dl(r, Due::Release));
+                    }
                     st.closed_at = Some(*at);
-                    st.release_at = None;
                     st.budget_waitlist.clear();
                     for o in &mut st.offers {
+                        if let Some(t) = o.respond_by {
+                            self.deadlines.remove(&dl(t, Due::ExpireOffer(o.pro.clone())));
+                        }
                         if o.status.is_open() {
                             o.status = OfferStatus::Inactive;
                         }
@@ -1453,23 +1595,41 @@ impl Shard {
                         }
                     }
                 }
-                self.deadlines.retain(|d| {
-                    !(d.lead == *lead && matches!(d.due, Due::Release | Due::ExpireOffer(_) | Due::Close))
-                });
-                self.deadlines.insert(Deadline {
-                    at: at.saturating_add(retention.max(guarantee)),
-                    lead: lead.clone(),
-                    due: Due::Forget,
-                });
+                let forget_at = at.saturating_add(retention.max(guarantee));
+                if let Some(st) = self.leads.get_mut(lead) {
+                    st.forget_at = Some(forget_at);
+                }
+                self.deadlines.insert(Deadline { at: forget_at, lead: lead.clone(), due: Due::Forget });
             }
             Event::LeadForgotten { lead } => {
+                // What is left of a closed lead's deadlines (guarantees, the forget
+                // itself) is removed by key where the state recorded their times;
+                // state restored from an older snapshot falls back to a scan.
+                let dl = |at: Millis, due: Due| Deadline { at, lead: lead.clone(), due };
+                let mut by_key = false;
                 if let Some(st) = self.leads.remove(lead) {
                     if self.last_by_client.get(&st.lead.client.id).is_some_and(|(_, l)| l == lead) {
                         self.last_by_client.remove(&st.lead.client.id);
                     }
+                    if let Some(f) = st.forget_at {
+                        by_key = true;
+                        self.deadlines.remove(&dl(f, Due::Forget));
+                        for o in &st.offers {
+                            if let Some(g) = o.guarantee_at {
+                                self.deadlines.remove(&dl(g, Due::Guarantee(o.pro.clone())));
+                            }
+                        }
+                    }
                 }
-                self.rejected.remove(lead);
-                self.deadlines.retain(|d| d.lead != *lead);
+                if let Some(r) = self.rejected.remove(lead) {
+                    if let Some(f) = r.forget_at {
+                        by_key = true;
+                        self.deadlines.remove(&dl(f, Due::Forget));
+                    }
+                }
+                if !by_key {
+                    self.deadlines.retain(|d| d.lead != *lead);
+                }
             }
         }
     }
@@ -1545,9 +1705,11 @@ impl Shard {
         let mut list: Vec<(u32, u32)> = self
             .ring
             .iter()
+            .chain(self.ring.iter_parked().map(|(slot, _)| slot))
             .filter(|&slot| {
-                let pro = &self.slot_pro(slot).pro;
-                if pro.availability.check(now).is_err() {
+                let ps = self.slot_pro(slot);
+                let pro = &ps.pro;
+                if ps.available(now).is_err() {
                     return false;
                 }
                 if let (Some(loc), Some(base), Some(r)) = (&location, &pro.base, pro.radius_km) {
@@ -1587,10 +1749,18 @@ impl Shard {
             }
         }
         let pending = st.release_at.is_some();
-        for slot in self.ring.iter() {
-            let id = &self.slot_pro(slot).pro.id;
+        let released = st.released_at.unwrap_or(st.accepted_at);
+        for slot in self.ring.iter().chain(self.ring.iter_parked().map(|(slot, _)| slot)) {
+            let pro = &self.slot_pro(slot).pro;
+            let id = &pro.id;
             if seen.insert(id.clone()) {
-                let why = if pending {
+                // A parked pro was not scanned: say why it is parked, as of the release.
+                let parked = (!pending && self.ring.is_parked(slot))
+                    .then(|| self.parked_reason(released, slot))
+                    .flatten();
+                let why = if let Some(skip) = parked {
+                    ExplainOutcome::Skipped(skip)
+                } else if pending {
                     ExplainOutcome::AwaitingRelease
                 } else if self.policy.mode == DispatchMode::Shared && st.generic_cap(&self.policy) == 0 {
                     ExplainOutcome::Skipped(Skip::NoGenericSlots)
@@ -1610,7 +1780,26 @@ impl Shard {
             release_at: st.release_at,
             expires_at: st.expires_at,
             entries,
+            skipped_unrecorded: st.skipped_more,
         })
+    }
+
+    /// Why a parked pro is ineligible at `at` (availability or auto-buy configs).
+    fn parked_reason(&self, at: Millis, slot: u32) -> Option<Skip> {
+        let ps = self.slot_pro(slot);
+        if let Err(u) = ps.available(at) {
+            return Some(u.into());
+        }
+        if self.policy.charge_on == ChargeOn::Dispatch {
+            let mut covering = ps.pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
+            if covering.clone().next().is_none() {
+                return Some(Skip::NoAutoBuyConfig);
+            }
+            if !covering.any(|c| c.is_buying(at)) {
+                return Some(Skip::AutoBuyPaused);
+            }
+        }
+        None
     }
 
     fn explain_entry(&self, pro: &ProId, outcome: ExplainOutcome) -> ExplainEntry {
@@ -1674,6 +1863,16 @@ impl Shard {
         if self.ring.len() != self.slots.len() {
             return Err(format!("{} pros but {} in the ring", self.slots.len(), self.ring.len()));
         }
+        // Deadlines are removed by key when a lead closes and is forgotten: a leak here
+        // would mean a key computed differently from the one inserted.
+        for d in &self.deadlines {
+            if !self.leads.contains_key(&d.lead) && !self.rejected.contains_key(&d.lead) {
+                return Err(format!("deadline {:?} at {} of a forgotten lead {}", d.due, d.at, d.lead));
+            }
+            if d.due == Due::Release && self.leads.get(&d.lead).and_then(|st| st.release_at) != Some(d.at) {
+                return Err(format!("release deadline of lead {} at {} is not its release_at", d.lead, d.at));
+            }
+        }
         for st in self.leads.values() {
             let max = self.policy.max_responders;
             if st.responders > max {
@@ -1727,6 +1926,19 @@ impl Funds for SpentFunds<'_> {
     }
 }
 
+/// `<kind>:<lead>:<pro>`, the ledger op id of a money intent, built in one allocation
+/// without the formatting machinery.
+fn op_id(kind: &str, lead: &LeadId, pro: &ProId) -> String {
+    let (l, p) = (lead.as_str(), pro.as_str());
+    let mut op = String::with_capacity(kind.len() + l.len() + p.len() + 2);
+    op.push_str(kind);
+    op.push(':');
+    op.push_str(l);
+    op.push(':');
+    op.push_str(p);
+    op
+}
+
 fn done(events: Vec<Event>) -> Decision {
     Decision { events, reply: Reply::Done }
 }
@@ -1759,6 +1971,9 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         published_release_at: None,
         published_offers: 0,
         price_components: None,
+        forget_at: None,
+        skipped_more: 0,
+        released_at: None,
     }
 }
 
@@ -1799,4 +2014,155 @@ pub struct Explanation {
     pub release_at: Option<Millis>,
     pub expires_at: Millis,
     pub entries: Vec<ExplainEntry>,
+    /// Pros scanned and skipped past [`MAX_RECORDED_SKIPS`]: counted, not listed (they
+    /// appear above as `turn_not_reached`).
+    #[serde(default)]
+    pub skipped_unrecorded: u64,
+}
+
+#[cfg(test)]
+mod parking_tests {
+    use super::*;
+    use crate::ids::{CategoryId, TenantId, ZoneId, DAY_MS};
+
+    const T0: Millis = 1_795_424_400_000;
+
+    fn shard() -> Shard {
+        let key = ShardKey {
+            tenant: TenantId::new("t"),
+            zone: ZoneId::new("bologna"),
+            category: CategoryId::new("painting"),
+        };
+        let policy = Policy::from_toml(
+            "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 1\nduplicate_window_s = 0\n\
+             [money]\ncharge_on = \"never\"\n",
+        )
+        .expect("test policy is valid");
+        Shard::new(key, Arc::new(policy))
+    }
+
+    fn pro(id: &str) -> Pro {
+        Pro {
+            id: ProId::new(id),
+            categories: vec![CategoryId::new("painting")],
+            zones: vec![ZoneId::new("bologna")],
+            base: None,
+            radius_km: None,
+            quality: Quality::default(),
+            refuses: vec![],
+            availability: Availability::default(),
+            autobuy: vec![],
+        }
+    }
+
+    fn lead(n: u32, now: Millis) -> Lead {
+        Lead {
+            id: LeadId::new(format!("L{n}")),
+            category: CategoryId::new("painting"),
+            zone: ZoneId::new("bologna"),
+            location: None,
+            description: "Tinteggiatura di un appartamento di 80 mq".into(),
+            details: Default::default(),
+            attributes: vec![],
+            client: Client {
+                id: ClientId::new(format!("c{n}")),
+                name: "Anna".into(),
+                phone: "+39 333".into(),
+                phone_verified: true,
+                contact: ContactPrefs { call: true, whatsapp: false, chat: true },
+                address: None,
+                pro_id: None,
+            },
+            direct: vec![],
+            kind: JobKind::Match,
+            created_at: now,
+        }
+    }
+
+    fn run(s: &mut Shard, log: &mut Vec<Event>, now: Millis, cmd: Command) -> Decision {
+        let d = s.decide(now, &cmd, &Unlimited).expect("valid command");
+        for ev in &d.events {
+            s.apply(ev);
+            log.push(ev.clone());
+        }
+        s.check_invariants().expect("invariants hold after every step");
+        d
+    }
+
+    fn publish(s: &mut Shard, log: &mut Vec<Event>, n: u32, now: Millis) -> (Vec<String>, Vec<String>) {
+        let d = run(s, log, now, Command::PublishLead { lead: lead(n, now) });
+        let mut got = (vec![], vec![]);
+        for ev in &d.events {
+            if let Event::Offered { grants, skipped, .. } = ev {
+                got.0.extend(grants.iter().map(|g| g.pro.to_string()));
+                got.1.extend(skipped.iter().map(|(p, _)| p.to_string()));
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn r16_pro_on_vacation_is_not_scanned_and_returns_with_one_early_lead() {
+        let (mut s, mut log) = (shard(), Vec::new());
+        for id in ["e1", "e2", "e3"] {
+            run(&mut s, &mut log, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        let back = T0 + 3 * DAY_MS;
+        let availability = Availability { vacation: Some((T0, back)), ..Default::default() };
+        run(&mut s, &mut log, T0, Command::SetAvailability { pro: ProId::new("e1"), availability });
+        // The first lead scans e1, skips it and parks it until the vacation ends.
+        assert_eq!(publish(&mut s, &mut log, 1, T0 + 1), (vec!["e2".into()], vec!["e1".into()]));
+        assert_eq!(s.parked_pros(), 1);
+        // Later leads do not look at it at all.
+        for n in 2..=4 {
+            let (_, skipped) = publish(&mut s, &mut log, n, T0 + i64::from(n));
+            assert!(skipped.is_empty(), "lead {n} scanned a parked pro: {skipped:?}");
+        }
+        // Back: the first decision after the end sees it again, with one lead early
+        // (max_catch_up_turns = 1), then the rotation is strictly cyclic.
+        let got: Vec<String> =
+            (5..=10).map(|n| publish(&mut s, &mut log, n, back + i64::from(n)).0[0].clone()).collect();
+        assert_eq!(got, ["e1", "e1", "e2", "e3", "e1", "e2"]);
+        assert_eq!(s.parked_pros(), 0);
+        // Replay of the log reproduces the shard, parking included.
+        let mut replayed = shard();
+        for ev in &log {
+            replayed.apply(ev);
+        }
+        assert_eq!(replayed, s);
+    }
+
+    #[test]
+    fn r16_parked_pro_comes_back_when_its_availability_changes() {
+        let (mut s, mut log) = (shard(), Vec::new());
+        for id in ["e1", "e2"] {
+            run(&mut s, &mut log, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        let paused = Availability { paused_until: Some(T0 + 30 * DAY_MS), ..Default::default() };
+        run(&mut s, &mut log, T0, Command::SetAvailability { pro: ProId::new("e1"), availability: paused });
+        publish(&mut s, &mut log, 1, T0 + 1);
+        assert_eq!(s.parked_pros(), 1);
+        let e = s.explain(&LeadId::new("L1")).expect("lead is known");
+        assert!(e
+            .entries
+            .iter()
+            .any(|x| x.pro.as_str() == "e1" && x.outcome == ExplainOutcome::Skipped(Skip::Paused)));
+        let publish2 = publish(&mut s, &mut log, 2, T0 + 2);
+        assert_eq!(publish2.1, Vec::<String>::new());
+        let e = s.explain(&LeadId::new("L2")).expect("lead is known");
+        assert!(
+            e.entries
+                .iter()
+                .any(|x| x.pro.as_str() == "e1" && x.outcome == ExplainOutcome::Skipped(Skip::Paused)),
+            "explain names the reason of a parked pro: {e:?}"
+        );
+        run(
+            &mut s,
+            &mut log,
+            T0 + 3,
+            Command::SetAvailability { pro: ProId::new("e1"), availability: Availability::default() },
+        );
+        assert_eq!(s.parked_pros(), 0);
+        assert_eq!(publish(&mut s, &mut log, 3, T0 + 4).0, vec!["e1".to_string()]);
+    }
 }

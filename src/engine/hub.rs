@@ -244,7 +244,8 @@ mod tests {
 
     #[test]
     fn a_per_pro_feed_sees_only_that_pros_events_live_and_on_resume() {
-        let credit = |pro: &str, n: u64| StreamEvent::TopupRequested { pro: crate::ids::ProId::new(pro), credits: n };
+        let credit =
+            |pro: &str, n: u64| StreamEvent::TopupRequested { pro: crate::ids::ProId::new(pro), credits: n };
         let hub = StreamHub::new(100);
         hub.publish([credit("a", 1), credit("b", 2), ev(3)]);
         let mut feed = hub.subscribe(Some(0), Some(crate::ids::ProId::new("a")), 16).unwrap();
