@@ -224,7 +224,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 let env = match protocol::decode(enc, &bytes) {
                     Ok(env) => env,
                     Err(e) => {
-                        let r = Reply::Error { id: e.id, error: ApiError::new(e.code, e.message) };
+                        let r = Reply::Error { id: e.id, error: ApiError { field: e.field, ..ApiError::new(e.code, e.message) } };
                         if send(&mut sink, enc, protocol::encode(enc, &r), true).await.is_err() { break None; }
                         continue;
                     }
