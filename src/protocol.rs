@@ -429,14 +429,12 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
         Encoding::Msgpack => rmp_serde::from_slice::<Envelope>(bytes).map_err(|e| e.to_string()),
     };
     match parsed {
-        Ok(env) if env.id.len() > MAX_CORRELATION_ID => {
-            Err(DecodeError {
-                id: None,
-                code: "invalid_field",
-                message: "id: longer than 128 bytes".into(),
-                field: Some("id".into()),
-            })
-        }
+        Ok(env) if env.id.len() > MAX_CORRELATION_ID => Err(DecodeError {
+            id: None,
+            code: "invalid_field",
+            message: "id: longer than 128 bytes".into(),
+            field: Some("id".into()),
+        }),
         Ok(env) => Ok(env),
         Err(message) => {
             let id = peek_id(enc, bytes);

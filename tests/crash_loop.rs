@@ -277,11 +277,9 @@ async fn run(seed: u64, cycles: u64) -> Figures {
 
         let (sub, events) = follower.await.unwrap();
         assert_eq!(sub["type"], "ok", "resume from {resume}: {sub}");
-        let mut expect = resume + 1;
-        for e in events {
+        for (expect, e) in (resume + 1..).zip(events) {
             let seq = e["seq"].as_u64().unwrap();
             assert_eq!(seq, expect, "cycle {cycle}: stream gap or duplicate: got {seq}, wanted {expect}");
-            expect += 1;
             match seen.get(&seq) {
                 Some(before) => assert_eq!(before, &e, "seq {seq} changed across the restart"),
                 None => {

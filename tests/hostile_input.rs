@@ -80,7 +80,10 @@ async fn a_frame_over_max_frame_bytes_closes_with_1009_and_others_keep_working()
     let mut big = Client::connect(&d.addr, "pp-token", false).await;
     let mut l = lead("BIG");
     l["description"] = json!("x".repeat(200_000));
-    big.ws.send(Message::Text(json!({"id": "b", "type": "publish_lead", "lead": l}).to_string())).await.unwrap();
+    big.ws
+        .send(Message::Text(json!({"id": "b", "type": "publish_lead", "lead": l}).to_string()))
+        .await
+        .unwrap();
     let (code, reason) = big.drain_until_close().await;
     assert_eq!(code, 1009, "a frame over max_frame_bytes closes with 1009: {reason}");
     still_serves(&mut other).await;
@@ -125,7 +128,11 @@ async fn deep_nesting_and_huge_arrays_get_specific_errors_without_crashing() {
     let mut l = lead("HUGE1");
     l["direct"] = json!((0..50_000).map(|i| format!("p{i}")).collect::<Vec<_>>());
     let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
-    assert_eq!((r["code"].as_str(), r["field"].as_str()), (Some("invalid_field"), Some("lead.direct")), "{r}");
+    assert_eq!(
+        (r["code"].as_str(), r["field"].as_str()),
+        (Some("invalid_field"), Some("lead.direct")),
+        "{r}"
+    );
     let (r, _) = c.call(json!({"type": "explain", "lead": "HUGE1"})).await;
     assert_eq!(r["code"], "unknown_lead", "{r}");
     // 100,000 attributes (attributes have no cap today): one answer, and the daemon
@@ -238,8 +245,10 @@ async fn upgrades_without_a_subprotocol_or_with_a_bad_token_are_refused_and_tena
     // Another tenant's token sees nothing of this one.
     let mut pp = Client::connect(&d.addr, "pp-token", false).await;
     let mut habi = Client::connect(&d.addr, "habi-token", true).await;
-    pp.ok(json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}))
-        .await;
+    pp.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
     pp.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 50})).await;
     let mut l = lead("ISO1");
     l["direct"] = json!(["p1"]);
