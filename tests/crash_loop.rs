@@ -303,6 +303,9 @@ async fn run(seed: u64, cycles: u64) -> Figures {
             assert_eq!(before, e, "a streamed event differs in the full replay");
         }
     }
+    for e in all.iter().filter(|e| e["event"]["event"] == "offered") {
+        assert!(!e.to_string().contains("333 1234567"), "R8: an offer carries no client phone: {e}");
+    }
     let charged_events = all
         .iter()
         .filter(|e| e["event"]["event"] == "credits" && e["event"]["movement"] == "charged")

@@ -179,20 +179,24 @@ async fn every_publish_field_with_the_wrong_type_is_named_in_invalid_field() {
         ("client.pro_id", json!(5)),
     ];
     let mut wrong = Vec::new();
-    for (i, (path, value)) in cases.iter().enumerate() {
-        let mut l = lead(&format!("W{i}"));
-        let mut slot = &mut l;
-        for part in path.split('.') {
-            slot = &mut slot[part];
+    let mut m = Client::connect(&d.addr, "pp-token", true).await;
+    for (tag, c) in [("json", &mut c), ("msgpack", &mut m)] {
+        for (i, (path, value)) in cases.iter().enumerate() {
+            let id = format!("W-{tag}-{i}");
+            let mut l = lead(&id);
+            let mut slot = &mut l;
+            for part in path.split('.') {
+                slot = &mut slot[part];
+            }
+            *slot = value.clone();
+            let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
+            let want = format!("lead.{path}");
+            if r["code"] != "invalid_field" || r["field"] != json!(want) {
+                wrong.push(format!("{tag}: {want} = {value}: {r}"));
+            }
+            let (r, _) = c.call(json!({"type": "explain", "lead": id})).await;
+            assert_eq!(r["code"], "unknown_lead", "a refused publish stored nothing: {r}");
         }
-        *slot = value.clone();
-        let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
-        let want = format!("lead.{path}");
-        if r["code"] != "invalid_field" || r["field"] != json!(want) {
-            wrong.push(format!("{want} = {value}: {r}"));
-        }
-        let (r, _) = c.call(json!({"type": "explain", "lead": format!("W{i}")})).await;
-        assert_eq!(r["code"], "unknown_lead", "a refused publish stored nothing: {r}");
     }
     assert!(wrong.is_empty(), "not named in invalid_field:\n{}", wrong.join("\n"));
     still_serves(&mut c).await;
