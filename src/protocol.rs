@@ -416,6 +416,8 @@ pub struct DecodeError {
     pub id: Option<String>,
     pub code: &'static str,
     pub message: String,
+    /// The bad field, when it can be told (`lead.location.lat`).
+    pub field: Option<String>,
 }
 
 /// Largest correlation id accepted.
@@ -427,9 +429,12 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
         Encoding::Msgpack => rmp_serde::from_slice::<Envelope>(bytes).map_err(|e| e.to_string()),
     };
     match parsed {
-        Ok(env) if env.id.len() > MAX_CORRELATION_ID => {
-            Err(DecodeError { id: None, code: "invalid_field", message: "id: longer than 128 bytes".into() })
-        }
+        Ok(env) if env.id.len() > MAX_CORRELATION_ID => Err(DecodeError {
+            id: None,
+            code: "invalid_field",
+            message: "id: longer than 128 bytes".into(),
+            field: Some("id".into()),
+        }),
         Ok(env) => Ok(env),
         Err(message) => {
             let id = peek_id(enc, bytes);
@@ -442,9 +447,32 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
             } else {
                 "bad_frame"
             };
-            Err(DecodeError { id, code, message })
+            let field = if code == "invalid_field" { field_path(enc, bytes) } else { None };
+            Err(DecodeError { id, code, message, field })
         }
     }
+}
+
+/// Best effort: the path of the field that failed to decode. The request enum is
+/// internally tagged and flattened, which hides the path from serde, so the payload of
+/// the requests with nested bodies is decoded again on its own, tracking the path.
+fn field_path(enc: Encoding, bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = match enc {
+        Encoding::Json => serde_json::from_slice(bytes).ok()?,
+        Encoding::Msgpack => rmp_serde::from_slice(bytes).ok()?,
+    };
+    let obj = v.as_object()?;
+    match obj.get("type")?.as_str()? {
+        "publish_lead" => path_in::<Lead>("lead", obj.get("lead")?),
+        "upsert_pro" => path_in::<Pro>("pro", obj.get("pro")?),
+        _ => None,
+    }
+}
+
+fn path_in<T: serde::de::DeserializeOwned>(name: &str, v: &serde_json::Value) -> Option<String> {
+    let err = serde_path_to_error::deserialize::<_, T>(v).err()?;
+    let path = err.path().to_string();
+    Some(if path == "." { name.to_string() } else { format!("{name}.{path}") })
 }
 
 /// Best effort: the correlation id of a frame that failed to decode, so the error

@@ -224,7 +224,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 let env = match protocol::decode(enc, &bytes) {
                     Ok(env) => env,
                     Err(e) => {
-                        let r = Reply::Error { id: e.id, error: ApiError::new(e.code, e.message) };
+                        let r = Reply::Error { id: e.id, error: ApiError { field: e.field, ..ApiError::new(e.code, e.message) } };
                         if send(&mut sink, enc, protocol::encode(enc, &r), true).await.is_err() { break None; }
                         continue;
                     }
@@ -293,17 +293,47 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
         // Close handshake: read until the peer's Close (bounded in time). Dropping the
         // socket with its frames unread would reset the connection, and a reset makes
         // the peer's kernel discard our close frame (and its resume cursor).
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let peer_closed = tokio::time::timeout(Duration::from_secs(5), async {
             while let Some(Ok(m)) = source.next().await {
                 if m.is_close() {
-                    break;
+                    return true;
                 }
             }
+            false
         })
-        .await;
+        .await
+        .unwrap_or(false);
+        if !peer_closed {
+            // The frame reader failed (e.g. the rest of an oversized frame is still
+            // unread, 1009), so drain the raw socket after a half-close: unread bytes
+            // at drop would reset the connection and lose our close frame.
+            if let Ok(mut ws) = sink.reunite(source) {
+                drain_raw(ws.get_mut()).await;
+            }
+            m.connections.get(scope_label).decrement(1.0);
+            return;
+        }
     }
     let _ = sink.flush().await;
     m.connections.get(scope_label).decrement(1.0);
+}
+
+/// Half-closes `tcp` and reads until the peer closes, bounded in time and bytes.
+async fn drain_raw(tcp: &mut TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.flush().await;
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 16 * 1024];
+    let mut left: usize = 64 * 1024 * 1024;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 type Sink = futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>;

@@ -1,0 +1,165 @@
+//! Every decoder that reads bytes from outside never panics on random or mutated input:
+//! the wire protocol (both encodings), WAL records, tenant policies, the config file and
+//! WAL segment scanning. Each returns an error or a value; a panic fails the property.
+//!
+//! These stand in for coverage-guided fuzzing (cargo-fuzz needs a nightly toolchain);
+//! mutating valid samples gets the inputs past the first byte checks.
+
+mod wal_support;
+
+use proptest::prelude::*;
+use rota::protocol::{decode, Encoding};
+use rota::wal::{Fs, MemFs, OpenMode, Wal};
+use serde_json::json;
+use std::path::Path;
+use wal_support::*;
+
+fn publish_json() -> Vec<u8> {
+    json!({"id": "c1", "type": "publish_lead", "lead": {
+        "id": "L1", "category": "painting", "zone": "bologna",
+        "location": {"lat": 44.49, "lon": 11.34},
+        "description": "Repaint a two-room flat, walls and ceilings",
+        "details": {"rooms": "2"}, "attributes": ["x"], "direct": ["p1", "p2"], "kind": "match",
+        "created_at": 1_764_000_000_000i64,
+        "client": {"id": "c-9", "name": "Anna Rossi", "phone": "+39 333 1234567", "phone_verified": true,
+                   "contact": {"call": true, "whatsapp": false, "chat": true}, "address": null, "pro_id": null}}})
+    .to_string()
+    .into_bytes()
+}
+
+fn publish_msgpack() -> Vec<u8> {
+    let v: serde_json::Value = serde_json::from_slice(&publish_json()).unwrap();
+    rmp_serde::to_vec_named(&v).unwrap()
+}
+
+fn repo_file(rel: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+}
+
+/// Overwrites, inserts and truncates: random edits of a valid sample.
+fn mutate(mut b: Vec<u8>, edits: &[(usize, u8, u8)], cut: Option<usize>) -> Vec<u8> {
+    for &(at, byte, how) in edits {
+        if b.is_empty() {
+            b.push(byte);
+            continue;
+        }
+        let at = at % b.len();
+        match how % 3 {
+            0 => b[at] = byte,
+            1 => b.insert(at, byte),
+            _ => {
+                b.remove(at);
+            }
+        }
+    }
+    if let Some(cut) = cut {
+        let len = b.len();
+        b.truncate(cut % (len + 1));
+    }
+    b
+}
+
+fn edits() -> impl Strategy<Value = Vec<(usize, u8, u8)>> {
+    prop::collection::vec(any::<(usize, u8, u8)>(), 0..8)
+}
+
+/// A valid WAL segment holding a few records, as bytes.
+fn valid_segment() -> (MemFs, std::path::PathBuf, Vec<u8>) {
+    let fs = MemFs::new();
+    let (wal, _) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
+    for i in 1..=5u64 {
+        wal.append_blocking(vec![(4, rmp_serde::to_vec_named(&json!({"lead": i})).unwrap())]).unwrap();
+    }
+    wal.shutdown().unwrap();
+    let seg = segments(&fs, Path::new(MEM_DIR))[0].clone();
+    let bytes = fs.file_bytes(&seg).unwrap();
+    (fs, seg, bytes)
+}
+
+/// `PROPTEST_CASES` scales every property for a long run.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(1024), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn protocol_decode_never_panics_on_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(Encoding::Json, &bytes);
+        let _ = decode(Encoding::Msgpack, &bytes);
+    }
+
+    #[test]
+    fn protocol_decode_never_panics_on_mutated_requests(e in edits(), cut in any::<Option<usize>>()) {
+        let _ = decode(Encoding::Json, &mutate(publish_json(), &e, cut));
+        let _ = decode(Encoding::Msgpack, &mutate(publish_msgpack(), &e, cut));
+    }
+
+    #[test]
+    fn wal_record_decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512), e in edits()) {
+        let _ = rota::engine::record::decode(&bytes);
+        let _ = rota::engine::record::decode(&mutate(publish_msgpack(), &e, None));
+    }
+
+    #[test]
+    fn policy_from_toml_never_panics(e in edits(), cut in any::<Option<usize>>(), junk in ".{0,200}") {
+        let text = mutate(repo_file("config/tenants/prontopro.toml"), &e, cut);
+        let _ = rota::core::Policy::from_toml(&String::from_utf8_lossy(&text));
+        let _ = rota::core::Policy::from_toml(&junk);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(64), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn config_load_never_panics_on_a_random_file_body(
+        e in edits(), cut in any::<Option<usize>>(), junk in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rota.toml");
+        for body in [mutate(repo_file("config/rota.toml"), &e, cut), junk.clone()] {
+            std::fs::write(&path, &body).unwrap();
+            let src = rota::config::Sources { file: Some(path.clone()), ..Default::default() };
+            let _ = rota::config::Config::load(&src);
+        }
+    }
+
+    #[test]
+    fn wal_verify_never_panics_on_a_damaged_segment(
+        e in edits(), cut in any::<Option<usize>>(), junk in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let (fs, seg, bytes) = valid_segment();
+        let damaged = mutate(bytes, &e, cut);
+        let mut f = fs.open(&seg, OpenMode::Create).unwrap();
+        f.write_at(0, &damaged).unwrap();
+        drop(f);
+        let _ = rota::wal::tools::verify(&fs, Path::new(MEM_DIR));
+        // A segment of pure junk after the valid one, on the real filesystem.
+        let dir = tempfile::tempdir().unwrap();
+        let real = rota::wal::RealFs;
+        let mut f = real.open(&dir.path().join(seg.file_name().unwrap()), OpenMode::Create).unwrap();
+        f.write_at(0, &damaged).unwrap();
+        drop(f);
+        let mut f = real.open(&dir.path().join("00000000000000001000.wal"), OpenMode::Create).unwrap();
+        f.write_at(0, &junk).unwrap();
+        drop(f);
+        let _ = rota::wal::tools::verify(&real, dir.path());
+    }
+}
+
+/// The properties can fail: a decoder that panics is caught.
+#[test]
+#[should_panic(expected = "decoder panicked")]
+fn a_panicking_decoder_is_caught() {
+    let runner_cfg = ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() };
+    let mut runner = proptest::test_runner::TestRunner::new(runner_cfg);
+    let r = runner.run(&prop::collection::vec(any::<u8>(), 1..8), |b| {
+        if b[0] < 255 {
+            panic!("decoder panicked on {b:?}");
+        }
+        Ok(())
+    });
+    r.unwrap();
+}

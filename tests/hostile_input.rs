@@ -1,0 +1,321 @@
+//! Hostile input against the real binary: oversized frames, deep nesting, huge arrays,
+//! wrong types, invalid UTF-8, the wrong frame kind, bad upgrades, other tenants'
+//! tokens, idle connections and request floods. Each gets its specific answer and the
+//! daemon keeps serving everyone else.
+
+mod e2e_support;
+
+use e2e_support::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Two tenants (so isolation can be checked), and `extra` config lines on top.
+fn config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
+    for t in ["habitissimo", "prontopro"] {
+        std::fs::copy(root.join(format!("{t}.toml")), dir.join(format!("{t}.toml"))).unwrap();
+    }
+    let hash = |t: &str| rota::config::hex(&rota::config::hash_token(t));
+    let text = format!(
+        r#"{extra}
+[[tenants]]
+id = "habitissimo"
+policy = "habitissimo.toml"
+[[tenants.tokens]]
+sha256 = "{}"
+scopes = ["ingest", "stream", "admin"]
+[[tenants]]
+id = "prontopro"
+policy = "prontopro.toml"
+[[tenants.tokens]]
+sha256 = "{}"
+scopes = ["ingest", "stream", "admin"]
+"#,
+        hash("habi-token"),
+        hash("pp-token"),
+    );
+    let path = dir.join("rota.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(dir: &tempfile::TempDir, extra: &str) -> Daemon {
+    let cfg = config(dir.path(), extra);
+    Daemon::start_with(&dir.path().join("data"), &cfg)
+}
+
+fn lead(id: &str) -> Value {
+    json!({
+        "id": id, "category": "painting", "zone": "bologna",
+        "location": {"lat": 44.49, "lon": 11.34},
+        "description": "Repaint a two-room flat, walls and ceilings, next week",
+        "details": {"rooms": "2"}, "attributes": [], "direct": [], "kind": "match",
+        "client": {"id": format!("client-{id}"), "name": "Anna Rossi", "phone": "+39 333 1234567",
+                   "phone_verified": true, "contact": {"call": true, "whatsapp": false, "chat": true},
+                   "address": null, "pro_id": null},
+        "created_at": T0
+    })
+}
+
+/// The connection still answers requests.
+async fn still_serves(c: &mut Client) {
+    let b = c.ok(json!({"type": "balance", "pro": "nobody"})).await;
+    assert_eq!(b["available"], 0);
+}
+
+async fn recv_raw(c: &mut Client) -> Option<Message> {
+    tokio::time::timeout(Duration::from_secs(20), c.ws.next()).await.expect("an answer within 20 s")?.ok()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_frame_over_max_frame_bytes_closes_with_1009_and_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "max_frame_bytes = 4096");
+    let mut other = Client::connect(&d.addr, "pp-token", false).await;
+    let mut big = Client::connect(&d.addr, "pp-token", false).await;
+    let mut l = lead("BIG");
+    l["description"] = json!("x".repeat(200_000));
+    big.ws
+        .send(Message::Text(json!({"id": "b", "type": "publish_lead", "lead": l}).to_string()))
+        .await
+        .unwrap();
+    let (code, reason) = big.drain_until_close().await;
+    assert_eq!(code, 1009, "a frame over max_frame_bytes closes with 1009: {reason}");
+    still_serves(&mut other).await;
+    let mut fresh = Client::connect(&d.addr, "pp-token", true).await;
+    still_serves(&mut fresh).await;
+    // Just under the limit is fine.
+    let mut l = lead("FITS");
+    l["description"] = json!("y".repeat(3000));
+    let (r, _) = other.call(json!({"type": "publish_lead", "lead": l})).await;
+    assert_eq!(r["type"], "ok", "{r}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn deep_nesting_and_huge_arrays_get_specific_errors_without_crashing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    for msgpack in [false, true] {
+        let mut c = Client::connect(&d.addr, "pp-token", msgpack).await;
+        // 100,000 nested arrays.
+        let frame = if msgpack {
+            let mut b = vec![0x91u8; 100_000];
+            b.push(0xc0);
+            Message::Binary(b)
+        } else {
+            Message::Text("[".repeat(100_000))
+        };
+        c.ws.send(frame).await.unwrap();
+        let v = c.recv().await;
+        assert_eq!(v["code"], "bad_frame", "msgpack={msgpack}: {v}");
+        // The same depth inside a request with an id.
+        let deep = format!(r#"{{"id":"n","type":"publish_lead","lead":{}}}"#, "[".repeat(100_000));
+        if !msgpack {
+            c.ws.send(Message::Text(deep)).await.unwrap();
+            let v = c.recv().await;
+            assert!(v["code"] == "invalid_field" || v["code"] == "bad_frame", "{v}");
+        }
+        still_serves(&mut c).await;
+    }
+    // Huge arrays: 50,000 direct targets are over the cap (64) and refused, naming the
+    // field; nothing is stored.
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let mut l = lead("HUGE1");
+    l["direct"] = json!((0..50_000).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
+    assert_eq!(
+        (r["code"].as_str(), r["field"].as_str()),
+        (Some("invalid_field"), Some("lead.direct")),
+        "{r}"
+    );
+    let (r, _) = c.call(json!({"type": "explain", "lead": "HUGE1"})).await;
+    assert_eq!(r["code"], "unknown_lead", "{r}");
+    // 100,000 attributes (attributes have no cap today): one answer, and the daemon
+    // keeps serving.
+    let mut l = lead("HUGE2");
+    l["attributes"] = json!(vec!["a"; 100_000]);
+    let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
+    assert!(r["type"] == "ok" || r["code"] == "invalid_field", "100,000 attributes: {r}");
+    // A candidates query with 10,000 attributes, too.
+    let (r, _) = c
+        .call(json!({"type": "candidates", "zone": "bologna", "category": "painting",
+                     "attributes": vec!["z"; 10_000]}))
+        .await;
+    assert!(r["type"].is_string(), "{r}");
+    still_serves(&mut c).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_publish_field_with_the_wrong_type_is_named_in_invalid_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let cases: &[(&str, Value)] = &[
+        ("id", json!(12)),
+        ("category", json!(12)),
+        ("zone", json!(["bologna"])),
+        ("location", json!("here")),
+        ("location.lat", json!("north")),
+        ("location.lon", json!(true)),
+        ("description", json!({"text": "x"})),
+        ("details", json!([1, 2])),
+        ("attributes", json!("a,b")),
+        ("direct", json!("p1")),
+        ("kind", json!(7)),
+        ("created_at", json!("yesterday")),
+        ("client", json!("Anna")),
+        ("client.id", json!(9)),
+        ("client.name", json!(false)),
+        ("client.phone", json!(393331234567u64)),
+        ("client.phone_verified", json!("yes")),
+        ("client.contact", json!(1)),
+        ("client.contact.call", json!("yes")),
+        ("client.address", json!(5)),
+        ("client.pro_id", json!(5)),
+    ];
+    let mut wrong = Vec::new();
+    let mut m = Client::connect(&d.addr, "pp-token", true).await;
+    for (tag, c) in [("json", &mut c), ("msgpack", &mut m)] {
+        for (i, (path, value)) in cases.iter().enumerate() {
+            let id = format!("W-{tag}-{i}");
+            let mut l = lead(&id);
+            let mut slot = &mut l;
+            for part in path.split('.') {
+                slot = &mut slot[part];
+            }
+            *slot = value.clone();
+            let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
+            let want = format!("lead.{path}");
+            if r["code"] != "invalid_field" || r["field"] != json!(want) {
+                wrong.push(format!("{tag}: {want} = {value}: {r}"));
+            }
+            let (r, _) = c.call(json!({"type": "explain", "lead": id})).await;
+            assert_eq!(r["code"], "unknown_lead", "a refused publish stored nothing: {r}");
+        }
+    }
+    assert!(wrong.is_empty(), "not named in invalid_field:\n{}", wrong.join("\n"));
+    still_serves(&mut c).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn invalid_utf8_closes_with_1007_and_a_binary_frame_on_json_gets_bad_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    c.ws.send(Message::Binary(br#"{"id":"1","type":"balance","pro":"p"}"#.to_vec())).await.unwrap();
+    let v = c.recv().await;
+    assert_eq!(v["code"], "bad_frame", "{v}");
+    let mut m = Client::connect(&d.addr, "pp-token", true).await;
+    m.ws.send(Message::Text(r#"{"id":"1","type":"balance","pro":"p"}"#.into())).await.unwrap();
+    let v = m.recv().await;
+    assert_eq!(v["code"], "bad_frame", "{v}");
+    still_serves(&mut c).await;
+    still_serves(&mut m).await;
+
+    let bad = vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'];
+    c.ws.send(Message::Frame(Frame::message(bad, OpCode::Data(Data::Text), true))).await.unwrap();
+    let (code, _) = c.drain_until_close().await;
+    assert_eq!(code, 1007, "invalid UTF-8 in a text frame");
+    still_serves(&mut m).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn upgrades_without_a_subprotocol_or_with_a_bad_token_are_refused_and_tenants_are_isolated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    // No subprotocol at all, and only unknown ones.
+    let mut req = format!("ws://{}/", d.addr).into_client_request().unwrap();
+    req.headers_mut().insert("authorization", "Bearer pp-token".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err().to_string();
+    assert!(err.contains("400"), "{err}");
+    let err = connect(&d.addr, "pp-token", "rota.v2.json").await.unwrap_err().to_string();
+    assert!(err.contains("400"), "{err}");
+    // No token, a wrong token, a token with another scheme.
+    let mut req = format!("ws://{}/", d.addr).into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", "rota.v1.json".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("401"), "{err}");
+    for auth in ["Bearer pp-tokenX", "Bearer ", "Basic cHAtdG9rZW4=", "pp-token"] {
+        let mut r = req.clone();
+        r.headers_mut().insert("authorization", auth.parse().unwrap());
+        let err = tokio_tungstenite::connect_async(r).await.unwrap_err().to_string();
+        assert!(err.contains("401"), "{auth}: {err}");
+    }
+    // Another tenant's token sees nothing of this one.
+    let mut pp = Client::connect(&d.addr, "pp-token", false).await;
+    let mut habi = Client::connect(&d.addr, "habi-token", true).await;
+    pp.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
+    pp.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 50})).await;
+    let mut l = lead("ISO1");
+    l["direct"] = json!(["p1"]);
+    let out = pp.ok(json!({"type": "publish_lead", "lead": l})).await;
+    assert_eq!(out["status"], "accepted", "{out}");
+    let (r, _) = habi.call(json!({"type": "explain", "lead": "ISO1"})).await;
+    assert_eq!(r["code"], "unknown_lead", "{r}");
+    let (r, _) = habi.call(json!({"type": "offer", "lead": "ISO1", "pro": "p1", "action": "respond"})).await;
+    assert_eq!(r["code"], "unknown_lead", "{r}");
+    let b = habi.ok(json!({"type": "balance", "pro": "p1"})).await;
+    assert_eq!(b["available"], 0, "the other tenant's pro has no money here: {b}");
+    let b = pp.ok(json!({"type": "balance", "pro": "p1"})).await;
+    assert_eq!(b["available"], 50, "nothing the other tenant did touched it: {b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_idle_connections_do_not_stop_a_new_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        idle.push(Client::connect(&d.addr, "pp-token", i % 2 == 0).await);
+    }
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    still_serves(&mut c).await;
+    let out = c.ok(json!({"type": "publish_lead", "lead": lead("IDLE1")})).await;
+    assert!(out["status"].is_string(), "{out}");
+    // The idle ones still work too.
+    still_serves(&mut idle[0]).await;
+    still_serves(&mut idle[199]).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_flood_of_2000_pipelined_requests_gets_exactly_one_reply_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let n = 2000;
+    for i in 0..n {
+        let req = match i % 4 {
+            0 => json!({"id": format!("f{i}"), "type": "publish_lead", "lead": lead(&format!("F{i}"))}),
+            1 => json!({"id": format!("f{i}"), "type": "balance", "pro": "p1"}),
+            2 => json!({"id": format!("f{i}"), "type": "teleport"}),
+            _ => json!({"id": format!("f{i}"), "type": "explain", "lead": "nope"}),
+        };
+        c.ws.feed(Message::Text(req.to_string())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < n {
+        let Some(Message::Text(t)) = recv_raw(&mut c).await else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        let id = v["id"].as_str().unwrap_or_else(|| panic!("a reply without id: {v}")).to_string();
+        assert!(seen.insert(id.clone()), "a second reply to {id}: {v}");
+        let i: usize = id[1..].parse().unwrap();
+        match i % 4 {
+            0 => assert!(v["type"] == "ok" || v["code"] == "overloaded", "{v}"),
+            1 => assert!(v["type"] == "ok" || v["code"] == "overloaded", "{v}"),
+            2 => assert_eq!(v["code"], "unknown_message", "{v}"),
+            _ => assert!(v["code"] == "unknown_lead" || v["code"] == "overloaded", "{v}"),
+        }
+    }
+    // Nothing more is queued behind them: the next reply is the next request's.
+    let (r, _) = c.call(json!({"type": "balance", "pro": "p1"})).await;
+    assert_eq!(r["type"], "ok", "{r}");
+}
