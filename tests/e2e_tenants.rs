@@ -8,7 +8,7 @@ use serde_json::json;
 
 fn config(dir: &std::path::Path, queue: usize) -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
-    for t in ["habitissimo", "prontopro"] {
+    for t in ["habitissimo", "prontopro", "zaask"] {
         std::fs::copy(root.join(format!("{t}.toml")), dir.join(format!("{t}.toml"))).unwrap();
     }
     let hash = |t: &str| rota::config::hex(&rota::config::hash_token(t));
@@ -30,10 +30,17 @@ scopes = ["ingest", "stream", "admin"]
 [[tenants.tokens]]
 sha256 = "{}"
 scopes = ["stream"]
+[[tenants]]
+id = "zaask"
+policy = "zaask.toml"
+[[tenants.tokens]]
+sha256 = "{}"
+scopes = ["ingest", "stream", "admin"]
 "#,
         hash("habi-token"),
         hash("pp-token"),
-        hash("pp-stream-only")
+        hash("pp-stream-only"),
+        hash("zk-token")
     );
     let path = dir.join("rota.toml");
     std::fs::write(&path, text).unwrap();
@@ -414,6 +421,57 @@ async fn r5_on_the_wall_clock_the_head_start_timer_fires_by_itself() {
         if ev[0]["event"]["event"] == "offered" && ev[0]["event"]["kind"] == "generic" {
             assert_eq!(ev[0]["event"]["pro"], "p2");
             assert!(ev[0]["event"]["at"].as_i64().unwrap() >= now + 1000, "not before the head start ends");
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r11_r12_priced_lead_is_refunded_automatically_when_the_proposal_is_never_viewed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "zk-token", false).await;
+    let mut s = Client::connect(&d.addr, "zk-token", false).await;
+    s.ok(json!({"type": "subscribe"})).await;
+    for p in ["z1", "z2"] {
+        c.ok(
+            json!({"type": "upsert_pro", "pro": {"id": p, "categories": ["painting"], "zones": ["lisboa"]}}),
+        )
+        .await;
+        c.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100})).await;
+    }
+    let mut l = lead_in("Z1", "lisboa", true);
+    l["details"] = json!({"rooms": "2"});
+    let out = c.ok(json!({"type": "publish_lead", "lead": l})).await;
+    // R11: 1200.00 x 25 % / 5 proposals = 60.00 = 60 credits, clamped to the max of 40.
+    assert_eq!(out["price"], 40, "{out}");
+    let ex = c.ok(json!({"type": "explain", "lead": "Z1"})).await;
+    assert_eq!(ex["price_components"]["expected_value_cents"], 6000, "{ex}");
+    for p in ["z1", "z2"] {
+        c.ok(json!({"type": "offer", "lead": "Z1", "pro": p, "action": "respond"})).await;
+    }
+    // The client views z1's proposal only.
+    c.ok(json!({"type": "offer", "lead": "Z1", "pro": "z1", "action": "client_viewed"})).await;
+    // The lead closes after 48 h; the 7-day guarantee runs on: at 7 days z2 (never
+    // viewed) is refunded in full, automatically, once; z1 is not.
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR - 60_000})).await;
+    let b2 = c.ok(json!({"type": "balance", "pro": "z2"})).await;
+    assert_eq!(b2["available"], 60, "not refunded before the window ends");
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR + 60_000})).await;
+    let b1 = c.ok(json!({"type": "balance", "pro": "z1"})).await;
+    let b2 = c.ok(json!({"type": "balance", "pro": "z2"})).await;
+    assert_eq!((b1["available"].as_u64(), b1["refunded"].as_u64()), (Some(60), Some(0)));
+    assert_eq!((b2["available"].as_u64(), b2["refunded"].as_u64()), (Some(100), Some(40)));
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 8 * 24 * HOUR})).await;
+    let b2 = c.ok(json!({"type": "balance", "pro": "z2"})).await;
+    assert_eq!(b2["refunded"], 40, "at most once");
+    // The refund is an event with its reason code.
+    loop {
+        let e = s.events(1).await;
+        let ev = &e[0]["event"];
+        if ev["event"] == "credits" && ev["movement"] == "refunded" {
+            assert_eq!((ev["pro"].as_str(), ev["reason"].as_str()), (Some("z2"), Some("not_viewed")));
             break;
         }
     }
