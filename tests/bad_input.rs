@@ -199,3 +199,12 @@ fn r9_insufficient_credits_changes_nothing() {
     );
     assert_eq!(h.funds.credits(&pid("anna")), 3);
 }
+
+#[test]
+fn r4_oversized_attribute_lists_are_refused_with_the_field_named() {
+    let mut lead = common::lead("L-attr", 1_764_000_000_000);
+    lead.attributes = (0..65).map(|i| format!("a{i}")).collect();
+    assert_eq!(lead.validate().unwrap_err().field, "lead.attributes");
+    lead.attributes = vec![String::new()];
+    assert_eq!(lead.validate().unwrap_err().field, "lead.attributes");
+}

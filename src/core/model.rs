@@ -336,6 +336,12 @@ impl Pro {
                 return Err(field_err("pro.base", "is required when radius_km is set"));
             }
         }
+        if self.refuses.len() > MAX_ATTRIBUTES || self.refuses.iter().any(|a| a.is_empty() || a.len() > 128) {
+            return Err(field_err("pro.refuses", "at most 64 attributes of 1..=128 bytes each"));
+        }
+        if self.categories.len() > 256 || self.zones.len() > 1024 {
+            return Err(field_err("pro.zones", "at most 1024 zones and 256 categories per pro"));
+        }
         let q = &self.quality;
         if q.rating_centi > 500 {
             return Err(field_err("pro.quality.rating_centi", "must be at most 500 (5.00 stars)"));
@@ -433,6 +439,9 @@ pub struct Lead {
     pub created_at: Millis,
 }
 
+/// Most attributes on a lead, and most refused attributes on a pro (R4).
+pub const MAX_ATTRIBUTES: usize = 64;
+
 /// Longest free text accepted in a lead.
 pub const MAX_TEXT: usize = 16 * 1024;
 
@@ -450,6 +459,11 @@ impl Lead {
         }
         if self.details.len() > 256 || self.details.iter().any(|(k, v)| k.len() + v.len() > MAX_TEXT) {
             return Err(field_err("lead.details", "at most 256 answers of at most 16 KiB each"));
+        }
+        if self.attributes.len() > MAX_ATTRIBUTES
+            || self.attributes.iter().any(|a| a.is_empty() || a.len() > 128)
+        {
+            return Err(field_err("lead.attributes", "at most 64 attributes of 1..=128 bytes each"));
         }
         if self.direct.len() > 64 {
             return Err(field_err("lead.direct", "at most 64 direct targets"));
