@@ -134,3 +134,20 @@ async fn auth_and_subprotocol_are_checked_at_the_upgrade_and_bad_frames_get_spec
     let ok = c.ok(json!({"type": "balance", "pro": "nobody"})).await;
     assert_eq!(ok["available"], 0);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn sigterm_closes_streams_with_1001_and_a_resume_cursor_then_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut ingest = Client::new(&d.addr, false).await;
+    let mut stream = Client::new(&d.addr, false).await;
+    stream.ok(json!({"type": "subscribe"})).await;
+    ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 5})).await;
+    let ev = stream.events(1).await;
+    let seq = ev[0]["seq"].as_u64().unwrap();
+    unsafe_kill(d.child.id(), "TERM");
+    let (code, reason) = stream.drain_until_close().await;
+    assert_eq!(code, 1001, "{reason}");
+    assert!(reason.contains(&format!("resume_from={seq}")), "{reason}");
+    assert_eq!(d.wait_exit(), 0, "graceful shutdown exits 0");
+}

@@ -65,6 +65,11 @@ impl Daemon {
         Daemon { child, addr }
     }
 
+    /// Waits for the process to exit by itself (after a signal sent elsewhere).
+    pub fn wait_exit(mut self) -> i32 {
+        self.child.wait().unwrap().code().unwrap_or(-1)
+    }
+
     pub fn stop(mut self) -> i32 {
         unsafe_kill(self.child.id(), "TERM");
         self.child.wait().unwrap().code().unwrap_or(-1)
