@@ -37,6 +37,12 @@ pub struct RawConfig {
     pub subscriber_queue_frames: usize,
     pub stream_retention_events: usize,
     pub max_connections: usize,
+    /// A connection that has not completed the websocket upgrade by then is closed.
+    pub handshake_timeout_ms: u64,
+    /// Requests per second one connection may send (token bucket); 0 = no limit.
+    pub rate_limit_connection_per_s: u32,
+    /// Requests per second all connections of one tenant may send; 0 = no limit.
+    pub rate_limit_tenant_per_s: u32,
     pub log_level: String,
     pub log_format: LogFormat,
     pub wal: RawWal,
@@ -106,6 +112,9 @@ impl Default for RawConfig {
             subscriber_queue_frames: 65_536,
             stream_retention_events: 100_000,
             max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
+            rate_limit_connection_per_s: 50_000,
+            rate_limit_tenant_per_s: 200_000,
             log_level: "info".into(),
             log_format: LogFormat::Auto,
             wal: RawWal {
@@ -241,6 +250,9 @@ impl Config {
             if v < min {
                 return Err(invalid(key, format!("must be at least {min}")));
             }
+        }
+        if raw.handshake_timeout_ms == 0 {
+            return Err(invalid("handshake_timeout_ms", "must be at least 1"));
         }
         if raw.heartbeat_timeout_ms <= raw.heartbeat_interval_ms {
             return Err(invalid("heartbeat_timeout_ms", "must be longer than heartbeat_interval_ms"));

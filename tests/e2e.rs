@@ -151,3 +151,47 @@ async fn sigterm_closes_streams_with_1001_and_a_resume_cursor_then_exits_0() {
     assert!(reason.contains(&format!("resume_from={seq}")), "{reason}");
     assert_eq!(d.wait_exit(), 0, "graceful shutdown exits 0");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_flooding_connection_is_rate_limited_with_a_retry_hint_and_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_flags(dir.path(), &["rate_limit_connection_per_s=20"]);
+    let mut flood = Client::new(&d.addr, false).await;
+    let n = 200;
+    for i in 0..n {
+        let req = json!({"id": format!("f{i}"), "type": "balance", "pro": "p1"});
+        flood.ws.feed(Message::Text(req.to_string())).await.unwrap();
+    }
+    flood.ws.flush().await.unwrap();
+    let (mut ok, mut limited) = (0, 0);
+    while ok + limited < n {
+        let v = flood.recv().await;
+        if v["type"] == "ok" {
+            ok += 1;
+        } else {
+            assert_eq!(v["code"], "rate_limited", "{v}");
+            assert!(v["retry_after_ms"].as_u64().unwrap() >= 1);
+            limited += 1;
+        }
+    }
+    assert!(ok >= 1 && limited >= n / 2, "a 20/s bucket lets about 20 of {n} through: ok {ok}");
+    // Another connection has its own budget.
+    let mut other = Client::new(&d.addr, false).await;
+    other.ok(json!({"type": "balance", "pro": "p1"})).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_that_never_upgrades_is_closed_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_flags(dir.path(), &["handshake_timeout_ms=200"]);
+    let mut idle = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), idle.read(&mut buf))
+        .await
+        .expect("the server closes an idle, never-upgraded connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without data");
+    let mut c = Client::new(&d.addr, false).await;
+    c.ok(json!({"type": "balance", "pro": "p1"})).await;
+}

@@ -68,6 +68,8 @@ pub struct Inner {
     pub ledger: Ledger,
     pub metrics: EngineMetrics,
     tenants: FxHashMap<TenantId, Tenant>,
+    /// Per-tenant request rate limits (`rate_limit_tenant_per_s`), if set.
+    tenant_limits: FxHashMap<TenantId, governor::DefaultDirectRateLimiter>,
     /// Each tenant's order requests (R25-R27): one book, decided under its lock.
     orders: FxHashMap<TenantId, Mutex<OrderBook>>,
     shards: DashMap<ShardKey, ShardHandle, FxBuildHasher>,
@@ -214,6 +216,14 @@ impl Engine {
             book.set_policy(&t.policy);
             orders.insert(t.id.clone(), Mutex::new(book));
         }
+        let tenant_limits = match std::num::NonZeroU32::new(cfg.raw.rate_limit_tenant_per_s) {
+            None => FxHashMap::default(),
+            Some(n) => cfg
+                .tenants
+                .iter()
+                .map(|t| (t.id.clone(), governor::RateLimiter::direct(governor::Quota::per_second(n))))
+                .collect(),
+        };
         let ready = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
             metrics: EngineMetrics::new(cfg.tenants.iter().map(|t| &t.id)),
@@ -221,6 +231,7 @@ impl Engine {
             wal,
             ledger: rec.ledger.take().expect("set before replay"),
             tenants,
+            tenant_limits,
             orders,
             shards: DashMap::with_hasher(FxBuildHasher),
             pros: rec.directory.drain().collect(),
@@ -257,6 +268,19 @@ impl Engine {
 
     pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
         self.inner.tenants.values()
+    }
+
+    /// Takes one request from the tenant's rate budget; `Err(retry_after_ms)` when it
+    /// is spent.
+    pub fn tenant_rate_check(&self, id: &TenantId) -> Result<(), u64> {
+        match self.inner.tenant_limits.get(id) {
+            None => Ok(()),
+            Some(l) => l.check().map_err(|not_until| {
+                let wait = not_until
+                    .wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                wait.as_millis().max(1) as u64
+            }),
+        }
     }
 
     pub fn hub(&self, id: &TenantId) -> Option<Arc<StreamHub>> {

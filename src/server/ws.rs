@@ -51,6 +51,7 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            engine.inner.metrics.m.overload_refusals.get("connections_full").increment(1);
             tracing::warn!(%peer, "connection limit reached; refusing");
             drop(stream);
             continue;
@@ -122,10 +123,15 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
         session = Some(Session { tenant, scopes, encoding });
         Ok(resp)
     };
-    let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg)).await {
-        Ok(ws) => ws,
-        Err(e) => {
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg));
+    let ws = match tokio::time::timeout(Duration::from_millis(cfg.handshake_timeout_ms), handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "websocket upgrade refused");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("websocket upgrade not completed in time; closed");
             return;
         }
     };
@@ -149,6 +155,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let mut heartbeat = tokio::time::interval(hb_every);
     let mut last_seen = tokio::time::Instant::now();
     let hub = engine.hub(&session.tenant);
+    let conn_limit = std::num::NonZeroU32::new(cfg.rate_limit_connection_per_s)
+        .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
     let close = loop {
         tokio::select! {
             biased;
@@ -230,6 +238,18 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     }
                 };
                 let id = env.id;
+                // Floods: per-connection, then per-tenant token buckets.
+                let limited = match conn_limit.as_ref().map(|l| l.check()) {
+                    Some(Err(nu)) => Some(nu.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())).as_millis().max(1) as u64),
+                    _ => engine.tenant_rate_check(&session.tenant).err(),
+                };
+                if let Some(retry) = limited {
+                    let mut e = ApiError::new("rate_limited", "too many requests; retry later");
+                    e.retry_after_ms = Some(retry);
+                    m.overload_refusals.get("rate_limited").increment(1);
+                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), true).await.is_err() { break None; }
+                    continue;
+                }
                 let scope = env.request.scope();
                 if !session.scopes.contains(&scope) {
                     m.auth_failures.get("forbidden_scope").increment(1);

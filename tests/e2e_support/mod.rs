@@ -37,9 +37,26 @@ impl Daemon {
         Self::spawn(dir, Some(config), 0)
     }
 
+    /// Demo tenant, manual clock, plus `--set` overrides.
+    pub fn start_with_flags(dir: &std::path::Path, flags: &[&str]) -> Daemon {
+        Self::spawn_flags(dir, None, T0, flags)
+    }
+
     fn spawn(dir: &std::path::Path, config: Option<&std::path::Path>, t0: i64) -> Daemon {
+        Self::spawn_flags(dir, config, t0, &[])
+    }
+
+    fn spawn_flags(
+        dir: &std::path::Path,
+        config: Option<&std::path::Path>,
+        t0: i64,
+        flags: &[&str],
+    ) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rota"));
         cmd.arg("serve");
+        for f in flags {
+            cmd.args(["--set", f]);
+        }
         if let Some(c) = config {
             cmd.arg("-c").arg(c);
         }
