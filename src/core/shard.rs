@@ -556,6 +556,9 @@ pub struct LeadState {
     /// is removed by key.
     #[serde(default)]
     pub forget_at: Option<Millis>,
+    /// This lead's number in the shard (orders its deadlines, see [`Deadline::seq`]).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl LeadState {
@@ -579,6 +582,8 @@ struct RejectedLead {
     reason: RejectReason,
     #[serde(default)]
     forget_at: Option<Millis>,
+    #[serde(default)]
+    seq: u64,
 }
 
 /// Something the shard must do at a time.
@@ -594,6 +599,10 @@ pub enum Due {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Deadline {
     pub at: Millis,
+    /// The lead's number in this shard (unique per lead): deadlines at the same
+    /// millisecond order by an integer, not by comparing lead-id strings.
+    #[serde(default)]
+    pub seq: u64,
     pub lead: LeadId,
     pub due: Due,
 }
@@ -625,6 +634,9 @@ pub struct Shard {
     /// lead); starts from the policy's figures.
     #[serde(default)]
     learned: Option<crate::pricing::CategoryStats>,
+    /// Numbers leads (accepted and rejected) in apply order; deterministic on replay.
+    #[serde(default)]
+    next_seq: u64,
 }
 
 fn placeholder_policy() -> Arc<Policy> {
@@ -644,6 +656,7 @@ impl Shard {
             deadlines: BTreeSet::new(),
             last_by_client: FxHashMap::default(),
             learned: None,
+            next_seq: 0,
         }
     }
 
@@ -1370,11 +1383,18 @@ impl Shard {
             }
             Event::LeadRejected { lead, fingerprint, reason, at, .. } => {
                 let forget_at = at.saturating_add(self.policy.idempotency_retention);
+                self.next_seq += 1;
+                let seq = self.next_seq;
                 self.rejected.insert(
                     lead.clone(),
-                    RejectedLead { fingerprint: *fingerprint, reason: *reason, forget_at: Some(forget_at) },
+                    RejectedLead {
+                        fingerprint: *fingerprint,
+                        reason: *reason,
+                        forget_at: Some(forget_at),
+                        seq,
+                    },
                 );
-                self.deadlines.insert(Deadline { at: forget_at, lead: lead.clone(), due: Due::Forget });
+                self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
             }
             Event::LeadAccepted {
                 lead,
@@ -1385,19 +1405,32 @@ impl Shard {
                 release_at,
                 expires_at,
             } => {
+                self.next_seq += 1;
+                let seq = self.next_seq;
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
                 let st = LeadState {
                     release_at: *release_at,
                     published_release_at: *release_at,
                     price_components: price_components.clone(),
+                    seq,
                     ..st
                 };
                 if let Some(r) = release_at {
                     if r > at {
-                        self.deadlines.insert(Deadline { at: *r, lead: lead.id.clone(), due: Due::Release });
+                        self.deadlines.insert(Deadline {
+                            at: *r,
+                            seq,
+                            lead: lead.id.clone(),
+                            due: Due::Release,
+                        });
                     }
                 }
-                self.deadlines.insert(Deadline { at: *expires_at, lead: lead.id.clone(), due: Due::Close });
+                self.deadlines.insert(Deadline {
+                    at: *expires_at,
+                    seq,
+                    lead: lead.id.clone(),
+                    due: Due::Close,
+                });
                 self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
                 self.leads.insert(lead.id.clone(), st);
             }
@@ -1414,7 +1447,12 @@ impl Shard {
                     // removed by key: O(log deadlines), not a scan of every deadline of
                     // every open lead (that scan was most of a decision's cost).
                     if let Some(r) = st.release_at.take() {
-                        self.deadlines.remove(&Deadline { at: r, lead: lead.clone(), due: Due::Release });
+                        self.deadlines.remove(&Deadline {
+                            at: r,
+                            seq: st.seq,
+                            lead: lead.clone(),
+                            due: Due::Release,
+                        });
                     }
                 }
                 for g in grants {
@@ -1432,6 +1470,7 @@ impl Shard {
                     if let Some(t) = respond_by {
                         self.deadlines.insert(Deadline {
                             at: t,
+                            seq: st.seq,
                             lead: lead.clone(),
                             due: Due::ExpireOffer(g.pro.clone()),
                         });
@@ -1512,6 +1551,7 @@ impl Shard {
                         }
                         self.deadlines.insert(Deadline {
                             at: t,
+                            seq: st.seq,
                             lead: lead.clone(),
                             due: Due::Guarantee(pro.clone()),
                         });
@@ -1570,11 +1610,13 @@ impl Shard {
                     stats.observe_proposals(st.responders, pricing.proposals_ema());
                     self.learned = Some(stats);
                 }
+                let mut seq = 0;
                 if let Some(st) = self.leads.get_mut(lead) {
+                    seq = st.seq;
                     // Release, offer expiry and close deadlines sit at times the lead
                     // state records (`release_at`, each offer's `respond_by`,
                     // `expires_at`): removed by key, no scan of every deadline.
-                    let dl = |at: Millis, due: Due| Deadline { at, lead: lead.clone(), due };
+                    let dl = |at: Millis, due: Due| Deadline { at, seq, lead: lead.clone(), due };
                     if st.closed_at.is_none() {
                         self.deadlines.remove(&dl(st.expires_at, Due::Close));
                     }
@@ -1599,13 +1641,13 @@ impl Shard {
                 if let Some(st) = self.leads.get_mut(lead) {
                     st.forget_at = Some(forget_at);
                 }
-                self.deadlines.insert(Deadline { at: forget_at, lead: lead.clone(), due: Due::Forget });
+                self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
             }
             Event::LeadForgotten { lead } => {
                 // What is left of a closed lead's deadlines (guarantees, the forget
                 // itself) is removed by key where the state recorded their times;
                 // state restored from an older snapshot falls back to a scan.
-                let dl = |at: Millis, due: Due| Deadline { at, lead: lead.clone(), due };
+                let dl = |at: Millis, seq: u64, due: Due| Deadline { at, seq, lead: lead.clone(), due };
                 let mut by_key = false;
                 if let Some(st) = self.leads.remove(lead) {
                     if self.last_by_client.get(&st.lead.client.id).is_some_and(|(_, l)| l == lead) {
@@ -1613,10 +1655,10 @@ impl Shard {
                     }
                     if let Some(f) = st.forget_at {
                         by_key = true;
-                        self.deadlines.remove(&dl(f, Due::Forget));
+                        self.deadlines.remove(&dl(f, st.seq, Due::Forget));
                         for o in &st.offers {
                             if let Some(g) = o.guarantee_at {
-                                self.deadlines.remove(&dl(g, Due::Guarantee(o.pro.clone())));
+                                self.deadlines.remove(&dl(g, st.seq, Due::Guarantee(o.pro.clone())));
                             }
                         }
                     }
@@ -1624,7 +1666,7 @@ impl Shard {
                 if let Some(r) = self.rejected.remove(lead) {
                     if let Some(f) = r.forget_at {
                         by_key = true;
-                        self.deadlines.remove(&dl(f, Due::Forget));
+                        self.deadlines.remove(&dl(f, r.seq, Due::Forget));
                     }
                 }
                 if !by_key {
@@ -1956,6 +1998,7 @@ fn rejected_outcome(id: &LeadId, reason: RejectReason) -> LeadOutcome {
 
 fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expires_at: Millis) -> LeadState {
     LeadState {
+        seq: 0,
         lead,
         fingerprint,
         price,
