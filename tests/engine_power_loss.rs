@@ -259,10 +259,8 @@ fn book(m: &mut Model, fig: &mut Figures, planned: Planned, out: Outcome) {
             m.responses_in_doubt.remove(&(l.clone(), p.clone()));
             m.responses.insert((l, p));
         }
-        (Planned::Respond(l, p), Outcome::InDoubt) => {
-            if !m.responses.contains(&(l.clone(), p.clone())) {
-                m.responses_in_doubt.insert((l, p));
-            }
+        (Planned::Respond(l, p), Outcome::InDoubt) if !m.responses.contains(&(l.clone(), p.clone())) => {
+            m.responses_in_doubt.insert((l, p));
         }
         (Planned::Grant(op, p, c), Outcome::Acked(_)) => {
             m.grants.insert(op, (p, c));
