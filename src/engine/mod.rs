@@ -848,8 +848,9 @@ impl Engine {
                 }
             }
         }
-        self.inner.wal.sync()?;
-        self.snapshot()?;
+        // Stop the actors and hubs whatever happens to the final sync and snapshot: a
+        // failed WAL must not leave threads running behind an embedding program.
+        let result = self.inner.wal.sync().and_then(|_| self.snapshot().map(|_| ()));
         for t in self.inner.tenants.values() {
             t.hub.close_all();
         }
@@ -858,7 +859,7 @@ impl Engine {
                 a.stop();
             }
         }
-        Ok(())
+        result
     }
 
     pub fn is_stopping(&self) -> bool {
