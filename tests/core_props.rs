@@ -53,6 +53,11 @@ enum Op {
     Tick {
         jump_min: i64,
     },
+    /// Crash and restart: rebuild the shard from the event log (WAL replay), or from a
+    /// MessagePack snapshot of it, check it equals the live one, and carry on from it.
+    Restart {
+        from_snapshot: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -68,6 +73,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (0usize..12, pro.clone(), 0u8..10).prop_map(|(lead, pro, action)| Op::Act { lead, pro, action }),
         1 => (pro.clone(), 0u64..40).prop_map(|(pro, credits)| Op::Budget { pro, credits }),
         3 => prop_oneof![0i64..5, 0i64..120, 0i64..6000].prop_map(|jump_min| Op::Tick { jump_min }),
+        1 => any::<bool>().prop_map(|from_snapshot| Op::Restart { from_snapshot }),
     ]
 }
 
@@ -165,6 +171,25 @@ fn simulate(policy_index: usize, ops: &[Op]) {
                 now += jump_min * M;
                 Command::Tick
             }
+            Op::Restart { from_snapshot } => {
+                let policy = h.shard.policy().clone();
+                let restarted = if *from_snapshot {
+                    let bytes = rmp_serde::to_vec(&h.shard).expect("a shard always serialises");
+                    let mut s: Shard = rmp_serde::from_slice(&bytes).expect("a snapshot decodes");
+                    s.restore(policy);
+                    s
+                } else {
+                    let mut s = Shard::new(h.shard.key.clone(), policy);
+                    for ev in &h.log {
+                        s.apply(ev);
+                    }
+                    s
+                };
+                assert!(restarted == h.shard, "step {step}: restart (snapshot: {from_snapshot}) differs");
+                restarted.check_invariants().unwrap_or_else(|e| panic!("step {step}: after restart: {e}"));
+                h.shard = restarted;
+                continue;
+            }
         };
         // Harness::run checks invariants and that refusals change nothing.
         let result = h.run(now, &cmd);
@@ -204,8 +229,14 @@ fn simulate(policy_index: usize, ops: &[Op]) {
     h.assert_replay_equal();
 }
 
+/// `PROPTEST_CASES=5000` for a long run (proptest prints the failing input and a
+/// regression seed).
+fn sim_cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(96)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: sim_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn r6_r17_r28_random_commands_keep_invariants_and_replay_equal(
