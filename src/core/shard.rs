@@ -358,6 +358,13 @@ pub enum Event {
     LeadForgotten {
         lead: LeadId,
     },
+    /// A tick handled every deadline up to `upto`: they leave the deadline set, whether
+    /// or not they still had something to do (an offer answered before its window ended,
+    /// a proposal viewed before its guarantee ran out). Logged first in the tick's
+    /// decision, so deadlines the tick's own events add are kept for the next tick.
+    Ticked {
+        upto: Millis,
+    },
 }
 
 impl Event {
@@ -382,6 +389,7 @@ impl Event {
             Event::Refunded { .. } => "refunded",
             Event::LeadClosed { .. } => "lead_closed",
             Event::LeadForgotten { .. } => "lead_forgotten",
+            Event::Ticked { .. } => "ticked",
         }
     }
 }
@@ -1335,6 +1343,12 @@ impl Shard {
                 _ => {}
             }
         }
+        // Every due deadline was handled: without this fact, one that had nothing left
+        // to do would stay due forever and a wall-clock shard would re-arm its timer
+        // for the past in a loop.
+        if self.deadlines.first().is_some_and(|d| d.at <= now) {
+            events.insert(0, Event::Ticked { upto: now });
+        }
         done(events)
     }
 
@@ -1642,6 +1656,11 @@ impl Shard {
                     st.forget_at = Some(forget_at);
                 }
                 self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
+            }
+            Event::Ticked { upto } => {
+                while self.deadlines.first().is_some_and(|d| d.at <= *upto) {
+                    self.deadlines.pop_first();
+                }
             }
             Event::LeadForgotten { lead } => {
                 // What is left of a closed lead's deadlines (guarantees, the forget

@@ -339,8 +339,10 @@ pub fn offered_ids(events: &[Event]) -> Vec<String> {
         .collect()
 }
 
+/// Names of the events that change what a rule says (the `ticked` bookkeeping fact,
+/// which only clears handled deadlines, is left out).
 pub fn names(events: &[Event]) -> Vec<&'static str> {
-    events.iter().map(Event::name).collect()
+    events.iter().filter(|e| !matches!(e, Event::Ticked { .. })).map(Event::name).collect()
 }
 
 pub const M: Millis = MINUTE_MS;
