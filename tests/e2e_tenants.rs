@@ -7,44 +7,7 @@ use e2e_support::*;
 use serde_json::json;
 
 fn config(dir: &std::path::Path, queue: usize) -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
-    for t in ["habitissimo", "prontopro", "zaask"] {
-        std::fs::copy(root.join(format!("{t}.toml")), dir.join(format!("{t}.toml"))).unwrap();
-    }
-    let hash = |t: &str| rota::config::hex(&rota::config::hash_token(t));
-    let text = format!(
-        r#"
-subscriber_queue_frames = {queue}
-[[tenants]]
-id = "habitissimo"
-policy = "habitissimo.toml"
-[[tenants.tokens]]
-sha256 = "{}"
-scopes = ["ingest", "stream", "admin"]
-[[tenants]]
-id = "prontopro"
-policy = "prontopro.toml"
-[[tenants.tokens]]
-sha256 = "{}"
-scopes = ["ingest", "stream", "admin"]
-[[tenants.tokens]]
-sha256 = "{}"
-scopes = ["stream"]
-[[tenants]]
-id = "zaask"
-policy = "zaask.toml"
-[[tenants.tokens]]
-sha256 = "{}"
-scopes = ["ingest", "stream", "admin"]
-"#,
-        hash("habi-token"),
-        hash("pp-token"),
-        hash("pp-stream-only"),
-        hash("zk-token")
-    );
-    let path = dir.join("rota.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    tenants_config(dir, &format!("subscriber_queue_frames = {queue}"))
 }
 
 fn autobuy_pro(i: u32) -> serde_json::Value {

@@ -14,34 +14,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Two tenants (so isolation can be checked), and `extra` config lines on top.
+/// The example tenants (so isolation can be checked), and `extra` config lines on top.
 fn config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
-    for t in ["habitissimo", "prontopro"] {
-        std::fs::copy(root.join(format!("{t}.toml")), dir.join(format!("{t}.toml"))).unwrap();
-    }
-    let hash = |t: &str| rota::config::hex(&rota::config::hash_token(t));
-    let text = format!(
-        r#"{extra}
-[[tenants]]
-id = "habitissimo"
-policy = "habitissimo.toml"
-[[tenants.tokens]]
-sha256 = "{}"
-scopes = ["ingest", "stream", "admin"]
-[[tenants]]
-id = "prontopro"
-policy = "prontopro.toml"
-[[tenants.tokens]]
-sha256 = "{}"
-scopes = ["ingest", "stream", "admin"]
-"#,
-        hash("habi-token"),
-        hash("pp-token"),
-    );
-    let path = dir.join("rota.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    tenants_config(dir, extra)
 }
 
 fn start(dir: &tempfile::TempDir, extra: &str) -> Daemon {

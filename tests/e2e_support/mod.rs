@@ -206,3 +206,30 @@ impl Client {
         out
     }
 }
+
+/// A config file with the example tenants `habitissimo` (token `habi-token`),
+/// `prontopro` (`pp-token`, plus the stream-only `pp-stream-only`) and `zaask`
+/// (`zk-token`), their policy files copied beside it, and `extra` top-level lines.
+pub fn tenants_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
+    let hash = |t: &str| rota::config::hex(&rota::config::hash_token(t));
+    let mut text = format!("{extra}\n");
+    let tenants: [(&str, &[(&str, &str)]); 3] = [
+        ("habitissimo", &[("habi-token", r#"["ingest", "stream", "admin"]"#)]),
+        (
+            "prontopro",
+            &[("pp-token", r#"["ingest", "stream", "admin"]"#), ("pp-stream-only", r#"["stream"]"#)],
+        ),
+        ("zaask", &[("zk-token", r#"["ingest", "stream", "admin"]"#)]),
+    ];
+    for (t, tokens) in tenants {
+        std::fs::copy(root.join(format!("{t}.toml")), dir.join(format!("{t}.toml"))).unwrap();
+        text += &format!("[[tenants]]\nid = \"{t}\"\npolicy = \"{t}.toml\"\n");
+        for (token, scopes) in tokens {
+            text += &format!("[[tenants.tokens]]\nsha256 = \"{}\"\nscopes = {scopes}\n", hash(token));
+        }
+    }
+    let path = dir.join("rota.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
