@@ -6,7 +6,7 @@
 //! number again. Subscribers get bounded queues; one that falls behind is cut off
 //! (never buffered without bound) and can resume from its last sequence number.
 
-use crate::protocol::{encode, Encoding, StreamEvent, StreamFrame, StreamTag};
+use crate::protocol::{Encoding, StreamEvent, StreamFrame, StreamTag};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,7 +42,11 @@ impl Outgoing {
                 seq: u64,
                 event: &'a StreamEvent,
             }
-            encode(enc, &Frame { kind: StreamTag::Event, seq: self.seq, event: &self.event }).into()
+            let frame = Frame { kind: StreamTag::Event, seq: self.seq, event: &self.event };
+            crate::protocol::with_scratch(|buf| {
+                crate::protocol::encode_into(enc, &frame, buf);
+                Arc::<[u8]>::from(buf.as_slice())
+            })
         })
         .clone()
     }

@@ -29,7 +29,10 @@ pub enum WalRecord {
 }
 
 pub fn encode(rec: &WalRecord) -> Vec<u8> {
-    rmp_serde::to_vec(rec).expect("WAL records are plain data and always serialise")
+    crate::protocol::with_scratch(|buf| {
+        rmp_serde::encode::write(buf, rec).expect("WAL records are plain data and always serialise");
+        buf.to_vec()
+    })
 }
 
 pub fn decode(bytes: &[u8]) -> Result<WalRecord, rmp_serde::decode::Error> {

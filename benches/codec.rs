@@ -1,0 +1,98 @@
+//! Protocol codec: decode of a `publish_lead` request frame, encode of its reply and of
+//! a dispatched offer's stream frame, JSON against MessagePack.
+//!
+//! `cargo bench --bench codec`. Results and machine: BENCHMARKS.md, "Codec".
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use rota::core::Lead;
+use rota::engine::hub::Outgoing;
+use rota::protocol::{self, Encoding, Envelope, LeadSummary, OkResult, Reply, Request, StreamEvent};
+use serde_json::json;
+use std::sync::Arc;
+
+fn publish_frame() -> serde_json::Value {
+    json!({
+        "id": "c-000123456",
+        "type": "publish_lead",
+        "lead": {
+            "id": "run7-L000123456",
+            "category": "painting",
+            "zone": "bologna",
+            "location": {"lat": 44.4949, "lon": 11.3426},
+            "description": "Repaint a two-room flat: walls and ceilings, about 70 square metres, \
+                            furniture moved by us, start within two weeks",
+            "details": {"rooms": "2", "surface_m2": "70", "when": "within 2 weeks"},
+            "attributes": ["residential"],
+            "client": {
+                "id": "client-88231",
+                "name": "Anna Rossi",
+                "phone": "+39 333 1234567",
+                "phone_verified": true,
+                "contact": {"call": true, "whatsapp": false, "chat": true}
+            },
+            "direct": [],
+            "created_at": 1_795_424_400_000u64
+        }
+    })
+}
+
+fn frame_bytes(enc: Encoding) -> Vec<u8> {
+    let v = publish_frame();
+    match enc {
+        Encoding::Json => serde_json::to_vec(&v).unwrap(),
+        Encoding::Msgpack => rmp_serde::to_vec_named(&v).unwrap(),
+    }
+}
+
+fn envelope() -> Envelope {
+    protocol::decode(Encoding::Json, &frame_bytes(Encoding::Json)).expect("the bench frame is valid")
+}
+
+fn reply() -> Reply {
+    let lead = match envelope().request {
+        Request::PublishLead { lead } => lead,
+        _ => unreachable!(),
+    };
+    let json = json!({
+        "lead": lead.id, "status": "accepted", "price": 12,
+        "offers": [["pro-001", "match"], ["pro-017", "match"], ["pro-101", "match"], ["pro-240", "match"]],
+        "release_at": null, "expires_at": 1_795_683_600_000u64
+    });
+    Reply::Ok { id: "c-000123456".into(), result: OkResult::Lead(serde_json::from_value(json).unwrap()) }
+}
+
+fn offered(lead: &Lead) -> StreamEvent {
+    serde_json::from_value(json!({
+        "event": "offered", "lead": lead.id, "pro": "pro-017", "kind": "match", "price": 12,
+        "respond_by": 1_795_683_600_000u64, "at": 1_795_424_400_000u64,
+        "summary": LeadSummary::of(lead),
+    }))
+    .expect("the bench event is valid")
+}
+
+fn codec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(1));
+    let lead = match envelope().request {
+        Request::PublishLead { lead } => lead,
+        _ => unreachable!(),
+    };
+    for enc in [Encoding::Json, Encoding::Msgpack] {
+        let bytes = frame_bytes(enc);
+        g.bench_function(format!("decode_publish_lead/{}", enc.label()), |b| {
+            b.iter(|| protocol::decode(enc, black_box(&bytes)).unwrap())
+        });
+        let r = reply();
+        g.bench_function(format!("encode_lead_reply/{}", enc.label()), |b| {
+            b.iter(|| protocol::encode(enc, black_box(&r)))
+        });
+        let ev = Arc::new(offered(&lead));
+        g.bench_function(format!("encode_offer_frame/{}", enc.label()), |b| {
+            b.iter_batched(|| Outgoing::new(42, (*ev).clone()), |out| out.bytes(enc), BatchSize::SmallInput)
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec);
+criterion_main!(benches);
