@@ -67,17 +67,25 @@ impl Scope {
     }
 }
 
-/// One request frame: a client correlation id and the request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One request frame: a client correlation id, the request's `type` and the
+/// request's fields, all in one flat map:
+/// `{"id": "c1", "type": "publish_lead", "lead": {...}}`.
+///
+/// Decoding streams the request's fields straight into the request (see
+/// [`envelope_de`]) instead of buffering the whole frame the way serde's internally
+/// tagged enums and `flatten` do; encoding (clients and tests only) goes through
+/// `serde_json::Value`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
     /// Echoed in the reply; any string up to 128 bytes.
     pub id: String,
-    #[serde(flatten)]
     pub request: Request,
 }
 
+/// A request. Serde sees it externally tagged (`{"publish_lead": {"lead": ...}}`);
+/// on the wire the tag is the envelope's `type` field (see [`Envelope`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Request {
     PublishLead {
         lead: Lead,
@@ -153,6 +161,24 @@ pub struct TopupRuleWire {
 }
 
 impl Request {
+    /// Every request `type`, as on the wire.
+    pub const TYPES: &'static [&'static str] = &[
+        "publish_lead",
+        "upsert_pro",
+        "remove_pro",
+        "set_availability",
+        "offer",
+        "grant_credits",
+        "set_topup_rule",
+        "balance",
+        "subscribe",
+        "explain",
+        "candidates",
+        "search",
+        "advance_clock",
+        "order",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Request::PublishLead { .. } => "publish_lead",
@@ -438,7 +464,7 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
         Ok(env) => Ok(env),
         Err(message) => {
             let id = peek_id(enc, bytes);
-            let code = if message.contains("unknown variant") {
+            let code = if message.contains(envelope_de::UNKNOWN_TYPE) {
                 "unknown_message"
             } else if message.contains("missing field `type`") || message.contains("missing field `id`") {
                 "bad_frame"
@@ -453,26 +479,41 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
     }
 }
 
-/// Best effort: the path of the field that failed to decode. The request enum is
-/// internally tagged and flattened, which hides the path from serde, so the payload of
-/// the requests with nested bodies is decoded again on its own, tracking the path.
+/// The path of the field that failed to decode (`lead.location.lat`): the frame is
+/// decoded again, only after a failure, with the path tracked.
 fn field_path(enc: Encoding, bytes: &[u8]) -> Option<String> {
-    let v: serde_json::Value = match enc {
-        Encoding::Json => serde_json::from_slice(bytes).ok()?,
-        Encoding::Msgpack => rmp_serde::from_slice(bytes).ok()?,
-    };
-    let obj = v.as_object()?;
-    match obj.get("type")?.as_str()? {
-        "publish_lead" => path_in::<Lead>("lead", obj.get("lead")?),
-        "upsert_pro" => path_in::<Pro>("pro", obj.get("pro")?),
-        _ => None,
+    fn tracked<'de, D: serde::Deserializer<'de>>(d: D) -> Option<String> {
+        let path = serde_path_to_error::deserialize::<_, Envelope>(d).err()?.path().to_string();
+        (path != "." && !path.is_empty()).then_some(path)
     }
-}
-
-fn path_in<T: serde::de::DeserializeOwned>(name: &str, v: &serde_json::Value) -> Option<String> {
-    let err = serde_path_to_error::deserialize::<_, T>(v).err()?;
-    let path = err.path().to_string();
-    Some(if path == "." { name.to_string() } else { format!("{name}.{path}") })
+    let found = match enc {
+        Encoding::Json => tracked(&mut serde_json::Deserializer::from_slice(bytes)),
+        Encoding::Msgpack => tracked(&mut rmp_serde::Deserializer::from_read_ref(bytes)),
+    };
+    found.or_else(|| {
+        // Fields before `type` are buffered, which hides their path: decode the frame
+        // once more with `id` and `type` moved to the front.
+        let v: serde_json::Value = match enc {
+            Encoding::Json => serde_json::from_slice(bytes).ok()?,
+            Encoding::Msgpack => rmp_serde::from_slice(bytes).ok()?,
+        };
+        let obj = v.as_object()?;
+        let mut text = String::from("{");
+        for (k, v) in ["id", "type"]
+            .iter()
+            .filter_map(|k| obj.get_key_value(*k))
+            .chain(obj.iter().filter(|(k, _)| *k != "id" && *k != "type"))
+        {
+            if text.len() > 1 {
+                text.push(',');
+            }
+            text.push_str(&serde_json::to_string(k).ok()?);
+            text.push(':');
+            text.push_str(&v.to_string());
+        }
+        text.push('}');
+        tracked(&mut serde_json::Deserializer::from_str(&text))
+    })
 }
 
 /// Best effort: the correlation id of a frame that failed to decode, so the error
@@ -531,6 +572,298 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     })
 }
 
+/// The envelope's decoder and encoder.
+///
+/// Decoding reads the frame's keys in order: `id` and `type` are taken as they come;
+/// at the first other key, if `type` is known, the rest of the map is handed to the
+/// request's variant as its fields (a later `id` is still picked out). Nothing is
+/// buffered, so a `publish_lead` decodes about twice as fast as with serde's internally
+/// tagged `flatten`. A frame whose `type` comes after the request's fields is valid too:
+/// its fields are then buffered (as a JSON value) and decoded once `type` is known.
+pub mod envelope_de {
+    use super::{Envelope, Request};
+    use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::borrow::Cow;
+    use std::fmt;
+
+    /// Marks the error for an unknown `type` (mapped to `unknown_message`).
+    pub const UNKNOWN_TYPE: &str = "unknown message type";
+
+    impl Serialize for Envelope {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::Error;
+            let body = serde_json::to_value(&self.request).map_err(S::Error::custom)?;
+            let serde_json::Value::Object(outer) = body else {
+                return Err(S::Error::custom("a request serialises as a one-entry map"));
+            };
+            let (tag, fields) = outer.into_iter().next().ok_or_else(|| S::Error::custom("empty request"))?;
+            let mut map = s.serialize_map(None)?;
+            map.serialize_entry("id", &self.id)?;
+            map.serialize_entry("type", &tag)?;
+            if let serde_json::Value::Object(fields) = fields {
+                for (k, v) in fields {
+                    map.serialize_entry(&k, &v)?;
+                }
+            }
+            map.end()
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Envelope {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(EnvelopeVisitor)
+        }
+    }
+
+    /// A map key, borrowed from the frame when the format allows.
+    struct Key<'de>(Cow<'de, str>);
+
+    impl<'de> Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string key")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(v.to_owned())))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(v)))
+                }
+                fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Key<'de>, E> {
+                    std::str::from_utf8(v).map(|s| Key(Cow::Borrowed(s))).map_err(E::custom)
+                }
+                fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Key<'de>, E> {
+                    std::str::from_utf8(v).map(|s| Key(Cow::Owned(s.to_owned()))).map_err(E::custom)
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    struct EnvelopeVisitor;
+
+    impl<'de> Visitor<'de> for EnvelopeVisitor {
+        type Value = Envelope;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a request: a map with `id`, `type` and the request's fields")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
+            let mut id: Option<String> = None;
+            let mut tag: Option<String> = None;
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                match &*key.0 {
+                    "id" => {
+                        if id.is_some() {
+                            return Err(de::Error::duplicate_field("id"));
+                        }
+                        id = Some(map.next_value()?);
+                    }
+                    "type" => {
+                        if tag.is_some() {
+                            return Err(de::Error::duplicate_field("type"));
+                        }
+                        tag = Some(map.next_value()?);
+                    }
+                    _ => {
+                        let request = match &tag {
+                            Some(t) => {
+                                let body = Body { first: Some(key.0), map: &mut map, id: &mut id };
+                                Request::deserialize(Tagged { tag: t, body })?
+                            }
+                            // `type` comes later: keep the fields until it is known.
+                            None => buffered(key.0, &mut map, &mut id, &mut tag)?,
+                        };
+                        let id = id.ok_or_else(|| de::Error::missing_field("id"))?;
+                        return Ok(Envelope { id, request });
+                    }
+                }
+            }
+            let t = tag.ok_or_else(|| de::Error::missing_field("type"))?;
+            let id = id.ok_or_else(|| de::Error::missing_field("id"))?;
+            let empty = serde_json::Map::new();
+            let request = Request::deserialize(Tagged {
+                tag: &t,
+                body: de::value::MapDeserializer::<_, A::Error>::new(
+                    empty.into_iter().map(|(k, v)| (k, JsonValue(v))),
+                ),
+            })?;
+            Ok(Envelope { id, request })
+        }
+    }
+
+    /// The slow path: fields before `type`, collected as JSON values.
+    fn buffered<'de, A: MapAccess<'de>>(
+        first: Cow<'de, str>,
+        map: &mut A,
+        id: &mut Option<String>,
+        tag: &mut Option<String>,
+    ) -> Result<Request, A::Error> {
+        let mut fields = vec![(first.into_owned(), map.next_value::<serde_json::Value>()?)];
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            match &*key.0 {
+                "id" if id.is_none() => *id = Some(map.next_value()?),
+                "type" if tag.is_none() => *tag = Some(map.next_value()?),
+                "id" => return Err(de::Error::duplicate_field("id")),
+                "type" => return Err(de::Error::duplicate_field("type")),
+                _ => fields.push((key.0.into_owned(), map.next_value()?)),
+            }
+        }
+        let t = tag.as_deref().ok_or_else(|| de::Error::missing_field("type"))?;
+        Request::deserialize(Tagged {
+            tag: t,
+            body: de::value::MapDeserializer::<_, A::Error>::new(
+                fields.into_iter().map(|(k, v)| (k, JsonValue(v))),
+            ),
+        })
+    }
+
+    /// A JSON value handed to a `MapDeserializer` (its errors converted to the
+    /// frame's error type).
+    struct JsonValue(serde_json::Value);
+
+    impl<'de, E: de::Error> IntoDeserializer<'de, E> for JsonValue {
+        type Deserializer = JsonValueDe<E>;
+        fn into_deserializer(self) -> JsonValueDe<E> {
+            JsonValueDe(self.0, std::marker::PhantomData)
+        }
+    }
+
+    struct JsonValueDe<E>(serde_json::Value, std::marker::PhantomData<E>);
+
+    impl<'de, E: de::Error> Deserializer<'de> for JsonValueDe<E> {
+        type Error = E;
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+            self.0.deserialize_any(v).map_err(E::custom)
+        }
+        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+            self.0.deserialize_option(v).map_err(E::custom)
+        }
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, E> {
+            self.0.deserialize_enum(name, variants, v).map_err(E::custom)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf unit unit_struct newtype_struct seq tuple
+            tuple_struct map struct identifier ignored_any
+        }
+    }
+
+    /// The rest of the frame's map, as the request's fields: starts with the key
+    /// already read, and takes out an `id` that comes after the fields.
+    struct Body<'a, 'de, A> {
+        first: Option<Cow<'de, str>>,
+        map: &'a mut A,
+        id: &'a mut Option<String>,
+    }
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Body<'_, 'de, A> {
+        type Error = A::Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+            let key = match self.first.take() {
+                Some(k) => k,
+                None => loop {
+                    let Some(k) = self.map.next_key::<Key<'de>>()? else { return Ok(None) };
+                    match &*k.0 {
+                        "id" if self.id.is_none() => *self.id = Some(self.map.next_value()?),
+                        "id" => return Err(de::Error::duplicate_field("id")),
+                        "type" => return Err(de::Error::duplicate_field("type")),
+                        _ => break k.0,
+                    }
+                },
+            };
+            match key {
+                Cow::Borrowed(k) => seed.deserialize(de::value::BorrowedStrDeserializer::new(k)).map(Some),
+                Cow::Owned(k) => seed.deserialize(k.into_deserializer()).map(Some),
+            }
+        }
+
+        fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+            self.map.next_value_seed(seed)
+        }
+    }
+
+    /// `Request` (externally tagged) read from the envelope's `type` and its fields.
+    struct Tagged<'t, B> {
+        tag: &'t str,
+        body: B,
+    }
+
+    impl<'de, B: MapAccess<'de>> Deserializer<'de> for Tagged<'_, B> {
+        type Error = B::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, B::Error> {
+            v.visit_enum(self)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map struct enum identifier ignored_any
+        }
+    }
+
+    impl<'de, B: MapAccess<'de>> de::EnumAccess<'de> for Tagged<'_, B> {
+        type Error = B::Error;
+        type Variant = VariantBody<B>;
+
+        fn variant_seed<S: DeserializeSeed<'de>>(
+            self,
+            seed: S,
+        ) -> Result<(S::Value, VariantBody<B>), B::Error> {
+            if !Request::TYPES.contains(&self.tag) {
+                return Err(de::Error::custom(format_args!(
+                    "{UNKNOWN_TYPE} `{}`, expected one of: {}",
+                    self.tag,
+                    Request::TYPES.join(", ")
+                )));
+            }
+            let v =
+                seed.deserialize::<de::value::StrDeserializer<'_, B::Error>>(self.tag.into_deserializer())?;
+            Ok((v, VariantBody(self.body)))
+        }
+    }
+
+    /// The fields of a request variant.
+    struct VariantBody<B>(B);
+
+    impl<'de, B: MapAccess<'de>> de::VariantAccess<'de> for VariantBody<B> {
+        type Error = B::Error;
+        fn unit_variant(self) -> Result<(), B::Error> {
+            Ok(())
+        }
+        // A variant with a `flatten`ed field (`offer`) is read as a newtype of a map.
+        fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, B::Error> {
+            seed.deserialize(de::value::MapAccessDeserializer::new(self.0))
+        }
+        fn tuple_variant<V: Visitor<'de>>(self, _: usize, _: V) -> Result<V::Value, B::Error> {
+            Err(de::Error::custom("requests are maps of fields"))
+        }
+        fn struct_variant<V: Visitor<'de>>(
+            self,
+            _: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, B::Error> {
+            v.visit_map(self.0)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,10 +883,105 @@ mod tests {
             assert_eq!(decode(enc, &bytes).unwrap(), env);
         }
         let json = String::from_utf8(encode(Encoding::Json, &env)).unwrap();
+        assert!(json.starts_with(r#"{"id":"c1","type":"offer","#), "{json}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(
-            json,
-            r#"{"id":"c1","type":"offer","lead":"L1","pro":"p1","action":"decline","by":"pro"}"#
+            v,
+            serde_json::json!({"id":"c1","type":"offer","lead":"L1","pro":"p1","action":"decline","by":"pro"})
         );
+    }
+
+    fn json(v: serde_json::Value) -> Result<Envelope, DecodeError> {
+        decode(Encoding::Json, &serde_json::to_vec(&v).unwrap())
+    }
+
+    fn msgpack(v: serde_json::Value) -> Result<Envelope, DecodeError> {
+        decode(Encoding::Msgpack, &rmp_serde::to_vec_named(&v).unwrap())
+    }
+
+    #[test]
+    fn keys_may_come_in_any_order() {
+        use serde_json::json;
+        let want = Envelope { id: "k".into(), request: Request::Balance { pro: ProId::new("p1") } };
+        /// A map that keeps its keys in the given order.
+        struct Ordered(Vec<(&'static str, &'static str)>);
+        impl Serialize for Ordered {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeMap;
+                let mut m = s.serialize_map(Some(self.0.len()))?;
+                for (k, v) in &self.0 {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+        }
+        let value = |k: &str| match k {
+            "id" => "k",
+            "type" => "balance",
+            _ => "p1",
+        };
+        for order in [
+            ["id", "type", "pro"],
+            ["type", "id", "pro"],
+            ["type", "pro", "id"],
+            ["pro", "type", "id"],
+            ["pro", "id", "type"],
+        ] {
+            let frame = Ordered(order.iter().map(|k| (*k, value(k))).collect());
+            for enc in [Encoding::Json, Encoding::Msgpack] {
+                assert_eq!(decode(enc, &encode(enc, &frame)).unwrap(), want, "{order:?} {enc:?}");
+            }
+        }
+        // A request with only defaulted fields.
+        assert_eq!(
+            json(json!({"id": "s", "type": "subscribe"})).unwrap().request,
+            Request::Subscribe { resume_from: None, pro: None }
+        );
+    }
+
+    #[test]
+    fn repeated_id_or_type_is_refused() {
+        for text in [
+            r#"{"id":"a","type":"balance","id":"b","pro":"p"}"#,
+            r#"{"id":"a","type":"balance","pro":"p","id":"b"}"#,
+            r#"{"id":"a","type":"balance","pro":"p","type":"explain"}"#,
+            r#"{"pro":"p","type":"balance","type":"explain","id":"a"}"#,
+        ] {
+            let e = decode(Encoding::Json, text.as_bytes()).unwrap_err();
+            assert!(e.message.contains("duplicate field"), "{text}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_field_is_named_in_every_request_type() {
+        use serde_json::json;
+        let cases = [
+            (json!({"id": "1", "type": "grant_credits", "pro": "p", "op": "o", "credits": "ten"}), "credits"),
+            (json!({"id": "2", "type": "set_availability", "pro": "p", "availability": 5}), "availability"),
+            (json!({"id": "3", "type": "subscribe", "resume_from": "start"}), "resume_from"),
+            (json!({"id": "4", "type": "advance_clock", "to_ms": "soon"}), "to_ms"),
+            (json!({"id": "5", "type": "publish_lead", "lead": {"kind": "one_off"}}), "lead.kind"),
+            (
+                json!({"id": "6", "type": "offer", "lead": "L", "pro": "p", "action": "decline", "by": 3}),
+                "by",
+            ),
+        ];
+        for (v, field) in cases {
+            for e in [json(v.clone()).unwrap_err(), msgpack(v.clone()).unwrap_err()] {
+                assert_eq!(e.code, "invalid_field", "{v}: {e:?}");
+                assert_eq!(e.id.as_deref(), v["id"].as_str(), "{v}");
+                if v["type"] != "offer" {
+                    // `offer` flattens its action: serde reports that one without a path.
+                    assert_eq!(e.field.as_deref(), Some(field), "{v}: {e:?}");
+                }
+            }
+        }
+        let e = json(json!({"id": "7", "type": "teleport", "to": "mars"})).unwrap_err();
+        assert_eq!((e.code, e.field), ("unknown_message", None), "{}", e.message);
+        assert!(e.message.contains("publish_lead"), "lists the known types: {}", e.message);
+        let e = json(json!({"id": "8", "pro": "p"})).unwrap_err();
+        assert_eq!(e.code, "bad_frame", "{}", e.message);
+        assert!(e.message.contains("type"), "{}", e.message);
     }
 
     #[test]

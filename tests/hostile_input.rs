@@ -142,6 +142,7 @@ async fn every_publish_field_with_the_wrong_type_is_named_in_invalid_field() {
         ("attributes", json!("a,b")),
         ("direct", json!("p1")),
         ("kind", json!(7)),
+        ("kind", json!("one_off")),
         ("created_at", json!("yesterday")),
         ("client", json!("Anna")),
         ("client.id", json!(9)),
