@@ -85,6 +85,10 @@ struct ReplayArgs {
     /// (`{"sent": frame}` / `{"reply": frame}`, paired by `id`).
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Open this many subscriptions that are never read (slow consumers); the report
+    /// says how each ended (the daemon should close them with 4008).
+    #[arg(long, default_value_t = 0)]
+    stalled_subscribers: usize,
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// Writes PREFIX.ack.hgrm, PREFIX.delivery.hgrm and PREFIX.hlog.
@@ -186,6 +190,7 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
         threads: a.threads,
         skip_setup: a.skip_setup,
         record: a.record.clone(),
+        stalled_subscribers: a.stalled_subscribers,
     };
     if a.max_rate {
         anyhow::ensure!(a.record.is_none(), "--record records one replay, not a --max-rate search");

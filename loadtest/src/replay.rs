@@ -66,6 +66,9 @@ pub struct ReplayConfig {
     /// Writes every request sent and every reply received as JSON lines (see
     /// [`RecordLog`]), so an auditor can compare the daemon with what it said.
     pub record: Option<std::path::PathBuf>,
+    /// Subscriptions opened and never read (slow consumers), to see the daemon cut them
+    /// off (4008) while the other streams keep their latency.
+    pub stalled_subscribers: usize,
 }
 
 /// `--record`: what the tool sent and what it was told, one JSON object per line:
@@ -175,7 +178,12 @@ pub struct Summary {
     pub acks_accepted: u64,
     pub acks_rejected: u64,
     pub errors_by_code: BTreeMap<String, u64>,
+    /// Every publish reply, `ok` or error.
     pub ack: Percentiles,
+    /// Publishes answered `ok` (accepted or rejected by the quality gate).
+    pub ack_ok: Percentiles,
+    /// Publishes answered with an error (e.g. `overloaded` when the daemon sheds).
+    pub ack_error: Percentiles,
     pub delivery: Percentiles,
     /// Replies to everything but publishes.
     pub other_replies: Percentiles,
@@ -184,6 +192,9 @@ pub struct Summary {
     pub stream_events: u64,
     pub stream_seq_gaps: u64,
     pub stream_closed_early: bool,
+    /// How each stalled subscription ended: `4008 slow subscriber; resume_from=N`, or
+    /// `open` if the daemon never closed it.
+    pub stalled_subscribers: Vec<String>,
     pub violations: Violations,
     pub intervals: Vec<IntervalStat>,
 }
@@ -352,6 +363,8 @@ struct Recorder {
     timed_is_lead: Arc<Vec<bool>>,
     loc: Arc<Localizer>,
     ack: Histogram<u64>,
+    ack_ok: Histogram<u64>,
+    ack_error: Histogram<u64>,
     delivery: Histogram<u64>,
     other: Histogram<u64>,
     lag: Histogram<u64>,
@@ -415,6 +428,11 @@ impl Recorder {
             self.last_ack_ns = self.last_ack_ns.max(recv_ns);
             self.ack.saturating_record(lat);
             self.iv_ack.saturating_record(lat);
+            if f.kind == "ok" {
+                self.ack_ok.saturating_record(lat);
+            } else {
+                self.ack_error.saturating_record(lat);
+            }
             if f.kind == "ok" {
                 match wire::decode::<LeadReply>(enc, bytes) {
                     Ok(r) if r.result.status == "accepted" => {
@@ -635,6 +653,15 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         streams.push(ws);
     }
 
+    // Stalled subscribers: subscribe, then never read until the end of the run.
+    let mut stalled = Vec::new();
+    for _ in 0..cfg.stalled_subscribers {
+        let mut ws = connect(&cfg.url, &token_of(&tenants[0])?, enc).await?;
+        wire::encode_into(enc, &serde_json::json!({"id": "stalled", "type": "subscribe"}), &mut buf);
+        ws.send(message(enc, &buf)).await?;
+        stalled.push(ws);
+    }
+
     let total_leads = plan.lead_item.len();
     let start_ns = mono_ns() + 20_000_000; // 20 ms to get the readers going
     let wall_start = wall_ms() + 20;
@@ -644,6 +671,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         timed_is_lead: timed_is_lead.clone(),
         loc: loc.clone(),
         ack: hist(3),
+        ack_ok: hist(3),
+        ack_error: hist(3),
         delivery: hist(3),
         other: hist(3),
         lag: hist(3),
@@ -797,6 +826,10 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         r.abort();
     }
 
+    let mut stalled_ends = Vec::new();
+    for ws in &mut stalled {
+        stalled_ends.push(stalled_end(ws).await);
+    }
     let end_ns = mono_ns();
     let mut r = rec.lock().expect("no thread panics holding the recorder");
     let timed_s = (send_end.max(start_ns) - start_ns) as f64 / 1e9;
@@ -816,7 +849,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         connections: n,
         target_leads_per_s: target_leads_per_s(&plan, cfg.pacing),
         // Over the leads' own span, or until the last acknowledgement if later.
-        achieved_leads_per_s: r.ack.len() as f64
+        achieved_leads_per_s: r.ack_ok.len() as f64
             / (lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
         duration_s: timed_s,
         setup_records: setup.len() as u64,
@@ -829,12 +862,15 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         acks_rejected: r.acks_rejected,
         errors_by_code: errors,
         ack: Percentiles::of(&r.ack),
+        ack_ok: Percentiles::of(&r.ack_ok),
+        ack_error: Percentiles::of(&r.ack_error),
         delivery: Percentiles::of(&r.delivery),
         other_replies: Percentiles::of(&r.other),
         send_lag: Percentiles::of(&r.lag),
         stream_events: r.stream_events,
         stream_seq_gaps: r.seq_gaps,
         stream_closed_early: stream_closed.load(Ordering::Relaxed),
+        stalled_subscribers: stalled_ends,
         violations,
         intervals: std::mem::take(&mut r.intervals),
     };
@@ -860,6 +896,23 @@ fn target_leads_per_s(plan: &Plan, pacing: Pacing) -> f64 {
         Pacing::Rate(r) => r,
         Pacing::Speed(_) => plan.lead_item.len() as f64 / (lead_span_ns(plan) as f64 / 1e9),
     }
+}
+
+/// Reads a stalled subscription to its end: the close frame's code and reason, or
+/// `open` if nothing closes it within a few seconds of reading.
+async fn stalled_end(ws: &mut Ws) -> String {
+    let read = async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(Some(f))) => return format!("{} {}", u16::from(f.code), f.reason),
+                Ok(Message::Close(None)) => return "closed without a code".to_string(),
+                Ok(_) => {}
+                Err(e) => return format!("error: {e}"),
+            }
+        }
+        "closed without a close frame".to_string()
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await.unwrap_or_else(|_| "open".to_string())
 }
 
 async fn read_replies(mut source: Source, enc: Encoding, rec: Arc<Mutex<Recorder>>, live: Arc<AtomicU64>) {

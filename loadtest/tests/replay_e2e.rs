@@ -99,6 +99,7 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
             threads: 1,
             skip_setup: false,
             record: None,
+            stalled_subscribers: 0,
         };
         let out = replay::run(&cfg, &records).expect("the replay runs");
         let s = &out.summary;
