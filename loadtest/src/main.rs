@@ -77,6 +77,18 @@ struct ReplayArgs {
     /// A non-loopback host that may be targeted; repeatable.
     #[arg(long)]
     allow_host: Vec<String>,
+    /// Skip the trace's setup records (pros, credits): they were sent by an earlier
+    /// run against the same daemon data, e.g. before a restart.
+    #[arg(long)]
+    skip_setup: bool,
+    /// Write every request sent and every reply received as JSON lines to this file
+    /// (`{"sent": frame}` / `{"reply": frame}`, paired by `id`).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Open this many subscriptions that are never read (slow consumers); the report
+    /// says how each ended (the daemon should close them with 4008).
+    #[arg(long, default_value_t = 0)]
+    stalled_subscribers: usize,
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// Writes PREFIX.ack.hgrm, PREFIX.delivery.hgrm and PREFIX.hlog.
@@ -176,8 +188,12 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
         interval: a.interval,
         allowed_hosts: a.allow_host.clone(),
         threads: a.threads,
+        skip_setup: a.skip_setup,
+        record: a.record.clone(),
+        stalled_subscribers: a.stalled_subscribers,
     };
     if a.max_rate {
+        anyhow::ensure!(a.record.is_none(), "--record records one replay, not a --max-rate search");
         let start = match pacing {
             Pacing::Rate(r) => r,
             Pacing::Speed(_) => anyhow::bail!("--max-rate paces by --rate, not --speed"),

@@ -60,6 +60,55 @@ pub struct ReplayConfig {
     pub allowed_hosts: Vec<String>,
     /// Runtime threads for the tool (1 = everything on one thread).
     pub threads: usize,
+    /// Skip the trace's setup records (they were sent in an earlier run against the
+    /// same data, e.g. before a restart).
+    pub skip_setup: bool,
+    /// Writes every request sent and every reply received as JSON lines (see
+    /// [`RecordLog`]), so an auditor can compare the daemon with what it said.
+    pub record: Option<std::path::PathBuf>,
+    /// Subscriptions opened and never read (slow consumers), to see the daemon cut them
+    /// off (4008) while the other streams keep their latency.
+    pub stalled_subscribers: usize,
+}
+
+/// `--record`: what the tool sent and what it was told, one JSON object per line:
+/// `{"sent": <request frame>}` before a request goes out (setup and timed) and
+/// `{"reply": <reply frame>}` for every reply (`ok` or `error`), in either encoding,
+/// written as JSON. Requests and replies pair up by the frame's `id`. A request
+/// without a reply was in flight when the run ended (e.g. the daemon was killed): its
+/// outcome is unknown. Stream events are not recorded.
+pub struct RecordLog {
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl RecordLog {
+    pub fn create(path: &std::path::Path) -> anyhow::Result<Self> {
+        let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(RecordLog { out: std::io::BufWriter::new(f) })
+    }
+
+    fn sent(&mut self, id: &str, req: &Request) {
+        self.line("sent", &serde_json::to_value(Envelope { id, request: req }));
+    }
+
+    fn reply(&mut self, enc: Encoding, bytes: &[u8]) {
+        self.line("reply", &wire::decode::<serde_json::Value>(enc, bytes));
+    }
+
+    fn line<E>(&mut self, key: &str, v: &Result<serde_json::Value, E>) {
+        use std::io::Write;
+        let v = match v {
+            Ok(v) => v,
+            Err(_) => &serde_json::Value::Null,
+        };
+        // A failed write shows up as a missing line; `finish` reports the error.
+        let _ = writeln!(self.out, "{}", serde_json::json!({ key: v }));
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        use std::io::Write;
+        self.out.flush().context("writing the --record file")
+    }
 }
 
 /// Latency percentiles in milliseconds.
@@ -129,7 +178,12 @@ pub struct Summary {
     pub acks_accepted: u64,
     pub acks_rejected: u64,
     pub errors_by_code: BTreeMap<String, u64>,
+    /// Every publish reply, `ok` or error.
     pub ack: Percentiles,
+    /// Publishes answered `ok` (accepted or rejected by the quality gate).
+    pub ack_ok: Percentiles,
+    /// Publishes answered with an error (e.g. `overloaded` when the daemon sheds).
+    pub ack_error: Percentiles,
     pub delivery: Percentiles,
     /// Replies to everything but publishes.
     pub other_replies: Percentiles,
@@ -138,6 +192,9 @@ pub struct Summary {
     pub stream_events: u64,
     pub stream_seq_gaps: u64,
     pub stream_closed_early: bool,
+    /// How each stalled subscription ended: `4008 slow subscriber; resume_from=N`, or
+    /// `open` if the daemon never closed it.
+    pub stalled_subscribers: Vec<String>,
     pub violations: Violations,
     pub intervals: Vec<IntervalStat>,
 }
@@ -306,6 +363,8 @@ struct Recorder {
     timed_is_lead: Arc<Vec<bool>>,
     loc: Arc<Localizer>,
     ack: Histogram<u64>,
+    ack_ok: Histogram<u64>,
+    ack_error: Histogram<u64>,
     delivery: Histogram<u64>,
     other: Histogram<u64>,
     lag: Histogram<u64>,
@@ -328,6 +387,7 @@ struct Recorder {
     duplicate_replies: u64,
     /// Receipt time of the last publish reply.
     last_ack_ns: u64,
+    log: Option<RecordLog>,
 }
 
 impl Recorder {
@@ -336,6 +396,9 @@ impl Recorder {
     }
 
     fn on_reply(&mut self, bytes: &[u8], enc: Encoding, f: &Incoming<'_>, recv_ns: u64) {
+        if let Some(log) = self.log.as_mut() {
+            log.reply(enc, bytes);
+        }
         let Some(idx) =
             f.id.as_deref().and_then(|id| id.strip_prefix('i')).and_then(|n| n.parse::<usize>().ok())
         else {
@@ -365,6 +428,11 @@ impl Recorder {
             self.last_ack_ns = self.last_ack_ns.max(recv_ns);
             self.ack.saturating_record(lat);
             self.iv_ack.saturating_record(lat);
+            if f.kind == "ok" {
+                self.ack_ok.saturating_record(lat);
+            } else {
+                self.ack_error.saturating_record(lat);
+            }
             if f.kind == "ok" {
                 match wire::decode::<LeadReply>(enc, bytes) {
                     Ok(r) if r.result.status == "accepted" => {
@@ -464,6 +532,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         .position(|r| matches!(r.request, Request::PublishLead { .. }))
         .context("the trace has no publish_lead record")?;
     let (setup, timed) = records.split_at(first_lead);
+    let setup = if cfg.skip_setup { &setup[..0] } else { setup };
+    let mut log = cfg.record.as_deref().map(RecordLog::create).transpose()?;
 
     // Tenants and their tokens.
     let mut tenants: Vec<Option<String>> = Vec::new();
@@ -525,6 +595,9 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let c = tenant_idx[&r.tenant] * n + route(&r.request, None, n);
             let req = loc.localize(r, "setup", 0, u32::MAX, wall);
             let id = format!("s{chunk_no}-{i}");
+            if let Some(log) = log.as_mut() {
+                log.sent(&id, &req);
+            }
             wire::encode_into(enc, &Envelope { id: &id, request: &req }, &mut buf);
             conns[c].feed(message(enc, &buf)).await?;
             expected[c] += 1;
@@ -539,6 +612,12 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                     .context("setup: connection closed")??;
                 let Some(bytes) = payload(&m) else { continue };
                 let f: Incoming = wire::decode(enc, bytes)?;
+                if f.kind != "ok" && f.kind != "error" {
+                    continue;
+                }
+                if let Some(log) = log.as_mut() {
+                    log.reply(enc, bytes);
+                }
                 if f.kind == "error" {
                     *setup_errors.entry(f.code.as_deref().unwrap_or("unknown").to_string()).or_default() += 1;
                 }
@@ -574,6 +653,15 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         streams.push(ws);
     }
 
+    // Stalled subscribers: subscribe, then never read until the end of the run.
+    let mut stalled = Vec::new();
+    for _ in 0..cfg.stalled_subscribers {
+        let mut ws = connect(&cfg.url, &token_of(&tenants[0])?, enc).await?;
+        wire::encode_into(enc, &serde_json::json!({"id": "stalled", "type": "subscribe"}), &mut buf);
+        ws.send(message(enc, &buf)).await?;
+        stalled.push(ws);
+    }
+
     let total_leads = plan.lead_item.len();
     let start_ns = mono_ns() + 20_000_000; // 20 ms to get the readers going
     let wall_start = wall_ms() + 20;
@@ -583,6 +671,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         timed_is_lead: timed_is_lead.clone(),
         loc: loc.clone(),
         ack: hist(3),
+        ack_ok: hist(3),
+        ack_error: hist(3),
         delivery: hist(3),
         other: hist(3),
         lag: hist(3),
@@ -603,14 +693,18 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         answered: vec![false; plan.items.len()],
         duplicate_replies: 0,
         last_ack_ns: 0,
+        log,
     }));
     let stream_closed = Arc::new(AtomicBool::new(false));
     let mut sinks = Vec::new();
     let mut readers = Vec::new();
+    // Ingest connections still open: when none is left (the daemon went away),
+    // nothing more can be sent or answered, so the run ends early.
+    let live = Arc::new(AtomicU64::new(conns.len() as u64));
     for ws in conns {
         let (sink, source) = ws.split();
         sinks.push(sink);
-        readers.push(tokio::spawn(read_replies(source, enc, rec.clone())));
+        readers.push(tokio::spawn(read_replies(source, enc, rec.clone(), live.clone())));
     }
     let mut stream_sinks = Vec::new();
     for (i, ws) in streams.into_iter().enumerate() {
@@ -641,7 +735,14 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let mut dead = vec![false; sinks.len()];
     let mut i = 0;
     let items = &plan.items;
+    let recording = cfg.record.is_some();
+    let mut sent_log: Vec<(String, Request)> = Vec::new();
+    eprintln!("replay: timed phase started ({} sends planned)", items.len());
     while i < items.len() {
+        if live.load(Ordering::Relaxed) == 0 {
+            eprintln!("replay: every ingest connection closed; stopping after {i} sends");
+            break;
+        }
         let now = mono_ns().saturating_sub(start_ns);
         if items[i].t_ns > now {
             sleeper.until(start_ns + items[i].t_ns.max(now + batch_ns)).await?;
@@ -663,6 +764,9 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let req = loc.localize(r, &lap, item.lap, item.lead_ord, wall);
             let id = format!("i{i}");
             wire::encode_into(enc, &Envelope { id: &id, request: &req }, &mut buf);
+            if recording {
+                sent_log.push((id, req));
+            }
             if !dead[c] && sinks[c].feed(message(enc, &buf)).await.is_err() {
                 dead[c] = true;
             }
@@ -684,6 +788,11 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             for &l in &lags {
                 r.lag.saturating_record((l + (done_ns - now)) / 1000);
             }
+            if let Some(log) = r.log.as_mut() {
+                for (id, req) in sent_log.drain(..) {
+                    log.sent(&id, &req);
+                }
+            }
         }
         lags.clear();
         if k == MAX_BATCH {
@@ -700,7 +809,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let r = rec.lock().expect("no thread panics holding the recorder");
             r.replies >= sent_total && r.checker.pending() == 0
         };
-        if settled || mono_ns() >= drain_until || stream_closed.load(Ordering::Relaxed) {
+        let gone = live.load(Ordering::Relaxed) == 0;
+        if settled || gone || mono_ns() >= drain_until || stream_closed.load(Ordering::Relaxed) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -716,11 +826,18 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         r.abort();
     }
 
+    let mut stalled_ends = Vec::new();
+    for ws in &mut stalled {
+        stalled_ends.push(stalled_end(ws).await);
+    }
     let end_ns = mono_ns();
     let mut r = rec.lock().expect("no thread panics holding the recorder");
     let timed_s = (send_end.max(start_ns) - start_ns) as f64 / 1e9;
     let _ = end_ns;
     let sent_leads = plan.lead_item.len() as u64;
+    if let Some(log) = r.log.as_mut() {
+        log.finish()?;
+    }
     let violations = r.checker.finish();
     let mut errors = r.errors.clone();
     if r.duplicate_replies > 0 {
@@ -732,7 +849,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         connections: n,
         target_leads_per_s: target_leads_per_s(&plan, cfg.pacing),
         // Over the leads' own span, or until the last acknowledgement if later.
-        achieved_leads_per_s: r.ack.len() as f64
+        achieved_leads_per_s: r.ack_ok.len() as f64
             / (lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
         duration_s: timed_s,
         setup_records: setup.len() as u64,
@@ -745,12 +862,15 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         acks_rejected: r.acks_rejected,
         errors_by_code: errors,
         ack: Percentiles::of(&r.ack),
+        ack_ok: Percentiles::of(&r.ack_ok),
+        ack_error: Percentiles::of(&r.ack_error),
         delivery: Percentiles::of(&r.delivery),
         other_replies: Percentiles::of(&r.other),
         send_lag: Percentiles::of(&r.lag),
         stream_events: r.stream_events,
         stream_seq_gaps: r.seq_gaps,
         stream_closed_early: stream_closed.load(Ordering::Relaxed),
+        stalled_subscribers: stalled_ends,
         violations,
         intervals: std::mem::take(&mut r.intervals),
     };
@@ -778,7 +898,29 @@ fn target_leads_per_s(plan: &Plan, pacing: Pacing) -> f64 {
     }
 }
 
-async fn read_replies(mut source: Source, enc: Encoding, rec: Arc<Mutex<Recorder>>) {
+/// Reads a stalled subscription to its end: the close frame's code and reason, or
+/// `open` if nothing closes it within a few seconds of reading.
+async fn stalled_end(ws: &mut Ws) -> String {
+    let read = async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(Some(f))) => return format!("{} {}", u16::from(f.code), f.reason),
+                Ok(Message::Close(None)) => return "closed without a code".to_string(),
+                Ok(_) => {}
+                Err(e) => return format!("error: {e}"),
+            }
+        }
+        "closed without a close frame".to_string()
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await.unwrap_or_else(|_| "open".to_string())
+}
+
+async fn read_replies(mut source: Source, enc: Encoding, rec: Arc<Mutex<Recorder>>, live: Arc<AtomicU64>) {
+    read_replies_until_closed(&mut source, enc, &rec).await;
+    live.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn read_replies_until_closed(source: &mut Source, enc: Encoding, rec: &Mutex<Recorder>) {
     while let Some(Ok(m)) = source.next().await {
         let recv = mono_ns();
         let mut batch = vec![m];

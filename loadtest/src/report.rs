@@ -26,6 +26,10 @@ pub fn table(s: &Summary) -> String {
         "count", "p50", "p90", "p99", "p99.9", "p99.99", "max"
     );
     row(&mut out, "ack", &s.ack);
+    if s.ack_error.count > 0 {
+        row(&mut out, "ack ok", &s.ack_ok);
+        row(&mut out, "ack error", &s.ack_error);
+    }
     row(&mut out, "delivery", &s.delivery);
     row(&mut out, "other", &s.other_replies);
     row(&mut out, "send lag", &s.send_lag);
@@ -49,6 +53,9 @@ pub fn table(s: &Summary) -> String {
     } else {
         let list: Vec<String> = s.errors_by_code.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "errors: {}", list.join(", "));
+    }
+    for (i, end) in s.stalled_subscribers.iter().enumerate() {
+        let _ = writeln!(out, "stalled subscriber {i}: {end}");
     }
     let v = &s.violations;
     let _ = writeln!(

@@ -97,6 +97,9 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
             interval: Duration::from_secs(1),
             allowed_hosts: vec![],
             threads: 1,
+            skip_setup: false,
+            record: None,
+            stalled_subscribers: 0,
         };
         let out = replay::run(&cfg, &records).expect("the replay runs");
         let s = &out.summary;
