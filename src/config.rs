@@ -43,6 +43,10 @@ pub struct RawConfig {
     pub rate_limit_connection_per_s: u32,
     /// Requests per second all connections of one tenant may send; 0 = no limit.
     pub rate_limit_tenant_per_s: u32,
+    /// Admission control: when more than this many bytes of one connection's requests
+    /// wait unread in its socket (the gateway is behind), new leads on it are answered
+    /// `overloaded`; beyond four times this, every request but `subscribe` is. 0 = off.
+    pub shed_backlog_bytes: usize,
     pub log_level: String,
     pub log_format: LogFormat,
     pub wal: RawWal,
@@ -114,6 +118,7 @@ impl Default for RawConfig {
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
             rate_limit_connection_per_s: 50_000,
+            shed_backlog_bytes: 64 * 1024,
             rate_limit_tenant_per_s: 200_000,
             log_level: "info".into(),
             log_format: LogFormat::Auto,

@@ -81,8 +81,13 @@ fn lead_body(id: &str, direct: &[String]) -> Value {
     })
 }
 
-fn req(v: Value) -> Request {
-    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("test request {v} does not decode: {e}"))
+/// A request as a frame would carry it (`{"type": ..., fields}`), decoded the daemon's way.
+fn req(mut v: Value) -> Request {
+    v["id"] = json!("t");
+    let frame = serde_json::to_vec(&v).unwrap();
+    rota::protocol::decode(rota::protocol::Encoding::Json, &frame)
+        .unwrap_or_else(|e| panic!("test request {v} does not decode: {e:?}"))
+        .request
 }
 
 fn config(skip_sync: bool, preallocate: bool) -> Config {

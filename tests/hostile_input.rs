@@ -295,3 +295,49 @@ async fn a_flood_of_2000_pipelined_requests_gets_exactly_one_reply_each() {
     let (r, _) = c.call(json!({"type": "balance", "pro": "p1"})).await;
     assert_eq!(r["type"], "ok", "{r}");
 }
+
+/// Admission control (issue #8, overload): requests waiting unread in the socket beyond
+/// `shed_backlog_bytes` are refused with `overloaded` before any work is done for them.
+/// A shed lead leaves nothing behind and can be published again; every request still
+/// gets exactly one reply. The limit is tiny here so a pipelined burst exceeds it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_backlog_of_unread_requests_is_shed_with_overloaded_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "shed_backlog_bytes = 1");
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let n = 1500;
+    for i in 0..n {
+        let req = json!({"id": format!("s{i}"), "type": "publish_lead", "lead": lead(&format!("S{i}"))});
+        c.ws.feed(Message::Text(req.to_string())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let (mut shed, mut accepted) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < n {
+        let Some(Message::Text(t)) = recv_raw(&mut c).await else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        let id = v["id"].as_str().unwrap_or_else(|| panic!("a reply without id: {v}")).to_string();
+        assert!(seen.insert(id.clone()), "a second reply to {id}: {v}");
+        let lead_id = format!("S{}", &id[1..]);
+        if v["code"] == "overloaded" {
+            assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "a retry hint: {v}");
+            shed.push(lead_id);
+        } else {
+            assert_eq!(v["type"], "ok", "{v}");
+            accepted.push(lead_id);
+        }
+    }
+    assert!(!shed.is_empty(), "a burst of {n} unread frames over a 1-byte limit sheds some");
+    assert!(!accepted.is_empty(), "once caught up, the gateway accepts again");
+    for l in shed.iter().take(50) {
+        let (r, _) = c.call(json!({"type": "explain", "lead": l})).await;
+        assert_eq!(r["code"], "unknown_lead", "a shed lead stored nothing: {r}");
+    }
+    for l in accepted.iter().take(50) {
+        let (r, _) = c.call(json!({"type": "explain", "lead": l})).await;
+        assert_eq!(r["type"], "ok", "an accepted lead is there: {r}");
+    }
+    // Retried one at a time (nothing waiting behind it), a shed lead goes through.
+    let (r, _) = c.call(json!({"type": "publish_lead", "lead": lead(&shed[0])})).await;
+    assert_eq!(r["type"], "ok", "{r}");
+}

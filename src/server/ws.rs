@@ -8,6 +8,13 @@
 //! * Outgoing frames are batched: `feed` many, `flush` once.
 //! * A subscriber's queue is bounded; one that falls behind is closed with code 4008
 //!   and the sequence number to resume from.
+//! * Admission control (`shed_backlog_bytes`): when the gateway falls behind a
+//!   connection, its requests wait unread in the kernel's socket buffer, where no
+//!   queue of rota's sees them. The unread bytes are read from the socket (`FIONREAD`,
+//!   every 16 frames, and every frame while shedding); beyond the limit new leads are
+//!   answered `overloaded` (beyond four times it, every request but `subscribe`).
+//!   Refusing costs a decode and a short reply, so the gateway catches up and the
+//!   requests it accepts keep their latency instead of waiting behind the backlog.
 //!
 //! Close codes: 1000 normal, 1001 shutting down (reason carries `resume_from=N`),
 //! 1002 protocol error, 1007 invalid UTF-8, 1009 frame too big, 4000 heartbeat
@@ -81,6 +88,7 @@ fn refuse(status: StatusCode, msg: &str) -> ErrorResponse {
 #[allow(clippy::result_large_err)] // the handshake callback type is fixed by tungstenite
 async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Receiver<bool>) {
     let cfg = &engine.inner.cfg.raw;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let ws_cfg = WebSocketConfig {
         max_message_size: Some(cfg.max_frame_bytes),
         max_frame_size: Some(cfg.max_frame_bytes),
@@ -157,6 +165,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let hub = engine.hub(&session.tenant);
     let conn_limit = std::num::NonZeroU32::new(cfg.rate_limit_connection_per_s)
         .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+    let mut admission = Admission::new(cfg.shed_backlog_bytes);
     let close = loop {
         tokio::select! {
             biased;
@@ -257,6 +266,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), true).await.is_err() { break None; }
                     continue;
                 }
+                if admission.shed(fd, &env.request) {
+                    m.overload_refusals.get("gateway_backlog").increment(1);
+                    let r = Reply::Error { id: Some(id), error: ApiError::overloaded(SHED_RETRY_MS) };
+                    // Flushed with the next reply, or now if nothing more is waiting.
+                    let flush = unread_bytes(fd) == 0;
+                    if send(&mut sink, enc, protocol::encode(enc, &r), flush).await.is_err() { break None; }
+                    continue;
+                }
                 if let Request::Subscribe { resume_from, pro } = env.request {
                     let reply = match (&hub, &sub) {
                         (_, Some(_)) => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
@@ -336,6 +353,58 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     }
     let _ = sink.flush().await;
     m.connections.get(scope_label).decrement(1.0);
+}
+
+/// `retry_after_ms` of a request shed at the gateway.
+const SHED_RETRY_MS: u64 = 100;
+
+/// Shedding by unread backlog (see the module docs).
+struct Admission {
+    /// `shed_backlog_bytes`; 0 = off.
+    limit: usize,
+    /// Unread bytes at the last look.
+    backlog: usize,
+    /// Frames until the next look at the socket.
+    until_check: u32,
+}
+
+impl Admission {
+    const CHECK_EVERY: u32 = 16;
+
+    fn new(limit: usize) -> Self {
+        Self { limit, backlog: 0, until_check: 0 }
+    }
+
+    /// Whether `req` is refused with `overloaded`.
+    fn shed(&mut self, fd: std::os::fd::RawFd, req: &Request) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        if self.backlog > self.limit || self.until_check == 0 {
+            self.backlog = unread_bytes(fd);
+            self.until_check = Self::CHECK_EVERY;
+        } else {
+            self.until_check -= 1;
+        }
+        match req {
+            Request::Subscribe { .. } => false,
+            Request::PublishLead { .. } => self.backlog > self.limit,
+            _ => self.backlog > self.limit.saturating_mul(4),
+        }
+    }
+}
+
+/// Bytes received on the socket and not read yet (0 if it cannot be told).
+fn unread_bytes(fd: std::os::fd::RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD stores one c_int through the pointer; `fd` is this connection's
+    // socket, open for as long as the connection task runs.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
 }
 
 /// Half-closes `tcp` and reads until the peer closes, bounded in time and bytes.
