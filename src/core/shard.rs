@@ -24,6 +24,7 @@ use super::ring::{Ring, Selection, Verdict};
 use crate::ids::{ClientId, LeadId, Millis, ProId, ShardKey};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -137,8 +138,9 @@ pub enum Command {
 /// How money moves, decided by the core, executed on the ledger by the shell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
-    /// Ledger operation id (idempotency key of the money movement).
-    pub op: String,
+    /// Ledger operation id (idempotency key of the money movement). A `SmolStr`: the
+    /// ids it is made of are short, so it usually lives inline, with no allocation.
+    pub op: SmolStr,
     pub credits: u64,
     pub mode: ChargeMode,
 }
@@ -151,7 +153,7 @@ pub enum ChargeMode {
     /// Hold credits; capture or release later (R9 chat-only).
     Hold,
     /// Spend from an auto-buy config's weekly budget.
-    Budget { config: String },
+    Budget { config: SmolStr },
 }
 
 /// Why a charge is refunded (R12, R23).
@@ -518,12 +520,14 @@ pub struct OfferState {
     pub offered_at: Millis,
     pub respond_by: Option<Millis>,
     pub responded_at: Option<Millis>,
-    /// Money taken for this offer and not refunded/released.
-    pub charge: Option<Charge>,
+    /// Money taken for this offer and not refunded/released. Boxed: most offers are
+    /// never charged, and a `None` then takes 8 bytes instead of 56 in every offer.
+    pub charge: Option<Box<Charge>>,
     pub captured: bool,
     pub viewed: bool,
     pub refunded: bool,
-    pub notes: Vec<String>,
+    /// A boxed slice (16 bytes, nothing allocated while empty): notes are rare.
+    pub notes: Box<[String]>,
     /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
     /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
     /// this field: forgetting then scans the deadlines).
@@ -862,7 +866,7 @@ impl Shard {
                     captured: false,
                     viewed: false,
                     refunded: false,
-                    notes: Vec::new(),
+                    notes: Box::default(),
                     guarantee_at: None,
                 })
                 .collect();
@@ -999,7 +1003,7 @@ impl Shard {
     }
 
     /// The auto-buy config that pays for `st` for this pro (first by name with budget).
-    fn budget_config(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<String> {
+    fn budget_config(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<SmolStr> {
         // The smallest name among the configs that can pay: no sorted copy of the list.
         pro.autobuy
             .iter()
@@ -1007,7 +1011,7 @@ impl Shard {
             .filter(|c| c.max_price_credits.is_none_or(|m| m >= price))
             .filter(|c| funds.budget(&pro.id, &c.name) >= price)
             .min_by(|a, b| a.name.cmp(&b.name))
-            .map(|c| c.name.clone())
+            .map(|c| SmolStr::new(&c.name))
     }
 
     /// The generic release of a lead: who gets it, in rotation order (R5, R6a, R21).
@@ -1195,7 +1199,7 @@ impl Shard {
                         .charge
                         .as_ref()
                         .filter(|c| c.mode == ChargeMode::Hold && !offer.captured)
-                        .cloned();
+                        .map(|c| Charge::clone(c));
                     Event::ClientReplied { lead: l, pro: p, at: now, capture }
                 }
                 S::AwaitingResponse => {
@@ -1235,7 +1239,7 @@ impl Shard {
                 (Some(c), false) if offer.captured || c.mode != ChargeMode::Hold => Event::Refunded {
                     lead: l,
                     pro: p,
-                    charge: c.clone(),
+                    charge: Charge::clone(c),
                     reason: RefundReason::InvalidContact,
                     at: now,
                 },
@@ -1321,7 +1325,7 @@ impl Shard {
                             events.push(Event::Refunded {
                                 lead: d.lead.clone(),
                                 pro: pro.clone(),
-                                charge: c.clone(),
+                                charge: Charge::clone(c),
                                 reason: RefundReason::NotViewed,
                                 at: d.at,
                             });
@@ -1334,7 +1338,7 @@ impl Shard {
                         .iter()
                         .filter_map(|o| {
                             let c = o.charge.as_ref()?;
-                            (c.mode == ChargeMode::Hold && !o.captured).then(|| (o.pro.clone(), c.clone()))
+                            (c.mode == ChargeMode::Hold && !o.captured).then(|| (o.pro.clone(), Charge::clone(c)))
                         })
                         .collect();
                     events.push(Event::LeadClosed { lead: d.lead.clone(), at: d.at, releases });
@@ -1469,6 +1473,10 @@ impl Shard {
                         });
                     }
                 }
+                // Offers come in one or two events per lead (direct targets, then the
+                // release): room for exactly these, not the doubling growth of `push`
+                // (5 offers would take room for 8).
+                st.offers.reserve_exact(grants.len());
                 for g in grants {
                     // The publish decision's own offers: the direct ones and an
                     // immediate release (a later release has a later time).
@@ -1497,11 +1505,11 @@ impl Shard {
                         offered_at: *at,
                         respond_by,
                         responded_at: None,
-                        charge: g.charge.clone(),
+                        charge: g.charge.clone().map(Box::new),
                         captured: bought,
                         viewed: false,
                         refunded: false,
-                        notes: Vec::new(),
+                        notes: Box::default(),
                         guarantee_at: None,
                     });
                     st.budget_waitlist.retain(|p| p != &g.pro);
@@ -1515,6 +1523,7 @@ impl Shard {
                     }
                 }
                 st.skipped_more += u64::from(*skipped_more);
+                st.skipped.reserve_exact(skipped.len().min(MAX_RECORDED_SKIPS.saturating_sub(st.skipped.len())));
                 for (pro, skip) in skipped {
                     if matches!(skip, Skip::BudgetExhausted { .. }) && !st.budget_waitlist.contains(pro) {
                         st.budget_waitlist.push(pro.clone());
@@ -1541,7 +1550,7 @@ impl Shard {
                     o.responded_at = Some(*at);
                     response_time = Some(at.saturating_sub(o.offered_at).max(0) as u64);
                     if charge.is_some() {
-                        o.charge = charge.clone();
+                        o.charge = charge.clone().map(Box::new);
                         o.captured = matches!(charge, Some(c) if c.mode == ChargeMode::Capture);
                     }
                     let generic = o.kind == OfferKind::Generic;
@@ -1610,7 +1619,11 @@ impl Shard {
                 self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Completed);
             }
             Event::NoteAdded { lead, pro, text, .. } => {
-                self.with_offer(lead, pro, |_, o| o.notes.push(text.clone()));
+                self.with_offer(lead, pro, |_, o| {
+                    let mut notes = std::mem::take(&mut o.notes).into_vec();
+                    notes.push(text.clone());
+                    o.notes = notes.into_boxed_slice();
+                });
             }
             Event::Refunded { lead, pro, .. } => {
                 self.with_offer(lead, pro, |_, o| o.refunded = true);
@@ -1987,17 +2000,16 @@ impl Funds for SpentFunds<'_> {
     }
 }
 
-/// `<kind>:<lead>:<pro>`, the ledger op id of a money intent, built in one allocation
-/// without the formatting machinery.
-fn op_id(kind: &str, lead: &LeadId, pro: &ProId) -> String {
-    let (l, p) = (lead.as_str(), pro.as_str());
-    let mut op = String::with_capacity(kind.len() + l.len() + p.len() + 2);
+/// `<kind>:<lead>:<pro>`, the ledger op id of a money intent, built without the
+/// formatting machinery (inline, no allocation, up to 23 bytes).
+fn op_id(kind: &str, lead: &LeadId, pro: &ProId) -> SmolStr {
+    let mut op = smol_str::SmolStrBuilder::new();
     op.push_str(kind);
     op.push(':');
-    op.push_str(l);
+    op.push_str(lead.as_str());
     op.push(':');
-    op.push_str(p);
-    op
+    op.push_str(pro.as_str());
+    op.finish()
 }
 
 fn done(events: Vec<Event>) -> Decision {
