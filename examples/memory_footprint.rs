@@ -275,8 +275,7 @@ fn main() {
         }
         for &z in &zones {
             for &c in &cats {
-                let shard =
-                    shards.entry((z, c)).or_insert_with(|| Shard::new(key(z, c), policy.clone()));
+                let shard = shards.entry((z, c)).or_insert_with(|| Shard::new(key(z, c), policy.clone()));
                 let cmd = Command::UpsertPro { pro: pro.clone() };
                 let d = shard.decide(T0, &cmd, &Unlimited).expect("a valid pro");
                 for ev in &d.events {
@@ -405,7 +404,13 @@ fn main() {
     let pros_bytes = m1.bytes - m0.bytes - covering_bytes;
     let leads_bytes = m2.bytes - m1b.bytes - hub_bytes;
     let payload = per(payload_bytes, a.leads);
-    println!("policy {} ({:?}), {} shards, {} pro memberships", a.policy, policy.mode, shards.len(), memberships);
+    println!(
+        "policy {} ({:?}), {} shards, {} pro memberships",
+        a.policy,
+        policy.mode,
+        shards.len(),
+        memberships
+    );
     println!(
         "{} pros, {} leads published, {} accepted, {} open, {} offers ({:.2} per open lead), {:.1} s",
         a.pros,
@@ -434,10 +439,7 @@ fn main() {
     println!("| lead payload (`Arc<Lead>` and its strings) | {payload:.0} | | |");
     println!("| **per open lead beyond its payload** | **{:.0}** | | |", per(leads_bytes, open) - payload);
     println!("| lead payload as MessagePack (for scale) | {:.0} | | |", per(wire_bytes as isize, a.leads));
-    println!(
-        "| stream replay buffer ({} events), not per lead | {} total | | |",
-        a.retention, hub_bytes
-    );
+    println!("| stream replay buffer ({} events), not per lead | {} total | | |", a.retention, hub_bytes);
     println!();
     println!(
         "heap total {:.1} MiB, VmRSS {:.1} MiB",

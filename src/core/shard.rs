@@ -562,8 +562,9 @@ pub struct LeadState {
     /// prefix: nothing is offered before the publish) it made.
     pub published_release_at: Option<Millis>,
     pub published_offers: u32,
-    /// R11: the price's inputs and intermediates (`None` with a flat price).
-    pub price_components: Option<crate::pricing::PriceComponents>,
+    /// R11: the price's inputs and intermediates (`None` with a flat price). Boxed:
+    /// 104 bytes inline in every lead, flat-priced ones included.
+    pub price_components: Option<Box<crate::pricing::PriceComponents>>,
     /// When the lead is forgotten (set when it closes), so that its `Forget` deadline
     /// is removed by key.
     #[serde(default)]
@@ -602,7 +603,14 @@ struct RejectedLead {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Due {
     Release,
+    /// One pro's response window (R15). Only in snapshots of older releases:
+    /// [`Shard::restore`] turns these into [`Due::ExpireOffers`].
     ExpireOffer(ProId),
+    /// The response window (R15) of every offer of the lead whose `respond_by` is the
+    /// deadline's time: one deadline per release rather than one per offer (the offers
+    /// of a release share their window), a fifth of the entries for 5 offers per lead.
+    /// Expired in pro-id order, the order the per-offer deadlines had.
+    ExpireOffers,
     Guarantee(ProId),
     Close,
     Forget,
@@ -637,7 +645,10 @@ pub struct Shard {
     pros: Vec<Option<ProSlot>>,
     slots: FxHashMap<ProId, u32>,
     ring: Ring,
-    leads: FxHashMap<LeadId, LeadState>,
+    /// Boxed: a hash table keeps free buckets (an eighth to more than half of them,
+    /// depending on where it is between two doublings), and a free bucket of a boxed
+    /// state costs 8 bytes where an inline one cost the whole state.
+    leads: FxHashMap<LeadId, Box<LeadState>>,
     rejected: FxHashMap<LeadId, RejectedLead>,
     deadlines: BTreeSet<Deadline>,
     /// Duplicate protection: the newest accepted lead of each client in this shard.
@@ -679,6 +690,14 @@ impl Shard {
         for ps in self.pros.iter_mut().flatten() {
             ps.schedule_tz = ps.pro.availability.schedule_tz();
         }
+        // Older releases kept one response-window deadline per offer: one per lead and
+        // time now, which expires the same offers (those whose `respond_by` it is).
+        let per_offer: Vec<Deadline> =
+            self.deadlines.iter().filter(|d| matches!(d.due, Due::ExpireOffer(_))).cloned().collect();
+        for d in per_offer {
+            self.deadlines.remove(&d);
+            self.deadlines.insert(Deadline { due: Due::ExpireOffers, ..d });
+        }
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -709,7 +728,7 @@ impl Shard {
     }
 
     pub fn lead(&self, id: &LeadId) -> Option<&LeadState> {
-        self.leads.get(id)
+        self.leads.get(id).map(|st| &**st)
     }
 
     pub fn pro(&self, id: &ProId) -> Option<&ProSlot> {
@@ -1269,6 +1288,7 @@ impl Shard {
             .values()
             .filter(|st| st.is_open() && st.budget_waitlist.contains(pro))
             .filter(|st| now < st.accepted_at.saturating_add(self.policy.retry_window))
+            .map(|st| &**st)
             .collect();
         leads.sort_by(|a, b| (a.accepted_at, &a.lead.id).cmp(&(b.accepted_at, &b.lead.id)));
         let mut spent = 0u64;
@@ -1318,6 +1338,20 @@ impl Shard {
                 (Due::ExpireOffer(pro), Some(st)) if st.offer(pro).is_some_and(|o| o.status.is_open()) => {
                     events.push(Event::OfferExpired { lead: d.lead.clone(), pro: pro.clone(), at: d.at });
                 }
+                (Due::ExpireOffers, Some(st)) => {
+                    let mut due: Vec<&ProId> = st
+                        .offers
+                        .iter()
+                        .filter(|o| o.status.is_open() && o.respond_by == Some(d.at))
+                        .map(|o| &o.pro)
+                        .collect();
+                    due.sort_unstable();
+                    events.extend(due.into_iter().map(|pro| Event::OfferExpired {
+                        lead: d.lead.clone(),
+                        pro: pro.clone(),
+                        at: d.at,
+                    }));
+                }
                 (Due::Guarantee(pro), Some(st)) => {
                     if let Some(o) = st.offer(pro) {
                         let settled = o.charge.as_ref().filter(|c| o.captured || c.mode != ChargeMode::Hold);
@@ -1338,7 +1372,8 @@ impl Shard {
                         .iter()
                         .filter_map(|o| {
                             let c = o.charge.as_ref()?;
-                            (c.mode == ChargeMode::Hold && !o.captured).then(|| (o.pro.clone(), Charge::clone(c)))
+                            (c.mode == ChargeMode::Hold && !o.captured)
+                                .then(|| (o.pro.clone(), Charge::clone(c)))
                         })
                         .collect();
                     events.push(Event::LeadClosed { lead: d.lead.clone(), at: d.at, releases });
@@ -1429,7 +1464,7 @@ impl Shard {
                 let st = LeadState {
                     release_at: *release_at,
                     published_release_at: *release_at,
-                    price_components: price_components.clone(),
+                    price_components: price_components.clone().map(Box::new),
                     seq,
                     ..st
                 };
@@ -1450,7 +1485,7 @@ impl Shard {
                     due: Due::Close,
                 });
                 self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
-                self.leads.insert(lead.id.clone(), st);
+                self.leads.insert(lead.id.clone(), Box::new(st));
             }
             Event::Offered { lead, at, release, grants, rotation, skipped, skipped_more } => {
                 self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
@@ -1477,6 +1512,7 @@ impl Shard {
                 // release): room for exactly these, not the doubling growth of `push`
                 // (5 offers would take room for 8).
                 st.offers.reserve_exact(grants.len());
+                let mut expiry_armed = None;
                 for g in grants {
                     // The publish decision's own offers: the direct ones and an
                     // immediate release (a later release has a later time).
@@ -1489,12 +1525,13 @@ impl Shard {
                         OfferKind::Contact | OfferKind::AutoBuy => None,
                         _ => response_window.map(|w| at.saturating_add(w)),
                     };
-                    if let Some(t) = respond_by {
+                    if let Some(t) = respond_by.filter(|&t| expiry_armed != Some(t)) {
+                        expiry_armed = Some(t);
                         self.deadlines.insert(Deadline {
                             at: t,
                             seq: st.seq,
                             lead: lead.clone(),
-                            due: Due::ExpireOffer(g.pro.clone()),
+                            due: Due::ExpireOffers,
                         });
                     }
                     let bought = g.charge.is_some();
@@ -1523,7 +1560,8 @@ impl Shard {
                     }
                 }
                 st.skipped_more += u64::from(*skipped_more);
-                st.skipped.reserve_exact(skipped.len().min(MAX_RECORDED_SKIPS.saturating_sub(st.skipped.len())));
+                st.skipped
+                    .reserve_exact(skipped.len().min(MAX_RECORDED_SKIPS.saturating_sub(st.skipped.len())));
                 for (pro, skip) in skipped {
                     if matches!(skip, Skip::BudgetExhausted { .. }) && !st.budget_waitlist.contains(pro) {
                         st.budget_waitlist.push(pro.clone());
@@ -1652,9 +1690,11 @@ impl Shard {
                     }
                     st.closed_at = Some(*at);
                     st.budget_waitlist.clear();
+                    let mut expiry_removed = None;
                     for o in &mut st.offers {
-                        if let Some(t) = o.respond_by {
-                            self.deadlines.remove(&dl(t, Due::ExpireOffer(o.pro.clone())));
+                        if let Some(t) = o.respond_by.filter(|&t| expiry_removed != Some(t)) {
+                            expiry_removed = Some(t);
+                            self.deadlines.remove(&dl(t, Due::ExpireOffers));
                         }
                         if o.status.is_open() {
                             o.status = OfferStatus::Inactive;
@@ -1847,7 +1887,7 @@ impl Shard {
         Ok(Explanation {
             lead: lead.clone(),
             price: st.price,
-            price_components: st.price_components.clone(),
+            price_components: st.price_components.as_deref().cloned(),
             responders: st.responders,
             max_responders: self.policy.max_responders,
             generic_cap: st.generic_cap(&self.policy),
@@ -2238,5 +2278,136 @@ mod parking_tests {
         );
         assert_eq!(s.parked_pros(), 0);
         assert_eq!(publish(&mut s, &mut log, 3, T0 + 4).0, vec!["e1".to_string()]);
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+    use crate::ids::{CategoryId, TenantId, ZoneId, HOUR_MS};
+
+    const T0: Millis = 1_795_424_400_000;
+
+    fn shard() -> Shard {
+        let key = ShardKey {
+            tenant: TenantId::new("t"),
+            zone: ZoneId::new("bologna"),
+            category: CategoryId::new("painting"),
+        };
+        let policy = Policy::from_toml(
+            "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 3\nresponse_window_s = 3600\n\
+             duplicate_window_s = 0\n[money]\ncharge_on = \"never\"\n",
+        )
+        .expect("test policy is valid");
+        Shard::new(key, Arc::new(policy))
+    }
+
+    fn pro(id: &str) -> Pro {
+        Pro {
+            id: ProId::new(id),
+            categories: vec![CategoryId::new("painting")],
+            zones: vec![ZoneId::new("bologna")],
+            base: None,
+            radius_km: None,
+            quality: Quality::default(),
+            refuses: vec![],
+            availability: Availability::default(),
+            autobuy: vec![],
+        }
+    }
+
+    fn lead(n: u32, now: Millis) -> Lead {
+        Lead {
+            id: LeadId::new(format!("L{n}")),
+            category: CategoryId::new("painting"),
+            zone: ZoneId::new("bologna"),
+            location: None,
+            description: "Tinteggiatura di un appartamento di 80 mq".into(),
+            details: Default::default(),
+            attributes: vec![],
+            client: Client {
+                id: ClientId::new(format!("c{n}")),
+                name: "Anna".into(),
+                phone: "+39 333".into(),
+                phone_verified: true,
+                contact: ContactPrefs { call: true, whatsapp: false, chat: true },
+                address: None,
+                pro_id: None,
+            },
+            direct: vec![],
+            kind: JobKind::Match,
+            created_at: now,
+        }
+    }
+
+    fn run(s: &mut Shard, now: Millis, cmd: Command) -> Vec<Event> {
+        let d = s.decide(now, &cmd, &Unlimited).expect("valid command");
+        for ev in &d.events {
+            s.apply(ev);
+        }
+        s.check_invariants().expect("invariants hold after every step");
+        d.events
+    }
+
+    fn expired(events: &[Event]) -> Vec<&str> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::OfferExpired { pro, .. } => Some(pro.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn setup() -> Shard {
+        let mut s = shard();
+        // Joined out of id order: the rotation offers c, a, b.
+        for id in ["c", "a", "b"] {
+            run(&mut s, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        run(&mut s, T0, Command::PublishLead { lead: lead(1, T0) });
+        s
+    }
+
+    #[test]
+    fn r15_offers_of_one_release_share_one_expiry_deadline_and_expire_in_pro_order() {
+        let mut s = setup();
+        let st = s.lead(&LeadId::new("L1")).unwrap();
+        assert_eq!(st.offers.len(), 3);
+        assert_eq!(st.offers.capacity(), 3, "the offer list is sized exactly");
+        let expiries = s.deadlines.iter().filter(|d| d.due == Due::ExpireOffers).count();
+        assert_eq!(expiries, 1);
+        assert_eq!(s.deadlines.len(), 2, "the close and one response window");
+        // `b` answers: only `a` and `c` expire, in pro-id order.
+        run(
+            &mut s,
+            T0 + 1,
+            Command::Offer { lead: LeadId::new("L1"), pro: ProId::new("b"), action: OfferAction::Respond },
+        );
+        let events = run(&mut s, T0 + HOUR_MS, Command::Tick);
+        assert_eq!(expired(&events), ["a", "c"]);
+        assert!(!s.deadlines.iter().any(|d| d.due == Due::ExpireOffers));
+    }
+
+    #[test]
+    fn r15_per_offer_expiry_deadlines_of_older_snapshots_still_expire_the_offers() {
+        let mut s = setup();
+        // The state an older release would have snapshotted: one deadline per offer.
+        let d = s.deadlines.iter().find(|d| d.due == Due::ExpireOffers).cloned().unwrap();
+        s.deadlines.remove(&d);
+        for pro in ["c", "a", "b"] {
+            s.deadlines.insert(Deadline { due: Due::ExpireOffer(ProId::new(pro)), ..d.clone() });
+        }
+        let bytes = rmp_serde::to_vec(&s).unwrap();
+        let mut back: Shard = rmp_serde::from_slice(&bytes).unwrap();
+        back.restore(s.policy().clone());
+        back.check_invariants().unwrap();
+        assert_eq!(back.deadlines.len(), 2, "converted to one deadline per release");
+        let events = run(&mut back, T0 + HOUR_MS, Command::Tick);
+        assert_eq!(expired(&events), ["a", "b", "c"]);
+        // It ends where a shard that never went through the old format ends.
+        let mut fresh = setup();
+        run(&mut fresh, T0 + HOUR_MS, Command::Tick);
+        assert_eq!(back, fresh);
     }
 }
