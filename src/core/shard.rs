@@ -1574,6 +1574,8 @@ impl Shard {
                         }
                     }
                 }
+                // Kept while the lead is open: no room left over from `push` doubling.
+                st.budget_waitlist.shrink_to_fit();
             }
             Event::OfferOpened { lead, pro, .. } => {
                 self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Opened);
@@ -1689,7 +1691,8 @@ impl Shard {
                         self.deadlines.remove(&dl(r, Due::Release));
                     }
                     st.closed_at = Some(*at);
-                    st.budget_waitlist.clear();
+                    // Freed, not just emptied: a closed lead stays until it is forgotten.
+                    st.budget_waitlist = Vec::new();
                     let mut expiry_removed = None;
                     for o in &mut st.offers {
                         if let Some(t) = o.respond_by.filter(|&t| expiry_removed != Some(t)) {
