@@ -24,6 +24,7 @@ use super::ring::{Ring, Selection, Verdict};
 use crate::ids::{ClientId, LeadId, Millis, ProId, ShardKey};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -137,8 +138,9 @@ pub enum Command {
 /// How money moves, decided by the core, executed on the ledger by the shell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
-    /// Ledger operation id (idempotency key of the money movement).
-    pub op: String,
+    /// Ledger operation id (idempotency key of the money movement). A `SmolStr`: the
+    /// ids it is made of are short, so it usually lives inline, with no allocation.
+    pub op: SmolStr,
     pub credits: u64,
     pub mode: ChargeMode,
 }
@@ -151,7 +153,7 @@ pub enum ChargeMode {
     /// Hold credits; capture or release later (R9 chat-only).
     Hold,
     /// Spend from an auto-buy config's weekly budget.
-    Budget { config: String },
+    Budget { config: SmolStr },
 }
 
 /// Why a charge is refunded (R12, R23).
@@ -518,12 +520,14 @@ pub struct OfferState {
     pub offered_at: Millis,
     pub respond_by: Option<Millis>,
     pub responded_at: Option<Millis>,
-    /// Money taken for this offer and not refunded/released.
-    pub charge: Option<Charge>,
+    /// Money taken for this offer and not refunded/released. Boxed: most offers are
+    /// never charged, and a `None` then takes 8 bytes instead of 56 in every offer.
+    pub charge: Option<Box<Charge>>,
     pub captured: bool,
     pub viewed: bool,
     pub refunded: bool,
-    pub notes: Vec<String>,
+    /// A boxed slice (16 bytes, nothing allocated while empty): notes are rare.
+    pub notes: Box<[String]>,
     /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
     /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
     /// this field: forgetting then scans the deadlines).
@@ -558,8 +562,9 @@ pub struct LeadState {
     /// prefix: nothing is offered before the publish) it made.
     pub published_release_at: Option<Millis>,
     pub published_offers: u32,
-    /// R11: the price's inputs and intermediates (`None` with a flat price).
-    pub price_components: Option<crate::pricing::PriceComponents>,
+    /// R11: the price's inputs and intermediates (`None` with a flat price). Boxed:
+    /// 104 bytes inline in every lead, flat-priced ones included.
+    pub price_components: Option<Box<crate::pricing::PriceComponents>>,
     /// When the lead is forgotten (set when it closes), so that its `Forget` deadline
     /// is removed by key.
     #[serde(default)]
@@ -598,7 +603,14 @@ struct RejectedLead {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Due {
     Release,
+    /// One pro's response window (R15). Only in snapshots of older releases:
+    /// [`Shard::restore`] turns these into [`Due::ExpireOffers`].
     ExpireOffer(ProId),
+    /// The response window (R15) of every offer of the lead whose `respond_by` is the
+    /// deadline's time: one deadline per release rather than one per offer (the offers
+    /// of a release share their window), a fifth of the entries for 5 offers per lead.
+    /// Expired in pro-id order, the order the per-offer deadlines had.
+    ExpireOffers,
     Guarantee(ProId),
     Close,
     Forget,
@@ -633,7 +645,10 @@ pub struct Shard {
     pros: Vec<Option<ProSlot>>,
     slots: FxHashMap<ProId, u32>,
     ring: Ring,
-    leads: FxHashMap<LeadId, LeadState>,
+    /// Boxed: a hash table keeps free buckets (an eighth to more than half of them,
+    /// depending on where it is between two doublings), and a free bucket of a boxed
+    /// state costs 8 bytes where an inline one cost the whole state.
+    leads: FxHashMap<LeadId, Box<LeadState>>,
     rejected: FxHashMap<LeadId, RejectedLead>,
     deadlines: BTreeSet<Deadline>,
     /// Duplicate protection: the newest accepted lead of each client in this shard.
@@ -675,6 +690,14 @@ impl Shard {
         for ps in self.pros.iter_mut().flatten() {
             ps.schedule_tz = ps.pro.availability.schedule_tz();
         }
+        // Older releases kept one response-window deadline per offer: one per lead and
+        // time now, which expires the same offers (those whose `respond_by` it is).
+        let per_offer: Vec<Deadline> =
+            self.deadlines.iter().filter(|d| matches!(d.due, Due::ExpireOffer(_))).cloned().collect();
+        for d in per_offer {
+            self.deadlines.remove(&d);
+            self.deadlines.insert(Deadline { due: Due::ExpireOffers, ..d });
+        }
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -705,7 +728,7 @@ impl Shard {
     }
 
     pub fn lead(&self, id: &LeadId) -> Option<&LeadState> {
-        self.leads.get(id)
+        self.leads.get(id).map(|st| &**st)
     }
 
     pub fn pro(&self, id: &ProId) -> Option<&ProSlot> {
@@ -862,7 +885,7 @@ impl Shard {
                     captured: false,
                     viewed: false,
                     refunded: false,
-                    notes: Vec::new(),
+                    notes: Box::default(),
                     guarantee_at: None,
                 })
                 .collect();
@@ -999,7 +1022,7 @@ impl Shard {
     }
 
     /// The auto-buy config that pays for `st` for this pro (first by name with budget).
-    fn budget_config(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<String> {
+    fn budget_config(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<SmolStr> {
         // The smallest name among the configs that can pay: no sorted copy of the list.
         pro.autobuy
             .iter()
@@ -1007,7 +1030,7 @@ impl Shard {
             .filter(|c| c.max_price_credits.is_none_or(|m| m >= price))
             .filter(|c| funds.budget(&pro.id, &c.name) >= price)
             .min_by(|a, b| a.name.cmp(&b.name))
-            .map(|c| c.name.clone())
+            .map(|c| SmolStr::new(&c.name))
     }
 
     /// The generic release of a lead: who gets it, in rotation order (R5, R6a, R21).
@@ -1195,7 +1218,7 @@ impl Shard {
                         .charge
                         .as_ref()
                         .filter(|c| c.mode == ChargeMode::Hold && !offer.captured)
-                        .cloned();
+                        .map(|c| Charge::clone(c));
                     Event::ClientReplied { lead: l, pro: p, at: now, capture }
                 }
                 S::AwaitingResponse => {
@@ -1235,7 +1258,7 @@ impl Shard {
                 (Some(c), false) if offer.captured || c.mode != ChargeMode::Hold => Event::Refunded {
                     lead: l,
                     pro: p,
-                    charge: c.clone(),
+                    charge: Charge::clone(c),
                     reason: RefundReason::InvalidContact,
                     at: now,
                 },
@@ -1265,6 +1288,7 @@ impl Shard {
             .values()
             .filter(|st| st.is_open() && st.budget_waitlist.contains(pro))
             .filter(|st| now < st.accepted_at.saturating_add(self.policy.retry_window))
+            .map(|st| &**st)
             .collect();
         leads.sort_by(|a, b| (a.accepted_at, &a.lead.id).cmp(&(b.accepted_at, &b.lead.id)));
         let mut spent = 0u64;
@@ -1314,6 +1338,20 @@ impl Shard {
                 (Due::ExpireOffer(pro), Some(st)) if st.offer(pro).is_some_and(|o| o.status.is_open()) => {
                     events.push(Event::OfferExpired { lead: d.lead.clone(), pro: pro.clone(), at: d.at });
                 }
+                (Due::ExpireOffers, Some(st)) => {
+                    let mut due: Vec<&ProId> = st
+                        .offers
+                        .iter()
+                        .filter(|o| o.status.is_open() && o.respond_by == Some(d.at))
+                        .map(|o| &o.pro)
+                        .collect();
+                    due.sort_unstable();
+                    events.extend(due.into_iter().map(|pro| Event::OfferExpired {
+                        lead: d.lead.clone(),
+                        pro: pro.clone(),
+                        at: d.at,
+                    }));
+                }
                 (Due::Guarantee(pro), Some(st)) => {
                     if let Some(o) = st.offer(pro) {
                         let settled = o.charge.as_ref().filter(|c| o.captured || c.mode != ChargeMode::Hold);
@@ -1321,7 +1359,7 @@ impl Shard {
                             events.push(Event::Refunded {
                                 lead: d.lead.clone(),
                                 pro: pro.clone(),
-                                charge: c.clone(),
+                                charge: Charge::clone(c),
                                 reason: RefundReason::NotViewed,
                                 at: d.at,
                             });
@@ -1334,7 +1372,8 @@ impl Shard {
                         .iter()
                         .filter_map(|o| {
                             let c = o.charge.as_ref()?;
-                            (c.mode == ChargeMode::Hold && !o.captured).then(|| (o.pro.clone(), c.clone()))
+                            (c.mode == ChargeMode::Hold && !o.captured)
+                                .then(|| (o.pro.clone(), Charge::clone(c)))
                         })
                         .collect();
                     events.push(Event::LeadClosed { lead: d.lead.clone(), at: d.at, releases });
@@ -1425,7 +1464,7 @@ impl Shard {
                 let st = LeadState {
                     release_at: *release_at,
                     published_release_at: *release_at,
-                    price_components: price_components.clone(),
+                    price_components: price_components.clone().map(Box::new),
                     seq,
                     ..st
                 };
@@ -1446,7 +1485,7 @@ impl Shard {
                     due: Due::Close,
                 });
                 self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
-                self.leads.insert(lead.id.clone(), st);
+                self.leads.insert(lead.id.clone(), Box::new(st));
             }
             Event::Offered { lead, at, release, grants, rotation, skipped, skipped_more } => {
                 self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
@@ -1469,6 +1508,11 @@ impl Shard {
                         });
                     }
                 }
+                // Offers come in one or two events per lead (direct targets, then the
+                // release): room for exactly these, not the doubling growth of `push`
+                // (5 offers would take room for 8).
+                st.offers.reserve_exact(grants.len());
+                let mut expiry_armed = None;
                 for g in grants {
                     // The publish decision's own offers: the direct ones and an
                     // immediate release (a later release has a later time).
@@ -1481,12 +1525,13 @@ impl Shard {
                         OfferKind::Contact | OfferKind::AutoBuy => None,
                         _ => response_window.map(|w| at.saturating_add(w)),
                     };
-                    if let Some(t) = respond_by {
+                    if let Some(t) = respond_by.filter(|&t| expiry_armed != Some(t)) {
+                        expiry_armed = Some(t);
                         self.deadlines.insert(Deadline {
                             at: t,
                             seq: st.seq,
                             lead: lead.clone(),
-                            due: Due::ExpireOffer(g.pro.clone()),
+                            due: Due::ExpireOffers,
                         });
                     }
                     let bought = g.charge.is_some();
@@ -1497,11 +1542,11 @@ impl Shard {
                         offered_at: *at,
                         respond_by,
                         responded_at: None,
-                        charge: g.charge.clone(),
+                        charge: g.charge.clone().map(Box::new),
                         captured: bought,
                         viewed: false,
                         refunded: false,
-                        notes: Vec::new(),
+                        notes: Box::default(),
                         guarantee_at: None,
                     });
                     st.budget_waitlist.retain(|p| p != &g.pro);
@@ -1515,6 +1560,8 @@ impl Shard {
                     }
                 }
                 st.skipped_more += u64::from(*skipped_more);
+                st.skipped
+                    .reserve_exact(skipped.len().min(MAX_RECORDED_SKIPS.saturating_sub(st.skipped.len())));
                 for (pro, skip) in skipped {
                     if matches!(skip, Skip::BudgetExhausted { .. }) && !st.budget_waitlist.contains(pro) {
                         st.budget_waitlist.push(pro.clone());
@@ -1527,6 +1574,8 @@ impl Shard {
                         }
                     }
                 }
+                // Kept while the lead is open: no room left over from `push` doubling.
+                st.budget_waitlist.shrink_to_fit();
             }
             Event::OfferOpened { lead, pro, .. } => {
                 self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Opened);
@@ -1541,7 +1590,7 @@ impl Shard {
                     o.responded_at = Some(*at);
                     response_time = Some(at.saturating_sub(o.offered_at).max(0) as u64);
                     if charge.is_some() {
-                        o.charge = charge.clone();
+                        o.charge = charge.clone().map(Box::new);
                         o.captured = matches!(charge, Some(c) if c.mode == ChargeMode::Capture);
                     }
                     let generic = o.kind == OfferKind::Generic;
@@ -1610,7 +1659,11 @@ impl Shard {
                 self.with_offer(lead, pro, |_, o| o.status = OfferStatus::Completed);
             }
             Event::NoteAdded { lead, pro, text, .. } => {
-                self.with_offer(lead, pro, |_, o| o.notes.push(text.clone()));
+                self.with_offer(lead, pro, |_, o| {
+                    let mut notes = std::mem::take(&mut o.notes).into_vec();
+                    notes.push(text.clone());
+                    o.notes = notes.into_boxed_slice();
+                });
             }
             Event::Refunded { lead, pro, .. } => {
                 self.with_offer(lead, pro, |_, o| o.refunded = true);
@@ -1638,10 +1691,13 @@ impl Shard {
                         self.deadlines.remove(&dl(r, Due::Release));
                     }
                     st.closed_at = Some(*at);
-                    st.budget_waitlist.clear();
+                    // Freed, not just emptied: a closed lead stays until it is forgotten.
+                    st.budget_waitlist = Vec::new();
+                    let mut expiry_removed = None;
                     for o in &mut st.offers {
-                        if let Some(t) = o.respond_by {
-                            self.deadlines.remove(&dl(t, Due::ExpireOffer(o.pro.clone())));
+                        if let Some(t) = o.respond_by.filter(|&t| expiry_removed != Some(t)) {
+                            expiry_removed = Some(t);
+                            self.deadlines.remove(&dl(t, Due::ExpireOffers));
                         }
                         if o.status.is_open() {
                             o.status = OfferStatus::Inactive;
@@ -1834,7 +1890,7 @@ impl Shard {
         Ok(Explanation {
             lead: lead.clone(),
             price: st.price,
-            price_components: st.price_components.clone(),
+            price_components: st.price_components.as_deref().cloned(),
             responders: st.responders,
             max_responders: self.policy.max_responders,
             generic_cap: st.generic_cap(&self.policy),
@@ -1987,17 +2043,16 @@ impl Funds for SpentFunds<'_> {
     }
 }
 
-/// `<kind>:<lead>:<pro>`, the ledger op id of a money intent, built in one allocation
-/// without the formatting machinery.
-fn op_id(kind: &str, lead: &LeadId, pro: &ProId) -> String {
-    let (l, p) = (lead.as_str(), pro.as_str());
-    let mut op = String::with_capacity(kind.len() + l.len() + p.len() + 2);
+/// `<kind>:<lead>:<pro>`, the ledger op id of a money intent, built without the
+/// formatting machinery (inline, no allocation, up to 23 bytes).
+fn op_id(kind: &str, lead: &LeadId, pro: &ProId) -> SmolStr {
+    let mut op = smol_str::SmolStrBuilder::new();
     op.push_str(kind);
     op.push(':');
-    op.push_str(l);
+    op.push_str(lead.as_str());
     op.push(':');
-    op.push_str(p);
-    op
+    op.push_str(pro.as_str());
+    op.finish()
 }
 
 fn done(events: Vec<Event>) -> Decision {
@@ -2226,5 +2281,136 @@ mod parking_tests {
         );
         assert_eq!(s.parked_pros(), 0);
         assert_eq!(publish(&mut s, &mut log, 3, T0 + 4).0, vec!["e1".to_string()]);
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+    use crate::ids::{CategoryId, TenantId, ZoneId, HOUR_MS};
+
+    const T0: Millis = 1_795_424_400_000;
+
+    fn shard() -> Shard {
+        let key = ShardKey {
+            tenant: TenantId::new("t"),
+            zone: ZoneId::new("bologna"),
+            category: CategoryId::new("painting"),
+        };
+        let policy = Policy::from_toml(
+            "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 3\nresponse_window_s = 3600\n\
+             duplicate_window_s = 0\n[money]\ncharge_on = \"never\"\n",
+        )
+        .expect("test policy is valid");
+        Shard::new(key, Arc::new(policy))
+    }
+
+    fn pro(id: &str) -> Pro {
+        Pro {
+            id: ProId::new(id),
+            categories: vec![CategoryId::new("painting")],
+            zones: vec![ZoneId::new("bologna")],
+            base: None,
+            radius_km: None,
+            quality: Quality::default(),
+            refuses: vec![],
+            availability: Availability::default(),
+            autobuy: vec![],
+        }
+    }
+
+    fn lead(n: u32, now: Millis) -> Lead {
+        Lead {
+            id: LeadId::new(format!("L{n}")),
+            category: CategoryId::new("painting"),
+            zone: ZoneId::new("bologna"),
+            location: None,
+            description: "Tinteggiatura di un appartamento di 80 mq".into(),
+            details: Default::default(),
+            attributes: vec![],
+            client: Client {
+                id: ClientId::new(format!("c{n}")),
+                name: "Anna".into(),
+                phone: "+39 333".into(),
+                phone_verified: true,
+                contact: ContactPrefs { call: true, whatsapp: false, chat: true },
+                address: None,
+                pro_id: None,
+            },
+            direct: vec![],
+            kind: JobKind::Match,
+            created_at: now,
+        }
+    }
+
+    fn run(s: &mut Shard, now: Millis, cmd: Command) -> Vec<Event> {
+        let d = s.decide(now, &cmd, &Unlimited).expect("valid command");
+        for ev in &d.events {
+            s.apply(ev);
+        }
+        s.check_invariants().expect("invariants hold after every step");
+        d.events
+    }
+
+    fn expired(events: &[Event]) -> Vec<&str> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::OfferExpired { pro, .. } => Some(pro.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn setup() -> Shard {
+        let mut s = shard();
+        // Joined out of id order: the rotation offers c, a, b.
+        for id in ["c", "a", "b"] {
+            run(&mut s, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        run(&mut s, T0, Command::PublishLead { lead: lead(1, T0) });
+        s
+    }
+
+    #[test]
+    fn r15_offers_of_one_release_share_one_expiry_deadline_and_expire_in_pro_order() {
+        let mut s = setup();
+        let st = s.lead(&LeadId::new("L1")).unwrap();
+        assert_eq!(st.offers.len(), 3);
+        assert_eq!(st.offers.capacity(), 3, "the offer list is sized exactly");
+        let expiries = s.deadlines.iter().filter(|d| d.due == Due::ExpireOffers).count();
+        assert_eq!(expiries, 1);
+        assert_eq!(s.deadlines.len(), 2, "the close and one response window");
+        // `b` answers: only `a` and `c` expire, in pro-id order.
+        run(
+            &mut s,
+            T0 + 1,
+            Command::Offer { lead: LeadId::new("L1"), pro: ProId::new("b"), action: OfferAction::Respond },
+        );
+        let events = run(&mut s, T0 + HOUR_MS, Command::Tick);
+        assert_eq!(expired(&events), ["a", "c"]);
+        assert!(!s.deadlines.iter().any(|d| d.due == Due::ExpireOffers));
+    }
+
+    #[test]
+    fn r15_per_offer_expiry_deadlines_of_older_snapshots_still_expire_the_offers() {
+        let mut s = setup();
+        // The state an older release would have snapshotted: one deadline per offer.
+        let d = s.deadlines.iter().find(|d| d.due == Due::ExpireOffers).cloned().unwrap();
+        s.deadlines.remove(&d);
+        for pro in ["c", "a", "b"] {
+            s.deadlines.insert(Deadline { due: Due::ExpireOffer(ProId::new(pro)), ..d.clone() });
+        }
+        let bytes = rmp_serde::to_vec(&s).unwrap();
+        let mut back: Shard = rmp_serde::from_slice(&bytes).unwrap();
+        back.restore(s.policy().clone());
+        back.check_invariants().unwrap();
+        assert_eq!(back.deadlines.len(), 2, "converted to one deadline per release");
+        let events = run(&mut back, T0 + HOUR_MS, Command::Tick);
+        assert_eq!(expired(&events), ["a", "b", "c"]);
+        // It ends where a shard that never went through the old format ends.
+        let mut fresh = setup();
+        run(&mut fresh, T0 + HOUR_MS, Command::Tick);
+        assert_eq!(back, fresh);
     }
 }

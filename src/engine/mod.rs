@@ -14,6 +14,7 @@
 
 pub mod actor;
 pub mod hub;
+pub mod lead_index;
 pub mod money;
 pub mod record;
 
@@ -31,6 +32,7 @@ use actor::{Exec, ShardActor};
 use chrono::{Datelike, TimeZone};
 use dashmap::DashMap;
 use hub::StreamHub;
+use lead_index::LeadIndex;
 use parking_lot::{Mutex, RwLock};
 use record::{WalRecord, RECORD_KIND};
 use rustc_hash::{FxBuildHasher, FxHashMap};
@@ -76,7 +78,7 @@ pub struct Inner {
     /// Pro directory: the current profile of every pro (which shards it covers).
     pros: DashMap<(TenantId, ProId), Arc<Pro>, FxBuildHasher>,
     /// Which shard holds a lead (offer actions name only the lead).
-    lead_index: DashMap<(TenantId, LeadId), (ZoneId, CategoryId), FxBuildHasher>,
+    lead_index: LeadIndex,
     /// Readers: every decide -> log -> apply step. Writer: a snapshot.
     pub(crate) gate: RwLock<()>,
     arbiters: Vec<ArbiterHandle>,
@@ -134,7 +136,7 @@ struct Recovering {
     shards: FxHashMap<ShardKey, Shard>,
     ledger: Option<Ledger>,
     directory: FxHashMap<(TenantId, ProId), Arc<Pro>>,
-    lead_index: FxHashMap<(TenantId, LeadId), (ZoneId, CategoryId)>,
+    lead_index: LeadIndex,
     hub_events: FxHashMap<TenantId, Vec<StreamEvent>>,
     hub_next: FxHashMap<TenantId, u64>,
     hub_buffer: FxHashMap<TenantId, Vec<(u64, StreamEvent)>>,
@@ -235,7 +237,7 @@ impl Engine {
             orders,
             shards: DashMap::with_hasher(FxBuildHasher),
             pros: rec.directory.drain().collect(),
-            lead_index: rec.lead_index.drain().collect(),
+            lead_index: std::mem::take(&mut rec.lead_index),
             gate: RwLock::new(()),
             arbiters,
             own_arbiters,
@@ -381,27 +383,14 @@ impl Engine {
 
     /// Keeps the lead index (lead -> shard) in step with a shard's events.
     pub(crate) fn index_event(&self, key: &ShardKey, ev: &Event) {
-        match ev {
-            Event::LeadAccepted { lead, .. } => {
-                self.inner
-                    .lead_index
-                    .insert((key.tenant.clone(), lead.id.clone()), (key.zone.clone(), key.category.clone()));
-            }
-            Event::LeadForgotten { lead } => {
-                self.inner.lead_index.remove(&(key.tenant.clone(), lead.clone()));
-            }
-            _ => {}
-        }
+        self.inner.lead_index.on_event(key, ev);
     }
 
     fn lead_shard(&self, tenant: &TenantId, lead: &LeadId) -> Result<ShardKey, ApiError> {
-        let e = self
-            .inner
+        self.inner
             .lead_index
-            .get(&(tenant.clone(), lead.clone()))
-            .ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
-        let (zone, category) = e.value().clone();
-        Ok(ShardKey { tenant: tenant.clone(), zone, category })
+            .shard_of(tenant, lead)
+            .ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))
     }
 
     fn pro_shards(pro: &Pro, tenant: &TenantId) -> Vec<ShardKey> {
@@ -799,12 +788,7 @@ impl Engine {
                 ledger: self.inner.ledger.snapshot(),
                 shards: self.inner.shards.iter().map(|e| e.value().state.lock().clone()).collect(),
                 directory: self.inner.pros.iter().map(|e| (e.key().0.clone(), e.value().clone())).collect(),
-                lead_index: self
-                    .inner
-                    .lead_index
-                    .iter()
-                    .map(|e| (e.key().0.clone(), e.key().1.clone(), e.value().0.clone(), e.value().1.clone()))
-                    .collect(),
+                lead_index: self.inner.lead_index.entries(),
                 hub_next_seq: self
                     .inner
                     .tenants
@@ -929,7 +913,7 @@ fn restore_snapshot(
         }
     }
     rec.directory = s.directory.into_iter().map(|(t, p)| ((t, p.id.clone()), p)).collect();
-    rec.lead_index = s.lead_index.into_iter().map(|(t, l, z, c)| ((t, l), (z, c))).collect();
+    rec.lead_index = LeadIndex::from_entries(s.lead_index);
     rec.hub_next = s.hub_next_seq.into_iter().collect();
     rec.hub_buffer = s.hub_buffer.into_iter().collect();
     rec.orders = s.orders.into_iter().collect();
@@ -952,18 +936,7 @@ fn replay_record(
                 rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
             let stream = rec.hub_events.entry(key.tenant.clone()).or_default();
             for ev in &events {
-                match ev {
-                    Event::LeadAccepted { lead, .. } => {
-                        rec.lead_index.insert(
-                            (key.tenant.clone(), lead.id.clone()),
-                            (key.zone.clone(), key.category.clone()),
-                        );
-                    }
-                    Event::LeadForgotten { lead } => {
-                        rec.lead_index.remove(&(key.tenant.clone(), lead.clone()));
-                    }
-                    _ => {}
-                }
+                rec.lead_index.on_event(&key, ev);
             }
             actor::replay_into(shard, &events, stream);
             for m in &money {

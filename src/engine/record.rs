@@ -63,7 +63,7 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
             let Some(st) = shard.lead(lead) else { return };
             // Built once per release and shared by every offer of it.
             let summary = std::sync::Arc::new(LeadSummary::of(&st.lead));
-            let components = st.price_components.clone().map(std::sync::Arc::new);
+            let components = st.price_components.as_deref().cloned().map(std::sync::Arc::new);
             let window = shard.policy().response_window;
             for g in grants {
                 let respond_by = match g.kind {
