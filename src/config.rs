@@ -118,7 +118,7 @@ impl Default for RawConfig {
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
             rate_limit_connection_per_s: 50_000,
-            shed_backlog_bytes: 64 * 1024,
+            shed_backlog_bytes: 32 * 1024,
             rate_limit_tenant_per_s: 200_000,
             log_level: "info".into(),
             log_format: LogFormat::Auto,
