@@ -233,3 +233,22 @@ pub fn tenants_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf 
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// xorshift64*: small, seeded, no dependency (the crash loops' random choices).
+#[allow(dead_code)]
+pub struct Rng(pub u64);
+
+#[allow(dead_code)]
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform enough in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
