@@ -47,7 +47,8 @@ fn lead(id: &str, direct: [&str; 2]) -> Value {
 
 fn config(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("rota.toml");
-    std::fs::write(&path, "[wal]\nfsync = \"always\"\n").unwrap();
+    // The auditor pipelines its checks: no admission control (tested in hostile_input.rs).
+    std::fs::write(&path, "shed_backlog_bytes = 0\n[wal]\nfsync = \"always\"\n").unwrap();
     path
 }
 

@@ -77,8 +77,14 @@ fn loadtest_binary() -> PathBuf {
 
 fn config(dir: &Path) -> PathBuf {
     let path = dir.join("rota.toml");
-    // The final audit replays the whole stream from 0, so keep all of it.
-    std::fs::write(&path, "stream_retention_events = 10000000\n[wal]\nfsync = \"always\"\n").unwrap();
+    // The final audit replays the whole stream from 0, so keep all of it. The auditor
+    // pipelines thousands of requests at once: no admission control (that has its own
+    // test in hostile_input.rs), so the audit needs no retries.
+    std::fs::write(
+        &path,
+        "stream_retention_events = 10000000\nshed_backlog_bytes = 0\n[wal]\nfsync = \"always\"\n",
+    )
+    .unwrap();
     path
 }
 
