@@ -7,6 +7,7 @@
 //! never survive a crash that this one did not. Nothing outside learns about either
 //! before it is durable.
 
+use super::hub::Prepared;
 use super::record::{self, WalRecord, RECORD_KIND};
 use super::{Engine, ShardReply};
 use crate::core::shard::{Command, Event, Shard};
@@ -105,6 +106,12 @@ impl ShardActor {
         let bytes = record::encode(&rec);
         drop(shard);
         let hub = engine.hub(&self.key.tenant);
+        let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
+        // Encoded here, on the shard's thread, rather than by the gateway.
+        let stream: Vec<Prepared> = match &hub {
+            Some(h) => stream.into_iter().map(|e| Prepared::for_hub(e, h)).collect(),
+            None => Vec::new(),
+        };
         let metrics = inner.metrics.clone();
         let tenant = self.key.tenant.clone();
         engine.append(
@@ -113,7 +120,6 @@ impl ShardActor {
                 match res {
                     Ok(_) => {
                         metrics.durable_seconds(received.elapsed());
-                        let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
                         if let Some(h) = &hub {
                             h.publish(stream);
                         }

@@ -9,7 +9,7 @@
 use crate::protocol::{Encoding, StreamEvent, StreamFrame, StreamTag};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
@@ -24,8 +24,16 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    pub fn new(seq: u64, event: StreamEvent) -> Self {
-        Self { seq, event, json: OnceLock::new(), msgpack: OnceLock::new() }
+    pub fn new(seq: u64, event: impl Into<Prepared>) -> Self {
+        let p = event.into();
+        let out = Self { seq, event: p.event, json: OnceLock::new(), msgpack: OnceLock::new() };
+        if let Some(body) = p.json {
+            let _ = out.json.set(frame_around(Encoding::Json, seq, &body));
+        }
+        if let Some(body) = p.msgpack {
+            let _ = out.msgpack.set(frame_around(Encoding::Msgpack, seq, &body));
+        }
+        out
     }
 
     pub fn bytes(&self, enc: Encoding) -> Arc<[u8]> {
@@ -56,7 +64,63 @@ impl Outgoing {
     }
 }
 
+/// A stream event, with its body already encoded in the encodings subscribers use
+/// (done by the shard's thread, so the gateway only copies bytes; see
+/// [`StreamHub::wants`]). A body that is missing is encoded on first use.
+pub struct Prepared {
+    pub event: StreamEvent,
+    json: Option<Box<[u8]>>,
+    msgpack: Option<Box<[u8]>>,
+}
+
+impl Prepared {
+    /// Encodes `event`'s body for each encoding `hub` has subscribers in.
+    pub fn for_hub(event: StreamEvent, hub: &StreamHub) -> Self {
+        let body = |enc| {
+            hub.wants(enc).then(|| {
+                crate::protocol::with_scratch(|buf| {
+                    crate::protocol::encode_into(enc, &event, buf);
+                    Box::<[u8]>::from(buf.as_slice())
+                })
+            })
+        };
+        let (json, msgpack) = (body(Encoding::Json), body(Encoding::Msgpack));
+        Self { event, json, msgpack }
+    }
+}
+
+impl From<StreamEvent> for Prepared {
+    fn from(event: StreamEvent) -> Self {
+        Self { event, json: None, msgpack: None }
+    }
+}
+
+/// The frame `{"type": "event", "seq": seq, "event": body}` around an encoded body:
+/// byte for byte what serialising [`StreamFrame`] gives.
+fn frame_around(enc: Encoding, seq: u64, body: &[u8]) -> Arc<[u8]> {
+    crate::protocol::with_scratch(|buf| {
+        match enc {
+            Encoding::Json => {
+                buf.extend_from_slice(b"{\"type\":\"event\",\"seq\":");
+                buf.extend_from_slice(seq.to_string().as_bytes());
+                buf.extend_from_slice(b",\"event\":");
+                buf.extend_from_slice(body);
+                buf.push(b'}');
+            }
+            Encoding::Msgpack => {
+                // fixmap(3), "type": "event", "seq": <uint>, "event": <body>
+                buf.extend_from_slice(b"\x83\xa4type\xa5event\xa3seq");
+                rmp_serde::encode::write(buf, &seq).expect("a u64 always encodes");
+                buf.extend_from_slice(b"\xa5event");
+                buf.extend_from_slice(body);
+            }
+        }
+        Arc::<[u8]>::from(buf.as_slice())
+    })
+}
+
 struct Subscriber {
+    enc: Encoding,
     id: u64,
     pro: Option<crate::ids::ProId>,
     tx: mpsc::Sender<Arc<Outgoing>>,
@@ -72,6 +136,8 @@ struct Inner {
 
 pub struct StreamHub {
     inner: Mutex<Inner>,
+    /// Subscribers per encoding (JSON, MessagePack).
+    wanted: [AtomicUsize; 2],
     retention: usize,
     next_sub: AtomicU64,
     pub slow_disconnects: AtomicU64,
@@ -98,6 +164,7 @@ impl StreamHub {
     pub fn new(retention: usize) -> Self {
         Self {
             inner: Mutex::new(Inner { next_seq: 1, buffer: VecDeque::new(), subscribers: Vec::new() }),
+            wanted: [AtomicUsize::new(0), AtomicUsize::new(0)],
             retention,
             next_sub: AtomicU64::new(1),
             slow_disconnects: AtomicU64::new(0),
@@ -121,8 +188,17 @@ impl StreamHub {
         self.inner.lock().buffer.iter().map(|o| (o.seq, o.event.clone())).collect()
     }
 
+    /// Whether any subscriber reads `enc` (worth encoding events for it up front).
+    pub fn wants(&self, enc: Encoding) -> bool {
+        self.wanted[enc_index(enc)].load(Ordering::Relaxed) > 0
+    }
+
+    fn gone(&self, s: &Subscriber) {
+        self.wanted[enc_index(s.enc)].fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Numbers, buffers and fans out events, in order.
-    pub fn publish(&self, events: impl IntoIterator<Item = StreamEvent>) {
+    pub fn publish<E: Into<Prepared>>(&self, events: impl IntoIterator<Item = E>) {
         let mut g = self.inner.lock();
         let inner = &mut *g;
         for event in events {
@@ -151,7 +227,7 @@ impl StreamHub {
                     i += 1;
                 } else {
                     // Dropping the sender ends the subscriber's stream.
-                    inner.subscribers.swap_remove(i);
+                    self.gone(&inner.subscribers.swap_remove(i));
                 }
             }
         }
@@ -164,6 +240,7 @@ impl StreamHub {
         resume_from: Option<u64>,
         pro: Option<crate::ids::ProId>,
         capacity: usize,
+        enc: Encoding,
     ) -> Result<Subscription, ResumeError> {
         let mut g = self.inner.lock();
         let mut backlog = Vec::new();
@@ -186,12 +263,16 @@ impl StreamHub {
         let (tx, rx) = mpsc::channel(capacity);
         let slow = Arc::new(AtomicBool::new(false));
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        g.subscribers.push(Subscriber { id, pro, tx, slow: slow.clone() });
+        g.subscribers.push(Subscriber { enc, id, pro, tx, slow: slow.clone() });
+        self.wanted[enc_index(enc)].fetch_add(1, Ordering::Relaxed);
         Ok(Subscription { backlog, rx, slow, next_seq: g.next_seq, id })
     }
 
     pub fn unsubscribe(&self, id: u64) {
-        self.inner.lock().subscribers.retain(|s| s.id != id);
+        let mut g = self.inner.lock();
+        if let Some(i) = g.subscribers.iter().position(|s| s.id == id) {
+            self.gone(&g.subscribers.swap_remove(i));
+        }
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -200,7 +281,16 @@ impl StreamHub {
 
     /// Closes every subscription (shutdown): their receivers end.
     pub fn close_all(&self) {
-        self.inner.lock().subscribers.clear();
+        for s in self.inner.lock().subscribers.drain(..) {
+            self.gone(&s);
+        }
+    }
+}
+
+fn enc_index(enc: Encoding) -> usize {
+    match enc {
+        Encoding::Json => 0,
+        Encoding::Msgpack => 1,
     }
 }
 
@@ -217,7 +307,7 @@ mod tests {
     fn resume_delivers_the_gap_then_live_without_duplicates() {
         let hub = StreamHub::new(100);
         hub.publish((1..=5).map(ev));
-        let mut sub = hub.subscribe(Some(3), None, 16).unwrap();
+        let mut sub = hub.subscribe(Some(3), None, 16, Encoding::Json).unwrap();
         assert_eq!(sub.backlog.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![4, 5]);
         hub.publish([ev(6)]);
         assert_eq!(sub.rx.try_recv().unwrap().seq, 6);
@@ -228,16 +318,22 @@ mod tests {
     fn resume_older_than_retention_is_refused_with_the_oldest_cursor() {
         let hub = StreamHub::new(3);
         hub.publish((1..=10).map(ev));
-        assert_eq!(hub.subscribe(Some(2), None, 16).err(), Some(ResumeError::TooOld { oldest_available: 8 }));
-        assert!(hub.subscribe(Some(7), None, 16).is_ok());
-        assert_eq!(hub.subscribe(Some(11), None, 16).err(), Some(ResumeError::Ahead { next_seq: 11 }));
+        assert_eq!(
+            hub.subscribe(Some(2), None, 16, Encoding::Json).err(),
+            Some(ResumeError::TooOld { oldest_available: 8 })
+        );
+        assert!(hub.subscribe(Some(7), None, 16, Encoding::Json).is_ok());
+        assert_eq!(
+            hub.subscribe(Some(11), None, 16, Encoding::Json).err(),
+            Some(ResumeError::Ahead { next_seq: 11 })
+        );
     }
 
     #[test]
     fn slow_subscriber_is_cut_off_and_others_keep_receiving() {
         let hub = StreamHub::new(100);
-        let slow = hub.subscribe(None, None, 2).unwrap();
-        let mut fast = hub.subscribe(None, None, 100).unwrap();
+        let slow = hub.subscribe(None, None, 2, Encoding::Json).unwrap();
+        let mut fast = hub.subscribe(None, None, 100, Encoding::Json).unwrap();
         hub.publish((1..=5).map(ev));
         assert!(slow.slow.load(Ordering::Acquire));
         assert_eq!(hub.subscriber_count(), 1);
@@ -252,7 +348,7 @@ mod tests {
             |pro: &str, n: u64| StreamEvent::TopupRequested { pro: crate::ids::ProId::new(pro), credits: n };
         let hub = StreamHub::new(100);
         hub.publish([credit("a", 1), credit("b", 2), ev(3)]);
-        let mut feed = hub.subscribe(Some(0), Some(crate::ids::ProId::new("a")), 16).unwrap();
+        let mut feed = hub.subscribe(Some(0), Some(crate::ids::ProId::new("a")), 16, Encoding::Json).unwrap();
         assert_eq!(feed.backlog.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![1]);
         hub.publish([credit("b", 4), credit("a", 5)]);
         assert_eq!(feed.rx.try_recv().unwrap().seq, 5);
@@ -269,5 +365,74 @@ mod tests {
         assert_eq!(v["type"], "event");
         assert_eq!(v["seq"], 7);
         assert_eq!(v["event"]["event"], "lead_closed");
+    }
+}
+
+#[cfg(test)]
+mod prepared_tests {
+    use super::*;
+    use crate::ids::{LeadId, ProId};
+    use crate::protocol::StreamFrame;
+
+    fn events() -> Vec<StreamEvent> {
+        vec![
+            StreamEvent::LeadClosed { lead: LeadId::new("L1"), at: 1_795_424_400_000 },
+            StreamEvent::Credits {
+                pro: ProId::new("p\"1"),
+                op: "op-\u{e8}".into(),
+                movement: "charged".into(),
+                credits: 12,
+                reason: Some("lead L1".into()),
+            },
+            StreamEvent::OfferStatus {
+                lead: LeadId::new("L2"),
+                pro: ProId::new("p2"),
+                status: "declined".into(),
+                at: -5,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_frame_built_around_a_prepared_body_is_byte_for_byte_the_serialised_frame() {
+        let hub = StreamHub::new(16);
+        let _json = hub.subscribe(None, None, 16, Encoding::Json).unwrap();
+        let _msgpack = hub.subscribe(None, None, 16, Encoding::Msgpack).unwrap();
+        for seq in [0u64, 1, 127, 128, 255, 256, 65_535, 65_536, u32::MAX as u64 + 1, u64::MAX] {
+            for ev in events() {
+                let prepared = Outgoing::new(seq, Prepared::for_hub(ev.clone(), &hub));
+                let plain = Outgoing::new(seq, ev.clone());
+                for enc in [Encoding::Json, Encoding::Msgpack] {
+                    let want = crate::protocol::encode(
+                        enc,
+                        &StreamFrame { kind: StreamTag::Event, seq, event: ev.clone() },
+                    );
+                    assert_eq!(&*prepared.bytes(enc), &want[..], "seq {seq} {enc:?} {ev:?}");
+                    assert_eq!(&*plain.bytes(enc), &want[..], "seq {seq} {enc:?} {ev:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bodies_are_prepared_only_for_encodings_someone_reads() {
+        let hub = StreamHub::new(16);
+        assert!(!hub.wants(Encoding::Json) && !hub.wants(Encoding::Msgpack));
+        let p = Prepared::for_hub(events()[0].clone(), &hub);
+        assert!(p.json.is_none() && p.msgpack.is_none());
+        let s = hub.subscribe(None, None, 16, Encoding::Msgpack).unwrap();
+        assert!(hub.wants(Encoding::Msgpack) && !hub.wants(Encoding::Json));
+        let p = Prepared::for_hub(events()[0].clone(), &hub);
+        assert!(p.json.is_none() && p.msgpack.is_some());
+        hub.unsubscribe(s.id);
+        assert!(!hub.wants(Encoding::Msgpack));
+        // A subscriber dropped for being slow is counted out too.
+        let slow = hub.subscribe(None, None, 1, Encoding::Json).unwrap();
+        hub.publish(events());
+        assert!(slow.slow.load(Ordering::Acquire));
+        assert!(!hub.wants(Encoding::Json));
+        let _a = hub.subscribe(None, None, 16, Encoding::Json).unwrap();
+        hub.close_all();
+        assert!(!hub.wants(Encoding::Json));
     }
 }

@@ -279,7 +279,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                         (_, Some(_)) => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
                         (None, _) => Reply::Error { id: Some(id), error: ApiError::new("unknown_tenant", "tenant has no stream") },
                         (Some(h), None) => {
-                            let resumed = h.subscribe(resume_from, pro, engine.inner.cfg.raw.subscriber_queue_frames);
+                            let resumed = h.subscribe(resume_from, pro, engine.inner.cfg.raw.subscriber_queue_frames, enc);
                             if resume_from.is_some() {
                                 let outcome = if matches!(resumed, Err(ResumeError::TooOld { .. })) { "too_old" } else { "replayed" };
                                 m.stream_resumes.get(outcome).increment(1);
