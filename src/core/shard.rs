@@ -21,7 +21,7 @@ use super::model::*;
 use super::policy::{ChargeOn, DispatchMode, Policy};
 use super::rank::{self, ProStats, WeightBreakdown};
 use super::ring::{Ring, Selection, Verdict};
-use crate::ids::{ClientId, LeadId, Millis, ProId, ShardKey};
+use crate::ids::{ClientId, LeadId, Millis, OptMillis, ProId, ShardKey};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
@@ -518,21 +518,62 @@ pub struct OfferState {
     pub kind: OfferKind,
     pub status: OfferStatus,
     pub offered_at: Millis,
-    pub respond_by: Option<Millis>,
-    pub responded_at: Option<Millis>,
+    pub respond_by: OptMillis,
+    pub responded_at: OptMillis,
     /// Money taken for this offer and not refunded/released. Boxed: most offers are
     /// never charged, and a `None` then takes 8 bytes instead of 56 in every offer.
     pub charge: Option<Box<Charge>>,
     pub captured: bool,
     pub viewed: bool,
     pub refunded: bool,
-    /// A boxed slice (16 bytes, nothing allocated while empty): notes are rare.
-    pub notes: Box<[String]>,
+    /// Nothing allocated while empty, 8 bytes: notes are rare.
+    pub notes: Notes,
     /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
     /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
     /// this field: forgetting then scans the deadlines).
     #[serde(default)]
-    pub guarantee_at: Option<Millis>,
+    pub guarantee_at: OptMillis,
+}
+
+/// An offer's internal notes (R18) in 8 bytes, nothing allocated while there are none
+/// (a `Vec` takes 24 bytes and a boxed slice 16 in every offer; notes are rare).
+/// Serialised as the list of notes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notes(Option<Box<Vec<String>>>);
+
+impl Notes {
+    pub fn as_slice(&self) -> &[String] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.as_slice().iter()
+    }
+
+    pub fn push(&mut self, note: String) {
+        self.0.get_or_insert_with(Box::default).push(note);
+    }
+}
+
+impl Serialize for Notes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Notes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let notes = Vec::<String>::deserialize(d)?;
+        Ok(Self((!notes.is_empty()).then(|| Box::new(notes))))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -541,9 +582,9 @@ pub struct LeadState {
     pub fingerprint: u64,
     pub price: u64,
     pub accepted_at: Millis,
-    pub release_at: Option<Millis>,
+    pub release_at: OptMillis,
     pub expires_at: Millis,
-    pub closed_at: Option<Millis>,
+    pub closed_at: OptMillis,
     pub offers: Vec<OfferState>,
     pub responders: u32,
     pub generic_responders: u32,
@@ -554,13 +595,13 @@ pub struct LeadState {
     pub skipped_more: u64,
     /// When the generic release ran (explain tells parked pros' reasons as of then).
     #[serde(default)]
-    pub released_at: Option<Millis>,
+    pub released_at: OptMillis,
     /// R22: auto-buy pros skipped for lack of budget, retried until `retry_until`.
     pub budget_waitlist: Vec<ProId>,
     /// R1: what the publish answered, kept so that a republish answers the same even
     /// after the release: the release time it announced, and how many of `offers` (a
     /// prefix: nothing is offered before the publish) it made.
-    pub published_release_at: Option<Millis>,
+    pub published_release_at: OptMillis,
     pub published_offers: u32,
     /// R11: the price's inputs and intermediates (`None` with a flat price). Boxed:
     /// 104 bytes inline in every lead, flat-priced ones included.
@@ -568,7 +609,7 @@ pub struct LeadState {
     /// When the lead is forgotten (set when it closes), so that its `Forget` deadline
     /// is removed by key.
     #[serde(default)]
-    pub forget_at: Option<Millis>,
+    pub forget_at: OptMillis,
     /// This lead's number in the shard (orders its deadlines, see [`Deadline::seq`]).
     #[serde(default)]
     pub seq: u64,
@@ -594,7 +635,7 @@ struct RejectedLead {
     fingerprint: u64,
     reason: RejectReason,
     #[serde(default)]
-    forget_at: Option<Millis>,
+    forget_at: OptMillis,
     #[serde(default)]
     seq: u64,
 }
@@ -879,14 +920,14 @@ impl Shard {
                     kind: g.kind,
                     status: OfferStatus::New,
                     offered_at: now,
-                    respond_by: None,
-                    responded_at: None,
+                    respond_by: OptMillis::NONE,
+                    responded_at: OptMillis::NONE,
                     charge: None,
                     captured: false,
                     viewed: false,
                     refunded: false,
-                    notes: Box::default(),
-                    guarantee_at: None,
+                    notes: Notes::default(),
+                    guarantee_at: OptMillis::NONE,
                 })
                 .collect();
             let ev = self.release(now, &st, funds);
@@ -1147,7 +1188,7 @@ impl Shard {
         // R15: once the response window is over no action is possible on the offer, and
         // the answer must not depend on whether the expiry timer has fired yet.
         let window_over = offer.status == OfferStatus::Expired
-            || (offer.status.is_open() && offer.respond_by.is_some_and(|t| now >= t));
+            || (offer.status.is_open() && offer.respond_by.get().is_some_and(|t| now >= t));
         if window_over
             && matches!(action, OfferAction::Open | OfferAction::Respond | OfferAction::Decline { .. })
         {
@@ -1179,7 +1220,7 @@ impl Shard {
                 if !st.is_open() || now >= st.expires_at {
                     return Err(Reject::LeadExpired(l));
                 }
-                if offer.respond_by.is_some_and(|t| now >= t) {
+                if offer.respond_by.get().is_some_and(|t| now >= t) {
                     return Err(Reject::OfferExpired { lead: l, pro: p });
                 }
                 let cap_full = st.responders >= self.policy.max_responders
@@ -1443,7 +1484,7 @@ impl Shard {
                     RejectedLead {
                         fingerprint: *fingerprint,
                         reason: *reason,
-                        forget_at: Some(forget_at),
+                        forget_at: OptMillis::some(forget_at),
                         seq,
                     },
                 );
@@ -1462,8 +1503,8 @@ impl Shard {
                 let seq = self.next_seq;
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
                 let st = LeadState {
-                    release_at: *release_at,
-                    published_release_at: *release_at,
+                    release_at: (*release_at).into(),
+                    published_release_at: (*release_at).into(),
                     price_components: price_components.clone().map(Box::new),
                     seq,
                     ..st
@@ -1494,7 +1535,7 @@ impl Shard {
                     return;
                 };
                 if *release {
-                    st.released_at = Some(*at);
+                    st.released_at = OptMillis::some(*at);
                     // The only `Release` deadline of a lead is at its `release_at` (set
                     // by `LeadAccepted`, cleared here and by `LeadClosed`), so it is
                     // removed by key: O(log deadlines), not a scan of every deadline of
@@ -1540,14 +1581,14 @@ impl Shard {
                         kind: g.kind,
                         status: OfferStatus::New,
                         offered_at: *at,
-                        respond_by,
-                        responded_at: None,
+                        respond_by: respond_by.into(),
+                        responded_at: OptMillis::NONE,
                         charge: g.charge.clone().map(Box::new),
                         captured: bought,
                         viewed: false,
                         refunded: false,
-                        notes: Box::default(),
-                        guarantee_at: None,
+                        notes: Notes::default(),
+                        guarantee_at: OptMillis::NONE,
                     });
                     st.budget_waitlist.retain(|p| p != &g.pro);
                     if let Some(&slot) = self.slots.get(&g.pro) {
@@ -1587,7 +1628,7 @@ impl Shard {
                     let cap = st.generic_cap(&policy);
                     let Some(o) = st.offer_mut(pro) else { return };
                     o.status = OfferStatus::Replied;
-                    o.responded_at = Some(*at);
+                    o.responded_at = OptMillis::some(*at);
                     response_time = Some(at.saturating_sub(o.offered_at).max(0) as u64);
                     if charge.is_some() {
                         o.charge = charge.clone().map(Box::new);
@@ -1610,7 +1651,7 @@ impl Shard {
                     if let (Some(w), Some(_)) = (policy.guarantee_window, charge) {
                         let t = at.saturating_add(w);
                         if let Some(o) = st.offer_mut(pro) {
-                            o.guarantee_at = Some(t);
+                            o.guarantee_at = OptMillis::some(t);
                         }
                         self.deadlines.insert(Deadline {
                             at: t,
@@ -1660,9 +1701,7 @@ impl Shard {
             }
             Event::NoteAdded { lead, pro, text, .. } => {
                 self.with_offer(lead, pro, |_, o| {
-                    let mut notes = std::mem::take(&mut o.notes).into_vec();
-                    notes.push(text.clone());
-                    o.notes = notes.into_boxed_slice();
+                    o.notes.push(text.clone());
                 });
             }
             Event::Refunded { lead, pro, .. } => {
@@ -1690,12 +1729,12 @@ impl Shard {
                     if let Some(r) = st.release_at.take() {
                         self.deadlines.remove(&dl(r, Due::Release));
                     }
-                    st.closed_at = Some(*at);
+                    st.closed_at = OptMillis::some(*at);
                     // Freed, not just emptied: a closed lead stays until it is forgotten.
                     st.budget_waitlist = Vec::new();
                     let mut expiry_removed = None;
                     for o in &mut st.offers {
-                        if let Some(t) = o.respond_by.filter(|&t| expiry_removed != Some(t)) {
+                        if let Some(t) = o.respond_by.get().filter(|&t| expiry_removed != Some(t)) {
                             expiry_removed = Some(t);
                             self.deadlines.remove(&dl(t, Due::ExpireOffers));
                         }
@@ -1709,7 +1748,7 @@ impl Shard {
                 }
                 let forget_at = at.saturating_add(retention.max(guarantee));
                 if let Some(st) = self.leads.get_mut(lead) {
-                    st.forget_at = Some(forget_at);
+                    st.forget_at = OptMillis::some(forget_at);
                 }
                 self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
             }
@@ -1728,18 +1767,18 @@ impl Shard {
                     if self.last_by_client.get(&st.lead.client.id).is_some_and(|(_, l)| l == lead) {
                         self.last_by_client.remove(&st.lead.client.id);
                     }
-                    if let Some(f) = st.forget_at {
+                    if let Some(f) = st.forget_at.get() {
                         by_key = true;
                         self.deadlines.remove(&dl(f, st.seq, Due::Forget));
                         for o in &st.offers {
-                            if let Some(g) = o.guarantee_at {
+                            if let Some(g) = o.guarantee_at.get() {
                                 self.deadlines.remove(&dl(g, st.seq, Due::Guarantee(o.pro.clone())));
                             }
                         }
                     }
                 }
                 if let Some(r) = self.rejected.remove(lead) {
-                    if let Some(f) = r.forget_at {
+                    if let Some(f) = r.forget_at.get() {
                         by_key = true;
                         self.deadlines.remove(&dl(f, r.seq, Due::Forget));
                     }
@@ -1790,7 +1829,7 @@ impl Shard {
                 .take(st.published_offers as usize)
                 .map(|o| (o.pro.clone(), o.kind))
                 .collect(),
-            release_at: st.published_release_at,
+            release_at: st.published_release_at.get(),
             expires_at: Some(st.expires_at),
         }
     }
@@ -1803,7 +1842,7 @@ impl Shard {
             status: status.unwrap_or(o.status),
             price: st.price,
             offered_at: o.offered_at,
-            respond_by: o.respond_by,
+            respond_by: o.respond_by.get(),
             contact: (revealed || o.responded_at.is_some() || o.kind == OfferKind::AutoBuy)
                 .then(|| RevealedContact::for_client(&st.lead.client)),
         }
@@ -1866,7 +1905,7 @@ impl Shard {
             }
         }
         let pending = st.release_at.is_some();
-        let released = st.released_at.unwrap_or(st.accepted_at);
+        let released = st.released_at.get().unwrap_or(st.accepted_at);
         for slot in self.ring.iter().chain(self.ring.iter_parked().map(|(slot, _)| slot)) {
             let pro = &self.slot_pro(slot).pro;
             let id = &pro.id;
@@ -1894,7 +1933,7 @@ impl Shard {
             responders: st.responders,
             max_responders: self.policy.max_responders,
             generic_cap: st.generic_cap(&self.policy),
-            release_at: st.release_at,
+            release_at: st.release_at.get(),
             expires_at: st.expires_at,
             entries,
             skipped_unrecorded: st.skipped_more,
@@ -1986,7 +2025,9 @@ impl Shard {
             if !self.leads.contains_key(&d.lead) && !self.rejected.contains_key(&d.lead) {
                 return Err(format!("deadline {:?} at {} of a forgotten lead {}", d.due, d.at, d.lead));
             }
-            if d.due == Due::Release && self.leads.get(&d.lead).and_then(|st| st.release_at) != Some(d.at) {
+            if d.due == Due::Release
+                && self.leads.get(&d.lead).and_then(|st| st.release_at.get()) != Some(d.at)
+            {
                 return Err(format!("release deadline of lead {} at {} is not its release_at", d.lead, d.at));
             }
         }
@@ -2077,20 +2118,20 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         fingerprint,
         price,
         accepted_at: at,
-        release_at: None,
+        release_at: OptMillis::NONE,
         expires_at,
-        closed_at: None,
+        closed_at: OptMillis::NONE,
         offers: Vec::new(),
         responders: 0,
         generic_responders: 0,
         skipped: Vec::new(),
         budget_waitlist: Vec::new(),
-        published_release_at: None,
+        published_release_at: OptMillis::NONE,
         published_offers: 0,
         price_components: None,
-        forget_at: None,
+        forget_at: OptMillis::NONE,
         skipped_more: 0,
-        released_at: None,
+        released_at: OptMillis::NONE,
     }
 }
 
