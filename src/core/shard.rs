@@ -512,67 +512,132 @@ impl ProSlot {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One offer of a lead to a pro. 64 bytes: what only an answered or annotated offer
+/// has (response time, guarantee deadline, notes) is boxed in [`OfferReply`], allocated
+/// when the pro responds or writes a note; most offers never are. Serialised as the
+/// flat record [`OfferStateWire`], so snapshots are the same as with inline fields.
+#[derive(Debug, Clone, PartialEq)]
 pub struct OfferState {
     pub pro: ProId,
     pub kind: OfferKind,
     pub status: OfferStatus,
-    pub offered_at: Millis,
-    pub respond_by: OptMillis,
-    pub responded_at: OptMillis,
-    /// Money taken for this offer and not refunded/released. Boxed: most offers are
-    /// never charged, and a `None` then takes 8 bytes instead of 56 in every offer.
-    pub charge: Option<Box<Charge>>,
     pub captured: bool,
     pub viewed: bool,
     pub refunded: bool,
-    /// Nothing allocated while empty, 8 bytes: notes are rare.
-    pub notes: Notes,
+    pub offered_at: Millis,
+    pub respond_by: OptMillis,
+    /// Money taken for this offer and not refunded/released. Boxed: most offers are
+    /// never charged, and a `None` then takes 8 bytes instead of 56 in every offer.
+    pub charge: Option<Box<Charge>>,
+    reply: Option<Box<OfferReply>>,
+}
+
+/// The part of an offer that exists once the pro responded or wrote a note.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct OfferReply {
+    responded_at: OptMillis,
     /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
     /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
     /// this field: forgetting then scans the deadlines).
+    guarantee_at: OptMillis,
+    notes: Vec<String>,
+}
+
+impl OfferState {
+    fn new(pro: ProId, kind: OfferKind, offered_at: Millis, respond_by: OptMillis) -> Self {
+        Self {
+            pro,
+            kind,
+            status: OfferStatus::New,
+            captured: false,
+            viewed: false,
+            refunded: false,
+            offered_at,
+            respond_by,
+            charge: None,
+            reply: None,
+        }
+    }
+
+    pub fn responded_at(&self) -> Option<Millis> {
+        self.reply.as_ref().and_then(|r| r.responded_at.get())
+    }
+
+    pub fn guarantee_at(&self) -> Option<Millis> {
+        self.reply.as_ref().and_then(|r| r.guarantee_at.get())
+    }
+
+    pub fn notes(&self) -> &[String] {
+        self.reply.as_ref().map_or(&[], |r| r.notes.as_slice())
+    }
+
+    fn reply_mut(&mut self) -> &mut OfferReply {
+        self.reply.get_or_insert_with(Box::default)
+    }
+}
+
+/// [`OfferState`] as snapshots hold it: every field inline, in this order.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "OfferState")]
+struct OfferStateWire<P, C, N> {
+    pro: P,
+    kind: OfferKind,
+    status: OfferStatus,
+    offered_at: Millis,
+    respond_by: OptMillis,
+    responded_at: OptMillis,
+    charge: C,
+    captured: bool,
+    viewed: bool,
+    refunded: bool,
+    notes: N,
     #[serde(default)]
-    pub guarantee_at: OptMillis,
+    guarantee_at: OptMillis,
 }
 
-/// An offer's internal notes (R18) in 8 bytes, nothing allocated while there are none
-/// (a `Vec` takes 24 bytes and a boxed slice 16 in every offer; notes are rare).
-/// Serialised as the list of notes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Notes(Option<Box<Vec<String>>>);
-
-impl Notes {
-    pub fn as_slice(&self) -> &[String] {
-        self.0.as_deref().map_or(&[], Vec::as_slice)
-    }
-
-    pub fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
-    }
-
-    pub fn iter(&self) -> std::slice::Iter<'_, String> {
-        self.as_slice().iter()
-    }
-
-    pub fn push(&mut self, note: String) {
-        self.0.get_or_insert_with(Box::default).push(note);
-    }
-}
-
-impl Serialize for Notes {
+impl Serialize for OfferState {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.as_slice().serialize(s)
+        OfferStateWire {
+            pro: &self.pro,
+            kind: self.kind,
+            status: self.status,
+            offered_at: self.offered_at,
+            respond_by: self.respond_by,
+            responded_at: self.responded_at().into(),
+            charge: &self.charge,
+            captured: self.captured,
+            viewed: self.viewed,
+            refunded: self.refunded,
+            notes: self.notes(),
+            guarantee_at: self.guarantee_at().into(),
+        }
+        .serialize(s)
     }
 }
 
-impl<'de> Deserialize<'de> for Notes {
+impl<'de> Deserialize<'de> for OfferState {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let notes = Vec::<String>::deserialize(d)?;
-        Ok(Self((!notes.is_empty()).then(|| Box::new(notes))))
+        let w = OfferStateWire::<ProId, Option<Box<Charge>>, Vec<String>>::deserialize(d)?;
+        let reply =
+            (w.responded_at.is_some() || w.guarantee_at.is_some() || !w.notes.is_empty()).then(|| {
+                Box::new(OfferReply {
+                    responded_at: w.responded_at,
+                    guarantee_at: w.guarantee_at,
+                    notes: w.notes,
+                })
+            });
+        Ok(Self {
+            pro: w.pro,
+            kind: w.kind,
+            status: w.status,
+            captured: w.captured,
+            viewed: w.viewed,
+            refunded: w.refunded,
+            offered_at: w.offered_at,
+            respond_by: w.respond_by,
+            charge: w.charge,
+            reply,
+        })
     }
 }
 
@@ -915,20 +980,7 @@ impl Shard {
             let mut st = provisional(arc, fp, price, now, expires_at);
             st.offers = direct_grants
                 .into_iter()
-                .map(|g| OfferState {
-                    pro: g.pro,
-                    kind: g.kind,
-                    status: OfferStatus::New,
-                    offered_at: now,
-                    respond_by: OptMillis::NONE,
-                    responded_at: OptMillis::NONE,
-                    charge: None,
-                    captured: false,
-                    viewed: false,
-                    refunded: false,
-                    notes: Notes::default(),
-                    guarantee_at: OptMillis::NONE,
-                })
+                .map(|g| OfferState::new(g.pro, g.kind, now, OptMillis::NONE))
                 .collect();
             let ev = self.release(now, &st, funds);
             if let Event::Offered { grants, .. } = &ev {
@@ -1290,7 +1342,7 @@ impl Shard {
                 if text.trim().is_empty() || text.len() > MAX_NOTE_LEN {
                     return Err(field_err("text", "a note must be 1..=4096 bytes").into());
                 }
-                if offer.notes.len() >= MAX_NOTES {
+                if offer.notes().len() >= MAX_NOTES {
                     return Err(field_err("text", "an offer holds at most 100 notes").into());
                 }
                 Event::NoteAdded { lead: l, pro: p, text: text.clone(), at: now }
@@ -1315,7 +1367,7 @@ impl Shard {
             Event::Completed { .. } => S::Completed,
             _ => offer.status,
         };
-        let revealed = offer.responded_at.is_some();
+        let revealed = offer.responded_at().is_some();
         Ok(Decision { reply: view(status_after, revealed), events: vec![event] })
     }
 
@@ -1577,18 +1629,9 @@ impl Shard {
                     }
                     let bought = g.charge.is_some();
                     st.offers.push(OfferState {
-                        pro: g.pro.clone(),
-                        kind: g.kind,
-                        status: OfferStatus::New,
-                        offered_at: *at,
-                        respond_by: respond_by.into(),
-                        responded_at: OptMillis::NONE,
                         charge: g.charge.clone().map(Box::new),
                         captured: bought,
-                        viewed: false,
-                        refunded: false,
-                        notes: Notes::default(),
-                        guarantee_at: OptMillis::NONE,
+                        ..OfferState::new(g.pro.clone(), g.kind, *at, respond_by.into())
                     });
                     st.budget_waitlist.retain(|p| p != &g.pro);
                     if let Some(&slot) = self.slots.get(&g.pro) {
@@ -1628,7 +1671,7 @@ impl Shard {
                     let cap = st.generic_cap(&policy);
                     let Some(o) = st.offer_mut(pro) else { return };
                     o.status = OfferStatus::Replied;
-                    o.responded_at = OptMillis::some(*at);
+                    o.reply_mut().responded_at = OptMillis::some(*at);
                     response_time = Some(at.saturating_sub(o.offered_at).max(0) as u64);
                     if charge.is_some() {
                         o.charge = charge.clone().map(Box::new);
@@ -1651,7 +1694,7 @@ impl Shard {
                     if let (Some(w), Some(_)) = (policy.guarantee_window, charge) {
                         let t = at.saturating_add(w);
                         if let Some(o) = st.offer_mut(pro) {
-                            o.guarantee_at = OptMillis::some(t);
+                            o.reply_mut().guarantee_at = OptMillis::some(t);
                         }
                         self.deadlines.insert(Deadline {
                             at: t,
@@ -1701,7 +1744,7 @@ impl Shard {
             }
             Event::NoteAdded { lead, pro, text, .. } => {
                 self.with_offer(lead, pro, |_, o| {
-                    o.notes.push(text.clone());
+                    o.reply_mut().notes.push(text.clone());
                 });
             }
             Event::Refunded { lead, pro, .. } => {
@@ -1771,7 +1814,7 @@ impl Shard {
                         by_key = true;
                         self.deadlines.remove(&dl(f, st.seq, Due::Forget));
                         for o in &st.offers {
-                            if let Some(g) = o.guarantee_at.get() {
+                            if let Some(g) = o.guarantee_at() {
                                 self.deadlines.remove(&dl(g, st.seq, Due::Guarantee(o.pro.clone())));
                             }
                         }
@@ -1843,7 +1886,7 @@ impl Shard {
             price: st.price,
             offered_at: o.offered_at,
             respond_by: o.respond_by.get(),
-            contact: (revealed || o.responded_at.is_some() || o.kind == OfferKind::AutoBuy)
+            contact: (revealed || o.responded_at().is_some() || o.kind == OfferKind::AutoBuy)
                 .then(|| RevealedContact::for_client(&st.lead.client)),
         }
     }
@@ -1979,12 +2022,12 @@ impl Shard {
             .filter_map(|st| {
                 let o = st.offer(pro)?;
                 let l = &st.lead;
-                let revealed = o.responded_at.is_some();
+                let revealed = o.responded_at().is_some();
                 let hit = q.is_empty()
                     || (revealed && l.client.name.to_lowercase().contains(&q))
                     || l.description.to_lowercase().contains(&q)
                     || l.details.values().any(|v| v.to_lowercase().contains(&q))
-                    || o.notes.iter().any(|n| n.to_lowercase().contains(&q));
+                    || o.notes().iter().any(|n| n.to_lowercase().contains(&q));
                 hit.then(|| self.view(st, o, None, false))
             })
             .collect();
@@ -2051,7 +2094,7 @@ impl Shard {
                     return Err(format!("lead {} bought by {} > group size", st.lead.id, bought));
                 }
             }
-            let responded = st.offers.iter().filter(|o| o.responded_at.is_some()).count() as u32;
+            let responded = st.offers.iter().filter(|o| o.responded_at().is_some()).count() as u32;
             if responded != st.responders {
                 return Err(format!(
                     "lead {} counts {} responders, offers say {}",
@@ -2453,5 +2496,66 @@ mod expiry_tests {
         let mut fresh = setup();
         run(&mut fresh, T0 + HOUR_MS, Command::Tick);
         assert_eq!(back, fresh);
+    }
+
+    /// The offer as earlier releases declared it, fields inline: snapshots must keep
+    /// this form whatever the offer's layout in memory.
+    #[derive(Serialize)]
+    struct FlatOffer {
+        pro: ProId,
+        kind: OfferKind,
+        status: OfferStatus,
+        offered_at: Millis,
+        respond_by: Option<Millis>,
+        responded_at: Option<Millis>,
+        charge: Option<Box<Charge>>,
+        captured: bool,
+        viewed: bool,
+        refunded: bool,
+        notes: Box<[String]>,
+        guarantee_at: Option<Millis>,
+    }
+
+    #[test]
+    fn offers_serialise_as_the_flat_record_of_earlier_releases_and_back() {
+        let mut s = setup();
+        let l1 = LeadId::new("L1");
+        let (b, note) = (ProId::new("b"), "call back after 6 pm".to_string());
+        run(
+            &mut s,
+            T0 + 1,
+            Command::Offer { lead: l1.clone(), pro: b.clone(), action: OfferAction::Respond },
+        );
+        let add = OfferAction::AddNote { text: note.clone() };
+        run(&mut s, T0 + 2, Command::Offer { lead: l1.clone(), pro: b.clone(), action: add });
+        let st = s.lead(&l1).unwrap();
+        assert_eq!(std::mem::size_of::<OfferState>(), 64);
+        for o in &st.offers {
+            let answered = o.pro == b;
+            assert_eq!(o.responded_at(), answered.then_some(T0 + 1));
+            assert_eq!(o.notes().len(), usize::from(answered));
+            let flat = FlatOffer {
+                pro: o.pro.clone(),
+                kind: o.kind,
+                status: o.status,
+                offered_at: o.offered_at,
+                respond_by: o.respond_by.get(),
+                responded_at: answered.then_some(T0 + 1),
+                charge: o.charge.clone(),
+                captured: o.captured,
+                viewed: o.viewed,
+                refunded: o.refunded,
+                notes: if answered { vec![note.clone()].into() } else { Box::default() },
+                guarantee_at: o.guarantee_at(),
+            };
+            assert_eq!(rmp_serde::to_vec(o).unwrap(), rmp_serde::to_vec(&flat).unwrap());
+            assert_eq!(serde_json::to_value(o).unwrap(), serde_json::to_value(&flat).unwrap());
+            let back: OfferState = rmp_serde::from_slice(&rmp_serde::to_vec(&flat).unwrap()).unwrap();
+            assert_eq!(&back, o);
+        }
+        let mut back: Shard = rmp_serde::from_slice(&rmp_serde::to_vec(&s).unwrap()).unwrap();
+        back.restore(s.policy().clone());
+        back.check_invariants().unwrap();
+        assert_eq!(back, s);
     }
 }
