@@ -17,6 +17,7 @@
 //! hash-map iteration decides anything: the ring is a B-tree, deadlines are a B-tree,
 //! offers are kept in the order they were made.
 
+use super::deadlines::Deadlines;
 use super::model::*;
 use super::policy::{ChargeOn, DispatchMode, Policy};
 use super::rank::{self, ProStats, WeightBreakdown};
@@ -756,7 +757,7 @@ pub struct Shard {
     /// state costs 8 bytes where an inline one cost the whole state.
     leads: FxHashMap<LeadId, Box<LeadState>>,
     rejected: FxHashMap<LeadId, RejectedLead>,
-    deadlines: BTreeSet<Deadline>,
+    deadlines: Deadlines,
     /// Duplicate protection: the newest accepted lead of each client in this shard.
     last_by_client: FxHashMap<ClientId, (Millis, LeadId)>,
     /// R11: category statistics learned online from closed leads (proposals per
@@ -782,7 +783,7 @@ impl Shard {
             ring: Ring::new(),
             leads: FxHashMap::default(),
             rejected: FxHashMap::default(),
-            deadlines: BTreeSet::new(),
+            deadlines: Deadlines::new(),
             last_by_client: FxHashMap::default(),
             learned: None,
             next_seq: 0,
@@ -799,7 +800,7 @@ impl Shard {
         // Older releases kept one response-window deadline per offer: one per lead and
         // time now, which expires the same offers (those whose `respond_by` it is).
         let per_offer: Vec<Deadline> =
-            self.deadlines.iter().filter(|d| matches!(d.due, Due::ExpireOffer(_))).cloned().collect();
+            self.deadlines.iter().filter(|d| matches!(d.due, Due::ExpireOffer(_))).collect();
         for d in per_offer {
             self.deadlines.remove(&d);
             self.deadlines.insert(Deadline { due: Due::ExpireOffers, ..d });
@@ -842,7 +843,7 @@ impl Shard {
     }
 
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.deadlines.first().map(|d| d.at)
+        self.deadlines.first_at()
     }
 
     fn slot_pro(&self, slot: u32) -> &ProSlot {
@@ -1478,7 +1479,7 @@ impl Shard {
         // Every due deadline was handled: without this fact, one that had nothing left
         // to do would stay due forever and a wall-clock shard would re-arm its timer
         // for the past in a loop.
-        if self.deadlines.first().is_some_and(|d| d.at <= now) {
+        if self.deadlines.first_at().is_some_and(|at| at <= now) {
             events.insert(0, Event::Ticked { upto: now });
         }
         done(events)
@@ -1796,7 +1797,7 @@ impl Shard {
                 self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
             }
             Event::Ticked { upto } => {
-                while self.deadlines.first().is_some_and(|d| d.at <= *upto) {
+                while self.deadlines.first_at().is_some_and(|at| at <= *upto) {
                     self.deadlines.pop_first();
                 }
             }
@@ -2064,7 +2065,7 @@ impl Shard {
         }
         // Deadlines are removed by key when a lead closes and is forgotten: a leak here
         // would mean a key computed differently from the one inserted.
-        for d in &self.deadlines {
+        for d in self.deadlines.iter() {
             if !self.leads.contains_key(&d.lead) && !self.rejected.contains_key(&d.lead) {
                 return Err(format!("deadline {:?} at {} of a forgotten lead {}", d.due, d.at, d.lead));
             }
@@ -2480,7 +2481,7 @@ mod expiry_tests {
     fn r15_per_offer_expiry_deadlines_of_older_snapshots_still_expire_the_offers() {
         let mut s = setup();
         // The state an older release would have snapshotted: one deadline per offer.
-        let d = s.deadlines.iter().find(|d| d.due == Due::ExpireOffers).cloned().unwrap();
+        let d = s.deadlines.iter().find(|d| d.due == Due::ExpireOffers).unwrap();
         s.deadlines.remove(&d);
         for pro in ["c", "a", "b"] {
             s.deadlines.insert(Deadline { due: Due::ExpireOffer(ProId::new(pro)), ..d.clone() });
