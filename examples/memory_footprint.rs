@@ -36,7 +36,7 @@ use rota::engine::record;
 use rota::ids::{CategoryId, ClientId, LeadId, Millis, ProId, ShardKey, TenantId, ZoneId, MINUTE_MS};
 use rota::ledger::{BudgetName, Ledger, OpId};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -350,7 +350,7 @@ fn main() {
                 lon: 11.0 + rng.below(100_000) as f64 / 1e5,
             }),
             description: format!("Looking for {category} help in {zone}, flexible on dates"),
-            details: BTreeMap::from([(
+            details: Details::from([(
                 "size".to_string(),
                 ["small", "medium", "large"][rng.below(3) as usize].to_string(),
             )]),

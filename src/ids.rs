@@ -13,6 +13,86 @@ use std::fmt;
 /// every decision takes `now: Millis` from the shell.
 pub type Millis = i64;
 
+/// An optional time in 8 bytes: `Option<Millis>` takes 16 (an `i64` has no spare bit
+/// pattern for `None`), and the lead and offer states hold several of them for every
+/// open lead. `None` is `i64::MIN`, a time no lead can carry (times are positive Unix
+/// milliseconds, and sums saturate upwards). On the wire, in the WAL and in snapshots it
+/// is exactly an `Option<Millis>`; a stored `Some(i64::MIN)` is refused on reading.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OptMillis(Millis);
+
+impl OptMillis {
+    pub const NONE: OptMillis = OptMillis(Millis::MIN);
+
+    /// `Some(t)`. `t` must not be `i64::MIN` (it would read back as `None`).
+    pub fn some(t: Millis) -> Self {
+        debug_assert_ne!(t, Millis::MIN, "i64::MIN stands for None");
+        Self(t)
+    }
+
+    pub fn get(self) -> Option<Millis> {
+        (self.0 != Millis::MIN).then_some(self.0)
+    }
+
+    pub fn is_some(self) -> bool {
+        self.0 != Millis::MIN
+    }
+
+    pub fn is_none(self) -> bool {
+        self.0 == Millis::MIN
+    }
+
+    /// Takes the value out, leaving `None` (as [`Option::take`]).
+    pub fn take(&mut self) -> Option<Millis> {
+        std::mem::replace(self, Self::NONE).get()
+    }
+}
+
+impl Default for OptMillis {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl From<Option<Millis>> for OptMillis {
+    fn from(t: Option<Millis>) -> Self {
+        t.map_or(Self::NONE, Self::some)
+    }
+}
+
+impl From<OptMillis> for Option<Millis> {
+    fn from(t: OptMillis) -> Self {
+        t.get()
+    }
+}
+
+impl PartialEq<Option<Millis>> for OptMillis {
+    fn eq(&self, other: &Option<Millis>) -> bool {
+        self.get() == *other
+    }
+}
+
+impl fmt::Debug for OptMillis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.get(), f)
+    }
+}
+
+impl Serialize for OptMillis {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OptMillis {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Option::<Millis>::deserialize(d)? {
+            Some(Millis::MIN) => Err(serde::de::Error::custom("time i64::MIN is out of range")),
+            t => Ok(t.into()),
+        }
+    }
+}
+
 pub const SECOND_MS: Millis = 1_000;
 pub const MINUTE_MS: Millis = 60 * SECOND_MS;
 pub const HOUR_MS: Millis = 60 * MINUTE_MS;
@@ -135,5 +215,23 @@ mod tests {
         assert!(ProId::new("x".repeat(129)).validate("pro_id").is_err());
         assert!(ProId::new("pro-1").validate("pro_id").is_ok());
         assert!(ProId::new("a\nb").validate("pro_id").is_err());
+    }
+
+    #[test]
+    fn optional_times_take_8_bytes_and_serialise_as_options() {
+        assert_eq!(std::mem::size_of::<OptMillis>(), 8);
+        for t in [None, Some(0), Some(1_795_424_400_000), Some(-5), Some(Millis::MAX)] {
+            let o = OptMillis::from(t);
+            assert_eq!(o.get(), t);
+            assert_eq!(rmp_serde::to_vec(&o).unwrap(), rmp_serde::to_vec(&t).unwrap());
+            assert_eq!(serde_json::to_string(&o).unwrap(), serde_json::to_string(&t).unwrap());
+            let back: OptMillis = rmp_serde::from_slice(&rmp_serde::to_vec(&t).unwrap()).unwrap();
+            assert_eq!(back, o);
+        }
+        let bad = rmp_serde::to_vec(&Some(Millis::MIN)).unwrap();
+        assert!(rmp_serde::from_slice::<OptMillis>(&bad).is_err());
+        let mut o = OptMillis::some(7);
+        assert_eq!(o.take(), Some(7));
+        assert!(o.is_none());
     }
 }

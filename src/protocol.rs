@@ -413,7 +413,7 @@ pub struct LeadSummary {
     pub zone: ZoneId,
     pub category: CategoryId,
     pub description: String,
-    pub details: std::collections::BTreeMap<String, String>,
+    pub details: crate::core::Details,
     pub attributes: Vec<String>,
     pub approx_location: Option<GeoPoint>,
     pub contact: crate::core::ContactPrefs,

@@ -489,7 +489,7 @@ fn build_lead(l: &LeadSpec, start: Millis, now: Millis) -> Result<Lead, String> 
             .description
             .clone()
             .unwrap_or_else(|| "Tinteggiatura di un appartamento di 80 mq, due camere".into()),
-        details: l.details.clone().unwrap_or_else(|| BTreeMap::from([("rooms".into(), "3".into())])),
+        details: l.details.clone().unwrap_or_else(|| BTreeMap::from([("rooms".into(), "3".into())])).into(),
         attributes: l.attributes.clone(),
         client: Client {
             id: ClientId::new(c.id.clone().unwrap_or_else(|| format!("client-{}", l.id))),

@@ -91,7 +91,7 @@ pub fn lead(n: u64, now: Millis) -> Lead {
         zone: ZoneId::new("bologna"),
         location: Some(GeoPoint { lat: 44.50, lon: 11.35 }),
         description: "Tinteggiatura di un appartamento di 80 mq, due camere".into(),
-        details: BTreeMap::from([("rooms".into(), "3".into())]),
+        details: BTreeMap::from([("rooms".into(), "3".into())]).into(),
         attributes: vec![],
         client: Client {
             id: ClientId::new(format!("client-{n}")),

@@ -8,6 +8,7 @@ use chrono::{Datelike, TimeZone, Timelike};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt;
 
 /// A field of a command that is not acceptable, named as on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -412,6 +413,113 @@ pub enum JobKind {
     Contact,
 }
 
+/// Answers to a category's form (R1): key -> answer, in key order, no key twice.
+///
+/// A boxed slice sorted by key rather than a `BTreeMap`: a lead carries a handful of
+/// answers and is read far more than it is built, and a B-tree's first node takes about
+/// 540 bytes for a single answer. On the wire, in the WAL and in snapshots it is exactly
+/// the map it replaces (an object / MessagePack map in key order; a key given twice
+/// keeps its last answer), and [`Lead::fingerprint`] sees the same pairs in the same
+/// order.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Details(Box<[(String, String)]>);
+
+impl Details {
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The answers in key order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &String)> + '_ {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &String> + '_ {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl ExactSizeIterator<Item = &String> + '_ {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    /// Sets `key`'s answer (as [`BTreeMap::insert`]); returns the previous one.
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                let mut v = std::mem::take(&mut self.0).into_vec();
+                v.insert(i, (key, value));
+                self.0 = v.into_boxed_slice();
+                None
+            }
+        }
+    }
+}
+
+impl From<BTreeMap<String, String>> for Details {
+    fn from(m: BTreeMap<String, String>) -> Self {
+        Self(m.into_iter().collect())
+    }
+}
+
+impl From<&Details> for BTreeMap<String, String> {
+    fn from(d: &Details) -> Self {
+        d.0.iter().cloned().collect()
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Details {
+    fn from(pairs: [(String, String); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+/// Later pairs win over earlier ones with the same key, as when building a map.
+impl FromIterator<(String, String)> for Details {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(it: I) -> Self {
+        BTreeMap::from_iter(it).into()
+    }
+}
+
+impl<'a> IntoIterator for &'a Details {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl fmt::Debug for Details {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Details {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Through the map it replaces: the same keys, order and duplicate handling.
+        BTreeMap::<String, String>::deserialize(d).map(Details::from)
+    }
+}
+
 /// A client's request (R1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lead {
@@ -425,7 +533,7 @@ pub struct Lead {
     pub description: String,
     /// Answers to the category's form.
     #[serde(default)]
-    pub details: BTreeMap<String, String>,
+    pub details: Details,
     /// Attributes pros may refuse (e.g. "dropshipper"), R4.
     #[serde(default)]
     pub attributes: Vec<String>,
@@ -800,7 +908,7 @@ mod fingerprint_tests {
             zone: ZoneId::new("bologna"),
             location: Some(GeoPoint { lat: 44.5, lon: 11.35 }),
             description: "Tinteggiatura di un appartamento".into(),
-            details: BTreeMap::from([("rooms".into(), "3".into())]),
+            details: Details::from([("rooms".into(), "3".into())]),
             attributes: vec![],
             client: Client {
                 id: ClientId::new("c1"),
@@ -839,6 +947,32 @@ mod fingerprint_tests {
         let mut l = lead();
         l.client.address = Some(String::new());
         assert_ne!(l.fingerprint(), base);
+    }
+
+    #[test]
+    fn r1_details_read_and_write_exactly_as_the_map_they_replace() {
+        let pairs = [("rooms", "3"), ("floor", "2"), ("area_m2", "80"), ("rooms", "4")];
+        let map: BTreeMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let details: Details = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(details.len(), 3, "a key given twice keeps its last answer");
+        assert_eq!(details.get("rooms").map(String::as_str), Some("4"));
+        assert_eq!(details.get("garden"), None);
+        assert!(details.iter().eq(map.iter()));
+        assert_eq!(BTreeMap::from(&details), map);
+        assert_eq!(rmp_serde::to_vec(&details).unwrap(), rmp_serde::to_vec(&map).unwrap());
+        assert_eq!(rmp_serde::to_vec_named(&details).unwrap(), rmp_serde::to_vec_named(&map).unwrap());
+        assert_eq!(serde_json::to_string(&details).unwrap(), serde_json::to_string(&map).unwrap());
+        let json = r#"{"rooms":"3","floor":"2","rooms":"4"}"#;
+        let want: BTreeMap<String, String> = serde_json::from_str(json).unwrap();
+        assert_eq!(BTreeMap::from(&serde_json::from_str::<Details>(json).unwrap()), want);
+        let back: Details = rmp_serde::from_slice(&rmp_serde::to_vec(&map).unwrap()).unwrap();
+        assert_eq!(back, details);
+        let mut d = Details::default();
+        assert_eq!(d.insert("b".into(), "1".into()), None);
+        assert_eq!(d.insert("a".into(), "2".into()), None);
+        assert_eq!(d.insert("b".into(), "3".into()), Some("1".into()));
+        assert!(d.keys().eq(["a", "b"].iter()));
     }
 
     #[test]

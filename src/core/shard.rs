@@ -17,11 +17,12 @@
 //! hash-map iteration decides anything: the ring is a B-tree, deadlines are a B-tree,
 //! offers are kept in the order they were made.
 
+use super::deadlines::Deadlines;
 use super::model::*;
 use super::policy::{ChargeOn, DispatchMode, Policy};
 use super::rank::{self, ProStats, WeightBreakdown};
 use super::ring::{Ring, Selection, Verdict};
-use crate::ids::{ClientId, LeadId, Millis, ProId, ShardKey};
+use crate::ids::{ClientId, LeadId, Millis, OptMillis, ProId, ShardKey};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
@@ -512,27 +513,133 @@ impl ProSlot {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One offer of a lead to a pro. 64 bytes: what only an answered or annotated offer
+/// has (response time, guarantee deadline, notes) is boxed in [`OfferReply`], allocated
+/// when the pro responds or writes a note; most offers never are. Serialised as the
+/// flat record [`OfferStateWire`], so snapshots are the same as with inline fields.
+#[derive(Debug, Clone, PartialEq)]
 pub struct OfferState {
     pub pro: ProId,
     pub kind: OfferKind,
     pub status: OfferStatus,
-    pub offered_at: Millis,
-    pub respond_by: Option<Millis>,
-    pub responded_at: Option<Millis>,
-    /// Money taken for this offer and not refunded/released. Boxed: most offers are
-    /// never charged, and a `None` then takes 8 bytes instead of 56 in every offer.
-    pub charge: Option<Box<Charge>>,
     pub captured: bool,
     pub viewed: bool,
     pub refunded: bool,
-    /// A boxed slice (16 bytes, nothing allocated while empty): notes are rare.
-    pub notes: Box<[String]>,
+    pub offered_at: Millis,
+    pub respond_by: OptMillis,
+    /// Money taken for this offer and not refunded/released. Boxed: most offers are
+    /// never charged, and a `None` then takes 8 bytes instead of 56 in every offer.
+    pub charge: Option<Box<Charge>>,
+    reply: Option<Box<OfferReply>>,
+}
+
+/// The part of an offer that exists once the pro responded or wrote a note.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct OfferReply {
+    responded_at: OptMillis,
     /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
     /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
     /// this field: forgetting then scans the deadlines).
+    guarantee_at: OptMillis,
+    notes: Vec<String>,
+}
+
+impl OfferState {
+    fn new(pro: ProId, kind: OfferKind, offered_at: Millis, respond_by: OptMillis) -> Self {
+        Self {
+            pro,
+            kind,
+            status: OfferStatus::New,
+            captured: false,
+            viewed: false,
+            refunded: false,
+            offered_at,
+            respond_by,
+            charge: None,
+            reply: None,
+        }
+    }
+
+    pub fn responded_at(&self) -> Option<Millis> {
+        self.reply.as_ref().and_then(|r| r.responded_at.get())
+    }
+
+    pub fn guarantee_at(&self) -> Option<Millis> {
+        self.reply.as_ref().and_then(|r| r.guarantee_at.get())
+    }
+
+    pub fn notes(&self) -> &[String] {
+        self.reply.as_ref().map_or(&[], |r| r.notes.as_slice())
+    }
+
+    fn reply_mut(&mut self) -> &mut OfferReply {
+        self.reply.get_or_insert_with(Box::default)
+    }
+}
+
+/// [`OfferState`] as snapshots hold it: every field inline, in this order.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "OfferState")]
+struct OfferStateWire<P, C, N> {
+    pro: P,
+    kind: OfferKind,
+    status: OfferStatus,
+    offered_at: Millis,
+    respond_by: OptMillis,
+    responded_at: OptMillis,
+    charge: C,
+    captured: bool,
+    viewed: bool,
+    refunded: bool,
+    notes: N,
     #[serde(default)]
-    pub guarantee_at: Option<Millis>,
+    guarantee_at: OptMillis,
+}
+
+impl Serialize for OfferState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        OfferStateWire {
+            pro: &self.pro,
+            kind: self.kind,
+            status: self.status,
+            offered_at: self.offered_at,
+            respond_by: self.respond_by,
+            responded_at: self.responded_at().into(),
+            charge: &self.charge,
+            captured: self.captured,
+            viewed: self.viewed,
+            refunded: self.refunded,
+            notes: self.notes(),
+            guarantee_at: self.guarantee_at().into(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OfferState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = OfferStateWire::<ProId, Option<Box<Charge>>, Vec<String>>::deserialize(d)?;
+        let reply =
+            (w.responded_at.is_some() || w.guarantee_at.is_some() || !w.notes.is_empty()).then(|| {
+                Box::new(OfferReply {
+                    responded_at: w.responded_at,
+                    guarantee_at: w.guarantee_at,
+                    notes: w.notes,
+                })
+            });
+        Ok(Self {
+            pro: w.pro,
+            kind: w.kind,
+            status: w.status,
+            captured: w.captured,
+            viewed: w.viewed,
+            refunded: w.refunded,
+            offered_at: w.offered_at,
+            respond_by: w.respond_by,
+            charge: w.charge,
+            reply,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -541,9 +648,9 @@ pub struct LeadState {
     pub fingerprint: u64,
     pub price: u64,
     pub accepted_at: Millis,
-    pub release_at: Option<Millis>,
+    pub release_at: OptMillis,
     pub expires_at: Millis,
-    pub closed_at: Option<Millis>,
+    pub closed_at: OptMillis,
     pub offers: Vec<OfferState>,
     pub responders: u32,
     pub generic_responders: u32,
@@ -554,13 +661,13 @@ pub struct LeadState {
     pub skipped_more: u64,
     /// When the generic release ran (explain tells parked pros' reasons as of then).
     #[serde(default)]
-    pub released_at: Option<Millis>,
+    pub released_at: OptMillis,
     /// R22: auto-buy pros skipped for lack of budget, retried until `retry_until`.
     pub budget_waitlist: Vec<ProId>,
     /// R1: what the publish answered, kept so that a republish answers the same even
     /// after the release: the release time it announced, and how many of `offers` (a
     /// prefix: nothing is offered before the publish) it made.
-    pub published_release_at: Option<Millis>,
+    pub published_release_at: OptMillis,
     pub published_offers: u32,
     /// R11: the price's inputs and intermediates (`None` with a flat price). Boxed:
     /// 104 bytes inline in every lead, flat-priced ones included.
@@ -568,7 +675,7 @@ pub struct LeadState {
     /// When the lead is forgotten (set when it closes), so that its `Forget` deadline
     /// is removed by key.
     #[serde(default)]
-    pub forget_at: Option<Millis>,
+    pub forget_at: OptMillis,
     /// This lead's number in the shard (orders its deadlines, see [`Deadline::seq`]).
     #[serde(default)]
     pub seq: u64,
@@ -594,7 +701,7 @@ struct RejectedLead {
     fingerprint: u64,
     reason: RejectReason,
     #[serde(default)]
-    forget_at: Option<Millis>,
+    forget_at: OptMillis,
     #[serde(default)]
     seq: u64,
 }
@@ -650,7 +757,7 @@ pub struct Shard {
     /// state costs 8 bytes where an inline one cost the whole state.
     leads: FxHashMap<LeadId, Box<LeadState>>,
     rejected: FxHashMap<LeadId, RejectedLead>,
-    deadlines: BTreeSet<Deadline>,
+    deadlines: Deadlines,
     /// Duplicate protection: the newest accepted lead of each client in this shard.
     last_by_client: FxHashMap<ClientId, (Millis, LeadId)>,
     /// R11: category statistics learned online from closed leads (proposals per
@@ -676,7 +783,7 @@ impl Shard {
             ring: Ring::new(),
             leads: FxHashMap::default(),
             rejected: FxHashMap::default(),
-            deadlines: BTreeSet::new(),
+            deadlines: Deadlines::new(),
             last_by_client: FxHashMap::default(),
             learned: None,
             next_seq: 0,
@@ -693,7 +800,7 @@ impl Shard {
         // Older releases kept one response-window deadline per offer: one per lead and
         // time now, which expires the same offers (those whose `respond_by` it is).
         let per_offer: Vec<Deadline> =
-            self.deadlines.iter().filter(|d| matches!(d.due, Due::ExpireOffer(_))).cloned().collect();
+            self.deadlines.iter().filter(|d| matches!(d.due, Due::ExpireOffer(_))).collect();
         for d in per_offer {
             self.deadlines.remove(&d);
             self.deadlines.insert(Deadline { due: Due::ExpireOffers, ..d });
@@ -736,7 +843,7 @@ impl Shard {
     }
 
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.deadlines.first().map(|d| d.at)
+        self.deadlines.first_at()
     }
 
     fn slot_pro(&self, slot: u32) -> &ProSlot {
@@ -874,20 +981,7 @@ impl Shard {
             let mut st = provisional(arc, fp, price, now, expires_at);
             st.offers = direct_grants
                 .into_iter()
-                .map(|g| OfferState {
-                    pro: g.pro,
-                    kind: g.kind,
-                    status: OfferStatus::New,
-                    offered_at: now,
-                    respond_by: None,
-                    responded_at: None,
-                    charge: None,
-                    captured: false,
-                    viewed: false,
-                    refunded: false,
-                    notes: Box::default(),
-                    guarantee_at: None,
-                })
+                .map(|g| OfferState::new(g.pro, g.kind, now, OptMillis::NONE))
                 .collect();
             let ev = self.release(now, &st, funds);
             if let Event::Offered { grants, .. } = &ev {
@@ -1147,7 +1241,7 @@ impl Shard {
         // R15: once the response window is over no action is possible on the offer, and
         // the answer must not depend on whether the expiry timer has fired yet.
         let window_over = offer.status == OfferStatus::Expired
-            || (offer.status.is_open() && offer.respond_by.is_some_and(|t| now >= t));
+            || (offer.status.is_open() && offer.respond_by.get().is_some_and(|t| now >= t));
         if window_over
             && matches!(action, OfferAction::Open | OfferAction::Respond | OfferAction::Decline { .. })
         {
@@ -1179,7 +1273,7 @@ impl Shard {
                 if !st.is_open() || now >= st.expires_at {
                     return Err(Reject::LeadExpired(l));
                 }
-                if offer.respond_by.is_some_and(|t| now >= t) {
+                if offer.respond_by.get().is_some_and(|t| now >= t) {
                     return Err(Reject::OfferExpired { lead: l, pro: p });
                 }
                 let cap_full = st.responders >= self.policy.max_responders
@@ -1249,7 +1343,7 @@ impl Shard {
                 if text.trim().is_empty() || text.len() > MAX_NOTE_LEN {
                     return Err(field_err("text", "a note must be 1..=4096 bytes").into());
                 }
-                if offer.notes.len() >= MAX_NOTES {
+                if offer.notes().len() >= MAX_NOTES {
                     return Err(field_err("text", "an offer holds at most 100 notes").into());
                 }
                 Event::NoteAdded { lead: l, pro: p, text: text.clone(), at: now }
@@ -1274,7 +1368,7 @@ impl Shard {
             Event::Completed { .. } => S::Completed,
             _ => offer.status,
         };
-        let revealed = offer.responded_at.is_some();
+        let revealed = offer.responded_at().is_some();
         Ok(Decision { reply: view(status_after, revealed), events: vec![event] })
     }
 
@@ -1385,7 +1479,7 @@ impl Shard {
         // Every due deadline was handled: without this fact, one that had nothing left
         // to do would stay due forever and a wall-clock shard would re-arm its timer
         // for the past in a loop.
-        if self.deadlines.first().is_some_and(|d| d.at <= now) {
+        if self.deadlines.first_at().is_some_and(|at| at <= now) {
             events.insert(0, Event::Ticked { upto: now });
         }
         done(events)
@@ -1443,7 +1537,7 @@ impl Shard {
                     RejectedLead {
                         fingerprint: *fingerprint,
                         reason: *reason,
-                        forget_at: Some(forget_at),
+                        forget_at: OptMillis::some(forget_at),
                         seq,
                     },
                 );
@@ -1462,8 +1556,8 @@ impl Shard {
                 let seq = self.next_seq;
                 let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
                 let st = LeadState {
-                    release_at: *release_at,
-                    published_release_at: *release_at,
+                    release_at: (*release_at).into(),
+                    published_release_at: (*release_at).into(),
                     price_components: price_components.clone().map(Box::new),
                     seq,
                     ..st
@@ -1494,7 +1588,7 @@ impl Shard {
                     return;
                 };
                 if *release {
-                    st.released_at = Some(*at);
+                    st.released_at = OptMillis::some(*at);
                     // The only `Release` deadline of a lead is at its `release_at` (set
                     // by `LeadAccepted`, cleared here and by `LeadClosed`), so it is
                     // removed by key: O(log deadlines), not a scan of every deadline of
@@ -1536,18 +1630,9 @@ impl Shard {
                     }
                     let bought = g.charge.is_some();
                     st.offers.push(OfferState {
-                        pro: g.pro.clone(),
-                        kind: g.kind,
-                        status: OfferStatus::New,
-                        offered_at: *at,
-                        respond_by,
-                        responded_at: None,
                         charge: g.charge.clone().map(Box::new),
                         captured: bought,
-                        viewed: false,
-                        refunded: false,
-                        notes: Box::default(),
-                        guarantee_at: None,
+                        ..OfferState::new(g.pro.clone(), g.kind, *at, respond_by.into())
                     });
                     st.budget_waitlist.retain(|p| p != &g.pro);
                     if let Some(&slot) = self.slots.get(&g.pro) {
@@ -1587,7 +1672,7 @@ impl Shard {
                     let cap = st.generic_cap(&policy);
                     let Some(o) = st.offer_mut(pro) else { return };
                     o.status = OfferStatus::Replied;
-                    o.responded_at = Some(*at);
+                    o.reply_mut().responded_at = OptMillis::some(*at);
                     response_time = Some(at.saturating_sub(o.offered_at).max(0) as u64);
                     if charge.is_some() {
                         o.charge = charge.clone().map(Box::new);
@@ -1610,7 +1695,7 @@ impl Shard {
                     if let (Some(w), Some(_)) = (policy.guarantee_window, charge) {
                         let t = at.saturating_add(w);
                         if let Some(o) = st.offer_mut(pro) {
-                            o.guarantee_at = Some(t);
+                            o.reply_mut().guarantee_at = OptMillis::some(t);
                         }
                         self.deadlines.insert(Deadline {
                             at: t,
@@ -1660,9 +1745,7 @@ impl Shard {
             }
             Event::NoteAdded { lead, pro, text, .. } => {
                 self.with_offer(lead, pro, |_, o| {
-                    let mut notes = std::mem::take(&mut o.notes).into_vec();
-                    notes.push(text.clone());
-                    o.notes = notes.into_boxed_slice();
+                    o.reply_mut().notes.push(text.clone());
                 });
             }
             Event::Refunded { lead, pro, .. } => {
@@ -1690,12 +1773,12 @@ impl Shard {
                     if let Some(r) = st.release_at.take() {
                         self.deadlines.remove(&dl(r, Due::Release));
                     }
-                    st.closed_at = Some(*at);
+                    st.closed_at = OptMillis::some(*at);
                     // Freed, not just emptied: a closed lead stays until it is forgotten.
                     st.budget_waitlist = Vec::new();
                     let mut expiry_removed = None;
                     for o in &mut st.offers {
-                        if let Some(t) = o.respond_by.filter(|&t| expiry_removed != Some(t)) {
+                        if let Some(t) = o.respond_by.get().filter(|&t| expiry_removed != Some(t)) {
                             expiry_removed = Some(t);
                             self.deadlines.remove(&dl(t, Due::ExpireOffers));
                         }
@@ -1709,12 +1792,12 @@ impl Shard {
                 }
                 let forget_at = at.saturating_add(retention.max(guarantee));
                 if let Some(st) = self.leads.get_mut(lead) {
-                    st.forget_at = Some(forget_at);
+                    st.forget_at = OptMillis::some(forget_at);
                 }
                 self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
             }
             Event::Ticked { upto } => {
-                while self.deadlines.first().is_some_and(|d| d.at <= *upto) {
+                while self.deadlines.first_at().is_some_and(|at| at <= *upto) {
                     self.deadlines.pop_first();
                 }
             }
@@ -1728,18 +1811,18 @@ impl Shard {
                     if self.last_by_client.get(&st.lead.client.id).is_some_and(|(_, l)| l == lead) {
                         self.last_by_client.remove(&st.lead.client.id);
                     }
-                    if let Some(f) = st.forget_at {
+                    if let Some(f) = st.forget_at.get() {
                         by_key = true;
                         self.deadlines.remove(&dl(f, st.seq, Due::Forget));
                         for o in &st.offers {
-                            if let Some(g) = o.guarantee_at {
+                            if let Some(g) = o.guarantee_at() {
                                 self.deadlines.remove(&dl(g, st.seq, Due::Guarantee(o.pro.clone())));
                             }
                         }
                     }
                 }
                 if let Some(r) = self.rejected.remove(lead) {
-                    if let Some(f) = r.forget_at {
+                    if let Some(f) = r.forget_at.get() {
                         by_key = true;
                         self.deadlines.remove(&dl(f, r.seq, Due::Forget));
                     }
@@ -1790,7 +1873,7 @@ impl Shard {
                 .take(st.published_offers as usize)
                 .map(|o| (o.pro.clone(), o.kind))
                 .collect(),
-            release_at: st.published_release_at,
+            release_at: st.published_release_at.get(),
             expires_at: Some(st.expires_at),
         }
     }
@@ -1803,8 +1886,8 @@ impl Shard {
             status: status.unwrap_or(o.status),
             price: st.price,
             offered_at: o.offered_at,
-            respond_by: o.respond_by,
-            contact: (revealed || o.responded_at.is_some() || o.kind == OfferKind::AutoBuy)
+            respond_by: o.respond_by.get(),
+            contact: (revealed || o.responded_at().is_some() || o.kind == OfferKind::AutoBuy)
                 .then(|| RevealedContact::for_client(&st.lead.client)),
         }
     }
@@ -1866,7 +1949,7 @@ impl Shard {
             }
         }
         let pending = st.release_at.is_some();
-        let released = st.released_at.unwrap_or(st.accepted_at);
+        let released = st.released_at.get().unwrap_or(st.accepted_at);
         for slot in self.ring.iter().chain(self.ring.iter_parked().map(|(slot, _)| slot)) {
             let pro = &self.slot_pro(slot).pro;
             let id = &pro.id;
@@ -1894,7 +1977,7 @@ impl Shard {
             responders: st.responders,
             max_responders: self.policy.max_responders,
             generic_cap: st.generic_cap(&self.policy),
-            release_at: st.release_at,
+            release_at: st.release_at.get(),
             expires_at: st.expires_at,
             entries,
             skipped_unrecorded: st.skipped_more,
@@ -1940,12 +2023,12 @@ impl Shard {
             .filter_map(|st| {
                 let o = st.offer(pro)?;
                 let l = &st.lead;
-                let revealed = o.responded_at.is_some();
+                let revealed = o.responded_at().is_some();
                 let hit = q.is_empty()
                     || (revealed && l.client.name.to_lowercase().contains(&q))
                     || l.description.to_lowercase().contains(&q)
                     || l.details.values().any(|v| v.to_lowercase().contains(&q))
-                    || o.notes.iter().any(|n| n.to_lowercase().contains(&q));
+                    || o.notes().iter().any(|n| n.to_lowercase().contains(&q));
                 hit.then(|| self.view(st, o, None, false))
             })
             .collect();
@@ -1982,11 +2065,13 @@ impl Shard {
         }
         // Deadlines are removed by key when a lead closes and is forgotten: a leak here
         // would mean a key computed differently from the one inserted.
-        for d in &self.deadlines {
+        for d in self.deadlines.iter() {
             if !self.leads.contains_key(&d.lead) && !self.rejected.contains_key(&d.lead) {
                 return Err(format!("deadline {:?} at {} of a forgotten lead {}", d.due, d.at, d.lead));
             }
-            if d.due == Due::Release && self.leads.get(&d.lead).and_then(|st| st.release_at) != Some(d.at) {
+            if d.due == Due::Release
+                && self.leads.get(&d.lead).and_then(|st| st.release_at.get()) != Some(d.at)
+            {
                 return Err(format!("release deadline of lead {} at {} is not its release_at", d.lead, d.at));
             }
         }
@@ -2010,7 +2095,7 @@ impl Shard {
                     return Err(format!("lead {} bought by {} > group size", st.lead.id, bought));
                 }
             }
-            let responded = st.offers.iter().filter(|o| o.responded_at.is_some()).count() as u32;
+            let responded = st.offers.iter().filter(|o| o.responded_at().is_some()).count() as u32;
             if responded != st.responders {
                 return Err(format!(
                     "lead {} counts {} responders, offers say {}",
@@ -2077,20 +2162,20 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         fingerprint,
         price,
         accepted_at: at,
-        release_at: None,
+        release_at: OptMillis::NONE,
         expires_at,
-        closed_at: None,
+        closed_at: OptMillis::NONE,
         offers: Vec::new(),
         responders: 0,
         generic_responders: 0,
         skipped: Vec::new(),
         budget_waitlist: Vec::new(),
-        published_release_at: None,
+        published_release_at: OptMillis::NONE,
         published_offers: 0,
         price_components: None,
-        forget_at: None,
+        forget_at: OptMillis::NONE,
         skipped_more: 0,
-        released_at: None,
+        released_at: OptMillis::NONE,
     }
 }
 
@@ -2396,7 +2481,7 @@ mod expiry_tests {
     fn r15_per_offer_expiry_deadlines_of_older_snapshots_still_expire_the_offers() {
         let mut s = setup();
         // The state an older release would have snapshotted: one deadline per offer.
-        let d = s.deadlines.iter().find(|d| d.due == Due::ExpireOffers).cloned().unwrap();
+        let d = s.deadlines.iter().find(|d| d.due == Due::ExpireOffers).unwrap();
         s.deadlines.remove(&d);
         for pro in ["c", "a", "b"] {
             s.deadlines.insert(Deadline { due: Due::ExpireOffer(ProId::new(pro)), ..d.clone() });
@@ -2412,5 +2497,66 @@ mod expiry_tests {
         let mut fresh = setup();
         run(&mut fresh, T0 + HOUR_MS, Command::Tick);
         assert_eq!(back, fresh);
+    }
+
+    /// The offer as earlier releases declared it, fields inline: snapshots must keep
+    /// this form whatever the offer's layout in memory.
+    #[derive(Serialize)]
+    struct FlatOffer {
+        pro: ProId,
+        kind: OfferKind,
+        status: OfferStatus,
+        offered_at: Millis,
+        respond_by: Option<Millis>,
+        responded_at: Option<Millis>,
+        charge: Option<Box<Charge>>,
+        captured: bool,
+        viewed: bool,
+        refunded: bool,
+        notes: Box<[String]>,
+        guarantee_at: Option<Millis>,
+    }
+
+    #[test]
+    fn offers_serialise_as_the_flat_record_of_earlier_releases_and_back() {
+        let mut s = setup();
+        let l1 = LeadId::new("L1");
+        let (b, note) = (ProId::new("b"), "call back after 6 pm".to_string());
+        run(
+            &mut s,
+            T0 + 1,
+            Command::Offer { lead: l1.clone(), pro: b.clone(), action: OfferAction::Respond },
+        );
+        let add = OfferAction::AddNote { text: note.clone() };
+        run(&mut s, T0 + 2, Command::Offer { lead: l1.clone(), pro: b.clone(), action: add });
+        let st = s.lead(&l1).unwrap();
+        assert_eq!(std::mem::size_of::<OfferState>(), 64);
+        for o in &st.offers {
+            let answered = o.pro == b;
+            assert_eq!(o.responded_at(), answered.then_some(T0 + 1));
+            assert_eq!(o.notes().len(), usize::from(answered));
+            let flat = FlatOffer {
+                pro: o.pro.clone(),
+                kind: o.kind,
+                status: o.status,
+                offered_at: o.offered_at,
+                respond_by: o.respond_by.get(),
+                responded_at: answered.then_some(T0 + 1),
+                charge: o.charge.clone(),
+                captured: o.captured,
+                viewed: o.viewed,
+                refunded: o.refunded,
+                notes: if answered { vec![note.clone()].into() } else { Box::default() },
+                guarantee_at: o.guarantee_at(),
+            };
+            assert_eq!(rmp_serde::to_vec(o).unwrap(), rmp_serde::to_vec(&flat).unwrap());
+            assert_eq!(serde_json::to_value(o).unwrap(), serde_json::to_value(&flat).unwrap());
+            let back: OfferState = rmp_serde::from_slice(&rmp_serde::to_vec(&flat).unwrap()).unwrap();
+            assert_eq!(&back, o);
+        }
+        let mut back: Shard = rmp_serde::from_slice(&rmp_serde::to_vec(&s).unwrap()).unwrap();
+        back.restore(s.policy().clone());
+        back.check_invariants().unwrap();
+        assert_eq!(back, s);
     }
 }

@@ -57,7 +57,7 @@ pub fn lead(id: &str, created_at: Millis) -> Lead {
         zone: ZoneId::new(ZONE),
         location: None,
         description: "Tinteggiatura di un appartamento di 80 mq, due camere".into(),
-        details: BTreeMap::new(),
+        details: Default::default(),
         attributes: vec![],
         client: Client {
             id: ClientId::new(format!("client-{id}")),
