@@ -251,7 +251,7 @@ async fn audit(addr: &str, m: &mut Model, cycle: u64, all: bool, rng: &mut Rng, 
             check.insert(m.leads.keys().nth(k).unwrap().clone());
         }
     }
-    // (`explain` knows accepted leads only; a rejected one is checked by its republish.)
+    // (A rejected one is checked by its republish, which must answer the same rejection.)
     let mut reqs = Vec::new();
     for l in &check {
         reqs.push(json!({"type": "publish_lead", "lead": m.bodies[l]}));

@@ -362,6 +362,8 @@ struct Expect {
     /// Explain: `pro -> outcome`, where outcome is `offered:<kind>:<status>`,
     /// `skipped:<reason>` or `awaiting_release`; a prefix up to a `:` matches.
     explain: Option<BTreeMap<String, String>>,
+    /// Explain of a lead the quality gate refused: its reason (R2).
+    explain_rejected: Option<String>,
     /// Search hits (lead ids), in order.
     search: Option<Vec<String>>,
     /// Candidates (pro ids), in order, and the reason of an empty list.
@@ -705,6 +707,20 @@ impl Run {
                 check_eq("reject code", e.code(), code.as_str())?;
             }
             Outcome::Explained(Ok(x)) => {
+                let rejected = x.rejected.map(|r| format!("{r:?}"));
+                if let Some(want) = &ex.explain_rejected {
+                    let got = serde_json::to_value(x.rejected).unwrap();
+                    check!(
+                        got == serde_json::json!(want),
+                        "explain rejected: expected {want}, got {rejected:?}"
+                    );
+                    check!(
+                        x.entries.is_empty() && x.price == 0,
+                        "a refused lead has no entries and no price"
+                    );
+                } else {
+                    check!(rejected.is_none(), "explain: unexpected rejection {rejected:?}");
+                }
                 if let Some(want) = &ex.explain {
                     for (pro, outcome) in want {
                         let entry = x.entries.iter().find(|e| e.pro.as_str() == pro);

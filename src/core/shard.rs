@@ -1935,7 +1935,24 @@ impl Shard {
     /// R28 explain: for every pro of the shard, why it was or was not offered the lead,
     /// with its ranking inputs.
     pub fn explain(&self, lead: &LeadId) -> Result<Explanation, Reject> {
-        let st = self.leads.get(lead).ok_or_else(|| Reject::UnknownLead(lead.clone()))?;
+        let Some(st) = self.leads.get(lead) else {
+            // R2: a lead the quality gate refused is explained by its reason, for as long
+            // as its publish is remembered (`expires_at` = when it is forgotten).
+            let r = self.rejected.get(lead).ok_or_else(|| Reject::UnknownLead(lead.clone()))?;
+            return Ok(Explanation {
+                lead: lead.clone(),
+                price: 0,
+                price_components: None,
+                responders: 0,
+                max_responders: self.policy.max_responders,
+                generic_cap: 0,
+                release_at: None,
+                expires_at: r.forget_at.get().unwrap_or(0),
+                entries: Vec::new(),
+                skipped_unrecorded: 0,
+                rejected: Some(r.reason),
+            });
+        };
         let mut entries = Vec::new();
         let mut seen = BTreeSet::new();
         for o in &st.offers {
@@ -1981,6 +1998,7 @@ impl Shard {
             expires_at: st.expires_at,
             entries,
             skipped_unrecorded: st.skipped_more,
+            rejected: None,
         })
     }
 
@@ -2220,6 +2238,10 @@ pub struct Explanation {
     /// appear above as `turn_not_reached`).
     #[serde(default)]
     pub skipped_unrecorded: u64,
+    /// R2: the quality gate's reason, for a lead that was refused (then nothing else is
+    /// set: no price, no entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<RejectReason>,
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@ impl LeadIndex {
     pub fn on_event(&self, key: &ShardKey, ev: &Event) {
         match ev {
             Event::LeadAccepted { lead, .. } => self.insert(key, &lead.id),
+            // Indexed too, so `explain` can give the quality gate's reason (R2).
+            Event::LeadRejected { lead, .. } => self.insert(key, lead),
             Event::LeadForgotten { lead } => self.remove(&key.tenant, lead),
             _ => {}
         }
