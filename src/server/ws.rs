@@ -256,7 +256,9 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     let mut e = ApiError::new("rate_limited", "too many requests; retry later");
                     e.retry_after_ms = Some(retry);
                     m.overload_refusals.get("rate_limited").increment(1);
-                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), true).await.is_err() { break None; }
+                    // A flood is refused in batches: flushed once nothing more is waiting.
+                    let flush = unread_bytes(fd) == 0;
+                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), flush).await.is_err() { break None; }
                     continue;
                 }
                 let scope = env.request.scope();
