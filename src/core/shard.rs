@@ -2245,27 +2245,24 @@ pub struct Explanation {
 }
 
 #[cfg(test)]
-mod parking_tests {
+mod test_support {
+    //! Fixtures shared by this file's test modules: a one-shard tenant, its pros, leads.
     use super::*;
-    use crate::ids::{CategoryId, TenantId, ZoneId, DAY_MS};
+    use crate::ids::{CategoryId, TenantId, ZoneId};
 
-    const T0: Millis = 1_795_424_400_000;
+    pub const T0: Millis = 1_795_424_400_000;
 
-    fn shard() -> Shard {
+    /// The shard `t / bologna / painting` under the policy `toml`.
+    pub fn shard_with(toml: &str) -> Shard {
         let key = ShardKey {
             tenant: TenantId::new("t"),
             zone: ZoneId::new("bologna"),
             category: CategoryId::new("painting"),
         };
-        let policy = Policy::from_toml(
-            "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 1\nduplicate_window_s = 0\n\
-             [money]\ncharge_on = \"never\"\n",
-        )
-        .expect("test policy is valid");
-        Shard::new(key, Arc::new(policy))
+        Shard::new(key, Arc::new(Policy::from_toml(toml).expect("test policy is valid")))
     }
 
-    fn pro(id: &str) -> Pro {
+    pub fn pro(id: &str) -> Pro {
         Pro {
             id: ProId::new(id),
             categories: vec![CategoryId::new("painting")],
@@ -2279,7 +2276,7 @@ mod parking_tests {
         }
     }
 
-    fn lead(n: u32, now: Millis) -> Lead {
+    pub fn lead(n: u32, now: Millis) -> Lead {
         Lead {
             id: LeadId::new(format!("L{n}")),
             category: CategoryId::new("painting"),
@@ -2301,6 +2298,20 @@ mod parking_tests {
             kind: JobKind::Match,
             created_at: now,
         }
+    }
+}
+
+#[cfg(test)]
+mod parking_tests {
+    use super::test_support::*;
+    use super::*;
+    use crate::ids::DAY_MS;
+
+    fn shard() -> Shard {
+        shard_with(
+            "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 1\nduplicate_window_s = 0\n\
+             [money]\ncharge_on = \"never\"\n",
+        )
     }
 
     fn run(s: &mut Shard, log: &mut Vec<Event>, now: Millis, cmd: Command) -> Decision {
@@ -2393,61 +2404,15 @@ mod parking_tests {
 
 #[cfg(test)]
 mod expiry_tests {
+    use super::test_support::*;
     use super::*;
-    use crate::ids::{CategoryId, TenantId, ZoneId, HOUR_MS};
-
-    const T0: Millis = 1_795_424_400_000;
+    use crate::ids::HOUR_MS;
 
     fn shard() -> Shard {
-        let key = ShardKey {
-            tenant: TenantId::new("t"),
-            zone: ZoneId::new("bologna"),
-            category: CategoryId::new("painting"),
-        };
-        let policy = Policy::from_toml(
+        shard_with(
             "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 3\nresponse_window_s = 3600\n\
              duplicate_window_s = 0\n[money]\ncharge_on = \"never\"\n",
         )
-        .expect("test policy is valid");
-        Shard::new(key, Arc::new(policy))
-    }
-
-    fn pro(id: &str) -> Pro {
-        Pro {
-            id: ProId::new(id),
-            categories: vec![CategoryId::new("painting")],
-            zones: vec![ZoneId::new("bologna")],
-            base: None,
-            radius_km: None,
-            quality: Quality::default(),
-            refuses: vec![],
-            availability: Availability::default(),
-            autobuy: vec![],
-        }
-    }
-
-    fn lead(n: u32, now: Millis) -> Lead {
-        Lead {
-            id: LeadId::new(format!("L{n}")),
-            category: CategoryId::new("painting"),
-            zone: ZoneId::new("bologna"),
-            location: None,
-            description: "Tinteggiatura di un appartamento di 80 mq".into(),
-            details: Default::default(),
-            attributes: vec![],
-            client: Client {
-                id: ClientId::new(format!("c{n}")),
-                name: "Anna".into(),
-                phone: "+39 333".into(),
-                phone_verified: true,
-                contact: ContactPrefs { call: true, whatsapp: false, chat: true },
-                address: None,
-                pro_id: None,
-            },
-            direct: vec![],
-            kind: JobKind::Match,
-            created_at: now,
-        }
     }
 
     fn run(s: &mut Shard, now: Millis, cmd: Command) -> Vec<Event> {
