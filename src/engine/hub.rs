@@ -102,7 +102,7 @@ fn frame_around(enc: Encoding, seq: u64, body: &[u8]) -> Arc<[u8]> {
         match enc {
             Encoding::Json => {
                 buf.extend_from_slice(b"{\"type\":\"event\",\"seq\":");
-                buf.extend_from_slice(seq.to_string().as_bytes());
+                std::io::Write::write_fmt(buf, format_args!("{seq}")).expect("writing to a Vec never fails");
                 buf.extend_from_slice(b",\"event\":");
                 buf.extend_from_slice(body);
                 buf.push(b'}');
