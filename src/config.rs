@@ -27,7 +27,12 @@ pub struct RawConfig {
     pub clock: ClockMode,
     /// Start time of the manual clock, ms since the epoch; 0 = the wall clock at start.
     pub manual_clock_start_ms: i64,
+    /// Worker threads. Each serves a share of the websocket connections (round
+    /// robin), decides their requests inline under the shard's lock, and runs the
+    /// timers of a share of the shards. 0 = everything on the accepting thread.
     pub arbiters: usize,
+    /// Commands in flight per shard (deciding, or decided and waiting for the log);
+    /// beyond it requests get `overloaded` with a retry hint.
     pub mailbox_capacity: usize,
     pub shutdown_timeout_ms: u64,
     pub snapshot_interval_s: u64,

@@ -258,7 +258,13 @@ pub const ALL: &[MetricDef] = &[
     ),
     // Runtime.
     m(SHARDS_ALIVE, G, "shards", &[], "Shard actors running."),
-    m(MAILBOX_DEPTH_MAX, G, "messages", &[], "Deepest shard mailbox at the last sample."),
+    m(
+        MAILBOX_DEPTH_MAX,
+        G,
+        "messages",
+        &[],
+        "Most commands in flight on one shard (deciding or waiting for the log) at the last sample.",
+    ),
     m(OVERLOAD_REFUSALS, C, "requests", &["reason"], "Requests refused because a bounded queue was full."),
     // WAL.
     m(WAL_BYTES_WRITTEN, C, "bytes", &[], "Bytes appended to the write-ahead log."),

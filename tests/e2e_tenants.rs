@@ -355,7 +355,9 @@ async fn r21_r24_a_budget_allows_three_of_four_slots_and_a_paused_config_resumes
 #[tokio::test(flavor = "current_thread")]
 async fn r5_on_the_wall_clock_the_head_start_timer_fires_by_itself() {
     // A tenant whose head start is one second, on the real clock: the generic release
-    // must come from the shard's own timer, with no request to trigger it.
+    // must come from the shard's own timer, with no request to trigger it. A lead
+    // published first arms the timer for a later deadline (its expiry); the head
+    // start's earlier deadline must re-arm it.
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 1024);
     let policy = dir.path().join("prontopro.toml");
@@ -373,6 +375,11 @@ async fn r5_on_the_wall_clock_the_head_start_timer_fires_by_itself() {
         c.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 50})).await;
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut first = lead_in("W0", "bologna", true);
+    first["client"]["id"] = json!("client-w0");
+    first["created_at"] = json!(now);
+    let out = c.ok(json!({"type": "publish_lead", "lead": first})).await;
+    assert_eq!(out["offers"].as_array().unwrap().len(), 2, "no direct target, no head start: {out}");
     let mut l = lead_in("W1", "bologna", true);
     l["direct"] = json!(["p1"]);
     l["created_at"] = json!(now);
@@ -381,7 +388,10 @@ async fn r5_on_the_wall_clock_the_head_start_timer_fires_by_itself() {
     // Wait (bounded by the client's 20 s receive deadline) for the generic offer.
     loop {
         let ev = s.events(1).await;
-        if ev[0]["event"]["event"] == "offered" && ev[0]["event"]["kind"] == "generic" {
+        if ev[0]["event"]["event"] == "offered"
+            && ev[0]["event"]["lead"] == "W1"
+            && ev[0]["event"]["kind"] == "generic"
+        {
             assert_eq!(ev[0]["event"]["pro"], "p2");
             assert!(ev[0]["event"]["at"].as_i64().unwrap() >= now + 1000, "not before the head start ends");
             break;

@@ -1,11 +1,20 @@
-//! The shard actor: one per `(tenant, zone, category)`, wrapping the pure core.
+//! Shard execution: one `(tenant, zone, category)` shard's state behind a mutex, the
+//! pure core run on it, and one actor per shard for its timers.
 //!
-//! For every command: decide -> execute money intents on the ledger -> append the
-//! record to the WAL -> apply -> and, only in the WAL's durability callback, reply
-//! and publish. Applying before the record is durable is safe because the WAL is one
-//! ordered log: a later decision that saw this state is logged after it, so it can
-//! never survive a crash that this one did not. Nothing outside learns about either
-//! before it is durable.
+//! For every command: decide -> execute money intents on the ledger -> apply -> append
+//! the record to the WAL -> and, only in the WAL's durability callback, reply and
+//! publish. Applying before the record is durable is safe because the WAL is one
+//! ordered log: a later decision that saw this state is logged after it (the record is
+//! appended before the shard's lock is released), so it can never survive a crash that
+//! this one did not. Nothing outside learns about either before it is durable.
+//!
+//! Requests run [`execute`] inline on the gateway thread that decoded them (no
+//! cross-thread hop before the decision; DESIGN.md section 6): the shard's mutex
+//! serialises them, in the order they take it. The [`ShardActor`] lives on an arbiter
+//! and owns the shard's timer: it runs `Tick` when the earliest deadline passes. An
+//! inline command that brings the earliest deadline forward tells the actor
+//! ([`Rearm`]); `armed_at` is read and written only under the shard's lock, so a
+//! deadline is never missed between the two.
 
 use super::hub::Prepared;
 use super::record::{self, WalRecord, RECORD_KIND};
@@ -15,12 +24,16 @@ use crate::ids::{Millis, ShardKey};
 use crate::protocol::{ApiError, StreamEvent};
 use actix::prelude::*;
 use parking_lot::Mutex;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub type Responder = tokio::sync::oneshot::Sender<Result<ShardReply, ApiError>>;
 
-/// Run one command on the shard.
+/// `armed_at` when no timer is armed.
+pub const NOT_ARMED: Millis = Millis::MAX;
+
+/// Run one command on the shard's actor (shutdown's drain tick).
 pub struct Exec {
     pub cmd: Command,
     pub reply: Option<Responder>,
@@ -31,115 +44,49 @@ impl Message for Exec {
     type Result = ();
 }
 
-pub struct ShardActor {
+/// The shard's earliest deadline may have moved forward: re-arm the timer.
+pub struct Rearm;
+
+impl Message for Rearm {
+    type Result = ();
+}
+
+/// One shard: its state and what its timer and its inline callers share.
+pub struct ShardCell {
     pub key: ShardKey,
     pub state: Arc<Mutex<Shard>>,
-    pub engine: Engine,
-    /// Commands queued for this actor (see `ShardHandle::depth`).
-    depth: Arc<std::sync::atomic::AtomicUsize>,
+    /// The deadline the actor's timer is armed for ([`NOT_ARMED`] if none). Only
+    /// touched while `state` is locked.
+    pub armed_at: AtomicI64,
+    /// Commands taken and not answered yet (deciding, or waiting for durability):
+    /// bounded by `mailbox_capacity`, beyond which requests are `overloaded`.
+    pub depth: AtomicUsize,
+    /// The shard's timer actor (set once it is started).
+    pub timer: OnceLock<Addr<ShardActor>>,
+}
+
+impl ShardCell {
+    pub fn new(key: ShardKey, shard: Shard) -> Self {
+        Self {
+            key,
+            state: Arc::new(Mutex::new(shard)),
+            armed_at: AtomicI64::new(NOT_ARMED),
+            depth: AtomicUsize::new(0),
+            timer: OnceLock::new(),
+        }
+    }
+}
+
+pub struct ShardActor {
+    cell: Arc<ShardCell>,
+    engine: Engine,
     /// The deadline the armed timer fires for, if any.
     armed: Option<(Millis, SpawnHandle)>,
 }
 
 impl ShardActor {
-    pub fn new(
-        key: ShardKey,
-        state: Arc<Mutex<Shard>>,
-        depth: Arc<std::sync::atomic::AtomicUsize>,
-        engine: Engine,
-    ) -> Self {
-        Self { key, state, engine, depth, armed: None }
-    }
-
-    fn run(&mut self, cmd: &Command, reply: Option<Responder>, received: Instant) {
-        let engine = self.engine.clone();
-        let inner = &engine.inner;
-        // Held for the whole decide -> log -> apply step, so a snapshot never sees a
-        // half-applied decision.
-        let _gate = inner.gate.read();
-        let now = inner.clock.now();
-        let mut shard = self.state.lock();
-        let funds = super::money::LedgerFunds { ledger: &inner.ledger, tenant: &self.key.tenant };
-        let started = Instant::now();
-        let decided = shard.decide(now, cmd, &funds);
-        inner.metrics.decide_seconds(started.elapsed());
-        let decision = match decided {
-            Ok(d) => d,
-            Err(r) => {
-                inner.metrics.refused(&self.key.tenant, r.code());
-                if let Some(tx) = reply {
-                    let _ = tx.send(Err(r.into()));
-                }
-                return;
-            }
-        };
-        let mut events = decision.events;
-        let money = match super::money::execute(&shard, &inner.ledger, &self.key.tenant, &mut events) {
-            Ok(m) => m,
-            Err(r) => {
-                inner.metrics.refused(&self.key.tenant, r.code());
-                if let Some(tx) = reply {
-                    let _ = tx.send(Err(r.into()));
-                }
-                return;
-            }
-        };
-        if events.is_empty() && money.is_empty() {
-            // Nothing new (an idempotent repeat): answer once everything logged
-            // before is durable, so a repeat never overtakes the original's ack.
-            engine.after_durable(Box::new(move |res| {
-                if let Some(tx) = reply {
-                    let _ = tx.send(res.map(|_| ShardReply { reply: decision.reply }));
-                }
-            }));
-            return;
-        }
-        let mut stream: Vec<StreamEvent> = Vec::new();
-        for ev in &events {
-            record::shard_stream_events(&shard, ev, &mut stream);
-            shard.apply(ev);
-            engine.index_event(&self.key, ev);
-        }
-        record::money_stream_events(&money, &mut stream);
-        inner.metrics.events(&self.key.tenant, &events, &money);
-        let rec = WalRecord::Shard { key: self.key.clone(), events, money };
-        let bytes = record::encode(&rec);
-        drop(shard);
-        let hub = engine.hub(&self.key.tenant);
-        let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
-        // Encoded here, on the shard's thread, rather than by the gateway.
-        let stream: Vec<Prepared> = match &hub {
-            Some(h) => stream.into_iter().map(|e| Prepared::for_hub(e, h)).collect(),
-            None => Vec::new(),
-        };
-        let metrics = inner.metrics.clone();
-        let tenant = self.key.tenant.clone();
-        engine.append(
-            vec![(RECORD_KIND, bytes)],
-            Box::new(move |res| {
-                match res {
-                    Ok(_) => {
-                        metrics.durable_seconds(received.elapsed());
-                        if let Some(h) = &hub {
-                            h.publish(stream);
-                        }
-                        if offers {
-                            // Handed to every subscriber's queue.
-                            metrics.delivered_seconds(received.elapsed());
-                        }
-                        if let Some(tx) = reply {
-                            let _ = tx.send(Ok(ShardReply { reply: decision.reply }));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(tenant = %tenant, error = %e, "WAL append failed; decision not acknowledged");
-                        if let Some(tx) = reply {
-                            let _ = tx.send(Err(super::wal_api_error(e)));
-                        }
-                    }
-                }
-            }),
-        );
+    pub fn new(cell: Arc<ShardCell>, engine: Engine) -> Self {
+        Self { cell, engine, armed: None }
     }
 
     /// Arms one timer for the shard's next deadline (only on the wall clock; a
@@ -148,7 +95,13 @@ impl ShardActor {
         if self.engine.inner.clock.is_manual() {
             return;
         }
-        let Some(next) = self.state.lock().next_deadline() else {
+        let next = {
+            let shard = self.cell.state.lock();
+            let next = shard.next_deadline();
+            self.cell.armed_at.store(next.unwrap_or(NOT_ARMED), Ordering::Release);
+            next
+        };
+        let Some(next) = next else {
             if let Some((_, h)) = self.armed.take() {
                 ctx.cancel_future(h);
             }
@@ -164,7 +117,7 @@ impl ShardActor {
         let delay = Duration::from_millis(next.saturating_sub(now).max(0) as u64);
         let h = ctx.run_later(delay, |act, ctx| {
             act.armed = None;
-            act.run(&Command::Tick, None, Instant::now());
+            execute(&act.engine, &act.cell, &Command::Tick, None, Instant::now(), false);
             act.arm(ctx);
         });
         self.armed = Some((next, h));
@@ -184,9 +137,126 @@ impl Handler<Exec> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, msg: Exec, ctx: &mut Self::Context) {
-        self.depth.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        self.run(&msg.cmd, msg.reply, msg.received);
+        execute(&self.engine, &self.cell, &msg.cmd, msg.reply, msg.received, false);
         self.arm(ctx);
+    }
+}
+
+impl Handler<Rearm> for ShardActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Rearm, ctx: &mut Self::Context) {
+        self.arm(ctx);
+    }
+}
+
+/// Runs one command on a shard, on the calling thread: decide, money, apply, append.
+/// `reply` hears back once the record is durable (or at once if refused). With
+/// `inline` (not on the shard's actor), the actor is told when the shard's earliest
+/// deadline moved before the one its timer is armed for.
+pub fn execute(
+    engine: &Engine,
+    cell: &ShardCell,
+    cmd: &Command,
+    reply: Option<Responder>,
+    received: Instant,
+    inline: bool,
+) {
+    let inner = &engine.inner;
+    let key = &cell.key;
+    // Held for the whole decide -> log -> apply step, so a snapshot never sees a
+    // half-applied decision.
+    let _gate = inner.gate.read();
+    let now = inner.clock.now();
+    let mut shard = cell.state.lock();
+    let funds = super::money::LedgerFunds { ledger: &inner.ledger, tenant: &key.tenant };
+    let started = Instant::now();
+    let decided = shard.decide(now, cmd, &funds);
+    inner.metrics.decide_seconds(started.elapsed());
+    let decision = match decided {
+        Ok(d) => d,
+        Err(r) => {
+            inner.metrics.refused(&key.tenant, r.code());
+            if let Some(tx) = reply {
+                let _ = tx.send(Err(r.into()));
+            }
+            return;
+        }
+    };
+    let mut events = decision.events;
+    let money = match super::money::execute(&shard, &inner.ledger, &key.tenant, &mut events) {
+        Ok(m) => m,
+        Err(r) => {
+            inner.metrics.refused(&key.tenant, r.code());
+            if let Some(tx) = reply {
+                let _ = tx.send(Err(r.into()));
+            }
+            return;
+        }
+    };
+    if events.is_empty() && money.is_empty() {
+        drop(shard);
+        // Nothing new (an idempotent repeat): answer once everything logged
+        // before is durable, so a repeat never overtakes the original's ack.
+        engine.after_durable(Box::new(move |res| {
+            if let Some(tx) = reply {
+                let _ = tx.send(res.map(|_| ShardReply { reply: decision.reply }));
+            }
+        }));
+        return;
+    }
+    let mut stream: Vec<StreamEvent> = Vec::new();
+    for ev in &events {
+        record::shard_stream_events(&shard, ev, &mut stream);
+        shard.apply(ev);
+        engine.index_event(key, ev);
+    }
+    record::money_stream_events(&money, &mut stream);
+    inner.metrics.events(&key.tenant, &events, &money);
+    let rec = WalRecord::Shard { key: key.clone(), events, money };
+    let bytes = record::encode(&rec);
+    let hub = engine.hub(&key.tenant);
+    let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
+    // Encoded here, on the deciding thread, rather than per subscriber.
+    let stream: Vec<Prepared> = match &hub {
+        Some(h) => stream.into_iter().map(|e| Prepared::for_hub(e, h)).collect(),
+        None => Vec::new(),
+    };
+    let metrics = inner.metrics.clone();
+    let tenant = key.tenant.clone();
+    // Appended under the shard's lock: the WAL holds this shard's records in the
+    // order they were decided.
+    engine.append(
+        vec![(RECORD_KIND, bytes)],
+        Box::new(move |res| match res {
+            Ok(_) => {
+                metrics.durable_seconds(received.elapsed());
+                if let Some(h) = &hub {
+                    h.publish(stream);
+                }
+                if offers {
+                    // Handed to every subscriber's queue.
+                    metrics.delivered_seconds(received.elapsed());
+                }
+                if let Some(tx) = reply {
+                    let _ = tx.send(Ok(ShardReply { reply: decision.reply }));
+                }
+            }
+            Err(e) => {
+                tracing::error!(tenant = %tenant, error = %e, "WAL append failed; decision not acknowledged");
+                if let Some(tx) = reply {
+                    let _ = tx.send(Err(super::wal_api_error(e)));
+                }
+            }
+        }),
+    );
+    if let (true, Some(addr), Some(next)) = (inline, cell.timer.get(), shard.next_deadline()) {
+        if !inner.clock.is_manual() && next < cell.armed_at.load(Ordering::Acquire) {
+            cell.armed_at.store(next, Ordering::Release);
+            // Queued even past the mailbox capacity; sent only when this lowers
+            // `armed_at`, so at most one per new earliest deadline.
+            addr.do_send(Rearm);
+        }
     }
 }
 

@@ -2,10 +2,11 @@
 //! recovery, snapshots and the per-tenant stream hubs.
 //!
 //! ```text
-//! gateway --request--> Engine::request --try_send--> ShardActor (arbiter thread)
-//!                                                     decide, money, append, apply
-//!                                                     WAL writer thread: group commit
-//!                                           <--reply-- durability callback --publish--> StreamHub
+//! gateway thread --request--> Engine::request --> actor::execute (under the shard's lock)
+//!                                                  decide, money, apply, append
+//!                                                  WAL writer thread: group commit
+//!                                       <--reply-- durability callback --publish--> StreamHub
+//! ShardActor (arbiter thread): the shard's timer, runs Tick at its earliest deadline
 //! ```
 //!
 //! Ordering promise: a reply or a stream event leaves rota only from a WAL
@@ -28,7 +29,7 @@ use crate::ledger::{BudgetName, Ledger, LedgerError, LedgerSnapshot, OpId, Recei
 use crate::protocol::{ApiError, BalanceWire, OkResult, Request, Scope, StreamEvent};
 use crate::wal::{Fs, RealFs, Replayed, Wal, WalError};
 use actix::prelude::*;
-use actor::{Exec, ShardActor};
+use actor::{Exec, ShardActor, ShardCell};
 use chrono::{Datelike, TimeZone};
 use dashmap::DashMap;
 use hub::StreamHub;
@@ -49,13 +50,14 @@ pub struct ShardReply {
     pub reply: CoreReply,
 }
 
-struct ShardHandle {
-    addr: Addr<ShardActor>,
-    state: Arc<Mutex<Shard>>,
-    /// Commands sent and not yet taken by the actor. This is the mailbox bound: actix
-    /// gives every `Addr` clone a slot of its own beyond the mailbox capacity, so its
-    /// capacity alone does not bound the queue.
-    depth: Arc<AtomicUsize>,
+/// Gives back a slot of a shard's in-flight bound when the request ends, however
+/// it ends (answered, or its connection gone).
+struct InFlight(Arc<ShardCell>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.depth.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub struct Tenant {
@@ -74,7 +76,7 @@ pub struct Inner {
     tenant_limits: FxHashMap<TenantId, governor::DefaultDirectRateLimiter>,
     /// Each tenant's order requests (R25-R27): one book, decided under its lock.
     orders: FxHashMap<TenantId, Mutex<OrderBook>>,
-    shards: DashMap<ShardKey, ShardHandle, FxBuildHasher>,
+    shards: DashMap<ShardKey, Arc<ShardCell>, FxBuildHasher>,
     /// Pro directory: the current profile of every pro (which shards it covers).
     pros: DashMap<(TenantId, ProId), Arc<Pro>, FxBuildHasher>,
     /// Which shard holds a lead (offer actions name only the lead).
@@ -85,6 +87,7 @@ pub struct Inner {
     /// False when the actors run on the gateway's own arbiter (not ours to stop).
     own_arbiters: bool,
     next_arbiter: AtomicUsize,
+    next_worker: AtomicUsize,
     pub ready: Arc<AtomicBool>,
     stopping: AtomicBool,
 }
@@ -187,8 +190,8 @@ impl Engine {
         if let Some(e) = rec.error.take() {
             return Err(e);
         }
-        // `arbiters = 0`: shard actors share the gateway's thread (no cross-thread hop
-        // per request; DESIGN.md section 6). Otherwise, that many dedicated threads.
+        // The worker threads: connections, inline decisions, shard timers (see
+        // `config::RawConfig::arbiters`). `arbiters = 0`: all on the accepting thread.
         let arbiters: Vec<ArbiterHandle> = match cfg.raw.arbiters {
             0 => vec![Arbiter::current()],
             n => (0..n).map(|_| Arbiter::new().handle()).collect(),
@@ -242,6 +245,7 @@ impl Engine {
             arbiters,
             own_arbiters,
             next_arbiter: AtomicUsize::new(0),
+            next_worker: AtomicUsize::new(0),
             ready,
             stopping: AtomicBool::new(false),
             cfg,
@@ -306,25 +310,32 @@ impl Engine {
     }
 
     /// Starts the actor of a shard on the next arbiter (round robin).
-    fn new_handle(&self, key: &ShardKey, shard: Shard) -> ShardHandle {
-        let state = Arc::new(Mutex::new(shard));
-        let depth = Arc::new(AtomicUsize::new(0));
+    fn new_cell(&self, key: &ShardKey, shard: Shard) -> Arc<ShardCell> {
+        let cell = Arc::new(ShardCell::new(key.clone(), shard));
         let i = self.inner.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
-        let actor = ShardActor::new(key.clone(), state.clone(), depth.clone(), self.clone());
+        let actor = ShardActor::new(cell.clone(), self.clone());
         let addr = ShardActor::start_in_arbiter(&self.inner.arbiters[i], move |_| actor);
-        ShardHandle { addr, state, depth }
+        let _ = cell.timer.set(addr);
+        cell
+    }
+
+    /// The worker thread for the next connection (round robin over the arbiters;
+    /// with `arbiters = 0`, the gateway's own thread).
+    pub fn next_worker(&self) -> &ArbiterHandle {
+        let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
+        &self.inner.arbiters[i]
     }
 
     fn spawn_shard(&self, key: ShardKey, shard: Shard) {
-        let h = self.new_handle(&key, shard);
-        self.inner.shards.insert(key, h);
+        let c = self.new_cell(&key, shard);
+        self.inner.shards.insert(key, c);
         self.inner.metrics.shards_alive(self.inner.shards.len());
     }
 
-    /// The shard's address and mailbox depth counter, creating the shard on first use.
-    fn shard_addr(&self, key: &ShardKey) -> Result<(Addr<ShardActor>, Arc<AtomicUsize>), ApiError> {
+    /// The shard, created on first use.
+    fn shard_cell(&self, key: &ShardKey) -> Result<Arc<ShardCell>, ApiError> {
         if let Some(h) = self.inner.shards.get(key) {
-            return Ok((h.addr.clone(), h.depth.clone()));
+            return Ok(h.clone());
         }
         let policy = self
             .inner
@@ -339,8 +350,8 @@ impl Engine {
             .inner
             .shards
             .entry(key.clone())
-            .or_insert_with(|| self.new_handle(key, Shard::new(key.clone(), policy)));
-        let out = (h.addr.clone(), h.depth.clone());
+            .or_insert_with(|| self.new_cell(key, Shard::new(key.clone(), policy)));
+        let out = h.clone();
         drop(h);
         self.inner.metrics.shards_alive(self.inner.shards.len());
         Ok(out)
@@ -350,19 +361,18 @@ impl Engine {
         self.inner.shards.get(key).map(|h| h.state.clone())
     }
 
-    /// Runs one command on its shard; resolves once the result is durable.
+    /// Runs one command on its shard, on this thread (see [`actor`]); resolves once
+    /// the result is durable.
     pub async fn exec(&self, key: ShardKey, cmd: Command) -> Result<CoreReply, ApiError> {
-        let (addr, depth) = self.shard_addr(&key)?;
-        if depth.fetch_add(1, Ordering::AcqRel) >= self.inner.cfg.raw.mailbox_capacity {
-            depth.fetch_sub(1, Ordering::AcqRel);
+        let cell = self.shard_cell(&key)?;
+        if cell.depth.fetch_add(1, Ordering::AcqRel) >= self.inner.cfg.raw.mailbox_capacity {
+            cell.depth.fetch_sub(1, Ordering::AcqRel);
             self.inner.metrics.overloaded(&key.tenant);
             return Err(ApiError::overloaded(50));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if addr.try_send(Exec { cmd, reply: Some(tx), received: Instant::now() }).is_err() {
-            depth.fetch_sub(1, Ordering::AcqRel);
-            return Err(ApiError::unavailable("the shard is shutting down"));
-        }
+        actor::execute(self, &cell, &cmd, Some(tx), Instant::now(), true);
+        let _slot = InFlight(cell);
         match rx.await {
             Ok(r) => r.map(|s| s.reply),
             Err(_) => Err(ApiError::unavailable("the request was dropped (shutdown or WAL failure)")),
@@ -817,10 +827,7 @@ impl Engine {
         // the mailbox is drained.
         let keys: Vec<ShardKey> = self.inner.shards.iter().map(|e| e.key().clone()).collect();
         for key in keys {
-            let addr = self.inner.shards.get(&key).map(|h| {
-                h.depth.fetch_add(1, Ordering::AcqRel);
-                h.addr.clone()
-            });
+            let addr = self.inner.shards.get(&key).and_then(|h| h.timer.get().cloned());
             if let Some(addr) = addr {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 if addr

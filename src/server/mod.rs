@@ -68,7 +68,7 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
         health: std::sync::Arc::new(move || health_engine.health()),
     };
     actix_rt::spawn(admin::serve_admin(admin, state, stop_rx.clone()));
-    actix_rt::spawn(ws::serve(listener, engine.clone(), stop_rx.clone()));
+    let gateway = actix_rt::spawn(ws::serve(listener, engine.clone(), stop_rx.clone()));
     eprintln!("  metrics and health on http://{admin_local}/metrics, /livez, /readyz");
     eprintln!(
         "rota {} listening on ws://{local} (data in {})",
@@ -130,8 +130,9 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
     eprintln!("rota: shutting down (send the signal again to force)");
     let _ = stop_tx.send(true);
     let graceful = async {
-        // Let connection tasks answer in-flight requests and close their streams.
-        tokio::task::yield_now().await;
+        // Connections (on the worker threads) answer what is in flight and close
+        // their streams before the workers stop.
+        let _ = gateway.await;
         engine.shutdown().await
     };
     tokio::select! {

@@ -42,9 +42,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 pub const CLOSE_HEARTBEAT: u16 = 4000;
 pub const CLOSE_SLOW: u16 = 4008;
 
-/// Accepts connections until `shutdown` turns true.
+/// Accepts connections until `shutdown` turns true, then waits (at most
+/// `CLOSE_WAIT`) for the open ones to answer what they have in flight and close.
 pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::Receiver<bool>) {
-    let limit = Arc::new(Semaphore::new(engine.inner.cfg.raw.max_connections));
+    let max = engine.inner.cfg.raw.max_connections;
+    let limit = Arc::new(Semaphore::new(max));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -66,12 +68,38 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
         let _ = stream.set_nodelay(true);
         let engine = engine.clone();
         let shutdown = shutdown.clone();
-        actix_rt::spawn(async move {
-            connection(stream, engine, shutdown).await;
-            drop(permit);
+        // Each connection lives on one worker thread, round robin, and its requests
+        // are decided there. The socket moves to that thread's own reactor, so its
+        // readiness never wakes this one.
+        let worker = engine.next_worker().clone();
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not hand a connection to its worker");
+                continue;
+            }
+        };
+        worker.spawn_fn(move || {
+            let stream = match TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not register a connection with its worker");
+                    return;
+                }
+            };
+            actix_rt::spawn(async move {
+                connection(stream, engine, shutdown).await;
+                drop(permit);
+            });
         });
     }
+    drop(listener);
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(CLOSE_WAIT, limit.acquire_many(all)).await;
 }
+
+/// How long a shutdown waits for connections to close before stopping the workers.
+const CLOSE_WAIT: Duration = Duration::from_secs(6);
 
 struct Session {
     tenant: TenantId,
