@@ -312,6 +312,50 @@ async fn r25_r26_order_request_in_a_night_window_is_approved_by_a_custom_offer_a
     assert_eq!(r["code"], "unknown_order_request", "{r}");
 }
 
+/// R25-R27 retention end to end: an order that ended is forgotten by the clock tick
+/// `orders.idempotency_retention_s` (7 days in prontopro.toml) after it ended, streamed
+/// as a fact, and stays forgotten after a restart (WAL replay); its client stays a
+/// returning client.
+#[tokio::test(flavor = "current_thread")]
+async fn r25_r27_ended_orders_are_forgotten_after_the_retention_and_stay_forgotten_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, T0);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let mut stream = Client::connect(&d.addr, "pp-token", true).await;
+    stream.ok(json!({"type": "subscribe"})).await;
+    let order = |command: serde_json::Value| json!({"type": "order", "command": command});
+    let auto = json!({"mode": "auto_accept"});
+    c.ok(order(json!({"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": auto}))).await;
+    let placement =
+        |client: &str| json!({"pro": "s1", "client": client, "service": "logo", "package": "basic"});
+    c.ok(order(json!({"type": "place_order", "order": "o1", "placement": placement("k1")}))).await;
+    let cancel = order(json!({"type": "cancel_order", "order": "o1"}));
+    c.ok(cancel.clone()).await;
+    // A millisecond before the retention ends, a retried cancel is still recognised.
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR - 1})).await;
+    assert_eq!(c.ok(cancel.clone()).await["reply"], "order_cancelled");
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR})).await;
+    let (r, _) = c.call(cancel.clone()).await;
+    assert_eq!(r["code"], "unknown_order", "{r}");
+    let evs = stream.events(4).await;
+    assert_eq!(evs[3]["event"]["fact"]["type"], "order_forgotten", "{evs:?}");
+    drop(c);
+    drop(stream);
+    assert_eq!(d.stop(), 0);
+    let d = Daemon::start_at(dir.path(), &cfg, T0 + 7 * 24 * HOUR);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let (r, _) = c.call(cancel).await;
+    assert_eq!(r["code"], "unknown_order", "{r}");
+    // R25: k1 ordered before (its order is forgotten): still not a new client.
+    let mode = json!({"mode": "approval_required", "audience": "new_clients"});
+    c.ok(order(json!({"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": mode}))).await;
+    let r = c.ok(order(json!({"type": "place_order", "order": "o2", "placement": placement("k1")}))).await;
+    assert_eq!(r["reply"], "order_placed", "{r}");
+    let r = c.ok(order(json!({"type": "place_order", "order": "o3", "placement": placement("k2")}))).await;
+    assert_eq!(r["reply"], "request_pending", "{r}");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn r21_r24_a_budget_allows_three_of_four_slots_and_a_paused_config_resumes_mid_week_with_a_recharge() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use rota::core::orders::*;
 use rota::core::{Availability, Policy, Weekday, WeeklyInterval, WeeklyWindows};
 use rota::ids::{CategoryId, ClientId, Millis, ProId, HOUR_MS, MINUTE_MS};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Wall-clock time in Rome as Unix ms (`single()`: the tests avoid ambiguous times).
 fn rome(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> Millis {
@@ -385,7 +385,8 @@ fn r26_unanswered_request_expires_after_the_policy_ttl() {
     assert_eq!(w.book.request(&OrderId::new("r1")).unwrap().status, RequestStatus::Pending);
     w.ok(t0() + HOUR_MS, OrderCommand::Tick);
     assert_eq!(w.book.request(&OrderId::new("r1")).unwrap().status, RequestStatus::Expired);
-    assert_eq!(w.book.next_deadline(), None);
+    // Nothing left to expire; the next deadline is forgetting it (7 days by default).
+    assert_eq!(w.book.next_deadline(), Some(t0() + HOUR_MS + 7 * 24 * HOUR_MS));
     let e = w.run(t0() + HOUR_MS, approve("r1", terms("co1", 100, None))).unwrap_err();
     assert_eq!(e.code(), "order_request_expired");
     let s = w.stats();
@@ -496,6 +497,294 @@ fn r27_a_paused_pro_is_unavailable_too_but_outside_its_schedule_is_not() {
     let r = |id: &str| w.book.request(&OrderId::new(id)).unwrap().counts;
     assert!(!r("r1"), "paused: does not count");
     assert!(r("r2"), "outside working hours: counts");
+}
+
+// ---------------------------------------------------------------------------------
+// Retention: ended records are forgotten after `orders.idempotency_retention_s`
+// ---------------------------------------------------------------------------------
+
+const DAY_MS: Millis = 24 * HOUR_MS;
+
+/// The default retention of `orders.idempotency_retention_s`: 7 days.
+const RETENTION: Millis = 7 * DAY_MS;
+
+fn cancel(order: &str) -> OrderCommand {
+    OrderCommand::CancelOrder { order: OrderId::new(order) }
+}
+
+fn has_request(w: &World, id: &str) -> bool {
+    w.book.request(&OrderId::new(id)).is_some()
+}
+
+fn has_offer(w: &World, id: &str) -> bool {
+    w.book.custom_offer(&CustomOfferId::new(id)).is_some()
+}
+
+fn has_order(w: &World, id: &str) -> bool {
+    w.book.order(&OrderId::new(id)).is_some()
+}
+
+/// A book with one chain of every shape, ended at `t` unless said otherwise:
+/// * `r1` declined;
+/// * `r2` approved with `co2`, accepted as `ord2`, cancelled at `t + 1 min`;
+/// * `co3` sent with an expiry at `t + 1 h`, recorded expired by a tick then;
+/// * `o4` placed directly (anna holds `co6`), cancelled;
+/// * live, never forgotten: `r5` approved with `co5`, accepted as `ord5` (active);
+///   `co6` open without expiry; `r7` pending.
+fn world_with_every_chain() -> World {
+    let mut w = World::with_mode(approval(Audience::AllClients, None, None));
+    let t = t0();
+    w.place(t, "r1", "anna", "basic");
+    w.ok(t, decline("r1"));
+    w.place(t, "r2", "bruno", "basic");
+    w.ok(t, approve("r2", terms("co2", 100, None)));
+    w.ok(t, accept("co2", "ord2"));
+    w.ok(t + MINUTE_MS, cancel("ord2"));
+    w.ok(t, send_offer("carla", terms("co3", 300, Some(t + HOUR_MS))));
+    w.ok(t, send_offer("anna", terms("co6", 600, None)));
+    assert!(matches!(via(&w.place(t, "o4", "anna", "basic")), OrderVia::HeldCustomOffer { .. }));
+    w.ok(t, cancel("o4"));
+    w.place(t, "r5", "dario", "basic");
+    w.ok(t, approve("r5", terms("co5", 500, None)));
+    w.ok(t, accept("co5", "ord5"));
+    w.place(t, "r7", "elena", "basic");
+    w.ok(t + HOUR_MS, OrderCommand::Tick);
+    assert_eq!(w.book.custom_offer(&CustomOfferId::new("co3")).unwrap().status, CustomOfferStatus::Expired);
+    w
+}
+
+/// R26 (retention): an ended chain is forgotten by the first tick at or after
+/// `ended + orders.idempotency_retention_s`, never before; live records stay.
+#[test]
+fn r26_ended_records_are_forgotten_after_the_retention_and_not_before() {
+    let mut w = world_with_every_chain();
+    let t = t0();
+    let held = w.book.len();
+    // One millisecond early: nothing is forgotten (r7's expiry is recorded).
+    w.ok(t + RETENTION - 1, OrderCommand::Tick);
+    assert_eq!(w.book.len(), held);
+    assert_eq!(w.book.next_deadline(), Some(t + RETENTION));
+    let r7 = w.book.request(&OrderId::new("r7")).unwrap();
+    assert_eq!((r7.status, r7.expired_at), (RequestStatus::Expired, Some(t + RETENTION - 1)));
+    // At the retention: the chains that ended at `t` (r1; o4).
+    let before = w.log.len();
+    w.ok(t + RETENTION, OrderCommand::Tick);
+    let names: Vec<&str> = w.log[before..].iter().map(|e| e.name()).collect();
+    assert_eq!(names, ["order_request_forgotten", "order_forgotten"]);
+    assert!(!has_request(&w, "r1") && !has_order(&w, "o4"));
+    assert!(has_request(&w, "r2") && has_offer(&w, "co2") && has_order(&w, "ord2"));
+    // r2's chain ended when ord2 was cancelled, a minute later: all three go together.
+    w.ok(t + MINUTE_MS + RETENTION - 1, OrderCommand::Tick);
+    assert!(has_request(&w, "r2"));
+    w.ok(t + MINUTE_MS + RETENTION, OrderCommand::Tick);
+    assert!(!has_request(&w, "r2") && !has_offer(&w, "co2") && !has_order(&w, "ord2"));
+    // co3 ended when the tick recorded its expiry.
+    assert!(has_offer(&w, "co3"));
+    w.ok(t + HOUR_MS + RETENTION, OrderCommand::Tick);
+    assert!(!has_offer(&w, "co3"));
+    // r7 ended when the tick recorded its expiry, not at its respond_by.
+    w.ok(t + 2 * RETENTION - 2, OrderCommand::Tick);
+    assert!(has_request(&w, "r7"));
+    w.ok(t + 2 * RETENTION - 1, OrderCommand::Tick);
+    assert!(!has_request(&w, "r7"));
+    // Live records are never forgotten: the active order keeps its request and offer.
+    w.ok(t + 400 * DAY_MS, OrderCommand::Tick);
+    assert!(has_request(&w, "r5") && has_offer(&w, "co5") && has_order(&w, "ord5") && has_offer(&w, "co6"));
+    assert_eq!(w.book.len(), 4, "r5, co5, ord5, co6");
+    // Nothing of the forgotten records is left to do.
+    assert_eq!(w.book.next_deadline(), None);
+    // A repeated tick has nothing more to forget.
+    let d = w.book.decide(t + 400 * DAY_MS, &OrderCommand::Tick).unwrap();
+    assert!(d.events.is_empty(), "{:?}", d.events);
+}
+
+/// R26 (retention): the period is the tenant policy's `orders.idempotency_retention_s`.
+#[test]
+fn r26_retention_follows_the_tenant_policy() {
+    let policy =
+        Policy::from_toml("tenant = \"t\"\nmode = \"matched\"\n[orders]\nidempotency_retention_s = 3600\n")
+            .unwrap();
+    let mut w = World { book: OrderBook::new(&policy), log: vec![] };
+    w.ok(t0(), set_mode(PRO, GIG, AcceptanceMode::AutoAccept));
+    w.place(t0(), "o1", "anna", "basic");
+    w.ok(t0(), cancel("o1"));
+    assert_eq!(w.book.next_deadline(), Some(t0() + HOUR_MS));
+    w.ok(t0() + HOUR_MS - 1, OrderCommand::Tick);
+    assert!(has_order(&w, "o1"));
+    w.ok(t0() + HOUR_MS, OrderCommand::Tick);
+    assert!(!has_order(&w, "o1"));
+    // A longer retention set later applies to what ended before it.
+    w.place(t0(), "o2", "anna", "basic");
+    w.ok(t0(), cancel("o2"));
+    w.book.set_policy(&Policy::shared_default("t"));
+    w.ok(t0() + 2 * HOUR_MS, OrderCommand::Tick);
+    assert!(has_order(&w, "o2"));
+    assert_eq!(w.book.next_deadline(), Some(t0() + RETENTION));
+}
+
+/// R27: forgetting requests and orders changes no counter and no rate.
+#[test]
+fn r27_rates_are_unchanged_by_forgetting() {
+    let mut w = world_with_every_chain();
+    let t = t0();
+    // A timely decline, and a request while on vacation (does not count) that expires.
+    w.place(t, "r9", "gina", "basic");
+    w.ok(t, decline("r9"));
+    let vacation = Availability { vacation: Some((t, t + 3 * DAY_MS)), ..Default::default() };
+    w.ok(t, OrderCommand::SetAvailability { pro: ProId::new(PRO), availability: vacation });
+    w.place(t, "r8", "fabio", "basic");
+    w.ok(t + 3 * DAY_MS, OrderCommand::Tick);
+    let before = w.stats();
+    let rates = (before.response_rate_permille(), before.cancellation_rate_permille());
+    assert_eq!((before.requests, before.requests_counted, before.requests_expired), (6, 5, 2));
+    assert_eq!((before.orders, before.orders_cancelled), (3, 2));
+    assert_eq!(rates, (Some(800), Some(666)), "4 of 5 counted answered; 2 of 3 orders cancelled");
+    w.ok(t + 3 * DAY_MS + RETENTION, OrderCommand::Tick);
+    assert_eq!(w.book.len(), 4, "all but the live r5, co5, ord5, co6 are forgotten");
+    let after = w.stats();
+    assert_eq!(after, before);
+    assert_eq!((after.response_rate_permille(), after.cancellation_rate_permille()), rates);
+    // What the forgotten records contributed is accounted for exactly.
+    let forgotten = w.book.pro(&ProId::new(PRO)).unwrap().forgotten;
+    assert_eq!((forgotten.requests, forgotten.orders, forgotten.orders_cancelled), (5, 2, 2));
+}
+
+/// R25: a client whose orders with the pro were all forgotten is still a returning
+/// client, so a new-clients-only approval rule still lets it order directly.
+#[test]
+fn r25_a_returning_client_stays_returning_after_its_orders_are_forgotten() {
+    let mut w = World::with_mode(AcceptanceMode::AutoAccept);
+    let t = t0();
+    w.place(t, "o1", "anna", "basic");
+    w.ok(t, cancel("o1"));
+    w.ok(t + RETENTION, OrderCommand::Tick);
+    assert!(!has_order(&w, "o1"), "the order is forgotten");
+    assert!(w.book.pro(&ProId::new(PRO)).unwrap().has_ordered(&ClientId::new("anna")));
+    w.ok(t + RETENTION, set_mode(PRO, GIG, approval(Audience::NewClients, None, None)));
+    let later = t + RETENTION + HOUR_MS;
+    assert_eq!(via(&w.place(later, "o2", "anna", "basic")), OrderVia::OutsideApprovalRules);
+    assert!(is_pending(&w.place(later, "o3", "bruno", "basic")), "a new client still needs approval");
+}
+
+/// R26 (retention): a command naming a forgotten request, offer or order is answered
+/// like an unknown id, says it may have been forgotten, and changes nothing; reusing a
+/// forgotten order id places a new order.
+#[test]
+fn r26_commands_naming_forgotten_ids_are_refused_as_unknown_and_change_nothing() {
+    let mut w = world_with_every_chain();
+    let t = t0();
+    let late = t + HOUR_MS + RETENTION;
+    w.ok(late, OrderCommand::Tick);
+    assert!(!has_request(&w, "r1") && !has_request(&w, "r2") && !has_offer(&w, "co3"));
+    let cases = [
+        (decline("r1"), "unknown_order_request"),
+        (approve("r2", terms("co2", 100, None)), "unknown_order_request"),
+        (accept("co2", "ord2"), "unknown_custom_offer"),
+        (accept("co3", "ord3"), "unknown_custom_offer"),
+        (cancel("ord2"), "unknown_order"),
+        (cancel("o4"), "unknown_order"),
+    ];
+    for (cmd, code) in cases {
+        // `World::run` checks that a refusal leaves the book exactly as it was.
+        let e = w.run(late, cmd.clone()).unwrap_err();
+        assert_eq!(e.code(), code, "{cmd:?}");
+        assert!(e.to_string().contains("forgotten"), "{e}");
+    }
+    // Past the retention, the id is free: a place_order with it is a new order.
+    let orders = w.stats().orders;
+    w.ok(late, set_mode(PRO, GIG, AcceptanceMode::AutoAccept));
+    assert_eq!(
+        via(&w.place(late, "o4", "anna", "basic")),
+        OrderVia::HeldCustomOffer { offer: CustomOfferId::new("co6") }
+    );
+    assert_eq!(w.stats().orders, orders + 1);
+}
+
+/// R26 (retention): a tick forgets a bounded number of chains; the rest wait for the
+/// next tick.
+#[test]
+fn r26_one_tick_forgets_a_bounded_number_of_chains() {
+    let mut w = World::with_mode(AcceptanceMode::AutoAccept);
+    let t = t0();
+    let n = MAX_FORGOTTEN_PER_TICK + 3;
+    for i in 0..n {
+        w.place(t, &format!("o{i}"), "anna", "basic");
+        w.ok(t, cancel(&format!("o{i}")));
+    }
+    w.ok(t + RETENTION, OrderCommand::Tick);
+    assert_eq!(w.book.len(), 3);
+    assert_eq!(w.book.next_deadline(), Some(t + RETENTION), "the rest is due at once");
+    w.ok(t + RETENTION, OrderCommand::Tick);
+    assert!(w.book.is_empty());
+    assert_eq!(w.stats().orders, n as u64);
+}
+
+/// R25-R27 (retention): replaying the event log, with its forgetting facts, gives the
+/// same book; so does a snapshot taken midway plus the events after it; a snapshot
+/// round-trip of the final book gives an equal book that still holds its invariants.
+#[test]
+fn r25_r27_forgetting_replays_and_round_trips_through_snapshots() {
+    let mut w = world_with_every_chain();
+    let t = t0();
+    let mid = w.log.len();
+    let mid_snapshot = rmp_serde::to_vec(&w.book).unwrap();
+    w.ok(t + MINUTE_MS + RETENTION, OrderCommand::Tick);
+    w.place(t + MINUTE_MS + RETENTION, "r10", "anna", "basic");
+    w.ok(t + 20 * DAY_MS, OrderCommand::Tick);
+    assert!(w.log.iter().any(|e| e.name() == "order_request_forgotten"));
+    let policy = Policy::shared_default("fiverr");
+    let mut replayed = OrderBook::new(&policy);
+    for ev in &w.log {
+        let bytes = rmp_serde::to_vec(ev).unwrap();
+        replayed.apply(&rmp_serde::from_slice::<OrderEvent>(&bytes).unwrap());
+    }
+    assert_eq!(replayed, w.book);
+    let mut resumed: OrderBook = rmp_serde::from_slice(&mid_snapshot).unwrap();
+    for ev in &w.log[mid..] {
+        resumed.apply(ev);
+    }
+    assert_eq!(resumed, w.book);
+    let restored: OrderBook = rmp_serde::from_slice(&rmp_serde::to_vec(&w.book).unwrap()).unwrap();
+    assert_eq!(restored, w.book);
+    restored.check_invariants().unwrap();
+    assert_eq!(restored.next_deadline(), w.book.next_deadline());
+}
+
+/// Snapshots written before retention existed (no `retention`, `forgotten` or
+/// `expired_at` fields) still load, and their ended records are then forgotten.
+#[test]
+fn r26_snapshots_of_older_releases_load_and_their_ended_records_are_forgotten() {
+    let w = world_with_every_chain();
+    // Rebuild the older layout: drop the fields this release appended.
+    let mut v: serde_json::Value = rmp_serde::from_slice(&rmp_serde::to_vec(&w.book).unwrap()).unwrap();
+    let book = v.as_array_mut().unwrap();
+    book.pop(); // retention
+    for pro in book[1].as_object_mut().unwrap().values_mut() {
+        pro.as_array_mut().unwrap().pop(); // forgotten
+    }
+    for i in [2, 3] {
+        for rec in book[i].as_object_mut().unwrap().values_mut() {
+            rec.as_array_mut().unwrap().pop(); // expired_at
+        }
+    }
+    let old = rmp_serde::to_vec(&v).unwrap();
+    let mut loaded: OrderBook = rmp_serde::from_slice(&old).unwrap();
+    loaded.check_invariants().unwrap();
+    loaded.set_policy(&Policy::shared_default("fiverr"));
+    // co3's expiry time is restored as its expires_at, the time it was due.
+    let co3 = loaded.custom_offer(&CustomOfferId::new("co3")).unwrap();
+    assert_eq!(co3.expired_at, Some(t0() + HOUR_MS));
+    assert_eq!(loaded, w.book, "the same book as the one that wrote the snapshot");
+    let d = loaded.decide(t0() + HOUR_MS + RETENTION, &OrderCommand::Tick).unwrap();
+    let names: Vec<&str> = d.events.iter().map(|e| e.name()).collect();
+    let want = [
+        "order_request_expired", // r7
+        "order_request_forgotten",
+        "order_forgotten",
+        "order_request_forgotten",
+        "custom_offer_forgotten",
+    ];
+    assert_eq!(names, want, "r1, o4, r2 and co3: {:?}", d.events);
 }
 
 // ---------------------------------------------------------------------------------
@@ -690,8 +979,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3usize, 0..4usize, 0..6usize, 0..4u64, proptest::option::of(-2..72i64))
             .prop_map(|(pro, client, offer, price, expiry_h)| Op::Send { pro, client, offer, price, expiry_h }),
         2 => (0..6usize, 0..14usize).prop_map(|(offer, order)| Op::Accept { offer, order }),
-        1 => (0..14usize).prop_map(|order| Op::Cancel { order }),
-        1 => Just(Op::Tick),
+        2 => (0..14usize).prop_map(|order| Op::Cancel { order }),
+        2 => Just(Op::Tick),
         2 => (0..(30 * 60i64)).prop_map(|minutes| Op::Advance { minutes }),
     ]
 }
@@ -780,24 +1069,89 @@ fn terminal(book: &OrderBook, ids: usize) -> BTreeMap<String, String> {
     out
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+/// When each held record that closes a chain ended: a declined or expired request, an
+/// expired offer, a cancelled order (every ended chain ends with one of these).
+fn chain_ends(book: &OrderBook, ids: usize) -> BTreeMap<String, Millis> {
+    let mut out = BTreeMap::new();
+    for i in 0..ids {
+        let id = OrderId::new(format!("o{i}"));
+        if let Some(r) = book.request(&id) {
+            if let Some(end) = r.expired_at.or(r.answered_at.filter(|_| r.status == RequestStatus::Declined))
+            {
+                out.insert(format!("request {id}"), end);
+            }
+        }
+        if let Some(end) = book.order(&id).and_then(|o| o.cancelled_at) {
+            out.insert(format!("order {id}"), end);
+        }
+        let co = CustomOfferId::new(format!("co{i}"));
+        if let Some(end) = book.custom_offer(&co).and_then(|o| o.expired_at) {
+            out.insert(format!("offer {co}"), end);
+        }
+    }
+    out
+}
 
+/// How many requests, offers and orders of the test's ids the book holds.
+fn held(book: &OrderBook, ids: usize) -> usize {
+    (0..ids)
+        .map(|i| {
+            let id = OrderId::new(format!("o{i}"));
+            let co = CustomOfferId::new(format!("co{i}"));
+            usize::from(book.request(&id).is_some())
+                + usize::from(book.order(&id).is_some())
+                + usize::from(book.custom_offer(&co).is_some())
+        })
+        .sum()
+}
+
+const IDS: usize = 14;
+const PROS: [&str; 3] = ["pro0", "pro1", "pro2"];
+
+fn all_stats(book: &OrderBook) -> Vec<Option<ProStats>> {
+    PROS.iter().map(|p| book.stats(&ProId::new(*p))).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// R25-R27 with retention (the shortest allowed, 1 h, so that random sequences of
+    /// up to 30 h steps forget often): invariants after every step; replay of the event
+    /// log and a snapshot taken midway plus the later events give an equal book; a
+    /// snapshot round-trip gives an equal book; terminal states never change except
+    /// by being forgotten, and only a tick forgets, only chains ended at least the
+    /// retention ago, and all of them; forgetting changes no counter (R27); a client
+    /// who ever ordered from a pro stays returning (R25); a repeated command changes
+    /// nothing.
     #[test]
     fn r25_r26_r27_random_sequences_keep_invariants_replay_and_terminal_states(
         ops in proptest::collection::vec(op(), 1..80)
     ) {
-        let policy = Policy::shared_default("t");
+        // Pros 0 and 1 start known (one auto-accept, one approving every order), so
+        // that most sequences get to orders, requests and their ends.
+        let setup = [Op::Mode { pro: 0, service: 0, kind: 0 }, Op::Mode { pro: 1, service: 0, kind: 1 }];
+        let ops: Vec<Op> = setup.into_iter().chain(ops).collect();
+        let policy = Policy::from_toml(
+            "tenant = \"t\"\nmode = \"matched\"\n[orders]\nidempotency_retention_s = 3600\n",
+        ).unwrap();
+        let retention = policy.order_retention;
         let mut book = OrderBook::new(&policy);
         let mut log: Vec<OrderEvent> = vec![];
+        let mut ordered: BTreeSet<(ProId, ClientId)> = BTreeSet::new();
+        let mut snapshot: Option<(Vec<u8>, usize)> = None;
         let mut now = utc(2026, 3, 23, 0, 0);
-        for op in &ops {
+        for (step, op) in ops.iter().enumerate() {
+            if step == ops.len() / 2 {
+                snapshot = Some((rmp_serde::to_vec(&book).unwrap(), log.len()));
+            }
             if let Op::Advance { minutes } = op {
                 now += minutes * MINUTE_MS;
                 continue;
             }
             let cmd = command(op, now).expect("only Advance has no command");
-            let before_terminal = terminal(&book, 14);
+            let is_tick = matches!(cmd, OrderCommand::Tick);
+            let before_terminal = terminal(&book, IDS);
+            let before_ends = chain_ends(&book, IDS);
             let before = book.clone();
             match book.decide(now, &cmd) {
                 Ok(d) => {
@@ -805,7 +1159,23 @@ proptest! {
                         // Through the WAL encoding, as replay would read it.
                         let bytes = rmp_serde::to_vec(ev).unwrap();
                         let ev: OrderEvent = rmp_serde::from_slice(&bytes).unwrap();
+                        match &ev {
+                            OrderEvent::OrderPlaced { placement, .. } => {
+                                ordered.insert((placement.pro.clone(), placement.client.clone()));
+                            }
+                            OrderEvent::CustomOfferAccepted { offer, .. } => {
+                                let o = book.custom_offer(offer).expect("accepted offers are held");
+                                ordered.insert((o.pro.clone(), o.client.clone()));
+                            }
+                            _ => {}
+                        }
+                        let forgets = ev.name().ends_with("_forgotten");
+                        let stats = all_stats(&book);
                         book.apply(&ev);
+                        if forgets {
+                            // R27: forgetting never changes a counter.
+                            prop_assert_eq!(all_stats(&book), stats, "{:?} changed the stats", ev);
+                        }
                         log.push(ev);
                     }
                     if let Err(e) = book.check_invariants() {
@@ -818,9 +1188,31 @@ proptest! {
                 }
                 Err(_) => prop_assert_eq!(&book, &before),
             }
-            let after_terminal = terminal(&book, 14);
+            let after_terminal = terminal(&book, IDS);
             for (k, v) in &before_terminal {
-                prop_assert_eq!(after_terminal.get(k), Some(v), "{} changed after {:?}", k, cmd);
+                let kept = after_terminal.get(k) == Some(v);
+                prop_assert!(kept || (is_tick && !after_terminal.contains_key(k)),
+                    "{} changed after {:?}", k, cmd);
+            }
+            // Only a tick forgets, and only chains that ended at least `retention` ago.
+            let after_ends = chain_ends(&book, IDS);
+            for (k, end) in &before_ends {
+                if !after_ends.contains_key(k) {
+                    prop_assert!(is_tick && end + retention <= now, "{} (ended {}) forgotten at {}", k, end, now);
+                }
+            }
+            if is_tick {
+                // ... and all of them (few enough here for one tick).
+                for (k, end) in &after_ends {
+                    prop_assert!(end + retention > now, "{} ended {} and is still held at {}", k, end, now);
+                }
+                prop_assert!(book.next_deadline().is_none_or(|at| at > now));
+            } else {
+                prop_assert!(held(&book, IDS) >= held(&before, IDS), "{:?} forgot something", cmd);
+            }
+            // R25: a client who ever ordered from a pro is returning, forgotten or not.
+            for (pro, client) in &ordered {
+                prop_assert!(book.pro(pro).is_some_and(|p| p.has_ordered(client)), "{} of {} is new again", client, pro);
             }
             if let Some(p) = book.stats(&ProId::new("pro0")) {
                 prop_assert!(p.response_rate_permille().unwrap_or(0) <= 1000);
@@ -830,6 +1222,16 @@ proptest! {
         for ev in &log {
             replayed.apply(ev);
         }
-        prop_assert_eq!(replayed, book);
+        prop_assert_eq!(&replayed, &book);
+        if let Some((bytes, at)) = snapshot {
+            let mut resumed: OrderBook = rmp_serde::from_slice(&bytes).unwrap();
+            for ev in &log[at..] {
+                resumed.apply(ev);
+            }
+            prop_assert_eq!(&resumed, &book);
+        }
+        let restored: OrderBook = rmp_serde::from_slice(&rmp_serde::to_vec(&book).unwrap()).unwrap();
+        prop_assert!(restored.check_invariants().is_ok());
+        prop_assert_eq!(restored, book);
     }
 }

@@ -17,7 +17,8 @@
 //! * **audience**: `all_clients`, or `new_clients`: a client is *new* unless the
 //!   platform says it ordered from this pro before (`returning_client`) or this book
 //!   has recorded an order of that client with that pro (any status: a cancelled order
-//!   still means the two have worked together);
+//!   still means the two have worked together; the fact outlives the order, see
+//!   *Retention*);
 //! * **packages**: the ordered package is in the list; no list = every package;
 //! * **windows**: `now`, in the windows' own IANA time zone (the pro's), falls inside one
 //!   of the weekly intervals; no windows = at all times. The intervals are alternatives
@@ -64,6 +65,48 @@
 //! `illegal_transition` (an expired request answers `order_request_expired`). Setting a
 //! mode or availability to what it already is emits nothing.
 //!
+//! Ids are remembered for as long as their record is (see *Retention*): a repeat that
+//! arrives after its record was forgotten is not recognised. Like payment APIs'
+//! idempotency keys (kept for a day or so), the retention is set long past any
+//! retry: a week by default, never less than an hour.
+//!
+//! # Retention
+//!
+//! A daemon that runs for months must not keep every request, offer and order. Records
+//! are forgotten as *chains*: a request, the custom offer that approved it and the order
+//! that offer became; or a custom offer sent outside any request and its order; or an
+//! order placed directly. A chain has *ended* when its last record is terminal (request
+//! declined or expired, offer expired, order cancelled); it ended at the time of the
+//! event that recorded that (`answered_at`, `expired_at`, `cancelled_at`). An active
+//! order or an open offer is live state and keeps its whole chain (its request and
+//! offer are what an idempotent accept or approve answers from).
+//!
+//! A chain is forgotten once `orders.idempotency_retention_s` of the tenant policy has
+//! passed since it ended: a `Tick` at or after `ended + retention` emits
+//! [`OrderEvent::RequestForgotten`] / [`OrderEvent::CustomOfferForgotten`] /
+//! [`OrderEvent::OrderForgotten`], naming the chain's first record, and `apply` removes
+//! the whole chain and anything that still refers to it (deadlines, indexes). Only
+//! `decide` reads the retention (like `order_request_ttl_s`): replay applies the logged
+//! facts, so a policy change never rewrites history. A `Tick` forgets at most
+//! [`MAX_FORGOTTEN_PER_TICK`] chains; the rest wait for the next one.
+//!
+//! What forgetting keeps, because the rules need it:
+//!
+//! * **R27 rates**: [`ProStats`] are counters, never recomputed from the records, so
+//!   forgetting changes no rate. What the forgotten records had contributed is kept in
+//!   [`ProOrders::forgotten`], so that [`OrderBook::check_invariants`] still proves the
+//!   counters exactly: `stats = records still held + forgotten`.
+//! * **R25 new clients**: per pro, the set of clients who ever placed an order with it
+//!   (one client id per pro and client, [`ProOrders::has_ordered`]), kept when the orders
+//!   are forgotten: a returning client stays returning.
+//!
+//! After forgetting, a command naming a forgotten id is answered as for an id never
+//! seen: `unknown_order_request`, `unknown_custom_offer`, `unknown_order`, with a message
+//! that says the id was never recorded or was forgotten. Telling the two apart would
+//! need a tombstone per forgotten id, which is the unbounded growth retention removes.
+//! A `place_order`, `send_custom_offer` or approval that reuses a forgotten id is a new
+//! command (the same rule as payment APIs' expired idempotency keys).
+//!
 //! # Rates (R27)
 //!
 //! * Cancellation rate = cancelled orders / orders. A declined request never became an
@@ -106,6 +149,10 @@ crate::ids::string_id!(
 /// work of every placement.
 const MAX_PACKAGES: usize = 64;
 const MAX_INTERVALS: usize = 7 * 24;
+
+/// Most chains one `Tick` forgets: bounds the tick's work and its WAL record (a backlog,
+/// e.g. after a long stop, drains over the following ticks).
+pub const MAX_FORGOTTEN_PER_TICK: usize = 1024;
 
 // ---------------------------------------------------------------------------------
 // Settings (R25)
@@ -363,6 +410,22 @@ pub enum OrderEvent {
         order: OrderId,
         at: Millis,
     },
+    /// A request that ended `orders.idempotency_retention_s` ago is forgotten, with the
+    /// custom offer that approved it and the order that offer became (see *Retention*).
+    RequestForgotten {
+        request: OrderId,
+        at: Millis,
+    },
+    /// A custom offer sent outside any request is forgotten, with the order it became.
+    CustomOfferForgotten {
+        offer: CustomOfferId,
+        at: Millis,
+    },
+    /// An order placed directly (not from a custom offer) is forgotten.
+    OrderForgotten {
+        order: OrderId,
+        at: Millis,
+    },
 }
 
 impl OrderEvent {
@@ -380,6 +443,9 @@ impl OrderEvent {
             Self::CustomOfferAccepted { .. } => "custom_offer_accepted",
             Self::CustomOfferExpired { .. } => "custom_offer_expired",
             Self::OrderCancelled { .. } => "order_cancelled",
+            Self::RequestForgotten { .. } => "order_request_forgotten",
+            Self::CustomOfferForgotten { .. } => "custom_offer_forgotten",
+            Self::OrderForgotten { .. } => "order_forgotten",
         }
     }
 }
@@ -411,11 +477,13 @@ pub enum OrderReject {
     InvalidField(#[from] FieldError),
     #[error("unknown pro {0}")]
     UnknownPro(ProId),
-    #[error("unknown order request {0}")]
+    #[error("unknown order request {0}: never placed, or forgotten (orders.idempotency_retention_s after it ended)")]
     UnknownRequest(OrderId),
-    #[error("unknown custom offer {0}")]
+    #[error(
+        "unknown custom offer {0}: never sent, or forgotten (orders.idempotency_retention_s after it ended)"
+    )]
     UnknownCustomOffer(CustomOfferId),
-    #[error("unknown order {0}")]
+    #[error("unknown order {0}: never placed, or forgotten (orders.idempotency_retention_s after it ended)")]
     UnknownOrder(OrderId),
     #[error("order request {0} has expired")]
     RequestExpired(OrderId),
@@ -493,6 +561,10 @@ pub struct OrderRequest {
     pub answered_at: Option<Millis>,
     /// The custom offer that approved it.
     pub offer: Option<CustomOfferId>,
+    /// When a `Tick` recorded the expiry (the retention counts from then). Absent in
+    /// snapshots of older releases: restored as `respond_by`.
+    #[serde(default)]
+    pub expired_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -525,6 +597,10 @@ pub struct CustomOffer {
     pub sent_at: Millis,
     /// The order it became.
     pub order: Option<OrderId>,
+    /// When a `Tick` recorded the expiry (the retention counts from then). Absent in
+    /// snapshots of older releases: restored as `expires_at`.
+    #[serde(default)]
+    pub expired_at: Option<Millis>,
 }
 
 impl CustomOffer {
@@ -577,6 +653,39 @@ impl ProStats {
     }
 }
 
+impl ProStats {
+    fn add(&mut self, o: &ProStats) {
+        self.requests += o.requests;
+        self.requests_counted += o.requests_counted;
+        self.requests_responded += o.requests_responded;
+        self.requests_approved += o.requests_approved;
+        self.requests_declined += o.requests_declined;
+        self.requests_expired += o.requests_expired;
+        self.orders += o.orders;
+        self.orders_cancelled += o.orders_cancelled;
+    }
+
+    /// What one request, in its current status, contributes to the counters.
+    fn tally_request(&mut self, r: &OrderRequest) {
+        self.requests += 1;
+        self.requests_counted += u64::from(r.counts);
+        match r.status {
+            RequestStatus::Pending => {}
+            RequestStatus::Approved => self.requests_approved += 1,
+            RequestStatus::Declined => self.requests_declined += 1,
+            RequestStatus::Expired => self.requests_expired += 1,
+        }
+        let answered = matches!(r.status, RequestStatus::Approved | RequestStatus::Declined);
+        self.requests_responded += u64::from(answered && r.counts);
+    }
+
+    /// What one order contributes to the counters.
+    fn tally_order(&mut self, o: &Order) {
+        self.orders += 1;
+        self.orders_cancelled += u64::from(o.cancelled_at.is_some());
+    }
+}
+
 fn permille(part: u64, whole: u64) -> Option<u32> {
     // `part <= whole` (check_invariants), so the result is at most 1000.
     (whole > 0).then(|| (u128::from(part) * 1000 / u128::from(whole)) as u32)
@@ -589,16 +698,26 @@ pub struct ProOrders {
     pub modes: BTreeMap<CategoryId, AcceptanceMode>,
     pub availability: Availability,
     pub stats: ProStats,
-    /// Clients with an order with this pro (derived from the orders).
+    /// Clients who ever placed an order with this pro (R25 new vs returning). Kept when
+    /// their orders are forgotten: a superset of the clients of the orders held.
     clients: BTreeSet<ClientId>,
     /// Open custom offers by client (derived from the offers).
     open_offers: BTreeSet<(ClientId, CustomOfferId)>,
+    /// What forgotten requests and orders had contributed to `stats` (see *Retention*):
+    /// `stats` = the records still held + this.
+    #[serde(default)]
+    pub forgotten: ProStats,
 }
 
 impl ProOrders {
     pub fn mode(&self, service: &CategoryId) -> &AcceptanceMode {
         static AUTO: AcceptanceMode = AcceptanceMode::AutoAccept;
         self.modes.get(service).unwrap_or(&AUTO)
+    }
+
+    /// Whether `client` ever placed an order with this pro (its orders may be forgotten).
+    pub fn has_ordered(&self, client: &ClientId) -> bool {
+        self.clients.contains(client)
     }
 }
 
@@ -609,8 +728,36 @@ pub enum Due {
     Offer(CustomOfferId),
 }
 
+/// A chain of records that is forgotten as one (see *Retention*), named by its first
+/// record: a request (then the offer that approved it, then that offer's order), a
+/// custom offer sent outside any request (then its order), or an order placed directly.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Chain {
+    Request(OrderId),
+    Offer(CustomOfferId),
+    Order(OrderId),
+}
+
+impl Chain {
+    fn forgotten(self, at: Millis) -> OrderEvent {
+        match self {
+            Chain::Request(request) => OrderEvent::RequestForgotten { request, at },
+            Chain::Offer(offer) => OrderEvent::CustomOfferForgotten { offer, at },
+            Chain::Order(order) => OrderEvent::OrderForgotten { order, at },
+        }
+    }
+}
+
+fn default_retention() -> Millis {
+    7 * 24 * 3600 * crate::ids::SECOND_MS
+}
+
 /// One tenant's order requests, custom offers and orders, keyed by pro.
+///
+/// Deserialised through [`StoredBook`], which rebuilds the derived `ended` index and
+/// fills what snapshots of older releases lack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredBook")]
 pub struct OrderBook {
     /// `orders.order_request_ttl_s` of the tenant policy, in ms. Only `decide` reads it:
     /// each request's `respond_by` is in its event, so replay never depends on it.
@@ -620,6 +767,56 @@ pub struct OrderBook {
     offers: BTreeMap<CustomOfferId, CustomOffer>,
     orders: BTreeMap<OrderId, Order>,
     deadlines: BTreeSet<(Millis, Due)>,
+    /// `orders.idempotency_retention_s` of the tenant policy, in ms. Only `decide` (and
+    /// `next_deadline`) read it: forgetting is a logged fact, so replay never does.
+    retention: Millis,
+    /// Chains that have ended, by the time they ended (derived from the records; not
+    /// stored, rebuilt on load). A chain is forgotten at `ended + retention`.
+    #[serde(skip)]
+    ended: BTreeSet<(Millis, Chain)>,
+}
+
+/// The stored form of [`OrderBook`] (same fields, same order), so that loading rebuilds
+/// the derived index and accepts snapshots of releases without retention.
+#[derive(Deserialize)]
+struct StoredBook {
+    request_ttl: Millis,
+    pros: BTreeMap<ProId, ProOrders>,
+    requests: BTreeMap<OrderId, OrderRequest>,
+    offers: BTreeMap<CustomOfferId, CustomOffer>,
+    orders: BTreeMap<OrderId, Order>,
+    deadlines: BTreeSet<(Millis, Due)>,
+    #[serde(default = "default_retention")]
+    retention: Millis,
+}
+
+impl From<StoredBook> for OrderBook {
+    fn from(s: StoredBook) -> Self {
+        let mut book = OrderBook {
+            request_ttl: s.request_ttl,
+            pros: s.pros,
+            requests: s.requests,
+            offers: s.offers,
+            orders: s.orders,
+            deadlines: s.deadlines,
+            retention: s.retention,
+            ended: BTreeSet::new(),
+        };
+        // Older releases recorded an expiry without its time: the deadline it was due at
+        // is the closest fact (and no later than the tick that recorded it).
+        for r in book.requests.values_mut() {
+            if r.status == RequestStatus::Expired && r.expired_at.is_none() {
+                r.expired_at = Some(r.respond_by);
+            }
+        }
+        for o in book.offers.values_mut() {
+            if o.status == CustomOfferStatus::Expired && o.expired_at.is_none() {
+                o.expired_at = Some(o.terms.expires_at.unwrap_or(o.sent_at));
+            }
+        }
+        book.ended = book.ended_index();
+        book
+    }
 }
 
 fn done(events: Vec<OrderEvent>) -> OrderDecision {
@@ -635,12 +832,16 @@ impl OrderBook {
             offers: BTreeMap::new(),
             orders: BTreeMap::new(),
             deadlines: BTreeSet::new(),
+            retention: policy.order_retention,
+            ended: BTreeSet::new(),
         }
     }
 
     /// Policies can change at run time; only requests opened afterwards use the new TTL.
+    /// A new retention applies to every ended chain from the next `Tick` on.
     pub fn set_policy(&mut self, policy: &Policy) {
         self.request_ttl = policy.order_request_ttl;
+        self.retention = policy.order_retention;
     }
 
     pub fn pro(&self, pro: &ProId) -> Option<&ProOrders> {
@@ -664,9 +865,23 @@ impl OrderBook {
         self.orders.get(id)
     }
 
-    /// When the next `Tick` has something to record.
+    /// When the next `Tick` has something to record (an expiry, or a chain to forget).
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.deadlines.first().map(|(at, _)| *at)
+        let due = self.deadlines.first().map(|(at, _)| *at);
+        let forget = self.ended.first().map(|(at, _)| at.saturating_add(self.retention));
+        match (due, forget) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Requests, custom offers and orders held (not yet forgotten).
+    pub fn len(&self) -> usize {
+        self.requests.len() + self.offers.len() + self.orders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     // -----------------------------------------------------------------------------
@@ -945,6 +1160,15 @@ impl OrderBook {
                 }
             }
         }
+        // Chains ended at least `retention` ago. A chain this tick's own expiries end
+        // ends at `now` (and the retention is at least an hour): a repeated tick has
+        // nothing more to do.
+        let forget = self
+            .ended
+            .iter()
+            .take_while(|(ended, _)| ended.saturating_add(self.retention) <= now)
+            .take(MAX_FORGOTTEN_PER_TICK);
+        out.extend(forget.map(|(_, chain)| chain.clone().forgotten(now)));
         out
     }
 
@@ -996,6 +1220,7 @@ impl OrderBook {
                         respond_by: *respond_by,
                         answered_at: None,
                         offer: None,
+                        expired_at: None,
                     },
                 );
             }
@@ -1016,23 +1241,27 @@ impl OrderBook {
                     status: CustomOfferStatus::Open,
                     sent_at: *at,
                     order: None,
+                    expired_at: None,
                 });
             }
             OrderEvent::RequestDeclined { request, at } => {
                 if let Some(r) = self.answer(request, RequestStatus::Declined, *at) {
                     let pro = r.placement.pro.clone();
                     self.pro_stats(&pro).requests_declined += 1;
+                    self.mark_ended(Chain::Request(request.clone()));
                 }
             }
-            OrderEvent::RequestExpired { request, .. } => {
+            OrderEvent::RequestExpired { request, at } => {
                 let Some(r) = self.requests.get_mut(request) else { return };
                 if r.status != RequestStatus::Pending {
                     return;
                 }
                 r.status = RequestStatus::Expired;
+                r.expired_at = Some(*at);
                 self.deadlines.remove(&(r.respond_by, Due::Request(request.clone())));
                 let pro = r.placement.pro.clone();
                 self.pro_stats(&pro).requests_expired += 1;
+                self.mark_ended(Chain::Request(request.clone()));
             }
             OrderEvent::CustomOfferSent { pro, client, service, offer, at } => {
                 if self.offers.contains_key(&offer.id) {
@@ -1047,6 +1276,7 @@ impl OrderBook {
                     status: CustomOfferStatus::Open,
                     sent_at: *at,
                     order: None,
+                    expired_at: None,
                 });
             }
             OrderEvent::CustomOfferAccepted { offer, order, at } => {
@@ -1072,14 +1302,16 @@ impl OrderBook {
                     cancelled_at: None,
                 });
             }
-            OrderEvent::CustomOfferExpired { offer, .. } => {
+            OrderEvent::CustomOfferExpired { offer, at } => {
                 let Some(o) = self.offers.get_mut(offer) else { return };
                 if o.status != CustomOfferStatus::Open {
                     return;
                 }
                 o.status = CustomOfferStatus::Expired;
+                o.expired_at = Some(*at);
                 let o = o.clone();
                 self.close_offer(&o);
+                self.mark_ended(self.offer_chain(offer));
             }
             OrderEvent::OrderCancelled { order, at } => {
                 let Some(o) = self.orders.get_mut(order) else { return };
@@ -1089,7 +1321,118 @@ impl OrderBook {
                 o.cancelled_at = Some(*at);
                 let pro = o.pro.clone();
                 self.pro_stats(&pro).orders_cancelled += 1;
+                let chain = self.order_chain(order);
+                self.mark_ended(chain);
             }
+            OrderEvent::RequestForgotten { request, .. } => self.forget(Chain::Request(request.clone())),
+            OrderEvent::CustomOfferForgotten { offer, .. } => self.forget(Chain::Offer(offer.clone())),
+            OrderEvent::OrderForgotten { order, .. } => self.forget(Chain::Order(order.clone())),
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // retention
+    // -----------------------------------------------------------------------------
+
+    /// The chain an offer belongs to: its request's, or its own.
+    fn offer_chain(&self, offer: &CustomOfferId) -> Chain {
+        match self.offers.get(offer).and_then(|o| o.request.clone()) {
+            Some(request) => Chain::Request(request),
+            None => Chain::Offer(offer.clone()),
+        }
+    }
+
+    /// The chain an order belongs to: its custom offer's, or its own.
+    fn order_chain(&self, order: &OrderId) -> Chain {
+        match self.orders.get(order).map(|o| &o.via) {
+            Some(OrderVia::CustomOffer { offer }) => self.offer_chain(offer),
+            _ => Chain::Order(order.clone()),
+        }
+    }
+
+    /// When the chain named by `chain` ended; `None` while any record of it is live, or
+    /// if `chain` does not name the first record of a held chain.
+    fn chain_end(&self, chain: &Chain) -> Option<Millis> {
+        match chain {
+            Chain::Request(id) => {
+                let r = self.requests.get(id)?;
+                match r.status {
+                    RequestStatus::Pending => None,
+                    RequestStatus::Declined => r.answered_at,
+                    RequestStatus::Expired => r.expired_at,
+                    RequestStatus::Approved => self.offer_end(r.offer.as_ref()?),
+                }
+            }
+            Chain::Offer(id) => {
+                self.offers.get(id)?.request.is_none().then_some(())?;
+                self.offer_end(id)
+            }
+            Chain::Order(id) => {
+                let o = self.orders.get(id)?;
+                if matches!(o.via, OrderVia::CustomOffer { .. }) {
+                    return None;
+                }
+                o.cancelled_at
+            }
+        }
+    }
+
+    /// When an offer and the order it became ended; `None` while either is live.
+    fn offer_end(&self, id: &CustomOfferId) -> Option<Millis> {
+        let o = self.offers.get(id)?;
+        match o.status {
+            CustomOfferStatus::Open => None,
+            CustomOfferStatus::Expired => o.expired_at,
+            CustomOfferStatus::Accepted => self.orders.get(o.order.as_ref()?)?.cancelled_at,
+        }
+    }
+
+    /// Files a chain that may just have ended under the time it ended.
+    fn mark_ended(&mut self, chain: Chain) {
+        if let Some(end) = self.chain_end(&chain) {
+            self.ended.insert((end, chain));
+        }
+    }
+
+    /// Every ended chain, recomputed from the records (load, `check_invariants`).
+    fn ended_index(&self) -> BTreeSet<(Millis, Chain)> {
+        let requests = self.requests.keys().map(|id| Chain::Request(id.clone()));
+        let offers =
+            self.offers.iter().filter(|(_, o)| o.request.is_none()).map(|(id, _)| Chain::Offer(id.clone()));
+        let orders = self
+            .orders
+            .iter()
+            .filter(|(_, o)| !matches!(o.via, OrderVia::CustomOffer { .. }))
+            .map(|(id, _)| Chain::Order(id.clone()));
+        requests.chain(offers).chain(orders).filter_map(|c| Some((self.chain_end(&c)?, c))).collect()
+    }
+
+    /// Removes an ended chain and everything that refers to it. The pros' counters are
+    /// untouched (R27); what the records contributed moves to `forgotten`, and their
+    /// clients stay in the pro's client set (R25).
+    fn forget(&mut self, chain: Chain) {
+        // Only what decide emits: a held chain that has ended.
+        let Some(end) = self.chain_end(&chain) else { return };
+        self.ended.remove(&(end, chain.clone()));
+        let (mut offer, mut order) = (None, None);
+        match chain {
+            Chain::Request(id) => {
+                let r = self.requests.remove(&id).expect("chain_end found the request");
+                self.deadlines.remove(&(r.respond_by, Due::Request(id)));
+                self.pros.entry(r.placement.pro.clone()).or_default().forgotten.tally_request(&r);
+                offer = r.offer;
+            }
+            Chain::Offer(id) => offer = Some(id),
+            Chain::Order(id) => order = Some(id),
+        }
+        if let Some(o) = offer.and_then(|id| self.offers.remove(&id)) {
+            // Terminal offers hold no deadline and no open-offer entry: removed by key
+            // all the same, so nothing of a forgotten chain can be left behind.
+            self.close_offer(&o);
+            order = o.order;
+        }
+        if let Some(o) = order.and_then(|id| self.orders.remove(&id)) {
+            self.pros.entry(o.pro.clone()).or_default().forgotten.tally_order(&o);
         }
     }
 
@@ -1159,16 +1502,9 @@ impl OrderBook {
             if !self.pros.contains_key(pro) {
                 return Err(format!("request {id} of unknown pro {pro}"));
             }
-            let s = stats.entry(pro).or_default();
-            s.requests += 1;
-            s.requests_counted += u64::from(r.counts);
-            match r.status {
-                RequestStatus::Pending => {
-                    deadlines.insert((r.respond_by, Due::Request(id.clone())));
-                }
-                RequestStatus::Approved => s.requests_approved += 1,
-                RequestStatus::Declined => s.requests_declined += 1,
-                RequestStatus::Expired => s.requests_expired += 1,
+            stats.entry(pro).or_default().tally_request(r);
+            if r.status == RequestStatus::Pending {
+                deadlines.insert((r.respond_by, Due::Request(id.clone())));
             }
             let answered = matches!(r.status, RequestStatus::Approved | RequestStatus::Declined);
             if answered != r.answered_at.is_some() {
@@ -1178,8 +1514,12 @@ impl OrderBook {
                     r.answered_at
                 ));
             }
-            if answered && r.counts {
-                s.requests_responded += 1;
+            if (r.status == RequestStatus::Expired) != r.expired_at.is_some() {
+                return Err(format!(
+                    "request {id} is {} but expired_at is {:?}",
+                    r.status.as_str(),
+                    r.expired_at
+                ));
             }
             match (&r.offer, r.status) {
                 (Some(o), RequestStatus::Approved) => {
@@ -1217,6 +1557,13 @@ impl OrderBook {
             if (o.status == CustomOfferStatus::Accepted) != o.order.is_some() {
                 return Err(format!("offer {id} order link does not match its status"));
             }
+            if (o.status == CustomOfferStatus::Expired) != o.expired_at.is_some() {
+                return Err(format!(
+                    "offer {id} is {} but expired_at is {:?}",
+                    o.status.as_str(),
+                    o.expired_at
+                ));
+            }
             if let Some(r) = &o.request {
                 if self.requests.get(r).and_then(|r| r.offer.as_ref()) != Some(id) {
                     return Err(format!("offer {id} approves request {r}, which does not point back"));
@@ -1237,26 +1584,42 @@ impl OrderBook {
                     return Err(format!("order {id} comes from offer {offer}, which does not point back"));
                 }
             }
-            let s = stats.entry(&o.pro).or_default();
-            s.orders += 1;
-            s.orders_cancelled += u64::from(o.cancelled_at.is_some());
+            stats.entry(&o.pro).or_default().tally_order(o);
             clients.entry(&o.pro).or_default().insert(o.client.clone());
         }
         if deadlines != self.deadlines {
             return Err(format!("deadlines {:?} should be {:?}", self.deadlines, deadlines));
         }
+        let ended = self.ended_index();
+        if ended != self.ended {
+            return Err(format!("ended chains {:?} should be {ended:?}", self.ended));
+        }
         for (id, p) in &self.pros {
-            let want = stats.get(id).copied().unwrap_or_default();
+            // R27: forgetting moves a record's share of the counters to `forgotten`;
+            // the counters themselves never change.
+            let mut want = stats.get(id).copied().unwrap_or_default();
+            want.add(&p.forgotten);
             if p.stats != want {
-                return Err(format!("pro {id} stats {:?} should be {want:?}", p.stats));
+                return Err(format!(
+                    "pro {id} stats {:?} should be {want:?} (forgotten {:?})",
+                    p.stats, p.forgotten
+                ));
             }
             if p.stats.requests_responded > p.stats.requests_counted
                 || p.stats.orders_cancelled > p.stats.orders
             {
                 return Err(format!("pro {id} has a rate above 100 %"));
             }
-            if clients.remove(id).unwrap_or_default() != p.clients {
+            // R25: the clients of the orders held, and those of forgotten orders.
+            let held = clients.remove(id).unwrap_or_default();
+            if !held.is_subset(&p.clients) {
+                return Err(format!("pro {id} client index misses clients of its orders"));
+            }
+            if p.forgotten.orders == 0 && held != p.clients {
                 return Err(format!("pro {id} client index is stale"));
+            }
+            if p.clients.len() as u64 > p.stats.orders {
+                return Err(format!("pro {id} has more clients who ordered than orders"));
             }
             if open.remove(id).unwrap_or_default() != p.open_offers {
                 return Err(format!("pro {id} open offer index is stale"));

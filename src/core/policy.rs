@@ -217,13 +217,22 @@ impl Default for RawMoney {
 pub struct RawOrders {
     /// Time a pro has to approve or decline an order request before it expires (R26).
     pub order_request_ttl_s: i64,
+    /// How long an ended order request, custom offer or order is remembered (for
+    /// idempotent retries and commands that name it) before it is forgotten. At least
+    /// [`MIN_ORDER_RETENTION_S`]: a shorter period would forget a record while the
+    /// platform may still be retrying the command that ended it.
+    pub idempotency_retention_s: i64,
 }
 
 impl Default for RawOrders {
     fn default() -> Self {
-        Self { order_request_ttl_s: 48 * 3600 }
+        Self { order_request_ttl_s: 48 * 3600, idempotency_retention_s: 7 * 24 * 3600 }
     }
 }
+
+/// Shortest `orders.idempotency_retention_s` (one hour): retries of a command are over
+/// in seconds or minutes; an hour leaves a wide margin for a platform's retry queue.
+pub const MIN_ORDER_RETENTION_S: i64 = 3600;
 
 /// A policy file that does not make sense, with the key that is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -273,6 +282,9 @@ pub struct Policy {
     pub pricing: Option<crate::pricing::Pricing>,
     /// Response window of an order request (R26).
     pub order_request_ttl: Millis,
+    /// How long an ended order request, custom offer or order is remembered before
+    /// the order book forgets it (`orders.idempotency_retention_s`).
+    pub order_retention: Millis,
 }
 
 /// Longest duration any window may have (one year): keeps every `now + window` sum far
@@ -395,6 +407,18 @@ impl RawPolicy {
             w => Some(w),
         };
         let order_request_ttl = secs("orders.order_request_ttl_s", self.orders.order_request_ttl_s, false)?;
+        let order_retention =
+            secs("orders.idempotency_retention_s", self.orders.idempotency_retention_s, false)?;
+        if self.orders.idempotency_retention_s < MIN_ORDER_RETENTION_S {
+            return Err(invalid(
+                "orders.idempotency_retention_s",
+                format!(
+                    "must be at least {MIN_ORDER_RETENTION_S} seconds (1 h) so that retries are over before a \
+                     record is forgotten, got {}",
+                    self.orders.idempotency_retention_s
+                ),
+            ));
+        }
         Ok(Policy {
             tenant: self.tenant.clone(),
             time_zone,
@@ -424,6 +448,7 @@ impl RawPolicy {
             guarantee_window,
             pricing,
             order_request_ttl,
+            order_retention,
         })
     }
 }
@@ -462,6 +487,7 @@ mod tests {
         let p = Policy::shared_default("demo");
         assert_eq!(p.max_responders, 5);
         assert_eq!(p.head_start, 30 * 60 * 1000);
+        assert_eq!(p.order_retention, 7 * 24 * 3600 * 1000);
     }
 
     #[test]
@@ -482,6 +508,10 @@ mod tests {
             ("[autobuy]\ngroup_size = 0", "autobuy.group_size"),
             ("[orders]\norder_request_ttl_s = 0", "orders.order_request_ttl_s"),
             ("[orders]\norder_request_ttl_s = -1", "orders.order_request_ttl_s"),
+            ("[orders]\nidempotency_retention_s = 0", "orders.idempotency_retention_s"),
+            ("[orders]\nidempotency_retention_s = -1", "orders.idempotency_retention_s"),
+            ("[orders]\nidempotency_retention_s = 3599", "orders.idempotency_retention_s"),
+            ("[orders]\nidempotency_retention_s = 99999999", "orders.idempotency_retention_s"),
         ];
         for (body, key) in cases {
             let text = format!("tenant = \"t\"\nmode = \"shared\"\n{body}\n");
