@@ -10,7 +10,9 @@
 //!   response is never overtaken by its lead's publish on another socket.
 //! * Latency is receipt time minus *intended* send time: `ack` for publish replies
 //!   (durable acknowledgement), `delivery` for the lead's first `offered` event on
-//!   the stream.
+//!   the stream. `ack ok, service` is the same for accepted publishes measured from
+//!   the flush that wrote them instead: the daemon's share, without the tool's own
+//!   send lag (which, on a saturated host, is part of what clients would see).
 //! * Ids are rewritten per run (`<run_tag>-<lead ordinal>`, `<run_tag>-<lap>-<client>`,
 //!   `<run_tag>-<lap>-<op>`) so one trace can be replayed many times against one
 //!   daemon, and stream events map back to the schedule without a lookup table.
@@ -189,6 +191,9 @@ pub struct Summary {
     pub other_replies: Percentiles,
     /// How late the tool itself sent (actual - intended): the tool's share of latency.
     pub send_lag: Percentiles,
+    /// Publishes answered `ok`, from the flush that wrote them (not the intended
+    /// time): the daemon's share of `ack_ok`.
+    pub ack_ok_service: Percentiles,
     pub stream_events: u64,
     pub stream_seq_gaps: u64,
     pub stream_closed_early: bool,
@@ -357,6 +362,9 @@ fn route(r: &Request, lead_ord: Option<u32>, n: usize) -> usize {
 }
 
 /// Shared state of a run, updated by the readers and the sender.
+/// `Recorder::lag_us` of an item whose write time is not recorded yet.
+const LAG_UNKNOWN: u32 = u32::MAX;
+
 struct Recorder {
     start_ns: u64,
     plan: Arc<Plan>,
@@ -368,6 +376,9 @@ struct Recorder {
     delivery: Histogram<u64>,
     other: Histogram<u64>,
     lag: Histogram<u64>,
+    ack_ok_service: Histogram<u64>,
+    /// Per plan item, how late it was written, in us (`LAG_UNKNOWN` until recorded).
+    lag_us: Vec<u32>,
     iv_ack: Histogram<u64>,
     iv_delivery: Histogram<u64>,
     iv_errors: u64,
@@ -430,6 +441,10 @@ impl Recorder {
             self.iv_ack.saturating_record(lat);
             if f.kind == "ok" {
                 self.ack_ok.saturating_record(lat);
+                let lag = self.lag_us[idx];
+                if lag != LAG_UNKNOWN {
+                    self.ack_ok_service.saturating_record(lat.saturating_sub(u64::from(lag)));
+                }
             } else {
                 self.ack_error.saturating_record(lat);
             }
@@ -676,6 +691,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         delivery: hist(3),
         other: hist(3),
         lag: hist(3),
+        ack_ok_service: hist(3),
+        lag_us: vec![LAG_UNKNOWN; plan.items.len()],
         iv_ack: hist(2),
         iv_delivery: hist(2),
         iv_errors: 0,
@@ -785,8 +802,10 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let mut r = rec.lock().expect("no thread panics holding the recorder");
             // Lag measured at the start of the batch: encoding time is the tool's too.
             let done_ns = mono_ns().saturating_sub(start_ns);
-            for &l in &lags {
-                r.lag.saturating_record((l + (done_ns - now)) / 1000);
+            for (j, &l) in lags.iter().enumerate() {
+                let us = (l + (done_ns - now)) / 1000;
+                r.lag.saturating_record(us);
+                r.lag_us[i - k + j] = u32::try_from(us).unwrap_or(LAG_UNKNOWN - 1);
             }
             if let Some(log) = r.log.as_mut() {
                 for (id, req) in sent_log.drain(..) {
@@ -867,6 +886,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         delivery: Percentiles::of(&r.delivery),
         other_replies: Percentiles::of(&r.other),
         send_lag: Percentiles::of(&r.lag),
+        ack_ok_service: Percentiles::of(&r.ack_ok_service),
         stream_events: r.stream_events,
         stream_seq_gaps: r.seq_gaps,
         stream_closed_early: stream_closed.load(Ordering::Relaxed),

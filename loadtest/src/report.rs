@@ -33,6 +33,8 @@ pub fn table(s: &Summary) -> String {
     row(&mut out, "delivery", &s.delivery);
     row(&mut out, "other", &s.other_replies);
     row(&mut out, "send lag", &s.send_lag);
+    // The daemon's share: accepted publishes from the flush that wrote them.
+    row(&mut out, "ok service", &s.ack_ok_service);
     let _ = writeln!(
         out,
         "throughput: {:.0} leads/s acknowledged of {:.0} leads/s targeted ({:.1}%), over {:.1} s, {} connection(s), {:?}",

@@ -111,6 +111,16 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
         assert_eq!(s.violations.total(), 0, "{encoding:?}: {:#?}", s.violations);
         assert_eq!(s.stream_seq_gaps, 0);
         assert!(s.delivery.count > 0, "{encoding:?}: deliveries measured");
+        // The daemon's share of every accepted ack: measured from the actual write,
+        // so never above the corrected figure and never below zero.
+        assert_eq!(s.ack_ok_service.count, s.ack_ok.count, "{encoding:?}: one service sample per ok ack");
+        assert!(
+            s.ack_ok_service.max <= s.ack_ok.max,
+            "{encoding:?}: {:?} vs {:?}",
+            s.ack_ok_service,
+            s.ack_ok
+        );
+        assert!(s.ack_ok_service.p50 <= s.ack_ok.p50);
         let respond = records.iter().filter(|r| matches!(r.request, Request::Offer { .. })).count();
         assert!(respond > 0);
     }
