@@ -201,9 +201,10 @@ ts("WAL segments and durable sequence", "short", [
     ("sum(rota_wal_segments_live)", "segments live"),
     (f"sum(deriv(rota_wal_durable_sequence[{RI}]))", "durable seq / s"),
 ], w=6)
-ts("Snapshot duration", "s", [
-    (q(0.5, "rota_snapshot_duration_seconds"), "p50"),
-    (q(0.99, "rota_snapshot_duration_seconds"), "p99"),
+ts("Snapshot duration and pause", "s", [
+    (q(0.5, "rota_snapshot_duration_seconds"), "duration p50"),
+    (q(0.99, "rota_snapshot_duration_seconds"), "duration p99"),
+    (q(0.99, "rota_snapshot_pause_seconds"), "pause p99 (decisions held back)"),
 ], w=8)
 ts("Snapshots written", "short", [(f"sum(increase(rota_wal_snapshots_total[{RI}]))", "snapshots")], w=8)
 stat("Last recovery duration", "s", [("max(rota_recovery_duration_seconds)", "recovery")], w=4, h=8)

@@ -64,6 +64,7 @@ pub const WAL_SNAPSHOTS: &str = "rota_wal_snapshots_total";
 pub const WAL_SYNC_DURATION: &str = "rota_wal_sync_duration_seconds";
 pub const WAL_BATCH_RECORDS: &str = "rota_wal_batch_records";
 pub const SNAPSHOT_DURATION: &str = "rota_snapshot_duration_seconds";
+pub const SNAPSHOT_PAUSE: &str = "rota_snapshot_pause_seconds";
 pub const RECOVERY_DURATION: &str = "rota_recovery_duration_seconds";
 pub const RECOVERY_RECORDS: &str = "rota_recovery_replayed_records";
 
@@ -285,6 +286,13 @@ pub const ALL: &[MetricDef] = &[
     h(WAL_SYNC_DURATION, "seconds", &[], SYNC_BUCKETS, "Duration of one WAL fdatasync."),
     h(WAL_BATCH_RECORDS, "records", &[], BATCH_BUCKETS, "Records per group-commit batch."),
     h(SNAPSHOT_DURATION, "seconds", &[], SNAPSHOT_BUCKETS, "Duration of writing one snapshot."),
+    h(
+        SNAPSHOT_PAUSE,
+        "seconds",
+        &[],
+        SNAPSHOT_BUCKETS,
+        "How long one snapshot held decisions back (taking its consistent cut).",
+    ),
     m(RECOVERY_DURATION, G, "seconds", &[], "Duration of the start-up recovery (snapshot load + replay)."),
     m(RECOVERY_RECORDS, G, "records", &[], "WAL records replayed by the start-up recovery."),
     // Gateway.
@@ -604,6 +612,7 @@ pub struct WalMetrics {
     pub sync_duration: Histogram,
     pub batch_records: Histogram,
     pub snapshot_duration: Histogram,
+    pub snapshot_pause: Histogram,
     pub recovery_duration: Gauge,
     pub recovery_records: Gauge,
     last_syncs: std::sync::Arc<AtomicU64>,
@@ -624,6 +633,7 @@ impl WalMetrics {
             sync_duration: metrics::histogram!(WAL_SYNC_DURATION),
             batch_records: metrics::histogram!(WAL_BATCH_RECORDS),
             snapshot_duration: metrics::histogram!(SNAPSHOT_DURATION),
+            snapshot_pause: metrics::histogram!(SNAPSHOT_PAUSE),
             recovery_duration: metrics::gauge!(RECOVERY_DURATION),
             recovery_records: metrics::gauge!(RECOVERY_RECORDS),
             last_syncs: Default::default(),

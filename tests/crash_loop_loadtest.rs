@@ -20,6 +20,10 @@
 //!   every acknowledged publish, nothing of a publish answered with an error, and one
 //!   charge or hold per response, for the same credits.
 //!
+//! Snapshots are taken every second, during the load, so recovery starts from
+//! snapshots cut in the middle of traffic (and from the log when a kill landed in
+//! one).
+//!
 //! The trace (`rota-loadtest gen`) has no auto-buy, no top-ups and no pros joining
 //! during the run, so every credit that moves is a response to an offer.
 //!
@@ -79,10 +83,12 @@ fn config(dir: &Path) -> PathBuf {
     let path = dir.join("rota.toml");
     // The final audit replays the whole stream from 0, so keep all of it. The auditor
     // pipelines thousands of requests at once: no admission control (that has its own
-    // test in hostile_input.rs), so the audit needs no retries.
+    // test in hostile_input.rs), so the audit needs no retries. A snapshot every
+    // second: they are taken while the load runs (the cut, then the lead index, the
+    // encoding and the write beside the traffic), and some kills land in one.
     std::fs::write(
         &path,
-        "stream_retention_events = 10000000\nshed_backlog_bytes = 0\n[wal]\nfsync = \"always\"\n",
+        "stream_retention_events = 10000000\nshed_backlog_bytes = 0\nsnapshot_interval_s = 1\n[wal]\nfsync = \"always\"\n",
     )
     .unwrap();
     path

@@ -51,10 +51,14 @@ impl Message for Rearm {
     type Result = ();
 }
 
+/// A shard's state: behind its lock, and shared copy-on-write with a snapshot being
+/// written (the first change after a snapshot took it copies it, once).
+pub type ShardState = Arc<Mutex<Arc<Shard>>>;
+
 /// One shard: its state and what its timer and its inline callers share.
 pub struct ShardCell {
     pub key: ShardKey,
-    pub state: Arc<Mutex<Shard>>,
+    pub state: ShardState,
     /// The deadline the actor's timer is armed for ([`NOT_ARMED`] if none). Only
     /// touched while `state` is locked.
     pub armed_at: AtomicI64,
@@ -69,7 +73,7 @@ impl ShardCell {
     pub fn new(key: ShardKey, shard: Shard) -> Self {
         Self {
             key,
-            state: Arc::new(Mutex::new(shard)),
+            state: Arc::new(Mutex::new(Arc::new(shard))),
             armed_at: AtomicI64::new(NOT_ARMED),
             depth: AtomicUsize::new(0),
             timer: OnceLock::new(),
@@ -206,9 +210,10 @@ pub fn execute(
         return;
     }
     let mut stream: Vec<StreamEvent> = Vec::new();
+    let state = Arc::make_mut(&mut shard);
     for ev in &events {
-        record::shard_stream_events(&shard, ev, &mut stream);
-        shard.apply(ev);
+        record::shard_stream_events(state, ev, &mut stream);
+        state.apply(ev);
         engine.index_event(key, ev);
     }
     record::money_stream_events(&money, &mut stream);

@@ -13,6 +13,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
+/// One event of a replay buffer, serialised as `(seq, event)`.
+pub struct Buffered(Arc<Outgoing>);
+
+impl serde::Serialize for Buffered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.0.seq, &self.0.event).serialize(s)
+    }
+}
+
 /// One stream event, encoded at most once per encoding and shared by every
 /// subscriber.
 #[derive(Debug)]
@@ -183,9 +192,10 @@ impl StreamHub {
         g.buffer.clear();
     }
 
-    /// The replay buffer (for snapshots): consecutive sequence numbers, oldest first.
-    pub fn buffered(&self) -> Vec<(u64, StreamEvent)> {
-        self.inner.lock().buffer.iter().map(|o| (o.seq, o.event.clone())).collect()
+    /// The replay buffer (for snapshots): consecutive sequence numbers, oldest first,
+    /// shared (no event copied), each entry serialised as `(seq, event)`.
+    pub fn buffered_shared(&self) -> Vec<Buffered> {
+        self.inner.lock().buffer.iter().map(|o| Buffered(o.clone())).collect()
     }
 
     /// Whether any subscriber reads `enc` (worth encoding events for it up front).

@@ -100,14 +100,16 @@ pub struct Engine {
 
 /// What a snapshot holds: everything replay would otherwise rebuild.
 #[derive(Serialize, Deserialize)]
-struct EngineSnapshot {
+/// `B`: a replay-buffer entry, `(seq, event)` as read back, [`hub::Buffered`] (the
+/// same bytes, no copy) as written.
+struct EngineSnapshot<B = (u64, StreamEvent)> {
     ledger: LedgerSnapshot,
-    shards: Vec<Shard>,
+    shards: Vec<Arc<Shard>>,
     directory: Vec<(TenantId, Arc<Pro>)>,
     lead_index: Vec<(TenantId, LeadId, ZoneId, CategoryId)>,
     hub_next_seq: Vec<(TenantId, u64)>,
     /// The streams' replay buffers, so a subscriber can resume across a restart.
-    hub_buffer: Vec<(TenantId, Vec<(u64, StreamEvent)>)>,
+    hub_buffer: Vec<(TenantId, Vec<B>)>,
     #[serde(default)]
     orders: Vec<(TenantId, OrderBook)>,
 }
@@ -357,7 +359,7 @@ impl Engine {
         Ok(out)
     }
 
-    fn shard_state(&self, key: &ShardKey) -> Option<Arc<Mutex<Shard>>> {
+    fn shard_state(&self, key: &ShardKey) -> Option<actor::ShardState> {
         self.inner.shards.get(key).map(|h| h.state.clone())
     }
 
@@ -787,9 +789,15 @@ impl Engine {
     }
 
     /// Writes a snapshot of everything; returns the WAL seq it covers.
+    ///
+    /// Requests wait only while the cut is taken: the gate is closed for the WAL sync,
+    /// the ledger's accounts, a reference to every shard's state (copy on write: a
+    /// shard decided on while the snapshot still holds it is copied by that decision,
+    /// once) and the streams' counters and replay buffers. The lead index is read, and
+    /// everything is encoded and written, after the gate reopens.
     pub fn snapshot(&self) -> Result<u64, WalError> {
         let started = Instant::now();
-        let (covers, bytes) = {
+        let (covers, mut snap) = {
             let _g = self.inner.gate.write();
             // Every record appended before the gate closed is now written and its
             // callbacks (stream publication) have run.
@@ -798,7 +806,7 @@ impl Engine {
                 ledger: self.inner.ledger.snapshot(),
                 shards: self.inner.shards.iter().map(|e| e.value().state.lock().clone()).collect(),
                 directory: self.inner.pros.iter().map(|e| (e.key().0.clone(), e.value().clone())).collect(),
-                lead_index: self.inner.lead_index.entries(),
+                lead_index: Vec::new(),
                 hub_next_seq: self
                     .inner
                     .tenants
@@ -809,14 +817,24 @@ impl Engine {
                     .inner
                     .tenants
                     .values()
-                    .map(|t| (t.cfg.id.clone(), t.hub.buffered()))
+                    .map(|t| (t.cfg.id.clone(), t.hub.buffered_shared()))
                     .collect(),
                 orders: self.inner.orders.iter().map(|(t, b)| (t.clone(), b.lock().clone())).collect(),
             };
-            (covers, rmp_serde::to_vec(&snap).expect("engine state is plain data and always serialises"))
+            (covers, snap)
         };
+        let paused = started.elapsed();
+        // Read after the cut: it may already hold leads of records after `covers`, or
+        // miss leads forgotten after it. Recovery replays every record after `covers`
+        // through the same index updates (insert and remove by lead, in log order), so
+        // every lead those records touch ends as the log says, and the others are as
+        // they were at the cut.
+        snap.lead_index = self.inner.lead_index.entries();
+        let bytes = rmp_serde::to_vec(&snap).expect("engine state is plain data and always serialises");
+        drop(snap);
         self.inner.wal.write_snapshot(covers, &bytes)?;
-        self.inner.metrics.snapshot(started.elapsed());
+        self.inner.metrics.snapshot(started.elapsed(), paused);
+        tracing::debug!(covers, bytes = bytes.len(), paused_ms = paused.as_millis() as u64, "snapshot");
         Ok(covers)
     }
 
@@ -913,7 +931,8 @@ fn restore_snapshot(
 ) {
     rec.ledger = Some(Ledger::restore(s.ledger));
     rec.shards.clear();
-    for mut shard in s.shards {
+    for shard in s.shards {
+        let mut shard = Arc::try_unwrap(shard).unwrap_or_else(|shared| (*shared).clone());
         if let Some(p) = policies.get(&shard.key.tenant) {
             shard.restore(p.clone());
             rec.shards.insert(shard.key.clone(), shard);
@@ -1058,8 +1077,9 @@ mod metrics_facade {
         pub fn recovered(&self, records: u64, d: Duration) {
             self.m.wal.record_recovery(d, records);
         }
-        pub fn snapshot(&self, d: Duration) {
+        pub fn snapshot(&self, d: Duration, paused: Duration) {
             self.m.wal.snapshot_duration.record(d.as_secs_f64());
+            self.m.wal.snapshot_pause.record(paused.as_secs_f64());
         }
         pub fn events(&self, tenant: &TenantId, events: &[Event], money: &[LedgerEvent]) {
             let Some(t) = self.tenant(tenant) else { return };

@@ -112,11 +112,10 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
                         }
                     }
                     _ = snap.tick(), if snapshot_every > 0 => {
-                        let e = engine.clone();
-                        match tokio::task::spawn_blocking(move || e.snapshot()).await {
+                        match background_snapshot(engine.clone()).await {
                             Ok(Ok(seq)) => tracing::info!(covers_seq = seq, "snapshot written"),
                             Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed"),
-                            Err(e) => tracing::error!(error = %e, "snapshot task failed"),
+                            Err(e) => tracing::error!(error = %e, "snapshot thread failed"),
                         }
                     }
                 }
@@ -155,6 +154,25 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// A periodic snapshot on a thread of its own at a lower CPU priority (nice 10):
+/// past its short pause (`rota_snapshot_pause_seconds`) it encodes and writes
+/// the whole state, seconds of CPU with a million open leads, and on a small host
+/// that time should come from idle cores, not from the requests. (The final
+/// snapshot at shutdown runs at normal priority.)
+async fn background_snapshot(engine: Engine) -> anyhow::Result<Result<u64, crate::wal::WalError>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("rota-snapshot".into()).spawn(move || {
+        // SAFETY: setpriority with `who = 0` changes only the calling thread on Linux
+        // (the nice value is per thread); no pointers are involved.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        if r != 0 {
+            tracing::debug!("snapshot thread priority not lowered");
+        }
+        let _ = tx.send(engine.snapshot());
+    })?;
+    Ok(rx.await?)
 }
 
 async fn wait_for_signal() {
