@@ -160,17 +160,22 @@ pub struct BudgetBalance {
 /// [`Ledger::restore`]. Sorted by key, so equal ledgers give equal snapshots.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerSnapshot {
-    accounts: Vec<(TenantId, ProId, Account)>,
-    budgets: Vec<(TenantId, ProId, BudgetName, Budget)>,
+    accounts: Vec<(TenantId, ProId, Arc<Account>)>,
+    budgets: Vec<(TenantId, ProId, BudgetName, Arc<Budget>)>,
 }
+
+/// An account or budget: behind its lock, and shared copy-on-write with a snapshot
+/// (the first change after a snapshot took it copies it, once), so a snapshot copies
+/// no op-id registry.
+type Shared<T> = Arc<Mutex<Arc<T>>>;
 
 /// Credits and budgets of every pro of every tenant.
 #[derive(Default)]
 pub struct Ledger {
     // FxHash: keys are platform-issued ids of authenticated tenants, and the
     // hash is on the hot path of every charge.
-    accounts: DashMap<AccountKey, Arc<Mutex<Account>>, FxBuildHasher>,
-    budgets: DashMap<BudgetKey, Arc<Mutex<Budget>>, FxBuildHasher>,
+    accounts: DashMap<AccountKey, Shared<Account>, FxBuildHasher>,
+    budgets: DashMap<BudgetKey, Shared<Budget>, FxBuildHasher>,
 }
 
 impl Ledger {
@@ -318,11 +323,11 @@ impl Ledger {
         match event {
             LedgerEvent::Credit { op, tenant, pro, fact } => {
                 let account = self.account_or_create(tenant, pro);
-                account.lock().apply(op, fact);
+                Arc::make_mut(&mut *account.lock()).apply(op, fact);
             }
             LedgerEvent::Budget { op, tenant, pro, budget, fact } => {
                 let b = self.budget_or_create(tenant, pro, budget);
-                b.lock().apply(op, fact);
+                Arc::make_mut(&mut *b.lock()).apply(op, fact);
             }
         }
     }
@@ -362,7 +367,7 @@ impl Ledger {
     /// an event). Returns how many were dropped; open holds are kept. See the
     /// module docs for when this is safe.
     pub fn forget(&self, tenant: &TenantId, pro: &ProId, ops: &[OpId]) -> usize {
-        self.account(tenant, pro).map_or(0, |account| account.lock().forget(ops))
+        self.account(tenant, pro).map_or(0, |account| Arc::make_mut(&mut *account.lock()).forget(ops))
     }
 
     /// Like [`Ledger::forget`], for the ops of one budget.
@@ -377,7 +382,7 @@ impl Ledger {
         let Some(b) = self.budgets.get(&key).map(|e| Arc::clone(e.value())) else {
             return 0;
         };
-        let forgotten = b.lock().forget(ops);
+        let forgotten = Arc::make_mut(&mut *b.lock()).forget(ops);
         forgotten
     }
 
@@ -400,18 +405,20 @@ impl Ledger {
         Ok(())
     }
 
-    /// A copy of the whole state. Each account is copied under its own lock;
+    /// The whole state, each account and budget shared with the live ledger (copy on
+    /// write, so this copies no registry). Each account is taken under its own lock;
     /// operations running meanwhile may or may not be included, which replay
     /// tolerates because `apply` skips op ids the snapshot already holds.
     pub fn snapshot(&self) -> LedgerSnapshot {
         let accounts =
             self.accounts.iter().map(|e| (e.key().clone(), Arc::clone(e.value()))).collect::<Vec<_>>();
-        let mut accounts: Vec<_> = accounts.into_iter().map(|((t, p), a)| (t, p, a.lock().clone())).collect();
+        let mut accounts: Vec<_> =
+            accounts.into_iter().map(|((t, p), a)| (t, p, Arc::clone(&*a.lock()))).collect();
         accounts.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let budgets =
             self.budgets.iter().map(|e| (e.key().clone(), Arc::clone(e.value()))).collect::<Vec<_>>();
         let mut budgets: Vec<_> =
-            budgets.into_iter().map(|((t, p, n), b)| (t, p, n, b.lock().clone())).collect();
+            budgets.into_iter().map(|((t, p, n), b)| (t, p, n, Arc::clone(&*b.lock()))).collect();
         budgets.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
         LedgerSnapshot { accounts, budgets }
     }
@@ -428,14 +435,14 @@ impl Ledger {
         ledger
     }
 
-    fn account(&self, tenant: &TenantId, pro: &ProId) -> Option<Arc<Mutex<Account>>> {
+    fn account(&self, tenant: &TenantId, pro: &ProId) -> Option<Shared<Account>> {
         // Clone the Arc so the DashMap shard lock is released before the
         // account lock is taken.
         let key = (tenant.clone(), pro.clone());
         self.accounts.get(&key).map(|e| Arc::clone(e.value()))
     }
 
-    fn account_or_create(&self, tenant: &TenantId, pro: &ProId) -> Arc<Mutex<Account>> {
+    fn account_or_create(&self, tenant: &TenantId, pro: &ProId) -> Shared<Account> {
         if let Some(a) = self.account(tenant, pro) {
             return a;
         }
@@ -443,7 +450,7 @@ impl Ledger {
         Arc::clone(self.accounts.entry(key).or_default().value())
     }
 
-    fn budget_or_create(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName) -> Arc<Mutex<Budget>> {
+    fn budget_or_create(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName) -> Shared<Budget> {
         let key = (tenant.clone(), pro.clone(), budget.clone());
         if let Some(b) = self.budgets.get(&key) {
             return Arc::clone(b.value());
@@ -478,6 +485,7 @@ impl Ledger {
         let (fact, replayed) = match account.decide(&op, &request)? {
             Decision::Replay(fact) => (fact, true),
             Decision::New(fact) => {
+                let account = Arc::make_mut(&mut *account);
                 account.apply(&op, &fact);
                 debug_assert_eq!(account.check_invariants(), Ok(()));
                 (fact, false)
@@ -516,6 +524,7 @@ impl Ledger {
         let (fact, replayed) = match b.decide(budget, &op, &request)? {
             BudgetDecision::Replay(fact) => (fact, true),
             BudgetDecision::New(fact) => {
+                let b = Arc::make_mut(&mut *b);
                 b.apply(&op, &fact);
                 debug_assert_eq!(b.check_invariants(), Ok(()));
                 (fact, false)
