@@ -752,10 +752,13 @@ pub struct Shard {
     pros: Vec<Option<ProSlot>>,
     slots: FxHashMap<ProId, u32>,
     ring: Ring,
-    /// Boxed: a hash table keeps free buckets (an eighth to more than half of them,
-    /// depending on where it is between two doublings), and a free bucket of a boxed
-    /// state costs 8 bytes where an inline one cost the whole state.
-    leads: FxHashMap<LeadId, Box<LeadState>>,
+    /// Behind a pointer: a hash table keeps free buckets (an eighth to more than half
+    /// of them, depending on where it is between two doublings), and a free bucket of
+    /// a pointer costs 8 bytes where an inline state cost the whole state. An `Arc`
+    /// (16 bytes more than a `Box`) so that copying a shard for a snapshot copies
+    /// pointers, and a lead changed while a snapshot holds it is copied then, alone
+    /// (`Arc::make_mut`).
+    leads: FxHashMap<LeadId, Arc<LeadState>>,
     rejected: FxHashMap<LeadId, RejectedLead>,
     deadlines: Deadlines,
     /// Duplicate protection: the newest accepted lead of each client in this shard.
@@ -1579,12 +1582,12 @@ impl Shard {
                     due: Due::Close,
                 });
                 self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
-                self.leads.insert(lead.id.clone(), Box::new(st));
+                self.leads.insert(lead.id.clone(), Arc::new(st));
             }
             Event::Offered { lead, at, release, grants, rotation, skipped, skipped_more } => {
                 self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
                 let response_window = self.policy.response_window;
-                let Some(st) = self.leads.get_mut(lead) else {
+                let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) else {
                     return;
                 };
                 if *release {
@@ -1668,7 +1671,7 @@ impl Shard {
             Event::Responded { lead, pro, at, charge } => {
                 let policy = self.policy.clone();
                 let mut response_time = None;
-                if let Some(st) = self.leads.get_mut(lead) {
+                if let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) {
                     let cap = st.generic_cap(&policy);
                     let Some(o) = st.offer_mut(pro) else { return };
                     o.status = OfferStatus::Replied;
@@ -1761,7 +1764,7 @@ impl Shard {
                     self.learned = Some(stats);
                 }
                 let mut seq = 0;
-                if let Some(st) = self.leads.get_mut(lead) {
+                if let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) {
                     seq = st.seq;
                     // Release, offer expiry and close deadlines sit at times the lead
                     // state records (`release_at`, each offer's `respond_by`,
@@ -1791,7 +1794,7 @@ impl Shard {
                     }
                 }
                 let forget_at = at.saturating_add(retention.max(guarantee));
-                if let Some(st) = self.leads.get_mut(lead) {
+                if let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) {
                     st.forget_at = OptMillis::some(forget_at);
                 }
                 self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
@@ -1835,7 +1838,7 @@ impl Shard {
     }
 
     fn with_offer(&mut self, lead: &LeadId, pro: &ProId, f: impl FnOnce(&LeadId, &mut OfferState)) {
-        if let Some(o) = self.leads.get_mut(lead).and_then(|st| st.offer_mut(pro)) {
+        if let Some(o) = self.leads.get_mut(lead).map(Arc::make_mut).and_then(|st| st.offer_mut(pro)) {
             f(lead, o);
         }
     }
