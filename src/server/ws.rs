@@ -42,8 +42,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 pub const CLOSE_HEARTBEAT: u16 = 4000;
 pub const CLOSE_SLOW: u16 = 4008;
 
-/// Accepts connections until `shutdown` turns true, then waits (at most
-/// `CLOSE_WAIT`) for the open ones to answer what they have in flight and close.
+/// Accepts connections until `shutdown` turns true, then waits (at most `CLOSE_WAIT`,
+/// and at most half of `shutdown_timeout_ms`, which leaves the rest to the final
+/// sync and snapshot) for the open ones to answer what they have in flight and close.
 pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::Receiver<bool>) {
     let max = engine.inner.cfg.raw.max_connections;
     let limit = Arc::new(Semaphore::new(max));
@@ -95,7 +96,8 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
     }
     drop(listener);
     let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(CLOSE_WAIT, limit.acquire_many(all)).await;
+    let wait = CLOSE_WAIT.min(Duration::from_millis(engine.inner.cfg.raw.shutdown_timeout_ms / 2));
+    let _ = tokio::time::timeout(wait, limit.acquire_many(all)).await;
 }
 
 /// How long a shutdown waits for connections to close before stopping the workers.
