@@ -258,7 +258,7 @@ pub const ALL: &[MetricDef] = &[
         "Largest relative share deviation of any pro at the last fairness evaluation.",
     ),
     // Runtime.
-    m(SHARDS_ALIVE, G, "shards", &[], "Shard actors running."),
+    m(SHARDS_ALIVE, G, "shards", &[], "Shards in memory (each with its timer actor)."),
     m(
         MAILBOX_DEPTH_MAX,
         G,
