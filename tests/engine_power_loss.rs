@@ -20,6 +20,12 @@
 //! * money is conserved: `granted + refunded = available + held + captured`;
 //! * nothing is invented: every offer a pro sees belongs to a lead that was sent.
 //!
+//! Snapshots are taken between batches and, in one batch of four, on another thread
+//! while the batch's requests are being decided: the snapshot's cut lands in the
+//! middle of traffic, and shards, accounts and leads changed while it is encoded are
+//! copied on write. Recovery then starts from such a snapshot (or from the log, when
+//! the power went out during one).
+//!
 //! The same check, run with the WAL's hidden `unsafe_skip_sync` switch, must fail for
 //! most seeds: that is what shows it can tell a log that syncs from one that does not.
 //!
@@ -333,6 +339,14 @@ async fn workload(
                 fs.cut_power_after(ops);
             }
         }
+        // A snapshot cut while this batch is being decided (errors are expected once
+        // the power is out).
+        let concurrent = (rng.below(4) == 0).then(|| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let _ = e.snapshot();
+            })
+        });
         let mut used = BTreeSet::new();
         let n = 1 + rng.below(24) as usize;
         let planned: Vec<(Planned, Request)> = (0..n).map(|_| plan(rng, m, &mut used)).collect();
@@ -350,6 +364,9 @@ async fn workload(
                     fs.power_cut();
                 }
             }
+        }
+        if let Some(snapshot) = concurrent {
+            snapshot.join().expect("the snapshot thread does not panic");
         }
         if fs.power_cuts() != cuts_before {
             return;
