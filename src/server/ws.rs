@@ -471,10 +471,20 @@ async fn feed(sink: &mut Sink, enc: Encoding, bytes: &[u8]) -> Result<(), WsErro
     sink.feed(message(enc, bytes)).await
 }
 
+/// Sends a frame encoded for this connection alone (a reply): the buffer becomes the
+/// message without a copy.
 async fn send(sink: &mut Sink, enc: Encoding, bytes: Vec<u8>, flush: bool) -> Result<(), WsError> {
+    let msg = match enc {
+        // JSON encoding of our own types is always UTF-8; checked, not trusted.
+        Encoding::Json => match String::from_utf8(bytes) {
+            Ok(text) => Message::Text(text),
+            Err(e) => Message::Text(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        },
+        Encoding::Msgpack => Message::Binary(bytes),
+    };
     if flush {
-        sink.send(message(enc, &bytes)).await
+        sink.send(msg).await
     } else {
-        sink.feed(message(enc, &bytes)).await
+        sink.feed(msg).await
     }
 }
