@@ -30,6 +30,7 @@ pub struct RawConfig {
     /// Worker threads. Each serves a share of the websocket connections (round
     /// robin), decides their requests inline under the shard's lock, and runs the
     /// timers of a share of the shards. 0 = everything on the accepting thread.
+    /// Default: one per CPU the process may use ([`default_workers`]).
     pub arbiters: usize,
     /// Commands in flight per shard (deciding, or decided and waiting for the log);
     /// beyond it requests get `overloaded` with a retry hint.
@@ -102,6 +103,14 @@ pub struct RawToken {
     pub scopes: Vec<Scope>,
 }
 
+/// The default number of worker threads: one per CPU the process may use (its
+/// affinity mask and cgroup quota, as `available_parallelism` reads them), at least 2
+/// and at most 16. Two on the 2-core machine the benchmarks ran on: one worker was
+/// slower there, and the WAL writer and the accepting thread need little CPU.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16)
+}
+
 impl Default for RawConfig {
     fn default() -> Self {
         let w = WalConfig::default();
@@ -111,7 +120,7 @@ impl Default for RawConfig {
             data_dir: PathBuf::from("rota-data"),
             clock: ClockMode::Wall,
             manual_clock_start_ms: 0,
-            arbiters: 2,
+            arbiters: default_workers(),
             mailbox_capacity: 4096,
             shutdown_timeout_ms: 10_000,
             snapshot_interval_s: 300,
