@@ -48,6 +48,15 @@ async fn r5_r6_direct_then_generic_after_head_start_caps_idempotency_and_restart
     changed["description"] = json!("Something else entirely, not the same job at all");
     let (r, _) = ingest.call(json!({"type": "publish_lead", "lead": changed})).await;
     assert_eq!(r["error"]["code"].as_str().or(r["code"].as_str()), Some("idempotency_conflict"), "{r}");
+    // R1: the same id in another zone (another shard) is another payload too, and
+    // stores nothing there.
+    let before = ingest.ok(json!({"type": "explain", "lead": l["id"]})).await;
+    let mut moved = l.clone();
+    moved["zone"] = json!("milano");
+    let (r, _) = ingest.call(json!({"type": "publish_lead", "lead": moved})).await;
+    assert_eq!(r["error"]["code"].as_str().or(r["code"].as_str()), Some("idempotency_conflict"), "{r}");
+    let after = ingest.ok(json!({"type": "explain", "lead": l["id"]})).await;
+    assert_eq!(after, before, "the lead is still the one in bologna");
 
     // Stream: credits granted (7), lead accepted, two direct offers, with no PII (R8).
     let evs = stream.events(7 + 1 + 2).await;

@@ -433,6 +433,11 @@ impl Engine {
                     zone: lead.zone.clone(),
                     category: lead.category.clone(),
                 };
+                // R1: a lead id rota still remembers in another zone or category is a
+                // different payload under the same id (its shard answers repeats).
+                if self.inner.lead_index.shard_of(tenant, &lead.id).is_some_and(|k| k != key) {
+                    return Err(Reject::IdempotencyConflict(lead.id.clone()).into());
+                }
                 match self.exec(key, Command::PublishLead { lead }).await? {
                     CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
                     other => Err(unexpected(other)),
