@@ -20,6 +20,7 @@ use super::hub::Prepared;
 use super::record::{self, WalRecord, RECORD_KIND};
 use super::{Engine, ShardReply};
 use crate::core::shard::{Command, Event, Shard};
+use crate::core::Reject;
 use crate::ids::{Millis, ShardKey};
 use crate::protocol::{ApiError, StreamEvent};
 use actix::prelude::*;
@@ -177,26 +178,21 @@ pub fn execute(
     let started = Instant::now();
     let decided = shard.decide(now, cmd, &funds);
     inner.metrics.decide_seconds(started.elapsed());
+    // Refused by the core or by the ledger: nothing changed; answered at once.
+    let refuse = |r: Reject, reply: Option<Responder>| {
+        inner.metrics.refused(&key.tenant, r.code());
+        if let Some(tx) = reply {
+            let _ = tx.send(Err(r.into()));
+        }
+    };
     let decision = match decided {
         Ok(d) => d,
-        Err(r) => {
-            inner.metrics.refused(&key.tenant, r.code());
-            if let Some(tx) = reply {
-                let _ = tx.send(Err(r.into()));
-            }
-            return;
-        }
+        Err(r) => return refuse(r, reply),
     };
     let mut events = decision.events;
     let money = match super::money::execute(&shard, &inner.ledger, &key.tenant, &mut events) {
         Ok(m) => m,
-        Err(r) => {
-            inner.metrics.refused(&key.tenant, r.code());
-            if let Some(tx) = reply {
-                let _ = tx.send(Err(r.into()));
-            }
-            return;
-        }
+        Err(r) => return refuse(r, reply),
     };
     if events.is_empty() && money.is_empty() {
         drop(shard);

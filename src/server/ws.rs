@@ -459,29 +459,26 @@ async fn drain_raw(tcp: &mut TcpStream) {
 
 type Sink = futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>;
 
-fn message(enc: Encoding, bytes: &[u8]) -> Message {
+/// The buffer becomes the message without a copy.
+fn message(enc: Encoding, bytes: Vec<u8>) -> Message {
     match enc {
-        // JSON encoding of our own types is always UTF-8.
-        Encoding::Json => Message::Text(String::from_utf8_lossy(bytes).into_owned()),
-        Encoding::Msgpack => Message::Binary(bytes.to_vec()),
-    }
-}
-
-async fn feed(sink: &mut Sink, enc: Encoding, bytes: &[u8]) -> Result<(), WsError> {
-    sink.feed(message(enc, bytes)).await
-}
-
-/// Sends a frame encoded for this connection alone (a reply): the buffer becomes the
-/// message without a copy.
-async fn send(sink: &mut Sink, enc: Encoding, bytes: Vec<u8>, flush: bool) -> Result<(), WsError> {
-    let msg = match enc {
         // JSON encoding of our own types is always UTF-8; checked, not trusted.
         Encoding::Json => match String::from_utf8(bytes) {
             Ok(text) => Message::Text(text),
             Err(e) => Message::Text(String::from_utf8_lossy(e.as_bytes()).into_owned()),
         },
         Encoding::Msgpack => Message::Binary(bytes),
-    };
+    }
+}
+
+/// Queues a frame shared with other subscribers (copied into the message).
+async fn feed(sink: &mut Sink, enc: Encoding, bytes: &[u8]) -> Result<(), WsError> {
+    sink.feed(message(enc, bytes.to_vec())).await
+}
+
+/// Sends a frame encoded for this connection alone (a reply).
+async fn send(sink: &mut Sink, enc: Encoding, bytes: Vec<u8>, flush: bool) -> Result<(), WsError> {
+    let msg = message(enc, bytes);
     if flush {
         sink.send(msg).await
     } else {
