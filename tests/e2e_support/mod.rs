@@ -72,11 +72,17 @@ impl Daemon {
             .expect("the rota binary starts");
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
+        // What rota printed before its address: shown if it exits without listening.
+        let mut printed = Vec::new();
         let addr = loop {
-            let line = lines.next().expect("rota printed its address before exiting").unwrap();
+            let Some(Ok(line)) = lines.next() else {
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                panic!("rota exited ({status}) before printing its address; it printed:\n{}", printed.join("\n"));
+            };
             if let Some(rest) = line.split("listening on ws://").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
+            printed.push(line);
         };
         std::thread::spawn(move || for _ in lines {});
         Daemon { child, addr }
