@@ -77,7 +77,10 @@ impl Daemon {
         let addr = loop {
             let Some(Ok(line)) = lines.next() else {
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-                panic!("rota exited ({status}) before printing its address; it printed:\n{}", printed.join("\n"));
+                panic!(
+                    "rota exited ({status}) before printing its address; it printed:\n{}",
+                    printed.join("\n")
+                );
             };
             if let Some(rest) = line.split("listening on ws://").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_string();
