@@ -122,10 +122,27 @@ fn main() -> ExitCode {
     match run() {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("rota: {e:#}");
+            eprintln!("rota: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause its outer message
+/// already quotes (rota's own errors name the OS error in their text).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run() -> anyhow::Result<i32> {
@@ -171,5 +188,20 @@ fn wal_tool(cmd: WalCmd) -> anyhow::Result<i32> {
             tools::repair(&fs, &dir, &mut out)?;
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn a_cause_already_quoted_by_its_outer_error_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device");
+        let quoted = anyhow::Error::new(io).context("preallocate wal/1.wal: No space left on device");
+        assert_eq!(error_chain(&quoted), "preallocate wal/1.wal: No space left on device");
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let wrapped = anyhow::Error::new(io).context("reading rota.toml");
+        assert_eq!(error_chain(&wrapped), "reading rota.toml: No such file or directory");
     }
 }
