@@ -54,6 +54,10 @@ impl Daemon {
     ) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rota"));
         cmd.arg("serve");
+        // 8 MiB segments instead of 64: every daemon zero-fills its first segment and a
+        // spare, and many run at once; the tests write far less than a segment anyway,
+        // except those that want rollovers and set their own size.
+        cmd.args(["--set", "wal.segment_bytes=8388608"]);
         for f in flags {
             cmd.args(["--set", f]);
         }
