@@ -11,6 +11,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// The tool allocates and frees per frame on its reader and sender threads; glibc's
+/// malloc took about 6 % of its CPU at 20,000 leads/s.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rota-loadtest",
