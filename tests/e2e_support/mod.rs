@@ -13,6 +13,9 @@ pub const HOUR: i64 = 3_600_000;
 pub const T0: i64 = 1_764_000_000_000;
 pub const MIN: i64 = 60_000;
 
+/// How long a daemon may take from spawn to listening (recovery included).
+const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
@@ -74,24 +77,49 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("the rota binary starts");
+        // stderr is read on a thread of its own (and drained for the daemon's whole
+        // life), so a daemon that neither listens nor exits fails the test in
+        // `START_TIMEOUT` instead of hanging the suite.
         let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        // What rota printed before its address: shown if it exits without listening.
-        let mut printed = Vec::new();
-        let addr = loop {
-            let Some(Ok(line)) = lines.next() else {
-                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-                panic!(
-                    "rota exited ({status}) before printing its address; it printed:\n{}",
-                    printed.join("\n")
-                );
-            };
-            if let Some(rest) = line.split("listening on ws://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            // Until EOF, whatever the bytes: a reader that stopped would fill the pipe
+            // and block the daemon's next log line.
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let _ = tx.send(String::from_utf8_lossy(&buf).trim_end().to_string());
+                buf.clear();
             }
-            printed.push(line);
+        });
+        // What rota printed before its address: shown if it does not get to listen.
+        let mut printed = Vec::new();
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening on ws://").nth(1) {
+                        break rest.split_whitespace().next().unwrap().to_string();
+                    }
+                    printed.push(line);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    panic!(
+                        "rota exited ({status}) before printing its address; it printed:\n{}",
+                        printed.join("\n")
+                    );
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    panic!(
+                        "rota did not listen within {START_TIMEOUT:?}; it printed:\n{}",
+                        printed.join("\n")
+                    );
+                }
+            }
         };
-        std::thread::spawn(move || for _ in lines {});
         Daemon { child, addr }
     }
 
