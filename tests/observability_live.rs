@@ -8,7 +8,8 @@
 //! it). Without them the test fails under CI (`CI` set) and is skipped otherwise, with
 //! a message saying so.
 
-use std::io::{BufRead, BufReader};
+mod e2e_support;
+
 use std::process::{Command, Stdio};
 
 fn have(tool: &str) -> bool {
@@ -35,14 +36,8 @@ fn every_panel_query_and_alert_expression_works_on_live_metrics() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("rota starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let admin = loop {
-        let line = lines.next().expect("rota printed its admin address").unwrap();
-        if let Some(rest) = line.split("metrics and health on ").nth(1) {
-            break rest.split("/metrics").next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let line = e2e_support::wait_for_line(&mut child, "metrics and health on ");
+    let admin = line.split("/metrics").next().unwrap().to_string();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/observability/check.sh");
     let out = Command::new("bash").arg(script).args(["live", &admin]).output().expect("check.sh runs");
     let _ = child.kill();

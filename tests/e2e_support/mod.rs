@@ -77,49 +77,8 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("the rota binary starts");
-        // stderr is read on a thread of its own (and drained for the daemon's whole
-        // life), so a daemon that neither listens nor exits fails the test in
-        // `START_TIMEOUT` instead of hanging the suite.
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut buf = Vec::new();
-            // Until EOF, whatever the bytes: a reader that stopped would fill the pipe
-            // and block the daemon's next log line.
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let _ = tx.send(String::from_utf8_lossy(&buf).trim_end().to_string());
-                buf.clear();
-            }
-        });
-        // What rota printed before its address: shown if it does not get to listen.
-        let mut printed = Vec::new();
-        let deadline = std::time::Instant::now() + START_TIMEOUT;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("listening on ws://").nth(1) {
-                        break rest.split_whitespace().next().unwrap().to_string();
-                    }
-                    printed.push(line);
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-                    panic!(
-                        "rota exited ({status}) before printing its address; it printed:\n{}",
-                        printed.join("\n")
-                    );
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    panic!(
-                        "rota did not listen within {START_TIMEOUT:?}; it printed:\n{}",
-                        printed.join("\n")
-                    );
-                }
-            }
-        };
+        let line = wait_for_line(&mut child, "listening on ws://");
+        let addr = line.split_whitespace().next().unwrap().to_string();
         Daemon { child, addr }
     }
 
@@ -137,6 +96,52 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
+    }
+}
+
+/// Reads `child`'s stderr until a line contains `marker` and returns what follows the
+/// marker on that line. stderr is read on a thread of its own, drained for the child's
+/// whole life, so a daemon that neither prints the line nor exits fails the test after
+/// `START_TIMEOUT` with what it printed, instead of hanging the suite.
+pub fn wait_for_line(child: &mut Child, marker: &str) -> String {
+    let stderr = child.stderr.take().expect("the child's stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        // Until EOF, whatever the bytes: a reader that stopped would fill the pipe and
+        // block the daemon's next log line.
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let _ = tx.send(String::from_utf8_lossy(&buf).trim_end().to_string());
+            buf.clear();
+        }
+    });
+    let mut printed = Vec::new();
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.split(marker).nth(1) {
+                    return rest.to_string();
+                }
+                printed.push(line);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                panic!(
+                    "rota exited ({status}) before printing {marker:?}; it printed:\n{}",
+                    printed.join("\n")
+                );
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!(
+                    "rota did not print {marker:?} within {START_TIMEOUT:?}; it printed:\n{}",
+                    printed.join("\n")
+                );
+            }
+        }
     }
 }
 
