@@ -7,8 +7,9 @@
 //!
 //! Pacing: `Speed(x)` keeps the trace's own timeline (bursts included) x times faster;
 //! `Rate(r)` spaces the records evenly so that leads go out at `r` per second (other
-//! records keep their share of the trace). With a duration the trace is replayed in
-//! laps until the duration is reached.
+//! records keep their share of the trace; the tail after the last lead keeps its
+//! trace distance from that lead). With a duration the trace is replayed in laps until
+//! the duration is reached.
 
 /// How to turn trace time into replay time.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,12 +77,26 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
     };
     // Rate pacing: lead j at j / r; the m other records between lead j and lead j+1
     // evenly in between, so leads go out at exactly r whatever the trace's local mix.
+    // The records after a lap's last lead (replies to its last leads, seconds of trace
+    // time) keep their trace distance from that lead, scaled like the rest; they
+    // overlap the next lap's first leads instead of all landing in one gap.
+    let last_lead = timed.iter().rposition(|r| r.is_lead).expect("a lead was counted above");
+    // The tail is scaled by the lead density of the lap's leads (the trace's own
+    // rate while it publishes), not by the lap's average, which the tail dilutes.
+    let first_lead = timed.iter().position(|r| r.is_lead).expect("a lead was counted above");
+    let lead_span_ms = (timed[last_lead].at_ms - timed[first_lead].at_ms) as f64;
+    let tail_speedup = match pacing {
+        Pacing::Rate(r) if leads_per_lap > 1 && lead_span_ms > 0.0 => {
+            r / (f64::from(leads_per_lap - 1) / (lead_span_ms / 1000.0))
+        }
+        _ => speedup,
+    };
     let mut between = vec![0u32; timed.len()];
     let mut rank = vec![0u32; timed.len()];
     {
         let mut group_start = 0;
-        for i in 0..=timed.len() {
-            if i == timed.len() || timed[i].is_lead {
+        for i in 0..=last_lead {
+            if timed[i].is_lead {
                 let m = (i - group_start) as u32;
                 for (k, j) in (group_start..i).enumerate() {
                     between[j] = m;
@@ -104,6 +119,10 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
                     (trace_ms / x * 1e6) as u64
                 }
                 Pacing::Rate(_) if r.is_lead => (leads_seen as f64 * step_ns) as u64,
+                Pacing::Rate(_) if i > last_lead => {
+                    let since_ms = (r.at_ms - timed[last_lead].at_ms) as f64;
+                    ((leads_seen as f64 - 1.0) * step_ns + since_ms * 1e6 / tail_speedup) as u64
+                }
                 Pacing::Rate(_) => {
                     // After lead `leads_seen - 1`, before lead `leads_seen`.
                     let base = leads_seen as f64 - 1.0;
@@ -112,6 +131,10 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
                 }
             };
             if duration_ns.is_some_and(|d| t_ns >= d) {
+                // Times rise monotonically except for a lap's tail (see above).
+                if matches!(pacing, Pacing::Rate(_)) && i > last_lead {
+                    continue;
+                }
                 break 'laps;
             }
             anyhow::ensure!(items.len() < MAX_ITEMS, "more than {MAX_ITEMS} sends planned; shorten the run");
@@ -127,6 +150,14 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
             };
             items.push(PlanItem { t_ns, rec: i as u32, lap, lead_ord });
         }
+    }
+    if matches!(pacing, Pacing::Rate(_)) && laps > 1 {
+        // A lap's tail interleaves with the next lap's first records.
+        items.sort_by_key(|it| it.t_ns);
+        lead_item.clear();
+        lead_item.extend(
+            items.iter().enumerate().filter(|(_, it)| it.lead_ord != u32::MAX).map(|(k, _)| k as u32),
+        );
     }
     let span_ns = match (duration_ns, items.last()) {
         (Some(d), _) => d,
@@ -163,7 +194,42 @@ mod tests {
         let t = recs(&[(0, true), (1, false), (2, false), (5, true), (9, true), (12, false)]);
         let p = plan(&t, Pacing::Rate(1_000.0), None).unwrap();
         let ts: Vec<u64> = p.items.iter().map(|i| i.t_ns).collect();
-        assert_eq!(ts, vec![0, 333_333, 666_666, 1_000_000, 2_000_000, 2_500_000]);
+        // The record after the last lead keeps its trace distance (3 ms) at the leads'
+        // own pace (2 leads in 9 ms of trace time, here 2 ms).
+        assert_eq!(ts, vec![0, 333_333, 666_666, 1_000_000, 2_000_000, 2_666_666]);
+    }
+
+    #[test]
+    fn rate_keeps_the_trace_distance_of_records_after_the_last_lead() {
+        // Two leads 1 ms apart in the trace, then replies 1 and 4 ms after the last one.
+        // At 1,000 leads/s the trace runs at its own speed: the replies go 1 and 4 ms
+        // after the last lead, not both squeezed into the next lead gap.
+        let t = recs(&[(0, true), (1, true), (2, false), (5, false)]);
+        let p = plan(&t, Pacing::Rate(1_000.0), None).unwrap();
+        let ts: Vec<u64> = p.items.iter().map(|i| i.t_ns / 1_000).collect();
+        assert_eq!(ts, vec![0, 1_000, 2_000, 5_000]);
+        // In laps, the tail of one lap overlaps the next lap's first leads, times stay
+        // ordered and lead ordinals map to their publishes.
+        let p = plan(&t, Pacing::Rate(1_000.0), Some(6_000_000)).unwrap();
+        let got: Vec<(u64, u32, bool)> =
+            p.items.iter().map(|i| (i.t_ns / 1_000, i.lap, i.lead_ord != u32::MAX)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, true),
+                (1_000, 0, true),
+                (2_000, 0, false),
+                (2_000, 1, true),
+                (3_000, 1, true),
+                (4_000, 1, false),
+                (4_000, 2, true),
+                (5_000, 0, false),
+                (5_000, 2, true),
+            ]
+        );
+        for (ord, &k) in p.lead_item.iter().enumerate() {
+            assert_eq!(p.items[k as usize].lead_ord, ord as u32);
+        }
     }
 
     #[test]
