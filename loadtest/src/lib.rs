@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! * [`wire`]: protocol v1 as documented in `docs/PROTOCOL.md` (own types, on purpose).
+//! * [`mpscan`]: the fast MessagePack reader of replies and stream events.
 //! * [`trace`]: the trace file format (`.jsonl`, `.msgpack`).
 //! * [`gen`]: the synthetic marketplace (`gen`).
 //! * [`schedule`]: intended send times (open loop).
@@ -19,6 +20,7 @@
 pub mod checker;
 pub mod clock;
 pub mod gen;
+pub mod mpscan;
 pub mod replay;
 pub mod report;
 pub mod schedule;

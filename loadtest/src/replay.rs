@@ -626,7 +626,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                     .context("setup: no reply within the timeout")?
                     .context("setup: connection closed")??;
                 let Some(bytes) = payload(&m) else { continue };
-                let f: Incoming = wire::decode(enc, bytes)?;
+                let f = Incoming::read(enc, bytes)?;
                 if f.kind != "ok" && f.kind != "error" {
                     continue;
                 }
@@ -657,7 +657,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                 .context("subscribe: no reply")?
                 .context("subscribe: connection closed")??;
             let Some(bytes) = payload(&m) else { continue };
-            let f: Incoming = wire::decode(enc, bytes)?;
+            let f = Incoming::read(enc, bytes)?;
             if f.id.as_deref() == Some("sub") {
                 anyhow::ensure!(f.kind == "ok", "subscribe refused: {:?}", f.code);
                 let s: SubscribedReply = wire::decode(enc, bytes)?;
@@ -954,7 +954,7 @@ async fn read_replies_until_closed(source: &mut Source, enc: Encoding, rec: &Mut
         let mut r = rec.lock().expect("no thread panics holding the recorder");
         for m in &batch {
             let Some(bytes) = payload(m) else { continue };
-            match wire::decode::<Incoming>(enc, bytes) {
+            match Incoming::read(enc, bytes) {
                 Ok(f) if f.kind == "ok" || f.kind == "error" => r.on_reply(bytes, enc, &f, recv),
                 Ok(_) => {}
                 Err(_) => *r.errors.entry("unreadable_frame".into()).or_default() += 1,
@@ -995,7 +995,7 @@ async fn read_stream(
                 return;
             }
             let Some(bytes) = payload(m) else { continue };
-            match wire::decode::<Incoming>(enc, bytes) {
+            match Incoming::read(enc, bytes) {
                 Ok(f) if f.kind == "event" => r.on_event(i, &f, recv),
                 Ok(_) => {}
                 Err(_) => *r.errors.entry("unreadable_event".into()).or_default() += 1,

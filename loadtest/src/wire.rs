@@ -287,6 +287,17 @@ pub struct Subscribed {
     pub next_seq: u64,
 }
 
+impl<'a> Incoming<'a> {
+    /// Reads a reply or stream event; MessagePack through [`crate::mpscan`], which skips
+    /// the fields the tool does not read without decoding them.
+    pub fn read(enc: Encoding, bytes: &'a [u8]) -> anyhow::Result<Self> {
+        Ok(match enc {
+            Encoding::Json => serde_json::from_slice(bytes)?,
+            Encoding::Msgpack => crate::mpscan::incoming(bytes)?,
+        })
+    }
+}
+
 pub fn decode<'a, T: Deserialize<'a>>(enc: Encoding, bytes: &'a [u8]) -> anyhow::Result<T> {
     Ok(match enc {
         Encoding::Json => serde_json::from_slice(bytes)?,
