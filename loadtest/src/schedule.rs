@@ -95,8 +95,8 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
     let mut rank = vec![0u32; timed.len()];
     {
         let mut group_start = 0;
-        for i in 0..=last_lead {
-            if timed[i].is_lead {
+        for (i, r) in timed.iter().enumerate().take(last_lead + 1) {
+            if r.is_lead {
                 let m = (i - group_start) as u32;
                 for (k, j) in (group_start..i).enumerate() {
                     between[j] = m;
