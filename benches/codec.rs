@@ -5,7 +5,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use rota::core::Lead;
-use rota::engine::hub::Outgoing;
+use rota::engine::hub::{Outgoing, Prepared, StreamHub};
 use rota::protocol::{self, Encoding, Envelope, LeadSummary, OkResult, Reply, Request, StreamEvent};
 use serde_json::json;
 use std::sync::Arc;
@@ -88,7 +88,41 @@ fn codec(c: &mut Criterion) {
         });
         let ev = Arc::new(offered(&lead));
         g.bench_function(format!("encode_offer_frame/{}", enc.label()), |b| {
-            b.iter_batched(|| Outgoing::new(42, (*ev).clone()), |out| out.bytes(enc), BatchSize::SmallInput)
+            b.iter_batched(
+                || Outgoing::new(42, (*ev).clone()),
+                |out| out.bytes(enc).len(),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+
+    // One release's offers (five pros, one shared lead summary) prepared on the
+    // deciding thread and framed at publish: what the stream costs per release.
+    let mut g = c.benchmark_group("stream");
+    g.throughput(Throughput::Elements(5));
+    let one = offered(&lead);
+    let release: Vec<StreamEvent> = (0..5)
+        .map(|i| {
+            let mut ev = one.clone();
+            if let StreamEvent::Offered { pro, .. } = &mut ev {
+                *pro = rota::ids::ProId::new(format!("pro-{i:03}"));
+            }
+            ev
+        })
+        .collect();
+    for enc in [Encoding::Json, Encoding::Msgpack] {
+        let hub = StreamHub::new(16);
+        let _sub = hub.subscribe(None, None, 16, enc).expect("a live subscription");
+        g.bench_function(format!("release_5_offers/{}", enc.label()), |b| {
+            b.iter_batched(
+                || release.clone(),
+                |evs| {
+                    let prepared = Prepared::batch(evs, &hub);
+                    prepared.into_iter().map(|p| Outgoing::new(42, p).bytes(enc).len()).sum::<usize>()
+                },
+                BatchSize::SmallInput,
+            )
         });
     }
     g.finish();

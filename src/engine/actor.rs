@@ -220,7 +220,7 @@ pub fn execute(
     let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
     // Encoded here, on the deciding thread, rather than per subscriber.
     let stream: Vec<Prepared> = match &hub {
-        Some(h) => stream.into_iter().map(|e| Prepared::for_hub(e, h)).collect(),
+        Some(h) => Prepared::batch(stream, h),
         None => Vec::new(),
     };
     let metrics = inner.metrics.clone();

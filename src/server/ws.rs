@@ -215,12 +215,12 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 match item {
                     Some(out) => {
                         last_seq_sent = out.seq;
-                        if feed(&mut sink, enc, &out.bytes(enc)).await.is_err() { break None; }
+                        if feed(&mut sink, enc, out.bytes(enc)).await.is_err() { break None; }
                         let mut n = 1;
                         while n < 1024 {
                             let Ok(more) = sub.as_mut().expect("still subscribed").rx.try_recv() else { break };
                             last_seq_sent = more.seq;
-                            if feed(&mut sink, enc, &more.bytes(enc)).await.is_err() { break; }
+                            if feed(&mut sink, enc, more.bytes(enc)).await.is_err() { break; }
                             n += 1;
                         }
                         m.frames_sent.get(enc.label()).increment(n);
@@ -324,7 +324,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                                     if send(&mut sink, enc, protocol::encode(enc, &ok), false).await.is_err() { break None; }
                                     for out in &backlog {
                                         last_seq_sent = out.seq;
-                                        if feed(&mut sink, enc, &out.bytes(enc)).await.is_err() { break; }
+                                        if feed(&mut sink, enc, out.bytes(enc)).await.is_err() { break; }
                                     }
                                     if sink.flush().await.is_err() { break None; }
                                     continue;
