@@ -10,6 +10,7 @@
 //! * [`schedule`]: intended send times (open loop).
 //! * [`checker`]: exactly-once checks.
 //! * [`replay`]: connections, sending, receiving, measuring (`replay`).
+//! * [`hostcpu`]: how busy the machine was while sending (the tool shares it).
 //! * [`report`]: the percentile table, JSON summary, `.hgrm`, interval log, chart.
 //! * [`search`]: `--max-rate`, the highest rate within a p99 bound.
 //!
@@ -20,6 +21,7 @@
 pub mod checker;
 pub mod clock;
 pub mod gen;
+pub mod hostcpu;
 pub mod mpscan;
 pub mod replay;
 pub mod report;

@@ -202,6 +202,11 @@ pub struct Summary {
     pub stalled_subscribers: Vec<String>,
     pub violations: Violations,
     pub intervals: Vec<IntervalStat>,
+    /// How busy the machine was during the timed phase (absent where `/proc` is not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<crate::hostcpu::HostCpu>,
+    /// Tool threads (`--threads`), for reading `host`.
+    pub tool_threads: usize,
 }
 
 /// A run's summary and its full histograms (for `.hgrm` files and the interval log).
@@ -755,6 +760,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let recording = cfg.record.is_some();
     let mut sent_log: Vec<(String, Request)> = Vec::new();
     eprintln!("replay: timed phase started ({} sends planned)", items.len());
+    let cpu_start = crate::hostcpu::sample();
     while i < items.len() {
         if live.load(Ordering::Relaxed) == 0 {
             eprintln!("replay: every ingest connection closed; stopping after {i} sends");
@@ -820,6 +826,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     }
     let sent_total = i as u64;
     let send_end = mono_ns();
+    let host = cpu_start.zip(crate::hostcpu::sample()).and_then(|(a, b)| crate::hostcpu::between(&a, &b));
 
     // Drain: every reply and every acknowledged lead's event, or the timeout.
     let drain_until = send_end + cfg.drain.min(MAX_DRAIN).as_nanos() as u64;
@@ -893,6 +900,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         stalled_subscribers: stalled_ends,
         violations,
         intervals: std::mem::take(&mut r.intervals),
+        host,
+        tool_threads: cfg.threads.max(1),
     };
     Ok(Outcome {
         summary,

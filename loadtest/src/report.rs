@@ -56,6 +56,9 @@ pub fn table(s: &Summary) -> String {
         let list: Vec<String> = s.errors_by_code.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "errors: {}", list.join(", "));
     }
+    if let Some(h) = &s.host {
+        let _ = writeln!(out, "{}", h.describe(s.tool_threads));
+    }
     for (i, end) in s.stalled_subscribers.iter().enumerate() {
         let _ = writeln!(out, "stalled subscriber {i}: {end}");
     }

@@ -76,8 +76,11 @@ pub fn max_rate(
         let o = replay::run(&cfg, records)?;
         let s = o.summary;
         let (pass, why) = verdict(&s, bound_ms);
+        let busy = s.host.as_ref().map_or(String::new(), |h| {
+            format!(", cores busy {:.2} of {} (tool {:.2})", h.busy_cores, h.cpus, h.tool_cores)
+        });
         eprintln!(
-            "rate {rate:>9.0}/s: {} ({why}); achieved {:.0}/s, ack p99 {:.2} ms, delivery p99 {:.2} ms",
+            "rate {rate:>9.0}/s: {} ({why}); achieved {:.0}/s, ack p99 {:.2} ms, delivery p99 {:.2} ms{busy}",
             if pass { "pass" } else { "FAIL" },
             s.achieved_leads_per_s,
             s.ack.p99,
