@@ -149,13 +149,37 @@ impl WeeklyWindows {
         if self.intervals.is_empty() {
             return true;
         }
-        let Some(local) = tz.timestamp_millis_opt(now).single() else {
+        let Some((day, minute)) = local_day_minute(tz, now) else {
             return true;
         };
-        let day = Weekday::from_chrono(local.weekday());
-        let minute = (local.hour() * 60 + local.minute()) as u16;
         self.intervals.iter().any(|iv| iv.day == day && iv.start_min <= minute && minute < iv.end_min)
     }
+}
+
+/// `now` as (weekday, minute of the day) in `tz`, or `None` if out of range.
+///
+/// A decision checks every candidate's schedule at the same `now`, and the pros of one
+/// shard mostly share a zone: the conversion (a search of the zone's transitions, then
+/// calendar arithmetic) was a sixth of a publish's decision. The last conversion is
+/// remembered per thread, keyed by zone and exact instant, so the answer is the same
+/// as converting again.
+fn local_day_minute(tz: Tz, now: Millis) -> Option<(Weekday, u16)> {
+    type Memo = Option<(Tz, Millis, Option<(Weekday, u16)>)>;
+    thread_local! {
+        static LAST: std::cell::Cell<Memo> = const { std::cell::Cell::new(None) };
+    }
+    let convert = || {
+        let local = tz.timestamp_millis_opt(now).single()?;
+        Some((Weekday::from_chrono(local.weekday()), (local.hour() * 60 + local.minute()) as u16))
+    };
+    LAST.with(|last| match last.get() {
+        Some((z, t, v)) if z == tz && t == now => v,
+        _ => {
+            let v = convert();
+            last.set(Some((tz, now, v)));
+            v
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -831,6 +855,35 @@ impl RevealedContact {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn r4_r16_remembered_local_time_equals_a_fresh_conversion_across_zones_and_dst() {
+        let zones: [Tz; 4] =
+            [chrono_tz::Europe::Rome, chrono_tz::UTC, chrono_tz::America::New_York, chrono_tz::Asia::Kolkata];
+        // Around the Rome DST change of 25 October 2026 (01:00 UTC), every 7 minutes
+        // and 13 seconds for two days, zones interleaved and repeated so the remembered
+        // conversion is both hit and missed.
+        let start = 1_792_800_000_000i64; // 2026-10-24 00:00 UTC
+        let mut checked = 0;
+        for k in 0..400i64 {
+            let now = start + k * 433_000;
+            for tz in zones.iter().chain(zones.iter().rev()) {
+                let local = tz.timestamp_millis_opt(now).single().unwrap();
+                let want =
+                    (Weekday::from_chrono(local.weekday()), (local.hour() * 60 + local.minute()) as u16);
+                assert_eq!(local_day_minute(*tz, now), Some(want), "{tz} at {now}");
+                assert_eq!(local_day_minute(*tz, now), Some(want), "{tz} at {now}, remembered");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 3_200);
+        // Rome: 02:30 local on Sunday before the change (00:30 UTC, CEST), 02:30 local
+        // after it (01:30 UTC, CET): the same minute twice, an hour apart.
+        let before = local_day_minute(chrono_tz::Europe::Rome, 1_792_888_200_000);
+        let after = local_day_minute(chrono_tz::Europe::Rome, 1_792_891_800_000);
+        assert_eq!(before, Some((Weekday::Sun, 150)));
+        assert_eq!(after, Some((Weekday::Sun, 150)));
+    }
 
     #[test]
     fn r4_great_circle_distance_matches_known_cities() {
