@@ -35,8 +35,9 @@ fn bench(c: &mut Criterion) {
                         let mut left = iters;
                         while left > 0 {
                             let batch = left.min(4096);
-                            let leads: Vec<Command> =
-                                (0..batch).map(|i| Command::PublishLead { lead: lead(n + i, now) }).collect();
+                            let leads: Vec<Command> = (0..batch)
+                                .map(|i| Command::PublishLead { lead: lead(n + i, now).into() })
+                                .collect();
                             n += batch;
                             let start = Instant::now();
                             for cmd in &leads {
@@ -80,8 +81,9 @@ fn bench_decide_only(c: &mut Criterion) {
                     let mut left = iters;
                     while left > 0 {
                         let batch = left.min(4096);
-                        let leads: Vec<Command> =
-                            (0..batch).map(|i| Command::PublishLead { lead: lead(n + i, now) }).collect();
+                        let leads: Vec<Command> = (0..batch)
+                            .map(|i| Command::PublishLead { lead: lead(n + i, now).into() })
+                            .collect();
                         n += batch;
                         for cmd in &leads {
                             let start = Instant::now();

@@ -27,7 +27,7 @@ fn main() {
     let mut now = T0;
     let mut offers = 0usize;
     for n in 0..leads {
-        let cmd = Command::PublishLead { lead: lead(n, now) };
+        let cmd = Command::PublishLead { lead: lead(n, now).into() };
         let d = s.decide(now, &cmd, &Unlimited).expect("the profile lead is valid");
         for ev in &d.events {
             s.apply(ev);

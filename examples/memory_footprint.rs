@@ -371,7 +371,7 @@ fn main() {
         payload_bytes += LIVE_BYTES.load(Ordering::Relaxed) - before;
         wire_bytes += rmp_serde::to_vec_named(&*lead).expect("plain data").len();
         let shard = shards.entry(shard_key).or_insert_with(|| Shard::new(key(z, c), policy.clone()));
-        let cmd = Command::PublishLead { lead: Arc::unwrap_or_clone(lead) };
+        let cmd = Command::PublishLead { lead };
         let (reply, events) = decide(shard, now, &cmd, &mut stream);
         offers += granted(&events);
         drop(cmd);

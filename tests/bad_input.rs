@@ -67,9 +67,14 @@ fn malformed_location_is_refused_with_the_field() {
     let mut h = setup();
     let mut l = lead("L2", T0);
     l.location = Some(GeoPoint { lat: 91.0, lon: 11.0 });
-    refused(&mut h, Command::PublishLead { lead: l.clone() }, "invalid_field", Some("lead.location.lat"));
+    refused(
+        &mut h,
+        Command::PublishLead { lead: l.clone().into() },
+        "invalid_field",
+        Some("lead.location.lat"),
+    );
     l.location = Some(GeoPoint { lat: 44.0, lon: f64::NAN });
-    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.location.lon"));
+    refused(&mut h, Command::PublishLead { lead: l.into() }, "invalid_field", Some("lead.location.lon"));
     let mut p = pro("carla");
     p.base = Some(GeoPoint { lat: 0.0, lon: 181.0 });
     refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.base.lon"));
@@ -78,14 +83,19 @@ fn malformed_location_is_refused_with_the_field() {
 #[test]
 fn r1_empty_lead_id_is_refused() {
     let mut h = setup();
-    refused(&mut h, Command::PublishLead { lead: lead("", T0) }, "invalid_field", Some("lead.id"));
+    refused(&mut h, Command::PublishLead { lead: lead("", T0).into() }, "invalid_field", Some("lead.id"));
     let mut l = lead("L3", T0);
     l.direct = vec![ProId::new("")];
-    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.direct[0]"));
+    refused(&mut h, Command::PublishLead { lead: l.into() }, "invalid_field", Some("lead.direct[0]"));
     let mut l = lead("L4", T0);
     l.direct = vec![pid("anna"), pid("anna")];
-    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.direct[1]"));
-    refused(&mut h, Command::PublishLead { lead: lead("L5", 0) }, "invalid_field", Some("lead.created_at"));
+    refused(&mut h, Command::PublishLead { lead: l.into() }, "invalid_field", Some("lead.direct[1]"));
+    refused(
+        &mut h,
+        Command::PublishLead { lead: lead("L5", 0).into() },
+        "invalid_field",
+        Some("lead.created_at"),
+    );
 }
 
 #[test]
@@ -144,7 +154,7 @@ fn pro_or_lead_of_another_shard_is_refused() {
     refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.zones"));
     let mut l = lead("L6", T0);
     l.category = "plumbing".into();
-    refused(&mut h, Command::PublishLead { lead: l }, "invalid_field", Some("lead.zone"));
+    refused(&mut h, Command::PublishLead { lead: l.into() }, "invalid_field", Some("lead.zone"));
 }
 
 #[test]

@@ -145,7 +145,7 @@ fn simulate(policy_index: usize, ops: &[Op]) {
                 };
                 l.direct = d;
                 leads.push(id);
-                Command::PublishLead { lead: l }
+                Command::PublishLead { lead: l.into() }
             }
             Op::Act { lead, pro, action } => {
                 let Some(l) = leads.get(lead % leads.len().max(1)) else { continue };

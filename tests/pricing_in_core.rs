@@ -102,7 +102,7 @@ fn lead(id: &str, chat_only: bool, details: bool) -> Lead {
 }
 
 fn price_of(s: &mut Shard, l: Lead) -> u64 {
-    match run(s, T0, Command::PublishLead { lead: l }) {
+    match run(s, T0, Command::PublishLead { lead: l.into() }) {
         rota::core::Reply::Lead(o) => o.price,
         other => panic!("{other:?}"),
     }
@@ -139,8 +139,9 @@ fn r11_proposals_per_lead_are_learned_from_closed_leads() {
     run(&mut s, T0 + 49 * HOUR_MS, Command::Tick);
     let mut next = lead("b", false, true);
     next.created_at = T0 + 49 * HOUR_MS;
-    let d =
-        s.decide(T0 + 49 * HOUR_MS, &Command::PublishLead { lead: next }, &rota::core::Unlimited).unwrap();
+    let d = s
+        .decide(T0 + 49 * HOUR_MS, &Command::PublishLead { lead: next.into() }, &rota::core::Unlimited)
+        .unwrap();
     match d.reply {
         rota::core::Reply::Lead(o) => assert_eq!(o.price, 100, "clamped to max 100 (120 before the clamp)"),
         other => panic!("{other:?}"),

@@ -632,7 +632,7 @@ impl Run {
             CommandSpec::SetAvailability { pro, availability: a } => {
                 Command::SetAvailability { pro: ProId::new(pro), availability: availability(a, start)? }
             }
-            CommandSpec::Publish(l) => Command::PublishLead { lead: build_lead(l, start, now)? },
+            CommandSpec::Publish(l) => Command::PublishLead { lead: build_lead(l, start, now)?.into() },
             CommandSpec::Offer { lead, pro, action: a, by, text } => Command::Offer {
                 lead: LeadId::new(lead),
                 pro: ProId::new(pro),

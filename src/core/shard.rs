@@ -119,7 +119,8 @@ pub enum Command {
         availability: Availability,
     },
     PublishLead {
-        lead: Lead,
+        /// Shared with the `LeadAccepted` event it becomes: no copy of the payload.
+        lead: std::sync::Arc<Lead>,
     },
     Offer {
         lead: LeadId,
@@ -894,7 +895,7 @@ impl Shard {
         Ok(done(vec![Event::ProUpserted { pro: Arc::new(pro.clone()), at: now }]))
     }
 
-    fn decide_publish(&self, now: Millis, lead: &Lead, funds: &dyn Funds) -> Result<Decision, Reject> {
+    fn decide_publish(&self, now: Millis, lead: &Arc<Lead>, funds: &dyn Funds) -> Result<Decision, Reject> {
         lead.validate()?;
         if lead.zone != self.key.zone || lead.category != self.key.category {
             return Err(
@@ -939,7 +940,7 @@ impl Shard {
             JobKind::Match if lead.direct.is_empty() => Some(now),
             JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
         };
-        let arc = Arc::new(lead.clone());
+        let arc = Arc::clone(lead);
         let mut events = vec![Event::LeadAccepted {
             lead: arc.clone(),
             fingerprint: fp,
@@ -2328,7 +2329,7 @@ mod parking_tests {
     }
 
     fn publish(s: &mut Shard, log: &mut Vec<Event>, n: u32, now: Millis) -> (Vec<String>, Vec<String>) {
-        let d = run(s, log, now, Command::PublishLead { lead: lead(n, now) });
+        let d = run(s, log, now, Command::PublishLead { lead: lead(n, now).into() });
         let mut got = (vec![], vec![]);
         for ev in &d.events {
             if let Event::Offered { grants, skipped, .. } = ev {
@@ -2443,7 +2444,7 @@ mod expiry_tests {
         for id in ["c", "a", "b"] {
             run(&mut s, T0, Command::UpsertPro { pro: pro(id) });
         }
-        run(&mut s, T0, Command::PublishLead { lead: lead(1, T0) });
+        run(&mut s, T0, Command::PublishLead { lead: lead(1, T0).into() });
         s
     }
 

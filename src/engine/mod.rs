@@ -438,7 +438,7 @@ impl Engine {
                 if self.inner.lead_index.shard_of(tenant, &lead.id).is_some_and(|k| k != key) {
                     return Err(Reject::IdempotencyConflict(lead.id.clone()).into());
                 }
-                match self.exec(key, Command::PublishLead { lead }).await? {
+                match self.exec(key, Command::PublishLead { lead: lead.into() }).await? {
                     CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
                     other => Err(unexpected(other)),
                 }

@@ -274,7 +274,7 @@ impl Harness {
     }
 
     pub fn publish(&mut self, now: Millis, l: Lead) -> Decision {
-        self.ok(now, Command::PublishLead { lead: l })
+        self.ok(now, Command::PublishLead { lead: l.into() })
     }
 
     pub fn act(
