@@ -59,6 +59,24 @@ impl GeoPoint {
         let a = (dlat / 2.0).sin().powi(2) + la1.cos() * la2.cos() * (dlon / 2.0).sin().powi(2);
         2.0 * R_KM * a.sqrt().min(1.0).asin()
     }
+
+    /// Whether `other` is within `radius_km`: [`Self::distance_km`]` <= radius_km`, with
+    /// the same answer, but most nearby points are accepted without trigonometry.
+    ///
+    /// Going along the meridian by the latitude difference and then along a parallel by
+    /// the longitude difference is a path between the two points, so its length bounds
+    /// the great-circle distance from above, and the parallel is never longer than the
+    /// equator: `distance <= R * (|dlat| + |dlon|)` (radians). Below the radius by a
+    /// margin far wider than the haversine's rounding, the point is within; otherwise
+    /// the distance is computed.
+    pub fn within_km(&self, other: &GeoPoint, radius_km: f64) -> bool {
+        const R_KM: f64 = 6371.0088;
+        let bound = R_KM * ((other.lat - self.lat).abs() + (other.lon - self.lon).abs()).to_radians();
+        if bound <= radius_km * (1.0 - 1e-9) {
+            return true;
+        }
+        self.distance_km(other) <= radius_km
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -883,6 +901,43 @@ mod tests {
         let after = local_day_minute(chrono_tz::Europe::Rome, 1_792_891_800_000);
         assert_eq!(before, Some((Weekday::Sun, 150)));
         assert_eq!(after, Some((Weekday::Sun, 150)));
+    }
+
+    #[test]
+    fn r4_within_km_answers_like_the_haversine_distance() {
+        // Deterministic pseudo-random points around Bologna, across the antimeridian,
+        // near a pole, and radii on both sides of each distance.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let centres = [
+            GeoPoint { lat: 44.4949, lon: 11.3426 },
+            GeoPoint { lat: 0.0, lon: 179.9 },
+            GeoPoint { lat: 89.5, lon: -40.0 },
+        ];
+        let mut fast = 0;
+        for c in centres {
+            for _ in 0..2_000 {
+                let spread = [0.01, 0.5, 5.0][(next() * 3.0) as usize % 3];
+                let p = GeoPoint {
+                    lat: (c.lat + (next() - 0.5) * spread).clamp(-90.0, 90.0),
+                    lon: c.lon + (next() - 0.5) * spread,
+                };
+                let d = c.distance_km(&p);
+                for r in [d * 0.5, d * (1.0 - 1e-12), d, d * (1.0 + 1e-12), d * 1.5, d * 3.0, 50.0] {
+                    assert_eq!(c.within_km(&p, r), d <= r, "{c:?} {p:?} r={r} d={d}");
+                }
+                let bound = 6371.0088 * ((p.lat - c.lat).abs() + (p.lon - c.lon).abs()).to_radians();
+                if bound <= 50.0 * (1.0 - 1e-9) {
+                    fast += 1;
+                }
+            }
+        }
+        assert!(fast > 1_000, "the shortcut is taken for nearby points ({fast})");
     }
 
     #[test]

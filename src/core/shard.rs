@@ -1076,9 +1076,8 @@ impl Shard {
             return Some(u.into());
         }
         if let (Some(loc), Some(base), Some(radius)) = (&lead.location, &pro.base, pro.radius_km) {
-            let d = base.distance_km(loc);
-            if d > radius {
-                return Some(Skip::TooFar { distance_km: d, radius_km: radius });
+            if !base.within_km(loc, radius) {
+                return Some(Skip::TooFar { distance_km: base.distance_km(loc), radius_km: radius });
             }
         }
         if let Some(a) = lead.attributes.iter().find(|a| pro.refuses.contains(a)) {
@@ -1917,7 +1916,7 @@ impl Shard {
                     return false;
                 }
                 if let (Some(loc), Some(base), Some(r)) = (&location, &pro.base, pro.radius_km) {
-                    if base.distance_km(loc) > r {
+                    if !base.within_km(loc, r) {
                         return false;
                     }
                 }
