@@ -263,6 +263,7 @@ impl Ring {
         if n == 0 {
             return sel;
         }
+        sel.taken.reserve_exact(n.min(16));
         // Usually empty: the slots whose park is over but not yet applied.
         let mut due: Vec<(u64, u32)> = self
             .wake

@@ -941,7 +941,10 @@ impl Shard {
             JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
         };
         let arc = Arc::clone(lead);
-        let mut events = vec![Event::LeadAccepted {
+        // Accepted, then at most a direct and a generic release: sized once (an event is
+        // a few hundred bytes, and growing the vector copied them).
+        let mut events = Vec::with_capacity(3);
+        events.push(Event::LeadAccepted {
             lead: arc.clone(),
             fingerprint: fp,
             price,
@@ -949,7 +952,7 @@ impl Shard {
             at: now,
             release_at,
             expires_at,
-        }];
+        });
         // R5: direct targets at once.
         let mut offers = Vec::new();
         let mut direct_grants = Vec::new();
