@@ -82,6 +82,15 @@ fn codec(c: &mut Criterion) {
         g.bench_function(format!("decode_publish_lead/{}", enc.label()), |b| {
             b.iter(|| protocol::decode(enc, black_box(&bytes)).unwrap())
         });
+        // The same request with `id` and `type` first (as `Envelope` encodes it): its
+        // full decode, and the peek that refusing it under overload does instead.
+        let fast = protocol::encode(enc, &envelope());
+        g.bench_function(format!("decode_publish_lead_id_type_first/{}", enc.label()), |b| {
+            b.iter(|| protocol::decode(enc, black_box(&fast)).unwrap())
+        });
+        g.bench_function(format!("peek_publish_lead/{}", enc.label()), |b| {
+            b.iter(|| protocol::peek_head(enc, black_box(&fast)).map(|(id, ty)| id.len() + ty.len()).unwrap())
+        });
         let r = reply();
         g.bench_function(format!("encode_lead_reply/{}", enc.label()), |b| {
             b.iter(|| protocol::encode(enc, black_box(&r)))

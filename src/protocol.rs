@@ -530,6 +530,90 @@ fn peek_id(enc: Encoding, bytes: &[u8]) -> Option<String> {
     (id.len() <= MAX_CORRELATION_ID).then_some(id)
 }
 
+/// The `id` and `type` of a frame that starts with them (in either order), read
+/// without decoding the rest: what the gateway needs to refuse a request it sheds
+/// (`overloaded`) for less than a full decode. `None` for anything else (other keys
+/// first, escapes in JSON strings, an `id` over [`MAX_CORRELATION_ID`] bytes, a
+/// malformed frame); the caller then decodes in full, which gives the precise error.
+pub fn peek_head(enc: Encoding, bytes: &[u8]) -> Option<(&str, &str)> {
+    let (k1, v1, k2, v2) = match enc {
+        Encoding::Msgpack => peek_msgpack(bytes)?,
+        Encoding::Json => peek_json(bytes)?,
+    };
+    let (id, ty) = match (k1, k2) {
+        (b"id", b"type") => (v1, v2),
+        (b"type", b"id") => (v2, v1),
+        _ => return None,
+    };
+    if id.len() > MAX_CORRELATION_ID {
+        return None;
+    }
+    Some((std::str::from_utf8(id).ok()?, std::str::from_utf8(ty).ok()?))
+}
+
+type Head<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8]);
+
+fn peek_msgpack(b: &[u8]) -> Option<Head<'_>> {
+    // A map of at least two entries: fixmap, map16, map32.
+    let (entries, mut at) = match *b.first()? {
+        m @ 0x80..=0x8f => (u32::from(m & 0x0f), 1),
+        0xde => (u32::from(u16::from_be_bytes([*b.get(1)?, *b.get(2)?])), 3),
+        0xdf => (u32::from_be_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]), 5),
+        _ => return None,
+    };
+    if entries < 2 {
+        return None;
+    }
+    let mut s = || -> Option<&[u8]> {
+        let (len, head) = match *b.get(at)? {
+            m @ 0xa0..=0xbf => (usize::from(m & 0x1f), 1),
+            0xd9 => (usize::from(*b.get(at + 1)?), 2),
+            0xda => (usize::from(u16::from_be_bytes([*b.get(at + 1)?, *b.get(at + 2)?])), 3),
+            _ => return None,
+        };
+        let v = b.get(at + head..at + head + len)?;
+        at += head + len;
+        Some(v)
+    };
+    Some((s()?, s()?, s()?, s()?))
+}
+
+fn peek_json(b: &[u8]) -> Option<Head<'_>> {
+    let mut at = 0;
+    let ws = |at: &mut usize| {
+        while b.get(*at).is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r')) {
+            *at += 1;
+        }
+    };
+    let byte = |at: &mut usize, want: u8| -> Option<()> {
+        ws(at);
+        (*b.get(*at)? == want).then(|| *at += 1)
+    };
+    // A string without escapes.
+    let string = |at: &mut usize| -> Option<&[u8]> {
+        ws(at);
+        if *b.get(*at)? != b'"' {
+            return None;
+        }
+        let start = *at + 1;
+        let len = b.get(start..)?.iter().position(|&c| c == b'"' || c == b'\\')?;
+        if b[start + len] != b'"' {
+            return None;
+        }
+        *at = start + len + 1;
+        Some(&b[start..start + len])
+    };
+    byte(&mut at, b'{')?;
+    let k1 = string(&mut at)?;
+    byte(&mut at, b':')?;
+    let v1 = string(&mut at)?;
+    byte(&mut at, b',')?;
+    let k2 = string(&mut at)?;
+    byte(&mut at, b':')?;
+    let v2 = string(&mut at)?;
+    Some((k1, v1, k2, v2))
+}
+
 /// Encodes any outgoing message. MessagePack uses named maps.
 pub fn encode<T: Serialize>(enc: Encoding, msg: &T) -> Vec<u8> {
     with_scratch(|buf| {
@@ -889,6 +973,42 @@ mod tests {
             v,
             serde_json::json!({"id":"c1","type":"offer","lead":"L1","pro":"p1","action":"decline","by":"pro"})
         );
+    }
+
+    #[test]
+    fn peek_head_reads_id_and_type_of_frames_that_start_with_them_and_nothing_else() {
+        let env = Envelope {
+            id: "c-\u{e8}1".into(),
+            request: Request::Offer {
+                lead: LeadId::new("L1"),
+                pro: ProId::new("p1"),
+                action: OfferAction::Decline { by: crate::core::Party::Pro },
+            },
+        };
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let bytes = encode(enc, &env);
+            assert_eq!(peek_head(enc, &bytes), Some(("c-\u{e8}1", "offer")), "{enc:?}");
+            // Every prefix is refused or read the same, never misread.
+            for n in 0..bytes.len() {
+                let p = peek_head(enc, &bytes[..n]);
+                assert!(p.is_none() || p == Some(("c-\u{e8}1", "offer")), "{enc:?} prefix {n}: {p:?}");
+            }
+        }
+        // `type` first, spaces around JSON tokens, a map16 header.
+        let j = br#" { "type" : "publish_lead" , "id" : "x", "lead": {}}"#;
+        assert_eq!(peek_head(Encoding::Json, j), Some(("x", "publish_lead")));
+        let mut m = vec![0xde, 0x00, 0x03];
+        m.extend_from_slice(b"\xa4type\xa9subscribe\xa2id\xa1y\xa3pro\xc0");
+        assert_eq!(peek_head(Encoding::Msgpack, &m), Some(("y", "subscribe")));
+        // Not the fast form: another key first, an escape, a long id, one entry, not a map.
+        assert_eq!(peek_head(Encoding::Json, br#"{"lead":{},"id":"x","type":"publish_lead"}"#), None);
+        assert_eq!(peek_head(Encoding::Json, br#"{"id":"x\"y","type":"offer"}"#), None);
+        let long = format!(r#"{{"id":"{}","type":"offer"}}"#, "x".repeat(MAX_CORRELATION_ID + 1));
+        assert_eq!(peek_head(Encoding::Json, long.as_bytes()), None);
+        assert_eq!(peek_head(Encoding::Msgpack, b"\x81\xa2id\xa1x"), None);
+        assert_eq!(peek_head(Encoding::Msgpack, b"\x92\xa2id\xa1x"), None);
+        assert_eq!(peek_head(Encoding::Json, b"[1,2]"), None);
+        assert_eq!(peek_head(Encoding::Json, br#"{"id":1,"type":"offer"}"#), None);
     }
 
     fn json(v: serde_json::Value) -> Result<Envelope, DecodeError> {

@@ -13,8 +13,12 @@
 //!   queue of rota's sees them. The unread bytes are read from the socket (`FIONREAD`,
 //!   every 16 frames, and every frame while shedding); beyond the limit new leads are
 //!   answered `overloaded` (beyond four times it, every request but `subscribe`).
-//!   Refusing costs a decode and a short reply, so the gateway catches up and the
-//!   requests it accepts keep their latency instead of waiting behind the backlog.
+//!   A request to refuse is recognised from its `id` and `type` when the frame starts
+//!   with them (`protocol::peek_head`), without decoding the rest, so refusing costs a
+//!   peek and a short reply; the gateway catches up and the requests it accepts keep
+//!   their latency instead of waiting behind the backlog. (A shed request is refused
+//!   before its scope and rate limits are checked: it gets `overloaded` even if it
+//!   would have been `forbidden` or `rate_limited`, and nothing is done either way.)
 //!
 //! Close codes: 1000 normal, 1001 shutting down (reason carries `resume_from=N`),
 //! 1002 protocol error, 1007 invalid UTF-8, 1009 frame too big, 4000 heartbeat
@@ -268,6 +272,21 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     _ => continue,
                 };
                 m.frames_received.get(enc.label()).increment(1);
+                // While shedding, a request that would be shed is refused from its `id`
+                // and `type` alone, before the decode that refusing it would waste.
+                admission.refresh(fd);
+                if admission.shedding() {
+                    if let Some((id, ty)) = protocol::peek_head(enc, &bytes) {
+                        if admission.sheds(ty) {
+                            m.overload_refusals.get("gateway_backlog").increment(1);
+                            let r = Reply::Error { id: Some(id.to_string()), error: ApiError::overloaded(SHED_RETRY_MS) };
+                            // Flushed with the next reply, or now if nothing more is waiting.
+                            let flush = unread_bytes(fd) == 0;
+                            if send(&mut sink, enc, protocol::encode(enc, &r), flush).await.is_err() { break None; }
+                            continue;
+                        }
+                    }
+                }
                 let env = match protocol::decode(enc, &bytes) {
                     Ok(env) => env,
                     Err(e) => {
@@ -298,7 +317,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), true).await.is_err() { break None; }
                     continue;
                 }
-                if admission.shed(fd, &env.request) {
+                if admission.sheds(env.request.name()) {
                     m.overload_refusals.get("gateway_backlog").increment(1);
                     let r = Reply::Error { id: Some(id), error: ApiError::overloaded(SHED_RETRY_MS) };
                     // Flushed with the next reply, or now if nothing more is waiting.
@@ -407,10 +426,11 @@ impl Admission {
         Self { limit, backlog: 0, until_check: 0 }
     }
 
-    /// Whether `req` is refused with `overloaded`.
-    fn shed(&mut self, fd: std::os::fd::RawFd, req: &Request) -> bool {
+    /// Looks at the socket's unread bytes every [`Self::CHECK_EVERY`] frames, and on
+    /// every frame while shedding. Called once per frame.
+    fn refresh(&mut self, fd: std::os::fd::RawFd) {
         if self.limit == 0 {
-            return false;
+            return;
         }
         if self.backlog > self.limit || self.until_check == 0 {
             self.backlog = unread_bytes(fd);
@@ -418,9 +438,20 @@ impl Admission {
         } else {
             self.until_check -= 1;
         }
-        match req {
-            Request::Subscribe { .. } => false,
-            Request::PublishLead { .. } => self.backlog > self.limit,
+    }
+
+    /// Whether some requests are refused now.
+    fn shedding(&self) -> bool {
+        self.limit > 0 && self.backlog > self.limit
+    }
+
+    /// Whether a request of type `ty` (its `type` field) is refused with `overloaded`:
+    /// new leads beyond the limit, everything but `subscribe` beyond four times it.
+    fn sheds(&self, ty: &str) -> bool {
+        match ty {
+            _ if !self.shedding() => false,
+            "subscribe" => false,
+            "publish_lead" => true,
             _ => self.backlog > self.limit.saturating_mul(4),
         }
     }
