@@ -952,16 +952,21 @@ pub mod envelope_de {
 mod tests {
     use super::*;
 
-    #[test]
-    fn request_round_trips_in_both_encodings() {
-        let env = Envelope {
-            id: "c1".into(),
+    /// `{"id": id, "type": "offer", "lead": "L1", "pro": "p1", "action": "decline", "by": "pro"}`.
+    fn decline(id: &str) -> Envelope {
+        Envelope {
+            id: id.into(),
             request: Request::Offer {
                 lead: LeadId::new("L1"),
                 pro: ProId::new("p1"),
                 action: OfferAction::Decline { by: crate::core::Party::Pro },
             },
-        };
+        }
+    }
+
+    #[test]
+    fn request_round_trips_in_both_encodings() {
+        let env = decline("c1");
         for enc in [Encoding::Json, Encoding::Msgpack] {
             let bytes = encode(enc, &env);
             assert_eq!(decode(enc, &bytes).unwrap(), env);
@@ -977,14 +982,7 @@ mod tests {
 
     #[test]
     fn peek_head_reads_id_and_type_of_frames_that_start_with_them_and_nothing_else() {
-        let env = Envelope {
-            id: "c-\u{e8}1".into(),
-            request: Request::Offer {
-                lead: LeadId::new("L1"),
-                pro: ProId::new("p1"),
-                action: OfferAction::Decline { by: crate::core::Party::Pro },
-            },
-        };
+        let env = decline("c-\u{e8}1");
         for enc in [Encoding::Json, Encoding::Msgpack] {
             let bytes = encode(enc, &env);
             assert_eq!(peek_head(enc, &bytes), Some(("c-\u{e8}1", "offer")), "{enc:?}");

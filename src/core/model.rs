@@ -50,14 +50,16 @@ impl GeoPoint {
         Ok(())
     }
 
+    /// Mean Earth radius, km.
+    const R_KM: f64 = 6371.0088;
+
     /// Great-circle distance in kilometres (haversine, mean Earth radius 6371.0088 km).
     pub fn distance_km(&self, other: &GeoPoint) -> f64 {
-        const R_KM: f64 = 6371.0088;
         let (la1, la2) = (self.lat.to_radians(), other.lat.to_radians());
         let dlat = la2 - la1;
         let dlon = (other.lon - self.lon).to_radians();
         let a = (dlat / 2.0).sin().powi(2) + la1.cos() * la2.cos() * (dlon / 2.0).sin().powi(2);
-        2.0 * R_KM * a.sqrt().min(1.0).asin()
+        2.0 * Self::R_KM * a.sqrt().min(1.0).asin()
     }
 
     /// Whether `other` is within `radius_km`: [`Self::distance_km`]` <= radius_km`, with
@@ -70,8 +72,7 @@ impl GeoPoint {
     /// margin far wider than the haversine's rounding, the point is within; otherwise
     /// the distance is computed.
     pub fn within_km(&self, other: &GeoPoint, radius_km: f64) -> bool {
-        const R_KM: f64 = 6371.0088;
-        let bound = R_KM * ((other.lat - self.lat).abs() + (other.lon - self.lon).abs()).to_radians();
+        let bound = Self::R_KM * ((other.lat - self.lat).abs() + (other.lon - self.lon).abs()).to_radians();
         if bound <= radius_km * (1.0 - 1e-9) {
             return true;
         }
@@ -931,7 +932,7 @@ mod tests {
                 for r in [d * 0.5, d * (1.0 - 1e-12), d, d * (1.0 + 1e-12), d * 1.5, d * 3.0, 50.0] {
                     assert_eq!(c.within_km(&p, r), d <= r, "{c:?} {p:?} r={r} d={d}");
                 }
-                let bound = 6371.0088 * ((p.lat - c.lat).abs() + (p.lon - c.lon).abs()).to_radians();
+                let bound = GeoPoint::R_KM * ((p.lat - c.lat).abs() + (p.lon - c.lon).abs()).to_radians();
                 if bound <= 50.0 * (1.0 - 1e-9) {
                     fast += 1;
                 }
