@@ -53,6 +53,13 @@ pub struct RawConfig {
     /// wait unread in its socket (the gateway is behind), new leads on it are answered
     /// `overloaded`; beyond four times this, every request but `subscribe` is. 0 = off.
     pub shed_backlog_bytes: usize,
+    /// Whether the daemon's heap may use transparent huge pages. Off by default: the
+    /// first touch of a fresh 2 MiB page zeroes all of it inside the page fault, so
+    /// a thread that grows the heap stalls for that long while requests queue behind
+    /// it (on a virtual machine, with the host's own faults, for milliseconds). The
+    /// daemon opts out for itself (`prctl(PR_SET_THP_DISABLE)`) at start; the host's
+    /// setting is not touched. See BENCHMARKS.md, "Transparent huge pages".
+    pub transparent_huge_pages: bool,
     pub log_level: String,
     pub log_format: LogFormat,
     pub wal: RawWal,
@@ -134,6 +141,7 @@ impl Default for RawConfig {
             rate_limit_connection_per_s: 50_000,
             shed_backlog_bytes: 32 * 1024,
             rate_limit_tenant_per_s: 200_000,
+            transparent_huge_pages: false,
             log_level: "info".into(),
             log_format: LogFormat::Auto,
             wal: RawWal {

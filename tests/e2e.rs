@@ -217,3 +217,24 @@ async fn a_connection_that_never_upgrades_is_closed_after_the_handshake_timeout(
     let mut c = Client::new(&d.addr, false).await;
     c.ok(json!({"type": "balance", "pro": "p1"})).await;
 }
+
+/// The `THP_enabled` line of `/proc/<pid>/status` (Linux 5.0+): 0 once the process
+/// opted out of transparent huge pages.
+#[cfg(target_os = "linux")]
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    line.expect("the kernel reports THP_enabled").split_whitespace().nth(1).unwrap().to_string()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_daemon_opts_out_of_transparent_huge_pages_unless_configured_to_allow_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    assert_eq!(thp_enabled(d.child.id()), "0", "default: huge pages off for the daemon");
+    assert_eq!(d.stop(), 0);
+    let d = Daemon::start_with_flags(dir.path(), &["transparent_huge_pages=true"]);
+    assert_eq!(thp_enabled(d.child.id()), "1", "allowed: the daemon leaves the setting alone");
+    assert_eq!(d.stop(), 0);
+}

@@ -34,8 +34,34 @@ pub fn init_logging(cfg: &Config) {
 
 /// Runs the daemon until a signal stops it. Returns the process exit code.
 pub fn run(cfg: Config, demo: bool) -> anyhow::Result<i32> {
+    match opt_out_of_huge_pages(cfg.raw.transparent_huge_pages) {
+        Ok(true) => tracing::info!("transparent huge pages disabled for this process"),
+        Ok(false) => {}
+        // Not fatal: the daemon works with them, with longer stalls while its heap grows.
+        Err(e) => tracing::warn!(error = %e, "could not disable transparent huge pages"),
+    }
     let system = actix_rt::System::new();
     system.block_on(async move { serve(cfg, demo).await })
+}
+
+/// Applies `transparent_huge_pages`: unless they are allowed, opts this process out of
+/// transparent huge pages (`PR_SET_THP_DISABLE`, which also overrides the allocator's
+/// `MADV_HUGEPAGE` advice on its arenas), before recovery grows the heap. Returns
+/// whether it opted out. The host's setting is not changed.
+pub fn opt_out_of_huge_pages(allowed: bool) -> std::io::Result<bool> {
+    if allowed {
+        return Ok(false);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with integer arguments only; no memory is passed.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+    #[cfg(not(target_os = "linux"))]
+    Ok(false)
 }
 
 async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
