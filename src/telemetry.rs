@@ -26,7 +26,6 @@
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 // ---------------------------------------------------------------------------
 // Names
@@ -585,19 +584,15 @@ pub struct WalStatsLike {
     pub sync_failures: u64,
     pub segments_live: u64,
     pub snapshots_written: u64,
-    /// Records of the most recent batch.
-    pub last_batch_records: u64,
-    /// Duration of the most recent sync, microseconds.
-    pub last_sync_micros: u64,
     /// Highest durable sequence.
     pub durable_seq: u64,
     pub failed: bool,
 }
 
-/// WAL handles. Two ways to feed them: the writer calls [`WalMetrics::record_batch`]
-/// per batch (exact histograms), or a sampler calls [`WalMetrics::observe`] with the
-/// cumulative stats (counters exact; histograms get one sample per observation in
-/// which new syncs happened). Use one or the other for the histograms, not both.
+/// WAL handles. The histograms are fed by the writer thread, one sample per batch
+/// and per sync ([`WalMetrics`] is the log's [`crate::wal::WalObserver`], or
+/// [`WalMetrics::record_batch`]); counters and gauges by a sampler calling
+/// [`WalMetrics::observe`] with the cumulative stats.
 #[derive(Clone)]
 pub struct WalMetrics {
     pub bytes_written: Counter,
@@ -615,7 +610,15 @@ pub struct WalMetrics {
     pub snapshot_pause: Histogram,
     pub recovery_duration: Gauge,
     pub recovery_records: Gauge,
-    last_syncs: std::sync::Arc<AtomicU64>,
+}
+
+impl crate::wal::WalObserver for WalMetrics {
+    fn batch(&self, records: u64) {
+        self.batch_records.record(records as f64);
+    }
+    fn synced(&self, took: std::time::Duration) {
+        self.sync_duration.record(took);
+    }
 }
 
 impl WalMetrics {
@@ -636,12 +639,12 @@ impl WalMetrics {
             snapshot_pause: metrics::histogram!(SNAPSHOT_PAUSE),
             recovery_duration: metrics::gauge!(RECOVERY_DURATION),
             recovery_records: metrics::gauge!(RECOVERY_RECORDS),
-            last_syncs: Default::default(),
         }
     }
 
     /// Publishes cumulative stats: counters are set absolutely (so sampling twice is
-    /// harmless), gauges set, and the last batch/sync recorded once if syncs moved.
+    /// harmless) and gauges set. The histograms are not sampled here: one sample per
+    /// scrape of thousands of syncs would hide the slow ones.
     pub fn observe(&self, s: &WalStatsLike) {
         self.bytes_written.absolute(s.bytes_written);
         self.records.absolute(s.records);
@@ -652,11 +655,6 @@ impl WalMetrics {
         self.segments_live.set(s.segments_live as f64);
         self.durable_sequence.set(s.durable_seq as f64);
         self.failed.set(if s.failed { 1.0 } else { 0.0 });
-        let before = self.last_syncs.swap(s.syncs, Ordering::Relaxed);
-        if s.syncs > before {
-            self.sync_duration.record(s.last_sync_micros as f64 / 1e6);
-            self.batch_records.record(s.last_batch_records as f64);
-        }
     }
 
     /// Records one group commit as it happens (exact histograms).
@@ -794,12 +792,13 @@ mod tests {
                 records: 64,
                 batches: 2,
                 syncs: 2,
-                last_batch_records: 32,
-                last_sync_micros: 250,
                 segments_live: 1,
                 durable_seq: 64,
                 ..Default::default()
             });
+            use crate::wal::WalObserver;
+            m.wal.batch(32);
+            m.wal.synced(std::time::Duration::from_micros(250));
             m.wal.snapshot_duration.record(0.02);
             m.wal.record_recovery(std::time::Duration::from_millis(12), 1000);
             refresh_process_metrics();
@@ -915,19 +914,26 @@ mod tests {
     }
 
     #[test]
-    fn wal_observe_is_idempotent_for_counters_and_samples_new_syncs_once() {
+    fn wal_observe_is_idempotent_for_counters_and_histograms_count_every_sync() {
+        use crate::wal::WalObserver;
         let rec = recorder();
-        let stats =
-            WalStatsLike { records: 10, batches: 1, syncs: 1, last_sync_micros: 300, ..Default::default() };
+        let stats = WalStatsLike { records: 10, batches: 3, syncs: 3, ..Default::default() };
         metrics::with_local_recorder(&rec, || {
             let w = WalMetrics::new();
             w.observe(&stats);
             w.observe(&stats);
+            // What the writer reports as it goes: every sync, not one per sample.
+            for (records, micros) in [(2, 200), (3, 300), (5, 7_000)] {
+                w.batch(records);
+                w.synced(std::time::Duration::from_micros(micros));
+            }
             w.observe(&WalStatsLike { failed: true, ..stats });
         });
         let text = rec.handle().render();
         assert!(text.contains("rota_wal_records_total 10\n"), "{text}");
-        assert!(text.contains("rota_wal_sync_duration_seconds_count 1\n"), "{text}");
+        assert!(text.contains("rota_wal_sync_duration_seconds_count 3\n"), "{text}");
+        assert!(text.contains("rota_wal_sync_duration_seconds_bucket{le=\"0.005\"} 2\n"), "{text}");
+        assert!(text.contains("rota_wal_batch_records_sum 10\n"), "{text}");
         assert!(text.contains("rota_wal_failed 1\n"), "{text}");
     }
 

@@ -253,6 +253,7 @@ impl Engine {
             cfg,
         });
         let engine = Engine { inner };
+        engine.inner.wal.set_observer(Arc::new(engine.inner.metrics.m.wal.clone()));
         let shard_count = rec.shards.len();
         for (key, shard) in rec.shards.drain() {
             engine.spawn_shard(key, shard);
@@ -900,8 +901,6 @@ impl Engine {
             sync_failures: st.sync_failures,
             segments_live: st.segments_live,
             snapshots_written: st.snapshots_written,
-            last_batch_records: st.last_batch_records,
-            last_sync_micros: st.last_sync_micros,
             durable_seq: self.inner.wal.durable_seq(),
             failed: st.failed,
         });

@@ -89,7 +89,40 @@ impl FsFile for RealFile {
     fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
+    /// Zero-fills in [`ALLOCATE_STEP`] steps, each pushed to the disk and waited for
+    /// (`sync_file_range`) before the next, pausing after each as long as it took.
+    /// An `fdatasync` of the log waits for everything already queued on the device,
+    /// so zeros written all at once and synced at the end (64 MiB: ~60 ms of
+    /// write-back on this project's VM) held every acknowledgement in that window
+    /// for as long; now a sync of the log waits behind one step at most, and the
+    /// disk is left idle half of the time. The final `sync_data` by the caller then
+    /// finds almost nothing to write.
+    #[cfg(target_os = "linux")]
+    fn allocate(&mut self, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let zeros = vec![0u8; ALLOCATE_STEP];
+        let mut at = self.size()?;
+        while at < len {
+            let started = std::time::Instant::now();
+            let n = (len - at).min(ALLOCATE_STEP as u64) as usize;
+            self.write_at(at, &zeros[..n])?;
+            let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            // SAFETY: a plain syscall on a file descriptor this value owns.
+            if unsafe { libc::sync_file_range(self.0.as_raw_fd(), at as i64, n as i64, flags) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            at += n as u64;
+            std::thread::sleep(started.elapsed());
+        }
+        Ok(())
+    }
 }
+
+/// Bytes of zeros written (and pushed to the disk) per step of [`RealFile`]'s
+/// `allocate`: about 0.45 ms of this project's disk.
+const ALLOCATE_STEP: usize = 256 << 10;
 
 impl Fs for RealFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
@@ -621,6 +654,25 @@ impl Fs for MemFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn real_allocate_zero_fills_to_the_length_in_steps_and_keeps_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let mut f = RealFs.open(&path, OpenMode::Create).unwrap();
+        f.write_at(0, b"header").unwrap();
+        // Not a multiple of the step: the last step is a short one.
+        let len = (2 * ALLOCATE_STEP + 12_345) as u64;
+        f.allocate(len).unwrap();
+        assert_eq!(f.size().unwrap(), len);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..6], b"header");
+        assert!(bytes[6..].iter().all(|&b| b == 0), "the rest is zeros");
+        // Already long enough: nothing is written.
+        f.write_at(len - 1, b"x").unwrap();
+        f.allocate(len).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[len as usize - 1], b'x');
+    }
 
     #[test]
     fn memfs_power_cut_keeps_synced_data_and_synced_names_only() {

@@ -369,6 +369,18 @@ pub(crate) struct State {
     pub segments: Mutex<BTreeMap<u64, PathBuf>>,
     /// Covers seqs of the snapshots on disk.
     pub snapshots: Mutex<Vec<u64>>,
+    /// Told about every batch and sync as it happens ([`Wal::set_observer`]).
+    pub observer: std::sync::OnceLock<Arc<dyn WalObserver>>,
+}
+
+/// Told about every group commit as the writer thread completes it: exact
+/// distributions for metrics (one sample per scrape would miss the slow syncs
+/// that make a latency tail). Called on the writer thread; must be cheap.
+pub trait WalObserver: Send + Sync {
+    /// A batch of `records` records was written.
+    fn batch(&self, records: u64);
+    /// An `fdatasync` succeeded after `took`.
+    fn synced(&self, took: std::time::Duration);
 }
 
 impl State {
@@ -435,6 +447,12 @@ pub struct Wal {
 pub type OnDurable = Box<dyn FnOnce(Result<Range<u64>, WalError>) + Send>;
 
 impl Wal {
+    /// Reports every batch and sync to `observer` from now on. Only the first
+    /// observer set is kept; returns whether this one was.
+    pub fn set_observer(&self, observer: Arc<dyn WalObserver>) -> bool {
+        self.h.st.observer.set(observer).is_ok()
+    }
+
     /// Recovers the log in `cfg.dir` (collecting the snapshot and every later
     /// record into [`Recovered`]) and starts the writer.
     pub fn open(cfg: WalConfig, fs: Arc<dyn Fs>) -> Result<(Wal, Recovered), WalError> {
@@ -470,6 +488,7 @@ impl Wal {
             stats: StatCells::default(),
             segments: Mutex::new(resume.segments.iter().cloned().collect()),
             snapshots: Mutex::new(resume.snapshots.clone()),
+            observer: std::sync::OnceLock::new(),
             cfg,
         });
         let (tx, rx) = bounded(st.cfg.queue_capacity);

@@ -330,6 +330,9 @@ impl Writer {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.records.fetch_add(records, Ordering::Relaxed);
         stats.last_batch_records.store(records, Ordering::Relaxed);
+        if let Some(o) = self.st.observer.get() {
+            o.batch(records);
+        }
         Ok(ranges)
     }
 
@@ -373,7 +376,11 @@ impl Writer {
                 self.st.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
                 return Err(io_err("fdatasync", &self.seg_path, e));
             }
-            let took = started.elapsed().as_micros() as u64;
+            let elapsed = started.elapsed();
+            if let Some(o) = self.st.observer.get() {
+                o.synced(elapsed);
+            }
+            let took = elapsed.as_micros() as u64;
             let stats = &self.st.stats;
             stats.last_sync_micros.store(took, Ordering::Relaxed);
             stats.sync_micros_total.fetch_add(took, Ordering::Relaxed);
