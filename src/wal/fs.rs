@@ -63,10 +63,17 @@ pub trait FsFile: Send {
         let mut at = self.size()?;
         while at < len {
             let n = (len - at).min(CHUNK as u64) as usize;
-            self.write_at(at, &zeros[..n])?;
+            self.write_at_paced(at, &zeros[..n])?;
             at += n as u64;
         }
         Ok(())
+    }
+    /// [`FsFile::write_at`] for bulk data written beside the log (spare segments,
+    /// snapshots): on a real disk it goes out in steps, each pushed to the device
+    /// and waited for before the next, so the log's own syncs never queue behind
+    /// more than one step. The default is a plain `write_at`.
+    fn write_at_paced(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_at(offset, data)
     }
 }
 
@@ -89,40 +96,39 @@ impl FsFile for RealFile {
     fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
-    /// Zero-fills in [`ALLOCATE_STEP`] steps, each pushed to the disk and waited for
+    /// Writes in [`PACED_STEP`] steps, each pushed to the disk and waited for
     /// (`sync_file_range`) before the next, pausing after each as long as it took.
     /// An `fdatasync` of the log waits for everything already queued on the device,
-    /// so zeros written all at once and synced at the end (64 MiB: ~60 ms of
-    /// write-back on this project's VM) held every acknowledgement in that window
-    /// for as long; now a sync of the log waits behind one step at most, and the
-    /// disk is left idle half of the time. The final `sync_data` by the caller then
-    /// finds almost nothing to write.
+    /// so bulk data written at once and synced at the end (a 64 MiB spare segment:
+    /// ~60 ms of write-back on this project's VM; a snapshot of 240,000 open leads:
+    /// 138 MB) held every acknowledgement in that window for as long; now a sync of
+    /// the log waits behind one step at most, and the disk is left idle half of the
+    /// time. The caller's final `sync_data` then finds almost nothing to write.
     #[cfg(target_os = "linux")]
-    fn allocate(&mut self, len: u64) -> io::Result<()> {
+    fn write_at_paced(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        let zeros = vec![0u8; ALLOCATE_STEP];
-        let mut at = self.size()?;
-        while at < len {
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let mut at = offset;
+        for step in data.chunks(PACED_STEP) {
             let started = std::time::Instant::now();
-            let n = (len - at).min(ALLOCATE_STEP as u64) as usize;
-            self.write_at(at, &zeros[..n])?;
-            let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            self.write_at(at, step)?;
             // SAFETY: a plain syscall on a file descriptor this value owns.
-            if unsafe { libc::sync_file_range(self.0.as_raw_fd(), at as i64, n as i64, flags) } != 0 {
+            if unsafe { libc::sync_file_range(self.0.as_raw_fd(), at as i64, step.len() as i64, flags) } != 0
+            {
                 return Err(io::Error::last_os_error());
             }
-            at += n as u64;
+            at += step.len() as u64;
             std::thread::sleep(started.elapsed());
         }
         Ok(())
     }
 }
 
-/// Bytes of zeros written (and pushed to the disk) per step of [`RealFile`]'s
-/// `allocate`: about 0.45 ms of this project's disk.
-const ALLOCATE_STEP: usize = 256 << 10;
+/// Bytes written (and pushed to the disk) per step of [`RealFile`]'s
+/// `write_at_paced`: about 0.45 ms of this project's disk.
+const PACED_STEP: usize = 256 << 10;
 
 impl Fs for RealFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
@@ -656,13 +662,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn real_allocate_zero_fills_to_the_length_in_steps_and_keeps_what_was_written() {
+    fn real_allocate_and_paced_writes_write_every_byte_and_keep_what_was_there() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seg");
         let mut f = RealFs.open(&path, OpenMode::Create).unwrap();
         f.write_at(0, b"header").unwrap();
         // Not a multiple of the step: the last step is a short one.
-        let len = (2 * ALLOCATE_STEP + 12_345) as u64;
+        let len = (5 * PACED_STEP + 12_345) as u64;
         f.allocate(len).unwrap();
         assert_eq!(f.size().unwrap(), len);
         let bytes = std::fs::read(&path).unwrap();
@@ -672,6 +678,13 @@ mod tests {
         f.write_at(len - 1, b"x").unwrap();
         f.allocate(len).unwrap();
         assert_eq!(std::fs::read(&path).unwrap()[len as usize - 1], b'x');
+        // A paced write lands every byte where a plain one would.
+        let data: Vec<u8> = (0..3 * PACED_STEP + 77).map(|i| (i % 251) as u8).collect();
+        f.write_at_paced(100, &data).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[100..100 + data.len()], &data[..]);
+        assert_eq!(&bytes[..6], b"header");
+        assert!(bytes[100 + data.len()..len as usize - 1].iter().all(|&b| b == 0));
     }
 
     #[test]

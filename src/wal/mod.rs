@@ -636,7 +636,8 @@ impl Wal {
         let path = dir.join(&name);
         let tmp = dir.join(format!("{name}{}", format::TMP_SUFFIX));
         let mut file = fs.open(&tmp, OpenMode::Create).map_err(|e| io_err("create", &tmp, e))?;
-        file.write_at(0, &format::encode_snapshot(covers_seq, bytes))
+        // Paced: the log's syncs keep going while a snapshot of hundreds of MB goes out.
+        file.write_at_paced(0, &format::encode_snapshot(covers_seq, bytes))
             .map_err(|e| io_err("write", &tmp, e))?;
         file.sync_data().map_err(|e| io_err("sync", &tmp, e))?;
         drop(file);
