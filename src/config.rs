@@ -90,6 +90,8 @@ pub struct RawWal {
     pub segment_bytes: u64,
     pub queue_capacity: usize,
     pub preallocate: bool,
+    /// See [`WalConfig::min_sync_interval_us`].
+    pub min_sync_interval_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,6 +151,7 @@ impl Default for RawConfig {
                 segment_bytes: w.segment_bytes,
                 queue_capacity: w.queue_capacity,
                 preallocate: w.preallocate,
+                min_sync_interval_us: w.min_sync_interval_us,
             },
             tenants: Vec::new(),
         }
@@ -293,6 +296,7 @@ impl Config {
             fsync: raw.wal.fsync,
             queue_capacity: raw.wal.queue_capacity,
             preallocate: raw.wal.preallocate,
+            min_sync_interval_us: raw.wal.min_sync_interval_us,
             ..WalConfig::default()
         };
         wal.validate().map_err(|e| invalid("wal", e.to_string()))?;
@@ -423,6 +427,16 @@ mod tests {
         assert_eq!(c.raw.arbiters, 5, "flags beat env");
         assert_eq!(c.wal.segment_bytes, 65536, "env beats defaults");
         assert_eq!(c.wal.fsync, FsyncPolicy::Never);
+    }
+
+    #[test]
+    fn min_sync_interval_reaches_the_log_and_an_excessive_one_is_refused_by_name() {
+        let flags =
+            |v: &str| Sources { flags: vec![format!("wal.min_sync_interval_us={v}")], ..Default::default() };
+        assert_eq!(Config::load(&Sources::default()).unwrap().wal.min_sync_interval_us, 300);
+        assert_eq!(Config::load(&flags("0")).unwrap().wal.min_sync_interval_us, 0);
+        let e = Config::load(&flags("250000")).unwrap_err().to_string();
+        assert!(e.contains("min_sync_interval_us = 250000") && e.contains("at most 100000"), "{e}");
     }
 
     #[test]

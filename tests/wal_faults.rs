@@ -290,6 +290,41 @@ fn group_commit_syncs_far_fewer_times_than_it_appends() {
 }
 
 #[test]
+fn appends_arriving_within_min_sync_interval_share_one_sync() {
+    // Five appends 5 ms apart, right after a sync. With a 100 ms interval the writer
+    // waits out the interval and takes all five in one batch with one sync; with none
+    // it would sync each as it comes (five syncs). Counting syncs, not timing: the
+    // spacing only has to stay well inside the interval.
+    for (interval_us, want_syncs) in [(100_000, 1), (0, 5)] {
+        let fs = MemFs::new();
+        let cfg = WalConfig { min_sync_interval_us: interval_us, ..small_cfg(MEM_DIR) };
+        let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
+        wal.append_blocking(vec![(1, payload(0, 10))]).unwrap();
+        let before = wal.stats().syncs;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 1..=5u64 {
+            let tx = tx.clone();
+            wal.append(vec![(1, payload(i, 10))], Box::new(move |r| tx.send(r.map(|r| r.start)).unwrap()));
+            if interval_us == 0 {
+                // Without an interval, wait for each before the next (one batch each).
+                let seq = rx.recv().unwrap().expect("acknowledged");
+                assert_eq!(seq, i + 1);
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        if interval_us > 0 {
+            let seqs: Vec<u64> = (0..5).map(|_| rx.recv().unwrap().expect("acknowledged")).collect();
+            assert_eq!(seqs, vec![2, 3, 4, 5, 6], "in order, each acknowledged once");
+        }
+        let stats = wal.stats();
+        assert_eq!(stats.syncs - before, want_syncs, "interval {interval_us} us");
+        assert_eq!(wal.durable_seq(), 6);
+        wal.shutdown().unwrap();
+    }
+}
+
+#[test]
 fn never_and_interval_policies_acknowledge_and_sync_on_shutdown() {
     for policy in [FsyncPolicy::Never, FsyncPolicy::IntervalMs(3_600_000)] {
         let fs = MemFs::new();

@@ -224,6 +224,7 @@ impl Writer {
                 return;
             };
             batch.push(first);
+            self.wait_for_sync_interval();
             // Everything that piled up while we were busy joins this batch.
             while batch.len() < max_batch {
                 match self.rx.try_recv() {
@@ -236,6 +237,22 @@ impl Writer {
                 // `Completion` as they drop with the channel.
                 return;
             }
+        }
+    }
+
+    /// `min_sync_interval_us`: under `fsync = "always"`, a batch that would start
+    /// sooner than that after the previous sync waits for the rest of the interval
+    /// (sleeping, not watching the channel: senders wake no one meanwhile), so what
+    /// arrives in between joins it.
+    fn wait_for_sync_interval(&self) {
+        let interval = self.st.cfg.min_sync_interval_us;
+        if interval == 0 || !matches!(self.st.cfg.fsync, FsyncPolicy::Always) {
+            return;
+        }
+        let next = self.last_sync + Duration::from_micros(interval);
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
         }
     }
 
