@@ -802,6 +802,14 @@ impl Engine {
     /// once) and the streams' counters and replay buffers. The lead index is read, and
     /// everything is encoded and written, after the gate reopens.
     pub fn snapshot(&self) -> Result<u64, WalError> {
+        self.snapshot_then(|| {})
+    }
+
+    /// [`Engine::snapshot`], calling `after_cut` on this thread once the gate has
+    /// reopened, before the encoding and the write (the background snapshot lowers
+    /// its thread's priority there: the cut itself, with every decision waiting for
+    /// it, runs at full priority).
+    pub fn snapshot_then(&self, after_cut: impl FnOnce()) -> Result<u64, WalError> {
         let started = Instant::now();
         let (covers, mut snap) = {
             let _g = self.inner.gate.write();
@@ -830,6 +838,7 @@ impl Engine {
             (covers, snap)
         };
         let paused = started.elapsed();
+        after_cut();
         // Read after the cut: it may already hold leads of records after `covers`, or
         // miss leads forgotten after it. Recovery replays every record after `covers`
         // through the same index updates (insert and remove by lead, in log order), so

@@ -182,21 +182,24 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
     }
 }
 
-/// A periodic snapshot on a thread of its own at a lower CPU priority (nice 10):
-/// past its short pause (`rota_snapshot_pause_seconds`) it encodes and writes
-/// the whole state, seconds of CPU with a million open leads, and on a small host
-/// that time should come from idle cores, not from the requests. (The final
-/// snapshot at shutdown runs at normal priority.)
+/// A periodic snapshot on a thread of its own. Its cut (`rota_snapshot_pause_seconds`:
+/// every decision waits for it) runs at normal priority, so a busy host cannot stretch
+/// it; then the thread drops to the lowest priority (nice 19) to encode and write the
+/// whole state, seconds of CPU with a million open leads, which on a small host should
+/// come from idle time, not from the requests. Nice 19 rather than `SCHED_IDLE`: under
+/// sustained overload an idle-class thread might never finish, and the log could not
+/// be compacted. (The final snapshot at shutdown runs at normal priority.)
 async fn background_snapshot(engine: Engine) -> anyhow::Result<Result<u64, crate::wal::WalError>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("rota-snapshot".into()).spawn(move || {
-        // SAFETY: setpriority with `who = 0` changes only the calling thread on Linux
-        // (the nice value is per thread); no pointers are involved.
-        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-        if r != 0 {
-            tracing::debug!("snapshot thread priority not lowered");
-        }
-        let _ = tx.send(engine.snapshot());
+        let lower = || {
+            // SAFETY: setpriority with `who = 0` changes only the calling thread on
+            // Linux (the nice value is per thread); no pointers are involved.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+                tracing::debug!("snapshot thread priority not lowered");
+            }
+        };
+        let _ = tx.send(engine.snapshot_then(lower));
     })?;
     Ok(rx.await?)
 }
