@@ -1,7 +1,7 @@
 //! `--max-rate`: the highest lead rate whose p99 delivery latency stays within a bound.
 //!
-//! Doubling from the starting rate until a step fails, then bisecting between the last
-//! pass and the first failure. A step passes when p99 delivery <= the bound, at least
+//! Doubling from the starting rate until a step fails (halving instead if the first
+//! step fails), then bisecting between the last pass and the first failure. A step passes when p99 delivery <= the bound, at least
 //! 95% of the target rate was acknowledged, every request got a reply, errors stayed
 //! under 1% and the exactly-once checks found nothing. Each step is a fresh replay
 //! (its own run tag), so steps do not share leads.
@@ -101,12 +101,33 @@ pub fn max_rate(
         std::thread::sleep(std::time::Duration::from_secs(1));
         Ok(pass)
     };
+    let best_rate = search_rates(start_rate, ceiling, bisect_steps, |rate| run(rate, &mut steps))?;
+    Ok(SearchResult { p99_bound_ms: bound_ms, best_rate, steps, best })
+}
+
+/// The search itself, over any `passes(rate)`: doubling from `start_rate` while steps
+/// pass (up to `ceiling`); if the very first step fails, halving instead until one
+/// passes (down to `start_rate / 64`: a host that cannot even do that has nothing to
+/// report); then bisecting between the best pass and the lowest failure, at most
+/// `bisect_steps` times, stopping when they are within 5 %. At most [`MAX_STEPS`]
+/// steps in all. Returns the highest rate that passed.
+fn search_rates(
+    start_rate: f64,
+    ceiling: f64,
+    bisect_steps: u32,
+    mut passes: impl FnMut(f64) -> anyhow::Result<bool>,
+) -> anyhow::Result<Option<f64>> {
+    let tries = std::cell::Cell::new(0usize);
+    let mut step = |rate: f64| {
+        tries.set(tries.get() + 1);
+        passes(rate)
+    };
     let (mut lo, mut hi) = (0.0f64, None::<f64>);
     let mut rate = start_rate;
-    while steps.len() < MAX_STEPS {
-        if run(rate, &mut steps)? {
+    loop {
+        if step(rate)? {
             lo = rate;
-            if rate >= ceiling {
+            if rate >= ceiling || tries.get() >= MAX_STEPS {
                 break;
             }
             rate = (rate * 2.0).min(ceiling);
@@ -115,18 +136,72 @@ pub fn max_rate(
             break;
         }
     }
+    if lo == 0.0 {
+        let floor = start_rate / 64.0;
+        let mut down = (start_rate / 2.0).round();
+        while down >= floor && down >= 1.0 && tries.get() < MAX_STEPS {
+            if step(down)? {
+                lo = down;
+                break;
+            }
+            hi = Some(down);
+            down = (down / 2.0).round();
+        }
+    }
     if let Some(mut h) = hi {
         for _ in 0..bisect_steps {
-            if steps.len() >= MAX_STEPS || lo <= 0.0 || h / lo < 1.05 {
+            if tries.get() >= MAX_STEPS || lo <= 0.0 || h / lo < 1.05 {
                 break;
             }
             let mid = ((lo + h) / 2.0).round();
-            if run(mid, &mut steps)? {
+            if step(mid)? {
                 lo = mid;
             } else {
                 h = mid;
             }
         }
     }
-    Ok(SearchResult { p99_bound_ms: bound_ms, best_rate: (lo > 0.0).then_some(lo), steps, best })
+    Ok((lo > 0.0).then_some(lo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that passes every rate up to `capacity`, recording what was tried.
+    fn against(capacity: f64, start: f64, bisect: u32) -> (Option<f64>, Vec<f64>) {
+        let mut tried = Vec::new();
+        let best = search_rates(start, 200_000.0, bisect, |r| {
+            tried.push(r);
+            Ok(r <= capacity)
+        })
+        .unwrap();
+        (best, tried)
+    }
+
+    #[test]
+    fn doubles_while_passing_then_bisects_below_the_first_failure() {
+        let (best, tried) = against(12_345.0, 5_000.0, 4);
+        assert_eq!(&tried[..3], &[5_000.0, 10_000.0, 20_000.0]);
+        let best = best.unwrap();
+        assert!((11_000.0..=12_345.0).contains(&best), "{best} from {tried:?}");
+    }
+
+    #[test]
+    fn a_failing_first_step_searches_downward_instead_of_giving_up() {
+        let (best, tried) = against(700.0, 5_000.0, 4);
+        assert_eq!(&tried[..4], &[5_000.0, 2_500.0, 1_250.0, 625.0]);
+        let best = best.unwrap();
+        assert!((625.0..=700.0).contains(&best), "{best} from {tried:?}");
+        // Nothing passes above the floor (start / 64): no rate to report.
+        let (best, tried) = against(10.0, 5_000.0, 4);
+        assert_eq!(best, None, "{tried:?}");
+        assert!(tried.iter().all(|&r| r >= 5_000.0 / 64.0), "{tried:?}");
+    }
+
+    #[test]
+    fn never_more_than_the_step_budget() {
+        let (_, tried) = against(f64::INFINITY, 1.0, 100);
+        assert!(tried.len() <= MAX_STEPS, "{}", tried.len());
+    }
 }
