@@ -127,6 +127,10 @@ pub enum Request {
         /// Only events about this pro (a per-pro feed).
         #[serde(default)]
         pro: Option<ProId>,
+        /// Deliver consecutive events together in `events` frames (one frame for
+        /// what is ready at once, instead of one frame per event).
+        #[serde(default)]
+        batch: bool,
     },
     Explain {
         lead: LeadId,
@@ -321,6 +325,67 @@ pub struct StreamFrame {
 #[serde(rename_all = "snake_case")]
 pub enum StreamTag {
     Event,
+}
+
+/// The frame a `subscribe` with `batch: true` receives: `{"type":"events","events":[..]}`,
+/// each element exactly the [`StreamFrame`] an unbatched subscriber would get as a frame
+/// of its own, in sequence order. Built from already encoded frames by concatenation
+/// (the events are not encoded again).
+pub struct EventsFrame {
+    enc: Encoding,
+    buf: Vec<u8>,
+    count: u32,
+}
+
+/// `{"type":"events","events":[` (JSON).
+const EVENTS_JSON_HEAD: &[u8] = br#"{"type":"events","events":["#;
+/// A map of two, `"type": "events"`, `"events":` and an array32 header whose count is
+/// filled in by [`EventsFrame::finish`] (MessagePack).
+const EVENTS_MSGPACK_HEAD: &[u8] = b"\x82\xa4type\xa6events\xa6events\xdd\0\0\0\0";
+
+impl EventsFrame {
+    pub fn new(enc: Encoding) -> Self {
+        let head = match enc {
+            Encoding::Json => EVENTS_JSON_HEAD,
+            Encoding::Msgpack => EVENTS_MSGPACK_HEAD,
+        };
+        let mut buf = Vec::with_capacity(8 << 10);
+        buf.extend_from_slice(head);
+        EventsFrame { enc, buf, count: 0 }
+    }
+
+    /// Appends one encoded [`StreamFrame`] (the bytes an unbatched subscriber gets).
+    pub fn push(&mut self, frame: &[u8]) {
+        if self.enc == Encoding::Json && self.count > 0 {
+            self.buf.push(b',');
+        }
+        self.buf.extend_from_slice(frame);
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes so far.
+    pub fn bytes_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        match self.enc {
+            Encoding::Json => self.buf.extend_from_slice(b"]}"),
+            Encoding::Msgpack => {
+                let at = EVENTS_MSGPACK_HEAD.len() - 4;
+                self.buf[at..at + 4].copy_from_slice(&self.count.to_be_bytes());
+            }
+        }
+        self.buf
+    }
 }
 
 /// What subscribers see. Offers carry no client PII before the pro responded (R8).
@@ -952,6 +1017,44 @@ pub mod envelope_de {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_events_frame_holds_exactly_the_frames_an_unbatched_subscriber_gets() {
+        let frames: Vec<StreamFrame> = (1..=3)
+            .map(|i| StreamFrame {
+                kind: StreamTag::Event,
+                seq: 40 + i,
+                event: StreamEvent::LeadClosed { lead: LeadId::new(format!("L{i}")), at: i as i64 },
+            })
+            .collect();
+        let as_values: Vec<serde_json::Value> =
+            frames.iter().map(|f| serde_json::to_value(f).unwrap()).collect();
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let mut batch = EventsFrame::new(enc);
+            for f in &frames {
+                batch.push(&encode(enc, f));
+            }
+            assert_eq!(batch.len(), 3);
+            let bytes = batch.finish();
+            let got: serde_json::Value = match enc {
+                Encoding::Json => serde_json::from_slice(&bytes).unwrap(),
+                Encoding::Msgpack => rmp_serde::from_slice(&bytes).unwrap(),
+            };
+            assert_eq!(got, serde_json::json!({"type": "events", "events": as_values}), "{enc:?}");
+            // Each element reads back as the frame it was.
+            let back: Vec<StreamFrame> = serde_json::from_value(got["events"].clone()).unwrap();
+            assert_eq!(back, frames);
+        }
+        // Empty and single: still well-formed.
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let bytes = EventsFrame::new(enc).finish();
+            let got: serde_json::Value = match enc {
+                Encoding::Json => serde_json::from_slice(&bytes).unwrap(),
+                Encoding::Msgpack => rmp_serde::from_slice(&bytes).unwrap(),
+            };
+            assert_eq!(got, serde_json::json!({"type": "events", "events": []}));
+        }
+    }
+
     /// `{"id": id, "type": "offer", "lead": "L1", "pro": "p1", "action": "decline", "by": "pro"}`.
     fn decline(id: &str) -> Envelope {
         Envelope {
@@ -1053,7 +1156,7 @@ mod tests {
         // A request with only defaulted fields.
         assert_eq!(
             json(json!({"id": "s", "type": "subscribe"})).unwrap().request,
-            Request::Subscribe { resume_from: None, pro: None }
+            Request::Subscribe { resume_from: None, pro: None, batch: false }
         );
     }
 

@@ -238,3 +238,43 @@ fn the_daemon_opts_out_of_transparent_huge_pages_unless_configured_to_allow_them
     assert_eq!(thp_enabled(d.child.id()), "1", "allowed: the daemon leaves the setting alone");
     assert_eq!(d.stop(), 0);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batched_subscription_gets_the_same_events_in_fewer_frames_live_and_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    for msgpack in [false, true] {
+        let mut ingest = Client::new(&d.addr, msgpack).await;
+        let mut single = Client::new(&d.addr, msgpack).await;
+        let mut batched = Client::new(&d.addr, msgpack).await;
+        let from = single.ok(json!({"type": "subscribe"})).await["next_seq"].as_u64().unwrap();
+        batched.ok(json!({"type": "subscribe", "batch": true})).await;
+        for p in ["p1", "p2", "p3"] {
+            ingest.ok(json!({"type": "upsert_pro", "pro": pro(p)})).await;
+            let op = format!("pay-{p}-{msgpack}");
+            ingest.ok(json!({"type": "grant_credits", "pro": p, "op": op, "credits": 50})).await;
+        }
+        for i in 0..4 {
+            let id = format!("B{i}-{msgpack}");
+            let r = ingest.ok(json!({"type": "publish_lead", "lead": lead(&id, &[], T0)})).await;
+            assert_eq!(r["status"], "accepted", "{r}");
+        }
+        // Each grant and each publish make events: as many as the stream has numbered
+        // since `from` (a fresh subscription's `next_seq` says where it is).
+        let mut probe = Client::new(&d.addr, msgpack).await;
+        let next = probe.ok(json!({"type": "subscribe"})).await["next_seq"].as_u64().unwrap();
+        let n = (next - from) as usize;
+        assert!(n >= 7, "{n} events");
+        let want = single.events(n).await;
+        let (got, frames) = batched.batched_events(n).await;
+        assert_eq!(got, want, "msgpack {msgpack}: same events, same order, same content");
+        assert!(frames <= n, "{frames} frames for {n} events");
+        // Resuming with `batch`: the backlog comes in `events` frames too.
+        let mut resumed = Client::new(&d.addr, msgpack).await;
+        // `resume_from` is the last seq seen: everything from `from` on.
+        resumed.ok(json!({"type": "subscribe", "batch": true, "resume_from": from - 1})).await;
+        let (again, frames) = resumed.batched_events(n).await;
+        assert_eq!(again, want, "msgpack {msgpack}: the resumed backlog");
+        assert!(frames < n, "a backlog of {n} events in {frames} frames");
+    }
+}

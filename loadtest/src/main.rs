@@ -94,6 +94,11 @@ struct ReplayArgs {
     /// says how each ended (the daemon should close them with 4008).
     #[arg(long, default_value_t = 0)]
     stalled_subscribers: usize,
+    /// How the stream subscription receives events: `batched` (`subscribe` with
+    /// `batch: true`: what is ready at once in one `events` frame) or `single` (one
+    /// frame per event, the protocol's default).
+    #[arg(long, value_enum, default_value_t = StreamFrames::Batched)]
+    stream_frames: StreamFrames,
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// Writes PREFIX.ack.hgrm, PREFIX.delivery.hgrm and PREFIX.hlog.
@@ -138,6 +143,12 @@ fn parse_speed(s: &str) -> anyhow::Result<f64> {
         s.trim().trim_end_matches(['x', 'X']).parse().with_context(|| format!("--speed {s:?}: e.g. 10x"))?;
     anyhow::ensure!(v > 0.0, "--speed must be positive");
     Ok(v)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StreamFrames {
+    Batched,
+    Single,
 }
 
 fn main() -> ExitCode {
@@ -196,6 +207,7 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
         skip_setup: a.skip_setup,
         record: a.record.clone(),
         stalled_subscribers: a.stalled_subscribers,
+        stream_batch: a.stream_frames == StreamFrames::Batched,
     };
     if a.max_rate {
         anyhow::ensure!(a.record.is_none(), "--record records one replay, not a --max-rate search");

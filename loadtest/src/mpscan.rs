@@ -74,6 +74,16 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// An array header's element count.
+    fn array_len(&mut self) -> Result<u64, ScanError> {
+        match self.byte()? {
+            m @ 0x90..=0x9f => Ok(u64::from(m & 0x0f)),
+            0xdc => self.be(2),
+            0xdd => self.be(4),
+            _ => Err(ScanError::Unexpected("an array")),
+        }
+    }
+
     /// A string's bytes, if the next value is a string.
     fn str_bytes(&mut self) -> Result<&'a [u8], ScanError> {
         let n = match self.byte()? {
@@ -206,7 +216,56 @@ impl<'a> Cursor<'a> {
 
 /// Reads an [`Incoming`] from a MessagePack frame (see the module docs).
 pub fn incoming(bytes: &[u8]) -> Result<Incoming<'_>, ScanError> {
+    incoming_from(&mut Cursor { b: bytes, at: 0 })
+}
+
+/// Calls `f` with the frame's [`Incoming`], or, for an `events` frame (a batched
+/// subscription: `{"type":"events","events":[frame, ...]}`), with each of its frames
+/// in order. The daemon writes `type` first, so either is read in one pass; a frame
+/// with other keys first is partly read twice.
+pub fn each<'a>(bytes: &'a [u8], mut f: impl FnMut(Incoming<'a>)) -> Result<(), ScanError> {
     let mut c = Cursor { b: bytes, at: 0 };
+    let n = c.map_len()?;
+    let mut kind = None;
+    let mut events_at = None;
+    for _ in 0..n {
+        match c.str_bytes()? {
+            b"type" => {
+                let k = c.str()?;
+                if k != "events" {
+                    // Any other frame: read as one (its keys before `type` twice).
+                    f(incoming(bytes)?);
+                    return Ok(());
+                }
+                kind = Some(k);
+            }
+            b"events" if kind == Some("events") => return each_element(&mut c, &mut f),
+            b"events" => {
+                events_at = Some(c.at);
+                c.skip()?;
+            }
+            _ => c.skip()?,
+        }
+    }
+    match (kind, events_at) {
+        (Some("events"), Some(at)) => each_element(&mut Cursor { b: bytes, at }, &mut f),
+        (Some("events"), None) => Err(ScanError::Missing("events")),
+        _ => {
+            f(incoming(bytes)?);
+            Ok(())
+        }
+    }
+}
+
+fn each_element<'a>(c: &mut Cursor<'a>, f: &mut impl FnMut(Incoming<'a>)) -> Result<(), ScanError> {
+    for _ in 0..c.array_len()? {
+        f(incoming_from(c)?);
+    }
+    Ok(())
+}
+
+/// Reads one [`Incoming`] map from where `c` is, leaving `c` after it.
+fn incoming_from<'a>(c: &mut Cursor<'a>) -> Result<Incoming<'a>, ScanError> {
     let n = c.map_len()?;
     let (mut kind, mut id, mut code, mut seq, mut event, mut result) = (None, None, None, None, None, None);
     for _ in 0..n {
@@ -243,6 +302,39 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    fn frames_of(v: &serde_json::Value) -> Result<Vec<String>, ScanError> {
+        let bytes = rmp_serde::to_vec_named(v).unwrap();
+        let mut out = Vec::new();
+        each(&bytes, |f| out.push(format!("{f:?}")))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn each_reads_a_frame_or_every_frame_of_an_events_frame_in_order() {
+        let e = |seq: u64| json!({"type": "event", "seq": seq, "event": {"event": "lead_closed", "lead": format!("L{seq}"), "at": 1}});
+        let one =
+            |v: &serde_json::Value| format!("{:?}", incoming(&rmp_serde::to_vec_named(v).unwrap()).unwrap());
+        // A plain frame: itself.
+        assert_eq!(frames_of(&e(7)).unwrap(), vec![one(&e(7))]);
+        let reply = json!({"id": "sub", "type": "ok", "result": {"subscribed": true, "next_seq": 1}});
+        assert_eq!(frames_of(&reply).unwrap(), vec![one(&reply)]);
+        // An events frame, in the daemon's key order and in another: each element.
+        let want: Vec<String> = (1..=3).map(|s| one(&e(s))).collect();
+        let batch = json!({"type": "events", "events": [e(1), e(2), e(3)]});
+        assert_eq!(frames_of(&batch).unwrap(), want);
+        let mut reordered = serde_json::Map::new();
+        reordered.insert("events".into(), json!([e(1), e(2), e(3)]));
+        reordered.insert("type".into(), json!("events"));
+        assert_eq!(frames_of(&serde_json::Value::Object(reordered)).unwrap(), want);
+        // Malformed: an error, never a panic.
+        assert_eq!(frames_of(&json!({"type": "events"})), Err(ScanError::Missing("events")));
+        assert!(frames_of(&json!({"type": "events", "events": 3})).is_err());
+        let bytes = rmp_serde::to_vec_named(&batch).unwrap();
+        for cut in 0..bytes.len() {
+            let _ = each(&bytes[..cut], |_| {});
+        }
+    }
 
     fn agree(v: &serde_json::Value) {
         let bytes = rmp_serde::to_vec_named(v).unwrap();

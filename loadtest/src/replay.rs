@@ -71,6 +71,9 @@ pub struct ReplayConfig {
     /// Subscriptions opened and never read (slow consumers), to see the daemon cut them
     /// off (4008) while the other streams keep their latency.
     pub stalled_subscribers: usize,
+    /// Subscribe with `batch: true` (events in `events` frames) instead of one frame
+    /// per event.
+    pub stream_batch: bool,
 }
 
 /// `--record`: what the tool sent and what it was told, one JSON object per line:
@@ -654,7 +657,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let mut streams = Vec::new();
     for t in &tenants {
         let mut ws = connect(&cfg.url, &token_of(t)?, enc).await?;
-        wire::encode_into(enc, &serde_json::json!({"id": "sub", "type": "subscribe"}), &mut buf);
+        let sub = serde_json::json!({"id": "sub", "type": "subscribe", "batch": cfg.stream_batch});
+        wire::encode_into(enc, &sub, &mut buf);
         ws.send(message(enc, &buf)).await?;
         loop {
             let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -1004,10 +1008,13 @@ async fn read_stream(
                 return;
             }
             let Some(bytes) = payload(m) else { continue };
-            match Incoming::read(enc, bytes) {
-                Ok(f) if f.kind == "event" => r.on_event(i, &f, recv),
-                Ok(_) => {}
-                Err(_) => *r.errors.entry("unreadable_event".into()).or_default() += 1,
+            let read = Incoming::read_each(enc, bytes, |f| {
+                if f.kind == "event" {
+                    r.on_event(i, &f, recv);
+                }
+            });
+            if read.is_err() {
+                *r.errors.entry("unreadable_event".into()).or_default() += 1;
             }
         }
     }

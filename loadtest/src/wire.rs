@@ -298,6 +298,33 @@ impl<'a> Incoming<'a> {
     }
 }
 
+impl<'a> Incoming<'a> {
+    /// Calls `f` with the frame, or with each frame of an `events` frame (a batched
+    /// subscription), in order.
+    pub fn read_each(enc: Encoding, bytes: &'a [u8], mut f: impl FnMut(Incoming<'a>)) -> anyhow::Result<()> {
+        match enc {
+            Encoding::Json => {
+                let one: Incoming<'a> = serde_json::from_slice(bytes)?;
+                if one.kind == "events" {
+                    let batch: EventsFrame<'a> = serde_json::from_slice(bytes)?;
+                    batch.events.into_iter().for_each(f);
+                } else {
+                    f(one);
+                }
+            }
+            Encoding::Msgpack => crate::mpscan::each(bytes, f)?,
+        }
+        Ok(())
+    }
+}
+
+/// `{"type":"events","events":[...]}`: what a `batch: true` subscription receives.
+#[derive(Deserialize)]
+struct EventsFrame<'a> {
+    #[serde(borrow)]
+    events: Vec<Incoming<'a>>,
+}
+
 pub fn decode<'a, T: Deserialize<'a>>(enc: Encoding, bytes: &'a [u8]) -> anyhow::Result<T> {
     Ok(match enc {
         Encoding::Json => serde_json::from_slice(bytes)?,
@@ -308,6 +335,31 @@ pub fn decode<'a, T: Deserialize<'a>>(enc: Encoding, bytes: &'a [u8]) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_each_takes_every_frame_of_an_events_frame_in_both_encodings() {
+        let e = |seq: u64| serde_json::json!({"type": "event", "seq": seq, "event": {"event": "lead_closed", "lead": "L1", "at": 1}});
+        let batch = serde_json::json!({"type": "events", "events": [e(1), e(2), e(3)]});
+        let reply = serde_json::json!({"id": "sub", "type": "ok", "result": {"subscribed": true}});
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let bytes = |v: &serde_json::Value| match enc {
+                Encoding::Json => serde_json::to_vec(v).unwrap(),
+                Encoding::Msgpack => rmp_serde::to_vec_named(v).unwrap(),
+            };
+            let b = bytes(&batch);
+            let mut seqs = Vec::new();
+            Incoming::read_each(enc, &b, |f| seqs.push((f.kind.to_string(), f.seq))).unwrap();
+            assert_eq!(
+                seqs,
+                vec![("event".into(), Some(1)), ("event".into(), Some(2)), ("event".into(), Some(3))]
+            );
+            let r = bytes(&reply);
+            let mut kinds = Vec::new();
+            Incoming::read_each(enc, &r, |f| kinds.push((f.kind.to_string(), f.id.map(|i| i.to_string()))))
+                .unwrap();
+            assert_eq!(kinds, vec![("ok".to_string(), Some("sub".to_string()))], "{enc:?}");
+        }
+    }
 
     #[test]
     fn offer_request_matches_the_documented_json() {

@@ -81,7 +81,8 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
     };
     let (records, stats) = generate(&gen);
     assert!(stats.mean_offers_per_lead > 1.0, "the trace offers leads to several pros: {stats:?}");
-    for encoding in [Encoding::Msgpack, Encoding::Json] {
+    // The stream batched in one encoding, one frame per event in the other.
+    for (encoding, stream_batch) in [(Encoding::Msgpack, true), (Encoding::Json, false)] {
         let cfg = ReplayConfig {
             url: format!("ws://{}", d.addr),
             tokens: vec![(None, "demo-token".into())],
@@ -100,6 +101,7 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
             skip_setup: false,
             record: None,
             stalled_subscribers: 0,
+            stream_batch,
         };
         let out = replay::run(&cfg, &records).expect("the replay runs");
         let s = &out.summary;

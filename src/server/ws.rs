@@ -191,6 +191,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let (mut sink, mut source) = ws.split();
     let mut pending = FuturesUnordered::new();
     let mut sub: Option<Subscription> = None;
+    // `subscribe` with `batch: true`: events go out in `events` frames.
+    let mut batch_events = false;
     let mut last_seq_sent: u64 = 0;
     let hb_every = Duration::from_millis(cfg.heartbeat_interval_ms);
     let hb_timeout = Duration::from_millis(cfg.heartbeat_timeout_ms);
@@ -218,16 +220,32 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             item = async { sub.as_mut().expect("guarded by the select condition").rx.recv().await }, if sub.is_some() => {
                 match item {
                     Some(out) => {
-                        last_seq_sent = out.seq;
-                        if feed(&mut sink, enc, out.bytes(enc)).await.is_err() { break None; }
-                        let mut n = 1;
-                        while n < 1024 {
-                            let Ok(more) = sub.as_mut().expect("still subscribed").rx.try_recv() else { break };
-                            last_seq_sent = more.seq;
-                            if feed(&mut sink, enc, more.bytes(enc)).await.is_err() { break; }
-                            n += 1;
-                        }
-                        m.frames_sent.get(enc.label()).increment(n);
+                        let rx = &mut sub.as_mut().expect("still subscribed").rx;
+                        let frames = if batch_events {
+                            // What is ready now, up to a bound, in one frame.
+                            let mut frame = protocol::EventsFrame::new(enc);
+                            frame.push(out.bytes(enc));
+                            last_seq_sent = out.seq;
+                            while frame.len() < EVENTS_PER_FRAME && frame.bytes_len() < EVENTS_FRAME_BYTES {
+                                let Ok(more) = rx.try_recv() else { break };
+                                frame.push(more.bytes(enc));
+                                last_seq_sent = more.seq;
+                            }
+                            if send(&mut sink, enc, frame.finish(), false).await.is_err() { break None; }
+                            1
+                        } else {
+                            last_seq_sent = out.seq;
+                            if feed(&mut sink, enc, out.bytes(enc)).await.is_err() { break None; }
+                            let mut n = 1;
+                            while n < EVENTS_PER_FRAME {
+                                let Ok(more) = rx.try_recv() else { break };
+                                last_seq_sent = more.seq;
+                                if feed(&mut sink, enc, more.bytes(enc)).await.is_err() { break; }
+                                n += 1;
+                            }
+                            n as u64
+                        };
+                        m.frames_sent.get(enc.label()).increment(frames);
                         if sink.flush().await.is_err() { break None; }
                     }
                     None => {
@@ -325,7 +343,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     if send(&mut sink, enc, protocol::encode(enc, &r), flush).await.is_err() { break None; }
                     continue;
                 }
-                if let Request::Subscribe { resume_from, pro } = env.request {
+                if let Request::Subscribe { resume_from, pro, batch } = env.request {
                     let reply = match (&hub, &sub) {
                         (_, Some(_)) => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
                         (None, _) => Reply::Error { id: Some(id), error: ApiError::new("unknown_tenant", "tenant has no stream") },
@@ -339,11 +357,23 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                                 Ok(s) => {
                                     let next = s.next_seq;
                                     let backlog = std::mem::take(&mut sub.insert(s).backlog);
+                                    batch_events = batch;
                                     let ok = Reply::Ok { id, result: OkResult::Subscribed { subscribed: true, next_seq: next } };
                                     if send(&mut sink, enc, protocol::encode(enc, &ok), false).await.is_err() { break None; }
-                                    for out in &backlog {
-                                        last_seq_sent = out.seq;
-                                        if feed(&mut sink, enc, out.bytes(enc)).await.is_err() { break; }
+                                    if batch {
+                                        for chunk in backlog.chunks(EVENTS_PER_FRAME) {
+                                            let mut frame = protocol::EventsFrame::new(enc);
+                                            for out in chunk {
+                                                frame.push(out.bytes(enc));
+                                                last_seq_sent = out.seq;
+                                            }
+                                            if send(&mut sink, enc, frame.finish(), false).await.is_err() { break; }
+                                        }
+                                    } else {
+                                        for out in &backlog {
+                                            last_seq_sent = out.seq;
+                                            if feed(&mut sink, enc, out.bytes(enc)).await.is_err() { break; }
+                                        }
                                     }
                                     if sink.flush().await.is_err() { break None; }
                                     continue;
@@ -408,6 +438,12 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
 
 /// `retry_after_ms` of a request shed at the gateway.
 const SHED_RETRY_MS: u64 = 100;
+
+/// Most events sent per wake-up of a subscriber (and per `events` frame).
+const EVENTS_PER_FRAME: usize = 1024;
+/// An `events` frame is closed once it holds this many bytes (a client's frame limit
+/// is usually far above; one event is about 0.5 KiB).
+const EVENTS_FRAME_BYTES: usize = 256 << 10;
 
 /// Shedding by unread backlog (see the module docs).
 struct Admission {

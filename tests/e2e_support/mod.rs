@@ -242,6 +242,21 @@ impl Client {
         r["result"].clone()
     }
 
+    /// `n` events from a `batch: true` subscription, flattened from its `events`
+    /// frames; also returns how many frames carried them.
+    pub async fn batched_events(&mut self, n: usize) -> (Vec<Value>, usize) {
+        let (mut out, mut frames) = (Vec::new(), 0);
+        while out.len() < n {
+            let v = self.recv().await;
+            assert_eq!(v["type"], "events", "{v}");
+            let batch = v["events"].as_array().expect("an array of events");
+            assert!(!batch.is_empty(), "no empty events frame");
+            out.extend(batch.iter().cloned());
+            frames += 1;
+        }
+        (out, frames)
+    }
+
     pub async fn events(&mut self, n: usize) -> Vec<Value> {
         let mut out = Vec::new();
         while out.len() < n {
