@@ -278,3 +278,22 @@ async fn a_batched_subscription_gets_the_same_events_in_fewer_frames_live_and_on
         assert!(frames < n, "a backlog of {n} events in {frames} frames");
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batched_resume_of_more_than_a_frame_holds_comes_in_several_frames_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut ingest = Client::new(&d.addr, true).await;
+    ingest.ok(json!({"type": "upsert_pro", "pro": pro("p1")})).await;
+    // 1,100 grants: one `credits` event each, more than the 1,024 of one frame.
+    for i in 0..1_100 {
+        ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": format!("g{i}"), "credits": 1})).await;
+    }
+    let mut resumed = Client::new(&d.addr, true).await;
+    resumed.ok(json!({"type": "subscribe", "batch": true, "resume_from": 0})).await;
+    let (events, frames) = resumed.batched_events(1_100).await;
+    assert!(frames >= 2, "1,100 events in {frames} frame(s)");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=1_100).collect::<Vec<u64>>(), "every event once, in order");
+    assert!(events.iter().all(|e| e["type"] == "event" && e["event"]["event"] == "credits"));
+}

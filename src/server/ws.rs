@@ -361,14 +361,17 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                                     let ok = Reply::Ok { id, result: OkResult::Subscribed { subscribed: true, next_seq: next } };
                                     if send(&mut sink, enc, protocol::encode(enc, &ok), false).await.is_err() { break None; }
                                     if batch {
-                                        for chunk in backlog.chunks(EVENTS_PER_FRAME) {
-                                            let mut frame = protocol::EventsFrame::new(enc);
-                                            for out in chunk {
-                                                frame.push(out.bytes(enc));
-                                                last_seq_sent = out.seq;
+                                        // Frames bounded as the live ones are.
+                                        let mut frame = protocol::EventsFrame::new(enc);
+                                        for out in &backlog {
+                                            frame.push(out.bytes(enc));
+                                            last_seq_sent = out.seq;
+                                            if frame.len() >= EVENTS_PER_FRAME || frame.bytes_len() >= EVENTS_FRAME_BYTES {
+                                                let full = std::mem::replace(&mut frame, protocol::EventsFrame::new(enc));
+                                                if send(&mut sink, enc, full.finish(), false).await.is_err() { break; }
                                             }
-                                            if send(&mut sink, enc, frame.finish(), false).await.is_err() { break; }
                                         }
+                                        if !frame.is_empty() && send(&mut sink, enc, frame.finish(), false).await.is_err() { break None; }
                                     } else {
                                         for out in &backlog {
                                             last_seq_sent = out.seq;
