@@ -346,14 +346,24 @@ async fn audit(addr: &str, m: &mut Model, cycle: u64, all: bool, rng: &mut Rng, 
     }
 }
 
-/// Follows the stream from `resume_from` until the connection dies.
-async fn follow(addr: String, resume_from: u64, ready: Arc<AtomicUsize>) -> (Value, Vec<Value>) {
+/// Follows the stream from `resume_from` until the connection dies; with `batch`, as
+/// a `batch: true` subscription (its `events` frames flattened).
+async fn follow(addr: String, resume_from: u64, batch: bool, ready: Arc<AtomicUsize>) -> (Value, Vec<Value>) {
     let mut c = Client::new(&addr, true).await;
-    let (sub, mut events) = c.call(json!({"type": "subscribe", "resume_from": resume_from})).await;
+    let (sub, mut events) =
+        c.call(json!({"type": "subscribe", "resume_from": resume_from, "batch": batch})).await;
     ready.store(1, Ordering::SeqCst);
     loop {
         match c.ws.next().await {
-            Some(Ok(Message::Binary(b))) => events.push(rmp_serde::from_slice(&b).unwrap()),
+            Some(Ok(Message::Binary(b))) => {
+                let v: Value = rmp_serde::from_slice(&b).unwrap();
+                if v["type"] == "events" {
+                    assert!(batch, "an events frame on an unbatched subscription: {v}");
+                    events.extend(v["events"].as_array().expect("an array of events").iter().cloned());
+                } else {
+                    events.push(v);
+                }
+            }
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return (sub, events),
             Some(Ok(_)) => {}
         }
@@ -455,7 +465,8 @@ async fn run(seed: u64, cycles: u64, tool: PathBuf) -> Figures {
         }
         let resume = seen.keys().next_back().copied().unwrap_or(0).saturating_sub(2);
         let ready = Arc::new(AtomicUsize::new(0));
-        let follower = tokio::spawn(follow(d.addr.clone(), resume, ready.clone()));
+        // Every other cycle the subscriber resumes as a batched one.
+        let follower = tokio::spawn(follow(d.addr.clone(), resume, cycle % 2 == 1, ready.clone()));
         wait_until("the subscription", || ready.load(Ordering::SeqCst) == 1).await;
 
         let record = dir.path().join(format!("record-{cycle}.jsonl"));
