@@ -67,16 +67,20 @@ fn run_callbacks(wal: &Wal, producers: usize, each: usize) -> Duration {
 fn durable_appends(c: &mut Criterion) {
     let mut g = c.benchmark_group("wal_durable_append");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);
-    // (mode, max requests per batch, preallocate)
+    // (mode, max requests per batch, preallocate, min_sync_interval_us). The log's own
+    // group commit is measured with syncs as soon as possible (0); `_interval_300`
+    // repeats two cases with the daemon's default spacing of syncs.
     let modes = [
-        ("group_commit_threads", 4096, true),
-        ("group_commit_callbacks", 4096, true),
-        ("group_commit_callbacks_no_prealloc", 4096, false),
-        ("sync_per_record_threads", 1, true),
+        ("group_commit_threads", 4096, true, 0),
+        ("group_commit_callbacks", 4096, true, 0),
+        ("group_commit_callbacks_no_prealloc", 4096, false, 0),
+        ("sync_per_record_threads", 1, true, 0),
+        ("group_commit_threads_interval_300", 4096, true, 300),
+        ("group_commit_callbacks_interval_300", 4096, true, 300),
     ];
     for producers in [1usize, 16, 256] {
-        for (mode, max_batch, preallocate) in modes {
-            if producers == 1 && mode != "group_commit_threads" {
+        for (mode, max_batch, preallocate, interval) in modes {
+            if producers == 1 && !mode.starts_with("group_commit_threads") {
                 // One producer never has more than one record queued: already one sync each.
                 continue;
             }
@@ -86,7 +90,12 @@ fn durable_appends(c: &mut Criterion) {
             };
             let each = records / producers;
             let dir = bench_dir();
-            let cfg = WalConfig { max_batch_requests: max_batch, preallocate, ..WalConfig::new(dir.path()) };
+            let cfg = WalConfig {
+                max_batch_requests: max_batch,
+                preallocate,
+                min_sync_interval_us: interval,
+                ..WalConfig::new(dir.path())
+            };
             let (wal, _) = Wal::open(cfg, Arc::new(RealFs)).expect("open");
             g.throughput(Throughput::Elements((each * producers) as u64));
             g.bench_function(BenchmarkId::new(mode, format!("{producers}_producers")), |b| {

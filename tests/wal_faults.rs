@@ -290,38 +290,76 @@ fn group_commit_syncs_far_fewer_times_than_it_appends() {
 }
 
 #[test]
-fn appends_arriving_within_min_sync_interval_share_one_sync() {
-    // Five appends 5 ms apart, right after a sync. With a 100 ms interval the writer
-    // waits out the interval and takes all five in one batch with one sync; with none
-    // it would sync each as it comes (five syncs). Counting syncs, not timing: the
-    // spacing only has to stay well inside the interval.
+fn once_appends_overlap_those_arriving_within_min_sync_interval_share_one_sync() {
+    // After a batch of two or more appends (overlapping appends: load), five appends
+    // 5 ms apart: with a 100 ms interval the writer waits out the interval and takes
+    // all five in one batch with one sync; with none it syncs each as it comes. Counting
+    // syncs, not timing: the spacing only has to stay well inside the interval.
     for (interval_us, want_syncs) in [(100_000, 1), (0, 5)] {
         let fs = MemFs::new();
         let cfg = WalConfig { min_sync_interval_us: interval_us, ..small_cfg(MEM_DIR) };
         let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
-        wal.append_blocking(vec![(1, payload(0, 10))]).unwrap();
-        let before = wal.stats().syncs;
         let (tx, rx) = std::sync::mpsc::channel();
-        for i in 1..=5u64 {
+        let append = |i: u64| {
             let tx = tx.clone();
             wal.append(vec![(1, payload(i, 10))], Box::new(move |r| tx.send(r.map(|r| r.start)).unwrap()));
+        };
+        // Two appends at once until they share a batch (the writer may wake between
+        // them; it almost never does twice in a row).
+        let mut next = 1u64;
+        let mut primed = false;
+        for _ in 0..200 {
+            let batches = wal.stats().batches;
+            append(next);
+            append(next + 1);
+            next += 2;
+            rx.recv().unwrap().expect("acknowledged");
+            rx.recv().unwrap().expect("acknowledged");
+            if wal.stats().batches == batches + 1 {
+                primed = true;
+                break;
+            }
+        }
+        assert!(primed, "two appends never shared a batch");
+        let before = wal.stats().syncs;
+        for i in 0..5 {
+            append(next + i);
             if interval_us == 0 {
                 // Without an interval, wait for each before the next (one batch each).
-                let seq = rx.recv().unwrap().expect("acknowledged");
-                assert_eq!(seq, i + 1);
+                assert_eq!(rx.recv().unwrap().expect("acknowledged"), next + i);
             } else {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
         if interval_us > 0 {
             let seqs: Vec<u64> = (0..5).map(|_| rx.recv().unwrap().expect("acknowledged")).collect();
-            assert_eq!(seqs, vec![2, 3, 4, 5, 6], "in order, each acknowledged once");
+            assert_eq!(seqs, (next..next + 5).collect::<Vec<_>>(), "in order, each acknowledged once");
         }
-        let stats = wal.stats();
-        assert_eq!(stats.syncs - before, want_syncs, "interval {interval_us} us");
-        assert_eq!(wal.durable_seq(), 6);
+        assert_eq!(wal.stats().syncs - before, want_syncs, "interval {interval_us} us");
+        assert_eq!(wal.stats().interval_waits > 0, interval_us > 0, "waits counted");
+        assert_eq!(wal.durable_seq(), next + 4);
         wal.shutdown().unwrap();
     }
+}
+
+#[test]
+fn a_lone_sequential_writer_is_never_held_by_min_sync_interval() {
+    // One append at a time, each waited for: batches of one, so the interval never
+    // applies (it would cap such a client at one append per interval). Counted by the
+    // writer's `interval_waits`, not by a clock.
+    let fs = MemFs::new();
+    let cfg = WalConfig { min_sync_interval_us: 100_000, ..small_cfg(MEM_DIR) };
+    let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
+    for i in 1..=50u64 {
+        assert_eq!(wal.append_blocking(vec![(1, payload(i, 10))]).unwrap(), i..i + 1);
+    }
+    let s = wal.stats();
+    assert_eq!(
+        (s.batches, s.syncs, s.interval_waits),
+        (50, 50, 0),
+        "one batch and one sync per append, no wait"
+    );
+    wal.shutdown().unwrap();
 }
 
 #[test]
