@@ -192,6 +192,7 @@ ts("WAL records and syncs", "ops", [
     (f"sum(rate(rota_wal_records_total[{RI}]))", "records/s"),
     (f"sum(rate(rota_wal_batches_total[{RI}]))", "batches/s"),
     (f"sum(rate(rota_wal_syncs_total[{RI}]))", "syncs/s"),
+    (f"sum(rate(rota_wal_sync_interval_waits_total[{RI}]))", "batches held for min_sync_interval/s"),
 ], w=6)
 ts("WAL sync failures", "short", [
     (f"sum(increase(rota_wal_sync_failures_total[{RI}]))", "failures"),

@@ -55,6 +55,7 @@ pub const WAL_BYTES_WRITTEN: &str = "rota_wal_written_bytes_total";
 pub const WAL_RECORDS: &str = "rota_wal_records_total";
 pub const WAL_BATCHES: &str = "rota_wal_batches_total";
 pub const WAL_SYNCS: &str = "rota_wal_syncs_total";
+pub const WAL_SYNC_INTERVAL_WAITS: &str = "rota_wal_sync_interval_waits_total";
 pub const WAL_SYNC_FAILURES: &str = "rota_wal_sync_failures_total";
 pub const WAL_SEGMENTS_LIVE: &str = "rota_wal_segments_live";
 pub const WAL_DURABLE_SEQUENCE: &str = "rota_wal_durable_sequence";
@@ -271,6 +272,13 @@ pub const ALL: &[MetricDef] = &[
     m(WAL_RECORDS, C, "records", &[], "Records appended to the write-ahead log."),
     m(WAL_BATCHES, C, "batches", &[], "Group-commit batches written."),
     m(WAL_SYNCS, C, "syncs", &[], "fdatasync calls that succeeded."),
+    m(
+        WAL_SYNC_INTERVAL_WAITS,
+        C,
+        "batches",
+        &[],
+        "Batches that waited for wal.min_sync_interval_us (appends overlapped) before being written.",
+    ),
     m(
         WAL_SYNC_FAILURES,
         C,
@@ -581,6 +589,7 @@ pub struct WalStatsLike {
     pub records: u64,
     pub batches: u64,
     pub syncs: u64,
+    pub sync_interval_waits: u64,
     pub sync_failures: u64,
     pub segments_live: u64,
     pub snapshots_written: u64,
@@ -599,6 +608,7 @@ pub struct WalMetrics {
     pub records: Counter,
     pub batches: Counter,
     pub syncs: Counter,
+    pub sync_interval_waits: Counter,
     pub sync_failures: Counter,
     pub snapshots: Counter,
     pub segments_live: Gauge,
@@ -628,6 +638,7 @@ impl WalMetrics {
             records: metrics::counter!(WAL_RECORDS),
             batches: metrics::counter!(WAL_BATCHES),
             syncs: metrics::counter!(WAL_SYNCS),
+            sync_interval_waits: metrics::counter!(WAL_SYNC_INTERVAL_WAITS),
             sync_failures: metrics::counter!(WAL_SYNC_FAILURES),
             snapshots: metrics::counter!(WAL_SNAPSHOTS),
             segments_live: metrics::gauge!(WAL_SEGMENTS_LIVE),
@@ -650,6 +661,7 @@ impl WalMetrics {
         self.records.absolute(s.records);
         self.batches.absolute(s.batches);
         self.syncs.absolute(s.syncs);
+        self.sync_interval_waits.absolute(s.sync_interval_waits);
         self.sync_failures.absolute(s.sync_failures);
         self.snapshots.absolute(s.snapshots_written);
         self.segments_live.set(s.segments_live as f64);

@@ -907,6 +907,7 @@ impl Engine {
             records: st.records,
             batches: st.batches,
             syncs: st.syncs,
+            sync_interval_waits: st.interval_waits,
             sync_failures: st.sync_failures,
             segments_live: st.segments_live,
             snapshots_written: st.snapshots_written,
