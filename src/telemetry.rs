@@ -599,9 +599,8 @@ pub struct WalStatsLike {
 }
 
 /// WAL handles. The histograms are fed by the writer thread, one sample per batch
-/// and per sync ([`WalMetrics`] is the log's [`crate::wal::WalObserver`], or
-/// [`WalMetrics::record_batch`]); counters and gauges by a sampler calling
-/// [`WalMetrics::observe`] with the cumulative stats.
+/// and per sync ([`WalMetrics`] is the log's [`crate::wal::WalObserver`]); counters
+/// and gauges by a sampler calling [`WalMetrics::observe`] with the cumulative stats.
 #[derive(Clone)]
 pub struct WalMetrics {
     pub bytes_written: Counter,
@@ -667,18 +666,6 @@ impl WalMetrics {
         self.segments_live.set(s.segments_live as f64);
         self.durable_sequence.set(s.durable_seq as f64);
         self.failed.set(if s.failed { 1.0 } else { 0.0 });
-    }
-
-    /// Records one group commit as it happens (exact histograms).
-    pub fn record_batch(&self, records: u64, bytes: u64, sync: Option<std::time::Duration>) {
-        self.batches.increment(1);
-        self.records.increment(records);
-        self.bytes_written.increment(bytes);
-        self.batch_records.record(records as f64);
-        if let Some(d) = sync {
-            self.syncs.increment(1);
-            self.sync_duration.record(d);
-        }
     }
 
     /// Records the start-up recovery.

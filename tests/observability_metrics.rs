@@ -42,7 +42,11 @@ fn rendered() -> String {
             m.ingest_to_durable.record(f64::from(i) * 5e-6);
             m.ingest_to_delivery.record(f64::from(i) * 1e-5);
         }
-        m.wal.record_batch(64, 8192, Some(Duration::from_micros(250)));
+        {
+            use rota::wal::WalObserver;
+            m.wal.batch(64);
+            m.wal.synced(Duration::from_micros(250));
+        }
         m.wal.observe(&WalStatsLike {
             bytes_written: 8192,
             records: 64,

@@ -227,8 +227,11 @@ impl Writer {
                 self.sync_or_fail();
                 return;
             };
+            // A sync or shutdown request is not held for the interval.
+            if matches!(first, Request::Append { .. }) {
+                self.wait_for_sync_interval();
+            }
             batch.push(first);
-            self.wait_for_sync_interval();
             // Everything that piled up while we were busy joins this batch.
             while batch.len() < max_batch {
                 match self.rx.try_recv() {
@@ -277,13 +280,14 @@ impl Writer {
     /// a shutdown was requested.
     fn process(&mut self, batch: &mut Vec<Request>) -> bool {
         let stop = batch.iter().any(|r| matches!(r, Request::Shutdown));
-        self.last_batch_appends = batch.iter().filter(|r| matches!(r, Request::Append { .. })).count();
         let outcome = match self.st.failure() {
             Some(reason) => Err(reason),
             None => self.write_batch(batch).map_err(|e| self.st.fail(e.to_string())),
         };
         match outcome {
             Ok(mut ranges) => {
+                // One range per append request.
+                self.last_batch_appends = ranges.len();
                 let durable = self.written_seq;
                 self.st.durable_seq.store(durable, Ordering::Release);
                 let synced = self.st.synced_seq.load(Ordering::Acquire);
