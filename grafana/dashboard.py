@@ -200,6 +200,7 @@ ts("WAL sync failures", "short", [
 ], w=6, thresholds=[(1, "red")])
 ts("WAL segments and durable sequence", "short", [
     ("sum(rota_wal_segments_live)", "segments live"),
+    (f"sum(increase(rota_wal_segments_reused_total[{RI}]))", "segments reused (not zero-filled)"),
     (f"sum(deriv(rota_wal_durable_sequence[{RI}]))", "durable seq / s"),
 ], w=6)
 ts("Snapshot duration and pause", "s", [

@@ -92,6 +92,8 @@ pub struct RawWal {
     pub preallocate: bool,
     /// See [`WalConfig::min_sync_interval_us`].
     pub min_sync_interval_us: u64,
+    /// See [`WalConfig::recycle_segments`].
+    pub recycle_segments: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -152,6 +154,7 @@ impl Default for RawConfig {
                 queue_capacity: w.queue_capacity,
                 preallocate: w.preallocate,
                 min_sync_interval_us: w.min_sync_interval_us,
+                recycle_segments: w.recycle_segments,
             },
             tenants: Vec::new(),
         }
@@ -297,6 +300,7 @@ impl Config {
             queue_capacity: raw.wal.queue_capacity,
             preallocate: raw.wal.preallocate,
             min_sync_interval_us: raw.wal.min_sync_interval_us,
+            recycle_segments: raw.wal.recycle_segments,
             ..WalConfig::default()
         };
         wal.validate().map_err(|e| invalid("wal", e.to_string()))?;
@@ -437,6 +441,16 @@ mod tests {
         assert_eq!(Config::load(&flags("0")).unwrap().wal.min_sync_interval_us, 0);
         let e = Config::load(&flags("250000")).unwrap_err().to_string();
         assert!(e.contains("min_sync_interval_us = 250000") && e.contains("at most 100000"), "{e}");
+    }
+
+    #[test]
+    fn recycle_segments_reaches_the_log_and_a_negative_count_is_refused_by_name() {
+        let flags =
+            |v: &str| Sources { flags: vec![format!("wal.recycle_segments={v}")], ..Default::default() };
+        assert_eq!(Config::load(&Sources::default()).unwrap().wal.recycle_segments, 8);
+        assert_eq!(Config::load(&flags("0")).unwrap().wal.recycle_segments, 0);
+        let e = Config::load(&flags("-1")).unwrap_err().to_string();
+        assert!(e.contains("recycle_segments"), "{e}");
     }
 
     #[test]

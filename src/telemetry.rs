@@ -58,6 +58,7 @@ pub const WAL_SYNCS: &str = "rota_wal_syncs_total";
 pub const WAL_SYNC_INTERVAL_WAITS: &str = "rota_wal_sync_interval_waits_total";
 pub const WAL_SYNC_FAILURES: &str = "rota_wal_sync_failures_total";
 pub const WAL_SEGMENTS_LIVE: &str = "rota_wal_segments_live";
+pub const WAL_SEGMENTS_REUSED: &str = "rota_wal_segments_reused_total";
 pub const WAL_DURABLE_SEQUENCE: &str = "rota_wal_durable_sequence";
 pub const WAL_FAILED: &str = "rota_wal_failed";
 pub const WAL_SNAPSHOTS: &str = "rota_wal_snapshots_total";
@@ -287,6 +288,13 @@ pub const ALL: &[MetricDef] = &[
         "fdatasync or write calls that failed; the WAL stops accepting on failure.",
     ),
     m(WAL_SEGMENTS_LIVE, G, "segments", &[], "WAL segment files on disk."),
+    m(
+        WAL_SEGMENTS_REUSED,
+        C,
+        "segments",
+        &[],
+        "New WAL segments made from a compacted one kept for reuse (wal.recycle_segments) instead of a zero-filled new file.",
+    ),
     m(WAL_DURABLE_SEQUENCE, G, "sequence", &[], "Highest WAL sequence number known durable."),
     m(WAL_FAILED, G, "bool", &[], "1 when the WAL has failed and refuses appends, else 0."),
     m(WAL_SNAPSHOTS, C, "snapshots", &[], "Snapshots written."),
@@ -592,6 +600,7 @@ pub struct WalStatsLike {
     pub sync_interval_waits: u64,
     pub sync_failures: u64,
     pub segments_live: u64,
+    pub segments_reused: u64,
     pub snapshots_written: u64,
     /// Highest durable sequence.
     pub durable_seq: u64,
@@ -611,6 +620,7 @@ pub struct WalMetrics {
     pub sync_failures: Counter,
     pub snapshots: Counter,
     pub segments_live: Gauge,
+    pub segments_reused: Counter,
     pub durable_sequence: Gauge,
     pub failed: Gauge,
     pub sync_duration: Histogram,
@@ -641,6 +651,7 @@ impl WalMetrics {
             sync_failures: metrics::counter!(WAL_SYNC_FAILURES),
             snapshots: metrics::counter!(WAL_SNAPSHOTS),
             segments_live: metrics::gauge!(WAL_SEGMENTS_LIVE),
+            segments_reused: metrics::counter!(WAL_SEGMENTS_REUSED),
             durable_sequence: metrics::gauge!(WAL_DURABLE_SEQUENCE),
             failed: metrics::gauge!(WAL_FAILED),
             sync_duration: metrics::histogram!(WAL_SYNC_DURATION),
@@ -664,6 +675,7 @@ impl WalMetrics {
         self.sync_failures.absolute(s.sync_failures);
         self.snapshots.absolute(s.snapshots_written);
         self.segments_live.set(s.segments_live as f64);
+        self.segments_reused.absolute(s.segments_reused);
         self.durable_sequence.set(s.durable_seq as f64);
         self.failed.set(if s.failed { 1.0 } else { 0.0 });
     }

@@ -79,6 +79,11 @@ fn loadtest_binary() -> PathBuf {
         .expect("cargo names the rota-loadtest executable")
 }
 
+/// Small segments, so each second's snapshot compacts several and later ones are
+/// made from recycled files: kills land while records overwrite a reused file's old
+/// ones, and recovery must tell those from its own.
+const SMALL_SEGMENTS: &[&str] = &["wal.segment_bytes=16384", "wal.recycle_segments=4"];
+
 fn config(dir: &Path) -> PathBuf {
     let path = dir.join("rota.toml");
     // The final audit replays the whole stream from 0, so keep all of it. The auditor
@@ -459,7 +464,7 @@ async fn run(seed: u64, cycles: u64, tool: PathBuf) -> Figures {
     let mut fig = Figures { cycles, ..Default::default() };
     let mut seen: BTreeMap<u64, Value> = BTreeMap::new();
     for cycle in 0..cycles {
-        let mut d = Daemon::start_wall(&data, &cfg);
+        let mut d = Daemon::start_wall_with_flags(&data, &cfg, SMALL_SEGMENTS);
         if cycle > 0 {
             audit(&d.addr, &mut m, cycle, false, &mut rng, &mut fig).await;
         }
@@ -543,7 +548,7 @@ async fn run(seed: u64, cycles: u64, tool: PathBuf) -> Figures {
         drop(d);
     }
 
-    let d = Daemon::start_wall(&data, &cfg);
+    let d = Daemon::start_wall_with_flags(&data, &cfg, SMALL_SEGMENTS);
     audit(&d.addr, &mut m, cycles, true, &mut rng, &mut fig).await;
     let mut c = Client::new(&d.addr, true).await;
     let sub = c.ok(json!({"type": "subscribe", "resume_from": 0})).await;

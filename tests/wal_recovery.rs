@@ -473,3 +473,139 @@ fn read_range_while_appending_sees_a_growing_prefix_and_never_a_partial_batch() 
         }
     });
 }
+
+/// A log whose compacted segments are kept for reuse, driven until a live segment
+/// is a reused file: returns the config, the last seq written and that segment
+/// with its first seq. Records are `payload(seq, 100)` (124 bytes framed).
+fn log_with_a_reused_segment(fs: &MemFs) -> (WalConfig, u64, PathBuf, u64) {
+    let dir = mem_dir();
+    let cfg = WalConfig { preallocate: true, recycle_segments: 4, keep_snapshots: 1, ..small_cfg(MEM_DIR) };
+    let (wal, _) = Wal::open(cfg.clone(), as_dyn(fs)).unwrap();
+    append_many(&wal, 300);
+    wal.write_snapshot(300, b"state at 300").unwrap();
+    let stats = wal.stats();
+    assert_eq!(stats.segments_recycled, 4, "four compacted segments kept for reuse: {stats:?}");
+    assert!(stats.segments_deleted >= 1, "the rest deleted: {stats:?}");
+    let kept: Vec<String> =
+        fs.list(&dir).unwrap().into_iter().filter(|n| n.starts_with("recycled-")).collect();
+    assert_eq!(kept.len() + stats.segments_reused as usize, 4, "{kept:?}");
+
+    // Early records (seqs 1..=30 lived in the first, compacted segments) are what a
+    // reused file still holds past the new segment's own records.
+    let leftover = |bytes: &[u8]| {
+        (1..=30u64).any(|s| {
+            let p = payload(s, 100);
+            bytes.windows(p.len()).any(|w| w == p.as_slice())
+        })
+    };
+    for _ in 0..2_000 {
+        let last = append_many(&wal, 1);
+        let live = segments(fs, &dir);
+        let newest = live.last().unwrap().clone();
+        let first: u64 = newest.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        // Wait until the newest segment is a reused file with a few records of its own.
+        if first > 300 && last >= first + 3 && leftover(&fs.file_bytes(&newest).unwrap()) {
+            assert!(wal.stats().segments_reused >= 1);
+            wal.shutdown().unwrap();
+            return (cfg, last, newest, first);
+        }
+    }
+    panic!("no segment was made from a recycled file: {:?}", wal.stats());
+}
+
+#[test]
+fn compacted_segments_are_reused_and_their_old_records_are_never_replayed() {
+    let fs = MemFs::new();
+    let (cfg, last, _, _) = log_with_a_reused_segment(&fs);
+    // Kept recycled files are adopted at restart up to the configured number.
+    let recycled =
+        |fs: &MemFs| fs.list(&mem_dir()).unwrap().iter().filter(|n| n.starts_with("recycled-")).count();
+    let fs2 = fs.deep_clone();
+    let before = recycled(&fs2);
+    assert!(before > 0, "some of the four recycled files are still waiting to be reused");
+    let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs2)).unwrap();
+    wal.shutdown().unwrap();
+    assert!(recycled(&fs2) + 1 >= before, "adopted at start, not deleted (one may be the new spare)");
+    let (wal, _) = Wal::open(WalConfig { recycle_segments: 0, ..cfg.clone() }, as_dyn(&fs2)).unwrap();
+    wal.shutdown().unwrap();
+    assert_eq!(recycled(&fs2), 0, "with recycle_segments = 0 the kept files are deleted at start");
+    let mut seqs = Vec::new();
+    let (wal, rec) = Wal::open_with(cfg.clone(), as_dyn(&fs), |r| {
+        if let Replayed::Record { seq, .. } = r {
+            seqs.push(seq)
+        }
+    })
+    .unwrap();
+    assert_eq!(seqs, (301..=last).collect::<Vec<_>>(), "only the records after the snapshot, once each");
+    assert_eq!((rec.snapshot_seq, rec.last_seq, rec.torn_tail), (Some(300), last, None));
+    let mut read = Vec::new();
+    wal.read_range(301, |seq, _, _| {
+        read.push(seq);
+        true
+    })
+    .unwrap();
+    assert_eq!(read, seqs, "reading the log back skips the old content of reused files too");
+    // Appending continues after the last record, over the old content.
+    assert_eq!(append_many(&wal, 40), last + 40);
+    wal.shutdown().unwrap();
+    let (_, rec) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
+    assert_eq!((rec.last_seq, rec.records.len() as u64, rec.torn_tail), (last + 40, last + 40 - 300, None));
+}
+
+#[test]
+fn a_record_torn_over_recycled_content_is_the_end_of_the_log_and_later_damage_is_still_refused() {
+    let fs = MemFs::new();
+    let (cfg, last, seg, first) = log_with_a_reused_segment(&fs);
+    let framed = (RECORD_HEADER_LEN + payload(1, 100).len()) as u64;
+    let end = SEGMENT_HEADER_LEN as u64 + (last - first + 1) * framed;
+    let bytes = fs.file_bytes(&seg).unwrap();
+    assert_eq!(bytes.len() as u64, cfg.segment_bytes, "the reused file keeps its size");
+
+    // A crash tore the next record: half of it landed over the old content.
+    let mut torn = bytes.clone();
+    let next = &bytes[(end - framed) as usize..end as usize];
+    torn[end as usize..(end + framed / 2) as usize].copy_from_slice(&next[..(framed / 2) as usize]);
+    torn[end as usize + 4] ^= 0x55; // not a copy of the previous record's seq
+    let fs2 = fs.deep_clone();
+    fs2.put_file(&seg, &torn);
+    let (wal, rec) = Wal::open(cfg.clone(), as_dyn(&fs2)).expect("a torn record over old content is the end");
+    assert_eq!(rec.last_seq, last);
+    assert_eq!(append_many(&wal, 3), last + 3);
+    wal.shutdown().unwrap();
+    assert_eq!(Wal::open(cfg.clone(), as_dyn(&fs2)).unwrap().1.last_seq, last + 3);
+
+    // A valid record of this segment's own life after the damage is damage in the
+    // middle, as without recycling: refused.
+    let mut damaged = bytes.clone();
+    let early = &bytes[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + framed as usize];
+    damaged[end as usize..(end + 7) as usize].fill(0xEE);
+    let later = end as usize + 7 + 3;
+    damaged[later..later + framed as usize].copy_from_slice(early);
+    let fs3 = fs.deep_clone();
+    fs3.put_file(&seg, &damaged);
+    match Wal::open(cfg.clone(), as_dyn(&fs3)) {
+        Err(WalError::Corrupt { offset, expected_seq, .. }) => {
+            assert_eq!((offset, expected_seq), (end, last + 1))
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("a record of the segment after damage was accepted"),
+    }
+
+    // A flipped bit in a reused segment's own record, with later segments after it:
+    // records are missing, refused.
+    let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
+    while segments(&fs, &mem_dir()).last() == Some(&seg) {
+        append_many(&wal, 1);
+    }
+    wal.shutdown().unwrap();
+    let per_segment = (cfg.segment_bytes - SEGMENT_HEADER_LEN as u64) / framed;
+    let last_in_seg = SEGMENT_HEADER_LEN as u64 + (per_segment - 1) * framed;
+    fs.flip_bit(&seg, last_in_seg + 30, 3).unwrap();
+    match Wal::open(cfg, as_dyn(&fs)) {
+        Err(WalError::Corrupt { expected_seq, reason, .. }) => {
+            assert_eq!(expected_seq, first + per_segment - 1, "{reason}")
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("a damaged record before later segments was accepted"),
+    }
+}

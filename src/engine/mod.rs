@@ -910,6 +910,7 @@ impl Engine {
             sync_interval_waits: st.interval_waits,
             sync_failures: st.sync_failures,
             segments_live: st.segments_live,
+            segments_reused: st.segments_reused,
             snapshots_written: st.snapshots_written,
             durable_seq: self.inner.wal.durable_seq(),
             failed: st.failed,

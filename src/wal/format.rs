@@ -22,6 +22,7 @@ pub const SEGMENT_SUFFIX: &str = ".wal";
 pub const SNAPSHOT_PREFIX: &str = "snapshot-";
 pub const SNAPSHOT_SUFFIX: &str = ".snap";
 pub const TMP_SUFFIX: &str = ".tmp";
+const RECYCLED_PREFIX: &str = "recycled-";
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -36,6 +37,21 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// `00000000000000000001.wal`: 20 digits so names sort like their first seq.
 pub fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}{SEGMENT_SUFFIX}")
+}
+
+/// `recycled-00000000000000000001.wal.tmp`: a compacted segment kept for reuse
+/// (its content is garbage; recovery may delete it like any `*.tmp`).
+pub fn recycled_name(first_seq: u64) -> String {
+    format!("{RECYCLED_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}{TMP_SUFFIX}")
+}
+
+/// Whether a file name is a recycled segment's.
+pub fn is_recycled_name(name: &str) -> bool {
+    name.strip_prefix(RECYCLED_PREFIX)
+        .and_then(|n| n.strip_suffix(TMP_SUFFIX))
+        .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+        .and_then(parse_digits)
+        .is_some()
 }
 
 /// `snapshot-00000000000000001000.snap`.
@@ -193,12 +209,17 @@ pub enum ScanEnd {
     Clean { end: u64 },
     /// Only zeros follow the last record (a preallocated segment): end of log.
     ZeroTail { end: u64 },
+    /// A valid record with a seq below the segment's first seq follows the last
+    /// record: a leftover from the file's earlier life as an older segment (a
+    /// recycled segment, see the module docs). End of log, like `ZeroTail`.
+    Stale { end: u64, found: u64 },
     /// The bytes at `offset` are not a valid record.
     Bad {
         offset: u64,
         reason: String,
-        /// Whether a complete, valid record starts somewhere after `offset`: if so
-        /// the damage is in the middle of the log, not a torn tail.
+        /// Whether a complete, valid record of this segment's life (seq at least its
+        /// first seq) starts somewhere after `offset`: if so the damage is in the
+        /// middle of the log, not a torn tail.
         valid_follows: bool,
     },
     /// A valid record carries the wrong seq (a gap or a regression).
@@ -223,6 +244,9 @@ pub fn scan_records<'a>(
         let rest = &seg[at..];
         match decode_record(rest, at as u64) {
             Ok(rec) => {
+                if rec.seq < first_seq {
+                    return ScanEnd::Stale { end: at as u64, found: rec.seq };
+                }
                 if rec.seq != expected {
                     return ScanEnd::SeqMismatch { offset: at as u64, found: rec.seq };
                 }
@@ -236,39 +260,68 @@ pub fn scan_records<'a>(
                 if rest.iter().all(|&b| b == 0) {
                     return ScanEnd::ZeroTail { end: at as u64 };
                 }
-                return ScanEnd::Bad {
+                let bad = |valid_follows| ScanEnd::Bad {
                     offset: at as u64,
                     reason: bad.reason().to_owned(),
-                    valid_follows: valid_record_after(seg, at + 1),
+                    valid_follows,
+                };
+                return match records_after(seg, at + 1, first_seq) {
+                    After::Fresh => bad(true),
+                    // The end of this segment's records inside a recycled file: the
+                    // rest is the file's earlier content (cut in the middle of a
+                    // record), or a record torn by a crash over it. Either way
+                    // nothing of this segment follows; the writer overwrites it.
+                    After::Stale { seq } => ScanEnd::Stale { end: at as u64, found: seq },
+                    After::Nothing => bad(false),
                 };
             }
         }
     }
 }
 
-/// Whether a complete, checksum-valid record starts at any byte offset from `from`.
-/// Only runs when something is already wrong, so it may be slow-ish; runs of zeros
-/// (preallocated space) are skipped in one step.
-pub fn valid_record_after(seg: &[u8], from: usize) -> bool {
+/// What follows a damaged spot in a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// A complete, checksum-valid record with a seq of at least the segment's first:
+    /// part of this segment's life, so the damage is in the middle of the log.
+    Fresh,
+    /// Only leftovers of the file's earlier life as an older segment (valid records
+    /// with lower seqs; `seq` is the first found) and fragments of them.
+    Stale { seq: u64 },
+    /// Nothing valid at all.
+    Nothing,
+}
+
+/// Looks for valid records starting at any byte offset from `from`; records with a
+/// seq below `min_seq` are leftovers of a recycled file (see [`After`]). Only runs
+/// when something is already wrong, so it may be slow-ish; runs of zeros
+/// (preallocated space) are skipped in one step, and so is every leftover record
+/// found (a record of this segment starting inside it would have overwritten it).
+pub fn records_after(seg: &[u8], from: usize, min_seq: u64) -> After {
     let mut p = from;
+    let mut stale = None;
     while p + RECORD_HEADER_LEN <= seg.len() {
         if seg[p..p + 16].iter().all(|&b| b == 0) {
             // Every window starting before the next non-zero byte minus 15 is all zero,
             // and a valid header never is (its checksum of zeros is not zero).
             match seg[p + 16..].iter().position(|&b| b != 0) {
-                None => return false,
+                None => break,
                 Some(k) => {
                     p = p + 16 + k - 15;
                     continue;
                 }
             }
         }
-        if decode_record(&seg[p..], p as u64).is_ok() {
-            return true;
+        match decode_record(&seg[p..], p as u64) {
+            Ok(r) if r.seq >= min_seq => return After::Fresh,
+            Ok(r) => {
+                stale.get_or_insert(r.seq);
+                p += r.framed_len();
+            }
+            Err(_) => p += 1,
         }
-        p += 1;
     }
-    false
+    stale.map_or(After::Nothing, |seq| After::Stale { seq })
 }
 
 pub fn encode_snapshot(covers_seq: u64, payload: &[u8]) -> Vec<u8> {

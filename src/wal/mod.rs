@@ -14,7 +14,8 @@
 //! |---|---|
 //! | `00000000000000000001.wal` | a segment; the name is the seq of its first record, 20 digits |
 //! | `snapshot-00000000000000001000.snap` | a snapshot covering every record up to seq 1000 |
-//! | `*.tmp` | a snapshot being written, or `next-segment.wal.tmp` being zero-filled; removed by recovery (never valid) |
+//! | `recycled-00000000000000000001.wal.tmp` | a segment compacted away and kept for reuse (`recycle_segments`); kept by recovery up to that number, never read |
+//! | `*.tmp` | a snapshot being written, or `next-segment.wal.tmp` being prepared; removed by recovery (never valid) |
 //! | `*.corrupt-N` | a copy made by [`tools::repair`] before it cut anything; never read |
 //!
 //! All integers are little-endian. All checksums are CRC32C (Castagnoli).
@@ -48,6 +49,18 @@
 //! garbage length. A header of zeros is never valid (the CRC of zeros is not
 //! zero), so a zero-filled (preallocated) tail after the last record reads as the
 //! end of the log.
+//!
+//! ## Recycled segments
+//!
+//! A segment made from a recycled file still holds that file's old records after
+//! its own (PostgreSQL recycles its WAL files the same way). They are told apart by
+//! seq: seqs only grow, so every old record has a seq below the segment's first. A
+//! valid record with a lower seq, or bytes that are not a record followed by nothing
+//! but such records and fragments of them, is the end of the segment's records
+//! (`ScanEnd::Stale`), exactly like a zero-filled tail; only a valid record with a
+//! seq at least the segment's first counts as "valid records follow" (damage in the
+//! middle). A record torn by a crash over old content therefore reads as the end of
+//! the log and is overwritten by the next append rather than cut off.
 //!
 //! ## Snapshot file (40-byte header + payload)
 //!
@@ -102,9 +115,11 @@
 //! and the next older one used), then every later record in seq order. The last
 //! record of the newest segment may be torn (incomplete, or failing its checksum,
 //! with nothing valid after it): it is cut off (the file truncated) and reported
-//! in [`Recovered::torn_tail`]. Any other damage (a bad record with valid records
-//! after it, a bad record in an older segment, a seq gap or regression, a missing
-//! segment) is refused with [`WalError::Corrupt`] naming the segment, byte offset
+//! in [`Recovered::torn_tail`]. A segment before the newest may end in bytes that
+//! are not a record (the rest of a recycled or zero-filled file) only if the next
+//! segment starts right after its last record. Any other damage (a bad record with
+//! valid records after it, a bad record in an older segment followed by missing
+//! records, a seq gap or regression, a missing segment) is refused with [`WalError::Corrupt`] naming the segment, byte offset
 //! and expected seq; [`tools::repair`] exists for an operator who decides to cut.
 //!
 //! Known limit: a crash can in principle persist a later record of an unsynced
@@ -118,6 +133,15 @@
 //! directory. The newest `keep_snapshots` snapshots (default 2) are kept; a segment
 //! is deleted once all its records are covered by the *oldest kept* snapshot, so
 //! falling back to the previous snapshot always finds the records it needs.
+//!
+//! With `preallocate`, up to `recycle_segments` of those segments are renamed
+//! `recycled-*.wal.tmp` instead of deleted (the directory synced before any is
+//! reused, so a crash never shows an old segment's name over new content), and the
+//! thread that prepares the next segment takes one of them instead of zero-filling
+//! a new file: the file already has every block written at its full size, so its
+//! syncs stay metadata-free, half the bytes a segment costs the disk are saved, and
+//! no freed blocks are discarded (on a filesystem mounted with `discard`, deleting
+//! a 64 MiB file makes the log's syncs of that moment wait).
 
 mod format;
 mod fs;
@@ -173,6 +197,10 @@ pub struct WalConfig {
     /// Fill each new segment with zeros up front, so a sync never has to update the
     /// file's size or block map.
     pub preallocate: bool,
+    /// With `preallocate`: segments compacted away are kept (renamed
+    /// `recycled-<seq>.wal.tmp`, at most this many) and reused as later segments
+    /// instead of deleting old files and zero-filling new ones. 0 = delete them.
+    pub recycle_segments: usize,
     /// Snapshots kept on disk (at least 1). Segments are deleted only once the
     /// oldest kept snapshot covers them.
     pub keep_snapshots: usize,
@@ -203,6 +231,7 @@ impl Default for WalConfig {
             fsync: FsyncPolicy::Always,
             queue_capacity: 65_536,
             preallocate: true,
+            recycle_segments: 8,
             keep_snapshots: 2,
             max_batch_requests: 4_096,
             min_sync_interval_us: 300,
@@ -339,6 +368,10 @@ pub struct WalStats {
     pub segments_created: u64,
     pub segments_live: u64,
     pub segments_deleted: u64,
+    /// Segments compacted away and kept for reuse instead of deleted.
+    pub segments_recycled: u64,
+    /// New segments made from a recycled file (no zero-fill, no new blocks).
+    pub segments_reused: u64,
     pub syncs: u64,
     pub sync_failures: u64,
     pub write_failures: u64,
@@ -360,6 +393,8 @@ pub(crate) struct StatCells {
     pub records: AtomicU64,
     pub segments_created: AtomicU64,
     pub segments_deleted: AtomicU64,
+    pub segments_recycled: AtomicU64,
+    pub segments_reused: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_failures: AtomicU64,
     pub write_failures: AtomicU64,
@@ -389,6 +424,9 @@ pub(crate) struct State {
     pub segments: Mutex<BTreeMap<u64, PathBuf>>,
     /// Covers seqs of the snapshots on disk.
     pub snapshots: Mutex<Vec<u64>>,
+    /// Compacted segments kept for reuse (`recycle_segments`), oldest first; the
+    /// directory entry of each is durable under its recycled name.
+    pub recycled: Mutex<Vec<PathBuf>>,
     /// Told about every batch and sync as it happens ([`Wal::set_observer`]).
     pub observer: std::sync::OnceLock<Arc<dyn WalObserver>>,
 }
@@ -508,6 +546,7 @@ impl Wal {
             stats: StatCells::default(),
             segments: Mutex::new(resume.segments.iter().cloned().collect()),
             snapshots: Mutex::new(resume.snapshots.clone()),
+            recycled: Mutex::new(resume.recycled.clone()),
             observer: std::sync::OnceLock::new(),
             cfg,
         });
@@ -681,9 +720,12 @@ impl Wal {
         }
         let compact_upto = if snaps.len() >= keep { snaps.first().copied() } else { None };
         drop(snaps);
+        let mut recycled = Vec::new();
         if let Some(upto) = compact_upto {
             let mut segs = st.segments.lock();
             let firsts: Vec<u64> = segs.keys().copied().collect();
+            let room = if st.cfg.preallocate { st.cfg.recycle_segments } else { 0 };
+            let mut pooled = st.recycled.lock().len();
             // Never the last (active) segment; a segment goes when the next one starts
             // at or before upto + 1, i.e. all its records are <= upto.
             for pair in firsts.windows(2) {
@@ -691,14 +733,27 @@ impl Wal {
                     break;
                 }
                 let p = segs.remove(&pair[0]).expect("key listed just above under the same lock");
-                fs.remove(&p).map_err(|e| io_err("remove", &p, e))?;
-                st.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+                if pooled < room {
+                    // Kept for reuse: renamed out of the log, so recovery never reads
+                    // it as a segment again.
+                    let to = dir.join(format::recycled_name(pair[0]));
+                    fs.rename(&p, &to).map_err(|e| io_err("rename for reuse", &p, e))?;
+                    recycled.push(to);
+                    pooled += 1;
+                    st.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    fs.remove(&p).map_err(|e| io_err("remove", &p, e))?;
+                    st.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+                }
                 removed = true;
             }
         }
         if removed {
             fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
         }
+        // Only once the renames are durable may a recycled file be overwritten: a
+        // crash must never show an old segment's name over new content.
+        st.recycled.lock().extend(recycled);
         Ok(())
     }
 
@@ -745,6 +800,8 @@ impl Wal {
             segments_created: get(&s.segments_created),
             segments_live: self.h.st.segments.lock().len() as u64,
             segments_deleted: get(&s.segments_deleted),
+            segments_recycled: get(&s.segments_recycled),
+            segments_reused: get(&s.segments_reused),
             syncs: get(&s.syncs),
             sync_failures: get(&s.sync_failures),
             write_failures: get(&s.write_failures),

@@ -16,6 +16,8 @@ pub(crate) struct Listing {
     pub segments: Vec<(u64, PathBuf)>,
     pub snapshots: Vec<(u64, PathBuf)>,
     pub tmp: Vec<PathBuf>,
+    /// Compacted segments kept for reuse (`recycled-*.wal.tmp`), sorted.
+    pub recycled: Vec<PathBuf>,
 }
 
 pub(crate) fn list_dir(fs: &dyn Fs, dir: &Path) -> Result<Listing, WalError> {
@@ -26,12 +28,15 @@ pub(crate) fn list_dir(fs: &dyn Fs, dir: &Path) -> Result<Listing, WalError> {
             out.segments.push((seq, path));
         } else if let Some(seq) = parse_snapshot_name(&name) {
             out.snapshots.push((seq, path));
+        } else if format::is_recycled_name(&name) {
+            out.recycled.push(path);
         } else if name.ends_with(TMP_SUFFIX) {
             out.tmp.push(path);
         }
     }
     out.segments.sort();
     out.snapshots.sort();
+    out.recycled.sort();
     Ok(out)
 }
 
@@ -85,8 +90,18 @@ pub(crate) fn walk_log(
         }
     };
     let mut expected = segments[first_idx].0;
+    // Bad bytes that ended the previous segment's records: harmless if the next
+    // segment starts right after its last record (the rest of a recycled file, or of
+    // a zero-filled one), damage if records are missing.
+    let mut ended_bad: Option<(&PathBuf, u64, String)> = None;
     for (i, (name_first, path)) in segments.iter().enumerate().skip(first_idx) {
         let is_last = i + 1 == segments.len();
+        if let Some((bad_path, offset, reason)) = ended_bad.take() {
+            if *name_first != expected {
+                let why = "later segments exist, so this is damage in the middle of the log, not a torn tail";
+                return Err(corrupt(bad_path, offset, expected, format!("{reason}; {why}")));
+            }
+        }
         if *name_first != expected {
             return Err(corrupt(
                 path,
@@ -102,7 +117,7 @@ pub(crate) fn walk_log(
             Err(reason) => {
                 // A crash while creating the newest segment leaves a short or zeroed
                 // header and no records; anything else with a bad header is damage.
-                if is_last && !format::valid_record_after(&bytes, 0) {
+                if is_last && format::records_after(&bytes, 0, *name_first) != format::After::Fresh {
                     walk.torn = Some(TornTail {
                         segment: path.clone(),
                         offset: 0,
@@ -137,7 +152,10 @@ pub(crate) fn walk_log(
         expected = first + count;
         walk.last_seq = expected - 1;
         match end {
-            ScanEnd::Clean { end } | ScanEnd::ZeroTail { end } => {
+            // Stale: the rest of a recycled file. In a segment before the last, the
+            // next segment's first seq shows whether records are missing (checked
+            // at the top of the loop), as it does after a zero tail.
+            ScanEnd::Clean { end } | ScanEnd::ZeroTail { end } | ScanEnd::Stale { end, .. } => {
                 walk.active = Some((first, path.clone(), end));
                 if stopped {
                     walk.stopped = true;
@@ -153,13 +171,13 @@ pub(crate) fn walk_log(
                 ));
             }
             ScanEnd::Bad { offset, reason, valid_follows } => {
-                if valid_follows || !is_last {
-                    let why = if valid_follows {
-                        "valid records follow it, so this is damage in the middle of the log, not a torn tail"
-                    } else {
-                        "later segments exist, so this is damage in the middle of the log, not a torn tail"
-                    };
+                if valid_follows {
+                    let why = "valid records follow it, so this is damage in the middle of the log, not a torn tail";
                     return Err(corrupt(path, offset, expected, format!("{reason}; {why}")));
+                }
+                if !is_last {
+                    ended_bad = Some((path, offset, reason));
+                    continue;
                 }
                 walk.active = Some((first, path.clone(), offset));
                 walk.torn = Some(TornTail {
@@ -195,6 +213,8 @@ pub(crate) struct Resume {
     pub active: Option<(u64, PathBuf, u64)>,
     pub segments: Vec<(u64, PathBuf)>,
     pub snapshots: Vec<u64>,
+    /// Recycled segments found and kept for reuse (at most `recycle_segments`).
+    pub recycled: Vec<PathBuf>,
 }
 
 /// Recovery: newest valid snapshot, then every later record in order.
@@ -212,6 +232,15 @@ pub(crate) fn recover(
     if !listing.tmp.is_empty() {
         for tmp in &listing.tmp {
             fs.remove(tmp).map_err(|e| io_err("remove", tmp, e))?;
+        }
+        fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
+    }
+    // Recycled segments are kept for reuse up to the configured number (their
+    // content is garbage either way).
+    let keep = if cfg.preallocate { cfg.recycle_segments } else { 0 };
+    if listing.recycled.len() > keep {
+        for path in listing.recycled.drain(keep..) {
+            fs.remove(&path).map_err(|e| io_err("remove", &path, e))?;
         }
         fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
     }
@@ -289,6 +318,7 @@ pub(crate) fn recover(
         active,
         segments: listing.segments,
         snapshots: listing.snapshots.iter().map(|(s, _)| *s).collect(),
+        recycled: listing.recycled,
     };
     Ok((rec, resume))
 }
@@ -342,6 +372,8 @@ pub(crate) fn read_durable(
         let mut eof = false;
         while expected <= upto {
             match format::decode_record(&buf[pos..], buf_offset + pos as u64) {
+                // The rest of a recycled file (see `ScanEnd::Stale`).
+                Ok(rec) if rec.seq < *name_first => break,
                 Ok(rec) => {
                     if rec.seq != expected {
                         return Err(corrupt(path, rec.offset, expected, format!("found seq {}", rec.seq)));

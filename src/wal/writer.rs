@@ -152,12 +152,30 @@ impl Drop for Spare {
     }
 }
 
+/// The next segment's file, as `SPARE_NAME`: a recycled segment if one is kept
+/// (already the right size with every block written: no zero-fill, no new blocks,
+/// no discard of freed ones), else a new file filled with zeros. Either way its old
+/// content is garbage that recovery tells from the new segment's records (see
+/// `ScanEnd::Stale`).
 fn prepare_spare(st: &State) -> std::io::Result<Box<dyn FsFile>> {
     let path = st.cfg.dir.join(SPARE_NAME);
-    let mut file = st.fs.open(&path, OpenMode::Create)?;
-    file.allocate(st.cfg.segment_bytes)?;
-    if !st.cfg.unsafe_skip_sync {
-        file.sync_data()?;
+    let recycled = {
+        let mut pool = st.recycled.lock();
+        (!pool.is_empty()).then(|| pool.remove(0))
+    };
+    let mut file = match recycled {
+        Some(old) => {
+            st.fs.rename(&old, &path)?;
+            st.stats.segments_reused.fetch_add(1, Ordering::Relaxed);
+            st.fs.open(&path, OpenMode::Existing)?
+        }
+        None => st.fs.open(&path, OpenMode::Create)?,
+    };
+    if file.size()? < st.cfg.segment_bytes {
+        file.allocate(st.cfg.segment_bytes)?;
+        if !st.cfg.unsafe_skip_sync {
+            file.sync_data()?;
+        }
     }
     Ok(file)
 }

@@ -40,6 +40,11 @@ impl Daemon {
         Self::spawn(dir, Some(config), 0)
     }
 
+    /// With the wall clock, plus `--set` overrides (which win over the file).
+    pub fn start_wall_with_flags(dir: &std::path::Path, config: &std::path::Path, flags: &[&str]) -> Daemon {
+        Self::spawn_flags(dir, Some(config), 0, flags)
+    }
+
     /// Demo tenant, manual clock, plus `--set` overrides.
     pub fn start_with_flags(dir: &std::path::Path, flags: &[&str]) -> Daemon {
         Self::spawn_flags(dir, None, T0, flags)
