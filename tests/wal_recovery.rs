@@ -609,3 +609,59 @@ fn a_record_torn_over_recycled_content_is_the_end_of_the_log_and_later_damage_is
         Ok(_) => panic!("a damaged record before later segments was accepted"),
     }
 }
+
+#[test]
+fn a_snapshot_written_at_once_recovers_like_a_paced_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = WalConfig::new(tmp.path());
+    let (wal, _) = Wal::open(cfg.clone(), Arc::new(RealFs)).unwrap();
+    append_many(&wal, 20);
+    let state: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    wal.write_snapshot_paced(10, &state[..1000], true).unwrap();
+    wal.write_snapshot_paced(20, &state, false).unwrap();
+    wal.shutdown().unwrap();
+    let (_, rec) = Wal::open(cfg, Arc::new(RealFs)).unwrap();
+    assert_eq!(rec.snapshot, Some((20, state)), "the newest snapshot, every byte");
+    assert_eq!((rec.records_replayed, rec.last_seq), (0, 20));
+}
+
+#[test]
+fn the_prepared_next_segment_survives_a_restart_and_becomes_the_next_segment() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = WalConfig {
+        segment_bytes: 8192,
+        preallocate: true,
+        recycle_segments: 0,
+        ..WalConfig::new(tmp.path())
+    };
+    let (wal, _) = Wal::open(cfg.clone(), Arc::new(RealFs)).unwrap();
+    append_many(&wal, 10);
+    wal.shutdown().unwrap();
+    let spare = tmp.path().join("next-segment.wal.tmp");
+    let inode = std::fs::metadata(&spare).expect("a spare was prepared").ino();
+
+    let (wal, rec) = Wal::open(cfg.clone(), Arc::new(RealFs)).unwrap();
+    assert_eq!(rec.last_seq, 10);
+    // The preparing thread takes the kept file instead of zero-filling a new one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while wal.stats().segments_reused == 0 {
+        assert!(std::time::Instant::now() < deadline, "the kept spare was never taken: {:?}", wal.stats());
+        std::thread::yield_now();
+    }
+    let before = segments(&RealFs, tmp.path());
+    while segments(&RealFs, tmp.path()) == before {
+        append_many(&wal, 1);
+    }
+    let newest = segments(&RealFs, tmp.path()).pop().unwrap();
+    assert_eq!(
+        std::fs::metadata(&newest).unwrap().ino(),
+        inode,
+        "the kept spare became {}",
+        newest.display()
+    );
+    let last = wal.last_seq();
+    wal.shutdown().unwrap();
+    let (_, rec) = Wal::open(cfg, Arc::new(RealFs)).unwrap();
+    assert_eq!((rec.records.len() as u64, rec.last_seq, rec.torn_tail), (last, last, None));
+}

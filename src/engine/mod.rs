@@ -847,7 +847,11 @@ impl Engine {
         snap.lead_index = self.inner.lead_index.entries();
         let bytes = rmp_serde::to_vec(&snap).expect("engine state is plain data and always serialises");
         drop(snap);
-        self.inner.wal.write_snapshot(covers, &bytes)?;
+        // Paced while requests are acknowledged (their syncs must not queue behind
+        // hundreds of MB); once stopping (the final snapshot) nothing waits for the
+        // log, and pacing would only stretch the shutdown towards its deadline.
+        let paced = !self.is_stopping();
+        self.inner.wal.write_snapshot_paced(covers, &bytes, paced)?;
         self.inner.metrics.snapshot(started.elapsed(), paused);
         tracing::debug!(covers, bytes = bytes.len(), paused_ms = paused.as_millis() as u64, "snapshot");
         Ok(covers)

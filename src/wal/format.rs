@@ -23,6 +23,8 @@ pub const SNAPSHOT_PREFIX: &str = "snapshot-";
 pub const SNAPSHOT_SUFFIX: &str = ".snap";
 pub const TMP_SUFFIX: &str = ".tmp";
 const RECYCLED_PREFIX: &str = "recycled-";
+/// The next segment, prepared ahead of the rollover (zero-filled, or a recycled file).
+pub const SPARE_NAME: &str = "next-segment.wal.tmp";
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -45,13 +47,17 @@ pub fn recycled_name(first_seq: u64) -> String {
     format!("{RECYCLED_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}{TMP_SUFFIX}")
 }
 
-/// Whether a file name is a recycled segment's.
+/// Whether a file name is a recycled segment's, or the prepared next segment's (found
+/// at start-up, it is reused like a recycled one: zero-filled, partly zero-filled, or
+/// a recycled file, all of it garbage the next segment overwrites).
 pub fn is_recycled_name(name: &str) -> bool {
-    name.strip_prefix(RECYCLED_PREFIX)
-        .and_then(|n| n.strip_suffix(TMP_SUFFIX))
-        .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
-        .and_then(parse_digits)
-        .is_some()
+    name == SPARE_NAME
+        || name
+            .strip_prefix(RECYCLED_PREFIX)
+            .and_then(|n| n.strip_suffix(TMP_SUFFIX))
+            .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+            .and_then(parse_digits)
+            .is_some()
 }
 
 /// `snapshot-00000000000000001000.snap`.

@@ -15,7 +15,8 @@
 //! | `00000000000000000001.wal` | a segment; the name is the seq of its first record, 20 digits |
 //! | `snapshot-00000000000000001000.snap` | a snapshot covering every record up to seq 1000 |
 //! | `recycled-00000000000000000001.wal.tmp` | a segment compacted away and kept for reuse (`recycle_segments`); kept by recovery up to that number, never read |
-//! | `*.tmp` | a snapshot being written, or `next-segment.wal.tmp` being prepared; removed by recovery (never valid) |
+//! | `next-segment.wal.tmp` | the next segment, prepared ahead of the rollover (zero-filled, or a recycled file); kept by recovery for reuse with preallocation on, never read |
+//! | `*.tmp` | anything else: a snapshot being written; removed by recovery (never valid) |
 //! | `*.corrupt-N` | a copy made by [`tools::repair`] before it cut anything; never read |
 //!
 //! All integers are little-endian. All checksums are CRC32C (Castagnoli).
@@ -672,6 +673,13 @@ impl Wal {
     /// drops snapshots beyond `keep_snapshots` and the segments the oldest kept
     /// snapshot covers. Records up to `covers_seq` are synced first if they are not yet.
     pub fn write_snapshot(&self, covers_seq: u64, bytes: &[u8]) -> Result<(), WalError> {
+        self.write_snapshot_paced(covers_seq, bytes, true)
+    }
+
+    /// [`Wal::write_snapshot`], choosing whether the file goes out in paced steps
+    /// ([`FsFile::write_at_paced`]: the log's syncs keep going meanwhile, the snapshot
+    /// takes longer) or at once (nothing is being acknowledged, e.g. at shutdown).
+    pub fn write_snapshot_paced(&self, covers_seq: u64, bytes: &[u8], paced: bool) -> Result<(), WalError> {
         let _serial = self.h.snapshot_lock.lock();
         let st = &self.h.st;
         let refuse = |reason: String| Err(WalError::Snapshot { covers_seq, reason });
@@ -696,7 +704,8 @@ impl Wal {
         let tmp = dir.join(format!("{name}{}", format::TMP_SUFFIX));
         let mut file = fs.open(&tmp, OpenMode::Create).map_err(|e| io_err("create", &tmp, e))?;
         // Paced: the log's syncs keep going while a snapshot of hundreds of MB goes out.
-        file.write_at_paced(0, &format::encode_snapshot(covers_seq, bytes))
+        let encoded = format::encode_snapshot(covers_seq, bytes);
+        if paced { file.write_at_paced(0, &encoded) } else { file.write_at(0, &encoded) }
             .map_err(|e| io_err("write", &tmp, e))?;
         file.sync_data().map_err(|e| io_err("sync", &tmp, e))?;
         drop(file);

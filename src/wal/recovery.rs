@@ -235,9 +235,10 @@ pub(crate) fn recover(
         }
         fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
     }
-    // Recycled segments are kept for reuse up to the configured number (their
-    // content is garbage either way).
-    let keep = if cfg.preallocate { cfg.recycle_segments } else { 0 };
+    // Recycled segments are kept for reuse up to the configured number, and the
+    // prepared next segment (sorted first) on top (their content is garbage either way).
+    let spare = listing.recycled.first().is_some_and(|p| p.ends_with(format::SPARE_NAME));
+    let keep = if cfg.preallocate { cfg.recycle_segments + usize::from(spare) } else { 0 };
     if listing.recycled.len() > keep {
         for path in listing.recycled.drain(keep..) {
             fs.remove(&path).map_err(|e| io_err("remove", &path, e))?;

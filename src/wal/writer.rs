@@ -1,6 +1,6 @@
 //! The single writer thread: group commit, segment rollover, fatal failure.
 
-use super::format::{self, encode_record, encode_segment_header, framed_len, SEGMENT_HEADER_LEN};
+use super::format::{self, encode_record, encode_segment_header, framed_len, SEGMENT_HEADER_LEN, SPARE_NAME};
 use super::fs::{FsFile, OpenMode};
 use super::recovery::Resume;
 use super::{io_err, FsyncPolicy, OnDurable, State, WalError};
@@ -13,10 +13,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// The next segment, zero-filled in the background before it is needed. Its name
-/// ends in `.tmp`, so recovery removes it if a crash leaves it behind.
-const SPARE_NAME: &str = "next-segment.wal.tmp";
 
 /// A buffer that grew past this for one huge batch is given back afterwards.
 const BUF_KEEP_BYTES: usize = 8 << 20;
@@ -165,7 +161,9 @@ fn prepare_spare(st: &State) -> std::io::Result<Box<dyn FsFile>> {
     };
     let mut file = match recycled {
         Some(old) => {
-            st.fs.rename(&old, &path)?;
+            if old != path {
+                st.fs.rename(&old, &path)?;
+            }
             st.stats.segments_reused.fetch_add(1, Ordering::Relaxed);
             st.fs.open(&path, OpenMode::Existing)?
         }
