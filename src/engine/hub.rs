@@ -368,6 +368,10 @@ impl StreamHub {
 
     /// Numbers, buffers and fans out events, in order.
     pub fn publish<E: Into<Prepared>>(&self, events: impl IntoIterator<Item = E>) {
+        // Events pushed out of the replay buffer are freed after the lock is released:
+        // they are old, cold in the cache, and half the time under the lock otherwise
+        // (every thread publishing to this tenant waits for it).
+        let mut evicted: smallvec::SmallVec<[Arc<Outgoing>; 8]> = smallvec::SmallVec::new();
         let mut g = self.inner.lock();
         let inner = &mut *g;
         for event in events {
@@ -375,7 +379,7 @@ impl StreamHub {
             inner.next_seq += 1;
             let out = Arc::new(Outgoing::new(seq, event));
             if inner.buffer.len() == self.retention {
-                inner.buffer.pop_front();
+                evicted.extend(inner.buffer.pop_front());
             }
             inner.buffer.push_back(out.clone());
             let mut i = 0;
@@ -400,6 +404,8 @@ impl StreamHub {
                 }
             }
         }
+        drop(g);
+        drop(evicted);
     }
 
     /// Subscribes from `resume_from` (exclusive; `None` = live only). Backlog and
