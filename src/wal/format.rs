@@ -330,8 +330,17 @@ pub fn records_after(seg: &[u8], from: usize, min_seq: u64) -> After {
     stale.map_or(After::Nothing, |seq| After::Stale { seq })
 }
 
+#[cfg(test)]
 pub fn encode_snapshot(covers_seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER_LEN + payload.len());
+    out.extend_from_slice(&snapshot_header(covers_seq, payload));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The header [`encode_snapshot`] puts before `payload` (written on its own, the
+/// payload need not be copied behind it).
+pub fn snapshot_header(covers_seq: u64, payload: &[u8]) -> [u8; SNAPSHOT_HEADER_LEN] {
     let mut h = [0u8; SNAPSHOT_HEADER_LEN];
     h[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
     h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -341,9 +350,7 @@ pub fn encode_snapshot(covers_seq: u64, payload: &[u8]) -> Vec<u8> {
     h[32..36].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     let crc = crc32c::crc32c(&h[0..36]);
     h[36..40].copy_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(payload);
-    out
+    h
 }
 
 /// Validates a snapshot file; returns (covers_seq, payload).

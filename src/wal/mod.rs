@@ -704,8 +704,11 @@ impl Wal {
         let tmp = dir.join(format!("{name}{}", format::TMP_SUFFIX));
         let mut file = fs.open(&tmp, OpenMode::Create).map_err(|e| io_err("create", &tmp, e))?;
         // Paced: the log's syncs keep going while a snapshot of hundreds of MB goes out.
-        let encoded = format::encode_snapshot(covers_seq, bytes);
-        if paced { file.write_at_paced(0, &encoded) } else { file.write_at(0, &encoded) }
+        // Header and payload written apart: a payload of hundreds of MB is not copied.
+        let header = format::snapshot_header(covers_seq, bytes);
+        let at = header.len() as u64;
+        file.write_at(0, &header)
+            .and_then(|()| if paced { file.write_at_paced(at, bytes) } else { file.write_at(at, bytes) })
             .map_err(|e| io_err("write", &tmp, e))?;
         file.sync_data().map_err(|e| io_err("sync", &tmp, e))?;
         drop(file);
