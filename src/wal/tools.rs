@@ -46,6 +46,9 @@ pub struct VerifyReport {
     pub torn_tail: Option<TornTail>,
     /// Damage recovery would refuse.
     pub corruption: Option<WalError>,
+    /// Files kept for reuse as later segments (compacted segments, the prepared next
+    /// segment): never read, not part of the log.
+    pub kept_for_reuse: Vec<PathBuf>,
 }
 
 impl VerifyReport {
@@ -83,6 +86,10 @@ impl fmt::Display for VerifyReport {
                 s.records,
                 s.bytes
             )?;
+        }
+        if !self.kept_for_reuse.is_empty() {
+            let names: Vec<String> = self.kept_for_reuse.iter().map(|p| file_name(p)).collect();
+            writeln!(f, "  kept for reuse as later segments (not part of the log): {}", names.join(", "))?;
         }
         match (self.first_seq, self.last_seq) {
             (Some(a), Some(b)) => writeln!(f, "records: {} (seq {a}..={b})", self.records)?,
@@ -148,6 +155,7 @@ pub fn verify(fs: &dyn Fs, dir: &Path) -> Result<VerifyReport, WalError> {
         last_seq: None,
         torn_tail: None,
         corruption: None,
+        kept_for_reuse: listing.recycled.clone(),
     };
     // With a valid snapshot the log may legitimately start after seq 1.
     report.corruption = missing_start(&listing, newest_valid_snapshot(&report.snapshots));
