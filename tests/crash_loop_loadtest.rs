@@ -141,6 +141,8 @@ struct Figures {
     in_doubt: u64,
     audited: u64,
     events: u64,
+    /// Kills that left compacted segments kept for reuse on disk.
+    kills_with_recycled: u64,
 }
 
 /// Reads one `--record` file into the model: replies pair with requests by id.
@@ -514,6 +516,16 @@ async fn run(seed: u64, cycles: u64, tool: PathBuf) -> Figures {
         tokio::time::sleep(Duration::from_millis(rng.range(50, 1_500))).await;
         unsafe_kill(d.child.id(), "KILL");
         d.child.wait().unwrap();
+        // Compacted segments kept for reuse at the kill: the next life makes segments
+        // from them (and recovery must tell their old records from the new ones).
+        let kept = std::fs::read_dir(data.join("wal"))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("recycled-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        fig.kills_with_recycled += u64::from(kept > 0);
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
@@ -582,7 +594,7 @@ fn kill_9_under_load_tool_traffic_loses_nothing_acknowledged_and_charges_once() 
     let started = Instant::now();
     match rt.block_on(async { tokio::spawn(run(seed, cycles, tool)).await }) {
         Ok(f) => eprintln!(
-            "load-tool crash loop: seed {seed}: {} cycles, {} requests sent by the tool, {} acknowledged, {} refused, {} in doubt at a kill, {} audit requests, {} events, {:.1} s",
+            "load-tool crash loop: seed {seed}: {} cycles, {} requests sent by the tool, {} acknowledged, {} refused, {} in doubt at a kill, {} audit requests, {} events, {} kills with recycled segments on disk, {:.1} s",
             f.cycles,
             f.sent,
             f.acked,
@@ -590,6 +602,7 @@ fn kill_9_under_load_tool_traffic_loses_nothing_acknowledged_and_charges_once() 
             f.in_doubt,
             f.audited,
             f.events,
+            f.kills_with_recycled,
             started.elapsed().as_secs_f64()
         ),
         Err(e) => panic!("load-tool crash loop failed with seed {seed} (ROTA_LT_CRASH_SEED={seed}): {e}"),
