@@ -9,7 +9,9 @@
 //! callgrind_annotate --inclusive=yes callgrind.out.<pid> | head -60
 //! ```
 //!
-//! Arguments: mode (`matched` | `auto_buy`), pros, paused_every (0 = none), leads.
+//! Arguments: mode (`matched` | `auto_buy`), pros, paused_every (0 = none), leads,
+//! open_every (optional; 0 = every pro inside its schedule, N = one in N, the others'
+//! weekly window closed: a shard at night).
 
 use rota::core::*;
 
@@ -23,7 +25,8 @@ fn main() {
     let pros: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let paused_every: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
     let leads: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(20_000);
-    let mut s = shard(mode, pros, paused_every);
+    let open_every: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut s = shard_with_closed(mode, pros, paused_every, open_every);
     let mut now = T0;
     let mut offers = 0usize;
     for n in 0..leads {

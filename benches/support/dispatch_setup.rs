@@ -46,6 +46,20 @@ pub fn all_week() -> WeeklyWindows {
 }
 
 pub fn shard(mode: &str, pros: usize, paused_every: usize) -> Shard {
+    shard_with_closed(mode, pros, paused_every, 0)
+}
+
+/// A window that is closed whenever the workloads run (one minute, Sunday 03:00 in Rome).
+fn closed_week() -> WeeklyWindows {
+    WeeklyWindows {
+        time_zone: "Europe/Rome".into(),
+        intervals: vec![WeeklyInterval { day: Weekday::Sun, start_min: 180, end_min: 181 }],
+    }
+}
+
+/// [`shard`] where, with `open_every > 0`, only one pro in `open_every` is inside its
+/// weekly schedule (the others' window is closed: a shard at night).
+pub fn shard_with_closed(mode: &str, pros: usize, paused_every: usize, open_every: usize) -> Shard {
     let mut s = Shard::new(key(), policy(mode));
     for i in 0..pros {
         let pro = Pro {
@@ -64,7 +78,11 @@ pub fn shard(mode: &str, pros: usize, paused_every: usize) -> Shard {
             availability: Availability {
                 paused_until: (paused_every > 0 && i % paused_every == 0).then_some(Millis::MAX / 4),
                 vacation: None,
-                schedule: Some(all_week()),
+                schedule: Some(if open_every > 0 && i % open_every != 0 {
+                    closed_week()
+                } else {
+                    all_week()
+                }),
             },
             autobuy: vec![AutoBuyConfig {
                 name: "weekly".into(),

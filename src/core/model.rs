@@ -175,6 +175,47 @@ impl WeeklyWindows {
     }
 }
 
+impl WeeklyWindows {
+    /// The first instant at or after `now` at which the windows are open (`tz` must be
+    /// [`Self::tz`]); `None` if no opening was found within eight days (impossible
+    /// with at least one interval) or the time is out of range. Never later than the
+    /// true opening: an opening whose local time is skipped by a daylight-saving jump
+    /// is taken as the first instant after the jump, and of two instants with the same
+    /// local time the earlier one; a caller woken early finds the windows still closed
+    /// and asks again.
+    pub fn next_open_in(&self, tz: Tz, now: Millis) -> Option<Millis> {
+        if self.contains_in(tz, now) {
+            return Some(now);
+        }
+        let local = tz.timestamp_millis_opt(now).single()?;
+        // Openings at or before `now` (earlier today) drop out below.
+        let today = local.date_naive();
+        let mut best: Option<Millis> = None;
+        for offset in 0..=7u64 {
+            let date = today.checked_add_days(chrono::Days::new(offset))?;
+            let day = Weekday::from_chrono(date.weekday());
+            for iv in self.intervals.iter().filter(|iv| iv.day == day) {
+                let start = date.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(i64::from(iv.start_min));
+                // Skipped local time (a jump forward): the first minute that exists. A
+                // local time that occurs twice (a jump back) opens twice: both count.
+                let Some(local) = (0..=180)
+                    .map(|m| tz.from_local_datetime(&(start + chrono::Duration::minutes(m))))
+                    .find(|r| !matches!(r, chrono::LocalResult::None))
+                else {
+                    continue;
+                };
+                for at in [local.earliest(), local.latest()].into_iter().flatten() {
+                    let at = at.timestamp_millis();
+                    if at > now && best.is_none_or(|b| at < b) {
+                        best = Some(at);
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
 /// `now` as (weekday, minute of the day) in `tz`, or `None` if out of range.
 ///
 /// A decision checks every candidate's schedule at the same `now`, and the pros of one
@@ -977,6 +1018,73 @@ mod tests {
         assert!(w.contains(at(24, 4, 59)), "Tue 05:59 local");
         assert!(!w.contains(at(24, 5, 0)), "Tue 06:00 local is outside");
         assert!(!w.contains(at(23, 20, 59)), "Mon 21:59 local is outside");
+    }
+
+    #[test]
+    fn r4_next_opening_is_never_later_than_the_true_one_across_days_weeks_and_dst() {
+        use crate::ids::MINUTE_MS;
+        let iv = |day, start_min, end_min| WeeklyInterval { day, start_min, end_min };
+        let cases = [
+            // Across midnight, in a zone that jumps forward on 2026-03-29 (02:00 -> 03:00)
+            // and back on 2026-10-25 (03:00 -> 02:00); Sunday opens inside the jump.
+            WeeklyWindows {
+                time_zone: "Europe/Rome".into(),
+                intervals: vec![
+                    iv(Weekday::Mon, 22 * 60, 1440),
+                    iv(Weekday::Tue, 0, 6 * 60),
+                    iv(Weekday::Sun, 2 * 60 + 30, 4 * 60),
+                ],
+            },
+            // Opens inside the hour that occurs twice when the clocks go back.
+            WeeklyWindows {
+                time_zone: "Europe/Rome".into(),
+                intervals: vec![iv(Weekday::Sun, 2 * 60, 2 * 60 + 5), iv(Weekday::Thu, 0, 30)],
+            },
+            // One short window a week: the next opening is up to seven days away.
+            WeeklyWindows {
+                time_zone: "America/New_York".into(),
+                intervals: vec![iv(Weekday::Wed, 600, 615)],
+            },
+        ];
+        let utc = |y, mo, d| chrono::Utc.with_ymd_and_hms(y, mo, d, 0, 0, 0).unwrap().timestamp_millis();
+        for w in &cases {
+            let tz = w.validate("w").unwrap();
+            for from in [utc(2026, 3, 25), utc(2026, 10, 21), utc(2026, 11, 20)] {
+                // Instants at odd offsets over two weeks, seconds included.
+                for k in 0..300i64 {
+                    let now = from + k * (67 * MINUTE_MS + 1_234);
+                    let t = w.next_open_in(tz, now).expect("a weekly window opens within a week");
+                    assert!(t >= now, "{}: opening before now", w.time_zone);
+                    // Open then, or an early wake: a window due in a skipped hour
+                    // answers the instant the clocks jumped.
+                    let offset = |at: Millis| {
+                        use chrono::Offset;
+                        tz.offset_from_utc_datetime(
+                            &chrono::DateTime::from_timestamp_millis(at).unwrap().naive_utc(),
+                        )
+                        .fix()
+                    };
+                    assert!(
+                        w.contains_in(tz, t) || offset(t - MINUTE_MS) != offset(t),
+                        "{}: not open at the opening {t} (now {now})",
+                        w.time_zone
+                    );
+                    // No minute between now and the answer was open: never late.
+                    let mut m = now - now.rem_euclid(MINUTE_MS) + MINUTE_MS;
+                    while m < t {
+                        assert!(
+                            !w.contains_in(tz, m),
+                            "{}: open at {m}, before the answer {t} (now {now})",
+                            w.time_zone
+                        );
+                        m += MINUTE_MS;
+                    }
+                    if w.contains_in(tz, now) {
+                        assert_eq!(t, now);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

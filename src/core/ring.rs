@@ -36,7 +36,8 @@
 //! # Parked pros
 //!
 //! A pro that is unavailable for *every* lead for a while (paused or on vacation until a
-//! known time, or with no auto-buy config that buys, until its profile changes) is
+//! known time, outside its weekly schedule until the schedule's next opening, or with no
+//! auto-buy config that buys, until its profile changes) is
 //! *parked*: taken out of the scanned order, keeping its pass, so it costs nothing per
 //! lead. It is put back (*unparked*) when its time comes, lazily: a selection at `now`
 //! already sees every pro whose park ended by `now` (see [`Ring::select_at`]), and
@@ -50,7 +51,7 @@
 //! Each selection costs `O(log n + scanned)`, where `scanned` is the pros looked at
 //! before `n` eligible ones were found: no full scan of the ring per lead. Parked pros
 //! are never scanned, so `scanned` counts only pros skipped for a reason of the lead
-//! (distance, refused attribute, already offered) or a short one (schedule, budget).
+//! (distance, refused attribute, already offered) or a short one (a spent budget).
 
 use crate::ids::Millis;
 use serde::{Deserialize, Serialize};

@@ -1202,8 +1202,10 @@ impl Shard {
     /// the lead and the funds, and until when: `Some(Some(t))` = until `t`,
     /// `Some(None)` = until the pro changes (upsert, availability), `None` = not
     /// parkable. The rotation parks such pros instead of scanning them per lead.
-    /// Schedules and budgets are not parked: a schedule reopens every day and a budget
-    /// can come back without an event in this shard (a refund).
+    /// Outside its weekly schedule a pro is parked until the schedule's next opening
+    /// (`WeeklyWindows::next_open_in`, never later than the true opening), so a
+    /// shard at night does not scan every closed pro on every lead. Budgets are not
+    /// parked: a budget can come back without an event in this shard (a refund).
     fn parking(&self, now: Millis, pro: &Pro) -> Option<Option<Millis>> {
         // Ineligible while any condition holds: until the last of them ends.
         let mut until: Option<Option<Millis>> = None;
@@ -1220,6 +1222,14 @@ impl Shard {
         }
         if let Some((_, to)) = a.vacation.filter(|&(from, to)| from <= now && now < to) {
             hold(Some(to));
+        }
+        if let Some(schedule) = &a.schedule {
+            let tz = schedule.tz();
+            if !schedule.contains_in(tz, now) {
+                // No opening found (impossible after validation): not parked at all
+                // rather than parked until the pro changes.
+                hold(Some(schedule.next_open_in(tz, now)?));
+            }
         }
         if self.policy.charge_on == ChargeOn::Dispatch {
             let covering = pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
@@ -2365,6 +2375,63 @@ mod parking_tests {
             (5..=10).map(|n| publish(&mut s, &mut log, n, back + i64::from(n)).0[0].clone()).collect();
         assert_eq!(got, ["e1", "e1", "e2", "e3", "e1", "e2"]);
         assert_eq!(s.parked_pros(), 0);
+        // Replay of the log reproduces the shard, parking included.
+        let mut replayed = shard();
+        for ev in &log {
+            replayed.apply(ev);
+        }
+        assert_eq!(replayed, s);
+    }
+
+    #[test]
+    fn r4_pro_outside_its_schedule_is_parked_until_the_window_opens_and_returns_on_time() {
+        use crate::core::model::{WeeklyInterval, WeeklyWindows};
+        use crate::ids::HOUR_MS;
+        let (mut s, mut log) = (shard(), Vec::new());
+        for id in ["e1", "e2", "e3"] {
+            run(&mut s, &mut log, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        // e1 works 10:00-11:00 UTC every day.
+        let days = [
+            Weekday::Mon,
+            Weekday::Tue,
+            Weekday::Wed,
+            Weekday::Thu,
+            Weekday::Fri,
+            Weekday::Sat,
+            Weekday::Sun,
+        ];
+        let schedule = WeeklyWindows {
+            time_zone: "UTC".into(),
+            intervals: days.iter().map(|&day| WeeklyInterval { day, start_min: 600, end_min: 660 }).collect(),
+        };
+        let availability = Availability { schedule: Some(schedule), ..Default::default() };
+        run(&mut s, &mut log, T0, Command::SetAvailability { pro: ProId::new("e1"), availability });
+        let midnight = T0 - T0.rem_euclid(DAY_MS) + DAY_MS;
+        let (closed, opens) = (midnight + 8 * HOUR_MS, midnight + 10 * HOUR_MS);
+        // The first lead scans e1, skips it and parks it until 10:00.
+        let (_, skipped) = publish(&mut s, &mut log, 1, closed);
+        assert_eq!(skipped, vec!["e1".to_string()]);
+        assert_eq!(s.parked_pros(), 1);
+        for n in 2..=4 {
+            let (_, skipped) = publish(&mut s, &mut log, n, closed + i64::from(n) * 60_000);
+            assert!(skipped.is_empty(), "lead {n} scanned a pro outside its schedule: {skipped:?}");
+        }
+        // A minute before the window it is still away; at 10:00 it is back.
+        let (granted, _) = publish(&mut s, &mut log, 5, opens - 60_000);
+        assert_ne!(granted, vec!["e1".to_string()]);
+        assert_eq!(s.parked_pros(), 1);
+        let (granted, _) = publish(&mut s, &mut log, 6, opens);
+        assert_eq!(granted, vec!["e1".to_string()], "back the moment its window opens");
+        assert_eq!(s.parked_pros(), 0);
+        // After the window, when its turn comes, it is skipped and parked again until
+        // the next day's window.
+        let skipped: Vec<String> =
+            (7..=9).flat_map(|n| publish(&mut s, &mut log, n, opens + HOUR_MS + i64::from(n)).1).collect();
+        assert_eq!(skipped, vec!["e1".to_string()]);
+        assert_eq!(s.parked_pros(), 1);
+        let (granted, _) = publish(&mut s, &mut log, 10, opens + DAY_MS);
+        assert_eq!(granted, vec!["e1".to_string()]);
         // Replay of the log reproduces the shard, parking included.
         let mut replayed = shard();
         for ev in &log {
