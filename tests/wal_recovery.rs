@@ -254,15 +254,6 @@ fn a_missing_middle_segment_is_a_seq_gap_and_refused() {
 }
 
 /// Writes `n` records, each its own append, and returns the seqs' last value.
-fn append_many(wal: &Wal, n: u64) -> u64 {
-    let mut last = 0;
-    for _ in 0..n {
-        let seq = wal.last_seq() + 1;
-        last = wal.append_blocking(vec![(2, payload(seq, 100))]).unwrap().start;
-    }
-    last
-}
-
 #[test]
 fn snapshots_compact_covered_segments_only_after_they_are_durable_and_recovery_replays_the_rest() {
     let fs = MemFs::new();

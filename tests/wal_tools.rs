@@ -135,23 +135,17 @@ fn verify_accepts_a_log_written_over_recycled_segments_and_lists_the_files_kept_
         ..small_cfg(MEM_DIR)
     };
     let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
-    let append = |n: u64| {
-        for _ in 0..n {
-            let seq = wal.last_seq() + 1;
-            wal.append_blocking(vec![(2, payload(seq, 100))]).unwrap();
-        }
-    };
-    append(300);
+    append_many(&wal, 300);
     wal.write_snapshot(300, b"state at 300").unwrap();
     // Rollovers until segments made from recycled files are in use (the spare is
     // prepared on its own thread), then past another rollover.
     let mut n = 0;
     while wal.stats().segments_reused < 2 {
-        append(1);
+        append_many(&wal, 1);
         n += 1;
         assert!(n < 5_000, "no segment was made from a recycled file: {:?}", wal.stats());
     }
-    append(40);
+    append_many(&wal, 40);
     let last = wal.last_seq();
     wal.shutdown().unwrap();
 

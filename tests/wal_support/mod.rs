@@ -30,6 +30,16 @@ pub fn payload(n: u64, len: usize) -> Vec<u8> {
     body
 }
 
+/// Appends `n` records of `payload(seq, 100)`, one append each; returns the last seq.
+pub fn append_many(wal: &rota::wal::Wal, n: u64) -> u64 {
+    let mut last = 0;
+    for _ in 0..n {
+        let seq = wal.last_seq() + 1;
+        last = wal.append_blocking(vec![(2, payload(seq, 100))]).unwrap().start;
+    }
+    last
+}
+
 /// Segment files in `dir`, sorted.
 pub fn segments(fs: &dyn Fs, dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs
