@@ -1206,6 +1206,31 @@ mod tests {
     }
 
     #[test]
+    fn r27_complete_order_goes_both_ways_in_both_encodings() {
+        use crate::core::orders::{OrderCommand, OrderId, OrderReply};
+        use serde_json::json;
+        let v = json!({"id": "c1", "type": "order", "command": {"type": "complete_order", "order": "o1"}});
+        let want = Request::Order { command: OrderCommand::CompleteOrder { order: OrderId::new("o1") } };
+        for env in [json(v.clone()).unwrap(), msgpack(v.clone()).unwrap()] {
+            assert_eq!((env.id.as_str(), &env.request), ("c1", &want));
+        }
+        let v = json!({"id": "c2", "type": "order", "command": {"type": "complete_order"}});
+        for e in [json(v.clone()).unwrap_err(), msgpack(v).unwrap_err()] {
+            assert_eq!((e.code, e.id.as_deref()), ("invalid_field", Some("c2")), "{e:?}");
+            assert!(e.message.contains("order"), "{}", e.message);
+        }
+        let reply = Reply::Ok {
+            id: "c1".into(),
+            result: OkResult::Order(OrderReply::OrderCompleted { order: OrderId::new("o1") }),
+        };
+        let from_json: serde_json::Value = serde_json::from_slice(&encode(Encoding::Json, &reply)).unwrap();
+        let from_msgpack: serde_json::Value =
+            rmp_serde::from_slice(&encode(Encoding::Msgpack, &reply)).unwrap();
+        let want = json!({"type": "ok", "id": "c1", "result": {"reply": "order_completed", "order": "o1"}});
+        assert_eq!((from_json, from_msgpack), (want.clone(), want));
+    }
+
+    #[test]
     fn bad_frames_get_specific_codes_and_keep_the_id() {
         let e = decode(Encoding::Json, b"not json").unwrap_err();
         assert_eq!(e.code, "bad_frame");

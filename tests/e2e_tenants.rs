@@ -356,6 +356,56 @@ async fn r25_r27_ended_orders_are_forgotten_after_the_retention_and_stay_forgott
     assert_eq!(r["reply"], "request_pending", "{r}");
 }
 
+/// R27 end to end, over MessagePack: completing an order answers `order_completed`
+/// (a retry answers the same), is streamed as a fact, makes a cancel `illegal_transition`
+/// also after a restart (WAL replay), and ends the chain: the order is forgotten
+/// `orders.idempotency_retention_s` (7 days) after its completion.
+#[tokio::test(flavor = "current_thread")]
+async fn r27_a_completed_order_is_final_survives_restart_and_is_forgotten_after_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, T0);
+    let mut c = Client::connect(&d.addr, "pp-token", true).await;
+    let mut stream = Client::connect(&d.addr, "pp-token", false).await;
+    stream.ok(json!({"type": "subscribe"})).await;
+    let order = |command: serde_json::Value| json!({"type": "order", "command": command});
+    let auto = json!({"mode": "auto_accept"});
+    c.ok(order(json!({"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": auto}))).await;
+    let placement = json!({"pro": "s1", "client": "k1", "service": "logo", "package": "basic"});
+    c.ok(order(json!({"type": "place_order", "order": "o1", "placement": placement}))).await;
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + HOUR})).await;
+    let complete = order(json!({"type": "complete_order", "order": "o1"}));
+    let r = c.ok(complete.clone()).await;
+    assert_eq!(r, json!({"reply": "order_completed", "order": "o1"}));
+    assert_eq!(c.ok(complete.clone()).await, r, "a retry answers the same");
+    let cancel = order(json!({"type": "cancel_order", "order": "o1"}));
+    let (e, _) = c.call(cancel.clone()).await;
+    assert_eq!(e["code"], "illegal_transition", "{e}");
+    assert_eq!(e["message"], "cannot cancel order o1: it is completed", "{e}");
+    let (e, _) = c.call(order(json!({"type": "complete_order", "order": "o404"}))).await;
+    assert_eq!(e["code"], "unknown_order", "{e}");
+    let evs = stream.events(3).await;
+    let fact = &evs[2]["event"]["fact"];
+    assert_eq!(*fact, json!({"type": "order_completed", "order": "o1", "at": T0 + HOUR}), "{evs:?}");
+    drop(c);
+    drop(stream);
+    assert_eq!(d.stop(), 0);
+    // After a restart the completion is still there, and still final.
+    let d = Daemon::start_at(dir.path(), &cfg, T0 + HOUR + 7 * 24 * HOUR - 1);
+    let mut c = Client::connect(&d.addr, "pp-token", true).await;
+    let mut stream = Client::connect(&d.addr, "pp-token", false).await;
+    let (e, _) = c.call(cancel.clone()).await;
+    assert_eq!(e["code"], "illegal_transition", "{e}");
+    assert_eq!(c.ok(complete.clone()).await, r);
+    stream.ok(json!({"type": "subscribe"})).await;
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + HOUR + 7 * 24 * HOUR})).await;
+    let evs = stream.events(1).await;
+    assert_eq!(evs[0]["event"]["fact"]["type"], "order_forgotten", "{evs:?}");
+    assert_eq!(evs[0]["event"]["fact"]["order"], "o1", "{evs:?}");
+    let (e, _) = c.call(complete).await;
+    assert_eq!(e["code"], "unknown_order", "{e}");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn r21_r24_a_budget_allows_three_of_four_slots_and_a_paused_config_resumes_mid_week_with_a_recharge() {
     let dir = tempfile::tempdir().unwrap();

@@ -412,17 +412,27 @@ fn r26_illegal_transitions_have_clear_errors() {
     w.ok(t, approve("r1", terms("co1", 100, None)));
     w.ok(t, decline("r2"));
     let e = w.run(t, decline("r1")).unwrap_err();
-    assert_eq!(e.to_string(), "cannot decline a order request that is approved");
+    assert_eq!(e.to_string(), "cannot decline order request r1: it is approved");
     assert_eq!(e.code(), "illegal_transition");
     let e = w.run(t, approve("r2", terms("co2", 100, None))).unwrap_err();
     assert_eq!(
         e,
-        OrderReject::IllegalTransition { what: "order request", from: "declined", action: "approve" }
+        OrderReject::IllegalTransition {
+            what: "order request",
+            id: "r2".into(),
+            from: "declined",
+            action: "approve"
+        }
     );
     let e = w.run(t, approve("r1", terms("co9", 100, None))).unwrap_err();
     assert_eq!(
         e,
-        OrderReject::IllegalTransition { what: "order request", from: "approved", action: "approve" }
+        OrderReject::IllegalTransition {
+            what: "order request",
+            id: "r1".into(),
+            from: "approved",
+            action: "approve"
+        }
     );
     // Declining twice is the platform retrying: the same answer, nothing changes.
     assert_eq!(w.ok(t, decline("r2")), OrderReply::RequestDeclined { request: OrderId::new("r2") });
@@ -434,7 +444,12 @@ fn r26_illegal_transitions_have_clear_errors() {
     let e = w.run(t, accept("co1", "ord2")).unwrap_err();
     assert_eq!(
         e,
-        OrderReject::IllegalTransition { what: "custom offer", from: "accepted", action: "accept" }
+        OrderReject::IllegalTransition {
+            what: "custom offer",
+            id: "co1".into(),
+            from: "accepted",
+            action: "accept"
+        }
     );
 }
 
@@ -767,6 +782,12 @@ fn r26_snapshots_of_older_releases_load_and_their_ended_records_are_forgotten() 
             rec.as_array_mut().unwrap().pop(); // expired_at
         }
     }
+    for pro in book[1].as_object_mut().unwrap().values_mut() {
+        pro[2].as_array_mut().unwrap().pop(); // stats.orders_completed
+    }
+    for order in book[4].as_object_mut().unwrap().values_mut() {
+        assert!(order.as_array_mut().unwrap().pop().unwrap().is_null()); // completed_at
+    }
     let old = rmp_serde::to_vec(&v).unwrap();
     let mut loaded: OrderBook = rmp_serde::from_slice(&old).unwrap();
     loaded.check_invariants().unwrap();
@@ -788,6 +809,216 @@ fn r26_snapshots_of_older_releases_load_and_their_ended_records_are_forgotten() 
 }
 
 // ---------------------------------------------------------------------------------
+// R27: completion ends an order (and its chain) without counting as a cancellation
+// ---------------------------------------------------------------------------------
+
+fn complete(order: &str) -> OrderCommand {
+    OrderCommand::CompleteOrder { order: OrderId::new(order) }
+}
+
+fn status(w: &World, order: &str) -> OrderStatus {
+    w.book.order(&OrderId::new(order)).expect("the order is held").status()
+}
+
+#[test]
+fn r27_completing_an_order_twice_answers_the_same_and_emits_nothing() {
+    let mut w = World::with_mode(AcceptanceMode::AutoAccept);
+    let t = t0();
+    w.place(t, "o1", "anna", "basic");
+    assert_eq!(status(&w, "o1"), OrderStatus::Active);
+    let logged = w.log.len();
+    let first = w.ok(t + HOUR_MS, complete("o1"));
+    assert_eq!(first, OrderReply::OrderCompleted { order: OrderId::new("o1") });
+    assert_eq!(w.log[logged..], [OrderEvent::OrderCompleted { order: OrderId::new("o1"), at: t + HOUR_MS }]);
+    assert_eq!(w.log[logged].name(), "order_completed");
+    let o = w.book.order(&OrderId::new("o1")).unwrap();
+    assert_eq!(
+        (o.status(), o.completed_at, o.cancelled_at),
+        (OrderStatus::Completed, Some(t + HOUR_MS), None)
+    );
+    // The platform retrying: the same reply, nothing logged, the completion time kept.
+    let book = w.book.clone();
+    let d = w.book.decide(t + 2 * HOUR_MS, &complete("o1")).unwrap();
+    assert_eq!((d.events.len(), &d.reply), (0, &first));
+    assert_eq!(w.ok(t + 2 * HOUR_MS, complete("o1")), first);
+    assert_eq!(w.log.len(), logged + 1);
+    assert_eq!(w.book, book);
+    assert_eq!(w.stats().orders_completed, 1);
+    // An order never placed (or forgotten) is unknown, as for cancel.
+    let e = w.run(t, complete("o404")).unwrap_err();
+    assert_eq!(e, OrderReject::UnknownOrder(OrderId::new("o404")));
+    assert_eq!(e.code(), "unknown_order");
+}
+
+#[test]
+fn r27_a_completed_order_cannot_be_cancelled_nor_a_cancelled_one_completed() {
+    let mut w = World::with_mode(AcceptanceMode::AutoAccept);
+    let t = t0();
+    w.place(t, "o1", "anna", "basic");
+    w.place(t, "o2", "bruno", "basic");
+    w.ok(t, send_offer("carla", terms("co3", 300, None)));
+    w.ok(t, accept("co3", "ord3"));
+    w.ok(t, complete("o1"));
+    w.ok(t, cancel("o2"));
+    w.ok(t, complete("ord3"));
+    let (logged, stats) = (w.log.len(), w.stats());
+    // `World::run` checks that each refusal leaves the book exactly as it was.
+    let e = w.run(t + MINUTE_MS, cancel("o1")).unwrap_err();
+    assert_eq!(e.code(), "illegal_transition");
+    assert_eq!(e.to_string(), "cannot cancel order o1: it is completed");
+    let e = w.run(t + MINUTE_MS, complete("o2")).unwrap_err();
+    assert_eq!(
+        e,
+        OrderReject::IllegalTransition {
+            what: "order",
+            id: "o2".into(),
+            from: "cancelled",
+            action: "complete"
+        }
+    );
+    assert_eq!(e.to_string(), "cannot complete order o2: it is cancelled");
+    // An order from a custom offer follows the same machine.
+    let e = w.run(t + MINUTE_MS, cancel("ord3")).unwrap_err();
+    assert_eq!(e.to_string(), "cannot cancel order ord3: it is completed");
+    assert_eq!(w.log.len(), logged, "nothing emitted");
+    assert_eq!(w.stats(), stats);
+    assert_eq!(
+        [status(&w, "o1"), status(&w, "o2"), status(&w, "ord3")],
+        [OrderStatus::Completed, OrderStatus::Cancelled, OrderStatus::Completed]
+    );
+    // Cancelling twice is still a retry.
+    assert_eq!(w.ok(t + MINUTE_MS, cancel("o2")), OrderReply::OrderCancelled { order: OrderId::new("o2") });
+}
+
+#[test]
+fn r27_completed_orders_count_as_orders_and_not_in_the_cancellation_rate() {
+    let mut w = World::with_mode(AcceptanceMode::AutoAccept);
+    let t = t0();
+    for (i, client) in ["anna", "bruno", "carla", "dario"].iter().enumerate() {
+        w.place(t, &format!("o{i}"), client, "basic");
+    }
+    w.ok(t, send_offer("elena", terms("co5", 500, None)));
+    w.ok(t, accept("co5", "ord5"));
+    w.ok(t, cancel("o3"));
+    assert_eq!(w.stats().cancellation_rate_permille(), Some(200), "1 of 5 orders");
+    for o in ["o0", "o1", "o2", "ord5"] {
+        w.ok(t + HOUR_MS, complete(o));
+    }
+    let s = w.stats();
+    assert_eq!((s.orders, s.orders_cancelled, s.orders_completed), (5, 1, 4));
+    assert_eq!(s.cancellation_rate_permille(), Some(200), "completing changes neither side of the rate");
+}
+
+/// R27 (retention): completion ends the chain at `completed_at`, for a direct order, an
+/// order from an approved request's offer and one from an offer sent outside any
+/// request; each chain is forgotten `orders.idempotency_retention_s` later and not a
+/// millisecond before, and its counters are kept.
+#[test]
+fn r27_a_completed_chain_is_forgotten_after_the_retention_and_not_before_and_its_stats_are_kept() {
+    let mut w = World::with_mode(approval(Audience::AllClients, Some(&["premium"]), None));
+    let t = t0();
+    w.place(t, "o1", "anna", "basic");
+    w.place(t, "r2", "bruno", "premium");
+    w.ok(t, approve("r2", terms("co2", 200, None)));
+    w.ok(t, accept("co2", "ord2"));
+    w.ok(t, send_offer("carla", terms("co3", 300, None)));
+    w.ok(t, accept("co3", "ord3"));
+    w.place(t, "o4", "dario", "basic");
+    assert_eq!(w.book.next_deadline(), None, "nothing has ended");
+    w.ok(t + HOUR_MS, complete("o1"));
+    w.ok(t + 2 * HOUR_MS, complete("ord2"));
+    w.ok(t + 3 * HOUR_MS, complete("ord3"));
+    assert_eq!(w.book.next_deadline(), Some(t + HOUR_MS + RETENTION));
+    let before = w.stats();
+    assert_eq!((before.orders, before.orders_completed, before.requests_approved), (4, 3, 1));
+    let forgets = |w: &mut World, now: Millis| -> Vec<&'static str> {
+        let n = w.log.len();
+        w.ok(now, OrderCommand::Tick);
+        w.log[n..].iter().map(|e| e.name()).collect()
+    };
+    assert!(forgets(&mut w, t + HOUR_MS + RETENTION - 1).is_empty());
+    assert!(has_order(&w, "o1"));
+    // The platform may still retry the completion up to the end of the retention.
+    assert_eq!(
+        w.ok(t + HOUR_MS + RETENTION - 1, complete("o1")),
+        OrderReply::OrderCompleted { order: OrderId::new("o1") }
+    );
+    assert_eq!(forgets(&mut w, t + HOUR_MS + RETENTION), ["order_forgotten"]);
+    assert!(!has_order(&w, "o1"));
+    assert!(forgets(&mut w, t + 2 * HOUR_MS + RETENTION - 1).is_empty());
+    assert!(has_request(&w, "r2") && has_offer(&w, "co2") && has_order(&w, "ord2"));
+    assert_eq!(forgets(&mut w, t + 2 * HOUR_MS + RETENTION), ["order_request_forgotten"]);
+    assert!(!has_request(&w, "r2") && !has_offer(&w, "co2") && !has_order(&w, "ord2"));
+    assert!(forgets(&mut w, t + 3 * HOUR_MS + RETENTION - 1).is_empty());
+    assert!(has_offer(&w, "co3") && has_order(&w, "ord3"));
+    assert_eq!(forgets(&mut w, t + 3 * HOUR_MS + RETENTION), ["custom_offer_forgotten"]);
+    assert!(!has_offer(&w, "co3") && !has_order(&w, "ord3"));
+    // The active order is live state: never forgotten.
+    assert!(forgets(&mut w, t + 400 * DAY_MS).is_empty());
+    assert!(has_order(&w, "o4"));
+    assert_eq!((w.book.len(), w.book.next_deadline()), (1, None));
+    // R27: the counters are unchanged; the forgotten records' share is accounted for.
+    assert_eq!(w.stats(), before);
+    let forgotten = w.book.pro(&ProId::new(PRO)).unwrap().forgotten;
+    assert_eq!(
+        (forgotten.orders, forgotten.orders_completed, forgotten.orders_cancelled, forgotten.requests),
+        (3, 3, 0, 1)
+    );
+    // A completion naming a forgotten order is refused as unknown and changes nothing.
+    let e = w.run(t + 400 * DAY_MS, complete("o1")).unwrap_err();
+    assert_eq!(e.code(), "unknown_order");
+    assert!(e.to_string().contains("forgotten"), "{e}");
+}
+
+/// R27: replaying the logged events, completions and their forgetting included, gives
+/// the same book; so does a snapshot taken midway plus the later events; the facts and
+/// the command survive the WAL (MessagePack) and wire (JSON) encodings.
+#[test]
+fn r27_replaying_logged_completions_gives_the_same_book() {
+    let mut w = World::with_mode(AcceptanceMode::AutoAccept);
+    let t = t0();
+    for (i, client) in ["anna", "bruno", "carla"].iter().enumerate() {
+        w.place(t, &format!("o{i}"), client, "basic");
+    }
+    w.ok(t, send_offer("dario", terms("co4", 400, None)));
+    w.ok(t, accept("co4", "ord4"));
+    w.ok(t + MINUTE_MS, complete("o0"));
+    w.ok(t + MINUTE_MS, cancel("o1"));
+    let mid = w.log.len();
+    let mid_snapshot = rmp_serde::to_vec(&w.book).unwrap();
+    w.ok(t + HOUR_MS, complete("ord4"));
+    w.ok(t + MINUTE_MS + RETENTION, OrderCommand::Tick);
+    assert!(!has_order(&w, "o0") && !has_order(&w, "o1") && has_order(&w, "ord4") && has_order(&w, "o2"));
+    let names: Vec<&str> = w.log.iter().map(|e| e.name()).collect();
+    assert_eq!(names.iter().filter(|n| **n == "order_completed").count(), 2, "{names:?}");
+    let mut replayed = OrderBook::new(&Policy::shared_default("fiverr"));
+    for ev in &w.log {
+        let bytes = rmp_serde::to_vec(ev).unwrap();
+        replayed.apply(&rmp_serde::from_slice::<OrderEvent>(&bytes).unwrap());
+    }
+    replayed.check_invariants().unwrap();
+    assert_eq!(replayed, w.book);
+    assert_eq!(status(&w, "ord4"), OrderStatus::Completed);
+    let mut resumed: OrderBook = rmp_serde::from_slice(&mid_snapshot).unwrap();
+    for ev in &w.log[mid..] {
+        resumed.apply(ev);
+    }
+    assert_eq!(resumed, w.book);
+    let restored: OrderBook = rmp_serde::from_slice(&rmp_serde::to_vec(&w.book).unwrap()).unwrap();
+    restored.check_invariants().unwrap();
+    assert_eq!(restored, w.book);
+    assert_eq!(restored.next_deadline(), Some(t + HOUR_MS + RETENTION));
+    // Wire shapes.
+    let ev = OrderEvent::OrderCompleted { order: OrderId::new("o0"), at: t };
+    let json = serde_json::to_value(&ev).unwrap();
+    assert_eq!(json, serde_json::json!({"type": "order_completed", "order": "o0", "at": t}));
+    let cmd: OrderCommand = serde_json::from_str(r#"{"type":"complete_order","order":"o0"}"#).unwrap();
+    assert_eq!(cmd, complete("o0"));
+    let reply = serde_json::to_value(OrderReply::OrderCompleted { order: OrderId::new("o0") }).unwrap();
+    assert_eq!(reply, serde_json::json!({"reply": "order_completed", "order": "o0"}));
+}
+
+// ---------------------------------------------------------------------------------
 // Idempotency
 // ---------------------------------------------------------------------------------
 
@@ -805,6 +1036,7 @@ fn repeated_commands_answer_the_same_and_change_nothing() {
         OrderCommand::CancelOrder { order: OrderId::new("ord2") },
         set_mode(PRO, GIG, AcceptanceMode::AutoAccept),
         place("o3", "dario", "basic"),
+        OrderCommand::CompleteOrder { order: OrderId::new("o3") },
     ];
     for cmd in cmds {
         let first = w.ok(t, cmd.clone());
@@ -890,6 +1122,7 @@ fn bad_input_is_refused_with_the_field_named_and_nothing_changed() {
         (send_offer("anna", terms("co1", 0, None)), "offer.price_cents"),
         (accept("", "ord1"), "offer"),
         (OrderCommand::CancelOrder { order: OrderId::new("") }, "order"),
+        (OrderCommand::CompleteOrder { order: OrderId::new("") }, "order"),
         (
             OrderCommand::SetAvailability {
                 pro: ProId::new(PRO),
@@ -924,6 +1157,8 @@ fn unknown_things_are_refused_by_name() {
     assert_eq!(w.run(t, accept("co404", "o1")).unwrap_err().code(), "unknown_custom_offer");
     let cancel = OrderCommand::CancelOrder { order: OrderId::new("o404") };
     assert_eq!(w.run(t, cancel).unwrap_err().code(), "unknown_order");
+    let complete = OrderCommand::CompleteOrder { order: OrderId::new("o404") };
+    assert_eq!(w.run(t, complete).unwrap_err().code(), "unknown_order");
     assert_eq!(w.book.stats(&ProId::new("nobody")), None);
 }
 
@@ -961,6 +1196,7 @@ enum Op {
     Send { pro: usize, client: usize, offer: usize, price: u64, expiry_h: Option<i64> },
     Accept { offer: usize, order: usize },
     Cancel { order: usize },
+    Complete { order: usize },
     Tick,
     Advance { minutes: i64 },
 }
@@ -980,6 +1216,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pro, client, offer, price, expiry_h)| Op::Send { pro, client, offer, price, expiry_h }),
         2 => (0..6usize, 0..14usize).prop_map(|(offer, order)| Op::Accept { offer, order }),
         2 => (0..14usize).prop_map(|order| Op::Cancel { order }),
+        2 => (0..14usize).prop_map(|order| Op::Complete { order }),
         2 => Just(Op::Tick),
         2 => (0..(30 * 60i64)).prop_map(|minutes| Op::Advance { minutes }),
     ]
@@ -1045,6 +1282,7 @@ fn command(op: &Op, now: Millis) -> Option<OrderCommand> {
             OrderCommand::AcceptCustomOffer { offer: offer(f), order: order(o) }
         }
         Op::Cancel { order: o } => OrderCommand::CancelOrder { order: order(o) },
+        Op::Complete { order: o } => OrderCommand::CompleteOrder { order: order(o) },
         Op::Tick => OrderCommand::Tick,
         Op::Advance { .. } => return None,
     })
@@ -1058,8 +1296,11 @@ fn terminal(book: &OrderBook, ids: usize) -> BTreeMap<String, String> {
         if let Some(r) = book.request(&id).filter(|r| r.status.is_terminal()) {
             out.insert(format!("request {id}"), format!("{:?} {:?} {:?}", r.status, r.answered_at, r.offer));
         }
-        if let Some(o) = book.order(&id).filter(|o| o.cancelled_at.is_some()) {
-            out.insert(format!("order {id}"), format!("{:?}", o.cancelled_at));
+        if let Some(o) = book.order(&id).filter(|o| o.status().is_terminal()) {
+            out.insert(
+                format!("order {id}"),
+                format!("{:?} {:?} {:?}", o.status(), o.cancelled_at, o.completed_at),
+            );
         }
         let co = CustomOfferId::new(format!("co{i}"));
         if let Some(o) = book.custom_offer(&co).filter(|o| o.status != CustomOfferStatus::Open) {
@@ -1070,7 +1311,8 @@ fn terminal(book: &OrderBook, ids: usize) -> BTreeMap<String, String> {
 }
 
 /// When each held record that closes a chain ended: a declined or expired request, an
-/// expired offer, a cancelled order (every ended chain ends with one of these).
+/// expired offer, a cancelled or completed order (every ended chain ends with one of
+/// these).
 fn chain_ends(book: &OrderBook, ids: usize) -> BTreeMap<String, Millis> {
     let mut out = BTreeMap::new();
     for i in 0..ids {
@@ -1081,8 +1323,11 @@ fn chain_ends(book: &OrderBook, ids: usize) -> BTreeMap<String, Millis> {
                 out.insert(format!("request {id}"), end);
             }
         }
-        if let Some(end) = book.order(&id).and_then(|o| o.cancelled_at) {
-            out.insert(format!("order {id}"), end);
+        if let Some(o) = book.order(&id) {
+            // Read from the fields themselves, not through `Order::ended_at`.
+            if let Some(end) = o.cancelled_at.or(o.completed_at) {
+                out.insert(format!("order {id}"), end);
+            }
         }
         let co = CustomOfferId::new(format!("co{i}"));
         if let Some(end) = book.custom_offer(&co).and_then(|o| o.expired_at) {

@@ -46,7 +46,8 @@
 //!           pending --respond_by passes----->  expired        (all three terminal)
 //! offer:    open --client accepts (before expires_at)--> accepted (creates an order)
 //!           open --expires_at passes-------------------> expired      (both terminal)
-//! order:    active --cancel--> cancelled (terminal)
+//! order:    active --cancel---> cancelled
+//!           active --complete-> completed               (both terminal)
 //! ```
 //!
 //! A request must be answered within the tenant policy's `orders.order_request_ttl_s`
@@ -56,14 +57,16 @@
 //!
 //! # Idempotency
 //!
-//! Every command carries the platform's id: the order id (place, accept, cancel), the
-//! request id (answer), the custom offer id (send, approve). Repeating a command with
-//! the same ids and payload answers the same reply and emits nothing; the same id with
-//! another payload is `idempotency_conflict`. This is why declining a request twice is
-//! answered as a retry, while declining an approved or expired request, approving a
-//! declined one, or approving an approved one with another offer is
-//! `illegal_transition` (an expired request answers `order_request_expired`). Setting a
-//! mode or availability to what it already is emits nothing.
+//! Every command carries the platform's id: the order id (place, accept, cancel,
+//! complete), the request id (answer), the custom offer id (send, approve). Repeating a
+//! command with the same ids and payload answers the same reply and emits nothing; the
+//! same id with another payload is `idempotency_conflict`. This is why declining a
+//! request twice, or cancelling or completing an order twice, is answered as a retry,
+//! while declining an approved or expired request, approving a declined one, approving
+//! an approved one with another offer, completing a cancelled order or cancelling a
+//! completed one is `illegal_transition` (an expired request answers
+//! `order_request_expired`). Setting a mode or availability to what it already is emits
+//! nothing.
 //!
 //! Ids are remembered for as long as their record is (see *Retention*): a repeat that
 //! arrives after its record was forgotten is not recognised. Like payment APIs'
@@ -76,10 +79,10 @@
 //! are forgotten as *chains*: a request, the custom offer that approved it and the order
 //! that offer became; or a custom offer sent outside any request and its order; or an
 //! order placed directly. A chain has *ended* when its last record is terminal (request
-//! declined or expired, offer expired, order cancelled); it ended at the time of the
-//! event that recorded that (`answered_at`, `expired_at`, `cancelled_at`). An active
-//! order or an open offer is live state and keeps its whole chain (its request and
-//! offer are what an idempotent accept or approve answers from).
+//! declined or expired, offer expired, order cancelled or completed); it ended at the
+//! time of the event that recorded that (`answered_at`, `expired_at`, `cancelled_at`,
+//! `completed_at`). An active order or an open offer is live state and keeps its whole
+//! chain (its request and offer are what an idempotent accept or approve answers from).
 //!
 //! A chain is forgotten once `orders.idempotency_retention_s` of the tenant policy has
 //! passed since it ended: a `Tick` at or after `ended + retention` emits
@@ -110,7 +113,8 @@
 //! # Rates (R27)
 //!
 //! * Cancellation rate = cancelled orders / orders. A declined request never became an
-//!   order, so it counts in neither.
+//!   order, so it counts in neither. A completed order is an order that was not
+//!   cancelled: it counts in the base only (and in `orders_completed`).
 //! * Response rate = requests answered (approved or declined) before `respond_by` /
 //!   requests that count. A request counts unless it arrived while the pro was marked
 //!   unavailable (paused or on vacation, [`Availability`]); being outside the weekly
@@ -327,6 +331,8 @@ pub enum OrderCommand {
     AcceptCustomOffer { offer: CustomOfferId, order: OrderId },
     /// An order is cancelled (counts in the cancellation rate, R27).
     CancelOrder { order: OrderId },
+    /// An order is finished: it ends its chain without counting as a cancellation (R27).
+    CompleteOrder { order: OrderId },
     /// Record what expired at `now` (requests past `respond_by`, offers past expiry).
     Tick,
 }
@@ -410,6 +416,11 @@ pub enum OrderEvent {
         order: OrderId,
         at: Millis,
     },
+    /// The order is finished: it ends like a cancellation but is not counted as one.
+    OrderCompleted {
+        order: OrderId,
+        at: Millis,
+    },
     /// A request that ended `orders.idempotency_retention_s` ago is forgotten, with the
     /// custom offer that approved it and the order that offer became (see *Retention*).
     RequestForgotten {
@@ -443,6 +454,7 @@ impl OrderEvent {
             Self::CustomOfferAccepted { .. } => "custom_offer_accepted",
             Self::CustomOfferExpired { .. } => "custom_offer_expired",
             Self::OrderCancelled { .. } => "order_cancelled",
+            Self::OrderCompleted { .. } => "order_completed",
             Self::RequestForgotten { .. } => "order_request_forgotten",
             Self::CustomOfferForgotten { .. } => "custom_offer_forgotten",
             Self::OrderForgotten { .. } => "order_forgotten",
@@ -461,6 +473,7 @@ pub enum OrderReply {
     RequestDeclined { request: OrderId },
     CustomOfferSent { offer: CustomOfferId, expires_at: Option<Millis> },
     OrderCancelled { order: OrderId },
+    OrderCompleted { order: OrderId },
     Done,
 }
 
@@ -489,8 +502,8 @@ pub enum OrderReject {
     RequestExpired(OrderId),
     #[error("custom offer {0} has expired")]
     CustomOfferExpired(CustomOfferId),
-    #[error("cannot {action} a {what} that is {from}")]
-    IllegalTransition { what: &'static str, from: &'static str, action: &'static str },
+    #[error("cannot {action} {what} {id}: it is {from}")]
+    IllegalTransition { what: &'static str, id: String, from: &'static str, action: &'static str },
     #[error("{field} {id} was already used with a different payload")]
     IdempotencyConflict { field: &'static str, id: String },
 }
@@ -622,6 +635,50 @@ pub struct Order {
     pub placement: Option<Placement>,
     pub placed_at: Millis,
     pub cancelled_at: Option<Millis>,
+    /// When the order was completed. Absent in snapshots of older releases, which had
+    /// no completion: `None`.
+    #[serde(default)]
+    pub completed_at: Option<Millis>,
+}
+
+impl Order {
+    /// Derived from `cancelled_at` / `completed_at`; at most one is set
+    /// (`check_invariants`).
+    pub fn status(&self) -> OrderStatus {
+        match (self.cancelled_at, self.completed_at) {
+            (Some(_), _) => OrderStatus::Cancelled,
+            (None, Some(_)) => OrderStatus::Completed,
+            (None, None) => OrderStatus::Active,
+        }
+    }
+
+    /// When the order reached its terminal status; `None` while active.
+    pub fn ended_at(&self) -> Option<Millis> {
+        self.cancelled_at.or(self.completed_at)
+    }
+}
+
+/// Where an order is in its life: `active` until cancelled or completed (both terminal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    Active,
+    Cancelled,
+    Completed,
+}
+
+impl OrderStatus {
+    pub fn is_terminal(self) -> bool {
+        self != Self::Active
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Cancelled => "cancelled",
+            Self::Completed => "completed",
+        }
+    }
 }
 
 /// The counters behind a pro's rates (R27).
@@ -639,6 +696,10 @@ pub struct ProStats {
     /// Orders started (directly or from a custom offer).
     pub orders: u64,
     pub orders_cancelled: u64,
+    /// Orders completed: orders all the same, never cancellations. Absent in snapshots
+    /// of older releases, which had no completion: 0.
+    #[serde(default)]
+    pub orders_completed: u64,
 }
 
 impl ProStats {
@@ -647,7 +708,8 @@ impl ProStats {
         permille(self.requests_responded, self.requests_counted)
     }
 
-    /// Cancelled / started orders, per mille; declined requests are not orders.
+    /// Cancelled / started orders, per mille; declined requests are not orders, and a
+    /// completed order counts in the base only.
     pub fn cancellation_rate_permille(&self) -> Option<u32> {
         permille(self.orders_cancelled, self.orders)
     }
@@ -663,6 +725,7 @@ impl ProStats {
         self.requests_expired += o.requests_expired;
         self.orders += o.orders;
         self.orders_cancelled += o.orders_cancelled;
+        self.orders_completed += o.orders_completed;
     }
 
     /// What one request, in its current status, contributes to the counters.
@@ -683,6 +746,7 @@ impl ProStats {
     fn tally_order(&mut self, o: &Order) {
         self.orders += 1;
         self.orders_cancelled += u64::from(o.cancelled_at.is_some());
+        self.orders_completed += u64::from(o.completed_at.is_some());
     }
 }
 
@@ -925,19 +989,40 @@ impl OrderBook {
                 self.decide_send_offer(now, pro, client, service, offer)
             }
             OrderCommand::AcceptCustomOffer { offer, order } => self.decide_accept(now, offer, order),
-            OrderCommand::CancelOrder { order } => {
-                order.validate("order")?;
-                let o = self.orders.get(order).ok_or_else(|| OrderReject::UnknownOrder(order.clone()))?;
-                let reply = OrderReply::OrderCancelled { order: order.clone() };
-                if o.cancelled_at.is_some() {
-                    return Ok(OrderDecision { events: vec![], reply });
-                }
-                Ok(OrderDecision {
-                    events: vec![OrderEvent::OrderCancelled { order: order.clone(), at: now }],
-                    reply,
-                })
-            }
+            OrderCommand::CancelOrder { order } => self.decide_end(now, order, OrderStatus::Cancelled),
+            OrderCommand::CompleteOrder { order } => self.decide_end(now, order, OrderStatus::Completed),
             OrderCommand::Tick => Ok(done(self.due_events(now))),
+        }
+    }
+
+    /// Cancel or complete an active order (`to` is the terminal status). Reaching the
+    /// status it already has is a retry; the other terminal status is final.
+    fn decide_end(&self, now: Millis, id: &OrderId, to: OrderStatus) -> Result<OrderDecision, OrderReject> {
+        id.validate("order")?;
+        let o = self.orders.get(id).ok_or_else(|| OrderReject::UnknownOrder(id.clone()))?;
+        let order = id.clone();
+        let (reply, event, action) = match to {
+            OrderStatus::Cancelled => (
+                OrderReply::OrderCancelled { order: order.clone() },
+                OrderEvent::OrderCancelled { order, at: now },
+                "cancel",
+            ),
+            OrderStatus::Completed => (
+                OrderReply::OrderCompleted { order: order.clone() },
+                OrderEvent::OrderCompleted { order, at: now },
+                "complete",
+            ),
+            OrderStatus::Active => unreachable!("an order is never moved back to active"),
+        };
+        match o.status() {
+            OrderStatus::Active => Ok(OrderDecision { events: vec![event], reply }),
+            from if from == to => Ok(OrderDecision { events: vec![], reply }),
+            from => Err(OrderReject::IllegalTransition {
+                what: "order",
+                id: id.to_string(),
+                from: from.as_str(),
+                action,
+            }),
         }
     }
 
@@ -1016,6 +1101,7 @@ impl OrderBook {
         let r = self.requests.get(id).ok_or_else(|| OrderReject::UnknownRequest(id.clone()))?;
         let illegal = |action| OrderReject::IllegalTransition {
             what: "order request",
+            id: id.to_string(),
             from: r.status.as_str(),
             action,
         };
@@ -1124,6 +1210,7 @@ impl OrderBook {
             CustomOfferStatus::Accepted => {
                 return Err(OrderReject::IllegalTransition {
                     what: "custom offer",
+                    id: offer_id.to_string(),
                     from: "accepted",
                     action: "accept",
                 })
@@ -1199,6 +1286,7 @@ impl OrderBook {
                     placement: Some(placement.clone()),
                     placed_at: *at,
                     cancelled_at: None,
+                    completed_at: None,
                 });
             }
             OrderEvent::RequestOpened { request, placement, counts, respond_by, at } => {
@@ -1300,6 +1388,7 @@ impl OrderBook {
                     placement: None,
                     placed_at: *at,
                     cancelled_at: None,
+                    completed_at: None,
                 });
             }
             OrderEvent::CustomOfferExpired { offer, at } => {
@@ -1315,12 +1404,23 @@ impl OrderBook {
             }
             OrderEvent::OrderCancelled { order, at } => {
                 let Some(o) = self.orders.get_mut(order) else { return };
-                if o.cancelled_at.is_some() {
+                if o.status().is_terminal() {
                     return;
                 }
                 o.cancelled_at = Some(*at);
                 let pro = o.pro.clone();
                 self.pro_stats(&pro).orders_cancelled += 1;
+                let chain = self.order_chain(order);
+                self.mark_ended(chain);
+            }
+            OrderEvent::OrderCompleted { order, at } => {
+                let Some(o) = self.orders.get_mut(order) else { return };
+                if o.status().is_terminal() {
+                    return;
+                }
+                o.completed_at = Some(*at);
+                let pro = o.pro.clone();
+                self.pro_stats(&pro).orders_completed += 1;
                 let chain = self.order_chain(order);
                 self.mark_ended(chain);
             }
@@ -1372,7 +1472,7 @@ impl OrderBook {
                 if matches!(o.via, OrderVia::CustomOffer { .. }) {
                     return None;
                 }
-                o.cancelled_at
+                o.ended_at()
             }
         }
     }
@@ -1383,7 +1483,7 @@ impl OrderBook {
         match o.status {
             CustomOfferStatus::Open => None,
             CustomOfferStatus::Expired => o.expired_at,
-            CustomOfferStatus::Accepted => self.orders.get(o.order.as_ref()?)?.cancelled_at,
+            CustomOfferStatus::Accepted => self.orders.get(o.order.as_ref()?)?.ended_at(),
         }
     }
 
@@ -1579,6 +1679,9 @@ impl OrderBook {
                     return Err(format!("order {id} disagrees with its placement"));
                 }
             }
+            if o.cancelled_at.is_some() && o.completed_at.is_some() {
+                return Err(format!("order {id} is both cancelled and completed"));
+            }
             if let OrderVia::CustomOffer { offer } = &o.via {
                 if self.offers.get(offer).and_then(|f| f.order.as_ref()) != Some(id) {
                     return Err(format!("order {id} comes from offer {offer}, which does not point back"));
@@ -1609,6 +1712,13 @@ impl OrderBook {
                 || p.stats.orders_cancelled > p.stats.orders
             {
                 return Err(format!("pro {id} has a rate above 100 %"));
+            }
+            // An order ends once, cancelled or completed: together at most every order.
+            if p.stats.orders_cancelled + p.stats.orders_completed > p.stats.orders {
+                return Err(format!(
+                    "pro {id} has {} cancelled and {} completed of {} orders",
+                    p.stats.orders_cancelled, p.stats.orders_completed, p.stats.orders
+                ));
             }
             // R25: the clients of the orders held, and those of forgotten orders.
             let held = clients.remove(id).unwrap_or_default();
