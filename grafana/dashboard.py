@@ -174,6 +174,7 @@ ts("Frames", "pps", [
 ts("Stream trouble", "ops", [
     (f"sum(rate(rota_slow_subscriber_disconnects_total[{RI}]))", "slow-subscriber disconnects"),
     (f"sum by (outcome) (rate(rota_stream_resumes_total[{RI}]))", "resumes {{outcome}}"),
+    (f"sum(rate(rota_stream_history_restarts_total[{RI}]))", "stream history restarts"),
     (f"sum by (reason) (rate(rota_auth_failures_total[{RI}]))", "auth failure {{reason}}"),
 ], w=6)
 ts("Memory", "bytes", [
@@ -184,6 +185,8 @@ ts("File descriptors", "percentunit", [
     ("sum(process_open_fds{job=~\"rota.*\"}) / sum(process_max_fds{job=~\"rota.*\"})", "open / max"),
 ], w=6, thresholds=[(0.8, "red")])
 ts("Threads", "short", [("sum(process_threads{job=~\"rota.*\"})", "threads")], w=6)
+ts("Stream history on disk", "bytes", [("sum by (tenant) (rota_stream_history_bytes)", "{{tenant}}")], w=6,
+   desc="Events evicted from the replay buffer, kept for resumes (stream_spill_bytes per tenant).")
 
 # --- Durability -------------------------------------------------------------
 row("Durability")

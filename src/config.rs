@@ -42,6 +42,10 @@ pub struct RawConfig {
     pub heartbeat_timeout_ms: u64,
     pub subscriber_queue_frames: usize,
     pub stream_retention_events: usize,
+    /// Stream history on disk, per tenant, in bytes: events evicted from the replay
+    /// buffer are kept under `<data_dir>/streams/` so that a subscriber away longer
+    /// than the buffer still resumes (see `engine::spill`). 0 = off.
+    pub stream_spill_bytes: u64,
     pub max_connections: usize,
     /// A connection that has not completed the websocket upgrade by then is closed.
     pub handshake_timeout_ms: u64,
@@ -140,6 +144,7 @@ impl Default for RawConfig {
             heartbeat_timeout_ms: 45_000,
             subscriber_queue_frames: 65_536,
             stream_retention_events: 100_000,
+            stream_spill_bytes: 1 << 30,
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
             rate_limit_connection_per_s: 50_000,
@@ -283,6 +288,9 @@ impl Config {
             if v < min {
                 return Err(invalid(key, format!("must be at least {min}")));
             }
+        }
+        if raw.stream_spill_bytes != 0 && raw.stream_spill_bytes < 64 << 10 {
+            return Err(invalid("stream_spill_bytes", "must be 0 (off) or at least 65536"));
         }
         if raw.handshake_timeout_ms == 0 {
             return Err(invalid("handshake_timeout_ms", "must be at least 1"));

@@ -76,6 +76,8 @@ pub const FRAMES_SENT: &str = "rota_frames_sent_total";
 pub const AUTH_FAILURES: &str = "rota_auth_failures_total";
 pub const SLOW_SUBSCRIBER_DISCONNECTS: &str = "rota_slow_subscriber_disconnects_total";
 pub const STREAM_RESUMES: &str = "rota_stream_resumes_total";
+pub const STREAM_HISTORY_BYTES: &str = "rota_stream_history_bytes";
+pub const STREAM_HISTORY_RESTARTS: &str = "rota_stream_history_restarts_total";
 
 // Latency.
 pub const DECIDE_DURATION: &str = "rota_decide_duration_seconds";
@@ -132,7 +134,7 @@ pub const AUTH_FAILURE_REASONS: &[&str] =
     &["missing_token", "invalid_token", "forbidden_scope", "bad_subprotocol"];
 /// `outcome` of [`STREAM_RESUMES`]: `replayed` = the gap was served from retention,
 /// `too_old` = the requested sequence fell out of retention.
-pub const RESUME_OUTCOMES: &[&str] = &["replayed", "too_old"];
+pub const RESUME_OUTCOMES: &[&str] = &["replayed", "from_disk", "too_old"];
 
 // ---------------------------------------------------------------------------
 // Buckets
@@ -323,6 +325,20 @@ pub const ALL: &[MetricDef] = &[
         "Subscribers disconnected because their queue filled.",
     ),
     m(STREAM_RESUMES, C, "requests", &["outcome"], "Stream subscriptions that resumed from a sequence."),
+    m(
+        STREAM_HISTORY_BYTES,
+        G,
+        "bytes",
+        &[TENANT],
+        "Stream history on disk (events evicted from the replay buffer, stream_spill_bytes).",
+    ),
+    m(
+        STREAM_HISTORY_RESTARTS,
+        C,
+        "restarts",
+        &[TENANT],
+        "Times the stream history on disk was dropped because it no longer joined the stream (a crash, a disk that fell behind, a write error).",
+    ),
     // Latency.
     h(DECIDE_DURATION, "seconds", &[], DECIDE_BUCKETS, "Time the pure core spends deciding one command."),
     h(
@@ -501,6 +517,8 @@ pub struct TenantMetrics {
     pub credits_moved: ByLabel<Counter>,
     pub fairness_deviation: Histogram,
     pub fairness_max_deviation: Gauge,
+    pub stream_history_bytes: Gauge,
+    pub stream_history_restarts: Counter,
 }
 
 impl TenantMetrics {
@@ -520,7 +538,9 @@ impl TenantMetrics {
             responses_refused: labelled(RESPONSES_REFUSED, "code", REFUSAL_CODES),
             credits_moved: labelled(CREDITS_MOVED, "movement", CREDIT_MOVEMENTS),
             fairness_deviation: metrics::histogram!(FAIRNESS_DEVIATION, TENANT => t.clone()),
-            fairness_max_deviation: metrics::gauge!(FAIRNESS_MAX_DEVIATION, TENANT => t),
+            fairness_max_deviation: metrics::gauge!(FAIRNESS_MAX_DEVIATION, TENANT => t.clone()),
+            stream_history_bytes: metrics::gauge!(STREAM_HISTORY_BYTES, TENANT => t.clone()),
+            stream_history_restarts: metrics::counter!(STREAM_HISTORY_RESTARTS, TENANT => t),
         }
     }
 

@@ -279,6 +279,90 @@ async fn a_batched_subscription_gets_the_same_events_in_fewer_frames_live_and_on
     }
 }
 
+/// The stream's history on disk (`stream_spill_bytes`): a resume older than the
+/// replay buffer gets every evicted event from disk, in order and unchanged, then the
+/// buffer, then live events; the history survives a clean restart.
+#[tokio::test(flavor = "current_thread")]
+async fn a_resume_older_than_the_replay_buffer_is_served_from_disk_then_live_also_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["stream_retention_events=50"];
+    let d = Daemon::start_with_flags(dir.path(), &flags);
+    let mut ingest = Client::new(&d.addr, true).await;
+    ingest.ok(json!({"type": "upsert_pro", "pro": pro("p1")})).await;
+    for i in 0..400 {
+        ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": format!("g{i}"), "credits": 1})).await;
+    }
+    let next =
+        Client::new(&d.addr, true).await.ok(json!({"type": "subscribe"})).await["next_seq"].as_u64().unwrap();
+    let n = (next - 1) as usize;
+    assert!(n >= 400, "{n} events, eight times the buffer");
+    let mut seen: Vec<Vec<Value>> = Vec::new();
+    for (msgpack, batch) in [(false, false), (true, true), (false, true)] {
+        // Each round's live event adds one to what the next round resumes.
+        let total = n + seen.len();
+        let mut c = Client::new(&d.addr, msgpack).await;
+        c.ok(json!({"type": "subscribe", "resume_from": 0, "batch": batch})).await;
+        let events = if batch { c.batched_events(total).await.0 } else { c.events(total).await };
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "msgpack {msgpack} batch {batch}: every event once, in order"
+        );
+        // Then live: the next event follows without a gap.
+        let op = format!("live-{msgpack}-{batch}");
+        ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": op, "credits": 1})).await;
+        let live = if batch { c.batched_events(1).await.0 } else { c.events(1).await };
+        assert_eq!(live[0]["seq"].as_u64(), Some(total as u64 + 1), "{}", live[0]);
+        assert_eq!(live[0]["event"]["event"], "credits");
+        seen.push(events[..n].to_vec());
+    }
+    assert_eq!(seen[0], seen[1], "the same events in both encodings");
+    assert_eq!(d.stop(), 0);
+    // After a clean restart the history is still there: the same events.
+    let d = Daemon::start_with_flags(dir.path(), &flags);
+    let mut c = Client::new(&d.addr, false).await;
+    c.ok(json!({"type": "subscribe", "resume_from": 0})).await;
+    assert_eq!(c.events(n + 3).await[..n], seen[0][..], "the history after a restart");
+}
+
+/// The history is bounded (`stream_spill_bytes`, oldest segments dropped first): a
+/// resume older than what it keeps gets `resume_too_old` naming the oldest cursor,
+/// and resuming from that cursor gets everything after it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_resume_older_than_the_history_on_disk_is_refused_with_the_oldest_cursor_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_flags(dir.path(), &["stream_retention_events=50", "stream_spill_bytes=65536"]);
+    let mut ingest = Client::new(&d.addr, true).await;
+    ingest.ok(json!({"type": "upsert_pro", "pro": pro("p1")})).await;
+    for i in 0..1_500 {
+        ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": format!("g{i}"), "credits": 1})).await;
+    }
+    let next =
+        Client::new(&d.addr, true).await.ok(json!({"type": "subscribe"})).await["next_seq"].as_u64().unwrap();
+    // The writer may still be moving the last evictions to disk (dropping an old
+    // segment): ask until the cursor named is served.
+    for attempt in 0.. {
+        assert!(attempt < 50, "the oldest cursor named is never served");
+        let mut c = Client::new(&d.addr, false).await;
+        let (r, _) = c.call(json!({"type": "subscribe", "resume_from": 0})).await;
+        assert_eq!(r["code"], "resume_too_old", "{r}");
+        let msg = r["message"].as_str().unwrap().to_string();
+        let oldest: u64 =
+            msg.split_whitespace().nth(2).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("{msg}"));
+        assert!(oldest > 300 && oldest < next - 50, "{msg}: a history of 64 KiB, more than the buffer");
+        let mut c = Client::new(&d.addr, false).await;
+        let (r, _) = c.call(json!({"type": "subscribe", "resume_from": oldest - 1})).await;
+        if r["type"] != "ok" {
+            continue;
+        }
+        let events = c.events((next - oldest) as usize).await;
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (oldest..next).collect::<Vec<_>>());
+        break;
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_batched_resume_of_more_than_a_frame_holds_comes_in_several_frames_in_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -77,6 +77,14 @@ impl Outgoing {
         &f.buf[f.start..]
     }
 
+    /// An event read back from the stream history on disk, with its MessagePack
+    /// frame as written (so it is not encoded again).
+    pub(crate) fn spilled(seq: u64, event: StreamEvent, msgpack_frame: Vec<u8>) -> Self {
+        let out = Self { seq, event, json: OnceLock::new(), msgpack: OnceLock::new() };
+        let _ = out.msgpack.set(Framed { buf: msgpack_frame, start: 0 });
+        out
+    }
+
     pub fn frame(&self) -> StreamFrame {
         StreamFrame { kind: StreamTag::Event, seq: self.seq, event: self.event.clone() }
     }
@@ -307,6 +315,8 @@ pub struct StreamHub {
     /// Subscribers per encoding (JSON, MessagePack).
     wanted: [AtomicUsize; 2],
     retention: usize,
+    /// Where evicted events go: the history on disk (`stream_spill_bytes`), if on.
+    spill: Option<Arc<super::spill::Spill>>,
     next_sub: AtomicU64,
     pub slow_disconnects: AtomicU64,
 }
@@ -330,13 +340,30 @@ pub enum ResumeError {
 
 impl StreamHub {
     pub fn new(retention: usize) -> Self {
+        Self::with_spill(retention, None)
+    }
+
+    /// A hub whose evicted events go to `spill` (see [`super::spill`]).
+    pub fn with_spill(retention: usize, spill: Option<Arc<super::spill::Spill>>) -> Self {
         Self {
             inner: Mutex::new(Inner { next_seq: 1, buffer: VecDeque::new(), subscribers: Vec::new() }),
             wanted: [AtomicUsize::new(0), AtomicUsize::new(0)],
             retention,
+            spill,
             next_sub: AtomicU64::new(1),
             slow_disconnects: AtomicU64::new(0),
         }
+    }
+
+    /// The history on disk behind the replay buffer, if any.
+    pub fn spill(&self) -> Option<&Arc<super::spill::Spill>> {
+        self.spill.as_ref()
+    }
+
+    /// The oldest event in the replay buffer (`next_seq` when it is empty).
+    pub fn oldest_buffered(&self) -> u64 {
+        let g = self.inner.lock();
+        g.buffer.front().map_or(g.next_seq, |o| o.seq)
     }
 
     /// The sequence number the next event will get.
@@ -379,7 +406,14 @@ impl StreamHub {
             inner.next_seq += 1;
             let out = Arc::new(Outgoing::new(seq, event));
             if inner.buffer.len() == self.retention {
-                evicted.extend(inner.buffer.pop_front());
+                if let Some(old) = inner.buffer.pop_front() {
+                    // To the history on disk, under this lock: an event is always in
+                    // the buffer, in transit or on disk (see `spill`).
+                    match &self.spill {
+                        Some(sp) => evicted.extend(sp.push_evicted(old)),
+                        None => evicted.push(old),
+                    }
+                }
             }
             inner.buffer.push_back(out.clone());
             let mut i = 0;

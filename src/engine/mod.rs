@@ -18,6 +18,7 @@ pub mod hub;
 pub mod lead_index;
 pub mod money;
 pub mod record;
+pub mod spill;
 
 use crate::clock::Clock;
 use crate::config::{ClockMode, Config, TenantConfig};
@@ -93,6 +94,9 @@ pub struct Inner {
     /// Size of the last snapshot's encoding: the next one is encoded into a buffer
     /// of about that size, not one grown by doubling from empty.
     last_snapshot_bytes: AtomicUsize,
+    /// The thread writing the streams' history to disk, and its stop flag.
+    spill_stop: Arc<AtomicBool>,
+    spill_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Cheap to clone; all clones share one runtime.
@@ -136,6 +140,8 @@ pub enum StartError {
     Snapshot(String),
     #[error("WAL record {seq} cannot be decoded: {reason}")]
     Record { seq: u64, reason: String },
+    #[error("cannot start the stream-history thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// State rebuilt by replay before the actors start.
@@ -172,6 +178,7 @@ impl Engine {
         let policies: FxHashMap<TenantId, Arc<crate::core::Policy>> =
             cfg.tenants.iter().map(|t| (t.id.clone(), t.policy.clone())).collect();
         let mut rec = Recovering { ledger: Some(Ledger::new()), ..Default::default() };
+        let spill_fs = fs.clone();
         let (wal, recovered) = Wal::open_with(cfg.wal.clone(), fs, |item| {
             if rec.error.is_some() {
                 return;
@@ -208,8 +215,18 @@ impl Engine {
         };
         let own_arbiters = cfg.raw.arbiters > 0;
         let mut tenants = FxHashMap::default();
+        let mut spills = Vec::new();
         for t in &cfg.tenants {
-            let hub = Arc::new(StreamHub::new(cfg.raw.stream_retention_events));
+            let spill = (cfg.raw.stream_spill_bytes > 0).then(|| {
+                spill::Spill::open(
+                    spill_fs.clone(),
+                    &cfg.raw.data_dir.join("streams"),
+                    &t.id,
+                    cfg.raw.stream_spill_bytes,
+                    cfg.raw.stream_retention_events,
+                )
+            });
+            let hub = Arc::new(StreamHub::with_spill(cfg.raw.stream_retention_events, spill.clone()));
             let buffered = rec.hub_buffer.remove(&t.id).unwrap_or_default();
             if let Some(&(first, _)) = buffered.first() {
                 hub.set_next_seq(first);
@@ -222,6 +239,12 @@ impl Engine {
             }
             if let Some(evs) = rec.hub_events.remove(&t.id) {
                 hub.publish(evs);
+            }
+            if let Some(sp) = spill {
+                // What recovery kept: transit (evicted while replaying), then the buffer.
+                let oldest = sp.transit_front().unwrap_or_else(|| hub.oldest_buffered());
+                sp.align(oldest, hub.next_seq());
+                spills.push(Arc::downgrade(&sp));
             }
             tenants.insert(t.id.clone(), Tenant { cfg: t.clone(), hub });
         }
@@ -240,6 +263,11 @@ impl Engine {
                 .collect(),
         };
         let ready = Arc::new(AtomicBool::new(false));
+        let spill_stop = Arc::new(AtomicBool::new(false));
+        let spill_writer = match spills.is_empty() {
+            true => None,
+            false => Some(spill::spawn_writer(spills, spill_stop.clone()).map_err(StartError::Thread)?),
+        };
         let inner = Arc::new(Inner {
             metrics: EngineMetrics::new(cfg.tenants.iter().map(|t| &t.id)),
             clock,
@@ -259,6 +287,8 @@ impl Engine {
             ready,
             stopping: AtomicBool::new(false),
             last_snapshot_bytes: AtomicUsize::new(rec.snapshot_bytes),
+            spill_stop,
+            spill_writer: Mutex::new(spill_writer),
             cfg,
         });
         let engine = Engine { inner };
@@ -898,12 +928,34 @@ impl Engine {
         for t in self.inner.tenants.values() {
             t.hub.close_all();
         }
+        // Transit to disk before stopping: the history then joins the replay buffer
+        // the final snapshot holds, and survives the restart.
+        self.stop_spill_writer();
         if self.inner.own_arbiters {
             for a in &self.inner.arbiters {
                 a.stop();
             }
         }
         result
+    }
+
+    /// Stops the stream-history thread after a last write of what is in transit.
+    pub fn stop_spill_writer(&self) {
+        self.inner.spill_stop.store(true, Ordering::Release);
+        if let Some(h) = self.inner.spill_writer.lock().take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+
+    /// Writes every tenant's evicted stream events to disk now (tests and tools; the
+    /// spill thread does it every few milliseconds).
+    pub fn drain_spills(&self) {
+        for t in self.inner.tenants.values() {
+            if let Some(s) = t.hub.spill() {
+                s.drain();
+            }
+        }
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -935,6 +987,12 @@ impl Engine {
             durable_seq: self.inner.wal.durable_seq(),
             failed: st.failed,
         });
+        for t in self.inner.tenants.values() {
+            if let (Some(sp), Some(tm)) = (t.hub.spill(), self.inner.metrics.tenant(&t.cfg.id)) {
+                tm.stream_history_bytes.set(sp.disk_bytes() as f64);
+                tm.stream_history_restarts.absolute(sp.stats.restarts.load(Ordering::Relaxed));
+            }
+        }
         let depth_max = self.inner.shards.iter().map(|e| e.value().depth.load(Ordering::Relaxed)).max();
         self.inner.metrics.m.mailbox_depth_max.set(depth_max.unwrap_or(0) as f64);
         let mut shares: FxHashMap<TenantId, Vec<(f64, f64)>> = FxHashMap::default();

@@ -24,7 +24,8 @@
 //! 1002 protocol error, 1007 invalid UTF-8, 1009 frame too big, 4000 heartbeat
 //! timeout, 4008 slow subscriber (reason carries `resume_from=N`).
 
-use crate::engine::hub::{ResumeError, Subscription};
+use crate::engine::hub::{Outgoing, ResumeError, Subscription};
+use crate::engine::spill::{Lost, Spill};
 use crate::engine::Engine;
 use crate::ids::TenantId;
 use crate::protocol::{self, ApiError, Encoding, OkResult, Reply, Request, Scope};
@@ -202,7 +203,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let conn_limit = std::num::NonZeroU32::new(cfg.rate_limit_connection_per_s)
         .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
     let mut admission = Admission::new(cfg.shed_backlog_bytes);
+    let mut catch_up: Option<CatchUp> = None;
     let close = loop {
+        if let Some(c) = catch_up.as_mut().filter(|c| c.reading.is_none()) {
+            let (spill, after) = (c.spill.clone(), c.after);
+            c.reading = Some(tokio::task::spawn_blocking(move || {
+                spill.read_after(after, CATCH_UP_EVENTS, CATCH_UP_BYTES)
+            }));
+        }
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -256,6 +264,48 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                             break Some((CloseCode::Library(CLOSE_SLOW), format!("slow subscriber; resume_from={last_seq_sent}")));
                         }
                         break Some((CloseCode::Away, format!("stream closed; resume_from={last_seq_sent}")));
+                    }
+                }
+            }
+            read = async { catch_up.as_mut().and_then(|c| c.reading.as_mut()).expect("guarded by the select condition").await }, if catch_up.as_ref().is_some_and(|c| c.reading.is_some()) => {
+                let c = catch_up.as_mut().expect("guarded");
+                c.reading = None;
+                match read {
+                    Ok(Ok(events)) if !events.is_empty() => {
+                        let after = events.last().map_or(c.after, |o| o.seq);
+                        let wanted: Vec<Arc<Outgoing>> = match &c.pro {
+                            None => events,
+                            Some(p) => events.into_iter().filter(|o| o.event.pro() == Some(p)).collect(),
+                        };
+                        if feed_events(&mut sink, enc, c.batch, &wanted, &mut last_seq_sent).await.is_err() { break None; }
+                        if sink.flush().await.is_err() { break None; }
+                        c.after = after;
+                        last_seq_sent = after;
+                    }
+                    Ok(Ok(_)) => {
+                        // Nothing more on disk or in transit: the buffer should hold
+                        // the next event (else it was evicted meanwhile: read again).
+                        let h = hub.as_ref().expect("a catch-up has a hub");
+                        match h.subscribe(Some(c.after), c.pro.clone(), engine.inner.cfg.raw.subscriber_queue_frames, enc) {
+                            Ok(mut s) => {
+                                let backlog = std::mem::take(&mut s.backlog);
+                                let batch = c.batch;
+                                catch_up = None;
+                                sub = Some(s);
+                                if feed_events(&mut sink, enc, batch, &backlog, &mut last_seq_sent).await.is_err() { break None; }
+                                if sink.flush().await.is_err() { break None; }
+                            }
+                            Err(ResumeError::TooOld { .. }) => {}
+                            Err(ResumeError::Ahead { .. }) => {
+                                break Some((CloseCode::Error, format!("stream history ahead of the stream; resume_from={}", c.after)));
+                            }
+                        }
+                    }
+                    Ok(Err(Lost { .. })) | Err(_) => {
+                        // Overtaken by the history's own bound (or unreadable): the
+                        // client resumes again and is told what is still kept.
+                        m.slow_subscriber_disconnects.increment(1);
+                        break Some((CloseCode::Library(CLOSE_SLOW), format!("stream history overtaken while catching up; resume_from={}", c.after)));
                     }
                 }
             }
@@ -346,43 +396,51 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 if let Request::Subscribe { resume_from, pro, batch } = env.request {
                     let reply = match (&hub, &sub) {
                         (_, Some(_)) => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
+                        _ if catch_up.is_some() => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
                         (None, _) => Reply::Error { id: Some(id), error: ApiError::new("unknown_tenant", "tenant has no stream") },
                         (Some(h), None) => {
-                            let resumed = h.subscribe(resume_from, pro, engine.inner.cfg.raw.subscriber_queue_frames, enc);
+                            let resumed = h.subscribe(resume_from, pro.clone(), engine.inner.cfg.raw.subscriber_queue_frames, enc);
+                            // Older than the replay buffer: the history on disk may hold it.
+                            let from_disk = match (&resumed, resume_from, h.spill()) {
+                                (Err(ResumeError::TooOld { oldest_available }), Some(after), Some(spill)) => {
+                                    match spill.oldest_kept() {
+                                        Some(o) if o <= after + 1 => Ok(spill.clone()),
+                                        o => Err(o.unwrap_or(*oldest_available).min(*oldest_available)),
+                                    }
+                                }
+                                (Err(ResumeError::TooOld { oldest_available }), _, _) => Err(*oldest_available),
+                                _ => Err(0),
+                            };
                             if resume_from.is_some() {
-                                let outcome = if matches!(resumed, Err(ResumeError::TooOld { .. })) { "too_old" } else { "replayed" };
+                                let outcome = match (&resumed, &from_disk) {
+                                    (Err(ResumeError::TooOld { .. }), Ok(_)) => "from_disk",
+                                    (Err(ResumeError::TooOld { .. }), Err(_)) => "too_old",
+                                    _ => "replayed",
+                                };
                                 m.stream_resumes.get(outcome).increment(1);
                             }
-                            match resumed {
-                                Ok(s) => {
+                            match (resumed, from_disk) {
+                                (Ok(s), _) => {
                                     let next = s.next_seq;
                                     let backlog = std::mem::take(&mut sub.insert(s).backlog);
                                     batch_events = batch;
                                     let ok = Reply::Ok { id, result: OkResult::Subscribed { subscribed: true, next_seq: next } };
                                     if send(&mut sink, enc, protocol::encode(enc, &ok), false).await.is_err() { break None; }
-                                    if batch {
-                                        // Frames bounded as the live ones are.
-                                        let mut frame = protocol::EventsFrame::new(enc);
-                                        for out in &backlog {
-                                            frame.push(out.bytes(enc));
-                                            last_seq_sent = out.seq;
-                                            if frame.len() >= EVENTS_PER_FRAME || frame.bytes_len() >= EVENTS_FRAME_BYTES {
-                                                let full = std::mem::replace(&mut frame, protocol::EventsFrame::new(enc));
-                                                if send(&mut sink, enc, full.finish(), false).await.is_err() { break; }
-                                            }
-                                        }
-                                        if !frame.is_empty() && send(&mut sink, enc, frame.finish(), false).await.is_err() { break None; }
-                                    } else {
-                                        for out in &backlog {
-                                            last_seq_sent = out.seq;
-                                            if feed(&mut sink, enc, out.bytes(enc)).await.is_err() { break; }
-                                        }
-                                    }
+                                    if feed_events(&mut sink, enc, batch, &backlog, &mut last_seq_sent).await.is_err() { break None; }
                                     if sink.flush().await.is_err() { break None; }
                                     continue;
                                 }
-                                Err(ResumeError::TooOld { oldest_available }) => Reply::Error { id: Some(id), error: ApiError::new("resume_too_old", format!("events before {oldest_available} are no longer kept; resume from {} or later", oldest_available - 1)) },
-                                Err(ResumeError::Ahead { next_seq }) => Reply::Error { id: Some(id), error: ApiError::new("resume_ahead", format!("the next event will be {next_seq}")) },
+                                (Err(ResumeError::TooOld { .. }), Ok(spill)) => {
+                                    let after = resume_from.expect("a resume");
+                                    batch_events = batch;
+                                    last_seq_sent = after;
+                                    catch_up = Some(CatchUp { after, pro, batch, spill, reading: None });
+                                    let ok = Reply::Ok { id, result: OkResult::Subscribed { subscribed: true, next_seq: h.next_seq() } };
+                                    if send(&mut sink, enc, protocol::encode(enc, &ok), true).await.is_err() { break None; }
+                                    continue;
+                                }
+                                (Err(ResumeError::TooOld { .. }), Err(oldest_available)) => Reply::Error { id: Some(id), error: ApiError::new("resume_too_old", format!("events before {oldest_available} are no longer kept; resume from {} or later", oldest_available - 1)) },
+                                (Err(ResumeError::Ahead { next_seq }), _) => Reply::Error { id: Some(id), error: ApiError::new("resume_ahead", format!("the next event will be {next_seq}")) },
                             }
                         }
                     };
@@ -540,6 +598,52 @@ fn message(enc: Encoding, bytes: Vec<u8>) -> Message {
         Encoding::Msgpack => Message::Binary(bytes),
     }
 }
+
+/// Queues `events` (a resume's backlog), in `events` frames bounded as the live
+/// ones are when `batch`, else one frame each; `last` follows what was queued.
+async fn feed_events(
+    sink: &mut Sink,
+    enc: Encoding,
+    batch: bool,
+    events: &[Arc<Outgoing>],
+    last: &mut u64,
+) -> Result<(), WsError> {
+    if batch {
+        let mut frame = protocol::EventsFrame::new(enc);
+        for out in events {
+            frame.push(out.bytes(enc));
+            *last = out.seq;
+            if frame.len() >= EVENTS_PER_FRAME || frame.bytes_len() >= EVENTS_FRAME_BYTES {
+                let full = std::mem::replace(&mut frame, protocol::EventsFrame::new(enc));
+                send(sink, enc, full.finish(), false).await?;
+            }
+        }
+        if !frame.is_empty() {
+            send(sink, enc, frame.finish(), false).await?;
+        }
+    } else {
+        for out in events {
+            *last = out.seq;
+            feed(sink, enc, out.bytes(enc)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A resume served from the stream history on disk: events after `after` are read
+/// in chunks (off the worker thread) and sent, until the replay buffer holds the
+/// next one; then the subscription goes live as any resume does.
+struct CatchUp {
+    after: u64,
+    pro: Option<crate::ids::ProId>,
+    batch: bool,
+    spill: Arc<Spill>,
+    reading: Option<tokio::task::JoinHandle<Result<Vec<Arc<Outgoing>>, Lost>>>,
+}
+
+/// Events read from disk per chunk of a catch-up.
+const CATCH_UP_EVENTS: usize = 4096;
+const CATCH_UP_BYTES: usize = 1 << 20;
 
 /// Queues a frame shared with other subscribers (copied into the message).
 async fn feed(sink: &mut Sink, enc: Encoding, bytes: &[u8]) -> Result<(), WsError> {

@@ -1,0 +1,813 @@
+//! Stream history on disk: the events a tenant's replay buffer evicts, kept in
+//! segment files so that a subscriber away for longer than the in-memory buffer
+//! (`stream_retention_events`) can still resume without a gap.
+//!
+//! ```text
+//! publish (WAL thread) --evicts--> transit (memory) --spill thread--> segments on disk
+//!                                                    every 10 ms, one write per batch
+//! resume: memory buffer, else transit, else disk; else `resume_too_old`
+//! ```
+//!
+//! * **Off the hot path.** Publishing only moves an evicted event (a shared pointer)
+//!   into the transit queue, under the hub's lock so that an event is always in
+//!   exactly one of memory, transit or disk. The spill thread encodes (MessagePack
+//!   frames, usually already encoded for subscribers), writes and only then removes
+//!   events from transit: a reader finds every event in one of the three places.
+//! * **Bounded.** The segments of one tenant hold at most `stream_spill_bytes`
+//!   (oldest segment deleted first); transit holds at most `stream_retention_events`
+//!   events (a disk that stalls for longer loses the oldest ones, and the history on
+//!   disk restarts after them: never a gap inside what is served).
+//! * **Not synced.** The history is a convenience, not a promise made to anyone:
+//!   nothing is acknowledged on it and it is never `fsync`ed. Every entry carries a
+//!   CRC-32C and its sequence number; a reader serves only entries that check and
+//!   follow one another, so a torn or lost write is a shorter history, never a wrong
+//!   event. After a restart the history is kept only if it joins what recovery
+//!   rebuilt (the snapshot's replay buffer and the log replayed after it); after a
+//!   crash the last few milliseconds of transit are usually lost, so the history
+//!   restarts (a clean shutdown writes transit out first).
+//!
+//! Files: `<data_dir>/streams/<tenant>/<first seq, 20 digits>.spill`, each a run of
+//! entries `len: u32 LE | crc32c(seq ++ frame): u32 LE | seq: u64 LE | frame`, where
+//! `frame` is the event's MessagePack stream frame, byte for byte what a MessagePack
+//! subscriber receives. A `tenant` file holds the tenant id the directory belongs to.
+
+use super::hub::Outgoing;
+use crate::ids::TenantId;
+use crate::protocol::{Encoding, StreamFrame};
+use crate::wal::{Fs, FsFile, OpenMode};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Entry header: length, CRC, sequence number.
+const HEADER: usize = 16;
+/// Largest frame accepted when reading back (a frame is a few hundred bytes; the
+/// bound keeps a damaged length from asking for gigabytes).
+const MAX_FRAME: usize = 16 << 20;
+/// One index point per this many entries of a segment.
+const INDEX_EVERY: u64 = 256;
+/// How often the spill thread looks for evicted events.
+const SPILL_EVERY: Duration = Duration::from_millis(10);
+/// Most events written per write call.
+const WRITE_BATCH: usize = 8192;
+const SUFFIX: &str = ".spill";
+const MARKER: &str = "tenant";
+
+/// Counters, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct SpillStats {
+    pub events_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Times the history on disk was dropped for not joining what followed it.
+    pub restarts: AtomicU64,
+    /// Evicted events dropped from a full transit queue (the disk fell behind).
+    pub dropped: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub segments_deleted: AtomicU64,
+}
+
+/// Why a spilled history cannot serve a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    /// The oldest event still kept (memory, transit or disk), if known.
+    pub oldest: Option<u64>,
+}
+
+/// One tenant's history on disk.
+pub struct Spill {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    cap_bytes: u64,
+    segment_bytes: u64,
+    transit_cap: usize,
+    transit: Mutex<VecDeque<Arc<Outgoing>>>,
+    disk: Mutex<Disk>,
+    pub stats: SpillStats,
+}
+
+struct Disk {
+    /// Oldest first; consecutive: each starts right after the previous one's last.
+    segments: VecDeque<Segment>,
+    /// The newest segment, open for appending.
+    file: Option<Box<dyn FsFile>>,
+    /// Last sequence number on disk; 0 = nothing.
+    through: u64,
+    /// Set when the directory belongs to another tenant (nothing is written).
+    disabled: Option<String>,
+}
+
+struct Segment {
+    first: u64,
+    last: u64,
+    path: PathBuf,
+    len: u64,
+    /// `(seq, offset)` every [`INDEX_EVERY`] entries; `None` until first needed
+    /// (built by reading the file, which also checks every entry).
+    index: Option<Vec<(u64, u64)>>,
+}
+
+impl Spill {
+    /// Opens (or creates) the history of `tenant` under `root` (`<data_dir>/streams`).
+    /// Damage found is cut off; nothing here fails the daemon's start: a history that
+    /// cannot be read is dropped and logged.
+    pub fn open(
+        fs: Arc<dyn Fs>,
+        root: &Path,
+        tenant: &TenantId,
+        cap_bytes: u64,
+        transit_cap: usize,
+    ) -> Arc<Spill> {
+        let dir = root.join(dir_name(tenant.as_str()));
+        let segment_bytes = (cap_bytes / 16).clamp(4 << 10, 64 << 20);
+        let spill = Spill {
+            fs,
+            dir,
+            cap_bytes,
+            segment_bytes,
+            transit_cap,
+            transit: Mutex::new(VecDeque::new()),
+            disk: Mutex::new(Disk { segments: VecDeque::new(), file: None, through: 0, disabled: None }),
+            stats: SpillStats::default(),
+        };
+        if let Err(e) = spill.load(tenant) {
+            tracing::warn!(tenant = %tenant, dir = %spill.dir.display(), error = %e, "stream history on disk not usable; starting it afresh");
+            let mut d = spill.disk.lock();
+            spill.clear(&mut d);
+        }
+        Arc::new(spill)
+    }
+
+    fn load(&self, tenant: &TenantId) -> std::io::Result<()> {
+        self.fs.create_dir_all(&self.dir)?;
+        let marker = self.dir.join(MARKER);
+        match self.fs.read(&marker) {
+            Ok(owner) if owner != tenant.as_str().as_bytes() => {
+                let owner = String::from_utf8_lossy(&owner).into_owned();
+                tracing::error!(tenant = %tenant, dir = %self.dir.display(), owner, "stream history directory belongs to another tenant; history on disk off for this tenant");
+                self.disk.lock().disabled =
+                    Some(format!("{} belongs to tenant {owner:?}", self.dir.display()));
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let mut f = self.fs.open(&marker, OpenMode::Create)?;
+                f.write_at(0, tenant.as_str().as_bytes())?;
+            }
+        }
+        let mut firsts: Vec<u64> =
+            self.fs.list(&self.dir)?.iter().filter_map(|n| n.strip_suffix(SUFFIX)?.parse().ok()).collect();
+        firsts.sort_unstable();
+        let mut d = self.disk.lock();
+        // Every segment but the newest is indexed (and checked) when first read; its
+        // last event is the next one's first minus one.
+        for (i, &first) in firsts.iter().enumerate() {
+            let path = self.segment_path(first);
+            let len = self.fs.file_len(&path)?;
+            let last = firsts.get(i + 1).map_or(first, |n| n.saturating_sub(1));
+            d.segments.push_back(Segment { first, last, path, len, index: None });
+        }
+        // The newest is read now: its end is the end of the history.
+        if let Some(seg) = d.segments.back_mut() {
+            let scan = scan(&self.fs.read(&seg.path)?, seg.first);
+            if scan.end < seg.len {
+                let mut f = self.fs.open(&seg.path, OpenMode::Existing)?;
+                f.set_len(scan.end)?;
+                seg.len = scan.end;
+            }
+            match scan.last {
+                Some(last) => {
+                    seg.last = last;
+                    seg.index = Some(scan.index);
+                }
+                None => {
+                    let gone = d.segments.pop_back().expect("just looked at it");
+                    self.fs.remove(&gone.path)?;
+                }
+            }
+        }
+        d.through = d.segments.back().map_or(0, |s| s.last);
+        if let Some(seg) = d.segments.back() {
+            d.file = Some(self.fs.open(&seg.path, OpenMode::Existing)?);
+        }
+        Ok(())
+    }
+
+    fn segment_path(&self, first: u64) -> PathBuf {
+        self.dir.join(format!("{first:020}{SUFFIX}"))
+    }
+
+    /// After recovery: keeps the history only if it joins `oldest` (the first event
+    /// recovery kept in transit or memory; `next_seq` if none) and holds nothing at or
+    /// after `next_seq` (which a log that lost its unsynced tail can renumber).
+    pub fn align(&self, oldest: u64, next_seq: u64) {
+        let mut d = self.disk.lock();
+        if d.through != 0 && (d.through >= next_seq || d.through + 1 < oldest) {
+            tracing::info!(dir = %self.dir.display(), on_disk_through = d.through, oldest, next_seq, "stream history on disk does not join the recovered stream; starting it afresh");
+            self.clear(&mut d);
+            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The oldest event in transit or on disk.
+    fn oldest(&self) -> Option<u64> {
+        let disk = self.disk.lock().segments.front().map(|s| s.first);
+        disk.or_else(|| self.transit.lock().front().map(|o| o.seq))
+    }
+
+    /// Called by the hub, under its lock, with an event its buffer evicted.
+    /// Returns an event to drop (outside the lock) when transit is full.
+    pub(crate) fn push_evicted(&self, out: Arc<Outgoing>) -> Option<Arc<Outgoing>> {
+        let mut t = self.transit.lock();
+        t.push_back(out);
+        if t.len() > self.transit_cap {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return t.pop_front();
+        }
+        None
+    }
+
+    /// Writes what is in transit to disk. Returns the number of events written.
+    pub fn drain(&self) -> usize {
+        let mut total = 0;
+        loop {
+            let batch: Vec<Arc<Outgoing>> = self.transit.lock().iter().take(WRITE_BATCH).cloned().collect();
+            if batch.is_empty() {
+                return total;
+            }
+            let n = batch.len();
+            let through = {
+                let mut d = self.disk.lock();
+                if let Err(e) = self.write(&mut d, &batch) {
+                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "stream history write failed; starting it afresh");
+                    self.clear(&mut d);
+                }
+                d.through
+            };
+            // Written: out of transit (freed after the lock). Anything not written (an
+            // error, a directory of another tenant) leaves transit too: it is lost.
+            let last = batch.last().map_or(0, |o| o.seq);
+            let mut done = Vec::with_capacity(n);
+            {
+                let mut t = self.transit.lock();
+                while t.front().is_some_and(|o| o.seq <= last.max(through)) {
+                    done.extend(t.pop_front());
+                }
+            }
+            drop(done);
+            total += n;
+            if n < WRITE_BATCH {
+                return total;
+            }
+        }
+    }
+
+    fn write(&self, d: &mut Disk, batch: &[Arc<Outgoing>]) -> std::io::Result<()> {
+        if d.disabled.is_some() {
+            return Ok(());
+        }
+        let fresh: Vec<&Arc<Outgoing>> = batch.iter().filter(|o| o.seq > d.through).collect();
+        let Some(first) = fresh.first() else { return Ok(()) };
+        if d.through != 0 && first.seq != d.through + 1 {
+            // Transit dropped events (or recovery kept none): the old history does
+            // not join; it restarts here.
+            self.clear(d);
+            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut buf = Vec::with_capacity(fresh.len() * 512);
+        let mut i = 0;
+        while i < fresh.len() {
+            if d.file.is_none() || d.segments.back().is_some_and(|s| s.len >= self.segment_bytes) {
+                self.rotate(d, fresh[i].seq)?;
+            }
+            let seg = d.segments.back_mut().expect("rotate made one");
+            buf.clear();
+            let start = seg.len;
+            while i < fresh.len() && start + (buf.len() as u64) < self.segment_bytes {
+                let o = fresh[i];
+                let count = o.seq - seg.first;
+                if count % INDEX_EVERY == 0 {
+                    if let Some(ix) = seg.index.as_mut() {
+                        ix.push((o.seq, start + buf.len() as u64));
+                    }
+                }
+                let frame = o.bytes(Encoding::Msgpack);
+                put_entry(&mut buf, o.seq, frame);
+                seg.last = o.seq;
+                i += 1;
+            }
+            d.file.as_mut().expect("rotate opened it").write_at(start, &buf)?;
+            let seg = d.segments.back_mut().expect("still there");
+            seg.len = start + buf.len() as u64;
+            d.through = seg.last;
+            self.stats.bytes_written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        self.stats.events_written.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        // Bounded: the oldest segments go first (never the one being written).
+        let mut total: u64 = d.segments.iter().map(|s| s.len).sum();
+        while total > self.cap_bytes && d.segments.len() > 1 {
+            let old = d.segments.pop_front().expect("more than one");
+            total -= old.len;
+            self.fs.remove(&old.path)?;
+            self.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn rotate(&self, d: &mut Disk, first: u64) -> std::io::Result<()> {
+        let path = self.segment_path(first);
+        d.file = None;
+        let f = self.fs.open(&path, OpenMode::Create)?;
+        d.file = Some(f);
+        d.segments.push_back(Segment { first, last: first, path, len: 0, index: Some(Vec::new()) });
+        Ok(())
+    }
+
+    /// Deletes the history on disk (best effort: a file that cannot be removed is
+    /// left, and a later start reads what it can of it).
+    fn clear(&self, d: &mut Disk) {
+        d.file = None;
+        for s in d.segments.drain(..) {
+            let _ = self.fs.remove(&s.path);
+        }
+        d.through = 0;
+    }
+
+    /// Up to `max_events` events (and about `max_bytes`) right after `after`, from
+    /// transit or disk. Empty: `after + 1` is not spilled (it is in memory, or not
+    /// published yet). `Err`: it was, and is no longer kept (or could not be read).
+    pub fn read_after(
+        &self,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<Outgoing>>, Lost> {
+        let want = after + 1;
+        {
+            let t = self.transit.lock();
+            if let (Some(f), Some(b)) = (t.front(), t.back()) {
+                if f.seq <= want && want <= b.seq {
+                    let skip = (want - f.seq) as usize;
+                    return Ok(t.iter().skip(skip).take(max_events).cloned().collect());
+                }
+            }
+        }
+        // Not in transit: written already (the writer removes events from transit
+        // only after writing them), not evicted yet, or lost.
+        let mut d = self.disk.lock();
+        let on_disk = d.segments.front().is_some_and(|s| s.first <= want) && want <= d.through;
+        if !on_disk {
+            let (disk_first, through) = (d.segments.front().map(|s| s.first), d.through);
+            drop(d);
+            let transit_first = self.transit.lock().front().map(|o| o.seq);
+            return match (disk_first, transit_first) {
+                // Older than anything kept.
+                (Some(o), _) | (None, Some(o)) if want < o => Err(Lost { oldest: Some(o) }),
+                // Between the disk's end and transit: events transit dropped, not
+                // yet noticed by the writer (which then restarts the history).
+                (_, Some(t)) if want > through && want < t => Err(Lost { oldest: Some(t) }),
+                _ => Ok(Vec::new()),
+            };
+        }
+        match self.read_disk(&mut d, want, max_events, max_bytes) {
+            Ok(events) if events.first().is_some_and(|o| o.seq == want) => Ok(events),
+            Ok(_) | Err(_) => {
+                // Damaged or unreadable: what is older than the damage is unusable
+                // (a reader could not pass it); what follows stays.
+                let bad = d.segments.iter().position(|s| s.first <= want && want <= s.last);
+                if let Some(k) = bad {
+                    for s in d.segments.drain(..=k) {
+                        let _ = self.fs.remove(&s.path);
+                    }
+                    if d.segments.is_empty() {
+                        d.file = None;
+                        d.through = 0;
+                    }
+                }
+                Err(Lost { oldest: d.segments.front().map(|s| s.first) })
+            }
+        }
+    }
+
+    fn read_disk(
+        &self,
+        d: &mut Disk,
+        want: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> std::io::Result<Vec<Arc<Outgoing>>> {
+        let k = d
+            .segments
+            .iter()
+            .position(|s| s.first <= want && want <= s.last)
+            .ok_or_else(|| std::io::Error::other("no segment holds it"))?;
+        if d.segments[k].index.is_none() {
+            let seg = &d.segments[k];
+            let s = scan(&self.fs.read(&seg.path)?, seg.first);
+            if s.last != Some(seg.last) {
+                return Err(std::io::Error::other(format!(
+                    "{}: damaged after seq {:?} (expected through {})",
+                    seg.path.display(),
+                    s.last,
+                    seg.last
+                )));
+            }
+            d.segments[k].index = Some(s.index);
+        }
+        let seg = &d.segments[k];
+        let ix = seg.index.as_ref().expect("built above");
+        let at = ix.partition_point(|&(s, _)| s <= want);
+        let (mut seq, mut pos) = if at == 0 { (seg.first, 0) } else { ix[at - 1] };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        // Read in windows from the index point: the entries before `want` are
+        // skipped (and checked), the rest decoded.
+        let mut window = max_bytes.max(64 << 10) + (64 << 10);
+        while pos < seg.len && out.len() < max_events && bytes < max_bytes {
+            let chunk = self.fs.read_range(&seg.path, pos, window.min((seg.len - pos) as usize))?;
+            let mut used_total = 0usize;
+            while let Some((s, frame, used)) = entry_at(&chunk[used_total..]) {
+                if s != seq {
+                    return Err(std::io::Error::other(format!("expected seq {seq}, found {s}")));
+                }
+                if s >= want {
+                    let ev: StreamFrame = rmp_serde::from_slice(frame)
+                        .map_err(|e| std::io::Error::other(format!("seq {s}: frame does not decode: {e}")))?;
+                    if ev.seq != s {
+                        return Err(std::io::Error::other(format!("seq {s}: frame says {}", ev.seq)));
+                    }
+                    bytes += frame.len();
+                    out.push(Arc::new(Outgoing::spilled(s, ev.event, frame.to_vec())));
+                }
+                seq += 1;
+                used_total += used;
+                if out.len() >= max_events || bytes >= max_bytes {
+                    break;
+                }
+            }
+            if used_total == 0 {
+                // An entry longer than the window is read whole; anything else is damage.
+                let need =
+                    chunk.get(0..4).map(|l| HEADER + u32::from_le_bytes(l.try_into().expect("4")) as usize);
+                match need {
+                    Some(n) if n > chunk.len() && n <= MAX_FRAME + HEADER && pos + n as u64 <= seg.len => {
+                        window = n;
+                        continue;
+                    }
+                    _ => {
+                        return Err(std::io::Error::other(format!(
+                            "{}: damaged entry at {pos}",
+                            seg.path.display()
+                        )))
+                    }
+                }
+            }
+            pos += used_total as u64;
+        }
+        Ok(out)
+    }
+
+    /// Bytes of history on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk.lock().segments.iter().map(|s| s.len).sum()
+    }
+
+    /// The first and last event on disk, if any.
+    pub fn disk_range(&self) -> Option<(u64, u64)> {
+        let d = self.disk.lock();
+        d.segments.front().map(|s| (s.first, d.through))
+    }
+
+    /// The oldest event waiting to be written.
+    pub fn transit_front(&self) -> Option<u64> {
+        self.transit.lock().front().map(|o| o.seq)
+    }
+
+    /// Events waiting to be written.
+    pub fn transit_len(&self) -> usize {
+        self.transit.lock().len()
+    }
+
+    /// The oldest event this history still serves (transit or disk).
+    pub fn oldest_kept(&self) -> Option<u64> {
+        self.oldest()
+    }
+}
+
+/// `entry` written: header then frame.
+fn put_entry(buf: &mut Vec<u8>, seq: u64, frame: &[u8]) {
+    let seq_bytes = seq.to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&seq_bytes), frame);
+    buf.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf.extend_from_slice(&seq_bytes);
+    buf.extend_from_slice(frame);
+}
+
+/// The entry at the start of `b`, if whole and intact: `(seq, frame, bytes used)`.
+fn entry_at(b: &[u8]) -> Option<(u64, &[u8], usize)> {
+    if b.len() < HEADER {
+        return None;
+    }
+    let len = u32::from_le_bytes(b[0..4].try_into().ok()?) as usize;
+    if len == 0 || len > MAX_FRAME || b.len() < HEADER + len {
+        return None;
+    }
+    let crc = u32::from_le_bytes(b[4..8].try_into().ok()?);
+    let seq_bytes = &b[8..16];
+    let frame = &b[HEADER..HEADER + len];
+    if crc32c::crc32c_append(crc32c::crc32c(seq_bytes), frame) != crc {
+        return None;
+    }
+    Some((u64::from_le_bytes(seq_bytes.try_into().ok()?), frame, HEADER + len))
+}
+
+struct Scan {
+    /// Bytes of intact, consecutive entries from the start.
+    end: u64,
+    last: Option<u64>,
+    index: Vec<(u64, u64)>,
+}
+
+/// Reads a segment's entries from its start while they are intact and consecutive
+/// from `first`.
+fn scan(b: &[u8], first: u64) -> Scan {
+    let (mut pos, mut next, mut index) = (0usize, first, Vec::new());
+    while let Some((seq, _, used)) = entry_at(&b[pos..]) {
+        if seq != next {
+            break;
+        }
+        if (seq - first) % INDEX_EVERY == 0 {
+            index.push((seq, pos as u64));
+        }
+        pos += used;
+        next += 1;
+    }
+    Scan { end: pos as u64, last: (next > first).then(|| next - 1), index }
+}
+
+/// A tenant's directory name: the id itself when it is short and plain, else a
+/// readable prefix and a hash (tenant ids may hold any printable character). The
+/// `tenant` file inside says whose it is.
+fn dir_name(id: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if id.len() <= 64 && id.chars().all(plain) && !id.starts_with('-') {
+        return id.to_owned();
+    }
+    let prefix: String = id.chars().filter(|&c| plain(c)).take(32).collect();
+    let h1 = crc32c::crc32c(id.as_bytes());
+    let h2 = crc32c::crc32c_append(0x9e37_79b9, id.as_bytes());
+    format!("x{prefix}-{h1:08x}{h2:08x}")
+}
+
+/// The thread that writes every tenant's evicted events, every [`SPILL_EVERY`].
+/// It ends once the spills are dropped or `stop` is set (after a last drain).
+pub fn spawn_writer(
+    spills: Vec<Weak<Spill>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("rota-spill".into()).spawn(move || loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let mut alive = 0;
+        for s in &spills {
+            if let Some(s) = s.upgrade() {
+                alive += 1;
+                s.drain();
+            }
+        }
+        if alive == 0 || stopping {
+            return;
+        }
+        std::thread::park_timeout(SPILL_EVERY);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::hub::StreamHub;
+    use crate::ids::LeadId;
+    use crate::protocol::StreamEvent;
+    use crate::wal::MemFs;
+
+    fn ev(i: u64) -> StreamEvent {
+        StreamEvent::LeadClosed { lead: LeadId::new(format!("L{i}")), at: i as i64 }
+    }
+
+    fn tenant() -> TenantId {
+        TenantId::new("acme")
+    }
+
+    /// A hub keeping `retention` events in memory over a history of `cap` bytes.
+    fn hub(fs: &Arc<MemFs>, retention: usize, cap: u64) -> (StreamHub, Arc<Spill>) {
+        let fs: Arc<dyn Fs> = fs.clone();
+        let spill = Spill::open(fs, Path::new("/data/streams"), &tenant(), cap, 10_000);
+        (StreamHub::with_spill(retention, Some(spill.clone())), spill)
+    }
+
+    /// Everything after `after` as a resume sees it: history chunks, then the buffer.
+    fn resume(hub: &StreamHub, spill: &Spill, mut after: u64) -> Result<Vec<u64>, Lost> {
+        let mut seen = Vec::new();
+        loop {
+            let chunk = spill.read_after(after, 7, 1 << 20)?;
+            if chunk.is_empty() {
+                match hub.subscribe(Some(after), None, 16, Encoding::Msgpack) {
+                    Ok(s) => {
+                        seen.extend(s.backlog.iter().map(|o| o.seq));
+                        hub.unsubscribe(s.id);
+                        return Ok(seen);
+                    }
+                    Err(e) => panic!("nothing spilled after {after} and the buffer refuses it: {e:?}"),
+                }
+            }
+            for o in &chunk {
+                assert_eq!(o.event, ev(o.seq), "seq {} carries its own event", o.seq);
+                seen.push(o.seq);
+            }
+            after = chunk.last().expect("not empty").seq;
+        }
+    }
+
+    #[test]
+    fn a_resume_older_than_the_buffer_gets_every_event_from_transit_disk_and_memory_in_order() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        hub.publish((1..=100).map(ev));
+        // Before the writer ran: the evicted events wait in transit.
+        assert_eq!(spill.transit_len(), 90);
+        assert_eq!(resume(&hub, &spill, 0).unwrap(), (1..=100).collect::<Vec<_>>());
+        spill.drain();
+        assert_eq!((spill.transit_len(), spill.disk_range()), (0, Some((1, 90))));
+        hub.publish((101..=150).map(ev));
+        // Disk 1-90, transit 91-140, buffer 141-150.
+        for after in [0, 37, 89, 90, 91, 139, 140, 149] {
+            assert_eq!(
+                resume(&hub, &spill, after).unwrap(),
+                (after + 1..=150).collect::<Vec<_>>(),
+                "after {after}"
+            );
+        }
+        // The frames read back are the ones a MessagePack subscriber gets live.
+        let back = spill.read_after(41, 1, 1 << 20).unwrap();
+        let live = Outgoing::new(42, ev(42));
+        assert_eq!(back[0].bytes(Encoding::Msgpack), live.bytes(Encoding::Msgpack));
+        assert_eq!(back[0].bytes(Encoding::Json), live.bytes(Encoding::Json));
+    }
+
+    #[test]
+    fn the_history_is_bounded_by_deleting_its_oldest_segments_and_older_cursors_are_refused() {
+        let fs = Arc::new(MemFs::new());
+        let cap = 64 << 10;
+        let (hub, spill) = hub(&fs, 10, cap);
+        for chunk in (1..=20_000u64).collect::<Vec<_>>().chunks(500) {
+            hub.publish(chunk.iter().copied().map(ev));
+            spill.drain();
+        }
+        assert!(spill.disk_bytes() <= cap + spill.segment_bytes, "{} bytes on disk", spill.disk_bytes());
+        assert!(spill.stats.segments_deleted.load(Ordering::Relaxed) > 0);
+        let (first, last) = spill.disk_range().unwrap();
+        assert!(first > 1 && last == 19_990, "disk holds {first}-{last}");
+        assert_eq!(resume(&hub, &spill, 0), Err(Lost { oldest: Some(first) }));
+        assert_eq!(resume(&hub, &spill, first - 1).unwrap(), (first..=20_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_history_survives_a_reopen_and_a_torn_tail_is_cut_off() {
+        let fs = Arc::new(MemFs::new());
+        {
+            let (hub, spill) = hub(&fs, 10, 1 << 20);
+            hub.publish((1..=60).map(ev));
+            spill.drain();
+        }
+        let dir = Path::new("/data/streams/acme");
+        let seg = dir.join(format!("{:020}{SUFFIX}", 1));
+        let len = fs.file_len(&seg).unwrap();
+        // Tear the last entry (a write the crash cut short).
+        fs.open(&seg, OpenMode::Existing).unwrap().set_len(len - 3).unwrap();
+        let dyn_fs: Arc<dyn Fs> = fs.clone();
+        let spill = Spill::open(dyn_fs, Path::new("/data/streams"), &tenant(), 1 << 20, 10_000);
+        assert_eq!(spill.disk_range(), Some((1, 49)));
+        // Recovery rebuilt events 50-60 in the buffer: the history joins and stays.
+        spill.align(50, 61);
+        assert_eq!(spill.disk_range(), Some((1, 49)));
+        let got: Vec<u64> = spill.read_after(0, 100, 1 << 20).unwrap().iter().map(|o| o.seq).collect();
+        assert_eq!(got, (1..=49).collect::<Vec<_>>());
+        // A buffer that starts later leaves a gap: the history starts afresh.
+        spill.align(55, 61);
+        assert_eq!(spill.disk_range(), None);
+        assert_eq!(fs.list(dir).unwrap(), vec![MARKER.to_string()]);
+    }
+
+    #[test]
+    fn damage_inside_an_older_segment_ends_the_history_there_and_is_never_served() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        // Small segments: 4 KiB each at this cap.
+        let small = Spill::open(fs.clone() as Arc<dyn Fs>, Path::new("/other"), &tenant(), 64 << 10, 10_000);
+        drop((hub, spill));
+        let hub = StreamHub::with_spill(10, Some(small.clone()));
+        hub.publish((1..=400).map(ev));
+        small.drain();
+        let segs = small.disk.lock().segments.iter().map(|s| (s.first, s.path.clone())).collect::<Vec<_>>();
+        assert!(segs.len() >= 3, "{segs:?}");
+        // Flip a byte in the middle of the second segment; reopen (older segments are
+        // checked when first read, not at start).
+        let (second_first, second) = segs[1].clone();
+        let mut bytes = fs.read(&second).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
+        fs.open(&second, OpenMode::Existing).unwrap().write_at(0, &bytes).unwrap();
+        drop(hub);
+        let reopened =
+            Spill::open(fs.clone() as Arc<dyn Fs>, Path::new("/other"), &tenant(), 64 << 10, 10_000);
+        // The first segment reads whole; reading into the damaged one is refused and
+        // drops it with everything older; the third still serves.
+        let first_seg: Vec<u64> =
+            reopened.read_after(0, 10_000, 1 << 20).unwrap().iter().map(|o| o.seq).collect();
+        assert_eq!(first_seg, (1..second_first).collect::<Vec<_>>());
+        let third_first = segs[2].0;
+        assert_eq!(
+            reopened.read_after(second_first - 1, 10_000, 1 << 20).err(),
+            Some(Lost { oldest: Some(third_first) })
+        );
+        let third = reopened.read_after(third_first - 1, 5, 1 << 20).unwrap();
+        assert_eq!(
+            third.iter().map(|o| o.seq).collect::<Vec<_>>(),
+            (third_first..third_first + 5).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_disk_that_falls_behind_loses_the_oldest_events_and_the_history_restarts_after_them() {
+        let fs = Arc::new(MemFs::new());
+        let dyn_fs: Arc<dyn Fs> = fs.clone();
+        let spill = Spill::open(dyn_fs, Path::new("/data/streams"), &tenant(), 1 << 20, 20);
+        let hub = StreamHub::with_spill(10, Some(spill.clone()));
+        hub.publish((1..=30).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), Some((1, 20)));
+        // The writer stalls while 70 more are evicted: transit keeps the newest 20.
+        hub.publish((31..=100).map(ev));
+        assert_eq!(spill.stats.dropped.load(Ordering::Relaxed), 50);
+        assert_eq!(
+            resume(&hub, &spill, 0).err(),
+            Some(Lost { oldest: Some(71) }),
+            "1-20 served, then the gap"
+        );
+        spill.drain();
+        // 21-70 are gone: the history restarts at 71 rather than serve a gap.
+        assert_eq!(spill.disk_range(), Some((71, 90)));
+        assert_eq!(spill.stats.restarts.load(Ordering::Relaxed), 1);
+        assert_eq!(resume(&hub, &spill, 20).err(), Some(Lost { oldest: Some(71) }));
+        assert_eq!(resume(&hub, &spill, 70).unwrap(), (71..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_directory_of_another_tenant_is_never_read_nor_written() {
+        let fs = Arc::new(MemFs::new());
+        let dir = Path::new("/data/streams/acme");
+        fs.create_dir_all(dir).unwrap();
+        fs.open(&dir.join(MARKER), OpenMode::Create).unwrap().write_at(0, b"someone-else").unwrap();
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        hub.publish((1..=50).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), None);
+        assert_eq!(fs.list(dir).unwrap(), vec![MARKER.to_string()]);
+        // Nothing spilled: a resume is answered from the buffer (or refused by it).
+        assert!(spill.read_after(0, 10, 1 << 20).unwrap().is_empty());
+    }
+
+    #[test]
+    fn entries_round_trip_and_damage_is_refused() {
+        let mut b = Vec::new();
+        put_entry(&mut b, 7, b"\x81\xa1a\x01");
+        put_entry(&mut b, 8, b"\x80");
+        let (s, f, used) = entry_at(&b).unwrap();
+        assert_eq!((s, f), (7, &b"\x81\xa1a\x01"[..]));
+        assert_eq!(entry_at(&b[used..]).unwrap().0, 8);
+        let sc = scan(&b, 7);
+        assert_eq!((sc.end, sc.last), (b.len() as u64, Some(8)));
+        // A flipped bit in the second entry ends the segment after the first.
+        let mut bad = b.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert_eq!(scan(&bad, 7).last, Some(7));
+        // A seq that does not follow ends it too.
+        assert_eq!(scan(&b, 6).last, None);
+        // A torn tail: a header without its frame.
+        assert_eq!(scan(&b[..n - 1], 7).last, Some(7));
+    }
+
+    #[test]
+    fn plain_tenant_ids_name_their_directory_and_others_are_hashed_apart() {
+        assert_eq!(dir_name("acme-it_2"), "acme-it_2");
+        let a = dir_name("../etc");
+        let b = dir_name("../etd");
+        assert!(a.starts_with('x') && !a.contains('/') && !a.contains('.'), "{a}");
+        assert_ne!(a, b);
+        assert!(dir_name(&"a".repeat(128)).len() < 64);
+    }
+}
