@@ -129,7 +129,8 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
                                     tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
                                 }
                                 // Record expired order requests and custom offers (they are
-                                // already refused as expired before this runs).
+                                // already refused as expired before this runs), and forget
+                                // the chains that ended longer than the retention ago.
                                 let tick = crate::core::orders::OrderCommand::Tick;
                                 if let Err(e) = engine.order(&t, tick).await {
                                     tracing::warn!(tenant = %t, error = %e, "order tick failed");
