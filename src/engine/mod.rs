@@ -121,6 +121,19 @@ struct EngineSnapshot<B = (u64, StreamEvent)> {
     orders: Vec<(TenantId, OrderBook)>,
 }
 
+/// Lowers the calling thread to the lowest priority (nice 19), for background work
+/// that should run on idle time: the periodic snapshot's encoding and write, the
+/// stream history's writes. Returns whether it took effect.
+pub fn lower_this_thread_priority() -> bool {
+    // SAFETY: setpriority with `who = 0` changes only the calling thread on Linux (the
+    // nice value is per thread); no pointers are involved.
+    let ok = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } == 0;
+    if !ok {
+        tracing::debug!("thread priority not lowered");
+    }
+    ok
+}
+
 /// The outcome of start-up recovery, for logs and metrics.
 #[derive(Debug, Clone)]
 pub struct RecoveryReport {

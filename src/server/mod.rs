@@ -194,11 +194,7 @@ async fn background_snapshot(engine: Engine) -> anyhow::Result<Result<u64, crate
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("rota-snapshot".into()).spawn(move || {
         let lower = || {
-            // SAFETY: setpriority with `who = 0` changes only the calling thread on
-            // Linux (the nice value is per thread); no pointers are involved.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
-                tracing::debug!("snapshot thread priority not lowered");
-            }
+            crate::engine::lower_this_thread_priority();
         };
         let _ = tx.send(engine.snapshot_then(lower));
     })?;
