@@ -168,6 +168,49 @@ async fn a_slow_subscriber_is_cut_off_with_a_resume_cursor_and_others_keep_recei
     assert_eq!(next[0]["seq"].as_u64().unwrap(), cursor + 1);
 }
 
+/// A subscriber cut off for being slow, whose cursor has meanwhile left the in-memory
+/// replay buffer (50 events here), resumes from the stream history on disk and gets
+/// every event after its cursor, in order, then live ones.
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_subscriber_cut_off_resumes_from_the_history_on_disk_without_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "subscriber_queue_frames = 16\nstream_retention_events = 50");
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "pp-token", true).await;
+    let mut slow = Client::connect(&d.addr, "pp-token", false).await;
+    slow.ok(json!({"type": "subscribe"})).await;
+    c.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
+    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 1_000_000})).await;
+    let big = "x".repeat(16_000);
+    let n = 300;
+    for i in 0..n {
+        let mut l = lead_in(&format!("S{i}"), "bologna", true);
+        l["description"] = json!(big);
+        l["client"]["id"] = json!(format!("client-{i}"));
+        c.ok(json!({"type": "publish_lead", "lead": l})).await;
+    }
+    let (code, reason) = slow.drain_until_close().await;
+    assert_eq!(code, 4008, "{reason}");
+    let cursor: u64 = reason.split("resume_from=").nth(1).unwrap().trim().parse().unwrap();
+    let next = Client::connect(&d.addr, "pp-token", true).await.ok(json!({"type": "subscribe"})).await
+        ["next_seq"]
+        .as_u64()
+        .unwrap();
+    assert!(cursor + 1 < next - 50, "cursor {cursor}: older than the buffer's 50 events before {next}");
+    let mut again = Client::connect(&d.addr, "pp-token", false).await;
+    again.ok(json!({"type": "subscribe", "resume_from": cursor})).await;
+    let events = again.events((next - cursor - 1) as usize).await;
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (cursor + 1..next).collect::<Vec<_>>(), "everything after the cursor, once, in order");
+    assert!(events.iter().any(|e| e["event"]["event"] == "offered"), "offers with their 16 KiB summaries");
+    // Then live.
+    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 1})).await;
+    assert_eq!(again.events(1).await[0]["seq"].as_u64(), Some(next));
+}
+
 /// Monday 00:00 in Madrid after the DST change of 25 October 2026 (CEST -> CET).
 fn monday_after_dst_change() -> i64 {
     use chrono::TimeZone;
