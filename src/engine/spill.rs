@@ -16,7 +16,10 @@
 //! * **Bounded.** The segments of one tenant hold at most `stream_spill_bytes`
 //!   (oldest segment deleted first); transit holds at most `stream_retention_events`
 //!   events (a disk that stalls for longer loses the oldest ones, and the history on
-//!   disk restarts after them: never a gap inside what is served).
+//!   disk restarts after them: never a gap inside what is served). It never takes the
+//!   log's space: when its filesystem has less free than the smaller of 2 GiB and
+//!   10 % of its size (plus the batch), the history deletes itself and skips writing
+//!   until there is room again.
 //! * **Not synced.** The history is a convenience, not a promise made to anyone:
 //!   nothing is acknowledged on it and it is never `fsync`ed. Every entry carries a
 //!   CRC-32C and its sequence number; a reader serves only entries that check and
@@ -62,6 +65,10 @@ const INDEX_EVERY: u64 = 256;
 const SPILL_EVERY: Duration = Duration::from_millis(10);
 /// Most events written per write call.
 const WRITE_BATCH: usize = 8192;
+/// Free space the history always leaves on its filesystem, for the log and its
+/// snapshots: the smaller of this and [`RESERVE_PERCENT`] of the filesystem.
+const RESERVE_BYTES: u64 = 2 << 30;
+const RESERVE_PERCENT: u64 = 10;
 const SUFFIX: &str = ".spill";
 const MARKER: &str = "tenant";
 /// Written at a clean stop: `<last seq> <newest segment's length>`, so the next start
@@ -77,6 +84,9 @@ pub struct SpillStats {
     pub restarts: AtomicU64,
     /// Evicted events dropped from a full transit queue (the disk fell behind).
     pub dropped: AtomicU64,
+    /// Batches not written because the filesystem was short of free space (the
+    /// history was deleted to give it back).
+    pub short_of_space: AtomicU64,
     pub write_errors: AtomicU64,
     pub segments_deleted: AtomicU64,
 }
@@ -325,6 +335,22 @@ impl Spill {
         }
         let fresh: Vec<&Arc<Outgoing>> = batch.iter().filter(|o| o.seq > d.through).collect();
         let Some(first) = fresh.first() else { return Ok(()) };
+        // The history never takes the space the log needs: short of the reserve, it
+        // deletes itself and skips the batch (it restarts once there is room).
+        if let Ok(Some((free, total))) = self.fs.space(&self.dir) {
+            let reserve = RESERVE_BYTES.min(total / 100 * RESERVE_PERCENT);
+            let need: u64 = fresh.iter().map(|o| (HEADER + o.bytes(Encoding::Msgpack).len()) as u64).sum();
+            if free < reserve.saturating_add(need) {
+                if self.stats.short_of_space.fetch_add(1, Ordering::Relaxed) == 0 || d.through != 0 {
+                    tracing::warn!(dir = %self.dir.display(), free, reserve, "filesystem short of free space; stream history dropped until there is room");
+                }
+                if d.through != 0 {
+                    self.clear(d);
+                    self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(());
+            }
+        }
         if d.through != 0 && first.seq != d.through + 1 {
             // Transit dropped events (or recovery kept none): the old history does
             // not join; it restarts here.
@@ -871,6 +897,36 @@ mod tests {
         assert_eq!(spill.stats.restarts.load(Ordering::Relaxed), 1);
         assert_eq!(resume(&hub, &spill, 20).err(), Some(Lost { oldest: Some(71) }));
         assert_eq!(resume(&hub, &spill, 70).unwrap(), (71..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_history_gives_its_space_back_before_the_log_would_run_short() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        hub.publish((1..=200).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), Some((1, 190)));
+        // Room for what is there, not for the reserve (10 % of this small disk) on top
+        // of the next batch: the history deletes itself and skips the batch.
+        let used = fs.used_bytes();
+        fs.set_capacity(Some(used + used / 20));
+        hub.publish((201..=300).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), None);
+        let dir = Path::new("/data/streams/acme");
+        assert_eq!(fs.list(dir).unwrap(), vec![MARKER.to_string()], "the history's files were deleted");
+        assert_eq!(spill.stats.short_of_space.load(Ordering::Relaxed), 1);
+        // A resume that needed it is told what is still kept: the buffer's 291-300.
+        assert!(spill.read_after(150, 10, 1 << 20).unwrap().is_empty());
+        assert_eq!(
+            hub.subscribe(Some(150), None, 16, Encoding::Json).err(),
+            Some(crate::engine::hub::ResumeError::TooOld { oldest_available: 291 })
+        );
+        // Room again: the history restarts with the next events.
+        fs.set_capacity(None);
+        hub.publish((301..=320).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), Some((291, 310)));
     }
 
     #[test]

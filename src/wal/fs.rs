@@ -44,6 +44,11 @@ pub trait Fs: Send + Sync + 'static {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes creations, renames and removals inside `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// `(free, total)` bytes of the filesystem holding `path`, if known. Lets
+    /// optional data (the stream history) give way before it takes the log's space.
+    fn space(&self, _path: &Path) -> io::Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
 }
 
 /// An open file.
@@ -176,6 +181,19 @@ impl Fs for RealFs {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+    fn space(&self, path: &Path) -> io::Result<Option<(u64, u64)>> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized,
+        // writable statvfs struct that the call fills in.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let frag = st.f_frsize as u64;
+        Ok(Some((st.f_bavail as u64 * frag, st.f_blocks as u64 * frag)))
     }
 }
 
@@ -548,6 +566,10 @@ impl MemFs {
 }
 
 impl Fs for MemFs {
+    fn space(&self, _path: &Path) -> io::Result<Option<(u64, u64)>> {
+        let st = self.live()?;
+        Ok(st.capacity.map(|cap| (cap.saturating_sub(st.used_bytes()), cap)))
+    }
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.live()?;
         for anc in dir.ancestors() {
