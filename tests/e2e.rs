@@ -326,6 +326,33 @@ async fn a_resume_older_than_the_replay_buffer_is_served_from_disk_then_live_als
     assert_eq!(c.events(n + 3).await[..n], seen[0][..], "the history after a restart");
 }
 
+/// A per-pro feed (`subscribe` with `pro`) resumed from the history on disk gets that
+/// pro's events only, in order, then its live ones.
+#[tokio::test(flavor = "current_thread")]
+async fn a_per_pro_resume_from_the_history_on_disk_gets_only_that_pros_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_flags(dir.path(), &["stream_retention_events=20"]);
+    let mut ingest = Client::new(&d.addr, true).await;
+    for p in ["p1", "p2"] {
+        ingest.ok(json!({"type": "upsert_pro", "pro": pro(p)})).await;
+    }
+    for i in 0..100 {
+        let p = if i % 2 == 0 { "p1" } else { "p2" };
+        ingest.ok(json!({"type": "grant_credits", "pro": p, "op": format!("g{i}"), "credits": 1})).await;
+    }
+    let mut c = Client::new(&d.addr, false).await;
+    c.ok(json!({"type": "subscribe", "resume_from": 0, "pro": "p2"})).await;
+    let events = c.events(50).await;
+    assert!(events.iter().all(|e| e["event"]["pro"] == "p2"), "only p2's events");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert!(seqs[0] < 80, "the oldest came from disk (the buffer holds the last 20): {seqs:?}");
+    ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": "live-p1", "credits": 1})).await;
+    ingest.ok(json!({"type": "grant_credits", "pro": "p2", "op": "live-p2", "credits": 1})).await;
+    let live = c.events(1).await;
+    assert_eq!((live[0]["event"]["pro"].as_str(), live[0]["seq"].as_u64()), (Some("p2"), Some(seqs[49] + 2)));
+}
+
 /// The history is bounded (`stream_spill_bytes`, oldest segments dropped first): a
 /// resume older than what it keeps gets `resume_too_old` naming the oldest cursor,
 /// and resuming from that cursor gets everything after it.
