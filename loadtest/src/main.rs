@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rota_loadtest::gen::{self, GenConfig};
-use rota_loadtest::replay::{self, ReplayConfig};
+use rota_loadtest::replay::{self, ReplayConfig, Resubscribe};
 use rota_loadtest::schedule::Pacing;
 use rota_loadtest::wire::Encoding;
 use rota_loadtest::{report, search, trace};
@@ -99,6 +99,20 @@ struct ReplayArgs {
     /// frame per event, the protocol's default).
     #[arg(long, value_enum, default_value_t = StreamFrames::Batched)]
     stream_frames: StreamFrames,
+    /// During the timed phase, each tenant's stream subscription closes its websocket
+    /// this often (`5s`), stays away for --away, reconnects and resumes with
+    /// `resume_from` = the last seq it received; tenants are staggered. The report counts
+    /// resumes, `resume_too_old` answers (lost seqs, a failure), each catch-up's events
+    /// and time, and the time until deliveries are within 50 ms again. Delivery latency
+    /// stays measured from the intended send time, so leads published while a
+    /// subscriber was away include the time away (the `dlv live` row leaves out the
+    /// catch-ups). Default: stay connected.
+    #[arg(long, value_parser = parse_duration)]
+    resubscribe_every: Option<Duration>,
+    /// How long a resubscribing subscription stays away (shorter than
+    /// --resubscribe-every). The drain waits this much longer too.
+    #[arg(long, value_parser = parse_duration, default_value = "2s", requires = "resubscribe_every")]
+    away: Duration,
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// Writes PREFIX.ack.hgrm, PREFIX.delivery.hgrm and PREFIX.hlog.
@@ -208,9 +222,18 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
         record: a.record.clone(),
         stalled_subscribers: a.stalled_subscribers,
         stream_batch: a.stream_frames == StreamFrames::Batched,
+        resubscribe: a.resubscribe_every.map(|every| Resubscribe { every, away: a.away }),
     };
+    if let Some(r) = &cfg.resubscribe {
+        r.validate()?;
+    }
     if a.max_rate {
         anyhow::ensure!(a.record.is_none(), "--record records one replay, not a --max-rate search");
+        anyhow::ensure!(
+            cfg.resubscribe.is_none(),
+            "--resubscribe-every does not go with --max-rate: the search bounds delivery latency, which \
+             would include the time away"
+        );
         let start = match pacing {
             Pacing::Rate(r) => r,
             Pacing::Speed(_) => anyhow::bail!("--max-rate paces by --rate, not --speed"),
@@ -240,8 +263,14 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
     if let Some(p) = &a.chart_out {
         report::chart(p, s)?;
     }
-    // Exit 1 when the daemon broke a promise (exactly-once, unanswered requests).
-    Ok(if s.violations.total() > 0 || s.missing_replies > 0 { 1 } else { 0 })
+    // Exit 1 when the daemon broke a promise (exactly-once, unanswered requests, a
+    // continuous stream, resumes).
+    let resumes_failed = s.resubscribe.as_ref().is_some_and(|r| r.failed());
+    Ok(if s.violations.total() > 0 || s.missing_replies > 0 || s.stream_seq_gaps > 0 || resumes_failed {
+        1
+    } else {
+        0
+    })
 }
 
 #[cfg(test)]
@@ -257,5 +286,26 @@ mod tests {
         assert!(parse_duration("5 parsecs").is_err());
         assert_eq!(parse_speed("10x").unwrap(), 10.0);
         assert!(parse_speed("0x").is_err());
+    }
+
+    #[test]
+    fn away_needs_resubscribe_every() {
+        let args = |extra: &[&str]| {
+            let mut v = vec!["rota-loadtest", "replay", "--trace", "t.msgpack"];
+            v.extend_from_slice(extra);
+            Cli::try_parse_from(v)
+        };
+        assert!(args(&[]).is_ok());
+        assert!(args(&["--resubscribe-every", "5s"]).is_ok());
+        assert!(args(&["--away", "1s"]).is_err(), "--away alone does nothing");
+        match args(&["--resubscribe-every", "5s", "--away", "1s"]).unwrap().cmd {
+            Cmd::Replay(a) => {
+                assert_eq!(
+                    (a.resubscribe_every, a.away),
+                    (Some(Duration::from_secs(5)), Duration::from_secs(1))
+                )
+            }
+            Cmd::Gen { .. } => unreachable!(),
+        }
     }
 }

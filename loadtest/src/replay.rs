@@ -1,7 +1,8 @@
 //! Replays a trace against a running rota, open loop, and measures it.
 //!
 //! * Connections: `connections` ingest websockets per tenant plus one `subscribe`
-//!   stream per tenant, all with `TCP_NODELAY` (tungstenite leaves Nagle on).
+//!   stream per tenant, all with `TCP_NODELAY` (tungstenite leaves Nagle on). With
+//!   [`Resubscribe`] each stream leaves and resumes (`resume_from`) on a schedule.
 //! * Setup: the records before the first lead (pros, credits) are sent pipelined and
 //!   all answered before the clock starts; they are not measured.
 //! * Timed phase: one sender task walks the schedule; each wake-up it feeds every
@@ -74,6 +75,64 @@ pub struct ReplayConfig {
     /// Subscribe with `batch: true` (events in `events` frames) instead of one frame
     /// per event.
     pub stream_batch: bool,
+    /// Each tenant's stream subscription leaves and resumes on this schedule (see
+    /// [`Resubscribe`]); `None` = it stays connected for the whole run.
+    pub resubscribe: Option<Resubscribe>,
+}
+
+/// `--resubscribe-every` / `--away`: during the timed phase each tenant's stream
+/// subscription closes its websocket cleanly every `every`, stays away for `away`,
+/// reconnects (same token, encoding and `batch` setting) and sends `subscribe` with
+/// `resume_from` = the last seq it received, then reads on. Stream `i` of `n` leaves at
+/// `k * every + i * every / n` (k = 1, 2, ...) from the start of the timed phase, so the
+/// tenants do not all leave at once; only departures before the end of the timed phase
+/// happen, and a departure that falls while the subscription is still catching up is
+/// skipped (the next one after the catch-up is taken).
+///
+/// The sequence check (`stream_seq_gaps`) and the exactly-once checks run across
+/// resumes: a resume must go on at the last seq + 1. Delivery latency stays measured
+/// from each lead's intended send time, so a lead published while its subscriber was
+/// away is charged the time away too; `delivery_outside_catch_up` in the summary leaves
+/// the catch-ups out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resubscribe {
+    pub every: Duration,
+    pub away: Duration,
+}
+
+impl Resubscribe {
+    /// Refuses a schedule in which a subscriber would leave again before it is back.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.every.is_zero(), "--resubscribe-every must be longer than 0");
+        anyhow::ensure!(
+            self.away < self.every,
+            "--away ({:?}) must be shorter than --resubscribe-every ({:?}): a subscriber must be back \
+             before it is due to leave again",
+            self.away,
+            self.every
+        );
+        Ok(())
+    }
+
+    /// When stream `i` of `n` next leaves: its first departure strictly after `after`
+    /// (both from the start of the timed phase), if that is before `span`, the end of
+    /// the timed phase.
+    pub fn next_departure(&self, i: usize, n: usize, after: Duration, span: Duration) -> Option<Duration> {
+        let every = self.every.as_nanos().max(1);
+        let offset = every * i as u128 / n.max(1) as u128;
+        let after = after.as_nanos();
+        let k = if after < offset + every { 1 } else { (after - offset) / every + 1 };
+        let t = k * every + offset;
+        (t < span.as_nanos()).then(|| Duration::from_nanos(u64::try_from(t).unwrap_or(u64::MAX)))
+    }
+}
+
+/// The oldest cursor a `resume_too_old` error names: rota says `events before N are no
+/// longer kept; resume from N-1 or later` (docs/PROTOCOL.md, Resume).
+pub fn oldest_cursor(message: &str) -> Option<u64> {
+    let rest = message.split("resume from ").nth(1)?;
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
 }
 
 /// `--record`: what the tool sent and what it was told, one JSON object per line:
@@ -210,6 +269,90 @@ pub struct Summary {
     pub host: Option<crate::hostcpu::HostCpu>,
     /// Tool threads (`--threads`), for reading `host`.
     pub tool_threads: usize,
+    /// What the stream subscriptions' departures and resumes did (`--resubscribe-every`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resubscribe: Option<ResubscribeSummary>,
+}
+
+/// `--resubscribe-every`: the resumes of the run.
+///
+/// A resume's *catch-up* is what the daemon had published when it answered the resume:
+/// the events from `resume_from + 1` up to `next_seq - 1` (`next_seq` from the `ok`).
+/// `catch_up_events` counts them; `catch_up_ms` runs from sending the `subscribe` to
+/// receiving event `next_seq - 1` (to the `ok` when there was nothing to catch up), so
+/// it includes the reconnect's round trip but not the time away. Events after that
+/// were published during the catch-up and count as live.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResubscribeSummary {
+    pub every_s: f64,
+    pub away_s: f64,
+    /// Times a subscription closed its websocket to come back later.
+    pub departures: u64,
+    /// Resumes answered `ok`.
+    pub resumes: u64,
+    /// Resumes answered `resume_too_old`: the daemon no longer kept the events after the
+    /// cursor, so the stream lost them (a continuity failure; the run fails).
+    pub resumes_too_old: u64,
+    /// Seqs lost to `resume_too_old` (from the cursor to the oldest cursor named); each
+    /// such resume also counts as one seq gap.
+    pub resume_too_old_lost_seqs: u64,
+    /// `stream N: resume_from=A, oldest cursor B (C seqs lost)` per `resume_too_old`.
+    pub resume_too_old_details: Vec<String>,
+    /// Reconnects or resumes that failed otherwise (connection refused, another error
+    /// code, no reply): that stream stopped there.
+    pub resume_failures: u64,
+    /// Times the server closed a subscription (e.g. `4008`: too slow, or its catch-up
+    /// from the history on disk was overtaken); the stream resumed at once, like a
+    /// client would, and is checked the same way.
+    pub server_closes: u64,
+    pub catch_up_events_sum: u64,
+    pub catch_up_events_max: u64,
+    /// Over the catch-ups that finished.
+    pub catch_up_ms_mean: f64,
+    pub catch_up_ms_max: f64,
+    /// Catch-ups that did not reach `next_seq - 1`: the run ended or the server closed
+    /// the stream during them.
+    pub catch_ups_unfinished: u64,
+    /// From sending the `subscribe` to the first lead delivered within [`LIVE_MS`] of its
+    /// intended send time (the subscriber is at the head of the stream again: events
+    /// published during the catch-up are read too), over the resumes that got there.
+    pub back_to_live_ms_mean: f64,
+    pub back_to_live_ms_max: f64,
+    /// Resumes that were not back to live before the subscription left again or the
+    /// run ended (reading the backlog was not fast enough to overtake the stream).
+    pub back_to_live_never: u64,
+    /// `delivery` without the leads whose first offer came in a catch-up (and so carries
+    /// the time away).
+    pub delivery_outside_catch_up: Percentiles,
+    /// Every resume, in order of departure per stream.
+    pub log: Vec<ResumeRecord>,
+}
+
+impl ResubscribeSummary {
+    /// A resume lost events or a stream could not come back.
+    pub fn failed(&self) -> bool {
+        self.resumes_too_old > 0 || self.resume_failures > 0
+    }
+}
+
+/// One departure and its resume.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ResumeRecord {
+    /// Stream (tenant) index.
+    pub stream: usize,
+    /// `scheduled`, or `server close: <code> <reason>`.
+    pub cause: String,
+    /// Seconds from the start of the timed phase to the departure.
+    pub left_at_s: f64,
+    /// The cursor sent (after any `resume_too_old`, the oldest cursor named).
+    pub resume_from: u64,
+    /// `next_seq` of the `ok`.
+    pub next_seq: u64,
+    pub catch_up_events: u64,
+    /// `None`: the catch-up did not finish (see `catch_ups_unfinished`).
+    pub catch_up_ms: Option<f64>,
+    /// `None`: not back to live (see `back_to_live_never`).
+    pub back_to_live_ms: Option<f64>,
 }
 
 /// A run's summary and its full histograms (for `.hgrm` files and the interval log).
@@ -401,6 +544,11 @@ struct Recorder {
     stream_events: u64,
     seq_gaps: u64,
     last_seq: HashMap<usize, u64>,
+    /// `delivery` for the leads whose first offer did not come in a resume's catch-up.
+    delivery_live: Histogram<u64>,
+    /// Departures and resumes (`--resubscribe-every`); the aggregates are filled in at
+    /// the end of the run.
+    resub: ResubscribeSummary,
     /// Reply received per plan item (a second reply to one id is a protocol error).
     answered: Vec<bool>,
     duplicate_replies: u64,
@@ -475,7 +623,8 @@ impl Recorder {
         }
     }
 
-    fn on_event(&mut self, stream: usize, f: &Incoming<'_>, recv_ns: u64) {
+    /// Returns the delivery latency (us) when the event is a lead's first offer.
+    fn on_event(&mut self, stream: usize, f: &Incoming<'_>, recv_ns: u64, catching_up: bool) -> Option<u64> {
         self.stream_events += 1;
         if let Some(seq) = f.seq {
             if let Some(last) = self.last_seq.insert(stream, seq) {
@@ -484,27 +633,31 @@ impl Recorder {
                 }
             }
         }
-        let Some(ev) = &f.event else { return };
-        let Some(ord) = ev.lead.as_deref().and_then(|l| self.loc.parse_lead(l)) else { return };
+        let ev = f.event.as_ref()?;
+        let ord = ev.lead.as_deref().and_then(|l| self.loc.parse_lead(l))?;
         match ev.event.as_ref() {
             "lead_accepted" => {
                 self.checker.on_lead_accepted(ord);
             }
             "lead_rejected" => self.checker.on_lead_rejected(ord),
             "offered" => {
-                let Some(pro) = ev.pro.as_deref() else { return };
+                let pro = ev.pro.as_deref()?;
                 if self.checker.on_offered(ord, pro) {
-                    if let Some(&item) = self.plan.lead_item.get(ord as usize) {
-                        let t = self.plan.items[item as usize].t_ns;
-                        let lat = self.latency_us(t, recv_ns);
-                        self.delivery.saturating_record(lat);
-                        self.iv_delivery.saturating_record(lat);
-                        self.iv_deliveries += 1;
+                    let &item = self.plan.lead_item.get(ord as usize)?;
+                    let t = self.plan.items[item as usize].t_ns;
+                    let lat = self.latency_us(t, recv_ns);
+                    self.delivery.saturating_record(lat);
+                    if !catching_up {
+                        self.delivery_live.saturating_record(lat);
                     }
+                    self.iv_delivery.saturating_record(lat);
+                    self.iv_deliveries += 1;
+                    return Some(lat);
                 }
             }
             _ => {}
         }
+        None
     }
 
     fn rotate(&mut self, start: Duration, len: Duration, sent: u64) {
@@ -540,6 +693,9 @@ const MAX_BATCH: usize = 2048;
 pub fn run(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Outcome> {
     check_target(&cfg.url, &cfg.allowed_hosts)?;
     anyhow::ensure!((1..=1024).contains(&cfg.connections), "connections must be in 1..=1024");
+    if let Some(r) = &cfg.resubscribe {
+        r.validate()?;
+    }
     let rt = if cfg.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
@@ -654,13 +810,15 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let setup_s = setup_started.elapsed().as_secs_f64();
 
     // Streams: subscribe after the setup, so setup events do not fill the queue.
+    // `(socket, token, next_seq)` per tenant.
     let mut streams = Vec::new();
     for t in &tenants {
-        let mut ws = connect(&cfg.url, &token_of(t)?, enc).await?;
+        let token = token_of(t)?;
+        let mut ws = connect(&cfg.url, &token, enc).await?;
         let sub = serde_json::json!({"id": "sub", "type": "subscribe", "batch": cfg.stream_batch});
         wire::encode_into(enc, &sub, &mut buf);
         ws.send(message(enc, &buf)).await?;
-        loop {
+        let next_seq = loop {
             let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
                 .await
                 .context("subscribe: no reply")?
@@ -671,10 +829,10 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                 anyhow::ensure!(f.kind == "ok", "subscribe refused: {:?}", f.code);
                 let s: SubscribedReply = wire::decode(enc, bytes)?;
                 anyhow::ensure!(s.result.subscribed, "subscribe answered subscribed=false");
-                break;
+                break s.result.next_seq;
             }
-        }
-        streams.push(ws);
+        };
+        streams.push((ws, token, next_seq));
     }
 
     // Stalled subscribers: subscribe, then never read until the end of the run.
@@ -715,7 +873,15 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         checker: Checker::new(total_leads),
         stream_events: 0,
         seq_gaps: 0,
-        last_seq: HashMap::new(),
+        // A new subscription's first event is `next_seq`: the stream's cursor starts
+        // just before it (and is where a resume before any event goes on from).
+        last_seq: streams.iter().enumerate().map(|(i, s)| (i, s.2.saturating_sub(1))).collect(),
+        delivery_live: hist(3),
+        resub: ResubscribeSummary {
+            every_s: cfg.resubscribe.map_or(0.0, |r| r.every.as_secs_f64()),
+            away_s: cfg.resubscribe.map_or(0.0, |r| r.away.as_secs_f64()),
+            ..Default::default()
+        },
         answered: vec![false; plan.items.len()],
         duplicate_replies: 0,
         last_ack_ns: 0,
@@ -732,12 +898,27 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         sinks.push(sink);
         readers.push(tokio::spawn(read_replies(source, enc, rec.clone(), live.clone())));
     }
-    let mut stream_sinks = Vec::new();
-    for (i, ws) in streams.into_iter().enumerate() {
-        let (sink, source) = ws.split();
-        stream_sinks.push(sink);
-        readers.push(tokio::spawn(read_stream(i, source, enc, rec.clone(), stream_closed.clone())));
+    let (stop_streams, stop_rx) = tokio::sync::watch::channel(false);
+    let n_streams = streams.len();
+    let mut stream_tasks = Vec::new();
+    for (i, (ws, token, _)) in streams.into_iter().enumerate() {
+        let s = StreamSub {
+            i,
+            n: n_streams,
+            url: cfg.url.clone(),
+            token,
+            enc,
+            batch: cfg.stream_batch,
+            resub: cfg.resubscribe,
+            start_ns,
+            span: Duration::from_nanos(plan.span_ns),
+            rec: rec.clone(),
+            closed: stream_closed.clone(),
+            stop: stop_rx.clone(),
+        };
+        stream_tasks.push(tokio::spawn(s.run(ws)));
     }
+    drop(stop_rx);
 
     // Progress and intervals.
     let sent = Arc::new(AtomicU64::new(0));
@@ -832,8 +1013,10 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let send_end = mono_ns();
     let host = cpu_start.zip(crate::hostcpu::sample()).and_then(|(a, b)| crate::hostcpu::between(&a, &b));
 
-    // Drain: every reply and every acknowledged lead's event, or the timeout.
-    let drain_until = send_end + cfg.drain.min(MAX_DRAIN).as_nanos() as u64;
+    // Drain: every reply and every acknowledged lead's event, or the timeout (longer by
+    // the time away: a subscriber may have left just before the last send).
+    let away = cfg.resubscribe.map_or(Duration::ZERO, |r| r.away);
+    let drain_until = send_end + (cfg.drain.min(MAX_DRAIN) + away).as_nanos() as u64;
     loop {
         let settled = {
             let r = rec.lock().expect("no thread panics holding the recorder");
@@ -849,11 +1032,18 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     tokio::time::sleep(Duration::from_millis(20)).await;
     done.store(true, Ordering::Relaxed);
     let _ = ticker.await;
-    for mut s in sinks.into_iter().chain(stream_sinks) {
+    let _ = stop_streams.send(true);
+    for mut s in sinks {
         let _ = s.send(Message::Close(None)).await;
     }
     for r in &readers {
         r.abort();
+    }
+    // Each stream sends its close frame and records an unfinished catch-up, if any.
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), futures_util::future::join_all(&mut stream_tasks)).await;
+    for t in &stream_tasks {
+        t.abort();
     }
 
     let mut stalled_ends = Vec::new();
@@ -906,6 +1096,21 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         intervals: std::mem::take(&mut r.intervals),
         host,
         tool_threads: cfg.threads.max(1),
+        resubscribe: cfg.resubscribe.map(|_| {
+            let mut x = std::mem::take(&mut r.resub);
+            let done: Vec<f64> = x.log.iter().filter_map(|l| l.catch_up_ms).collect();
+            x.catch_up_events_sum = x.log.iter().map(|l| l.catch_up_events).sum();
+            x.catch_up_events_max = x.log.iter().map(|l| l.catch_up_events).max().unwrap_or(0);
+            x.catch_up_ms_mean = done.iter().fold(0.0, |a, b| a + b) / done.len().max(1) as f64;
+            x.catch_up_ms_max = done.iter().copied().fold(0.0, f64::max);
+            x.catch_ups_unfinished = x.log.iter().filter(|l| l.catch_up_ms.is_none()).count() as u64;
+            let live: Vec<f64> = x.log.iter().filter_map(|l| l.back_to_live_ms).collect();
+            x.back_to_live_ms_mean = live.iter().fold(0.0, |a, b| a + b) / live.len().max(1) as f64;
+            x.back_to_live_ms_max = live.iter().copied().fold(0.0, f64::max);
+            x.back_to_live_never = (x.log.len() - live.len()) as u64;
+            x.delivery_outside_catch_up = Percentiles::of(&r.delivery_live);
+            x
+        }),
     };
     Ok(Outcome {
         summary,
@@ -976,49 +1181,355 @@ async fn read_replies_until_closed(source: &mut Source, enc: Encoding, rec: &Mut
     }
 }
 
-async fn read_stream(
+/// One tenant's stream subscription for the whole run: reads events into the
+/// recorder and, with `--resubscribe-every`, leaves and resumes on schedule.
+struct StreamSub {
     i: usize,
-    mut source: Source,
+    n: usize,
+    url: String,
+    token: String,
     enc: Encoding,
+    batch: bool,
+    resub: Option<Resubscribe>,
+    start_ns: u64,
+    /// Intended length of the timed phase: no departure at or after it.
+    span: Duration,
     rec: Arc<Mutex<Recorder>>,
+    /// Set when the server closed the stream (or it could not come back): the drain
+    /// stops waiting for events.
     closed: Arc<AtomicBool>,
-) {
-    loop {
-        let m = match source.next().await {
-            Some(Ok(m)) => m,
-            _ => break,
-        };
-        if let Message::Close(frame) = &m {
-            eprintln!("stream closed by the server: {frame:?}");
-            break;
-        }
-        let recv = mono_ns();
-        let mut batch = vec![m];
-        while batch.len() < 4096 {
-            match source.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
-                _ => break,
-            }
-        }
-        let mut r = rec.lock().expect("no thread panics holding the recorder");
-        for m in &batch {
-            if let Message::Close(frame) = m {
-                eprintln!("stream closed by the server: {frame:?}");
-                closed.store(true, Ordering::Relaxed);
+    /// The end of the run: send a close frame and stop.
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A resume whose catch-up has not reached `next_seq - 1` yet.
+struct CatchUp {
+    /// Index in the recorder's resume log.
+    log: usize,
+    next_seq: u64,
+    sent_ns: u64,
+    events: u64,
+}
+
+/// How a resume attempt ended.
+enum Resumed {
+    /// Answered `ok`: the new socket, the resume's entry in the log, when the
+    /// `subscribe` went out and when the `ok` came in.
+    Ok { ws: Box<Ws>, log: usize, sent_ns: u64, ok_ns: u64 },
+    /// The stream cannot go on (already reported); the task ends.
+    Gone,
+}
+
+/// Most `resume_too_old` answers taken in a row before a stream gives up (each one
+/// moves the cursor to the oldest one kept, so a second is already unusual).
+const MAX_TOO_OLD: u32 = 5;
+/// A resumed subscription is back to live at its first lead delivered within this
+/// many ms of the lead's intended send time.
+pub const LIVE_MS: u64 = 50;
+/// Most times one stream resumes after the server closed it before it stops.
+const MAX_SERVER_CLOSES: u32 = 20;
+/// Bound on a reconnect's `subscribe` reply and on a clean close's handshake.
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one batch of stream frames did.
+#[derive(Default)]
+struct Taken {
+    /// The server closed the stream: its close frame, as text.
+    closed: Option<String>,
+    /// A catch-up finished in this batch.
+    caught_up: bool,
+}
+
+impl StreamSub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorder> {
+        self.rec.lock().expect("no thread panics holding the recorder")
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn departure_after(&self, after_ns: u64) -> Option<u64> {
+        let r = self.resub?;
+        let after = Duration::from_nanos(after_ns.saturating_sub(self.start_ns));
+        let d = r.next_departure(self.i, self.n, after, self.span)?;
+        Some(self.start_ns + d.as_nanos() as u64)
+    }
+
+    async fn run(mut self, mut ws: Ws) {
+        let mut catch_up: Option<CatchUp> = None;
+        let mut live: Option<(usize, u64)> = None;
+        let mut departure = self.departure_after(mono_ns());
+        let mut server_closes = 0;
+        loop {
+            let wait = departure.map(|t| Duration::from_nanos(t.saturating_sub(mono_ns())));
+            let m = tokio::select! {
+                biased;
+                _ = self.stop.changed() => {
+                    let _ = ws.send(Message::Close(None)).await;
+                    self.unfinished(catch_up);
+                    return;
+                }
+                _ = sleep_or_never(wait) => None,
+                m = ws.next() => Some(m),
+            };
+            // Leaving on schedule, or the server closed the stream.
+            let (left_ns, cause) = match m {
+                None => {
+                    let left_ns = mono_ns();
+                    self.leave(&mut ws).await;
+                    let away = self.resub.map_or(Duration::ZERO, |r| r.away);
+                    tokio::select! {
+                        biased;
+                        _ = self.stop.changed() => return,
+                        _ = tokio::time::sleep(away) => {}
+                    }
+                    (left_ns, "scheduled".to_string())
+                }
+                Some(Some(Ok(m))) => {
+                    let mut batch = vec![m];
+                    while batch.len() < 4096 {
+                        match ws.next().now_or_never() {
+                            Some(Some(Ok(m))) => batch.push(m),
+                            _ => break,
+                        }
+                    }
+                    let recv = mono_ns();
+                    let t = self.take(&batch, recv, &mut catch_up, &mut live);
+                    if t.caught_up {
+                        departure = self.departure_after(recv);
+                    }
+                    let Some(frame) = t.closed else { continue };
+                    eprintln!("stream {} closed by the server: {frame}", self.i);
+                    self.unfinished(catch_up.take());
+                    server_closes += 1;
+                    // A resubscribing stream comes back, as a client would; the resume
+                    // must go on without a gap like any other.
+                    if self.resub.is_none() || server_closes > MAX_SERVER_CLOSES {
+                        self.closed.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    // Answer the close handshake before going.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                    self.lock().resub.server_closes += 1;
+                    (recv, format!("server close: {frame}"))
+                }
+                Some(_) => {
+                    eprintln!("stream {}: the connection ended without a close frame", self.i);
+                    self.closed.store(true, Ordering::Relaxed);
+                    self.unfinished(catch_up);
+                    return;
+                }
+            };
+            if self.stopping() {
                 return;
             }
+            match self.resume(left_ns, cause).await {
+                Resumed::Ok { ws: new, log, sent_ns, ok_ns } => {
+                    ws = *new;
+                    catch_up = self.catch_up(log, sent_ns, ok_ns);
+                    live = Some((log, sent_ns));
+                    // No departure during a catch-up: the next one is armed when it ends.
+                    departure = match catch_up {
+                        None => self.departure_after(ok_ns),
+                        Some(_) => None,
+                    };
+                }
+                Resumed::Gone => return,
+            }
+        }
+    }
+
+    /// Records a batch of frames.
+    /// `live`: a resume (log entry, when its `subscribe` went out) waiting for its first
+    /// delivery within [`LIVE_MS`].
+    fn take(
+        &self,
+        batch: &[Message],
+        recv: u64,
+        catch_up: &mut Option<CatchUp>,
+        live: &mut Option<(usize, u64)>,
+    ) -> Taken {
+        let mut r = self.lock();
+        let mut t = Taken::default();
+        for m in batch {
+            if let Message::Close(frame) = m {
+                t.closed = Some(match frame {
+                    Some(f) => format!("{} {}", u16::from(f.code), f.reason),
+                    None => "closed without a code".to_string(),
+                });
+                return t;
+            }
             let Some(bytes) = payload(m) else { continue };
-            let read = Incoming::read_each(enc, bytes, |f| {
-                if f.kind == "event" {
-                    r.on_event(i, &f, recv);
+            let read = Incoming::read_each(self.enc, bytes, |f| {
+                if f.kind != "event" {
+                    return;
+                }
+                let lat = r.on_event(self.i, &f, recv, catch_up.is_some());
+                if let (Some((log, sent_ns)), Some(lat)) = (*live, lat) {
+                    if lat <= LIVE_MS * 1000 {
+                        r.resub.log[log].back_to_live_ms = Some(recv.saturating_sub(sent_ns) as f64 / 1e6);
+                        *live = None;
+                    }
+                }
+                let (Some(c), Some(seq)) = (catch_up.as_mut(), f.seq) else { return };
+                if seq < c.next_seq {
+                    c.events += 1;
+                }
+                if seq + 1 >= c.next_seq {
+                    let l = &mut r.resub.log[c.log];
+                    l.catch_up_events = c.events;
+                    l.catch_up_ms = Some(recv.saturating_sub(c.sent_ns) as f64 / 1e6);
+                    *catch_up = None;
+                    t.caught_up = true;
                 }
             });
             if read.is_err() {
                 *r.errors.entry("unreadable_event".into()).or_default() += 1;
             }
         }
+        t
     }
-    closed.store(true, Ordering::Relaxed);
+
+    /// A catch-up that will not finish (the run ended, the server closed the stream):
+    /// what it got so far.
+    fn unfinished(&self, catch_up: Option<CatchUp>) {
+        if let Some(c) = catch_up {
+            self.lock().resub.log[c.log].catch_up_events = c.events;
+        }
+    }
+
+    /// After a resume's `ok`: the catch-up in progress, or `None` when the `ok` already
+    /// said there was nothing to catch up on (the log entry is then complete).
+    fn catch_up(&self, log: usize, sent_ns: u64, ok_ns: u64) -> Option<CatchUp> {
+        let mut r = self.lock();
+        let l = &mut r.resub.log[log];
+        if l.next_seq <= l.resume_from + 1 {
+            l.catch_up_ms = Some(ok_ns.saturating_sub(sent_ns) as f64 / 1e6);
+            return None;
+        }
+        Some(CatchUp { log, next_seq: l.next_seq, sent_ns, events: 0 })
+    }
+
+    /// Closes the websocket cleanly: a close frame, then the events already on their
+    /// way are still read up to the server's close frame (bounded).
+    async fn leave(&self, ws: &mut Ws) {
+        use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+        let close = CloseFrame { code: CloseCode::Normal, reason: "resubscribing".into() };
+        let _ = ws.send(Message::Close(Some(close))).await;
+        let _ = tokio::time::timeout(RESUBSCRIBE_TIMEOUT, async {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+                self.take(std::slice::from_ref(&m), mono_ns(), &mut None, &mut None);
+            }
+        })
+        .await;
+        self.lock().resub.departures += 1;
+    }
+
+    /// Reconnects and resumes from the last seq received.
+    async fn resume(&self, left_ns: u64, cause: String) -> Resumed {
+        let mut cursor = self.lock().last_seq.get(&self.i).copied().unwrap_or(0);
+        let mut ws = match connect(&self.url, &self.token, self.enc).await {
+            Ok(ws) => ws,
+            Err(e) => return self.give_up(&format!("reconnecting: {e:#}")),
+        };
+        let mut buf = Vec::new();
+        let mut too_old = 0;
+        let id = format!("resub-{}", self.i);
+        loop {
+            let sub = serde_json::json!({"id": id, "type": "subscribe", "resume_from": cursor, "batch": self.batch});
+            wire::encode_into(self.enc, &sub, &mut buf);
+            let sent_ns = mono_ns();
+            if let Err(e) = ws.send(message(self.enc, &buf)).await {
+                return self.give_up(&format!("sending subscribe: {e}"));
+            }
+            let reply = tokio::time::timeout(RESUBSCRIBE_TIMEOUT, async {
+                while let Some(Ok(m)) = ws.next().await {
+                    let Some(bytes) = payload(&m) else { continue };
+                    if let Ok(f) = Incoming::read(self.enc, bytes) {
+                        if f.id.as_deref() == Some(id.as_str()) {
+                            return Some((f.kind == "ok", bytes.to_vec()));
+                        }
+                    }
+                }
+                None
+            })
+            .await;
+            let recv = mono_ns();
+            let (ok, bytes) = match reply {
+                Ok(Some(r)) => r,
+                Ok(None) => return self.give_up("the connection closed before the subscribe reply"),
+                Err(_) => return self.give_up("no subscribe reply within 10 s"),
+            };
+            if ok {
+                let next_seq = match wire::decode::<SubscribedReply>(self.enc, &bytes) {
+                    Ok(s) if s.result.subscribed => s.result.next_seq,
+                    _ => return self.give_up("unreadable subscribe reply"),
+                };
+                let mut r = self.lock();
+                r.resub.resumes += 1;
+                r.resub.log.push(ResumeRecord {
+                    stream: self.i,
+                    cause,
+                    left_at_s: left_ns.saturating_sub(self.start_ns) as f64 / 1e9,
+                    resume_from: cursor,
+                    next_seq,
+                    catch_up_events: 0,
+                    catch_up_ms: None,
+                    back_to_live_ms: None,
+                });
+                let log = r.resub.log.len() - 1;
+                return Resumed::Ok { ws: Box::new(ws), log, sent_ns, ok_ns: recv };
+            }
+            let err = wire::decode::<wire::ErrorReply>(self.enc, &bytes).ok();
+            let code = err.as_ref().map_or("unreadable", |e| e.code.as_str());
+            let msg = err.as_ref().map_or("", |e| e.message.as_str());
+            if code != "resume_too_old" {
+                return self.give_up(&format!("resume from {cursor} answered {code}: {msg}"));
+            }
+            let Some(oldest) = oldest_cursor(msg).filter(|&o| o > cursor) else {
+                return self.give_up(&format!("resume from {cursor} answered resume_too_old: {msg:?}"));
+            };
+            too_old += 1;
+            {
+                let mut r = self.lock();
+                let lost = oldest - cursor;
+                r.resub.resumes_too_old += 1;
+                r.resub.resume_too_old_lost_seqs += lost;
+                r.resub.resume_too_old_details.push(format!(
+                    "stream {}: resume_from={cursor}, oldest cursor {oldest} ({lost} seqs lost)",
+                    self.i
+                ));
+                r.seq_gaps += 1;
+                r.last_seq.insert(self.i, oldest);
+            }
+            eprintln!(
+                "stream {}: resume from {cursor} answered resume_too_old; going on from the oldest cursor {oldest}",
+                self.i
+            );
+            if too_old >= MAX_TOO_OLD {
+                return self.give_up(&format!("resume_too_old {too_old} times in a row"));
+            }
+            cursor = oldest;
+        }
+    }
+
+    fn give_up(&self, why: &str) -> Resumed {
+        eprintln!("stream {}: cannot resume ({why}); this stream stops here", self.i);
+        self.lock().resub.resume_failures += 1;
+        self.closed.store(true, Ordering::Relaxed);
+        Resumed::Gone
+    }
+}
+
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1093,6 +1604,51 @@ mod tests {
         assert!(check_target("ws://10.0.0.5:7700", &[]).is_err());
         assert!(check_target("ws://10.0.0.5:7700", &["10.0.0.5".into()]).is_ok());
         assert!(check_target("wss://127.0.0.1:7700", &[]).is_err());
+    }
+
+    #[test]
+    fn resubscribe_schedule_is_staggered_and_ends_with_the_timed_phase() {
+        let r = Resubscribe { every: Duration::from_secs(5), away: Duration::from_secs(2) };
+        let s = |x: f64| Duration::from_secs_f64(x);
+        let all = |i: usize, n: usize| {
+            let mut out = Vec::new();
+            let mut t = Duration::ZERO;
+            while let Some(d) = r.next_departure(i, n, t, s(20.0)) {
+                out.push(d.as_secs_f64());
+                t = d;
+            }
+            out
+        };
+        // One tenant: every 5 s, the first after 5 s, none at or after the end.
+        assert_eq!(all(0, 1), vec![5.0, 10.0, 15.0]);
+        // Four tenants leave 1.25 s apart.
+        assert_eq!(all(1, 4), vec![6.25, 11.25, 16.25]);
+        assert_eq!(all(3, 4), vec![8.75, 13.75, 18.75]);
+        // Strictly after: a slot that passed (during a catch-up) is skipped.
+        assert_eq!(r.next_departure(0, 1, s(5.0), s(20.0)), Some(s(10.0)));
+        assert_eq!(r.next_departure(0, 1, s(11.5), s(20.0)), Some(s(15.0)));
+        assert_eq!(r.next_departure(0, 1, s(1.0), s(4.0)), None, "shorter than one period");
+    }
+
+    #[test]
+    fn away_must_be_shorter_than_the_period() {
+        let ok = Resubscribe { every: Duration::from_secs(5), away: Duration::from_secs(2) };
+        assert!(ok.validate().is_ok());
+        let long = Resubscribe { away: Duration::from_secs(5), ..ok };
+        let e = long.validate().unwrap_err().to_string();
+        assert!(e.contains("--away") && e.contains("--resubscribe-every"), "{e}");
+        assert!(Resubscribe { every: Duration::ZERO, away: Duration::ZERO }.validate().is_err());
+    }
+
+    #[test]
+    fn oldest_cursor_is_read_from_resume_too_old() {
+        // The daemon's wording (src/server/ws.rs).
+        let msg = "events before 1201 are no longer kept; resume from 1200 or later";
+        assert_eq!(oldest_cursor(msg), Some(1200));
+        assert_eq!(oldest_cursor("events are gone"), None);
+        let frame = br#"{"type":"error","id":"resub-0","code":"resume_too_old","message":"events before 8 are no longer kept; resume from 7 or later"}"#;
+        let e: wire::ErrorReply = wire::decode(Encoding::Json, frame).unwrap();
+        assert_eq!((e.code.as_str(), oldest_cursor(&e.message)), ("resume_too_old", Some(7)));
     }
 
     #[test]

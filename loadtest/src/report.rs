@@ -31,6 +31,10 @@ pub fn table(s: &Summary) -> String {
         row(&mut out, "ack error", &s.ack_error);
     }
     row(&mut out, "delivery", &s.delivery);
+    if let Some(r) = &s.resubscribe {
+        // Leads whose first offer came in a resume's catch-up carry the time away.
+        row(&mut out, "dlv live", &r.delivery_outside_catch_up);
+    }
     row(&mut out, "other", &s.other_replies);
     row(&mut out, "send lag", &s.send_lag);
     // The daemon's share: accepted publishes from the flush that wrote them.
@@ -61,6 +65,46 @@ pub fn table(s: &Summary) -> String {
     }
     for (i, end) in s.stalled_subscribers.iter().enumerate() {
         let _ = writeln!(out, "stalled subscriber {i}: {end}");
+    }
+    if let Some(r) = &s.resubscribe {
+        let _ = writeln!(
+            out,
+            "resubscribe every {:.1} s, away {:.1} s: {} departure(s), {} server close(s), {} resume(s), {} resume_too_old, {} failed; catch-up events sum {} max {}; catch-up ms mean {:.1} max {:.1}{}; back to live (a delivery within {} ms) ms mean {:.1} max {:.1}{}; dlv live = delivery outside catch-ups",
+            r.every_s,
+            r.away_s,
+            r.departures,
+            r.server_closes,
+            r.resumes,
+            r.resumes_too_old,
+            r.resume_failures,
+            r.catch_up_events_sum,
+            r.catch_up_events_max,
+            r.catch_up_ms_mean,
+            r.catch_up_ms_max,
+            if r.catch_ups_unfinished > 0 {
+                format!(" ({} unfinished)", r.catch_ups_unfinished)
+            } else {
+                String::new()
+            },
+            crate::replay::LIVE_MS,
+            r.back_to_live_ms_mean,
+            r.back_to_live_ms_max,
+            if r.back_to_live_never > 0 {
+                format!(" ({} never)", r.back_to_live_never)
+            } else {
+                String::new()
+            }
+        );
+        if r.resumes_too_old > 0 {
+            let _ = writeln!(
+                out,
+                "STREAM NOT CONTINUOUS: {} resume(s) answered resume_too_old, {} seq(s) lost:",
+                r.resumes_too_old, r.resume_too_old_lost_seqs
+            );
+            for d in r.resume_too_old_details.iter().take(5) {
+                let _ = writeln!(out, "  {d}");
+            }
+        }
     }
     let v = &s.violations;
     let _ = writeln!(

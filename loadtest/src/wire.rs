@@ -325,6 +325,14 @@ struct EventsFrame<'a> {
     events: Vec<Incoming<'a>>,
 }
 
+/// An `error` reply: its code and message.
+#[derive(Debug, Deserialize)]
+pub struct ErrorReply {
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
 pub fn decode<'a, T: Deserialize<'a>>(enc: Encoding, bytes: &'a [u8]) -> anyhow::Result<T> {
     Ok(match enc {
         Encoding::Json => serde_json::from_slice(bytes)?,
