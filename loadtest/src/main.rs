@@ -189,6 +189,11 @@ fn run() -> anyhow::Result<u8> {
 }
 
 fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
+    // Refused before the trace is read (it can take a while).
+    let resubscribe = a.resubscribe_every.map(|every| Resubscribe { every, away: a.away });
+    if let Some(r) = &resubscribe {
+        r.validate()?;
+    }
     let records = trace::read(&a.trace)?;
     let pacing = match (&a.speed, a.rate) {
         (Some(s), _) => Pacing::Speed(parse_speed(s)?),
@@ -222,11 +227,8 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
         record: a.record.clone(),
         stalled_subscribers: a.stalled_subscribers,
         stream_batch: a.stream_frames == StreamFrames::Batched,
-        resubscribe: a.resubscribe_every.map(|every| Resubscribe { every, away: a.away }),
+        resubscribe,
     };
-    if let Some(r) = &cfg.resubscribe {
-        r.validate()?;
-    }
     if a.max_rate {
         anyhow::ensure!(a.record.is_none(), "--record records one replay, not a --max-rate search");
         anyhow::ensure!(
