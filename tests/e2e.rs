@@ -297,7 +297,7 @@ async fn a_resume_older_than_the_replay_buffer_is_served_from_disk_then_live_als
     let n = (next - 1) as usize;
     assert!(n >= 400, "{n} events, eight times the buffer");
     let mut seen: Vec<Vec<Value>> = Vec::new();
-    for (msgpack, batch) in [(false, false), (true, true), (false, true)] {
+    for (msgpack, batch) in [(false, false), (true, true), (false, true), (true, false)] {
         // Each round's live event adds one to what the next round resumes.
         let total = n + seen.len();
         let mut c = Client::new(&d.addr, msgpack).await;
@@ -323,7 +323,7 @@ async fn a_resume_older_than_the_replay_buffer_is_served_from_disk_then_live_als
     let d = Daemon::start_with_flags(dir.path(), &flags);
     let mut c = Client::new(&d.addr, false).await;
     c.ok(json!({"type": "subscribe", "resume_from": 0})).await;
-    assert_eq!(c.events(n + 3).await[..n], seen[0][..], "the history after a restart");
+    assert_eq!(c.events(n + 4).await[..n], seen[0][..], "the history after a restart");
 }
 
 /// A per-pro feed (`subscribe` with `pro`) resumed from the history on disk gets that

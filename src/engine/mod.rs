@@ -236,7 +236,9 @@ impl Engine {
                     &cfg.raw.data_dir.join("streams"),
                     &t.id,
                     cfg.raw.stream_spill_bytes,
-                    cfg.raw.stream_retention_events,
+                    // Transit absorbs a writer held up by the disk: at least 32,768
+                    // events (a fraction of a second at peak), more with a bigger buffer.
+                    cfg.raw.stream_retention_events.max(32_768),
                 )
             });
             let hub = Arc::new(StreamHub::with_spill(cfg.raw.stream_retention_events, spill.clone()));

@@ -126,6 +126,31 @@ struct Disk {
     disabled: Option<String>,
 }
 
+/// What one read of the history returns: events still in memory (transit), or
+/// `(seq, MessagePack frame)` read from disk.
+pub enum Chunk {
+    Events(Vec<Arc<Outgoing>>),
+    Frames(Vec<(u64, Vec<u8>)>),
+}
+
+impl Chunk {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Chunk::Events(e) => e.is_empty(),
+            Chunk::Frames(f) => f.is_empty(),
+        }
+    }
+}
+
+/// A segment as a reader saw it under the lock.
+struct SegmentView {
+    first: u64,
+    last: u64,
+    path: PathBuf,
+    len: u64,
+    index: Option<Arc<Vec<(u64, u64)>>>,
+}
+
 struct Segment {
     first: u64,
     last: u64,
@@ -133,7 +158,7 @@ struct Segment {
     len: u64,
     /// `(seq, offset)` every [`INDEX_EVERY`] entries; `None` until first needed
     /// (built by reading the file, which also checks every entry).
-    index: Option<Vec<(u64, u64)>>,
+    index: Option<Arc<Vec<(u64, u64)>>>,
 }
 
 impl Spill {
@@ -226,7 +251,7 @@ impl Spill {
             match scan.last {
                 Some(last) => {
                     seg.last = last;
-                    seg.index = Some(scan.index);
+                    seg.index = Some(Arc::new(scan.index));
                 }
                 None => {
                     let gone = d.segments.pop_back().expect("just looked at it");
@@ -371,7 +396,7 @@ impl Spill {
                 let count = o.seq - seg.first;
                 if count % INDEX_EVERY == 0 {
                     if let Some(ix) = seg.index.as_mut() {
-                        ix.push((o.seq, start + buf.len() as u64));
+                        Arc::make_mut(ix).push((o.seq, start + buf.len() as u64));
                     }
                 }
                 let frame = o.bytes(Encoding::Msgpack);
@@ -402,7 +427,7 @@ impl Spill {
         d.file = None;
         let f = self.fs.open(&path, OpenMode::Create)?;
         d.file = Some(f);
-        d.segments.push_back(Segment { first, last: first, path, len: 0, index: Some(Vec::new()) });
+        d.segments.push_back(Segment { first, last: first, path, len: 0, index: Some(Arc::new(Vec::new())) });
         Ok(())
     }
 
@@ -425,88 +450,129 @@ impl Spill {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<Arc<Outgoing>>, Lost> {
+        match self.read_frames_after(after, max_events, max_bytes)? {
+            Chunk::Events(events) => Ok(events),
+            Chunk::Frames(frames) => frames.into_iter().map(|(seq, f)| self.decode(seq, f)).collect(),
+        }
+    }
+
+    /// The event of a frame read from disk (what `read_after` returns for it). A frame
+    /// that does not decode is damage: the history is cut there.
+    pub fn decode(&self, seq: u64, frame: Vec<u8>) -> Result<Arc<Outgoing>, Lost> {
+        match rmp_serde::from_slice::<StreamFrame>(&frame) {
+            Ok(f) if f.seq == seq => Ok(Arc::new(Outgoing::spilled(seq, f.event, frame))),
+            _ => {
+                tracing::warn!(dir = %self.dir.display(), seq, "stream history frame does not decode; history cut there");
+                Err(self.cut_through(seq))
+            }
+        }
+    }
+
+    /// [`Spill::read_after`] without decoding what comes from disk: a MessagePack
+    /// subscriber without a per-pro filter sends the frames as they are.
+    pub fn read_frames_after(&self, after: u64, max_events: usize, max_bytes: usize) -> Result<Chunk, Lost> {
         let want = after + 1;
         {
             let t = self.transit.lock();
             if let (Some(f), Some(b)) = (t.front(), t.back()) {
                 if f.seq <= want && want <= b.seq {
                     let skip = (want - f.seq) as usize;
-                    return Ok(t.iter().skip(skip).take(max_events).cloned().collect());
+                    return Ok(Chunk::Events(t.iter().skip(skip).take(max_events).cloned().collect()));
                 }
             }
         }
         // Not in transit: being written (wait for it: then it is on disk), written
         // already, not evicted yet, or lost.
-        let writing = self.writing.lock();
-        let mut d = self.disk.lock();
-        drop(writing);
-        let on_disk = d.segments.front().is_some_and(|s| s.first <= want) && want <= d.through;
-        if !on_disk {
-            let (disk_first, through) = (d.segments.front().map(|s| s.first), d.through);
-            drop(d);
-            let transit_first = self.pending_first();
-            return match (disk_first, transit_first) {
-                // Older than anything kept.
-                (Some(o), _) | (None, Some(o)) if want < o => Err(Lost { oldest: Some(o) }),
-                // Between the disk's end and transit: events transit dropped, not
-                // yet noticed by the writer (which then restarts the history).
-                (_, Some(t)) if want > through && want < t => Err(Lost { oldest: Some(t) }),
-                _ => Ok(Vec::new()),
-            };
+        let view = {
+            let writing = self.writing.lock();
+            let d = self.disk.lock();
+            drop(writing);
+            let on_disk = d.segments.front().is_some_and(|s| s.first <= want) && want <= d.through;
+            if !on_disk {
+                let (disk_first, through) = (d.segments.front().map(|s| s.first), d.through);
+                drop(d);
+                let transit_first = self.pending_first();
+                return match (disk_first, transit_first) {
+                    // Older than anything kept.
+                    (Some(o), _) | (None, Some(o)) if want < o => Err(Lost { oldest: Some(o) }),
+                    // Between the disk's end and transit: events transit dropped, not
+                    // yet noticed by the writer (which then restarts the history).
+                    (_, Some(t)) if want > through && want < t => Err(Lost { oldest: Some(t) }),
+                    _ => Ok(Chunk::Frames(Vec::new())),
+                };
+            }
+            let seg = d.segments.iter().find(|s| s.first <= want && want <= s.last).expect("on disk");
+            SegmentView {
+                first: seg.first,
+                last: seg.last,
+                path: seg.path.clone(),
+                len: seg.len,
+                index: seg.index.clone(),
+            }
+        };
+        // Read without the lock (the writer goes on meanwhile): a segment deleted under
+        // the reader is an error like any other, and the cursor is then too old.
+        match self.read_disk(view, want, max_events, max_bytes) {
+            Ok(frames) if frames.first().is_some_and(|f| f.0 == want) => Ok(Chunk::Frames(frames)),
+            Ok(_) | Err(_) => Err(self.cut_through(want)),
         }
-        match self.read_disk(&mut d, want, max_events, max_bytes) {
-            Ok(events) if events.first().is_some_and(|o| o.seq == want) => Ok(events),
-            Ok(_) | Err(_) => {
-                // Damaged or unreadable: what is older than the damage is unusable
-                // (a reader could not pass it); what follows stays.
-                let bad = d.segments.iter().position(|s| s.first <= want && want <= s.last);
-                if let Some(k) = bad {
-                    for s in d.segments.drain(..=k) {
-                        let _ = self.fs.remove(&s.path);
-                    }
-                    if d.segments.is_empty() {
-                        d.file = None;
-                        d.through = 0;
-                    }
-                }
-                Err(Lost { oldest: d.segments.front().map(|s| s.first) })
+    }
+
+    /// Damage at `seq` (or its segment gone): the segment holding it and every older
+    /// one are dropped (a reader could not pass it); what follows stays.
+    fn cut_through(&self, seq: u64) -> Lost {
+        let mut d = self.disk.lock();
+        if let Some(k) = d.segments.iter().position(|s| s.first <= seq && seq <= s.last) {
+            for s in d.segments.drain(..=k) {
+                let _ = self.fs.remove(&s.path);
+            }
+            if d.segments.is_empty() {
+                d.file = None;
+                d.through = 0;
             }
         }
+        let oldest = d.segments.front().map(|s| s.first);
+        drop(d);
+        Lost { oldest: oldest.or_else(|| self.pending_first()) }
     }
 
     fn read_disk(
         &self,
-        d: &mut Disk,
+        seg: SegmentView,
         want: u64,
         max_events: usize,
         max_bytes: usize,
-    ) -> std::io::Result<Vec<Arc<Outgoing>>> {
-        let k = d
-            .segments
-            .iter()
-            .position(|s| s.first <= want && want <= s.last)
-            .ok_or_else(|| std::io::Error::other("no segment holds it"))?;
-        if d.segments[k].index.is_none() {
-            let seg = &d.segments[k];
-            let s = scan(&self.fs.read(&seg.path)?, seg.first);
-            if s.last != Some(seg.last) {
-                return Err(std::io::Error::other(format!(
-                    "{}: damaged after seq {:?} (expected through {})",
-                    seg.path.display(),
-                    s.last,
-                    seg.last
-                )));
+    ) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+        let index = match seg.index {
+            Some(ix) => ix,
+            None => {
+                // First read of this segment since start: index (and check) it whole.
+                let s = scan(&self.fs.read(&seg.path)?, seg.first);
+                if s.last.is_none_or(|l| l < seg.last) {
+                    return Err(std::io::Error::other(format!(
+                        "{}: damaged after seq {:?} (expected through {})",
+                        seg.path.display(),
+                        s.last,
+                        seg.last
+                    )));
+                }
+                let ix = Arc::new(s.index);
+                let mut d = self.disk.lock();
+                if let Some(live) = d.segments.iter_mut().find(|x| x.first == seg.first && x.index.is_none())
+                {
+                    // Entries appended since the read have no index point: a later
+                    // read scans a little further from the last one. Never wrong.
+                    live.index = Some(ix.clone());
+                }
+                ix
             }
-            d.segments[k].index = Some(s.index);
-        }
-        let seg = &d.segments[k];
-        let ix = seg.index.as_ref().expect("built above");
-        let at = ix.partition_point(|&(s, _)| s <= want);
-        let (mut seq, mut pos) = if at == 0 { (seg.first, 0) } else { ix[at - 1] };
+        };
+        let at = index.partition_point(|&(s, _)| s <= want);
+        let (mut seq, mut pos) = if at == 0 { (seg.first, 0) } else { index[at - 1] };
         let mut out = Vec::new();
         let mut bytes = 0usize;
         // Read in windows from the index point: the entries before `want` are
-        // skipped (and checked), the rest decoded.
+        // skipped (and checked), the rest returned.
         let mut window = max_bytes.max(64 << 10) + (64 << 10);
         while pos < seg.len && out.len() < max_events && bytes < max_bytes {
             let chunk = self.fs.read_range(&seg.path, pos, window.min((seg.len - pos) as usize))?;
@@ -516,13 +582,8 @@ impl Spill {
                     return Err(std::io::Error::other(format!("expected seq {seq}, found {s}")));
                 }
                 if s >= want {
-                    let ev: StreamFrame = rmp_serde::from_slice(frame)
-                        .map_err(|e| std::io::Error::other(format!("seq {s}: frame does not decode: {e}")))?;
-                    if ev.seq != s {
-                        return Err(std::io::Error::other(format!("seq {s}: frame says {}", ev.seq)));
-                    }
                     bytes += frame.len();
-                    out.push(Arc::new(Outgoing::spilled(s, ev.event, frame.to_vec())));
+                    out.push((s, frame.to_vec()));
                 }
                 seq += 1;
                 used_total += used;

@@ -25,7 +25,7 @@
 //! timeout, 4008 slow subscriber (reason carries `resume_from=N`).
 
 use crate::engine::hub::{Outgoing, ResumeError, Subscription};
-use crate::engine::spill::{Lost, Spill};
+use crate::engine::spill::{Chunk, Lost, Spill};
 use crate::engine::Engine;
 use crate::ids::TenantId;
 use crate::protocol::{self, ApiError, Encoding, OkResult, Reply, Request, Scope};
@@ -207,8 +207,18 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let close = loop {
         if let Some(c) = catch_up.as_mut().filter(|c| c.reading.is_none()) {
             let (spill, after) = (c.spill.clone(), c.after);
+            // Frames from disk go out as they are to a MessagePack subscriber of the
+            // whole stream; the others need the events (decoded here, off the worker).
+            let raw = enc == Encoding::Msgpack && c.pro.is_none();
             c.reading = Some(tokio::task::spawn_blocking(move || {
-                spill.read_after(after, CATCH_UP_EVENTS, CATCH_UP_BYTES)
+                match spill.read_frames_after(after, CATCH_UP_EVENTS, CATCH_UP_BYTES)? {
+                    Chunk::Frames(frames) if !raw => frames
+                        .into_iter()
+                        .map(|(seq, f)| spill.decode(seq, f))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(Chunk::Events),
+                    chunk => Ok(chunk),
+                }
             }));
         }
         tokio::select! {
@@ -271,13 +281,20 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 let c = catch_up.as_mut().expect("guarded");
                 c.reading = None;
                 match read {
-                    Ok(Ok(events)) if !events.is_empty() => {
+                    Ok(Ok(Chunk::Events(events))) if !events.is_empty() => {
                         let after = events.last().map_or(c.after, |o| o.seq);
                         let wanted: Vec<Arc<Outgoing>> = match &c.pro {
                             None => events,
                             Some(p) => events.into_iter().filter(|o| o.event.pro() == Some(p)).collect(),
                         };
                         if feed_events(&mut sink, enc, c.batch, &wanted, &mut last_seq_sent).await.is_err() { break None; }
+                        if sink.flush().await.is_err() { break None; }
+                        c.after = after;
+                        last_seq_sent = after;
+                    }
+                    Ok(Ok(Chunk::Frames(frames))) if !frames.is_empty() => {
+                        let after = frames.last().map_or(c.after, |f| f.0);
+                        if feed_all(&mut sink, enc, c.batch, frames.iter().map(|f| f.1.as_slice())).await.is_err() { break None; }
                         if sink.flush().await.is_err() { break None; }
                         c.after = after;
                         last_seq_sent = after;
@@ -600,7 +617,7 @@ fn message(enc: Encoding, bytes: Vec<u8>) -> Message {
 }
 
 /// Queues `events` (a resume's backlog), in `events` frames bounded as the live
-/// ones are when `batch`, else one frame each; `last` follows what was queued.
+/// ones are when `batch`, else one frame each; `last` is set to the last one's seq.
 async fn feed_events(
     sink: &mut Sink,
     enc: Encoding,
@@ -608,24 +625,37 @@ async fn feed_events(
     events: &[Arc<Outgoing>],
     last: &mut u64,
 ) -> Result<(), WsError> {
-    if batch {
-        let mut frame = protocol::EventsFrame::new(enc);
-        for out in events {
-            frame.push(out.bytes(enc));
-            *last = out.seq;
-            if frame.len() >= EVENTS_PER_FRAME || frame.bytes_len() >= EVENTS_FRAME_BYTES {
-                let full = std::mem::replace(&mut frame, protocol::EventsFrame::new(enc));
-                send(sink, enc, full.finish(), false).await?;
-            }
+    feed_all(sink, enc, batch, events.iter().map(|o| o.bytes(enc))).await?;
+    if let Some(o) = events.last() {
+        *last = o.seq;
+    }
+    Ok(())
+}
+
+/// Queues encoded event frames: in `events` frames bounded as the live ones are when
+/// `batch`, else one frame each.
+async fn feed_all<'a>(
+    sink: &mut Sink,
+    enc: Encoding,
+    batch: bool,
+    frames: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), WsError> {
+    if !batch {
+        for bytes in frames {
+            feed(sink, enc, bytes).await?;
         }
-        if !frame.is_empty() {
-            send(sink, enc, frame.finish(), false).await?;
+        return Ok(());
+    }
+    let mut frame = protocol::EventsFrame::new(enc);
+    for bytes in frames {
+        frame.push(bytes);
+        if frame.len() >= EVENTS_PER_FRAME || frame.bytes_len() >= EVENTS_FRAME_BYTES {
+            let full = std::mem::replace(&mut frame, protocol::EventsFrame::new(enc));
+            send(sink, enc, full.finish(), false).await?;
         }
-    } else {
-        for out in events {
-            *last = out.seq;
-            feed(sink, enc, out.bytes(enc)).await?;
-        }
+    }
+    if !frame.is_empty() {
+        send(sink, enc, frame.finish(), false).await?;
     }
     Ok(())
 }
@@ -638,7 +668,7 @@ struct CatchUp {
     pro: Option<crate::ids::ProId>,
     batch: bool,
     spill: Arc<Spill>,
-    reading: Option<tokio::task::JoinHandle<Result<Vec<Arc<Outgoing>>, Lost>>>,
+    reading: Option<tokio::task::JoinHandle<Result<Chunk, Lost>>>,
 }
 
 /// Events read from disk per chunk of a catch-up.
