@@ -25,9 +25,13 @@
 //!   CRC-32C and its sequence number; a reader serves only entries that check and
 //!   follow one another, so a torn or lost write is a shorter history, never a wrong
 //!   event. After a restart the history is kept only if it joins what recovery
-//!   rebuilt (the snapshot's replay buffer and the log replayed after it); after a
-//!   crash the last few milliseconds of transit are usually lost, so the history
-//!   restarts (a clean shutdown writes transit out first).
+//!   rebuilt (the snapshot's replay buffer and the log replayed after it). A clean
+//!   stop writes transit out first. After a crash (kill -9) the events that were in
+//!   transit come back: they follow the last snapshot's cut, so replaying the log
+//!   publishes and evicts them again, and the history continues (a torn last write is
+//!   cut at start). It restarts when it does not join: a crash within moments of a
+//!   snapshot (transit's events were before the cut), or a power cut that lost part
+//!   of the unsynced files.
 //!
 //! Files: `<data_dir>/streams/<tenant>/<first seq, 20 digits>.spill`, each a run of
 //! entries `len: u32 LE | crc32c(seq ++ frame): u32 LE | seq: u64 LE | frame`, where
