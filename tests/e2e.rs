@@ -326,6 +326,53 @@ async fn a_resume_older_than_the_replay_buffer_is_served_from_disk_then_live_als
     assert_eq!(c.events(n + 4).await[..n], seen[0][..], "the history after a restart");
 }
 
+/// The stream history survives a kill -9. A snapshot taken after the events were
+/// evicted holds only the buffer's last 50, and the log is compacted behind it, so
+/// after the restart the older events exist only in the history on disk: a resume from
+/// the start gets the same events as before the kill only if the history was kept.
+#[tokio::test(flavor = "current_thread")]
+async fn the_stream_history_survives_a_kill_and_a_resume_after_the_restart_gets_the_same_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d =
+        Daemon::start_with_flags(dir.path(), &["stream_retention_events=50", "snapshot_interval_s=1"]);
+    let mut ingest = Client::new(&d.addr, true).await;
+    ingest.ok(json!({"type": "upsert_pro", "pro": pro("p1")})).await;
+    for i in 0..300 {
+        ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": format!("g{i}"), "credits": 1})).await;
+    }
+    let mut c = Client::new(&d.addr, false).await;
+    c.ok(json!({"type": "subscribe", "resume_from": 0})).await;
+    let before = c.events(300).await;
+    // Wait until the 250 evicted events are on disk, then for a snapshot after that
+    // (it covers every record: nothing is replayed after the restart).
+    let root = dir.path().join("streams");
+    let wal = dir.path().join("wal");
+    let snapshots = || {
+        std::fs::read_dir(&wal)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".snap"))
+            .count()
+    };
+    let mut seen_on_disk_with = None;
+    for attempt in 0.. {
+        assert!(attempt < 1_000, "no history of 250 events followed by a snapshot");
+        let report = rota::engine::spill::verify(&rota::wal::RealFs, &root).unwrap();
+        let on_disk = report.first().and_then(|h| h.range) == Some((1, 250));
+        match seen_on_disk_with {
+            None if on_disk => seen_on_disk_with = Some(snapshots()),
+            Some(n) if snapshots() > n => break,
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    unsafe_kill(d.child.id(), "KILL");
+    d.child.wait().unwrap();
+    let d = Daemon::start_with_flags(dir.path(), &["stream_retention_events=50"]);
+    let mut c = Client::new(&d.addr, false).await;
+    c.ok(json!({"type": "subscribe", "resume_from": 0})).await;
+    assert_eq!(c.events(300).await, before, "the same events after the kill");
+}
+
 /// A per-pro feed (`subscribe` with `pro`) resumed from the history on disk gets that
 /// pro's events only, in order, then its live ones.
 #[tokio::test(flavor = "current_thread")]
