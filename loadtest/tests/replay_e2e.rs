@@ -89,8 +89,10 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
             url: format!("ws://{}", d.addr),
             tokens: vec![(None, "demo-token".into())],
             connections: 2,
-            // 300 leads at 200/s with the rest of the trace in proportion: about 3 s.
-            pacing: Pacing::Rate(200.0),
+            // 300 leads at 1,000/s (0.3 s); the replies after the last lead keep their
+            // trace distance (up to 15 s at the trace's 300 leads/s) scaled to this
+            // rate: about 5 s in all (at 200/s it was 23 s per encoding).
+            pacing: Pacing::Rate(1000.0),
             duration: None,
             encoding,
             drain: Duration::from_secs(10),
@@ -133,10 +135,7 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
 
 /// With a replay buffer of 200 events, a subscriber away for 0.6 s at about 850
 /// events/s (50 leads/s) resumes from the stream history on disk: every resume must go
-/// on at the last seq + 1, with every lead delivered once. (The daemon's queue of
-/// evicted events waiting for the disk is as long as the buffer: the rate is kept low
-/// so that a debug build on a busy machine does not overflow it, which would lose
-/// history and fail the run with `resume_too_old`.)
+/// on at the last seq + 1, with every lead delivered once.
 #[test]
 fn resubscribing_streams_resume_from_the_history_without_gaps_or_duplicates() {
     let Some(bin) = rota_binary() else {
