@@ -383,6 +383,13 @@ impl Spill {
         if d.through != 0 && first.seq != d.through + 1 {
             // Transit dropped events (or recovery kept none): the old history does
             // not join; it restarts here.
+            tracing::warn!(
+                dir = %self.dir.display(),
+                on_disk_through = d.through,
+                next = first.seq,
+                dropped_total = self.stats.dropped.load(Ordering::Relaxed),
+                "stream history restarts: events evicted while the writer fell behind were dropped"
+            );
             self.clear(d);
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
         }
