@@ -73,6 +73,8 @@ const WRITE_BATCH: usize = 8192;
 /// snapshots: the smaller of this and [`RESERVE_PERCENT`] of the filesystem.
 const RESERVE_BYTES: u64 = 2 << 30;
 const RESERVE_PERCENT: u64 = 10;
+/// How long the history stops writing after a write error.
+const ERROR_BACKOFF: Duration = Duration::from_secs(10);
 const SUFFIX: &str = ".spill";
 const MARKER: &str = "tenant";
 /// Written at a clean stop: `<last seq> <newest segment's length>`, so the next start
@@ -128,6 +130,9 @@ struct Disk {
     through: u64,
     /// Set when the directory belongs to another tenant (nothing is written).
     disabled: Option<String>,
+    /// After a write error nothing is written (batches are dropped) until then, so a
+    /// disk that keeps failing costs one attempt and one log line per [`ERROR_BACKOFF`].
+    backoff_until: Option<std::time::Instant>,
 }
 
 /// What one read of the history returns: events still in memory (transit), or
@@ -186,7 +191,7 @@ impl Spill {
             transit_cap,
             transit: Mutex::new(VecDeque::new()),
             writing: Mutex::new(Vec::new()),
-            disk: Mutex::new(Disk { segments: VecDeque::new(), file: None, through: 0, disabled: None }),
+            disk: Mutex::new(Disk { segments: VecDeque::new(), file: None, through: 0, disabled: None, backoff_until: None }),
             stats: SpillStats::default(),
         };
         if let Err(e) = spill.load(tenant) {
@@ -340,10 +345,15 @@ impl Spill {
             }
             {
                 let mut d = self.disk.lock();
-                if let Err(e) = self.write(&mut d, &w) {
+                let now = std::time::Instant::now();
+                if d.backoff_until.is_some_and(|t| now < t) {
+                    // Dropped: the history restarts after the backoff (it no longer
+                    // joins), like after a disk that fell behind.
+                } else if let Err(e) = self.write(&mut d, &w) {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "stream history write failed; starting it afresh");
+                    tracing::warn!(dir = %self.dir.display(), error = %e, backoff_s = ERROR_BACKOFF.as_secs(), "stream history write failed; history dropped, writing again after the backoff");
                     self.clear(&mut d);
+                    d.backoff_until = Some(now + ERROR_BACKOFF);
                 }
             }
             // Written (or lost to an error, or for a directory of another tenant).
@@ -1116,6 +1126,25 @@ mod tests {
         hub.publish((301..=320).map(ev));
         spill.drain();
         assert_eq!(spill.disk_range(), Some((291, 310)));
+    }
+
+    #[test]
+    fn a_failing_disk_drops_the_history_and_is_not_retried_for_every_batch() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        hub.publish((1..=50).map(ev));
+        spill.drain();
+        fs.inject(crate::wal::Fault::WriteError);
+        hub.publish((51..=60).map(ev));
+        spill.drain();
+        assert_eq!(spill.stats.write_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(spill.disk_range(), None, "dropped, never half-kept");
+        // Within the backoff the next batches are dropped without touching the disk.
+        let writes = fs.write_count();
+        hub.publish((61..=80).map(ev));
+        spill.drain();
+        assert_eq!((fs.write_count(), spill.stats.write_errors.load(Ordering::Relaxed)), (writes, 1));
+        assert_eq!(spill.transit_len(), 0, "transit does not fill up meanwhile");
     }
 
     #[test]
