@@ -191,7 +191,13 @@ impl Spill {
             transit_cap,
             transit: Mutex::new(VecDeque::new()),
             writing: Mutex::new(Vec::new()),
-            disk: Mutex::new(Disk { segments: VecDeque::new(), file: None, through: 0, disabled: None, backoff_until: None }),
+            disk: Mutex::new(Disk {
+                segments: VecDeque::new(),
+                file: None,
+                through: 0,
+                disabled: None,
+                backoff_until: None,
+            }),
             stats: SpillStats::default(),
         };
         if let Err(e) = spill.load(tenant) {
