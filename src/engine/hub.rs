@@ -379,9 +379,25 @@ impl StreamHub {
     }
 
     /// The replay buffer (for snapshots): consecutive sequence numbers, oldest first,
-    /// shared (no event copied), each entry serialised as `(seq, event)`.
+    /// shared (no event copied), each entry serialised as `(seq, event)`. With a
+    /// stream history, the evicted events still in transit (not on disk yet) come
+    /// first: a crash right after the snapshot would otherwise lose them (they precede
+    /// the snapshot's cut, so replaying the log does not bring them back) and leave the
+    /// history a gap short of the restored buffer. Restoring publishes them again and
+    /// the buffer evicts them to the history as before.
     pub fn buffered_shared(&self) -> Vec<Buffered> {
-        self.inner.lock().buffer.iter().map(|o| Buffered(o.clone())).collect()
+        let g = self.inner.lock();
+        let mut out = Vec::new();
+        if let Some(sp) = &self.spill {
+            let pending = sp.transit_events();
+            // The newest evicted event is the buffer's first minus one; anything else
+            // (nothing evicted yet) is left out rather than make a gap.
+            if pending.last().map(|o| o.seq + 1) == g.buffer.front().map(|o| o.seq) {
+                out.extend(pending.into_iter().map(Buffered));
+            }
+        }
+        out.extend(g.buffer.iter().map(|o| Buffered(o.clone())));
+        out
     }
 
     /// Whether any subscriber reads `enc` (worth encoding events for it up front).

@@ -29,9 +29,10 @@
 //!   stop writes transit out first. After a crash (kill -9) the events that were in
 //!   transit come back: they follow the last snapshot's cut, so replaying the log
 //!   publishes and evicts them again, and the history continues (a torn last write is
-//!   cut at start). It restarts when it does not join: a crash within moments of a
-//!   snapshot (transit's events were before the cut), or a power cut that lost part
-//!   of the unsynced files.
+//!   cut at start); a snapshot holds what was in transit at its cut for the same
+//!   reason. It restarts when it does not join: a crash during the one write that
+//!   was under way at a snapshot's cut, or a power cut that lost part of the unsynced
+//!   files.
 //!
 //! Files: `<data_dir>/streams/<tenant>/<first seq, 20 digits>.spill`, each a run of
 //! entries `len: u32 LE | crc32c(seq ++ frame): u32 LE | seq: u64 LE | frame`, where
@@ -651,6 +652,13 @@ impl Spill {
         d.segments.front().map(|s| (s.first, d.through))
     }
 
+    /// The events in transit, oldest first (for the snapshot's replay buffer: see
+    /// [`super::hub::StreamHub::buffered_shared`]). The batch being written is not
+    /// included: it precedes them and is on disk within one write.
+    pub(crate) fn transit_events(&self) -> Vec<Arc<Outgoing>> {
+        self.transit.lock().iter().cloned().collect()
+    }
+
     /// The oldest event waiting to be written.
     pub fn transit_front(&self) -> Option<u64> {
         self.pending_first()
@@ -1151,6 +1159,35 @@ mod tests {
         spill.drain();
         assert_eq!((fs.write_count(), spill.stats.write_errors.load(Ordering::Relaxed)), (writes, 1));
         assert_eq!(spill.transit_len(), 0, "transit does not fill up meanwhile");
+    }
+
+    #[test]
+    fn a_snapshot_holds_transit_so_a_crash_right_after_it_keeps_the_history_whole() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        hub.publish((1..=50).map(ev));
+        spill.drain();
+        hub.publish((51..=100).map(ev));
+        // Disk 1-40, transit 41-90, buffer 91-100: the snapshot's buffer is 41-100.
+        let snap: Vec<(u64, StreamEvent)> = hub
+            .buffered_shared()
+            .iter()
+            .map(|b| rmp_serde::from_slice(&rmp_serde::to_vec(b).unwrap()).unwrap())
+            .collect();
+        assert_eq!(snap.iter().map(|e| e.0).collect::<Vec<_>>(), (41..=100).collect::<Vec<_>>());
+        // A crash before the writer ran: transit is gone. Recovery restores the buffer
+        // from the snapshot as the engine does (numbering from its first event).
+        drop((hub, spill));
+        let spill =
+            Spill::open(fs.clone() as Arc<dyn Fs>, Path::new("/data/streams"), &tenant(), 1 << 20, 10_000);
+        assert_eq!(spill.disk_range(), Some((1, 40)));
+        let hub = StreamHub::with_spill(10, Some(spill.clone()));
+        hub.set_next_seq(snap[0].0);
+        hub.publish(snap.into_iter().map(|(_, e)| e));
+        spill.align(spill.transit_front().unwrap_or_else(|| hub.oldest_buffered()), hub.next_seq());
+        assert_eq!(spill.stats.restarts.load(Ordering::Relaxed), 0, "the history joins");
+        spill.drain();
+        assert_eq!(resume(&hub, &spill, 0).unwrap(), (1..=100).collect::<Vec<_>>());
     }
 
     #[test]
