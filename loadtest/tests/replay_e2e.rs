@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The daemon's binary; `None` (and a SKIPPED line) when it has not been built.
 fn rota_binary() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("CARGO_BIN_EXE_rota") {
         return Some(PathBuf::from(p));
@@ -22,6 +23,11 @@ fn rota_binary() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let p = target.join("debug/rota");
+    if !p.exists() {
+        eprintln!(
+            "SKIPPED: no rota binary; run `cargo test --workspace` (or `cargo build --bin rota`) first"
+        );
+    }
     p.exists().then_some(p)
 }
 
@@ -64,12 +70,7 @@ impl Drop for Daemon {
 
 #[test]
 fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
-    let Some(bin) = rota_binary() else {
-        eprintln!(
-            "SKIPPED: no rota binary; run `cargo test --workspace` (or `cargo build --bin rota`) first"
-        );
-        return;
-    };
+    let Some(bin) = rota_binary() else { return };
     let dir = tempfile::tempdir().expect("a temp dir");
     let d = Daemon::start(&bin, dir.path(), &[]);
     let gen = GenConfig {
@@ -138,12 +139,7 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
 /// on at the last seq + 1, with every lead delivered once.
 #[test]
 fn resubscribing_streams_resume_from_the_history_without_gaps_or_duplicates() {
-    let Some(bin) = rota_binary() else {
-        eprintln!(
-            "SKIPPED: no rota binary; run `cargo test --workspace` (or `cargo build --bin rota`) first"
-        );
-        return;
-    };
+    let Some(bin) = rota_binary() else { return };
     let dir = tempfile::tempdir().expect("a temp dir");
     let d = Daemon::start(&bin, dir.path(), &["stream_retention_events=200"]);
     let gen = GenConfig {

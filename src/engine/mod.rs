@@ -256,9 +256,7 @@ impl Engine {
                 hub.publish(evs);
             }
             if let Some(sp) = spill {
-                // What recovery kept: transit (evicted while replaying), then the buffer.
-                let oldest = sp.transit_front().unwrap_or_else(|| hub.oldest_buffered());
-                sp.align(oldest, hub.next_seq());
+                sp.align_with(hub.oldest_buffered(), hub.next_seq());
                 spills.push(Arc::downgrade(&sp));
             }
             tenants.insert(t.id.clone(), Tenant { cfg: t.clone(), hub });

@@ -312,16 +312,23 @@ impl Spill {
         }
     }
 
-    /// The oldest event in transit or on disk.
-    fn oldest(&self) -> Option<u64> {
+    /// The oldest event this history still serves (on disk, being written, or in
+    /// transit).
+    pub fn oldest_kept(&self) -> Option<u64> {
         let disk = self.disk.lock().segments.front().map(|s| s.first);
-        disk.or_else(|| self.pending_first())
+        disk.or_else(|| self.transit_front())
     }
 
     /// The oldest event not on disk yet (being written, or in transit).
-    fn pending_first(&self) -> Option<u64> {
+    pub fn transit_front(&self) -> Option<u64> {
         let w = self.writing.lock();
         w.first().map(|o| o.seq).or_else(|| self.transit.lock().front().map(|o| o.seq))
+    }
+
+    /// After recovery rebuilt `hub`'s replay buffer: keeps the history if it joins
+    /// what recovery kept (transit, evicted while replaying, then the buffer).
+    pub(crate) fn align_with(&self, oldest_buffered: u64, next_seq: u64) {
+        self.align(self.transit_front().unwrap_or(oldest_buffered), next_seq);
     }
 
     /// Called by the hub, under its lock, with an event its buffer evicted.
@@ -519,7 +526,7 @@ impl Spill {
             if !on_disk {
                 let (disk_first, through) = (d.segments.front().map(|s| s.first), d.through);
                 drop(d);
-                let transit_first = self.pending_first();
+                let transit_first = self.transit_front();
                 return match (disk_first, transit_first) {
                     // Older than anything kept.
                     (Some(o), _) | (None, Some(o)) if want < o => Err(Lost { oldest: Some(o) }),
@@ -561,7 +568,7 @@ impl Spill {
         }
         let oldest = d.segments.front().map(|s| s.first);
         drop(d);
-        Lost { oldest: oldest.or_else(|| self.pending_first()) }
+        Lost { oldest: oldest.or_else(|| self.transit_front()) }
     }
 
     fn read_disk(
@@ -659,20 +666,10 @@ impl Spill {
         self.transit.lock().iter().cloned().collect()
     }
 
-    /// The oldest event waiting to be written.
-    pub fn transit_front(&self) -> Option<u64> {
-        self.pending_first()
-    }
-
     /// Events waiting to be written.
     pub fn transit_len(&self) -> usize {
         let w = self.writing.lock();
         w.len() + self.transit.lock().len()
-    }
-
-    /// The oldest event this history still serves (transit or disk).
-    pub fn oldest_kept(&self) -> Option<u64> {
-        self.oldest()
     }
 }
 
@@ -1184,7 +1181,7 @@ mod tests {
         let hub = StreamHub::with_spill(10, Some(spill.clone()));
         hub.set_next_seq(snap[0].0);
         hub.publish(snap.into_iter().map(|(_, e)| e));
-        spill.align(spill.transit_front().unwrap_or_else(|| hub.oldest_buffered()), hub.next_seq());
+        spill.align_with(hub.oldest_buffered(), hub.next_seq());
         assert_eq!(spill.stats.restarts.load(Ordering::Relaxed), 0, "the history joins");
         spill.drain();
         assert_eq!(resume(&hub, &spill, 0).unwrap(), (1..=100).collect::<Vec<_>>());
