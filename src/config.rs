@@ -462,6 +462,17 @@ mod tests {
     }
 
     #[test]
+    fn stream_spill_bytes_may_be_off_or_at_least_64_kib_and_a_smaller_value_is_refused_by_name() {
+        let flags =
+            |v: &str| Sources { flags: vec![format!("stream_spill_bytes={v}")], ..Default::default() };
+        assert_eq!(Config::load(&Sources::default()).unwrap().raw.stream_spill_bytes, 1 << 30);
+        assert_eq!(Config::load(&flags("0")).unwrap().raw.stream_spill_bytes, 0);
+        assert_eq!(Config::load(&flags("65536")).unwrap().raw.stream_spill_bytes, 65536);
+        let e = Config::load(&flags("4096")).unwrap_err().to_string();
+        assert!(e.contains("stream_spill_bytes") && e.contains("65536"), "{e}");
+    }
+
+    #[test]
     fn the_documented_example_config_loads_and_names_every_key() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/rota.toml");
         let c = Config::load(&Sources { file: Some(path.clone()), ..Default::default() }).unwrap();
