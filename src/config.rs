@@ -57,6 +57,10 @@ pub struct RawConfig {
     /// wait unread in its socket (the gateway is behind), new leads on it are answered
     /// `overloaded`; beyond four times this, every request but `subscribe` is. 0 = off.
     pub shed_backlog_bytes: usize,
+    /// Admission control once overloaded: for a second after a connection's unread
+    /// bytes crossed `shed_backlog_bytes`, new leads on it are shed beyond this lower
+    /// limit (see `server::admission`). A value above `shed_backlog_bytes` counts as it.
+    pub shed_backlog_overloaded_bytes: usize,
     /// Whether the daemon's heap may use transparent huge pages. Off by default: the
     /// first touch of a fresh 2 MiB page zeroes all of it inside the page fault, so
     /// a thread that grows the heap stalls for that long while requests queue behind
@@ -149,6 +153,7 @@ impl Default for RawConfig {
             handshake_timeout_ms: 10_000,
             rate_limit_connection_per_s: 50_000,
             shed_backlog_bytes: 32 * 1024,
+            shed_backlog_overloaded_bytes: 8 * 1024,
             rate_limit_tenant_per_s: 200_000,
             transparent_huge_pages: false,
             log_level: "info".into(),

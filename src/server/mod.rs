@@ -7,6 +7,7 @@
 //! `shutdown_timeout_ms` passing, forces exit 1.
 
 pub mod admin;
+pub mod admission;
 pub mod demo;
 pub mod ws;
 

@@ -8,22 +8,24 @@
 //! * Outgoing frames are batched: `feed` many, `flush` once.
 //! * A subscriber's queue is bounded; one that falls behind is closed with code 4008
 //!   and the sequence number to resume from.
-//! * Admission control (`shed_backlog_bytes`): when the gateway falls behind a
+//! * Admission control (`server::admission`): when the gateway falls behind a
 //!   connection, its requests wait unread in the kernel's socket buffer, where no
-//!   queue of rota's sees them. The unread bytes are read from the socket (`FIONREAD`,
-//!   every 16 frames, and every frame while shedding); beyond the limit new leads are
-//!   answered `overloaded` (beyond four times it, every request but `subscribe`).
-//!   A request to refuse is recognised from its `id` and `type` when the frame starts
-//!   with them (`protocol::peek_head`), without decoding the rest, so refusing costs a
-//!   peek and a short reply; the gateway catches up and the requests it accepts keep
-//!   their latency instead of waiting behind the backlog. (A shed request is refused
-//!   before its scope and rate limits are checked: it gets `overloaded` even if it
-//!   would have been `forbidden` or `rate_limited`, and nothing is done either way.)
+//!   queue of rota's sees them. Beyond `shed_backlog_bytes` unread (and, for a second
+//!   after that, beyond `shed_backlog_overloaded_bytes`) new leads are answered
+//!   `overloaded`; beyond four times `shed_backlog_bytes`, every request but
+//!   `subscribe`. A request to refuse is recognised from its `id` and `type` when the
+//!   frame starts with them (`protocol::peek_head`), without decoding the rest, so
+//!   refusing costs a peek and a short reply; the gateway catches up and the requests
+//!   it accepts keep their latency instead of waiting behind the backlog. (A shed
+//!   request is refused before its scope and rate limits are checked: it gets
+//!   `overloaded` even if it would have been `forbidden` or `rate_limited`, and nothing
+//!   is done either way.)
 //!
 //! Close codes: 1000 normal, 1001 shutting down (reason carries `resume_from=N`),
 //! 1002 protocol error, 1007 invalid UTF-8, 1009 frame too big, 4000 heartbeat
 //! timeout, 4008 slow subscriber (reason carries `resume_from=N`).
 
+use super::admission::{unread_bytes, Admission};
 use crate::engine::hub::{Outgoing, ResumeError, Subscription};
 use crate::engine::spill::{Chunk, Lost, Spill};
 use crate::engine::Engine;
@@ -202,9 +204,18 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let hub = engine.hub(&session.tenant);
     let conn_limit = std::num::NonZeroU32::new(cfg.rate_limit_connection_per_s)
         .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
-    let mut admission = Admission::new(cfg.shed_backlog_bytes);
+    let mut admission = Admission::new(cfg.shed_backlog_bytes, cfg.shed_backlog_overloaded_bytes);
     let mut catch_up: Option<CatchUp> = None;
+    let mut frames_this_turn: u32 = 0;
     let close = loop {
+        // Share the worker thread: after a few requests read in a row, let the other
+        // connections (their replies, their streams) and the log's wake-ups run. A
+        // socket with a backlog never returns `Pending`, and tokio's own budget lets a
+        // task read a hundred 4 KiB chunks (over a thousand requests) in one turn.
+        if frames_this_turn >= FRAMES_PER_TURN {
+            frames_this_turn = 0;
+            tokio::task::yield_now().await;
+        }
         if let Some(c) = catch_up.as_mut().filter(|c| c.reading.is_none()) {
             let (spill, after) = (c.spill.clone(), c.after);
             // Frames from disk go out as they are to a MessagePack subscriber of the
@@ -357,6 +368,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     _ => continue,
                 };
                 m.frames_received.get(enc.label()).increment(1);
+                frames_this_turn += 1;
                 // While shedding, a request that would be shed is refused from its `id`
                 // and `type` alone, before the decode that refusing it would waste.
                 admission.refresh(fd);
@@ -514,6 +526,9 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     m.connections.get(scope_label).decrement(1.0);
 }
 
+/// Requests a connection reads before it lets the worker's other tasks run.
+const FRAMES_PER_TURN: u32 = 16;
+
 /// `retry_after_ms` of a request shed at the gateway.
 const SHED_RETRY_MS: u64 = 100;
 
@@ -522,67 +537,6 @@ const EVENTS_PER_FRAME: usize = 1024;
 /// An `events` frame is closed once it holds this many bytes (a client's frame limit
 /// is usually far above; one event is about 0.5 KiB).
 const EVENTS_FRAME_BYTES: usize = 256 << 10;
-
-/// Shedding by unread backlog (see the module docs).
-struct Admission {
-    /// `shed_backlog_bytes`; 0 = off.
-    limit: usize,
-    /// Unread bytes at the last look.
-    backlog: usize,
-    /// Frames until the next look at the socket.
-    until_check: u32,
-}
-
-impl Admission {
-    const CHECK_EVERY: u32 = 16;
-
-    fn new(limit: usize) -> Self {
-        Self { limit, backlog: 0, until_check: 0 }
-    }
-
-    /// Looks at the socket's unread bytes every [`Self::CHECK_EVERY`] frames, and on
-    /// every frame while shedding. Called once per frame.
-    fn refresh(&mut self, fd: std::os::fd::RawFd) {
-        if self.limit == 0 {
-            return;
-        }
-        if self.backlog > self.limit || self.until_check == 0 {
-            self.backlog = unread_bytes(fd);
-            self.until_check = Self::CHECK_EVERY;
-        } else {
-            self.until_check -= 1;
-        }
-    }
-
-    /// Whether some requests are refused now.
-    fn shedding(&self) -> bool {
-        self.limit > 0 && self.backlog > self.limit
-    }
-
-    /// Whether a request of type `ty` (its `type` field) is refused with `overloaded`:
-    /// new leads beyond the limit, everything but `subscribe` beyond four times it.
-    fn sheds(&self, ty: &str) -> bool {
-        match ty {
-            _ if !self.shedding() => false,
-            "subscribe" => false,
-            "publish_lead" => true,
-            _ => self.backlog > self.limit.saturating_mul(4),
-        }
-    }
-}
-
-/// Bytes received on the socket and not read yet (0 if it cannot be told).
-fn unread_bytes(fd: std::os::fd::RawFd) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD stores one c_int through the pointer; `fd` is this connection's
-    // socket, open for as long as the connection task runs.
-    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
-    if r == 0 {
-        n.max(0) as usize
-    } else {
-        0
-    }
-}
 
 /// Half-closes `tcp` and reads until the peer closes, bounded in time and bytes.
 async fn drain_raw(tcp: &mut TcpStream) {
