@@ -47,6 +47,9 @@ pub struct RawConfig {
     /// than the buffer still resumes (see `engine::spill`). 0 = off.
     pub stream_spill_bytes: u64,
     pub max_connections: usize,
+    /// A connection whose peer takes nothing from its socket for this long while rota
+    /// has frames to send is dropped (`server::deadline`); 0 = no deadline.
+    pub send_timeout_ms: u64,
     /// A connection that has not completed the websocket upgrade by then is closed.
     pub handshake_timeout_ms: u64,
     /// Requests per second one connection may send (token bucket); 0 = no limit.
@@ -150,6 +153,7 @@ impl Default for RawConfig {
             stream_retention_events: 100_000,
             stream_spill_bytes: 1 << 30,
             max_connections: 10_000,
+            send_timeout_ms: 10_000,
             handshake_timeout_ms: 10_000,
             rate_limit_connection_per_s: 50_000,
             shed_backlog_bytes: 32 * 1024,

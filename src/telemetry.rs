@@ -322,7 +322,7 @@ pub const ALL: &[MetricDef] = &[
         C,
         "connections",
         &[],
-        "Subscribers disconnected because their queue filled.",
+        "Connections cut off for not keeping up: a subscriber whose queue filled (4008), or a peer that read nothing for send_timeout_ms.",
     ),
     m(STREAM_RESUMES, C, "requests", &["outcome"], "Stream subscriptions that resumed from a sequence."),
     m(

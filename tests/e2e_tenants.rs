@@ -168,6 +168,23 @@ async fn a_slow_subscriber_is_cut_off_with_a_resume_cursor_and_others_keep_recei
     assert_eq!(next[0]["seq"].as_u64().unwrap(), cursor + 1);
 }
 
+/// One pro in Bologna with credits, then `n` leads with 16 KB descriptions, each
+/// offered to it: large stream events, quickly.
+async fn publish_big_leads(c: &mut Client, n: usize) {
+    c.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
+    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 1_000_000})).await;
+    let big = "x".repeat(16_000);
+    for i in 0..n {
+        let mut l = lead_in(&format!("S{i}"), "bologna", true);
+        l["description"] = json!(big);
+        l["client"]["id"] = json!(format!("client-{i}"));
+        c.ok(json!({"type": "publish_lead", "lead": l})).await;
+    }
+}
+
 /// A subscriber cut off for being slow, whose cursor has meanwhile left the in-memory
 /// replay buffer (50 events here), resumes from the stream history on disk and gets
 /// every event after its cursor, in order, then live ones.
@@ -179,19 +196,7 @@ async fn a_slow_subscriber_cut_off_resumes_from_the_history_on_disk_without_a_ga
     let mut c = Client::connect(&d.addr, "pp-token", true).await;
     let mut slow = Client::connect(&d.addr, "pp-token", false).await;
     slow.ok(json!({"type": "subscribe"})).await;
-    c.ok(
-        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
-    )
-    .await;
-    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 1_000_000})).await;
-    let big = "x".repeat(16_000);
-    let n = 300;
-    for i in 0..n {
-        let mut l = lead_in(&format!("S{i}"), "bologna", true);
-        l["description"] = json!(big);
-        l["client"]["id"] = json!(format!("client-{i}"));
-        c.ok(json!({"type": "publish_lead", "lead": l})).await;
-    }
+    publish_big_leads(&mut c, 300).await;
     let (code, reason) = slow.drain_until_close().await;
     assert_eq!(code, 4008, "{reason}");
     let cursor: u64 = reason.split("resume_from=").nth(1).unwrap().trim().parse().unwrap();
@@ -209,6 +214,61 @@ async fn a_slow_subscriber_cut_off_resumes_from_the_history_on_disk_without_a_ga
     // Then live.
     c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 1})).await;
     assert_eq!(again.events(1).await[0]["seq"].as_u64(), Some(next));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_subscriber_that_reads_nothing_during_a_resume_is_dropped_at_the_send_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "stream_retention_events = 50\nsend_timeout_ms = 300");
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "pp-token", true).await;
+    // About 20 MB of offers (each with its 16 KB summary), far more than the kernel's
+    // socket buffers hold.
+    publish_big_leads(&mut c, 1_200).await;
+    let next = c.ok(json!({"type": "subscribe"})).await["next_seq"].as_u64().unwrap();
+    // A resume from the start, served from the history on disk, then nothing read.
+    let mut stalled = Client::connect(&d.addr, "pp-token", false).await;
+    stalled.ok(json!({"type": "subscribe", "resume_from": 0})).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while d.metric("rota_slow_subscriber_disconnects_total") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the stalled subscriber is dropped within 60 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The daemon goes on for everyone else meanwhile.
+    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 1})).await;
+    // What the stalled subscriber finds when it reads again: what the socket buffers
+    // held, in order, then the end of the connection, not the whole history.
+    let mut seqs = Vec::new();
+    let end = loop {
+        let next_frame = futures_util::StreamExt::next(&mut stalled.ws);
+        let m = tokio::time::timeout(std::time::Duration::from_secs(30), next_frame).await.expect("ends");
+        match m {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                seqs.push(v["seq"].as_u64().unwrap());
+            }
+            Some(Ok(
+                tokio_tungstenite::tungstenite::Message::Ping(_)
+                | tokio_tungstenite::tungstenite::Message::Pong(_),
+            )) => {}
+            Some(Ok(other)) => break format!("{other:?}"),
+            Some(Err(e)) => break e.to_string(),
+            None => break "end of stream".into(),
+        }
+    };
+    assert!(!end.contains("Close(Some"), "no close frame reaches a peer that reads nothing: {end}");
+    assert!(
+        !seqs.is_empty() && (seqs.len() as u64) < next - 1,
+        "{} of {} events, then {end}",
+        seqs.len(),
+        next - 1
+    );
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "in order from the start");
+    // It resumes where it stopped, as after any dropped connection.
+    let last = *seqs.last().unwrap();
+    let mut again = Client::connect(&d.addr, "pp-token", false).await;
+    again.ok(json!({"type": "subscribe", "resume_from": last})).await;
+    assert_eq!(again.events(1).await[0]["seq"].as_u64(), Some(last + 1));
 }
 
 /// Monday 00:00 in Madrid after the DST change of 25 October 2026 (CEST -> CET).

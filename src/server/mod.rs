@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod deadline;
 pub mod demo;
 pub mod ws;
 

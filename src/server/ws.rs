@@ -23,9 +23,12 @@
 //!
 //! Close codes: 1000 normal, 1001 shutting down (reason carries `resume_from=N`),
 //! 1002 protocol error, 1007 invalid UTF-8, 1009 frame too big, 4000 heartbeat
-//! timeout, 4008 slow subscriber (reason carries `resume_from=N`).
+//! timeout, 4008 slow subscriber (reason carries `resume_from=N`). A peer that reads
+//! nothing for `send_timeout_ms` is dropped without a close frame
+//! (`server::deadline`).
 
 use super::admission::{unread_bytes, Admission};
+use super::deadline::SendDeadline;
 use crate::engine::hub::{Outgoing, ResumeError, Subscription};
 use crate::engine::spill::{Chunk, Lost, Spill};
 use crate::engine::Engine;
@@ -126,6 +129,7 @@ fn refuse(status: StatusCode, msg: &str) -> ErrorResponse {
 async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Receiver<bool>) {
     let cfg = &engine.inner.cfg.raw;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let (stream, send_expired) = SendDeadline::new(stream, Duration::from_millis(cfg.send_timeout_ms));
     let ws_cfg = WebSocketConfig {
         max_message_size: Some(cfg.max_frame_bytes),
         max_frame_size: Some(cfg.max_frame_bytes),
@@ -490,6 +494,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     if let (Some(s), Some(h)) = (&sub, &hub) {
         h.unsubscribe(s.id);
     }
+    if send_expired.load(Ordering::Relaxed) {
+        m.slow_subscriber_disconnects.increment(1);
+        tracing::warn!(
+            tenant = %session.tenant,
+            last_seq_sent,
+            "connection dropped: the peer read nothing for send_timeout_ms"
+        );
+    }
     // Answer what is still in flight before closing, so no request goes unanswered.
     while let Some(r) = pending.next().await {
         if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() {
@@ -516,7 +528,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             // unread, 1009), so drain the raw socket after a half-close: unread bytes
             // at drop would reset the connection and lose our close frame.
             if let Ok(mut ws) = sink.reunite(source) {
-                drain_raw(ws.get_mut()).await;
+                drain_raw(ws.get_mut().get_mut()).await;
             }
             m.connections.get(scope_label).decrement(1.0);
             return;
@@ -556,7 +568,8 @@ async fn drain_raw(tcp: &mut TcpStream) {
     .await;
 }
 
-type Sink = futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>;
+type Sink =
+    futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<SendDeadline<TcpStream>>, Message>;
 
 /// The buffer becomes the message without a copy.
 fn message(enc: Encoding, bytes: Vec<u8>) -> Message {

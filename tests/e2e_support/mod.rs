@@ -19,6 +19,8 @@ const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
+    /// `host:port` of the admin listener (`/metrics`).
+    pub admin: String,
 }
 
 impl Daemon {
@@ -82,9 +84,22 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("the rota binary starts");
-        let line = wait_for_line(&mut child, "listening on ws://");
-        let addr = line.split_whitespace().next().unwrap().to_string();
-        Daemon { child, addr }
+        let lines = wait_for_lines(&mut child, &["metrics and health on http://", "listening on ws://"]);
+        let admin = lines[0].split('/').next().unwrap().to_string();
+        let addr = lines[1].split_whitespace().next().unwrap().to_string();
+        Daemon { child, addr, admin }
+    }
+
+    /// The value of an unlabelled metric on `/metrics` (0 when not exported yet).
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).expect("the admin listener accepts");
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin).unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
     }
 
     /// Waits for the process to exit by itself (after a signal sent elsewhere).
@@ -109,6 +124,12 @@ impl Drop for Daemon {
 /// whole life, so a daemon that neither prints the line nor exits fails the test after
 /// `START_TIMEOUT` with what it printed, instead of hanging the suite.
 pub fn wait_for_line(child: &mut Child, marker: &str) -> String {
+    wait_for_lines(child, &[marker]).remove(0)
+}
+
+/// [`wait_for_line`] for several markers, each on its own line, in any order: what
+/// follows each, in the order of `markers`.
+pub fn wait_for_lines(child: &mut Child, markers: &[&str]) -> Vec<String> {
     let stderr = child.stderr.take().expect("the child's stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -122,27 +143,31 @@ pub fn wait_for_line(child: &mut Child, marker: &str) -> String {
         }
     });
     let mut printed = Vec::new();
+    let mut found: Vec<Option<String>> = vec![None; markers.len()];
     let deadline = std::time::Instant::now() + START_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                if let Some(rest) = line.split(marker).nth(1) {
-                    return rest.to_string();
+                if let Some(i) = markers.iter().position(|m| line.contains(m)) {
+                    found[i] = line.split(markers[i]).nth(1).map(str::to_string);
+                    if found.iter().all(Option::is_some) {
+                        return found.into_iter().flatten().collect();
+                    }
                 }
                 printed.push(line);
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                 panic!(
-                    "rota exited ({status}) before printing {marker:?}; it printed:\n{}",
+                    "rota exited ({status}) before printing {markers:?}; it printed:\n{}",
                     printed.join("\n")
                 );
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 panic!(
-                    "rota did not print {marker:?} within {START_TIMEOUT:?}; it printed:\n{}",
+                    "rota did not print {markers:?} within {START_TIMEOUT:?}; it printed:\n{}",
                     printed.join("\n")
                 );
             }
