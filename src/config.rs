@@ -157,7 +157,7 @@ impl Default for RawConfig {
             handshake_timeout_ms: 10_000,
             rate_limit_connection_per_s: 50_000,
             shed_backlog_bytes: 32 * 1024,
-            shed_backlog_overloaded_bytes: 8 * 1024,
+            shed_backlog_overloaded_bytes: 4 * 1024,
             rate_limit_tenant_per_s: 200_000,
             transparent_huge_pages: false,
             log_level: "info".into(),
