@@ -213,7 +213,11 @@ pub struct IntervalStat {
     /// Seconds from the start of the timed phase to the end of this interval.
     pub t_s: f64,
     pub sent_per_s: f64,
+    /// Replies to leads per second, errors included (the `ack` histograms' samples).
     pub acks_per_s: f64,
+    /// Replies to leads per second that were errors (under overload: `overloaded`).
+    #[serde(default)]
+    pub lead_errors_per_s: f64,
     pub deliveries_per_s: f64,
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
@@ -533,6 +537,7 @@ struct Recorder {
     iv_ack: Histogram<u64>,
     iv_delivery: Histogram<u64>,
     iv_errors: u64,
+    iv_lead_errors: u64,
     iv_deliveries: u64,
     interval_hists: Vec<(Duration, Histogram<u64>, Histogram<u64>)>,
     intervals: Vec<IntervalStat>,
@@ -588,6 +593,7 @@ impl Recorder {
             *self.errors.entry(f.code.as_deref().unwrap_or("unknown").to_string()).or_default() += 1;
             self.iv_errors += 1;
             if is_lead {
+                self.iv_lead_errors += 1;
                 self.checker.on_ack_error(item.lead_ord);
             }
         }
@@ -668,6 +674,7 @@ impl Recorder {
             t_s: (start + len).as_secs_f64(),
             sent_per_s: sent as f64 / secs,
             acks_per_s: self.iv_ack.len() as f64 / secs,
+            lead_errors_per_s: self.iv_lead_errors as f64 / secs,
             deliveries_per_s: self.iv_deliveries as f64 / secs,
             ack_p50_ms: q(&self.iv_ack, 0.5),
             ack_p99_ms: q(&self.iv_ack, 0.99),
@@ -679,6 +686,7 @@ impl Recorder {
         let d = std::mem::replace(&mut self.iv_delivery, hist(2));
         self.interval_hists.push((start, a, d));
         self.iv_errors = 0;
+        self.iv_lead_errors = 0;
         self.iv_deliveries = 0;
     }
 }
@@ -863,6 +871,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         iv_ack: hist(2),
         iv_delivery: hist(2),
         iv_errors: 0,
+        iv_lead_errors: 0,
         iv_deliveries: 0,
         interval_hists: Vec::new(),
         intervals: Vec::new(),
@@ -1575,8 +1584,12 @@ async fn progress(
             let l = r.intervals.last().expect("just pushed");
             let errors: u64 = r.errors.values().sum();
             bar.set_message(format!(
-                "target {target:.0}/s  sent {:.0}/s  acks {:.0}/s  ack p99 {:.2} ms  delivery p99 {:.2} ms  errors {errors}",
-                l.sent_per_s, l.acks_per_s, l.ack_p99_ms, l.delivery_p99_ms
+                "target {target:.0}/s  sent {:.0}/s  leads ok {:.0}/s  refused {:.0}/s  ack p99 {:.2} ms  delivery p99 {:.2} ms  errors {errors}",
+                l.sent_per_s,
+                l.acks_per_s - l.lead_errors_per_s,
+                l.lead_errors_per_s,
+                l.ack_p99_ms,
+                l.delivery_p99_ms
             ));
         }
     }

@@ -251,10 +251,20 @@ pub fn chart(path: &Path, s: &Summary) -> anyhow::Result<()> {
         .map_err(err)?
         .label("records sent")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
-    c.draw_series(LineSeries::new(iv.iter().map(|i| (i.t_s, i.acks_per_s)), BLUE.stroke_width(2)))
-        .map_err(err)?
-        .label("leads acknowledged")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    c.draw_series(LineSeries::new(
+        iv.iter().map(|i| (i.t_s, i.acks_per_s - i.lead_errors_per_s)),
+        BLUE.stroke_width(2),
+    ))
+    .map_err(err)?
+    .label("leads acknowledged")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    // Under overload: the leads rota refused (`overloaded` and other errors).
+    if iv.iter().any(|i| i.lead_errors_per_s > 0.0) {
+        c.draw_series(LineSeries::new(iv.iter().map(|i| (i.t_s, i.lead_errors_per_s)), RED.stroke_width(2)))
+            .map_err(err)?
+            .label("leads refused (errors)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    }
     c.draw_series(LineSeries::new([(0.0, s.target_leads_per_s), (t_max, s.target_leads_per_s)], BLACK))
         .map_err(err)?
         .label("target leads/s")
