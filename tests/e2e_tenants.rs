@@ -277,6 +277,43 @@ fn monday_after_dst_change() -> i64 {
     chrono_tz::Europe::Madrid.with_ymd_and_hms(2026, 10, 26, 0, 0, 0).single().unwrap().timestamp_millis()
 }
 
+/// R22 + R23: a refund gives an auto-buy budget back, and the leads the pro missed for
+/// want of it within the retry window are retried, as after a weekly recharge.
+#[tokio::test(flavor = "current_thread")]
+async fn r22_r23_a_refunded_budget_retries_the_lead_missed_for_want_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, T0);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    // One buyer with a weekly budget of exactly one lead (price 12).
+    let mut p = autobuy_pro(1);
+    p["autobuy"][0]["weekly_budget_credits"] = json!(12);
+    c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+    let publish = |id: &str, at: i64| {
+        let mut l = lead_in(id, "madrid", true);
+        l["created_at"] = json!(at);
+        json!({"type": "publish_lead", "lead": l})
+    };
+    let offered = |ex: &serde_json::Value| {
+        ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count()
+    };
+    assert_eq!(c.ok(publish("A1", T0)).await["offers"].as_array().unwrap().len(), 1, "b1 buys A1");
+    // Budget spent: A2 waits for it (R22).
+    assert_eq!(c.ok(publish("A2", T0 + MIN)).await["offers"].as_array().unwrap().len(), 0);
+    // Housekeeping alone brings nothing back (no recharge before Monday).
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 2 * MIN})).await;
+    assert_eq!(offered(&c.ok(json!({"type": "explain", "lead": "A2"})).await), 0);
+    // A1's contact is confirmed invalid (R23): the spend is refunded to the budget...
+    c.ok(json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "confirm_invalid_contact"})).await;
+    // ...and the next housekeeping retries A2 for b1, within its 24 h window.
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 3 * MIN})).await;
+    let ex = c.ok(json!({"type": "explain", "lead": "A2"})).await;
+    assert_eq!(offered(&ex), 1, "retried after the refund: {ex}");
+    // Once only: a later housekeeping has nothing more to retry.
+    c.ok(json!({"type": "advance_clock", "to_ms": T0 + 4 * MIN})).await;
+    assert_eq!(offered(&c.ok(json!({"type": "explain", "lead": "A2"})).await), 1);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn r20_r22_monday_recharge_across_dst_retries_a_lead_23h_old_but_not_25h_old() {
     let monday = monday_after_dst_change();

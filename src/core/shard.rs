@@ -128,7 +128,7 @@ pub enum Command {
         #[serde(flatten)]
         action: OfferAction,
     },
-    /// Budget came back for this pro (grant, weekly recharge, config resumed): retry
+    /// Budget came back for this pro (weekly recharge, config resumed, a refunded spend): retry
     /// the auto-buy leads it missed within the retry window (R22).
     BudgetAvailable {
         pro: ProId,

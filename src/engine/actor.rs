@@ -225,6 +225,23 @@ pub fn execute(
     };
     let metrics = inner.metrics.clone();
     let tenant = key.tenant.clone();
+    // Auto-buy spends refunded: the pros' missed leads are retried (R22) by the next
+    // housekeeping, once the refund is durable.
+    let returned: Vec<(crate::ids::TenantId, crate::ids::ProId)> = match &rec {
+        WalRecord::Shard { events, .. } => events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Refunded { pro, charge, .. }
+                    if matches!(charge.mode, crate::core::shard::ChargeMode::Budget { .. }) =>
+                {
+                    Some((key.tenant.clone(), pro.clone()))
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let budget_returned = (!returned.is_empty()).then(|| inner.budget_returned.clone());
     // Appended under the shard's lock: the WAL holds this shard's records in the
     // order they were decided.
     engine.append(
@@ -238,6 +255,9 @@ pub fn execute(
                 if offers {
                     // Handed to every subscriber's queue.
                     metrics.delivered_seconds(received.elapsed());
+                }
+                if let Some(q) = budget_returned {
+                    q.lock().extend(returned);
                 }
                 if let Some(tx) = reply {
                     let _ = tx.send(Ok(ShardReply { reply: decision.reply }));

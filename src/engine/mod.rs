@@ -97,6 +97,10 @@ pub struct Inner {
     /// The thread writing the streams' history to disk, and its stop flag.
     spill_stop: Arc<AtomicBool>,
     spill_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Pros whose auto-buy budget a refund gave back (R12/R23), for the next
+    /// housekeeping to retry the leads they missed (R22). Not durable: after a crash
+    /// those retries wait for the next recharge.
+    budget_returned: Arc<Mutex<Vec<(TenantId, ProId)>>>,
 }
 
 /// Cheap to clone; all clones share one runtime.
@@ -302,6 +306,7 @@ impl Engine {
             last_snapshot_bytes: AtomicUsize::new(rec.snapshot_bytes),
             spill_stop,
             spill_writer: Mutex::new(spill_writer),
+            budget_returned: Arc::new(Mutex::new(Vec::new())),
             cfg,
         });
         let engine = Engine { inner };
@@ -801,6 +806,7 @@ impl Engine {
     pub async fn housekeeping(&self, tenant: &TenantId) -> Result<(), ApiError> {
         let Some(t) = self.inner.tenants.get(tenant) else { return Ok(()) };
         let _ = t;
+        self.retry_for_returned_budgets(tenant).await?;
         let now = self.inner.clock.now();
         let Some(monday) = self.week_of(tenant, now) else { return Ok(()) };
         let pros: Vec<Arc<Pro>> = self
@@ -830,6 +836,33 @@ impl Engine {
                     if self.inner.shards.contains_key(&key) {
                         self.exec(key, Command::BudgetAvailable { pro: pro.id.clone() }).await?;
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// R22 after a refund: a refund of an auto-buy spend (R12 guarantee, R23 invalid
+    /// contact) gives budget back, so the pro's shards retry the leads it missed for
+    /// want of budget within the retry window, as after a recharge.
+    async fn retry_for_returned_budgets(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        let mut pros: Vec<ProId> = {
+            let mut q = self.inner.budget_returned.lock();
+            let (mine, others): (Vec<_>, Vec<_>) = q.drain(..).partition(|(t, _)| t == tenant);
+            *q = others;
+            mine.into_iter().map(|(_, p)| p).collect()
+        };
+        pros.sort_unstable();
+        pros.dedup();
+        for pro in pros {
+            let Some(profile) =
+                self.inner.pros.get(&(tenant.clone(), pro.clone())).map(|e| e.value().clone())
+            else {
+                continue;
+            };
+            for key in Self::pro_shards(&profile, tenant) {
+                if self.inner.shards.contains_key(&key) {
+                    self.exec(key, Command::BudgetAvailable { pro: pro.clone() }).await?;
                 }
             }
         }
