@@ -287,6 +287,29 @@ impl Client {
         (out, frames)
     }
 
+    /// [`Client::events`], or the close code and reason if the server closes first.
+    pub async fn events_or_close(&mut self, n: usize) -> Result<Vec<Value>, (u16, String)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(20), self.ws.next())
+                .await
+                .expect("a frame within 20 s");
+            let v: Value = match m {
+                Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+                Some(Ok(Message::Binary(b))) => rmp_serde::from_slice(&b).unwrap(),
+                Some(Ok(Message::Close(f))) => {
+                    return Err(f.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string())))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err((1006, e.to_string())),
+                None => return Err((1006, "closed".into())),
+            };
+            assert_eq!(v["type"], "event", "{v}");
+            out.push(v);
+        }
+        Ok(out)
+    }
+
     pub async fn events(&mut self, n: usize) -> Vec<Value> {
         let mut out = Vec::new();
         while out.len() < n {
