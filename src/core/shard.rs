@@ -738,7 +738,10 @@ pub struct Deadline {
 /// Most skip reasons recorded per release and per lead for `explain` (R28). A scan
 /// skips few pros (parked ones are not scanned), but a shard where most pros are too far
 /// from a lead could skip thousands; past this bound they are counted, not listed, so
-/// the event and the lead state stay small.
+/// the event and the lead state stay small. The R22 retry list of a lead (pros skipped
+/// for a spent budget) is filled from these records, so it holds at most this many
+/// pros too: in a shard where more pros are skipped before the spent ones, those past
+/// the bound are not retried when their budget returns.
 pub const MAX_RECORDED_SKIPS: usize = 64;
 
 /// Most notes on one offer, and longest note.
