@@ -278,7 +278,8 @@ fn monday_after_dst_change() -> i64 {
 }
 
 /// R22 + R23: a refund gives an auto-buy budget back, and the leads the pro missed for
-/// want of it within the retry window are retried, as after a weekly recharge.
+/// want of it within the retry window are retried, as after a weekly recharge, also
+/// when the daemon is killed between the refund and the retry.
 #[tokio::test(flavor = "current_thread")]
 async fn r22_r23_a_refunded_budget_retries_the_lead_missed_for_want_of_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -305,6 +306,11 @@ async fn r22_r23_a_refunded_budget_retries_the_lead_missed_for_want_of_it() {
     assert_eq!(offered(&c.ok(json!({"type": "explain", "lead": "A2"})).await), 0);
     // A1's contact is confirmed invalid (R23): the spend is refunded to the budget...
     c.ok(json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "confirm_invalid_contact"})).await;
+    // (the daemon is killed before its next housekeeping: the retry is not lost)
+    drop(c);
+    drop(d);
+    let d = Daemon::start_at(dir.path(), &cfg, T0 + 2 * MIN);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
     // ...and the next housekeeping retries A2 for b1, within its 24 h window.
     c.ok(json!({"type": "advance_clock", "to_ms": T0 + 3 * MIN})).await;
     let ex = c.ok(json!({"type": "explain", "lead": "A2"})).await;

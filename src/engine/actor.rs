@@ -227,18 +227,8 @@ pub fn execute(
     let tenant = key.tenant.clone();
     // Auto-buy spends refunded: the pros' missed leads are retried (R22) by the next
     // housekeeping, once the refund is durable.
-    let returned: Vec<(crate::ids::TenantId, crate::ids::ProId)> = match &rec {
-        WalRecord::Shard { events, .. } => events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Refunded { pro, charge, .. }
-                    if matches!(charge.mode, crate::core::shard::ChargeMode::Budget { .. }) =>
-                {
-                    Some((key.tenant.clone(), pro.clone()))
-                }
-                _ => None,
-            })
-            .collect(),
+    let returned = match &rec {
+        WalRecord::Shard { events, .. } => budget_refunds(&key.tenant, events),
         _ => Vec::new(),
     };
     let budget_returned = (!returned.is_empty()).then(|| inner.budget_returned.clone());
@@ -279,6 +269,24 @@ pub fn execute(
             addr.do_send(Rearm);
         }
     }
+}
+
+/// The pros whose auto-buy spend `events` refund (their budget came back: R22).
+pub fn budget_refunds(
+    tenant: &crate::ids::TenantId,
+    events: &[Event],
+) -> Vec<(crate::ids::TenantId, crate::ids::ProId)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Refunded { pro, charge, .. }
+                if matches!(charge.mode, crate::core::shard::ChargeMode::Budget { .. }) =>
+            {
+                Some((tenant.clone(), pro.clone()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Apply a replayed event to a shard (recovery), collecting its stream events.

@@ -98,8 +98,9 @@ pub struct Inner {
     spill_stop: Arc<AtomicBool>,
     spill_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Pros whose auto-buy budget a refund gave back (R12/R23), for the next
-    /// housekeeping to retry the leads they missed (R22). Not durable: after a crash
-    /// those retries wait for the next recharge.
+    /// housekeeping to retry the leads they missed (R22). In memory; recovery queues
+    /// again the refunds of the log it replays (those before the snapshot it starts
+    /// from were retried within a minute of being made, unless the process died in it).
     budget_returned: Arc<Mutex<Vec<(TenantId, ProId)>>>,
 }
 
@@ -174,6 +175,9 @@ struct Recovering {
     orders: FxHashMap<TenantId, OrderBook>,
     /// Size of the snapshot recovered from (sizes the next one's buffer).
     snapshot_bytes: usize,
+    /// Refunded auto-buy spends in the replayed log: their R22 retries are queued
+    /// again (the queue is in memory; a retry that already ran finds nothing new).
+    budget_returned: Vec<(TenantId, ProId)>,
     error: Option<StartError>,
 }
 
@@ -306,7 +310,7 @@ impl Engine {
             last_snapshot_bytes: AtomicUsize::new(rec.snapshot_bytes),
             spill_stop,
             spill_writer: Mutex::new(spill_writer),
-            budget_returned: Arc::new(Mutex::new(Vec::new())),
+            budget_returned: Arc::new(Mutex::new(std::mem::take(&mut rec.budget_returned))),
             cfg,
         });
         let engine = Engine { inner };
@@ -1103,6 +1107,7 @@ fn replay_record(
             for ev in &events {
                 rec.lead_index.on_event(&key, ev);
             }
+            rec.budget_returned.extend(actor::budget_refunds(&key.tenant, &events));
             actor::replay_into(shard, &events, stream);
             for m in &money {
                 ledger.apply(m);
