@@ -36,8 +36,9 @@
 //! # Parked pros
 //!
 //! A pro that is unavailable for *every* lead for a while (paused or on vacation until a
-//! known time, outside its weekly schedule until the schedule's next opening, or with no
-//! auto-buy config that buys, until its profile changes) is
+//! known time, outside its weekly schedule until the schedule's next opening, with no
+//! auto-buy config that buys, until its profile changes, or with every auto-buy budget
+//! spent, until budget comes back: [`UNTIL_BUDGET`]) is
 //! *parked*: taken out of the scanned order, keeping its pass, so it costs nothing per
 //! lead. It is put back (*unparked*) when its time comes, lazily: a selection at `now`
 //! already sees every pro whose park ended by `now` (see [`Ring::select_at`]), and
@@ -51,11 +52,16 @@
 //! Each selection costs `O(log n + scanned)`, where `scanned` is the pros looked at
 //! before `n` eligible ones were found: no full scan of the ring per lead. Parked pros
 //! are never scanned, so `scanned` counts only pros skipped for a reason of the lead
-//! (distance, refused attribute, already offered) or a short one (a spent budget).
+//! (distance, refused attribute, already offered, a price above a config's maximum).
 
 use crate::ids::Millis;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// The end of a park that lasts until the pro's auto-buy budget comes back (a
+/// `BudgetReturned` event unparks it): later than any time, so never due, and the
+/// budget-parked slots are the last ones of the wake index.
+pub const UNTIL_BUDGET: Millis = Millis::MAX;
 
 /// `stride = STRIDE_SCALE / weight`. Weights are at most 100,000 (policy validation), so
 /// strides stay above 40,000 and the rounding error of an integer stride is below
@@ -237,6 +243,11 @@ impl Ring {
         for slot in slots {
             self.unpark(slot, max_catch_up_turns);
         }
+    }
+
+    /// Slots parked until their budget comes back ([`UNTIL_BUDGET`]), by slot.
+    pub fn parked_for_budget(&self) -> impl Iterator<Item = u32> + '_ {
+        self.wake.range((UNTIL_BUDGET, 0)..).map(|&(_, slot)| slot)
     }
 
     /// Slots in rotation order (next to be served first), parked ones left out.

@@ -21,7 +21,7 @@ use super::deadlines::Deadlines;
 use super::model::*;
 use super::policy::{ChargeOn, DispatchMode, Policy};
 use super::rank::{self, ProStats, WeightBreakdown};
-use super::ring::{Ring, Selection, Verdict};
+use super::ring::{self, Ring, Selection, Verdict};
 use crate::ids::{ClientId, LeadId, Millis, OptMillis, ProId, ShardKey};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -263,6 +263,12 @@ pub enum Event {
         availability: Availability,
         at: Millis,
     },
+    /// The pro's auto-buy budget came back (`BudgetAvailable`) while the rotation had
+    /// it parked for a spent budget: back into the scan.
+    BudgetReturned {
+        pro: ProId,
+        at: Millis,
+    },
     LeadRejected {
         lead: LeadId,
         client: ClientId,
@@ -378,6 +384,7 @@ impl Event {
             Event::ProUpserted { .. } => "pro_upserted",
             Event::ProRemoved { .. } => "pro_removed",
             Event::AvailabilitySet { .. } => "availability_set",
+            Event::BudgetReturned { .. } => "budget_returned",
             Event::LeadRejected { .. } => "lead_rejected",
             Event::LeadAccepted { .. } => "lead_accepted",
             Event::Offered { .. } => "offered",
@@ -1010,6 +1017,25 @@ impl Shard {
         Ok(Decision { events, reply })
     }
 
+    /// The cheapest a lead of this shard can cost (R11 prices are clamped to the
+    /// policy's minimum; a flat price is the same for all).
+    fn min_price(&self) -> u64 {
+        match &self.policy.pricing {
+            Some(p) => p.policy().min_price_credits,
+            None => self.policy.flat_price_credits,
+        }
+    }
+
+    /// After recovery: every pro parked for a spent budget goes back to the scan (a
+    /// recharge logged just before a crash told no shard; a pro still without budget
+    /// is parked again by the next lead that scans it).
+    pub fn unpark_budget_parks(&mut self) {
+        let slots: Vec<u32> = self.ring.parked_for_budget().collect();
+        for slot in slots {
+            self.ring.unpark(slot, self.policy.max_catch_up_turns);
+        }
+    }
+
     /// R11: the lead's price in credits, with its components when the policy prices
     /// from category statistics. One price per lead (every pro pays the same), so the
     /// per-pro "far away" risk does not apply here; chat-only contact and thin details
@@ -1160,9 +1186,24 @@ impl Shard {
                     } else {
                         skipped_more = skipped_more.saturating_add(1);
                     }
-                    self.parking(now, pro).map_or(Verdict::Skip, Verdict::Park)
+                    self.parking(now, pro, funds).map_or(Verdict::Skip, Verdict::Park)
                 }
             });
+        // A group left short: the pros parked for a spent budget would have been
+        // scanned and skipped for it, so they wait for this lead like those (R22), up to
+        // the same bound. (One whose budget has just come back is eligible again but
+        // still parked until its `BudgetReturned`, which retries this lead for it.)
+        if kind == OfferKind::AutoBuy && rotation.taken.len() < n {
+            for slot in self.ring.parked_for_budget() {
+                if skipped.len() >= MAX_RECORDED_SKIPS {
+                    break;
+                }
+                let skip = self
+                    .ineligible(now, slot, st, funds)
+                    .unwrap_or(Skip::BudgetExhausted { available: 0, price: st.price });
+                skipped.push((self.slot_pro(slot).pro.id.clone(), skip));
+            }
+        }
         let grants = rotation
             .taken
             .iter()
@@ -1207,9 +1248,11 @@ impl Shard {
     /// parkable. The rotation parks such pros instead of scanning them per lead.
     /// Outside its weekly schedule a pro is parked until the schedule's next opening
     /// (`WeeklyWindows::next_open_in`, never later than the true opening), so a
-    /// shard at night does not scan every closed pro on every lead. Budgets are not
-    /// parked: a budget can come back without an event in this shard (a refund).
-    fn parking(&self, now: Millis, pro: &Pro) -> Option<Option<Millis>> {
+    /// shard at night does not scan every closed pro on every lead. A pro whose every
+    /// buying auto-buy budget is below the cheapest price of this shard is parked until
+    /// [`ring::UNTIL_BUDGET`]: until its budget comes back (`BudgetReturned`), so late in
+    /// the week a shard of spent budgets does not look each one up on every lead.
+    fn parking(&self, now: Millis, pro: &Pro, funds: &dyn Funds) -> Option<Option<Millis>> {
         // Ineligible while any condition holds: until the last of them ends.
         let mut until: Option<Option<Millis>> = None;
         let mut hold = |end: Option<Millis>| {
@@ -1240,6 +1283,16 @@ impl Shard {
                 // Inactive configs (and none at all) wait for an upsert; paused ones
                 // resume by themselves.
                 hold(covering.filter(|c| c.active).filter_map(|c| c.paused_until).min());
+            } else if covering
+                .filter(|c| c.is_buying(now))
+                .all(|c| funds.budget(&pro.id, &c.name) < self.min_price())
+            {
+                // Every budget that buys here is below the cheapest price a lead of this
+                // shard can have: parked until budget comes back. Every way it comes back
+                // tells this shard: a recharge or a refund sends `BudgetAvailable`
+                // (`BudgetReturned` unparks), a changed config upserts the pro, and
+                // recovery unparks them all (a recharge logged just before a crash).
+                hold(Some(ring::UNTIL_BUDGET));
             }
         }
         until
@@ -1396,6 +1449,9 @@ impl Shard {
         let Some(&slot) = self.slots.get(pro) else {
             return done(events);
         };
+        if self.ring.is_parked(slot) {
+            events.push(Event::BudgetReturned { pro: pro.clone(), at: now });
+        }
         let mut leads: Vec<&LeadState> = self
             .leads
             .values()
@@ -1529,6 +1585,11 @@ impl Shard {
                 self.ring.upsert(slot, w);
                 // Its configs or availability may have changed: back to the scan.
                 self.ring.unpark(slot, self.policy.max_catch_up_turns);
+            }
+            Event::BudgetReturned { pro, .. } => {
+                if let Some(&slot) = self.slots.get(pro) {
+                    self.ring.unpark(slot, self.policy.max_catch_up_turns);
+                }
             }
             Event::ProRemoved { pro, .. } => {
                 if let Some(slot) = self.slots.remove(pro) {

@@ -316,7 +316,8 @@ impl Engine {
         let engine = Engine { inner };
         engine.inner.wal.set_observer(Arc::new(engine.inner.metrics.m.wal.clone()));
         let shard_count = rec.shards.len();
-        for (key, shard) in rec.shards.drain() {
+        for (key, mut shard) in rec.shards.drain() {
+            shard.unpark_budget_parks();
             engine.spawn_shard(key, shard);
         }
         engine.inner.metrics.recovered(recovered.records_replayed, recovered.duration);

@@ -1,0 +1,95 @@
+//! R21/R22: pros whose auto-buy budget is spent are parked out of the rotation's scan
+//! (a lead does not look each of them up) and lose nothing by it: they wait for the
+//! leads left short like scanned pros do, and come back with their budget.
+
+mod common;
+
+use common::*;
+use rota::core::*;
+
+/// Eight buyers, each with a budget of exactly one lead (price 10), groups of four.
+fn spent_shard() -> Harness {
+    let mut h = Harness::new(autobuy_policy(4));
+    for i in 1..=8 {
+        let mut p = pro(&format!("p{i}"));
+        p.autobuy = vec![autobuy("weekly", 10)];
+        h.add_pro(p);
+        h.funds.set_budget(&format!("p{i}"), "weekly", 10);
+    }
+    h
+}
+
+#[test]
+fn r21_r22_spent_budgets_are_parked_out_of_the_scan_and_still_wait_for_short_leads() {
+    let mut h = spent_shard();
+    // R21: lead 1 to p1-p4, lead 2 to p5-p8: every budget is spent.
+    let l1 = h.publish(T0, lead("L1", T0));
+    assert_eq!(offered(&l1).len(), 4);
+    let l2 = h.publish(T0 + M, lead("L2", T0 + M));
+    assert_eq!(offered(&l2).len(), 4);
+    // L3 scans all eight, finds no budget, and parks them.
+    let l3 = h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
+    assert!(offered(&l3).is_empty());
+    assert_eq!(h.shard.parked_pros(), 8, "every spent budget parked");
+    // L4 scans nobody, yet every parked buyer waits for it as for L3 (R22).
+    let l4 = h.publish(T0 + 3 * M, lead("L4", T0 + 3 * M));
+    assert!(offered(&l4).is_empty());
+    let explain = h.shard.explain(&lid("L4")).expect("L4 is open");
+    let waiting = explain
+        .entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.outcome,
+                rota::core::shard::ExplainOutcome::Skipped(rota::core::shard::Skip::BudgetExhausted { .. })
+            )
+        })
+        .count();
+    assert_eq!(waiting, 8, "{explain:?}");
+    // p3's budget comes back (a recharge or a refund, then BudgetAvailable): it is back
+    // in the scan and gets the older of the two short leads at once (R22).
+    h.funds.set_budget("p3", "weekly", 10);
+    let back = h.ok(T0 + 4 * M, Command::BudgetAvailable { pro: pid("p3") });
+    assert_eq!(names(&back.events)[0], "budget_returned");
+    assert_eq!(offered_ids(&back.events), vec!["p3"]);
+    assert_eq!(h.shard.offer_view(&lid("L3"), &pid("p3")).map(|o| o.kind).ok(), Some(OfferKind::AutoBuy));
+    assert_eq!(h.shard.parked_pros(), 7);
+    // Its budget spent again by L3, the next lead parks it again; the others stay.
+    h.publish(T0 + 5 * M, lead("L5", T0 + 5 * M));
+    assert_eq!(h.shard.parked_pros(), 8);
+    h.assert_replay_equal();
+}
+
+#[test]
+fn a_budget_below_the_cheapest_price_parks_but_one_that_can_still_buy_does_not() {
+    let mut h = spent_shard();
+    h.publish(T0, lead("L1", T0));
+    h.publish(T0 + M, lead("L2", T0 + M));
+    // p8 keeps 9 credits (one short of the price): parked like the others; p7 keeps
+    // exactly the price: it buys the next lead instead of being parked.
+    h.funds.set_budget("p8", "weekly", 9);
+    h.funds.set_budget("p7", "weekly", 10);
+    let l3 = h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
+    assert_eq!(offered_ids(&l3.events), vec!["p7"]);
+    assert_eq!(h.shard.parked_pros(), 7, "p1-p6 and p8");
+    h.assert_replay_equal();
+}
+
+#[test]
+fn a_changed_config_unparks_a_spent_buyer_and_recovery_unparks_them_all() {
+    let mut h = spent_shard();
+    h.publish(T0, lead("L1", T0));
+    h.publish(T0 + M, lead("L2", T0 + M));
+    h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
+    assert_eq!(h.shard.parked_pros(), 8);
+    // A new weekly amount is an upsert of the pro: back in the scan.
+    let mut p = pro("p2");
+    p.autobuy = vec![autobuy("weekly", 20)];
+    h.add_pro(p);
+    assert_eq!(h.shard.parked_pros(), 7);
+    // After a restart nothing stays parked for a budget that may have come back
+    // while no shard was told (a recharge logged just before a crash).
+    let mut recovered = h.shard.clone();
+    recovered.unpark_budget_parks();
+    assert_eq!(recovered.parked_pros(), 0);
+}
