@@ -93,3 +93,49 @@ fn a_changed_config_unparks_a_spent_buyer_and_recovery_unparks_them_all() {
     recovered.unpark_budget_parks();
     assert_eq!(recovered.parked_pros(), 0);
 }
+
+#[test]
+fn r22_past_the_bound_the_parked_buyers_next_in_the_rotation_wait_for_a_short_lead() {
+    let mut h = Harness::new(autobuy_policy(4));
+    // 70 buyers with one lead of budget each; p65-p70 rank higher (a shorter stride:
+    // after one lead each they are the next in the rotation).
+    for i in 1..=70 {
+        let mut p = pro(&format!("p{i}"));
+        p.autobuy = vec![autobuy("weekly", 10)];
+        if i > 64 {
+            p.quality = Quality { reviews: 200, rating_centi: 500, projects: 100, profile_permille: 1000 };
+        }
+        h.add_pro(p);
+        h.funds.set_budget(&format!("p{i}"), "weekly", 10);
+    }
+    let mut bought = 0;
+    let mut t = T0;
+    while bought < 70 {
+        t += M;
+        bought += offered(&h.publish(t, lead(&format!("B{t}"), t))).len();
+    }
+    // Every budget spent; one more lead parks them all, the next one is left short
+    // with only parked buyers: 64 of the 70 wait for it, those next in the rotation.
+    h.publish(t + M, lead("S1", t + M));
+    h.publish(t + 2 * M, lead("S2", t + 2 * M));
+    assert_eq!(h.shard.parked_pros(), 70);
+    let explain = h.shard.explain(&lid("S2")).expect("S2 is open");
+    let weight =
+        |id: &str| explain.entries.iter().find(|e| e.pro.as_str() == id).and_then(|e| e.weight.clone());
+    let waiting: Vec<&str> = explain
+        .entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.outcome,
+                rota::core::shard::ExplainOutcome::Skipped(rota::core::shard::Skip::BudgetExhausted { .. })
+            )
+        })
+        .map(|e| e.pro.as_str())
+        .collect();
+    assert_eq!(waiting.len(), 64, "{explain:?}");
+    assert!(weight("p70").map(|w| w.weight) > weight("p1").map(|w| w.weight), "p65-p70 rank higher");
+    for i in 65..=70 {
+        assert!(waiting.contains(&format!("p{i}").as_str()), "p{i} is next in the rotation: {waiting:?}");
+    }
+}

@@ -1193,11 +1193,20 @@ impl Shard {
         // scanned and skipped for it, so they wait for this lead like those (R22), up to
         // the same bound. (One whose budget has just come back is eligible again but
         // still parked until its `BudgetReturned`, which retries this lead for it.)
+        // Past the bound, those next in the rotation (by pass, as a scan meets them).
         if kind == OfferKind::AutoBuy && rotation.taken.len() < n {
-            for slot in self.ring.parked_for_budget() {
-                if skipped.len() >= MAX_RECORDED_SKIPS {
-                    break;
-                }
+            let room = MAX_RECORDED_SKIPS.saturating_sub(skipped.len());
+            let mut parked: Vec<(u64, u32)> = self
+                .ring
+                .parked_for_budget()
+                .filter_map(|slot| self.ring.entry(slot).map(|e| (e.pass, slot)))
+                .collect();
+            if parked.len() > room {
+                parked.select_nth_unstable(room);
+                parked.truncate(room);
+            }
+            parked.sort_unstable();
+            for (_, slot) in parked {
                 let skip = self
                     .ineligible(now, slot, st, funds)
                     .unwrap_or(Skip::BudgetExhausted { available: 0, price: st.price });
