@@ -19,14 +19,16 @@ fn spent_shard() -> Harness {
     h
 }
 
+/// L1 to p1-p4, L2 to p5-p8 (R21): every budget spent.
+fn spend_all(h: &mut Harness) {
+    assert_eq!(offered(&h.publish(T0, lead("L1", T0))).len(), 4);
+    assert_eq!(offered(&h.publish(T0 + M, lead("L2", T0 + M))).len(), 4);
+}
+
 #[test]
 fn r21_r22_spent_budgets_are_parked_out_of_the_scan_and_still_wait_for_short_leads() {
     let mut h = spent_shard();
-    // R21: lead 1 to p1-p4, lead 2 to p5-p8: every budget is spent.
-    let l1 = h.publish(T0, lead("L1", T0));
-    assert_eq!(offered(&l1).len(), 4);
-    let l2 = h.publish(T0 + M, lead("L2", T0 + M));
-    assert_eq!(offered(&l2).len(), 4);
+    spend_all(&mut h);
     // L3 scans all eight, finds no budget, and parks them.
     let l3 = h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
     assert!(offered(&l3).is_empty());
@@ -63,8 +65,7 @@ fn r21_r22_spent_budgets_are_parked_out_of_the_scan_and_still_wait_for_short_lea
 #[test]
 fn a_budget_below_the_cheapest_price_parks_but_one_that_can_still_buy_does_not() {
     let mut h = spent_shard();
-    h.publish(T0, lead("L1", T0));
-    h.publish(T0 + M, lead("L2", T0 + M));
+    spend_all(&mut h);
     // p8 keeps 9 credits (one short of the price): parked like the others; p7 keeps
     // exactly the price: it buys the next lead instead of being parked.
     h.funds.set_budget("p8", "weekly", 9);
@@ -78,8 +79,7 @@ fn a_budget_below_the_cheapest_price_parks_but_one_that_can_still_buy_does_not()
 #[test]
 fn a_changed_config_unparks_a_spent_buyer_and_recovery_unparks_them_all() {
     let mut h = spent_shard();
-    h.publish(T0, lead("L1", T0));
-    h.publish(T0 + M, lead("L2", T0 + M));
+    spend_all(&mut h);
     h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
     assert_eq!(h.shard.parked_pros(), 8);
     // A new weekly amount is an upsert of the pro: back in the scan.
