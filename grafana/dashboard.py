@@ -185,6 +185,8 @@ ts("File descriptors", "percentunit", [
     ("sum(process_open_fds{job=~\"rota.*\"}) / sum(process_max_fds{job=~\"rota.*\"})", "open / max"),
 ], w=6, thresholds=[(0.8, "red")])
 ts("Threads", "short", [("sum(process_threads{job=~\"rota.*\"})", "threads")], w=6)
+ts("Pros parked out of the rotation", "short", [("sum by (tenant, reason) (rota_pros_parked)", "{{tenant}} {{reason}}")], w=6,
+   desc="Pros not scanned per lead: reason budget = every auto-buy budget spent (back with a recharge or refund); unavailable = paused, on vacation, outside the schedule.")
 ts("Stream history on disk", "bytes", [("sum by (tenant) (rota_stream_history_bytes)", "{{tenant}}")], w=6,
    desc="Events evicted from the replay buffer, kept for resumes (stream_spill_bytes per tenant).")
 

@@ -44,6 +44,7 @@ pub const CREDITS_MOVED: &str = "rota_credits_moved_total";
 pub const TOPUPS_REQUESTED: &str = "rota_topups_requested_total";
 pub const FAIRNESS_DEVIATION: &str = "rota_fairness_share_deviation_ratio";
 pub const FAIRNESS_MAX_DEVIATION: &str = "rota_fairness_max_share_deviation_ratio";
+pub const PROS_PARKED: &str = "rota_pros_parked";
 
 // Runtime.
 pub const SHARDS_ALIVE: &str = "rota_shards_alive";
@@ -259,6 +260,13 @@ pub const ALL: &[MetricDef] = &[
         "ratio",
         &[TENANT],
         "Largest relative share deviation of any pro at the last fairness evaluation.",
+    ),
+    m(
+        PROS_PARKED,
+        G,
+        "pros",
+        &[TENANT, "reason"],
+        "Pros parked out of the rotation's scan, summed over shards: reason budget = every auto-buy budget spent (until it comes back), unavailable = paused, on vacation, outside the schedule or with no buying config.",
     ),
     // Runtime.
     m(SHARDS_ALIVE, G, "shards", &[], "Shards in memory (each with its timer actor)."),
@@ -519,6 +527,8 @@ pub struct TenantMetrics {
     pub fairness_max_deviation: Gauge,
     pub stream_history_bytes: Gauge,
     pub stream_history_restarts: Counter,
+    pub pros_parked_budget: Gauge,
+    pub pros_parked_unavailable: Gauge,
 }
 
 impl TenantMetrics {
@@ -540,6 +550,8 @@ impl TenantMetrics {
             fairness_deviation: metrics::histogram!(FAIRNESS_DEVIATION, TENANT => t.clone()),
             fairness_max_deviation: metrics::gauge!(FAIRNESS_MAX_DEVIATION, TENANT => t.clone()),
             stream_history_bytes: metrics::gauge!(STREAM_HISTORY_BYTES, TENANT => t.clone()),
+            pros_parked_budget: metrics::gauge!(PROS_PARKED, TENANT => t.clone(), "reason" => "budget"),
+            pros_parked_unavailable: metrics::gauge!(PROS_PARKED, TENANT => t.clone(), "reason" => "unavailable"),
             stream_history_restarts: metrics::counter!(STREAM_HISTORY_RESTARTS, TENANT => t),
         }
     }

@@ -304,6 +304,13 @@ async fn r22_r23_a_refunded_budget_retries_the_lead_missed_for_want_of_it() {
     // Housekeeping alone brings nothing back (no recharge before Monday).
     c.ok(json!({"type": "advance_clock", "to_ms": T0 + 2 * MIN})).await;
     assert_eq!(offered(&c.ok(json!({"type": "explain", "lead": "A2"})).await), 0);
+    // Its budget spent, b1 is parked out of the scan (sampled every second).
+    let parked = [("tenant", "habitissimo"), ("reason", "budget")];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while d.metric_with("rota_pros_parked", &parked) != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "b1 shows as parked for its budget");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // A1's contact is confirmed invalid (R23): the spend is refunded to the budget...
     c.ok(json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "confirm_invalid_contact"})).await;
     // (the daemon is killed before its next housekeeping: the retry is not lost)

@@ -835,6 +835,11 @@ impl Shard {
         }
     }
 
+    /// Pros parked until their auto-buy budget comes back (counted in `parked_pros`).
+    pub fn budget_parked_pros(&self) -> usize {
+        self.ring.parked_for_budget().count()
+    }
+
     /// Pros parked out of the rotation's scan (unavailable for every lead for a while).
     pub fn parked_pros(&self) -> usize {
         self.ring.parked_len()

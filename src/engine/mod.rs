@@ -1047,8 +1047,13 @@ impl Engine {
         let depth_max = self.inner.shards.iter().map(|e| e.value().depth.load(Ordering::Relaxed)).max();
         self.inner.metrics.m.mailbox_depth_max.set(depth_max.unwrap_or(0) as f64);
         let mut shares: FxHashMap<TenantId, Vec<(f64, f64)>> = FxHashMap::default();
+        let mut parked: FxHashMap<TenantId, (usize, usize)> = FxHashMap::default();
         for e in self.inner.shards.iter() {
             let s = e.value().state.lock();
+            let (budget, all) = (s.budget_parked_pros(), s.parked_pros());
+            let p = parked.entry(e.key().tenant.clone()).or_default();
+            p.0 += budget;
+            p.1 += all - budget;
             let items: Vec<(u64, u32)> = s.fairness_inputs().map(|(_, n, w)| (n, w)).collect();
             let total: u64 = items.iter().map(|x| x.0).sum();
             let wsum: u64 = items.iter().map(|x| u64::from(x.1)).sum();
@@ -1063,6 +1068,13 @@ impl Engine {
         for (tenant, s) in shares {
             if let Some(t) = self.inner.metrics.tenant(&tenant) {
                 t.observe_fairness(s);
+            }
+        }
+        for t in self.inner.tenants.values() {
+            if let Some(tm) = self.inner.metrics.tenant(&t.cfg.id) {
+                let (budget, unavailable) = parked.get(&t.cfg.id).copied().unwrap_or_default();
+                tm.pros_parked_budget.set(budget as f64);
+                tm.pros_parked_unavailable.set(unavailable as f64);
             }
         }
     }

@@ -92,14 +92,21 @@ impl Daemon {
 
     /// The value of an unlabelled metric on `/metrics` (0 when not exported yet).
     pub fn metric(&self, name: &str) -> f64 {
+        self.metric_with(name, &[])
+    }
+
+    /// The value of the series of `name` with these labels (0 when not exported yet).
+    pub fn metric_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.admin).expect("the admin listener accepts");
         write!(s, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin).unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
         body.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .find_map(|l| l.rsplit_once(' ').map(|(_, v)| v.trim().parse().expect("a number")))
+            .unwrap_or(0.0)
     }
 
     /// Waits for the process to exit by itself (after a signal sent elsewhere).
