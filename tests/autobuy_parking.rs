@@ -19,6 +19,18 @@ fn spent_shard() -> Harness {
     h
 }
 
+/// The pros `explain` lists as skipped for a spent budget: those on the lead's R22
+/// retry list.
+fn waiting_for_budget(explain: &rota::core::shard::Explanation) -> Vec<&str> {
+    use rota::core::shard::{ExplainOutcome, Skip};
+    explain
+        .entries
+        .iter()
+        .filter(|e| matches!(e.outcome, ExplainOutcome::Skipped(Skip::BudgetExhausted { .. })))
+        .map(|e| e.pro.as_str())
+        .collect()
+}
+
 /// L1 to p1-p4, L2 to p5-p8 (R21): every budget spent.
 fn spend_all(h: &mut Harness) {
     assert_eq!(offered(&h.publish(T0, lead("L1", T0))).len(), 4);
@@ -37,17 +49,7 @@ fn r21_r22_spent_budgets_are_parked_out_of_the_scan_and_still_wait_for_short_lea
     let l4 = h.publish(T0 + 3 * M, lead("L4", T0 + 3 * M));
     assert!(offered(&l4).is_empty());
     let explain = h.shard.explain(&lid("L4")).expect("L4 is open");
-    let waiting = explain
-        .entries
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.outcome,
-                rota::core::shard::ExplainOutcome::Skipped(rota::core::shard::Skip::BudgetExhausted { .. })
-            )
-        })
-        .count();
-    assert_eq!(waiting, 8, "{explain:?}");
+    assert_eq!(waiting_for_budget(&explain).len(), 8, "{explain:?}");
     // p3's budget comes back (a recharge or a refund, then BudgetAvailable): it is back
     // in the scan and gets the older of the two short leads at once (R22).
     h.funds.set_budget("p3", "weekly", 10);
@@ -63,7 +65,7 @@ fn r21_r22_spent_budgets_are_parked_out_of_the_scan_and_still_wait_for_short_lea
 }
 
 #[test]
-fn a_budget_below_the_cheapest_price_parks_but_one_that_can_still_buy_does_not() {
+fn r21_a_budget_below_the_cheapest_price_parks_but_one_that_can_still_buy_does_not() {
     let mut h = spent_shard();
     spend_all(&mut h);
     // p8 keeps 9 credits (one short of the price): parked like the others; p7 keeps
@@ -77,7 +79,7 @@ fn a_budget_below_the_cheapest_price_parks_but_one_that_can_still_buy_does_not()
 }
 
 #[test]
-fn a_changed_config_unparks_a_spent_buyer_and_recovery_unparks_them_all() {
+fn r19_r20_a_changed_config_unparks_a_spent_buyer_and_recovery_unparks_them_all() {
     let mut h = spent_shard();
     spend_all(&mut h);
     h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
@@ -122,17 +124,7 @@ fn r22_past_the_bound_the_parked_buyers_next_in_the_rotation_wait_for_a_short_le
     let explain = h.shard.explain(&lid("S2")).expect("S2 is open");
     let weight =
         |id: &str| explain.entries.iter().find(|e| e.pro.as_str() == id).and_then(|e| e.weight.clone());
-    let waiting: Vec<&str> = explain
-        .entries
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.outcome,
-                rota::core::shard::ExplainOutcome::Skipped(rota::core::shard::Skip::BudgetExhausted { .. })
-            )
-        })
-        .map(|e| e.pro.as_str())
-        .collect();
+    let waiting = waiting_for_budget(&explain);
     assert_eq!(waiting.len(), 64, "{explain:?}");
     assert!(weight("p70").map(|w| w.weight) > weight("p1").map(|w| w.weight), "p65-p70 rank higher");
     for i in 65..=70 {
