@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use rota::core::*;
+use rota::ids::ProId;
 
 /// Eight buyers, each with a budget of exactly one lead (price 10), groups of four.
 fn spent_shard() -> Harness {
@@ -53,7 +54,7 @@ fn r21_r22_spent_budgets_are_parked_out_of_the_scan_and_still_wait_for_short_lea
     // p3's budget comes back (a recharge or a refund, then BudgetAvailable): it is back
     // in the scan and gets the older of the two short leads at once (R22).
     h.funds.set_budget("p3", "weekly", 10);
-    let back = h.ok(T0 + 4 * M, Command::BudgetAvailable { pro: pid("p3") });
+    let back = h.ok(T0 + 4 * M, Command::BudgetAvailable { pros: vec![pid("p3")] });
     assert_eq!(names(&back.events)[0], "budget_returned");
     assert_eq!(offered_ids(&back.events), vec!["p3"]);
     assert_eq!(h.shard.offer_view(&lid("L3"), &pid("p3")).map(|o| o.kind).ok(), Some(OfferKind::AutoBuy));
@@ -130,4 +131,71 @@ fn r22_past_the_bound_the_parked_buyers_next_in_the_rotation_wait_for_a_short_le
     for i in 65..=70 {
         assert!(waiting.contains(&format!("p{i}").as_str()), "p{i} is next in the rotation: {waiting:?}");
     }
+}
+
+/// The pros each lead is offered to by `events`, lead by lead, in event order.
+fn offers_by_lead(events: &[Event]) -> Vec<(String, Vec<String>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Offered { lead, grants, .. } => {
+                Some((lead.as_str().to_string(), grants.iter().map(|g| g.pro.as_str().to_string()).collect()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn r21_r22_r28_a_recharge_hands_the_missed_leads_out_in_rotation_order_not_recharge_order() {
+    let mut h = spent_shard();
+    spend_all(&mut h);
+    // L3 and L4 find no budget: all eight wait for both (R22).
+    assert!(offered(&h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M))).is_empty());
+    assert!(offered(&h.publish(T0 + 3 * M, lead("L4", T0 + 3 * M))).is_empty());
+    // The weekly recharge gives each one lead of budget; the shell names the pros in
+    // whatever order it recharged them (here the reverse of the rotation).
+    let pros: Vec<ProId> = (1..=8).rev().map(|i| pid(&format!("p{i}"))).collect();
+    for p in &pros {
+        h.funds.set_budget(p.as_str(), "weekly", 10);
+    }
+    let back = h.ok(T0 + 4 * M, Command::BudgetAvailable { pros });
+    // Cyclic as for fresh leads (R21): the older lead to the four next in the rotation,
+    // the next one to the other four; nobody gets both.
+    assert_eq!(
+        offers_by_lead(&back.events),
+        vec![
+            ("L3".to_string(), strs(&["p1", "p2", "p3", "p4"])),
+            ("L4".to_string(), strs(&["p5", "p6", "p7", "p8"]))
+        ]
+    );
+    assert_eq!(names(&back.events).iter().filter(|n| **n == "budget_returned").count(), 8);
+    h.assert_replay_equal();
+}
+
+#[test]
+fn r22_r28_a_retried_lead_counts_as_a_turn_so_a_catch_up_is_no_burst() {
+    let mut h = spent_shard();
+    spend_all(&mut h);
+    assert!(offered(&h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M))).is_empty());
+    // p1's budget comes back first (a refund of two leads' worth): it gets L3 (R22).
+    h.funds.set_budget("p1", "weekly", 20);
+    let back = h.ok(T0 + 3 * M, Command::BudgetAvailable { pros: vec![pid("p1")] });
+    assert_eq!(offers_by_lead(&back.events), vec![("L3".to_string(), strs(&["p1"]))]);
+    // Then everyone's: L3's other three seats go to the next in the rotation.
+    for i in 2..=8 {
+        h.funds.set_budget(&format!("p{i}"), "weekly", 10);
+    }
+    let rest: Vec<ProId> = (2..=8).map(|i| pid(&format!("p{i}"))).collect();
+    let back = h.ok(T0 + 4 * M, Command::BudgetAvailable { pros: rest });
+    assert_eq!(offers_by_lead(&back.events), vec![("L3".to_string(), strs(&["p2", "p3", "p4"]))]);
+    // p1 still has budget for a lead, but L3 was its turn: the next fresh lead goes to
+    // the four who have had fewer leads, p1 waits for the next round.
+    let l5 = h.publish(T0 + 5 * M, lead("L5", T0 + 5 * M));
+    assert_eq!(offered_ids(&l5.events), strs(&["p5", "p6", "p7", "p8"]));
+    h.assert_replay_equal();
 }

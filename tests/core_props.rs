@@ -46,8 +46,9 @@ enum Op {
         pro: usize,
         action: u8,
     },
+    /// Budget comes back for one pro (a refund) or several at once (a recharge).
     Budget {
-        pro: usize,
+        pros: Vec<usize>,
         credits: u64,
     },
     Tick {
@@ -71,7 +72,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (proptest::collection::vec(pro.clone(), 0..4), 0u8..6, prop_oneof![3 => Just(0i64), 1 => 0i64..120])
             .prop_map(|(direct, kind, late_min)| Op::Publish { direct, kind, late_min }),
         8 => (0usize..12, pro.clone(), 0u8..10).prop_map(|(lead, pro, action)| Op::Act { lead, pro, action }),
-        1 => (pro.clone(), 0u64..40).prop_map(|(pro, credits)| Op::Budget { pro, credits }),
+        1 => (proptest::collection::vec(pro.clone(), 1..4), 0u64..40)
+            .prop_map(|(pros, credits)| Op::Budget { pros, credits }),
         3 => prop_oneof![0i64..5, 0i64..120, 0i64..6000].prop_map(|jump_min| Op::Tick { jump_min }),
         1 => any::<bool>().prop_map(|from_snapshot| Op::Restart { from_snapshot }),
     ]
@@ -162,10 +164,12 @@ fn simulate(policy_index: usize, ops: &[Op]) {
                 };
                 Command::Offer { lead: LeadId::new(l), pro: pid(&name(*pro)), action }
             }
-            Op::Budget { pro, credits } => {
-                h.funds.set_budget(&name(*pro), "weekly", *credits);
-                h.funds.set_credits(&name(*pro), *credits);
-                Command::BudgetAvailable { pro: pid(&name(*pro)) }
+            Op::Budget { pros, credits } => {
+                for pro in pros {
+                    h.funds.set_budget(&name(*pro), "weekly", *credits);
+                    h.funds.set_credits(&name(*pro), *credits);
+                }
+                Command::BudgetAvailable { pros: pros.iter().map(|p| pid(&name(*p))).collect() }
             }
             Op::Tick { jump_min } => {
                 now += jump_min * M;

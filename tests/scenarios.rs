@@ -282,8 +282,12 @@ enum CommandSpec {
         text: Option<String>,
     },
     Tick,
+    /// `pro = "p1"` for one pro, or `pros = ["p1", "p2"]` for every pro of one recharge.
     BudgetAvailable {
-        pro: String,
+        #[serde(default)]
+        pro: Option<String>,
+        #[serde(default)]
+        pros: Vec<String>,
     },
     /// Not a core command: sets a pro's credits in the test ledger.
     SetCredits {
@@ -639,7 +643,12 @@ impl Run {
                 action: action(a, *by, text)?,
             },
             CommandSpec::Tick => Command::Tick,
-            CommandSpec::BudgetAvailable { pro } => Command::BudgetAvailable { pro: ProId::new(pro) },
+            CommandSpec::BudgetAvailable { pro, pros } => {
+                if pro.is_none() && pros.is_empty() {
+                    return Err("budget_available needs `pro` or `pros`".into());
+                }
+                Command::BudgetAvailable { pros: pro.iter().chain(pros).map(ProId::new).collect() }
+            }
             CommandSpec::SetCredits { pro, credits } => {
                 self.funds.set_credits(pro, *credits);
                 return Ok(Outcome::Ledger);

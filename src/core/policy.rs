@@ -185,7 +185,9 @@ pub struct RawAutoBuy {
     /// Buyers per lead (R21).
     pub group_size: u32,
     /// A buyer that missed a lead for lack of budget gets it if budget returns within
-    /// this window and the group is not full (R22).
+    /// this window and the group is not full (R22). When several buyers' budgets come
+    /// back at once (the weekly recharge), the missed leads go round among them in
+    /// rotation order, and each retried lead counts as the buyer's turn (R21, R28).
     pub retry_window_s: i64,
 }
 

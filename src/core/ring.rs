@@ -32,6 +32,10 @@
 //! week of vacation it gets one lead early (with the default of 1), never a burst of the
 //! leads it missed; with 0 it goes to the back of the queue. A pro that joins starts at the
 //! back of the queue (`V + stride`), so leaving and re-joining cannot jump the line.
+//! A lead bought late under the retry window (R22, when a spent budget comes back) is
+//! taken in rotation order among the pros whose budget came back and advances the
+//! buyer's pass like any other lead, so the leads a pro catches up on are counted
+//! against its share instead of coming on top of its next turns.
 //!
 //! # Parked pros
 //!
@@ -187,7 +191,8 @@ impl Ring {
     }
 
     /// The pass a parked entry gets back when unparked: the skip clamp.
-    fn unpark_pass(&self, e: &RingEntry, max_catch_up_turns: u32) -> u64 {
+    /// The pass a parked entry gets when it is unparked now (the same clamp as a skip).
+    pub fn unpark_pass(&self, e: &RingEntry, max_catch_up_turns: u32) -> u64 {
         let floor = self
             .vt
             .saturating_add(e.stride)

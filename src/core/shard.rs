@@ -128,10 +128,12 @@ pub enum Command {
         #[serde(flatten)]
         action: OfferAction,
     },
-    /// Budget came back for this pro (weekly recharge, config resumed, a refunded spend): retry
-    /// the auto-buy leads it missed within the retry window (R22).
+    /// Budget came back for these pros (weekly recharge, config resumed, refunded spends):
+    /// retry the auto-buy leads they missed within the retry window (R22), in rotation
+    /// order among them. One command per shard for every pro of one recharge, so the
+    /// rotation, not the order of the recharges, decides who gets a seat.
     BudgetAvailable {
-        pro: ProId,
+        pros: Vec<ProId>,
     },
     /// Emit whatever is due at `now` (head start ends, expiries, closes, refunds).
     Tick,
@@ -895,7 +897,7 @@ impl Shard {
             }
             Command::PublishLead { lead } => self.decide_publish(now, lead, funds),
             Command::Offer { lead, pro, action } => self.decide_offer(now, lead, pro, action, funds),
-            Command::BudgetAvailable { pro } => Ok(self.decide_budget_retry(now, pro, funds)),
+            Command::BudgetAvailable { pros } => Ok(self.decide_budget_retry(now, pros, funds)),
             Command::Tick => Ok(self.decide_tick(now, funds)),
         }
     }
@@ -1458,51 +1460,104 @@ impl Shard {
         Ok(Decision { reply: view(status_after, revealed), events: vec![event] })
     }
 
-    fn decide_budget_retry(&self, now: Millis, pro: &ProId, funds: &dyn Funds) -> Decision {
+    /// R22: budget came back for `pros` (a recharge, resumed configs, refunds); the
+    /// open auto-buy leads they missed for want of it within the retry window, and
+    /// whose group is not full, are bought now.
+    ///
+    /// Who gets a seat follows the rotation (R21, R28), not the order in which budgets
+    /// came back: the shell sends every pro of one recharge in one command, leads are
+    /// taken oldest first, and each lead's open seats go to its waiting pros in
+    /// `(pass, slot)` order. A retried lead counts as a turn (the pro's pass advances by
+    /// its stride, as for a lead of the release), so with a Monday recharge of eight
+    /// equal pros and groups of four the first short lead goes to the four next in the
+    /// rotation and the second to the other four; and a pro that catches up on missed
+    /// leads goes to the back of the queue for the next fresh one instead of getting
+    /// them on top of its turns (no catch-up burst).
+    fn decide_budget_retry(&self, now: Millis, pros: &[ProId], funds: &dyn Funds) -> Decision {
         let mut events = Vec::new();
-        let Some(&slot) = self.slots.get(pro) else {
-            return done(events);
-        };
-        if self.ring.is_parked(slot) {
-            events.push(Event::BudgetReturned { pro: pro.clone(), at: now });
+        // (pass after the events before the offers, slot, stride) of each pro of this shard.
+        let mut waiting: Vec<(u64, u32, u64)> = Vec::with_capacity(pros.len());
+        for pro in pros {
+            let Some(&slot) = self.slots.get(pro) else { continue };
+            if waiting.iter().any(|w| w.1 == slot) {
+                continue;
+            }
+            let Some(e) = self.ring.entry(slot) else { continue };
+            let mut pass = e.pass;
+            if self.ring.is_parked(slot) {
+                events.push(Event::BudgetReturned { pro: pro.clone(), at: now });
+                pass = self.ring.unpark_pass(e, self.policy.max_catch_up_turns);
+            }
+            waiting.push((pass, slot, e.stride));
         }
+        if waiting.is_empty() {
+            return done(events);
+        }
+        let index: FxHashMap<&ProId, usize> =
+            waiting.iter().enumerate().map(|(i, w)| (&self.slot_pro(w.1).pro.id, i)).collect();
         let mut leads: Vec<&LeadState> = self
             .leads
             .values()
-            .filter(|st| st.is_open() && st.budget_waitlist.contains(pro))
+            .filter(|st| st.is_open() && st.budget_waitlist.iter().any(|p| index.contains_key(p)))
             .filter(|st| now < st.accepted_at.saturating_add(self.policy.retry_window))
             .map(|st| &**st)
             .collect();
         leads.sort_by(|a, b| (a.accepted_at, &a.lead.id).cmp(&(b.accepted_at, &b.lead.id)));
-        let mut spent = 0u64;
+        let mut spent: FxHashMap<ProId, u64> = FxHashMap::default();
+        let mut candidates: Vec<usize> = Vec::new();
         for st in leads {
             let bought = st.offers.iter().filter(|o| o.kind == OfferKind::AutoBuy).count();
-            if bought >= self.policy.group_size as usize {
+            let seats = (self.policy.group_size as usize).saturating_sub(bought);
+            if seats == 0 {
                 continue;
             }
-            let view = SpentFunds { inner: funds, pro, spent };
-            if self.ineligible(now, slot, st, &view).is_some() {
+            // This lead's waiting pros whose budget came back, next in the rotation first.
+            candidates.clear();
+            candidates.extend(st.budget_waitlist.iter().filter_map(|p| index.get(p).copied()));
+            candidates.sort_unstable_by_key(|&i| (waiting[i].0, waiting[i].1));
+            candidates.dedup();
+            let mut taken: Vec<usize> = Vec::new();
+            let mut grants = Vec::new();
+            for &i in &candidates {
+                if grants.len() == seats {
+                    break;
+                }
+                let slot = waiting[i].1;
+                let ps = &self.slot_pro(slot).pro;
+                let view = SpentFunds { inner: funds, spent: &spent };
+                if self.ineligible(now, slot, st, &view).is_some() {
+                    continue;
+                }
+                let Some(config) = self.budget_config(now, ps, st.price, &view) else {
+                    continue;
+                };
+                *spent.entry(ps.id.clone()).or_default() += st.price;
+                taken.push(i);
+                grants.push(Grant {
+                    pro: ps.id.clone(),
+                    kind: OfferKind::AutoBuy,
+                    charge: Some(Charge {
+                        op: op_id("buy", &st.lead.id, &ps.id),
+                        credits: st.price,
+                        mode: ChargeMode::Budget { config },
+                    }),
+                });
+            }
+            if grants.is_empty() {
                 continue;
             }
-            let ps = &self.slot_pro(slot).pro;
-            let Some(config) = self.budget_config(now, ps, st.price, &view) else {
-                continue;
-            };
-            spent += st.price;
+            let mut rotation = Selection::default();
+            for &i in &taken {
+                let w = &mut waiting[i];
+                rotation.taken.push(w.1);
+                w.0 = w.0.saturating_add(w.2);
+            }
             events.push(Event::Offered {
                 lead: st.lead.id.clone(),
                 at: now,
                 release: false,
-                grants: vec![Grant {
-                    pro: pro.clone(),
-                    kind: OfferKind::AutoBuy,
-                    charge: Some(Charge {
-                        op: op_id("buy", &st.lead.id, pro),
-                        credits: st.price,
-                        mode: ChargeMode::Budget { config },
-                    }),
-                }],
-                rotation: Selection::default(),
+                grants,
+                rotation,
                 skipped: vec![],
                 skipped_more: 0,
             });
@@ -2222,8 +2277,8 @@ impl Shard {
 /// A read-only funds view that subtracts what this decision already spent.
 struct SpentFunds<'a> {
     inner: &'a dyn Funds,
-    pro: &'a ProId,
-    spent: u64,
+    /// Credits already promised per pro by the decision being made.
+    spent: &'a FxHashMap<ProId, u64>,
 }
 
 impl Funds for SpentFunds<'_> {
@@ -2232,11 +2287,7 @@ impl Funds for SpentFunds<'_> {
     }
     fn budget(&self, pro: &ProId, config: &str) -> u64 {
         let b = self.inner.budget(pro, config);
-        if pro == self.pro {
-            b.saturating_sub(self.spent)
-        } else {
-            b
-        }
+        b.saturating_sub(self.spent.get(pro).copied().unwrap_or(0))
     }
 }
 

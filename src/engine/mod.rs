@@ -806,59 +806,65 @@ impl Engine {
     }
 
     /// Weekly recharge (R20) and resumed-pause recharge (R24) of every auto-buy
-    /// budget of the tenant, then a retry of missed leads (R22). Op ids make each
-    /// recharge happen once: per local ISO week, per resume time.
+    /// budget of the tenant, then a retry of missed leads (R22) for every pro whose
+    /// budget came back (recharged now, or refunded since the last housekeeping). Op
+    /// ids make each recharge happen once: per local ISO week, per resume time.
     pub async fn housekeeping(&self, tenant: &TenantId) -> Result<(), ApiError> {
-        let Some(t) = self.inner.tenants.get(tenant) else { return Ok(()) };
-        let _ = t;
-        self.retry_for_returned_budgets(tenant).await?;
-        let now = self.inner.clock.now();
-        let Some(monday) = self.week_of(tenant, now) else { return Ok(()) };
-        let pros: Vec<Arc<Pro>> = self
-            .inner
-            .pros
-            .iter()
-            .filter(|e| &e.key().0 == tenant && !e.value().autobuy.is_empty())
-            .map(|e| e.value().clone())
-            .collect();
-        for pro in pros {
-            let mut recharged = false;
-            for cfg in pro.autobuy.iter().filter(|c| c.is_buying(now)) {
-                let name = BudgetName::new(&cfg.name);
-                let Some(b) = self.inner.ledger.budget(tenant, &pro.id, &name) else { continue };
-                let mut ops = vec![format!("week:{}:{}:{monday}", pro.id, cfg.name)];
-                if let Some(until) = cfg.paused_until {
-                    ops.push(format!("resume:{}:{}:{until}", pro.id, cfg.name));
-                }
-                for op in ops {
-                    let (t, p, n) = (tenant.clone(), pro.id.clone(), name.clone());
-                    let r = self.ledger_op(tenant, move |l| l.recharge(OpId::new(op), &t, &p, &n)).await?;
-                    recharged |= !r.replayed && b.available < b.weekly_budget;
-                }
-            }
-            if recharged {
-                for key in Self::pro_shards(&pro, tenant) {
-                    if self.inner.shards.contains_key(&key) {
-                        self.exec(key, Command::BudgetAvailable { pro: pro.id.clone() }).await?;
-                    }
-                }
-            }
+        if !self.inner.tenants.contains_key(tenant) {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    /// R22 after a refund: a refund of an auto-buy spend (R12 guarantee, R23 invalid
-    /// contact) gives budget back, so the pro's shards retry the leads it missed for
-    /// want of budget within the retry window, as after a recharge.
-    async fn retry_for_returned_budgets(&self, tenant: &TenantId) -> Result<(), ApiError> {
-        let mut pros: Vec<ProId> = {
+        // R22 after a refund: a refund of an auto-buy spend (R12 guarantee, R23 invalid
+        // contact) gives budget back, as a recharge does.
+        let mut returned: Vec<ProId> = {
             let mut q = self.inner.budget_returned.lock();
             let (mine, others): (Vec<_>, Vec<_>) = q.drain(..).partition(|(t, _)| t == tenant);
             *q = others;
             mine.into_iter().map(|(_, p)| p).collect()
         };
+        let now = self.inner.clock.now();
+        if let Some(monday) = self.week_of(tenant, now) {
+            let pros: Vec<Arc<Pro>> = self
+                .inner
+                .pros
+                .iter()
+                .filter(|e| &e.key().0 == tenant && !e.value().autobuy.is_empty())
+                .map(|e| e.value().clone())
+                .collect();
+            for pro in pros {
+                let mut recharged = false;
+                for cfg in pro.autobuy.iter().filter(|c| c.is_buying(now)) {
+                    let name = BudgetName::new(&cfg.name);
+                    let Some(b) = self.inner.ledger.budget(tenant, &pro.id, &name) else { continue };
+                    let mut ops = vec![format!("week:{}:{}:{monday}", pro.id, cfg.name)];
+                    if let Some(until) = cfg.paused_until {
+                        ops.push(format!("resume:{}:{}:{until}", pro.id, cfg.name));
+                    }
+                    for op in ops {
+                        let (t, p, n) = (tenant.clone(), pro.id.clone(), name.clone());
+                        let r =
+                            self.ledger_op(tenant, move |l| l.recharge(OpId::new(op), &t, &p, &n)).await?;
+                        recharged |= !r.replayed && b.available < b.weekly_budget;
+                    }
+                }
+                if recharged {
+                    returned.push(pro.id.clone());
+                }
+            }
+        }
+        self.retry_for_returned_budgets(tenant, returned).await
+    }
+
+    /// R22: tells each shard of `pros` that their budget came back, all of a shard's
+    /// pros in one command, so the shard hands the leads they missed out in rotation
+    /// order (not in the order the budgets came back: see `Shard::decide`).
+    async fn retry_for_returned_budgets(
+        &self,
+        tenant: &TenantId,
+        mut pros: Vec<ProId>,
+    ) -> Result<(), ApiError> {
         pros.sort_unstable();
         pros.dedup();
+        let mut by_shard: std::collections::BTreeMap<ShardKey, Vec<ProId>> = Default::default();
         for pro in pros {
             let Some(profile) =
                 self.inner.pros.get(&(tenant.clone(), pro.clone())).map(|e| e.value().clone())
@@ -867,9 +873,12 @@ impl Engine {
             };
             for key in Self::pro_shards(&profile, tenant) {
                 if self.inner.shards.contains_key(&key) {
-                    self.exec(key, Command::BudgetAvailable { pro: pro.clone() }).await?;
+                    by_shard.entry(key).or_default().push(pro.clone());
                 }
             }
+        }
+        for (key, pros) in by_shard {
+            self.exec(key, Command::BudgetAvailable { pros }).await?;
         }
         Ok(())
     }
