@@ -241,6 +241,11 @@ pub struct Summary {
     pub setup_s: f64,
     pub sent: u64,
     pub sent_leads: u64,
+    /// Requests about a lead (responses, declines, replies) not sent because that
+    /// lead's publish had been answered with an error (e.g. shed as `overloaded`): a
+    /// platform does not act on a lead rota refused. Those whose lead's answer had not
+    /// arrived yet are sent (and answered `unknown_lead`).
+    pub followups_skipped: u64,
     pub replies: u64,
     pub missing_replies: u64,
     pub acks_accepted: u64,
@@ -559,6 +564,9 @@ struct Recorder {
     duplicate_replies: u64,
     /// Receipt time of the last publish reply.
     last_ack_ns: u64,
+    /// Per lead (by ordinal), whether its publish was answered with an error; the
+    /// sender skips that lead's later requests.
+    refused: Arc<Vec<AtomicBool>>,
     log: Option<RecordLog>,
 }
 
@@ -595,6 +603,9 @@ impl Recorder {
             if is_lead {
                 self.iv_lead_errors += 1;
                 self.checker.on_ack_error(item.lead_ord);
+                if let Some(r) = self.refused.get(item.lead_ord as usize) {
+                    r.store(true, Ordering::Relaxed);
+                }
             }
         }
         if is_lead {
@@ -855,6 +866,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let total_leads = plan.lead_item.len();
     let start_ns = mono_ns() + 20_000_000; // 20 ms to get the readers going
     let wall_start = wall_ms() + 20;
+    let refused: Arc<Vec<AtomicBool>> = Arc::new((0..total_leads).map(|_| AtomicBool::new(false)).collect());
     let rec = Arc::new(Mutex::new(Recorder {
         start_ns,
         plan: plan.clone(),
@@ -894,6 +906,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         answered: vec![false; plan.items.len()],
         duplicate_replies: 0,
         last_ack_ns: 0,
+        refused: refused.clone(),
         log,
     }));
     let stream_closed = Arc::new(AtomicBool::new(false));
@@ -950,6 +963,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let mut lags = Vec::with_capacity(MAX_BATCH);
     let mut dead = vec![false; sinks.len()];
     let mut i = 0;
+    let mut skipped: u64 = 0;
     let items = &plan.items;
     let recording = cfg.record.is_some();
     let mut sent_log: Vec<(String, Request)> = Vec::new();
@@ -975,6 +989,13 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                 Request::Offer { lead, .. } => loc.lead_ord(item.lap, lead),
                 _ => None,
             };
+            if matches!(r.request, Request::Offer { .. })
+                && lead_ord.and_then(|o| refused.get(o as usize)).is_some_and(|f| f.load(Ordering::Relaxed))
+            {
+                skipped += 1;
+                i += 1;
+                continue;
+            }
             let c = tenant_idx[&r.tenant] * n + route(&r.request, lead_ord, n);
             let wall = wall_start + (item.t_ns / 1_000_000) as i64;
             let lap = item.lap.to_string();
@@ -988,7 +1009,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                 dead[c] = true;
             }
             dirty[c] = true;
-            lags.push(now - item.t_ns);
+            lags.push((i, now - item.t_ns));
             i += 1;
             k += 1;
         }
@@ -1002,10 +1023,10 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let mut r = rec.lock().expect("no thread panics holding the recorder");
             // Lag measured at the start of the batch: encoding time is the tool's too.
             let done_ns = mono_ns().saturating_sub(start_ns);
-            for (j, &l) in lags.iter().enumerate() {
+            for &(idx, l) in &lags {
                 let us = (l + (done_ns - now)) / 1000;
                 r.lag.saturating_record(us);
-                r.lag_us[i - k + j] = u32::try_from(us).unwrap_or(LAG_UNKNOWN - 1);
+                r.lag_us[idx] = u32::try_from(us).unwrap_or(LAG_UNKNOWN - 1);
             }
             if let Some(log) = r.log.as_mut() {
                 for (id, req) in sent_log.drain(..) {
@@ -1018,7 +1039,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             tokio::task::yield_now().await;
         }
     }
-    let sent_total = i as u64;
+    let sent_total = i as u64 - skipped;
     let send_end = mono_ns();
     let host = cpu_start.zip(crate::hostcpu::sample()).and_then(|(a, b)| crate::hostcpu::between(&a, &b));
 
@@ -1085,6 +1106,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         setup_s,
         sent: sent_total,
         sent_leads,
+        followups_skipped: skipped,
         replies: r.replies,
         missing_replies: sent_total.saturating_sub(r.replies),
         acks_accepted: r.acks_accepted,

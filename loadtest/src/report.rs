@@ -54,6 +54,13 @@ pub fn table(s: &Summary) -> String {
         "sent {} ({} leads), replies {} (missing {}), accepted {}, rejected {}, stream events {}",
         s.sent, s.sent_leads, s.replies, s.missing_replies, s.acks_accepted, s.acks_rejected, s.stream_events
     );
+    if s.followups_skipped > 0 {
+        let _ = writeln!(
+            out,
+            "not sent: {} requests about leads whose publish was refused (a platform does not act on those)",
+            s.followups_skipped
+        );
+    }
     if s.errors_by_code.is_empty() {
         let _ = writeln!(out, "errors: none");
     } else {

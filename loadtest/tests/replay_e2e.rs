@@ -189,3 +189,76 @@ fn resubscribing_streams_resume_from_the_history_without_gaps_or_duplicates() {
     assert_eq!(s.violations.total(), 0, "{:#?}", s.violations);
     assert!(r.delivery_outside_catch_up.count > 0 && r.delivery_outside_catch_up.count < s.delivery.count);
 }
+
+/// A platform does not respond to, decline or reply about a lead rota refused: the
+/// tool skips the requests about a lead whose publish was answered with an error (here
+/// one lead in three has an unknown `kind`, refused with `invalid_field`), and counts
+/// them. Those sent before the refusal arrived are answered `unknown_lead`; together
+/// they are every request about the refused leads.
+#[test]
+fn requests_about_a_refused_lead_are_not_sent() {
+    let Some(bin) = rota_binary() else { return };
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let d = Daemon::start(&bin, dir.path(), &[]);
+    let gen = GenConfig {
+        seed: 11,
+        leads: 300,
+        lead_rate: 300.0,
+        pros: 60,
+        zones: 6,
+        categories: 4,
+        respond_share: 0.8,
+        ..GenConfig::default()
+    };
+    let (mut records, _) = generate(&gen);
+    let mut refused = std::collections::HashSet::new();
+    for (n, r) in records.iter_mut().filter(|r| matches!(r.request, Request::PublishLead { .. })).enumerate()
+    {
+        if let Request::PublishLead { lead } = &mut r.request {
+            if n % 3 == 0 {
+                lead.kind = "bogus".into();
+                refused.insert(lead.id.clone());
+            }
+        }
+    }
+    let about_refused = records
+        .iter()
+        .filter(|r| matches!(&r.request, Request::Offer { lead, .. } if refused.contains(lead)))
+        .count() as u64;
+    assert!(about_refused > 20, "the trace acts on the refused leads: {about_refused}");
+    let cfg = ReplayConfig {
+        url: format!("ws://{}", d.addr),
+        tokens: vec![(None, "demo-token".into())],
+        connections: 2,
+        pacing: Pacing::Rate(1000.0),
+        duration: None,
+        encoding: Encoding::Msgpack,
+        drain: Duration::from_secs(10),
+        batch: Duration::from_micros(200),
+        run_tag: "it-refused".into(),
+        progress: false,
+        interval: Duration::from_secs(1),
+        allowed_hosts: vec![],
+        threads: 1,
+        skip_setup: false,
+        record: None,
+        stalled_subscribers: 0,
+        stream_batch: true,
+        resubscribe: None,
+    };
+    let out = replay::run(&cfg, &records).expect("the replay runs");
+    let s = &out.summary;
+    let timed = records.len() as u64 - s.setup_records;
+    assert_eq!(
+        s.errors_by_code.get("invalid_field"),
+        Some(&(refused.len() as u64)),
+        "{:?}",
+        s.errors_by_code
+    );
+    assert!(s.followups_skipped > 0, "{s:#?}");
+    assert_eq!(s.sent + s.followups_skipped, timed, "every record sent or skipped");
+    let unknown = s.errors_by_code.get("unknown_lead").copied().unwrap_or(0);
+    assert_eq!(s.followups_skipped + unknown, about_refused, "{:?}", s.errors_by_code);
+    assert_eq!(s.missing_replies, 0, "{s:#?}");
+    assert_eq!(s.violations.total(), 0, "{:#?}", s.violations);
+}
