@@ -288,6 +288,11 @@ pub struct PriceComponents {
     pub min_price_credits: u64,
     pub max_price_credits: u64,
     pub clamped: Clamp,
+    /// The discount a pro farther than `far_away_km` from the lead gets (R11: the
+    /// price is per lead, but distance is per pro; see [`PriceComponents::far_away`]).
+    /// 0 in records written before per-pro pricing: no far-away price for those leads.
+    #[serde(default)]
+    pub far_away_pro_discount_permille: u32,
 }
 
 /// A lead's price in credits, with its explanation.
@@ -311,61 +316,87 @@ fn div_round_half_up(num: u128, den: u128) -> u128 {
 /// instead of failing; the components show the values used.
 pub fn price(stats: &CategoryStats, risk: &RiskInputs, pricing: &Pricing) -> Price {
     let p = &pricing.policy;
-    let value = stats.avg_job_value_cents;
-    let conversion = stats.conversion_permille.min(1000);
-    let proposals = stats.avg_proposals_milli.clamp(1, MAX_PROPOSALS_MILLI);
     let applied = |present: bool, d: Permille| if present { d.get() } else { 0 };
-    let chat = applied(risk.chat_only, pricing.chat_only);
-    let thin = applied(risk.thin_details, pricing.thin_details);
     let far_away = risk.distance_m.is_some_and(|d| d > pricing.far_away_m);
-    let far = applied(far_away, pricing.far_away);
-    let keep = |d: u32| u128::from(1000 - d);
-
-    // Bounds from validate(): value < 2^64, conversion <= 1000 < 2^10, factor
-    // < 2^17, three (1000 - d) < 2^30: num < 2^121. proposals < 2^20, credit
-    // value < 2^32, 1000^4 < 2^40: den < 2^92.
-    let num = u128::from(value)
-        * u128::from(conversion)
-        * u128::from(p.tenant_factor_permille)
-        * keep(chat)
-        * keep(thin)
-        * keep(far);
-    let den = u128::from(proposals) * u128::from(p.credit_value_cents) * 1000u128.pow(4);
-    let unclamped = div_round_half_up(num, den);
-    let unclamped_credits = u64::try_from(unclamped).unwrap_or(u64::MAX);
-    let (credits, clamped) = if unclamped_credits < p.min_price_credits {
-        (p.min_price_credits, Clamp::Min)
-    } else if unclamped_credits > p.max_price_credits {
-        (p.max_price_credits, Clamp::Max)
-    } else {
-        (unclamped_credits, Clamp::None)
+    let mut components = PriceComponents {
+        avg_job_value_cents: stats.avg_job_value_cents,
+        conversion_permille: stats.conversion_permille.min(1000),
+        avg_proposals_milli: stats.avg_proposals_milli.clamp(1, MAX_PROPOSALS_MILLI),
+        expected_value_cents: 0,
+        credit_value_cents: p.credit_value_cents,
+        tenant_factor_permille: p.tenant_factor_permille,
+        chat_only_discount_permille: applied(risk.chat_only, pricing.chat_only),
+        thin_details_discount_permille: applied(risk.thin_details, pricing.thin_details),
+        far_away_discount_permille: applied(far_away, pricing.far_away),
+        distance_m: risk.distance_m,
+        far_away_km: p.far_away_km,
+        risk_factor_permille: 0,
+        unclamped_credits: 0,
+        min_price_credits: p.min_price_credits,
+        max_price_credits: p.max_price_credits,
+        clamped: Clamp::None,
+        far_away_pro_discount_permille: pricing.far_away.get(),
     };
+    let credits = components.settle();
+    Price { credits, components }
+}
 
-    let expected = div_round_half_up(u128::from(value) * u128::from(conversion), u128::from(proposals));
-    let risk_factor = div_round_half_up(keep(chat) * keep(thin) * keep(far), 1_000_000);
-    Price {
-        credits,
-        components: PriceComponents {
-            avg_job_value_cents: value,
-            conversion_permille: conversion,
-            avg_proposals_milli: proposals,
-            // value x conversion / proposals <= value x 1000: may exceed u64
-            // only for absurd job values; saturate rather than wrap.
-            expected_value_cents: u64::try_from(expected).unwrap_or(u64::MAX),
-            credit_value_cents: p.credit_value_cents,
-            tenant_factor_permille: p.tenant_factor_permille,
-            chat_only_discount_permille: chat,
-            thin_details_discount_permille: thin,
-            far_away_discount_permille: far,
-            distance_m: risk.distance_m,
-            far_away_km: p.far_away_km,
-            risk_factor_permille: u32::try_from(risk_factor)
-                .expect("a product of three factors <= 1000, over 1000^2, is <= 1000"),
-            unclamped_credits,
-            min_price_credits: p.min_price_credits,
-            max_price_credits: p.max_price_credits,
-            clamped,
-        },
+impl PriceComponents {
+    /// R11, far away: this lead's price for a pro `distance_m` from it, farther than
+    /// `far_away_km`, with the far-away discount of the policy the lead was priced
+    /// under (kept in `far_away_pro_discount_permille`, so a later change of the
+    /// policy does not reprice an open lead). `None` when that discount is 0.
+    pub fn far_away(&self, distance_m: u64) -> Option<Price> {
+        if self.far_away_pro_discount_permille == 0 || self.far_away_discount_permille != 0 {
+            return None;
+        }
+        let mut components = self.clone();
+        components.far_away_discount_permille = self.far_away_pro_discount_permille;
+        components.distance_m = Some(distance_m);
+        let credits = components.settle();
+        Some(Price { credits, components })
+    }
+
+    /// Fills in the intermediates and the clamp from the inputs; returns the price.
+    fn settle(&mut self) -> u64 {
+        let value = self.avg_job_value_cents;
+        let conversion = self.conversion_permille.min(1000);
+        let proposals = self.avg_proposals_milli.clamp(1, MAX_PROPOSALS_MILLI);
+        let keep = |d: u32| u128::from(1000 - d.min(1000));
+        let (chat, thin, far) = (
+            self.chat_only_discount_permille,
+            self.thin_details_discount_permille,
+            self.far_away_discount_permille,
+        );
+        // Bounds from validate(): value < 2^64, conversion <= 1000 < 2^10, factor
+        // < 2^17, three (1000 - d) < 2^30: num < 2^121. proposals < 2^20, credit
+        // value < 2^32, 1000^4 < 2^40: den < 2^92.
+        let num = u128::from(value)
+            * u128::from(conversion)
+            * u128::from(self.tenant_factor_permille)
+            * keep(chat)
+            * keep(thin)
+            * keep(far);
+        let den = u128::from(proposals) * u128::from(self.credit_value_cents) * 1000u128.pow(4);
+        let unclamped = div_round_half_up(num, den);
+        let unclamped_credits = u64::try_from(unclamped).unwrap_or(u64::MAX);
+        let (credits, clamped) = if unclamped_credits < self.min_price_credits {
+            (self.min_price_credits, Clamp::Min)
+        } else if unclamped_credits > self.max_price_credits {
+            (self.max_price_credits, Clamp::Max)
+        } else {
+            (unclamped_credits, Clamp::None)
+        };
+        let expected = div_round_half_up(u128::from(value) * u128::from(conversion), u128::from(proposals));
+        let risk_factor = div_round_half_up(keep(chat) * keep(thin) * keep(far), 1_000_000);
+        // value x conversion / proposals <= value x 1000: may exceed u64 only for
+        // absurd job values; saturate rather than wrap.
+        self.expected_value_cents = u64::try_from(expected).unwrap_or(u64::MAX);
+        self.risk_factor_permille =
+            u32::try_from(risk_factor).expect("a product of three factors <= 1000, over 1000^2, is <= 1000");
+        self.unclamped_credits = unclamped_credits;
+        self.clamped = clamped;
+        credits
     }
 }
 
@@ -580,5 +611,44 @@ mod tests {
             }
             prop_assert_eq!(price(&s, &risk, &p), got, "pure: same inputs, same price");
         }
+
+        #[test]
+        fn r11_the_far_away_price_of_a_lead_is_its_price_at_that_distance(
+            value in 0u64..10_000_000,
+            conversion in 0u32..=1000,
+            proposals in 1u64..50_000,
+            chat in any::<bool>(),
+            thin in any::<bool>(),
+            distance in 30_001u64..1_000_000,
+        ) {
+            let p = pricing();
+            let s = stats(value, conversion, proposals);
+            let near = RiskInputs { chat_only: chat, thin_details: thin, distance_m: None };
+            let lead = price(&s, &near, &p);
+            let far = lead.components.far_away(distance).expect("the policy has a far-away discount");
+            prop_assert_eq!(&far, &price(&s, &RiskInputs { distance_m: Some(distance), ..near }, &p));
+            prop_assert!(far.credits <= lead.credits);
+        }
+    }
+
+    #[test]
+    fn r11_no_far_away_price_without_a_discount_or_for_records_before_it() {
+        let mut pol = policy();
+        pol.far_away_discount_permille = 0;
+        let none = price(&stats(50000, 200, 4000), &RiskInputs::default(), &pol.validate().unwrap());
+        assert_eq!(none.components.far_away(100_000), None);
+        // Components logged before per-pro pricing lack the last field (WAL records
+        // are MessagePack arrays): it reads as 0, so those leads keep one price.
+        let c = price(&stats(50000, 200, 4000), &RiskInputs::default(), &pricing()).components;
+        assert_eq!(c.far_away_pro_discount_permille, 200);
+        let mut bytes = rmp_serde::to_vec(&c).unwrap();
+        // array16 header with 17 elements; the last one is 200 as a uint8 (0xcc 0xc8).
+        assert_eq!(&bytes[..3], &[0xdc, 0x00, 17]);
+        assert_eq!(&bytes[bytes.len() - 2..], &[0xcc, 200]);
+        bytes[2] = 16;
+        bytes.truncate(bytes.len() - 2);
+        let old: PriceComponents = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(old, PriceComponents { far_away_pro_discount_permille: 0, ..c });
+        assert_eq!(old.far_away(100_000), None);
     }
 }

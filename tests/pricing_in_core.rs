@@ -2,8 +2,8 @@
 //! category statistics, riskier leads cost less, the components travel with the
 //! lead (explain), and proposals per lead are learned from closed leads.
 
-use rota::core::shard::{Command, Shard};
-use rota::core::{Client, ContactPrefs, JobKind, Lead, Policy, Pro};
+use rota::core::shard::{Command, Event, OfferAction, Shard};
+use rota::core::{Client, ContactPrefs, GeoPoint, JobKind, Lead, Policy, Pro};
 use rota::ids::{CategoryId, ClientId, LeadId, ProId, ShardKey, TenantId, ZoneId, HOUR_MS};
 use std::sync::Arc;
 
@@ -145,5 +145,159 @@ fn r11_proposals_per_lead_are_learned_from_closed_leads() {
     match d.reply {
         rota::core::Reply::Lead(o) => assert_eq!(o.price, 100, "clamped to max 100 (120 before the clamp)"),
         other => panic!("{other:?}"),
+    }
+}
+
+/// The lead is in Bologna; "near" is based 4 km away, "far" in Modena (about 37 km,
+/// beyond the policy's `far_away_km = 30`), "nobase" has no base; all three take
+/// leads within 100 km (or anywhere).
+fn located_shard(policy: &str) -> Shard {
+    let policy = Arc::new(Policy::from_toml(policy).expect("the test policy is valid"));
+    let key = ShardKey {
+        tenant: TenantId::new("t"),
+        zone: ZoneId::new("bo"),
+        category: CategoryId::new("painting"),
+    };
+    let mut s = Shard::new(key, policy);
+    for (id, base) in [("near", Some(NEAR)), ("far", Some(MODENA)), ("nobase", None)] {
+        let pro = Pro {
+            id: ProId::new(id),
+            categories: vec![CategoryId::new("painting")],
+            zones: vec![ZoneId::new("bo")],
+            base,
+            radius_km: base.map(|_| 100.0),
+            quality: Default::default(),
+            refuses: vec![],
+            availability: Default::default(),
+            autobuy: vec![],
+        };
+        run(&mut s, T0, Command::UpsertPro { pro });
+    }
+    s
+}
+
+const BOLOGNA: GeoPoint = GeoPoint { lat: 44.4949, lon: 11.3426 };
+const NEAR: GeoPoint = GeoPoint { lat: 44.53, lon: 11.35 };
+const MODENA: GeoPoint = GeoPoint { lat: 44.6471, lon: 10.9252 };
+
+fn located_lead(id: &str) -> Lead {
+    Lead { location: Some(BOLOGNA), ..lead(id, false, true) }
+}
+
+#[test]
+fn r11_a_pro_farther_than_far_away_km_pays_the_far_away_price() {
+    let mut s = located_shard(POLICY);
+    // The lead's price (60) is what the publish answers; a pro 37 km away pays 20 %
+    // less (48), one nearby or without a base the lead's price.
+    assert_eq!(price_of(&mut s, located_lead("a")), 60);
+    let lead = LeadId::new("a");
+    let view = |s: &Shard, p: &str| s.offer_view(&lead, &ProId::new(p)).expect("offered").price;
+    assert_eq!((view(&s, "near"), view(&s, "far"), view(&s, "nobase")), (60, 48, 60));
+    // explain names the far pro's price; the lead's components stay the lead's.
+    let ex = s.explain(&lead).unwrap();
+    let entry = |p: &str| ex.entries.iter().find(|e| e.pro.as_str() == p).expect("explained").price;
+    assert_eq!((entry("near"), entry("far"), entry("nobase")), (None, Some(48), None));
+    assert_eq!(ex.price, 60);
+    let st = s.lead(&lead).unwrap();
+    let far = s.price_components_of(st, &ProId::new("far")).expect("priced from statistics");
+    assert_eq!((far.far_away_discount_permille, far.risk_factor_permille), (200, 800));
+    assert!(far.distance_m.is_some_and(|d| (30_000..45_000).contains(&d)), "{far:?}");
+    // Responding charges each pro its own price (R9).
+    for (pro, credits) in [("far", 48), ("near", 60)] {
+        let respond =
+            Command::Offer { lead: lead.clone(), pro: ProId::new(pro), action: OfferAction::Respond };
+        let d = s.decide(T0 + 1, &respond, &rota::core::Unlimited).unwrap();
+        let charged: Vec<u64> = d
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Responded { charge: Some(c), .. } => Some(c.credits),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(charged, vec![credits], "{pro}");
+        for e in &d.events {
+            s.apply(e);
+        }
+    }
+}
+
+#[test]
+fn r11_the_offered_stream_event_carries_each_pros_own_price_and_components() {
+    let mut s = located_shard(POLICY);
+    let publish = Command::PublishLead { lead: located_lead("a").into() };
+    let d = s.decide(T0, &publish, &rota::core::Unlimited).unwrap();
+    let mut stream = Vec::new();
+    for e in &d.events {
+        rota::engine::record::shard_stream_events(&s, e, &mut stream);
+        s.apply(e);
+    }
+    let offered: Vec<(String, u64, u32)> = stream
+        .iter()
+        .filter_map(|e| match e {
+            rota::protocol::StreamEvent::Offered { pro, price, price_components, .. } => Some((
+                pro.as_str().to_string(),
+                *price,
+                price_components.as_ref().map_or(0, |c| c.far_away_discount_permille),
+            )),
+            _ => None,
+        })
+        .collect();
+    let mut offered = offered;
+    offered.sort();
+    assert_eq!(
+        offered,
+        vec![("far".to_string(), 48, 200), ("near".to_string(), 60, 0), ("nobase".to_string(), 60, 0)]
+    );
+}
+
+#[test]
+fn r11_r4_an_auto_buyer_far_away_is_charged_and_checked_at_its_own_price() {
+    let policy = POLICY
+        .replace("mode = \"shared\"", "mode = \"auto_buy\"")
+        .replace("charge_on = \"response\"", "charge_on = \"dispatch\"");
+    let mut s = located_shard(&policy);
+    for id in ["near", "far"] {
+        let mut pro = s.pro(&ProId::new(id)).unwrap().pro.as_ref().clone();
+        pro.autobuy = vec![rota::core::AutoBuyConfig {
+            name: "weekly".into(),
+            zones: vec![ZoneId::new("bo")],
+            categories: vec![CategoryId::new("painting")],
+            weekly_budget_credits: 50,
+            paused_until: None,
+            active: true,
+            max_price_credits: None,
+        }];
+        run(&mut s, T0, Command::UpsertPro { pro });
+    }
+    // Both have 50 credits of budget: enough for the far-away price (48), not for the
+    // lead's (60). The far buyer buys at 48; the near one is skipped for its budget.
+    let funds = Budgets(50);
+    let d = s.decide(T0, &Command::PublishLead { lead: located_lead("a").into() }, &funds).unwrap();
+    let bought: Vec<(String, u64)> = d
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Offered { grants, .. } => Some(grants),
+            _ => None,
+        })
+        .flatten()
+        .map(|g| (g.pro.as_str().to_string(), g.charge.as_ref().map_or(0, |c| c.credits)))
+        .collect();
+    for e in &d.events {
+        s.apply(e);
+    }
+    assert_eq!(bought, vec![("far".to_string(), 48)], "{:#?}", s.explain(&LeadId::new("a")));
+}
+
+/// Every budget holds `self.0` credits; credits are plenty.
+struct Budgets(u64);
+
+impl rota::core::Funds for Budgets {
+    fn credits(&self, _: &ProId) -> u64 {
+        u64::MAX
+    }
+    fn budget(&self, _: &ProId, _: &str) -> u64 {
+        self.0
     }
 }

@@ -1002,7 +1002,16 @@ impl Shard {
         if release_at == Some(now) {
             // The release must see the direct offers made just above (a lead published
             // after its head start is over), or a direct target would be offered twice.
-            let mut st = provisional(arc, fp, price, now, expires_at);
+            // The components only matter to the release for a far-away price (R11).
+            let components = match &events[0] {
+                Event::LeadAccepted { price_components: Some(c), lead, .. }
+                    if c.far_away_pro_discount_permille > 0 && lead.location.is_some() =>
+                {
+                    Some(Box::new(c.clone()))
+                }
+                _ => None,
+            };
+            let mut st = provisional(arc, fp, price, components, now, expires_at);
             st.offers = direct_grants
                 .into_iter()
                 .map(|g| OfferState::new(g.pro, g.kind, now, OptMillis::NONE))
@@ -1044,9 +1053,9 @@ impl Shard {
     }
 
     /// R11: the lead's price in credits, with its components when the policy prices
-    /// from category statistics. One price per lead (every pro pays the same), so the
-    /// per-pro "far away" risk does not apply here; chat-only contact and thin details
-    /// (no form answers, or a description shorter than twice the gate's minimum) do.
+    /// from category statistics: chat-only contact and thin details (no form answers,
+    /// or a description shorter than twice the gate's minimum) lower it. The far-away
+    /// risk depends on the pro, not the lead: see [`Shard::price_for`].
     fn price(&self, lead: &Lead) -> (u64, Option<crate::pricing::PriceComponents>) {
         let p = &self.policy;
         if p.charge_on == ChargeOn::Never {
@@ -1062,6 +1071,53 @@ impl Shard {
         };
         let price = crate::pricing::price(&stats, &risk, pricing);
         (price.credits, Some(price.components))
+    }
+
+    /// R11, per pro: the distance in meters from `pro`'s base to the lead when it is
+    /// farther than the far-away distance the lead was priced with (and that pricing
+    /// has a far-away discount), else `None`. "Farther" is the radius check's rule
+    /// (R4): a pro exactly at the distance is not far away.
+    fn far_away_m(st: &LeadState, pro: &Pro) -> Option<u64> {
+        let c = st.price_components.as_deref()?;
+        if c.far_away_pro_discount_permille == 0 {
+            return None;
+        }
+        let (loc, base) = (st.lead.location.as_ref()?, pro.base.as_ref()?);
+        if base.within_km(loc, f64::from(c.far_away_km)) {
+            return None;
+        }
+        Some((base.distance_km(loc) * 1000.0).round() as u64)
+    }
+
+    /// R11: what `pro` pays for the lead. One price per lead (every pro pays the same,
+    /// chat-only contact and thin details included), except for the far-away risk,
+    /// which depends on the pro: a pro farther than `far_away_km` from the lead pays
+    /// the lead's price with the far-away discount (`PriceComponents::far_away`). The
+    /// distance is the pro's base at the time it pays (offer, response, retry): a
+    /// charge, once made, keeps its credits.
+    pub fn price_for(st: &LeadState, pro: &Pro) -> u64 {
+        Self::far_price(st, pro).map_or(st.price, |p| p.credits)
+    }
+
+    /// The far-away price of the lead for `pro`, with its components, when it has one.
+    fn far_price(st: &LeadState, pro: &Pro) -> Option<crate::pricing::Price> {
+        let d = Self::far_away_m(st, pro)?;
+        st.price_components.as_deref()?.far_away(d)
+    }
+
+    /// [`Shard::price_for`] by pro id; the lead's price for a pro no longer in the shard.
+    pub fn price_of(&self, st: &LeadState, pro: &ProId) -> u64 {
+        self.slots.get(pro).map_or(st.price, |&slot| Self::price_for(st, &self.slot_pro(slot).pro))
+    }
+
+    /// The price components of what `pro` pays for the lead ([`Shard::price_for`]).
+    pub fn price_components_of(
+        &self,
+        st: &LeadState,
+        pro: &ProId,
+    ) -> Option<crate::pricing::PriceComponents> {
+        let far = self.slots.get(pro).and_then(|&slot| Self::far_price(st, &self.slot_pro(slot).pro));
+        far.map(|p| p.components).or_else(|| st.price_components.as_deref().cloned())
     }
 
     /// R2 quality gate and duplicate protection. `None` = the lead passes.
@@ -1122,7 +1178,7 @@ impl Shard {
         if let Some(a) = lead.attributes.iter().find(|a| pro.refuses.contains(a)) {
             return Some(Skip::RefusesAttribute { attribute: a.clone() });
         }
-        let price = st.price;
+        let price = Self::price_for(st, pro);
         match self.policy.charge_on {
             ChargeOn::Never => None,
             ChargeOn::Response => {
@@ -1214,9 +1270,10 @@ impl Shard {
             }
             parked.sort_unstable();
             for (_, slot) in parked {
-                let skip = self
-                    .ineligible(now, slot, st, funds)
-                    .unwrap_or(Skip::BudgetExhausted { available: 0, price: st.price });
+                let skip = self.ineligible(now, slot, st, funds).unwrap_or(Skip::BudgetExhausted {
+                    available: 0,
+                    price: Self::price_for(st, &self.slot_pro(slot).pro),
+                });
                 skipped.push((self.slot_pro(slot).pro.id.clone(), skip));
             }
         }
@@ -1225,11 +1282,12 @@ impl Shard {
             .iter()
             .map(|&slot| {
                 let pro = &self.slot_pro(slot).pro;
+                let price = Self::price_for(st, pro);
                 let charge = (kind == OfferKind::AutoBuy).then(|| Charge {
                     op: op_id("buy", &st.lead.id, &pro.id),
-                    credits: st.price,
+                    credits: price,
                     mode: ChargeMode::Budget {
-                        config: self.budget_config(now, pro, st.price, funds).expect(
+                        config: self.budget_config(now, pro, price, funds).expect(
                             "eligible auto-buy pros have a config with budget: checked by ineligible()",
                         ),
                     },
@@ -1370,16 +1428,17 @@ impl Shard {
                 if cap_full {
                     return Err(Reject::LeadFull(l));
                 }
+                let price = self.price_of(st, pro);
                 let charge = match (self.policy.charge_on, offer.charge.is_some()) {
-                    (ChargeOn::Response, false) if st.price > 0 => {
+                    (ChargeOn::Response, false) if price > 0 => {
                         let available = funds.credits(pro);
-                        if available < st.price {
-                            return Err(Reject::InsufficientCredits { available, needed: st.price });
+                        if available < price {
+                            return Err(Reject::InsufficientCredits { available, needed: price });
                         }
                         let hold = st.lead.client.contact.chat_only();
                         Some(Charge {
                             op: op_id(if hold { "hold" } else { "charge" }, &l, &p),
-                            credits: st.price,
+                            credits: price,
                             mode: if hold { ChargeMode::Hold } else { ChargeMode::Capture },
                         })
                     }
@@ -1528,17 +1587,18 @@ impl Shard {
                 if self.ineligible(now, slot, st, &view).is_some() {
                     continue;
                 }
-                let Some(config) = self.budget_config(now, ps, st.price, &view) else {
+                let price = Self::price_for(st, ps);
+                let Some(config) = self.budget_config(now, ps, price, &view) else {
                     continue;
                 };
-                *spent.entry(ps.id.clone()).or_default() += st.price;
+                *spent.entry(ps.id.clone()).or_default() += price;
                 taken.push(i);
                 grants.push(Grant {
                     pro: ps.id.clone(),
                     kind: OfferKind::AutoBuy,
                     charge: Some(Charge {
                         op: op_id("buy", &st.lead.id, &ps.id),
-                        credits: st.price,
+                        credits: price,
                         mode: ChargeMode::Budget { config },
                     }),
                 });
@@ -1703,11 +1763,11 @@ impl Shard {
             } => {
                 self.next_seq += 1;
                 let seq = self.next_seq;
-                let st = provisional(lead.clone(), *fingerprint, *price, *at, *expires_at);
+                let components = price_components.clone().map(Box::new);
+                let st = provisional(lead.clone(), *fingerprint, *price, components, *at, *expires_at);
                 let st = LeadState {
                     release_at: (*release_at).into(),
                     published_release_at: (*release_at).into(),
-                    price_components: price_components.clone().map(Box::new),
                     seq,
                     ..st
                 };
@@ -2033,7 +2093,7 @@ impl Shard {
             pro: o.pro.clone(),
             kind: o.kind,
             status: status.unwrap_or(o.status),
-            price: st.price,
+            price: self.price_of(st, &o.pro),
             offered_at: o.offered_at,
             respond_by: o.respond_by.get(),
             contact: (revealed || o.responded_at().is_some() || o.kind == OfferKind::AutoBuy)
@@ -2106,12 +2166,15 @@ impl Shard {
         let mut seen = BTreeSet::new();
         for o in &st.offers {
             seen.insert(o.pro.clone());
-            entries
-                .push(self.explain_entry(&o.pro, ExplainOutcome::Offered { kind: o.kind, status: o.status }));
+            entries.push(self.explain_entry(
+                st,
+                &o.pro,
+                ExplainOutcome::Offered { kind: o.kind, status: o.status },
+            ));
         }
         for (pro, skip) in &st.skipped {
             if seen.insert(pro.clone()) {
-                entries.push(self.explain_entry(pro, ExplainOutcome::Skipped(skip.clone())));
+                entries.push(self.explain_entry(st, pro, ExplainOutcome::Skipped(skip.clone())));
             }
         }
         let pending = st.release_at.is_some();
@@ -2133,7 +2196,7 @@ impl Shard {
                 } else {
                     ExplainOutcome::Skipped(Skip::TurnNotReached)
                 };
-                entries.push(self.explain_entry(id, why));
+                entries.push(self.explain_entry(st, id, why));
             }
         }
         Ok(Explanation {
@@ -2169,11 +2232,12 @@ impl Shard {
         None
     }
 
-    fn explain_entry(&self, pro: &ProId, outcome: ExplainOutcome) -> ExplainEntry {
+    fn explain_entry(&self, st: &LeadState, pro: &ProId, outcome: ExplainOutcome) -> ExplainEntry {
         let ps = self.pro(pro);
         ExplainEntry {
             pro: pro.clone(),
             outcome,
+            price: ps.map(|p| Self::price_for(st, &p.pro)).filter(|&c| c != st.price),
             weight: ps.map(|p| p.weight.clone()),
             response_rate_permille: ps.map(|p| p.stats.response_rate_permille()),
             mean_response_time_ms: ps.and_then(|p| p.stats.mean_response_time_ms()),
@@ -2318,7 +2382,14 @@ fn rejected_outcome(id: &LeadId, reason: RejectReason) -> LeadOutcome {
     }
 }
 
-fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expires_at: Millis) -> LeadState {
+fn provisional(
+    lead: Arc<Lead>,
+    fingerprint: u64,
+    price: u64,
+    price_components: Option<Box<crate::pricing::PriceComponents>>,
+    at: Millis,
+    expires_at: Millis,
+) -> LeadState {
     LeadState {
         seq: 0,
         lead,
@@ -2335,7 +2406,7 @@ fn provisional(lead: Arc<Lead>, fingerprint: u64, price: u64, at: Millis, expire
         budget_waitlist: Vec::new(),
         published_release_at: OptMillis::NONE,
         published_offers: 0,
-        price_components: None,
+        price_components,
         forget_at: OptMillis::NONE,
         skipped_more: 0,
         released_at: OptMillis::NONE,
@@ -2362,6 +2433,10 @@ pub struct ExplainEntry {
     pub pro: ProId,
     #[serde(flatten)]
     pub outcome: ExplainOutcome,
+    /// What this pro pays for the lead when it differs from the lead's price: the
+    /// far-away price of a pro farther than `far_away_km` from the lead (R11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<u64>,
     pub weight: Option<WeightBreakdown>,
     pub response_rate_permille: Option<u32>,
     pub mean_response_time_ms: Option<u64>,

@@ -668,6 +668,7 @@ mod prepared_tests {
                 min_price_credits: 1,
                 max_price_credits: 20,
                 clamped: crate::pricing::Clamp::Max,
+                far_away_pro_discount_permille: 200,
             })
         });
         let offer = |pro: &str, kind, respond_by| StreamEvent::Offered {

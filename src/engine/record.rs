@@ -70,15 +70,23 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
                     crate::core::OfferKind::Contact | crate::core::OfferKind::AutoBuy => None,
                     _ => window.map(|w| at.saturating_add(w)),
                 };
+                // R11: a pro farther than `far_away_km` pays the far-away price; its
+                // offer shows that price and the components that make it.
+                let price = shard.price_of(st, &g.pro);
+                let components = if price == st.price {
+                    components.clone()
+                } else {
+                    shard.price_components_of(st, &g.pro).map(std::sync::Arc::new)
+                };
                 out.push(StreamEvent::Offered {
                     lead: lead.clone(),
                     pro: g.pro.clone(),
                     kind: g.kind,
-                    price: st.price,
+                    price,
                     respond_by,
                     at: *at,
                     summary: summary.clone(),
-                    price_components: components.clone(),
+                    price_components: components,
                 });
             }
         }
