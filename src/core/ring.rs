@@ -191,7 +191,6 @@ impl Ring {
     }
 
     /// The pass a parked entry gets back when unparked: the skip clamp.
-    /// The pass a parked entry gets when it is unparked now (the same clamp as a skip).
     pub fn unpark_pass(&self, e: &RingEntry, max_catch_up_turns: u32) -> u64 {
         let floor = self
             .vt
