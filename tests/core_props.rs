@@ -79,6 +79,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Where the simulated leads are (Bologna).
+const LEADS_AT: GeoPoint = GeoPoint { lat: 44.4949, lon: 11.3426 };
+
 fn name(i: usize) -> String {
     format!("p{i}")
 }
@@ -90,16 +93,23 @@ fn policies() -> Vec<std::sync::Arc<Policy>> {
             "tenant = \"t\"\nmode = \"matched\"\n[leads]\noffer_fanout = 2\nmax_responders = 3\n\
              response_window_s = 7200\nhead_start_s = 600\n[money]\ncharge_on = \"never\"\n",
         ),
+        // Priced from category statistics (10 credits; 8 for a pro more than 30 km
+        // away, R11), so budgets, refunds and retries run with per-pro prices.
         policy(
             "tenant = \"t\"\nmode = \"auto_buy\"\n[leads]\nhead_start_s = 0\n[autobuy]\ngroup_size = 3\n\
              retry_window_s = 3600\n[money]\ncharge_on = \"dispatch\"\nflat_price_credits = 10\n\
-             guarantee_window_s = 3600\n",
+             guarantee_window_s = 3600\n[pricing]\ntenant_factor_permille = 1000\nmin_price_credits = 1\n\
+             max_price_credits = 40\ncredit_value_cents = 100\nchat_only_discount_permille = 0\n\
+             thin_details_discount_permille = 0\nfar_away_discount_permille = 200\nfar_away_km = 30\n\
+             proposals_ema_permille = 0\n[pricing.default_category]\navg_job_value_cents = 5000\n\
+             conversion_permille = 200\navg_proposals_milli = 1000\n",
         ),
     ]
 }
 
-/// Runs one random sequence on one policy, checking the per-step properties.
-fn simulate(policy_index: usize, ops: &[Op]) {
+/// Runs one random sequence on one policy, checking the per-step properties; returns
+/// the events applied.
+fn simulate(policy_index: usize, ops: &[Op]) -> Vec<Event> {
     let mut h = Harness::new(policies()[policy_index].clone());
     h.funds.default_credits = 30;
     h.funds.default_budget = 30;
@@ -113,6 +123,8 @@ fn simulate(policy_index: usize, ops: &[Op]) {
             Op::Join { pro, reviews } => {
                 let mut p = common::pro(&name(*pro));
                 p.quality.reviews = *reviews;
+                // Based 0, 11, 22, 33 ... km north of the leads: some far away (R11).
+                p.base = Some(GeoPoint { lat: LEADS_AT.lat + 0.1 * *pro as f64, lon: LEADS_AT.lon });
                 p.autobuy = vec![autobuy("weekly", 100)];
                 Command::UpsertPro { pro: p }
             }
@@ -131,6 +143,7 @@ fn simulate(policy_index: usize, ops: &[Op]) {
             Op::Publish { direct, kind, late_min } => {
                 let id = format!("L{}", leads.len());
                 let mut l = lead(&id, now - late_min * M);
+                l.location = Some(LEADS_AT);
                 let mut d: Vec<ProId> = Vec::new();
                 for p in direct {
                     if !d.contains(&pid(&name(*p))) {
@@ -249,6 +262,7 @@ fn simulate(policy_index: usize, ops: &[Op]) {
         }
     }
     h.assert_replay_equal();
+    h.log
 }
 
 /// `PROPTEST_CASES=5000` for a long run (proptest prints the failing input and a
@@ -376,7 +390,21 @@ fn r6_simulation_reaches_offers_and_responses_in_every_mode() {
         for pro in 0..PROS {
             ops.push(Op::Act { lead: 0, pro, action: 1 });
         }
-        simulate(policy_index, &ops);
+        let log = simulate(policy_index, &ops);
+        if policy_index == 2 {
+            // Auto-buy, priced: pros near the leads pay 10 credits, those more than
+            // 30 km away 8 (R11).
+            let charged: BTreeSet<u64> = log
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Offered { grants, .. } => Some(grants),
+                    _ => None,
+                })
+                .flatten()
+                .filter_map(|g| g.charge.as_ref().map(|c| c.credits))
+                .collect();
+            assert_eq!(charged, BTreeSet::from([8, 10]));
+        }
     }
     let _: Millis = 0;
 }
