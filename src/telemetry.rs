@@ -125,7 +125,7 @@ pub const CREDIT_MOVEMENTS: &[&str] =
     &["charged", "held", "captured", "released", "refunded", "granted", "budget_spent", "budget_recharged"];
 /// `reason` of [`OVERLOAD_REFUSALS`]: which bounded queue was full.
 pub const OVERLOAD_REASONS: &[&str] =
-    &["mailbox_full", "wal_queue_full", "connections_full", "rate_limited", "gateway_backlog"];
+    &["mailbox_full", "wal_queue_full", "connections_full", "fd_limit", "rate_limited", "gateway_backlog"];
 /// `scope` of [`CONNECTIONS`]: what the connection's token allows it to do.
 pub const SCOPES: &[&str] = &["ingest", "stream", "admin", "unauthenticated"];
 /// `encoding` of [`FRAMES_RECEIVED`] / [`FRAMES_SENT`].

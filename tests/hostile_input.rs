@@ -349,3 +349,59 @@ async fn a_backlog_of_unread_requests_is_shed_with_overloaded_and_changes_nothin
     let (r, _) = c.call(json!({"type": "publish_lead", "lead": lead(&shed[0])})).await;
     assert_eq!(r["type"], "ok", "{r}");
 }
+
+/// A daemon started with a low open-file limit (soft = hard = 320, as a service manager
+/// might set) caps its connections to leave the log its descriptors: it says so at
+/// start, a flood of 400 connections meets `connections_full` beyond the cap, and
+/// meanwhile a client connected before keeps publishing while the log rolls over to
+/// new segment files (16 KiB segments). Without the cap the flood took every
+/// descriptor and the log could not open its next segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connections_under_a_low_open_file_limit_leaves_the_log_its_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let data = dir.path().join("data");
+    let (d, warning) = Daemon::start_with_nofile_limit(
+        &data,
+        &cfg,
+        &["wal.segment_bytes=16384"],
+        320,
+        "open-file limit is below max_connections",
+    );
+    assert!(warning.contains("at most 64 connections"), "the cap is announced: {warning}");
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    still_serves(&mut c).await;
+    // The flood: connections that never upgrade, more than the descriptors the
+    // process may open.
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        flood.push(tokio::net::TcpStream::connect(&d.addr).await.expect("the kernel takes the connection"));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while d.metric_with("rota_overload_refusals_total", &[("reason", "connections_full")]) < 337.0 {
+        assert!(std::time::Instant::now() < deadline, "beyond the cap, connections are refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Meanwhile the log rolls over to new segment files, every publish acknowledged.
+    let segments = || std::fs::read_dir(data.join("wal")).unwrap().count();
+    let before = segments();
+    for i in 0..120 {
+        let out = c.ok(json!({"type": "publish_lead", "lead": lead(&format!("FD{i}"))})).await;
+        assert!(out["status"].is_string(), "{out}");
+    }
+    assert!(segments() > before, "the log opened new segments: {before} -> {}", segments());
+    still_serves(&mut c).await;
+    // The flood gone, new clients get in again.
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut b) =
+            tokio::time::timeout(Duration::from_secs(5), Client::connect(&d.addr, "pp-token", true)).await
+        {
+            still_serves(&mut b).await;
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a new client gets in once the flood is gone");
+    }
+    assert_eq!(d.metric_with("rota_overload_refusals_total", &[("reason", "fd_limit")]), 0.0);
+}

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod admission;
 pub mod deadline;
 pub mod demo;
+pub mod fdlimit;
 pub mod ws;
 
 use crate::config::Config;
@@ -41,6 +42,25 @@ pub fn run(cfg: Config, demo: bool) -> anyhow::Result<i32> {
         Ok(false) => {}
         // Not fatal: the daemon works with them, with longer stalls while its heap grows.
         Err(e) => tracing::warn!(error = %e, "could not disable transparent huge pages"),
+    }
+    let max_connections = cfg.raw.max_connections;
+    match fdlimit::raise() {
+        Ok(l) if !l.fits(max_connections) => tracing::warn!(
+            soft = l.soft,
+            hard = l.hard,
+            max_connections,
+            "the open-file limit is below max_connections plus {} for the log and streams: \
+             at most {} connections are taken (raise LimitNOFILE or ulimit -n, or lower \
+             max_connections)",
+            fdlimit::RESERVED_FDS,
+            fdlimit::connection_cap(max_connections, l.soft)
+        ),
+        Ok(l) => {
+            if let Some(from) = l.raised_from {
+                tracing::info!(from, to = l.soft, "open-file limit raised to the hard limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
     let system = actix_rt::System::new();
     system.block_on(async move { serve(cfg, demo).await })

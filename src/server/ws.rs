@@ -38,7 +38,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::server::{
@@ -56,8 +56,12 @@ pub const CLOSE_SLOW: u16 = 4008;
 /// and at most half of `shutdown_timeout_ms`, which leaves the rest to the final
 /// sync and snapshot) for the open ones to answer what they have in flight and close.
 pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::Receiver<bool>) {
-    let max = engine.inner.cfg.raw.max_connections;
+    // Fewer when the open-file limit would not leave the log its descriptors.
+    let configured = engine.inner.cfg.raw.max_connections;
+    let max =
+        super::fdlimit::soft_limit().map_or(configured, |s| super::fdlimit::connection_cap(configured, s));
     let limit = Arc::new(Semaphore::new(max));
+    let mut failures = super::fdlimit::AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -65,6 +69,19 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
+            Err(e) if super::fdlimit::is_exhaustion(&e) => {
+                // The connection waits in the backlog and the next accept would fail at
+                // once: wait, instead of spinning (see `server::fdlimit`).
+                engine.inner.metrics.m.overload_refusals.get("fd_limit").increment(1);
+                if let Some(n) = failures.record(Instant::now()) {
+                    tracing::warn!(error = %e, failures = n, open_connections = max - limit.available_permits(),
+                        "accept failed for want of a resource; retrying every {} ms", super::fdlimit::ACCEPT_BACKOFF.as_millis());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(super::fdlimit::ACCEPT_BACKOFF) => continue,
+                    _ = shutdown.changed() => break,
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 continue;

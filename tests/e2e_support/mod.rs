@@ -56,13 +56,51 @@ impl Daemon {
         Self::spawn_flags(dir, config, t0, &[])
     }
 
+    /// With the manual clock, `--set` overrides, and the daemon's open-file limit (soft
+    /// and hard) set to `nofile`; also returns what follows `marker` on the line the
+    /// daemon prints with it before it listens.
+    pub fn start_with_nofile_limit(
+        dir: &std::path::Path,
+        config: &std::path::Path,
+        flags: &[&str],
+        nofile: u64,
+        marker: &str,
+    ) -> (Daemon, String) {
+        let (d, mut extra) = Self::spawn_limited(dir, Some(config), T0, flags, Some(nofile), &[marker]);
+        (d, extra.remove(0))
+    }
+
     fn spawn_flags(
         dir: &std::path::Path,
         config: Option<&std::path::Path>,
         t0: i64,
         flags: &[&str],
     ) -> Daemon {
+        Self::spawn_limited(dir, config, t0, flags, None, &[]).0
+    }
+
+    fn spawn_limited(
+        dir: &std::path::Path,
+        config: Option<&std::path::Path>,
+        t0: i64,
+        flags: &[&str],
+        nofile: Option<u64>,
+        markers: &[&str],
+    ) -> (Daemon, Vec<String>) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rota"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("serve");
         // 8 MiB segments instead of 64: every daemon zero-fills its first segment and a
         // spare, and many run at once; the tests write far less than a segment anyway,
@@ -84,10 +122,12 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("the rota binary starts");
-        let lines = wait_for_lines(&mut child, &["metrics and health on http://", "listening on ws://"]);
+        let mut wanted = vec!["metrics and health on http://", "listening on ws://"];
+        wanted.extend_from_slice(markers);
+        let mut lines = wait_for_lines(&mut child, &wanted);
         let admin = lines[0].split('/').next().unwrap().to_string();
         let addr = lines[1].split_whitespace().next().unwrap().to_string();
-        Daemon { child, addr, admin }
+        (Daemon { child, addr, admin }, lines.split_off(2))
     }
 
     /// The value of an unlabelled metric on `/metrics` (0 when not exported yet).
