@@ -199,3 +199,66 @@ fn r22_r28_a_retried_lead_counts_as_a_turn_so_a_catch_up_is_no_burst() {
     assert_eq!(offered_ids(&l5.events), strs(&["p5", "p6", "p7", "p8"]));
     h.assert_replay_equal();
 }
+
+#[test]
+fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_missed() {
+    let mut h = Harness::new(autobuy_policy(4));
+    for i in 1..=70 {
+        let mut p = pro(&format!("p{i}"));
+        p.autobuy = vec![autobuy("weekly", 10)];
+        h.add_pro(p);
+        h.funds.set_budget(&format!("p{i}"), "weekly", 10);
+    }
+    let mut bought = 0;
+    let mut t = T0;
+    while bought < 70 {
+        t += M;
+        bought += offered(&h.publish(t, lead(&format!("B{t}"), t))).len();
+    }
+    // Every budget spent: S1 parks all 70, S1 and S2 are left short; each lead's retry
+    // list holds 64 of them.
+    assert!(offered(&h.publish(t + M, lead("S1", t + M))).is_empty());
+    assert!(offered(&h.publish(t + 2 * M, lead("S2", t + 2 * M))).is_empty());
+    let listed = |h: &Harness, l: &str| -> Vec<String> {
+        let ex = h.shard.explain(&lid(l)).expect("open");
+        waiting_for_budget(&ex).into_iter().map(str::to_string).collect()
+    };
+    let (s1, s2) = (listed(&h, "S1"), listed(&h, "S2"));
+    assert_eq!((s1.len(), s2.len()), (64, 64));
+    let left_out = (1..=70)
+        .map(|i| format!("p{i}"))
+        .find(|p| !s1.contains(p) && !s2.contains(p))
+        .expect("a buyer on neither retry list");
+    // Its budget comes back: parked for its budget since before both leads, it missed
+    // both for want of it, and gets both (R22), with any other short lead of the
+    // buying rounds that came after its budget ran out, oldest first.
+    h.funds.set_budget(&left_out, "weekly", 1000);
+    let back = h.ok(t + 3 * M, Command::BudgetAvailable { pros: vec![pid(&left_out)] });
+    let got = offers_by_lead(&back.events);
+    assert!(got.iter().all(|(_, pros)| pros == &vec![left_out.clone()]), "{got:?}");
+    let leads: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(&leads[leads.len() - 2..], &["S1", "S2"], "{leads:?}");
+    h.assert_replay_equal();
+}
+
+#[test]
+fn r22_r16_a_parked_buyer_gets_no_lead_that_came_while_it_was_away() {
+    let mut h = spent_shard();
+    // p1 has a vacation planned from T0 + 10 min to T0 + 20 min.
+    let mut p1 = pro("p1");
+    p1.autobuy = vec![autobuy("weekly", 10)];
+    p1.availability.vacation = Some((T0 + 10 * M, T0 + 20 * M));
+    h.add_pro(p1);
+    spend_all(&mut h);
+    // L3 parks every spent budget, p1's included; L4 comes during p1's vacation, L5
+    // after it. Both are left short.
+    h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
+    h.publish(T0 + 12 * M, lead("L4", T0 + 12 * M));
+    h.publish(T0 + 25 * M, lead("L5", T0 + 25 * M));
+    h.funds.set_budget("p1", "weekly", 30);
+    let back = h.ok(T0 + 26 * M, Command::BudgetAvailable { pros: vec![pid("p1")] });
+    let got: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
+    // L3 and L5 were missed for want of budget; L4 would have been missed anyway.
+    assert_eq!(got, vec!["L3".to_string(), "L5".to_string()]);
+    h.assert_replay_equal();
+}

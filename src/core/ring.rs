@@ -94,6 +94,13 @@ pub struct Ring {
     /// `(until, slot)` of the parked slots with an end, to find those due.
     #[serde(skip)]
     wake: BTreeSet<(Millis, u32)>,
+    /// Since when each slot parked for a spent budget ([`UNTIL_BUDGET`]) has been
+    /// parked, without a break: it missed every lead of the shard since then for want of
+    /// budget (R22; see `Shard::decide` of `BudgetAvailable`). Stored with the ring
+    /// (older snapshots have none: their budget parks then rely on the leads' retry
+    /// lists alone).
+    #[serde(default)]
+    budget_since: BTreeMap<u32, Millis>,
 }
 
 /// The result of a selection, as recorded in an event so replay reproduces it exactly.
@@ -186,6 +193,7 @@ impl Ring {
             if let Some(Some(t)) = self.parked.remove(&slot) {
                 self.wake.remove(&(t, slot));
             }
+            self.budget_since.remove(&slot);
             self.entries[slot as usize] = None;
         }
     }
@@ -203,6 +211,9 @@ impl Ring {
     /// [`Ring::unpark`]). Parking a parked slot updates its end.
     pub fn park(&mut self, slot: u32, until: Option<Millis>) {
         let Some(e) = self.entry(slot).copied() else { return };
+        if until != Some(UNTIL_BUDGET) {
+            self.budget_since.remove(&slot);
+        }
         match self.parked.insert(slot, until) {
             Some(Some(old)) => {
                 self.wake.remove(&(old, slot));
@@ -220,6 +231,7 @@ impl Ring {
     /// Puts a parked slot back in the order, clamped like a skip (no catch-up burst).
     pub fn unpark(&mut self, slot: u32, max_catch_up_turns: u32) {
         let Some(until) = self.parked.remove(&slot) else { return };
+        self.budget_since.remove(&slot);
         if let Some(t) = until {
             self.wake.remove(&(t, slot));
         }
@@ -331,7 +343,15 @@ impl Ring {
         self.commit(sel, max_catch_up_turns);
         for &(slot, until) in &sel.parked {
             self.park(slot, until);
+            if until == Some(UNTIL_BUDGET) {
+                self.budget_since.entry(slot).or_insert(now);
+            }
         }
+    }
+
+    /// Since when `slot` has been parked for a spent budget, if it is.
+    pub fn budget_parked_since(&self, slot: u32) -> Option<Millis> {
+        self.budget_since.get(&slot).copied()
     }
 
     /// Applies a selection: taken slots advance by their stride, skipped slots are
@@ -407,6 +427,11 @@ impl Ring {
             }
             if until.is_some_and(|t| !self.wake.contains(&(t, slot))) {
                 return Err(format!("parked slot {slot} has no wake-up entry"));
+            }
+        }
+        for &slot in self.budget_since.keys() {
+            if self.parked.get(&slot) != Some(&Some(UNTIL_BUDGET)) {
+                return Err(format!("slot {slot} has a budget park time but is not parked for its budget"));
             }
         }
         if self.wake.len() != self.parked.values().filter(|u| u.is_some()).count() {

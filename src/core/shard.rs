@@ -749,8 +749,10 @@ pub struct Deadline {
 /// from a lead could skip thousands; past this bound they are counted, not listed, so
 /// the event and the lead state stay small. The R22 retry list of a lead (pros skipped
 /// for a spent budget) is filled from these records, so it holds at most this many
-/// pros too: in a shard where more pros are skipped before the spent ones, those past
-/// the bound are not retried when their budget returns.
+/// pros too; a pro past the bound that was parked for its spent budget since before
+/// the lead is still retried (the ring keeps since when: `Ring::budget_parked_since`).
+/// Only a pro skipped for its budget without being parked (a budget below this lead's
+/// price but not below the shard's cheapest) and past the bound is not.
 pub const MAX_RECORDED_SKIPS: usize = 64;
 
 /// Most notes on one offer, and longest note.
@@ -1523,6 +1525,13 @@ impl Shard {
     /// open auto-buy leads they missed for want of it within the retry window, and
     /// whose group is not full, are bought now.
     ///
+    /// A pro missed a lead for want of budget if the lead's scan skipped it for that
+    /// (the lead's retry list, bounded by [`MAX_RECORDED_SKIPS`]) or if the pro was
+    /// parked for a spent budget, without a break, since before the lead came and
+    /// was available at the lead's time (its schedule, pause and vacation as set now:
+    /// any change to them would have ended the park). The second covers the pros a
+    /// large shard's bounded retry list leaves out.
+    ///
     /// Who gets a seat follows the rotation (R21, R28), not the order in which budgets
     /// came back: the shell sends every pro of one recharge in one command, leads are
     /// taken oldest first, and each lead's open seats go to its waiting pros in
@@ -1533,12 +1542,19 @@ impl Shard {
     /// leads goes to the back of the queue for the next fresh one instead of getting
     /// them on top of its turns (no catch-up burst).
     fn decide_budget_retry(&self, now: Millis, pros: &[ProId], funds: &dyn Funds) -> Decision {
+        struct Waiting {
+            /// The pass after the events before the offers (a parked pro's is clamped).
+            pass: u64,
+            slot: u32,
+            stride: u64,
+            /// Parked for its budget since then, without a break.
+            since: Option<Millis>,
+        }
         let mut events = Vec::new();
-        // (pass after the events before the offers, slot, stride) of each pro of this shard.
-        let mut waiting: Vec<(u64, u32, u64)> = Vec::with_capacity(pros.len());
+        let mut waiting: Vec<Waiting> = Vec::with_capacity(pros.len());
         for pro in pros {
             let Some(&slot) = self.slots.get(pro) else { continue };
-            if waiting.iter().any(|w| w.1 == slot) {
+            if waiting.iter().any(|w| w.slot == slot) {
                 continue;
             }
             let Some(e) = self.ring.entry(slot) else { continue };
@@ -1547,57 +1563,113 @@ impl Shard {
                 events.push(Event::BudgetReturned { pro: pro.clone(), at: now });
                 pass = self.ring.unpark_pass(e, self.policy.max_catch_up_turns);
             }
-            waiting.push((pass, slot, e.stride));
+            waiting.push(Waiting {
+                pass,
+                slot,
+                stride: e.stride,
+                since: self.ring.budget_parked_since(slot),
+            });
         }
         if waiting.is_empty() {
             return done(events);
         }
         let index: FxHashMap<&ProId, usize> =
-            waiting.iter().enumerate().map(|(i, w)| (&self.slot_pro(w.1).pro.id, i)).collect();
+            waiting.iter().enumerate().map(|(i, w)| (&self.slot_pro(w.slot).pro.id, i)).collect();
+        let first_since = waiting.iter().filter_map(|w| w.since).min();
         let mut leads: Vec<&LeadState> = self
             .leads
             .values()
-            .filter(|st| st.is_open() && st.budget_waitlist.iter().any(|p| index.contains_key(p)))
+            .filter(|st| {
+                st.is_open()
+                    && (first_since.is_some_and(|s| s <= st.accepted_at)
+                        || st.budget_waitlist.iter().any(|p| index.contains_key(p)))
+            })
             .filter(|st| now < st.accepted_at.saturating_add(self.policy.retry_window))
             .map(|st| &**st)
             .collect();
         leads.sort_by(|a, b| (a.accepted_at, &a.lead.id).cmp(&(b.accepted_at, &b.lead.id)));
+        // The parked pros join `missed` (in rotation order) as the leads, oldest first,
+        // reach the time they were parked since.
+        let mut by_since: Vec<usize> = (0..waiting.len()).filter(|&i| waiting[i].since.is_some()).collect();
+        by_since.sort_unstable_by_key(|&i| waiting[i].since);
+        let mut joined = 0;
+        let mut missed: BTreeSet<(u64, u32, usize)> = BTreeSet::new();
+        let cheapest = self.min_price();
         let mut spent: FxHashMap<ProId, u64> = FxHashMap::default();
-        let mut candidates: Vec<usize> = Vec::new();
+        let mut listed: Vec<(u64, u32, usize)> = Vec::new();
         for st in leads {
+            while let Some(&i) = by_since.get(joined) {
+                if waiting[i].since.is_some_and(|s| s > st.accepted_at) {
+                    break;
+                }
+                missed.insert((waiting[i].pass, waiting[i].slot, i));
+                joined += 1;
+            }
             let bought = st.offers.iter().filter(|o| o.kind == OfferKind::AutoBuy).count();
             let seats = (self.policy.group_size as usize).saturating_sub(bought);
             if seats == 0 {
                 continue;
             }
-            // This lead's waiting pros whose budget came back, next in the rotation first.
-            candidates.clear();
-            candidates.extend(st.budget_waitlist.iter().filter_map(|p| index.get(p).copied()));
-            candidates.sort_unstable_by_key(|&i| (waiting[i].0, waiting[i].1));
-            candidates.dedup();
+            // This lead's retry list among the pros whose budget came back, merged with
+            // the pros parked since before it, next in the rotation first.
+            listed.clear();
+            listed.extend(
+                st.budget_waitlist
+                    .iter()
+                    .filter_map(|p| index.get(p).map(|&i| (waiting[i].pass, waiting[i].slot, i))),
+            );
+            listed.sort_unstable();
+            listed.dedup();
             let mut taken: Vec<usize> = Vec::new();
+            let mut spent_out: Vec<usize> = Vec::new();
             let mut grants = Vec::new();
-            for &i in &candidates {
-                if grants.len() == seats {
-                    break;
+            let (mut a, mut b) = (listed.iter().peekable(), missed.iter().peekable());
+            while grants.len() < seats {
+                // The smaller of the two heads (both, when the same pro is in both).
+                let key = match (a.peek(), b.peek()) {
+                    (Some(&&x), Some(&&y)) if x == y => {
+                        a.next();
+                        b.next();
+                        x
+                    }
+                    (Some(&&x), Some(&&y)) if x < y => {
+                        a.next();
+                        x
+                    }
+                    (_, Some(&&y)) => {
+                        b.next();
+                        y
+                    }
+                    (Some(&&x), None) => {
+                        a.next();
+                        x
+                    }
+                    (None, None) => break,
+                };
+                let (_, slot, i) = key;
+                let ps = self.slot_pro(slot);
+                if ps.available(st.accepted_at).is_err() {
+                    continue; // not for want of budget: unavailable at the lead's time
                 }
-                let slot = waiting[i].1;
-                let ps = &self.slot_pro(slot).pro;
                 let view = SpentFunds { inner: funds, spent: &spent };
                 if self.ineligible(now, slot, st, &view).is_some() {
                     continue;
                 }
-                let price = Self::price_for(st, ps);
-                let Some(config) = self.budget_config(now, ps, price, &view) else {
+                let price = Self::price_for(st, &ps.pro);
+                let Some(config) = self.budget_config(now, &ps.pro, price, &view) else {
                     continue;
                 };
-                *spent.entry(ps.id.clone()).or_default() += price;
+                *spent.entry(ps.pro.id.clone()).or_default() += price;
                 taken.push(i);
+                let view = SpentFunds { inner: funds, spent: &spent };
+                if self.budget_config(now, &ps.pro, cheapest, &view).is_none() {
+                    spent_out.push(i); // nothing more it can buy
+                }
                 grants.push(Grant {
-                    pro: ps.id.clone(),
+                    pro: ps.pro.id.clone(),
                     kind: OfferKind::AutoBuy,
                     charge: Some(Charge {
-                        op: op_id("buy", &st.lead.id, &ps.id),
+                        op: op_id("buy", &st.lead.id, &ps.pro.id),
                         credits: price,
                         mode: ChargeMode::Budget { config },
                     }),
@@ -1609,8 +1681,11 @@ impl Shard {
             let mut rotation = Selection::default();
             for &i in &taken {
                 let w = &mut waiting[i];
-                rotation.taken.push(w.1);
-                w.0 = w.0.saturating_add(w.2);
+                rotation.taken.push(w.slot);
+                if missed.remove(&(w.pass, w.slot, i)) && !spent_out.contains(&i) {
+                    missed.insert((w.pass.saturating_add(w.stride), w.slot, i));
+                }
+                w.pass = w.pass.saturating_add(w.stride);
             }
             events.push(Event::Offered {
                 lead: st.lead.id.clone(),
