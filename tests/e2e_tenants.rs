@@ -696,3 +696,73 @@ async fn r11_r12_priced_lead_is_refunded_automatically_when_the_proposal_is_neve
         }
     }
 }
+
+/// R20 + R22 at scale: a Monday recharge that retries 1,100 short leads for four
+/// buyers decides 4,400 purchases at once; they are logged in several records (each
+/// bounded, far below the log's record limit) and all survive a kill -9.
+#[tokio::test(flavor = "current_thread")]
+async fn r20_r22_a_recharge_retrying_thousands_of_purchases_is_logged_whole_and_survives_a_kill() {
+    let monday = monday_after_dst_change();
+    let t0 = monday - 20 * HOUR;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, t0);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    let buyers = |weekly: u64| {
+        (1..=4).map(move |i| {
+            let mut p = autobuy_pro(i);
+            p["autobuy"][0]["weekly_budget_credits"] = json!(weekly);
+            json!({"type": "upsert_pro", "pro": p})
+        })
+    };
+    for up in buyers(12) {
+        c.ok(up).await;
+    }
+    let publish = |id: String| {
+        let mut l = lead_in(&id, "madrid", true);
+        l["created_at"] = json!(t0);
+        json!({"type": "publish_lead", "lead": l})
+    };
+    assert_eq!(c.ok(publish("A0".into())).await["offers"].as_array().unwrap().len(), 4);
+    const SHORT: usize = 1100;
+    for i in 0..SHORT {
+        assert_eq!(c.ok(publish(format!("S{i}"))).await["offers"].as_array().unwrap().len(), 0);
+    }
+    // Next week each buyer may spend enough for every lead it missed.
+    for up in buyers(12 * SHORT as u64) {
+        c.ok(up).await;
+    }
+    c.ok(json!({"type": "advance_clock", "to_ms": monday})).await;
+    all_bought(&mut c, "live", SHORT).await;
+    drop(c);
+    drop(d);
+    let d = Daemon::start_at(dir.path(), &cfg, monday);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    all_bought(&mut c, "after kill -9", SHORT).await;
+}
+
+/// Every lead `S0`..`S{short-1}` bought by the four buyers.
+async fn all_bought(c: &mut Client, label: &str, short: usize) {
+    for i in 0..short {
+        let ex = c.ok(json!({"type": "explain", "lead": format!("S{i}")})).await;
+        let offered = ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count();
+        assert_eq!(offered, 4, "{label}: S{i} bought by the four: {ex}");
+    }
+}
+
+/// R19: a platform may change a buyer's weekly budget twice within one millisecond (a
+/// correction right after an update); both apply, and sending the last one again is a
+/// retry. The ledger op of a budget change used to be named by the time alone, so the
+/// second change was refused as `idempotency_conflict`.
+#[tokio::test(flavor = "current_thread")]
+async fn r19_two_budget_changes_in_one_millisecond_both_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, T0);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    for weekly in [12, 24, 36, 36] {
+        let mut p = autobuy_pro(1);
+        p["autobuy"][0]["weekly_budget_credits"] = json!(weekly);
+        c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+    }
+}

@@ -190,23 +190,108 @@ pub fn execute(
         Err(r) => return refuse(r, reply),
     };
     let mut events = decision.events;
-    let money = match super::money::execute(&shard, &inner.ledger, &key.tenant, &mut events) {
-        Ok(m) => m,
-        Err(r) => return refuse(r, reply),
-    };
-    if events.is_empty() && money.is_empty() {
-        drop(shard);
-        // Nothing new (an idempotent repeat): answer once everything logged
-        // before is durable, so a repeat never overtakes the original's ack.
-        engine.after_durable(Box::new(move |res| {
-            if let Some(tx) = reply {
-                let _ = tx.send(res.map(|_| ShardReply { reply: decision.reply }));
+    // A decision of many events (a tick after a long pause, a recharge that retries
+    // thousands of leads) is logged as several records of at most `RECORD_WEIGHT` (see
+    // `weight`), appended in order under the shard's lock, so no record comes near the
+    // log's `MAX_RECORD_BYTES` (one that did would be refused after the shard and the
+    // ledger had changed). Replay applies them in the same order; a crash between two
+    // leaves the first ones, each whole. The reply waits for the last.
+    let mut rest = split_record(&mut events);
+    let mut reply = Some((reply, decision.reply));
+    let mut first = true;
+    loop {
+        let money = match super::money::execute(&shard, &inner.ledger, &key.tenant, &mut events) {
+            Ok(m) => m,
+            Err(r) => {
+                // Only a response's charge is refused, and a response is one event: this
+                // is the first record of its decision and nothing has changed.
+                debug_assert!(first, "only single-event decisions are refused by the ledger");
+                if let Some((tx, _)) = reply.take() {
+                    return refuse(r, tx);
+                }
+                return;
             }
-        }));
-        return;
+        };
+        first = false;
+        let last = rest.is_empty();
+        if events.is_empty() && money.is_empty() {
+            if last {
+                drop(shard);
+                // Nothing new (an idempotent repeat): answer once everything logged
+                // before is durable, so a repeat never overtakes the original's ack.
+                if let Some((tx, answer)) = reply.take() {
+                    engine.after_durable(Box::new(move |res| {
+                        if let Some(tx) = tx {
+                            let _ = tx.send(res.map(|_| ShardReply { reply: answer }));
+                        }
+                    }));
+                }
+                return;
+            }
+        } else {
+            let this_reply = if last { reply.take() } else { None };
+            log_record(engine, &mut shard, key, events, money, received, this_reply);
+        }
+        if last {
+            break;
+        }
+        events = rest;
+        rest = split_record(&mut events);
     }
+    if let (true, Some(addr), Some(next)) = (inline, cell.timer.get(), shard.next_deadline()) {
+        if !inner.clock.is_manual() && next < cell.armed_at.load(Ordering::Acquire) {
+            cell.armed_at.store(next, Ordering::Release);
+            // Queued even past the mailbox capacity; sent only when this lowers
+            // `armed_at`, so at most one per new earliest deadline.
+            addr.do_send(Rearm);
+        }
+    }
+}
+
+/// Most weight (see [`weight`]) in one WAL record of a decision: with a few hundred
+/// bytes per unit, records of at most about 2 MB, far below `MAX_RECORD_BYTES`.
+pub const RECORD_WEIGHT: usize = 4096;
+
+/// What an event adds to its record, in units of one small event: an offer of a lead
+/// to `n` pros (each with its charge, and the ledger fact it brings) or a close
+/// releasing `n` holds weighs `1 + n`.
+pub fn weight(ev: &Event) -> usize {
+    match ev {
+        Event::Offered { grants, skipped, .. } => 1 + grants.len() + skipped.len() / 4,
+        Event::LeadClosed { releases, .. } => 1 + releases.len(),
+        _ => 1,
+    }
+}
+
+/// Keeps in `events` the longest prefix within [`RECORD_WEIGHT`] (at least one event)
+/// and returns the rest.
+pub fn split_record(events: &mut Vec<Event>) -> Vec<Event> {
+    let mut total = 0;
+    let cut = events
+        .iter()
+        .position(|ev| {
+            total += weight(ev);
+            total > RECORD_WEIGHT
+        })
+        .map_or(events.len(), |i| i.max(1));
+    events.split_off(cut)
+}
+
+/// Applies `events` to the shard and appends them, with the ledger facts `money`, as
+/// one record; `reply` (the requester and its answer) hears back once it is durable.
+#[allow(clippy::type_complexity)]
+fn log_record(
+    engine: &Engine,
+    shard: &mut Arc<Shard>,
+    key: &ShardKey,
+    events: Vec<Event>,
+    money: Vec<crate::ledger::LedgerEvent>,
+    received: Instant,
+    reply: Option<(Option<Responder>, crate::core::Reply)>,
+) {
+    let inner = &engine.inner;
     let mut stream: Vec<StreamEvent> = Vec::new();
-    let state = Arc::make_mut(&mut shard);
+    let state = Arc::make_mut(shard);
     for ev in &events {
         record::shard_stream_events(state, ev, &mut stream);
         state.apply(ev);
@@ -249,26 +334,18 @@ pub fn execute(
                 if let Some(q) = budget_returned {
                     q.lock().extend(returned);
                 }
-                if let Some(tx) = reply {
-                    let _ = tx.send(Ok(ShardReply { reply: decision.reply }));
+                if let Some((Some(tx), answer)) = reply {
+                    let _ = tx.send(Ok(ShardReply { reply: answer }));
                 }
             }
             Err(e) => {
                 tracing::error!(tenant = %tenant, error = %e, "WAL append failed; decision not acknowledged");
-                if let Some(tx) = reply {
+                if let Some((Some(tx), _)) = reply {
                     let _ = tx.send(Err(super::wal_api_error(e)));
                 }
             }
         }),
     );
-    if let (true, Some(addr), Some(next)) = (inline, cell.timer.get(), shard.next_deadline()) {
-        if !inner.clock.is_manual() && next < cell.armed_at.load(Ordering::Acquire) {
-            cell.armed_at.store(next, Ordering::Release);
-            // Queued even past the mailbox capacity; sent only when this lowers
-            // `armed_at`, so at most one per new earliest deadline.
-            addr.do_send(Rearm);
-        }
-    }
 }
 
 /// The pros whose auto-buy spend `events` refund (their budget came back: R22).
@@ -294,5 +371,63 @@ pub fn replay_into(shard: &mut Shard, events: &[Event], stream: &mut Vec<StreamE
     for ev in events {
         record::shard_stream_events(shard, ev, stream);
         shard.apply(ev);
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+    use crate::core::shard::Grant;
+    use crate::core::OfferKind;
+    use crate::ids::{LeadId, ProId};
+
+    fn forgotten(n: usize) -> Vec<Event> {
+        (0..n).map(|i| Event::LeadForgotten { lead: LeadId::new(format!("L{i}")) }).collect()
+    }
+
+    fn offered(pros: usize) -> Event {
+        Event::Offered {
+            lead: LeadId::new("big"),
+            at: 0,
+            release: true,
+            grants: (0..pros)
+                .map(|i| Grant { pro: ProId::new(format!("p{i}")), kind: OfferKind::Generic, charge: None })
+                .collect(),
+            rotation: Default::default(),
+            skipped: vec![],
+            skipped_more: 0,
+        }
+    }
+
+    /// Splits `events` as `execute` does: the records, in order.
+    fn records(mut events: Vec<Event>) -> Vec<Vec<Event>> {
+        let mut out = Vec::new();
+        loop {
+            let rest = split_record(&mut events);
+            out.push(events);
+            if rest.is_empty() {
+                return out;
+            }
+            events = rest;
+        }
+    }
+
+    #[test]
+    fn a_large_decision_is_logged_in_records_of_bounded_weight_in_order() {
+        let all = forgotten(10_000);
+        let recs = records(all.clone());
+        assert_eq!(recs.iter().map(Vec::len).collect::<Vec<_>>(), vec![4096, 4096, 1808]);
+        assert_eq!(recs.concat(), all, "every event, in order");
+        assert_eq!(records(forgotten(3)), vec![forgotten(3)], "a small decision is one record");
+    }
+
+    #[test]
+    fn offers_weigh_by_their_grants_and_a_heavy_event_goes_alone() {
+        // 1,000 leads offered to 4 pros each: weight 5 each, 819 per record.
+        let recs = records((0..1000).map(|_| offered(4)).collect());
+        assert_eq!(recs.iter().map(Vec::len).collect::<Vec<_>>(), vec![819, 181]);
+        // One release to 10,000 pros is heavier than a record's weight: alone, whole.
+        let recs = records(vec![offered(2), offered(10_000), offered(2)]);
+        assert_eq!(recs.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 1]);
     }
 }

@@ -668,7 +668,7 @@ impl Engine {
         if current.map(|b| b.weekly_budget) != Some(cfg.weekly_budget_credits) {
             let (t, p, n, w) = (tenant.clone(), pro.clone(), name.clone(), cfg.weekly_budget_credits);
             self.ledger_op(tenant, move |l| {
-                l.set_budget(OpId::new(format!("budget:{p}:{n}:{now}")), &t, &p, &n, w)
+                l.set_budget(OpId::new(format!("budget:{p}:{n}:{now}:{w}")), &t, &p, &n, w)
             })
             .await?;
         }
