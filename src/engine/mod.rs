@@ -632,18 +632,19 @@ impl Engine {
         pro.validate().map_err(Reject::from)?;
         let old = self.inner.pros.get(&(tenant.clone(), pro.id.clone())).map(|p| p.value().clone());
         let new_keys = Self::pro_shards(&pro, tenant);
+        // Auto-buy budgets live in the ledger (shared by every shard of the pro). First:
+        // a ledger refusal then leaves the shards as they were.
+        let now = self.inner.clock.now();
+        for cfg in &pro.autobuy {
+            let before = old.as_ref().and_then(|o| o.autobuy.iter().find(|c| c.name == cfg.name));
+            self.sync_budget(tenant, &pro.id, cfg, before, now).await?;
+        }
         if let Some(old) = &old {
             for key in Self::pro_shards(old, tenant) {
                 if !new_keys.contains(&key) {
                     self.exec(key, Command::RemovePro { pro: pro.id.clone() }).await?;
                 }
             }
-        }
-        // Auto-buy budgets live in the ledger (shared by every shard of the pro).
-        let now = self.inner.clock.now();
-        for cfg in &pro.autobuy {
-            let before = old.as_ref().and_then(|o| o.autobuy.iter().find(|c| c.name == cfg.name));
-            self.sync_budget(tenant, &pro.id, cfg, before, now).await?;
         }
         for key in &new_keys {
             self.exec(key.clone(), Command::UpsertPro { pro: pro.clone() }).await?;
