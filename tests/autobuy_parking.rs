@@ -80,7 +80,7 @@ fn r21_a_budget_below_the_cheapest_price_parks_but_one_that_can_still_buy_does_n
 }
 
 #[test]
-fn r19_r20_a_changed_config_unparks_a_spent_buyer_and_recovery_unparks_them_all() {
+fn r19_r20_a_changed_config_unparks_a_spent_buyer_and_recovery_names_the_others_for_a_retry() {
     let mut h = spent_shard();
     spend_all(&mut h);
     h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M));
@@ -90,11 +90,14 @@ fn r19_r20_a_changed_config_unparks_a_spent_buyer_and_recovery_unparks_them_all(
     p.autobuy = vec![autobuy("weekly", 20)];
     h.add_pro(p);
     assert_eq!(h.shard.parked_pros(), 7);
-    // After a restart nothing stays parked for a budget that may have come back
-    // while no shard was told (a recharge logged just before a crash).
-    let mut recovered = h.shard.clone();
-    recovered.unpark_budget_parks();
-    assert_eq!(recovered.parked_pros(), 0);
+    // After a restart every pro parked for its budget is named for a BudgetAvailable
+    // (a recharge logged just before a crash told no shard), which unparks them all.
+    let parked = h.shard.budget_parked();
+    assert_eq!(parked.len(), 7);
+    assert!(!parked.contains(&pid("p2")), "p2 is back in the scan");
+    let back = h.ok(T0 + 3 * M, Command::BudgetAvailable { pros: parked });
+    assert_eq!(names(&back.events).iter().filter(|n| **n == "budget_returned").count(), 7);
+    assert_eq!(h.shard.parked_pros(), 0);
 }
 
 #[test]

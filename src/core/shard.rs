@@ -1044,14 +1044,12 @@ impl Shard {
         }
     }
 
-    /// After recovery: every pro parked for a spent budget goes back to the scan (a
-    /// recharge logged just before a crash told no shard; a pro still without budget
-    /// is parked again by the next lead that scans it).
-    pub fn unpark_budget_parks(&mut self) {
-        let slots: Vec<u32> = self.ring.parked_for_budget().collect();
-        for slot in slots {
-            self.ring.unpark(slot, self.policy.max_catch_up_turns);
-        }
+    /// The pros parked for a spent budget. After recovery the shell sends them all a
+    /// `BudgetAvailable` (a recharge logged just before a crash told no shard): those
+    /// whose budget came back are retried the leads they missed (R22) and unparked,
+    /// the others are unparked and parked again by the next lead that scans them.
+    pub fn budget_parked(&self) -> Vec<ProId> {
+        self.ring.parked_for_budget().map(|slot| self.slot_pro(slot).pro.id.clone()).collect()
     }
 
     /// R11: the lead's price in credits, with its components when the policy prices
@@ -1367,7 +1365,8 @@ impl Shard {
                 // shard can have: parked until budget comes back. Every way it comes back
                 // tells this shard: a recharge or a refund sends `BudgetAvailable`
                 // (`BudgetReturned` unparks), a changed config upserts the pro, and
-                // recovery unparks them all (a recharge logged just before a crash).
+                // after recovery every one of them is sent `BudgetAvailable` (a recharge
+                // logged just before a crash).
                 hold(Some(ring::UNTIL_BUDGET));
             }
         }

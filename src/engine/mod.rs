@@ -98,8 +98,8 @@ pub struct Inner {
     spill_stop: Arc<AtomicBool>,
     spill_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Pros whose auto-buy budget a refund gave back (R12/R23), for the next
-    /// housekeeping to retry the leads they missed (R22). In memory; recovery queues
-    /// again the refunds of the log it replays (those before the snapshot it starts
+    /// housekeeping to retry the leads they missed (R22), and, after recovery, every pro
+    /// parked for its budget. In memory; recovery queues again the refunds of the log it replays (those before the snapshot it starts
     /// from were retried within a minute of being made, unless the process died in it).
     budget_returned: Arc<Mutex<Vec<(TenantId, ProId)>>>,
 }
@@ -316,8 +316,17 @@ impl Engine {
         let engine = Engine { inner };
         engine.inner.wal.set_observer(Arc::new(engine.inner.metrics.m.wal.clone()));
         let shard_count = rec.shards.len();
-        for (key, mut shard) in rec.shards.drain() {
-            shard.unpark_budget_parks();
+        for (key, shard) in rec.shards.drain() {
+            // A recharge logged just before a crash told no shard: every pro parked for
+            // its budget is told by the first housekeeping (R22; `Shard::budget_parked`).
+            let parked = shard.budget_parked();
+            if !parked.is_empty() {
+                engine
+                    .inner
+                    .budget_returned
+                    .lock()
+                    .extend(parked.into_iter().map(|p| (key.tenant.clone(), p)));
+            }
             engine.spawn_shard(key, shard);
         }
         engine.inner.metrics.recovered(recovered.records_replayed, recovered.duration);
