@@ -766,3 +766,52 @@ async fn r19_two_budget_changes_in_one_millisecond_both_apply() {
         c.ok(json!({"type": "upsert_pro", "pro": p})).await;
     }
 }
+
+/// R11 over the wire: a pro based farther than `far_away_km` (30 km in zaask's policy)
+/// from the lead pays 20 % less, charged through the ledger and kept across a restart.
+#[tokio::test(flavor = "current_thread")]
+async fn r11_a_pro_far_from_the_lead_is_charged_the_far_away_price() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, T0);
+    let mut c = Client::connect(&d.addr, "zk-token", false).await;
+    // z1 in Lisbon, z2 in Santarem (about 65 km away); both take leads within 100 km.
+    for (p, lat, lon) in [("z1", 38.73, -9.14), ("z2", 39.2362, -8.6868)] {
+        c.ok(json!({"type": "upsert_pro", "pro": {"id": p, "categories": ["plumbing"], "zones": ["lisboa"],
+                     "base": {"lat": lat, "lon": lon}, "radius_km": 100.0}}))
+            .await;
+        c.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100})).await;
+    }
+    let lead = json!({
+        "id": "F1", "category": "plumbing", "zone": "lisboa", "location": {"lat": 38.7223, "lon": -9.1393},
+        "description": "The kitchen sink leaks under the cabinet", "details": {"problem": "leak"},
+        "client": {"id": "client-F1", "name": "Rita Sousa", "phone": "+351 910 000 000",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "created_at": T0
+    });
+    // The lead's price: 500.00 x 20 % / 4 proposals = 25 credits.
+    assert_eq!(c.ok(json!({"type": "publish_lead", "lead": lead})).await["price"], 25);
+    let ex = c.ok(json!({"type": "explain", "lead": "F1"})).await;
+    let entry = |p: &str| ex["entries"].as_array().unwrap().iter().find(|e| e["pro"] == p).cloned().unwrap();
+    assert!(entry("z1").get("price").is_none(), "{ex}");
+    assert_eq!(entry("z2")["price"], 20, "{ex}");
+    for p in ["z1", "z2"] {
+        let view = c.ok(json!({"type": "offer", "lead": "F1", "pro": p, "action": "respond"})).await;
+        assert_eq!(view["price"], if p == "z1" { 25 } else { 20 }, "{view}");
+    }
+    assert_eq!(available(&mut c, &["z1", "z2"]).await, vec![75, 80]);
+    drop(c);
+    drop(d);
+    let d = Daemon::start_at(dir.path(), &cfg, T0);
+    let mut c = Client::connect(&d.addr, "zk-token", false).await;
+    assert_eq!(available(&mut c, &["z1", "z2"]).await, vec![75, 80], "after kill -9");
+}
+
+/// The available credits of each of `pros`.
+async fn available(c: &mut Client, pros: &[&str]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for p in pros {
+        out.push(c.ok(json!({"type": "balance", "pro": p})).await["available"].as_u64().unwrap());
+    }
+    out
+}
