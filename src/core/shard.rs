@@ -1049,7 +1049,10 @@ impl Shard {
     /// whose budget came back are retried the leads they missed (R22) and unparked,
     /// the others are unparked and parked again by the next lead that scans them.
     pub fn budget_parked(&self) -> Vec<ProId> {
-        self.ring.parked_for_budget().map(|slot| self.slot_pro(slot).pro.id.clone()).collect()
+        self.ring
+            .parked_for_budget()
+            .filter_map(|slot| self.pros.get(slot as usize)?.as_ref().map(|ps| ps.pro.id.clone()))
+            .collect()
     }
 
     /// R11: the lead's price in credits, with its components when the policy prices
