@@ -100,15 +100,15 @@ fn r19_r20_a_changed_config_unparks_a_spent_buyer_and_recovery_names_the_others_
     assert_eq!(h.shard.parked_pros(), 0);
 }
 
-#[test]
-fn r22_past_the_bound_the_parked_buyers_next_in_the_rotation_wait_for_a_short_lead() {
+/// 70 buyers (`p1`..`p70`, those for which `ranks_higher` holds with top quality), each
+/// with a budget of one lead, and leads published until every budget is spent: the
+/// harness and the time of the last lead.
+fn seventy_buyers_spent(ranks_higher: impl Fn(u32) -> bool) -> (Harness, i64) {
     let mut h = Harness::new(autobuy_policy(4));
-    // 70 buyers with one lead of budget each; p65-p70 rank higher (a shorter stride:
-    // after one lead each they are the next in the rotation).
     for i in 1..=70 {
         let mut p = pro(&format!("p{i}"));
         p.autobuy = vec![autobuy("weekly", 10)];
-        if i > 64 {
+        if ranks_higher(i) {
             p.quality = Quality { reviews: 200, rating_centi: 500, projects: 100, profile_permille: 1000 };
         }
         h.add_pro(p);
@@ -120,6 +120,14 @@ fn r22_past_the_bound_the_parked_buyers_next_in_the_rotation_wait_for_a_short_le
         t += M;
         bought += offered(&h.publish(t, lead(&format!("B{t}"), t))).len();
     }
+    (h, t)
+}
+
+#[test]
+fn r22_past_the_bound_the_parked_buyers_next_in_the_rotation_wait_for_a_short_lead() {
+    // 70 buyers with one lead of budget each; p65-p70 rank higher (a shorter stride:
+    // after one lead each they are the next in the rotation).
+    let (mut h, t) = seventy_buyers_spent(|i| i > 64);
     // Every budget spent; one more lead parks them all, the next one is left short
     // with only parked buyers: 64 of the 70 wait for it, those next in the rotation.
     h.publish(t + M, lead("S1", t + M));
@@ -205,19 +213,7 @@ fn r22_r28_a_retried_lead_counts_as_a_turn_so_a_catch_up_is_no_burst() {
 
 #[test]
 fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_missed() {
-    let mut h = Harness::new(autobuy_policy(4));
-    for i in 1..=70 {
-        let mut p = pro(&format!("p{i}"));
-        p.autobuy = vec![autobuy("weekly", 10)];
-        h.add_pro(p);
-        h.funds.set_budget(&format!("p{i}"), "weekly", 10);
-    }
-    let mut bought = 0;
-    let mut t = T0;
-    while bought < 70 {
-        t += M;
-        bought += offered(&h.publish(t, lead(&format!("B{t}"), t))).len();
-    }
+    let (mut h, t) = seventy_buyers_spent(|_| false);
     // Every budget spent: S1 parks all 70, S1 and S2 are left short; each lead's retry
     // list holds 64 of them.
     assert!(offered(&h.publish(t + M, lead("S1", t + M))).is_empty());

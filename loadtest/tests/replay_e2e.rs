@@ -68,6 +68,31 @@ impl Drop for Daemon {
     }
 }
 
+/// The replay settings of these tests against `d`: two connections, MessagePack, a
+/// batched stream, no progress bar, a 10 s drain.
+fn config(d: &Daemon, pacing: Pacing) -> ReplayConfig {
+    ReplayConfig {
+        url: format!("ws://{}", d.addr),
+        tokens: vec![(None, "demo-token".into())],
+        connections: 2,
+        pacing,
+        duration: None,
+        encoding: Encoding::Msgpack,
+        drain: Duration::from_secs(10),
+        batch: Duration::from_micros(200),
+        run_tag: "it".into(),
+        progress: false,
+        interval: Duration::from_secs(1),
+        allowed_hosts: vec![],
+        threads: 1,
+        skip_setup: false,
+        record: None,
+        stalled_subscribers: 0,
+        stream_batch: true,
+        resubscribe: None,
+    }
+}
+
 #[test]
 fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
     let Some(bin) = rota_binary() else { return };
@@ -87,27 +112,13 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
     // The stream batched in one encoding, one frame per event in the other.
     for (encoding, stream_batch) in [(Encoding::Msgpack, true), (Encoding::Json, false)] {
         let cfg = ReplayConfig {
-            url: format!("ws://{}", d.addr),
-            tokens: vec![(None, "demo-token".into())],
-            connections: 2,
             // 300 leads at 1,000/s (0.3 s); the replies after the last lead keep their
             // trace distance (up to 15 s at the trace's 300 leads/s) scaled to this
             // rate: about 5 s in all (at 200/s it was 23 s per encoding).
-            pacing: Pacing::Rate(1000.0),
-            duration: None,
             encoding,
-            drain: Duration::from_secs(10),
-            batch: Duration::from_micros(200),
             run_tag: format!("it-{encoding:?}"),
-            progress: false,
-            interval: Duration::from_secs(1),
-            allowed_hosts: vec![],
-            threads: 1,
-            skip_setup: false,
-            record: None,
-            stalled_subscribers: 0,
             stream_batch,
-            resubscribe: None,
+            ..config(&d, Pacing::Rate(1000.0))
         };
         let out = replay::run(&cfg, &records).expect("the replay runs");
         let s = &out.summary;
@@ -153,25 +164,11 @@ fn resubscribing_streams_resume_from_the_history_without_gaps_or_duplicates() {
     };
     let (records, _) = generate(&gen);
     let cfg = ReplayConfig {
-        url: format!("ws://{}", d.addr),
-        tokens: vec![(None, "demo-token".into())],
-        connections: 2,
-        pacing: Pacing::Rate(50.0),
         // Departures at 1 s and 2 s.
         duration: Some(Duration::from_millis(2_500)),
-        encoding: Encoding::Msgpack,
-        drain: Duration::from_secs(10),
-        batch: Duration::from_micros(200),
         run_tag: "it-resub".into(),
-        progress: false,
-        interval: Duration::from_secs(1),
-        allowed_hosts: vec![],
-        threads: 1,
-        skip_setup: false,
-        record: None,
-        stalled_subscribers: 0,
-        stream_batch: true,
         resubscribe: Some(Resubscribe { every: Duration::from_secs(1), away: Duration::from_millis(600) }),
+        ..config(&d, Pacing::Rate(50.0))
     };
     let out = replay::run(&cfg, &records).expect("the replay runs");
     let s = &out.summary;
@@ -228,26 +225,7 @@ fn requests_about_a_refused_lead_are_not_sent() {
         .filter(|r| matches!(&r.request, Request::Offer { lead, .. } if refused.contains(lead)))
         .count() as u64;
     assert!(about_refused > 20, "the trace acts on the refused leads: {about_refused}");
-    let cfg = ReplayConfig {
-        url: format!("ws://{}", d.addr),
-        tokens: vec![(None, "demo-token".into())],
-        connections: 2,
-        pacing: Pacing::Rate(1000.0),
-        duration: None,
-        encoding: Encoding::Msgpack,
-        drain: Duration::from_secs(10),
-        batch: Duration::from_micros(200),
-        run_tag: "it-refused".into(),
-        progress: false,
-        interval: Duration::from_secs(1),
-        allowed_hosts: vec![],
-        threads: 1,
-        skip_setup: false,
-        record: None,
-        stalled_subscribers: 0,
-        stream_batch: true,
-        resubscribe: None,
-    };
+    let cfg = ReplayConfig { run_tag: "it-refused".into(), ..config(&d, Pacing::Rate(1000.0)) };
     let out = replay::run(&cfg, &records).expect("the replay runs");
     let s = &out.summary;
     let timed = records.len() as u64 - s.setup_records;
