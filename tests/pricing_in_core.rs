@@ -40,20 +40,26 @@ avg_proposals_milli = 5000
 "#;
 
 fn shard() -> Shard {
-    let policy = Arc::new(Policy::from_toml(POLICY).expect("the test policy is valid"));
+    shard_with(POLICY, (0..6).map(|i| (format!("p{i}"), None)))
+}
+
+/// A painting shard of zone `bo` under `policy`, with pros `(id, base)`; a pro with a
+/// base takes leads within 100 km of it, one without takes any.
+fn shard_with(policy: &str, pros: impl IntoIterator<Item = (String, Option<GeoPoint>)>) -> Shard {
+    let policy = Arc::new(Policy::from_toml(policy).expect("the test policy is valid"));
     let key = ShardKey {
         tenant: TenantId::new("t"),
         zone: ZoneId::new("bo"),
         category: CategoryId::new("painting"),
     };
     let mut s = Shard::new(key, policy);
-    for i in 0..6 {
+    for (id, base) in pros {
         let pro = Pro {
-            id: ProId::new(format!("p{i}")),
+            id: ProId::new(id),
             categories: vec![CategoryId::new("painting")],
             zones: vec![ZoneId::new("bo")],
-            base: None,
-            radius_km: None,
+            base,
+            radius_km: base.map(|_| 100.0),
             quality: Default::default(),
             refuses: vec![],
             availability: Default::default(),
@@ -152,28 +158,10 @@ fn r11_proposals_per_lead_are_learned_from_closed_leads() {
 /// beyond the policy's `far_away_km = 30`), "nobase" has no base; all three take
 /// leads within 100 km (or anywhere).
 fn located_shard(policy: &str) -> Shard {
-    let policy = Arc::new(Policy::from_toml(policy).expect("the test policy is valid"));
-    let key = ShardKey {
-        tenant: TenantId::new("t"),
-        zone: ZoneId::new("bo"),
-        category: CategoryId::new("painting"),
-    };
-    let mut s = Shard::new(key, policy);
-    for (id, base) in [("near", Some(NEAR)), ("far", Some(MODENA)), ("nobase", None)] {
-        let pro = Pro {
-            id: ProId::new(id),
-            categories: vec![CategoryId::new("painting")],
-            zones: vec![ZoneId::new("bo")],
-            base,
-            radius_km: base.map(|_| 100.0),
-            quality: Default::default(),
-            refuses: vec![],
-            availability: Default::default(),
-            autobuy: vec![],
-        };
-        run(&mut s, T0, Command::UpsertPro { pro });
-    }
-    s
+    shard_with(
+        policy,
+        [("near", Some(NEAR)), ("far", Some(MODENA)), ("nobase", None)].map(|(i, b)| (i.to_string(), b)),
+    )
 }
 
 const BOLOGNA: GeoPoint = GeoPoint { lat: 44.4949, lon: 11.3426 };

@@ -279,7 +279,6 @@ pub fn split_record(events: &mut Vec<Event>) -> Vec<Event> {
 
 /// Applies `events` to the shard and appends them, with the ledger facts `money`, as
 /// one record; `reply` (the requester and its answer) hears back once it is durable.
-#[allow(clippy::type_complexity)]
 fn log_record(
     engine: &Engine,
     shard: &mut Arc<Shard>,
