@@ -405,6 +405,33 @@ impl Event {
             Event::Ticked { .. } => "ticked",
         }
     }
+
+    /// The time the event happened at (a tick: the time it handled deadlines up to);
+    /// `None` for a forgotten lead, which carries none.
+    pub fn at(&self) -> Option<Millis> {
+        match self {
+            Event::ProUpserted { at, .. }
+            | Event::ProRemoved { at, .. }
+            | Event::AvailabilitySet { at, .. }
+            | Event::BudgetReturned { at, .. }
+            | Event::LeadRejected { at, .. }
+            | Event::LeadAccepted { at, .. }
+            | Event::Offered { at, .. }
+            | Event::OfferOpened { at, .. }
+            | Event::Responded { at, .. }
+            | Event::Declined { at, .. }
+            | Event::OfferExpired { at, .. }
+            | Event::ClientReplied { at, .. }
+            | Event::ProReplied { at, .. }
+            | Event::ClientViewed { at, .. }
+            | Event::Completed { at, .. }
+            | Event::NoteAdded { at, .. }
+            | Event::Refunded { at, .. }
+            | Event::LeadClosed { at, .. } => Some(*at),
+            Event::Ticked { upto } => Some(*upto),
+            Event::LeadForgotten { .. } => None,
+        }
+    }
 }
 
 /// A refusal: nothing changed. `code()` is the stable wire error code.

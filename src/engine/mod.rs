@@ -124,6 +124,10 @@ struct EngineSnapshot<B = (u64, StreamEvent)> {
     hub_buffer: Vec<(TenantId, Vec<B>)>,
     #[serde(default)]
     orders: Vec<(TenantId, OrderBook)>,
+    /// rota's time at the cut: the floor of the wall clock after a restart
+    /// ([`Clock::not_before`]). 0 in snapshots written before it was kept.
+    #[serde(default)]
+    clock_ms: Millis,
 }
 
 /// Lowers the calling thread to the lowest priority (nice 19), for background work
@@ -178,6 +182,9 @@ struct Recovering {
     /// Refunded auto-buy spends in the replayed log: their R22 retries are queued
     /// again (the queue is in memory; a retry that already ran finds nothing new).
     budget_returned: Vec<(TenantId, ProId)>,
+    /// The latest time of the recovered state: the snapshot's and every replayed
+    /// shard event's (the wall clock's floor, [`Clock::not_before`]).
+    latest_ms: Millis,
     error: Option<StartError>,
 }
 
@@ -190,7 +197,7 @@ impl Engine {
 
     pub fn start_with_fs(cfg: Config, fs: Arc<dyn Fs>) -> Result<(Engine, RecoveryReport), StartError> {
         let clock = match cfg.raw.clock {
-            ClockMode::Wall => Clock::Wall,
+            ClockMode::Wall => Clock::wall(),
             ClockMode::Manual => Clock::manual(match cfg.raw.manual_clock_start_ms {
                 0 => crate::clock::wall_now(),
                 t => t,
@@ -227,6 +234,14 @@ impl Engine {
         })?;
         if let Some(e) = rec.error.take() {
             return Err(e);
+        }
+        let behind_ms = clock.not_before(rec.latest_ms);
+        if behind_ms > 0 {
+            tracing::warn!(
+                behind_ms,
+                latest_logged_ms = rec.latest_ms,
+                "the wall clock is behind the latest time in the log; rota's time holds there until the wall clock catches up"
+            );
         }
         // The worker threads: connections, inline decisions, shard timers (see
         // `config::RawConfig::arbiters`). `arbiters = 0`: all on the accepting thread.
@@ -943,6 +958,7 @@ impl Engine {
                     .map(|t| (t.cfg.id.clone(), t.hub.buffered_shared()))
                     .collect(),
                 orders: self.inner.orders.iter().map(|(t, b)| (t.clone(), b.lock().clone())).collect(),
+                clock_ms: self.inner.clock.now(),
             };
             (covers, snap)
         };
@@ -1119,6 +1135,7 @@ fn restore_snapshot(
     rec.hub_buffer = s.hub_buffer.into_iter().collect();
     rec.orders = s.orders.into_iter().collect();
     rec.hub_events.clear();
+    rec.latest_ms = rec.latest_ms.max(s.clock_ms);
 }
 
 fn replay_record(
@@ -1138,6 +1155,7 @@ fn replay_record(
             let stream = rec.hub_events.entry(key.tenant.clone()).or_default();
             for ev in &events {
                 rec.lead_index.on_event(&key, ev);
+                rec.latest_ms = rec.latest_ms.max(ev.at().unwrap_or(0));
             }
             rec.budget_returned.extend(actor::budget_refunds(&key.tenant, &events));
             actor::replay_into(shard, &events, stream);
