@@ -102,6 +102,20 @@ pub struct Inner {
     /// parked for its budget. In memory; recovery queues again the refunds of the log it replays (those before the snapshot it starts
     /// from were retried within a minute of being made, unless the process died in it).
     budget_returned: Arc<Mutex<Vec<(TenantId, ProId)>>>,
+    /// Changes of one pro (upsert, removal, availability: each several shard steps and
+    /// a directory record) run one at a time: a lock per stripe of pros.
+    pro_locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+/// Stripes of [`Inner::pro_locks`]: two changes of different pros wait for each other
+/// only when their pros share one (changes of pros are rare next to leads).
+const PRO_LOCK_STRIPES: usize = 64;
+
+/// A change of a pro that spans its shards and the directory.
+enum ProChange {
+    Upsert(Pro),
+    Remove,
+    Availability(crate::core::Availability),
 }
 
 /// Cheap to clone; all clones share one runtime.
@@ -326,6 +340,7 @@ impl Engine {
             spill_stop,
             spill_writer: Mutex::new(spill_writer),
             budget_returned: Arc::new(Mutex::new(std::mem::take(&mut rec.budget_returned))),
+            pro_locks: (0..PRO_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cfg,
         });
         let engine = Engine { inner };
@@ -453,8 +468,16 @@ impl Engine {
     /// Runs one command on its shard, on this thread (see [`actor`]); resolves once
     /// the result is durable.
     pub async fn exec(&self, key: ShardKey, cmd: Command) -> Result<CoreReply, ApiError> {
+        self.exec_bounded(key, cmd, true).await
+    }
+
+    /// [`Engine::exec`]; with `shed = false` the shard's in-flight bound is not
+    /// enforced (still counted): for the later steps of a change whose first steps
+    /// are logged already, which must not be refused halfway (see
+    /// [`Engine::pro_change`]).
+    async fn exec_bounded(&self, key: ShardKey, cmd: Command, shed: bool) -> Result<CoreReply, ApiError> {
         let cell = self.shard_cell(&key)?;
-        if cell.depth.fetch_add(1, Ordering::AcqRel) >= self.inner.cfg.raw.mailbox_capacity {
+        if cell.depth.fetch_add(1, Ordering::AcqRel) >= self.inner.cfg.raw.mailbox_capacity && shed {
             cell.depth.fetch_sub(1, Ordering::AcqRel);
             self.inner.metrics.overloaded(&key.tenant);
             return Err(ApiError::overloaded(50));
@@ -530,27 +553,14 @@ impl Engine {
                     other => Err(unexpected(other)),
                 }
             }
-            Request::UpsertPro { pro } => self.upsert_pro(tenant, pro).await,
-            Request::RemovePro { pro } => {
-                let profile = self.pro_profile(tenant, &pro)?;
-                for key in Self::pro_shards(&profile, tenant) {
-                    self.exec(key, Command::RemovePro { pro: pro.clone() }).await?;
-                }
-                self.log_directory(tenant, &pro, None).await?;
-                Ok(OkResult::Done { done: true })
+            Request::UpsertPro { pro } => {
+                pro.validate().map_err(Reject::from)?;
+                self.pro_change(tenant, pro.id.clone(), ProChange::Upsert(pro)).await
             }
+            Request::RemovePro { pro } => self.pro_change(tenant, pro, ProChange::Remove).await,
             Request::SetAvailability { pro, availability } => {
                 availability.validate("availability").map_err(Reject::from)?;
-                let profile = self.pro_profile(tenant, &pro)?;
-                for key in Self::pro_shards(&profile, tenant) {
-                    let cmd =
-                        Command::SetAvailability { pro: pro.clone(), availability: availability.clone() };
-                    self.exec(key, cmd).await?;
-                }
-                let mut p = (*profile).clone();
-                p.availability = availability;
-                self.log_directory(tenant, &pro, Some(Arc::new(p))).await?;
-                Ok(OkResult::Done { done: true })
+                self.pro_change(tenant, pro, ProChange::Availability(availability)).await
             }
             Request::Offer { lead, pro, action } => {
                 let key = self.lead_shard(tenant, &lead)?;
@@ -652,10 +662,92 @@ impl Engine {
             .ok_or_else(|| Reject::UnknownPro(pro.clone()).into())
     }
 
+    /// Runs a change of a pro (several shard steps, then the directory record) to
+    /// its end, and one change of a pro at a time.
+    ///
+    /// Every step is logged on its own, so a change can be cut between two steps: by
+    /// a crash or a failing disk (the client is answered `unavailable`, in doubt).
+    /// Such a change is completed by sending it again, as any request in doubt:
+    ///
+    /// * the shards a pro leaves are the ones that have it (not the ones the
+    ///   directory's old profile names, which a cut change never replaced), and
+    ///   leaving a shard the pro already left is done, not `unknown_pro`;
+    /// * joining a shard again, or setting the same availability again, changes
+    ///   nothing;
+    /// * the directory record comes last: while it says the pro exists, every step
+    ///   can run again.
+    ///
+    /// Nothing else cuts a change midway: the shards' in-flight bound is checked for
+    /// every shard of the change before its first step (`overloaded` then changes
+    /// nothing) and not after; the change runs on a task of its own, so a client that
+    /// goes away (its connection closed) does not stop it between two steps; and the
+    /// ledger step of an upsert, the only one bad input can fail after validation,
+    /// comes first.
+    async fn pro_change(
+        &self,
+        tenant: &TenantId,
+        id: ProId,
+        change: ProChange,
+    ) -> Result<OkResult, ApiError> {
+        let this = self.clone();
+        let tenant = tenant.clone();
+        let task = actix_rt::spawn(async move {
+            let stripe = {
+                use std::hash::BuildHasher;
+                FxBuildHasher.hash_one((&tenant, &id)) as usize % this.inner.pro_locks.len()
+            };
+            let _turn = this.inner.pro_locks[stripe].lock().await;
+            match change {
+                ProChange::Upsert(pro) => this.upsert_pro(&tenant, pro).await,
+                ProChange::Remove => this.remove_pro(&tenant, &id).await,
+                ProChange::Availability(a) => this.set_availability(&tenant, &id, a).await,
+            }
+        });
+        task.await.unwrap_or_else(|_| Err(ApiError::unavailable("the change was stopped (shutdown)")))
+    }
+
+    /// The shards of `tenant` whose rotation has `pro`, whatever the directory says.
+    fn shards_with_pro(&self, tenant: &TenantId, pro: &ProId) -> Vec<ShardKey> {
+        self.inner
+            .shards
+            .iter()
+            .filter(|e| &e.key().tenant == tenant && e.value().state.lock().pro(pro).is_some())
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// `overloaded` if any of `keys` is at its in-flight bound (checked before a change
+    /// of a pro takes its first step; its steps are then not shed).
+    fn admit_change<'a>(
+        &self,
+        tenant: &TenantId,
+        keys: impl IntoIterator<Item = &'a ShardKey>,
+    ) -> Result<(), ApiError> {
+        let cap = self.inner.cfg.raw.mailbox_capacity;
+        for key in keys {
+            if self.inner.shards.get(key).is_some_and(|c| c.depth.load(Ordering::Acquire) >= cap) {
+                self.inner.metrics.overloaded(tenant);
+                return Err(ApiError::overloaded(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `pro` out of the rotation of `key`; done if it is not there.
+    async fn leave_shard(&self, key: ShardKey, pro: &ProId) -> Result<(), ApiError> {
+        match self.exec_bounded(key, Command::RemovePro { pro: pro.clone() }, false).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == Reject::UnknownPro(pro.clone()).code() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn upsert_pro(&self, tenant: &TenantId, pro: Pro) -> Result<OkResult, ApiError> {
-        pro.validate().map_err(Reject::from)?;
         let old = self.inner.pros.get(&(tenant.clone(), pro.id.clone())).map(|p| p.value().clone());
         let new_keys = Self::pro_shards(&pro, tenant);
+        let leave: Vec<ShardKey> =
+            self.shards_with_pro(tenant, &pro.id).into_iter().filter(|k| !new_keys.contains(k)).collect();
+        self.admit_change(tenant, leave.iter().chain(&new_keys))?;
         // Auto-buy budgets live in the ledger (shared by every shard of the pro). First:
         // a ledger refusal then leaves the shards as they were.
         let now = self.inner.clock.now();
@@ -663,18 +755,47 @@ impl Engine {
             let before = old.as_ref().and_then(|o| o.autobuy.iter().find(|c| c.name == cfg.name));
             self.sync_budget(tenant, &pro.id, cfg, before, now).await?;
         }
-        if let Some(old) = &old {
-            for key in Self::pro_shards(old, tenant) {
-                if !new_keys.contains(&key) {
-                    self.exec(key, Command::RemovePro { pro: pro.id.clone() }).await?;
-                }
-            }
+        for key in leave {
+            self.leave_shard(key, &pro.id).await?;
         }
         for key in &new_keys {
-            self.exec(key.clone(), Command::UpsertPro { pro: pro.clone() }).await?;
+            self.exec_bounded(key.clone(), Command::UpsertPro { pro: pro.clone() }, false).await?;
         }
         let id = pro.id.clone();
         self.log_directory(tenant, &id, Some(Arc::new(pro))).await?;
+        Ok(OkResult::Done { done: true })
+    }
+
+    async fn remove_pro(&self, tenant: &TenantId, pro: &ProId) -> Result<OkResult, ApiError> {
+        let listed = self.inner.pros.contains_key(&(tenant.clone(), pro.clone()));
+        let leave = self.shards_with_pro(tenant, pro);
+        if !listed && leave.is_empty() {
+            return Err(Reject::UnknownPro(pro.clone()).into());
+        }
+        self.admit_change(tenant, &leave)?;
+        for key in leave {
+            self.leave_shard(key, pro).await?;
+        }
+        self.log_directory(tenant, pro, None).await?;
+        Ok(OkResult::Done { done: true })
+    }
+
+    async fn set_availability(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        availability: crate::core::Availability,
+    ) -> Result<OkResult, ApiError> {
+        let profile = self.pro_profile(tenant, pro)?;
+        let keys = Self::pro_shards(&profile, tenant);
+        self.admit_change(tenant, &keys)?;
+        for key in keys {
+            let cmd = Command::SetAvailability { pro: pro.clone(), availability: availability.clone() };
+            self.exec_bounded(key, cmd, false).await?;
+        }
+        let mut p = (*profile).clone();
+        p.availability = availability;
+        self.log_directory(tenant, pro, Some(Arc::new(p))).await?;
         Ok(OkResult::Done { done: true })
     }
 

@@ -1,0 +1,190 @@
+//! Changing a pro touches several shards (R1: a pro is in the rotation of every
+//! zone x category it covers) and the tenant's pro directory: `upsert_pro` moving a
+//! pro to other zones leaves the old shards, joins the new ones and records the new
+//! profile; `remove_pro` leaves every shard, then the directory. A change cut off
+//! midway (the power goes out between two of its records) must not leave the pro
+//! stuck: sending the same request again completes it, and the pro is then in
+//! exactly the shards its profile names.
+//!
+//! Each case sweeps the cut over every disk operation of the change (the first
+//! `k` go through, then the power is out), restarts on what the disk kept, sends
+//! the request again and checks the rotations with `candidates`.
+
+use rota::config::{Config, Sources};
+use rota::engine::Engine;
+use rota::ids::TenantId;
+use rota::protocol::{ApiError, OkResult, Request};
+use rota::wal::MemFs;
+use serde_json::{json, Value};
+use std::future::Future;
+use std::sync::Arc;
+
+const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+fn config() -> Config {
+    let flags = vec![
+        "clock=\"manual\"".to_string(),
+        format!("manual_clock_start_ms={T0}"),
+        "data_dir=\"/mem\"".into(),
+        "wal.fsync=\"always\"".into(),
+        "stream_spill_bytes=0".into(),
+    ];
+    Config::load(&Sources { flags, ..Default::default() }).expect("the test configuration is valid")
+}
+
+fn in_system<F: Future>(fut: F) -> F::Output {
+    let sys = actix_rt::System::new();
+    let out = sys.block_on(fut);
+    sys.block_on(async { actix_rt::System::current().stop() });
+    sys.run().expect("the actor system stops cleanly");
+    out
+}
+
+fn req(mut v: Value) -> Request {
+    v["id"] = json!("t");
+    let frame = serde_json::to_vec(&v).unwrap();
+    rota::protocol::decode(rota::protocol::Encoding::Json, &frame).expect("test request decodes").request
+}
+
+async fn call(e: &Engine, v: Value) -> Result<OkResult, ApiError> {
+    e.request(&TenantId::new("demo"), req(v)).await
+}
+
+/// Credits, so that the pro is a candidate wherever it is in the rotation.
+fn grant() -> Value {
+    json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 200})
+}
+
+/// Other pros in every zone, so that each rotation has enough pros to list.
+fn others() -> Vec<Value> {
+    (2..5)
+        .map(|i| {
+            json!({"type": "upsert_pro", "pro": {"id": format!("p{i}"), "categories": ["painting"],
+                   "zones": ZONES, "quality": {"reviews": 3}}})
+        })
+        .collect()
+}
+
+fn upsert(zones: &[&str]) -> Value {
+    json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": zones,
+           "quality": {"reviews": 3}}})
+}
+
+/// The pros in the rotation of `zone` x painting.
+async fn rotation(e: &Engine, zone: &str) -> Vec<String> {
+    match call(e, json!({"type": "candidates", "zone": zone, "category": "painting"})).await {
+        Ok(OkResult::Candidates(c)) => c.pros.into_iter().map(|(p, _)| p.as_str().to_string()).collect(),
+        other => panic!("candidates answered {other:?}"),
+    }
+}
+
+/// Starts on `fs` and runs `f`; the engine is then abandoned (as after a power cut).
+fn life<T>(fs: &MemFs, f: impl AsyncFnOnce(&Engine) -> T) -> T {
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(config(), handle).expect("rota starts on what the disk kept");
+        f(&e).await
+    })
+}
+
+/// Sets the scene, then sends `change` with the power cut after `k` disk operations.
+/// Returns whether the power went out during the change.
+fn cut_during(fs: &MemFs, setup: &[Value], change: &Value, k: u64) -> bool {
+    life(fs, async |e| {
+        for v in setup {
+            call(e, v.clone()).await.unwrap_or_else(|err| panic!("setup {v} answered {err}"));
+        }
+        fs.cut_power_after(k);
+        match call(e, change.clone()).await {
+            Ok(_) => {}
+            Err(err) => assert_eq!(err.code, "unavailable", "the change answered {err}"),
+        }
+    });
+    fs.power_cuts() > 0
+}
+
+const ZONES: [&str; 3] = ["bologna", "milano", "roma"];
+
+#[test]
+fn r1_an_upsert_moving_a_pro_cut_off_midway_completes_when_sent_again() {
+    for k in 1.. {
+        let fs = MemFs::new();
+        let setup = [others(), vec![upsert(&["bologna", "milano"]), grant()]].concat();
+        let change = upsert(&["milano", "roma"]);
+        if !cut_during(&fs, &setup, &change, k) {
+            // Every earlier `k` cut it.
+            assert!(k > 3, "the sweep cut the change at {} points only", k - 1);
+            break;
+        }
+        life(&fs, async |e| {
+            call(e, change.clone()).await.unwrap_or_else(|err| {
+                panic!("cut after {k} disk operations: the upsert sent again answered {err}")
+            });
+            for zone in ZONES {
+                let expected = zone != "bologna";
+                assert_eq!(
+                    rotation(e, zone).await.contains(&"p1".to_string()),
+                    expected,
+                    "cut after {k} disk operations: p1 in the rotation of {zone}"
+                );
+            }
+        });
+    }
+}
+
+#[test]
+fn r1_a_removal_cut_off_midway_completes_when_sent_again() {
+    for k in 1.. {
+        let fs = MemFs::new();
+        let setup = [others(), vec![upsert(&ZONES), grant()]].concat();
+        let change = json!({"type": "remove_pro", "pro": "p1"});
+        if !cut_during(&fs, &setup, &change, k) {
+            // Every earlier `k` cut it.
+            assert!(k > 3, "the sweep cut the change at {} points only", k - 1);
+            break;
+        }
+        life(&fs, async |e| {
+            match call(e, change.clone()).await {
+                Ok(_) => {}
+                // The directory record made it: the removal was complete.
+                Err(err) if err.code == "unknown_pro" => {}
+                Err(err) => panic!("cut after {k} disk operations: the removal sent again answered {err}"),
+            }
+            for zone in ZONES {
+                assert!(
+                    !rotation(e, zone).await.contains(&"p1".to_string()),
+                    "cut after {k} disk operations: p1 still in the rotation of {zone}"
+                );
+            }
+            // And the pro can come back.
+            call(e, upsert(&["roma"])).await.expect("p1 joins again");
+            assert!(rotation(e, "roma").await.contains(&"p1".to_string()));
+        });
+    }
+}
+
+#[test]
+fn r1_an_upsert_whose_client_goes_away_midway_still_completes() {
+    let fs = MemFs::new();
+    life(&fs, async |e| {
+        for v in [others(), vec![upsert(&["bologna", "milano"]), grant()]].concat() {
+            call(e, v.clone()).await.unwrap_or_else(|err| panic!("setup {v} answered {err}"));
+        }
+        // The client's connection closes while the change waits for its first step to
+        // be durable: the request's future is dropped.
+        let tenant = TenantId::new("demo");
+        let change = e.request(&tenant, req(upsert(&["milano", "roma"])));
+        assert!(futures_util::FutureExt::now_or_never(change).is_none(), "the change waits for the log");
+        // A later change of the same pro runs after it, to its end.
+        call(e, json!({"type": "set_availability", "pro": "p1", "availability": {}}))
+            .await
+            .expect("availability set");
+        for zone in ZONES {
+            assert_eq!(
+                rotation(e, zone).await.contains(&"p1".to_string()),
+                zone != "bologna",
+                "p1 in the rotation of {zone}"
+            );
+        }
+    });
+}
