@@ -327,6 +327,41 @@ async fn r22_r23_a_refunded_budget_retries_the_lead_missed_for_want_of_it() {
     assert_eq!(offered(&c.ok(json!({"type": "explain", "lead": "A2"})).await), 1);
 }
 
+/// R22 + R23 on the wall clock: the lead missed for want of budget is retried about a
+/// second after the refund that gives the budget back, not at the next housekeeping
+/// (every minute; its first run is at start-up, before the refund).
+#[tokio::test(flavor = "current_thread")]
+async fn r22_r23_on_the_wall_clock_a_refund_retries_the_missed_lead_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_wall(dir.path(), &cfg);
+    let mut c = Client::connect(&d.addr, "habi-token", false).await;
+    let mut p = autobuy_pro(1);
+    p["autobuy"][0]["weekly_budget_credits"] = json!(12);
+    c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let publish = |id: &str| {
+        let mut l = lead_in(id, "madrid", true);
+        l["created_at"] = json!(now);
+        json!({"type": "publish_lead", "lead": l})
+    };
+    assert_eq!(c.ok(publish("A1")).await["offers"].as_array().unwrap().len(), 1, "b1 buys A1");
+    assert_eq!(c.ok(publish("A2")).await["offers"].as_array().unwrap().len(), 0, "budget spent");
+    c.ok(json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "confirm_invalid_contact"})).await;
+    // Well before the next housekeeping (60 s after start-up): only the refund's own
+    // retry can offer A2 in this time. A hang guard, not a latency claim.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ex = c.ok(json!({"type": "explain", "lead": "A2"})).await;
+        let offered = ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count();
+        if offered == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "A2 not retried for b1 after the refund: {ex}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn r20_r22_monday_recharge_across_dst_retries_a_lead_23h_old_but_not_25h_old() {
     let monday = monday_after_dst_change();

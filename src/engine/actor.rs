@@ -309,13 +309,14 @@ fn log_record(
     };
     let metrics = inner.metrics.clone();
     let tenant = key.tenant.clone();
-    // Auto-buy spends refunded: the pros' missed leads are retried (R22) by the next
-    // housekeeping, once the refund is durable.
+    // Auto-buy spends refunded: the pros' missed leads are retried (R22) once the
+    // refund is durable (`Engine::retry_refunded`).
     let returned = match &rec {
         WalRecord::Shard { events, .. } => budget_refunds(&key.tenant, events),
         _ => Vec::new(),
     };
-    let budget_returned = (!returned.is_empty()).then(|| inner.budget_returned.clone());
+    let budget_returned =
+        (!returned.is_empty()).then(|| (inner.budget_returned.clone(), inner.budget_notify.clone()));
     // Appended under the shard's lock: the WAL holds this shard's records in the
     // order they were decided.
     engine.append(
@@ -330,8 +331,9 @@ fn log_record(
                     // Handed to every subscriber's queue.
                     metrics.delivered_seconds(received.elapsed());
                 }
-                if let Some(q) = budget_returned {
+                if let Some((q, notify)) = budget_returned {
                     q.lock().extend(returned);
+                    notify.notify_one();
                 }
                 if let Some((Some(tx), answer)) = reply {
                     let _ = tx.send(Ok(ShardReply { reply: answer }));

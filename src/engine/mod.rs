@@ -97,11 +97,16 @@ pub struct Inner {
     /// The thread writing the streams' history to disk, and its stop flag.
     spill_stop: Arc<AtomicBool>,
     spill_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Pros whose auto-buy budget a refund gave back (R12/R23), for the next
-    /// housekeeping to retry the leads they missed (R22), and, after recovery, every pro
-    /// parked for its budget. In memory; recovery queues again the refunds of the log it replays (those before the snapshot it starts
-    /// from were retried within a minute of being made, unless the process died in it).
+    /// Pros whose auto-buy budget a refund gave back (R12/R23), for a retry of the
+    /// leads they missed (R22): on the wall clock within about a second of the refund
+    /// ([`Engine::retry_refunded`], woken by `budget_notify`), on the manual clock at
+    /// the next `advance_clock`; and, after recovery, every pro parked for its budget.
+    /// In memory; recovery queues again the refunds of the log it replays (those
+    /// before the snapshot it starts from were retried when made, unless the process
+    /// died in it).
     budget_returned: Arc<Mutex<Vec<(TenantId, ProId)>>>,
+    /// Woken when a refund is queued in `budget_returned`.
+    budget_notify: Arc<tokio::sync::Notify>,
     /// Changes of one pro (upsert, removal, availability: each several shard steps and
     /// a directory record) run one at a time: a lock per stripe of pros.
     pro_locks: Box<[tokio::sync::Mutex<()>]>,
@@ -340,6 +345,7 @@ impl Engine {
             spill_stop,
             spill_writer: Mutex::new(spill_writer),
             budget_returned: Arc::new(Mutex::new(std::mem::take(&mut rec.budget_returned))),
+            budget_notify: Arc::new(tokio::sync::Notify::new()),
             pro_locks: (0..PRO_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cfg,
         });
@@ -961,12 +967,7 @@ impl Engine {
         }
         // R22 after a refund: a refund of an auto-buy spend (R12 guarantee, R23 invalid
         // contact) gives budget back, as a recharge does.
-        let mut returned: Vec<ProId> = {
-            let mut q = self.inner.budget_returned.lock();
-            let (mine, others): (Vec<_>, Vec<_>) = q.drain(..).partition(|(t, _)| t == tenant);
-            *q = others;
-            mine.into_iter().map(|(_, p)| p).collect()
-        };
+        let mut returned = self.take_returned(tenant);
         let now = self.inner.clock.now();
         if let Some(monday) = self.week_of(tenant, now) {
             let pros: Vec<Arc<Pro>> = self
@@ -997,7 +998,47 @@ impl Engine {
                 }
             }
         }
-        self.retry_for_returned_budgets(tenant, returned).await
+        self.retry_returned(tenant, returned).await
+    }
+
+    /// The pros of `tenant` queued for an R22 retry since the last one.
+    fn take_returned(&self, tenant: &TenantId) -> Vec<ProId> {
+        let mut q = self.inner.budget_returned.lock();
+        let (mine, others): (Vec<_>, Vec<_>) = q.drain(..).partition(|(t, _)| t == tenant);
+        *q = others;
+        mine.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// [`Engine::retry_for_returned_budgets`]; the pros go back in the queue if it
+    /// fails (a shard `overloaded`), for the next try.
+    async fn retry_returned(&self, tenant: &TenantId, pros: Vec<ProId>) -> Result<(), ApiError> {
+        let r = self.retry_for_returned_budgets(tenant, pros.clone()).await;
+        if r.is_err() {
+            self.inner.budget_returned.lock().extend(pros.into_iter().map(|p| (tenant.clone(), p)));
+        }
+        r
+    }
+
+    /// Retries, for every tenant, the leads missed by the pros whose budget a refund
+    /// gave back since the last retry (R22 after R12/R23), without the weekly
+    /// recharges of [`Engine::housekeeping`]. The server runs it about a second after
+    /// [`Engine::budget_returned`] wakes (batching the refunds of that second), on the
+    /// wall clock; on the manual clock `advance_clock` does.
+    pub async fn retry_refunded(&self) -> Result<(), ApiError> {
+        let tenants: Vec<TenantId> = self.inner.tenants.keys().cloned().collect();
+        for t in tenants {
+            let pros = self.take_returned(&t);
+            if !pros.is_empty() {
+                self.retry_returned(&t, pros).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves once a refund has queued a pro for an R22 retry since the last call
+    /// (or at once, if one did while no one was waiting).
+    pub async fn budget_returned(&self) {
+        self.inner.budget_notify.notified().await
     }
 
     /// R22: tells each shard of `pros` that their budget came back, all of a shard's

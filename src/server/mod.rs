@@ -18,6 +18,10 @@ use crate::engine::Engine;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// How long after a refund its R22 retry runs (on the wall clock): the refunds of
+/// that time are retried together.
+const REFUND_RETRY_BATCH: Duration = Duration::from_secs(1);
+
 /// Structured logs to stderr: JSON when stderr is not a terminal (or when asked),
 /// level from `log_level` (an `EnvFilter` expression; `ROTA_LOG_LEVEL` overrides).
 /// Stable field names: `tenant`, `shard`, `lead_id`, `pro_id`, `code`; never client
@@ -139,9 +143,25 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
             let mut observe = tokio::time::interval(Duration::from_secs(1));
             let mut snap = tokio::time::interval(Duration::from_secs(snapshot_every.max(1)));
             snap.tick().await;
+            // R22 after a refund (R12, R23): the missed leads are retried about a second
+            // after the first refund, with every refund of that second (a retry scans
+            // the shard's open leads, so refunds are batched rather than retried one by
+            // one). On the manual clock `advance_clock` does it.
+            let manual = engine.inner.clock.is_manual();
+            let mut refund_retry_at: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
+                    _ = engine.budget_returned(), if !manual && refund_retry_at.is_none() => {
+                        refund_retry_at = Some(tokio::time::Instant::now() + REFUND_RETRY_BATCH);
+                    }
+                    _ = tokio::time::sleep_until(refund_retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                        if refund_retry_at.is_some() => {
+                        refund_retry_at = None;
+                        if let Err(e) = engine.retry_refunded().await {
+                            tracing::warn!(error = %e, "retry after refunds failed; retried at the next refund or housekeeping");
+                        }
+                    }
                     _ = observe.tick() => engine.observe(),
                     _ = housekeeping.tick() => {
                         if !engine.inner.clock.is_manual() {
