@@ -415,6 +415,9 @@ impl StreamHub {
         // they are old, cold in the cache, and half the time under the lock otherwise
         // (every thread publishing to this tenant waits for it).
         let mut evicted: smallvec::SmallVec<[Arc<Outgoing>; 8]> = smallvec::SmallVec::new();
+        // Evicted events for the history on disk: handed to it in one go, under this
+        // lock (an event is always in the buffer, in transit or on disk: see `spill`).
+        let mut to_spill: smallvec::SmallVec<[Arc<Outgoing>; 8]> = smallvec::SmallVec::new();
         let mut g = self.inner.lock();
         let inner = &mut *g;
         for event in events {
@@ -423,10 +426,8 @@ impl StreamHub {
             let out = Arc::new(Outgoing::new(seq, event));
             if inner.buffer.len() == self.retention {
                 if let Some(old) = inner.buffer.pop_front() {
-                    // To the history on disk, under this lock: an event is always in
-                    // the buffer, in transit or on disk (see `spill`).
                     match &self.spill {
-                        Some(sp) => evicted.extend(sp.push_evicted(old)),
+                        Some(_) => to_spill.push(old),
                         None => evicted.push(old),
                     }
                 }
@@ -453,6 +454,9 @@ impl StreamHub {
                     self.gone(&inner.subscribers.swap_remove(i));
                 }
             }
+        }
+        if let (Some(sp), false) = (&self.spill, to_spill.is_empty()) {
+            sp.push_evicted(to_spill, &mut evicted);
         }
         drop(g);
         drop(evicted);
