@@ -13,11 +13,22 @@ use parking_lot::RwLock;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
 /// Lead -> shard, shared by every connection and shard actor.
-#[derive(Default)]
 pub struct LeadIndex {
-    /// `(lead, tenant number) -> shard number`.
+    /// `(lead, tenant number) -> shard number`, in [`MAP_SHARDS`] parts.
     map: DashMap<(LeadId, u32), u32, FxBuildHasher>,
     names: RwLock<Names>,
+}
+
+/// Parts of the index, each with its own lock. A snapshot copies the index a part at a
+/// time, holding that part's lock meanwhile, and decisions that accept or forget a lead
+/// in it wait: with a million open leads, 256 parts (dashmap's default here would be 8)
+/// make that a few thousand entries, well under a millisecond.
+const MAP_SHARDS: usize = 256;
+
+impl Default for LeadIndex {
+    fn default() -> Self {
+        Self::with_parts(MAP_SHARDS)
+    }
 }
 
 /// Tenants and shards by number. Only grows: a few entries per shard ever created.
@@ -31,6 +42,14 @@ struct Names {
 impl LeadIndex {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An index in `parts` parts (a power of two above 1; [`MAP_SHARDS`] by default).
+    pub fn with_parts(parts: usize) -> Self {
+        Self {
+            map: DashMap::with_capacity_and_hasher_and_shard_amount(0, FxBuildHasher, parts),
+            names: RwLock::default(),
+        }
     }
 
     /// Keeps the index in step with one of `key`'s events (live and during replay).

@@ -1125,13 +1125,16 @@ impl Engine {
             (covers, snap)
         };
         let paused = started.elapsed();
-        after_cut();
         // Read after the cut: it may already hold leads of records after `covers`, or
         // miss leads forgotten after it. Recovery replays every record after `covers`
         // through the same index updates (insert and remove by lead, in log order), so
         // every lead those records touch ends as the log says, and the others are as
-        // they were at the cut.
+        // they were at the cut. Read before `after_cut` lowers this thread's priority:
+        // it holds parts of the index locked in turn, and every decision that accepts
+        // or forgets a lead waits for the part it needs; a thread preempted there at
+        // nice 19 would hold them up until it runs again.
         snap.lead_index = self.inner.lead_index.entries();
+        after_cut();
         // Growing a buffer of hundreds of MB by doubling copies it about twice over and
         // faults in every page again: most of the encoding's time. Sized from the last
         // snapshot (state grows between two, hence the margin) it is written once.
