@@ -64,6 +64,11 @@ struct ReplayArgs {
     duration: Option<Duration>,
     #[arg(long, value_enum, default_value_t = Encoding::Msgpack)]
     encoding: Encoding,
+    /// Send at the schedule's pace for this long first, on top of --duration, and leave
+    /// it out of the latency figures and the throughput (everything is still checked
+    /// exactly once; the intervals still show it): `2s`. wrk2's calibration period.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    warmup: Duration,
     /// Wait this long after the last send for replies and stream events.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     drain: Duration,
@@ -228,6 +233,7 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
         stalled_subscribers: a.stalled_subscribers,
         stream_batch: a.stream_frames == StreamFrames::Batched,
         resubscribe,
+        warmup: a.warmup,
     };
     if a.max_rate {
         anyhow::ensure!(a.record.is_none(), "--record records one replay, not a --max-rate search");

@@ -78,6 +78,11 @@ pub struct ReplayConfig {
     /// Each tenant's stream subscription leaves and resumes on this schedule (see
     /// [`Resubscribe`]); `None` = it stays connected for the whole run.
     pub resubscribe: Option<Resubscribe>,
+    /// Sent and checked like the rest, but left out of the latency histograms and
+    /// the throughput: the first this-long of the schedule, on top of `duration`
+    /// (wrk2's calibration period). Connections, the daemon's and the tool's buffers
+    /// and caches start cold; the intervals still show it.
+    pub warmup: Duration,
 }
 
 /// `--resubscribe-every` / `--away`: during the timed phase each tenant's stream
@@ -237,6 +242,10 @@ pub struct Summary {
     /// Leads acknowledged per second of the timed phase.
     pub achieved_leads_per_s: f64,
     pub duration_s: f64,
+    /// [`ReplayConfig::warmup`]: the first this-many seconds of the timed phase are
+    /// not in the histograms nor in `achieved_leads_per_s` (0 = none).
+    #[serde(default)]
+    pub warmup_s: f64,
     pub setup_records: u64,
     pub setup_s: f64,
     pub sent: u64,
@@ -564,6 +573,9 @@ struct Recorder {
     duplicate_replies: u64,
     /// Receipt time of the last publish reply.
     last_ack_ns: u64,
+    /// Requests intended before this (from the start of the timed phase) are warm-up:
+    /// not in the summary's histograms ([`ReplayConfig::warmup`]).
+    warmup_ns: u64,
     /// Per lead (by ordinal), whether its publish was answered with an error; the
     /// sender skips that lead's later requests.
     refused: Arc<Vec<AtomicBool>>,
@@ -608,18 +620,21 @@ impl Recorder {
                 }
             }
         }
+        let measured = item.t_ns >= self.warmup_ns;
         if is_lead {
             self.last_ack_ns = self.last_ack_ns.max(recv_ns);
-            self.ack.saturating_record(lat);
             self.iv_ack.saturating_record(lat);
-            if f.kind == "ok" {
-                self.ack_ok.saturating_record(lat);
-                let lag = self.lag_us[idx];
-                if lag != LAG_UNKNOWN {
-                    self.ack_ok_service.saturating_record(lat.saturating_sub(u64::from(lag)));
+            if measured {
+                self.ack.saturating_record(lat);
+                if f.kind == "ok" {
+                    self.ack_ok.saturating_record(lat);
+                    let lag = self.lag_us[idx];
+                    if lag != LAG_UNKNOWN {
+                        self.ack_ok_service.saturating_record(lat.saturating_sub(u64::from(lag)));
+                    }
+                } else {
+                    self.ack_error.saturating_record(lat);
                 }
-            } else {
-                self.ack_error.saturating_record(lat);
             }
             if f.kind == "ok" {
                 match wire::decode::<LeadReply>(enc, bytes) {
@@ -635,7 +650,7 @@ impl Recorder {
                     Err(_) => *self.errors.entry("unreadable_reply".into()).or_default() += 1,
                 }
             }
-        } else {
+        } else if measured {
             self.other.saturating_record(lat);
         }
     }
@@ -663,9 +678,11 @@ impl Recorder {
                     let &item = self.plan.lead_item.get(ord as usize)?;
                     let t = self.plan.items[item as usize].t_ns;
                     let lat = self.latency_us(t, recv_ns);
-                    self.delivery.saturating_record(lat);
-                    if !catching_up {
-                        self.delivery_live.saturating_record(lat);
+                    if t >= self.warmup_ns {
+                        self.delivery.saturating_record(lat);
+                        if !catching_up {
+                            self.delivery_live.saturating_record(lat);
+                        }
                     }
                     self.iv_delivery.saturating_record(lat);
                     self.iv_deliveries += 1;
@@ -756,7 +773,12 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         .iter()
         .map(|r| TimedRecord { at_ms: r.at_ms, is_lead: matches!(r.request, Request::PublishLead { .. }) })
         .collect();
-    let plan = Arc::new(schedule::plan(&timed_recs, cfg.pacing, cfg.duration.map(|d| d.as_nanos() as u64))?);
+    let plan = Arc::new(schedule::plan(
+        &timed_recs,
+        cfg.pacing,
+        cfg.duration.map(|d| (d + cfg.warmup).as_nanos() as u64),
+    )?);
+    let warmup_ns = cfg.warmup.as_nanos() as u64;
     let mut lead_pos = HashMap::new();
     for r in timed {
         if let Request::PublishLead { lead } = &r.request {
@@ -906,6 +928,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         answered: vec![false; plan.items.len()],
         duplicate_replies: 0,
         last_ack_ns: 0,
+        warmup_ns,
         refused: refused.clone(),
         log,
     }));
@@ -1025,7 +1048,9 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let done_ns = mono_ns().saturating_sub(start_ns);
             for &(idx, l) in &lags {
                 let us = (l + (done_ns - now)) / 1000;
-                r.lag.saturating_record(us);
+                if items[idx].t_ns >= warmup_ns {
+                    r.lag.saturating_record(us);
+                }
                 r.lag_us[idx] = u32::try_from(us).unwrap_or(LAG_UNKNOWN - 1);
             }
             if let Some(log) = r.log.as_mut() {
@@ -1099,8 +1124,13 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         connections: n,
         target_leads_per_s: target_leads_per_s(&plan, cfg.pacing),
         // Over the leads' own span, or until the last acknowledgement if later.
+        // Warm-up leads are not in `ack_ok`, nor is their time.
         achieved_leads_per_s: r.ack_ok.len() as f64
-            / (lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
+            / (lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)).saturating_sub(warmup_ns)
+                as f64
+                / 1e9)
+                .max(1e-9),
+        warmup_s: cfg.warmup.as_secs_f64(),
         duration_s: timed_s,
         setup_records: setup.len() as u64,
         setup_s,

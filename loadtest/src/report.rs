@@ -49,6 +49,13 @@ pub fn table(s: &Summary) -> String {
         s.connections,
         s.encoding
     );
+    if s.warmup_s > 0.0 {
+        let _ = writeln!(
+            out,
+            "warm-up: the first {:.1} s of sends are checked but not in the figures above (the intervals show them)",
+            s.warmup_s
+        );
+    }
     let _ = writeln!(
         out,
         "sent {} ({} leads), replies {} (missing {}), accepted {}, rejected {}, stream events {}",

@@ -90,6 +90,7 @@ fn config(d: &Daemon, pacing: Pacing) -> ReplayConfig {
         stalled_subscribers: 0,
         stream_batch: true,
         resubscribe: None,
+        warmup: Duration::ZERO,
     }
 }
 
@@ -143,6 +144,45 @@ fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
         let respond = records.iter().filter(|r| matches!(r.request, Request::Offer { .. })).count();
         assert!(respond > 0);
     }
+}
+
+/// `--warmup`: the leads of the first 0.1 s (of 0.3 s at 1,000/s) are sent, answered
+/// and checked exactly once, but left out of the latency histograms and the rate.
+#[test]
+fn a_warm_up_is_sent_and_checked_but_left_out_of_the_figures() {
+    let Some(bin) = rota_binary() else { return };
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let d = Daemon::start(&bin, dir.path(), &["shed_backlog_bytes=0"]);
+    let gen = GenConfig {
+        seed: 5,
+        leads: 300,
+        lead_rate: 300.0,
+        pros: 60,
+        zones: 6,
+        categories: 4,
+        ..GenConfig::default()
+    };
+    let (records, _) = generate(&gen);
+    let cfg = ReplayConfig {
+        run_tag: "it-warm".into(),
+        warmup: Duration::from_millis(100),
+        ..config(&d, Pacing::Rate(1000.0))
+    };
+    let out = replay::run(&cfg, &records).expect("the replay runs");
+    let s = &out.summary;
+    assert_eq!(
+        s.acks_accepted + s.acks_rejected,
+        300,
+        "every lead answered and checked: {:?}",
+        s.errors_by_code
+    );
+    assert_eq!(s.violations.total(), 0, "{:#?}", s.violations);
+    assert_eq!(s.sent_leads, 300);
+    // Leads are 1 ms apart: those intended in the first 100 ms are warm-up.
+    assert_eq!(s.ack.count, 200, "{s:#?}");
+    assert!(s.delivery.count <= 200, "{:?}", s.delivery);
+    assert!(s.send_lag.count < s.sent, "warm-up sends are not in the send lag either");
+    assert_eq!(s.warmup_s, 0.1);
 }
 
 /// With a replay buffer of 200 events, a subscriber away for 0.6 s at about 850
