@@ -57,12 +57,15 @@ pub struct RawConfig {
     /// Requests per second all connections of one tenant may send; 0 = no limit.
     pub rate_limit_tenant_per_s: u32,
     /// Admission control: when more than this many bytes of one connection's requests
-    /// wait unread in its socket (the gateway is behind), new leads on it are answered
-    /// `overloaded`; beyond four times this, every request but `subscribe` is. 0 = off.
+    /// stay unread in its socket for 20 ms (the gateway is behind, not catching up
+    /// after a hiccup), the connection is overloaded and new leads on it are answered
+    /// `overloaded` (see `shed_backlog_overloaded_bytes`); beyond four times this,
+    /// every request but `subscribe` is, at once. 0 = off.
     pub shed_backlog_bytes: usize,
     /// Admission control once overloaded: for a second after a connection's unread
-    /// bytes crossed `shed_backlog_bytes`, new leads on it are shed beyond this lower
-    /// limit (see `server::admission`). A value above `shed_backlog_bytes` counts as it.
+    /// bytes stood beyond `shed_backlog_bytes`, new leads on it are shed beyond this
+    /// lower limit (see `server::admission`). A value above `shed_backlog_bytes` counts
+    /// as it.
     pub shed_backlog_overloaded_bytes: usize,
     /// Whether the daemon's heap may use transparent huge pages. Off by default: the
     /// first touch of a fresh 2 MiB page zeroes all of it inside the page fault, so

@@ -7,17 +7,26 @@
 //! the socket's unread bytes (`FIONREAD`) every 16 frames, and on every frame while it
 //! sheds:
 //!
-//! * beyond `shed_backlog_bytes` new leads are answered `overloaded`, and beyond four
-//!   times that every request but `subscribe` is;
-//! * once that limit was crossed (the connection is overloaded, not just bursty), for
-//!   the next second the limit for new leads is the lower `shed_backlog_overloaded_bytes`:
-//!   what is accepted then waits behind a few requests, not behind the whole budget.
+//! * a backlog that stays beyond `shed_backlog_bytes` for [`Admission::SUSTAIN`] is a
+//!   standing queue (within [`Admission::RECENT`] of an overloaded second, crossing it
+//!   is enough): the connection is overloaded, and for the next second
+//!   ([`Admission::MEMORY`]) new leads are answered `overloaded` whenever the backlog is
+//!   beyond the lower `shed_backlog_overloaded_bytes`, so what is accepted waits behind
+//!   a few requests, not behind the whole budget;
+//! * beyond four times `shed_backlog_bytes` every request but `subscribe` is refused at
+//!   once, overloaded or not (the hard bound on what waits).
 //!
-//! A host that can take the traffic crosses the upper limit only in a hiccup, so it
-//! sheds little; an overloaded one sheds at the lower limit and keeps the latency of
-//! what it accepts (docs/RELIABILITY.md, "Overload"). Only new leads are shed below
-//! four times the limit: responses, top-ups and the like are small, refer to leads
-//! already accepted, and refusing them would strand work in progress.
+//! A host that can take the traffic crosses the limit only in a hiccup (a slow sync,
+//! a worker descheduled for a few milliseconds) and drains the backlog within
+//! milliseconds: that is ridden out, not shed, as CoDel does with a queue that drains
+//! (acting on a queue that stays, not on a burst). Until 2026-12-06 one crossing made
+//! the connection overloaded: on a single connection carrying 20,000 leads/s, half this
+//! host's capacity, every hiccup then shed leads for a second (1-2 % of them).
+//! An overloaded host keeps its backlog beyond the limit, sheds at the lower limit and
+//! keeps the latency of what it accepts (docs/RELIABILITY.md, "Overload"). Only new
+//! leads are shed below four times the limit: responses, top-ups and the like are
+//! small, refer to leads already accepted, and refusing them would strand work in
+//! progress.
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -46,7 +55,10 @@ pub struct Admission {
     backlog: usize,
     /// Frames until the next look at the socket.
     until_check: u32,
-    /// Overloaded until then: `limit` was crossed less than [`Self::MEMORY`] ago.
+    /// Since when the backlog has been beyond `limit` (at every look since).
+    above_since: Option<Instant>,
+    /// Overloaded until then: the backlog stayed beyond `limit` for [`Self::SUSTAIN`]
+    /// less than [`Self::MEMORY`] ago.
     overloaded_until: Option<Instant>,
     /// Whether new leads are shed now.
     shedding: bool,
@@ -54,21 +66,36 @@ pub struct Admission {
 
 impl Admission {
     const CHECK_EVERY: u32 = 16;
-    /// How long a connection counts as overloaded after its backlog crossed `limit`.
+    /// How long a connection counts as overloaded after its backlog stood beyond `limit`.
     pub const MEMORY: Duration = Duration::from_secs(1);
+    /// How long the backlog must stay beyond `limit` to be a standing queue rather than
+    /// a hiccup being drained. At four times the limit nothing waits for it.
+    pub const SUSTAIN: Duration = Duration::from_millis(20);
+    /// For this long after an overloaded second, crossing `limit` makes the connection
+    /// overloaded again at once.
+    pub const RECENT: Duration = Duration::from_secs(5);
 
     pub fn new(limit: usize, overloaded_limit: usize) -> Self {
         let overloaded_limit = overloaded_limit.min(limit);
-        Self { limit, overloaded_limit, backlog: 0, until_check: 0, overloaded_until: None, shedding: false }
+        Self {
+            limit,
+            overloaded_limit,
+            backlog: 0,
+            until_check: 0,
+            above_since: None,
+            overloaded_until: None,
+            shedding: false,
+        }
     }
 
     /// Called once per frame: looks at the socket's unread bytes every
-    /// [`Self::CHECK_EVERY`] frames, and on every frame while shedding.
+    /// [`Self::CHECK_EVERY`] frames, and on every frame while shedding or beyond the
+    /// limit.
     pub fn refresh(&mut self, fd: RawFd) {
         if self.limit == 0 {
             return;
         }
-        if self.shedding || self.until_check == 0 {
+        if self.shedding || self.above_since.is_some() || self.until_check == 0 {
             self.observe(unread_bytes(fd), Instant::now());
             self.until_check = Self::CHECK_EVERY;
         } else {
@@ -80,11 +107,26 @@ impl Admission {
     fn observe(&mut self, backlog: usize, now: Instant) {
         self.backlog = backlog;
         if backlog > self.limit {
-            self.overloaded_until = Some(now + Self::MEMORY);
+            let since = *self.above_since.get_or_insert(now);
+            // A connection overloaded within the last `RECENT` is taken at its word:
+            // under sustained overload the lower limit keeps the backlog under `limit`
+            // and the overloaded second runs out; waiting `SUSTAIN` again each time
+            // would let a queue build once a second.
+            let recent = self.overloaded_until.is_some_and(|u| now < u + Self::RECENT);
+            if recent || now.duration_since(since) >= Self::SUSTAIN {
+                self.overloaded_until = Some(now + Self::MEMORY);
+            }
+        } else {
+            self.above_since = None;
         }
         let overloaded = self.overloaded_until.is_some_and(|u| now < u);
-        let limit = if overloaded { self.overloaded_limit } else { self.limit };
+        let limit = if overloaded { self.overloaded_limit } else { self.hard_limit() };
         self.shedding = backlog > limit;
+    }
+
+    /// Beyond it every request but `subscribe` is refused, overloaded or not.
+    fn hard_limit(&self) -> usize {
+        self.limit.saturating_mul(4)
     }
 
     /// Whether new leads are refused now.
@@ -99,7 +141,7 @@ impl Admission {
             _ if !self.shedding() => false,
             "subscribe" => false,
             "publish_lead" => true,
-            _ => self.backlog > self.limit.saturating_mul(4),
+            _ => self.backlog > self.hard_limit(),
         }
     }
 }
@@ -111,20 +153,51 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn below_the_limit_nothing_is_shed_and_beyond_it_new_leads_are() {
+    fn a_backlog_beyond_the_limit_that_drains_within_the_sustain_time_is_ridden_out() {
         let t0 = Instant::now();
-        let mut a = Admission::new(32_768, 8_192);
+        let mut a = Admission::new(32_768, 4_096);
         a.observe(20_000, t0);
-        assert!(!a.sheds("publish_lead"), "a burst below the limit is taken");
+        assert!(!a.sheds("publish_lead"), "below the limit");
+        // A hiccup: beyond the limit for 15 ms, then drained.
+        a.observe(60_000, t0 + MS);
+        assert!(!a.sheds("publish_lead"), "a hiccup is not shed");
+        a.observe(90_000, t0 + 15 * MS);
+        assert!(!a.sheds("publish_lead"));
+        a.observe(10_000, t0 + 16 * MS);
+        assert!(!a.sheds("publish_lead"));
+        // Not overloaded afterwards: a burst under the limit is taken.
+        a.observe(30_000, t0 + 30 * MS);
+        assert!(!a.sheds("publish_lead"), "no lower limit after a hiccup");
+        // A second hiccup starts its own count.
+        a.observe(40_000, t0 + 40 * MS);
+        a.observe(40_000, t0 + 55 * MS);
+        assert!(!a.sheds("publish_lead"));
+    }
+
+    #[test]
+    fn a_backlog_that_stands_beyond_the_limit_sheds_new_leads_only() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(32_768, 4_096);
         a.observe(40_000, t0);
-        assert!(a.sheds("publish_lead"));
+        assert!(!a.sheds("publish_lead"));
+        a.observe(45_000, t0 + Admission::SUSTAIN);
+        assert!(a.sheds("publish_lead"), "a standing queue is shed");
         // Only new leads: work on accepted leads and subscriptions go on.
         assert!(!a.sheds("respond"));
         assert!(!a.sheds("subscribe"));
-        // Beyond four times the limit everything but `subscribe` is refused.
+    }
+
+    #[test]
+    fn beyond_four_times_the_limit_everything_but_subscribe_is_refused_at_once() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(32_768, 4_096);
         a.observe(140_000, t0);
+        assert!(a.sheds("publish_lead"));
         assert!(a.sheds("respond"));
         assert!(!a.sheds("subscribe"));
+        // Back under it, and never overloaded: nothing is shed.
+        a.observe(40_000, t0 + MS);
+        assert!(!a.sheds("publish_lead"));
     }
 
     #[test]
@@ -134,15 +207,37 @@ mod tests {
         a.observe(10_000, t0);
         assert!(!a.sheds("publish_lead"), "not overloaded yet: 10 KB is a burst");
         a.observe(33_000, t0 + MS);
+        a.observe(33_000, t0 + MS + Admission::SUSTAIN);
         assert!(a.sheds("publish_lead"));
         // Caught up below the lower limit: accepted again.
-        a.observe(8_000, t0 + 2 * MS);
+        a.observe(8_000, t0 + 30 * MS);
         assert!(!a.sheds("publish_lead"));
         // Still overloaded: the lower limit applies.
         a.observe(10_000, t0 + 500 * MS);
         assert!(a.sheds("publish_lead"));
-        // A second after the upper limit was last crossed, 10 KB is a burst again.
-        a.observe(10_000, t0 + MS + Admission::MEMORY);
+        // A second after the backlog last stood beyond the limit, 10 KB is a burst again.
+        a.observe(10_000, t0 + MS + Admission::SUSTAIN + Admission::MEMORY);
+        assert!(!a.sheds("publish_lead"));
+    }
+
+    #[test]
+    fn a_connection_overloaded_a_moment_ago_is_overloaded_again_at_the_first_crossing() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(32_768, 4_096);
+        a.observe(40_000, t0);
+        a.observe(40_000, t0 + Admission::SUSTAIN);
+        assert!(a.sheds("publish_lead"));
+        // The overloaded second runs out with the backlog held low...
+        let later = t0 + Admission::SUSTAIN + Admission::MEMORY + 100 * MS;
+        a.observe(3_000, later);
+        assert!(!a.sheds("publish_lead"));
+        // ...and the next crossing sheds at once, no queue built for `SUSTAIN`.
+        a.observe(40_000, later + MS);
+        assert!(a.sheds("publish_lead"));
+        // Long after, a crossing is a hiccup again.
+        let much_later = later + Admission::MEMORY + Admission::RECENT + MS;
+        a.observe(3_000, much_later);
+        a.observe(40_000, much_later + MS);
         assert!(!a.sheds("publish_lead"));
     }
 
@@ -159,8 +254,9 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Admission::new(8_192, 65_536);
         a.observe(9_000, t0);
+        a.observe(9_000, t0 + Admission::SUSTAIN);
         assert!(a.sheds("publish_lead"));
-        a.observe(9_000, t0 + MS);
+        a.observe(9_000, t0 + Admission::SUSTAIN + MS);
         assert!(a.sheds("publish_lead"));
     }
 }

@@ -10,10 +10,11 @@
 //!   and the sequence number to resume from.
 //! * Admission control (`server::admission`): when the gateway falls behind a
 //!   connection, its requests wait unread in the kernel's socket buffer, where no
-//!   queue of rota's sees them. Beyond `shed_backlog_bytes` unread (and, for a second
-//!   after that, beyond `shed_backlog_overloaded_bytes`) new leads are answered
-//!   `overloaded`; beyond four times `shed_backlog_bytes`, every request but
-//!   `subscribe`. A request to refuse is recognised from its `id` and `type` when the
+//!   queue of rota's sees them. When more than `shed_backlog_bytes` stay unread for
+//!   20 ms (a standing queue, not a hiccup being drained), the connection is overloaded
+//!   and for a second new leads are answered `overloaded` beyond
+//!   `shed_backlog_overloaded_bytes`; beyond four times `shed_backlog_bytes`, every
+//!   request but `subscribe`, at once. A request to refuse is recognised from its `id` and `type` when the
 //!   frame starts with them (`protocol::peek_head`), without decoding the rest, so
 //!   refusing costs a peek and a short reply; the gateway catches up and the requests
 //!   it accepts keep their latency instead of waiting behind the backlog. (A shed
