@@ -8,13 +8,14 @@
 //! the log of a host whose clock was then stepped back two hours looks like); the
 //! second runs on the wall clock, from the log alone or from a snapshot.
 
+mod engine_support;
+use engine_support::{in_system, req};
 use rota::config::{Config, Sources};
 use rota::engine::Engine;
 use rota::ids::TenantId;
-use rota::protocol::{OkResult, Request};
+use rota::protocol::OkResult;
 use rota::wal::MemFs;
 use serde_json::{json, Value};
-use std::future::Future;
 use std::sync::Arc;
 
 const AHEAD_MS: i64 = 2 * 3_600_000;
@@ -30,20 +31,6 @@ fn config(manual_start: Option<i64>) -> Config {
         flags.push(format!("manual_clock_start_ms={t}"));
     }
     Config::load(&Sources { flags, ..Default::default() }).expect("the test configuration is valid")
-}
-
-fn in_system<F: Future>(fut: F) -> F::Output {
-    let sys = actix_rt::System::new();
-    let out = sys.block_on(fut);
-    sys.block_on(async { actix_rt::System::current().stop() });
-    sys.run().expect("the actor system stops cleanly");
-    out
-}
-
-fn req(mut v: Value) -> Request {
-    v["id"] = json!("t");
-    let frame = serde_json::to_vec(&v).unwrap();
-    rota::protocol::decode(rota::protocol::Encoding::Json, &frame).expect("test request decodes").request
 }
 
 async fn ok(e: &Engine, v: Value) -> OkResult {

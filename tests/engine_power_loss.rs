@@ -31,6 +31,8 @@
 //!
 //! `ROTA_SIM_SEEDS=N` runs N seeds (default 100); `ROTA_SIM_SEED=S` runs only seed S.
 
+mod engine_support;
+use engine_support::{in_system, req};
 use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rota::config::{Config, Sources};
@@ -40,7 +42,6 @@ use rota::protocol::{ApiError, OkResult, Request};
 use rota::wal::{Fault, MemFs};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,15 +88,6 @@ fn lead_body(id: &str, direct: &[String]) -> Value {
     })
 }
 
-/// A request as a frame would carry it (`{"type": ..., fields}`), decoded the daemon's way.
-fn req(mut v: Value) -> Request {
-    v["id"] = json!("t");
-    let frame = serde_json::to_vec(&v).unwrap();
-    rota::protocol::decode(rota::protocol::Encoding::Json, &frame)
-        .unwrap_or_else(|e| panic!("test request {v} does not decode: {e:?}"))
-        .request
-}
-
 fn config(skip_sync: bool, preallocate: bool) -> Config {
     let flags = [
         "clock=\"manual\"".to_string(),
@@ -112,16 +104,6 @@ fn config(skip_sync: bool, preallocate: bool) -> Config {
         .expect("the test configuration is valid");
     cfg.wal.unsafe_skip_sync = skip_sync;
     cfg
-}
-
-/// Runs `fut` inside a fresh actix system, then stops that system, which stops the
-/// engine's arbiters: an engine that lost power is abandoned, never shut down.
-fn in_system<F: Future>(fut: F) -> F::Output {
-    let sys = actix_rt::System::new();
-    let out = sys.block_on(fut);
-    sys.block_on(async { actix_rt::System::current().stop() });
-    sys.run().expect("the actor system stops cleanly");
-    out
 }
 
 /// What a reply tells the client about whether a request took effect.

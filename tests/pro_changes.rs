@@ -10,13 +10,14 @@
 //! `k` go through, then the power is out), restarts on what the disk kept, sends
 //! the request again and checks the rotations with `candidates`.
 
+mod engine_support;
+use engine_support::{in_system, req};
 use rota::config::{Config, Sources};
 use rota::engine::Engine;
 use rota::ids::TenantId;
-use rota::protocol::{ApiError, OkResult, Request};
+use rota::protocol::{ApiError, OkResult};
 use rota::wal::MemFs;
 use serde_json::{json, Value};
-use std::future::Future;
 use std::sync::Arc;
 
 const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
@@ -30,20 +31,6 @@ fn config() -> Config {
         "stream_spill_bytes=0".into(),
     ];
     Config::load(&Sources { flags, ..Default::default() }).expect("the test configuration is valid")
-}
-
-fn in_system<F: Future>(fut: F) -> F::Output {
-    let sys = actix_rt::System::new();
-    let out = sys.block_on(fut);
-    sys.block_on(async { actix_rt::System::current().stop() });
-    sys.run().expect("the actor system stops cleanly");
-    out
-}
-
-fn req(mut v: Value) -> Request {
-    v["id"] = json!("t");
-    let frame = serde_json::to_vec(&v).unwrap();
-    rota::protocol::decode(rota::protocol::Encoding::Json, &frame).expect("test request decodes").request
 }
 
 async fn call(e: &Engine, v: Value) -> Result<OkResult, ApiError> {

@@ -94,21 +94,25 @@ fn config(d: &Daemon, pacing: Pacing) -> ReplayConfig {
     }
 }
 
-#[test]
-fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
-    let Some(bin) = rota_binary() else { return };
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let d = Daemon::start(&bin, dir.path(), &[]);
-    let gen = GenConfig {
-        seed: 42,
+/// 300 leads at 300/s over 60 pros in 6 zones x 4 categories.
+fn small_trace(seed: u64) -> GenConfig {
+    GenConfig {
+        seed,
         leads: 300,
         lead_rate: 300.0,
         pros: 60,
         zones: 6,
         categories: 4,
         ..GenConfig::default()
-    };
-    let (records, stats) = generate(&gen);
+    }
+}
+
+#[test]
+fn replay_of_a_small_trace_is_answered_and_delivered_exactly_once() {
+    let Some(bin) = rota_binary() else { return };
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let d = Daemon::start(&bin, dir.path(), &[]);
+    let (records, stats) = generate(&small_trace(42));
     assert!(stats.mean_offers_per_lead > 1.0, "the trace offers leads to several pros: {stats:?}");
     // The stream batched in one encoding, one frame per event in the other.
     for (encoding, stream_batch) in [(Encoding::Msgpack, true), (Encoding::Json, false)] {
@@ -153,16 +157,7 @@ fn a_warm_up_is_sent_and_checked_but_left_out_of_the_figures() {
     let Some(bin) = rota_binary() else { return };
     let dir = tempfile::tempdir().expect("a temp dir");
     let d = Daemon::start(&bin, dir.path(), &["shed_backlog_bytes=0"]);
-    let gen = GenConfig {
-        seed: 5,
-        leads: 300,
-        lead_rate: 300.0,
-        pros: 60,
-        zones: 6,
-        categories: 4,
-        ..GenConfig::default()
-    };
-    let (records, _) = generate(&gen);
+    let (records, _) = generate(&small_trace(5));
     let cfg = ReplayConfig {
         run_tag: "it-warm".into(),
         warmup: Duration::from_millis(100),
@@ -239,16 +234,7 @@ fn requests_about_a_refused_lead_are_not_sent() {
     // No shedding: on a busy machine a shed lead would be refused too, and its requests
     // skipped, which the count below does not expect.
     let d = Daemon::start(&bin, dir.path(), &["shed_backlog_bytes=0"]);
-    let gen = GenConfig {
-        seed: 11,
-        leads: 300,
-        lead_rate: 300.0,
-        pros: 60,
-        zones: 6,
-        categories: 4,
-        respond_share: 0.8,
-        ..GenConfig::default()
-    };
+    let gen = GenConfig { respond_share: 0.8, ..small_trace(11) };
     let (mut records, _) = generate(&gen);
     let mut refused = std::collections::HashSet::new();
     for (n, r) in records.iter_mut().filter(|r| matches!(r.request, Request::PublishLead { .. })).enumerate()
