@@ -164,6 +164,8 @@ ts("Durable vs delivered", "s", [
 # --- Saturation -------------------------------------------------------------
 row("Saturation")
 ts("Shard mailbox depth (max)", "short", [("max(rota_mailbox_depth_max)", "deepest mailbox")], w=6)
+ts("Wall clock behind rota's time", "s", [("max(rota_clock_behind_seconds)", "behind")], w=6,
+   desc="Above 0 after a step back of the wall clock: rota's time holds until it catches up.")
 ts("Overload refusals", "reqps",
    [(f"sum by (reason) (rate(rota_overload_refusals_total[{RI}]))", "{{reason}}")], w=6, stack=True)
 ts("Connections", "short", [("sum by (scope) (rota_connections)", "{{scope}}")], w=6, stack=True)

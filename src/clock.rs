@@ -44,6 +44,15 @@ impl Clock {
         }
     }
 
+    /// How many milliseconds the wall clock is behind the latest time handed out (0
+    /// when it is not, and for a manual clock).
+    pub fn behind_ms(&self) -> Millis {
+        match self {
+            Clock::Wall(floor) => (floor.load(Ordering::Acquire) - wall_now()).max(0),
+            Clock::Manual(_) => 0,
+        }
+    }
+
     /// Raises the wall clock's floor to `t` (the latest time of the recovered state):
     /// no later `now` is earlier. Returns by how many milliseconds the wall clock is
     /// behind the floor now (0 when it is not). A manual clock is left alone: it
@@ -129,11 +138,13 @@ mod tests {
         let ahead = wall_now() + 3_600_000;
         let behind = c.not_before(ahead);
         assert!(behind > 3_500_000, "reported {behind} ms behind");
+        assert!(c.behind_ms() > 3_500_000, "and so does the gauge's source");
         assert!(c.now() >= ahead);
         // A recovered time in the past changes nothing.
         let c = Clock::wall();
         assert_eq!(c.not_before(1_000), 0);
         assert!(c.now() > 1_000);
+        assert_eq!(c.behind_ms(), 0);
         // A manual clock moves only when told.
         let m = Clock::manual(10);
         assert_eq!(m.not_before(99), 0);

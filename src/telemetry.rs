@@ -49,6 +49,7 @@ pub const PROS_PARKED: &str = "rota_pros_parked";
 // Runtime.
 pub const SHARDS_ALIVE: &str = "rota_shards_alive";
 pub const MAILBOX_DEPTH_MAX: &str = "rota_mailbox_depth_max";
+pub const CLOCK_BEHIND: &str = "rota_clock_behind_seconds";
 pub const OVERLOAD_REFUSALS: &str = "rota_overload_refusals_total";
 
 // Write-ahead log.
@@ -278,6 +279,13 @@ pub const ALL: &[MetricDef] = &[
         "Most commands in flight on one shard (deciding or waiting for the log) at the last sample.",
     ),
     m(OVERLOAD_REFUSALS, C, "requests", &["reason"], "Requests refused because a bounded queue was full."),
+    m(
+        CLOCK_BEHIND,
+        G,
+        "seconds",
+        &[],
+        "How far the wall clock is behind rota's time (the latest time handed out or logged): while above 0, rota's time holds instead of running backwards. 0 normally.",
+    ),
     // WAL.
     m(WAL_BYTES_WRITTEN, C, "bytes", &[], "Bytes appended to the write-ahead log."),
     m(WAL_RECORDS, C, "records", &[], "Records appended to the write-ahead log."),
@@ -579,6 +587,7 @@ impl TenantMetrics {
 pub struct Metrics {
     pub shards_alive: Gauge,
     pub mailbox_depth_max: Gauge,
+    pub clock_behind: Gauge,
     pub overload_refusals: ByLabel<Counter>,
     pub connections: ByLabel<Gauge>,
     pub frames_received: ByLabel<Counter>,
@@ -600,6 +609,7 @@ impl Metrics {
         Metrics {
             shards_alive: metrics::gauge!(SHARDS_ALIVE),
             mailbox_depth_max: metrics::gauge!(MAILBOX_DEPTH_MAX),
+            clock_behind: metrics::gauge!(CLOCK_BEHIND),
             overload_refusals: counters(OVERLOAD_REFUSALS, "reason", OVERLOAD_REASONS),
             connections: ByLabel::new(SCOPES, |v| metrics::gauge!(CONNECTIONS, "scope" => v)),
             frames_received: counters(FRAMES_RECEIVED, "encoding", ENCODINGS),
@@ -820,6 +830,7 @@ mod tests {
             let m = Metrics::new();
             m.shards_alive.set(4.0);
             m.mailbox_depth_max.set(17.0);
+            m.clock_behind.set(0.0);
             m.overload_refusals.get("mailbox_full").increment(1);
             m.connections.get("stream").increment(1.0);
             m.frames_received.get("json").increment(10);

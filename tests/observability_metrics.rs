@@ -29,6 +29,7 @@ fn rendered() -> String {
         let m = Metrics::new();
         m.shards_alive.set(12.0);
         m.mailbox_depth_max.set(3.0);
+        m.clock_behind.set(0.0);
         m.overload_refusals.get("mailbox_full").increment(1);
         m.connections.get("ingest").set(2.0);
         m.connections.get("stream").set(4.0);

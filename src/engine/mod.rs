@@ -1246,6 +1246,7 @@ impl Engine {
         }
         let depth_max = self.inner.shards.iter().map(|e| e.value().depth.load(Ordering::Relaxed)).max();
         self.inner.metrics.m.mailbox_depth_max.set(depth_max.unwrap_or(0) as f64);
+        self.inner.metrics.m.clock_behind.set(self.inner.clock.behind_ms() as f64 / 1000.0);
         let mut shares: FxHashMap<TenantId, Vec<(f64, f64)>> = FxHashMap::default();
         let mut parked: FxHashMap<TenantId, (usize, usize)> = FxHashMap::default();
         for e in self.inner.shards.iter() {
