@@ -2371,6 +2371,11 @@ impl Shard {
         hits
     }
 
+    /// Every pro in the shard's rotation (parked ones included), in no particular order.
+    pub fn pro_ids(&self) -> impl Iterator<Item = &ProId> {
+        self.slots.keys()
+    }
+
     /// Offered counts and weights of every pro, for the fairness figure.
     pub fn fairness_inputs(&self) -> impl Iterator<Item = (&ProId, u64, u32)> {
         self.pros.iter().flatten().map(|p| (&p.pro.id, p.stats.offered, p.weight.weight))

@@ -80,6 +80,11 @@ pub struct Inner {
     shards: DashMap<ShardKey, Arc<ShardCell>, FxBuildHasher>,
     /// Pro directory: the current profile of every pro (which shards it covers).
     pros: DashMap<(TenantId, ProId), Arc<Pro>, FxBuildHasher>,
+    /// Which shards have each pro in their rotation, as their events say (the
+    /// directory says which they should have: the two differ while a change of the pro
+    /// is under way, or after one was cut off; see [`Engine::pro_change`]). Rebuilt from
+    /// the shards at start-up.
+    pro_members: DashMap<(TenantId, ProId), Vec<ShardKey>, FxBuildHasher>,
     /// Which shard holds a lead (offer actions name only the lead).
     lead_index: LeadIndex,
     /// Readers: every decide -> log -> apply step. Writer: a snapshot.
@@ -333,6 +338,7 @@ impl Engine {
             orders,
             shards: DashMap::with_hasher(FxBuildHasher),
             pros: rec.directory.drain().collect(),
+            pro_members: DashMap::with_hasher(FxBuildHasher),
             lead_index: std::mem::take(&mut rec.lead_index),
             gate: RwLock::new(()),
             arbiters,
@@ -353,6 +359,14 @@ impl Engine {
         engine.inner.wal.set_observer(Arc::new(engine.inner.metrics.m.wal.clone()));
         let shard_count = rec.shards.len();
         for (key, shard) in rec.shards.drain() {
+            for pro in shard.pro_ids() {
+                engine
+                    .inner
+                    .pro_members
+                    .entry((key.tenant.clone(), pro.clone()))
+                    .or_default()
+                    .push(key.clone());
+            }
             // A recharge logged just before a crash told no shard: every pro parked for
             // its budget is told by the first housekeeping (R22; `Shard::budget_parked`).
             let parked = shard.budget_parked();
@@ -509,9 +523,29 @@ impl Engine {
         self.inner.wal.append(vec![], Box::new(move |r| done(r.map(|_| ()).map_err(wal_api_error))));
     }
 
-    /// Keeps the lead index (lead -> shard) in step with a shard's events.
+    /// Keeps the lead index (lead -> shard) and the pros' shard memberships in step
+    /// with a shard's events.
     pub(crate) fn index_event(&self, key: &ShardKey, ev: &Event) {
         self.inner.lead_index.on_event(key, ev);
+        match ev {
+            Event::ProUpserted { pro, .. } => {
+                let mut keys =
+                    self.inner.pro_members.entry((key.tenant.clone(), pro.id.clone())).or_default();
+                if !keys.contains(key) {
+                    keys.push(key.clone());
+                }
+            }
+            Event::ProRemoved { pro, .. } => {
+                let id = (key.tenant.clone(), pro.clone());
+                if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.inner.pro_members.entry(id) {
+                    e.get_mut().retain(|k| k != key);
+                    if e.get().is_empty() {
+                        e.remove();
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     fn lead_shard(&self, tenant: &TenantId, lead: &LeadId) -> Result<ShardKey, ApiError> {
@@ -714,12 +748,7 @@ impl Engine {
 
     /// The shards of `tenant` whose rotation has `pro`, whatever the directory says.
     fn shards_with_pro(&self, tenant: &TenantId, pro: &ProId) -> Vec<ShardKey> {
-        self.inner
-            .shards
-            .iter()
-            .filter(|e| &e.key().tenant == tenant && e.value().state.lock().pro(pro).is_some())
-            .map(|e| e.key().clone())
-            .collect()
+        self.inner.pro_members.get(&(tenant.clone(), pro.clone())).map(|k| k.clone()).unwrap_or_default()
     }
 
     /// `overloaded` if any of `keys` is at its in-flight bound (checked before a change
@@ -793,7 +822,9 @@ impl Engine {
         availability: crate::core::Availability,
     ) -> Result<OkResult, ApiError> {
         let profile = self.pro_profile(tenant, pro)?;
-        let keys = Self::pro_shards(&profile, tenant);
+        // The shards that have the pro: after a change of it was cut off, not quite
+        // those its profile names (the change, sent again, brings them in line).
+        let keys = self.shards_with_pro(tenant, pro);
         self.admit_change(tenant, &keys)?;
         for key in keys {
             let cmd = Command::SetAvailability { pro: pro.clone(), availability: availability.clone() };
