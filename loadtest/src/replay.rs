@@ -512,7 +512,9 @@ fn fnv(s: &str) -> u64 {
 }
 
 /// Which of a tenant's connections carries a record: by lead for lead traffic, by
-/// pro otherwise, so each lead's and each pro's requests stay in order.
+/// pro otherwise, so each lead's and each pro's requests stay in order. (The timed
+/// phase sends a publish by its client instead, and the lead's later requests after
+/// it: see the sender.)
 fn route(r: &Request, lead_ord: Option<u32>, n: usize) -> usize {
     let key = match (r, lead_ord) {
         (_, Some(ord)) => u64::from(ord),
@@ -528,6 +530,28 @@ fn route(r: &Request, lead_ord: Option<u32>, n: usize) -> usize {
         (Request::PublishLead { lead }, None) => fnv(&lead.id),
     };
     (key % n as u64) as usize
+}
+
+/// [`route`] for the timed phase: a client's leads go on one connection (by client
+/// id), so a duplicate (R2) never overtakes the lead it repeats (over two connections
+/// the daemon would now and then take the repeat first, accept it and refuse the
+/// original, against the trace's expectations); a lead's later requests go where its
+/// publish went (`lead_conn`, by lead ordinal).
+fn route_timed(r: &Request, lead_ord: Option<u32>, n: usize, lead_conn: &mut [u32]) -> usize {
+    match (r, lead_ord) {
+        (Request::PublishLead { lead }, Some(o)) => {
+            let k = (fnv(&lead.client.id) % n as u64) as usize;
+            if let Some(slot) = lead_conn.get_mut(o as usize) {
+                *slot = k as u32;
+            }
+            k
+        }
+        (_, Some(o)) => match lead_conn.get(o as usize) {
+            Some(&k) if k != u32::MAX => k as usize,
+            _ => route(r, lead_ord, n),
+        },
+        _ => route(r, lead_ord, n),
+    }
 }
 
 /// Shared state of a run, updated by the readers and the sender.
@@ -987,6 +1011,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let mut dead = vec![false; sinks.len()];
     let mut i = 0;
     let mut skipped: u64 = 0;
+    // Per lead (by ordinal), the connection its publish went on.
+    let mut lead_conn: Vec<u32> = vec![u32::MAX; total_leads];
     let items = &plan.items;
     let recording = cfg.record.is_some();
     let mut sent_log: Vec<(String, Request)> = Vec::new();
@@ -1019,7 +1045,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                 i += 1;
                 continue;
             }
-            let c = tenant_idx[&r.tenant] * n + route(&r.request, lead_ord, n);
+            let c = tenant_idx[&r.tenant] * n + route_timed(&r.request, lead_ord, n, &mut lead_conn);
             let wall = wall_start + (item.t_ns / 1_000_000) as i64;
             let lap = item.lap.to_string();
             let req = loc.localize(r, &lap, item.lap, item.lead_ord, wall);
@@ -1660,6 +1686,44 @@ async fn progress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn r2_a_clients_leads_share_a_connection_and_a_leads_requests_follow_it() {
+        // Every repeatable lead repeats its shard's last client: many leads per client.
+        let gen = crate::gen::GenConfig { seed: 3, leads: 400, duplicate_share: 0.5, ..Default::default() };
+        let (records, _) = crate::gen::generate(&gen);
+        let n = 4;
+        let mut ords: HashMap<String, u32> = HashMap::new();
+        let mut lead_conn = vec![u32::MAX; 400];
+        let mut by_client: HashMap<String, usize> = HashMap::new();
+        let mut by_lead: HashMap<String, usize> = HashMap::new();
+        let (mut repeats, mut follow_ups) = (0, 0);
+        for r in &records {
+            match &r.request {
+                Request::PublishLead { lead } => {
+                    let o = ords.len() as u32;
+                    ords.insert(lead.id.clone(), o);
+                    let c = route_timed(&r.request, Some(o), n, &mut lead_conn);
+                    if let Some(&prev) = by_client.get(&lead.client.id) {
+                        assert_eq!(c, prev, "client {}'s leads on two connections", lead.client.id);
+                        repeats += 1;
+                    }
+                    by_client.insert(lead.client.id.clone(), c);
+                    by_lead.insert(lead.id.clone(), c);
+                }
+                Request::Offer { lead, .. } => {
+                    let o = ords[lead];
+                    assert_eq!(route_timed(&r.request, Some(o), n, &mut lead_conn), by_lead[lead]);
+                    follow_ups += 1;
+                }
+                _ => {}
+            }
+        }
+        assert!(repeats > 50 && follow_ups > 100, "{repeats} repeated clients, {follow_ups} follow-ups");
+        // Clients spread over the connections.
+        let used: std::collections::HashSet<usize> = by_client.values().copied().collect();
+        assert_eq!(used.len(), n);
+    }
 
     #[test]
     fn only_loopback_or_named_hosts() {
