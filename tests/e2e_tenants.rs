@@ -16,6 +16,25 @@ fn autobuy_pro(i: u32) -> serde_json::Value {
                         "weekly_budget_credits": 100}]})
 }
 
+/// `upsert_pro` of buyer `b{i}` with a weekly budget of `weekly` credits.
+fn upsert_buyer(i: u32, weekly: u64) -> serde_json::Value {
+    let mut p = autobuy_pro(i);
+    p["autobuy"][0]["weekly_budget_credits"] = json!(weekly);
+    json!({"type": "upsert_pro", "pro": p})
+}
+
+/// `publish_lead` of lead `id` in Madrid, created at `at`.
+fn publish_madrid(id: &str, at: i64) -> serde_json::Value {
+    let mut l = lead_in(id, "madrid", true);
+    l["created_at"] = json!(at);
+    json!({"type": "publish_lead", "lead": l})
+}
+
+/// How many pros an `explain` answer says were offered the lead.
+fn offered_count(ex: &serde_json::Value) -> usize {
+    ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count()
+}
+
 fn lead_in(id: &str, zone: &str, contact_call: bool) -> serde_json::Value {
     json!({
         "id": id, "category": "painting", "zone": zone,
@@ -287,17 +306,9 @@ async fn r22_r23_a_refunded_budget_retries_the_lead_missed_for_want_of_it() {
     let d = Daemon::start_at(dir.path(), &cfg, T0);
     let mut c = Client::connect(&d.addr, "habi-token", false).await;
     // One buyer with a weekly budget of exactly one lead (price 12).
-    let mut p = autobuy_pro(1);
-    p["autobuy"][0]["weekly_budget_credits"] = json!(12);
-    c.ok(json!({"type": "upsert_pro", "pro": p})).await;
-    let publish = |id: &str, at: i64| {
-        let mut l = lead_in(id, "madrid", true);
-        l["created_at"] = json!(at);
-        json!({"type": "publish_lead", "lead": l})
-    };
-    let offered = |ex: &serde_json::Value| {
-        ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count()
-    };
+    c.ok(upsert_buyer(1, 12)).await;
+    let publish = publish_madrid;
+    let offered = offered_count;
     assert_eq!(c.ok(publish("A1", T0)).await["offers"].as_array().unwrap().len(), 1, "b1 buys A1");
     // Budget spent: A2 waits for it (R22).
     assert_eq!(c.ok(publish("A2", T0 + MIN)).await["offers"].as_array().unwrap().len(), 0);
@@ -336,15 +347,9 @@ async fn r22_r23_on_the_wall_clock_a_refund_retries_the_missed_lead_within_secon
     let cfg = config(dir.path(), 1024);
     let d = Daemon::start_wall(dir.path(), &cfg);
     let mut c = Client::connect(&d.addr, "habi-token", false).await;
-    let mut p = autobuy_pro(1);
-    p["autobuy"][0]["weekly_budget_credits"] = json!(12);
-    c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+    c.ok(upsert_buyer(1, 12)).await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let publish = |id: &str| {
-        let mut l = lead_in(id, "madrid", true);
-        l["created_at"] = json!(now);
-        json!({"type": "publish_lead", "lead": l})
-    };
+    let publish = |id: &str| publish_madrid(id, now);
     assert_eq!(c.ok(publish("A1")).await["offers"].as_array().unwrap().len(), 1, "b1 buys A1");
     assert_eq!(c.ok(publish("A2")).await["offers"].as_array().unwrap().len(), 0, "budget spent");
     c.ok(json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "confirm_invalid_contact"})).await;
@@ -353,8 +358,7 @@ async fn r22_r23_on_the_wall_clock_a_refund_retries_the_missed_lead_within_secon
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let ex = c.ok(json!({"type": "explain", "lead": "A2"})).await;
-        let offered = ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count();
-        if offered == 1 {
+        if offered_count(&ex) == 1 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "A2 not retried for b1 after the refund: {ex}");
@@ -372,16 +376,9 @@ async fn r20_r22_monday_recharge_across_dst_retries_a_lead_23h_old_but_not_25h_o
     let mut c = Client::connect(&d.addr, "habi-token", false).await;
     // Four buyers with a weekly budget of exactly one lead (price 12).
     for i in 1..=4 {
-        let mut p = autobuy_pro(i);
-        p["autobuy"][0]["weekly_budget_credits"] = json!(12);
-        c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+        c.ok(upsert_buyer(i, 12)).await;
     }
-    let publish = |id: &str, at: i64| {
-        let mut l = lead_in(id, "madrid", true);
-        l["created_at"] = json!(at);
-        l["client"]["id"] = json!(format!("client-{id}"));
-        json!({"type": "publish_lead", "lead": l})
-    };
+    let publish = publish_madrid;
     let a1 = c.ok(publish("A1", t0)).await;
     assert_eq!(a1["offers"].as_array().unwrap().len(), 4, "the four budgets buy the first lead");
     // Budgets spent: the next leads find no buyer and wait for the retry window (R22).
@@ -394,13 +391,11 @@ async fn r20_r22_monday_recharge_across_dst_retries_a_lead_23h_old_but_not_25h_o
     // One minute before Monday 00:00 local nothing is recharged yet.
     c.ok(json!({"type": "advance_clock", "to_ms": monday - 60_000})).await;
     let ex = c.ok(json!({"type": "explain", "lead": "A2"})).await;
-    assert_eq!(ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count(), 0);
+    assert_eq!(offered_count(&ex), 0);
     // Monday 00:00 in Madrid (23:00 UTC after the DST change): budgets are topped up
     // to the weekly budget (R20); A2 (23 h old) is bought, A3 (25 h old) is not.
     c.ok(json!({"type": "advance_clock", "to_ms": monday})).await;
-    let offered = |ex: &serde_json::Value| {
-        ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count()
-    };
+    let offered = offered_count;
     let ex2 = c.ok(json!({"type": "explain", "lead": "A2"})).await;
     assert_eq!(offered(&ex2), 4, "retried within 24 h: {ex2}");
     let ex3 = c.ok(json!({"type": "explain", "lead": "A3"})).await;
@@ -602,9 +597,7 @@ async fn r21_r24_a_budget_allows_three_of_four_slots_and_a_paused_config_resumes
     let mut c = Client::connect(&d.addr, "habi-token", false).await;
     // b1-b3 can buy two leads (24 = 2 x 12); b4 only one.
     for i in 1..=4 {
-        let mut p = autobuy_pro(i);
-        p["autobuy"][0]["weekly_budget_credits"] = json!(if i == 4 { 12 } else { 24 });
-        c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+        c.ok(upsert_buyer(i, if i == 4 { 12 } else { 24 })).await;
     }
     let count = |o: &serde_json::Value| o["offers"].as_array().unwrap().len();
     let publish = |id: &str| {
@@ -743,21 +736,11 @@ async fn r20_r22_a_recharge_retrying_thousands_of_purchases_is_logged_whole_and_
     let cfg = config(dir.path(), 1024);
     let d = Daemon::start_at(dir.path(), &cfg, t0);
     let mut c = Client::connect(&d.addr, "habi-token", false).await;
-    let buyers = |weekly: u64| {
-        (1..=4).map(move |i| {
-            let mut p = autobuy_pro(i);
-            p["autobuy"][0]["weekly_budget_credits"] = json!(weekly);
-            json!({"type": "upsert_pro", "pro": p})
-        })
-    };
+    let buyers = |weekly: u64| (1..=4).map(move |i| upsert_buyer(i, weekly));
     for up in buyers(12) {
         c.ok(up).await;
     }
-    let publish = |id: String| {
-        let mut l = lead_in(&id, "madrid", true);
-        l["created_at"] = json!(t0);
-        json!({"type": "publish_lead", "lead": l})
-    };
+    let publish = |id: String| publish_madrid(&id, t0);
     assert_eq!(c.ok(publish("A0".into())).await["offers"].as_array().unwrap().len(), 4);
     const SHORT: usize = 1100;
     for i in 0..SHORT {
@@ -780,8 +763,7 @@ async fn r20_r22_a_recharge_retrying_thousands_of_purchases_is_logged_whole_and_
 async fn all_bought(c: &mut Client, label: &str, short: usize) {
     for i in 0..short {
         let ex = c.ok(json!({"type": "explain", "lead": format!("S{i}")})).await;
-        let offered = ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count();
-        assert_eq!(offered, 4, "{label}: S{i} bought by the four: {ex}");
+        assert_eq!(offered_count(&ex), 4, "{label}: S{i} bought by the four: {ex}");
     }
 }
 
@@ -796,9 +778,7 @@ async fn r19_two_budget_changes_in_one_millisecond_both_apply() {
     let d = Daemon::start_at(dir.path(), &cfg, T0);
     let mut c = Client::connect(&d.addr, "habi-token", false).await;
     for weekly in [12, 24, 36, 36] {
-        let mut p = autobuy_pro(1);
-        p["autobuy"][0]["weekly_budget_credits"] = json!(weekly);
-        c.ok(json!({"type": "upsert_pro", "pro": p})).await;
+        c.ok(upsert_buyer(1, weekly)).await;
     }
 }
 
