@@ -412,9 +412,10 @@ impl Spill {
             let mut done = std::mem::take(&mut *w);
             drop(w);
             done.clear();
-            // Its capacity goes back, for the next swap.
+            // Its capacity goes back, for the next swap (unless another `drain` has
+            // filled the slot meanwhile: `drain_spills` may run beside the writer).
             let mut w = self.writing.lock();
-            if w.capacity() < done.capacity() {
+            if w.is_empty() && w.capacity() < done.capacity() {
                 *w = done;
             }
             drop(w);
