@@ -1029,7 +1029,7 @@ impl Engine {
                 }
             }
         }
-        self.retry_returned(tenant, returned).await
+        self.retry_for_returned_budgets(tenant, returned).await
     }
 
     /// The pros of `tenant` queued for an R22 retry since the last one.
@@ -1038,16 +1038,6 @@ impl Engine {
         let (mine, others): (Vec<_>, Vec<_>) = q.drain(..).partition(|(t, _)| t == tenant);
         *q = others;
         mine.into_iter().map(|(_, p)| p).collect()
-    }
-
-    /// [`Engine::retry_for_returned_budgets`]; the pros go back in the queue if it
-    /// fails (a shard `overloaded`), for the next try.
-    async fn retry_returned(&self, tenant: &TenantId, pros: Vec<ProId>) -> Result<(), ApiError> {
-        let r = self.retry_for_returned_budgets(tenant, pros.clone()).await;
-        if r.is_err() {
-            self.inner.budget_returned.lock().extend(pros.into_iter().map(|p| (tenant.clone(), p)));
-        }
-        r
     }
 
     /// Retries, for every tenant, the leads missed by the pros whose budget a refund
@@ -1060,7 +1050,7 @@ impl Engine {
         for t in tenants {
             let pros = self.take_returned(&t);
             if !pros.is_empty() {
-                self.retry_returned(&t, pros).await?;
+                self.retry_for_returned_budgets(&t, pros).await?;
             }
         }
         Ok(())
@@ -1074,7 +1064,9 @@ impl Engine {
 
     /// R22: tells each shard of `pros` that their budget came back, all of a shard's
     /// pros in one command, so the shard hands the leads they missed out in rotation
-    /// order (not in the order the budgets came back: see `Shard::decide`).
+    /// order (not in the order the budgets came back: see `Shard::decide`). If a shard
+    /// refuses (`overloaded`), its pros and those of the shards not told yet go back in
+    /// the queue for the next retry.
     async fn retry_for_returned_budgets(
         &self,
         tenant: &TenantId,
@@ -1095,8 +1087,13 @@ impl Engine {
                 }
             }
         }
-        for (key, pros) in by_shard {
-            self.exec(key, Command::BudgetAvailable { pros }).await?;
+        let mut shards = by_shard.into_iter();
+        while let Some((key, pros)) = shards.next() {
+            if let Err(e) = self.exec(key, Command::BudgetAvailable { pros: pros.clone() }).await {
+                let mut q = self.inner.budget_returned.lock();
+                q.extend(pros.into_iter().chain(shards.flat_map(|(_, p)| p)).map(|p| (tenant.clone(), p)));
+                return Err(e);
+            }
         }
         Ok(())
     }
