@@ -61,8 +61,7 @@ impl Clock {
         match self {
             Clock::Wall(floor) => {
                 floor.fetch_max(t, Ordering::AcqRel);
-                let wall = wall_now();
-                floored(floor, wall).saturating_sub(wall).max(0)
+                self.behind_ms()
             }
             Clock::Manual(_) => 0,
         }
