@@ -377,9 +377,10 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     Some(Err(WsError::Protocol(e))) => break Some((CloseCode::Protocol, e.to_string())),
                     Some(Err(_)) => break None,
                 };
-                let bytes = match (&msg, enc) {
-                    (Message::Text(t), Encoding::Json) => t.as_bytes().to_vec(),
-                    (Message::Binary(b), Encoding::Msgpack) => b.to_vec(),
+                // The frame's own buffer, moved (not copied) into the request.
+                let bytes = match (msg, enc) {
+                    (Message::Text(t), Encoding::Json) => t.into_bytes(),
+                    (Message::Binary(b), Encoding::Msgpack) => b,
                     (Message::Text(_) | Message::Binary(_), _) => {
                         let e = ApiError::new("bad_frame", format!("{} connections use {} frames", enc.subprotocol(), if enc == Encoding::Json { "text" } else { "binary" }));
                         let r = Reply::Error { id: None, error: e };
