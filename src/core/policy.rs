@@ -32,9 +32,12 @@ pub enum DispatchMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Fanout {
-    /// `offer_fanout = "all"`: every eligible pro, in rotation order.
+    /// `offer_fanout = "all"`: every eligible pro, in rotation order, up to
+    /// [`crate::core::shard::MAX_OFFERS_PER_RELEASE`] (beyond, the turns move as for a
+    /// number).
     All(AllMarker),
-    /// `offer_fanout = N`: the next N eligible pros in rotation.
+    /// `offer_fanout = N`: the next N eligible pros in rotation (N at most
+    /// [`crate::core::shard::MAX_OFFERS_PER_RELEASE`]).
     Next(u32),
 }
 
@@ -330,6 +333,15 @@ impl RawPolicy {
         let offer_fanout = match l.offer_fanout {
             Fanout::All(_) => None,
             Fanout::Next(0) => return Err(invalid("leads.offer_fanout", "must be \"all\" or a number >= 1")),
+            Fanout::Next(n) if n as usize > crate::core::shard::MAX_OFFERS_PER_RELEASE => {
+                return Err(invalid(
+                    "leads.offer_fanout",
+                    format!(
+                        "at most {} pros per release (\"all\" offers to that many at most)",
+                        crate::core::shard::MAX_OFFERS_PER_RELEASE
+                    ),
+                ))
+            }
             Fanout::Next(n) => Some(n),
         };
         let response_window = match secs("leads.response_window_s", l.response_window_s, true)? {
@@ -506,6 +518,7 @@ mod tests {
             ("[leads]\nlead_ttl_s = -5", "leads.lead_ttl_s"),
             ("[leads]\nhead_start_s = 999999\nlead_ttl_s = 3600", "leads.head_start_s"),
             ("[leads]\noffer_fanout = 0", "leads.offer_fanout"),
+            ("[leads]\noffer_fanout = 10001", "leads.offer_fanout"),
             ("[ranking]\nmin_weight = 0", "ranking.min_weight"),
             ("[autobuy]\ngroup_size = 0", "autobuy.group_size"),
             ("[orders]\norder_request_ttl_s = 0", "orders.order_request_ttl_s"),

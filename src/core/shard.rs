@@ -782,6 +782,16 @@ pub struct Deadline {
 /// price but not below the shard's cheapest) and past the bound is not.
 pub const MAX_RECORDED_SKIPS: usize = 64;
 
+/// Most pros one release offers a lead to, `offer_fanout = "all"` included (a larger
+/// number is refused by the policy's validation). No marketplace shows one job to more
+/// pros at once, and the bound keeps a release's event, logged whole in one record,
+/// about a megabyte at most, far below the log's 16 MiB record limit: a shard of
+/// 200,000 pros under "all" would otherwise make an event the log refuses after the
+/// shard had changed. When more pros than this are eligible, the release takes the
+/// first this-many in rotation order and, as for a number, their turns are used: the
+/// next lead starts where this one stopped, so every pro gets its share in turn.
+pub const MAX_OFFERS_PER_RELEASE: usize = 10_000;
+
 /// Most notes on one offer, and longest note.
 const MAX_NOTES: usize = 100;
 const MAX_NOTE_LEN: usize = 4096;
@@ -1266,6 +1276,8 @@ impl Shard {
                 ((p.group_size as usize).saturating_sub(have), OfferKind::AutoBuy)
             }
         };
+        let all = n == usize::MAX;
+        let n = n.min(MAX_OFFERS_PER_RELEASE);
         let mut skipped = Vec::new();
         let mut skipped_more = 0u32;
         let catch_up = p.max_catch_up_turns;
@@ -1326,9 +1338,10 @@ impl Shard {
             })
             .collect();
         // With fanout "all" the rotation order only orders delivery; nobody's turn is
-        // consumed, so the ring does not move.
+        // consumed, so the ring does not move, unless the release stopped at
+        // `MAX_OFFERS_PER_RELEASE` (then the turns are used, as for a number).
         // Parking is no turn: it stays.
-        let rotation = if n == usize::MAX {
+        let rotation = if all && rotation.taken.len() < n {
             Selection { parked: rotation.parked, ..Selection::default() }
         } else {
             rotation
@@ -2931,5 +2944,80 @@ mod expiry_tests {
         back.restore(s.policy().clone());
         back.check_invariants().unwrap();
         assert_eq!(back, s);
+    }
+}
+
+#[cfg(test)]
+mod fanout_bound_tests {
+    use super::test_support::*;
+    use super::*;
+
+    fn granted(events: &[Event]) -> Vec<ProId> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Offered { grants, .. } => Some(grants.iter().map(|g| g.pro.clone())),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn r6a_fanout_all_stops_at_the_release_bound_and_the_next_lead_starts_where_it_stopped() {
+        let mut s = shard_with(
+            "tenant = \"t\"\nmode = \"shared\"\n[leads]\noffer_fanout = \"all\"\nduplicate_window_s = 0\n",
+        );
+        let over = 50;
+        let ids: Vec<ProId> =
+            (0..MAX_OFFERS_PER_RELEASE + over).map(|i| ProId::new(format!("p{i:05}"))).collect();
+        for id in &ids {
+            let d = s.decide(T0, &Command::UpsertPro { pro: pro(id.as_str()) }, &Unlimited).expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+        }
+        let order: Vec<ProId> = s.ring.iter().map(|slot| s.slot_pro(slot).pro.id.clone()).collect();
+        let publish = |s: &mut Shard, n: u32| {
+            let d = s
+                .decide(T0 + 1, &Command::PublishLead { lead: lead(n, T0).into() }, &Unlimited)
+                .expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+            s.check_invariants().expect("invariants hold");
+            d.events
+        };
+        let first = publish(&mut s, 1);
+        assert_eq!(granted(&first), order[..MAX_OFFERS_PER_RELEASE], "the first pros in rotation order");
+        // The release's event is logged whole in one record: far below the log's limit.
+        let rec =
+            crate::engine::record::WalRecord::Shard { key: s.key.clone(), events: first, money: vec![] };
+        let bytes = crate::engine::record::encode(&rec).len();
+        assert!(bytes < crate::wal::MAX_RECORD_BYTES / 8, "a bounded release is {bytes} bytes");
+        // Their turns were used: the next lead goes first to the pros left out.
+        let second = granted(&publish(&mut s, 2));
+        assert_eq!(second.len(), MAX_OFFERS_PER_RELEASE);
+        assert_eq!(second[..over], order[MAX_OFFERS_PER_RELEASE..], "left out last time, first now");
+        assert_eq!(second[over..], order[..MAX_OFFERS_PER_RELEASE - over]);
+    }
+
+    #[test]
+    fn r6a_fanout_all_under_the_bound_offers_everyone_and_keeps_the_rotation_still() {
+        let mut s = shard_with(
+            "tenant = \"t\"\nmode = \"shared\"\n[leads]\noffer_fanout = \"all\"\nduplicate_window_s = 0\n",
+        );
+        for id in ["c", "a", "b"] {
+            let d = s.decide(T0, &Command::UpsertPro { pro: pro(id) }, &Unlimited).expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+        }
+        let ring = s.ring.clone();
+        let mut got = Vec::new();
+        for n in 1..=2 {
+            let d = s
+                .decide(T0 + 1, &Command::PublishLead { lead: lead(n, T0).into() }, &Unlimited)
+                .expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+            got.push(granted(&d.events));
+        }
+        assert_eq!(got[0].len(), 3);
+        assert_eq!(got[0], got[1], "no turn used under \"all\" when everyone got it");
+        assert_eq!(s.ring, ring, "the rotation did not move");
     }
 }
