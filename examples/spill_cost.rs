@@ -12,11 +12,14 @@
 
 use rota::engine::hub::{Prepared, StreamHub};
 use rota::engine::spill::Spill;
-use rota::protocol::{Encoding, LeadSummary, StreamEvent};
+use rota::protocol::Encoding;
 use rota::wal::{Fs, RealFs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+#[path = "support/release.rs"]
+mod release;
 
 /// CPU time of the calling thread (user + system).
 fn thread_cpu() -> Duration {
@@ -32,13 +35,7 @@ fn main() {
     let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let root = PathBuf::from(args.get(2).cloned().unwrap_or_else(|| "/var/tmp/spill-cost".into()));
     let rounds: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(5);
-    let summary: LeadSummary = serde_json::from_value(serde_json::json!({
-        "zone":"bologna","category":"painting","description":"Repaint a two-room flat, walls and ceilings, about 60 square metres, this month",
-        "details":{"rooms":"2","surface_m2":"60","when":"this month"},"attributes":["ceilings"],
-        "approx_location":{"lat":44.49,"lon":11.34},"contact":{"call":true,"whatsapp":false,"chat":true},"created_at":1795424400000i64
-    }))
-    .expect("valid summary");
-    let summary = Arc::new(summary);
+    let summary = release::summary();
     let tenant = rota::ids::TenantId::new("acme");
     let mut per_event = Vec::new();
     for round in 0..rounds {
@@ -51,18 +48,7 @@ fn main() {
         let mut drained = Duration::ZERO;
         let mut written = 0usize;
         for r in 0..n {
-            let evs: Vec<StreamEvent> = (0..5)
-                .map(|i| StreamEvent::Offered {
-                    lead: rota::ids::LeadId::new(format!("L{r}")),
-                    pro: rota::ids::ProId::new(format!("pro-{i:03}")),
-                    kind: rota::core::OfferKind::Generic,
-                    price: 12,
-                    respond_by: Some(1_795_683_600_000),
-                    at: 1_795_424_400_000,
-                    summary: summary.clone(),
-                    price_components: None,
-                })
-                .collect();
+            let evs = release::offers(r, &summary);
             hub.publish(Prepared::batch(evs, &hub));
             if r % 1_000 == 999 {
                 let t = thread_cpu();
