@@ -178,6 +178,7 @@ ts("Stream trouble", "ops", [
     (f"sum by (outcome) (rate(rota_stream_resumes_total[{RI}]))", "resumes {{outcome}}"),
     (f"sum(rate(rota_stream_history_restarts_total[{RI}]))", "stream history restarts"),
     (f"sum by (reason) (rate(rota_auth_failures_total[{RI}]))", "auth failure {{reason}}"),
+    (f"sum by (result) (increase(rota_config_reloads_total[{RI}]))", "config reload {{result}}"),
 ], w=6)
 ts("Memory", "bytes", [
     ("sum(process_resident_memory_bytes{job=~\"rota.*\"})", "resident"),

@@ -40,6 +40,12 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(&self.sources())?)
+    }
+
+    /// Where the configuration comes from: the file, `ROTA_*` variables and flags (read
+    /// again, the same way, at a reload).
+    fn sources(&self) -> Sources {
         let mut flags = self.set.clone();
         if let Some(l) = &self.listen {
             flags.push(format!("listen={l:?}"));
@@ -51,7 +57,7 @@ impl ConfigArgs {
             flags.push(format!("clock={c:?}"));
         }
         let env = std::env::vars().filter(|(k, _)| k.starts_with("ROTA_") && k != "ROTA_CONFIG").collect();
-        Ok(Config::load(&Sources { file: self.config.clone(), env, flags })?)
+        Sources { file: self.config.clone(), env, flags }
     }
 }
 
@@ -161,9 +167,10 @@ fn run() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve { cfg, demo } => {
-            let cfg = cfg.load()?;
+            let sources = cfg.sources();
+            let cfg = Config::load(&sources)?;
             rota::server::init_logging(&cfg);
-            rota::server::run(cfg, demo)
+            rota::server::run(cfg, demo, Some(sources))
         }
         Cmd::Config { cmd: ConfigCmd::Check { cfg } } => {
             let cfg = cfg.load()?;

@@ -78,6 +78,9 @@ pub const FRAMES_SENT: &str = "rota_frames_sent_total";
 pub const AUTH_FAILURES: &str = "rota_auth_failures_total";
 pub const SLOW_SUBSCRIBER_DISCONNECTS: &str = "rota_slow_subscriber_disconnects_total";
 pub const STREAM_RESUMES: &str = "rota_stream_resumes_total";
+pub const CONFIG_RELOADS: &str = "rota_config_reloads_total";
+/// `result` of [`CONFIG_RELOADS`].
+pub const RELOAD_RESULTS: &[&str] = &["ok", "error"];
 pub const STREAM_HISTORY_BYTES: &str = "rota_stream_history_bytes";
 pub const STREAM_HISTORY_RESTARTS: &str = "rota_stream_history_restarts_total";
 
@@ -133,7 +136,7 @@ pub const SCOPES: &[&str] = &["ingest", "stream", "admin", "unauthenticated"];
 pub const ENCODINGS: &[&str] = &["json", "msgpack"];
 /// `reason` of [`AUTH_FAILURES`].
 pub const AUTH_FAILURE_REASONS: &[&str] =
-    &["missing_token", "invalid_token", "forbidden_scope", "bad_subprotocol"];
+    &["missing_token", "invalid_token", "forbidden_scope", "bad_subprotocol", "token_revoked"];
 /// `outcome` of [`STREAM_RESUMES`]: `replayed` = the gap was served from retention,
 /// `too_old` = the requested sequence fell out of retention.
 pub const RESUME_OUTCOMES: &[&str] = &["replayed", "from_disk", "too_old"];
@@ -333,6 +336,13 @@ pub const ALL: &[MetricDef] = &[
     m(FRAMES_RECEIVED, C, "frames", &["encoding"], "Websocket frames received, by encoding."),
     m(FRAMES_SENT, C, "frames", &["encoding"], "Websocket frames sent, by encoding."),
     m(AUTH_FAILURES, C, "attempts", &["reason"], "Connections or requests refused by authentication."),
+    m(
+        CONFIG_RELOADS,
+        C,
+        "reloads",
+        &["result"],
+        "Configuration reloads (SIGHUP): applied, or refused with the previous configuration kept.",
+    ),
     m(
         SLOW_SUBSCRIBER_DISCONNECTS,
         C,
@@ -593,6 +603,7 @@ pub struct Metrics {
     pub frames_received: ByLabel<Counter>,
     pub frames_sent: ByLabel<Counter>,
     pub auth_failures: ByLabel<Counter>,
+    pub config_reloads: ByLabel<Counter>,
     pub slow_subscriber_disconnects: Counter,
     pub stream_resumes: ByLabel<Counter>,
     pub decide_duration: Histogram,
@@ -615,6 +626,7 @@ impl Metrics {
             frames_received: counters(FRAMES_RECEIVED, "encoding", ENCODINGS),
             frames_sent: counters(FRAMES_SENT, "encoding", ENCODINGS),
             auth_failures: counters(AUTH_FAILURES, "reason", AUTH_FAILURE_REASONS),
+            config_reloads: counters(CONFIG_RELOADS, "result", RELOAD_RESULTS),
             slow_subscriber_disconnects: metrics::counter!(SLOW_SUBSCRIBER_DISCONNECTS),
             stream_resumes: counters(STREAM_RESUMES, "outcome", RESUME_OUTCOMES),
             decide_duration: metrics::histogram!(DECIDE_DURATION),
@@ -836,6 +848,7 @@ mod tests {
             m.frames_received.get("json").increment(10);
             m.frames_sent.get("msgpack").increment(10);
             m.auth_failures.get("invalid_token").increment(1);
+            m.config_reloads.get("ok").increment(1);
             m.slow_subscriber_disconnects.increment(1);
             m.stream_resumes.get("replayed").increment(1);
             m.decide_duration.record(1.5e-6);

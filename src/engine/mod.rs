@@ -18,6 +18,7 @@ pub mod hub;
 pub mod lead_index;
 pub mod money;
 pub mod record;
+mod reload;
 pub mod spill;
 
 use crate::clock::Clock;
@@ -44,6 +45,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use metrics_facade::EngineMetrics;
+pub use reload::{ReloadError, Reloaded};
 
 /// A shard's answer, sent once the decision is durable.
 #[derive(Debug)]
@@ -62,8 +64,17 @@ impl Drop for InFlight {
 }
 
 pub struct Tenant {
-    pub cfg: TenantConfig,
+    pub id: TenantId,
+    /// Policy and tokens: replaced whole by [`Engine::reload`].
+    cfg: RwLock<Arc<TenantConfig>>,
     pub hub: Arc<StreamHub>,
+}
+
+impl Tenant {
+    /// The tenant's current policy and tokens.
+    pub fn cfg(&self) -> Arc<TenantConfig> {
+        self.cfg.read().clone()
+    }
 }
 
 pub struct Inner {
@@ -112,6 +123,9 @@ pub struct Inner {
     budget_returned: Arc<Mutex<Vec<(TenantId, ProId)>>>,
     /// Woken when a refund is queued in `budget_returned`.
     budget_notify: Arc<tokio::sync::Notify>,
+    /// Counts configuration reloads ([`Engine::reload`]): connections watch it to
+    /// check their token again.
+    reloads: tokio::sync::watch::Sender<u64>,
     /// Changes of one pro (upsert, removal, availability: each several shard steps and
     /// a directory record) run one at a time: a lock per stripe of pros.
     pro_locks: Box<[tokio::sync::Mutex<()>]>,
@@ -306,7 +320,10 @@ impl Engine {
                 sp.align_with(hub.oldest_buffered(), hub.next_seq());
                 spills.push(Arc::downgrade(&sp));
             }
-            tenants.insert(t.id.clone(), Tenant { cfg: t.clone(), hub });
+            tenants.insert(
+                t.id.clone(),
+                Tenant { id: t.id.clone(), cfg: RwLock::new(Arc::new(t.clone())), hub },
+            );
         }
         let mut orders = FxHashMap::default();
         for t in &cfg.tenants {
@@ -352,6 +369,7 @@ impl Engine {
             spill_writer: Mutex::new(spill_writer),
             budget_returned: Arc::new(Mutex::new(std::mem::take(&mut rec.budget_returned))),
             budget_notify: Arc::new(tokio::sync::Notify::new()),
+            reloads: tokio::sync::watch::Sender::new(0),
             pro_locks: (0..PRO_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cfg,
         });
@@ -423,10 +441,10 @@ impl Engine {
         let h = crate::config::hash_token(token);
         let mut found = None;
         for t in self.inner.tenants.values() {
-            for (hash, scopes) in &t.cfg.tokens {
+            for (hash, scopes) in &t.cfg().tokens {
                 let diff = hash.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
                 if diff == 0 {
-                    found = Some((t.cfg.id.clone(), scopes.clone()));
+                    found = Some((t.id.clone(), scopes.clone()));
                 }
             }
         }
@@ -461,20 +479,19 @@ impl Engine {
         if let Some(h) = self.inner.shards.get(key) {
             return Ok(h.clone());
         }
-        let policy = self
+        let tenant = self
             .inner
             .tenants
             .get(&key.tenant)
-            .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?
-            .cfg
-            .policy
-            .clone();
-        // Two requests may race to create the same shard: the entry lock decides.
+            .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
+        // Two requests may race to create the same shard: the entry lock decides. The
+        // policy is read under that lock, so a reload that swaps it and then updates
+        // every shard either sees this one or was done before it read the policy.
         let h = self
             .inner
             .shards
             .entry(key.clone())
-            .or_insert_with(|| self.new_cell(key, Shard::new(key.clone(), policy)));
+            .or_insert_with(|| self.new_cell(key, Shard::new(key.clone(), tenant.cfg().policy.clone())));
         let out = h.clone();
         drop(h);
         self.inner.metrics.shards_alive(self.inner.shards.len());
@@ -983,7 +1000,7 @@ impl Engine {
     /// time zone: the key of that week's recharge (R20), so it happens once per local
     /// week whatever the UTC offset (DST changes included).
     fn week_of(&self, tenant: &TenantId, now: Millis) -> Option<chrono::NaiveDate> {
-        let tz = self.inner.tenants.get(tenant)?.cfg.policy.time_zone;
+        let tz = self.inner.tenants.get(tenant)?.cfg().policy.time_zone;
         let today = tz.timestamp_millis_opt(now).single()?.date_naive();
         Some(today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday())))
     }
@@ -1135,17 +1152,12 @@ impl Engine {
                 shards: self.inner.shards.iter().map(|e| e.value().state.lock().clone()).collect(),
                 directory: self.inner.pros.iter().map(|e| (e.key().0.clone(), e.value().clone())).collect(),
                 lead_index: Vec::new(),
-                hub_next_seq: self
-                    .inner
-                    .tenants
-                    .values()
-                    .map(|t| (t.cfg.id.clone(), t.hub.next_seq()))
-                    .collect(),
+                hub_next_seq: self.inner.tenants.values().map(|t| (t.id.clone(), t.hub.next_seq())).collect(),
                 hub_buffer: self
                     .inner
                     .tenants
                     .values()
-                    .map(|t| (t.cfg.id.clone(), t.hub.buffered_shared()))
+                    .map(|t| (t.id.clone(), t.hub.buffered_shared()))
                     .collect(),
                 orders: self.inner.orders.iter().map(|(t, b)| (t.clone(), b.lock().clone())).collect(),
                 clock_ms: self.inner.clock.now(),
@@ -1267,7 +1279,7 @@ impl Engine {
             failed: st.failed,
         });
         for t in self.inner.tenants.values() {
-            if let (Some(sp), Some(tm)) = (t.hub.spill(), self.inner.metrics.tenant(&t.cfg.id)) {
+            if let (Some(sp), Some(tm)) = (t.hub.spill(), self.inner.metrics.tenant(&t.id)) {
                 tm.stream_history_bytes.set(sp.disk_bytes() as f64);
                 tm.stream_history_restarts.absolute(sp.stats.restarts.load(Ordering::Relaxed));
             }
@@ -1300,8 +1312,8 @@ impl Engine {
             }
         }
         for t in self.inner.tenants.values() {
-            if let Some(tm) = self.inner.metrics.tenant(&t.cfg.id) {
-                let (budget, unavailable) = parked.get(&t.cfg.id).copied().unwrap_or_default();
+            if let Some(tm) = self.inner.metrics.tenant(&t.id) {
+                let (budget, unavailable) = parked.get(&t.id).copied().unwrap_or_default();
                 tm.pros_parked_budget.set(budget as f64);
                 tm.pros_parked_unavailable.set(unavailable as f64);
             }

@@ -13,7 +13,7 @@ const CATEGORIES: [&str; 2] = ["painting", "plumbing"];
 
 pub async fn feed(engine: Engine, mut stop: watch::Receiver<bool>) {
     let tenant = match engine.tenants().next() {
-        Some(t) => t.cfg.id.clone(),
+        Some(t) => t.id.clone(),
         None => return,
     };
     if let Err(e) = setup(&engine, &tenant).await {

@@ -4,7 +4,8 @@
 //! nothing connects before the state is whole (`/readyz` turns 200 only then).
 //! SIGTERM/SIGINT: stop accepting, close streams with code 1001 and a resume cursor,
 //! drain the shard mailboxes, sync the WAL, snapshot, exit 0. A second signal, or
-//! `shutdown_timeout_ms` passing, forces exit 1.
+//! `shutdown_timeout_ms` passing, forces exit 1. SIGHUP: reload the tenants' policies
+//! and tokens (`engine::reload`).
 
 pub mod admin;
 pub mod admission;
@@ -13,7 +14,7 @@ pub mod demo;
 pub mod fdlimit;
 pub mod ws;
 
-use crate::config::Config;
+use crate::config::{Config, Sources};
 use crate::engine::Engine;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -39,8 +40,10 @@ pub fn init_logging(cfg: &Config) {
     }
 }
 
-/// Runs the daemon until a signal stops it. Returns the process exit code.
-pub fn run(cfg: Config, demo: bool) -> anyhow::Result<i32> {
+/// Runs the daemon until a signal stops it. Returns the process exit code. With
+/// `sources` (where `cfg` was loaded from), SIGHUP loads them again and applies the
+/// tenants' new policies and tokens ([`Engine::reload`]).
+pub fn run(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Result<i32> {
     match opt_out_of_huge_pages(cfg.raw.transparent_huge_pages) {
         Ok(true) => tracing::info!("transparent huge pages disabled for this process"),
         Ok(false) => {}
@@ -67,7 +70,7 @@ pub fn run(cfg: Config, demo: bool) -> anyhow::Result<i32> {
         Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
     let system = actix_rt::System::new();
-    system.block_on(async move { serve(cfg, demo).await })
+    system.block_on(async move { serve(cfg, demo, sources).await })
 }
 
 /// Applies `transparent_huge_pages`: unless they are allowed, opts this process out of
@@ -90,7 +93,7 @@ pub fn opt_out_of_huge_pages(allowed: bool) -> std::io::Result<bool> {
     Ok(false)
 }
 
-async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
+async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Result<i32> {
     let listen = cfg.listen;
     let admin_listen = cfg.admin_listen;
     let prometheus = crate::telemetry::install()?;
@@ -165,7 +168,7 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
                     _ = observe.tick() => engine.observe(),
                     _ = housekeeping.tick() => {
                         if !engine.inner.clock.is_manual() {
-                            let ids: Vec<_> = engine.tenants().map(|t| t.cfg.id.clone()).collect();
+                            let ids: Vec<_> = engine.tenants().map(|t| t.id.clone()).collect();
                             for t in ids {
                                 if let Err(e) = engine.housekeeping(&t).await {
                                     tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
@@ -193,6 +196,9 @@ async fn serve(cfg: Config, demo: bool) -> anyhow::Result<i32> {
     }
     if demo {
         actix_rt::spawn(demo::feed(engine.clone(), stop_rx.clone()));
+    }
+    if let Some(sources) = sources {
+        actix_rt::spawn(reload_on_hangup(engine.clone(), sources, stop_rx.clone()));
     }
     wait_for_signal().await;
     eprintln!("rota: shutting down (send the signal again to force)");
@@ -241,6 +247,51 @@ async fn background_snapshot(engine: Engine) -> anyhow::Result<Result<u64, crate
         let _ = tx.send(engine.snapshot_then(lower));
     })?;
     Ok(rx.await?)
+}
+
+/// SIGHUP: loads the configuration again from where it came from and applies what a
+/// running daemon can take (see `engine::reload`). A configuration that does not load,
+/// or that adds or removes a tenant, is refused whole: rota keeps running on the one
+/// it has, and says why.
+async fn reload_on_hangup(engine: Engine, sources: Sources, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: configuration reload unavailable");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        let cfg = match Config::load(&sources) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                engine.inner.metrics.m.config_reloads.get("error").increment(1);
+                tracing::error!(error = %e, "configuration reload refused; still running on the previous configuration");
+                continue;
+            }
+        };
+        // `Engine::reload` counts its own outcome in `rota_config_reloads_total`.
+        match engine.reload(&cfg) {
+            Ok(r) => {
+                tracing::info!(
+                    policies = ?r.policies.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+                    tokens = ?r.tokens.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+                    "configuration reloaded"
+                );
+                if !r.restart_needed.is_empty() {
+                    tracing::warn!(settings = ?r.restart_needed, "these settings changed and take effect at the next restart");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; still running on the previous configuration")
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

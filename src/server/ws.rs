@@ -135,6 +135,8 @@ struct Session {
     tenant: TenantId,
     scopes: Vec<Scope>,
     encoding: Encoding,
+    /// SHA-256 of the bearer token: checked again at every configuration reload.
+    token: [u8; 32],
 }
 
 fn refuse(status: StatusCode, msg: &str) -> ErrorResponse {
@@ -187,7 +189,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             ));
         };
         resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(encoding.subprotocol()));
-        session = Some(Session { tenant, scopes, encoding });
+        session = Some(Session { tenant, scopes, encoding, token: crate::config::hash_token(token) });
         Ok(resp)
     };
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg));
@@ -229,6 +231,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let mut admission = Admission::new(cfg.shed_backlog_bytes, cfg.shed_backlog_overloaded_bytes);
     let mut catch_up: Option<CatchUp> = None;
     let mut frames_this_turn: u32 = 0;
+    let mut reloads = engine.reloads();
     let close = loop {
         // Share the worker thread: after a few requests read in a row, let the other
         // connections (their replies, their streams) and the log's wake-ups run. A
@@ -357,6 +360,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                         m.slow_subscriber_disconnects.increment(1);
                         break Some((CloseCode::Library(CLOSE_SLOW), format!("stream history overtaken while catching up; resume_from={}", c.after)));
                     }
+                }
+            }
+            Ok(()) = reloads.changed() => {
+                // A reload that removed this connection's token, or changed what it
+                // may do, ends the connection: a revoked token is revoked now.
+                if engine.token_scopes(&session.tenant, &session.token).as_ref() != Some(&session.scopes) {
+                    m.auth_failures.get("token_revoked").increment(1);
+                    break Some((CloseCode::Policy, format!("token revoked; resume_from={last_seq_sent}")));
                 }
             }
             _ = heartbeat.tick() => {

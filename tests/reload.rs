@@ -1,0 +1,108 @@
+//! Configuration reload (SIGHUP) against the real binary: tokens revoked and added,
+//! a tenant's policy changed for the decisions that follow (R6a), and reloads that are
+//! refused whole (a tenant added, a file that does not parse) with the daemon running
+//! on.
+
+mod e2e_support;
+
+use e2e_support::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn hash(token: &str) -> String {
+    rota::config::hex(&rota::config::hash_token(token))
+}
+
+fn zaask_pro(id: &str) -> serde_json::Value {
+    json!({"type": "upsert_pro", "pro": {"id": id, "categories": ["painting"], "zones": ["lisboa"]}})
+}
+
+fn zaask_lead(id: &str) -> serde_json::Value {
+    json!({"type": "publish_lead", "lead": {
+        "id": id, "category": "painting", "zone": "lisboa",
+        "description": "Repaint a two-room flat, walls and ceilings, next week",
+        "details": {"rooms": "2"},
+        "client": {"id": format!("client-{id}"), "name": "Ana Garcia", "phone": "+34 600 000 000",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "created_at": T0
+    }})
+}
+
+/// Polls the metric until it reaches `want` (the daemon handles SIGHUP on its own
+/// time); fails after 30 s with what it saw.
+fn wait_metric(d: &Daemon, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = d.metric_with(name, labels);
+        if v == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}{labels:?} is {v}, expected {want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r6a_a_reload_revokes_tokens_at_once_and_applies_new_policies_to_later_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "");
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let pid = d.child.id();
+    let mut revoked = Client::connect(&d.addr, "pp-token", false).await;
+    revoked.ok(json!({"type": "subscribe"})).await;
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    for p in ["z1", "z2", "z3"] {
+        zk.ok(zaask_pro(p)).await;
+        zk.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100})).await;
+    }
+    let before = zk.ok(zaask_lead("Z1")).await;
+    assert_eq!(before["offers"].as_array().unwrap().len(), 3, "offer_fanout = \"all\": {before}");
+
+    // The platform rotates prontopro's token and zaask narrows its releases to one pro.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains(&hash("pp-token")));
+    std::fs::write(&cfg, text.replace(&hash("pp-token"), &hash("pp-token-2"))).unwrap();
+    let policy = dir.path().join("zaask.toml");
+    let p = std::fs::read_to_string(&policy).unwrap();
+    assert!(p.contains("offer_fanout = \"all\""));
+    std::fs::write(&policy, p.replace("offer_fanout = \"all\"", "offer_fanout = 1")).unwrap();
+    unsafe_kill(pid, "HUP");
+
+    // The connection made with the old token is closed as soon as the reload applies.
+    let (code, reason) = revoked.drain_until_close().await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.starts_with("token revoked"), "{reason}");
+    let refused = connect(&d.addr, "pp-token", "rota.v1.json").await;
+    assert!(refused.is_err(), "the old token no longer connects");
+    let mut rotated = Client::connect(&d.addr, "pp-token-2", false).await;
+    rotated.ok(json!({"type": "subscribe"})).await;
+    // zaask's token did not change: its connection stays, and its next lead follows
+    // the new policy; the lead decided before keeps its three offers.
+    let after = zk.ok(zaask_lead("Z2")).await;
+    assert_eq!(after["offers"].as_array().unwrap().len(), 1, "offer_fanout = 1 after the reload: {after}");
+    let z1 = zk.ok(json!({"type": "explain", "lead": "Z1"})).await;
+    let offered = z1["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count();
+    assert_eq!(offered, 3);
+    assert_eq!(d.metric_with("rota_config_reloads_total", &[("result", "ok")]), 1.0);
+    assert_eq!(d.metric_with("rota_auth_failures_total", &[("reason", "token_revoked")]), 1.0);
+
+    // A reload that adds a tenant is refused whole: nothing changes.
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    let added = format!(
+        "{good}[[tenants]]\nid = \"newcomer\"\npolicy = \"zaask.toml\"\n[[tenants.tokens]]\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n",
+        hash("new-token")
+    );
+    std::fs::write(&cfg, added.replace(&hash("pp-token-2"), &hash("pp-token-3"))).unwrap();
+    unsafe_kill(pid, "HUP");
+    wait_metric(&d, "rota_config_reloads_total", &[("result", "error")], 1.0);
+    assert!(connect(&d.addr, "pp-token-3", "rota.v1.json").await.is_err(), "not applied in part");
+    Client::connect(&d.addr, "pp-token-2", false).await;
+
+    // So is a file that does not parse; the daemon keeps serving.
+    std::fs::write(&cfg, "listen = [unclosed").unwrap();
+    unsafe_kill(pid, "HUP");
+    wait_metric(&d, "rota_config_reloads_total", &[("result", "error")], 2.0);
+    zk.ok(zaask_lead("Z3")).await;
+    rotated.ok(json!({"type": "balance", "pro": "nobody"})).await;
+    assert_eq!(d.metric_with("rota_config_reloads_total", &[("result", "ok")]), 1.0);
+}
