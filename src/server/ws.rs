@@ -239,6 +239,13 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
         // task read a hundred 4 KiB chunks (over a thousand requests) in one turn.
         if frames_this_turn >= FRAMES_PER_TURN {
             frames_this_turn = 0;
+            // Answers given at once (a shed lead's `overloaded`, a refusal) are fed
+            // unflushed, to go out with the next reply; before the worker moves on
+            // they go out now, so that under overload a refusal does not wait for the
+            // next acknowledgement to be flushed.
+            if sink.flush().await.is_err() {
+                break None;
+            }
             tokio::task::yield_now().await;
         }
         if let Some(c) = catch_up.as_mut().filter(|c| c.reading.is_none()) {
