@@ -356,7 +356,12 @@ impl Config {
                 if tok.scopes.is_empty() {
                     return Err(invalid(&format!("tenants[{i}].tokens[{j}].scopes"), "must list a scope"));
                 }
-                tokens.push((h, tok.scopes.clone()));
+                // In one order, once each: a reload that lists the same scopes in
+                // another order changes nothing (and closes no connection).
+                let mut scopes = tok.scopes.clone();
+                scopes.sort_unstable();
+                scopes.dedup();
+                tokens.push((h, scopes));
             }
             tenants.push(TenantConfig { id: TenantId::new(&t.id), policy: Arc::new(policy), tokens });
         }
@@ -525,5 +530,20 @@ mod tests {
         assert_eq!(c.tenants[0].tokens[0].0, hash_token("secret"));
         let shown = c.redacted_toml();
         assert!(!shown.contains(&h) && shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn a_tokens_scopes_are_kept_in_one_order_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), "tenant = \"acme\"\nmode = \"shared\"\n").unwrap();
+        let path = dir.path().join("rota.toml");
+        let h = hex(&hash_token("secret"));
+        std::fs::write(
+            &path,
+            format!("[[tenants]]\nid = \"acme\"\npolicy = \"p.toml\"\n[[tenants.tokens]]\nsha256 = \"{h}\"\nscopes = [\"stream\", \"ingest\", \"stream\"]\n"),
+        )
+        .unwrap();
+        let c = Config::load(&Sources { file: Some(path), ..Default::default() }).unwrap();
+        assert_eq!(c.tenants[0].tokens[0].1, [Scope::Ingest, Scope::Stream]);
     }
 }
