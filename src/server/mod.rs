@@ -101,6 +101,18 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Res
     let snapshot_every = cfg.raw.snapshot_interval_s;
     let demo_tenant = cfg.demo_tenant;
     let data_dir = cfg.raw.data_dir.clone();
+    // Taken before recovery: SIGHUP's default action ends the process, and a reload
+    // sent while a large log is replayed must wait for it, not kill the daemon.
+    let hangups = match sources {
+        Some(sources) => match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hup) => Some((hup, sources)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: configuration reload unavailable");
+                None
+            }
+        },
+        None => None,
+    };
     let (engine, report) = Engine::start(cfg)?;
     tracing::info!(
         records_replayed = report.records_replayed,
@@ -197,8 +209,8 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Res
     if demo {
         actix_rt::spawn(demo::feed(engine.clone(), stop_rx.clone()));
     }
-    if let Some(sources) = sources {
-        actix_rt::spawn(reload_on_hangup(engine.clone(), sources, stop_rx.clone()));
+    if let Some((hup, sources)) = hangups {
+        actix_rt::spawn(reload_on_hangup(engine.clone(), hup, sources, stop_rx.clone()));
     }
     wait_for_signal().await;
     eprintln!("rota: shutting down (send the signal again to force)");
@@ -253,15 +265,12 @@ async fn background_snapshot(engine: Engine) -> anyhow::Result<Result<u64, crate
 /// running daemon can take (see `engine::reload`). A configuration that does not load,
 /// or that adds or removes a tenant, is refused whole: rota keeps running on the one
 /// it has, and says why.
-async fn reload_on_hangup(engine: Engine, sources: Sources, mut stop: watch::Receiver<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler: configuration reload unavailable");
-            return;
-        }
-    };
+async fn reload_on_hangup(
+    engine: Engine,
+    mut hup: tokio::signal::unix::Signal,
+    sources: Sources,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = stop.changed() => return,
