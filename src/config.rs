@@ -353,6 +353,19 @@ impl Config {
             for (j, tok) in t.tokens.iter().enumerate() {
                 let key = format!("tenants[{i}].tokens[{j}].sha256");
                 let h = unhex(&tok.sha256).ok_or_else(|| invalid(&key, "must be 64 hex digits"))?;
+                // One token, one tenant and one set of scopes: a token listed twice
+                // would be let in as whichever entry came last.
+                let earlier = tenants
+                    .iter()
+                    .flat_map(|x: &TenantConfig| x.tokens.iter().map(move |(th, _)| (x.id.as_str(), th)))
+                    .chain(tokens.iter().map(|(th, _): &([u8; 32], Vec<Scope>)| (t.id.as_str(), th)))
+                    .find(|(_, th)| **th == h);
+                if let Some((owner, _)) = earlier {
+                    return Err(invalid(
+                        &key,
+                        format!("the same token is already listed for tenant {owner:?}"),
+                    ));
+                }
                 if tok.scopes.is_empty() {
                     return Err(invalid(&format!("tenants[{i}].tokens[{j}].scopes"), "must list a scope"));
                 }
@@ -530,6 +543,39 @@ mod tests {
         assert_eq!(c.tenants[0].tokens[0].0, hash_token("secret"));
         let shown = c.redacted_toml();
         assert!(!shown.contains(&h) && shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn a_token_listed_twice_is_refused_naming_where() {
+        let dir = tempfile::tempdir().unwrap();
+        for t in ["acme", "globex"] {
+            std::fs::write(
+                dir.path().join(format!("{t}.toml")),
+                format!("tenant = \"{t}\"\nmode = \"shared\"\n"),
+            )
+            .unwrap();
+        }
+        let h = hex(&hash_token("secret"));
+        let other = hex(&hash_token("other"));
+        let tenant = |id: &str, hashes: &[&str]| {
+            let mut t = format!("[[tenants]]\nid = \"{id}\"\npolicy = \"{id}.toml\"\n");
+            for h in hashes {
+                t += &format!("[[tenants.tokens]]\nsha256 = \"{h}\"\nscopes = [\"ingest\"]\n");
+            }
+            t
+        };
+        let path = dir.path().join("rota.toml");
+        let load = |text: String| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(&Sources { file: Some(path.clone()), ..Default::default() })
+        };
+        // Across two tenants: which tenant it opens would depend on the order.
+        let e = load(tenant("acme", &[&h]) + &tenant("globex", &[&other, &h])).unwrap_err().to_string();
+        assert!(e.contains("tenants[1].tokens[1].sha256") && e.contains("\"acme\""), "{e}");
+        // Twice in one tenant.
+        let e = load(tenant("acme", &[&h, &h])).unwrap_err().to_string();
+        assert!(e.contains("tenants[0].tokens[1].sha256"), "{e}");
+        load(tenant("acme", &[&h]) + &tenant("globex", &[&other])).expect("distinct tokens");
     }
 
     #[test]
