@@ -287,6 +287,9 @@ impl Config {
         let admin_listen: SocketAddr = raw.admin_listen.parse().map_err(|_| {
             invalid("admin_listen", format!("not an ip:port address: {:?}", raw.admin_listen))
         })?;
+        if admin_listen == listen && listen.port() != 0 {
+            return Err(invalid("admin_listen", format!("must differ from listen ({listen})")));
+        }
         if raw.arbiters > 64 {
             return Err(invalid("arbiters", "must be in 0..=64 (0 = on the gateway's thread)"));
         }
@@ -525,6 +528,12 @@ mod tests {
         let src = Sources { flags: vec!["arbiters=65".into()], ..Default::default() };
         let e = Config::load(&src).unwrap_err().to_string();
         assert!(e.contains("arbiters"), "{e}");
+        let src = Sources {
+            flags: vec!["listen=\"127.0.0.1:7790\"".into(), "admin_listen=\"127.0.0.1:7790\"".into()],
+            ..Default::default()
+        };
+        let e = Config::load(&src).unwrap_err().to_string();
+        assert!(e.contains("admin_listen") && e.contains("must differ from listen"), "{e}");
     }
 
     #[test]

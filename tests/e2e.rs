@@ -221,6 +221,21 @@ async fn a_connection_that_never_upgrades_is_closed_after_the_handshake_timeout(
 /// The `THP_enabled` line of `/proc/<pid>/status` (Linux 5.0+): 0 once the process
 /// opted out of transparent huge pages.
 #[cfg(target_os = "linux")]
+#[test]
+fn a_listen_address_in_use_is_named_and_the_daemon_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rota"))
+        .args(["serve", "--data-dir", &dir.path().to_string_lossy(), "--listen", &addr])
+        .args(["--set", "admin_listen=\"127.0.0.1:0\"", "--set", "log_level=\"warn\""])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on {addr} (listen)")), "{stderr}");
+}
+
 fn thp_enabled(pid: u32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("THP_enabled:"));

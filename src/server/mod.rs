@@ -123,9 +123,14 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Res
         duration_ms = report.duration.as_millis() as u64,
         "recovered"
     );
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (listen)"))?;
     let local = listener.local_addr()?;
-    let admin = tokio::net::TcpListener::bind(admin_listen).await?;
+    let admin = tokio::net::TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {admin_listen} (admin_listen)"))?;
     let admin_local = admin.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let health_engine = engine.clone();
