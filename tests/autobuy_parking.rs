@@ -261,3 +261,80 @@ fn r22_r16_a_parked_buyer_gets_no_lead_that_came_while_it_was_away() {
     assert_eq!(got, vec!["L3".to_string(), "L5".to_string()]);
     h.assert_replay_equal();
 }
+
+/// Auto-buy with R11 prices: a painting lead costs 60 credits here, the cheapest lead of
+/// the shard 1 credit, so a pro with 30 credits left is skipped for its budget by this
+/// lead but not parked (it could still buy a cheaper one).
+fn priced_autobuy_policy() -> std::sync::Arc<Policy> {
+    policy(
+        r#"
+        tenant = "t"
+        mode = "auto_buy"
+        [leads]
+        duplicate_window_s = 0
+        [autobuy]
+        group_size = 4
+        retry_window_s = 86400
+        [money]
+        charge_on = "dispatch"
+        flat_price_credits = 10
+        [pricing]
+        tenant_factor_permille = 1000
+        min_price_credits = 1
+        max_price_credits = 100
+        credit_value_cents = 100
+        chat_only_discount_permille = 300
+        thin_details_discount_permille = 150
+        far_away_discount_permille = 200
+        far_away_km = 30
+        proposals_ema_permille = 500
+        [pricing.default_category]
+        avg_job_value_cents = 120000
+        conversion_permille = 250
+        avg_proposals_milli = 5000
+        "#,
+    )
+}
+
+#[test]
+fn r22_pros_skipped_for_their_budget_past_the_retry_list_still_wait_for_the_lead() {
+    let mut h = Harness::new(priced_autobuy_policy());
+    // 100 buyers with 30 credits (below this lead's price, not below the cheapest),
+    // then two that can pay: the lead's scan skips the hundred and is left two short.
+    for i in 1..=102 {
+        let mut p = pro(&format!("p{i:03}"));
+        p.autobuy = vec![autobuy("weekly", 1000)];
+        h.add_pro(p);
+        h.funds.set_budget(&format!("p{i:03}"), "weekly", if i <= 100 { 30 } else { 1000 });
+    }
+    let l1 = h.publish(T0, lead("L1", T0));
+    let price = h.shard.lead(&lid("L1")).expect("accepted").price;
+    assert!(price > 30, "the lead costs more than the skipped pros have: {price}");
+    assert_eq!(offered_ids(&l1.events), vec!["p101", "p102"]);
+    assert_eq!(h.shard.parked_pros(), 0, "30 credits can still buy a cheaper lead");
+    // A second lead lists none of them again: they are short of budget already.
+    let l2 = h.publish(T0 + M, lead("L2", T0 + M));
+    match l2.events.iter().find(|e| matches!(e, Event::Offered { .. })) {
+        Some(Event::Offered { budget_short, .. }) => assert!(budget_short.is_empty(), "{budget_short:?}"),
+        other => panic!("L2 released: {other:?}"),
+    }
+    // p090 was skipped past the lead's 64-pro retry list; its budget comes back: it
+    // gets the oldest lead it missed, L1 (R22), as p010 (on the list) does.
+    for p in ["p090", "p010"] {
+        h.funds.set_budget(p, "weekly", 1000);
+        let back = h.ok(T0 + 2 * M, Command::BudgetAvailable { pros: vec![pid(p)] });
+        let got: Vec<(String, String)> = back
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Offered { lead, grants, .. } => {
+                    Some(grants.iter().map(|g| (lead.to_string(), g.pro.to_string())).collect::<Vec<_>>())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(got[0], ("L1".to_string(), p.to_string()), "{p} retried for L1: {got:?}");
+    }
+    h.assert_replay_equal();
+}

@@ -305,6 +305,11 @@ pub enum Event {
         /// Scanned and skipped pros past [`MAX_RECORDED_SKIPS`], counted only.
         #[serde(default)]
         skipped_more: u32,
+        /// R22: pros past [`MAX_RECORDED_SKIPS`] skipped for a spent budget, not
+        /// parked, and not short of budget already (see `ProSlot::budget_short_since`):
+        /// each pro is listed once per spell without budget, so the list stays short.
+        #[serde(default)]
+        budget_short: Vec<ProId>,
     },
     OfferOpened {
         lead: LeadId,
@@ -531,6 +536,13 @@ pub struct ProSlot {
     pub pro: Arc<Pro>,
     pub stats: ProStats,
     pub weight: WeightBreakdown,
+    /// R22: since when a lead's scan has skipped this pro for a spent auto-buy budget
+    /// without it receiving a lead since (set by the first such skip, cleared by a
+    /// grant). A lead left short after that time scanned it and missed it, so it is
+    /// retried when the budget comes back, like a pro parked for its budget; this is
+    /// what covers the pros a lead's bounded retry list leaves out.
+    #[serde(default)]
+    budget_short_since: OptMillis,
     /// The pro's schedule zone, parsed once when the pro or its availability changes
     /// (not stored: [`Shard::restore`] fills it); parsing it per candidate was a tenth
     /// of a decision.
@@ -541,7 +553,7 @@ pub struct ProSlot {
 impl ProSlot {
     fn new(pro: Arc<Pro>, stats: ProStats, weight: WeightBreakdown) -> Self {
         let schedule_tz = pro.availability.schedule_tz();
-        Self { pro, stats, weight, schedule_tz }
+        Self { pro, stats, weight, budget_short_since: OptMillis::NONE, schedule_tz }
     }
 
     /// R4/R16 availability of the pro at `now`.
@@ -776,10 +788,11 @@ pub struct Deadline {
 /// from a lead could skip thousands; past this bound they are counted, not listed, so
 /// the event and the lead state stay small. The R22 retry list of a lead (pros skipped
 /// for a spent budget) is filled from these records, so it holds at most this many
-/// pros too; a pro past the bound that was parked for its spent budget since before
-/// the lead is still retried (the ring keeps since when: `Ring::budget_parked_since`).
-/// Only a pro skipped for its budget without being parked (a budget below this lead's
-/// price but not below the shard's cheapest) and past the bound is not.
+/// pros too; a pro past the bound is still retried: one parked for its spent budget
+/// since before the lead (the ring keeps since when: `Ring::budget_parked_since`), and
+/// one skipped for its budget without being parked (a budget below this lead's price
+/// but not below the shard's cheapest) since before it (`ProSlot::budget_short_since`,
+/// set from the event's `budget_short`).
 pub const MAX_RECORDED_SKIPS: usize = 64;
 
 /// Most pros one release offers a lead to, `offer_fanout = "all"` included (a larger
@@ -1035,6 +1048,7 @@ impl Shard {
                 rotation: Selection::default(),
                 skipped,
                 skipped_more: 0,
+                budget_short: Vec::new(),
             });
         }
         // No head start: generic release in the same decision.
@@ -1280,18 +1294,27 @@ impl Shard {
         let n = n.min(MAX_OFFERS_PER_RELEASE);
         let mut skipped = Vec::new();
         let mut skipped_more = 0u32;
+        let mut budget_short = Vec::new();
         let catch_up = p.max_catch_up_turns;
         let rotation =
             self.ring.select_at(now, catch_up, n, |slot| match self.ineligible(now, slot, st, funds) {
                 None => Verdict::Take,
                 Some(skip) => {
-                    let pro = &self.slot_pro(slot).pro;
+                    let ps = self.slot_pro(slot);
+                    let pro = &ps.pro;
+                    let parking = self.parking(now, pro, funds);
                     if skipped.len() < MAX_RECORDED_SKIPS {
                         skipped.push((pro.id.clone(), skip));
                     } else {
                         skipped_more = skipped_more.saturating_add(1);
+                        if matches!(skip, Skip::BudgetExhausted { .. })
+                            && parking.is_none()
+                            && ps.budget_short_since.get().is_none()
+                        {
+                            budget_short.push(pro.id.clone());
+                        }
                     }
-                    self.parking(now, pro, funds).map_or(Verdict::Skip, Verdict::Park)
+                    parking.map_or(Verdict::Skip, Verdict::Park)
                 }
             });
         // A group left short: the pros parked for a spent budget would have been
@@ -1356,6 +1379,7 @@ impl Shard {
             rotation,
             skipped,
             skipped_more,
+            budget_short,
         }
     }
 
@@ -1569,10 +1593,12 @@ impl Shard {
     ///
     /// A pro missed a lead for want of budget if the lead's scan skipped it for that
     /// (the lead's retry list, bounded by [`MAX_RECORDED_SKIPS`]) or if the pro was
-    /// parked for a spent budget, without a break, since before the lead came and
-    /// was available at the lead's time (its schedule, pause and vacation as set now:
-    /// any change to them would have ended the park). The second covers the pros a
-    /// large shard's bounded retry list leaves out.
+    /// parked for a spent budget, or short of budget (skipped for it, not parked, and
+    /// no lead received since), without a break, since before the lead came and was
+    /// available at the lead's time (its schedule, pause and vacation as set now: any
+    /// change to them would have ended the park). A lead with open seats scanned every
+    /// pro not parked, so a pro short of budget since before it was skipped by it. The
+    /// second covers the pros a large shard's bounded retry list leaves out.
     ///
     /// Who gets a seat follows the rotation (R21, R28), not the order in which budgets
     /// came back: the shell sends every pro of one recharge in one command, leads are
@@ -1609,7 +1635,7 @@ impl Shard {
                 pass,
                 slot,
                 stride: e.stride,
-                since: self.ring.budget_parked_since(slot),
+                since: self.ring.budget_parked_since(slot).or(self.slot_pro(slot).budget_short_since.get()),
             });
         }
         if waiting.is_empty() {
@@ -1737,6 +1763,7 @@ impl Shard {
                 rotation,
                 skipped: vec![],
                 skipped_more: 0,
+                budget_short: Vec::new(),
             });
         }
         done(events)
@@ -1907,7 +1934,28 @@ impl Shard {
                 self.last_by_client.insert(lead.client.id.clone(), (lead.created_at, lead.id.clone()));
                 self.leads.insert(lead.id.clone(), Arc::new(st));
             }
-            Event::Offered { lead, at, release, grants, rotation, skipped, skipped_more } => {
+            Event::Offered { lead, at, release, grants, rotation, skipped, skipped_more, budget_short } => {
+                // R22: who is short of budget since when (see `ProSlot::budget_short_since`).
+                let short = skipped
+                    .iter()
+                    .filter(|(_, skip)| matches!(skip, Skip::BudgetExhausted { .. }))
+                    .map(|(p, _)| p)
+                    .chain(budget_short);
+                for pro in short {
+                    if let Some(ps) = self.slots.get(pro).and_then(|&slot| self.pros[slot as usize].as_mut())
+                    {
+                        if ps.budget_short_since.get().is_none() {
+                            ps.budget_short_since = OptMillis::some(*at);
+                        }
+                    }
+                }
+                for g in grants {
+                    if let Some(ps) =
+                        self.slots.get(&g.pro).and_then(|&slot| self.pros[slot as usize].as_mut())
+                    {
+                        ps.budget_short_since = OptMillis::NONE;
+                    }
+                }
                 self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
                 let response_window = self.policy.response_window;
                 let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) else {

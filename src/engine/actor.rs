@@ -257,7 +257,9 @@ pub const RECORD_WEIGHT: usize = 4096;
 /// releasing `n` holds weighs `1 + n`.
 pub fn weight(ev: &Event) -> usize {
     match ev {
-        Event::Offered { grants, skipped, .. } => 1 + grants.len() + skipped.len() / 4,
+        Event::Offered { grants, skipped, budget_short, .. } => {
+            1 + grants.len() + skipped.len() / 4 + budget_short.len() / 4
+        }
         Event::LeadClosed { releases, .. } => 1 + releases.len(),
         _ => 1,
     }
@@ -397,6 +399,7 @@ mod split_tests {
             rotation: Default::default(),
             skipped: vec![],
             skipped_more: 0,
+            budget_short: Vec::new(),
         }
     }
 
