@@ -536,18 +536,28 @@ mod tests {
         assert!(e.contains("admin_listen") && e.contains("must differ from listen"), "{e}");
     }
 
+    /// Loads a `rota.toml` written in `dir` with `tenants` (`id`, then its tokens as
+    /// `(sha256 hex, scopes as TOML)`), each with a shared-mode policy file beside it.
+    fn load_tenants(dir: &Path, tenants: &[(&str, &[(&str, &str)])]) -> Result<Config, ConfigError> {
+        let mut text = String::new();
+        for (id, tokens) in tenants {
+            std::fs::write(dir.join(format!("{id}.toml")), format!("tenant = \"{id}\"\nmode = \"shared\"\n"))
+                .unwrap();
+            text += &format!("[[tenants]]\nid = \"{id}\"\npolicy = \"{id}.toml\"\n");
+            for (h, scopes) in *tokens {
+                text += &format!("[[tenants.tokens]]\nsha256 = \"{h}\"\nscopes = {scopes}\n");
+            }
+        }
+        let path = dir.join("rota.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&Sources { file: Some(path), ..Default::default() })
+    }
+
     #[test]
     fn token_hashes_are_redacted() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("p.toml"), "tenant = \"acme\"\nmode = \"shared\"\n").unwrap();
-        let path = dir.path().join("rota.toml");
         let h = hex(&hash_token("secret"));
-        std::fs::write(
-            &path,
-            format!("[[tenants]]\nid = \"acme\"\npolicy = \"p.toml\"\n[[tenants.tokens]]\nsha256 = \"{h}\"\nscopes = [\"ingest\"]\n"),
-        )
-        .unwrap();
-        let c = Config::load(&Sources { file: Some(path), ..Default::default() }).unwrap();
+        let c = load_tenants(dir.path(), &[("acme", &[(&h, "[\"ingest\"]")])]).unwrap();
         assert!(!c.demo_tenant);
         assert_eq!(c.tenants[0].tokens[0].0, hash_token("secret"));
         let shown = c.redacted_toml();
@@ -557,48 +567,30 @@ mod tests {
     #[test]
     fn a_token_listed_twice_is_refused_naming_where() {
         let dir = tempfile::tempdir().unwrap();
-        for t in ["acme", "globex"] {
-            std::fs::write(
-                dir.path().join(format!("{t}.toml")),
-                format!("tenant = \"{t}\"\nmode = \"shared\"\n"),
-            )
-            .unwrap();
-        }
         let h = hex(&hash_token("secret"));
         let other = hex(&hash_token("other"));
-        let tenant = |id: &str, hashes: &[&str]| {
-            let mut t = format!("[[tenants]]\nid = \"{id}\"\npolicy = \"{id}.toml\"\n");
-            for h in hashes {
-                t += &format!("[[tenants.tokens]]\nsha256 = \"{h}\"\nscopes = [\"ingest\"]\n");
-            }
-            t
-        };
-        let path = dir.path().join("rota.toml");
-        let load = |text: String| {
-            std::fs::write(&path, text).unwrap();
-            Config::load(&Sources { file: Some(path.clone()), ..Default::default() })
-        };
+        let ingest = "[\"ingest\"]";
         // Across two tenants: which tenant it opens would depend on the order.
-        let e = load(tenant("acme", &[&h]) + &tenant("globex", &[&other, &h])).unwrap_err().to_string();
+        let e = load_tenants(
+            dir.path(),
+            &[("acme", &[(&h, ingest)]), ("globex", &[(&other, ingest), (&h, ingest)])],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("tenants[1].tokens[1].sha256") && e.contains("\"acme\""), "{e}");
         // Twice in one tenant.
-        let e = load(tenant("acme", &[&h, &h])).unwrap_err().to_string();
+        let e = load_tenants(dir.path(), &[("acme", &[(&h, ingest), (&h, ingest)])]).unwrap_err().to_string();
         assert!(e.contains("tenants[0].tokens[1].sha256"), "{e}");
-        load(tenant("acme", &[&h]) + &tenant("globex", &[&other])).expect("distinct tokens");
+        load_tenants(dir.path(), &[("acme", &[(&h, ingest)]), ("globex", &[(&other, ingest)])])
+            .expect("distinct tokens");
     }
 
     #[test]
     fn a_tokens_scopes_are_kept_in_one_order_once_each() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("p.toml"), "tenant = \"acme\"\nmode = \"shared\"\n").unwrap();
-        let path = dir.path().join("rota.toml");
         let h = hex(&hash_token("secret"));
-        std::fs::write(
-            &path,
-            format!("[[tenants]]\nid = \"acme\"\npolicy = \"p.toml\"\n[[tenants.tokens]]\nsha256 = \"{h}\"\nscopes = [\"stream\", \"ingest\", \"stream\"]\n"),
-        )
-        .unwrap();
-        let c = Config::load(&Sources { file: Some(path), ..Default::default() }).unwrap();
+        let c =
+            load_tenants(dir.path(), &[("acme", &[(&h, "[\"stream\", \"ingest\", \"stream\"]")])]).unwrap();
         assert_eq!(c.tenants[0].tokens[0].1, [Scope::Ingest, Scope::Stream]);
     }
 }

@@ -266,34 +266,10 @@ fn r22_r16_a_parked_buyer_gets_no_lead_that_came_while_it_was_away() {
 /// the shard 1 credit, so a pro with 30 credits left is skipped for its budget by this
 /// lead but not parked (it could still buy a cheaper one).
 fn priced_autobuy_policy() -> std::sync::Arc<Policy> {
-    policy(
-        r#"
-        tenant = "t"
-        mode = "auto_buy"
-        [leads]
-        duplicate_window_s = 0
-        [autobuy]
-        group_size = 4
-        retry_window_s = 86400
-        [money]
-        charge_on = "dispatch"
-        flat_price_credits = 10
-        [pricing]
-        tenant_factor_permille = 1000
-        min_price_credits = 1
-        max_price_credits = 100
-        credit_value_cents = 100
-        chat_only_discount_permille = 300
-        thin_details_discount_permille = 150
-        far_away_discount_permille = 200
-        far_away_km = 30
-        proposals_ema_permille = 500
-        [pricing.default_category]
-        avg_job_value_cents = 120000
-        conversion_permille = 250
-        avg_proposals_milli = 5000
-        "#,
-    )
+    let text = R11_POLICY
+        .replace("mode = \"shared\"", "mode = \"auto_buy\"")
+        .replace("charge_on = \"response\"", "charge_on = \"dispatch\"");
+    policy(&format!("{text}\n[autobuy]\ngroup_size = 4\nretry_window_s = 86400\n"))
 }
 
 #[test]

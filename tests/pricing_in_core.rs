@@ -9,35 +9,10 @@ use std::sync::Arc;
 
 const T0: i64 = 1_764_000_000_000;
 
-const POLICY: &str = r#"
-tenant = "t"
-mode = "shared"
-[leads]
-duplicate_window_s = 0
-[gate]
-min_description_chars = 10
-[money]
-charge_on = "response"
-flat_price_credits = 10
-[pricing]
-tenant_factor_permille = 1000
-min_price_credits = 1
-max_price_credits = 100
-credit_value_cents = 100
-chat_only_discount_permille = 300
-thin_details_discount_permille = 150
-far_away_discount_permille = 200
-far_away_km = 30
-proposals_ema_permille = 500
-[pricing.default_category]
-avg_job_value_cents = 50000
-conversion_permille = 200
-avg_proposals_milli = 4000
-[pricing.categories.painting]
-avg_job_value_cents = 120000
-conversion_permille = 250
-avg_proposals_milli = 5000
-"#;
+mod common;
+
+/// R11 prices in a shared-mode shard (a painting lead costs 60 credits).
+use common::R11_POLICY as POLICY;
 
 fn shard() -> Shard {
     shard_with(POLICY, (0..6).map(|i| (format!("p{i}"), None)))

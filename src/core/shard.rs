@@ -1949,13 +1949,6 @@ impl Shard {
                         }
                     }
                 }
-                for g in grants {
-                    if let Some(ps) =
-                        self.slots.get(&g.pro).and_then(|&slot| self.pros[slot as usize].as_mut())
-                    {
-                        ps.budget_short_since = OptMillis::NONE;
-                    }
-                }
                 self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
                 let response_window = self.policy.response_window;
                 let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) else {
@@ -2011,6 +2004,8 @@ impl Shard {
                     st.budget_waitlist.retain(|p| p != &g.pro);
                     if let Some(&slot) = self.slots.get(&g.pro) {
                         if let Some(ps) = self.pros[slot as usize].as_mut() {
+                            // A lead received: no longer short of budget (R22).
+                            ps.budget_short_since = OptMillis::NONE;
                             ps.stats.offered += 1;
                             if ps.available(*at).is_ok() {
                                 ps.stats.rate_relevant += 1;

@@ -346,3 +346,35 @@ pub fn names(events: &[Event]) -> Vec<&'static str> {
 }
 
 pub const M: Millis = MINUTE_MS;
+
+/// A shared-mode policy with R11 prices from category statistics: a painting lead costs
+/// 60 credits (1200.00 x 25 % / 5 proposals), the cheapest lead 1 credit.
+pub const R11_POLICY: &str = r#"
+tenant = "t"
+mode = "shared"
+[leads]
+duplicate_window_s = 0
+[gate]
+min_description_chars = 10
+[money]
+charge_on = "response"
+flat_price_credits = 10
+[pricing]
+tenant_factor_permille = 1000
+min_price_credits = 1
+max_price_credits = 100
+credit_value_cents = 100
+chat_only_discount_permille = 300
+thin_details_discount_permille = 150
+far_away_discount_permille = 200
+far_away_km = 30
+proposals_ema_permille = 500
+[pricing.default_category]
+avg_job_value_cents = 50000
+conversion_permille = 200
+avg_proposals_milli = 4000
+[pricing.categories.painting]
+avg_job_value_cents = 120000
+conversion_permille = 250
+avg_proposals_milli = 5000
+"#;
