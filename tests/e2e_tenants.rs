@@ -830,3 +830,68 @@ async fn available(c: &mut Client, pros: &[&str]) -> Vec<u64> {
     }
     out
 }
+
+/// `rota serve` on `dir` with `config` until it exits by itself (killed after a
+/// minute if it does not, then `None`): its exit code and what it printed.
+fn serve_until_exit(dir: &std::path::Path, config: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rota"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--clock", "manual", "-c"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--set", "admin_listen=\"127.0.0.1:0\"", "--set", "log_level=\"warn\""])
+        .args(["--set", "wal.segment_bytes=8388608"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_tenant_left_out_of_the_configuration_stops_the_start_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = config(dir.path(), 1024);
+    // The same file without zaask.
+    let text = std::fs::read_to_string(&full).unwrap();
+    let cut = text.find("[[tenants]]\nid = \"zaask\"").expect("zaask is configured");
+    let without = dir.path().join("without-zaask.toml");
+    std::fs::write(&without, &text[..cut]).unwrap();
+
+    let d = Daemon::start_with(dir.path(), &full);
+    let mut c = Client::connect(&d.addr, "zk-token", false).await;
+    c.ok(json!({"type": "upsert_pro", "pro": {"id": "z1", "categories": ["painting"], "zones": ["lisboa"]}}))
+        .await;
+    c.ok(json!({"type": "grant_credits", "pro": "z1", "op": "pay-z1", "credits": 100})).await;
+    let mut lead = lead_in("Z1", "lisboa", true);
+    lead["client"]["phone"] = json!("+351 910 000 000");
+    c.ok(json!({"type": "publish_lead", "lead": lead})).await;
+    drop(c);
+    // Killed: zaask's records are in the log after the last snapshot.
+    unsafe_kill(d.child.id(), "KILL");
+    let _ = d.wait_exit();
+    let (code, stderr) = serve_until_exit(dir.path(), &without);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("tenants that are not in the configuration: zaask"), "{stderr}");
+
+    // Nothing was dropped: with zaask back its lead is there. A clean stop writes
+    // the snapshot, which a start without zaask refuses too; the lead survives that.
+    for from in ["the log", "the snapshot"] {
+        let d = Daemon::start_with(dir.path(), &full);
+        let mut c = Client::connect(&d.addr, "zk-token", false).await;
+        let ex = c.ok(json!({"type": "explain", "lead": "Z1"})).await;
+        assert_eq!(offered_count(&ex), 1, "recovered from {from}: {ex}");
+        let b = c.ok(json!({"type": "balance", "pro": "z1"})).await;
+        assert_eq!(b["granted"], 100, "recovered from {from}: {b}");
+        drop(c);
+        assert_eq!(d.stop(), 0);
+        let (code, stderr) = serve_until_exit(dir.path(), &without);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains("not in the configuration: zaask"), "{stderr}");
+    }
+}

@@ -202,6 +202,14 @@ pub enum StartError {
     Record { seq: u64, reason: String },
     #[error("cannot start the stream-history thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "the log holds tenants that are not in the configuration: {}; their leads, \
+         rotation and money would be dropped at the next snapshot. Add them back to \
+         `tenants` (with no `tokens` to keep them closed), or start with another \
+         data_dir; nothing was changed",
+        .0.join(", ")
+    )]
+    UnconfiguredTenants(Vec<String>),
 }
 
 /// State rebuilt by replay before the actors start.
@@ -223,6 +231,9 @@ struct Recovering {
     /// The latest time of the recovered state: the snapshot's and every replayed
     /// shard event's (the wall clock's floor, [`Clock::not_before`]).
     latest_ms: Millis,
+    /// Tenants found in the snapshot or the log but not configured: the start is
+    /// refused ([`StartError::UnconfiguredTenants`]).
+    unconfigured: std::collections::BTreeSet<String>,
     error: Option<StartError>,
 }
 
@@ -272,6 +283,11 @@ impl Engine {
         })?;
         if let Some(e) = rec.error.take() {
             return Err(e);
+        }
+        if !rec.unconfigured.is_empty() {
+            return Err(StartError::UnconfiguredTenants(
+                std::mem::take(&mut rec.unconfigured).into_iter().collect(),
+            ));
         }
         let behind_ms = clock.not_before(rec.latest_ms);
         if behind_ms > 0 {
@@ -1326,6 +1342,18 @@ fn restore_snapshot(
     s: EngineSnapshot,
     policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>,
 ) {
+    // A tenant the configuration no longer names: the start is refused, so that
+    // nothing of it is dropped by the next snapshot.
+    let unknown = s
+        .ledger
+        .tenants()
+        .chain(s.shards.iter().map(|sh| &sh.key.tenant))
+        .chain(s.directory.iter().map(|(t, _)| t))
+        .chain(s.hub_next_seq.iter().map(|(t, _)| t))
+        .chain(s.orders.iter().map(|(t, _)| t))
+        .filter(|t| !policies.contains_key(*t))
+        .map(|t| t.to_string());
+    rec.unconfigured.extend(unknown);
     rec.ledger = Some(Ledger::restore(s.ledger));
     rec.shards.clear();
     for shard in s.shards {
@@ -1349,13 +1377,21 @@ fn replay_record(
     r: WalRecord,
     policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>,
 ) {
+    let tenant = match &r {
+        WalRecord::Shard { key, .. } => &key.tenant,
+        WalRecord::Ledger { tenant, .. }
+        | WalRecord::Orders { tenant, .. }
+        | WalRecord::ProDirectory { tenant, .. } => tenant,
+    };
+    if !policies.contains_key(tenant) {
+        // The start is refused once replay ends (every such tenant named at once).
+        rec.unconfigured.insert(tenant.to_string());
+        return;
+    }
     let ledger = rec.ledger.as_ref().expect("set before replay");
     match r {
         WalRecord::Shard { key, events, money } => {
-            let Some(policy) = policies.get(&key.tenant) else {
-                tracing::warn!(tenant = %key.tenant, "WAL record of a tenant that is no longer configured; skipped");
-                return;
-            };
+            let Some(policy) = policies.get(&key.tenant) else { return };
             let shard =
                 rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
             let stream = rec.hub_events.entry(key.tenant.clone()).or_default();
@@ -1374,9 +1410,7 @@ fn replay_record(
             for m in &money {
                 ledger.apply(m);
             }
-            if policies.contains_key(&tenant) {
-                record::money_stream_events(&money, rec.hub_events.entry(tenant).or_default());
-            }
+            record::money_stream_events(&money, rec.hub_events.entry(tenant).or_default());
         }
         WalRecord::Orders { tenant, events } => {
             let Some(policy) = policies.get(&tenant) else { return };

@@ -169,6 +169,13 @@ pub struct LedgerSnapshot {
 /// no op-id registry.
 type Shared<T> = Arc<Mutex<Arc<T>>>;
 
+impl LedgerSnapshot {
+    /// Every tenant with an account or a budget.
+    pub fn tenants(&self) -> impl Iterator<Item = &TenantId> {
+        self.accounts.iter().map(|(t, _, _)| t).chain(self.budgets.iter().map(|(t, _, _, _)| t))
+    }
+}
+
 /// Credits and budgets of every pro of every tenant.
 #[derive(Default)]
 pub struct Ledger {
