@@ -1,7 +1,7 @@
 //! Configuration reload (SIGHUP) against the real binary: tokens revoked and added,
-//! a tenant's policy changed for the decisions that follow (R6a), and reloads that are
-//! refused whole (a tenant added, a file that does not parse) with the daemon running
-//! on.
+//! a tenant's policy changed for the decisions that follow (R6a), a tenant added and
+//! served at once, and reloads that are refused whole (a tenant removed, a file that
+//! does not parse) with the daemon running on.
 
 mod e2e_support;
 
@@ -86,17 +86,16 @@ async fn r6a_a_reload_revokes_tokens_at_once_and_applies_new_policies_to_later_d
     assert_eq!(d.metric_with("rota_config_reloads_total", &[("result", "ok")]), 1.0);
     assert_eq!(d.metric_with("rota_auth_failures_total", &[("reason", "token_revoked")]), 1.0);
 
-    // A reload that adds a tenant is refused whole: nothing changes.
+    // A reload that removes a tenant is refused whole: nothing changes (the token
+    // rotated in the same file is not applied, and the tenant keeps working).
     let good = std::fs::read_to_string(&cfg).unwrap();
-    let added = format!(
-        "{good}[[tenants]]\nid = \"newcomer\"\npolicy = \"zaask.toml\"\n[[tenants.tokens]]\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n",
-        hash("new-token")
-    );
-    std::fs::write(&cfg, added.replace(&hash("pp-token-2"), &hash("pp-token-3"))).unwrap();
+    let cut = good.find("[[tenants]]\nid = \"zaask\"").expect("zaask is configured");
+    std::fs::write(&cfg, good[..cut].replace(&hash("pp-token-2"), &hash("pp-token-3"))).unwrap();
     unsafe_kill(pid, "HUP");
     wait_metric(&d, "rota_config_reloads_total", &[("result", "error")], 1.0);
     assert!(connect(&d.addr, "pp-token-3", "rota.v1.json").await.is_err(), "not applied in part");
     Client::connect(&d.addr, "pp-token-2", false).await;
+    zk.ok(zaask_lead("Z2b")).await;
 
     // So is a file that does not parse; the daemon keeps serving.
     std::fs::write(&cfg, "listen = [unclosed").unwrap();
@@ -105,4 +104,66 @@ async fn r6a_a_reload_revokes_tokens_at_once_and_applies_new_policies_to_later_d
     zk.ok(zaask_lead("Z3")).await;
     rotated.ok(json!({"type": "balance", "pro": "nobody"})).await;
     assert_eq!(d.metric_with("rota_config_reloads_total", &[("result", "ok")]), 1.0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_reload_adds_a_tenant_that_is_served_at_once_and_kept_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "");
+    let d = Daemon::start_with(dir.path(), &cfg);
+    assert!(connect(&d.addr, "new-token", "rota.v1.json").await.is_err(), "not a tenant yet");
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    zk.ok(zaask_pro("z1")).await;
+
+    // The platform onboards a marketplace: its policy file and its entry, then SIGHUP.
+    let policy = std::fs::read_to_string(dir.path().join("zaask.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("newcomer.toml"),
+        policy.replace("tenant = \"zaask\"", "tenant = \"newcomer\""),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}[[tenants]]\nid = \"newcomer\"\npolicy = \"newcomer.toml\"\n[[tenants.tokens]]\nsha256 = \"{}\"\nscopes = [\"ingest\", \"stream\", \"admin\"]\n",
+            hash("new-token")
+        ),
+    )
+    .unwrap();
+    unsafe_kill(d.child.id(), "HUP");
+    wait_metric(&d, "rota_config_reloads_total", &[("result", "ok")], 1.0);
+
+    let mut nc = Client::connect(&d.addr, "new-token", false).await;
+    let mut stream = Client::connect(&d.addr, "new-token", false).await;
+    stream.ok(json!({"type": "subscribe"})).await;
+    for p in ["n1", "n2"] {
+        nc.ok(zaask_pro(p)).await;
+        nc.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100})).await;
+    }
+    let lead = nc.ok(zaask_lead("N1")).await;
+    assert_eq!(lead["offers"].as_array().unwrap().len(), 2, "its own pros only: {lead}");
+    // Its stream: two grants, the lead accepted, two offers.
+    let events = stream.events(5).await;
+    let offered = events.iter().filter(|e| e["event"]["event"] == "offered").count();
+    assert_eq!(offered, 2, "{events:?}");
+    assert_eq!(d.metric_with("rota_leads_received_total", &[("tenant", "newcomer")]), 1.0);
+    // Tenants stay apart: zaask sees none of it, and the newcomer none of zaask's.
+    let other = zk.call(json!({"type": "explain", "lead": "N1"})).await.0;
+    assert_eq!(other["code"], "unknown_lead", "{other}");
+    let b = nc.ok(json!({"type": "balance", "pro": "z1"})).await;
+    assert_eq!(b["granted"], 0, "{b}");
+
+    // Its leads, money and stream are in the log and the snapshot like any tenant's.
+    drop((nc, stream, zk));
+    assert_eq!(d.stop(), 0);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut nc = Client::connect(&d.addr, "new-token", false).await;
+    let ex = nc.ok(json!({"type": "explain", "lead": "N1"})).await;
+    let offered = ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count();
+    assert_eq!(offered, 2, "{ex}");
+    let b = nc.ok(json!({"type": "balance", "pro": "n1"})).await;
+    assert_eq!(b["granted"], 100, "{b}");
+    nc.ok(json!({"type": "subscribe", "resume_from": 0})).await;
+    assert_eq!(nc.events(5).await, events, "the stream resumes from its start after the restart");
 }

@@ -68,12 +68,73 @@ pub struct Tenant {
     /// Policy and tokens: replaced whole by [`Engine::reload`].
     cfg: RwLock<Arc<TenantConfig>>,
     pub hub: Arc<StreamHub>,
+    /// The tenant's order requests (R25-R27): one book, decided under its lock.
+    orders: Mutex<OrderBook>,
+    /// Request rate limit (`rate_limit_tenant_per_s`), if set.
+    limit: Option<governor::DefaultDirectRateLimiter>,
 }
+
+/// Every tenant, by id: read by every request, replaced whole when a reload adds one
+/// (copy on write; a reader keeps the map it took).
+type Tenants = Arc<FxHashMap<TenantId, Arc<Tenant>>>;
 
 impl Tenant {
     /// The tenant's current policy and tokens.
     pub fn cfg(&self) -> Arc<TenantConfig> {
         self.cfg.read().clone()
+    }
+
+    /// Builds tenant `t` from what recovery rebuilt of it (nothing, for a tenant new
+    /// to the log): its stream with its replay buffer and history on disk (joined to
+    /// `spills`), its order book and its rate limit.
+    fn open(
+        cfg: &Config,
+        fs: &Arc<dyn Fs>,
+        t: &TenantConfig,
+        spills: &spill::Spills,
+        rec: &mut Recovering,
+    ) -> Tenant {
+        let spill = (cfg.raw.stream_spill_bytes > 0).then(|| {
+            spill::Spill::open(
+                fs.clone(),
+                &cfg.raw.data_dir.join("streams"),
+                &t.id,
+                cfg.raw.stream_spill_bytes,
+                // Transit absorbs a writer held up by the disk: at least 32,768
+                // events (a fraction of a second at peak), more with a bigger buffer.
+                cfg.raw.stream_retention_events.max(32_768),
+            )
+        });
+        let hub = Arc::new(StreamHub::with_spill(cfg.raw.stream_retention_events, spill.clone()));
+        let buffered = rec.hub_buffer.remove(&t.id).unwrap_or_default();
+        if let Some(&(first, _)) = buffered.first() {
+            hub.set_next_seq(first);
+            hub.publish(buffered.into_iter().map(|(_, e)| e));
+        }
+        if let Some(&n) = rec.hub_next.get(&t.id) {
+            if n != hub.next_seq() {
+                hub.set_next_seq(n);
+            }
+        }
+        if let Some(evs) = rec.hub_events.remove(&t.id) {
+            hub.publish(evs);
+        }
+        if let Some(sp) = spill {
+            // A history left by an earlier life that does not join is dropped here.
+            sp.align_with(hub.oldest_buffered(), hub.next_seq());
+            spills.add(&sp);
+        }
+        let mut book = rec.orders.remove(&t.id).unwrap_or_else(|| OrderBook::new(&t.policy));
+        book.set_policy(&t.policy);
+        let limit = std::num::NonZeroU32::new(cfg.raw.rate_limit_tenant_per_s)
+            .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+        Tenant {
+            id: t.id.clone(),
+            cfg: RwLock::new(Arc::new(t.clone())),
+            hub,
+            orders: Mutex::new(book),
+            limit,
+        }
     }
 }
 
@@ -83,11 +144,7 @@ pub struct Inner {
     pub wal: Wal,
     pub ledger: Ledger,
     pub metrics: EngineMetrics,
-    tenants: FxHashMap<TenantId, Tenant>,
-    /// Per-tenant request rate limits (`rate_limit_tenant_per_s`), if set.
-    tenant_limits: FxHashMap<TenantId, governor::DefaultDirectRateLimiter>,
-    /// Each tenant's order requests (R25-R27): one book, decided under its lock.
-    orders: FxHashMap<TenantId, Mutex<OrderBook>>,
+    tenants: RwLock<Tenants>,
     shards: DashMap<ShardKey, Arc<ShardCell>, FxBuildHasher>,
     /// Pro directory: the current profile of every pro (which shards it covers).
     pros: DashMap<(TenantId, ProId), Arc<Pro>, FxBuildHasher>,
@@ -113,6 +170,10 @@ pub struct Inner {
     /// The thread writing the streams' history to disk, and its stop flag.
     spill_stop: Arc<AtomicBool>,
     spill_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The histories the spill thread writes (a tenant added by a reload joins them).
+    spills: spill::Spills,
+    /// The filesystem of the stream histories (a tenant added by a reload opens its own).
+    fs: Arc<dyn Fs>,
     /// Pros whose auto-buy budget a refund gave back (R12/R23), for a retry of the
     /// leads they missed (R22): on the wall clock within about a second of the refund
     /// ([`Engine::retry_refunded`], woken by `budget_notify`), on the manual clock at
@@ -126,6 +187,8 @@ pub struct Inner {
     /// Counts configuration reloads ([`Engine::reload`]): connections watch it to
     /// check their token again.
     reloads: tokio::sync::watch::Sender<u64>,
+    /// Held by [`Engine::reload`]: one at a time.
+    reloading: Mutex<()>,
     /// Changes of one pro (upsert, removal, availability: each several shard steps and
     /// a directory record) run one at a time: a lock per stripe of pros.
     pro_locks: Box<[tokio::sync::Mutex<()>]>,
@@ -305,70 +368,25 @@ impl Engine {
         };
         let own_arbiters = cfg.raw.arbiters > 0;
         let mut tenants = FxHashMap::default();
-        let mut spills = Vec::new();
+        let spills = spill::Spills::default();
         for t in &cfg.tenants {
-            let spill = (cfg.raw.stream_spill_bytes > 0).then(|| {
-                spill::Spill::open(
-                    spill_fs.clone(),
-                    &cfg.raw.data_dir.join("streams"),
-                    &t.id,
-                    cfg.raw.stream_spill_bytes,
-                    // Transit absorbs a writer held up by the disk: at least 32,768
-                    // events (a fraction of a second at peak), more with a bigger buffer.
-                    cfg.raw.stream_retention_events.max(32_768),
-                )
-            });
-            let hub = Arc::new(StreamHub::with_spill(cfg.raw.stream_retention_events, spill.clone()));
-            let buffered = rec.hub_buffer.remove(&t.id).unwrap_or_default();
-            if let Some(&(first, _)) = buffered.first() {
-                hub.set_next_seq(first);
-                hub.publish(buffered.into_iter().map(|(_, e)| e));
-            }
-            if let Some(&n) = rec.hub_next.get(&t.id) {
-                if n != hub.next_seq() {
-                    hub.set_next_seq(n);
-                }
-            }
-            if let Some(evs) = rec.hub_events.remove(&t.id) {
-                hub.publish(evs);
-            }
-            if let Some(sp) = spill {
-                sp.align_with(hub.oldest_buffered(), hub.next_seq());
-                spills.push(Arc::downgrade(&sp));
-            }
-            tenants.insert(
-                t.id.clone(),
-                Tenant { id: t.id.clone(), cfg: RwLock::new(Arc::new(t.clone())), hub },
-            );
+            let tenant = Tenant::open(&cfg, &spill_fs, t, &spills, &mut rec);
+            tenants.insert(t.id.clone(), Arc::new(tenant));
         }
-        let mut orders = FxHashMap::default();
-        for t in &cfg.tenants {
-            let mut book = rec.orders.remove(&t.id).unwrap_or_else(|| OrderBook::new(&t.policy));
-            book.set_policy(&t.policy);
-            orders.insert(t.id.clone(), Mutex::new(book));
-        }
-        let tenant_limits = match std::num::NonZeroU32::new(cfg.raw.rate_limit_tenant_per_s) {
-            None => FxHashMap::default(),
-            Some(n) => cfg
-                .tenants
-                .iter()
-                .map(|t| (t.id.clone(), governor::RateLimiter::direct(governor::Quota::per_second(n))))
-                .collect(),
-        };
         let ready = Arc::new(AtomicBool::new(false));
         let spill_stop = Arc::new(AtomicBool::new(false));
         let spill_writer = match spills.is_empty() {
             true => None,
-            false => Some(spill::spawn_writer(spills, spill_stop.clone()).map_err(StartError::Thread)?),
+            false => {
+                Some(spill::spawn_writer(spills.clone(), spill_stop.clone()).map_err(StartError::Thread)?)
+            }
         };
         let inner = Arc::new(Inner {
             metrics: EngineMetrics::new(cfg.tenants.iter().map(|t| &t.id)),
             clock,
             wal,
             ledger: rec.ledger.take().expect("set before replay"),
-            tenants,
-            tenant_limits,
-            orders,
+            tenants: RwLock::new(Arc::new(tenants)),
             shards: DashMap::with_hasher(FxBuildHasher),
             pros: rec.directory.drain().collect(),
             pro_members: DashMap::with_hasher(FxBuildHasher),
@@ -383,9 +401,12 @@ impl Engine {
             last_snapshot_bytes: AtomicUsize::new(rec.snapshot_bytes),
             spill_stop,
             spill_writer: Mutex::new(spill_writer),
+            spills,
+            fs: spill_fs,
             budget_returned: Arc::new(Mutex::new(std::mem::take(&mut rec.budget_returned))),
             budget_notify: Arc::new(tokio::sync::Notify::new()),
             reloads: tokio::sync::watch::Sender::new(0),
+            reloading: Mutex::new(()),
             pro_locks: (0..PRO_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cfg,
         });
@@ -426,18 +447,26 @@ impl Engine {
         Ok((engine, report))
     }
 
-    pub fn tenant(&self, id: &TenantId) -> Option<&Tenant> {
-        self.inner.tenants.get(id)
+    pub fn tenant(&self, id: &TenantId) -> Option<Arc<Tenant>> {
+        self.inner.tenants.read().get(id).cloned()
     }
 
-    pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
-        self.inner.tenants.values()
+    /// Every tenant now (a reload may add one afterwards).
+    pub fn tenants(&self) -> Vec<Arc<Tenant>> {
+        let mut all: Vec<Arc<Tenant>> = self.tenants_map().values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    fn tenants_map(&self) -> Tenants {
+        self.inner.tenants.read().clone()
     }
 
     /// Takes one request from the tenant's rate budget; `Err(retry_after_ms)` when it
     /// is spent.
     pub fn tenant_rate_check(&self, id: &TenantId) -> Result<(), u64> {
-        match self.inner.tenant_limits.get(id) {
+        let Some(t) = self.tenant(id) else { return Ok(()) };
+        match &t.limit {
             None => Ok(()),
             Some(l) => l.check().map_err(|not_until| {
                 let wait = not_until
@@ -448,7 +477,7 @@ impl Engine {
     }
 
     pub fn hub(&self, id: &TenantId) -> Option<Arc<StreamHub>> {
-        self.inner.tenants.get(id).map(|t| t.hub.clone())
+        self.inner.tenants.read().get(id).map(|t| t.hub.clone())
     }
 
     /// The tenant and scopes of a bearer token, if it is valid. Compares hashes in
@@ -456,7 +485,7 @@ impl Engine {
     pub fn authenticate(&self, token: &str) -> Option<(TenantId, Vec<Scope>)> {
         let h = crate::config::hash_token(token);
         let mut found = None;
-        for t in self.inner.tenants.values() {
+        for t in self.tenants_map().values() {
             for (hash, scopes) in &t.cfg().tokens {
                 let diff = hash.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
                 if diff == 0 {
@@ -496,9 +525,7 @@ impl Engine {
             return Ok(h.clone());
         }
         let tenant = self
-            .inner
-            .tenants
-            .get(&key.tenant)
+            .tenant(&key.tenant)
             .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
         // Two requests may race to create the same shard: the entry lock decides. The
         // policy is read under that lock, so a reload that swaps it and then updates
@@ -973,15 +1000,12 @@ impl Engine {
     /// One order-request command (R25-R27): decide on the tenant's book, log the
     /// facts, apply them, answer once durable.
     pub async fn order(&self, tenant: &TenantId, cmd: OrderCommand) -> Result<OrderReply, ApiError> {
-        let book = self
-            .inner
-            .orders
-            .get(tenant)
-            .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
+        let t =
+            self.tenant(tenant).ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let _g = self.inner.gate.read();
-            let mut book = book.lock();
+            let mut book = t.orders.lock();
             let decision = book.decide(self.inner.clock.now(), &cmd)?;
             let reply = decision.reply;
             if decision.events.is_empty() {
@@ -1016,7 +1040,7 @@ impl Engine {
     /// time zone: the key of that week's recharge (R20), so it happens once per local
     /// week whatever the UTC offset (DST changes included).
     fn week_of(&self, tenant: &TenantId, now: Millis) -> Option<chrono::NaiveDate> {
-        let tz = self.inner.tenants.get(tenant)?.cfg().policy.time_zone;
+        let tz = self.tenant(tenant)?.cfg().policy.time_zone;
         let today = tz.timestamp_millis_opt(now).single()?.date_naive();
         Some(today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday())))
     }
@@ -1026,7 +1050,7 @@ impl Engine {
     /// budget came back (recharged now, or refunded since the last housekeeping). Op
     /// ids make each recharge happen once: per local ISO week, per resume time.
     pub async fn housekeeping(&self, tenant: &TenantId) -> Result<(), ApiError> {
-        if !self.inner.tenants.contains_key(tenant) {
+        if self.tenant(tenant).is_none() {
             return Ok(());
         }
         // R22 after a refund: a refund of an auto-buy spend (R12 guarantee, R23 invalid
@@ -1079,8 +1103,7 @@ impl Engine {
     /// [`Engine::budget_returned`] wakes (batching the refunds of that second), on the
     /// wall clock; on the manual clock `advance_clock` does.
     pub async fn retry_refunded(&self) -> Result<(), ApiError> {
-        let tenants: Vec<TenantId> = self.inner.tenants.keys().cloned().collect();
-        for t in tenants {
+        for t in self.tenants().into_iter().map(|t| t.id.clone()) {
             let pros = self.take_returned(&t);
             if !pros.is_empty() {
                 self.retry_for_returned_budgets(&t, pros).await?;
@@ -1163,19 +1186,17 @@ impl Engine {
             // Every record appended before the gate closed is now written and its
             // callbacks (stream publication) have run.
             let covers = self.inner.wal.sync()?;
+            // Read inside the cut: a tenant added by a reload is in it with all its
+            // events, or has none before it.
+            let tenants = self.tenants();
             let snap = EngineSnapshot {
                 ledger: self.inner.ledger.snapshot(),
                 shards: self.inner.shards.iter().map(|e| e.value().state.lock().clone()).collect(),
                 directory: self.inner.pros.iter().map(|e| (e.key().0.clone(), e.value().clone())).collect(),
                 lead_index: Vec::new(),
-                hub_next_seq: self.inner.tenants.values().map(|t| (t.id.clone(), t.hub.next_seq())).collect(),
-                hub_buffer: self
-                    .inner
-                    .tenants
-                    .values()
-                    .map(|t| (t.id.clone(), t.hub.buffered_shared()))
-                    .collect(),
-                orders: self.inner.orders.iter().map(|(t, b)| (t.clone(), b.lock().clone())).collect(),
+                hub_next_seq: tenants.iter().map(|t| (t.id.clone(), t.hub.next_seq())).collect(),
+                hub_buffer: tenants.iter().map(|t| (t.id.clone(), t.hub.buffered_shared())).collect(),
+                orders: tenants.iter().map(|t| (t.id.clone(), t.orders.lock().clone())).collect(),
                 clock_ms: self.inner.clock.now(),
             };
             (covers, snap)
@@ -1232,7 +1253,7 @@ impl Engine {
         // Stop the actors and hubs whatever happens to the final sync and snapshot: a
         // failed WAL must not leave threads running behind an embedding program.
         let result = self.inner.wal.sync().and_then(|_| self.snapshot().map(|_| ()));
-        for t in self.inner.tenants.values() {
+        for t in self.tenants() {
             t.hub.close_all();
         }
         // Transit to disk before stopping: the history then joins the replay buffer
@@ -1258,7 +1279,7 @@ impl Engine {
     /// Writes every tenant's evicted stream events to disk now (tests and tools; the
     /// spill thread does it every few milliseconds).
     pub fn drain_spills(&self) {
-        for t in self.inner.tenants.values() {
+        for t in self.tenants() {
             if let Some(s) = t.hub.spill() {
                 s.drain();
             }
@@ -1294,7 +1315,7 @@ impl Engine {
             durable_seq: self.inner.wal.durable_seq(),
             failed: st.failed,
         });
-        for t in self.inner.tenants.values() {
+        for t in self.tenants() {
             if let (Some(sp), Some(tm)) = (t.hub.spill(), self.inner.metrics.tenant(&t.id)) {
                 tm.stream_history_bytes.set(sp.disk_bytes() as f64);
                 tm.stream_history_restarts.absolute(sp.stats.restarts.load(Ordering::Relaxed));
@@ -1327,7 +1348,7 @@ impl Engine {
                 t.observe_fairness(s);
             }
         }
-        for t in self.inner.tenants.values() {
+        for t in self.tenants() {
             if let Some(tm) = self.inner.metrics.tenant(&t.id) {
                 let (budget, unavailable) = parked.get(&t.id).copied().unwrap_or_default();
                 tm.pros_parked_budget.set(budget as f64);
@@ -1465,6 +1486,7 @@ mod metrics_facade {
     use crate::ids::TenantId;
     use crate::ledger::LedgerEvent;
     use crate::telemetry::{Metrics, TenantMetrics};
+    use parking_lot::RwLock;
     use rustc_hash::FxHashMap;
     use std::sync::Arc;
     use std::time::Duration;
@@ -1472,16 +1494,21 @@ mod metrics_facade {
     #[derive(Clone)]
     pub struct EngineMetrics {
         pub m: Arc<Metrics>,
-        tenants: Arc<FxHashMap<TenantId, TenantMetrics>>,
+        /// Per tenant; a reload that adds a tenant adds its series.
+        tenants: Arc<RwLock<FxHashMap<TenantId, Arc<TenantMetrics>>>>,
     }
 
     impl EngineMetrics {
         pub fn new<'a>(tenants: impl IntoIterator<Item = &'a TenantId>) -> Self {
-            let tenants = tenants.into_iter().map(|t| (t.clone(), TenantMetrics::new(t.as_str()))).collect();
-            Self { m: Arc::new(Metrics::new()), tenants: Arc::new(tenants) }
+            let tenants =
+                tenants.into_iter().map(|t| (t.clone(), Arc::new(TenantMetrics::new(t.as_str())))).collect();
+            Self { m: Arc::new(Metrics::new()), tenants: Arc::new(RwLock::new(tenants)) }
         }
-        pub fn tenant(&self, t: &TenantId) -> Option<&TenantMetrics> {
-            self.tenants.get(t)
+        pub fn add_tenant(&self, t: &TenantId) {
+            self.tenants.write().entry(t.clone()).or_insert_with(|| Arc::new(TenantMetrics::new(t.as_str())));
+        }
+        pub fn tenant(&self, t: &TenantId) -> Option<Arc<TenantMetrics>> {
+            self.tenants.read().get(t).cloned()
         }
         pub fn decide_seconds(&self, d: Duration) {
             self.m.decide_duration.record(d.as_secs_f64());

@@ -11,13 +11,18 @@
 //!   the restart: after a crash, recovery applies the file's policy from the last
 //!   snapshot on, as at any start.
 //!
-//! What it does not: adding or removing a tenant (its stream, history and order book
-//! are built at start) refuses the whole reload, and nothing changes; any other setting
-//! (listen addresses, data directory, log, limits) takes effect at the next restart,
-//! and the reload names those that differ. A file that does not load (syntax, an
-//! invalid policy) is refused by [`crate::config::Config::load`] before this runs.
+//! * **new tenants**: a tenant added to the file is opened (its stream, stream history,
+//!   order book, rate limit and metrics) and its tokens work for the next connection:
+//!   a marketplace is onboarded without a restart.
+//!
+//! What it does not: removing a tenant refuses the whole reload, and nothing changes
+//! (a tenant's leads, rotation and money stay in the log; a start without it is
+//! refused too: close a tenant by removing its tokens); any other setting (listen
+//! addresses, data directory, log, limits) takes effect at the next restart, and the
+//! reload names those that differ. A file that does not load (syntax, an invalid
+//! policy) is refused by [`crate::config::Config::load`] before this runs.
 
-use super::Engine;
+use super::{Engine, Recovering, Tenant};
 use crate::config::Config;
 use crate::ids::TenantId;
 use std::sync::Arc;
@@ -25,6 +30,8 @@ use std::sync::Arc;
 /// What a reload changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reloaded {
+    /// Tenants added (opened, their tokens working).
+    pub added: Vec<TenantId>,
     /// Tenants whose policy changed (applied to their shards and order book).
     pub policies: Vec<TenantId>,
     /// Tenants whose tokens changed.
@@ -37,10 +44,11 @@ pub struct Reloaded {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReloadError {
     #[error(
-        "tenants cannot be added or removed by a reload (restart rota to do that): \
-         added {added:?}, removed {removed:?}; nothing was changed"
+        "a reload cannot remove tenants (removed {0:?}): their leads, rotation and money \
+         stay in the log, and a start without them is refused; remove their tokens to \
+         close them. Nothing was changed"
     )]
-    TenantsChanged { added: Vec<String>, removed: Vec<String> },
+    TenantsRemoved(Vec<String>),
 }
 
 impl Engine {
@@ -48,27 +56,26 @@ impl Engine {
     /// returns an error nothing has changed.
     pub fn reload(&self, new: &Config) -> Result<Reloaded, ReloadError> {
         let inner = &self.inner;
-        let mut added: Vec<String> = new
-            .tenants
-            .iter()
-            .filter(|t| !inner.tenants.contains_key(&t.id))
-            .map(|t| t.id.to_string())
-            .collect();
-        let mut removed: Vec<String> = inner
-            .tenants
+        // One reload at a time (the tenants map is replaced whole when one is added).
+        let _one = inner.reloading.lock();
+        let running = self.tenants_map();
+        let mut removed: Vec<String> = running
             .keys()
             .filter(|id| !new.tenants.iter().any(|t| &t.id == *id))
             .map(|id| id.to_string())
             .collect();
-        if !added.is_empty() || !removed.is_empty() {
-            added.sort();
+        if !removed.is_empty() {
             removed.sort();
             inner.metrics.m.config_reloads.get("error").increment(1);
-            return Err(ReloadError::TenantsChanged { added, removed });
+            return Err(ReloadError::TenantsRemoved(removed));
         }
         let mut out = Reloaded { restart_needed: restart_needed(&inner.cfg, new), ..Reloaded::default() };
+        let mut added = Vec::new();
         for t in &new.tenants {
-            let tenant = &inner.tenants[&t.id];
+            let Some(tenant) = running.get(&t.id) else {
+                added.push(t);
+                continue;
+            };
             let old = tenant.cfg();
             if old.tokens != t.tokens {
                 out.tokens.push(t.id.clone());
@@ -84,11 +91,24 @@ impl Engine {
                     let mut state = e.value().state.lock();
                     Arc::make_mut(&mut *state).set_policy(t.policy.clone());
                 }
-                if let Some(book) = inner.orders.get(&t.id) {
-                    book.lock().set_policy(&t.policy);
-                }
+                tenant.orders.lock().set_policy(&t.policy);
             }
         }
+        if !added.is_empty() {
+            // Nothing of a new tenant is in the log (a start refuses a log holding an
+            // unconfigured one), so it opens empty; a stream history left on disk by
+            // an earlier life does not join its stream and is dropped.
+            let mut map = (*running).clone();
+            for t in added {
+                inner.metrics.add_tenant(&t.id);
+                let tenant =
+                    Tenant::open(&inner.cfg, &inner.fs, t, &inner.spills, &mut Recovering::default());
+                map.insert(t.id.clone(), Arc::new(tenant));
+                out.added.push(t.id.clone());
+            }
+            *inner.tenants.write() = Arc::new(map);
+        }
+        out.added.sort();
         out.policies.sort();
         out.tokens.sort();
         // Open connections check their token against the new configuration.
@@ -106,7 +126,7 @@ impl Engine {
     /// The scopes the token whose SHA-256 is `hash` has on `tenant` now, if it is
     /// still one of its tokens.
     pub fn token_scopes(&self, tenant: &TenantId, hash: &[u8; 32]) -> Option<Vec<crate::protocol::Scope>> {
-        let t = self.inner.tenants.get(tenant)?;
+        let t = self.tenant(tenant)?;
         let cfg = t.cfg();
         cfg.tokens.iter().find(|(h, _)| h == hash).map(|(_, scopes)| scopes.clone())
     }

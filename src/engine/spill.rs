@@ -903,10 +903,26 @@ fn dir_name(id: &str) -> String {
 
 /// The thread that writes every tenant's evicted events, every [`SPILL_EVERY`].
 /// It ends once the spills are dropped or `stop` is set (after a last drain).
-pub fn spawn_writer(
-    spills: Vec<Weak<Spill>>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// The histories the writer thread drains: those opened at start, and any a reload
+/// adds later (the writer reads the list again at every round).
+#[derive(Clone, Default)]
+pub struct Spills(Arc<Mutex<Vec<Weak<Spill>>>>);
+
+impl Spills {
+    pub fn add(&self, spill: &Arc<Spill>) {
+        self.0.lock().push(Arc::downgrade(spill));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
+
+    fn live(&self) -> Vec<Arc<Spill>> {
+        self.0.lock().iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+pub fn spawn_writer(spills: Spills, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("rota-spill".into()).spawn(move || {
         // Background work: on a small host the requests come first (as for the
         // periodic snapshot: nice 19 rather than an idle class, which under sustained
@@ -914,19 +930,17 @@ pub fn spawn_writer(
         super::lower_this_thread_priority();
         loop {
             let stopping = stop.load(Ordering::Acquire);
-            let mut alive = 0;
-            for s in &spills {
-                if let Some(s) = s.upgrade() {
-                    alive += 1;
-                    s.drain();
-                    if stopping {
-                        s.close();
-                    }
+            let live = spills.live();
+            for s in &live {
+                s.drain();
+                if stopping {
+                    s.close();
                 }
             }
-            if alive == 0 || stopping {
+            if live.is_empty() || stopping {
                 return;
             }
+            drop(live);
             std::thread::park_timeout(SPILL_EVERY);
         }
     })

@@ -12,7 +12,7 @@ const ZONES: [&str; 2] = ["bologna", "milano"];
 const CATEGORIES: [&str; 2] = ["painting", "plumbing"];
 
 pub async fn feed(engine: Engine, mut stop: watch::Receiver<bool>) {
-    let tenant = match engine.tenants().next() {
+    let tenant = match engine.tenants().into_iter().next() {
         Some(t) => t.id.clone(),
         None => return,
     };

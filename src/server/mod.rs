@@ -185,7 +185,7 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Res
                     _ = observe.tick() => engine.observe(),
                     _ = housekeeping.tick() => {
                         if !engine.inner.clock.is_manual() {
-                            let ids: Vec<_> = engine.tenants().map(|t| t.id.clone()).collect();
+                            let ids: Vec<_> = engine.tenants().iter().map(|t| t.id.clone()).collect();
                             for t in ids {
                                 if let Err(e) = engine.housekeeping(&t).await {
                                     tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
@@ -268,7 +268,7 @@ async fn background_snapshot(engine: Engine) -> anyhow::Result<Result<u64, crate
 
 /// SIGHUP: loads the configuration again from where it came from and applies what a
 /// running daemon can take (see `engine::reload`). A configuration that does not load,
-/// or that adds or removes a tenant, is refused whole: rota keeps running on the one
+/// or that removes a tenant, is refused whole: rota keeps running on the one
 /// it has, and says why.
 async fn reload_on_hangup(
     engine: Engine,
@@ -293,6 +293,7 @@ async fn reload_on_hangup(
         match engine.reload(&cfg) {
             Ok(r) => {
                 tracing::info!(
+                    added = ?r.added.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
                     policies = ?r.policies.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
                     tokens = ?r.tokens.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
                     "configuration reloaded"
