@@ -74,6 +74,8 @@ impl Admission {
     /// For this long after an overloaded second, crossing `limit` makes the connection
     /// overloaded again at once.
     pub const RECENT: Duration = Duration::from_secs(5);
+    /// The shortest `retry_after_ms` of a shed request.
+    pub const RETRY_MIN: Duration = Duration::from_millis(100);
 
     pub fn new(limit: usize, overloaded_limit: usize) -> Self {
         let overloaded_limit = overloaded_limit.min(limit);
@@ -132,6 +134,15 @@ impl Admission {
     /// Whether new leads are refused now.
     pub fn shedding(&self) -> bool {
         self.limit > 0 && self.shedding
+    }
+
+    /// `retry_after_ms` of a request shed now: what is left of the overloaded second
+    /// (a request sent again sooner would meet the same lower limit), at least
+    /// [`Self::RETRY_MIN`]; a burst beyond four times the limit on a connection that
+    /// is not overloaded drains within milliseconds: [`Self::RETRY_MIN`].
+    pub fn retry_after_ms(&self, now: Instant) -> u64 {
+        let left = self.overloaded_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        left.clamp(Self::RETRY_MIN, Self::MEMORY).as_millis() as u64
     }
 
     /// Whether a request of type `ty` (its `type` field) is refused with `overloaded`:
@@ -239,6 +250,26 @@ mod tests {
         a.observe(3_000, much_later);
         a.observe(40_000, much_later + MS);
         assert!(!a.sheds("publish_lead"));
+    }
+
+    #[test]
+    fn a_shed_request_is_told_to_retry_once_the_overloaded_second_is_over() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(32_768, 4_096);
+        // A burst beyond four times the limit, never overloaded: it drains at once.
+        a.observe(140_000, t0);
+        assert!(a.sheds("publish_lead"));
+        assert_eq!(a.retry_after_ms(t0), 100);
+        // Overloaded: the rest of the second.
+        a.observe(40_000, t0 + MS);
+        a.observe(40_000, t0 + MS + Admission::SUSTAIN);
+        let until = t0 + MS + Admission::SUSTAIN + Admission::MEMORY;
+        assert!(a.sheds("publish_lead"));
+        assert_eq!(a.retry_after_ms(t0 + MS + Admission::SUSTAIN), 1_000);
+        assert_eq!(a.retry_after_ms(until - 400 * MS), 400);
+        // Near its end, never below the floor.
+        assert_eq!(a.retry_after_ms(until - 10 * MS), 100);
+        assert_eq!(a.retry_after_ms(until + 10 * MS), 100);
     }
 
     #[test]

@@ -417,7 +417,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     if let Some((id, ty)) = protocol::peek_head(enc, &bytes) {
                         if admission.sheds(ty) {
                             m.overload_refusals.get("gateway_backlog").increment(1);
-                            let r = Reply::Error { id: Some(id.to_string()), error: ApiError::overloaded(SHED_RETRY_MS) };
+                            let r = Reply::Error { id: Some(id.to_string()), error: ApiError::overloaded(admission.retry_after_ms(Instant::now())) };
                             // Flushed with the next reply, or now if nothing more is waiting.
                             let flush = unread_bytes(fd) == 0;
                             if send(&mut sink, enc, protocol::encode(enc, &r), flush).await.is_err() { break None; }
@@ -457,7 +457,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 }
                 if admission.sheds(env.request.name()) {
                     m.overload_refusals.get("gateway_backlog").increment(1);
-                    let r = Reply::Error { id: Some(id), error: ApiError::overloaded(SHED_RETRY_MS) };
+                    let r = Reply::Error { id: Some(id), error: ApiError::overloaded(admission.retry_after_ms(Instant::now())) };
                     // Flushed with the next reply, or now if nothing more is waiting.
                     let flush = unread_bytes(fd) == 0;
                     if send(&mut sink, enc, protocol::encode(enc, &r), flush).await.is_err() { break None; }
@@ -577,9 +577,6 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
 
 /// Requests a connection reads before it lets the worker's other tasks run.
 const FRAMES_PER_TURN: u32 = 16;
-
-/// `retry_after_ms` of a request shed at the gateway.
-const SHED_RETRY_MS: u64 = 100;
 
 /// Most events sent per wake-up of a subscriber (and per `events` frame).
 const EVENTS_PER_FRAME: usize = 1024;
