@@ -167,3 +167,98 @@ async fn a_reload_adds_a_tenant_that_is_served_at_once_and_kept_across_a_restart
     nc.ok(json!({"type": "subscribe", "resume_from": 0})).await;
     assert_eq!(nc.events(5).await, events, "the stream resumes from its start after the restart");
 }
+
+async fn respond_to_new_lead(zk: &mut Client, lead: &str, pro: &str) {
+    zk.ok(zaask_lead(lead)).await;
+    zk.ok(json!({"type": "offer", "lead": lead, "pro": pro, "action": "respond"})).await;
+}
+
+fn kill_9(d: Daemon) {
+    unsafe_kill(d.child.id(), "KILL");
+    let _ = d.wait_exit();
+}
+
+/// The zaask policy with a guarantee window of `days` days (R12).
+fn set_guarantee_days(dir: &std::path::Path, days: i64) {
+    let path = dir.join("zaask.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("guarantee_window_s"))
+        .expect("zaask has a guarantee")
+        .to_string();
+    std::fs::write(&path, text.replace(&line, &format!("guarantee_window_s = {}", days * 24 * 3600)))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r12_a_response_keeps_the_guarantee_of_the_policy_it_was_made_under_across_crashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "");
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    for p in ["z1", "z2"] {
+        zk.ok(zaask_pro(p)).await;
+        zk.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100})).await;
+    }
+    // Under the file's policy (7-day guarantee), z1 responds to Z1.
+    respond_to_new_lead(&mut zk, "Z1", "z1").await;
+    drop(zk);
+    kill_9(d);
+
+    // Changed while rota was down (1 day): z2 responds to Z2 under it.
+    set_guarantee_days(dir.path(), 1);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    respond_to_new_lead(&mut zk, "Z2", "z2").await;
+    // Changed by a reload (3 days), then a crash before any snapshot: the log is
+    // replayed from its start.
+    set_guarantee_days(dir.path(), 3);
+    unsafe_kill(d.child.id(), "HUP");
+    wait_metric(&d, "rota_config_reloads_total", &[("result", "ok")], 1.0);
+    drop(zk);
+    kill_9(d);
+
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    let refunded = |b: serde_json::Value| b["refunded"].as_u64().unwrap();
+    // Day 2: z2's one-day guarantee has run out (never viewed: refunded); z1's has not.
+    zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 2 * 24 * HOUR})).await;
+    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z2"})).await), 40, "1-day guarantee of Z2");
+    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z1"})).await), 0);
+    // Day 4: past the 3 days of the policy now in force, still within z1's 7.
+    zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 4 * 24 * HOUR})).await;
+    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z1"})).await), 0, "7-day guarantee of Z1");
+    zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR + 60_000})).await;
+    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z1"})).await), 40);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn r12_the_policy_in_force_at_a_snapshot_replays_the_decisions_logged_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "");
+    // A clean stop writes a snapshot (7-day guarantee in force).
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    zk.ok(zaask_pro("z1")).await;
+    zk.ok(json!({"type": "grant_credits", "pro": "z1", "op": "pay-z1", "credits": 100})).await;
+    drop(zk);
+    assert_eq!(d.stop(), 0);
+    // The same policy: z1 responds after the snapshot, then a crash.
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    respond_to_new_lead(&mut zk, "Z1", "z1").await;
+    drop(zk);
+    kill_9(d);
+    // Restarted with a one-day guarantee: the response replayed after the snapshot
+    // keeps its seven days.
+    set_guarantee_days(dir.path(), 1);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 2 * 24 * HOUR})).await;
+    let b = zk.ok(json!({"type": "balance", "pro": "z1"})).await;
+    assert_eq!(b["refunded"], 0, "{b}");
+    zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR + 60_000})).await;
+    let b = zk.ok(json!({"type": "balance", "pro": "z1"})).await;
+    assert_eq!(b["refunded"], 40, "{b}");
+}

@@ -290,6 +290,9 @@ pub struct Policy {
     /// How long an ended order request, custom offer or order is remembered before
     /// the order book forgets it (`orders.idempotency_retention_s`).
     pub order_retention: Millis,
+    /// What this policy was validated from: the engine logs it ([`Policy::to_toml`])
+    /// so that recovery replays each decision under the policy it was made with.
+    source: RawPolicy,
 }
 
 /// Longest duration any window may have (one year): keeps every `now + window` sum far
@@ -463,6 +466,7 @@ impl RawPolicy {
             pricing,
             order_request_ttl,
             order_retention,
+            source: self.clone(),
         })
     }
 }
@@ -471,6 +475,12 @@ impl Policy {
     /// Parses and validates a policy file's text.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
         RawPolicy::from_toml(text)?.validate()
+    }
+
+    /// The policy as a policy file's text: [`Policy::from_toml`] of it gives this
+    /// policy back.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.source).expect("a policy's source is plain data and always serialises")
     }
 
     /// A policy for tests and the built-in demo tenant: the shared-leads numbers.
@@ -495,6 +505,21 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_written_as_toml_reads_back_equal() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let p = Policy::from_toml(&text).unwrap();
+            assert_eq!(Policy::from_toml(&p.to_toml()).unwrap(), p, "{}", p.tenant);
+            seen += 1;
+        }
+        assert!(seen >= 3, "the example tenants' policies are read");
+        let demo = Policy::shared_default("demo");
+        assert_eq!(Policy::from_toml(&demo.to_toml()).unwrap(), demo);
+    }
 
     #[test]
     fn built_in_defaults_are_valid() {

@@ -229,6 +229,10 @@ struct EngineSnapshot<B = (u64, StreamEvent)> {
     /// ([`Clock::not_before`]). 0 in snapshots written before it was kept.
     #[serde(default)]
     clock_ms: Millis,
+    /// Each tenant's policy at the cut ([`WalRecord::Policy`]). Empty in snapshots
+    /// written before it was kept: the configuration's policy is used then.
+    #[serde(default)]
+    policies: Vec<(TenantId, String)>,
 }
 
 /// Lowers the calling thread to the lowest priority (nice 19), for background work
@@ -294,6 +298,10 @@ struct Recovering {
     /// The latest time of the recovered state: the snapshot's and every replayed
     /// shard event's (the wall clock's floor, [`Clock::not_before`]).
     latest_ms: Millis,
+    /// Each tenant's policy as the snapshot and the log say (the last
+    /// [`WalRecord::Policy`]); a tenant not in it is replayed under the
+    /// configuration's policy.
+    policies: FxHashMap<TenantId, Arc<crate::core::Policy>>,
     /// Tenants found in the snapshot or the log but not configured: the start is
     /// refused ([`StartError::UnconfiguredTenants`]).
     unconfigured: std::collections::BTreeSet<String>,
@@ -338,7 +346,7 @@ impl Engine {
                         return;
                     }
                     match record::decode(payload) {
-                        Ok(r) => replay_record(&mut rec, r, &policies),
+                        Ok(r) => replay_record(&mut rec, seq, r, &policies),
                         Err(e) => rec.error = Some(StartError::Record { seq, reason: e.to_string() }),
                     }
                 }
@@ -434,6 +442,19 @@ impl Engine {
             }
             engine.spawn_shard(key, shard);
         }
+        // A policy that differs from the last one logged (changed while rota was
+        // stopped, or never logged: a new log, or one written before policies were)
+        // is logged from here on.
+        let changed: Vec<_> = engine
+            .tenants()
+            .into_iter()
+            .filter(|t| rec.policies.get(&t.id).is_none_or(|p| **p != *t.cfg().policy))
+            .map(|t| {
+                let cfg = t.cfg();
+                (t, cfg, true)
+            })
+            .collect();
+        engine.set_tenant_configs(changed)?;
         engine.inner.metrics.recovered(recovered.records_replayed, recovered.duration);
         let report = RecoveryReport {
             snapshot_seq: recovered.snapshot_seq,
@@ -456,6 +477,44 @@ impl Engine {
         let mut all: Vec<Arc<Tenant>> = self.tenants_map().values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
+    }
+
+    /// Gives each tenant of `changes` its new configuration. Where the flag says its
+    /// policy changed, the policy is logged first ([`WalRecord::Policy`]) and then set
+    /// on every shard of the tenant and on its order book. All with the gate closed:
+    /// no decision is in flight, so every decision logged before the record was made
+    /// under the old policy and every one after it under the new one, which is how
+    /// recovery replays them. Nothing changes when the log refuses the record.
+    fn set_tenant_configs(
+        &self,
+        changes: Vec<(Arc<Tenant>, Arc<TenantConfig>, bool)>,
+    ) -> Result<(), WalError> {
+        let _closed = self.inner.gate.write();
+        let records: Vec<(u8, Vec<u8>)> = changes
+            .iter()
+            .filter(|c| c.2)
+            .map(|(t, cfg, _)| {
+                let rec = WalRecord::Policy { tenant: t.id.clone(), policy: cfg.policy.to_toml() };
+                (RECORD_KIND, record::encode(&rec))
+            })
+            .collect();
+        if !records.is_empty() {
+            self.inner.wal.append_blocking(records)?;
+        }
+        for (tenant, cfg, policy_changed) in changes {
+            // Swapped first: a shard created from now on starts with the new policy
+            // (`shard_cell` reads it under the shard map's entry lock), and every one
+            // that exists already is visited below.
+            *tenant.cfg.write() = cfg.clone();
+            if policy_changed {
+                for e in self.inner.shards.iter().filter(|e| e.key().tenant == tenant.id) {
+                    let mut state = e.value().state.lock();
+                    Arc::make_mut(&mut *state).set_policy(cfg.policy.clone());
+                }
+                tenant.orders.lock().set_policy(&cfg.policy);
+            }
+        }
+        Ok(())
     }
 
     fn tenants_map(&self) -> Tenants {
@@ -1181,7 +1240,7 @@ impl Engine {
     /// it, runs at full priority).
     pub fn snapshot_then(&self, after_cut: impl FnOnce()) -> Result<u64, WalError> {
         let started = Instant::now();
-        let (covers, mut snap) = {
+        let (covers, snap) = {
             let _g = self.inner.gate.write();
             // Every record appended before the gate closed is now written and its
             // callbacks (stream publication) have run.
@@ -1198,9 +1257,13 @@ impl Engine {
                 hub_buffer: tenants.iter().map(|t| (t.id.clone(), t.hub.buffered_shared())).collect(),
                 orders: tenants.iter().map(|t| (t.id.clone(), t.orders.lock().clone())).collect(),
                 clock_ms: self.inner.clock.now(),
+                policies: Vec::new(),
             };
-            (covers, snap)
+            let policies: Vec<_> = tenants.iter().map(|t| (t.id.clone(), t.cfg().policy.clone())).collect();
+            (covers, (snap, policies))
         };
+        let (mut snap, policies) = snap;
+        snap.policies = policies.into_iter().map(|(t, p)| (t, p.to_toml())).collect();
         let paused = started.elapsed();
         // Read after the cut: it may already hold leads of records after `covers`, or
         // miss leads forgotten after it. Recovery replays every record after `covers`
@@ -1375,11 +1438,23 @@ fn restore_snapshot(
         .filter(|t| !policies.contains_key(*t))
         .map(|t| t.to_string());
     rec.unconfigured.extend(unknown);
+    rec.policies.clear();
+    for (tenant, text) in &s.policies {
+        match crate::core::Policy::from_toml(text) {
+            Ok(p) => {
+                rec.policies.insert(tenant.clone(), Arc::new(p));
+            }
+            Err(e) => {
+                rec.error = Some(StartError::Snapshot(format!("the policy of tenant {tenant}: {e}")));
+                return;
+            }
+        }
+    }
     rec.ledger = Some(Ledger::restore(s.ledger));
     rec.shards.clear();
     for shard in s.shards {
         let mut shard = Arc::try_unwrap(shard).unwrap_or_else(|shared| (*shared).clone());
-        if let Some(p) = policies.get(&shard.key.tenant) {
+        if let Some(p) = rec.policies.get(&shard.key.tenant).or_else(|| policies.get(&shard.key.tenant)) {
             shard.restore(p.clone());
             rec.shards.insert(shard.key.clone(), shard);
         }
@@ -1395,6 +1470,7 @@ fn restore_snapshot(
 
 fn replay_record(
     rec: &mut Recovering,
+    seq: u64,
     r: WalRecord,
     policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>,
 ) {
@@ -1402,17 +1478,20 @@ fn replay_record(
         WalRecord::Shard { key, .. } => &key.tenant,
         WalRecord::Ledger { tenant, .. }
         | WalRecord::Orders { tenant, .. }
-        | WalRecord::ProDirectory { tenant, .. } => tenant,
+        | WalRecord::ProDirectory { tenant, .. }
+        | WalRecord::Policy { tenant, .. } => tenant,
     };
     if !policies.contains_key(tenant) {
         // The start is refused once replay ends (every such tenant named at once).
         rec.unconfigured.insert(tenant.to_string());
         return;
     }
+    // The policy this tenant's decisions were made with at this point of the log.
+    let policy = rec.policies.get(tenant).unwrap_or(&policies[tenant]).clone();
+    let policy = &policy;
     let ledger = rec.ledger.as_ref().expect("set before replay");
     match r {
         WalRecord::Shard { key, events, money } => {
-            let Some(policy) = policies.get(&key.tenant) else { return };
             let shard =
                 rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
             let stream = rec.hub_events.entry(key.tenant.clone()).or_default();
@@ -1434,7 +1513,6 @@ fn replay_record(
             record::money_stream_events(&money, rec.hub_events.entry(tenant).or_default());
         }
         WalRecord::Orders { tenant, events } => {
-            let Some(policy) = policies.get(&tenant) else { return };
             let book = rec.orders.entry(tenant.clone()).or_insert_with(|| OrderBook::new(policy));
             for e in &events {
                 book.apply(e);
@@ -1450,6 +1528,26 @@ fn replay_record(
                 rec.directory.remove(&(tenant, pro));
             }
         },
+        WalRecord::Policy { tenant, policy } => {
+            let p = match crate::core::Policy::from_toml(&policy) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    rec.error = Some(StartError::Record {
+                        seq,
+                        reason: format!("the policy of tenant {tenant}: {e}"),
+                    });
+                    return;
+                }
+            };
+            // What [`Engine::set_policies`] did at this point, in the same order.
+            for (_, shard) in rec.shards.iter_mut().filter(|(k, _)| k.tenant == tenant) {
+                shard.set_policy(p.clone());
+            }
+            if let Some(book) = rec.orders.get_mut(&tenant) {
+                book.set_policy(&p);
+            }
+            rec.policies.insert(tenant, p);
+        }
     }
 }
 

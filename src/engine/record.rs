@@ -26,6 +26,13 @@ pub enum WalRecord {
     Orders { tenant: TenantId, events: Vec<crate::core::orders::OrderEvent> },
     /// The tenant's pro directory (which shards a pro covers).
     ProDirectory { tenant: TenantId, pro: ProId, profile: Option<Arc<Pro>> },
+    /// The tenant's policy from this point of the log on (its policy file's text,
+    /// [`crate::core::Policy::to_toml`]): logged at a start that finds the
+    /// configuration's policy differs from the last one logged, and at a reload that
+    /// changes it, with no decision in flight. Recovery replays every decision under
+    /// the policy it was made with (stride weights, response and guarantee windows,
+    /// caps are applied from the policy, not carried by each event).
+    Policy { tenant: TenantId, policy: String },
 }
 
 pub fn encode(rec: &WalRecord) -> Vec<u8> {

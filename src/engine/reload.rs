@@ -4,13 +4,12 @@
 //! * **tokens**: a new token works for the next connection; a removed one is refused,
 //!   and every open connection made with it (or whose token's scopes changed) is
 //!   closed with 1008 `token revoked` (a leaked token is revoked without a restart);
-//! * **policies**: every shard of the tenant and its order book take the new policy
-//!   under their own lock, between two decisions. Decisions from then on follow it;
-//!   what earlier decisions set (a lead's price, its response windows and close time)
-//!   stays as it was decided. This is what a restart with the new file does, without
-//!   the restart: after a crash, recovery applies the file's policy from the last
-//!   snapshot on, as at any start.
-//!
+//! * **policies**: logged, then set on every shard of the tenant and its order book,
+//!   with no decision in flight (so recovery replays each decision under the policy
+//!   it was made with). Decisions from then on follow it; what earlier decisions
+//!   set (a lead's price, its response and guarantee windows, its close time) stays
+//!   as it was decided, also after a crash. This is what a restart with the new file
+//!   does, without the restart;
 //! * **new tenants**: a tenant added to the file is opened (its stream, stream history,
 //!   order book, rate limit and metrics) and its tokens work for the next connection:
 //!   a marketplace is onboarded without a restart.
@@ -49,6 +48,8 @@ pub enum ReloadError {
          close them. Nothing was changed"
     )]
     TenantsRemoved(Vec<String>),
+    #[error("the log refused the new policies ({0}); nothing was changed")]
+    Log(String),
 }
 
 impl Engine {
@@ -70,41 +71,50 @@ impl Engine {
             return Err(ReloadError::TenantsRemoved(removed));
         }
         let mut out = Reloaded { restart_needed: restart_needed(&inner.cfg, new), ..Reloaded::default() };
+        let mut changes = Vec::new();
         let mut added = Vec::new();
         for t in &new.tenants {
-            let Some(tenant) = running.get(&t.id) else {
-                added.push(t);
-                continue;
-            };
-            let old = tenant.cfg();
-            if old.tokens != t.tokens {
-                out.tokens.push(t.id.clone());
-            }
-            let policy_changed = *old.policy != *t.policy;
-            // Swapped first: a shard created from now on starts with the new policy
-            // (`shard_cell` reads it under the shard map's entry lock), and every one
-            // that exists already is visited below.
-            *tenant.cfg.write() = Arc::new(t.clone());
-            if policy_changed {
-                out.policies.push(t.id.clone());
-                for e in inner.shards.iter().filter(|e| e.key().tenant == t.id) {
-                    let mut state = e.value().state.lock();
-                    Arc::make_mut(&mut *state).set_policy(t.policy.clone());
+            let cfg = Arc::new(t.clone());
+            match running.get(&t.id) {
+                Some(tenant) => {
+                    let old = tenant.cfg();
+                    if old.tokens != t.tokens {
+                        out.tokens.push(t.id.clone());
+                    }
+                    let policy_changed = *old.policy != *t.policy;
+                    if policy_changed {
+                        out.policies.push(t.id.clone());
+                    }
+                    changes.push((tenant.clone(), cfg, policy_changed));
                 }
-                tenant.orders.lock().set_policy(&t.policy);
+                None => {
+                    // Nothing of a new tenant is in the log (a start refuses a log
+                    // holding an unconfigured one), so it opens empty; a stream
+                    // history left on disk by an earlier life does not join its
+                    // stream and is dropped. Its policy is logged before anyone can
+                    // reach it.
+                    inner.metrics.add_tenant(&t.id);
+                    let tenant = Arc::new(Tenant::open(
+                        &inner.cfg,
+                        &inner.fs,
+                        t,
+                        &inner.spills,
+                        &mut Recovering::default(),
+                    ));
+                    changes.push((tenant.clone(), cfg, true));
+                    added.push(tenant);
+                }
             }
         }
+        if let Err(e) = self.set_tenant_configs(changes) {
+            inner.metrics.m.config_reloads.get("error").increment(1);
+            return Err(ReloadError::Log(e.to_string()));
+        }
         if !added.is_empty() {
-            // Nothing of a new tenant is in the log (a start refuses a log holding an
-            // unconfigured one), so it opens empty; a stream history left on disk by
-            // an earlier life does not join its stream and is dropped.
             let mut map = (*running).clone();
-            for t in added {
-                inner.metrics.add_tenant(&t.id);
-                let tenant =
-                    Tenant::open(&inner.cfg, &inner.fs, t, &inner.spills, &mut Recovering::default());
-                map.insert(t.id.clone(), Arc::new(tenant));
-                out.added.push(t.id.clone());
+            for tenant in added {
+                out.added.push(tenant.id.clone());
+                map.insert(tenant.id.clone(), tenant);
             }
             *inner.tenants.write() = Arc::new(map);
         }
