@@ -360,6 +360,30 @@ impl StreamHub {
         self.spill.as_ref()
     }
 
+    /// Recovery: publishes the events of the log replayed after the snapshot. The
+    /// history on disk is aligned first (kept only if it joins what the snapshot's
+    /// replay buffer holds, and holds nothing the log no longer has), then what the
+    /// buffer evicts is written out every [`super::spill::RECOVERY_CHUNK`] events:
+    /// published at once, the events of minutes of traffic would overflow transit,
+    /// which drops the oldest, and the history would restart after them.
+    pub fn publish_recovered(&self, events: Vec<StreamEvent>) {
+        if let Some(sp) = &self.spill {
+            let next = self.next_seq() + events.len() as u64;
+            sp.align(sp.transit_front().unwrap_or_else(|| self.oldest_buffered()), next);
+        }
+        let mut events = events.into_iter();
+        loop {
+            let chunk: Vec<StreamEvent> = events.by_ref().take(super::spill::RECOVERY_CHUNK).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            self.publish(chunk);
+            if let Some(sp) = &self.spill {
+                sp.drain();
+            }
+        }
+    }
+
     /// The oldest event in the replay buffer (`next_seq` when it is empty).
     pub fn oldest_buffered(&self) -> u64 {
         let g = self.inner.lock();

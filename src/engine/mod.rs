@@ -117,7 +117,7 @@ impl Tenant {
             }
         }
         if let Some(evs) = rec.hub_events.remove(&t.id) {
-            hub.publish(evs);
+            hub.publish_recovered(evs);
         }
         if let Some(sp) = spill {
             // A history left by an earlier life that does not join is dropped here.
@@ -1284,6 +1284,16 @@ impl Engine {
             .expect("engine state is plain data and always serialises");
         self.inner.last_snapshot_bytes.store(bytes.len(), Ordering::Relaxed);
         drop(snap);
+        // The streams' history up to the cut is made durable before the snapshot that
+        // starts after it (`spill::Spill::sync`): after a power cut it then joins the
+        // stream recovered from this snapshot. Best effort, like the history itself.
+        for t in self.tenants() {
+            if let Some(sp) = t.hub.spill() {
+                if let Err(e) = sp.sync() {
+                    tracing::warn!(tenant = %t.id, error = %e, "stream history not synced; after a power cut it may restart");
+                }
+            }
+        }
         // Paced while requests are acknowledged (their syncs must not queue behind
         // hundreds of MB); once stopping (the final snapshot) nothing waits for the
         // log, and pacing would only stretch the shutdown towards its deadline.

@@ -20,19 +20,24 @@
 //!   log's space: when its filesystem has less free than the smaller of 2 GiB and
 //!   10 % of its size (plus the batch), the history deletes itself and skips writing
 //!   until there is room again.
-//! * **Not synced.** The history is a convenience, not a promise made to anyone:
-//!   nothing is acknowledged on it and it is never `fsync`ed. Every entry carries a
+//! * **Synced at each snapshot, not per event.** Nothing is acknowledged on the
+//!   history; it is a copy of what the log and snapshots hold. Every entry carries a
 //!   CRC-32C and its sequence number; a reader serves only entries that check and
 //!   follow one another, so a torn or lost write is a shorter history, never a wrong
 //!   event. After a restart the history is kept only if it joins what recovery
-//!   rebuilt (the snapshot's replay buffer and the log replayed after it). A clean
-//!   stop writes transit out first. After a crash (kill -9) the events that were in
-//!   transit come back: they follow the last snapshot's cut, so replaying the log
-//!   publishes and evicts them again, and the history continues (a torn last write is
-//!   cut at start); a snapshot holds what was in transit at its cut for the same
-//!   reason. It restarts when it does not join: a crash during the one write that
-//!   was under way at a snapshot's cut, or a power cut that lost part of the unsynced
-//!   files.
+//!   rebuilt (the snapshot's replay buffer and the log replayed after it). Each
+//!   snapshot makes the history durable up to its cut before it is written
+//!   ([`Spill::sync`]); a snapshot holds what was in transit at its cut. Recovery
+//!   replays the log after the snapshot and publishes its events again, writing
+//!   what the buffer evicts every few thousand events
+//!   ([`super::hub::StreamHub::publish_recovered`]): the history continues from
+//!   where it is durable (kill -9: from where it was written; power cut: at least
+//!   from the snapshot's cut). A start after an unclean stop checks every entry
+//!   written after the last sync (`synced` file) and ends the history at the first
+//!   damage (a power cut keeps any part of what was not synced); a clean stop syncs
+//!   everything and records where it ends. The history restarts only when it does
+//!   not join: a disk that fell behind (transit full), a write error, or a log that
+//!   lost its unsynced tail (`fsync = "never"`) and numbers events again.
 //!
 //! Files: `<data_dir>/streams/<tenant>/<first seq, 20 digits>.spill`, each a run of
 //! entries `len: u32 LE | crc32c(seq ++ frame): u32 LE | seq: u64 LE | frame`, where
@@ -81,6 +86,12 @@ const MARKER: &str = "tenant";
 /// Written at a clean stop: `<last seq> <newest segment's length>`, so the next start
 /// need not read the newest segment to find where the history ends.
 const END: &str = "end";
+/// Written by [`Spill::sync`]: `<last seq made durable>`. A start after an unclean
+/// stop checks every entry written after it (a power cut may have damaged any of them).
+const SYNCED: &str = "synced";
+/// Events published at a time while recovery rebuilds a stream, each batch written
+/// out before the next (transit would otherwise overflow and drop them).
+pub(crate) const RECOVERY_CHUNK: usize = 4096;
 
 /// Counters, for metrics and tests.
 #[derive(Debug, Default)]
@@ -135,6 +146,11 @@ struct Disk {
     file: Option<Box<dyn FsFile>>,
     /// Last sequence number on disk; 0 = nothing.
     through: u64,
+    /// Last sequence number made durable by [`Spill::sync`] (or found at start).
+    synced: u64,
+    /// Counts restarts of the history ([`Spill::clear`]): a sync that saw one under
+    /// way removes the marker it wrote for the history that is gone.
+    generation: u64,
     /// Set when the directory belongs to another tenant (nothing is written).
     disabled: Option<String>,
     /// After a write error nothing is written (batches are dropped) until then, so a
@@ -202,6 +218,8 @@ impl Spill {
                 segments: VecDeque::new(),
                 file: None,
                 through: 0,
+                synced: 0,
+                generation: 0,
                 disabled: None,
                 backoff_until: None,
             }),
@@ -270,27 +288,55 @@ impl Spill {
                 seg.last = last;
             }
         }
-        if let Some(seg) =
-            d.segments.back_mut().filter(|s| clean.is_none_or(|(l, n)| n != s.len || l < s.first))
-        {
-            let scan = scan(&self.fs.read(&seg.path)?, seg.first);
-            if scan.end < seg.len {
-                let mut f = self.fs.open(&seg.path, OpenMode::Existing)?;
-                f.set_len(scan.end)?;
-                seg.len = scan.end;
-            }
-            match scan.last {
-                Some(last) => {
-                    seg.last = last;
-                    seg.index = Some(Arc::new(scan.index));
+        let clean_end = match (d.segments.back(), clean) {
+            (Some(seg), Some((last, len))) => len == seg.len && last >= seg.first,
+            _ => false,
+        };
+        if !clean_end && !d.segments.is_empty() {
+            // After an unclean stop, every entry written after the last sync may be
+            // damaged (a power cut keeps any part of what was not synced): each such
+            // segment is read and checked, and the history ends at the first damage.
+            let synced = self
+                .fs
+                .read(&self.dir.join(SYNCED))
+                .ok()
+                .and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            d.synced = synced;
+            let newest = d.segments.len() - 1;
+            let mut i = d.segments.iter().position(|s| s.last > synced).unwrap_or(newest);
+            while i < d.segments.len() {
+                let is_newest = i + 1 == d.segments.len();
+                let seg = &mut d.segments[i];
+                let scan = scan(&self.fs.read(&seg.path)?, seg.first);
+                let whole = scan.end == seg.len && (is_newest || scan.last == Some(seg.last));
+                if scan.end < seg.len {
+                    let mut f = self.fs.open(&seg.path, OpenMode::Existing)?;
+                    f.set_len(scan.end)?;
+                    seg.len = scan.end;
                 }
-                None => {
-                    let gone = d.segments.pop_back().expect("just looked at it");
-                    self.fs.remove(&gone.path)?;
+                let keep = match scan.last {
+                    Some(last) => {
+                        seg.last = last;
+                        seg.index = Some(Arc::new(scan.index));
+                        i + 1
+                    }
+                    None => i,
+                };
+                if !whole || keep == i {
+                    // What follows the damage would not join what precedes it.
+                    for gone in d.segments.drain(keep..) {
+                        self.fs.remove(&gone.path)?;
+                    }
+                    break;
                 }
+                i += 1;
             }
         }
         d.through = d.segments.back().map_or(0, |s| s.last);
+        if clean_end {
+            d.synced = d.through;
+        }
         if let Some(seg) = d.segments.back() {
             d.file = Some(self.fs.open(&seg.path, OpenMode::Existing)?);
         }
@@ -339,6 +385,51 @@ impl Spill {
         if let Err(e) = written {
             tracing::debug!(dir = %self.dir.display(), error = %e, "stream history end not recorded");
         }
+    }
+
+    /// Makes everything written so far durable (the segments written since the last
+    /// sync, then the directory) and records up to where ([`SYNCED`]), so that a start
+    /// after a power cut checks only what came after. Returns the last event made
+    /// durable (0: none).
+    ///
+    /// Each snapshot calls it after its cut and before it is written: every event
+    /// evicted before the cut is then either durable here or in the snapshot's replay
+    /// buffer (which holds transit), so after a power cut the history joins the
+    /// stream that recovery rebuilds from that snapshot, as it does after a kill.
+    /// The batch under way at the cut is waited for (it is in neither). No lock is
+    /// held while the disk syncs: the writer goes on meanwhile.
+    pub fn sync(&self) -> std::io::Result<u64> {
+        drop(self.writing.lock());
+        let (through, paths, generation) = {
+            let d = self.disk.lock();
+            if d.disabled.is_some() || d.through <= d.synced {
+                return Ok(d.synced);
+            }
+            let paths: Vec<PathBuf> =
+                d.segments.iter().filter(|s| s.last > d.synced).map(|s| s.path.clone()).collect();
+            (d.through, paths, d.generation)
+        };
+        for p in &paths {
+            match self.fs.open(p, OpenMode::Existing) {
+                Ok(mut f) => f.sync_data()?,
+                // Deleted meanwhile (the size bound, or a restart of the history).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.fs.sync_dir(&self.dir)?;
+        let mut f = self.fs.open(&self.dir.join(SYNCED), OpenMode::Create)?;
+        f.write_at(0, format!("{through}\n").as_bytes())?;
+        f.sync_data()?;
+        self.fs.sync_dir(&self.dir)?;
+        let mut d = self.disk.lock();
+        if d.generation != generation {
+            // The history restarted meanwhile: the marker speaks of one that is gone.
+            let _ = self.fs.remove(&self.dir.join(SYNCED));
+            return Ok(0);
+        }
+        d.synced = d.synced.max(through);
+        Ok(through)
     }
 
     /// The oldest event this history still serves (on disk, being written, or in
@@ -518,6 +609,9 @@ impl Spill {
             let _ = self.fs.remove(&s.path);
         }
         d.through = 0;
+        d.synced = 0;
+        d.generation += 1;
+        let _ = self.fs.remove(&self.dir.join(SYNCED));
     }
 
     /// Up to `max_events` events (and about `max_bytes`) right after `after`, from
@@ -1150,6 +1244,81 @@ mod tests {
     }
 
     #[test]
+    fn after_an_unclean_stop_what_was_written_since_the_last_sync_is_checked_and_ends_at_its_first_damage() {
+        let fs = Arc::new(MemFs::new());
+        // Small segments: 4 KiB each at this cap.
+        let open = || {
+            Spill::open(fs.clone() as Arc<dyn Fs>, Path::new("/data/streams"), &tenant(), 64 << 10, 10_000)
+        };
+        let spill = open();
+        let hub = StreamHub::with_spill(10, Some(spill.clone()));
+        hub.publish((1..=200).map(ev));
+        spill.drain();
+        assert_eq!(spill.sync().unwrap(), 190);
+        hub.publish((201..=800).map(ev));
+        spill.drain();
+        let after: Vec<(u64, PathBuf)> = spill
+            .disk
+            .lock()
+            .segments
+            .iter()
+            .filter(|s| s.first > 190)
+            .map(|s| (s.first, s.path.clone()))
+            .collect();
+        assert!(after.len() >= 3, "several segments written after the sync: {after:?}");
+        // A power cut kept the later segments but damaged the middle of the first one
+        // written after the sync (the kernel writes pages back in any order).
+        let (first, damaged) = after[0].clone();
+        let len = fs.file_len(&damaged).unwrap();
+        fs.flip_bit(&damaged, len / 2, 3).unwrap();
+        drop((hub, spill));
+        let reopened = open();
+        let (start, through) = reopened.disk_range().unwrap();
+        assert_eq!(start, 1);
+        assert!(through >= first && through < after[1].0, "ends inside the damaged segment: {through}");
+        assert!(
+            fs.file_len(&after[1].1).is_err() && fs.file_len(&after[2].1).is_err(),
+            "what followed the damage is gone"
+        );
+        // Everything kept reads back, and the history goes on right after it.
+        let hub = StreamHub::with_spill(10, Some(reopened.clone()));
+        hub.set_next_seq(through + 1);
+        hub.publish((through + 1..=through + 30).map(ev));
+        reopened.drain();
+        assert_eq!(resume(&hub, &reopened, 0).unwrap(), (1..=through + 30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_history_synced_at_a_snapshot_joins_the_stream_recovered_after_a_power_cut() {
+        for seed in 0..8 {
+            let fs = Arc::new(MemFs::new());
+            fs.set_cut_seed(seed);
+            let (hub, spill) = hub(&fs, 10, 8 << 20);
+            hub.publish((1..=500).map(ev));
+            spill.drain();
+            // The snapshot's cut: its buffer holds 491-500; the history is synced.
+            assert_eq!(spill.sync().unwrap(), 490);
+            // The traffic after it: written out, never synced; then the power goes.
+            for from in (501..=30_500).step_by(1000) {
+                hub.publish((from..from + 1000).map(ev));
+                spill.drain();
+            }
+            drop((hub, spill));
+            fs.power_cut();
+            // Recovery: the snapshot's buffer, then the 30,000 events of the log
+            // replayed after it: three times what transit holds.
+            let (hub, spill) = self::hub(&fs, 10, 8 << 20);
+            hub.set_next_seq(491);
+            hub.publish((491..=500).map(ev));
+            hub.publish_recovered((501..=30_500).map(ev).collect());
+            spill.align_with(hub.oldest_buffered(), hub.next_seq());
+            assert_eq!(spill.stats.dropped.load(Ordering::Relaxed), 0, "seed {seed}");
+            assert_eq!(spill.stats.restarts.load(Ordering::Relaxed), 0, "seed {seed}");
+            assert_eq!(resume(&hub, &spill, 0).unwrap(), (1..=30_500).collect::<Vec<_>>(), "seed {seed}");
+        }
+    }
+
+    #[test]
     fn damage_inside_an_older_segment_ends_the_history_there_and_is_never_served() {
         let fs = Arc::new(MemFs::new());
         let (hub, spill) = hub(&fs, 10, 1 << 20);
@@ -1159,6 +1328,8 @@ mod tests {
         let hub = StreamHub::with_spill(10, Some(small.clone()));
         hub.publish((1..=400).map(ev));
         small.drain();
+        // Synced (as at a snapshot): a start checks only what was written after.
+        assert_eq!(small.sync().unwrap(), 390);
         let segs = small.disk.lock().segments.iter().map(|s| (s.first, s.path.clone())).collect::<Vec<_>>();
         assert!(segs.len() >= 3, "{segs:?}");
         // Flip a byte in the middle of the second segment; reopen (older segments are
