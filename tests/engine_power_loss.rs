@@ -98,6 +98,10 @@ fn config(skip_sync: bool, preallocate: bool) -> Config {
         // Small segments: snapshots compact several, and with preallocation later
         // segments are made from recycled files, so cuts land on those too.
         "wal.segment_bytes=16384".into(),
+        // A small stream buffer: most of the stream lives in the history on disk,
+        // which the cuts hit too (small segments: several per life).
+        "stream_retention_events=16".into(),
+        "stream_spill_bytes=4194304".into(),
         format!("wal.preallocate={preallocate}"),
     ];
     let mut cfg = Config::load(&Sources { flags: flags.to_vec(), ..Default::default() })
@@ -140,6 +144,8 @@ struct Model {
     next_lead: u64,
     next_grant: u64,
     now: i64,
+    /// The tenant's stream as a resume from 0 got it at the last audit.
+    stream: Vec<(u64, rota::protocol::StreamEvent)>,
 }
 
 impl Model {
@@ -394,6 +400,19 @@ async fn audit(
     life: usize,
 ) -> Result<(), String> {
     let ctx = |s: String| format!("life {life}: {s}");
+    // The stream: a resume from 0 gets every event, numbered without a gap, and what
+    // the last audit saw comes first, unchanged (recovery numbers the same events
+    // again; the history on disk joins them).
+    let hub = e.hub(t).ok_or("no stream")?;
+    let stream = engine_support::stream_from_start(&hub).map_err(|err| ctx(format!("stream: {err}")))?;
+    let seqs: Vec<u64> = stream.iter().map(|x| x.0).collect();
+    if seqs != (1..hub.next_seq()).collect::<Vec<u64>>() {
+        return Err(ctx(format!("stream from 0: {} events, not 1..{}", seqs.len(), hub.next_seq())));
+    }
+    if !stream.starts_with(&m.stream) {
+        return Err(ctx("the stream changed what an earlier life had published".into()));
+    }
+    m.stream = stream;
     for (l, (body, res)) in &m.leads {
         if res["status"] == "accepted" {
             ok(e, t, json!({"type": "explain", "lead": l}))

@@ -5,12 +5,10 @@
 
 mod engine_support;
 
-use engine_support::{in_system, req};
+use engine_support::{in_system, req, stream_from_start};
 use rota::config::{Config, Sources};
-use rota::engine::hub::StreamHub;
 use rota::engine::Engine;
 use rota::ids::TenantId;
-use rota::protocol::{Encoding, StreamEvent};
 use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -50,27 +48,6 @@ async fn publish(e: &Engine, prefix: &str, n: u32) {
     }
 }
 
-/// Every event from the start of the stream, as a resume from 0 gets them: the
-/// history on disk, then the in-memory buffer.
-fn resume_from_start(hub: &StreamHub) -> Vec<(u64, StreamEvent)> {
-    let spill = hub.spill().expect("the history is on");
-    let mut seen: Vec<(u64, StreamEvent)> = Vec::new();
-    let mut after = 0;
-    loop {
-        let chunk = spill
-            .read_after(after, 1000, 1 << 20)
-            .unwrap_or_else(|lost| panic!("resume after {after} refused: {lost:?}"));
-        if chunk.is_empty() {
-            let s = hub.subscribe(Some(after), None, 16, Encoding::Msgpack).expect("the buffer follows");
-            seen.extend(s.backlog.iter().map(|o| (o.seq, o.event.clone())));
-            hub.unsubscribe(s.id);
-            return seen;
-        }
-        seen.extend(chunk.iter().map(|o| (o.seq, o.event.clone())));
-        after = chunk.last().expect("not empty").seq;
-    }
-}
-
 #[test]
 fn a_resume_older_than_the_buffer_is_served_without_a_gap_after_a_power_cut() {
     let fs = MemFs::new();
@@ -86,7 +63,7 @@ fn a_resume_older_than_the_buffer_is_served_without_a_gap_after_a_power_cut() {
         // After the snapshot: in the log (durable) and in the history (not synced).
         publish(&e, "B", 40).await;
         e.drain_spills();
-        resume_from_start(&e.hub(&TenantId::new("demo")).unwrap())
+        stream_from_start(&e.hub(&TenantId::new("demo")).unwrap()).unwrap()
     });
     assert!(before.len() > 150, "{} events", before.len());
     fs.power_cut();
@@ -95,7 +72,7 @@ fn a_resume_older_than_the_buffer_is_served_without_a_gap_after_a_power_cut() {
         let (e, _) = Engine::start_with_fs(config(), fs).expect("second life recovers");
         let hub = e.hub(&TenantId::new("demo")).unwrap();
         assert_eq!(hub.spill().unwrap().stats.restarts.load(std::sync::atomic::Ordering::Relaxed), 0);
-        resume_from_start(&hub)
+        stream_from_start(&hub).unwrap()
     });
     assert_eq!(after.first().map(|e| e.0), Some(1));
     assert_eq!(after, before, "the same events, in order, from the first");

@@ -4,7 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use rota::protocol::Request;
+use rota::engine::hub::StreamHub;
+use rota::protocol::{Encoding, Request, StreamEvent};
 use serde_json::{json, Value};
 use std::future::Future;
 
@@ -25,4 +26,27 @@ pub fn req(mut v: Value) -> Request {
     rota::protocol::decode(rota::protocol::Encoding::Json, &frame)
         .unwrap_or_else(|e| panic!("test request {v} does not decode: {e:?}"))
         .request
+}
+
+/// Every event from the start of the tenant's stream, as a resume from 0 gets them:
+/// the history on disk, then the in-memory buffer. `Err` when the resume is refused.
+pub fn stream_from_start(hub: &StreamHub) -> Result<Vec<(u64, StreamEvent)>, String> {
+    let spill = hub.spill().ok_or("the stream history is off")?;
+    let mut seen: Vec<(u64, StreamEvent)> = Vec::new();
+    let mut after = 0;
+    loop {
+        let chunk = spill
+            .read_after(after, 1000, 1 << 20)
+            .map_err(|lost| format!("resume after {after} refused: {lost:?}"))?;
+        if chunk.is_empty() {
+            let s = hub
+                .subscribe(Some(after), None, 16, Encoding::Msgpack)
+                .map_err(|e| format!("nothing on disk after {after} and the buffer refuses it: {e:?}"))?;
+            seen.extend(s.backlog.iter().map(|o| (o.seq, o.event.clone())));
+            hub.unsubscribe(s.id);
+            return Ok(seen);
+        }
+        seen.extend(chunk.iter().map(|o| (o.seq, o.event.clone())));
+        after = chunk.last().expect("not empty").seq;
+    }
 }
