@@ -1287,9 +1287,10 @@ impl Engine {
         // The streams' history up to the cut is made durable before the snapshot that
         // starts after it (`spill::Spill::sync`): after a power cut it then joins the
         // stream recovered from this snapshot. Best effort, like the history itself.
+        let paced = !self.is_stopping();
         for t in self.tenants() {
             if let Some(sp) = t.hub.spill() {
-                if let Err(e) = sp.sync() {
+                if let Err(e) = sp.sync(paced) {
                     tracing::warn!(tenant = %t.id, error = %e, "stream history not synced; after a power cut it may restart");
                 }
             }
@@ -1297,7 +1298,6 @@ impl Engine {
         // Paced while requests are acknowledged (their syncs must not queue behind
         // hundreds of MB); once stopping (the final snapshot) nothing waits for the
         // log, and pacing would only stretch the shutdown towards its deadline.
-        let paced = !self.is_stopping();
         self.inner.wal.write_snapshot_paced(covers, &bytes, paced)?;
         self.inner.metrics.snapshot(started.elapsed(), paused);
         tracing::debug!(covers, bytes = bytes.len(), paused_ms = paused.as_millis() as u64, "snapshot");

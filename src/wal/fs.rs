@@ -80,6 +80,13 @@ pub trait FsFile: Send {
     fn write_at_paced(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write_at(offset, data)
     }
+    /// [`FsFile::sync_data`] of a file written earlier without syncs (the stream
+    /// history): on a real disk what is still unwritten goes out in steps, each waited
+    /// for before the next, as [`FsFile::write_at_paced`] does. The default is a plain
+    /// `sync_data`.
+    fn sync_data_paced(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
 }
 
 /// The real filesystem.
@@ -128,6 +135,29 @@ impl FsFile for RealFile {
             std::thread::sleep(started.elapsed());
         }
         Ok(())
+    }
+    /// Pushes the file to the disk in [`PACED_STEP`] steps, each waited for, pausing
+    /// after each as long as it took (a step already written back costs a syscall),
+    /// then syncs what is left (the metadata).
+    #[cfg(target_os = "linux")]
+    fn sync_data_paced(&mut self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let len = self.size()?;
+        let mut at = 0;
+        while at < len {
+            let step = (len - at).min(PACED_STEP as u64);
+            let started = std::time::Instant::now();
+            // SAFETY: a plain syscall on a file descriptor this value owns.
+            if unsafe { libc::sync_file_range(self.0.as_raw_fd(), at as i64, step as i64, flags) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            at += step;
+            std::thread::sleep(started.elapsed());
+        }
+        self.sync_data()
     }
 }
 
