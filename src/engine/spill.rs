@@ -980,7 +980,11 @@ fn scan(b: &[u8], first: u64) -> Scan {
             index.push((seq, pos as u64));
         }
         pos += used;
-        next += 1;
+        let Some(after) = next.checked_add(1) else {
+            // The last number there is: nothing can follow it.
+            return Scan { end: pos as u64, last: Some(seq), index };
+        };
+        next = after;
     }
     Scan { end: pos as u64, last: (next > first).then(|| next - 1), index }
 }
@@ -1479,6 +1483,15 @@ mod tests {
         assert_eq!(fs.list(dir).unwrap(), vec![MARKER.to_string()]);
         // Nothing spilled: a resume is answered from the buffer (or refused by it).
         assert!(spill.read_after(0, 10, 1 << 20).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_file_numbered_at_the_end_of_the_range_is_read_without_overflow() {
+        let mut b = Vec::new();
+        put_entry(&mut b, u64::MAX, b"last");
+        put_entry(&mut b, 0, b"wrapped");
+        let s = scan(&b, u64::MAX);
+        assert_eq!((s.last, s.end), (Some(u64::MAX), (HEADER + 4) as u64));
     }
 
     #[test]
