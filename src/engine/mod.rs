@@ -603,6 +603,16 @@ impl Engine {
         Ok(out)
     }
 
+    /// Every shard's state now, ordered by key: what checks that recovery rebuilds
+    /// exactly the state that ran compare (tests and tools; a copy-on-write share,
+    /// no copy).
+    pub fn shard_states(&self) -> Vec<(ShardKey, Arc<Shard>)> {
+        let mut all: Vec<(ShardKey, Arc<Shard>)> =
+            self.inner.shards.iter().map(|e| (e.key().clone(), e.value().state.lock().clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     fn shard_state(&self, key: &ShardKey) -> Option<actor::ShardState> {
         self.inner.shards.get(key).map(|h| h.state.clone())
     }
