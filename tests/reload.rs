@@ -7,6 +7,7 @@ mod e2e_support;
 
 use e2e_support::*;
 use serde_json::json;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn hash(token: &str) -> String {
@@ -261,4 +262,58 @@ async fn r12_the_policy_in_force_at_a_snapshot_replays_the_decisions_logged_afte
     zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR + 60_000})).await;
     let b = zk.ok(json!({"type": "balance", "pro": "z1"})).await;
     assert_eq!(b["refunded"], 40, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r6a_reloads_under_traffic_answer_every_request_and_each_lead_keeps_its_policys_offers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "");
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    for p in ["z1", "z2", "z3"] {
+        zk.ok(zaask_pro(p)).await;
+        zk.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 1000})).await;
+    }
+    // Two clients publish without pause while the policy flips between releasing to
+    // every pro and to one.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for c in 0..2 {
+        let (addr, stop) = (d.addr.clone(), stop.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut client = Client::connect(&addr, "zk-token", false).await;
+            let mut acked: Vec<(String, usize)> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!("R{c}-{}", acked.len());
+                let out = client.ok(zaask_lead(&id)).await;
+                acked.push((id, out["offers"].as_array().unwrap().len()));
+            }
+            acked
+        }));
+    }
+    let policy = dir.path().join("zaask.toml");
+    let all = std::fs::read_to_string(&policy).unwrap();
+    let one = all.replace("offer_fanout = \"all\"", "offer_fanout = 1");
+    for n in 1..=10 {
+        std::fs::write(&policy, if n % 2 == 1 { &one } else { &all }).unwrap();
+        unsafe_kill(d.child.id(), "HUP");
+        wait_metric(&d, "rota_config_reloads_total", &[("result", "ok")], f64::from(n));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for p in publishers {
+        acked.extend(p.await.expect("every publish was answered"));
+    }
+    let fanouts: std::collections::BTreeSet<usize> = acked.iter().map(|(_, n)| *n).collect();
+    assert_eq!(fanouts, [1, 3].into(), "leads released under both policies");
+    // A kill, then every acknowledged lead is there with the offers it was given.
+    drop(zk);
+    kill_9(d);
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    for (id, offers) in &acked {
+        let ex = zk.ok(json!({"type": "explain", "lead": id})).await;
+        let offered = ex["entries"].as_array().unwrap().iter().filter(|e| e["outcome"] == "offered").count();
+        assert_eq!(offered, *offers, "lead {id}: {ex}");
+    }
 }
