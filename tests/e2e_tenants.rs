@@ -895,3 +895,15 @@ async fn a_tenant_left_out_of_the_configuration_stops_the_start_and_loses_nothin
         assert!(stderr.contains("not in the configuration: zaask"), "{stderr}");
     }
 }
+
+#[test]
+fn a_data_dir_that_tried_rota_out_is_refused_to_configured_tenants_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    // No tenants configured: the built-in demo tenant.
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.stop(), 0);
+    let (code, stderr) = serve_until_exit(dir.path(), &config(dir.path(), 1024));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("not in the configuration: demo"), "{stderr}");
+    assert!(stderr.contains("give the configured tenants a data_dir of their own"), "{stderr}");
+}

@@ -269,14 +269,22 @@ pub enum StartError {
     Record { seq: u64, reason: String },
     #[error("cannot start the stream-history thread: {0}")]
     Thread(std::io::Error),
-    #[error(
-        "the log holds tenants that are not in the configuration: {}; their leads, \
-         rotation and money would be dropped at the next snapshot. Add them back to \
-         `tenants` (with no `tokens` to keep them closed), or start with another \
-         data_dir; nothing was changed",
-        .0.join(", ")
-    )]
+    #[error("{}", unconfigured_message(.0))]
     UnconfiguredTenants(Vec<String>),
+}
+
+fn unconfigured_message(tenants: &[String]) -> String {
+    let mut text = format!(
+        "the log holds tenants that are not in the configuration: {}; their leads, rotation \
+         and money would be dropped at the next snapshot. Add them back to `tenants` (with no \
+         `tokens` to keep them closed), or start with another data_dir; nothing was changed",
+        tenants.join(", ")
+    );
+    if tenants.iter().any(|t| t == "demo") {
+        text += ". (`demo` is the built-in tenant of a start with no tenants configured: a data_dir \
+                 used to try rota out holds it; give the configured tenants a data_dir of their own)";
+    }
+    text
 }
 
 /// State rebuilt by replay before the actors start.
