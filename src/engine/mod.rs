@@ -462,7 +462,7 @@ impl Engine {
                 (t, cfg, true)
             })
             .collect();
-        engine.set_tenant_configs(changed)?;
+        engine.set_tenant_configs(changed, Vec::new())?;
         engine.inner.metrics.recovered(recovered.records_replayed, recovered.duration);
         let report = RecoveryReport {
             snapshot_seq: recovered.snapshot_seq,
@@ -492,10 +492,14 @@ impl Engine {
     /// on every shard of the tenant and on its order book. All with the gate closed:
     /// no decision is in flight, so every decision logged before the record was made
     /// under the old policy and every one after it under the new one, which is how
-    /// recovery replays them. Nothing changes when the log refuses the record.
+    /// recovery replays them. `added` (tenants new to the log, already in `changes`)
+    /// join the tenants map in the same step, so that a snapshot holds a new tenant's
+    /// policy whenever it covers its record. Nothing changes when the log refuses the
+    /// record.
     fn set_tenant_configs(
         &self,
         changes: Vec<(Arc<Tenant>, Arc<TenantConfig>, bool)>,
+        added: Vec<Arc<Tenant>>,
     ) -> Result<(), WalError> {
         let _closed = self.inner.gate.write();
         let records: Vec<(u8, Vec<u8>)> = changes
@@ -521,6 +525,11 @@ impl Engine {
                 }
                 tenant.orders.lock().set_policy(&cfg.policy);
             }
+        }
+        if !added.is_empty() {
+            let mut map = (*self.tenants_map()).clone();
+            map.extend(added.into_iter().map(|t| (t.id.clone(), t)));
+            *self.inner.tenants.write() = Arc::new(map);
         }
         Ok(())
     }

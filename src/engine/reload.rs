@@ -106,17 +106,10 @@ impl Engine {
                 }
             }
         }
-        if let Err(e) = self.set_tenant_configs(changes) {
+        out.added = added.iter().map(|t| t.id.clone()).collect();
+        if let Err(e) = self.set_tenant_configs(changes, added) {
             inner.metrics.m.config_reloads.get("error").increment(1);
             return Err(ReloadError::Log(e.to_string()));
-        }
-        if !added.is_empty() {
-            let mut map = (*running).clone();
-            for tenant in added {
-                out.added.push(tenant.id.clone());
-                map.insert(tenant.id.clone(), tenant);
-            }
-            *inner.tenants.write() = Arc::new(map);
         }
         out.added.sort();
         out.policies.sort();
