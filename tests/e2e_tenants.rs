@@ -854,7 +854,7 @@ fn serve_until_exit(dir: &std::path::Path, config: &std::path::Path) -> (Option<
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_tenant_left_out_of_the_configuration_stops_the_start_and_loses_nothing() {
+async fn r1_r9_a_tenant_left_out_of_the_configuration_stops_the_start_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let full = config(dir.path(), 1024);
     // The same file without zaask.

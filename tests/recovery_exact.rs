@@ -149,11 +149,11 @@ fn run(snapshot_between: bool) {
 }
 
 #[test]
-fn recovery_from_the_log_rebuilds_the_state_that_ran_across_policy_changes() {
+fn r6_r12_r28_recovery_from_the_log_rebuilds_the_state_that_ran_across_policy_changes() {
     run(false);
 }
 
 #[test]
-fn recovery_from_a_snapshot_rebuilds_the_state_that_ran_across_policy_changes() {
+fn r6_r12_r28_recovery_from_a_snapshot_rebuilds_the_state_that_ran_across_policy_changes() {
     run(true);
 }

@@ -18,6 +18,21 @@ fn zaask_pro(id: &str) -> serde_json::Value {
     json!({"type": "upsert_pro", "pro": {"id": id, "categories": ["painting"], "zones": ["lisboa"]}})
 }
 
+/// A zaask connection on `d`, after adding `pros` with `credits` each.
+async fn zaask_with_pros(d: &Daemon, pros: &[&str], credits: u64) -> Client {
+    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
+    for p in pros {
+        zk.ok(zaask_pro(p)).await;
+        zk.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": credits})).await;
+    }
+    zk
+}
+
+/// Credits refunded to `pro` so far.
+async fn refunded(zk: &mut Client, pro: &str) -> u64 {
+    zk.ok(json!({"type": "balance", "pro": pro})).await["refunded"].as_u64().expect("refunded")
+}
+
 fn zaask_lead(id: &str) -> serde_json::Value {
     json!({"type": "publish_lead", "lead": {
         "id": id, "category": "painting", "zone": "lisboa",
@@ -51,11 +66,7 @@ async fn r6a_a_reload_revokes_tokens_at_once_and_applies_new_policies_to_later_d
     let pid = d.child.id();
     let mut revoked = Client::connect(&d.addr, "pp-token", false).await;
     revoked.ok(json!({"type": "subscribe"})).await;
-    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
-    for p in ["z1", "z2", "z3"] {
-        zk.ok(zaask_pro(p)).await;
-        zk.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100})).await;
-    }
+    let mut zk = zaask_with_pros(&d, &["z1", "z2", "z3"], 100).await;
     let before = zk.ok(zaask_lead("Z1")).await;
     assert_eq!(before["offers"].as_array().unwrap().len(), 3, "offer_fanout = \"all\": {before}");
 
@@ -197,11 +208,7 @@ async fn r12_a_response_keeps_the_guarantee_of_the_policy_it_was_made_under_acro
     let dir = tempfile::tempdir().unwrap();
     let cfg = tenants_config(dir.path(), "");
     let d = Daemon::start_with(dir.path(), &cfg);
-    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
-    for p in ["z1", "z2"] {
-        zk.ok(zaask_pro(p)).await;
-        zk.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100})).await;
-    }
+    let mut zk = zaask_with_pros(&d, &["z1", "z2"], 100).await;
     // Under the file's policy (7-day guarantee), z1 responds to Z1.
     respond_to_new_lead(&mut zk, "Z1", "z1").await;
     drop(zk);
@@ -222,16 +229,15 @@ async fn r12_a_response_keeps_the_guarantee_of_the_policy_it_was_made_under_acro
 
     let d = Daemon::start_with(dir.path(), &cfg);
     let mut zk = Client::connect(&d.addr, "zk-token", false).await;
-    let refunded = |b: serde_json::Value| b["refunded"].as_u64().unwrap();
     // Day 2: z2's one-day guarantee has run out (never viewed: refunded); z1's has not.
     zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 2 * 24 * HOUR})).await;
-    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z2"})).await), 40, "1-day guarantee of Z2");
-    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z1"})).await), 0);
+    assert_eq!(refunded(&mut zk, "z2").await, 40, "1-day guarantee of Z2");
+    assert_eq!(refunded(&mut zk, "z1").await, 0);
     // Day 4: past the 3 days of the policy now in force, still within z1's 7.
     zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 4 * 24 * HOUR})).await;
-    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z1"})).await), 0, "7-day guarantee of Z1");
+    assert_eq!(refunded(&mut zk, "z1").await, 0, "7-day guarantee of Z1");
     zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR + 60_000})).await;
-    assert_eq!(refunded(zk.ok(json!({"type": "balance", "pro": "z1"})).await), 40);
+    assert_eq!(refunded(&mut zk, "z1").await, 40);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -240,9 +246,7 @@ async fn r12_the_policy_in_force_at_a_snapshot_replays_the_decisions_logged_afte
     let cfg = tenants_config(dir.path(), "");
     // A clean stop writes a snapshot (7-day guarantee in force).
     let d = Daemon::start_with(dir.path(), &cfg);
-    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
-    zk.ok(zaask_pro("z1")).await;
-    zk.ok(json!({"type": "grant_credits", "pro": "z1", "op": "pay-z1", "credits": 100})).await;
+    let zk = zaask_with_pros(&d, &["z1"], 100).await;
     drop(zk);
     assert_eq!(d.stop(), 0);
     // The same policy: z1 responds after the snapshot, then a crash.
@@ -257,11 +261,9 @@ async fn r12_the_policy_in_force_at_a_snapshot_replays_the_decisions_logged_afte
     let d = Daemon::start_with(dir.path(), &cfg);
     let mut zk = Client::connect(&d.addr, "zk-token", false).await;
     zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 2 * 24 * HOUR})).await;
-    let b = zk.ok(json!({"type": "balance", "pro": "z1"})).await;
-    assert_eq!(b["refunded"], 0, "{b}");
+    assert_eq!(refunded(&mut zk, "z1").await, 0, "7-day guarantee");
     zk.ok(json!({"type": "advance_clock", "to_ms": T0 + 7 * 24 * HOUR + 60_000})).await;
-    let b = zk.ok(json!({"type": "balance", "pro": "z1"})).await;
-    assert_eq!(b["refunded"], 40, "{b}");
+    assert_eq!(refunded(&mut zk, "z1").await, 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,11 +271,7 @@ async fn r6a_reloads_under_traffic_answer_every_request_and_each_lead_keeps_its_
     let dir = tempfile::tempdir().unwrap();
     let cfg = tenants_config(dir.path(), "");
     let d = Daemon::start_with(dir.path(), &cfg);
-    let mut zk = Client::connect(&d.addr, "zk-token", false).await;
-    for p in ["z1", "z2", "z3"] {
-        zk.ok(zaask_pro(p)).await;
-        zk.ok(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 1000})).await;
-    }
+    let zk = zaask_with_pros(&d, &["z1", "z2", "z3"], 1000).await;
     // Two clients publish without pause while the policy flips between releasing to
     // every pro and to one.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -30,7 +30,7 @@ fn config(dir: &std::path::Path, fanout: u32) -> Config {
 }
 
 #[test]
-fn a_policy_change_the_log_refuses_changes_nothing() {
+fn r6a_a_policy_change_the_log_refuses_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let fs = MemFs::new();
     in_system(async {
