@@ -150,7 +150,7 @@ mod recovery;
 pub mod tools;
 mod writer;
 
-pub use format::{MAX_RECORD_BYTES, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+pub use format::{decode_snapshot, MAX_RECORD_BYTES, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub use fs::{Fault, Fs, FsFile, MemFs, OpenMode, RealFs};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
