@@ -116,6 +116,52 @@ pub struct Lost {
     pub oldest: Option<u64>,
 }
 
+/// Why a read of the history returned no events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unserved {
+    /// The events after the cursor are no longer kept: overtaken by the history's
+    /// bound, dropped by a writer that fell behind or failed, or cut off at damage.
+    Lost(Lost),
+    /// The disk could not be read for a passing reason (the process out of file
+    /// descriptors or memory for a moment): the history is kept as it is, and a
+    /// later read may serve the same cursor.
+    Unreadable(String),
+}
+
+impl From<Lost> for Unserved {
+    fn from(l: Lost) -> Self {
+        Unserved::Lost(l)
+    }
+}
+
+/// Why [`Spill::read_disk`] failed.
+enum ReadFailure {
+    /// The bytes are not what was written (a CRC, a length or a sequence number that
+    /// does not fit), or the segment is gone: nothing at or before it can be served.
+    Damaged(String),
+    /// Reading failed for a passing reason and says nothing about the bytes.
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ReadFailure {
+    /// Errors that pass (the process out of file descriptors or memory for a moment,
+    /// an interrupted call) keep the history: only this read fails. Any other error
+    /// (the file deleted under the reader by the size bound, `EIO` from a bad block)
+    /// is taken as what it most likely is, bytes that cannot be served, and the
+    /// history is cut there: a reader kept failing on it would never get past it.
+    fn from(e: std::io::Error) -> Self {
+        let passing =
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EAGAIN | libc::EINTR)
+            ) || matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock);
+        match passing {
+            true => ReadFailure::Io(e),
+            false => ReadFailure::Damaged(e.to_string()),
+        }
+    }
+}
+
 /// One tenant's history on disk.
 pub struct Spill {
     fs: Arc<dyn Fs>,
@@ -136,6 +182,10 @@ pub struct Spill {
     /// longer than [`WRITE_BATCH`] (a writer that fell behind) is moved in parts.
     writing: Mutex<VecDeque<Arc<Outgoing>>>,
     disk: Mutex<Disk>,
+    /// The newest event the stream's replay buffer no longer holds (evicted into
+    /// transit, or older than what recovery rebuilt): a cursor at or before it is
+    /// served here or not at all.
+    evicted_through: AtomicU64,
     pub stats: SpillStats,
 }
 
@@ -214,6 +264,7 @@ impl Spill {
             transit_cap,
             transit: Mutex::new(VecDeque::new()),
             writing: Mutex::new(VecDeque::with_capacity(WRITE_BATCH)),
+            evicted_through: AtomicU64::new(0),
             disk: Mutex::new(Disk {
                 segments: VecDeque::new(),
                 file: None,
@@ -452,6 +503,7 @@ impl Spill {
     /// After recovery rebuilt `hub`'s replay buffer: keeps the history if it joins
     /// what recovery kept (transit, evicted while replaying, then the buffer).
     pub(crate) fn align_with(&self, oldest_buffered: u64, next_seq: u64) {
+        self.evicted_through.fetch_max(oldest_buffered.saturating_sub(1), Ordering::AcqRel);
         self.align(self.transit_front().unwrap_or(oldest_buffered), next_seq);
     }
 
@@ -464,6 +516,9 @@ impl Spill {
     ) {
         let mut t = self.transit.lock();
         t.extend(evicted);
+        if let Some(last) = t.back() {
+            self.evicted_through.fetch_max(last.seq, Ordering::AcqRel);
+        }
         let over = t.len().saturating_sub(self.transit_cap);
         if over > 0 {
             self.stats.dropped.fetch_add(over as u64, Ordering::Relaxed);
@@ -626,10 +681,12 @@ impl Spill {
         after: u64,
         max_events: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Arc<Outgoing>>, Lost> {
+    ) -> Result<Vec<Arc<Outgoing>>, Unserved> {
         match self.read_frames_after(after, max_events, max_bytes)? {
             Chunk::Events(events) => Ok(events),
-            Chunk::Frames(frames) => frames.into_iter().map(|(seq, f)| self.decode(seq, f)).collect(),
+            Chunk::Frames(frames) => {
+                frames.into_iter().map(|(seq, f)| self.decode(seq, f).map_err(Unserved::from)).collect()
+            }
         }
     }
 
@@ -647,8 +704,17 @@ impl Spill {
 
     /// [`Spill::read_after`] without decoding what comes from disk: a MessagePack
     /// subscriber without a per-pro filter sends the frames as they are.
-    pub fn read_frames_after(&self, after: u64, max_events: usize, max_bytes: usize) -> Result<Chunk, Lost> {
+    pub fn read_frames_after(
+        &self,
+        after: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Chunk, Unserved> {
         let want = after + 1;
+        // Read before transit: an event evicted by then is in transit, being written,
+        // on disk, or lost; one evicted later is still in the buffer or in transit
+        // when the caller looks again.
+        let evicted_through = self.evicted_through.load(Ordering::Acquire);
         {
             let t = self.transit.lock();
             if let (Some(f), Some(b)) = (t.front(), t.back()) {
@@ -671,10 +737,16 @@ impl Spill {
                 let transit_first = self.transit_front();
                 return match (disk_first, transit_first) {
                     // Older than anything kept.
-                    (Some(o), _) | (None, Some(o)) if want < o => Err(Lost { oldest: Some(o) }),
+                    (Some(o), _) | (None, Some(o)) if want < o => Err(Lost { oldest: Some(o) }.into()),
                     // Between the disk's end and transit: events transit dropped, not
                     // yet noticed by the writer (which then restarts the history).
-                    (_, Some(t)) if want > through && want < t => Err(Lost { oldest: Some(t) }),
+                    (_, Some(t)) if want > through && want < t => Err(Lost { oldest: Some(t) }.into()),
+                    // Evicted from the buffer, and neither in transit nor on disk: the
+                    // history dropped it (a write that failed, the disk short of
+                    // space, damage cut off). Without this the caller would find it
+                    // neither here nor in the buffer, and look again for ever.
+                    (o, t) if want <= evicted_through => Err(Lost { oldest: o.or(t) }.into()),
+                    // Not evicted yet: the buffer has it.
                     _ => Ok(Chunk::Frames(Vec::new())),
                 };
             }
@@ -688,10 +760,20 @@ impl Spill {
             }
         };
         // Read without the lock (the writer goes on meanwhile): a segment deleted under
-        // the reader is an error like any other, and the cursor is then too old.
+        // the reader is gone like damaged bytes, and the cursor is then too old. An
+        // error that says nothing about the bytes (no file descriptor left, say) keeps
+        // the history: only this read fails.
         match self.read_disk(view, want, max_events, max_bytes) {
             Ok(frames) if frames.first().is_some_and(|f| f.0 == want) => Ok(Chunk::Frames(frames)),
-            Ok(_) | Err(_) => Err(self.cut_through(want)),
+            Err(ReadFailure::Io(e)) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "stream history not readable now");
+                Err(Unserved::Unreadable(e.to_string()))
+            }
+            Err(ReadFailure::Damaged(why)) => {
+                tracing::warn!(dir = %self.dir.display(), want, %why, "stream history unreadable there; cut");
+                Err(self.cut_through(want).into())
+            }
+            Ok(_) => Err(self.cut_through(want).into()),
         }
     }
 
@@ -719,14 +801,14 @@ impl Spill {
         want: u64,
         max_events: usize,
         max_bytes: usize,
-    ) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+    ) -> Result<Vec<(u64, Vec<u8>)>, ReadFailure> {
         let index = match seg.index {
             Some(ix) => ix,
             None => {
                 // First read of this segment since start: index (and check) it whole.
                 let s = scan(&self.fs.read(&seg.path)?, seg.first);
                 if s.last.is_none_or(|l| l < seg.last) {
-                    return Err(std::io::Error::other(format!(
+                    return Err(ReadFailure::Damaged(format!(
                         "{}: damaged after seq {:?} (expected through {})",
                         seg.path.display(),
                         s.last,
@@ -756,7 +838,7 @@ impl Spill {
             let mut used_total = 0usize;
             while let Some((s, frame, used)) = entry_at(&chunk[used_total..]) {
                 if s != seq {
-                    return Err(std::io::Error::other(format!("expected seq {seq}, found {s}")));
+                    return Err(ReadFailure::Damaged(format!("expected seq {seq}, found {s}")));
                 }
                 if s >= want {
                     bytes += frame.len();
@@ -778,7 +860,7 @@ impl Spill {
                         continue;
                     }
                     _ => {
-                        return Err(std::io::Error::other(format!(
+                        return Err(ReadFailure::Damaged(format!(
                             "{}: damaged entry at {pos}",
                             seg.path.display()
                         )))
@@ -1072,7 +1154,7 @@ mod tests {
     }
 
     /// Everything after `after` as a resume sees it: history chunks, then the buffer.
-    fn resume(hub: &StreamHub, spill: &Spill, mut after: u64) -> Result<Vec<u64>, Lost> {
+    fn resume(hub: &StreamHub, spill: &Spill, mut after: u64) -> Result<Vec<u64>, Unserved> {
         let mut seen = Vec::new();
         loop {
             let chunk = spill.read_after(after, 7, 1 << 20)?;
@@ -1133,7 +1215,7 @@ mod tests {
         assert!(spill.stats.segments_deleted.load(Ordering::Relaxed) > 0);
         let (first, last) = spill.disk_range().unwrap();
         assert!(first > 1 && last == 19_990, "disk holds {first}-{last}");
-        assert_eq!(resume(&hub, &spill, 0), Err(Lost { oldest: Some(first) }));
+        assert_eq!(resume(&hub, &spill, 0), Err(Lost { oldest: Some(first) }.into()));
         assert_eq!(resume(&hub, &spill, first - 1).unwrap(), (first..=20_000).collect::<Vec<_>>());
     }
 
@@ -1358,7 +1440,7 @@ mod tests {
         let third_first = segs[2].0;
         assert_eq!(
             reopened.read_after(second_first - 1, 10_000, 1 << 20).err(),
-            Some(Lost { oldest: Some(third_first) })
+            Some(Lost { oldest: Some(third_first) }.into())
         );
         let third = reopened.read_after(third_first - 1, 5, 1 << 20).unwrap();
         assert_eq!(
@@ -1381,14 +1463,14 @@ mod tests {
         assert_eq!(spill.stats.dropped.load(Ordering::Relaxed), 50);
         assert_eq!(
             resume(&hub, &spill, 0).err(),
-            Some(Lost { oldest: Some(71) }),
+            Some(Lost { oldest: Some(71) }.into()),
             "1-20 served, then the gap"
         );
         spill.drain();
         // 21-70 are gone: the history restarts at 71 rather than serve a gap.
         assert_eq!(spill.disk_range(), Some((71, 90)));
         assert_eq!(spill.stats.restarts.load(Ordering::Relaxed), 1);
-        assert_eq!(resume(&hub, &spill, 20).err(), Some(Lost { oldest: Some(71) }));
+        assert_eq!(resume(&hub, &spill, 20).err(), Some(Lost { oldest: Some(71) }.into()));
         assert_eq!(resume(&hub, &spill, 70).unwrap(), (71..=100).collect::<Vec<_>>());
     }
 
@@ -1409,8 +1491,9 @@ mod tests {
         let dir = Path::new("/data/streams/acme");
         assert_eq!(fs.list(dir).unwrap(), vec![MARKER.to_string()], "the history's files were deleted");
         assert_eq!(spill.stats.short_of_space.load(Ordering::Relaxed), 1);
-        // A resume that needed it is told what is still kept: the buffer's 291-300.
-        assert!(spill.read_after(150, 10, 1 << 20).unwrap().is_empty());
+        // A resume that needed it is told what is still kept: the buffer's 291-300
+        // (a catch-up under way is told its events are lost, nothing older kept).
+        assert_eq!(spill.read_after(150, 10, 1 << 20).err(), Some(Lost { oldest: None }.into()));
         assert_eq!(
             hub.subscribe(Some(150), None, 16, Encoding::Json).err(),
             Some(crate::engine::hub::ResumeError::TooOld { oldest_available: 291 })
@@ -1439,6 +1522,49 @@ mod tests {
         spill.drain();
         assert_eq!((fs.write_count(), spill.stats.write_errors.load(Ordering::Relaxed)), (writes, 1));
         assert_eq!(spill.transit_len(), 0, "transit does not fill up meanwhile");
+    }
+
+    #[test]
+    fn a_read_that_fails_for_want_of_a_file_descriptor_keeps_the_history() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 64 << 10);
+        hub.publish((1..=400).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), Some((1, 390)));
+        // A burst of catch-ups takes the last descriptors: one read fails.
+        fs.inject(crate::wal::Fault::ReadError);
+        match spill.read_after(200, 10, 1 << 20) {
+            Err(Unserved::Unreadable(e)) => assert!(e.contains("Too many open files"), "{e}"),
+            other => panic!("expected unreadable, got {:?}", other.map(|v| v.len())),
+        }
+        // Nothing was cut: the same cursor and older ones are served.
+        assert_eq!(spill.disk_range(), Some((1, 390)));
+        assert_eq!(resume(&hub, &spill, 200), Ok((201..=400).collect::<Vec<_>>()));
+        assert_eq!(resume(&hub, &spill, 0).map(|v| v.len()), Ok(400));
+    }
+
+    #[test]
+    fn a_cursor_whose_events_the_history_dropped_is_lost_not_looked_for_again() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        hub.publish((1..=100).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), Some((1, 90)));
+        // A subscriber catching up from disk has been sent 1-20.
+        assert_eq!(spill.read_after(0, 20, 1 << 20).unwrap().last().map(|o| o.seq), Some(20));
+        // Then a write fails: the history is dropped, and the stream goes quiet.
+        fs.inject(crate::wal::Fault::WriteError);
+        hub.publish((101..=110).map(ev));
+        spill.drain();
+        assert_eq!(spill.disk_range(), None);
+        // 21 is in neither transit, disk nor buffer: lost, with nothing older kept.
+        // (Answered "not spilled", the gateway would hand over to the buffer, be told
+        // "too old", and read again for as long as the stream stayed quiet.)
+        assert_eq!(spill.read_after(20, 100, 1 << 20).err(), Some(Lost { oldest: None }.into()));
+        assert!(hub.subscribe(Some(20), None, 16, Encoding::Msgpack).is_err());
+        // A cursor the buffer still holds is not spilled, as before.
+        assert!(spill.read_after(105, 100, 1 << 20).unwrap().is_empty());
+        assert!(hub.subscribe(Some(105), None, 16, Encoding::Msgpack).is_ok());
     }
 
     #[test]
@@ -1481,8 +1607,11 @@ mod tests {
         spill.drain();
         assert_eq!(spill.disk_range(), None);
         assert_eq!(fs.list(dir).unwrap(), vec![MARKER.to_string()]);
-        // Nothing spilled: a resume is answered from the buffer (or refused by it).
-        assert!(spill.read_after(0, 10, 1 << 20).unwrap().is_empty());
+        // Nothing spilled: a resume is answered from the buffer (or refused by it),
+        // and a catch-up is told that what the buffer evicted is not kept.
+        assert_eq!(spill.oldest_kept(), None);
+        assert_eq!(spill.read_after(0, 10, 1 << 20).err(), Some(Lost { oldest: None }.into()));
+        assert!(spill.read_after(45, 10, 1 << 20).unwrap().is_empty(), "45 on is in the buffer");
     }
 
     #[test]

@@ -31,7 +31,7 @@
 use super::admission::{unread_bytes, Admission};
 use super::deadline::SendDeadline;
 use crate::engine::hub::{Outgoing, ResumeError, Subscription};
-use crate::engine::spill::{Chunk, Lost, Spill};
+use crate::engine::spill::{Chunk, Lost, Spill, Unserved};
 use crate::engine::Engine;
 use crate::ids::TenantId;
 use crate::protocol::{self, ApiError, Encoding, OkResult, Reply, Request, Scope};
@@ -155,6 +155,9 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
         max_frame_size: Some(cfg.max_frame_bytes),
         ..Default::default()
     };
+    // Watched from before the token is checked: a reload that revokes it while the
+    // handshake completes is seen by the loop below, which checks the token again.
+    let mut reloads = engine.reloads();
     let mut session = None;
     let callback = |req: &HsRequest, mut resp: HsResponse| -> Result<HsResponse, ErrorResponse> {
         let token = req
@@ -231,7 +234,6 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let mut admission = Admission::new(cfg.shed_backlog_bytes, cfg.shed_backlog_overloaded_bytes);
     let mut catch_up: Option<CatchUp> = None;
     let mut frames_this_turn: u32 = 0;
-    let mut reloads = engine.reloads();
     let close = loop {
         // Share the worker thread: after a few requests read in a row, let the other
         // connections (their replies, their streams) and the log's wake-ups run. A
@@ -257,7 +259,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 match spill.read_frames_after(after, CATCH_UP_EVENTS, CATCH_UP_BYTES)? {
                     Chunk::Frames(frames) if !raw => frames
                         .into_iter()
-                        .map(|(seq, f)| spill.decode(seq, f))
+                        .map(|(seq, f)| spill.decode(seq, f).map_err(Unserved::from))
                         .collect::<Result<Vec<_>, _>>()
                         .map(Chunk::Events),
                     chunk => Ok(chunk),
@@ -361,11 +363,18 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                             }
                         }
                     }
-                    Ok(Err(Lost { .. })) | Err(_) => {
-                        // Overtaken by the history's own bound (or unreadable): the
-                        // client resumes again and is told what is still kept.
+                    Ok(Err(Unserved::Lost(Lost { .. }))) | Err(_) => {
+                        // Overtaken by the history's own bound (or dropped, or cut at
+                        // damage): the client resumes again and is told what is still
+                        // kept.
                         m.slow_subscriber_disconnects.increment(1);
                         break Some((CloseCode::Library(CLOSE_SLOW), format!("stream history overtaken while catching up; resume_from={}", c.after)));
+                    }
+                    Ok(Err(Unserved::Unreadable(e))) => {
+                        // The disk could not be read now (no file descriptor left,
+                        // an I/O error): the history is kept, the same cursor may be
+                        // served by a later resume.
+                        break Some((CloseCode::Again, format!("stream history not readable now ({e}); resume_from={}", c.after)));
                     }
                 }
             }
@@ -669,7 +678,7 @@ struct CatchUp {
     pro: Option<crate::ids::ProId>,
     batch: bool,
     spill: Arc<Spill>,
-    reading: Option<tokio::task::JoinHandle<Result<Chunk, Lost>>>,
+    reading: Option<tokio::task::JoinHandle<Result<Chunk, Unserved>>>,
 }
 
 /// Events read from disk per chunk of a catch-up.

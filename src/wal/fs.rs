@@ -236,6 +236,9 @@ pub enum Fault {
     ShortWrite,
     /// The next sync fails with `EIO` and makes nothing durable.
     SyncError,
+    /// The next `read` or `read_range` fails with `EMFILE`, as opening a file does
+    /// while the process is out of file descriptors, and reads nothing.
+    ReadError,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -292,7 +295,7 @@ impl MemState {
     }
 
     fn take_fault(&mut self, is_sync: bool) -> Option<Fault> {
-        let wanted = |f: &Fault| (*f == Fault::SyncError) == is_sync;
+        let wanted = |f: &Fault| *f != Fault::ReadError && (*f == Fault::SyncError) == is_sync;
         if let Some(i) = self.armed.iter().position(wanted) {
             return Some(self.armed.remove(i));
         }
@@ -306,6 +309,17 @@ impl MemState {
             }
         }
         None
+    }
+
+    /// An armed [`Fault::ReadError`], taken.
+    fn take_read_fault(&mut self) -> io::Result<()> {
+        match self.armed.iter().position(|f| *f == Fault::ReadError) {
+            Some(i) => {
+                self.armed.remove(i);
+                Err(io::Error::from_raw_os_error(libc::EMFILE))
+            }
+            None => Ok(()),
+        }
     }
 
     fn power_cut(&mut self) {
@@ -648,13 +662,15 @@ impl Fs for MemFs {
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        let st = self.live()?;
+        let mut st = self.live()?;
+        st.take_read_fault()?;
         let id = st.inode_of(path)?;
         Ok(st.inodes[&id].data.clone())
     }
 
     fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let st = self.live()?;
+        let mut st = self.live()?;
+        st.take_read_fault()?;
         let id = st.inode_of(path)?;
         let data = &st.inodes[&id].data;
         let start = (offset as usize).min(data.len());
