@@ -473,9 +473,16 @@ impl Spill {
             }
         }
         self.fs.sync_dir(&self.dir)?;
-        let mut f = self.fs.open(&self.dir.join(SYNCED), OpenMode::Create)?;
+        // Written aside and renamed over the marker: a power cut in the middle leaves
+        // the old marker or the new one, never digits of both (a number above what
+        // was synced would spare unsynced entries the check at start).
+        let tmp = self.dir.join(format!("{SYNCED}.tmp"));
+        let mut f = self.fs.open(&tmp, OpenMode::Create)?;
+        f.set_len(0)?;
         f.write_at(0, format!("{through}\n").as_bytes())?;
         f.sync_data()?;
+        drop(f);
+        self.fs.rename(&tmp, &self.dir.join(SYNCED))?;
         self.fs.sync_dir(&self.dir)?;
         let mut d = self.disk.lock();
         if d.generation != generation {
