@@ -564,8 +564,9 @@ impl ProSlot {
 
 /// One offer of a lead to a pro. 64 bytes: what only an answered or annotated offer
 /// has (response time, guarantee deadline, notes) is boxed in [`OfferReply`], allocated
-/// when the pro responds or writes a note; most offers never are. Serialised as the
-/// flat record [`OfferStateWire`], so snapshots are the same as with inline fields.
+/// when the pro responds, writes a note or buys the lead (auto-buy, with a guarantee);
+/// most offers never are. Serialised as the flat record [`OfferStateWire`], so
+/// snapshots are the same as with inline fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OfferState {
     pub pro: ProId,
@@ -582,13 +583,16 @@ pub struct OfferState {
     reply: Option<Box<OfferReply>>,
 }
 
-/// The part of an offer that exists once the pro responded or wrote a note.
+/// The part of an offer that exists once the pro responded, wrote a note or bought it.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct OfferReply {
     responded_at: OptMillis,
     /// When this offer's guarantee deadline (R12) is due, so that forgetting the lead
-    /// removes it by key. `None` = no guarantee deadline (or a snapshot from before
-    /// this field: forgetting then scans the deadlines).
+    /// removes it by key (and is not done before it: `LeadClosed`). Set when the offer
+    /// is charged: by the response that charged it, or, for an auto-buy offer, by its
+    /// purchase (`Offered`), under the guarantee window of the policy in force then.
+    /// `None` = no guarantee deadline (or a snapshot from before this field: forgetting
+    /// then scans the deadlines).
     guarantee_at: OptMillis,
     notes: Vec<String>,
 }
@@ -828,13 +832,36 @@ pub struct Shard {
     deadlines: Deadlines,
     /// Duplicate protection: the newest accepted lead of each client in this shard.
     last_by_client: FxHashMap<ClientId, (Millis, LeadId)>,
-    /// R11: category statistics learned online from closed leads (proposals per
-    /// lead); starts from the policy's figures.
-    #[serde(default)]
-    learned: Option<crate::pricing::CategoryStats>,
+    /// R11: average proposals per lead (thousandths) learned online from closed leads;
+    /// `None` until the first close (the policy's figure applies). Only this figure is
+    /// learned: the category's job value and conversion rate are always the policy's in
+    /// force, so a reload that changes them changes the next prices.
+    ///
+    /// Serialised where, and under the name, snapshots of older releases kept a whole
+    /// copy of the category's figures (`CategoryStats`, frozen at the first close);
+    /// such a snapshot loads with the proposals figure of that copy
+    /// ([`learned_proposals_compat`]).
+    #[serde(default, rename = "learned", deserialize_with = "learned_proposals_compat")]
+    learned_proposals_milli: Option<u64>,
     /// Numbers leads (accepted and rejected) in apply order; deterministic on replay.
     #[serde(default)]
     next_seq: u64,
+}
+
+/// Reads [`Shard::learned_proposals_milli`] as this release writes it (a number) or as
+/// older ones did (the whole `CategoryStats` of the category, of which only the
+/// proposals figure was learned).
+fn learned_proposals_compat<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Learned {
+        Proposals(u64),
+        Stats(crate::pricing::CategoryStats),
+    }
+    Ok(Option::<Learned>::deserialize(d)?.map(|l| match l {
+        Learned::Proposals(p) => p,
+        Learned::Stats(s) => s.avg_proposals_milli,
+    }))
 }
 
 fn placeholder_policy() -> Arc<Policy> {
@@ -853,7 +880,7 @@ impl Shard {
             rejected: FxHashMap::default(),
             deadlines: Deadlines::new(),
             last_by_client: FxHashMap::default(),
-            learned: None,
+            learned_proposals_milli: None,
             next_seq: 0,
         }
     }
@@ -1116,7 +1143,10 @@ impl Shard {
             return (0, None);
         }
         let Some(pricing) = &p.pricing else { return (p.flat_price_credits, None) };
-        let stats = self.learned.unwrap_or_else(|| *pricing.stats(&lead.category));
+        let mut stats = *pricing.stats(&lead.category);
+        if let Some(learned) = self.learned_proposals() {
+            stats.avg_proposals_milli = learned;
+        }
         let risk = crate::pricing::RiskInputs {
             chat_only: lead.client.contact.chat_only(),
             thin_details: lead.details.is_empty()
@@ -1125,6 +1155,14 @@ impl Shard {
         };
         let price = crate::pricing::price(&stats, &risk, pricing);
         (price.credits, Some(price.components))
+    }
+
+    /// R11: the learned proposals per lead that prices use, if any: none while the
+    /// policy in force does not learn (`proposals_ema_permille = 0`), whose configured
+    /// figure then applies as written.
+    fn learned_proposals(&self) -> Option<u64> {
+        let pricing = self.policy.pricing.as_ref()?;
+        self.learned_proposals_milli.filter(|_| pricing.proposals_ema().get() > 0)
     }
 
     /// R11, per pro: the distance in meters from `pro`'s base to the lead when it is
@@ -1951,6 +1989,7 @@ impl Shard {
                 }
                 self.ring.commit_at(rotation, *at, self.policy.max_catch_up_turns);
                 let response_window = self.policy.response_window;
+                let guarantee_window = self.policy.guarantee_window;
                 let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) else {
                     return;
                 };
@@ -1996,11 +2035,30 @@ impl Shard {
                         });
                     }
                     let bought = g.charge.is_some();
-                    st.offers.push(OfferState {
+                    let mut offer = OfferState {
                         charge: g.charge.clone().map(Box::new),
                         captured: bought,
                         ..OfferState::new(g.pro.clone(), g.kind, *at, respond_by.into())
-                    });
+                    };
+                    // R12 for a bought lead (auto-buy, charged here at dispatch, not at
+                    // the response): its guarantee runs from the purchase, as a
+                    // response's runs from the response that charged it. The charge is
+                    // what the guarantee covers, and "a bought contact the client never
+                    // views within the window is refunded" (habitissimo policy) counts
+                    // the window from the buying: a buyer who never answers gets its
+                    // spend back too (the client cannot view what was never sent), and
+                    // one who answers late does not stretch the window.
+                    if let (true, Some(w)) = (bought, guarantee_window) {
+                        let t = at.saturating_add(w);
+                        offer.reply_mut().guarantee_at = OptMillis::some(t);
+                        self.deadlines.insert(Deadline {
+                            at: t,
+                            seq: st.seq,
+                            lead: lead.clone(),
+                            due: Due::Guarantee(g.pro.clone()),
+                        });
+                    }
+                    st.offers.push(offer);
                     st.budget_waitlist.retain(|p| p != &g.pro);
                     if let Some(&slot) = self.slots.get(&g.pro) {
                         if let Some(ps) = self.pros[slot as usize].as_mut() {
@@ -2124,10 +2182,14 @@ impl Shard {
                 let retention = self.policy.idempotency_retention;
                 let guarantee = self.policy.guarantee_window.unwrap_or(0);
                 if let (Some(pricing), Some(st)) = (&self.policy.pricing, self.leads.get(lead)) {
-                    // R11: learn proposals per lead from what this lead got.
-                    let mut stats = self.learned.unwrap_or_else(|| *pricing.stats(&self.key.category));
+                    // R11: learn proposals per lead from what this lead got (from the
+                    // policy's figure the first time).
+                    let mut stats = *pricing.stats(&self.key.category);
+                    if let Some(learned) = self.learned_proposals_milli {
+                        stats.avg_proposals_milli = learned;
+                    }
                     stats.observe_proposals(st.responders, pricing.proposals_ema());
-                    self.learned = Some(stats);
+                    self.learned_proposals_milli = Some(stats.avg_proposals_milli);
                 }
                 let mut seq = 0;
                 if let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) {
@@ -2159,8 +2221,22 @@ impl Shard {
                         }
                     }
                 }
-                let forget_at = at.saturating_add(retention.max(guarantee));
+                let mut forget_at = at.saturating_add(retention.max(guarantee));
                 if let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) {
+                    // R12: forgetting the lead drops its guarantee deadlines, so it is
+                    // not forgotten before the last one that can still refund: each was
+                    // set by the policy in force when its charge was made, which a
+                    // reload since may have shortened (the window above is today's).
+                    // At one time a guarantee is handled before the forget (`Due`
+                    // order), so no margin is needed. From the lead's state only: the
+                    // same on replay.
+                    let pending = st
+                        .offers
+                        .iter()
+                        .filter(|o| !o.viewed && !o.refunded)
+                        .filter_map(OfferState::guarantee_at)
+                        .max();
+                    forget_at = forget_at.max(pending.unwrap_or(forget_at));
                     st.forget_at = OptMillis::some(forget_at);
                 }
                 self.deadlines.insert(Deadline { at: forget_at, seq, lead: lead.clone(), due: Due::Forget });
@@ -3062,5 +3138,48 @@ mod fanout_bound_tests {
         assert_eq!(got[0].len(), 3);
         assert_eq!(got[0], got[1], "no turn used under \"all\" when everyone got it");
         assert_eq!(s.ring, ring, "the rotation did not move");
+    }
+}
+
+#[cfg(test)]
+mod learned_proposals_tests {
+    use super::*;
+    use crate::pricing::CategoryStats;
+
+    /// The field as snapshots of older releases wrote it: the whole category figures.
+    #[derive(Serialize)]
+    struct Old {
+        learned: Option<CategoryStats>,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct New {
+        #[serde(default, deserialize_with = "learned_proposals_compat")]
+        learned: Option<u64>,
+    }
+
+    #[test]
+    fn r11_a_snapshot_holding_the_old_copy_of_the_category_figures_loads_its_proposals_only() {
+        let stats = CategoryStats {
+            avg_job_value_cents: 120_000,
+            conversion_permille: 200,
+            avg_proposals_milli: 3_250,
+        };
+        for old in [Old { learned: Some(stats) }, Old { learned: None }] {
+            let want = New { learned: old.learned.map(|s| s.avg_proposals_milli) };
+            let bytes = rmp_serde::to_vec(&old).expect("plain data");
+            assert_eq!(rmp_serde::from_slice::<New>(&bytes).expect("old MessagePack loads"), want);
+            let json = serde_json::to_string(&old).expect("plain data");
+            assert_eq!(serde_json::from_str::<New>(&json).expect("old JSON loads"), want);
+        }
+    }
+
+    #[test]
+    fn r11_the_learned_proposals_survive_a_snapshot_round_trip() {
+        let mut s = super::test_support::shard_with("tenant = \"t\"\nmode = \"shared\"\n");
+        s.learned_proposals_milli = Some(3_250);
+        let bytes = rmp_serde::to_vec(&s).expect("plain data");
+        let back: Shard = rmp_serde::from_slice(&bytes).expect("loads");
+        assert_eq!(back.learned_proposals_milli, Some(3_250));
     }
 }

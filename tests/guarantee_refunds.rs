@@ -1,0 +1,238 @@
+//! R12 guarantee refunds through the whole engine (in-process, manual clock, in-memory
+//! filesystem): a charge keeps the guarantee it was made under when a reload or a
+//! restart shortens the window, and an auto-buy purchase is guaranteed like a paid
+//! response, from the moment it is bought.
+
+mod engine_support;
+
+use engine_support::{in_system, req};
+use rota::config::{Config, Sources};
+use rota::engine::Engine;
+use rota::ids::{ProId, TenantId};
+use rota::ledger::BudgetName;
+use rota::protocol::OkResult;
+use rota::wal::MemFs;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Monday 2025-11-24 16:00 UTC.
+const T0: i64 = 1_764_000_000_000;
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+
+/// `rota.toml` in `dir` with tenant `acme` on the example policy `file` (whose tenant
+/// id is `name`), with `changes` (`key`, value) applied to it.
+fn config(dir: &std::path::Path, file: &str, name: &str, changes: &[(&str, &str)]) -> Config {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
+    let mut policy =
+        std::fs::read_to_string(root.join(file)).unwrap().replace(&format!("\"{name}\""), "\"acme\"");
+    for (key, value) in changes {
+        let line = policy.lines().find(|l| l.starts_with(&format!("{key} = "))).expect("a key of the policy");
+        policy = policy.replace(line, &format!("{key} = {value}"));
+    }
+    std::fs::write(dir.join("acme.toml"), policy).unwrap();
+    let path = dir.join("rota.toml");
+    let text = format!(
+        "data_dir = \"/mem\"\nclock = \"manual\"\nmanual_clock_start_ms = {T0}\n[wal]\nfsync = \"always\"\n\
+         [[tenants]]\nid = \"acme\"\npolicy = \"acme.toml\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    Config::load(&Sources { file: Some(path), ..Default::default() })
+        .expect("the test configuration is valid")
+}
+
+/// The zaask policy with a guarantee of `days`.
+fn zaask(dir: &std::path::Path, days: i64) -> Config {
+    config(dir, "zaask.toml", "zaask", &[("guarantee_window_s", &(days * DAY / 1000).to_string())])
+}
+
+fn acme() -> TenantId {
+    TenantId::new("acme")
+}
+
+async fn ok(e: &Engine, v: Value) -> OkResult {
+    let what = v.to_string();
+    e.request(&acme(), req(v)).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
+}
+
+async fn advance(e: &Engine, to: i64) {
+    ok(e, json!({"type": "advance_clock", "to_ms": to})).await;
+}
+
+fn lead(id: &str, zone: &str, at: i64) -> Value {
+    json!({"type": "publish_lead", "lead": {
+        "id": id, "category": "painting", "zone": zone,
+        "description": format!("Repaint a two-room flat, walls and ceilings ({id})"),
+        "details": {"rooms": "2"},
+        "client": {"id": format!("client-{id}"), "name": "Ana Garcia", "phone": "+351 910 000 000",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "created_at": at
+    }})
+}
+
+/// Pro `p1` in Lisbon painting (zaask) with plenty of credits.
+async fn zaask_pro(e: &Engine) {
+    ok(
+        e,
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["lisboa"]}}),
+    )
+    .await;
+    ok(e, json!({"type": "grant_credits", "pro": "p1", "op": "g1", "credits": 10_000})).await;
+}
+
+fn p1(e: &Engine) -> rota::ledger::Balance {
+    e.inner.ledger.balance(&acme(), &ProId::new("p1"))
+}
+
+/// R12 (and the reload docs: "what earlier decisions set (... guarantee windows ...)
+/// stays as it was decided"): a response charged under a 30-day guarantee is refunded
+/// at day 30 if never viewed, though a reload shortened the guarantee to one day before
+/// the lead closed (day 2) and the lead's id retention (7 days) ends long before.
+#[test]
+fn r12_a_response_keeps_its_30_day_guarantee_when_a_reload_shortens_the_window_before_the_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(zaask(dir.path(), 30), handle).expect("starts");
+        zaask_pro(&e).await;
+        ok(&e, lead("L1", "lisboa", T0)).await;
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "respond"})).await;
+        let charged = p1(&e).captured;
+        assert!(charged > 0, "the response was charged");
+        e.reload(&zaask(dir.path(), 1)).expect("reloaded");
+        // The lead closes at day 2 (48 h lifetime); the shard ticks as time passes.
+        for day in [3, 10, 20] {
+            advance(&e, T0 + day * DAY).await;
+        }
+        assert_eq!(p1(&e).refunded, 0, "within the 30-day guarantee");
+        advance(&e, T0 + 31 * DAY).await;
+        assert_eq!(p1(&e).refunded, charged, "never viewed in the 30 days it was charged under: refunded");
+    });
+}
+
+/// R12 across restarts: the guarantee is shortened while rota is stopped, the lead then
+/// closes under the short window, and rota restarts again (the close is replayed from
+/// the log under the policy logged with it). Recovery rebuilds the shard that ran (the
+/// lead remembered until its guarantee), and the refund comes at day 30.
+#[test]
+fn r12_a_response_keeps_its_30_day_guarantee_across_restarts_that_shorten_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    let start = |cfg: Config| {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        Engine::start_with_fs(cfg, handle).expect("starts").0
+    };
+    let charged = in_system(async {
+        let e = start(zaask(dir.path(), 30));
+        zaask_pro(&e).await;
+        ok(&e, lead("L1", "lisboa", T0)).await;
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "respond"})).await;
+        p1(&e).captured
+    });
+    assert!(charged > 0, "the response was charged");
+    // Restarted with a one-day guarantee; the lead closes under it.
+    let ran = in_system(async {
+        let e = start(zaask(dir.path(), 1));
+        advance(&e, T0 + 3 * DAY).await;
+        e.shard_states()
+    });
+    // Abandoned without a stop: the close is replayed from the log.
+    in_system(async {
+        let e = start(zaask(dir.path(), 1));
+        let recovered = e.shard_states();
+        assert_eq!(ran.len(), recovered.len());
+        for ((k, a), (_, b)) in ran.iter().zip(&recovered) {
+            assert!(a == b, "shard {k:?} differs after recovery");
+        }
+        for day in [10, 20] {
+            advance(&e, T0 + day * DAY).await;
+        }
+        assert_eq!(p1(&e).refunded, 0, "within the 30-day guarantee");
+        advance(&e, T0 + 31 * DAY).await;
+        assert_eq!(p1(&e).refunded, charged, "never viewed in the 30 days it was charged under: refunded");
+    });
+}
+
+/// Runs `f` on a fresh engine for tenant `acme` on the habitissimo policy with a
+/// one-day guarantee.
+fn with_habitissimo<F, Fut>(f: F)
+where
+    F: FnOnce(Engine) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "habitissimo.toml", "habitissimo", &[("guarantee_window_s", "86400")]);
+    let fs = MemFs::new();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(cfg, handle).expect("engine starts");
+        f(e).await;
+    });
+}
+
+/// Buyer `b1` in Madrid painting with a weekly budget of 24 (two leads at 12).
+async fn buyer(e: &Engine) {
+    ok(
+        e,
+        json!({"type": "upsert_pro", "pro": {"id": "b1", "categories": ["painting"], "zones": ["madrid"],
+        "autobuy": [{"name": "main", "zones": ["madrid"], "categories": ["painting"],
+                     "weekly_budget_credits": 24}]}}),
+    )
+    .await;
+}
+
+fn main_budget(e: &Engine) -> rota::ledger::BudgetBalance {
+    e.inner.ledger.budget(&acme(), &ProId::new("b1"), &BudgetName::new("main")).expect("budget set")
+}
+
+/// R12 (habitissimo: "a bought contact the client never views ... is refunded
+/// automatically"): an auto-buy purchase, charged at dispatch, whose proposal is never
+/// viewed within the guarantee window is refunded to the budget it was spent from.
+#[test]
+fn r12_an_auto_buy_purchase_never_viewed_is_refunded_to_its_budget() {
+    with_habitissimo(|e| async move {
+        buyer(&e).await;
+        ok(&e, lead("A1", "madrid", T0)).await;
+        assert_eq!(main_budget(&e).available, 12, "bought at 12");
+        ok(&e, json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "respond"})).await;
+        // Wednesday: same week, guarantee (1 day) long over, never viewed.
+        advance(&e, T0 + 2 * DAY).await;
+        let b = main_budget(&e);
+        assert_eq!(b.period, 1, "no recharge in between");
+        assert_eq!((b.available, b.refunded), (24, 12), "never viewed: refunded");
+    });
+}
+
+/// R12: a bought contact whose proposal the client viewed within the window keeps its
+/// charge.
+#[test]
+fn r12_an_auto_buy_purchase_viewed_within_the_window_is_not_refunded() {
+    with_habitissimo(|e| async move {
+        buyer(&e).await;
+        ok(&e, lead("A1", "madrid", T0)).await;
+        ok(&e, json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "respond"})).await;
+        advance(&e, T0 + 12 * HOUR).await;
+        ok(&e, json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "client_viewed"})).await;
+        advance(&e, T0 + 2 * DAY).await;
+        let b = main_budget(&e);
+        assert_eq!((b.available, b.refunded), (12, 0), "viewed: the purchase stands");
+    });
+}
+
+/// R12 for auto-buy: the guarantee runs from the purchase (the charge), not from the
+/// buyer's later answer: bought at T0 and answered 20 hours later, never viewed, the
+/// spend is back one day after the purchase.
+#[test]
+fn r12_an_auto_buy_guarantee_runs_from_the_purchase_not_from_the_answer() {
+    with_habitissimo(|e| async move {
+        buyer(&e).await;
+        ok(&e, lead("A1", "madrid", T0)).await;
+        advance(&e, T0 + 20 * HOUR).await;
+        ok(&e, json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "respond"})).await;
+        advance(&e, T0 + DAY - 1).await;
+        assert_eq!(main_budget(&e).refunded, 0, "within the day after the purchase");
+        advance(&e, T0 + DAY).await;
+        assert_eq!(main_budget(&e).refunded, 12, "one day after the purchase, never viewed: refunded");
+    });
+}

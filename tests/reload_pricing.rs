@@ -1,0 +1,240 @@
+//! R11 across policy changes: only proposals per lead are learned from closed leads;
+//! the category's job value and conversion rate are always those of the policy in
+//! force, so a reload that changes them changes the next prices, in the core and
+//! through the whole engine.
+
+mod engine_support;
+
+use engine_support::{in_system, req};
+use rota::config::{Config, Sources};
+use rota::core::shard::{Command, Event, Shard};
+use rota::core::{Client, ContactPrefs, JobKind, Lead, Policy, Pro};
+use rota::engine::Engine;
+use rota::ids::{CategoryId, ClientId, LeadId, ProId, ShardKey, TenantId, ZoneId};
+use rota::protocol::OkResult;
+use rota::wal::MemFs;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+const T0: i64 = 1_764_000_000_000;
+const DAY: i64 = 24 * 3_600_000;
+
+// ---------------------------------------------------------------------------------
+// The core: a shard and its policy changes
+// ---------------------------------------------------------------------------------
+
+/// R11 prices in a shared-mode shard: a painting lead is worth 1200.00 x 25 % / 5
+/// proposals = 60 credits; proposals are learned at a rate of 0.5.
+fn policy(job_value_cents: u64, ema_permille: u32) -> Arc<Policy> {
+    let toml = format!(
+        r#"
+tenant = "t"
+mode = "shared"
+[leads]
+duplicate_window_s = 0
+[gate]
+min_description_chars = 10
+[money]
+charge_on = "response"
+[pricing]
+tenant_factor_permille = 1000
+min_price_credits = 1
+max_price_credits = 1000
+credit_value_cents = 100
+chat_only_discount_permille = 300
+thin_details_discount_permille = 150
+far_away_discount_permille = 200
+far_away_km = 30
+proposals_ema_permille = {ema_permille}
+[pricing.default_category]
+avg_job_value_cents = 50000
+conversion_permille = 200
+avg_proposals_milli = 4000
+[pricing.categories.painting]
+avg_job_value_cents = {job_value_cents}
+conversion_permille = 250
+avg_proposals_milli = 5000
+"#
+    );
+    Arc::new(Policy::from_toml(&toml).expect("the test policy is valid"))
+}
+
+fn key() -> ShardKey {
+    ShardKey { tenant: TenantId::new("t"), zone: ZoneId::new("bo"), category: CategoryId::new("painting") }
+}
+
+fn lead(id: &str, at: i64) -> Lead {
+    Lead {
+        id: LeadId::new(id),
+        category: CategoryId::new("painting"),
+        zone: ZoneId::new("bo"),
+        location: None,
+        description: "Repaint the whole flat, three rooms".into(),
+        details: [("rooms".to_string(), "3".to_string())].into_iter().collect(),
+        attributes: vec![],
+        client: Client {
+            id: ClientId::new(format!("c-{id}")),
+            name: "Anna".into(),
+            phone: "+39 1".into(),
+            phone_verified: true,
+            contact: ContactPrefs { call: true, whatsapp: false, chat: true },
+            address: None,
+            pro_id: None,
+        },
+        direct: vec![],
+        kind: JobKind::Match,
+        created_at: at,
+    }
+}
+
+/// Decides and applies `cmd`, logging its events.
+fn run(s: &mut Shard, log: &mut Vec<Event>, now: i64, cmd: Command) -> rota::core::Reply {
+    let d = s.decide(now, &cmd, &rota::core::Unlimited).expect("command accepted");
+    for e in &d.events {
+        s.apply(e);
+    }
+    s.check_invariants().unwrap();
+    log.extend(d.events);
+    d.reply
+}
+
+fn price_of(s: &mut Shard, log: &mut Vec<Event>, id: &str, at: i64) -> u64 {
+    match run(s, log, at, Command::PublishLead { lead: lead(id, at).into() }) {
+        rota::core::Reply::Lead(o) => o.price,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// R11: after a lead closed (proposals learned), a policy change that doubles the
+/// category's job value doubles the next price, with the learned proposals kept; a
+/// policy that stops learning prices from its configured proposals again. Replaying the
+/// log under the same policy changes rebuilds the same shard.
+#[test]
+fn r11_after_a_close_a_policy_change_of_the_job_value_changes_the_price_and_keeps_the_learned_proposals() {
+    let mut s = Shard::new(key(), policy(120_000, 500));
+    let mut log = Vec::new();
+    let pro = Pro {
+        id: ProId::new("p1"),
+        categories: vec![CategoryId::new("painting")],
+        zones: vec![ZoneId::new("bo")],
+        base: None,
+        radius_km: None,
+        quality: Default::default(),
+        refuses: vec![],
+        availability: Default::default(),
+        autobuy: vec![],
+    };
+    run(&mut s, &mut log, T0, Command::UpsertPro { pro });
+    assert_eq!(price_of(&mut s, &mut log, "a", T0), 60);
+    // Nobody responds; the lead closes after 48 h: 0 proposals observed, the moving
+    // average (rate 0.5) halves to 2.5 proposals.
+    run(&mut s, &mut log, T0 + 3 * DAY, Command::Tick);
+    assert_eq!(price_of(&mut s, &mut log, "b", T0 + 3 * DAY), 120, "1200.00 x 25 % / 2.5");
+    let mut changes = Vec::new();
+    s.set_policy(policy(240_000, 500));
+    changes.push((log.len(), policy(240_000, 500)));
+    assert_eq!(price_of(&mut s, &mut log, "c", T0 + 3 * DAY), 240, "2400.00 x 25 % / 2.5 learned");
+    s.set_policy(policy(240_000, 0));
+    changes.push((log.len(), policy(240_000, 0)));
+    assert_eq!(price_of(&mut s, &mut log, "d", T0 + 3 * DAY), 120, "not learning: 5 proposals as configured");
+
+    let mut replayed = Shard::new(key(), policy(120_000, 500));
+    let mut changes = changes.into_iter().peekable();
+    for (i, ev) in log.iter().enumerate() {
+        if let Some((_, p)) = changes.next_if(|(at, _)| *at == i) {
+            replayed.set_policy(p);
+        }
+        replayed.apply(ev);
+    }
+    assert!(replayed == s, "replay rebuilds the shard");
+}
+
+// ---------------------------------------------------------------------------------
+// The engine: a reload
+// ---------------------------------------------------------------------------------
+
+/// `rota.toml` in `dir` with tenant `acme` on the example zaask policy, with `changes`
+/// applied to it: (`key`, value) to the first line starting with `key = `, or a literal
+/// `key = value` line replaced as written.
+fn config(dir: &std::path::Path, changes: &[(&str, &str)]) -> Config {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
+    let mut policy =
+        std::fs::read_to_string(root.join("zaask.toml")).unwrap().replace("\"zaask\"", "\"acme\"");
+    for (key, value) in changes {
+        if key.contains(" = ") {
+            assert!(policy.contains(key), "{key}");
+            policy = policy.replace(key, value);
+            continue;
+        }
+        let line = policy
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .expect("a key of the policy")
+            .to_string();
+        policy = policy.replacen(&line, &format!("{key} = {value}"), 1);
+    }
+    std::fs::write(dir.join("acme.toml"), policy).unwrap();
+    let path = dir.join("rota.toml");
+    let text = format!(
+        "data_dir = \"/mem\"\nclock = \"manual\"\nmanual_clock_start_ms = {T0}\n[wal]\nfsync = \"always\"\n\
+         [[tenants]]\nid = \"acme\"\npolicy = \"acme.toml\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    Config::load(&Sources { file: Some(path), ..Default::default() }).expect("valid test configuration")
+}
+
+async fn send(e: &Engine, v: Value) -> OkResult {
+    e.request(&TenantId::new("acme"), req(v.clone())).await.unwrap_or_else(|err| panic!("{v}: {err}"))
+}
+
+fn zaask_lead(id: &str, at: i64) -> Value {
+    json!({"type": "publish_lead", "lead": {
+        "id": id, "category": "painting", "zone": "lisboa",
+        "description": format!("Repaint a two-room flat in Lisbon, walls and ceilings ({id})"),
+        "details": {"rooms": "2"},
+        "client": {"id": format!("client-{id}"), "name": "Ana Garcia", "phone": "+351 910 000 000",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "created_at": at
+    }})
+}
+
+async fn price_of_new_lead(e: &Engine, id: &str, at: i64) -> u64 {
+    match send(e, zaask_lead(id, at)).await {
+        OkResult::Lead(o) => o.price,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// R11 + reload docs ("Decisions from then on follow it"): once a lead of the shard has
+/// closed (proposals per lead learned), a reload that doubles the category's average
+/// job value about doubles the price of the next lead.
+#[test]
+fn r11_a_reload_that_doubles_the_job_value_after_a_close_doubles_later_prices() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let base = [("max_price_credits", "1000")];
+        let (e, _) = Engine::start_with_fs(config(dir.path(), &base), handle).expect("starts");
+        send(
+            &e,
+            json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["lisboa"]}}),
+        )
+        .await;
+        let first = price_of_new_lead(&e, "A1", T0).await;
+        // The lead closes (R11 learning of proposals per lead).
+        send(&e, json!({"type": "advance_clock", "to_ms": T0 + 3 * DAY})).await;
+        let before = price_of_new_lead(&e, "A2", T0 + 3 * DAY).await;
+        let doubled =
+            [("max_price_credits", "1000"), ("avg_job_value_cents = 120000", "avg_job_value_cents = 240000")];
+        e.reload(&config(dir.path(), &doubled)).expect("reloaded");
+        let policy = e.tenant(&TenantId::new("acme")).unwrap().cfg().policy.clone();
+        let stats = policy.pricing.as_ref().unwrap().stats(&CategoryId::new("painting"));
+        assert_eq!(stats.avg_job_value_cents, 240000, "the reload applied the new figure");
+        let after = price_of_new_lead(&e, "A3", T0 + 3 * DAY + 1).await;
+        assert!(
+            after as f64 > 1.8 * before as f64,
+            "doubling the job value should about double the price: first {first}, before {before}, after {after}"
+        );
+    });
+}
