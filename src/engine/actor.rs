@@ -199,8 +199,13 @@ pub fn execute(
     let mut rest = split_record(&mut events);
     let mut reply = Some((reply, decision.reply));
     let mut first = true;
+    // Offers the ledger refused to pay for, taken out of the events: out of the
+    // reply too, before it is sent with the last record (R1).
+    let mut dropped = Vec::new();
     loop {
-        let money = match super::money::execute(&shard, &inner.ledger, &key.tenant, &mut events) {
+        let executed =
+            super::money::execute_noting_drops(&shard, &inner.ledger, &key.tenant, &mut events, &mut dropped);
+        let money = match executed {
             Ok(m) => m,
             Err(r) => {
                 // Only a response's charge is refused, and a response is one event: this
@@ -214,6 +219,9 @@ pub fn execute(
         };
         first = false;
         let last = rest.is_empty();
+        if let (true, false, Some((_, answer))) = (last, dropped.is_empty(), reply.as_mut()) {
+            super::money::without_dropped(answer, &dropped);
+        }
         if events.is_empty() && money.is_empty() {
             if last {
                 drop(shard);
@@ -295,8 +303,13 @@ fn log_record(
     let state = Arc::make_mut(shard);
     for ev in &events {
         record::shard_stream_events(state, ev, &mut stream);
+        if let Event::LeadForgotten { lead } = ev {
+            super::money::forget_lead(state, &inner.ledger, &key.tenant, lead);
+        } else {
+            // Before the append, so an answer (sent once durable) never overtakes it.
+            engine.index_event(key, ev);
+        }
         state.apply(ev);
-        engine.index_event(key, ev);
     }
     record::money_stream_events(&money, &mut stream);
     inner.metrics.events(&key.tenant, &events, &money);
@@ -349,6 +362,17 @@ fn log_record(
             }
         }),
     );
+    // Unindexed once appended (still under the shard's lock): a forgotten lead id is
+    // free for a new lead, possibly in another shard, only once its `LeadForgotten`
+    // (and the ledger ops forgotten with it) is in the log, so the new lead's
+    // records, and its ops under the same ids, come after it in the log as they came
+    // after it live. Meanwhile requests about the id still reach this shard, which
+    // no longer knows it.
+    if let WalRecord::Shard { events, .. } = &rec {
+        for ev in events.iter().filter(|ev| matches!(ev, Event::LeadForgotten { .. })) {
+            engine.index_event(key, ev);
+        }
+    }
 }
 
 /// The pros whose auto-buy spend `events` refund (their budget came back: R22).
@@ -369,10 +393,22 @@ pub fn budget_refunds(
         .collect()
 }
 
-/// Apply a replayed event to a shard (recovery), collecting its stream events.
-pub fn replay_into(shard: &mut Shard, events: &[Event], stream: &mut Vec<StreamEvent>) {
+/// Apply a replayed record's events to a shard (recovery), collecting its stream
+/// events, after the ledger facts of the record were applied (as live: the money of a
+/// record is executed before its events are applied). Forgets a forgotten lead's op
+/// ids in the ledger as [`log_record`] did.
+pub fn replay_into(
+    shard: &mut Shard,
+    ledger: &crate::ledger::Ledger,
+    tenant: &crate::ids::TenantId,
+    events: &[Event],
+    stream: &mut Vec<StreamEvent>,
+) {
     for ev in events {
         record::shard_stream_events(shard, ev, stream);
+        if let Event::LeadForgotten { lead } = ev {
+            super::money::forget_lead(shard, ledger, tenant, lead);
+        }
         shard.apply(ev);
     }
 }

@@ -764,19 +764,16 @@ impl Engine {
                 crate::ids::validate_id(&op, "op")
                     .map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
                 let t = tenant.clone();
-                self.ledger_op(tenant, move |l| l.grant(OpId::new(format!("grant:{op}")), &t, &pro, credits))
-                    .await?;
+                self.ledger_op(tenant, move |l| l.grant(OpId::grant(&op), &t, &pro, credits)).await?;
                 Ok(OkResult::Done { done: true })
             }
             Request::SetTopupRule { pro, rule } => {
-                let now = self.inner.clock.now();
                 let t = tenant.clone();
                 let rule =
                     rule.map(|r| TopupRule { threshold: r.threshold_credits, amount: r.amount_credits });
-                self.ledger_op(tenant, move |l| {
-                    l.set_topup_rule(OpId::new(format!("topup-rule:{pro}:{now}")), &t, &pro, rule)
-                })
-                .await?;
+                // R10: the request has no idempotency key; each one is the account's
+                // next rule change (last write wins), however close together.
+                self.ledger_op(tenant, move |l| l.change_topup_rule(&t, &pro, rule)).await?;
                 Ok(OkResult::Done { done: true })
             }
             Request::Balance { pro } => {
@@ -999,21 +996,19 @@ impl Engine {
         let current = self.inner.ledger.budget(tenant, pro, &name);
         if current.map(|b| b.weekly_budget) != Some(cfg.weekly_budget_credits) {
             let (t, p, n, w) = (tenant.clone(), pro.clone(), name.clone(), cfg.weekly_budget_credits);
-            self.ledger_op(tenant, move |l| {
-                l.set_budget(OpId::new(format!("budget:{p}:{n}:{now}:{w}")), &t, &p, &n, w)
-            })
-            .await?;
+            self.ledger_op(tenant, move |l| l.set_budget(OpId::set_budget(&p, &n, now, w), &t, &p, &n, w))
+                .await?;
         }
         let was_buying = before.is_some_and(|b| b.is_buying(now));
         if cfg.is_buying(now) && (current.is_none() || !was_buying) {
             // A new config's first recharge is this week's (R20): the Monday recharge
             // of this week must not top it up again. A resumed config recharges now (R24).
             let op = match (current, self.week_of(tenant, now)) {
-                (None, Some(monday)) => format!("week:{pro}:{}:{monday}", cfg.name),
-                _ => format!("resume:{pro}:{}:{now}", cfg.name),
+                (None, Some(monday)) => OpId::weekly_recharge(pro, &name, monday),
+                _ => resume_op(pro, cfg, now),
             };
             let (t, p, n) = (tenant.clone(), pro.clone(), name.clone());
-            self.ledger_op(tenant, move |l| l.recharge(OpId::new(op), &t, &p, &n)).await?;
+            self.ledger_op(tenant, move |l| l.recharge(op, &t, &p, &n)).await?;
         }
         Ok(())
     }
@@ -1159,14 +1154,13 @@ impl Engine {
                 for cfg in pro.autobuy.iter().filter(|c| c.is_buying(now)) {
                     let name = BudgetName::new(&cfg.name);
                     let Some(b) = self.inner.ledger.budget(tenant, &pro.id, &name) else { continue };
-                    let mut ops = vec![format!("week:{}:{}:{monday}", pro.id, cfg.name)];
-                    if let Some(until) = cfg.paused_until {
-                        ops.push(format!("resume:{}:{}:{until}", pro.id, cfg.name));
+                    let mut ops = vec![OpId::weekly_recharge(&pro.id, &name, monday)];
+                    if cfg.paused_until.is_some() {
+                        ops.push(resume_op(&pro.id, cfg, now));
                     }
                     for op in ops {
                         let (t, p, n) = (tenant.clone(), pro.id.clone(), name.clone());
-                        let r =
-                            self.ledger_op(tenant, move |l| l.recharge(OpId::new(op), &t, &p, &n)).await?;
+                        let r = self.ledger_op(tenant, move |l| l.recharge(op, &t, &p, &n)).await?;
                         recharged |= !r.replayed && b.available < b.weekly_budget;
                     }
                 }
@@ -1570,10 +1564,12 @@ fn replay_record(
                 rec.latest_ms = rec.latest_ms.max(ev.at().unwrap_or(0));
             }
             rec.budget_returned.extend(actor::budget_refunds(&key.tenant, &events));
-            actor::replay_into(shard, &events, stream);
+            // The money first, as live (executed before the events are applied): a
+            // lead forgotten in this record forgets its ops after its last facts.
             for m in &money {
                 ledger.apply(m);
             }
+            actor::replay_into(shard, ledger, &key.tenant, &events, stream);
             record::money_stream_events(&money, stream);
         }
         WalRecord::Ledger { tenant, money } => {
@@ -1621,6 +1617,23 @@ fn replay_record(
     }
 }
 
+/// The op id of the recharge (R24) of auto-buy config `cfg` of `pro` resuming, when it
+/// is buying at `now`: one resume, one id, whoever sees it first. A pause that ends by
+/// itself at `paused_until`, or ends early because an upsert moved `paused_until` into
+/// the past, is keyed on that time, by the upsert ([`Engine::sync_budget`]) and by
+/// every later [`Engine::housekeeping`] alike (keyed on the upsert's time, the same
+/// resume recharged twice). A pause lifted by removing `paused_until` leaves
+/// housekeeping nothing to recharge: keyed on the time of that upsert.
+///
+/// A config reactivated with a `paused_until` whose resume was already recharged is
+/// not recharged again: the id cannot tell it from a repeat of that resume, and a
+/// missed top-up only delays spending, where a second one would overshoot the week's
+/// budget.
+fn resume_op(pro: &ProId, cfg: &AutoBuyConfig, now: Millis) -> OpId {
+    debug_assert!(cfg.is_buying(now), "only a buying config resumes");
+    OpId::resume(pro, &BudgetName::new(&cfg.name), cfg.paused_until.unwrap_or(now))
+}
+
 fn unexpected(r: CoreReply) -> ApiError {
     ApiError::new("internal", format!("unexpected reply {r:?}"))
 }
@@ -1641,10 +1654,27 @@ pub fn ledger_api_error(e: LedgerError) -> ApiError {
         _ => "ledger_refused",
     };
     let mut err = ApiError::new(code, e.to_string());
-    if code == "invalid_field" {
-        err.field = Some("credits".into());
-    }
+    err.field = match &e {
+        LedgerError::InvalidAmount { field } => Some(wire_field(field).into()),
+        // Only a grant adds to a balance: the request's `credits` overflow it.
+        LedgerError::AmountOverflow { .. } => Some("credits".into()),
+        _ => None,
+    };
     err
+}
+
+/// The request field a ledger amount comes from, for `invalid_field` errors: the
+/// ledger names its own parameters (`topup_rule.threshold`), a client needs the name
+/// it sent (`rule.threshold_credits`).
+fn wire_field(ledger_field: &'static str) -> &'static str {
+    match ledger_field {
+        // `grant_credits`' amount (the only ledger amount taken from a request as is).
+        "amount" => "credits",
+        "topup_rule.threshold" => "rule.threshold_credits",
+        "topup_rule.amount" => "rule.amount_credits",
+        "weekly_budget" => "pro.autobuy.weekly_budget_credits",
+        other => other,
+    }
 }
 
 mod metrics_facade {

@@ -10,9 +10,9 @@
 //!
 //! Ledger operations are idempotent by op id, so a replayed intent changes nothing.
 
-use crate::core::shard::{Charge, ChargeMode, Event, Funds, RefundReason as CoreRefund, Shard, Skip};
+use crate::core::shard::{Charge, ChargeMode, Event, Funds, RefundReason as CoreRefund, Reply, Shard, Skip};
 use crate::core::Reject;
-use crate::ids::{ProId, TenantId};
+use crate::ids::{LeadId, ProId, TenantId};
 use crate::ledger::{BudgetName, Ledger, LedgerError, LedgerEvent, OpId, RefundReason};
 
 /// The ledger as the core's read-only [`Funds`] view for one tenant.
@@ -44,6 +44,18 @@ pub fn execute(
     ledger: &Ledger,
     tenant: &TenantId,
     events: &mut [Event],
+) -> Result<Vec<LedgerEvent>, Reject> {
+    execute_noting_drops(shard, ledger, tenant, events, &mut Vec::new())
+}
+
+/// [`execute`], adding to `dropped` the `(lead, pro)` offers it took out of `events`
+/// (their budget spend was refused), for [`without_dropped`].
+pub fn execute_noting_drops(
+    shard: &Shard,
+    ledger: &Ledger,
+    tenant: &TenantId,
+    events: &mut [Event],
+    dropped: &mut Vec<(LeadId, ProId)>,
 ) -> Result<Vec<LedgerEvent>, Reject> {
     let mut facts = Vec::new();
     let keep = |r: crate::ledger::Receipt, facts: &mut Vec<LedgerEvent>| {
@@ -77,6 +89,9 @@ pub fn execute(
                 // its rotation turn and waits for the retry window (R22).
                 for (pro, skip) in lost {
                     shard.drop_grant(ev, &pro, skip);
+                    if let Event::Offered { lead, .. } = ev {
+                        dropped.push((lead.clone(), pro));
+                    }
                 }
             }
             Event::Responded { pro, charge: Some(c), .. } => {
@@ -98,25 +113,23 @@ pub fn execute(
                 }
             }
             Event::ClientReplied { lead, pro, capture: Some(c), .. } => {
-                let op = OpId::for_lead("capture", lead, pro);
+                let op = OpId::for_lead(CAPTURE, lead, pro);
                 match ledger.capture(op, tenant, pro, &OpId::new(&c.op)) {
                     Ok(r) => keep(r, &mut facts),
-                    Err(e) => tracing::error!(tenant = %tenant, pro_id = %pro, error = %e, "capture failed"),
+                    Err(e) => settle_failed("capture", tenant, lead, pro, &e),
                 }
             }
             Event::LeadClosed { lead, releases, .. } => {
                 for (pro, c) in releases.iter() {
-                    let op = OpId::for_lead("release", lead, pro);
+                    let op = OpId::for_lead(RELEASE, lead, pro);
                     match ledger.release(op, tenant, pro, &OpId::new(&c.op)) {
                         Ok(r) => keep(r, &mut facts),
-                        Err(e) => {
-                            tracing::error!(tenant = %tenant, pro_id = %pro, error = %e, "release failed")
-                        }
+                        Err(e) => settle_failed("release", tenant, lead, pro, &e),
                     }
                 }
             }
             Event::Refunded { lead, pro, charge, reason, .. } => {
-                let op = OpId::for_lead("refund", lead, pro);
+                let op = OpId::for_lead(REFUND, lead, pro);
                 let res = match &charge.mode {
                     ChargeMode::Budget { config } => {
                         ledger.refund_spend(op, tenant, pro, &BudgetName::new(config), &OpId::new(&charge.op))
@@ -125,11 +138,75 @@ pub fn execute(
                 };
                 match res {
                     Ok(r) => keep(r, &mut facts),
-                    Err(e) => tracing::error!(tenant = %tenant, pro_id = %pro, error = %e, "refund failed"),
+                    Err(e) => settle_failed("refund", tenant, lead, pro, &e),
                 }
             }
             _ => {}
         }
     }
     Ok(facts)
+}
+
+/// Kinds of the op ids this module derives for a lead and a pro (`<kind>:<lead>:<pro>`,
+/// [`OpId::for_lead`]).
+const CAPTURE: &str = "capture";
+const RELEASE: &str = "release";
+const REFUND: &str = "refund";
+/// Every op id kind about one lead and one pro on the pro's credits: the core's
+/// response intents (`charge`, `hold`, see `op_id` in `core::shard`) and this module's
+/// settlements of them.
+const CREDIT_KINDS: [&str; 5] = ["charge", "hold", CAPTURE, RELEASE, REFUND];
+
+/// R1/R9: a lead id the shard forgets (its idempotency retention is over) may be
+/// published again as a new lead, whose money ops get the same ids as the old one's
+/// (`charge:<lead>:<pro>`...): the ledger forgets the old ones with it, or it would
+/// answer the new lead's charge as a repeat of the old, and charge nothing.
+///
+/// Called with the shard as it is *before* it applies `LeadForgotten { lead }`, live
+/// (`actor::log_record`) and in replay (`actor::replay_into`) alike, after the ledger
+/// facts logged in the same record: the same op ids are forgotten at the same point
+/// of the log, so replay ends in the live state. Safe: nothing can still retry an op
+/// of the lead (requests about it are answered `unknown_lead` from here on, its
+/// deadlines are gone, a chat-only hold was settled when it closed; the ledger keeps
+/// an open hold anyway). Other leads' ops never share these ids.
+pub fn forget_lead(shard: &Shard, ledger: &Ledger, tenant: &TenantId, lead: &LeadId) {
+    let Some(st) = shard.lead(lead) else { return };
+    // Only a pro that responded or bought has ops on the lead.
+    for o in st.offers.iter().filter(|o| o.responded_at().is_some() || o.charge.is_some()) {
+        let credit: Vec<OpId> = CREDIT_KINDS.iter().map(|k| OpId::for_lead(k, lead, &o.pro)).collect();
+        ledger.forget(tenant, &o.pro, &credit);
+        if let Some(c) = o.charge.as_deref() {
+            if let ChargeMode::Budget { config } = &c.mode {
+                let ops = [OpId::new(&c.op), OpId::for_lead(REFUND, lead, &o.pro)];
+                ledger.forget_budget_ops(tenant, &o.pro, &BudgetName::new(config), &ops);
+            }
+        }
+    }
+}
+
+/// A capture, release or refund the core decided and the ledger refused. Its inputs
+/// are ids the core took from the ledger's own facts (the hold, the charge) and an op
+/// id that always fits (`MAX_OP_ID_LEN` admits every id derived from valid ids), so
+/// this is a core and ledger that disagree: a bug, never an expected outcome. The
+/// decision stays logged (the shard has moved on), so it is logged loudly, and tests
+/// (debug builds) stop at it.
+fn settle_failed(what: &str, tenant: &TenantId, lead: &LeadId, pro: &ProId, e: &LedgerError) {
+    tracing::error!(
+        tenant = %tenant, lead_id = %lead, pro_id = %pro, error = %e,
+        "{what} refused by the ledger: the core and the ledger disagree"
+    );
+    if cfg!(debug_assertions) {
+        panic!("{what} of lead {lead} for pro {pro} refused by the ledger: {e}");
+    }
+}
+
+/// R1: the publish reply lists what was bought. The core builds the reply with the
+/// decision, before [`execute`] carried it out; an auto-buy spend the ledger refused
+/// there took its offer out of the events (`dropped`), so it leaves the reply too,
+/// which then says what the events say, as a republish (answered from the state the
+/// events built) does.
+pub fn without_dropped(reply: &mut Reply, dropped: &[(LeadId, ProId)]) {
+    if let Reply::Lead(outcome) = reply {
+        outcome.offers.retain(|(pro, _)| !dropped.iter().any(|(l, p)| l == &outcome.lead && p == pro));
+    }
 }

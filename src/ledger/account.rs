@@ -104,6 +104,11 @@ impl Account {
         self.topup_rule
     }
 
+    /// The version of the rule in force (0: never set).
+    pub(crate) fn topup_rule_version(&self) -> u64 {
+        self.topup_rule_version
+    }
+
     /// Checks `request` against the current state without changing it.
     pub(crate) fn decide(&self, op: &OpId, request: &CreditRequest) -> Result<Decision, LedgerError> {
         if let Some(fact) = self.ops.get(op) {
@@ -251,6 +256,11 @@ impl Account {
             }
         }
         true
+    }
+
+    /// Number of op ids remembered.
+    pub(crate) fn registered_ops(&self) -> usize {
+        self.ops.len()
     }
 
     /// Drops the registry entries of `ops` (see `Ledger::forget`). Open holds

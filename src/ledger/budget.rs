@@ -191,6 +191,11 @@ impl Budget {
         }
     }
 
+    /// Number of op ids remembered.
+    pub(crate) fn registered_ops(&self) -> usize {
+        self.ops.len()
+    }
+
     /// Drops registry entries (see `Ledger::forget_budget_ops`).
     pub(crate) fn forget(&mut self, ops: &[OpId]) -> usize {
         let mut forgotten = 0;

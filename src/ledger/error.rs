@@ -27,7 +27,8 @@ pub enum LedgerError {
     UnknownBudget { budget: BudgetName },
     #[error("op id {op} was already used for a different {existing} operation")]
     OpConflict { op: OpId, existing: &'static str },
-    /// Empty, longer than 128 bytes, or with control characters.
+    /// Empty, longer than [`MAX_OP_ID_LEN`](super::MAX_OP_ID_LEN) bytes, or with
+    /// control characters.
     #[error("invalid op id: {0}")]
     InvalidOpId(IdError),
     #[error("{field} must be greater than zero")]

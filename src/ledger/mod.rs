@@ -15,6 +15,7 @@
 //! | [`charge`](Ledger::charge)`(op, t, p, n)` | `available -= n`, `captured += n` (hold + capture at once) | `InsufficientCredits`, `InvalidAmount` |
 //! | [`refund`](Ledger::refund)`(op, t, p, charge, reason)` | full amount: `available += n`, `refunded += n`, at most once (R12) | `UnknownCharge`, `HoldNotCaptured`, `AlreadyRefunded` |
 //! | [`set_topup_rule`](Ledger::set_topup_rule)`(op, t, p, rule)` | R10 threshold and amount (or none) | `InvalidAmount` |
+//! | [`change_topup_rule`](Ledger::change_topup_rule)`(t, p, rule)` | the same, as the next rule change (op id from the rule version; last write wins) | `InvalidAmount` |
 //!
 //! `capture`, `release` and `refund` name their target by its op id; `refund`
 //! accepts a charge op or a captured hold op.
@@ -54,7 +55,9 @@
 //! # Idempotency and errors
 //!
 //! Every operation carries an [`OpId`], unique within its account or budget
-//! (non-empty, at most 128 bytes, no control characters: else `InvalidOpId`).
+//! (non-empty, at most [`MAX_OP_ID_LEN`] bytes, no control characters: else
+//! `InvalidOpId`). Op ids are derived from wire ids (`charge:<lead>:<pro>`), so
+//! the bound is that of the longest derivation, not the 128 bytes of one wire id.
 //! Repeating an applied op id with the same parameters returns the original
 //! event with `replayed: true` and changes nothing; with other parameters it is
 //! an `OpConflict`. A refused operation changes nothing, and an operation on
@@ -73,12 +76,16 @@
 //! # Memory
 //!
 //! Op ids are kept so that retries are answered. They are pruned per lead:
-//! when a lead closes and its refund window ends, the shell calls
-//! [`Ledger::forget`] / [`Ledger::forget_budget_ops`] with the op ids it built
-//! for that lead (it knows them: they are derived from the lead id). After
-//! that, a retry of a forgotten id would be applied again, so forget only ids
-//! that no caller can still retry and that lie before the WAL position replay
-//! starts from. Open holds are never forgotten.
+//! when a shard forgets a lead (it closed, and its refund window and idempotency
+//! retention are over), the shell calls [`Ledger::forget`] /
+//! [`Ledger::forget_budget_ops`] with the op ids it built for that lead (it
+//! knows them: they are derived from the lead id), at that point of the log,
+//! live and in replay alike (`engine::money::forget_lead`). After that, a retry
+//! of a forgotten id would be applied again, which is what a lead id published
+//! again after retention needs: a new lead, charged again. So forget only ids
+//! that no caller can still retry, and at the same point of the log in replay
+//! as live (`forget` is not an event: replay must call it itself). Open holds
+//! are never forgotten. Grants, top-up rules and budget changes are not pruned.
 //!
 //! # Concurrency
 //!
@@ -101,7 +108,7 @@ mod tests;
 pub use error::{InvariantViolation, LedgerError};
 pub use types::{
     BudgetFact, BudgetName, CreditDeltas, CreditFact, LedgerEvent, OpId, RefundReason, TopupRequest,
-    TopupRule,
+    TopupRule, MAX_OP_ID_LEN,
 };
 
 use crate::ids::{ProId, TenantId};
@@ -272,6 +279,26 @@ impl Ledger {
         self.credit(op, tenant, pro, CreditRequest::SetTopupRule { rule }, true)
     }
 
+    /// Sets (or with `None` removes) the R10 rule as the account's next rule change,
+    /// for a caller with no idempotency key of its own (the wire's `set_topup_rule`
+    /// carries none). The op id is `topup-rule:v<n>`, `n` the next rule version, taken
+    /// under the account's lock: every call is one change and the last one wins, even
+    /// several within one millisecond (a key built from the time made the second an
+    /// `OpConflict`, and one built from the time and the rule answered a change back
+    /// to an earlier rule as a replay of it, leaving the later rule in force). A call
+    /// repeated after a timeout sets the same rule again, which changes nothing.
+    pub fn change_topup_rule(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        rule: Option<TopupRule>,
+    ) -> Result<Receipt, LedgerError> {
+        let request = CreditRequest::SetTopupRule { rule };
+        self.credit_with(tenant, pro, request, true, |a| {
+            OpId::new(format!("topup-rule:v{}", a.topup_rule_version() + 1))
+        })
+    }
+
     /// Sets the weekly budget of an auto-buy config (R19); creates the budget.
     pub fn set_budget(
         &self,
@@ -393,6 +420,15 @@ impl Ledger {
         forgotten
     }
 
+    /// How many op ids the ledger remembers (every account and budget): what
+    /// [`Ledger::forget`] keeps bounded. For tests and memory accounting; takes
+    /// every lock in turn.
+    pub fn registered_ops(&self) -> usize {
+        let accounts: usize = self.accounts.iter().map(|e| e.value().lock().registered_ops()).sum();
+        let budgets: usize = self.budgets.iter().map(|e| e.value().lock().registered_ops()).sum();
+        accounts + budgets
+    }
+
     /// Checks the invariants of every account and budget (tests call it after
     /// every step; the shell may call it after recovery).
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
@@ -473,14 +509,28 @@ impl Ledger {
         request: CreditRequest,
         creates: bool,
     ) -> Result<Receipt, LedgerError> {
-        validate_op(&op)?;
+        self.credit_with(tenant, pro, request, creates, |_| op.clone())
+    }
+
+    /// [`Ledger::credit`] with the op id derived from the account, under its lock.
+    fn credit_with(
+        &self,
+        tenant: &TenantId,
+        pro: &ProId,
+        request: CreditRequest,
+        creates: bool,
+        op_of: impl Fn(&Account) -> OpId,
+    ) -> Result<Receipt, LedgerError> {
         let account = match self.account(tenant, pro) {
             Some(a) => a,
             None => {
                 // Decide against an empty account before inserting one, so a
                 // refused op leaves no trace. The real decision is taken again
                 // under the lock below: another thread may create it meanwhile.
-                let probe = Account::default().decide(&op, &request);
+                let empty = Account::default();
+                let op = op_of(&empty);
+                validate_op(&op)?;
+                let probe = empty.decide(&op, &request);
                 if !creates {
                     return Err(refusal_of_empty(probe));
                 }
@@ -489,6 +539,8 @@ impl Ledger {
             }
         };
         let mut account = account.lock();
+        let op = op_of(&account);
+        validate_op(&op)?;
         let (fact, replayed) = match account.decide(&op, &request)? {
             Decision::Replay(fact) => (fact, true),
             Decision::New(fact) => {
@@ -553,10 +605,25 @@ impl Ledger {
 }
 
 /// Op ids are stored for as long as their lead lives: refuse unusable ones
-/// before they reach the registry.
+/// before they reach the registry. Not [`OpId::validate`], which bounds an id
+/// from the wire: an op id is derived from up to two of them ([`MAX_OP_ID_LEN`]).
 fn validate_op(op: &OpId) -> Result<(), LedgerError> {
-    op.validate("op_id").map_err(LedgerError::InvalidOpId)
+    let s = op.as_str();
+    let reason = if s.is_empty() {
+        "must not be empty"
+    } else if s.len() > MAX_OP_ID_LEN {
+        TOO_LONG
+    } else if s.chars().any(char::is_control) {
+        "contains control characters"
+    } else {
+        return Ok(());
+    };
+    Err(LedgerError::InvalidOpId(crate::ids::IdError { field: "op_id", reason }))
 }
+
+/// The refusal of an op id over [`MAX_OP_ID_LEN`] (a test checks the number).
+const TOO_LONG: &str = "longer than 320 bytes";
+const _: () = assert!(MAX_OP_ID_LEN == 320, "update TOO_LONG");
 
 /// The error an operation gets from an account that does not exist.
 fn refusal_of_empty(decision: Result<Decision, LedgerError>) -> LedgerError {

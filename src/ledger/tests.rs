@@ -238,9 +238,71 @@ fn unusable_op_ids_are_refused() {
     assert!(matches!(e, LedgerError::InvalidOpId(_)), "{e}");
     assert_eq!(e.to_string(), "invalid op id: op_id: must not be empty");
     refused(&l, e, |l| l.charge(op(""), &t(), &p(), 1));
-    let long = "x".repeat(129);
-    assert!(matches!(l.spend(op(&long), &t(), &p(), &b(), 1), Err(LedgerError::InvalidOpId(_))));
+    let long = "x".repeat(MAX_OP_ID_LEN + 1);
+    let e = l.spend(op(&long), &t(), &p(), &b(), 1).unwrap_err();
+    assert_eq!(e.to_string(), format!("invalid op id: op_id: longer than {MAX_OP_ID_LEN} bytes"));
     assert!(matches!(l.grant(op("a\nb"), &t(), &p(), 1), Err(LedgerError::InvalidOpId(_))));
+}
+
+/// Every op id the shell derives, from the longest valid wire ids and the longest
+/// numbers, is within [`MAX_OP_ID_LEN`]: a hold on such ids can be captured and
+/// released, a grant on a 128-byte payment id is posted.
+#[test]
+fn r9_op_ids_derived_from_the_longest_valid_ids_are_accepted() {
+    use crate::ids::MAX_ID_LEN;
+    let id = |c: &str| c.repeat(MAX_ID_LEN);
+    let (lead, pro, name) = (LeadId::new(id("L")), ProId::new(id("p")), BudgetName::new(id("n")));
+    let mut derived: Vec<OpId> = ["charge", "hold", "buy", "capture", "release", "refund"]
+        .iter()
+        .map(|k| OpId::for_lead(k, &lead, &pro))
+        .collect();
+    derived.push(OpId::grant(&id("g")));
+    derived.push(OpId::set_budget(&pro, &name, i64::MIN, u64::MAX));
+    derived.push(OpId::weekly_recharge(&pro, &name, chrono::NaiveDate::MIN));
+    derived.push(OpId::weekly_recharge(&pro, &name, chrono::NaiveDate::MAX));
+    derived.push(OpId::resume(&pro, &name, i64::MIN));
+    for op in &derived {
+        assert_eq!(validate_op(op), Ok(()), "{} bytes", op.as_str().len());
+    }
+    let longest = derived.iter().map(|o| o.as_str().len()).max().unwrap();
+    assert_eq!(longest, 2 * MAX_ID_LEN + 50, "the derivation MAX_OP_ID_LEN's docs name");
+    // And on a ledger: a hold on the longest ids is settled.
+    let l = Ledger::new();
+    l.grant(OpId::grant(&id("g")), &t(), &pro, 10).unwrap();
+    l.hold(OpId::for_lead("hold", &lead, &pro), &t(), &pro, 4).unwrap();
+    let hold = OpId::for_lead("hold", &lead, &pro);
+    l.release(OpId::for_lead("release", &lead, &pro), &t(), &pro, &hold).unwrap();
+    assert_eq!(l.balance(&t(), &pro).held, 0);
+    l.check_invariants().unwrap();
+}
+
+/// R10: with no idempotency key of its own, each rule change is the next one and the
+/// last wins, however many arrive in one millisecond, a change back to an earlier
+/// rule included; replay ends in the same rule.
+#[test]
+fn r10_each_topup_rule_change_applies_and_the_last_one_wins() {
+    let l = funded(10);
+    let (a, b2) = (TopupRule { threshold: 5, amount: 50 }, TopupRule { threshold: 7, amount: 50 });
+    let mut log = Vec::new();
+    for rule in [Some(a), Some(b2), Some(a)] {
+        let r = l.change_topup_rule(&t(), &p(), rule).unwrap();
+        assert!(!r.replayed);
+        log.push(r.event);
+    }
+    assert_eq!(l.balance(&t(), &p()).topup_rule, Some(a));
+    refused(&l, LedgerError::InvalidAmount { field: "topup_rule.threshold" }, |l| {
+        l.change_topup_rule(&t(), &p(), Some(TopupRule { threshold: 0, amount: 5 }))
+    });
+    // Replayed in any order: the highest version wins.
+    let replayed = funded(10);
+    for e in log.iter().rev() {
+        replayed.apply(e);
+    }
+    assert_eq!(replayed.snapshot(), l.snapshot());
+    // An account is created by a rule, as by `set_topup_rule`.
+    let fresh = Ledger::new();
+    fresh.change_topup_rule(&t(), &p(), Some(a)).unwrap();
+    assert_eq!(fresh.balance(&t(), &p()).topup_rule, Some(a));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! balances, so that applying them is a sum and the order of application does
 //! not matter (see [`super::Ledger::apply`]).
 
-use crate::ids::{LeadId, ProId, TenantId};
+use crate::ids::{LeadId, Millis, ProId, TenantId, MAX_ID_LEN};
 use serde::{Deserialize, Serialize};
 // Names the `string_id!` expansion refers to.
 use crate::ids::{validate_id, IdError};
@@ -24,11 +24,48 @@ crate::ids::string_id!(
     BudgetName
 );
 
+/// Longest op id the ledger accepts.
+///
+/// Op ids are not wire ids: the shell derives them from up to two wire ids (each at
+/// most [`MAX_ID_LEN`] bytes, checked at the wire) plus a kind, `:` separators and
+/// numbers. The longest derivation is [`OpId::set_budget`]'s
+/// `budget:<pro>:<config>:<at_ms>:<weekly>`, two ids and 50 bytes (`budget`, four
+/// `:`, an `i64` and a `u64` of at most 20 digits each); the others
+/// ([`OpId::for_lead`], whose format the core's money intents share, `week:`,
+/// `resume:`, `grant:`) take less. 64 bytes of margin cover them all, so every id
+/// derived from valid wire ids is accepted (the tests check each derivation at its
+/// longest); the bound remains, as every op id is kept for as long as its lead lives.
+pub const MAX_OP_ID_LEN: usize = 2 * MAX_ID_LEN + 64;
+
 impl OpId {
     /// The conventional id of an operation about one lead and one pro:
-    /// `<kind>:<lead>:<pro>`, e.g. `OpId::for_lead("charge", &lead, &pro)`.
+    /// `<kind>:<lead>:<pro>`, e.g. `OpId::for_lead("charge", &lead, &pro)`. The core
+    /// builds the ids of its money intents (`charge`, `hold`, `buy`) the same way.
     pub fn for_lead(kind: &str, lead: &LeadId, pro: &ProId) -> Self {
         Self::new(format!("{kind}:{lead}:{pro}"))
+    }
+
+    /// `grant:<payment>`: a grant of credits, keyed on the platform's payment id.
+    pub fn grant(payment: &str) -> Self {
+        Self::new(format!("grant:{payment}"))
+    }
+
+    /// `budget:<pro>:<config>:<at>:<weekly>`: auto-buy config `budget` of `pro` set to
+    /// `weekly` credits at `at` (R19).
+    pub fn set_budget(pro: &ProId, budget: &BudgetName, at: Millis, weekly: u64) -> Self {
+        Self::new(format!("budget:{pro}:{budget}:{at}:{weekly}"))
+    }
+
+    /// `week:<pro>:<config>:<monday>`: the weekly recharge (R20) of the local week
+    /// that starts on `monday`.
+    pub fn weekly_recharge(pro: &ProId, budget: &BudgetName, monday: chrono::NaiveDate) -> Self {
+        Self::new(format!("week:{pro}:{budget}:{monday}"))
+    }
+
+    /// `resume:<pro>:<config>:<at>`: the recharge of a config resuming (R24), keyed on
+    /// the time its pause ended.
+    pub fn resume(pro: &ProId, budget: &BudgetName, at: Millis) -> Self {
+        Self::new(format!("resume:{pro}:{budget}:{at}"))
     }
 }
 
