@@ -237,6 +237,9 @@ ts("Credits by movement", "short",
    desc="Credits per second moved by the ledger.")
 ts("Top-ups requested", "ops",
    [(f"sum by (tenant) (rate(rota_topups_requested_total{{{T}}}[{RI}]))", "{{tenant}}")], w=8)
+ts("Settlements the ledger refused", "short",
+   [(f"sum by (op) (increase(rota_ledger_settle_failures_total[{RI}]))", "{{op}}")], w=8,
+   desc="Captures, releases and refunds decided and refused by the ledger: always 0 (a bug otherwise, alert RotaLedgerSettleFailed).")
 ts("Fairness: max share deviation", "percentunit",
    [(f"max by (tenant) (rota_fairness_max_share_deviation_ratio{{{T}}})", "{{tenant}}")], w=12,
    desc="Largest |offered share - entitled share| / entitled share of any pro at the last evaluation.")

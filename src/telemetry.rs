@@ -41,6 +41,9 @@ pub const OFFERS_DISPATCHED: &str = "rota_offers_dispatched_total";
 pub const OFFER_TRANSITIONS: &str = "rota_offer_transitions_total";
 pub const RESPONSES_REFUSED: &str = "rota_responses_refused_total";
 pub const CREDITS_MOVED: &str = "rota_credits_moved_total";
+pub const LEDGER_SETTLE_FAILURES: &str = "rota_ledger_settle_failures_total";
+/// `op` of [`LEDGER_SETTLE_FAILURES`].
+pub const SETTLE_OPS: &[&str] = &["capture", "release", "refund"];
 pub const TOPUPS_REQUESTED: &str = "rota_topups_requested_total";
 pub const FAIRNESS_DEVIATION: &str = "rota_fairness_share_deviation_ratio";
 pub const FAIRNESS_MAX_DEVIATION: &str = "rota_fairness_max_share_deviation_ratio";
@@ -249,6 +252,13 @@ pub const ALL: &[MetricDef] = &[
         "credits",
         &[TENANT, "movement"],
         "Credits moved by the ledger, by kind of movement.",
+    ),
+    m(
+        LEDGER_SETTLE_FAILURES,
+        C,
+        "settlements",
+        &["op"],
+        "Captures, releases and refunds the core decided and the ledger refused: a bug (money held or owed), never expected.",
     ),
     m(TOPUPS_REQUESTED, C, "events", &[TENANT], "topup_requested events emitted (R10)."),
     h(
@@ -604,6 +614,7 @@ pub struct Metrics {
     pub frames_sent: ByLabel<Counter>,
     pub auth_failures: ByLabel<Counter>,
     pub config_reloads: ByLabel<Counter>,
+    pub settle_failures: ByLabel<Counter>,
     pub slow_subscriber_disconnects: Counter,
     pub stream_resumes: ByLabel<Counter>,
     pub decide_duration: Histogram,
@@ -627,6 +638,7 @@ impl Metrics {
             frames_sent: counters(FRAMES_SENT, "encoding", ENCODINGS),
             auth_failures: counters(AUTH_FAILURES, "reason", AUTH_FAILURE_REASONS),
             config_reloads: counters(CONFIG_RELOADS, "result", RELOAD_RESULTS),
+            settle_failures: counters(LEDGER_SETTLE_FAILURES, "op", SETTLE_OPS),
             slow_subscriber_disconnects: metrics::counter!(SLOW_SUBSCRIBER_DISCONNECTS),
             stream_resumes: counters(STREAM_RESUMES, "outcome", RESUME_OUTCOMES),
             decide_duration: metrics::histogram!(DECIDE_DURATION),

@@ -189,8 +189,12 @@ pub fn forget_lead(shard: &Shard, ledger: &Ledger, tenant: &TenantId, lead: &Lea
 /// id that always fits (`MAX_OP_ID_LEN` admits every id derived from valid ids), so
 /// this is a core and ledger that disagree: a bug, never an expected outcome. The
 /// decision stays logged (the shard has moved on), so it is logged loudly, and tests
-/// (debug builds) stop at it.
-fn settle_failed(what: &str, tenant: &TenantId, lead: &LeadId, pro: &ProId, e: &LedgerError) {
+/// (debug builds) stop at it. Counted in `rota_ledger_settle_failures_total` (alert
+/// `RotaLedgerSettleFailed`).
+fn settle_failed(what: &'static str, tenant: &TenantId, lead: &LeadId, pro: &ProId, e: &LedgerError) {
+    // Registered at 0 for each `op` at start (`telemetry::Metrics`), so that the
+    // alert's `increase` sees the first one.
+    metrics::counter!(crate::telemetry::LEDGER_SETTLE_FAILURES, "op" => what).increment(1);
     tracing::error!(
         tenant = %tenant, lead_id = %lead, pro_id = %pro, error = %e,
         "{what} refused by the ledger: the core and the ledger disagree"
