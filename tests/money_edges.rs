@@ -285,6 +285,26 @@ fn r24_a_pause_lifted_by_removing_its_end_recharges_once() {
     });
 }
 
+/// R20/R24, hard budgets: a new config whose pause is already over (a profile sent
+/// again with a past `paused_until`) gets one budget in its first week: its first
+/// recharge is its resume too, so the housekeeping does not recharge that resume
+/// again (it did: 48 credits spendable in a week of 24).
+#[test]
+fn r20_r24_a_new_config_whose_pause_is_over_gets_one_budget_in_its_week() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        ok(&e, buyer("b1", Some(T0 - DAY))).await;
+        assert_eq!(budget(&e, "b1").available, 24);
+        ok(&e, publish("A1", "madrid", true, T0)).await;
+        ok(&e, publish("A2", "madrid", true, T0 + 1)).await;
+        assert_eq!(budget(&e, "b1").available, 0, "the week's 24 spent");
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
+        assert_eq!(budget(&e, "b1").available, 0, "no second budget in the same week");
+        // The next Monday recharges as usual.
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 7 * DAY})).await;
+        assert_eq!(budget(&e, "b1").available, 24, "the next week's budget");
+    });
+}
+
 // ---------------------------------------------------------------------------------
 // The publish reply says what was bought (R1)
 // ---------------------------------------------------------------------------------

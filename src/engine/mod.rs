@@ -1003,12 +1003,25 @@ impl Engine {
         if cfg.is_buying(now) && (current.is_none() || !was_buying) {
             // A new config's first recharge is this week's (R20): the Monday recharge
             // of this week must not top it up again. A resumed config recharges now (R24).
-            let op = match (current, self.week_of(tenant, now)) {
-                (None, Some(monday)) => OpId::weekly_recharge(pro, &name, monday),
-                _ => resume_op(pro, cfg, now),
+            let ops = match (current, self.week_of(tenant, now)) {
+                (None, Some(monday)) => {
+                    let mut ops = vec![OpId::weekly_recharge(pro, &name, monday)];
+                    // A new config whose pause is already over (a profile sent again
+                    // with a past `paused_until`): this first recharge is its resume
+                    // too, which the weekly housekeeping must find done, or the week
+                    // would get a second budget (R20). Taken right after the first,
+                    // with nothing spent between, it leaves the same budget.
+                    if cfg.paused_until.is_some() {
+                        ops.push(resume_op(pro, cfg, now));
+                    }
+                    ops
+                }
+                _ => vec![resume_op(pro, cfg, now)],
             };
-            let (t, p, n) = (tenant.clone(), pro.clone(), name.clone());
-            self.ledger_op(tenant, move |l| l.recharge(op, &t, &p, &n)).await?;
+            for op in ops {
+                let (t, p, n) = (tenant.clone(), pro.clone(), name.clone());
+                self.ledger_op(tenant, move |l| l.recharge(op, &t, &p, &n)).await?;
+            }
         }
         Ok(())
     }
