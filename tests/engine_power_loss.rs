@@ -88,7 +88,10 @@ fn lead_body(id: &str, direct: &[String]) -> Value {
     })
 }
 
-fn config(skip_sync: bool, preallocate: bool) -> Config {
+/// `spilling`: a stream buffer small enough that the history on disk is written
+/// during the test (not where a test injects a fault into the next write or sync:
+/// the history's writer, a thread of its own, could take it instead of the log).
+fn config(skip_sync: bool, preallocate: bool, spilling: bool) -> Config {
     let flags = [
         "clock=\"manual\"".to_string(),
         format!("manual_clock_start_ms={T0}"),
@@ -100,7 +103,7 @@ fn config(skip_sync: bool, preallocate: bool) -> Config {
         "wal.segment_bytes=16384".into(),
         // A small stream buffer: most of the stream lives in the history on disk,
         // which the cuts hit too (small segments: several per life).
-        "stream_retention_events=16".into(),
+        format!("stream_retention_events={}", if spilling { 16 } else { 1_000_000 }),
         "stream_spill_bytes=4194304".into(),
         format!("wal.preallocate={preallocate}"),
     ];
@@ -519,7 +522,7 @@ fn power_cut_run(seed: u64, skip_sync: bool) -> Result<Figures, String> {
     let mut rng = Rng::new(seed);
     let fs = MemFs::new();
     fs.set_cut_seed(seed);
-    let cfg = config(skip_sync, rng.below(2) == 0);
+    let cfg = config(skip_sync, rng.below(2) == 0, true);
     let mut m = Model { now: T0, ..Default::default() };
     let mut fig = Figures::default();
     let t = tenant();
@@ -634,7 +637,7 @@ fn disk_fault_run(seed: u64, fault: DiskFault) -> Result<Figures, String> {
     let fs = MemFs::new();
     fs.set_cut_seed(seed);
     // Without preallocation every append grows the file, so a full disk is met at once.
-    let cfg = config(false, false);
+    let cfg = config(false, false, false);
     let mut m = Model { now: T0, ..Default::default() };
     let mut fig = Figures::default();
     let t = &tenant();
