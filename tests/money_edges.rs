@@ -8,8 +8,8 @@ mod engine_support;
 use engine_support::{in_system, req};
 use rota::config::{Config, Sources};
 use rota::engine::Engine;
-use rota::ids::{ProId, TenantId};
-use rota::ledger::{BudgetName, OpId, TopupRule};
+use rota::ids::{LeadId, ProId, TenantId};
+use rota::ledger::{BudgetName, OpId, RefundReason, TopupRule};
 use rota::protocol::{ApiError, OkResult};
 use rota::wal::MemFs;
 use serde_json::{json, Value};
@@ -458,4 +458,58 @@ fn r9_r12_recovery_rebuilds_the_ledger_that_forgot_a_leads_op_ids() {
         });
         assert!(ran == recovered, "the recovered ledger differs (snapshot: {snapshot})");
     }
+}
+
+/// R1/R9 after an upgrade: a snapshot of a release that never forgot a lead's op ids
+/// holds those of leads its shards had forgotten. A start from it forgets them, and
+/// keeps those of the leads its shards still hold, so a lead id published again is
+/// charged (and a chat-only one held, then captured when the client replies), and a
+/// repeat of a response to a lead still held charges nothing.
+#[test]
+fn r1_r9_a_start_from_an_older_snapshot_forgets_the_op_ids_of_leads_already_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    let start = || {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        Engine::start_with_fs(config(dir.path(), "zaask.toml", "zaask"), handle).expect("starts").0
+    };
+    let price = |out: OkResult| serde_json::to_value(out).unwrap()["price"].as_u64().expect("a price");
+    in_system(async {
+        let e = start();
+        zaask_pro(&e, "p1").await;
+        // L2 is still held by its shard, responded to.
+        ok(&e, publish("L2", "lisboa", true, T0)).await;
+        ok(&e, offer("L2", "p1", "respond")).await;
+        // What an older release left of leads it had forgotten: L1 charged and
+        // refunded, chat-only L3 held and released.
+        let p = ProId::new("p1");
+        let (l1, l3) = (LeadId::new("L1"), LeadId::new("L3"));
+        let charge = OpId::for_lead("charge", &l1, &p);
+        e.inner.ledger.charge(charge.clone(), &acme(), &p, 40).unwrap();
+        e.inner
+            .ledger
+            .refund(OpId::for_lead("refund", &l1, &p), &acme(), &p, &charge, RefundReason::NotViewed)
+            .unwrap();
+        let hold = OpId::for_lead("hold", &l3, &p);
+        e.inner.ledger.hold(hold.clone(), &acme(), &p, 30).unwrap();
+        e.inner.ledger.release(OpId::for_lead("release", &l3, &p), &acme(), &p, &hold).unwrap();
+        e.snapshot().expect("snapshot");
+    });
+    in_system(async {
+        let e = start();
+        let captured = balance(&e, "p1").captured;
+        ok(&e, offer("L2", "p1", "respond")).await;
+        assert_eq!(balance(&e, "p1").captured, captured, "L2's ops kept: a repeat charges nothing");
+        let l1 = price(ok(&e, publish("L1", "lisboa", true, T0 + 1)).await);
+        ok(&e, offer("L1", "p1", "respond")).await;
+        assert_eq!(balance(&e, "p1").captured, captured + l1, "L1 published again is charged");
+        ok(&e, json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 100})).await;
+        let l3 = price(ok(&e, publish("L3", "lisboa", false, T0 + 2)).await);
+        ok(&e, offer("L3", "p1", "respond")).await;
+        assert_eq!(balance(&e, "p1").held, l3, "chat-only L3 published again is held");
+        ok(&e, offer("L3", "p1", "client_replied")).await;
+        let b = balance(&e, "p1");
+        assert_eq!((b.held, b.captured), (0, captured + l1 + l3), "and captured when the client replies");
+        e.inner.ledger.check_invariants().expect("ledger invariants");
+    });
 }

@@ -934,6 +934,11 @@ impl Shard {
         self.leads.values().filter(|l| l.is_open()).count()
     }
 
+    /// Every lead the shard holds: open, or closed and not forgotten yet.
+    pub fn lead_ids(&self) -> impl Iterator<Item = &LeadId> {
+        self.leads.keys()
+    }
+
     pub fn lead(&self, id: &LeadId) -> Option<&LeadState> {
         self.leads.get(id).map(|st| &**st)
     }

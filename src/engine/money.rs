@@ -178,11 +178,27 @@ pub fn forget_lead(shard: &Shard, ledger: &Ledger, tenant: &TenantId, lead: &Lea
         if let Some(c) = o.charge.as_deref() {
             if let ChargeMode::Budget { config } = &c.mode {
                 let ops = [OpId::new(&c.op), OpId::for_lead(REFUND, lead, &o.pro)];
+                debug_assert!(c.op.starts_with(BUDGET_KINDS[0]), "a spend's op id is buy:<lead>:<pro>");
                 ledger.forget_budget_ops(tenant, &o.pro, &BudgetName::new(config), &ops);
             }
         }
     }
 }
+
+/// The op ids of leads no shard holds any more, forgotten: what a ledger restored from
+/// a snapshot of a release before [`forget_lead`] still remembers of the leads it
+/// forgot (each would make the same id, published again, answered as a repeat of its
+/// old charge). Called once a snapshot is restored, before the log after it is
+/// replayed, with the snapshot's own shards: the leads they hold at its cut are
+/// exactly those whose ops [`forget_lead`] has not forgotten; for a snapshot of this
+/// release it finds nothing. Returns how many were forgotten.
+pub fn forget_ops_of_leads_not_held(ledger: &Ledger, held: impl Fn(&TenantId, &str) -> bool) -> usize {
+    ledger.forget_lead_ops_where(&CREDIT_KINDS, &BUDGET_KINDS, held)
+}
+
+/// Every op id kind about one lead and one pro in an auto-buy budget: the core's spend
+/// (`buy`, see `op_id` in `core::shard`) and its refund.
+const BUDGET_KINDS: [&str; 2] = ["buy", REFUND];
 
 /// A capture, release or refund the core decided and the ledger refused. Its inputs
 /// are ids the core took from the ledger's own facts (the hold, the charge) and an op

@@ -263,6 +263,11 @@ impl Account {
         self.ops.len()
     }
 
+    /// Every op id registered.
+    pub(crate) fn op_ids(&self) -> impl Iterator<Item = &OpId> {
+        self.ops.keys()
+    }
+
     /// Drops the registry entries of `ops` (see `Ledger::forget`). Open holds
     /// are kept: forgetting one would strand its credits in `held`.
     pub(crate) fn forget(&mut self, ops: &[OpId]) -> usize {

@@ -196,6 +196,11 @@ impl Budget {
         self.ops.len()
     }
 
+    /// Every op id registered.
+    pub(crate) fn op_ids(&self) -> impl Iterator<Item = &OpId> {
+        self.ops.keys()
+    }
+
     /// Drops registry entries (see `Ledger::forget_budget_ops`).
     pub(crate) fn forget(&mut self, ops: &[OpId]) -> usize {
         let mut forgotten = 0;

@@ -420,6 +420,50 @@ impl Ledger {
         forgotten
     }
 
+    /// Forgets, in every account and budget, the op ids about one lead and the
+    /// account's pro (`<kind>:<lead>:<pro>`, [`OpId::for_lead`]) of the given kinds
+    /// whose lead `keep(tenant, lead)` does not keep; open holds stay, as with
+    /// [`Ledger::forget`]. Returns how many were forgotten. For a ledger restored from
+    /// a snapshot of a release that never forgot them (`engine::money`).
+    pub fn forget_lead_ops_where(
+        &self,
+        credit_kinds: &[&str],
+        budget_kinds: &[&str],
+        keep: impl Fn(&TenantId, &str) -> bool,
+    ) -> usize {
+        // The lead id between `<kind>:` and `:<pro>`: exact even when it holds a `:`.
+        fn lead_of<'a>(op: &'a OpId, kinds: &[&str], pro: &ProId) -> Option<&'a str> {
+            let rest = op.as_str().strip_suffix(pro.as_str())?.strip_suffix(':')?;
+            kinds.iter().find_map(|k| rest.strip_prefix(k)?.strip_prefix(':'))
+        }
+        let mut forgotten = 0;
+        for e in self.accounts.iter() {
+            let (tenant, pro) = e.key();
+            let mut account = e.value().lock();
+            let stale: Vec<OpId> = account
+                .op_ids()
+                .filter(|op| lead_of(op, credit_kinds, pro).is_some_and(|lead| !keep(tenant, lead)))
+                .cloned()
+                .collect();
+            if !stale.is_empty() {
+                forgotten += Arc::make_mut(&mut *account).forget(&stale);
+            }
+        }
+        for e in self.budgets.iter() {
+            let (tenant, pro, _) = e.key();
+            let mut budget = e.value().lock();
+            let stale: Vec<OpId> = budget
+                .op_ids()
+                .filter(|op| lead_of(op, budget_kinds, pro).is_some_and(|lead| !keep(tenant, lead)))
+                .cloned()
+                .collect();
+            if !stale.is_empty() {
+                forgotten += Arc::make_mut(&mut *budget).forget(&stale);
+            }
+        }
+        forgotten
+    }
+
     /// How many op ids the ledger remembers (every account and budget): what
     /// [`Ledger::forget`] keeps bounded. For tests and memory accounting; takes
     /// every lock in turn.

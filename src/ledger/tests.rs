@@ -816,3 +816,27 @@ fn fuzzy_snapshot_plus_full_replay_equals_the_live_state() {
     assert_eq!(recovered.snapshot(), l.snapshot());
     recovered.check_invariants().unwrap();
 }
+
+#[test]
+fn r9_op_ids_of_leads_not_kept_are_forgotten_and_open_holds_grants_and_kept_leads_stay() {
+    let l = funded(100);
+    // A lead id holding a `:`: the lead is what lies between `<kind>:` and `:<pro>`.
+    let gone = LeadId::new("old:1");
+    let kept = LeadId::new("L2");
+    let charge = OpId::for_lead("charge", &gone, &p());
+    l.charge(charge.clone(), &t(), &p(), 10).unwrap();
+    l.refund(OpId::for_lead("refund", &gone, &p()), &t(), &p(), &charge, RefundReason::NotViewed).unwrap();
+    l.charge(OpId::for_lead("charge", &kept, &p()), &t(), &p(), 10).unwrap();
+    let open_hold = OpId::for_lead("hold", &LeadId::new("L3"), &p());
+    l.hold(open_hold.clone(), &t(), &p(), 10).unwrap();
+    let ops = l.registered_ops();
+    let keep = |tenant: &TenantId, lead: &str| tenant == &t() && lead == kept.as_str();
+    assert_eq!(l.forget_lead_ops_where(&["charge", "hold", "refund"], &["buy"], keep), 2);
+    assert_eq!(l.registered_ops(), ops - 2);
+    // The forgotten lead's charge can be made again; the kept one's is a repeat; the
+    // open hold and the grant are still known.
+    assert!(!l.charge(charge, &t(), &p(), 10).unwrap().replayed);
+    assert!(l.charge(OpId::for_lead("charge", &kept, &p()), &t(), &p(), 10).unwrap().replayed);
+    assert!(l.hold(open_hold, &t(), &p(), 10).unwrap().replayed);
+    l.check_invariants().unwrap();
+}
