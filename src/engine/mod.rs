@@ -1063,7 +1063,16 @@ impl Engine {
     ) -> Result<Receipt, ApiError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let receipt = {
-            let _g = self.inner.gate.read();
+            // The gate closed (no decision in flight, none starting) from the change
+            // to its record's place in the log: a grant's credits (or a recharge's
+            // budget) are spent only by decisions logged after it. With the gate open,
+            // a shard on another worker could spend them and log its charge first; a
+            // crash whose last sync covered the charge and not the grant (never
+            // acknowledged, so the platform sends it again) left the account below
+            // zero until then. These operations are rare (payments, rules, weekly
+            // recharges) and hold the gate for microseconds: the change and a push onto
+            // the log's queue, not the sync.
+            let _g = self.inner.gate.write();
             let receipt = f(&self.inner.ledger).map_err(ledger_api_error)?;
             let hub = self.hub(tenant);
             if receipt.replayed {
