@@ -5,8 +5,8 @@
 
 mod engine_support;
 
-use engine_support::{in_system, req};
-use rota::config::{Config, Sources};
+use engine_support::{acme_config, in_system, req, T0};
+use rota::config::Config;
 use rota::engine::Engine;
 use rota::ids::{LeadId, ProId, TenantId};
 use rota::ledger::{BudgetName, OpId, RefundReason, TopupRule};
@@ -15,27 +15,13 @@ use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-/// Monday 2025-11-24 16:00 UTC.
-const T0: i64 = 1_764_000_000_000;
 const MIN: i64 = 60_000;
 const HOUR: i64 = 60 * MIN;
 const DAY: i64 = 24 * HOUR;
 
-/// `rota.toml` in `dir` with tenant `acme` on the example policy `file` (whose tenant
-/// id is `name`).
+/// The example policy `file` (tenant `name`) for tenant `acme`.
 fn config(dir: &std::path::Path, file: &str, name: &str) -> Config {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
-    let policy =
-        std::fs::read_to_string(root.join(file)).unwrap().replace(&format!("\"{name}\""), "\"acme\"");
-    std::fs::write(dir.join("acme.toml"), policy).unwrap();
-    let path = dir.join("rota.toml");
-    let text = format!(
-        "data_dir = \"/mem\"\nclock = \"manual\"\nmanual_clock_start_ms = {T0}\n[wal]\nfsync = \"always\"\n\
-         [[tenants]]\nid = \"acme\"\npolicy = \"acme.toml\"\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    Config::load(&Sources { file: Some(path), ..Default::default() })
-        .expect("the test configuration is valid")
+    acme_config(dir, file, name, &[])
 }
 
 fn acme() -> TenantId {

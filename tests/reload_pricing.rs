@@ -5,8 +5,8 @@
 
 mod engine_support;
 
-use engine_support::{in_system, req};
-use rota::config::{Config, Sources};
+use engine_support::{acme_config, in_system, req, T0};
+use rota::config::Config;
 use rota::core::shard::{Command, Event, Shard};
 use rota::core::{Client, ContactPrefs, JobKind, Lead, Policy, Pro};
 use rota::engine::Engine;
@@ -16,7 +16,6 @@ use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-const T0: i64 = 1_764_000_000_000;
 const DAY: i64 = 24 * 3_600_000;
 
 // ---------------------------------------------------------------------------------
@@ -153,34 +152,9 @@ fn r11_after_a_close_a_policy_change_of_the_job_value_changes_the_price_and_keep
 // The engine: a reload
 // ---------------------------------------------------------------------------------
 
-/// `rota.toml` in `dir` with tenant `acme` on the example zaask policy, with `changes`
-/// applied to it: (`key`, value) to the first line starting with `key = `, or a literal
-/// `key = value` line replaced as written.
+/// The example zaask policy for tenant `acme`, with `changes`.
 fn config(dir: &std::path::Path, changes: &[(&str, &str)]) -> Config {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
-    let mut policy =
-        std::fs::read_to_string(root.join("zaask.toml")).unwrap().replace("\"zaask\"", "\"acme\"");
-    for (key, value) in changes {
-        if key.contains(" = ") {
-            assert!(policy.contains(key), "{key}");
-            policy = policy.replace(key, value);
-            continue;
-        }
-        let line = policy
-            .lines()
-            .find(|l| l.starts_with(&format!("{key} = ")))
-            .expect("a key of the policy")
-            .to_string();
-        policy = policy.replacen(&line, &format!("{key} = {value}"), 1);
-    }
-    std::fs::write(dir.join("acme.toml"), policy).unwrap();
-    let path = dir.join("rota.toml");
-    let text = format!(
-        "data_dir = \"/mem\"\nclock = \"manual\"\nmanual_clock_start_ms = {T0}\n[wal]\nfsync = \"always\"\n\
-         [[tenants]]\nid = \"acme\"\npolicy = \"acme.toml\"\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    Config::load(&Sources { file: Some(path), ..Default::default() }).expect("valid test configuration")
+    acme_config(dir, "zaask.toml", "zaask", changes)
 }
 
 async fn send(e: &Engine, v: Value) -> OkResult {

@@ -4,10 +4,47 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use rota::config::{Config, Sources};
 use rota::engine::hub::StreamHub;
 use rota::protocol::{Encoding, Request, StreamEvent};
 use serde_json::{json, Value};
 use std::future::Future;
+use std::path::Path;
+
+/// Monday 2025-11-24 16:00 UTC: where [`acme_config`] starts the manual clock.
+pub const T0: i64 = 1_764_000_000_000;
+
+/// `rota.toml` in `dir` (data in memory, the manual clock at [`T0`], `fsync =
+/// "always"`) with tenant `acme` on the example policy `config/tenants/{file}` (whose
+/// tenant id is `name`), with `changes` applied to it: (`key`, value) to the first line
+/// starting with `key = `, or a literal `key = value` line replaced as written.
+pub fn acme_config(dir: &Path, file: &str, name: &str, changes: &[(&str, &str)]) -> Config {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants");
+    let mut policy =
+        std::fs::read_to_string(root.join(file)).unwrap().replace(&format!("\"{name}\""), "\"acme\"");
+    for (key, value) in changes {
+        if key.contains(" = ") {
+            assert!(policy.contains(key), "{key}");
+            policy = policy.replace(key, value);
+            continue;
+        }
+        let line = policy
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .expect("a key of the policy")
+            .to_string();
+        policy = policy.replacen(&line, &format!("{key} = {value}"), 1);
+    }
+    std::fs::write(dir.join("acme.toml"), policy).unwrap();
+    let path = dir.join("rota.toml");
+    let text = format!(
+        "data_dir = \"/mem\"\nclock = \"manual\"\nmanual_clock_start_ms = {T0}\n[wal]\nfsync = \"always\"\n\
+         [[tenants]]\nid = \"acme\"\npolicy = \"acme.toml\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    Config::load(&Sources { file: Some(path), ..Default::default() })
+        .expect("the test configuration is valid")
+}
 
 /// Runs `fut` inside a fresh actix system, then stops that system, which stops the
 /// engine's arbiters: an engine that lost power is abandoned, never shut down.
