@@ -155,6 +155,9 @@ pub struct Inner {
     pro_members: DashMap<(TenantId, ProId), Vec<ShardKey>, FxBuildHasher>,
     /// Which shard holds a lead (offer actions name only the lead).
     lead_index: LeadIndex,
+    /// Publishes under way, by lead id: the shard each is for, and how many
+    /// ([`PublishClaim`]).
+    publishing: DashMap<(TenantId, LeadId), (ShardKey, u32), FxBuildHasher>,
     /// Readers: every decide -> log -> apply step. Writer: a snapshot.
     pub(crate) gate: RwLock<()>,
     arbiters: Vec<ArbiterHandle>,
@@ -407,6 +410,7 @@ impl Engine {
             pros: rec.directory.drain().collect(),
             pro_members: DashMap::with_hasher(FxBuildHasher),
             lead_index: std::mem::take(&mut rec.lead_index),
+            publishing: DashMap::with_hasher(FxBuildHasher),
             gate: RwLock::new(()),
             arbiters,
             own_arbiters,
@@ -733,9 +737,14 @@ impl Engine {
                     category: lead.category.clone(),
                 };
                 // R1: a lead id rota still remembers in another zone or category is a
-                // different payload under the same id (its shard answers repeats).
+                // different payload under the same id (its shard answers repeats); so
+                // is one being published into another shard right now, which the
+                // index names only once that shard has decided.
+                let conflict = || Reject::IdempotencyConflict(lead.id.clone());
+                let _claim = PublishClaim::take(&self.inner.publishing, tenant, &lead.id, &key)
+                    .ok_or_else(conflict)?;
                 if self.inner.lead_index.shard_of(tenant, &lead.id).is_some_and(|k| k != key) {
-                    return Err(Reject::IdempotencyConflict(lead.id.clone()).into());
+                    return Err(conflict().into());
                 }
                 match self.exec(key, Command::PublishLead { lead: lead.into() }).await? {
                     CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
@@ -1477,6 +1486,51 @@ impl Engine {
     }
 }
 
+/// A publish of a lead id into one shard, under way: until it is dropped, a publish of
+/// the same id into another shard is refused (R1). Without it two publishes racing on
+/// two workers both passed the lead index's check (the index names a lead once its
+/// shard has decided) and both shards accepted the id; the index then named one of
+/// them, and the first to forget the lead forgot the other's money op ids. Held from
+/// before the index is checked until the shard has answered (its decision indexed),
+/// so a later publish meets either the claim or the index.
+struct PublishClaim<'a> {
+    map: &'a DashMap<(TenantId, LeadId), (ShardKey, u32), FxBuildHasher>,
+    id: (TenantId, LeadId),
+}
+
+impl<'a> PublishClaim<'a> {
+    /// `None` when a publish of `lead` into another shard is under way.
+    fn take(
+        map: &'a DashMap<(TenantId, LeadId), (ShardKey, u32), FxBuildHasher>,
+        tenant: &TenantId,
+        lead: &LeadId,
+        key: &ShardKey,
+    ) -> Option<Self> {
+        let id = (tenant.clone(), lead.clone());
+        match map.entry(id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(mut e) => {
+                if e.get().0 != *key {
+                    return None;
+                }
+                e.get_mut().1 += 1;
+            }
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                e.insert((key.clone(), 1));
+            }
+        }
+        Some(Self { map, id })
+    }
+}
+
+impl Drop for PublishClaim<'_> {
+    fn drop(&mut self) {
+        self.map.remove_if_mut(&self.id, |_, (_, n)| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
 /// Decodes a snapshot's body and restores it as a start would, with every tenant it
 /// names configured under the default policy, then checks the invariants of the
 /// ledger, every shard and every order book. For the `engine_snapshot` fuzz target
@@ -1825,5 +1879,40 @@ mod metrics_facade {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod publish_claim_tests {
+    use super::*;
+    use crate::ids::{CategoryId, ZoneId};
+
+    fn key(zone: &str) -> ShardKey {
+        ShardKey {
+            tenant: TenantId::new("t"),
+            zone: ZoneId::new(zone),
+            category: CategoryId::new("painting"),
+        }
+    }
+
+    /// R1: while a publish of a lead id into one shard is under way, a publish of the
+    /// same id into another shard is refused and one into the same shard goes on (its
+    /// shard answers the repeat); the id is free once every claim on it is dropped.
+    #[test]
+    fn r1_a_lead_id_under_way_in_one_shard_is_refused_to_another_until_it_is_done() {
+        let map = DashMap::with_hasher(FxBuildHasher);
+        let (t, l) = (TenantId::new("t"), LeadId::new("L1"));
+        let first = PublishClaim::take(&map, &t, &l, &key("bologna")).expect("free");
+        assert!(PublishClaim::take(&map, &t, &l, &key("milano")).is_none(), "another shard");
+        let repeat = PublishClaim::take(&map, &t, &l, &key("bologna")).expect("the same shard");
+        assert!(
+            PublishClaim::take(&map, &TenantId::new("u"), &l, &key("milano")).is_some(),
+            "another tenant"
+        );
+        drop(first);
+        assert!(PublishClaim::take(&map, &t, &l, &key("milano")).is_none(), "the repeat still holds it");
+        drop(repeat);
+        assert!(PublishClaim::take(&map, &t, &l, &key("milano")).is_some(), "free again");
+        assert!(map.is_empty(), "nothing left behind");
     }
 }
