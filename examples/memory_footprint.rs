@@ -448,16 +448,16 @@ fn main() {
     );
     // What a start from a snapshot of this state spends in the pass that forgets the op
     // ids of leads no shard holds (left by releases before 2026-12-07, see
-    // `money::forget_ops_of_leads_not_held`): the set of held leads, then every op id.
+    // `money::forget_ops_of_leads_not_held`), with the lead index built above.
+    let shards: rustc_hash::FxHashMap<ShardKey, Shard> =
+        shards.into_values().map(|sh| (sh.key.clone(), sh)).collect();
+    let held = shards.values().map(Shard::open_leads).sum::<usize>();
     let pass = Instant::now();
-    let held: rustc_hash::FxHashSet<(&TenantId, &LeadId)> =
-        shards.values().flat_map(|sh| sh.lead_ids().map(move |l| (&sh.key.tenant, l))).collect();
-    let forgotten =
-        money::forget_ops_of_leads_not_held(&ledger, |t, lead| held.contains(&(t, &LeadId::new(lead))));
+    let forgotten = money::forget_ops_of_leads_not_held(&ledger, &index, &shards);
     println!(
         "start-time pass over {} op ids and {} held leads: {:.0} ms ({} forgotten)",
         ledger.registered_ops(),
-        held.len(),
+        held,
         pass.elapsed().as_secs_f64() * 1000.0,
         forgotten
     );

@@ -38,7 +38,7 @@ use hub::StreamHub;
 use lead_index::LeadIndex;
 use parking_lot::{Mutex, RwLock};
 use record::{WalRecord, RECORD_KIND};
-use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -1602,16 +1602,14 @@ fn restore_snapshot(
     // A snapshot of a release that never forgot a lead's op ids still holds those of
     // leads its shards forgot: they go now, before the log after the cut is replayed
     // (whose `LeadForgotten` events forget theirs as they are applied).
-    let held: FxHashSet<(&TenantId, &LeadId)> =
-        rec.shards.values().flat_map(|sh| sh.lead_ids().map(move |l| (&sh.key.tenant, l))).collect();
+    let index = LeadIndex::from_entries(s.lead_index);
     let ledger = rec.ledger.as_ref().expect("restored above");
-    let forgotten =
-        money::forget_ops_of_leads_not_held(ledger, |t, lead| held.contains(&(t, &LeadId::new(lead))));
+    let forgotten = money::forget_ops_of_leads_not_held(ledger, &index, &rec.shards);
     if forgotten > 0 {
         tracing::info!(forgotten, "op ids of leads forgotten before this release, forgotten in the ledger");
     }
     rec.directory = s.directory.into_iter().map(|(t, p)| ((t, p.id.clone()), p)).collect();
-    rec.lead_index = LeadIndex::from_entries(s.lead_index);
+    rec.lead_index = index;
     rec.hub_next = s.hub_next_seq.into_iter().collect();
     rec.hub_buffer = s.hub_buffer.into_iter().collect();
     rec.orders = s.orders.into_iter().collect();

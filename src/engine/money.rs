@@ -12,8 +12,10 @@
 
 use crate::core::shard::{Charge, ChargeMode, Event, Funds, RefundReason as CoreRefund, Reply, Shard, Skip};
 use crate::core::Reject;
-use crate::ids::{LeadId, ProId, TenantId};
+use crate::engine::lead_index::LeadIndex;
+use crate::ids::{LeadId, ProId, ShardKey, TenantId};
 use crate::ledger::{BudgetName, Ledger, LedgerError, LedgerEvent, OpId, RefundReason};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// The ledger as the core's read-only [`Funds`] view for one tenant.
 pub struct LedgerFunds<'a> {
@@ -192,7 +194,27 @@ pub fn forget_lead(shard: &Shard, ledger: &Ledger, tenant: &TenantId, lead: &Lea
 /// replayed, with the snapshot's own shards: the leads they hold at its cut are
 /// exactly those whose ops [`forget_lead`] has not forgotten; for a snapshot of this
 /// release it finds nothing. Returns how many were forgotten.
-pub fn forget_ops_of_leads_not_held(ledger: &Ledger, held: impl Fn(&TenantId, &str) -> bool) -> usize {
+///
+/// Whether a shard holds a lead: `index` (the snapshot's lead index) names the shard of
+/// nearly every one; it is copied after the cut, so a lead forgotten since is missing
+/// from it, and the set of every lead the shards hold is built only for a lead it does
+/// not name (367 ms for a million leads, BENCHMARKS).
+pub fn forget_ops_of_leads_not_held(
+    ledger: &Ledger,
+    index: &LeadIndex,
+    shards: &FxHashMap<ShardKey, Shard>,
+) -> usize {
+    let all: std::cell::OnceCell<FxHashSet<(&TenantId, &LeadId)>> = std::cell::OnceCell::new();
+    let held = |t: &TenantId, lead: &str| {
+        let lead = LeadId::new(lead);
+        let named = index.shard_of(t, &lead).and_then(|k| shards.get(&k));
+        named.is_some_and(|sh| sh.lead(&lead).is_some())
+            || all
+                .get_or_init(|| {
+                    shards.values().flat_map(|sh| sh.lead_ids().map(move |l| (&sh.key.tenant, l))).collect()
+                })
+                .contains(&(t, &lead))
+    };
     ledger.forget_lead_ops_where(&CREDIT_KINDS, &BUDGET_KINDS, held)
 }
 
