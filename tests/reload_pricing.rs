@@ -3,14 +3,15 @@
 //! force, so a reload that changes them changes the next prices, in the core and
 //! through the whole engine.
 
+mod common;
 mod engine_support;
 
 use engine_support::{acme_config, in_system, req, T0};
 use rota::config::Config;
 use rota::core::shard::{Command, Event, Shard};
-use rota::core::{Client, ContactPrefs, JobKind, Lead, Policy, Pro};
+use rota::core::{Lead, Policy};
 use rota::engine::Engine;
-use rota::ids::{CategoryId, ClientId, LeadId, ProId, ShardKey, TenantId, ZoneId};
+use rota::ids::{CategoryId, TenantId};
 use rota::protocol::OkResult;
 use rota::wal::MemFs;
 use serde_json::{json, Value};
@@ -22,68 +23,21 @@ const DAY: i64 = 24 * 3_600_000;
 // The core: a shard and its policy changes
 // ---------------------------------------------------------------------------------
 
-/// R11 prices in a shared-mode shard: a painting lead is worth 1200.00 x 25 % / 5
-/// proposals = 60 credits; proposals are learned at a rate of 0.5.
+/// R11 prices in a shared-mode shard (`common::R11_POLICY`): a painting lead is worth
+/// 1200.00 x 25 % / 5 proposals = 60 credits; proposals are learned at a rate of 0.5;
+/// here with the painting job value and the learning rate given, and room for prices
+/// above 100.
 fn policy(job_value_cents: u64, ema_permille: u32) -> Arc<Policy> {
-    let toml = format!(
-        r#"
-tenant = "t"
-mode = "shared"
-[leads]
-duplicate_window_s = 0
-[gate]
-min_description_chars = 10
-[money]
-charge_on = "response"
-[pricing]
-tenant_factor_permille = 1000
-min_price_credits = 1
-max_price_credits = 1000
-credit_value_cents = 100
-chat_only_discount_permille = 300
-thin_details_discount_permille = 150
-far_away_discount_permille = 200
-far_away_km = 30
-proposals_ema_permille = {ema_permille}
-[pricing.default_category]
-avg_job_value_cents = 50000
-conversion_permille = 200
-avg_proposals_milli = 4000
-[pricing.categories.painting]
-avg_job_value_cents = {job_value_cents}
-conversion_permille = 250
-avg_proposals_milli = 5000
-"#
-    );
-    Arc::new(Policy::from_toml(&toml).expect("the test policy is valid"))
+    let text = common::R11_POLICY
+        .replace("avg_job_value_cents = 120000", &format!("avg_job_value_cents = {job_value_cents}"))
+        .replace("proposals_ema_permille = 500", &format!("proposals_ema_permille = {ema_permille}"))
+        .replace("max_price_credits = 100", "max_price_credits = 1000");
+    common::policy(&text)
 }
 
-fn key() -> ShardKey {
-    ShardKey { tenant: TenantId::new("t"), zone: ZoneId::new("bo"), category: CategoryId::new("painting") }
-}
-
+/// A lead of the test shard with a form answer (no thin-details discount).
 fn lead(id: &str, at: i64) -> Lead {
-    Lead {
-        id: LeadId::new(id),
-        category: CategoryId::new("painting"),
-        zone: ZoneId::new("bo"),
-        location: None,
-        description: "Repaint the whole flat, three rooms".into(),
-        details: [("rooms".to_string(), "3".to_string())].into_iter().collect(),
-        attributes: vec![],
-        client: Client {
-            id: ClientId::new(format!("c-{id}")),
-            name: "Anna".into(),
-            phone: "+39 1".into(),
-            phone_verified: true,
-            contact: ContactPrefs { call: true, whatsapp: false, chat: true },
-            address: None,
-            pro_id: None,
-        },
-        direct: vec![],
-        kind: JobKind::Match,
-        created_at: at,
-    }
+    Lead { details: [("rooms".to_string(), "3".to_string())].into_iter().collect(), ..common::lead(id, at) }
 }
 
 /// Decides and applies `cmd`, logging its events.
@@ -110,20 +64,9 @@ fn price_of(s: &mut Shard, log: &mut Vec<Event>, id: &str, at: i64) -> u64 {
 /// log under the same policy changes rebuilds the same shard.
 #[test]
 fn r11_after_a_close_a_policy_change_of_the_job_value_changes_the_price_and_keeps_the_learned_proposals() {
-    let mut s = Shard::new(key(), policy(120_000, 500));
+    let mut s = Shard::new(common::key(), policy(120_000, 500));
     let mut log = Vec::new();
-    let pro = Pro {
-        id: ProId::new("p1"),
-        categories: vec![CategoryId::new("painting")],
-        zones: vec![ZoneId::new("bo")],
-        base: None,
-        radius_km: None,
-        quality: Default::default(),
-        refuses: vec![],
-        availability: Default::default(),
-        autobuy: vec![],
-    };
-    run(&mut s, &mut log, T0, Command::UpsertPro { pro });
+    run(&mut s, &mut log, T0, Command::UpsertPro { pro: common::pro("p1") });
     assert_eq!(price_of(&mut s, &mut log, "a", T0), 60);
     // Nobody responds; the lead closes after 48 h: 0 proposals observed, the moving
     // average (rate 0.5) halves to 2.5 proposals.
@@ -137,7 +80,7 @@ fn r11_after_a_close_a_policy_change_of_the_job_value_changes_the_price_and_keep
     changes.push((log.len(), policy(240_000, 0)));
     assert_eq!(price_of(&mut s, &mut log, "d", T0 + 3 * DAY), 120, "not learning: 5 proposals as configured");
 
-    let mut replayed = Shard::new(key(), policy(120_000, 500));
+    let mut replayed = Shard::new(common::key(), policy(120_000, 500));
     let mut changes = changes.into_iter().peekable();
     for (i, ev) in log.iter().enumerate() {
         if let Some((_, p)) = changes.next_if(|(at, _)| *at == i) {
