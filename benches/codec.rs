@@ -1,5 +1,6 @@
 //! Protocol codec: decode of a `publish_lead` request frame, encode of its reply and of
-//! a dispatched offer's stream frame, JSON against MessagePack.
+//! a dispatched offer's stream frame, JSON against MessagePack; the cost of refusing a
+//! request of a flood.
 //!
 //! `cargo bench --bench codec`. Results and machine: BENCHMARKS.md, "Codec".
 
@@ -134,6 +135,27 @@ fn codec(c: &mut Criterion) {
             )
         });
     }
+    g.finish();
+
+    // Refusing a request of a flood: the head peeked, the bucket checked (spent), the
+    // `rate_limited` reply encoded. `old_clock_per_refusal` is what each refusal also
+    // paid until 2026-12-07: a governor clock made to tell `retry_after_ms`.
+    let mut g = c.benchmark_group("refusal");
+    let bytes = format!(r#"{{"id":"c-000123456","type":"publish_lead","lead":{}}}"#, publish_frame()["lead"])
+        .into_bytes();
+    let spent = rota::ratelimit::per_second(1).expect("a limit");
+    let _ = rota::ratelimit::check(&spent);
+    g.bench_function("rate_limited/json", |b| {
+        b.iter(|| {
+            let (id, _ty) = protocol::peek_head(Encoding::Json, black_box(&bytes)).expect("a head");
+            // The bucket gets its one token back once a second: that check passes.
+            let retry = rota::ratelimit::check(&spent).err().unwrap_or(1);
+            let mut e = protocol::ApiError::new("rate_limited", "too many requests; retry later");
+            e.retry_after_ms = Some(retry);
+            protocol::encode(Encoding::Json, &Reply::Error { id: Some(id.to_string()), error: e }).len()
+        })
+    });
+    g.bench_function("old_clock_per_refusal", |b| b.iter(governor::clock::DefaultClock::default));
     g.finish();
 }
 

@@ -22,6 +22,7 @@
 //! | [`wal`] | record framing, segments, group-commit writer, snapshots, recovery | what records mean |
 //! | [`engine`] | shard actors, money execution, recovery, snapshots, stream hubs | sockets |
 //! | [`protocol`] | protocol v1 messages and their JSON / MessagePack codecs | I/O |
+//! | [`ratelimit`] | token buckets against request floods, on one shared clock | rules, I/O |
 //! | [`server`] | websocket gateway, admin HTTP, signals | rules |
 //! | [`config`] | daemon config: defaults < file < env < flags | |
 //! | [`clock`] | the only wall-clock reader; the manual test clock | |
@@ -38,6 +39,7 @@ pub mod ids;
 pub mod ledger;
 pub mod pricing;
 pub mod protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod telemetry;
 pub mod wal;

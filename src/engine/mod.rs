@@ -71,7 +71,7 @@ pub struct Tenant {
     /// The tenant's order requests (R25-R27): one book, decided under its lock.
     orders: Mutex<OrderBook>,
     /// Request rate limit (`rate_limit_tenant_per_s`), if set.
-    limit: Option<governor::DefaultDirectRateLimiter>,
+    limit: Option<crate::ratelimit::Limiter>,
 }
 
 /// Every tenant, by id: read by every request, replaced whole when a reload adds one
@@ -126,8 +126,7 @@ impl Tenant {
         }
         let mut book = rec.orders.remove(&t.id).unwrap_or_else(|| OrderBook::new(&t.policy));
         book.set_policy(&t.policy);
-        let limit = std::num::NonZeroU32::new(cfg.raw.rate_limit_tenant_per_s)
-            .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+        let limit = crate::ratelimit::per_second(cfg.raw.rate_limit_tenant_per_s);
         Tenant {
             id: t.id.clone(),
             cfg: RwLock::new(Arc::new(t.clone())),
@@ -551,11 +550,7 @@ impl Engine {
         let Some(t) = self.tenant(id) else { return Ok(()) };
         match &t.limit {
             None => Ok(()),
-            Some(l) => l.check().map_err(|not_until| {
-                let wait = not_until
-                    .wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-                wait.as_millis().max(1) as u64
-            }),
+            Some(l) => crate::ratelimit::check(l),
         }
     }
 

@@ -229,8 +229,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let mut heartbeat = tokio::time::interval(hb_every);
     let mut last_seen = tokio::time::Instant::now();
     let hub = engine.hub(&session.tenant);
-    let conn_limit = std::num::NonZeroU32::new(cfg.rate_limit_connection_per_s)
-        .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+    let conn_limit = crate::ratelimit::per_second(cfg.rate_limit_connection_per_s);
     let mut admission = Admission::new(cfg.shed_backlog_bytes, cfg.shed_backlog_overloaded_bytes);
     let mut catch_up: Option<CatchUp> = None;
     let mut frames_this_turn: u32 = 0;
@@ -444,8 +443,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 };
                 let id = env.id;
                 // Floods: per-connection, then per-tenant token buckets.
-                let limited = match conn_limit.as_ref().map(|l| l.check()) {
-                    Some(Err(nu)) => Some(nu.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())).as_millis().max(1) as u64),
+                let limited = match conn_limit.as_ref().map(crate::ratelimit::check) {
+                    Some(Err(retry)) => Some(retry),
                     _ => engine.tenant_rate_check(&session.tenant).err(),
                 };
                 if let Some(retry) = limited {
