@@ -181,13 +181,22 @@ async fn a_flooding_connection_is_rate_limited_with_a_retry_hint_and_others_keep
     let mut flood = Client::new(&d.addr, false).await;
     let n = 200;
     for i in 0..n {
-        let req = json!({"id": format!("f{i}"), "type": "balance", "pro": "p1"});
-        flood.ws.feed(Message::Text(req.to_string())).await.unwrap();
+        // Half the frames start with `id` and `type` (refused from their head), half
+        // with other keys first (`json!` sorts them: refused after a decode).
+        let req = if i % 2 == 0 {
+            format!(r#"{{"id":"f{i}","type":"balance","pro":"p1"}}"#)
+        } else {
+            json!({"id": format!("f{i}"), "type": "balance", "pro": "p1"}).to_string()
+        };
+        flood.ws.feed(Message::Text(req)).await.unwrap();
     }
     flood.ws.flush().await.unwrap();
     let (mut ok, mut limited) = (0, 0);
+    let mut answered = std::collections::BTreeSet::new();
     while ok + limited < n {
         let v = flood.recv().await;
+        let id = v["id"].as_str().unwrap_or_else(|| panic!("every reply names its request: {v}")).to_string();
+        assert!(answered.insert(id.clone()), "one reply per request: {id} twice");
         if v["type"] == "ok" {
             ok += 1;
         } else {
@@ -196,6 +205,8 @@ async fn a_flooding_connection_is_rate_limited_with_a_retry_hint_and_others_keep
             limited += 1;
         }
     }
+    let sent: std::collections::BTreeSet<String> = (0..n).map(|i| format!("f{i}")).collect();
+    assert_eq!(answered, sent, "each request answered under its own id");
     assert!(ok >= 1 && limited >= n / 2, "a 20/s bucket lets about 20 of {n} through: ok {ok}");
     // Another connection has its own budget.
     let mut other = Client::new(&d.addr, false).await;

@@ -433,6 +433,28 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                         }
                     }
                 }
+                // Floods: per-connection, then per-tenant token buckets, for every frame,
+                // before it is decoded: a refusal needs only the request's `id`, peeked
+                // from the frame's head (a full decode only for a frame that does not
+                // start with it). A request over the rate gets `rate_limited` whatever
+                // else is wrong with it.
+                let limited = match conn_limit.as_ref().map(crate::ratelimit::check) {
+                    Some(Err(retry)) => Some(retry),
+                    _ => engine.tenant_rate_check(&session.tenant).err(),
+                };
+                if let Some(retry) = limited {
+                    let id = match protocol::peek_head(enc, &bytes) {
+                        Some((id, _)) => Some(id.to_string()),
+                        None => protocol::decode(enc, &bytes).map_or_else(|e| e.id, |env| Some(env.id)),
+                    };
+                    let mut e = ApiError::new("rate_limited", "too many requests; retry later");
+                    e.retry_after_ms = Some(retry);
+                    m.overload_refusals.get("rate_limited").increment(1);
+                    // A flood is refused in batches: flushed once nothing more is waiting.
+                    let flush = unread_bytes(fd) == 0;
+                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id, error: e }), flush).await.is_err() { break None; }
+                    continue;
+                }
                 let env = match protocol::decode(enc, &bytes) {
                     Ok(env) => env,
                     Err(e) => {
@@ -442,20 +464,6 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     }
                 };
                 let id = env.id;
-                // Floods: per-connection, then per-tenant token buckets.
-                let limited = match conn_limit.as_ref().map(crate::ratelimit::check) {
-                    Some(Err(retry)) => Some(retry),
-                    _ => engine.tenant_rate_check(&session.tenant).err(),
-                };
-                if let Some(retry) = limited {
-                    let mut e = ApiError::new("rate_limited", "too many requests; retry later");
-                    e.retry_after_ms = Some(retry);
-                    m.overload_refusals.get("rate_limited").increment(1);
-                    // A flood is refused in batches: flushed once nothing more is waiting.
-                    let flush = unread_bytes(fd) == 0;
-                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error: e }), flush).await.is_err() { break None; }
-                    continue;
-                }
                 let scope = env.request.scope();
                 if !session.scopes.contains(&scope) {
                     m.auth_failures.get("forbidden_scope").increment(1);
