@@ -214,6 +214,29 @@ async fn a_flooding_connection_is_rate_limited_with_a_retry_hint_and_others_keep
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_lone_refusal_is_written_without_waiting_for_more_traffic() {
+    // Refusals are fed unflushed to share writes under a flood; one with nothing after
+    // it must still go out (within 1 ms), not with the next heartbeat two minutes on.
+    // `recv` gives up after 20 s.
+    let dir = tempfile::tempdir().unwrap();
+    let flags =
+        ["rate_limit_connection_per_s=1", "heartbeat_interval_ms=120000", "heartbeat_timeout_ms=240000"];
+    let d = Daemon::start_with_flags(dir.path(), &flags);
+    let mut c = Client::new(&d.addr, false).await;
+    let mut refused = 0;
+    for i in 0..4 {
+        let req = json!({"id": format!("q{i}"), "type": "balance", "pro": "p1"});
+        c.ws.send(Message::Text(req.to_string())).await.unwrap();
+        let v = c.recv().await;
+        assert_eq!(v["id"], format!("q{i}"), "{v}");
+        if v["code"] == "rate_limited" {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 2, "a 1/s bucket refuses most of four requests sent one after another: {refused}");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn a_connection_that_never_upgrades_is_closed_after_the_handshake_timeout() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();

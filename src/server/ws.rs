@@ -5,7 +5,9 @@
 //!   any frame is read; a bad token gets HTTP 401, no usable subprotocol HTTP 400.
 //! * Requests on one connection are handled concurrently (pipelining); every request
 //!   gets exactly one reply, matched by its `id`.
-//! * Outgoing frames are batched: `feed` many, `flush` once.
+//! * Outgoing frames are batched: `feed` many, `flush` once. Refusals (`overloaded`,
+//!   `rate_limited`) wait for the next reply or at most 1 ms, so a flood's refusals
+//!   share writes.
 //! * A subscriber's queue is bounded; one that falls behind is closed with code 4008
 //!   and the sequence number to resume from.
 //! * Admission control (`server::admission`): when the gateway falls behind a
@@ -28,7 +30,7 @@
 //! nothing for `send_timeout_ms` is dropped without a close frame
 //! (`server::deadline`).
 
-use super::admission::{unread_bytes, Admission};
+use super::admission::Admission;
 use super::deadline::SendDeadline;
 use crate::engine::hub::{Outgoing, ResumeError, Subscription};
 use crate::engine::spill::{Chunk, Lost, Spill, Unserved};
@@ -233,6 +235,12 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let mut admission = Admission::new(cfg.shed_backlog_bytes, cfg.shed_backlog_overloaded_bytes);
     let mut catch_up: Option<CatchUp> = None;
     let mut frames_this_turn: u32 = 0;
+    // Refusals (`overloaded`, `rate_limited`) are fed unflushed and go out with the
+    // next reply, the next turn's flush, or at this deadline, whichever comes first:
+    // one write for many refusals instead of one each (see `REFUSALS_FLUSHED_WITHIN`).
+    let refusals_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(refusals_due);
+    let mut refusals_unflushed = false;
     let close = loop {
         // Share the worker thread: after a few requests read in a row, let the other
         // connections (their replies, their streams) and the log's wake-ups run. A
@@ -247,6 +255,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             if sink.flush().await.is_err() {
                 break None;
             }
+            refusals_unflushed = false;
             tokio::task::yield_now().await;
         }
         if let Some(c) = catch_up.as_mut().filter(|c| c.reading.is_none()) {
@@ -277,6 +286,11 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 while let Some(Some(r)) = futures_util::FutureExt::now_or_never(pending.next()) {
                     if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() { break; }
                 }
+                if sink.flush().await.is_err() { break None; }
+                refusals_unflushed = false;
+            }
+            () = &mut refusals_due, if refusals_unflushed => {
+                refusals_unflushed = false;
                 if sink.flush().await.is_err() { break None; }
             }
             item = async { sub.as_mut().expect("guarded by the select condition").rx.recv().await }, if sub.is_some() => {
@@ -426,9 +440,11 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                         if admission.sheds(ty) {
                             m.overload_refusals.get("gateway_backlog").increment(1);
                             let r = Reply::Error { id: Some(id.to_string()), error: ApiError::overloaded(admission.retry_after_ms(Instant::now())) };
-                            // Flushed with the next reply, or now if nothing more is waiting.
-                            let flush = unread_bytes(fd) == 0;
-                            if send(&mut sink, enc, protocol::encode(enc, &r), flush).await.is_err() { break None; }
+                            if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() { break None; }
+                            if !refusals_unflushed {
+                                refusals_unflushed = true;
+                                refusals_due.as_mut().reset(tokio::time::Instant::now() + REFUSALS_FLUSHED_WITHIN);
+                            }
                             continue;
                         }
                     }
@@ -450,9 +466,11 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     let mut e = ApiError::new("rate_limited", "too many requests; retry later");
                     e.retry_after_ms = Some(retry);
                     m.overload_refusals.get("rate_limited").increment(1);
-                    // A flood is refused in batches: flushed once nothing more is waiting.
-                    let flush = unread_bytes(fd) == 0;
-                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id, error: e }), flush).await.is_err() { break None; }
+                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id, error: e }), false).await.is_err() { break None; }
+                    if !refusals_unflushed {
+                        refusals_unflushed = true;
+                        refusals_due.as_mut().reset(tokio::time::Instant::now() + REFUSALS_FLUSHED_WITHIN);
+                    }
                     continue;
                 }
                 let env = match protocol::decode(enc, &bytes) {
@@ -474,9 +492,11 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 if admission.sheds(env.request.name()) {
                     m.overload_refusals.get("gateway_backlog").increment(1);
                     let r = Reply::Error { id: Some(id), error: ApiError::overloaded(admission.retry_after_ms(Instant::now())) };
-                    // Flushed with the next reply, or now if nothing more is waiting.
-                    let flush = unread_bytes(fd) == 0;
-                    if send(&mut sink, enc, protocol::encode(enc, &r), flush).await.is_err() { break None; }
+                    if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() { break None; }
+                    if !refusals_unflushed {
+                        refusals_unflushed = true;
+                        refusals_due.as_mut().reset(tokio::time::Instant::now() + REFUSALS_FLUSHED_WITHIN);
+                    }
                     continue;
                 }
                 if let Request::Subscribe { resume_from, pro, batch } = env.request {
@@ -593,6 +613,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
 
 /// Requests a connection reads before it lets the worker's other tasks run.
 const FRAMES_PER_TURN: u32 = 16;
+
+/// A refusal (`overloaded`, `rate_limited`) waits at most this long to be written, with
+/// the refusals and replies after it. Under a flood or overload the client sends a new
+/// request every few tens of microseconds and the gateway used to write each refusal
+/// alone (a `sendto` and, over loopback, the peer's receive work: most of the cost of
+/// refusing); a refused request is not urgent: its client must wait `retry_after_ms`
+/// before sending it again.
+const REFUSALS_FLUSHED_WITHIN: Duration = Duration::from_millis(1);
 
 /// Most events sent per wake-up of a subscriber (and per `events` frame).
 const EVENTS_PER_FRAME: usize = 1024;
