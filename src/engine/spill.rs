@@ -732,16 +732,21 @@ impl Spill {
             }
         }
         // Not in transit: being written (wait for it: then it is on disk), written
-        // already, not evicted yet, or lost.
+        // already, not evicted yet, or lost. Transit's front and the disk are looked at
+        // together, `writing` held, so the writer cannot move events from one to the
+        // other between the two looks (until 2026-12-07 transit was looked at after the
+        // disk's lock was dropped, and an event the writer took out of transit in
+        // between was found in neither and answered `Lost`: a needless 4008).
         let view = {
             let writing = self.writing.lock();
+            let transit_first =
+                writing.front().map(|o| o.seq).or_else(|| self.transit.lock().front().map(|o| o.seq));
             let d = self.disk.lock();
             drop(writing);
             let on_disk = d.segments.front().is_some_and(|s| s.first <= want) && want <= d.through;
             if !on_disk {
                 let (disk_first, through) = (d.segments.front().map(|s| s.first), d.through);
                 drop(d);
-                let transit_first = self.transit_front();
                 return match (disk_first, transit_first) {
                     // Older than anything kept.
                     (Some(o), _) | (None, Some(o)) if want < o => Err(Lost { oldest: Some(o) }.into()),
