@@ -235,6 +235,12 @@ struct EngineSnapshot<B = (u64, StreamEvent)> {
     /// written before it was kept: the configuration's policy is used then.
     #[serde(default)]
     policies: Vec<(TenantId, String)>,
+    /// Whether the ledger at the cut forgot each forgotten lead's op ids with it
+    /// ([`money::forget_lead`]): true in every snapshot written since 2026-12-07, so
+    /// a start from one skips the pass over the ledger that a snapshot of an earlier
+    /// release needs ([`money::forget_ops_of_leads_not_held`]). False (absent) before.
+    #[serde(default)]
+    lead_ops_forgotten: bool,
 }
 
 /// Lowers the calling thread to the lowest priority (nice 19), for background work
@@ -1289,6 +1295,18 @@ impl Engine {
     /// its thread's priority there: the cut itself, with every decision waiting for
     /// it, runs at full priority).
     pub fn snapshot_then(&self, after_cut: impl FnOnce()) -> Result<u64, WalError> {
+        self.snapshot_marked(after_cut, true)
+    }
+
+    /// A snapshot as a release before 2026-12-07 wrote it: without the mark that its
+    /// ledger forgot each forgotten lead's op ids, so a start from it makes the pass
+    /// over the ledger that such a snapshot needs. For upgrade tests only.
+    #[doc(hidden)]
+    pub fn snapshot_as_before_lead_ops_forgotten(&self) -> Result<u64, WalError> {
+        self.snapshot_marked(|| {}, false)
+    }
+
+    fn snapshot_marked(&self, after_cut: impl FnOnce(), lead_ops_forgotten: bool) -> Result<u64, WalError> {
         let started = Instant::now();
         let (covers, snap) = {
             let _g = self.inner.gate.write();
@@ -1308,6 +1326,7 @@ impl Engine {
                 orders: tenants.iter().map(|t| (t.id.clone(), t.orders.lock().clone())).collect(),
                 clock_ms: self.inner.clock.now(),
                 policies: Vec::new(),
+                lead_ops_forgotten,
             };
             let policies: Vec<_> = tenants.iter().map(|t| (t.id.clone(), t.cfg().policy.clone())).collect();
             (covers, (snap, policies))
@@ -1598,10 +1617,15 @@ fn restore_snapshot(
     // leads its shards forgot: they go now, before the log after the cut is replayed
     // (whose `LeadForgotten` events forget theirs as they are applied).
     let index = LeadIndex::from_entries(s.lead_index);
-    let ledger = rec.ledger.as_ref().expect("restored above");
-    let forgotten = money::forget_ops_of_leads_not_held(ledger, &index, &rec.shards);
-    if forgotten > 0 {
-        tracing::info!(forgotten, "op ids of leads forgotten before this release, forgotten in the ledger");
+    if !s.lead_ops_forgotten {
+        let ledger = rec.ledger.as_ref().expect("restored above");
+        let forgotten = money::forget_ops_of_leads_not_held(ledger, &index, &rec.shards);
+        if forgotten > 0 {
+            tracing::info!(
+                forgotten,
+                "op ids of leads forgotten before this release, forgotten in the ledger"
+            );
+        }
     }
     rec.directory = s.directory.into_iter().map(|(t, p)| ((t, p.id.clone()), p)).collect();
     rec.lead_index = index;
