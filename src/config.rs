@@ -310,6 +310,22 @@ impl Config {
         if raw.handshake_timeout_ms == 0 {
             return Err(invalid("handshake_timeout_ms", "must be at least 1"));
         }
+        // A zero period would make every connection's heartbeat timer panic.
+        if raw.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be at least 1"));
+        }
+        // Zero would end every stop at its deadline: no final sync, no snapshot.
+        if raw.shutdown_timeout_ms < 100 {
+            return Err(invalid("shutdown_timeout_ms", "must be at least 100"));
+        }
+        // Bounded queues are allocated (or sized) up front: a value beyond these is a
+        // typo, not a plan, and would fail at start or at each subscription unnamed.
+        if raw.subscriber_queue_frames > 1 << 24 {
+            return Err(invalid("subscriber_queue_frames", format!("must be at most {}", 1 << 24)));
+        }
+        if raw.wal.queue_capacity > 1 << 24 {
+            return Err(invalid("wal.queue_capacity", format!("must be at most {}", 1 << 24)));
+        }
         if raw.heartbeat_timeout_ms <= raw.heartbeat_interval_ms {
             return Err(invalid("heartbeat_timeout_ms", "must be longer than heartbeat_interval_ms"));
         }
@@ -472,6 +488,23 @@ mod tests {
         assert_eq!(c.raw.arbiters, 5, "flags beat env");
         assert_eq!(c.wal.segment_bytes, 65536, "env beats defaults");
         assert_eq!(c.wal.fsync, FsyncPolicy::Never);
+    }
+
+    #[test]
+    fn values_that_would_break_the_daemon_at_run_time_are_refused_by_name() {
+        for (flag, key) in [
+            ("heartbeat_interval_ms=0", "heartbeat_interval_ms"),
+            ("shutdown_timeout_ms=0", "shutdown_timeout_ms"),
+            ("subscriber_queue_frames=100000000", "subscriber_queue_frames"),
+            ("wal.queue_capacity=100000000", "wal.queue_capacity"),
+        ] {
+            let src = Sources { flags: vec![flag.into()], ..Default::default() };
+            let e = Config::load(&src).expect_err(flag).to_string();
+            assert!(e.contains(key), "{flag}: {e}");
+        }
+        let ok = ["heartbeat_interval_ms=1", "shutdown_timeout_ms=100", "subscriber_queue_frames=16777216"];
+        let src = Sources { flags: ok.iter().map(|f| f.to_string()).collect(), ..Default::default() };
+        Config::load(&src).expect("the bounds themselves are accepted");
     }
 
     #[test]

@@ -56,7 +56,14 @@ impl ConfigArgs {
         if let Some(c) = &self.clock {
             flags.push(format!("clock={c:?}"));
         }
-        let env = std::env::vars().filter(|(k, _)| k.starts_with("ROTA_") && k != "ROTA_CONFIG").collect();
+        // `vars_os`: a variable that is not UTF-8 (anyone's, not only rota's) must not
+        // stop the daemon; a `ROTA_` one that is not is named by the config's error.
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let k = k.into_string().ok()?;
+                (k.starts_with("ROTA_") && k != "ROTA_CONFIG").then(|| (k, v.to_string_lossy().into_owned()))
+            })
+            .collect();
         Sources { file: self.config.clone(), env, flags }
     }
 }

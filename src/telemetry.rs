@@ -793,6 +793,16 @@ pub fn log_filter(level: &str, rust_log: Option<&str>) -> String {
     }
 }
 
+/// [`log_filter`], falling back to `level` when `RUST_LOG` is not a filter (with the
+/// reason, to be logged).
+pub fn usable_log_filter(level: &str, rust_log: Option<&str>) -> (String, Option<TelemetryError>) {
+    let filter = log_filter(level, rust_log);
+    match env_filter(&filter) {
+        Err(e) if filter != level => (level.to_string(), Some(e)),
+        _ => (filter, None),
+    }
+}
+
 fn env_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, TelemetryError> {
     tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| TelemetryError::LogFilter { filter: filter.to_string(), reason: e.to_string() })
@@ -819,10 +829,17 @@ where
 
 /// Installs the global log subscriber on stderr. `level` is a `RUST_LOG`-style
 /// filter (`info`, `rota=debug,tokio=warn`); `RUST_LOG` overrides it when set.
+///
+/// A `RUST_LOG` that is not a filter does not leave the daemon without logs: the
+/// configured `level` is used, and the first line logged says what was ignored.
 pub fn init_logging(level: &str, output: LogOutput) -> Result<(), TelemetryError> {
-    let filter = log_filter(level, std::env::var("RUST_LOG").ok().as_deref());
+    let (filter, ignored) = usable_log_filter(level, std::env::var("RUST_LOG").ok().as_deref());
     let sub = log_subscriber(&filter, output, std::io::stderr)?;
-    tracing::subscriber::set_global_default(sub).map_err(|e| TelemetryError::LogInit(e.to_string()))
+    tracing::subscriber::set_global_default(sub).map_err(|e| TelemetryError::LogInit(e.to_string()))?;
+    if let Some(e) = ignored {
+        tracing::warn!(error = %e, log_level = level, "RUST_LOG ignored: not a log filter; logging at log_level");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1033,6 +1050,13 @@ mod tests {
         assert_eq!(log_filter("info", Some("")), "info");
         assert_eq!(log_filter("info", Some("rota=debug")), "rota=debug");
         assert!(matches!(env_filter("info,[["), Err(TelemetryError::LogFilter { .. })));
+        // A RUST_LOG that is not a filter falls back to the configured level.
+        let (f, ignored) = usable_log_filter("warn", Some("rota=verbose"));
+        assert_eq!(f, "warn");
+        assert!(matches!(ignored, Some(TelemetryError::LogFilter { .. })));
+        let (f, ignored) = usable_log_filter("warn", Some("rota=debug"));
+        assert_eq!(f, "rota=debug", "a valid RUST_LOG wins");
+        assert!(ignored.is_none());
     }
 
     #[derive(Clone, Default)]

@@ -254,6 +254,21 @@ async fn a_connection_that_never_upgrades_is_closed_after_the_handshake_timeout(
 
 /// The `THP_enabled` line of `/proc/<pid>/status` (Linux 5.0+): 0 once the process
 /// opted out of transparent huge pages.
+#[cfg(unix)]
+#[test]
+fn an_environment_variable_that_is_not_utf8_does_not_stop_the_daemon() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rota"))
+        .args(["config", "check", "--set", "arbiters=3"])
+        .env("SOME_OTHER_TOOL", bad)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("arbiters = 3"), "{stdout}");
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn a_listen_address_in_use_is_named_and_the_daemon_exits_2() {

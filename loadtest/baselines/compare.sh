@@ -14,7 +14,8 @@ ROUNDS=${ROUNDS:-2}
 TRACE=${TRACE:-/tmp/rota-compare-t20.msgpack}
 # Leads only (no responses, declines or replies): the same requests as the baselines.
 LEADS_TRACE=${LEADS_TRACE:-/tmp/rota-compare-leads.msgpack}
-PORT=${ROTA_PORT:-7790}
+# Not ROTA_PORT: every ROTA_* variable is a setting of the daemon this script starts.
+PORT=${COMPARE_PORT:-7790}
 rota="$root/target/release/rota"
 lt="$root/target/release/rota-loadtest"
 for b in "$rota" "$lt"; do
