@@ -131,8 +131,15 @@ pub const REFUSAL_CODES: &[&str] = &[
 pub const CREDIT_MOVEMENTS: &[&str] =
     &["charged", "held", "captured", "released", "refunded", "granted", "budget_spent", "budget_recharged"];
 /// `reason` of [`OVERLOAD_REFUSALS`]: which bounded queue was full.
-pub const OVERLOAD_REASONS: &[&str] =
-    &["mailbox_full", "wal_queue_full", "connections_full", "fd_limit", "rate_limited", "gateway_backlog"];
+pub const OVERLOAD_REASONS: &[&str] = &[
+    "mailbox_full",
+    "wal_queue_full",
+    "connections_full",
+    "fd_limit",
+    "rate_limited",
+    "gateway_backlog",
+    "connection_in_flight",
+];
 /// `scope` of [`CONNECTIONS`]: what the connection's token allows it to do.
 pub const SCOPES: &[&str] = &["ingest", "stream", "admin", "unauthenticated"];
 /// `encoding` of [`FRAMES_RECEIVED`] / [`FRAMES_SENT`].

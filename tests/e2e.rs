@@ -237,6 +237,81 @@ async fn a_lone_refusal_is_written_without_waiting_for_more_traffic() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_subscription_that_got_no_event_yet_reports_the_cursor_it_started_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut ingest = Client::new(&d.addr, false).await;
+    ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 5})).await;
+    ingest.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 5})).await;
+    // A live subscription and a resume with nothing to replay: neither receives an
+    // event before the daemon stops, and each is told to resume after the last one.
+    let mut live = Client::new(&d.addr, false).await;
+    let next = live.ok(json!({"type": "subscribe"})).await["next_seq"].as_u64().unwrap();
+    let mut resumed = Client::new(&d.addr, false).await;
+    resumed.ok(json!({"type": "subscribe", "resume_from": next - 1})).await;
+    unsafe_kill(d.child.id(), "TERM");
+    for c in [&mut live, &mut resumed] {
+        let (code, reason) = c.drain_until_close().await;
+        assert_eq!(code, 1001, "{reason}");
+        assert!(reason.ends_with(&format!("resume_from={}", next - 1)), "{reason}");
+    }
+    assert_eq!(d.wait_exit(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn frames_of_the_wrong_kind_count_against_the_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_flags(dir.path(), &["rate_limit_connection_per_s=5"]);
+    let mut c = Client::new(&d.addr, false).await;
+    let n = 40;
+    for _ in 0..n {
+        c.ws.feed(Message::Binary(vec![0x80])).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let (mut bad, mut limited) = (0, 0);
+    while bad + limited < n {
+        let v = c.recv().await;
+        match v["code"].as_str() {
+            Some("bad_frame") => bad += 1,
+            Some("rate_limited") => limited += 1,
+            _ => panic!("{v}"),
+        }
+    }
+    assert!(
+        limited >= n / 2,
+        "a 5/s bucket refuses most of {n} binary frames on a JSON connection: {bad} bad_frame"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_pipelining_more_than_its_in_flight_bound_is_refused_beyond_it() {
+    // Changes of one pro run one at a time, each after its own sync: pipelined by the
+    // thousand they wait inside rota, not in the socket, so the connection's own bound
+    // refuses what is beyond it. Every request gets one reply.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let mut c = Client::new(&d.addr, false).await;
+    let n = rota::server::ws::MAX_IN_FLIGHT_PER_CONNECTION + 2_000;
+    for i in 0..n {
+        let req = json!({"id": format!("u{i}"), "type": "upsert_pro", "pro": pro("p1")});
+        c.ws.feed(Message::Text(req.to_string())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut refused = 0;
+    while seen.len() < n {
+        let v = c.recv().await;
+        assert!(seen.insert(v["id"].as_str().unwrap().to_string()), "one reply per request: {v}");
+        if v["type"] != "ok" {
+            assert_eq!(v["code"], "overloaded", "{v}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "{n} pipelined changes of one pro: some beyond the bound are refused");
+    assert!(refused <= n - rota::server::ws::MAX_IN_FLIGHT_PER_CONNECTION, "at most the excess: {refused}");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn a_connection_that_never_upgrades_is_closed_after_the_handshake_timeout() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();

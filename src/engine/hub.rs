@@ -461,8 +461,13 @@ impl StreamHub {
             while i < inner.subscribers.len() {
                 let s = &inner.subscribers[i];
                 let wanted = s.pro.as_ref().is_none_or(|p| out.event.pro() == Some(p));
-                let keep = !wanted
-                    || match s.tx.try_send(out.clone()) {
+                // A per-pro subscriber whose receiver is gone (its connection ended
+                // without unsubscribing) is dropped at the next event, not only at the
+                // next event of its pro.
+                let keep = if !wanted {
+                    !s.tx.is_closed()
+                } else {
+                    match s.tx.try_send(out.clone()) {
                         Ok(()) => true,
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             s.slow.store(true, Ordering::Release);
@@ -470,7 +475,8 @@ impl StreamHub {
                             false
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => false,
-                    };
+                    }
+                };
                 if keep {
                     i += 1;
                 } else {
@@ -580,6 +586,18 @@ mod tests {
             hub.subscribe(Some(11), None, 16, Encoding::Json).err(),
             Some(ResumeError::Ahead { next_seq: 11 })
         );
+    }
+
+    #[test]
+    fn a_per_pro_subscriber_whose_receiver_is_gone_is_dropped_at_the_next_event_of_anyone() {
+        let hub = StreamHub::new(100);
+        let sub = hub.subscribe(None, Some(crate::ids::ProId::new("x")), 16, Encoding::Json).unwrap();
+        assert_eq!(hub.subscriber_count(), 1);
+        // The connection ended without `unsubscribe`; events of other leads follow
+        // (`LeadClosed` names no pro).
+        drop(sub);
+        hub.publish([ev(1)]);
+        assert_eq!(hub.subscriber_count(), 0);
     }
 
     #[test]

@@ -241,6 +241,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let refusals_due = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(refusals_due);
     let mut refusals_unflushed = false;
+    // Stream batches sent in a row without the socket being read (see `STREAM_TURNS`).
+    let mut stream_turns: u32 = 0;
     let close = loop {
         // Share the worker thread: after a few requests read in a row, let the other
         // connections (their replies, their streams) and the log's wake-ups run. A
@@ -279,6 +281,22 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             _ = shutdown.changed() => {
                 break Some((CloseCode::Away, format!("shutting down; resume_from={last_seq_sent}")));
             }
+            // Rarely ready, so first: a revoked token or a silent peer is acted on even
+            // while the stream or the requests keep the branches below busy.
+            Ok(()) = reloads.changed() => {
+                // A reload that removed this connection's token, or changed what it
+                // may do, ends the connection: a revoked token is revoked now.
+                if engine.token_scopes(&session.tenant, &session.token).as_ref() != Some(&session.scopes) {
+                    m.auth_failures.get("token_revoked").increment(1);
+                    break Some((CloseCode::Policy, format!("token revoked; resume_from={last_seq_sent}")));
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_seen.elapsed() > hb_timeout {
+                    break Some((CloseCode::Library(CLOSE_HEARTBEAT), "heartbeat timeout".into()));
+                }
+                if sink.send(Message::Ping(Vec::new())).await.is_err() { break None; }
+            }
             Some(reply) = pending.next(), if !pending.is_empty() => {
                 let bytes = protocol::encode(enc, &reply);
                 if send(&mut sink, enc, bytes, false).await.is_err() { break None; }
@@ -293,7 +311,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 refusals_unflushed = false;
                 if sink.flush().await.is_err() { break None; }
             }
-            item = async { sub.as_mut().expect("guarded by the select condition").rx.recv().await }, if sub.is_some() => {
+            item = async { sub.as_mut().expect("guarded by the select condition").rx.recv().await }, if sub.is_some() && stream_turns < STREAM_TURNS => {
+                stream_turns += 1;
                 match item {
                     Some(out) => {
                         let rx = &mut sub.as_mut().expect("still subscribed").rx;
@@ -391,21 +410,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     }
                 }
             }
-            Ok(()) = reloads.changed() => {
-                // A reload that removed this connection's token, or changed what it
-                // may do, ends the connection: a revoked token is revoked now.
-                if engine.token_scopes(&session.tenant, &session.token).as_ref() != Some(&session.scopes) {
-                    m.auth_failures.get("token_revoked").increment(1);
-                    break Some((CloseCode::Policy, format!("token revoked; resume_from={last_seq_sent}")));
-                }
-            }
-            _ = heartbeat.tick() => {
-                if last_seen.elapsed() > hb_timeout {
-                    break Some((CloseCode::Library(CLOSE_HEARTBEAT), "heartbeat timeout".into()));
-                }
-                if sink.send(Message::Ping(Vec::new())).await.is_err() { break None; }
-            }
             msg = source.next() => {
+                stream_turns = 0;
                 last_seen = tokio::time::Instant::now();
                 let msg = match msg {
                     None => break None,
@@ -418,15 +424,13 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     Some(Err(_)) => break None,
                 };
                 // The frame's own buffer, moved (not copied) into the request.
-                let bytes = match (msg, enc) {
-                    (Message::Text(t), Encoding::Json) => t.into_bytes(),
-                    (Message::Binary(b), Encoding::Msgpack) => b,
-                    (Message::Text(_) | Message::Binary(_), _) => {
-                        let e = ApiError::new("bad_frame", format!("{} connections use {} frames", enc.subprotocol(), if enc == Encoding::Json { "text" } else { "binary" }));
-                        let r = Reply::Error { id: None, error: e };
-                        if send(&mut sink, enc, protocol::encode(enc, &r), true).await.is_err() { break None; }
-                        continue;
-                    }
+                // A frame of the other kind counts like any (turns, rate limits) and is
+                // answered `bad_frame` once those let it through.
+                let (bytes, wrong_kind) = match (msg, enc) {
+                    (Message::Text(t), Encoding::Json) => (t.into_bytes(), false),
+                    (Message::Binary(b), Encoding::Msgpack) => (b, false),
+                    (Message::Text(t), _) => (t.into_bytes(), true),
+                    (Message::Binary(b), _) => (b, true),
                     (Message::Close(_), _) => break None,
                     _ => continue,
                 };
@@ -440,11 +444,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                         if admission.sheds(ty) {
                             m.overload_refusals.get("gateway_backlog").increment(1);
                             let r = Reply::Error { id: Some(id.to_string()), error: ApiError::overloaded(admission.retry_after_ms(Instant::now())) };
-                            if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() { break None; }
-                            if !refusals_unflushed {
-                                refusals_unflushed = true;
-                                refusals_due.as_mut().reset(tokio::time::Instant::now() + REFUSALS_FLUSHED_WITHIN);
-                            }
+                            if feed_refusal(&mut sink, enc, protocol::encode(enc, &r), &mut refusals_unflushed, refusals_due.as_mut()).await.is_err() { break None; }
                             continue;
                         }
                     }
@@ -466,11 +466,13 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     let mut e = ApiError::new("rate_limited", "too many requests; retry later");
                     e.retry_after_ms = Some(retry);
                     m.overload_refusals.get("rate_limited").increment(1);
-                    if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id, error: e }), false).await.is_err() { break None; }
-                    if !refusals_unflushed {
-                        refusals_unflushed = true;
-                        refusals_due.as_mut().reset(tokio::time::Instant::now() + REFUSALS_FLUSHED_WITHIN);
-                    }
+                    if feed_refusal(&mut sink, enc, protocol::encode(enc, &Reply::Error { id, error: e }), &mut refusals_unflushed, refusals_due.as_mut()).await.is_err() { break None; }
+                    continue;
+                }
+                if wrong_kind {
+                    let e = ApiError::new("bad_frame", format!("{} connections use {} frames", enc.subprotocol(), if enc == Encoding::Json { "text" } else { "binary" }));
+                    let r = Reply::Error { id: None, error: e };
+                    if send(&mut sink, enc, protocol::encode(enc, &r), true).await.is_err() { break None; }
                     continue;
                 }
                 let env = match protocol::decode(enc, &bytes) {
@@ -492,11 +494,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 if admission.sheds(env.request.name()) {
                     m.overload_refusals.get("gateway_backlog").increment(1);
                     let r = Reply::Error { id: Some(id), error: ApiError::overloaded(admission.retry_after_ms(Instant::now())) };
-                    if send(&mut sink, enc, protocol::encode(enc, &r), false).await.is_err() { break None; }
-                    if !refusals_unflushed {
-                        refusals_unflushed = true;
-                        refusals_due.as_mut().reset(tokio::time::Instant::now() + REFUSALS_FLUSHED_WITHIN);
-                    }
+                    if feed_refusal(&mut sink, enc, protocol::encode(enc, &r), &mut refusals_unflushed, refusals_due.as_mut()).await.is_err() { break None; }
                     continue;
                 }
                 if let Request::Subscribe { resume_from, pro, batch } = env.request {
@@ -521,7 +519,9 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                                 let outcome = match (&resumed, &from_disk) {
                                     (Err(ResumeError::TooOld { .. }), Ok(_)) => "from_disk",
                                     (Err(ResumeError::TooOld { .. }), Err(_)) => "too_old",
-                                    _ => "replayed",
+                                    // A cursor beyond the stream: refused, not replayed.
+                                    (Err(ResumeError::Ahead { .. }), _) => "other",
+                                    (Ok(_), _) => "replayed",
                                 };
                                 m.stream_resumes.get(outcome).increment(1);
                             }
@@ -533,6 +533,9 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                                     let ok = Reply::Ok { id, result: OkResult::Subscribed { subscribed: true, next_seq: next } };
                                     if send(&mut sink, enc, protocol::encode(enc, &ok), false).await.is_err() { break None; }
                                     if feed_events(&mut sink, enc, batch, &backlog, &mut last_seq_sent).await.is_err() { break None; }
+                                    // Everything before `next` is covered now (sent, or not
+                                    // this subscription's): the cursor a close reports.
+                                    last_seq_sent = last_seq_sent.max(next.saturating_sub(1));
                                     if sink.flush().await.is_err() { break None; }
                                     continue;
                                 }
@@ -553,6 +556,15 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     if send(&mut sink, enc, protocol::encode(enc, &reply), true).await.is_err() { break None; }
                     continue;
                 }
+                // What one connection may have in flight is bounded too: requests that
+                // queue inside rota (changes of one pro run one at a time) would
+                // otherwise keep the socket drained, out of admission control's sight.
+                if pending.len() >= MAX_IN_FLIGHT_PER_CONNECTION {
+                    m.overload_refusals.get("connection_in_flight").increment(1);
+                    let r = Reply::Error { id: Some(id), error: ApiError::overloaded(Admission::RETRY_MIN.as_millis() as u64) };
+                    if feed_refusal(&mut sink, enc, protocol::encode(enc, &r), &mut refusals_unflushed, refusals_due.as_mut()).await.is_err() { break None; }
+                    continue;
+                }
                 let engine = engine.clone();
                 let tenant = session.tenant.clone();
                 pending.push(async move {
@@ -561,6 +573,10 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                         Err(error) => Reply::Error { id: Some(id), error },
                     }
                 });
+            }
+            // The stream had its turns and nothing else was ready: it goes on.
+            () = std::future::ready(()), if stream_turns >= STREAM_TURNS => {
+                stream_turns = 0;
             }
         }
     };
@@ -613,6 +629,15 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
 
 /// Requests a connection reads before it lets the worker's other tasks run.
 const FRAMES_PER_TURN: u32 = 16;
+
+/// Stream batches a connection sends in a row before its socket is read again: a
+/// stream always ready would otherwise keep the requests (and the peer's pongs, which
+/// the heartbeat waits for) unread behind it.
+const STREAM_TURNS: u32 = 32;
+
+/// Requests one connection may have in flight (read, not answered yet); beyond it a
+/// request is refused `overloaded` (reason `connection_in_flight`).
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
 
 /// A refusal (`overloaded`, `rate_limited`) waits at most this long to be written, with
 /// the refusals and replies after it. Under a flood or overload the client sends a new
@@ -723,6 +748,23 @@ const CATCH_UP_BYTES: usize = 1 << 20;
 /// Queues a frame shared with other subscribers (copied into the message).
 async fn feed(sink: &mut Sink, enc: Encoding, bytes: &[u8]) -> Result<(), WsError> {
     sink.feed(message(enc, bytes.to_vec())).await
+}
+
+/// Feeds a refusal (`overloaded`, `rate_limited`) unflushed and, unless one is armed
+/// already, arms `due` to flush it within [`REFUSALS_FLUSHED_WITHIN`].
+async fn feed_refusal(
+    sink: &mut Sink,
+    enc: Encoding,
+    bytes: Vec<u8>,
+    armed: &mut bool,
+    due: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Result<(), WsError> {
+    send(sink, enc, bytes, false).await?;
+    if !*armed {
+        *armed = true;
+        due.reset(tokio::time::Instant::now() + REFUSALS_FLUSHED_WITHIN);
+    }
+    Ok(())
 }
 
 /// Sends a frame encoded for this connection alone (a reply).
