@@ -15,7 +15,7 @@
 //! |---|---|
 //! | `GET /metrics` | 200, Prometheus text format 0.0.4 |
 //! | `GET /livez` | 200 `ok`; 503 with the reason when the health check fails (e.g. the WAL failed) |
-//! | `GET /readyz` | 200 `ready` once recovery finished (`ready` is true); else 503 `recovering` |
+//! | `GET /readyz` | 200 `ready` once recovery finished (`ready` is true) and while the health check passes; else 503 `recovering`, or 503 with the health check's reason |
 //! | other path | 404 |
 //! | other method | 405 with `Allow: GET` |
 //! | malformed request | 400 |
@@ -244,13 +244,13 @@ fn route(method: &str, path: &str, state: &AdminState) -> Answer {
             Ok(()) => Answer::text(200, "ok\n"),
             Err(why) => Answer::text(503, format!("{why}\n")),
         },
-        "/readyz" => {
-            if state.ready.load(Ordering::Acquire) {
-                Answer::text(200, "ready\n")
-            } else {
-                Answer::text(503, "recovering\n")
-            }
-        }
+        // Not ready while the health check fails either: a daemon whose log failed
+        // refuses every write, so a balancer should send nothing its way.
+        "/readyz" => match (state.ready.load(Ordering::Acquire), (state.health)()) {
+            (false, _) => Answer::text(503, "recovering\n"),
+            (true, Err(why)) => Answer::text(503, format!("{why}\n")),
+            (true, Ok(())) => Answer::text(200, "ready\n"),
+        },
         _ => Answer::text(404, "not found\n"),
     }
 }
@@ -362,6 +362,11 @@ mod tests {
         assert!(text.ends_with("recovering\n"), "{text}");
         s.ready.store(true, Ordering::SeqCst);
         assert_eq!(get(s.addr, "/readyz").await.0, 200);
+        // A failed log: not ready any more, with the reason.
+        s.healthy.store(false, Ordering::SeqCst);
+        let (status, text) = get(s.addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(text.ends_with("wal failed: EIO\n"), "{text}");
     }
 
     #[tokio::test]
