@@ -3111,8 +3111,12 @@ mod fanout_bound_tests {
         let first = publish(&mut s, 1);
         assert_eq!(granted(&first), order[..MAX_OFFERS_PER_RELEASE], "the first pros in rotation order");
         // The release's event is logged whole in one record: far below the log's limit.
-        let rec =
-            crate::engine::record::WalRecord::Shard { key: s.key.clone(), events: first, money: vec![] };
+        let rec = crate::engine::record::WalRecord::Shard {
+            key: s.key.clone(),
+            events: first,
+            money: vec![],
+            part: None,
+        };
         let bytes = crate::engine::record::encode(&rec).len();
         assert!(bytes < crate::wal::MAX_RECORD_BYTES / 8, "a bounded release is {bytes} bytes");
         // Their turns were used: the next lead goes first to the pros left out.

@@ -194,9 +194,16 @@ pub fn execute(
     // thousands of leads) is logged as several records of at most `RECORD_WEIGHT` (see
     // `weight`), appended in order under the shard's lock, so no record comes near the
     // log's `MAX_RECORD_BYTES` (one that did would be refused after the shard and the
-    // ledger had changed). Replay applies them in the same order; a crash between two
-    // leaves the first ones, each whole. The reply waits for the last.
+    // ledger had changed). They share a group id (`record::Part`) and replay applies
+    // them in the same order, only once the last is there: a crash between two leaves
+    // none applied, as if the decision had not been made (a tick's first record sweeps
+    // its due deadlines; the events handling them may be in the later ones). The reply
+    // waits for the last.
     let mut rest = split_record(&mut events);
+    let group = (!rest.is_empty()).then(record::Part::next_group);
+    let mut logged_parts = false;
+    // `LeadForgotten` events logged so far, unindexed after the last record.
+    let mut forgotten = Vec::new();
     let mut reply = Some((reply, decision.reply));
     let mut first = true;
     // Offers the ledger refused to pay for, taken out of the events: out of the
@@ -222,7 +229,8 @@ pub fn execute(
         if let (true, false, Some((_, answer))) = (last, dropped.is_empty(), reply.as_mut()) {
             super::money::without_dropped(answer, &dropped);
         }
-        if events.is_empty() && money.is_empty() {
+        let part = group.map(|group| record::Part { group, last });
+        if events.is_empty() && money.is_empty() && !(last && logged_parts) {
             if last {
                 drop(shard);
                 // Nothing new (an idempotent repeat): answer once everything logged
@@ -237,14 +245,20 @@ pub fn execute(
                 return;
             }
         } else {
+            // (An empty last part is logged too: it completes the group.)
             let this_reply = if last { reply.take() } else { None };
-            log_record(engine, &mut shard, key, events, money, received, this_reply);
+            let to_log = ToLog { events, money, part };
+            log_record(engine, &mut shard, key, to_log, received, this_reply, &mut forgotten);
+            logged_parts = true;
         }
         if last {
             break;
         }
         events = rest;
         rest = split_record(&mut events);
+    }
+    for ev in &forgotten {
+        engine.index_event(key, ev);
     }
     if let (true, Some(addr), Some(next)) = (inline, cell.timer.get(), shard.next_deadline()) {
         if !inner.clock.is_manual() && next < cell.armed_at.load(Ordering::Acquire) {
@@ -287,16 +301,24 @@ pub fn split_record(events: &mut Vec<Event>) -> Vec<Event> {
     events.split_off(cut)
 }
 
+/// One record of a decision: its events, the ledger facts executed for them, and its
+/// place in the decision when it is logged as several.
+struct ToLog {
+    events: Vec<Event>,
+    money: Vec<crate::ledger::LedgerEvent>,
+    part: Option<record::Part>,
+}
+
 /// Applies `events` to the shard and appends them, with the ledger facts `money`, as
 /// one record; `reply` (the requester and its answer) hears back once it is durable.
 fn log_record(
     engine: &Engine,
     shard: &mut Arc<Shard>,
     key: &ShardKey,
-    events: Vec<Event>,
-    money: Vec<crate::ledger::LedgerEvent>,
+    ToLog { events, money, part }: ToLog,
     received: Instant,
     reply: Option<(Option<Responder>, crate::core::Reply)>,
+    forgotten: &mut Vec<Event>,
 ) {
     let inner = &engine.inner;
     let mut stream: Vec<StreamEvent> = Vec::new();
@@ -313,7 +335,7 @@ fn log_record(
     }
     record::money_stream_events(&money, &mut stream);
     inner.metrics.events(&key.tenant, &events, &money);
-    let rec = WalRecord::Shard { key: key.clone(), events, money };
+    let rec = WalRecord::Shard { key: key.clone(), events, money, part };
     let bytes = record::encode(&rec);
     let hub = engine.hub(&key.tenant);
     let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
@@ -368,10 +390,11 @@ fn log_record(
     // records, and its ops under the same ids, come after it in the log as they came
     // after it live. Meanwhile requests about the id still reach this shard, which
     // no longer knows it.
+    // The caller unindexes them once the decision's last record is appended: a lead
+    // id forgotten in one record of a split decision is free only once replay would
+    // apply that record (with the decision's last, `record::Part`).
     if let WalRecord::Shard { events, .. } = &rec {
-        for ev in events.iter().filter(|ev| matches!(ev, Event::LeadForgotten { .. })) {
-            engine.index_event(key, ev);
-        }
+        forgotten.extend(events.iter().filter(|ev| matches!(ev, Event::LeadForgotten { .. })).cloned());
     }
 }
 

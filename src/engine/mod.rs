@@ -322,6 +322,11 @@ struct Recovering {
     /// refused ([`StartError::UnconfiguredTenants`]).
     unconfigured: std::collections::BTreeSet<String>,
     error: Option<StartError>,
+    /// Records of a split decision whose last record has not come yet, per shard
+    /// (`record::Part`): applied with it, or dropped if it never comes.
+    held: FxHashMap<ShardKey, (u64, Vec<(u64, WalRecord)>)>,
+    /// Records of split decisions dropped because their last record never came.
+    dropped_parts: usize,
 }
 
 impl Engine {
@@ -362,7 +367,7 @@ impl Engine {
                         return;
                     }
                     match record::decode(payload) {
-                        Ok(r) => replay_record(&mut rec, seq, r, &policies),
+                        Ok(r) => replay_whole_decisions(&mut rec, seq, r, &policies),
                         Err(e) => rec.error = Some(StartError::Record { seq, reason: e.to_string() }),
                     }
                 }
@@ -370,6 +375,9 @@ impl Engine {
         })?;
         if let Some(e) = rec.error.take() {
             return Err(e);
+        }
+        for (key, (group, parts)) in std::mem::take(&mut rec.held) {
+            drop_unfinished(&mut rec, &key, group, parts.len());
         }
         if !rec.unconfigured.is_empty() {
             return Err(StartError::UnconfiguredTenants(
@@ -1636,6 +1644,55 @@ fn restore_snapshot(
     rec.latest_ms = rec.latest_ms.max(s.clock_ms);
 }
 
+/// Replays `r`, holding back the records of a split decision until its last one
+/// (`record::Part`), so a decision is applied whole or not at all: a crash between two
+/// of its records leaves none applied, as if it had not been decided.
+fn replay_whole_decisions(
+    rec: &mut Recovering,
+    seq: u64,
+    r: WalRecord,
+    policies: &FxHashMap<TenantId, Arc<crate::core::Policy>>,
+) {
+    if let WalRecord::Shard { key, part, .. } = &r {
+        let part = *part;
+        // The next record of a shard whose split decision is held either continues it
+        // or shows it was cut off (live, the shard's lock is held from its first
+        // record to its last).
+        let cut_off = rec.held.get(key).is_some_and(|(group, _)| part.map(|p| p.group) != Some(*group));
+        if cut_off {
+            let (group, parts) = rec.held.remove(key).expect("held");
+            let key = key.clone();
+            drop_unfinished(rec, &key, group, parts.len());
+        }
+        match part {
+            Some(p) if !p.last => {
+                let key = key.clone();
+                rec.held.entry(key).or_insert_with(|| (p.group, Vec::new())).1.push((seq, r));
+                return;
+            }
+            Some(_) => {
+                if let Some((_, parts)) = rec.held.remove(key) {
+                    for (seq, part) in parts {
+                        replay_record(rec, seq, part, policies);
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+    replay_record(rec, seq, r, policies);
+}
+
+fn drop_unfinished(rec: &mut Recovering, key: &ShardKey, group: u64, parts: usize) {
+    tracing::warn!(
+        shard = %key,
+        group,
+        records = parts,
+        "a decision logged in several records was cut off before its last; its records are not applied"
+    );
+    rec.dropped_parts += parts;
+}
+
 fn replay_record(
     rec: &mut Recovering,
     seq: u64,
@@ -1659,7 +1716,7 @@ fn replay_record(
     let policy = &policy;
     let ledger = rec.ledger.as_ref().expect("set before replay");
     match r {
-        WalRecord::Shard { key, events, money } => {
+        WalRecord::Shard { key, events, money, .. } => {
             let shard =
                 rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
             let stream = rec.hub_events.entry(key.tenant.clone()).or_default();

@@ -16,10 +16,48 @@ use std::sync::Arc;
 /// WAL record type byte for [`WalRecord`] (MessagePack payload).
 pub const RECORD_KIND: u8 = 1;
 
+/// One record of a shard decision logged as several (see
+/// [`crate::engine::actor::split_record`]): replay applies the decision's records only
+/// once the last is there, so a crash between two of them leaves none applied (a tick's
+/// first record sweeps every due deadline; the events that handle them may be in the
+/// later ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// The decision's id: the same in each of its records, unique in the log.
+    pub group: u64,
+    /// Whether this is the decision's last record.
+    pub last: bool,
+}
+
+impl Part {
+    /// A new decision's id: unique in this process (a counter) and across restarts
+    /// (the counter starts from the wall clock's nanoseconds at the first call).
+    pub fn next_group() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        if NEXT.load(Ordering::Relaxed) == 0 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                .max(1);
+            let _ = NEXT.compare_exchange(0, nanos, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WalRecord {
-    /// A shard decision: its events, and the money moved for them.
-    Shard { key: ShardKey, events: Vec<Event>, money: Vec<LedgerEvent> },
+    /// A shard decision: its events, and the money moved for them. `part` is set when
+    /// the decision is logged as several records (absent in records written before
+    /// 2026-12-07: each applied as it comes).
+    Shard {
+        key: ShardKey,
+        events: Vec<Event>,
+        money: Vec<LedgerEvent>,
+        #[serde(default)]
+        part: Option<Part>,
+    },
     /// Money moved outside any shard (grants, top-up rules, budgets).
     Ledger { tenant: TenantId, money: Vec<LedgerEvent> },
     /// Order-request facts of one tenant (R25-R27).
