@@ -582,8 +582,9 @@ fn field_path(enc: Encoding, bytes: &[u8]) -> Option<String> {
 }
 
 /// Best effort: the correlation id of a frame that failed to decode, so the error
-/// reply can still be matched to its request.
-fn peek_id(enc: Encoding, bytes: &[u8]) -> Option<String> {
+/// reply can still be matched to its request; also of a frame refused unread (one pass
+/// over the frame that builds nothing but the id).
+pub fn peek_id(enc: Encoding, bytes: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct IdOnly {
         id: String,

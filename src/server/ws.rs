@@ -451,8 +451,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 }
                 // Floods: per-connection, then per-tenant token buckets, for every frame,
                 // before it is decoded: a refusal needs only the request's `id`, peeked
-                // from the frame's head (a full decode only for a frame that does not
-                // start with it). A request over the rate gets `rate_limited` whatever
+                // from the frame's head (one pass reading only the id for a frame that
+                // does not start with it). A request over the rate gets `rate_limited` whatever
                 // else is wrong with it.
                 let limited = match conn_limit.as_ref().map(crate::ratelimit::check) {
                     Some(Err(retry)) => Some(retry),
@@ -461,7 +461,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 if let Some(retry) = limited {
                     let id = match protocol::peek_head(enc, &bytes) {
                         Some((id, _)) => Some(id.to_string()),
-                        None => protocol::decode(enc, &bytes).map_or_else(|e| e.id, |env| Some(env.id)),
+                        None => protocol::peek_id(enc, &bytes),
                     };
                     let mut e = ApiError::new("rate_limited", "too many requests; retry later");
                     e.retry_after_ms = Some(retry);
