@@ -499,3 +499,25 @@ fn r1_r9_a_start_from_an_older_snapshot_forgets_the_op_ids_of_leads_already_forg
         e.inner.ledger.check_invariants().expect("ledger invariants");
     });
 }
+
+/// R1: a lead id the lead index names in another shard that does not hold it (a
+/// snapshot copies the index after its cut; a power cut can lose the record that added
+/// the entry) does not refuse the id for ever: the entry is checked against its shard
+/// and dropped. An id its shard does hold is still refused in another zone.
+#[test]
+fn r1_a_stale_lead_index_entry_does_not_refuse_the_id_in_another_zone() {
+    with_engine("zaask.toml", "zaask", |e| async move {
+        zaask_pro(&e, "p1").await;
+        let porto = rota::ids::ShardKey {
+            tenant: acme(),
+            zone: rota::ids::ZoneId::new("porto"),
+            category: rota::ids::CategoryId::new("painting"),
+        };
+        // What a snapshot read after its cut leaves when the lead's record is lost.
+        e.lead_index().insert(&porto, &LeadId::new("L1"));
+        ok(&e, publish("L1", "lisboa", true, T0)).await;
+        // Held by lisboa now: refused in porto.
+        let err = send(&e, publish("L1", "porto", true, T0)).await.expect_err("a different payload under L1");
+        assert_eq!(err.code, "idempotency_conflict", "{err:?}");
+    });
+}
