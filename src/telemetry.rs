@@ -351,7 +351,7 @@ pub const ALL: &[MetricDef] = &[
     // Gateway.
     m(CONNECTIONS, G, "connections", &["scope"], "Open websocket connections, by token scope."),
     m(FRAMES_RECEIVED, C, "frames", &["encoding"], "Websocket frames received, by encoding."),
-    m(FRAMES_SENT, C, "frames", &["encoding"], "Websocket frames sent, by encoding."),
+    m(FRAMES_SENT, C, "frames", &["encoding"], "Live stream frames sent to subscribers, by encoding."),
     m(AUTH_FAILURES, C, "attempts", &["reason"], "Connections or requests refused by authentication."),
     m(
         CONFIG_RELOADS,
