@@ -337,6 +337,18 @@ impl Engine {
     }
 
     pub fn start_with_fs(cfg: Config, fs: Arc<dyn Fs>) -> Result<(Engine, RecoveryReport), StartError> {
+        Self::recover_with_fs(cfg, fs)?.start()
+    }
+
+    /// The first half of [`Engine::start`]: reads the snapshot and replays the log into
+    /// memory. Needs no runtime and may run on any thread (`rota serve` runs it on one
+    /// of its own, so the admin port answers `/livez` and `/readyz` while a long log is
+    /// replayed). [`Recovered::start`] then starts the actors.
+    pub fn recover(cfg: Config) -> Result<Recovered, StartError> {
+        Self::recover_with_fs(cfg, Arc::new(RealFs))
+    }
+
+    pub fn recover_with_fs(cfg: Config, fs: Arc<dyn Fs>) -> Result<Recovered, StartError> {
         let clock = match cfg.raw.clock {
             ClockMode::Wall => Clock::wall(),
             ClockMode::Manual => Clock::manual(match cfg.raw.manual_clock_start_ms {
@@ -392,6 +404,25 @@ impl Engine {
                 "the wall clock is behind the latest time in the log; rota's time holds there until the wall clock catches up"
             );
         }
+        Ok(Recovered { cfg, fs: spill_fs, clock, wal, recovered, rec })
+    }
+}
+
+/// The state a replay rebuilt ([`Engine::recover`]), not yet running.
+pub struct Recovered {
+    cfg: Config,
+    fs: Arc<dyn Fs>,
+    clock: Clock,
+    wal: Wal,
+    recovered: crate::wal::Recovered,
+    rec: Recovering,
+}
+
+impl Recovered {
+    /// Starts the shard actors on the recovered state. Must run inside an actix
+    /// `System`.
+    pub fn start(self) -> Result<(Engine, RecoveryReport), StartError> {
+        let Recovered { cfg, fs: spill_fs, clock, wal, recovered, mut rec } = self;
         // The worker threads: connections, inline decisions, shard timers (see
         // `config::RawConfig::arbiters`). `arbiters = 0`: all on the accepting thread.
         let arbiters: Vec<ArbiterHandle> = match cfg.raw.arbiters {
@@ -492,7 +523,9 @@ impl Engine {
         engine.inner.ready.store(true, Ordering::Release);
         Ok((engine, report))
     }
+}
 
+impl Engine {
     pub fn tenant(&self, id: &TenantId) -> Option<Arc<Tenant>> {
         self.inner.tenants.read().get(id).cloned()
     }

@@ -15,7 +15,7 @@
 //! |---|---|
 //! | `GET /metrics` | 200, Prometheus text format 0.0.4 |
 //! | `GET /livez` | 200 `ok`; 503 with the reason when the health check fails (e.g. the WAL failed) |
-//! | `GET /readyz` | 200 `ready` once recovery finished (`ready` is true) and while the health check passes; else 503 `recovering`, or 503 with the health check's reason |
+//! | `GET /readyz` | 200 `ready` once recovery finished and the gateway listens, while the health check passes; else 503 `recovering` (the log is being replayed), 503 `stopping` (a shutdown began: balancers should send nothing more), or 503 with the health check's reason |
 //! | other path | 404 |
 //! | other method | 405 with `Allow: GET` |
 //! | malformed request | 400 |
@@ -26,7 +26,7 @@
 
 use crate::telemetry;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,11 +37,40 @@ use tokio::task::JoinSet;
 /// A liveness check: `Err(reason)` makes `/livez` answer 503 with the reason.
 pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Where the daemon is in its life, as `/readyz` reports it. Shared between the
+/// server, which moves it forward, and the admin routes.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicU8);
+
+impl Readiness {
+    const RECOVERING: u8 = 0;
+    const READY: u8 = 1;
+    const STOPPING: u8 = 2;
+
+    /// Recovery finished and the gateway accepts traffic.
+    pub fn set_ready(&self) {
+        let _ = self.0.compare_exchange(Self::RECOVERING, Self::READY, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// A shutdown began: never ready again.
+    pub fn set_stopping(&self) {
+        self.0.store(Self::STOPPING, Ordering::Release);
+    }
+
+    /// `Err(why)` while not ready.
+    pub fn check(&self) -> Result<(), &'static str> {
+        match self.0.load(Ordering::Acquire) {
+            Self::READY => Ok(()),
+            Self::RECOVERING => Err("recovering"),
+            _ => Err("stopping"),
+        }
+    }
+}
+
 /// What the admin routes read.
 #[derive(Clone)]
 pub struct AdminState {
-    /// Set once recovery has finished and the daemon accepts traffic.
-    pub ready: Arc<AtomicBool>,
+    pub ready: Arc<Readiness>,
     pub prometheus: PrometheusHandle,
     pub health: HealthCheck,
 }
@@ -246,10 +275,10 @@ fn route(method: &str, path: &str, state: &AdminState) -> Answer {
         },
         // Not ready while the health check fails either: a daemon whose log failed
         // refuses every write, so a balancer should send nothing its way.
-        "/readyz" => match (state.ready.load(Ordering::Acquire), (state.health)()) {
-            (false, _) => Answer::text(503, "recovering\n"),
-            (true, Err(why)) => Answer::text(503, format!("{why}\n")),
-            (true, Ok(())) => Answer::text(200, "ready\n"),
+        "/readyz" => match (state.ready.check(), (state.health)()) {
+            (Err(why), _) => Answer::text(503, format!("{why}\n")),
+            (Ok(()), Err(why)) => Answer::text(503, format!("{why}\n")),
+            (Ok(()), Ok(())) => Answer::text(200, "ready\n"),
         },
         _ => Answer::text(404, "not found\n"),
     }
@@ -286,6 +315,7 @@ async fn serve_conn(mut stream: TcpStream, state: &AdminState, limits: AdminLimi
 mod tests {
     use super::*;
     use metrics_exporter_prometheus::PrometheusRecorder;
+    use std::sync::atomic::AtomicBool;
 
     /// Generous bound on every client operation: a hung server fails the test
     /// instead of hanging it. Never an assertion about speed.
@@ -293,7 +323,7 @@ mod tests {
 
     struct Server {
         addr: std::net::SocketAddr,
-        ready: Arc<AtomicBool>,
+        ready: Arc<Readiness>,
         healthy: Arc<AtomicBool>,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
@@ -306,7 +336,7 @@ mod tests {
             telemetry::describe_all();
             telemetry::TenantMetrics::new("acme").leads_received.increment(7);
         });
-        let ready = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(Readiness::default());
         let healthy = Arc::new(AtomicBool::new(true));
         let h = healthy.clone();
         let state = AdminState {
@@ -360,13 +390,20 @@ mod tests {
         let (status, text) = get(s.addr, "/readyz").await;
         assert_eq!(status, 503);
         assert!(text.ends_with("recovering\n"), "{text}");
-        s.ready.store(true, Ordering::SeqCst);
+        s.ready.set_ready();
         assert_eq!(get(s.addr, "/readyz").await.0, 200);
         // A failed log: not ready any more, with the reason.
         s.healthy.store(false, Ordering::SeqCst);
         let (status, text) = get(s.addr, "/readyz").await;
         assert_eq!(status, 503);
         assert!(text.ends_with("wal failed: EIO\n"), "{text}");
+        // A shutdown: not ready, and never again.
+        s.healthy.store(true, Ordering::SeqCst);
+        s.ready.set_stopping();
+        s.ready.set_ready();
+        let (status, text) = get(s.addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(text.ends_with("stopping\n"), "{text}");
     }
 
     #[tokio::test]

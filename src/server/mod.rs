@@ -1,7 +1,11 @@
 //! `rota serve`: recovery, listeners, periodic work, signals and graceful shutdown.
 //!
-//! Start-up order: recover from the WAL and snapshot, then bind the listeners, so
-//! nothing connects before the state is whole (`/readyz` turns 200 only then).
+//! Start-up order: bind both listeners (a port in use fails the start before a long
+//! replay, not after it), serve the admin port, then recover from the WAL and snapshot
+//! on a thread of its own. While the log is replayed `/livez` answers 200 and `/readyz`
+//! 503 `recovering`, and the websocket port answers every connection with HTTP 503
+//! (`Retry-After: 1`) instead of leaving it waiting: nothing connects before the state
+//! is whole. Then the gateway takes the port over and `/readyz` turns 200.
 //! SIGTERM/SIGINT: stop accepting, close streams with code 1001 and a resume cursor,
 //! drain the shard mailboxes, sync the WAL, snapshot, exit 0. A second signal, or
 //! `shutdown_timeout_ms` passing, forces exit 1. SIGHUP: reload the tenants' policies
@@ -70,7 +74,26 @@ pub fn run(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Result<
         Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
     let system = actix_rt::System::new();
-    system.block_on(async move { serve(cfg, demo, sources).await })
+    system.block_on(async move { serve(cfg, demo, sources, Hooks::default()).await })
+}
+
+/// Seams for tests of the start-up and stop of [`run`]; `rota serve` uses none.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Hooks {
+    /// Runs on the recovery thread before the replay starts.
+    pub before_recovery: Option<Box<dyn FnOnce() + Send>>,
+    /// Told the websocket and admin addresses once both listen.
+    pub listening: Option<std::sync::mpsc::Sender<(std::net::SocketAddr, std::net::SocketAddr)>>,
+    /// Stops the daemon as SIGTERM does when it resolves.
+    pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// [`run`] with test seams and no signal handling beyond it.
+#[doc(hidden)]
+pub fn run_with(cfg: Config, hooks: Hooks) -> anyhow::Result<i32> {
+    let system = actix_rt::System::new();
+    system.block_on(async move { serve(cfg, false, None, hooks).await })
 }
 
 /// Applies `transparent_huge_pages`: unless they are allowed, opts this process out of
@@ -93,7 +116,8 @@ pub fn opt_out_of_huge_pages(allowed: bool) -> std::io::Result<bool> {
     Ok(false)
 }
 
-async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Result<i32> {
+async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hooks) -> anyhow::Result<i32> {
+    use anyhow::Context;
     let listen = cfg.listen;
     let admin_listen = cfg.admin_listen;
     let prometheus = crate::telemetry::install()?;
@@ -113,17 +137,6 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Res
         },
         None => None,
     };
-    let (engine, report) = Engine::start(cfg)?;
-    tracing::info!(
-        records_replayed = report.records_replayed,
-        snapshot_seq = ?report.snapshot_seq,
-        last_seq = report.last_seq,
-        shards = report.shards,
-        torn_tail = ?report.torn_tail,
-        duration_ms = report.duration.as_millis() as u64,
-        "recovered"
-    );
-    use anyhow::Context;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (listen)"))?;
@@ -133,15 +146,50 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Res
         .with_context(|| format!("cannot listen on {admin_listen} (admin_listen)"))?;
     let admin_local = admin.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health_engine = engine.clone();
+    // The admin port answers from here on: alive while the log is replayed, ready once
+    // the gateway has the websocket port.
+    let ready = std::sync::Arc::new(admin::Readiness::default());
+    let started: std::sync::Arc<std::sync::OnceLock<Engine>> = Default::default();
     let state = admin::AdminState {
-        ready: engine.inner.ready.clone(),
+        ready: ready.clone(),
         prometheus,
-        health: std::sync::Arc::new(move || health_engine.health()),
+        health: {
+            let started = started.clone();
+            std::sync::Arc::new(move || started.get().map_or(Ok(()), Engine::health))
+        },
     };
     actix_rt::spawn(admin::serve_admin(admin, state, stop_rx.clone()));
-    let gateway = actix_rt::spawn(ws::serve(listener, engine.clone(), stop_rx.clone()));
+    let (recovered_tx, recovered_rx) = tokio::sync::oneshot::channel();
+    let refusing = actix_rt::spawn(ws::refuse_while_recovering(listener, recovered_rx));
+    if let Some(tx) = hooks.listening.take() {
+        let _ = tx.send((local, admin_local));
+    }
     eprintln!("  metrics and health on http://{admin_local}/metrics, /livez, /readyz");
+    eprintln!("rota: recovering from {}", data_dir.display());
+    let before_recovery = hooks.before_recovery.take();
+    let recovered = tokio::task::spawn_blocking(move || {
+        if let Some(f) = before_recovery {
+            f();
+        }
+        Engine::recover(cfg)
+    })
+    .await
+    .context("the recovery thread failed")??;
+    let (engine, report) = recovered.start()?;
+    tracing::info!(
+        records_replayed = report.records_replayed,
+        snapshot_seq = ?report.snapshot_seq,
+        last_seq = report.last_seq,
+        shards = report.shards,
+        torn_tail = ?report.torn_tail,
+        duration_ms = report.duration.as_millis() as u64,
+        "recovered"
+    );
+    let _ = started.set(engine.clone());
+    let _ = recovered_tx.send(());
+    let listener = refusing.await.context("the websocket port's start-up task failed")?;
+    let gateway = actix_rt::spawn(ws::serve(listener, engine.clone(), stop_rx.clone()));
+    ready.set_ready();
     eprintln!(
         "rota {} listening on ws://{local} (data in {})",
         env!("CARGO_PKG_VERSION"),
@@ -217,7 +265,16 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Res
     if let Some((hup, sources)) = hangups {
         actix_rt::spawn(reload_on_hangup(engine.clone(), hup, sources, stop_rx.clone()));
     }
-    wait_for_signal().await;
+    match hooks.stop.take() {
+        Some(stop) => {
+            tokio::select! {
+                _ = wait_for_signal() => {}
+                _ = stop => {}
+            }
+        }
+        None => wait_for_signal().await,
+    }
+    ready.set_stopping();
     eprintln!("rota: shutting down (send the signal again to force)");
     let _ = stop_tx.send(true);
     let graceful = async {

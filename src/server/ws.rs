@@ -43,7 +43,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request as HsRequest, Response as HsResponse,
 };
@@ -128,6 +128,85 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     let wait = CLOSE_WAIT.min(Duration::from_millis(engine.inner.cfg.raw.shutdown_timeout_ms / 2));
     let _ = tokio::time::timeout(wait, limit.acquire_many(all)).await;
+}
+
+/// Connections answered at once while recovering; more are closed on accept.
+const RECOVERING_ANSWERS_AT_ONCE: usize = 256;
+/// How long a connection may take to send its request head while recovering, and
+/// again to take the answer.
+const RECOVERING_IO: Duration = Duration::from_secs(2);
+/// The request head read while recovering, at most.
+const RECOVERING_HEAD_BYTES: usize = 8192;
+
+/// Answers every connection to the websocket port with `503 Service Unavailable`
+/// (`Retry-After: 1`, a plain-text reason) until `recovered` resolves, then hands the
+/// listener back for [`serve`]. A client connecting while the log is replayed learns
+/// why at once, instead of waiting in the backlog for a handshake with no deadline.
+/// Bounded like the admin port: each answer has a deadline, and at most
+/// [`RECOVERING_ANSWERS_AT_ONCE`] are in progress.
+pub async fn refuse_while_recovering(
+    listener: TcpListener,
+    mut recovered: oneshot::Receiver<()>,
+) -> TcpListener {
+    let answering = Arc::new(Semaphore::new(RECOVERING_ANSWERS_AT_ONCE));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut recovered => return listener,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                if let Ok(permit) = answering.clone().try_acquire_owned() {
+                    actix_rt::spawn(async move {
+                        answer_recovering(stream).await;
+                        drop(permit);
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed while recovering");
+                tokio::select! {
+                    _ = &mut recovered => return listener,
+                    _ = tokio::time::sleep(super::fdlimit::ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Reads the request head (so closing does not reset a connection whose request is
+/// still unread, which could lose the answer), then answers 503.
+async fn answer_recovering(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read_head = async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while head.len() < RECOVERING_HEAD_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let from = head.len().saturating_sub(3);
+                    head.extend_from_slice(&buf[..n]);
+                    if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(RECOVERING_IO, read_head).await;
+    let body = "rota is recovering its state from the log; retry shortly\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(RECOVERING_IO, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// How long a shutdown waits for connections to close before stopping the workers.
