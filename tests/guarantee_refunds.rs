@@ -138,8 +138,17 @@ where
     F: FnOnce(Engine) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    with_habitissimo_guarantee("86400", f)
+}
+
+/// [`with_habitissimo`] with a guarantee of `window_s` seconds.
+fn with_habitissimo_guarantee<F, Fut>(window_s: &str, f: F)
+where
+    F: FnOnce(Engine) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "habitissimo.toml", "habitissimo", &[("guarantee_window_s", "86400")]);
+    let cfg = config(dir.path(), "habitissimo.toml", "habitissimo", &[("guarantee_window_s", window_s)]);
     let fs = MemFs::new();
     in_system(async {
         let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
@@ -211,5 +220,31 @@ fn r12_an_auto_buy_guarantee_runs_from_the_purchase_not_from_the_answer() {
         assert_eq!(main_budget(&e).refunded, 0, "within the day after the purchase");
         advance(&e, T0 + DAY).await;
         assert_eq!(main_budget(&e).refunded, 12, "one day after the purchase, never viewed: refunded");
+    });
+}
+
+/// R12 with R20: the shipped habitissimo guarantee is a week, so a purchase never
+/// viewed is always refunded after a Monday recharge. The refund is credited to the
+/// week it happens in (one more lead can be bought), not recorded against the week
+/// that is over while giving nothing back.
+#[test]
+fn r12_r20_a_week_long_guarantee_refund_after_the_monday_recharge_gives_the_budget_back() {
+    with_habitissimo_guarantee("604800", |e| async move {
+        buyer(&e).await;
+        ok(&e, lead("A1", "madrid", T0)).await;
+        ok(&e, json!({"type": "offer", "lead": "A1", "pro": "b1", "action": "respond"})).await;
+        assert_eq!(main_budget(&e).available, 12, "bought at 12");
+        advance(&e, T0 + 7 * DAY).await;
+        let b = main_budget(&e);
+        assert_eq!(b.period, 2, "a Monday recharge came first");
+        assert_eq!((b.available, b.refunded), (24 + 12, 12), "refunded into this week");
+        // Three leads at 12 this week: the refund buys one more.
+        for (i, id) in ["B1", "B2", "B3"].into_iter().enumerate() {
+            let at = T0 + 7 * DAY + (i as i64 + 1) * HOUR;
+            advance(&e, at).await;
+            ok(&e, lead(id, "madrid", at)).await;
+        }
+        assert_eq!(main_budget(&e).available, 0, "three bought");
+        e.inner.ledger.check_invariants().unwrap();
     });
 }

@@ -285,9 +285,11 @@ fn r20_r24_a_new_config_whose_pause_is_over_gets_one_budget_in_its_week() {
         assert_eq!(budget(&e, "b1").available, 0, "the week's 24 spent");
         ok(&e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
         assert_eq!(budget(&e, "b1").available, 0, "no second budget in the same week");
-        // The next Monday recharges as usual.
+        // The next Monday recharges as usual; the shipped week-long guarantee (R12)
+        // then refunds both purchases, never viewed, into the new week.
         ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 7 * DAY})).await;
-        assert_eq!(budget(&e, "b1").available, 24, "the next week's budget");
+        let b = budget(&e, "b1");
+        assert_eq!((b.available, b.refunded), (24 + 24, 24), "the next week's budget, and the refunds");
     });
 }
 

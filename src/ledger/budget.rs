@@ -43,12 +43,18 @@ pub(crate) enum BudgetDecision {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct PeriodTotals {
     spent: u64,
+    /// Refunds of this period's own spends.
     refunded: u64,
+    /// Refunds of earlier periods' spends credited to this one
+    /// ([`BudgetFact::Refunded`]'s `into`).
+    #[serde(default)]
+    late: u64,
 }
 
-/// Invariant: `available + spent == base + refunded` for the current period,
-/// `refunded <= spent` and `spent - refunded <= base`: the net spend of a
-/// period never exceeds what it was topped up to, not by one credit.
+/// Invariant: `available + spent == base + refunded + late` for the current period,
+/// `refunded <= spent` and `spent - refunded <= base + late`: the net spend of a
+/// period never exceeds what it was topped up to plus what earlier periods' refunds
+/// gave back to it, not by one credit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Budget {
     pub(crate) weekly_budget: u64,
@@ -69,7 +75,7 @@ pub(crate) struct Budget {
 
 impl Budget {
     pub(crate) fn available(&self) -> u64 {
-        let gross = u128::from(self.base) + u128::from(self.current.refunded);
+        let gross = u128::from(self.base) + u128::from(self.current.refunded) + u128::from(self.current.late);
         let left = gross.saturating_sub(u128::from(self.current.spent));
         // Live, decide() keeps spent - refunded <= base, so `left <= base` fits;
         // the clamp only matters in the middle of an out-of-order replay.
@@ -80,8 +86,10 @@ impl Budget {
         self.current.spent
     }
 
+    /// Refunded into the current period: its own spends' refunds and earlier
+    /// periods' credited to it.
     pub(crate) fn refunded(&self) -> u64 {
-        self.current.refunded
+        self.current.refunded.saturating_add(self.current.late)
     }
 
     pub(crate) fn decide(
@@ -137,7 +145,16 @@ impl Budget {
                 if let Some(by) = self.refunds.get(spend) {
                     return Err(LedgerError::AlreadyRefunded { op: spend.clone(), by: by.clone() });
                 }
-                BudgetFact::Refunded { spend: spend.clone(), period, amount }
+                // A later period than the spend's: the refund is credited to the
+                // current one (the spend's own is over and its budget gone).
+                let into = (period < self.period).then_some(self.period);
+                if into.is_some() {
+                    self.current
+                        .late
+                        .checked_add(amount)
+                        .ok_or(LedgerError::AmountOverflow { field: "refunded", amount })?;
+                }
+                BudgetFact::Refunded { spend: spend.clone(), period, amount, into }
             }
         };
         Ok(BudgetDecision::New(fact))
@@ -171,9 +188,18 @@ impl Budget {
                     t.spent = t.spent.wrapping_add(*amount);
                 }
             }
-            BudgetFact::Refunded { spend, period, amount } => {
-                if let Some(t) = self.totals_mut(*period) {
-                    t.refunded = t.refunded.wrapping_add(*amount);
+            BudgetFact::Refunded { spend, period, amount, into } => {
+                match into {
+                    Some(into) if into != period => {
+                        if let Some(t) = self.totals_mut(*into) {
+                            t.late = t.late.wrapping_add(*amount);
+                        }
+                    }
+                    _ => {
+                        if let Some(t) = self.totals_mut(*period) {
+                            t.refunded = t.refunded.wrapping_add(*amount);
+                        }
+                    }
                 }
                 self.refunds.insert(spend.clone(), op.clone());
             }
@@ -214,12 +240,16 @@ impl Budget {
     }
 
     pub(crate) fn check_invariants(&self) -> Result<(), String> {
-        let PeriodTotals { spent, refunded } = self.current;
+        let PeriodTotals { spent, refunded, late } = self.current;
         if refunded > spent {
             return Err(format!("refunded {refunded} > spent {spent}"));
         }
-        if spent - refunded > self.base {
-            return Err(format!("net spend {} exceeds the period's budget {}", spent - refunded, self.base));
+        if u128::from(spent - refunded) > u128::from(self.base) + u128::from(late) {
+            return Err(format!(
+                "net spend {} exceeds the period's budget {} plus {late} refunded from earlier periods",
+                spent - refunded,
+                self.base
+            ));
         }
         if !self.early.is_empty() {
             return Err(format!(

@@ -44,13 +44,15 @@
 //! | [`set_budget`](Ledger::set_budget)`(op, t, p, b, weekly)` | the weekly budget; applies from the next recharge | `InvalidAmount` |
 //! | [`recharge`](Ledger::recharge)`(op, t, p, b)` | a new period: `available = weekly`, `spent = refunded = 0` (topped up, not added, R20) | `UnknownBudget` |
 //! | [`spend`](Ledger::spend)`(op, t, p, b, n)` | `available -= n`, `spent += n` | `BudgetExhausted`, `UnknownBudget` |
-//! | [`refund_spend`](Ledger::refund_spend)`(op, t, p, b, spend)` | gives a spend of the current period back to the budget, at most once | `UnknownSpend`, `AlreadyRefunded` |
+//! | [`refund_spend`](Ledger::refund_spend)`(op, t, p, b, spend)` | gives a spend back to the current period's budget, at most once (a spend of an earlier period too: its refund is credited to this one, and lapses at the next recharge if unspent) | `UnknownSpend`, `AlreadyRefunded` |
 //!
 //! **Invariant**: `available + spent - refunded == weekly budget at the last
-//! recharge`, so the net spend of a period never exceeds its budget, not even by
-//! one lead. A refund of a spend from an earlier period is recorded (at most
-//! once) but does not raise this period's budget: the recharge already topped
-//! it up.
+//! recharge`, so the net spend of a period never exceeds its budget plus what was
+//! refunded into it, not even by one lead. A refund of a spend from an earlier
+//! period (an R12 guarantee of a week or more always is one) is credited to the
+//! current period: the budget is what the pro's pack pays for, so a refunded lead
+//! must give back something the pro can use. Unspent, it lapses at the next
+//! recharge with the rest of the week's budget (R20: topped up, not added).
 //!
 //! # Idempotency and errors
 //!
@@ -157,7 +159,8 @@ pub struct BudgetBalance {
     pub available: u64,
     /// Spent in the current period (refunds not subtracted).
     pub spent: u64,
-    /// Refunded in the current period.
+    /// Refunded into the current period (refunds of earlier periods' spends
+    /// included: they are credited to the period they were decided in).
     pub refunded: u64,
     /// Number of recharges so far (0: never recharged, nothing to spend).
     pub period: u64,

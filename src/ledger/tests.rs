@@ -599,21 +599,51 @@ fn r22_r23_refunded_spend_returns_to_the_budget_once() {
 }
 
 #[test]
-fn r20_refund_of_last_weeks_spend_does_not_raise_this_weeks_budget() {
+fn r12_r20_refund_of_last_weeks_spend_is_credited_to_this_week_and_lapses_at_the_next_recharge() {
     let l = Ledger::new();
     weekly(&l, 20);
     l.recharge(op("w1"), &t(), &p(), &b()).unwrap();
     l.spend(op("s1"), &t(), &p(), &b(), 15).unwrap();
     l.recharge(op("w2"), &t(), &p(), &b()).unwrap();
-    l.refund_spend(op("r1"), &t(), &p(), &b(), &op("s1")).unwrap();
+    l.spend(op("s2"), &t(), &p(), &b(), 20).unwrap();
+    // A week-long guarantee refunds last week's lead: this week's budget gets it.
+    let r = l.refund_spend(op("r1"), &t(), &p(), &b(), &op("s1")).unwrap();
+    assert!(matches!(
+        r.event,
+        LedgerEvent::Budget { fact: BudgetFact::Refunded { period: 1, into: Some(2), .. }, .. }
+    ));
     let got = budget(&l);
-    assert_eq!((got.available, got.spent, got.refunded), (20, 0, 0));
+    assert_eq!((got.available, got.spent, got.refunded), (15, 20, 15));
+    l.check_invariants().unwrap();
     // Still at most once.
     assert!(matches!(
         l.refund_spend(op("r2"), &t(), &p(), &b(), &op("s1")),
         Err(LedgerError::AlreadyRefunded { .. })
     ));
+    // Spent within the week, like the rest of it (R22: a retried lead can be bought)...
+    l.spend(op("s3"), &t(), &p(), &b(), 10).unwrap();
+    assert_eq!(budget(&l).available, 5);
+    // ...and what is left lapses at the recharge: topped up, not added (R20).
+    l.recharge(op("w3"), &t(), &p(), &b()).unwrap();
+    let got = budget(&l);
+    assert_eq!((got.available, got.spent, got.refunded), (20, 0, 0));
     l.check_invariants().unwrap();
+    // Replayed in reverse order, the same facts end in the same state: the period a
+    // refund is credited to is in its fact, not taken from the replaying ledger.
+    let live = Ledger::new();
+    let events = vec![
+        live.set_budget(op("set"), &t(), &p(), &b(), 20).unwrap().event,
+        live.recharge(op("w1"), &t(), &p(), &b()).unwrap().event,
+        live.spend(op("s1"), &t(), &p(), &b(), 15).unwrap().event,
+        live.recharge(op("w2"), &t(), &p(), &b()).unwrap().event,
+        live.refund_spend(op("r1"), &t(), &p(), &b(), &op("s1")).unwrap().event,
+    ];
+    let replayed = Ledger::new();
+    for e in events.iter().rev() {
+        replayed.apply(e);
+    }
+    assert_eq!(replayed.budget(&t(), &p(), &b()), live.budget(&t(), &p(), &b()));
+    assert_eq!(live.budget(&t(), &p(), &b()).unwrap().available, 35);
 }
 
 #[test]

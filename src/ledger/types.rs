@@ -145,9 +145,19 @@ pub enum BudgetFact {
     Recharged { period: u64, to: u64 },
     /// A lead was bought within the budget.
     Spent { period: u64, amount: u64 },
-    /// A spend was refunded (R12/R23); it returns to the budget only if the
-    /// spend belongs to the current period.
-    Refunded { spend: OpId, period: u64, amount: u64 },
+    /// A spend of `period` was refunded (R12/R23). A refund decided in a later
+    /// period than the spend's (a guarantee of a week or more always is) is credited
+    /// to that later period, `into`: the pro may buy that much more until the next
+    /// recharge, which tops up to the weekly budget as always (R20: topped up, not
+    /// added, so an unspent refund lapses with the rest of the week). `None` (and in
+    /// records written before this field): credited to the spend's own period.
+    Refunded {
+        spend: OpId,
+        period: u64,
+        amount: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        into: Option<u64>,
+    },
 }
 
 /// Signed changes a credit fact makes to the five balances of an account.
