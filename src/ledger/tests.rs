@@ -631,7 +631,7 @@ fn r12_r20_refund_of_last_weeks_spend_is_credited_to_this_week_and_lapses_at_the
     // Replayed in reverse order, the same facts end in the same state: the period a
     // refund is credited to is in its fact, not taken from the replaying ledger.
     let live = Ledger::new();
-    let events = vec![
+    let events = [
         live.set_budget(op("set"), &t(), &p(), &b(), 20).unwrap().event,
         live.recharge(op("w1"), &t(), &p(), &b()).unwrap().event,
         live.spend(op("s1"), &t(), &p(), &b(), 15).unwrap().event,
