@@ -248,8 +248,17 @@ pub struct Summary {
     pub warmup_s: f64,
     pub setup_records: u64,
     pub setup_s: f64,
+    /// Requests written to a connection (followups skipped and requests never sent are
+    /// not in it).
     pub sent: u64,
+    /// Publishes written to a connection.
     pub sent_leads: u64,
+    /// Planned requests never written: the daemon closed every ingest connection (or
+    /// the one they were routed to) before their turn came. A run cut short is not a
+    /// measurement of the planned load: any fails the run ([`Summary::failures`]).
+    pub not_sent: u64,
+    /// Of `not_sent`, publishes.
+    pub not_sent_leads: u64,
     /// Requests about a lead (responses, declines, replies) not sent because that
     /// lead's publish had been answered with an error (e.g. shed as `overloaded`): a
     /// platform does not act on a lead rota refused. Those whose lead's answer had not
@@ -290,6 +299,37 @@ pub struct Summary {
     /// What the stream subscriptions' departures and resumes did (`--resubscribe-every`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resubscribe: Option<ResubscribeSummary>,
+}
+
+impl Summary {
+    /// The promises the run saw broken, one line each; empty = the run passed. The
+    /// exit code of a replay is 1 when this is not empty (a run cut short included:
+    /// what it measured is not the planned load).
+    pub fn failures(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        if self.not_sent > 0 {
+            f.push(format!(
+                "{} planned requests ({} leads) never sent: the daemon closed the ingest connections",
+                self.not_sent, self.not_sent_leads
+            ));
+        }
+        if self.missing_replies > 0 {
+            f.push(format!("{} requests unanswered", self.missing_replies));
+        }
+        if self.violations.total() > 0 {
+            f.push(format!("{} exactly-once violations", self.violations.total()));
+        }
+        if self.stream_seq_gaps > 0 {
+            f.push(format!("{} stream sequence gaps", self.stream_seq_gaps));
+        }
+        if self.stream_closed_early {
+            f.push("a stream subscription was closed by the server (or could not resume)".into());
+        }
+        if self.resubscribe.as_ref().is_some_and(|r| r.failed()) {
+            f.push("a resume lost events or could not reconnect".into());
+        }
+        f
+    }
 }
 
 /// `--resubscribe-every`: the resumes of the run.
@@ -1011,6 +1051,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let mut dead = vec![false; sinks.len()];
     let mut i = 0;
     let mut skipped: u64 = 0;
+    // Written to a connection; routed to a connection already closed (never sent).
+    let (mut sent_total, mut sent_leads, mut lost) = (0u64, 0u64, 0u64);
     // Per lead (by ordinal), the connection its publish went on.
     let mut lead_conn: Vec<u32> = vec![u32::MAX; total_leads];
     let items = &plan.items;
@@ -1020,7 +1062,11 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let cpu_start = crate::hostcpu::sample();
     while i < items.len() {
         if live.load(Ordering::Relaxed) == 0 {
-            eprintln!("replay: every ingest connection closed; stopping after {i} sends");
+            eprintln!(
+                "replay: every ingest connection closed; stopping with {} of {} planned requests not sent",
+                items.len() - i,
+                items.len()
+            );
             break;
         }
         let now = mono_ns().saturating_sub(start_ns);
@@ -1030,6 +1076,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         }
         let now = mono_ns().saturating_sub(start_ns);
         let mut k = 0;
+        let mut fed = 0u64;
         while i < items.len() && items[i].t_ns <= now && k < MAX_BATCH {
             let item = items[i];
             let r = &timed[item.rec as usize];
@@ -1051,23 +1098,30 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let req = loc.localize(r, &lap, item.lap, item.lead_ord, wall);
             let id = format!("i{i}");
             wire::encode_into(enc, &Envelope { id: &id, request: &req }, &mut buf);
+            let is_lead = matches!(r.request, Request::PublishLead { .. });
+            i += 1;
+            k += 1;
+            if dead[c] || sinks[c].feed(message(enc, &buf)).await.is_err() {
+                // Never written: counted as not sent, not as a request left unanswered.
+                dead[c] = true;
+                lost += 1;
+                continue;
+            }
             if recording {
                 sent_log.push((id, req));
             }
-            if !dead[c] && sinks[c].feed(message(enc, &buf)).await.is_err() {
-                dead[c] = true;
-            }
             dirty[c] = true;
-            lags.push((i, now - item.t_ns));
-            i += 1;
-            k += 1;
+            lags.push((i - 1, now - item.t_ns));
+            fed += 1;
+            sent_leads += u64::from(is_lead);
         }
+        sent_total += fed;
         for (c, d) in dirty.iter_mut().enumerate() {
             if std::mem::take(d) && !dead[c] && sinks[c].flush().await.is_err() {
                 dead[c] = true;
             }
         }
-        sent.fetch_add(k as u64, Ordering::Relaxed);
+        sent.fetch_add(fed, Ordering::Relaxed);
         {
             let mut r = rec.lock().expect("no thread panics holding the recorder");
             // Lag measured at the start of the batch: encoding time is the tool's too.
@@ -1090,7 +1144,13 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             tokio::task::yield_now().await;
         }
     }
-    let sent_total = i as u64 - skipped;
+    // Planned but never written: the sender stopped early (every ingest connection
+    // closed), or the request's connection was already closed.
+    let planned_leads = plan.lead_item.len() as u64;
+    let not_sent = (items.len() - i) as u64 + lost;
+    // Publishes are never skipped: every planned one is sent or not sent.
+    let not_sent_leads = planned_leads - sent_leads;
+    debug_assert_eq!(sent_total + skipped + not_sent, items.len() as u64);
     let send_end = mono_ns();
     let host = cpu_start.zip(crate::hostcpu::sample()).and_then(|(a, b)| crate::hostcpu::between(&a, &b));
 
@@ -1135,7 +1195,6 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let mut r = rec.lock().expect("no thread panics holding the recorder");
     let timed_s = (send_end.max(start_ns) - start_ns) as f64 / 1e9;
     let _ = end_ns;
-    let sent_leads = plan.lead_item.len() as u64;
     if let Some(log) = r.log.as_mut() {
         log.finish()?;
     }
@@ -1162,6 +1221,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         setup_s,
         sent: sent_total,
         sent_leads,
+        not_sent,
+        not_sent_leads,
         followups_skipped: skipped,
         replies: r.replies,
         missing_replies: sent_total.saturating_sub(r.replies),

@@ -58,8 +58,16 @@ pub fn table(s: &Summary) -> String {
     }
     let _ = writeln!(
         out,
-        "sent {} ({} leads), replies {} (missing {}), accepted {}, rejected {}, stream events {}",
-        s.sent, s.sent_leads, s.replies, s.missing_replies, s.acks_accepted, s.acks_rejected, s.stream_events
+        "sent {} ({} leads), not sent {} ({} leads), replies {} (missing {}), accepted {}, rejected {}, stream events {}",
+        s.sent,
+        s.sent_leads,
+        s.not_sent,
+        s.not_sent_leads,
+        s.replies,
+        s.missing_replies,
+        s.acks_accepted,
+        s.acks_rejected,
+        s.stream_events
     );
     if s.followups_skipped > 0 {
         let _ = writeln!(
@@ -135,6 +143,12 @@ pub fn table(s: &Summary) -> String {
     );
     for e in v.examples.iter().take(5) {
         let _ = writeln!(out, "  {e}");
+    }
+    let failures = s.failures();
+    if failures.is_empty() {
+        let _ = writeln!(out, "checks: passed");
+    } else {
+        let _ = writeln!(out, "checks: FAILED: {}", failures.join("; "));
     }
     out
 }

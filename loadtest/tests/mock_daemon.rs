@@ -1,0 +1,357 @@
+//! The load tool against a scripted stand-in for rota: a websocket server that speaks
+//! just enough of protocol v1 (docs/PROTOCOL.md) to answer a replay, and misbehaves on
+//! cue (closes connections, refuses leads, answers `unavailable` for a lead it stored),
+//! so the tool's own verdicts can be checked without the real daemon and without
+//! depending on timing.
+
+use futures_util::{SinkExt, StreamExt};
+use rota_loadtest::replay::{self, ReplayConfig, Summary};
+use rota_loadtest::schedule::Pacing;
+use rota_loadtest::trace::{Record, TRACE_EPOCH_MS};
+use rota_loadtest::wire::{self, Availability, Client, ContactPrefs, Encoding, Lead, Pro, Request};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::handshake::server::{Request as HttpRequest, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// What the stand-in does with the n-th publish (1-based, over the whole run).
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)]
+enum Fate {
+    /// `ok`, accepted and offered to `p1` at once; events `lead_accepted`, `offered`.
+    Accept,
+    /// An `error` reply with this code. `stored`: the lead was stored all the same and
+    /// its events follow (a request in doubt, such as one answered `unavailable`).
+    Error { code: &'static str, stored: bool },
+}
+
+/// How the stand-in behaves over a run.
+struct Script {
+    fate: Box<dyn Fn(u64) -> Fate + Send>,
+    /// After answering this many publishes, close every ingest connection (a daemon
+    /// going away), keeping the stream subscriptions open.
+    close_ingest_after: Option<u64>,
+    /// After answering this many publishes, close every stream subscription with 4008.
+    close_streams_after: Option<u64>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script { fate: Box::new(|_| Fate::Accept), close_ingest_after: None, close_streams_after: None }
+    }
+}
+
+/// One subscriber: its encoding and where its frames go.
+type Subscriber = (Encoding, UnboundedSender<Message>);
+
+/// A daemon tenant (one per token): its stream.
+#[derive(Default)]
+struct Tenant {
+    next_seq: u64,
+    subscribers: Vec<Subscriber>,
+}
+
+struct Shared {
+    script: Script,
+    leads: u64,
+    tenants: HashMap<String, Tenant>,
+    /// `subscribe` requests answered.
+    subscriptions: u64,
+    close_ingest: watch::Sender<bool>,
+}
+
+#[allow(dead_code)]
+struct Mock {
+    addr: String,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Mock {
+    /// Listens on a loopback port, on a thread of its own, for the rest of the test.
+    fn start(script: Script) -> Mock {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        std_listener.set_nonblocking(true).expect("non-blocking");
+        let addr = std_listener.local_addr().expect("an address").to_string();
+        let shared = Arc::new(Mutex::new(Shared {
+            script,
+            leads: 0,
+            tenants: HashMap::new(),
+            subscriptions: 0,
+            close_ingest: watch::channel(false).0,
+        }));
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("a tokio listener");
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tokio::spawn(serve(tcp, s.clone()));
+                }
+            });
+        });
+        Mock { addr, shared }
+    }
+
+    #[allow(dead_code)]
+    fn subscriptions(&self) -> u64 {
+        self.shared.lock().unwrap().subscriptions
+    }
+}
+
+fn frame(enc: Encoding, v: &Value) -> Message {
+    let mut buf = Vec::new();
+    wire::encode_into(enc, v, &mut buf);
+    match enc {
+        Encoding::Json => Message::Text(String::from_utf8(buf).expect("JSON is UTF-8")),
+        Encoding::Msgpack => Message::Binary(buf),
+    }
+}
+
+// The handshake callback's signature is tungstenite's (its error is an HTTP response).
+#[allow(clippy::result_large_err)]
+async fn serve(tcp: TcpStream, shared: Arc<Mutex<Shared>>) {
+    let (mut token, mut proto) = (String::new(), String::new());
+    let accepted = tokio_tungstenite::accept_hdr_async(tcp, |req: &HttpRequest, mut resp: Response| {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+        token = header("authorization").trim_start_matches("Bearer ").to_string();
+        proto = header("sec-websocket-protocol").split(',').next().unwrap_or("").trim().to_string();
+        resp.headers_mut().insert("sec-websocket-protocol", proto.parse().expect("a header value"));
+        Ok(resp)
+    })
+    .await;
+    let Ok(ws) = accepted else { return };
+    let enc = if proto == wire::SUBPROTOCOL_JSON { Encoding::Json } else { Encoding::Msgpack };
+    let (mut tx, mut rx) = ws.split();
+    let mut closing = shared.lock().unwrap().close_ingest.subscribe();
+    loop {
+        if *closing.borrow_and_update() {
+            let _ = tx.send(Message::Close(None)).await;
+            return;
+        }
+        let m = tokio::select! {
+            _ = closing.changed() => continue,
+            m = rx.next() => m,
+        };
+        let bytes = match &m {
+            Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+            Some(Ok(Message::Binary(b))) => b.clone(),
+            Some(Ok(_)) => continue,
+            _ => return,
+        };
+        let req: Value = wire::decode(enc, &bytes).expect("a request the stand-in can read");
+        let id = req["id"].clone();
+        match req["type"].as_str() {
+            Some("subscribe") => {
+                let (etx, mut erx) = unbounded_channel();
+                let next_seq = {
+                    let mut sh = shared.lock().unwrap();
+                    sh.subscriptions += 1;
+                    let t = sh.tenants.entry(token.clone()).or_default();
+                    t.subscribers.push((enc, etx));
+                    t.next_seq + 1
+                };
+                let ok =
+                    json!({"type": "ok", "id": id, "result": {"subscribed": true, "next_seq": next_seq}});
+                let _ = tx.send(frame(enc, &ok)).await;
+                // From here on a stream: events out until the stand-in or the client
+                // closes it.
+                loop {
+                    tokio::select! {
+                        e = erx.recv() => {
+                            let Some(e) = e else { return };
+                            let close = e.is_close();
+                            let _ = tx.send(e).await;
+                            if close {
+                                return;
+                            }
+                        }
+                        m = rx.next() => match m {
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                            Some(Ok(_)) => {}
+                        },
+                    }
+                }
+            }
+            Some("publish_lead") => {
+                let lead = req["lead"]["id"].as_str().expect("a lead id").to_string();
+                let (reply, close_ingest) = {
+                    let mut sh = shared.lock().unwrap();
+                    sh.leads += 1;
+                    let n = sh.leads;
+                    let fate = (sh.script.fate)(n);
+                    let (reply, stored) = match fate {
+                        Fate::Accept => (
+                            json!({"type": "ok", "id": id, "result": {"lead": lead, "status": "accepted",
+                            "offers": [["p1", "direct"]]}}),
+                            true,
+                        ),
+                        Fate::Error { code, stored } => {
+                            (json!({"type": "error", "id": id, "code": code, "message": "scripted"}), stored)
+                        }
+                    };
+                    if stored {
+                        let t = sh.tenants.entry(token.clone()).or_default();
+                        for ev in [
+                            json!({"event": "lead_accepted", "lead": lead}),
+                            json!({"event": "offered", "lead": lead, "pro": "p1"}),
+                        ] {
+                            t.next_seq += 1;
+                            let e = json!({"type": "event", "seq": t.next_seq, "event": ev});
+                            for (enc, s) in &t.subscribers {
+                                let _ = s.send(frame(*enc, &e));
+                            }
+                        }
+                    }
+                    let close_ingest = sh.script.close_ingest_after == Some(n);
+                    if sh.script.close_streams_after == Some(n) {
+                        let close =
+                            CloseFrame { code: CloseCode::from(4008), reason: "slow subscriber".into() };
+                        for t in sh.tenants.values() {
+                            for (_, s) in &t.subscribers {
+                                let _ = s.send(Message::Close(Some(close.clone())));
+                            }
+                        }
+                    }
+                    (reply, close_ingest)
+                };
+                let _ = tx.send(frame(enc, &reply)).await;
+                if close_ingest {
+                    let _ = shared.lock().unwrap().close_ingest.send(true);
+                }
+            }
+            _ => {
+                let _ = tx.send(frame(enc, &json!({"type": "ok", "id": id, "result": {"done": true}}))).await;
+            }
+        }
+    }
+}
+
+fn lead(n: usize) -> Lead {
+    Lead {
+        id: format!("L{n}"),
+        category: "painting".into(),
+        zone: "bologna".into(),
+        location: None,
+        description: "Repaint a two-room flat".into(),
+        details: Default::default(),
+        attributes: vec![],
+        client: Client {
+            id: format!("c{n}"),
+            name: "Anna Rossi".into(),
+            phone: "+39 333 1234567".into(),
+            phone_verified: true,
+            contact: ContactPrefs { call: true, whatsapp: false, chat: true },
+            address: None,
+            pro_id: None,
+        },
+        direct: vec![],
+        kind: "match".into(),
+        created_at: TRACE_EPOCH_MS,
+    }
+}
+
+/// One pro upserted at setup, then `leads` publishes 10 ms apart (on the trace clock),
+/// each followed by `others` requests that are not about the lead; every record for
+/// `tenant`.
+fn trace(leads: usize, others: usize, tenant: Option<&str>) -> Vec<Record> {
+    let rec = |at_ms: u64, request: Request| Record { at_ms, tenant: tenant.map(str::to_string), request };
+    let pro = Pro {
+        id: "p1".into(),
+        categories: vec!["painting".into()],
+        zones: vec!["bologna".into()],
+        base: None,
+        radius_km: None,
+        quality: Default::default(),
+        refuses: vec![],
+        availability: Default::default(),
+        autobuy: vec![],
+    };
+    let mut out = vec![rec(0, Request::UpsertPro { pro })];
+    for n in 0..leads {
+        let at = 10 * n as u64;
+        out.push(rec(at, Request::PublishLead { lead: lead(n) }));
+        for _ in 0..others {
+            out.push(rec(
+                at,
+                Request::SetAvailability { pro: "p1".into(), availability: Availability::default() },
+            ));
+        }
+    }
+    out
+}
+
+fn config(m: &Mock, pacing: Pacing, tag: &str) -> ReplayConfig {
+    ReplayConfig {
+        url: format!("ws://{}", m.addr),
+        tokens: vec![(None, "tok".into())],
+        connections: 1,
+        pacing,
+        duration: None,
+        encoding: Encoding::Json,
+        drain: Duration::from_secs(5),
+        batch: Duration::from_micros(200),
+        run_tag: tag.into(),
+        progress: false,
+        interval: Duration::from_secs(1),
+        allowed_hosts: vec![],
+        threads: 1,
+        skip_setup: false,
+        record: None,
+        stalled_subscribers: 0,
+        stream_batch: true,
+        resubscribe: None,
+        warmup: Duration::ZERO,
+    }
+}
+
+fn run(cfg: &ReplayConfig, records: &[Record]) -> Summary {
+    replay::run(cfg, records).expect("the replay runs").summary
+}
+
+#[test]
+fn a_well_behaved_stand_in_passes() {
+    let m = Mock::start(Script::default());
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "ok"), &trace(50, 1, None));
+    assert_eq!((s.sent, s.sent_leads, s.not_sent), (100, 50, 0), "{s:#?}");
+    assert_eq!(s.delivery.count, 50);
+    assert!(s.failures().is_empty(), "{:?}", s.failures());
+}
+
+/// The daemon closes every ingest connection after the fifth lead: the sender stops,
+/// and what it never sent is counted and fails the run, instead of a run that looks
+/// complete (every request it did send answered, every answered lead delivered).
+#[test]
+fn a_run_the_daemon_cut_short_fails_and_counts_what_was_never_sent() {
+    let m = Mock::start(Script { close_ingest_after: Some(5), ..Script::default() });
+    // 40 leads 50 ms apart: the close reaches the tool long before the next lead is due.
+    let s = run(&config(&m, Pacing::Rate(20.0), "cut"), &trace(40, 0, None));
+    assert!(s.sent_leads < 40, "leads actually sent, not the plan: {s:#?}");
+    assert!(s.not_sent > 0 && s.not_sent_leads > 0, "{s:#?}");
+    assert_eq!(s.sent + s.not_sent + s.followups_skipped, 40);
+    assert_eq!(s.sent_leads + s.not_sent_leads, 40);
+    let f = s.failures();
+    assert!(f.iter().any(|f| f.contains("never sent")), "{f:?}");
+    let table = rota_loadtest::report::table(&s);
+    assert!(table.contains(&format!("not sent {}", s.not_sent)), "{table}");
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["not_sent"], s.not_sent);
+}
+
+/// The daemon closes the stream subscription (4008) while the ingest connections go on:
+/// the deliveries after it cannot be checked, and the run fails.
+#[test]
+fn a_stream_closed_by_the_daemon_fails_the_run() {
+    let m = Mock::start(Script { close_streams_after: Some(3), ..Script::default() });
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "closed"), &trace(20, 0, None));
+    assert!(s.stream_closed_early, "{s:#?}");
+    let f = s.failures();
+    assert!(f.iter().any(|f| f.contains("closed by the server")), "{f:?}");
+    assert!(rota_loadtest::report::table(&s).contains("checks: FAILED"));
+}
