@@ -64,9 +64,9 @@ struct ReplayArgs {
     duration: Option<Duration>,
     #[arg(long, value_enum, default_value_t = Encoding::Msgpack)]
     encoding: Encoding,
-    /// Send at the schedule's pace for this long first, on top of --duration, and leave
-    /// it out of the latency figures and the throughput (everything is still checked
-    /// exactly once; the intervals still show it): `2s`. wrk2's calibration period.
+    /// Send at the schedule's pace for this long first, on top of --duration (required),
+    /// and leave it out of the latency figures and the throughput (everything is still
+    /// checked exactly once; the intervals still show it): `2s`. wrk2's calibration period.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     warmup: Duration,
     /// Wait this long after the last send for replies and stream events.
@@ -127,7 +127,8 @@ struct ReplayArgs {
     chart_out: Option<PathBuf>,
     #[arg(long)]
     no_progress: bool,
-    /// Search the highest rate within --p99-bound-ms, starting at --rate (default 1000).
+    /// Search the highest rate within --p99-bound-ms, starting at --rate (default 1000);
+    /// each step sends for --duration (required).
     #[arg(long)]
     max_rate: bool,
     #[arg(long, default_value_t = 3.0)]
@@ -193,12 +194,32 @@ fn run() -> anyhow::Result<u8> {
     }
 }
 
-fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
-    // Refused before the trace is read (it can take a while).
-    let resubscribe = a.resubscribe_every.map(|every| Resubscribe { every, away: a.away });
-    if let Some(r) = &resubscribe {
-        r.validate()?;
+/// Flags that do not go together, refused before the trace is read (it can take a
+/// while).
+fn check_args(a: &ReplayArgs) -> anyhow::Result<()> {
+    if let Some(every) = a.resubscribe_every {
+        Resubscribe { every, away: a.away }.validate()?;
     }
+    // Without --duration the trace is replayed once, and a warm-up would be carved out
+    // of that one pass: fewer leads measured the higher the rate.
+    anyhow::ensure!(
+        a.warmup.is_zero() || a.duration.is_some(),
+        "--warmup needs --duration (the measured time after the warm-up): without it the trace is \
+         replayed once and the warm-up would be taken out of that one pass"
+    );
+    // Every step of the search must measure the same time; one pass of the trace gets
+    // shorter as the rate rises.
+    anyhow::ensure!(
+        !a.max_rate || a.duration.is_some(),
+        "--max-rate needs --duration (how long each step sends): one pass of the trace gets shorter as \
+         the rate rises"
+    );
+    Ok(())
+}
+
+fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
+    check_args(&a)?;
+    let resubscribe = a.resubscribe_every.map(|every| Resubscribe { every, away: a.away });
     let records = trace::read(&a.trace)?;
     let pacing = match (&a.speed, a.rate) {
         (Some(s), _) => Pacing::Speed(parse_speed(s)?),
@@ -291,13 +312,33 @@ mod tests {
         assert!(parse_speed("0x").is_err());
     }
 
+    fn args(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let mut v = vec!["rota-loadtest", "replay", "--trace", "t.msgpack"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v)
+    }
+
+    /// Parses and checks replay flags: the error message, if any.
+    fn refused(extra: &[&str]) -> Option<String> {
+        match args(extra) {
+            Err(e) => Some(e.to_string()),
+            Ok(Cli { cmd: Cmd::Replay(a) }) => check_args(&a).err().map(|e| e.to_string()),
+            Ok(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn warmup_and_max_rate_need_a_duration() {
+        let e = refused(&["--warmup", "2s"]).expect("a warm-up without --duration is refused");
+        assert!(e.contains("--warmup") && e.contains("--duration"), "{e}");
+        assert_eq!(refused(&["--warmup", "2s", "--duration", "10s"]), None);
+        let e = refused(&["--max-rate", "--rate", "500"]).expect("a search without --duration is refused");
+        assert!(e.contains("--max-rate") && e.contains("--duration"), "{e}");
+        assert_eq!(refused(&["--max-rate", "--rate", "500", "--duration", "5s"]), None);
+    }
+
     #[test]
     fn away_needs_resubscribe_every() {
-        let args = |extra: &[&str]| {
-            let mut v = vec!["rota-loadtest", "replay", "--trace", "t.msgpack"];
-            v.extend_from_slice(extra);
-            Cli::try_parse_from(v)
-        };
         assert!(args(&[]).is_ok());
         assert!(args(&["--resubscribe-every", "5s"]).is_ok());
         assert!(args(&["--away", "1s"]).is_err(), "--away alone does nothing");

@@ -793,6 +793,13 @@ const MAX_BATCH: usize = 2048;
 pub fn run(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Outcome> {
     check_target(&cfg.url, &cfg.allowed_hosts)?;
     anyhow::ensure!((1..=1024).contains(&cfg.connections), "connections must be in 1..=1024");
+    // The warm-up comes on top of the duration; without one it would be carved out of
+    // the trace's single pass.
+    anyhow::ensure!(
+        cfg.warmup.is_zero() || cfg.duration.is_some(),
+        "--warmup needs --duration: without it the trace is replayed once and the warm-up would be \
+         taken out of that one pass"
+    );
     if let Some(r) = &cfg.resubscribe {
         r.validate()?;
     }

@@ -67,6 +67,8 @@ pub fn max_rate(
     bound_ms: f64,
 ) -> anyhow::Result<SearchResult> {
     anyhow::ensure!(start_rate > 0.0 && ceiling >= start_rate, "need 0 < start rate <= ceiling");
+    // Without a duration each step is one pass of the trace, shorter the higher the rate.
+    anyhow::ensure!(base.duration.is_some(), "--max-rate needs --duration (how long each step sends)");
     let mut steps = Vec::new();
     let mut best: Option<Summary> = None;
     let mut run = |rate: f64, steps: &mut Vec<Step>| -> anyhow::Result<bool> {

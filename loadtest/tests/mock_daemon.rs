@@ -355,3 +355,18 @@ fn a_stream_closed_by_the_daemon_fails_the_run() {
     assert!(f.iter().any(|f| f.contains("closed by the server")), "{f:?}");
     assert!(rota_loadtest::report::table(&s).contains("checks: FAILED"));
 }
+
+/// Without a duration the trace is replayed once; a warm-up would be carved out of that
+/// one pass (fewer leads measured the higher the rate), so it is refused.
+#[test]
+fn a_warm_up_without_a_duration_is_refused() {
+    let m = Mock::start(Script::default());
+    let cfg = ReplayConfig { warmup: Duration::from_millis(100), ..config(&m, Pacing::Rate(1_000.0), "w") };
+    let e = replay::run(&cfg, &trace(10, 0, None)).err().expect("refused");
+    assert!(e.to_string().contains("--warmup needs --duration"), "{e}");
+    let cfg = ReplayConfig { duration: Some(Duration::from_millis(50)), ..cfg };
+    let s = run(&cfg, &trace(10, 0, None));
+    // 150 ms of leads at 1,000/s, the first 100 ms of them warm-up.
+    assert_eq!((s.sent_leads, s.ack.count), (150, 50), "{s:#?}");
+    assert!(s.failures().is_empty(), "{:?}", s.failures());
+}
