@@ -438,3 +438,39 @@ fn a_sync_failure_during_an_interval_sync_is_fatal_too() {
     assert!(wal.is_failed().is_some());
     assert!(matches!(wal.append_blocking(vec![(1, vec![])]), Err(WalError::Failed(_))));
 }
+
+/// Records a start replays count as durable from then on: a repeat of a request is
+/// answered from them after an empty append (which syncs nothing new), and their
+/// events are published. A power cut after the restart must not take them away. Here
+/// the record's own sync failed, so it was never durable; the process stopped (the
+/// daemon exits on a failed log) and a new one started without a power cut and read
+/// the record from the page cache.
+#[test]
+fn records_a_start_replayed_survive_a_power_cut_after_it_even_if_never_synced_before() {
+    for seed in 0..32 {
+        let fs = MemFs::new();
+        fs.set_cut_seed(seed);
+        let cfg = small_cfg(MEM_DIR);
+        {
+            let proc_fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+            let (wal, _) = Wal::open(cfg.clone(), proc_fs).unwrap();
+            wal.append_blocking(vec![(1, payload(1, 300))]).unwrap();
+            fs.inject(Fault::SyncError);
+            assert!(wal.append_blocking(vec![(1, payload(2, 300))]).is_err(), "the sync failed");
+        }
+        fs.clear_faults();
+        let proc_fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (wal, rec) = Wal::open(cfg.clone(), proc_fs).unwrap();
+        assert_eq!(rec.last_seq, 2, "seed {seed}: the second record is in the page cache");
+        // A repeat answered from the replayed record: acknowledged after this.
+        wal.append_blocking(vec![]).unwrap();
+        fs.power_cut();
+        drop(wal);
+        let (_, rec) = Wal::open(cfg.clone(), as_dyn(&fs))
+            .unwrap_or_else(|e| panic!("seed {seed}: the log after the power cut does not open: {e}"));
+        assert_eq!(rec.last_seq, 2, "seed {seed}: a record replayed, and answered from, was lost");
+        for r in &rec.records {
+            assert_eq!(r.payload, payload(r.seq, 300), "seed {seed}");
+        }
+    }
+}

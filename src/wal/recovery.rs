@@ -288,6 +288,7 @@ pub(crate) fn recover(
             listing.segments.retain(|(_, p)| *p != torn.segment);
         }
     }
+    make_replayed_durable(fs, dir, &listing.segments, start_seq, &walk)?;
     let log_last = walk.last_seq.max(listing.segments.first().map_or(0, |(f, _)| f - 1));
     if log_last < start_seq - 1 && !listing.segments.is_empty() {
         // The snapshot covers records the log no longer holds (possible only if the
@@ -322,6 +323,40 @@ pub(crate) fn recover(
         recycled: listing.recycled,
     };
     Ok((rec, resume))
+}
+
+/// Makes the records this start replayed durable before anything is answered from
+/// them. What recovery read may be only in the page cache: written by a process that
+/// crashed (kill -9, out of memory) before its sync, or whose sync failed (after an
+/// `EIO` the kernel may mark the pages clean without having written them, so a later
+/// sync does nothing for them). From here on those records count as durable: repeats
+/// are answered from them, their events are published, and the writer appends after
+/// them; a power cut must not then take them away, nor leave a hole before newer
+/// synced records. So the segment recovery ended in is written again from the bytes
+/// just read (dirtying every page, whatever the kernel thought of them) and synced,
+/// every earlier segment read is synced, and so is the directory. After a clean stop
+/// the final snapshot covers the whole log and there is nothing to do.
+fn make_replayed_durable(
+    fs: &dyn Fs,
+    dir: &Path,
+    segments: &[(u64, PathBuf)],
+    start_seq: u64,
+    walk: &Walk,
+) -> Result<(), WalError> {
+    if walk.last_seq < start_seq {
+        return Ok(());
+    }
+    let Some((_, active, end)) = &walk.active else { return Ok(()) };
+    let first_idx = segments.iter().rposition(|(first, _)| *first <= start_seq).unwrap_or(0);
+    for (_, path) in &segments[first_idx..] {
+        let mut file = fs.open(path, OpenMode::Existing).map_err(|e| io_err("open", path, e))?;
+        if path == active {
+            let bytes = fs.read_range(path, 0, *end as usize).map_err(|e| io_err("read", path, e))?;
+            file.write_at(0, &bytes).map_err(|e| io_err("rewrite", path, e))?;
+        }
+        file.sync_data().map_err(|e| io_err("sync", path, e))?;
+    }
+    fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))
 }
 
 fn records_replayed(walk: &Walk, start_seq: u64) -> u64 {
