@@ -232,7 +232,7 @@ pub struct IntervalStat {
 }
 
 /// Everything a run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub run_tag: String,
     pub encoding: Encoding,
@@ -266,6 +266,9 @@ pub struct Summary {
     pub followups_skipped: u64,
     pub replies: u64,
     pub missing_replies: u64,
+    /// Replies to a request that had already been answered (every request gets exactly
+    /// one reply): a protocol violation, also in `errors_by_code` as `duplicate_reply`.
+    pub duplicate_replies: u64,
     pub acks_accepted: u64,
     pub acks_rejected: u64,
     pub errors_by_code: BTreeMap<String, u64>,
@@ -302,9 +305,10 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The promises the run saw broken, one line each; empty = the run passed. The
-    /// exit code of a replay is 1 when this is not empty (a run cut short included:
-    /// what it measured is not the planned load).
+    /// The promises the run saw broken, one line each; empty = the run passed. The one
+    /// failure predicate: the exit code of a replay is 1 when this is not empty (a run
+    /// cut short included: what it measured is not the planned load), and a
+    /// `--max-rate` step fails on it before its own bounds ([`crate::search::verdict`]).
     pub fn failures(&self) -> Vec<String> {
         let mut f = Vec::new();
         if self.not_sent > 0 {
@@ -315,6 +319,9 @@ impl Summary {
         }
         if self.missing_replies > 0 {
             f.push(format!("{} requests unanswered", self.missing_replies));
+        }
+        if self.duplicate_replies > 0 {
+            f.push(format!("{} requests answered twice", self.duplicate_replies));
         }
         if self.violations.total() > 0 {
             f.push(format!("{} exactly-once violations", self.violations.total()));
@@ -1233,6 +1240,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         followups_skipped: skipped,
         replies: r.replies,
         missing_replies: sent_total.saturating_sub(r.replies),
+        duplicate_replies: r.duplicate_replies,
         acks_accepted: r.acks_accepted,
         acks_rejected: r.acks_rejected,
         errors_by_code: errors,

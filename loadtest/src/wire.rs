@@ -15,10 +15,11 @@ pub const SUBPROTOCOL_JSON: &str = "rota.v1.json";
 pub const SUBPROTOCOL_MSGPACK: &str = "rota.v1.msgpack";
 
 /// Frame encoding on the websocket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Encoding {
     Json,
+    #[default]
     Msgpack,
 }
 
