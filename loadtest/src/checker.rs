@@ -161,6 +161,11 @@ impl Checker {
         first
     }
 
+    /// Whether an offer of the lead has been delivered.
+    pub fn offered(&self, ord: u32) -> bool {
+        self.leads.get(ord as usize).is_some_and(|l| !l.stream_offers.is_empty())
+    }
+
     /// Acknowledged leads still waiting for their stream event.
     pub fn pending(&self) -> u64 {
         self.pending

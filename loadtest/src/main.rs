@@ -128,7 +128,11 @@ struct ReplayArgs {
     #[arg(long)]
     no_progress: bool,
     /// Search the highest rate within --p99-bound-ms, starting at --rate (default 1000);
-    /// each step sends for --duration (required).
+    /// each step sends for --duration (required). A lead refused with an error (e.g.
+    /// shed as `overloaded`) counts as delivered above the bound in the p99 a step is
+    /// held to: refusals and slow deliveries together must stay within 1% of the
+    /// measured leads (the `dlv+refus` row). A step also fails on anything that fails a
+    /// plain replay, below 95% of the rate acknowledged, or errors over 1% of requests.
     #[arg(long)]
     max_rate: bool,
     #[arg(long, default_value_t = 3.0)]

@@ -279,6 +279,13 @@ pub struct Summary {
     /// Publishes answered with an error (e.g. `overloaded` when the daemon sheds).
     pub ack_error: Percentiles,
     pub delivery: Percentiles,
+    /// `delivery` with every measured lead refused with an error (e.g. shed as
+    /// `overloaded`) added at [`REFUSED_US`], above any bound: a refused lead is never
+    /// delivered, so it is not left out of the tail. What the `--max-rate` verdict
+    /// bounds: refusals and slow deliveries share the 1% above p99.
+    pub delivery_counting_refused: Percentiles,
+    /// Measured leads (after the warm-up) answered with an error.
+    pub leads_refused: u64,
     /// Replies to everything but publishes.
     pub other_replies: Percentiles,
     /// How late the tool itself sent (actual - intended): the tool's share of latency.
@@ -430,9 +437,16 @@ pub struct Outcome {
     pub interval: Duration,
 }
 
+/// The histograms' highest value: 10 min, in us.
+const HIST_MAX_US: u64 = 600_000_000;
+
+/// The delivery latency a lead refused with an error counts as in
+/// [`Summary::delivery_counting_refused`]: the histograms' top, above any bound.
+pub const REFUSED_US: u64 = HIST_MAX_US;
+
 fn hist(sigfig: u8) -> Histogram<u64> {
     // Microseconds, 1 us to 10 min.
-    Histogram::new_with_bounds(1, 600_000_000, sigfig).expect("constant bounds are valid")
+    Histogram::new_with_bounds(1, HIST_MAX_US, sigfig).expect("constant bounds are valid")
 }
 
 /// Checks that the URL points at loopback or at a host given explicitly.
@@ -636,6 +650,9 @@ struct Recorder {
     last_seq: HashMap<usize, u64>,
     /// `delivery` for the leads whose first offer did not come in a resume's catch-up.
     delivery_live: Histogram<u64>,
+    /// `delivery` plus [`REFUSED_US`] per measured lead refused with an error.
+    delivery_refused: Histogram<u64>,
+    leads_refused: u64,
     /// Departures and resumes (`--resubscribe-every`); the aggregates are filled in at
     /// the end of the run.
     resub: ResubscribeSummary,
@@ -685,6 +702,14 @@ impl Recorder {
             self.iv_errors += 1;
             if is_lead {
                 self.iv_lead_errors += 1;
+                if item.t_ns >= self.warmup_ns {
+                    self.leads_refused += 1;
+                    // Not delivered, as far as a client knows: above any bound. (A lead
+                    // in doubt that was delivered before its error came is already in.)
+                    if !self.checker.offered(item.lead_ord) {
+                        self.delivery_refused.saturating_record(REFUSED_US);
+                    }
+                }
                 self.checker.on_ack_error(item.lead_ord);
                 if let Some(r) = self.refused.get(item.lead_ord as usize) {
                     r.store(true, Ordering::Relaxed);
@@ -753,6 +778,10 @@ impl Recorder {
                         self.delivery.saturating_record(lat);
                         if !catching_up {
                             self.delivery_live.saturating_record(lat);
+                        }
+                        // A refused lead is already in at REFUSED_US.
+                        if !self.refused.get(ord as usize).is_some_and(|r| r.load(Ordering::Relaxed)) {
+                            self.delivery_refused.saturating_record(lat);
                         }
                     }
                     self.iv_delivery.saturating_record(lat);
@@ -998,6 +1027,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         // just before it (and is where a resume before any event goes on from).
         last_seq: streams.iter().enumerate().map(|(i, s)| (i, s.2.saturating_sub(1))).collect(),
         delivery_live: hist(3),
+        delivery_refused: hist(3),
+        leads_refused: 0,
         resub: ResubscribeSummary {
             every_s: cfg.resubscribe.map_or(0.0, |r| r.every.as_secs_f64()),
             away_s: cfg.resubscribe.map_or(0.0, |r| r.away.as_secs_f64()),
@@ -1248,6 +1279,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         ack_ok: Percentiles::of(&r.ack_ok),
         ack_error: Percentiles::of(&r.ack_error),
         delivery: Percentiles::of(&r.delivery),
+        delivery_counting_refused: Percentiles::of(&r.delivery_refused),
+        leads_refused: r.leads_refused,
         other_replies: Percentiles::of(&r.other),
         send_lag: Percentiles::of(&r.lag),
         ack_ok_service: Percentiles::of(&r.ack_ok_service),

@@ -31,6 +31,10 @@ pub fn table(s: &Summary) -> String {
         row(&mut out, "ack error", &s.ack_error);
     }
     row(&mut out, "delivery", &s.delivery);
+    if s.leads_refused > 0 {
+        // What --max-rate bounds: each refused lead counts as delivered after 10 min.
+        row(&mut out, "dlv+refus", &s.delivery_counting_refused);
+    }
     if let Some(r) = &s.resubscribe {
         // Leads whose first offer came in a resume's catch-up carry the time away.
         row(&mut out, "dlv live", &r.delivery_outside_catch_up);

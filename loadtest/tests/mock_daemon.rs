@@ -23,7 +23,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// What the stand-in does with the n-th publish (1-based, over the whole run).
 #[derive(Debug, Clone, Copy)]
-#[allow(dead_code)]
 enum Fate {
     /// `ok`, accepted and offered to `p1` at once; events `lead_accepted`, `offered`.
     Accept,
@@ -369,4 +368,39 @@ fn a_warm_up_without_a_duration_is_refused() {
     // 150 ms of leads at 1,000/s, the first 100 ms of them warm-up.
     assert_eq!((s.sent_leads, s.ack.count), (150, 50), "{s:#?}");
     assert!(s.failures().is_empty(), "{:?}", s.failures());
+}
+
+/// A step that sheds 2% of its leads (`overloaded`, under 1% of all requests: each
+/// lead brings two other requests) while delivering the rest at once: the shed leads
+/// count as delivered above the bound, so the step fails whatever the bound.
+#[test]
+fn shed_leads_count_above_the_bound_in_the_search() {
+    let fate = |n: u64| {
+        if n.is_multiple_of(50) {
+            Fate::Error { code: "overloaded", stored: false }
+        } else {
+            Fate::Accept
+        }
+    };
+    let m = Mock::start(Script { fate: Box::new(fate), ..Script::default() });
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "shed"), &trace(200, 2, None));
+    assert_eq!((s.sent, s.leads_refused), (600, 4), "{s:#?}");
+    assert_eq!(s.errors_by_code.get("overloaded"), Some(&4));
+    assert!(s.failures().is_empty(), "a plain replay does not fail on refusals: {:?}", s.failures());
+    assert_eq!(s.delivery.count, 196);
+    assert_eq!(s.delivery_counting_refused.count, 200);
+    let (pass, why) = rota_loadtest::search::verdict(&s, 10_000.0);
+    assert!(!pass, "passed on the p99 of the leads it did not shed: {why}");
+    assert!(why.contains("refused"), "{why}");
+
+    // One lead in 200 refused stays within the 1% above p99.
+    let fate =
+        |n: u64| if n == 100 { Fate::Error { code: "overloaded", stored: false } } else { Fate::Accept };
+    let m = Mock::start(Script { fate: Box::new(fate), ..Script::default() });
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "shed1"), &trace(200, 2, None));
+    assert_eq!(s.leads_refused, 1);
+    assert!(s.delivery_counting_refused.p99 < 10_000.0, "{s:#?}");
+    // (Whether the step passes also depends on the rate achieved over its 0.2 s.)
+    let (_, why) = rota_loadtest::search::verdict(&s, 10_000.0);
+    assert!(!why.contains("p99 delivery"), "{why}");
 }
