@@ -4,7 +4,15 @@
 //!   accepted leads, `lead_rejected` for rejected ones);
 //! * no offer `(lead, pro)` is delivered twice;
 //! * every offer listed in a publish acknowledgement is delivered;
-//! * a lead whose publish was answered with an error is never delivered.
+//! * a lead whose publish was answered with an error is never delivered;
+//! * the stream says what the acknowledgement said: `lead_accepted` for a lead
+//!   acknowledged `accepted`, `lead_rejected` for one acknowledged `rejected`;
+//! * offers go only to leads that were accepted: none for a lead acknowledged
+//!   `rejected` or refused with an error, none without its `lead_accepted` event.
+//!
+//! A publish answered `unavailable` is in doubt, not refused (docs/PROTOCOL.md: the
+//! request may have been stored; send it again): like one never answered, its lead may
+//! or may not appear, but at most once.
 //!
 //! Leads are dense ordinals (see `schedule`), pros are interned, so the state per
 //! lead is a few bytes plus its offers.
@@ -18,7 +26,19 @@ enum Ack {
     None,
     Accepted,
     Rejected,
+    /// A definite refusal: nothing was stored.
     Error,
+    /// An error that leaves the request in doubt ([`in_doubt`]): it may have been stored.
+    InDoubt,
+}
+
+/// Whether an error code leaves a request in doubt rather than refused. PROTOCOL.md
+/// names `unavailable` (a crash or a failing disk cut the request off: "send it again,
+/// as any request in doubt"); every other code is answered before anything is stored
+/// (`overloaded`, `rate_limited`: "nothing was stored"/"nothing was done"; decoding
+/// and validation errors).
+pub fn in_doubt(code: &str) -> bool {
+    code == "unavailable"
 }
 
 #[derive(Debug, Default)]
@@ -51,8 +71,15 @@ pub struct Violations {
     pub duplicate_offers: u64,
     /// Offers listed in an acknowledgement but never delivered.
     pub acked_offers_not_delivered: u64,
-    /// Leads delivered although their publish was answered with an error.
+    /// Leads delivered although their publish was answered with an error (one that
+    /// is not [`in_doubt`]).
     pub delivered_after_error: u64,
+    /// Leads whose stream event says otherwise than their acknowledgement
+    /// (`lead_rejected` for a lead acknowledged `accepted`, or the reverse).
+    pub status_mismatches: u64,
+    /// Leads offered to pros although not accepted: acknowledged `rejected`, refused
+    /// with an error, or without a `lead_accepted` event on the stream.
+    pub offers_for_unaccepted_leads: u64,
     /// Up to 20 examples, for a human.
     pub examples: Vec<String>,
 }
@@ -64,6 +91,8 @@ impl Violations {
             + self.duplicate_offers
             + self.acked_offers_not_delivered
             + self.delivered_after_error
+            + self.status_mismatches
+            + self.offers_for_unaccepted_leads
     }
 }
 
@@ -115,9 +144,11 @@ impl Checker {
         }
     }
 
-    pub fn on_ack_error(&mut self, ord: u32) {
+    /// The publish was answered with error `code`: a refusal, or in doubt
+    /// ([`in_doubt`]), which checks like a publish never answered.
+    pub fn on_ack_error(&mut self, ord: u32, code: &str) {
         if let Some(l) = self.lead(ord) {
-            l.ack = Ack::Error;
+            l.ack = if in_doubt(code) { Ack::InDoubt } else { Ack::Error };
         }
     }
 
@@ -196,6 +227,27 @@ impl Checker {
                 v.duplicate_deliveries += 1;
                 example(&mut v, format!("lead #{ord}: delivered {events} times"));
             }
+            let mismatch = match l.ack {
+                Ack::Accepted if l.rejected_events > 0 => Some(("accepted", "lead_rejected")),
+                Ack::Rejected if l.accepted_events > 0 => Some(("rejected", "lead_accepted")),
+                _ => None,
+            };
+            if let Some((ack, event)) = mismatch {
+                v.status_mismatches += 1;
+                example(&mut v, format!("lead #{ord}: acknowledged {ack} but delivered as {event}"));
+            }
+            // Offers of a lead refused with an error that was delivered anyway are part
+            // of that violation (`delivered_after_error`), not another one.
+            let unaccepted = l.ack == Ack::Rejected || l.accepted_events == 0;
+            if !l.stream_offers.is_empty() && unaccepted {
+                v.offers_for_unaccepted_leads += 1;
+                let why = match l.ack {
+                    Ack::Rejected => "acknowledged rejected",
+                    Ack::Error => "refused with an error",
+                    _ => "never delivered as lead_accepted",
+                };
+                example(&mut v, format!("lead #{ord}: {} offer(s) but {why}", l.stream_offers.len()));
+            }
             let missing = l.acked_offers.iter().filter(|p| !l.stream_offers.contains(p)).count() as u64;
             if missing > 0 {
                 v.acked_offers_not_delivered += missing;
@@ -261,10 +313,75 @@ mod tests {
     #[test]
     fn unanswered_leads_are_not_violations_but_errors_that_deliver_are() {
         let mut c = Checker::new(2);
-        c.on_ack_error(0);
+        c.on_ack_error(0, "overloaded");
         c.on_lead_accepted(0);
         let v = c.finish();
         assert_eq!(v.delivered_after_error, 1);
         assert_eq!(v.missing_deliveries, 0, "lead #1 was never answered: not a delivery violation");
+    }
+
+    #[test]
+    fn the_stream_must_say_what_the_acknowledgement_said() {
+        let mut c = Checker::new(3);
+        c.on_ack_accepted(0, []);
+        c.on_lead_rejected(0);
+        c.on_ack_rejected(1);
+        c.on_lead_accepted(1);
+        c.on_ack_accepted(2, []);
+        c.on_lead_accepted(2);
+        let v = c.finish();
+        assert_eq!(v.status_mismatches, 2, "{v:?}");
+        assert_eq!(v.total(), 2, "{v:?}");
+        assert!(v
+            .examples
+            .iter()
+            .any(|e| e.contains("acknowledged accepted but delivered as lead_rejected")));
+    }
+
+    #[test]
+    fn offers_go_only_to_accepted_leads() {
+        let mut c = Checker::new(6);
+        // Acknowledged rejected, yet offered.
+        c.on_ack_rejected(0);
+        c.on_lead_rejected(0);
+        c.on_offered(0, "p1");
+        // Refused (nothing stored), yet offered.
+        c.on_ack_error(1, "overloaded");
+        c.on_offered(1, "p1");
+        // Never answered and never accepted on the stream, yet offered.
+        c.on_offered(2, "p1");
+        // Never answered, accepted on the stream: in doubt, and it was stored.
+        c.on_lead_accepted(3);
+        c.on_offered(3, "p1");
+        // Accepted: offers are what it is for, also ones not in the acknowledgement.
+        c.on_ack_accepted(4, ["p1"]);
+        c.on_lead_accepted(4);
+        c.on_offered(4, "p1");
+        c.on_offered(4, "p2");
+        let v = c.finish();
+        assert_eq!(v.offers_for_unaccepted_leads, 3, "{v:?}");
+        assert_eq!(v.total(), 3, "{v:?}");
+    }
+
+    #[test]
+    fn a_lead_answered_unavailable_is_in_doubt_not_refused() {
+        assert!(in_doubt("unavailable"));
+        assert!(!in_doubt("overloaded") && !in_doubt("rate_limited") && !in_doubt("invalid_field"));
+        let mut c = Checker::new(3);
+        // Stored after all: delivered once, with its offers.
+        c.on_ack_error(0, "unavailable");
+        c.on_lead_accepted(0);
+        c.on_offered(0, "p1");
+        // Not stored: never delivered.
+        c.on_ack_error(1, "unavailable");
+        assert_eq!(c.pending(), 0, "nothing to wait for");
+        // Still at most once.
+        c.on_ack_error(2, "unavailable");
+        c.on_lead_accepted(2);
+        c.on_lead_accepted(2);
+        let v = c.finish();
+        assert_eq!((v.delivered_after_error, v.missing_deliveries), (0, 0), "{v:?}");
+        assert_eq!(v.duplicate_deliveries, 1, "{v:?}");
+        assert_eq!(v.total(), 1, "{v:?}");
     }
 }

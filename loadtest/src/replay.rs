@@ -710,7 +710,7 @@ impl Recorder {
                         self.delivery_refused.saturating_record(REFUSED_US);
                     }
                 }
-                self.checker.on_ack_error(item.lead_ord);
+                self.checker.on_ack_error(item.lead_ord, f.code.as_deref().unwrap_or("unknown"));
                 if let Some(r) = self.refused.get(item.lead_ord as usize) {
                     r.store(true, Ordering::Relaxed);
                 }

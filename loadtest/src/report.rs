@@ -135,13 +135,15 @@ pub fn table(s: &Summary) -> String {
     let v = &s.violations;
     let _ = writeln!(
         out,
-        "exactly-once: {} violation(s) (missing {}, duplicate leads {}, duplicate offers {}, acked offers not delivered {}, delivered after error {}); stream seq gaps {}{}",
+        "exactly-once: {} violation(s) (missing {}, duplicate leads {}, duplicate offers {}, acked offers not delivered {}, delivered after error {}, status mismatches {}, offers for unaccepted leads {}); stream seq gaps {}{}",
         v.total(),
         v.missing_deliveries,
         v.duplicate_deliveries,
         v.duplicate_offers,
         v.acked_offers_not_delivered,
         v.delivered_after_error,
+        v.status_mismatches,
+        v.offers_for_unaccepted_leads,
         s.stream_seq_gaps,
         if s.stream_closed_early { "; the stream was closed by the server" } else { "" }
     );

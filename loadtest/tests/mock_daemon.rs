@@ -404,3 +404,28 @@ fn shed_leads_count_above_the_bound_in_the_search() {
     let (_, why) = rota_loadtest::search::verdict(&s, 10_000.0);
     assert!(!why.contains("p99 delivery"), "{why}");
 }
+
+/// `unavailable` leaves a publish in doubt (docs/PROTOCOL.md: it may have been stored):
+/// a lead answered so and delivered is not a lead delivered after an error.
+#[test]
+fn a_lead_answered_unavailable_and_stored_is_not_a_violation() {
+    let fate = |n: u64| match n {
+        5 => Fate::Error { code: "unavailable", stored: true },
+        6 => Fate::Error { code: "unavailable", stored: false },
+        _ => Fate::Accept,
+    };
+    let m = Mock::start(Script { fate: Box::new(fate), ..Script::default() });
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "doubt"), &trace(20, 0, None));
+    assert_eq!(s.errors_by_code.get("unavailable"), Some(&2));
+    assert_eq!(s.violations.total(), 0, "{:#?}", s.violations);
+
+    // A definite refusal that is delivered all the same still is one.
+    let fate = |n: u64| match n {
+        5 => Fate::Error { code: "overloaded", stored: true },
+        _ => Fate::Accept,
+    };
+    let m = Mock::start(Script { fate: Box::new(fate), ..Script::default() });
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "refused"), &trace(20, 0, None));
+    assert_eq!(s.violations.delivered_after_error, 1, "{:#?}", s.violations);
+    assert_eq!(s.violations.total(), 1, "{:#?}", s.violations);
+}
