@@ -282,7 +282,11 @@ fn replay_cmd(a: ReplayArgs) -> anyhow::Result<u8> {
         if let Some(p) = &a.json_out {
             std::fs::write(p, serde_json::to_vec_pretty(&res)?)?;
         }
-        return Ok(if res.best_rate.is_some() { 0 } else { 1 });
+        // A search cut short by steps that could not run found a lower bound at most.
+        if let Some(why) = &res.stopped {
+            println!("search incomplete: {why}");
+        }
+        return Ok(if res.best_rate.is_some() && res.stopped.is_none() { 0 } else { 1 });
     }
     let outcome = replay::run(&cfg, &records)?;
     let s = &outcome.summary;

@@ -18,6 +18,8 @@ pub struct Step {
     pub rate: f64,
     pub pass: bool,
     pub why: String,
+    /// The replay could not run (`why` says why); counted as a failed step.
+    pub error: bool,
     pub achieved: f64,
     pub ack_p99_ms: f64,
     pub delivery_p99_ms: f64,
@@ -32,6 +34,9 @@ pub struct SearchResult {
     pub best_rate: Option<f64>,
     pub steps: Vec<Step>,
     pub best: Option<Summary>,
+    /// Set when steps that could not run stopped the search before it finished:
+    /// `best_rate` is then only what the steps before found.
+    pub stopped: Option<String>,
 }
 
 /// Whether a step passes, and why not. First every check a plain replay fails on
@@ -77,6 +82,18 @@ pub fn verdict(s: &Summary, bound_ms: f64) -> (bool, String) {
 
 /// Most replays one search makes.
 const MAX_STEPS: usize = 24;
+/// Steps in a row that end in an error (the replay could not run: a failed connect,
+/// a setup without replies) before the search stops: the daemon is gone, not slow.
+const MAX_ERRORS_IN_A_ROW: u32 = 3;
+
+/// How one step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepOutcome {
+    Pass,
+    Fail,
+    /// The replay did not run to a verdict; the step counts as failed.
+    Error,
+}
 
 pub fn max_rate(
     base: &ReplayConfig,
@@ -91,101 +108,166 @@ pub fn max_rate(
     anyhow::ensure!(base.duration.is_some(), "--max-rate needs --duration (how long each step sends)");
     let mut steps = Vec::new();
     let mut best: Option<Summary> = None;
-    let mut run = |rate: f64, steps: &mut Vec<Step>| -> anyhow::Result<bool> {
+    let mut run = |rate: f64, steps: &mut Vec<Step>| -> StepOutcome {
         let mut cfg = base.clone();
         cfg.pacing = Pacing::Rate(rate);
         cfg.run_tag = format!("{}-s{}", base.run_tag, steps.len());
-        let o = replay::run(&cfg, records)?;
-        let s = o.summary;
-        let (pass, why) = verdict(&s, bound_ms);
-        let busy = s.host.as_ref().map_or(String::new(), |h| {
-            format!(", cores busy {:.2} of {} (tool {:.2})", h.busy_cores, h.cpus, h.tool_cores)
-        });
-        eprintln!(
-            "rate {rate:>9.0}/s: {} ({why}); achieved {:.0}/s, ack p99 {:.2} ms, delivery p99 {:.2} ms{busy}",
-            if pass { "pass" } else { "FAIL" },
-            s.achieved_leads_per_s,
-            s.ack.p99,
-            s.delivery.p99
-        );
-        steps.push(Step {
-            rate,
-            pass,
-            why,
-            achieved: s.achieved_leads_per_s,
-            ack_p99_ms: s.ack.p99,
-            delivery_p99_ms: s.delivery.p99,
-            delivery_p99_counting_refused_ms: s.delivery_counting_refused.p99,
-            leads_refused: s.leads_refused,
-        });
-        if pass && best.as_ref().is_none_or(|b| b.target_leads_per_s < rate) {
-            best = Some(s);
-        }
+        let outcome = match replay::run(&cfg, records) {
+            Ok(o) => {
+                let s = o.summary;
+                let (pass, why) = verdict(&s, bound_ms);
+                let busy = s.host.as_ref().map_or(String::new(), |h| {
+                    format!(", cores busy {:.2} of {} (tool {:.2})", h.busy_cores, h.cpus, h.tool_cores)
+                });
+                eprintln!(
+                    "rate {rate:>9.0}/s: {} ({why}); achieved {:.0}/s, ack p99 {:.2} ms, delivery p99 {:.2} ms{busy}",
+                    if pass { "pass" } else { "FAIL" },
+                    s.achieved_leads_per_s,
+                    s.ack.p99,
+                    s.delivery.p99
+                );
+                steps.push(Step {
+                    rate,
+                    pass,
+                    why,
+                    error: false,
+                    achieved: s.achieved_leads_per_s,
+                    ack_p99_ms: s.ack.p99,
+                    delivery_p99_ms: s.delivery.p99,
+                    delivery_p99_counting_refused_ms: s.delivery_counting_refused.p99,
+                    leads_refused: s.leads_refused,
+                });
+                if pass && best.as_ref().is_none_or(|b| b.target_leads_per_s < rate) {
+                    best = Some(s);
+                }
+                if pass {
+                    StepOutcome::Pass
+                } else {
+                    StepOutcome::Fail
+                }
+            }
+            // Recorded as a failed step; the search goes on (and stops after a few in a
+            // row), keeping what the steps before it found.
+            Err(e) => {
+                eprintln!("rate {rate:>9.0}/s: FAIL (the step could not run: {e:#})");
+                steps.push(Step {
+                    rate,
+                    pass: false,
+                    why: format!("error: {e:#}"),
+                    error: true,
+                    achieved: 0.0,
+                    ack_p99_ms: 0.0,
+                    delivery_p99_ms: 0.0,
+                    delivery_p99_counting_refused_ms: 0.0,
+                    leads_refused: 0,
+                });
+                StepOutcome::Error
+            }
+        };
         // Let the daemon settle between steps.
         std::thread::sleep(std::time::Duration::from_secs(1));
-        Ok(pass)
+        outcome
     };
-    let best_rate = search_rates(start_rate, ceiling, bisect_steps, |rate| run(rate, &mut steps))?;
-    Ok(SearchResult { p99_bound_ms: bound_ms, best_rate, steps, best })
+    let (best_rate, gave_up) = search_rates(start_rate, ceiling, bisect_steps, |rate| run(rate, &mut steps));
+    let stopped = gave_up
+        .then(|| format!("{MAX_ERRORS_IN_A_ROW} steps in a row could not run; the search stopped there"));
+    Ok(SearchResult { p99_bound_ms: bound_ms, best_rate, steps, best, stopped })
 }
 
-/// The search itself, over any `passes(rate)`: doubling from `start_rate` while steps
+/// Runs the steps of one search within its bounds.
+struct Stepper<F> {
+    f: F,
+    tries: usize,
+    errors_in_a_row: u32,
+}
+
+impl<F: FnMut(f64) -> StepOutcome> Stepper<F> {
+    /// Whether the step at `rate` passed; `None` when the search must stop instead
+    /// ([`MAX_STEPS`] spent, or [`MAX_ERRORS_IN_A_ROW`] errors in a row).
+    fn step(&mut self, rate: f64) -> Option<bool> {
+        if self.tries >= MAX_STEPS || self.errors_in_a_row >= MAX_ERRORS_IN_A_ROW {
+            return None;
+        }
+        self.tries += 1;
+        let outcome = (self.f)(rate);
+        self.errors_in_a_row = if outcome == StepOutcome::Error { self.errors_in_a_row + 1 } else { 0 };
+        Some(outcome == StepOutcome::Pass)
+    }
+}
+
+/// The search itself, over any `step(rate)`: doubling from `start_rate` while steps
 /// pass (up to `ceiling`); if the very first step fails, halving instead until one
 /// passes (down to `start_rate / 64`: a host that cannot even do that has nothing to
 /// report); then bisecting between the best pass and the lowest failure, at most
-/// `bisect_steps` times, stopping when they are within 5 %. At most [`MAX_STEPS`]
-/// steps in all. Returns the highest rate that passed.
+/// `bisect_steps` times, stopping when they are within 5 %. Rates are whole numbers,
+/// and none is tried twice in a row: the search stops when halving or bisecting would
+/// repeat the last rate. A step that ends in an error counts as failed; after
+/// [`MAX_ERRORS_IN_A_ROW`] in a row the search stops. At most [`MAX_STEPS`] steps in
+/// all. Returns the highest rate that passed, and whether errors stopped the search.
 fn search_rates(
     start_rate: f64,
     ceiling: f64,
     bisect_steps: u32,
-    mut passes: impl FnMut(f64) -> anyhow::Result<bool>,
-) -> anyhow::Result<Option<f64>> {
-    let tries = std::cell::Cell::new(0usize);
-    let mut step = |rate: f64| {
-        tries.set(tries.get() + 1);
-        passes(rate)
-    };
+    step: impl FnMut(f64) -> StepOutcome,
+) -> (Option<f64>, bool) {
+    let mut s = Stepper { f: step, tries: 0, errors_in_a_row: 0 };
     let (mut lo, mut hi) = (0.0f64, None::<f64>);
     let mut rate = start_rate;
     loop {
-        if step(rate)? {
-            lo = rate;
-            if rate >= ceiling || tries.get() >= MAX_STEPS {
+        match s.step(rate) {
+            Some(true) => {
+                lo = rate;
+                if rate >= ceiling {
+                    break;
+                }
+                rate = (rate * 2.0).min(ceiling);
+            }
+            Some(false) => {
+                hi = Some(rate);
                 break;
             }
-            rate = (rate * 2.0).min(ceiling);
-        } else {
-            hi = Some(rate);
-            break;
+            None => break,
         }
     }
-    if lo == 0.0 {
+    if lo == 0.0 && hi.is_some() {
         let floor = start_rate / 64.0;
-        let mut down = (start_rate / 2.0).round();
-        while down >= floor && down >= 1.0 && tries.get() < MAX_STEPS {
-            if step(down)? {
-                lo = down;
+        let mut last = start_rate;
+        loop {
+            let down = (last / 2.0).round();
+            // Rounding 0.5 up to 1 would try rate 1 again and again.
+            if down < floor || down < 1.0 || down == last {
                 break;
             }
-            hi = Some(down);
-            down = (down / 2.0).round();
+            match s.step(down) {
+                Some(true) => {
+                    lo = down;
+                    break;
+                }
+                Some(false) => {
+                    hi = Some(down);
+                    last = down;
+                }
+                None => break,
+            }
         }
     }
     if let Some(mut h) = hi {
         for _ in 0..bisect_steps {
-            if tries.get() >= MAX_STEPS || lo <= 0.0 || h / lo < 1.05 {
+            if lo <= 0.0 || h / lo < 1.05 {
                 break;
             }
             let mid = ((lo + h) / 2.0).round();
-            if step(mid)? {
-                lo = mid;
-            } else {
-                h = mid;
+            if mid <= lo || mid >= h {
+                break;
+            }
+            match s.step(mid) {
+                Some(true) => lo = mid,
+                Some(false) => h = mid,
+                None => break,
             }
         }
     }
-    Ok((lo > 0.0).then_some(lo))
+    ((lo > 0.0).then_some(lo), s.errors_in_a_row >= MAX_ERRORS_IN_A_ROW)
 }
 
 #[cfg(test)]
@@ -229,12 +311,106 @@ mod tests {
     /// A host that passes every rate up to `capacity`, recording what was tried.
     fn against(capacity: f64, start: f64, bisect: u32) -> (Option<f64>, Vec<f64>) {
         let mut tried = Vec::new();
-        let best = search_rates(start, 200_000.0, bisect, |r| {
+        let (best, gave_up) = search_rates(start, 200_000.0, bisect, |r| {
             tried.push(r);
-            Ok(r <= capacity)
-        })
-        .unwrap();
+            if r <= capacity {
+                StepOutcome::Pass
+            } else {
+                StepOutcome::Fail
+            }
+        });
+        assert!(!gave_up);
         (best, tried)
+    }
+
+    #[test]
+    fn a_low_start_rate_does_not_retry_the_same_rate() {
+        for start in [1.0, 2.0, 3.0] {
+            let (best, tried) = against(0.0, start, 4);
+            assert_eq!(best, None);
+            let mut distinct = tried.clone();
+            distinct.dedup();
+            assert_eq!(distinct, tried, "start {start}: a rate tried twice in a row");
+            assert!(tried.len() <= 3, "start {start}: {tried:?}");
+        }
+        let (_, tried) = against(0.0, 3.0, 4);
+        assert_eq!(tried, vec![3.0, 2.0, 1.0]);
+        // Bisecting between two neighbours has nothing left to try either.
+        let (best, tried) = against(1.0, 2.0, 10);
+        assert_eq!((best, tried), (Some(1.0), vec![2.0, 1.0]));
+    }
+
+    #[test]
+    fn a_step_that_cannot_run_counts_as_failed_and_the_search_goes_on() {
+        // The first try at 20,000/s cannot connect; the search bisects below it.
+        let mut tried = Vec::new();
+        let (best, gave_up) = search_rates(5_000.0, 200_000.0, 4, |r| {
+            tried.push(r);
+            match r {
+                20_000.0 => StepOutcome::Error,
+                r if r <= 12_345.0 => StepOutcome::Pass,
+                _ => StepOutcome::Fail,
+            }
+        });
+        assert!(!gave_up);
+        assert!(tried.len() > 3, "{tried:?}");
+        assert!((11_000.0..=12_345.0).contains(&best.unwrap()), "{best:?} from {tried:?}");
+    }
+
+    #[test]
+    fn repeated_step_errors_stop_the_search_with_what_it_found() {
+        // The daemon went away after 10,000/s passed.
+        let mut tried = Vec::new();
+        let (best, gave_up) = search_rates(5_000.0, 200_000.0, 4, |r| {
+            tried.push(r);
+            if r <= 10_000.0 && tried.len() <= 2 {
+                StepOutcome::Pass
+            } else {
+                StepOutcome::Error
+            }
+        });
+        assert!(gave_up);
+        assert_eq!(best, Some(10_000.0));
+        assert_eq!(tried.len(), 2 + MAX_ERRORS_IN_A_ROW as usize, "{tried:?}");
+    }
+
+    /// Against a port nobody listens on every step fails to connect: the steps are
+    /// recorded as failed and the search stops after a few, instead of ending in an
+    /// error that loses them.
+    #[test]
+    fn max_rate_records_steps_that_cannot_connect() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cfg = ReplayConfig {
+            url: format!("ws://127.0.0.1:{port}"),
+            tokens: vec![(None, "t".into())],
+            connections: 1,
+            pacing: Pacing::Rate(100.0),
+            duration: Some(std::time::Duration::from_millis(100)),
+            encoding: crate::wire::Encoding::Json,
+            drain: std::time::Duration::from_secs(1),
+            batch: std::time::Duration::from_micros(50),
+            run_tag: "t".into(),
+            progress: false,
+            interval: std::time::Duration::from_secs(1),
+            allowed_hosts: vec![],
+            threads: 1,
+            skip_setup: false,
+            record: None,
+            stalled_subscribers: 0,
+            stream_batch: true,
+            resubscribe: None,
+            warmup: std::time::Duration::ZERO,
+        };
+        let (records, _) = crate::gen::generate(&crate::gen::GenConfig { leads: 10, ..Default::default() });
+        let res = max_rate(&cfg, &records, 100.0, 1_000.0, 2, 3.0).expect("the search reports its steps");
+        assert_eq!(res.best_rate, None);
+        assert_eq!(res.steps.len(), MAX_ERRORS_IN_A_ROW as usize, "{:?}", res.steps);
+        assert!(
+            res.steps.iter().all(|s| s.error && !s.pass && s.why.contains("connecting")),
+            "{:?}",
+            res.steps
+        );
+        assert!(res.stopped.is_some());
     }
 
     #[test]
