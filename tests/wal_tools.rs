@@ -214,3 +214,57 @@ fn streams_verify_reports_each_tenants_history_and_finds_damage_without_changing
     let after: Vec<Vec<u8>> = segs.iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert_eq!(before, after, "verify changes nothing");
 }
+
+/// `verify` and `repair` look at what recovery reads. Damage in a segment kept only
+/// for the older snapshot is not reported as unrecoverable, and `repair` does not cut
+/// there: it used to, setting aside every later segment, and with them every record
+/// after the newest snapshot, from a log that recovery accepted as it was.
+#[test]
+fn damage_before_the_newest_snapshot_neither_fails_verify_nor_costs_repair_the_newer_records() {
+    let fs = MemFs::new();
+    let dir = Path::new(MEM_DIR);
+    let (wal, _) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
+    append_many(&wal, 50);
+    wal.write_snapshot(50, b"state at 50").unwrap();
+    append_many(&wal, 100);
+    wal.write_snapshot(150, b"state at 150").unwrap();
+    append_many(&wal, 50);
+    wal.shutdown().unwrap();
+    // Seq 70: after the older snapshot, before the newer one.
+    let mut listing = Vec::new();
+    assert_eq!(dump(&fs, dir, 70, 1, &mut listing).unwrap(), 1);
+    let line = String::from_utf8(listing).unwrap();
+    let field = |name: &str| line.split_whitespace().find_map(|f| f.strip_prefix(name)).unwrap().to_string();
+    let seg = dir.join(field("segment="));
+    let offset: u64 = field("offset=").parse().unwrap();
+    fs.flip_bit(&seg, offset + RECORD_HEADER_LEN as u64 + 10, 0).unwrap();
+
+    let report = verify(&fs, dir).unwrap();
+    assert!(report.is_recoverable(), "{report}");
+    assert_eq!((report.first_seq, report.last_seq), (Some(151), Some(200)), "{report}");
+    let mut out = Vec::new();
+    let repaired = repair(&fs, dir, &mut out).unwrap();
+    assert!(repaired.backups.is_empty(), "nothing to repair: {}", String::from_utf8_lossy(&out));
+    let (_, rec) = Wal::open(small_cfg(MEM_DIR), as_dyn(&fs)).unwrap();
+    assert_eq!((rec.snapshot_seq, rec.records.len(), rec.last_seq), (Some(150), 50, 200));
+}
+
+/// A second process on the same directory would cut the first one's tail as torn and
+/// write over its records: the directory is taken by the first `Wal::open` until that
+/// log is shut down, and `repair` is refused meanwhile.
+#[test]
+fn a_second_open_of_a_directory_in_use_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path().join("wal"));
+    let real: std::sync::Arc<dyn rota::wal::Fs> = std::sync::Arc::new(rota::wal::RealFs);
+    let (wal, _) = Wal::open(cfg.clone(), real.clone()).unwrap();
+    wal.append_blocking(vec![(2, payload(1, 100))]).unwrap();
+    let e = Wal::open(cfg.clone(), real.clone()).map(|_| ()).unwrap_err();
+    assert!(matches!(e, WalError::InUse { .. }), "{e}");
+    assert!(e.to_string().contains("in use by another process"), "{e}");
+    let e = repair(&rota::wal::RealFs, &cfg.dir, &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, WalError::InUse { .. }), "{e}");
+    wal.shutdown().unwrap();
+    let (_, rec) = Wal::open(cfg, real).expect("free again once the first log is shut down");
+    assert_eq!(rec.last_seq, 1);
+}

@@ -49,7 +49,21 @@ pub trait Fs: Send + Sync + 'static {
     fn space(&self, _path: &Path) -> io::Result<Option<(u64, u64)>> {
         Ok(None)
     }
+    /// Takes the directory for this process alone until the returned guard is
+    /// dropped; an error of kind `WouldBlock` when another process holds it. The
+    /// default (filesystems in memory, one process) takes nothing.
+    fn lock_dir(&self, _dir: &Path) -> io::Result<DirLock> {
+        Ok(DirLock(None))
+    }
 }
+
+/// The name of the file [`RealFs::lock_dir`] locks inside the directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Held while a process uses a directory ([`Fs::lock_dir`]); dropping it (or the
+/// process ending, however it ends) lets another take the directory.
+#[derive(Debug)]
+pub struct DirLock(#[allow(dead_code)] Option<File>);
 
 /// An open file.
 pub trait FsFile: Send {
@@ -168,6 +182,18 @@ const PACED_STEP: usize = 256 << 10;
 impl Fs for RealFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(dir)
+    }
+    /// `flock(LOCK_EX | LOCK_NB)` on `dir/LOCK`: advisory, released by the kernel
+    /// when the process ends (a kill -9 included), so a stale lock cannot outlive it.
+    fn lock_dir(&self, dir: &Path) -> io::Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
+        // SAFETY: a plain syscall on a file descriptor `file` owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DirLock(Some(file)))
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let mut names = Vec::new();

@@ -151,7 +151,7 @@ pub mod tools;
 mod writer;
 
 pub use format::{decode_snapshot, MAX_RECORD_BYTES, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
-pub use fs::{Fault, Fs, FsFile, MemFs, OpenMode, RealFs};
+pub use fs::{DirLock, Fault, Fs, FsFile, MemFs, OpenMode, RealFs, LOCK_FILE};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use parking_lot::Mutex;
@@ -302,6 +302,21 @@ pub enum WalError {
     Snapshot { covers_seq: u64, reason: String },
     #[error("seq {from_seq} is no longer in the WAL (oldest kept: {oldest})")]
     Compacted { from_seq: u64, oldest: u64 },
+    #[error(
+        "the WAL directory {} is in use by another process (it holds {}/{}); stop that \
+         process first, or give this one another data_dir",
+        dir.display(), dir.display(), fs::LOCK_FILE
+    )]
+    InUse { dir: PathBuf },
+}
+
+/// Takes `dir` for this process ([`Fs::lock_dir`]), creating it if needed.
+pub(crate) fn lock_dir(fs: &dyn Fs, dir: &Path) -> Result<fs::DirLock, WalError> {
+    fs.create_dir_all(dir).map_err(|e| io_err("create dir", dir, e))?;
+    fs.lock_dir(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => WalError::InUse { dir: dir.to_path_buf() },
+        _ => io_err("lock", dir, e),
+    })
 }
 
 pub(crate) fn io_err(op: &'static str, path: &Path, e: std::io::Error) -> WalError {
@@ -409,6 +424,8 @@ pub(crate) struct StatCells {
 
 /// State shared by the handles and the writer thread.
 pub(crate) struct State {
+    /// This process's hold on the directory, for as long as the log is open.
+    _lock: fs::DirLock,
     pub cfg: WalConfig,
     pub fs: Arc<dyn Fs>,
     /// Highest seq handed to the disk (written, maybe not synced).
@@ -536,8 +553,12 @@ impl Wal {
         replay: &mut dyn FnMut(Replayed<'_>),
     ) -> Result<(Wal, Recovered), WalError> {
         cfg.validate()?;
+        // Before anything is read or cut: a second process on the same directory
+        // would cut the first one's tail as torn and write over its records.
+        let lock = lock_dir(fs.as_ref(), &cfg.dir)?;
         let (recovered, resume) = recovery::recover(fs.as_ref(), &cfg, collect, replay)?;
         let st = Arc::new(State {
+            _lock: lock,
             fs,
             last_seq: AtomicU64::new(resume.last_seq),
             durable_seq: AtomicU64::new(resume.last_seq),

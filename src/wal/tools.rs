@@ -142,7 +142,16 @@ fn missing_start(listing: &Listing, snapshot: Option<u64>) -> Option<WalError> {
     })
 }
 
-/// Checks every snapshot and every record in `dir` without changing anything.
+/// Where recovery starts reading the log: after the newest valid snapshot, or at the
+/// first segment's first record when there is none. Segments wholly before it are
+/// kept only for an older snapshot to fall back to; recovery never reads them.
+fn recovery_start(listing: &Listing, snapshots: &[SnapshotReport]) -> Option<u64> {
+    let first = listing.segments.first().map(|(f, _)| *f)?;
+    Some(newest_valid_snapshot(snapshots).map_or(first, |s| s + 1))
+}
+
+/// Checks every snapshot, and every record recovery would read (from the newest
+/// valid snapshot on, as [`super::Wal::open`] does), without changing anything.
 pub fn verify(fs: &dyn Fs, dir: &Path) -> Result<VerifyReport, WalError> {
     let listing = list_dir(fs, dir)?;
     let snapshots = check_snapshots(fs, &listing)?;
@@ -159,12 +168,12 @@ pub fn verify(fs: &dyn Fs, dir: &Path) -> Result<VerifyReport, WalError> {
     };
     // With a valid snapshot the log may legitimately start after seq 1.
     report.corruption = missing_start(&listing, newest_valid_snapshot(&report.snapshots));
-    let Some((start, _)) = listing.segments.first() else {
+    let Some(start) = recovery_start(&listing, &report.snapshots) else {
         return Ok(report);
     };
     let mut per_segment: BTreeMap<PathBuf, (u64, u64)> = BTreeMap::new();
     let (mut first_seq, mut last_seq) = (None, None);
-    let result = walk_log(fs, &listing.segments, *start, &mut |path, rec| {
+    let result = walk_log(fs, &listing.segments, start, &mut |path, rec| {
         let e = per_segment.entry(path.to_path_buf()).or_default();
         e.0 += 1;
         e.1 += rec.framed_len() as u64;
@@ -308,8 +317,12 @@ fn backup(fs: &dyn Fs, dir: &Path, path: &Path) -> Result<PathBuf, WalError> {
 /// Cuts the log at its first bad record, even in the middle, so recovery accepts
 /// it again; records after the cut are given up (but kept in the backups). Every
 /// segment changed is copied to `<name>.corrupt-<n>` first, and later segments are
-/// renamed to such names rather than deleted.
+/// renamed to such names rather than deleted. Only what recovery reads is looked at
+/// (from the newest valid snapshot on): damage in older segments, kept for a fallback
+/// snapshot, never costs the records after it. Refused while another process (a
+/// running daemon) holds the directory.
 pub fn repair(fs: &dyn Fs, dir: &Path, out: &mut impl Write) -> Result<RepairReport, WalError> {
+    let _lock = super::lock_dir(fs, dir)?;
     let mut report = RepairReport::default();
     let say = |report: &mut RepairReport, line: String, out: &mut dyn Write| -> Result<(), WalError> {
         writeln!(out, "{line}").map_err(out_err)?;
@@ -324,10 +337,10 @@ pub fn repair(fs: &dyn Fs, dir: &Path, out: &mut impl Write) -> Result<RepairRep
             say(&mut report, format!("cannot repair: {e}"), out)?;
             return Err(e);
         }
-        let Some((start, _)) = listing.segments.first() else {
+        let Some(start) = recovery_start(&listing, &snapshots) else {
             break;
         };
-        match walk_log(fs, &listing.segments, *start, &mut |_, _| true) {
+        match walk_log(fs, &listing.segments, start, &mut |_, _| true) {
             Ok(walk) => {
                 if let Some(torn) = &walk.torn {
                     let b = backup(fs, dir, &torn.segment)?;
