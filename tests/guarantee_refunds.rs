@@ -248,3 +248,29 @@ fn r12_r20_a_week_long_guarantee_refund_after_the_monday_recharge_gives_the_budg
         e.inner.ledger.check_invariants().unwrap();
     });
 }
+
+/// R12 (zaask: "the client views your proposal"): a client who replied to the
+/// proposal has seen it, so the guarantee is kept and nothing is refunded, though the
+/// platform never sent `client_viewed`. A response nobody answered or viewed is
+/// refunded at the same moment (the control).
+#[test]
+fn r12_a_client_reply_counts_as_a_view_and_keeps_the_charge() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(zaask(dir.path(), 7), handle).expect("starts");
+        zaask_pro(&e).await;
+        ok(&e, lead("L1", "lisboa", T0)).await;
+        ok(&e, lead("L2", "lisboa", T0 + 1)).await;
+        for l in ["L1", "L2"] {
+            ok(&e, json!({"type": "offer", "lead": l, "pro": "p1", "action": "respond"})).await;
+        }
+        let each = p1(&e).captured / 2;
+        assert!(each > 0, "both responses were charged");
+        advance(&e, T0 + HOUR).await;
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "client_replied"})).await;
+        advance(&e, T0 + 8 * DAY).await;
+        assert_eq!(p1(&e).refunded, each, "only the response the client never answered nor viewed");
+    });
+}

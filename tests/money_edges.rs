@@ -355,8 +355,9 @@ fn r1_r9_a_lead_id_published_again_after_retention_is_charged_again() {
     });
 }
 
-/// R9/R12: the same for a chat-only lead whose first hold was captured and refunded
-/// (never viewed): the new lead's hold is taken, and captured when the client replies.
+/// R9/R12: the same for a chat-only lead whose first hold was captured when the client
+/// replied (and so not refunded: a reply is a view): the new lead's hold is taken, and
+/// captured when the client replies.
 #[test]
 fn r9_r12_a_chat_only_lead_id_published_again_after_retention_is_held_and_captured_again() {
     with_engine("zaask.toml", "zaask", |e| async move {
@@ -371,8 +372,8 @@ fn r9_r12_a_chat_only_lead_id_published_again_after_retention_is_held_and_captur
         let b = balance(&e, "p1");
         assert_eq!(
             (b.captured, b.refunded, b.available),
-            (price, price, 100),
-            "never viewed: refunded (R12)"
+            (price, 0, 100 - price),
+            "the client replied, so it saw the proposal: kept (R12)"
         );
         assert_eq!(e.inner.ledger.registered_ops(), baseline, "the lead's op ids were forgotten");
         ok(&e, publish("L1", "lisboa", false, later)).await;
@@ -380,7 +381,7 @@ fn r9_r12_a_chat_only_lead_id_published_again_after_retention_is_held_and_captur
         assert_eq!(balance(&e, "p1").held, price, "held again");
         ok(&e, offer("L1", "p1", "client_replied")).await;
         let b = balance(&e, "p1");
-        assert_eq!((b.held, b.captured, b.available), (0, 2 * price, 100 - price), "captured again");
+        assert_eq!((b.held, b.captured, b.available), (0, 2 * price, 100 - 2 * price), "captured again");
     });
 }
 

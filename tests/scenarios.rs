@@ -1004,6 +1004,8 @@ scenarios! {
     r5_direct_first_then_generic_after_head_start => "r5_head_start.toml",
     r5_late_publish_offers_direct_targets_once => "r5_late_publish.toml",
     r6_two_direct_three_generic_one_direct_four_then_lead_full => "r6_responder_cap.toml",
+    r6_matched_partners_keep_the_seats_of_the_direct_targets => "r6_matched_and_autobuy_seats.toml",
+    r6_r21_autobuy_buys_only_the_seats_the_direct_targets_left => "r6_r21_autobuy_seats.toml",
     r7_lead_closes_after_48h_then_lead_expired => "r7_lifetime.toml",
     r8_no_pii_before_responding_phone_only_for_call_or_whatsapp => "r8_privacy.toml",
     r13_direct_and_contact_jobs_reach_only_their_targets => "r13_job_kinds.toml",

@@ -850,6 +850,17 @@ pub enum OfferKind {
     Contact,
 }
 
+impl OfferKind {
+    /// Takes one of the seats R6 leaves beside the direct targets
+    /// (`max_responders - direct targets`): every offer the rotation made, whatever
+    /// the mode (a shared lead's generic release, a matched lead's partners, an
+    /// auto-buy lead's buyers). Direct offers have seats of their own; a contact is
+    /// not a lead's offer.
+    pub fn takes_a_generic_seat(self) -> bool {
+        matches!(self, Self::Generic | Self::Match | Self::AutoBuy)
+    }
+}
+
 /// Offer statuses (R17).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

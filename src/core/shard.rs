@@ -35,6 +35,12 @@ pub trait Funds {
     fn credits(&self, pro: &ProId) -> u64;
     /// What is left of an auto-buy config's weekly budget.
     fn budget(&self, pro: &ProId, config: &str) -> u64;
+    /// Whether the tenant has a pro `pro` offering `category` in any zone (R2's
+    /// competitor check looks past the shard's own zone). The default knows of no
+    /// pro beyond the shard.
+    fn offers_category(&self, _pro: &ProId, _category: &crate::ids::CategoryId) -> bool {
+        false
+    }
 }
 
 /// Funds for tests and tenants that never charge: everyone can pay anything.
@@ -1018,7 +1024,7 @@ impl Shard {
             return Ok(Decision { events: vec![], reply: Reply::Lead(rejected_outcome(&lead.id, r.reason)) });
         }
         // R2: quality gate, then duplicate protection, before anyone is charged.
-        if let Some(reason) = self.gate(lead) {
+        if let Some(reason) = self.gate(lead, funds) {
             let ev = Event::LeadRejected {
                 lead: lead.id.clone(),
                 client: lead.client.id.clone(),
@@ -1037,7 +1043,9 @@ impl Shard {
         let generic_slots = p.max_responders.saturating_sub(lead.direct.len() as u32);
         let release_at = match lead.kind {
             JobKind::Direct | JobKind::Contact => None,
-            JobKind::Match if p.mode == DispatchMode::Shared && generic_slots == 0 => None,
+            // R6: the direct targets took every seat; a release would offer (and under
+            // auto-buy charge) a lead nobody else may respond to.
+            JobKind::Match if generic_slots == 0 => None,
             JobKind::Match if lead.direct.is_empty() => Some(now),
             JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
         };
@@ -1217,8 +1225,11 @@ impl Shard {
         far.map(|p| p.components).or_else(|| st.price_components.as_deref().cloned())
     }
 
-    /// R2 quality gate and duplicate protection. `None` = the lead passes.
-    fn gate(&self, lead: &Lead) -> Option<RejectReason> {
+    /// R2 quality gate and duplicate protection. `None` = the lead passes. A client
+    /// who is a pro offering the lead's category is a competitor wherever that pro
+    /// works ("a pro who offers this same category": no zone in the rule), so the
+    /// tenant's directory is asked too, not only this zone's pros.
+    fn gate(&self, lead: &Lead, funds: &dyn Funds) -> Option<RejectReason> {
         let p = &self.policy;
         if p.require_verified_phone && !lead.client.phone_verified {
             return Some(RejectReason::PhoneUnverified);
@@ -1233,7 +1244,7 @@ impl Shard {
         }
         if p.reject_competitors {
             if let Some(pid) = &lead.client.pro_id {
-                if self.slots.contains_key(pid) {
+                if self.slots.contains_key(pid) || funds.offers_category(pid, &lead.category) {
                     return Some(RejectReason::Competitor);
                 }
             }
@@ -1329,8 +1340,11 @@ impl Shard {
             DispatchMode::Shared => (p.offer_fanout.map_or(usize::MAX, |n| n as usize), OfferKind::Generic),
             DispatchMode::Matched => (p.offer_fanout.map_or(usize::MAX, |n| n as usize), OfferKind::Match),
             DispatchMode::AutoBuy => {
+                // R6 with R21: no more buyers than the seats the direct targets left,
+                // or the last to answer would have paid for a full lead.
                 let have = st.offers.iter().filter(|o| o.kind == OfferKind::AutoBuy).count();
-                ((p.group_size as usize).saturating_sub(have), OfferKind::AutoBuy)
+                let seats = p.group_size.min(st.generic_cap(p)) as usize;
+                (seats.saturating_sub(have), OfferKind::AutoBuy)
             }
         };
         let all = n == usize::MAX;
@@ -1534,7 +1548,7 @@ impl Shard {
                     return Err(Reject::OfferExpired { lead: l, pro: p });
                 }
                 let cap_full = st.responders >= self.policy.max_responders
-                    || (offer.kind == OfferKind::Generic
+                    || (offer.kind.takes_a_generic_seat()
                         && st.generic_responders >= st.generic_cap(&self.policy));
                 if cap_full {
                     return Err(Reject::LeadFull(l));
@@ -1627,7 +1641,15 @@ impl Shard {
             _ => offer.status,
         };
         let revealed = offer.responded_at().is_some();
-        Ok(Decision { reply: view(status_after, revealed), events: vec![event] })
+        // R12: a client who answered the proposal has seen it ("the client views your
+        // proposal" is what the guarantee promises): the reply records the view too,
+        // unless the platform already sent `client_viewed`.
+        let view_too = matches!(event, Event::ClientReplied { .. }) && !offer.viewed;
+        let mut events = vec![event];
+        if view_too {
+            events.push(Event::ClientViewed { lead: lead_id.clone(), pro: pro.clone(), at: now });
+        }
+        Ok(Decision { reply: view(status_after, revealed), events })
     }
 
     /// R22: budget came back for `pros` (a recharge, resumed configs, refunds); the
@@ -2110,7 +2132,7 @@ impl Shard {
                         o.charge = charge.clone().map(Box::new);
                         o.captured = matches!(charge, Some(c) if c.mode == ChargeMode::Capture);
                     }
-                    let generic = o.kind == OfferKind::Generic;
+                    let generic = o.kind.takes_a_generic_seat();
                     st.responders += 1;
                     if generic {
                         st.generic_responders += 1;
@@ -2120,7 +2142,7 @@ impl Shard {
                     let all_full = st.responders >= policy.max_responders;
                     let generic_full = st.generic_responders >= cap;
                     for o in st.offers.iter_mut().filter(|o| o.status.is_open()) {
-                        if all_full || (generic_full && o.kind == OfferKind::Generic) {
+                        if all_full || (generic_full && o.kind.takes_a_generic_seat()) {
                             o.status = OfferStatus::Inactive;
                         }
                     }
@@ -2432,7 +2454,7 @@ impl Shard {
                     ExplainOutcome::Skipped(skip)
                 } else if pending {
                     ExplainOutcome::AwaitingRelease
-                } else if self.policy.mode == DispatchMode::Shared && st.generic_cap(&self.policy) == 0 {
+                } else if st.generic_cap(&self.policy) == 0 {
                     ExplainOutcome::Skipped(Skip::NoGenericSlots)
                 } else {
                     ExplainOutcome::Skipped(Skip::TurnNotReached)

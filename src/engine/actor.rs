@@ -174,7 +174,11 @@ pub fn execute(
     let _gate = inner.gate.read();
     let now = inner.clock.now();
     let mut shard = cell.state.lock();
-    let funds = super::money::LedgerFunds { ledger: &inner.ledger, tenant: &key.tenant };
+    let funds = super::money::LedgerFunds {
+        ledger: &inner.ledger,
+        tenant: &key.tenant,
+        directory: Some(&inner.pros),
+    };
     let started = Instant::now();
     let decided = shard.decide(now, cmd, &funds);
     inner.metrics.decide_seconds(started.elapsed());

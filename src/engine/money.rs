@@ -17,10 +17,16 @@ use crate::ids::{LeadId, ProId, ShardKey, TenantId};
 use crate::ledger::{BudgetName, Ledger, LedgerError, LedgerEvent, OpId, RefundReason};
 use rustc_hash::{FxHashMap, FxHashSet};
 
-/// The ledger as the core's read-only [`Funds`] view for one tenant.
+/// The tenant's pro directory, as the engine keeps it.
+pub type Directory =
+    dashmap::DashMap<(TenantId, ProId), std::sync::Arc<crate::core::model::Pro>, rustc_hash::FxBuildHasher>;
+
+/// The ledger (and the pro directory) as the core's read-only [`Funds`] view for one
+/// tenant.
 pub struct LedgerFunds<'a> {
     pub ledger: &'a Ledger,
     pub tenant: &'a TenantId,
+    pub directory: Option<&'a Directory>,
 }
 
 impl Funds for LedgerFunds<'_> {
@@ -29,6 +35,10 @@ impl Funds for LedgerFunds<'_> {
     }
     fn budget(&self, pro: &ProId, config: &str) -> u64 {
         self.ledger.budget(self.tenant, pro, &BudgetName::new(config)).map_or(0, |b| b.available)
+    }
+    fn offers_category(&self, pro: &ProId, category: &crate::ids::CategoryId) -> bool {
+        let Some(directory) = self.directory else { return false };
+        directory.get(&(self.tenant.clone(), pro.clone())).is_some_and(|p| p.categories.contains(category))
     }
 }
 
