@@ -60,7 +60,7 @@ struct ReplayArgs {
     #[arg(long)]
     rate: Option<f64>,
     /// Stop sending after this long (the trace loops if shorter): `30s`, `500ms`, `2m`.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_positive_duration)]
     duration: Option<Duration>,
     #[arg(long, value_enum, default_value_t = Encoding::Msgpack)]
     encoding: Encoding,
@@ -69,8 +69,8 @@ struct ReplayArgs {
     /// checked exactly once; the intervals still show it): `2s`. wrk2's calibration period.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     warmup: Duration,
-    /// Wait this long after the last send for replies and stream events.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    /// Wait this long after the last send for replies and stream events (at most 2m).
+    #[arg(long, value_parser = parse_drain, default_value = "5s")]
     drain: Duration,
     /// Shortest gap between two send batches.
     #[arg(long, value_parser = parse_duration, default_value = "50us")]
@@ -135,7 +135,8 @@ struct ReplayArgs {
     /// plain replay, below 95% of the rate acknowledged, or errors over 1% of requests.
     #[arg(long)]
     max_rate: bool,
-    #[arg(long, default_value_t = 3.0)]
+    /// The bound on p99 delivery latency a --max-rate step is held to, in ms (> 0).
+    #[arg(long, default_value_t = 3.0, value_parser = parse_bound_ms)]
     p99_bound_ms: f64,
     /// Highest rate the search tries.
     #[arg(long, default_value_t = 200_000.0)]
@@ -160,6 +161,33 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: must be between 0 and 24 h"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--duration`: a run of no time sends nothing and measures nothing.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be longer than 0"));
+    }
+    Ok(d)
+}
+
+/// `--drain`: bounded, so the tool always stops by itself; refused above the bound
+/// rather than cut to it without a word.
+fn parse_drain(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > replay::MAX_DRAIN {
+        return Err(format!("{s:?}: at most {:?}", replay::MAX_DRAIN));
+    }
+    Ok(d)
+}
+
+fn parse_bound_ms(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?}: expected milliseconds, e.g. 3 or 0.5"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?}: must be a finite number of milliseconds above 0"));
+    }
+    Ok(v)
 }
 
 fn parse_speed(s: &str) -> anyhow::Result<f64> {
@@ -217,6 +245,13 @@ fn check_args(a: &ReplayArgs) -> anyhow::Result<()> {
         !a.max_rate || a.duration.is_some(),
         "--max-rate needs --duration (how long each step sends): one pass of the trace gets shorter as \
          the rate rises"
+    );
+    // They describe one replay; a search makes many (--json-out has every step and the
+    // best step's summary).
+    anyhow::ensure!(
+        !a.max_rate || (a.hdr_out.is_none() && a.chart_out.is_none()),
+        "--hdr-out and --chart-out describe one replay, not a --max-rate search (--json-out writes every \
+         step and the best step's summary; replay that rate alone for its histograms and chart)"
     );
     Ok(())
 }
@@ -343,6 +378,27 @@ mod tests {
         let e = refused(&["--max-rate", "--rate", "500"]).expect("a search without --duration is refused");
         assert!(e.contains("--max-rate") && e.contains("--duration"), "{e}");
         assert_eq!(refused(&["--max-rate", "--rate", "500", "--duration", "5s"]), None);
+    }
+
+    #[test]
+    fn odd_values_are_refused_by_name() {
+        let e = refused(&["--duration", "0s"]).expect("a zero duration is refused");
+        assert!(e.contains("--duration") && e.contains("longer than 0"), "{e}");
+        let e = refused(&["--drain", "5m"]).expect("a drain above the cap is refused");
+        assert!(e.contains("--drain") && e.contains("at most"), "{e}");
+        assert_eq!(refused(&["--drain", "2m"]), None);
+        for bad in ["0", "-1", "inf", "NaN", "x"] {
+            let arg = format!("--p99-bound-ms={bad}");
+            let e = refused(&[&arg]).unwrap_or_else(|| panic!("{arg} accepted"));
+            assert!(e.contains("--p99-bound-ms"), "{e}");
+        }
+        assert_eq!(refused(&["--p99-bound-ms", "0.5"]), None);
+        for out in ["--hdr-out", "--chart-out"] {
+            let e = refused(&["--max-rate", "--duration", "5s", out, "x"])
+                .unwrap_or_else(|| panic!("{out} with --max-rate accepted"));
+            assert!(e.contains(out) && e.contains("--max-rate"), "{e}");
+            assert_eq!(refused(&["--duration", "5s", out, "x"]), None);
+        }
     }
 
     #[test]

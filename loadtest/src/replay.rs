@@ -819,8 +819,8 @@ impl Recorder {
     }
 }
 
-/// Bounds on one run, whatever the flags say.
-const MAX_DRAIN: Duration = Duration::from_secs(120);
+/// Bounds on one run, whatever the flags say (a longer drain is refused).
+pub const MAX_DRAIN: Duration = Duration::from_secs(120);
 const SETUP_WINDOW: usize = 256;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Most records sent in one wake-up before readers get a turn.
@@ -829,6 +829,12 @@ const MAX_BATCH: usize = 2048;
 pub fn run(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Outcome> {
     check_target(&cfg.url, &cfg.allowed_hosts)?;
     anyhow::ensure!((1..=1024).contains(&cfg.connections), "connections must be in 1..=1024");
+    anyhow::ensure!(cfg.duration != Some(Duration::ZERO), "--duration must be longer than 0");
+    anyhow::ensure!(
+        cfg.drain <= MAX_DRAIN,
+        "--drain {:?} is above the longest drain, {MAX_DRAIN:?}",
+        cfg.drain
+    );
     // The warm-up comes on top of the duration; without one it would be carved out of
     // the trace's single pass.
     anyhow::ensure!(
@@ -1202,7 +1208,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     // Drain: every reply and every acknowledged lead's event, or the timeout (longer by
     // the time away: a subscriber may have left just before the last send).
     let away = cfg.resubscribe.map_or(Duration::ZERO, |r| r.away);
-    let drain_until = send_end + (cfg.drain.min(MAX_DRAIN) + away).as_nanos() as u64;
+    let drain_until = send_end + (cfg.drain + away).as_nanos() as u64;
     loop {
         let settled = {
             let r = rec.lock().expect("no thread panics holding the recorder");

@@ -52,7 +52,9 @@ pub struct Plan {
 
 /// Largest plan accepted: bounds memory whatever the flags say.
 pub const MAX_ITEMS: usize = 40_000_000;
-const MAX_LAPS: u32 = 100_000;
+/// Most laps of the trace one plan replays (a very short trace and a long duration):
+/// a duration that needs more is refused, not cut short.
+pub const MAX_LAPS: u32 = 100_000;
 
 pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> anyhow::Result<Plan> {
     anyhow::ensure!(!timed.is_empty(), "the trace has no timed records (nothing after the setup)");
@@ -110,6 +112,7 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
     let mut leads_seen: u64 = 0;
     let mut items = Vec::new();
     let mut lead_item = Vec::new();
+    let mut reached_duration = duration_ns.is_none();
     'laps: for lap in 0..laps {
         let mut pos = 0u32;
         for (i, r) in timed.iter().enumerate() {
@@ -135,6 +138,7 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
                 if matches!(pacing, Pacing::Rate(_)) && i > last_lead {
                     continue;
                 }
+                reached_duration = true;
                 break 'laps;
             }
             anyhow::ensure!(items.len() < MAX_ITEMS, "more than {MAX_ITEMS} sends planned; shorten the run");
@@ -150,6 +154,16 @@ pub fn plan(timed: &[TimedRecord], pacing: Pacing, duration_ns: Option<u64>) -> 
             };
             items.push(PlanItem { t_ns, rec: i as u32, lap, lead_ord });
         }
+    }
+    if !reached_duration {
+        // The laps ran out first: the run would stop early without a word.
+        let planned_ms = items.last().map_or(0, |it| it.t_ns / 1_000_000);
+        anyhow::bail!(
+            "--duration {:.1} s needs more than {MAX_LAPS} laps of this trace ({MAX_LAPS} laps last \
+             {:.1} s at this pace): use a longer trace, a slower pace or a shorter --duration",
+            duration_ns.unwrap_or(0) as f64 / 1e9,
+            planned_ms as f64 / 1e3
+        );
     }
     if matches!(pacing, Pacing::Rate(_)) && laps > 1 {
         // A lap's tail interleaves with the next lap's first records.
@@ -252,6 +266,19 @@ mod tests {
         assert_eq!(a.items, b.items);
         // 20,000 leads/s for one second.
         assert_eq!(a.lead_item.len(), 20_000);
+    }
+
+    #[test]
+    fn a_duration_beyond_the_lap_limit_is_refused_not_cut_short() {
+        // One record: a lap is 1 ms of trace time, so 200 s at 1x is 200,000 laps.
+        let t = recs(&[(0, true)]);
+        let e = plan(&t, Pacing::Speed(1.0), Some(200_000_000_000)).unwrap_err().to_string();
+        assert!(e.contains("--duration") && e.contains("laps"), "{e}");
+        // Within the limit it plans the whole duration.
+        let p = plan(&t, Pacing::Speed(1.0), Some(50_000_000_000)).unwrap();
+        assert_eq!(p.lead_item.len(), 50_000);
+        // Rate pacing is not bound to the trace's own timeline, but to its laps all the same.
+        assert!(plan(&t, Pacing::Rate(1_000_000.0), Some(1_000_000_000)).is_err());
     }
 
     #[test]

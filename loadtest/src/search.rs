@@ -104,6 +104,10 @@ pub fn max_rate(
     bound_ms: f64,
 ) -> anyhow::Result<SearchResult> {
     anyhow::ensure!(start_rate > 0.0 && ceiling >= start_rate, "need 0 < start rate <= ceiling");
+    anyhow::ensure!(
+        bound_ms.is_finite() && bound_ms > 0.0,
+        "--p99-bound-ms must be a finite number of milliseconds above 0, not {bound_ms}"
+    );
     // Without a duration each step is one pass of the trace, shorter the higher the rate.
     anyhow::ensure!(base.duration.is_some(), "--max-rate needs --duration (how long each step sends)");
     let mut steps = Vec::new();

@@ -98,7 +98,6 @@ impl Mock {
         Mock { addr, shared }
     }
 
-    #[allow(dead_code)]
     fn subscriptions(&self) -> u64 {
         self.shared.lock().unwrap().subscriptions
     }
@@ -428,4 +427,17 @@ fn a_lead_answered_unavailable_and_stored_is_not_a_violation() {
     let s = run(&config(&m, Pacing::Rate(1_000.0), "refused"), &trace(20, 0, None));
     assert_eq!(s.violations.delivered_after_error, 1, "{:#?}", s.violations);
     assert_eq!(s.violations.total(), 1, "{:#?}", s.violations);
+}
+
+/// Values the flags refuse are refused by the library too, not cut or run as nothing.
+#[test]
+fn a_zero_duration_and_an_overlong_drain_are_refused() {
+    let m = Mock::start(Script::default());
+    let cfg = ReplayConfig { duration: Some(Duration::ZERO), ..config(&m, Pacing::Rate(1_000.0), "z") };
+    let e = replay::run(&cfg, &trace(10, 0, None)).err().expect("refused");
+    assert!(e.to_string().contains("--duration"), "{e}");
+    let cfg = ReplayConfig { drain: replay::MAX_DRAIN * 2, ..config(&m, Pacing::Rate(1_000.0), "d") };
+    let e = replay::run(&cfg, &trace(10, 0, None)).err().expect("refused");
+    assert!(e.to_string().contains("--drain"), "{e}");
+    assert_eq!(m.subscriptions(), 0, "refused before connecting");
 }
