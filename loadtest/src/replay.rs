@@ -1,7 +1,8 @@
 //! Replays a trace against a running rota, open loop, and measures it.
 //!
 //! * Connections: `connections` ingest websockets per tenant plus one `subscribe`
-//!   stream per tenant, all with `TCP_NODELAY` (tungstenite leaves Nagle on). With
+//!   stream per distinct token (tenants sharing a token share a daemon tenant, and so
+//!   its stream), all with `TCP_NODELAY` (tungstenite leaves Nagle on). With
 //!   [`Resubscribe`] each stream leaves and resumes (`resume_from`) on a schedule.
 //! * Setup: the records before the first lead (pros, credits) are sent pipelined and
 //!   all answered before the clock starts; they are not measured.
@@ -964,10 +965,19 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let setup_s = setup_started.elapsed().as_secs_f64();
 
     // Streams: subscribe after the setup, so setup events do not fill the queue.
-    // `(socket, token, next_seq)` per tenant.
-    let mut streams = Vec::new();
+    // `(socket, token, next_seq)` per distinct token: a token belongs to one daemon
+    // tenant, whose stream carries every event of it. Trace tenants that share a token
+    // (a single fallback `--token`) share that stream; one subscription each would
+    // receive every event once per trace tenant, each a duplicate delivery.
+    let mut stream_tokens: Vec<String> = Vec::new();
     for t in &tenants {
         let token = token_of(t)?;
+        if !stream_tokens.contains(&token) {
+            stream_tokens.push(token);
+        }
+    }
+    let mut streams = Vec::new();
+    for token in stream_tokens {
         let mut ws = connect(&cfg.url, &token, enc).await?;
         let sub = serde_json::json!({"id": "sub", "type": "subscribe", "batch": cfg.stream_batch});
         wire::encode_into(enc, &sub, &mut buf);

@@ -66,7 +66,6 @@ struct Shared {
     close_ingest: watch::Sender<bool>,
 }
 
-#[allow(dead_code)]
 struct Mock {
     addr: String,
     shared: Arc<Mutex<Shared>>,
@@ -440,4 +439,23 @@ fn a_zero_duration_and_an_overlong_drain_are_refused() {
     let e = replay::run(&cfg, &trace(10, 0, None)).err().expect("refused");
     assert!(e.to_string().contains("--drain"), "{e}");
     assert_eq!(m.subscriptions(), 0, "refused before connecting");
+}
+
+/// A trace with two tenants replayed with one token (the fallback for both): the
+/// daemon sees one tenant, so one subscription carries every event. One subscription
+/// per trace tenant would receive each event twice, every lead a duplicate delivery.
+#[test]
+fn trace_tenants_sharing_a_token_share_one_subscription() {
+    let m = Mock::start(Script::default());
+    let mut records = trace(20, 0, Some("tenant-0"));
+    for (n, r) in records.iter_mut().enumerate() {
+        if n % 2 == 0 {
+            r.tenant = Some("tenant-1".into());
+        }
+    }
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "shared"), &records);
+    assert_eq!(m.subscriptions(), 1);
+    assert_eq!(s.stream_events, 40, "lead_accepted and offered once per lead: {s:#?}");
+    assert_eq!(s.violations.total(), 0, "{:#?}", s.violations);
+    assert!(s.failures().is_empty(), "{:?}", s.failures());
 }
