@@ -196,16 +196,19 @@ pub fn execute(
     let mut events = decision.events;
     // A decision of many events (a tick after a long pause, a recharge that retries
     // thousands of leads) is logged as several records of at most `RECORD_WEIGHT` (see
-    // `weight`), appended in order under the shard's lock, so no record comes near the
-    // log's `MAX_RECORD_BYTES` (one that did would be refused after the shard and the
-    // ledger had changed). They share a group id (`record::Part`) and replay applies
-    // them in the same order, only once the last is there: a crash between two leaves
-    // none applied, as if the decision had not been made (a tick's first record sweeps
-    // its due deadlines; the events handling them may be in the later ones). The reply
-    // waits for the last.
+    // `weight`), so no record comes near the log's `MAX_RECORD_BYTES` (one that did
+    // would be refused after the shard and the ledger had changed). They share a group
+    // id (`record::Part`) and replay applies them in the same order, only once the last
+    // is there: a crash between two leaves none applied, as if the decision had not
+    // been made (a tick's first record sweeps its due deadlines; the events handling
+    // them may be in the later ones). All of them go to the log in one append, so they
+    // are contiguous there (no other shard's record between them, which might rely on
+    // what an earlier part did in memory, such as credits a release gave back) and
+    // durable together; their stream events are published together once the last is
+    // durable, where replay puts them too, and the reply is sent then.
     let mut rest = split_record(&mut events);
     let group = (!rest.is_empty()).then(record::Part::next_group);
-    let mut logged_parts = false;
+    let mut logged: Vec<Logged> = Vec::new();
     // `LeadForgotten` events logged so far, unindexed after the last record.
     let mut forgotten = Vec::new();
     let mut reply = Some((reply, decision.reply));
@@ -234,26 +237,12 @@ pub fn execute(
             super::money::without_dropped(answer, &dropped);
         }
         let part = group.map(|group| record::Part { group, last });
-        if events.is_empty() && money.is_empty() && !(last && logged_parts) {
-            if last {
-                drop(shard);
-                // Nothing new (an idempotent repeat): answer once everything logged
-                // before is durable, so a repeat never overtakes the original's ack.
-                if let Some((tx, answer)) = reply.take() {
-                    engine.after_durable(Box::new(move |res| {
-                        if let Some(tx) = tx {
-                            let _ = tx.send(res.map(|_| ShardReply { reply: answer }));
-                        }
-                    }));
-                }
-                return;
-            }
-        } else {
-            // (An empty last part is logged too: it completes the group.)
-            let this_reply = if last { reply.take() } else { None };
+        // A part with nothing in it is not logged, except a last one after others: it
+        // completes the group.
+        let completes_group = last && !logged.is_empty();
+        if completes_group || !events.is_empty() || !money.is_empty() {
             let to_log = ToLog { events, money, part };
-            log_record(engine, &mut shard, key, to_log, received, this_reply, &mut forgotten);
-            logged_parts = true;
+            logged.push(apply_record(engine, &mut shard, key, to_log, &mut forgotten));
         }
         if last {
             break;
@@ -261,6 +250,29 @@ pub fn execute(
         events = rest;
         rest = split_record(&mut events);
     }
+    let reply = reply.take();
+    if logged.is_empty() {
+        drop(shard);
+        // Nothing new (an idempotent repeat): answer once everything logged before is
+        // durable, so a repeat never overtakes the original's ack.
+        if let Some((tx, answer)) = reply {
+            engine.after_durable(Box::new(move |res| {
+                if let Some(tx) = tx {
+                    let _ = tx.send(res.map(|_| ShardReply { reply: answer }));
+                }
+            }));
+        }
+        return;
+    }
+    // Appended under the shard's lock: the WAL holds this shard's records in the
+    // order they were decided.
+    append_logged(engine, key, logged, received, reply);
+    // Unindexed once appended (still under the shard's lock): a forgotten lead id is
+    // free for a new lead, possibly in another shard, only once its `LeadForgotten`
+    // (and the ledger ops forgotten with it) is in the log, so the new lead's
+    // records, and its ops under the same ids, come after it in the log as they came
+    // after it live. Meanwhile requests about the id still reach this shard, which
+    // no longer knows it.
     for ev in &forgotten {
         engine.index_event(key, ev);
     }
@@ -313,17 +325,25 @@ struct ToLog {
     part: Option<record::Part>,
 }
 
-/// Applies `events` to the shard and appends them, with the ledger facts `money`, as
-/// one record; `reply` (the requester and its answer) hears back once it is durable.
-fn log_record(
+/// One record of a decision, applied to the shard and encoded, not yet appended.
+struct Logged {
+    bytes: Vec<u8>,
+    /// Its stream events, published once it is durable.
+    stream: Vec<StreamEvent>,
+    /// Pros whose auto-buy spend it refunds (R22).
+    returned: Vec<(crate::ids::TenantId, crate::ids::ProId)>,
+}
+
+/// Applies `events` to the shard and encodes them, with the ledger facts `money`, as
+/// one record, for [`append_logged`]. `LeadForgotten` events are added to `forgotten`
+/// for the caller to unindex once the record is appended.
+fn apply_record(
     engine: &Engine,
     shard: &mut Arc<Shard>,
     key: &ShardKey,
     ToLog { events, money, part }: ToLog,
-    received: Instant,
-    reply: Option<(Option<Responder>, crate::core::Reply)>,
     forgotten: &mut Vec<Event>,
-) {
+) -> Logged {
     let inner = &engine.inner;
     let mut stream: Vec<StreamEvent> = Vec::new();
     let state = Arc::make_mut(shard);
@@ -339,8 +359,40 @@ fn log_record(
     }
     record::money_stream_events(&money, &mut stream);
     inner.metrics.events(&key.tenant, &events, &money);
+    // Auto-buy spends refunded: the pros' missed leads are retried (R22) once the
+    // refund is durable (`Engine::retry_refunded`).
+    let returned = budget_refunds(&key.tenant, &events);
+    // The caller unindexes them once the decision's last record is appended: a lead
+    // id forgotten in one record of a split decision is free only once replay would
+    // apply that record (with the decision's last, `record::Part`).
+    forgotten.extend(events.iter().filter(|ev| matches!(ev, Event::LeadForgotten { .. })).cloned());
     let rec = WalRecord::Shard { key: key.clone(), events, money, part };
-    let bytes = record::encode(&rec);
+    Logged { bytes: record::encode(&rec), stream, returned }
+}
+
+/// Appends the records of one decision in one go (consecutive seqs, durable
+/// together); once they are durable, publishes their stream events, queues the R22
+/// retries of refunded budgets, and sends `reply` (the requester and its answer).
+fn append_logged(
+    engine: &Engine,
+    key: &ShardKey,
+    logged: Vec<Logged>,
+    received: Instant,
+    reply: Option<(Option<Responder>, crate::core::Reply)>,
+) {
+    let inner = &engine.inner;
+    let mut records = Vec::with_capacity(logged.len());
+    let mut stream = Vec::new();
+    let mut returned = Vec::new();
+    for l in logged {
+        records.push((RECORD_KIND, l.bytes));
+        if stream.is_empty() {
+            stream = l.stream;
+        } else {
+            stream.extend(l.stream);
+        }
+        returned.extend(l.returned);
+    }
     let hub = engine.hub(&key.tenant);
     let offers = stream.iter().any(|e| matches!(e, StreamEvent::Offered { .. }));
     // Encoded here, on the deciding thread, rather than per subscriber.
@@ -350,18 +402,10 @@ fn log_record(
     };
     let metrics = inner.metrics.clone();
     let tenant = key.tenant.clone();
-    // Auto-buy spends refunded: the pros' missed leads are retried (R22) once the
-    // refund is durable (`Engine::retry_refunded`).
-    let returned = match &rec {
-        WalRecord::Shard { events, .. } => budget_refunds(&key.tenant, events),
-        _ => Vec::new(),
-    };
     let budget_returned =
         (!returned.is_empty()).then(|| (inner.budget_returned.clone(), inner.budget_notify.clone()));
-    // Appended under the shard's lock: the WAL holds this shard's records in the
-    // order they were decided.
     engine.append(
-        vec![(RECORD_KIND, bytes)],
+        records,
         Box::new(move |res| match res {
             Ok(_) => {
                 metrics.durable_seconds(received.elapsed());
@@ -388,18 +432,6 @@ fn log_record(
             }
         }),
     );
-    // Unindexed once appended (still under the shard's lock): a forgotten lead id is
-    // free for a new lead, possibly in another shard, only once its `LeadForgotten`
-    // (and the ledger ops forgotten with it) is in the log, so the new lead's
-    // records, and its ops under the same ids, come after it in the log as they came
-    // after it live. Meanwhile requests about the id still reach this shard, which
-    // no longer knows it.
-    // The caller unindexes them once the decision's last record is appended: a lead
-    // id forgotten in one record of a split decision is free only once replay would
-    // apply that record (with the decision's last, `record::Part`).
-    if let WalRecord::Shard { events, .. } = &rec {
-        forgotten.extend(events.iter().filter(|ev| matches!(ev, Event::LeadForgotten { .. })).cloned());
-    }
 }
 
 /// The pros whose auto-buy spend `events` refund (their budget came back: R22).
