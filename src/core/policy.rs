@@ -167,6 +167,20 @@ pub struct RawRanking {
     pub expiry_penalty_permille: u32,
     /// How many turns a skipped pro may keep credit for (R28 "no catch-up burst").
     pub max_catch_up_turns: u32,
+    /// R29: per-mille of the weight that follows the pro's response rate (offers
+    /// answered by responding, over the offers that count, R27): a pro that answers
+    /// every offer keeps its weight, one that answers none keeps `1000 - this`. 0 = the
+    /// rate is not used.
+    pub response_rate_share_permille: u32,
+    /// Offers that count before the response rate is used: a new pro is not judged on
+    /// its first few.
+    pub response_rate_min_offers: u32,
+    /// R29: a pro whose mean time from offer to first response is above this many
+    /// seconds loses `slow_response_penalty_permille` of its weight. 0 = the time is
+    /// not used.
+    pub response_time_target_s: i64,
+    /// Per-mille of the weight a slow responder loses (R29).
+    pub slow_response_penalty_permille: u32,
 }
 
 impl Default for RawRanking {
@@ -178,6 +192,10 @@ impl Default for RawRanking {
             decline_penalty_permille: 50,
             expiry_penalty_permille: 100,
             max_catch_up_turns: 1,
+            response_rate_share_permille: 200,
+            response_rate_min_offers: 10,
+            response_time_target_s: 24 * 3600,
+            slow_response_penalty_permille: 100,
         }
     }
 }
@@ -278,6 +296,11 @@ pub struct Policy {
     pub decline_penalty_permille: u32,
     pub expiry_penalty_permille: u32,
     pub max_catch_up_turns: u32,
+    pub response_rate_share_permille: u32,
+    pub response_rate_min_offers: u32,
+    /// `None`: the response time is not used (R29).
+    pub response_time_target: Option<Millis>,
+    pub slow_response_penalty_permille: u32,
     pub group_size: u32,
     pub retry_window: Millis,
     pub charge_on: ChargeOn,
@@ -385,6 +408,8 @@ impl RawPolicy {
         for (key, v) in [
             ("ranking.decline_penalty_permille", r.decline_penalty_permille),
             ("ranking.expiry_penalty_permille", r.expiry_penalty_permille),
+            ("ranking.response_rate_share_permille", r.response_rate_share_permille),
+            ("ranking.slow_response_penalty_permille", r.slow_response_penalty_permille),
         ] {
             if v > 1000 {
                 return Err(invalid(key, format!("must be at most 1000 per mille, got {v}")));
@@ -393,6 +418,10 @@ impl RawPolicy {
         if r.max_catch_up_turns > 1000 {
             return Err(invalid("ranking.max_catch_up_turns", "must be at most 1000"));
         }
+        if r.response_rate_min_offers > 1_000_000 {
+            return Err(invalid("ranking.response_rate_min_offers", "must be at most 1000000"));
+        }
+        let response_time_target = secs("ranking.response_time_target_s", r.response_time_target_s, true)?;
         let a = &self.autobuy;
         if a.group_size == 0 {
             return Err(invalid("autobuy.group_size", "must be at least 1"));
@@ -458,6 +487,10 @@ impl RawPolicy {
             decline_penalty_permille: r.decline_penalty_permille,
             expiry_penalty_permille: r.expiry_penalty_permille,
             max_catch_up_turns: r.max_catch_up_turns,
+            response_rate_share_permille: r.response_rate_share_permille,
+            response_rate_min_offers: r.response_rate_min_offers,
+            response_time_target: (response_time_target > 0).then_some(response_time_target),
+            slow_response_penalty_permille: r.slow_response_penalty_permille,
             group_size: a.group_size,
             retry_window,
             charge_on: m.charge_on,

@@ -3,7 +3,9 @@
 //! A pro's weight is its share of the rotation among pros that are equally eligible.
 //! Quality (rating, reviews, projects, profile) moves it between the policy's
 //! `base_weight` and `max_weight`; declines of this job type and expired offers take
-//! a per-mille off each, down to `min_weight`. Since `min_weight >= 1`, every pro keeps
+//! a per-mille off each; responsiveness (R29) scales it by the response rate (a share
+//! of the weight, once enough offers count) and takes a per-mille off a pro whose mean
+//! time to first response is above the policy's target; down to `min_weight`. Since `min_weight >= 1`, every pro keeps
 //! a share; since weights are capped, better pros earn a proportionally larger share,
 //! never all of it.
 //!
@@ -64,6 +66,13 @@ pub struct WeightBreakdown {
     pub declines: u64,
     pub expiries: u64,
     pub weight: u32,
+    /// The response rate the weight used (R29); `None` while too few offers count.
+    /// (Last, and defaulted: snapshots from before it decode.)
+    #[serde(default)]
+    pub response_rate_permille: Option<u32>,
+    /// The mean time to first response is above the policy's target (R29).
+    #[serde(default)]
+    pub slow_responder: bool,
 }
 
 pub fn weight(policy: &Policy, q: &Quality, stats: &ProStats) -> WeightBreakdown {
@@ -77,8 +86,29 @@ pub fn weight(policy: &Policy, q: &Quality, stats: &ProStats) -> WeightBreakdown
     };
     penalise(stats.declined, policy.decline_penalty_permille);
     penalise(stats.expired, policy.expiry_penalty_permille);
+    // R29: responsiveness. The rate once enough offers count; the time once the pro
+    // responded at all.
+    let share = u64::from(policy.response_rate_share_permille.min(1000));
+    let rate = (share > 0 && stats.rate_relevant >= u64::from(policy.response_rate_min_offers))
+        .then(|| stats.response_rate_permille());
+    if let Some(r) = rate {
+        w = w * (1000 - share + share * u64::from(r) / 1000) / 1000;
+    }
+    let slow = policy
+        .response_time_target
+        .is_some_and(|t| stats.mean_response_time_ms().is_some_and(|m| m > t.max(0) as u64));
+    if slow {
+        w = w * u64::from(1000 - policy.slow_response_penalty_permille.min(1000)) / 1000;
+    }
     let w = (w as u32).clamp(policy.min_weight, policy.max_weight);
-    WeightBreakdown { quality_permille: qp, declines: stats.declined, expiries: stats.expired, weight: w }
+    WeightBreakdown {
+        quality_permille: qp,
+        declines: stats.declined,
+        expiries: stats.expired,
+        response_rate_permille: rate,
+        slow_responder: slow,
+        weight: w,
+    }
 }
 
 #[cfg(test)]
@@ -105,5 +135,40 @@ mod tests {
         assert!(declined < base && expired < declined, "{base} {declined} {expired}");
         let floor = weight(&p, &q, &ProStats { declined: 1000, expired: 1000, ..Default::default() });
         assert_eq!(floor.weight, p.min_weight);
+    }
+
+    #[test]
+    fn r29_response_rate_and_time_to_first_response_feed_the_weight() {
+        let p = Policy::shared_default("t");
+        let q = Quality::default();
+        let counted = |responded: u64, mean_ms: u64| ProStats {
+            offered: 20,
+            rate_relevant: 20,
+            responded,
+            response_time_ms_sum: responded * mean_ms,
+            ..Default::default()
+        };
+        let new = weight(&p, &q, &ProStats { offered: 5, rate_relevant: 5, ..Default::default() });
+        assert_eq!(
+            (new.weight, new.response_rate_permille),
+            (p.base_weight, None),
+            "too few offers to judge"
+        );
+        let silent = weight(&p, &q, &counted(0, 0));
+        let half = weight(&p, &q, &counted(10, 60_000));
+        let diligent = weight(&p, &q, &counted(20, 60_000));
+        assert_eq!(diligent.weight, p.base_weight, "answers every offer within the target");
+        assert_eq!(silent.weight, p.base_weight * 800 / 1000, "answers none: keeps 1000 - the share");
+        assert!(silent.weight < half.weight && half.weight < diligent.weight);
+        assert_eq!(half.response_rate_permille, Some(500));
+        let slow = weight(&p, &q, &counted(20, 2 * 86_400_000));
+        assert!(slow.slow_responder && !diligent.slow_responder);
+        assert_eq!(slow.weight, p.base_weight * 900 / 1000, "slower than the target on average");
+        // Off when the policy says so.
+        let mut off = p.clone();
+        off.response_rate_share_permille = 0;
+        off.response_time_target = None;
+        let w = weight(&off, &q, &counted(0, 0));
+        assert_eq!(w.weight, p.base_weight);
     }
 }

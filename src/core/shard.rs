@@ -2094,6 +2094,11 @@ impl Shard {
                             ps.stats.offered += 1;
                             if ps.available(*at).is_ok() {
                                 ps.stats.rate_relevant += 1;
+                                // R29: one more offer that counts moves the response rate.
+                                if self.policy.response_rate_share_permille > 0 {
+                                    ps.weight = rank::weight(&self.policy, &ps.pro.quality, &ps.stats);
+                                    self.ring.upsert(slot, ps.weight.weight);
+                                }
                             }
                         }
                     }
@@ -2162,6 +2167,8 @@ impl Shard {
                 if let (Some(rt), Some(ps)) = (response_time, self.slot_mut(pro)) {
                     ps.stats.responded += 1;
                     ps.stats.response_time_ms_sum += rt;
+                    // R29: the response rate and time feed the weight.
+                    self.reweigh_pro(pro);
                 }
             }
             Event::Declined { lead, pro, by, .. } => {
@@ -3090,6 +3097,60 @@ mod expiry_tests {
         back.restore(s.policy().clone());
         back.check_invariants().unwrap();
         assert_eq!(back, s);
+    }
+}
+
+#[cfg(test)]
+mod responsiveness_tests {
+    use super::test_support::*;
+    use super::*;
+
+    /// R29 in the rotation: of two equal pros offered leads one at a time, the one that
+    /// answers every offer gets more of the later leads than the one that answers none
+    /// (100 : 80 by weight, once ten offers each count).
+    #[test]
+    fn r29_a_pro_that_answers_its_offers_gets_more_leads_than_one_that_never_does() {
+        let mut s = shard_with(
+            "tenant = \"t\"\nmode = \"shared\"\n[leads]\noffer_fanout = 1\nduplicate_window_s = 0\n",
+        );
+        for id in ["a", "b"] {
+            let d = s.decide(T0, &Command::UpsertPro { pro: pro(id) }, &Unlimited).expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+        }
+        let mut offered = std::collections::BTreeMap::<String, u32>::new();
+        for n in 1..=200u32 {
+            let now = T0 + Millis::from(n) * 1000;
+            let d = s
+                .decide(now, &Command::PublishLead { lead: lead(n, now).into() }, &Unlimited)
+                .expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+            let got: Vec<ProId> = d
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Offered { grants, .. } => Some(grants.iter().map(|g| g.pro.clone())),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            assert_eq!(got.len(), 1, "one pro per lead");
+            if got[0].as_str() == "a" {
+                let respond = Command::Offer {
+                    lead: LeadId::new(format!("L{n}")),
+                    pro: got[0].clone(),
+                    action: OfferAction::Respond,
+                };
+                let d = s.decide(now + 60_000, &respond, &Unlimited).expect("a responds");
+                d.events.iter().for_each(|ev| s.apply(ev));
+            }
+            if n > 40 {
+                *offered.entry(got[0].to_string()).or_default() += 1;
+            }
+            s.check_invariants().expect("invariants hold");
+        }
+        let (a, b) = (offered["a"], offered["b"]);
+        assert!(a > b + b / 10, "the responsive pro gets the larger share: a {a}, b {b}");
+        assert_eq!(s.slot_pro(s.slots[&ProId::new("b")]).weight.response_rate_permille, Some(0));
     }
 }
 
