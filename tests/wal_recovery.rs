@@ -306,12 +306,24 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_older_one() {
     let newest = dir.join("snapshot-00000000000000000450.snap");
     fs.flip_bit(&newest, 42, 1).unwrap();
 
-    let (_, rec) = Wal::open(cfg, as_dyn(&fs)).unwrap();
+    let (wal, rec) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
     assert_eq!(rec.snapshot, Some((150, b"old".to_vec())));
     assert_eq!(rec.skipped_snapshots.len(), 1);
     assert_eq!(rec.skipped_snapshots[0].path, newest);
     let seqs: Vec<u64> = rec.records.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (151..=600).collect::<Vec<_>>());
+
+    // The invalid snapshot is set aside, not counted among the two kept: the next
+    // snapshot keeps the one recovery used as its fallback. (Counted, it pushed that
+    // one out, and a damaged new snapshot then left nothing to start from.)
+    assert!(fs.file_bytes(&dir.join("snapshot-00000000000000000450.snap.corrupt")).is_ok(), "set aside");
+    append_many(&wal, 100);
+    wal.write_snapshot(700, b"newer").unwrap();
+    wal.shutdown().unwrap();
+    fs.flip_bit(&dir.join("snapshot-00000000000000000700.snap"), 42, 1).unwrap();
+    let (_, rec) = Wal::open(cfg, as_dyn(&fs)).expect("the fallback snapshot is still there");
+    assert_eq!(rec.snapshot, Some((150, b"old".to_vec())));
+    assert_eq!(rec.last_seq, 700);
 }
 
 #[test]

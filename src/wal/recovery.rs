@@ -265,8 +265,21 @@ pub(crate) fn recover(
             Err(reason) => rec.skipped_snapshots.push(SkippedSnapshot { path: path.clone(), reason }),
         }
     }
+    // An invalid snapshot is set aside (renamed `<name>.corrupt`, kept for a look):
+    // left among the snapshots it would count as one of the `keep_snapshots`, and the
+    // next snapshot would delete the valid one recovery just used, the only fallback.
     for skipped in &rec.skipped_snapshots {
-        tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "skipping invalid WAL snapshot");
+        let aside = skipped.path.with_file_name(format!(
+            "{}.corrupt",
+            skipped.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        tracing::warn!(path = %skipped.path.display(), aside = %aside.display(), reason = %skipped.reason,
+            "skipping invalid WAL snapshot; set aside");
+        fs.rename(&skipped.path, &aside).map_err(|e| io_err("set aside", &skipped.path, e))?;
+    }
+    if !rec.skipped_snapshots.is_empty() {
+        fs.sync_dir(dir).map_err(|e| io_err("sync dir", dir, e))?;
+        listing.snapshots.retain(|(_, p)| !rec.skipped_snapshots.iter().any(|s| s.path == *p));
     }
     let start_seq = rec.snapshot_seq.map_or(1, |s| s + 1);
 
