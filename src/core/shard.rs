@@ -852,6 +852,12 @@ pub struct Shard {
     /// Numbers leads (accepted and rejected) in apply order; deterministic on replay.
     #[serde(default)]
     next_seq: u64,
+    /// R14, R15, R29: the history of pros that left this shard, given back if they
+    /// come back, so that leaving a zone or category for a while does not wipe the
+    /// declines and expiries it lowered their ranking for. Only pros with some
+    /// history are kept. (Last, and defaulted: older snapshots decode.)
+    #[serde(default)]
+    departed: FxHashMap<ProId, ProStats>,
 }
 
 /// Reads [`Shard::learned_proposals_milli`] as this release writes it (a number) or as
@@ -888,6 +894,7 @@ impl Shard {
             last_by_client: FxHashMap::default(),
             learned_proposals_milli: None,
             next_seq: 0,
+            departed: FxHashMap::default(),
         }
     }
 
@@ -1916,7 +1923,10 @@ impl Shard {
                         s
                     }
                 };
-                let stats = self.pros[slot as usize].take().map(|p| p.stats).unwrap_or_default();
+                let stats = match self.pros[slot as usize].take() {
+                    Some(p) => p.stats,
+                    None => self.departed.remove(&pro.id).unwrap_or_default(),
+                };
                 let weight = rank::weight(&self.policy, &pro.quality, &stats);
                 let w = weight.weight;
                 self.pros[slot as usize] = Some(ProSlot::new(pro.clone(), stats, weight));
@@ -1932,7 +1942,11 @@ impl Shard {
             Event::ProRemoved { pro, .. } => {
                 if let Some(slot) = self.slots.remove(pro) {
                     self.ring.remove(slot);
-                    self.pros[slot as usize] = None;
+                    if let Some(ps) = self.pros[slot as usize].take() {
+                        if ps.stats != ProStats::default() {
+                            self.departed.insert(pro.clone(), ps.stats);
+                        }
+                    }
                 }
             }
             Event::AvailabilitySet { pro, availability, .. } => {
@@ -3151,6 +3165,44 @@ mod responsiveness_tests {
         let (a, b) = (offered["a"], offered["b"]);
         assert!(a > b + b / 10, "the responsive pro gets the larger share: a {a}, b {b}");
         assert_eq!(s.slot_pro(s.slots[&ProId::new("b")]).weight.response_rate_permille, Some(0));
+    }
+}
+
+#[cfg(test)]
+mod departed_tests {
+    use super::test_support::*;
+    use super::*;
+
+    /// R14, R15: declines lower a pro's ranking, and leaving the shard (a profile sent
+    /// without this zone) and coming back does not wipe them.
+    #[test]
+    fn r14_r15_declines_survive_leaving_and_rejoining_a_shard() {
+        let mut s = shard_with(
+            "tenant = \"t\"\nmode = \"shared\"\n[leads]\noffer_fanout = \"all\"\nduplicate_window_s = 0\n",
+        );
+        let run = |s: &mut Shard, now: Millis, cmd: Command| {
+            let d = s.decide(now, &cmd, &Unlimited).expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+            s.check_invariants().expect("invariants hold");
+        };
+        run(&mut s, T0, Command::UpsertPro { pro: pro("a") });
+        let fresh = s.slot_pro(s.slots[&ProId::new("a")]).weight.weight;
+        for n in 1..=3u32 {
+            let now = T0 + Millis::from(n) * 1000;
+            run(&mut s, now, Command::PublishLead { lead: lead(n, now).into() });
+            let decline = OfferAction::Decline { by: Party::Pro };
+            run(
+                &mut s,
+                now + 1,
+                Command::Offer { lead: LeadId::new(format!("L{n}")), pro: ProId::new("a"), action: decline },
+            );
+        }
+        let lowered = s.slot_pro(s.slots[&ProId::new("a")]).weight.weight;
+        assert!(lowered < fresh, "three declines lower the weight: {fresh} -> {lowered}");
+        run(&mut s, T0 + 10_000, Command::RemovePro { pro: ProId::new("a") });
+        run(&mut s, T0 + 20_000, Command::UpsertPro { pro: pro("a") });
+        let back = s.slot_pro(s.slots[&ProId::new("a")]).weight.clone();
+        assert_eq!((back.weight, back.declines), (lowered, 3), "remembered across the absence");
     }
 }
 
