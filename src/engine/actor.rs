@@ -194,6 +194,15 @@ pub fn execute(
         Err(r) => return refuse(r, reply),
     };
     let mut events = decision.events;
+    // Leads this decision forgets: what gives back on them is applied at once (see
+    // `money::execute_noting_drops`).
+    let forgetting: rustc_hash::FxHashSet<crate::ids::LeadId> = events
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::LeadForgotten { lead } => Some(lead.clone()),
+            _ => None,
+        })
+        .collect();
     // A decision of many events (a tick after a long pause, a recharge that retries
     // thousands of leads) is logged as several records of at most `RECORD_WEIGHT` (see
     // `weight`), so no record comes near the log's `MAX_RECORD_BYTES` (one that did
@@ -216,9 +225,19 @@ pub fn execute(
     // Offers the ledger refused to pay for, taken out of the events: out of the
     // reply too, before it is sent with the last record (R1).
     let mut dropped = Vec::new();
+    // Ledger facts giving credits or budget back: applied once the records holding
+    // them are durable (`money::execute_noting_drops`, `append_logged`).
+    let mut deferred = Vec::new();
     loop {
-        let executed =
-            super::money::execute_noting_drops(&shard, &inner.ledger, &key.tenant, &mut events, &mut dropped);
+        let executed = super::money::execute_noting_drops(
+            &shard,
+            &inner.ledger,
+            &key.tenant,
+            &mut events,
+            &mut dropped,
+            &mut deferred,
+            &forgetting,
+        );
         let money = match executed {
             Ok(m) => m,
             Err(r) => {
@@ -252,6 +271,7 @@ pub fn execute(
     }
     let reply = reply.take();
     if logged.is_empty() {
+        debug_assert!(deferred.is_empty(), "facts given back are always logged");
         drop(shard);
         // Nothing new (an idempotent repeat): answer once everything logged before is
         // durable, so a repeat never overtakes the original's ack.
@@ -266,7 +286,7 @@ pub fn execute(
     }
     // Appended under the shard's lock: the WAL holds this shard's records in the
     // order they were decided.
-    append_logged(engine, key, logged, received, reply);
+    append_logged(engine, key, logged, deferred, received, reply);
     // Unindexed once appended (still under the shard's lock): a forgotten lead id is
     // free for a new lead, possibly in another shard, only once its `LeadForgotten`
     // (and the ledger ops forgotten with it) is in the log, so the new lead's
@@ -371,12 +391,21 @@ fn apply_record(
 }
 
 /// Appends the records of one decision in one go (consecutive seqs, durable
-/// together); once they are durable, publishes their stream events, queues the R22
-/// retries of refunded budgets, and sends `reply` (the requester and its answer).
+/// together); once they are durable, applies the ledger facts they give back
+/// (`deferred`: releases and refunds, see `money::execute_noting_drops`), publishes
+/// their stream events, queues the R22 retries of refunded budgets, and sends `reply`
+/// (the requester and its answer).
+///
+/// Credits a decision gives back are spendable only from then on: a spend decided
+/// earlier could not count on them, and one decided later comes after their record
+/// in the log, so no power cut can keep a spend and lose the release it relied on.
+/// (Durability callbacks run in log order.) Until then a charge that needs exactly
+/// those credits is refused as short of them, for the time of a sync.
 fn append_logged(
     engine: &Engine,
     key: &ShardKey,
     logged: Vec<Logged>,
+    deferred: Vec<crate::ledger::LedgerEvent>,
     received: Instant,
     reply: Option<(Option<Responder>, crate::core::Reply)>,
 ) {
@@ -404,10 +433,16 @@ fn append_logged(
     let tenant = key.tenant.clone();
     let budget_returned =
         (!returned.is_empty()).then(|| (inner.budget_returned.clone(), inner.budget_notify.clone()));
+    let ledger = (!deferred.is_empty()).then(|| engine.clone());
     engine.append(
         records,
         Box::new(move |res| match res {
             Ok(_) => {
+                if let Some(owner) = ledger {
+                    for fact in &deferred {
+                        owner.inner.ledger.apply(fact);
+                    }
+                }
                 metrics.durable_seconds(received.elapsed());
                 if let Some(h) = &hub {
                     h.publish(stream);

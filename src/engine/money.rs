@@ -6,7 +6,11 @@
 //! * a failed response charge refuses the command (`insufficient_credits`), nothing
 //!   changed;
 //! * a failed auto-buy budget spend drops that buyer from the decision (it goes to
-//!   the retry list, R22) instead of overshooting the budget.
+//!   the retry list, R22) instead of overshooting the budget;
+//! * what gives credits or budget back (a hold released, a refund) is decided with
+//!   the decision but applied only once its record is durable
+//!   ([`execute_noting_drops`]'s `deferred`), so no spend can rely on it from a record
+//!   earlier in the log.
 //!
 //! Ledger operations are idempotent by op id, so a replayed intent changes nothing.
 
@@ -14,7 +18,7 @@ use crate::core::shard::{Charge, ChargeMode, Event, Funds, RefundReason as CoreR
 use crate::core::Reject;
 use crate::engine::lead_index::LeadIndex;
 use crate::ids::{LeadId, ProId, ShardKey, TenantId};
-use crate::ledger::{BudgetName, Ledger, LedgerError, LedgerEvent, OpId, RefundReason};
+use crate::ledger::{BudgetName, GiveBack, Ledger, LedgerError, LedgerEvent, OpId, RefundReason};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 /// The tenant's pro directory, as the engine keeps it.
@@ -57,23 +61,57 @@ pub fn execute(
     tenant: &TenantId,
     events: &mut [Event],
 ) -> Result<Vec<LedgerEvent>, Reject> {
-    execute_noting_drops(shard, ledger, tenant, events, &mut Vec::new())
+    let mut deferred = Vec::new();
+    let forgotten = FxHashSet::default();
+    let facts =
+        execute_noting_drops(shard, ledger, tenant, events, &mut Vec::new(), &mut deferred, &forgotten)?;
+    for fact in &deferred {
+        ledger.apply(fact);
+    }
+    Ok(facts)
 }
 
 /// [`execute`], adding to `dropped` the `(lead, pro)` offers it took out of `events`
-/// (their budget spend was refused), for [`without_dropped`].
+/// (their budget spend was refused), for [`without_dropped`], and to `deferred` the
+/// facts that give credits or budget back (releases, refunds): decided and among the
+/// returned facts to log, but not applied. The caller applies them
+/// ([`Ledger::apply`]) once the record holding them is durable, so that no other
+/// shard can spend what they give back in a record that comes before theirs (and
+/// would survive a power cut theirs did not). Except for the leads in `forgotten`
+/// (forgotten by the same decision): their op ids leave the ledger as the decision is
+/// applied ([`forget_lead`]), so what gives back on them is applied at once, before
+/// that, as replay does.
 pub fn execute_noting_drops(
     shard: &Shard,
     ledger: &Ledger,
     tenant: &TenantId,
     events: &mut [Event],
     dropped: &mut Vec<(LeadId, ProId)>,
+    deferred: &mut Vec<LedgerEvent>,
+    forgotten: &FxHashSet<LeadId>,
 ) -> Result<Vec<LedgerEvent>, Reject> {
     let mut facts = Vec::new();
     let keep = |r: crate::ledger::Receipt, facts: &mut Vec<LedgerEvent>| {
         if !r.replayed {
             facts.push(r.event);
         }
+    };
+    let give_back = |lead: &LeadId,
+                     op: OpId,
+                     pro: &ProId,
+                     what: GiveBack<'_>,
+                     facts: &mut Vec<LedgerEvent>,
+                     deferred: &mut Vec<LedgerEvent>| {
+        let r = ledger.give_back_deferred(op, tenant, pro, what)?;
+        if !r.replayed {
+            if forgotten.contains(lead) {
+                ledger.apply(&r.event);
+            } else {
+                deferred.push(r.event.clone());
+            }
+            facts.push(r.event);
+        }
+        Ok::<(), LedgerError>(())
     };
     for ev in events.iter_mut() {
         match ev {
@@ -134,22 +172,24 @@ pub fn execute_noting_drops(
             Event::LeadClosed { lead, releases, .. } => {
                 for (pro, c) in releases.iter() {
                     let op = OpId::for_lead(RELEASE, lead, pro);
-                    match ledger.release(op, tenant, pro, &OpId::new(&c.op)) {
-                        Ok(r) => keep(r, &mut facts),
+                    let hold = OpId::new(&c.op);
+                    match give_back(lead, op, pro, GiveBack::Release { hold: &hold }, &mut facts, deferred) {
+                        Ok(()) => {}
                         Err(e) => settle_failed("release", tenant, lead, pro, &e),
                     }
                 }
             }
             Event::Refunded { lead, pro, charge, reason, .. } => {
                 let op = OpId::for_lead(REFUND, lead, pro);
-                let res = match &charge.mode {
+                let paid = OpId::new(&charge.op);
+                let what = match &charge.mode {
                     ChargeMode::Budget { config } => {
-                        ledger.refund_spend(op, tenant, pro, &BudgetName::new(config), &OpId::new(&charge.op))
+                        GiveBack::RefundSpend { budget: &BudgetName::new(config), spend: &paid }
                     }
-                    _ => ledger.refund(op, tenant, pro, &OpId::new(&charge.op), refund_reason(*reason)),
+                    _ => GiveBack::Refund { charge: &paid, reason: refund_reason(*reason) },
                 };
-                match res {
-                    Ok(r) => keep(r, &mut facts),
+                match give_back(lead, op, pro, what, &mut facts, deferred) {
+                    Ok(()) => {}
                     Err(e) => settle_failed("refund", tenant, lead, pro, &e),
                 }
             }

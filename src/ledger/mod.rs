@@ -151,6 +151,17 @@ pub struct Balance {
     pub topup_rule: Option<TopupRule>,
 }
 
+/// What [`Ledger::give_back_deferred`] gives back.
+#[derive(Debug, Clone, Copy)]
+pub enum GiveBack<'a> {
+    /// A hold, released (R9).
+    Release { hold: &'a OpId },
+    /// A charge or captured hold, refunded in full (R12).
+    Refund { charge: &'a OpId, reason: RefundReason },
+    /// An auto-buy spend, back to its budget (R12, R23).
+    RefundSpend { budget: &'a BudgetName, spend: &'a OpId },
+}
+
 /// The state of one auto-buy budget.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetBalance {
@@ -297,7 +308,7 @@ impl Ledger {
         rule: Option<TopupRule>,
     ) -> Result<Receipt, LedgerError> {
         let request = CreditRequest::SetTopupRule { rule };
-        self.credit_with(tenant, pro, request, true, |a| {
+        self.credit_with(tenant, pro, request, true, true, |a| {
             OpId::new(format!("topup-rule:v{}", a.topup_rule_version() + 1))
         })
     }
@@ -339,6 +350,37 @@ impl Ledger {
     ) -> Result<Receipt, LedgerError> {
         let request = BudgetRequest::Spend { amount };
         self.budget_op(op, tenant, pro, budget, request, false)
+    }
+
+    /// What gives credits or budget back ([`Ledger::release`], [`Ledger::refund`],
+    /// [`Ledger::refund_spend`]), decided but not applied: nothing changes until the
+    /// returned event (unless `replayed`) is passed to [`Ledger::apply`]. For a
+    /// decision that must queue its log record before anyone can spend what it gives
+    /// back (`engine::money`): a spend decided meanwhile would otherwise come before
+    /// that record in the log, and survive a power cut that the record did not. Two
+    /// of these for one op id must not be in flight at once (the engine decides a
+    /// lead's money under its shard's lock).
+    pub fn give_back_deferred(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        what: GiveBack<'_>,
+    ) -> Result<Receipt, LedgerError> {
+        match what {
+            GiveBack::Release { hold } => {
+                let request = CreditRequest::Release { hold: hold.clone() };
+                self.credit_with(tenant, pro, request, false, false, |_| op.clone())
+            }
+            GiveBack::Refund { charge, reason } => {
+                let request = CreditRequest::Refund { charge: charge.clone(), reason };
+                self.credit_with(tenant, pro, request, false, false, |_| op.clone())
+            }
+            GiveBack::RefundSpend { budget, spend } => {
+                let request = BudgetRequest::Refund { spend: spend.clone() };
+                self.budget_op_applying(op, tenant, pro, budget, request, false, false)
+            }
+        }
     }
 
     /// Refunds a spend, at most once (R12, R23).
@@ -556,7 +598,7 @@ impl Ledger {
         request: CreditRequest,
         creates: bool,
     ) -> Result<Receipt, LedgerError> {
-        self.credit_with(tenant, pro, request, creates, |_| op.clone())
+        self.credit_with(tenant, pro, request, creates, true, |_| op.clone())
     }
 
     /// [`Ledger::credit`] with the op id derived from the account, under its lock.
@@ -566,6 +608,7 @@ impl Ledger {
         pro: &ProId,
         request: CreditRequest,
         creates: bool,
+        apply_now: bool,
         op_of: impl Fn(&Account) -> OpId,
     ) -> Result<Receipt, LedgerError> {
         let account = match self.account(tenant, pro) {
@@ -591,9 +634,11 @@ impl Ledger {
         let (fact, replayed) = match account.decide(&op, &request)? {
             Decision::Replay(fact) => (fact, true),
             Decision::New(fact) => {
-                let account = Arc::make_mut(&mut *account);
-                account.apply(&op, &fact);
-                debug_assert_eq!(account.check_invariants(), Ok(()));
+                if apply_now {
+                    let account = Arc::make_mut(&mut *account);
+                    account.apply(&op, &fact);
+                    debug_assert_eq!(account.check_invariants(), Ok(()));
+                }
                 (fact, false)
             }
         };
@@ -615,6 +660,20 @@ impl Ledger {
         request: BudgetRequest,
         creates: bool,
     ) -> Result<Receipt, LedgerError> {
+        self.budget_op_applying(op, tenant, pro, budget, request, creates, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn budget_op_applying(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        request: BudgetRequest,
+        creates: bool,
+        apply_now: bool,
+    ) -> Result<Receipt, LedgerError> {
         validate_op(&op)?;
         let key = (tenant.clone(), pro.clone(), budget.clone());
         let b = match self.budgets.get(&key).map(|e| Arc::clone(e.value())) {
@@ -630,9 +689,11 @@ impl Ledger {
         let (fact, replayed) = match b.decide(budget, &op, &request)? {
             BudgetDecision::Replay(fact) => (fact, true),
             BudgetDecision::New(fact) => {
-                let b = Arc::make_mut(&mut *b);
-                b.apply(&op, &fact);
-                debug_assert_eq!(b.check_invariants(), Ok(()));
+                if apply_now {
+                    let b = Arc::make_mut(&mut *b);
+                    b.apply(&op, &fact);
+                    debug_assert_eq!(b.check_invariants(), Ok(()));
+                }
                 (fact, false)
             }
         };

@@ -110,6 +110,40 @@ fn r9_chat_only_hold_is_released_when_the_lead_closes_without_reply() {
     l.check_invariants().unwrap();
 }
 
+/// R9/R12: what gives credits back can be decided without being applied
+/// (`give_back_deferred`): nothing is spendable until the fact is applied, which the
+/// engine does once the fact is durable in the log. Applied, it is the same as a
+/// release or refund done at once, and a repeat of the op is answered as such.
+#[test]
+fn r9_r12_credits_given_back_are_spendable_only_once_the_fact_is_applied() {
+    let l = funded(10);
+    l.hold(op("hold:l1"), &t(), &p(), 4).unwrap();
+    l.charge(op("charge:l2"), &t(), &p(), 6).unwrap();
+    let release = l
+        .give_back_deferred(op("release:l1"), &t(), &p(), GiveBack::Release { hold: &op("hold:l1") })
+        .unwrap();
+    let refund = l
+        .give_back_deferred(
+            op("refund:l2"),
+            &t(),
+            &p(),
+            GiveBack::Refund { charge: &op("charge:l2"), reason: RefundReason::NotViewed },
+        )
+        .unwrap();
+    assert!(!release.replayed && !refund.replayed);
+    assert_eq!(bal(&l), (0, 4, 6, 0, 10), "decided, nothing given back yet");
+    refused(&l, LedgerError::InsufficientCredits { available: 0, needed: 1 }, |l| {
+        l.charge(op("charge:l3"), &t(), &p(), 1)
+    });
+    l.apply(&release.event);
+    l.apply(&refund.event);
+    assert_eq!(bal(&l), (10, 0, 6, 6, 10), "given back once applied");
+    l.check_invariants().unwrap();
+    let again = l.release(op("release:l1"), &t(), &p(), &op("hold:l1")).unwrap();
+    assert!(again.replayed && again.event == release.event);
+    l.charge(op("charge:l3"), &t(), &p(), 1).unwrap();
+}
+
 #[test]
 fn a_hold_is_settled_once() {
     let l = funded(10);
