@@ -468,7 +468,55 @@ pub fn check_target(url: &str, allowed: &[String]) -> anyhow::Result<()> {
     bail!("{host} is not a loopback address; pass --allow-host {host} to load-test it on purpose")
 }
 
+/// How long [`connect`] keeps trying a daemon that answers HTTP 503 (it is replaying
+/// its log after a start, docs/OPERATIONS.md "Start").
+const RECOVERING_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Opens a websocket to the daemon. A daemon still recovering answers HTTP 503 with
+/// `Retry-After`: waited for (as it asks, between 50 ms and 5 s a time), for at most
+/// [`RECOVERING_PATIENCE`], so a run started right after the daemon, or a stream
+/// resuming across a restart, waits for it instead of failing.
 async fn connect(url: &str, token: &str, enc: Encoding) -> anyhow::Result<Ws> {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    loop {
+        match connect_once(url, token, enc).await {
+            Ok(ws) => return Ok(ws),
+            Err(e) => {
+                let Some(wait) = recovering(&e) else { return Err(e) };
+                if started.elapsed() >= RECOVERING_PATIENCE {
+                    return Err(e.context(format!(
+                        "the daemon still answers 503 (recovering) after {} s",
+                        RECOVERING_PATIENCE.as_secs()
+                    )));
+                }
+                if !SAID.swap(true, Ordering::Relaxed) {
+                    eprintln!("the daemon at {url} is recovering its state (HTTP 503); waiting for it");
+                }
+                tokio::time::sleep(wait.clamp(Duration::from_millis(50), Duration::from_secs(5))).await;
+            }
+        }
+    }
+}
+
+/// `Some(Retry-After)` when `e` is the daemon's answer while recovering (HTTP 503).
+fn recovering(e: &anyhow::Error) -> Option<Duration> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    e.chain().find_map(|cause| match cause.downcast_ref::<WsError>() {
+        Some(WsError::Http(resp)) if resp.status() == 503 => {
+            let secs = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(1);
+            Some(Duration::from_secs(secs))
+        }
+        _ => None,
+    })
+}
+
+async fn connect_once(url: &str, token: &str, enc: Encoding) -> anyhow::Result<Ws> {
     let mut req = url.into_client_request()?;
     req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
     req.headers_mut().insert("sec-websocket-protocol", enc.subprotocol().parse()?);

@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::handshake::server::{Request as HttpRequest, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request as HttpRequest, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -39,11 +40,19 @@ struct Script {
     close_ingest_after: Option<u64>,
     /// After answering this many publishes, close every stream subscription with 4008.
     close_streams_after: Option<u64>,
+    /// Answer the first this many connections with HTTP 503 (`Retry-After: 0`), as
+    /// rota does while it replays its log.
+    recovering_for: u64,
 }
 
 impl Default for Script {
     fn default() -> Self {
-        Script { fate: Box::new(|_| Fate::Accept), close_ingest_after: None, close_streams_after: None }
+        Script {
+            fate: Box::new(|_| Fate::Accept),
+            close_ingest_after: None,
+            close_streams_after: None,
+            recovering_for: 0,
+        }
     }
 }
 
@@ -115,7 +124,19 @@ fn frame(enc: Encoding, v: &Value) -> Message {
 #[allow(clippy::result_large_err)]
 async fn serve(tcp: TcpStream, shared: Arc<Mutex<Shared>>) {
     let (mut token, mut proto) = (String::new(), String::new());
+    let recovering = {
+        let mut sh = shared.lock().unwrap();
+        let left = sh.script.recovering_for;
+        sh.script.recovering_for = left.saturating_sub(1);
+        left > 0
+    };
     let accepted = tokio_tungstenite::accept_hdr_async(tcp, |req: &HttpRequest, mut resp: Response| {
+        if recovering {
+            let mut refusal = ErrorResponse::new(Some("recovering".into()));
+            *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            refusal.headers_mut().insert("retry-after", "0".parse().expect("a header value"));
+            return Err(refusal);
+        }
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
         token = header("authorization").trim_start_matches("Bearer ").to_string();
         proto = header("sec-websocket-protocol").split(',').next().unwrap_or("").trim().to_string();
@@ -318,6 +339,17 @@ fn a_well_behaved_stand_in_passes() {
     let s = run(&config(&m, Pacing::Rate(1_000.0), "ok"), &trace(50, 1, None));
     assert_eq!((s.sent, s.sent_leads, s.not_sent), (100, 50, 0), "{s:#?}");
     assert_eq!(s.delivery.count, 50);
+    assert!(s.failures().is_empty(), "{:?}", s.failures());
+}
+
+/// A daemon replaying its log answers connections with HTTP 503 and `Retry-After`:
+/// the tool waits for it (the first connections of the run are refused here) instead
+/// of failing the run.
+#[test]
+fn a_daemon_still_recovering_is_waited_for() {
+    let m = Mock::start(Script { recovering_for: 3, ..Script::default() });
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "recovering"), &trace(20, 1, None));
+    assert_eq!((s.sent_leads, s.not_sent), (20, 0), "{s:#?}");
     assert!(s.failures().is_empty(), "{:?}", s.failures());
 }
 
