@@ -194,15 +194,6 @@ pub fn execute(
         Err(r) => return refuse(r, reply),
     };
     let mut events = decision.events;
-    // Leads this decision forgets: what gives back on them is applied at once (see
-    // `money::execute_noting_drops`).
-    let forgetting: rustc_hash::FxHashSet<crate::ids::LeadId> = events
-        .iter()
-        .filter_map(|ev| match ev {
-            Event::LeadForgotten { lead } => Some(lead.clone()),
-            _ => None,
-        })
-        .collect();
     // A decision of many events (a tick after a long pause, a recharge that retries
     // thousands of leads) is logged as several records of at most `RECORD_WEIGHT` (see
     // `weight`), so no record comes near the log's `MAX_RECORD_BYTES` (one that did
@@ -226,8 +217,11 @@ pub fn execute(
     // reply too, before it is sent with the last record (R1).
     let mut dropped = Vec::new();
     // Ledger facts giving credits or budget back: applied once the records holding
-    // them are durable (`money::execute_noting_drops`, `append_logged`).
+    // them are queued (`money::execute_noting_drops`), and then the op ids of the
+    // leads the decision forgets, in replay's order (a record's facts, then its
+    // events).
     let mut deferred = Vec::new();
+    let mut forget_ops = Vec::new();
     loop {
         let executed = super::money::execute_noting_drops(
             &shard,
@@ -236,7 +230,6 @@ pub fn execute(
             &mut events,
             &mut dropped,
             &mut deferred,
-            &forgetting,
         );
         let money = match executed {
             Ok(m) => m,
@@ -261,7 +254,7 @@ pub fn execute(
         let completes_group = last && !logged.is_empty();
         if completes_group || !events.is_empty() || !money.is_empty() {
             let to_log = ToLog { events, money, part };
-            logged.push(apply_record(engine, &mut shard, key, to_log, &mut forgotten));
+            logged.push(apply_record(engine, &mut shard, key, to_log, &mut forgotten, &mut forget_ops));
         }
         if last {
             break;
@@ -286,7 +279,15 @@ pub fn execute(
     }
     // Appended under the shard's lock: the WAL holds this shard's records in the
     // order they were decided.
-    append_logged(engine, key, logged, deferred, received, reply);
+    let give_backs: Option<GiveBacks> =
+        (!deferred.is_empty()).then(|| Arc::new(parking_lot::Mutex::new(Some(deferred))));
+    append_logged(engine, key, logged, give_backs.clone(), received, reply);
+    // Queued: a spend decided from here on is queued after these records, and the log
+    // is durable in order, so no power cut keeps it and loses what it relied on.
+    if let Some(g) = &give_backs {
+        apply_give_backs(&inner.ledger, g);
+    }
+    super::money::forget_ops(&inner.ledger, &forget_ops);
     // Unindexed once appended (still under the shard's lock): a forgotten lead id is
     // free for a new lead, possibly in another shard, only once its `LeadForgotten`
     // (and the ledger ops forgotten with it) is in the log, so the new lead's
@@ -345,6 +346,20 @@ struct ToLog {
     part: Option<record::Part>,
 }
 
+/// The ledger facts a decision gives back (releases, refunds), applied exactly once:
+/// by the deciding thread as soon as its records are queued, or by their durability
+/// callback if that runs first (before it answers anyone).
+type GiveBacks = Arc<parking_lot::Mutex<Option<Vec<crate::ledger::LedgerEvent>>>>;
+
+fn apply_give_backs(ledger: &crate::ledger::Ledger, slot: &GiveBacks) {
+    let mut pending = slot.lock();
+    if let Some(facts) = pending.take() {
+        for fact in &facts {
+            ledger.apply(fact);
+        }
+    }
+}
+
 /// One record of a decision, applied to the shard and encoded, not yet appended.
 struct Logged {
     bytes: Vec<u8>,
@@ -363,6 +378,7 @@ fn apply_record(
     key: &ShardKey,
     ToLog { events, money, part }: ToLog,
     forgotten: &mut Vec<Event>,
+    forget_ops: &mut Vec<super::money::LeadOps>,
 ) -> Logged {
     let inner = &engine.inner;
     let mut stream: Vec<StreamEvent> = Vec::new();
@@ -370,7 +386,9 @@ fn apply_record(
     for ev in &events {
         record::shard_stream_events(state, ev, &mut stream);
         if let Event::LeadForgotten { lead } = ev {
-            super::money::forget_lead(state, &inner.ledger, &key.tenant, lead);
+            // Forgotten in the ledger once the records are queued, after the facts
+            // they give back (`execute`).
+            super::money::lead_ops(state, &key.tenant, lead, forget_ops);
         } else {
             // Before the append, so an answer (sent once durable) never overtakes it.
             engine.index_event(key, ev);
@@ -391,21 +409,16 @@ fn apply_record(
 }
 
 /// Appends the records of one decision in one go (consecutive seqs, durable
-/// together); once they are durable, applies the ledger facts they give back
-/// (`deferred`: releases and refunds, see `money::execute_noting_drops`), publishes
-/// their stream events, queues the R22 retries of refunded budgets, and sends `reply`
-/// (the requester and its answer).
-///
-/// Credits a decision gives back are spendable only from then on: a spend decided
-/// earlier could not count on them, and one decided later comes after their record
-/// in the log, so no power cut can keep a spend and lose the release it relied on.
-/// (Durability callbacks run in log order.) Until then a charge that needs exactly
-/// those credits is refused as short of them, for the time of a sync.
+/// together); once they are durable, applies the ledger facts they give back if the
+/// deciding thread has not yet (`give_backs`: releases and refunds, see
+/// `money::execute_noting_drops`; applied exactly once, before anyone is answered),
+/// publishes their stream events, queues the R22 retries of refunded budgets, and
+/// sends `reply` (the requester and its answer).
 fn append_logged(
     engine: &Engine,
     key: &ShardKey,
     logged: Vec<Logged>,
-    deferred: Vec<crate::ledger::LedgerEvent>,
+    give_backs: Option<GiveBacks>,
     received: Instant,
     reply: Option<(Option<Responder>, crate::core::Reply)>,
 ) {
@@ -433,15 +446,14 @@ fn append_logged(
     let tenant = key.tenant.clone();
     let budget_returned =
         (!returned.is_empty()).then(|| (inner.budget_returned.clone(), inner.budget_notify.clone()));
-    let ledger = (!deferred.is_empty()).then(|| engine.clone());
+    let give_backs = give_backs.map(|g| (engine.clone(), g));
     engine.append(
         records,
         Box::new(move |res| match res {
             Ok(_) => {
-                if let Some(owner) = ledger {
-                    for fact in &deferred {
-                        owner.inner.ledger.apply(fact);
-                    }
+                // Usually done already by the deciding thread; never twice.
+                if let Some((owner, g)) = &give_backs {
+                    apply_give_backs(&owner.inner.ledger, g);
                 }
                 metrics.durable_seconds(received.elapsed());
                 if let Some(h) = &hub {

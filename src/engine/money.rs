@@ -62,9 +62,7 @@ pub fn execute(
     events: &mut [Event],
 ) -> Result<Vec<LedgerEvent>, Reject> {
     let mut deferred = Vec::new();
-    let forgotten = FxHashSet::default();
-    let facts =
-        execute_noting_drops(shard, ledger, tenant, events, &mut Vec::new(), &mut deferred, &forgotten)?;
+    let facts = execute_noting_drops(shard, ledger, tenant, events, &mut Vec::new(), &mut deferred)?;
     for fact in &deferred {
         ledger.apply(fact);
     }
@@ -75,12 +73,10 @@ pub fn execute(
 /// (their budget spend was refused), for [`without_dropped`], and to `deferred` the
 /// facts that give credits or budget back (releases, refunds): decided and among the
 /// returned facts to log, but not applied. The caller applies them
-/// ([`Ledger::apply`]) once the record holding them is durable, so that no other
-/// shard can spend what they give back in a record that comes before theirs (and
-/// would survive a power cut theirs did not). Except for the leads in `forgotten`
-/// (forgotten by the same decision): their op ids leave the ledger as the decision is
-/// applied ([`forget_lead`]), so what gives back on them is applied at once, before
-/// that, as replay does.
+/// ([`Ledger::apply`]) once the records holding them are queued in the log, so that
+/// no other shard can spend what they give back in a record that comes before theirs
+/// (and would survive a power cut theirs did not): a spend decided after that is
+/// queued after them, and the log is durable in order.
 pub fn execute_noting_drops(
     shard: &Shard,
     ledger: &Ledger,
@@ -88,7 +84,6 @@ pub fn execute_noting_drops(
     events: &mut [Event],
     dropped: &mut Vec<(LeadId, ProId)>,
     deferred: &mut Vec<LedgerEvent>,
-    forgotten: &FxHashSet<LeadId>,
 ) -> Result<Vec<LedgerEvent>, Reject> {
     let mut facts = Vec::new();
     let keep = |r: crate::ledger::Receipt, facts: &mut Vec<LedgerEvent>| {
@@ -96,19 +91,14 @@ pub fn execute_noting_drops(
             facts.push(r.event);
         }
     };
-    let give_back = |lead: &LeadId,
-                     op: OpId,
+    let give_back = |op: OpId,
                      pro: &ProId,
                      what: GiveBack<'_>,
                      facts: &mut Vec<LedgerEvent>,
                      deferred: &mut Vec<LedgerEvent>| {
         let r = ledger.give_back_deferred(op, tenant, pro, what)?;
         if !r.replayed {
-            if forgotten.contains(lead) {
-                ledger.apply(&r.event);
-            } else {
-                deferred.push(r.event.clone());
-            }
+            deferred.push(r.event.clone());
             facts.push(r.event);
         }
         Ok::<(), LedgerError>(())
@@ -173,7 +163,7 @@ pub fn execute_noting_drops(
                 for (pro, c) in releases.iter() {
                     let op = OpId::for_lead(RELEASE, lead, pro);
                     let hold = OpId::new(&c.op);
-                    match give_back(lead, op, pro, GiveBack::Release { hold: &hold }, &mut facts, deferred) {
+                    match give_back(op, pro, GiveBack::Release { hold: &hold }, &mut facts, deferred) {
                         Ok(()) => {}
                         Err(e) => settle_failed("release", tenant, lead, pro, &e),
                     }
@@ -188,7 +178,7 @@ pub fn execute_noting_drops(
                     }
                     _ => GiveBack::Refund { charge: &paid, reason: refund_reason(*reason) },
                 };
-                match give_back(lead, op, pro, what, &mut facts, deferred) {
+                match give_back(op, pro, what, &mut facts, deferred) {
                     Ok(()) => {}
                     Err(e) => settle_failed("refund", tenant, lead, pro, &e),
                 }
@@ -222,17 +212,45 @@ const CREDIT_KINDS: [&str; 5] = ["charge", "hold", CAPTURE, RELEASE, REFUND];
 /// deadlines are gone, a chat-only hold was settled when it closed; the ledger keeps
 /// an open hold anyway). Other leads' ops never share these ids.
 pub fn forget_lead(shard: &Shard, ledger: &Ledger, tenant: &TenantId, lead: &LeadId) {
+    let mut ops = Vec::new();
+    lead_ops(shard, tenant, lead, &mut ops);
+    forget_ops(ledger, &ops);
+}
+
+/// The op ids one forgotten lead leaves in the ledger ([`forget_lead`]'s first half,
+/// read from the shard before it applies `LeadForgotten`): live, they are forgotten
+/// ([`forget_ops`]) once the decision's records are queued and the facts they give
+/// back are applied, as replay does (a record's facts, then its events).
+pub fn lead_ops(shard: &Shard, tenant: &TenantId, lead: &LeadId, out: &mut Vec<LeadOps>) {
     let Some(st) = shard.lead(lead) else { return };
     // Only a pro that responded or bought has ops on the lead.
     for o in st.offers.iter().filter(|o| o.responded_at().is_some() || o.charge.is_some()) {
         let credit: Vec<OpId> = CREDIT_KINDS.iter().map(|k| OpId::for_lead(k, lead, &o.pro)).collect();
-        ledger.forget(tenant, &o.pro, &credit);
-        if let Some(c) = o.charge.as_deref() {
-            if let ChargeMode::Budget { config } = &c.mode {
-                let ops = [OpId::new(&c.op), OpId::for_lead(REFUND, lead, &o.pro)];
+        let budget = o.charge.as_deref().and_then(|c| match &c.mode {
+            ChargeMode::Budget { config } => {
                 debug_assert!(c.op.starts_with(BUDGET_KINDS[0]), "a spend's op id is buy:<lead>:<pro>");
-                ledger.forget_budget_ops(tenant, &o.pro, &BudgetName::new(config), &ops);
+                Some((BudgetName::new(config), vec![OpId::new(&c.op), OpId::for_lead(REFUND, lead, &o.pro)]))
             }
+            _ => None,
+        });
+        out.push(LeadOps { tenant: tenant.clone(), pro: o.pro.clone(), credit, budget });
+    }
+}
+
+/// One pro's op ids on a forgotten lead ([`lead_ops`]).
+pub struct LeadOps {
+    tenant: TenantId,
+    pro: ProId,
+    credit: Vec<OpId>,
+    budget: Option<(BudgetName, Vec<OpId>)>,
+}
+
+/// Forgets what [`lead_ops`] listed.
+pub fn forget_ops(ledger: &Ledger, ops: &[LeadOps]) {
+    for o in ops {
+        ledger.forget(&o.tenant, &o.pro, &o.credit);
+        if let Some((budget, ops)) = &o.budget {
+            ledger.forget_budget_ops(&o.tenant, &o.pro, budget, ops);
         }
     }
 }
