@@ -404,7 +404,15 @@ impl Engine {
                 "the wall clock is behind the latest time in the log; rota's time holds there until the wall clock catches up"
             );
         }
-        Ok(Recovered { cfg, fs: spill_fs, clock, wal, recovered, rec })
+        // Each tenant's stream and its history on disk (after a crash the history checks
+        // what was written since its last sync): still on the recovering thread.
+        let mut tenants = FxHashMap::default();
+        let spills = spill::Spills::default();
+        for t in &cfg.tenants {
+            let tenant = Tenant::open(&cfg, &spill_fs, t, &spills, &mut rec);
+            tenants.insert(t.id.clone(), Arc::new(tenant));
+        }
+        Ok(Recovered { cfg, fs: spill_fs, clock, wal, recovered, rec, tenants, spills })
     }
 }
 
@@ -416,13 +424,15 @@ pub struct Recovered {
     wal: Wal,
     recovered: crate::wal::Recovered,
     rec: Recovering,
+    tenants: FxHashMap<TenantId, Arc<Tenant>>,
+    spills: spill::Spills,
 }
 
 impl Recovered {
     /// Starts the shard actors on the recovered state. Must run inside an actix
     /// `System`.
     pub fn start(self) -> Result<(Engine, RecoveryReport), StartError> {
-        let Recovered { cfg, fs: spill_fs, clock, wal, recovered, mut rec } = self;
+        let Recovered { cfg, fs: spill_fs, clock, wal, recovered, mut rec, tenants, spills } = self;
         // The worker threads: connections, inline decisions, shard timers (see
         // `config::RawConfig::arbiters`). `arbiters = 0`: all on the accepting thread.
         let arbiters: Vec<ArbiterHandle> = match cfg.raw.arbiters {
@@ -430,12 +440,6 @@ impl Recovered {
             n => (0..n).map(|_| Arbiter::new().handle()).collect(),
         };
         let own_arbiters = cfg.raw.arbiters > 0;
-        let mut tenants = FxHashMap::default();
-        let spills = spill::Spills::default();
-        for t in &cfg.tenants {
-            let tenant = Tenant::open(&cfg, &spill_fs, t, &spills, &mut rec);
-            tenants.insert(t.id.clone(), Arc::new(tenant));
-        }
         let ready = Arc::new(AtomicBool::new(false));
         let spill_stop = Arc::new(AtomicBool::new(false));
         let spill_writer = match spills.is_empty() {
