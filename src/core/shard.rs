@@ -2108,10 +2108,17 @@ impl Shard {
                             ps.stats.offered += 1;
                             if ps.available(*at).is_ok() {
                                 ps.stats.rate_relevant += 1;
-                                // R29: one more offer that counts moves the response rate.
+                                // R29: one more offer that counts may move the response
+                                // rate; the weight is recomputed only if it did (a pro that
+                                // never answers stays at 0: nothing to do).
                                 if self.policy.response_rate_share_permille > 0 {
-                                    ps.weight = rank::weight(&self.policy, &ps.pro.quality, &ps.stats);
-                                    self.ring.upsert(slot, ps.weight.weight);
+                                    let counted = ps.stats.rate_relevant
+                                        >= u64::from(self.policy.response_rate_min_offers);
+                                    let rate = counted.then(|| ps.stats.response_rate_permille());
+                                    if rate != ps.weight.response_rate_permille {
+                                        ps.weight = rank::weight(&self.policy, &ps.pro.quality, &ps.stats);
+                                        self.ring.upsert(slot, ps.weight.weight);
+                                    }
                                 }
                             }
                         }
