@@ -255,7 +255,8 @@ fn damage_before_the_newest_snapshot_neither_fails_verify_nor_costs_repair_the_n
 #[test]
 fn a_second_open_of_a_directory_in_use_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = small_cfg(dir.path().join("wal"));
+    // Refused at once here; a daemon waits `lock_wait_ms` (15 s) for a predecessor.
+    let cfg = rota::wal::WalConfig { lock_wait_ms: 0, ..small_cfg(dir.path().join("wal")) };
     let real: std::sync::Arc<dyn rota::wal::Fs> = std::sync::Arc::new(rota::wal::RealFs);
     let (wal, _) = Wal::open(cfg.clone(), real.clone()).unwrap();
     wal.append_blocking(vec![(2, payload(1, 100))]).unwrap();

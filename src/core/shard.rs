@@ -117,7 +117,13 @@ pub enum Command {
     UpsertPro {
         pro: Pro,
     },
+    /// The pro leaves the tenant: its history here goes with it.
     RemovePro {
+        pro: ProId,
+    },
+    /// The pro stops covering this shard's zone or category (a changed profile): its
+    /// history here is kept for when it comes back (R14, R15).
+    LeaveShard {
         pro: ProId,
     },
     SetAvailability {
@@ -265,6 +271,10 @@ pub enum Event {
     ProRemoved {
         pro: ProId,
         at: Millis,
+        /// Left this shard only (`Command::LeaveShard`), its history kept; `false`
+        /// (and in records from before the field): removed for good.
+        #[serde(default)]
+        left: bool,
     },
     AvailabilitySet {
         pro: ProId,
@@ -975,11 +985,12 @@ impl Shard {
     pub fn decide(&self, now: Millis, cmd: &Command, funds: &dyn Funds) -> Result<Decision, Reject> {
         match cmd {
             Command::UpsertPro { pro } => self.decide_upsert(now, pro),
-            Command::RemovePro { pro } => {
+            Command::RemovePro { pro } | Command::LeaveShard { pro } => {
                 if !self.slots.contains_key(pro) {
                     return Err(Reject::UnknownPro(pro.clone()));
                 }
-                Ok(done(vec![Event::ProRemoved { pro: pro.clone(), at: now }]))
+                let left = matches!(cmd, Command::LeaveShard { .. });
+                Ok(done(vec![Event::ProRemoved { pro: pro.clone(), at: now, left }]))
             }
             Command::SetAvailability { pro, availability } => {
                 if !self.slots.contains_key(pro) {
@@ -1939,14 +1950,17 @@ impl Shard {
                     self.ring.unpark(slot, self.policy.max_catch_up_turns);
                 }
             }
-            Event::ProRemoved { pro, .. } => {
+            Event::ProRemoved { pro, left, .. } => {
                 if let Some(slot) = self.slots.remove(pro) {
                     self.ring.remove(slot);
                     if let Some(ps) = self.pros[slot as usize].take() {
-                        if ps.stats != ProStats::default() {
+                        if *left && ps.stats != ProStats::default() {
                             self.departed.insert(pro.clone(), ps.stats);
                         }
                     }
+                }
+                if !*left {
+                    self.departed.remove(pro);
                 }
             }
             Event::AvailabilitySet { pro, availability, .. } => {
@@ -3206,10 +3220,15 @@ mod departed_tests {
         }
         let lowered = s.slot_pro(s.slots[&ProId::new("a")]).weight.weight;
         assert!(lowered < fresh, "three declines lower the weight: {fresh} -> {lowered}");
-        run(&mut s, T0 + 10_000, Command::RemovePro { pro: ProId::new("a") });
+        run(&mut s, T0 + 10_000, Command::LeaveShard { pro: ProId::new("a") });
         run(&mut s, T0 + 20_000, Command::UpsertPro { pro: pro("a") });
         let back = s.slot_pro(s.slots[&ProId::new("a")]).weight.clone();
         assert_eq!((back.weight, back.declines), (lowered, 3), "remembered across the absence");
+        // Removed from the tenant, its history goes too (nothing kept for it).
+        run(&mut s, T0 + 30_000, Command::RemovePro { pro: ProId::new("a") });
+        assert!(s.departed.is_empty());
+        run(&mut s, T0 + 40_000, Command::UpsertPro { pro: pro("a") });
+        assert_eq!(s.slot_pro(s.slots[&ProId::new("a")]).weight.weight, fresh, "a fresh start");
     }
 }
 

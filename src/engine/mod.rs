@@ -990,9 +990,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Takes `pro` out of the rotation of `key`; done if it is not there.
-    async fn leave_shard(&self, key: ShardKey, pro: &ProId) -> Result<(), ApiError> {
-        match self.exec_bounded(key, Command::RemovePro { pro: pro.clone() }, false).await {
+    /// Takes `pro` out of the rotation of `key`; done if it is not there. `for_good`:
+    /// the pro leaves the tenant, and the shard forgets its history.
+    async fn leave_shard(&self, key: ShardKey, pro: &ProId, for_good: bool) -> Result<(), ApiError> {
+        let cmd = match for_good {
+            true => Command::RemovePro { pro: pro.clone() },
+            false => Command::LeaveShard { pro: pro.clone() },
+        };
+        match self.exec_bounded(key, cmd, false).await {
             Ok(_) => Ok(()),
             Err(e) if e.code == Reject::UnknownPro(pro.clone()).code() => Ok(()),
             Err(e) => Err(e),
@@ -1013,7 +1018,7 @@ impl Engine {
             self.sync_budget(tenant, &pro.id, cfg, before, now).await?;
         }
         for key in leave {
-            self.leave_shard(key, &pro.id).await?;
+            self.leave_shard(key, &pro.id, false).await?;
         }
         for key in &new_keys {
             self.exec_bounded(key.clone(), Command::UpsertPro { pro: pro.clone() }, false).await?;
@@ -1031,7 +1036,7 @@ impl Engine {
         }
         self.admit_change(tenant, &leave)?;
         for key in leave {
-            self.leave_shard(key, pro).await?;
+            self.leave_shard(key, pro, true).await?;
         }
         self.log_directory(tenant, pro, None).await?;
         Ok(OkResult::Done { done: true })

@@ -217,6 +217,11 @@ pub struct WalConfig {
     /// for each answer (batches of one), waits for nothing. 0 = sync as soon as a
     /// batch is written.
     pub min_sync_interval_us: u64,
+    /// How long an open waits for another process to let go of the directory (one
+    /// killed a moment ago is still exiting; an old one in a rolling update is still
+    /// shutting down) before it is refused with [`WalError::InUse`].
+    #[serde(default = "default_lock_wait_ms")]
+    pub lock_wait_ms: u64,
     /// Test switch: skip every sync while pretending it happened. Exists only to
     /// prove that the crash tests catch a log that does not sync.
     #[doc(hidden)]
@@ -236,6 +241,7 @@ impl Default for WalConfig {
             keep_snapshots: 2,
             max_batch_requests: 4_096,
             min_sync_interval_us: 300,
+            lock_wait_ms: default_lock_wait_ms(),
             unsafe_skip_sync: false,
         }
     }
@@ -308,6 +314,29 @@ pub enum WalError {
         dir.display(), dir.display(), fs::LOCK_FILE
     )]
     InUse { dir: PathBuf },
+}
+
+fn default_lock_wait_ms() -> u64 {
+    15_000
+}
+
+/// [`lock_dir`], waiting up to `wait` for another process to let go of it.
+fn lock_dir_waiting(fs: &dyn Fs, dir: &Path, wait: std::time::Duration) -> Result<fs::DirLock, WalError> {
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match lock_dir(fs, dir) {
+            Err(WalError::InUse { .. }) if started.elapsed() < wait => {
+                if !said {
+                    said = true;
+                    tracing::warn!(dir = %dir.display(), wait_ms = wait.as_millis() as u64,
+                        "the WAL directory is held by another process; waiting for it to exit");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Takes `dir` for this process ([`Fs::lock_dir`]), creating it if needed.
@@ -555,7 +584,8 @@ impl Wal {
         cfg.validate()?;
         // Before anything is read or cut: a second process on the same directory
         // would cut the first one's tail as torn and write over its records.
-        let lock = lock_dir(fs.as_ref(), &cfg.dir)?;
+        let lock =
+            lock_dir_waiting(fs.as_ref(), &cfg.dir, std::time::Duration::from_millis(cfg.lock_wait_ms))?;
         let (recovered, resume) = recovery::recover(fs.as_ref(), &cfg, collect, replay)?;
         let st = Arc::new(State {
             _lock: lock,

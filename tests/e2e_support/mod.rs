@@ -163,6 +163,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
+        // Reaped: its data directory's lock is free for the next daemon on it.
+        let _ = self.child.wait();
     }
 }
 
