@@ -86,6 +86,35 @@ pub struct ReplayConfig {
     pub warmup: Duration,
 }
 
+impl ReplayConfig {
+    /// One connection to `url` with `token` for the records without a tenant, JSON,
+    /// a batched stream, one pass of the trace, a 5 s drain, no progress bar, nothing
+    /// written: a base for callers that set only what they need (`..`).
+    pub fn new(url: impl Into<String>, token: impl Into<String>, pacing: Pacing) -> Self {
+        ReplayConfig {
+            url: url.into(),
+            tokens: vec![(None, token.into())],
+            connections: 1,
+            pacing,
+            duration: None,
+            encoding: Encoding::Json,
+            drain: Duration::from_secs(5),
+            batch: Duration::from_micros(200),
+            run_tag: String::new(),
+            progress: false,
+            interval: Duration::from_secs(1),
+            allowed_hosts: vec![],
+            threads: 1,
+            skip_setup: false,
+            record: None,
+            stalled_subscribers: 0,
+            stream_batch: true,
+            resubscribe: None,
+            warmup: Duration::ZERO,
+        }
+    }
+}
+
 /// `--resubscribe-every` / `--away`: during the timed phase each tenant's stream
 /// subscription closes its websocket cleanly every `every`, stays away for `away`,
 /// reconnects (same token, encoding and `batch` setting) and sends `subscribe` with

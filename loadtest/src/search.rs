@@ -385,25 +385,11 @@ mod tests {
     fn max_rate_records_steps_that_cannot_connect() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let cfg = ReplayConfig {
-            url: format!("ws://127.0.0.1:{port}"),
-            tokens: vec![(None, "t".into())],
-            connections: 1,
-            pacing: Pacing::Rate(100.0),
             duration: Some(std::time::Duration::from_millis(100)),
-            encoding: crate::wire::Encoding::Json,
             drain: std::time::Duration::from_secs(1),
             batch: std::time::Duration::from_micros(50),
             run_tag: "t".into(),
-            progress: false,
-            interval: std::time::Duration::from_secs(1),
-            allowed_hosts: vec![],
-            threads: 1,
-            skip_setup: false,
-            record: None,
-            stalled_subscribers: 0,
-            stream_batch: true,
-            resubscribe: None,
-            warmup: std::time::Duration::ZERO,
+            ..ReplayConfig::new(format!("ws://127.0.0.1:{port}"), "t", Pacing::Rate(100.0))
         };
         let (records, _) = crate::gen::generate(&crate::gen::GenConfig { leads: 10, ..Default::default() });
         let res = max_rate(&cfg, &records, 100.0, 1_000.0, 2, 3.0).expect("the search reports its steps");

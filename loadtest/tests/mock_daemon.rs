@@ -306,27 +306,7 @@ fn trace(leads: usize, others: usize, tenant: Option<&str>) -> Vec<Record> {
 }
 
 fn config(m: &Mock, pacing: Pacing, tag: &str) -> ReplayConfig {
-    ReplayConfig {
-        url: format!("ws://{}", m.addr),
-        tokens: vec![(None, "tok".into())],
-        connections: 1,
-        pacing,
-        duration: None,
-        encoding: Encoding::Json,
-        drain: Duration::from_secs(5),
-        batch: Duration::from_micros(200),
-        run_tag: tag.into(),
-        progress: false,
-        interval: Duration::from_secs(1),
-        allowed_hosts: vec![],
-        threads: 1,
-        skip_setup: false,
-        record: None,
-        stalled_subscribers: 0,
-        stream_batch: true,
-        resubscribe: None,
-        warmup: Duration::ZERO,
-    }
+    ReplayConfig { run_tag: tag.into(), ..ReplayConfig::new(format!("ws://{}", m.addr), "tok", pacing) }
 }
 
 fn run(cfg: &ReplayConfig, records: &[Record]) -> Summary {

@@ -72,25 +72,11 @@ impl Drop for Daemon {
 /// batched stream, no progress bar, a 10 s drain.
 fn config(d: &Daemon, pacing: Pacing) -> ReplayConfig {
     ReplayConfig {
-        url: format!("ws://{}", d.addr),
-        tokens: vec![(None, "demo-token".into())],
         connections: 2,
-        pacing,
-        duration: None,
         encoding: Encoding::Msgpack,
         drain: Duration::from_secs(10),
-        batch: Duration::from_micros(200),
         run_tag: "it".into(),
-        progress: false,
-        interval: Duration::from_secs(1),
-        allowed_hosts: vec![],
-        threads: 1,
-        skip_setup: false,
-        record: None,
-        stalled_subscribers: 0,
-        stream_batch: true,
-        resubscribe: None,
-        warmup: Duration::ZERO,
+        ..ReplayConfig::new(format!("ws://{}", d.addr), "demo-token", pacing)
     }
 }
 
