@@ -502,7 +502,7 @@ pub fn budget_refunds(
 /// Apply a replayed record's events to a shard (recovery), collecting its stream
 /// events, after the ledger facts of the record were applied (as live: the money of a
 /// record is executed before its events are applied). Forgets a forgotten lead's op
-/// ids in the ledger as [`log_record`] did.
+/// ids in the ledger as `execute` does live (after the facts, see `money::forget_lead`).
 pub fn replay_into(
     shard: &mut Shard,
     ledger: &crate::ledger::Ledger,

@@ -204,10 +204,12 @@ const CREDIT_KINDS: [&str; 5] = ["charge", "hold", CAPTURE, RELEASE, REFUND];
 /// (`charge:<lead>:<pro>`...): the ledger forgets the old ones with it, or it would
 /// answer the new lead's charge as a repeat of the old, and charge nothing.
 ///
-/// Called with the shard as it is *before* it applies `LeadForgotten { lead }`, live
-/// (`actor::log_record`) and in replay (`actor::replay_into`) alike, after the ledger
-/// facts logged in the same record: the same op ids are forgotten at the same point
-/// of the log, so replay ends in the live state. Safe: nothing can still retry an op
+/// The op ids are read from the shard as it is *before* it applies `LeadForgotten {
+/// lead }` and forgotten after the ledger facts logged in the same decision: in replay
+/// (`actor::replay_into`) here, live in two halves ([`lead_ops`] as the decision is
+/// applied, [`forget_ops`] once its records are queued and their give-backs applied,
+/// `actor::execute`). The same op ids are forgotten at the same point of the log, so
+/// replay ends in the live state. Safe: nothing can still retry an op
 /// of the lead (requests about it are answered `unknown_lead` from here on, its
 /// deadlines are gone, a chat-only hold was settled when it closed; the ledger keeps
 /// an open hold anyway). Other leads' ops never share these ids.
