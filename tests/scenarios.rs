@@ -1003,6 +1003,8 @@ scenarios! {
     r4_r25_night_window_is_two_intervals_in_the_pros_zone => "r4_night_schedule.toml",
     r5_direct_first_then_generic_after_head_start => "r5_head_start.toml",
     r5_late_publish_offers_direct_targets_once => "r5_late_publish.toml",
+    r5_r15_a_late_release_gives_each_pro_its_whole_response_window => "r5_r15_late_release.toml",
+    r5_r7_no_release_of_a_lead_whose_lifetime_ended => "r5_r7_no_release_after_lifetime.toml",
     r6_two_direct_three_generic_one_direct_four_then_lead_full => "r6_responder_cap.toml",
     r6_matched_partners_keep_the_seats_of_the_direct_targets => "r6_matched_and_autobuy_seats.toml",
     r6_r21_autobuy_buys_only_the_seats_the_direct_targets_left => "r6_r21_autobuy_seats.toml",

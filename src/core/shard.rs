@@ -1857,8 +1857,17 @@ impl Shard {
         for d in self.deadlines.iter().take_while(|d| d.at <= now) {
             let st = self.leads.get(&d.lead);
             match (&d.due, st) {
-                (Due::Release, Some(st)) if st.is_open() && st.release_at.is_some() => {
-                    events.push(self.release(d.at.max(now.min(d.at)), st, funds));
+                // A release runs when the tick runs: normally a few milliseconds after
+                // its deadline, but after a stop (or a stalled disk) possibly hours
+                // later. Its offers are dated now, so each pro gets its whole response
+                // window (R15) and the rotation and funds are those of now; dated at the
+                // deadline they could reach pros already expired. A lead whose lifetime
+                // (R7) ended meanwhile is not released: the `Close` deadline, also due,
+                // closes it in this tick, and nobody could answer it.
+                (Due::Release, Some(st))
+                    if st.is_open() && st.release_at.is_some() && st.expires_at > now =>
+                {
+                    events.push(self.release(now, st, funds));
                 }
                 (Due::ExpireOffer(pro), Some(st)) if st.offer(pro).is_some_and(|o| o.status.is_open()) => {
                     events.push(Event::OfferExpired { lead: d.lead.clone(), pro: pro.clone(), at: d.at });
