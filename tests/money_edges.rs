@@ -524,3 +524,61 @@ fn r1_a_stale_lead_index_entry_does_not_refuse_the_id_in_another_zone() {
         assert_eq!(err.code, "idempotency_conflict", "{err:?}");
     });
 }
+
+/// R10/R20/R24 over a long life: a pro's payment ids and its budget's weekly
+/// recharges are not remembered for ever (the newest 256 grants, 64 recharges), a pause
+/// that ended long ago is never resumed again (one recharge a week, for 70 weeks, past
+/// the point where its resume's id is forgotten), and a restart, from the log alone or
+/// from a snapshot, rebuilds the same ledger, forgotten ids included.
+#[test]
+fn r10_r20_r24_payment_and_recharge_ids_stay_bounded_over_years_and_survive_a_restart() {
+    const WEEK: i64 = 7 * DAY;
+    let grant =
+        |i: usize| json!({"type": "grant_credits", "pro": "b1", "op": format!("pay-{i}"), "credits": 1});
+    for snapshot in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = MemFs::new();
+        let start = || {
+            let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+            let cfg = config(dir.path(), "habitissimo.toml", "habitissimo");
+            Engine::start_with_fs(cfg, handle).expect("starts").0
+        };
+        let ran = in_system(async {
+            let e = start();
+            // A config sent with a pause that is already over (R24).
+            ok(&e, buyer("b1", Some(T0 - DAY))).await;
+            let first = budget(&e, "b1").period;
+            for i in 0..300 {
+                ok(&e, grant(i)).await;
+            }
+            for w in 1..=70 {
+                ok(&e, json!({"type": "advance_clock", "to_ms": T0 + w * WEEK})).await;
+                let b = budget(&e, "b1");
+                assert_eq!(b.period, first + w as u64, "week {w}: one recharge a week (R20), {b:?}");
+                if snapshot && w == 40 {
+                    e.snapshot().expect("snapshot");
+                }
+            }
+            for i in 300..320 {
+                ok(&e, grant(i)).await;
+            }
+            assert_eq!(balance(&e, "b1").granted, 320);
+            assert!(
+                e.inner.ledger.registered_ops() <= 256 + 8 + 64,
+                "{} op ids remembered",
+                e.inner.ledger.registered_ops()
+            );
+            e.inner.ledger.snapshot()
+        });
+        let recovered = in_system(async {
+            let e = start();
+            let rebuilt = e.inner.ledger.snapshot();
+            // A retry of a recent payment is answered, not credited again.
+            ok(&e, grant(319)).await;
+            ok(&e, grant(100)).await;
+            assert_eq!(balance(&e, "b1").granted, 320, "recent payments are remembered after a restart");
+            rebuilt
+        });
+        assert!(ran == recovered, "the recovered ledger differs (snapshot: {snapshot})");
+    }
+}

@@ -1232,6 +1232,18 @@ impl Engine {
         Some(today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday())))
     }
 
+    /// The first instant of local day `day` in the tenant's time zone (`None` if the
+    /// tenant is unknown or the day is out of range).
+    fn local_midnight(&self, tenant: &TenantId, day: chrono::NaiveDate) -> Option<Millis> {
+        let tz = self.tenant(tenant)?.cfg().policy.time_zone;
+        let midnight = day.and_hms_opt(0, 0, 0)?;
+        // A day that starts inside a DST gap begins at the first instant after it.
+        let start = tz.from_local_datetime(&midnight).earliest().or_else(|| {
+            (1..=3).find_map(|h| tz.from_local_datetime(&(midnight + chrono::Duration::hours(h))).earliest())
+        })?;
+        Some(start.timestamp_millis())
+    }
+
     /// Weekly recharge (R20) and resumed-pause recharge (R24) of every auto-buy
     /// budget of the tenant, then a retry of missed leads (R22) for every pro whose
     /// budget came back (recharged now, or refunded since the last housekeeping). Op
@@ -1245,6 +1257,7 @@ impl Engine {
         let mut returned = self.take_returned(tenant);
         let now = self.inner.clock.now();
         if let Some(monday) = self.week_of(tenant, now) {
+            let week_start = self.local_midnight(tenant, monday);
             let pros: Vec<Arc<Pro>> = self
                 .inner
                 .pros
@@ -1258,7 +1271,12 @@ impl Engine {
                     let name = BudgetName::new(&cfg.name);
                     let Some(b) = self.inner.ledger.budget(tenant, &pro.id, &name) else { continue };
                     let mut ops = vec![OpId::weekly_recharge(&pro.id, &name, monday)];
-                    if cfg.paused_until.is_some() {
+                    // A pause that ended before this week's Monday needs no resume
+                    // now: this week's recharge tops the budget up. Retrying only this
+                    // week's resumes keeps the retried ids among those a budget
+                    // remembers (`KEPT_RECHARGE_OPS`), however long a past
+                    // `paused_until` stays in the profile.
+                    if cfg.paused_until.is_some_and(|t| week_start.is_none_or(|w| t >= w)) {
                         ops.push(resume_op(&pro.id, cfg, now));
                     }
                     for op in ops {

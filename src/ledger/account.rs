@@ -5,7 +5,7 @@
 //! `apply`. Both paths therefore change balances through the same code.
 
 use super::error::LedgerError;
-use super::types::{CreditFact, OpId, RefundReason, TopupRequest, TopupRule};
+use super::types::{CreditFact, OpId, RecentOps, RefundReason, TopupRequest, TopupRule};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::Entry;
@@ -75,7 +75,18 @@ pub(crate) struct Account {
     settled: FxHashMap<OpId, Settlement>,
     /// charge op (or captured hold op) -> the refund op.
     refunds: FxHashMap<OpId, OpId>,
+    /// The newest grant and top-up rule ops ([`KEPT_ACCOUNT_OPS`]); older ones leave
+    /// `ops` (no lead forgets them).
+    #[serde(default)]
+    pub(crate) recent: RecentOps,
 }
+
+/// How many of a pro's newest grants (and top-up rule changes) an account remembers.
+/// A grant's op id is the platform's payment id: a retry of one of these is answered
+/// (`replayed`), a retry after this many newer grants to the same pro would be
+/// credited again. Top-up rule op ids are never sent again (each change is the next
+/// version); they share the bound.
+pub(crate) const KEPT_ACCOUNT_OPS: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Settlement {
@@ -233,6 +244,11 @@ impl Account {
         self.captured = self.captured.wrapping_add(d.captured as u64);
         self.refunded = self.refunded.wrapping_add(d.refunded as u64);
         self.granted = self.granted.wrapping_add(d.granted as u64);
+        if matches!(fact, CreditFact::Granted { .. } | CreditFact::TopupRuleSet { .. }) {
+            if let Some(old) = self.recent.push(op, KEPT_ACCOUNT_OPS) {
+                self.ops.remove(&old);
+            }
+        }
         match fact {
             CreditFact::Granted { .. } => self.grants_posted += 1,
             CreditFact::Held { topup, .. } | CreditFact::Charged { topup, .. } => {

@@ -8,7 +8,7 @@
 //! never two at once.
 
 use super::error::LedgerError;
-use super::types::{BudgetFact, BudgetName, OpId};
+use super::types::{BudgetFact, BudgetName, OpId, RecentOps};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::Entry;
@@ -71,7 +71,22 @@ pub(crate) struct Budget {
     ops: FxHashMap<OpId, BudgetFact>,
     /// spend op -> the refund op.
     refunds: FxHashMap<OpId, OpId>,
+    /// The newest settings ([`KEPT_SET_OPS`]) and recharges ([`KEPT_RECHARGE_OPS`]);
+    /// older ones leave `ops` (no lead forgets them).
+    #[serde(default)]
+    pub(crate) recent_sets: RecentOps,
+    #[serde(default)]
+    recent_recharges: RecentOps,
 }
+
+/// Settings of the weekly amount a budget remembers. Their op ids carry the time of
+/// the change, so none is ever sent again; a few are kept for the record.
+pub(crate) const KEPT_SET_OPS: usize = 8;
+
+/// Recharges a budget remembers. The housekeeping retries only this week's recharge
+/// and the resumes of pauses that ended this week (`Engine::housekeeping`), both among
+/// the newest unless a config is paused and resumed dozens of times in one week.
+pub(crate) const KEPT_RECHARGE_OPS: usize = 64;
 
 impl Budget {
     pub(crate) fn available(&self) -> u64 {
@@ -168,6 +183,14 @@ impl Budget {
             return false;
         };
         slot.insert(fact.clone());
+        let evicted = match fact {
+            BudgetFact::Set { .. } => self.recent_sets.push(op, KEPT_SET_OPS),
+            BudgetFact::Recharged { .. } => self.recent_recharges.push(op, KEPT_RECHARGE_OPS),
+            BudgetFact::Spent { .. } | BudgetFact::Refunded { .. } => None,
+        };
+        if let Some(old) = evicted {
+            self.ops.remove(&old);
+        }
         match fact {
             BudgetFact::Set { weekly, version } => {
                 if *version > self.weekly_version {

@@ -73,7 +73,12 @@
 //! infallible, idempotent, and commutative: events of different shards may be
 //! replayed in any interleaving and end in the same state. Config-like facts
 //! (top-up rule, weekly budget) carry a version and the highest wins; budget
-//! spends carry their recharge period.
+//! spends carry their recharge period. The facts whose ids join a queue of
+//! newest ids (grants, top-up rules, budget settings and recharges,
+//! [`LedgerEvent::is_ordered`]; see Memory) are the exception: replay applies
+//! them in the order they were applied live. The engine gives it: it applies
+//! them under its exclusive gate and logs them before opening it, and replays
+//! the log in order.
 //!
 //! # Memory
 //!
@@ -87,7 +92,16 @@
 //! again after retention needs: a new lead, charged again. So forget only ids
 //! that no caller can still retry, and at the same point of the log in replay
 //! as live (`forget` is not an event: replay must call it itself). Open holds
-//! are never forgotten. Grants, top-up rules and budget changes are not pruned.
+//! are never forgotten.
+//!
+//! Grants, top-up rules, budget settings and recharges belong to no lead: an
+//! account keeps the ids of its newest 256 grants and rule changes
+//! (`KEPT_ACCOUNT_OPS`), a budget its newest 8 settings and 64
+//! recharges, and forgets older ones as newer ones are applied. So a retry of
+//! a grant is answered as long as fewer than 256 newer grants reached the same
+//! pro (a platform retries a payment within minutes; 256 payments take a pro
+//! years); the weekly housekeeping retries only this week's recharge and resumes,
+//! always among the newest 64.
 //!
 //! # Concurrency
 //!

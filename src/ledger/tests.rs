@@ -327,12 +327,18 @@ fn r10_each_topup_rule_change_applies_and_the_last_one_wins() {
     refused(&l, LedgerError::InvalidAmount { field: "topup_rule.threshold" }, |l| {
         l.change_topup_rule(&t(), &p(), Some(TopupRule { threshold: 0, amount: 5 }))
     });
-    // Replayed in any order: the highest version wins.
+    // Replayed in any order, the highest version wins (the engine replays rules in
+    // log order; the version makes the rule itself independent of it).
     let replayed = funded(10);
     for e in log.iter().rev() {
         replayed.apply(e);
     }
-    assert_eq!(replayed.snapshot(), l.snapshot());
+    assert_eq!(replayed.balance(&t(), &p()), l.balance(&t(), &p()));
+    let in_order = funded(10);
+    for e in &log {
+        in_order.apply(e);
+    }
+    assert_eq!(in_order.snapshot(), l.snapshot());
     // An account is created by a rule, as by `set_topup_rule`.
     let fresh = Ledger::new();
     fresh.change_topup_rule(&t(), &p(), Some(a)).unwrap();
@@ -720,7 +726,9 @@ fn budget_apply_commutes_across_recharges() {
         l.spend(op("s3"), &t(), &p(), &b(), 9).unwrap().event,
     ];
     let want = l.snapshot();
-    for order in [[6, 5, 4, 3, 2, 1, 0], [2, 4, 6, 5, 0, 3, 1], [0, 1, 2, 3, 4, 5, 6]] {
+    // Spends and refunds commute with everything; the setting and the recharges (0, 1,
+    // 3) keep their order, as the engine's log does.
+    for order in [[6, 5, 4, 0, 2, 1, 3], [2, 4, 6, 5, 0, 1, 3], [0, 1, 2, 3, 4, 5, 6]] {
         let replica = Ledger::new();
         for i in order {
             replica.apply(&events[i]);
@@ -903,4 +911,78 @@ fn r9_op_ids_of_leads_not_kept_are_forgotten_and_open_holds_grants_and_kept_lead
     assert!(l.charge(OpId::for_lead("charge", &kept, &p()), &t(), &p(), 10).unwrap().replayed);
     assert!(l.hold(open_hold, &t(), &p(), 10).unwrap().replayed);
     l.check_invariants().unwrap();
+}
+
+/// Grants and top-up rules are never forgotten with a lead: an account keeps the
+/// newest [`account::KEPT_ACCOUNT_OPS`] of them, a budget its newest settings and
+/// recharges, so a pro paid for every week for years does not grow the registry (and
+/// the snapshot) for ever. Replay in log order forgets the same ids at the same point.
+#[test]
+fn r10_r20_grant_and_recharge_ids_are_kept_for_the_newest_only_and_replay_keeps_the_same() {
+    let l = Ledger::new();
+    let keep = account::KEPT_ACCOUNT_OPS;
+    let mut events = vec![];
+    for i in 0..keep + 10 {
+        events.push(l.grant(op(&format!("grant:pay-{i}")), &t(), &p(), 1).unwrap().event);
+    }
+    events.push(l.change_topup_rule(&t(), &p(), Some(TopupRule { threshold: 5, amount: 10 })).unwrap().event);
+    events.push(l.set_budget(op("budget:first"), &t(), &p(), &b(), 50).unwrap().event);
+    for i in 0..budget::KEPT_SET_OPS + 3 {
+        events.push(l.set_budget(op(&format!("budget:{i}")), &t(), &p(), &b(), 60 + i as u64).unwrap().event);
+    }
+    for i in 0..budget::KEPT_RECHARGE_OPS + 5 {
+        events.push(l.recharge(op(&format!("week:{i}")), &t(), &p(), &b()).unwrap().event);
+    }
+    l.check_invariants().unwrap();
+    let kept = keep + budget::KEPT_SET_OPS + budget::KEPT_RECHARGE_OPS;
+    assert_eq!(l.registered_ops(), kept, "only the newest of each kind are remembered");
+    // The newest are answered as repeats and change nothing...
+    let before = l.snapshot();
+    let last = keep + 9;
+    assert!(l.grant(op(&format!("grant:pay-{last}")), &t(), &p(), 1).unwrap().replayed);
+    assert!(l.grant(op("grant:pay-11"), &t(), &p(), 1).unwrap().replayed);
+    let newest_week = format!("week:{}", budget::KEPT_RECHARGE_OPS + 4);
+    assert!(l.recharge(op(&newest_week), &t(), &p(), &b()).unwrap().replayed);
+    assert_eq!(l.snapshot(), before);
+    // ...and the same history replayed in log order ends in the same state, with the
+    // same ids forgotten.
+    let recovered = Ledger::new();
+    for e in &events {
+        recovered.apply(e);
+    }
+    assert_eq!(recovered.snapshot(), before);
+    // The oldest grant (the eleventh newest-but-256) was forgotten: sent again, it is
+    // a new payment.
+    assert!(!l.grant(op("grant:pay-9"), &t(), &p(), 1).unwrap().replayed);
+    assert_eq!(l.balance(&t(), &p()).granted, (keep + 11) as u64);
+    l.check_invariants().unwrap();
+}
+
+/// A snapshot written before the registries were bounded (an account and a budget
+/// without their queues of newest ids) still loads: the queues start empty.
+#[test]
+fn snapshots_without_the_queues_of_newest_ids_still_load() {
+    let l = Ledger::new();
+    l.grant(op("grant:a"), &t(), &p(), 5).unwrap();
+    l.set_budget(op("budget:a"), &t(), &p(), &b(), 50).unwrap();
+    let snap = l.snapshot();
+    let (_, _, account) = &snap.accounts[0];
+    let (_, _, _, budget) = &snap.budgets[0];
+    // rmp-serde writes a struct as an array; the queues are its last fields, an empty
+    // array (0x90) each. The older layout is the same array without them.
+    fn older(mut bytes: Vec<u8>, dropped: u8) -> Vec<u8> {
+        for _ in 0..dropped {
+            assert_eq!(bytes.pop(), Some(0x90), "a trailing empty queue");
+        }
+        bytes[0] -= dropped;
+        bytes
+    }
+    let mut a = (**account).clone();
+    a.recent = Default::default();
+    let old = older(rmp_serde::to_vec(&a).unwrap(), 1);
+    assert_eq!(rmp_serde::from_slice::<account::Account>(&old).unwrap(), a);
+    let mut bu = (**budget).clone();
+    bu.recent_sets = Default::default();
+    let old = older(rmp_serde::to_vec(&bu).unwrap(), 2);
+    assert_eq!(rmp_serde::from_slice::<budget::Budget>(&old).unwrap(), bu);
 }

@@ -245,4 +245,37 @@ impl LedgerEvent {
             Self::Credit { op, .. } | Self::Budget { op, .. } => op,
         }
     }
+
+    /// Whether this fact's op id joins a queue of newest ids ([`RecentOps`]): grants,
+    /// top-up rules, budget settings and recharges. These are applied in one order,
+    /// live and in replay (the log's); every other fact commutes.
+    pub fn is_ordered(&self) -> bool {
+        matches!(
+            self,
+            Self::Credit { fact: CreditFact::Granted { .. } | CreditFact::TopupRuleSet { .. }, .. }
+                | Self::Budget { fact: BudgetFact::Set { .. } | BudgetFact::Recharged { .. }, .. }
+        )
+    }
+}
+
+/// The newest op ids of one kind that a registry keeps, oldest first: the ops no lead
+/// forgets (grants, top-up rules, budget settings and recharges), which would
+/// otherwise be remembered for as long as the pro exists.
+///
+/// Deterministic: every op that enters one is applied under the engine's exclusive
+/// gate, so live and replay apply them in the log's order, and the queue (part of the
+/// snapshot) evicts the same ids at the same point. A snapshot written before these
+/// queues existed restores empty ones: the ids it holds are kept, the later ones are
+/// bounded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct RecentOps(std::collections::VecDeque<OpId>);
+
+impl RecentOps {
+    /// Notes `op`, newly registered, and returns the oldest id once more than `keep`
+    /// are held (the caller drops it from its registry).
+    pub(crate) fn push(&mut self, op: &OpId, keep: usize) -> Option<OpId> {
+        self.0.push_back(op.clone());
+        (self.0.len() > keep).then(|| self.0.pop_front()).flatten()
+    }
 }
