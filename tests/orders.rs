@@ -734,6 +734,30 @@ fn r26_one_tick_forgets_a_bounded_number_of_chains() {
     assert_eq!(w.stats().orders, n as u64);
 }
 
+/// R26: a tick records a bounded number of expiries (after a long stop every pending
+/// request of a tenant can be due at once, and one record of all their expiries could
+/// exceed the log's record limit); the next tick records the rest.
+#[test]
+fn r26_one_tick_records_a_bounded_number_of_expiries() {
+    let mut w = World::with_mode(approval(Audience::AllClients, None, None));
+    let t = t0();
+    let n = MAX_EXPIRED_PER_TICK + 3;
+    for i in 0..n {
+        // Straight to the book: `World::run` copies and checks the whole book each time.
+        let d = w.book.decide(t, &place(&format!("o{i}"), &format!("client{i}"), "basic")).unwrap();
+        assert!(is_pending(&d.reply));
+        d.events.iter().for_each(|ev| w.book.apply(ev));
+    }
+    let due = w.book.next_deadline().expect("the requests wait for an answer");
+    let expired = |w: &World| w.log.iter().filter(|e| e.name() == "order_request_expired").count();
+    w.ok(due, OrderCommand::Tick);
+    assert_eq!(expired(&w), MAX_EXPIRED_PER_TICK);
+    assert_eq!(w.book.next_deadline(), Some(due), "the rest is due at once");
+    w.ok(due, OrderCommand::Tick);
+    assert_eq!(expired(&w), n);
+    assert!(w.book.next_deadline().is_none_or(|d| d > due));
+}
+
 /// R25-R27 (retention): replaying the event log, with its forgetting facts, gives the
 /// same book; so does a snapshot taken midway plus the events after it; a snapshot
 /// round-trip of the final book gives an equal book that still holds its invariants.

@@ -90,8 +90,10 @@
 //! [`OrderEvent::OrderForgotten`], naming the chain's first record, and `apply` removes
 //! the whole chain and anything that still refers to it (deadlines, indexes). Only
 //! `decide` reads the retention (like `order_request_ttl_s`): replay applies the logged
-//! facts, so a policy change never rewrites history. A `Tick` forgets at most
-//! [`MAX_FORGOTTEN_PER_TICK`] chains; the rest wait for the next one.
+//! facts, so a policy change never rewrites history. A `Tick` records at most
+//! [`MAX_EXPIRED_PER_TICK`] expiries and forgets at most [`MAX_FORGOTTEN_PER_TICK`]
+//! chains; the rest wait for the next one, so its record stays far below the log's
+//! record limit.
 //!
 //! What forgetting keeps, because the rules need it:
 //!
@@ -157,6 +159,13 @@ const MAX_INTERVALS: usize = 7 * 24;
 /// Most chains one `Tick` forgets: bounds the tick's work and its WAL record (a backlog,
 /// e.g. after a long stop, drains over the following ticks).
 pub const MAX_FORGOTTEN_PER_TICK: usize = 1024;
+
+/// Most requests and custom offers one `Tick` records as expired, for the same reason:
+/// after a long stop every pending request of a tenant can be due at once, and one
+/// record of all their expiries could exceed the log's record limit (it was refused
+/// after the book had changed). They are refused as expired from their deadline on
+/// whether or not a tick recorded it yet; the rest are recorded by the next ticks.
+pub const MAX_EXPIRED_PER_TICK: usize = 4096;
 
 // ---------------------------------------------------------------------------------
 // Settings (R25)
@@ -1234,7 +1243,7 @@ impl OrderBook {
 
     fn due_events(&self, now: Millis) -> Vec<OrderEvent> {
         let mut out = Vec::new();
-        for (at, due) in &self.deadlines {
+        for (at, due) in self.deadlines.iter().take(MAX_EXPIRED_PER_TICK) {
             if *at > now {
                 break;
             }
