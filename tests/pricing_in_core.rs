@@ -183,6 +183,23 @@ fn r11_a_pro_farther_than_far_away_km_pays_the_far_away_price() {
             s.apply(e);
         }
     }
+    // R11/R28: once charged, explain shows what the pro paid, also after it moved
+    // within `far_away_km` of the lead (its price now would be the lead's).
+    let moved = Pro {
+        id: ProId::new("far"),
+        categories: vec![CategoryId::new("painting")],
+        zones: vec![ZoneId::new("bo")],
+        base: Some(NEAR),
+        radius_km: Some(100.0),
+        quality: Default::default(),
+        refuses: vec![],
+        availability: Default::default(),
+        autobuy: vec![],
+    };
+    run(&mut s, T0 + 2, Command::UpsertPro { pro: moved });
+    let ex = s.explain(&lead).unwrap();
+    let entry = |p: &str| ex.entries.iter().find(|e| e.pro.as_str() == p).expect("explained").price;
+    assert_eq!((entry("near"), entry("far")), (None, Some(48)), "what each paid");
 }
 
 #[test]

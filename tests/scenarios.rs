@@ -364,7 +364,8 @@ struct Expect {
     /// `lead -> pro -> status` after the step.
     statuses: Option<BTreeMap<String, BTreeMap<String, String>>>,
     /// Explain: `pro -> outcome`, where outcome is `offered:<kind>:<status>`,
-    /// `skipped:<reason>` or `awaiting_release`; a prefix up to a `:` matches.
+    /// `skipped:<reason>`, `awaiting_release` or `not_released`; a prefix up to a `:`
+    /// matches.
     explain: Option<BTreeMap<String, String>>,
     /// Explain of a lead the quality gate refused: its reason (R2).
     explain_rejected: Option<String>,
@@ -547,6 +548,7 @@ fn explain_outcome(o: &ExplainOutcome) -> String {
         ExplainOutcome::Offered { kind, status } => format!("offered:{}:{}", snake(kind), status.as_str()),
         ExplainOutcome::Skipped(s) => format!("skipped:{}", snake(s)),
         ExplainOutcome::AwaitingRelease => "awaiting_release".into(),
+        ExplainOutcome::NotReleased => "not_released".into(),
     }
 }
 
@@ -1005,6 +1007,7 @@ scenarios! {
     r5_late_publish_offers_direct_targets_once => "r5_late_publish.toml",
     r5_r15_a_late_release_gives_each_pro_its_whole_response_window => "r5_r15_late_release.toml",
     r5_r7_no_release_of_a_lead_whose_lifetime_ended => "r5_r7_no_release_after_lifetime.toml",
+    r28_explain_says_why_as_of_the_release_also_once_the_pro_is_back => "r28_explain_as_of_the_release.toml",
     r6_two_direct_three_generic_one_direct_four_then_lead_full => "r6_responder_cap.toml",
     r6_matched_partners_keep_the_seats_of_the_direct_targets => "r6_matched_and_autobuy_seats.toml",
     r6_r21_autobuy_buys_only_the_seats_the_direct_targets_left => "r6_r21_autobuy_seats.toml",

@@ -2480,37 +2480,40 @@ impl Shard {
         let mut seen = BTreeSet::new();
         for o in &st.offers {
             seen.insert(o.pro.clone());
-            entries.push(self.explain_entry(
-                st,
-                &o.pro,
-                ExplainOutcome::Offered { kind: o.kind, status: o.status },
-            ));
+            let outcome = ExplainOutcome::Offered { kind: o.kind, status: o.status };
+            entries.push(self.explain_entry(st, &o.pro, outcome, o.charge.as_ref().map(|c| c.credits)));
         }
         for (pro, skip) in &st.skipped {
             if seen.insert(pro.clone()) {
-                entries.push(self.explain_entry(st, pro, ExplainOutcome::Skipped(skip.clone())));
+                entries.push(self.explain_entry(st, pro, ExplainOutcome::Skipped(skip.clone()), None));
             }
         }
         let pending = st.release_at.is_some();
+        // A direct or contact job (R13) goes to its targets only; a lead that closed
+        // before its release went to no one else either.
+        let never_released = !pending && st.released_at.get().is_none();
         let released = st.released_at.get().unwrap_or(st.accepted_at);
         for slot in self.ring.iter().chain(self.ring.iter_parked().map(|(slot, _)| slot)) {
             let pro = &self.slot_pro(slot).pro;
             let id = &pro.id;
             if seen.insert(id.clone()) {
-                // A parked pro was not scanned: say why it is parked, as of the release.
-                let parked = (!pending && self.ring.is_parked(slot))
-                    .then(|| self.parked_reason(released, slot))
-                    .flatten();
+                // A pro unavailable at the release was parked, so not scanned (or it
+                // would be among the recorded skips): say why, as of the release, also
+                // once it has come back (its parking now says nothing of then).
+                let parked =
+                    (!pending && !never_released).then(|| self.parked_reason(released, slot)).flatten();
                 let why = if let Some(skip) = parked {
                     ExplainOutcome::Skipped(skip)
                 } else if pending {
                     ExplainOutcome::AwaitingRelease
+                } else if never_released {
+                    ExplainOutcome::NotReleased
                 } else if st.generic_cap(&self.policy) == 0 {
                     ExplainOutcome::Skipped(Skip::NoGenericSlots)
                 } else {
                     ExplainOutcome::Skipped(Skip::TurnNotReached)
                 };
-                entries.push(self.explain_entry(st, id, why));
+                entries.push(self.explain_entry(st, id, why, None));
             }
         }
         Ok(Explanation {
@@ -2546,12 +2549,20 @@ impl Shard {
         None
     }
 
-    fn explain_entry(&self, st: &LeadState, pro: &ProId, outcome: ExplainOutcome) -> ExplainEntry {
+    /// `charged`: what the pro paid for the lead, if it did (its price then, whatever
+    /// its distance now).
+    fn explain_entry(
+        &self,
+        st: &LeadState,
+        pro: &ProId,
+        outcome: ExplainOutcome,
+        charged: Option<u64>,
+    ) -> ExplainEntry {
         let ps = self.pro(pro);
         ExplainEntry {
             pro: pro.clone(),
             outcome,
-            price: ps.map(|p| Self::price_for(st, &p.pro)).filter(|&c| c != st.price),
+            price: charged.or_else(|| ps.map(|p| Self::price_for(st, &p.pro))).filter(|&c| c != st.price),
             weight: ps.map(|p| p.weight.clone()),
             response_rate_permille: ps.map(|p| p.stats.response_rate_permille()),
             mean_response_time_ms: ps.and_then(|p| p.stats.mean_response_time_ms()),
@@ -2742,9 +2753,15 @@ pub struct Candidates {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum ExplainOutcome {
-    Offered { kind: OfferKind, status: OfferStatus },
+    Offered {
+        kind: OfferKind,
+        status: OfferStatus,
+    },
     Skipped(Skip),
     AwaitingRelease,
+    /// The lead goes to no one beyond its targets: a `direct` or `contact` job (R13),
+    /// or a lead that closed before its release.
+    NotReleased,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -2753,7 +2770,8 @@ pub struct ExplainEntry {
     #[serde(flatten)]
     pub outcome: ExplainOutcome,
     /// What this pro pays for the lead when it differs from the lead's price: the
-    /// far-away price of a pro farther than `far_away_km` from the lead (R11).
+    /// far-away price of a pro farther than `far_away_km` from the lead (R11); for a
+    /// pro charged already, what it was charged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<u64>,
     pub weight: Option<WeightBreakdown>,
