@@ -360,6 +360,24 @@ fn r26_client_holding_a_custom_offer_orders_directly() {
     assert!(is_pending(&w.place(t + 2 * HOUR_MS, "o3", "anna", "premium")));
 }
 
+/// R25/R26: a custom offer exempts orders of its own service only: approval rules are
+/// per service, and an offer with no expiry would otherwise lift them all for good.
+#[test]
+fn r25_r26_a_custom_offer_for_one_service_is_no_pass_for_another() {
+    let mut w = World::with_mode(approval(Audience::AllClients, None, None));
+    let t = t0();
+    let other = CategoryId::new("website");
+    w.ok(t, set_mode(PRO, "website", approval(Audience::AllClients, None, None)));
+    w.ok(t, send_offer("anna", terms("co1", 30_000, None)));
+    let site = OrderCommand::PlaceOrder {
+        order: OrderId::new("o1"),
+        placement: Placement { service: other, ..placement("anna", "basic") },
+    };
+    assert!(is_pending(&w.ok(t + HOUR_MS, site)), "an offer for the logo is no pass for a website");
+    let r = w.place(t + HOUR_MS, "o2", "anna", "basic");
+    assert_eq!(via(&r), OrderVia::HeldCustomOffer { offer: CustomOfferId::new("co1") });
+}
+
 #[test]
 fn r26_a_request_approved_with_an_offer_also_exempts_the_clients_next_order() {
     let mut w = World::with_mode(approval(Audience::AllClients, None, None));

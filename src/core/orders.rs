@@ -31,9 +31,12 @@
 //! article's point is that approval is a filter the pro narrows, never a wall.
 //!
 //! Exemption (article: "clients who already received a custom offer may order without a
-//! request"): a client holding a valid custom offer from the pro (open, not expired) has
-//! every order with that pro placed at once, whatever the rules say. The offer itself
-//! stays open: placing a gig order does not use it up.
+//! request"): a client holding a valid custom offer from the pro (open, not expired) for
+//! a service has its orders of that service with that pro placed at once, whatever the
+//! rules say. The offer itself stays open: placing a gig order does not use it up. An
+//! offer for another service is no pass: the pro's approval rules are per service
+//! (R25), and an open-ended offer for one (offers need no expiry) would otherwise lift
+//! every other service's rules for that client for good.
 //!
 //! # Order requests and custom offers (R26)
 //!
@@ -1052,7 +1055,7 @@ impl OrderBook {
             return Ok(OrderDecision { events: vec![], reply: pending_reply(r) });
         }
         let pro = self.pros.get(&p.pro).ok_or_else(|| OrderReject::UnknownPro(p.pro.clone()))?;
-        let held = self.held_offer(pro, &p.client, now);
+        let held = self.held_offer(pro, &p.client, &p.service, now);
         let via = match (held, pro.mode(&p.service)) {
             (Some(offer), _) => OrderVia::HeldCustomOffer { offer: offer.clone() },
             (None, AcceptanceMode::AutoAccept) => OrderVia::AutoAccept,
@@ -1083,18 +1086,19 @@ impl OrderBook {
         Ok(OrderDecision { events: vec![ev], reply })
     }
 
-    /// The client's first valid custom offer from this pro, if any.
+    /// The client's first valid custom offer from this pro for `service`, if any.
     fn held_offer<'a>(
         &'a self,
         pro: &'a ProOrders,
         client: &ClientId,
+        service: &CategoryId,
         now: Millis,
     ) -> Option<&'a CustomOfferId> {
         pro.open_offers
             .range((client.clone(), CustomOfferId::new(""))..)
             .take_while(|(c, _)| c == client)
             .map(|(_, id)| id)
-            .find(|id| self.offers.get(*id).is_some_and(|o| o.is_valid(now)))
+            .find(|id| self.offers.get(*id).is_some_and(|o| &o.service == service && o.is_valid(now)))
     }
 
     fn decide_answer(
