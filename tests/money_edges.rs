@@ -317,6 +317,39 @@ fn r1_r21_a_publish_reply_lists_only_the_buyers_the_ledger_charged() {
     });
 }
 
+/// R5/R21 under auto-buy: a direct target buys the lead from its own budget (the
+/// client chose it, and the budget pays for every lead of the tenant), the publish
+/// reply lists it; one whose spend the ledger refuses does not get it, and the reply
+/// and a republish say so.
+#[test]
+fn r5_r21_an_auto_buy_direct_target_pays_from_its_budget_or_does_not_get_the_lead() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        ok(&e, buyer("b1", None)).await;
+        ok(&e, buyer("b2", None)).await;
+        // Two clients (the client id comes from the creation time).
+        let direct = |id: &str, pro: &str, at: i64| {
+            let mut l = lead(id, "madrid", true, at);
+            l["direct"] = json!([pro]);
+            json!({"type": "publish_lead", "lead": l})
+        };
+        let out = serde_json::to_value(ok(&e, direct("A1", "b1", T0)).await).unwrap();
+        assert_eq!(out["offers"][0], json!(["b1", "direct"]), "{out}");
+        assert_eq!(budget(&e, "b1").spent, 12, "the direct target bought it at 12");
+        // b2's spend for A2 refused by the ledger (its op id already used for another
+        // amount): b2 is taken out of the decision.
+        let op = OpId::for_lead("buy", &rota::ids::LeadId::new("A2"), &ProId::new("b2"));
+        e.inner.ledger.spend(op, &acme(), &ProId::new("b2"), &BudgetName::new("main"), 1).unwrap();
+        let before = budget(&e, "b2").spent;
+        let first = serde_json::to_value(ok(&e, direct("A2", "b2", T0 + 1)).await).unwrap();
+        assert_eq!(first["status"], "accepted", "{first}");
+        let offers = first["offers"].as_array().unwrap();
+        assert!(!offers.iter().any(|o| o[0] == "b2"), "b2 could not pay: {first}");
+        assert_eq!(budget(&e, "b2").spent, before, "nothing more spent for b2");
+        let again = serde_json::to_value(ok(&e, direct("A2", "b2", T0 + 1)).await).unwrap();
+        assert_eq!(first, again, "a republish answers what the publish answered");
+    });
+}
+
 // ---------------------------------------------------------------------------------
 // Lead ids published again once forgotten (R1, R9, R21)
 // ---------------------------------------------------------------------------------

@@ -1080,19 +1080,40 @@ impl Shard {
             release_at,
             expires_at,
         });
+        // The components only matter to a purchase or a release for a far-away price
+        // (R11).
+        let far_components = |accepted: &Event| match accepted {
+            Event::LeadAccepted { price_components: Some(c), lead, .. }
+                if c.far_away_pro_discount_permille > 0 && lead.location.is_some() =>
+            {
+                Some(Box::new(c.clone()))
+            }
+            _ => None,
+        };
         // R5: direct targets at once.
         let mut offers = Vec::new();
         let mut direct_grants = Vec::new();
         if !lead.direct.is_empty() {
             let kind = if lead.kind == JobKind::Contact { OfferKind::Contact } else { OfferKind::Direct };
+            // Under auto-buy (charged at dispatch) a direct target buys the lead as a
+            // buyer does, from a covering config's budget, or does not get it (the reason
+            // is recorded): the client chose it, but the budget is what pays for every
+            // lead of such a tenant, and a target never paying would get leads others pay
+            // for. A `contact` job is a message, not a lead: never charged.
+            let buying = (p.charge_on == ChargeOn::Dispatch && kind == OfferKind::Direct)
+                .then(|| provisional(arc.clone(), fp, price, far_components(&events[0]), now, expires_at));
             let mut grants = Vec::new();
             let mut skipped = Vec::new();
             for target in &lead.direct {
                 match self.slots.get(target) {
                     None => skipped.push((target.clone(), Skip::NotInShard)),
-                    Some(&slot) => match self.slot_pro(slot).available(now) {
-                        Err(u) => skipped.push((target.clone(), u.into())),
-                        Ok(()) => grants.push(Grant { pro: target.clone(), kind, charge: None }),
+                    Some(&slot) => match (self.slot_pro(slot).available(now), &buying) {
+                        (Err(u), _) => skipped.push((target.clone(), u.into())),
+                        (Ok(()), None) => grants.push(Grant { pro: target.clone(), kind, charge: None }),
+                        (Ok(()), Some(st)) => match self.purchase(now, st, &self.slot_pro(slot).pro, funds) {
+                            Ok(c) => grants.push(Grant { pro: target.clone(), kind, charge: Some(c) }),
+                            Err(skip) => skipped.push((target.clone(), skip)),
+                        },
                     },
                 }
             }
@@ -1113,16 +1134,7 @@ impl Shard {
         if release_at == Some(now) {
             // The release must see the direct offers made just above (a lead published
             // after its head start is over), or a direct target would be offered twice.
-            // The components only matter to the release for a far-away price (R11).
-            let components = match &events[0] {
-                Event::LeadAccepted { price_components: Some(c), lead, .. }
-                    if c.far_away_pro_discount_permille > 0 && lead.location.is_some() =>
-                {
-                    Some(Box::new(c.clone()))
-                }
-                _ => None,
-            };
-            let mut st = provisional(arc, fp, price, components, now, expires_at);
+            let mut st = provisional(arc, fp, price, far_components(&events[0]), now, expires_at);
             st.offers = direct_grants
                 .into_iter()
                 .map(|g| OfferState::new(g.pro, g.kind, now, OptMillis::NONE))
@@ -1311,31 +1323,48 @@ impl Shard {
                 let available = funds.credits(&pro.id);
                 (available < price).then_some(Skip::CannotPay { available, price })
             }
-            ChargeOn::Dispatch => {
-                let mut covering =
-                    pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
-                let mut first_skip = None;
-                let mut any = false;
-                for c in &mut covering {
-                    any = true;
-                    let skip = if !c.is_buying(now) {
-                        Skip::AutoBuyPaused
-                    } else if c.max_price_credits.is_some_and(|m| m < price) {
-                        Skip::PriceAboveMax { max_price: c.max_price_credits.unwrap_or(0), price }
-                    } else {
-                        let available = funds.budget(&pro.id, &c.name);
-                        if available >= price {
-                            return None;
-                        }
-                        Skip::BudgetExhausted { available, price }
-                    };
-                    first_skip.get_or_insert(skip);
+            ChargeOn::Dispatch => self.cannot_buy(now, pro, price, funds),
+        }
+    }
+
+    /// Why `pro` cannot buy a lead of this shard at `price` from an auto-buy budget
+    /// now, or `None` if a covering config can pay (the one [`Shard::budget_config`]
+    /// names).
+    fn cannot_buy(&self, now: Millis, pro: &Pro, price: u64, funds: &dyn Funds) -> Option<Skip> {
+        let mut covering = pro.autobuy.iter().filter(|c| c.covers(&self.key.zone, &self.key.category));
+        let mut first_skip = None;
+        let mut any = false;
+        for c in &mut covering {
+            any = true;
+            let skip = if !c.is_buying(now) {
+                Skip::AutoBuyPaused
+            } else if c.max_price_credits.is_some_and(|m| m < price) {
+                Skip::PriceAboveMax { max_price: c.max_price_credits.unwrap_or(0), price }
+            } else {
+                let available = funds.budget(&pro.id, &c.name);
+                if available >= price {
+                    return None;
                 }
-                if !any {
-                    return Some(Skip::NoAutoBuyConfig);
-                }
-                Some(first_skip.expect("set in the loop: `any` is true"))
-            }
+                Skip::BudgetExhausted { available, price }
+            };
+            first_skip.get_or_insert(skip);
+        }
+        if !any {
+            return Some(Skip::NoAutoBuyConfig);
+        }
+        Some(first_skip.expect("set in the loop: `any` is true"))
+    }
+
+    /// An auto-buy purchase of `st` by `pro` from the config that pays for it.
+    fn purchase(&self, now: Millis, st: &LeadState, pro: &Pro, funds: &dyn Funds) -> Result<Charge, Skip> {
+        let price = Self::price_for(st, pro);
+        match self.budget_config(now, pro, price, funds) {
+            Some(config) => Ok(Charge {
+                op: op_id("buy", &st.lead.id, &pro.id),
+                credits: price,
+                mode: ChargeMode::Budget { config },
+            }),
+            None => Err(self.cannot_buy(now, pro, price, funds).unwrap_or(Skip::NoAutoBuyConfig)),
         }
     }
 
@@ -1422,15 +1451,9 @@ impl Shard {
             .iter()
             .map(|&slot| {
                 let pro = &self.slot_pro(slot).pro;
-                let price = Self::price_for(st, pro);
-                let charge = (kind == OfferKind::AutoBuy).then(|| Charge {
-                    op: op_id("buy", &st.lead.id, &pro.id),
-                    credits: price,
-                    mode: ChargeMode::Budget {
-                        config: self.budget_config(now, pro, price, funds).expect(
-                            "eligible auto-buy pros have a config with budget: checked by ineligible()",
-                        ),
-                    },
+                let charge = (kind == OfferKind::AutoBuy).then(|| {
+                    self.purchase(now, st, pro, funds)
+                        .expect("eligible auto-buy pros have a config with budget: checked by ineligible()")
                 });
                 Grant { pro: pro.id.clone(), kind, charge }
             })
