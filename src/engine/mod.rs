@@ -432,11 +432,20 @@ impl Recovered {
     /// Starts the shard actors on the recovered state. Must run inside an actix
     /// `System`.
     pub fn start(self) -> Result<(Engine, RecoveryReport), StartError> {
+        self.start_on(Arbiter::current())
+    }
+
+    /// [`Recovered::start`] from any thread of a running actix system (`rota serve`
+    /// runs it on the recovery thread, so that spawning every shard and logging changed
+    /// policies do not stall the admin port): `accepting` is the arbiter of the thread
+    /// that accepts connections, which runs everything when `arbiters = 0`. The thread
+    /// must know the system (`actix_rt::System::set_current`) when `arbiters > 0`.
+    pub fn start_on(self, accepting: ArbiterHandle) -> Result<(Engine, RecoveryReport), StartError> {
         let Recovered { cfg, fs: spill_fs, clock, wal, recovered, mut rec, tenants, spills } = self;
         // The worker threads: connections, inline decisions, shard timers (see
         // `config::RawConfig::arbiters`). `arbiters = 0`: all on the accepting thread.
         let arbiters: Vec<ArbiterHandle> = match cfg.raw.arbiters {
-            0 => vec![Arbiter::current()],
+            0 => vec![accepting],
             n => (0..n).map(|_| Arbiter::new().handle()).collect(),
         };
         let own_arbiters = cfg.raw.arbiters > 0;

@@ -2,7 +2,7 @@
 //!
 //! Start-up order: bind both listeners (a port in use fails the start before a long
 //! replay, not after it), serve the admin port, then recover from the WAL and snapshot
-//! on a thread of its own. While the log is replayed `/livez` answers 200 and `/readyz`
+//! and start the shards on a thread of its own. Meanwhile `/livez` answers 200 and `/readyz`
 //! 503 `recovering`, and the websocket port answers every connection with HTTP 503
 //! (`Retry-After: 1`) instead of leaving it waiting: nothing connects before the state
 //! is whole. Then the gateway takes the port over and `/readyz` turns 200.
@@ -83,6 +83,8 @@ pub fn run(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Result<
 pub struct Hooks {
     /// Runs on the recovery thread before the replay starts.
     pub before_recovery: Option<Box<dyn FnOnce() + Send>>,
+    /// Runs on the recovery thread after the replay, before the shards start.
+    pub before_start: Option<Box<dyn FnOnce() + Send>>,
     /// Told the websocket and admin addresses once both listen.
     pub listening: Option<std::sync::mpsc::Sender<(std::net::SocketAddr, std::net::SocketAddr)>>,
     /// Stops the daemon as SIGTERM does when it resolves.
@@ -167,15 +169,25 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
     eprintln!("  metrics and health on http://{admin_local}/metrics, /livez, /readyz");
     eprintln!("rota: recovering from {}", data_dir.display());
     let before_recovery = hooks.before_recovery.take();
-    let recovered = tokio::task::spawn_blocking(move || {
+    let before_start = hooks.before_start.take();
+    // The whole start runs off this thread, which serves the admin port and the
+    // websocket port's 503s meanwhile: the replay, then spawning every shard and
+    // logging the policies that changed (a sync of the log).
+    let system = actix_rt::System::current();
+    let accepting = actix_rt::Arbiter::current();
+    let (engine, report) = tokio::task::spawn_blocking(move || {
+        actix_rt::System::set_current(system);
         if let Some(f) = before_recovery {
             f();
         }
-        Engine::recover(cfg)
+        let recovered = Engine::recover(cfg)?;
+        if let Some(f) = before_start {
+            f();
+        }
+        recovered.start_on(accepting)
     })
     .await
     .context("the recovery thread failed")??;
-    let (engine, report) = recovered.start()?;
     tracing::info!(
         records_replayed = report.records_replayed,
         snapshot_seq = ?report.snapshot_seq,
