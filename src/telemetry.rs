@@ -111,9 +111,11 @@ pub const OTHER: &str = "other";
 pub const REJECT_REASONS: &[&str] = &["phone_unverified", "insufficient_details", "competitor", "duplicate"];
 /// `kind` of [`OFFERS_DISPATCHED`] (R5, R13, R21).
 pub const OFFER_KINDS: &[&str] = &["direct", "generic", "match", "auto_buy", "contact"];
-/// `status` of [`OFFER_TRANSITIONS`]: the status an offer moved to (R17).
+/// `status` of [`OFFER_TRANSITIONS`]: the status an offer moved to (R17). Not
+/// `inactive`: an offer becomes inactive by a response that fills the lead or by its
+/// close, and neither event says which offers it made inactive.
 pub const OFFER_STATUSES: &[&str] =
-    &["new", "opened", "declined", "expired", "replied", "awaiting_response", "inactive", "completed"];
+    &["new", "opened", "declined", "expired", "replied", "awaiting_response", "completed"];
 /// `code` of [`RESPONSES_REFUSED`]: the core's reject codes.
 pub const REFUSAL_CODES: &[&str] = &[
     "lead_full",
@@ -127,9 +129,19 @@ pub const REFUSAL_CODES: &[&str] = &[
     "idempotency_conflict",
     "invalid_field",
 ];
-/// `movement` of [`CREDITS_MOVED`] (ledger operations).
-pub const CREDIT_MOVEMENTS: &[&str] =
-    &["charged", "held", "captured", "released", "refunded", "granted", "budget_spent", "budget_recharged"];
+/// `movement` of [`CREDITS_MOVED`] (ledger operations): the `movement` of the
+/// stream's `credits` events.
+pub const CREDIT_MOVEMENTS: &[&str] = &[
+    "charged",
+    "held",
+    "captured",
+    "released",
+    "refunded",
+    "granted",
+    "budget_spent",
+    "budget_recharged",
+    "budget_refunded",
+];
 /// `reason` of [`OVERLOAD_REFUSALS`]: which bounded queue was full.
 pub const OVERLOAD_REASONS: &[&str] = &[
     "mailbox_full",
@@ -235,7 +247,13 @@ use Kind::{Counter as C, Gauge as G};
 pub const ALL: &[MetricDef] = &[
     m(BUILD_INFO, G, "info", &["version", "git_sha"], "Always 1; the labels name the running build."),
     // Business.
-    m(LEADS_RECEIVED, C, "leads", &[TENANT], "Leads published by the platform (first publish of a lead id)."),
+    m(
+        LEADS_RECEIVED,
+        C,
+        "leads",
+        &[TENANT],
+        "Lead publish requests (publish_lead) handled: every one, repeats of a lead id and invalid or refused ones included.",
+    ),
     m(
         LEADS_REJECTED,
         C,
@@ -243,14 +261,20 @@ pub const ALL: &[MetricDef] = &[
         &[TENANT, "reason"],
         "Leads refused by the quality gate (R2) or as duplicates.",
     ),
-    m(LEADS_DISPATCHED, C, "leads", &[TENANT], "Leads that produced at least one offer."),
+    m(
+        LEADS_DISPATCHED,
+        C,
+        "leads",
+        &[TENANT],
+        "Leads offered to at least one pro, each counted once, at its first offer (its publish, else its release or an R22 retry).",
+    ),
     m(OFFERS_DISPATCHED, C, "offers", &[TENANT, "kind"], "Offers made to pros, by offer kind."),
     m(
         OFFER_TRANSITIONS,
         C,
         "offers",
         &[TENANT, "status"],
-        "Offer status changes, by the status entered (R17).",
+        "Offer status changes, by the status entered (R17); new = offers made.",
     ),
     m(RESPONSES_REFUSED, C, "responses", &[TENANT, "code"], "Pro responses/actions refused, by reject code."),
     m(
@@ -258,7 +282,7 @@ pub const ALL: &[MetricDef] = &[
         C,
         "credits",
         &[TENANT, "movement"],
-        "Credits moved by the ledger, by kind of movement.",
+        "Credits moved by the ledger, by kind of movement; budget_recharged adds the level each recharge tops a budget up to (the weekly budget, R20), not credits added.",
     ),
     m(
         LEDGER_SETTLE_FAILURES,

@@ -5,7 +5,15 @@
 //! `cargo test --test observability_metrics -- --ignored dump_metrics`
 //! (to `$ROTA_METRICS_DUMP`, default `target/observability/metrics.prom`).
 
+mod engine_support;
+
+use engine_support::{acme_config, in_system, req, T0};
+use rota::core::shard::ExplainOutcome;
+use rota::engine::Engine;
+use rota::ids::TenantId;
+use rota::protocol::{ApiError, OkResult};
 use rota::telemetry::{self, Metrics, TenantMetrics, WalStatsLike, ALL};
+use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -170,4 +178,239 @@ fn every_dashboard_panel_has_a_unit_and_queries() {
         checked += 1;
     }
     assert!(checked >= 30, "only {checked} panels");
+}
+
+// ---------------------------------------------------------------------------------
+// Business counters from a real engine run
+// ---------------------------------------------------------------------------------
+
+const MIN: i64 = 60_000;
+
+/// Runs `f` on a fresh in-process engine for tenant `acme` on the example policy
+/// `file` (tenant `name`), its metrics on a recorder of its own, and returns what
+/// that recorder renders afterwards.
+fn metrics_of_run<F, Fut>(file: &str, name: &str, f: F) -> String
+where
+    F: FnOnce(Engine) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = acme_config(dir.path(), file, name, &[]);
+    let recorder = telemetry::builder().build_recorder();
+    let fs = rota::wal::MemFs::new();
+    in_system(async {
+        let handle: std::sync::Arc<dyn rota::wal::Fs> = std::sync::Arc::new(fs.process_handle());
+        // The engine's handles are made at its start: on this recorder.
+        let (e, _) = metrics::with_local_recorder(&recorder, || Engine::start_with_fs(cfg, handle))
+            .expect("engine starts");
+        f(e).await;
+    });
+    recorder.handle().render()
+}
+
+/// The value of the series `series` (`name{labels}`) in `text`; panics if absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn acme(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    match label {
+        None => sample(text, &format!("{name}{{tenant=\"acme\"}}")),
+        Some((k, v)) => sample(text, &format!("{name}{{tenant=\"acme\",{k}=\"{v}\"}}")),
+    }
+}
+
+async fn send(e: &Engine, v: Value) -> Result<OkResult, ApiError> {
+    e.request(&TenantId::new("acme"), req(v)).await
+}
+
+async fn ok(e: &Engine, v: Value) -> OkResult {
+    let what = v.to_string();
+    send(e, v).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
+}
+
+/// A painting lead in `zone`, created at `at`, for the pros `direct`.
+fn lead(id: &str, zone: &str, direct: &[&str], at: i64) -> Value {
+    json!({
+        "id": id, "category": "painting", "zone": zone,
+        "description": "Repaint a two-room flat, walls and ceilings, next week",
+        "details": {"rooms": "2"},
+        "client": {"id": format!("client-{id}"), "name": "Ana Garcia", "phone": "+39 333 000 0000",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "direct": direct,
+        "created_at": at
+    })
+}
+
+fn publish(l: Value) -> Value {
+    json!({"type": "publish_lead", "lead": l})
+}
+
+/// Pro `id` in Bologna painting (prontopro: 10 credits a response) with 100 credits.
+async fn bologna_pro(e: &Engine, id: &str) {
+    ok(e, json!({"type": "upsert_pro", "pro": {"id": id, "categories": ["painting"], "zones": ["bologna"]}}))
+        .await;
+    ok(e, json!({"type": "grant_credits", "pro": id, "op": format!("pay-{id}"), "credits": 100})).await;
+}
+
+/// Auto-buyer `id` in Madrid painting (habitissimo: 12 credits a lead) with a weekly
+/// budget of `weekly` credits.
+fn buyer(id: &str, weekly: u64) -> Value {
+    json!({"type": "upsert_pro", "pro": {"id": id, "categories": ["painting"], "zones": ["madrid"],
+        "autobuy": [{"name": "main", "zones": ["madrid"], "categories": ["painting"],
+                     "weekly_budget_credits": weekly}]}})
+}
+
+/// How many pros a publish's answer says were offered the lead at once.
+fn offers(reply: &OkResult) -> usize {
+    match reply {
+        OkResult::Lead(o) => o.offers.len(),
+        other => panic!("not a lead outcome: {other:?}"),
+    }
+}
+
+/// How many pros an `explain` answer says were offered the lead.
+fn offered(reply: &OkResult) -> usize {
+    match reply {
+        OkResult::Explain(x) => {
+            x.entries.iter().filter(|e| matches!(e.outcome, ExplainOutcome::Offered { .. })).count()
+        }
+        other => panic!("not an explanation: {other:?}"),
+    }
+}
+
+/// R5: a lead with a direct target is offered to it at its publish and to the others
+/// at its release after the head start: one lead dispatched, three offers made. A
+/// lead whose direct target is not there is dispatched by its release; one with no
+/// direct target by its publish.
+#[test]
+fn r5_a_lead_offered_at_its_publish_and_again_at_its_release_is_dispatched_once() {
+    let text = metrics_of_run("prontopro.toml", "prontopro", |e| async move {
+        for p in ["p1", "p2", "p3"] {
+            bologna_pro(&e, p).await;
+        }
+        assert_eq!(offers(&ok(&e, publish(lead("L1", "bologna", &["p1"], T0))).await), 1, "p1 at once");
+        assert_eq!(offers(&ok(&e, publish(lead("L2", "bologna", &["p9"], T0))).await), 0, "p9 is not there");
+        assert_eq!(offers(&ok(&e, publish(lead("L3", "bologna", &[], T0))).await), 3, "released at once");
+        // The head start (30 min) is over: L1 goes to p2 and p3, L2 to all three.
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 31 * MIN})).await;
+    });
+    let metric = telemetry::LEADS_DISPATCHED;
+    assert_eq!(acme(&text, metric, None), 3.0, "L1, L2 and L3 once each\n{text}");
+    let offers = telemetry::OFFERS_DISPATCHED;
+    assert_eq!(acme(&text, offers, Some(("kind", "direct"))), 1.0, "{text}");
+    assert_eq!(acme(&text, offers, Some(("kind", "generic"))), 8.0, "{text}");
+    // One transition to `new` per offer made, none for the direct offer of L2 that
+    // found nobody.
+    assert_eq!(acme(&text, telemetry::OFFER_TRANSITIONS, Some(("status", "new"))), 9.0, "{text}");
+    assert_eq!(acme(&text, telemetry::LEADS_RECEIVED, None), 3.0, "{text}");
+}
+
+/// R22: a lead bought by one buyer and retried for another when its budget comes back
+/// is dispatched once; the refund that gave the budget back is counted as
+/// `budget_refunded`, not `other`.
+#[test]
+fn r22_a_lead_retried_after_a_refund_is_dispatched_once_and_the_refund_counted_by_name() {
+    let text = metrics_of_run("habitissimo.toml", "habitissimo", |e| async move {
+        ok(&e, buyer("b1", 24)).await; // two leads a week
+        ok(&e, buyer("b2", 12)).await; // one
+        assert_eq!(offers(&ok(&e, publish(lead("A1", "madrid", &[], T0))).await), 2, "both buy A1");
+        assert_eq!(offers(&ok(&e, publish(lead("A2", "madrid", &[], T0 + MIN))).await), 1, "b1 only");
+        // A1's contact is invalid for b2 (R23): its spend is refunded to its budget,
+        // and A2, missed for want of it, is retried for b2 at the next housekeeping.
+        ok(&e, json!({"type": "offer", "lead": "A1", "pro": "b2", "action": "confirm_invalid_contact"}))
+            .await;
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 3 * MIN})).await;
+        let ex = ok(&e, json!({"type": "explain", "lead": "A2"})).await;
+        assert_eq!(offered(&ex), 2, "A2 retried for b2: {ex:?}");
+    });
+    assert_eq!(acme(&text, telemetry::LEADS_DISPATCHED, None), 2.0, "A1 and A2 once each\n{text}");
+    assert_eq!(acme(&text, telemetry::OFFERS_DISPATCHED, Some(("kind", "auto_buy"))), 4.0, "{text}");
+    assert_eq!(acme(&text, telemetry::OFFER_TRANSITIONS, Some(("status", "new"))), 4.0, "{text}");
+    let moved = |m| acme(&text, telemetry::CREDITS_MOVED, Some(("movement", m)));
+    assert_eq!(moved("budget_spent"), 48.0, "four leads at 12\n{text}");
+    assert_eq!(moved("budget_refunded"), 12.0, "b2's A1\n{text}");
+    assert_eq!(moved("other"), 0.0, "{text}");
+}
+
+/// Every `publish_lead` request is counted as received: a repeat of a lead id, one
+/// under an id in use in another zone, an invalid lead and one the quality gate
+/// refuses too; the help text says so.
+#[test]
+fn leads_received_counts_every_publish_request_repeats_and_refusals_included() {
+    let text = metrics_of_run("prontopro.toml", "prontopro", |e| async move {
+        ok(&e, publish(lead("L1", "bologna", &[], T0))).await;
+        ok(&e, publish(lead("L1", "bologna", &[], T0))).await; // a repeat (R1)
+        let conflict = send(&e, publish(lead("L1", "milano", &[], T0))).await.unwrap_err();
+        assert_eq!(conflict.code, "idempotency_conflict");
+        let invalid = send(&e, publish(lead("", "bologna", &[], T0))).await.unwrap_err();
+        assert_eq!(invalid.code, "invalid_field");
+        let mut unverified = lead("L2", "bologna", &[], T0);
+        unverified["client"]["phone_verified"] = json!(false);
+        ok(&e, publish(unverified)).await; // refused by the gate (R2)
+    });
+    assert_eq!(acme(&text, telemetry::LEADS_RECEIVED, None), 5.0, "{text}");
+    let rejected = acme(&text, telemetry::LEADS_REJECTED, Some(("reason", "phone_unverified")));
+    assert_eq!(rejected, 1.0, "{text}");
+    let help = telemetry::def(telemetry::LEADS_RECEIVED).unwrap().help;
+    assert!(!help.contains("first publish"), "{help}");
+    assert!(help.contains("every one") && help.contains("repeats"), "{help}");
+    let doc = repo_file("docs/OBSERVABILITY.md");
+    let row = doc.lines().find(|l| l.starts_with("| `rota_leads_received_total` |")).unwrap();
+    assert!(!row.contains("first publish") && row.contains("repeat"), "{row}");
+}
+
+/// No event says which offers a response that fills the lead (R6) or a close made
+/// inactive, so `inactive` is no status of the transitions counter: a lead closing
+/// with open offers leaves no such series behind, and the docs do not list it.
+#[test]
+fn offer_transitions_have_no_inactive_series_since_no_event_says_which_offers() {
+    let text = metrics_of_run("prontopro.toml", "prontopro", |e| async move {
+        for p in ["p1", "p2", "p3"] {
+            bologna_pro(&e, p).await;
+        }
+        assert_eq!(offers(&ok(&e, publish(lead("L1", "bologna", &[], T0))).await), 3);
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "open"})).await;
+        // Past its lifetime (48 h) the lead closes, its three offers still open.
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 49 * 60 * MIN})).await;
+    });
+    let status = |s| acme(&text, telemetry::OFFER_TRANSITIONS, Some(("status", s)));
+    assert_eq!((status("new"), status("opened"), status("other")), (3.0, 1.0, 0.0), "{text}");
+    assert!(!text.contains("status=\"inactive\""), "{text}");
+    let doc = repo_file("docs/OBSERVABILITY.md");
+    let row = doc.lines().find(|l| l.starts_with("| `rota_offer_transitions_total` |")).unwrap();
+    assert!(!row.contains("`inactive`,"), "{row}");
+}
+
+/// R20: a recharge tops a budget up to its weekly budget, and `budget_recharged`
+/// counts that level, not the credits added (the ledger's fact carries only the
+/// level); the help text and the docs say so.
+#[test]
+fn r20_budget_recharged_counts_the_level_a_recharge_tops_up_to_not_the_credits_added() {
+    let text = metrics_of_run("habitissimo.toml", "habitissimo", |e| async move {
+        ok(&e, buyer("b1", 24)).await;
+        assert_eq!(offers(&ok(&e, publish(lead("A1", "madrid", &[], T0))).await), 1, "b1 buys A1");
+        // Monday 00:00 in Madrid (6 days 7 hours after T0, before A1's guarantee runs
+        // out and refunds it): 12 left, topped up to 24.
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + (6 * 24 + 8) * 60 * MIN})).await;
+        let b = e.inner.ledger.budget(
+            &TenantId::new("acme"),
+            &rota::ids::ProId::new("b1"),
+            &rota::ledger::BudgetName::new("main"),
+        );
+        assert_eq!(b.map(|b| b.available), Some(24), "topped up");
+    });
+    let moved = |m| acme(&text, telemetry::CREDITS_MOVED, Some(("movement", m)));
+    assert_eq!(moved("budget_spent"), 12.0, "{text}");
+    assert_eq!(moved("budget_recharged"), 48.0, "the first budget, then a top-up to 24\n{text}");
+    let help = telemetry::def(telemetry::CREDITS_MOVED).unwrap().help;
+    assert!(help.contains("budget_recharged adds the level"), "{help}");
+    let doc = repo_file("docs/OBSERVABILITY.md");
+    let row = doc.lines().find(|l| l.starts_with("| `rota_credits_moved_total` |")).unwrap();
+    assert!(row.contains("`budget_recharged` the level each recharge tops a budget up to"), "{row}");
 }
