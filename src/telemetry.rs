@@ -111,11 +111,11 @@ pub const OTHER: &str = "other";
 pub const REJECT_REASONS: &[&str] = &["phone_unverified", "insufficient_details", "competitor", "duplicate"];
 /// `kind` of [`OFFERS_DISPATCHED`] (R5, R13, R21).
 pub const OFFER_KINDS: &[&str] = &["direct", "generic", "match", "auto_buy", "contact"];
-/// `status` of [`OFFER_TRANSITIONS`]: the status an offer moved to (R17). Not
-/// `inactive`: an offer becomes inactive by a response that fills the lead or by its
-/// close, and neither event says which offers it made inactive.
+/// `status` of [`OFFER_TRANSITIONS`]: the status an offer moved to (R17). `inactive`
+/// counts the offers a response that fills the lead (R6) or its close (R7) ends, as
+/// the stream tells them (`Shard::inactivated_by`).
 pub const OFFER_STATUSES: &[&str] =
-    &["new", "opened", "declined", "expired", "replied", "awaiting_response", "completed"];
+    &["new", "opened", "declined", "expired", "replied", "awaiting_response", "completed", "inactive"];
 /// `code` of [`RESPONSES_REFUSED`]: the core's reject codes.
 pub const REFUSAL_CODES: &[&str] = &[
     "lead_full",

@@ -78,7 +78,15 @@ async fn r5_r6_direct_then_generic_after_head_start_caps_idempotency_and_restart
     assert_eq!(bal["available"], 90, "R9: the price (10 credits) was charged once");
 
     let last_seq = {
-        let evs = stream.events(3 * 2).await; // responded + credits charged, per responder
+        // responded + credits charged, per responder; the third fills the generic seats,
+        // so p6 and p7 are told their offers are inactive (R6).
+        let evs = stream.events(3 * 2 + 2).await;
+        let inactive: Vec<&str> = evs
+            .iter()
+            .filter(|e| e["event"]["event"] == "offer_status" && e["event"]["status"] == "inactive")
+            .filter_map(|e| e["event"]["pro"].as_str())
+            .collect();
+        assert_eq!(inactive, ["p6", "p7"], "{evs:?}");
         evs.last().unwrap()["seq"].as_u64().unwrap()
     };
     drop(stream);

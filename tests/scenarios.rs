@@ -619,7 +619,7 @@ impl Run {
         if let Ok(d) = &result {
             for ev in &d.events {
                 self.funds.settle(ev);
-                self.shard.apply(ev);
+                common::apply_checked(&mut self.shard, ev);
                 self.log.push(ev.clone());
             }
         } else {

@@ -760,6 +760,12 @@ impl LeadState {
     fn generic_cap(&self, policy: &Policy) -> u32 {
         policy.max_responders.saturating_sub(self.lead.direct.len() as u32)
     }
+
+    /// R6 with `responders` responses of which `generic` took a generic seat: whether
+    /// every seat is taken, and whether every generic seat is.
+    fn seats_full(&self, policy: &Policy, responders: u32, generic: u32) -> (bool, bool) {
+        (responders >= policy.max_responders, generic >= self.generic_cap(policy))
+    }
     fn is_open(&self) -> bool {
         self.closed_at.is_none()
     }
@@ -905,6 +911,33 @@ impl Shard {
             learned_proposals_milli: None,
             next_seq: 0,
             departed: FxHashMap::default(),
+        }
+    }
+
+    /// The pros whose open offers `ev` makes inactive when applied (computed before it
+    /// is): the others of a lead a response fills (R6), every open one of a lead that
+    /// closes (R7). The stream tells each of them (`offer_status` `inactive`).
+    pub fn inactivated_by(&self, ev: &Event) -> Vec<ProId> {
+        fn open(st: &LeadState) -> impl Iterator<Item = &OfferState> {
+            st.offers.iter().filter(|o| o.status.is_open())
+        }
+        match ev {
+            Event::Responded { lead, pro, .. } => {
+                let Some(st) = self.leads.get(lead) else { return Vec::new() };
+                let Some(o) = st.offer(pro) else { return Vec::new() };
+                let generic = st.generic_responders + u32::from(o.kind.takes_a_generic_seat());
+                let (all_full, generic_full) = st.seats_full(&self.policy, st.responders + 1, generic);
+                open(st)
+                    .filter(|x| {
+                        &x.pro != pro && (all_full || (generic_full && x.kind.takes_a_generic_seat()))
+                    })
+                    .map(|x| x.pro.clone())
+                    .collect()
+            }
+            Event::LeadClosed { lead, .. } => {
+                self.leads.get(lead).map_or_else(Vec::new, |st| open(st).map(|o| o.pro.clone()).collect())
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -2195,7 +2228,6 @@ impl Shard {
                 let policy = self.policy.clone();
                 let mut response_time = None;
                 if let Some(st) = self.leads.get_mut(lead).map(Arc::make_mut) {
-                    let cap = st.generic_cap(&policy);
                     let Some(o) = st.offer_mut(pro) else { return };
                     o.status = OfferStatus::Replied;
                     o.reply_mut().responded_at = OptMillis::some(*at);
@@ -2210,9 +2242,9 @@ impl Shard {
                         st.generic_responders += 1;
                     }
                     // R6: once the cap is reached the lead is no longer available to
-                    // those who have not responded.
-                    let all_full = st.responders >= policy.max_responders;
-                    let generic_full = st.generic_responders >= cap;
+                    // those who have not responded (`Shard::inactivated_by` tells which).
+                    let (all_full, generic_full) =
+                        st.seats_full(&policy, st.responders, st.generic_responders);
                     for o in st.offers.iter_mut().filter(|o| o.status.is_open()) {
                         if all_full || (generic_full && o.kind.takes_a_generic_seat()) {
                             o.status = OfferStatus::Inactive;

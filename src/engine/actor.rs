@@ -395,8 +395,14 @@ fn apply_record(
         }
         state.apply(ev);
     }
+    // R6/R7: no core event lists the offers it makes inactive; the stream does.
+    let inactive = stream
+        .iter()
+        .filter(|e| matches!(e, StreamEvent::OfferStatus { status, .. } if status == "inactive"))
+        .count();
     record::money_stream_events(&money, &mut stream);
     inner.metrics.events(&key.tenant, &events, &money);
+    inner.metrics.offers_inactive(&key.tenant, inactive as u64);
     // Auto-buy spends refunded: the pros' missed leads are retried (R22) once the
     // refund is durable (`Engine::retry_refunded`).
     let returned = budget_refunds(&key.tenant, &events);

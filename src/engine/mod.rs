@@ -2072,6 +2072,14 @@ mod metrics_facade {
             }
             self.money(tenant, money);
         }
+        /// Offers a decision made inactive (R6, R7), counted from its stream events.
+        pub fn offers_inactive(&self, tenant: &TenantId, n: u64) {
+            if n > 0 {
+                if let Some(t) = self.tenant(tenant) {
+                    t.offer_transitions.get("inactive").increment(n);
+                }
+            }
+        }
         pub fn money(&self, tenant: &TenantId, money: &[LedgerEvent]) {
             let Some(t) = self.tenant(tenant) else { return };
             let mut stream = Vec::new();

@@ -143,6 +143,10 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
                     at: *at,
                     contact: RevealedContact::for_client(&st.lead.client),
                 });
+                // R6: the response that fills the lead closes it to the others.
+                for other in shard.inactivated_by(ev) {
+                    out.push(status(lead, &other, OfferStatus::Inactive, *at));
+                }
             }
         }
         Event::OfferOpened { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Opened, *at)),
@@ -154,6 +158,11 @@ pub fn shard_stream_events(shard: &Shard, ev: &Event, out: &mut Vec<StreamEvent>
         Event::ProReplied { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Replied, *at)),
         Event::Completed { lead, pro, at } => out.push(status(lead, pro, OfferStatus::Completed, *at)),
         Event::LeadClosed { lead, at, .. } => {
+            // Each pro still holding an open offer learns it on its own feed (a
+            // `lead_closed` names no pro).
+            for pro in shard.inactivated_by(ev) {
+                out.push(status(lead, &pro, OfferStatus::Inactive, *at));
+            }
             out.push(StreamEvent::LeadClosed { lead: lead.clone(), at: *at })
         }
         _ => {}

@@ -224,6 +224,30 @@ pub struct Harness {
     pub now: Millis,
 }
 
+/// Applies `ev` to `shard`, checking that [`Shard::inactivated_by`] (what the stream
+/// tells, R6/R7) names exactly the pros whose open offers the event makes inactive.
+pub fn apply_checked(shard: &mut Shard, ev: &Event) {
+    let told: std::collections::BTreeSet<ProId> = shard.inactivated_by(ev).into_iter().collect();
+    let lead = match ev {
+        Event::Responded { lead, .. } | Event::LeadClosed { lead, .. } => Some(lead.clone()),
+        _ => None,
+    };
+    let open_before: Vec<ProId> = lead
+        .as_ref()
+        .and_then(|l| shard.lead(l))
+        .map(|st| st.offers.iter().filter(|o| o.status.is_open()).map(|o| o.pro.clone()).collect())
+        .unwrap_or_default();
+    shard.apply(ev);
+    let became: std::collections::BTreeSet<ProId> = match lead.as_ref().and_then(|l| shard.lead(l)) {
+        Some(st) => open_before
+            .into_iter()
+            .filter(|p| st.offers.iter().any(|o| &o.pro == p && o.status == OfferStatus::Inactive))
+            .collect(),
+        None => Default::default(),
+    };
+    assert_eq!(told, became, "offers made inactive by {ev:?}");
+}
+
 impl Harness {
     pub fn new(policy: Arc<Policy>) -> Self {
         Self { shard: Shard::new(key(), policy), funds: MapFunds::plenty(), log: Vec::new(), now: T0 }
@@ -240,7 +264,7 @@ impl Harness {
             Ok(d) => {
                 for ev in &d.events {
                     self.funds.settle(ev);
-                    self.shard.apply(ev);
+                    apply_checked(&mut self.shard, ev);
                     self.log.push(ev.clone());
                 }
             }
