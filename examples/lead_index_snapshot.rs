@@ -52,7 +52,7 @@ fn run(parts: usize, n: usize) {
         if took > 50_000 {
             blocked_ns += took;
         }
-        index.remove(&key.tenant, &lead);
+        index.remove_if_at(&key, &lead);
         i += 1;
     }
     stop.store(true, Ordering::Relaxed);

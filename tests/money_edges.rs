@@ -204,6 +204,14 @@ fn r10_a_bad_topup_rule_is_refused_naming_the_rule_field() {
         let v = json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 0});
         let err = send(&e, v).await.unwrap_err();
         assert_eq!((err.code.as_ref(), err.field.as_deref()), ("invalid_field", Some("credits")), "{err:?}");
+        // A bad pro id is refused before a rule creates an account (or a record) for it.
+        let (accounts, logged) = (e.inner.ledger.snapshot().tenants().count(), e.inner.wal.last_seq());
+        for pro in [json!(""), json!("x".repeat(129))] {
+            let v = json!({"type": "set_topup_rule", "pro": pro, "rule": null});
+            let err = send(&e, v).await.unwrap_err();
+            assert_eq!((err.code.as_ref(), err.field.as_deref()), ("invalid_field", Some("pro")), "{err:?}");
+        }
+        assert_eq!((e.inner.ledger.snapshot().tenants().count(), e.inner.wal.last_seq()), (accounts, logged));
     });
 }
 
@@ -347,6 +355,30 @@ fn r5_r21_an_auto_buy_direct_target_pays_from_its_budget_or_does_not_get_the_lea
         assert_eq!(budget(&e, "b2").spent, before, "nothing more spent for b2");
         let again = serde_json::to_value(ok(&e, direct("A2", "b2", T0 + 1)).await).unwrap();
         assert_eq!(first, again, "a republish answers what the publish answered");
+    });
+}
+
+/// R1/R2: a lead id the quality gate refused is taken until its publish is forgotten:
+/// published again in another zone it is an idempotency conflict, not a second lead
+/// (which took the refused one's index entry, and later lost its own when the refused
+/// one was forgotten: offer actions then answered `unknown_lead`).
+#[test]
+fn r1_r2_a_refused_lead_id_published_in_another_zone_is_a_conflict() {
+    with_engine("zaask.toml", "zaask", |e| async move {
+        zaask_pro(&e, "p1").await;
+        let mut l = lead("L1", "lisboa", true, T0);
+        l["client"]["phone_verified"] = json!(false);
+        let refused =
+            serde_json::to_value(ok(&e, json!({"type": "publish_lead", "lead": l.clone()})).await).unwrap();
+        assert_eq!(
+            (refused["status"].as_str(), refused["reason"].as_str()),
+            (Some("rejected"), Some("phone_unverified"))
+        );
+        let err = send(&e, publish("L1", "porto", true, T0)).await.unwrap_err();
+        assert_eq!(err.code, "idempotency_conflict", "{err:?}");
+        // The refused publish sent again to its own zone answers as before.
+        let again = serde_json::to_value(ok(&e, json!({"type": "publish_lead", "lead": l})).await).unwrap();
+        assert_eq!(again, refused);
     });
 }
 

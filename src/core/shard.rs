@@ -999,6 +999,13 @@ impl Shard {
         self.leads.get(id).map(|st| &**st)
     }
 
+    /// Whether this shard remembers lead id `id`: a lead it holds, or one its quality
+    /// gate refused whose publish is not forgotten yet (R1: repeats of either are
+    /// answered here, so the id is taken).
+    pub fn remembers(&self, id: &LeadId) -> bool {
+        self.leads.contains_key(id) || self.rejected.contains_key(id)
+    }
+
     pub fn pro(&self, id: &ProId) -> Option<&ProSlot> {
         self.slots.get(id).and_then(|&s| self.pros[s as usize].as_ref())
     }

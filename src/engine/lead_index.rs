@@ -58,19 +58,27 @@ impl LeadIndex {
             Event::LeadAccepted { lead, .. } => self.insert(key, &lead.id),
             // Indexed too, so `explain` can give the quality gate's reason (R2).
             Event::LeadRejected { lead, .. } => self.insert(key, lead),
-            Event::LeadForgotten { lead } => self.remove(&key.tenant, lead),
+            Event::LeadForgotten { lead } => self.remove_if_at(key, lead),
             _ => {}
         }
+    }
+
+    /// Removes `lead`'s entry if it names `key`: a shard forgetting a lead id (or a
+    /// stale entry found in it) never removes the entry another shard made for the
+    /// same id since.
+    pub fn remove_if_at(&self, key: &ShardKey, lead: &LeadId) {
+        let (Some(t), Some(s)) = ({
+            let names = self.names.read();
+            (names.tenants.get(&key.tenant).copied(), names.shards.get(key).copied())
+        }) else {
+            return;
+        };
+        self.map.remove_if(&(lead.clone(), t), |_, at| *at == s);
     }
 
     pub fn insert(&self, key: &ShardKey, lead: &LeadId) {
         let (tenant, shard) = self.numbers(key);
         self.map.insert((lead.clone(), tenant), shard);
-    }
-
-    pub fn remove(&self, tenant: &TenantId, lead: &LeadId) {
-        let Some(t) = self.tenant_number(tenant) else { return };
-        self.map.remove(&(lead.clone(), t));
     }
 
     /// The shard of `lead`, if the lead is known.
@@ -159,12 +167,32 @@ mod tests {
         assert_eq!(index.shard_of(&a.tenant, &lead), Some(a.clone()));
         assert_eq!(index.shard_of(&b.tenant, &lead), Some(b.clone()));
         assert_eq!(index.shard_of(&TenantId::new("c"), &lead), None);
-        index.remove(&a.tenant, &lead);
+        index.remove_if_at(&a, &lead);
         assert_eq!(index.shard_of(&a.tenant, &lead), None);
         assert_eq!(index.shard_of(&b.tenant, &lead), Some(b.clone()));
         // A snapshot round trip keeps the entries.
         let back = LeadIndex::from_entries(index.entries());
         assert_eq!(back.len(), 1);
         assert_eq!(back.shard_of(&b.tenant, &lead), Some(b));
+    }
+
+    /// R1: a shard forgetting a lead id (or a stale entry found in it) removes the
+    /// entry only while it names that shard, not one another shard made since.
+    #[test]
+    fn r1_a_removal_leaves_an_entry_that_names_another_shard() {
+        let index = LeadIndex::new();
+        let (roma, milano) = (key("a", "roma"), key("a", "milano"));
+        let lead = LeadId::new("L1");
+        index.insert(&roma, &lead);
+        index.insert(&milano, &lead);
+        index.remove_if_at(&roma, &lead);
+        assert_eq!(index.shard_of(&milano.tenant, &lead), Some(milano.clone()));
+        index.remove_if_at(&milano, &lead);
+        assert_eq!(index.shard_of(&milano.tenant, &lead), None);
+        // An unknown shard or tenant removes nothing.
+        index.insert(&roma, &lead);
+        index.remove_if_at(&key("b", "roma"), &lead);
+        index.remove_if_at(&key("a", "napoli"), &lead);
+        assert_eq!(index.shard_of(&roma.tenant, &lead), Some(roma));
     }
 }

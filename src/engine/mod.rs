@@ -811,16 +811,17 @@ impl Engine {
                     // a power cut can then lose the record that added the entry; no
                     // record would ever remove it. With the claim held, no publish of
                     // the id into that shard can start meanwhile.
-                    let held = self
-                        .inner
-                        .shards
-                        .get(&other)
-                        .is_some_and(|c| c.state.lock().lead(&lead.id).is_some());
+                    // A lead the other shard's quality gate refused holds its id too
+                    // (R1: repeats are answered there) until its publish is forgotten.
+                    let held =
+                        self.inner.shards.get(&other).is_some_and(|c| c.state.lock().remembers(&lead.id));
                     if held {
                         return Err(conflict().into());
                     }
                     tracing::warn!(%tenant, lead = %lead.id, shard = %other, "lead index entry its shard does not hold: dropped");
-                    self.inner.lead_index.remove(tenant, &lead.id);
+                    // Only if it still names that shard: a concurrent publish of the
+                    // same id into this shard may have indexed it here meanwhile.
+                    self.inner.lead_index.remove_if_at(&other, &lead.id);
                 }
                 match self.exec(key, Command::PublishLead { lead: lead.into() }).await? {
                     CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
@@ -853,6 +854,9 @@ impl Engine {
                 Ok(OkResult::Done { done: true })
             }
             Request::SetTopupRule { pro, rule } => {
+                // As `grant_credits`: a rule creates the pro's account, so a bad id
+                // would leave one (and a record) behind.
+                pro.validate("pro").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
                 let t = tenant.clone();
                 let rule =
                     rule.map(|r| TopupRule { threshold: r.threshold_credits, amount: r.amount_credits });
