@@ -18,6 +18,10 @@ use std::sync::Arc;
 /// The token of the built-in demo tenant (used only when no tenant is configured).
 pub const DEMO_TOKEN: &str = "demo-token";
 
+/// Largest `max_frame_bytes`: a quarter of the log's record limit
+/// ([`crate::wal::MAX_RECORD_BYTES`]).
+pub const MAX_FRAME_BYTES: usize = crate::wal::MAX_RECORD_BYTES / 4;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
@@ -323,6 +327,12 @@ impl Config {
         if raw.subscriber_queue_frames > 1 << 24 {
             return Err(invalid("subscriber_queue_frames", format!("must be at most {}", 1 << 24)));
         }
+        // What one frame carries (a lead, a pro's profile) goes whole into one log
+        // record, which the log refuses above its 16 MiB limit after the state
+        // changed: a frame is held to a quarter of that.
+        if raw.max_frame_bytes > MAX_FRAME_BYTES {
+            return Err(invalid("max_frame_bytes", format!("must be at most {MAX_FRAME_BYTES}")));
+        }
         if raw.wal.queue_capacity > 1 << 24 {
             return Err(invalid("wal.queue_capacity", format!("must be at most {}", 1 << 24)));
         }
@@ -497,12 +507,19 @@ mod tests {
             ("shutdown_timeout_ms=0", "shutdown_timeout_ms"),
             ("subscriber_queue_frames=100000000", "subscriber_queue_frames"),
             ("wal.queue_capacity=100000000", "wal.queue_capacity"),
+            // A frame's content goes whole into one log record (at most 16 MiB).
+            ("max_frame_bytes=16777216", "max_frame_bytes"),
         ] {
             let src = Sources { flags: vec![flag.into()], ..Default::default() };
             let e = Config::load(&src).expect_err(flag).to_string();
             assert!(e.contains(key), "{flag}: {e}");
         }
-        let ok = ["heartbeat_interval_ms=1", "shutdown_timeout_ms=100", "subscriber_queue_frames=16777216"];
+        let ok = [
+            "heartbeat_interval_ms=1",
+            "shutdown_timeout_ms=100",
+            "subscriber_queue_frames=16777216",
+            "max_frame_bytes=4194304",
+        ];
         let src = Sources { flags: ok.iter().map(|f| f.to_string()).collect(), ..Default::default() };
         Config::load(&src).expect("the bounds themselves are accepted");
     }

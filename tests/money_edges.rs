@@ -193,17 +193,27 @@ fn r21_an_auto_buy_on_128_byte_ids_is_bought_within_the_budget() {
 fn r10_a_bad_topup_rule_is_refused_naming_the_rule_field() {
     with_engine("zaask.toml", "zaask", |e| async move {
         zaask_pro(&e, "p1").await;
+        let over = rota::core::MAX_CREDITS + 1;
         for (rule, field) in [
             (json!({"threshold_credits": 0, "amount_credits": 50}), "rule.threshold_credits"),
             (json!({"threshold_credits": 10, "amount_credits": 0}), "rule.amount_credits"),
+            (json!({"threshold_credits": over, "amount_credits": 50}), "rule.threshold_credits"),
+            (json!({"threshold_credits": 10, "amount_credits": over}), "rule.amount_credits"),
         ] {
             let v = json!({"type": "set_topup_rule", "pro": "p1", "rule": rule});
             let err = send(&e, v).await.unwrap_err();
             assert_eq!((err.code.as_ref(), err.field.as_deref()), ("invalid_field", Some(field)), "{err:?}");
         }
-        let v = json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 0});
-        let err = send(&e, v).await.unwrap_err();
-        assert_eq!((err.code.as_ref(), err.field.as_deref()), ("invalid_field", Some("credits")), "{err:?}");
+        for credits in [0, over] {
+            let v = json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": credits});
+            let err = send(&e, v).await.unwrap_err();
+            assert_eq!(
+                (err.code.as_ref(), err.field.as_deref()),
+                ("invalid_field", Some("credits")),
+                "{err:?}"
+            );
+        }
+        assert_eq!(balance(&e, "p1").granted, 100, "nothing granted");
         // A bad pro id is refused before a rule creates an account (or a record) for it.
         let (accounts, logged) = (e.inner.ledger.snapshot().tenants().count(), e.inner.wal.last_seq());
         for pro in [json!(""), json!("x".repeat(129))] {
@@ -260,6 +270,23 @@ fn r20_r24_an_early_resume_recharges_the_budget_once() {
             (resumed.period, 0),
             "the same resume recharged twice: 48 credits spendable in a week of 24"
         );
+    });
+}
+
+/// R20/R24: the week's recharge and a resume that the housekeeping applies together
+/// are one closing of the gate and one record: no spend can come between them (the
+/// second would top it up again).
+#[test]
+fn r20_r24_a_weeks_recharge_and_a_resume_are_one_record() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        // Paused until Wednesday: no budget before it.
+        ok(&e, buyer("b1", Some(T0 + 2 * DAY))).await;
+        assert_eq!(budget(&e, "b1").period, 0, "paused: not recharged");
+        let before = e.inner.wal.last_seq();
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 2 * DAY + HOUR})).await;
+        let b = budget(&e, "b1");
+        assert_eq!((b.period, b.available), (2, 24), "this week's recharge and the resume: {b:?}");
+        assert_eq!(e.inner.wal.last_seq(), before + 1, "both in one record");
     });
 }
 

@@ -157,7 +157,9 @@ pub struct Inner {
     /// Publishes under way, by lead id: the shard each is for, and how many
     /// ([`PublishClaim`]).
     publishing: DashMap<(TenantId, LeadId), (ShardKey, u32), FxBuildHasher>,
-    /// Readers: every decide -> log -> apply step. Writer: a snapshot.
+    /// Readers: every decide -> log -> apply step (shard decisions, directory records,
+    /// order commands). Writers: a snapshot's cut, a ledger operation outside any
+    /// shard (`ledger_ops`), a policy change (`set_tenant_configs`).
     pub(crate) gate: RwLock<()>,
     arbiters: Vec<ArbiterHandle>,
     /// False when the actors run on the gateway's own arbiter (not ours to stop).
@@ -849,6 +851,7 @@ impl Engine {
                 pro.validate("pro").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
                 crate::ids::validate_id(&op, "op")
                     .map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
+                at_most_max_credits("credits", credits)?;
                 let t = tenant.clone();
                 self.ledger_op(tenant, move |l| l.grant(OpId::grant(&op), &t, &pro, credits)).await?;
                 Ok(OkResult::Done { done: true })
@@ -857,6 +860,10 @@ impl Engine {
                 // As `grant_credits`: a rule creates the pro's account, so a bad id
                 // would leave one (and a record) behind.
                 pro.validate("pro").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
+                if let Some(r) = &rule {
+                    at_most_max_credits("rule.threshold_credits", r.threshold_credits)?;
+                    at_most_max_credits("rule.amount_credits", r.amount_credits)?;
+                }
                 let t = tenant.clone();
                 let rule =
                     rule.map(|r| TopupRule { threshold: r.threshold_credits, amount: r.amount_credits });
@@ -1112,10 +1119,9 @@ impl Engine {
                 }
                 _ => vec![resume_op(pro, cfg, now)],
             };
-            for op in ops {
-                let (t, p, n) = (tenant.clone(), pro.clone(), name.clone());
-                self.ledger_op(tenant, move |l| l.recharge(op, &t, &p, &n)).await?;
-            }
+            // One closing of the gate for both (a new config's first recharge and its
+            // resume): a spend between them would be topped up again.
+            self.ledger_ops(tenant, ops.len(), |l, i| l.recharge(ops[i].clone(), tenant, pro, &name)).await?;
         }
         Ok(())
     }
@@ -1155,8 +1161,25 @@ impl Engine {
         tenant: &TenantId,
         f: impl FnOnce(&Ledger) -> Result<Receipt, LedgerError>,
     ) -> Result<Receipt, ApiError> {
+        let mut f = Some(f);
+        let mut receipts = self.ledger_ops(tenant, 1, |l, _| (f.take().expect("called once"))(l)).await?;
+        Ok(receipts.pop().expect("one operation, one receipt"))
+    }
+
+    /// `n` ledger operations outside any shard (`f(ledger, i)` for `i` in `0..n`, in
+    /// order, stopping at the first refusal), applied under one closing of the gate and
+    /// logged in one record, acknowledged once durable: no decision can come between
+    /// them (two recharges of one budget with a spend between them would top that spend
+    /// up again). On a refusal, the operations before it stay applied and are logged;
+    /// the refusal is the answer.
+    async fn ledger_ops(
+        &self,
+        tenant: &TenantId,
+        n: usize,
+        mut f: impl FnMut(&Ledger, usize) -> Result<Receipt, LedgerError>,
+    ) -> Result<Vec<Receipt>, ApiError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let receipt = {
+        let (receipts, refused) = {
             // The gate closed (no decision in flight, none starting) from the change
             // to its record's place in the log: a grant's credits (or a recharge's
             // budget) are spent only by decisions logged after it. With the gate open,
@@ -1167,14 +1190,25 @@ impl Engine {
             // recharges) and hold the gate for microseconds: the change and a push onto
             // the log's queue, not the sync.
             let _g = self.inner.gate.write();
-            let receipt = f(&self.inner.ledger).map_err(ledger_api_error)?;
-            let hub = self.hub(tenant);
-            if receipt.replayed {
+            let mut receipts = Vec::with_capacity(n);
+            let mut refused = None;
+            for i in 0..n {
+                match f(&self.inner.ledger, i) {
+                    Ok(r) => receipts.push(r),
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            let money: Vec<crate::ledger::LedgerEvent> =
+                receipts.iter().filter(|r| !r.replayed).map(|r| r.event.clone()).collect();
+            if money.is_empty() {
                 self.after_durable(Box::new(move |r| {
                     let _ = tx.send(r);
                 }));
             } else {
-                let money = vec![receipt.event.clone()];
+                let hub = self.hub(tenant);
                 self.inner.metrics.money(tenant, &money);
                 let mut stream = Vec::new();
                 record::money_stream_events(&money, &mut stream);
@@ -1191,10 +1225,13 @@ impl Engine {
                     }),
                 );
             }
-            receipt
+            (receipts, refused)
         };
         rx.await.map_err(|_| ApiError::unavailable("WAL closed"))??;
-        Ok(receipt)
+        match refused {
+            Some(e) => Err(ledger_api_error(e)),
+            None => Ok(receipts),
+        }
     }
 
     /// One order-request command (R25-R27): decide on the tenant's book, log the
@@ -1292,11 +1329,14 @@ impl Engine {
                     if cfg.paused_until.is_some_and(|t| week_start.is_none_or(|w| t >= w)) {
                         ops.push(resume_op(&pro.id, cfg, now));
                     }
-                    for op in ops {
-                        let (t, p, n) = (tenant.clone(), pro.id.clone(), name.clone());
-                        let r = self.ledger_op(tenant, move |l| l.recharge(op, &t, &p, &n)).await?;
-                        recharged |= !r.replayed && b.available < b.weekly_budget;
-                    }
+                    // The week's recharge and a resume in one closing of the gate: a
+                    // spend between them would be topped up again (R20).
+                    let rs = self
+                        .ledger_ops(tenant, ops.len(), |l, i| {
+                            l.recharge(ops[i].clone(), tenant, &pro.id, &name)
+                        })
+                        .await?;
+                    recharged |= rs.iter().any(|r| !r.replayed) && b.available < b.weekly_budget;
                 }
                 if recharged {
                     returned.push(pro.id.clone());
@@ -1860,7 +1900,7 @@ fn replay_record(
                     return;
                 }
             };
-            // What [`Engine::set_policies`] did at this point, in the same order.
+            // What [`Engine::set_tenant_configs`] did at this point, in the same order.
             for (_, shard) in rec.shards.iter_mut().filter(|(k, _)| k.tenant == tenant) {
                 shard.set_policy(p.clone());
             }
@@ -1887,6 +1927,16 @@ fn replay_record(
 fn resume_op(pro: &ProId, cfg: &AutoBuyConfig, now: Millis) -> OpId {
     debug_assert!(cfg.is_buying(now), "only a buying config resumes");
     OpId::resume(pro, &BudgetName::new(&cfg.name), cfg.paused_until.unwrap_or(now))
+}
+
+/// An amount of credits from the wire: at most [`crate::core::MAX_CREDITS`] (far from
+/// `u64` overflow when summed over millions of operations).
+fn at_most_max_credits(field: &str, credits: u64) -> Result<(), Reject> {
+    if credits > crate::core::MAX_CREDITS {
+        let reason = format!("must be at most {}", crate::core::MAX_CREDITS);
+        return Err(Reject::from(crate::core::field_err(field, reason)));
+    }
+    Ok(())
 }
 
 fn unexpected(r: CoreReply) -> ApiError {

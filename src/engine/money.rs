@@ -8,9 +8,9 @@
 //! * a failed auto-buy budget spend drops that buyer from the decision (it goes to
 //!   the retry list, R22) instead of overshooting the budget;
 //! * what gives credits or budget back (a hold released, a refund) is decided with
-//!   the decision but applied only once its record is durable
+//!   the decision but applied only once its record is queued in the log
 //!   ([`execute_noting_drops`]'s `deferred`), so no spend can rely on it from a record
-//!   earlier in the log.
+//!   earlier in the log (the log is durable in order).
 //!
 //! Ledger operations are idempotent by op id, so a replayed intent changes nothing.
 
