@@ -240,6 +240,11 @@ impl Budget {
         }
     }
 
+    /// Whether `op` is applied and remembered.
+    pub(crate) fn knows(&self, op: &OpId) -> bool {
+        self.ops.contains_key(op)
+    }
+
     /// Number of op ids remembered.
     pub(crate) fn registered_ops(&self) -> usize {
         self.ops.len()

@@ -456,6 +456,14 @@ impl Ledger {
         })
     }
 
+    /// Whether `op` is applied to the budget (and still remembered): lets a caller
+    /// skip repeating an operation it knows is done without taking any lock beyond
+    /// the budget's own.
+    pub fn budget_knows(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName, op: &OpId) -> bool {
+        let key = (tenant.clone(), pro.clone(), budget.clone());
+        self.budgets.get(&key).map(|e| Arc::clone(e.value())).is_some_and(|b| b.lock().knows(op))
+    }
+
     /// Drops the op-id records of a pro's credit ops (memory housekeeping; not
     /// an event). Returns how many were dropped; open holds are kept. See the
     /// module docs for when this is safe.
