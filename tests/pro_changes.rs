@@ -175,3 +175,47 @@ fn r1_an_upsert_whose_client_goes_away_midway_still_completes() {
         }
     });
 }
+
+/// A painting lead in `zone` (a verified phone, enough details for the quality gate).
+fn publish(id: &str, zone: &str) -> Value {
+    json!({"type": "publish_lead", "lead": {
+        "id": id, "category": "painting", "zone": zone,
+        "description": "Repaint a two-room flat, walls and ceilings, next week",
+        "details": {"rooms": "2"},
+        "client": {"id": format!("client-{id}"), "name": "Ana Garcia", "phone": "+39 333 000 0000",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "created_at": T0
+    }})
+}
+
+/// Whether the shard of `zone` x painting keeps a history of p1 from before it left.
+fn history_in(e: &Engine, zone: &str) -> bool {
+    e.shard_states()
+        .iter()
+        .any(|(k, s)| k.zone.as_str() == zone && s.has_departed(&rota::ids::ProId::new("p1")))
+}
+
+/// R14/R15/R18: a pro that moved keeps its history where it was (its stats for a
+/// return, and its offers there, which `search` still finds); removed from the tenant,
+/// that history goes too, so a pro added again later starts afresh everywhere.
+#[test]
+fn r14_r18_a_removed_pro_leaves_no_history_where_it_moved_away_from() {
+    let fs = MemFs::new();
+    life(&fs, async |e| {
+        for v in others().into_iter().chain([grant(), upsert(&["bologna"]), publish("L1", "bologna")]) {
+            call(e, v.clone()).await.unwrap_or_else(|err| panic!("{v} answered {err}"));
+        }
+        call(e, upsert(&["milano"])).await.unwrap();
+        assert!(history_in(e, "bologna"), "moved away: its bologna history is kept");
+        match call(e, json!({"type": "search", "pro": "p1", "query": ""})).await {
+            Ok(OkResult::Search { offers }) => {
+                assert_eq!(offers.iter().map(|o| o.lead.as_str()).collect::<Vec<_>>(), ["L1"])
+            }
+            other => panic!("search answered {other:?}"),
+        }
+        call(e, json!({"type": "remove_pro", "pro": "p1"})).await.unwrap();
+        assert!(!history_in(e, "bologna"), "removed for good: no history left behind");
+    });
+    // Replay rebuilds the same.
+    life(&fs, async |e| assert!(!history_in(e, "bologna")));
+}

@@ -999,6 +999,11 @@ impl Shard {
         self.leads.get(id).map(|st| &**st)
     }
 
+    /// Whether `pro` left this shard with a history kept for its return (R14/R15).
+    pub fn has_departed(&self, pro: &ProId) -> bool {
+        self.departed.contains_key(pro)
+    }
+
     /// Whether this shard remembers lead id `id`: a lead it holds, or one its quality
     /// gate refused whose publish is not forgotten yet (R1: repeats of either are
     /// answered here, so the id is taken).
@@ -1026,7 +1031,11 @@ impl Shard {
         match cmd {
             Command::UpsertPro { pro } => self.decide_upsert(now, pro),
             Command::RemovePro { pro } | Command::LeaveShard { pro } => {
-                if !self.slots.contains_key(pro) {
+                // A pro removed for good also takes the history it left here when it
+                // stopped covering the shard (R14/R15 stats kept for a rejoin).
+                let removing_history =
+                    matches!(cmd, Command::RemovePro { .. }) && self.departed.contains_key(pro);
+                if !self.slots.contains_key(pro) && !removing_history {
                     return Err(Reject::UnknownPro(pro.clone()));
                 }
                 let left = matches!(cmd, Command::LeaveShard { .. });

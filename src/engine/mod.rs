@@ -912,7 +912,15 @@ impl Engine {
             Request::Search { pro, query } => {
                 let profile = self.pro_profile(tenant, &pro)?;
                 let mut offers = Vec::new();
-                for key in Self::pro_shards(&profile, tenant) {
+                // R18: also where it had offers before a change of its zones (those
+                // offers can still be acted on).
+                let mut keys = Self::pro_shards(&profile, tenant);
+                for key in self.shards_left_by(tenant, &pro) {
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+                for key in keys {
                     if let Some(s) = self.shard_state(&key) {
                         offers.extend(s.lock().search(&pro, &query));
                     }
@@ -993,6 +1001,18 @@ impl Engine {
         self.inner.pro_members.get(&(tenant.clone(), pro.clone())).map(|k| k.clone()).unwrap_or_default()
     }
 
+    /// The shards of `tenant` that `pro` left keeping its history there (R14/R15: its
+    /// stats, kept for a return, and so the offers it had there). A scan of the
+    /// tenant's shards: for a removal and a search, not for decisions.
+    fn shards_left_by(&self, tenant: &TenantId, pro: &ProId) -> Vec<ShardKey> {
+        self.inner
+            .shards
+            .iter()
+            .filter(|e| &e.key().tenant == tenant && e.value().state.lock().has_departed(pro))
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
     /// `overloaded` if any of `keys` is at its in-flight bound (checked before a change
     /// of a pro takes its first step; its steps are then not shed).
     fn admit_change<'a>(
@@ -1050,7 +1070,14 @@ impl Engine {
 
     async fn remove_pro(&self, tenant: &TenantId, pro: &ProId) -> Result<OkResult, ApiError> {
         let listed = self.inner.pros.contains_key(&(tenant.clone(), pro.clone()));
-        let leave = self.shards_with_pro(tenant, pro);
+        let mut leave = self.shards_with_pro(tenant, pro);
+        // And the history it left where it stopped covering a shard: removed for good,
+        // a pro that comes back later starts afresh everywhere.
+        for key in self.shards_left_by(tenant, pro) {
+            if !leave.contains(&key) {
+                leave.push(key);
+            }
+        }
         if !listed && leave.is_empty() {
             return Err(Reject::UnknownPro(pro.clone()).into());
         }
