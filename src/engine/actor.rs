@@ -182,11 +182,18 @@ pub fn execute(
     let started = Instant::now();
     let decided = shard.decide(now, cmd, &funds);
     inner.metrics.decide_seconds(started.elapsed());
-    // Refused by the core or by the ledger: nothing changed; answered at once.
+    // Refused by the core or by the ledger: nothing changed. Answered once what the
+    // refusal was decided on is durable (as a repeat's answer is): a response refused
+    // `lead_full` because of another's response still on its way to the disk must not
+    // be final if a power cut takes that one away; then it is `unavailable` (in doubt,
+    // sent again after the restart it is decided on what survived).
     let refuse = |r: Reject, reply: Option<Responder>| {
         inner.metrics.refused(&key.tenant, r.code());
         if let Some(tx) = reply {
-            let _ = tx.send(Err(r.into()));
+            let refusal: ApiError = r.into();
+            engine.after_durable(Box::new(move |durable| {
+                let _ = tx.send(Err(durable.err().unwrap_or(refusal)));
+            }));
         }
     };
     let decision = match decided {

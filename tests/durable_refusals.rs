@@ -1,0 +1,66 @@
+//! A refusal is decided on the state in memory, which may hold records not yet
+//! durable: it is answered only once they are, and if they never become durable (the
+//! disk fails, the power goes), the answer is `unavailable` (in doubt), not a final
+//! refusal that a restart would contradict.
+
+mod engine_support;
+
+use engine_support::{acme_config, in_system, req};
+use rota::config::{Config, Sources};
+use rota::engine::Engine;
+use rota::ids::TenantId;
+use rota::wal::{Fault, MemFs};
+use serde_json::json;
+use std::sync::Arc;
+
+/// zaask with one responder per lead, and the log's syncs held back 100 ms (so that a
+/// second request is decided while the first one's record waits for its sync).
+fn config(dir: &std::path::Path) -> Config {
+    acme_config(dir, "zaask.toml", "zaask", &[("max_responders", "1")]);
+    let path = dir.join("rota.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("fsync = \"always\"\n", "fsync = \"always\"\nmin_sync_interval_us = 100000\n");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&Sources { file: Some(path), ..Default::default() }).unwrap()
+}
+
+/// R6: P2's response refused `lead_full` because of P1's response, whose record the
+/// disk then fails to make durable: P2 is told `unavailable`, not `lead_full` (after a
+/// restart the seat is free).
+#[test]
+fn r6_a_refusal_that_relied_on_a_record_the_disk_lost_is_answered_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
+        let acme = TenantId::new("acme");
+        let send = |v: serde_json::Value| {
+            let (e, acme) = (e.clone(), acme.clone());
+            async move { e.request(&acme, req(v)).await }
+        };
+        for p in ["p1", "p2"] {
+            send(json!({"type": "upsert_pro", "pro": {"id": p, "categories": ["painting"], "zones": ["lisboa"]}}))
+                .await
+                .unwrap();
+            send(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100}))
+                .await
+                .unwrap();
+        }
+        send(json!({"type": "publish_lead", "lead": {
+            "id": "L1", "category": "painting", "zone": "lisboa",
+            "description": "Repaint a two-room flat, walls and ceilings, next week",
+            "details": {"rooms": "2"},
+            "client": {"id": "c1", "name": "Ana Garcia", "phone": "+351 910 000 000",
+                       "phone_verified": true, "contact": {"call": true, "chat": true}},
+            "created_at": engine_support::T0}}))
+        .await
+        .unwrap();
+        fs.inject(Fault::SyncError);
+        let respond = |p: &str| send(json!({"type": "offer", "lead": "L1", "pro": p, "action": "respond"}));
+        let (first, second) = futures_util::future::join(respond("p1"), respond("p2")).await;
+        assert_eq!(first.unwrap_err().code, "unavailable", "its record was never durable");
+        let second = second.unwrap_err();
+        assert_eq!(second.code, "unavailable", "decided on p1's lost response: {second:?}");
+    });
+}
