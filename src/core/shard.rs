@@ -1808,6 +1808,12 @@ impl Shard {
                         || st.budget_waitlist.iter().any(|p| index.contains_key(p)))
             })
             .filter(|st| now < st.accepted_at.saturating_add(self.policy.retry_window))
+            // Only leads the rotation has released to buyers: not a direct or contact
+            // job (R13: its targets only), nor one whose head start still runs (R5: the
+            // release comes first; it buys for whoever can pay then).
+            .filter(|st| {
+                st.lead.kind == JobKind::Match && st.release_at.is_none() && st.released_at.is_some()
+            })
             .map(|st| &**st)
             .collect();
         leads.sort_by(|a, b| (a.accepted_at, &a.lead.id).cmp(&(b.accepted_at, &b.lead.id)));
@@ -1828,8 +1834,11 @@ impl Shard {
                 missed.insert((waiting[i].pass, waiting[i].slot, i));
                 joined += 1;
             }
+            // R6 with R21, as the release: no more buyers than the seats the direct
+            // targets left.
             let bought = st.offers.iter().filter(|o| o.kind == OfferKind::AutoBuy).count();
-            let seats = (self.policy.group_size as usize).saturating_sub(bought);
+            let seats =
+                (self.policy.group_size.min(st.generic_cap(&self.policy)) as usize).saturating_sub(bought);
             if seats == 0 {
                 continue;
             }
