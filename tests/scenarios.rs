@@ -1009,6 +1009,7 @@ scenarios! {
     r5_r7_no_release_of_a_lead_whose_lifetime_ended => "r5_r7_no_release_after_lifetime.toml",
     r28_explain_says_why_as_of_the_release_also_once_the_pro_is_back => "r28_explain_as_of_the_release.toml",
     r6_r13_r22_a_retry_keeps_the_seats_and_never_buys_a_direct_job => "r6_r13_r22_retry_keeps_the_seats.toml",
+    r21_r28_releases_in_one_tick_take_turns_as_separate_ticks_would => "r21_r28_releases_in_one_tick_take_turns.toml",
     r6_two_direct_three_generic_one_direct_four_then_lead_full => "r6_responder_cap.toml",
     r6_matched_partners_keep_the_seats_of_the_direct_targets => "r6_matched_and_autobuy_seats.toml",
     r6_r21_autobuy_buys_only_the_seats_the_direct_targets_left => "r6_r21_autobuy_seats.toml",

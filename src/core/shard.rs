@@ -1431,6 +1431,12 @@ impl Shard {
 
     /// The generic release of a lead: who gets it, in rotation order (R5, R6a, R21).
     fn release(&self, now: Millis, st: &LeadState, funds: &dyn Funds) -> Event {
+        self.release_on(&self.ring, now, st, funds)
+    }
+
+    /// [`Shard::release`] on `ring`: the shard's, or a copy that already holds the
+    /// turns of the releases decided before it in the same tick.
+    fn release_on(&self, ring: &Ring, now: Millis, st: &LeadState, funds: &dyn Funds) -> Event {
         let p = &self.policy;
         let (n, kind) = match p.mode {
             DispatchMode::Shared => (p.offer_fanout.map_or(usize::MAX, |n| n as usize), OfferKind::Generic),
@@ -1449,27 +1455,26 @@ impl Shard {
         let mut skipped_more = 0u32;
         let mut budget_short = Vec::new();
         let catch_up = p.max_catch_up_turns;
-        let rotation =
-            self.ring.select_at(now, catch_up, n, |slot| match self.ineligible(now, slot, st, funds) {
-                None => Verdict::Take,
-                Some(skip) => {
-                    let ps = self.slot_pro(slot);
-                    let pro = &ps.pro;
-                    let parking = self.parking(now, pro, funds);
-                    if skipped.len() < MAX_RECORDED_SKIPS {
-                        skipped.push((pro.id.clone(), skip));
-                    } else {
-                        skipped_more = skipped_more.saturating_add(1);
-                        if matches!(skip, Skip::BudgetExhausted { .. })
-                            && parking.is_none()
-                            && ps.budget_short_since.get().is_none()
-                        {
-                            budget_short.push(pro.id.clone());
-                        }
+        let rotation = ring.select_at(now, catch_up, n, |slot| match self.ineligible(now, slot, st, funds) {
+            None => Verdict::Take,
+            Some(skip) => {
+                let ps = self.slot_pro(slot);
+                let pro = &ps.pro;
+                let parking = self.parking(now, pro, funds);
+                if skipped.len() < MAX_RECORDED_SKIPS {
+                    skipped.push((pro.id.clone(), skip));
+                } else {
+                    skipped_more = skipped_more.saturating_add(1);
+                    if matches!(skip, Skip::BudgetExhausted { .. })
+                        && parking.is_none()
+                        && ps.budget_short_since.get().is_none()
+                    {
+                        budget_short.push(pro.id.clone());
                     }
-                    parking.map_or(Verdict::Skip, Verdict::Park)
                 }
-            });
+                parking.map_or(Verdict::Skip, Verdict::Park)
+            }
+        });
         // A group left short: the pros parked for a spent budget would have been
         // scanned and skipped for it, so they wait for this lead like those (R22), up to
         // the same bound. (One whose budget has just come back is eligible again but
@@ -1477,10 +1482,9 @@ impl Shard {
         // Past the bound, those next in the rotation (by pass, as a scan meets them).
         if kind == OfferKind::AutoBuy && rotation.taken.len() < n {
             let room = MAX_RECORDED_SKIPS.saturating_sub(skipped.len());
-            let mut parked: Vec<(u64, u32)> = self
-                .ring
+            let mut parked: Vec<(u64, u32)> = ring
                 .parked_for_budget()
-                .filter_map(|slot| self.ring.entry(slot).map(|e| (e.pass, slot)))
+                .filter_map(|slot| ring.entry(slot).map(|e| (e.pass, slot)))
                 .collect();
             if parked.len() > room {
                 parked.select_nth_unstable(room);
@@ -1935,6 +1939,13 @@ impl Shard {
 
     fn decide_tick(&self, now: Millis, funds: &dyn Funds) -> Decision {
         let mut events = Vec::new();
+        // Several releases due in one tick (leads created together, a late tick) each
+        // see the turns the ones before took, as separate decisions would (R21/R28:
+        // else every one went to the same pros, a burst and then a drought), and the
+        // budgets they spent: a copy of the ring once a second one comes.
+        let mut ring: Option<Ring> = None;
+        let mut last_rotation: Option<Selection> = None;
+        let mut spent: FxHashMap<ProId, u64> = FxHashMap::default();
         for d in self.deadlines.iter().take_while(|d| d.at <= now) {
             let st = self.leads.get(&d.lead);
             match (&d.due, st) {
@@ -1948,7 +1959,23 @@ impl Shard {
                 (Due::Release, Some(st))
                     if st.is_open() && st.release_at.is_some() && st.expires_at > now =>
                 {
-                    events.push(self.release(now, st, funds));
+                    if let Some(sel) = last_rotation.take() {
+                        let catch_up = self.policy.max_catch_up_turns;
+                        ring.get_or_insert_with(|| self.ring.clone()).commit_at(&sel, now, catch_up);
+                    }
+                    let view = SpentFunds { inner: funds, spent: &spent };
+                    let ev = self.release_on(ring.as_ref().unwrap_or(&self.ring), now, st, &view);
+                    if let Event::Offered { grants, rotation, .. } = &ev {
+                        for g in grants {
+                            if let Some(c) =
+                                g.charge.as_ref().filter(|c| matches!(c.mode, ChargeMode::Budget { .. }))
+                            {
+                                *spent.entry(g.pro.clone()).or_default() += c.credits;
+                            }
+                        }
+                        last_rotation = Some(rotation.clone());
+                    }
+                    events.push(ev);
                 }
                 (Due::ExpireOffer(pro), Some(st)) if st.offer(pro).is_some_and(|o| o.status.is_open()) => {
                     events.push(Event::OfferExpired { lead: d.lead.clone(), pro: pro.clone(), at: d.at });
