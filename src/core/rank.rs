@@ -56,7 +56,10 @@ pub fn quality_permille(q: &Quality) -> u32 {
     rating + reviews + projects + profile
 }
 
-/// Penalties stop compounding after this many events, so a pro can always recover.
+/// Penalties stop compounding after this many events, so the weight has a floor above
+/// zero (with the policy's `min_weight`): a pro with many declines or expiries still
+/// gets its smaller share. The counts do not decay; a better response rate (R29) and
+/// quality raise the weight again.
 const MAX_PENALTY_EVENTS: u64 = 20;
 
 /// The rotation weight of a pro, with every input, for `explain`.

@@ -2,10 +2,14 @@
 //!
 //! Every pro in a shard has a *weight* (from quality and responsiveness, see
 //! [`super::rank`]) and a *pass*. Its *stride* is `STRIDE_SCALE / weight`. A selection
-//! walks pros in increasing `(pass, slot)` order, takes the first `n` that are eligible
-//! for the lead, and advances each taken pro's pass by its stride. The slot (join order)
-//! breaks ties, so among equal weights the rotation is strictly cyclic: with 8 equal pros
-//! and groups of 4, lead 1 goes to pros 1-4, lead 2 to 5-8, lead 3 to 1-4 again.
+//! walks pros in increasing `(pass, served, slot)` order, takes the first `n` that are
+//! eligible for the lead, and advances each taken pro's pass by its stride. Among equal
+//! passes the pro served longest ago goes first (`served`: when it was last taken), then
+//! the slot (join order), so among equal weights the rotation is strictly cyclic: with
+//! 8 equal pros and groups of 4, lead 1 goes to pros 1-4, lead 2 to 5-8, lead 3 to 1-4
+//! again. Ties are common: a skip or a park clamps a pro to the pass of those just
+//! served; broken by slot alone, the pros that joined first won every such tie (one
+//! of two equal pros that can take only every other lead got all of them).
 //!
 //! # Fairness bound
 //!
@@ -77,16 +81,32 @@ pub struct RingEntry {
     pub pass: u64,
     pub stride: u64,
     pub weight: u32,
+    /// When the pro was last taken (the ring's `served` count then; 0: never, or
+    /// before this was kept): among equal passes, the one served longest ago goes
+    /// first.
+    #[serde(default)]
+    pub served: u64,
+}
+
+impl RingEntry {
+    /// Its place in the scanned order of `slot`.
+    fn key(&self, slot: u32) -> (u64, u64, u32) {
+        (self.pass, self.served, slot)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ring {
     /// Indexed by slot; `None` for a slot whose pro left the shard.
     entries: Vec<Option<RingEntry>>,
+    /// `(pass, served, slot)` of the slots not parked, in rotation order.
     #[serde(skip)]
-    order: BTreeSet<(u64, u32)>,
+    order: BTreeSet<(u64, u64, u32)>,
     /// Virtual time: the largest pass ever taken.
     vt: u64,
+    /// Pros taken so far (the `served` of the last one taken).
+    #[serde(default)]
+    served: u64,
     /// Parked slots (not in `order`) and until when; `None` = until the shard unparks
     /// them (a change to the pro).
     #[serde(default)]
@@ -139,6 +159,11 @@ impl Ring {
         self.vt
     }
 
+    /// Pros taken so far: the `served` the next one taken gets, less one.
+    pub fn served(&self) -> u64 {
+        self.served
+    }
+
     /// Pros in the ring, parked ones included.
     pub fn len(&self) -> usize {
         self.order.len() + self.parked.len()
@@ -180,16 +205,18 @@ impl Ring {
                 e.stride = stride;
             }
             slot_entry @ None => {
-                let pass = self.vt + stride;
-                *slot_entry = Some(RingEntry { pass, stride, weight });
-                self.order.insert((pass, slot));
+                // At the back of the queue: behind the pros served so far at that pass.
+                let e =
+                    RingEntry { pass: self.vt.saturating_add(stride), stride, weight, served: self.served };
+                *slot_entry = Some(e);
+                self.order.insert(e.key(slot));
             }
         }
     }
 
     pub fn remove(&mut self, slot: u32) {
         if let Some(Some(e)) = self.entries.get(slot as usize).copied() {
-            self.order.remove(&(e.pass, slot));
+            self.order.remove(&e.key(slot));
             if let Some(Some(t)) = self.parked.remove(&slot) {
                 self.wake.remove(&(t, slot));
             }
@@ -220,7 +247,7 @@ impl Ring {
             }
             Some(None) => {}
             None => {
-                self.order.remove(&(e.pass, slot));
+                self.order.remove(&e.key(slot));
             }
         }
         if let Some(t) = until {
@@ -237,9 +264,9 @@ impl Ring {
         }
         let idx = slot as usize;
         if let Some(Some(e)) = self.entries.get(idx).copied() {
-            let pass = self.unpark_pass(&e, max_catch_up_turns);
-            self.entries[idx] = Some(RingEntry { pass, ..e });
-            self.order.insert((pass, slot));
+            let e = RingEntry { pass: self.unpark_pass(&e, max_catch_up_turns), ..e };
+            self.entries[idx] = Some(e);
+            self.order.insert(e.key(slot));
         }
     }
 
@@ -268,7 +295,7 @@ impl Ring {
 
     /// Slots in rotation order (next to be served first), parked ones left out.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.order.iter().map(|&(_, slot)| slot)
+        self.order.iter().map(|&(_, _, slot)| slot)
     }
 
     /// Walks the rotation and takes up to `n` slots for which `eligible` holds.
@@ -293,11 +320,11 @@ impl Ring {
         }
         sel.taken.reserve_exact(n.min(16));
         // Usually empty: the slots whose park is over but not yet applied.
-        let mut due: Vec<(u64, u32)> = self
+        let mut due: Vec<(u64, u64, u32)> = self
             .wake
             .range(..=(now, u32::MAX))
             .filter_map(|&(_, slot)| {
-                self.entry(slot).map(|e| (self.unpark_pass(e, max_catch_up_turns), slot))
+                self.entry(slot).map(|e| (self.unpark_pass(e, max_catch_up_turns), e.served, slot))
             })
             .collect();
         due.sort_unstable();
@@ -310,7 +337,7 @@ impl Ring {
                 (Some(_), _) => order.next(),
                 (None, _) => due.next(),
             };
-            let Some((_, slot)) = next else { break };
+            let Some((_, _, slot)) = next else { break };
             match verdict(slot) {
                 Verdict::Take => {
                     sel.skipped.append(&mut pending_skips);
@@ -364,33 +391,36 @@ impl Ring {
             }
         }
         for &slot in &sel.taken {
-            self.set_pass(slot, |e| e.pass + e.stride);
+            self.served += 1;
+            let served = self.served;
+            self.set_entry(slot, |e| {
+                e.pass = e.pass.saturating_add(e.stride);
+                e.served = served;
+            });
         }
         let vt = self.vt;
         for &slot in &sel.skipped {
-            self.set_pass(slot, |e| {
+            self.set_entry(slot, |e| {
                 let floor = vt
                     .saturating_add(e.stride)
                     .saturating_sub(e.stride.saturating_mul(u64::from(max_catch_up_turns)));
-                e.pass.max(floor)
+                e.pass = e.pass.max(floor);
             });
         }
     }
 
-    fn set_pass(&mut self, slot: u32, f: impl FnOnce(&RingEntry) -> u64) {
+    /// Changes `slot`'s entry with `f`, keeping the order index in step (a parked slot
+    /// is not in it).
+    fn set_entry(&mut self, slot: u32, f: impl FnOnce(&mut RingEntry)) {
         let parked = self.parked.contains_key(&slot);
         let Some(Some(e)) = self.entries.get_mut(slot as usize) else {
             return;
         };
-        let new = f(e);
-        if new != e.pass {
-            if parked {
-                e.pass = new; // not in the order index while parked
-            } else {
-                self.order.remove(&(e.pass, slot));
-                e.pass = new;
-                self.order.insert((new, slot));
-            }
+        let old = *e;
+        f(e);
+        if !parked && *e != old {
+            self.order.remove(&old.key(slot));
+            self.order.insert(e.key(slot));
         }
     }
 
@@ -402,7 +432,7 @@ impl Ring {
             .iter()
             .enumerate()
             .filter(|(i, _)| !parked.contains_key(&(*i as u32)))
-            .filter_map(|(i, e)| e.map(|e| (e.pass, i as u32)))
+            .filter_map(|(i, e)| e.map(|e| e.key(i as u32)))
             .collect();
         self.wake = parked.iter().filter_map(|(&s, &u)| u.map(|t| (t, s))).collect();
     }
@@ -422,7 +452,7 @@ impl Ring {
             let Some(e) = self.entry(slot) else {
                 return Err(format!("parked slot {slot} is not in the ring"));
             };
-            if self.order.contains(&(e.pass, slot)) {
+            if self.order.contains(&e.key(slot)) {
                 return Err(format!("parked slot {slot} is also in the scanned order"));
             }
             if until.is_some_and(|t| !self.wake.contains(&(t, slot))) {
@@ -437,10 +467,14 @@ impl Ring {
         if self.wake.len() != self.parked.values().filter(|u| u.is_some()).count() {
             return Err(format!("{} wake-up entries for {} timed parks", self.wake.len(), self.parked.len()));
         }
-        for &(pass, slot) in &self.order {
+        for &(pass, served, slot) in &self.order {
             match self.entry(slot) {
-                Some(e) if e.pass == pass => {}
-                _ => return Err(format!("ring index entry ({pass}, {slot}) does not match its slot")),
+                Some(e) if e.pass == pass && e.served == served => {}
+                _ => {
+                    return Err(format!(
+                        "ring index entry ({pass}, {served}, {slot}) does not match its slot"
+                    ))
+                }
             }
         }
         Ok(())
@@ -467,6 +501,61 @@ mod tests {
         assert_eq!(groups[1], vec![4, 5, 6, 7]);
         assert_eq!(groups[2], vec![0, 1, 2, 3]);
         assert_eq!(groups[3], vec![4, 5, 6, 7]);
+    }
+
+    /// R28: pros that tie (a skip or a park clamps a pro to the pass of those just
+    /// served) take turns, the one served longest ago first, not the one that joined
+    /// first: here A and B can take only every other lead (the others are in C's area
+    /// alone), and each is clamped to C's level in between.
+    #[test]
+    fn r28_equal_pros_that_tie_after_a_clamp_alternate_instead_of_the_first_joiner_winning() {
+        let mut ring = Ring::new();
+        for slot in 0..3 {
+            ring.upsert(slot, 100);
+        }
+        let mut taken = [0u32; 3];
+        for lead in 0..200 {
+            let sel = if lead % 2 == 1 { ring.select(1, |s| s == 2) } else { ring.select(1, |s| s != 2) };
+            ring.commit(&sel, 1);
+            for &slot in &sel.taken {
+                taken[slot as usize] += 1;
+            }
+            ring.check_invariants().unwrap();
+        }
+        assert_eq!(taken[2], 100, "every odd lead is C's");
+        assert!(taken[0].abs_diff(taken[1]) <= 1, "A and B take turns: {taken:?}");
+    }
+
+    /// R28 with parking: six pros that are away every afternoon (parked) and come back
+    /// every morning all at the same pass share the morning leads in turn.
+    #[test]
+    fn r28_pros_unparked_together_share_the_next_leads_in_turn() {
+        let mut ring = Ring::new();
+        for slot in 0..9 {
+            ring.upsert(slot, 100);
+        }
+        let mut taken = [0u32; 9];
+        for _day in 0..20 {
+            // Morning: everyone; one lead for three.
+            let sel = ring.select(3, |_| true);
+            ring.commit(&sel, 1);
+            sel.taken.iter().for_each(|&s| taken[s as usize] += 1);
+            // Afternoon: slots 0-5 away (parked until the next morning), four leads.
+            for slot in 0..6 {
+                ring.park(slot, None);
+            }
+            for _ in 0..4 {
+                let sel = ring.select(3, |_| true);
+                ring.commit(&sel, 1);
+            }
+            for slot in 0..6 {
+                ring.unpark(slot, 1);
+            }
+            ring.check_invariants().unwrap();
+        }
+        let morning: Vec<u32> = taken[..6].to_vec();
+        let (lo, hi) = (morning.iter().min().unwrap(), morning.iter().max().unwrap());
+        assert!(hi - lo <= 2, "the six share the mornings: {morning:?}");
     }
 
     #[test]

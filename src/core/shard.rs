@@ -1482,16 +1482,16 @@ impl Shard {
         // Past the bound, those next in the rotation (by pass, as a scan meets them).
         if kind == OfferKind::AutoBuy && rotation.taken.len() < n {
             let room = MAX_RECORDED_SKIPS.saturating_sub(skipped.len());
-            let mut parked: Vec<(u64, u32)> = ring
+            let mut parked: Vec<(u64, u64, u32)> = ring
                 .parked_for_budget()
-                .filter_map(|slot| ring.entry(slot).map(|e| (e.pass, slot)))
+                .filter_map(|slot| ring.entry(slot).map(|e| (e.pass, e.served, slot)))
                 .collect();
             if parked.len() > room {
                 parked.select_nth_unstable(room);
                 parked.truncate(room);
             }
             parked.sort_unstable();
-            for (_, slot) in parked {
+            for (_, _, slot) in parked {
                 let skip = self.ineligible(now, slot, st, funds).unwrap_or(Skip::BudgetExhausted {
                     available: 0,
                     price: Self::price_for(st, &self.slot_pro(slot).pro),
@@ -1772,6 +1772,8 @@ impl Shard {
         struct Waiting {
             /// The pass after the events before the offers (a parked pro's is clamped).
             pass: u64,
+            /// When it was last taken (the ring's order among equal passes).
+            served: u64,
             slot: u32,
             stride: u64,
             /// Parked for its budget since then, without a break.
@@ -1792,6 +1794,7 @@ impl Shard {
             }
             waiting.push(Waiting {
                 pass,
+                served: e.served,
                 slot,
                 stride: e.stride,
                 since: self.ring.budget_parked_since(slot).or(self.slot_pro(slot).budget_short_since.get()),
@@ -1826,16 +1829,18 @@ impl Shard {
         let mut by_since: Vec<usize> = (0..waiting.len()).filter(|&i| waiting[i].since.is_some()).collect();
         by_since.sort_unstable_by_key(|&i| waiting[i].since);
         let mut joined = 0;
-        let mut missed: BTreeSet<(u64, u32, usize)> = BTreeSet::new();
+        let mut missed: BTreeSet<(u64, u64, u32, usize)> = BTreeSet::new();
+        // The ring's count of pros taken, as the offers below take them in turn.
+        let mut served = self.ring.served();
         let cheapest = self.min_price();
         let mut spent: FxHashMap<ProId, u64> = FxHashMap::default();
-        let mut listed: Vec<(u64, u32, usize)> = Vec::new();
+        let mut listed: Vec<(u64, u64, u32, usize)> = Vec::new();
         for st in leads {
             while let Some(&i) = by_since.get(joined) {
                 if waiting[i].since.is_some_and(|s| s > st.accepted_at) {
                     break;
                 }
-                missed.insert((waiting[i].pass, waiting[i].slot, i));
+                missed.insert((waiting[i].pass, waiting[i].served, waiting[i].slot, i));
                 joined += 1;
             }
             // R6 with R21, as the release: no more buyers than the seats the direct
@@ -1849,11 +1854,9 @@ impl Shard {
             // This lead's retry list among the pros whose budget came back, merged with
             // the pros parked since before it, next in the rotation first.
             listed.clear();
-            listed.extend(
-                st.budget_waitlist
-                    .iter()
-                    .filter_map(|p| index.get(p).map(|&i| (waiting[i].pass, waiting[i].slot, i))),
-            );
+            listed.extend(st.budget_waitlist.iter().filter_map(|p| {
+                index.get(p).map(|&i| (waiting[i].pass, waiting[i].served, waiting[i].slot, i))
+            }));
             listed.sort_unstable();
             listed.dedup();
             let mut taken: Vec<usize> = Vec::new();
@@ -1882,7 +1885,7 @@ impl Shard {
                     }
                     (None, None) => break,
                 };
-                let (_, slot, i) = key;
+                let (_, _, slot, i) = key;
                 let ps = self.slot_pro(slot);
                 if ps.available(st.accepted_at).is_err() {
                     continue; // not for want of budget: unavailable at the lead's time
@@ -1918,10 +1921,12 @@ impl Shard {
             for &i in &taken {
                 let w = &mut waiting[i];
                 rotation.taken.push(w.slot);
-                if missed.remove(&(w.pass, w.slot, i)) && !spent_out.contains(&i) {
-                    missed.insert((w.pass.saturating_add(w.stride), w.slot, i));
+                served += 1;
+                let next = (w.pass.saturating_add(w.stride), served);
+                if missed.remove(&(w.pass, w.served, w.slot, i)) && !spent_out.contains(&i) {
+                    missed.insert((next.0, next.1, w.slot, i));
                 }
-                w.pass = w.pass.saturating_add(w.stride);
+                (w.pass, w.served) = next;
             }
             events.push(Event::Offered {
                 lead: st.lead.id.clone(),
@@ -3018,10 +3023,11 @@ mod parking_tests {
             assert!(skipped.is_empty(), "lead {n} scanned a parked pro: {skipped:?}");
         }
         // Back: the first decision after the end sees it again, with one lead early
-        // (max_catch_up_turns = 1), then the rotation is strictly cyclic.
+        // (max_catch_up_turns = 1), then the rotation is strictly cyclic (e1, just
+        // served, after the two others at the same pass: not twice in a row).
         let got: Vec<String> =
             (5..=10).map(|n| publish(&mut s, &mut log, n, back + i64::from(n)).0[0].clone()).collect();
-        assert_eq!(got, ["e1", "e1", "e2", "e3", "e1", "e2"]);
+        assert_eq!(got, ["e1", "e2", "e3", "e1", "e2", "e3"]);
         assert_eq!(s.parked_pros(), 0);
         // Replay of the log reproduces the shard, parking included.
         let mut replayed = shard();
