@@ -670,7 +670,7 @@ impl Run {
             }
             CommandSpec::Candidates { location, attributes } => {
                 let loc = location.map(|[lat, lon]| GeoPoint { lat, lon });
-                return Ok(Outcome::Candidates(self.shard.candidates(now, loc, attributes)));
+                return Ok(Outcome::Candidates(self.shard.candidates(now, loc, attributes, &self.funds)));
             }
         };
         Ok(Outcome::Decided(self.decide(&cmd)))

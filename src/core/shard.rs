@@ -2536,7 +2536,23 @@ impl Shard {
 
     /// R3: ranked eligible pros for a client who wants to choose; empty with
     /// `not_enough_pros` below `min_list_size`.
-    pub fn candidates(&self, now: Millis, location: Option<GeoPoint>, attributes: &[String]) -> Candidates {
+    /// R3: the pros a client may choose from (each eligible for a lead of this shard at
+    /// `location` with `attributes`, R4, able to pay at least the shard's cheapest
+    /// price), ranked; empty with `not_enough_pros` below `min_list_size`.
+    pub fn candidates(
+        &self,
+        now: Millis,
+        location: Option<GeoPoint>,
+        attributes: &[String],
+        funds: &dyn Funds,
+    ) -> Candidates {
+        // R4's "can pay": the lead's price is not known yet, the cheapest is a bound.
+        let cheapest = self.min_price();
+        let can_pay = |pro: &Pro| match self.policy.charge_on {
+            ChargeOn::Never => true,
+            ChargeOn::Response => funds.credits(&pro.id) >= cheapest,
+            ChargeOn::Dispatch => self.cannot_buy(now, pro, cheapest, funds).is_none(),
+        };
         let mut list: Vec<(u32, u32)> = self
             .ring
             .iter()
@@ -2552,7 +2568,7 @@ impl Shard {
                         return false;
                     }
                 }
-                !attributes.iter().any(|a| pro.refuses.contains(a))
+                !attributes.iter().any(|a| pro.refuses.contains(a)) && can_pay(pro)
             })
             .map(|slot| (slot, self.slot_pro(slot).weight.weight))
             .collect();

@@ -901,7 +901,14 @@ impl Engine {
                 let key = ShardKey { tenant: tenant.clone(), zone, category };
                 let now = self.inner.clock.now();
                 let c = match self.shard_state(&key) {
-                    Some(s) => s.lock().candidates(now, location, &attributes),
+                    Some(s) => {
+                        let funds = money::LedgerFunds {
+                            ledger: &self.inner.ledger,
+                            tenant: &key.tenant,
+                            directory: Some(&self.inner.pros),
+                        };
+                        s.lock().candidates(now, location, &attributes, &funds)
+                    }
                     None => crate::core::shard::Candidates {
                         pros: vec![],
                         reason: Some("not_enough_pros".into()),
