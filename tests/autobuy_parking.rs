@@ -240,6 +240,34 @@ fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_m
     h.assert_replay_equal();
 }
 
+/// R22 across a profile update: the update puts the buyer back in the scan (its park
+/// for a spent budget ends), but it was short of budget since before both leads all
+/// the same, and still gets both when its budget comes back.
+#[test]
+fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_a_profile_update() {
+    let (mut h, t) = seventy_buyers_spent(|_| false);
+    assert!(offered(&h.publish(t + M, lead("S1", t + M))).is_empty());
+    assert!(offered(&h.publish(t + 2 * M, lead("S2", t + 2 * M))).is_empty());
+    let listed = |h: &Harness, l: &str| -> Vec<String> {
+        let ex = h.shard.explain(&lid(l)).expect("open");
+        waiting_for_budget(&ex).into_iter().map(str::to_string).collect()
+    };
+    let (s1, s2) = (listed(&h, "S1"), listed(&h, "S2"));
+    let left_out = (1..=70)
+        .map(|i| format!("p{i}"))
+        .find(|p| !s1.contains(p) && !s2.contains(p))
+        .expect("a buyer on neither retry list");
+    let mut updated = pro(&left_out);
+    updated.autobuy = vec![autobuy("weekly", 10)];
+    updated.quality = Quality { reviews: 20, ..Default::default() };
+    h.ok(t + 3 * M, Command::UpsertPro { pro: updated });
+    h.funds.set_budget(&left_out, "weekly", 1000);
+    let back = h.ok(t + 4 * M, Command::BudgetAvailable { pros: vec![pid(&left_out)] });
+    let leads: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
+    assert!(leads.ends_with(&["S1".to_string(), "S2".to_string()]), "{leads:?}");
+    h.assert_replay_equal();
+}
+
 #[test]
 fn r22_r16_a_parked_buyer_gets_no_lead_that_came_while_it_was_away() {
     let mut h = spent_shard();

@@ -965,10 +965,29 @@ impl Shard {
     /// Policies can change at run time (reload); weights are recomputed.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         self.policy = policy;
-        // What parks a pro depends on the policy (charging at dispatch): re-examine all.
+        // What parks a pro depends on the policy (charging at dispatch): re-examine all,
+        // keeping since when each one parked for its budget was short of it (R22).
+        for slot in self.ring.parked_for_budget().collect::<Vec<_>>() {
+            if let Some(ps) = self.pros.get(slot as usize).and_then(|p| p.as_ref()) {
+                let since = self.short_of_budget_since(slot, ps.budget_short_since);
+                if let Some(ps) = self.pros[slot as usize].as_mut() {
+                    ps.budget_short_since = since;
+                }
+            }
+        }
         self.ring.unpark_all(self.policy.max_catch_up_turns);
         for slot in 0..self.pros.len() {
             self.reweigh(slot as u32);
+        }
+    }
+
+    /// Since when the pro in `slot` has been short of budget: the earlier of `marked`
+    /// (its `budget_short_since`) and the start of its park for a spent budget, which
+    /// an unpark forgets.
+    fn short_of_budget_since(&self, slot: u32, marked: OptMillis) -> OptMillis {
+        match (marked.get(), self.ring.budget_parked_since(slot)) {
+            (Some(a), Some(b)) => OptMillis::some(a.min(b)),
+            (a, b) => a.or(b).map_or(OptMillis::NONE, OptMillis::some),
         }
     }
 
@@ -2056,13 +2075,17 @@ impl Shard {
                         s
                     }
                 };
-                let stats = match self.pros[slot as usize].take() {
-                    Some(p) => p.stats,
-                    None => self.departed.remove(&pro.id).unwrap_or_default(),
+                let (stats, short_since) = match self.pros[slot as usize].take() {
+                    Some(p) => (p.stats, p.budget_short_since),
+                    None => (self.departed.remove(&pro.id).unwrap_or_default(), OptMillis::NONE),
                 };
                 let weight = rank::weight(&self.policy, &pro.quality, &stats);
                 let w = weight.weight;
-                self.pros[slot as usize] = Some(ProSlot::new(pro.clone(), stats, weight));
+                let mut ps = ProSlot::new(pro.clone(), stats, weight);
+                // R22: short of budget since then, whatever the update changed: the leads
+                // it missed meanwhile are still retried when its budget comes back.
+                ps.budget_short_since = self.short_of_budget_since(slot, short_since);
+                self.pros[slot as usize] = Some(ps);
                 self.ring.upsert(slot, w);
                 // Its configs or availability may have changed: back to the scan.
                 self.ring.unpark(slot, self.policy.max_catch_up_turns);
