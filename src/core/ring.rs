@@ -114,6 +114,11 @@ pub struct Ring {
     /// `(until, slot)` of the parked slots with an end, to find those due.
     #[serde(skip)]
     wake: BTreeSet<(Millis, u32)>,
+    /// `(pass, served, slot)` of the slots parked for a spent budget ([`UNTIL_BUDGET`]),
+    /// in rotation order: a short auto-buy lead lists the first of them as waiting for
+    /// it (R22) without walking them all.
+    #[serde(skip)]
+    budget_order: BTreeSet<(u64, u64, u32)>,
     /// Since when each slot parked for a spent budget ([`UNTIL_BUDGET`]) has been
     /// parked, without a break: it missed every lead of the shard since then for want of
     /// budget (R22; see `Shard::decide` of `BudgetAvailable`). Stored with the ring
@@ -217,6 +222,7 @@ impl Ring {
     pub fn remove(&mut self, slot: u32) {
         if let Some(Some(e)) = self.entries.get(slot as usize).copied() {
             self.order.remove(&e.key(slot));
+            self.budget_order.remove(&e.key(slot));
             if let Some(Some(t)) = self.parked.remove(&slot) {
                 self.wake.remove(&(t, slot));
             }
@@ -244,6 +250,9 @@ impl Ring {
         match self.parked.insert(slot, until) {
             Some(Some(old)) => {
                 self.wake.remove(&(old, slot));
+                if old == UNTIL_BUDGET {
+                    self.budget_order.remove(&e.key(slot));
+                }
             }
             Some(None) => {}
             None => {
@@ -252,6 +261,9 @@ impl Ring {
         }
         if let Some(t) = until {
             self.wake.insert((t, slot));
+            if t == UNTIL_BUDGET {
+                self.budget_order.insert(e.key(slot));
+            }
         }
     }
 
@@ -261,6 +273,12 @@ impl Ring {
         self.budget_since.remove(&slot);
         if let Some(t) = until {
             self.wake.remove(&(t, slot));
+            if t == UNTIL_BUDGET {
+                if let Some(e) = self.entry(slot) {
+                    let key = e.key(slot);
+                    self.budget_order.remove(&key);
+                }
+            }
         }
         let idx = slot as usize;
         if let Some(Some(e)) = self.entries.get(idx).copied() {
@@ -286,6 +304,12 @@ impl Ring {
         for slot in slots {
             self.unpark(slot, max_catch_up_turns);
         }
+    }
+
+    /// Slots parked until their budget comes back ([`UNTIL_BUDGET`]), in rotation
+    /// order (`(pass, served, slot)`).
+    pub fn budget_parked_in_order(&self) -> impl Iterator<Item = u32> + '_ {
+        self.budget_order.iter().map(|&(_, _, slot)| slot)
     }
 
     /// Slots parked until their budget comes back ([`UNTIL_BUDGET`]), by slot.
@@ -418,9 +442,13 @@ impl Ring {
         };
         let old = *e;
         f(e);
-        if !parked && *e != old {
-            self.order.remove(&old.key(slot));
-            self.order.insert(e.key(slot));
+        if *e != old {
+            if !parked {
+                self.order.remove(&old.key(slot));
+                self.order.insert(e.key(slot));
+            } else if self.budget_order.remove(&old.key(slot)) {
+                self.budget_order.insert(e.key(slot));
+            }
         }
     }
 
@@ -435,6 +463,11 @@ impl Ring {
             .filter_map(|(i, e)| e.map(|e| e.key(i as u32)))
             .collect();
         self.wake = parked.iter().filter_map(|(&s, &u)| u.map(|t| (t, s))).collect();
+        self.budget_order = parked
+            .iter()
+            .filter(|(_, &u)| u == Some(UNTIL_BUDGET))
+            .filter_map(|(&s, _)| self.entries.get(s as usize).copied().flatten().map(|e| e.key(s)))
+            .collect();
     }
 
     /// Checks the ring's internal consistency (tests call it after every step).
@@ -466,6 +499,15 @@ impl Ring {
         }
         if self.wake.len() != self.parked.values().filter(|u| u.is_some()).count() {
             return Err(format!("{} wake-up entries for {} timed parks", self.wake.len(), self.parked.len()));
+        }
+        let budget_parked: BTreeSet<(u64, u64, u32)> = self
+            .parked
+            .iter()
+            .filter(|(_, &u)| u == Some(UNTIL_BUDGET))
+            .filter_map(|(&s, _)| self.entry(s).map(|e| e.key(s)))
+            .collect();
+        if budget_parked != self.budget_order {
+            return Err("the index of budget-parked slots does not match them".into());
         }
         for &(pass, served, slot) in &self.order {
             match self.entry(slot) {

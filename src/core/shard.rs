@@ -1501,16 +1501,10 @@ impl Shard {
         // Past the bound, those next in the rotation (by pass, as a scan meets them).
         if kind == OfferKind::AutoBuy && rotation.taken.len() < n {
             let room = MAX_RECORDED_SKIPS.saturating_sub(skipped.len());
-            let mut parked: Vec<(u64, u64, u32)> = ring
-                .parked_for_budget()
-                .filter_map(|slot| ring.entry(slot).map(|e| (e.pass, e.served, slot)))
-                .collect();
-            if parked.len() > room {
-                parked.select_nth_unstable(room);
-                parked.truncate(room);
-            }
-            parked.sort_unstable();
-            for (_, _, slot) in parked {
+            // The first `room` in rotation order, from the ring's index of them: not a
+            // walk of every budget-parked pro (most of a shard's, late in a week).
+            let parked: Vec<u32> = ring.budget_parked_in_order().take(room).collect();
+            for slot in parked {
                 let skip = self.ineligible(now, slot, st, funds).unwrap_or(Skip::BudgetExhausted {
                     available: 0,
                     price: Self::price_for(st, &self.slot_pro(slot).pro),
