@@ -268,6 +268,32 @@ fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_a
     h.assert_replay_equal();
 }
 
+/// The same across a change of availability (which also ends the park).
+#[test]
+fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_an_availability_change() {
+    let (mut h, t) = seventy_buyers_spent(|_| false);
+    assert!(offered(&h.publish(t + M, lead("S1", t + M))).is_empty());
+    assert!(offered(&h.publish(t + 2 * M, lead("S2", t + 2 * M))).is_empty());
+    let listed = |h: &Harness, l: &str| -> Vec<String> {
+        let ex = h.shard.explain(&lid(l)).expect("open");
+        waiting_for_budget(&ex).into_iter().map(str::to_string).collect()
+    };
+    let (s1, s2) = (listed(&h, "S1"), listed(&h, "S2"));
+    let left_out = (1..=70)
+        .map(|i| format!("p{i}"))
+        .find(|p| !s1.contains(p) && !s2.contains(p))
+        .expect("a buyer on neither retry list");
+    // A vacation planned for later: available at the leads' times as before.
+    let later = Some((t + 10 * 24 * 60 * M, t + 11 * 24 * 60 * M));
+    let availability = rota::core::Availability { vacation: later, ..Default::default() };
+    h.ok(t + 3 * M, Command::SetAvailability { pro: pid(&left_out), availability });
+    h.funds.set_budget(&left_out, "weekly", 1000);
+    let back = h.ok(t + 4 * M, Command::BudgetAvailable { pros: vec![pid(&left_out)] });
+    let leads: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
+    assert!(leads.ends_with(&["S1".to_string(), "S2".to_string()]), "{leads:?}");
+    h.assert_replay_equal();
+}
+
 #[test]
 fn r22_r16_a_parked_buyer_gets_no_lead_that_came_while_it_was_away() {
     let mut h = spent_shard();

@@ -42,12 +42,16 @@ fn grant() -> Value {
     json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 200})
 }
 
-/// Other pros in every zone, so that each rotation has enough pros to list.
+/// Other pros in every zone, with credits, so that each rotation has enough pros to
+/// list (R3 lists only pros that can pay).
 fn others() -> Vec<Value> {
     (2..5)
-        .map(|i| {
-            json!({"type": "upsert_pro", "pro": {"id": format!("p{i}"), "categories": ["painting"],
-                   "zones": ZONES, "quality": {"reviews": 3}}})
+        .flat_map(|i| {
+            [
+                json!({"type": "upsert_pro", "pro": {"id": format!("p{i}"), "categories": ["painting"],
+                       "zones": ZONES, "quality": {"reviews": 3}}}),
+                json!({"type": "grant_credits", "pro": format!("p{i}"), "op": format!("pay-p{i}"), "credits": 200}),
+            ]
         })
         .collect()
 }

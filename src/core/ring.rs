@@ -104,9 +104,6 @@ pub struct Ring {
     order: BTreeSet<(u64, u64, u32)>,
     /// Virtual time: the largest pass ever taken.
     vt: u64,
-    /// Pros taken so far (the `served` of the last one taken).
-    #[serde(default)]
-    served: u64,
     /// Parked slots (not in `order`) and until when; `None` = until the shard unparks
     /// them (a change to the pro).
     #[serde(default)]
@@ -126,6 +123,11 @@ pub struct Ring {
     /// lists alone).
     #[serde(default)]
     budget_since: BTreeMap<u32, Millis>,
+    /// Pros taken (and joined) so far: the `served` of the last one. Last, and
+    /// defaulted: rmp-serde writes a struct as an array, so a snapshot of a release
+    /// without it still loads (its entries' `served` all 0).
+    #[serde(default)]
+    served: u64,
 }
 
 /// The result of a selection, as recorded in an event so replay reproduces it exactly.
@@ -164,7 +166,7 @@ impl Ring {
         self.vt
     }
 
-    /// Pros taken so far: the `served` the next one taken gets, less one.
+    /// Pros taken (and joined) so far: the `served` the next one taken gets, less one.
     pub fn served(&self) -> u64 {
         self.served
     }
@@ -210,7 +212,8 @@ impl Ring {
                 e.stride = stride;
             }
             slot_entry @ None => {
-                // At the back of the queue: behind the pros served so far at that pass.
+                // At the back of the queue: behind every pro served so far at that pass.
+                self.served += 1;
                 let e =
                     RingEntry { pass: self.vt.saturating_add(stride), stride, weight, served: self.served };
                 *slot_entry = Some(e);
@@ -598,6 +601,44 @@ mod tests {
         let morning: Vec<u32> = taken[..6].to_vec();
         let (lo, hi) = (morning.iter().min().unwrap(), morning.iter().max().unwrap());
         assert!(hi - lo <= 2, "the six share the mornings: {morning:?}");
+    }
+
+    /// A ring of a release before `served` (four fields, entries of three) loads, its
+    /// rotation the same: every entry at 0, the slot breaking ties as it did.
+    #[test]
+    fn a_ring_written_before_served_was_kept_still_loads() {
+        #[derive(Serialize)]
+        struct OldEntry {
+            pass: u64,
+            stride: u64,
+            weight: u32,
+        }
+        #[derive(Serialize)]
+        struct OldRing {
+            entries: Vec<Option<OldEntry>>,
+            vt: u64,
+            parked: BTreeMap<u32, Option<Millis>>,
+            budget_since: BTreeMap<u32, Millis>,
+        }
+        let old = OldRing {
+            entries: vec![
+                Some(OldEntry { pass: 7, stride: 5, weight: 100 }),
+                None,
+                Some(OldEntry { pass: 3, stride: 5, weight: 100 }),
+            ],
+            vt: 3,
+            parked: BTreeMap::from([(0, Some(UNTIL_BUDGET))]),
+            budget_since: BTreeMap::from([(0, 42)]),
+        };
+        let mut ring: Ring =
+            rmp_serde::from_slice(&rmp_serde::to_vec(&old).unwrap()).expect("an older ring loads");
+        ring.rebuild_index();
+        ring.check_invariants().unwrap();
+        assert_eq!(ring.served(), 0);
+        assert_eq!(ring.entry(2).map(|e| (e.pass, e.served)), Some((3, 0)));
+        assert_eq!(ring.iter().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(ring.budget_parked_in_order().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(ring.budget_parked_since(0), Some(42));
     }
 
     #[test]

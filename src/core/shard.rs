@@ -1977,7 +1977,8 @@ impl Shard {
                 (Due::Release, Some(st))
                     if st.is_open() && st.release_at.is_some() && st.expires_at > now =>
                 {
-                    if let Some(sel) = last_rotation.take() {
+                    // (A release that moved nothing, as under fanout "all", needs no copy.)
+                    if let Some(sel) = last_rotation.take().filter(|s| s != &Selection::default()) {
                         let catch_up = self.policy.max_catch_up_turns;
                         ring.get_or_insert_with(|| self.ring.clone()).commit_at(&sel, now, catch_up);
                     }
@@ -2104,11 +2105,17 @@ impl Shard {
             }
             Event::AvailabilitySet { pro, availability, .. } => {
                 if let Some(&slot) = self.slots.get(pro) {
+                    let marked =
+                        self.pros[slot as usize].as_ref().map_or(OptMillis::NONE, |ps| ps.budget_short_since);
+                    // R22: the unpark below ends a park for a spent budget, which held
+                    // since when the pro has been short of it.
+                    let short_since = self.short_of_budget_since(slot, marked);
                     if let Some(ps) = self.pros[slot as usize].as_mut() {
                         let mut p = (*ps.pro).clone();
                         p.availability = availability.clone();
                         ps.pro = Arc::new(p);
                         ps.schedule_tz = ps.pro.availability.schedule_tz();
+                        ps.budget_short_since = short_since;
                     }
                     self.ring.unpark(slot, self.policy.max_catch_up_turns);
                 }
@@ -2905,7 +2912,8 @@ pub enum ExplainOutcome {
     Skipped(Skip),
     AwaitingRelease,
     /// The lead goes to no one beyond its targets: a `direct` or `contact` job (R13),
-    /// or a lead that closed before its release.
+    /// a lead whose direct targets hold every seat (R6), or one that closed before its
+    /// release.
     NotReleased,
 }
 

@@ -390,7 +390,15 @@ fn apply_record(
     let inner = &engine.inner;
     let mut stream: Vec<StreamEvent> = Vec::new();
     let state = Arc::make_mut(shard);
+    // Leads offered to anyone for the first time (`rota_leads_dispatched_total`), told
+    // from the state before each event: exact after a restart too, no state of its own.
+    let mut first_offers = 0u64;
     for ev in &events {
+        if let Event::Offered { lead, grants, .. } = ev {
+            if !grants.is_empty() && state.lead(lead).is_some_and(|st| st.offers.is_empty()) {
+                first_offers += 1;
+            }
+        }
         record::shard_stream_events(state, ev, &mut stream);
         if let Event::LeadForgotten { lead } = ev {
             // Forgotten in the ledger once the records are queued, after the facts
@@ -408,7 +416,7 @@ fn apply_record(
         .filter(|e| matches!(e, StreamEvent::OfferStatus { status, .. } if status == "inactive"))
         .count();
     record::money_stream_events(&money, &mut stream);
-    inner.metrics.events(&key.tenant, &events, &money);
+    inner.metrics.events(&key.tenant, &events, &money, first_offers);
     inner.metrics.offers_inactive(&key.tenant, inactive as u64);
     // Auto-buy spends refunded: the pros' missed leads are retried (R22) once the
     // refund is durable (`Engine::retry_refunded`).

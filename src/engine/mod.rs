@@ -2026,12 +2026,11 @@ mod metrics_facade {
     //! The engine's measurements, through the pre-registered handles of
     //! [`crate::telemetry`] (no metric lookup by name on the hot path).
     use crate::core::shard::Event;
-    use crate::ids::{LeadId, TenantId};
+    use crate::ids::TenantId;
     use crate::ledger::LedgerEvent;
     use crate::telemetry::{Metrics, TenantMetrics};
-    use dashmap::DashSet;
     use parking_lot::RwLock;
-    use rustc_hash::{FxBuildHasher, FxHashMap};
+    use rustc_hash::FxHashMap;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -2040,23 +2039,13 @@ mod metrics_facade {
         pub m: Arc<Metrics>,
         /// Per tenant; a reload that adds a tenant adds its series.
         tenants: Arc<RwLock<FxHashMap<TenantId, Arc<TenantMetrics>>>>,
-        /// Open leads accepted by this process that have had no offer yet: the first
-        /// offer of one of them (its release after a head start, an R22 retry) counts
-        /// it in `rota_leads_dispatched_total`. A lead offered in the decision that
-        /// accepted it never enters; one leaves at its first offer, its close or its
-        /// forgetting, so this holds only open leads nobody was offered.
-        undispatched: Arc<DashSet<(TenantId, LeadId), FxBuildHasher>>,
     }
 
     impl EngineMetrics {
         pub fn new<'a>(tenants: impl IntoIterator<Item = &'a TenantId>) -> Self {
             let tenants =
                 tenants.into_iter().map(|t| (t.clone(), Arc::new(TenantMetrics::new(t.as_str())))).collect();
-            Self {
-                m: Arc::new(Metrics::new()),
-                tenants: Arc::new(RwLock::new(tenants)),
-                undispatched: Arc::new(DashSet::with_hasher(FxBuildHasher)),
-            }
+            Self { m: Arc::new(Metrics::new()), tenants: Arc::new(RwLock::new(tenants)) }
         }
         pub fn add_tenant(&self, t: &TenantId) {
             self.tenants.write().entry(t.clone()).or_insert_with(|| Arc::new(TenantMetrics::new(t.as_str())));
@@ -2098,42 +2087,19 @@ mod metrics_facade {
         }
         /// Counts the events of one record of a shard decision (records of a shard
         /// come in the order they were decided), and the ledger facts executed for them.
-        pub fn events(&self, tenant: &TenantId, events: &[Event], money: &[LedgerEvent]) {
+        /// `first_offers`: the leads whose first offers these events make.
+        pub fn events(&self, tenant: &TenantId, events: &[Event], money: &[LedgerEvent], first_offers: u64) {
             let Some(t) = self.tenant(tenant) else { return };
-            // Leads accepted in this record and not offered yet in it: a publish that
-            // offers at once (direct targets, an immediate release) touches no shared
-            // state.
-            let mut accepted: smallvec::SmallVec<[&LeadId; 1]> = smallvec::SmallVec::new();
+            // A lead counts once, at its first offer (its publish, else its release or a
+            // retry): the caller tells them from the state before each event.
+            t.leads_dispatched.increment(first_offers);
             for ev in events {
                 let status = match ev {
                     Event::LeadRejected { reason, .. } => {
                         t.leads_rejected.get(reason.as_str()).increment(1);
                         None
                     }
-                    Event::LeadAccepted { lead, .. } => {
-                        accepted.push(&lead.id);
-                        None
-                    }
-                    Event::LeadClosed { lead, .. } | Event::LeadForgotten { lead } => {
-                        accepted.retain(|l| *l != lead);
-                        self.undispatched.remove(&(tenant.clone(), lead.clone()));
-                        None
-                    }
-                    Event::Offered { lead, grants, .. } => {
-                        // A lead counts once, at its first offer: in the decision that
-                        // accepted it, or later if that one offered nobody.
-                        if !grants.is_empty() {
-                            let first = match accepted.iter().position(|l| *l == lead) {
-                                Some(i) => {
-                                    accepted.swap_remove(i);
-                                    true
-                                }
-                                None => self.undispatched.remove(&(tenant.clone(), lead.clone())).is_some(),
-                            };
-                            if first {
-                                t.leads_dispatched.increment(1);
-                            }
-                        }
+                    Event::Offered { grants, .. } => {
                         for g in grants {
                             let kind = match g.kind {
                                 crate::core::OfferKind::Direct => "direct",
@@ -2160,9 +2126,6 @@ mod metrics_facade {
                 if let Some(s) = status {
                     t.offer_transitions.get(s).increment(1);
                 }
-            }
-            for lead in accepted {
-                self.undispatched.insert((tenant.clone(), lead.clone()));
             }
             self.money(tenant, money);
         }

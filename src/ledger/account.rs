@@ -229,7 +229,10 @@ impl Account {
     /// wrapping (mod 2^64) arithmetic, which commutes, so replaying a valid
     /// history in any order ends in exactly the live state even if an
     /// intermediate state of an out-of-order replay went "negative". The live
-    /// path never wraps because `decide` checked every bound first.
+    /// path never wraps because `decide` checked every bound first. Grants and
+    /// rule changes are the exception: their ids are kept for the newest
+    /// [`KEPT_ACCOUNT_OPS`] only, so they are applied in log order, and one applied
+    /// again once evicted counts again.
     pub(crate) fn apply(&mut self, op: &OpId, fact: &CreditFact) -> bool {
         // One lookup registers the op and tells whether it was known; the
         // entry borrows only `self.ops`, the balances below are other fields.

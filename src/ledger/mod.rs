@@ -70,7 +70,8 @@
 //!
 //! Events carry amounts, not resulting balances. [`Ledger::apply`] adds the
 //! deltas (mod 2^64) and registers the op id without any check, so it is
-//! infallible, idempotent, and commutative: events of different shards may be
+//! infallible, idempotent (for the ordered facts below, while their id is among the
+//! newest kept), and commutative: events of different shards may be
 //! replayed in any interleaving and end in the same state. Config-like facts
 //! (top-up rule, weekly budget) carry a version and the highest wins; budget
 //! spends carry their recharge period. The facts whose ids join a queue of
