@@ -211,11 +211,11 @@ fn r22_r28_a_retried_lead_counts_as_a_turn_so_a_catch_up_is_no_burst() {
     h.assert_replay_equal();
 }
 
-#[test]
-fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_missed() {
+/// Seventy spent buyers, then S1 and S2 published: S1 parks all 70, both are left
+/// short, and each lead's retry list holds 64 of them (checked). The harness, the time
+/// of the last buying round and a buyer on neither list.
+fn short_leads_and_a_buyer_on_neither_list() -> (Harness, i64, String) {
     let (mut h, t) = seventy_buyers_spent(|_| false);
-    // Every budget spent: S1 parks all 70, S1 and S2 are left short; each lead's retry
-    // list holds 64 of them.
     assert!(offered(&h.publish(t + M, lead("S1", t + M))).is_empty());
     assert!(offered(&h.publish(t + 2 * M, lead("S2", t + 2 * M))).is_empty());
     let listed = |h: &Harness, l: &str| -> Vec<String> {
@@ -228,6 +228,14 @@ fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_m
         .map(|i| format!("p{i}"))
         .find(|p| !s1.contains(p) && !s2.contains(p))
         .expect("a buyer on neither retry list");
+    (h, t, left_out)
+}
+
+#[test]
+fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_missed() {
+    // Every budget spent: S1 parks all 70, S1 and S2 are left short; each lead's retry
+    // list holds 64 of them.
+    let (mut h, t, left_out) = short_leads_and_a_buyer_on_neither_list();
     // Its budget comes back: parked for its budget since before both leads, it missed
     // both for want of it, and gets both (R22), with any other short lead of the
     // buying rounds that came after its budget ran out, oldest first.
@@ -245,18 +253,7 @@ fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_m
 /// the same, and still gets both when its budget comes back.
 #[test]
 fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_a_profile_update() {
-    let (mut h, t) = seventy_buyers_spent(|_| false);
-    assert!(offered(&h.publish(t + M, lead("S1", t + M))).is_empty());
-    assert!(offered(&h.publish(t + 2 * M, lead("S2", t + 2 * M))).is_empty());
-    let listed = |h: &Harness, l: &str| -> Vec<String> {
-        let ex = h.shard.explain(&lid(l)).expect("open");
-        waiting_for_budget(&ex).into_iter().map(str::to_string).collect()
-    };
-    let (s1, s2) = (listed(&h, "S1"), listed(&h, "S2"));
-    let left_out = (1..=70)
-        .map(|i| format!("p{i}"))
-        .find(|p| !s1.contains(p) && !s2.contains(p))
-        .expect("a buyer on neither retry list");
+    let (mut h, t, left_out) = short_leads_and_a_buyer_on_neither_list();
     let mut updated = pro(&left_out);
     updated.autobuy = vec![autobuy("weekly", 10)];
     updated.quality = Quality { reviews: 20, ..Default::default() };
@@ -271,18 +268,7 @@ fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_a
 /// The same across a change of availability (which also ends the park).
 #[test]
 fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_an_availability_change() {
-    let (mut h, t) = seventy_buyers_spent(|_| false);
-    assert!(offered(&h.publish(t + M, lead("S1", t + M))).is_empty());
-    assert!(offered(&h.publish(t + 2 * M, lead("S2", t + 2 * M))).is_empty());
-    let listed = |h: &Harness, l: &str| -> Vec<String> {
-        let ex = h.shard.explain(&lid(l)).expect("open");
-        waiting_for_budget(&ex).into_iter().map(str::to_string).collect()
-    };
-    let (s1, s2) = (listed(&h, "S1"), listed(&h, "S2"));
-    let left_out = (1..=70)
-        .map(|i| format!("p{i}"))
-        .find(|p| !s1.contains(p) && !s2.contains(p))
-        .expect("a buyer on neither retry list");
+    let (mut h, t, left_out) = short_leads_and_a_buyer_on_neither_list();
     // A vacation planned for later: available at the leads' times as before.
     let later = Some((t + 10 * 24 * 60 * M, t + 11 * 24 * 60 * M));
     let availability = rota::core::Availability { vacation: later, ..Default::default() };

@@ -445,8 +445,7 @@ impl Ledger {
 
     /// The state of an auto-buy budget, if it was ever set.
     pub fn budget(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName) -> Option<BudgetBalance> {
-        let key = (tenant.clone(), pro.clone(), budget.clone());
-        let b = self.budgets.get(&key).map(|e| Arc::clone(e.value()))?;
+        let b = self.budget_cell(tenant, pro, budget)?;
         let b = b.lock();
         Some(BudgetBalance {
             weekly_budget: b.weekly_budget,
@@ -461,8 +460,13 @@ impl Ledger {
     /// skip repeating an operation it knows is done without taking any lock beyond
     /// the budget's own.
     pub fn budget_knows(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName, op: &OpId) -> bool {
+        self.budget_cell(tenant, pro, budget).is_some_and(|b| b.lock().knows(op))
+    }
+
+    /// A budget's cell, out of the map (its shard lock released before it is locked).
+    fn budget_cell(&self, tenant: &TenantId, pro: &ProId, budget: &BudgetName) -> Option<Shared<Budget>> {
         let key = (tenant.clone(), pro.clone(), budget.clone());
-        self.budgets.get(&key).map(|e| Arc::clone(e.value())).is_some_and(|b| b.lock().knows(op))
+        self.budgets.get(&key).map(|e| Arc::clone(e.value()))
     }
 
     /// Drops the op-id records of a pro's credit ops (memory housekeeping; not
