@@ -64,3 +64,53 @@ fn r6_a_refusal_that_relied_on_a_record_the_disk_lost_is_answered_unavailable() 
         assert_eq!(second.code, "unavailable", "decided on p1's lost response: {second:?}");
     });
 }
+
+/// R9/R28: reads answer from memory only once what they saw is durable. A balance read
+/// while a grant's record waits for its sync, and an `explain` while a response's
+/// record does, are answered `unavailable` when the disk then fails that sync: they
+/// would have shown credits and a response a restart takes away.
+#[test]
+fn r9_r28_reads_that_saw_a_record_the_disk_lost_are_answered_unavailable() {
+    for read in ["balance", "explain", "search"] {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = MemFs::new();
+        in_system(async {
+            let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+            let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
+            let acme = TenantId::new("acme");
+            let send = |v: serde_json::Value| {
+                let (e, acme) = (e.clone(), acme.clone());
+                async move { e.request(&acme, req(v)).await }
+            };
+            send(json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["lisboa"]}}))
+                .await
+                .unwrap();
+            send(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 100})).await.unwrap();
+            send(json!({"type": "publish_lead", "lead": {
+                "id": "L1", "category": "painting", "zone": "lisboa",
+                "description": "Repaint a two-room flat, walls and ceilings, next week",
+                "details": {"rooms": "2"},
+                "client": {"id": "c1", "name": "Ana Garcia", "phone": "+351 910 000 000",
+                           "phone_verified": true, "contact": {"call": true, "chat": true}},
+                "created_at": engine_support::T0}}))
+            .await
+            .unwrap();
+            // Durable so far: the reads answer.
+            let query = match read {
+                "balance" => json!({"type": "balance", "pro": "p1"}),
+                "explain" => json!({"type": "explain", "lead": "L1"}),
+                _ => json!({"type": "search", "pro": "p1", "query": "flat"}),
+            };
+            send(query.clone()).await.expect("a read of durable state answers");
+            fs.inject(Fault::SyncError);
+            let change = match read {
+                "balance" => json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 50}),
+                _ => json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "respond"}),
+            };
+            let (changed, seen) = futures_util::future::join(send(change), send(query)).await;
+            assert_eq!(changed.unwrap_err().code, "unavailable", "its record was never durable");
+            let seen = seen.expect_err(&format!("{read} saw the lost record"));
+            assert_eq!(seen.code, "unavailable", "{read}: {seen:?}");
+        });
+    }
+}

@@ -617,6 +617,41 @@ fn r1_a_stale_lead_index_entry_does_not_refuse_the_id_in_another_zone() {
     });
 }
 
+/// R1 across a restart: the lead index is what the recovered shards hold, not a copy
+/// kept in the snapshot (one copied after its cut could name a shard that does not
+/// hold the lead, when a power cut lost records on both sides of the cut). Here the
+/// snapshot is taken with an entry naming the wrong zone, as such a copy would: after
+/// the restart the lead is found where it is, and its id is refused in the other zone.
+#[test]
+fn r1_after_a_restart_each_lead_id_names_the_shard_that_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    let start = || {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        Engine::start_with_fs(config(dir.path(), "zaask.toml", "zaask"), handle).expect("starts").0
+    };
+    let key = |zone: &str| rota::ids::ShardKey {
+        tenant: acme(),
+        zone: rota::ids::ZoneId::new(zone),
+        category: rota::ids::CategoryId::new("painting"),
+    };
+    let l1 = LeadId::new("L1");
+    in_system(async {
+        let e = start();
+        zaask_pro(&e, "p1").await;
+        ok(&e, publish("L1", "lisboa", true, T0)).await;
+        e.lead_index().insert(&key("porto"), &l1);
+        e.snapshot().expect("snapshot");
+    });
+    in_system(async {
+        let e = start();
+        assert_eq!(e.lead_index().shard_of(&acme(), &l1), Some(key("lisboa")));
+        ok(&e, json!({"type": "explain", "lead": "L1"})).await;
+        let err = send(&e, publish("L1", "porto", true, T0)).await.expect_err("held in lisboa");
+        assert_eq!(err.code, "idempotency_conflict", "{err:?}");
+    });
+}
+
 /// R10/R20/R24 over a long life: a pro's payment ids and its budget's weekly
 /// recharges are not remembered for ever (the newest 256 grants, 64 recharges), a pause
 /// that ended long ago is never resumed again (one recharge a week, for 70 weeks, past

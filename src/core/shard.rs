@@ -1014,6 +1014,12 @@ impl Shard {
         self.leads.keys()
     }
 
+    /// Every lead id the shard answers for (R1): its leads, and the ids its quality
+    /// gate refused, until each is forgotten. What the lead index names this shard for.
+    pub fn remembered_ids(&self) -> (impl Iterator<Item = &LeadId>, impl Iterator<Item = &LeadId>) {
+        (self.leads.keys(), self.rejected.keys())
+    }
+
     pub fn lead(&self, id: &LeadId) -> Option<&LeadState> {
         self.leads.get(id).map(|st| &**st)
     }

@@ -6,7 +6,7 @@
 //! the shard's, interned once in [`Names`]. That is 40 bytes, against 96 for the
 //! tenant, lead, zone and category ids it stands for.
 
-use crate::core::shard::Event;
+use crate::core::shard::{Event, Shard};
 use crate::ids::{CategoryId, LeadId, ShardKey, TenantId, ZoneId};
 use dashmap::DashMap;
 use parking_lot::RwLock;
@@ -19,10 +19,9 @@ pub struct LeadIndex {
     names: RwLock<Names>,
 }
 
-/// Parts of the index, each with its own lock. A snapshot copies the index a part at a
-/// time, holding that part's lock meanwhile, and decisions that accept or forget a lead
-/// in it wait: with a million open leads, 256 parts (dashmap's default here would be 8)
-/// make that a few thousand entries, well under a millisecond.
+/// Parts of the index, each with its own lock: decisions on two worker threads that
+/// accept or forget leads rarely wait for each other (dashmap's default here would be
+/// 8).
 const MAP_SHARDS: usize = 256;
 
 impl Default for LeadIndex {
@@ -96,7 +95,37 @@ impl LeadIndex {
         self.map.is_empty()
     }
 
-    /// Every entry, for a snapshot.
+    /// The index of what `shards` hold: each lead id names the shard that remembers
+    /// it (a lead, open or closed, or an id its quality gate refused). Built at every
+    /// start once the log is replayed, so the index is exactly what the recovered shards
+    /// say, whatever a snapshot of an earlier release recorded. Two shards remembering
+    /// one id (the publish claim and the index keep that from happening) name the one
+    /// holding it as a lead, else the first met; the other is logged.
+    pub fn from_shards<'a>(shards: impl IntoIterator<Item = &'a Shard>) -> Self {
+        let index = Self::new();
+        let mut refused: Vec<(&ShardKey, &LeadId)> = Vec::new();
+        for shard in shards {
+            let (leads, rejected) = shard.remembered_ids();
+            for lead in leads {
+                if let Some(other) = index.shard_of(&shard.key.tenant, lead) {
+                    tracing::warn!(lead = %lead, shard = %shard.key, other = %other, "a lead id held by two shards");
+                }
+                index.insert(&shard.key, lead);
+            }
+            refused.extend(rejected.map(|l| (&shard.key, l)));
+        }
+        for (key, lead) in refused {
+            match index.shard_of(&key.tenant, lead) {
+                Some(other) => {
+                    tracing::warn!(lead = %lead, shard = %key, other = %other, "a refused lead id held by another shard")
+                }
+                None => index.insert(key, lead),
+            }
+        }
+        index
+    }
+
+    /// Every entry (tests and tools; snapshots do not hold the index).
     pub fn entries(&self) -> Vec<(TenantId, LeadId, ZoneId, CategoryId)> {
         let names = self.names.read();
         self.map
@@ -108,7 +137,7 @@ impl LeadIndex {
             .collect()
     }
 
-    /// The index a snapshot recorded.
+    /// The index of `entries`.
     pub fn from_entries(entries: Vec<(TenantId, LeadId, ZoneId, CategoryId)>) -> Self {
         let index = Self::new();
         for (tenant, lead, zone, category) in entries {

@@ -223,6 +223,9 @@ struct EngineSnapshot<B = (u64, StreamEvent)> {
     ledger: LedgerSnapshot,
     shards: Vec<Arc<Shard>>,
     directory: Vec<(TenantId, Arc<Pro>)>,
+    /// Empty: the lead index is rebuilt from the shards at every start
+    /// ([`LeadIndex::from_shards`]). Kept for the layout; older snapshots' entries are
+    /// ignored.
     lead_index: Vec<(TenantId, LeadId, ZoneId, CategoryId)>,
     hub_next_seq: Vec<(TenantId, u64)>,
     /// The streams' replay buffers, so a subscriber can resume across a restart.
@@ -393,6 +396,11 @@ impl Engine {
         for (key, (group, parts)) in std::mem::take(&mut rec.held) {
             drop_unfinished(&mut rec, &key, group, parts.len());
         }
+        // R1: lead -> shard as the recovered shards hold them. Not kept in snapshots:
+        // one copied it after its cut, and a power cut losing records on both sides of
+        // the cut (a shard forgetting an id, another accepting it) left an entry naming
+        // a shard that did not hold the lead.
+        rec.lead_index = LeadIndex::from_shards(rec.shards.values());
         if !rec.unconfigured.is_empty() {
             return Err(StartError::UnconfiguredTenants(
                 std::mem::take(&mut rec.unconfigured).into_iter().collect(),
@@ -733,6 +741,24 @@ impl Engine {
         self.inner.wal.append(vec![], Box::new(move |r| done(r.map(|_| ()).map_err(wal_api_error))));
     }
 
+    /// Answers a read (`balance`, `explain`, `candidates`, `search`) once everything it
+    /// may have seen is durable: a read made from memory can see a decision whose record
+    /// is still on its way to the disk, and a power cut would then take away what it
+    /// showed. Every change holds the gate's read side from its first step in memory to
+    /// its record's place in the log's queue, so once the write side has been had, every
+    /// change the read saw is queued, and the log makes them durable in order. On a
+    /// failed log the answer is `unavailable`. Costs a read the wait for a sync when
+    /// records are in flight, a pass through the log's thread when none are.
+    async fn durable_read(&self, answer: OkResult) -> Result<OkResult, ApiError> {
+        drop(self.inner.gate.write());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.after_durable(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.await.map_err(|_| ApiError::unavailable("WAL closed"))??;
+        Ok(answer)
+    }
+
     /// Keeps the lead index (lead -> shard) and the pros' shard memberships in step
     /// with a shard's events.
     pub(crate) fn index_event(&self, key: &ShardKey, ev: &Event) {
@@ -809,10 +835,10 @@ impl Engine {
                 if let Some(other) = self.inner.lead_index.shard_of(tenant, &lead.id).filter(|k| *k != key) {
                     // Checked against the shard the index names (its lock waits for a
                     // decision under way there): an entry whose shard does not hold
-                    // the lead is stale. A snapshot copies the index after its cut, and
-                    // a power cut can then lose the record that added the entry; no
-                    // record would ever remove it. With the claim held, no publish of
-                    // the id into that shard can start meanwhile.
+                    // the lead is stale. The index is rebuilt from the shards at each
+                    // start and kept in step with them since, so this is a safeguard
+                    // that should never fire. With the claim held, no publish of the id
+                    // into that shard can start meanwhile.
                     // A lead the other shard's quality gate refused holds its id too
                     // (R1: repeats are answered there) until its publish is forgotten.
                     let held =
@@ -874,7 +900,7 @@ impl Engine {
             }
             Request::Balance { pro } => {
                 let b = self.inner.ledger.balance(tenant, &pro);
-                Ok(OkResult::Balance(BalanceWire {
+                self.durable_read(OkResult::Balance(BalanceWire {
                     pro,
                     available: b.available,
                     held: b.held,
@@ -883,14 +909,15 @@ impl Engine {
                     granted: b.granted,
                     topup_pending: b.topup_pending,
                 }))
+                .await
             }
             Request::Explain { lead } => {
                 let key = self.lead_shard(tenant, &lead)?;
                 let state = self
                     .shard_state(&key)
                     .ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
-                let e = state.lock().explain(&lead)?;
-                Ok(OkResult::Explain(e))
+                let e = state.lock().explain(&lead);
+                self.durable_read(OkResult::Explain(e?)).await
             }
             Request::Candidates { zone, category, location, attributes } => {
                 zone.validate("zone").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
@@ -914,7 +941,7 @@ impl Engine {
                         reason: Some("not_enough_pros".into()),
                     },
                 };
-                Ok(OkResult::Candidates(c))
+                self.durable_read(OkResult::Candidates(c)).await
             }
             Request::Search { pro, query } => {
                 let profile = self.pro_profile(tenant, &pro)?;
@@ -933,7 +960,7 @@ impl Engine {
                     }
                 }
                 offers.sort_by(|a, b| (b.offered_at, &b.lead).cmp(&(a.offered_at, &a.lead)));
-                Ok(OkResult::Search { offers })
+                self.durable_read(OkResult::Search { offers }).await
             }
             Request::AdvanceClock { to_ms } => {
                 let now = self.inner.clock.advance_to(to_ms).ok_or_else(|| {
@@ -1516,15 +1543,6 @@ impl Engine {
         let (mut snap, policies) = snap;
         snap.policies = policies.into_iter().map(|(t, p)| (t, p.to_toml())).collect();
         let paused = started.elapsed();
-        // Read after the cut: it may already hold leads of records after `covers`, or
-        // miss leads forgotten after it. Recovery replays every record after `covers`
-        // through the same index updates (insert and remove by lead, in log order), so
-        // every lead those records touch ends as the log says, and the others are as
-        // they were at the cut. Read before `after_cut` lowers this thread's priority:
-        // it holds parts of the index locked in turn, and every decision that accepts
-        // or forgets a lead waits for the part it needs; a thread preempted there at
-        // nice 19 would hold them up until it runs again.
-        snap.lead_index = self.inner.lead_index.entries();
         after_cut();
         // Growing a buffer of hundreds of MB by doubling copies it about twice over and
         // faults in every page again: most of the encoding's time. Sized from the last
@@ -1798,8 +1816,10 @@ fn restore_snapshot(
     // A snapshot of a release that never forgot a lead's op ids still holds those of
     // leads its shards forgot: they go now, before the log after the cut is replayed
     // (whose `LeadForgotten` events forget theirs as they are applied).
-    let index = LeadIndex::from_entries(s.lead_index);
     if !s.lead_ops_forgotten {
+        // Such a snapshot holds a copy of the lead index: a quick first look (the
+        // index of the start is rebuilt from the shards after the replay).
+        let index = LeadIndex::from_entries(s.lead_index);
         let ledger = rec.ledger.as_ref().expect("restored above");
         let forgotten = money::forget_ops_of_leads_not_held(ledger, &index, &rec.shards);
         if forgotten > 0 {
@@ -1810,7 +1830,6 @@ fn restore_snapshot(
         }
     }
     rec.directory = s.directory.into_iter().map(|(t, p)| ((t, p.id.clone()), p)).collect();
-    rec.lead_index = index;
     rec.hub_next = s.hub_next_seq.into_iter().collect();
     rec.hub_buffer = s.hub_buffer.into_iter().collect();
     rec.orders = s.orders.into_iter().collect();
@@ -1895,7 +1914,6 @@ fn replay_record(
                 rec.shards.entry(key.clone()).or_insert_with(|| Shard::new(key.clone(), policy.clone()));
             let stream = rec.hub_events.entry(key.tenant.clone()).or_default();
             for ev in &events {
-                rec.lead_index.on_event(&key, ev);
                 rec.latest_ms = rec.latest_ms.max(ev.at().unwrap_or(0));
             }
             rec.budget_returned.extend(actor::budget_refunds(&key.tenant, &events));
