@@ -8,7 +8,10 @@
 //! * the stream says what the acknowledgement said: `lead_accepted` for a lead
 //!   acknowledged `accepted`, `lead_rejected` for one acknowledged `rejected`;
 //! * offers go only to leads that were accepted: none for a lead acknowledged
-//!   `rejected` or refused with an error, none without its `lead_accepted` event.
+//!   `rejected` or refused with an error, none without its `lead_accepted` event;
+//! * a lead's events arrive on the stream of the tenant that published it: a lead seen
+//!   once, but on another tenant's subscription, never reached its own subscriber (and
+//!   was shown to another tenant).
 //!
 //! A publish answered `unavailable` is in doubt, not refused (docs/PROTOCOL.md: the
 //! request may have been stored; send it again): like one never answered, its lead may
@@ -44,8 +47,14 @@ pub fn in_doubt(code: &str) -> bool {
 #[derive(Debug, Default)]
 struct LeadCheck {
     ack: Ack,
+    /// The stream (tenant subscription) its events must arrive on.
+    stream: u32,
     accepted_events: u16,
     rejected_events: u16,
+    /// Its events (`lead_accepted`, `lead_rejected`, `offered`) that arrived on another
+    /// stream than `stream`, and the first such stream.
+    wrong_stream_events: u16,
+    wrong_stream: u32,
     acked_offers: Vec<u32>,
     stream_offers: Vec<u32>,
 }
@@ -80,6 +89,10 @@ pub struct Violations {
     /// Leads offered to pros although not accepted: acknowledged `rejected`, refused
     /// with an error, or without a `lead_accepted` event on the stream.
     pub offers_for_unaccepted_leads: u64,
+    /// Leads with an event on another stream than their tenant's. Counted apart from
+    /// the deliveries: a lead seen once, but by the wrong tenant's subscriber, passes
+    /// every other check.
+    pub wrong_stream: u64,
     /// Up to 20 examples, for a human.
     pub examples: Vec<String>,
 }
@@ -93,16 +106,24 @@ impl Violations {
             + self.delivered_after_error
             + self.status_mismatches
             + self.offers_for_unaccepted_leads
+            + self.wrong_stream
     }
 }
 
 const MAX_EXAMPLES: usize = 20;
 
 impl Checker {
+    /// `leads` leads, all published for stream 0 (one tenant).
     pub fn new(leads: usize) -> Self {
-        let mut c = Checker::default();
-        c.leads.resize_with(leads, LeadCheck::default);
-        c
+        Self::with_streams(std::iter::repeat_n(0, leads))
+    }
+
+    /// One lead per item, in ordinal order: the stream (tenant subscription) its events
+    /// must arrive on. Known from the schedule before anything is sent, so an event
+    /// that overtakes its publish's bookkeeping is still checked.
+    pub fn with_streams(streams: impl IntoIterator<Item = u32>) -> Self {
+        let leads = streams.into_iter().map(|stream| LeadCheck { stream, ..Default::default() }).collect();
+        Checker { leads, ..Default::default() }
     }
 
     fn pro(&mut self, pro: &str) -> u32 {
@@ -152,8 +173,19 @@ impl Checker {
         }
     }
 
-    fn on_delivery(&mut self, ord: u32, accepted: bool) {
+    /// An event of the lead arrived on `stream`.
+    fn on_stream(l: &mut LeadCheck, stream: u32) {
+        if stream != l.stream {
+            if l.wrong_stream_events == 0 {
+                l.wrong_stream = stream;
+            }
+            l.wrong_stream_events = l.wrong_stream_events.saturating_add(1);
+        }
+    }
+
+    fn on_delivery(&mut self, ord: u32, stream: u32, accepted: bool) {
         let Some(l) = self.leads.get_mut(ord as usize) else { return };
+        Self::on_stream(l, stream);
         let first = !Self::delivered(l);
         if accepted {
             l.accepted_events += 1;
@@ -165,21 +197,25 @@ impl Checker {
         }
     }
 
-    /// A `lead_accepted` event arrived. Returns true if it was the first for the lead.
-    pub fn on_lead_accepted(&mut self, ord: u32) -> bool {
+    /// A `lead_accepted` event arrived on `stream`. Returns true if it was the first
+    /// for the lead.
+    pub fn on_lead_accepted(&mut self, ord: u32, stream: u32) -> bool {
         let first = self.leads.get(ord as usize).is_some_and(|l| !Self::delivered(l));
-        self.on_delivery(ord, true);
+        self.on_delivery(ord, stream, true);
         first
     }
 
-    pub fn on_lead_rejected(&mut self, ord: u32) {
-        self.on_delivery(ord, false);
+    /// A `lead_rejected` event arrived on `stream`.
+    pub fn on_lead_rejected(&mut self, ord: u32, stream: u32) {
+        self.on_delivery(ord, stream, false);
     }
 
-    /// An `offered` event arrived. Returns true if it is the lead's first offer.
-    pub fn on_offered(&mut self, ord: u32, pro: &str) -> bool {
+    /// An `offered` event arrived on `stream`. Returns true if it is the lead's first
+    /// offer.
+    pub fn on_offered(&mut self, ord: u32, stream: u32, pro: &str) -> bool {
         let p = self.pro(pro);
         let Some(l) = self.leads.get_mut(ord as usize) else { return false };
+        Self::on_stream(l, stream);
         let first = l.stream_offers.is_empty();
         if l.stream_offers.contains(&p) {
             self.duplicate_offers += 1;
@@ -248,6 +284,16 @@ impl Checker {
                 };
                 example(&mut v, format!("lead #{ord}: {} offer(s) but {why}", l.stream_offers.len()));
             }
+            if l.wrong_stream_events > 0 {
+                v.wrong_stream += 1;
+                example(
+                    &mut v,
+                    format!(
+                        "lead #{ord}: {} event(s) on stream {} instead of its tenant's stream {}",
+                        l.wrong_stream_events, l.wrong_stream, l.stream
+                    ),
+                );
+            }
             let missing = l.acked_offers.iter().filter(|p| !l.stream_offers.contains(p)).count() as u64;
             if missing > 0 {
                 v.acked_offers_not_delivered += missing;
@@ -267,14 +313,14 @@ mod tests {
         let mut c = Checker::new(3);
         c.on_ack_accepted(0, ["p1", "p2"]);
         assert_eq!(c.pending(), 1);
-        assert!(c.on_lead_accepted(0));
-        assert!(c.on_offered(0, "p1"));
-        assert!(!c.on_offered(0, "p2"));
+        assert!(c.on_lead_accepted(0, 0));
+        assert!(c.on_offered(0, 0, "p1"));
+        assert!(!c.on_offered(0, 0, "p2"));
         // Delivery before the ack (the stream can overtake the reply).
-        c.on_lead_accepted(1);
+        c.on_lead_accepted(1, 0);
         c.on_ack_accepted(1, []);
         c.on_ack_rejected(2);
-        c.on_lead_rejected(2);
+        c.on_lead_rejected(2, 0);
         assert_eq!(c.pending(), 0);
         assert_eq!(c.finish(), Violations::default());
     }
@@ -283,12 +329,12 @@ mod tests {
     fn duplicates_are_flagged() {
         let mut c = Checker::new(2);
         c.on_ack_accepted(0, ["p1"]);
-        c.on_lead_accepted(0);
-        c.on_offered(0, "p1");
-        c.on_offered(0, "p1");
+        c.on_lead_accepted(0, 0);
+        c.on_offered(0, 0, "p1");
+        c.on_offered(0, 0, "p1");
         c.on_ack_accepted(1, []);
-        c.on_lead_accepted(1);
-        c.on_lead_accepted(1);
+        c.on_lead_accepted(1, 0);
+        c.on_lead_accepted(1, 0);
         let v = c.finish();
         assert_eq!(v.duplicate_offers, 1);
         assert_eq!(v.duplicate_deliveries, 1);
@@ -300,8 +346,8 @@ mod tests {
     fn missing_deliveries_and_offers_are_flagged() {
         let mut c = Checker::new(3);
         c.on_ack_accepted(0, ["p1", "p2"]);
-        c.on_lead_accepted(0);
-        c.on_offered(0, "p1");
+        c.on_lead_accepted(0, 0);
+        c.on_offered(0, 0, "p1");
         c.on_ack_accepted(1, []);
         c.on_ack_rejected(2);
         assert_eq!(c.pending(), 2);
@@ -314,7 +360,7 @@ mod tests {
     fn unanswered_leads_are_not_violations_but_errors_that_deliver_are() {
         let mut c = Checker::new(2);
         c.on_ack_error(0, "overloaded");
-        c.on_lead_accepted(0);
+        c.on_lead_accepted(0, 0);
         let v = c.finish();
         assert_eq!(v.delivered_after_error, 1);
         assert_eq!(v.missing_deliveries, 0, "lead #1 was never answered: not a delivery violation");
@@ -324,11 +370,11 @@ mod tests {
     fn the_stream_must_say_what_the_acknowledgement_said() {
         let mut c = Checker::new(3);
         c.on_ack_accepted(0, []);
-        c.on_lead_rejected(0);
+        c.on_lead_rejected(0, 0);
         c.on_ack_rejected(1);
-        c.on_lead_accepted(1);
+        c.on_lead_accepted(1, 0);
         c.on_ack_accepted(2, []);
-        c.on_lead_accepted(2);
+        c.on_lead_accepted(2, 0);
         let v = c.finish();
         assert_eq!(v.status_mismatches, 2, "{v:?}");
         assert_eq!(v.total(), 2, "{v:?}");
@@ -343,24 +389,53 @@ mod tests {
         let mut c = Checker::new(6);
         // Acknowledged rejected, yet offered.
         c.on_ack_rejected(0);
-        c.on_lead_rejected(0);
-        c.on_offered(0, "p1");
+        c.on_lead_rejected(0, 0);
+        c.on_offered(0, 0, "p1");
         // Refused (nothing stored), yet offered.
         c.on_ack_error(1, "overloaded");
-        c.on_offered(1, "p1");
+        c.on_offered(1, 0, "p1");
         // Never answered and never accepted on the stream, yet offered.
-        c.on_offered(2, "p1");
+        c.on_offered(2, 0, "p1");
         // Never answered, accepted on the stream: in doubt, and it was stored.
-        c.on_lead_accepted(3);
-        c.on_offered(3, "p1");
+        c.on_lead_accepted(3, 0);
+        c.on_offered(3, 0, "p1");
         // Accepted: offers are what it is for, also ones not in the acknowledgement.
         c.on_ack_accepted(4, ["p1"]);
-        c.on_lead_accepted(4);
-        c.on_offered(4, "p1");
-        c.on_offered(4, "p2");
+        c.on_lead_accepted(4, 0);
+        c.on_offered(4, 0, "p1");
+        c.on_offered(4, 0, "p2");
         let v = c.finish();
         assert_eq!(v.offers_for_unaccepted_leads, 3, "{v:?}");
         assert_eq!(v.total(), 3, "{v:?}");
+    }
+
+    /// Tenant A's leads seen exactly once, but on tenant B's subscription: every other
+    /// check passes, and A's subscriber never got them.
+    #[test]
+    fn a_lead_delivered_on_another_tenants_stream_is_a_violation() {
+        // Leads 0 and 2 for stream 0, lead 1 for stream 1.
+        let mut c = Checker::with_streams([0, 1, 0]);
+        c.on_ack_accepted(0, ["p1"]);
+        c.on_lead_accepted(0, 1);
+        c.on_offered(0, 1, "p1");
+        c.on_ack_accepted(1, ["p1"]);
+        c.on_lead_accepted(1, 1);
+        c.on_offered(1, 1, "p1");
+        // Accepted on its own stream, offered on the other.
+        c.on_ack_accepted(2, ["p1"]);
+        c.on_lead_accepted(2, 0);
+        c.on_offered(2, 1, "p1");
+        assert_eq!(c.pending(), 0, "each lead was seen once");
+        let v = c.finish();
+        assert_eq!(v.wrong_stream, 2, "{v:?}");
+        assert_eq!(v.total(), 2, "nothing else is wrong: {v:?}");
+        assert!(
+            v.examples
+                .iter()
+                .any(|e| e == "lead #0: 2 event(s) on stream 1 instead of its tenant's stream 0"),
+            "{:?}",
+            v.examples
+        );
     }
 
     #[test]
@@ -370,15 +445,15 @@ mod tests {
         let mut c = Checker::new(3);
         // Stored after all: delivered once, with its offers.
         c.on_ack_error(0, "unavailable");
-        c.on_lead_accepted(0);
-        c.on_offered(0, "p1");
+        c.on_lead_accepted(0, 0);
+        c.on_offered(0, 0, "p1");
         // Not stored: never delivered.
         c.on_ack_error(1, "unavailable");
         assert_eq!(c.pending(), 0, "nothing to wait for");
         // Still at most once.
         c.on_ack_error(2, "unavailable");
-        c.on_lead_accepted(2);
-        c.on_lead_accepted(2);
+        c.on_lead_accepted(2, 0);
+        c.on_lead_accepted(2, 0);
         let v = c.finish();
         assert_eq!((v.delivered_after_error, v.missing_deliveries), (0, 0), "{v:?}");
         assert_eq!(v.duplicate_deliveries, 1, "{v:?}");

@@ -261,6 +261,19 @@ pub struct IntervalStat {
     pub errors: u64,
 }
 
+/// `errors_by_code`: an `ok` reply to a publish that does not read as a lead reply. Its
+/// acknowledgement is unknown, so the lead's delivery goes unchecked.
+pub const UNREADABLE_REPLY: &str = "unreadable_reply";
+/// `errors_by_code`: a stream frame that does not read as events. What it carried (a
+/// delivery, or a duplicate) goes unchecked.
+pub const UNREADABLE_EVENT: &str = "unreadable_event";
+/// `errors_by_code`: a frame on an ingest connection that does not read as a reply.
+pub const UNREADABLE_FRAME: &str = "unreadable_frame";
+/// The codes of frames the tool could not read: any fails the run
+/// ([`Summary::failures`]), since what they said was not checked and a run that cannot
+/// see a broken promise must not pass.
+pub const UNREADABLE: [&str; 3] = [UNREADABLE_REPLY, UNREADABLE_EVENT, UNREADABLE_FRAME];
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
@@ -301,6 +314,7 @@ pub struct Summary {
     pub duplicate_replies: u64,
     pub acks_accepted: u64,
     pub acks_rejected: u64,
+    /// Error replies by code, and frames the tool could not read ([`UNREADABLE`]).
     pub errors_by_code: BTreeMap<String, u64>,
     /// Every publish reply, `ok` or error.
     pub ack: Percentiles,
@@ -362,6 +376,15 @@ impl Summary {
         }
         if self.violations.total() > 0 {
             f.push(format!("{} exactly-once violations", self.violations.total()));
+        }
+        let unreadable: Vec<String> = UNREADABLE
+            .iter()
+            .filter_map(|&code| {
+                self.errors_by_code.get(code).filter(|&&n| n > 0).map(|n| format!("{code}={n}"))
+            })
+            .collect();
+        if !unreadable.is_empty() {
+            f.push(format!("frames the tool could not read, so not checked: {}", unreadable.join(", ")));
         }
         if self.stream_seq_gaps > 0 {
             f.push(format!("{} stream sequence gaps", self.stream_seq_gaps));
@@ -821,7 +844,7 @@ impl Recorder {
                         self.acks_rejected += 1;
                         self.checker.on_ack_rejected(item.lead_ord);
                     }
-                    Err(_) => *self.errors.entry("unreadable_reply".into()).or_default() += 1,
+                    Err(_) => *self.errors.entry(UNREADABLE_REPLY.into()).or_default() += 1,
                 }
             }
         } else if measured {
@@ -841,14 +864,16 @@ impl Recorder {
         }
         let ev = f.event.as_ref()?;
         let ord = ev.lead.as_deref().and_then(|l| self.loc.parse_lead(l))?;
+        // Streams are indexed like the checker's (`stream_of_tenant` in `run_async`).
+        let on = stream as u32;
         match ev.event.as_ref() {
             "lead_accepted" => {
-                self.checker.on_lead_accepted(ord);
+                self.checker.on_lead_accepted(ord, on);
             }
-            "lead_rejected" => self.checker.on_lead_rejected(ord),
+            "lead_rejected" => self.checker.on_lead_rejected(ord, on),
             "offered" => {
                 let pro = ev.pro.as_deref()?;
-                if self.checker.on_offered(ord, pro) {
+                if self.checker.on_offered(ord, on, pro) {
                     let &item = self.plan.lead_item.get(ord as usize)?;
                     let t = self.plan.items[item as usize].t_ns;
                     let lat = self.latency_us(t, recv_ns);
@@ -1047,12 +1072,25 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     // (a single fallback `--token`) share that stream; one subscription each would
     // receive every event once per trace tenant, each a duplicate delivery.
     let mut stream_tokens: Vec<String> = Vec::new();
+    // Per trace tenant (`tenant_idx`), the stream its leads must arrive on.
+    let mut stream_of_tenant: Vec<u32> = Vec::with_capacity(tenants.len());
     for t in &tenants {
         let token = token_of(t)?;
-        if !stream_tokens.contains(&token) {
-            stream_tokens.push(token);
-        }
+        let s = match stream_tokens.iter().position(|s| *s == token) {
+            Some(s) => s,
+            None => {
+                stream_tokens.push(token);
+                stream_tokens.len() - 1
+            }
+        };
+        stream_of_tenant.push(s as u32);
     }
+    // Per lead ordinal, from the tenant of its publish record.
+    let lead_streams: Vec<u32> = plan
+        .lead_item
+        .iter()
+        .map(|&item| stream_of_tenant[tenant_idx[&timed[plan.items[item as usize].rec as usize].tenant]])
+        .collect();
     let mut streams = Vec::new();
     for token in stream_tokens {
         let mut ws = connect(&cfg.url, &token, enc).await?;
@@ -1113,7 +1151,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         acks_accepted: 0,
         acks_rejected: 0,
         errors: BTreeMap::new(),
-        checker: Checker::new(total_leads),
+        checker: Checker::with_streams(lead_streams),
         stream_events: 0,
         seq_gaps: 0,
         // A new subscription's first event is `next_seq`: the stream's cursor starts
@@ -1464,7 +1502,7 @@ async fn read_replies_until_closed(source: &mut Source, enc: Encoding, rec: &Mut
             match Incoming::read(enc, bytes) {
                 Ok(f) if f.kind == "ok" || f.kind == "error" => r.on_reply(bytes, enc, &f, recv),
                 Ok(_) => {}
-                Err(_) => *r.errors.entry("unreadable_frame".into()).or_default() += 1,
+                Err(_) => *r.errors.entry(UNREADABLE_FRAME.into()).or_default() += 1,
             }
         }
     }
@@ -1674,7 +1712,7 @@ impl StreamSub {
                 }
             });
             if read.is_err() {
-                *r.errors.entry("unreadable_event".into()).or_default() += 1;
+                *r.errors.entry(UNREADABLE_EVENT.into()).or_default() += 1;
             }
         }
         t
@@ -1925,6 +1963,23 @@ mod tests {
         // Clients spread over the connections.
         let used: std::collections::HashSet<usize> = by_client.values().copied().collect();
         assert_eq!(used.len(), n);
+    }
+
+    /// Each code of a frame the tool could not read fails a run (what it said went
+    /// unchecked); an error the daemon answered (here `overloaded`) does not by itself.
+    #[test]
+    fn frames_the_tool_could_not_read_fail_the_run() {
+        assert!(Summary::default().failures().is_empty());
+        let with = |code: &str| Summary {
+            errors_by_code: BTreeMap::from([(code.to_string(), 2)]),
+            ..Default::default()
+        };
+        assert!(with("overloaded").failures().is_empty());
+        for code in UNREADABLE {
+            let f = with(code).failures();
+            assert_eq!(f.len(), 1, "{code}: {f:?}");
+            assert!(f[0].contains(&format!("{code}=2")), "{f:?}");
+        }
     }
 
     #[test]

@@ -135,7 +135,7 @@ pub fn table(s: &Summary) -> String {
     let v = &s.violations;
     let _ = writeln!(
         out,
-        "exactly-once: {} violation(s) (missing {}, duplicate leads {}, duplicate offers {}, acked offers not delivered {}, delivered after error {}, status mismatches {}, offers for unaccepted leads {}); stream seq gaps {}{}",
+        "exactly-once: {} violation(s) (missing {}, duplicate leads {}, duplicate offers {}, acked offers not delivered {}, delivered after error {}, status mismatches {}, offers for unaccepted leads {}, wrong stream {}); stream seq gaps {}{}",
         v.total(),
         v.missing_deliveries,
         v.duplicate_deliveries,
@@ -144,6 +144,7 @@ pub fn table(s: &Summary) -> String {
         v.delivered_after_error,
         v.status_mismatches,
         v.offers_for_unaccepted_leads,
+        v.wrong_stream,
         s.stream_seq_gaps,
         if s.stream_closed_early { "; the stream was closed by the server" } else { "" }
     );

@@ -3,10 +3,10 @@
 //! Doubling from the starting rate until a step fails (halving instead if the first
 //! step fails), then bisecting between the last pass and the first failure. A step
 //! passes when nothing fails a plain replay ([`Summary::failures`]: exactly-once, every
-//! request answered once, a continuous stream, every planned request sent), p99
-//! delivery <= the bound, at least 95% of the target rate was acknowledged and errors
-//! stayed under 1%. Each step is a fresh replay (its own run tag), so steps do not
-//! share leads.
+//! request answered once, a continuous stream, every planned request sent, every frame
+//! read), p99 delivery <= the bound, at least 95% of the target rate was acknowledged
+//! and errors stayed under 1%. Each step is a fresh replay (its own run tag), so steps
+//! do not share leads.
 
 use crate::replay::{self, ReplayConfig, Summary};
 use crate::schedule::Pacing;
@@ -41,8 +41,8 @@ pub struct SearchResult {
 
 /// Whether a step passes, and why not. First every check a plain replay fails on
 /// ([`Summary::failures`]: exactly-once, unanswered or twice-answered requests, stream
-/// gaps or a stream closed by the daemon, requests never sent), then the search's own
-/// bounds.
+/// gaps or a stream closed by the daemon, requests never sent, frames the tool could
+/// not read), then the search's own bounds.
 pub fn verdict(s: &Summary, bound_ms: f64) -> (bool, String) {
     let failures = s.failures();
     if !failures.is_empty() {
@@ -302,6 +302,7 @@ mod tests {
             Summary { duplicate_replies: 1, ..good_step() },
             Summary { missing_replies: 1, ..good_step() },
             Summary { not_sent: 1, ..good_step() },
+            Summary { errors_by_code: [(replay::UNREADABLE_EVENT.to_string(), 1)].into(), ..good_step() },
         ];
         for s in broken {
             let failures = s.failures();

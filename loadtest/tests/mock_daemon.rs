@@ -1,6 +1,7 @@
 //! The load tool against a scripted stand-in for rota: a websocket server that speaks
 //! just enough of protocol v1 (docs/PROTOCOL.md) to answer a replay, and misbehaves on
-//! cue (closes connections, refuses leads, answers `unavailable` for a lead it stored),
+//! cue (closes connections, refuses leads, answers `unavailable` for a lead it stored,
+//! delivers a tenant's leads on another tenant's stream, sends frames that do not read),
 //! so the tool's own verdicts can be checked without the real daemon and without
 //! depending on timing.
 
@@ -27,6 +28,9 @@ use tokio_tungstenite::tungstenite::Message;
 enum Fate {
     /// `ok`, accepted and offered to `p1` at once; events `lead_accepted`, `offered`.
     Accept,
+    /// Stored and delivered like `Accept`, but answered with an `ok` whose result is
+    /// not a lead reply (no `status`).
+    Unreadable,
     /// An `error` reply with this code. `stored`: the lead was stored all the same and
     /// its events follow (a request in doubt, such as one answered `unavailable`).
     Error { code: &'static str, stored: bool },
@@ -43,6 +47,12 @@ struct Script {
     /// Answer the first this many connections with HTTP 503 (`Retry-After: 0`), as
     /// rota does while it replays its log.
     recovering_for: u64,
+    /// `(from, to)` tokens: the events of a lead published with token `from` go on the
+    /// stream of token `to` (numbered in that stream's seqs), none on `from`'s.
+    misroute: Option<(&'static str, &'static str)>,
+    /// After this many publishes, send every stream subscription a frame that is not a
+    /// frame of the protocol.
+    garbage_event_after: Option<u64>,
 }
 
 impl Default for Script {
@@ -52,6 +62,8 @@ impl Default for Script {
             close_ingest_after: None,
             close_streams_after: None,
             recovering_for: 0,
+            misroute: None,
+            garbage_event_after: None,
         }
     }
 }
@@ -210,12 +222,17 @@ async fn serve(tcp: TcpStream, shared: Arc<Mutex<Shared>>) {
                             "offers": [["p1", "direct"]]}}),
                             true,
                         ),
+                        Fate::Unreadable => (json!({"type": "ok", "id": id, "result": {"lead": lead}}), true),
                         Fate::Error { code, stored } => {
                             (json!({"type": "error", "id": id, "code": code, "message": "scripted"}), stored)
                         }
                     };
                     if stored {
-                        let t = sh.tenants.entry(token.clone()).or_default();
+                        let stream = match sh.script.misroute {
+                            Some((from, to)) if from == token => to.to_string(),
+                            _ => token.clone(),
+                        };
+                        let t = sh.tenants.entry(stream).or_default();
                         for ev in [
                             json!({"event": "lead_accepted", "lead": lead}),
                             json!({"event": "offered", "lead": lead, "pro": "p1"}),
@@ -224,6 +241,17 @@ async fn serve(tcp: TcpStream, shared: Arc<Mutex<Shared>>) {
                             let e = json!({"type": "event", "seq": t.next_seq, "event": ev});
                             for (enc, s) in &t.subscribers {
                                 let _ = s.send(frame(*enc, &e));
+                            }
+                        }
+                    }
+                    if sh.script.garbage_event_after == Some(n) {
+                        for t in sh.tenants.values() {
+                            for (enc, s) in &t.subscribers {
+                                let _ = s.send(match enc {
+                                    Encoding::Json => Message::Text("{\"type\": \"event\", \"seq\": ".into()),
+                                    // 0xc1 is never used in MessagePack.
+                                    Encoding::Msgpack => Message::Binary(vec![0xc1]),
+                                });
                             }
                         }
                     }
@@ -470,4 +498,72 @@ fn trace_tenants_sharing_a_token_share_one_subscription() {
     assert_eq!(s.stream_events, 40, "lead_accepted and offered once per lead: {s:#?}");
     assert_eq!(s.violations.total(), 0, "{:#?}", s.violations);
     assert!(s.failures().is_empty(), "{:?}", s.failures());
+}
+
+/// Two tenants with a token each. Well behaved, each lead arrives on its tenant's
+/// stream. Then the stand-in delivers tenant A's leads on tenant B's subscription (in
+/// B's seqs, so B's stream stays continuous) and none on A's: every lead is still seen
+/// exactly once, but A's subscriber never got its leads, and the run fails.
+#[test]
+fn a_lead_delivered_on_another_tenants_stream_fails_the_run() {
+    let mut records = trace(20, 0, Some("tenant-b"));
+    for (n, r) in records.iter_mut().enumerate() {
+        if n % 2 == 1 {
+            r.tenant = Some("tenant-a".into());
+        }
+    }
+    let two_tokens = |m: &Mock, tag: &str| ReplayConfig {
+        tokens: vec![(Some("tenant-a".into()), "tok-a".into()), (Some("tenant-b".into()), "tok-b".into())],
+        ..config(m, Pacing::Rate(1_000.0), tag)
+    };
+
+    let m = Mock::start(Script::default());
+    let s = run(&two_tokens(&m, "own"), &records);
+    assert_eq!(m.subscriptions(), 2);
+    assert_eq!(s.violations.total(), 0, "{:#?}", s.violations);
+    assert!(s.failures().is_empty(), "{:?}", s.failures());
+
+    let m = Mock::start(Script { misroute: Some(("tok-a", "tok-b")), ..Script::default() });
+    let s = run(&two_tokens(&m, "misrouted"), &records);
+    assert_eq!(m.subscriptions(), 2);
+    assert_eq!((s.stream_events, s.stream_seq_gaps), (40, 0), "{s:#?}");
+    let v = &s.violations;
+    assert_eq!((v.missing_deliveries, v.duplicate_deliveries), (0, 0), "{v:#?}");
+    assert_eq!(v.wrong_stream, 10, "tenant A's ten leads: {v:#?}");
+    assert_eq!(v.total(), 10, "{v:#?}");
+    assert!(v.examples.iter().any(|e| e.contains("on stream 0 instead of its tenant's stream 1")), "{v:#?}");
+    let f = s.failures();
+    assert!(f.iter().any(|f| f.contains("10 exactly-once violations")), "{f:?}");
+    let table = rota_loadtest::report::table(&s);
+    assert!(table.contains("wrong stream 10") && table.contains("checks: FAILED"), "{table}");
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["violations"]["wrong_stream"], 10);
+}
+
+/// A frame the tool cannot read is something it did not check: an `ok` to a publish
+/// that is not a lead reply leaves the lead's acknowledgement unknown (its delivery
+/// goes unchecked), a stream frame that does not read may have carried a duplicate.
+/// Either fails the run, saying why, in both encodings.
+#[test]
+fn an_unreadable_reply_or_stream_frame_fails_the_run() {
+    for enc in [Encoding::Json, Encoding::Msgpack] {
+        let fate = |n: u64| if n == 5 { Fate::Unreadable } else { Fate::Accept };
+        let m = Mock::start(Script { fate: Box::new(fate), ..Script::default() });
+        let cfg = ReplayConfig { encoding: enc, ..config(&m, Pacing::Rate(1_000.0), "reply") };
+        let s = run(&cfg, &trace(20, 0, None));
+        assert_eq!(s.errors_by_code.get(replay::UNREADABLE_REPLY), Some(&1), "{enc:?}: {s:#?}");
+        assert_eq!((s.replies, s.missing_replies), (20, 0), "{enc:?}");
+        assert_eq!(s.violations.total(), 0, "{enc:?}: nothing else is wrong: {:#?}", s.violations);
+        let f = s.failures();
+        assert!(f.iter().any(|f| f.contains("could not read") && f.contains("unreadable_reply=1")), "{f:?}");
+        assert!(rota_loadtest::report::table(&s).contains("checks: FAILED"), "{enc:?}");
+
+        let m = Mock::start(Script { garbage_event_after: Some(10), ..Script::default() });
+        let cfg = ReplayConfig { encoding: enc, ..config(&m, Pacing::Rate(1_000.0), "event") };
+        let s = run(&cfg, &trace(20, 0, None));
+        assert_eq!(s.errors_by_code.get(replay::UNREADABLE_EVENT), Some(&1), "{enc:?}: {s:#?}");
+        assert_eq!(s.violations.total(), 0, "{enc:?}: nothing else is wrong: {:#?}", s.violations);
+        let f = s.failures();
+        assert!(f.iter().any(|f| f.contains("unreadable_event=1")), "{enc:?}: {f:?}");
+    }
 }
