@@ -354,3 +354,136 @@ fn r22_pros_skipped_for_their_budget_past_the_retry_list_still_wait_for_the_lead
     }
     h.assert_replay_equal();
 }
+
+/// Funds whose budget for one pro another shard spends while a decision is under way
+/// (the ledger is shared and read live): its first `seen` reads of that pro's budget
+/// see it, the later ones find it spent.
+struct SpentMidway<'a> {
+    funds: &'a MapFunds,
+    pro: ProId,
+    seen: u32,
+    reads: std::cell::Cell<u32>,
+}
+
+impl Funds for SpentMidway<'_> {
+    fn credits(&self, pro: &ProId) -> u64 {
+        self.funds.credits(pro)
+    }
+    fn budget(&self, pro: &ProId, config: &str) -> u64 {
+        if *pro != self.pro {
+            return self.funds.budget(pro, config);
+        }
+        self.reads.set(self.reads.get() + 1);
+        match self.reads.get() <= self.seen {
+            true => self.funds.budget(pro, config),
+            false => 0,
+        }
+    }
+}
+
+/// R21/R22: a budget the release's scan saw and another shard spent before the
+/// purchase is a pro skipped for its budget (it keeps its turn and waits for the lead),
+/// not a failed decision. It used to stop the decision with a panic: a publish never
+/// answered, or a shard's timer gone until a restart.
+#[test]
+fn r21_r22_a_budget_spent_by_another_shard_during_a_release_skips_the_pro() {
+    let mut h = spent_shard();
+    let cmd = Command::PublishLead { lead: lead("L1", T0).into() };
+    // How many times the release reads p2's budget, the purchase's read being the last.
+    let counting = SpentMidway { funds: &h.funds, pro: pid("p2"), seen: u32::MAX, reads: 0.into() };
+    let fine = h.shard.decide(T0, &cmd, &counting).expect("accepted");
+    assert!(offered_ids(&fine.events).contains(&"p2".to_string()), "{:?}", fine.events);
+    let racy =
+        SpentMidway { funds: &h.funds, pro: pid("p2"), seen: counting.reads.get() - 1, reads: 0.into() };
+    let d = h.shard.decide(T0, &cmd, &racy).expect("accepted");
+    let got = offered_ids(&d.events);
+    assert!(!got.contains(&"p2".to_string()) && got.len() == 3, "{got:?}");
+    match d.events.iter().find(|e| matches!(e, Event::Offered { .. })) {
+        Some(Event::Offered { skipped, .. }) => {
+            assert!(
+                skipped.iter().any(|(p, s)| p.as_str() == "p2"
+                    && matches!(s, rota::core::shard::Skip::BudgetExhausted { .. })),
+                "{skipped:?}"
+            )
+        }
+        other => panic!("L1 released: {other:?}"),
+    }
+    for ev in &d.events {
+        h.funds.settle(ev);
+        apply_checked(&mut h.shard, ev);
+        h.log.push(ev.clone());
+    }
+    h.shard.check_invariants().expect("invariants");
+    h.assert_replay_equal();
+    // p2 kept its turn: the next lead goes to it first.
+    let l2 = h.publish(T0 + M, lead("L2", T0 + M));
+    assert_eq!(offered_ids(&l2.events)[0], "p2", "{:?}", l2.events);
+}
+
+/// R19/R22: a buyer with two configs covering the shard spends from one while the
+/// other still has budget. When both come back, the retry buys the two short leads it
+/// missed, one from each: what one config spent is not taken off the other.
+#[test]
+fn r19_r22_a_retry_buys_from_a_second_config_once_the_first_is_spent() {
+    let mut h = Harness::new(autobuy_policy(4));
+    let mut x = pro("x");
+    x.autobuy = vec![autobuy("a", 10), autobuy("b", 10)];
+    h.add_pro(x);
+    h.funds.set_budget("x", "a", 10);
+    h.funds.set_budget("x", "b", 10);
+    assert_eq!(offered_ids(&h.publish(T0, lead("L1", T0)).events), vec!["x"]);
+    assert_eq!(offered_ids(&h.publish(T0 + M, lead("L2", T0 + M)).events), vec!["x"]);
+    // Both spent: L3 and L4 are left short, x waits for them (R22).
+    assert!(offered(&h.publish(T0 + 2 * M, lead("L3", T0 + 2 * M))).is_empty());
+    assert!(offered(&h.publish(T0 + 3 * M, lead("L4", T0 + 3 * M))).is_empty());
+    h.funds.set_budget("x", "a", 10);
+    h.funds.set_budget("x", "b", 10);
+    let back = h.ok(T0 + 4 * M, Command::BudgetAvailable { pros: vec![pid("x")] });
+    let got: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
+    assert_eq!(got, strs(&["L3", "L4"]), "{:?}", back.events);
+    h.assert_replay_equal();
+}
+
+/// R22 across a `BudgetReturned` that finds nothing to buy (after a restart every
+/// parked buyer is told, budget back or not): the buyer stays short of budget since
+/// it was parked, and still gets the leads it missed once its budget does come back.
+#[test]
+fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_an_empty_budget_notice() {
+    let (mut h, t, left_out) = short_leads_and_a_buyer_on_neither_list();
+    let everyone: Vec<ProId> = (1..=70).map(|i| pid(&format!("p{i}"))).collect();
+    let none = h.ok(t + 3 * M, Command::BudgetAvailable { pros: everyone });
+    assert!(offers_by_lead(&none.events).is_empty(), "no budget came back");
+    h.funds.set_budget(&left_out, "weekly", 1000);
+    let back = h.ok(t + 4 * M, Command::BudgetAvailable { pros: vec![pid(&left_out)] });
+    let leads: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
+    assert!(leads.ends_with(&["S1".to_string(), "S2".to_string()]), "{leads:?}");
+    h.assert_replay_equal();
+}
+
+/// R6 with R21: under auto-buy, direct targets buy a lead only up to its responder
+/// seats; a target listed after them is skipped (`seats_full`) instead of paying for a
+/// lead it could not answer.
+#[test]
+fn r6_r21_direct_targets_beyond_the_responder_seats_do_not_pay() {
+    let mut policy = (*autobuy_policy(4)).clone();
+    policy.max_responders = 2;
+    let mut h = Harness::new(std::sync::Arc::new(policy));
+    for i in 1..=3 {
+        let mut p = pro(&format!("d{i}"));
+        p.autobuy = vec![autobuy("weekly", 1000)];
+        h.add_pro(p);
+        h.funds.set_budget(&format!("d{i}"), "weekly", 1000);
+    }
+    let mut l = lead("L1", T0);
+    l.direct = vec![pid("d1"), pid("d2"), pid("d3")];
+    let d = h.publish(T0, l);
+    assert_eq!(offered_ids(&d.events), strs(&["d1", "d2"]));
+    let ex = h.shard.explain(&lid("L1")).expect("open");
+    let d3 = ex.entries.iter().find(|e| e.pro.as_str() == "d3").expect("d3 explained");
+    assert!(
+        matches!(d3.outcome, rota::core::shard::ExplainOutcome::Skipped(rota::core::shard::Skip::SeatsFull)),
+        "{d3:?}"
+    );
+    assert_eq!(h.funds.budget(&pid("d3"), "weekly"), 1000, "d3 paid nothing");
+    h.assert_replay_equal();
+}

@@ -306,6 +306,62 @@ fn r24_a_pause_lifted_by_removing_its_end_recharges_once() {
     });
 }
 
+/// R20/R24, hard budgets: a config paused through Monday's housekeeping (which skips
+/// it) and resumed by a profile update later in the week gets this week's recharge
+/// with its resume; the next housekeeping gave it the week's recharge again (48
+/// credits spendable in a week of 24).
+#[test]
+fn r20_r24_a_config_resumed_by_an_update_after_a_paused_monday_gets_one_budget() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        ok(&e, buyer("b1", Some(T0 + 5 * DAY))).await;
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
+        assert_eq!(budget(&e, "b1").available, 0, "paused through Monday: not recharged");
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + DAY})).await;
+        ok(&e, buyer("b1", None)).await;
+        assert_eq!(budget(&e, "b1").available, 24, "resumed: the week's budget");
+        ok(&e, publish("A1", "madrid", true, T0 + DAY)).await;
+        ok(&e, publish("A2", "madrid", true, T0 + DAY + 1)).await;
+        assert_eq!(budget(&e, "b1").available, 0, "the week's 24 spent");
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + DAY + MIN})).await;
+        assert_eq!(budget(&e, "b1").available, 0, "no second budget in the same week");
+    });
+}
+
+/// R22/R24: a buyer whose buying config is spent is parked until budget comes back; a
+/// second config, full but paused, resuming by itself is budget back too: the buyer
+/// gets the short lead it missed and the next ones (it stayed parked until the next
+/// recharge of the first).
+#[test]
+fn r22_r24_a_paused_config_resuming_with_its_budget_unparks_the_buyer() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        let two = |paused: Option<i64>| {
+            json!({"type": "upsert_pro", "pro": {"id": "x", "categories": ["painting"], "zones": ["madrid"],
+                "autobuy": [
+                    {"name": "a", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24},
+                    {"name": "b", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24,
+                     "paused_until": paused}]}})
+        };
+        ok(&e, two(None)).await;
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
+        // b paused until the next morning with its 24 untouched; a's 24 spent by two
+        // leads.
+        ok(&e, two(Some(T0 + 20 * HOUR))).await;
+        ok(&e, publish("A1", "madrid", true, T0 + MIN)).await;
+        ok(&e, publish("A2", "madrid", true, T0 + MIN + 1)).await;
+        let b = |e: &Engine| e.inner.ledger.budget(&acme(), &ProId::new("x"), &BudgetName::new("b")).unwrap();
+        assert_eq!(b(&e).available, 24);
+        // S1 finds x with nothing it can buy from: short, x parked.
+        let s1 = ok(&e, publish("S1", "madrid", true, T0 + HOUR)).await;
+        assert!(format!("{s1:?}").contains("offers: []"), "{s1:?}");
+        // The next morning b buys again, and x gets S1 from it (R22, within the retry
+        // window).
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 20 * HOUR + MIN})).await;
+        assert_eq!(b(&e).available, 12, "S1 bought from b");
+        ok(&e, publish("L2", "madrid", true, T0 + 20 * HOUR + MIN)).await;
+        assert_eq!(b(&e).available, 0, "and the next lead");
+    });
+}
+
 /// R20/R24, hard budgets: a new config whose pause is already over (a profile sent
 /// again with a past `paused_until`) gets one budget in its first week: its first
 /// recharge is its resume too, so the housekeeping does not recharge that resume

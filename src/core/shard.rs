@@ -23,7 +23,7 @@ use super::policy::{ChargeOn, DispatchMode, Policy};
 use super::rank::{self, ProStats, WeightBreakdown};
 use super::ring::{self, Ring, Selection, Verdict};
 use crate::ids::{ClientId, LeadId, Millis, OptMillis, ProId, ShardKey};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 use std::collections::BTreeSet;
@@ -227,6 +227,9 @@ pub enum Skip {
     NoGenericSlots,
     /// Not its turn: the rotation's group was full before reaching it.
     TurnNotReached,
+    /// A direct target under auto-buy after as many targets as the lead has responder
+    /// seats bought it (R6): it would have paid for a lead it could not answer.
+    SeatsFull,
 }
 
 impl From<Unavailable> for Skip {
@@ -1184,6 +1187,11 @@ impl Shard {
                     Some(&slot) => match (self.slot_pro(slot).available(now), &buying) {
                         (Err(u), _) => skipped.push((target.clone(), u.into())),
                         (Ok(()), None) => grants.push(Grant { pro: target.clone(), kind, charge: None }),
+                        // R6: no more buyers than the lead's responder seats, taken by
+                        // the targets in the order the client listed them.
+                        (Ok(()), Some(_)) if grants.len() >= p.max_responders as usize => {
+                            skipped.push((target.clone(), Skip::SeatsFull))
+                        }
                         (Ok(()), Some(st)) => match self.purchase(now, st, &self.slot_pro(slot).pro, funds) {
                             Ok(c) => grants.push(Grant { pro: target.clone(), kind, charge: Some(c) }),
                             Err(skip) => skipped.push((target.clone(), skip)),
@@ -1518,18 +1526,30 @@ impl Shard {
                 skipped.push((self.slot_pro(slot).pro.id.clone(), skip));
             }
         }
-        let grants = rotation
-            .taken
-            .iter()
-            .map(|&slot| {
-                let pro = &self.slot_pro(slot).pro;
-                let charge = (kind == OfferKind::AutoBuy).then(|| {
-                    self.purchase(now, st, pro, funds)
-                        .expect("eligible auto-buy pros have a config with budget: checked by ineligible()")
-                });
-                Grant { pro: pro.id.clone(), kind, charge }
-            })
-            .collect();
+        let mut grants = Vec::with_capacity(rotation.taken.len());
+        let mut rotation = rotation;
+        let mut i = 0;
+        while i < rotation.taken.len() {
+            let slot = rotation.taken[i];
+            let pro = &self.slot_pro(slot).pro;
+            let charge = match kind {
+                OfferKind::AutoBuy => match self.purchase(now, st, pro, funds) {
+                    Ok(c) => Some(c),
+                    // The budget the scan saw was spent since by another shard's
+                    // decision (the ledger is shared, read live): as a spend the ledger
+                    // refuses, the pro keeps its turn and waits for the lead (R22).
+                    Err(skip) => {
+                        rotation.taken.remove(i);
+                        rotation.skipped.push(slot);
+                        skipped.push((pro.id.clone(), skip));
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            grants.push(Grant { pro: pro.id.clone(), kind, charge });
+            i += 1;
+        }
         // With fanout "all" the rotation order only orders delivery; nobody's turn is
         // consumed, so the ring does not move, unless the release stopped at
         // `MAX_OFFERS_PER_RELEASE` (then the turns are used, as for a number).
@@ -1772,9 +1792,9 @@ impl Shard {
     /// A pro missed a lead for want of budget if the lead's scan skipped it for that
     /// (the lead's retry list, bounded by [`MAX_RECORDED_SKIPS`]) or if the pro was
     /// parked for a spent budget, or short of budget (skipped for it, not parked, and
-    /// no lead received since), without a break, since before the lead came and was
-    /// available at the lead's time (its schedule, pause and vacation as set now: any
-    /// change to them would have ended the park). A lead with open seats scanned every
+    /// no lead received since), without a break, since before the lead's release (its
+    /// scan for buyers) and was available then (its schedule, pause and vacation as set
+    /// now: any change to them would have ended the park). A lead with open seats scanned every
     /// pro not parked, so a pro short of budget since before it was skipped by it. The
     /// second covers the pros a large shard's bounded retry list leaves out.
     ///
@@ -1800,9 +1820,10 @@ impl Shard {
         }
         let mut events = Vec::new();
         let mut waiting: Vec<Waiting> = Vec::with_capacity(pros.len());
+        let mut seen: FxHashSet<u32> = FxHashSet::default();
         for pro in pros {
             let Some(&slot) = self.slots.get(pro) else { continue };
-            if waiting.iter().any(|w| w.slot == slot) {
+            if !seen.insert(slot) {
                 continue;
             }
             let Some(e) = self.ring.entry(slot) else { continue };
@@ -1816,7 +1837,8 @@ impl Shard {
                 served: e.served,
                 slot,
                 stride: e.stride,
-                since: self.ring.budget_parked_since(slot).or(self.slot_pro(slot).budget_short_since.get()),
+                // The earlier of the two: short of budget (skipped for it), then parked.
+                since: self.short_of_budget_since(slot, self.slot_pro(slot).budget_short_since).get(),
             });
         }
         if waiting.is_empty() {
@@ -1825,12 +1847,16 @@ impl Shard {
         let index: FxHashMap<&ProId, usize> =
             waiting.iter().enumerate().map(|(i, w)| (&self.slot_pro(w.slot).pro.id, i)).collect();
         let first_since = waiting.iter().filter_map(|w| w.since).min();
+        // A lead's scan for buyers ran at its release (after the head start, or late
+        // after a stop), not when it was accepted: who was short of budget or available
+        // is judged then.
+        let released = |st: &LeadState| st.released_at.get().unwrap_or(st.accepted_at);
         let mut leads: Vec<&LeadState> = self
             .leads
             .values()
             .filter(|st| {
                 st.is_open()
-                    && (first_since.is_some_and(|s| s <= st.accepted_at)
+                    && (first_since.is_some_and(|s| s <= released(st))
                         || st.budget_waitlist.iter().any(|p| index.contains_key(p)))
             })
             .filter(|st| now < st.accepted_at.saturating_add(self.policy.retry_window))
@@ -1842,7 +1868,9 @@ impl Shard {
             })
             .map(|st| &**st)
             .collect();
-        leads.sort_by(|a, b| (a.accepted_at, &a.lead.id).cmp(&(b.accepted_at, &b.lead.id)));
+        leads.sort_by(|a, b| {
+            (released(a), a.accepted_at, &a.lead.id).cmp(&(released(b), b.accepted_at, &b.lead.id))
+        });
         // The parked pros join `missed` (in rotation order) as the leads, oldest first,
         // reach the time they were parked since.
         let mut by_since: Vec<usize> = (0..waiting.len()).filter(|&i| waiting[i].since.is_some()).collect();
@@ -1852,11 +1880,11 @@ impl Shard {
         // The ring's count of pros taken, as the offers below take them in turn.
         let mut served = self.ring.served();
         let cheapest = self.min_price();
-        let mut spent: FxHashMap<ProId, u64> = FxHashMap::default();
+        let mut spent: FxHashMap<(ProId, SmolStr), u64> = FxHashMap::default();
         let mut listed: Vec<(u64, u64, u32, usize)> = Vec::new();
         for st in leads {
             while let Some(&i) = by_since.get(joined) {
-                if waiting[i].since.is_some_and(|s| s > st.accepted_at) {
+                if waiting[i].since.is_some_and(|s| s > released(st)) {
                     break;
                 }
                 missed.insert((waiting[i].pass, waiting[i].served, waiting[i].slot, i));
@@ -1906,8 +1934,8 @@ impl Shard {
                 };
                 let (_, _, slot, i) = key;
                 let ps = self.slot_pro(slot);
-                if ps.available(st.accepted_at).is_err() {
-                    continue; // not for want of budget: unavailable at the lead's time
+                if ps.available(released(st)).is_err() {
+                    continue; // not for want of budget: unavailable at the release
                 }
                 let view = SpentFunds { inner: funds, spent: &spent };
                 if self.ineligible(now, slot, st, &view).is_some() {
@@ -1917,7 +1945,7 @@ impl Shard {
                 let Some(config) = self.budget_config(now, &ps.pro, price, &view) else {
                     continue;
                 };
-                *spent.entry(ps.pro.id.clone()).or_default() += price;
+                *spent.entry((ps.pro.id.clone(), config.clone())).or_default() += price;
                 taken.push(i);
                 let view = SpentFunds { inner: funds, spent: &spent };
                 if self.budget_config(now, &ps.pro, cheapest, &view).is_none() {
@@ -1969,7 +1997,7 @@ impl Shard {
         // budgets they spent: a copy of the ring once a second one comes.
         let mut ring: Option<Ring> = None;
         let mut last_rotation: Option<Selection> = None;
-        let mut spent: FxHashMap<ProId, u64> = FxHashMap::default();
+        let mut spent: FxHashMap<(ProId, SmolStr), u64> = FxHashMap::default();
         for d in self.deadlines.iter().take_while(|d| d.at <= now) {
             let st = self.leads.get(&d.lead);
             match (&d.due, st) {
@@ -1992,10 +2020,10 @@ impl Shard {
                     let ev = self.release_on(ring.as_ref().unwrap_or(&self.ring), now, st, &view);
                     if let Event::Offered { grants, rotation, .. } = &ev {
                         for g in grants {
-                            if let Some(c) =
-                                g.charge.as_ref().filter(|c| matches!(c.mode, ChargeMode::Budget { .. }))
+                            if let Some(Charge { credits, mode: ChargeMode::Budget { config }, .. }) =
+                                &g.charge
                             {
-                                *spent.entry(g.pro.clone()).or_default() += c.credits;
+                                *spent.entry((g.pro.clone(), config.clone())).or_default() += credits;
                             }
                         }
                         last_rotation = Some(rotation.clone());
@@ -2093,6 +2121,16 @@ impl Shard {
             }
             Event::BudgetReturned { pro, .. } => {
                 if let Some(&slot) = self.slots.get(pro) {
+                    // R22: the unpark ends a park for a spent budget, which held since
+                    // when the pro has been short of it: kept, as for an availability
+                    // change (the budget back may not cover every lead it missed, and
+                    // after a restart every parked pro is told, budget back or not).
+                    let marked =
+                        self.pros[slot as usize].as_ref().map_or(OptMillis::NONE, |ps| ps.budget_short_since);
+                    let short_since = self.short_of_budget_since(slot, marked);
+                    if let Some(ps) = self.pros[slot as usize].as_mut() {
+                        ps.budget_short_since = short_since;
+                    }
                     self.ring.unpark(slot, self.policy.max_catch_up_turns);
                 }
             }
@@ -2829,8 +2867,8 @@ impl Shard {
 /// A read-only funds view that subtracts what this decision already spent.
 struct SpentFunds<'a> {
     inner: &'a dyn Funds,
-    /// Credits already promised per pro by the decision being made.
-    spent: &'a FxHashMap<ProId, u64>,
+    /// Budget already spent per pro and auto-buy config by the decision being made.
+    spent: &'a FxHashMap<(ProId, SmolStr), u64>,
 }
 
 impl Funds for SpentFunds<'_> {
@@ -2839,7 +2877,11 @@ impl Funds for SpentFunds<'_> {
     }
     fn budget(&self, pro: &ProId, config: &str) -> u64 {
         let b = self.inner.budget(pro, config);
-        b.saturating_sub(self.spent.get(pro).copied().unwrap_or(0))
+        // No allocation for the lookup of a pro that spent nothing in this decision.
+        if self.spent.is_empty() {
+            return b;
+        }
+        b.saturating_sub(self.spent.get(&(pro.clone(), SmolStr::new(config))).copied().unwrap_or(0))
     }
 }
 

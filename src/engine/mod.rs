@@ -720,9 +720,10 @@ impl Engine {
             self.inner.metrics.overloaded(&key.tenant);
             return Err(ApiError::overloaded(50));
         }
+        // Counted out however this ends, a panic in the decision included.
+        let slot = InFlight(cell);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        actor::execute(self, &cell, &cmd, Some(tx), Instant::now(), true);
-        let _slot = InFlight(cell);
+        actor::execute(self, &slot.0, &cmd, Some(tx), Instant::now(), true);
         match rx.await {
             Ok(r) => r.map(|s| s.reply),
             Err(_) => Err(ApiError::unavailable("the request was dropped (shutdown or WAL failure)")),
@@ -1163,23 +1164,25 @@ impl Engine {
         }
         let was_buying = before.is_some_and(|b| b.is_buying(now));
         if cfg.is_buying(now) && (current.is_none() || !was_buying) {
-            // A new config's first recharge is this week's (R20): the Monday recharge
-            // of this week must not top it up again. A resumed config recharges now (R24).
-            let ops = match (current, self.week_of(tenant, now)) {
-                (None, Some(monday)) => {
-                    let mut ops = vec![OpId::weekly_recharge(pro, &name, monday)];
-                    // A new config whose pause is already over (a profile sent again
-                    // with a past `paused_until`): this first recharge is its resume
-                    // too, which the weekly housekeeping must find done, or the week
-                    // would get a second budget (R20). Taken right after the first,
-                    // with nothing spent between, it leaves the same budget.
-                    if cfg.paused_until.is_some() {
-                        ops.push(resume_op(pro, cfg, now));
-                    }
-                    ops
-                }
-                _ => vec![resume_op(pro, cfg, now)],
-            };
+            // This week's recharge comes first, for a new config and a resumed one
+            // alike (R20): the week's housekeeping must find it done. A new config's
+            // first recharge is this week's; a config paused or inactive at Monday's
+            // housekeeping never got it, and the next housekeeping would top the budget
+            // up a second time in the week once the config buys again. (For a config
+            // that got it on Monday it is a repeat and changes nothing.)
+            let mut ops: Vec<OpId> = self
+                .week_of(tenant, now)
+                .map(|monday| OpId::weekly_recharge(pro, &name, monday))
+                .into_iter()
+                .collect();
+            // A resumed config recharges now (R24). So does a new config whose pause
+            // is already over (a profile sent again with a past `paused_until`): this
+            // first recharge is its resume too, which the housekeeping must find done.
+            // Taken right after the week's, with nothing spent between, it leaves the
+            // same budget.
+            if current.is_some() || cfg.paused_until.is_some() || ops.is_empty() {
+                ops.push(resume_op(pro, cfg, now));
+            }
             // One closing of the gate for both (a new config's first recharge and its
             // resume): a spend between them would be topped up again.
             self.ledger_ops(tenant, ops.len(), |l, i| l.recharge(ops[i].clone(), tenant, pro, &name)).await?;
@@ -1403,7 +1406,11 @@ impl Engine {
                             l.recharge(ops[i].clone(), tenant, &pro.id, &name)
                         })
                         .await?;
-                    recharged |= rs.iter().any(|r| !r.replayed) && b.available < b.weekly_budget;
+                    // Budget back: a recharge of a budget that was spent, or a paused
+                    // config buying again (its pro may be parked because every config
+                    // buying before was spent, R24: nothing else would tell its shards).
+                    let resumed = rs.get(1).is_some_and(|r| !r.replayed);
+                    recharged |= resumed || (rs.iter().any(|r| !r.replayed) && b.available < b.weekly_budget);
                 }
                 if recharged {
                     returned.push(pro.id.clone());
