@@ -327,6 +327,25 @@ fn r20_r24_a_config_resumed_by_an_update_after_a_paused_monday_gets_one_budget()
     });
 }
 
+/// R19: a weekly amount set back within one millisecond (24, 48, 24) ends at 24: each
+/// setting is numbered, where an id of time and amount made the third a repeat of the
+/// first, answered `done` and ignored (every later recharge then topped up to 48).
+#[test]
+fn r19_a_weekly_budget_set_back_within_a_millisecond_takes_effect() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        let weekly = |credits: u64| {
+            json!({"type": "upsert_pro", "pro": {"id": "b1", "categories": ["painting"], "zones": ["madrid"],
+                "autobuy": [{"name": "main", "zones": ["madrid"], "categories": ["painting"],
+                             "weekly_budget_credits": credits}]}})
+        };
+        for credits in [24, 48, 24] {
+            ok(&e, weekly(credits)).await;
+            assert_eq!(budget(&e, "b1").weekly_budget, credits);
+        }
+        assert_eq!(budget(&e, "b1").settings, 3);
+    });
+}
+
 /// R22/R24: a buyer whose buying config is spent is parked until budget comes back; a
 /// second config, full but paused, resuming by itself is budget back too: the buyer
 /// gets the short lead it missed and the next ones (it stayed parked until the next

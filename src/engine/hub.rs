@@ -6,8 +6,10 @@
 //! number again. Subscribers get bounded queues; one that falls behind is cut off
 //! (never buffered without bound) and can resume from its last sequence number.
 
+use crate::ids::ProId;
 use crate::protocol::{Encoding, StreamEvent, StreamFrame, StreamTag};
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -298,7 +300,6 @@ fn frame_around(enc: Encoding, seq: u64, body: Body) -> Framed {
 struct Subscriber {
     enc: Encoding,
     id: u64,
-    pro: Option<crate::ids::ProId>,
     tx: mpsc::Sender<Arc<Outgoing>>,
     /// Set when the hub dropped this subscriber for being too slow.
     slow: Arc<AtomicBool>,
@@ -307,8 +308,22 @@ struct Subscriber {
 struct Inner {
     next_seq: u64,
     buffer: VecDeque<Arc<Outgoing>>,
+    /// Subscribers to the whole stream.
     subscribers: Vec<Subscriber>,
+    /// Per-pro feeds, by pro: an event is offered only to its own pro's feeds. A
+    /// tenant may keep a feed open for each of thousands of pros, and `publish` runs
+    /// on the log's one thread for every tenant: its cost must not grow with them.
+    by_pro: FxHashMap<ProId, Vec<Subscriber>>,
+    /// How many subscribers `by_pro` holds.
+    per_pro: usize,
+    /// Events published since `by_pro` was last swept for feeds whose receiver is
+    /// gone (a connection that ended without unsubscribing).
+    since_sweep: usize,
 }
+
+/// Per-pro feeds are swept for ended receivers once at least this many events (and at
+/// least as many as there are feeds) went by: an amortised constant per event.
+const SWEEP_EVERY_EVENTS: usize = 1024;
 
 pub struct StreamHub {
     inner: Mutex<Inner>,
@@ -346,7 +361,14 @@ impl StreamHub {
     /// A hub whose evicted events go to `spill` (see [`super::spill`]).
     pub fn with_spill(retention: usize, spill: Option<Arc<super::spill::Spill>>) -> Self {
         Self {
-            inner: Mutex::new(Inner { next_seq: 1, buffer: VecDeque::new(), subscribers: Vec::new() }),
+            inner: Mutex::new(Inner {
+                next_seq: 1,
+                buffer: VecDeque::new(),
+                subscribers: Vec::new(),
+                by_pro: FxHashMap::default(),
+                per_pro: 0,
+                since_sweep: 0,
+            }),
             wanted: [AtomicUsize::new(0), AtomicUsize::new(0)],
             retention,
             spill,
@@ -433,6 +455,30 @@ impl StreamHub {
         self.wanted[enc_index(s.enc)].fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Offers `out` to each of `subs`: one that is full (too slow) or whose receiver is
+    /// gone is dropped (dropping its sender ends its stream). Returns how many were.
+    fn fan_out(&self, subs: &mut Vec<Subscriber>, out: &Arc<Outgoing>) -> usize {
+        let (mut i, mut dropped) = (0, 0);
+        while i < subs.len() {
+            let keep = match subs[i].tx.try_send(out.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    subs[i].slow.store(true, Ordering::Release);
+                    self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+            if keep {
+                i += 1;
+            } else {
+                self.gone(&subs.swap_remove(i));
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// Numbers, buffers and fans out events, in order.
     pub fn publish<E: Into<Prepared>>(&self, events: impl IntoIterator<Item = E>) {
         // Events pushed out of the replay buffer are freed after the lock is released:
@@ -457,33 +503,32 @@ impl StreamHub {
                 }
             }
             inner.buffer.push_back(out.clone());
-            let mut i = 0;
-            while i < inner.subscribers.len() {
-                let s = &inner.subscribers[i];
-                let wanted = s.pro.as_ref().is_none_or(|p| out.event.pro() == Some(p));
-                // A per-pro subscriber whose receiver is gone (its connection ended
-                // without unsubscribing) is dropped at the next event, not only at the
-                // next event of its pro.
-                let keep = if !wanted {
-                    !s.tx.is_closed()
-                } else {
-                    match s.tx.try_send(out.clone()) {
-                        Ok(()) => true,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            s.slow.store(true, Ordering::Release);
-                            self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                            false
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+            self.fan_out(&mut inner.subscribers, &out);
+            if let Some(p) = out.event.pro() {
+                if let Some(feeds) = inner.by_pro.get_mut(p) {
+                    inner.per_pro -= self.fan_out(feeds, &out);
+                    if feeds.is_empty() {
+                        inner.by_pro.remove(p);
                     }
-                };
-                if keep {
-                    i += 1;
-                } else {
-                    // Dropping the sender ends the subscriber's stream.
-                    self.gone(&inner.subscribers.swap_remove(i));
                 }
             }
+            inner.since_sweep += 1;
+        }
+        if inner.per_pro > 0 && inner.since_sweep >= SWEEP_EVERY_EVENTS.max(inner.per_pro) {
+            inner.since_sweep = 0;
+            let mut ended = 0;
+            inner.by_pro.retain(|_, feeds| {
+                feeds.retain(|s| {
+                    let open = !s.tx.is_closed();
+                    if !open {
+                        self.gone(s);
+                        ended += 1;
+                    }
+                    open
+                });
+                !feeds.is_empty()
+            });
+            inner.per_pro -= ended;
         }
         if let (Some(sp), false) = (&self.spill, to_spill.is_empty()) {
             sp.push_evicted(to_spill, &mut evicted);
@@ -511,10 +556,12 @@ impl StreamHub {
             if after + 1 < oldest {
                 return Err(ResumeError::TooOld { oldest_available: oldest });
             }
+            // The buffer holds consecutive numbers from `oldest`: the backlog starts at
+            // a known place, not after a scan of everything before it.
+            let from = (after + 1 - oldest) as usize;
             backlog.extend(
                 g.buffer
-                    .iter()
-                    .filter(|o| o.seq > after)
+                    .range(from..)
                     .filter(|o| pro.as_ref().is_none_or(|p| o.event.pro() == Some(p)))
                     .cloned(),
             );
@@ -522,7 +569,14 @@ impl StreamHub {
         let (tx, rx) = mpsc::channel(capacity);
         let slow = Arc::new(AtomicBool::new(false));
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        g.subscribers.push(Subscriber { enc, id, pro, tx, slow: slow.clone() });
+        let sub = Subscriber { enc, id, tx, slow: slow.clone() };
+        match pro {
+            Some(p) => {
+                g.by_pro.entry(p).or_default().push(sub);
+                g.per_pro += 1;
+            }
+            None => g.subscribers.push(sub),
+        }
         self.wanted[enc_index(enc)].fetch_add(1, Ordering::Relaxed);
         Ok(Subscription { backlog, rx, slow, next_seq: g.next_seq, id })
     }
@@ -531,18 +585,35 @@ impl StreamHub {
         let mut g = self.inner.lock();
         if let Some(i) = g.subscribers.iter().position(|s| s.id == id) {
             self.gone(&g.subscribers.swap_remove(i));
+            return;
+        }
+        let inner = &mut *g;
+        let found = inner.by_pro.iter_mut().find_map(|(p, feeds)| {
+            let i = feeds.iter().position(|s| s.id == id)?;
+            self.gone(&feeds.swap_remove(i));
+            Some((p.clone(), feeds.is_empty()))
+        });
+        if let Some((p, empty)) = found {
+            inner.per_pro -= 1;
+            if empty {
+                inner.by_pro.remove(&p);
+            }
         }
     }
 
     pub fn subscriber_count(&self) -> usize {
-        self.inner.lock().subscribers.len()
+        let g = self.inner.lock();
+        g.subscribers.len() + g.per_pro
     }
 
     /// Closes every subscription (shutdown): their receivers end.
     pub fn close_all(&self) {
-        for s in self.inner.lock().subscribers.drain(..) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        for s in inner.subscribers.drain(..).chain(inner.by_pro.drain().flat_map(|(_, feeds)| feeds)) {
             self.gone(&s);
         }
+        inner.per_pro = 0;
     }
 }
 
@@ -589,14 +660,16 @@ mod tests {
     }
 
     #[test]
-    fn a_per_pro_subscriber_whose_receiver_is_gone_is_dropped_at_the_next_event_of_anyone() {
+    fn a_per_pro_subscriber_whose_receiver_is_gone_is_dropped_by_a_later_sweep() {
         let hub = StreamHub::new(100);
         let sub = hub.subscribe(None, Some(crate::ids::ProId::new("x")), 16, Encoding::Json).unwrap();
         assert_eq!(hub.subscriber_count(), 1);
         // The connection ended without `unsubscribe`; events of other leads follow
-        // (`LeadClosed` names no pro).
+        // (`LeadClosed` names no pro): swept once enough went by.
         drop(sub);
-        hub.publish([ev(1)]);
+        hub.publish((1..SWEEP_EVERY_EVENTS as u64).map(ev));
+        assert_eq!(hub.subscriber_count(), 1, "not swept at every event");
+        hub.publish([ev(SWEEP_EVERY_EVENTS as u64)]);
         assert_eq!(hub.subscriber_count(), 0);
     }
 

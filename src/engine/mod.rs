@@ -1159,7 +1159,10 @@ impl Engine {
         let current = self.inner.ledger.budget(tenant, pro, &name);
         if current.map(|b| b.weekly_budget) != Some(cfg.weekly_budget_credits) {
             let (t, p, n, w) = (tenant.clone(), pro.clone(), name.clone(), cfg.weekly_budget_credits);
-            self.ledger_op(tenant, move |l| l.set_budget(OpId::set_budget(&p, &n, now, w), &t, &p, &n, w))
+            // The next setting's number: changes of one pro run one at a time
+            // (`Engine::pro_change`), so nothing sets this budget meanwhile.
+            let next = current.map_or(1, |b| b.settings + 1);
+            self.ledger_op(tenant, move |l| l.set_budget(OpId::set_budget(&p, &n, now, next), &t, &p, &n, w))
                 .await?;
         }
         let was_buying = before.is_some_and(|b| b.is_buying(now));

@@ -89,6 +89,11 @@ pub(crate) const KEPT_SET_OPS: usize = 8;
 pub(crate) const KEPT_RECHARGE_OPS: usize = 64;
 
 impl Budget {
+    /// How many times the weekly amount was set (the version of the newest setting).
+    pub(crate) fn settings(&self) -> u64 {
+        self.weekly_version
+    }
+
     pub(crate) fn available(&self) -> u64 {
         let gross = u128::from(self.base) + u128::from(self.current.refunded) + u128::from(self.current.late);
         let left = gross.saturating_sub(u128::from(self.current.spent));

@@ -190,6 +190,8 @@ pub struct BudgetBalance {
     pub refunded: u64,
     /// Number of recharges so far (0: never recharged, nothing to spend).
     pub period: u64,
+    /// Number of times the weekly amount was set.
+    pub settings: u64,
 }
 
 /// The whole ledger state, for WAL snapshots. Opaque; restore with
@@ -453,6 +455,7 @@ impl Ledger {
             spent: b.spent(),
             refunded: b.refunded(),
             period: b.period,
+            settings: b.settings(),
         })
     }
 

@@ -50,10 +50,13 @@ impl OpId {
         Self::new(format!("grant:{payment}"))
     }
 
-    /// `budget:<pro>:<config>:<at>:<weekly>`: auto-buy config `budget` of `pro` set to
-    /// `weekly` credits at `at` (R19).
-    pub fn set_budget(pro: &ProId, budget: &BudgetName, at: Millis, weekly: u64) -> Self {
-        Self::new(format!("budget:{pro}:{budget}:{at}:{weekly}"))
+    /// `budget:<pro>:<config>:<at>:<n>`: the `n`-th setting of the weekly amount of
+    /// auto-buy config `budget` of `pro`, made at `at` (R19). Numbered, not keyed on the
+    /// amount: two changes in one millisecond that set an amount back (24, 48, 24) are
+    /// three settings, where an id of time and amount made the third a repeat of the
+    /// first, answered and ignored.
+    pub fn set_budget(pro: &ProId, budget: &BudgetName, at: Millis, n: u64) -> Self {
+        Self::new(format!("budget:{pro}:{budget}:{at}:{n}"))
     }
 
     /// `week:<pro>:<config>:<monday>`: the weekly recharge (R20) of the local week
