@@ -527,73 +527,18 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
             field: Some("id".into()),
         }),
         Ok(env) => Ok(env),
-        Err(message) => {
-            let id = peek_id(enc, bytes);
-            let code = if message.contains(envelope_de::UNKNOWN_TYPE) {
-                "unknown_message"
-            } else if message.contains("missing field `type`") || message.contains("missing field `id`") {
-                "bad_frame"
-            } else if id.is_some() {
-                "invalid_field"
-            } else {
-                "bad_frame"
-            };
-            let field = if code == "invalid_field" { field_path(enc, bytes) } else { None };
-            Err(DecodeError { id, code, message, field })
-        }
+        // Only a frame that failed is looked at again.
+        Err(message) => Err(diagnose::failed(enc, bytes, message)),
     }
-}
-
-/// The path of the field that failed to decode (`lead.location.lat`): the frame is
-/// decoded again, only after a failure, with the path tracked.
-fn field_path(enc: Encoding, bytes: &[u8]) -> Option<String> {
-    fn tracked<'de, D: serde::Deserializer<'de>>(d: D) -> Option<String> {
-        let path = serde_path_to_error::deserialize::<_, Envelope>(d).err()?.path().to_string();
-        (path != "." && !path.is_empty()).then_some(path)
-    }
-    let found = match enc {
-        Encoding::Json => tracked(&mut serde_json::Deserializer::from_slice(bytes)),
-        Encoding::Msgpack => tracked(&mut rmp_serde::Deserializer::from_read_ref(bytes)),
-    };
-    found.or_else(|| {
-        // Fields before `type` are buffered, which hides their path: decode the frame
-        // once more with `id` and `type` moved to the front.
-        let v: serde_json::Value = match enc {
-            Encoding::Json => serde_json::from_slice(bytes).ok()?,
-            Encoding::Msgpack => rmp_serde::from_slice(bytes).ok()?,
-        };
-        let obj = v.as_object()?;
-        let mut text = String::from("{");
-        for (k, v) in ["id", "type"]
-            .iter()
-            .filter_map(|k| obj.get_key_value(*k))
-            .chain(obj.iter().filter(|(k, _)| *k != "id" && *k != "type"))
-        {
-            if text.len() > 1 {
-                text.push(',');
-            }
-            text.push_str(&serde_json::to_string(k).ok()?);
-            text.push(':');
-            text.push_str(&v.to_string());
-        }
-        text.push('}');
-        tracked(&mut serde_json::Deserializer::from_str(&text))
-    })
 }
 
 /// Best effort: the correlation id of a frame that failed to decode, so the error
 /// reply can still be matched to its request; also of a frame refused unread (one pass
-/// over the frame that builds nothing but the id).
+/// over the frame that builds nothing but the id). Only a map has an id: `None` for
+/// anything else, for an `id` that is not a string, is repeated or is longer than
+/// [`MAX_CORRELATION_ID`].
 pub fn peek_id(enc: Encoding, bytes: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct IdOnly {
-        id: String,
-    }
-    let id = match enc {
-        Encoding::Json => serde_json::from_slice::<IdOnly>(bytes).ok()?.id,
-        Encoding::Msgpack => rmp_serde::from_slice::<IdOnly>(bytes).ok()?.id,
-    };
-    (id.len() <= MAX_CORRELATION_ID).then_some(id)
+    diagnose::scan(enc, bytes).0.reply_id()
 }
 
 /// The `id` and `type` of a frame that starts with them (in either order), read
@@ -738,7 +683,8 @@ pub mod envelope_de {
     use std::borrow::Cow;
     use std::fmt;
 
-    /// Marks the error for an unknown `type` (mapped to `unknown_message`).
+    /// How the message for an unknown `type` starts. The reply's code
+    /// (`unknown_message`) is decided from the frame, never from this text.
     pub const UNKNOWN_TYPE: &str = "unknown message type";
 
     impl Serialize for Envelope {
@@ -768,7 +714,7 @@ pub mod envelope_de {
     }
 
     /// A map key, borrowed from the frame when the format allows.
-    struct Key<'de>(Cow<'de, str>);
+    pub(super) struct Key<'de>(pub(super) Cow<'de, str>);
 
     impl<'de> Deserialize<'de> for Key<'de> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -1014,6 +960,849 @@ pub mod envelope_de {
     }
 }
 
+/// What is wrong with a frame that failed to decode: the error code, the id to answer
+/// with and, for `invalid_field`, the path of the bad field. Runs only after a failure:
+/// the decode of a valid frame pays nothing for it.
+///
+/// The code is decided from the frame's structure ([`scan`]: a map, with one string
+/// `id` and one string `type` naming a known request), never from the text of the
+/// decoder's error, which quotes the frame's own values.
+///
+/// The field is found by decoding the frame again from a tree of its values ([`Node`],
+/// the same for both encodings) through a deserializer whose errors are typed
+/// ([`NodeErr`]: a missing field says which), with the path tracked. Serde loses the
+/// path inside values it buffers before decoding them (internally tagged enums such as
+/// an order's `command`, the `offer` action flattened into its request); there the bad
+/// field is found by probing: the tree is decoded again with one entry removed (or the
+/// missing one added) to see which entry the error depends on. Probes are bounded in
+/// number and in the bytes they decode together.
+mod diagnose {
+    use super::envelope_de::{Key, UNKNOWN_TYPE};
+    use super::{DecodeError, Encoding, Envelope, Request, MAX_CORRELATION_ID};
+    use serde::de::{
+        self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor,
+    };
+    use serde::{Deserialize, Deserializer};
+    use std::fmt;
+
+    /// The error for a frame `decode` refused with `message`.
+    pub(super) fn failed(enc: Encoding, bytes: &[u8], message: String) -> DecodeError {
+        let (head, whole) = scan(enc, bytes);
+        let id = head.reply_id();
+        let error = |code, message: String, field: Option<&str>| DecodeError {
+            id: id.clone(),
+            code,
+            message,
+            field: field.map(str::to_owned),
+        };
+        if !head.map || !whole {
+            // Not a map, or not readable to its end (syntax, nesting, a key that is not
+            // a string).
+            return error("bad_frame", message, None);
+        }
+        if head.dup_id || head.dup_ty {
+            let f = if head.dup_id { "id" } else { "type" };
+            return error(
+                "bad_frame",
+                format!("duplicate field `{f}`: `id` and `type` may appear once each"),
+                None,
+            );
+        }
+        match (&head.id, &head.ty) {
+            (Slot::Absent, _) => error("bad_frame", "missing field `id`".into(), None),
+            (_, Slot::Absent) => error("bad_frame", "missing field `type`".into(), None),
+            (Slot::Wrong, _) => error("invalid_field", "id: must be a string".into(), Some("id")),
+            (Slot::Str(s), _) if s.len() > MAX_CORRELATION_ID => {
+                error("invalid_field", "id: longer than 128 bytes".into(), Some("id"))
+            }
+            (_, Slot::Wrong) => error("invalid_field", "type: must be a string".into(), Some("type")),
+            (_, Slot::Str(t)) if !Request::TYPES.contains(&t.as_str()) => error(
+                "unknown_message",
+                format!("{UNKNOWN_TYPE} `{t}`, expected one of: {}", Request::TYPES.join(", ")),
+                None,
+            ),
+            _ => DecodeError { id, code: "invalid_field", message, field: field_path(enc, bytes) },
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // The frame's top level
+    // ---------------------------------------------------------------------------------
+
+    /// The top level of a frame, as far as it could be read.
+    #[derive(Default)]
+    pub(super) struct Head {
+        /// The frame is a map.
+        map: bool,
+        id: Slot,
+        ty: Slot,
+        dup_id: bool,
+        dup_ty: bool,
+    }
+
+    #[derive(Default)]
+    enum Slot {
+        #[default]
+        Absent,
+        Str(String),
+        /// Present, not a string.
+        Wrong,
+    }
+
+    impl Head {
+        /// The id an error reply carries: a string id, once, of at most
+        /// [`MAX_CORRELATION_ID`] bytes.
+        pub(super) fn reply_id(&self) -> Option<String> {
+            match &self.id {
+                Slot::Str(s) if !self.dup_id && s.len() <= MAX_CORRELATION_ID => Some(s.clone()),
+                _ => None,
+            }
+        }
+    }
+
+    /// Reads the frame's top level: whether it is a map, and its `id` and `type` (other
+    /// values are skipped, not built). Also says whether the whole frame could be read.
+    pub(super) fn scan(enc: Encoding, bytes: &[u8]) -> (Head, bool) {
+        let mut head = Head::default();
+        let whole = match enc {
+            Encoding::Json => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                HeadSeed(&mut head).deserialize(&mut de).and_then(|()| de.end()).is_ok()
+            }
+            Encoding::Msgpack => {
+                HeadSeed(&mut head).deserialize(&mut rmp_serde::Deserializer::from_read_ref(bytes)).is_ok()
+            }
+        };
+        (head, whole)
+    }
+
+    struct HeadSeed<'h>(&'h mut Head);
+
+    impl<'de> DeserializeSeed<'de> for HeadSeed<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for HeadSeed<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let head = self.0;
+            head.map = true;
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                let (slot, dup) = match &*key.0 {
+                    "id" => (&mut head.id, &mut head.dup_id),
+                    "type" => (&mut head.ty, &mut head.dup_ty),
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                };
+                if matches!(slot, Slot::Absent) {
+                    *slot = map.next_value()?;
+                } else {
+                    *dup = true;
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Slot {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Slot, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Slot;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Slot, E> {
+                    Ok(Slot::Str(v.to_owned()))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Slot, E> {
+                    Ok(Slot::Str(v))
+                }
+                // As a `String` is read: MessagePack bytes that are UTF-8 pass.
+                fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Slot, E> {
+                    Ok(std::str::from_utf8(v).map_or(Slot::Wrong, |s| Slot::Str(s.to_owned())))
+                }
+                fn visit_bool<E: de::Error>(self, _: bool) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_i64<E: de::Error>(self, _: i64) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_u64<E: de::Error>(self, _: u64) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_i128<E: de::Error>(self, _: i128) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_u128<E: de::Error>(self, _: u128) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_f64<E: de::Error>(self, _: f64) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_none<E: de::Error>(self) -> Result<Slot, E> {
+                    Ok(Slot::Wrong)
+                }
+                fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Slot, D::Error> {
+                    IgnoredAny::deserialize(d).map(|_| Slot::Wrong)
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Slot, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Slot::Wrong)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Slot, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Slot::Wrong)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // The bad field's path
+    // ---------------------------------------------------------------------------------
+
+    /// Most probes for one frame, and most bytes of frame they may decode together
+    /// (a large frame gets fewer).
+    const MAX_PROBES: usize = 64;
+    const PROBE_BYTES: usize = 8 << 20;
+    /// Most entries of one map (or elements of one sequence) probed.
+    const MAX_FANOUT: usize = 32;
+
+    /// The path of the field that failed to decode (`lead.location.lat`,
+    /// `command.offer.id`), `None` when it cannot be told.
+    fn field_path(enc: Encoding, bytes: &[u8]) -> Option<String> {
+        let tree = match enc {
+            Encoding::Json => serde_json::from_slice::<Node>(bytes).ok(),
+            Encoding::Msgpack => rmp_serde::from_slice::<Node>(bytes).ok(),
+        };
+        match tree {
+            Some(Node::Map(entries)) => {
+                let budget = (PROBE_BYTES / bytes.len().max(1)).clamp(2, MAX_PROBES);
+                locate(Node::Map(envelope_first(entries)), budget)
+            }
+            // A value the tree does not hold (a MessagePack extension, a map key that
+            // is not a string): the path as the frame's own decoder tracks it.
+            _ => tracked(enc, bytes),
+        }
+    }
+
+    /// The path serde tracks while decoding the frame itself.
+    fn tracked(enc: Encoding, bytes: &[u8]) -> Option<String> {
+        fn run<'de, D: Deserializer<'de>>(d: D) -> Option<String> {
+            let e = serde_path_to_error::deserialize::<_, Envelope>(d).err()?;
+            render(&segments(e.path()), None)
+        }
+        match enc {
+            Encoding::Json => run(&mut serde_json::Deserializer::from_slice(bytes)),
+            Encoding::Msgpack => run(&mut rmp_serde::Deserializer::from_read_ref(bytes)),
+        }
+    }
+
+    /// `id` and `type` moved to the front, as the decoder's fast path reads them: fields
+    /// that come before `type` are buffered, which hides their path.
+    fn envelope_first(mut entries: Vec<(String, Node)>) -> Vec<(String, Node)> {
+        let mut front = Vec::with_capacity(entries.len());
+        for key in ["id", "type"] {
+            if let Some(i) = entries.iter().position(|(k, _)| k == key) {
+                front.push(entries.remove(i));
+            }
+        }
+        front.extend(entries);
+        front
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seg {
+        Key(String),
+        Index(usize),
+    }
+
+    /// Where decoding the tree failed, and how.
+    type Failure = (Vec<Seg>, NodeErr);
+
+    fn run(root: &Node) -> Option<Failure> {
+        let e = serde_path_to_error::deserialize::<_, Envelope>(NodeDe(root)).err()?;
+        Some((segments(e.path()), e.into_inner()))
+    }
+
+    fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {
+        use serde_path_to_error::Segment;
+        let mut out = Vec::new();
+        for s in path.iter() {
+            out.push(match s {
+                Segment::Seq { index } => Seg::Index(*index),
+                Segment::Map { key } => Seg::Key(key.clone()),
+                // An externally tagged variant: `{"variant": body}`.
+                Segment::Enum { variant } => Seg::Key(variant.clone()),
+                Segment::Unknown => break,
+            });
+        }
+        out
+    }
+
+    /// `lead.location.lat`, `command.windows.intervals[0].day`.
+    fn render(path: &[Seg], tail: Option<&str>) -> Option<String> {
+        let mut s = String::new();
+        for seg in path {
+            match seg {
+                Seg::Key(k) => {
+                    if !s.is_empty() {
+                        s.push('.');
+                    }
+                    s.push_str(k);
+                }
+                Seg::Index(i) => s.push_str(&format!("[{i}]")),
+            }
+        }
+        if let Some(t) = tail {
+            if !s.is_empty() {
+                s.push('.');
+            }
+            s.push_str(t);
+        }
+        (!s.is_empty()).then_some(s)
+    }
+
+    /// The bad field: where the tracked path ends, or below it where serde buffered.
+    fn locate(mut root: Node, mut budget: usize) -> Option<String> {
+        let first = run(&root)?;
+        let (mut path, err) = first.clone();
+        let mut tail = None;
+        while let Some(node) = at(&root, &path) {
+            if let Kind::Missing(name) = err.kind {
+                tail = Some(name);
+                if let Node::Map(m) = node {
+                    if !m.iter().any(|(k, _)| k == name) {
+                        // Missing here, or in a value below that lacks it too: here if
+                        // giving it here changes the error.
+                        if budget == 0 {
+                            break;
+                        }
+                        budget -= 1;
+                        if differs(&mut root, &path, &first, Edit::Add(name)) {
+                            break;
+                        }
+                    }
+                }
+            }
+            let Some(node) = at(&root, &path) else { break };
+            if let (Kind::UnknownField(f), Node::Map(m)) = (&err.kind, node) {
+                if m.iter().any(|(k, _)| k == f) {
+                    path.push(Seg::Key(f.clone()));
+                }
+                break;
+            }
+            // The entries that may hold the error (maps and sequences) or be its value.
+            let may_hold = |n: &Node| match err.kind {
+                Kind::Missing(_) => n.is_container(),
+                _ => n.is_container() || err.kind.may_be(n),
+            };
+            let at_root = path.is_empty();
+            let candidates: Vec<(usize, Seg, bool)> = match node {
+                Node::Map(m) => m
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (k, v))| !(at_root && (k == "id" || k == "type")) && may_hold(v))
+                    .take(MAX_FANOUT + 1)
+                    .map(|(i, (k, v))| (i, Seg::Key(k.clone()), v.is_container()))
+                    .collect(),
+                Node::Seq(items) => items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| may_hold(v))
+                    .take(MAX_FANOUT + 1)
+                    .map(|(i, v)| (i, Seg::Index(i), v.is_container()))
+                    .collect(),
+                _ => break,
+            };
+            if candidates.len() > MAX_FANOUT || candidates.len() > budget {
+                break;
+            }
+            // The one entry whose removal changes the error holds it.
+            let mut holders = candidates
+                .into_iter()
+                .filter(|(i, _, _)| {
+                    budget -= 1;
+                    differs(&mut root, &path, &first, Edit::Remove(*i))
+                })
+                .collect::<Vec<_>>();
+            if holders.len() > 1 {
+                // A tag (`"action": "decline"`) holds any error of its variant: keep the
+                // string whose change leaves the complaint as it was (the same kind of
+                // error, wanting the same thing, at the same place).
+                holders.retain(|(i, _, _)| {
+                    budget > 0 && {
+                        budget -= 1;
+                        same_complaint(&mut root, &path, &first, *i)
+                    }
+                });
+            }
+            match holders.pop() {
+                Some((_, seg, container)) if holders.is_empty() => {
+                    path.push(seg);
+                    if !container {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        render(&path, tail)
+    }
+
+    enum Edit {
+        /// Takes out the map's entry or the sequence's element at this index.
+        Remove(usize),
+        /// Gives the map this key (with `null`), after its other entries.
+        Add(&'static str),
+    }
+
+    /// Whether the tree, with `edit` made to the value at `path`, fails differently
+    /// from `first` (or not at all). The tree is left as it was.
+    fn differs(root: &mut Node, path: &[Seg], first: &Failure, edit: Edit) -> bool {
+        enum Undo {
+            Entry(usize, (String, Node)),
+            Element(usize, Node),
+            Pop,
+        }
+        let undo = match (at_mut(root, path), edit) {
+            (Some(Node::Map(m)), Edit::Remove(i)) if i < m.len() => Undo::Entry(i, m.remove(i)),
+            (Some(Node::Seq(v)), Edit::Remove(i)) if i < v.len() => Undo::Element(i, v.remove(i)),
+            (Some(Node::Map(m)), Edit::Add(k)) => {
+                m.push((k.to_owned(), Node::Null));
+                Undo::Pop
+            }
+            _ => return false,
+        };
+        let now = run(root);
+        match (at_mut(root, path), undo) {
+            (Some(Node::Map(m)), Undo::Entry(i, e)) => m.insert(i, e),
+            (Some(Node::Seq(v)), Undo::Element(i, e)) => v.insert(i, e),
+            (Some(Node::Map(m)), Undo::Pop) => {
+                m.pop();
+            }
+            _ => {}
+        }
+        now.as_ref() != Some(first)
+    }
+
+    /// Whether the string at `path`'s entry `i`, changed to another (invalid) one, fails
+    /// as `first` did but for the value: the entry is the value `first` is about.
+    fn same_complaint(root: &mut Node, path: &[Seg], first: &Failure, i: usize) -> bool {
+        let Some(Node::Str(s)) = entry_mut(root, path, i) else { return false };
+        s.push('\u{1}');
+        let now = run(root);
+        if let Some(Node::Str(s)) = entry_mut(root, path, i) {
+            s.pop();
+        }
+        now.is_some_and(|(p, e)| {
+            p == first.0
+                && std::mem::discriminant(&e.kind) == std::mem::discriminant(&first.1.kind)
+                && e.wanted == first.1.wanted
+        })
+    }
+
+    /// The value of entry (or element) `i` of the map (or sequence) at `path`.
+    fn entry_mut<'n>(root: &'n mut Node, path: &[Seg], i: usize) -> Option<&'n mut Node> {
+        match at_mut(root, path)? {
+            Node::Map(m) => m.get_mut(i).map(|(_, v)| v),
+            Node::Seq(v) => v.get_mut(i),
+            _ => None,
+        }
+    }
+
+    fn at<'n>(mut node: &'n Node, path: &[Seg]) -> Option<&'n Node> {
+        for seg in path {
+            node = match (node, seg) {
+                (Node::Map(m), Seg::Key(k)) => &m.iter().find(|(key, _)| key == k)?.1,
+                (Node::Seq(v), Seg::Index(i)) => v.get(*i)?,
+                _ => return None,
+            };
+        }
+        Some(node)
+    }
+
+    fn at_mut<'n>(mut node: &'n mut Node, path: &[Seg]) -> Option<&'n mut Node> {
+        for seg in path {
+            node = match (node, seg) {
+                (Node::Map(m), Seg::Key(k)) => &mut m.iter_mut().find(|(key, _)| key == k)?.1,
+                (Node::Seq(v), Seg::Index(i)) => v.get_mut(*i)?,
+                _ => return None,
+            };
+        }
+        Some(node)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // The frame as a tree, and its deserializer with typed errors
+    // ---------------------------------------------------------------------------------
+
+    /// A frame's values, maps in the frame's order.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Node {
+        Null,
+        Bool(bool),
+        U64(u64),
+        I64(i64),
+        F64(f64),
+        Str(String),
+        Bytes(Vec<u8>),
+        Seq(Vec<Node>),
+        Map(Vec<(String, Node)>),
+    }
+
+    impl Node {
+        fn is_container(&self) -> bool {
+            matches!(self, Node::Seq(_) | Node::Map(_))
+        }
+
+        fn unexpected(&self) -> Unexpected<'_> {
+            match self {
+                Node::Null => Unexpected::Unit,
+                Node::Bool(b) => Unexpected::Bool(*b),
+                Node::U64(n) => Unexpected::Unsigned(*n),
+                Node::I64(n) => Unexpected::Signed(*n),
+                Node::F64(x) => Unexpected::Float(*x),
+                Node::Str(s) => Unexpected::Str(s),
+                Node::Bytes(b) => Unexpected::Bytes(b),
+                Node::Seq(_) => Unexpected::Seq,
+                Node::Map(_) => Unexpected::Map,
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Node {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Node, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Node;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
+                    Ok(Node::Bool(v))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
+                    Ok(Node::I64(v))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
+                    Ok(Node::U64(v))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
+                    Ok(Node::F64(v))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
+                    Ok(Node::Str(v.to_owned()))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Node, E> {
+                    Ok(Node::Str(v))
+                }
+                fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Node, E> {
+                    Ok(Node::Bytes(v.to_vec()))
+                }
+                fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Node, E> {
+                    Ok(Node::Bytes(v))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+                    Ok(Node::Null)
+                }
+                fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+                    Ok(Node::Null)
+                }
+                fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+                    Node::deserialize(d)
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                    let mut items = Vec::new();
+                    while let Some(n) = seq.next_element()? {
+                        items.push(n);
+                    }
+                    Ok(Node::Seq(items))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                    let mut entries = Vec::new();
+                    while let Some(k) = map.next_key::<Key<'de>>()? {
+                        entries.push((k.0.into_owned(), map.next_value()?));
+                    }
+                    Ok(Node::Map(entries))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A decoding error, typed where serde says what it is.
+    #[derive(Debug, Clone, PartialEq)]
+    struct NodeErr {
+        kind: Kind,
+        /// What the decoder wanted instead, when it says.
+        wanted: String,
+        message: String,
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Kind {
+        /// A required field is absent.
+        Missing(&'static str),
+        /// A value of the wrong type or out of range: that value.
+        Value(Unexp),
+        UnknownVariant(String),
+        UnknownField(String),
+        Other,
+    }
+
+    /// The bad value of a [`Kind::Value`] error, as far as it tells.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Unexp {
+        Bool(bool),
+        Number,
+        Str(String),
+        Bytes,
+        Unit,
+        Seq,
+        Map,
+        Other,
+    }
+
+    impl Unexp {
+        fn of(u: Unexpected) -> Self {
+            match u {
+                Unexpected::Bool(b) => Unexp::Bool(b),
+                Unexpected::Unsigned(_) | Unexpected::Signed(_) | Unexpected::Float(_) => Unexp::Number,
+                Unexpected::Char(c) => Unexp::Str(c.to_string()),
+                Unexpected::Str(s) => Unexp::Str(s.to_owned()),
+                Unexpected::Bytes(_) => Unexp::Bytes,
+                Unexpected::Unit => Unexp::Unit,
+                Unexpected::Seq => Unexp::Seq,
+                Unexpected::Map => Unexp::Map,
+                _ => Unexp::Other,
+            }
+        }
+    }
+
+    impl Kind {
+        /// Whether `n` may be the value this error is about.
+        fn may_be(&self, n: &Node) -> bool {
+            match (self, n) {
+                (Kind::Value(u), n) => match (u, n) {
+                    (Unexp::Bool(a), Node::Bool(b)) => a == b,
+                    (Unexp::Number, Node::U64(_) | Node::I64(_) | Node::F64(_)) => true,
+                    (Unexp::Str(a), Node::Str(b)) => a == b,
+                    (Unexp::Str(_) | Unexp::Bytes, Node::Bytes(_)) => true,
+                    (Unexp::Unit, Node::Null) => true,
+                    (Unexp::Seq, Node::Seq(_)) | (Unexp::Map, Node::Map(_)) => true,
+                    (Unexp::Other, _) => true,
+                    _ => false,
+                },
+                (Kind::UnknownVariant(v), Node::Str(s)) => v == s,
+                (Kind::UnknownVariant(v), Node::Map(m)) => m.len() == 1 && m[0].0 == *v,
+                (Kind::UnknownVariant(_), _) => false,
+                _ => true,
+            }
+        }
+    }
+
+    impl fmt::Display for NodeErr {
+        fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(&self.message)
+        }
+    }
+
+    impl std::error::Error for NodeErr {}
+
+    impl de::Error for NodeErr {
+        fn custom<T: fmt::Display>(msg: T) -> Self {
+            NodeErr { kind: Kind::Other, wanted: String::new(), message: msg.to_string() }
+        }
+        fn invalid_type(u: Unexpected, exp: &dyn de::Expected) -> Self {
+            let wanted = exp.to_string();
+            NodeErr {
+                kind: Kind::Value(Unexp::of(u)),
+                message: format!("invalid type: {u}, expected {wanted}"),
+                wanted,
+            }
+        }
+        fn invalid_value(u: Unexpected, exp: &dyn de::Expected) -> Self {
+            let wanted = exp.to_string();
+            NodeErr {
+                kind: Kind::Value(Unexp::of(u)),
+                message: format!("invalid value: {u}, expected {wanted}"),
+                wanted,
+            }
+        }
+        fn unknown_variant(v: &str, expected: &'static [&'static str]) -> Self {
+            NodeErr {
+                kind: Kind::UnknownVariant(v.to_owned()),
+                wanted: expected.join(", "),
+                message: format!("unknown variant `{v}`, expected one of {expected:?}"),
+            }
+        }
+        fn unknown_field(f: &str, expected: &'static [&'static str]) -> Self {
+            NodeErr {
+                kind: Kind::UnknownField(f.to_owned()),
+                wanted: expected.join(", "),
+                message: format!("unknown field `{f}`, expected one of {expected:?}"),
+            }
+        }
+        fn missing_field(f: &'static str) -> Self {
+            NodeErr { kind: Kind::Missing(f), wanted: String::new(), message: format!("missing field `{f}`") }
+        }
+    }
+
+    /// Reads a [`Node`] as serde_json and rmp_serde read the frame.
+    #[derive(Clone, Copy)]
+    struct NodeDe<'a>(&'a Node);
+
+    impl<'a> IntoDeserializer<'a, NodeErr> for NodeDe<'a> {
+        type Deserializer = Self;
+        fn into_deserializer(self) -> Self {
+            self
+        }
+    }
+
+    struct KeyDe<'a>(&'a str);
+
+    impl<'a> IntoDeserializer<'a, NodeErr> for KeyDe<'a> {
+        type Deserializer = de::value::BorrowedStrDeserializer<'a, NodeErr>;
+        fn into_deserializer(self) -> Self::Deserializer {
+            de::value::BorrowedStrDeserializer::new(self.0)
+        }
+    }
+
+    impl<'de> Deserializer<'de> for NodeDe<'de> {
+        type Error = NodeErr;
+
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
+            match self.0 {
+                Node::Null => v.visit_unit(),
+                Node::Bool(b) => v.visit_bool(*b),
+                Node::U64(n) => v.visit_u64(*n),
+                Node::I64(n) => v.visit_i64(*n),
+                Node::F64(x) => v.visit_f64(*x),
+                Node::Str(s) => v.visit_borrowed_str(s),
+                Node::Bytes(b) => v.visit_borrowed_bytes(b),
+                Node::Seq(items) => {
+                    let mut seq = de::value::SeqDeserializer::new(items.iter().map(NodeDe));
+                    let out = v.visit_seq(&mut seq)?;
+                    seq.end()?;
+                    Ok(out)
+                }
+                Node::Map(entries) => {
+                    let mut map = de::value::MapDeserializer::new(
+                        entries.iter().map(|(k, n)| (KeyDe(k.as_str()), NodeDe(n))),
+                    );
+                    let out = v.visit_map(&mut map)?;
+                    map.end()?;
+                    Ok(out)
+                }
+            }
+        }
+
+        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
+            match self.0 {
+                Node::Null => v.visit_none(),
+                _ => v.visit_some(self),
+            }
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            _: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, NodeErr> {
+            match self.0 {
+                Node::Str(s) => v.visit_enum(de::value::BorrowedStrDeserializer::new(s)),
+                Node::Map(m) if m.len() == 1 => v.visit_enum(EnumDe { variant: &m[0].0, body: &m[0].1 }),
+                n => Err(de::Error::invalid_type(n.unexpected(), &"string or map")),
+            }
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            v: V,
+        ) -> Result<V::Value, NodeErr> {
+            v.visit_newtype_struct(self)
+        }
+
+        fn deserialize_ignored_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
+            v.visit_unit()
+        }
+
+        // As serde_json (and the buffered path, which reads JSON values): a field or
+        // variant name is a string, never an index.
+        fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
+            match self.0 {
+                Node::Str(s) => v.visit_borrowed_str(s),
+                Node::Bytes(b) => v.visit_borrowed_bytes(b),
+                n => Err(de::Error::invalid_type(n.unexpected(), &v)),
+            }
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf unit unit_struct seq tuple tuple_struct map struct
+        }
+    }
+
+    /// An externally tagged enum: `{"variant": body}`.
+    struct EnumDe<'a> {
+        variant: &'a str,
+        body: &'a Node,
+    }
+
+    impl<'a> de::EnumAccess<'a> for EnumDe<'a> {
+        type Error = NodeErr;
+        type Variant = BodyDe<'a>;
+        fn variant_seed<S: DeserializeSeed<'a>>(self, seed: S) -> Result<(S::Value, BodyDe<'a>), NodeErr> {
+            let v = seed.deserialize(de::value::BorrowedStrDeserializer::new(self.variant))?;
+            Ok((v, BodyDe(self.body)))
+        }
+    }
+
+    struct BodyDe<'a>(&'a Node);
+
+    impl<'a> de::VariantAccess<'a> for BodyDe<'a> {
+        type Error = NodeErr;
+        fn unit_variant(self) -> Result<(), NodeErr> {
+            match self.0 {
+                Node::Null => Ok(()),
+                n => Err(de::Error::invalid_type(n.unexpected(), &"unit variant")),
+            }
+        }
+        fn newtype_variant_seed<T: DeserializeSeed<'a>>(self, seed: T) -> Result<T::Value, NodeErr> {
+            seed.deserialize(NodeDe(self.0))
+        }
+        fn tuple_variant<V: Visitor<'a>>(self, _: usize, v: V) -> Result<V::Value, NodeErr> {
+            NodeDe(self.0).deserialize_any(v)
+        }
+        fn struct_variant<V: Visitor<'a>>(
+            self,
+            _: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, NodeErr> {
+            NodeDe(self.0).deserialize_any(v)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1161,17 +1950,311 @@ mod tests {
         );
     }
 
+    /// A map that keeps its entries in the given order, repeated keys too.
+    struct Pairs(Vec<(&'static str, serde_json::Value)>);
+
+    impl Serialize for Pairs {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut m = s.serialize_map(Some(self.0.len()))?;
+            for (k, v) in &self.0 {
+                m.serialize_entry(k, v)?;
+            }
+            m.end()
+        }
+    }
+
+    /// Both encodings of `frame` decoded: they must fail alike; the JSON error.
+    fn fails_alike(frame: &impl Serialize) -> DecodeError {
+        let j = decode(Encoding::Json, &encode(Encoding::Json, frame)).unwrap_err();
+        let m = decode(Encoding::Msgpack, &encode(Encoding::Msgpack, frame)).unwrap_err();
+        assert_eq!((j.code, &j.id, &j.field), (m.code, &m.id, &m.field), "json {j:?}, msgpack {m:?}");
+        j
+    }
+
     #[test]
-    fn repeated_id_or_type_is_refused() {
-        for text in [
-            r#"{"id":"a","type":"balance","id":"b","pro":"p"}"#,
-            r#"{"id":"a","type":"balance","pro":"p","id":"b"}"#,
-            r#"{"id":"a","type":"balance","pro":"p","type":"explain"}"#,
-            r#"{"pro":"p","type":"balance","type":"explain","id":"a"}"#,
+    fn repeated_id_or_type_is_a_bad_frame_in_both_encodings() {
+        use serde_json::json;
+        for (pairs, id) in [
+            (
+                vec![("id", json!("a")), ("type", json!("balance")), ("id", json!("b")), ("pro", json!("p"))],
+                None,
+            ),
+            (
+                vec![("id", json!("a")), ("type", json!("balance")), ("pro", json!("p")), ("id", json!("b"))],
+                None,
+            ),
+            (
+                vec![
+                    ("id", json!("a")),
+                    ("type", json!("balance")),
+                    ("pro", json!("p")),
+                    ("type", json!("explain")),
+                ],
+                Some("a"),
+            ),
+            (
+                vec![
+                    ("pro", json!("p")),
+                    ("type", json!("balance")),
+                    ("type", json!("explain")),
+                    ("id", json!("a")),
+                ],
+                Some("a"),
+            ),
+            // Repeated after a bad field: still the envelope's fault.
+            (
+                vec![("id", json!("a")), ("type", json!("balance")), ("pro", json!(5)), ("type", json!("x"))],
+                Some("a"),
+            ),
         ] {
-            let e = decode(Encoding::Json, text.as_bytes()).unwrap_err();
+            let text = serde_json::to_string(&Pairs(pairs.clone())).unwrap();
+            let e = fails_alike(&Pairs(pairs));
+            assert_eq!((e.code, e.id.as_deref(), e.field.as_deref()), ("bad_frame", id, None), "{text}");
             assert!(e.message.contains("duplicate field"), "{text}: {e:?}");
         }
+    }
+
+    /// A publish's lead, complete.
+    fn full_lead() -> serde_json::Value {
+        serde_json::json!({
+            "id": "L1", "category": "painting", "zone": "bologna", "kind": "match", "created_at": 1,
+            "client": {"id": "c-9", "name": "Anna", "phone": "+39 333 1234567", "phone_verified": true}
+        })
+    }
+
+    #[test]
+    fn a_missing_field_is_invalid_field_naming_its_path_not_a_bad_frame() {
+        use serde_json::json;
+        let mut no_id = full_lead();
+        no_id.as_object_mut().unwrap().remove("id");
+        let mut no_client_id = full_lead();
+        no_client_id["client"].as_object_mut().unwrap().remove("id");
+        let mut no_created_at = full_lead();
+        no_created_at.as_object_mut().unwrap().remove("created_at");
+        let offer = json!({"price_cents": 500});
+        let cases = [
+            (json!({"type": "publish_lead", "lead": no_id}), "lead.id"),
+            (json!({"type": "publish_lead", "lead": no_client_id}), "lead.client.id"),
+            (json!({"type": "publish_lead", "lead": no_created_at}), "lead.created_at"),
+            (json!({"type": "publish_lead"}), "lead"),
+            (
+                json!({"type": "upsert_pro", "pro": {"categories": ["painting"], "zones": ["bologna"]}}),
+                "pro.id",
+            ),
+            (json!({"type": "remove_pro"}), "pro"),
+            (json!({"type": "order", "command": {"order": "o1"}}), "command.type"),
+            (json!({"type": "order", "command": {"type": "cancel_order"}}), "command.order"),
+            (
+                json!({"type": "order", "command": {"type": "send_custom_offer", "pro": "p", "client": "c",
+                       "service": "s", "offer": offer}}),
+                "command.offer.id",
+            ),
+            (
+                json!({"type": "order", "command": {"type": "answer_request", "request": "r",
+                       "answer": {"answer": "approve", "offer": offer}}}),
+                "command.answer.offer.id",
+            ),
+            (
+                json!({"type": "order", "command": {"type": "place_order", "order": "o1",
+                       "placement": {"pro": "p", "client": "c", "service": "s"}}}),
+                "command.placement.package",
+            ),
+        ];
+        for (mut v, field) in cases {
+            v["id"] = json!("m1");
+            for e in [json(v.clone()).unwrap_err(), msgpack(v.clone()).unwrap_err()] {
+                assert_eq!(
+                    (e.code, e.id.as_deref(), e.field.as_deref()),
+                    ("invalid_field", Some("m1"), Some(field)),
+                    "{v}: {e:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_that_quotes_an_error_message_is_an_invalid_field_of_its_own() {
+        use serde_json::json;
+        for text in ["unknown message type", "missing field `type`", "missing field `id`"] {
+            let mut lead = full_lead();
+            lead["kind"] = json!(text);
+            for (v, field) in [
+                (
+                    json!({"id": "q", "type": "grant_credits", "pro": "p", "op": "o", "credits": text}),
+                    "credits",
+                ),
+                (json!({"id": "q", "type": "publish_lead", "lead": lead}), "lead.kind"),
+                (json!({"id": "q", "type": "advance_clock", "to_ms": text}), "to_ms"),
+            ] {
+                for e in [json(v.clone()).unwrap_err(), msgpack(v.clone()).unwrap_err()] {
+                    assert_eq!(
+                        (e.code, e.id.as_deref(), e.field.as_deref()),
+                        ("invalid_field", Some("q"), Some(field)),
+                        "{v}: {e:?}"
+                    );
+                }
+            }
+            // As the `type` itself: an unknown type, whatever it says.
+            let v = json!({"id": "q", "type": text});
+            for e in [json(v.clone()).unwrap_err(), msgpack(v.clone()).unwrap_err()] {
+                assert_eq!((e.code, e.id.as_deref()), ("unknown_message", Some("q")), "{v}: {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_map_is_a_request_and_only_a_map_has_an_id() {
+        use serde_json::json;
+        for v in [json!(["x"]), json!(["x", "balance", "p"]), json!([]), json!("x"), json!(7), json!(null)] {
+            for enc in [Encoding::Json, Encoding::Msgpack] {
+                let bytes = encode(enc, &v);
+                let e = decode(enc, &bytes).unwrap_err();
+                assert_eq!(
+                    (e.code, e.id.as_deref(), e.field.as_deref()),
+                    ("bad_frame", None, None),
+                    "{enc:?} {v}"
+                );
+                assert_eq!(peek_id(enc, &bytes), None, "{enc:?} {v}");
+            }
+        }
+        // A map has one, also when the frame is bad otherwise or ends early.
+        for (v, id) in [
+            (json!({"lead": 5, "id": "p1", "type": "publish_lead"}), Some("p1")),
+            (json!({"id": 5, "type": "balance"}), None),
+            (json!({"id": "x".repeat(MAX_CORRELATION_ID + 1), "type": "balance"}), None),
+        ] {
+            for enc in [Encoding::Json, Encoding::Msgpack] {
+                assert_eq!(peek_id(enc, &encode(enc, &v)).as_deref(), id, "{enc:?} {v}");
+            }
+        }
+        let e = decode(Encoding::Json, br#"{"id":"t1","type":"balance","pro":"p""#).unwrap_err();
+        assert_eq!((e.code, e.id.as_deref()), ("bad_frame", Some("t1")), "{e:?}");
+    }
+
+    #[test]
+    fn the_envelope_is_judged_by_its_structure_in_both_encodings() {
+        use serde_json::json;
+        /// The frame's entries, and the code, id and field of the reply.
+        type Case = (
+            Vec<(&'static str, serde_json::Value)>,
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let cases: [Case; 8] = [
+            // No `id` or no `type`: bad_frame, whatever else is wrong.
+            (vec![("type", json!("balance")), ("pro", json!(5))], "bad_frame", None, None),
+            (vec![("id", json!("m")), ("pro", json!(5))], "bad_frame", Some("m"), None),
+            (vec![("pro", json!(5)), ("id", json!("m"))], "bad_frame", Some("m"), None),
+            // An unknown type, before or after a bad field.
+            (
+                vec![("id", json!("u")), ("type", json!("teleport")), ("lead", json!(5))],
+                "unknown_message",
+                Some("u"),
+                None,
+            ),
+            (
+                vec![("lead", json!(5)), ("id", json!("u")), ("type", json!("teleport"))],
+                "unknown_message",
+                Some("u"),
+                None,
+            ),
+            // `id` or `type` of the wrong type: invalid_field naming it.
+            (
+                vec![("id", json!(7)), ("type", json!("balance")), ("pro", json!("p"))],
+                "invalid_field",
+                None,
+                Some("id"),
+            ),
+            (
+                vec![("id", json!("t")), ("type", json!(["balance"])), ("pro", json!("p"))],
+                "invalid_field",
+                Some("t"),
+                Some("type"),
+            ),
+            (
+                vec![
+                    ("id", json!("x".repeat(MAX_CORRELATION_ID + 1))),
+                    ("type", json!("balance")),
+                    ("pro", json!(5)),
+                ],
+                "invalid_field",
+                None,
+                Some("id"),
+            ),
+        ];
+        for (pairs, code, id, field) in cases {
+            let text = serde_json::to_string(&Pairs(pairs.clone())).unwrap();
+            let e = fails_alike(&Pairs(pairs));
+            assert_eq!((e.code, e.id.as_deref(), e.field.as_deref()), (code, id, field), "{text}: {e:?}");
+        }
+        let e = fails_alike(&json!({"pro": "p", "id": "m"}));
+        assert!(e.message.contains("`type`"), "{e:?}");
+    }
+
+    #[test]
+    fn an_error_in_the_offer_action_names_its_field_whatever_the_key_order() {
+        use serde_json::json;
+        let cases: [(Vec<(&str, serde_json::Value)>, &str); 9] = [
+            (vec![("action", json!("teleport"))], "action"),
+            (vec![("action", json!(true))], "action"),
+            (vec![], "action"),
+            (vec![("action", json!("decline")), ("by", json!(3))], "by"),
+            // The bad value is the action's name: still `by`.
+            (vec![("action", json!("decline")), ("by", json!("decline"))], "by"),
+            (vec![("action", json!("decline")), ("by", json!({"pro": null, "client": null}))], "by"),
+            (vec![("action", json!("decline"))], "by"),
+            (vec![("action", json!("add_note"))], "text"),
+            (vec![("action", json!("add_note")), ("text", json!(["a"]))], "text"),
+        ];
+        for (action, field) in cases {
+            let fields = [vec![("lead", json!("L")), ("pro", json!("p"))], action].concat();
+            let head = vec![("id", json!("6")), ("type", json!("offer"))];
+            // `id` and `type` first (read as they come) and last (the fields buffered).
+            for pairs in [[head.clone(), fields.clone()].concat(), [fields.clone(), head.clone()].concat()] {
+                let text = serde_json::to_string(&Pairs(pairs.clone())).unwrap();
+                let e = fails_alike(&Pairs(pairs));
+                assert_eq!(
+                    (e.code, e.id.as_deref(), e.field.as_deref()),
+                    ("invalid_field", Some("6"), Some(field)),
+                    "{text}: {e:?}"
+                );
+            }
+        }
+        // The frame itself is unchanged: a valid action still decodes.
+        let v =
+            json!({"id": "6", "type": "offer", "lead": "L", "pro": "p", "action": "add_note", "text": "hi"});
+        for env in [json(v.clone()).unwrap(), msgpack(v).unwrap()] {
+            assert_eq!(
+                env.request,
+                Request::Offer {
+                    lead: LeadId::new("L"),
+                    pro: ProId::new("p"),
+                    action: OfferAction::AddNote { text: "hi".into() }
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn the_search_for_the_bad_field_of_a_huge_frame_is_bounded() {
+        use serde_json::json;
+        // 5,000 maps next to a bad value inside an order command (buffered by serde,
+        // so the field is searched for): answered, naming at least the command.
+        let mut command = serde_json::Map::new();
+        command.insert("type".into(), json!("send_custom_offer"));
+        for i in 0..5_000 {
+            command.insert(format!("k{i:05}"), json!({"a": [i]}));
+        }
+        command.insert("offer".into(), json!({"id": "o", "price_cents": "many"}));
+        let v = json!({"id": "h", "type": "order", "command": command});
+        let started = std::time::Instant::now();
+        for e in [json(v.clone()).unwrap_err(), msgpack(v).unwrap_err()] {
+            assert_eq!((e.code, e.id.as_deref()), ("invalid_field", Some("h")), "{e:?}");
+            assert!(e.field.as_deref().is_some_and(|f| f.starts_with("command")), "{e:?}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
     }
 
     #[test]
@@ -1192,10 +2275,7 @@ mod tests {
             for e in [json(v.clone()).unwrap_err(), msgpack(v.clone()).unwrap_err()] {
                 assert_eq!(e.code, "invalid_field", "{v}: {e:?}");
                 assert_eq!(e.id.as_deref(), v["id"].as_str(), "{v}");
-                if v["type"] != "offer" {
-                    // `offer` flattens its action: serde reports that one without a path.
-                    assert_eq!(e.field.as_deref(), Some(field), "{v}: {e:?}");
-                }
+                assert_eq!(e.field.as_deref(), Some(field), "{v}: {e:?}");
             }
         }
         let e = json(json!({"id": "7", "type": "teleport", "to": "mars"})).unwrap_err();
@@ -1218,6 +2298,7 @@ mod tests {
         let v = json!({"id": "c2", "type": "order", "command": {"type": "complete_order"}});
         for e in [json(v.clone()).unwrap_err(), msgpack(v).unwrap_err()] {
             assert_eq!((e.code, e.id.as_deref()), ("invalid_field", Some("c2")), "{e:?}");
+            assert_eq!(e.field.as_deref(), Some("command.order"), "{e:?}");
             assert!(e.message.contains("order"), "{}", e.message);
         }
         let reply = Reply::Ok {

@@ -178,6 +178,108 @@ async fn every_publish_field_with_the_wrong_type_is_named_in_invalid_field() {
     still_serves(&mut c).await;
 }
 
+/// Decoding errors over the wire, in both encodings: a missing or mistyped field is
+/// `invalid_field` naming its path (inside an order command and the `offer` action
+/// too), a value that reads like an error message is judged as the value it is, and a
+/// frame that is not a map is a `bad_frame` without an id.
+#[tokio::test(flavor = "current_thread")]
+async fn decoding_errors_get_the_documented_code_and_name_the_field_in_both_encodings() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    for msgpack in [false, true] {
+        let mut c = Client::connect(&d.addr, "pp-token", msgpack).await;
+        let mut no_id = lead("X1");
+        no_id.as_object_mut().unwrap().remove("id");
+        let mut no_client_id = lead("X2");
+        no_client_id["client"].as_object_mut().unwrap().remove("id");
+        let offer = |action: Value| {
+            let mut req = json!({"type": "offer", "lead": "L", "pro": "p1"});
+            req.as_object_mut().unwrap().extend(action.as_object().unwrap().clone());
+            req
+        };
+        let cases = [
+            (json!({"type": "publish_lead", "lead": no_id}), "lead.id"),
+            (json!({"type": "publish_lead", "lead": no_client_id}), "lead.client.id"),
+            (
+                json!({"type": "upsert_pro", "pro": {"categories": ["painting"], "zones": ["bologna"]}}),
+                "pro.id",
+            ),
+            (json!({"type": "order", "command": {"order": "o1"}}), "command.type"),
+            (
+                json!({"type": "order", "command": {"type": "send_custom_offer", "pro": "p1", "client": "c1",
+                       "service": "painting", "offer": {"price_cents": 500}}}),
+                "command.offer.id",
+            ),
+            (
+                json!({"type": "grant_credits", "pro": "p1", "op": "o", "credits": "unknown message type"}),
+                "credits",
+            ),
+            (offer(json!({"action": "teleport"})), "action"),
+            (offer(json!({"action": "decline", "by": 3})), "by"),
+            (offer(json!({"action": "decline"})), "by"),
+            (offer(json!({"action": "add_note"})), "text"),
+        ];
+        for (req, field) in cases {
+            let (r, _) = c.call(req.clone()).await;
+            assert_eq!(
+                (r["code"].as_str(), r["field"].as_str()),
+                (Some("invalid_field"), Some(field)),
+                "msgpack={msgpack} {req}: {r}"
+            );
+        }
+        // Not a map: no id, whatever the array holds.
+        let frame = json!(["r99", "balance", "p1"]);
+        c.ws.send(if msgpack {
+            Message::Binary(rmp_serde::to_vec(&frame).unwrap())
+        } else {
+            Message::Text(frame.to_string())
+        })
+        .await
+        .unwrap();
+        let v = c.recv().await;
+        assert_eq!(
+            (v["code"].as_str(), &v["id"]),
+            (Some("bad_frame"), &Value::Null),
+            "msgpack={msgpack}: {v}"
+        );
+        still_serves(&mut c).await;
+    }
+}
+
+/// `subscribe` with `pro` checks the pro id as the other requests naming a pro do: an
+/// empty, over-long or control-character id is `invalid_field` naming `pro`, and leaves
+/// the connection unsubscribed: a subscribe with a good id then gets its feed.
+#[tokio::test(flavor = "current_thread")]
+async fn subscribe_with_a_bad_pro_id_is_refused_naming_pro() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let mut admin = Client::connect(&d.addr, "pp-token", false).await;
+    admin
+        .ok(json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}))
+        .await;
+    for msgpack in [false, true] {
+        let mut c = Client::connect(&d.addr, "pp-token", msgpack).await;
+        for pro in [json!(""), json!("p".repeat(200)), json!("a\nb")] {
+            let (r, _) = c.call(json!({"type": "subscribe", "pro": pro})).await;
+            assert_eq!(
+                (r["code"].as_str(), r["field"].as_str()),
+                (Some("invalid_field"), Some("pro")),
+                "msgpack={msgpack} pro={pro}: {r}"
+            );
+        }
+        let r = c.ok(json!({"type": "subscribe", "pro": "p1"})).await;
+        assert_eq!(r["subscribed"], true, "{r}");
+        admin
+            .ok(json!({"type": "grant_credits", "pro": "p1", "op": format!("pay-{msgpack}"), "credits": 5}))
+            .await;
+        let ev = c.events(1).await;
+        assert_eq!(
+            (ev[0]["event"]["event"].as_str(), ev[0]["event"]["pro"].as_str()),
+            (Some("credits"), Some("p1"))
+        );
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn invalid_utf8_closes_with_1007_and_a_binary_frame_on_json_gets_bad_frame() {
     let dir = tempfile::tempdir().unwrap();

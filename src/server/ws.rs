@@ -577,6 +577,13 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                     continue;
                 }
                 if let Request::Subscribe { resume_from, pro, batch } = env.request {
+                    // A per-pro feed's pro is checked as every other request's: a bad id
+                    // would subscribe to a feed no event ever reaches.
+                    if let Some(e) = pro.as_ref().and_then(|p| p.validate("pro").err()) {
+                        let error = crate::core::Reject::from(crate::core::FieldError::from(e)).into();
+                        if send(&mut sink, enc, protocol::encode(enc, &Reply::Error { id: Some(id), error }), true).await.is_err() { break None; }
+                        continue;
+                    }
                     let reply = match (&hub, &sub) {
                         (_, Some(_)) => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
                         _ if catch_up.is_some() => Reply::Error { id: Some(id), error: ApiError::new("already_subscribed", "one subscription per connection") },
