@@ -451,9 +451,13 @@ pub enum StreamEvent {
         pro: ProId,
         credits: u64,
     },
-    /// A fact of the order-request flow (R25-R27).
+    /// A fact of the order-request flow (R25-R27), with the pro it is about (so it
+    /// reaches that pro's per-pro stream too). `pro` is last and may be absent: events
+    /// kept from before it was added have none.
     Order {
         fact: crate::core::orders::OrderEvent,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pro: Option<ProId>,
     },
 }
 
@@ -466,6 +470,7 @@ impl StreamEvent {
             | StreamEvent::OfferStatus { pro, .. }
             | StreamEvent::Credits { pro, .. }
             | StreamEvent::TopupRequested { pro, .. } => Some(pro),
+            StreamEvent::Order { pro, .. } => pro.as_ref(),
             _ => None,
         }
     }
@@ -1806,6 +1811,32 @@ mod diagnose {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An order event kept before order events named their pro (in a snapshot's replay
+    /// buffer, as an array, or in the stream history, as a map) still loads, with no
+    /// pro; one that names it round-trips in both forms.
+    #[test]
+    fn an_order_event_kept_before_it_named_its_pro_still_loads() {
+        use crate::core::orders::{OrderEvent, OrderId};
+        #[derive(Serialize)]
+        #[serde(tag = "event", rename_all = "snake_case")]
+        enum Before {
+            Order { fact: OrderEvent },
+        }
+        let fact = OrderEvent::OrderCancelled { order: OrderId::new("o1"), at: 5 };
+        let old = Before::Order { fact: fact.clone() };
+        let want = StreamEvent::Order { fact: fact.clone(), pro: None };
+        for bytes in [rmp_serde::to_vec(&old).unwrap(), rmp_serde::to_vec_named(&old).unwrap()] {
+            assert_eq!(rmp_serde::from_slice::<StreamEvent>(&bytes).unwrap(), want);
+        }
+        let now = StreamEvent::Order { fact, pro: Some(ProId::new("s1")) };
+        for bytes in [rmp_serde::to_vec(&now).unwrap(), rmp_serde::to_vec_named(&now).unwrap()] {
+            assert_eq!(rmp_serde::from_slice::<StreamEvent>(&bytes).unwrap(), now);
+        }
+        let json = serde_json::to_value(&now).unwrap();
+        assert_eq!(json["pro"], "s1");
+        assert_eq!(serde_json::from_value::<StreamEvent>(json).unwrap(), now);
+    }
 
     #[test]
     fn an_events_frame_holds_exactly_the_frames_an_unbatched_subscriber_gets() {

@@ -495,6 +495,35 @@ async fn r25_r26_order_request_in_a_night_window_is_approved_by_a_custom_offer_a
     assert_eq!(r["code"], "unknown_order_request", "{r}");
 }
 
+/// R25-R27 on a pro's own feed: every order fact names the pro it is about and reaches
+/// that pro's per-pro stream, those that name only an order or a request included, and
+/// no other pro's.
+#[tokio::test(flavor = "current_thread")]
+async fn r25_r27_order_facts_reach_the_pros_own_feed_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1024);
+    let d = Daemon::start_at(dir.path(), &cfg, T0);
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let mut mine = Client::connect(&d.addr, "pp-token", true).await;
+    mine.ok(json!({"type": "subscribe", "pro": "s1"})).await;
+    let mut other = Client::connect(&d.addr, "pp-token", true).await;
+    other.ok(json!({"type": "subscribe", "pro": "s2"})).await;
+    let order = |command: serde_json::Value| json!({"type": "order", "command": command});
+    let auto = json!({"mode": "auto_accept"});
+    c.ok(order(json!({"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": auto}))).await;
+    let placement = json!({"pro": "s1", "client": "k1", "service": "logo", "package": "basic"});
+    c.ok(order(json!({"type": "place_order", "order": "o1", "placement": placement}))).await;
+    c.ok(order(json!({"type": "cancel_order", "order": "o1"}))).await;
+    let evs = mine.events(3).await;
+    let facts: Vec<&str> = evs.iter().map(|e| e["event"]["fact"]["type"].as_str().unwrap_or("?")).collect();
+    assert_eq!(facts, vec!["acceptance_mode_set", "order_placed", "order_cancelled"], "{evs:?}");
+    assert!(evs.iter().all(|e| e["event"]["event"] == "order" && e["event"]["pro"] == "s1"), "{evs:?}");
+    // s2's feed: its own fact first, none of s1's before it.
+    c.ok(order(json!({"type": "set_acceptance_mode", "pro": "s2", "service": "logo", "mode": auto}))).await;
+    let first = other.events(1).await;
+    assert_eq!(first[0]["event"]["pro"], "s2", "{first:?}");
+}
+
 /// R25-R27 retention end to end: an order that ended is forgotten by the clock tick
 /// `orders.idempotency_retention_s` (7 days in prontopro.toml) after it ended, streamed
 /// as a fact, and stays forgotten after a restart (WAL replay); its client stays a

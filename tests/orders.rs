@@ -55,6 +55,9 @@ impl World {
         match self.book.decide(now, &cmd) {
             Ok(d) => {
                 for ev in &d.events {
+                    // Every fact names its pro (what routes it to the pro's own feed),
+                    // as the book holds it before the fact.
+                    assert!(self.book.pro_of(ev).is_some(), "{ev:?} after {cmd:?} names no pro");
                     self.book.apply(ev);
                     self.log.push(ev.clone());
                 }

@@ -1278,6 +1278,33 @@ impl OrderBook {
 
     /// Applies one fact. Infallible: an event that refers to something unknown (which
     /// `decide` never produces) changes nothing.
+    /// The pro `ev` is about, as the book holds it before `ev` is applied (a fact
+    /// about a request, custom offer or order names only its id): what routes the fact
+    /// to that pro's per-pro stream. `None` for an id the book does not hold.
+    pub fn pro_of(&self, ev: &OrderEvent) -> Option<ProId> {
+        let of_order = |o: &OrderId| self.orders.get(o).map(|o| o.pro.clone());
+        let of_request = |r: &OrderId| self.requests.get(r).map(|r| r.placement.pro.clone());
+        let of_offer = |o: &CustomOfferId| self.offers.get(o).map(|o| o.pro.clone());
+        match ev {
+            OrderEvent::AcceptanceModeSet { pro, .. }
+            | OrderEvent::AvailabilitySet { pro, .. }
+            | OrderEvent::CustomOfferSent { pro, .. } => Some(pro.clone()),
+            OrderEvent::OrderPlaced { placement, .. } | OrderEvent::RequestOpened { placement, .. } => {
+                Some(placement.pro.clone())
+            }
+            OrderEvent::RequestApproved { request, .. }
+            | OrderEvent::RequestDeclined { request, .. }
+            | OrderEvent::RequestExpired { request, .. }
+            | OrderEvent::RequestForgotten { request, .. } => of_request(request),
+            OrderEvent::CustomOfferAccepted { offer, .. }
+            | OrderEvent::CustomOfferExpired { offer, .. }
+            | OrderEvent::CustomOfferForgotten { offer, .. } => of_offer(offer),
+            OrderEvent::OrderCancelled { order, .. }
+            | OrderEvent::OrderCompleted { order, .. }
+            | OrderEvent::OrderForgotten { order, .. } => of_order(order),
+        }
+    }
+
     pub fn apply(&mut self, ev: &OrderEvent) {
         match ev {
             OrderEvent::AcceptanceModeSet { pro, service, mode, .. } => {

@@ -1317,11 +1317,7 @@ impl Engine {
                     let _ = tx.send(r.map(|_| reply));
                 }));
             } else {
-                for e in &decision.events {
-                    book.apply(e);
-                }
-                let stream: Vec<StreamEvent> =
-                    decision.events.iter().cloned().map(|fact| StreamEvent::Order { fact }).collect();
+                let stream = order_stream(&mut book, &decision.events);
                 let rec = WalRecord::Orders { tenant: tenant.clone(), events: decision.events };
                 let hub = self.hub(tenant);
                 self.append(
@@ -1847,6 +1843,20 @@ fn restore_snapshot(
     rec.latest_ms = rec.latest_ms.max(s.clock_ms);
 }
 
+/// Applies order facts to `book`, in order, and returns their stream events, each
+/// naming the pro it is about as the book held it just before (live and in replay
+/// alike, so a replayed event is the one published).
+fn order_stream(book: &mut OrderBook, facts: &[crate::core::orders::OrderEvent]) -> Vec<StreamEvent> {
+    facts
+        .iter()
+        .map(|fact| {
+            let pro = book.pro_of(fact);
+            book.apply(fact);
+            StreamEvent::Order { fact: fact.clone(), pro }
+        })
+        .collect()
+}
+
 /// Replays `r`, holding back the records of a split decision until its last one
 /// (`record::Part`), so a decision is applied whole or not at all: a crash between two
 /// of its records leaves none applied, as if it had not been decided.
@@ -1943,11 +1953,8 @@ fn replay_record(
         }
         WalRecord::Orders { tenant, events } => {
             let book = rec.orders.entry(tenant.clone()).or_insert_with(|| OrderBook::new(policy));
-            for e in &events {
-                book.apply(e);
-            }
-            let stream = rec.hub_events.entry(tenant).or_default();
-            stream.extend(events.into_iter().map(|fact| StreamEvent::Order { fact }));
+            let events = order_stream(book, &events);
+            rec.hub_events.entry(tenant).or_default().extend(events);
         }
         WalRecord::ProDirectory { tenant, pro, profile } => match profile {
             Some(p) => {
