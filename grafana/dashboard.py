@@ -114,9 +114,11 @@ stat("Build", "none", [("max by (version, git_sha) (rota_build_info)", "{{versio
 stat("Lead rate", "reqps", [(f"sum(rate(rota_leads_received_total{{{T}}}[{RI}]))", "leads/s")], w=4)
 stat("Error ratio", "percentunit",
      [(f"(sum(rate(rota_leads_rejected_total{{{T}}}[{RI}])) + sum(rate(rota_overload_refusals_total[{RI}])))"
-       f" / (sum(rate(rota_leads_received_total{{{T}}}[{RI}])) + sum(rate(rota_overload_refusals_total[{RI}])))",
+       f" / (sum(rate(rota_leads_received_total{{{T}}}[{RI}]))"
+       f" + sum(rate(rota_overload_refusals_total{{reason!=\"mailbox_full\"}}[{RI}])))",
        "errors")], w=4, thresholds=[(0.01, "orange"), (0.05, "red")],
-     desc="(quality-gate rejections + overload refusals) / (leads received + overload refusals).")
+     desc="(quality-gate rejections + overload refusals) / (leads received + overload refusals refused "
+          "before rota counted the lead: a mailbox_full refusal is counted as received already).")
 stat("p99 publish-to-delivery", "s", [(q(0.99, "rota_ingest_to_delivery_seconds"), "p99")], w=4,
      thresholds=[(0.001, "orange"), (0.003, "red")], desc="Target: p99 under 3 ms at 20k leads/s.")
 stat("Shards alive", "short", [("sum(rota_shards_alive)", "shards")], w=4)
