@@ -116,3 +116,29 @@ fn r1_time_does_not_run_backwards_across_a_restart_replayed_from_the_log() {
 fn r1_time_does_not_run_backwards_across_a_restart_from_a_snapshot() {
     run(true);
 }
+
+/// R26/R27: order facts hold the clock too. A log of order facts alone (no shard, so
+/// no shard event records a time) used to leave the clock where the wall clock was,
+/// and facts after the restart were dated before those logged (an answer before the
+/// request it answers).
+#[test]
+fn r26_r27_order_facts_alone_hold_the_clock_across_a_restart() {
+    let fs = MemFs::new();
+    let ahead = wall_ms() + AHEAD_MS;
+    in_system(async {
+        let fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(config(Some(ahead)), fs).expect("first life starts");
+        ok(
+            &e,
+            json!({"type": "order", "command": {"type": "set_acceptance_mode", "pro": "p1",
+            "service": "painting", "mode": {"mode": "auto_accept"}}}),
+        )
+        .await;
+    });
+    let now = in_system(async {
+        let fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(config(None), fs).expect("second life recovers");
+        e.inner.clock.now()
+    });
+    assert!(now >= ahead, "the clock is {} ms before the logged order fact", ahead - now);
+}

@@ -114,3 +114,38 @@ fn r9_r28_reads_that_saw_a_record_the_disk_lost_are_answered_unavailable() {
         });
     }
 }
+
+/// R26/R27: an order command refused on the book in memory (completing an order a
+/// cancel still on its way to the disk ended) is answered `unavailable` when the disk
+/// then fails that cancel's sync, not `illegal_transition`: after a restart the order
+/// is active and can be completed.
+#[test]
+fn r26_r27_an_order_refusal_that_relied_on_a_record_the_disk_lost_is_answered_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
+        let acme = TenantId::new("acme");
+        let send = |command: serde_json::Value| {
+            let (e, acme) = (e.clone(), acme.clone());
+            async move { e.request(&acme, req(json!({"type": "order", "command": command}))).await }
+        };
+        send(json!({"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": {"mode": "auto_accept"}}))
+            .await
+            .unwrap();
+        send(json!({"type": "place_order", "order": "o1",
+            "placement": {"pro": "s1", "client": "k1", "service": "logo", "package": "basic"}}))
+        .await
+        .unwrap();
+        fs.inject(Fault::SyncError);
+        let (cancel, complete) = futures_util::future::join(
+            send(json!({"type": "cancel_order", "order": "o1"})),
+            send(json!({"type": "complete_order", "order": "o1"})),
+        )
+        .await;
+        assert_eq!(cancel.unwrap_err().code, "unavailable", "its record was never durable");
+        let complete = complete.unwrap_err();
+        assert_eq!(complete.code, "unavailable", "decided on the lost cancel: {complete:?}");
+    });
+}

@@ -452,6 +452,27 @@ pub enum OrderEvent {
 }
 
 impl OrderEvent {
+    /// When the fact happened.
+    pub fn at(&self) -> Millis {
+        match self {
+            Self::AcceptanceModeSet { at, .. }
+            | Self::AvailabilitySet { at, .. }
+            | Self::OrderPlaced { at, .. }
+            | Self::RequestOpened { at, .. }
+            | Self::RequestApproved { at, .. }
+            | Self::RequestDeclined { at, .. }
+            | Self::RequestExpired { at, .. }
+            | Self::CustomOfferSent { at, .. }
+            | Self::CustomOfferAccepted { at, .. }
+            | Self::CustomOfferExpired { at, .. }
+            | Self::OrderCancelled { at, .. }
+            | Self::OrderCompleted { at, .. }
+            | Self::RequestForgotten { at, .. }
+            | Self::CustomOfferForgotten { at, .. }
+            | Self::OrderForgotten { at, .. } => *at,
+        }
+    }
+
     /// Stable name (log lines, metrics labels).
     pub fn name(&self) -> &'static str {
         match self {

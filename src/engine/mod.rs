@@ -742,22 +742,23 @@ impl Engine {
         self.inner.wal.append(vec![], Box::new(move |r| done(r.map(|_| ()).map_err(wal_api_error))));
     }
 
-    /// Answers a read (`balance`, `explain`, `candidates`, `search`) once everything it
-    /// may have seen is durable: a read made from memory can see a decision whose record
-    /// is still on its way to the disk, and a power cut would then take away what it
-    /// showed. Every change holds the gate's read side from its first step in memory to
-    /// its record's place in the log's queue, so once the write side has been had, every
-    /// change the read saw is queued, and the log makes them durable in order. On a
-    /// failed log the answer is `unavailable`. Costs a read the wait for a sync when
+    /// Answers a read (`balance`, `explain`, `candidates`, `search`), or its refusal
+    /// (`unknown_lead`, `unknown_pro`), once everything it may have seen is durable: a
+    /// read made from memory can see a decision whose record is still on its way to the
+    /// disk (a lead forgotten, a pro removed), and a power cut would then take away what
+    /// it showed. Every change holds the gate's read side from its first step in memory
+    /// to its record's place in the log's queue, so once the write side has been had,
+    /// every change the read saw is queued, and the log makes them durable in order. On
+    /// a failed log the answer is `unavailable`. Costs a read the wait for a sync when
     /// records are in flight, a pass through the log's thread when none are.
-    async fn durable_read(&self, answer: OkResult) -> Result<OkResult, ApiError> {
+    async fn durable_read(&self, answer: Result<OkResult, ApiError>) -> Result<OkResult, ApiError> {
         drop(self.inner.gate.write());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.after_durable(Box::new(move |r| {
             let _ = tx.send(r);
         }));
         rx.await.map_err(|_| ApiError::unavailable("WAL closed"))??;
-        Ok(answer)
+        answer
     }
 
     /// Keeps the lead index (lead -> shard) and the pros' shard memberships in step
@@ -901,7 +902,7 @@ impl Engine {
             }
             Request::Balance { pro } => {
                 let b = self.inner.ledger.balance(tenant, &pro);
-                self.durable_read(OkResult::Balance(BalanceWire {
+                self.durable_read(Ok(OkResult::Balance(BalanceWire {
                     pro,
                     available: b.available,
                     held: b.held,
@@ -909,16 +910,18 @@ impl Engine {
                     refunded: b.refunded,
                     granted: b.granted,
                     topup_pending: b.topup_pending,
-                }))
+                })))
                 .await
             }
             Request::Explain { lead } => {
-                let key = self.lead_shard(tenant, &lead)?;
-                let state = self
-                    .shard_state(&key)
-                    .ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
-                let e = state.lock().explain(&lead);
-                self.durable_read(OkResult::Explain(e?)).await
+                let explained = self.lead_shard(tenant, &lead).and_then(|key| {
+                    let state = self
+                        .shard_state(&key)
+                        .ok_or_else(|| ApiError::from(Reject::UnknownLead(lead.clone())))?;
+                    let e = state.lock().explain(&lead);
+                    Ok(OkResult::Explain(e?))
+                });
+                self.durable_read(explained).await
             }
             Request::Candidates { zone, category, location, attributes } => {
                 zone.validate("zone").map_err(|e| Reject::from(crate::core::FieldError::from(e)))?;
@@ -942,10 +945,13 @@ impl Engine {
                         reason: Some("not_enough_pros".into()),
                     },
                 };
-                self.durable_read(OkResult::Candidates(c)).await
+                self.durable_read(Ok(OkResult::Candidates(c))).await
             }
             Request::Search { pro, query } => {
-                let profile = self.pro_profile(tenant, &pro)?;
+                let profile = match self.pro_profile(tenant, &pro) {
+                    Ok(p) => p,
+                    Err(e) => return self.durable_read(Err(e)).await,
+                };
                 let mut offers = Vec::new();
                 // R18: also where it had offers before a change of its zones (those
                 // offers can still be acted on).
@@ -961,7 +967,7 @@ impl Engine {
                     }
                 }
                 offers.sort_by(|a, b| (b.offered_at, &b.lead).cmp(&(a.offered_at, &a.lead)));
-                self.durable_read(OkResult::Search { offers }).await
+                self.durable_read(Ok(OkResult::Search { offers })).await
             }
             Request::AdvanceClock { to_ms } => {
                 let now = self.inner.clock.advance_to(to_ms).ok_or_else(|| {
@@ -969,7 +975,7 @@ impl Engine {
                 })?;
                 self.housekeeping(tenant).await?;
                 self.tick_tenant(tenant).await?;
-                self.order(tenant, OrderCommand::Tick).await?;
+                self.order_tick(tenant).await?;
                 Ok(OkResult::Clock { now_ms: now })
             }
             Request::Order { command } => Ok(OkResult::Order(self.order(tenant, command).await?)),
@@ -1310,30 +1316,60 @@ impl Engine {
         {
             let _g = self.inner.gate.read();
             let mut book = t.orders.lock();
-            let decision = book.decide(self.inner.clock.now(), &cmd)?;
-            let reply = decision.reply;
-            if decision.events.is_empty() {
-                self.after_durable(Box::new(move |r| {
-                    let _ = tx.send(r.map(|_| reply));
-                }));
-            } else {
-                let stream = order_stream(&mut book, &decision.events);
-                let rec = WalRecord::Orders { tenant: tenant.clone(), events: decision.events };
-                let hub = self.hub(tenant);
-                self.append(
-                    vec![(RECORD_KIND, record::encode(&rec))],
-                    Box::new(move |r| {
-                        if r.is_ok() {
-                            if let Some(h) = hub {
-                                h.publish(stream);
+            match book.decide(self.inner.clock.now(), &cmd) {
+                // Refused on the book in memory, which may hold facts still on their
+                // way to the disk (a cancel in flight makes a completion
+                // `illegal_transition`): answered once those are durable, `unavailable`
+                // if they never become so (as the shards' refusals are).
+                Err(refusal) => {
+                    let refusal: ApiError = refusal.into();
+                    self.after_durable(Box::new(move |durable| {
+                        let _ = tx.send(Err(durable.err().unwrap_or(refusal)));
+                    }));
+                }
+                Ok(decision) if decision.events.is_empty() => {
+                    let reply = decision.reply;
+                    self.after_durable(Box::new(move |r| {
+                        let _ = tx.send(r.map(|_| reply));
+                    }));
+                }
+                Ok(decision) => {
+                    let reply = decision.reply;
+                    let stream = order_stream(&mut book, &decision.events);
+                    let rec = WalRecord::Orders { tenant: tenant.clone(), events: decision.events };
+                    let hub = self.hub(tenant);
+                    self.append(
+                        vec![(RECORD_KIND, record::encode(&rec))],
+                        Box::new(move |r| {
+                            if r.is_ok() {
+                                if let Some(h) = hub {
+                                    h.publish(stream);
+                                }
                             }
-                        }
-                        let _ = tx.send(r.map(|_| reply).map_err(wal_api_error));
-                    }),
-                );
+                            let _ = tx.send(r.map(|_| reply).map_err(wal_api_error));
+                        }),
+                    );
+                }
             }
         }
         rx.await.map_err(|_| ApiError::unavailable("WAL closed"))?
+    }
+
+    /// The tenant's order tick (R26 expiries, forgetting ended chains): ticks again
+    /// while the book still has something due, as one tick records a bounded number
+    /// (so that one record stays small), up to [`MAX_ORDER_TICKS`] records a round. Run
+    /// once a minute, a single bounded tick fell behind a tenant ending more chains
+    /// than it forgets a minute, and its book grew for ever.
+    pub async fn order_tick(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        let Some(t) = self.tenant(tenant) else { return Ok(()) };
+        for _ in 0..MAX_ORDER_TICKS {
+            self.order(tenant, OrderCommand::Tick).await?;
+            let now = self.inner.clock.now();
+            if t.orders.lock().next_deadline().is_none_or(|due| due > now) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The local date of the Monday that starts the week of `now` in the tenant's
@@ -1843,6 +1879,11 @@ fn restore_snapshot(
     rec.latest_ms = rec.latest_ms.max(s.clock_ms);
 }
 
+/// Order ticks in one round of [`Engine::order_tick`]: 64 x (4,096 expiries + 1,024
+/// chains forgotten) a minute, far beyond what a tenant ends; the round ends there so
+/// that one tenant's backlog does not hold up the others' housekeeping.
+const MAX_ORDER_TICKS: usize = 64;
+
 /// Applies order facts to `book`, in order, and returns their stream events, each
 /// naming the pro it is about as the book held it just before (live and in replay
 /// alike, so a replayed event is the one published).
@@ -1953,6 +1994,8 @@ fn replay_record(
         }
         WalRecord::Orders { tenant, events } => {
             let book = rec.orders.entry(tenant.clone()).or_insert_with(|| OrderBook::new(policy));
+            // Their times hold rota's clock too (the floor after a restart).
+            rec.latest_ms = events.iter().map(|e| e.at()).fold(rec.latest_ms, Millis::max);
             let events = order_stream(book, &events);
             rec.hub_events.entry(tenant).or_default().extend(events);
         }

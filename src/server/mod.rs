@@ -253,8 +253,7 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
                                 // Record expired order requests and custom offers (they are
                                 // already refused as expired before this runs), and forget
                                 // the chains that ended longer than the retention ago.
-                                let tick = crate::core::orders::OrderCommand::Tick;
-                                if let Err(e) = engine.order(&t, tick).await {
+                                if let Err(e) = engine.order_tick(&t).await {
                                     tracing::warn!(tenant = %t, error = %e, "order tick failed");
                                 }
                             }
