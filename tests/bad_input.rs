@@ -218,3 +218,33 @@ fn r4_oversized_attribute_lists_are_refused_with_the_field_named() {
     lead.attributes = vec![String::new()];
     assert_eq!(lead.validate().unwrap_err().field, "lead.attributes");
 }
+
+/// R3/R4: a profile is bounded where every decision on the pro pays for it: a schedule
+/// of at most 168 intervals (one an hour of the week; each is a time conversion under
+/// the shard's lock), and at most 1,024 zone and category pairs (each a shard the pro
+/// joins, with its own copy of the profile).
+#[test]
+fn r3_r4_oversized_schedules_and_coverage_are_refused_with_the_field_named() {
+    let mut h = setup();
+    let hourly = |n: usize| WeeklyWindows {
+        time_zone: "Europe/Rome".into(),
+        intervals: (0..n)
+            .map(|i| WeeklyInterval { day: Weekday::Mon, start_min: (i % 1440) as u16, end_min: 1440 })
+            .collect(),
+    };
+    let availability = |n: usize| Availability { schedule: Some(hourly(n)), ..Default::default() };
+    h.ok(T0 + M, Command::SetAvailability { pro: pid("anna"), availability: availability(168) });
+    refused(
+        &mut h,
+        Command::SetAvailability { pro: pid("anna"), availability: availability(169) },
+        "invalid_field",
+        Some("availability.schedule.intervals"),
+    );
+    let mut p = pro("carla");
+    p.zones.extend((0..32).map(|i| rota::ids::ZoneId::new(format!("z{i}"))));
+    p.categories.extend((0..31).map(|i| rota::ids::CategoryId::new(format!("c{i}"))));
+    assert_eq!(p.zones.len() * p.categories.len(), 33 * 32);
+    refused(&mut h, Command::UpsertPro { pro: p.clone() }, "invalid_field", Some("pro.zones"));
+    p.zones.truncate(32);
+    h.ok(T0 + M, Command::UpsertPro { pro: p });
+}

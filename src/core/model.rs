@@ -121,6 +121,13 @@ impl Weekday {
     }
 }
 
+/// Intervals a [`WeeklyWindows`] may hold: one an hour of the week.
+pub const MAX_WEEKLY_INTERVALS: usize = 168;
+
+/// Shards one pro may cover (zones x categories): each is a shard it joins, with its own
+/// copy of the profile and a logged change per shard at every update.
+pub const MAX_SHARDS_PER_PRO: usize = 1024;
+
 /// A set of weekly intervals in an IANA time zone. Empty = always.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WeeklyWindows {
@@ -133,6 +140,15 @@ impl WeeklyWindows {
         let tz: Tz = self.time_zone.parse().map_err(|_| {
             field_err(format!("{field}.time_zone"), format!("unknown IANA time zone {:?}", self.time_zone))
         })?;
+        // Every decision on the pro converts times against these (schedules under the
+        // shard's lock, approval windows under the tenant's order book): bounded like
+        // the rest of a profile. One an hour of the week is more than any schedule.
+        if self.intervals.len() > MAX_WEEKLY_INTERVALS {
+            return Err(field_err(
+                format!("{field}.intervals"),
+                format!("at most {MAX_WEEKLY_INTERVALS} intervals"),
+            ));
+        }
         for (i, iv) in self.intervals.iter().enumerate() {
             if iv.end_min > 1440 {
                 return Err(field_err(format!("{field}.intervals[{i}].end_min"), "must be at most 1440"));
@@ -426,6 +442,16 @@ impl Pro {
         }
         if self.categories.len() > 256 || self.zones.len() > 1024 {
             return Err(field_err("pro.zones", "at most 1024 zones and 256 categories per pro"));
+        }
+        if self.categories.len() * self.zones.len() > MAX_SHARDS_PER_PRO {
+            return Err(field_err(
+                "pro.zones",
+                format!(
+                    "{} zones x {} categories: a pro covers at most {MAX_SHARDS_PER_PRO} zone and category pairs",
+                    self.zones.len(),
+                    self.categories.len()
+                ),
+            ));
         }
         let q = &self.quality;
         if q.rating_centi > 500 {
