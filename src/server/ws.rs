@@ -344,15 +344,37 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             // Frames from disk go out as they are to a MessagePack subscriber of the
             // whole stream; the others need the events (decoded here, off the worker).
             let raw = enc == Encoding::Msgpack && c.pro.is_none();
-            c.reading = Some(tokio::task::spawn_blocking(move || {
-                match spill.read_frames_after(after, CATCH_UP_EVENTS, CATCH_UP_BYTES)? {
-                    Chunk::Frames(frames) if !raw => frames
-                        .into_iter()
-                        .map(|(seq, f)| spill.decode(seq, f).map_err(Unserved::from))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map(Chunk::Events),
-                    chunk => Ok(chunk),
-                }
+            let pro = c.pro.clone();
+            // At most `CATCH_UP_READS` chunks are read and decoded at once, process
+            // wide: a burst of resumes (or a client opening many, each cheap to ask
+            // for) shares the cores with the traffic instead of taking them all.
+            let reads = catch_up_reads();
+            c.reading = Some(tokio::spawn(async move {
+                let _permit =
+                    reads.acquire_owned().await.map_err(|_| Unserved::Unreadable("shutting down".into()))?;
+                let read = tokio::task::spawn_blocking(move || {
+                    match spill.read_frames_after(after, CATCH_UP_EVENTS, CATCH_UP_BYTES)? {
+                        Chunk::Frames(frames) if !raw => {
+                            let last = frames.last().map(|f| f.0);
+                            frames
+                                .into_iter()
+                                // A per-pro feed decodes only the frames that hold its
+                                // pro's id (the rest cannot be about it), and the chunk's
+                                // last, which carries the cursor on.
+                                .filter(|(seq, f)| {
+                                    pro.as_ref().is_none_or(|p| {
+                                        Some(*seq) == last
+                                            || memchr::memmem::find(f, p.as_str().as_bytes()).is_some()
+                                    })
+                                })
+                                .map(|(seq, f)| spill.decode(seq, f).map_err(Unserved::from))
+                                .collect::<Result<Vec<_>, _>>()
+                                .map(Chunk::Events)
+                        }
+                        chunk => Ok(chunk),
+                    }
+                });
+                read.await.unwrap_or_else(|e| Err(Unserved::Unreadable(format!("the read failed: {e}"))))
             }));
         }
         tokio::select! {
@@ -825,6 +847,18 @@ struct CatchUp {
     batch: bool,
     spill: Arc<Spill>,
     reading: Option<tokio::task::JoinHandle<Result<Chunk, Unserved>>>,
+}
+
+/// Chunks of catch-ups read from disk at once, process wide: the machine's cores (a
+/// chunk's read and decode is CPU work, done off the worker threads).
+fn catch_up_reads() -> Arc<tokio::sync::Semaphore> {
+    static READS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    READS
+        .get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Arc::new(tokio::sync::Semaphore::new(cores))
+        })
+        .clone()
 }
 
 /// Events read from disk per chunk of a catch-up.
