@@ -9,6 +9,7 @@ use engine_support::{acme_config, in_system, req};
 use rota::config::{Config, Sources};
 use rota::engine::Engine;
 use rota::ids::TenantId;
+use rota::protocol::{ApiError, OkResult};
 use rota::wal::{Fault, MemFs};
 use serde_json::json;
 use std::sync::Arc;
@@ -24,40 +25,61 @@ fn config(dir: &std::path::Path) -> Config {
     Config::load(&Sources { file: Some(path), ..Default::default() }).unwrap()
 }
 
-/// R6: P2's response refused `lead_full` because of P1's response, whose record the
-/// disk then fails to make durable: P2 is told `unavailable`, not `lead_full` (after a
-/// restart the seat is free).
-#[test]
-fn r6_a_refusal_that_relied_on_a_record_the_disk_lost_is_answered_unavailable() {
+/// Runs `body` on an engine started on a fresh in-memory disk ([`config`]), with that
+/// disk to inject faults into.
+fn on_engine<Fut: std::future::Future<Output = ()>>(body: impl FnOnce(Engine, MemFs) -> Fut) {
     let dir = tempfile::tempdir().unwrap();
     let fs = MemFs::new();
     in_system(async {
         let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
         let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
-        let acme = TenantId::new("acme");
-        let send = |v: serde_json::Value| {
-            let (e, acme) = (e.clone(), acme.clone());
-            async move { e.request(&acme, req(v)).await }
-        };
-        for p in ["p1", "p2"] {
-            send(json!({"type": "upsert_pro", "pro": {"id": p, "categories": ["painting"], "zones": ["lisboa"]}}))
-                .await
-                .unwrap();
-            send(json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100}))
-                .await
-                .unwrap();
-        }
-        send(json!({"type": "publish_lead", "lead": {
-            "id": "L1", "category": "painting", "zone": "lisboa",
-            "description": "Repaint a two-room flat, walls and ceilings, next week",
-            "details": {"rooms": "2"},
-            "client": {"id": "c1", "name": "Ana Garcia", "phone": "+351 910 000 000",
-                       "phone_verified": true, "contact": {"call": true, "chat": true}},
-            "created_at": engine_support::T0}}))
+        body(e, fs.clone()).await
+    });
+}
+
+async fn send(e: &Engine, v: serde_json::Value) -> Result<OkResult, ApiError> {
+    e.request(&TenantId::new("acme"), req(v)).await
+}
+
+/// Pro `p` in lisboa with 100 credits.
+async fn pro_with_credits(e: &Engine, p: &str) {
+    send(e, json!({"type": "upsert_pro", "pro": {"id": p, "categories": ["painting"], "zones": ["lisboa"]}}))
         .await
         .unwrap();
+    send(e, json!({"type": "grant_credits", "pro": p, "op": format!("pay-{p}"), "credits": 100}))
+        .await
+        .unwrap();
+}
+
+/// Lead L1 in lisboa.
+async fn publish_l1(e: &Engine) {
+    send(
+        e,
+        json!({"type": "publish_lead", "lead": {
+        "id": "L1", "category": "painting", "zone": "lisboa",
+        "description": "Repaint a two-room flat, walls and ceilings, next week",
+        "details": {"rooms": "2"},
+        "client": {"id": "c1", "name": "Ana Garcia", "phone": "+351 910 000 000",
+                   "phone_verified": true, "contact": {"call": true, "chat": true}},
+        "created_at": engine_support::T0}}),
+    )
+    .await
+    .unwrap();
+}
+
+/// R6: P2's response refused `lead_full` because of P1's response, whose record the
+/// disk then fails to make durable: P2 is told `unavailable`, not `lead_full` (after a
+/// restart the seat is free).
+#[test]
+fn r6_a_refusal_that_relied_on_a_record_the_disk_lost_is_answered_unavailable() {
+    on_engine(|e, fs| async move {
+        for p in ["p1", "p2"] {
+            pro_with_credits(&e, p).await;
+        }
+        publish_l1(&e).await;
         fs.inject(Fault::SyncError);
-        let respond = |p: &str| send(json!({"type": "offer", "lead": "L1", "pro": p, "action": "respond"}));
+        let respond =
+            |p: &str| send(&e, json!({"type": "offer", "lead": "L1", "pro": p, "action": "respond"}));
         let (first, second) = futures_util::future::join(respond("p1"), respond("p2")).await;
         assert_eq!(first.unwrap_err().code, "unavailable", "its record was never durable");
         let second = second.unwrap_err();
@@ -72,42 +94,22 @@ fn r6_a_refusal_that_relied_on_a_record_the_disk_lost_is_answered_unavailable() 
 #[test]
 fn r9_r28_reads_that_saw_a_record_the_disk_lost_are_answered_unavailable() {
     for read in ["balance", "explain", "search"] {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = MemFs::new();
-        in_system(async {
-            let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-            let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
-            let acme = TenantId::new("acme");
-            let send = |v: serde_json::Value| {
-                let (e, acme) = (e.clone(), acme.clone());
-                async move { e.request(&acme, req(v)).await }
-            };
-            send(json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["lisboa"]}}))
-                .await
-                .unwrap();
-            send(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 100})).await.unwrap();
-            send(json!({"type": "publish_lead", "lead": {
-                "id": "L1", "category": "painting", "zone": "lisboa",
-                "description": "Repaint a two-room flat, walls and ceilings, next week",
-                "details": {"rooms": "2"},
-                "client": {"id": "c1", "name": "Ana Garcia", "phone": "+351 910 000 000",
-                           "phone_verified": true, "contact": {"call": true, "chat": true}},
-                "created_at": engine_support::T0}}))
-            .await
-            .unwrap();
+        on_engine(|e, fs| async move {
+            pro_with_credits(&e, "p1").await;
+            publish_l1(&e).await;
             // Durable so far: the reads answer.
             let query = match read {
                 "balance" => json!({"type": "balance", "pro": "p1"}),
                 "explain" => json!({"type": "explain", "lead": "L1"}),
                 _ => json!({"type": "search", "pro": "p1", "query": "flat"}),
             };
-            send(query.clone()).await.expect("a read of durable state answers");
+            send(&e, query.clone()).await.expect("a read of durable state answers");
             fs.inject(Fault::SyncError);
             let change = match read {
                 "balance" => json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 50}),
                 _ => json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "respond"}),
             };
-            let (changed, seen) = futures_util::future::join(send(change), send(query)).await;
+            let (changed, seen) = futures_util::future::join(send(&e, change), send(&e, query)).await;
             assert_eq!(changed.unwrap_err().code, "unavailable", "its record was never durable");
             let seen = seen.expect_err(&format!("{read} saw the lost record"));
             assert_eq!(seen.code, "unavailable", "{read}: {seen:?}");
@@ -121,27 +123,19 @@ fn r9_r28_reads_that_saw_a_record_the_disk_lost_are_answered_unavailable() {
 /// is active and can be completed.
 #[test]
 fn r26_r27_an_order_refusal_that_relied_on_a_record_the_disk_lost_is_answered_unavailable() {
-    let dir = tempfile::tempdir().unwrap();
-    let fs = MemFs::new();
-    in_system(async {
-        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-        let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
-        let acme = TenantId::new("acme");
-        let send = |command: serde_json::Value| {
-            let (e, acme) = (e.clone(), acme.clone());
-            async move { e.request(&acme, req(json!({"type": "order", "command": command}))).await }
-        };
-        send(json!({"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": {"mode": "auto_accept"}}))
+    on_engine(|e, fs| async move {
+        let order = |command: serde_json::Value| send(&e, json!({"type": "order", "command": command}));
+        order(json!({"type": "set_acceptance_mode", "pro": "s1", "service": "logo", "mode": {"mode": "auto_accept"}}))
             .await
             .unwrap();
-        send(json!({"type": "place_order", "order": "o1",
+        order(json!({"type": "place_order", "order": "o1",
             "placement": {"pro": "s1", "client": "k1", "service": "logo", "package": "basic"}}))
         .await
         .unwrap();
         fs.inject(Fault::SyncError);
         let (cancel, complete) = futures_util::future::join(
-            send(json!({"type": "cancel_order", "order": "o1"})),
-            send(json!({"type": "complete_order", "order": "o1"})),
+            order(json!({"type": "cancel_order", "order": "o1"})),
+            order(json!({"type": "complete_order", "order": "o1"})),
         )
         .await;
         assert_eq!(cancel.unwrap_err().code, "unavailable", "its record was never durable");

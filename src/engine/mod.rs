@@ -737,6 +737,29 @@ impl Engine {
         self.inner.wal.append(records, done);
     }
 
+    /// Appends `rec`; once it is durable publishes `stream` on `tenant`'s stream, then
+    /// runs `done` with the outcome (the stream never shows what the log refused).
+    fn append_then_publish(
+        &self,
+        tenant: &TenantId,
+        rec: &WalRecord,
+        stream: Vec<StreamEvent>,
+        done: impl FnOnce(Result<(), ApiError>) + Send + 'static,
+    ) {
+        let hub = self.hub(tenant);
+        self.append(
+            vec![(RECORD_KIND, record::encode(rec))],
+            Box::new(move |r| {
+                if r.is_ok() {
+                    if let Some(h) = hub {
+                        h.publish(stream);
+                    }
+                }
+                done(r.map(|_| ()).map_err(wal_api_error));
+            }),
+        );
+    }
+
     /// Runs `done` once everything appended so far is durable.
     pub(crate) fn after_durable(&self, done: Box<dyn FnOnce(Result<(), ApiError>) + Send>) {
         self.inner.wal.append(vec![], Box::new(move |r| done(r.map(|_| ()).map_err(wal_api_error))));
@@ -1281,22 +1304,13 @@ impl Engine {
                     let _ = tx.send(r);
                 }));
             } else {
-                let hub = self.hub(tenant);
                 self.inner.metrics.money(tenant, &money);
                 let mut stream = Vec::new();
                 record::money_stream_events(&money, &mut stream);
                 let rec = WalRecord::Ledger { tenant: tenant.clone(), money };
-                self.append(
-                    vec![(RECORD_KIND, record::encode(&rec))],
-                    Box::new(move |r| {
-                        if r.is_ok() {
-                            if let Some(h) = hub {
-                                h.publish(stream);
-                            }
-                        }
-                        let _ = tx.send(r.map(|_| ()).map_err(wal_api_error));
-                    }),
-                );
+                self.append_then_publish(tenant, &rec, stream, move |r| {
+                    let _ = tx.send(r);
+                });
             }
             (receipts, refused)
         };
@@ -1337,18 +1351,9 @@ impl Engine {
                     let reply = decision.reply;
                     let stream = order_stream(&mut book, &decision.events);
                     let rec = WalRecord::Orders { tenant: tenant.clone(), events: decision.events };
-                    let hub = self.hub(tenant);
-                    self.append(
-                        vec![(RECORD_KIND, record::encode(&rec))],
-                        Box::new(move |r| {
-                            if r.is_ok() {
-                                if let Some(h) = hub {
-                                    h.publish(stream);
-                                }
-                            }
-                            let _ = tx.send(r.map(|_| reply).map_err(wal_api_error));
-                        }),
-                    );
+                    self.append_then_publish(tenant, &rec, stream, move |r| {
+                        let _ = tx.send(r.map(|_| reply));
+                    });
                 }
             }
         }
