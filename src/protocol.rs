@@ -103,7 +103,9 @@ pub enum Request {
     Offer {
         lead: LeadId,
         pro: ProId,
-        #[serde(flatten)]
+        /// Read from serde's buffer of the flattened fields: strictly, or an integer
+        /// would be taken as the action's index (see [`names`]).
+        #[serde(flatten, deserialize_with = "names::strict")]
         action: OfferAction,
     },
     GrantCredits {
@@ -522,7 +524,12 @@ pub const MAX_CORRELATION_ID: usize = 128;
 pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
     let parsed = match enc {
         Encoding::Json => serde_json::from_slice::<Envelope>(bytes).map_err(|e| e.to_string()),
-        Encoding::Msgpack => rmp_serde::from_slice::<Envelope>(bytes).map_err(|e| e.to_string()),
+        // serde_json reads names only from strings; rmp_serde takes integers too
+        // (see [`names`]).
+        Encoding::Msgpack => {
+            Envelope::deserialize(names::Strict(&mut rmp_serde::Deserializer::from_read_ref(bytes)))
+                .map_err(|e| e.to_string())
+        }
     };
     match parsed {
         Ok(env) if env.id.len() > MAX_CORRELATION_ID => Err(DecodeError {
@@ -670,6 +677,409 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         // Re-entered (an encoder inside an encoder): use a buffer of its own.
         Err(_) => f(&mut Vec::with_capacity(1024)),
     })
+}
+
+pub mod names {
+    //! Names on the wire are strings: a number is never a field, variant or tag name.
+    //!
+    //! Serde's derived identifiers also take an integer as the index of a variant or field
+    //! (`0` for the first), so a number where a name belongs would be read as some name:
+    //! `"action": 5` as `client_viewed`, `"kind": 1` as `direct`, `{"type": 7}` as the
+    //! eighth order command. There are two ways in:
+    //!
+    //! * rmp_serde reads identifiers with `deserialize_any`, so every variant, tag and
+    //!   field key of a MessagePack frame takes an integer, and so does a map key
+    //!   (`{"audience": {0: nil}}`, the externally tagged form of a unit variant).
+    //!   serde_json reads identifiers and keys only from strings.
+    //! * Serde's own buffer (behind `flatten` and internally tagged enums) takes an integer
+    //!   as a tag in either encoding: the `offer`'s flattened `action`, and the `mode` and
+    //!   `answer` of an order command (internally tagged enums buffered inside another).
+    //!   Unit variants read from the buffer take only a string or a map, whose keys were
+    //!   checked as the buffer was filled.
+    //!
+    //! [`Strict`] closes both. It is a deserializer that passes everything on to the one it
+    //! wraps, except that every identifier and every map key must be a string (MessagePack
+    //! bytes pass, as they do for a `String`); anything else is an `invalid type` error,
+    //! which [`super::decode`] answers as `invalid_field` naming the field. It wraps what it
+    //! hands out (maps, sequences, enums, options), so it holds at any depth, but it cannot
+    //! reach into serde's buffer: a field read from the buffer that holds a tagged enum is
+    //! read through [`strict`] (`#[serde(deserialize_with = ...)]`), which wraps the
+    //! buffer's deserializer in turn.
+    //!
+    //! Chosen over hand-written `Deserialize` impls per enum (the derives stay as they are,
+    //! and WAL records and snapshots, whose variant names rmp_serde writes as strings, are
+    //! read as before) and over a separate check of the frame (a second read): the adapter
+    //! is a few inlined calls per value and builds nothing; a publish decodes as fast as
+    //! without it.
+    //!
+    //! Used around the MessagePack reader in [`super::decode`] (and the diagnosis that
+    //! re-reads a failed frame), and on `Request::Offer`'s `action` and `OrderCommand`'s
+    //! `mode` and `answer`.
+
+    use serde::de::{self, DeserializeSeed, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+    use std::fmt;
+
+    /// `T` read with names only as strings, at any depth (see the [module](self)):
+    /// for `#[serde(deserialize_with = "crate::protocol::names::strict")]` on a field
+    /// serde reads from its buffers.
+    pub fn strict<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+        T::deserialize(Strict(d))
+    }
+
+    /// A deserializer that reads names only from strings (see the [module](self)).
+    pub struct Strict<D>(pub D);
+
+    macro_rules! plain {
+        ($($method:ident)*) => {$(
+            #[inline]
+            fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+                self.0.$method(Values(v))
+            }
+        )*};
+    }
+
+    impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
+        type Error = D::Error;
+
+        plain! {
+            deserialize_any deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32
+            deserialize_i64 deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32
+            deserialize_u64 deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char
+            deserialize_str deserialize_string deserialize_bytes deserialize_byte_buf
+            deserialize_option deserialize_unit deserialize_seq deserialize_map
+            deserialize_ignored_any
+        }
+
+        #[inline]
+        fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+            self.0.deserialize_identifier(Name(v))
+        }
+
+        #[inline]
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_enum(name, variants, Values(v))
+        }
+
+        #[inline]
+        fn deserialize_unit_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_unit_struct(name, Values(v))
+        }
+
+        #[inline]
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_newtype_struct(name, Values(v))
+        }
+
+        #[inline]
+        fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, v: V) -> Result<V::Value, D::Error> {
+            self.0.deserialize_tuple(len, Values(v))
+        }
+
+        #[inline]
+        fn deserialize_tuple_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            len: usize,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_tuple_struct(name, len, Values(v))
+        }
+
+        #[inline]
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            fields: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_struct(name, fields, Values(v))
+        }
+
+        fn is_human_readable(&self) -> bool {
+            self.0.is_human_readable()
+        }
+    }
+
+    /// A name: a map key, or a field, variant or tag identifier. Every way of asking
+    /// for one reads it with [`Name`], which takes only a string.
+    struct NameDe<D>(D);
+
+    macro_rules! name {
+        ($($method:ident)*) => {$(
+            #[inline]
+            fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+                self.0.$method(Name(v))
+            }
+        )*};
+    }
+
+    impl<'de, D: Deserializer<'de>> Deserializer<'de> for NameDe<D> {
+        type Error = D::Error;
+
+        name! {
+            deserialize_any deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32
+            deserialize_i64 deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32
+            deserialize_u64 deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char
+            deserialize_str deserialize_string deserialize_bytes deserialize_byte_buf
+            deserialize_option deserialize_unit deserialize_seq deserialize_map
+            deserialize_identifier deserialize_ignored_any
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_enum(name, variants, Name(v))
+        }
+
+        fn deserialize_unit_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_unit_struct(name, Name(v))
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_newtype_struct(name, Name(v))
+        }
+
+        fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, v: V) -> Result<V::Value, D::Error> {
+            self.0.deserialize_tuple(len, Name(v))
+        }
+
+        fn deserialize_tuple_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            len: usize,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_tuple_struct(name, len, Name(v))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            fields: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.0.deserialize_struct(name, fields, Name(v))
+        }
+
+        fn is_human_readable(&self) -> bool {
+            self.0.is_human_readable()
+        }
+    }
+
+    /// A visitor that takes only a string (MessagePack bytes too, as a `String` does);
+    /// any other value is an `invalid type` error expecting what `V` expects.
+    struct Name<V>(V);
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Name<V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            self.0.expecting(f)
+        }
+
+        #[inline]
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<V::Value, E> {
+            self.0.visit_str(v)
+        }
+        #[inline]
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<V::Value, E> {
+            self.0.visit_borrowed_str(v)
+        }
+        #[inline]
+        fn visit_string<E: de::Error>(self, v: String) -> Result<V::Value, E> {
+            self.0.visit_string(v)
+        }
+        #[inline]
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<V::Value, E> {
+            self.0.visit_bytes(v)
+        }
+        #[inline]
+        fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<V::Value, E> {
+            self.0.visit_borrowed_bytes(v)
+        }
+        #[inline]
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<V::Value, E> {
+            self.0.visit_byte_buf(v)
+        }
+    }
+
+    /// A visitor of any value: scalars go to `V` as they are; what holds more values
+    /// (maps, sequences, enums, options, newtypes) is wrapped so that those are read
+    /// strictly too.
+    struct Values<V>(V);
+
+    macro_rules! scalar {
+        ($($method:ident: $t:ty)*) => {$(
+            #[inline]
+            fn $method<E: de::Error>(self, v: $t) -> Result<V::Value, E> {
+                self.0.$method(v)
+            }
+        )*};
+    }
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Values<V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            self.0.expecting(f)
+        }
+
+        scalar! {
+            visit_bool: bool visit_i8: i8 visit_i16: i16 visit_i32: i32 visit_i64: i64
+            visit_i128: i128 visit_u8: u8 visit_u16: u16 visit_u32: u32 visit_u64: u64
+            visit_u128: u128 visit_f32: f32 visit_f64: f64 visit_char: char visit_str: &str
+            visit_borrowed_str: &'de str visit_string: String visit_bytes: &[u8]
+            visit_borrowed_bytes: &'de [u8] visit_byte_buf: Vec<u8>
+        }
+
+        #[inline]
+        fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+            self.0.visit_none()
+        }
+        #[inline]
+        fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+            self.0.visit_unit()
+        }
+        #[inline]
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+            self.0.visit_some(Strict(d))
+        }
+        #[inline]
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+            self.0.visit_newtype_struct(Strict(d))
+        }
+        #[inline]
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
+            self.0.visit_seq(Seq(seq))
+        }
+        #[inline]
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+            self.0.visit_map(Map(map))
+        }
+        #[inline]
+        fn visit_enum<A: EnumAccess<'de>>(self, e: A) -> Result<V::Value, A::Error> {
+            self.0.visit_enum(Enum(e))
+        }
+    }
+
+    /// Reads a value with [`Strict`].
+    struct ValueSeed<S>(S);
+
+    impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for ValueSeed<S> {
+        type Value = S::Value;
+        #[inline]
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
+            self.0.deserialize(Strict(d))
+        }
+    }
+
+    /// Reads a name with [`NameDe`].
+    struct NameSeed<S>(S);
+
+    impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for NameSeed<S> {
+        type Value = S::Value;
+        #[inline]
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
+            self.0.deserialize(NameDe(d))
+        }
+    }
+
+    /// A map: keys are names, values are read strictly.
+    struct Map<A>(A);
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Map<A> {
+        type Error = A::Error;
+        #[inline]
+        fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+            self.0.next_key_seed(NameSeed(seed))
+        }
+        #[inline]
+        fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+            self.0.next_value_seed(ValueSeed(seed))
+        }
+        fn size_hint(&self) -> Option<usize> {
+            self.0.size_hint()
+        }
+    }
+
+    struct Seq<A>(A);
+
+    impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Seq<A> {
+        type Error = A::Error;
+        #[inline]
+        fn next_element_seed<T: DeserializeSeed<'de>>(
+            &mut self,
+            seed: T,
+        ) -> Result<Option<T::Value>, A::Error> {
+            self.0.next_element_seed(ValueSeed(seed))
+        }
+        fn size_hint(&self) -> Option<usize> {
+            self.0.size_hint()
+        }
+    }
+
+    /// An enum: the variant is a name, its content is read strictly.
+    struct Enum<A>(A);
+
+    impl<'de, A: EnumAccess<'de>> EnumAccess<'de> for Enum<A> {
+        type Error = A::Error;
+        type Variant = Variant<A::Variant>;
+        #[inline]
+        fn variant_seed<S: DeserializeSeed<'de>>(
+            self,
+            seed: S,
+        ) -> Result<(S::Value, Self::Variant), A::Error> {
+            let (v, content) = self.0.variant_seed(NameSeed(seed))?;
+            Ok((v, Variant(content)))
+        }
+    }
+
+    struct Variant<A>(A);
+
+    impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Variant<A> {
+        type Error = A::Error;
+        fn unit_variant(self) -> Result<(), A::Error> {
+            self.0.unit_variant()
+        }
+        fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
+            self.0.newtype_variant_seed(ValueSeed(seed))
+        }
+        fn tuple_variant<V: Visitor<'de>>(self, len: usize, v: V) -> Result<V::Value, A::Error> {
+            self.0.tuple_variant(len, Values(v))
+        }
+        fn struct_variant<V: Visitor<'de>>(
+            self,
+            fields: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, A::Error> {
+            self.0.struct_variant(fields, Values(v))
+        }
+    }
 }
 
 /// The envelope's decoder and encoder.
@@ -1215,7 +1625,9 @@ mod diagnose {
         }
         match enc {
             Encoding::Json => run(&mut serde_json::Deserializer::from_slice(bytes)),
-            Encoding::Msgpack => run(&mut rmp_serde::Deserializer::from_read_ref(bytes)),
+            Encoding::Msgpack => {
+                run(super::names::Strict(&mut rmp_serde::Deserializer::from_read_ref(bytes)))
+            }
         }
     }
 
@@ -2363,5 +2775,377 @@ mod tests {
         let v: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(v["type"], "ok");
         assert_eq!(v["result"]["now_ms"], 5);
+    }
+
+    // ---------------------------------------------------------------------------------
+    // A number is never a name (see `names`)
+    // ---------------------------------------------------------------------------------
+
+    /// A value of a test frame: JSON, or a map or sequence of such values, so that a map
+    /// may have a key that is not a string (an integer key exists only in MessagePack;
+    /// JSON writes it as a string).
+    #[derive(Clone, Debug)]
+    enum W {
+        J(serde_json::Value),
+        Map(Vec<(W, W)>),
+        Seq(Vec<W>),
+    }
+
+    impl Serialize for W {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            match self {
+                W::J(v) => v.serialize(s),
+                W::Map(entries) => {
+                    let mut m = s.serialize_map(Some(entries.len()))?;
+                    for (k, v) in entries {
+                        m.serialize_entry(k, v)?;
+                    }
+                    m.end()
+                }
+                W::Seq(items) => s.collect_seq(items),
+            }
+        }
+    }
+
+    fn j(v: serde_json::Value) -> W {
+        W::J(v)
+    }
+
+    /// `{n: nil}`: the externally tagged form of a unit variant, named by an index.
+    fn indexed(n: u64) -> W {
+        W::Map(vec![(j(n.into()), j(serde_json::Value::Null))])
+    }
+
+    /// `v` with the value at `path` (map keys, and sequence indices as numbers) replaced
+    /// by `leaf`. With `first`, each key on the path comes first in its map (a tag
+    /// before the fields it selects); otherwise the maps keep their (sorted) order.
+    fn put(v: &serde_json::Value, path: &[&str], leaf: &W, first: bool) -> W {
+        let Some((at, rest)) = path.split_first() else { return leaf.clone() };
+        match v {
+            serde_json::Value::Object(m) => {
+                assert!(m.contains_key(*at), "{at} in {v}");
+                let mut entries: Vec<(W, W)> = m
+                    .iter()
+                    .map(|(k, x)| {
+                        let x = if k == at { put(x, rest, leaf, first) } else { j(x.clone()) };
+                        (j(k.as_str().into()), x)
+                    })
+                    .collect();
+                if first {
+                    let i = m.keys().position(|k| k == at).unwrap();
+                    let e = entries.remove(i);
+                    entries.insert(0, e);
+                }
+                W::Map(entries)
+            }
+            serde_json::Value::Array(items) => {
+                let at: usize = at.parse().unwrap();
+                W::Seq(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| if i == at { put(x, rest, leaf, first) } else { j(x.clone()) })
+                        .collect(),
+                )
+            }
+            _ => panic!("no {at} in {v}"),
+        }
+    }
+
+    /// The frame of request `ty` with `fields`, the value at `path` replaced by `leaf`:
+    /// `id` and `type` first (read as they come) or last (the fields buffered).
+    fn frame(
+        ty: &str,
+        fields: &serde_json::Value,
+        path: &[&str],
+        leaf: &W,
+        head_first: bool,
+        first: bool,
+    ) -> W {
+        let W::Map(mut entries) = put(fields, path, leaf, first) else { unreachable!() };
+        let head = vec![(j("id".into()), j("n1".into())), (j("type".into()), j(ty.into()))];
+        entries = if head_first { [head, entries].concat() } else { [entries, head].concat() };
+        W::Map(entries)
+    }
+
+    /// Request `ty` with `fields` decodes in both encodings and every key order; with the
+    /// value at `path` replaced by any of `bad`, it is refused as `invalid_field` naming
+    /// `field`, with the request's id.
+    fn names_are_strings(ty: &str, fields: serde_json::Value, path: &[&str], bad: &[W], field: &str) {
+        let good = {
+            let mut at = &fields;
+            for p in path {
+                at = match at {
+                    serde_json::Value::Array(items) => &items[p.parse::<usize>().unwrap()],
+                    v => &v[*p],
+                };
+            }
+            j(at.clone())
+        };
+        let mut wrong = Vec::new();
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            for head_first in [true, false] {
+                for first in [false, true] {
+                    let ok = frame(ty, &fields, path, &good, head_first, first);
+                    if let Err(e) = decode(enc, &encode(enc, &ok)) {
+                        panic!("{enc:?} the valid {ok:?} is refused: {e:?}");
+                    }
+                    for leaf in bad {
+                        let f = frame(ty, &fields, path, leaf, head_first, first);
+                        let got = decode(enc, &encode(enc, &f));
+                        let as_wanted = matches!(&got, Err(e)
+                            if (e.code, e.id.as_deref(), e.field.as_deref()) == ("invalid_field", Some("n1"), Some(field)));
+                        if !as_wanted {
+                            let got = got.map(|env| env.request);
+                            wrong.push(format!(
+                                "{enc:?} {leaf:?} (head first {head_first}, key first {first}): {got:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{ty} {path:?}: not refused naming {field}:\n{}", wrong.join("\n"));
+    }
+
+    /// Numbers, among them every index of an enum of `n` variants.
+    fn numbers(n: u64) -> Vec<W> {
+        (0..=n).map(|i| j(i.into())).chain([j((-1).into()), j(1.5.into())]).collect()
+    }
+
+    #[test]
+    fn r17_an_offer_action_given_as_a_number_is_refused_naming_action() {
+        use serde_json::json;
+        let fields = json!({"lead": "L", "pro": "p", "action": "open"});
+        names_are_strings("offer", fields, &["action"], &numbers(9), "action");
+        // Also where the action needs a field of its own.
+        let fields = json!({"lead": "L", "pro": "p", "action": "decline", "by": "pro"});
+        names_are_strings("offer", fields, &["action"], &numbers(9), "action");
+    }
+
+    #[test]
+    fn r17_the_party_of_a_decline_given_as_a_number_is_refused_naming_by() {
+        use serde_json::json;
+        let fields = json!({"lead": "L", "pro": "p", "action": "decline", "by": "client"});
+        let bad = [numbers(2), vec![indexed(0), indexed(1)]].concat();
+        names_are_strings("offer", fields, &["by"], &bad, "by");
+    }
+
+    #[test]
+    fn r13_a_job_kind_given_as_a_number_is_refused_naming_lead_kind() {
+        let mut lead = full_lead();
+        lead["direct"] = serde_json::json!(["p1"]);
+        lead["kind"] = serde_json::json!("direct");
+        let fields = serde_json::json!({ "lead": lead });
+        let bad = [numbers(3), vec![indexed(0), indexed(1), indexed(2)]].concat();
+        names_are_strings("publish_lead", fields, &["lead", "kind"], &bad, "lead.kind");
+    }
+
+    /// A weekly schedule (R4) or approval window (R25) of one interval.
+    fn windows() -> serde_json::Value {
+        serde_json::json!({"time_zone": "Europe/Rome", "intervals": [{"day": "tue", "start_min": 0, "end_min": 360}]})
+    }
+
+    #[test]
+    fn r4_a_schedule_day_given_as_a_number_is_refused_naming_its_path() {
+        use serde_json::json;
+        let bad = [numbers(7), vec![indexed(0), indexed(1)]].concat();
+        let day = ["schedule", "intervals", "0", "day"];
+        let fields = json!({"pro": "p1", "availability": {"schedule": windows()}});
+        let path = [&["availability"][..], &day].concat();
+        names_are_strings("set_availability", fields, &path, &bad, "availability.schedule.intervals[0].day");
+        let pro = json!({"id": "p1", "categories": ["painting"], "zones": ["bologna"],
+                         "availability": {"schedule": windows()}});
+        let path = [&["pro", "availability"][..], &day].concat();
+        names_are_strings(
+            "upsert_pro",
+            json!({ "pro": pro }),
+            &path,
+            &bad,
+            "pro.availability.schedule.intervals[0].day",
+        );
+        let fields = json!({"command": {"type": "set_availability", "pro": "p1",
+                                        "availability": {"schedule": windows()}}});
+        let path = [&["command", "availability"][..], &day].concat();
+        names_are_strings("order", fields, &path, &bad, "command.availability.schedule.intervals[0].day");
+    }
+
+    #[test]
+    fn r25_r27_an_order_command_type_given_as_a_number_is_refused_naming_command_type() {
+        use serde_json::json;
+        // Index 8 would be the internal `tick`.
+        for fields in [
+            json!({"command": {"type": "cancel_order", "order": "o1"}}),
+            json!({"command": {"type": "complete_order", "order": "o1"}}),
+            json!({"command": {"type": "accept_custom_offer", "offer": "c1", "order": "o1"}}),
+        ] {
+            names_are_strings("order", fields, &["command", "type"], &numbers(9), "command.type");
+        }
+    }
+
+    /// `set_acceptance_mode` with `mode`.
+    fn set_mode(mode: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"command": {"type": "set_acceptance_mode", "pro": "p1", "service": "painting", "mode": mode}})
+    }
+
+    #[test]
+    fn r25_an_acceptance_mode_given_as_a_number_is_refused_naming_command_mode_mode() {
+        use serde_json::json;
+        let path = ["command", "mode", "mode"];
+        names_are_strings(
+            "order",
+            set_mode(json!({"mode": "auto_accept"})),
+            &path,
+            &numbers(2),
+            "command.mode.mode",
+        );
+        let approval = json!({"mode": "approval_required", "audience": "all_clients"});
+        names_are_strings("order", set_mode(approval), &path, &numbers(2), "command.mode.mode");
+    }
+
+    #[test]
+    fn r25_an_audience_given_as_a_number_is_refused_naming_command_mode_audience() {
+        use serde_json::json;
+        let mode = json!({"mode": "approval_required", "audience": "new_clients", "packages": ["basic"]});
+        let bad = [numbers(2), vec![indexed(0), indexed(1)]].concat();
+        names_are_strings(
+            "order",
+            set_mode(mode),
+            &["command", "mode", "audience"],
+            &bad,
+            "command.mode.audience",
+        );
+    }
+
+    #[test]
+    fn r25_an_approval_window_day_given_as_a_number_is_refused_naming_its_path() {
+        use serde_json::json;
+        let mode = json!({"mode": "approval_required", "audience": "all_clients", "windows": windows()});
+        let bad = [numbers(7), vec![indexed(0), indexed(6)]].concat();
+        let path = ["command", "mode", "windows", "intervals", "0", "day"];
+        names_are_strings("order", set_mode(mode), &path, &bad, "command.mode.windows.intervals[0].day");
+    }
+
+    #[test]
+    fn r25_an_answer_given_as_a_number_is_refused_naming_command_answer_answer() {
+        use serde_json::json;
+        let path = ["command", "answer", "answer"];
+        for answer in [
+            json!({"answer": "decline"}),
+            json!({"answer": "approve", "offer": {"id": "c1", "price_cents": 500}}),
+        ] {
+            let fields = json!({"command": {"type": "answer_request", "request": "r1", "answer": answer}});
+            names_are_strings("order", fields, &path, &numbers(2), "command.answer.answer");
+        }
+    }
+
+    #[test]
+    fn a_request_type_given_as_a_number_is_invalid_field_naming_type() {
+        use serde_json::json;
+        let fields = json!({"pro": "p1"});
+        for n in numbers(14) {
+            for head_first in [true, false] {
+                let f = frame("balance", &fields, &["pro"], &j(json!("p1")), head_first, false);
+                let W::Map(mut entries) = f else { unreachable!() };
+                for (k, v) in entries.iter_mut() {
+                    if matches!(k, W::J(k) if k == "type") {
+                        *v = n.clone();
+                    }
+                }
+                let e = fails_alike(&W::Map(entries));
+                assert_eq!(
+                    (e.code, e.id.as_deref(), e.field.as_deref()),
+                    ("invalid_field", Some("n1"), Some("type")),
+                    "{n:?}: {e:?}"
+                );
+            }
+        }
+    }
+
+    /// MessagePack: a map key that is a number is no field name either (serde would take
+    /// it as the field's index): refused naming the map that has it.
+    #[test]
+    fn a_field_name_given_as_a_number_is_refused_in_msgpack() {
+        use serde_json::json;
+        let pro = |first: W| {
+            W::Map(vec![
+                (first, j(json!("p1"))),
+                (j(json!("categories")), j(json!(["painting"]))),
+                (j(json!("zones")), j(json!(["bologna"]))),
+            ])
+        };
+        let cases = [
+            // `id` as the index of `Pro`'s first field, directly and inside an order.
+            (("upsert_pro", "pro"), pro(j(json!(0))), "pro"),
+            (
+                ("order", "command"),
+                W::Map(vec![(j(json!("type")), j(json!("cancel_order"))), (j(json!(0)), j(json!("o1")))]),
+                "command",
+            ),
+            (
+                ("order", "command"),
+                W::Map(vec![
+                    (j(json!("type")), j(json!("place_order"))),
+                    (j(json!("order")), j(json!("o1"))),
+                    (
+                        j(json!("placement")),
+                        W::Map(vec![
+                            (j(json!(0)), j(json!("p1"))),
+                            (j(json!("client")), j(json!("c1"))),
+                            (j(json!("service")), j(json!("painting"))),
+                            (j(json!("package")), j(json!("basic"))),
+                        ]),
+                    ),
+                ]),
+                "command.placement",
+            ),
+        ];
+        for ((ty, key), value, field) in cases {
+            for head_first in [true, false] {
+                let head = vec![(j(json!("id")), j(json!("n1"))), (j(json!("type")), j(json!(ty)))];
+                let body = vec![(j(json!(key)), value.clone())];
+                let f = W::Map(if head_first { [head, body].concat() } else { [body, head].concat() });
+                let e = decode(Encoding::Msgpack, &encode(Encoding::Msgpack, &f)).unwrap_err();
+                assert_eq!(e.code, "invalid_field", "{f:?}: {e:?}");
+                assert_eq!(e.id.as_deref(), Some("n1"), "{f:?}: {e:?}");
+                assert_eq!(e.field.as_deref(), Some(field), "{f:?}: {e:?}");
+            }
+        }
+    }
+
+    /// The strict reading changes nothing for valid frames: every enum a request carries,
+    /// named, decodes as serde's own reading of the frame does, alike in both encodings.
+    #[test]
+    fn valid_names_still_decode_as_before_in_both_encodings() {
+        use serde_json::json;
+        let mut lead = full_lead();
+        lead["kind"] = json!("contact");
+        lead["direct"] = json!(["p1"]);
+        let order = |command: serde_json::Value| json!({"type": "order", "command": command});
+        let frames = [
+            json!({"type": "publish_lead", "lead": lead}),
+            json!({"type": "offer", "lead": "L", "pro": "p", "action": "decline", "by": "client"}),
+            json!({"type": "offer", "lead": "L", "pro": "p", "action": "add_note", "text": "hi", "x": {"a": [1]}}),
+            json!({"type": "set_availability", "pro": "p", "availability": {"paused_until": 5, "schedule": windows()}}),
+            order(
+                set_mode(
+                    json!({"mode": "approval_required", "audience": "new_clients", "windows": windows()}),
+                )["command"]
+                    .clone(),
+            ),
+            order(set_mode(json!({"mode": "auto_accept"}))["command"].clone()),
+            order(json!({"type": "answer_request", "request": "r", "answer":
+                   {"answer": "approve", "offer": {"id": "c", "price_cents": 5, "expires_at": 9}}})),
+            order(json!({"type": "answer_request", "request": "r", "answer": {"answer": "decline"}})),
+            json!({"type": "subscribe", "resume_from": 3, "batch": true}),
+        ];
+        for mut v in frames {
+            v["id"] = json!("v1");
+            let bytes = rmp_serde::to_vec_named(&v).unwrap();
+            let serde_own = rmp_serde::from_slice::<Envelope>(&bytes).unwrap();
+            assert_eq!(decode(Encoding::Msgpack, &bytes).unwrap(), serde_own, "{v}");
+            assert_eq!(json(v.clone()).unwrap(), serde_own, "{v}");
+        }
     }
 }

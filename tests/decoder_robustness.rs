@@ -205,6 +205,211 @@ proptest! {
     }
 }
 
+/// A frame value whose map keys may be numbers (MessagePack only; JSON writes a number
+/// key as a string), maps in the order given.
+#[derive(Clone, Debug)]
+enum Tree {
+    V(serde_json::Value),
+    M(Vec<(Key, Tree)>),
+    S(Vec<Tree>),
+}
+
+#[derive(Clone, Debug)]
+enum Key {
+    S(String),
+    N(u64),
+}
+
+impl serde::Serialize for Tree {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Tree::V(v) => v.serialize(s),
+            Tree::M(entries) => {
+                let mut m = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    match k {
+                        Key::S(k) => m.serialize_entry(k, v)?,
+                        Key::N(n) => m.serialize_entry(n, v)?,
+                    }
+                }
+                m.end()
+            }
+            Tree::S(items) => s.collect_seq(items),
+        }
+    }
+}
+
+impl Tree {
+    /// Every map and sequence as a tree (JSON maps in sorted key order), `id` and `type`
+    /// first at the top when `head_first`, else last.
+    fn of(v: &serde_json::Value, head_first: bool) -> Tree {
+        fn go(v: &serde_json::Value) -> Tree {
+            match v {
+                serde_json::Value::Object(m) => {
+                    Tree::M(m.iter().map(|(k, x)| (Key::S(k.clone()), go(x))).collect())
+                }
+                serde_json::Value::Array(a) => Tree::S(a.iter().map(go).collect()),
+                v => Tree::V(v.clone()),
+            }
+        }
+        let Tree::M(entries) = go(v) else { return go(v) };
+        let is_head = |k: &Key| matches!(k, Key::S(k) if k == "id" || k == "type");
+        let (head, rest): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(k, _)| is_head(k));
+        Tree::M(if head_first { [head, rest].concat() } else { [rest, head].concat() })
+    }
+
+    /// The paths of the maps below the top, depth first (sequence indices as numbers).
+    fn map_paths(&self, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        match self {
+            Tree::M(entries) => {
+                if !at.is_empty() && !entries.is_empty() {
+                    out.push(at.clone());
+                }
+                for (k, v) in entries {
+                    if let Key::S(k) = k {
+                        at.push(k.clone());
+                        v.map_paths(at, out);
+                        at.pop();
+                    }
+                }
+            }
+            Tree::S(items) => {
+                for (i, x) in items.iter().enumerate() {
+                    at.push(i.to_string());
+                    x.map_paths(at, out);
+                    at.pop();
+                }
+            }
+            Tree::V(_) => {}
+        }
+    }
+
+    /// The value at `path` (map keys; sequence indices as numbers).
+    fn at_mut(&mut self, path: &[&str]) -> &mut Tree {
+        let Some((p, rest)) = path.split_first() else { return self };
+        match self {
+            Tree::M(entries) => {
+                entries.iter_mut().find(|(k, _)| matches!(k, Key::S(k) if k == p)).unwrap().1.at_mut(rest)
+            }
+            Tree::S(items) => items[p.parse::<usize>().unwrap()].at_mut(rest),
+            Tree::V(v) => panic!("no {p} in {v}"),
+        }
+    }
+}
+
+/// An enum name's path in a frame, and the field an error about it names.
+type Named = (Vec<&'static str>, &'static str);
+
+/// Valid requests of every type that carries an enum, and where each enum's name is.
+fn named_enums() -> Vec<(serde_json::Value, Vec<Named>)> {
+    let publish: serde_json::Value = serde_json::from_slice(&publish_json()).unwrap();
+    let windows =
+        json!({"time_zone": "Europe/Rome", "intervals": [{"day": "fri", "start_min": 60, "end_min": 120}]});
+    vec![
+        (publish, vec![(vec!["type"], "type"), (vec!["lead", "kind"], "lead.kind")]),
+        (
+            json!({"id": "o", "type": "offer", "lead": "L1", "pro": "p1", "action": "decline", "by": "client"}),
+            vec![(vec!["action"], "action"), (vec!["by"], "by")],
+        ),
+        (
+            json!({"id": "a", "type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"],
+                   "zones": ["bologna"], "availability": {"schedule": windows}}}),
+            vec![(
+                vec!["pro", "availability", "schedule", "intervals", "0", "day"],
+                "pro.availability.schedule.intervals[0].day",
+            )],
+        ),
+        (
+            json!({"id": "m", "type": "order", "command": {"type": "set_acceptance_mode", "pro": "p1",
+                   "service": "painting", "mode": {"mode": "approval_required", "audience": "new_clients",
+                   "windows": windows}}}),
+            vec![
+                (vec!["command", "type"], "command.type"),
+                (vec!["command", "mode", "mode"], "command.mode.mode"),
+                (vec!["command", "mode", "audience"], "command.mode.audience"),
+                (
+                    vec!["command", "mode", "windows", "intervals", "0", "day"],
+                    "command.mode.windows.intervals[0].day",
+                ),
+            ],
+        ),
+        (
+            json!({"id": "r", "type": "order", "command": {"type": "answer_request", "request": "r1",
+                   "answer": {"answer": "approve", "offer": {"id": "c1", "price_cents": 100}}}}),
+            vec![(vec!["command", "answer", "answer"], "command.answer.answer")],
+        ),
+    ]
+}
+
+fn encoded(enc: Encoding, t: &Tree) -> Vec<u8> {
+    match enc {
+        Encoding::Json => serde_json::to_vec(t).unwrap(),
+        Encoding::Msgpack => rmp_serde::to_vec_named(t).unwrap(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(512), failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A number is never a name: any enum name of a valid request (its `type`, an offer's
+    /// action, a job kind, a weekday, an order command, acceptance mode, audience or
+    /// answer) replaced by any number is refused in both encodings and either key order,
+    /// `invalid_field` naming the field.
+    #[test]
+    fn an_enum_name_replaced_by_any_number_is_refused_naming_it(
+        which in any::<usize>(), n in prop_oneof![any::<u64>().prop_map(|n| json!(n)), any::<i64>().prop_map(|n| json!(n)),
+                                                  (0u64..16).prop_map(|n| json!(n)), any::<f64>().prop_map(|x| json!(x))],
+        head_first in any::<bool>(),
+    ) {
+        let frames = named_enums();
+        let all: Vec<_> = frames.iter().flat_map(|(f, names)| names.iter().map(move |n| (f, n))).collect();
+        let (frame, (path, field)) = all[which % all.len()];
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let valid = Tree::of(frame, head_first);
+            prop_assert!(decode(enc, &encoded(enc, &valid)).is_ok(), "{:?} {}", enc, frame);
+            let mut bad = valid.clone();
+            *bad.at_mut(path) = Tree::V(n.clone());
+            let e = decode(enc, &encoded(enc, &bad)).unwrap_err();
+            prop_assert_eq!(
+                (e.code, e.id.as_deref(), e.field.as_deref()),
+                ("invalid_field", frame["id"].as_str(), Some(*field)),
+                "{:?} {} = {}: {:?}", enc, field, n, e
+            );
+        }
+    }
+
+    /// MessagePack: a valid request with any key of a map below the top replaced by a
+    /// number (serde would take it as a field's or variant's index) never decodes.
+    #[test]
+    fn a_map_key_replaced_by_a_number_never_decodes(
+        which in any::<usize>(), map in any::<usize>(), entry in any::<usize>(), n in prop_oneof![0u64..16, any::<u64>()],
+        head_first in any::<bool>(),
+    ) {
+        // The frames that have a map below the top.
+        let frames: Vec<_> = named_enums()
+            .into_iter()
+            .map(|(f, _)| {
+                let mut maps = Vec::new();
+                Tree::of(&f, head_first).map_paths(&mut Vec::new(), &mut maps);
+                (f, maps)
+            })
+            .filter(|(_, maps)| !maps.is_empty())
+            .collect();
+        let (frame, maps) = &frames[which % frames.len()];
+        let mut t = Tree::of(frame, head_first);
+        let path: Vec<&str> = maps[map % maps.len()].iter().map(String::as_str).collect();
+        let Tree::M(entries) = t.at_mut(&path) else { unreachable!() };
+        let i = entry % entries.len();
+        entries[i].0 = Key::N(n);
+        let bytes = encoded(Encoding::Msgpack, &t);
+        let got = decode(Encoding::Msgpack, &bytes);
+        prop_assert!(got.is_err(), "{}: {:?}", serde_json::to_string(&t).unwrap(), got);
+        let e = got.unwrap_err();
+        prop_assert_eq!((e.code, e.id.as_deref()), ("invalid_field", frame["id"].as_str()), "{:?}", e);
+    }
+}
+
 /// The body of a real snapshot: two pros with credits, one with a top-up rule, leads
 /// offered, responded to and declined, the stream's replay buffer and the policy.
 fn snapshot_body() -> &'static [u8] {

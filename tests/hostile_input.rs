@@ -246,6 +246,232 @@ async fn decoding_errors_get_the_documented_code_and_name_the_field_in_both_enco
     }
 }
 
+/// A frame value built in a given key order (serde_json's own maps sort their keys), so
+/// that `id` and `type` come first (the decoder's fast path) and a tag before the
+/// fields it selects; a map key may be a number (MessagePack; JSON writes it as a
+/// string).
+#[derive(Clone)]
+enum F {
+    V(Value),
+    M(Vec<(F, F)>),
+    S(Vec<F>),
+}
+
+impl serde::Serialize for F {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            F::V(v) => v.serialize(s),
+            F::M(entries) => {
+                let mut m = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+            F::S(items) => s.collect_seq(items),
+        }
+    }
+}
+
+/// A map of string keys, in this order.
+fn m(entries: Vec<(&str, F)>) -> F {
+    F::M(entries.into_iter().map(|(k, v)| (F::V(json!(k)), v)).collect())
+}
+
+fn v(x: Value) -> F {
+    F::V(x)
+}
+
+/// `{n: nil}`: a unit variant in its externally tagged form, named by its index.
+fn indexed(n: u64) -> F {
+    F::M(vec![(F::V(json!(n)), F::V(Value::Null))])
+}
+
+/// Tuesday 00:00-06:00 in Rome, `day` standing for Tuesday (the daemon's clock starts on
+/// a Monday afternoon: a pro with this schedule is unavailable).
+fn night_schedule(day: F) -> F {
+    let interval = m(vec![("day", day), ("start_min", v(json!(0))), ("end_min", v(json!(360)))]);
+    m(vec![("time_zone", v(json!("Europe/Rome"))), ("intervals", F::S(vec![interval]))])
+}
+
+/// A number is never a name: an enum value, a tag or a map key given as a number (serde
+/// would read it as the index of a variant or field) is refused in both encodings with
+/// `invalid_field` naming the field (`id` and `type` first, so the request is read as
+/// it comes, and a tag first in its map), and nothing changes: no event, no offer acted
+/// on, no lead, pro or schedule stored.
+#[tokio::test(flavor = "current_thread")]
+async fn r17_r25_names_given_as_numbers_are_refused_naming_the_field_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    // Three pros: candidates lists no fewer (`min_list_size`).
+    for p in ["p1", "p3", "p4"] {
+        let pro = json!({"id": p, "categories": ["painting"], "zones": ["bologna"]});
+        c.ok(json!({"type": "upsert_pro", "pro": pro})).await;
+        c.ok(json!({"type": "grant_credits", "pro": p, "op": "pay-1", "credits": 100})).await;
+    }
+    let mut l = lead("N1");
+    l["kind"] = json!("direct");
+    l["direct"] = json!(["p1"]);
+    let out = c.ok(json!({"type": "publish_lead", "lead": l})).await;
+    assert_eq!(out["offers"], json!([["p1", "direct"]]), "{out}");
+    let mut sub = Client::connect(&d.addr, "pp-token", false).await;
+    sub.ok(json!({"type": "subscribe"})).await;
+
+    let offer = |action: Vec<(&'static str, F)>| {
+        [vec![("type", v(json!("offer"))), ("lead", v(json!("N1"))), ("pro", v(json!("p1")))], action]
+            .concat()
+    };
+    let mut kind_1 = lead("N2");
+    kind_1["kind"] = json!(1);
+    kind_1["direct"] = json!(["p1"]);
+    let order = |command: F| vec![("type", v(json!("order"))), ("command", command)];
+    let set_mode = |mode: F| {
+        order(m(vec![
+            ("type", v(json!("set_acceptance_mode"))),
+            ("pro", v(json!("p1"))),
+            ("service", v(json!("painting"))),
+            ("mode", mode),
+        ]))
+    };
+    let cases: Vec<(Vec<(&str, F)>, &str)> = vec![
+        // R17: 5 was `client_viewed`, 1 `respond` (a charge), 0 `open`.
+        (offer(vec![("action", v(json!(5)))]), "action"),
+        (offer(vec![("action", v(json!(1)))]), "action"),
+        (offer(vec![("action", v(json!(0)))]), "action"),
+        (offer(vec![("action", v(json!(2))), ("by", v(json!("pro")))]), "action"),
+        (offer(vec![("action", v(json!("decline"))), ("by", v(json!(0)))]), "by"),
+        (offer(vec![("action", v(json!("decline"))), ("by", indexed(1))]), "by"),
+        // R13: 1 was `direct`.
+        (vec![("type", v(json!("publish_lead"))), ("lead", v(kind_1))], "lead.kind"),
+        // R4: 1 was Tuesday.
+        (
+            vec![
+                ("type", v(json!("set_availability"))),
+                ("pro", v(json!("p1"))),
+                ("availability", m(vec![("schedule", night_schedule(v(json!(1))))])),
+            ],
+            "availability.schedule.intervals[0].day",
+        ),
+        (
+            vec![
+                ("type", v(json!("upsert_pro"))),
+                (
+                    "pro",
+                    m(vec![
+                        ("id", v(json!("p2"))),
+                        ("categories", v(json!(["painting"]))),
+                        ("zones", v(json!(["bologna"]))),
+                        ("availability", m(vec![("schedule", night_schedule(indexed(1)))])),
+                    ]),
+                ),
+            ],
+            "pro.availability.schedule.intervals[0].day",
+        ),
+        // R25-R27: command 0 was `set_acceptance_mode`, 1 `set_availability`.
+        (
+            order(m(vec![
+                ("type", v(json!(0))),
+                ("pro", v(json!("p1"))),
+                ("service", v(json!("painting"))),
+                ("mode", m(vec![("mode", v(json!("auto_accept")))])),
+            ])),
+            "command.type",
+        ),
+        (
+            order(m(vec![("type", v(json!(1))), ("pro", v(json!("p1"))), ("availability", m(vec![]))])),
+            "command.type",
+        ),
+        // R25: mode 1 was `approval_required`, audience 1 `all_clients`.
+        (
+            set_mode(m(vec![("mode", v(json!(1))), ("audience", v(json!("all_clients")))])),
+            "command.mode.mode",
+        ),
+        (
+            set_mode(m(vec![("mode", v(json!("approval_required"))), ("audience", v(json!(1)))])),
+            "command.mode.audience",
+        ),
+        (
+            set_mode(m(vec![("mode", v(json!("approval_required"))), ("audience", indexed(1))])),
+            "command.mode.audience",
+        ),
+        (
+            set_mode(m(vec![
+                ("mode", v(json!("approval_required"))),
+                ("audience", v(json!("all_clients"))),
+                ("windows", night_schedule(v(json!(1)))),
+            ])),
+            "command.mode.windows.intervals[0].day",
+        ),
+        // R25: answer 1 was `decline`.
+        (
+            order(m(vec![
+                ("type", v(json!("answer_request"))),
+                ("request", v(json!("o1"))),
+                ("answer", m(vec![("answer", v(json!(1)))])),
+            ])),
+            "command.answer.answer",
+        ),
+        (
+            order(m(vec![
+                ("type", v(json!("set_availability"))),
+                ("pro", v(json!("p1"))),
+                ("availability", m(vec![("schedule", night_schedule(v(json!(1))))])),
+            ])),
+            "command.availability.schedule.intervals[0].day",
+        ),
+        // The request's own type: a string or `invalid_field` naming it.
+        (vec![("type", v(json!(3))), ("pro", v(json!("p1")))], "type"),
+    ];
+    let mut wrong = Vec::new();
+    for msgpack in [false, true] {
+        let mut k = Client::connect(&d.addr, "pp-token", msgpack).await;
+        for (i, (pairs, field)) in cases.iter().enumerate() {
+            let id = format!("num-{msgpack}-{i}");
+            let frame = m([vec![("id", v(json!(id)))], pairs.clone()].concat());
+            k.ws.send(if msgpack {
+                Message::Binary(rmp_serde::to_vec_named(&frame).unwrap())
+            } else {
+                Message::Text(serde_json::to_string(&frame).unwrap())
+            })
+            .await
+            .unwrap();
+            let r = k.recv().await;
+            if (r["code"].as_str(), r["field"].as_str(), r["id"].as_str())
+                != (Some("invalid_field"), Some(*field), Some(id.as_str()))
+            {
+                wrong.push(format!("msgpack={msgpack} {}: {r}", serde_json::to_string(&frame).unwrap()));
+            }
+        }
+        still_serves(&mut k).await;
+    }
+    assert!(wrong.is_empty(), "not refused as invalid_field naming the field:\n{}", wrong.join("\n"));
+
+    // Nothing changed. No event: the next one is the grant sent now.
+    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 1})).await;
+    let ev = sub.events(1).await;
+    assert_eq!(
+        (ev[0]["event"]["event"].as_str(), ev[0]["event"]["op"].as_str()),
+        (Some("credits"), Some("grant:pay-2"))
+    );
+    // The offer is still new (not opened, viewed, responded to or declined) and nothing
+    // was charged.
+    let explain = c.ok(json!({"type": "explain", "lead": "N1"})).await;
+    assert!(explain.to_string().contains(r#""status":"new""#), "{explain}");
+    assert_eq!(c.ok(json!({"type": "balance", "pro": "p1"})).await["available"], 101);
+    // No second lead, no pro p2, and p1 is still available (no schedule).
+    let (r, _) = c.call(json!({"type": "explain", "lead": "N2"})).await;
+    assert_eq!(r["code"], "unknown_lead", "{r}");
+    let (r, _) = c.call(json!({"type": "search", "pro": "p2", "query": "flat"})).await;
+    assert_eq!(r["code"], "unknown_pro", "{r}");
+    let cands = c.ok(json!({"type": "candidates", "zone": "bologna", "category": "painting"})).await;
+    let mut pros: Vec<&str> =
+        cands["pros"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap()).collect();
+    pros.sort();
+    assert_eq!(pros, ["p1", "p3", "p4"], "{cands}");
+}
+
 /// `subscribe` with `pro` checks the pro id as the other requests naming a pro do: an
 /// empty, over-long or control-character id is `invalid_field` naming `pro`, and leaves
 /// the connection unsubscribed: a subscribe with a good id then gets its feed.

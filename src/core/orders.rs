@@ -330,13 +330,25 @@ pub enum Answer {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OrderCommand {
     /// Set how a pro takes orders for one service; registers the pro.
-    SetAcceptanceMode { pro: ProId, service: CategoryId, mode: AcceptanceMode },
+    SetAcceptanceMode {
+        pro: ProId,
+        service: CategoryId,
+        /// Tagged, and read from serde's buffer of this command: names only as strings
+        /// (`"mode": 0` is no mode; see [`crate::protocol::names`]).
+        #[serde(deserialize_with = "crate::protocol::names::strict")]
+        mode: AcceptanceMode,
+    },
     /// Mark the pro available or not (R16, R27); registers the pro.
     SetAvailability { pro: ProId, availability: Availability },
     /// A client orders a package of a pro's service.
     PlaceOrder { order: OrderId, placement: Placement },
     /// The pro approves (with a custom offer) or declines a pending request.
-    AnswerRequest { request: OrderId, answer: Answer },
+    AnswerRequest {
+        request: OrderId,
+        /// As `mode` above: `"answer": 1` is no answer.
+        #[serde(deserialize_with = "crate::protocol::names::strict")]
+        answer: Answer,
+    },
     /// The pro sends a client a custom offer outside any request.
     SendCustomOffer { pro: ProId, client: ClientId, service: CategoryId, offer: CustomOfferTerms },
     /// The client accepts a custom offer; `order` is the platform's id of the order.
