@@ -412,3 +412,18 @@ fn r20_budget_recharged_counts_the_level_a_recharge_tops_up_to_not_the_credits_a
     let row = doc.lines().find(|l| l.starts_with("| `rota_credits_moved_total` |")).unwrap();
     assert!(row.contains("`budget_recharged` the level each recharge tops a budget up to"), "{row}");
 }
+
+/// An offer action on a lead rota does not know (never published, shed, or forgotten
+/// after its retention) is refused before any shard, and counted like the shards'
+/// refusals: `rota_responses_refused_total{code="unknown_lead"}`.
+#[test]
+fn an_offer_on_an_unknown_lead_is_counted_as_refused() {
+    let text = metrics_of_run("prontopro.toml", "prontopro", |e| async move {
+        bologna_pro(&e, "p1").await;
+        let err = send(&e, json!({"type": "offer", "lead": "nope", "pro": "p1", "action": "respond"}))
+            .await
+            .expect_err("unknown lead");
+        assert_eq!(err.code, "unknown_lead");
+    });
+    assert_eq!(acme(&text, telemetry::RESPONSES_REFUSED, Some(("code", "unknown_lead"))), 1.0, "{text}");
+}

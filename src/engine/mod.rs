@@ -891,7 +891,10 @@ impl Engine {
                 self.pro_change(tenant, pro, ProChange::Availability(availability)).await
             }
             Request::Offer { lead, pro, action } => {
-                let key = self.lead_shard(tenant, &lead)?;
+                let key = self.lead_shard(tenant, &lead).inspect_err(|_| {
+                    // Refused before any shard: counted as the shards count theirs.
+                    self.inner.metrics.refused(tenant, Reject::UnknownLead(lead.clone()).code());
+                })?;
                 match self.exec(key, Command::Offer { lead, pro, action }).await? {
                     CoreReply::Offer(v) => Ok(OkResult::Offer(v)),
                     CoreReply::Done => Ok(OkResult::Done { done: true }),
@@ -1715,8 +1718,16 @@ impl Engine {
         self.inner.metrics.m.clock_behind.set(self.inner.clock.behind_ms() as f64 / 1000.0);
         let mut shares: FxHashMap<TenantId, Vec<(f64, f64)>> = FxHashMap::default();
         let mut parked: FxHashMap<TenantId, (usize, usize)> = FxHashMap::default();
+        // A shard busy now is left out of this second's figures (its tenant's gauges
+        // keep their last values): this runs on the thread that serves the admin port,
+        // and a decision waiting for room in a full log queue holds its shard's lock
+        // for as long as the disk stalls.
+        let mut busy: rustc_hash::FxHashSet<TenantId> = Default::default();
         for e in self.inner.shards.iter() {
-            let s = e.value().state.lock();
+            let Some(s) = e.value().state.try_lock() else {
+                busy.insert(e.key().tenant.clone());
+                continue;
+            };
             let (budget, all) = (s.budget_parked_pros(), s.parked_pros());
             let p = parked.entry(e.key().tenant.clone()).or_default();
             p.0 += budget;
@@ -1732,12 +1743,12 @@ impl Engine {
                 out.push((n as f64, total as f64 * f64::from(w) / wsum as f64));
             }
         }
-        for (tenant, s) in shares {
+        for (tenant, s) in shares.into_iter().filter(|(t, _)| !busy.contains(t)) {
             if let Some(t) = self.inner.metrics.tenant(&tenant) {
                 t.observe_fairness(s);
             }
         }
-        for t in self.tenants() {
+        for t in self.tenants().into_iter().filter(|t| !busy.contains(&t.id)) {
             if let Some(tm) = self.inner.metrics.tenant(&t.id) {
                 let (budget, unavailable) = parked.get(&t.id).copied().unwrap_or_default();
                 tm.pros_parked_budget.set(budget as f64);

@@ -127,6 +127,10 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
     let snapshot_every = cfg.raw.snapshot_interval_s;
     let demo_tenant = cfg.demo_tenant;
     let data_dir = cfg.raw.data_dir.clone();
+    // SIGTERM and SIGINT are taken before anything is announced: their default action
+    // ends the process at once, and one sent right after the listening line (a
+    // supervisor stopping a daemon that just started) must stop it cleanly.
+    let mut signals = Signals::install();
     // Taken before recovery: SIGHUP's default action ends the process, and a reload
     // sent while a large log is replayed must wait for it, not kill the daemon.
     let hangups = match sources {
@@ -279,11 +283,11 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
     match hooks.stop.take() {
         Some(stop) => {
             tokio::select! {
-                _ = wait_for_signal() => {}
+                _ = signals.recv() => {}
                 _ = stop => {}
             }
         }
-        None => wait_for_signal().await,
+        None => signals.recv().await,
     }
     ready.set_stopping();
     eprintln!("rota: shutting down (send the signal again to force)");
@@ -309,7 +313,7 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
             eprintln!("rota: shutdown deadline passed; exiting");
             Ok(1)
         }
-        _ = wait_for_signal() => {
+        _ = signals.recv() => {
             eprintln!("rota: second signal; exiting now");
             Ok(1)
         }
@@ -349,16 +353,26 @@ async fn reload_on_hangup(
             _ = stop.changed() => return,
             got = hup.recv() => if got.is_none() { return },
         }
-        let cfg = match Config::load(&sources) {
-            Ok(cfg) => cfg,
-            Err(e) => {
+        // Off this thread, which serves the admin port, accepts connections and waits
+        // for SIGTERM: a reload reads files, waits for the gate and for its record's
+        // sync, and on a stalled disk that would freeze them all.
+        let (e, src) = (engine.clone(), sources.clone());
+        let outcome = tokio::task::spawn_blocking(move || Config::load(&src).map(|cfg| e.reload(&cfg))).await;
+        let reloaded = match outcome {
+            Ok(Ok(reloaded)) => reloaded,
+            Ok(Err(e)) => {
                 engine.inner.metrics.m.config_reloads.get("error").increment(1);
                 tracing::error!(error = %e, "configuration reload refused; still running on the previous configuration");
                 continue;
             }
+            Err(e) => {
+                engine.inner.metrics.m.config_reloads.get("error").increment(1);
+                tracing::error!(error = %e, "configuration reload failed; still running on the previous configuration");
+                continue;
+            }
         };
         // `Engine::reload` counts its own outcome in `rota_config_reloads_total`.
-        match engine.reload(&cfg) {
+        match reloaded {
             Ok(r) => {
                 tracing::info!(
                     added = ?r.added.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
@@ -377,12 +391,25 @@ async fn reload_on_hangup(
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on Unix");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, taken once for the life of the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            term: signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix"),
+            int: signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on Unix"),
+        }
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

@@ -345,14 +345,16 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
             // whole stream; the others need the events (decoded here, off the worker).
             let raw = enc == Encoding::Msgpack && c.pro.is_none();
             let pro = c.pro.clone();
-            // At most `CATCH_UP_READS` chunks are read and decoded at once, process
+            // At most as many chunks as cores are read and decoded at once, process
             // wide: a burst of resumes (or a client opening many, each cheap to ask
             // for) shares the cores with the traffic instead of taking them all.
             let reads = catch_up_reads();
             c.reading = Some(tokio::spawn(async move {
-                let _permit =
+                let permit =
                     reads.acquire_owned().await.map_err(|_| Unserved::Unreadable("shutting down".into()))?;
                 let read = tokio::task::spawn_blocking(move || {
+                    // Held for the read itself, even if the connection ends meanwhile.
+                    let _permit = permit;
                     match spill.read_frames_after(after, CATCH_UP_EVENTS, CATCH_UP_BYTES)? {
                         Chunk::Frames(frames) if !raw => {
                             let last = frames.last().map(|f| f.0);
@@ -847,6 +849,16 @@ struct CatchUp {
     batch: bool,
     spill: Arc<Spill>,
     reading: Option<tokio::task::JoinHandle<Result<Chunk, Unserved>>>,
+}
+
+impl Drop for CatchUp {
+    /// A catch-up whose connection ended stops waiting for a read slot: reads for
+    /// nobody must not hold up the live catch-ups behind them.
+    fn drop(&mut self) {
+        if let Some(r) = &self.reading {
+            r.abort();
+        }
+    }
 }
 
 /// Chunks of catch-ups read from disk at once, process wide: the machine's cores (a
