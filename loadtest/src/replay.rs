@@ -6,15 +6,19 @@
 //!   [`Resubscribe`] each stream leaves and resumes (`resume_from`) on a schedule.
 //! * Setup: the records before the first lead (pros, credits) are sent pipelined and
 //!   all answered before the clock starts; they are not measured.
-//! * Timed phase: one sender task walks the schedule; each wake-up it feeds every
-//!   record that is due to its connection and flushes each connection once.
-//!   Everything about a lead goes on one connection (lead ordinal modulo N), so a
-//!   response is never overtaken by its lead's publish on another socket.
+//! * Timed phase: one sender task walks the schedule; each wake-up it encodes every
+//!   record that is due, then writes each connection's share (`feed`s and one `flush`),
+//!   the connections side by side. Everything about a lead goes on one connection,
+//!   so a response is never overtaken by its lead's publish on another socket.
 //! * Latency is receipt time minus *intended* send time: `ack` for publish replies
 //!   (durable acknowledgement), `delivery` for the lead's first `offered` event on
-//!   the stream. `ack ok, service` is the same for accepted publishes measured from
-//!   the flush that wrote them instead: the daemon's share, without the tool's own
-//!   send lag (which, on a saturated host, is part of what clients would see).
+//!   the stream. `send lag` runs from the intended time to the return of the flush
+//!   of the request's own connection (or to its reply, if that came first), recorded
+//!   as soon as that flush returns. `ack ok, service` is `ack ok` measured from there
+//!   instead: the daemon's share, without the tool's own send lag (which, on a
+//!   saturated host, is part of what clients would see). A reply that is read before
+//!   its write was recorded keeps its latency until it is, so every `ack ok` has a
+//!   service sample.
 //! * Ids are rewritten per run (`<run_tag>-<lead ordinal>`, `<run_tag>-<lap>-<client>`,
 //!   `<run_tag>-<lap>-<op>`) so one trace can be replayed many times against one
 //!   daemon, and stream events map back to the schedule without a lookup table.
@@ -42,6 +46,7 @@ use tokio_tungstenite::WebSocketStream;
 
 type Ws = WebSocketStream<TcpStream>;
 type Source = SplitStream<Ws>;
+type Sink = futures_util::stream::SplitSink<Ws, Message>;
 
 #[derive(Debug, Clone)]
 pub struct ReplayConfig {
@@ -282,8 +287,15 @@ pub struct Summary {
     pub connections: usize,
     /// Leads per second the schedule asked for.
     pub target_leads_per_s: f64,
-    /// Leads acknowledged per second of the timed phase.
+    /// Measured leads (intended after the warm-up) answered `ok`, per second of
+    /// `measured_s`.
     pub achieved_leads_per_s: f64,
+    /// The seconds `achieved_leads_per_s` is over: from the end of the warm-up to the
+    /// end of the leads' span (the last lead's intended time plus one gap), or to the
+    /// last acknowledgement if that came later. Warm-up not included.
+    pub measured_s: f64,
+    /// Seconds from the start of the timed phase to the last send, **warm-up
+    /// included** (not the span of `achieved_leads_per_s`: that is `measured_s`).
     pub duration_s: f64,
     /// [`ReplayConfig::warmup`]: the first this-many seconds of the timed phase are
     /// not in the histograms nor in `achieved_leads_per_s` (0 = none).
@@ -332,11 +344,19 @@ pub struct Summary {
     pub leads_refused: u64,
     /// Replies to everything but publishes.
     pub other_replies: Percentiles,
-    /// How late the tool itself sent (actual - intended): the tool's share of latency.
+    /// How late the tool itself sent: from a request's intended time to the return of
+    /// the flush that wrote it on its connection (or to its reply, if that came first:
+    /// it was on the wire by then). Each connection's requests are timed by their own
+    /// connection's flush. The tool's share of latency, and the daemon's pushing back
+    /// on a connection it does not read fast enough.
     pub send_lag: Percentiles,
-    /// Publishes answered `ok`, from the flush that wrote them (not the intended
-    /// time): the daemon's share of `ack_ok`.
+    /// Publishes answered `ok`, from the moment `send_lag` ends (not the intended
+    /// time): the daemon's share of `ack_ok`. One sample per `ack_ok` sample, 0 for a
+    /// publish answered before its connection's flush returned.
     pub ack_ok_service: Percentiles,
+    /// Of `ack_ok`, publishes without an `ack_ok_service` sample: answered, but their
+    /// write was never recorded (0 unless the run ended in the middle of a write).
+    pub ack_ok_service_missing: u64,
     pub stream_events: u64,
     pub stream_seq_gaps: u64,
     pub stream_closed_early: bool,
@@ -734,6 +754,10 @@ struct Recorder {
     ack_ok_service: Histogram<u64>,
     /// Per plan item, how late it was written, in us (`LAG_UNKNOWN` until recorded).
     lag_us: Vec<u32>,
+    /// Measured publishes answered `ok` before their write was recorded ([`Recorder::written`]):
+    /// plan item -> ack latency (us). Their `ack_ok_service` sample is taken when the
+    /// write is recorded; what is left at the end has none (`ack_ok_service_missing`).
+    service_waiting: HashMap<usize, u64>,
     iv_ack: Histogram<u64>,
     iv_delivery: Histogram<u64>,
     iv_errors: u64,
@@ -826,7 +850,11 @@ impl Recorder {
                 if f.kind == "ok" {
                     self.ack_ok.saturating_record(lat);
                     let lag = self.lag_us[idx];
-                    if lag != LAG_UNKNOWN {
+                    if lag == LAG_UNKNOWN {
+                        // Answered before its connection's write returned (or before the
+                        // writer took the lock, on another thread): sampled in `written`.
+                        self.service_waiting.insert(idx, lat);
+                    } else {
                         self.ack_ok_service.saturating_record(lat.saturating_sub(u64::from(lag)));
                     }
                 } else {
@@ -850,6 +878,23 @@ impl Recorder {
         } else if measured {
             self.other.saturating_record(lat);
         }
+    }
+
+    /// Plan item `idx` was written: the flush of its connection returned `done_ns` after
+    /// the start of the timed phase. Its send lag runs from its intended time to then, or
+    /// to its reply if that came first (a write the daemon held back by not reading:
+    /// the item was on the wire by the time it was answered).
+    fn written(&mut self, idx: usize, done_ns: u64) {
+        let t_ns = self.plan.items[idx].t_ns;
+        let mut us = done_ns.saturating_sub(t_ns) / 1000;
+        if let Some(lat) = self.service_waiting.remove(&idx) {
+            us = us.min(lat);
+            self.ack_ok_service.saturating_record(lat - us);
+        }
+        if t_ns >= self.warmup_ns {
+            self.lag.saturating_record(us);
+        }
+        self.lag_us[idx] = u32::try_from(us).unwrap_or(LAG_UNKNOWN - 1);
     }
 
     /// Returns the delivery latency (us) when the event is a lead's first offer.
@@ -1140,6 +1185,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         lag: hist(3),
         ack_ok_service: hist(3),
         lag_us: vec![LAG_UNKNOWN; plan.items.len()],
+        service_waiting: HashMap::new(),
         iv_ack: hist(2),
         iv_delivery: hist(2),
         iv_errors: 0,
@@ -1222,8 +1268,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     // The sender.
     let mut sleeper = Sleeper::new()?;
     let batch_ns = cfg.batch.as_nanos() as u64;
-    let mut dirty = vec![false; sinks.len()];
-    let mut lags = Vec::with_capacity(MAX_BATCH);
+    // Per connection, what this wake-up writes on it.
+    let mut queues: Vec<Vec<Outgoing>> = (0..sinks.len()).map(|_| Vec::new()).collect();
     let mut dead = vec![false; sinks.len()];
     let mut i = 0;
     let mut skipped: u64 = 0;
@@ -1233,7 +1279,6 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     let mut lead_conn: Vec<u32> = vec![u32::MAX; total_leads];
     let items = &plan.items;
     let recording = cfg.record.is_some();
-    let mut sent_log: Vec<(String, Request)> = Vec::new();
     eprintln!("replay: timed phase started ({} sends planned)", items.len());
     let cpu_start = crate::hostcpu::sample();
     while i < items.len() {
@@ -1252,7 +1297,6 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         }
         let now = mono_ns().saturating_sub(start_ns);
         let mut k = 0;
-        let mut fed = 0u64;
         while i < items.len() && items[i].t_ns <= now && k < MAX_BATCH {
             let item = items[i];
             let r = &timed[item.rec as usize];
@@ -1277,45 +1321,32 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
             let is_lead = matches!(r.request, Request::PublishLead { .. });
             i += 1;
             k += 1;
-            if dead[c] || sinks[c].feed(message(enc, &buf)).await.is_err() {
+            if dead[c] {
                 // Never written: counted as not sent, not as a request left unanswered.
-                dead[c] = true;
                 lost += 1;
                 continue;
             }
-            if recording {
-                sent_log.push((id, req));
-            }
-            dirty[c] = true;
-            lags.push((i - 1, now - item.t_ns));
-            fed += 1;
-            sent_leads += u64::from(is_lead);
+            let log = recording.then_some((id, req));
+            queues[c].push(Outgoing { idx: i - 1, is_lead, msg: message(enc, &buf), log });
+        }
+        // Every connection's share at once, each recording its own items' lag when its
+        // own flush returns: a connection the daemon stops reading holds back only what
+        // goes on it (until the next wake-up, which waits for every write of this one).
+        let writes = sinks
+            .iter_mut()
+            .zip(queues.iter_mut())
+            .enumerate()
+            .filter(|(_, (_, q))| !q.is_empty())
+            .map(|(c, (sink, q))| write_conn(sink, q, &rec, start_ns).map(move |w| (c, w)));
+        let mut fed = 0u64;
+        for (c, w) in futures_util::future::join_all(writes).await {
+            fed += w.fed;
+            sent_leads += w.leads;
+            lost += w.lost;
+            dead[c] |= w.dead;
         }
         sent_total += fed;
-        for (c, d) in dirty.iter_mut().enumerate() {
-            if std::mem::take(d) && !dead[c] && sinks[c].flush().await.is_err() {
-                dead[c] = true;
-            }
-        }
         sent.fetch_add(fed, Ordering::Relaxed);
-        {
-            let mut r = rec.lock().expect("no thread panics holding the recorder");
-            // Lag measured at the start of the batch: encoding time is the tool's too.
-            let done_ns = mono_ns().saturating_sub(start_ns);
-            for &(idx, l) in &lags {
-                let us = (l + (done_ns - now)) / 1000;
-                if items[idx].t_ns >= warmup_ns {
-                    r.lag.saturating_record(us);
-                }
-                r.lag_us[idx] = u32::try_from(us).unwrap_or(LAG_UNKNOWN - 1);
-            }
-            if let Some(log) = r.log.as_mut() {
-                for (id, req) in sent_log.drain(..) {
-                    log.sent(&id, &req);
-                }
-            }
-        }
-        lags.clear();
         if k == MAX_BATCH {
             tokio::task::yield_now().await;
         }
@@ -1379,6 +1410,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
     if r.duplicate_replies > 0 {
         errors.insert("duplicate_reply".into(), r.duplicate_replies);
     }
+    let measured_ns =
+        lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)).saturating_sub(warmup_ns);
     let summary = Summary {
         run_tag: cfg.run_tag.clone(),
         encoding: enc,
@@ -1386,11 +1419,8 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         target_leads_per_s: target_leads_per_s(&plan, cfg.pacing),
         // Over the leads' own span, or until the last acknowledgement if later.
         // Warm-up leads are not in `ack_ok`, nor is their time.
-        achieved_leads_per_s: r.ack_ok.len() as f64
-            / (lead_span_ns(&plan).max(r.last_ack_ns.saturating_sub(start_ns)).saturating_sub(warmup_ns)
-                as f64
-                / 1e9)
-                .max(1e-9),
+        achieved_leads_per_s: r.ack_ok.len() as f64 / (measured_ns as f64 / 1e9).max(1e-9),
+        measured_s: measured_ns as f64 / 1e9,
         warmup_s: cfg.warmup.as_secs_f64(),
         duration_s: timed_s,
         setup_records: setup.len() as u64,
@@ -1415,6 +1445,7 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         other_replies: Percentiles::of(&r.other),
         send_lag: Percentiles::of(&r.lag),
         ack_ok_service: Percentiles::of(&r.ack_ok_service),
+        ack_ok_service_missing: r.service_waiting.len() as u64,
         stream_events: r.stream_events,
         stream_seq_gaps: r.seq_gaps,
         stream_closed_early: stream_closed.load(Ordering::Relaxed),
@@ -1478,6 +1509,66 @@ async fn stalled_end(ws: &mut Ws) -> String {
         "closed without a close frame".to_string()
     };
     tokio::time::timeout(Duration::from_secs(5), read).await.unwrap_or_else(|_| "open".to_string())
+}
+
+/// One request of a wake-up, encoded, waiting for its connection's write.
+struct Outgoing {
+    /// Plan item.
+    idx: usize,
+    is_lead: bool,
+    msg: Message,
+    /// `--record`: its id and request, logged once written.
+    log: Option<(String, Request)>,
+}
+
+/// What writing one connection's share of a wake-up did.
+#[derive(Default)]
+struct Written {
+    /// Requests handed to the connection.
+    fed: u64,
+    /// Of `fed`, publishes.
+    leads: u64,
+    /// Requests not written: the connection failed before their turn.
+    lost: u64,
+    /// The connection failed: nothing more is written on it.
+    dead: bool,
+}
+
+/// Writes `queue` on one connection (`feed` each, one `flush`) and, as soon as the
+/// flush returns and before anything else runs on this task, records every request
+/// written there as written then ([`Recorder::written`]).
+async fn write_conn(
+    sink: &mut Sink,
+    queue: &mut Vec<Outgoing>,
+    rec: &Mutex<Recorder>,
+    start_ns: u64,
+) -> Written {
+    let mut w = Written::default();
+    let mut done: Vec<(usize, Option<(String, Request)>)> = Vec::with_capacity(queue.len());
+    for o in queue.drain(..) {
+        if w.dead || sink.feed(o.msg).await.is_err() {
+            w.dead = true;
+            w.lost += 1;
+            continue;
+        }
+        w.fed += 1;
+        w.leads += u64::from(o.is_lead);
+        done.push((o.idx, o.log));
+    }
+    if !done.is_empty() && sink.flush().await.is_err() {
+        w.dead = true;
+    }
+    // Encoding and the wait for the wake-up are the tool's too: lag runs from the
+    // intended time.
+    let done_ns = mono_ns().saturating_sub(start_ns);
+    let mut r = rec.lock().expect("no thread panics holding the recorder");
+    for (idx, log) in done {
+        r.written(idx, done_ns);
+        if let (Some(l), Some((id, req))) = (r.log.as_mut(), log) {
+            l.sent(&id, &req);
+        }
+    }
+    w
 }
 
 async fn read_replies(mut source: Source, enc: Encoding, rec: Arc<Mutex<Recorder>>, live: Arc<AtomicU64>) {

@@ -40,16 +40,27 @@ pub fn table(s: &Summary) -> String {
         row(&mut out, "dlv live", &r.delivery_outside_catch_up);
     }
     row(&mut out, "other", &s.other_replies);
+    // Each request from its intended time to the flush of its connection that wrote it.
     row(&mut out, "send lag", &s.send_lag);
-    // The daemon's share: accepted publishes from the flush that wrote them.
+    // The daemon's share: accepted publishes from the end of their send lag.
     row(&mut out, "ok service", &s.ack_ok_service);
+    if s.ack_ok_service_missing > 0 {
+        let _ = writeln!(
+            out,
+            "ok service: {} accepted publishes have no sample (answered, but their write was never recorded)",
+            s.ack_ok_service_missing
+        );
+    }
     let _ = writeln!(
         out,
-        "throughput: {:.0} leads/s acknowledged of {:.0} leads/s targeted ({:.1}%), over {:.1} s, {} connection(s), {:?}",
+        "throughput: {:.0} leads/s acknowledged of {:.0} leads/s targeted ({:.1}%), over {:.1} s measured \
+         (sending took {:.1} s{}), {} connection(s), {:?}",
         s.achieved_leads_per_s,
         s.target_leads_per_s,
         100.0 * s.achieved_leads_per_s / s.target_leads_per_s.max(1e-9),
+        s.measured_s,
         s.duration_s,
+        if s.warmup_s > 0.0 { ", warm-up included" } else { "" },
         s.connections,
         s.encoding
     );
@@ -312,6 +323,26 @@ pub fn chart(path: &Path, s: &Summary) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The throughput line names the span of the rate (warm-up left out) apart from the
+    /// time spent sending; accepted publishes without an `ok service` sample are said.
+    #[test]
+    fn the_table_says_what_the_rate_is_over_and_what_ok_service_lacks() {
+        let s = Summary {
+            achieved_leads_per_s: 1_000.0,
+            target_leads_per_s: 1_000.0,
+            measured_s: 10.0,
+            duration_s: 12.0,
+            warmup_s: 2.0,
+            ..Default::default()
+        };
+        let t = table(&s);
+        assert!(t.contains("over 10.0 s measured (sending took 12.0 s, warm-up included)"), "{t}");
+        assert!(!t.contains("no sample"), "{t}");
+        let t = table(&Summary { warmup_s: 0.0, ack_ok_service_missing: 3, ..s });
+        assert!(t.contains("over 10.0 s measured (sending took 12.0 s),"), "{t}");
+        assert!(t.contains("ok service: 3 accepted publishes have no sample"), "{t}");
+    }
 
     #[test]
     fn hgrm_has_the_hdrhistogram_layout() {

@@ -1,9 +1,10 @@
 //! The load tool against a scripted stand-in for rota: a websocket server that speaks
 //! just enough of protocol v1 (docs/PROTOCOL.md) to answer a replay, and misbehaves on
 //! cue (closes connections, refuses leads, answers `unavailable` for a lead it stored,
-//! delivers a tenant's leads on another tenant's stream, sends frames that do not read),
-//! so the tool's own verdicts can be checked without the real daemon and without
-//! depending on timing.
+//! delivers a tenant's leads on another tenant's stream, sends frames that do not read,
+//! stops reading a connection for a while), so the tool's own verdicts and figures can
+//! be checked without the real daemon and without depending on timing (the pause is a
+//! lower bound; only orderings are asserted on durations).
 
 use futures_util::{SinkExt, StreamExt};
 use rota_loadtest::replay::{self, ReplayConfig, Summary};
@@ -53,6 +54,10 @@ struct Script {
     /// After this many publishes, send every stream subscription a frame that is not a
     /// frame of the protocol.
     garbage_event_after: Option<u64>,
+    /// `(token, pause)`: an ingest connection with this token, once it has answered its
+    /// first publish, stops reading for `pause` (once): its socket buffers fill, and the
+    /// tool's write on that connection blocks until the stand-in reads again.
+    stall_ingest: Option<(&'static str, Duration)>,
 }
 
 impl Default for Script {
@@ -64,6 +69,7 @@ impl Default for Script {
             recovering_for: 0,
             misroute: None,
             garbage_event_after: None,
+            stall_ingest: None,
         }
     }
 }
@@ -160,6 +166,7 @@ async fn serve(tcp: TcpStream, shared: Arc<Mutex<Shared>>) {
     let enc = if proto == wire::SUBPROTOCOL_JSON { Encoding::Json } else { Encoding::Msgpack };
     let (mut tx, mut rx) = ws.split();
     let mut closing = shared.lock().unwrap().close_ingest.subscribe();
+    let mut stall = shared.lock().unwrap().script.stall_ingest.filter(|(t, _)| *t == token).map(|(_, d)| d);
     loop {
         if *closing.borrow_and_update() {
             let _ = tx.send(Message::Close(None)).await;
@@ -270,6 +277,11 @@ async fn serve(tcp: TcpStream, shared: Arc<Mutex<Shared>>) {
                 let _ = tx.send(frame(enc, &reply)).await;
                 if close_ingest {
                     let _ = shared.lock().unwrap().close_ingest.send(true);
+                }
+                if let Some(pause) = stall.take() {
+                    // Nothing is read meanwhile: what the tool writes piles up in the
+                    // socket buffers until they are full.
+                    tokio::time::sleep(pause).await;
                 }
             }
             _ => {
@@ -406,6 +418,17 @@ fn a_warm_up_without_a_duration_is_refused() {
     // 150 ms of leads at 1,000/s, the first 100 ms of them warm-up.
     assert_eq!((s.sent_leads, s.ack.count), (150, 50), "{s:#?}");
     assert!(s.failures().is_empty(), "{:?}", s.failures());
+    // The achieved rate is over `measured_s`, which leaves the warm-up out: the 50
+    // measured leads' slots at least, never the warm-up's.
+    let over = s.achieved_leads_per_s * s.measured_s;
+    assert!((over - 50.0).abs() < 1e-6, "{} leads/s over {} s", s.achieved_leads_per_s, s.measured_s);
+    assert!(s.measured_s >= 0.05 - 1e-9, "{s:#?}");
+    let table = rota_loadtest::report::table(&s);
+    let measured =
+        format!("over {:.1} s measured (sending took {:.1} s, warm-up included)", s.measured_s, s.duration_s);
+    assert!(table.contains(&measured), "{table}");
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["measured_s"], s.measured_s);
 }
 
 /// A step that sheds 2% of its leads (`overloaded`, under 1% of all requests: each
@@ -565,5 +588,73 @@ fn an_unreadable_reply_or_stream_frame_fails_the_run() {
         assert_eq!(s.violations.total(), 0, "{enc:?}: nothing else is wrong: {:#?}", s.violations);
         let f = s.failures();
         assert!(f.iter().any(|f| f.contains("unreadable_event=1")), "{enc:?}: {f:?}");
+    }
+}
+
+/// The stand-in stops reading one tenant's ingest connection for a second after its
+/// first publish, with 6.4 MiB of leads still to come on it (more than the socket
+/// buffers hold): the tool's write on that connection blocks until it reads again.
+/// Everything is due at once, so one wake-up writes both tenants' leads (the stalled
+/// tenant's first, then last).
+///
+/// The other connection's leads were written at once: the stall is not their send lag.
+/// They are three in four, so the lag's p50 is theirs, far below the stalled
+/// connection's (its last leads went out after the 1 s pause); a lag that ran until the
+/// stalled write returned puts them all at the same figure. No lead was sent after its
+/// reply came, so the lag stays at or below the ack. And every lead answered `ok` has
+/// an `ok service` sample, those answered while the stalled write was still pending
+/// included (with one tool thread, and with two).
+#[test]
+fn a_connection_the_daemon_stops_reading_is_not_the_others_send_lag() {
+    let at0 = |tenant: &str, request: Request| Record { at_ms: 0, tenant: Some(tenant.into()), request };
+    let Request::UpsertPro { pro } = trace(1, 0, None).remove(0).request else { unreachable!() };
+    let slow: Vec<Record> = (0..100)
+        .map(|n| {
+            let mut lead = lead(n);
+            lead.description = "x".repeat(64 * 1024);
+            at0("slow", Request::PublishLead { lead })
+        })
+        .collect();
+    let fast: Vec<Record> = (100..400).map(|n| at0("fast", Request::PublishLead { lead: lead(n) })).collect();
+    for (threads, slow_first) in [(1, true), (2, false)] {
+        let mut records = vec![
+            at0("slow", Request::UpsertPro { pro: pro.clone() }),
+            at0("fast", Request::UpsertPro { pro: pro.clone() }),
+        ];
+        let (a, b) = if slow_first { (&slow, &fast) } else { (&fast, &slow) };
+        records.extend(a.iter().chain(b).cloned());
+        let m = Mock::start(Script {
+            stall_ingest: Some(("tok-slow", Duration::from_secs(1))),
+            ..Script::default()
+        });
+        let cfg = ReplayConfig {
+            tokens: vec![(Some("slow".into()), "tok-slow".into()), (Some("fast".into()), "tok-fast".into())],
+            // The big leads cost little to encode and decode.
+            encoding: Encoding::Msgpack,
+            threads,
+            ..config(&m, Pacing::Speed(1.0), &format!("stall{threads}"))
+        };
+        let s = run(&cfg, &records);
+        let case = format!("threads {threads}, stalled tenant first: {slow_first}");
+        assert_eq!((s.sent_leads, s.missing_replies, s.ack_ok.count), (400, 0, 400), "{case}: {s:#?}");
+        assert!(s.failures().is_empty(), "{case}: {:?}", s.failures());
+        assert_eq!(s.send_lag.count, 400, "{case}");
+        // Else the write never blocked, and this test shows nothing.
+        assert!(s.send_lag.max >= 500.0, "{case}: {:?}", s.send_lag);
+        assert!(
+            s.send_lag.p50 * 4.0 < s.send_lag.max,
+            "{case}: the stalled connection's lag charged to the other's leads: {:?}",
+            s.send_lag
+        );
+        assert!(
+            s.send_lag.p50 <= s.ack_ok.p50
+                && s.send_lag.p90 <= s.ack_ok.p90
+                && s.send_lag.max <= s.ack_ok.max,
+            "{case}: leads sent after their reply came: lag {:?}, ack ok {:?}",
+            s.send_lag,
+            s.ack_ok
+        );
+        assert_eq!(s.ack_ok_service.count, s.ack_ok.count, "{case}: {:?}", s.ack_ok_service);
+        assert_eq!(s.ack_ok_service_missing, 0, "{case}");
     }
 }
