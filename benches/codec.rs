@@ -1,6 +1,8 @@
 //! Protocol codec: decode of a `publish_lead` request frame, encode of its reply and of
 //! a dispatched offer's stream frame, JSON against MessagePack; the cost of refusing a
-//! request of a flood.
+//! request of a flood; the error path (the diagnosis of a frame that fails to decode),
+//! for a small bad frame and for a large one built to make the search for its bad field
+//! expensive.
 //!
 //! `cargo bench --bench codec`. Results and machine: BENCHMARKS.md, "Codec".
 
@@ -8,6 +10,7 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 use rota::core::Lead;
 use rota::engine::hub::{Outgoing, Prepared, StreamHub};
 use rota::protocol::{self, Encoding, Envelope, LeadSummary, OkResult, Reply, Request, StreamEvent};
+use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -159,5 +162,85 @@ fn codec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec);
+/// A map in the order given (the frame's keys in that order in both encodings).
+enum W {
+    V(serde_json::Value),
+    M(Vec<(String, W)>),
+}
+
+impl Serialize for W {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            W::V(v) => v.serialize(s),
+            W::M(entries) => {
+                let mut m = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+        }
+    }
+}
+
+/// An `order` frame whose command (buffered by serde, so its bad field is searched for
+/// by probing) holds 31 arrays of `per_array` nulls next to its fields, and so does its
+/// `offer`, whose `price_cents` is `price`: 32 candidates at each of two levels, and
+/// one tree node per MessagePack byte.
+fn junk_order(price: serde_json::Value, per_array: usize) -> W {
+    let junk =
+        || (0..31).map(|i| (format!("j{i:02}"), W::V(json!(vec![serde_json::Value::Null; per_array]))));
+    let s = |k: &str, v: &str| (k.to_string(), W::V(json!(v)));
+    let offer =
+        W::M([s("id", "o")].into_iter().chain(junk()).chain([("price_cents".into(), W::V(price))]).collect());
+    let command = W::M(
+        [s("type", "send_custom_offer"), s("pro", "p"), s("client", "c"), s("service", "painting")]
+            .into_iter()
+            .chain(junk())
+            .chain([("offer".into(), offer)])
+            .collect(),
+    );
+    W::M(vec![s("id", "h"), s("type", "order"), ("command".into(), command)])
+}
+
+fn encoded(enc: Encoding, w: &W) -> Vec<u8> {
+    match enc {
+        Encoding::Json => serde_json::to_vec(w).unwrap(),
+        Encoding::Msgpack => rmp_serde::to_vec_named(w).unwrap(),
+    }
+}
+
+fn error_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("error_path");
+    for enc in [Encoding::Json, Encoding::Msgpack] {
+        // A publish with a wrong type deep in the lead: decode, then the diagnosis.
+        let mut v = publish_frame();
+        v["lead"]["location"]["lat"] = json!("north");
+        let bad = match enc {
+            Encoding::Json => serde_json::to_vec(&v).unwrap(),
+            Encoding::Msgpack => rmp_serde::to_vec_named(&v).unwrap(),
+        };
+        g.bench_function(format!("bad_field_publish/{}", enc.label()), |b| {
+            b.iter(|| protocol::decode(enc, black_box(&bad)).unwrap_err())
+        });
+    }
+    // About 128 KiB of MessagePack (and the same frame in JSON, about five times the
+    // bytes): the decode of the valid frame, and the error path of the bad one.
+    g.sample_size(10);
+    for enc in [Encoding::Msgpack, Encoding::Json] {
+        let per_array = 128 * 1024 / 62;
+        let valid = encoded(enc, &junk_order(json!(500), per_array));
+        let hostile = encoded(enc, &junk_order(json!("many"), per_array));
+        g.bench_function(format!("valid_junk_order_128k/{}", enc.label()), |b| {
+            b.iter(|| protocol::decode(enc, black_box(&valid)).unwrap())
+        });
+        g.bench_function(format!("hostile_junk_order_128k/{}", enc.label()), |b| {
+            b.iter(|| protocol::decode(enc, black_box(&hostile)).unwrap_err())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, error_path);
 criterion_main!(benches);

@@ -522,16 +522,7 @@ pub struct DecodeError {
 pub const MAX_CORRELATION_ID: usize = 128;
 
 pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
-    let parsed = match enc {
-        Encoding::Json => serde_json::from_slice::<Envelope>(bytes).map_err(|e| e.to_string()),
-        // serde_json reads names only from strings; rmp_serde takes integers too
-        // (see [`names`]).
-        Encoding::Msgpack => {
-            Envelope::deserialize(names::Strict(&mut rmp_serde::Deserializer::from_read_ref(bytes)))
-                .map_err(|e| e.to_string())
-        }
-    };
-    match parsed {
+    match parse(enc, bytes) {
         Ok(env) if env.id.len() > MAX_CORRELATION_ID => Err(DecodeError {
             id: None,
             code: "invalid_field",
@@ -542,6 +533,36 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
         // Only a frame that failed is looked at again.
         Err(message) => Err(diagnose::failed(enc, bytes, message)),
     }
+}
+
+/// The frame decoded, or the decoder's message. Both encodings are read through
+/// [`nesting::Limited`] (one depth limit); MessagePack also through [`names::Strict`]
+/// (serde_json reads names only from strings; rmp_serde takes integers too).
+#[inline]
+fn parse(enc: Encoding, bytes: &[u8]) -> Result<Envelope, String> {
+    match enc {
+        Encoding::Json => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            Envelope::deserialize(nesting::Limited::new(&mut de))
+                .and_then(|env| de.end().map(|()| env))
+                .map_err(|e| e.to_string())
+        }
+        Encoding::Msgpack => Envelope::deserialize(names::Strict(nesting::Limited::new(
+            &mut rmp_serde::Deserializer::from_read_ref(bytes),
+        )))
+        .map_err(|e| e.to_string()),
+    }
+}
+
+pub use diagnose::Work as DiagnosisWork;
+
+/// For tests of the bound on the error path: the error [`decode`] answers for a frame
+/// the decoder refuses, and the work its search for the bad field did ([`DiagnosisWork`]:
+/// zero when the error was told without one); `None` for a frame the decoder reads.
+#[doc(hidden)]
+pub fn diagnosis(enc: Encoding, bytes: &[u8]) -> Option<(DecodeError, DiagnosisWork)> {
+    let message = parse(enc, bytes).err()?;
+    Some(diagnose::failed_with_work(enc, bytes, message))
 }
 
 /// Best effort: the correlation id of a frame that failed to decode, so the error
@@ -677,6 +698,307 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         // Re-entered (an encoder inside an encoder): use a buffer of its own.
         Err(_) => f(&mut Vec::with_capacity(1024)),
     })
+}
+
+pub mod nesting {
+    //! One nesting limit for both encodings: a frame holds at most [`MAX_DEPTH`] levels of
+    //! maps and sequences, its own map being the first, wherever they are (in a field the
+    //! request reads, or in one it ignores).
+    //!
+    //! The decoders' own limits differ: serde_json counts 128 levels only in values it
+    //! builds and skips an ignored value at any depth (no setting changes that); rmp_serde
+    //! counts 1,024 levels in everything it reads, ignored values included. A frame nested
+    //! 2,000 levels deep in a field nobody reads was therefore accepted in JSON and refused
+    //! in MessagePack. [`Limited`] counts the levels itself, below both decoders' limits,
+    //! so it is always the one that refuses, and it reads an ignored value as any other
+    //! (through `deserialize_any`, with a visitor that builds nothing) so that its levels
+    //! are counted too. The top-level scan of a failed frame reads through it as well, so
+    //! a frame nested too deep is `bad_frame` in both encodings, whatever else is wrong
+    //! with it.
+    //!
+    //! Like [`super::names::Strict`], it passes every call on to the deserializer it wraps
+    //! and wraps what that hands out; the count is a number carried down by value, one
+    //! comparison per map or sequence. Only values a request ignores are read more slowly
+    //! than before (in JSON, parsed instead of skipped).
+
+    use serde::de::{self, DeserializeSeed, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+    use serde::Deserializer;
+    use std::fmt;
+
+    /// Most levels of maps and sequences in a frame, its own map being the first. Below
+    /// serde_json's 128 and rmp_serde's 1,024, so that this limit is the one that applies,
+    /// and far above any request's own depth.
+    pub const MAX_DEPTH: usize = 64;
+
+    fn too_deep<E: de::Error>() -> E {
+        E::custom(format_args!("nesting deeper than {MAX_DEPTH} levels"))
+    }
+
+    /// A deserializer that refuses values nested deeper than [`MAX_DEPTH`] levels (see the
+    /// [module](self)).
+    pub struct Limited<D> {
+        de: D,
+        /// How many more maps or sequences may be opened, this value's included.
+        left: usize,
+    }
+
+    impl<D> Limited<D> {
+        /// The frame's top-level value.
+        pub fn new(de: D) -> Self {
+            Limited { de, left: MAX_DEPTH }
+        }
+    }
+
+    macro_rules! forward {
+        ($($method:ident)*) => {$(
+            #[inline]
+            fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+                self.de.$method(Nest { v, left: self.left })
+            }
+        )*};
+    }
+
+    impl<'de, D: Deserializer<'de>> Deserializer<'de> for Limited<D> {
+        type Error = D::Error;
+
+        forward! {
+            deserialize_any deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32
+            deserialize_i64 deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32
+            deserialize_u64 deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char
+            deserialize_str deserialize_string deserialize_bytes deserialize_byte_buf
+            deserialize_option deserialize_unit deserialize_seq deserialize_map
+            deserialize_identifier
+        }
+
+        /// Read, not skipped: serde_json would skip it at any depth.
+        #[inline]
+        fn deserialize_ignored_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+            self.de.deserialize_any(Nest { v, left: self.left })
+        }
+
+        #[inline]
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.de.deserialize_enum(name, variants, Nest { v, left: self.left })
+        }
+
+        #[inline]
+        fn deserialize_unit_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.de.deserialize_unit_struct(name, Nest { v, left: self.left })
+        }
+
+        #[inline]
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.de.deserialize_newtype_struct(name, Nest { v, left: self.left })
+        }
+
+        #[inline]
+        fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, v: V) -> Result<V::Value, D::Error> {
+            self.de.deserialize_tuple(len, Nest { v, left: self.left })
+        }
+
+        #[inline]
+        fn deserialize_tuple_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            len: usize,
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.de.deserialize_tuple_struct(name, len, Nest { v, left: self.left })
+        }
+
+        #[inline]
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            fields: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, D::Error> {
+            self.de.deserialize_struct(name, fields, Nest { v, left: self.left })
+        }
+
+        fn is_human_readable(&self) -> bool {
+            self.de.is_human_readable()
+        }
+    }
+
+    /// A visitor of a value with `left` levels still allowed: a map or sequence takes one,
+    /// and its entries get the rest.
+    struct Nest<V> {
+        v: V,
+        left: usize,
+    }
+
+    macro_rules! scalar {
+        ($($method:ident: $t:ty)*) => {$(
+            #[inline]
+            fn $method<E: de::Error>(self, v: $t) -> Result<V::Value, E> {
+                self.v.$method(v)
+            }
+        )*};
+    }
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Nest<V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            self.v.expecting(f)
+        }
+
+        scalar! {
+            visit_bool: bool visit_i8: i8 visit_i16: i16 visit_i32: i32 visit_i64: i64
+            visit_i128: i128 visit_u8: u8 visit_u16: u16 visit_u32: u32 visit_u64: u64
+            visit_u128: u128 visit_f32: f32 visit_f64: f64 visit_char: char visit_str: &str
+            visit_borrowed_str: &'de str visit_string: String visit_bytes: &[u8]
+            visit_borrowed_bytes: &'de [u8] visit_byte_buf: Vec<u8>
+        }
+
+        #[inline]
+        fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+            self.v.visit_none()
+        }
+        #[inline]
+        fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+            self.v.visit_unit()
+        }
+        #[inline]
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+            self.v.visit_some(Limited { de: d, left: self.left })
+        }
+        #[inline]
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+            self.v.visit_newtype_struct(Limited { de: d, left: self.left })
+        }
+        #[inline]
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
+            match self.left.checked_sub(1) {
+                Some(left) => self.v.visit_seq(Entries { access: seq, left }),
+                None => Err(too_deep()),
+            }
+        }
+        #[inline]
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+            match self.left.checked_sub(1) {
+                Some(left) => self.v.visit_map(Entries { access: map, left }),
+                None => Err(too_deep()),
+            }
+        }
+        /// An enum given as a map (`{"variant": body}`) takes a level when its body is
+        /// read; a unit variant given as a string takes none.
+        #[inline]
+        fn visit_enum<A: EnumAccess<'de>>(self, e: A) -> Result<V::Value, A::Error> {
+            self.v.visit_enum(Enum { access: e, left: self.left })
+        }
+    }
+
+    /// Reads a value with `left` levels still allowed.
+    struct Seed<S> {
+        seed: S,
+        left: usize,
+    }
+
+    impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Seed<S> {
+        type Value = S::Value;
+        #[inline]
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
+            self.seed.deserialize(Limited { de: d, left: self.left })
+        }
+    }
+
+    /// The entries of a map or elements of a sequence (keys too: in MessagePack a key may
+    /// be any value).
+    struct Entries<A> {
+        access: A,
+        left: usize,
+    }
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Entries<A> {
+        type Error = A::Error;
+        #[inline]
+        fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+            self.access.next_key_seed(Seed { seed, left: self.left })
+        }
+        #[inline]
+        fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
+            self.access.next_value_seed(Seed { seed, left: self.left })
+        }
+        fn size_hint(&self) -> Option<usize> {
+            self.access.size_hint()
+        }
+    }
+
+    impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Entries<A> {
+        type Error = A::Error;
+        #[inline]
+        fn next_element_seed<T: DeserializeSeed<'de>>(
+            &mut self,
+            seed: T,
+        ) -> Result<Option<T::Value>, A::Error> {
+            self.access.next_element_seed(Seed { seed, left: self.left })
+        }
+        fn size_hint(&self) -> Option<usize> {
+            self.access.size_hint()
+        }
+    }
+
+    struct Enum<A> {
+        access: A,
+        left: usize,
+    }
+
+    impl<'de, A: EnumAccess<'de>> EnumAccess<'de> for Enum<A> {
+        type Error = A::Error;
+        type Variant = Enum<A::Variant>;
+        #[inline]
+        fn variant_seed<S: DeserializeSeed<'de>>(
+            self,
+            seed: S,
+        ) -> Result<(S::Value, Self::Variant), A::Error> {
+            let (v, body) = self.access.variant_seed(Seed { seed, left: self.left })?;
+            Ok((v, Enum { access: body, left: self.left }))
+        }
+    }
+
+    impl<'de, A: VariantAccess<'de>> VariantAccess<'de> for Enum<A> {
+        type Error = A::Error;
+        fn unit_variant(self) -> Result<(), A::Error> {
+            self.access.unit_variant()
+        }
+        fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
+            match self.left.checked_sub(1) {
+                Some(left) => self.access.newtype_variant_seed(Seed { seed, left }),
+                None => Err(too_deep()),
+            }
+        }
+        fn tuple_variant<V: Visitor<'de>>(self, len: usize, v: V) -> Result<V::Value, A::Error> {
+            match self.left.checked_sub(1) {
+                Some(left) => self.access.tuple_variant(len, Nest { v, left }),
+                None => Err(too_deep()),
+            }
+        }
+        fn struct_variant<V: Visitor<'de>>(
+            self,
+            fields: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, A::Error> {
+            match self.left.checked_sub(1) {
+                Some(left) => self.access.struct_variant(fields, Nest { v, left }),
+                None => Err(too_deep()),
+            }
+        }
+    }
 }
 
 pub mod names {
@@ -1379,9 +1701,10 @@ pub mod envelope_de {
 /// with and, for `invalid_field`, the path of the bad field. Runs only after a failure:
 /// the decode of a valid frame pays nothing for it.
 ///
-/// The code is decided from the frame's structure ([`scan`]: a map, with one string
-/// `id` and one string `type` naming a known request), never from the text of the
-/// decoder's error, which quotes the frame's own values.
+/// The code is decided from the frame's structure ([`scan`]: readable to its end within
+/// the [nesting limit](nesting), a map, with one string `id` and one string `type`
+/// naming a known request), never from the text of the decoder's error, which quotes the
+/// frame's own values.
 ///
 /// The field is found by decoding the frame again from a tree of its values ([`Node`],
 /// the same for both encodings) through a deserializer whose errors are typed
@@ -1389,30 +1712,40 @@ pub mod envelope_de {
 /// path inside values it buffers before decoding them (internally tagged enums such as
 /// an order's `command`, the `offer` action flattened into its request); there the bad
 /// field is found by probing: the tree is decoded again with one entry removed (or the
-/// missing one added) to see which entry the error depends on. Probes are bounded in
-/// number and in the bytes they decode together.
+/// missing one added) to see which entry the error depends on. Each probe decodes the
+/// whole tree, so probes are bounded in number and in the tree nodes they visit
+/// together: a few times the frame's own nodes ([`diagnose::VISIT_FACTOR`]), so that the
+/// error path of any frame costs a few decodes of it, however the frame is built.
 mod diagnose {
     use super::envelope_de::{Key, UNKNOWN_TYPE};
+    use super::nesting::Limited;
     use super::{DecodeError, Encoding, Envelope, Request, MAX_CORRELATION_ID};
     use serde::de::{
         self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor,
     };
     use serde::{Deserialize, Deserializer};
+    use std::cell::Cell;
     use std::fmt;
 
     /// The error for a frame `decode` refused with `message`.
     pub(super) fn failed(enc: Encoding, bytes: &[u8], message: String) -> DecodeError {
-        let (head, whole) = scan(enc, bytes);
+        failed_with_work(enc, bytes, message).0
+    }
+
+    /// [`failed`], and the work the search for the bad field did (zero when there was
+    /// none).
+    pub(super) fn failed_with_work(enc: Encoding, bytes: &[u8], message: String) -> (DecodeError, Work) {
+        let (head, unreadable) = scan(enc, bytes);
         let id = head.reply_id();
-        let error = |code, message: String, field: Option<&str>| DecodeError {
-            id: id.clone(),
-            code,
-            message,
-            field: field.map(str::to_owned),
+        let error = |code, message: String, field: Option<&str>| {
+            (DecodeError { id: id.clone(), code, message, field: field.map(str::to_owned) }, Work::default())
         };
-        if !head.map || !whole {
-            // Not a map, or not readable to its end (syntax, nesting, a key that is not
-            // a string).
+        if let Some(why) = unreadable {
+            // Not readable to its end (syntax, nesting deeper than the limit, a key that
+            // is not a string), whatever else is wrong with it: why the scan stopped.
+            return error("bad_frame", why, None);
+        }
+        if !head.map {
             return error("bad_frame", message, None);
         }
         if head.dup_id || head.dup_ty {
@@ -1436,7 +1769,10 @@ mod diagnose {
                 format!("{UNKNOWN_TYPE} `{t}`, expected one of: {}", Request::TYPES.join(", ")),
                 None,
             ),
-            _ => DecodeError { id, code: "invalid_field", message, field: field_path(enc, bytes) },
+            _ => {
+                let (field, work) = field_path(enc, bytes);
+                (DecodeError { id, code: "invalid_field", message, field }, work)
+            }
         }
     }
 
@@ -1476,19 +1812,23 @@ mod diagnose {
     }
 
     /// Reads the frame's top level: whether it is a map, and its `id` and `type` (other
-    /// values are skipped, not built). Also says whether the whole frame could be read.
-    pub(super) fn scan(enc: Encoding, bytes: &[u8]) -> (Head, bool) {
+    /// values are read, not built, within the [nesting limit](super::nesting)). Also
+    /// says why the whole frame could not be read, if it could not.
+    pub(super) fn scan(enc: Encoding, bytes: &[u8]) -> (Head, Option<String>) {
         let mut head = Head::default();
-        let whole = match enc {
+        let read = match enc {
             Encoding::Json => {
                 let mut de = serde_json::Deserializer::from_slice(bytes);
-                HeadSeed(&mut head).deserialize(&mut de).and_then(|()| de.end()).is_ok()
+                HeadSeed(&mut head)
+                    .deserialize(Limited::new(&mut de))
+                    .and_then(|()| de.end())
+                    .map_err(|e| e.to_string())
             }
-            Encoding::Msgpack => {
-                HeadSeed(&mut head).deserialize(&mut rmp_serde::Deserializer::from_read_ref(bytes)).is_ok()
-            }
+            Encoding::Msgpack => HeadSeed(&mut head)
+                .deserialize(Limited::new(&mut rmp_serde::Deserializer::from_read_ref(bytes)))
+                .map_err(|e| e.to_string()),
         };
-        (head, whole)
+        (head, read.err())
     }
 
     struct HeadSeed<'h>(&'h mut Head);
@@ -1592,28 +1932,87 @@ mod diagnose {
     // The bad field's path
     // ---------------------------------------------------------------------------------
 
-    /// Most probes for one frame, and most bytes of frame they may decode together
-    /// (a large frame gets fewer).
+    /// Most probes for one frame (after the decode that finds the error).
     const MAX_PROBES: usize = 64;
-    const PROBE_BYTES: usize = 8 << 20;
     /// Most entries of one map (or elements of one sequence) probed.
     const MAX_FANOUT: usize = 32;
+    /// Most tree nodes the decodes of one search visit together: this many times the
+    /// frame's nodes, or [`VISIT_FLOOR`] if more. Each probe decodes the whole tree again
+    /// (serde buffers the value searched in, with everything around it), so a probe of a
+    /// large frame costs as much as the frame's decode: bounded in nodes visited, the
+    /// search costs a few decodes of the frame however it is built. A large frame gets
+    /// few probes or none, and its error names the field the search got to (the
+    /// enclosing field serde reports, `command` in an order); a small one (up to about
+    /// [`VISIT_FLOOR`] / [`MAX_PROBES`] nodes) gets all [`MAX_PROBES`].
+    const VISIT_FACTOR: usize = 4;
+    const VISIT_FLOOR: usize = 4096;
+
+    /// The work of one search for a bad field.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Work {
+        /// Nodes in the frame's tree (values, maps and sequences).
+        pub nodes: usize,
+        /// Decodes of the tree: the first, which finds the error, and the probes.
+        pub runs: usize,
+        /// Tree nodes those decodes visited, together.
+        pub visited: usize,
+    }
+
+    /// What a search may still do (see [`VISIT_FACTOR`]).
+    struct Budget {
+        work: Work,
+        /// Most nodes all runs may visit.
+        limit: usize,
+    }
+
+    impl Budget {
+        fn new(nodes: usize) -> Self {
+            Budget {
+                work: Work { nodes, ..Work::default() },
+                limit: nodes.saturating_mul(VISIT_FACTOR).max(VISIT_FLOOR),
+            }
+        }
+
+        /// Whether `n` more probes fit, each visiting at worst every node of the tree
+        /// (and the one an [`Edit::Add`] gives it).
+        fn allows(&self, n: usize) -> bool {
+            self.work.runs + n <= MAX_PROBES + 1
+                && self.work.visited.saturating_add(n.saturating_mul(self.work.nodes + 1)) <= self.limit
+        }
+
+        /// Decodes the tree, counting the nodes visited.
+        fn run(&mut self, root: &Node) -> Option<Failure> {
+            let seen = Cell::new(0);
+            let out = serde_path_to_error::deserialize::<_, Envelope>(NodeDe::new(root, &seen)).err();
+            self.work.runs += 1;
+            self.work.visited += seen.get();
+            let e = out?;
+            Some((segments(e.path()), e.into_inner()))
+        }
+    }
 
     /// The path of the field that failed to decode (`lead.location.lat`,
-    /// `command.offer.id`), `None` when it cannot be told.
-    fn field_path(enc: Encoding, bytes: &[u8]) -> Option<String> {
+    /// `command.offer.id`), `None` when it cannot be told; and the search's work.
+    fn field_path(enc: Encoding, bytes: &[u8]) -> (Option<String>, Work) {
         let tree = match enc {
-            Encoding::Json => serde_json::from_slice::<Node>(bytes).ok(),
-            Encoding::Msgpack => rmp_serde::from_slice::<Node>(bytes).ok(),
+            Encoding::Json => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                Node::deserialize(Limited::new(&mut de)).and_then(|n| de.end().map(|()| n)).ok()
+            }
+            Encoding::Msgpack => {
+                Node::deserialize(Limited::new(&mut rmp_serde::Deserializer::from_read_ref(bytes))).ok()
+            }
         };
         match tree {
             Some(Node::Map(entries)) => {
-                let budget = (PROBE_BYTES / bytes.len().max(1)).clamp(2, MAX_PROBES);
-                locate(Node::Map(envelope_first(entries)), budget)
+                let root = Node::Map(envelope_first(entries));
+                let mut budget = Budget::new(root.size());
+                let found = locate(root, &mut budget);
+                (found, budget.work)
             }
             // A value the tree does not hold (a MessagePack extension, a map key that
             // is not a string): the path as the frame's own decoder tracks it.
-            _ => tracked(enc, bytes),
+            _ => (tracked(enc, bytes), Work::default()),
         }
     }
 
@@ -1624,9 +2023,9 @@ mod diagnose {
             render(&segments(e.path()), None)
         }
         match enc {
-            Encoding::Json => run(&mut serde_json::Deserializer::from_slice(bytes)),
+            Encoding::Json => run(Limited::new(&mut serde_json::Deserializer::from_slice(bytes))),
             Encoding::Msgpack => {
-                run(super::names::Strict(&mut rmp_serde::Deserializer::from_read_ref(bytes)))
+                run(super::names::Strict(Limited::new(&mut rmp_serde::Deserializer::from_read_ref(bytes))))
             }
         }
     }
@@ -1652,11 +2051,6 @@ mod diagnose {
 
     /// Where decoding the tree failed, and how.
     type Failure = (Vec<Seg>, NodeErr);
-
-    fn run(root: &Node) -> Option<Failure> {
-        let e = serde_path_to_error::deserialize::<_, Envelope>(NodeDe(root)).err()?;
-        Some((segments(e.path()), e.into_inner()))
-    }
 
     fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {
         use serde_path_to_error::Segment;
@@ -1697,8 +2091,8 @@ mod diagnose {
     }
 
     /// The bad field: where the tracked path ends, or below it where serde buffered.
-    fn locate(mut root: Node, mut budget: usize) -> Option<String> {
-        let first = run(&root)?;
+    fn locate(mut root: Node, budget: &mut Budget) -> Option<String> {
+        let first = budget.run(&root)?;
         let (mut path, err) = first.clone();
         let mut tail = None;
         while let Some(node) = at(&root, &path) {
@@ -1708,11 +2102,10 @@ mod diagnose {
                     if !m.iter().any(|(k, _)| k == name) {
                         // Missing here, or in a value below that lacks it too: here if
                         // giving it here changes the error.
-                        if budget == 0 {
+                        if !budget.allows(1) {
                             break;
                         }
-                        budget -= 1;
-                        if differs(&mut root, &path, &first, Edit::Add(name)) {
+                        if differs(&mut root, &path, &first, Edit::Add(name), budget) {
                             break;
                         }
                     }
@@ -1748,26 +2141,20 @@ mod diagnose {
                     .collect(),
                 _ => break,
             };
-            if candidates.len() > MAX_FANOUT || candidates.len() > budget {
+            if candidates.len() > MAX_FANOUT || !budget.allows(candidates.len()) {
                 break;
             }
             // The one entry whose removal changes the error holds it.
             let mut holders = candidates
                 .into_iter()
-                .filter(|(i, _, _)| {
-                    budget -= 1;
-                    differs(&mut root, &path, &first, Edit::Remove(*i))
-                })
+                .filter(|(i, _, _)| differs(&mut root, &path, &first, Edit::Remove(*i), budget))
                 .collect::<Vec<_>>();
             if holders.len() > 1 {
                 // A tag (`"action": "decline"`) holds any error of its variant: keep the
                 // string whose change leaves the complaint as it was (the same kind of
                 // error, wanting the same thing, at the same place).
                 holders.retain(|(i, _, _)| {
-                    budget > 0 && {
-                        budget -= 1;
-                        same_complaint(&mut root, &path, &first, *i)
-                    }
+                    budget.allows(1) && same_complaint(&mut root, &path, &first, *i, budget)
                 });
             }
             match holders.pop() {
@@ -1792,7 +2179,7 @@ mod diagnose {
 
     /// Whether the tree, with `edit` made to the value at `path`, fails differently
     /// from `first` (or not at all). The tree is left as it was.
-    fn differs(root: &mut Node, path: &[Seg], first: &Failure, edit: Edit) -> bool {
+    fn differs(root: &mut Node, path: &[Seg], first: &Failure, edit: Edit, budget: &mut Budget) -> bool {
         enum Undo {
             Entry(usize, (String, Node)),
             Element(usize, Node),
@@ -1807,7 +2194,7 @@ mod diagnose {
             }
             _ => return false,
         };
-        let now = run(root);
+        let now = budget.run(root);
         match (at_mut(root, path), undo) {
             (Some(Node::Map(m)), Undo::Entry(i, e)) => m.insert(i, e),
             (Some(Node::Seq(v)), Undo::Element(i, e)) => v.insert(i, e),
@@ -1821,10 +2208,10 @@ mod diagnose {
 
     /// Whether the string at `path`'s entry `i`, changed to another (invalid) one, fails
     /// as `first` did but for the value: the entry is the value `first` is about.
-    fn same_complaint(root: &mut Node, path: &[Seg], first: &Failure, i: usize) -> bool {
+    fn same_complaint(root: &mut Node, path: &[Seg], first: &Failure, i: usize, budget: &mut Budget) -> bool {
         let Some(Node::Str(s)) = entry_mut(root, path, i) else { return false };
         s.push('\u{1}');
-        let now = run(root);
+        let now = budget.run(root);
         if let Some(Node::Str(s)) = entry_mut(root, path, i) {
             s.pop();
         }
@@ -1885,6 +2272,16 @@ mod diagnose {
     }
 
     impl Node {
+        /// This node and every node below it (a tree within the nesting limit: the
+        /// recursion is bounded).
+        fn size(&self) -> usize {
+            match self {
+                Node::Seq(items) => 1 + items.iter().map(Node::size).sum::<usize>(),
+                Node::Map(entries) => 1 + entries.iter().map(|(_, n)| n.size()).sum::<usize>(),
+                _ => 1,
+            }
+        }
+
         fn is_container(&self) -> bool {
             matches!(self, Node::Seq(_) | Node::Map(_))
         }
@@ -2082,9 +2479,20 @@ mod diagnose {
         }
     }
 
-    /// Reads a [`Node`] as serde_json and rmp_serde read the frame.
+    /// Reads a [`Node`] as serde_json and rmp_serde read the frame, counting in `seen`
+    /// the nodes it hands out.
     #[derive(Clone, Copy)]
-    struct NodeDe<'a>(&'a Node);
+    struct NodeDe<'a> {
+        node: &'a Node,
+        seen: &'a Cell<usize>,
+    }
+
+    impl<'a> NodeDe<'a> {
+        fn new(node: &'a Node, seen: &'a Cell<usize>) -> Self {
+            seen.set(seen.get() + 1);
+            NodeDe { node, seen }
+        }
+    }
 
     impl<'a> IntoDeserializer<'a, NodeErr> for NodeDe<'a> {
         type Deserializer = Self;
@@ -2106,7 +2514,8 @@ mod diagnose {
         type Error = NodeErr;
 
         fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
-            match self.0 {
+            let seen = self.seen;
+            match self.node {
                 Node::Null => v.visit_unit(),
                 Node::Bool(b) => v.visit_bool(*b),
                 Node::U64(n) => v.visit_u64(*n),
@@ -2115,14 +2524,14 @@ mod diagnose {
                 Node::Str(s) => v.visit_borrowed_str(s),
                 Node::Bytes(b) => v.visit_borrowed_bytes(b),
                 Node::Seq(items) => {
-                    let mut seq = de::value::SeqDeserializer::new(items.iter().map(NodeDe));
+                    let mut seq = de::value::SeqDeserializer::new(items.iter().map(|n| NodeDe::new(n, seen)));
                     let out = v.visit_seq(&mut seq)?;
                     seq.end()?;
                     Ok(out)
                 }
                 Node::Map(entries) => {
                     let mut map = de::value::MapDeserializer::new(
-                        entries.iter().map(|(k, n)| (KeyDe(k.as_str()), NodeDe(n))),
+                        entries.iter().map(|(k, n)| (KeyDe(k.as_str()), NodeDe::new(n, seen))),
                     );
                     let out = v.visit_map(&mut map)?;
                     map.end()?;
@@ -2132,7 +2541,7 @@ mod diagnose {
         }
 
         fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
-            match self.0 {
+            match self.node {
                 Node::Null => v.visit_none(),
                 _ => v.visit_some(self),
             }
@@ -2144,9 +2553,11 @@ mod diagnose {
             _: &'static [&'static str],
             v: V,
         ) -> Result<V::Value, NodeErr> {
-            match self.0 {
+            match self.node {
                 Node::Str(s) => v.visit_enum(de::value::BorrowedStrDeserializer::new(s)),
-                Node::Map(m) if m.len() == 1 => v.visit_enum(EnumDe { variant: &m[0].0, body: &m[0].1 }),
+                Node::Map(m) if m.len() == 1 => {
+                    v.visit_enum(EnumDe { variant: &m[0].0, body: NodeDe::new(&m[0].1, self.seen) })
+                }
                 n => Err(de::Error::invalid_type(n.unexpected(), &"string or map")),
             }
         }
@@ -2166,7 +2577,7 @@ mod diagnose {
         // As serde_json (and the buffered path, which reads JSON values): a field or
         // variant name is a string, never an index.
         fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
-            match self.0 {
+            match self.node {
                 Node::Str(s) => v.visit_borrowed_str(s),
                 Node::Bytes(b) => v.visit_borrowed_bytes(b),
                 n => Err(de::Error::invalid_type(n.unexpected(), &v)),
@@ -2182,7 +2593,7 @@ mod diagnose {
     /// An externally tagged enum: `{"variant": body}`.
     struct EnumDe<'a> {
         variant: &'a str,
-        body: &'a Node,
+        body: NodeDe<'a>,
     }
 
     impl<'a> de::EnumAccess<'a> for EnumDe<'a> {
@@ -2194,28 +2605,28 @@ mod diagnose {
         }
     }
 
-    struct BodyDe<'a>(&'a Node);
+    struct BodyDe<'a>(NodeDe<'a>);
 
     impl<'a> de::VariantAccess<'a> for BodyDe<'a> {
         type Error = NodeErr;
         fn unit_variant(self) -> Result<(), NodeErr> {
-            match self.0 {
+            match self.0.node {
                 Node::Null => Ok(()),
                 n => Err(de::Error::invalid_type(n.unexpected(), &"unit variant")),
             }
         }
         fn newtype_variant_seed<T: DeserializeSeed<'a>>(self, seed: T) -> Result<T::Value, NodeErr> {
-            seed.deserialize(NodeDe(self.0))
+            seed.deserialize(self.0)
         }
         fn tuple_variant<V: Visitor<'a>>(self, _: usize, v: V) -> Result<V::Value, NodeErr> {
-            NodeDe(self.0).deserialize_any(v)
+            self.0.deserialize_any(v)
         }
         fn struct_variant<V: Visitor<'a>>(
             self,
             _: &'static [&'static str],
             v: V,
         ) -> Result<V::Value, NodeErr> {
-            NodeDe(self.0).deserialize_any(v)
+            self.0.deserialize_any(v)
         }
     }
 }
@@ -2692,12 +3103,15 @@ mod tests {
         }
         command.insert("offer".into(), json!({"id": "o", "price_cents": "many"}));
         let v = json!({"id": "h", "type": "order", "command": command});
-        let started = std::time::Instant::now();
-        for e in [json(v.clone()).unwrap_err(), msgpack(v).unwrap_err()] {
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let bytes = encode(enc, &v);
+            let (e, work) = diagnosis(enc, &bytes).unwrap();
+            assert_eq!(decode(enc, &bytes), Err(e.clone()));
             assert_eq!((e.code, e.id.as_deref()), ("invalid_field", Some("h")), "{e:?}");
             assert!(e.field.as_deref().is_some_and(|f| f.starts_with("command")), "{e:?}");
+            // Counted in tree nodes visited, never in time: a few decodes of the frame.
+            assert!(work.nodes > 15_000 && work.visited <= 4 * work.nodes, "{work:?}");
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //!
 //! These stand in for coverage-guided fuzzing (cargo-fuzz needs a nightly toolchain);
 //! mutating valid samples gets the inputs past the first byte checks.
+//!
+//! Also: the two encodings of a request answer alike (names given as numbers, nesting
+//! at and beyond the limit), and the search for a frame's bad field does bounded work
+//! whatever the frame.
 
 mod engine_support;
 mod wal_support;
@@ -407,6 +411,241 @@ proptest! {
         prop_assert!(got.is_err(), "{}: {:?}", serde_json::to_string(&t).unwrap(), got);
         let e = got.unwrap_err();
         prop_assert_eq!((e.code, e.id.as_deref()), ("invalid_field", frame["id"].as_str()), "{:?}", e);
+    }
+}
+
+/// A map in the order given.
+fn map(entries: Vec<(&str, Tree)>) -> Tree {
+    Tree::M(entries.into_iter().map(|(k, v)| (Key::S(k.to_string()), v)).collect())
+}
+
+fn val(v: serde_json::Value) -> Tree {
+    Tree::V(v)
+}
+
+/// Stands for the deep value in a frame until [`with_deep`] puts it in.
+const DEEP: &str = "@deep@";
+
+/// `levels` nested arrays (the innermost empty) or one-entry maps (`{"a": ...}`, the
+/// innermost empty), in `enc`: built as bytes, for any depth.
+fn deep(enc: Encoding, levels: usize, maps: bool) -> Vec<u8> {
+    let inner = levels - 1;
+    match (enc, maps) {
+        (Encoding::Json, false) => ["[".repeat(inner), "[]".into(), "]".repeat(inner)].concat().into_bytes(),
+        (Encoding::Json, true) => {
+            [r#"{"a":"#.repeat(inner), "{}".into(), "}".repeat(inner)].concat().into_bytes()
+        }
+        (Encoding::Msgpack, false) => [vec![0x91; inner], vec![0x90]].concat(),
+        (Encoding::Msgpack, true) => [b"\x81\xa1a".repeat(inner), vec![0x80]].concat(),
+    }
+}
+
+/// `frame` in `enc`, its [`DEEP`] string replaced by `deep`.
+fn with_deep(enc: Encoding, frame: &Tree, deep: &[u8]) -> Vec<u8> {
+    let bytes = encoded(enc, frame);
+    let mark = encoded(enc, &val(json!(DEEP)));
+    let at = bytes.windows(mark.len()).position(|w| w == mark.as_slice()).expect("the frame holds DEEP");
+    [&bytes[..at], deep, &bytes[at + mark.len()..]].concat()
+}
+
+/// What a decode answered, comparable across encodings: the request, or the error's
+/// code, id and field.
+fn answer(
+    enc: Encoding,
+    bytes: &[u8],
+) -> Result<rota::protocol::Envelope, (&'static str, Option<String>, Option<String>)> {
+    decode(enc, bytes).map_err(|e| (e.code, e.id, e.field))
+}
+
+/// Nesting: one limit ([`MAX_DEPTH`] levels, the frame's own map the first), counted
+/// alike in both encodings wherever the deep value is: in a field the request ignores,
+/// in one it reads, in a command serde buffers, before `id` and `type` or after them,
+/// next to a bad field or not. Just within the limit, the frame is judged as any other;
+/// one level more, or 2,000, it is `bad_frame` (with the id when it came before the deep
+/// value) in both encodings.
+///
+/// [`MAX_DEPTH`]: rota::protocol::nesting::MAX_DEPTH
+#[test]
+fn both_encodings_answer_deep_nesting_alike_at_and_beyond_the_limit() {
+    use rota::protocol::nesting::MAX_DEPTH;
+    let s = |v: &str| val(json!(v));
+    let d = || s(DEEP);
+    let lead = |details: Tree| {
+        map(vec![
+            ("id", s("L1")),
+            ("category", s("painting")),
+            ("zone", s("bologna")),
+            ("description", s("Repaint a two-room flat, walls and ceilings")),
+            ("details", details),
+            ("created_at", val(json!(1_764_000_000_000i64))),
+            (
+                "client",
+                map(vec![("id", s("c-9")), ("name", s("Anna Rossi")), ("phone", s("+39 333 1234567"))]),
+            ),
+        ])
+    };
+    // (frame, its id, level of the deep value's place (the top map's entries are at 2),
+    // the invalid field within the limit (`None`: the frame is valid), the id a
+    // `bad_frame` beyond it carries).
+    type Case = (Tree, &'static str, usize, Option<&'static str>, Option<&'static str>);
+    let cases: Vec<Case> = vec![
+        // The example: a bad `pro`, and a deep value in a field nobody reads.
+        (
+            map(vec![("id", s("a")), ("type", s("balance")), ("pro", val(json!(5))), ("x", d())]),
+            "a",
+            2,
+            Some("pro"),
+            Some("a"),
+        ),
+        // The same with a valid `pro`.
+        (
+            map(vec![("id", s("a")), ("type", s("balance")), ("pro", s("p")), ("x", d())]),
+            "a",
+            2,
+            None,
+            Some("a"),
+        ),
+        // The deep value first: the scan stops before the id.
+        (map(vec![("x", d()), ("id", s("a")), ("type", s("balance")), ("pro", s("p"))]), "a", 2, None, None),
+        // Before `type` (buffered), next to a bad field that comes after it.
+        (
+            map(vec![("id", s("a")), ("x", d()), ("pro", val(json!([1]))), ("type", s("balance"))]),
+            "a",
+            2,
+            Some("pro"),
+            Some("a"),
+        ),
+        // In a field the request reads (a lead's details: a map of strings).
+        (
+            map(vec![("id", s("b")), ("type", s("publish_lead")), ("lead", lead(d()))]),
+            "b",
+            3,
+            Some("lead.details"),
+            Some("b"),
+        ),
+        // Ignored inside an order command, which serde buffers.
+        (
+            map(vec![
+                ("id", s("c")),
+                ("type", s("order")),
+                ("command", map(vec![("type", s("cancel_order")), ("order", s("o1")), ("x", d())])),
+            ]),
+            "c",
+            3,
+            None,
+            Some("c"),
+        ),
+    ];
+    for (frame, id, place, bad_field, id_beyond) in &cases {
+        // The deepest value the limit lets in at `place`, one level more, and far more.
+        let fits = MAX_DEPTH + 1 - place;
+        for levels in [fits, fits + 1, 2_000] {
+            for maps in [false, true] {
+                let [j, m] = [Encoding::Json, Encoding::Msgpack]
+                    .map(|enc| answer(enc, &with_deep(enc, frame, &deep(enc, levels, maps))));
+                let text = format!(
+                    "{}, {levels} levels of {}",
+                    serde_json::to_string(frame).unwrap(),
+                    if maps { "maps" } else { "arrays" }
+                );
+                assert_eq!(j, m, "json and msgpack differ: {text}");
+                if levels > fits {
+                    let got = j.map(|_| ()).map_err(|(code, id, _)| (code, id));
+                    assert_eq!(got, Err(("bad_frame", id_beyond.map(str::to_owned))), "{text}");
+                    continue;
+                }
+                match (j, bad_field) {
+                    (Ok(_), None) => {}
+                    // A deep map is another wrong value than a deep array: a field below.
+                    (Err((code, got_id, field)), Some(want)) => {
+                        assert_eq!((code, got_id.as_deref()), ("invalid_field", Some(*id)), "{text}");
+                        assert!(field.as_deref().is_some_and(|f| f.starts_with(want)), "{text}: {field:?}");
+                        assert!(maps || field.as_deref() == Some(want), "{text}: {field:?}");
+                    }
+                    (got, _) => panic!("{text}: {got:?}"),
+                }
+            }
+        }
+    }
+}
+
+/// An `order` frame whose command (buffered by serde: its bad field is searched for by
+/// probing) holds `junk` arrays of `per_array` nulls next to its fields, and so does its
+/// `offer`, whose `price_cents` is a string: `junk + 1` candidates at each of two levels.
+fn junk_order(junk: usize, per_array: usize) -> Tree {
+    let s = |v: &str| val(json!(v));
+    let arrays = || {
+        (0..junk).map(|i| (Key::S(format!("j{i:02}")), val(json!(vec![serde_json::Value::Null; per_array]))))
+    };
+    let offer = Tree::M(
+        [(Key::S("id".into()), s("o"))]
+            .into_iter()
+            .chain(arrays())
+            .chain([(Key::S("price_cents".into()), s("many"))])
+            .collect(),
+    );
+    let command = Tree::M(
+        [("type", "send_custom_offer"), ("pro", "p"), ("client", "c"), ("service", "painting")]
+            .into_iter()
+            .map(|(k, v)| (Key::S(k.into()), s(v)))
+            .chain(arrays())
+            .chain([(Key::S("offer".into()), offer)])
+            .collect(),
+    );
+    map(vec![("id", s("h")), ("type", s("order")), ("command", command)])
+}
+
+/// The search for the bad field of a frame built to make it expensive (about 128 KiB of
+/// MessagePack, one tree node a byte, 32 candidates at each of two levels: 65 decodes of
+/// the whole tree before the bound in nodes) visits at most four times the frame's
+/// nodes, and still answers in both encodings alike, naming the command.
+#[test]
+fn the_search_for_a_bad_field_visits_a_bounded_number_of_nodes_on_a_hostile_frame() {
+    let frame = junk_order(31, 128 * 1024 / 62);
+    let mut answers = Vec::new();
+    for enc in [Encoding::Json, Encoding::Msgpack] {
+        let bytes = encoded(enc, &frame);
+        let (e, work) = rota::protocol::diagnosis(enc, &bytes).expect("the frame is refused");
+        assert_eq!((e.code, e.id.as_deref()), ("invalid_field", Some("h")), "{enc:?}: {e:?}");
+        assert!(e.field.as_deref().is_some_and(|f| f.starts_with("command")), "{enc:?}: {e:?}");
+        assert!(work.nodes > 128_000, "{enc:?}: {work:?}");
+        assert!(work.visited <= 4 * work.nodes, "{enc:?}: the search visited {work:?}");
+        assert!(work.runs <= 4, "{enc:?}: {work:?}");
+        answers.push((e.code, e.id, e.field));
+    }
+    assert_eq!(answers[0], answers[1]);
+}
+
+/// A small frame of the same shape still gets its field named in full.
+#[test]
+fn a_small_frame_still_gets_its_bad_field_named_in_full() {
+    for (junk, per_array) in [(0, 0), (3, 2), (15, 0)] {
+        let frame = junk_order(junk, per_array);
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let (e, work) = rota::protocol::diagnosis(enc, &encoded(enc, &frame)).expect("refused");
+            assert_eq!(
+                (e.code, e.id.as_deref(), e.field.as_deref()),
+                ("invalid_field", Some("h"), Some("command.offer.price_cents")),
+                "{enc:?} {junk} {per_array}: {e:?} {work:?}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Whatever the frame's shape, the search visits at most four times its nodes, or
+    /// 4,096 nodes for a small frame, in at most 65 decodes of its tree.
+    #[test]
+    fn the_search_for_a_bad_field_is_bounded_in_nodes_visited(
+        junk in 0usize..40, per_array in prop_oneof![0usize..4, 0usize..600], msgpack in any::<bool>(),
+    ) {
+        let enc = if msgpack { Encoding::Msgpack } else { Encoding::Json };
+        let (e, work) = rota::protocol::diagnosis(enc, &encoded(enc, &junk_order(junk, per_array))).expect("refused");
+        prop_assert_eq!((e.code, e.id.as_deref()), ("invalid_field", Some("h")));
+        prop_assert!(work.visited <= (4 * work.nodes).max(4096), "{:?}", work);
+        prop_assert!(work.runs <= 65, "{:?}", work);
     }
 }
 

@@ -88,13 +88,23 @@ async fn deep_nesting_and_huge_arrays_get_specific_errors_without_crashing() {
         c.ws.send(frame).await.unwrap();
         let v = c.recv().await;
         assert_eq!(v["code"], "bad_frame", "msgpack={msgpack}: {v}");
-        // The same depth inside a request with an id.
-        let deep = format!(r#"{{"id":"n","type":"publish_lead","lead":{}}}"#, "[".repeat(100_000));
-        if !msgpack {
-            c.ws.send(Message::Text(deep)).await.unwrap();
-            let v = c.recv().await;
-            assert!(v["code"] == "invalid_field" || v["code"] == "bad_frame", "{v}");
-        }
+        // The same depth inside a request with an id: beyond the nesting limit, so
+        // `bad_frame`, with the id read before it.
+        let deep = if msgpack {
+            let mut b = b"\x83\xa2id\xa1n\xa4type\xacpublish_lead\xa4lead".to_vec();
+            b.extend(vec![0x91u8; 100_000]);
+            b.push(0xc0);
+            Message::Binary(b)
+        } else {
+            Message::Text(format!(r#"{{"id":"n","type":"publish_lead","lead":{}}}"#, "[".repeat(100_000)))
+        };
+        c.ws.send(deep).await.unwrap();
+        let v = c.recv().await;
+        assert_eq!(
+            (v["code"].as_str(), v["id"].as_str()),
+            (Some("bad_frame"), Some("n")),
+            "msgpack={msgpack}: {v}"
+        );
         still_serves(&mut c).await;
     }
     // Huge arrays: 50,000 direct targets are over the cap (64) and refused, naming the
@@ -503,6 +513,104 @@ async fn subscribe_with_a_bad_pro_id_is_refused_naming_pro() {
             (ev[0]["event"]["event"].as_str(), ev[0]["event"]["pro"].as_str()),
             (Some("credits"), Some("p1"))
         );
+    }
+}
+
+/// `{"id": "n", "type": "balance", "pro": <pro>, "x": <levels nested arrays>}`, the
+/// arrays written as bytes (any depth).
+fn deep_balance(msgpack: bool, pro: &Value, levels: usize) -> Message {
+    if msgpack {
+        let enc = |v: Value| rmp_serde::to_vec(&v).unwrap();
+        let mut b = vec![0x84];
+        for part in
+            [json!("id"), json!("n"), json!("type"), json!("balance"), json!("pro"), pro.clone(), json!("x")]
+        {
+            b.extend(enc(part));
+        }
+        b.extend(vec![0x91; levels - 1]);
+        b.push(0x90);
+        Message::Binary(b)
+    } else {
+        let x = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        Message::Text(format!(r#"{{"id":"n","type":"balance","pro":{pro},"x":{x}}}"#))
+    }
+}
+
+/// One nesting limit for both encodings (64 levels, the frame's own map the first),
+/// counted in a field the request ignores too: beyond it a frame is `bad_frame` whatever
+/// else is wrong with it, within it the frame is judged as any other; JSON and
+/// MessagePack answer alike.
+#[tokio::test(flavor = "current_thread")]
+async fn deep_nesting_is_answered_alike_in_both_encodings_even_in_an_ignored_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let levels = rota::protocol::nesting::MAX_DEPTH;
+    // `x` is at the second level: 63 levels in it make a frame of 64.
+    let cases = [
+        (json!(5), levels - 1, ("error", Some("invalid_field"), Some("pro"))),
+        (json!(5), levels, ("error", Some("bad_frame"), None)),
+        (json!(5), 2_000, ("error", Some("bad_frame"), None)),
+        (json!("nobody"), levels - 1, ("ok", None, None)),
+        (json!("nobody"), levels, ("error", Some("bad_frame"), None)),
+        (json!("nobody"), 2_000, ("error", Some("bad_frame"), None)),
+    ];
+    let mut answers = Vec::new();
+    for msgpack in [false, true] {
+        let mut c = Client::connect(&d.addr, "pp-token", msgpack).await;
+        let mut got = Vec::new();
+        for (pro, n, want) in &cases {
+            c.ws.send(deep_balance(msgpack, pro, *n)).await.unwrap();
+            let r = c.recv().await;
+            let answer = (r["type"].as_str(), r["code"].as_str(), r["field"].as_str(), r["id"].as_str());
+            assert_eq!(
+                answer,
+                (Some(want.0), want.1, want.2, Some("n")),
+                "msgpack={msgpack} pro={pro} {n} levels: {r}"
+            );
+            got.push(r);
+        }
+        still_serves(&mut c).await;
+        answers.push(got);
+    }
+    let strip = |rs: &[Value]| -> Vec<(Value, Value, Value)> {
+        rs.iter().map(|r| (r["type"].clone(), r["code"].clone(), r["field"].clone())).collect()
+    };
+    assert_eq!(strip(&answers[0]), strip(&answers[1]));
+}
+
+/// An `order` frame built to make the search for its bad field expensive (about 128 KiB
+/// of MessagePack, one value a byte, 32 candidate entries at each of two levels of the
+/// command) is answered `invalid_field` naming the command, in both encodings, and the
+/// connection and the daemon keep serving.
+#[tokio::test(flavor = "current_thread")]
+async fn a_frame_built_to_make_the_search_for_its_bad_field_costly_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let arrays = || (0..31).map(|i| (F::V(json!(format!("j{i:02}"))), v(json!(vec![Value::Null; 2_114]))));
+    let s = |k: &str, x: &str| (F::V(json!(k)), v(json!(x)));
+    let offer = F::M([s("id", "o")].into_iter().chain(arrays()).chain([s("price_cents", "many")]).collect());
+    let command = F::M(
+        [s("type", "send_custom_offer"), s("pro", "p1"), s("client", "c1"), s("service", "painting")]
+            .into_iter()
+            .chain(arrays())
+            .chain([(F::V(json!("offer")), offer)])
+            .collect(),
+    );
+    let frame = m(vec![("id", v(json!("h"))), ("type", v(json!("order"))), ("command", command)]);
+    for msgpack in [false, true] {
+        let mut c = Client::connect(&d.addr, "pp-token", msgpack).await;
+        let bytes = if msgpack {
+            Message::Binary(rmp_serde::to_vec_named(&frame).unwrap())
+        } else {
+            Message::Text(serde_json::to_string(&frame).unwrap())
+        };
+        for _ in 0..3 {
+            c.ws.send(bytes.clone()).await.unwrap();
+            let r = c.recv().await;
+            assert_eq!((r["code"].as_str(), r["id"].as_str()), (Some("invalid_field"), Some("h")), "{r}");
+            assert!(r["field"].as_str().is_some_and(|f| f.starts_with("command")), "{r}");
+        }
+        still_serves(&mut c).await;
     }
 }
 
