@@ -231,6 +231,17 @@ fn short_leads_and_a_buyer_on_neither_list() -> (Harness, i64, String) {
     (h, t, left_out)
 }
 
+/// The end of the R22 tests on `short_leads_and_a_buyer_on_neither_list`: the buyer's
+/// budget comes back at `t + 4 min`; it gets S1 and S2, last (with any older short
+/// lead it missed), and replay gives the same shard.
+fn gets_both_short_leads_when_its_budget_comes_back(mut h: Harness, t: i64, left_out: &str) {
+    h.funds.set_budget(left_out, "weekly", 1000);
+    let back = h.ok(t + 4 * M, Command::BudgetAvailable { pros: vec![pid(left_out)] });
+    let leads: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
+    assert!(leads.ends_with(&["S1".to_string(), "S2".to_string()]), "{leads:?}");
+    h.assert_replay_equal();
+}
+
 #[test]
 fn r22_a_parked_buyer_past_the_bound_of_the_retry_list_still_gets_the_leads_it_missed() {
     // Every budget spent: S1 parks all 70, S1 and S2 are left short; each lead's retry
@@ -258,11 +269,7 @@ fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_a
     updated.autobuy = vec![autobuy("weekly", 10)];
     updated.quality = Quality { reviews: 20, ..Default::default() };
     h.ok(t + 3 * M, Command::UpsertPro { pro: updated });
-    h.funds.set_budget(&left_out, "weekly", 1000);
-    let back = h.ok(t + 4 * M, Command::BudgetAvailable { pros: vec![pid(&left_out)] });
-    let leads: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
-    assert!(leads.ends_with(&["S1".to_string(), "S2".to_string()]), "{leads:?}");
-    h.assert_replay_equal();
+    gets_both_short_leads_when_its_budget_comes_back(h, t, &left_out);
 }
 
 /// The same across a change of availability (which also ends the park).
@@ -273,11 +280,7 @@ fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_a
     let later = Some((t + 10 * 24 * 60 * M, t + 11 * 24 * 60 * M));
     let availability = rota::core::Availability { vacation: later, ..Default::default() };
     h.ok(t + 3 * M, Command::SetAvailability { pro: pid(&left_out), availability });
-    h.funds.set_budget(&left_out, "weekly", 1000);
-    let back = h.ok(t + 4 * M, Command::BudgetAvailable { pros: vec![pid(&left_out)] });
-    let leads: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
-    assert!(leads.ends_with(&["S1".to_string(), "S2".to_string()]), "{leads:?}");
-    h.assert_replay_equal();
+    gets_both_short_leads_when_its_budget_comes_back(h, t, &left_out);
 }
 
 #[test]
@@ -453,11 +456,7 @@ fn r22_a_buyer_past_the_bound_of_the_retry_lists_keeps_its_missed_leads_across_a
     let everyone: Vec<ProId> = (1..=70).map(|i| pid(&format!("p{i}"))).collect();
     let none = h.ok(t + 3 * M, Command::BudgetAvailable { pros: everyone });
     assert!(offers_by_lead(&none.events).is_empty(), "no budget came back");
-    h.funds.set_budget(&left_out, "weekly", 1000);
-    let back = h.ok(t + 4 * M, Command::BudgetAvailable { pros: vec![pid(&left_out)] });
-    let leads: Vec<String> = offers_by_lead(&back.events).into_iter().map(|(l, _)| l).collect();
-    assert!(leads.ends_with(&["S1".to_string(), "S2".to_string()]), "{leads:?}");
-    h.assert_replay_equal();
+    gets_both_short_leads_when_its_budget_comes_back(h, t, &left_out);
 }
 
 /// R6 with R21: under auto-buy, direct targets buy a lead only up to its responder

@@ -72,12 +72,17 @@ async fn offered_at(e: &Engine, id: &str) -> i64 {
     }
 }
 
+/// One life of the engine on `fs`: on a manual clock at `manual`, or on the wall clock.
+fn life(fs: &MemFs, manual: Option<i64>) -> Engine {
+    let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+    Engine::start_with_fs(config(manual), handle).expect("the engine starts").0
+}
+
 fn run(snapshot_before_restart: bool) {
     let fs = MemFs::new();
     let ahead = wall_ms() + AHEAD_MS;
     in_system(async {
-        let fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-        let (e, _) = Engine::start_with_fs(config(Some(ahead)), fs).expect("first life starts");
+        let e = life(&fs, Some(ahead));
         ok(
             &e,
             json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"],
@@ -91,8 +96,7 @@ fn run(snapshot_before_restart: bool) {
         }
     });
     let (first, second) = in_system(async {
-        let fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-        let (e, _) = Engine::start_with_fs(config(None), fs).expect("second life recovers");
+        let e = life(&fs, None);
         publish(&e, "after").await;
         (offered_at(&e, "before").await, offered_at(&e, "after").await)
     });
@@ -126,8 +130,7 @@ fn r26_r27_order_facts_alone_hold_the_clock_across_a_restart() {
     let fs = MemFs::new();
     let ahead = wall_ms() + AHEAD_MS;
     in_system(async {
-        let fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-        let (e, _) = Engine::start_with_fs(config(Some(ahead)), fs).expect("first life starts");
+        let e = life(&fs, Some(ahead));
         ok(
             &e,
             json!({"type": "order", "command": {"type": "set_acceptance_mode", "pro": "p1",
@@ -136,8 +139,7 @@ fn r26_r27_order_facts_alone_hold_the_clock_across_a_restart() {
         .await;
     });
     let now = in_system(async {
-        let fs: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-        let (e, _) = Engine::start_with_fs(config(None), fs).expect("second life recovers");
+        let e = life(&fs, None);
         e.inner.clock.now()
     });
     assert!(now >= ahead, "the clock is {} ms before the logged order fact", ahead - now);

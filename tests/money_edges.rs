@@ -5,12 +5,12 @@
 
 mod engine_support;
 
-use engine_support::{acme_config, in_system, req, T0};
+use engine_support::{acme, acme_config, in_system, ok, send, T0};
 use rota::config::Config;
 use rota::engine::Engine;
-use rota::ids::{LeadId, ProId, TenantId};
+use rota::ids::{LeadId, ProId};
 use rota::ledger::{BudgetName, OpId, RefundReason, TopupRule};
-use rota::protocol::{ApiError, OkResult};
+use rota::protocol::OkResult;
 use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -22,19 +22,6 @@ const DAY: i64 = 24 * HOUR;
 /// The example policy `file` (tenant `name`) for tenant `acme`.
 fn config(dir: &std::path::Path, file: &str, name: &str) -> Config {
     acme_config(dir, file, name, &[])
-}
-
-fn acme() -> TenantId {
-    TenantId::new("acme")
-}
-
-async fn send(e: &Engine, v: Value) -> Result<OkResult, ApiError> {
-    e.request(&acme(), req(v)).await
-}
-
-async fn ok(e: &Engine, v: Value) -> OkResult {
-    let what = v.to_string();
-    send(e, v).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
 }
 
 /// A painting lead; `call: false` makes it chat-only (R9: held, not charged).

@@ -3,28 +3,13 @@
 
 mod engine_support;
 
-use engine_support::{acme_config, in_system, req, T0};
+use engine_support::{acme_config, in_system, ok, send, T0};
 use rota::engine::Engine;
-use rota::ids::TenantId;
-use rota::protocol::{ApiError, OkResult};
 use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 const DAY: i64 = 24 * 3_600_000;
-
-fn acme() -> TenantId {
-    TenantId::new("acme")
-}
-
-async fn send(e: &Engine, v: Value) -> Result<OkResult, ApiError> {
-    e.request(&acme(), req(v)).await
-}
-
-async fn ok(e: &Engine, v: Value) -> OkResult {
-    let what = v.to_string();
-    send(e, v).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
-}
 
 fn order(command: Value) -> Value {
     json!({"type": "order", "command": command})

@@ -56,6 +56,25 @@ pub fn in_system<F: Future>(fut: F) -> F::Output {
     out
 }
 
+/// Tenant `acme`, which [`acme_config`] configures.
+pub fn acme() -> rota::ids::TenantId {
+    rota::ids::TenantId::new("acme")
+}
+
+/// Request `v` (as [`req`] decodes it) for tenant `acme`.
+pub async fn send(
+    e: &rota::engine::Engine,
+    v: Value,
+) -> Result<rota::protocol::OkResult, rota::protocol::ApiError> {
+    e.request(&acme(), req(v)).await
+}
+
+/// [`send`], which must succeed (the request is named if it does not).
+pub async fn ok(e: &rota::engine::Engine, v: Value) -> rota::protocol::OkResult {
+    let what = v.to_string();
+    send(e, v).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
+}
+
 /// A request as a frame would carry it (`{"type": ..., fields}`), decoded the daemon's way.
 pub fn req(mut v: Value) -> Request {
     v["id"] = json!("t");
