@@ -8,7 +8,7 @@ mod engine_support;
 use engine_support::{acme_config, in_system, req};
 use rota::config::{Config, Sources};
 use rota::engine::Engine;
-use rota::ids::TenantId;
+use rota::ids::{LeadId, TenantId};
 use rota::protocol::{ApiError, OkResult};
 use rota::wal::{Fault, MemFs};
 use serde_json::json;
@@ -141,5 +141,45 @@ fn r26_r27_an_order_refusal_that_relied_on_a_record_the_disk_lost_is_answered_un
         assert_eq!(cancel.unwrap_err().code, "unavailable", "its record was never durable");
         let complete = complete.unwrap_err();
         assert_eq!(complete.code, "unavailable", "decided on the lost cancel: {complete:?}");
+    });
+}
+
+/// R1/R9: an `offer` on a lead whose forgetting (retention over) is still on its way to
+/// the disk is answered `unavailable` when the disk then fails that record's sync, not
+/// `unknown_lead`: after a restart the lead is remembered again, and the same action
+/// gets the lead's own answer.
+#[test]
+fn r1_r9_unknown_lead_from_a_forgetting_the_disk_lost_is_answered_unavailable() {
+    on_engine(|e, fs| async move {
+        pro_with_credits(&e, "p1").await;
+        publish_l1(&e).await;
+        let clock = |to: i64| send(&e, json!({"type": "advance_clock", "to_ms": to}));
+        const DAY: i64 = 24 * 3_600_000;
+        clock(engine_support::T0 + 3 * DAY).await.expect("the lead closes");
+        fs.inject(Fault::SyncError);
+        let hold = fs.hold_syncs();
+        let (tick, offer) = futures_util::future::join(clock(engine_support::T0 + 10 * DAY), async {
+            // Once the tick has forgotten the lead in memory (its record written, its
+            // sync held), the offer is sent; then the sync goes ahead, and fails.
+            let forgotten = || e.lead_index().shard_of(&engine_support::acme(), &LeadId::new("L1")).is_none();
+            while !forgotten() {
+                tokio::task::yield_now().await;
+            }
+            let offer = send(
+                &e,
+                json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "decline", "by": "pro"}),
+            );
+            let mut offer = std::pin::pin!(offer);
+            let first = futures_util::poll!(offer.as_mut());
+            drop(hold);
+            match first {
+                std::task::Poll::Ready(answer) => answer,
+                std::task::Poll::Pending => offer.await,
+            }
+        })
+        .await;
+        assert_eq!(tick.unwrap_err().code, "unavailable", "the forgetting was never durable");
+        let offer = offer.unwrap_err();
+        assert_eq!(offer.code, "unavailable", "decided on the lost forgetting: {offer:?}");
     });
 }

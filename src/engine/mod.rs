@@ -766,7 +766,8 @@ impl Engine {
     }
 
     /// Answers a read (`balance`, `explain`, `candidates`, `search`), or its refusal
-    /// (`unknown_lead`, `unknown_pro`), once everything it may have seen is durable: a
+    /// (`unknown_lead`, `unknown_pro`, also an `offer`'s `unknown_lead`), once
+    /// everything it may have seen is durable: a
     /// read made from memory can see a decision whose record is still on its way to the
     /// disk (a lead forgotten, a pro removed), and a power cut would then take away what
     /// it showed. Every change holds the gate's read side from its first step in memory
@@ -891,10 +892,16 @@ impl Engine {
                 self.pro_change(tenant, pro, ProChange::Availability(availability)).await
             }
             Request::Offer { lead, pro, action } => {
-                let key = self.lead_shard(tenant, &lead).inspect_err(|_| {
-                    // Refused before any shard: counted as the shards count theirs.
-                    self.inner.metrics.refused(tenant, Reject::UnknownLead(lead.clone()).code());
-                })?;
+                let key = match self.lead_shard(tenant, &lead) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        // Refused before any shard: counted as the shards count theirs,
+                        // and answered as a read (the lead's forgetting, or its publish
+                        // being refused, may still be on its way to the disk).
+                        self.inner.metrics.refused(tenant, Reject::UnknownLead(lead.clone()).code());
+                        return self.durable_read(Err(e)).await;
+                    }
+                };
                 match self.exec(key, Command::Offer { lead, pro, action }).await? {
                     CoreReply::Offer(v) => Ok(OkResult::Offer(v)),
                     CoreReply::Done => Ok(OkResult::Done { done: true }),

@@ -297,6 +297,8 @@ struct MemState {
     writes: u64,
     /// Mutating operations left before a scheduled power cut strikes.
     cut_countdown: Option<u64>,
+    /// Syncs wait while a [`SyncHold`] lives.
+    syncs_held: bool,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -400,6 +402,18 @@ impl MemState {
     }
 }
 
+/// While alive, the [`MemFs`] it came from holds every sync ([`MemFs::hold_syncs`]).
+#[derive(Debug)]
+pub struct SyncHold {
+    state: Arc<Mutex<MemState>>,
+}
+
+impl Drop for SyncHold {
+    fn drop(&mut self) {
+        self.state.lock().syncs_held = false;
+    }
+}
+
 /// An in-memory filesystem with power cuts and fault injection. Clones share state.
 #[derive(Debug, Clone, Default)]
 pub struct MemFs {
@@ -466,6 +480,9 @@ impl FsFile for MemFile {
 
     fn sync_data(&mut self) -> io::Result<()> {
         let inode = self.inode;
+        while self.state.lock().syncs_held {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         self.with(|st| {
             st.tick()?;
             if st.take_fault(true).is_some() {
@@ -514,6 +531,13 @@ impl MemFs {
     /// Arms a one-shot fault for the next matching operation.
     pub fn inject(&self, fault: Fault) {
         self.state.lock().armed.push(fault);
+    }
+
+    /// Holds every sync (the syncing thread waits) until the returned guard drops:
+    /// lets a test act while records are written but not yet durable.
+    pub fn hold_syncs(&self) -> SyncHold {
+        self.state.lock().syncs_held = true;
+        SyncHold { state: self.state.clone() }
     }
 
     /// Disk capacity in bytes of file data; writes past it fail with `ENOSPC` after
