@@ -5,11 +5,10 @@
 
 mod engine_support;
 
-use engine_support::{acme_config, in_system, req};
+use engine_support::{acme_config, in_system, send};
 use rota::config::{Config, Sources};
 use rota::engine::Engine;
-use rota::ids::{LeadId, TenantId};
-use rota::protocol::{ApiError, OkResult};
+use rota::ids::LeadId;
 use rota::wal::{Fault, MemFs};
 use serde_json::json;
 use std::sync::Arc;
@@ -35,10 +34,6 @@ fn on_engine<Fut: std::future::Future<Output = ()>>(body: impl FnOnce(Engine, Me
         let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
         body(e, fs.clone()).await
     });
-}
-
-async fn send(e: &Engine, v: serde_json::Value) -> Result<OkResult, ApiError> {
-    e.request(&TenantId::new("acme"), req(v)).await
 }
 
 /// Pro `p` in lisboa with 100 credits.

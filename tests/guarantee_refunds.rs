@@ -5,12 +5,11 @@
 
 mod engine_support;
 
-use engine_support::{acme_config as config, in_system, req, T0};
+use engine_support::{acme, acme_config as config, in_system, ok, T0};
 use rota::config::Config;
 use rota::engine::Engine;
-use rota::ids::{ProId, TenantId};
+use rota::ids::ProId;
 use rota::ledger::BudgetName;
-use rota::protocol::OkResult;
 use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -21,15 +20,6 @@ const DAY: i64 = 24 * HOUR;
 /// The zaask policy with a guarantee of `days`.
 fn zaask(dir: &std::path::Path, days: i64) -> Config {
     config(dir, "zaask.toml", "zaask", &[("guarantee_window_s", &(days * DAY / 1000).to_string())])
-}
-
-fn acme() -> TenantId {
-    TenantId::new("acme")
-}
-
-async fn ok(e: &Engine, v: Value) -> OkResult {
-    let what = v.to_string();
-    e.request(&acme(), req(v)).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
 }
 
 async fn advance(e: &Engine, to: i64) {

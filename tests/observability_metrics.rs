@@ -7,11 +7,11 @@
 
 mod engine_support;
 
-use engine_support::{acme_config, in_system, req, T0};
+use engine_support::{acme_config, in_system, ok, send, T0};
 use rota::core::shard::ExplainOutcome;
 use rota::engine::Engine;
 use rota::ids::TenantId;
-use rota::protocol::{ApiError, OkResult};
+use rota::protocol::OkResult;
 use rota::telemetry::{self, Metrics, TenantMetrics, WalStatsLike, ALL};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
@@ -223,15 +223,6 @@ fn acme(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
         None => sample(text, &format!("{name}{{tenant=\"acme\"}}")),
         Some((k, v)) => sample(text, &format!("{name}{{tenant=\"acme\",{k}=\"{v}\"}}")),
     }
-}
-
-async fn send(e: &Engine, v: Value) -> Result<OkResult, ApiError> {
-    e.request(&TenantId::new("acme"), req(v)).await
-}
-
-async fn ok(e: &Engine, v: Value) -> OkResult {
-    let what = v.to_string();
-    send(e, v).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
 }
 
 /// A painting lead in `zone`, created at `at`, for the pros `direct`.

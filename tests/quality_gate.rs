@@ -3,18 +3,12 @@
 
 mod engine_support;
 
-use engine_support::{acme_config, in_system, req, T0};
+use engine_support::{acme_config, in_system, ok, T0};
 use rota::engine::Engine;
-use rota::ids::TenantId;
 use rota::protocol::OkResult;
 use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::sync::Arc;
-
-async fn ok(e: &Engine, v: Value) -> OkResult {
-    let what = v.to_string();
-    e.request(&TenantId::new("acme"), req(v)).await.unwrap_or_else(|err| panic!("{what}: {err:?}"))
-}
 
 fn lead(id: &str, client_pro: &str) -> Value {
     json!({"type": "publish_lead", "lead": {

@@ -6,7 +6,7 @@
 mod common;
 mod engine_support;
 
-use engine_support::{acme_config, in_system, req, T0};
+use engine_support::{acme_config, in_system, ok, T0};
 use rota::config::Config;
 use rota::core::shard::{Command, Event, Shard};
 use rota::core::{Lead, Policy};
@@ -100,10 +100,6 @@ fn config(dir: &std::path::Path, changes: &[(&str, &str)]) -> Config {
     acme_config(dir, "zaask.toml", "zaask", changes)
 }
 
-async fn send(e: &Engine, v: Value) -> OkResult {
-    e.request(&TenantId::new("acme"), req(v.clone())).await.unwrap_or_else(|err| panic!("{v}: {err}"))
-}
-
 fn zaask_lead(id: &str, at: i64) -> Value {
     json!({"type": "publish_lead", "lead": {
         "id": id, "category": "painting", "zone": "lisboa",
@@ -116,7 +112,7 @@ fn zaask_lead(id: &str, at: i64) -> Value {
 }
 
 async fn price_of_new_lead(e: &Engine, id: &str, at: i64) -> u64 {
-    match send(e, zaask_lead(id, at)).await {
+    match ok(e, zaask_lead(id, at)).await {
         OkResult::Lead(o) => o.price,
         other => panic!("{other:?}"),
     }
@@ -133,14 +129,14 @@ fn r11_a_reload_that_doubles_the_job_value_after_a_close_doubles_later_prices() 
         let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
         let base = [("max_price_credits", "1000")];
         let (e, _) = Engine::start_with_fs(config(dir.path(), &base), handle).expect("starts");
-        send(
+        ok(
             &e,
             json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["lisboa"]}}),
         )
         .await;
         let first = price_of_new_lead(&e, "A1", T0).await;
         // The lead closes (R11 learning of proposals per lead).
-        send(&e, json!({"type": "advance_clock", "to_ms": T0 + 3 * DAY})).await;
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 3 * DAY})).await;
         let before = price_of_new_lead(&e, "A2", T0 + 3 * DAY).await;
         let doubled =
             [("max_price_credits", "1000"), ("avg_job_value_cents = 120000", "avg_job_value_cents = 240000")];
