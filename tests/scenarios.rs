@@ -1007,6 +1007,7 @@ scenarios! {
     r5_late_publish_offers_direct_targets_once => "r5_late_publish.toml",
     r5_r15_a_late_release_gives_each_pro_its_whole_response_window => "r5_r15_late_release.toml",
     r5_r7_no_release_of_a_lead_whose_lifetime_ended => "r5_r7_no_release_after_lifetime.toml",
+    r5_r6_a_direct_target_that_did_not_receive_the_lead_holds_no_seat => "r5_r6_unreachable_direct_targets.toml",
     r28_explain_says_why_as_of_the_release_also_once_the_pro_is_back => "r28_explain_as_of_the_release.toml",
     r6_r13_r22_a_retry_keeps_the_seats_and_never_buys_a_direct_job => "r6_r13_r22_retry_keeps_the_seats.toml",
     r21_r28_releases_in_one_tick_take_turns_as_separate_ticks_would => "r21_r28_releases_in_one_tick_take_turns.toml",

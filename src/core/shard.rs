@@ -309,6 +309,11 @@ pub enum Event {
         /// direct targets fill every responder slot).
         release_at: Option<Millis>,
         expires_at: Millis,
+        /// R6: responder seats the direct targets took, those that received the lead
+        /// at the publish (see [`LeadState::direct_seats`]). `None` in records written
+        /// before 2026-12-07: every target named took one, as then decided.
+        #[serde(default)]
+        direct_seats: Option<u32>,
     },
     Offered {
         lead: LeadId,
@@ -751,6 +756,13 @@ pub struct LeadState {
     /// This lead's number in the shard (orders its deadlines, see [`Deadline::seq`]).
     #[serde(default)]
     pub seq: u64,
+    /// R6: responder seats held for the direct targets: those that received the lead
+    /// at its publish. A target that did not (not in the shard, unavailable, or under
+    /// auto-buy unable to buy) holds none: its seat goes to the generic release
+    /// (2 targets of which one is on vacation -> 4 generic seats of 5). `None` for
+    /// leads decided before 2026-12-07: every target named holds one.
+    #[serde(default)]
+    pub direct_seats: Option<u32>,
 }
 
 impl LeadState {
@@ -761,7 +773,8 @@ impl LeadState {
         self.offers.iter_mut().find(|o| &o.pro == pro)
     }
     fn generic_cap(&self, policy: &Policy) -> u32 {
-        policy.max_responders.saturating_sub(self.lead.direct.len() as u32)
+        let direct = self.direct_seats.unwrap_or(self.lead.direct.len() as u32);
+        policy.max_responders.saturating_sub(direct)
     }
 
     /// R6 with `responders` responses of which `generic` took a generic seat: whether
@@ -1135,15 +1148,6 @@ impl Shard {
         if expires_at <= now {
             return Err(Reject::LeadExpired(lead.id.clone()));
         }
-        let generic_slots = p.max_responders.saturating_sub(lead.direct.len() as u32);
-        let release_at = match lead.kind {
-            JobKind::Direct | JobKind::Contact => None,
-            // R6: the direct targets took every seat; a release would offer (and under
-            // auto-buy charge) a lead nobody else may respond to.
-            JobKind::Match if generic_slots == 0 => None,
-            JobKind::Match if lead.direct.is_empty() => Some(now),
-            JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
-        };
         let arc = Arc::clone(lead);
         // Accepted, then at most a direct and a generic release: sized once (an event is
         // a few hundred bytes, and growing the vector copied them).
@@ -1154,8 +1158,10 @@ impl Shard {
             price,
             price_components,
             at: now,
-            release_at,
+            // Set below, once the direct targets are served.
+            release_at: None,
             expires_at,
+            direct_seats: Some(0),
         });
         // The components only matter to a purchase or a release for a far-away price
         // (R11).
@@ -1212,11 +1218,28 @@ impl Shard {
                 budget_short: Vec::new(),
             });
         }
+        // R5/R6: the generic release, with the seats the direct targets did not take.
+        let direct_seats = direct_grants.len() as u32;
+        let generic_slots = p.max_responders.saturating_sub(direct_seats);
+        let release_at = match lead.kind {
+            JobKind::Direct | JobKind::Contact => None,
+            // R6: the direct targets took every seat; a release would offer (and under
+            // auto-buy charge) a lead nobody else may respond to.
+            JobKind::Match if generic_slots == 0 => None,
+            // No target received it (none named, or none could): no head start to give.
+            JobKind::Match if direct_seats == 0 => Some(now),
+            JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
+        };
+        if let Event::LeadAccepted { release_at: r, direct_seats: d, .. } = &mut events[0] {
+            *r = release_at;
+            *d = Some(direct_seats);
+        }
         // No head start: generic release in the same decision.
         if release_at == Some(now) {
             // The release must see the direct offers made just above (a lead published
             // after its head start is over), or a direct target would be offered twice.
             let mut st = provisional(arc, fp, price, far_components(&events[0]), now, expires_at);
+            st.direct_seats = Some(direct_seats);
             st.offers = direct_grants
                 .into_iter()
                 .map(|g| OfferState::new(g.pro, g.kind, now, OptMillis::NONE))
@@ -2187,6 +2210,7 @@ impl Shard {
                 at,
                 release_at,
                 expires_at,
+                direct_seats,
             } => {
                 self.next_seq += 1;
                 let seq = self.next_seq;
@@ -2196,6 +2220,7 @@ impl Shard {
                     release_at: (*release_at).into(),
                     published_release_at: (*release_at).into(),
                     seq,
+                    direct_seats: *direct_seats,
                     ..st
                 };
                 if let Some(r) = release_at {
@@ -2940,6 +2965,7 @@ fn provisional(
         forget_at: OptMillis::NONE,
         skipped_more: 0,
         released_at: OptMillis::NONE,
+        direct_seats: None,
     }
 }
 
@@ -3580,5 +3606,64 @@ mod learned_proposals_tests {
         let bytes = rmp_serde::to_vec(&s).expect("plain data");
         let back: Shard = rmp_serde::from_slice(&bytes).expect("loads");
         assert_eq!(back.learned_proposals_milli, Some(3_250));
+    }
+}
+
+#[cfg(test)]
+mod direct_seats_tests {
+    use super::test_support::*;
+    use super::*;
+
+    /// `bytes` (a MessagePack array at `at`, whose last element is a `nil` written for
+    /// a `None` field) as a release before that field wrote it: one element fewer.
+    fn without_last_field(mut bytes: Vec<u8>, at: usize) -> Vec<u8> {
+        assert_eq!(bytes.pop(), Some(0xc0), "the last field is a None");
+        match bytes[at] {
+            0x91..=0x9f => bytes[at] -= 1,
+            0xdc => {
+                let n = u16::from_be_bytes([bytes[at + 1], bytes[at + 2]]) - 1;
+                bytes[at + 1..at + 3].copy_from_slice(&n.to_be_bytes());
+            }
+            other => panic!("not an array header: {other:#x}"),
+        }
+        bytes
+    }
+
+    fn accepted(direct_seats: Option<u32>) -> Event {
+        let mut lead = lead(1, T0);
+        lead.direct = vec![ProId::new("p1"), ProId::new("p2")];
+        Event::LeadAccepted {
+            lead: Arc::new(lead),
+            fingerprint: 1,
+            price: 1,
+            price_components: None,
+            at: T0,
+            release_at: Some(T0 + 60_000),
+            expires_at: T0 + 3_600_000,
+            direct_seats,
+        }
+    }
+
+    /// R6: a lead logged (or held in a snapshot) before the direct targets' seats were
+    /// recorded keeps what was decided then: a seat per target named (2 -> 3 generic
+    /// seats of 5); one logged since holds the seats of the targets reached (1 -> 4).
+    #[test]
+    fn r6_a_lead_decided_before_direct_seats_were_recorded_keeps_a_seat_per_target_named() {
+        // An internally tagged event: one array, its tag first.
+        let old = without_last_field(rmp_serde::to_vec(&accepted(None)).unwrap(), 0);
+        let old: Event = rmp_serde::from_slice(&old).expect("an older record loads");
+        assert_eq!(old, accepted(None));
+        for (ev, generic) in [(old, 3), (accepted(Some(1)), 4)] {
+            let mut s = shard_with("tenant = \"t\"\nmode = \"shared\"\n");
+            s.apply(&ev);
+            let st = s.lead(&LeadId::new("L1")).expect("accepted");
+            assert_eq!(st.generic_cap(&s.policy), generic, "{ev:?}");
+            let older = without_last_field(
+                rmp_serde::to_vec(&LeadState { direct_seats: None, ..st.clone() }).unwrap(),
+                0,
+            );
+            let back: LeadState = rmp_serde::from_slice(&older).expect("an older snapshot's lead loads");
+            assert_eq!((back.direct_seats, back.generic_cap(&s.policy)), (None, 3));
+        }
     }
 }
