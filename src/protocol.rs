@@ -2927,6 +2927,21 @@ mod tests {
         }
     }
 
+    /// R26/R27: the order book's tick is rota's clock (expiries recorded when due, on
+    /// the wall clock once a minute); a client could otherwise run it at will.
+    #[test]
+    fn r26_r27_the_order_books_tick_is_not_a_client_command() {
+        use serde_json::json;
+        let v = json!({"id": "t1", "type": "order", "command": {"type": "tick"}});
+        for e in [json(v.clone()).unwrap_err(), msgpack(v.clone()).unwrap_err()] {
+            assert_eq!(
+                (e.code, e.id.as_deref(), e.field.as_deref()),
+                ("invalid_field", Some("t1"), Some("command.type")),
+                "{e:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_value_that_quotes_an_error_message_is_an_invalid_field_of_its_own() {
         use serde_json::json;

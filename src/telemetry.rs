@@ -153,7 +153,8 @@ pub const OVERLOAD_REASONS: &[&str] = &[
     "connection_in_flight",
 ];
 /// `scope` of [`CONNECTIONS`]: what the connection's token allows it to do.
-pub const SCOPES: &[&str] = &["ingest", "stream", "admin", "unauthenticated"];
+/// A connection is counted once authenticated, under its token's widest scope.
+pub const SCOPES: &[&str] = &["ingest", "stream", "admin"];
 /// `encoding` of [`FRAMES_RECEIVED`] / [`FRAMES_SENT`].
 pub const ENCODINGS: &[&str] = &["json", "msgpack"];
 /// `reason` of [`AUTH_FAILURES`].
@@ -413,14 +414,14 @@ pub const ALL: &[MetricDef] = &[
         "seconds",
         &[],
         PIPELINE_BUCKETS,
-        "From a publish frame read to its events being durable (the acknowledgement).",
+        "From a decision's command entering the engine (a publish, a response, a pro change, a tick) to its record being durable.",
     ),
     h(
         INGEST_TO_DELIVERY,
         "seconds",
         &[],
         PIPELINE_BUCKETS,
-        "From a publish frame read to the dispatched offer written to a subscriber.",
+        "From a decision that makes offers entering the engine to its events handed to the subscribers' queues, once durable.",
     ),
     // Process.
     m(PROCESS_RESIDENT_MEMORY, G, "bytes", &[], "Resident memory size in bytes."),

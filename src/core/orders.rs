@@ -358,6 +358,9 @@ pub enum OrderCommand {
     /// An order is finished: it ends its chain without counting as a cancellation (R27).
     CompleteOrder { order: OrderId },
     /// Record what expired at `now` (requests past `respond_by`, offers past expiry).
+    /// rota's own clock sends it (`Engine::order_tick`); never read from a client
+    /// (`"type": "tick"` is an unknown command there).
+    #[serde(skip_deserializing)]
     Tick,
 }
 

@@ -108,7 +108,7 @@ impl LeadIndex {
             let (leads, rejected) = shard.remembered_ids();
             for lead in leads {
                 if let Some(other) = index.shard_of(&shard.key.tenant, lead) {
-                    tracing::warn!(lead = %lead, shard = %shard.key, other = %other, "a lead id held by two shards");
+                    tracing::warn!(lead_id = %lead, shard = %shard.key, other = %other, "a lead id held by two shards");
                 }
                 index.insert(&shard.key, lead);
             }
@@ -117,7 +117,7 @@ impl LeadIndex {
         for (key, lead) in refused {
             match index.shard_of(&key.tenant, lead) {
                 Some(other) => {
-                    tracing::warn!(lead = %lead, shard = %key, other = %other, "a refused lead id held by another shard")
+                    tracing::warn!(lead_id = %lead, shard = %key, other = %other, "a refused lead id held by another shard")
                 }
                 None => index.insert(key, lead),
             }

@@ -872,7 +872,7 @@ impl Engine {
                     if held {
                         return Err(conflict().into());
                     }
-                    tracing::warn!(%tenant, lead = %lead.id, shard = %other, "lead index entry its shard does not hold: dropped");
+                    tracing::warn!(%tenant, lead_id = %lead.id, shard = %other, "lead index entry its shard does not hold: dropped");
                     // Only if it still names that shard: a concurrent publish of the
                     // same id into this shard may have indexed it here meanwhile.
                     self.inner.lead_index.remove_if_at(&other, &lead.id);
