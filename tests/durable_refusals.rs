@@ -178,3 +178,28 @@ fn r1_r9_unknown_lead_from_a_forgetting_the_disk_lost_is_answered_unavailable() 
         assert_eq!(offer.code, "unavailable", "decided on the lost forgetting: {offer:?}");
     });
 }
+
+/// R9: reads wait for durability through one closing of the gate for all of those
+/// waiting (taken on a thread of its own, so a flood of reads neither stops every
+/// decision once per read nor blocks a worker): 500 `balance` reads sent while a
+/// grant's sync is held share at most two, and each is answered.
+#[test]
+fn r9_reads_waiting_together_share_one_closing_of_the_gate() {
+    on_engine(|e, fs| async move {
+        pro_with_credits(&e, "p1").await;
+        let before = e.read_barriers();
+        let hold = fs.hold_syncs();
+        // A grant whose record waits for the held sync, then the reads.
+        let grant = send(&e, json!({"type": "grant_credits", "pro": "p1", "op": "pay-2", "credits": 5}));
+        let reads = (0..500).map(|_| send(&e, json!({"type": "balance", "pro": "p1"})));
+        let mut all =
+            std::pin::pin!(futures_util::future::join(grant, futures_util::future::join_all(reads)));
+        assert!(futures_util::poll!(all.as_mut()).is_pending(), "the sync is held");
+        drop(hold);
+        let (granted, answers) = all.await;
+        granted.expect("granted");
+        assert!(answers.iter().all(Result::is_ok), "{:?}", answers.iter().find(|a| a.is_err()));
+        let taken = e.read_barriers() - before;
+        assert!((1..=2).contains(&taken), "{taken} closings of the gate for 500 reads");
+    });
+}

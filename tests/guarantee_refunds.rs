@@ -264,3 +264,27 @@ fn r12_a_client_reply_counts_as_a_view_and_keeps_the_charge() {
         assert_eq!(p1(&e).refunded, each, "only the response the client never answered nor viewed");
     });
 }
+
+/// R12: the guarantee promises a refund if the client does not view the proposal
+/// within the window; a view recorded after it (sent late by the platform, or before
+/// the shard's timer got to the deadline) does not take that refund away, whether the
+/// timer fired first or not. The refund is made once.
+#[test]
+fn r12_a_view_after_the_guarantee_window_does_not_cancel_the_refund() {
+    let dir = tempfile::tempdir().unwrap();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(MemFs::new().process_handle());
+        let (e, _) = Engine::start_with_fs(zaask(dir.path(), 7), handle).expect("starts");
+        zaask_pro(&e).await;
+        ok(&e, lead("L1", "lisboa", T0)).await;
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "respond"})).await;
+        let charged = p1(&e).captured;
+        assert!(charged > 0, "the response was charged");
+        // Five seconds past the window, before any tick handled its deadline.
+        e.inner.clock.advance_to(T0 + 7 * DAY + 5_000).expect("the manual clock");
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "client_viewed"})).await;
+        assert_eq!(p1(&e).refunded, charged, "not viewed within the window: refunded");
+        advance(&e, T0 + 8 * DAY).await;
+        assert_eq!(p1(&e).refunded, charged, "once");
+    });
+}

@@ -368,6 +368,36 @@ fn r22_r24_a_paused_config_resuming_with_its_budget_unparks_the_buyer() {
     });
 }
 
+/// R22/R24: budget that comes back through the profile (a paused config resumed early
+/// by an update) retries the leads the buyer missed, as a recharge or a refund does:
+/// the update's recharge left the week's housekeeping nothing to do, and the short
+/// lead was never retried.
+#[test]
+fn r22_r24_a_config_resumed_by_an_update_retries_the_leads_the_buyer_missed() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        let two = |paused: Option<i64>| {
+            json!({"type": "upsert_pro", "pro": {"id": "x", "categories": ["painting"], "zones": ["madrid"],
+                "autobuy": [
+                    {"name": "a", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24},
+                    {"name": "b", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24,
+                     "paused_until": paused}]}})
+        };
+        ok(&e, two(None)).await;
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
+        ok(&e, two(Some(T0 + 20 * HOUR))).await;
+        ok(&e, publish("A1", "madrid", true, T0 + MIN)).await;
+        ok(&e, publish("A2", "madrid", true, T0 + MIN + 1)).await;
+        let b = |e: &Engine| e.inner.ledger.budget(&acme(), &ProId::new("x"), &BudgetName::new("b")).unwrap();
+        let s1 = ok(&e, publish("S1", "madrid", true, T0 + HOUR)).await;
+        assert!(format!("{s1:?}").contains("offers: []"), "x could buy from nothing: {s1:?}");
+        // b resumed by an update two hours later, well within the retry window.
+        ok(&e, two(None)).await;
+        assert_eq!(b(&e).available, 24);
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 2 * HOUR})).await;
+        assert_eq!(b(&e).available, 12, "S1 bought from b once its budget came back");
+    });
+}
+
 /// R20/R24, hard budgets: a new config whose pause is already over (a profile sent
 /// again with a past `paused_until`) gets one budget in its first week: its first
 /// recharge is its resume too, so the housekeeping does not recharge that resume

@@ -1017,6 +1017,7 @@ scenarios! {
     r7_lead_closes_after_48h_then_lead_expired => "r7_lifetime.toml",
     r8_no_pii_before_responding_phone_only_for_call_or_whatsapp => "r8_privacy.toml",
     r13_direct_and_contact_jobs_reach_only_their_targets => "r13_job_kinds.toml",
+    r13_answering_a_contact_job_is_never_charged => "r13_contact_jobs_are_not_charged.toml",
     r14_declines_are_final_and_lower_ranking => "r14_declines.toml",
     r15_offers_expire_after_the_response_window => "r15_response_window.toml",
     r16_vacation_blocks_offers_without_catch_up_burst => "r16_vacation.toml",

@@ -1665,12 +1665,19 @@ impl Shard {
         let offer =
             st.offer(pro).ok_or_else(|| Reject::NotOffered { lead: lead_id.clone(), pro: pro.clone() })?;
         let illegal = || Reject::IllegalTransition { from: offer.status.as_str(), action: action.name() };
-        // R15: once the response window is over no action is possible on the offer, and
-        // the answer must not depend on whether the expiry timer has fired yet.
+        // R15: once the response window is over no action is possible on the offer (the
+        // article: "no action can be taken on expired jobs", an internal note included),
+        // and the answer must not depend on whether the expiry timer has fired yet.
         let window_over = offer.status == OfferStatus::Expired
             || (offer.status.is_open() && offer.respond_by.get().is_some_and(|t| now >= t));
         if window_over
-            && matches!(action, OfferAction::Open | OfferAction::Respond | OfferAction::Decline { .. })
+            && matches!(
+                action,
+                OfferAction::Open
+                    | OfferAction::Respond
+                    | OfferAction::Decline { .. }
+                    | OfferAction::AddNote { .. }
+            )
         {
             return Err(Reject::OfferExpired { lead: lead_id.clone(), pro: pro.clone() });
         }
@@ -1711,7 +1718,9 @@ impl Shard {
                 }
                 let price = self.price_of(st, pro);
                 let charge = match (self.policy.charge_on, offer.charge.is_some()) {
-                    (ChargeOn::Response, false) if price > 0 => {
+                    // R13: a `contact` job is a prospect writing to the pro, a message
+                    // and not a lead: answering it is never charged.
+                    (ChargeOn::Response, false) if price > 0 && offer.kind != OfferKind::Contact => {
                         let available = funds.credits(pro);
                         if available < price {
                             return Err(Reject::InsufficientCredits { available, needed: price });
@@ -1801,7 +1810,25 @@ impl Shard {
         // proposal" is what the guarantee promises): the reply records the view too,
         // unless the platform already sent `client_viewed`.
         let view_too = matches!(event, Event::ClientReplied { .. }) && !offer.viewed;
-        let mut events = vec![event];
+        let mut events = Vec::with_capacity(3);
+        // R12: a view recorded once the guarantee window is over (the platform sent it
+        // late, or the shard's timer has not reached the deadline yet) does not take
+        // the refund away: it is made first, as the timer would have, so the outcome
+        // does not depend on which came first (the timer then finds it refunded).
+        let viewing = view_too || matches!(event, Event::ClientViewed { .. });
+        if let (true, false, Some(due)) = (viewing, offer.refunded, offer.guarantee_at()) {
+            let settled = offer.charge.as_ref().filter(|c| offer.captured || c.mode != ChargeMode::Hold);
+            if let (Some(c), true) = (settled, now >= due) {
+                events.push(Event::Refunded {
+                    lead: lead_id.clone(),
+                    pro: pro.clone(),
+                    charge: Charge::clone(c),
+                    reason: RefundReason::NotViewed,
+                    at: due,
+                });
+            }
+        }
+        events.push(event);
         if view_too {
             events.push(Event::ClientViewed { lead: lead_id.clone(), pro: pro.clone(), at: now });
         }
@@ -2798,7 +2825,9 @@ impl Shard {
             .leads
             .values()
             .filter_map(|st| {
-                let o = st.offer(pro)?;
+                // R13: contact jobs reach the pro on the notification channel only,
+                // never in its job list.
+                let o = st.offer(pro).filter(|o| o.kind != OfferKind::Contact)?;
                 let l = &st.lead;
                 let revealed = o.responded_at().is_some();
                 let hit = q.is_empty()

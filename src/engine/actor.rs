@@ -191,7 +191,10 @@ pub fn execute(
         inner.metrics.refused(&key.tenant, r.code());
         if let Some(tx) = reply {
             let refusal: ApiError = r.into();
-            engine.after_durable(Box::new(move |durable| {
+            // Through the barrier (not only the log's queue): the refusal may rest on a
+            // change another shard made in memory whose record is not queued yet (credits
+            // another shard's charge took: `insufficient_credits`).
+            engine.after_barrier(Box::new(move |durable| {
                 let _ = tx.send(Err(durable.err().unwrap_or(refusal)));
             }));
         }

@@ -17,6 +17,7 @@ pub mod actor;
 pub mod hub;
 pub mod lead_index;
 pub mod money;
+mod read_barrier;
 pub mod record;
 mod reload;
 pub mod spill;
@@ -161,6 +162,9 @@ pub struct Inner {
     /// order commands). Writers: a snapshot's cut, a ledger operation outside any
     /// shard (`ledger_ops`), a policy change (`set_tenant_configs`).
     pub(crate) gate: RwLock<()>,
+    /// Where reads and refusals wait until what they saw is durable
+    /// ([`Engine::durable_read`]).
+    read_barrier: read_barrier::ReadBarrier,
     arbiters: Vec<ArbiterHandle>,
     /// False when the actors run on the gateway's own arbiter (not ours to stop).
     own_arbiters: bool,
@@ -467,7 +471,8 @@ impl Recovered {
                 Some(spill::spawn_writer(spills.clone(), spill_stop.clone()).map_err(StartError::Thread)?)
             }
         };
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
+            read_barrier: read_barrier::ReadBarrier::start(weak.clone()),
             metrics: EngineMetrics::new(cfg.tenants.iter().map(|t| &t.id)),
             clock,
             wal,
@@ -773,16 +778,24 @@ impl Engine {
     /// it showed. Every change holds the gate's read side from its first step in memory
     /// to its record's place in the log's queue, so once the write side has been had,
     /// every change the read saw is queued, and the log makes them durable in order. On
-    /// a failed log the answer is `unavailable`. Costs a read the wait for a sync when
-    /// records are in flight, a pass through the log's thread when none are.
+    /// a failed log the answer is `unavailable`. The write side is had by the barrier's
+    /// own thread, once for every answer waiting ([`read_barrier`]): a flood of reads
+    /// closes the gate about once per sync, and no worker blocks on it. Costs a read
+    /// one or two syncs, and a wake-up of that thread.
     async fn durable_read(&self, answer: Result<OkResult, ApiError>) -> Result<OkResult, ApiError> {
-        drop(self.inner.gate.write());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.after_durable(Box::new(move |r| {
+        self.after_barrier(Box::new(move |r| {
             let _ = tx.send(r);
         }));
         rx.await.map_err(|_| ApiError::unavailable("WAL closed"))??;
         answer
+    }
+
+    /// Runs `done` once everything in memory now, in every shard, is durable: through
+    /// the gate's write side, had on a thread of its own once for all the answers
+    /// waiting (see [`read_barrier`]).
+    pub(crate) fn after_barrier(&self, done: Box<dyn FnOnce(Result<(), ApiError>) + Send>) {
+        self.inner.read_barrier.wait(done);
     }
 
     /// Keeps the lead index (lead -> shard) and the pros' shard memberships in step
@@ -808,6 +821,13 @@ impl Engine {
             }
             _ => {}
         }
+    }
+
+    /// How many times reads and refusals closed the gate to wait for durability
+    /// ([`Engine::durable_read`]), for tests.
+    #[doc(hidden)]
+    pub fn read_barriers(&self) -> u64 {
+        self.inner.read_barrier.taken()
     }
 
     /// The lead index (lead -> shard), for tests that stage what a crash can leave.
@@ -1127,9 +1147,10 @@ impl Engine {
         // Auto-buy budgets live in the ledger (shared by every shard of the pro). First:
         // a ledger refusal then leaves the shards as they were.
         let now = self.inner.clock.now();
+        let mut budget_back = false;
         for cfg in &pro.autobuy {
             let before = old.as_ref().and_then(|o| o.autobuy.iter().find(|c| c.name == cfg.name));
-            self.sync_budget(tenant, &pro.id, cfg, before, now).await?;
+            budget_back |= self.sync_budget(tenant, &pro.id, cfg, before, now).await?;
         }
         for key in leave {
             self.leave_shard(key, &pro.id, false).await?;
@@ -1139,6 +1160,14 @@ impl Engine {
         }
         let id = pro.id.clone();
         self.log_directory(tenant, &id, Some(Arc::new(pro))).await?;
+        if budget_back {
+            // R22: budget back through the profile (a config added, activated or
+            // resumed) retries the leads the pro missed for lack of it, as a refund's
+            // does: queued for the next retry (within about a second on the wall clock,
+            // at `advance_clock` on the manual one), once its shards have the profile.
+            self.inner.budget_returned.lock().push((tenant.clone(), id));
+            self.inner.budget_notify.notify_one();
+        }
         Ok(OkResult::Done { done: true })
     }
 
@@ -1185,7 +1214,8 @@ impl Engine {
     }
 
     /// Creates or updates an auto-buy budget: weekly amount (R19), and a recharge
-    /// when the config is new or resumes (R20, R24).
+    /// when the config is new or resumes (R20, R24). Returns whether a recharge was
+    /// made now (not a repeat of one already logged): budget that may have come back.
     async fn sync_budget(
         &self,
         tenant: &TenantId,
@@ -1193,7 +1223,7 @@ impl Engine {
         cfg: &AutoBuyConfig,
         before: Option<&AutoBuyConfig>,
         now: Millis,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
         let name = BudgetName::new(&cfg.name);
         let current = self.inner.ledger.budget(tenant, pro, &name);
         if current.map(|b| b.weekly_budget) != Some(cfg.weekly_budget_credits) {
@@ -1227,9 +1257,12 @@ impl Engine {
             }
             // One closing of the gate for both (a new config's first recharge and its
             // resume): a spend between them would be topped up again.
-            self.ledger_ops(tenant, ops.len(), |l, i| l.recharge(ops[i].clone(), tenant, pro, &name)).await?;
+            let rs = self
+                .ledger_ops(tenant, ops.len(), |l, i| l.recharge(ops[i].clone(), tenant, pro, &name))
+                .await?;
+            return Ok(rs.iter().any(|r| !r.replayed));
         }
-        Ok(())
+        Ok(false)
     }
 
     async fn log_directory(
@@ -1240,15 +1273,15 @@ impl Engine {
     ) -> Result<(), ApiError> {
         let rec = {
             let _g = self.inner.gate.read();
-            match &profile {
-                Some(p) => {
-                    self.inner.pros.insert((tenant.clone(), pro.clone()), p.clone());
-                }
-                None => {
-                    self.inner.pros.remove(&(tenant.clone(), pro.clone()));
-                }
-            }
-            let rec = WalRecord::ProDirectory { tenant: tenant.clone(), pro: pro.clone(), profile };
+            // The record is queued before the directory changes in memory: a decision
+            // of another shard that reads the new profile (R2's competitor check) is
+            // then logged after it, so no power cut keeps that decision and loses the
+            // profile it rested on.
+            let rec = WalRecord::ProDirectory {
+                tenant: tenant.clone(),
+                pro: pro.clone(),
+                profile: profile.clone(),
+            };
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.append(
                 vec![(RECORD_KIND, record::encode(&rec))],
@@ -1256,6 +1289,14 @@ impl Engine {
                     let _ = tx.send(r.map(|_| ()).map_err(wal_api_error));
                 }),
             );
+            match profile {
+                Some(p) => {
+                    self.inner.pros.insert((tenant.clone(), pro.clone()), p);
+                }
+                None => {
+                    self.inner.pros.remove(&(tenant.clone(), pro.clone()));
+                }
+            }
             rx
         };
         rec.await.map_err(|_| ApiError::unavailable("WAL closed"))?
