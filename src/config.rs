@@ -51,6 +51,10 @@ pub struct RawConfig {
     /// than the buffer still resumes (see `engine::spill`). 0 = off.
     pub stream_spill_bytes: u64,
     pub max_connections: usize,
+    /// Zone x category shards one tenant may have: a lead or a pro naming a new pair
+    /// past it is refused `shard_limit` (a client could otherwise create shards, each
+    /// with its own state, timer and snapshot entry, without bound).
+    pub max_shards_per_tenant: usize,
     /// A connection whose peer takes nothing from its socket for this long while rota
     /// has frames to send is dropped (`server::deadline`); 0 = no deadline.
     pub send_timeout_ms: u64,
@@ -160,6 +164,7 @@ impl Default for RawConfig {
             stream_retention_events: 100_000,
             stream_spill_bytes: 1 << 30,
             max_connections: 10_000,
+            max_shards_per_tenant: 100_000,
             send_timeout_ms: 10_000,
             handshake_timeout_ms: 10_000,
             rate_limit_connection_per_s: 50_000,
@@ -303,6 +308,7 @@ impl Config {
             ("subscriber_queue_frames", raw.subscriber_queue_frames, 16),
             ("stream_retention_events", raw.stream_retention_events, 1),
             ("max_connections", raw.max_connections, 1),
+            ("max_shards_per_tenant", raw.max_shards_per_tenant, 1),
         ] {
             if v < min {
                 return Err(invalid(key, format!("must be at least {min}")));

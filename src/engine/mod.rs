@@ -73,6 +73,8 @@ pub struct Tenant {
     orders: Mutex<OrderBook>,
     /// Request rate limit (`rate_limit_tenant_per_s`), if set.
     limit: Option<crate::ratelimit::Limiter>,
+    /// Shards of the tenant (bounded by `max_shards_per_tenant` when created).
+    shards: AtomicUsize,
 }
 
 /// Every tenant, by id: read by every request, replaced whole when a reload adds one
@@ -134,6 +136,7 @@ impl Tenant {
             hub,
             orders: Mutex::new(book),
             limit,
+            shards: AtomicUsize::new(0),
         }
     }
 }
@@ -667,31 +670,58 @@ impl Engine {
     }
 
     fn spawn_shard(&self, key: ShardKey, shard: Shard) {
+        if let Some(t) = self.tenant(&key.tenant) {
+            t.shards.fetch_add(1, Ordering::Relaxed);
+        }
         let c = self.new_cell(&key, shard);
         self.inner.shards.insert(key, c);
         self.inner.metrics.shards_alive(self.inner.shards.len());
     }
 
     /// The shard, created on first use.
-    fn shard_cell(&self, key: &ShardKey) -> Result<Arc<ShardCell>, ApiError> {
+    /// `limited`: a shard it creates counts against `max_shards_per_tenant` (a change of
+    /// a pro checks its new shards up front instead, [`Engine::admit_change`], so that
+    /// none of its later steps is refused).
+    fn shard_cell(&self, key: &ShardKey, limited: bool) -> Result<Arc<ShardCell>, ApiError> {
         if let Some(h) = self.inner.shards.get(key) {
             return Ok(h.clone());
         }
         let tenant = self
             .tenant(&key.tenant)
             .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
+        if limited {
+            self.room_for_shards(&tenant, 1)?;
+        }
         // Two requests may race to create the same shard: the entry lock decides. The
         // policy is read under that lock, so a reload that swaps it and then updates
         // every shard either sees this one or was done before it read the policy.
-        let h = self
-            .inner
-            .shards
-            .entry(key.clone())
-            .or_insert_with(|| self.new_cell(key, Shard::new(key.clone(), tenant.cfg().policy.clone())));
+        let h = self.inner.shards.entry(key.clone()).or_insert_with(|| {
+            tenant.shards.fetch_add(1, Ordering::Relaxed);
+            self.new_cell(key, Shard::new(key.clone(), tenant.cfg().policy.clone()))
+        });
         let out = h.clone();
         drop(h);
         self.inner.metrics.shards_alive(self.inner.shards.len());
         Ok(out)
+    }
+
+    /// Refuses (`shard_limit`) when `tenant` has no room for `more` new shards. Two
+    /// requests creating shards at once may both pass at the bound: it can be passed by
+    /// the number of requests in flight, never without bound.
+    fn room_for_shards(&self, tenant: &Tenant, more: usize) -> Result<(), ApiError> {
+        let max = self.inner.cfg.raw.max_shards_per_tenant;
+        let have = tenant.shards.load(Ordering::Relaxed);
+        if have.saturating_add(more) > max {
+            return Err(ApiError::new(
+                "shard_limit",
+                format!(
+                    "tenant {} has {have} zone x category shards and {more} more would pass \
+                     max_shards_per_tenant ({max}); use an existing zone and category",
+                    tenant.id
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Every shard's state now, ordered by key: what checks that recovery rebuilds
@@ -719,7 +749,7 @@ impl Engine {
     /// are logged already, which must not be refused halfway (see
     /// [`Engine::pro_change`]).
     async fn exec_bounded(&self, key: ShardKey, cmd: Command, shed: bool) -> Result<CoreReply, ApiError> {
-        let cell = self.shard_cell(&key)?;
+        let cell = self.shard_cell(&key, shed)?;
         if cell.depth.fetch_add(1, Ordering::AcqRel) >= self.inner.cfg.raw.mailbox_capacity && shed {
             cell.depth.fetch_sub(1, Ordering::AcqRel);
             self.inner.metrics.overloaded(&key.tenant);
@@ -1115,11 +1145,23 @@ impl Engine {
         keys: impl IntoIterator<Item = &'a ShardKey>,
     ) -> Result<(), ApiError> {
         let cap = self.inner.cfg.raw.mailbox_capacity;
+        let mut new: Vec<&ShardKey> = Vec::new();
         for key in keys {
-            if self.inner.shards.get(key).is_some_and(|c| c.depth.load(Ordering::Acquire) >= cap) {
-                self.inner.metrics.overloaded(tenant);
-                return Err(ApiError::overloaded(50));
+            match self.inner.shards.get(key) {
+                Some(c) if c.depth.load(Ordering::Acquire) >= cap => {
+                    self.inner.metrics.overloaded(tenant);
+                    return Err(ApiError::overloaded(50));
+                }
+                Some(_) => {}
+                None if !new.contains(&key) => new.push(key),
+                None => {}
             }
+        }
+        if !new.is_empty() {
+            let t = self
+                .tenant(tenant)
+                .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
+            self.room_for_shards(&t, new.len())?;
         }
         Ok(())
     }
