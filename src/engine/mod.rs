@@ -1202,11 +1202,12 @@ impl Engine {
         }
         let id = pro.id.clone();
         self.log_directory(tenant, &id, Some(Arc::new(pro))).await?;
-        if budget_back {
+        if budget_back && old.is_some() {
             // R22: budget back through the profile (a config added, activated or
             // resumed) retries the leads the pro missed for lack of it, as a refund's
             // does: queued for the next retry (within about a second on the wall clock,
             // at `advance_clock` on the manual one), once its shards have the profile.
+            // A pro new to the tenant missed nothing for want of budget.
             self.inner.budget_returned.lock().push((tenant.clone(), id));
             self.inner.budget_notify.notify_one();
         }
