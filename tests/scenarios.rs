@@ -1003,6 +1003,7 @@ scenarios! {
     r3_candidate_list_needs_min_list_size => "r3_candidates.toml",
     r4_eligibility_distance_pause_vacation_schedule_attributes => "r4_eligibility.toml",
     r4_r25_night_window_is_two_intervals_in_the_pros_zone => "r4_night_schedule.toml",
+    r4_a_direct_target_keeps_its_refused_attributes_not_its_radius => "r4_direct_targets_keep_their_preferences.toml",
     r5_direct_first_then_generic_after_head_start => "r5_head_start.toml",
     r5_late_publish_offers_direct_targets_once => "r5_late_publish.toml",
     r5_r15_a_late_release_gives_each_pro_its_whole_response_window => "r5_r15_late_release.toml",

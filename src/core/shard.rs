@@ -1187,11 +1187,24 @@ impl Shard {
                 .then(|| provisional(arc.clone(), fp, price, far_components(&events[0]), now, expires_at));
             let mut grants = Vec::new();
             let mut skipped = Vec::new();
+            // R4 for a target: available now, and the lead within its preferences (a
+            // pro that refuses "dropshipper" leads is not sent one because a client
+            // picked it). Its radius does not apply (the client chose this pro, where it
+            // is), nor, where responses are charged, its credits (it pays when it
+            // responds, and may top up first).
+            let refused = |slot: u32| {
+                let pro = &self.slot_pro(slot).pro;
+                lead.attributes.iter().find(|a| pro.refuses.contains(a)).cloned()
+            };
             for target in &lead.direct {
                 match self.slots.get(target) {
                     None => skipped.push((target.clone(), Skip::NotInShard)),
                     Some(&slot) => match (self.slot_pro(slot).available(now), &buying) {
                         (Err(u), _) => skipped.push((target.clone(), u.into())),
+                        (Ok(()), _) if refused(slot).is_some() => {
+                            let attribute = refused(slot).unwrap_or_default();
+                            skipped.push((target.clone(), Skip::RefusesAttribute { attribute }))
+                        }
                         (Ok(()), None) => grants.push(Grant { pro: target.clone(), kind, charge: None }),
                         // R6: no more buyers than the lead's responder seats, taken by
                         // the targets in the order the client listed them.
