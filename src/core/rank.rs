@@ -11,6 +11,14 @@
 //!
 //! "Job type" is the category: a shard is one `(zone, category)`, and the declines it
 //! remembers are the pro's declines of that category in that zone.
+//!
+//! R21 names two factors for auto-buy: profile quality and "dynamic price" (article
+//! 003: "Prezzo dinamico", without saying how it counts). The lead's price is
+//! dynamic (R11); what a buyer sets against it is a config's `max_price_credits`. rota
+//! reads the factor as that match, a filter and not a rank: a buyer whose cap is below
+//! the lead's price does not buy it (`price_above_max`), the others rotate by weight
+//! as above. A rank by how high a buyer's cap is would let the highest cap take every
+//! contested lead of a shard, against the article's "on equal terms, cyclically".
 
 use super::model::Quality;
 use super::policy::Policy;
