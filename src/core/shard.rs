@@ -2860,9 +2860,13 @@ impl Shard {
         self.slots.keys()
     }
 
-    /// Offered counts and weights of every pro, for the fairness figure.
-    pub fn fairness_inputs(&self) -> impl Iterator<Item = (&ProId, u64, u32)> {
-        self.pros.iter().flatten().map(|p| (&p.pro.id, p.stats.offered, p.weight.weight))
+    /// Offered counts (lifetime), weights and whether parked out of the rotation now,
+    /// of every pro, for the fairness figure.
+    pub fn fairness_inputs(&self) -> impl Iterator<Item = (&ProId, u64, u32, bool)> {
+        self.pros.iter().flatten().map(|p| {
+            let parked = self.slots.get(&p.pro.id).is_some_and(|&slot| self.ring.is_parked(slot));
+            (&p.pro.id, p.stats.offered, p.weight.weight, parked)
+        })
     }
 
     /// Removes `pro`'s grant from an `Offered` event whose budget spend lost a race

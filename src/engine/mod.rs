@@ -14,6 +14,7 @@
 //! durable under the configured fsync policy.
 
 pub mod actor;
+mod fairness;
 pub mod hub;
 pub mod lead_index;
 pub mod money;
@@ -168,6 +169,8 @@ pub struct Inner {
     /// Where reads and refusals wait until what they saw is durable
     /// ([`Engine::durable_read`]).
     read_barrier: read_barrier::ReadBarrier,
+    /// The fairness figure's window ([`Engine::observe`]).
+    fairness: Mutex<fairness::FairnessWindow>,
     arbiters: Vec<ArbiterHandle>,
     /// False when the actors run on the gateway's own arbiter (not ours to stop).
     own_arbiters: bool,
@@ -476,6 +479,7 @@ impl Recovered {
         };
         let inner = Arc::new_cyclic(|weak| Inner {
             read_barrier: read_barrier::ReadBarrier::start(weak.clone()),
+            fairness: Mutex::new(fairness::FairnessWindow::default()),
             metrics: EngineMetrics::new(cfg.tenants.iter().map(|t| &t.id)),
             clock,
             wal,
@@ -1780,9 +1784,10 @@ impl Engine {
         }
     }
 
-    /// Samples what is not counted on the hot path: WAL statistics and each tenant's
-    /// fairness figure (every pro's offered count vs. its weight-entitled share, per
-    /// shard). Called periodically by the server.
+    /// Samples what is not counted on the hot path: WAL statistics and, once a minute,
+    /// each tenant's fairness figure (every pro's offers in the last minute vs. its
+    /// weight-entitled share of them, per shard: [`fairness`]). Called periodically by
+    /// the server.
     pub fn observe(&self) {
         let st = self.inner.wal.stats();
         self.inner.metrics.m.wal.observe(&crate::telemetry::WalStatsLike {
@@ -1814,6 +1819,12 @@ impl Engine {
         // and a decision waiting for room in a full log queue holds its shard's lock
         // for as long as the disk stalls.
         let mut busy: rustc_hash::FxHashSet<TenantId> = Default::default();
+        // The fairness figure once per window (`fairness::WINDOW`), over that window.
+        let mut window = self.inner.fairness.lock();
+        let judge = window.due(Instant::now());
+        if judge {
+            window.restart(Instant::now());
+        }
         for e in self.inner.shards.iter() {
             let Some(s) = e.value().state.try_lock() else {
                 busy.insert(e.key().tenant.clone());
@@ -1823,17 +1834,14 @@ impl Engine {
             let p = parked.entry(e.key().tenant.clone()).or_default();
             p.0 += budget;
             p.1 += all - budget;
-            let items: Vec<(u64, u32)> = s.fairness_inputs().map(|(_, n, w)| (n, w)).collect();
-            let total: u64 = items.iter().map(|x| x.0).sum();
-            let wsum: u64 = items.iter().map(|x| u64::from(x.1)).sum();
-            if total == 0 || wsum == 0 {
-                continue;
-            }
-            let out = shares.entry(e.key().tenant.clone()).or_default();
-            for (n, w) in items {
-                out.push((n as f64, total as f64 * f64::from(w) / wsum as f64));
+            if judge {
+                let judged = window.shard(e.key(), s.fairness_inputs());
+                if !judged.is_empty() {
+                    shares.entry(e.key().tenant.clone()).or_default().extend(judged);
+                }
             }
         }
+        drop(window);
         for (tenant, s) in shares.into_iter().filter(|(t, _)| !busy.contains(t)) {
             if let Some(t) = self.inner.metrics.tenant(&tenant) {
                 t.observe_fairness(s);
