@@ -100,7 +100,7 @@ fn published_after(e: &Engine, after: u64) -> Vec<(u64, rota::protocol::StreamEv
     let s = hub
         .subscribe(Some(after), None, 16, rota::protocol::Encoding::Msgpack)
         .unwrap_or_else(|e| panic!("resume after {after}: {e:?}"));
-    hub.unsubscribe(s.id);
+    hub.cancel(&s);
     s.backlog.iter().map(|o| (o.seq, o.event.clone())).collect()
 }
 

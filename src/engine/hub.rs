@@ -347,6 +347,9 @@ pub struct Subscription {
     pub slow: Arc<AtomicBool>,
     pub next_seq: u64,
     pub id: u64,
+    /// The pro of a per-pro feed (`None`: the whole stream): where
+    /// [`StreamHub::cancel`] finds it.
+    pub pro: Option<ProId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -582,34 +585,40 @@ impl StreamHub {
             let slow = Arc::new(AtomicBool::new(false));
             let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
             let sub = Subscriber { enc, id, tx, slow: slow.clone() };
-            match pro {
+            match &pro {
                 Some(p) => {
-                    g.by_pro.entry(p).or_default().push(sub);
+                    g.by_pro.entry(p.clone()).or_default().push(sub);
                     g.per_pro += 1;
                 }
                 None => g.subscribers.push(sub),
             }
             self.wanted[enc_index(enc)].fetch_add(1, Ordering::Relaxed);
-            return Ok(Subscription { backlog, rx, slow, next_seq: g.next_seq, id });
+            return Ok(Subscription { backlog, rx, slow, next_seq: g.next_seq, id, pro });
         }
     }
 
-    pub fn unsubscribe(&self, id: u64) {
+    /// Ends `sub` (a connection that goes away). A per-pro feed is looked up under its
+    /// own pro: the hub's lock is the one the log's thread takes to publish, for every
+    /// tenant, and a tenant may keep feeds open for thousands of pros, so it is not held
+    /// for a scan of them all. Nothing happens if the hub already dropped it (too slow,
+    /// or its receiver gone).
+    pub fn cancel(&self, sub: &Subscription) {
         let mut g = self.inner.lock();
-        if let Some(i) = g.subscribers.iter().position(|s| s.id == id) {
-            self.gone(&g.subscribers.swap_remove(i));
-            return;
-        }
         let inner = &mut *g;
-        let found = inner.by_pro.iter_mut().find_map(|(p, feeds)| {
-            let i = feeds.iter().position(|s| s.id == id)?;
-            self.gone(&feeds.swap_remove(i));
-            Some((p.clone(), feeds.is_empty()))
-        });
-        if let Some((p, empty)) = found {
-            inner.per_pro -= 1;
-            if empty {
-                inner.by_pro.remove(&p);
+        match &sub.pro {
+            None => {
+                if let Some(i) = inner.subscribers.iter().position(|s| s.id == sub.id) {
+                    self.gone(&inner.subscribers.swap_remove(i));
+                }
+            }
+            Some(p) => {
+                let Some(feeds) = inner.by_pro.get_mut(p) else { return };
+                let Some(i) = feeds.iter().position(|s| s.id == sub.id) else { return };
+                self.gone(&feeds.swap_remove(i));
+                inner.per_pro -= 1;
+                if feeds.is_empty() {
+                    inner.by_pro.remove(p);
+                }
             }
         }
     }
@@ -734,6 +743,69 @@ mod tests {
         hub.publish([credit("b", 4), credit("a", 5)]);
         assert_eq!(feed.rx.try_recv().unwrap().seq, 5);
         assert!(feed.rx.try_recv().is_err());
+    }
+
+    /// Feeds of many pros, several per pro, ended one by one through their own pro:
+    /// the others keep getting their pro's events, a pro whose feeds all ended has no
+    /// entry left, the counts (subscribers, encodings wanted) follow, and ending a feed
+    /// the hub already dropped (too slow) changes nothing.
+    #[test]
+    fn cancelling_many_per_pro_feeds_leaves_exactly_the_others() {
+        let pro = |i: usize| crate::ids::ProId::new(format!("p{i}"));
+        let credit = |i: usize, n: u64| StreamEvent::TopupRequested { pro: pro(i), credits: n };
+        let hub = StreamHub::new(10_000);
+        let mut feeds: Vec<(usize, Subscription)> = Vec::new();
+        for i in 0..300 {
+            for _ in 0..2 {
+                feeds.push((i, hub.subscribe(None, Some(pro(i)), 16, Encoding::Json).unwrap()));
+            }
+        }
+        let mut whole = hub.subscribe(None, None, 1024, Encoding::Msgpack).unwrap();
+        let whole_gone = hub.subscribe(None, None, 1024, Encoding::Msgpack).unwrap();
+        // Both feeds of every third pro end, and the first feed of every other even one.
+        let (mut ended, mut kept) = (Vec::new(), Vec::new());
+        for (n, (i, s)) in feeds.into_iter().enumerate() {
+            if i % 3 == 0 || (i % 2 == 0 && n % 2 == 0) {
+                hub.cancel(&s);
+                ended.push((i, s));
+            } else {
+                kept.push((i, s));
+            }
+        }
+        hub.cancel(&whole_gone);
+        assert_eq!(hub.subscriber_count(), kept.len() + 1);
+        {
+            let g = hub.inner.lock();
+            assert_eq!(g.per_pro, kept.len());
+            assert_eq!(g.by_pro.len(), (0..300).filter(|i| i % 3 != 0).count(), "no empty entry left");
+            assert!(g.by_pro.values().flatten().all(|s| kept.iter().any(|(_, k)| k.id == s.id)));
+        }
+        assert!(hub.wants(Encoding::Json) && hub.wants(Encoding::Msgpack));
+        hub.publish((0..300).map(|i| credit(i, i as u64)));
+        for (i, s) in &mut kept {
+            let got = s.rx.try_recv().expect("its pro's event");
+            assert_eq!(got.event, credit(*i, *i as u64));
+            assert!(s.rx.try_recv().is_err(), "only its own pro's");
+        }
+        for (_, s) in &mut ended {
+            assert!(matches!(s.rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+        }
+        assert_eq!(whole.backlog.len() + (0..300).filter(|_| whole.rx.try_recv().is_ok()).count(), 300);
+
+        // A feed the hub dropped for being slow, ended again by its connection.
+        let slow = hub.subscribe(None, Some(pro(1)), 1, Encoding::Json).unwrap();
+        hub.publish([credit(1, 1), credit(1, 2)]);
+        assert!(slow.slow.load(Ordering::Acquire));
+        let before = hub.subscriber_count();
+        hub.cancel(&slow);
+        assert_eq!(hub.subscriber_count(), before, "dropped already: nothing more to end");
+        for (_, s) in &kept {
+            hub.cancel(s);
+        }
+        hub.cancel(&whole);
+        assert_eq!(hub.subscriber_count(), 0);
+        assert!(hub.inner.lock().by_pro.is_empty());
+        assert!(!hub.wants(Encoding::Json) && !hub.wants(Encoding::Msgpack));
     }
 
     #[test]
@@ -899,7 +971,7 @@ mod prepared_tests {
         assert!(hub.wants(Encoding::Msgpack) && !hub.wants(Encoding::Json));
         let p = Prepared::for_hub(events()[0].clone(), &hub);
         assert!(p.json.is_none() && p.msgpack.is_some());
-        hub.unsubscribe(s.id);
+        hub.cancel(&s);
         assert!(!hub.wants(Encoding::Msgpack));
         // A subscriber dropped for being slow is counted out too.
         let slow = hub.subscribe(None, None, 1, Encoding::Json).unwrap();

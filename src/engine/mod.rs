@@ -1815,9 +1815,9 @@ impl Engine {
         let mut shares: FxHashMap<TenantId, Vec<(f64, f64)>> = FxHashMap::default();
         let mut parked: FxHashMap<TenantId, (usize, usize)> = FxHashMap::default();
         // A shard busy now is left out of this second's figures (its tenant's gauges
-        // keep their last values): this runs on the thread that serves the admin port,
-        // and a decision waiting for room in a full log queue holds its shard's lock
-        // for as long as the disk stalls.
+        // keep their last values): a decision waiting for room in a full log queue
+        // holds its shard's lock for as long as the disk stalls, and the figures of
+        // the others must not wait for it.
         let mut busy: rustc_hash::FxHashSet<TenantId> = Default::default();
         // The fairness figure once per window (`fairness::WINDOW`), over that window.
         let mut window = self.inner.fairness.lock();

@@ -186,6 +186,17 @@ pub struct Spill {
     /// transit, or older than what recovery rebuilt): a cursor at or before it is
     /// served here or not at all.
     evicted_through: AtomicU64,
+    /// What [`Spill::oldest_kept`] and [`Spill::disk_bytes`] read, copied here under
+    /// the lock of what they mirror (0: none): the first event on disk and the bytes
+    /// there (`disk`), the first event of the batch being written (`writing`), the
+    /// first in transit (`transit`). The gateway asks for the oldest event kept when a
+    /// subscriber resumes, and the metrics sampler for the bytes: read from the locks,
+    /// both would wait for the writer's disk I/O (seconds on a stalled disk), which
+    /// holds `writing` and `disk` across it.
+    disk_first: AtomicU64,
+    disk_len: AtomicU64,
+    writing_first: AtomicU64,
+    transit_first: AtomicU64,
     pub stats: SpillStats,
 }
 
@@ -265,6 +276,10 @@ impl Spill {
             transit: Mutex::new(VecDeque::new()),
             writing: Mutex::new(VecDeque::with_capacity(WRITE_BATCH)),
             evicted_through: AtomicU64::new(0),
+            disk_first: AtomicU64::new(0),
+            disk_len: AtomicU64::new(0),
+            writing_first: AtomicU64::new(0),
+            transit_first: AtomicU64::new(0),
             disk: Mutex::new(Disk {
                 segments: VecDeque::new(),
                 file: None,
@@ -281,6 +296,7 @@ impl Spill {
             let mut d = spill.disk.lock();
             spill.clear(&mut d);
         }
+        spill.note_disk(&spill.disk.lock());
         Arc::new(spill)
     }
 
@@ -496,9 +512,34 @@ impl Spill {
 
     /// The oldest event this history still serves (on disk, being written, or in
     /// transit).
+    ///
+    /// Read from the copies the locks' holders keep ([`Spill::note_disk`] and the
+    /// like), not from the locks: the writer holds `writing` and `disk` across its disk
+    /// I/O, and a subscriber's resume must not wait for a stalled disk. Events move
+    /// from transit to the batch being written to the disk, and each mover updates the
+    /// copy of where an event arrives before the copy of where it left (with release
+    /// stores); read here in the opposite order (with acquire loads), an event that
+    /// moved meanwhile is seen where it arrived if it is no longer seen where it left.
+    /// So the answer is the one the locks would have given at some moment of the call,
+    /// as before.
     pub fn oldest_kept(&self) -> Option<u64> {
-        let disk = self.disk.lock().segments.front().map(|s| s.first);
-        disk.or_else(|| self.transit_front())
+        let transit = self.transit_first.load(Ordering::Acquire);
+        let writing = self.writing_first.load(Ordering::Acquire);
+        let disk = self.disk_first.load(Ordering::Acquire);
+        [disk, writing, transit].into_iter().find(|&s| s != 0)
+    }
+
+    /// Copies where the history on disk starts and its size for the readers that must
+    /// not wait for `disk` ([`Spill::oldest_kept`], [`Spill::disk_bytes`]). Called with
+    /// `disk` held, after every change of its segments.
+    fn note_disk(&self, d: &Disk) {
+        self.disk_len.store(d.segments.iter().map(|s| s.len).sum(), Ordering::Relaxed);
+        self.disk_first.store(d.segments.front().map_or(0, |s| s.first), Ordering::Release);
+    }
+
+    /// [`Spill::note_disk`] for transit, with `transit` held.
+    fn note_transit(&self, t: &VecDeque<Arc<Outgoing>>) {
+        self.transit_first.store(t.front().map_or(0, |o| o.seq), Ordering::Release);
     }
 
     /// The oldest event not on disk yet (being written, or in transit).
@@ -531,6 +572,7 @@ impl Spill {
             self.stats.dropped.fetch_add(over as u64, Ordering::Relaxed);
             dropped.extend(t.drain(..over));
         }
+        self.note_transit(&t);
     }
 
     /// Writes what is in transit to disk. Returns the number of events written.
@@ -546,6 +588,9 @@ impl Spill {
                 } else {
                     w.extend(t.drain(..WRITE_BATCH));
                 }
+                // Where the batch arrives first, then where it left (see `oldest_kept`).
+                self.writing_first.store(w.front().map_or(0, |o| o.seq), Ordering::Release);
+                self.note_transit(&t);
             }
             let n = w.len();
             if n == 0 {
@@ -563,10 +608,12 @@ impl Spill {
                     self.clear(&mut d);
                     d.backoff_until = Some(now + ERROR_BACKOFF);
                 }
+                self.note_disk(&d);
             }
             // Written (or lost to an error, or for a directory of another tenant).
             // Freed after the lock: readers wait for `writing` only while it is written.
             let mut done = std::mem::take(&mut *w);
+            self.writing_first.store(0, Ordering::Release);
             drop(w);
             done.clear();
             // Its capacity goes back, for the next swap (unless another `drain` has
@@ -678,6 +725,7 @@ impl Spill {
         d.synced = 0;
         d.generation += 1;
         let _ = self.fs.remove(&self.dir.join(SYNCED));
+        self.note_disk(d);
     }
 
     /// Up to `max_events` events (and about `max_bytes`) right after `after`, from
@@ -802,6 +850,7 @@ impl Spill {
                 d.through = 0;
             }
         }
+        self.note_disk(&d);
         let oldest = d.segments.front().map(|s| s.first);
         drop(d);
         Lost { oldest: oldest.or_else(|| self.transit_front()) }
@@ -884,9 +933,11 @@ impl Spill {
         Ok(out)
     }
 
-    /// Bytes of history on disk.
+    /// Bytes of history on disk, as of the writer's last change to it: read from a
+    /// copy (see [`Spill::note_disk`]), so that the metrics sampler never waits for
+    /// the writer's disk I/O.
     pub fn disk_bytes(&self) -> u64 {
-        self.disk.lock().segments.iter().map(|s| s.len).sum()
+        self.disk_len.load(Ordering::Relaxed)
     }
 
     /// The first and last event on disk, if any.
@@ -1174,7 +1225,7 @@ mod tests {
                 match hub.subscribe(Some(after), None, 16, Encoding::Msgpack) {
                     Ok(s) => {
                         seen.extend(s.backlog.iter().map(|o| o.seq));
-                        hub.unsubscribe(s.id);
+                        hub.cancel(&s);
                         return Ok(seen);
                     }
                     Err(e) => panic!("nothing spilled after {after} and the buffer refuses it: {e:?}"),
@@ -1186,6 +1237,117 @@ mod tests {
             }
             after = chunk.last().expect("not empty").seq;
         }
+    }
+
+    /// What [`Spill::oldest_kept`] and [`Spill::disk_bytes`] said when they read the
+    /// locks: their copies must give the same answers.
+    fn from_the_locks(spill: &Spill) -> (Option<u64>, u64) {
+        let w = spill.writing.lock();
+        let pending = w.front().map(|o| o.seq).or_else(|| spill.transit.lock().front().map(|o| o.seq));
+        let d = spill.disk.lock();
+        drop(w);
+        (d.segments.front().map(|s| s.first).or(pending), d.segments.iter().map(|s| s.len).sum())
+    }
+
+    fn copies(spill: &Spill) -> (Option<u64>, u64) {
+        (spill.oldest_kept(), spill.disk_bytes())
+    }
+
+    /// A resume asks for the oldest event kept, and the metrics sampler for the bytes
+    /// on disk, while the writer may hold `writing` and `disk` across a write to a
+    /// stalled disk: both answer without waiting for it, and what they answer is what
+    /// the locks hold.
+    #[test]
+    fn the_oldest_event_kept_and_the_bytes_on_disk_are_answered_while_the_writer_holds_its_locks() {
+        let fs = Arc::new(MemFs::new());
+        let (hub, spill) = hub(&fs, 10, 1 << 20);
+        hub.publish((1..=100).map(ev));
+        spill.drain();
+        hub.publish((101..=150).map(ev));
+        let expected = from_the_locks(&spill);
+        assert_eq!(expected.0, Some(1));
+        assert!(expected.1 > 0);
+        // The writer, in the middle of its disk I/O.
+        let writing = spill.writing.lock();
+        let disk = spill.disk.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asking = spill.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(copies(&asking));
+        });
+        let answered = rx.recv_timeout(std::time::Duration::from_secs(60));
+        drop((disk, writing));
+        assert_eq!(answered, Ok(expected), "answered without waiting for the writer");
+    }
+
+    /// The copies follow the history through every change it goes through: events in
+    /// transit only, written, bounded (oldest segments deleted), a history restarted
+    /// after a write error, damage cut off, a restart of the process, a directory of
+    /// another tenant.
+    #[test]
+    fn the_copies_of_the_oldest_event_kept_and_the_bytes_on_disk_follow_every_change_of_the_history() {
+        let fs = Arc::new(MemFs::new());
+        let open = |dir: &str, cap: u64| {
+            Spill::open(fs.clone() as Arc<dyn Fs>, Path::new(dir), &tenant(), cap, 10_000)
+        };
+        let spill = open("/data/streams", 64 << 10);
+        let check = |spill: &Spill, why: &str| assert_eq!(copies(spill), from_the_locks(spill), "{why}");
+        check(&spill, "new, empty");
+        assert_eq!(spill.oldest_kept(), None);
+        let hub = StreamHub::with_spill(10, Some(spill.clone()));
+        hub.publish((1..=50).map(ev));
+        check(&spill, "in transit only");
+        assert_eq!(spill.oldest_kept(), Some(1));
+        spill.drain();
+        check(&spill, "written");
+        for chunk in (51..=5_000u64).collect::<Vec<_>>().chunks(300) {
+            hub.publish(chunk.iter().copied().map(ev));
+            check(&spill, "more in transit");
+            spill.drain();
+            check(&spill, "written, bounded");
+        }
+        assert!(spill.stats.segments_deleted.load(Ordering::Relaxed) > 0, "the bound deleted segments");
+        assert!(spill.oldest_kept() > Some(1));
+        fs.inject(crate::wal::Fault::WriteError);
+        hub.publish((5_001..=5_100).map(ev));
+        spill.drain();
+        check(&spill, "dropped after a write error");
+        assert_eq!(spill.oldest_kept(), None);
+        drop((hub, spill));
+
+        let spill = open("/data/streams", 64 << 10);
+        check(&spill, "reopened after the error");
+        let spill = open("/other", 64 << 10);
+        let hub = StreamHub::with_spill(10, Some(spill.clone()));
+        hub.publish((1..=400).map(ev));
+        spill.drain();
+        let first_segments: Vec<(u64, PathBuf)> =
+            spill.disk.lock().segments.iter().map(|s| (s.first, s.path.clone())).take(2).collect();
+        drop((hub, spill));
+        let reopened = open("/other", 64 << 10);
+        check(&reopened, "reopened");
+        assert_eq!(reopened.oldest_kept(), Some(1));
+        // Damage in the first segment: it is cut off when read.
+        let (_, first) = &first_segments[0];
+        let mut bytes = fs.read(first).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
+        fs.open(first, OpenMode::Existing).unwrap().write_at(0, &bytes).unwrap();
+        assert!(reopened.read_after(0, 10_000, 1 << 20).is_err());
+        check(&reopened, "damage cut off");
+        assert_eq!(reopened.oldest_kept(), Some(first_segments[1].0));
+
+        // Another tenant's directory: nothing is written, nothing is kept once drained.
+        let dir = Path::new("/third/acme");
+        fs.create_dir_all(dir).unwrap();
+        fs.open(&dir.join(MARKER), OpenMode::Create).unwrap().write_at(0, b"someone-else").unwrap();
+        let spill = open("/third", 1 << 20);
+        let hub = StreamHub::with_spill(10, Some(spill.clone()));
+        hub.publish((1..=50).map(ev));
+        check(&spill, "another tenant's, in transit");
+        spill.drain();
+        check(&spill, "another tenant's, drained");
+        assert_eq!(spill.oldest_kept(), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,16 +34,56 @@ pub struct SendDeadline<S> {
     waiting: bool,
     /// Set once the deadline passed (shared with the connection, for its metrics).
     expired: Arc<AtomicBool>,
+    /// When the peer last took bytes a write waited for (shared with the connection,
+    /// for its heartbeat).
+    taken: Arc<Taken>,
+}
+
+/// When the peer last took bytes that a write had to wait for: proof that it is alive
+/// and reading, even while its pongs wait unread behind a long send (a connection
+/// sending a resume's backlog reads nothing until the send is done). A write that goes
+/// through at once proves nothing (the bytes only reached the kernel's buffer); one
+/// that waited for room went through because the peer read.
+#[derive(Debug)]
+pub struct Taken {
+    origin: Instant,
+    /// Milliseconds after `origin`, plus one; 0: never.
+    at: AtomicU64,
+}
+
+impl Taken {
+    fn new() -> Self {
+        Taken { origin: Instant::now(), at: AtomicU64::new(0) }
+    }
+
+    fn mark(&self) {
+        let ms = Instant::now().saturating_duration_since(self.origin).as_millis();
+        self.at.store(u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1, Ordering::Relaxed);
+    }
+
+    /// The last time the peer took bytes a write waited for, to the millisecond.
+    pub fn last(&self) -> Option<Instant> {
+        match self.at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.origin + Duration::from_millis(at - 1)),
+        }
+    }
 }
 
 impl<S> SendDeadline<S> {
     pub fn new(inner: S, limit: Duration) -> (Self, Arc<AtomicBool>) {
         let expired = Arc::new(AtomicBool::new(false));
-        (Self { inner, limit, timer: None, waiting: false, expired: expired.clone() }, expired)
+        let taken = Arc::new(Taken::new());
+        (Self { inner, limit, timer: None, waiting: false, expired: expired.clone(), taken }, expired)
     }
 
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
+    }
+
+    /// When the peer last took bytes a write waited for (see [`Taken`]).
+    pub fn taken(&self) -> Arc<Taken> {
+        self.taken.clone()
     }
 
     fn expired_error() -> io::Error {
@@ -54,7 +94,9 @@ impl<S> SendDeadline<S> {
     /// arms it (once per wait) and fails the write once it fires.
     fn watch<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if result.is_ready() {
-            self.waiting = false;
+            if std::mem::take(&mut self.waiting) && matches!(result, Poll::Ready(Ok(_))) {
+                self.taken.mark();
+            }
             return result;
         }
         if self.limit.is_zero() {
@@ -171,6 +213,41 @@ mod tests {
         assert!(!expired.load(Ordering::Relaxed));
         drop(w);
         assert_eq!(reader.await.unwrap(), 16 * 1024);
+    }
+
+    /// What the heartbeat relies on: a write that waited for room and then went
+    /// through marks the peer as taking our frames; a write the buffer took at once, or
+    /// one that failed, does not.
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_a_write_the_peer_made_room_for_marks_it_as_taking_our_frames() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let (mut w, _) = SendDeadline::new(a, Duration::from_secs(3600));
+        let taken = w.taken();
+        w.write_all(&[1u8; 1024]).await.unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(taken.last(), None, "the pipe's buffer took it: no sign of the peer");
+        let reader = async {
+            let mut buf = vec![0u8; 8 * 1024];
+            b.read_exact(&mut buf).await.unwrap();
+            b
+        };
+        let (written, b) = tokio::join!(w.write_all(&[2u8; 7 * 1024]), reader);
+        written.unwrap();
+        assert!(taken.last().is_some(), "the peer read to make room for the rest");
+
+        // A write that waits and then fails (the peer went away) is no sign of life.
+        let (a, b2) = tokio::io::duplex(16);
+        let (mut w, _) = SendDeadline::new(a, Duration::from_secs(3600));
+        let taken = w.taken();
+        let write = w.write_all(&[3u8; 1024]);
+        let close = async move {
+            tokio::task::yield_now().await;
+            drop(b2);
+        };
+        let (written, ()) = tokio::join!(write, close);
+        assert!(written.is_err());
+        assert_eq!(taken.last(), None);
+        drop(b);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

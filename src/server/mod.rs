@@ -8,8 +8,14 @@
 //! is whole. Then the gateway takes the port over and `/readyz` turns 200.
 //! SIGTERM/SIGINT: stop accepting, close streams with code 1001 and a resume cursor,
 //! drain the shard mailboxes, sync the WAL, snapshot, exit 0. A second signal, or
-//! `shutdown_timeout_ms` passing, forces exit 1. SIGHUP: reload the tenants' policies
-//! and tokens (`engine::reload`).
+//! `shutdown_timeout_ms` passing, forces exit 1. SIGTERM/SIGINT while recovering ends
+//! the process at once (exit 0). SIGHUP: reload the tenants' policies and tokens
+//! (`engine::reload`).
+//!
+//! The thread that runs [`serve`] accepts connections, serves the admin port and waits
+//! for signals; nothing on it may wait for the disk, which can stall for seconds: the
+//! recovery, the periodic engine work and the final sync and snapshot each run on a
+//! thread of their own, and this one only waits for them among other things.
 
 pub mod admin;
 pub mod admission;
@@ -20,8 +26,9 @@ pub mod ws;
 
 use crate::config::{Config, Sources};
 use crate::engine::Engine;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// How long after a refund its R22 retry runs (on the wall clock): the refunds of
 /// that time are retried together.
@@ -74,7 +81,15 @@ pub fn run(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Result<
         Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
     let system = actix_rt::System::new();
-    system.block_on(async move { serve(cfg, demo, sources, Hooks::default()).await })
+    let stopped = system
+        .block_on(async move { serve(cfg, demo, sources, Hooks::default(), Seams::default()).await })?;
+    if stopped.abandoned {
+        // A thread may be blocked in disk I/O (the replay, the final sync or snapshot):
+        // the process ends now, without waiting for it as dropping the runtime could.
+        // As safe as a kill -9 at this point, which every write path is made for.
+        std::process::exit(stopped.code);
+    }
+    Ok(stopped.code)
 }
 
 /// Seams for tests of the start-up and stop of [`run`]; `rota serve` uses none.
@@ -91,11 +106,38 @@ pub struct Hooks {
     pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
+/// More seams for tests of [`run`] ([`run_with_seams`]); `rota serve` uses none.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Seams {
+    /// The filesystem of the log and the stream history (the real one when `None`).
+    pub fs: Option<Arc<dyn crate::wal::Fs>>,
+    /// Runs on the thread of the periodic engine work, at each of its rounds (every
+    /// second), before the engine's figures are sampled.
+    pub periodic: Option<Box<dyn FnMut() + Send>>,
+}
+
 /// [`run`] with test seams and no signal handling beyond it.
 #[doc(hidden)]
 pub fn run_with(cfg: Config, hooks: Hooks) -> anyhow::Result<i32> {
+    run_with_seams(cfg, hooks, Seams::default())
+}
+
+/// [`run_with`] with [`Seams`]. Returns when the daemon stops; a stop that did not
+/// wait for a thread (the recovery, a shutdown past its deadline) leaves that thread
+/// running, where [`run`] would end the process.
+#[doc(hidden)]
+pub fn run_with_seams(cfg: Config, hooks: Hooks, seams: Seams) -> anyhow::Result<i32> {
     let system = actix_rt::System::new();
-    system.block_on(async move { serve(cfg, false, None, hooks).await })
+    system.block_on(async move { serve(cfg, false, None, hooks, seams).await }).map(|s| s.code)
+}
+
+/// How [`serve`] ended.
+struct Stopped {
+    /// The process's exit status.
+    code: i32,
+    /// Ended without waiting for a thread that may still be blocked (on the disk).
+    abandoned: bool,
 }
 
 /// Applies `transparent_huge_pages`: unless they are allowed, opts this process out of
@@ -118,7 +160,13 @@ pub fn opt_out_of_huge_pages(allowed: bool) -> std::io::Result<bool> {
     Ok(false)
 }
 
-async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hooks) -> anyhow::Result<i32> {
+async fn serve(
+    cfg: Config,
+    demo: bool,
+    sources: Option<Sources>,
+    mut hooks: Hooks,
+    mut seams: Seams,
+) -> anyhow::Result<Stopped> {
     use anyhow::Context;
     let listen = cfg.listen;
     let admin_listen = cfg.admin_listen;
@@ -130,7 +178,7 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
     // SIGTERM and SIGINT are taken before anything is announced: their default action
     // ends the process at once, and one sent right after the listening line (a
     // supervisor stopping a daemon that just started) must stop it cleanly.
-    let mut signals = Signals::install();
+    let mut stops = Stops { signals: Signals::install(), hook: hooks.stop.take() };
     // Taken before recovery: SIGHUP's default action ends the process, and a reload
     // sent while a large log is replayed must wait for it, not kill the daemon.
     let hangups = match sources {
@@ -153,19 +201,23 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
     let admin_local = admin.local_addr()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin port answers from here on: alive while the log is replayed, ready once
-    // the gateway has the websocket port.
-    let ready = std::sync::Arc::new(admin::Readiness::default());
-    let started: std::sync::Arc<std::sync::OnceLock<Engine>> = Default::default();
+    // the gateway has the websocket port, and `stopping` (alive, with its metrics) for
+    // the whole graceful stop. It has its own stop, the last thing this function does:
+    // closed with the rest at the first signal, `/readyz` 503 `stopping` would hardly
+    // ever be served, and `/livez` and `/metrics` would vanish for the whole stop.
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let ready = Arc::new(admin::Readiness::default());
+    let started: Arc<std::sync::OnceLock<Engine>> = Default::default();
     let state = admin::AdminState {
         ready: ready.clone(),
         prometheus,
         health: {
             let started = started.clone();
-            std::sync::Arc::new(move || started.get().map_or(Ok(()), Engine::health))
+            Arc::new(move || started.get().map_or(Ok(()), Engine::health))
         },
     };
-    actix_rt::spawn(admin::serve_admin(admin, state, stop_rx.clone()));
-    let (recovered_tx, recovered_rx) = tokio::sync::oneshot::channel();
+    actix_rt::spawn(admin::serve_admin(admin, state, admin_stop_rx));
+    let (recovered_tx, recovered_rx) = oneshot::channel();
     let refusing = actix_rt::spawn(ws::refuse_while_recovering(listener, recovered_rx));
     if let Some(tx) = hooks.listening.take() {
         let _ = tx.send((local, admin_local));
@@ -174,24 +226,45 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
     eprintln!("rota: recovering from {}", data_dir.display());
     let before_recovery = hooks.before_recovery.take();
     let before_start = hooks.before_start.take();
+    let fs: Arc<dyn crate::wal::Fs> = seams.fs.take().unwrap_or_else(|| Arc::new(crate::wal::RealFs));
     // The whole start runs off this thread, which serves the admin port and the
     // websocket port's 503s meanwhile: the replay, then spawning every shard and
-    // logging the policies that changed (a sync of the log).
+    // logging the policies that changed (a sync of the log). A thread of its own
+    // rather than the runtime's blocking pool: a stop during recovery leaves it behind
+    // (see below), and the runtime, when dropped, waits for its pool.
     let system = actix_rt::System::current();
     let accepting = actix_rt::Arbiter::current();
-    let (engine, report) = tokio::task::spawn_blocking(move || {
-        actix_rt::System::set_current(system);
-        if let Some(f) = before_recovery {
-            f();
+    let (start_tx, start_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("rota-recovery".into())
+        .spawn(move || {
+            actix_rt::System::set_current(system);
+            if let Some(f) = before_recovery {
+                f();
+            }
+            let started = Engine::recover_with_fs(cfg, fs).and_then(|recovered| {
+                if let Some(f) = before_start {
+                    f();
+                }
+                recovered.start_on(accepting)
+            });
+            let _ = start_tx.send(started);
+        })
+        .context("cannot start the recovery thread")?;
+    // A stop while recovering ends the process at once (docs/OPERATIONS.md): nothing
+    // has been acknowledged yet, and the next start replays again. Abandoning the
+    // replay midway is what a kill -9 does: the log's torn tail is cut (truncated and
+    // synced) the same way again at the next start, the replayed segments are only
+    // rewritten with the bytes they hold, the stream history is checked from its last
+    // sync at every start after an unclean stop (its `end` mark is consumed as it is
+    // read), and snapshots are only ever renamed into place.
+    let (engine, report) = tokio::select! {
+        started = start_rx => started.context("the recovery thread failed")??,
+        () = stops.recv() => {
+            eprintln!("rota: stopped while recovering; exiting now (nothing was acknowledged yet: the next start replays the log again)");
+            return Ok(Stopped { code: 0, abandoned: true });
         }
-        let recovered = Engine::recover(cfg)?;
-        if let Some(f) = before_start {
-            f();
-        }
-        recovered.start_on(accepting)
-    })
-    .await
-    .context("the recovery thread failed")??;
+    };
     tracing::info!(
         records_replayed = report.records_replayed,
         snapshot_seq = ?report.snapshot_seq,
@@ -218,60 +291,17 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
             crate::config::DEMO_TOKEN
         );
     }
-    // Periodic work: snapshots, weekly recharges (R20) on the wall clock.
+    // Periodic work (snapshots, weekly recharges, order ticks, refund retries, the
+    // engine's figures) on a worker of its own: each can wait for the disk (a full
+    // log queue, the gate, the stream history's lock), and on this thread a stalled
+    // disk would stop the accept loop, the admin port and the signals with it.
     {
-        let engine = engine.clone();
-        let mut stop = stop_rx.clone();
-        actix_rt::spawn(async move {
-            let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
-            let mut observe = tokio::time::interval(Duration::from_secs(1));
-            let mut snap = tokio::time::interval(Duration::from_secs(snapshot_every.max(1)));
-            snap.tick().await;
-            // R22 after a refund (R12, R23): the missed leads are retried about a second
-            // after the first refund, with every refund of that second (a retry scans
-            // the shard's open leads, so refunds are batched rather than retried one by
-            // one). On the manual clock `advance_clock` does it.
-            let manual = engine.inner.clock.is_manual();
-            let mut refund_retry_at: Option<tokio::time::Instant> = None;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    _ = engine.budget_returned(), if !manual && refund_retry_at.is_none() => {
-                        refund_retry_at = Some(tokio::time::Instant::now() + REFUND_RETRY_BATCH);
-                    }
-                    _ = tokio::time::sleep_until(refund_retry_at.unwrap_or_else(tokio::time::Instant::now)),
-                        if refund_retry_at.is_some() => {
-                        refund_retry_at = None;
-                        if let Err(e) = engine.retry_refunded().await {
-                            tracing::warn!(error = %e, "retry after refunds failed; retried at the next refund or housekeeping");
-                        }
-                    }
-                    _ = observe.tick() => engine.observe(),
-                    _ = housekeeping.tick() => {
-                        if !engine.inner.clock.is_manual() {
-                            let ids: Vec<_> = engine.tenants().iter().map(|t| t.id.clone()).collect();
-                            for t in ids {
-                                if let Err(e) = engine.housekeeping(&t).await {
-                                    tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
-                                }
-                                // Record expired order requests and custom offers (they are
-                                // already refused as expired before this runs), and forget
-                                // the chains that ended longer than the retention ago.
-                                if let Err(e) = engine.order_tick(&t).await {
-                                    tracing::warn!(tenant = %t, error = %e, "order tick failed");
-                                }
-                            }
-                        }
-                    }
-                    _ = snap.tick(), if snapshot_every > 0 => {
-                        match background_snapshot(engine.clone()).await {
-                            Ok(Ok(seq)) => tracing::info!(covers_seq = seq, "snapshot written"),
-                            Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed"),
-                            Err(e) => tracing::error!(error = %e, "snapshot thread failed"),
-                        }
-                    }
-                }
-            }
+        let (engine, stop, each_round) = (engine.clone(), stop_rx.clone(), seams.periodic.take());
+        actix_rt::Arbiter::new().spawn_fn(move || {
+            actix_rt::spawn(async move {
+                periodic_work(engine, stop, snapshot_every, each_round).await;
+                actix_rt::Arbiter::current().stop();
+            });
         });
     }
     if demo {
@@ -280,15 +310,7 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
     if let Some((hup, sources)) = hangups {
         actix_rt::spawn(reload_on_hangup(engine.clone(), hup, sources, stop_rx.clone()));
     }
-    match hooks.stop.take() {
-        Some(stop) => {
-            tokio::select! {
-                _ = signals.recv() => {}
-                _ = stop => {}
-            }
-        }
-        None => signals.recv().await,
-    }
+    stops.recv().await;
     ready.set_stopping();
     eprintln!("rota: shutting down (send the signal again to force)");
     let _ = stop_tx.send(true);
@@ -296,26 +318,109 @@ async fn serve(cfg: Config, demo: bool, sources: Option<Sources>, mut hooks: Hoo
         // Connections (on the worker threads) answer what is in flight and close
         // their streams before the workers stop.
         let _ = gateway.await;
-        engine.shutdown().await
+        // The final sync, snapshot and stop of the stream history block on the disk:
+        // on a thread of their own, so that the deadline and a second signal below
+        // are still heard while they run, and the admin port still answers.
+        let (done_tx, done_rx) = oneshot::channel();
+        let engine = engine.clone();
+        std::thread::Builder::new()
+            .name("rota-shutdown".into())
+            .spawn(move || {
+                let done = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|rt| rt.block_on(engine.shutdown()).map_err(|e| e.to_string()));
+                let _ = done_tx.send(done);
+            })
+            .map_err(|e| format!("cannot start the shutdown thread: {e}"))?;
+        done_rx.await.unwrap_or_else(|_| Err("the shutdown thread failed".into()))
     };
-    tokio::select! {
+    let stopped = tokio::select! {
         r = graceful => match r {
             Ok(()) => {
                 eprintln!("rota: stopped cleanly");
-                Ok(0)
+                Stopped { code: 0, abandoned: false }
             }
             Err(e) => {
                 eprintln!("rota: shutdown failed: {e}");
-                Ok(1)
+                Stopped { code: 1, abandoned: false }
             }
         },
         _ = tokio::time::sleep(shutdown_timeout) => {
             eprintln!("rota: shutdown deadline passed; exiting");
-            Ok(1)
+            Stopped { code: 1, abandoned: true }
         }
-        _ = signals.recv() => {
+        () = stops.recv() => {
             eprintln!("rota: second signal; exiting now");
-            Ok(1)
+            Stopped { code: 1, abandoned: true }
+        }
+    };
+    let _ = admin_stop.send(true);
+    Ok(stopped)
+}
+
+/// The periodic engine work, until `stop` turns true: snapshots, and on the wall
+/// clock weekly recharges (R20), order ticks and refund retries (R22); the engine's
+/// figures every second (`each_round` first, a test's seam).
+async fn periodic_work(
+    engine: Engine,
+    mut stop: watch::Receiver<bool>,
+    snapshot_every: u64,
+    mut each_round: Option<Box<dyn FnMut() + Send>>,
+) {
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    let mut observe = tokio::time::interval(Duration::from_secs(1));
+    let mut snap = tokio::time::interval(Duration::from_secs(snapshot_every.max(1)));
+    snap.tick().await;
+    // R22 after a refund (R12, R23): the missed leads are retried about a second
+    // after the first refund, with every refund of that second (a retry scans the
+    // shard's open leads, so refunds are batched rather than retried one by one). On
+    // the manual clock `advance_clock` does it.
+    let manual = engine.inner.clock.is_manual();
+    let mut refund_retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = engine.budget_returned(), if !manual && refund_retry_at.is_none() => {
+                refund_retry_at = Some(tokio::time::Instant::now() + REFUND_RETRY_BATCH);
+            }
+            _ = tokio::time::sleep_until(refund_retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if refund_retry_at.is_some() => {
+                refund_retry_at = None;
+                if let Err(e) = engine.retry_refunded().await {
+                    tracing::warn!(error = %e, "retry after refunds failed; retried at the next refund or housekeeping");
+                }
+            }
+            _ = observe.tick() => {
+                if let Some(f) = each_round.as_mut() {
+                    f();
+                }
+                engine.observe();
+            }
+            _ = housekeeping.tick() => {
+                if !manual {
+                    let ids: Vec<_> = engine.tenants().iter().map(|t| t.id.clone()).collect();
+                    for t in ids {
+                        if let Err(e) = engine.housekeeping(&t).await {
+                            tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
+                        }
+                        // Record expired order requests and custom offers (they are
+                        // already refused as expired before this runs), and forget
+                        // the chains that ended longer than the retention ago.
+                        if let Err(e) = engine.order_tick(&t).await {
+                            tracing::warn!(tenant = %t, error = %e, "order tick failed");
+                        }
+                    }
+                }
+            }
+            _ = snap.tick(), if snapshot_every > 0 => {
+                match background_snapshot(engine.clone()).await {
+                    Ok(Ok(seq)) => tracing::info!(covers_seq = seq, "snapshot written"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed"),
+                    Err(e) => tracing::error!(error = %e, "snapshot thread failed"),
+                }
+            }
         }
     }
 }
@@ -387,6 +492,28 @@ async fn reload_on_hangup(
             Err(e) => {
                 tracing::error!(error = %e, "configuration reload refused; still running on the previous configuration")
             }
+        }
+    }
+}
+
+/// What stops the daemon: SIGTERM, SIGINT, or (tests) the `stop` hook, once.
+struct Stops {
+    signals: Signals,
+    hook: Option<oneshot::Receiver<()>>,
+}
+
+impl Stops {
+    /// Resolves at the next stop. Cancel safe: a stop that arrives while this is
+    /// dropped unresolved is seen by the next call.
+    async fn recv(&mut self) {
+        let Stops { signals, hook } = self;
+        let Some(h) = hook.as_mut() else { return signals.recv().await };
+        let by_hook = tokio::select! {
+            () = signals.recv() => false,
+            _ = h => true,
+        };
+        if by_hook {
+            *hook = None;
         }
     }
 }

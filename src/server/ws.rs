@@ -26,8 +26,9 @@
 //!
 //! Close codes: 1000 normal, 1001 shutting down (reason carries `resume_from=N`),
 //! 1002 protocol error, 1007 invalid UTF-8, 1009 frame too big, 4000 heartbeat
-//! timeout, 4008 slow subscriber (reason carries `resume_from=N`). A peer that reads
-//! nothing for `send_timeout_ms` is dropped without a close frame
+//! timeout (nothing read from the peer, and no frame it made room for, within
+//! `heartbeat_timeout_ms`), 4008 slow subscriber (reason carries `resume_from=N`). A
+//! peer that reads nothing for `send_timeout_ms` is dropped without a close frame
 //! (`server::deadline`).
 
 use super::admission::Admission;
@@ -65,6 +66,10 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
         super::fdlimit::soft_limit().map_or(configured, |s| super::fdlimit::connection_cap(configured, s));
     let limit = Arc::new(Semaphore::new(max));
     let mut failures = super::fdlimit::AcceptFailures::default();
+    // Connections refused at the limit are logged like failed accepts: a flood of
+    // connections would otherwise write a line for each (every refusal is counted in
+    // `rota_overload_refusals_total{reason="connections_full"}`).
+    let mut refused = super::fdlimit::AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -92,7 +97,11 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             engine.inner.metrics.m.overload_refusals.get("connections_full").increment(1);
-            tracing::warn!(%peer, "connection limit reached; refusing");
+            if let Some(n) = refused.record(Instant::now()) {
+                tracing::warn!(%peer, refused = n, max_connections = max,
+                    "connection limit reached; refusing connections (logged at most every {} s, with the number refused since the last line)",
+                    super::fdlimit::LOG_EVERY.as_secs());
+            }
             drop(stream);
             continue;
         };
@@ -231,6 +240,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     let cfg = &engine.inner.cfg.raw;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (stream, send_expired) = SendDeadline::new(stream, Duration::from_millis(cfg.send_timeout_ms));
+    let taken = stream.taken();
     let ws_cfg = WebSocketConfig {
         max_message_size: Some(cfg.max_frame_bytes),
         max_frame_size: Some(cfg.max_frame_bytes),
@@ -395,6 +405,14 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 }
             }
             _ = heartbeat.tick() => {
+                // A peer that took frames we had to wait for is alive: its pongs may
+                // wait unread behind a long send (a large resume backlog to a slow
+                // reader), and timing it out for them would close a live subscriber
+                // 4000 without a cursor. A peer that reads nothing is the send
+                // deadline's (`send_timeout_ms`), not the heartbeat's.
+                if let Some(t) = taken.last() {
+                    last_seen = last_seen.max(t);
+                }
                 if last_seen.elapsed() > hb_timeout {
                     break Some((CloseCode::Library(CLOSE_HEARTBEAT), "heartbeat timeout".into()));
                 }
@@ -691,7 +709,7 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
         }
     };
     if let (Some(s), Some(h)) = (&sub, &hub) {
-        h.unsubscribe(s.id);
+        h.cancel(s);
     }
     if send_expired.load(Ordering::Relaxed) {
         m.slow_subscriber_disconnects.increment(1);

@@ -151,7 +151,7 @@ pub mod tools;
 mod writer;
 
 pub use format::{decode_snapshot, MAX_RECORD_BYTES, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
-pub use fs::{DirLock, Fault, Fs, FsFile, MemFs, OpenMode, SyncHold, RealFs, LOCK_FILE};
+pub use fs::{DirLock, Fault, Fs, FsFile, MemFs, OpenMode, RealFs, SyncHold, LOCK_FILE};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use parking_lot::Mutex;

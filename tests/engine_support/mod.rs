@@ -99,7 +99,7 @@ pub fn stream_from_start(hub: &StreamHub) -> Result<Vec<(u64, StreamEvent)>, Str
                 .subscribe(Some(after), None, 16, Encoding::Msgpack)
                 .map_err(|e| format!("nothing on disk after {after} and the buffer refuses it: {e:?}"))?;
             seen.extend(s.backlog.iter().map(|o| (o.seq, o.event.clone())));
-            hub.unsubscribe(s.id);
+            hub.cancel(&s);
             return Ok(seen);
         }
         seen.extend(chunk.iter().map(|o| (o.seq, o.event.clone())));
