@@ -219,7 +219,33 @@ fn r14_r18_a_removed_pro_leaves_no_history_where_it_moved_away_from() {
         }
         call(e, json!({"type": "remove_pro", "pro": "p1"})).await.unwrap();
         assert!(!history_in(e, "bologna"), "removed for good: no history left behind");
+        let again = call(e, json!({"type": "remove_pro", "pro": "p1"})).await.unwrap_err();
+        assert_eq!(again.code, "unknown_pro", "nothing of p1 is left to remove");
     });
     // Replay rebuilds the same.
     life(&fs, async |e| assert!(!history_in(e, "bologna")));
+}
+
+/// R14/R18: where a pro left its history is known again after a restart (the shards
+/// are the record: rebuilt from them), so `search` still finds the offers it had there
+/// and a removal still clears that history.
+#[test]
+fn r14_r18_where_a_pro_left_its_history_is_known_after_a_restart() {
+    let fs = MemFs::new();
+    life(&fs, async |e| {
+        for v in others().into_iter().chain([grant(), upsert(&["bologna"]), publish("L1", "bologna")]) {
+            call(e, v.clone()).await.unwrap_or_else(|err| panic!("{v} answered {err}"));
+        }
+        call(e, upsert(&["milano"])).await.unwrap();
+    });
+    life(&fs, async |e| {
+        match call(e, json!({"type": "search", "pro": "p1", "query": ""})).await {
+            Ok(OkResult::Search { offers }) => {
+                assert_eq!(offers.iter().map(|o| o.lead.as_str()).collect::<Vec<_>>(), ["L1"])
+            }
+            other => panic!("search answered {other:?}"),
+        }
+        call(e, json!({"type": "remove_pro", "pro": "p1"})).await.unwrap();
+        assert!(!history_in(e, "bologna"), "removed for good: no history left behind");
+    });
 }

@@ -1041,6 +1041,11 @@ impl Shard {
     }
 
     /// Whether `pro` left this shard with a history kept for its return (R14/R15).
+    /// The pros that left this shard keeping their history here.
+    pub fn departed_pros(&self) -> impl Iterator<Item = &ProId> {
+        self.departed.keys()
+    }
+
     pub fn has_departed(&self, pro: &ProId) -> bool {
         self.departed.contains_key(pro)
     }

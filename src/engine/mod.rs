@@ -157,6 +157,10 @@ pub struct Inner {
     /// is under way, or after one was cut off; see [`Engine::pro_change`]). Rebuilt from
     /// the shards at start-up.
     pro_members: DashMap<(TenantId, ProId), Vec<ShardKey>, FxBuildHasher>,
+    /// The shards each pro left keeping its history there (`Shard::has_departed`), as
+    /// their events say; a superset (a pro that left with no history there is listed
+    /// too, and found with nothing). Rebuilt from the shards at start-up.
+    pro_departed: DashMap<(TenantId, ProId), Vec<ShardKey>, FxBuildHasher>,
     /// Which shard holds a lead (offer actions name only the lead).
     lead_index: LeadIndex,
     /// Publishes under way, by lead id: the shard each is for, and how many
@@ -488,6 +492,7 @@ impl Recovered {
             shards: DashMap::with_hasher(FxBuildHasher),
             pros: rec.directory.drain().collect(),
             pro_members: DashMap::with_hasher(FxBuildHasher),
+            pro_departed: DashMap::with_hasher(FxBuildHasher),
             lead_index: std::mem::take(&mut rec.lead_index),
             publishing: DashMap::with_hasher(FxBuildHasher),
             gate: RwLock::new(()),
@@ -517,6 +522,14 @@ impl Recovered {
                 engine
                     .inner
                     .pro_members
+                    .entry((key.tenant.clone(), pro.clone()))
+                    .or_default()
+                    .push(key.clone());
+            }
+            for pro in shard.departed_pros() {
+                engine
+                    .inner
+                    .pro_departed
                     .entry((key.tenant.clone(), pro.clone()))
                     .or_default()
                     .push(key.clone());
@@ -836,21 +849,39 @@ impl Engine {
     /// with a shard's events.
     pub(crate) fn index_event(&self, key: &ShardKey, ev: &Event) {
         self.inner.lead_index.on_event(key, ev);
-        match ev {
-            Event::ProUpserted { pro, .. } => {
-                let mut keys =
-                    self.inner.pro_members.entry((key.tenant.clone(), pro.id.clone())).or_default();
-                if !keys.contains(key) {
-                    keys.push(key.clone());
+        fn add(map: &DashMap<(TenantId, ProId), Vec<ShardKey>, FxBuildHasher>, key: &ShardKey, pro: &ProId) {
+            let mut keys = map.entry((key.tenant.clone(), pro.clone())).or_default();
+            if !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        }
+        fn drop_key(
+            map: &DashMap<(TenantId, ProId), Vec<ShardKey>, FxBuildHasher>,
+            key: &ShardKey,
+            pro: &ProId,
+        ) {
+            if let dashmap::mapref::entry::Entry::Occupied(mut e) =
+                map.entry((key.tenant.clone(), pro.clone()))
+            {
+                e.get_mut().retain(|k| k != key);
+                if e.get().is_empty() {
+                    e.remove();
                 }
             }
-            Event::ProRemoved { pro, .. } => {
-                let id = (key.tenant.clone(), pro.clone());
-                if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.inner.pro_members.entry(id) {
-                    e.get_mut().retain(|k| k != key);
-                    if e.get().is_empty() {
-                        e.remove();
-                    }
+        }
+        match ev {
+            Event::ProUpserted { pro, .. } => {
+                add(&self.inner.pro_members, key, &pro.id);
+                // Back: its history is its slot's again.
+                drop_key(&self.inner.pro_departed, key, &pro.id);
+            }
+            Event::ProRemoved { pro, left, .. } => {
+                drop_key(&self.inner.pro_members, key, pro);
+                // `left`: it moved away and the shard keeps its history; a removal from
+                // the tenant forgets it.
+                match left {
+                    true => add(&self.inner.pro_departed, key, pro),
+                    false => drop_key(&self.inner.pro_departed, key, pro),
                 }
             }
             _ => {}
@@ -1130,15 +1161,11 @@ impl Engine {
     }
 
     /// The shards of `tenant` that `pro` left keeping its history there (R14/R15: its
-    /// stats, kept for a return, and so the offers it had there). A scan of the
-    /// tenant's shards: for a removal and a search, not for decisions.
+    /// stats, kept for a return, and so the offers it had there), from the index the
+    /// shards' events keep (no lock of any shard taken); perhaps a few where it left no
+    /// history, which hold nothing of it.
     fn shards_left_by(&self, tenant: &TenantId, pro: &ProId) -> Vec<ShardKey> {
-        self.inner
-            .shards
-            .iter()
-            .filter(|e| &e.key().tenant == tenant && e.value().state.lock().has_departed(pro))
-            .map(|e| e.key().clone())
-            .collect()
+        self.inner.pro_departed.get(&(tenant.clone(), pro.clone())).map(|k| k.clone()).unwrap_or_default()
     }
 
     /// `overloaded` if any of `keys` is at its in-flight bound (checked before a change
@@ -1177,9 +1204,23 @@ impl Engine {
             true => Command::RemovePro { pro: pro.clone() },
             false => Command::LeaveShard { pro: pro.clone() },
         };
-        match self.exec_bounded(key, cmd, false).await {
+        match self.exec_bounded(key.clone(), cmd, false).await {
             Ok(_) => Ok(()),
-            Err(e) if e.code == Reject::UnknownPro(pro.clone()).code() => Ok(()),
+            Err(e) if e.code == Reject::UnknownPro(pro.clone()).code() => {
+                // Neither in the rotation nor with history there: an entry of the
+                // departed index's superset (a pro that left with no history), gone now.
+                if for_good {
+                    if let dashmap::mapref::entry::Entry::Occupied(mut e) =
+                        self.inner.pro_departed.entry((key.tenant.clone(), pro.clone()))
+                    {
+                        e.get_mut().retain(|k| *k != key);
+                        if e.get().is_empty() {
+                            e.remove();
+                        }
+                    }
+                }
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
