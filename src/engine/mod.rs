@@ -594,17 +594,24 @@ impl Engine {
     /// join the tenants map in the same step, so that a snapshot holds a new tenant's
     /// policy whenever it covers its record. Nothing changes when the log refuses the
     /// record.
+    /// Applies a reload's tenant changes: logs the policy of every tenant whose policy
+    /// changed and of every tenant `added`, sets the changed ones with no decision in
+    /// flight, then opens the added ones (their stream, stream history, order book,
+    /// metrics) and makes them reachable. Logged first: a log that refuses the records
+    /// leaves everything as it was, nothing of a new tenant opened.
     fn set_tenant_configs(
         &self,
         changes: Vec<(Arc<Tenant>, Arc<TenantConfig>, bool)>,
-        added: Vec<Arc<Tenant>>,
+        added: Vec<TenantConfig>,
     ) -> Result<(), WalError> {
-        let _closed = self.inner.gate.write();
+        let closed = self.inner.gate.write();
         let records: Vec<(u8, Vec<u8>)> = changes
             .iter()
             .filter(|c| c.2)
-            .map(|(t, cfg, _)| {
-                let rec = WalRecord::Policy { tenant: t.id.clone(), policy: cfg.policy.to_toml() };
+            .map(|(t, cfg, _)| (&t.id, cfg.as_ref()))
+            .chain(added.iter().map(|t| (&t.id, t)))
+            .map(|(id, cfg)| {
+                let rec = WalRecord::Policy { tenant: id.clone(), policy: cfg.policy.to_toml() };
                 (RECORD_KIND, record::encode(&rec))
             })
             .collect();
@@ -624,9 +631,21 @@ impl Engine {
                 tenant.orders.lock().set_policy(&cfg.policy);
             }
         }
+        drop(closed);
         if !added.is_empty() {
+            // Nothing of a new tenant is in the log before its policy (a start refuses a
+            // log holding an unconfigured one), so it opens empty; a stream history left
+            // on disk by an earlier life does not join its stream and is dropped. No one
+            // reaches it before it is in the map (its tokens are read from there).
+            let inner = &self.inner;
+            let opened = added.iter().map(|t| {
+                inner.metrics.add_tenant(&t.id);
+                let tenant =
+                    Tenant::open(&inner.cfg, &inner.fs, t, &inner.spills, &mut Recovering::default());
+                (t.id.clone(), Arc::new(tenant))
+            });
             let mut map = (*self.tenants_map()).clone();
-            map.extend(added.into_iter().map(|t| (t.id.clone(), t)));
+            map.extend(opened);
             *self.inner.tenants.write() = Arc::new(map);
         }
         Ok(())

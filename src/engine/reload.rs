@@ -21,7 +21,7 @@
 //! reload names those that differ. A file that does not load (syntax, an invalid
 //! policy) is refused by [`crate::config::Config::load`] before this runs.
 
-use super::{Engine, Recovering, Tenant};
+use super::Engine;
 use crate::config::Config;
 use crate::ids::TenantId;
 use std::sync::Arc;
@@ -74,7 +74,6 @@ impl Engine {
         let mut changes = Vec::new();
         let mut added = Vec::new();
         for t in &new.tenants {
-            let cfg = Arc::new(t.clone());
             match running.get(&t.id) {
                 Some(tenant) => {
                     let old = tenant.cfg();
@@ -85,25 +84,10 @@ impl Engine {
                     if policy_changed {
                         out.policies.push(t.id.clone());
                     }
-                    changes.push((tenant.clone(), cfg, policy_changed));
+                    changes.push((tenant.clone(), Arc::new(t.clone()), policy_changed));
                 }
-                None => {
-                    // Nothing of a new tenant is in the log (a start refuses a log
-                    // holding an unconfigured one), so it opens empty; a stream
-                    // history left on disk by an earlier life does not join its
-                    // stream and is dropped. Its policy is logged before anyone can
-                    // reach it.
-                    inner.metrics.add_tenant(&t.id);
-                    let tenant = Arc::new(Tenant::open(
-                        &inner.cfg,
-                        &inner.fs,
-                        t,
-                        &inner.spills,
-                        &mut Recovering::default(),
-                    ));
-                    changes.push((tenant.clone(), cfg, true));
-                    added.push(tenant);
-                }
+                // Opened once its policy is logged (`set_tenant_configs`).
+                None => added.push(t.clone()),
             }
         }
         out.added = added.iter().map(|t| t.id.clone()).collect();
