@@ -619,15 +619,18 @@ impl TenantMetrics {
     /// Records one fairness evaluation: `(offered_share, entitled_share)` per pro,
     /// shares as fractions of the leads offered in the window. Pros with no
     /// entitlement are skipped (their deviation is undefined).
+    ///
+    /// With no share to judge (no shard of the tenant judged in the window) the max
+    /// is NaN: no figure, rather than a perfect one or the last busy window's.
     pub fn observe_fairness(&self, shares: impl IntoIterator<Item = (f64, f64)>) {
-        let mut max = 0.0f64;
+        let mut max = f64::NAN;
         for (offered, entitled) in shares {
             if entitled <= 0.0 || !entitled.is_finite() || !offered.is_finite() {
                 continue;
             }
             let dev = (offered - entitled).abs() / entitled;
             self.fairness_deviation.record(dev);
-            max = max.max(dev);
+            max = if max.is_nan() { dev } else { max.max(dev) };
         }
         self.fairness_max_deviation.set(max);
     }
@@ -1074,6 +1077,20 @@ mod tests {
         let text = rec.handle().render();
         assert!(text.contains("rota_fairness_max_share_deviation_ratio{tenant=\"acme\"} 1\n"), "{text}");
         assert!(text.contains("rota_fairness_share_deviation_ratio_count{tenant=\"acme\"} 3\n"), "{text}");
+    }
+
+    /// A window with nothing to judge leaves no figure (NaN), not the last busy
+    /// window's nor a perfect 0.
+    #[test]
+    fn fairness_of_a_window_with_nothing_judged_is_no_figure() {
+        let rec = recorder();
+        metrics::with_local_recorder(&rec, || {
+            let t = TenantMetrics::new("acme");
+            t.observe_fairness([(0.5, 0.25)]);
+            t.observe_fairness([]);
+        });
+        let text = rec.handle().render();
+        assert!(text.contains("rota_fairness_max_share_deviation_ratio{tenant=\"acme\"} NaN\n"), "{text}");
     }
 
     #[test]

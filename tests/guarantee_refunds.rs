@@ -288,3 +288,30 @@ fn r12_a_view_after_the_guarantee_window_does_not_cancel_the_refund() {
         assert_eq!(p1(&e).refunded, charged, "once");
     });
 }
+
+/// R9/R12: on a chat-only lead the response is held and captured when the client
+/// replies; a reply that comes after the guarantee window (the lead still open) is the
+/// first sign the client saw the proposal, too late: captured and refunded at once,
+/// as a view after the window is for a charge already taken.
+#[test]
+fn r9_r12_a_chat_only_reply_after_the_guarantee_window_is_captured_and_refunded() {
+    let dir = tempfile::tempdir().unwrap();
+    in_system(async {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(MemFs::new().process_handle());
+        let (e, _) = Engine::start_with_fs(zaask(dir.path(), 1), handle).expect("starts");
+        zaask_pro(&e).await;
+        let mut chat_only = lead("L1", "lisboa", T0);
+        chat_only["lead"]["client"]["contact"] = json!({"call": false, "chat": true});
+        ok(&e, chat_only).await;
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "respond"})).await;
+        let held = p1(&e).held;
+        assert!(held > 0, "held at the response");
+        // A day and five seconds on: the window is over, the lead (48 h) still open.
+        e.inner.clock.advance_to(T0 + DAY + 5_000).expect("the manual clock");
+        ok(&e, json!({"type": "offer", "lead": "L1", "pro": "p1", "action": "client_replied"})).await;
+        let b = p1(&e);
+        assert_eq!((b.held, b.captured, b.refunded), (0, held, held), "captured, then refunded: {b:?}");
+        advance(&e, T0 + 3 * DAY).await;
+        assert_eq!(p1(&e).refunded, held, "once");
+    });
+}

@@ -477,6 +477,25 @@ fn r5_r21_an_auto_buy_direct_target_pays_from_its_budget_or_does_not_get_the_lea
     });
 }
 
+/// R5/R6/R21: a direct target whose purchase the ledger refuses after the decision (a
+/// spend of its budget lost to another shard, here its op id already used) did not
+/// receive the lead and holds none of its seats: the others keep all four.
+#[test]
+fn r5_r6_a_direct_target_whose_purchase_is_refused_holds_no_seat() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        ok(&e, buyer("b1", None)).await;
+        let op = OpId::for_lead("buy", &rota::ids::LeadId::new("A1"), &ProId::new("b1"));
+        e.inner.ledger.spend(op, &acme(), &ProId::new("b1"), &BudgetName::new("main"), 1).unwrap();
+        assert!(budget(&e, "b1").available >= 12, "the decision finds b1 able to buy");
+        let mut l = lead("A1", "madrid", true, T0);
+        l["direct"] = json!(["b1"]);
+        let out = serde_json::to_value(ok(&e, json!({"type": "publish_lead", "lead": l})).await).unwrap();
+        assert!(!out["offers"].as_array().unwrap().iter().any(|o| o[0] == "b1"), "b1 did not buy: {out}");
+        let x = serde_json::to_value(ok(&e, json!({"type": "explain", "lead": "A1"})).await).unwrap();
+        assert_eq!(x["generic_cap"], 4, "no seat held for b1: {x}");
+    });
+}
+
 /// R1/R2: a lead id the quality gate refused is taken until its publish is forgotten:
 /// published again in another zone it is an idempotency conflict, not a second lead
 /// (which took the refused one's index entry, and later lost its own when the refused

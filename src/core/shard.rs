@@ -1833,23 +1833,33 @@ impl Shard {
         // late, or the shard's timer has not reached the deadline yet) does not take
         // the refund away: it is made first, as the timer would have, so the outcome
         // does not depend on which came first (the timer then finds it refunded).
+        // A chat-only hold (R9) is captured by this very reply: refunded right after it,
+        // so a reply past the window costs the pro nothing either.
         let viewing = view_too || matches!(event, Event::ClientViewed { .. });
-        if let (true, false, Some(due)) = (viewing, offer.refunded, offer.guarantee_at()) {
-            let settled = offer.charge.as_ref().filter(|c| offer.captured || c.mode != ChargeMode::Hold);
-            if let (Some(c), true) = (settled, now >= due) {
-                events.push(Event::Refunded {
-                    lead: lead_id.clone(),
-                    pro: pro.clone(),
-                    charge: Charge::clone(c),
-                    reason: RefundReason::NotViewed,
-                    at: due,
-                });
+        let captured_now = matches!(&event, Event::ClientReplied { capture: Some(_), .. });
+        let mut refund_after = None;
+        if let (true, false, Some(due), Some(c)) =
+            (viewing, offer.refunded, offer.guarantee_at(), &offer.charge)
+        {
+            let refund = |at: Millis| Event::Refunded {
+                lead: lead_id.clone(),
+                pro: pro.clone(),
+                charge: Charge::clone(c),
+                reason: RefundReason::NotViewed,
+                at,
+            };
+            let settled = offer.captured || c.mode != ChargeMode::Hold;
+            if now >= due && settled {
+                events.push(refund(due));
+            } else if now >= due && captured_now {
+                refund_after = Some(refund(now));
             }
         }
         events.push(event);
         if view_too {
             events.push(Event::ClientViewed { lead: lead_id.clone(), pro: pro.clone(), at: now });
         }
+        events.extend(refund_after);
         Ok(Decision { reply: view(status_after, revealed), events })
     }
 

@@ -1902,9 +1902,11 @@ impl Engine {
             }
         }
         drop(window);
-        for (tenant, s) in shares.into_iter().filter(|(t, _)| !busy.contains(t)) {
-            if let Some(t) = self.inner.metrics.tenant(&tenant) {
-                t.observe_fairness(s);
+        if judge {
+            for t in self.tenants().into_iter().filter(|t| !busy.contains(&t.id)) {
+                if let Some(tm) = self.inner.metrics.tenant(&t.id) {
+                    tm.observe_fairness(shares.remove(&t.id).unwrap_or_default());
+                }
             }
         }
         for t in self.tenants().into_iter().filter(|t| !busy.contains(&t.id)) {

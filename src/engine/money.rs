@@ -103,9 +103,13 @@ pub fn execute_noting_drops(
         }
         Ok::<(), LedgerError>(())
     };
+    // Direct targets whose purchase at the publish was refused: they did not receive
+    // the lead, so they hold no responder seat (R5/R6, `LeadState::direct_seats`).
+    let mut direct_lost = 0u32;
     for ev in events.iter_mut() {
         match ev {
-            Event::Offered { grants, .. } => {
+            Event::Offered { grants, release, .. } => {
+                let at_publish = !*release;
                 let mut lost = Vec::new();
                 for g in grants.iter() {
                     let Some(Charge { op, credits, mode: ChargeMode::Budget { config } }) = &g.charge else {
@@ -127,6 +131,9 @@ pub fn execute_noting_drops(
                 }
                 // Lost a race with another shard for the same budget: that buyer keeps
                 // its rotation turn and waits for the retry window (R22).
+                if at_publish {
+                    direct_lost += lost.len() as u32;
+                }
                 for (pro, skip) in lost {
                     shard.drop_grant(ev, &pro, skip);
                     if let Event::Offered { lead, .. } = ev {
@@ -184,6 +191,13 @@ pub fn execute_noting_drops(
                 }
             }
             _ => {}
+        }
+    }
+    if direct_lost > 0 {
+        for ev in events.iter_mut() {
+            if let Event::LeadAccepted { direct_seats: Some(seats), .. } = ev {
+                *seats = seats.saturating_sub(direct_lost);
+            }
         }
     }
     Ok(facts)

@@ -100,6 +100,9 @@ impl<S> SendDeadline<S> {
             return result;
         }
         if self.limit.is_zero() {
+            // No deadline, but a write that waits is still a wait whose end tells that
+            // the peer read (the heartbeat counts it).
+            self.waiting = true;
             return result;
         }
         let deadline = Instant::now() + self.limit;
@@ -216,24 +219,27 @@ mod tests {
     }
 
     /// What the heartbeat relies on: a write that waited for room and then went
-    /// through marks the peer as taking our frames; a write the buffer took at once, or
-    /// one that failed, does not.
+    /// through marks the peer as taking our frames (with a send deadline or without
+    /// one, `send_timeout_ms = 0`); a write the buffer took at once, or one that
+    /// failed, does not.
     #[tokio::test(flavor = "current_thread")]
     async fn only_a_write_the_peer_made_room_for_marks_it_as_taking_our_frames() {
-        let (a, mut b) = tokio::io::duplex(1024);
-        let (mut w, _) = SendDeadline::new(a, Duration::from_secs(3600));
-        let taken = w.taken();
-        w.write_all(&[1u8; 1024]).await.unwrap();
-        w.flush().await.unwrap();
-        assert_eq!(taken.last(), None, "the pipe's buffer took it: no sign of the peer");
-        let reader = async {
-            let mut buf = vec![0u8; 8 * 1024];
-            b.read_exact(&mut buf).await.unwrap();
-            b
-        };
-        let (written, b) = tokio::join!(w.write_all(&[2u8; 7 * 1024]), reader);
-        written.unwrap();
-        assert!(taken.last().is_some(), "the peer read to make room for the rest");
+        for limit in [Duration::from_secs(3600), Duration::ZERO] {
+            let (a, mut b) = tokio::io::duplex(1024);
+            let (mut w, _) = SendDeadline::new(a, limit);
+            let taken = w.taken();
+            w.write_all(&[1u8; 1024]).await.unwrap();
+            w.flush().await.unwrap();
+            assert_eq!(taken.last(), None, "the pipe's buffer took it: no sign of the peer");
+            let reader = async {
+                let mut buf = vec![0u8; 8 * 1024];
+                b.read_exact(&mut buf).await.unwrap();
+                b
+            };
+            let (written, _b) = tokio::join!(w.write_all(&[2u8; 7 * 1024]), reader);
+            written.unwrap();
+            assert!(taken.last().is_some(), "the peer read to make room for the rest ({limit:?})");
+        }
 
         // A write that waits and then fails (the peer went away) is no sign of life.
         let (a, b2) = tokio::io::duplex(16);
@@ -247,7 +253,6 @@ mod tests {
         let (written, ()) = tokio::join!(write, close);
         assert!(written.is_err());
         assert_eq!(taken.last(), None);
-        drop(b);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
