@@ -2,70 +2,31 @@
 //! answering for the whole stop (`/readyz` 503 `stopping`, `/livez` 200, `/metrics`),
 //! and a second signal ends the daemon at once with exit status 1.
 //!
-//! The daemon runs in this process (`rota::server::run_with_seams`) on an in-memory
-//! disk whose syncs the test holds: the stalled disk is a state the test controls, not
-//! a race. The first stop is the test's seam; the second a real SIGTERM sent to this
-//! process (the daemon's handler, installed before it tells where it listens, takes
-//! it). One test per file: the daemon installs the process's metrics recorder.
+//! The daemon runs in this process on an in-memory disk whose syncs the test holds:
+//! the stalled disk is a state the test controls, not a race. The first stop is the
+//! test's seam; the second a real SIGTERM sent to this process (the daemon's handler,
+//! installed before it tells where it listens, takes it).
 
-mod e2e_support;
+mod in_process;
 
-use e2e_support::T0;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use in_process::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Generous bound on every wait: a daemon that never gets there fails the test instead
-/// of hanging it. Never an assertion about speed.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s =
-        TcpStream::connect(addr).unwrap_or_else(|e| panic!("GET {path}: the admin port is closed: {e}"));
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    (out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {out:?}")), out)
-}
 
 #[test]
 fn while_a_stop_waits_for_a_stalled_disk_the_admin_port_answers_and_a_second_signal_ends_it() {
     let dir = tempfile::tempdir().unwrap();
-    let flags = vec![
-        "listen=\"127.0.0.1:0\"".to_string(),
-        "admin_listen=\"127.0.0.1:0\"".to_string(),
-        format!("data_dir={:?}", dir.path().display().to_string()),
-        "clock=\"manual\"".to_string(),
-        format!("manual_clock_start_ms={T0}"),
-        "log_level=\"warn\"".to_string(),
-        "wal.segment_bytes=1048576".to_string(),
-        "snapshot_interval_s=0".to_string(),
-        // Far beyond the test: what ends this stop is the second signal.
-        "shutdown_timeout_ms=3600000".to_string(),
-    ];
-    let cfg = rota::config::Config::load(&rota::config::Sources { flags, ..Default::default() }).unwrap();
+    // The deadline far beyond the test: what ends this stop is the second signal.
+    let cfg = config(
+        dir.path(),
+        &["wal.segment_bytes=1048576", "snapshot_interval_s=0", "shutdown_timeout_ms=3600000"],
+    );
     let fs = rota::wal::MemFs::new();
-    let (told, listening) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    let hooks = rota::server::Hooks {
-        before_recovery: None,
-        before_start: None,
-        listening: Some(told),
-        stop: Some(stopped),
-    };
+    let (stop, hooks) = stop_hook();
     let seams = rota::server::Seams { fs: Some(Arc::new(fs.process_handle())), periodic: None };
-    let (exit_tx, exited) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = exit_tx.send(rota::server::run_with_seams(cfg, hooks, seams).map_err(|e| e.to_string()));
-    });
-    let (_, admin) = listening.recv_timeout(DEADLINE).expect("both ports listen");
-    let since = Instant::now();
-    while get(admin, "/readyz").0 != 200 {
-        assert!(since.elapsed() < DEADLINE, "never ready");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let d = InProcess::start(cfg, hooks, seams);
+    d.wait_ready();
+    let admin = d.admin;
 
     // The disk stalls; the stop's final sync and snapshot wait for it.
     let stall = fs.hold_syncs();
@@ -84,13 +45,13 @@ fn while_a_stop_waits_for_a_stalled_disk_the_admin_port_answers_and_a_second_sig
     let (status, text) = get(admin, "/livez");
     assert_eq!(status, 200, "{text}");
     assert_eq!(get(admin, "/metrics").0, 200);
-    assert!(exited.try_recv().is_err(), "the stop cannot end while the disk holds its syncs");
+    assert!(d.exited.try_recv().is_err(), "the stop cannot end while the disk holds its syncs");
     let (status, text) = get(admin, "/readyz");
     assert_eq!(status, 503, "still stopping: {text}");
 
-    // SAFETY: kill with this process's own id and a signal number; no memory passed.
-    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
-    let code = exited.recv_timeout(DEADLINE).expect("a second signal ends the daemon while the disk stalls");
+    sigterm_self();
+    let code =
+        d.exited.recv_timeout(DEADLINE).expect("a second signal ends the daemon while the disk stalls");
     assert_eq!(code, Ok(1), "forced: exit 1");
     // The shutdown thread finishes in the background once the disk answers again.
     drop(stall);
