@@ -333,6 +333,33 @@ fn r19_a_weekly_budget_set_back_within_a_millisecond_takes_effect() {
     });
 }
 
+/// Pro `x` with two configs, `a` buying and `b` paused until `paused` (if set).
+fn two_configs(paused: Option<i64>) -> Value {
+    json!({"type": "upsert_pro", "pro": {"id": "x", "categories": ["painting"], "zones": ["madrid"],
+        "autobuy": [
+            {"name": "a", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24},
+            {"name": "b", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24,
+             "paused_until": paused}]}})
+}
+
+/// Config `b` of pro `x`.
+fn config_b(e: &Engine) -> rota::ledger::BudgetBalance {
+    e.inner.ledger.budget(&acme(), &ProId::new("x"), &BudgetName::new("b")).unwrap()
+}
+
+/// `x` with `a` spent by two leads and `b` paused until the next morning with its 24
+/// untouched: S1, an hour later, finds nothing x can buy from (x short, parked).
+async fn x_misses_s1_with_b_paused(e: &Engine) {
+    ok(e, two_configs(None)).await;
+    ok(e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
+    ok(e, two_configs(Some(T0 + 20 * HOUR))).await;
+    ok(e, publish("A1", "madrid", true, T0 + MIN)).await;
+    ok(e, publish("A2", "madrid", true, T0 + MIN + 1)).await;
+    assert_eq!(config_b(e).available, 24);
+    let s1 = ok(e, publish("S1", "madrid", true, T0 + HOUR)).await;
+    assert!(format!("{s1:?}").contains("offers: []"), "x could buy from nothing: {s1:?}");
+}
+
 /// R22/R24: a buyer whose buying config is spent is parked until budget comes back; a
 /// second config, full but paused, resuming by itself is budget back too: the buyer
 /// gets the short lead it missed and the next ones (it stayed parked until the next
@@ -340,25 +367,8 @@ fn r19_a_weekly_budget_set_back_within_a_millisecond_takes_effect() {
 #[test]
 fn r22_r24_a_paused_config_resuming_with_its_budget_unparks_the_buyer() {
     with_engine("habitissimo.toml", "habitissimo", |e| async move {
-        let two = |paused: Option<i64>| {
-            json!({"type": "upsert_pro", "pro": {"id": "x", "categories": ["painting"], "zones": ["madrid"],
-                "autobuy": [
-                    {"name": "a", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24},
-                    {"name": "b", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24,
-                     "paused_until": paused}]}})
-        };
-        ok(&e, two(None)).await;
-        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
-        // b paused until the next morning with its 24 untouched; a's 24 spent by two
-        // leads.
-        ok(&e, two(Some(T0 + 20 * HOUR))).await;
-        ok(&e, publish("A1", "madrid", true, T0 + MIN)).await;
-        ok(&e, publish("A2", "madrid", true, T0 + MIN + 1)).await;
-        let b = |e: &Engine| e.inner.ledger.budget(&acme(), &ProId::new("x"), &BudgetName::new("b")).unwrap();
-        assert_eq!(b(&e).available, 24);
-        // S1 finds x with nothing it can buy from: short, x parked.
-        let s1 = ok(&e, publish("S1", "madrid", true, T0 + HOUR)).await;
-        assert!(format!("{s1:?}").contains("offers: []"), "{s1:?}");
+        x_misses_s1_with_b_paused(&e).await;
+        let b = config_b;
         // The next morning b buys again, and x gets S1 from it (R22, within the retry
         // window).
         ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 20 * HOUR + MIN})).await;
@@ -375,23 +385,10 @@ fn r22_r24_a_paused_config_resuming_with_its_budget_unparks_the_buyer() {
 #[test]
 fn r22_r24_a_config_resumed_by_an_update_retries_the_leads_the_buyer_missed() {
     with_engine("habitissimo.toml", "habitissimo", |e| async move {
-        let two = |paused: Option<i64>| {
-            json!({"type": "upsert_pro", "pro": {"id": "x", "categories": ["painting"], "zones": ["madrid"],
-                "autobuy": [
-                    {"name": "a", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24},
-                    {"name": "b", "zones": ["madrid"], "categories": ["painting"], "weekly_budget_credits": 24,
-                     "paused_until": paused}]}})
-        };
-        ok(&e, two(None)).await;
-        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + MIN})).await;
-        ok(&e, two(Some(T0 + 20 * HOUR))).await;
-        ok(&e, publish("A1", "madrid", true, T0 + MIN)).await;
-        ok(&e, publish("A2", "madrid", true, T0 + MIN + 1)).await;
-        let b = |e: &Engine| e.inner.ledger.budget(&acme(), &ProId::new("x"), &BudgetName::new("b")).unwrap();
-        let s1 = ok(&e, publish("S1", "madrid", true, T0 + HOUR)).await;
-        assert!(format!("{s1:?}").contains("offers: []"), "x could buy from nothing: {s1:?}");
+        x_misses_s1_with_b_paused(&e).await;
+        let b = config_b;
         // b resumed by an update two hours later, well within the retry window.
-        ok(&e, two(None)).await;
+        ok(&e, two_configs(None)).await;
         assert_eq!(b(&e).available, 24);
         ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 2 * HOUR})).await;
         assert_eq!(b(&e).available, 12, "S1 bought from b once its budget came back");

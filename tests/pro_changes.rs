@@ -199,6 +199,24 @@ fn history_in(e: &Engine, zone: &str) -> bool {
         .any(|(k, s)| k.zone.as_str() == zone && s.has_departed(&rota::ids::ProId::new("p1")))
 }
 
+/// p1, offered L1 in bologna, moves to milano.
+async fn p1_moves_away_from_l1(e: &Engine) {
+    for v in others().into_iter().chain([grant(), upsert(&["bologna"]), publish("L1", "bologna")]) {
+        call(e, v.clone()).await.unwrap_or_else(|err| panic!("{v} answered {err}"));
+    }
+    call(e, upsert(&["milano"])).await.unwrap();
+}
+
+/// `search` finds p1's offer of L1 (in bologna, which it left).
+async fn search_finds_l1(e: &Engine) {
+    match call(e, json!({"type": "search", "pro": "p1", "query": ""})).await {
+        Ok(OkResult::Search { offers }) => {
+            assert_eq!(offers.iter().map(|o| o.lead.as_str()).collect::<Vec<_>>(), ["L1"])
+        }
+        other => panic!("search answered {other:?}"),
+    }
+}
+
 /// R14/R15/R18: a pro that moved keeps its history where it was (its stats for a
 /// return, and its offers there, which `search` still finds); removed from the tenant,
 /// that history goes too, so a pro added again later starts afresh everywhere.
@@ -206,17 +224,9 @@ fn history_in(e: &Engine, zone: &str) -> bool {
 fn r14_r18_a_removed_pro_leaves_no_history_where_it_moved_away_from() {
     let fs = MemFs::new();
     life(&fs, async |e| {
-        for v in others().into_iter().chain([grant(), upsert(&["bologna"]), publish("L1", "bologna")]) {
-            call(e, v.clone()).await.unwrap_or_else(|err| panic!("{v} answered {err}"));
-        }
-        call(e, upsert(&["milano"])).await.unwrap();
+        p1_moves_away_from_l1(e).await;
         assert!(history_in(e, "bologna"), "moved away: its bologna history is kept");
-        match call(e, json!({"type": "search", "pro": "p1", "query": ""})).await {
-            Ok(OkResult::Search { offers }) => {
-                assert_eq!(offers.iter().map(|o| o.lead.as_str()).collect::<Vec<_>>(), ["L1"])
-            }
-            other => panic!("search answered {other:?}"),
-        }
+        search_finds_l1(e).await;
         call(e, json!({"type": "remove_pro", "pro": "p1"})).await.unwrap();
         assert!(!history_in(e, "bologna"), "removed for good: no history left behind");
         let again = call(e, json!({"type": "remove_pro", "pro": "p1"})).await.unwrap_err();
@@ -232,19 +242,9 @@ fn r14_r18_a_removed_pro_leaves_no_history_where_it_moved_away_from() {
 #[test]
 fn r14_r18_where_a_pro_left_its_history_is_known_after_a_restart() {
     let fs = MemFs::new();
+    life(&fs, async |e| p1_moves_away_from_l1(e).await);
     life(&fs, async |e| {
-        for v in others().into_iter().chain([grant(), upsert(&["bologna"]), publish("L1", "bologna")]) {
-            call(e, v.clone()).await.unwrap_or_else(|err| panic!("{v} answered {err}"));
-        }
-        call(e, upsert(&["milano"])).await.unwrap();
-    });
-    life(&fs, async |e| {
-        match call(e, json!({"type": "search", "pro": "p1", "query": ""})).await {
-            Ok(OkResult::Search { offers }) => {
-                assert_eq!(offers.iter().map(|o| o.lead.as_str()).collect::<Vec<_>>(), ["L1"])
-            }
-            other => panic!("search answered {other:?}"),
-        }
+        search_finds_l1(e).await;
         call(e, json!({"type": "remove_pro", "pro": "p1"})).await.unwrap();
         assert!(!history_in(e, "bologna"), "removed for good: no history left behind");
     });
