@@ -333,7 +333,7 @@ fn r22_a_lead_retried_after_a_refund_is_dispatched_once_and_the_refund_counted_b
 /// under an id in use in another zone, an invalid lead and one the quality gate
 /// refuses too; the help text says so.
 #[test]
-fn leads_received_counts_every_publish_request_repeats_and_refusals_included() {
+fn r1_r2_leads_received_counts_every_publish_request_repeats_and_refusals_included() {
     let text = metrics_of_run("prontopro.toml", "prontopro", |e| async move {
         ok(&e, publish(lead("L1", "bologna", &[], T0))).await;
         ok(&e, publish(lead("L1", "bologna", &[], T0))).await; // a repeat (R1)

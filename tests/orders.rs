@@ -1068,7 +1068,7 @@ fn r27_replaying_logged_completions_gives_the_same_book() {
 // ---------------------------------------------------------------------------------
 
 #[test]
-fn repeated_commands_answer_the_same_and_change_nothing() {
+fn r26_r27_repeated_commands_answer_the_same_and_change_nothing() {
     let mut w = World::with_mode(approval(Audience::NewClients, None, None));
     let t = t0();
     let cmds = [

@@ -72,7 +72,7 @@ fn every_tenant_file_is_valid_and_spells_out_every_key_with_a_comment() {
 }
 
 #[test]
-fn r5_r6_r7_r9_prontopro_is_shared_leads_with_a_head_start() {
+fn r5_r6_r7_r9_the_prontopro_file_sets_shared_leads_with_a_head_start() {
     let p = load("prontopro.toml");
     assert_eq!(p.mode, DispatchMode::Shared);
     assert_eq!(p.head_start, 30 * 60 * 1000);
@@ -84,7 +84,7 @@ fn r5_r6_r7_r9_prontopro_is_shared_leads_with_a_head_start() {
 }
 
 #[test]
-fn r13_r15_shopify_experts_is_matched_free_with_a_72h_window() {
+fn r13_r15_the_shopify_experts_file_sets_free_matched_jobs_with_a_72h_window() {
     let p = load("shopify-experts.toml");
     assert_eq!(p.mode, DispatchMode::Matched);
     assert_eq!(p.offer_fanout, Some(3));
@@ -93,7 +93,7 @@ fn r13_r15_shopify_experts_is_matched_free_with_a_72h_window() {
 }
 
 #[test]
-fn r21_r22_habitissimo_is_auto_buy_in_groups_of_four() {
+fn r21_r22_the_habitissimo_file_sets_auto_buy_in_groups_of_four() {
     let p = load("habitissimo.toml");
     assert_eq!(p.mode, DispatchMode::AutoBuy);
     assert_eq!(p.group_size, 4);
@@ -102,7 +102,7 @@ fn r21_r22_habitissimo_is_auto_buy_in_groups_of_four() {
 }
 
 #[test]
-fn r25_fiverr_is_matched_with_per_pro_approval_rules() {
+fn r25_the_fiverr_file_sets_matched_jobs_with_per_pro_approval_rules() {
     let p = load("fiverr.toml");
     assert_eq!(p.mode, DispatchMode::Matched);
     assert!(p.response_window.is_some());
@@ -121,7 +121,7 @@ fn an_unknown_key_in_a_tenant_file_is_refused_with_its_name() {
 }
 
 #[test]
-fn r11_r12_zaask_prices_from_category_statistics_and_refunds_unviewed() {
+fn r11_r12_the_zaask_file_sets_category_statistics_and_a_guarantee() {
     let p = load("zaask.toml");
     let pricing = p.pricing.as_ref().expect("zaask prices from category statistics (R11)");
     let painting = pricing.stats(&rota::ids::CategoryId::new("painting"));

@@ -78,18 +78,25 @@ fn killed_writer_loses_no_acknowledged_record() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (first_ack, acking) = std::sync::mpsc::channel::<()>();
         let reader = std::thread::spawn(move || {
             let mut acked = Vec::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(seq) = line.strip_prefix("ack ").and_then(|s| s.parse::<u64>().ok()) {
+                    if acked.is_empty() {
+                        let _ = first_ack.send(());
+                    }
                     acked.push(seq);
                 }
             }
             acked
         });
-        // Sleeping here only decides when to kill; nothing is asserted about time.
-        std::thread::sleep(Duration::from_millis(50 + rng.below(250)));
+        // Killed while it acknowledges: once the first ack is out (however long the
+        // child takes to start), after a random pause that only decides when; nothing
+        // is asserted about time.
+        let _ = acking.recv_timeout(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(rng.below(250)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let acked = reader.join().unwrap();

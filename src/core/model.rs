@@ -1125,7 +1125,7 @@ mod tests {
     }
 
     #[test]
-    fn inverted_schedule_interval_is_refused() {
+    fn r4_an_inverted_schedule_interval_is_refused() {
         let w = WeeklyWindows {
             time_zone: "UTC".into(),
             intervals: vec![WeeklyInterval { day: Weekday::Fri, start_min: 600, end_min: 300 }],

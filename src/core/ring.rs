@@ -723,7 +723,7 @@ mod tests {
     }
 
     #[test]
-    fn parked_slot_is_not_scanned_and_survives_a_snapshot() {
+    fn r16_r22_r28_a_parked_slot_is_not_scanned_and_survives_a_snapshot() {
         let mut ring = Ring::new();
         for slot in 0..3 {
             ring.upsert(slot, 100);
@@ -777,7 +777,7 @@ mod tests {
     }
 
     #[test]
-    fn joining_pro_starts_at_the_back() {
+    fn r28_a_joining_pro_starts_at_the_back() {
         let mut ring = Ring::new();
         for slot in 0..3 {
             ring.upsert(slot, 100);

@@ -108,7 +108,7 @@ mod tests {
 
     /// A shard offered fewer than `MIN_OFFERS` leads in the window is not judged.
     #[test]
-    fn a_quiet_shard_is_not_judged() {
+    fn r28_a_quiet_shard_is_not_judged() {
         let (a, b) = (ProId::new("a"), ProId::new("b"));
         let mut w = FairnessWindow::default();
         w.shard(&key(), [(&a, 0, 100, false), (&b, 0, 100, false)].into_iter());

@@ -187,7 +187,7 @@ mod tests {
     }
 
     #[test]
-    fn leads_of_two_tenants_with_the_same_id_find_their_own_shard() {
+    fn r1_leads_of_two_tenants_with_the_same_id_find_their_own_shard() {
         let index = LeadIndex::new();
         let (a, b) = (key("a", "roma"), key("b", "milano"));
         let lead = LeadId::new("L1");

@@ -39,7 +39,7 @@ fn bal(l: &Ledger) -> (u64, u64, u64, u64, u64) {
 }
 
 #[test]
-fn grant_posts_credits_and_creates_the_account() {
+fn r10_a_grant_posts_credits_and_creates_the_account() {
     let l = Ledger::new();
     assert_eq!(l.balance(&t(), &p()), Balance::default());
     let r = l.grant(op("g1"), &t(), &p(), 50).unwrap();
@@ -145,7 +145,7 @@ fn r9_r12_credits_given_back_are_spendable_only_once_the_fact_is_applied() {
 }
 
 #[test]
-fn a_hold_is_settled_once() {
+fn r9_a_hold_is_settled_once() {
     let l = funded(10);
     l.hold(op("h"), &t(), &p(), 4).unwrap();
     l.capture(op("cap"), &t(), &p(), &op("h")).unwrap();
@@ -459,7 +459,7 @@ fn r10_topup_rule_must_be_positive() {
 }
 
 #[test]
-fn forget_drops_closed_ops_but_keeps_open_holds() {
+fn r9_forget_drops_closed_ops_but_keeps_open_holds() {
     let l = funded(10);
     l.charge(op("c"), &t(), &p(), 2).unwrap();
     l.refund(op("r"), &t(), &p(), &op("c"), RefundReason::NotViewed).unwrap();
@@ -600,7 +600,7 @@ fn r20_a_new_weekly_budget_applies_from_the_next_recharge() {
 }
 
 #[test]
-fn hard_budget_never_overshot_by_one_lead() {
+fn r19_r21_a_hard_budget_is_never_overshot_by_one_lead() {
     let l = Ledger::new();
     weekly(&l, 100);
     l.recharge(op("w1"), &t(), &p(), &b()).unwrap();
@@ -687,7 +687,7 @@ fn r12_r20_refund_of_last_weeks_spend_is_credited_to_this_week_and_lapses_at_the
 }
 
 #[test]
-fn budget_ops_are_idempotent_and_conflicts_are_refused() {
+fn r19_r20_budget_ops_are_idempotent_and_conflicts_are_refused() {
     let l = Ledger::new();
     let first = l.set_budget(op("sb"), &t(), &p(), &b(), 50).unwrap();
     let rc = l.recharge(op("w1"), &t(), &p(), &b()).unwrap();
@@ -714,7 +714,7 @@ fn budget_ops_are_idempotent_and_conflicts_are_refused() {
 }
 
 #[test]
-fn budget_apply_commutes_across_recharges() {
+fn r20_budget_facts_commute_across_recharges() {
     let l = Ledger::new();
     let events = [
         l.set_budget(op("sb"), &t(), &p(), &b(), 10).unwrap().event,
