@@ -194,6 +194,11 @@ ts("Pros parked out of the rotation", "short", [("sum by (tenant, reason) (rota_
    desc="Pros not scanned per lead: reason budget = every auto-buy budget spent (back with a recharge or refund); unavailable = paused, on vacation, outside the schedule.")
 ts("Stream history on disk", "bytes", [("sum by (tenant) (rota_stream_history_bytes)", "{{tenant}}")], w=6,
    desc="Events evicted from the replay buffer, kept for resumes (stream_spill_bytes per tenant).")
+ts("Shards per tenant", "short", [("max by (tenant) (rota_tenant_shards)", "{{tenant}}")], w=6,
+   desc="Zone x category shards of each tenant.")
+ts("Shards used per tenant", "percentunit", [("max by (tenant) (rota_tenant_shards_used_ratio)", "{{tenant}}")], w=6,
+   thresholds=[(0.9, "red")],
+   desc="Zone x category shards over max_shards_per_tenant; at 100 % new pairs are refused shard_limit.")
 
 # --- Durability -------------------------------------------------------------
 row("Durability")

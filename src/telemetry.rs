@@ -48,6 +48,8 @@ pub const TOPUPS_REQUESTED: &str = "rota_topups_requested_total";
 pub const FAIRNESS_DEVIATION: &str = "rota_fairness_share_deviation_ratio";
 pub const FAIRNESS_MAX_DEVIATION: &str = "rota_fairness_max_share_deviation_ratio";
 pub const PROS_PARKED: &str = "rota_pros_parked";
+pub const TENANT_SHARDS: &str = "rota_tenant_shards";
+pub const TENANT_SHARDS_USED: &str = "rota_tenant_shards_used_ratio";
 
 // Runtime.
 pub const SHARDS_ALIVE: &str = "rota_shards_alive";
@@ -313,6 +315,14 @@ pub const ALL: &[MetricDef] = &[
         "pros",
         &[TENANT, "reason"],
         "Pros parked out of the rotation's scan, summed over shards: reason budget = every auto-buy budget spent (until it comes back), unavailable = paused, on vacation, outside the schedule or with no buying config.",
+    ),
+    m(TENANT_SHARDS, G, "shards", &[TENANT], "The tenant's zone x category shards."),
+    m(
+        TENANT_SHARDS_USED,
+        G,
+        "ratio",
+        &[TENANT],
+        "The tenant's shards over max_shards_per_tenant: at 1 a lead or pro naming a new zone x category pair is refused shard_limit.",
     ),
     // Runtime.
     m(SHARDS_ALIVE, G, "shards", &[], "Shards in memory (each with its timer actor)."),
@@ -589,6 +599,8 @@ pub struct TenantMetrics {
     pub stream_history_restarts: Counter,
     pub pros_parked_budget: Gauge,
     pub pros_parked_unavailable: Gauge,
+    pub shards: Gauge,
+    pub shards_used: Gauge,
 }
 
 impl TenantMetrics {
@@ -612,6 +624,8 @@ impl TenantMetrics {
             stream_history_bytes: metrics::gauge!(STREAM_HISTORY_BYTES, TENANT => t.clone()),
             pros_parked_budget: metrics::gauge!(PROS_PARKED, TENANT => t.clone(), "reason" => "budget"),
             pros_parked_unavailable: metrics::gauge!(PROS_PARKED, TENANT => t.clone(), "reason" => "unavailable"),
+            shards: metrics::gauge!(TENANT_SHARDS, TENANT => t.clone()),
+            shards_used: metrics::gauge!(TENANT_SHARDS_USED, TENANT => t.clone()),
             stream_history_restarts: metrics::counter!(STREAM_HISTORY_RESTARTS, TENANT => t),
         }
     }

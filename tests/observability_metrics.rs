@@ -418,3 +418,18 @@ fn an_offer_on_an_unknown_lead_is_counted_as_refused() {
     });
     assert_eq!(acme(&text, telemetry::RESPONSES_REFUSED, Some(("code", "unknown_lead"))), 1.0, "{text}");
 }
+
+/// Shards per tenant, and their share of `max_shards_per_tenant` (100,000 by default),
+/// sampled by the engine's figures: two shards after a pro in one zone and a lead in
+/// another.
+#[test]
+fn the_tenants_shards_and_their_share_of_the_bound_are_reported() {
+    let text = metrics_of_run("zaask.toml", "zaask", |e| async move {
+        ok(&e, json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["lisboa"]}}))
+            .await;
+        ok(&e, publish(lead("L1", "porto", &[], T0))).await;
+        e.observe();
+    });
+    assert_eq!(acme(&text, telemetry::TENANT_SHARDS, None), 2.0, "{text}");
+    assert_eq!(acme(&text, telemetry::TENANT_SHARDS_USED, None), 2.0 / 100_000.0, "{text}");
+}

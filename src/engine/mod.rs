@@ -1914,6 +1914,9 @@ impl Engine {
                 let (budget, unavailable) = parked.get(&t.id).copied().unwrap_or_default();
                 tm.pros_parked_budget.set(budget as f64);
                 tm.pros_parked_unavailable.set(unavailable as f64);
+                let shards = t.shards.load(Ordering::Relaxed);
+                tm.shards.set(shards as f64);
+                tm.shards_used.set(shards as f64 / self.inner.cfg.raw.max_shards_per_tenant as f64);
             }
         }
     }
