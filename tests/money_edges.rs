@@ -395,6 +395,34 @@ fn r22_r24_a_config_resumed_by_an_update_retries_the_leads_the_buyer_missed() {
     });
 }
 
+/// R22: the retry a profile update queues (budget back) is in memory until it runs; a
+/// crash before then must not lose it. After the restart the buyer, short of budget
+/// (no longer parked: the update put it back in the scan), is retried like a parked
+/// one, and gets the lead it missed.
+#[test]
+fn r22_a_retry_queued_by_a_profile_update_survives_a_crash_before_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = MemFs::new();
+    let start = || {
+        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
+        Engine::start_with_fs(config(dir.path(), "habitissimo.toml", "habitissimo"), handle)
+            .expect("starts")
+            .0
+    };
+    in_system(async {
+        let e = start();
+        x_misses_s1_with_b_paused(&e).await;
+        ok(&e, two_configs(None)).await;
+        assert_eq!(config_b(&e).available, 24, "resumed; its retry not run yet");
+    });
+    fs.power_cut();
+    in_system(async {
+        let e = start();
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 2 * HOUR})).await;
+        assert_eq!(config_b(&e).available, 12, "S1 bought from b after the restart");
+    });
+}
+
 /// R20/R24, hard budgets: a new config whose pause is already over (a profile sent
 /// again with a past `paused_until`) gets one budget in its first week: its first
 /// recharge is its resume too, so the housekeeping does not recharge that resume

@@ -1288,14 +1288,25 @@ impl Shard {
         }
     }
 
-    /// The pros parked for a spent budget. After recovery the shell sends them all a
-    /// `BudgetAvailable` (a recharge logged just before a crash told no shard): those
-    /// whose budget came back are retried the leads they missed (R22) and unparked,
-    /// the others are unparked and parked again by the next lead that scans them.
+    /// The pros parked for a spent budget, and those short of it without a park (skipped
+    /// for it, `ProSlot::budget_short_since`). After recovery the shell sends them all a
+    /// `BudgetAvailable` (a recharge logged just before a crash, or one made by a
+    /// profile update whose retry was queued in memory, told no shard): those whose
+    /// budget came back are retried the leads they missed (R22) and unparked, the
+    /// others are unparked and parked again by the next lead that scans them.
     pub fn budget_parked(&self) -> Vec<ProId> {
-        self.ring
-            .parked_for_budget()
-            .filter_map(|slot| self.pros.get(slot as usize)?.as_ref().map(|ps| ps.pro.id.clone()))
+        let parked: rustc_hash::FxHashSet<u32> = self.ring.parked_for_budget().collect();
+        self.slots
+            .iter()
+            .filter(|(_, slot)| {
+                parked.contains(*slot)
+                    || self
+                        .pros
+                        .get(**slot as usize)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|ps| ps.budget_short_since.get().is_some())
+            })
+            .map(|(pro, _)| pro.clone())
             .collect()
     }
 
