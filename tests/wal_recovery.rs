@@ -668,3 +668,38 @@ fn the_prepared_next_segment_survives_a_restart_and_becomes_the_next_segment() {
     let (_, rec) = Wal::open(cfg, Arc::new(RealFs)).unwrap();
     assert_eq!((rec.records.len() as u64, rec.last_seq, rec.torn_tail), (last, last, None));
 }
+
+/// A segment before the last that ends in bytes that are not a record (the rest of a
+/// recycled file's old last record, say), then a newest segment whose header a crash
+/// tore: the log ends in the segment before, and the writer carries on there. It
+/// carried on in the segment before that one (the last that ended cleanly), writing
+/// the next seq after records it does not follow: acknowledged, then refused at the
+/// next start as a seq regression.
+#[test]
+fn after_a_torn_newest_header_the_log_continues_in_the_segment_that_ends_it() {
+    let fs = MemFs::new();
+    let cfg = small_cfg(MEM_DIR);
+    let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
+    for i in 1..=200u64 {
+        wal.append_blocking(vec![(1, payload(i, 100))]).unwrap();
+    }
+    wal.shutdown().unwrap();
+    let segs = segments(&fs, &mem_dir());
+    assert!(segs.len() >= 4, "{} segments", segs.len());
+    let (a, b) = (&segs[segs.len() - 2], &segs[segs.len() - 1]);
+    let b_first: u64 = b.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    // A ends in a fragment of a record (no record follows it); B's header is torn.
+    let mut a_bytes = fs.file_bytes(a).unwrap();
+    a_bytes.extend_from_slice(&[0xAB; 11]);
+    fs.put_file(a, &a_bytes);
+    fs.put_file(b, &[0u8; 10]);
+    let (wal, rec) = Wal::open(cfg.clone(), as_dyn(&fs)).expect("a torn newest header is a torn tail");
+    assert_eq!(rec.last_seq, b_first - 1, "the log ends where A does");
+    // A small record: it would fit in what is left of any earlier segment.
+    let next = wal.append_blocking(vec![(1, payload(b_first, 1))]).unwrap();
+    assert_eq!(next, b_first..b_first + 1);
+    wal.shutdown().unwrap();
+    let (_, rec) = Wal::open(cfg, as_dyn(&fs)).expect("the next start reads what was acknowledged");
+    assert_eq!(rec.last_seq, b_first);
+    assert_eq!(rec.records.last().map(|r| (r.seq, r.payload.clone())), Some((b_first, payload(b_first, 1))));
+}

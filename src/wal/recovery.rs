@@ -176,6 +176,10 @@ pub(crate) fn walk_log(
                     return Err(corrupt(path, offset, expected, format!("{reason}; {why}")));
                 }
                 if !is_last {
+                    // The log may end here (the next segment's header torn by a crash
+                    // while creating it): then the writer carries on in this segment,
+                    // not in the last one that ended cleanly.
+                    walk.active = Some((first, path.clone(), offset));
                     ended_bad = Some((path, offset, reason));
                     continue;
                 }

@@ -445,12 +445,12 @@ impl Writer {
         self.flush()?;
         self.sync()?;
         let spare = self.spare.as_ref().and_then(Spare::take);
-        let used_spare = spare.is_some();
         let (file, path) = create_segment(&self.st, self.next_seq, spare)?;
-        if used_spare {
-            if let Some(s) = &self.spare {
-                s.request();
-            }
+        // The next one, whether this roll had a spare or not: a spare that could not be
+        // prepared once (a passing error) is tried again, instead of every later roll
+        // zero-filling its segment on this thread.
+        if let Some(s) = &self.spare {
+            s.request();
         }
         self.file = file;
         self.seg_path = path;
