@@ -703,3 +703,36 @@ fn after_a_torn_newest_header_the_log_continues_in_the_segment_that_ends_it() {
     assert_eq!(rec.last_seq, b_first);
     assert_eq!(rec.records.last().map(|r| (r.seq, r.payload.clone())), Some((b_first, payload(b_first, 1))));
 }
+
+/// Damage in a record the snapshot already covers, in the segment that holds the
+/// snapshot's seq: replay needs nothing before the snapshot, so the damaged record is
+/// stepped over and every record after the snapshot is recovered (recovery refused
+/// the log, and `rota wal repair` then cut the records after the snapshot with the
+/// damage). Damage in a record after the snapshot is still refused.
+#[test]
+fn damage_in_a_record_the_snapshot_covers_is_stepped_over_and_nothing_after_it_is_lost() {
+    let fs = MemFs::new();
+    let cfg = small_cfg(MEM_DIR);
+    write_records(&fs, &cfg, 10);
+    let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
+    wal.write_snapshot(8, b"state at 8").unwrap();
+    wal.shutdown().unwrap();
+    let seg = segments(&fs, &mem_dir())[0].clone();
+    for (seq, covered) in [(6, true), (8, true), (9, false)] {
+        for bit in [0, 77, framed() * 8 - 1] {
+            let fs2 = fs.deep_clone();
+            fs2.flip_bit(&seg, offset_of(seq) + bit / 8, (bit % 8) as u8).unwrap();
+            match (Wal::open(cfg.clone(), as_dyn(&fs2)), covered) {
+                (Ok((_, rec)), true) => {
+                    assert_eq!((rec.snapshot_seq, rec.last_seq), (Some(8), 10), "seq {seq} bit {bit}");
+                    assert_eq!(rec.records, expected(9..=10), "seq {seq} bit {bit}");
+                }
+                (Err(WalError::Corrupt { offset, expected_seq, .. }), false) => {
+                    assert_eq!((offset, expected_seq), (offset_of(seq), seq), "seq {seq} bit {bit}");
+                }
+                (Ok(_), false) => panic!("seq {seq} bit {bit}: damage after the snapshot accepted"),
+                (Err(e), _) => panic!("seq {seq} bit {bit} (covered: {covered}): {e}"),
+            }
+        }
+    }
+}

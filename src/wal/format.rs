@@ -330,6 +330,26 @@ pub fn records_after(seg: &[u8], from: usize, min_seq: u64) -> After {
     stale.map_or(After::Nothing, |seq| After::Stale { seq })
 }
 
+/// After damage at `from` where the record with seq `expected` should start: the offset
+/// and seq of the first valid record further on whose seq is in `expected + 1..=upto`,
+/// if there is one (a record of this segment's life that the damage did not touch).
+/// Recovery uses it to step over damaged records a snapshot already covers
+/// (`upto` = the first seq it needs).
+pub fn next_record_within(seg: &[u8], from: usize, expected: u64, upto: u64) -> Option<(usize, u64)> {
+    let mut p = from;
+    while p + RECORD_HEADER_LEN <= seg.len() {
+        match decode_record(&seg[p..], p as u64) {
+            Ok(r) if r.seq > expected && r.seq <= upto => return Some((p, r.seq)),
+            // A valid record past what the snapshot covers, or a regression: not a place
+            // to resume from (the records between would be missing).
+            Ok(r) if r.seq > upto => return None,
+            Ok(r) => p += r.framed_len(),
+            Err(_) => p += 1,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 pub fn encode_snapshot(covers_seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER_LEN + payload.len());

@@ -55,6 +55,8 @@ pub(crate) struct Walk {
     pub segments_read: usize,
     /// The callback asked to stop.
     pub stopped: bool,
+    /// Damaged records stepped over because the snapshot covers them.
+    pub skipped_covered: u64,
 }
 
 fn corrupt(segment: &Path, offset: u64, expected_seq: u64, reason: impl Into<String>) -> WalError {
@@ -137,19 +139,41 @@ pub(crate) fn walk_log(
                 format!("segment header says first seq {first} but the file name says {name_first}"),
             ));
         }
-        let mut count = 0u64;
+        let mut next = first;
         let mut stopped = false;
-        let end = scan_records(&bytes, SEGMENT_HEADER_LEN, first, |rec| {
-            count += 1;
-            walk.bytes += rec.framed_len() as u64;
-            if rec.seq >= start_seq && !f(path, rec) {
-                stopped = true;
-                return false;
+        let mut from = SEGMENT_HEADER_LEN;
+        let end = loop {
+            let end = scan_records(&bytes, from, next, |rec| {
+                next = rec.seq + 1;
+                walk.records += 1;
+                walk.bytes += rec.framed_len() as u64;
+                if rec.seq >= start_seq && !f(path, rec) {
+                    stopped = true;
+                    return false;
+                }
+                true
+            });
+            // Damage in a record the snapshot covers (replay needs none before
+            // `start_seq`): stepped over to the next intact record up to `start_seq`,
+            // instead of refusing the log (and leaving `repair` to cut the records after
+            // the snapshot with it). Only where a valid record of this segment follows.
+            if let ScanEnd::Bad { offset, valid_follows: true, .. } = &end {
+                if next < start_seq {
+                    if let Some((at, seq)) =
+                        format::next_record_within(&bytes, *offset as usize + 1, next, start_seq)
+                    {
+                        tracing::warn!(segment = %path.display(), offset, skipped_from = next, skipped_to = seq - 1,
+                            "WAL records damaged before the snapshot's seq stepped over (the snapshot covers them)");
+                        walk.skipped_covered += seq - next;
+                        next = seq;
+                        from = at;
+                        continue;
+                    }
+                }
             }
-            true
-        });
-        walk.records += count;
-        expected = first + count;
+            break end;
+        };
+        expected = next;
         walk.last_seq = expected - 1;
         match end {
             // Stale: the rest of a recycled file. In a segment before the last, the
