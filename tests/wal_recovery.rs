@@ -736,3 +736,25 @@ fn damage_in_a_record_the_snapshot_covers_is_stepped_over_and_nothing_after_it_i
         }
     }
 }
+
+/// A segment named for seq 0 (seqs start at 1; not one rota wrote) is refused cleanly,
+/// naming it, not a panic on the seq before it.
+#[test]
+fn a_segment_named_for_seq_zero_is_refused_not_a_panic() {
+    let fs = MemFs::new();
+    let cfg = small_cfg(MEM_DIR);
+    write_records(&fs, &cfg, 3);
+    let seg = segments(&fs, &mem_dir())[0].clone();
+    // Its header only, rewritten to say seq 0 (with a valid checksum).
+    let mut header = fs.file_bytes(&seg).unwrap()[..SEGMENT_HEADER_LEN].to_vec();
+    header[16..24].copy_from_slice(&0u64.to_le_bytes());
+    let crc = crc32c::crc32c(&header[0..28]);
+    header[28..32].copy_from_slice(&crc.to_le_bytes());
+    let zero = mem_dir().join("00000000000000000000.wal");
+    fs.put_file(&zero, &header);
+    fs.remove(&seg).unwrap();
+    match Wal::open(cfg, as_dyn(&fs)) {
+        Err(WalError::Corrupt { segment, .. }) => assert_eq!(segment, zero),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}

@@ -91,6 +91,10 @@ pub(crate) fn walk_log(
             ));
         }
     };
+    // Seqs start at 1: a segment named for seq 0 is not one rota wrote.
+    if let Some((_, path)) = segments.iter().find(|(first, _)| *first == 0) {
+        return Err(corrupt(path, 0, 1, "a segment named for seq 0 (seqs start at 1)"));
+    }
     let mut expected = segments[first_idx].0;
     // Bad bytes that ended the previous segment's records: harmless if the next
     // segment starts right after its last record (the rest of a recycled file, or of
@@ -330,7 +334,7 @@ pub(crate) fn recover(
         }
     }
     make_replayed_durable(fs, dir, &listing.segments, start_seq, &walk)?;
-    let log_last = walk.last_seq.max(listing.segments.first().map_or(0, |(f, _)| f - 1));
+    let log_last = walk.last_seq.max(listing.segments.first().map_or(0, |(f, _)| f.saturating_sub(1)));
     if log_last < start_seq - 1 && !listing.segments.is_empty() {
         // The snapshot covers records the log no longer holds (possible only if the
         // disk lost synced data). The snapshot is authoritative; new records start
