@@ -758,3 +758,28 @@ fn a_segment_named_for_seq_zero_is_refused_not_a_panic() {
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+/// An append of several records is durable as one unit: one that does not fit in what
+/// is left of the current segment starts the next one whole, instead of leaving its
+/// first records in the old segment, made durable alone by the rollover's sync.
+#[test]
+fn an_append_of_several_records_is_never_split_across_two_segments() {
+    let fs = MemFs::new();
+    let cfg = small_cfg(MEM_DIR);
+    let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
+    for seq in 1..=30u64 {
+        wal.append_blocking(vec![(1, payload(seq, 100))]).unwrap();
+    }
+    let unit: Vec<(u8, Vec<u8>)> = (31..=36).map(|s| (1, payload(s, 100))).collect();
+    assert_eq!(wal.append_blocking(unit).unwrap(), 31..37);
+    wal.shutdown().unwrap();
+    let holder = |seq: u64| {
+        segments(&fs, &mem_dir())
+            .into_iter()
+            .rfind(|p| p.file_stem().unwrap().to_str().unwrap().parse::<u64>().unwrap() <= seq)
+            .unwrap()
+    };
+    assert_eq!(holder(31), holder(36), "seqs 31-36 in one segment");
+    let (_, rec) = Wal::open(cfg, as_dyn(&fs)).unwrap();
+    assert_eq!(rec.last_seq, 36);
+}

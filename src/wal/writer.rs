@@ -346,6 +346,21 @@ impl Writer {
             match req {
                 Request::Append { records: recs, .. } => {
                     let start = self.next_seq;
+                    // An append of several records is one unit (durable together): it
+                    // starts a new segment rather than being split across two, which
+                    // would make its first part durable at the rollover's sync, alone,
+                    // unless it is larger than a segment anyway.
+                    if recs.len() > 1 {
+                        let len: u64 = recs.iter().map(|(_, p)| framed_len(p.len()) as u64).sum();
+                        let end = self.offset + self.buf.len() as u64;
+                        let seg = self.st.cfg.segment_bytes;
+                        if end > SEGMENT_HEADER_LEN as u64
+                            && end + len > seg
+                            && SEGMENT_HEADER_LEN as u64 + len <= seg
+                        {
+                            self.roll()?;
+                        }
+                    }
                     for (kind, payload) in recs {
                         self.frame(*kind, payload)?;
                     }
@@ -445,12 +460,15 @@ impl Writer {
         self.flush()?;
         self.sync()?;
         let spare = self.spare.as_ref().and_then(Spare::take);
+        let used_spare = spare.is_some();
         let (file, path) = create_segment(&self.st, self.next_seq, spare)?;
-        // The next one, whether this roll had a spare or not: a spare that could not be
-        // prepared once (a passing error) is tried again, instead of every later roll
-        // zero-filling its segment on this thread.
-        if let Some(s) = &self.spare {
-            s.request();
+        // Only after using one: a request queued while the thread still prepares the
+        // last would make it prepare another under the same name while this thread
+        // renames the first into place.
+        if used_spare {
+            if let Some(s) = &self.spare {
+                s.request();
+            }
         }
         self.file = file;
         self.seg_path = path;
