@@ -232,8 +232,9 @@ fn segments_roll_over_and_recover_in_order() {
     assert_eq!(rec.segments_read, segs.len());
 }
 
-#[test]
-fn a_missing_middle_segment_is_a_seq_gap_and_refused() {
+/// 200 records of 100 bytes, one append each, in 4 KiB segments (several of them),
+/// cleanly shut down: the disk, the configuration and the segments in order.
+fn two_hundred_records_in_small_segments() -> (MemFs, WalConfig, Vec<PathBuf>) {
     let fs = MemFs::new();
     let cfg = small_cfg(MEM_DIR);
     let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
@@ -242,6 +243,12 @@ fn a_missing_middle_segment_is_a_seq_gap_and_refused() {
     }
     wal.shutdown().unwrap();
     let segs = segments(&fs, &mem_dir());
+    (fs, cfg, segs)
+}
+
+#[test]
+fn a_missing_middle_segment_is_a_seq_gap_and_refused() {
+    let (fs, cfg, segs) = two_hundred_records_in_small_segments();
     fs.remove(&segs[2]).unwrap();
     fs.sync_dir(&mem_dir()).unwrap();
     let gap_at: u64 = segs[2].file_stem().unwrap().to_str().unwrap().parse().unwrap();
@@ -677,14 +684,7 @@ fn the_prepared_next_segment_survives_a_restart_and_becomes_the_next_segment() {
 /// next start as a seq regression.
 #[test]
 fn after_a_torn_newest_header_the_log_continues_in_the_segment_that_ends_it() {
-    let fs = MemFs::new();
-    let cfg = small_cfg(MEM_DIR);
-    let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
-    for i in 1..=200u64 {
-        wal.append_blocking(vec![(1, payload(i, 100))]).unwrap();
-    }
-    wal.shutdown().unwrap();
-    let segs = segments(&fs, &mem_dir());
+    let (fs, cfg, segs) = two_hundred_records_in_small_segments();
     assert!(segs.len() >= 4, "{} segments", segs.len());
     let (a, b) = (&segs[segs.len() - 2], &segs[segs.len() - 1]);
     let b_first: u64 = b.file_stem().unwrap().to_str().unwrap().parse().unwrap();
