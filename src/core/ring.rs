@@ -747,7 +747,7 @@ mod tests {
     }
 
     #[test]
-    fn r28_no_catch_up_credit_sends_a_returning_pro_to_the_back() {
+    fn r28_a_returning_pro_gets_its_share_and_no_catch_up_burst() {
         let mut ring = Ring::new();
         for slot in 0..3 {
             ring.upsert(slot, 100);
@@ -759,6 +759,20 @@ mod tests {
         // No pro that kept being served is behind it: it has no credit left.
         let pass = |s| ring.entry(s).unwrap().pass;
         assert!(pass(0) >= pass(1) && pass(0) >= pass(2), "{} {} {}", pass(0), pass(1), pass(2));
+        // Eligible again, it gets its share from now on and no more: one lead in each
+        // round of three, never two in a row to make up for the four it missed.
+        let next: Vec<u32> = (0..30)
+            .map(|_| {
+                let sel = ring.select(1, |_| true);
+                ring.commit(&sel, 0);
+                sel.taken[0]
+            })
+            .collect();
+        for round in next.chunks(3) {
+            let mut r = round.to_vec();
+            r.sort_unstable();
+            assert_eq!(r, [0, 1, 2], "each once a round: {next:?}");
+        }
     }
 
     #[test]
