@@ -187,23 +187,6 @@ async fn a_slow_subscriber_is_cut_off_with_a_resume_cursor_and_others_keep_recei
     assert_eq!(next[0]["seq"].as_u64().unwrap(), cursor + 1);
 }
 
-/// One pro in Bologna with credits, then `n` leads with 16 KB descriptions, each
-/// offered to it: large stream events, quickly.
-async fn publish_big_leads(c: &mut Client, n: usize) {
-    c.ok(
-        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
-    )
-    .await;
-    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 1_000_000})).await;
-    let big = "x".repeat(16_000);
-    for i in 0..n {
-        let mut l = lead_in(&format!("S{i}"), "bologna", true);
-        l["description"] = json!(big);
-        l["client"]["id"] = json!(format!("client-{i}"));
-        c.ok(json!({"type": "publish_lead", "lead": l})).await;
-    }
-}
-
 /// A subscriber cut off for being slow, whose cursor has meanwhile left the in-memory
 /// replay buffer (50 events here), resumes from the stream history on disk and gets
 /// every event after its cursor, in order, then live ones.

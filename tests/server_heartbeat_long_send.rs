@@ -15,27 +15,6 @@ use e2e_support::*;
 use serde_json::json;
 use std::io::{Read, Write};
 
-/// About 20 MB of offers (each with its 16 KB summary), far more than the kernel's
-/// socket buffers hold while nothing is read.
-async fn publish_big_leads(c: &mut Client, n: usize) {
-    c.ok(
-        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
-    )
-    .await;
-    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 1_000_000})).await;
-    let big = "x".repeat(16_000);
-    for i in 0..n {
-        let lead = json!({
-            "id": format!("S{i}"), "category": "painting", "zone": "bologna",
-            "description": big, "details": {"rooms": "2"},
-            "client": {"id": format!("client-{i}"), "name": "Ana Garcia", "phone": "+34 600 000 000",
-                       "phone_verified": true, "contact": {"call": true, "chat": true}},
-            "created_at": T0
-        });
-        c.ok(json!({"type": "publish_lead", "lead": lead})).await;
-    }
-}
-
 /// A websocket connection made by hand, that never answers a ping: read raw until the
 /// daemon closes it; returns what it sent.
 fn silent_connection_until_closed(addr: &str) -> String {

@@ -415,3 +415,26 @@ impl Rng {
         lo + self.next() % (hi - lo + 1)
     }
 }
+
+/// One pro (`p1`) in Bologna painting with plenty of credits, then `n` leads there with
+/// 16 KB descriptions, each offered to it: large stream events, quickly (300 of them
+/// are about 5 MB, far more than the kernel's socket buffers hold while nothing is
+/// read).
+pub async fn publish_big_leads(c: &mut Client, n: usize) {
+    c.ok(
+        json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"]}}),
+    )
+    .await;
+    c.ok(json!({"type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 1_000_000})).await;
+    let big = "x".repeat(16_000);
+    for i in 0..n {
+        let lead = json!({
+            "id": format!("S{i}"), "category": "painting", "zone": "bologna",
+            "description": big, "details": {"rooms": "2"},
+            "client": {"id": format!("client-{i}"), "name": "Ana Garcia", "phone": "+34 600 000 000",
+                       "phone_verified": true, "contact": {"call": true, "chat": true}},
+            "created_at": T0
+        });
+        c.ok(json!({"type": "publish_lead", "lead": lead})).await;
+    }
+}
