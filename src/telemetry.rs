@@ -66,6 +66,7 @@ pub const WAL_SYNC_INTERVAL_WAITS: &str = "rota_wal_sync_interval_waits_total";
 pub const WAL_SYNC_FAILURES: &str = "rota_wal_sync_failures_total";
 pub const WAL_SEGMENTS_LIVE: &str = "rota_wal_segments_live";
 pub const WAL_SEGMENTS_REUSED: &str = "rota_wal_segments_reused_total";
+pub const WAL_SPARE_FAILURES: &str = "rota_wal_spare_failures_total";
 pub const WAL_DURABLE_SEQUENCE: &str = "rota_wal_durable_sequence";
 pub const WAL_FAILED: &str = "rota_wal_failed";
 pub const WAL_SNAPSHOTS: &str = "rota_wal_snapshots_total";
@@ -367,6 +368,13 @@ pub const ALL: &[MetricDef] = &[
         "segments",
         &[],
         "New WAL segments made from a compacted one kept for reuse (wal.recycle_segments) instead of a zero-filled new file.",
+    ),
+    m(
+        WAL_SPARE_FAILURES,
+        C,
+        "attempts",
+        &[],
+        "Failed attempts to prepare the next WAL segment ahead of time (wal.preallocate); retried after 250 ms, doubling up to 30 s.",
     ),
     m(WAL_DURABLE_SEQUENCE, G, "sequence", &[], "Highest WAL sequence number known durable."),
     m(WAL_FAILED, G, "bool", &[], "1 when the WAL has failed and refuses appends, else 0."),
@@ -716,6 +724,7 @@ pub struct WalStatsLike {
     pub sync_failures: u64,
     pub segments_live: u64,
     pub segments_reused: u64,
+    pub spare_failures: u64,
     pub snapshots_written: u64,
     /// Highest durable sequence.
     pub durable_seq: u64,
@@ -736,6 +745,7 @@ pub struct WalMetrics {
     pub snapshots: Counter,
     pub segments_live: Gauge,
     pub segments_reused: Counter,
+    pub spare_failures: Counter,
     pub durable_sequence: Gauge,
     pub failed: Gauge,
     pub sync_duration: Histogram,
@@ -767,6 +777,7 @@ impl WalMetrics {
             snapshots: metrics::counter!(WAL_SNAPSHOTS),
             segments_live: metrics::gauge!(WAL_SEGMENTS_LIVE),
             segments_reused: metrics::counter!(WAL_SEGMENTS_REUSED),
+            spare_failures: metrics::counter!(WAL_SPARE_FAILURES),
             durable_sequence: metrics::gauge!(WAL_DURABLE_SEQUENCE),
             failed: metrics::gauge!(WAL_FAILED),
             sync_duration: metrics::histogram!(WAL_SYNC_DURATION),
@@ -791,6 +802,7 @@ impl WalMetrics {
         self.snapshots.absolute(s.snapshots_written);
         self.segments_live.set(s.segments_live as f64);
         self.segments_reused.absolute(s.segments_reused);
+        self.spare_failures.absolute(s.spare_failures);
         self.durable_sequence.set(s.durable_seq as f64);
         self.failed.set(if s.failed { 1.0 } else { 0.0 });
     }

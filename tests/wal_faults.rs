@@ -477,3 +477,43 @@ fn records_a_start_replayed_survive_a_power_cut_after_it_even_if_never_synced_be
         }
     }
 }
+
+/// Polls `stats` until `done` holds, or fails the test after 30 s with what it saw.
+fn wait_for_stats(wal: &Wal, what: &str, done: impl Fn(&rota::wal::WalStats) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let st = wal.stats();
+        if done(&st) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never happened: {st:?}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_spare_segment_that_could_not_be_prepared_is_tried_again_once_the_disk_has_room() {
+    let fs = MemFs::new();
+    // Room for the first segment and a little, not for a second one made ahead.
+    fs.set_capacity(Some(8192 + 4096));
+    let cfg = WalConfig { segment_bytes: 8192, preallocate: true, recycle_segments: 0, ..small_cfg(MEM_DIR) };
+    let (wal, _) = Wal::open(cfg.clone(), as_dyn(&fs)).unwrap();
+    wait_for_stats(&wal, "a failed preparation", |st| st.spare_failures >= 1);
+    assert_eq!(wal.stats().spares_prepared, 0);
+    // Appends go on meanwhile: a missing spare is not a failure of the log.
+    append_many(&wal, 3);
+    assert!(wal.is_failed().is_none());
+
+    // The disk has room again: without a rollover asking, the thread tries again.
+    fs.set_capacity(None);
+    wait_for_stats(&wal, "a prepared spare", |st| st.spares_prepared >= 1);
+    let before = wal.stats().segments_created;
+    while wal.stats().segments_created == before {
+        append_many(&wal, 1);
+    }
+    assert_eq!(wal.stats().segments_from_spare, 1, "the rollover took the spare: {:?}", wal.stats());
+    let last = wal.last_seq();
+    wal.shutdown().unwrap();
+    let (_, rec) = Wal::open(cfg, as_dyn(&fs)).unwrap();
+    assert_eq!((rec.records.len() as u64, rec.last_seq, rec.torn_tail), (last, last, None));
+}

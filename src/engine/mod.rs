@@ -1859,6 +1859,7 @@ impl Engine {
             sync_failures: st.sync_failures,
             segments_live: st.segments_live,
             segments_reused: st.segments_reused,
+            spare_failures: st.spare_failures,
             snapshots_written: st.snapshots_written,
             durable_seq: self.inner.wal.durable_seq(),
             failed: st.failed,

@@ -510,7 +510,19 @@ impl FsFile for MemFile {
         self.with(|st| Ok(st.inodes.get(&inode).map_or(0, |f| f.data.len() as u64)))
     }
 
+    /// Like `fallocate`: refused with `ENOSPC`, changing nothing, when the growth does
+    /// not fit in [`MemFs::set_capacity`].
     fn allocate(&mut self, len: u64) -> io::Result<()> {
+        let inode = self.inode;
+        let fits = self.with(|st| {
+            let cur_len = st.inodes.get(&inode).map_or(0, |f| f.data.len() as u64);
+            Ok(st
+                .capacity
+                .is_none_or(|cap| len.saturating_sub(cur_len) <= cap.saturating_sub(st.used_bytes())))
+        })?;
+        if !fits {
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
         if self.size()? < len {
             self.set_len(len)?;
         }

@@ -417,6 +417,13 @@ pub struct WalStats {
     pub segments_recycled: u64,
     /// New segments made from a recycled file (no zero-fill, no new blocks).
     pub segments_reused: u64,
+    /// Spares (next segments) the background thread prepared ahead of time.
+    pub spares_prepared: u64,
+    /// New segments that were the spare prepared ahead by the background thread.
+    pub segments_from_spare: u64,
+    /// Attempts of the background thread to prepare a spare that failed (it tries
+    /// again after 250 ms, doubling up to 30 s).
+    pub spare_failures: u64,
     pub syncs: u64,
     pub sync_failures: u64,
     pub write_failures: u64,
@@ -440,6 +447,9 @@ pub(crate) struct StatCells {
     pub segments_deleted: AtomicU64,
     pub segments_recycled: AtomicU64,
     pub segments_reused: AtomicU64,
+    pub spares_prepared: AtomicU64,
+    pub segments_from_spare: AtomicU64,
+    pub spare_failures: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_failures: AtomicU64,
     pub write_failures: AtomicU64,
@@ -865,6 +875,9 @@ impl Wal {
             segments_deleted: get(&s.segments_deleted),
             segments_recycled: get(&s.segments_recycled),
             segments_reused: get(&s.segments_reused),
+            spares_prepared: get(&s.spares_prepared),
+            segments_from_spare: get(&s.segments_from_spare),
+            spare_failures: get(&s.spare_failures),
             syncs: get(&s.syncs),
             sync_failures: get(&s.sync_failures),
             write_failures: get(&s.write_failures),

@@ -99,6 +99,12 @@ struct Spare {
     join: Option<JoinHandle<()>>,
 }
 
+/// How long the preparing thread waits before trying again after a failure, at first
+/// and at most (doubling in between): a disk that was full or failing for a moment
+/// gets spares again once it recovers, without a log line per rollover meanwhile.
+const SPARE_RETRY_FIRST: Duration = Duration::from_millis(250);
+const SPARE_RETRY_MAX: Duration = Duration::from_secs(30);
+
 impl Spare {
     fn start(st: &Arc<State>) -> Spare {
         let slot: Arc<Mutex<Option<Box<dyn FsFile>>>> = Arc::default();
@@ -107,16 +113,40 @@ impl Spare {
         let join = std::thread::Builder::new()
             .name("rota-wal-prealloc".into())
             .spawn(move || {
-                for () in rx {
+                // Asked for by the writer only after it took the last spare (and
+                // renamed it into place); after a failure this thread tries again on
+                // its own, since no rollover will ask while the slot stays empty.
+                let mut retry: Option<Duration> = None;
+                loop {
+                    let asked = match retry {
+                        None => rx.recv().is_ok(),
+                        Some(wait) => !matches!(rx.recv_timeout(wait), Err(RecvTimeoutError::Disconnected)),
+                    };
+                    if !asked {
+                        return;
+                    }
                     if thread_slot.lock().is_some() {
+                        retry = None;
                         continue;
                     }
                     match prepare_spare(&st) {
-                        Ok(file) => *thread_slot.lock() = Some(file),
-                        // Not fatal: the writer then creates the segment itself, and
-                        // reports any real trouble with the disk from there.
+                        Ok(file) => {
+                            *thread_slot.lock() = Some(file);
+                            st.stats.spares_prepared.fetch_add(1, Ordering::Relaxed);
+                            retry = None;
+                        }
+                        // Not fatal: the writer then creates its segments itself (and
+                        // reports any real trouble with the disk from there) until a
+                        // later attempt succeeds.
                         Err(e) => {
-                            tracing::warn!(error = %e, "could not preallocate the next WAL segment")
+                            st.stats.spare_failures.fetch_add(1, Ordering::Relaxed);
+                            let wait = retry.map_or(SPARE_RETRY_FIRST, |w| (w * 2).min(SPARE_RETRY_MAX));
+                            tracing::warn!(
+                                error = %e,
+                                retry_in_ms = wait.as_millis() as u64,
+                                "could not preallocate the next WAL segment"
+                            );
+                            retry = Some(wait);
                         }
                     }
                 }
@@ -462,6 +492,9 @@ impl Writer {
         let spare = self.spare.as_ref().and_then(Spare::take);
         let used_spare = spare.is_some();
         let (file, path) = create_segment(&self.st, self.next_seq, spare)?;
+        if used_spare {
+            self.st.stats.segments_from_spare.fetch_add(1, Ordering::Relaxed);
+        }
         // Only after using one: a request queued while the thread still prepares the
         // last would make it prepare another under the same name while this thread
         // renames the first into place.
