@@ -5,7 +5,7 @@
 //! walks pros in increasing `(pass, served, slot)` order, takes the first `n` that are
 //! eligible for the lead, and advances each taken pro's pass by its stride. Among equal
 //! passes the pro served longest ago goes first (`served`: when it was last taken), then
-//! the slot (join order), so among equal weights the rotation is strictly cyclic: with
+//! the slot (a pro that joins takes the lowest slot left free), so among equal weights the rotation is strictly cyclic: with
 //! 8 equal pros and groups of 4, lead 1 goes to pros 1-4, lead 2 to 5-8, lead 3 to 1-4
 //! again. Ties are common: a skip or a park clamps a pro to the pass of those just
 //! served; broken by slot alone, the pros that joined first won every such tie (one
@@ -192,6 +192,11 @@ impl Ring {
     /// Parked slots with until when, by slot.
     pub fn iter_parked(&self) -> impl Iterator<Item = (u32, Option<Millis>)> + '_ {
         self.parked.iter().map(|(&s, &u)| (s, u))
+    }
+
+    /// Slots the ring has room for, held or free.
+    pub fn slot_capacity(&self) -> usize {
+        self.entries.len()
     }
 
     pub fn entry(&self, slot: u32) -> Option<&RingEntry> {

@@ -890,6 +890,43 @@ pub struct Shard {
     /// history are kept. (Last, and defaulted: older snapshots decode.)
     #[serde(default)]
     departed: FxHashMap<ProId, ProStats>,
+    /// The slots no pro holds (`None` in `pros`), for the next pro that joins: without
+    /// reuse every leave-and-return (a zone or category change back and forth, a pro
+    /// removed and added again) left a dead slot in `pros` and in the ring for the
+    /// shard's lifetime, and in every snapshot.
+    #[serde(skip)]
+    free: FreeSlots,
+}
+
+/// The slots no pro holds, lowest first. Derived from `pros` (built on first use,
+/// then kept in step by joins and removals), so not stored and not compared: a
+/// shard restored from a snapshot or replayed from the log reuses the same slots as
+/// the one that wrote them, which keeps every logged [`Selection`] naming the same
+/// pros.
+#[derive(Debug, Clone, Default)]
+struct FreeSlots(Option<std::collections::BTreeSet<u32>>);
+
+impl PartialEq for FreeSlots {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl FreeSlots {
+    /// The lowest slot no pro holds, taken, if any.
+    fn take_lowest(&mut self, pros: &[Option<ProSlot>]) -> Option<u32> {
+        let set = self.0.get_or_insert_with(|| {
+            pros.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| i as u32).collect()
+        });
+        set.pop_first()
+    }
+
+    /// `slot`'s pro left (its entry in `pros` is `None` now).
+    fn freed(&mut self, slot: u32) {
+        if let Some(set) = &mut self.0 {
+            set.insert(slot);
+        }
+    }
 }
 
 /// Reads [`Shard::learned_proposals_milli`] as this release writes it (a number) or as
@@ -927,6 +964,7 @@ impl Shard {
             learned_proposals_milli: None,
             next_seq: 0,
             departed: FxHashMap::default(),
+            free: FreeSlots::default(),
         }
     }
 
@@ -2187,8 +2225,10 @@ impl Shard {
                 let slot = match self.slots.get(&pro.id) {
                     Some(&s) => s,
                     None => {
-                        let s = self.pros.len() as u32;
-                        self.pros.push(None);
+                        let s = self.free.take_lowest(&self.pros).unwrap_or_else(|| {
+                            self.pros.push(None);
+                            (self.pros.len() - 1) as u32
+                        });
                         self.slots.insert(pro.id.clone(), s);
                         s
                     }
@@ -2231,6 +2271,7 @@ impl Shard {
                             self.departed.insert(pro.clone(), ps.stats);
                         }
                     }
+                    self.free.freed(slot);
                 }
                 if !*left {
                     self.departed.remove(pro);
@@ -3556,6 +3597,47 @@ mod departed_tests {
         assert!(s.departed.is_empty());
         run(&mut s, T0 + 40_000, Command::UpsertPro { pro: pro("a") });
         assert_eq!(s.slot_pro(s.slots[&ProId::new("a")]).weight.weight, fresh, "a fresh start");
+    }
+
+    /// Churn (a zone dropped and added back, a pro removed and added again) reuses the
+    /// slots left free: the slot table and the ring stay the size of the shard's pros,
+    /// and a shard restored from a snapshot reuses the same slots as the one that
+    /// wrote it, so the log's selections name the same pros on replay.
+    #[test]
+    fn pros_leaving_and_coming_back_reuse_free_slots_the_same_way_after_a_restore() {
+        let mut s = shard_with(
+            "tenant = \"t\"\nmode = \"shared\"\n[leads]\noffer_fanout = 2\nduplicate_window_s = 0\n",
+        );
+        let run = |s: &mut Shard, now: Millis, cmd: Command| {
+            let d = s.decide(now, &cmd, &Unlimited).expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+            s.check_invariants().expect("invariants hold");
+        };
+        for id in ["a", "b", "c", "d"] {
+            run(&mut s, T0, Command::UpsertPro { pro: pro(id) });
+        }
+        for n in 1..=500u32 {
+            let now = T0 + Millis::from(n) * 1000;
+            run(&mut s, now, Command::LeaveShard { pro: ProId::new("b") });
+            run(&mut s, now, Command::RemovePro { pro: ProId::new("d") });
+            run(&mut s, now + 1, Command::UpsertPro { pro: pro("d") });
+            run(&mut s, now + 1, Command::UpsertPro { pro: pro("b") });
+            run(&mut s, now + 2, Command::PublishLead { lead: lead(n, now + 2).into() });
+        }
+        assert_eq!((s.pros.len(), s.ring.slot_capacity(), s.pro_count()), (4, 4, 4));
+
+        // Two slots free, then a restore: the copy takes the same slots for newcomers.
+        run(&mut s, T0 + crate::ids::DAY_MS, Command::RemovePro { pro: ProId::new("c") });
+        run(&mut s, T0 + crate::ids::DAY_MS, Command::LeaveShard { pro: ProId::new("a") });
+        let mut back: Shard = rmp_serde::from_slice(&rmp_serde::to_vec(&s).unwrap()).unwrap();
+        back.restore(s.policy().clone());
+        for id in ["e", "f", "g"] {
+            run(&mut s, T0 + crate::ids::DAY_MS + 1, Command::UpsertPro { pro: pro(id) });
+            run(&mut back, T0 + crate::ids::DAY_MS + 1, Command::UpsertPro { pro: pro(id) });
+            assert_eq!(s.slots[&ProId::new(id)], back.slots[&ProId::new(id)], "{id}");
+        }
+        assert_eq!((s.slots[&ProId::new("e")], s.slots[&ProId::new("f")], s.pros.len()), (0, 2, 5));
+        assert_eq!(s, back);
     }
 }
 
