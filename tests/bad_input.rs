@@ -248,3 +248,105 @@ fn r3_r4_oversized_schedules_and_coverage_are_refused_with_the_field_named() {
     p.zones.truncate(32);
     h.ok(T0 + M, Command::UpsertPro { pro: p });
 }
+
+/// R1: a lead's creation time far ahead of the daemon's clock (seconds or microseconds
+/// where milliseconds are meant) is refused naming the field, and changes nothing: its
+/// lifetime, head start and duplicate window count from it, so it would never close.
+/// A platform clock a few minutes ahead is accepted.
+#[test]
+fn r1_a_creation_time_far_ahead_of_the_clock_is_refused_with_the_field_named() {
+    let mut h = setup();
+    let now = T0 + M;
+    for ahead in [MAX_CREATED_AHEAD_MS + 1, 10 * 365 * rota::ids::DAY_MS, now * 999] {
+        let l = lead("L-future", now + ahead);
+        refused(&mut h, Command::PublishLead { lead: l.into() }, "invalid_field", Some("lead.created_at"));
+    }
+    let l = lead("L-far", i64::MAX);
+    refused(&mut h, Command::PublishLead { lead: l.into() }, "invalid_field", Some("lead.created_at"));
+    h.publish(now, lead("L-skewed", now + MAX_CREATED_AHEAD_MS));
+}
+
+/// R16, R24: pauses and vacations end at a real time: a "for ever" written as
+/// `i64::MAX` (or a negative time) is refused naming the field, in the pro's
+/// availability and in an auto-buy config.
+#[test]
+fn r16_r24_pause_and_vacation_ends_past_year_9999_are_refused_with_the_field_named() {
+    let mut h = setup();
+    let refuse = |h: &mut Harness, availability: Availability, field: &str| {
+        refused(h, Command::SetAvailability { pro: pid("anna"), availability }, "invalid_field", Some(field));
+    };
+    refuse(
+        &mut h,
+        Availability { paused_until: Some(i64::MAX), ..Default::default() },
+        "availability.paused_until",
+    );
+    refuse(
+        &mut h,
+        Availability { vacation: Some((T0, i64::MAX)), ..Default::default() },
+        "availability.vacation",
+    );
+    refuse(&mut h, Availability { vacation: Some((-5, T0)), ..Default::default() }, "availability.vacation");
+    h.ok(
+        T0 + M,
+        Command::SetAvailability {
+            pro: pid("anna"),
+            availability: Availability { paused_until: Some(MAX_TIME_MS), ..Default::default() },
+        },
+    );
+    let mut p = pro("anna");
+    p.autobuy = vec![AutoBuyConfig { paused_until: Some(i64::MAX), ..autobuy("week", 100) }];
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.autobuy[0].paused_until"));
+}
+
+/// R19: a pro's auto-buy configs are bounded like its other lists (the profile is
+/// copied into every shard it covers and logged with each): at most 64 configs, 1,024
+/// zones and 256 categories each, 4,096 entries over all, every id a valid id.
+#[test]
+fn r19_oversized_or_malformed_autobuy_lists_are_refused_with_the_field_named() {
+    let mut h = setup();
+    let with = |configs: Vec<AutoBuyConfig>| {
+        let mut p = pro("anna");
+        p.autobuy = configs;
+        Command::UpsertPro { pro: p }
+    };
+    let many = |n: usize| (0..n).map(|i| autobuy(&format!("c{i}"), 100)).collect::<Vec<_>>();
+    refused(&mut h, with(many(65)), "invalid_field", Some("pro.autobuy"));
+    h.ok(T0 + M, with(many(64)));
+    let zones = |n: usize| (0..n).map(|i| rota::ids::ZoneId::new(format!("z{i}"))).collect::<Vec<_>>();
+    let wide = AutoBuyConfig { zones: zones(1025), ..autobuy("wide", 100) };
+    refused(&mut h, with(vec![wide]), "invalid_field", Some("pro.autobuy[0].zones"));
+    let cats = (0..257).map(|i| rota::ids::CategoryId::new(format!("c{i}"))).collect();
+    let broad = AutoBuyConfig { categories: cats, ..autobuy("broad", 100) };
+    refused(&mut h, with(vec![broad]), "invalid_field", Some("pro.autobuy[0].categories"));
+    let blank = AutoBuyConfig { zones: vec![rota::ids::ZoneId::new("")], ..autobuy("blank", 100) };
+    refused(&mut h, with(vec![autobuy("ok", 100), blank]), "invalid_field", Some("pro.autobuy[1].zones"));
+    let five: Vec<_> =
+        (0..5).map(|i| AutoBuyConfig { zones: zones(1000), ..autobuy(&format!("c{i}"), 100) }).collect();
+    refused(&mut h, with(five), "invalid_field", Some("pro.autobuy"));
+}
+
+/// R22, R24: a profile logged before times were bounded, with an auto-buy config
+/// paused "for ever" (`i64::MAX`), parks the pro until that time, not as if its budget
+/// were spent: a budget-parked pro is retried when budget comes back, and would then
+/// buy the leads released while its config was paused.
+#[test]
+fn r22_r24_an_old_profile_paused_until_i64_max_is_not_parked_for_budget_nor_retried() {
+    let mut h = Harness::new(autobuy_policy(2));
+    let buying = |id: &str| {
+        let mut p = pro(id);
+        p.autobuy = vec![autobuy("week", 1_000)];
+        p
+    };
+    h.add_pro(buying("anna"));
+    let mut paused = buying("bruno");
+    paused.autobuy[0].paused_until = Some(i64::MAX);
+    // As replay applies it: the profile was accepted by an older release.
+    apply_checked(&mut h.shard, &Event::ProUpserted { pro: std::sync::Arc::new(paused), at: T0 });
+    let d = h.publish(T0 + M, lead("L1", T0 + M));
+    assert_eq!(offered(&d), [("anna".to_string(), OfferKind::AutoBuy)], "a group left short");
+    assert_eq!(h.shard.budget_parked_pros(), 0, "bruno is paused, not out of budget");
+
+    h.ok(T0 + 2 * M, Command::UpsertPro { pro: buying("bruno") });
+    let d = h.ok(T0 + 3 * M, Command::BudgetAvailable { pros: vec![pid("bruno")] });
+    assert!(offered(&d).is_empty(), "bruno bought a lead released while it was paused: {d:?}");
+}

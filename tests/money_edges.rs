@@ -356,6 +356,7 @@ async fn x_misses_s1_with_b_paused(e: &Engine) {
     ok(e, publish("A1", "madrid", true, T0 + MIN)).await;
     ok(e, publish("A2", "madrid", true, T0 + MIN + 1)).await;
     assert_eq!(config_b(e).available, 24);
+    ok(e, json!({"type": "advance_clock", "to_ms": T0 + HOUR})).await;
     let s1 = ok(e, publish("S1", "madrid", true, T0 + HOUR)).await;
     assert!(format!("{s1:?}").contains("offers: []"), "x could buy from nothing: {s1:?}");
 }

@@ -26,5 +26,5 @@ pub use model::*;
 pub use policy::{DispatchMode, Policy, PolicyError};
 pub use shard::{
     Charge, ChargeMode, Command, Decision, Event, Funds, Grant, LeadOutcome, LeadStatus, OfferAction,
-    OfferView, Party, Reject, RejectReason, Reply, Shard, Skip, Unlimited,
+    OfferView, Party, Reject, RejectReason, Reply, Shard, Skip, Unlimited, MAX_CREATED_AHEAD_MS,
 };

@@ -128,6 +128,30 @@ pub const MAX_WEEKLY_INTERVALS: usize = 168;
 /// copy of the profile and a logged change per shard at every update.
 pub const MAX_SHARDS_PER_PRO: usize = 1024;
 
+/// Auto-buy configs one pro may have (R19), and the zone and category entries all of
+/// them may list together: the profile is copied into every shard the pro covers and
+/// logged with each, so its size is bounded like its other lists.
+pub const MAX_AUTOBUY_CONFIGS: usize = 64;
+pub const MAX_AUTOBUY_ENTRIES: usize = 4096;
+
+/// The latest time accepted on the wire, 9999-12-31T23:59:59.999Z in ms: later than
+/// any real date, far from `i64` overflow when durations are added, and below the
+/// rotation's "until budget comes back" mark ([`crate::core::ring::UNTIL_BUDGET`]),
+/// which a pause "for ever" written as `i64::MAX` would otherwise have looked like.
+pub const MAX_TIME_MS: Millis = 253_402_300_799_999;
+
+/// Checks a time sent by a client: a Unix time in ms, no later than [`MAX_TIME_MS`].
+pub fn validate_time(t: Millis, field: impl Into<String>) -> Result<(), FieldError> {
+    if (0..=MAX_TIME_MS).contains(&t) {
+        Ok(())
+    } else {
+        Err(field_err(
+            field,
+            format!("must be a Unix time in ms from 0 to {MAX_TIME_MS} (9999-12-31), got {t}"),
+        ))
+    }
+}
+
 /// A set of weekly intervals in an IANA time zone. Empty = always.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WeeklyWindows {
@@ -324,7 +348,12 @@ impl Availability {
     }
 
     pub fn validate(&self, field: &str) -> Result<(), FieldError> {
+        if let Some(t) = self.paused_until {
+            validate_time(t, format!("{field}.paused_until"))?;
+        }
         if let Some((from, until)) = self.vacation {
+            validate_time(from, format!("{field}.vacation"))?;
+            validate_time(until, format!("{field}.vacation"))?;
             if from >= until {
                 return Err(field_err(format!("{field}.vacation"), "start must be before end"));
             }
@@ -379,6 +408,21 @@ impl AutoBuyConfig {
         }
         if self.weekly_budget_credits == 0 || self.weekly_budget_credits > MAX_CREDITS {
             return Err(field_err(format!("{field}.weekly_budget_credits"), "must be in 1..=10^12"));
+        }
+        if self.zones.len() > 1024 {
+            return Err(field_err(format!("{field}.zones"), "at most 1024 zones per config"));
+        }
+        if self.categories.len() > 256 {
+            return Err(field_err(format!("{field}.categories"), "at most 256 categories per config"));
+        }
+        for z in &self.zones {
+            z.validate("zones").map_err(|e| field_err(format!("{field}.zones"), e.reason))?;
+        }
+        for c in &self.categories {
+            c.validate("categories").map_err(|e| field_err(format!("{field}.categories"), e.reason))?;
+        }
+        if let Some(t) = self.paused_until {
+            validate_time(t, format!("{field}.paused_until"))?;
         }
         Ok(())
     }
@@ -461,6 +505,21 @@ impl Pro {
             return Err(field_err("pro.quality.profile_permille", "must be at most 1000"));
         }
         self.availability.validate("pro.availability")?;
+        if self.autobuy.len() > MAX_AUTOBUY_CONFIGS {
+            return Err(field_err(
+                "pro.autobuy",
+                format!("{} configs: at most {MAX_AUTOBUY_CONFIGS} per pro", self.autobuy.len()),
+            ));
+        }
+        let entries: usize = self.autobuy.iter().map(|c| c.zones.len() + c.categories.len()).sum();
+        if entries > MAX_AUTOBUY_ENTRIES {
+            return Err(field_err(
+                "pro.autobuy",
+                format!(
+                    "{entries} zone and category entries over all configs: at most {MAX_AUTOBUY_ENTRIES} per pro"
+                ),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, c) in self.autobuy.iter().enumerate() {
             c.validate(&format!("pro.autobuy[{i}]"))?;
@@ -700,8 +759,11 @@ impl Lead {
         if self.kind == JobKind::Contact && self.direct.len() != 1 {
             return Err(field_err("lead.direct", "a contact job is written to exactly one pro"));
         }
-        if self.created_at <= 0 {
-            return Err(field_err("lead.created_at", "must be a positive Unix time in ms"));
+        if self.created_at <= 0 || self.created_at > MAX_TIME_MS {
+            return Err(field_err(
+                "lead.created_at",
+                format!("must be a positive Unix time in ms, at most {MAX_TIME_MS} (9999-12-31)"),
+            ));
         }
         Ok(())
     }

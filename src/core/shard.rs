@@ -847,6 +847,10 @@ pub const MAX_RECORDED_SKIPS: usize = 64;
 /// next lead starts where this one stopped, so every pro gets its share in turn.
 pub const MAX_OFFERS_PER_RELEASE: usize = 10_000;
 
+/// How far ahead of the daemon's clock a lead's `created_at` may be: a platform's clock
+/// a little ahead is accepted (its lead then lives that much longer); more is refused.
+pub const MAX_CREATED_AHEAD_MS: Millis = 10 * crate::ids::MINUTE_MS;
+
 /// Most notes on one offer, and longest note.
 const MAX_NOTES: usize = 100;
 const MAX_NOTE_LEN: usize = 4096;
@@ -1173,6 +1177,25 @@ impl Shard {
                 return Err(Reject::IdempotencyConflict(lead.id.clone()));
             }
             return Ok(Decision { events: vec![], reply: Reply::Lead(rejected_outcome(&lead.id, r.reason)) });
+        }
+        // A creation time far ahead of the daemon's clock is a client's mistake (seconds
+        // or microseconds where milliseconds are meant, a local time sent as UTC), and
+        // the lead's lifetime, head start and duplicate window all count from it: such a
+        // lead would never close, hold its chat-only credits for ever and refuse the
+        // client's next leads as duplicates. Refused, naming the field; a platform clock
+        // a few minutes ahead is within the margin.
+        if lead.created_at > now.saturating_add(MAX_CREATED_AHEAD_MS) {
+            return Err(field_err(
+                "lead.created_at",
+                format!(
+                    "{} is {} s ahead of the daemon's clock ({now}); at most {} s ahead is accepted \
+                     (a Unix time in milliseconds is expected)",
+                    lead.created_at,
+                    (lead.created_at - now) / 1000,
+                    MAX_CREATED_AHEAD_MS / 1000
+                ),
+            )
+            .into());
         }
         // R2: quality gate, then duplicate protection, before anyone is charged.
         if let Some(reason) = self.gate(lead, funds) {
@@ -1683,12 +1706,17 @@ impl Shard {
                 (None, Some(b)) => Some(b),
             });
         };
+        // A pro's own end of a pause is a time, never the "until budget comes back"
+        // mark: profiles logged before times were bounded on the wire (a pause "for
+        // ever" as `i64::MAX`) would otherwise park it as if its budget were spent, and
+        // an R22 retry would later buy it leads released while it was paused.
+        let time = |t: Millis| t.min(ring::UNTIL_BUDGET - 1);
         let a = &pro.availability;
         if let Some(t) = a.paused_until.filter(|&t| now < t) {
-            hold(Some(t));
+            hold(Some(time(t)));
         }
         if let Some((_, to)) = a.vacation.filter(|&(from, to)| from <= now && now < to) {
-            hold(Some(to));
+            hold(Some(time(to)));
         }
         if let Some(schedule) = &a.schedule {
             let tz = schedule.tz();
@@ -1703,7 +1731,7 @@ impl Shard {
             if !covering.clone().any(|c| c.is_buying(now)) {
                 // Inactive configs (and none at all) wait for an upsert; paused ones
                 // resume by themselves.
-                hold(covering.filter(|c| c.active).filter_map(|c| c.paused_until).min());
+                hold(covering.filter(|c| c.active).filter_map(|c| c.paused_until).min().map(time));
             } else if covering
                 .filter(|c| c.is_buying(now))
                 .all(|c| funds.budget(&pro.id, &c.name) < self.min_price())
