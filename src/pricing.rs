@@ -9,6 +9,11 @@
 //! price                  = round half up, then clamp to [min, max]
 //! ```
 //!
+//! The average proposals per lead is at least one (1000 thousandths, in the policy and
+//! as learned): a lead with no response lowers it, but a pro that responds is one
+//! proposal at least, so a lead never costs more than being its only proposal is
+//! worth.
+//!
 //! The whole chain is one fraction of `u128` integers, rounded once at the
 //! end (half up: 2.5 -> 3, 2.49 -> 2), so the price does not depend on the
 //! order of the factors and adding a risk never raises it. The intermediate
@@ -48,6 +53,12 @@ use std::collections::BTreeMap;
 pub const MAX_TENANT_FACTOR_PERMILLE: u32 = 100_000;
 /// Largest average of proposals per lead: 1,000 proposals.
 pub const MAX_PROPOSALS_MILLI: u64 = 1_000_000;
+/// Smallest: one proposal. The figure divides the expected value of *responding*, and a
+/// pro that responds is one proposal at least: below one, the price would exceed the
+/// value of being the lead's only proposal (leads closed with no response pull the
+/// learned average down, R11, and a category most leads of which get none would
+/// otherwise be priced at the maximum, fewer responses pushing it higher still).
+pub const MIN_PROPOSALS_MILLI: u64 = 1_000;
 /// Largest value of one credit.
 pub const MAX_CREDIT_VALUE_CENTS: u64 = u32::MAX as u64;
 
@@ -99,14 +110,14 @@ impl CategoryStats {
     /// Learns from a closed lead that got `n` proposals: an exponential moving
     /// average `avg += (n - avg) x ema`, in milli-units, rounded half up.
     /// Deterministic, so replaying the same observations gives the same stats.
-    /// The result stays in `1..=MAX_PROPOSALS_MILLI`: it is a divisor.
+    /// The result stays in `MIN_PROPOSALS_MILLI..=MAX_PROPOSALS_MILLI`.
     pub fn observe_proposals(&mut self, n: u32, ema: Permille) {
         let old = self.avg_proposals_milli.min(MAX_PROPOSALS_MILLI);
         let sample = (u64::from(n) * 1000).min(MAX_PROPOSALS_MILLI);
         let alpha = u64::from(ema.get());
         // Both terms are at most 10^6 x 10^3: no overflow in u64.
         let new = (old * (1000 - alpha) + sample * alpha + 500) / 1000;
-        self.avg_proposals_milli = new.clamp(1, MAX_PROPOSALS_MILLI);
+        self.avg_proposals_milli = new.clamp(MIN_PROPOSALS_MILLI, MAX_PROPOSALS_MILLI);
     }
 }
 
@@ -153,11 +164,12 @@ fn permille(key: &str, value: u32) -> Result<Permille, PricingError> {
 
 fn validate_stats(key: &str, s: &CategoryStats) -> Result<(), PricingError> {
     permille(&format!("{key}.conversion_permille"), s.conversion_permille)?;
-    if !(1..=MAX_PROPOSALS_MILLI).contains(&s.avg_proposals_milli) {
+    if !(MIN_PROPOSALS_MILLI..=MAX_PROPOSALS_MILLI).contains(&s.avg_proposals_milli) {
         return Err(bad(
             format!("pricing.{key}.avg_proposals_milli"),
             format!(
-                "{} is out of range: must be 1..={MAX_PROPOSALS_MILLI} (thousandths of a proposal)",
+                "{} is out of range: must be {MIN_PROPOSALS_MILLI}..={MAX_PROPOSALS_MILLI} \
+                 (thousandths of a proposal; a responding pro is one at least)",
                 s.avg_proposals_milli
             ),
         ));
@@ -321,14 +333,15 @@ pub fn price(stats: &CategoryStats, risk: &RiskInputs, pricing: &Pricing) -> Pri
     let mut components = PriceComponents {
         avg_job_value_cents: stats.avg_job_value_cents,
         conversion_permille: stats.conversion_permille.min(1000),
-        avg_proposals_milli: stats.avg_proposals_milli.clamp(1, MAX_PROPOSALS_MILLI),
+        avg_proposals_milli: stats.avg_proposals_milli.clamp(MIN_PROPOSALS_MILLI, MAX_PROPOSALS_MILLI),
         expected_value_cents: 0,
         credit_value_cents: p.credit_value_cents,
         tenant_factor_permille: p.tenant_factor_permille,
         chat_only_discount_permille: applied(risk.chat_only, pricing.chat_only),
         thin_details_discount_permille: applied(risk.thin_details, pricing.thin_details),
         far_away_discount_permille: applied(far_away, pricing.far_away),
-        distance_m: risk.distance_m,
+        // In whole km (see `far_away`); the threshold above used the exact distance.
+        distance_m: risk.distance_m.map(|d| d / 1000 * 1000),
         far_away_km: p.far_away_km,
         risk_factor_permille: 0,
         unclamped_credits: 0,
@@ -346,13 +359,20 @@ impl PriceComponents {
     /// `far_away_km`, with the far-away discount of the policy the lead was priced
     /// under (kept in `far_away_pro_discount_permille`, so a later change of the
     /// policy does not reprice an open lead). `None` when that discount is 0.
+    ///
+    /// The distance kept in the components (and shown to the pro in its offer) is in
+    /// whole kilometres, rounded down: to the metre, the pro's own base and the
+    /// distance would place the client on an arc a metre wide, and two pros' arcs
+    /// would cross at the client's address before either responded (R8). A kilometre
+    /// is about as coarse as the lead's `approx_location`. The price does not depend
+    /// on it beyond the far-away threshold, decided on the exact distance.
     pub fn far_away(&self, distance_m: u64) -> Option<Price> {
         if self.far_away_pro_discount_permille == 0 || self.far_away_discount_permille != 0 {
             return None;
         }
         let mut components = self.clone();
         components.far_away_discount_permille = self.far_away_pro_discount_permille;
-        components.distance_m = Some(distance_m);
+        components.distance_m = Some(distance_m / 1000 * 1000);
         let credits = components.settle();
         Some(Price { credits, components })
     }
@@ -361,7 +381,7 @@ impl PriceComponents {
     fn settle(&mut self) -> u64 {
         let value = self.avg_job_value_cents;
         let conversion = self.conversion_permille.min(1000);
-        let proposals = self.avg_proposals_milli.clamp(1, MAX_PROPOSALS_MILLI);
+        let proposals = self.avg_proposals_milli.clamp(MIN_PROPOSALS_MILLI, MAX_PROPOSALS_MILLI);
         let keep = |d: u32| u128::from(1000 - d.min(1000));
         let (chat, thin, far) = (
             self.chat_only_discount_permille,
@@ -507,8 +527,37 @@ mod tests {
         let got = price(&stats(u64::MAX, 5000, 0), &RiskInputs::default(), &p);
         assert_eq!(got.credits, 40);
         assert_eq!(got.components.conversion_permille, 1000);
-        assert_eq!(got.components.avg_proposals_milli, 1);
-        assert_eq!(got.components.unclamped_credits, u64::MAX);
+        assert_eq!(got.components.avg_proposals_milli, 1000);
+        assert_eq!(
+            got.components.unclamped_credits,
+            u64::MAX / 100,
+            "a value of u64::MAX cents in credits of 1.00"
+        );
+        assert_eq!(got.components.clamped, Clamp::Max);
+    }
+
+    /// R11: the expected value of responding is shared among the lead's proposals, and
+    /// a responding pro is one: leads that closed with no response pull the learned
+    /// average down, never below one proposal, so a lead is never priced above the
+    /// value of being its only proposal (before, half a proposal doubled the price).
+    #[test]
+    fn r11_a_lead_is_never_priced_above_being_its_only_proposal() {
+        let mut pol = policy();
+        pol.max_price_credits = 1_000_000;
+        let p = pol.validate().unwrap();
+        let mut s = stats(120_000, 250, 4000);
+        for _ in 0..50 {
+            s.observe_proposals(0, Permille::new(500).unwrap());
+        }
+        assert_eq!(s.avg_proposals_milli, 1000);
+        let got = price(&s, &RiskInputs::default(), &p);
+        // 1,200.00 x 25 % / 1 proposal = 300.00 = 300 credits of 1.00.
+        assert_eq!((got.components.expected_value_cents, got.credits), (30_000, 300));
+        let old_snapshot = stats(120_000, 250, 500);
+        assert_eq!(price(&old_snapshot, &RiskInputs::default(), &p).credits, 300);
+        let mut below = policy();
+        below.categories.get_mut(&"painting".into()).unwrap().avg_proposals_milli = 999;
+        assert_eq!(below.validate().unwrap_err().key, "pricing.categories.painting.avg_proposals_milli");
     }
 
     #[test]
@@ -575,7 +624,7 @@ mod tests {
         assert_eq!(s.avg_proposals_milli, 2005, "converges within rounding of 2000");
         let mut z = stats(1, 1, 1);
         z.observe_proposals(0, Permille::ONE);
-        assert_eq!(z.avg_proposals_milli, 1, "floored: the average is a divisor");
+        assert_eq!(z.avg_proposals_milli, 1000, "floored at one proposal: a responding pro is one");
         let mut frozen = stats(1, 1, 3000);
         frozen.observe_proposals(9, Permille::ZERO);
         assert_eq!(frozen.avg_proposals_milli, 3000);

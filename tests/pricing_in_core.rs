@@ -148,7 +148,7 @@ fn located_lead(id: &str) -> Lead {
 }
 
 #[test]
-fn r11_a_pro_farther_than_far_away_km_pays_the_far_away_price() {
+fn r8_r11_a_pro_farther_than_far_away_km_pays_the_far_away_price_and_sees_whole_km() {
     let mut s = located_shard(POLICY);
     // The lead's price (60) is what the publish answers; a pro 37 km away pays 20 %
     // less (48), one nearby or without a base the lead's price.
@@ -164,7 +164,13 @@ fn r11_a_pro_farther_than_far_away_km_pays_the_far_away_price() {
     let st = s.lead(&lead).unwrap();
     let far = s.price_components_of(st, &ProId::new("far")).expect("priced from statistics");
     assert_eq!((far.far_away_discount_permille, far.risk_factor_permille), (200, 800));
-    assert!(far.distance_m.is_some_and(|d| (30_000..45_000).contains(&d)), "{far:?}");
+    // R8: shown in whole kilometres, rounded down, not to the metre (with the pro's base
+    // that would place the client's address).
+    let exact_m = MODENA.distance_km(&BOLOGNA) * 1000.0;
+    let shown = far.distance_m.expect("a far-away distance");
+    assert_eq!(shown % 1000, 0, "{far:?}");
+    assert!((shown as f64) <= exact_m && exact_m < (shown + 1000) as f64, "{shown} for {exact_m} m");
+    assert!((30_000..45_000).contains(&shown), "{far:?}");
     // Responding charges each pro its own price (R9).
     for (pro, credits) in [("far", 48), ("near", 60)] {
         let respond =
