@@ -222,7 +222,8 @@ impl WeeklyWindows {
     /// true opening: an opening whose local time is skipped by a daylight-saving jump
     /// is taken as the first instant after the jump, and of two instants with the same
     /// local time the earlier one; a caller woken early finds the windows still closed
-    /// and asks again.
+    /// and asks again. A window that a jump back reopens (its local times occur twice)
+    /// opens again at the jump.
     pub fn next_open_in(&self, tz: Tz, now: Millis) -> Option<Millis> {
         if self.contains_in(tz, now) {
             return Some(now);
@@ -244,7 +245,26 @@ impl WeeklyWindows {
                 else {
                     continue;
                 };
-                for at in [local.earliest(), local.latest()].into_iter().flatten() {
+                let mut candidates = [local.earliest(), local.latest(), None];
+                // A jump back inside the window (its local times occur twice) opens it
+                // again at the jump, when the clock comes back to a time inside it: not
+                // an interval start. Its sign: the window lasts longer than its minutes.
+                let end = date.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(i64::from(iv.end_min));
+                let minutes = i64::from(iv.end_min - iv.start_min);
+                let lasts = tz
+                    .from_local_datetime(&end)
+                    .latest()
+                    .zip(local.earliest())
+                    .map(|(e, s)| (e.timestamp_millis() - s.timestamp_millis()) / 60_000);
+                if lasts.is_some_and(|l| l > minutes) {
+                    candidates[2] = (0..minutes)
+                        .map(|m| tz.from_local_datetime(&(start + chrono::Duration::minutes(m))))
+                        .find_map(|r| match r {
+                            chrono::LocalResult::Ambiguous(_, second) => Some(second),
+                            _ => None,
+                        });
+                }
+                for at in candidates.into_iter().flatten() {
                     let at = at.timestamp_millis();
                     if at > now && best.is_none_or(|b| at < b) {
                         best = Some(at);
@@ -1119,6 +1139,27 @@ mod tests {
         assert!(!w.contains(at(23, 20, 59)), "Mon 21:59 local is outside");
     }
 
+    /// R4: a window open across the hour the clocks go back (Sunday 01:00-02:30 in
+    /// Rome, 2026-10-25) closes at 02:30 summer time and opens again at 03:00 summer
+    /// time = 02:00 winter time: a pro parked at 02:40 is back then, not a week later.
+    #[test]
+    fn r4_a_window_reopened_by_the_clocks_going_back_is_the_next_opening() {
+        let w = WeeklyWindows {
+            time_zone: "Europe/Rome".into(),
+            intervals: vec![WeeklyInterval { day: Weekday::Sun, start_min: 60, end_min: 150 }],
+        };
+        let tz = w.validate("w").unwrap();
+        let utc = |h, m| chrono::Utc.with_ymd_and_hms(2026, 10, 25, h, m, 0).unwrap().timestamp_millis();
+        // 02:40 summer time (00:40 UTC): closed since 02:30.
+        assert!(!w.contains_in(tz, utc(0, 40)));
+        assert!(w.contains_in(tz, utc(1, 0)), "02:00 winter time is inside the window");
+        assert_eq!(w.next_open_in(tz, utc(0, 40)), Some(utc(1, 0)));
+        assert_eq!(w.next_open_in(tz, utc(0, 59)), Some(utc(1, 0)));
+        // Once the repeated hour is over, the next opening is the next Sunday's.
+        let next_week = chrono::Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap().timestamp_millis();
+        assert_eq!(w.next_open_in(tz, utc(2, 0)), Some(next_week), "01:00 winter time, 2026-11-01");
+    }
+
     #[test]
     fn r4_next_opening_is_never_later_than_the_true_one_across_days_weeks_and_dst() {
         use crate::ids::MINUTE_MS;
@@ -1139,6 +1180,9 @@ mod tests {
                 time_zone: "Europe/Rome".into(),
                 intervals: vec![iv(Weekday::Sun, 2 * 60, 2 * 60 + 5), iv(Weekday::Thu, 0, 30)],
             },
+            // Open across the jump back (01:00-02:30): closes at 02:30 summer time and
+            // opens again when the clocks go back to 02:00, not at an interval start.
+            WeeklyWindows { time_zone: "Europe/Rome".into(), intervals: vec![iv(Weekday::Sun, 60, 150)] },
             // One short window a week: the next opening is up to seven days away.
             WeeklyWindows {
                 time_zone: "America/New_York".into(),
