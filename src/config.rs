@@ -51,6 +51,10 @@ pub struct RawConfig {
     /// than the buffer still resumes (see `engine::spill`). 0 = off.
     pub stream_spill_bytes: u64,
     pub max_connections: usize,
+    /// Open connections one tenant's tokens may hold at once: past it a new one is
+    /// refused at the upgrade (HTTP 429), so one tenant's clients can never take every
+    /// connection the daemon accepts.
+    pub max_connections_per_tenant: usize,
     /// Zone x category shards one tenant may have: a lead or a pro naming a new pair
     /// past it is refused `shard_limit` (a client could otherwise create shards, each
     /// with its own state, timer and snapshot entry, without bound).
@@ -164,6 +168,7 @@ impl Default for RawConfig {
             stream_retention_events: 100_000,
             stream_spill_bytes: 1 << 30,
             max_connections: 10_000,
+            max_connections_per_tenant: 5_000,
             max_shards_per_tenant: 100_000,
             send_timeout_ms: 10_000,
             handshake_timeout_ms: 10_000,
@@ -308,6 +313,7 @@ impl Config {
             ("subscriber_queue_frames", raw.subscriber_queue_frames, 16),
             ("stream_retention_events", raw.stream_retention_events, 1),
             ("max_connections", raw.max_connections, 1),
+            ("max_connections_per_tenant", raw.max_connections_per_tenant, 1),
             ("max_shards_per_tenant", raw.max_shards_per_tenant, 1),
         ] {
             if v < min {

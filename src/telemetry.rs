@@ -150,6 +150,7 @@ pub const OVERLOAD_REASONS: &[&str] = &[
     "mailbox_full",
     "wal_queue_full",
     "connections_full",
+    "tenant_connections_full",
     "fd_limit",
     "rate_limited",
     "gateway_backlog",

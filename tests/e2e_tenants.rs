@@ -924,3 +924,44 @@ fn a_data_dir_that_tried_rota_out_is_refused_to_configured_tenants_with_a_hint()
     assert!(stderr.contains("not in the configuration: demo"), "{stderr}");
     assert!(stderr.contains("give the configured tenants a data_dir of their own"), "{stderr}");
 }
+
+/// One tenant's clients cannot take every connection: past `max_connections_per_tenant`
+/// its next connection is refused at the upgrade with HTTP 429 and `Retry-After`,
+/// while another tenant still connects and is served; a closed connection gives its
+/// place back.
+#[tokio::test(flavor = "current_thread")]
+async fn a_tenant_at_its_connection_cap_is_refused_429_and_other_tenants_still_connect() {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "max_connections_per_tenant = 2");
+    let d = Daemon::start_with(dir.path(), &cfg);
+    let mut first = Client::connect(&d.addr, "habi-token", false).await;
+    let mut second = Client::connect(&d.addr, "habi-token", true).await;
+    match connect(&d.addr, "habi-token", "rota.v1.json").await {
+        Err(WsError::Http(resp)) => {
+            assert_eq!(resp.status(), 429);
+            assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("max_connections_per_tenant"), "{body}");
+        }
+        other => panic!("a third connection of the tenant was not refused: {:?}", other.map(|_| ())),
+    }
+    let mut other = Client::connect(&d.addr, "zk-token", false).await;
+    other.ok(json!({"type": "balance", "pro": "nobody"})).await;
+    first.ok(json!({"type": "balance", "pro": "nobody"})).await;
+
+    second.ws.close(None).await.unwrap();
+    second.drain_until_close().await;
+    let since = std::time::Instant::now();
+    let mut back = loop {
+        match connect(&d.addr, "habi-token", "rota.v1.json").await {
+            Ok(ws) => break Client { ws, msgpack: false, n: 0 },
+            Err(WsError::Http(resp)) if resp.status() == 429 => {
+                assert!(since.elapsed() < std::time::Duration::from_secs(60), "the place never came back");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    back.ok(json!({"type": "balance", "pro": "nobody"})).await;
+}

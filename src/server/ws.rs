@@ -2,7 +2,8 @@
 //! then requests, replies and streams on one connection.
 //!
 //! * Authentication happens at the upgrade (`Authorization: Bearer <token>`), before
-//!   any frame is read; a bad token gets HTTP 401, no usable subprotocol HTTP 400.
+//!   any frame is read; a bad token gets HTTP 401, no usable subprotocol HTTP 400, a
+//!   tenant holding `max_connections_per_tenant` connections already HTTP 429.
 //! * Requests on one connection are handled concurrently (pipelining); every request
 //!   gets exactly one reply, matched by its `id`.
 //! * Outgoing frames are batched: `feed` many, `flush` once. Refusals (`overloaded`,
@@ -53,6 +54,44 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+/// Open connections per tenant, each held by a [`TenantSlot`] from the upgrade to the
+/// connection's end: bounded by `max_connections_per_tenant`, so that one tenant's
+/// clients (or one leaked token) cannot take every connection `max_connections` allows
+/// and keep the other tenants out.
+#[derive(Default)]
+pub(crate) struct TenantConnections(parking_lot::Mutex<std::collections::HashMap<TenantId, usize>>);
+
+impl TenantConnections {
+    /// A slot for one more connection of `tenant`, unless it holds `max` already.
+    fn take(self: &Arc<Self>, tenant: &TenantId, max: usize) -> Option<TenantSlot> {
+        let mut open = self.0.lock();
+        let n = open.entry(tenant.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(TenantSlot { all: self.clone(), tenant: tenant.clone() })
+    }
+}
+
+/// One open connection of a tenant, given back when dropped.
+pub(crate) struct TenantSlot {
+    all: Arc<TenantConnections>,
+    tenant: TenantId,
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut open = self.all.0.lock();
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 pub const CLOSE_HEARTBEAT: u16 = 4000;
 pub const CLOSE_SLOW: u16 = 4008;
 
@@ -65,6 +104,7 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
     let max =
         super::fdlimit::soft_limit().map_or(configured, |s| super::fdlimit::connection_cap(configured, s));
     let limit = Arc::new(Semaphore::new(max));
+    let per_tenant = Arc::new(TenantConnections::default());
     let mut failures = super::fdlimit::AcceptFailures::default();
     // Connections refused at the limit are logged like failed accepts: a flood of
     // connections would otherwise write a line for each (every refusal is counted in
@@ -108,6 +148,7 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
         let _ = stream.set_nodelay(true);
         let engine = engine.clone();
         let shutdown = shutdown.clone();
+        let per_tenant = per_tenant.clone();
         // Each connection lives on one worker thread, round robin, and its requests
         // are decided there. The socket moves to that thread's own reactor, so its
         // readiness never wakes this one.
@@ -128,7 +169,7 @@ pub async fn serve(listener: TcpListener, engine: Engine, mut shutdown: watch::R
                 }
             };
             actix_rt::spawn(async move {
-                connection(stream, engine, shutdown).await;
+                connection(stream, engine, shutdown, per_tenant).await;
                 drop(permit);
             });
         });
@@ -236,7 +277,12 @@ fn refuse(status: StatusCode, msg: &str) -> ErrorResponse {
 }
 
 #[allow(clippy::result_large_err)] // the handshake callback type is fixed by tungstenite
-async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Receiver<bool>) {
+async fn connection(
+    stream: TcpStream,
+    engine: Engine,
+    mut shutdown: watch::Receiver<bool>,
+    per_tenant: Arc<TenantConnections>,
+) {
     let cfg = &engine.inner.cfg.raw;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (stream, send_expired) = SendDeadline::new(stream, Duration::from_millis(cfg.send_timeout_ms));
@@ -250,6 +296,8 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
     // handshake completes is seen by the loop below, which checks the token again.
     let mut reloads = engine.reloads();
     let mut session = None;
+    // Held until the connection ends (this function returns).
+    let mut tenant_slot: Option<TenantSlot> = None;
     let callback = |req: &HsRequest, mut resp: HsResponse| -> Result<HsResponse, ErrorResponse> {
         let token = req
             .headers()
@@ -282,6 +330,19 @@ async fn connection(stream: TcpStream, engine: Engine, mut shutdown: watch::Rece
                 "offer a subprotocol: Sec-WebSocket-Protocol: rota.v1.json or rota.v1.msgpack",
             ));
         };
+        let max = cfg.max_connections_per_tenant;
+        let Some(slot) = per_tenant.take(&tenant, max) else {
+            engine.inner.metrics.m.overload_refusals.get("tenant_connections_full").increment(1);
+            let mut r = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "tenant {tenant} has {max} connections open (max_connections_per_tenant): close one, or connect again later"
+                ),
+            );
+            r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            return Err(r);
+        };
+        tenant_slot = Some(slot);
         resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(encoding.subprotocol()));
         session = Some(Session { tenant, scopes, encoding, token: crate::config::hash_token(token) });
         Ok(resp)
