@@ -1066,6 +1066,9 @@ impl Engine {
                 if let Some(l) = &location {
                     l.validate("location").map_err(Reject::from)?;
                 }
+                // As a lead's (R4): each attribute is compared with every pro's refused
+                // ones under the shard's lock.
+                crate::core::validate_attributes(&attributes, "attributes").map_err(Reject::from)?;
                 let key = ShardKey { tenant: tenant.clone(), zone, category };
                 let now = self.inner.clock.now();
                 let c = match self.shard_state(&key) {
