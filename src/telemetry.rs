@@ -155,6 +155,7 @@ pub const OVERLOAD_REASONS: &[&str] = &[
     "rate_limited",
     "gateway_backlog",
     "connection_in_flight",
+    "pro_changes",
 ];
 /// `scope` of [`CONNECTIONS`]: what the connection's token allows it to do.
 /// A connection is counted once authenticated, under its token's widest scope.

@@ -292,10 +292,12 @@ async fn frames_of_the_wrong_kind_count_against_the_rate_limit() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_connection_pipelining_more_than_its_in_flight_bound_is_refused_beyond_it() {
+async fn pipelined_changes_of_one_pro_past_the_tenants_bound_are_refused_overloaded_one_reply_each() {
     // Changes of one pro run one at a time, each after its own sync: pipelined by the
-    // thousand they wait inside rota, not in the socket, so the connection's own bound
-    // refuses what is beyond it. Every request gets one reply.
+    // thousand, those beyond the tenant's bound on changes in flight are refused
+    // `overloaded` at once instead of queueing. Every request gets one reply, and what
+    // was accepted is done. (The connection's own bound on requests in flight:
+    // `tests/server_connection_in_flight.rs`.)
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());
     let mut c = Client::new(&d.addr, false).await;
@@ -312,11 +314,13 @@ async fn a_connection_pipelining_more_than_its_in_flight_bound_is_refused_beyond
         assert!(seen.insert(v["id"].as_str().unwrap().to_string()), "one reply per request: {v}");
         if v["type"] != "ok" {
             assert_eq!(v["code"], "overloaded", "{v}");
+            assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}");
             refused += 1;
         }
     }
     assert!(refused > 0, "{n} pipelined changes of one pro: some beyond the bound are refused");
-    assert!(refused <= n - rota::server::ws::MAX_IN_FLIGHT_PER_CONNECTION, "at most the excess: {refused}");
+    assert!(refused < n, "the first {} are admitted", rota::engine::MAX_PRO_CHANGES_PER_TENANT);
+    c.ok(json!({"type": "set_availability", "pro": "p1", "availability": {}})).await;
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -120,18 +120,52 @@ async fn deep_nesting_and_huge_arrays_get_specific_errors_without_crashing() {
     );
     let (r, _) = c.call(json!({"type": "explain", "lead": "HUGE1"})).await;
     assert_eq!(r["code"], "unknown_lead", "{r}");
-    // 100,000 attributes (attributes have no cap today): one answer, and the daemon
-    // keeps serving.
+    // 100,000 attributes: over the cap (64), refused naming the field; nothing stored.
     let mut l = lead("HUGE2");
     l["attributes"] = json!(vec!["a"; 100_000]);
     let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
-    assert!(r["type"] == "ok" || r["code"] == "invalid_field", "100,000 attributes: {r}");
-    // A candidates query with 10,000 attributes, too.
-    let (r, _) = c
-        .call(json!({"type": "candidates", "zone": "bologna", "category": "painting",
-                     "attributes": vec!["z"; 10_000]}))
+    assert_eq!(
+        (r["code"].as_str(), r["field"].as_str()),
+        (Some("invalid_field"), Some("lead.attributes")),
+        "100,000 attributes: {r}"
+    );
+    let (r, _) = c.call(json!({"type": "explain", "lead": "HUGE2"})).await;
+    assert_eq!(r["code"], "unknown_lead", "{r}");
+    still_serves(&mut c).await;
+}
+
+/// R3/R4: a `candidates` query's attributes are capped as a lead's are (each is compared
+/// with every pro's refused ones under the shard's lock): 64 of 1..=128 bytes answer;
+/// more, an empty one or a longer one is `invalid_field` naming `attributes`, on an
+/// empty shard as on one with pros.
+#[tokio::test(flavor = "current_thread")]
+async fn r3_r4_candidates_with_too_many_or_oversized_attributes_are_refused_naming_attributes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    let mut c = Client::connect(&d.addr, "pp-token", false).await;
+    let candidates = |zone: &str, attributes: Vec<String>| json!({"type": "candidates", "zone": zone, "category": "painting", "attributes": attributes});
+    c.ok(json!({"type": "upsert_pro", "pro": {"id": "p1", "categories": ["painting"], "zones": ["bologna"],
+                                              "refuses": ["dropshipper"]}}))
         .await;
-    assert!(r["type"].is_string(), "{r}");
+    for zone in ["bologna", "empty-zone"] {
+        let most: Vec<String> = (0..64).map(|i| format!("{i:0>128}")).collect();
+        let (r, _) = c.call(candidates(zone, most)).await;
+        assert_eq!(r["type"], "ok", "{zone}: 64 attributes of 128 bytes: {r}");
+        let over: [(&str, Vec<String>); 4] = [
+            ("65 attributes", vec!["z".to_string(); 65]),
+            ("10,000 attributes", vec!["z".to_string(); 10_000]),
+            ("an empty attribute", vec!["dropshipper".to_string(), String::new()]),
+            ("an attribute of 129 bytes", vec!["x".repeat(129)]),
+        ];
+        for (what, attributes) in over {
+            let (r, _) = c.call(candidates(zone, attributes)).await;
+            assert_eq!(
+                (r["code"].as_str(), r["field"].as_str()),
+                (Some("invalid_field"), Some("attributes")),
+                "{zone}: {what}: {r}"
+            );
+        }
+    }
     still_serves(&mut c).await;
 }
 

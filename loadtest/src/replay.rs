@@ -971,6 +971,10 @@ impl Recorder {
 pub const MAX_DRAIN: Duration = Duration::from_secs(120);
 const SETUP_WINDOW: usize = 256;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Setup records refused `overloaded` are sent again after this pause (at least the
+/// daemon's `retry_after_ms` for them), at most `SETUP_RESENDS` times.
+const SETUP_RESEND_PAUSE: Duration = Duration::from_millis(100);
+const SETUP_RESENDS: usize = 600;
 /// Most records sent in one wake-up before readers get a turn.
 const MAX_BATCH: usize = 2048;
 
@@ -1065,46 +1069,89 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
         }
     }
 
-    // Setup: pipelined, every reply awaited, not measured.
+    // Setup: pipelined, every reply awaited, not measured. A record refused
+    // `overloaded` (e.g. past the daemon's bound on a tenant's changes of pros in
+    // flight) changed nothing and is sent again, under a new id, after a pause.
     let setup_started = std::time::Instant::now();
     let mut setup_errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut setup_resent = 0u64;
     let mut buf = Vec::new();
     let wall = wall_ms();
     for (chunk_no, chunk) in setup.chunks(SETUP_WINDOW * conns.len()).enumerate() {
-        let mut expected = vec![0usize; conns.len()];
-        for (i, r) in chunk.iter().enumerate() {
-            let c = tenant_idx[&r.tenant] * n + route(&r.request, None, n);
-            let req = loc.localize(r, "setup", 0, u32::MAX, wall);
-            let id = format!("s{chunk_no}-{i}");
-            if let Some(log) = log.as_mut() {
-                log.sent(&id, &req);
+        let mut to_send: Vec<usize> = (0..chunk.len()).collect();
+        for attempt in 0usize.. {
+            if to_send.is_empty() {
+                break;
             }
-            wire::encode_into(enc, &Envelope { id: &id, request: &req }, &mut buf);
-            conns[c].feed(message(enc, &buf)).await?;
-            expected[c] += 1;
-        }
-        for (c, ws) in conns.iter_mut().enumerate() {
-            ws.flush().await?;
-            let mut got = 0;
-            while got < expected[c] {
-                let m = tokio::time::timeout(SETUP_TIMEOUT, ws.next())
-                    .await
-                    .context("setup: no reply within the timeout")?
-                    .context("setup: connection closed")??;
-                let Some(bytes) = payload(&m) else { continue };
-                let f = Incoming::read(enc, bytes)?;
-                if f.kind != "ok" && f.kind != "error" {
-                    continue;
+            if attempt > 0 {
+                if attempt > SETUP_RESENDS {
+                    bail!(
+                        "setup: {} records still refused `overloaded` after {SETUP_RESENDS} resends",
+                        to_send.len()
+                    );
                 }
+                setup_resent += to_send.len() as u64;
+                tokio::time::sleep(SETUP_RESEND_PAUSE).await;
+            }
+            let mut expected = vec![0usize; conns.len()];
+            let mut ids: HashMap<String, usize> = HashMap::with_capacity(to_send.len());
+            for &i in &to_send {
+                let r = &chunk[i];
+                let c = tenant_idx[&r.tenant] * n + route(&r.request, None, n);
+                let req = loc.localize(r, "setup", 0, u32::MAX, wall);
+                let id = match attempt {
+                    0 => format!("s{chunk_no}-{i}"),
+                    a => format!("s{chunk_no}-{i}-r{a}"),
+                };
                 if let Some(log) = log.as_mut() {
-                    log.reply(enc, bytes);
+                    log.sent(&id, &req);
                 }
-                if f.kind == "error" {
-                    *setup_errors.entry(f.code.as_deref().unwrap_or("unknown").to_string()).or_default() += 1;
-                }
-                got += 1;
+                wire::encode_into(enc, &Envelope { id: &id, request: &req }, &mut buf);
+                conns[c].feed(message(enc, &buf)).await?;
+                expected[c] += 1;
+                ids.insert(id, i);
             }
+            to_send.clear();
+            for (c, ws) in conns.iter_mut().enumerate() {
+                ws.flush().await?;
+                let mut got = 0;
+                while got < expected[c] {
+                    let m = tokio::time::timeout(SETUP_TIMEOUT, ws.next())
+                        .await
+                        .context("setup: no reply within the timeout")?
+                        .context("setup: connection closed")??;
+                    let Some(bytes) = payload(&m) else { continue };
+                    let f = Incoming::read(enc, bytes)?;
+                    if f.kind != "ok" && f.kind != "error" {
+                        continue;
+                    }
+                    if let Some(log) = log.as_mut() {
+                        log.reply(enc, bytes);
+                    }
+                    if f.kind == "error" {
+                        let refused = f.id.as_deref().and_then(|id| ids.get(id));
+                        let resend = match (f.code.as_deref(), refused) {
+                            (Some("overloaded"), Some(&i)) => {
+                                to_send.push(i);
+                                true
+                            }
+                            _ => false,
+                        };
+                        if !resend {
+                            *setup_errors
+                                .entry(f.code.as_deref().unwrap_or("unknown").to_string())
+                                .or_default() += 1;
+                        }
+                    }
+                    got += 1;
+                }
+            }
+            // In the trace's order again (replies of several connections interleave).
+            to_send.sort_unstable();
         }
+    }
+    if setup_resent > 0 {
+        eprintln!("setup: {setup_resent} records refused `overloaded` sent again");
     }
     if !setup_errors.is_empty() {
         eprintln!("setup errors by code: {setup_errors:?}");

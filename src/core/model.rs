@@ -501,9 +501,7 @@ impl Pro {
                 return Err(field_err("pro.base", "is required when radius_km is set"));
             }
         }
-        if self.refuses.len() > MAX_ATTRIBUTES || self.refuses.iter().any(|a| a.is_empty() || a.len() > 128) {
-            return Err(field_err("pro.refuses", "at most 64 attributes of 1..=128 bytes each"));
-        }
+        validate_attributes(&self.refuses, "pro.refuses")?;
         if self.categories.len() > 256 || self.zones.len() > 1024 {
             return Err(field_err("pro.zones", "at most 1024 zones and 256 categories per pro"));
         }
@@ -736,8 +734,27 @@ pub struct Lead {
     pub created_at: Millis,
 }
 
-/// Most attributes on a lead, and most refused attributes on a pro (R4).
+/// Most attributes on a lead, and most refused attributes on a pro (R4); also on a
+/// `candidates` query.
 pub const MAX_ATTRIBUTES: usize = 64;
+
+/// Longest attribute, in bytes (R4).
+pub const MAX_ATTRIBUTE_BYTES: usize = 128;
+
+/// A list of attributes (a lead's, a pro's refused ones, a `candidates` query's): at
+/// most [`MAX_ATTRIBUTES`] of 1..=[`MAX_ATTRIBUTE_BYTES`] bytes each; else
+/// `invalid_field` naming `field`.
+pub fn validate_attributes(attributes: &[String], field: &str) -> Result<(), FieldError> {
+    if attributes.len() > MAX_ATTRIBUTES
+        || attributes.iter().any(|a| a.is_empty() || a.len() > MAX_ATTRIBUTE_BYTES)
+    {
+        return Err(field_err(
+            field,
+            format!("at most {MAX_ATTRIBUTES} attributes of 1..={MAX_ATTRIBUTE_BYTES} bytes each"),
+        ));
+    }
+    Ok(())
+}
 
 /// Longest free text accepted in a lead.
 pub const MAX_TEXT: usize = 16 * 1024;
@@ -757,11 +774,7 @@ impl Lead {
         if self.details.len() > 256 || self.details.iter().any(|(k, v)| k.len() + v.len() > MAX_TEXT) {
             return Err(field_err("lead.details", "at most 256 answers of at most 16 KiB each"));
         }
-        if self.attributes.len() > MAX_ATTRIBUTES
-            || self.attributes.iter().any(|a| a.is_empty() || a.len() > 128)
-        {
-            return Err(field_err("lead.attributes", "at most 64 attributes of 1..=128 bytes each"));
-        }
+        validate_attributes(&self.attributes, "lead.attributes")?;
         if self.direct.len() > 64 {
             return Err(field_err("lead.direct", "at most 64 direct targets"));
         }

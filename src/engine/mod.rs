@@ -76,6 +76,14 @@ pub struct Tenant {
     limit: Option<crate::ratelimit::Limiter>,
     /// Shards of the tenant (bounded by `max_shards_per_tenant` when created).
     shards: AtomicUsize,
+    /// Changes of one pro (upsert, removal, availability: each several shard steps and
+    /// a directory record) run one at a time: a lock per stripe of the tenant's pros
+    /// ([`Engine::pro_change`]). The tenant's own: however many changes another tenant
+    /// queues, on whichever stripes, they never delay this tenant's.
+    pro_locks: Box<[tokio::sync::Mutex<()>]>,
+    /// Changes of the tenant's pros admitted and not finished (waiting for their stripe
+    /// or running): at most [`MAX_PRO_CHANGES_PER_TENANT`] ([`ProChangeSlot`]).
+    pro_changes: AtomicUsize,
 }
 
 /// Every tenant, by id: read by every request, replaced whole when a reload adds one
@@ -138,7 +146,48 @@ impl Tenant {
             orders: Mutex::new(book),
             limit,
             shards: AtomicUsize::new(0),
+            pro_locks: (0..PRO_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            pro_changes: AtomicUsize::new(0),
         }
+    }
+}
+
+/// Stripes of [`Tenant::pro_locks`]: two changes of different pros of one tenant wait
+/// for each other only when their pros share one (changes of pros are rare next to
+/// leads).
+const PRO_LOCK_STRIPES: usize = 64;
+
+/// Most changes of pros (`upsert_pro`, `remove_pro`, `set_availability`) one tenant may
+/// have in flight, waiting for their stripe or running; beyond, a change is refused
+/// `overloaded` before it is queued, and nothing changes. A change takes one log sync per
+/// shard of the pro (up to 1,024), and a queued change holds its whole profile (an
+/// upsert's zones and categories): unbounded, pipelined changes would queue for minutes,
+/// refused by nothing, and hold memory without limit. 256 is four per stripe, far more
+/// than a client loading its pros needs to keep the log busy.
+pub const MAX_PRO_CHANGES_PER_TENANT: usize = 256;
+
+/// `retry_after_ms` of a change refused for [`MAX_PRO_CHANGES_PER_TENANT`].
+const PRO_CHANGES_RETRY_AFTER_MS: u64 = 100;
+
+/// A change of a pro counted in its tenant's [`Tenant::pro_changes`] until dropped (when
+/// the change ends, however it ends).
+struct ProChangeSlot(Arc<Tenant>);
+
+impl ProChangeSlot {
+    /// `None` when the tenant has [`MAX_PRO_CHANGES_PER_TENANT`] changes in flight.
+    fn take(tenant: Arc<Tenant>) -> Option<ProChangeSlot> {
+        let before = tenant.pro_changes.fetch_add(1, Ordering::AcqRel);
+        if before >= MAX_PRO_CHANGES_PER_TENANT {
+            tenant.pro_changes.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ProChangeSlot(tenant))
+    }
+}
+
+impl Drop for ProChangeSlot {
+    fn drop(&mut self) {
+        self.0.pro_changes.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -207,14 +256,7 @@ pub struct Inner {
     reloads: tokio::sync::watch::Sender<u64>,
     /// Held by [`Engine::reload`]: one at a time.
     reloading: Mutex<()>,
-    /// Changes of one pro (upsert, removal, availability: each several shard steps and
-    /// a directory record) run one at a time: a lock per stripe of pros.
-    pro_locks: Box<[tokio::sync::Mutex<()>]>,
 }
-
-/// Stripes of [`Inner::pro_locks`]: two changes of different pros wait for each other
-/// only when their pros share one (changes of pros are rare next to leads).
-const PRO_LOCK_STRIPES: usize = 64;
 
 /// A change of a pro that spans its shards and the directory.
 enum ProChange {
@@ -511,7 +553,6 @@ impl Recovered {
             budget_notify: Arc::new(tokio::sync::Notify::new()),
             reloads: tokio::sync::watch::Sender::new(0),
             reloading: Mutex::new(()),
-            pro_locks: (0..PRO_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cfg,
         });
         let engine = Engine { inner };
@@ -1066,6 +1107,9 @@ impl Engine {
                 if let Some(l) = &location {
                     l.validate("location").map_err(Reject::from)?;
                 }
+                // As a lead's (R4): each attribute is compared with every pro's refused
+                // ones under the shard's lock.
+                crate::core::validate_attributes(&attributes, "attributes").map_err(Reject::from)?;
                 let key = ShardKey { tenant: tenant.clone(), zone, category };
                 let now = self.inner.clock.now();
                 let c = match self.shard_state(&key) {
@@ -1151,24 +1195,36 @@ impl Engine {
     /// goes away (its connection closed) does not stop it between two steps; and the
     /// ledger step of an upsert, the only one bad input can fail after validation,
     /// comes first.
+    ///
+    /// Changes wait for their turn on the stripes of their own tenant
+    /// ([`Tenant::pro_locks`]), never behind another tenant's; a tenant with
+    /// [`MAX_PRO_CHANGES_PER_TENANT`] changes in flight is answered `overloaded` before
+    /// this one is queued.
     async fn pro_change(
         &self,
         tenant: &TenantId,
         id: ProId,
         change: ProChange,
     ) -> Result<OkResult, ApiError> {
+        let t =
+            self.tenant(tenant).ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
+        let Some(slot) = ProChangeSlot::take(t) else {
+            self.inner.metrics.m.overload_refusals.get("pro_changes").increment(1);
+            return Err(ApiError::overloaded(PRO_CHANGES_RETRY_AFTER_MS));
+        };
         let this = self.clone();
-        let tenant = tenant.clone();
         let task = actix_rt::spawn(async move {
+            let t = &slot.0;
             let stripe = {
                 use std::hash::BuildHasher;
-                FxBuildHasher.hash_one((&tenant, &id)) as usize % this.inner.pro_locks.len()
+                FxBuildHasher.hash_one((&t.id, &id)) as usize % t.pro_locks.len()
             };
-            let _turn = this.inner.pro_locks[stripe].lock().await;
+            let _turn = t.pro_locks[stripe].lock().await;
+            let tenant = &t.id;
             match change {
-                ProChange::Upsert(pro) => this.upsert_pro(&tenant, pro).await,
-                ProChange::Remove => this.remove_pro(&tenant, &id).await,
-                ProChange::Availability(a) => this.set_availability(&tenant, &id, a).await,
+                ProChange::Upsert(pro) => this.upsert_pro(tenant, pro).await,
+                ProChange::Remove => this.remove_pro(tenant, &id).await,
+                ProChange::Availability(a) => this.set_availability(tenant, &id, a).await,
             }
         });
         task.await.unwrap_or_else(|_| Err(ApiError::unavailable("the change was stopped (shutdown)")))
