@@ -13,8 +13,21 @@
 //! in the recovered state ([`Clock::not_before`]). While the wall clock is behind the
 //! floor, `now` stays at the floor, and rota's time resumes once the wall clock
 //! catches up: a step back of a few seconds holds time for that long instead of
-//! rewinding it. Forward steps are taken as they come (deadlines due in the skipped
-//! interval run at the next tick, as after a pause of the process).
+//! rewinding it. Forward steps are taken as they come: deadlines due in the skipped
+//! interval run as after a pause of the process, within a minute (below).
+//!
+//! Shard timers (`engine::actor`) sleep on tokio's monotonic clock, not on this one;
+//! both kinds of step reach them:
+//! - during a hold, a timer is armed for when the wall clock reaches the deadline
+//!   ([`Clock::ms_until`]), not for its distance from the held time, which does not
+//!   shrink: a shard whose deadline is a few ms past the floor would wake every few
+//!   ms, finding nothing due, for the whole hold;
+//! - a forward step of the wall clock, or a suspend of the machine (the monotonic
+//!   clock stops, the wall clock does not), moves no timer already armed, so no timer
+//!   sleeps longer than `engine::actor::MAX_TIMER_DELAY` (60 s): a deadline the step
+//!   made due runs at the shard's next wake-up, within a minute of the step. A shard
+//!   whose next deadline is further away wakes once a minute to arm again (the cost
+//!   is in `MAX_TIMER_DELAY`'s docs).
 
 use crate::ids::Millis;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -23,14 +36,50 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub enum Clock {
     /// The wall clock, never earlier than the floor it holds (see the module docs).
-    Wall(Arc<AtomicI64>),
+    Wall(Arc<Wall>),
     Manual(Arc<AtomicI64>),
+}
+
+/// The state of [`Clock::Wall`]: its floor, and where it reads the wall time.
+pub struct Wall {
+    /// The latest time handed out (or recovered): no `now` is earlier.
+    floor: AtomicI64,
+    /// The wall time: [`wall_now`] when `None`; a stand-in given to
+    /// [`Clock::wall_reading`] otherwise.
+    read: Option<WallSource>,
+}
+
+/// A stand-in for the system's wall clock ([`Clock::wall_reading`]).
+pub type WallSource = Box<dyn Fn() -> Millis + Send + Sync>;
+
+impl Wall {
+    fn read(&self) -> Millis {
+        match &self.read {
+            None => wall_now(),
+            Some(read) => read(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Wall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wall")
+            .field("floor", &self.floor.load(Ordering::Relaxed))
+            .field("system", &self.read.is_none())
+            .finish()
+    }
 }
 
 impl Clock {
     /// The wall clock, with no floor yet.
     pub fn wall() -> Self {
-        Clock::Wall(Arc::new(AtomicI64::new(0)))
+        Clock::Wall(Arc::new(Wall { floor: AtomicI64::new(0), read: None }))
+    }
+
+    /// A wall clock (floor and all) that reads the wall time from `read` rather than
+    /// from the system: the tests that step the wall clock back and forward.
+    pub fn wall_reading(read: impl Fn() -> Millis + Send + Sync + 'static) -> Self {
+        Clock::Wall(Arc::new(Wall { floor: AtomicI64::new(0), read: Some(Box::new(read)) }))
     }
 
     pub fn manual(start: Millis) -> Self {
@@ -39,8 +88,28 @@ impl Clock {
 
     pub fn now(&self) -> Millis {
         match self {
-            Clock::Wall(floor) => floored(floor, wall_now()),
+            Clock::Wall(w) => floored(&w.floor, w.read()),
             Clock::Manual(t) => t.load(Ordering::Acquire),
+        }
+    }
+
+    /// How many milliseconds of wall-clock time until `now` reaches `t` (0 if it has).
+    /// While the wall clock is behind the floor that includes the hold: `now` stays at
+    /// the floor until the wall clock catches up, and only then moves towards `t`, so
+    /// this is `t` minus the wall time, not minus `now`. For a manual clock, `t` minus
+    /// `now` (it moves only when told).
+    pub fn ms_until(&self, t: Millis) -> Millis {
+        match self {
+            Clock::Wall(w) => {
+                let wall = w.read();
+                if t <= floored(&w.floor, wall) {
+                    0
+                } else {
+                    // `t` is past the floor, which is not before `wall`.
+                    t - wall
+                }
+            }
+            Clock::Manual(m) => (t - m.load(Ordering::Acquire)).max(0),
         }
     }
 
@@ -48,7 +117,7 @@ impl Clock {
     /// when it is not, and for a manual clock).
     pub fn behind_ms(&self) -> Millis {
         match self {
-            Clock::Wall(floor) => (floor.load(Ordering::Acquire) - wall_now()).max(0),
+            Clock::Wall(w) => (w.floor.load(Ordering::Acquire) - w.read()).max(0),
             Clock::Manual(_) => 0,
         }
     }
@@ -59,8 +128,8 @@ impl Clock {
     /// moves only when told to.
     pub fn not_before(&self, t: Millis) -> Millis {
         match self {
-            Clock::Wall(floor) => {
-                floor.fetch_max(t, Ordering::AcqRel);
+            Clock::Wall(w) => {
+                w.floor.fetch_max(t, Ordering::AcqRel);
                 self.behind_ms()
             }
             Clock::Manual(_) => 0,
@@ -129,6 +198,28 @@ mod tests {
         // Resumes once the wall clock has caught up.
         assert_eq!(floored(&floor, 5_001), 5_001);
         assert_eq!(floored(&floor, 5_000), 5_001);
+    }
+
+    #[test]
+    fn the_wait_for_a_deadline_past_the_floor_counts_from_the_wall_clock() {
+        let wall = Arc::new(AtomicI64::new(10_000));
+        let read = wall.clone();
+        let c = Clock::wall_reading(move || read.load(Ordering::Relaxed));
+        assert_eq!(c.ms_until(10_500), 500);
+        assert_eq!(c.ms_until(9_000), 0, "already due");
+        assert_eq!(c.now(), 10_000);
+        // A step back of an hour: time holds at 10_000 until the wall clock is back
+        // there, so a deadline 5 ms past the floor is an hour and 5 ms away, not 5 ms.
+        wall.store(10_000 - 3_600_000, Ordering::Relaxed);
+        assert_eq!(c.now(), 10_000);
+        assert_eq!(c.behind_ms(), 3_600_000);
+        assert_eq!(c.ms_until(10_005), 3_600_005);
+        assert_eq!(c.ms_until(10_000), 0, "due at the held time");
+        assert_eq!(c.ms_until(9_999), 0);
+        // A manual clock counts from its own time.
+        let m = Clock::manual(100);
+        assert_eq!(m.ms_until(150), 50);
+        assert_eq!(m.ms_until(50), 0);
     }
 
     #[test]

@@ -417,6 +417,12 @@ impl Engine {
                 t => t,
             }),
         };
+        Self::recover_with_clock(cfg, fs, clock)
+    }
+
+    /// [`Engine::recover_with_fs`] on `clock` rather than the one the configuration
+    /// names (a wall clock reading a stand-in for the system's, [`Clock::wall_reading`]).
+    pub fn recover_with_clock(cfg: Config, fs: Arc<dyn Fs>, clock: Clock) -> Result<Recovered, StartError> {
         let policies: FxHashMap<TenantId, Arc<crate::core::Policy>> =
             cfg.tenants.iter().map(|t| (t.id.clone(), t.policy.clone())).collect();
         let mut rec = Recovering { ledger: Some(Ledger::new()), ..Default::default() };
