@@ -182,7 +182,8 @@ fn r1_r9_unknown_lead_from_a_forgetting_the_disk_lost_is_answered_unavailable() 
 /// R9: reads wait for durability through one closing of the gate for all of those
 /// waiting (taken on a thread of its own, so a flood of reads neither stops every
 /// decision once per read nor blocks a worker): 500 `balance` reads sent while a
-/// grant's sync is held share at most two, and each is answered.
+/// grant's sync is held share at most two, and each is answered (the grant, closing
+/// the gate on the same thread, may take one more of its own).
 #[test]
 fn r9_reads_waiting_together_share_one_closing_of_the_gate() {
     on_engine(|e, fs| async move {
@@ -200,6 +201,6 @@ fn r9_reads_waiting_together_share_one_closing_of_the_gate() {
         granted.expect("granted");
         assert!(answers.iter().all(Result::is_ok), "{:?}", answers.iter().find(|a| a.is_err()));
         let taken = e.read_barriers() - before;
-        assert!((1..=2).contains(&taken), "{taken} closings of the gate for 500 reads");
+        assert!((1..=3).contains(&taken), "{taken} closings of the gate for 500 reads and a grant");
     });
 }

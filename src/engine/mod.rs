@@ -954,8 +954,9 @@ impl Engine {
         }
     }
 
-    /// How many times reads and refusals closed the gate to wait for durability
-    /// ([`Engine::durable_read`]), for tests.
+    /// How many times the barrier's thread closed the gate: for reads and refusals
+    /// waiting for durability ([`Engine::durable_read`]) and for ledger operations
+    /// outside any shard, each batch once. For tests.
     #[doc(hidden)]
     pub fn read_barriers(&self) -> u64 {
         self.inner.read_barrier.taken()
@@ -1426,8 +1427,9 @@ impl Engine {
             }
             // One closing of the gate for both (a new config's first recharge and its
             // resume): a spend between them would be topped up again.
+            let (t, p) = (tenant.clone(), pro.clone());
             let rs = self
-                .ledger_ops(tenant, ops.len(), |l, i| l.recharge(ops[i].clone(), tenant, pro, &name))
+                .ledger_ops(tenant, ops.len(), move |l, i| l.recharge(ops[i].clone(), &t, &p, &name))
                 .await?;
             return Ok(rs.iter().any(|r| !r.replayed));
         }
@@ -1475,10 +1477,11 @@ impl Engine {
     async fn ledger_op(
         &self,
         tenant: &TenantId,
-        f: impl FnOnce(&Ledger) -> Result<Receipt, LedgerError>,
+        f: impl FnOnce(&Ledger) -> Result<Receipt, LedgerError> + Send + 'static,
     ) -> Result<Receipt, ApiError> {
         let mut f = Some(f);
-        let mut receipts = self.ledger_ops(tenant, 1, |l, _| (f.take().expect("called once"))(l)).await?;
+        let mut receipts =
+            self.ledger_ops(tenant, 1, move |l, _| (f.take().expect("called once"))(l)).await?;
         Ok(receipts.pop().expect("one operation, one receipt"))
     }
 
@@ -1492,24 +1495,27 @@ impl Engine {
         &self,
         tenant: &TenantId,
         n: usize,
-        mut f: impl FnMut(&Ledger, usize) -> Result<Receipt, LedgerError>,
+        mut f: impl FnMut(&Ledger, usize) -> Result<Receipt, LedgerError> + Send + 'static,
     ) -> Result<Vec<Receipt>, ApiError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (receipts, refused) = {
-            // The gate closed (no decision in flight, none starting) from the change
-            // to its record's place in the log: a grant's credits (or a recharge's
-            // budget) are spent only by decisions logged after it. With the gate open,
-            // a shard on another worker could spend them and log its charge first; a
-            // crash whose last sync covered the charge and not the grant (never
-            // acknowledged, so the platform sends it again) left the account below
-            // zero until then. These operations are rare (payments, rules, weekly
-            // recharges) and hold the gate for microseconds: the change and a push onto
-            // the log's queue, not the sync.
-            let _g = self.inner.gate.write();
+        type Outcome = (Result<(), ApiError>, Vec<Receipt>, Option<LedgerError>);
+        let (tx, rx) = tokio::sync::oneshot::channel::<Outcome>();
+        let (engine, tenant) = (self.clone(), tenant.clone());
+        // The gate closed (no decision in flight, none starting) from the change to its
+        // record's place in the log: a grant's credits (or a recharge's budget) are
+        // spent only by decisions logged after it. With the gate open, a shard on
+        // another worker could spend them and log its charge first; a crash whose last
+        // sync covered the charge and not the grant (never acknowledged, so the
+        // platform sends it again) left the account below zero until then. Closed on
+        // the barrier's thread, once for every such job waiting: the change and a push
+        // onto the log's queue, not the sync. A worker thread never waits for the gate
+        // (behind decisions that may wait for room in a full log queue), and a client
+        // sending grants or top-up rules by the thousand costs the other tenants'
+        // decisions one closing per batch, not one each.
+        self.inner.read_barrier.exclusive(Box::new(move || {
             let mut receipts = Vec::with_capacity(n);
             let mut refused = None;
             for i in 0..n {
-                match f(&self.inner.ledger, i) {
+                match f(&engine.inner.ledger, i) {
                     Ok(r) => receipts.push(r),
                     Err(e) => {
                         refused = Some(e);
@@ -1520,21 +1526,21 @@ impl Engine {
             let money: Vec<crate::ledger::LedgerEvent> =
                 receipts.iter().filter(|r| !r.replayed).map(|r| r.event.clone()).collect();
             if money.is_empty() {
-                self.after_durable(Box::new(move |r| {
-                    let _ = tx.send(r);
+                engine.after_durable(Box::new(move |r| {
+                    let _ = tx.send((r, receipts, refused));
                 }));
             } else {
-                self.inner.metrics.money(tenant, &money);
+                engine.inner.metrics.money(&tenant, &money);
                 let mut stream = Vec::new();
                 record::money_stream_events(&money, &mut stream);
                 let rec = WalRecord::Ledger { tenant: tenant.clone(), money };
-                self.append_then_publish(tenant, &rec, stream, move |r| {
-                    let _ = tx.send(r);
+                engine.append_then_publish(&tenant, &rec, stream, move |r| {
+                    let _ = tx.send((r, receipts, refused));
                 });
             }
-            (receipts, refused)
-        };
-        rx.await.map_err(|_| ApiError::unavailable("WAL closed"))??;
+        }));
+        let (durable, receipts, refused) = rx.await.map_err(|_| ApiError::unavailable("WAL closed"))?;
+        durable?;
         match refused {
             Some(e) => Err(ledger_api_error(e)),
             None => Ok(receipts),
@@ -1661,10 +1667,9 @@ impl Engine {
                     }
                     // The week's recharge and a resume in one closing of the gate: a
                     // spend between them would be topped up again (R20).
+                    let (t, p) = (tenant.clone(), pro.id.clone());
                     let rs = self
-                        .ledger_ops(tenant, ops.len(), |l, i| {
-                            l.recharge(ops[i].clone(), tenant, &pro.id, &name)
-                        })
+                        .ledger_ops(tenant, ops.len(), move |l, i| l.recharge(ops[i].clone(), &t, &p, &name))
                         .await?;
                     // Budget back: a recharge of a budget that was spent, or a paused
                     // config buying again (its pro may be parked because every config

@@ -25,8 +25,23 @@ use std::sync::{Arc, Weak};
 /// the log failed or closed).
 pub(crate) type Waiter = Box<dyn FnOnce(Result<(), ApiError>) + Send>;
 
+/// Work that needs the gate closed (no decision in flight, none starting): ledger
+/// operations outside any shard (a grant, a top-up rule, a budget's setting or
+/// recharge), which must be queued in the log before any decision can spend what they
+/// give. Run here, under one closing of the gate for every job waiting, so that a
+/// flood of them from one client costs every tenant's decisions one closing per batch
+/// and never blocks a worker thread on the gate. A job answers its caller itself
+/// (from the log's callback); one that panics is dropped, and its caller sees the
+/// answer channel closed.
+pub(crate) type Exclusive = Box<dyn FnOnce() + Send>;
+
+enum Job {
+    Wait(Waiter),
+    Exclusive(Exclusive),
+}
+
 pub(crate) struct ReadBarrier {
-    tx: crossbeam_channel::Sender<Waiter>,
+    tx: crossbeam_channel::Sender<Job>,
     /// Barriers taken so far.
     taken: Arc<AtomicU64>,
 }
@@ -35,7 +50,7 @@ impl ReadBarrier {
     /// Starts the barrier's thread for the engine `inner` (held weakly: the thread ends
     /// when the engine is gone and its last waiter is answered).
     pub(crate) fn start(inner: Weak<Inner>) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded::<Waiter>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let taken = Arc::new(AtomicU64::new(0));
         let count = taken.clone();
         std::thread::Builder::new()
@@ -52,24 +67,46 @@ impl ReadBarrier {
 
     /// Runs `done` once everything in memory now is durable.
     pub(crate) fn wait(&self, done: Waiter) {
-        if let Err(e) = self.tx.send(done) {
-            (e.into_inner())(Err(ApiError::unavailable("rota is shutting down")));
+        if let Err(e) = self.tx.send(Job::Wait(done)) {
+            if let Job::Wait(done) = e.into_inner() {
+                done(Err(ApiError::unavailable("rota is shutting down")));
+            }
         }
+    }
+
+    /// Runs `job` with the gate closed, on this thread (see [`Exclusive`]). If the
+    /// thread is gone, `job` is dropped unrun.
+    pub(crate) fn exclusive(&self, job: Exclusive) {
+        let _ = self.tx.send(Job::Exclusive(job));
     }
 }
 
-fn run(inner: &Weak<Inner>, rx: &crossbeam_channel::Receiver<Waiter>, taken: &AtomicU64) {
+fn run(inner: &Weak<Inner>, rx: &crossbeam_channel::Receiver<Job>, taken: &AtomicU64) {
     while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(rx.try_iter());
+        let mut waiting = Vec::new();
+        let mut exclusive = Vec::new();
+        for job in std::iter::once(first).chain(rx.try_iter()) {
+            match job {
+                Job::Wait(w) => waiting.push(w),
+                Job::Exclusive(j) => exclusive.push(j),
+            }
+        }
         let Some(engine) = inner.upgrade() else {
             for w in waiting {
                 w(Err(ApiError::unavailable("rota is shutting down")));
             }
             continue;
         };
-        drop(engine.gate.write());
+        {
+            let _closed = engine.gate.write();
+            for job in exclusive {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            }
+        }
         taken.fetch_add(1, Ordering::Relaxed);
+        if waiting.is_empty() {
+            continue;
+        }
         let (synced_tx, synced) = crossbeam_channel::bounded::<()>(1);
         engine.wal.append(
             vec![],
@@ -84,5 +121,65 @@ fn run(inner: &Weak<Inner>, rx: &crossbeam_channel::Receiver<Waiter>, taken: &At
         drop(engine);
         // Every append is answered (a closed log answers with an error).
         let _ = synced.recv();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, Sources};
+    use crate::engine::Engine;
+    use crate::ids::{ProId, TenantId};
+    use crate::wal::MemFs;
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    /// Generous bound on each wait: never an assertion about speed.
+    const DEADLINE: Duration = Duration::from_secs(60);
+
+    /// A grant (any ledger operation outside a shard) needs the gate closed. While a
+    /// decision holds it open (here its read side, held by the test, as a decision
+    /// waiting for room in a full log queue holds it), the grant waits on the barrier's
+    /// thread and the thread that received it goes on: it used to close the gate itself
+    /// and stop every connection and actor of that worker thread with it.
+    #[test]
+    fn a_grant_waiting_for_the_gate_never_blocks_the_thread_that_received_it() {
+        let (engine_tx, engine_rx) = mpsc::channel::<Engine>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (polled_tx, polled_rx) = mpsc::channel::<bool>();
+        let (done_tx, done_rx) = mpsc::channel::<bool>();
+        std::thread::spawn(move || {
+            let flags = vec![
+                "data_dir=\"/mem\"".to_string(),
+                "arbiters=0".into(),
+                "clock=\"manual\"".into(),
+                "manual_clock_start_ms=1764000000000".into(),
+            ];
+            let cfg = Config::load(&Sources { flags, ..Default::default() }).expect("valid configuration");
+            let fs: Arc<dyn crate::wal::Fs> = Arc::new(MemFs::new().process_handle());
+            let sys = actix_rt::System::new();
+            let engine = sys.block_on(async { Engine::start_with_fs(cfg, fs).expect("starts").0 });
+            engine_tx.send(engine.clone()).unwrap();
+            go_rx.recv().unwrap();
+            sys.block_on(async {
+                let v = serde_json::json!({"id": "g", "type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 100});
+                let frame = serde_json::to_vec(&v).unwrap();
+                let req = crate::protocol::decode(crate::protocol::Encoding::Json, &frame).unwrap().request;
+                let demo = TenantId::new("demo");
+                let grant = engine.request(&demo, req);
+                futures_util::pin_mut!(grant);
+                let first = futures_util::poll!(&mut grant);
+                polled_tx.send(first.is_pending()).unwrap();
+                done_tx.send(grant.await.is_ok()).unwrap();
+            });
+        });
+        let engine = engine_rx.recv_timeout(DEADLINE).expect("the engine starts");
+        let open = engine.inner.gate.read();
+        go_tx.send(()).unwrap();
+        let polled = polled_rx.recv_timeout(DEADLINE);
+        assert_eq!(polled, Ok(true), "the thread that received the grant blocked on the gate");
+        assert_eq!(engine.inner.ledger.balance(&TenantId::new("demo"), &ProId::new("p1")).available, 0);
+        drop(open);
+        assert_eq!(done_rx.recv_timeout(DEADLINE), Ok(true), "the grant is answered once the gate closes");
+        assert_eq!(engine.inner.ledger.balance(&TenantId::new("demo"), &ProId::new("p1")).available, 100);
     }
 }
