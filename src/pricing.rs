@@ -9,8 +9,8 @@
 //! price                  = round half up, then clamp to [min, max]
 //! ```
 //!
-//! The average proposals per lead is at least one (1000 thousandths, in the policy and
-//! as learned): a lead with no response lowers it, but a pro that responds is one
+//! The average proposals per lead counts as at least one (1000 thousandths, as
+//! configured and as learned): a lead with no response lowers it, but a pro that responds is one
 //! proposal at least, so a lead never costs more than being its only proposal is
 //! worth.
 //!
@@ -164,12 +164,15 @@ fn permille(key: &str, value: u32) -> Result<Permille, PricingError> {
 
 fn validate_stats(key: &str, s: &CategoryStats) -> Result<(), PricingError> {
     permille(&format!("{key}.conversion_permille"), s.conversion_permille)?;
-    if !(MIN_PROPOSALS_MILLI..=MAX_PROPOSALS_MILLI).contains(&s.avg_proposals_milli) {
+    // Below `MIN_PROPOSALS_MILLI` is accepted, and priced as one proposal: refusing it
+    // would refuse the policies older releases stored in snapshots and the log (which
+    // accepted it), and stop the start.
+    if !(1..=MAX_PROPOSALS_MILLI).contains(&s.avg_proposals_milli) {
         return Err(bad(
             format!("pricing.{key}.avg_proposals_milli"),
             format!(
-                "{} is out of range: must be {MIN_PROPOSALS_MILLI}..={MAX_PROPOSALS_MILLI} \
-                 (thousandths of a proposal; a responding pro is one at least)",
+                "{} is out of range: must be 1..={MAX_PROPOSALS_MILLI} (thousandths of a proposal; \
+                 below 1000 counts as 1000)",
                 s.avg_proposals_milli
             ),
         ));
@@ -555,9 +558,14 @@ mod tests {
         assert_eq!((got.components.expected_value_cents, got.credits), (30_000, 300));
         let old_snapshot = stats(120_000, 250, 500);
         assert_eq!(price(&old_snapshot, &RiskInputs::default(), &p).credits, 300);
+        // A policy below one (accepted by older releases, stored in their snapshots and
+        // logs) still loads, and prices as one.
         let mut below = policy();
-        below.categories.get_mut(&"painting".into()).unwrap().avg_proposals_milli = 999;
-        assert_eq!(below.validate().unwrap_err().key, "pricing.categories.painting.avg_proposals_milli");
+        below.max_price_credits = 1_000_000;
+        below.categories.get_mut(&"painting".into()).unwrap().avg_proposals_milli = 500;
+        let below = below.validate().expect("accepted, counted as one proposal");
+        let painting = *below.stats(&"painting".into());
+        assert_eq!(price(&painting, &RiskInputs::default(), &below).credits, 300);
     }
 
     #[test]

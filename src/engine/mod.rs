@@ -1510,8 +1510,12 @@ impl Engine {
         // onto the log's queue, not the sync. A worker thread never waits for the gate
         // (behind decisions that may wait for room in a full log queue), and a client
         // sending grants or top-up rules by the thousand costs the other tenants'
-        // decisions one closing per batch, not one each.
-        self.inner.read_barrier.exclusive(Box::new(move || {
+        // decisions one closing per batch, not one each. When the gate can be had at
+        // once and no such job waits there, the work is done here instead, as the
+        // request is read: in its connection's order with the requests after it (a
+        // `balance` or a response sent right after a grant sees the grant), and
+        // without a wake-up of the barrier's thread.
+        let job = move || {
             let mut receipts = Vec::with_capacity(n);
             let mut refused = None;
             for i in 0..n {
@@ -1538,7 +1542,15 @@ impl Engine {
                     let _ = tx.send((r, receipts, refused));
                 });
             }
-        }));
+        };
+        let barrier = &self.inner.read_barrier;
+        match barrier.idle_for_exclusive().then(|| self.inner.gate.try_write()).flatten() {
+            Some(closed) => {
+                job();
+                drop(closed);
+            }
+            None => barrier.exclusive(Box::new(job)),
+        }
         let (durable, receipts, refused) = rx.await.map_err(|_| ApiError::unavailable("WAL closed"))?;
         durable?;
         match refused {

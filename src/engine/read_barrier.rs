@@ -18,7 +18,7 @@
 
 use super::{wal_api_error, Inner};
 use crate::protocol::ApiError;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 /// Told the outcome once everything before the barrier is durable (`unavailable` if
@@ -42,6 +42,9 @@ enum Job {
 
 pub(crate) struct ReadBarrier {
     tx: crossbeam_channel::Sender<Job>,
+    /// [`Exclusive`] jobs sent and not yet run: while any is, a later one must queue
+    /// behind it (see [`ReadBarrier::idle_for_exclusive`]).
+    exclusive_pending: Arc<AtomicUsize>,
     /// Barriers taken so far.
     taken: Arc<AtomicU64>,
 }
@@ -53,11 +56,13 @@ impl ReadBarrier {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let taken = Arc::new(AtomicU64::new(0));
         let count = taken.clone();
+        let exclusive_pending = Arc::new(AtomicUsize::new(0));
+        let pending = exclusive_pending.clone();
         std::thread::Builder::new()
             .name("rota-read-barrier".into())
-            .spawn(move || run(&inner, &rx, &count))
+            .spawn(move || run(&inner, &rx, &count, &pending))
             .expect("spawn the read barrier's thread");
-        Self { tx, taken }
+        Self { tx, exclusive_pending, taken }
     }
 
     /// Barriers taken so far (each closed the gate once).
@@ -77,11 +82,26 @@ impl ReadBarrier {
     /// Runs `job` with the gate closed, on this thread (see [`Exclusive`]). If the
     /// thread is gone, `job` is dropped unrun.
     pub(crate) fn exclusive(&self, job: Exclusive) {
-        let _ = self.tx.send(Job::Exclusive(job));
+        self.exclusive_pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Job::Exclusive(job)).is_err() {
+            self.exclusive_pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether no [`Exclusive`] job waits here: only then may a caller that got the
+    /// gate at once run such work itself, without overtaking one sent before it (two
+    /// top-up rules of one pro must end with the later).
+    pub(crate) fn idle_for_exclusive(&self) -> bool {
+        self.exclusive_pending.load(Ordering::Acquire) == 0
     }
 }
 
-fn run(inner: &Weak<Inner>, rx: &crossbeam_channel::Receiver<Job>, taken: &AtomicU64) {
+fn run(
+    inner: &Weak<Inner>,
+    rx: &crossbeam_channel::Receiver<Job>,
+    taken: &AtomicU64,
+    exclusive_pending: &AtomicUsize,
+) {
     while let Ok(first) = rx.recv() {
         let mut waiting = Vec::new();
         let mut exclusive = Vec::new();
@@ -95,12 +115,14 @@ fn run(inner: &Weak<Inner>, rx: &crossbeam_channel::Receiver<Job>, taken: &Atomi
             for w in waiting {
                 w(Err(ApiError::unavailable("rota is shutting down")));
             }
+            exclusive_pending.fetch_sub(exclusive.len(), Ordering::AcqRel);
             continue;
         };
         {
             let _closed = engine.gate.write();
             for job in exclusive {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                exclusive_pending.fetch_sub(1, Ordering::AcqRel);
             }
         }
         taken.fetch_add(1, Ordering::Relaxed);
@@ -181,5 +203,51 @@ mod tests {
         drop(open);
         assert_eq!(done_rx.recv_timeout(DEADLINE), Ok(true), "the grant is answered once the gate closes");
         assert_eq!(engine.inner.ledger.balance(&TenantId::new("demo"), &ProId::new("p1")).available, 100);
+    }
+
+    fn request(v: serde_json::Value) -> crate::protocol::Request {
+        let frame = serde_json::to_vec(&v).unwrap();
+        crate::protocol::decode(crate::protocol::Encoding::Json, &frame).unwrap().request
+    }
+
+    /// A grant takes effect as it is read when the gate is free, in its connection's
+    /// order: the requests read after it see the credits (rota decides in the order
+    /// requests reach it on one connection), even while the barrier's thread is busy
+    /// waiting for an earlier read's sync.
+    #[test]
+    fn a_grant_takes_effect_before_the_next_request_of_its_connection_is_read() {
+        let flags = vec![
+            "data_dir=\"/mem\"".to_string(),
+            "arbiters=0".into(),
+            "clock=\"manual\"".into(),
+            "manual_clock_start_ms=1764000000000".into(),
+        ];
+        let cfg = Config::load(&Sources { flags, ..Default::default() }).expect("valid configuration");
+        let fs = MemFs::new();
+        let handle: Arc<dyn crate::wal::Fs> = Arc::new(fs.process_handle());
+        let sys = actix_rt::System::new();
+        let engine = sys.block_on(async { Engine::start_with_fs(cfg, handle).expect("starts").0 });
+        let demo = TenantId::new("demo");
+        sys.block_on(async {
+            let hold = fs.hold_syncs();
+            // A read waits at the barrier's thread for the held sync.
+            let read = engine.request(&demo, request(serde_json::json!({"id": "r", "type": "balance", "pro": "p1"})));
+            futures_util::pin_mut!(read);
+            assert!(futures_util::poll!(&mut read).is_pending());
+            let grant = engine.request(
+                &demo,
+                request(serde_json::json!({"id": "g", "type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 100})),
+            );
+            futures_util::pin_mut!(grant);
+            assert!(futures_util::poll!(&mut grant).is_pending(), "answered once durable");
+            assert_eq!(
+                engine.inner.ledger.balance(&demo, &ProId::new("p1")).available,
+                100,
+                "the next request of the connection sees the grant"
+            );
+            drop(hold);
+            assert!(grant.await.is_ok());
+            assert!(read.await.is_ok());
+        });
     }
 }
