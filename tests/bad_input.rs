@@ -341,7 +341,10 @@ fn r22_r24_an_old_profile_paused_until_i64_max_is_not_parked_for_budget_nor_retr
     let mut paused = buying("bruno");
     paused.autobuy[0].paused_until = Some(i64::MAX);
     // As replay applies it: the profile was accepted by an older release.
-    apply_checked(&mut h.shard, &Event::ProUpserted { pro: std::sync::Arc::new(paused), at: T0 });
+    apply_checked(
+        &mut h.shard,
+        &Event::ProUpserted { pro: std::sync::Arc::new(paused), at: T0, reuse_slot: true },
+    );
     let d = h.publish(T0 + M, lead("L1", T0 + M));
     assert_eq!(offered(&d), [("anna".to_string(), OfferKind::AutoBuy)], "a group left short");
     assert_eq!(h.shard.budget_parked_pros(), 0, "bruno is paused, not out of budget");

@@ -239,6 +239,12 @@ impl Ring {
         }
     }
 
+    /// Forgets since when `slot` has been parked for a spent budget (it stays parked,
+    /// if it is, until unparked): that park was no shortage of budget.
+    pub fn forget_budget_park(&mut self, slot: u32) {
+        self.budget_since.remove(&slot);
+    }
+
     /// The pass a parked entry gets back when unparked: the skip clamp.
     pub fn unpark_pass(&self, e: &RingEntry, max_catch_up_turns: u32) -> u64 {
         let floor = self

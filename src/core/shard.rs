@@ -270,6 +270,11 @@ pub enum Event {
     ProUpserted {
         pro: Arc<Pro>,
         at: Millis,
+        /// A pro new to the shard takes the lowest slot left free. `false` in records
+        /// of releases before slots were reused: such a pro took a new slot at the end,
+        /// and the selections logged after it name that slot, so replay does the same.
+        #[serde(default)]
+        reuse_slot: bool,
     },
     ProRemoved {
         pro: ProId,
@@ -847,6 +852,21 @@ pub const MAX_RECORDED_SKIPS: usize = 64;
 /// next lead starts where this one stopped, so every pro gets its share in turn.
 pub const MAX_OFFERS_PER_RELEASE: usize = 10_000;
 
+/// Whether `pro` is paused (or on vacation, or has an auto-buy config paused) until
+/// past any time accepted on the wire: only profiles logged before times were bounded
+/// (a pause "for ever" as `i64::MAX`). Releases before then parked such a pro as if its
+/// budget were spent (the end read as [`ring::UNTIL_BUDGET`]); the parks they logged or
+/// snapshotted are dropped as shortages when the pause is lifted, so no R22 retry buys
+/// it the leads released while it was paused. (A second config of the pro that was
+/// really short meanwhile loses its retries with it.)
+fn paused_past_any_time(pro: &Pro) -> bool {
+    let past = |t: Millis| t > crate::core::model::MAX_TIME_MS;
+    let a = &pro.availability;
+    a.paused_until.is_some_and(past)
+        || a.vacation.is_some_and(|(_, to)| past(to))
+        || pro.autobuy.iter().any(|c| c.paused_until.is_some_and(past))
+}
+
 /// How far ahead of the daemon's clock a lead's `created_at` may be: a platform's clock
 /// a little ahead is accepted (its lead then lives that much longer); more is refused.
 pub const MAX_CREATED_AHEAD_MS: Millis = 10 * crate::ids::MINUTE_MS;
@@ -1154,7 +1174,7 @@ impl Shard {
                 field_err("pro.zones", format!("pro {} does not cover shard {}", pro.id, self.key)).into()
             );
         }
-        Ok(done(vec![Event::ProUpserted { pro: Arc::new(pro.clone()), at: now }]))
+        Ok(done(vec![Event::ProUpserted { pro: Arc::new(pro.clone()), at: now, reuse_slot: true }]))
     }
 
     fn decide_publish(&self, now: Millis, lead: &Arc<Lead>, funds: &dyn Funds) -> Result<Decision, Reject> {
@@ -2249,11 +2269,12 @@ impl Shard {
     /// offer action for a forgotten lead) changes nothing.
     pub fn apply(&mut self, ev: &Event) {
         match ev {
-            Event::ProUpserted { pro, .. } => {
+            Event::ProUpserted { pro, reuse_slot, .. } => {
                 let slot = match self.slots.get(&pro.id) {
                     Some(&s) => s,
                     None => {
-                        let s = self.free.take_lowest(&self.pros).unwrap_or_else(|| {
+                        let reused = if *reuse_slot { self.free.take_lowest(&self.pros) } else { None };
+                        let s = reused.unwrap_or_else(|| {
                             self.pros.push(None);
                             (self.pros.len() - 1) as u32
                         });
@@ -2262,6 +2283,12 @@ impl Shard {
                     }
                 };
                 let (stats, short_since) = match self.pros[slot as usize].take() {
+                    // A park for a spent budget that was a pause "for ever" misread (see
+                    // `paused_past_any_time`) is no shortage of budget: nothing to retry.
+                    Some(p) if paused_past_any_time(&p.pro) => {
+                        self.ring.forget_budget_park(slot);
+                        (p.stats, OptMillis::NONE)
+                    }
                     Some(p) => (p.stats, p.budget_short_since),
                     None => (self.departed.remove(&pro.id).unwrap_or_default(), OptMillis::NONE),
                 };
@@ -2307,6 +2334,13 @@ impl Shard {
             }
             Event::AvailabilitySet { pro, availability, .. } => {
                 if let Some(&slot) = self.slots.get(pro) {
+                    if self.pros[slot as usize].as_ref().is_some_and(|ps| paused_past_any_time(&ps.pro)) {
+                        // As for an upsert: a misread pause "for ever" was no shortage.
+                        self.ring.forget_budget_park(slot);
+                        if let Some(ps) = self.pros[slot as usize].as_mut() {
+                            ps.budget_short_since = OptMillis::NONE;
+                        }
+                    }
                     let marked =
                         self.pros[slot as usize].as_ref().map_or(OptMillis::NONE, |ps| ps.budget_short_since);
                     // R22: the unpark below ends a park for a spent budget, which held
@@ -3666,6 +3700,91 @@ mod departed_tests {
         }
         assert_eq!((s.slots[&ProId::new("e")], s.slots[&ProId::new("f")], s.pros.len()), (0, 2, 5));
         assert_eq!(s, back);
+    }
+
+    /// R22, R24: a park that a release before times were bounded made for a config
+    /// paused "for ever" (`i64::MAX`, read as the "until budget comes back" mark), in
+    /// its snapshot or log, is no shortage of budget: once the pause is lifted, a retry
+    /// does not buy the pro the leads released while it was paused.
+    #[test]
+    fn r22_r24_an_old_budget_park_of_a_pause_for_ever_is_not_retried_once_lifted() {
+        let mut s = shard_with(
+            "tenant = \"t\"\nmode = \"auto_buy\"\n[autobuy]\ngroup_size = 2\nretry_window_s = 86400\n\
+             [money]\ncharge_on = \"dispatch\"\nflat_price_credits = 10\n",
+        );
+        let buying = |id: &str, paused_until: Option<Millis>| {
+            let mut p = pro(id);
+            p.autobuy = vec![crate::core::model::AutoBuyConfig {
+                name: "week".into(),
+                zones: p.zones.clone(),
+                categories: p.categories.clone(),
+                weekly_budget_credits: 1_000,
+                max_price_credits: None,
+                active: true,
+                paused_until,
+            }];
+            p
+        };
+        let run = |s: &mut Shard, now: Millis, cmd: Command| {
+            let d = s.decide(now, &cmd, &Unlimited).expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+            s.check_invariants().expect("invariants hold");
+            d
+        };
+        run(&mut s, T0, Command::UpsertPro { pro: buying("anna", None) });
+        // As an older release logged it.
+        let paused = Arc::new(buying("bruno", Some(Millis::MAX)));
+        s.apply(&Event::ProUpserted { pro: paused, at: T0, reuse_slot: true });
+        let at = T0 + 1000;
+        run(&mut s, at, Command::PublishLead { lead: lead(1, at).into() });
+        // The park that release made: until budget comes back, since the release.
+        let bruno = s.slots[&ProId::new("bruno")];
+        let old_park =
+            ring::Selection { parked: vec![(bruno, Some(ring::UNTIL_BUDGET))], ..Default::default() };
+        s.ring.commit_at(&old_park, at, s.policy.max_catch_up_turns);
+        assert_eq!(s.budget_parked_pros(), 1);
+
+        run(&mut s, at + 1000, Command::UpsertPro { pro: buying("bruno", None) });
+        let d = run(&mut s, at + 2000, Command::BudgetAvailable { pros: vec![ProId::new("bruno")] });
+        let bought: Vec<&ProId> = d
+            .events
+            .iter()
+            .filter_map(|ev| match ev {
+                Event::Offered { grants, .. } => Some(grants.iter().map(|g| &g.pro)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(bought.is_empty(), "bruno bought a lead released while it was paused: {bought:?}");
+    }
+
+    /// A log written before slots were reused: a pro that joined after another left
+    /// took a new slot at the end, and the selections logged after it name that slot.
+    /// Such a record (without `reuse_slot`) replays the same way; this release's
+    /// records reuse the free slot.
+    #[test]
+    fn a_pro_joining_in_a_record_from_before_slot_reuse_takes_a_new_slot_as_it_did() {
+        let mut s = shard_with("tenant = \"t\"\nmode = \"shared\"\n");
+        let run = |s: &mut Shard, cmd: Command| {
+            let d = s.decide(T0, &cmd, &Unlimited).expect("valid");
+            d.events.iter().for_each(|ev| s.apply(ev));
+            s.check_invariants().expect("invariants hold");
+        };
+        for id in ["a", "b", "c"] {
+            run(&mut s, Command::UpsertPro { pro: pro(id) });
+        }
+        run(&mut s, Command::RemovePro { pro: ProId::new("b") });
+        let ev = Event::ProUpserted { pro: Arc::new(pro("d")), at: T0, reuse_slot: false };
+        let mut bytes = rmp_serde::to_vec(&ev).unwrap();
+        assert_eq!((bytes.pop(), bytes[0]), (Some(0xc2), 0x94), "an array ending in `false`");
+        bytes[0] = 0x93;
+        let old: Event = rmp_serde::from_slice(&bytes).expect("an older record loads");
+        assert_eq!(old, ev);
+        s.apply(&old);
+        s.check_invariants().expect("invariants hold");
+        assert_eq!(s.slots[&ProId::new("d")], 3, "a new slot, as the release that logged it gave");
+        run(&mut s, Command::UpsertPro { pro: pro("e") });
+        assert_eq!(s.slots[&ProId::new("e")], 1, "this release's records reuse the free slot");
     }
 }
 
