@@ -318,8 +318,11 @@ async fn pipelined_changes_of_one_pro_past_the_tenants_bound_are_refused_overloa
             refused += 1;
         }
     }
+    // Each admitted change waits for a sync of its own, one after another, while the
+    // thousands behind it are read in milliseconds: some are past the bound.
     assert!(refused > 0, "{n} pipelined changes of one pro: some beyond the bound are refused");
-    assert!(refused < n, "the first {} are admitted", rota::engine::MAX_PRO_CHANGES_PER_TENANT);
+    let bound = rota::engine::MAX_PRO_CHANGES_PER_TENANT;
+    assert!(n - refused >= bound, "the first {bound} are admitted: {refused} of {n} refused");
     c.ok(json!({"type": "set_availability", "pro": "p1", "availability": {}})).await;
 }
 

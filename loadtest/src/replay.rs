@@ -714,6 +714,19 @@ fn route(r: &Request, lead_ord: Option<u32>, n: usize) -> usize {
     (key % n as u64) as usize
 }
 
+/// The pro a request changes, if it changes one (what must stay in order for it).
+fn pro_key(r: &Request) -> Option<&str> {
+    match r {
+        Request::UpsertPro { pro } => Some(&pro.id),
+        Request::RemovePro { pro }
+        | Request::SetAvailability { pro, .. }
+        | Request::GrantCredits { pro, .. }
+        | Request::SetTopupRule { pro, .. }
+        | Request::Offer { pro, .. } => Some(pro),
+        Request::PublishLead { .. } => None,
+    }
+}
+
 /// [`route`] for the timed phase: a client's leads go on one connection (by client
 /// id), so a duplicate (R2) never overtakes the lead it repeats (over two connections
 /// the daemon would now and then take the repeat first, accept it and refuse the
@@ -1111,7 +1124,9 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                 expected[c] += 1;
                 ids.insert(id, i);
             }
-            to_send.clear();
+            let attempted = std::mem::take(&mut to_send);
+            // Each record's answer this attempt: `None` for `ok`, else the error code.
+            let mut answers: HashMap<usize, Option<String>> = HashMap::with_capacity(attempted.len());
             for (c, ws) in conns.iter_mut().enumerate() {
                 ws.flush().await?;
                 let mut got = 0;
@@ -1128,26 +1143,45 @@ async fn run_async(cfg: &ReplayConfig, records: &[Record]) -> anyhow::Result<Out
                     if let Some(log) = log.as_mut() {
                         log.reply(enc, bytes);
                     }
-                    if f.kind == "error" {
-                        let refused = f.id.as_deref().and_then(|id| ids.get(id));
-                        let resend = match (f.code.as_deref(), refused) {
-                            (Some("overloaded"), Some(&i)) => {
-                                to_send.push(i);
-                                true
+                    let code =
+                        (f.kind == "error").then(|| f.code.as_deref().unwrap_or("unknown").to_string());
+                    match f.id.as_deref().and_then(|id| ids.get(id)) {
+                        Some(&i) => {
+                            answers.insert(i, code);
+                        }
+                        None => {
+                            if let Some(code) = code {
+                                *setup_errors.entry(code).or_default() += 1;
                             }
-                            _ => false,
-                        };
-                        if !resend {
-                            *setup_errors
-                                .entry(f.code.as_deref().unwrap_or("unknown").to_string())
-                                .or_default() += 1;
                         }
                     }
                     got += 1;
                 }
             }
-            // In the trace's order again (replies of several connections interleave).
-            to_send.sort_unstable();
+            // A record refused `overloaded` is sent again, and with it every later
+            // record of the same pro sent in this attempt, whatever it was answered:
+            // they were decided without it (a `set_availability` answered
+            // `unknown_pro`, or an older profile that would now overwrite a newer
+            // one), and setup records set state, so sending one twice is harmless.
+            let pro_of = |i: usize| pro_key(&chunk[i].request).map(|p| (chunk[i].tenant.as_deref(), p));
+            let mut first_refused: HashMap<(Option<&str>, &str), usize> = HashMap::new();
+            for &i in &attempted {
+                if answers.get(&i).is_some_and(|a| a.as_deref() == Some("overloaded")) {
+                    if let Some(k) = pro_of(i) {
+                        first_refused.entry(k).or_insert(i);
+                    }
+                }
+            }
+            for &i in &attempted {
+                let answer = answers.get(&i).cloned().flatten();
+                let after_refusal = pro_of(i).and_then(|k| first_refused.get(&k)).is_some_and(|&m| m <= i);
+                if answer.as_deref() == Some("overloaded") || after_refusal {
+                    to_send.push(i);
+                } else if let Some(code) = answer {
+                    *setup_errors.entry(code).or_default() += 1;
+                }
+            }
+            // In the trace's order (`attempted` is).
         }
     }
     if setup_resent > 0 {

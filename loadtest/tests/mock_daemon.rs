@@ -58,6 +58,9 @@ struct Script {
     /// first publish, stops reading for `pause` (once): its socket buffers fill, and the
     /// tool's write on that connection blocks until the stand-in reads again.
     stall_ingest: Option<(&'static str, Duration)>,
+    /// Answer the first `upsert_pro` `overloaded` (a tenant at its bound of changes in
+    /// flight), changing nothing.
+    refuse_first_upsert: bool,
 }
 
 impl Default for Script {
@@ -70,6 +73,7 @@ impl Default for Script {
             misroute: None,
             garbage_event_after: None,
             stall_ingest: None,
+            refuse_first_upsert: false,
         }
     }
 }
@@ -91,6 +95,10 @@ struct Shared {
     /// `subscribe` requests answered.
     subscriptions: u64,
     close_ingest: watch::Sender<bool>,
+    /// Requests other than publishes and subscriptions, in the order answered, as
+    /// `type:answer` (`ok` or the error code).
+    changes: Vec<String>,
+    refused_an_upsert: bool,
 }
 
 struct Mock {
@@ -110,6 +118,8 @@ impl Mock {
             tenants: HashMap::new(),
             subscriptions: 0,
             close_ingest: watch::channel(false).0,
+            changes: Vec::new(),
+            refused_an_upsert: false,
         }));
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -284,7 +294,23 @@ async fn serve(tcp: TcpStream, shared: Arc<Mutex<Shared>>) {
                     tokio::time::sleep(pause).await;
                 }
             }
-            _ => {
+            Some(kind) => {
+                let refuse = {
+                    let mut sh = shared.lock().unwrap();
+                    let refuse =
+                        kind == "upsert_pro" && sh.script.refuse_first_upsert && !sh.refused_an_upsert;
+                    sh.refused_an_upsert |= refuse;
+                    sh.changes.push(format!("{kind}:{}", if refuse { "overloaded" } else { "ok" }));
+                    refuse
+                };
+                let reply = if refuse {
+                    json!({"type": "error", "id": id, "code": "overloaded", "message": "scripted"})
+                } else {
+                    json!({"type": "ok", "id": id, "result": {"done": true}})
+                };
+                let _ = tx.send(frame(enc, &reply)).await;
+            }
+            None => {
                 let _ = tx.send(frame(enc, &json!({"type": "ok", "id": id, "result": {"done": true}}))).await;
             }
         }
@@ -360,6 +386,33 @@ fn a_well_behaved_stand_in_passes() {
     assert_eq!((s.sent, s.sent_leads, s.not_sent), (100, 50, 0), "{s:#?}");
     assert_eq!(s.delivery.count, 50);
     assert!(s.failures().is_empty(), "{:?}", s.failures());
+}
+
+/// A setup record refused `overloaded` (a tenant at its bound of pro changes in
+/// flight) is sent again, and so is every later setup record of the same pro that was
+/// sent meanwhile: the pro's vacation, answered while the pro did not exist yet (or
+/// before its profile), must not end up overwritten or lost.
+#[test]
+fn a_setup_record_refused_overloaded_is_sent_again_with_the_pros_later_records() {
+    let m = Mock::start(Script { refuse_first_upsert: true, ..Script::default() });
+    let mut records = trace(5, 0, None);
+    let vacation = Availability { vacation: Some((1, i64::from(i32::MAX))), ..Availability::default() };
+    records.insert(
+        1,
+        Record {
+            at_ms: 0,
+            tenant: None,
+            request: Request::SetAvailability { pro: "p1".into(), availability: vacation },
+        },
+    );
+    let s = run(&config(&m, Pacing::Rate(1_000.0), "resend"), &records);
+    assert_eq!((s.sent_leads, s.not_sent), (5, 0), "{s:#?}");
+    let changes = m.shared.lock().unwrap().changes.clone();
+    assert_eq!(
+        changes,
+        ["upsert_pro:overloaded", "set_availability:ok", "upsert_pro:ok", "set_availability:ok"],
+        "the vacation is sent again after the profile"
+    );
 }
 
 /// A daemon replaying its log answers connections with HTTP 503 and `Retry-After`:
