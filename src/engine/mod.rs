@@ -1510,11 +1510,12 @@ impl Engine {
         // onto the log's queue, not the sync. A worker thread never waits for the gate
         // (behind decisions that may wait for room in a full log queue), and a client
         // sending grants or top-up rules by the thousand costs the other tenants'
-        // decisions one closing per batch, not one each. When the gate can be had at
-        // once and no such job waits there, the work is done here instead, as the
-        // request is read: in its connection's order with the requests after it (a
-        // `balance` or a response sent right after a grant sees the grant), and
-        // without a wake-up of the barrier's thread.
+        // decisions one closing per batch, not one each. When the gate can be had
+        // within a millisecond (decisions hold it for microseconds, unless one waits
+        // for room in a full log queue) and no such job waits there, the work is done
+        // here instead, as the request is read: in its connection's order with the
+        // requests after it (a `balance` or a response sent right after a grant sees
+        // the grant), and without a wake-up of the barrier's thread.
         let job = move || {
             let mut receipts = Vec::with_capacity(n);
             let mut refused = None;
@@ -1544,7 +1545,8 @@ impl Engine {
             }
         };
         let barrier = &self.inner.read_barrier;
-        match barrier.idle_for_exclusive().then(|| self.inner.gate.try_write()).flatten() {
+        let wait = std::time::Duration::from_millis(1);
+        match barrier.idle_for_exclusive().then(|| self.inner.gate.try_write_for(wait)).flatten() {
             Some(closed) => {
                 job();
                 drop(closed);

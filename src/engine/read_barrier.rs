@@ -230,23 +230,35 @@ mod tests {
         let demo = TenantId::new("demo");
         sys.block_on(async {
             let hold = fs.hold_syncs();
-            // A read waits at the barrier's thread for the held sync.
+            let grant = |op: &str, credits: u64| {
+                request(serde_json::json!({"id": op, "type": "grant_credits", "pro": "p1", "op": op, "credits": credits}))
+            };
+            // A first grant, written and waiting for the held sync.
+            let first = engine.request(&demo, grant("pay-0", 50));
+            futures_util::pin_mut!(first);
+            assert!(futures_util::poll!(&mut first).is_pending(), "answered once durable");
+            // A read waits at the barrier's thread for that sync (once the barrier has
+            // closed and opened the gate for it, the thread waits for the sync).
+            let before = engine.read_barriers();
             let read = engine.request(&demo, request(serde_json::json!({"id": "r", "type": "balance", "pro": "p1"})));
             futures_util::pin_mut!(read);
             assert!(futures_util::poll!(&mut read).is_pending());
-            let grant = engine.request(
-                &demo,
-                request(serde_json::json!({"id": "g", "type": "grant_credits", "pro": "p1", "op": "pay-1", "credits": 100})),
-            );
-            futures_util::pin_mut!(grant);
-            assert!(futures_util::poll!(&mut grant).is_pending(), "answered once durable");
+            let since = std::time::Instant::now();
+            while engine.read_barriers() == before {
+                assert!(since.elapsed() < DEADLINE, "the barrier never closed the gate for the read");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let second = engine.request(&demo, grant("pay-1", 100));
+            futures_util::pin_mut!(second);
+            assert!(futures_util::poll!(&mut second).is_pending(), "answered once durable");
             assert_eq!(
                 engine.inner.ledger.balance(&demo, &ProId::new("p1")).available,
-                100,
+                150,
                 "the next request of the connection sees the grant"
             );
             drop(hold);
-            assert!(grant.await.is_ok());
+            assert!(first.await.is_ok());
+            assert!(second.await.is_ok());
             assert!(read.await.is_ok());
         });
     }
