@@ -5,13 +5,12 @@
 
 mod engine_support;
 
-use engine_support::{acme_config, in_system, send};
+use engine_support::{acme_config, send};
 use rota::config::{Config, Sources};
 use rota::engine::Engine;
 use rota::ids::LeadId;
 use rota::wal::{Fault, MemFs};
 use serde_json::json;
-use std::sync::Arc;
 
 /// zaask with one responder per lead, and the log's syncs held back 100 ms (so that a
 /// second request is decided while the first one's record waits for its sync).
@@ -25,15 +24,10 @@ fn config(dir: &std::path::Path) -> Config {
 }
 
 /// Runs `body` on an engine started on a fresh in-memory disk ([`config`]), with that
-/// disk to inject faults into.
+/// disk (to hold its syncs or inject faults into).
 fn on_engine<Fut: std::future::Future<Output = ()>>(body: impl FnOnce(Engine, MemFs) -> Fut) {
     let dir = tempfile::tempdir().unwrap();
-    let fs = MemFs::new();
-    in_system(async {
-        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-        let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
-        body(e, fs.clone()).await
-    });
+    engine_support::on_engine_with(config(dir.path()), body);
 }
 
 /// Pro `p` in lisboa with 100 credits.

@@ -12,7 +12,7 @@
 
 mod engine_support;
 
-use engine_support::{in_system, req, T0};
+use engine_support::{req, T0};
 use rota::config::{Config, Sources};
 use rota::engine::{Engine, MAX_PRO_CHANGES_PER_TENANT};
 use rota::ids::{ProId, TenantId, ZoneId};
@@ -20,7 +20,6 @@ use rota::protocol::{ApiError, OkResult};
 use rota::wal::MemFs;
 use serde_json::{json, Value};
 use std::future::Future;
-use std::sync::Arc;
 use std::task::Poll;
 
 /// Tenants `alpha` and `beta`, both on the example `zaask` policy, in memory, on the
@@ -46,15 +45,11 @@ fn config(dir: &std::path::Path) -> Config {
         .expect("the test configuration is valid")
 }
 
-/// Runs `body` on an engine started on a fresh in-memory disk, with that disk.
-fn on_engine<Fut: Future<Output = ()>>(body: impl FnOnce(Engine, MemFs) -> Fut) {
+/// Runs `body` on an engine started on a fresh in-memory disk ([`config`]), with that
+/// disk (to hold its syncs or inject faults into).
+fn on_engine<Fut: std::future::Future<Output = ()>>(body: impl FnOnce(Engine, MemFs) -> Fut) {
     let dir = tempfile::tempdir().unwrap();
-    let fs = MemFs::new();
-    in_system(async {
-        let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
-        let (e, _) = Engine::start_with_fs(config(dir.path()), handle).expect("starts");
-        body(e, fs.clone()).await
-    });
+    engine_support::on_engine_with(config(dir.path()), body);
 }
 
 fn call(e: &Engine, tenant: &str, v: Value) -> impl Future<Output = Result<OkResult, ApiError>> + 'static {

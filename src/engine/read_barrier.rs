@@ -158,6 +158,17 @@ mod tests {
     /// Generous bound on each wait: never an assertion about speed.
     const DEADLINE: Duration = Duration::from_secs(60);
 
+    /// Data in memory, the actors on the test's thread, the manual clock.
+    fn config() -> Config {
+        let flags = vec![
+            "data_dir=\"/mem\"".to_string(),
+            "arbiters=0".into(),
+            "clock=\"manual\"".into(),
+            "manual_clock_start_ms=1764000000000".into(),
+        ];
+        Config::load(&Sources { flags, ..Default::default() }).expect("valid configuration")
+    }
+
     /// A grant (any ledger operation outside a shard) needs the gate closed. While a
     /// decision holds it open (here its read side, held by the test, as a decision
     /// waiting for room in a full log queue holds it), the grant waits on the barrier's
@@ -170,13 +181,7 @@ mod tests {
         let (polled_tx, polled_rx) = mpsc::channel::<bool>();
         let (done_tx, done_rx) = mpsc::channel::<bool>();
         std::thread::spawn(move || {
-            let flags = vec![
-                "data_dir=\"/mem\"".to_string(),
-                "arbiters=0".into(),
-                "clock=\"manual\"".into(),
-                "manual_clock_start_ms=1764000000000".into(),
-            ];
-            let cfg = Config::load(&Sources { flags, ..Default::default() }).expect("valid configuration");
+            let cfg = config();
             let fs: Arc<dyn crate::wal::Fs> = Arc::new(MemFs::new().process_handle());
             let sys = actix_rt::System::new();
             let engine = sys.block_on(async { Engine::start_with_fs(cfg, fs).expect("starts").0 });
@@ -216,13 +221,7 @@ mod tests {
     /// waiting for an earlier read's sync.
     #[test]
     fn a_grant_takes_effect_before_the_next_request_of_its_connection_is_read() {
-        let flags = vec![
-            "data_dir=\"/mem\"".to_string(),
-            "arbiters=0".into(),
-            "clock=\"manual\"".into(),
-            "manual_clock_start_ms=1764000000000".into(),
-        ];
-        let cfg = Config::load(&Sources { flags, ..Default::default() }).expect("valid configuration");
+        let cfg = config();
         let fs = MemFs::new();
         let handle: Arc<dyn crate::wal::Fs> = Arc::new(fs.process_handle());
         let sys = actix_rt::System::new();

@@ -56,6 +56,20 @@ pub fn in_system<F: Future>(fut: F) -> F::Output {
     out
 }
 
+/// Runs `body` on an engine started with `cfg` on a fresh in-memory disk, with that
+/// disk (to hold its syncs or inject faults into).
+pub fn on_engine_with<Fut: Future<Output = ()>>(
+    cfg: Config,
+    body: impl FnOnce(rota::engine::Engine, rota::wal::MemFs) -> Fut,
+) {
+    let fs = rota::wal::MemFs::new();
+    in_system(async {
+        let handle: std::sync::Arc<dyn rota::wal::Fs> = std::sync::Arc::new(fs.process_handle());
+        let (e, _) = rota::engine::Engine::start_with_fs(cfg, handle).expect("starts");
+        body(e, fs.clone()).await
+    });
+}
+
 /// Tenant `acme`, which [`acme_config`] configures.
 pub fn acme() -> rota::ids::TenantId {
     rota::ids::TenantId::new("acme")
