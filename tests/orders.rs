@@ -1525,3 +1525,30 @@ proptest! {
         prop_assert_eq!(restored, book);
     }
 }
+
+/// R25: a pro's acceptance modes are bounded (at most `MAX_MODES_PER_PRO` services with
+/// a mode of their own; a client could otherwise grow a pro's settings, kept for good,
+/// without bound), and auto-accept, the default, is the absence of a mode: setting it
+/// back frees the place and stores nothing.
+#[test]
+fn r25_acceptance_modes_are_bounded_and_auto_accept_is_not_stored() {
+    let mut w = World::new();
+    let approval = || approval(Audience::AllClients, None, None);
+    for i in 0..MAX_MODES_PER_PRO {
+        w.ok(t0(), set_mode(PRO, &format!("s{i}"), approval()));
+    }
+    match w.run(t0(), set_mode(PRO, "one-more", approval())) {
+        Err(OrderReject::InvalidField(f)) => assert_eq!(f.field, "service"),
+        other => panic!("a mode past the bound: {other:?}"),
+    }
+    // Auto-accept is always allowed, and is no mode: it frees a place.
+    w.ok(t0(), set_mode(PRO, "one-more", AcceptanceMode::AutoAccept));
+    w.ok(t0(), set_mode(PRO, "s0", AcceptanceMode::AutoAccept));
+    let modes = &w.book.pro(&ProId::new(PRO)).expect("registered").modes;
+    assert_eq!(modes.len(), MAX_MODES_PER_PRO - 1);
+    assert!(!modes.contains_key(&CategoryId::new("s0")) && !modes.contains_key(&CategoryId::new("one-more")));
+    w.ok(t0(), set_mode(PRO, "one-more", approval()));
+    // A pro registered by auto-accept alone holds no mode.
+    w.ok(t0(), set_mode("newcomer", GIG, AcceptanceMode::AutoAccept));
+    assert!(w.book.pro(&ProId::new("newcomer")).expect("registered").modes.is_empty());
+}

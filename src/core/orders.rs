@@ -803,6 +803,10 @@ fn permille(part: u64, whole: u64) -> Option<u32> {
     (whole > 0).then(|| (u128::from(part) * 1000 / u128::from(whole)) as u32)
 }
 
+/// Services of one pro with an acceptance mode other than auto-accept (R25): as many
+/// as a profile's categories.
+pub const MAX_MODES_PER_PRO: usize = 256;
+
 /// One pro's settings and counters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProOrders {
@@ -1011,6 +1015,18 @@ impl OrderBook {
                 let unchanged = self.pros.get(pro).is_some_and(|p| p.mode(service) == mode);
                 if unchanged {
                     return Ok(done(vec![]));
+                }
+                // Each service with a mode of its own is kept for the pro, for good: a
+                // bound like a profile's categories (auto-accept, the default, is the
+                // absence of one and always allowed).
+                let held = self.pros.get(pro).map_or(0, |p| p.modes.len());
+                let new_service = !self.pros.get(pro).is_some_and(|p| p.modes.contains_key(service));
+                if *mode != AcceptanceMode::AutoAccept && new_service && held >= MAX_MODES_PER_PRO {
+                    return Err(field_err(
+                        "service",
+                        format!("pro {pro} has an acceptance mode for {held} services, the most it may have"),
+                    )
+                    .into());
                 }
                 Ok(done(vec![OrderEvent::AcceptanceModeSet {
                     pro: pro.clone(),
@@ -1344,7 +1360,14 @@ impl OrderBook {
     pub fn apply(&mut self, ev: &OrderEvent) {
         match ev {
             OrderEvent::AcceptanceModeSet { pro, service, mode, .. } => {
-                self.pros.entry(pro.clone()).or_default().modes.insert(service.clone(), mode.clone());
+                let modes = &mut self.pros.entry(pro.clone()).or_default().modes;
+                // Auto-accept is the default: not stored (the pro is registered all the
+                // same).
+                if *mode == AcceptanceMode::AutoAccept {
+                    modes.remove(service);
+                } else {
+                    modes.insert(service.clone(), mode.clone());
+                }
             }
             OrderEvent::AvailabilitySet { pro, availability, .. } => {
                 self.pros.entry(pro.clone()).or_default().availability = availability.clone();
