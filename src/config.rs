@@ -232,6 +232,10 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// True when no tenant was configured and the demo tenant was added.
     pub demo_tenant: bool,
+    /// `ROTA_*` environment variables that name no configuration key, ignored (other
+    /// programs' variables share the prefix: a Kubernetes Service named `rota` puts
+    /// `ROTA_SERVICE_HOST` and `ROTA_PORT` into every pod of its namespace).
+    pub ignored_env: Vec<String>,
 }
 
 pub fn hash_token(token: &str) -> [u8; 32] {
@@ -276,13 +280,27 @@ impl Config {
             merge(&mut tree, file);
             base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         }
+        // Every top-level key is in the defaults' tree (none is optional).
+        let known: std::collections::BTreeSet<String> =
+            tree.as_table().map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        let mut ignored_env = Vec::new();
         for (k, v) in &src.env {
             let Some(rest) = k.strip_prefix("ROTA_") else { continue };
             if rest.is_empty() {
                 continue;
             }
             let key = rest.to_ascii_lowercase().replace("__", ".");
-            set_path(&mut tree, &key, v)?;
+            if !known.contains(key.split('.').next().unwrap_or_default()) {
+                ignored_env.push(k.clone());
+                continue;
+            }
+            set_path(&mut tree, &key, v).map_err(|e| match e {
+                ConfigError::Invalid { key, reason } => ConfigError::Invalid {
+                    key,
+                    reason: format!("{reason} (from the environment variable {k})"),
+                },
+                other => other,
+            })?;
         }
         for f in &src.flags {
             let (k, v) = f.split_once('=').ok_or_else(|| invalid(f, "expected key=value"))?;
@@ -290,7 +308,8 @@ impl Config {
         }
         let raw: RawConfig =
             tree.try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-        Config::validate(raw, &base_dir)
+        ignored_env.sort();
+        Ok(Config { ignored_env, ..Config::validate(raw, &base_dir)? })
     }
 
     pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, ConfigError> {
@@ -427,7 +446,7 @@ impl Config {
                 tokens: vec![(hash_token(DEMO_TOKEN), vec![Scope::Ingest, Scope::Stream, Scope::Admin])],
             });
         }
-        Ok(Config { raw, listen, admin_listen, wal, tenants, demo_tenant })
+        Ok(Config { raw, listen, admin_listen, wal, tenants, demo_tenant, ignored_env: Vec::new() })
     }
 
     /// The effective configuration as TOML, token hashes redacted.
@@ -489,6 +508,30 @@ mod tests {
         assert!(c.demo_tenant);
         assert_eq!(c.tenants[0].id.as_str(), "demo");
         assert_eq!(c.listen.port(), 7700);
+    }
+
+    /// Other programs' `ROTA_*` variables (a Kubernetes Service named `rota` puts
+    /// `ROTA_SERVICE_HOST` and `ROTA_PORT` into every pod of its namespace) are ignored
+    /// and listed, not a refused start; a variable of a known key still applies, and a
+    /// bad value of one, or an unknown key under a known table, is still refused.
+    #[test]
+    fn environment_variables_naming_no_key_are_ignored_and_listed() {
+        let env = |pairs: &[(&str, &str)]| Sources {
+            env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Sources::default()
+        };
+        let c = Config::load(&env(&[
+            ("ROTA_SERVICE_HOST", "10.0.0.1"),
+            ("ROTA_PORT", "tcp://10.0.0.1:7700"),
+            ("ROTA_ARBITERS", "3"),
+        ]))
+        .expect("starts");
+        assert_eq!(c.ignored_env, ["ROTA_PORT", "ROTA_SERVICE_HOST"]);
+        assert_eq!(c.raw.arbiters, 3);
+        let e = Config::load(&env(&[("ROTA_WAL__NO_SUCH", "1")])).unwrap_err().to_string();
+        assert!(e.contains("no_such"), "a misspelt key under a known table is refused: {e}");
+        let e = Config::load(&env(&[("ROTA_ARBITERS", "many")])).unwrap_err().to_string();
+        assert!(e.contains("arbiters"), "a bad value of a known key names it: {e}");
     }
 
     #[test]

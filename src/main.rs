@@ -181,6 +181,9 @@ fn run() -> anyhow::Result<i32> {
         }
         Cmd::Config { cmd: ConfigCmd::Check { cfg } } => {
             let cfg = cfg.load()?;
+            for v in &cfg.ignored_env {
+                eprintln!("warning: environment variable {v} matches no configuration key; ignored");
+            }
             println!("{}", cfg.redacted_toml());
             eprintln!("config OK: {} tenant(s)", cfg.tenants.len());
             Ok(0)

@@ -965,3 +965,24 @@ async fn a_tenant_at_its_connection_cap_is_refused_429_and_other_tenants_still_c
     };
     back.ok(json!({"type": "balance", "pro": "nobody"})).await;
 }
+
+/// `--demo` feeds synthetic pros (a million credits each) and a lead every 200 ms; in a
+/// configured tenant's log and stream they would stay for good (tenants are never
+/// removed), so a configuration with tenants of its own refuses it, writing nothing.
+#[test]
+fn demo_mode_with_configured_tenants_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tenants_config(dir.path(), "");
+    let data = dir.path().join("demo-data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rota"))
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "-c"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("the rota binary runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--demo") && err.contains("habitissimo"), "{err}");
+    assert!(!data.exists(), "nothing written");
+}

@@ -49,12 +49,24 @@ pub fn init_logging(cfg: &Config) {
     if let Err(e) = crate::telemetry::init_logging(&cfg.raw.log_level, output) {
         eprintln!("rota: logging not initialised: {e}");
     }
+    for variable in &cfg.ignored_env {
+        tracing::warn!(%variable, "environment variable matches no configuration key; ignored");
+    }
 }
 
 /// Runs the daemon until a signal stops it. Returns the process exit code. With
 /// `sources` (where `cfg` was loaded from), SIGHUP loads them again and applies the
 /// tenants' new policies and tokens ([`Engine::reload`]).
 pub fn run(cfg: Config, demo: bool, sources: Option<Sources>) -> anyhow::Result<i32> {
+    if demo && !cfg.demo_tenant {
+        // The feed would write its pros, a million credits each and a lead every 200
+        // ms into a real tenant's log and stream, for good (tenants are never removed).
+        anyhow::bail!(
+            "--demo feeds synthetic pros and leads into the built-in demo tenant, and this \
+             configuration has tenants of its own ({}): refused (run --demo without tenants)",
+            cfg.tenants.iter().map(|t| t.id.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
     match opt_out_of_huge_pages(cfg.raw.transparent_huge_pages) {
         Ok(true) => tracing::info!("transparent huge pages disabled for this process"),
         Ok(false) => {}
