@@ -211,6 +211,8 @@ fn wal_tool(cmd: WalCmd) -> anyhow::Result<i32> {
     use rota::wal::{tools, RealFs};
     let mut out = std::io::stdout().lock();
     let fs = RealFs;
+    let (WalCmd::Verify { dir } | WalCmd::Dump { dir, .. } | WalCmd::Repair { dir, .. }) = &cmd;
+    tools::check_holds_a_log(&fs, dir).map_err(anyhow::Error::msg)?;
     match cmd {
         WalCmd::Verify { dir } => {
             let report = tools::verify(&fs, &dir)?;

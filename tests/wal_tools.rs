@@ -269,3 +269,35 @@ fn a_second_open_of_a_directory_in_use_is_refused_with_the_reason() {
     let (_, rec) = Wal::open(cfg, real).expect("free again once the first log is shut down");
     assert_eq!(rec.last_seq, 1);
 }
+
+/// The log tools refuse a directory that holds no log (the data directory instead of
+/// its `wal` subdirectory, a mistyped path) instead of reporting an empty log as
+/// sound, name where the log likely is, and `repair` creates nothing there.
+#[test]
+fn the_wal_tools_refuse_a_directory_that_holds_no_log_and_point_at_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("wal")).unwrap();
+    let fs: std::sync::Arc<dyn rota::wal::Fs> = std::sync::Arc::new(rota::wal::RealFs);
+    let (wal, _) = Wal::open(rota::wal::WalConfig::new(data.join("wal")), fs).unwrap();
+    append_many(&wal, 3);
+    wal.shutdown().unwrap();
+    let run = |args: &[&str], dir: &std::path::Path| {
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_rota")).args(args).arg(dir).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["wal", "verify"], &data);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("holds no log") && err.contains(&format!("did you mean {}", data.join("wal").display())),
+        "{err}"
+    );
+    let missing = tmp.path().join("typo");
+    let (code, err) =
+        run(&["wal", "repair", "--yes-i-understand-records-after-the-damage-are-dropped"], &missing);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!missing.exists(), "repair created {}", missing.display());
+    let (code, err) = run(&["wal", "verify"], &data.join("wal"));
+    assert_eq!(code, Some(0), "{err}");
+}

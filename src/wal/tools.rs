@@ -150,6 +150,25 @@ fn recovery_start(listing: &Listing, snapshots: &[SnapshotReport]) -> Option<u64
     Some(newest_valid_snapshot(snapshots).map_or(first, |s| s + 1))
 }
 
+/// Refuses a directory that holds no log at all (no segment, no snapshot), naming
+/// where the log usually is: a tool pointed at the data directory instead of its `wal`
+/// subdirectory, or at a mistyped path, would otherwise report an empty log as sound
+/// (and `repair` would create the directory and its lock).
+pub fn check_holds_a_log(fs: &dyn Fs, dir: &Path) -> Result<(), String> {
+    let listing =
+        list_dir(fs, dir).map_err(|e| format!("{} is not a readable log directory: {e}", dir.display()))?;
+    if !listing.segments.is_empty() || !listing.snapshots.is_empty() {
+        return Ok(());
+    }
+    let wal = dir.join("wal");
+    let hint = if fs.list(&wal).is_ok() {
+        format!(" (did you mean {}?)", wal.display())
+    } else {
+        " (the log is in <data_dir>/wal)".to_string()
+    };
+    Err(format!("{} holds no log: no segment, no snapshot{hint}", dir.display()))
+}
+
 /// Checks every snapshot, and every record recovery would read (from the newest
 /// valid snapshot on, as [`super::Wal::open`] does), without changing anything.
 pub fn verify(fs: &dyn Fs, dir: &Path) -> Result<VerifyReport, WalError> {
