@@ -67,3 +67,28 @@ fn a_new_shard_past_the_tenants_bound_is_refused_and_changes_nothing() {
         ok(&e, pro("p3", &["porto", "lisboa"])).await;
     });
 }
+
+/// R1, R7: a publish refused whatever a shard would hold (its lifetime already over, a
+/// creation time far ahead of the clock) creates no shard: it would count against the
+/// bound for good and exist in memory only (the log has no record of it), so refused
+/// publishes into new zones would lock the tenant out of new zones.
+#[test]
+fn r1_r7_a_refused_publish_into_a_new_zone_creates_no_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    in_system(async {
+        let fs: Arc<dyn rota::wal::Fs> = Arc::new(rota::wal::MemFs::new().process_handle());
+        let (e, _) = Engine::start_with_fs(config(dir.path()), fs).expect("starts");
+        ok(&e, pro("p1", &["lisboa"])).await;
+        let mut expired = lead("E1", "faro");
+        expired["lead"]["created_at"] = json!(T0 - 30 * 24 * 3_600_000);
+        assert_eq!(send(&e, expired).await.unwrap_err().code, "lead_expired");
+        let mut ahead = lead("F1", "braga");
+        ahead["lead"]["created_at"] = json!(T0 + 3_600_000);
+        let err = send(&e, ahead).await.unwrap_err();
+        assert_eq!((err.code.as_str(), err.field.as_deref()), ("invalid_field", Some("lead.created_at")));
+        assert_eq!(e.shard_states().len(), 1, "only lisboa's");
+        // Room is left for the next new zone.
+        ok(&e, lead("L1", "porto")).await;
+        assert_eq!(e.shard_states().len(), 2);
+    });
+}

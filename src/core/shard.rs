@@ -852,6 +852,49 @@ pub const MAX_RECORDED_SKIPS: usize = 64;
 /// next lead starts where this one stopped, so every pro gets its share in turn.
 pub const MAX_OFFERS_PER_RELEASE: usize = 10_000;
 
+/// Why a publish of `lead` at `now` under `policy` is refused whatever the shard holds
+/// (after a republish of a lead it remembers, which answers the original result), if it
+/// is: the lead's own fields, a creation time far ahead of the clock, a lifetime already
+/// over. Checked before the quality gate, so that such a lead leaves no trace (not even
+/// a logged rejection), and by the engine before a publish creates the lead's shard: a
+/// refused publish must not create one (it would count against
+/// `max_shards_per_tenant` and exist in memory only, not in the log).
+pub fn publish_refusal(policy: &Policy, now: Millis, lead: &Lead) -> Option<Reject> {
+    match lead.validate() {
+        Err(e) => Some(e.into()),
+        Ok(()) => timing_refusal(policy, now, lead),
+    }
+}
+
+/// [`publish_refusal`] of a lead already validated.
+fn timing_refusal(policy: &Policy, now: Millis, lead: &Lead) -> Option<Reject> {
+    // A creation time far ahead of the daemon's clock is a client's mistake (seconds or
+    // microseconds where milliseconds are meant, a local time sent as UTC), and the
+    // lead's lifetime, head start and duplicate window all count from it: such a lead
+    // would never close, hold its chat-only credits for ever and refuse the client's
+    // next leads as duplicates. Refused, naming the field; a platform clock a few
+    // minutes ahead is within the margin.
+    if lead.created_at > now.saturating_add(MAX_CREATED_AHEAD_MS) {
+        return Some(
+            field_err(
+                "lead.created_at",
+                format!(
+                    "{} is {} s ahead of the daemon's clock ({now}); at most {} s ahead is accepted \
+                     (a Unix time in milliseconds is expected)",
+                    lead.created_at,
+                    (lead.created_at - now) / 1000,
+                    MAX_CREATED_AHEAD_MS / 1000
+                ),
+            )
+            .into(),
+        );
+    }
+    if lead.created_at.saturating_add(policy.lead_ttl) <= now {
+        return Some(Reject::LeadExpired(lead.id.clone()));
+    }
+    None
+}
+
 /// Whether `pro` is paused (or on vacation, or has an auto-buy config paused) until
 /// past any time accepted on the wire: only profiles logged before times were bounded
 /// (a pause "for ever" as `i64::MAX`). Releases before then parked such a pro as if its
@@ -1198,24 +1241,8 @@ impl Shard {
             }
             return Ok(Decision { events: vec![], reply: Reply::Lead(rejected_outcome(&lead.id, r.reason)) });
         }
-        // A creation time far ahead of the daemon's clock is a client's mistake (seconds
-        // or microseconds where milliseconds are meant, a local time sent as UTC), and
-        // the lead's lifetime, head start and duplicate window all count from it: such a
-        // lead would never close, hold its chat-only credits for ever and refuse the
-        // client's next leads as duplicates. Refused, naming the field; a platform clock
-        // a few minutes ahead is within the margin.
-        if lead.created_at > now.saturating_add(MAX_CREATED_AHEAD_MS) {
-            return Err(field_err(
-                "lead.created_at",
-                format!(
-                    "{} is {} s ahead of the daemon's clock ({now}); at most {} s ahead is accepted \
-                     (a Unix time in milliseconds is expected)",
-                    lead.created_at,
-                    (lead.created_at - now) / 1000,
-                    MAX_CREATED_AHEAD_MS / 1000
-                ),
-            )
-            .into());
+        if let Some(refusal) = timing_refusal(&self.policy, now, lead) {
+            return Err(refusal);
         }
         // R2: quality gate, then duplicate protection, before anyone is charged.
         if let Some(reason) = self.gate(lead, funds) {
@@ -1231,9 +1258,6 @@ impl Shard {
         let p = &self.policy;
         let (price, price_components) = self.price(lead);
         let expires_at = lead.created_at.saturating_add(p.lead_ttl);
-        if expires_at <= now {
-            return Err(Reject::LeadExpired(lead.id.clone()));
-        }
         let arc = Arc::clone(lead);
         // Accepted, then at most a direct and a generic release: sized once (an event is
         // a few hundred bytes, and growing the vector copied them).

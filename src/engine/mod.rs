@@ -1029,6 +1029,18 @@ impl Engine {
                     // same id into this shard may have indexed it here meanwhile.
                     self.inner.lead_index.remove_if_at(&other, &lead.id);
                 }
+                // A publish refused whatever a shard holds must not create its shard
+                // (`max_shards_per_tenant`; a shard in memory that the log does not
+                // know). Once the shard exists, it answers (a republish first).
+                if !self.inner.shards.contains_key(&key) {
+                    let policy = self.tenant(tenant).map(|t| t.cfg().policy.clone());
+                    let now = self.inner.clock.now();
+                    if let Some(refusal) =
+                        policy.and_then(|p| crate::core::shard::publish_refusal(&p, now, &lead))
+                    {
+                        return Err(refusal.into());
+                    }
+                }
                 match self.exec(key, Command::PublishLead { lead: lead.into() }).await? {
                     CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
                     other => Err(unexpected(other)),
@@ -1161,9 +1173,16 @@ impl Engine {
                 let now = self.inner.clock.advance_to(to_ms).ok_or_else(|| {
                     ApiError::new("clock_not_manual", "the clock is the wall clock; set clock = \"manual\"")
                 })?;
-                self.housekeeping(tenant).await?;
-                self.tick_tenant(tenant).await?;
-                self.order_tick(tenant).await?;
+                // The clock has moved: every step runs whatever an earlier one
+                // answered (a refused housekeeping must not leave the shards' due
+                // deadlines unprocessed until the next advance); the first error is the
+                // answer, and sending the same `to_ms` again runs what is left.
+                let steps = [
+                    self.housekeeping(tenant).await,
+                    self.tick_tenant(tenant).await,
+                    self.order_tick(tenant).await,
+                ];
+                steps.into_iter().collect::<Result<Vec<()>, ApiError>>()?;
                 Ok(OkResult::Clock { now_ms: now })
             }
             Request::Order { command } => Ok(OkResult::Order(self.order(tenant, command).await?)),
