@@ -216,6 +216,7 @@ ts("WAL sync failures", "short", [
 ts("WAL segments and durable sequence", "short", [
     ("sum(rota_wal_segments_live)", "segments live"),
     (f"sum(increase(rota_wal_segments_reused_total[{RI}]))", "segments reused (not zero-filled)"),
+    (f"sum(increase(rota_wal_spare_failures_total[{RI}]))", "next segment not prepared ahead (failed attempts)"),
     (f"sum(deriv(rota_wal_durable_sequence[{RI}]))", "durable seq / s"),
 ], w=6)
 ts("Snapshot duration and pause", "s", [
@@ -223,7 +224,10 @@ ts("Snapshot duration and pause", "s", [
     (q(0.99, "rota_snapshot_duration_seconds"), "duration p99"),
     (q(0.99, "rota_snapshot_pause_seconds"), "pause p99 (decisions held back)"),
 ], w=8)
-ts("Snapshots written", "short", [(f"sum(increase(rota_wal_snapshots_total[{RI}]))", "snapshots")], w=8)
+ts("Snapshots written", "short", [
+    (f"sum(increase(rota_wal_snapshots_total[{RI}]))", "snapshots"),
+    (f"sum(increase(rota_snapshot_failures_total[{RI}]))", "failed"),
+], w=8, thresholds=[(1, "red")])
 stat("Last recovery duration", "s", [("max(rota_recovery_duration_seconds)", "recovery")], w=4, h=8)
 stat("Last recovery records replayed", "short", [("max(rota_recovery_replayed_records)", "records")], w=4, h=8)
 

@@ -73,6 +73,7 @@ pub const WAL_SNAPSHOTS: &str = "rota_wal_snapshots_total";
 pub const WAL_SYNC_DURATION: &str = "rota_wal_sync_duration_seconds";
 pub const WAL_BATCH_RECORDS: &str = "rota_wal_batch_records";
 pub const SNAPSHOT_DURATION: &str = "rota_snapshot_duration_seconds";
+pub const SNAPSHOT_FAILURES: &str = "rota_snapshot_failures_total";
 pub const SNAPSHOT_PAUSE: &str = "rota_snapshot_pause_seconds";
 pub const RECOVERY_DURATION: &str = "rota_recovery_duration_seconds";
 pub const RECOVERY_RECORDS: &str = "rota_recovery_replayed_records";
@@ -384,6 +385,13 @@ pub const ALL: &[MetricDef] = &[
     h(WAL_SYNC_DURATION, "seconds", &[], SYNC_BUCKETS, "Duration of one WAL fdatasync."),
     h(WAL_BATCH_RECORDS, "records", &[], BATCH_BUCKETS, "Records per group-commit batch."),
     h(SNAPSHOT_DURATION, "seconds", &[], SNAPSHOT_BUCKETS, "Duration of writing one snapshot."),
+    m(
+        SNAPSHOT_FAILURES,
+        C,
+        "snapshots",
+        &[],
+        "Periodic snapshots that failed (the log is not compacted meanwhile: it grows, and so does the next start's replay).",
+    ),
     h(
         SNAPSHOT_PAUSE,
         "seconds",
@@ -753,6 +761,7 @@ pub struct WalMetrics {
     pub sync_duration: Histogram,
     pub batch_records: Histogram,
     pub snapshot_duration: Histogram,
+    pub snapshot_failures: Counter,
     pub snapshot_pause: Histogram,
     pub recovery_duration: Gauge,
     pub recovery_records: Gauge,
@@ -785,6 +794,7 @@ impl WalMetrics {
             sync_duration: metrics::histogram!(WAL_SYNC_DURATION),
             batch_records: metrics::histogram!(WAL_BATCH_RECORDS),
             snapshot_duration: metrics::histogram!(SNAPSHOT_DURATION),
+            snapshot_failures: metrics::counter!(SNAPSHOT_FAILURES),
             snapshot_pause: metrics::histogram!(SNAPSHOT_PAUSE),
             recovery_duration: metrics::gauge!(RECOVERY_DURATION),
             recovery_records: metrics::gauge!(RECOVERY_RECORDS),
@@ -959,6 +969,7 @@ mod tests {
             m.wal.batch(32);
             m.wal.synced(std::time::Duration::from_micros(250));
             m.wal.snapshot_duration.record(0.02);
+            m.wal.snapshot_failures.increment(1);
             m.wal.record_recovery(std::time::Duration::from_millis(12), 1000);
             refresh_process_metrics();
         });

@@ -66,6 +66,7 @@ fn rendered() -> String {
             ..Default::default()
         });
         m.wal.snapshot_duration.record(Duration::from_millis(40));
+        m.wal.snapshot_failures.increment(1);
         m.wal.record_recovery(Duration::from_millis(15), 20_000);
         telemetry::refresh_process_metrics();
         handle

@@ -427,10 +427,17 @@ async fn periodic_work(
                 }
             }
             _ = snap.tick(), if snapshot_every > 0 => {
+                let failed = || engine.inner.metrics.m.wal.snapshot_failures.increment(1);
                 match background_snapshot(engine.clone()).await {
                     Ok(Ok(seq)) => tracing::info!(covers_seq = seq, "snapshot written"),
-                    Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed"),
-                    Err(e) => tracing::error!(error = %e, "snapshot thread failed"),
+                    Ok(Err(e)) => {
+                        failed();
+                        tracing::error!(error = %e, "snapshot failed");
+                    }
+                    Err(e) => {
+                        failed();
+                        tracing::error!(error = %e, "snapshot thread failed");
+                    }
                 }
             }
         }
