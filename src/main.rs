@@ -147,7 +147,13 @@ fn main() -> ExitCode {
     match run() {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("rota: {}", error_chain(&e));
+            let chain = error_chain(&e);
+            eprintln!("rota: {chain}");
+            // Once `serve` has set up logging, also as a structured line: a pipeline
+            // that reads only those (`log_format = "json"`) sees why the start failed.
+            if tracing::dispatcher::has_been_set() {
+                tracing::error!(error = %chain, "rota stopped");
+            }
             ExitCode::from(2)
         }
     }

@@ -986,3 +986,22 @@ fn demo_mode_with_configured_tenants_is_refused_and_writes_nothing() {
     assert!(err.contains("--demo") && err.contains("habitissimo"), "{err}");
     assert!(!data.exists(), "nothing written");
 }
+
+/// Why a start is refused reaches a structured log pipeline too: with
+/// `log_format = "json"` it is also an `ERROR` line naming the reason (it was only a
+/// plain line, which such a pipeline drops).
+#[test]
+fn a_refused_start_is_also_a_structured_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.stop(), 0);
+    let cfg = tenants_config(dir.path(), "log_format = \"json\"");
+    let (code, stderr) = serve_until_exit(dir.path(), &cfg);
+    assert_eq!(code, Some(2), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with('{') && l.contains("\"level\":\"ERROR\""))
+        .unwrap_or_else(|| panic!("no structured error line: {stderr}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+    assert!(v.to_string().contains("not in the configuration: demo"), "{line}");
+}

@@ -352,19 +352,23 @@ async fn serve(
         r = graceful => match r {
             Ok(()) => {
                 eprintln!("rota: stopped cleanly");
+                tracing::info!("stopped cleanly");
                 Stopped { code: 0, abandoned: false }
             }
             Err(e) => {
                 eprintln!("rota: shutdown failed: {e}");
+                tracing::error!(error = %e, "shutdown failed");
                 Stopped { code: 1, abandoned: false }
             }
         },
         _ = tokio::time::sleep(shutdown_timeout) => {
             eprintln!("rota: shutdown deadline passed; exiting");
+            tracing::error!("shutdown deadline passed; exiting without the final sync and snapshot");
             Stopped { code: 1, abandoned: true }
         }
         () = stops.recv() => {
             eprintln!("rota: second signal; exiting now");
+            tracing::warn!("second signal; exiting now without the final sync and snapshot");
             Stopped { code: 1, abandoned: true }
         }
     };
