@@ -849,8 +849,9 @@ async fn available(c: &mut Client, pros: &[&str]) -> Vec<u64> {
 }
 
 /// `rota serve` on `dir` with `config` until it exits by itself (killed after a
-/// minute if it does not, then `None`): its exit code and what it printed.
-fn serve_until_exit(dir: &std::path::Path, config: &std::path::Path) -> (Option<i32>, String) {
+/// minute if it does not, then `None`): its exit code and what it printed. `sets`:
+/// more `--set` overrides, after the defaults here (warn logs).
+fn serve_until_exit(dir: &std::path::Path, config: &std::path::Path, sets: &[&str]) -> (Option<i32>, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rota"))
         .args(["serve", "--listen", "127.0.0.1:0", "--clock", "manual", "-c"])
         .arg(config)
@@ -858,6 +859,7 @@ fn serve_until_exit(dir: &std::path::Path, config: &std::path::Path) -> (Option<
         .arg(dir)
         .args(["--set", "admin_listen=\"127.0.0.1:0\"", "--set", "log_level=\"warn\""])
         .args(["--set", "wal.segment_bytes=8388608"])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -892,7 +894,7 @@ async fn r1_r9_a_tenant_left_out_of_the_configuration_stops_the_start_and_loses_
     // Killed: zaask's records are in the log after the last snapshot.
     unsafe_kill(d.child.id(), "KILL");
     let _ = d.wait_exit();
-    let (code, stderr) = serve_until_exit(dir.path(), &without);
+    let (code, stderr) = serve_until_exit(dir.path(), &without, &[]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("tenants that are not in the configuration: zaask"), "{stderr}");
 
@@ -907,7 +909,7 @@ async fn r1_r9_a_tenant_left_out_of_the_configuration_stops_the_start_and_loses_
         assert_eq!(b["granted"], 100, "recovered from {from}: {b}");
         drop(c);
         assert_eq!(d.stop(), 0);
-        let (code, stderr) = serve_until_exit(dir.path(), &without);
+        let (code, stderr) = serve_until_exit(dir.path(), &without, &[]);
         assert_eq!(code, Some(2), "{stderr}");
         assert!(stderr.contains("not in the configuration: zaask"), "{stderr}");
     }
@@ -919,7 +921,7 @@ fn a_data_dir_that_tried_rota_out_is_refused_to_configured_tenants_with_a_hint()
     // No tenants configured: the built-in demo tenant.
     let d = Daemon::start(dir.path());
     assert_eq!(d.stop(), 0);
-    let (code, stderr) = serve_until_exit(dir.path(), &config(dir.path(), 1024));
+    let (code, stderr) = serve_until_exit(dir.path(), &config(dir.path(), 1024), &[]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("not in the configuration: demo"), "{stderr}");
     assert!(stderr.contains("give the configured tenants a data_dir of their own"), "{stderr}");
@@ -989,14 +991,15 @@ fn demo_mode_with_configured_tenants_is_refused_and_writes_nothing() {
 
 /// Why a start is refused reaches a structured log pipeline too: with
 /// `log_format = "json"` it is also an `ERROR` line naming the reason (it was only a
-/// plain line, which such a pipeline drops).
+/// plain line, which such a pipeline drops), after a line naming where it recovered
+/// from, the directory absolute.
 #[test]
 fn a_refused_start_is_also_a_structured_error_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());
     assert_eq!(d.stop(), 0);
-    let cfg = tenants_config(dir.path(), "log_format = \"json\"");
-    let (code, stderr) = serve_until_exit(dir.path(), &cfg);
+    let cfg = tenants_config(dir.path(), "");
+    let (code, stderr) = serve_until_exit(dir.path(), &cfg, &["log_format=\"json\"", "log_level=\"info\""]);
     assert_eq!(code, Some(2), "{stderr}");
     let line = stderr
         .lines()
@@ -1004,4 +1007,12 @@ fn a_refused_start_is_also_a_structured_error_line() {
         .unwrap_or_else(|| panic!("no structured error line: {stderr}"));
     let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
     assert!(v.to_string().contains("not in the configuration: demo"), "{line}");
+    // Where it recovered from, as a structured line, the directory absolute.
+    let recovering = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "recovering")
+        .unwrap_or_else(|| panic!("no structured recovering line: {stderr}"));
+    let data_dir = recovering["data_dir"].as_str().expect("the data directory");
+    assert!(std::path::Path::new(data_dir).is_absolute(), "{recovering}");
 }

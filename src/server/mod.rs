@@ -236,6 +236,11 @@ async fn serve(
     }
     eprintln!("  metrics and health on http://{admin_local}/metrics, /livez, /readyz");
     eprintln!("rota: recovering from {}", data_dir.display());
+    // The same as a structured line, with the data directory made absolute: a relative
+    // `data_dir` is read from the working directory, which a log should not leave to
+    // guessing.
+    let absolute = std::path::absolute(&data_dir).unwrap_or_else(|_| data_dir.clone());
+    tracing::info!(listen = %local, admin = %admin_local, data_dir = %absolute.display(), "recovering");
     let before_recovery = hooks.before_recovery.take();
     let before_start = hooks.before_start.take();
     let fs: Arc<dyn crate::wal::Fs> = seams.fs.take().unwrap_or_else(|| Arc::new(crate::wal::RealFs));
