@@ -3648,6 +3648,15 @@ mod departed_tests {
     use super::test_support::*;
     use super::*;
 
+    /// Decides `cmd` at `now` (it must be valid), applies its events, checks the
+    /// shard's invariants.
+    fn run(s: &mut Shard, now: Millis, cmd: Command) -> Decision {
+        let d = s.decide(now, &cmd, &Unlimited).expect("valid");
+        d.events.iter().for_each(|ev| s.apply(ev));
+        s.check_invariants().expect("invariants hold");
+        d
+    }
+
     /// R14, R15: declines lower a pro's ranking, and leaving the shard (a profile sent
     /// without this zone) and coming back does not wipe them.
     #[test]
@@ -3655,11 +3664,6 @@ mod departed_tests {
         let mut s = shard_with(
             "tenant = \"t\"\nmode = \"shared\"\n[leads]\noffer_fanout = \"all\"\nduplicate_window_s = 0\n",
         );
-        let run = |s: &mut Shard, now: Millis, cmd: Command| {
-            let d = s.decide(now, &cmd, &Unlimited).expect("valid");
-            d.events.iter().for_each(|ev| s.apply(ev));
-            s.check_invariants().expect("invariants hold");
-        };
         run(&mut s, T0, Command::UpsertPro { pro: pro("a") });
         let fresh = s.slot_pro(s.slots[&ProId::new("a")]).weight.weight;
         for n in 1..=3u32 {
@@ -3694,11 +3698,6 @@ mod departed_tests {
         let mut s = shard_with(
             "tenant = \"t\"\nmode = \"shared\"\n[leads]\noffer_fanout = 2\nduplicate_window_s = 0\n",
         );
-        let run = |s: &mut Shard, now: Millis, cmd: Command| {
-            let d = s.decide(now, &cmd, &Unlimited).expect("valid");
-            d.events.iter().for_each(|ev| s.apply(ev));
-            s.check_invariants().expect("invariants hold");
-        };
         for id in ["a", "b", "c", "d"] {
             run(&mut s, T0, Command::UpsertPro { pro: pro(id) });
         }
@@ -3749,12 +3748,6 @@ mod departed_tests {
             }];
             p
         };
-        let run = |s: &mut Shard, now: Millis, cmd: Command| {
-            let d = s.decide(now, &cmd, &Unlimited).expect("valid");
-            d.events.iter().for_each(|ev| s.apply(ev));
-            s.check_invariants().expect("invariants hold");
-            d
-        };
         run(&mut s, T0, Command::UpsertPro { pro: buying("anna", None) });
         // As an older release logged it.
         let paused = Arc::new(buying("bruno", Some(Millis::MAX)));
@@ -3789,15 +3782,10 @@ mod departed_tests {
     #[test]
     fn a_pro_joining_in_a_record_from_before_slot_reuse_takes_a_new_slot_as_it_did() {
         let mut s = shard_with("tenant = \"t\"\nmode = \"shared\"\n");
-        let run = |s: &mut Shard, cmd: Command| {
-            let d = s.decide(T0, &cmd, &Unlimited).expect("valid");
-            d.events.iter().for_each(|ev| s.apply(ev));
-            s.check_invariants().expect("invariants hold");
-        };
         for id in ["a", "b", "c"] {
-            run(&mut s, Command::UpsertPro { pro: pro(id) });
+            run(&mut s, T0, Command::UpsertPro { pro: pro(id) });
         }
-        run(&mut s, Command::RemovePro { pro: ProId::new("b") });
+        run(&mut s, T0, Command::RemovePro { pro: ProId::new("b") });
         let ev = Event::ProUpserted { pro: Arc::new(pro("d")), at: T0, reuse_slot: false };
         let mut bytes = rmp_serde::to_vec(&ev).unwrap();
         assert_eq!((bytes.pop(), bytes[0]), (Some(0xc2), 0x94), "an array ending in `false`");
@@ -3807,7 +3795,7 @@ mod departed_tests {
         s.apply(&old);
         s.check_invariants().expect("invariants hold");
         assert_eq!(s.slots[&ProId::new("d")], 3, "a new slot, as the release that logged it gave");
-        run(&mut s, Command::UpsertPro { pro: pro("e") });
+        run(&mut s, T0, Command::UpsertPro { pro: pro("e") });
         assert_eq!(s.slots[&ProId::new("e")], 1, "this release's records reuse the free slot");
     }
 }
