@@ -765,13 +765,21 @@ impl Engine {
     /// `limited`: a shard it creates counts against `max_shards_per_tenant` (a change of
     /// a pro checks its new shards up front instead, [`Engine::admit_change`], so that
     /// none of its later steps is refused).
-    fn shard_cell(&self, key: &ShardKey, limited: bool) -> Result<Arc<ShardCell>, ApiError> {
+    /// `admit`: asked before a shard is created, never for one that exists (a request
+    /// refused whatever the new shard would hold must not create it).
+    fn shard_cell(
+        &self,
+        key: &ShardKey,
+        limited: bool,
+        admit: impl FnOnce(&Tenant) -> Result<(), ApiError>,
+    ) -> Result<Arc<ShardCell>, ApiError> {
         if let Some(h) = self.inner.shards.get(key) {
             return Ok(h.clone());
         }
         let tenant = self
             .tenant(&key.tenant)
             .ok_or_else(|| ApiError::new("unknown_tenant", "tenant is not configured"))?;
+        admit(&tenant)?;
         if limited {
             self.room_for_shards(&tenant, 1)?;
         }
@@ -832,7 +840,17 @@ impl Engine {
     /// are logged already, which must not be refused halfway (see
     /// [`Engine::pro_change`]).
     async fn exec_bounded(&self, key: ShardKey, cmd: Command, shed: bool) -> Result<CoreReply, ApiError> {
-        let cell = self.shard_cell(&key, shed)?;
+        // A publish refused whatever its shard would hold must not create the shard
+        // (`max_shards_per_tenant`; a shard in memory that the log does not know).
+        // Once the shard exists, it answers (a republish first).
+        let cell = self.shard_cell(&key, shed, |tenant| match &cmd {
+            Command::PublishLead { lead } => {
+                let now = self.inner.clock.now();
+                let refusal = crate::core::shard::publish_refusal(&tenant.cfg().policy, now, lead);
+                refusal.map_or(Ok(()), |r| Err(r.into()))
+            }
+            _ => Ok(()),
+        })?;
         if cell.depth.fetch_add(1, Ordering::AcqRel) >= self.inner.cfg.raw.mailbox_capacity && shed {
             cell.depth.fetch_sub(1, Ordering::AcqRel);
             self.inner.metrics.overloaded(&key.tenant);
@@ -1028,18 +1046,6 @@ impl Engine {
                     // Only if it still names that shard: a concurrent publish of the
                     // same id into this shard may have indexed it here meanwhile.
                     self.inner.lead_index.remove_if_at(&other, &lead.id);
-                }
-                // A publish refused whatever a shard holds must not create its shard
-                // (`max_shards_per_tenant`; a shard in memory that the log does not
-                // know). Once the shard exists, it answers (a republish first).
-                if !self.inner.shards.contains_key(&key) {
-                    let policy = self.tenant(tenant).map(|t| t.cfg().policy.clone());
-                    let now = self.inner.clock.now();
-                    if let Some(refusal) =
-                        policy.and_then(|p| crate::core::shard::publish_refusal(&p, now, &lead))
-                    {
-                        return Err(refusal.into());
-                    }
                 }
                 match self.exec(key, Command::PublishLead { lead: lead.into() }).await? {
                     CoreReply::Lead(o) => Ok(OkResult::Lead(o)),
