@@ -50,8 +50,17 @@ where
     F: FnOnce(Engine) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    with_engine_changed(file, name, &[], f)
+}
+
+/// [`with_engine`] with `changes` to the policy (`acme_config`'s).
+fn with_engine_changed<F, Fut>(file: &str, name: &str, changes: &[(&str, &str)], f: F)
+where
+    F: FnOnce(Engine) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), file, name);
+    let cfg = acme_config(dir.path(), file, name, changes);
     let fs = MemFs::new();
     in_system(async {
         let handle: Arc<dyn rota::wal::Fs> = Arc::new(fs.process_handle());
@@ -519,6 +528,70 @@ fn r5_r6_a_direct_target_whose_purchase_is_refused_holds_no_seat() {
         assert!(!out["offers"].as_array().unwrap().iter().any(|o| o[0] == "b1"), "b1 did not buy: {out}");
         let x = serde_json::to_value(ok(&e, json!({"type": "explain", "lead": "A1"})).await).unwrap();
         assert_eq!(x["generic_cap"], 4, "no seat held for b1: {x}");
+    });
+}
+
+/// Buyers `b1`..`b5` in Madrid, and lead `A1` naming `b1` as its direct target, whose
+/// purchase the ledger refuses after the decision (its op id already used, as a spend
+/// another shard made first would): the publish's answer.
+async fn publish_with_a_lost_direct_target(e: &Engine) -> Value {
+    for b in ["b1", "b2", "b3", "b4", "b5"] {
+        ok(e, buyer(b, None)).await;
+    }
+    let op = OpId::for_lead("buy", &LeadId::new("A1"), &ProId::new("b1"));
+    e.inner.ledger.spend(op, &acme(), &ProId::new("b1"), &BudgetName::new("main"), 1).unwrap();
+    let mut l = lead("A1", "madrid", true, T0);
+    l["direct"] = json!(["b1"]);
+    serde_json::to_value(ok(e, json!({"type": "publish_lead", "lead": l})).await).unwrap()
+}
+
+/// The pros the lead's explanation lists as offered, and what they spent on it.
+async fn bought(e: &Engine) -> (Vec<String>, u64) {
+    let x = serde_json::to_value(ok(e, json!({"type": "explain", "lead": "A1"})).await).unwrap();
+    let pros: Vec<String> = x["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["outcome"] == "offered")
+        .map(|o| o["pro"].as_str().unwrap().to_string())
+        .collect();
+    let spent = ["b1", "b2", "b3", "b4", "b5"].iter().map(|b| budget(e, b).spent).sum::<u64>();
+    (pros, spent)
+}
+
+/// R5/R6/R21: the release of a publish whose direct target's purchase the ledger
+/// refused is planned again without it: the other buyers get all four seats of the
+/// group in the same decision (the release planned with the target holding a seat
+/// bought only three), and the answer lists them.
+#[test]
+fn r5_r6_r21_a_lost_direct_target_gives_its_seat_to_the_release_of_the_same_decision() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        let out = publish_with_a_lost_direct_target(&e).await;
+        let offers: Vec<&str> =
+            out["offers"].as_array().unwrap().iter().map(|o| o[0].as_str().unwrap()).collect();
+        assert_eq!(offers.len(), 4, "a full group bought it: {out}");
+        assert!(!offers.contains(&"b1"), "b1 could not pay: {out}");
+        let (pros, spent) = bought(&e).await;
+        assert_eq!(pros.len(), 4, "{pros:?}");
+        assert_eq!(spent, 1 + 4 * 12, "each buyer paid the price once (and b1 the injected spend)");
+        let mut l = lead("A1", "madrid", true, T0);
+        l["direct"] = json!(["b1"]);
+        let again = serde_json::to_value(ok(&e, json!({"type": "publish_lead", "lead": l})).await).unwrap();
+        assert_eq!(again, out, "a republish answers what the publish answered");
+    });
+}
+
+/// R5/R6/R21: with a head start, a publish whose only direct target's purchase the
+/// ledger refused gives no head start to anyone: released in the same decision, not
+/// after a head start nobody holds.
+#[test]
+fn r5_r21_a_lost_direct_target_leaves_no_head_start_to_wait_out() {
+    with_engine_changed("habitissimo.toml", "habitissimo", &[("head_start_s", "3600")], |e| async move {
+        let out = publish_with_a_lost_direct_target(&e).await;
+        assert_eq!(out["release_at"], json!(T0), "released at once: {out}");
+        assert_eq!(out["offers"].as_array().unwrap().len(), 4, "{out}");
+        let (pros, spent) = bought(&e).await;
+        assert_eq!((pros.len(), spent), (4, 1 + 4 * 12), "{pros:?}");
     });
 }
 

@@ -1273,19 +1273,8 @@ impl Shard {
             expires_at,
             direct_seats: Some(0),
         });
-        // The components only matter to a purchase or a release for a far-away price
-        // (R11).
-        let far_components = |accepted: &Event| match accepted {
-            Event::LeadAccepted { price_components: Some(c), lead, .. }
-                if c.far_away_pro_discount_permille > 0 && lead.location.is_some() =>
-            {
-                Some(Box::new(c.clone()))
-            }
-            _ => None,
-        };
         // R5: direct targets at once.
         let mut offers = Vec::new();
-        let mut direct_grants = Vec::new();
         if !lead.direct.is_empty() {
             let kind = if lead.kind == JobKind::Contact { OfferKind::Contact } else { OfferKind::Direct };
             // Under auto-buy (charged at dispatch) a direct target buys the lead as a
@@ -1329,7 +1318,6 @@ impl Shard {
                 }
             }
             offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
-            direct_grants.clone_from(&grants);
             events.push(Event::Offered {
                 lead: lead.id.clone(),
                 at: now,
@@ -1342,36 +1330,9 @@ impl Shard {
             });
         }
         // R5/R6: the generic release, with the seats the direct targets did not take.
-        let direct_seats = direct_grants.len() as u32;
-        let generic_slots = p.max_responders.saturating_sub(direct_seats);
-        let release_at = match lead.kind {
-            JobKind::Direct | JobKind::Contact => None,
-            // R6: the direct targets took every seat; a release would offer (and under
-            // auto-buy charge) a lead nobody else may respond to.
-            JobKind::Match if generic_slots == 0 => None,
-            // No target received it (none named, or none could): no head start to give.
-            JobKind::Match if direct_seats == 0 => Some(now),
-            JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
-        };
-        if let Event::LeadAccepted { release_at: r, direct_seats: d, .. } = &mut events[0] {
-            *r = release_at;
-            *d = Some(direct_seats);
-        }
-        // No head start: generic release in the same decision.
-        if release_at == Some(now) {
-            // The release must see the direct offers made just above (a lead published
-            // after its head start is over), or a direct target would be offered twice.
-            let mut st = provisional(arc, fp, price, far_components(&events[0]), now, expires_at);
-            st.direct_seats = Some(direct_seats);
-            st.offers = direct_grants
-                .into_iter()
-                .map(|g| OfferState::new(g.pro, g.kind, now, OptMillis::NONE))
-                .collect();
-            let ev = self.release(now, &st, funds);
-            if let Event::Offered { grants, .. } = &ev {
-                offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
-            }
-            events.push(ev);
+        let release_at = self.plan_release(now, &mut events, funds);
+        if let Some(Event::Offered { grants, release: true, .. }) = events.last() {
+            offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
         }
         let reply = Reply::Lead(LeadOutcome {
             lead: lead.id.clone(),
@@ -1382,6 +1343,98 @@ impl Shard {
             expires_at: Some(expires_at),
         });
         Ok(Decision { events, reply })
+    }
+
+    /// R5/R6: the generic release of a lead being published, planned after its direct
+    /// offer. `events` holds the publish's `LeadAccepted`, then its direct `Offered` if
+    /// the lead names targets; the release gets the responder seats the targets that
+    /// received the lead did not take, after their head start, or in this decision if
+    /// none of them took a seat (none named, none could receive it) or the head start
+    /// is over. Sets the `LeadAccepted`'s `release_at` and `direct_seats`, adds the
+    /// release to `events` when it is now, and returns `release_at`.
+    fn plan_release(&self, now: Millis, events: &mut Vec<Event>, funds: &dyn Funds) -> Option<Millis> {
+        let direct: Vec<(ProId, OfferKind)> = match events.get(1) {
+            Some(Event::Offered { release: false, grants, .. }) => {
+                grants.iter().map(|g| (g.pro.clone(), g.kind)).collect()
+            }
+            _ => Vec::new(),
+        };
+        let direct_seats = direct.len() as u32;
+        let p = &self.policy;
+        let generic_slots = p.max_responders.saturating_sub(direct_seats);
+        let far = far_components(&events[0]);
+        let Some(Event::LeadAccepted {
+            lead,
+            fingerprint,
+            price,
+            expires_at,
+            release_at: planned,
+            direct_seats: seats,
+            ..
+        }) = events.first_mut()
+        else {
+            debug_assert!(false, "a publish's first event is its LeadAccepted");
+            return None;
+        };
+        let release_at = match lead.kind {
+            JobKind::Direct | JobKind::Contact => None,
+            // R6: the direct targets took every seat; a release would offer (and under
+            // auto-buy charge) a lead nobody else may respond to.
+            JobKind::Match if generic_slots == 0 => None,
+            // No target received it (none named, or none could): no head start to give.
+            JobKind::Match if direct_seats == 0 => Some(now),
+            JobKind::Match => Some(lead.created_at.saturating_add(p.head_start).max(now)),
+        };
+        *planned = release_at;
+        *seats = Some(direct_seats);
+        // No head start: generic release in the same decision.
+        if release_at == Some(now) {
+            // The release must see the direct offers made just above (a lead published
+            // after its head start is over), or a direct target would be offered twice.
+            let mut st = provisional(Arc::clone(lead), *fingerprint, *price, far, now, *expires_at);
+            st.direct_seats = Some(direct_seats);
+            st.offers = direct
+                .into_iter()
+                .map(|(pro, kind)| OfferState::new(pro, kind, now, OptMillis::NONE))
+                .collect();
+            let ev = self.release(now, &st, funds);
+            events.push(ev);
+        }
+        release_at
+    }
+
+    /// R5/R6 under auto-buy: the release of a publish planned again once the ledger
+    /// refused the purchases of some of its direct targets (`lost`: another shard spent
+    /// their budget between the decision and its spend; `money::execute_noting_drops`
+    /// took them out of the direct offer). They did not receive the lead, so they hold
+    /// no seat and give no head start: planned with the targets they left, the release
+    /// gets their seats, and runs now if no target holds one. `events` are the
+    /// publish's, not applied and with no money executed past the direct offer (the
+    /// release planned before is dropped); the lost targets count as unable to pay in
+    /// the new one (the ledger has just refused them). `reply` is the publish's answer,
+    /// made to say the same.
+    pub fn replan_release(
+        &self,
+        now: Millis,
+        events: &mut Vec<Event>,
+        lost: &[ProId],
+        reply: &mut Reply,
+        funds: &dyn Funds,
+    ) {
+        events.truncate(2);
+        let release_at = self.plan_release(now, events, &Refused { funds, pros: lost });
+        if let Reply::Lead(outcome) = reply {
+            outcome.release_at = release_at;
+            outcome.offers = events
+                .iter()
+                .filter_map(|ev| match ev {
+                    Event::Offered { grants, .. } => Some(grants),
+                    _ => None,
+                })
+                .flatten()
+                .map(|g| (g.pro.clone(), g.kind))
+                .collect();
+        }
     }
 
     /// The cheapest a lead of this shard can cost (R11 prices are clamped to the
@@ -3133,6 +3186,47 @@ fn rejected_outcome(id: &LeadId, reason: RejectReason) -> LeadOutcome {
         offers: vec![],
         release_at: None,
         expires_at: None,
+    }
+}
+
+/// R11: the price components a purchase or a release needs from a publish's
+/// `LeadAccepted`: only for a far-away price (a discount and a located lead).
+fn far_components(accepted: &Event) -> Option<Box<crate::pricing::PriceComponents>> {
+    match accepted {
+        Event::LeadAccepted { price_components: Some(c), lead, .. }
+            if c.far_away_pro_discount_permille > 0 && lead.location.is_some() =>
+        {
+            Some(Box::new(c.clone()))
+        }
+        _ => None,
+    }
+}
+
+/// `funds` with `pros` unable to pay anything: the direct targets whose purchase the
+/// ledger refused, for the release planned again without them
+/// ([`Shard::replan_release`]).
+struct Refused<'a> {
+    funds: &'a dyn Funds,
+    pros: &'a [ProId],
+}
+
+impl Funds for Refused<'_> {
+    fn credits(&self, pro: &ProId) -> u64 {
+        if self.pros.contains(pro) {
+            0
+        } else {
+            self.funds.credits(pro)
+        }
+    }
+    fn budget(&self, pro: &ProId, config: &str) -> u64 {
+        if self.pros.contains(pro) {
+            0
+        } else {
+            self.funds.budget(pro, config)
+        }
+    }
+    fn offers_category(&self, pro: &ProId, category: &crate::ids::CategoryId) -> bool {
+        self.funds.offers_category(pro, category)
     }
 }
 

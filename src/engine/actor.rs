@@ -243,6 +243,42 @@ pub fn execute(
         Err(r) => return refuse(r, reply),
     };
     let mut events = decision.events;
+    let mut answer = decision.reply;
+    // Offers the ledger refused to pay for, taken out of the events: out of the
+    // reply too, before it is sent with the last record (R1).
+    let mut dropped = Vec::new();
+    // Ledger facts giving credits or budget back: applied once the records holding
+    // them are queued (`money::execute_noting_drops`), and then the op ids of the
+    // leads the decision forgets, in replay's order (a record's facts, then its
+    // events).
+    let mut deferred = Vec::new();
+    // R5/R6 under auto-buy: a publish's direct targets buy the lead first, and if the
+    // ledger refuses some of them (another shard spent the budget since the decision
+    // read it), the release is planned again without them (`Shard::replan_release`)
+    // before any buyer of it pays. Their facts go with the first record.
+    let mut paid = Vec::new();
+    let mut paid_events = 0;
+    if super::money::buys_at_publish(&events) {
+        let rest = events.split_off(2);
+        match super::money::execute_noting_drops(
+            &shard,
+            &inner.ledger,
+            &key.tenant,
+            &mut events,
+            &mut dropped,
+            &mut deferred,
+        ) {
+            Ok(facts) => paid = facts,
+            Err(r) => return refuse(r, reply),
+        }
+        if dropped.is_empty() {
+            events.extend(rest);
+        } else {
+            let lost: Vec<_> = dropped.iter().map(|(_, pro)| pro.clone()).collect();
+            shard.replan_release(now, &mut events, &lost, &mut answer, &funds);
+        }
+        paid_events = 2;
+    }
     // A decision of many events (a tick after a long pause, a recharge that retries
     // thousands of leads) is logged as several records of at most `RECORD_WEIGHT` (see
     // `weight`), so no record comes near the log's `MAX_RECORD_BYTES` (one that did
@@ -260,28 +296,28 @@ pub fn execute(
     let mut logged: Vec<Logged> = Vec::new();
     // `LeadForgotten` events logged so far, unindexed after the last record.
     let mut forgotten = Vec::new();
-    let mut reply = Some((reply, decision.reply));
+    let mut reply = Some((reply, answer));
     let mut first = true;
-    // Offers the ledger refused to pay for, taken out of the events: out of the
-    // reply too, before it is sent with the last record (R1).
-    let mut dropped = Vec::new();
-    // Ledger facts giving credits or budget back: applied once the records holding
-    // them are queued (`money::execute_noting_drops`), and then the op ids of the
-    // leads the decision forgets, in replay's order (a record's facts, then its
-    // events).
-    let mut deferred = Vec::new();
     let mut forget_ops = Vec::new();
     loop {
+        // The events whose money was executed above lead the first records.
+        let done = paid_events.min(events.len());
+        paid_events -= done;
         let executed = super::money::execute_noting_drops(
             &shard,
             &inner.ledger,
             &key.tenant,
-            &mut events,
+            &mut events[done..],
             &mut dropped,
             &mut deferred,
         );
         let money = match executed {
-            Ok(m) => m,
+            Ok(m) if paid.is_empty() => m,
+            Ok(m) => {
+                let mut all = std::mem::take(&mut paid);
+                all.extend(m);
+                all
+            }
             Err(r) => {
                 // Only a response's charge is refused, and a response is one event: this
                 // is the first record of its decision and nothing has changed.

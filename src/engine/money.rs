@@ -53,6 +53,18 @@ fn refund_reason(r: CoreRefund) -> RefundReason {
     }
 }
 
+/// R5/R21: whether `events` are a publish whose direct targets buy the lead from an
+/// auto-buy budget (its `LeadAccepted`, then a direct `Offered` with a budget charge):
+/// their spends are executed before the release's, which is planned again if the
+/// ledger refuses one (`actor::execute`, `Shard::replan_release`).
+pub fn buys_at_publish(events: &[Event]) -> bool {
+    matches!(
+        events,
+        [Event::LeadAccepted { .. }, Event::Offered { release: false, grants, .. }, ..]
+            if grants.iter().any(|g| matches!(g.charge, Some(Charge { mode: ChargeMode::Budget { .. }, .. })))
+    )
+}
+
 /// Executes the money intents of `events` in order, editing the events where a
 /// budget spend lost a race. Returns the ledger facts to log with them.
 pub fn execute(
@@ -103,13 +115,9 @@ pub fn execute_noting_drops(
         }
         Ok::<(), LedgerError>(())
     };
-    // Direct targets whose purchase at the publish was refused: they did not receive
-    // the lead, so they hold no responder seat (R5/R6, `LeadState::direct_seats`).
-    let mut direct_lost = 0u32;
     for ev in events.iter_mut() {
         match ev {
-            Event::Offered { grants, release, .. } => {
-                let at_publish = !*release;
+            Event::Offered { grants, .. } => {
                 let mut lost = Vec::new();
                 for g in grants.iter() {
                     let Some(Charge { op, credits, mode: ChargeMode::Budget { config } }) = &g.charge else {
@@ -130,10 +138,9 @@ pub fn execute_noting_drops(
                     }
                 }
                 // Lost a race with another shard for the same budget: that buyer keeps
-                // its rotation turn and waits for the retry window (R22).
-                if at_publish {
-                    direct_lost += lost.len() as u32;
-                }
+                // its rotation turn and waits for the retry window (R22). A direct
+                // target of a publish did not receive the lead: its seat goes to the
+                // release (`Shard::replan_release`, called by `actor::execute`).
                 for (pro, skip) in lost {
                     shard.drop_grant(ev, &pro, skip);
                     if let Event::Offered { lead, .. } = ev {
@@ -191,13 +198,6 @@ pub fn execute_noting_drops(
                 }
             }
             _ => {}
-        }
-    }
-    if direct_lost > 0 {
-        for ev in events.iter_mut() {
-            if let Event::LeadAccepted { direct_seats: Some(seats), .. } = ev {
-                *seats = seats.saturating_sub(direct_lost);
-            }
         }
     }
     Ok(facts)
