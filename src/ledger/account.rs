@@ -75,18 +75,29 @@ pub(crate) struct Account {
     settled: FxHashMap<OpId, Settlement>,
     /// charge op (or captured hold op) -> the refund op.
     refunds: FxHashMap<OpId, OpId>,
-    /// The newest grant and top-up rule ops ([`KEPT_ACCOUNT_OPS`]); older ones leave
-    /// `ops` (no lead forgets them).
+    /// The newest grant ops ([`KEPT_ACCOUNT_OPS`]); older ones leave `ops` (no lead
+    /// forgets them). Snapshots written before `recent_rules` existed hold top-up rule
+    /// ops here too.
     #[serde(default)]
     pub(crate) recent: RecentOps,
+    /// The newest top-up rule ops ([`KEPT_RULE_OPS`]), in a queue of their own: rule
+    /// changes (a platform saving a pro's settings at every profile edit) never push
+    /// a payment id out of `recent`, where it would be credited again on a retry.
+    #[serde(default)]
+    pub(crate) recent_rules: RecentOps,
 }
 
-/// How many of a pro's newest grants (and top-up rule changes) an account remembers.
-/// A grant's op id is the platform's payment id: a retry of one of these is answered
-/// (`replayed`), a retry after this many newer grants to the same pro would be
-/// credited again. Top-up rule op ids are never sent again (each change is the next
-/// version); they share the bound.
+/// How many of a pro's newest grants an account remembers. A grant's op id is the
+/// platform's payment id: a retry of one of these is answered (`replayed`), a retry
+/// after this many newer grants to the same pro would be credited again, however many
+/// top-up rule changes came between.
 pub(crate) const KEPT_ACCOUNT_OPS: usize = 256;
+
+/// How many of a pro's newest top-up rule changes an account remembers. Their op ids
+/// are never sent again by a client (each change is the next version,
+/// `topup-rule:v<n>`); a rule fact applied again once evicted changes nothing (its
+/// version is not newer than the rule in force).
+pub(crate) const KEPT_RULE_OPS: usize = 16;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Settlement {
@@ -247,10 +258,13 @@ impl Account {
         self.captured = self.captured.wrapping_add(d.captured as u64);
         self.refunded = self.refunded.wrapping_add(d.refunded as u64);
         self.granted = self.granted.wrapping_add(d.granted as u64);
-        if matches!(fact, CreditFact::Granted { .. } | CreditFact::TopupRuleSet { .. }) {
-            if let Some(old) = self.recent.push(op, KEPT_ACCOUNT_OPS) {
-                self.ops.remove(&old);
-            }
+        let evicted = match fact {
+            CreditFact::Granted { .. } => self.recent.push(op, KEPT_ACCOUNT_OPS),
+            CreditFact::TopupRuleSet { .. } => self.recent_rules.push(op, KEPT_RULE_OPS),
+            _ => None,
+        };
+        if let Some(old) = evicted {
+            self.ops.remove(&old);
         }
         match fact {
             CreditFact::Granted { .. } => self.grants_posted += 1,

@@ -96,8 +96,8 @@
 //! are never forgotten.
 //!
 //! Grants, top-up rules, budget settings and recharges belong to no lead: an
-//! account keeps the ids of its newest 256 grants and rule changes
-//! (`KEPT_ACCOUNT_OPS`), a budget its newest 8 settings and 64
+//! account keeps the ids of its newest 256 grants (`KEPT_ACCOUNT_OPS`) and, apart,
+//! of its newest 16 rule changes (`KEPT_RULE_OPS`), a budget its newest 8 settings and 64
 //! recharges, and forgets older ones as newer ones are applied. So a retry of
 //! a grant is answered as long as fewer than 256 newer grants reached the same
 //! pro (a platform retries a payment within minutes; 256 payments take a pro

@@ -934,7 +934,7 @@ fn r10_r20_grant_and_recharge_ids_are_kept_for_the_newest_only_and_replay_keeps_
         events.push(l.recharge(op(&format!("week:{i}")), &t(), &p(), &b()).unwrap().event);
     }
     l.check_invariants().unwrap();
-    let kept = keep + budget::KEPT_SET_OPS + budget::KEPT_RECHARGE_OPS;
+    let kept = keep + 1 + budget::KEPT_SET_OPS + budget::KEPT_RECHARGE_OPS;
     assert_eq!(l.registered_ops(), kept, "only the newest of each kind are remembered");
     // The newest are answered as repeats and change nothing...
     let before = l.snapshot();
@@ -979,10 +979,37 @@ fn snapshots_without_the_queues_of_newest_ids_still_load() {
     }
     let mut a = (**account).clone();
     a.recent = Default::default();
+    a.recent_rules = Default::default();
+    // Before the queue of rule changes, and before both queues.
     let old = older(rmp_serde::to_vec(&a).unwrap(), 1);
+    assert_eq!(rmp_serde::from_slice::<account::Account>(&old).unwrap(), a);
+    let old = older(rmp_serde::to_vec(&a).unwrap(), 2);
     assert_eq!(rmp_serde::from_slice::<account::Account>(&old).unwrap(), a);
     let mut bu = (**budget).clone();
     bu.recent_sets = Default::default();
     let old = older(rmp_serde::to_vec(&bu).unwrap(), 2);
     assert_eq!(rmp_serde::from_slice::<budget::Budget>(&old).unwrap(), bu);
+}
+
+/// R10: top-up rule changes have their own queue of newest ids: a platform that saves
+/// a pro's rule at every profile edit never pushes a payment id out of the grants'
+/// queue, where a retry of that payment would be credited again. Replay in log order
+/// keeps the same ids.
+#[test]
+fn r10_rule_changes_never_push_a_payment_id_out_of_memory() {
+    let l = Ledger::new();
+    let mut events = vec![l.grant(op("grant:pay-1"), &t(), &p(), 100).unwrap().event];
+    for i in 0..account::KEPT_ACCOUNT_OPS + 10 {
+        let rule = TopupRule { threshold: 5, amount: 10 + i as u64 };
+        events.push(l.change_topup_rule(&t(), &p(), Some(rule)).unwrap().event);
+    }
+    assert!(l.grant(op("grant:pay-1"), &t(), &p(), 100).unwrap().replayed, "the payment is remembered");
+    assert_eq!(l.balance(&t(), &p()).granted, 100, "and credited once");
+    assert_eq!(l.registered_ops(), 1 + account::KEPT_RULE_OPS, "rule ids are bounded on their own");
+    let recovered = Ledger::new();
+    for e in &events {
+        recovered.apply(e);
+    }
+    assert_eq!(recovered.snapshot(), l.snapshot());
+    l.check_invariants().unwrap();
 }
