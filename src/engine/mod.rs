@@ -1429,14 +1429,19 @@ impl Engine {
             self.ledger_op(tenant, move |l| l.set_budget(OpId::set_budget(&p, &n, now, next), &t, &p, &n, w))
                 .await?;
         }
+        // New or resumed as the directory knows the pro: the ledger may hold more. A
+        // change cut off midway (a crash, a failing disk) and sent again finds the
+        // budget it made, recharged, and the directory as before the change; a config
+        // dropped from a profile and added again finds the budget it left.
         let was_buying = before.is_some_and(|b| b.is_buying(now));
-        if cfg.is_buying(now) && (current.is_none() || !was_buying) {
+        if cfg.is_buying(now) && !was_buying {
             // This week's recharge comes first, for a new config and a resumed one
             // alike (R20): the week's housekeeping must find it done. A new config's
             // first recharge is this week's; a config paused or inactive at Monday's
             // housekeeping never got it, and the next housekeeping would top the budget
             // up a second time in the week once the config buys again. (For a config
-            // that got it on Monday it is a repeat and changes nothing.)
+            // that got it on Monday, or a change sent again after it was cut off, it
+            // is a repeat and changes nothing.)
             let mut ops: Vec<OpId> = self
                 .week_of(tenant, now)
                 .map(|monday| OpId::weekly_recharge(pro, &name, monday))
@@ -1446,9 +1451,12 @@ impl Engine {
             // is already over (a profile sent again with a past `paused_until`): this
             // first recharge is its resume too, which the housekeeping must find done.
             // Taken right after the week's, with nothing spent between, it leaves the
-            // same budget.
-            if current.is_some() || cfg.paused_until.is_some() || ops.is_empty() {
-                ops.push(resume_op(pro, cfg, now));
+            // same budget. A config new to the directory is not resumed otherwise:
+            // added back after it was dropped, it keeps what is left of the week (a
+            // drop and an add must not top a week's budget up again), and sent again
+            // after a cut, its first recharge is a repeat.
+            if before.is_some() || cfg.paused_until.is_some() || ops.is_empty() {
+                ops.push(resume_op(pro, cfg, now, self.day_of(tenant, now)));
             }
             // One closing of the gate for both (a new config's first recharge and its
             // resume): a spend between them would be topped up again.
@@ -1646,9 +1654,14 @@ impl Engine {
     /// time zone: the key of that week's recharge (R20), so it happens once per local
     /// week whatever the UTC offset (DST changes included).
     fn week_of(&self, tenant: &TenantId, now: Millis) -> Option<chrono::NaiveDate> {
-        let tz = self.tenant(tenant)?.cfg().policy.time_zone;
-        let today = tz.timestamp_millis_opt(now).single()?.date_naive();
+        let today = self.day_of(tenant, now)?;
         Some(today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday())))
+    }
+
+    /// The local day of `now` in the tenant's time zone.
+    fn day_of(&self, tenant: &TenantId, now: Millis) -> Option<chrono::NaiveDate> {
+        let tz = self.tenant(tenant)?.cfg().policy.time_zone;
+        Some(tz.timestamp_millis_opt(now).single()?.date_naive())
     }
 
     /// The first instant of local day `day` in the tenant's time zone (`None` if the
@@ -1696,7 +1709,7 @@ impl Engine {
                     // remembers (`KEPT_RECHARGE_OPS`), however long a past
                     // `paused_until` stays in the profile.
                     if cfg.paused_until.is_some_and(|t| week_start.is_none_or(|w| t >= w)) {
-                        ops.push(resume_op(&pro.id, cfg, now));
+                        ops.push(resume_op(&pro.id, cfg, now, None));
                     }
                     // Done already (every run after the first of the week): no
                     // closing of the gate, no wait for the log, for each of possibly
@@ -2323,15 +2336,25 @@ fn replay_record(
 /// the past, is keyed on that time, by the upsert ([`Engine::sync_budget`]) and by
 /// every later [`Engine::housekeeping`] alike (keyed on the upsert's time, the same
 /// resume recharged twice). A pause lifted by removing `paused_until` leaves
-/// housekeeping nothing to recharge: keyed on the time of that upsert.
+/// housekeeping nothing to recharge. Nor does one lifted by setting `active` again:
+/// these are keyed on `today`, the local day of the upsert (R20: "on the day a paused
+/// config becomes active again"), so the same change sent again after it was cut off
+/// midway is a repeat (keyed on the time, it was a second top-up), and a config
+/// switched off and on several times in a day is topped up once that day. (On the
+/// time, when the tenant's day is unknown.)
 ///
 /// A config reactivated with a `paused_until` whose resume was already recharged is
 /// not recharged again: the id cannot tell it from a repeat of that resume, and a
 /// missed top-up only delays spending, where a second one would overshoot the week's
 /// budget.
-fn resume_op(pro: &ProId, cfg: &AutoBuyConfig, now: Millis) -> OpId {
+fn resume_op(pro: &ProId, cfg: &AutoBuyConfig, now: Millis, today: Option<chrono::NaiveDate>) -> OpId {
     debug_assert!(cfg.is_buying(now), "only a buying config resumes");
-    OpId::resume(pro, &BudgetName::new(&cfg.name), cfg.paused_until.unwrap_or(now))
+    let name = BudgetName::new(&cfg.name);
+    match (cfg.paused_until, today) {
+        (Some(t), _) => OpId::resume(pro, &name, t),
+        (None, Some(day)) => OpId::reactivated(pro, &name, day),
+        (None, None) => OpId::resume(pro, &name, now),
+    }
 }
 
 /// An amount of credits from the wire: at most [`crate::core::MAX_CREDITS`] (far from

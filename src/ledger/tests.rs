@@ -295,6 +295,8 @@ fn r9_op_ids_derived_from_the_longest_valid_ids_are_accepted() {
     derived.push(OpId::weekly_recharge(&pro, &name, chrono::NaiveDate::MIN));
     derived.push(OpId::weekly_recharge(&pro, &name, chrono::NaiveDate::MAX));
     derived.push(OpId::resume(&pro, &name, i64::MIN));
+    derived.push(OpId::reactivated(&pro, &name, chrono::NaiveDate::MIN));
+    derived.push(OpId::reactivated(&pro, &name, chrono::NaiveDate::MAX));
     for op in &derived {
         assert_eq!(validate_op(op), Ok(()), "{} bytes", op.as_str().len());
     }

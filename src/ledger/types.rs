@@ -70,6 +70,11 @@ impl OpId {
     pub fn resume(pro: &ProId, budget: &BudgetName, at: Millis) -> Self {
         Self::new(format!("resume:{pro}:{budget}:{at}"))
     }
+
+    /// The recharge of an auto-buy config made active again on local day `day` (R20).
+    pub fn reactivated(pro: &ProId, budget: &BudgetName, day: chrono::NaiveDate) -> Self {
+        Self::new(format!("resume:{pro}:{budget}:day:{day}"))
+    }
 }
 
 /// Why a charge is refunded (R12). Serialized as a snake_case code.
