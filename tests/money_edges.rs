@@ -660,6 +660,47 @@ fn r20_r24_a_reactivation_cut_off_midway_and_sent_again_is_topped_up_once() {
     a_change_cut_off_and_sent_again_tops_up_once(&setup, &buyer("b1", None));
 }
 
+/// R1/R2: a lead the quality gate refused is remembered for the retention after its
+/// lifetime would have ended, as an accepted lead is: published again unchanged once
+/// the reason is gone (here the competitor it came from removed) but within its
+/// lifetime, it is answered as refused, not accepted and dispatched after the
+/// platform was told it was refused. (Remembered for the retention after the refusal
+/// only, it was forgotten at day 7 of a 30-day lifetime.)
+#[test]
+fn r1_r2_a_refused_lead_is_remembered_for_as_long_as_it_could_be_published() {
+    let changes = [("lead_ttl_s", "2592000"), ("idempotency_retention_s", "604800")];
+    with_engine_changed("habitissimo.toml", "habitissimo", &changes, |e| async move {
+        ok(&e, buyer("c1", None)).await;
+        for b in ["b1", "b2", "b3", "b4"] {
+            ok(&e, buyer(b, None)).await;
+        }
+        let mut l = lead("L1", "madrid", true, T0);
+        l["client"]["pro_id"] = json!("c1");
+        let republish = json!({"type": "publish_lead", "lead": l});
+        let refused = serde_json::to_value(ok(&e, republish.clone()).await).unwrap();
+        assert_eq!(
+            (refused["status"].as_str(), refused["reason"].as_str()),
+            (Some("rejected"), Some("competitor"))
+        );
+        ok(&e, json!({"type": "remove_pro", "pro": "c1"})).await;
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 8 * DAY})).await;
+        let again = serde_json::to_value(ok(&e, republish.clone()).await).unwrap();
+        assert_eq!(again, refused, "answered as the first publish was");
+        assert!(bought_by_any(&e).await.is_none(), "nobody bought the refused lead");
+        // Once its lifetime and the retention after it are over, it is forgotten; sent
+        // again it is past its lifetime.
+        ok(&e, json!({"type": "advance_clock", "to_ms": T0 + 38 * DAY})).await;
+        let late = send(&e, republish).await.unwrap_err();
+        assert_eq!(late.code, "lead_expired", "{late:?}");
+    });
+}
+
+/// What was spent from the budgets of `b1`..`b4`, if anything.
+async fn bought_by_any(e: &Engine) -> Option<u64> {
+    let spent: u64 = ["b1", "b2", "b3", "b4"].iter().map(|b| budget(e, b).spent).sum();
+    (spent > 0).then_some(spent)
+}
+
 /// R1/R2: a lead id the quality gate refused is taken until its publish is forgotten:
 /// published again in another zone it is an idempotency conflict, not a second lead
 /// (which took the refused one's index entry, and later lost its own when the refused

@@ -2434,7 +2434,15 @@ impl Shard {
                 }
             }
             Event::LeadRejected { lead, fingerprint, reason, at, .. } => {
-                let forget_at = at.saturating_add(self.policy.idempotency_retention);
+                // R1: remembered as an accepted lead is, for the retention after its
+                // lifetime would have ended (it was created at most
+                // `MAX_CREATED_AHEAD_MS` after `at`): until then the same payload can
+                // still be published (`timing_refusal` takes it), and forgotten sooner
+                // it would be decided again, a second `lead_rejected`, or accepted and
+                // dispatched once the reason is gone (a competitor removed, the gate
+                // relaxed by a reload) after the platform was told it was refused.
+                let lifetime = self.policy.lead_ttl.saturating_add(MAX_CREATED_AHEAD_MS);
+                let forget_at = at.saturating_add(lifetime).saturating_add(self.policy.idempotency_retention);
                 self.next_seq += 1;
                 let seq = self.next_seq;
                 self.rejected.insert(
