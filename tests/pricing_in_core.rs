@@ -206,6 +206,14 @@ fn r8_r11_a_pro_farther_than_far_away_km_pays_the_far_away_price_and_sees_whole_
     let ex = s.explain(&lead).unwrap();
     let entry = |p: &str| ex.entries.iter().find(|e| e.pro.as_str() == p).expect("explained").price;
     assert_eq!((entry("near"), entry("far")), (None, Some(48)), "what each paid");
+    // R1/R11: and so does the offer as the pro sees it, and the answer to its
+    // response sent again (it paid 48, not today's 60).
+    assert_eq!(view(&s, "far"), 48);
+    let respond = Command::Offer { lead: lead.clone(), pro: ProId::new("far"), action: OfferAction::Respond };
+    match run(&mut s, T0 + 3, respond) {
+        rota::core::Reply::Offer(v) => assert_eq!(v.price, 48, "{v:?}"),
+        other => panic!("a response sent again answered {other:?}"),
+    }
 }
 
 #[test]

@@ -2866,7 +2866,9 @@ impl Shard {
             pro: o.pro.clone(),
             kind: o.kind,
             status: status.unwrap_or(o.status),
-            price: self.price_of(st, &o.pro),
+            // What the pro paid, if it did (its price then, R11: a far-away price
+            // counts its distance at the charge), else what it would pay now.
+            price: o.charge.as_ref().map_or_else(|| self.price_of(st, &o.pro), |c| c.credits),
             offered_at: o.offered_at,
             respond_by: o.respond_by.get(),
             contact: (revealed || o.responded_at().is_some() || o.kind == OfferKind::AutoBuy)
