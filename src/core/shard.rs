@@ -1878,15 +1878,24 @@ impl Shard {
             |status: OfferStatus, revealed: bool| Reply::Offer(self.view(st, offer, Some(status), revealed));
         use OfferStatus as S;
         let event = match action {
+            // R17: opening an offer seen already (opened, answered, declined, or made
+            // inactive since) changes nothing: an `open` sent again after the pro
+            // went on (pipelined with its response, both resent after a lost
+            // connection) is answered with the offer as it is, not refused.
             OfferAction::Open => match offer.status {
                 S::New => Event::OfferOpened { lead: l, pro: p, at: now },
-                S::Opened => return Ok(Decision { events: vec![], reply: view(S::Opened, false) }),
-                _ => return Err(illegal()),
+                _ => return Ok(Decision { events: vec![], reply: view(offer.status, false) }),
             },
             OfferAction::Respond => {
                 match offer.status {
-                    // The same response twice charges once.
+                    // The same response twice charges once; also once the offer moved
+                    // on (declined by the client, the lead closed): a response sent
+                    // again is answered with the offer as it is, which says the pro
+                    // responded (and was charged).
                     S::Replied | S::AwaitingResponse | S::Completed => {
+                        return Ok(Decision { events: vec![], reply: view(offer.status, true) })
+                    }
+                    _ if offer.responded_at().is_some() => {
                         return Ok(Decision { events: vec![], reply: view(offer.status, true) })
                     }
                     S::New | S::Opened => {}
@@ -1933,6 +1942,10 @@ impl Shard {
                 (S::New | S::Opened | S::Replied | S::AwaitingResponse, _) => {
                     Event::Declined { lead: l, pro: p, by: *by, at: now }
                 }
+                // R14: declining is final; a decline sent again (by either party: the
+                // offer is declined whoever asks) is answered as the first was, with
+                // no second penalty.
+                (S::Declined, _) => return Ok(Decision { events: vec![], reply: view(S::Declined, false) }),
                 _ => return Err(illegal()),
             },
             OfferAction::ClientReplied => match offer.status {
@@ -1958,7 +1971,8 @@ impl Shard {
                 S::Replied | S::AwaitingResponse | S::Completed if !offer.viewed => {
                     Event::ClientViewed { lead: l, pro: p, at: now }
                 }
-                S::Replied | S::AwaitingResponse | S::Completed => {
+                // Viewed, then declined by the client: the view sent again.
+                S::Replied | S::AwaitingResponse | S::Completed | S::Declined if offer.viewed => {
                     return Ok(Decision { events: vec![], reply: view(offer.status, true) })
                 }
                 _ => return Err(illegal()),
