@@ -280,6 +280,13 @@ fn snapshots_compact_covered_segments_only_after_they_are_durable_and_recovery_r
     assert_eq!(segments(&fs, &dir), before);
 
     wal.write_snapshot(450, b"state at 450").unwrap();
+    // A snapshot older than the newest (a periodic one still encoding when the stop's
+    // final one was written) is not written, and says it was superseded: not a
+    // failure (the daemon does not count it in `rota_snapshot_failures_total`).
+    match wal.write_snapshot(300, b"state at 300") {
+        Err(WalError::Superseded { covers_seq: 300, newest: 450 }) => {}
+        other => panic!("an older snapshot answered {other:?}"),
+    }
     let after = segments(&fs, &dir);
     assert!(after.len() < before.len(), "segments covered by the older snapshot are deleted");
     let first_kept: u64 = after[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();

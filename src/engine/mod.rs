@@ -678,12 +678,16 @@ impl Engine {
                 tenant.orders.lock().set_policy(&cfg.policy);
             }
         }
-        drop(closed);
         if !added.is_empty() {
             // Nothing of a new tenant is in the log before its policy (a start refuses a
             // log holding an unconfigured one), so it opens empty; a stream history left
             // on disk by an earlier life does not join its stream and is dropped. No one
-            // reaches it before it is in the map (its tokens are read from there).
+            // reaches it before it is in the map (its tokens are read from there). With
+            // the gate still closed: a snapshot whose cut came between the record and
+            // the map would cover the record without the tenant's policy, and a start
+            // from it would replay the tenant's decisions under the policy file as it
+            // is then (a directory and a marker file made under the gate, on a reload
+            // that adds a tenant).
             let inner = &self.inner;
             let opened = added.iter().map(|t| {
                 inner.metrics.add_tenant(&t.id);
@@ -695,6 +699,7 @@ impl Engine {
             map.extend(opened);
             *self.inner.tenants.write() = Arc::new(map);
         }
+        drop(closed);
         Ok(())
     }
 
@@ -1037,8 +1042,11 @@ impl Engine {
                     // into that shard can start meanwhile.
                     // A lead the other shard's quality gate refused holds its id too
                     // (R1: repeats are answered there) until its publish is forgotten.
-                    let held =
-                        self.inner.shards.get(&other).is_some_and(|c| c.state.lock().remembers(&lead.id));
+                    // The shard's state is taken out of the map before its lock: a
+                    // reference into the map held while waiting on a shard's lock
+                    // (a decision there blocked on a full log queue) would block
+                    // every shard created in that part of the map meanwhile.
+                    let held = self.shard_state(&other).is_some_and(|st| st.lock().remembers(&lead.id));
                     if held {
                         return Err(conflict().into());
                     }
@@ -1901,20 +1909,21 @@ impl Engine {
     pub async fn shutdown(&self) -> Result<(), WalError> {
         self.inner.stopping.store(true, Ordering::Release);
         // A Tick queued behind everything else in each mailbox: when it is answered,
-        // the mailbox is drained.
-        let keys: Vec<ShardKey> = self.inner.shards.iter().map(|e| e.key().clone()).collect();
-        for key in keys {
-            let addr = self.inner.shards.get(&key).and_then(|h| h.timer.get().cloned());
-            if let Some(addr) = addr {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                if addr
-                    .send(Exec { cmd: Command::Tick, reply: Some(tx), received: Instant::now() })
-                    .await
-                    .is_ok()
-                {
-                    let _ = rx.await;
-                }
-            }
+        // the mailbox is drained and the shard's due work done. Every shard is asked
+        // first and the answers awaited after: their records share the log's group
+        // commits (asked one after another, each cost a cross-thread hop and a sync,
+        // and tens of thousands of shards ran past `shutdown_timeout_ms`).
+        let addrs: Vec<_> = self.inner.shards.iter().filter_map(|h| h.timer.get().cloned()).collect();
+        let mut answers = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            // Past the mailbox's bound, as a stop must reach every shard; an actor
+            // already stopped drops it, and its answer with it.
+            addr.do_send(Exec { cmd: Command::Tick, reply: Some(tx), received: Instant::now() });
+            answers.push(rx);
+        }
+        for rx in answers {
+            let _ = rx.await;
         }
         // Stop the actors and hubs whatever happens to the final sync and snapshot: a
         // failed WAL must not leave threads running behind an embedding program.

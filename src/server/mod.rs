@@ -439,6 +439,11 @@ async fn periodic_work(
                 let failed = || engine.inner.metrics.m.wal.snapshot_failures.increment(1);
                 match background_snapshot(engine.clone()).await {
                     Ok(Ok(seq)) => tracing::info!(covers_seq = seq, "snapshot written"),
+                    // The stop's final snapshot, taken while this one was encoding,
+                    // is newer: nothing failed (`RotaSnapshotFailing` must not fire).
+                    Ok(Err(e @ crate::wal::WalError::Superseded { .. })) => {
+                        tracing::info!(error = %e, "snapshot superseded")
+                    }
                     Ok(Err(e)) => {
                         failed();
                         tracing::error!(error = %e, "snapshot failed");

@@ -306,6 +306,10 @@ pub enum WalError {
     InvalidConfig(String),
     #[error("snapshot covering seq {covers_seq} refused: {reason}")]
     Snapshot { covers_seq: u64, reason: String },
+    /// Not a failure: two snapshots raced (a periodic one still encoding when the stop's
+    /// final one was written) and the newer one is on disk.
+    #[error("snapshot covering seq {covers_seq} not written: a newer snapshot covering seq {newest} exists")]
+    Superseded { covers_seq: u64, newest: u64 },
     #[error("seq {from_seq} is no longer in the WAL (oldest kept: {oldest})")]
     Compacted { from_seq: u64, oldest: u64 },
     #[error(
@@ -750,7 +754,7 @@ impl Wal {
         }
         if let Some(newest) = st.snapshots.lock().last().copied() {
             if covers_seq < newest {
-                return refuse(format!("a newer snapshot covering seq {newest} exists"));
+                return Err(WalError::Superseded { covers_seq, newest });
             }
         }
         if self.synced_seq() < covers_seq {
@@ -795,21 +799,30 @@ impl Wal {
         drop(snaps);
         let mut recycled = Vec::new();
         if let Some(upto) = compact_upto {
-            let mut segs = st.segments.lock();
-            let firsts: Vec<u64> = segs.keys().copied().collect();
+            // Taken out of the segment map under its lock, renamed or removed after:
+            // the writer takes that lock to start a segment, and must not wait for
+            // the unlinks of gigabytes of preallocated files.
+            let compacted: Vec<(u64, PathBuf)> = {
+                let mut segs = st.segments.lock();
+                let firsts: Vec<u64> = segs.keys().copied().collect();
+                // Never the last (active) segment; a segment goes when the next one
+                // starts at or before upto + 1, i.e. all its records are <= upto.
+                firsts
+                    .windows(2)
+                    .take_while(|pair| pair[1] <= upto + 1)
+                    .map(|pair| {
+                        let p = segs.remove(&pair[0]).expect("key listed just above under the same lock");
+                        (pair[0], p)
+                    })
+                    .collect()
+            };
             let room = if st.cfg.preallocate { st.cfg.recycle_segments } else { 0 };
             let mut pooled = st.recycled.lock().len();
-            // Never the last (active) segment; a segment goes when the next one starts
-            // at or before upto + 1, i.e. all its records are <= upto.
-            for pair in firsts.windows(2) {
-                if pair[1] > upto + 1 {
-                    break;
-                }
-                let p = segs.remove(&pair[0]).expect("key listed just above under the same lock");
+            for (first, p) in compacted {
                 if pooled < room {
                     // Kept for reuse: renamed out of the log, so recovery never reads
                     // it as a segment again.
-                    let to = dir.join(format::recycled_name(pair[0]));
+                    let to = dir.join(format::recycled_name(first));
                     fs.rename(&p, &to).map_err(|e| io_err("rename for reuse", &p, e))?;
                     recycled.push(to);
                     pooled += 1;
