@@ -140,7 +140,22 @@ enum WalCmd {
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Print the SHA-256 to put in a tenant's `tokens` (the token itself is never stored).
-    Hash { token: String },
+    /// The token is read from standard input (one line; `printf %s "$TOKEN" | rota token
+    /// hash`), which keeps it out of the shell's history and the process list; given as
+    /// an argument it works too.
+    Hash { token: Option<String> },
+}
+
+/// The token on the first line of `input`, without its line ending; refused if empty
+/// (an empty token would hash to a value anyone can send).
+fn read_token(mut input: impl std::io::BufRead) -> anyhow::Result<String> {
+    let mut line = String::new();
+    input.read_line(&mut line).map_err(|e| anyhow::anyhow!("reading the token from standard input: {e}"))?;
+    let token = line.trim_end_matches(['\n', '\r']);
+    if token.is_empty() {
+        anyhow::bail!("no token on standard input (printf %s \"$TOKEN\" | rota token hash)");
+    }
+    Ok(token.to_string())
 }
 
 fn main() -> ExitCode {
@@ -207,6 +222,10 @@ fn run() -> anyhow::Result<i32> {
             Ok(if report.iter().any(|h| h.damage.is_some()) { 1 } else { 0 })
         }
         Cmd::Token { cmd: TokenCmd::Hash { token } } => {
+            let token = match token {
+                Some(t) if t != "-" => t,
+                _ => read_token(std::io::stdin().lock())?,
+            };
             println!("{}", rota::config::hex(&rota::config::hash_token(&token)));
             Ok(0)
         }

@@ -301,3 +301,30 @@ fn the_wal_tools_refuse_a_directory_that_holds_no_log_and_point_at_the_log() {
     let (code, err) = run(&["wal", "verify"], &data.join("wal"));
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// `rota token hash` reads the token from standard input (out of the shell's history
+/// and the process list), and refuses an empty one; the argument form gives the same.
+#[test]
+fn token_hash_reads_the_token_from_standard_input_and_refuses_an_empty_one() {
+    use std::io::Write;
+    let hash = |arg: Option<&str>, input: &str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rota"))
+            .args(["token", "hash"])
+            .args(arg)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let expected = format!("{}\n", rota::config::hex(&rota::config::hash_token("s3cret")));
+    assert_eq!(hash(None, "s3cret"), (Some(0), expected.clone(), String::new()));
+    assert_eq!(hash(None, "s3cret\n").1, expected, "the line ending is not part of the token");
+    assert_eq!(hash(Some("s3cret"), "").1, expected);
+    let (code, out, err) = hash(None, "\n");
+    assert_eq!((code, out.as_str()), (Some(2), ""), "{err}");
+    assert!(err.contains("no token on standard input"), "{err}");
+}
