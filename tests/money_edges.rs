@@ -547,14 +547,7 @@ async fn publish_with_a_lost_direct_target(e: &Engine) -> Value {
 
 /// The pros the lead's explanation lists as offered, and what they spent on it.
 async fn bought(e: &Engine) -> (Vec<String>, u64) {
-    let x = serde_json::to_value(ok(e, json!({"type": "explain", "lead": "A1"})).await).unwrap();
-    let pros: Vec<String> = x["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|o| o["outcome"] == "offered")
-        .map(|o| o["pro"].as_str().unwrap().to_string())
-        .collect();
+    let (pros, _) = offered_pros(e, "A1").await;
     let spent = ["b1", "b2", "b3", "b4", "b5"].iter().map(|b| budget(e, b).spent).sum::<u64>();
     (pros, spent)
 }
@@ -699,6 +692,58 @@ fn r1_r2_a_refused_lead_is_remembered_for_as_long_as_it_could_be_published() {
 async fn bought_by_any(e: &Engine) -> Option<u64> {
     let spent: u64 = ["b1", "b2", "b3", "b4"].iter().map(|b| budget(e, b).spent).sum();
     (spent > 0).then_some(spent)
+}
+
+/// Monday 2025-12-01 00:00 in Madrid (habitissimo's time zone), the first week start
+/// after `T0` (Monday 2025-11-24, 17:00 there).
+const NEXT_MONDAY: i64 = 1_764_543_600_000;
+
+/// R20: a budget is topped up for its week; once the week is over, what is left of it
+/// is not spent (it is last week's), until the weekly recharge. A lead that comes in
+/// the moments between (the housekeeping makes the recharge at the week's start) finds
+/// no buyer able to pay, and gets its buyers from the new week's budgets when the
+/// recharge comes (R22). Before, the buyers spent last week's leftover and were then
+/// topped up to the full week anyway: 12 credits a buyer beyond its weekly budget.
+#[test]
+fn r20_r22_last_weeks_leftover_is_not_spent_after_the_week_turns() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        let buyers = ["b1", "b2", "b3", "b4"];
+        for b in buyers {
+            ok(&e, buyer(b, None)).await;
+        }
+        ok(&e, publish("A1", "madrid", true, T0)).await;
+        for b in buyers {
+            assert_eq!(budget(&e, b).available, 12, "{b} bought A1 at 12 of its 24");
+        }
+        // The week turns; a lead comes before the housekeeping has run.
+        e.inner.clock.advance_to(NEXT_MONDAY + 1_000);
+        let out =
+            serde_json::to_value(ok(&e, publish("A2", "madrid", true, NEXT_MONDAY + 1_000)).await).unwrap();
+        assert_eq!(out["offers"], json!([]), "nobody buys from last week's budget: {out}");
+        for b in buyers {
+            assert_eq!(budget(&e, b).available, 12, "{b}'s leftover untouched");
+        }
+        // The housekeeping: the weekly recharge, then the lead retried (R22).
+        ok(&e, json!({"type": "advance_clock", "to_ms": NEXT_MONDAY + 2_000})).await;
+        for b in buyers {
+            let bb = budget(&e, b);
+            assert_eq!((bb.period, bb.available, bb.spent), (2, 12, 12), "{b} bought A2 from this week's 24");
+        }
+        let (offered, _) = offered_pros(&e, "A2").await;
+        assert_eq!(offered.len(), 4, "{offered:?}");
+    });
+}
+
+/// The pros offered lead `lead` (its explanation), and how many entries it has.
+async fn offered_pros(e: &Engine, lead: &str) -> (Vec<String>, usize) {
+    let x = serde_json::to_value(ok(e, json!({"type": "explain", "lead": lead})).await).unwrap();
+    let entries = x["entries"].as_array().unwrap();
+    let offered = entries
+        .iter()
+        .filter(|o| o["outcome"] == "offered")
+        .map(|o| o["pro"].as_str().unwrap().to_string())
+        .collect();
+    (offered, entries.len())
 }
 
 /// R1/R2: a lead id the quality gate refused is taken until its publish is forgotten:

@@ -217,6 +217,7 @@ pub fn execute(
         ledger: &inner.ledger,
         tenant: &key.tenant,
         directory: Some(&inner.pros),
+        now,
     };
     let started = Instant::now();
     let decided = shard.decide(now, cmd, &funds);

@@ -1151,6 +1151,7 @@ impl Engine {
                             ledger: &self.inner.ledger,
                             tenant: &key.tenant,
                             directory: Some(&self.inner.pros),
+                            now,
                         };
                         s.lock().candidates(now, location, &attributes, &funds)
                     }
@@ -1468,9 +1469,11 @@ impl Engine {
             }
             // One closing of the gate for both (a new config's first recharge and its
             // resume): a spend between them would be topped up again.
-            let (t, p) = (tenant.clone(), pro.clone());
+            let (t, p, until) = (tenant.clone(), pro.clone(), self.week_end(tenant, now));
             let rs = self
-                .ledger_ops(tenant, ops.len(), move |l, i| l.recharge(ops[i].clone(), &t, &p, &name))
+                .ledger_ops(tenant, ops.len(), move |l, i| {
+                    l.recharge_until(ops[i].clone(), &t, &p, &name, until)
+                })
                 .await?;
             return Ok(rs.iter().any(|r| !r.replayed));
         }
@@ -1666,6 +1669,22 @@ impl Engine {
         Some(today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday())))
     }
 
+    /// The start of the tenant's next local week after `now` (the next Monday 00:00
+    /// in its time zone): when the weekly recharge is due (R20), and until when what
+    /// a recharge now tops up may be spent.
+    fn week_end(&self, tenant: &TenantId, now: Millis) -> Option<Millis> {
+        let monday = self.week_of(tenant, now)?;
+        self.local_midnight(tenant, monday + chrono::Duration::days(7))
+    }
+
+    /// The earliest start of a local week after now, over every tenant: the
+    /// housekeeping runs then, so that the weekly recharge (R20) is made within
+    /// moments of it, not up to a minute late.
+    pub fn next_week_start(&self) -> Option<Millis> {
+        let now = self.inner.clock.now();
+        self.tenants().iter().filter_map(|t| self.week_end(&t.id, now)).min()
+    }
+
     /// The local day of `now` in the tenant's time zone.
     fn day_of(&self, tenant: &TenantId, now: Millis) -> Option<chrono::NaiveDate> {
         let tz = self.tenant(tenant)?.cfg().policy.time_zone;
@@ -1698,6 +1717,7 @@ impl Engine {
         let now = self.inner.clock.now();
         if let Some(monday) = self.week_of(tenant, now) {
             let week_start = self.local_midnight(tenant, monday);
+            let until = self.week_end(tenant, now);
             let pros: Vec<Arc<Pro>> = self
                 .inner
                 .pros
@@ -1729,13 +1749,18 @@ impl Engine {
                     // spend between them would be topped up again (R20).
                     let (t, p) = (tenant.clone(), pro.id.clone());
                     let rs = self
-                        .ledger_ops(tenant, ops.len(), move |l, i| l.recharge(ops[i].clone(), &t, &p, &name))
+                        .ledger_ops(tenant, ops.len(), move |l, i| {
+                            l.recharge_until(ops[i].clone(), &t, &p, &name, until)
+                        })
                         .await?;
-                    // Budget back: a recharge of a budget that was spent, or a paused
-                    // config buying again (its pro may be parked because every config
-                    // buying before was spent, R24: nothing else would tell its shards).
+                    // Budget back: a recharge of a budget that was spent, or that had
+                    // nothing to spend since the week began (its pro skipped and parked
+                    // by every lead since, R20), or a paused config buying again (its
+                    // pro may be parked because every config buying before was spent,
+                    // R24: nothing else would tell its shards).
                     let resumed = rs.get(1).is_some_and(|r| !r.replayed);
-                    recharged |= resumed || (rs.iter().any(|r| !r.replayed) && b.available < b.weekly_budget);
+                    let short = b.available < b.weekly_budget || b.stale_at(now);
+                    recharged |= resumed || (rs.iter().any(|r| !r.replayed) && short);
                 }
                 if recharged {
                     returned.push(pro.id.clone());

@@ -31,6 +31,9 @@ pub struct LedgerFunds<'a> {
     pub ledger: &'a Ledger,
     pub tenant: &'a TenantId,
     pub directory: Option<&'a Directory>,
+    /// The decision's time: a budget whose week is over has nothing to spend until
+    /// its weekly recharge (R20, [`crate::ledger::BudgetBalance::available_at`]).
+    pub now: crate::ids::Millis,
 }
 
 impl Funds for LedgerFunds<'_> {
@@ -38,7 +41,7 @@ impl Funds for LedgerFunds<'_> {
         self.ledger.balance(self.tenant, pro).available
     }
     fn budget(&self, pro: &ProId, config: &str) -> u64 {
-        self.ledger.budget(self.tenant, pro, &BudgetName::new(config)).map_or(0, |b| b.available)
+        self.ledger.budget(self.tenant, pro, &BudgetName::new(config)).map_or(0, |b| b.available_at(self.now))
     }
     fn offers_category(&self, pro: &ProId, category: &crate::ids::CategoryId) -> bool {
         let Some(directory) = self.directory else { return false };
@@ -117,13 +120,14 @@ pub fn execute_noting_drops(
     };
     for ev in events.iter_mut() {
         match ev {
-            Event::Offered { grants, .. } => {
+            Event::Offered { grants, at, .. } => {
                 let mut lost = Vec::new();
                 for g in grants.iter() {
                     let Some(Charge { op, credits, mode: ChargeMode::Budget { config } }) = &g.charge else {
                         continue;
                     };
-                    match ledger.spend(OpId::new(op), tenant, &g.pro, &BudgetName::new(config), *credits) {
+                    let budget = BudgetName::new(config);
+                    match ledger.spend_at(OpId::new(op), tenant, &g.pro, &budget, *credits, *at) {
                         Ok(r) => keep(r, &mut facts),
                         Err(LedgerError::BudgetExhausted { available, needed }) => {
                             lost.push((g.pro.clone(), Skip::BudgetExhausted { available, price: needed }))

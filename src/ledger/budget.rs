@@ -9,6 +9,7 @@
 
 use super::error::LedgerError;
 use super::types::{BudgetFact, BudgetName, OpId, RecentOps};
+use crate::ids::Millis;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::Entry;
@@ -16,18 +17,29 @@ use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum BudgetRequest {
-    Set { weekly: u64 },
-    Recharge,
-    Spend { amount: u64 },
-    Refund { spend: OpId },
+    Set {
+        weekly: u64,
+    },
+    /// Top up for the week that ends at `until` (see [`BudgetFact::Recharged`]).
+    Recharge {
+        until: Option<Millis>,
+    },
+    /// Spend at time `at` (`None`: whatever the time).
+    Spend {
+        amount: u64,
+        at: Option<Millis>,
+    },
+    Refund {
+        spend: OpId,
+    },
 }
 
 impl BudgetRequest {
     fn answered_by(&self, fact: &BudgetFact) -> bool {
         match (self, fact) {
             (Self::Set { weekly }, BudgetFact::Set { weekly: w, .. }) => weekly == w,
-            (Self::Recharge, BudgetFact::Recharged { .. }) => true,
-            (Self::Spend { amount }, BudgetFact::Spent { amount: a, .. }) => amount == a,
+            (Self::Recharge { .. }, BudgetFact::Recharged { .. }) => true,
+            (Self::Spend { amount, .. }, BudgetFact::Spent { amount: a, .. }) => amount == a,
             (Self::Refund { spend }, BudgetFact::Refunded { spend: s, .. }) => spend == s,
             _ => false,
         }
@@ -77,6 +89,10 @@ pub(crate) struct Budget {
     pub(crate) recent_sets: RecentOps,
     #[serde(default)]
     recent_recharges: RecentOps,
+    /// The end of the week the current period was topped up for (its recharge's
+    /// `until`): nothing is spent from it at or after that time (R20).
+    #[serde(default)]
+    pub(crate) spendable_until: Option<Millis>,
 }
 
 /// Settings of the weekly amount a budget remembers. Their op ids carry the time of
@@ -100,6 +116,16 @@ impl Budget {
         // Live, decide() keeps spent - refunded <= base, so `left <= base` fits;
         // the clamp only matters in the middle of an out-of-order replay.
         u64::try_from(left).unwrap_or(u64::MAX)
+    }
+
+    /// What can be spent at time `at`: nothing once the week the current period was
+    /// topped up for is over (R20: last week's leftover is not this week's budget).
+    pub(crate) fn available_at(&self, at: Millis) -> u64 {
+        if self.spendable_until.is_some_and(|until| at >= until) {
+            0
+        } else {
+            self.available()
+        }
     }
 
     pub(crate) fn spent(&self) -> u64 {
@@ -133,20 +159,20 @@ impl Budget {
                 }
                 BudgetFact::Set { weekly: *weekly, version: self.weekly_version + 1 }
             }
-            BudgetRequest::Recharge => {
+            BudgetRequest::Recharge { until } => {
                 if self.weekly_version == 0 {
                     return Err(unknown());
                 }
-                BudgetFact::Recharged { period: self.period + 1, to: self.weekly_budget }
+                BudgetFact::Recharged { period: self.period + 1, to: self.weekly_budget, until: *until }
             }
-            BudgetRequest::Spend { amount } => {
+            BudgetRequest::Spend { amount, at } => {
                 if self.weekly_version == 0 {
                     return Err(unknown());
                 }
                 if *amount == 0 {
                     return Err(LedgerError::InvalidAmount { field: "amount" });
                 }
-                let available = self.available();
+                let available = at.map_or_else(|| self.available(), |at| self.available_at(at));
                 if available < *amount {
                     return Err(LedgerError::BudgetExhausted { available, needed: *amount });
                 }
@@ -203,10 +229,11 @@ impl Budget {
                     self.weekly_version = *version;
                 }
             }
-            BudgetFact::Recharged { period, to } => {
+            BudgetFact::Recharged { period, to, until } => {
                 if *period > self.period {
                     self.period = *period;
                     self.base = *to;
+                    self.spendable_until = *until;
                     self.current = self.early.remove(period).unwrap_or_default();
                     self.early.retain(|p, _| *p > *period);
                 }

@@ -128,7 +128,7 @@ pub use types::{
     TopupRule, MAX_OP_ID_LEN,
 };
 
-use crate::ids::{ProId, TenantId};
+use crate::ids::{Millis, ProId, TenantId};
 use account::{Account, CreditRequest, Decision};
 use budget::{Budget, BudgetDecision, BudgetRequest};
 use dashmap::DashMap;
@@ -192,6 +192,26 @@ pub struct BudgetBalance {
     pub period: u64,
     /// Number of times the weekly amount was set.
     pub settings: u64,
+    /// The end of the local week the current period was topped up for (R20); from
+    /// then on nothing is spent until the next recharge ([`BudgetBalance::available_at`]).
+    pub spendable_until: Option<Millis>,
+}
+
+impl BudgetBalance {
+    /// What can be spent at time `at` (nothing once its week is over, R20).
+    pub fn available_at(&self, at: Millis) -> u64 {
+        if self.spendable_until.is_some_and(|until| at >= until) {
+            0
+        } else {
+            self.available
+        }
+    }
+
+    /// Whether the current period's week is over at `at`: the budget awaits its
+    /// weekly recharge.
+    pub fn stale_at(&self, at: Millis) -> bool {
+        self.spendable_until.is_some_and(|until| at >= until)
+    }
 }
 
 /// The whole ledger state, for WAL snapshots. Opaque; restore with
@@ -352,7 +372,20 @@ impl Ledger {
         pro: &ProId,
         budget: &BudgetName,
     ) -> Result<Receipt, LedgerError> {
-        self.budget_op(op, tenant, pro, budget, BudgetRequest::Recharge, false)
+        self.recharge_until(op, tenant, pro, budget, None)
+    }
+
+    /// [`Ledger::recharge`] for the local week that ends at `until` (R20): the budget
+    /// is not spent from at or after it ([`Ledger::spend_at`]) until the next recharge.
+    pub fn recharge_until(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        until: Option<Millis>,
+    ) -> Result<Receipt, LedgerError> {
+        self.budget_op(op, tenant, pro, budget, BudgetRequest::Recharge { until }, false)
     }
 
     /// Spends from the budget, or refuses with `BudgetExhausted`: never
@@ -365,7 +398,22 @@ impl Ledger {
         budget: &BudgetName,
         amount: u64,
     ) -> Result<Receipt, LedgerError> {
-        let request = BudgetRequest::Spend { amount };
+        let request = BudgetRequest::Spend { amount, at: None };
+        self.budget_op(op, tenant, pro, budget, request, false)
+    }
+
+    /// [`Ledger::spend`] at time `at`: refused with `BudgetExhausted` (nothing
+    /// available) once the week the budget was last topped up for is over (R20).
+    pub fn spend_at(
+        &self,
+        op: OpId,
+        tenant: &TenantId,
+        pro: &ProId,
+        budget: &BudgetName,
+        amount: u64,
+        at: Millis,
+    ) -> Result<Receipt, LedgerError> {
+        let request = BudgetRequest::Spend { amount, at: Some(at) };
         self.budget_op(op, tenant, pro, budget, request, false)
     }
 
@@ -456,6 +504,7 @@ impl Ledger {
             refunded: b.refunded(),
             period: b.period,
             settings: b.settings(),
+            spendable_until: b.spendable_until,
         })
     }
 

@@ -971,10 +971,12 @@ fn snapshots_without_the_queues_of_newest_ids_still_load() {
     let (_, _, account) = &snap.accounts[0];
     let (_, _, _, budget) = &snap.budgets[0];
     // rmp-serde writes a struct as an array; the queues are its last fields, an empty
-    // array (0x90) each. The older layout is the same array without them.
+    // array (0x90) each (a budget's are followed by its `spendable_until`, a nil
+    // 0xc0 when none). The older layout is the same array without them.
     fn older(mut bytes: Vec<u8>, dropped: u8) -> Vec<u8> {
         for _ in 0..dropped {
-            assert_eq!(bytes.pop(), Some(0x90), "a trailing empty queue");
+            let last = bytes.pop();
+            assert!(matches!(last, Some(0x90 | 0xc0)), "a trailing empty queue or nil: {last:?}");
         }
         bytes[0] -= dropped;
         bytes
@@ -989,7 +991,11 @@ fn snapshots_without_the_queues_of_newest_ids_still_load() {
     assert_eq!(rmp_serde::from_slice::<account::Account>(&old).unwrap(), a);
     let mut bu = (**budget).clone();
     bu.recent_sets = Default::default();
-    let old = older(rmp_serde::to_vec(&bu).unwrap(), 2);
+    bu.spendable_until = None;
+    // Before the week a period is spendable for, and before the queues too.
+    let old = older(rmp_serde::to_vec(&bu).unwrap(), 1);
+    assert_eq!(rmp_serde::from_slice::<budget::Budget>(&old).unwrap(), bu);
+    let old = older(rmp_serde::to_vec(&bu).unwrap(), 3);
     assert_eq!(rmp_serde::from_slice::<budget::Budget>(&old).unwrap(), bu);
 }
 
@@ -1014,4 +1020,39 @@ fn r10_rule_changes_never_push_a_payment_id_out_of_memory() {
     }
     assert_eq!(recovered.snapshot(), l.snapshot());
     l.check_invariants().unwrap();
+}
+
+/// R20: a recharge made for a week is spent from until that week ends: a spend at or
+/// after its end is refused `BudgetExhausted` with nothing available (last week's
+/// leftover), and the next recharge makes it spendable again. A recharge logged before
+/// the week was recorded (no `until`) decodes as spendable whenever.
+#[test]
+fn r20_a_budget_is_spent_from_only_in_the_week_it_was_topped_up_for() {
+    let l = Ledger::new();
+    l.set_budget(op("budget:a"), &t(), &p(), &b(), 50).unwrap();
+    let end = 1_000;
+    l.recharge_until(op("week:1"), &t(), &p(), &b(), Some(end)).unwrap();
+    l.spend_at(op("buy:1"), &t(), &p(), &b(), 20, end - 1).unwrap();
+    let balance = l.budget(&t(), &p(), &b()).unwrap();
+    assert_eq!((balance.available_at(end - 1), balance.available_at(end)), (30, 0));
+    match l.spend_at(op("buy:2"), &t(), &p(), &b(), 20, end) {
+        Err(LedgerError::BudgetExhausted { available: 0, needed: 20 }) => {}
+        other => panic!("a spend after the week answered {other:?}"),
+    }
+    l.recharge_until(op("week:2"), &t(), &p(), &b(), Some(2 * end)).unwrap();
+    l.spend_at(op("buy:2"), &t(), &p(), &b(), 20, end).unwrap();
+    assert_eq!(l.budget(&t(), &p(), &b()).unwrap().available, 30);
+    l.check_invariants().unwrap();
+    // The fact as records before `until` hold it: two fields.
+    let old = rmp_serde::to_vec(&BudgetFact::Recharged { period: 3, to: 50, until: None }).unwrap();
+    let with = rmp_serde::to_vec(&BudgetFact::Recharged { period: 3, to: 50, until: Some(7) }).unwrap();
+    assert!(old.len() < with.len(), "no `until` is written when there is none");
+    assert_eq!(
+        rmp_serde::from_slice::<BudgetFact>(&with).unwrap(),
+        BudgetFact::Recharged { period: 3, to: 50, until: Some(7) }
+    );
+    assert_eq!(
+        rmp_serde::from_slice::<BudgetFact>(&old).unwrap(),
+        BudgetFact::Recharged { period: 3, to: 50, until: None }
+    );
 }

@@ -149,8 +149,18 @@ pub enum BudgetFact {
     /// The weekly budget changed; the highest `version` wins. Takes effect at
     /// the next recharge.
     Set { weekly: u64, version: u64 },
-    /// The available budget was topped up to `to` (the weekly budget) (R20).
-    Recharged { period: u64, to: u64 },
+    /// The available budget was topped up to `to` (the weekly budget) (R20), for the
+    /// local week that ends at `until` (the next Monday 00:00 in the tenant's time
+    /// zone): from then on the period is last week's, and nothing more is spent from
+    /// it until the next recharge (made by the housekeeping at the week's start, and
+    /// the leads a pro missed meanwhile retried, R22). `None` (and in records written
+    /// before this field): spendable until the next recharge, whenever it comes.
+    Recharged {
+        period: u64,
+        to: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<Millis>,
+    },
     /// A lead was bought within the budget.
     Spent { period: u64, amount: u64 },
     /// A spend of `period` was refunded (R12/R23). A refund decided in a later

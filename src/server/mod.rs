@@ -401,8 +401,16 @@ async fn periodic_work(
     let manual = engine.inner.clock.is_manual();
     let mut refund_retry_at: Option<tokio::time::Instant> = None;
     loop {
+        // R20: the weekly recharge is due at the start of a tenant's local week; the
+        // housekeeping runs then as well as every minute, so a budget whose week is
+        // over (nothing to spend until it is recharged) waits moments, not a minute.
+        let week_start = (!manual).then(|| engine.next_week_start()).flatten();
+        let until_week = week_start.map(|t| Duration::from_millis(engine.inner.clock.ms_until(t) as u64));
         tokio::select! {
             _ = stop.changed() => break,
+            _ = tokio::time::sleep(until_week.unwrap_or_default()), if until_week.is_some() => {
+                run_housekeeping(&engine).await;
+            }
             _ = engine.budget_returned(), if !manual && refund_retry_at.is_none() => {
                 refund_retry_at = Some(tokio::time::Instant::now() + REFUND_RETRY_BATCH);
             }
@@ -421,18 +429,7 @@ async fn periodic_work(
             }
             _ = housekeeping.tick() => {
                 if !manual {
-                    let ids: Vec<_> = engine.tenants().iter().map(|t| t.id.clone()).collect();
-                    for t in ids {
-                        if let Err(e) = engine.housekeeping(&t).await {
-                            tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
-                        }
-                        // Record expired order requests and custom offers (they are
-                        // already refused as expired before this runs), and forget
-                        // the chains that ended longer than the retention ago.
-                        if let Err(e) = engine.order_tick(&t).await {
-                            tracing::warn!(tenant = %t, error = %e, "order tick failed");
-                        }
-                    }
+                    run_housekeeping(&engine).await;
                 }
             }
             _ = snap.tick(), if snapshot_every > 0 => {
@@ -454,6 +451,23 @@ async fn periodic_work(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Every tenant's housekeeping (weekly recharges and resumes, R20/R24, with the R22
+/// retries they bring) and order tick.
+async fn run_housekeeping(engine: &Engine) {
+    let ids: Vec<_> = engine.tenants().iter().map(|t| t.id.clone()).collect();
+    for t in ids {
+        if let Err(e) = engine.housekeeping(&t).await {
+            tracing::warn!(tenant = %t, error = %e, "housekeeping failed");
+        }
+        // Record expired order requests and custom offers (they are already refused as
+        // expired before this runs), and forget the chains that ended longer than the
+        // retention ago.
+        if let Err(e) = engine.order_tick(&t).await {
+            tracing::warn!(tenant = %t, error = %e, "order tick failed");
         }
     }
 }
