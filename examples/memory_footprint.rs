@@ -299,7 +299,7 @@ fn main() {
     let mut now = T0;
     let mut stream = Vec::new();
     let decide = |shard: &mut Shard, now: Millis, cmd: &Command, stream: &mut Vec<_>| {
-        let funds = LedgerFunds { ledger: &ledger, tenant: &tenant, directory: None };
+        let funds = LedgerFunds { ledger: &ledger, tenant: &tenant, directory: None, now };
         let d = match shard.decide(now, cmd, &funds) {
             Ok(d) => d,
             Err(r) => panic!("refused: {r}"),
