@@ -540,7 +540,8 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
 
 /// The frame decoded, or the decoder's message. Both encodings are read through
 /// [`nesting::Limited`] (one depth limit) and [`names::Strict`] (names only as strings,
-/// no field the request does not have, a record only as a map).
+/// no field the request does not have, a record only as a map), and to their end: a
+/// frame holds one request.
 #[inline]
 fn parse(enc: Encoding, bytes: &[u8]) -> Result<Envelope, String> {
     match enc {
@@ -550,10 +551,35 @@ fn parse(enc: Encoding, bytes: &[u8]) -> Result<Envelope, String> {
                 .and_then(|env| de.end().map(|()| env))
                 .map_err(|e| e.to_string())
         }
-        Encoding::Msgpack => Envelope::deserialize(names::Strict(nesting::Limited::new(
-            &mut rmp_serde::Deserializer::from_read_ref(bytes),
-        )))
-        .map_err(|e| e.to_string()),
+        Encoding::Msgpack => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+            let env = Envelope::deserialize(names::Strict(nesting::Limited::new(&mut de)))
+                .map_err(|e| e.to_string())?;
+            msgpack_end(&mut de)?;
+            Ok(env)
+        }
+    }
+}
+
+/// Why a MessagePack frame that holds more than one value is refused.
+const MSGPACK_TRAILING: &str = "trailing bytes after the frame's map: a frame holds one request";
+
+/// Checks that a MessagePack frame was read to its end (what `end()` does for JSON;
+/// rmp_serde has no such call, nor a way to tell how much of the frame it read). Reads
+/// one more value's marker: only the end of the frame fails with an unexpected end of
+/// input. Anything else, a value or garbage, is trailing bytes. The read is bounded by
+/// the bytes left (no allocation: the reader borrows from the frame, and a map or array
+/// marker is refused before its entries are read).
+fn msgpack_end<'de, R: rmp_serde::decode::ReadSlice<'de>>(
+    de: &mut rmp_serde::Deserializer<R>,
+) -> Result<(), String> {
+    match bool::deserialize(de) {
+        Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Ok(())
+        }
+        _ => Err(MSGPACK_TRAILING.into()),
     }
 }
 
@@ -1877,9 +1903,13 @@ mod diagnose {
                     .and_then(|()| de.end())
                     .map_err(|e| e.to_string())
             }
-            Encoding::Msgpack => HeadSeed(&mut head)
-                .deserialize(Limited::new(&mut rmp_serde::Deserializer::from_read_ref(bytes)))
-                .map_err(|e| e.to_string()),
+            Encoding::Msgpack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+                HeadSeed(&mut head)
+                    .deserialize(Limited::new(&mut de))
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| super::msgpack_end(&mut de))
+            }
         };
         (head, read.err())
     }
@@ -4421,6 +4451,38 @@ mod tests {
                     availability: crate::core::Availability { vacation: Some((1, 2)), ..Default::default() },
                 };
                 assert_eq!(got, Ok(want), "{enc:?} head first {head_first}");
+            }
+        }
+    }
+
+    /// A MessagePack frame is one map, as a JSON frame is one object: two maps in one
+    /// frame would get one reply and the second would be dropped unread. Bytes after the
+    /// map are `bad_frame` (with the first map's id), in both encodings.
+    #[test]
+    fn bytes_after_the_frames_map_are_a_bad_frame_in_both_encodings() {
+        use serde_json::json;
+        let one = json!({"id": "a", "type": "balance", "pro": "p1"});
+        let two = json!({"id": "b", "type": "balance", "pro": "p2"});
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let first = encode(enc, &one);
+            assert!(decode(enc, &first).is_ok(), "{enc:?}");
+            for tail in [
+                encode(enc, &two),
+                encode(enc, &json!(1)),
+                b"\xc1".to_vec(),
+                b"\xdb\xff\xff\xff\xff".to_vec(),
+            ] {
+                if enc == Encoding::Json && tail.first() != Some(&b'{') && tail != b"1" {
+                    continue;
+                }
+                let bytes = [first.clone(), tail.clone()].concat();
+                let e = decode(enc, &bytes).unwrap_err();
+                assert_eq!(
+                    (e.code, e.id.as_deref(), e.field.as_deref()),
+                    ("bad_frame", Some("a"), None),
+                    "{enc:?} {tail:?}: {e:?}"
+                );
+                assert_eq!(peek_id(enc, &bytes).as_deref(), Some("a"), "{enc:?}");
             }
         }
     }
