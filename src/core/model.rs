@@ -128,6 +128,11 @@ pub const MAX_WEEKLY_INTERVALS: usize = 168;
 /// copy of the profile and a logged change per shard at every update.
 pub const MAX_SHARDS_PER_PRO: usize = 1024;
 
+/// Categories and zones one pro may list (their pairs are bounded by
+/// [`MAX_SHARDS_PER_PRO`] too).
+pub const MAX_CATEGORIES_PER_PRO: usize = 256;
+pub const MAX_ZONES_PER_PRO: usize = 1024;
+
 /// Auto-buy configs one pro may have (R19), and the zone and category entries all of
 /// them may list together: the profile is copied into every shard the pro covers and
 /// logged with each, so its size is bounded like its other lists.
@@ -435,11 +440,11 @@ impl AutoBuyConfig {
         if self.categories.len() > 256 {
             return Err(field_err(format!("{field}.categories"), "at most 256 categories per config"));
         }
-        for z in &self.zones {
-            z.validate("zones").map_err(|e| field_err(format!("{field}.zones"), e.reason))?;
+        for (i, z) in self.zones.iter().enumerate() {
+            z.validate("zones").map_err(|e| field_err(format!("{field}.zones[{i}]"), e.reason))?;
         }
-        for c in &self.categories {
-            c.validate("categories").map_err(|e| field_err(format!("{field}.categories"), e.reason))?;
+        for (i, c) in self.categories.iter().enumerate() {
+            c.validate("categories").map_err(|e| field_err(format!("{field}.categories[{i}]"), e.reason))?;
         }
         if let Some(t) = self.paused_until {
             validate_time(t, format!("{field}.paused_until"))?;
@@ -484,11 +489,11 @@ impl Pro {
         if self.zones.is_empty() {
             return Err(field_err("pro.zones", "must list at least one zone"));
         }
-        for c in &self.categories {
-            c.validate("pro.categories")?;
+        for (i, c) in self.categories.iter().enumerate() {
+            c.validate("categories").map_err(|e| field_err(format!("pro.categories[{i}]"), e.reason))?;
         }
-        for z in &self.zones {
-            z.validate("pro.zones")?;
+        for (i, z) in self.zones.iter().enumerate() {
+            z.validate("zones").map_err(|e| field_err(format!("pro.zones[{i}]"), e.reason))?;
         }
         if let Some(b) = &self.base {
             b.validate("pro.base")?;
@@ -502,8 +507,17 @@ impl Pro {
             }
         }
         validate_attributes(&self.refuses, "pro.refuses")?;
-        if self.categories.len() > 256 || self.zones.len() > 1024 {
-            return Err(field_err("pro.zones", "at most 1024 zones and 256 categories per pro"));
+        if self.categories.len() > MAX_CATEGORIES_PER_PRO {
+            return Err(field_err(
+                "pro.categories",
+                format!("{} categories: at most {MAX_CATEGORIES_PER_PRO} per pro", self.categories.len()),
+            ));
+        }
+        if self.zones.len() > MAX_ZONES_PER_PRO {
+            return Err(field_err(
+                "pro.zones",
+                format!("{} zones: at most {MAX_ZONES_PER_PRO} per pro", self.zones.len()),
+            ));
         }
         if self.categories.len() * self.zones.len() > MAX_SHARDS_PER_PRO {
             return Err(field_err(
