@@ -357,6 +357,28 @@ fn r22_r24_an_old_profile_paused_until_i64_max_is_not_parked_for_budget_nor_retr
     assert!(offered(&d).is_empty(), "bruno bought a lead released while it was paused: {d:?}");
 }
 
+/// R1, R8: a lead's client is bounded like its other text (its name, phone and address
+/// are kept with the lead and copied into the offer views once revealed): a name of at
+/// most 256 bytes, a phone of at most 64, an address of at most 1,024. One byte more is
+/// refused naming the field; the bound itself is accepted.
+#[test]
+fn r1_r8_a_clients_name_phone_and_address_are_bounded_with_the_field_named() {
+    let mut h = setup();
+    let with = |id: &str, name: usize, phone: usize, address: usize| {
+        let mut l = lead(id, T0);
+        l.client.name = "n".repeat(name);
+        l.client.phone = "1".repeat(phone);
+        l.client.address = Some("a".repeat(address));
+        Command::PublishLead { lead: l.into() }
+    };
+    let (name, phone, address) = (MAX_CLIENT_NAME_BYTES, MAX_CLIENT_PHONE_BYTES, MAX_CLIENT_ADDRESS_BYTES);
+    assert_eq!((name, phone, address), (256, 64, 1024));
+    refused(&mut h, with("L7", name + 1, phone, address), "invalid_field", Some("lead.client.name"));
+    refused(&mut h, with("L7", name, phone + 1, address), "invalid_field", Some("lead.client.phone"));
+    refused(&mut h, with("L7", name, phone, address + 1), "invalid_field", Some("lead.client.address"));
+    h.ok(T0 + M, with("L7", name, phone, address));
+}
+
 /// R3: a pro's lists are named where they are wrong: an entry that is not a valid id by
 /// its index (`pro.zones[2]`), a list longer than its bound by the list itself (257
 /// categories is `pro.categories`, not `pro.zones`).

@@ -601,6 +601,26 @@ pub struct Client {
     pub pro_id: Option<ProId>,
 }
 
+impl Client {
+    /// The client of a lead: an id, and a name, phone and address of bounded length
+    /// (names `lead.client.*`).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.id.validate("lead.client.id")?;
+        let bounded = |text: &str, field: &str, max: usize| {
+            if text.len() > max {
+                return Err(field_err(field, format!("longer than {max} bytes")));
+            }
+            Ok(())
+        };
+        bounded(&self.name, "lead.client.name", MAX_CLIENT_NAME_BYTES)?;
+        bounded(&self.phone, "lead.client.phone", MAX_CLIENT_PHONE_BYTES)?;
+        if let Some(address) = &self.address {
+            bounded(address, "lead.client.address", MAX_CLIENT_ADDRESS_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
 /// Job kinds (R13).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -773,23 +793,36 @@ pub fn validate_attributes(attributes: &[String], field: &str) -> Result<(), Fie
 /// Longest free text accepted in a lead.
 pub const MAX_TEXT: usize = 16 * 1024;
 
+/// Most answers in a lead's `details`.
+pub const MAX_DETAILS: usize = 256;
+
+/// Most direct targets of a lead (R5).
+pub const MAX_DIRECT: usize = 64;
+
+/// Longest client name, phone number and address of a lead, in bytes: each is copied
+/// into the lead's every offer view once revealed (R8), and kept with the lead.
+pub const MAX_CLIENT_NAME_BYTES: usize = 256;
+pub const MAX_CLIENT_PHONE_BYTES: usize = 64;
+pub const MAX_CLIENT_ADDRESS_BYTES: usize = 1024;
+
 impl Lead {
     pub fn validate(&self) -> Result<(), FieldError> {
         self.id.validate("lead.id")?;
         self.category.validate("lead.category")?;
         self.zone.validate("lead.zone")?;
-        self.client.id.validate("lead.client.id")?;
+        self.client.validate()?;
         if let Some(l) = &self.location {
             l.validate("lead.location")?;
         }
         if self.description.len() > MAX_TEXT {
             return Err(field_err("lead.description", "longer than 16 KiB"));
         }
-        if self.details.len() > 256 || self.details.iter().any(|(k, v)| k.len() + v.len() > MAX_TEXT) {
+        if self.details.len() > MAX_DETAILS || self.details.iter().any(|(k, v)| k.len() + v.len() > MAX_TEXT)
+        {
             return Err(field_err("lead.details", "at most 256 answers of at most 16 KiB each"));
         }
         validate_attributes(&self.attributes, "lead.attributes")?;
-        if self.direct.len() > 64 {
+        if self.direct.len() > MAX_DIRECT {
             return Err(field_err("lead.direct", "at most 64 direct targets"));
         }
         for (i, p) in self.direct.iter().enumerate() {
