@@ -104,8 +104,9 @@ pub enum Request {
         lead: LeadId,
         pro: ProId,
         /// Read from serde's buffer of the flattened fields: strictly, or an integer
-        /// would be taken as the action's index (see [`names`]).
-        #[serde(flatten, deserialize_with = "names::strict")]
+        /// would be taken as the action's index, and checked against the fields, or an
+        /// unknown one would be skipped (see [`names`], [`tree::known`]).
+        #[serde(flatten, deserialize_with = "tree::known")]
         action: OfferAction,
     },
     GrantCredits {
@@ -155,12 +156,14 @@ pub enum Request {
     },
     /// Order requests (R25-R27): acceptance modes, orders, approvals, custom offers.
     Order {
+        /// Internally tagged, so read by serde from a buffer of its fields: checked
+        /// against them (see [`tree::known`]).
+        #[serde(deserialize_with = "tree::known")]
         command: crate::core::orders::OrderCommand,
     },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TopupRuleWire {
     pub threshold_credits: u64,
     pub amount_credits: u64,
@@ -536,21 +539,47 @@ pub fn decode(enc: Encoding, bytes: &[u8]) -> Result<Envelope, DecodeError> {
 }
 
 /// The frame decoded, or the decoder's message. Both encodings are read through
-/// [`nesting::Limited`] (one depth limit); MessagePack also through [`names::Strict`]
-/// (serde_json reads names only from strings; rmp_serde takes integers too).
+/// [`nesting::Limited`] (one depth limit) and [`names::Strict`] (names only as strings,
+/// no field the request does not have, a record only as a map), and to their end: a
+/// frame holds one request.
 #[inline]
 fn parse(enc: Encoding, bytes: &[u8]) -> Result<Envelope, String> {
     match enc {
         Encoding::Json => {
             let mut de = serde_json::Deserializer::from_slice(bytes);
-            Envelope::deserialize(nesting::Limited::new(&mut de))
+            Envelope::deserialize(names::Strict(nesting::Limited::new(&mut de)))
                 .and_then(|env| de.end().map(|()| env))
                 .map_err(|e| e.to_string())
         }
-        Encoding::Msgpack => Envelope::deserialize(names::Strict(nesting::Limited::new(
-            &mut rmp_serde::Deserializer::from_read_ref(bytes),
-        )))
-        .map_err(|e| e.to_string()),
+        Encoding::Msgpack => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+            let env = Envelope::deserialize(names::Strict(nesting::Limited::new(&mut de)))
+                .map_err(|e| e.to_string())?;
+            msgpack_end(&mut de)?;
+            Ok(env)
+        }
+    }
+}
+
+/// Why a MessagePack frame that holds more than one value is refused.
+const MSGPACK_TRAILING: &str = "trailing bytes after the frame's map: a frame holds one request";
+
+/// Checks that a MessagePack frame was read to its end (what `end()` does for JSON;
+/// rmp_serde has no such call, nor a way to tell how much of the frame it read). Reads
+/// one more value's marker: only the end of the frame fails with an unexpected end of
+/// input. Anything else, a value or garbage, is trailing bytes. The read is bounded by
+/// the bytes left (no allocation: the reader borrows from the frame, and a map or array
+/// marker is refused before its entries are read).
+fn msgpack_end<'de, R: rmp_serde::decode::ReadSlice<'de>>(
+    de: &mut rmp_serde::Deserializer<R>,
+) -> Result<(), String> {
+    match bool::deserialize(de) {
+        Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Ok(())
+        }
+        _ => Err(MSGPACK_TRAILING.into()),
     }
 }
 
@@ -703,7 +732,7 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
 pub mod nesting {
     //! One nesting limit for both encodings: a frame holds at most [`MAX_DEPTH`] levels of
     //! maps and sequences, its own map being the first, wherever they are (in a field the
-    //! request reads, or in one it ignores).
+    //! request reads, or in one it does not have).
     //!
     //! The decoders' own limits differ: serde_json counts 128 levels only in values it
     //! builds and skips an ignored value at any depth (no setting changes that); rmp_serde
@@ -714,12 +743,12 @@ pub mod nesting {
     //! (through `deserialize_any`, with a visitor that builds nothing) so that its levels
     //! are counted too. The top-level scan of a failed frame reads through it as well, so
     //! a frame nested too deep is `bad_frame` in both encodings, whatever else is wrong
-    //! with it.
+    //! with it (a request's decode refuses an unknown field before reading its value: see
+    //! [`super::names`]; the scan reads every value).
     //!
     //! Like [`super::names::Strict`], it passes every call on to the deserializer it wraps
     //! and wraps what that hands out; the count is a number carried down by value, one
-    //! comparison per map or sequence. Only values a request ignores are read more slowly
-    //! than before (in JSON, parsed instead of skipped).
+    //! comparison per map or sequence.
 
     use serde::de::{self, DeserializeSeed, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
     use serde::Deserializer;
@@ -1002,7 +1031,8 @@ pub mod nesting {
 }
 
 pub mod names {
-    //! Names on the wire are strings: a number is never a field, variant or tag name.
+    //! Names on the wire are strings, every name is one the request has, and a record is
+    //! a map of named fields.
     //!
     //! Serde's derived identifiers also take an integer as the index of a variant or field
     //! (`0` for the first), so a number where a name belongs would be read as some name:
@@ -1019,24 +1049,34 @@ pub mod names {
     //!   Unit variants read from the buffer take only a string or a map, whose keys were
     //!   checked as the buffer was filled.
     //!
-    //! [`Strict`] closes both. It is a deserializer that passes everything on to the one it
-    //! wraps, except that every identifier and every map key must be a string (MessagePack
-    //! bytes pass, as they do for a `String`); anything else is an `invalid type` error,
-    //! which [`super::decode`] answers as `invalid_field` naming the field. It wraps what it
-    //! hands out (maps, sequences, enums, options), so it holds at any depth, but it cannot
-    //! reach into serde's buffer: a field read from the buffer that holds a tagged enum is
-    //! read through [`strict`] (`#[serde(deserialize_with = ...)]`), which wraps the
-    //! buffer's deserializer in turn.
+    //! Serde's derives also skip a field they do not know (`client.contcat`,
+    //! `autobuy[0].max_price`: a typo would be answered `done` with the field left at its
+    //! default) and read a struct from a sequence, by position (`"location": [11.34,
+    //! 44.49]` as `lat`, `lon`, though GeoJSON puts the longitude first). The model types
+    //! cannot refuse either themselves: the WAL and snapshots decode them too, and records
+    //! written by an older release must keep loading.
     //!
-    //! Chosen over hand-written `Deserialize` impls per enum (the derives stay as they are,
+    //! [`Strict`] closes all of these on the wire. It is a deserializer that passes
+    //! everything on to the one it wraps, except that every identifier and every map key
+    //! must be a string (MessagePack bytes pass, as they do for a `String`), a value serde
+    //! would skip (an unknown field's) is an error, and a struct given as a sequence is an
+    //! error. [`super::decode`] answers each as `invalid_field` naming the field. It wraps
+    //! what it hands out (maps, sequences, enums, options), so it holds at any depth, but it
+    //! cannot reach into serde's buffer: a field read from the buffer that holds a tagged
+    //! enum is read through [`strict`] (`#[serde(deserialize_with = ...)]`), which wraps
+    //! the buffer's deserializer in turn, and a request serde reads from a buffer as a
+    //! whole (an `offer`'s action, an order's `command`) is read through
+    //! `tree::known`, which also checks what serde read against what the frame holds.
+    //!
+    //! Chosen over hand-written `Deserialize` impls per type (the derives stay as they are,
     //! and WAL records and snapshots, whose variant names rmp_serde writes as strings, are
     //! read as before) and over a separate check of the frame (a second read): the adapter
-    //! is a few inlined calls per value and builds nothing; a publish decodes as fast as
-    //! without it.
+    //! is a few inlined calls per value and builds nothing, and a skipped field or a
+    //! positional struct stops the decode where it is found, so the error path (the
+    //! diagnosis of the frame) names it.
     //!
-    //! Used around the MessagePack reader in [`super::decode`] (and the diagnosis that
-    //! re-reads a failed frame), and on `Request::Offer`'s `action` and `OrderCommand`'s
-    //! `mode` and `answer`.
+    //! Used around both readers in [`super::decode`] (and the diagnosis that re-reads a
+    //! failed frame), and on `OrderCommand`'s `mode` and `answer`.
 
     use serde::de::{self, DeserializeSeed, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
     use serde::{Deserialize, Deserializer};
@@ -1070,12 +1110,18 @@ pub mod names {
             deserialize_u64 deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char
             deserialize_str deserialize_string deserialize_bytes deserialize_byte_buf
             deserialize_option deserialize_unit deserialize_seq deserialize_map
-            deserialize_ignored_any
         }
 
         #[inline]
         fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
             self.0.deserialize_identifier(Name(v))
+        }
+
+        /// Serde skips only what it does not know: a field the request does not have.
+        /// Refused without reading it (the diagnosis of the frame names it).
+        #[inline]
+        fn deserialize_ignored_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, D::Error> {
+            Err(de::Error::custom(UNKNOWN_FIELD))
         }
 
         #[inline]
@@ -1128,13 +1174,16 @@ pub mod names {
             fields: &'static [&'static str],
             v: V,
         ) -> Result<V::Value, D::Error> {
-            self.0.deserialize_struct(name, fields, Values(v))
+            self.0.deserialize_struct(name, fields, Record(v))
         }
 
         fn is_human_readable(&self) -> bool {
             self.0.is_human_readable()
         }
     }
+
+    /// The message of the decode error for a field the request does not have.
+    pub const UNKNOWN_FIELD: &str = "unknown field";
 
     /// A name: a map key, or a field, variant or tag identifier. Every way of asking
     /// for one reads it with [`Name`], which takes only a string.
@@ -1309,6 +1358,63 @@ pub mod names {
         }
     }
 
+    /// A struct's visitor: a map of named fields, never a sequence of them by position.
+    /// Anything else goes on to [`Values`] (and is refused by the struct's own visitor).
+    struct Record<V>(V);
+
+    macro_rules! to_values {
+        ($($method:ident: $t:ty)*) => {$(
+            #[inline]
+            fn $method<E: de::Error>(self, v: $t) -> Result<V::Value, E> {
+                Values(self.0).$method(v)
+            }
+        )*};
+    }
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Record<V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            self.0.expecting(f)
+        }
+
+        to_values! {
+            visit_bool: bool visit_i8: i8 visit_i16: i16 visit_i32: i32 visit_i64: i64
+            visit_i128: i128 visit_u8: u8 visit_u16: u16 visit_u32: u32 visit_u64: u64
+            visit_u128: u128 visit_f32: f32 visit_f64: f64 visit_char: char visit_str: &str
+            visit_borrowed_str: &'de str visit_string: String visit_bytes: &[u8]
+            visit_borrowed_bytes: &'de [u8] visit_byte_buf: Vec<u8>
+        }
+
+        #[inline]
+        fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+            Values(self.0).visit_none()
+        }
+        #[inline]
+        fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+            Values(self.0).visit_unit()
+        }
+        #[inline]
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+            Values(self.0).visit_some(d)
+        }
+        #[inline]
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
+            Values(self.0).visit_newtype_struct(d)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<V::Value, A::Error> {
+            Err(de::Error::invalid_type(de::Unexpected::Seq, &self))
+        }
+        #[inline]
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+            Values(self.0).visit_map(map)
+        }
+        #[inline]
+        fn visit_enum<A: EnumAccess<'de>>(self, e: A) -> Result<V::Value, A::Error> {
+            Values(self.0).visit_enum(e)
+        }
+    }
+
     /// Reads a value with [`Strict`].
     struct ValueSeed<S>(S);
 
@@ -1399,7 +1505,7 @@ pub mod names {
             fields: &'static [&'static str],
             v: V,
         ) -> Result<V::Value, A::Error> {
-            self.0.struct_variant(fields, Values(v))
+            self.0.struct_variant(fields, Record(v))
         }
     }
 }
@@ -1411,8 +1517,10 @@ pub mod names {
 /// request's variant as its fields (a later `id` is still picked out). Nothing is
 /// buffered, so a `publish_lead` decodes about twice as fast as with serde's internally
 /// tagged `flatten`. A frame whose `type` comes after the request's fields is valid too:
-/// its fields are then buffered (as a JSON value) and decoded once `type` is known.
+/// its fields are then buffered (as a [`tree::Node`], which holds every value of either
+/// encoding) and decoded once `type` is known, as strictly as the fast path.
 pub mod envelope_de {
+    use super::tree::{self, Node};
     use super::{Envelope, Request};
     use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
     use serde::ser::SerializeMap;
@@ -1523,25 +1631,23 @@ pub mod envelope_de {
             }
             let t = tag.ok_or_else(|| de::Error::missing_field("type"))?;
             let id = id.ok_or_else(|| de::Error::missing_field("id"))?;
-            let empty = serde_json::Map::new();
+            let seen = std::cell::Cell::new(0);
             let request = Request::deserialize(Tagged {
                 tag: &t,
-                body: de::value::MapDeserializer::<_, A::Error>::new(
-                    empty.into_iter().map(|(k, v)| (k, JsonValue(v))),
-                ),
+                body: de::value::MapDeserializer::<_, A::Error>::new(tree::entries(&[], &seen)),
             })?;
             Ok(Envelope { id, request })
         }
     }
 
-    /// The slow path: fields before `type`, collected as JSON values.
+    /// The slow path: fields before `type`, collected as a tree of values.
     fn buffered<'de, A: MapAccess<'de>>(
         first: Cow<'de, str>,
         map: &mut A,
         id: &mut Option<String>,
         tag: &mut Option<String>,
     ) -> Result<Request, A::Error> {
-        let mut fields = vec![(first.into_owned(), map.next_value::<serde_json::Value>()?)];
+        let mut fields = vec![(first.into_owned(), map.next_value::<Node>()?)];
         while let Some(key) = map.next_key::<Key<'de>>()? {
             match &*key.0 {
                 "id" if id.is_none() => *id = Some(map.next_value()?),
@@ -1552,48 +1658,11 @@ pub mod envelope_de {
             }
         }
         let t = tag.as_deref().ok_or_else(|| de::Error::missing_field("type"))?;
+        let seen = std::cell::Cell::new(0);
         Request::deserialize(Tagged {
             tag: t,
-            body: de::value::MapDeserializer::<_, A::Error>::new(
-                fields.into_iter().map(|(k, v)| (k, JsonValue(v))),
-            ),
+            body: de::value::MapDeserializer::<_, A::Error>::new(tree::entries(&fields, &seen)),
         })
-    }
-
-    /// A JSON value handed to a `MapDeserializer` (its errors converted to the
-    /// frame's error type).
-    struct JsonValue(serde_json::Value);
-
-    impl<'de, E: de::Error> IntoDeserializer<'de, E> for JsonValue {
-        type Deserializer = JsonValueDe<E>;
-        fn into_deserializer(self) -> JsonValueDe<E> {
-            JsonValueDe(self.0, std::marker::PhantomData)
-        }
-    }
-
-    struct JsonValueDe<E>(serde_json::Value, std::marker::PhantomData<E>);
-
-    impl<'de, E: de::Error> Deserializer<'de> for JsonValueDe<E> {
-        type Error = E;
-        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
-            self.0.deserialize_any(v).map_err(E::custom)
-        }
-        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
-            self.0.deserialize_option(v).map_err(E::custom)
-        }
-        fn deserialize_enum<V: Visitor<'de>>(
-            self,
-            name: &'static str,
-            variants: &'static [&'static str],
-            v: V,
-        ) -> Result<V::Value, E> {
-            self.0.deserialize_enum(name, variants, v).map_err(E::custom)
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-            bytes byte_buf unit unit_struct newtype_struct seq tuple
-            tuple_struct map struct identifier ignored_any
-        }
     }
 
     /// The rest of the frame's map, as the request's fields: starts with the key
@@ -1718,11 +1787,11 @@ pub mod envelope_de {
 /// error path of any frame costs a few decodes of it, however the frame is built.
 mod diagnose {
     use super::envelope_de::{Key, UNKNOWN_TYPE};
+    use super::names::Strict;
     use super::nesting::Limited;
+    use super::tree::{self, Node, NodeDe};
     use super::{DecodeError, Encoding, Envelope, Request, MAX_CORRELATION_ID};
-    use serde::de::{
-        self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor,
-    };
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
     use serde::{Deserialize, Deserializer};
     use std::cell::Cell;
     use std::fmt;
@@ -1770,7 +1839,17 @@ mod diagnose {
                 None,
             ),
             _ => {
-                let (field, work) = field_path(enc, bytes);
+                let (found, work) = field_path(enc, bytes);
+                let (field, message) = match found {
+                    Found::Field(field) => (field, message),
+                    // The decoder's message does not say which field; the field does.
+                    Found::Unread { field, not_a_map: false } => {
+                        (Some(field), super::names::UNKNOWN_FIELD.into())
+                    }
+                    Found::Unread { field, not_a_map: true } => {
+                        (Some(field), "must be a map of named fields, not an array".into())
+                    }
+                };
                 (DecodeError { id, code: "invalid_field", message, field }, work)
             }
         }
@@ -1824,9 +1903,13 @@ mod diagnose {
                     .and_then(|()| de.end())
                     .map_err(|e| e.to_string())
             }
-            Encoding::Msgpack => HeadSeed(&mut head)
-                .deserialize(Limited::new(&mut rmp_serde::Deserializer::from_read_ref(bytes)))
-                .map_err(|e| e.to_string()),
+            Encoding::Msgpack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+                HeadSeed(&mut head)
+                    .deserialize(Limited::new(&mut de))
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| super::msgpack_end(&mut de))
+            }
         };
         (head, read.err())
     }
@@ -1943,7 +2026,10 @@ mod diagnose {
     /// search costs a few decodes of the frame however it is built. A large frame gets
     /// few probes or none, and its error names the field the search got to (the
     /// enclosing field serde reports, `command` in an order); a small one (up to about
-    /// [`VISIT_FLOOR`] / [`MAX_PROBES`] nodes) gets all [`MAX_PROBES`].
+    /// [`VISIT_FLOOR`] / [`MAX_PROBES`] nodes) gets all [`MAX_PROBES`]. Only the nodes
+    /// this tree hands out are counted: a decode of an order or an offer also copies its
+    /// command or action once into a tree of its own ([`super::tree::known`]), a
+    /// constant factor more work per decode, not more decodes.
     const VISIT_FACTOR: usize = 4;
     const VISIT_FLOOR: usize = 4096;
 
@@ -1983,7 +2069,8 @@ mod diagnose {
         /// Decodes the tree, counting the nodes visited.
         fn run(&mut self, root: &Node) -> Option<Failure> {
             let seen = Cell::new(0);
-            let out = serde_path_to_error::deserialize::<_, Envelope>(NodeDe::new(root, &seen)).err();
+            let out =
+                serde_path_to_error::deserialize::<_, Envelope>(NodeDe::<NodeErr>::new(root, &seen)).err();
             self.work.runs += 1;
             self.work.visited += seen.get();
             let e = out?;
@@ -1991,9 +2078,18 @@ mod diagnose {
         }
     }
 
+    /// What the search found.
+    enum Found {
+        /// The path of the field that failed to decode, when it can be told.
+        Field(Option<String>),
+        /// A field the request does not have, or, `not_a_map`, a record given as a
+        /// sequence ([`super::names`]): always told.
+        Unread { field: String, not_a_map: bool },
+    }
+
     /// The path of the field that failed to decode (`lead.location.lat`,
     /// `command.offer.id`), `None` when it cannot be told; and the search's work.
-    fn field_path(enc: Encoding, bytes: &[u8]) -> (Option<String>, Work) {
+    fn field_path(enc: Encoding, bytes: &[u8]) -> (Found, Work) {
         let tree = match enc {
             Encoding::Json => {
                 let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -2012,7 +2108,7 @@ mod diagnose {
             }
             // A value the tree does not hold (a MessagePack extension, a map key that
             // is not a string): the path as the frame's own decoder tracks it.
-            _ => (tracked(enc, bytes), Work::default()),
+            _ => (Found::Field(tracked(enc, bytes)), Work::default()),
         }
     }
 
@@ -2023,9 +2119,9 @@ mod diagnose {
             render(&segments(e.path()), None)
         }
         match enc {
-            Encoding::Json => run(Limited::new(&mut serde_json::Deserializer::from_slice(bytes))),
+            Encoding::Json => run(Strict(Limited::new(&mut serde_json::Deserializer::from_slice(bytes)))),
             Encoding::Msgpack => {
-                run(super::names::Strict(Limited::new(&mut rmp_serde::Deserializer::from_read_ref(bytes))))
+                run(Strict(Limited::new(&mut rmp_serde::Deserializer::from_read_ref(bytes))))
             }
         }
     }
@@ -2082,7 +2178,7 @@ mod diagnose {
             }
         }
         if let Some(t) = tail {
-            if !s.is_empty() {
+            if !s.is_empty() && !t.starts_with('[') {
                 s.push('.');
             }
             s.push_str(t);
@@ -2091,9 +2187,15 @@ mod diagnose {
     }
 
     /// The bad field: where the tracked path ends, or below it where serde buffered.
-    fn locate(mut root: Node, budget: &mut Budget) -> Option<String> {
-        let first = budget.run(&root)?;
+    fn locate(mut root: Node, budget: &mut Budget) -> Found {
+        let Some(first) = budget.run(&root) else { return Found::Field(None) };
         let (mut path, err) = first.clone();
+        if let Kind::Unread { rel, not_a_map } = &err.kind {
+            // Told where it is, below the tracked path (a value read whole, `known`) or at
+            // it (`rel` empty).
+            let field = render(&path, (!rel.is_empty()).then_some(rel.as_str())).unwrap_or_default();
+            return Found::Unread { field, not_a_map: *not_a_map };
+        }
         let mut tail = None;
         while let Some(node) = at(&root, &path) {
             if let Kind::Missing(name) = err.kind {
@@ -2167,7 +2269,7 @@ mod diagnose {
                 _ => break,
             }
         }
-        render(&path, tail)
+        Found::Field(render(&path, tail))
     }
 
     enum Edit {
@@ -2254,112 +2356,8 @@ mod diagnose {
     }
 
     // ---------------------------------------------------------------------------------
-    // The frame as a tree, and its deserializer with typed errors
+    // Typed errors
     // ---------------------------------------------------------------------------------
-
-    /// A frame's values, maps in the frame's order.
-    #[derive(Debug, Clone, PartialEq)]
-    enum Node {
-        Null,
-        Bool(bool),
-        U64(u64),
-        I64(i64),
-        F64(f64),
-        Str(String),
-        Bytes(Vec<u8>),
-        Seq(Vec<Node>),
-        Map(Vec<(String, Node)>),
-    }
-
-    impl Node {
-        /// This node and every node below it (a tree within the nesting limit: the
-        /// recursion is bounded).
-        fn size(&self) -> usize {
-            match self {
-                Node::Seq(items) => 1 + items.iter().map(Node::size).sum::<usize>(),
-                Node::Map(entries) => 1 + entries.iter().map(|(_, n)| n.size()).sum::<usize>(),
-                _ => 1,
-            }
-        }
-
-        fn is_container(&self) -> bool {
-            matches!(self, Node::Seq(_) | Node::Map(_))
-        }
-
-        fn unexpected(&self) -> Unexpected<'_> {
-            match self {
-                Node::Null => Unexpected::Unit,
-                Node::Bool(b) => Unexpected::Bool(*b),
-                Node::U64(n) => Unexpected::Unsigned(*n),
-                Node::I64(n) => Unexpected::Signed(*n),
-                Node::F64(x) => Unexpected::Float(*x),
-                Node::Str(s) => Unexpected::Str(s),
-                Node::Bytes(b) => Unexpected::Bytes(b),
-                Node::Seq(_) => Unexpected::Seq,
-                Node::Map(_) => Unexpected::Map,
-            }
-        }
-    }
-
-    impl<'de> Deserialize<'de> for Node {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Node, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Node;
-                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("any value")
-                }
-                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
-                    Ok(Node::Bool(v))
-                }
-                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
-                    Ok(Node::I64(v))
-                }
-                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
-                    Ok(Node::U64(v))
-                }
-                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
-                    Ok(Node::F64(v))
-                }
-                fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
-                    Ok(Node::Str(v.to_owned()))
-                }
-                fn visit_string<E: de::Error>(self, v: String) -> Result<Node, E> {
-                    Ok(Node::Str(v))
-                }
-                fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Node, E> {
-                    Ok(Node::Bytes(v.to_vec()))
-                }
-                fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Node, E> {
-                    Ok(Node::Bytes(v))
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
-                    Ok(Node::Null)
-                }
-                fn visit_none<E: de::Error>(self) -> Result<Node, E> {
-                    Ok(Node::Null)
-                }
-                fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
-                    Node::deserialize(d)
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-                    let mut items = Vec::new();
-                    while let Some(n) = seq.next_element()? {
-                        items.push(n);
-                    }
-                    Ok(Node::Seq(items))
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
-                    let mut entries = Vec::new();
-                    while let Some(k) = map.next_key::<Key<'de>>()? {
-                        entries.push((k.0.into_owned(), map.next_value()?));
-                    }
-                    Ok(Node::Map(entries))
-                }
-            }
-            d.deserialize_any(V)
-        }
-    }
 
     /// A decoding error, typed where serde says what it is.
     #[derive(Debug, Clone, PartialEq)]
@@ -2378,6 +2376,12 @@ mod diagnose {
         Value(Unexp),
         UnknownVariant(String),
         UnknownField(String),
+        /// A field the request does not have, or, `not_a_map`, a record given as a
+        /// sequence: `rel` below the tracked path ([`tree::unread`]).
+        Unread {
+            rel: String,
+            not_a_map: bool,
+        },
         Other,
     }
 
@@ -2468,6 +2472,14 @@ mod diagnose {
             }
         }
         fn unknown_field(f: &str, expected: &'static [&'static str]) -> Self {
+            if expected == tree::UNKNOWN || expected == tree::NOT_A_MAP {
+                let not_a_map = expected == tree::NOT_A_MAP;
+                return NodeErr {
+                    kind: Kind::Unread { rel: f.to_owned(), not_a_map },
+                    wanted: String::new(),
+                    message: format!("unknown field `{f}`"),
+                };
+            }
             NodeErr {
                 kind: Kind::UnknownField(f.to_owned()),
                 wanted: expected.join(", "),
@@ -2478,42 +2490,725 @@ mod diagnose {
             NodeErr { kind: Kind::Missing(f), wanted: String::new(), message: format!("missing field `{f}`") }
         }
     }
+}
 
-    /// Reads a [`Node`] as serde_json and rmp_serde read the frame, counting in `seen`
-    /// the nodes it hands out.
-    #[derive(Clone, Copy)]
-    struct NodeDe<'a> {
-        node: &'a Node,
-        seen: &'a Cell<usize>,
+/// A frame's values as a tree, and a deserializer that reads the tree as the frame's
+/// own decoders read the frame, strictly (as [`names::Strict`] reads the frame).
+///
+/// Used where a frame's values are held before they are decoded: the fields that come
+/// before `type` (the envelope's slow path), the requests serde reads from its own buffer
+/// as a whole ([`known`]), and the diagnosis of a failed frame, which decodes the tree
+/// again with typed errors to find the bad field. The tree holds every value either
+/// encoding has, MessagePack bytes included (read as a string is: see [`names`]), so a
+/// request is read the same wherever its fields are held.
+mod tree {
+    use super::envelope_de::Key;
+    use super::names;
+    use serde::de::{
+        self, DeserializeOwned, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Unexpected, Visitor,
+    };
+    use serde::ser::{self, Serialize};
+    use serde::{Deserialize, Deserializer};
+    use std::cell::Cell;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    /// A frame's values, maps in the frame's order.
+    #[derive(Debug, Clone, PartialEq)]
+    pub(super) enum Node {
+        Null,
+        Bool(bool),
+        U64(u64),
+        I64(i64),
+        F64(f64),
+        Str(String),
+        Bytes(Vec<u8>),
+        Seq(Vec<Node>),
+        Map(Vec<(String, Node)>),
     }
 
-    impl<'a> NodeDe<'a> {
-        fn new(node: &'a Node, seen: &'a Cell<usize>) -> Self {
-            seen.set(seen.get() + 1);
-            NodeDe { node, seen }
+    impl Node {
+        /// This node and every node below it (a tree within the nesting limit: the
+        /// recursion is bounded).
+        pub(super) fn size(&self) -> usize {
+            match self {
+                Node::Seq(items) => 1 + items.iter().map(Node::size).sum::<usize>(),
+                Node::Map(entries) => 1 + entries.iter().map(|(_, n)| n.size()).sum::<usize>(),
+                _ => 1,
+            }
+        }
+
+        pub(super) fn is_container(&self) -> bool {
+            matches!(self, Node::Seq(_) | Node::Map(_))
+        }
+
+        pub(super) fn unexpected(&self) -> Unexpected<'_> {
+            match self {
+                Node::Null => Unexpected::Unit,
+                Node::Bool(b) => Unexpected::Bool(*b),
+                Node::U64(n) => Unexpected::Unsigned(*n),
+                Node::I64(n) => Unexpected::Signed(*n),
+                Node::F64(x) => Unexpected::Float(*x),
+                Node::Str(s) => Unexpected::Str(s),
+                Node::Bytes(b) => Unexpected::Bytes(b),
+                Node::Seq(_) => Unexpected::Seq,
+                Node::Map(_) => Unexpected::Map,
+            }
         }
     }
 
-    impl<'a> IntoDeserializer<'a, NodeErr> for NodeDe<'a> {
+    impl<'de> Deserialize<'de> for Node {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Node, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Node;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any value")
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
+                    Ok(Node::Bool(v))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
+                    Ok(Node::I64(v))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
+                    Ok(Node::U64(v))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
+                    Ok(Node::F64(v))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
+                    Ok(Node::Str(v.to_owned()))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Node, E> {
+                    Ok(Node::Str(v))
+                }
+                // MessagePack bytes that are UTF-8 are a string, as a `String` reads them:
+                // held as one, so that serde's own buffers (which take bytes for a
+                // string but not for a name) read them as the frame's decoder does.
+                fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Node, E> {
+                    Ok(std::str::from_utf8(v)
+                        .map_or_else(|_| Node::Bytes(v.to_vec()), |s| Node::Str(s.to_owned())))
+                }
+                fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Node, E> {
+                    Ok(String::from_utf8(v).map_or_else(|e| Node::Bytes(e.into_bytes()), Node::Str))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+                    Ok(Node::Null)
+                }
+                fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+                    Ok(Node::Null)
+                }
+                fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+                    Node::deserialize(d)
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                    let mut items = Vec::new();
+                    while let Some(n) = seq.next_element()? {
+                        items.push(n);
+                    }
+                    Ok(Node::Seq(items))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                    let mut entries = Vec::new();
+                    while let Some(k) = map.next_key::<Key<'de>>()? {
+                        entries.push((k.0.into_owned(), map.next_value()?));
+                    }
+                    Ok(Node::Map(entries))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // What the strict reader refuses, with the field it is about
+    // ---------------------------------------------------------------------------------
+
+    /// The `expected` list of the `unknown_field` error for a field the request does not
+    /// have (see [`unread`]); the field is named relative to where the error is tracked.
+    pub(super) const UNKNOWN: &[&str] = &["(no such field: unknown)"];
+    /// The same for a record (a struct) given as a sequence instead of a map.
+    pub(super) const NOT_A_MAP: &[&str] = &["(a map of named fields, not an array)"];
+
+    /// The error for `rel` (a path below the value being read, `""` for the value
+    /// itself): a field the request does not have, or, `not_a_map`, a record given as a
+    /// sequence. Typed so that the diagnosis can tell it (an `unknown_field` error whose
+    /// `expected` list is [`UNKNOWN`] or [`NOT_A_MAP`]) and name the field.
+    pub(super) fn unread<E: de::Error>(rel: &str, not_a_map: bool) -> E {
+        E::unknown_field(rel, if not_a_map { NOT_A_MAP } else { UNKNOWN })
+    }
+
+    /// `T`, read from a buffer of its value, checked against the value: every field the
+    /// frame holds was read, and every record was a map.
+    ///
+    /// For the requests serde reads from its own buffer as a whole, out of reach of
+    /// [`names::Strict`]: an order's `command` and the nested values in it (an internally
+    /// tagged enum), an `offer`'s action (flattened into the request). Serde's buffer
+    /// skips unknown fields and reads a record from a sequence, and nothing can be wrapped
+    /// around it; so the value is read into a [`Node`] tree first, `T` is decoded from
+    /// it, and `T` serialised again (by [`Covers`], which builds nothing) must have a
+    /// record (or map) wherever the tree has a map, with every key of the tree among its
+    /// fields, and wherever the tree has a sequence for one. Both are small (an order
+    /// command, an offer action): the check costs less than their decode.
+    pub(super) fn known<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: DeserializeOwned + Serialize,
+    {
+        let node = Node::deserialize(names::Strict(d))?;
+        let seen = Cell::new(0);
+        let value = T::deserialize(NodeDe::<D::Error>::new(&node, &seen))?;
+        match value.serialize(Covers(&node)) {
+            Ok(()) => Ok(value),
+            Err(Uncovered::At { rel, not_a_map }) => Err(unread(&rel, not_a_map)),
+            Err(Uncovered::Failed(why)) => Err(de::Error::custom(why)),
+        }
+    }
+
+    /// `head` followed by `rel`, a path below it.
+    fn join(head: &str, rel: &str) -> String {
+        match rel.as_bytes().first() {
+            None => head.to_owned(),
+            Some(b'[') => format!("{head}{rel}"),
+            Some(_) => format!("{head}.{rel}"),
+        }
+    }
+
+    /// What [`Covers`] found in the frame that the decoded value does not have.
+    #[derive(Debug)]
+    enum Uncovered {
+        /// A key (`not_a_map` false) or a sequence given for a record (true), at `rel`
+        /// below the value checked.
+        At { rel: String, not_a_map: bool },
+        /// The value failed to serialise (no request type does).
+        Failed(String),
+    }
+
+    impl Uncovered {
+        /// The same, seen from `head`, the value above.
+        fn under(self, head: &str) -> Self {
+            match self {
+                Uncovered::At { rel, not_a_map } => Uncovered::At { rel: join(head, &rel), not_a_map },
+                failed => failed,
+            }
+        }
+    }
+
+    impl fmt::Display for Uncovered {
+        fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            match self {
+                Uncovered::At { rel, .. } => write!(f, "not read: `{rel}`"),
+                Uncovered::Failed(why) => f.write_str(why),
+            }
+        }
+    }
+
+    impl std::error::Error for Uncovered {}
+
+    impl ser::Error for Uncovered {
+        fn custom<T: fmt::Display>(msg: T) -> Self {
+            Uncovered::Failed(msg.to_string())
+        }
+    }
+
+    /// Serialises a decoded value against the frame's value it was decoded from
+    /// (`node`): a record or map the value serialises must be a map in the frame, and
+    /// every key of that map one of its fields (or keys). Values the frame does not hold
+    /// (defaults) and scalars are not looked at; a form the check does not know (an
+    /// externally tagged variant given other than as `{"variant": ...}`) passes.
+    struct Covers<'a>(&'a Node);
+
+    impl<'a> ser::Serializer for Covers<'a> {
+        type Ok = ();
+        type Error = Uncovered;
+        type SerializeSeq = Items<'a>;
+        type SerializeTuple = Items<'a>;
+        type SerializeTupleStruct = Items<'a>;
+        type SerializeTupleVariant = Items<'a>;
+        type SerializeMap = Fields<'a>;
+        type SerializeStruct = Fields<'a>;
+        type SerializeStructVariant = Fields<'a>;
+
+        fn serialize_bool(self, _: bool) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_i8(self, _: i8) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_i16(self, _: i16) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_i32(self, _: i32) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_i64(self, _: i64) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_u8(self, _: u8) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_u16(self, _: u16) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_u32(self, _: u32) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_u64(self, _: u64) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_f32(self, _: f32) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_f64(self, _: f64) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_char(self, _: char) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_str(self, _: &str) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_bytes(self, _: &[u8]) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_none(self) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Result<(), Uncovered> {
+            v.serialize(self)
+        }
+        fn serialize_unit(self) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<(), Uncovered> {
+            Ok(())
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            v: &T,
+        ) -> Result<(), Uncovered> {
+            v.serialize(self)
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            variant: &'static str,
+            v: &T,
+        ) -> Result<(), Uncovered> {
+            match body(self.0, variant) {
+                Some(n) => v.serialize(Covers(n)).map_err(|e| e.under(variant)),
+                None => Ok(()),
+            }
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Items<'a>, Uncovered> {
+            Ok(Items::of(Some(self.0)))
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Items<'a>, Uncovered> {
+            Ok(Items::of(Some(self.0)))
+        }
+        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Items<'a>, Uncovered> {
+            Ok(Items::of(Some(self.0)))
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            variant: &'static str,
+            _: usize,
+        ) -> Result<Items<'a>, Uncovered> {
+            Ok(Items::of(body(self.0, variant)))
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Fields<'a>, Uncovered> {
+            Fields::of(Some(self.0))
+        }
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Fields<'a>, Uncovered> {
+            Fields::of(Some(self.0))
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            variant: &'static str,
+            _: usize,
+        ) -> Result<Fields<'a>, Uncovered> {
+            Fields::of(body(self.0, variant)).map_err(|e| e.under(variant))
+        }
+    }
+
+    /// The body of an externally tagged variant given as `{"variant": body}`.
+    fn body<'a>(node: &'a Node, variant: &str) -> Option<&'a Node> {
+        match node {
+            Node::Map(m) if m.len() == 1 && m[0].0 == variant => Some(&m[0].1),
+            _ => None,
+        }
+    }
+
+    /// The elements of a sequence, against the frame's sequence (if it is one).
+    struct Items<'a> {
+        frame: &'a [Node],
+        next: usize,
+    }
+
+    impl<'a> Items<'a> {
+        fn of(node: Option<&'a Node>) -> Self {
+            match node {
+                Some(Node::Seq(items)) => Items { frame: items, next: 0 },
+                _ => Items { frame: &[], next: 0 },
+            }
+        }
+
+        fn element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
+            let i = self.next;
+            self.next += 1;
+            match self.frame.get(i) {
+                Some(n) => v.serialize(Covers(n)).map_err(|e| e.under(&format!("[{i}]"))),
+                None => Ok(()),
+            }
+        }
+    }
+
+    impl ser::SerializeSeq for Items<'_> {
+        type Ok = ();
+        type Error = Uncovered;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
+            self.element(v)
+        }
+        fn end(self) -> Result<(), Uncovered> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTuple for Items<'_> {
+        type Ok = ();
+        type Error = Uncovered;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
+            self.element(v)
+        }
+        fn end(self) -> Result<(), Uncovered> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleStruct for Items<'_> {
+        type Ok = ();
+        type Error = Uncovered;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
+            self.element(v)
+        }
+        fn end(self) -> Result<(), Uncovered> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleVariant for Items<'_> {
+        type Ok = ();
+        type Error = Uncovered;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
+            self.element(v)
+        }
+        fn end(self) -> Result<(), Uncovered> {
+            Ok(())
+        }
+    }
+
+    /// The fields of a record (or the entries of a map), against the frame's map: each
+    /// field the value has marks the frame's entries of that key; an entry left unmarked
+    /// at the end is a field the value does not have.
+    struct Fields<'a> {
+        frame: &'a [(String, Node)],
+        read: smallvec::SmallVec<[bool; 16]>,
+        /// The frame's entry the map key serialised last names.
+        key: Option<usize>,
+    }
+
+    impl<'a> Fields<'a> {
+        fn of(node: Option<&'a Node>) -> Result<Self, Uncovered> {
+            let frame: &[(String, Node)] = match node {
+                Some(Node::Map(m)) => m,
+                Some(Node::Seq(_)) => return Err(Uncovered::At { rel: String::new(), not_a_map: true }),
+                _ => &[],
+            };
+            Ok(Fields { frame, read: smallvec::smallvec![false; frame.len()], key: None })
+        }
+
+        /// Marks the entries named `key`; the last is the one serde kept.
+        fn mark(&mut self, key: &str) -> Option<usize> {
+            let mut last = None;
+            for (i, (k, _)) in self.frame.iter().enumerate() {
+                if k == key {
+                    self.read[i] = true;
+                    last = Some(i);
+                }
+            }
+            last
+        }
+
+        fn value<T: Serialize + ?Sized>(&self, at: Option<usize>, v: &T) -> Result<(), Uncovered> {
+            match at {
+                Some(i) => v.serialize(Covers(&self.frame[i].1)).map_err(|e| e.under(&self.frame[i].0)),
+                None => Ok(()),
+            }
+        }
+
+        fn finish(self) -> Result<(), Uncovered> {
+            match self.read.iter().position(|read| !read) {
+                Some(i) => Err(Uncovered::At { rel: self.frame[i].0.clone(), not_a_map: false }),
+                None => Ok(()),
+            }
+        }
+    }
+
+    impl ser::SerializeStruct for Fields<'_> {
+        type Ok = ();
+        type Error = Uncovered;
+        fn serialize_field<T: Serialize + ?Sized>(
+            &mut self,
+            key: &'static str,
+            v: &T,
+        ) -> Result<(), Uncovered> {
+            let at = self.mark(key);
+            self.value(at, v)
+        }
+        fn skip_field(&mut self, key: &'static str) -> Result<(), Uncovered> {
+            self.mark(key);
+            Ok(())
+        }
+        fn end(self) -> Result<(), Uncovered> {
+            self.finish()
+        }
+    }
+
+    impl ser::SerializeStructVariant for Fields<'_> {
+        type Ok = ();
+        type Error = Uncovered;
+        fn serialize_field<T: Serialize + ?Sized>(
+            &mut self,
+            key: &'static str,
+            v: &T,
+        ) -> Result<(), Uncovered> {
+            let at = self.mark(key);
+            self.value(at, v)
+        }
+        fn skip_field(&mut self, key: &'static str) -> Result<(), Uncovered> {
+            self.mark(key);
+            Ok(())
+        }
+        fn end(self) -> Result<(), Uncovered> {
+            self.finish()
+        }
+    }
+
+    impl ser::SerializeMap for Fields<'_> {
+        type Ok = ();
+        type Error = Uncovered;
+        fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Uncovered> {
+            // Keys of the maps in requests are strings (a key that is not does not match).
+            self.key = key.serialize(KeyName).ok().flatten().and_then(|k| self.mark(&k));
+            Ok(())
+        }
+        fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
+            let at = self.key.take();
+            self.value(at, v)
+        }
+        fn end(self) -> Result<(), Uncovered> {
+            self.finish()
+        }
+    }
+
+    /// A map key as a string (`None` for any other key).
+    struct KeyName;
+
+    impl ser::Serializer for KeyName {
+        type Ok = Option<String>;
+        type Error = Uncovered;
+        type SerializeSeq = ser::Impossible<Option<String>, Uncovered>;
+        type SerializeTuple = ser::Impossible<Option<String>, Uncovered>;
+        type SerializeTupleStruct = ser::Impossible<Option<String>, Uncovered>;
+        type SerializeTupleVariant = ser::Impossible<Option<String>, Uncovered>;
+        type SerializeMap = ser::Impossible<Option<String>, Uncovered>;
+        type SerializeStruct = ser::Impossible<Option<String>, Uncovered>;
+        type SerializeStructVariant = ser::Impossible<Option<String>, Uncovered>;
+
+        fn serialize_str(self, v: &str) -> Result<Option<String>, Uncovered> {
+            Ok(Some(v.to_owned()))
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            v: &T,
+        ) -> Result<Option<String>, Uncovered> {
+            v.serialize(self)
+        }
+        fn serialize_bool(self, _: bool) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_i8(self, _: i8) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_i16(self, _: i16) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_i32(self, _: i32) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_i64(self, _: i64) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_u8(self, _: u8) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_u16(self, _: u16) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_u32(self, _: u32) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_u64(self, _: u64) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_f32(self, _: f32) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_f64(self, _: f64) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_char(self, _: char) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_bytes(self, _: &[u8]) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_none(self) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_unit(self) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_unit_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            variant: &'static str,
+        ) -> Result<Option<String>, Uncovered> {
+            Ok(Some(variant.to_owned()))
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<Option<String>, Uncovered> {
+            Ok(None)
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Uncovered> {
+            Err(ser::Error::custom("a map key is a string"))
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Uncovered> {
+            Err(ser::Error::custom("a map key is a string"))
+        }
+        fn serialize_tuple_struct(
+            self,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleStruct, Uncovered> {
+            Err(ser::Error::custom("a map key is a string"))
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleVariant, Uncovered> {
+            Err(ser::Error::custom("a map key is a string"))
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Uncovered> {
+            Err(ser::Error::custom("a map key is a string"))
+        }
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Uncovered> {
+            Err(ser::Error::custom("a map key is a string"))
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeStructVariant, Uncovered> {
+            Err(ser::Error::custom("a map key is a string"))
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // The tree's deserializer
+    // ---------------------------------------------------------------------------------
+
+    /// Reads a [`Node`] as serde_json and rmp_serde read the frame through
+    /// [`names::Strict`], with errors of type `E`, counting in `seen` the nodes it hands
+    /// out (the diagnosis bounds its work with it).
+    pub(super) struct NodeDe<'a, E> {
+        node: &'a Node,
+        seen: &'a Cell<usize>,
+        error: PhantomData<fn() -> E>,
+    }
+
+    impl<E> Clone for NodeDe<'_, E> {
+        fn clone(&self) -> Self {
+            *self
+        }
+    }
+
+    impl<E> Copy for NodeDe<'_, E> {}
+
+    impl<'a, E> NodeDe<'a, E> {
+        pub(super) fn new(node: &'a Node, seen: &'a Cell<usize>) -> Self {
+            seen.set(seen.get() + 1);
+            NodeDe { node, seen, error: PhantomData }
+        }
+    }
+
+    impl<'a, E: de::Error> IntoDeserializer<'a, E> for NodeDe<'a, E> {
         type Deserializer = Self;
         fn into_deserializer(self) -> Self {
             self
         }
     }
 
-    struct KeyDe<'a>(&'a str);
+    /// A map key of the tree.
+    pub(super) struct KeyDe<'a>(pub(super) &'a str);
 
-    impl<'a> IntoDeserializer<'a, NodeErr> for KeyDe<'a> {
-        type Deserializer = de::value::BorrowedStrDeserializer<'a, NodeErr>;
+    impl<'a, E: de::Error> IntoDeserializer<'a, E> for KeyDe<'a> {
+        type Deserializer = de::value::BorrowedStrDeserializer<'a, E>;
         fn into_deserializer(self) -> Self::Deserializer {
             de::value::BorrowedStrDeserializer::new(self.0)
         }
     }
 
-    impl<'de> Deserializer<'de> for NodeDe<'de> {
-        type Error = NodeErr;
+    /// The entries of a map of the tree, for a `MapDeserializer`.
+    pub(super) fn entries<'a, E>(
+        entries: &'a [(String, Node)],
+        seen: &'a Cell<usize>,
+    ) -> impl Iterator<Item = (KeyDe<'a>, NodeDe<'a, E>)> + 'a {
+        entries.iter().map(move |(k, n)| (KeyDe(k.as_str()), NodeDe::new(n, seen)))
+    }
 
-        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
+    impl<'de, E: de::Error> Deserializer<'de> for NodeDe<'de, E> {
+        type Error = E;
+
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
             let seen = self.seen;
             match self.node {
                 Node::Null => v.visit_unit(),
@@ -2529,10 +3224,8 @@ mod diagnose {
                     seq.end()?;
                     Ok(out)
                 }
-                Node::Map(entries) => {
-                    let mut map = de::value::MapDeserializer::new(
-                        entries.iter().map(|(k, n)| (KeyDe(k.as_str()), NodeDe::new(n, seen))),
-                    );
+                Node::Map(m) => {
+                    let mut map = de::value::MapDeserializer::new(entries(m, seen));
                     let out = v.visit_map(&mut map)?;
                     map.end()?;
                     Ok(out)
@@ -2540,7 +3233,7 @@ mod diagnose {
             }
         }
 
-        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
+        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
             match self.node {
                 Node::Null => v.visit_none(),
                 _ => v.visit_some(self),
@@ -2552,8 +3245,9 @@ mod diagnose {
             _: &'static str,
             _: &'static [&'static str],
             v: V,
-        ) -> Result<V::Value, NodeErr> {
+        ) -> Result<V::Value, E> {
             match self.node {
+                // (MessagePack bytes that are UTF-8 are held as a string: see `Node`.)
                 Node::Str(s) => v.visit_enum(de::value::BorrowedStrDeserializer::new(s)),
                 Node::Map(m) if m.len() == 1 => {
                     v.visit_enum(EnumDe { variant: &m[0].0, body: NodeDe::new(&m[0].1, self.seen) })
@@ -2562,21 +3256,32 @@ mod diagnose {
             }
         }
 
-        fn deserialize_newtype_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            v: V,
-        ) -> Result<V::Value, NodeErr> {
+        fn deserialize_newtype_struct<V: Visitor<'de>>(self, _: &'static str, v: V) -> Result<V::Value, E> {
             v.visit_newtype_struct(self)
         }
 
-        fn deserialize_ignored_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
-            v.visit_unit()
+        /// A record is a map of named fields, never a sequence of them by position.
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            _: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, E> {
+            match self.node {
+                Node::Seq(_) => Err(unread("", true)),
+                _ => self.deserialize_any(v),
+            }
         }
 
-        // As serde_json (and the buffered path, which reads JSON values): a field or
-        // variant name is a string, never an index.
-        fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, NodeErr> {
+        /// Serde skips only a field the request does not have: refused, as
+        /// [`names::Strict`] refuses it.
+        fn deserialize_ignored_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, E> {
+            Err(unread("", false))
+        }
+
+        // As serde_json (and [`names::Strict`]): a field or variant name is a string,
+        // never an index.
+        fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
             match self.node {
                 Node::Str(s) => v.visit_borrowed_str(s),
                 Node::Bytes(b) => v.visit_borrowed_bytes(b),
@@ -2586,47 +3291,47 @@ mod diagnose {
 
         serde::forward_to_deserialize_any! {
             bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-            bytes byte_buf unit unit_struct seq tuple tuple_struct map struct
+            bytes byte_buf unit unit_struct seq tuple tuple_struct map
         }
     }
 
     /// An externally tagged enum: `{"variant": body}`.
-    struct EnumDe<'a> {
+    struct EnumDe<'a, E> {
         variant: &'a str,
-        body: NodeDe<'a>,
+        body: NodeDe<'a, E>,
     }
 
-    impl<'a> de::EnumAccess<'a> for EnumDe<'a> {
-        type Error = NodeErr;
-        type Variant = BodyDe<'a>;
-        fn variant_seed<S: DeserializeSeed<'a>>(self, seed: S) -> Result<(S::Value, BodyDe<'a>), NodeErr> {
+    impl<'a, E: de::Error> de::EnumAccess<'a> for EnumDe<'a, E> {
+        type Error = E;
+        type Variant = BodyDe<'a, E>;
+        fn variant_seed<S: DeserializeSeed<'a>>(self, seed: S) -> Result<(S::Value, BodyDe<'a, E>), E> {
             let v = seed.deserialize(de::value::BorrowedStrDeserializer::new(self.variant))?;
             Ok((v, BodyDe(self.body)))
         }
     }
 
-    struct BodyDe<'a>(NodeDe<'a>);
+    struct BodyDe<'a, E>(NodeDe<'a, E>);
 
-    impl<'a> de::VariantAccess<'a> for BodyDe<'a> {
-        type Error = NodeErr;
-        fn unit_variant(self) -> Result<(), NodeErr> {
+    impl<'a, E: de::Error> de::VariantAccess<'a> for BodyDe<'a, E> {
+        type Error = E;
+        fn unit_variant(self) -> Result<(), E> {
             match self.0.node {
                 Node::Null => Ok(()),
                 n => Err(de::Error::invalid_type(n.unexpected(), &"unit variant")),
             }
         }
-        fn newtype_variant_seed<T: DeserializeSeed<'a>>(self, seed: T) -> Result<T::Value, NodeErr> {
+        fn newtype_variant_seed<T: DeserializeSeed<'a>>(self, seed: T) -> Result<T::Value, E> {
             seed.deserialize(self.0)
         }
-        fn tuple_variant<V: Visitor<'a>>(self, _: usize, v: V) -> Result<V::Value, NodeErr> {
+        fn tuple_variant<V: Visitor<'a>>(self, _: usize, v: V) -> Result<V::Value, E> {
             self.0.deserialize_any(v)
         }
         fn struct_variant<V: Visitor<'a>>(
             self,
-            _: &'static [&'static str],
+            fields: &'static [&'static str],
             v: V,
-        ) -> Result<V::Value, NodeErr> {
-            self.0.deserialize_any(v)
+        ) -> Result<V::Value, E> {
+            self.0.deserialize_struct("", fields, v)
         }
     }
 }
@@ -3218,6 +3923,8 @@ mod tests {
         J(serde_json::Value),
         Map(Vec<(W, W)>),
         Seq(Vec<W>),
+        /// A MessagePack `bin` (JSON writes an array of numbers).
+        Bin(Vec<u8>),
     }
 
     impl Serialize for W {
@@ -3233,6 +3940,7 @@ mod tests {
                     m.end()
                 }
                 W::Seq(items) => s.collect_seq(items),
+                W::Bin(b) => s.serialize_bytes(b),
             }
         }
     }
@@ -3555,7 +4263,7 @@ mod tests {
         let frames = [
             json!({"type": "publish_lead", "lead": lead}),
             json!({"type": "offer", "lead": "L", "pro": "p", "action": "decline", "by": "client"}),
-            json!({"type": "offer", "lead": "L", "pro": "p", "action": "add_note", "text": "hi", "x": {"a": [1]}}),
+            json!({"type": "offer", "lead": "L", "pro": "p", "action": "add_note", "text": "hi"}),
             json!({"type": "set_availability", "pro": "p", "availability": {"paused_until": 5, "schedule": windows()}}),
             order(
                 set_mode(
@@ -3575,6 +4283,282 @@ mod tests {
             let serde_own = rmp_serde::from_slice::<Envelope>(&bytes).unwrap();
             assert_eq!(decode(Encoding::Msgpack, &bytes).unwrap(), serde_own, "{v}");
             assert_eq!(json(v.clone()).unwrap(), serde_own, "{v}");
+        }
+    }
+
+    /// Request `ty` with `fields` (`fields` a map), `id` and `type` first (the request
+    /// read as it comes) or last (its fields buffered first).
+    fn framed(ty: &str, fields: &W, head_first: bool) -> W {
+        let body = match fields {
+            W::Map(body) => body.clone(),
+            W::J(serde_json::Value::Object(m)) => {
+                m.iter().map(|(k, v)| (j(k.as_str().into()), j(v.clone()))).collect()
+            }
+            _ => panic!("fields are a map: {fields:?}"),
+        };
+        let head = vec![(j("id".into()), j("n1".into())), (j("type".into()), j(ty.into()))];
+        W::Map(if head_first { [head, body].concat() } else { [body, head].concat() })
+    }
+
+    /// Request `ty` with `fields` is refused in both encodings, read as it comes and
+    /// buffered, as `invalid_field` naming `field`, with the request's id and `message`.
+    fn refused_naming(ty: &str, fields: serde_json::Value, field: &str, message: &str) {
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            for head_first in [true, false] {
+                let f = framed(ty, &j(fields.clone()), head_first);
+                let got = decode(enc, &encode(enc, &f))
+                    .map(|env| env.request)
+                    .map_err(|e| (e.code, e.id, e.field, e.message));
+                assert_eq!(
+                    got,
+                    Err(("invalid_field", Some("n1".into()), Some(field.into()), message.into())),
+                    "{enc:?} head first {head_first}: {fields}"
+                );
+            }
+        }
+    }
+
+    /// A typo in a field name (`client.contcat`, `autobuy[0].max_price`) would leave the
+    /// field at its default and be answered `done`: how a lead is charged or what a pro
+    /// pays would change silently. Every field a request does not have is refused, at
+    /// any depth and in every request, naming its full path, in both encodings, whether
+    /// the request is read as it comes or buffered, and inside the values serde buffers
+    /// itself (an order's command, an offer's action).
+    #[test]
+    fn an_unknown_field_is_refused_naming_its_full_path_in_both_encodings() {
+        use serde_json::json;
+        let mut lead = full_lead();
+        lead["client"]["contcat"] = json!({"call": true});
+        let pro = json!({"id": "p1", "categories": ["painting"], "zones": ["bologna"], "autobuy": [
+            {"name": "week", "zones": ["bologna"], "categories": ["painting"], "weekly_budget_credits": 100,
+             "max_price": 5}]});
+        let placement =
+            json!({"pro": "p", "client": "c", "service": "s", "package": "basic", "returning": true});
+        let offer = json!({"id": "co1", "price_cents": 500, "expires": 9});
+        let order = |command: serde_json::Value| json!({"command": command});
+        let cases = [
+            ("publish_lead", json!({"lead": lead}), "lead.client.contcat"),
+            ("upsert_pro", json!({"pro": pro}), "pro.autobuy[0].max_price"),
+            ("balance", json!({"pro": "p1", "verbose": true}), "verbose"),
+            ("subscribe", json!({"resume_form": 42}), "resume_form"),
+            (
+                "set_topup_rule",
+                json!({"pro": "p1", "rule": {"threshold_credits": 1, "amount_credits": 2, "x": 0}}),
+                "rule.x",
+            ),
+            (
+                "set_availability",
+                json!({"pro": "p1", "availability": {"paused_until": 5, "vacations": [1, 2]}}),
+                "availability.vacations",
+            ),
+            (
+                "order",
+                order(json!({"type": "place_order", "order": "o1", "placement": placement})),
+                "command.placement.returning",
+            ),
+            (
+                "order",
+                order(json!({"type": "cancel_order", "order": "o1", "reason": "late"})),
+                "command.reason",
+            ),
+            (
+                "order",
+                order(
+                    json!({"type": "answer_request", "request": "r1", "answer": {"answer": "approve", "offer": offer}}),
+                ),
+                "command.answer.offer.expires",
+            ),
+            (
+                "order",
+                order(
+                    json!({"type": "answer_request", "request": "r1", "answer": {"answer": "decline", "offer": offer}}),
+                ),
+                "command.answer.offer",
+            ),
+            (
+                "order",
+                order(json!({"type": "set_acceptance_mode", "pro": "p1", "service": "s",
+                             "mode": {"mode": "approval_required", "audience": "all_clients", "package": ["basic"]}})),
+                "command.mode.package",
+            ),
+            ("offer", json!({"lead": "L1", "pro": "p1", "action": "open", "by": "pro"}), "by"),
+            (
+                "offer",
+                json!({"lead": "L1", "pro": "p1", "action": "decline", "by": "pro", "note": "x"}),
+                "note",
+            ),
+        ];
+        for (ty, fields, field) in cases {
+            refused_naming(ty, fields, field, names::UNKNOWN_FIELD);
+        }
+    }
+
+    /// A record is a map of named fields: one given as an array would be read by
+    /// position (`"location": [11.34, 44.49]` as lat 11.34, lon 44.49, though GeoJSON
+    /// writes the longitude first). Refused naming the field, wherever the record is;
+    /// what is documented as an array (a vacation `[from_ms, until_ms]`, lists) is not.
+    #[test]
+    fn a_record_given_as_an_array_is_refused_naming_it() {
+        use serde_json::json;
+        let message = "must be a map of named fields, not an array";
+        let mut lead = full_lead();
+        lead["location"] = json!([11.34, 44.49]);
+        refused_naming("publish_lead", json!({"lead": lead}), "lead.location", message);
+        let mut lead = full_lead();
+        lead["client"] = json!(["c-9", "Anna", "+39 333 1234567", true]);
+        refused_naming("publish_lead", json!({"lead": lead}), "lead.client", message);
+        let pro =
+            json!({"id": "p1", "categories": ["painting"], "zones": ["bologna"], "base": [44.49, 11.34]});
+        refused_naming("upsert_pro", json!({"pro": pro}), "pro.base", message);
+        let pro = json!({"id": "p1", "categories": ["painting"], "zones": ["bologna"], "quality": [10, 450, 3, 900]});
+        refused_naming("upsert_pro", json!({"pro": pro}), "pro.quality", message);
+        refused_naming(
+            "candidates",
+            json!({"zone": "bologna", "category": "painting", "location": [44.49, 11.34]}),
+            "location",
+            message,
+        );
+        refused_naming(
+            "set_availability",
+            json!({"pro": "p1", "availability": [null, [1, 2], null]}),
+            "availability",
+            message,
+        );
+        let order = |command: serde_json::Value| json!({"command": command});
+        refused_naming(
+            "order",
+            order(json!({"type": "place_order", "order": "o1", "placement": ["p", "c", "s", "basic"]})),
+            "command.placement",
+            message,
+        );
+        refused_naming("order", order(json!(["cancel_order", "o1"])), "command", message);
+        refused_naming(
+            "order",
+            order(
+                json!({"type": "set_availability", "pro": "p1", "availability": {"schedule": ["Europe/Rome", []]}}),
+            ),
+            "command.availability.schedule",
+            message,
+        );
+        // Arrays where the protocol has them.
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            for head_first in [true, false] {
+                let fields = json!({"pro": "p1", "availability": {"vacation": [1, 2]}});
+                let f = framed("set_availability", &j(fields), head_first);
+                let got = decode(enc, &encode(enc, &f)).map(|env| env.request);
+                let want = Request::SetAvailability {
+                    pro: ProId::new("p1"),
+                    availability: crate::core::Availability { vacation: Some((1, 2)), ..Default::default() },
+                };
+                assert_eq!(got, Ok(want), "{enc:?} head first {head_first}");
+            }
+        }
+    }
+
+    /// A MessagePack frame is one map, as a JSON frame is one object: two maps in one
+    /// frame would get one reply and the second would be dropped unread. Bytes after the
+    /// map are `bad_frame` (with the first map's id), in both encodings.
+    #[test]
+    fn bytes_after_the_frames_map_are_a_bad_frame_in_both_encodings() {
+        use serde_json::json;
+        let one = json!({"id": "a", "type": "balance", "pro": "p1"});
+        let two = json!({"id": "b", "type": "balance", "pro": "p2"});
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let first = encode(enc, &one);
+            assert!(decode(enc, &first).is_ok(), "{enc:?}");
+            for tail in [
+                encode(enc, &two),
+                encode(enc, &json!(1)),
+                b"\xc1".to_vec(),
+                b"\xdb\xff\xff\xff\xff".to_vec(),
+            ] {
+                if enc == Encoding::Json && tail.first() != Some(&b'{') && tail != b"1" {
+                    continue;
+                }
+                let bytes = [first.clone(), tail.clone()].concat();
+                let e = decode(enc, &bytes).unwrap_err();
+                assert_eq!(
+                    (e.code, e.id.as_deref(), e.field.as_deref()),
+                    ("bad_frame", Some("a"), None),
+                    "{enc:?} {tail:?}: {e:?}"
+                );
+                assert_eq!(peek_id(enc, &bytes).as_deref(), Some("a"), "{enc:?}");
+            }
+        }
+    }
+
+    /// `v` with every string value a MessagePack `bin` of its bytes (keys stay strings).
+    fn bin_strings(v: &serde_json::Value) -> W {
+        match v {
+            serde_json::Value::String(s) => W::Bin(s.as_bytes().to_vec()),
+            serde_json::Value::Array(items) => W::Seq(items.iter().map(bin_strings).collect()),
+            serde_json::Value::Object(m) => {
+                W::Map(m.iter().map(|(k, x)| (j(k.as_str().into()), bin_strings(x))).collect())
+            }
+            v => j(v.clone()),
+        }
+    }
+
+    /// MessagePack strings may come as `bin` (UTF-8 bytes), read as a `String` reads
+    /// them, the same wherever the request's fields are: read as they come, buffered
+    /// because `type` comes after them, or buffered by serde (an order's command, an
+    /// offer's action). Bytes that are not UTF-8 are `invalid_field` naming the field,
+    /// the same in every case too.
+    #[test]
+    fn msgpack_bin_strings_are_read_as_strings_wherever_the_fields_are() {
+        use serde_json::json;
+        let mut lead = full_lead();
+        lead["description"] = json!("Repaint a two-room flat");
+        lead["direct"] = json!(["p1"]);
+        lead["kind"] = json!("direct");
+        let requests = [
+            ("publish_lead", json!({"lead": lead})),
+            ("offer", json!({"lead": "L1", "pro": "p1", "action": "decline", "by": "client"})),
+            ("offer", json!({"lead": "L1", "pro": "p1", "action": "add_note", "text": "call back"})),
+            (
+                "order",
+                json!({"command": {"type": "set_acceptance_mode", "pro": "p1", "service": "s",
+                                   "mode": {"mode": "approval_required", "audience": "new_clients"}}}),
+            ),
+            (
+                "order",
+                json!({"command": {"type": "place_order", "order": "o1",
+                                   "placement": {"pro": "p", "client": "c", "service": "s", "package": "basic"}}}),
+            ),
+        ];
+        for (ty, fields) in requests {
+            let want = msgpack(serde_json::to_value(framed(ty, &j(fields.clone()), true)).unwrap()).unwrap();
+            for head_first in [true, false] {
+                let bytes = encode(Encoding::Msgpack, &framed(ty, &bin_strings(&fields), head_first));
+                assert_eq!(
+                    decode(Encoding::Msgpack, &bytes),
+                    Ok(want.clone()),
+                    "head first {head_first}: {fields}"
+                );
+            }
+        }
+        let not_utf8 = || W::Bin(vec![b'a', 0xff, b'b']);
+        let W::Map(mut lead) = bin_strings(&full_lead()) else { unreachable!() };
+        lead.push((j("description".into()), not_utf8()));
+        let W::Map(mut decline) = bin_strings(&json!({"lead": "L1", "pro": "p1", "action": "decline"}))
+        else {
+            unreachable!()
+        };
+        decline.push((j("by".into()), not_utf8()));
+        for (ty, fields, field) in [
+            ("publish_lead", W::Map(vec![(j("lead".into()), W::Map(lead))]), "lead.description"),
+            ("offer", W::Map(decline), "by"),
+        ] {
+            for head_first in [true, false] {
+                let e =
+                    decode(Encoding::Msgpack, &encode(Encoding::Msgpack, &framed(ty, &fields, head_first)))
+                        .unwrap_err();
+                assert_eq!(
+                    (e.code, e.id.as_deref(), e.field.as_deref()),
+                    ("invalid_field", Some("n1"), Some(field)),
+                    "{ty} head first {head_first}: {e:?}"
+                );
+            }
         }
     }
 }

@@ -318,8 +318,11 @@ fn r19_oversized_or_malformed_autobuy_lists_are_refused_with_the_field_named() {
     let cats = (0..257).map(|i| rota::ids::CategoryId::new(format!("c{i}"))).collect();
     let broad = AutoBuyConfig { categories: cats, ..autobuy("broad", 100) };
     refused(&mut h, with(vec![broad]), "invalid_field", Some("pro.autobuy[0].categories"));
-    let blank = AutoBuyConfig { zones: vec![rota::ids::ZoneId::new("")], ..autobuy("blank", 100) };
-    refused(&mut h, with(vec![autobuy("ok", 100), blank]), "invalid_field", Some("pro.autobuy[1].zones"));
+    let blank = AutoBuyConfig {
+        zones: vec![rota::ids::ZoneId::new("bologna"), rota::ids::ZoneId::new("")],
+        ..autobuy("blank", 100)
+    };
+    refused(&mut h, with(vec![autobuy("ok", 100), blank]), "invalid_field", Some("pro.autobuy[1].zones[1]"));
     let five: Vec<_> =
         (0..5).map(|i| AutoBuyConfig { zones: zones(1000), ..autobuy(&format!("c{i}"), 100) }).collect();
     refused(&mut h, with(five), "invalid_field", Some("pro.autobuy"));
@@ -352,4 +355,46 @@ fn r22_r24_an_old_profile_paused_until_i64_max_is_not_parked_for_budget_nor_retr
     h.ok(T0 + 2 * M, Command::UpsertPro { pro: buying("bruno") });
     let d = h.ok(T0 + 3 * M, Command::BudgetAvailable { pros: vec![pid("bruno")] });
     assert!(offered(&d).is_empty(), "bruno bought a lead released while it was paused: {d:?}");
+}
+
+/// R1, R8: a lead's client is bounded like its other text (its name, phone and address
+/// are kept with the lead and copied into the offer views once revealed): a name of at
+/// most 256 bytes, a phone of at most 64, an address of at most 1,024. One byte more is
+/// refused naming the field; the bound itself is accepted.
+#[test]
+fn r1_r8_a_clients_name_phone_and_address_are_bounded_with_the_field_named() {
+    let mut h = setup();
+    let with = |id: &str, name: usize, phone: usize, address: usize| {
+        let mut l = lead(id, T0);
+        l.client.name = "n".repeat(name);
+        l.client.phone = "1".repeat(phone);
+        l.client.address = Some("a".repeat(address));
+        Command::PublishLead { lead: l.into() }
+    };
+    let (name, phone, address) = (MAX_CLIENT_NAME_BYTES, MAX_CLIENT_PHONE_BYTES, MAX_CLIENT_ADDRESS_BYTES);
+    assert_eq!((name, phone, address), (256, 64, 1024));
+    refused(&mut h, with("L7", name + 1, phone, address), "invalid_field", Some("lead.client.name"));
+    refused(&mut h, with("L7", name, phone + 1, address), "invalid_field", Some("lead.client.phone"));
+    refused(&mut h, with("L7", name, phone, address + 1), "invalid_field", Some("lead.client.address"));
+    h.ok(T0 + M, with("L7", name, phone, address));
+}
+
+/// R3: a pro's lists are named where they are wrong: an entry that is not a valid id by
+/// its index (`pro.zones[2]`), a list longer than its bound by the list itself (257
+/// categories is `pro.categories`, not `pro.zones`).
+#[test]
+fn r3_a_pros_bad_list_entry_is_named_by_its_index_and_a_long_list_by_its_name() {
+    let mut h = setup();
+    let mut p = pro("carla");
+    p.zones = vec![ZONE.into(), "ferrara".into(), "".into()];
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.zones[2]"));
+    let mut p = pro("carla");
+    p.categories.push("x".repeat(129).as_str().into());
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.categories[1]"));
+    let mut p = pro("carla");
+    p.categories.extend((0..MAX_CATEGORIES_PER_PRO).map(|i| rota::ids::CategoryId::new(format!("c{i}"))));
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.categories"));
+    let mut p = pro("carla");
+    p.zones.extend((0..MAX_ZONES_PER_PRO).map(|i| rota::ids::ZoneId::new(format!("z{i}"))));
+    refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.zones"));
 }

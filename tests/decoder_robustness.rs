@@ -458,11 +458,12 @@ fn answer(
 }
 
 /// Nesting: one limit ([`MAX_DEPTH`] levels, the frame's own map the first), counted
-/// alike in both encodings wherever the deep value is: in a field the request ignores,
-/// in one it reads, in a command serde buffers, before `id` and `type` or after them,
-/// next to a bad field or not. Just within the limit, the frame is judged as any other;
-/// one level more, or 2,000, it is `bad_frame` (with the id when it came before the deep
-/// value) in both encodings.
+/// alike in both encodings wherever the deep value is: in a field the request does not
+/// have, in one it reads, in a command serde buffers, before `id` and `type` or after
+/// them, next to a bad field or not. Just within the limit, the frame is judged as any
+/// other (a field the request does not have is `invalid_field` naming it); one level
+/// more, or 2,000, it is `bad_frame` (with the id when it came before the deep value) in
+/// both encodings, whatever else is wrong with it.
 ///
 /// [`MAX_DEPTH`]: rota::protocol::nesting::MAX_DEPTH
 #[test]
@@ -489,7 +490,7 @@ fn both_encodings_answer_deep_nesting_alike_at_and_beyond_the_limit() {
     // `bad_frame` beyond it carries).
     type Case = (Tree, &'static str, usize, Option<&'static str>, Option<&'static str>);
     let cases: Vec<Case> = vec![
-        // The example: a bad `pro`, and a deep value in a field nobody reads.
+        // The example: a bad `pro`, and a deep value in a field the request does not have.
         (
             map(vec![("id", s("a")), ("type", s("balance")), ("pro", val(json!(5))), ("x", d())]),
             "a",
@@ -497,19 +498,33 @@ fn both_encodings_answer_deep_nesting_alike_at_and_beyond_the_limit() {
             Some("pro"),
             Some("a"),
         ),
-        // The same with a valid `pro`.
+        // The same with a valid `pro`: the unknown field is the error.
         (
             map(vec![("id", s("a")), ("type", s("balance")), ("pro", s("p")), ("x", d())]),
             "a",
             2,
-            None,
+            Some("x"),
             Some("a"),
         ),
         // The deep value first: the scan stops before the id.
-        (map(vec![("x", d()), ("id", s("a")), ("type", s("balance")), ("pro", s("p"))]), "a", 2, None, None),
-        // Before `type` (buffered), next to a bad field that comes after it.
+        (
+            map(vec![("x", d()), ("id", s("a")), ("type", s("balance")), ("pro", s("p"))]),
+            "a",
+            2,
+            Some("x"),
+            None,
+        ),
+        // Before `type` (buffered), before a bad field.
         (
             map(vec![("id", s("a")), ("x", d()), ("pro", val(json!([1]))), ("type", s("balance"))]),
+            "a",
+            2,
+            Some("x"),
+            Some("a"),
+        ),
+        // Before `type` (buffered), after a bad field.
+        (
+            map(vec![("id", s("a")), ("pro", val(json!([1]))), ("x", d()), ("type", s("balance"))]),
             "a",
             2,
             Some("pro"),
@@ -523,7 +538,7 @@ fn both_encodings_answer_deep_nesting_alike_at_and_beyond_the_limit() {
             Some("lead.details"),
             Some("b"),
         ),
-        // Ignored inside an order command, which serde buffers.
+        // Unknown inside an order command, which serde buffers.
         (
             map(vec![
                 ("id", s("c")),
@@ -532,7 +547,7 @@ fn both_encodings_answer_deep_nesting_alike_at_and_beyond_the_limit() {
             ]),
             "c",
             3,
-            None,
+            Some("command.x"),
             Some("c"),
         ),
     ];
@@ -572,6 +587,8 @@ fn both_encodings_answer_deep_nesting_alike_at_and_beyond_the_limit() {
 /// An `order` frame whose command (buffered by serde: its bad field is searched for by
 /// probing) holds `junk` arrays of `per_array` nulls next to its fields, and so does its
 /// `offer`, whose `price_cents` is a string: `junk + 1` candidates at each of two levels.
+/// (The arrays are fields the command does not have, refused too, but only once the
+/// command decodes: the price is the error found.)
 fn junk_order(junk: usize, per_array: usize) -> Tree {
     let s = |v: &str| val(json!(v));
     let arrays = || {

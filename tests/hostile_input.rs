@@ -571,11 +571,11 @@ fn deep_balance(msgpack: bool, pro: &Value, levels: usize) -> Message {
 }
 
 /// One nesting limit for both encodings (64 levels, the frame's own map the first),
-/// counted in a field the request ignores too: beyond it a frame is `bad_frame` whatever
-/// else is wrong with it, within it the frame is judged as any other; JSON and
-/// MessagePack answer alike.
+/// counted in a field the request does not have too: beyond it a frame is `bad_frame`
+/// whatever else is wrong with it, within it the frame is judged as any other (the
+/// unknown field is `invalid_field` naming it); JSON and MessagePack answer alike.
 #[tokio::test(flavor = "current_thread")]
-async fn deep_nesting_is_answered_alike_in_both_encodings_even_in_an_ignored_field() {
+async fn deep_nesting_is_answered_alike_in_both_encodings_even_in_an_unknown_field() {
     let dir = tempfile::tempdir().unwrap();
     let d = start(&dir, "");
     let levels = rota::protocol::nesting::MAX_DEPTH;
@@ -584,7 +584,7 @@ async fn deep_nesting_is_answered_alike_in_both_encodings_even_in_an_ignored_fie
         (json!(5), levels - 1, ("error", Some("invalid_field"), Some("pro"))),
         (json!(5), levels, ("error", Some("bad_frame"), None)),
         (json!(5), 2_000, ("error", Some("bad_frame"), None)),
-        (json!("nobody"), levels - 1, ("ok", None, None)),
+        (json!("nobody"), levels - 1, ("error", Some("invalid_field"), Some("x"))),
         (json!("nobody"), levels, ("error", Some("bad_frame"), None)),
         (json!("nobody"), 2_000, ("error", Some("bad_frame"), None)),
     ];
@@ -614,8 +614,10 @@ async fn deep_nesting_is_answered_alike_in_both_encodings_even_in_an_ignored_fie
 
 /// An `order` frame built to make the search for its bad field expensive (about 128 KiB
 /// of MessagePack, one value a byte, 32 candidate entries at each of two levels of the
-/// command) is answered `invalid_field` naming the command, in both encodings, and the
-/// connection and the daemon keep serving.
+/// command; the junk entries are fields the command does not have, refused too, but only
+/// once the command decodes: the bad price is the error found) is answered
+/// `invalid_field` naming the command, in both encodings, and the connection and the
+/// daemon keep serving.
 #[tokio::test(flavor = "current_thread")]
 async fn a_frame_built_to_make_the_search_for_its_bad_field_costly_is_answered() {
     let dir = tempfile::tempdir().unwrap();
@@ -644,6 +646,56 @@ async fn a_frame_built_to_make_the_search_for_its_bad_field_costly_is_answered()
             assert_eq!((r["code"].as_str(), r["id"].as_str()), (Some("invalid_field"), Some("h")), "{r}");
             assert!(r["field"].as_str().is_some_and(|f| f.starts_with("command")), "{r}");
         }
+        still_serves(&mut c).await;
+    }
+}
+
+/// A misspelt field name was skipped, the field left at its default and the request
+/// answered `done`: an auto-buy config without its price cap (R19), a lead's client
+/// without contact preferences (chat only, R9), a grant with an extra field. Each is
+/// refused in both encodings as `invalid_field` naming the field's full path, saying
+/// "unknown field", and nothing is stored.
+#[tokio::test(flavor = "current_thread")]
+async fn r9_r19_a_misspelt_field_is_refused_naming_its_path_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir, "");
+    for msgpack in [false, true] {
+        let mut c = Client::connect(&d.addr, "pp-token", msgpack).await;
+        let p = if msgpack { "typo-m" } else { "typo-j" };
+        let refused = |r: &Value, field: &str| {
+            assert_eq!(
+                (r["code"].as_str(), r["field"].as_str(), r["message"].as_str()),
+                (Some("invalid_field"), Some(field), Some("unknown field")),
+                "msgpack={msgpack}: {r}"
+            );
+        };
+        let config = json!({"name": "week", "zones": ["bologna"], "categories": ["painting"],
+                            "weekly_budget_credits": 100, "max_price": 5});
+        let pro = json!({"id": p, "categories": ["painting"], "zones": ["bologna"], "autobuy": [config]});
+        let (r, _) = c.call(json!({"type": "upsert_pro", "pro": pro})).await;
+        refused(&r, "pro.autobuy[0].max_price");
+        let (r, _) = c.call(json!({"type": "remove_pro", "pro": p})).await;
+        assert_eq!(r["code"], "unknown_pro", "msgpack={msgpack}: the profile was not stored: {r}");
+
+        let id = format!("L-{p}");
+        let mut l = lead(&id);
+        let contact = l["client"].as_object_mut().unwrap().remove("contact").unwrap();
+        l["client"]["contcat"] = contact;
+        let (r, _) = c.call(json!({"type": "publish_lead", "lead": l})).await;
+        refused(&r, "lead.client.contcat");
+        let (r, _) = c.call(json!({"type": "explain", "lead": id})).await;
+        assert_eq!(r["code"], "unknown_lead", "msgpack={msgpack}: the lead was not stored: {r}");
+
+        let grant =
+            json!({"type": "grant_credits", "pro": p, "op": "pay-1", "credits": 50, "currency": "eur"});
+        let (r, _) = c.call(grant).await;
+        refused(&r, "currency");
+        let b = c.ok(json!({"type": "balance", "pro": p})).await;
+        assert_eq!(
+            (b["available"].as_u64(), b["granted"].as_u64()),
+            (Some(0), Some(0)),
+            "msgpack={msgpack}: {b}"
+        );
         still_serves(&mut c).await;
     }
 }

@@ -1129,6 +1129,9 @@ fn field_of(e: OrderReject) -> String {
     }
 }
 
+/// Bad input is refused naming the field by its full path in the `order` request
+/// (`command.placement.client`, `command.answer.offer.price_cents`), as a decoding error
+/// of the same request names it.
 #[test]
 fn bad_input_is_refused_with_the_field_named_and_nothing_changed() {
     use Weekday::*;
@@ -1147,33 +1150,37 @@ fn bad_input_is_refused_with_the_field_named_and_nothing_changed() {
         )
     };
     let cases: Vec<(OrderCommand, &str)> = vec![
-        (place("", "anna", "basic"), "order"),
-        (place("o9", "", "basic"), "client"),
-        (place("o9", "anna", ""), "package"),
-        (set_mode("", GIG, AcceptanceMode::AutoAccept), "pro"),
-        (set_mode(PRO, "", AcceptanceMode::AutoAccept), "service"),
-        (rules(Some(vec![]), None), "mode.packages"),
-        (rules(Some(vec![PackageId::new("a"), PackageId::new("a")]), None), "mode.packages[1]"),
-        (rules(None, Some(windows("Europe/Rome", &[(Mon, 360, 120)]))), "mode.windows.intervals[0]"),
-        (rules(None, Some(windows("Europe/Rome", &[(Mon, 0, 1441)]))), "mode.windows.intervals[0].end_min"),
-        (rules(None, Some(windows("Mars/Olympus", &[(Mon, 0, 60)]))), "mode.windows.time_zone"),
-        (rules(None, Some(windows("Europe/Rome", &[]))), "mode.windows.intervals"),
-        (approve("r1", terms("co1", 0, None)), "offer.price_cents"),
-        (approve("r1", terms("co1", MAX_PRICE_CENTS + 1, None)), "offer.price_cents"),
-        (approve("r1", terms("co1", u64::MAX, None)), "offer.price_cents"),
-        (approve("r1", terms("co1", 100, Some(t))), "offer.expires_at"),
-        (approve("r1", terms("", 100, None)), "offer.id"),
-        (approve("", terms("co1", 100, None)), "request"),
-        (send_offer("anna", terms("co1", 0, None)), "offer.price_cents"),
-        (accept("", "ord1"), "offer"),
-        (OrderCommand::CancelOrder { order: OrderId::new("") }, "order"),
-        (OrderCommand::CompleteOrder { order: OrderId::new("") }, "order"),
+        (place("", "anna", "basic"), "command.order"),
+        (place("o9", "", "basic"), "command.placement.client"),
+        (place("o9", "anna", ""), "command.placement.package"),
+        (set_mode("", GIG, AcceptanceMode::AutoAccept), "command.pro"),
+        (set_mode(PRO, "", AcceptanceMode::AutoAccept), "command.service"),
+        (rules(Some(vec![]), None), "command.mode.packages"),
+        (rules(Some(vec![PackageId::new("a"), PackageId::new("a")]), None), "command.mode.packages[1]"),
+        (rules(None, Some(windows("Europe/Rome", &[(Mon, 360, 120)]))), "command.mode.windows.intervals[0]"),
+        (
+            rules(None, Some(windows("Europe/Rome", &[(Mon, 0, 1441)]))),
+            "command.mode.windows.intervals[0].end_min",
+        ),
+        (rules(None, Some(windows("Mars/Olympus", &[(Mon, 0, 60)]))), "command.mode.windows.time_zone"),
+        (rules(None, Some(windows("Europe/Rome", &[]))), "command.mode.windows.intervals"),
+        (approve("r1", terms("co1", 0, None)), "command.answer.offer.price_cents"),
+        (approve("r1", terms("co1", MAX_PRICE_CENTS + 1, None)), "command.answer.offer.price_cents"),
+        (approve("r1", terms("co1", u64::MAX, None)), "command.answer.offer.price_cents"),
+        (approve("r1", terms("co1", 100, Some(t))), "command.answer.offer.expires_at"),
+        (approve("r1", terms("", 100, None)), "command.answer.offer.id"),
+        (approve("", terms("co1", 100, None)), "command.request"),
+        (send_offer("anna", terms("co1", 0, None)), "command.offer.price_cents"),
+        (send_offer("", terms("co1", 100, None)), "command.client"),
+        (accept("", "ord1"), "command.offer"),
+        (OrderCommand::CancelOrder { order: OrderId::new("") }, "command.order"),
+        (OrderCommand::CompleteOrder { order: OrderId::new("") }, "command.order"),
         (
             OrderCommand::SetAvailability {
                 pro: ProId::new(PRO),
                 availability: Availability { vacation: Some((t, t)), ..Default::default() },
             },
-            "availability.vacation",
+            "command.availability.vacation",
         ),
     ];
     for (cmd, field) in cases {
@@ -1538,7 +1545,7 @@ fn r25_acceptance_modes_are_bounded_and_auto_accept_is_not_stored() {
         w.ok(t0(), set_mode(PRO, &format!("s{i}"), approval()));
     }
     match w.run(t0(), set_mode(PRO, "one-more", approval())) {
-        Err(OrderReject::InvalidField(f)) => assert_eq!(f.field, "service"),
+        Err(OrderReject::InvalidField(f)) => assert_eq!(f.field, "command.service"),
         other => panic!("a mode past the bound: {other:?}"),
     }
     // Auto-accept is always allowed, and is no mode: it frees a place.

@@ -128,6 +128,11 @@ pub const MAX_WEEKLY_INTERVALS: usize = 168;
 /// copy of the profile and a logged change per shard at every update.
 pub const MAX_SHARDS_PER_PRO: usize = 1024;
 
+/// Categories and zones one pro may list (their pairs are bounded by
+/// [`MAX_SHARDS_PER_PRO`] too).
+pub const MAX_CATEGORIES_PER_PRO: usize = 256;
+pub const MAX_ZONES_PER_PRO: usize = 1024;
+
 /// Auto-buy configs one pro may have (R19), and the zone and category entries all of
 /// them may list together: the profile is copied into every shard the pro covers and
 /// logged with each, so its size is bounded like its other lists.
@@ -435,11 +440,11 @@ impl AutoBuyConfig {
         if self.categories.len() > 256 {
             return Err(field_err(format!("{field}.categories"), "at most 256 categories per config"));
         }
-        for z in &self.zones {
-            z.validate("zones").map_err(|e| field_err(format!("{field}.zones"), e.reason))?;
+        for (i, z) in self.zones.iter().enumerate() {
+            z.validate("zones").map_err(|e| field_err(format!("{field}.zones[{i}]"), e.reason))?;
         }
-        for c in &self.categories {
-            c.validate("categories").map_err(|e| field_err(format!("{field}.categories"), e.reason))?;
+        for (i, c) in self.categories.iter().enumerate() {
+            c.validate("categories").map_err(|e| field_err(format!("{field}.categories[{i}]"), e.reason))?;
         }
         if let Some(t) = self.paused_until {
             validate_time(t, format!("{field}.paused_until"))?;
@@ -484,11 +489,11 @@ impl Pro {
         if self.zones.is_empty() {
             return Err(field_err("pro.zones", "must list at least one zone"));
         }
-        for c in &self.categories {
-            c.validate("pro.categories")?;
+        for (i, c) in self.categories.iter().enumerate() {
+            c.validate("categories").map_err(|e| field_err(format!("pro.categories[{i}]"), e.reason))?;
         }
-        for z in &self.zones {
-            z.validate("pro.zones")?;
+        for (i, z) in self.zones.iter().enumerate() {
+            z.validate("zones").map_err(|e| field_err(format!("pro.zones[{i}]"), e.reason))?;
         }
         if let Some(b) = &self.base {
             b.validate("pro.base")?;
@@ -502,8 +507,17 @@ impl Pro {
             }
         }
         validate_attributes(&self.refuses, "pro.refuses")?;
-        if self.categories.len() > 256 || self.zones.len() > 1024 {
-            return Err(field_err("pro.zones", "at most 1024 zones and 256 categories per pro"));
+        if self.categories.len() > MAX_CATEGORIES_PER_PRO {
+            return Err(field_err(
+                "pro.categories",
+                format!("{} categories: at most {MAX_CATEGORIES_PER_PRO} per pro", self.categories.len()),
+            ));
+        }
+        if self.zones.len() > MAX_ZONES_PER_PRO {
+            return Err(field_err(
+                "pro.zones",
+                format!("{} zones: at most {MAX_ZONES_PER_PRO} per pro", self.zones.len()),
+            ));
         }
         if self.categories.len() * self.zones.len() > MAX_SHARDS_PER_PRO {
             return Err(field_err(
@@ -585,6 +599,26 @@ pub struct Client {
     /// Set when the client is itself a pro on the platform (R2 competitor check).
     #[serde(default)]
     pub pro_id: Option<ProId>,
+}
+
+impl Client {
+    /// The client of a lead: an id, and a name, phone and address of bounded length
+    /// (names `lead.client.*`).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        self.id.validate("lead.client.id")?;
+        let bounded = |text: &str, field: &str, max: usize| {
+            if text.len() > max {
+                return Err(field_err(field, format!("longer than {max} bytes")));
+            }
+            Ok(())
+        };
+        bounded(&self.name, "lead.client.name", MAX_CLIENT_NAME_BYTES)?;
+        bounded(&self.phone, "lead.client.phone", MAX_CLIENT_PHONE_BYTES)?;
+        if let Some(address) = &self.address {
+            bounded(address, "lead.client.address", MAX_CLIENT_ADDRESS_BYTES)?;
+        }
+        Ok(())
+    }
 }
 
 /// Job kinds (R13).
@@ -759,23 +793,36 @@ pub fn validate_attributes(attributes: &[String], field: &str) -> Result<(), Fie
 /// Longest free text accepted in a lead.
 pub const MAX_TEXT: usize = 16 * 1024;
 
+/// Most answers in a lead's `details`.
+pub const MAX_DETAILS: usize = 256;
+
+/// Most direct targets of a lead (R5).
+pub const MAX_DIRECT: usize = 64;
+
+/// Longest client name, phone number and address of a lead, in bytes: each is copied
+/// into the lead's every offer view once revealed (R8), and kept with the lead.
+pub const MAX_CLIENT_NAME_BYTES: usize = 256;
+pub const MAX_CLIENT_PHONE_BYTES: usize = 64;
+pub const MAX_CLIENT_ADDRESS_BYTES: usize = 1024;
+
 impl Lead {
     pub fn validate(&self) -> Result<(), FieldError> {
         self.id.validate("lead.id")?;
         self.category.validate("lead.category")?;
         self.zone.validate("lead.zone")?;
-        self.client.id.validate("lead.client.id")?;
+        self.client.validate()?;
         if let Some(l) = &self.location {
             l.validate("lead.location")?;
         }
         if self.description.len() > MAX_TEXT {
             return Err(field_err("lead.description", "longer than 16 KiB"));
         }
-        if self.details.len() > 256 || self.details.iter().any(|(k, v)| k.len() + v.len() > MAX_TEXT) {
+        if self.details.len() > MAX_DETAILS || self.details.iter().any(|(k, v)| k.len() + v.len() > MAX_TEXT)
+        {
             return Err(field_err("lead.details", "at most 256 answers of at most 16 KiB each"));
         }
         validate_attributes(&self.attributes, "lead.attributes")?;
-        if self.direct.len() > 64 {
+        if self.direct.len() > MAX_DIRECT {
             return Err(field_err("lead.direct", "at most 64 direct targets"));
         }
         for (i, p) in self.direct.iter().enumerate() {

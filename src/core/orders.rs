@@ -274,10 +274,10 @@ pub struct Placement {
 
 impl Placement {
     fn validate(&self) -> Result<(), FieldError> {
-        self.pro.validate("pro")?;
-        self.client.validate("client")?;
-        self.service.validate("service")?;
-        self.package.validate("package")?;
+        self.pro.validate("command.placement.pro")?;
+        self.client.validate("command.placement.client")?;
+        self.service.validate("command.placement.service")?;
+        self.package.validate("command.placement.package")?;
         Ok(())
     }
 }
@@ -298,18 +298,23 @@ pub struct CustomOfferTerms {
 pub const MAX_PRICE_CENTS: u64 = MAX_CREDITS;
 
 impl CustomOfferTerms {
-    fn validate(&self, now: Millis) -> Result<(), FieldError> {
-        if let Err(e) = self.id.validate("offer.id") {
-            return Err(e.into());
+    /// `field` is where the terms are in the request (`command.offer`,
+    /// `command.answer.offer`).
+    fn validate(&self, now: Millis, field: &str) -> Result<(), FieldError> {
+        if let Err(e) = self.id.validate("id") {
+            return Err(field_err(format!("{field}.id"), e.reason));
         }
         if self.price_cents == 0 {
-            return Err(field_err("offer.price_cents", "must be at least 1 cent"));
+            return Err(field_err(format!("{field}.price_cents"), "must be at least 1 cent"));
         }
         if self.price_cents > MAX_PRICE_CENTS {
-            return Err(field_err("offer.price_cents", "must be at most 10^12 cents"));
+            return Err(field_err(format!("{field}.price_cents"), "must be at most 10^12 cents"));
         }
         if matches!(self.expires_at, Some(t) if t <= now) {
-            return Err(field_err("offer.expires_at", "must be in the future, or left out for no expiry"));
+            return Err(field_err(
+                format!("{field}.expires_at"),
+                "must be in the future, or left out for no expiry",
+            ));
         }
         Ok(())
     }
@@ -1007,10 +1012,10 @@ impl OrderBook {
     pub fn decide(&self, now: Millis, cmd: &OrderCommand) -> Result<OrderDecision, OrderReject> {
         match cmd {
             OrderCommand::SetAcceptanceMode { pro, service, mode } => {
-                pro.validate("pro")?;
-                service.validate("service")?;
+                pro.validate("command.pro")?;
+                service.validate("command.service")?;
                 if let AcceptanceMode::ApprovalRequired(rules) = mode {
-                    rules.validate("mode")?;
+                    rules.validate("command.mode")?;
                 }
                 let unchanged = self.pros.get(pro).is_some_and(|p| p.mode(service) == mode);
                 if unchanged {
@@ -1023,7 +1028,7 @@ impl OrderBook {
                 let new_service = !self.pros.get(pro).is_some_and(|p| p.modes.contains_key(service));
                 if *mode != AcceptanceMode::AutoAccept && new_service && held >= MAX_MODES_PER_PRO {
                     return Err(field_err(
-                        "service",
+                        "command.service",
                         format!("pro {pro} has an acceptance mode for {held} services, the most it may have"),
                     )
                     .into());
@@ -1036,8 +1041,8 @@ impl OrderBook {
                 }]))
             }
             OrderCommand::SetAvailability { pro, availability } => {
-                pro.validate("pro")?;
-                availability.validate("availability")?;
+                pro.validate("command.pro")?;
+                availability.validate("command.availability")?;
                 if self.pros.get(pro).is_some_and(|p| &p.availability == availability) {
                     return Ok(done(vec![]));
                 }
@@ -1062,7 +1067,7 @@ impl OrderBook {
     /// Cancel or complete an active order (`to` is the terminal status). Reaching the
     /// status it already has is a retry; the other terminal status is final.
     fn decide_end(&self, now: Millis, id: &OrderId, to: OrderStatus) -> Result<OrderDecision, OrderReject> {
-        id.validate("order")?;
+        id.validate("command.order")?;
         let o = self.orders.get(id).ok_or_else(|| OrderReject::UnknownOrder(id.clone()))?;
         let order = id.clone();
         let (reply, event, action) = match to {
@@ -1091,7 +1096,7 @@ impl OrderBook {
     }
 
     fn decide_place(&self, now: Millis, id: &OrderId, p: &Placement) -> Result<OrderDecision, OrderReject> {
-        id.validate("order")?;
+        id.validate("command.order")?;
         p.validate()?;
         // Idempotency: the order id names either an order or a request.
         if let Some(o) = self.orders.get(id) {
@@ -1159,9 +1164,9 @@ impl OrderBook {
         id: &OrderId,
         answer: &Answer,
     ) -> Result<OrderDecision, OrderReject> {
-        id.validate("request")?;
+        id.validate("command.request")?;
         if let Answer::Approve { offer } = answer {
-            offer.id.validate("offer.id")?;
+            offer.id.validate("command.answer.offer.id")?;
         }
         let r = self.requests.get(id).ok_or_else(|| OrderReject::UnknownRequest(id.clone()))?;
         let illegal = |action| OrderReject::IllegalTransition {
@@ -1201,7 +1206,7 @@ impl OrderBook {
                 if self.offers.contains_key(&offer.id) {
                     return Err(conflict("offer.id", &offer.id));
                 }
-                offer.validate(now)?;
+                offer.validate(now, "command.answer.offer")?;
                 Ok(OrderDecision {
                     events: vec![OrderEvent::RequestApproved {
                         request: id.clone(),
@@ -1222,10 +1227,10 @@ impl OrderBook {
         service: &CategoryId,
         offer: &CustomOfferTerms,
     ) -> Result<OrderDecision, OrderReject> {
-        pro.validate("pro")?;
-        client.validate("client")?;
-        service.validate("service")?;
-        offer.id.validate("offer.id")?;
+        pro.validate("command.pro")?;
+        client.validate("command.client")?;
+        service.validate("command.service")?;
+        offer.id.validate("command.offer.id")?;
         let reply = OrderReply::CustomOfferSent { offer: offer.id.clone(), expires_at: offer.expires_at };
         if let Some(o) = self.offers.get(&offer.id) {
             let same = o.request.is_none()
@@ -1241,7 +1246,7 @@ impl OrderBook {
         if !self.pros.contains_key(pro) {
             return Err(OrderReject::UnknownPro(pro.clone()));
         }
-        offer.validate(now)?;
+        offer.validate(now, "command.offer")?;
         let ev = OrderEvent::CustomOfferSent {
             pro: pro.clone(),
             client: client.clone(),
@@ -1258,8 +1263,8 @@ impl OrderBook {
         offer_id: &CustomOfferId,
         order: &OrderId,
     ) -> Result<OrderDecision, OrderReject> {
-        offer_id.validate("offer")?;
-        order.validate("order")?;
+        offer_id.validate("command.offer")?;
+        order.validate("command.order")?;
         let offer =
             self.offers.get(offer_id).ok_or_else(|| OrderReject::UnknownCustomOffer(offer_id.clone()))?;
         if let Some(o) = self.orders.get(order) {
