@@ -571,6 +571,12 @@ fn r5_r6_r21_a_lost_direct_target_gives_its_seat_to_the_release_of_the_same_deci
         l["direct"] = json!(["b1"]);
         let again = serde_json::to_value(ok(&e, json!({"type": "publish_lead", "lead": l})).await).unwrap();
         assert_eq!(again, out, "a republish answers what the publish answered");
+        // One refused spend did not park b1 (it has 23 of its 24 left): it keeps its
+        // turn, and buys the next lead.
+        let next = serde_json::to_value(ok(&e, publish("A2", "madrid", true, T0 + 1)).await).unwrap();
+        let buyers: Vec<&str> =
+            next["offers"].as_array().unwrap().iter().map(|o| o[0].as_str().unwrap()).collect();
+        assert!(buyers.contains(&"b1"), "b1 buys A2: {next}");
     });
 }
 

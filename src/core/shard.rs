@@ -1330,7 +1330,7 @@ impl Shard {
             });
         }
         // R5/R6: the generic release, with the seats the direct targets did not take.
-        let release_at = self.plan_release(now, &mut events, funds);
+        let release_at = self.plan_release(now, &mut events, &[], funds);
         if let Some(Event::Offered { grants, release: true, .. }) = events.last() {
             offers.extend(grants.iter().map(|g| (g.pro.clone(), g.kind)));
         }
@@ -1352,7 +1352,18 @@ impl Shard {
     /// none of them took a seat (none named, none could receive it) or the head start
     /// is over. Sets the `LeadAccepted`'s `release_at` and `direct_seats`, adds the
     /// release to `events` when it is now, and returns `release_at`.
-    fn plan_release(&self, now: Millis, events: &mut Vec<Event>, funds: &dyn Funds) -> Option<Millis> {
+    ///
+    /// `lost`: direct targets that did not receive the lead after all (their purchase
+    /// refused by the ledger, [`Shard::replan_release`]): left out of the release as
+    /// offered already, so they keep their turn and are parked only if their budgets
+    /// say so (one refused spend of one config at this price does not).
+    fn plan_release(
+        &self,
+        now: Millis,
+        events: &mut Vec<Event>,
+        lost: &[ProId],
+        funds: &dyn Funds,
+    ) -> Option<Millis> {
         let direct: Vec<(ProId, OfferKind)> = match events.get(1) {
             Some(Event::Offered { release: false, grants, .. }) => {
                 grants.iter().map(|g| (g.pro.clone(), g.kind)).collect()
@@ -1397,7 +1408,14 @@ impl Shard {
                 .into_iter()
                 .map(|(pro, kind)| OfferState::new(pro, kind, now, OptMillis::NONE))
                 .collect();
-            let ev = self.release(now, &st, funds);
+            let as_offered =
+                lost.iter().map(|pro| OfferState::new(pro.clone(), OfferKind::Direct, now, OptMillis::NONE));
+            st.offers.extend(as_offered);
+            let mut ev = self.release(now, &st, funds);
+            // Their skip is the direct offer's (the refused purchase), not this one's.
+            if let Event::Offered { skipped, .. } = &mut ev {
+                skipped.retain(|(pro, skip)| !(lost.contains(pro) && *skip == Skip::AlreadyOffered));
+            }
             events.push(ev);
         }
         release_at
@@ -1410,9 +1428,9 @@ impl Shard {
     /// no seat and give no head start: planned with the targets they left, the release
     /// gets their seats, and runs now if no target holds one. `events` are the
     /// publish's, not applied and with no money executed past the direct offer (the
-    /// release planned before is dropped); the lost targets count as unable to pay in
-    /// the new one (the ledger has just refused them). `reply` is the publish's answer,
-    /// made to say the same.
+    /// release planned before is dropped); the lost targets are left out of the new one
+    /// (they keep their turn, and wait for the lead as any pro refused for its budget,
+    /// R22). `reply` is the publish's answer, made to say the same.
     pub fn replan_release(
         &self,
         now: Millis,
@@ -1422,7 +1440,7 @@ impl Shard {
         funds: &dyn Funds,
     ) {
         events.truncate(2);
-        let release_at = self.plan_release(now, events, &Refused { funds, pros: lost });
+        let release_at = self.plan_release(now, events, lost, funds);
         if let Reply::Lead(outcome) = reply {
             outcome.release_at = release_at;
             outcome.offers = events
@@ -3223,34 +3241,6 @@ fn far_components(accepted: &Event) -> Option<Box<crate::pricing::PriceComponent
             Some(Box::new(c.clone()))
         }
         _ => None,
-    }
-}
-
-/// `funds` with `pros` unable to pay anything: the direct targets whose purchase the
-/// ledger refused, for the release planned again without them
-/// ([`Shard::replan_release`]).
-struct Refused<'a> {
-    funds: &'a dyn Funds,
-    pros: &'a [ProId],
-}
-
-impl Funds for Refused<'_> {
-    fn credits(&self, pro: &ProId) -> u64 {
-        if self.pros.contains(pro) {
-            0
-        } else {
-            self.funds.credits(pro)
-        }
-    }
-    fn budget(&self, pro: &ProId, config: &str) -> u64 {
-        if self.pros.contains(pro) {
-            0
-        } else {
-            self.funds.budget(pro, config)
-        }
-    }
-    fn offers_category(&self, pro: &ProId, category: &crate::ids::CategoryId) -> bool {
-        self.funds.offers_category(pro, category)
     }
 }
 
