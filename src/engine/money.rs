@@ -187,12 +187,12 @@ pub fn execute_noting_drops(
                     }
                 }
             }
-            Event::Refunded { lead, pro, charge, reason, .. } => {
+            Event::Refunded { lead, pro, charge, reason, at } => {
                 let op = OpId::for_lead(REFUND, lead, pro);
                 let paid = OpId::new(&charge.op);
                 let what = match &charge.mode {
                     ChargeMode::Budget { config } => {
-                        GiveBack::RefundSpend { budget: &BudgetName::new(config), spend: &paid }
+                        GiveBack::RefundSpend { budget: &BudgetName::new(config), spend: &paid, at: *at }
                     }
                     _ => GiveBack::Refund { charge: &paid, reason: refund_reason(*reason) },
                 };

@@ -29,8 +29,10 @@ pub(crate) enum BudgetRequest {
         amount: u64,
         at: Option<Millis>,
     },
+    /// Give a spend back, at time `at` (`None`: whatever the time).
     Refund {
         spend: OpId,
+        at: Option<Millis>,
     },
 }
 
@@ -40,7 +42,7 @@ impl BudgetRequest {
             (Self::Set { weekly }, BudgetFact::Set { weekly: w, .. }) => weekly == w,
             (Self::Recharge { .. }, BudgetFact::Recharged { .. }) => true,
             (Self::Spend { amount, .. }, BudgetFact::Spent { amount: a, .. }) => amount == a,
-            (Self::Refund { spend }, BudgetFact::Refunded { spend: s, .. }) => spend == s,
+            (Self::Refund { spend, .. }, BudgetFact::Refunded { spend: s, .. }) => spend == s,
             _ => false,
         }
     }
@@ -121,11 +123,16 @@ impl Budget {
     /// What can be spent at time `at`: nothing once the week the current period was
     /// topped up for is over (R20: last week's leftover is not this week's budget).
     pub(crate) fn available_at(&self, at: Millis) -> u64 {
-        if self.spendable_until.is_some_and(|until| at >= until) {
+        if self.stale_at(at) {
             0
         } else {
             self.available()
         }
+    }
+
+    /// Whether the week the current period was topped up for is over at `at`.
+    fn stale_at(&self, at: Millis) -> bool {
+        self.spendable_until.is_some_and(|until| at >= until)
     }
 
     pub(crate) fn spent(&self) -> u64 {
@@ -184,12 +191,24 @@ impl Budget {
                     .ok_or(LedgerError::AmountOverflow { field: "spent", amount: *amount })?;
                 BudgetFact::Spent { period: self.period, amount: *amount }
             }
-            BudgetRequest::Refund { spend } => {
+            BudgetRequest::Refund { spend, at } => {
                 let Some(&BudgetFact::Spent { period, amount }) = self.ops.get(spend) else {
                     return Err(LedgerError::UnknownSpend { budget: budget.clone(), spend: spend.clone() });
                 };
                 if let Some(by) = self.refunds.get(spend) {
                     return Err(LedgerError::AlreadyRefunded { op: spend.clone(), by: by.clone() });
+                }
+                // The current period's week is over (R20): the refund goes to the period
+                // its coming recharge opens, as a refund after that recharge would; in
+                // the current one the recharge would replace it, and it would be lost.
+                if at.is_some_and(|at| self.stale_at(at)) {
+                    let into = Some(self.period + 1);
+                    return Ok(BudgetDecision::New(BudgetFact::Refunded {
+                        spend: spend.clone(),
+                        period,
+                        amount,
+                        into,
+                    }));
                 }
                 // A later period than the spend's: the refund is credited to the
                 // current one (the spend's own is over and its budget gone).
@@ -311,7 +330,11 @@ impl Budget {
                 self.base
             ));
         }
-        if !self.early.is_empty() {
+        // Refunds decided once the current period's week was over wait for the
+        // recharge of the next period (`late` only); anything else early means spends
+        // applied without their period's recharge.
+        let waiting = |p: &u64, t: &PeriodTotals| *p == self.period + 1 && t.spent == 0 && t.refunded == 0;
+        if !self.early.iter().all(|(p, t)| waiting(p, t)) {
             return Err(format!(
                 "spends of periods {:?} were applied but their recharge was not",
                 self.early.keys().collect::<Vec<_>>()

@@ -173,8 +173,9 @@ pub enum GiveBack<'a> {
     Release { hold: &'a OpId },
     /// A charge or captured hold, refunded in full (R12).
     Refund { charge: &'a OpId, reason: RefundReason },
-    /// An auto-buy spend, back to its budget (R12, R23).
-    RefundSpend { budget: &'a BudgetName, spend: &'a OpId },
+    /// An auto-buy spend, back to its budget (R12, R23), decided at `at` (a refund
+    /// once the budget's week is over goes to the next week's, R20).
+    RefundSpend { budget: &'a BudgetName, spend: &'a OpId, at: Millis },
 }
 
 /// The state of one auto-buy budget.
@@ -441,8 +442,8 @@ impl Ledger {
                 let request = CreditRequest::Refund { charge: charge.clone(), reason };
                 self.credit_with(tenant, pro, request, false, false, |_| op.clone())
             }
-            GiveBack::RefundSpend { budget, spend } => {
-                let request = BudgetRequest::Refund { spend: spend.clone() };
+            GiveBack::RefundSpend { budget, spend, at } => {
+                let request = BudgetRequest::Refund { spend: spend.clone(), at: Some(at) };
                 self.budget_op_applying(op, tenant, pro, budget, request, false, false)
             }
         }
@@ -457,7 +458,7 @@ impl Ledger {
         budget: &BudgetName,
         spend: &OpId,
     ) -> Result<Receipt, LedgerError> {
-        let request = BudgetRequest::Refund { spend: spend.clone() };
+        let request = BudgetRequest::Refund { spend: spend.clone(), at: None };
         self.budget_op(op, tenant, pro, budget, request, false)
     }
 

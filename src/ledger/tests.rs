@@ -1056,3 +1056,33 @@ fn r20_a_budget_is_spent_from_only_in_the_week_it_was_topped_up_for() {
         BudgetFact::Recharged { period: 3, to: 50, until: None }
     );
 }
+
+/// R12/R20: a refund decided once the budget's week is over (a guarantee that comes due
+/// in the moments before the week's recharge) is credited to the week that recharge
+/// opens, as one decided just after it would be: in the period that is over, the
+/// recharge replaced it and the pro lost it. Replay in any order ends the same.
+#[test]
+fn r12_r20_a_refund_after_the_week_ended_goes_to_the_next_week_not_to_the_one_replaced() {
+    let l = Ledger::new();
+    let mut events = vec![l.set_budget(op("budget:a"), &t(), &p(), &b(), 50).unwrap().event];
+    let end = 1_000;
+    events.push(l.recharge_until(op("week:1"), &t(), &p(), &b(), Some(end)).unwrap().event);
+    events.push(l.spend_at(op("buy:1"), &t(), &p(), &b(), 20, end - 1).unwrap().event);
+    let what = GiveBack::RefundSpend { budget: &b(), spend: &op("buy:1"), at: end };
+    let refund = l.give_back_deferred(op("refund:1"), &t(), &p(), what).unwrap().event;
+    l.apply(&refund);
+    events.push(refund);
+    assert_eq!(l.budget(&t(), &p(), &b()).unwrap().available_at(end), 0, "nothing spent before the recharge");
+    l.check_invariants().unwrap();
+    events.push(l.recharge_until(op("week:2"), &t(), &p(), &b(), Some(2 * end)).unwrap().event);
+    let after = l.budget(&t(), &p(), &b()).unwrap();
+    assert_eq!((after.period, after.available), (2, 50 + 20), "the week's 50 and the refund");
+    l.check_invariants().unwrap();
+    for order in [events.clone(), events.iter().rev().cloned().collect::<Vec<_>>()] {
+        let replayed = Ledger::new();
+        for e in &order {
+            replayed.apply(e);
+        }
+        assert_eq!(replayed.budget(&t(), &p(), &b()).unwrap().available, 70);
+    }
+}
