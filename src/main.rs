@@ -223,8 +223,14 @@ fn run() -> anyhow::Result<i32> {
         }
         Cmd::Token { cmd: TokenCmd::Hash { token } } => {
             let token = match token {
+                Some(t) if t.is_empty() => anyhow::bail!("the token is empty"),
                 Some(t) if t != "-" => t,
-                _ => read_token(std::io::stdin().lock())?,
+                _ => {
+                    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                        eprintln!("token (then Enter):");
+                    }
+                    read_token(std::io::stdin().lock())?
+                }
             };
             println!("{}", rota::config::hex(&rota::config::hash_token(&token)));
             Ok(0)

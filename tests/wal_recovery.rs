@@ -790,3 +790,26 @@ fn an_append_of_several_records_is_never_split_across_two_segments() {
     let (_, rec) = Wal::open(cfg, as_dyn(&fs)).unwrap();
     assert_eq!(rec.last_seq, 36);
 }
+
+/// A compaction whose unlink of a segment fails keeps that segment and those after it
+/// in the log's map, and the next snapshot's compaction removes them: none is left on
+/// disk until a restart. (Taken out of the map all at once before the unlinks, so that
+/// the writer never waits for them, they were forgotten there after a failure.)
+#[test]
+fn a_compaction_that_fails_midway_is_finished_by_the_next_one() {
+    let fs = MemFs::new();
+    let dir = mem_dir();
+    let cfg = WalConfig { keep_snapshots: 1, ..small_cfg(MEM_DIR) };
+    let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
+    let last = append_many(&wal, 300);
+    let before = segments(&fs, &dir);
+    assert!(before.len() > 4, "{before:?}");
+    fs.inject(rota::wal::Fault::UnlinkError);
+    assert!(wal.write_snapshot(last, b"state").is_err(), "the unlink failure is reported");
+    assert_eq!(segments(&fs, &dir), before, "nothing unlinked");
+    let last = append_many(&wal, 1);
+    wal.write_snapshot(last, b"state 2").unwrap();
+    let after = segments(&fs, &dir);
+    assert_eq!(after.len(), 1, "every covered segment removed by the next compaction: {after:?}");
+    wal.shutdown().unwrap();
+}

@@ -327,4 +327,6 @@ fn token_hash_reads_the_token_from_standard_input_and_refuses_an_empty_one() {
     let (code, out, err) = hash(None, "\n");
     assert_eq!((code, out.as_str()), (Some(2), ""), "{err}");
     assert!(err.contains("no token on standard input"), "{err}");
+    let (code, out, err) = hash(Some(""), "");
+    assert_eq!((code, out.as_str()), (Some(2), ""), "an empty argument: {err}");
 }

@@ -265,6 +265,8 @@ pub enum Fault {
     /// The next `read` or `read_range` fails with `EMFILE`, as opening a file does
     /// while the process is out of file descriptors, and reads nothing.
     ReadError,
+    /// The next `remove` fails with `EIO` and changes nothing.
+    UnlinkError,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -323,7 +325,9 @@ impl MemState {
     }
 
     fn take_fault(&mut self, is_sync: bool) -> Option<Fault> {
-        let wanted = |f: &Fault| *f != Fault::ReadError && (*f == Fault::SyncError) == is_sync;
+        let wanted = |f: &Fault| {
+            !matches!(f, Fault::ReadError | Fault::UnlinkError) && (*f == Fault::SyncError) == is_sync
+        };
         if let Some(i) = self.armed.iter().position(wanted) {
             return Some(self.armed.remove(i));
         }
@@ -345,6 +349,17 @@ impl MemState {
             Some(i) => {
                 self.armed.remove(i);
                 Err(io::Error::from_raw_os_error(libc::EMFILE))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// An armed [`Fault::UnlinkError`], taken.
+    fn take_unlink_fault(&mut self) -> io::Result<()> {
+        match self.armed.iter().position(|f| *f == Fault::UnlinkError) {
+            Some(i) => {
+                self.armed.remove(i);
+                Err(eio("unlink failed"))
             }
             None => Ok(()),
         }
@@ -761,6 +776,7 @@ impl Fs for MemFs {
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut st = self.live()?;
         st.tick()?;
+        st.take_unlink_fault()?;
         st.names.remove(path).ok_or_else(|| not_found(path))?;
         // The inode stays until a power cut or dir sync decides whether the name is gone.
         Ok(())

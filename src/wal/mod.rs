@@ -818,18 +818,31 @@ impl Wal {
             };
             let room = if st.cfg.preallocate { st.cfg.recycle_segments } else { 0 };
             let mut pooled = st.recycled.lock().len();
-            for (first, p) in compacted {
-                if pooled < room {
+            let mut left = compacted.into_iter();
+            while let Some((first, p)) = left.next() {
+                let done = if pooled < room {
                     // Kept for reuse: renamed out of the log, so recovery never reads
                     // it as a segment again.
                     let to = dir.join(format::recycled_name(first));
-                    fs.rename(&p, &to).map_err(|e| io_err("rename for reuse", &p, e))?;
-                    recycled.push(to);
-                    pooled += 1;
-                    st.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
+                    fs.rename(&p, &to).map(|()| {
+                        recycled.push(to);
+                        pooled += 1;
+                        st.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
+                    })
                 } else {
-                    fs.remove(&p).map_err(|e| io_err("remove", &p, e))?;
-                    st.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+                    fs.remove(&p).map(|()| {
+                        st.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+                    })
+                };
+                if let Err(e) = done {
+                    // This one and those after it go back to the map: the next
+                    // compaction tries them again (until a restart, which would).
+                    let what = if pooled < room { "rename for reuse" } else { "remove" };
+                    let err = io_err(what, &p, e);
+                    let mut segs = st.segments.lock();
+                    segs.insert(first, p);
+                    segs.extend(left);
+                    return Err(err);
                 }
                 removed = true;
             }
