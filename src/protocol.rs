@@ -2873,49 +2873,28 @@ mod tree {
         }
     }
 
-    impl ser::SerializeSeq for Items<'_> {
-        type Ok = ();
-        type Error = Uncovered;
-        fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
-            self.element(v)
-        }
-        fn end(self) -> Result<(), Uncovered> {
-            Ok(())
-        }
+    /// The four ways serde hands over the elements of a sequence, each to
+    /// [`Items::element`].
+    macro_rules! items_as {
+        ($($trait:ident :: $method:ident),*) => {$(
+            impl ser::$trait for Items<'_> {
+                type Ok = ();
+                type Error = Uncovered;
+                fn $method<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
+                    self.element(v)
+                }
+                fn end(self) -> Result<(), Uncovered> {
+                    Ok(())
+                }
+            }
+        )*};
     }
-
-    impl ser::SerializeTuple for Items<'_> {
-        type Ok = ();
-        type Error = Uncovered;
-        fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
-            self.element(v)
-        }
-        fn end(self) -> Result<(), Uncovered> {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeTupleStruct for Items<'_> {
-        type Ok = ();
-        type Error = Uncovered;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
-            self.element(v)
-        }
-        fn end(self) -> Result<(), Uncovered> {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeTupleVariant for Items<'_> {
-        type Ok = ();
-        type Error = Uncovered;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Uncovered> {
-            self.element(v)
-        }
-        fn end(self) -> Result<(), Uncovered> {
-            Ok(())
-        }
-    }
+    items_as!(
+        SerializeSeq::serialize_element,
+        SerializeTuple::serialize_element,
+        SerializeTupleStruct::serialize_field,
+        SerializeTupleVariant::serialize_field
+    );
 
     /// The fields of a record (or the entries of a map), against the frame's map: each
     /// field the value has marks the frame's entries of that key; an entry left unmarked
@@ -2964,45 +2943,31 @@ mod tree {
         }
     }
 
-    impl ser::SerializeStruct for Fields<'_> {
-        type Ok = ();
-        type Error = Uncovered;
-        fn serialize_field<T: Serialize + ?Sized>(
-            &mut self,
-            key: &'static str,
-            v: &T,
-        ) -> Result<(), Uncovered> {
-            let at = self.mark(key);
-            self.value(at, v)
-        }
-        fn skip_field(&mut self, key: &'static str) -> Result<(), Uncovered> {
-            self.mark(key);
-            Ok(())
-        }
-        fn end(self) -> Result<(), Uncovered> {
-            self.finish()
-        }
+    /// Struct fields and a struct variant's, each marked read and checked.
+    macro_rules! fields_as {
+        ($($trait:ident),*) => {$(
+            impl ser::$trait for Fields<'_> {
+                type Ok = ();
+                type Error = Uncovered;
+                fn serialize_field<T: Serialize + ?Sized>(
+                    &mut self,
+                    key: &'static str,
+                    v: &T,
+                ) -> Result<(), Uncovered> {
+                    let at = self.mark(key);
+                    self.value(at, v)
+                }
+                fn skip_field(&mut self, key: &'static str) -> Result<(), Uncovered> {
+                    self.mark(key);
+                    Ok(())
+                }
+                fn end(self) -> Result<(), Uncovered> {
+                    self.finish()
+                }
+            }
+        )*};
     }
-
-    impl ser::SerializeStructVariant for Fields<'_> {
-        type Ok = ();
-        type Error = Uncovered;
-        fn serialize_field<T: Serialize + ?Sized>(
-            &mut self,
-            key: &'static str,
-            v: &T,
-        ) -> Result<(), Uncovered> {
-            let at = self.mark(key);
-            self.value(at, v)
-        }
-        fn skip_field(&mut self, key: &'static str) -> Result<(), Uncovered> {
-            self.mark(key);
-            Ok(())
-        }
-        fn end(self) -> Result<(), Uncovered> {
-            self.finish()
-        }
-    }
+    fields_as!(SerializeStruct, SerializeStructVariant);
 
     impl ser::SerializeMap for Fields<'_> {
         type Ok = ();
