@@ -398,3 +398,21 @@ fn r3_a_pros_bad_list_entry_is_named_by_its_index_and_a_long_list_by_its_name() 
     p.zones.extend((0..MAX_ZONES_PER_PRO).map(|i| rota::ids::ZoneId::new(format!("z{i}"))));
     refused(&mut h, Command::UpsertPro { pro: p }, "invalid_field", Some("pro.zones"));
 }
+
+/// R19: an auto-buy config's highest price is 1..=10^12 credits, or left out (any
+/// price): 0 would never buy (`active: false` says that), and a price past the bound of
+/// every amount is a client's mistake.
+#[test]
+fn r19_an_auto_buy_configs_highest_price_is_bounded_with_the_field_named() {
+    let mut h = setup();
+    for bad in [0, 1_000_000_000_001] {
+        let mut p = pro("carla");
+        p.autobuy = vec![AutoBuyConfig { max_price_credits: Some(bad), ..autobuy("week", 100) }];
+        refused(
+            &mut h,
+            Command::UpsertPro { pro: p },
+            "invalid_field",
+            Some("pro.autobuy[0].max_price_credits"),
+        );
+    }
+}

@@ -434,6 +434,13 @@ impl AutoBuyConfig {
         if self.weekly_budget_credits == 0 || self.weekly_budget_credits > MAX_CREDITS {
             return Err(field_err(format!("{field}.weekly_budget_credits"), "must be in 1..=10^12"));
         }
+        // 0 would never buy (that is `active: false`); leave it out for any price.
+        if self.max_price_credits.is_some_and(|m| m == 0 || m > MAX_CREDITS) {
+            return Err(field_err(
+                format!("{field}.max_price_credits"),
+                "must be in 1..=10^12 (left out: any price)",
+            ));
+        }
         if self.zones.len() > 1024 {
             return Err(field_err(format!("{field}.zones"), "at most 1024 zones per config"));
         }

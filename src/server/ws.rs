@@ -270,6 +270,13 @@ struct Session {
     token: [u8; 32],
 }
 
+/// The token of an `Authorization: Bearer <token>` header value; the scheme's name is
+/// case-insensitive (RFC 7235), as some HTTP clients send `BEARER`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 fn refuse(status: StatusCode, msg: &str) -> ErrorResponse {
     let mut r = ErrorResponse::new(Some(format!("{msg}\n")));
     *r.status_mut() = status;
@@ -299,12 +306,7 @@ async fn connection(
     // Held until the connection ends (this function returns).
     let mut tenant_slot: Option<TenantSlot> = None;
     let callback = |req: &HsRequest, mut resp: HsResponse| -> Result<HsResponse, ErrorResponse> {
-        let token = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim);
+        let token = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(bearer_token);
         let Some(token) = token else {
             engine.inner.metrics.m.auth_failures.get("missing_token").increment(1);
             return Err(refuse(
@@ -985,5 +987,20 @@ async fn send(sink: &mut Sink, enc: Encoding, bytes: Vec<u8>, flush: bool) -> Re
         sink.send(msg).await
     } else {
         sink.feed(msg).await
+    }
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_read_whatever_its_case_and_other_schemes_are_not() {
+        for v in ["Bearer t0k", "bearer t0k", "BEARER t0k", "Bearer  t0k "] {
+            assert_eq!(bearer_token(v), Some("t0k"), "{v:?}");
+        }
+        for v in ["Basic dTpw", "Bearert0k", "t0k", ""] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
     }
 }
