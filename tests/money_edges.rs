@@ -740,6 +740,26 @@ fn r20_r22_last_weeks_leftover_is_not_spent_after_the_week_turns() {
     });
 }
 
+/// R20/R24: the housekeeping is next due at the earliest of a week's start and the end
+/// of an auto-buy pause (its resume recharges), including a pause set after the
+/// directory was last looked through; a pause already over is not waited for.
+#[test]
+fn r20_r24_the_housekeeping_is_due_at_the_next_week_start_or_pause_end() {
+    with_engine("habitissimo.toml", "habitissimo", |e| async move {
+        assert_eq!(
+            e.housekeeping_due(e.next_housekeeping_at()),
+            Some(NEXT_MONDAY),
+            "no pause: the week's start"
+        );
+        ok(&e, buyer("b1", Some(T0 + 2 * HOUR))).await;
+        ok(&e, buyer("b2", Some(T0 - HOUR))).await;
+        let looked = e.next_housekeeping_at();
+        assert_eq!(looked, Some(T0 + 2 * HOUR), "b1's pause ends first");
+        ok(&e, buyer("b3", Some(T0 + HOUR))).await;
+        assert_eq!(e.housekeeping_due(looked), Some(T0 + HOUR), "b3's pause, set since");
+    });
+}
+
 /// The pros offered lead `lead` (its explanation), and how many entries it has.
 async fn offered_pros(e: &Engine, lead: &str) -> (Vec<String>, usize) {
     let x = serde_json::to_value(ok(e, json!({"type": "explain", "lead": lead})).await).unwrap();

@@ -256,6 +256,9 @@ pub struct Inner {
     reloads: tokio::sync::watch::Sender<u64>,
     /// Held by [`Engine::reload`]: one at a time.
     reloading: Mutex<()>,
+    /// The earliest end of an auto-buy pause set since the housekeeping last looked
+    /// (`i64::MAX`: none), for [`Engine::next_housekeeping_at`].
+    pause_ends: std::sync::atomic::AtomicI64,
 }
 
 /// A change of a pro that spans its shards and the directory.
@@ -559,6 +562,7 @@ impl Recovered {
             budget_notify: Arc::new(tokio::sync::Notify::new()),
             reloads: tokio::sync::watch::Sender::new(0),
             reloading: Mutex::new(()),
+            pause_ends: std::sync::atomic::AtomicI64::new(i64::MAX),
             cfg,
         });
         let engine = Engine { inner };
@@ -1429,6 +1433,10 @@ impl Engine {
         now: Millis,
     ) -> Result<bool, ApiError> {
         let name = BudgetName::new(&cfg.name);
+        // R24: the housekeeping resumes (and recharges) it when its pause ends.
+        if let Some(t) = cfg.paused_until.filter(|&t| t > now) {
+            self.inner.pause_ends.fetch_min(t, Ordering::Relaxed);
+        }
         let current = self.inner.ledger.budget(tenant, pro, &name);
         if current.map(|b| b.weekly_budget) != Some(cfg.weekly_budget_credits) {
             let (t, p, n, w) = (tenant.clone(), pro.clone(), name.clone(), cfg.weekly_budget_credits);
@@ -1677,12 +1685,32 @@ impl Engine {
         self.local_midnight(tenant, monday + chrono::Duration::days(7))
     }
 
-    /// The earliest start of a local week after now, over every tenant: the
-    /// housekeeping runs then, so that the weekly recharge (R20) is made within
-    /// moments of it, not up to a minute late.
-    pub fn next_week_start(&self) -> Option<Millis> {
+    /// When the housekeeping is next due beyond its every minute: the earliest start
+    /// of a local week of any tenant (R20's weekly recharge), or end of an auto-buy
+    /// pause (R24's resume, which recharges), after now. Run then, a recharge is made
+    /// within moments of its time, not up to a minute late. Looks through the
+    /// directory for the pauses (call it after each housekeeping); pauses set since are
+    /// noted as they are set.
+    pub fn next_housekeeping_at(&self) -> Option<Millis> {
         let now = self.inner.clock.now();
-        self.tenants().iter().filter_map(|t| self.week_end(&t.id, now)).min()
+        self.inner.pause_ends.store(i64::MAX, Ordering::Relaxed);
+        let pauses = self
+            .inner
+            .pros
+            .iter()
+            .flat_map(|e| e.value().autobuy.iter().filter_map(|c| c.paused_until).collect::<Vec<_>>())
+            .filter(|&t| t > now)
+            .min();
+        let weeks = self.tenants().iter().filter_map(|t| self.week_end(&t.id, now)).min();
+        pauses.into_iter().chain(weeks).min()
+    }
+
+    /// [`Engine::next_housekeeping_at`], or the end of a pause set since it looked, if
+    /// sooner.
+    pub fn housekeeping_due(&self, looked: Option<Millis>) -> Option<Millis> {
+        let set = self.inner.pause_ends.load(Ordering::Relaxed);
+        let set = (set != i64::MAX).then_some(set);
+        looked.into_iter().chain(set).min()
     }
 
     /// The local day of `now` in the tenant's time zone.

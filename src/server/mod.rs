@@ -400,20 +400,21 @@ async fn periodic_work(
     // the manual clock `advance_clock` does it.
     let manual = engine.inner.clock.is_manual();
     let mut refund_retry_at: Option<tokio::time::Instant> = None;
-    // R20: the weekly recharge is due at the start of a tenant's local week; the
-    // housekeeping runs then as well as every minute, so a budget whose week is over
-    // (nothing to spend until it is recharged) waits moments, not a minute. Kept across
-    // rounds of the loop until it has run: a round busy across the week's start (a
-    // snapshot's encoding, a housekeeping) runs it as soon as it is free, instead of
-    // finding the next week's start instead.
-    let mut week_start = (!manual).then(|| engine.next_week_start()).flatten();
+    // R20/R24: a weekly recharge is due at the start of a tenant's local week, a
+    // resume's when an auto-buy pause ends; the housekeeping runs then as well as every
+    // minute, so a budget whose week is over (nothing to spend until it is recharged)
+    // waits moments, not a minute, and a resumed config is topped up as it resumes.
+    // Kept across rounds of the loop until it has run: a round busy across that time
+    // (a snapshot's encoding, a housekeeping) runs it as soon as it is free.
+    let mut looked = (!manual).then(|| engine.next_housekeeping_at()).flatten();
     loop {
-        let until_week = week_start.map(|t| Duration::from_millis(engine.inner.clock.ms_until(t) as u64));
+        let due = (!manual).then(|| engine.housekeeping_due(looked)).flatten();
+        let until_week = due.map(|t| Duration::from_millis(engine.inner.clock.ms_until(t) as u64));
         tokio::select! {
             _ = stop.changed() => break,
             _ = tokio::time::sleep(until_week.unwrap_or_default()), if until_week.is_some() => {
                 run_housekeeping(&engine).await;
-                week_start = engine.next_week_start();
+                looked = engine.next_housekeeping_at();
             }
             _ = engine.budget_returned(), if !manual && refund_retry_at.is_none() => {
                 refund_retry_at = Some(tokio::time::Instant::now() + REFUND_RETRY_BATCH);
@@ -434,6 +435,7 @@ async fn periodic_work(
             _ = housekeeping.tick() => {
                 if !manual {
                     run_housekeeping(&engine).await;
+                    looked = engine.next_housekeeping_at();
                 }
             }
             _ = snap.tick(), if snapshot_every > 0 => {
