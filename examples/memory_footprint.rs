@@ -305,7 +305,7 @@ fn main() {
             Err(r) => panic!("refused: {r}"),
         };
         let mut events = d.events;
-        let moved = money::execute(shard, &ledger, &tenant, &mut events).expect("funds were checked");
+        let moved = money::execute(shard, &ledger, &tenant, now, &mut events).expect("funds were checked");
         for ev in &events {
             record::shard_stream_events(shard, ev, stream);
             shard.apply(ev);

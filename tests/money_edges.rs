@@ -747,17 +747,61 @@ fn r20_r22_last_weeks_leftover_is_not_spent_after_the_week_turns() {
 fn r20_r24_the_housekeeping_is_due_at_the_next_week_start_or_pause_end() {
     with_engine("habitissimo.toml", "habitissimo", |e| async move {
         assert_eq!(
-            e.housekeeping_due(e.next_housekeeping_at()),
+            e.housekeeping_due(e.next_housekeeping_at(T0)),
             Some(NEXT_MONDAY),
             "no pause: the week's start"
         );
         ok(&e, buyer("b1", Some(T0 + 2 * HOUR))).await;
         ok(&e, buyer("b2", Some(T0 - HOUR))).await;
-        let looked = e.next_housekeeping_at();
-        assert_eq!(looked, Some(T0 + 2 * HOUR), "b1's pause ends first");
+        let mut off = buyer("b4", Some(T0 + MIN));
+        off["pro"]["autobuy"][0]["active"] = json!(false);
+        ok(&e, off).await;
+        let looked = e.next_housekeeping_at(T0);
+        assert_eq!(looked, Some(T0 + 2 * HOUR), "b1's pause ends first (b4's is off: it does not resume)");
         ok(&e, buyer("b3", Some(T0 + HOUR))).await;
         assert_eq!(e.housekeeping_due(looked), Some(T0 + HOUR), "b3's pause, set since");
+        // A housekeeping that started before a pause's end and ran past it: that end is
+        // still due (a time already past, run at once), not skipped for the next one.
+        assert_eq!(e.next_housekeeping_at(T0 + HOUR - 1), Some(T0 + HOUR));
     });
+}
+
+/// R12/R20: a guarantee's refund dated before the week's end but decided after it (the
+/// shard's tick ran late, before the week's recharge) goes to the new week: dated at
+/// its deadline, it went to the week the recharge then replaced, and was lost.
+#[test]
+fn r12_r20_a_refund_dated_in_last_week_but_decided_after_it_goes_to_the_new_week() {
+    // The guarantee of a purchase at T0 ends a second before the week does.
+    let window = ((NEXT_MONDAY - 1_000 - T0) / 1_000).to_string();
+    with_engine_changed(
+        "habitissimo.toml",
+        "habitissimo",
+        &[("guarantee_window_s", &window)],
+        |e| async move {
+            let buyers = ["b1", "b2", "b3", "b4"];
+            for b in buyers {
+                ok(&e, buyer(b, None)).await;
+            }
+            ok(&e, publish("A1", "madrid", true, T0)).await;
+            // The week turns, and the shard's tick runs before the housekeeping.
+            e.inner.clock.advance_to(NEXT_MONDAY + 1_000);
+            let key = rota::ids::ShardKey {
+                tenant: acme(),
+                zone: rota::ids::ZoneId::new("madrid"),
+                category: rota::ids::CategoryId::new("painting"),
+            };
+            e.exec(key, rota::core::Command::Tick).await.expect("the tick runs");
+            ok(&e, json!({"type": "advance_clock", "to_ms": NEXT_MONDAY + 2_000})).await;
+            for b in buyers {
+                let bb = budget(&e, b);
+                assert_eq!(
+                    (bb.period, bb.available),
+                    (2, 24 + 12),
+                    "{b}: the week's 24 and the refund of A1"
+                );
+            }
+        },
+    );
 }
 
 /// The pros offered lead `lead` (its explanation), and how many entries it has.

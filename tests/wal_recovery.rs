@@ -813,3 +813,20 @@ fn a_compaction_that_fails_midway_is_finished_by_the_next_one() {
     assert_eq!(after.len(), 1, "every covered segment removed by the next compaction: {after:?}");
     wal.shutdown().unwrap();
 }
+
+/// A covered segment already gone from the disk when compaction removes it (a removal
+/// that took effect but reported an error, or an operator's hand) is done, not an
+/// error: otherwise every later compaction failed on it, and every snapshot with it.
+#[test]
+fn a_compaction_finds_a_segment_already_removed_done() {
+    let fs = MemFs::new();
+    let dir = mem_dir();
+    let cfg = WalConfig { keep_snapshots: 1, ..small_cfg(MEM_DIR) };
+    let (wal, _) = Wal::open(cfg, as_dyn(&fs)).unwrap();
+    let last = append_many(&wal, 300);
+    let first = segments(&fs, &dir)[0].clone();
+    rota::wal::Fs::remove(&fs, &first).unwrap();
+    wal.write_snapshot(last, b"state").expect("the compaction finds it done");
+    assert_eq!(segments(&fs, &dir).len(), 1);
+    wal.shutdown().unwrap();
+}

@@ -1434,7 +1434,7 @@ impl Engine {
     ) -> Result<bool, ApiError> {
         let name = BudgetName::new(&cfg.name);
         // R24: the housekeeping resumes (and recharges) it when its pause ends.
-        if let Some(t) = cfg.paused_until.filter(|&t| t > now) {
+        if let Some(t) = cfg.paused_until.filter(|&t| t > now && cfg.active) {
             self.inner.pause_ends.fetch_min(t, Ordering::Relaxed);
         }
         let current = self.inner.ledger.budget(tenant, pro, &name);
@@ -1691,17 +1691,26 @@ impl Engine {
     /// within moments of its time, not up to a minute late. Looks through the
     /// directory for the pauses (call it after each housekeeping); pauses set since are
     /// noted as they are set.
-    pub fn next_housekeeping_at(&self) -> Option<Millis> {
-        let now = self.inner.clock.now();
-        self.inner.pause_ends.store(i64::MAX, Ordering::Relaxed);
+    ///
+    /// `after`: the time the last housekeeping started (what passed while it ran is
+    /// still due, and comes back as a time already past, run at once).
+    pub fn next_housekeeping_at(&self, after: Millis) -> Option<Millis> {
+        // Taken before the directory is read: a pause set meanwhile is either in the
+        // directory or noted again (its change writes the directory after noting it).
+        let noted = self.inner.pause_ends.swap(i64::MAX, Ordering::Relaxed);
         let pauses = self
             .inner
             .pros
             .iter()
-            .flat_map(|e| e.value().autobuy.iter().filter_map(|c| c.paused_until).collect::<Vec<_>>())
-            .filter(|&t| t > now)
+            .flat_map(|e| {
+                // A config switched off does not resume when its pause ends.
+                let ends = e.value().autobuy.iter().filter(|c| c.active).filter_map(|c| c.paused_until);
+                ends.collect::<Vec<_>>()
+            })
+            .chain((noted != i64::MAX).then_some(noted))
+            .filter(|&t| t > after)
             .min();
-        let weeks = self.tenants().iter().filter_map(|t| self.week_end(&t.id, now)).min();
+        let weeks = self.tenants().iter().filter_map(|t| self.week_end(&t.id, after)).min();
         pauses.into_iter().chain(weeks).min()
     }
 

@@ -68,23 +68,27 @@ pub fn buys_at_publish(events: &[Event]) -> bool {
     )
 }
 
-/// Executes the money intents of `events` in order, editing the events where a
-/// budget spend lost a race. Returns the ledger facts to log with them.
+/// Executes the money intents of `events` (decided at `now`) in order, editing the
+/// events where a budget spend lost a race, and applies what they give back at once.
+/// Returns the ledger facts to log with them. (The engine uses
+/// [`execute_noting_drops`], which applies give-backs once their records are queued.)
 pub fn execute(
     shard: &Shard,
     ledger: &Ledger,
     tenant: &TenantId,
+    now: crate::ids::Millis,
     events: &mut [Event],
 ) -> Result<Vec<LedgerEvent>, Reject> {
     let mut deferred = Vec::new();
-    let facts = execute_noting_drops(shard, ledger, tenant, events, &mut Vec::new(), &mut deferred)?;
+    let facts = execute_noting_drops(shard, ledger, tenant, now, events, &mut Vec::new(), &mut deferred)?;
     for fact in &deferred {
         ledger.apply(fact);
     }
     Ok(facts)
 }
 
-/// [`execute`], adding to `dropped` the `(lead, pro)` offers it took out of `events`
+/// Executes the money intents of `events` in order, editing the events where a budget
+/// spend lost a race, and returns the ledger facts to log with them; adds to `dropped` the `(lead, pro)` offers it took out of `events`
 /// (their budget spend was refused), for [`without_dropped`], and to `deferred` the
 /// facts that give credits or budget back (releases, refunds): decided and among the
 /// returned facts to log, but not applied. The caller applies them
@@ -96,6 +100,7 @@ pub fn execute_noting_drops(
     shard: &Shard,
     ledger: &Ledger,
     tenant: &TenantId,
+    now: crate::ids::Millis,
     events: &mut [Event],
     dropped: &mut Vec<(LeadId, ProId)>,
     deferred: &mut Vec<LedgerEvent>,
@@ -190,9 +195,13 @@ pub fn execute_noting_drops(
             Event::Refunded { lead, pro, charge, reason, at } => {
                 let op = OpId::for_lead(REFUND, lead, pro);
                 let paid = OpId::new(&charge.op);
+                // Decided now, whatever time it is dated (a guarantee's refund is dated
+                // at its deadline, and a tick may run it after the week ended): a budget
+                // whose week is over by then gets it in the next week (R20).
+                let decided = (*at).max(now);
                 let what = match &charge.mode {
                     ChargeMode::Budget { config } => {
-                        GiveBack::RefundSpend { budget: &BudgetName::new(config), spend: &paid, at: *at }
+                        GiveBack::RefundSpend { budget: &BudgetName::new(config), spend: &paid, at: decided }
                     }
                     _ => GiveBack::Refund { charge: &paid, reason: refund_reason(*reason) },
                 };

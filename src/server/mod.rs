@@ -406,15 +406,16 @@ async fn periodic_work(
     // waits moments, not a minute, and a resumed config is topped up as it resumes.
     // Kept across rounds of the loop until it has run: a round busy across that time
     // (a snapshot's encoding, a housekeeping) runs it as soon as it is free.
-    let mut looked = (!manual).then(|| engine.next_housekeeping_at()).flatten();
+    let mut looked = (!manual).then(|| engine.next_housekeeping_at(engine.inner.clock.now())).flatten();
     loop {
         let due = (!manual).then(|| engine.housekeeping_due(looked)).flatten();
         let until_week = due.map(|t| Duration::from_millis(engine.inner.clock.ms_until(t) as u64));
         tokio::select! {
             _ = stop.changed() => break,
             _ = tokio::time::sleep(until_week.unwrap_or_default()), if until_week.is_some() => {
+                let started = engine.inner.clock.now();
                 run_housekeeping(&engine).await;
-                looked = engine.next_housekeeping_at();
+                looked = engine.next_housekeeping_at(started);
             }
             _ = engine.budget_returned(), if !manual && refund_retry_at.is_none() => {
                 refund_retry_at = Some(tokio::time::Instant::now() + REFUND_RETRY_BATCH);
@@ -434,8 +435,9 @@ async fn periodic_work(
             }
             _ = housekeeping.tick() => {
                 if !manual {
+                    let started = engine.inner.clock.now();
                     run_housekeeping(&engine).await;
-                    looked = engine.next_housekeeping_at();
+                    looked = engine.next_housekeeping_at(started);
                 }
             }
             _ = snap.tick(), if snapshot_every > 0 => {

@@ -830,18 +830,31 @@ impl Wal {
                         st.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
                     })
                 } else {
-                    fs.remove(&p).map(|()| {
+                    // Gone already (a removal that took effect but reported an error,
+                    // or a hand): done, not a failure of every compaction from now on.
+                    match fs.remove(&p) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                        other => other,
+                    }
+                    .map(|()| {
                         st.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
                     })
                 };
                 if let Err(e) = done {
                     // This one and those after it go back to the map: the next
-                    // compaction tries them again (until a restart, which would).
+                    // compaction tries them again (until a restart, which would). Those
+                    // renamed for reuse so far join the pool once the renames are
+                    // durable, as below.
                     let what = if pooled < room { "rename for reuse" } else { "remove" };
                     let err = io_err(what, &p, e);
-                    let mut segs = st.segments.lock();
-                    segs.insert(first, p);
-                    segs.extend(left);
+                    {
+                        let mut segs = st.segments.lock();
+                        segs.insert(first, p);
+                        segs.extend(left);
+                    }
+                    if removed && fs.sync_dir(dir).is_ok() {
+                        st.recycled.lock().extend(recycled);
+                    }
                     return Err(err);
                 }
                 removed = true;
